@@ -1,0 +1,327 @@
+//! `Capsule`: one microVM sandbox. All intent is in the spec; the operator
+//! writes only the status.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::with;
+
+/// Desired state of a capsule.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "wrenn.dev",
+    version = "v1alpha1",
+    kind = "Capsule",
+    namespaced,
+    shortname = "cap",
+    category = "wrenn",
+    status = "CapsuleStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "A microVM sandbox booted from a CapsuleTemplate or restored from a CapsuleSnapshot.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "IP", type_ = "string", json_path = ".status.ip"),
+    printcolumn(name = "VCPUs", type_ = "integer", json_path = ".spec.resources.vcpus"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".spec.resources.memory"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 63").message(
+        "capsule names are at most 63 characters: the name becomes the guest's hostname"
+    ),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new(
+        "has(self.resources) && has(self.resources.disk) ? (has(oldSelf.resources) && has(oldSelf.resources.disk) && self.resources.disk == oldSelf.resources.disk) : !(has(oldSelf.resources) && has(oldSelf.resources.disk))"
+    ).message("resources.disk is immutable: a capsule's root disk cannot be resized; create a new capsule"),
+    validation = Rule::new(
+        "!has(self.network) || !has(self.network.allowCidrs) || size(self.network.allowCidrs) == 0 || self.network.egress == 'Deny'"
+    ).message("network.allowCidrs applies only with network.egress: Deny (Allow already permits everything)"),
+)]
+pub struct CapsuleSpec {
+    /// Where the root disk (and, for a snapshot, the memory) comes from. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message(
+        "source is immutable: delete the capsule and create a new one from the other source"
+    ))]
+    pub source: CapsuleSource,
+
+    /// vCPUs, memory and disk; each defaults to the template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<CapsuleResources>,
+
+    /// Running (default), Paused (vCPUs stopped, memory kept) or Suspended
+    /// (memory written to disk on the node, VMM exited, RAM and CPU released).
+    #[serde(default)]
+    pub operating_mode: OperatingMode,
+
+    /// When the capsule expires and what happens then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+
+    /// Environment variables for every process started in the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub env: Vec<EnvVar>,
+
+    /// Egress policy and exposed ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+
+    /// Only nodes whose labels match all of these are considered.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// Exactly one of `templateRef` or `snapshotRef`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.templateRef) != has(self.snapshotRef)")
+    .message("source needs exactly one of templateRef or snapshotRef"))]
+pub struct CapsuleSource {
+    /// Boot from this CapsuleTemplate's root disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<TemplateRef>,
+    /// Restore from this CapsuleSnapshot (the capsule lands on the node that holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ref: Option<SnapshotRef>,
+}
+
+/// A reference to a CapsuleTemplate in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TemplateRef {
+    /// Name of the CapsuleTemplate.
+    #[schemars(schema_with = "with::template_name")]
+    pub name: String,
+}
+
+/// A reference to a CapsuleSnapshot in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SnapshotRef {
+    /// Name of the CapsuleSnapshot.
+    #[schemars(schema_with = "with::snapshot_name")]
+    pub name: String,
+}
+
+/// Resources of one capsule. Unset fields take the template's defaults.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CapsuleResources {
+    /// Number of vCPUs, 1 to 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub vcpus: Option<u32>,
+    /// Guest memory, at least 128Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "with::memory")]
+    pub memory: Option<Quantity>,
+    /// Root disk size, at least the template's. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "with::disk")]
+    pub disk: Option<Quantity>,
+}
+
+/// What the VM should be doing.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum OperatingMode {
+    /// vCPUs run.
+    #[default]
+    Running,
+    /// vCPUs stopped, memory kept in RAM; resumes in milliseconds.
+    Paused,
+    /// Memory and device state written to disk on the node and the VMM
+    /// stopped; RAM and CPU are released. Back to Running restores it.
+    Suspended,
+}
+
+/// Automatic expiry.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// Expire this long after creation, e.g. `2h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "with::shutdown_after")]
+    pub shutdown_after: Option<String>,
+    /// Expire after this long without exec, PTY, file or port-forward activity, e.g. `15m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "with::idle_timeout")]
+    pub idle_timeout: Option<String>,
+    /// What expiry does: Delete (default) removes the capsule; Suspend keeps
+    /// it suspended on its node until it is set Running again.
+    #[serde(default)]
+    pub on_expiry: OnExpiry,
+}
+
+/// Action taken when a capsule's lifecycle expires.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum OnExpiry {
+    /// Delete the Capsule object and its VM.
+    #[default]
+    Delete,
+    /// Suspend the VM to disk and keep the object.
+    Suspend,
+}
+
+/// One environment variable.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct EnvVar {
+    /// Variable name: letters, digits and `_`, not starting with a digit.
+    #[x_kube(validation = Rule::new("self.matches(r'^[A-Za-z_][A-Za-z0-9_]*$')")
+        .message("env names are letters, digits and '_', not starting with a digit"))]
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    /// Value; empty is allowed.
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub value: String,
+}
+
+/// Network policy of a capsule. Isolation from other capsules, the node and
+/// link-local metadata addresses always applies.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Allow (default): any destination outside the node. Deny: only `allowCidrs`.
+    #[serde(default)]
+    pub egress: Egress,
+    /// With `egress: Deny`, destinations still reachable, in CIDR form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "with::cidrs")]
+    pub allow_cidrs: Vec<String>,
+    /// Guest ports reachable through port forwarding and the data plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["port".into(), "protocol".into()]))]
+    pub ports: Vec<PortSpec>,
+}
+
+/// Egress policy.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum Egress {
+    /// Everything outside the node is reachable.
+    #[default]
+    Allow,
+    /// Nothing is reachable but `allowCidrs`.
+    Deny,
+}
+
+/// A guest port.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct PortSpec {
+    /// Optional name, shown by tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 15))]
+    pub name: Option<String>,
+    /// Port number in the guest, 1 to 65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// TCP (default) or UDP.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// Transport protocol of an exposed port.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    TCP,
+    /// UDP.
+    UDP,
+}
+
+/// Observed state, written only by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CapsuleStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Coarse lifecycle phase; conditions carry the detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<CapsulePhase>,
+    /// Node the capsule is placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Node-reachable address of the capsule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// When the VM last started or was restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// Resources in effect after template defaults were applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<CapsuleResources>,
+    /// The VMM running this capsule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmInfo>,
+    /// Coarse usage, sampled at most every 30 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Scheduled, Ready, Paused, Suspended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Lifecycle phase of a capsule.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum CapsulePhase {
+    Pending,
+    Scheduled,
+    Creating,
+    Running,
+    Pausing,
+    Paused,
+    Suspending,
+    Suspended,
+    Resuming,
+    Terminating,
+    Failed,
+    Expired,
+}
+
+/// Which VMM runs the capsule.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VmmInfo {
+    /// `cloud-hypervisor` or `qemu`.
+    pub name: String,
+    /// Version string the VMM reported.
+    #[serde(default)]
+    pub version: String,
+    /// Why this VMM is slower than production, e.g. QEMU without KVM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Coarse resource usage.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// CPU in use, as a quantity of cores (e.g. `250m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Guest memory in use (total minus available).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Bytes allocated by the copy-on-write disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Quantity>,
+    /// When the sample was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_at: Option<Time>,
+}

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Runs a throwaway etcd + kube-apiserver on loopback ports chosen at run time.
+#
+#   control-plane.sh run DIR    start, write DIR/kubeconfig, print "ready <kubeconfig>",
+#                               then stay in the foreground until stdin closes or a
+#                               signal arrives, and stop both processes.
+#   control-plane.sh start DIR  the same, detached; `stop DIR` ends it.
+#   control-plane.sh stop DIR
+#
+# Binaries come from build-control-plane.sh (built and cached when absent).
+# Authentication is a static admin token in system:masters; the API server's
+# serving certificate is self-signed and written to DIR/pki.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.sh
+. "$here/versions.sh"
+
+log() { printf '[control-plane] %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+stop_dir() {
+  local d=$1 pid
+  for f in apiserver etcd; do
+    [ -f "$d/$f.pid" ] || continue
+    pid=$(cat "$d/$f.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$d/$f.pid"
+  done
+}
+
+start_dir() {
+  local d=$1
+  mkdir -p "$d/pki" "$d/etcd"
+  d=$(cd "$d" && pwd)
+  "$here/build-control-plane.sh"
+  local t0; t0=$(date +%s%N)
+  local ep pp ap
+  ep=$(free_port); pp=$(free_port); ap=$(free_port)
+  [ -f "$d/pki/sa.key" ] || {
+    openssl ecparam -genkey -name prime256v1 -noout -out "$d/pki/sa.key" 2>/dev/null
+    openssl ec -in "$d/pki/sa.key" -pubout -out "$d/pki/sa.pub" 2>/dev/null
+  }
+  local token; token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  printf '%s,admin,admin-uid,"system:masters"\n' "$token" > "$d/tokens.csv"
+  chmod 600 "$d/tokens.csv"
+
+  "$ETCD_BIN_DIR/etcd" --name=default --data-dir="$d/etcd" --unsafe-no-fsync=true \
+    --listen-client-urls="http://127.0.0.1:$ep" --advertise-client-urls="http://127.0.0.1:$ep" \
+    --listen-peer-urls="http://127.0.0.1:$pp" --initial-advertise-peer-urls="http://127.0.0.1:$pp" \
+    --initial-cluster="default=http://127.0.0.1:$pp" --log-level=warn \
+    >"$d/etcd.log" 2>&1 &
+  echo $! > "$d/etcd.pid"
+
+  "$K8S_BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$ap" \
+    --cert-dir="$d/pki" --token-auth-file="$d/tokens.csv" --authorization-mode=RBAC \
+    --service-account-issuer="https://127.0.0.1:$ap" --service-account-key-file="$d/pki/sa.pub" \
+    --service-account-signing-key-file="$d/pki/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
+    --allow-privileged=true --disable-admission-plugins=ServiceAccount \
+    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 \
+    >"$d/apiserver.log" 2>&1 &
+  echo $! > "$d/apiserver.pid"
+
+  cat > "$d/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: wrenn-test
+  cluster:
+    server: https://127.0.0.1:$ap
+    certificate-authority: $d/pki/apiserver.crt
+contexts:
+- name: wrenn-test
+  context: {cluster: wrenn-test, user: admin, namespace: default}
+current-context: wrenn-test
+users:
+- name: admin
+  user: {token: $token}
+KC
+  chmod 600 "$d/kubeconfig"
+
+  local deadline=$(( $(date +%s) + ${WRENN_APISERVER_TIMEOUT:-90} ))
+  until [ -f "$d/pki/apiserver.crt" ] && curl -fsS --cacert "$d/pki/apiserver.crt" \
+        -H "Authorization: Bearer $token" "https://127.0.0.1:$ap/readyz" >/dev/null 2>&1; do
+    for f in etcd apiserver; do
+      kill -0 "$(cat "$d/$f.pid")" 2>/dev/null || { tail -20 "$d/$f.log" >&2; stop_dir "$d"; die "$f exited during start; log: $d/$f.log"; }
+    done
+    [ "$(date +%s)" -lt "$deadline" ] || { tail -20 "$d/apiserver.log" >&2; stop_dir "$d"; die "kube-apiserver not ready within ${WRENN_APISERVER_TIMEOUT:-90}s"; }
+    sleep 0.2
+  done
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  echo "$ms" > "$d/start-ms"
+  log "kube-apiserver $KUBE_VERSION ready on https://127.0.0.1:$ap in ${ms}ms"
+}
+
+cmd=${1:-}; dir=${2:-}
+[ -n "$cmd" ] && [ -n "$dir" ] || die "usage: $0 run|start|stop DIR"
+case $cmd in
+  run)
+    trap 'stop_dir "$dir"' EXIT
+    trap 'exit 0' INT TERM
+    start_dir "$dir"
+    echo "ready $(cd "$dir" && pwd)/kubeconfig"
+    # The caller holds our stdin; when it exits, for any reason, we stop.
+    cat >/dev/null || true
+    ;;
+  start)
+    start_dir "$dir"
+    echo "$(cd "$dir" && pwd)/kubeconfig"
+    ;;
+  stop) stop_dir "$dir" ;;
+  *) die "unknown command $cmd" ;;
+esac

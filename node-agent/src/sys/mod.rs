@@ -1,0 +1,7 @@
+//! Linux implementations of the host traits: every syscall, ioctl, `setns`
+//! and `unsafe` block of the node agent lives under here, each submodule
+//! owned by the module whose trait it implements.
+
+pub mod block;
+pub mod net;
+pub mod process;

@@ -1,0 +1,1 @@
+//! Kernel calls for `network`.
