@@ -6,6 +6,7 @@
 #                               signal arrives, and stop both processes.
 #   control-plane.sh start DIR  the same, detached; `stop DIR` ends it.
 #   control-plane.sh stop DIR
+#   control-plane.sh kubectl-path   where the matching kubectl is cached
 #
 # Binaries come from build-control-plane.sh (built and cached when absent).
 # Authentication is a static admin token in system:masters; the API server's
@@ -102,7 +103,8 @@ KC
 }
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || die "usage: $0 run|start|stop DIR"
+if [ "$cmd" = kubectl-path ]; then echo "$K8S_BIN_DIR/kubectl"; exit 0; fi
+[ -n "$cmd" ] && [ -n "$dir" ] || die "usage: $0 run|start|stop DIR | kubectl-path"
 case $cmd in
   run)
     trap 'stop_dir "$dir"' EXIT

@@ -1,1 +1,201 @@
-//! placeholder
+//! Harness for tests against a real control plane: etcd + kube-apiserver
+//! built from the Go module proxy by `e2e/scripts/build-control-plane.sh`
+//! and run by `e2e/scripts/control-plane.sh` on loopback ports chosen at run
+//! time.
+//!
+//! [`ControlPlane::shared`] reuses the cluster named by `WRENN_KUBECONFIG`
+//! when set, and otherwise starts one for this test binary. The script runs
+//! in the foreground holding our end of a pipe as its stdin; when the test
+//! process exits, however it exits, the pipe closes and the script stops
+//! etcd and the API server. CRDs and the admission policy from `crds/` are
+//! installed once and waited for until served.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// A running (or reused) control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// kubectl of the same minor version as the server.
+    pub kubectl: PathBuf,
+    /// Milliseconds from process start to `/readyz` (when this binary started it).
+    pub start_ms: Option<u64>,
+    // Held only so the pipe stays open for the life of the process.
+    _supervisor: Option<Mutex<Child>>,
+}
+
+/// Root of the workspace.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn script() -> PathBuf {
+    workspace_root().join("e2e/scripts/control-plane.sh")
+}
+
+static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+
+impl ControlPlane {
+    /// The control plane of this test process, started on first use with
+    /// the CRDs installed. `Err` carries why it could not start, for the
+    /// caller to turn into a skip (or failure, when the tier is required).
+    pub fn shared() -> Result<&'static ControlPlane, String> {
+        SHARED
+            .get_or_init(|| Self::start().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn start() -> Result<ControlPlane> {
+        let kubectl = kubectl_path()?;
+        let cp = match std::env::var_os("WRENN_KUBECONFIG") {
+            Some(path) => ControlPlane {
+                kubeconfig: PathBuf::from(path),
+                kubectl,
+                start_ms: None,
+                _supervisor: None,
+            },
+            None => Self::spawn(kubectl)?,
+        };
+        cp.install_crds()?;
+        Ok(cp)
+    }
+
+    fn spawn(kubectl: PathBuf) -> Result<ControlPlane> {
+        let dir = std::env::temp_dir().join(format!("wrenn-cp-{}", std::process::id()));
+        let mut child = Command::new("bash")
+            .arg(script())
+            .arg("run")
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start e2e/scripts/control-plane.sh")?;
+        let stdout = child.stdout.take().context("control-plane.sh stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("read control-plane.sh output")?;
+        let Some(kubeconfig) = line.trim().strip_prefix("ready ") else {
+            let status = child.wait().ok();
+            bail!("control plane did not start (script exit {status:?}); see its output above");
+        };
+        let start_ms = std::fs::read_to_string(dir.join("start-ms"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        Ok(ControlPlane {
+            kubeconfig: PathBuf::from(kubeconfig),
+            kubectl,
+            start_ms,
+            _supervisor: Some(Mutex::new(child)),
+        })
+    }
+
+    fn install_crds(&self) -> Result<()> {
+        let crds = workspace_root().join("crds");
+        self.kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f"], Some(&crds))?;
+        self.kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/capsules.wrenn.dev",
+                "crd/capsulesnapshots.wrenn.dev",
+                "crd/capsuletemplates.wrenn.dev",
+            ],
+            None,
+        )?;
+        // Established is not yet served through discovery: poll until it is.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.kubectl_ok(&["get", "cap,csnap,ctpl", "-A"], None) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e.context("CRDs never served")),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Runs kubectl against this cluster; returns its output whatever the exit code.
+    pub fn kubectl(&self, args: &[&str], file_arg: Option<&Path>) -> Result<std::process::Output> {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        if let Some(f) = file_arg {
+            cmd.arg(f);
+        }
+        cmd.output().with_context(|| format!("run kubectl {args:?}"))
+    }
+
+    /// Runs kubectl and returns stdout, failing with stderr on a non-zero exit.
+    pub fn kubectl_ok(&self, args: &[&str], file_arg: Option<&Path>) -> Result<String> {
+        let out = self.kubectl(args, file_arg)?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "kubectl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A kube client for this cluster, bound to the caller's runtime.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .context("read kubeconfig")?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .context("load kubeconfig")?;
+        kube::Client::try_from(config).context("build client")
+    }
+}
+
+fn kubectl_path() -> Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(script())
+        .arg("kubectl-path")
+        .output()
+        .context("run control-plane.sh kubectl-path")?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !path.is_file() {
+        // Building takes 10-20 minutes cold; the script does it, the test
+        // only asks where the result is.
+        let built = Command::new("bash")
+            .arg(workspace_root().join("e2e/scripts/build-control-plane.sh"))
+            .status()
+            .context("run build-control-plane.sh")?;
+        if !built.success() || !path.is_file() {
+            bail!(
+                "no kubectl at {} and build-control-plane.sh failed (needs Go and the Go module proxy)",
+                path.display()
+            );
+        }
+    }
+    Ok(path)
+}
+
+/// Creates a namespace named `<prefix>-<random>` and returns its name. Test
+/// namespaces are left behind: without kube-controller-manager a deleted
+/// namespace never finishes terminating, and the cluster is thrown away.
+pub async fn temp_namespace(client: &kube::Client, prefix: &str) -> Result<String> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": { "generateName": format!("{prefix}-") }
+    }))?;
+    let created = api.create(&PostParams::default(), &ns).await?;
+    created.metadata.name.context("created namespace has no name")
+}
