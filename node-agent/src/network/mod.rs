@@ -2,3 +2,469 @@
 //! guest address with SNAT/DNAT to a per-slot host address, egress policy in
 //! nftables, slot allocation. Netlink and nftables calls go through
 //! `sys::net`; this module decides what to create and in which order.
+//!
+//! Layout, per capsule with slot `i` and short id `s`:
+//!
+//! ```text
+//!  uplink ── node namespace ──────── wrenn-<s> (veth) ── capsule namespace wrenn-<s> ─── tap0 ── guest
+//!            table ip wrenn:                    10.12.0.2i/31      veth0 10.12.0.2i+1/31      169.254.0.22/30   169.254.0.21/30
+//!            isolation + masquerade             route 10.11.0.i    table ip wrenn: DNAT/SNAT 10.11.0.i <-> guest,
+//!                                                                  egress policy
+//! ```
+//!
+//! The supervisor drives it through [`NetOps`]: [`LinuxNet`] for real,
+//! [`FakeNet`] in unit tests. Everything that runs inside a namespace runs on
+//! a thread made for it, never on a shared tokio worker: the trait is
+//! blocking, call it from `spawn_blocking`.
+
+mod addr;
+mod fake;
+mod linux;
+mod ruleset;
+mod slots;
+
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+pub use addr::{
+    AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS,
+    ParseCidrError, SlotAddrs,
+};
+pub use fake::{FakeNet, NetCall};
+pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
+pub use ruleset::{
+    Action, CapsuleRules, Chain, ChainKind, Hook, IfName, Match, NodeRules, Rule, Table, Verdict,
+    build_capsule_table, build_node_table,
+};
+pub use slots::SlotAllocator;
+
+/// Prefix of every namespace, link and nftables table we create.
+pub const PREFIX: &str = "wrenn";
+/// Name of the guest's TAP inside every capsule namespace. Fixed, because
+/// Cloud Hypervisor snapshots record it and a restore opens it by name.
+pub const TAP_NAME: &str = "tap0";
+/// TAP transmit queue length (notes §11.42: bursty guests dropped packets).
+pub const TAP_QUEUE_LEN: u32 = 5000;
+/// Capsule-side end of the veth pair.
+pub const CAPSULE_VETH: &str = "veth0";
+/// Length of the short id in resource names: `wrenn-` plus 9 characters is
+/// the 15 an interface name may have.
+pub const SHORT_ID_LEN: usize = 9;
+
+/// A capsule's identity (its UID): lowercase letters, digits and `-`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CapsuleId(String);
+
+impl CapsuleId {
+    /// Validates `id`: 1 to 63 characters of `[a-z0-9-]`, at least one of
+    /// them a letter or digit.
+    pub fn new(id: &str) -> Result<Self, Error> {
+        let ok = !id.is_empty()
+            && id.len() <= 63
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && id.bytes().any(|b| b != b'-');
+        if ok {
+            Ok(Self(id.to_string()))
+        } else {
+            Err(Error::InvalidCapsuleId { id: id.to_string() })
+        }
+    }
+
+    /// The id as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first [`SHORT_ID_LEN`] letters and digits: names the namespace
+    /// and the node-side veth. Two live capsules never share one (the slot
+    /// allocator refuses the second).
+    pub fn short(&self) -> String {
+        self.0
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(SHORT_ID_LEN)
+            .collect()
+    }
+
+    /// `wrenn-<short id>`: the capsule's namespace and node-side veth.
+    pub fn resource_name(&self) -> String {
+        format!("{PREFIX}-{}", self.short())
+    }
+}
+
+impl fmt::Display for CapsuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a capsule may send traffic through the uplink. Isolation from other
+/// capsules, the node and link-local metadata holds under every policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum EgressPolicy {
+    /// Anywhere the node's guard allows.
+    #[default]
+    Allow,
+    /// Nowhere; the node can still open connections to the guest.
+    Deny,
+    /// Only to these networks.
+    AllowList(Vec<Cidr>),
+}
+
+/// What the rest of the agent needs to know about a capsule's network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapsuleNet {
+    /// The capsule.
+    pub capsule: CapsuleId,
+    /// Its slot.
+    pub slot: u32,
+    /// Its namespace, for the VMM to run in.
+    pub netns: PathBuf,
+    /// The TAP for the VMM, inside `netns`.
+    pub tap: String,
+    /// Node-side veth, in the node namespace.
+    pub node_veth: String,
+    /// The slot's addresses; `host` is how the node reaches the guest.
+    pub addrs: SlotAddrs,
+    /// Guest address (the same in every capsule).
+    pub guest: Ipv4Addr,
+    /// Guest gateway.
+    pub gateway: Ipv4Addr,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+}
+
+impl CapsuleNet {
+    /// The kernel `ip=` argument configuring the guest's interface.
+    pub fn kernel_ip_arg(&self) -> String {
+        let mask = Cidr::new(self.guest, GUEST_PREFIX).map_or(Ipv4Addr::UNSPECIFIED, |c| c.netmask());
+        format!("ip={}::{}:{}:capsule:eth0:off", self.guest, self.gateway, mask)
+    }
+}
+
+/// How much of a capsule's network a teardown removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Teardown {
+    /// Everything, and the slot goes back to the pool: the capsule is gone.
+    ReleaseSlot,
+    /// Everything but the slot claim: the capsule is suspended and will come
+    /// back on the same host address.
+    KeepSlot,
+}
+
+/// What a startup sweep removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Namespaces with our prefix and no claim.
+    pub namespaces: usize,
+    /// Node links with our prefix and no claim.
+    pub links: usize,
+    /// nftables tables with our prefix other than the node table.
+    pub tables: usize,
+    /// Conntrack entries for slot addresses without a claim.
+    pub conntrack: usize,
+}
+
+/// Capability: wire and unwire capsule networks. Every method is idempotent
+/// and blocking.
+pub trait NetOps: Send + Sync + fmt::Debug {
+    /// Makes the node namespace ready: forwarding on, the node table loaded
+    /// (replacing an older one atomically). Call once at startup, before
+    /// [`NetOps::sweep`].
+    fn ensure_node(&self) -> Result<(), Error>;
+
+    /// Creates the capsule's network, or adopts the one it has (updating
+    /// the egress policy). Legal for a new capsule and for a suspended one
+    /// being restored, which gets its old slot back. On failure nothing is
+    /// left behind but a slot claim the capsule already held.
+    fn setup(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<CapsuleNet, Error>;
+
+    /// Recreates the TAP by name inside an existing capsule namespace (a
+    /// restore opens the TAP the snapshot names). Legal after `setup`.
+    fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error>;
+
+    /// Removes the capsule's namespace, links, routes and conntrack
+    /// entries; releases the slot or keeps it (suspend). Legal in any state,
+    /// including after a failed or never-run setup.
+    fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error>;
+
+    /// Removes every leftover with our prefix that no slot claim accounts
+    /// for, and counts what it removed. Call at startup after `ensure_node`.
+    fn sweep(&self) -> Result<SweepReport, Error>;
+}
+
+/// Errors of the network module. Each names the action that failed and
+/// carries the capsule and device involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The capsule id cannot name resources.
+    #[error("invalid capsule id {id:?}")]
+    InvalidCapsuleId {
+        /// The id as given.
+        id: String,
+    },
+    /// The configuration is unusable.
+    #[error("invalid network configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The slot claims could not be read.
+    #[error("open slot claims in {path}")]
+    OpenSlots {
+        /// Claim directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Every slot is taken.
+    #[error("claim a slot for capsule {capsule}: all slots are taken")]
+    SlotsExhausted {
+        /// Capsule.
+        capsule: CapsuleId,
+    },
+    /// Another capsule's resources would have the same names.
+    #[error("claim a slot for capsule {capsule}: short id taken by {other}")]
+    ShortIdTaken {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Capsule holding the short id.
+        other: CapsuleId,
+    },
+    /// Writing or removing a claim failed.
+    #[error("{action} slot claim of capsule {capsule}")]
+    SlotClaim {
+        /// `write` or `remove`.
+        action: &'static str,
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A namespace could not be entered.
+    #[error("enter network namespace {path}")]
+    EnterNetns {
+        /// Namespace path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating a capsule's namespace failed.
+    #[error("create network namespace {path} for capsule {capsule}")]
+    CreateNetns {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Namespace path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Removing a namespace failed.
+    #[error("remove network namespace {path}")]
+    RemoveNetns {
+        /// Namespace path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating the veth pair failed.
+    #[error("create veth {device} for capsule {capsule}")]
+    CreateVeth {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Node-side name.
+        device: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Moving a link between namespaces failed.
+    #[error("move link {device} of capsule {capsule} to the node namespace")]
+    MoveLink {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Link.
+        device: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating the TAP failed.
+    #[error("create tap {device} for capsule {capsule}")]
+    CreateTap {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// TAP name.
+        device: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting addresses, state or queue length of a link failed.
+    #[error("configure link {device} of capsule {capsule}")]
+    ConfigureLink {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Link.
+        device: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Adding a route failed.
+    #[error("add route to {dest} via {device} for capsule {capsule}")]
+    AddRoute {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Destination.
+        dest: String,
+        /// Link.
+        device: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Listing links failed.
+    #[error("list links in {netns}")]
+    ListLinks {
+        /// Namespace.
+        netns: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Deleting a link failed.
+    #[error("delete link {device} in {netns}")]
+    DeleteLink {
+        /// Link.
+        device: String,
+        /// Namespace.
+        netns: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a sysctl failed.
+    #[error("set sysctl {key} in {netns}")]
+    SetSysctl {
+        /// Sysctl path under `/proc/sys`.
+        key: String,
+        /// Namespace.
+        netns: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Loading an nftables table failed.
+    #[error("load nftables table {table} in {netns}")]
+    LoadTable {
+        /// Table.
+        table: String,
+        /// Namespace.
+        netns: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Listing or deleting nftables tables failed.
+    #[error("{action} nftables tables in {netns}")]
+    Tables {
+        /// `list` or `delete`.
+        action: &'static str,
+        /// Namespace.
+        netns: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Flushing conntrack entries failed.
+    #[error("flush conntrack entries of {what} in {netns}")]
+    FlushConntrack {
+        /// Whose entries.
+        what: String,
+        /// Namespace.
+        netns: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Listing namespaces failed.
+    #[error("list network namespaces in {path}")]
+    ListNetns {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The capsule has no network to act on.
+    #[error("capsule {capsule} has no network namespace")]
+    NotSetUp {
+        /// Capsule.
+        capsule: CapsuleId,
+    },
+    /// A failure injected by a test ([`LinuxNet::fail_before`]).
+    #[error("injected failure before {step:?} of capsule {capsule}")]
+    Injected {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// The step that was not run.
+        step: SetupStep,
+    },
+    /// Teardown hit several errors; the first is the source.
+    #[error("tear down network of capsule {capsule} ({count} errors)")]
+    Teardown {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// How many steps failed.
+        count: usize,
+        /// The first failure.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capsule_ids_name_resources_within_ifnamsiz() {
+        let id = CapsuleId::new("3f2a9c1e-77b0-4c1d-9e0a-5b6c7d8e9f00").unwrap();
+        assert_eq!(id.short(), "3f2a9c1e7");
+        assert_eq!(id.resource_name(), "wrenn-3f2a9c1e7");
+        assert!(id.resource_name().len() <= 15);
+        assert_eq!(CapsuleId::new("ab").unwrap().resource_name(), "wrenn-ab");
+        for bad in ["", "-", "A", "a b", "a/b", &"a".repeat(64)] {
+            assert!(CapsuleId::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kernel_ip_argument_matches_the_fixed_guest_link() {
+        let net = CapsuleNet {
+            capsule: CapsuleId::new("c1").unwrap(),
+            slot: 1,
+            netns: "/run/netns/wrenn-c1".into(),
+            tap: TAP_NAME.into(),
+            node_veth: "wrenn-c1".into(),
+            addrs: AddressPlan::default().slot_addrs(1).unwrap(),
+            guest: GUEST_ADDR,
+            gateway: GUEST_GATEWAY,
+            mac: GUEST_MAC,
+        };
+        assert_eq!(
+            net.kernel_ip_arg(),
+            "ip=169.254.0.21::169.254.0.22:255.255.255.252:capsule:eth0:off"
+        );
+    }
+}

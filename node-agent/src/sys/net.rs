@@ -1,1 +1,872 @@
-//! Kernel calls for `network`.
+//! Kernel calls for `network`: network namespaces (create, enter, remove),
+//! links, addresses and routes over rtnetlink, TAP devices through
+//! `/dev/net/tun`, nftables and conntrack over nfnetlink, sysctls.
+//!
+//! `setns` changes the namespace of the calling thread only, so every call
+//! that acts inside a namespace runs on a thread spawned for it
+//! ([`run_in_netns`], [`run_in_new_netns`]); its netlink sockets are opened on
+//! that thread after it entered the namespace, which is what binds them to
+//! it. Policy (what to create, names, order, rollback) lives in `network`.
+
+use std::fs::{self, File};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt as _;
+use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, Tuple};
+use netlink_packet_netfilter::nftables::{
+    Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Hook as NlHook,
+    Immediate, InetHookNumber, Meta, MetaKey, NfTablesMessage, Operator, Payload, Register,
+    RuleAttribute, RuleMessage, TableAttribute, TableMessage, Verdict as NlVerdict,
+    VerdictAttribute,
+};
+use netlink_packet_netfilter::none::ControlMessage;
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use rtnetlink::packet_core::{
+    DefaultNla, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
+};
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::network::{Action, Cidr, ChainKind, Hook, IfName, Match, Table, Verdict};
+
+/// Runs `f` on a new thread inside the network namespace at `netns`. The
+/// outer error is about entering the namespace; the inner one is `f`'s.
+pub fn run_in_netns<T: Send, E: Send>(
+    netns: &Path,
+    f: impl FnOnce(&Netlink) -> Result<T, E> + Send,
+) -> io::Result<Result<T, E>> {
+    on_thread(move || {
+        let ns = File::open(netns)?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        let nl = Netlink::new()?;
+        Ok(f(&nl))
+    })
+}
+
+/// Creates a named network namespace: a new thread unshares its network
+/// namespace and bind-mounts it on `path` (as `ip netns add` does), then runs
+/// `f` inside it. Fails with `AlreadyExists` if `path` exists.
+pub fn run_in_new_netns<T: Send, E: Send>(
+    path: &Path,
+    proc_dir: &Path,
+    f: impl FnOnce(&Netlink) -> Result<T, E> + Send,
+) -> io::Result<Result<T, E>> {
+    on_thread(move || {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        // The mount point: an empty file, created exclusively so two
+        // callers never share a name.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let mounted = nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                let tid = nix::unistd::gettid();
+                let own = proc_dir.join(format!("self/task/{tid}/ns/net"));
+                nix::mount::mount(
+                    Some(&own),
+                    path,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(io::Error::from)
+            });
+        if let Err(e) = mounted {
+            let _ = fs::remove_file(path);
+            return Err(e);
+        }
+        let nl = Netlink::new()?;
+        Ok(f(&nl))
+    })
+}
+
+fn on_thread<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("wrenn-netns".into())
+            .spawn_scoped(s, f)?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("network namespace thread panicked")))
+    })
+}
+
+/// Unmounts and removes a named namespace. The namespace itself, with its
+/// links, TAP, nftables tables and conntrack entries, goes away once no
+/// process or mount holds it. `Ok(false)` if there was nothing to remove.
+pub fn remove_netns(path: &Path) -> io::Result<bool> {
+    match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
+        // EINVAL: not a mount point (a half-made namespace file).
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Names of the namespaces in `dir` starting with `prefix`.
+pub fn list_netns(dir: &Path, prefix: &str) -> io::Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Writes a sysctl (`key` relative to `<proc>/sys`) for the calling
+/// thread's network namespace: `net.*` sysctls resolve per namespace.
+pub fn write_sysctl(proc_dir: &Path, key: &str, value: &str) -> io::Result<()> {
+    fs::write(proc_dir.join("sys").join(key), value)
+}
+
+/// A conntrack entry, reduced to what cleanup needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Original direction source and destination.
+    pub orig: (IpAddr, IpAddr),
+    /// Reply direction source and destination.
+    pub reply: (IpAddr, IpAddr),
+    orig_tuple: Vec<Tuple>,
+}
+
+impl CtEntry {
+    /// Every address the entry mentions.
+    pub fn addrs(&self) -> [IpAddr; 4] {
+        [self.orig.0, self.orig.1, self.reply.0, self.reply.1]
+    }
+}
+
+/// Netlink access for the namespace of the thread that made it.
+#[derive(Debug)]
+pub struct Netlink {
+    rt: tokio::runtime::Runtime,
+    handle: rtnetlink::Handle,
+}
+
+fn nl_err(e: rtnetlink::Error) -> io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn is_errno(e: &io::Error, errno: i32) -> bool {
+    e.raw_os_error() == Some(errno)
+}
+
+impl Netlink {
+    fn new() -> io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let (conn, handle, _) = {
+            let _guard = rt.enter();
+            rtnetlink::new_connection()?
+        };
+        rt.spawn(conn);
+        Ok(Self { rt, handle })
+    }
+
+    /// Index of link `name`, `None` if there is none.
+    pub fn link_index(&self, name: &str) -> io::Result<Option<u32>> {
+        let req = self.handle.link().get().match_name(name.to_string()).execute();
+        match self.rt.block_on(async { futures::pin_mut!(req); req.try_next().await }) {
+            Ok(Some(msg)) => Ok(Some(msg.header.index)),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let e = nl_err(e);
+                if is_errno(&e, libc::ENODEV) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn index(&self, name: &str) -> io::Result<u32> {
+        self.link_index(name)?.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no link named {name}"))
+        })
+    }
+
+    /// Every link: index, name, transmit queue length.
+    pub fn links(&self) -> io::Result<Vec<(u32, String, u32)>> {
+        let req = self.handle.link().get().execute();
+        let msgs: Vec<_> = self.rt.block_on(req.try_collect()).map_err(nl_err)?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut name = String::new();
+                let mut qlen = 0;
+                for a in m.attributes {
+                    match a {
+                        LinkAttribute::IfName(n) => name = n,
+                        LinkAttribute::TxQueueLen(q) => qlen = q,
+                        _ => {}
+                    }
+                }
+                (m.header.index, name, qlen)
+            })
+            .collect())
+    }
+
+    /// Creates a veth pair, both ends here.
+    pub fn add_veth(&self, name: &str, peer: &str) -> io::Result<()> {
+        let msg = LinkVeth::new(name, peer).build();
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(nl_err)
+    }
+
+    /// Moves link `name` into the namespace open as `netns`.
+    pub fn move_link(&self, name: &str, netns: &File) -> io::Result<()> {
+        let msg = LinkUnspec::new_with_index(self.index(name)?)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(nl_err)
+    }
+
+    /// Sets a link up, optionally with a transmit queue length and MAC.
+    pub fn set_up(&self, name: &str, txqlen: Option<u32>, mac: Option<[u8; 6]>) -> io::Result<()> {
+        let mut b = LinkUnspec::new_with_index(self.index(name)?);
+        if let Some(q) = txqlen {
+            b = b.txqueuelen(q);
+        }
+        if let Some(m) = mac {
+            b = b.address(m.to_vec());
+        }
+        let msg = b.up().build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(nl_err)
+    }
+
+    /// Renames a link (down links only).
+    pub fn rename(&self, name: &str, new_name: &str) -> io::Result<()> {
+        let msg = LinkUnspec::new_with_index(self.index(name)?)
+            .name(new_name.to_string())
+            .build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(nl_err)
+    }
+
+    /// Adds `addr/prefix` to link `name`.
+    pub fn add_addr(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let idx = self.index(name)?;
+        self.rt
+            .block_on(
+                self.handle
+                    .address()
+                    .add(idx, IpAddr::V4(addr), prefix)
+                    .execute(),
+            )
+            .map_err(nl_err)
+    }
+
+    /// Adds a route to `dest` through link `dev`, via `gateway` if given.
+    pub fn add_route(&self, dest: Cidr, gateway: Option<Ipv4Addr>, dev: &str) -> io::Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest.addr(), dest.prefix())
+            .output_interface(self.index(dev)?);
+        if let Some(gw) = gateway {
+            b = b.gateway(gw);
+        }
+        self.rt
+            .block_on(self.handle.route().add(b.build()).execute())
+            .map_err(nl_err)
+    }
+
+    /// Deletes link `name` (a veth takes its peer along). `Ok(false)` if
+    /// there was none.
+    pub fn del_link(&self, name: &str) -> io::Result<bool> {
+        let Some(idx) = self.link_index(name)? else {
+            return Ok(false);
+        };
+        match self.rt.block_on(self.handle.link().del(idx).execute()).map_err(nl_err) {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a persistent TAP named `name` through the clone device at
+    /// `tun` (`/dev/net/tun`), with the flags Cloud Hypervisor opens it with
+    /// (single queue, no packet info, virtio-net header).
+    pub fn create_tap(&self, tun: &Path, name: &str) -> io::Result<()> {
+        tap::create_persistent(tun, name)
+    }
+
+    /// Loads `table` (family `ip`), atomically replacing any table of that
+    /// name: one nfnetlink batch that creates it if absent, deletes it, and
+    /// builds it anew.
+    pub fn load_table(&self, table: &Table) -> io::Result<()> {
+        let mut msgs = vec![
+            (new_table(&table.name), NLM_F_CREATE),
+            (
+                NfTablesMessage::DeleteTable(TableMessage {
+                    attributes: vec![TableAttribute::Name(table.name.clone())],
+                }),
+                0,
+            ),
+            (new_table(&table.name), NLM_F_CREATE),
+        ];
+        msgs.extend(encode_chains(table).into_iter().map(|m| (m, NLM_F_CREATE)));
+        msgs.extend(
+            encode_rules(table)
+                .into_iter()
+                .map(|m| (m, NLM_F_CREATE | NLM_F_APPEND)),
+        );
+        nft_batch(NetfilterProtoFamily::IPv4, msgs)
+    }
+
+    /// Every nftables table here: family number and name.
+    pub fn list_tables(&self) -> io::Result<Vec<(u8, String)>> {
+        let msg = NfTablesMessage::GetTable(TableMessage { attributes: vec![] });
+        let mut out = Vec::new();
+        for reply in nf_dump(NetfilterProtoFamily::Unspec, msg.into())? {
+            if let NetfilterMessageInner::NfTables(NfTablesMessage::NewTable(t)) = reply.inner {
+                for a in t.attributes {
+                    if let TableAttribute::Name(n) = a {
+                        out.push((u8::from(reply.header.family), n));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of nftables rules here, in every table.
+    pub fn count_rules(&self) -> io::Result<usize> {
+        let msg = NfTablesMessage::GetRule(RuleMessage { attributes: vec![] });
+        Ok(nf_dump(NetfilterProtoFamily::Unspec, msg.into())?
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r.inner,
+                    NetfilterMessageInner::NfTables(NfTablesMessage::NewRule(_))
+                )
+            })
+            .count())
+    }
+
+    /// Deletes table `name` of family number `family`. `Ok(false)` if absent.
+    pub fn delete_table(&self, family: u8, name: &str) -> io::Result<bool> {
+        let msg = NfTablesMessage::DeleteTable(TableMessage {
+            attributes: vec![TableAttribute::Name(name.to_string())],
+        });
+        match nft_batch(NetfilterProtoFamily::from(family), vec![(msg, 0)]) {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// IPv4 conntrack entries here.
+    pub fn conntrack_list(&self) -> io::Result<Vec<CtEntry>> {
+        let mut out = Vec::new();
+        for reply in nf_dump(NetfilterProtoFamily::IPv4, ConntrackMessage::Get(vec![]).into())? {
+            let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = reply.inner else {
+                continue;
+            };
+            let (mut orig, mut rep) = (None, None);
+            for a in attrs {
+                match a {
+                    ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
+                    ConntrackAttribute::CtaTupleReply(t) => rep = Some(t),
+                    _ => {}
+                }
+            }
+            if let (Some(o), Some(r)) = (orig, rep) {
+                if let (Some(oa), Some(ra)) = (tuple_addrs(&o), tuple_addrs(&r)) {
+                    out.push(CtEntry {
+                        orig: oa,
+                        reply: ra,
+                        orig_tuple: o,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every IPv4 conntrack entry for which `pred` holds; returns
+    /// how many went. Entries that expire meanwhile are not an error.
+    pub fn conntrack_flush(&self, pred: impl Fn(&CtEntry) -> bool) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in self.conntrack_list()?.into_iter().filter(|e| pred(e)) {
+            let msg = ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(
+                entry.orig_tuple,
+            )]);
+            match nf_request(NetfilterProtoFamily::IPv4, msg.into()) {
+                Ok(()) => n += 1,
+                Err(e) if is_errno(&e, libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn tuple_addrs(t: &[Tuple]) -> Option<(IpAddr, IpAddr)> {
+    let ip = t.iter().find_map(|x| match x {
+        Tuple::Ip(ip) => Some(ip),
+        _ => None,
+    })?;
+    let src = ip.iter().find_map(|x| match x {
+        IPTuple::SourceAddress(a) => Some(*a),
+        _ => None,
+    })?;
+    let dst = ip.iter().find_map(|x| match x {
+        IPTuple::DestinationAddress(a) => Some(*a),
+        _ => None,
+    })?;
+    Some((src, dst))
+}
+
+// ---- nftables encoding ----
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFT_CT_STATE: u32 = 0;
+/// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED) | NF_CT_STATE_BIT(IP_CT_RELATED)`.
+const CT_STATE_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_ADDR_MAX: u16 = 4;
+const NFTA_NAT_FLAGS: u16 = 7;
+const NFT_NAT_SNAT: u32 = 0;
+const NFT_NAT_DNAT: u32 = 1;
+const NFPROTO_IPV4: u32 = 2;
+const NF_NAT_RANGE_MAP_IPS: u32 = 1;
+const NFT_REG_1: u32 = 1;
+const IFNAMSIZ: usize = 16;
+
+fn new_table(name: &str) -> NfTablesMessage {
+    NfTablesMessage::NewTable(TableMessage {
+        attributes: vec![TableAttribute::Name(name.to_string())],
+    })
+}
+
+fn verdict_code(v: Verdict) -> u32 {
+    match v {
+        Verdict::Accept => NF_ACCEPT,
+        Verdict::Drop => NF_DROP,
+    }
+}
+
+fn encode_chains(table: &Table) -> Vec<NfTablesMessage> {
+    table
+        .chains
+        .iter()
+        .map(|c| {
+            let hook = match c.hook {
+                Hook::Prerouting => InetHookNumber::PreRouting,
+                Hook::Input => InetHookNumber::LocalIn,
+                Hook::Forward => InetHookNumber::Forward,
+                Hook::Postrouting => InetHookNumber::PostRouting,
+            };
+            let kind = match c.kind {
+                ChainKind::Filter => "filter",
+                ChainKind::Nat => "nat",
+            };
+            NfTablesMessage::NewChain(ChainMessage {
+                attributes: vec![
+                    ChainAttribute::Table(table.name.clone()),
+                    ChainAttribute::Name(c.name.to_string()),
+                    ChainAttribute::Hook(vec![
+                        NlHook::Number(hook.into()),
+                        // Negative priorities travel as their two's complement.
+                        NlHook::Priority(c.priority as u32),
+                    ]),
+                    ChainAttribute::Policy(verdict_code(c.policy)),
+                    ChainAttribute::Type(kind.to_string()),
+                ],
+            })
+        })
+        .collect()
+}
+
+fn encode_rules(table: &Table) -> Vec<NfTablesMessage> {
+    let mut out = Vec::new();
+    for c in &table.chains {
+        for r in &c.rules {
+            let mut exprs: Vec<Expressions> = Vec::new();
+            for m in &r.matches {
+                encode_match(m, &mut exprs);
+            }
+            encode_action(r.action, &mut exprs);
+            out.push(NfTablesMessage::NewRule(RuleMessage {
+                attributes: vec![
+                    RuleAttribute::Table(table.name.clone()),
+                    RuleAttribute::Chain(c.name.to_string()),
+                    RuleAttribute::Expressions(exprs.into_iter().map(Into::into).collect()),
+                ],
+            }));
+        }
+    }
+    out
+}
+
+fn be(v: u32) -> Vec<u8> {
+    v.to_be_bytes().to_vec()
+}
+
+fn cmp(op: Operator, data: Vec<u8>) -> Expressions {
+    Expressions::Cmp(vec![
+        Cmp::SourceRegister(Register::Reg1),
+        Cmp::Op(op),
+        Cmp::Data(DataAttribute::Value(data)),
+    ])
+}
+
+fn ifname(key: MetaKey, name: &IfName, op: Operator, out: &mut Vec<Expressions>) {
+    out.push(Expressions::Meta(vec![
+        Meta::Key(key),
+        Meta::DestinationRegister(Register::Reg1),
+    ]));
+    let data = match name {
+        // An exact name compares all IFNAMSIZ bytes, NUL padding included;
+        // a prefix compares only its own bytes.
+        IfName::Exact(n) => {
+            let mut b = n.as_bytes().to_vec();
+            b.resize(IFNAMSIZ, 0);
+            b
+        }
+        IfName::Prefix(p) => p.as_bytes().to_vec(),
+    };
+    out.push(cmp(op, data));
+}
+
+fn addr(offset: u32, net: Cidr, op: Operator, out: &mut Vec<Expressions>) {
+    out.push(Expressions::Payload(vec![
+        Payload::DestinationRegister(Register::Reg1),
+        Payload::Base(NFT_PAYLOAD_NETWORK_HEADER),
+        Payload::Offset(offset),
+        Payload::Len(4),
+    ]));
+    if net.prefix() < 32 {
+        out.push(Expressions::Bitwise(vec![
+            Bitwise::SourceRegister(Register::Reg1),
+            Bitwise::DestinationRegister(Register::Reg1),
+            Bitwise::Length(4),
+            Bitwise::Mask(DataAttribute::Value(net.netmask().octets().to_vec())),
+            Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
+        ]));
+    }
+    out.push(cmp(op, net.addr().octets().to_vec()));
+}
+
+fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
+    match m {
+        Match::Iif(n) => ifname(MetaKey::Iifname, n, Operator::Equal, out),
+        Match::Oif(n) => ifname(MetaKey::Oifname, n, Operator::Equal, out),
+        Match::OifNot(n) => ifname(MetaKey::Oifname, n, Operator::NotEqual, out),
+        Match::Saddr(c) => addr(12, *c, Operator::Equal, out),
+        Match::SaddrNot(c) => addr(12, *c, Operator::NotEqual, out),
+        Match::Daddr(c) => addr(16, *c, Operator::Equal, out),
+        Match::CtEstablished => {
+            out.push(Expressions::Other {
+                expression_type: "ct".into(),
+                attributes: vec![
+                    DefaultNla::new(NFTA_CT_KEY, be(NFT_CT_STATE)),
+                    DefaultNla::new(NFTA_CT_DREG, be(NFT_REG_1)),
+                ],
+            });
+            out.push(Expressions::Bitwise(vec![
+                Bitwise::SourceRegister(Register::Reg1),
+                Bitwise::DestinationRegister(Register::Reg1),
+                Bitwise::Length(4),
+                // Registers hold the state in host byte order.
+                Bitwise::Mask(DataAttribute::Value(
+                    CT_STATE_ESTABLISHED_RELATED.to_ne_bytes().to_vec(),
+                )),
+                Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
+            ]));
+            out.push(cmp(Operator::NotEqual, vec![0; 4]));
+        }
+    }
+}
+
+fn verdict(code: u32) -> Expressions {
+    Expressions::Immediate(vec![
+        Immediate::DestinationRegister(Register::Verdict),
+        Immediate::Data(DataAttribute::Verdict(vec![VerdictAttribute::Code(
+            NlVerdict::Other(code),
+        )])),
+    ])
+}
+
+fn nat(kind: u32, to: Ipv4Addr, out: &mut Vec<Expressions>) {
+    out.push(Expressions::Immediate(vec![
+        Immediate::DestinationRegister(Register::Reg1),
+        Immediate::Data(DataAttribute::Value(to.octets().to_vec())),
+    ]));
+    out.push(Expressions::Other {
+        expression_type: "nat".into(),
+        attributes: vec![
+            DefaultNla::new(NFTA_NAT_TYPE, be(kind)),
+            DefaultNla::new(NFTA_NAT_FAMILY, be(NFPROTO_IPV4)),
+            DefaultNla::new(NFTA_NAT_REG_ADDR_MIN, be(NFT_REG_1)),
+            DefaultNla::new(NFTA_NAT_REG_ADDR_MAX, be(NFT_REG_1)),
+            DefaultNla::new(NFTA_NAT_FLAGS, be(NF_NAT_RANGE_MAP_IPS)),
+        ],
+    });
+}
+
+fn encode_action(a: Action, out: &mut Vec<Expressions>) {
+    match a {
+        Action::Accept => out.push(verdict(NF_ACCEPT)),
+        Action::Drop => out.push(verdict(NF_DROP)),
+        Action::Snat(to) => nat(NFT_NAT_SNAT, to, out),
+        Action::Dnat(to) => nat(NFT_NAT_DNAT, to, out),
+        Action::Masquerade => out.push(Expressions::Other {
+            expression_type: "masq".into(),
+            attributes: vec![],
+        }),
+    }
+}
+
+// ---- nfnetlink transport ----
+
+fn nf_socket() -> io::Result<Socket> {
+    let mut s = Socket::new(NETLINK_NETFILTER)?;
+    s.bind_auto()?;
+    s.connect(&SocketAddr::new(0, 0))?;
+    Ok(s)
+}
+
+fn to_bytes(mut m: NetlinkMessage<NetfilterMessage>) -> Vec<u8> {
+    m.finalize();
+    let mut buf = vec![0; m.buffer_len()];
+    m.serialize(&mut buf);
+    buf
+}
+
+/// Reads replies until `done` says so; the first netlink error wins.
+fn read_replies(
+    s: &Socket,
+    mut on: impl FnMut(&NetlinkMessage<NetfilterMessage>) -> io::Result<bool>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut first_err = None;
+    loop {
+        let n = s.recv(&mut &mut buf[..], 0)?;
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = msg.header.length as usize;
+            match &msg.payload {
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    first_err.get_or_insert_with(|| e.to_io());
+                }
+                _ => {}
+            }
+            if on(&msg)? {
+                return first_err.map_or(Ok(()), Err);
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+    }
+}
+
+/// Sends one nftables transaction and waits for every part's answer.
+fn nft_batch(family: NetfilterProtoFamily, msgs: Vec<(NfTablesMessage, u16)>) -> io::Result<()> {
+    let s = nf_socket()?;
+    let control = |m: ControlMessage, seq: u32| {
+        let mut nl = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+            m,
+        ));
+        nl.header.flags = NLM_F_REQUEST;
+        nl.header.sequence_number = seq;
+        to_bytes(nl)
+    };
+    let mut buf = control(ControlMessage::BatchBegin, 0);
+    let mut last = 0;
+    for (i, (m, flags)) in msgs.into_iter().enumerate() {
+        let seq = i as u32 + 1;
+        let mut nl =
+            NetlinkMessage::from(NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), m));
+        nl.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        nl.header.sequence_number = seq;
+        buf.extend(to_bytes(nl));
+        last = seq;
+    }
+    buf.extend(control(ControlMessage::BatchEnd, last + 1));
+    s.send(&buf, 0)?;
+    read_replies(&s, |m| Ok(m.header.sequence_number >= last && matches!(m.payload, NetlinkPayload::Error(_))))
+}
+
+/// One request answered by an acknowledgement.
+fn nf_request(family: NetfilterProtoFamily, inner: NetfilterMessageInner) -> io::Result<()> {
+    let s = nf_socket()?;
+    let mut nl = NetlinkMessage::from(NetfilterMessage::new(
+        NetfilterHeader::new(family, 0, 0),
+        inner,
+    ));
+    nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    nl.header.sequence_number = 1;
+    s.send(&to_bytes(nl), 0)?;
+    read_replies(&s, |m| Ok(matches!(m.payload, NetlinkPayload::Error(_))))
+}
+
+/// A dump request; returns every message of the answer.
+fn nf_dump(
+    family: NetfilterProtoFamily,
+    inner: NetfilterMessageInner,
+) -> io::Result<Vec<NetfilterMessage>> {
+    let s = nf_socket()?;
+    let mut nl = NetlinkMessage::from(NetfilterMessage::new(
+        NetfilterHeader::new(family, 0, 0),
+        inner,
+    ));
+    nl.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    nl.header.sequence_number = 1;
+    s.send(&to_bytes(nl), 0)?;
+    let mut out = Vec::new();
+    read_replies(&s, |m| match &m.payload {
+        NetlinkPayload::InnerMessage(inner) => {
+            out.push(inner.clone());
+            Ok(false)
+        }
+        NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => Ok(true),
+        _ => Ok(false),
+    })?;
+    Ok(out)
+}
+
+/// The TAP ioctls: the only `unsafe` of the network code.
+#[allow(unsafe_code)]
+mod tap {
+    use std::fs::OpenOptions;
+    use std::io;
+    use std::os::fd::AsRawFd as _;
+    use std::path::Path;
+
+    // TUNSETIFF and TUNSETPERSIST are `_IOW('T', n, int)`; TUNSETIFF's
+    // argument is really a `struct ifreq`, hence the `_bad` variants.
+    nix::ioctl_write_ptr_bad!(
+        tunsetiff,
+        nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+        libc::ifreq
+    );
+    nix::ioctl_write_int_bad!(
+        tunsetpersist,
+        nix::request_code_write!(b'T', 203, std::mem::size_of::<libc::c_int>())
+    );
+
+    pub(super) fn create_persistent(tun: &Path, name: &str) -> io::Result<()> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad interface name {name:?}"),
+            ));
+        }
+        let f = OpenOptions::new().read(true).write(true).open(tun)?;
+        // SAFETY: `ifreq` is plain old data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        // SAFETY: `f` is an open tun clone device and `req` a valid, fully
+        // initialised ifreq that outlives the call; the kernel only reads it
+        // (and writes the name back within its bounds).
+        unsafe { tunsetiff(f.as_raw_fd(), &req) }?;
+        // SAFETY: `f` is now attached to the TAP; the argument is a plain int.
+        unsafe { tunsetpersist(f.as_raw_fd(), 1) }?;
+        // Closing `f` leaves the persistent TAP for the VMM to open by name.
+        Ok(())
+    }
+}
+
+/// Path of the calling process's own network namespace under `proc_dir`.
+pub fn own_netns(proc_dir: &Path) -> PathBuf {
+    proc_dir.join("self/ns/net")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::{Rule, Chain as C};
+
+    #[test]
+    fn rules_encode_to_the_expressions_nft_would_send() {
+        let t = Table {
+            name: "t".into(),
+            chains: vec![C {
+                name: "f",
+                kind: ChainKind::Filter,
+                hook: Hook::Forward,
+                priority: 0,
+                policy: Verdict::Accept,
+                rules: vec![
+                    Rule {
+                        matches: vec![Match::Iif(IfName::Prefix("x".into())), Match::CtEstablished],
+                        action: Action::Accept,
+                    },
+                    Rule {
+                        matches: vec![Match::Daddr("10.0.0.0/8".parse().unwrap())],
+                        action: Action::Snat(Ipv4Addr::new(5, 6, 7, 8)),
+                    },
+                ],
+            }],
+        };
+        let rules = encode_rules(&t);
+        assert_eq!(rules.len(), 2);
+        let exprs = |r: &NfTablesMessage| match r {
+            NfTablesMessage::NewRule(m) => m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RuleAttribute::Expressions(e) => Some(e.len()),
+                    _ => None,
+                })
+                .unwrap(),
+            _ => panic!(),
+        };
+        // meta+cmp, ct+bitwise+cmp, verdict
+        assert_eq!(exprs(&rules[0]), 6);
+        // payload+bitwise+cmp, immediate+nat
+        assert_eq!(exprs(&rules[1]), 5);
+        let chains = encode_chains(&t);
+        assert_eq!(chains.len(), 1);
+    }
+}

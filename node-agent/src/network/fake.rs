@@ -1,0 +1,172 @@
+//! [`FakeNet`]: a [`NetOps`] that records its calls and touches nothing, for
+//! unit tests of the capsule supervisor.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::addr::{AddressPlan, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC};
+use super::{
+    CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, SetupStep, SweepReport, TAP_NAME, Teardown,
+};
+
+/// A call made to a [`FakeNet`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetCall {
+    /// [`NetOps::ensure_node`].
+    EnsureNode,
+    /// [`NetOps::setup`].
+    Setup(CapsuleId, EgressPolicy),
+    /// [`NetOps::ensure_tap`].
+    EnsureTap(CapsuleId),
+    /// [`NetOps::teardown`].
+    Teardown(CapsuleId, Teardown),
+    /// [`NetOps::sweep`].
+    Sweep,
+}
+
+/// Records calls; hands out slots in memory; fails on request.
+#[derive(Debug, Default)]
+pub struct FakeNet {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    calls: Vec<NetCall>,
+    slots: BTreeMap<CapsuleId, u32>,
+    built: Vec<CapsuleId>,
+    fail_setup: Option<SetupStep>,
+}
+
+impl FakeNet {
+    /// A fake with no capsules.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<NetCall> {
+        self.state().calls.clone()
+    }
+
+    /// Makes the next setup fail as if `step` had failed.
+    pub fn fail_next_setup(&self, step: SetupStep) {
+        self.state().fail_setup = Some(step);
+    }
+
+    /// Capsules whose network currently exists.
+    pub fn built(&self) -> Vec<CapsuleId> {
+        self.state().built.clone()
+    }
+
+    /// The slot a capsule holds.
+    pub fn slot(&self, capsule: &CapsuleId) -> Option<u32> {
+        self.state().slots.get(capsule).copied()
+    }
+}
+
+impl NetOps for FakeNet {
+    fn ensure_node(&self) -> Result<(), Error> {
+        self.state().calls.push(NetCall::EnsureNode);
+        Ok(())
+    }
+
+    fn setup(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<CapsuleNet, Error> {
+        let mut st = self.state();
+        st.calls.push(NetCall::Setup(capsule.clone(), policy.clone()));
+        if let Some(step) = st.fail_setup.take() {
+            return Err(Error::Injected {
+                capsule: capsule.clone(),
+                step,
+            });
+        }
+        let slot = match st.slots.get(capsule) {
+            Some(s) => *s,
+            None => {
+                let s = (1..).find(|s| !st.slots.values().any(|v| v == s)).unwrap_or(1);
+                st.slots.insert(capsule.clone(), s);
+                s
+            }
+        };
+        if !st.built.contains(capsule) {
+            st.built.push(capsule.clone());
+        }
+        let plan = AddressPlan::default();
+        let addrs = plan.slot_addrs(slot).ok_or_else(|| Error::SlotsExhausted {
+            capsule: capsule.clone(),
+        })?;
+        Ok(CapsuleNet {
+            capsule: capsule.clone(),
+            slot,
+            netns: format!("/run/netns/{}", capsule.resource_name()).into(),
+            tap: TAP_NAME.into(),
+            node_veth: capsule.resource_name(),
+            addrs,
+            guest: GUEST_ADDR,
+            gateway: GUEST_GATEWAY,
+            mac: GUEST_MAC,
+        })
+    }
+
+    fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {
+        let mut st = self.state();
+        st.calls.push(NetCall::EnsureTap(capsule.clone()));
+        if st.built.contains(capsule) {
+            Ok(())
+        } else {
+            Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            })
+        }
+    }
+
+    fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
+        let mut st = self.state();
+        st.calls.push(NetCall::Teardown(capsule.clone(), mode));
+        st.built.retain(|c| c != capsule);
+        if mode == Teardown::ReleaseSlot {
+            st.slots.remove(capsule);
+        }
+        Ok(())
+    }
+
+    fn sweep(&self) -> Result<SweepReport, Error> {
+        self.state().calls.push(NetCall::Sweep);
+        Ok(SweepReport::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_calls_and_keeps_slots_across_suspend() {
+        let net = FakeNet::new();
+        let a = CapsuleId::new("aaa").unwrap();
+        let b = CapsuleId::new("bbb").unwrap();
+        let na = net.setup(&a, &EgressPolicy::Allow).unwrap();
+        let nb = net.setup(&b, &EgressPolicy::Deny).unwrap();
+        assert_ne!(na.slot, nb.slot);
+        net.teardown(&a, Teardown::KeepSlot).unwrap();
+        assert!(net.ensure_tap(&a).is_err());
+        assert_eq!(net.setup(&a, &EgressPolicy::Allow).unwrap().slot, na.slot);
+        net.fail_next_setup(SetupStep::CreateTap);
+        assert!(matches!(
+            net.setup(&CapsuleId::new("ccc").unwrap(), &EgressPolicy::Allow),
+            Err(Error::Injected { step: SetupStep::CreateTap, .. })
+        ));
+        assert_eq!(
+            net.calls()[..3],
+            [
+                NetCall::Setup(a.clone(), EgressPolicy::Allow),
+                NetCall::Setup(b, EgressPolicy::Deny),
+                NetCall::Teardown(a, Teardown::KeepSlot),
+            ]
+        );
+    }
+}

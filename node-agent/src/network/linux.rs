@@ -1,0 +1,726 @@
+//! [`LinuxNet`]: the real [`NetOps`], on netlink and nftables through
+//! `sys::net`. This file decides order and rollback; it makes no syscall.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tracing::{debug, info, warn};
+
+use super::addr::{AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs};
+use super::ruleset::{CapsuleRules, NodeRules, build_capsule_table, build_node_table};
+use super::slots::{ClaimError, SlotAllocator};
+use super::{
+    CAPSULE_VETH, CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, PREFIX, SweepReport,
+    TAP_NAME, TAP_QUEUE_LEN, Teardown,
+};
+use crate::sys::net::{self as sys, Netlink};
+
+/// What sits where the guest will be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestLink {
+    /// A persistent TAP for the VMM: production.
+    Tap,
+    /// Tests only: no VMM, so instead of a TAP (which has no peer to send
+    /// from) the guest side is a veth named like the TAP whose peer, `eth0`
+    /// with the guest's address and route, lives in a namespace of its own
+    /// under `netns_dir`, named like the capsule's. Test traffic runs there.
+    EmulatedGuest {
+        /// Directory for the guest namespaces.
+        netns_dir: PathBuf,
+    },
+}
+
+/// Host paths and node facts [`LinuxNet`] works with. Everything is passed
+/// in, so tests can point it at a namespace and temp dirs of their own.
+#[derive(Clone, Debug)]
+pub struct LinuxNetConfig {
+    /// The namespace playing the node: the host's in production
+    /// (`/proc/self/ns/net` of an agent on the host network).
+    pub node_netns: PathBuf,
+    /// Where named capsule namespaces are mounted (`/run/netns`).
+    pub netns_dir: PathBuf,
+    /// The agent's state directory; slot claims go in `slots/` under it.
+    pub state_dir: PathBuf,
+    /// procfs (`/proc`).
+    pub proc_dir: PathBuf,
+    /// The tun clone device (`/dev/net/tun`).
+    pub tun_path: PathBuf,
+    /// The node's uplink, the one interface capsule traffic may leave by.
+    pub uplink: String,
+    /// Address ranges of slots.
+    pub plan: AddressPlan,
+    /// Destinations no capsule may reach whatever its policy.
+    pub blocked_egress: Vec<Cidr>,
+    /// TAP (production) or emulated guest (tests).
+    pub guest_link: GuestLink,
+}
+
+impl LinuxNetConfig {
+    /// The production layout for a node whose uplink is `uplink`.
+    pub fn host(uplink: &str, state_dir: &Path) -> Self {
+        let net = |s: &str| s.parse::<Cidr>().expect("constant CIDR parses");
+        Self {
+            node_netns: PathBuf::from("/proc/self/ns/net"),
+            netns_dir: PathBuf::from("/run/netns"),
+            state_dir: state_dir.to_path_buf(),
+            proc_dir: PathBuf::from("/proc"),
+            tun_path: PathBuf::from("/dev/net/tun"),
+            uplink: uplink.to_string(),
+            plan: AddressPlan::default(),
+            // Private, shared-address-space (cluster networks often live
+            // there) ranges: nothing a sandbox should reach.
+            blocked_egress: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]
+                .into_iter()
+                .map(net)
+                .collect(),
+            guest_link: GuestLink::Tap,
+        }
+    }
+}
+
+/// Steps of a capsule setup, in order; a test can make one fail
+/// ([`LinuxNet::fail_before`]) to check the rollback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetupStep {
+    /// Flush conntrack entries left by the slot's previous owner.
+    FlushConntrack,
+    /// Create the capsule namespace.
+    CreateNetns,
+    /// Create the veth pair inside it.
+    CreateVeth,
+    /// Move the node end to the node namespace.
+    MoveVeth,
+    /// Create the TAP (or emulated guest).
+    CreateTap,
+    /// Load the capsule's nftables table.
+    LoadCapsuleTable,
+    /// Address and bring up the node end.
+    ConfigureNodeSide,
+    /// Route the slot's host address to the capsule.
+    AddNodeRoute,
+}
+
+/// A side effect of a setup in progress, recorded before it is made, so a
+/// failure can undo exactly what was done, in reverse.
+#[derive(Debug)]
+enum Undo {
+    Netns(PathBuf),
+    NodeLink(String),
+}
+
+/// The Linux [`NetOps`].
+#[derive(Debug)]
+pub struct LinuxNet {
+    cfg: LinuxNetConfig,
+    slots: SlotAllocator,
+    fail_before: Mutex<Option<SetupStep>>,
+}
+
+impl LinuxNet {
+    /// Checks the configuration and loads the slot claims.
+    pub fn new(cfg: LinuxNetConfig) -> Result<Self, Error> {
+        cfg.plan
+            .validate()
+            .map_err(|reason| Error::InvalidConfig { reason })?;
+        if cfg.uplink.is_empty() || cfg.uplink.len() > 15 || cfg.uplink.starts_with(PREFIX) {
+            return Err(Error::InvalidConfig {
+                reason: format!("unusable uplink name {:?}", cfg.uplink),
+            });
+        }
+        let dir = cfg.state_dir.join("slots");
+        let slots = SlotAllocator::open(&dir, cfg.plan.max_slots)
+            .map_err(|source| Error::OpenSlots { path: dir, source })?;
+        Ok(Self {
+            cfg,
+            slots,
+            fail_before: Mutex::new(None),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &LinuxNetConfig {
+        &self.cfg
+    }
+
+    /// The slot claims.
+    pub fn slots(&self) -> &SlotAllocator {
+        &self.slots
+    }
+
+    /// Tests: make every later setup fail just before `step` (`None` to stop).
+    pub fn fail_before(&self, step: Option<SetupStep>) {
+        *self.fail_before.lock().unwrap_or_else(|p| p.into_inner()) = step;
+    }
+
+    /// The capsule's namespace path.
+    pub fn netns_path(&self, capsule: &CapsuleId) -> PathBuf {
+        self.cfg.netns_dir.join(capsule.resource_name())
+    }
+
+    /// With [`GuestLink::EmulatedGuest`], the namespace playing the guest.
+    pub fn emulated_guest_netns(&self, capsule: &CapsuleId) -> Option<PathBuf> {
+        match &self.cfg.guest_link {
+            GuestLink::Tap => None,
+            GuestLink::EmulatedGuest { netns_dir } => Some(netns_dir.join(capsule.resource_name())),
+        }
+    }
+
+    fn check(&self, capsule: &CapsuleId, step: SetupStep) -> Result<(), Error> {
+        let armed = *self.fail_before.lock().unwrap_or_else(|p| p.into_inner());
+        if armed == Some(step) {
+            return Err(Error::Injected {
+                capsule: capsule.clone(),
+                step,
+            });
+        }
+        Ok(())
+    }
+
+    fn in_node<T: Send>(
+        &self,
+        f: impl FnOnce(&Netlink) -> Result<T, Error> + Send,
+    ) -> Result<T, Error> {
+        in_ns(&self.cfg.node_netns, f)
+    }
+
+    fn net_of(&self, capsule: &CapsuleId, slot: u32, addrs: SlotAddrs) -> CapsuleNet {
+        CapsuleNet {
+            capsule: capsule.clone(),
+            slot,
+            netns: self.netns_path(capsule),
+            tap: TAP_NAME.to_string(),
+            node_veth: capsule.resource_name(),
+            addrs,
+            guest: GUEST_ADDR,
+            gateway: GUEST_GATEWAY,
+            mac: GUEST_MAC,
+        }
+    }
+
+    fn capsule_table(&self, addrs: SlotAddrs, policy: &EgressPolicy) -> super::Table {
+        build_capsule_table(&CapsuleRules {
+            table: PREFIX,
+            addrs,
+            veth: CAPSULE_VETH,
+            tap: TAP_NAME,
+            policy,
+        })
+    }
+
+    /// Deletes conntrack entries in the node namespace that mention one of
+    /// the slot's addresses.
+    fn flush_slot_conntrack(&self, slot: u32, addrs: SlotAddrs) -> Result<usize, Error> {
+        let mine = [addrs.host, addrs.node_transit, addrs.capsule_transit].map(IpAddr::V4);
+        let netns = self.cfg.node_netns.clone();
+        self.in_node(move |nl| {
+            nl.conntrack_flush(|e| e.addrs().iter().any(|a| mine.contains(a)))
+                .map_err(|source| Error::FlushConntrack {
+                    what: format!("slot {slot}"),
+                    netns,
+                    source,
+                })
+        })
+    }
+
+    /// Builds a capsule's network from nothing. Each side effect is
+    /// recorded in `undo` before it is made.
+    fn build(
+        &self,
+        capsule: &CapsuleId,
+        addrs: SlotAddrs,
+        slot: u32,
+        policy: &EgressPolicy,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), Error> {
+        let name = capsule.resource_name();
+        let netns = self.netns_path(capsule);
+
+        // 1. A recycled slot may still have NAT state from its last owner:
+        //    without this, replies could be steered by stale entries.
+        self.check(capsule, SetupStep::FlushConntrack)?;
+        let flushed = self.flush_slot_conntrack(slot, addrs)?;
+        if flushed > 0 {
+            debug!(capsule = %capsule, slot, flushed, "flushed stale conntrack entries");
+        }
+
+        // 2. The emulated guest's namespace (tests), made first so the
+        //    capsule side can move the guest end into it.
+        let guest_ns = self.emulated_guest_netns(capsule);
+        if let Some(g) = &guest_ns {
+            undo.push(Undo::Netns(g.clone()));
+            sys::run_in_new_netns(g, &self.cfg.proc_dir, |_| Ok::<(), Error>(()))
+                .map_err(|source| Error::CreateNetns {
+                    capsule: capsule.clone(),
+                    path: g.clone(),
+                    source,
+                })??;
+        }
+
+        // 3. The capsule namespace and everything inside it, on one thread
+        //    that lives in it. The node end of the veth is recorded before
+        //    the veth exists: it ends up in the node namespace.
+        self.check(capsule, SetupStep::CreateNetns)?;
+        undo.push(Undo::Netns(netns.clone()));
+        undo.push(Undo::NodeLink(name.clone()));
+        let table = self.capsule_table(addrs, policy);
+        sys::run_in_new_netns(&netns, &self.cfg.proc_dir, |nl| {
+            self.build_capsule_side(nl, capsule, addrs, &table, guest_ns.as_deref())
+        })
+        .map_err(|source| Error::CreateNetns {
+            capsule: capsule.clone(),
+            path: netns.clone(),
+            source,
+        })??;
+
+        // 4. The node end: address, up, and the route that sends the slot's
+        //    host address into the capsule.
+        self.in_node(|nl| {
+            let link = |source| Error::ConfigureLink {
+                capsule: capsule.clone(),
+                device: name.clone(),
+                source,
+            };
+            self.check(capsule, SetupStep::ConfigureNodeSide)?;
+            nl.add_addr(&name, addrs.node_transit, 31).map_err(link)?;
+            nl.set_up(&name, None, None).map_err(link)?;
+            self.check(capsule, SetupStep::AddNodeRoute)?;
+            nl.add_route(Cidr::host(addrs.host), Some(addrs.capsule_transit), &name)
+                .map_err(|source| Error::AddRoute {
+                    capsule: capsule.clone(),
+                    dest: addrs.host.to_string(),
+                    device: name.clone(),
+                    source,
+                })
+        })
+    }
+
+    /// Runs inside the new capsule namespace.
+    fn build_capsule_side(
+        &self,
+        nl: &Netlink,
+        capsule: &CapsuleId,
+        addrs: SlotAddrs,
+        table: &super::Table,
+        guest_ns: Option<&Path>,
+    ) -> Result<(), Error> {
+        let name = capsule.resource_name();
+        let link = |device: &str| {
+            let device = device.to_string();
+            move |source| Error::ConfigureLink {
+                capsule: capsule.clone(),
+                device,
+                source,
+            }
+        };
+        nl.set_up("lo", None, None).map_err(link("lo"))?;
+
+        // The veth is born here, so its capsule end never shares a name
+        // space with the node's links; the node end then moves out.
+        self.check(capsule, SetupStep::CreateVeth)?;
+        nl.add_veth(CAPSULE_VETH, &name)
+            .map_err(|source| Error::CreateVeth {
+                capsule: capsule.clone(),
+                device: name.clone(),
+                source,
+            })?;
+        self.check(capsule, SetupStep::MoveVeth)?;
+        let move_err = |source| Error::MoveLink {
+            capsule: capsule.clone(),
+            device: name.clone(),
+            source,
+        };
+        let node = File::open(&self.cfg.node_netns).map_err(move_err)?;
+        nl.move_link(&name, &node).map_err(move_err)?;
+        nl.add_addr(CAPSULE_VETH, addrs.capsule_transit, 31)
+            .map_err(link(CAPSULE_VETH))?;
+        nl.set_up(CAPSULE_VETH, None, None)
+            .map_err(link(CAPSULE_VETH))?;
+
+        self.check(capsule, SetupStep::CreateTap)?;
+        match guest_ns {
+            None => self.make_tap(nl, capsule)?,
+            Some(g) => self.make_emulated_guest(nl, capsule, g)?,
+        }
+
+        nl.add_route(
+            Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0 <= 32"),
+            Some(addrs.node_transit),
+            CAPSULE_VETH,
+        )
+        .map_err(|source| Error::AddRoute {
+            capsule: capsule.clone(),
+            dest: "default".into(),
+            device: CAPSULE_VETH.into(),
+            source,
+        })?;
+        sys::write_sysctl(&self.cfg.proc_dir, "net/ipv4/ip_forward", "1").map_err(|source| {
+            Error::SetSysctl {
+                key: "net/ipv4/ip_forward".into(),
+                netns: self.netns_path(capsule),
+                source,
+            }
+        })?;
+
+        self.check(capsule, SetupStep::LoadCapsuleTable)?;
+        nl.load_table(table).map_err(|source| Error::LoadTable {
+            table: table.name.clone(),
+            netns: self.netns_path(capsule),
+            source,
+        })
+    }
+
+    /// The TAP: persistent, named [`TAP_NAME`], the guest's gateway address,
+    /// a long transmit queue.
+    fn make_tap(&self, nl: &Netlink, capsule: &CapsuleId) -> Result<(), Error> {
+        let tap_err = |source| Error::CreateTap {
+            capsule: capsule.clone(),
+            device: TAP_NAME.into(),
+            source,
+        };
+        nl.create_tap(&self.cfg.tun_path, TAP_NAME).map_err(tap_err)?;
+        self.configure_guest_side(nl, capsule)
+    }
+
+    fn configure_guest_side(&self, nl: &Netlink, capsule: &CapsuleId) -> Result<(), Error> {
+        let link = |source| Error::ConfigureLink {
+            capsule: capsule.clone(),
+            device: TAP_NAME.into(),
+            source,
+        };
+        nl.add_addr(TAP_NAME, GUEST_GATEWAY, GUEST_PREFIX).map_err(link)?;
+        nl.set_up(TAP_NAME, Some(TAP_QUEUE_LEN), None).map_err(link)
+    }
+
+    /// Tests: a veth named like the TAP, its peer playing the guest's NIC in
+    /// the guest namespace.
+    fn make_emulated_guest(&self, nl: &Netlink, capsule: &CapsuleId, guest_ns: &Path) -> Result<(), Error> {
+        let err = |source| Error::CreateTap {
+            capsule: capsule.clone(),
+            device: TAP_NAME.into(),
+            source,
+        };
+        nl.add_veth(TAP_NAME, "guest0").map_err(err)?;
+        let g = File::open(guest_ns).map_err(err)?;
+        nl.move_link("guest0", &g).map_err(err)?;
+        self.configure_guest_side(nl, capsule)?;
+        in_ns(guest_ns, |gl| {
+            gl.set_up("lo", None, None)
+                .and_then(|()| gl.rename("guest0", "eth0"))
+                .and_then(|()| gl.add_addr("eth0", GUEST_ADDR, GUEST_PREFIX))
+                .and_then(|()| gl.set_up("eth0", None, Some(GUEST_MAC)))
+                .and_then(|()| {
+                    gl.add_route(
+                        Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0 <= 32"),
+                        Some(GUEST_GATEWAY),
+                        "eth0",
+                    )
+                })
+                .map_err(err)
+        })
+    }
+
+    fn run_undo(&self, capsule: &CapsuleId, undo: Vec<Undo>) {
+        for step in undo.into_iter().rev() {
+            let res = match &step {
+                Undo::Netns(path) => sys::remove_netns(path).map(drop).map_err(|source| {
+                    Error::RemoveNetns {
+                        path: path.clone(),
+                        source,
+                    }
+                }),
+                Undo::NodeLink(name) => self.delete_node_link(name).map(drop),
+            };
+            if let Err(e) = res {
+                // The startup sweep removes whatever this leaves behind.
+                warn!(capsule = %capsule, ?step, error = &e as &dyn std::error::Error, "rollback step failed");
+            }
+        }
+    }
+
+    fn delete_node_link(&self, name: &str) -> Result<bool, Error> {
+        let netns = self.cfg.node_netns.clone();
+        self.in_node(|nl| {
+            nl.del_link(name).map_err(|source| Error::DeleteLink {
+                device: name.to_string(),
+                netns,
+                source,
+            })
+        })
+    }
+
+    /// Whether the capsule's namespace and node veth both exist.
+    fn is_built(&self, capsule: &CapsuleId) -> Result<bool, Error> {
+        if !self.netns_path(capsule).exists() {
+            return Ok(false);
+        }
+        let name = capsule.resource_name();
+        let netns = self.cfg.node_netns.clone();
+        self.in_node(|nl| {
+            nl.link_index(&name)
+                .map(|i| i.is_some())
+                .map_err(|source| Error::ListLinks { netns, source })
+        })
+    }
+
+    /// Removes every resource of a capsule, tolerating absence; collects
+    /// errors rather than stopping at the first.
+    fn remove_resources(&self, capsule: &CapsuleId, errors: &mut Vec<Error>) {
+        // Deleting the node end takes the capsule end along, and with the
+        // link its route.
+        if let Err(e) = self.delete_node_link(&capsule.resource_name()) {
+            errors.push(e);
+        }
+        let mut namespaces = vec![self.netns_path(capsule)];
+        namespaces.extend(self.emulated_guest_netns(capsule));
+        for path in namespaces {
+            if let Err(source) = sys::remove_netns(&path) {
+                errors.push(Error::RemoveNetns { path, source });
+            }
+        }
+        if let Some(slot) = self.slots.get(capsule) {
+            if let Some(addrs) = self.cfg.plan.slot_addrs(slot) {
+                if let Err(e) = self.flush_slot_conntrack(slot, addrs) {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` in the namespace at `netns` and flattens the two error layers.
+fn in_ns<T: Send>(
+    netns: &Path,
+    f: impl FnOnce(&Netlink) -> Result<T, Error> + Send,
+) -> Result<T, Error> {
+    sys::run_in_netns(netns, f).map_err(|source| Error::EnterNetns {
+        path: netns.to_path_buf(),
+        source,
+    })?
+}
+
+impl NetOps for LinuxNet {
+    fn ensure_node(&self) -> Result<(), Error> {
+        let table = build_node_table(&NodeRules {
+            prefix: PREFIX,
+            uplink: &self.cfg.uplink,
+            host_range: self.cfg.plan.host_range,
+            blocked: &self.cfg.blocked_egress,
+        });
+        let netns = self.cfg.node_netns.clone();
+        self.in_node(|nl| {
+            sys::write_sysctl(&self.cfg.proc_dir, "net/ipv4/ip_forward", "1").map_err(|source| {
+                Error::SetSysctl {
+                    key: "net/ipv4/ip_forward".into(),
+                    netns: netns.clone(),
+                    source,
+                }
+            })?;
+            if nl.link_index(&self.cfg.uplink).ok().flatten().is_none() {
+                warn!(uplink = %self.cfg.uplink, "uplink not found; capsules have no egress until it appears");
+            }
+            nl.load_table(&table).map_err(|source| Error::LoadTable {
+                table: table.name.clone(),
+                netns: netns.clone(),
+                source,
+            })
+        })
+    }
+
+    fn setup(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<CapsuleNet, Error> {
+        let (slot, new_claim) = self.slots.claim(capsule).map_err(|e| match e {
+            ClaimError::Exhausted => Error::SlotsExhausted {
+                capsule: capsule.clone(),
+            },
+            ClaimError::ShortIdTaken(other) => Error::ShortIdTaken {
+                capsule: capsule.clone(),
+                other,
+            },
+            ClaimError::Io(source) => Error::SlotClaim {
+                action: "write",
+                capsule: capsule.clone(),
+                source,
+            },
+        })?;
+        let addrs = self.cfg.plan.slot_addrs(slot).ok_or_else(|| Error::InvalidConfig {
+            reason: format!("slot {slot} outside the address plan"),
+        })?;
+
+        // Adopt what exists: a restarted agent, or a repeated call. The
+        // table is reloaded so a changed policy takes effect.
+        if self.is_built(capsule)? {
+            let table = self.capsule_table(addrs, policy);
+            let netns = self.netns_path(capsule);
+            in_ns(&netns, |nl| {
+                nl.load_table(&table).map_err(|source| Error::LoadTable {
+                    table: table.name.clone(),
+                    netns: netns.clone(),
+                    source,
+                })
+            })?;
+            self.ensure_tap(capsule)?;
+            debug!(capsule = %capsule, slot, "adopted existing network");
+            return Ok(self.net_of(capsule, slot, addrs));
+        }
+
+        // Half-built leftovers of this capsule (a crash mid-setup) go first.
+        let mut errors = Vec::new();
+        self.remove_resources(capsule, &mut errors);
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
+
+        let mut undo = Vec::new();
+        match self.build(capsule, addrs, slot, policy, &mut undo) {
+            Ok(()) => {
+                info!(capsule = %capsule, slot, host = %addrs.host, "capsule network ready");
+                Ok(self.net_of(capsule, slot, addrs))
+            }
+            Err(e) => {
+                self.run_undo(capsule, undo);
+                if new_claim {
+                    if let Err(re) = self.slots.release(capsule) {
+                        warn!(capsule = %capsule, error = &re as &dyn std::error::Error, "release slot after failed setup");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {
+        let netns = self.netns_path(capsule);
+        if !netns.exists() {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        if self.cfg.guest_link != GuestLink::Tap {
+            return Ok(());
+        }
+        in_ns(&netns, |nl| {
+            let present = nl.link_index(TAP_NAME).map_err(|source| Error::ListLinks {
+                netns: netns.clone(),
+                source,
+            })?;
+            if present.is_some() {
+                return Ok(());
+            }
+            debug!(capsule = %capsule, "recreating tap");
+            self.make_tap(nl, capsule)
+        })
+    }
+
+    fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
+        let mut errors = Vec::new();
+        self.remove_resources(capsule, &mut errors);
+        if mode == Teardown::ReleaseSlot && errors.is_empty() {
+            if let Err(source) = self.slots.release(capsule) {
+                errors.push(Error::SlotClaim {
+                    action: "remove",
+                    capsule: capsule.clone(),
+                    source,
+                });
+            }
+        }
+        let count = errors.len();
+        match errors.into_iter().next() {
+            None => Ok(()),
+            Some(first) => Err(Error::Teardown {
+                capsule: capsule.clone(),
+                count,
+                source: Box::new(first),
+            }),
+        }
+    }
+
+    fn sweep(&self) -> Result<SweepReport, Error> {
+        let claims = self.slots.claims();
+        let kept: HashSet<String> = claims.iter().map(|(_, c)| c.resource_name()).collect();
+        let claimed: HashSet<u32> = claims.iter().map(|(s, _)| *s).collect();
+        let ours = format!("{PREFIX}-");
+        let mut report = SweepReport::default();
+
+        let mut dirs = vec![self.cfg.netns_dir.clone()];
+        if let GuestLink::EmulatedGuest { netns_dir } = &self.cfg.guest_link {
+            dirs.push(netns_dir.clone());
+        }
+        for dir in dirs {
+            let names = sys::list_netns(&dir, &ours).map_err(|source| Error::ListNetns {
+                path: dir.clone(),
+                source,
+            })?;
+            for name in names.into_iter().filter(|n| !kept.contains(n)) {
+                let path = dir.join(&name);
+                if sys::remove_netns(&path).map_err(|source| Error::RemoveNetns {
+                    path: path.clone(),
+                    source,
+                })? && dir == self.cfg.netns_dir
+                {
+                    report.namespaces += 1;
+                }
+            }
+        }
+
+        let netns = self.cfg.node_netns.clone();
+        let plan = self.cfg.plan.clone();
+        let (links, tables, conntrack) = self.in_node(|nl| {
+            let list = |source| Error::ListLinks {
+                netns: netns.clone(),
+                source,
+            };
+            let mut links = 0;
+            for (_, name, _) in nl.links().map_err(list)? {
+                if name.starts_with(&ours) && !kept.contains(&name) {
+                    if nl.del_link(&name).map_err(|source| Error::DeleteLink {
+                        device: name.clone(),
+                        netns: netns.clone(),
+                        source,
+                    })? {
+                        links += 1;
+                    }
+                }
+            }
+            let tables_err = |action| {
+                let netns = netns.clone();
+                move |source| Error::Tables {
+                    action,
+                    netns,
+                    source,
+                }
+            };
+            let mut tables = 0;
+            for (family, name) in nl.list_tables().map_err(tables_err("list"))? {
+                // The node table itself is ours to keep: ensure_node
+                // replaces it atomically.
+                let node_table = family == 2 && name == PREFIX;
+                if name.starts_with(PREFIX) && !node_table {
+                    if nl.delete_table(family, &name).map_err(tables_err("delete"))? {
+                        tables += 1;
+                    }
+                }
+            }
+            let stale = |a: &IpAddr| match a {
+                IpAddr::V4(v4) => plan.slot_of(*v4).is_some_and(|s| !claimed.contains(&s)),
+                IpAddr::V6(_) => false,
+            };
+            let conntrack = nl
+                .conntrack_flush(|e| e.addrs().iter().any(stale))
+                .map_err(|source| Error::FlushConntrack {
+                    what: "unclaimed slots".into(),
+                    netns: netns.clone(),
+                    source,
+                })?;
+            Ok((links, tables, conntrack))
+        })?;
+        report.links = links;
+        report.tables = tables;
+        report.conntrack = conntrack;
+        if report != SweepReport::default() {
+            info!(?report, "swept network leftovers");
+        }
+        Ok(report)
+    }
+}

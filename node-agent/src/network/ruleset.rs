@@ -1,0 +1,505 @@
+//! nftables rulesets as plain values: what the node table and each capsule
+//! table contain. Built here (pure, unit-tested, printable in `nft` syntax);
+//! encoded into netlink messages and loaded by `sys::net`.
+//!
+//! Two tables, both family `ip`:
+//! - the **node table** (one per node, in the node namespace): isolation that
+//!   holds for every capsule, matched by interface-name prefix, plus the
+//!   MASQUERADE out of the uplink. It has no per-capsule rules, so creating
+//!   or removing a capsule never touches it.
+//! - a **capsule table** (in each capsule namespace): DNAT/SNAT between the
+//!   fixed guest address and the slot's host address, and the capsule's egress
+//!   policy. It dies with the namespace, so it cannot leak.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use super::EgressPolicy;
+use super::addr::{Cidr, GUEST_ADDR, LINK_LOCAL, SlotAddrs};
+
+/// A table to load, replacing any table of the same name atomically.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    /// Table name (family `ip`).
+    pub name: String,
+    /// Base chains, each hooked into the stack.
+    pub chains: Vec<Chain>,
+}
+
+/// A base chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    /// Chain name.
+    pub name: &'static str,
+    /// `filter` or `nat`.
+    pub kind: ChainKind,
+    /// Netfilter hook.
+    pub hook: Hook,
+    /// Hook priority (`filter` = 0, `dstnat` = -100, `srcnat` = 100).
+    pub priority: i32,
+    /// Verdict for packets no rule decided.
+    pub policy: Verdict,
+    /// Rules, in order.
+    pub rules: Vec<Rule>,
+}
+
+/// Chain type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainKind {
+    /// Filtering.
+    Filter,
+    /// Address translation (first packet of a connection only).
+    Nat,
+}
+
+/// Netfilter hooks we use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// Before routing.
+    Prerouting,
+    /// To a local socket.
+    Input,
+    /// Routed through.
+    Forward,
+    /// After routing, leaving.
+    Postrouting,
+}
+
+/// Chain policies and terminal verdicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the packet through this chain.
+    Accept,
+    /// Drop it.
+    Drop,
+}
+
+/// A rule: all matches must hold, then the action runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// Conditions, all required.
+    pub matches: Vec<Match>,
+    /// What to do with a matching packet.
+    pub action: Action,
+}
+
+/// An interface name, exact or by prefix (`"wrenn-*"` in nft syntax).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IfName {
+    /// This exact name.
+    Exact(String),
+    /// Any name starting with this.
+    Prefix(String),
+}
+
+/// One condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Match {
+    /// Input interface is.
+    Iif(IfName),
+    /// Output interface is.
+    Oif(IfName),
+    /// Output interface is not.
+    OifNot(IfName),
+    /// Source address in.
+    Saddr(Cidr),
+    /// Source address not in.
+    SaddrNot(Cidr),
+    /// Destination address in.
+    Daddr(Cidr),
+    /// Connection tracking state is established or related.
+    CtEstablished,
+}
+
+/// What a rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Accept.
+    Accept,
+    /// Drop.
+    Drop,
+    /// Rewrite the source to this address.
+    Snat(Ipv4Addr),
+    /// Rewrite the destination to this address.
+    Dnat(Ipv4Addr),
+    /// Rewrite the source to the output interface's address.
+    Masquerade,
+}
+
+fn rule(matches: Vec<Match>, action: Action) -> Rule {
+    Rule { matches, action }
+}
+
+/// What the node table needs to know.
+#[derive(Clone, Debug)]
+pub struct NodeRules<'a> {
+    /// Table name; also the prefix of every link and namespace we own.
+    pub prefix: &'a str,
+    /// The node's uplink, the only interface capsules may leave through.
+    pub uplink: &'a str,
+    /// All host addresses of slots.
+    pub host_range: Cidr,
+    /// Destinations no capsule may reach through the uplink, whatever its
+    /// policy (cluster and private networks; link-local is always added).
+    pub blocked: &'a [Cidr],
+}
+
+/// Builds the node table: isolation for every capsule, and masquerade.
+pub fn build_node_table(r: &NodeRules<'_>) -> Table {
+    use Match::*;
+    let caps = || IfName::Prefix(format!("{}-", r.prefix));
+    let uplink = IfName::Exact(r.uplink.to_string());
+
+    let input = vec![
+        // Replies to connections the node opened to a capsule.
+        rule(vec![Iif(caps()), CtEstablished], Action::Accept),
+        // Nothing else from a capsule reaches a local socket: not the
+        // agent's ports, not any other host service, on any node address.
+        rule(vec![Iif(caps())], Action::Drop),
+    ];
+
+    let mut forward = vec![
+        // No capsule reaches another capsule (guest agents trust their link).
+        rule(vec![Iif(caps()), Oif(caps())], Action::Drop),
+        // Towards a capsule only replies pass; new connections into a
+        // capsule come from the node itself (OUTPUT), never through it.
+        rule(vec![Oif(caps()), CtEstablished], Action::Accept),
+        rule(vec![Oif(caps())], Action::Drop),
+        // Capsules leave through the uplink only, and only from their own
+        // host address (the capsule namespace SNATs the guest to it).
+        rule(vec![Iif(caps()), OifNot(uplink.clone())], Action::Drop),
+        rule(vec![Iif(caps()), SaddrNot(r.host_range)], Action::Drop),
+        rule(vec![Iif(caps()), Daddr(LINK_LOCAL)], Action::Drop),
+    ];
+    for net in r.blocked {
+        forward.push(rule(vec![Iif(caps()), Daddr(*net)], Action::Drop));
+    }
+    forward.push(rule(vec![Iif(caps())], Action::Accept));
+
+    Table {
+        name: r.prefix.to_string(),
+        chains: vec![
+            Chain {
+                name: "input",
+                kind: ChainKind::Filter,
+                hook: Hook::Input,
+                priority: 0,
+                // The node's own traffic is not ours to judge.
+                policy: Verdict::Accept,
+                rules: input,
+            },
+            Chain {
+                name: "forward",
+                kind: ChainKind::Filter,
+                hook: Hook::Forward,
+                priority: 0,
+                policy: Verdict::Accept,
+                rules: forward,
+            },
+            Chain {
+                name: "postrouting",
+                kind: ChainKind::Nat,
+                hook: Hook::Postrouting,
+                priority: 100,
+                policy: Verdict::Accept,
+                // Matches the host address, i.e. after the capsule's SNAT
+                // (notes §11.35: matching anything else masquerades nothing).
+                rules: vec![rule(
+                    vec![Oif(uplink), Saddr(r.host_range)],
+                    Action::Masquerade,
+                )],
+            },
+        ],
+    }
+}
+
+/// What a capsule table needs to know.
+#[derive(Clone, Debug)]
+pub struct CapsuleRules<'a> {
+    /// Table name.
+    pub table: &'a str,
+    /// The slot's addresses.
+    pub addrs: SlotAddrs,
+    /// Capsule-side veth (towards the node).
+    pub veth: &'a str,
+    /// The guest's TAP.
+    pub tap: &'a str,
+    /// Egress policy from the capsule's spec.
+    pub policy: &'a EgressPolicy,
+}
+
+/// Builds a capsule table: NAT between the fixed guest address and the
+/// slot's host address, and the egress policy.
+pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
+    use Match::*;
+    let veth = || IfName::Exact(r.veth.to_string());
+    let tap = || IfName::Exact(r.tap.to_string());
+    let guest = Cidr::host(GUEST_ADDR);
+
+    let mut forward = vec![
+        rule(vec![CtEstablished], Action::Accept),
+        // The node (agent, port forwarding) may open connections to the guest.
+        rule(vec![Iif(veth()), Oif(tap()), Daddr(guest)], Action::Accept),
+    ];
+    // Egress: only from the guest's own address (no spoofing), never to
+    // link-local metadata, then whatever the policy allows.
+    let egress = || vec![Iif(tap()), Oif(veth()), Saddr(guest)];
+    match r.policy {
+        EgressPolicy::Deny => {}
+        EgressPolicy::Allow => {
+            forward.push(rule(vec![Daddr(LINK_LOCAL)], Action::Drop));
+            forward.push(rule(egress(), Action::Accept));
+        }
+        EgressPolicy::AllowList(nets) => {
+            forward.push(rule(vec![Daddr(LINK_LOCAL)], Action::Drop));
+            for net in nets {
+                let mut m = egress();
+                m.push(Daddr(*net));
+                forward.push(rule(m, Action::Accept));
+            }
+        }
+    }
+
+    Table {
+        name: r.table.to_string(),
+        chains: vec![
+            Chain {
+                name: "prerouting",
+                kind: ChainKind::Nat,
+                hook: Hook::Prerouting,
+                priority: -100,
+                policy: Verdict::Accept,
+                rules: vec![rule(
+                    vec![Iif(veth()), Daddr(Cidr::host(r.addrs.host))],
+                    Action::Dnat(GUEST_ADDR),
+                )],
+            },
+            Chain {
+                name: "postrouting",
+                kind: ChainKind::Nat,
+                hook: Hook::Postrouting,
+                priority: 100,
+                policy: Verdict::Accept,
+                rules: vec![rule(
+                    vec![Oif(veth()), Saddr(guest)],
+                    Action::Snat(r.addrs.host),
+                )],
+            },
+            Chain {
+                name: "input",
+                kind: ChainKind::Filter,
+                hook: Hook::Input,
+                priority: 0,
+                policy: Verdict::Accept,
+                // The guest reaches nothing in its own namespace.
+                rules: vec![
+                    rule(vec![Iif(tap()), CtEstablished], Action::Accept),
+                    rule(vec![Iif(tap())], Action::Drop),
+                ],
+            },
+            Chain {
+                name: "forward",
+                kind: ChainKind::Filter,
+                hook: Hook::Forward,
+                priority: 0,
+                policy: Verdict::Drop,
+                rules: forward,
+            },
+        ],
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IfName::Exact(n) => write!(f, "\"{n}\""),
+            IfName::Prefix(p) => write!(f, "\"{p}*\""),
+        }
+    }
+}
+
+impl fmt::Display for Match {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Match::Iif(n) => write!(f, "iifname {n}"),
+            Match::Oif(n) => write!(f, "oifname {n}"),
+            Match::OifNot(n) => write!(f, "oifname != {n}"),
+            Match::Saddr(c) => write!(f, "ip saddr {c}"),
+            Match::SaddrNot(c) => write!(f, "ip saddr != {c}"),
+            Match::Daddr(c) => write!(f, "ip daddr {c}"),
+            Match::CtEstablished => f.write_str("ct state established,related"),
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Accept => f.write_str("accept"),
+            Action::Drop => f.write_str("drop"),
+            Action::Snat(a) => write!(f, "snat to {a}"),
+            Action::Dnat(a) => write!(f, "dnat to {a}"),
+            Action::Masquerade => f.write_str("masquerade"),
+        }
+    }
+}
+
+/// `nft` syntax, as `nft list table` would print it (minus handles): for
+/// logs, and for tests to read.
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "table ip {} {{", self.name)?;
+        for c in &self.chains {
+            let kind = match c.kind {
+                ChainKind::Filter => "filter",
+                ChainKind::Nat => "nat",
+            };
+            let hook = match c.hook {
+                Hook::Prerouting => "prerouting",
+                Hook::Input => "input",
+                Hook::Forward => "forward",
+                Hook::Postrouting => "postrouting",
+            };
+            let policy = match c.policy {
+                Verdict::Accept => "accept",
+                Verdict::Drop => "drop",
+            };
+            writeln!(f, "\tchain {} {{", c.name)?;
+            writeln!(
+                f,
+                "\t\ttype {kind} hook {hook} priority {}; policy {policy};",
+                c.priority
+            )?;
+            for r in &c.rules {
+                f.write_str("\t\t")?;
+                for m in &r.matches {
+                    write!(f, "{m} ")?;
+                }
+                writeln!(f, "{}", r.action)?;
+            }
+            writeln!(f, "\t}}")?;
+        }
+        writeln!(f, "}}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::addr::AddressPlan;
+
+    fn addrs() -> SlotAddrs {
+        AddressPlan::default().slot_addrs(7).unwrap()
+    }
+
+    #[test]
+    fn node_table_isolates_capsules_and_masquerades_host_addresses() {
+        let blocked = ["10.0.0.0/8".parse().unwrap()];
+        let t = build_node_table(&NodeRules {
+            prefix: "wrenn",
+            uplink: "eth0",
+            host_range: "10.11.0.0/16".parse().unwrap(),
+            blocked: &blocked,
+        });
+        let text = t.to_string();
+        assert_eq!(
+            text,
+            r#"table ip wrenn {
+	chain input {
+		type filter hook input priority 0; policy accept;
+		iifname "wrenn-*" ct state established,related accept
+		iifname "wrenn-*" drop
+	}
+	chain forward {
+		type filter hook forward priority 0; policy accept;
+		iifname "wrenn-*" oifname "wrenn-*" drop
+		oifname "wrenn-*" ct state established,related accept
+		oifname "wrenn-*" drop
+		iifname "wrenn-*" oifname != "eth0" drop
+		iifname "wrenn-*" ip saddr != 10.11.0.0/16 drop
+		iifname "wrenn-*" ip daddr 169.254.0.0/16 drop
+		iifname "wrenn-*" ip daddr 10.0.0.0/8 drop
+		iifname "wrenn-*" accept
+	}
+	chain postrouting {
+		type nat hook postrouting priority 100; policy accept;
+		oifname "eth0" ip saddr 10.11.0.0/16 masquerade
+	}
+}
+"#
+        );
+    }
+
+    fn forward_of(t: &Table) -> Vec<String> {
+        t.chains
+            .iter()
+            .find(|c| c.name == "forward")
+            .unwrap()
+            .rules
+            .iter()
+            .map(|r| {
+                let m: Vec<String> = r.matches.iter().map(ToString::to_string).collect();
+                format!("{} {}", m.join(" "), r.action)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn capsule_table_translates_between_guest_and_slot_address() {
+        let t = build_capsule_table(&CapsuleRules {
+            table: "wrenn",
+            addrs: addrs(),
+            veth: "veth0",
+            tap: "tap0",
+            policy: &EgressPolicy::Allow,
+        });
+        let text = t.to_string();
+        assert!(
+            text.contains(r#"iifname "veth0" ip daddr 10.11.0.7/32 dnat to 169.254.0.21"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"oifname "veth0" ip saddr 169.254.0.21/32 snat to 10.11.0.7"#),
+            "{text}"
+        );
+        assert_eq!(
+            forward_of(&t),
+            vec![
+                " ct state established,related accept".trim_start().to_string(),
+                r#"iifname "veth0" oifname "tap0" ip daddr 169.254.0.21/32 accept"#.into(),
+                "ip daddr 169.254.0.0/16 drop".into(),
+                r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 accept"#.into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn deny_leaves_only_replies_and_inbound_from_the_node() {
+        let t = build_capsule_table(&CapsuleRules {
+            table: "wrenn",
+            addrs: addrs(),
+            veth: "veth0",
+            tap: "tap0",
+            policy: &EgressPolicy::Deny,
+        });
+        let fwd = t.chains.iter().find(|c| c.name == "forward").unwrap();
+        assert_eq!(fwd.policy, Verdict::Drop);
+        assert_eq!(forward_of(&t).len(), 2);
+    }
+
+    #[test]
+    fn allow_list_accepts_each_listed_network_only() {
+        let nets = vec!["198.51.100.0/24".parse().unwrap(), "203.0.113.9".parse().unwrap()];
+        let t = build_capsule_table(&CapsuleRules {
+            table: "wrenn",
+            addrs: addrs(),
+            veth: "veth0",
+            tap: "tap0",
+            policy: &EgressPolicy::AllowList(nets),
+        });
+        let fwd = forward_of(&t);
+        assert_eq!(fwd.len(), 5);
+        assert!(fwd[3].ends_with("ip daddr 198.51.100.0/24 accept"), "{}", fwd[3]);
+        assert!(fwd[4].ends_with("ip daddr 203.0.113.9/32 accept"), "{}", fwd[4]);
+    }
+}

@@ -1,0 +1,253 @@
+//! Slot allocator with durable claims: one file per claimed slot under the
+//! state directory, so a restarted agent knows which slots (and so which host
+//! addresses) belong to capsules that still exist, running or suspended.
+//!
+//! A claim is written whole to a temporary file and then hard-linked to its
+//! final name: `link(2)` fails with `EEXIST` if the slot is taken, so two
+//! processes can never claim the same slot, and a crash never leaves a claim
+//! without its owner.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use super::CapsuleId;
+
+/// Why a claim failed.
+#[derive(Debug)]
+pub(crate) enum ClaimError {
+    /// Every slot is claimed.
+    Exhausted,
+    /// Another capsule's resources would have the same names.
+    ShortIdTaken(CapsuleId),
+    /// The claim file could not be written.
+    Io(io::Error),
+}
+
+/// Slots `1..=max`, claimed by capsules through files in one directory.
+#[derive(Debug)]
+pub struct SlotAllocator {
+    dir: PathBuf,
+    max: u32,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    claims: BTreeMap<u32, CapsuleId>,
+    /// Next slot to try: allocation goes round the ring rather than reusing
+    /// the lowest free slot, so a just-released address rests as long as
+    /// possible before it is handed out again.
+    cursor: u32,
+}
+
+impl SlotAllocator {
+    /// Opens (creating it if needed) the claim directory and loads every
+    /// claim in it. Leftover temporary files from a crash are removed.
+    pub fn open(dir: &Path, max: u32) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let mut claims = BTreeMap::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                // An unfinished claim: it never became visible as a slot.
+                fs::remove_file(entry.path())?;
+                continue;
+            }
+            let Ok(slot) = name.parse::<u32>() else {
+                continue;
+            };
+            let owner = fs::read_to_string(entry.path())?;
+            match CapsuleId::new(owner.trim()) {
+                Ok(id) => {
+                    claims.insert(slot, id);
+                }
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("claim {} names no valid capsule", entry.path().display()),
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max,
+            state: Mutex::new(State { claims, cursor: 0 }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the map half-updated:
+        // every mutation is a single insert or remove after the file I/O.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot claimed by `capsule`, if any.
+    pub fn get(&self, capsule: &CapsuleId) -> Option<u32> {
+        let st = self.lock();
+        st.claims
+            .iter()
+            .find(|(_, c)| *c == capsule)
+            .map(|(s, _)| *s)
+    }
+
+    /// Every claim, by slot.
+    pub fn claims(&self) -> Vec<(u32, CapsuleId)> {
+        self.lock()
+            .claims
+            .iter()
+            .map(|(s, c)| (*s, c.clone()))
+            .collect()
+    }
+
+    /// Claims a slot for `capsule`, or returns the one it already holds
+    /// (a restored capsule keeps its address). The flag says whether the
+    /// claim is new.
+    pub(crate) fn claim(&self, capsule: &CapsuleId) -> Result<(u32, bool), ClaimError> {
+        let mut st = self.lock();
+        if let Some((slot, _)) = st.claims.iter().find(|(_, c)| *c == capsule) {
+            return Ok((*slot, false));
+        }
+        if let Some(other) = st
+            .claims
+            .values()
+            .find(|c| c.short() == capsule.short())
+        {
+            return Err(ClaimError::ShortIdTaken(other.clone()));
+        }
+        for step in 0..self.max {
+            let slot = (st.cursor + step) % self.max + 1;
+            if st.claims.contains_key(&slot) {
+                continue;
+            }
+            match self.write_claim(slot, capsule) {
+                Ok(()) => {
+                    st.claims.insert(slot, capsule.clone());
+                    st.cursor = slot % self.max;
+                    return Ok((slot, true));
+                }
+                // Taken by another process sharing the directory.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(ClaimError::Io(e)),
+            }
+        }
+        Err(ClaimError::Exhausted)
+    }
+
+    fn write_claim(&self, slot: u32, capsule: &CapsuleId) -> io::Result<()> {
+        let tmp = self.dir.join(format!(".{slot}.{}", capsule.as_str()));
+        let mut f = fs::File::create(&tmp)?;
+        let written = f
+            .write_all(capsule.as_str().as_bytes())
+            .and_then(|()| f.sync_all())
+            .and_then(|()| fs::hard_link(&tmp, self.dir.join(slot.to_string())));
+        let removed = fs::remove_file(&tmp);
+        written?;
+        removed?;
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Drops `capsule`'s claim; returns the slot it held. Absent claims are
+    /// not an error (teardown is idempotent).
+    pub fn release(&self, capsule: &CapsuleId) -> io::Result<Option<u32>> {
+        let mut st = self.lock();
+        let Some(slot) = st
+            .claims
+            .iter()
+            .find(|(_, c)| *c == capsule)
+            .map(|(s, _)| *s)
+        else {
+            return Ok(None);
+        };
+        match fs::remove_file(self.dir.join(slot.to_string())) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        st.claims.remove(&slot);
+        Ok(Some(slot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> CapsuleId {
+        CapsuleId::new(s).unwrap()
+    }
+
+    #[test]
+    fn claims_survive_a_restart_and_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotAllocator::open(dir.path(), 10).unwrap();
+        let (s1, new1) = a.claim(&id("aaaaaaaaa1")).unwrap();
+        let (s2, _) = a.claim(&id("bbbbbbbbb2")).unwrap();
+        assert!(new1);
+        assert_ne!(s1, s2);
+        assert_eq!(a.claim(&id("aaaaaaaaa1")).unwrap(), (s1, false));
+        drop(a);
+
+        let b = SlotAllocator::open(dir.path(), 10).unwrap();
+        assert_eq!(b.get(&id("aaaaaaaaa1")), Some(s1));
+        assert_eq!(b.get(&id("bbbbbbbbb2")), Some(s2));
+        assert_eq!(b.claim(&id("aaaaaaaaa1")).unwrap(), (s1, false));
+        assert_eq!(b.release(&id("aaaaaaaaa1")).unwrap(), Some(s1));
+        assert_eq!(b.release(&id("aaaaaaaaa1")).unwrap(), None);
+        drop(b);
+        let c = SlotAllocator::open(dir.path(), 10).unwrap();
+        assert_eq!(c.claims(), vec![(s2, id("bbbbbbbbb2"))]);
+    }
+
+    #[test]
+    fn slots_run_out_and_released_slots_rest_before_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotAllocator::open(dir.path(), 3).unwrap();
+        let s: Vec<u32> = ["c1", "c2", "c3"]
+            .iter()
+            .map(|c| a.claim(&id(c)).unwrap().0)
+            .collect();
+        assert_eq!(s, vec![1, 2, 3]);
+        assert!(matches!(a.claim(&id("c4")), Err(ClaimError::Exhausted)));
+        a.release(&id("c1")).unwrap();
+        a.release(&id("c2")).unwrap();
+        // The ring goes on from slot 3, so slot 1 comes back first, not 2.
+        assert_eq!(a.claim(&id("c5")).unwrap().0, 1);
+        assert_eq!(a.claim(&id("c6")).unwrap().0, 2);
+    }
+
+    #[test]
+    fn a_slot_claimed_by_another_process_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotAllocator::open(dir.path(), 5).unwrap();
+        fs::write(dir.path().join("1"), "other").unwrap();
+        assert_eq!(a.claim(&id("mine")).unwrap().0, 2);
+    }
+
+    #[test]
+    fn names_that_would_collide_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotAllocator::open(dir.path(), 5).unwrap();
+        a.claim(&id("0123456789-a")).unwrap();
+        match a.claim(&id("0123456789-b")) {
+            Err(ClaimError::ShortIdTaken(other)) => assert_eq!(other, id("0123456789-a")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unfinished_claims_are_dropped_and_bad_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(".4.half"), "half").unwrap();
+        let a = SlotAllocator::open(dir.path(), 5).unwrap();
+        assert!(a.claims().is_empty());
+        assert!(!dir.path().join(".4.half").exists());
+        fs::write(dir.path().join("2"), "Not A Valid Id!").unwrap();
+        assert!(SlotAllocator::open(dir.path(), 5).is_err());
+    }
+}
