@@ -1,1 +1,685 @@
-//! Kernel calls for `vmm`.
+//! Kernel calls for `vmm`: starting a VMM inside a capsule's namespaces and
+//! cgroup without copying the agent's address space, watching it through a
+//! pidfd, and passing file descriptors over Unix sockets (SCM_RIGHTS).
+//!
+//! Policy (which namespace, which cgroup, which arguments) belongs to
+//! `vmm::process`; this file only performs the steps it is handed.
+//!
+//! # The spawn path
+//!
+//! `fork()` of the agent copies its page tables; with a large resident set
+//! that costs tens of milliseconds per VMM. Instead [`spawn`] uses
+//! `clone(CLONE_VM | CLONE_VFORK)`, the way glibc's `posix_spawn` does: the
+//! child runs on a small private stack inside the agent's memory while the
+//! calling thread is suspended, performs a fixed list of raw syscalls
+//! (`setsid`, `setns`, `unshare`, mounts, cgroup joins, `dup2`) and
+//! `execve`s. Everything it needs is prepared by the parent beforehand, so
+//! the child never allocates, never takes a lock and never touches Rust
+//! runtime state. A failing step is reported back through memory shared
+//! with the parent, which is safe to read once `clone` returns because
+//! `CLONE_VFORK` resumes the parent only after the child has exec'd or
+//! exited.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// Most descriptors one message may carry (Cloud Hypervisor's micro_http and
+/// the kernel's `SCM_MAX_FD` both stop at 253).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// Sends `data` with `fds` attached as SCM_RIGHTS in one `sendmsg`. Returns
+/// the number of bytes of `data` written; the descriptors ride with the
+/// first byte, so a short write still delivered all of them. Never raises
+/// SIGPIPE. A non-blocking socket may give `WouldBlock`.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} descriptors exceed the limit of {MAX_FDS_PER_MESSAGE} per message",
+                fds.len()
+            ),
+        ));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [IoSlice::new(data)];
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
+}
+
+/// Receives into `buf` and takes ownership of any descriptors that came
+/// with it (marked close-on-exec). Returns `(bytes, fds)`; zero bytes and no
+/// descriptors means the peer closed.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            for fd in raw {
+                // SAFETY: the kernel has just installed `fd` in our table for
+                // this message; nothing else in the process knows about it,
+                // so this is its only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let bytes = msg.bytes;
+    if truncated {
+        return Err(io::Error::other(
+            "control data truncated: descriptors were lost",
+        ));
+    }
+    Ok((bytes, fds))
+}
+
+/// What [`spawn`] does in the child, in this order, before `execve`.
+#[derive(Debug)]
+pub struct SpawnPlan<'a> {
+    /// Absolute path of the program.
+    pub program: &'a std::path::Path,
+    /// `argv[1..]`; `argv[0]` is the program path.
+    pub args: &'a [&'a OsStr],
+    /// The complete environment of the child.
+    pub env: &'a [(&'a OsStr, &'a OsStr)],
+    /// Start a new session (`setsid`), so that the child does not share
+    /// the agent's process group or terminal and outlives it.
+    pub new_session: bool,
+    /// Enter this network namespace (an open `/run/netns/<name>` or
+    /// `/proc/<pid>/ns/net`).
+    pub netns: Option<BorrowedFd<'a>>,
+    /// Unshare the mount namespace, make `/` private and mount a fresh
+    /// sysfs on `/sys`, so that `/sys/class/net` shows the entered network
+    /// namespace (what `ip netns exec` does).
+    pub new_mount_ns_with_sysfs: bool,
+    /// Open `cgroup.procs` files (write-only); the child writes `0` to each,
+    /// which moves the writer itself, before `execve`.
+    pub cgroup_procs: &'a [BorrowedFd<'a>],
+    /// Descriptors for fd 0, 1 and 2; `None` means `/dev/null`.
+    pub stdio: [Option<BorrowedFd<'a>>; 3],
+    /// Descriptors the program inherits under their current numbers (all
+    /// must be > 2); everything else stays close-on-exec.
+    pub inherit: &'a [BorrowedFd<'a>],
+}
+
+/// The child step that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum SpawnStep {
+    /// Resetting signal dispositions.
+    Signals = 1,
+    /// `setsid`.
+    Setsid,
+    /// `setns(CLONE_NEWNET)`.
+    EnterNetns,
+    /// `unshare(CLONE_NEWNS)`.
+    UnshareMountNs,
+    /// `mount --make-rprivate /`.
+    MakeRootPrivate,
+    /// Mounting sysfs on `/sys`.
+    MountSysfs,
+    /// Writing to a `cgroup.procs`.
+    JoinCgroup,
+    /// `dup2` onto fd 0-2.
+    Stdio,
+    /// Clearing close-on-exec on an inherited fd.
+    Inherit,
+    /// `execve`.
+    Exec,
+}
+
+impl SpawnStep {
+    fn from_raw(v: i32) -> Option<Self> {
+        use SpawnStep::*;
+        [
+            Signals,
+            Setsid,
+            EnterNetns,
+            UnshareMountNs,
+            MakeRootPrivate,
+            MountSysfs,
+            JoinCgroup,
+            Stdio,
+            Inherit,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as i32 == v)
+    }
+}
+
+/// A spawn that failed, in the parent (`step == None`) or in the child.
+#[derive(Debug)]
+pub struct SpawnError {
+    /// The child step that failed, `None` for preparation in the parent.
+    pub step: Option<SpawnStep>,
+    /// The OS error.
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.step {
+            Some(step) => write!(f, "child step {step:?} failed"),
+            None => f.write_str("preparing the child failed"),
+        }
+    }
+}
+
+impl std::error::Error for SpawnError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+fn parent_err(source: io::Error) -> SpawnError {
+    SpawnError { step: None, source }
+}
+
+/// Everything the child reads, as raw pointers and numbers only.
+#[repr(C)]
+struct ChildPlan {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    new_session: bool,
+    netns: RawFd,
+    new_mount_ns: bool,
+    cgroup_procs: *const RawFd,
+    n_cgroup_procs: usize,
+    stdio: [RawFd; 3],
+    inherit: *const RawFd,
+    n_inherit: usize,
+    // Written by the child on failure, read by the parent after `clone`.
+    failed_step: i32,
+    failed_errno: i32,
+}
+
+const ROOT: &CStr = c"/";
+const SYS: &CStr = c"/sys";
+const SYSFS: &CStr = c"sysfs";
+
+/// Signals are numbered 1..NSIG on Linux.
+const NSIG: libc::c_int = 65;
+
+/// Records the failed step and errno for the parent and exits.
+///
+/// # Safety
+/// Only from `child_main`, with its `plan`.
+unsafe fn child_fail(plan: *mut ChildPlan, step: SpawnStep) -> ! {
+    // SAFETY: see `child_main`; `plan` is valid until the child exits.
+    unsafe {
+        (*plan).failed_errno = *libc::__errno_location();
+        (*plan).failed_step = step as i32;
+        libc::_exit(127)
+    }
+}
+
+/// The child side. Runs in the parent's address space on its own stack
+/// while the parent thread is suspended: raw syscalls only.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    let plan = arg.cast::<ChildPlan>();
+    // SAFETY: `arg` points at the `ChildPlan` that `spawn` keeps alive until
+    // `clone` returns, which is after this function has exec'd or exited.
+    // Every pointer in it refers to memory `spawn` owns for that long. Only
+    // async-signal-safe libc calls are made below.
+    unsafe {
+        let fail = |step: SpawnStep| child_fail(plan, step);
+
+        // Handlers installed by the agent must not run in the child: they
+        // would run on the agent's memory. Signals are blocked (by the
+        // parent) until the mask is cleared just before exec.
+        for sig in 1..NSIG {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = libc::SIG_DFL;
+            // EINVAL for the few signals glibc reserves: harmless.
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+
+        if (*plan).new_session && libc::setsid() < 0 {
+            fail(SpawnStep::Setsid);
+        }
+        // The network namespace first: sysfs shows the namespace of whoever
+        // mounts it, so the mount below must happen inside it.
+        if (*plan).netns >= 0 && libc::setns((*plan).netns, libc::CLONE_NEWNET) < 0 {
+            fail(SpawnStep::EnterNetns);
+        }
+        if (*plan).new_mount_ns {
+            if libc::unshare(libc::CLONE_NEWNS) < 0 {
+                fail(SpawnStep::UnshareMountNs);
+            }
+            // Private propagation, so the sysfs mount stays in this namespace.
+            if libc::mount(
+                std::ptr::null(),
+                ROOT.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) < 0
+            {
+                fail(SpawnStep::MakeRootPrivate);
+            }
+            // Detach the host's /sys (and its submounts) from this view; it
+            // may not be mounted at all, hence no check.
+            libc::umount2(SYS.as_ptr(), libc::MNT_DETACH);
+            if libc::mount(
+                SYSFS.as_ptr(),
+                SYS.as_ptr(),
+                SYSFS.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) < 0
+            {
+                fail(SpawnStep::MountSysfs);
+            }
+        }
+        for i in 0..(*plan).n_cgroup_procs {
+            let fd = *(*plan).cgroup_procs.add(i);
+            // "0" means the writing process, in cgroup v1 and v2 alike.
+            if libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                fail(SpawnStep::JoinCgroup);
+            }
+        }
+        for (target, src) in (*plan).stdio.iter().enumerate() {
+            // The parent moved every source above 2, so no dup2 here
+            // clobbers a later source.
+            if libc::dup2(*src, target as RawFd) < 0 {
+                fail(SpawnStep::Stdio);
+            }
+        }
+        for i in 0..(*plan).n_inherit {
+            let fd = *(*plan).inherit.add(i);
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                fail(SpawnStep::Inherit);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+        libc::execve((*plan).program, (*plan).argv, (*plan).envp);
+        fail(SpawnStep::Exec)
+    }
+}
+
+fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        parent_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{s:?} contains a NUL byte"),
+        ))
+    })
+}
+
+/// Duplicates `fd` to a number above 2 (close-on-exec), so that the child's
+/// `dup2` onto 0-2 cannot overwrite another source.
+fn dup_above_stdio(fd: BorrowedFd<'_>) -> Result<OwnedFd, SpawnError> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map(|raw| {
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that only we
+            // hold.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        })
+        .map_err(|e| parent_err(e.into()))
+}
+
+/// Size of the child's stack. The child makes a few dozen syscalls through
+/// libc wrappers and nothing else.
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+
+/// Starts `plan.program` as described by `plan` and returns its pid once it
+/// has exec'd. The child is ours: reap it with [`Pidfd::try_wait`] (or
+/// `waitpid`) once it exits.
+pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
+    if let Some(fd) = plan.inherit.iter().find(|fd| fd.as_raw_fd() <= 2) {
+        return Err(parent_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("inherited fd {} would collide with stdio", fd.as_raw_fd()),
+        )));
+    }
+    // Everything the child touches is built here, before `clone`.
+    let program = cstring(plan.program.as_os_str())?;
+    let mut args = vec![program.clone()];
+    for a in plan.args {
+        args.push(cstring(a)?);
+    }
+    let mut env = Vec::with_capacity(plan.env.len());
+    for (k, v) in plan.env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.push(cstring(OsStr::from_bytes(&kv))?);
+    }
+    let argv: Vec<*const libc::c_char> = args
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = env
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+
+    let dev_null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(parent_err)?;
+    let mut stdio_owned = Vec::with_capacity(3);
+    for src in &plan.stdio {
+        let src = match src {
+            Some(fd) => *fd,
+            None => std::os::fd::AsFd::as_fd(&dev_null),
+        };
+        stdio_owned.push(dup_above_stdio(src)?);
+    }
+    let stdio = [
+        stdio_owned[0].as_raw_fd(),
+        stdio_owned[1].as_raw_fd(),
+        stdio_owned[2].as_raw_fd(),
+    ];
+    let cgroup_procs: Vec<RawFd> = plan.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
+    let inherit: Vec<RawFd> = plan.inherit.iter().map(AsRawFd::as_raw_fd).collect();
+
+    let mut child = ChildPlan {
+        program: program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        new_session: plan.new_session,
+        netns: plan.netns.map_or(-1, |fd| fd.as_raw_fd()),
+        new_mount_ns: plan.new_mount_ns_with_sysfs,
+        cgroup_procs: cgroup_procs.as_ptr(),
+        n_cgroup_procs: cgroup_procs.len(),
+        stdio,
+        inherit: inherit.as_ptr(),
+        n_inherit: inherit.len(),
+        failed_step: 0,
+        failed_errno: 0,
+    };
+    // u128 elements keep the stack 16-byte aligned, as the ABI requires.
+    let mut stack = vec![0u128; CHILD_STACK_BYTES / 16];
+
+    // Block every signal across clone: a handler must not run in the child
+    // on the agent's memory before the child has reset it.
+    let mut all: libc::sigset_t;
+    let mut old: libc::sigset_t;
+    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask initialise
+    // and read only the sets we pass.
+    unsafe {
+        all = std::mem::zeroed();
+        old = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the stack pointer is one past the end of `stack`, which lives
+    // until after `clone` returns; with CLONE_VFORK this thread is suspended
+    // until the child has exec'd or exited, so the child's use of `child`,
+    // `stack` and every buffer above cannot race with us or outlive them.
+    // `child_main` follows the rules of a vfork child (see its comment).
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw mut child).cast::<libc::c_void>(),
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    if pid < 0 {
+        return Err(parent_err(clone_err));
+    }
+    // SAFETY: the child wrote these fields (if at all) before exiting, and
+    // CLONE_VFORK orders that before our resumption. Volatile, because the
+    // compiler cannot see the write.
+    let (step, errno) = unsafe {
+        (
+            std::ptr::read_volatile(&raw const child.failed_step),
+            std::ptr::read_volatile(&raw const child.failed_errno),
+        )
+    };
+    drop(stack);
+    if step != 0 {
+        // The child has exited with 127; reap it so no zombie is left.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        return Err(SpawnError {
+            step: SpawnStep::from_raw(step),
+            source: io::Error::from_raw_os_error(errno),
+        });
+    }
+    Ok(pid)
+}
+
+/// How a process ended, as `waitpid` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `exit(code)`.
+    Exited(i32),
+    /// Killed by a signal.
+    Signaled {
+        /// The signal number.
+        signal: i32,
+        /// Whether it dumped core.
+        core_dumped: bool,
+    },
+    /// Not our child (adopted after an agent restart): it is gone, but the
+    /// kernel reports its status only to its parent.
+    Unknown,
+}
+
+/// A process descriptor (`pidfd_open`): signals and waits that cannot hit a
+/// recycled pid.
+#[derive(Debug)]
+pub struct Pidfd {
+    pid: i32,
+    fd: OwnedFd,
+}
+
+impl Pidfd {
+    /// Opens a pidfd for `pid`. For a child not yet reaped, the pid cannot
+    /// have been reused. For an adopted process, check its identity (e.g.
+    /// start time) *after* this call: from then on the pidfd pins it.
+    pub fn open(pid: i32) -> io::Result<Self> {
+        // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = RawFd::try_from(raw).map_err(|_| io::Error::other("pidfd out of range"))?;
+        // SAFETY: the syscall returned a new descriptor that only we hold.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Self { pid, fd })
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The descriptor; it becomes readable when the process exits.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+
+    /// Sends `signal` to the process (`pidfd_send_signal`).
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: the fd is a valid pidfd; a null siginfo is allowed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Resolves once the process has exited (the pidfd polls readable).
+    /// Call [`Pidfd::try_wait`] afterwards for the status.
+    pub async fn exited(&self) -> io::Result<()> {
+        use tokio::io::Interest;
+        use tokio::io::unix::AsyncFd;
+        // SAFETY: `self.fd` is open for as long as `self` lives, and the
+        // `AsyncFd` (holding only a borrow of it) is dropped at the end of
+        // this call, so the fd stays valid and unchanged while registered.
+        let afd = unsafe { AsyncFd::register_with_interest(self.as_fd(), Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let _ready = afd.readable().await?;
+        Ok(())
+    }
+
+    /// `Some(status)` once the process has exited (reaping it if it is our
+    /// child), `None` while it runs.
+    pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        match waitpid(
+            nix::unistd::Pid::from_raw(self.pid),
+            Some(WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => Ok(Some(ExitStatus::Exited(code))),
+            Ok(WaitStatus::Signaled(_, sig, core_dumped)) => Ok(Some(ExitStatus::Signaled {
+                signal: sig as i32,
+                core_dumped,
+            })),
+            Ok(_) => Ok(None),
+            Err(nix::errno::Errno::ECHILD) => {
+                // Not our child: the pidfd tells whether it is gone.
+                let mut pfd = [nix::poll::PollFd::new(
+                    self.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let n = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO)
+                    .map_err(io::Error::from)?;
+                Ok((n > 0).then_some(ExitStatus::Unknown))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Process start time in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`), read from `proc_root` (normally `/proc`). Together
+/// with the pid it identifies a process across pid reuse.
+pub fn start_time_ticks(proc_root: &std::path::Path, pid: i32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))?;
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after it start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ')' in stat"))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time in stat"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn fds_cross_a_socket_pair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        assert_eq!(send_with_fds(a.as_fd(), b"hi", &[file.as_fd()]).unwrap(), 2);
+        let mut buf = [0u8; 8];
+        let (n, fds) = recv_with_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"hi"[..], 1));
+        let sent = nix::sys::stat::fstat(file.as_fd()).unwrap();
+        let got = nix::sys::stat::fstat(fds[0].as_fd()).unwrap();
+        assert_eq!((sent.st_dev, sent.st_ino), (got.st_dev, got.st_ino));
+    }
+
+    #[test]
+    fn spawn_reports_exec_failure_with_its_step() {
+        let err = spawn(&SpawnPlan {
+            program: std::path::Path::new("/nonexistent/wrenn-no-such-program"),
+            args: &[],
+            env: &[],
+            new_session: false,
+            netns: None,
+            new_mount_ns_with_sysfs: false,
+            cgroup_procs: &[],
+            stdio: [None, None, None],
+            inherit: &[],
+        })
+        .unwrap_err();
+        assert_eq!(err.step, Some(SpawnStep::Exec));
+        assert_eq!(err.source.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn spawned_child_exit_code_is_seen_through_the_pidfd() {
+        let args = [OsStr::new("-c"), OsStr::new("exit 7")];
+        let pid = spawn(&SpawnPlan {
+            program: std::path::Path::new("/bin/sh"),
+            args: &args,
+            env: &[],
+            new_session: true,
+            netns: None,
+            new_mount_ns_with_sysfs: false,
+            cgroup_procs: &[],
+            stdio: [None, None, None],
+            inherit: &[],
+        })
+        .unwrap();
+        let pidfd = Pidfd::open(pid).unwrap();
+        let status = wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "exit", || {
+            pidfd
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .ok_or("running".to_string())
+        })
+        .unwrap();
+        assert_eq!(status, ExitStatus::Exited(7));
+    }
+
+    #[test]
+    fn start_time_parses_names_with_parentheses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("42")).unwrap();
+        std::fs::write(
+            dir.path().join("42/stat"),
+            "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10\n",
+        )
+        .unwrap();
+        assert_eq!(start_time_ticks(dir.path(), 42).unwrap(), 987654);
+    }
+}

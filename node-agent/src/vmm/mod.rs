@@ -1,3 +1,398 @@
 //! The only code that starts a VMM or talks to one: the typed Cloud
-//! Hypervisor client over its API socket, event-monitor parsing, and (later)
-//! the QEMU backend, behind one `Vmm` trait.
+//! Hypervisor client over its API socket and event-monitor parsing
+//! ([`ch`]), process supervision in the capsule's netns and cgroup
+//! ([`process`], [`cgroup`]), and (later) the QEMU backend — all behind the
+//! [`Vmm`] capability that the capsule supervisor drives. [`FakeVmm`]
+//! records calls for the supervisor's unit tests.
+//!
+//! Networking (netns, TAP) and disks (dm devices) belong to `network` and
+//! `storage`; this module receives their results as paths and fds.
+
+pub mod cgroup;
+pub mod ch;
+mod error;
+mod fake;
+pub mod process;
+
+use std::future::Future;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use error::Error;
+pub use fake::{FakeCall, FakeVmm};
+
+use cgroup::{CgroupLimits, CgroupRoot};
+use ch::api::{
+    DiskConfig, NetConfig, PciDeviceInfo, RestoreConfig, VmConfig, VmCounters, VmInfo,
+    VmRemoveDevice, VmSnapshotConfig, VmmPingResponse, build_file_url, endpoint,
+};
+use ch::{ChClient, ChVersion, Timeouts};
+use process::{HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess};
+
+/// What a VMM is started with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StartSpec {
+    /// Capsule name (cgroup, state dir and log context).
+    pub capsule: String,
+    /// The capsule's network namespace file (`/run/netns/wrenn-<id>`).
+    pub netns: Option<PathBuf>,
+    /// cgroup limits.
+    pub limits: CgroupLimits,
+    /// Guest RAM (scales snapshot/restore timeouts).
+    pub memory_bytes: u64,
+}
+
+/// A started VMM, as the supervisor journals it: enough to reach and adopt
+/// it after an agent restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmHandle {
+    /// Capsule name.
+    pub capsule: String,
+    /// API socket path.
+    pub api_socket: PathBuf,
+    /// Event-monitor file.
+    pub event_file: PathBuf,
+    /// Process identity (pid + start time).
+    pub process: ProcessIdentity,
+    /// Guest RAM, for timeouts.
+    pub memory_bytes: u64,
+}
+
+/// The VMM capability the capsule supervisor uses. Every method names the
+/// capsule's VMM by its handle; each is one CH call unless said otherwise.
+pub trait Vmm: Send + Sync {
+    /// Starts a VMM with no VM and waits until its API answers.
+    fn start(&self, spec: &StartSpec) -> impl Future<Output = Result<VmmHandle, Error>> + Send;
+    /// Re-attaches to a VMM started before an agent restart; fails if it is
+    /// gone or its pid was reused.
+    fn adopt(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vmm.ping`.
+    fn ping(&self, vm: &VmmHandle) -> impl Future<Output = Result<VmmPingResponse, Error>> + Send;
+    /// `vm.create`.
+    fn create(
+        &self,
+        vm: &VmmHandle,
+        config: &VmConfig,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.add-net` with one TAP fd per queue pair.
+    fn add_net(
+        &self,
+        vm: &VmmHandle,
+        net: &NetConfig,
+        taps: &[BorrowedFd<'_>],
+    ) -> impl Future<Output = Result<Option<PciDeviceInfo>, Error>> + Send;
+    /// `vm.add-disk`.
+    fn add_disk(
+        &self,
+        vm: &VmmHandle,
+        disk: &DiskConfig,
+    ) -> impl Future<Output = Result<Option<PciDeviceInfo>, Error>> + Send;
+    /// `vm.remove-device`.
+    fn remove_device(
+        &self,
+        vm: &VmmHandle,
+        id: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.boot`.
+    fn boot(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.pause`.
+    fn pause(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.resume`.
+    fn resume(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.snapshot` into `dir` (must exist and be empty; VM paused).
+    fn snapshot(
+        &self,
+        vm: &VmmHandle,
+        dir: &Path,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.restore` with new TAP fds in `net_fds` order.
+    fn restore(
+        &self,
+        vm: &VmmHandle,
+        config: &RestoreConfig,
+        net_fds: &[BorrowedFd<'_>],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.info`.
+    fn info(&self, vm: &VmmHandle) -> impl Future<Output = Result<VmInfo, Error>> + Send;
+    /// `vm.counters`.
+    fn counters(&self, vm: &VmmHandle) -> impl Future<Output = Result<VmCounters, Error>> + Send;
+    /// `vm.delete` (idempotent).
+    fn delete(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Ends the VMM: `vmm.shutdown`, then SIGTERM/SIGKILL if it lingers;
+    /// removes its cgroup. Idempotent.
+    fn stop(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Waits until the VMM exits and says why.
+    fn wait_exit(&self, vm: &VmmHandle) -> impl Future<Output = Result<VmmExit, Error>> + Send;
+}
+
+/// Cloud Hypervisor, started as a supervised process per capsule.
+#[derive(Debug)]
+pub struct ChVmm {
+    binary: PathBuf,
+    version: ChVersion,
+    paths: HostPaths,
+    cgroups: CgroupRoot,
+    timeouts: Timeouts,
+    procs: Mutex<std::collections::HashMap<String, Arc<VmmProcess>>>,
+}
+
+/// How long a fresh VMM may take to answer its first ping.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `stop` waits after `vmm.shutdown` before signalling.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl ChVmm {
+    /// A backend for `binary`, whose version is detected once here.
+    pub async fn new(binary: &Path, paths: HostPaths, cgroups: CgroupRoot) -> Result<Self, Error> {
+        let version = ChVersion::detect(binary, Duration::from_secs(10)).await?;
+        Ok(Self::with_version(binary, version, paths, cgroups))
+    }
+
+    /// A backend whose version is already known.
+    pub fn with_version(
+        binary: &Path,
+        version: ChVersion,
+        paths: HostPaths,
+        cgroups: CgroupRoot,
+    ) -> Self {
+        Self {
+            binary: binary.to_path_buf(),
+            version,
+            paths,
+            cgroups,
+            timeouts: Timeouts::default(),
+            procs: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Overrides the per-class timeouts.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// The detected version.
+    pub fn version(&self) -> &ChVersion {
+        &self.version
+    }
+
+    fn client(&self, vm: &VmmHandle) -> ChClient {
+        ChClient::new(&vm.api_socket, &vm.capsule)
+            .with_version(self.version.clone())
+            .with_timeouts(self.timeouts)
+            .with_guest_memory(vm.memory_bytes)
+    }
+
+    fn process(&self, capsule: &str) -> Option<Arc<VmmProcess>> {
+        self.procs.lock().ok().and_then(|m| m.get(capsule).cloned())
+    }
+
+    fn remember(&self, capsule: &str, p: VmmProcess) {
+        if let Ok(mut m) = self.procs.lock() {
+            m.insert(capsule.to_string(), Arc::new(p));
+        }
+    }
+
+    fn forget(&self, capsule: &str) {
+        if let Ok(mut m) = self.procs.lock() {
+            m.remove(capsule);
+        }
+    }
+}
+
+impl Vmm for ChVmm {
+    async fn start(&self, spec: &StartSpec) -> Result<VmmHandle, Error> {
+        let dir = process::capsule_dir(&self.paths, &spec.capsule);
+        let prep = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            let capsule = spec.capsule.clone();
+            move |source| Error::PrepareSpawn {
+                capsule,
+                what,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(prep("state dir", &dir))?;
+        // The agent binds the API socket and hands CH the listening fd
+        // (`--api-socket fd=`), so the first call needs no polling for the
+        // path and a stale socket from a crash is replaced here.
+        let api_socket = dir.join("api.sock");
+        match std::fs::remove_file(&api_socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(prep("stale API socket", &api_socket)(e)),
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&api_socket)
+            .map_err(prep("API socket", &api_socket))?;
+        // A regular file that CH appends to: unlike a pipe, nothing is lost
+        // while the agent restarts.
+        let event_file = dir.join("events.json");
+        let args = vec![
+            "--api-socket".into(),
+            format!("fd={}", std::os::fd::AsRawFd::as_raw_fd(&listener)).into(),
+            "--event-monitor".into(),
+            format!("path={}", event_file.display()).into(),
+        ];
+        let proc = process::spawn_supervised(
+            &self.paths,
+            &self.cgroups,
+            &SpawnRequest {
+                capsule: &spec.capsule,
+                program: &self.binary,
+                args,
+                netns: spec.netns.as_deref(),
+                limits: spec.limits,
+                inherit: vec![listener.as_fd()],
+            },
+        )?;
+        drop(listener);
+        let handle = VmmHandle {
+            capsule: spec.capsule.clone(),
+            api_socket,
+            event_file,
+            process: proc.identity(),
+            memory_bytes: spec.memory_bytes,
+        };
+        let client = self.client(&handle);
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            match client.call::<endpoint::VmmPing>(&()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    if let Some(status) = proc.try_wait()? {
+                        let _ = proc.cgroup().remove();
+                        return Err(Error::ExitedEarly {
+                            capsule: spec.capsule.clone(),
+                            status,
+                        });
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        let _ = proc.stop(Duration::from_secs(1)).await;
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        self.remember(&spec.capsule, proc);
+        Ok(handle)
+    }
+
+    async fn adopt(&self, vm: &VmmHandle) -> Result<(), Error> {
+        let proc = VmmProcess::adopt(&self.paths, &self.cgroups, &vm.capsule, vm.process)?;
+        self.client(vm).call::<endpoint::VmmPing>(&()).await?;
+        self.remember(&vm.capsule, proc);
+        Ok(())
+    }
+
+    async fn ping(&self, vm: &VmmHandle) -> Result<VmmPingResponse, Error> {
+        self.client(vm).call::<endpoint::VmmPing>(&()).await
+    }
+
+    async fn create(&self, vm: &VmmHandle, config: &VmConfig) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmCreate>(config).await
+    }
+
+    async fn add_net(
+        &self,
+        vm: &VmmHandle,
+        net: &NetConfig,
+        taps: &[BorrowedFd<'_>],
+    ) -> Result<Option<PciDeviceInfo>, Error> {
+        self.client(vm)
+            .call_with_fds::<endpoint::VmAddNet>(net, taps)
+            .await
+    }
+
+    async fn add_disk(
+        &self,
+        vm: &VmmHandle,
+        disk: &DiskConfig,
+    ) -> Result<Option<PciDeviceInfo>, Error> {
+        self.client(vm).call::<endpoint::VmAddDisk>(disk).await
+    }
+
+    async fn remove_device(&self, vm: &VmmHandle, id: &str) -> Result<(), Error> {
+        self.client(vm)
+            .call::<endpoint::VmRemoveDevice>(&VmRemoveDevice { id: id.to_string() })
+            .await
+    }
+
+    async fn boot(&self, vm: &VmmHandle) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmBoot>(&()).await
+    }
+
+    async fn pause(&self, vm: &VmmHandle) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmPause>(&()).await
+    }
+
+    async fn resume(&self, vm: &VmmHandle) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmResume>(&()).await
+    }
+
+    async fn snapshot(&self, vm: &VmmHandle, dir: &Path) -> Result<(), Error> {
+        let body = VmSnapshotConfig {
+            destination_url: build_file_url(dir),
+        };
+        self.client(vm).call::<endpoint::VmSnapshot>(&body).await
+    }
+
+    async fn restore(
+        &self,
+        vm: &VmmHandle,
+        config: &RestoreConfig,
+        net_fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        self.client(vm)
+            .call_with_fds::<endpoint::VmRestore>(config, net_fds)
+            .await
+    }
+
+    async fn info(&self, vm: &VmmHandle) -> Result<VmInfo, Error> {
+        self.client(vm).call::<endpoint::VmInfo>(&()).await
+    }
+
+    async fn counters(&self, vm: &VmmHandle) -> Result<VmCounters, Error> {
+        self.client(vm).call::<endpoint::VmCounters>(&()).await
+    }
+
+    async fn delete(&self, vm: &VmmHandle) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmDelete>(&()).await
+    }
+
+    async fn stop(&self, vm: &VmmHandle) -> Result<(), Error> {
+        let proc = match self.process(&vm.capsule) {
+            Some(p) => p,
+            None => match VmmProcess::adopt(&self.paths, &self.cgroups, &vm.capsule, vm.process) {
+                Ok(p) => Arc::new(p),
+                // Already gone: only the cgroup may be left.
+                Err(Error::AdoptVmm { .. }) => {
+                    return self.cgroups.open_capsule(&vm.capsule).remove();
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        proc.mark_stop_requested();
+        // Ask first; a VMM that does not answer gets signals from stop().
+        let _ = self.client(vm).call::<endpoint::VmmShutdown>(&()).await;
+        proc.stop(STOP_GRACE).await?;
+        self.forget(&vm.capsule);
+        Ok(())
+    }
+
+    async fn wait_exit(&self, vm: &VmmHandle) -> Result<VmmExit, Error> {
+        let proc = match self.process(&vm.capsule) {
+            Some(p) => p,
+            None => Arc::new(VmmProcess::adopt(
+                &self.paths,
+                &self.cgroups,
+                &vm.capsule,
+                vm.process,
+            )?),
+        };
+        proc.watch(&vm.event_file).await
+    }
+}

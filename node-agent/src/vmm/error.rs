@@ -1,0 +1,172 @@
+//! `vmm::Error`: one variant per failed action, carrying the capsule and
+//! the path or socket involved. Display names the action; the cause is in
+//! `source()`.
+
+use std::path::PathBuf;
+
+use super::ch::{Action, ApiError};
+use crate::sys::process::{ExitStatus, SpawnError};
+
+/// Errors of the `vmm` module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Cloud Hypervisor API call failed; `source` says how and
+    /// [`ApiError::kind`] classifies it.
+    #[error("{action} for capsule {capsule} on {}", socket.display())]
+    Api {
+        /// The endpoint called.
+        action: Action,
+        /// The capsule whose VMM was called.
+        capsule: String,
+        /// The API socket.
+        socket: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: ApiError,
+    },
+    /// Running `<binary> --version` failed.
+    #[error("run {} --version", binary.display())]
+    DetectVersion {
+        /// The VMM binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--version` printed something we cannot read.
+    #[error("parse the version printed by {}: {output:?}", binary.display())]
+    ParseVersion {
+        /// The VMM binary.
+        binary: PathBuf,
+        /// Its first line of output.
+        output: String,
+    },
+    /// No cgroup v1 (`cpu` + `memory`) or v2 mount was found.
+    #[error("detect the cgroup version under {}", mount.display())]
+    DetectCgroup {
+        /// The mount point examined.
+        mount: PathBuf,
+    },
+    /// A capsule name that cannot be a cgroup directory.
+    #[error("invalid cgroup name {name:?}")]
+    InvalidCgroupName {
+        /// The name.
+        name: String,
+    },
+    /// Creating a cgroup directory failed.
+    #[error("create cgroup {}", path.display())]
+    CreateCgroup {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a cgroup control file failed.
+    #[error("write {value:?} to {}", path.display())]
+    WriteCgroup {
+        /// The file.
+        path: PathBuf,
+        /// The value.
+        value: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a cgroup failed.
+    #[error("read cgroup {}", path.display())]
+    CgroupIo {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Removing a cgroup directory failed (e.g. still has processes).
+    #[error("remove cgroup {}", path.display())]
+    RemoveCgroup {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Preparing a VMM's files (state dir, API socket, log, netns,
+    /// cgroup.procs) failed.
+    #[error("prepare {what} {} for capsule {capsule}", path.display())]
+    PrepareSpawn {
+        /// The capsule.
+        capsule: String,
+        /// What was being prepared.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Starting the VMM process failed.
+    #[error("spawn {} for capsule {capsule}", program.display())]
+    SpawnVmm {
+        /// The capsule.
+        capsule: String,
+        /// The program.
+        program: PathBuf,
+        /// Which step failed.
+        #[source]
+        source: SpawnError,
+    },
+    /// The VMM exited before it was ready.
+    #[error("VMM of capsule {capsule} exited during start-up ({status:?})")]
+    ExitedEarly {
+        /// The capsule.
+        capsule: String,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// Signalling or waiting on a VMM process failed.
+    #[error("{what} VMM of capsule {capsule} (pid {pid})")]
+    Process {
+        /// The capsule.
+        capsule: String,
+        /// The pid.
+        pid: i32,
+        /// `signal`, `wait` or `open pidfd for`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process recorded for a capsule is not the one running under
+    /// that pid any more (it exited and the pid was reused).
+    #[error("VMM of capsule {capsule} (pid {pid}) is gone: {reason}")]
+    AdoptVmm {
+        /// The capsule.
+        capsule: String,
+        /// The recorded pid.
+        pid: i32,
+        /// What did not match.
+        reason: String,
+    },
+    /// Reading the event-monitor file failed.
+    #[error("read VMM events of capsule {capsule} from {}", path.display())]
+    ReadEvents {
+        /// The capsule.
+        capsule: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The classification of a failed API call, if this is one.
+    pub fn api_kind(&self) -> Option<super::ch::ErrorKind> {
+        match self {
+            Error::Api { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+}

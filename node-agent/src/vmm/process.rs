@@ -1,0 +1,388 @@
+//! VMM process supervision: start a VMM inside a capsule's network
+//! namespace, with its own mount namespace (fresh `/sys`) and its own
+//! cgroup, in a new session so it outlives the agent; adopt it again after
+//! an agent restart (guarding against pid reuse); watch it and tell a guest
+//! poweroff from a crash.
+//!
+//! The syscalls are in `sys::process`; this file decides the order and the
+//! paths. Host paths come in through [`HostPaths`], so tests use temp dirs.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::Error;
+use super::cgroup::{CapsuleCgroup, CgroupLimits, CgroupRoot};
+use super::ch::{EventFile, EventKind};
+use crate::sys::process::{self as sys, ExitStatus, Pidfd};
+
+/// Host locations, passed in.
+#[derive(Clone, Debug)]
+pub struct HostPaths {
+    /// `/proc`.
+    pub proc_root: PathBuf,
+    /// Per-capsule state; the VMM's files go to `<state_dir>/<capsule>/`.
+    pub state_dir: PathBuf,
+}
+
+/// What to start.
+#[derive(Debug)]
+pub struct SpawnRequest<'a> {
+    /// Capsule name (also the cgroup and state directory name).
+    pub capsule: &'a str,
+    /// Absolute program path.
+    pub program: &'a Path,
+    /// Arguments.
+    pub args: Vec<OsString>,
+    /// Network namespace to enter: a bind-mounted netns file
+    /// (`/run/netns/wrenn-<id>`) or `/proc/<pid>/ns/net`. `None` stays in
+    /// the agent's (tests only).
+    pub netns: Option<&'a Path>,
+    /// cgroup limits.
+    pub limits: CgroupLimits,
+    /// Descriptors the program inherits under their numbers (e.g. the API
+    /// listener for `--api-socket fd=N`).
+    pub inherit: Vec<BorrowedFd<'a>>,
+}
+
+/// The identity of a VMM process that survives agent restarts (for the
+/// capsule journal): pid plus start time guards against pid reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    /// Pid.
+    pub pid: i32,
+    /// Start time in clock ticks since boot.
+    pub start_time_ticks: u64,
+}
+
+/// A running (or exited, not yet reaped) VMM.
+#[derive(Debug)]
+pub struct VmmProcess {
+    capsule: String,
+    identity: ProcessIdentity,
+    pidfd: Pidfd,
+    cgroup: CapsuleCgroup,
+    /// Set before we ask it to stop, so its exit is not read as a crash.
+    stop_requested: Arc<AtomicBool>,
+}
+
+/// The capsule's state directory for VMM files.
+pub fn capsule_dir(paths: &HostPaths, capsule: &str) -> PathBuf {
+    paths.state_dir.join(capsule)
+}
+
+/// Starts `req.program` in the capsule's namespaces and cgroup.
+///
+/// Order matters:
+/// 1. the state dir and log file exist before the child needs them;
+/// 2. the cgroup exists with its limits *before* the child joins it, and
+///    the child joins before `execve`, so no VMM page is charged elsewhere;
+/// 3. the child enters the netns before it mounts sysfs (sysfs shows the
+///    netns of its mounter; CH reads `/sys/class/net/<tap>/tun_flags`);
+/// 4. `setsid`, so the agent's process group and terminal signals never
+///    reach it and it outlives the agent.
+pub fn spawn_supervised(
+    paths: &HostPaths,
+    cgroups: &CgroupRoot,
+    req: &SpawnRequest<'_>,
+) -> Result<VmmProcess, Error> {
+    let capsule = req.capsule;
+    let prep = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::PrepareSpawn {
+            capsule: capsule.to_string(),
+            what,
+            path,
+            source,
+        }
+    };
+
+    // 1. State dir and log.
+    let dir = capsule_dir(paths, capsule);
+    std::fs::create_dir_all(&dir).map_err(prep("state dir", &dir))?;
+    let log_path = dir.join("vmm.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(prep("log file", &log_path))?;
+
+    // 2. cgroup with limits, and the files the child writes to join it.
+    let cgroup = cgroups.ensure_capsule(capsule, &req.limits)?;
+    let mut procs: Vec<OwnedFd> = Vec::new();
+    for path in cgroup.procs_files() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(prep("cgroup.procs", &path))?;
+        procs.push(f.into());
+    }
+    let procs_fds: Vec<BorrowedFd<'_>> = procs.iter().map(AsFd::as_fd).collect();
+
+    // 3. The network namespace.
+    let netns = match req.netns {
+        Some(p) => Some(OwnedFd::from(
+            std::fs::File::open(p).map_err(prep("netns", p))?,
+        )),
+        None => None,
+    };
+
+    let args: Vec<&OsStr> = req.args.iter().map(OsString::as_os_str).collect();
+    let env = [(
+        OsStr::new("PATH"),
+        OsStr::new("/usr/sbin:/usr/bin:/sbin:/bin"),
+    )];
+    let plan = sys::SpawnPlan {
+        program: req.program,
+        args: &args,
+        env: &env,
+        new_session: true,
+        netns: netns.as_ref().map(AsFd::as_fd),
+        new_mount_ns_with_sysfs: req.netns.is_some(),
+        cgroup_procs: &procs_fds,
+        stdio: [None, Some(log.as_fd()), Some(log.as_fd())],
+        inherit: &req.inherit,
+    };
+    let pid = sys::spawn(&plan).map_err(|source| Error::SpawnVmm {
+        capsule: capsule.to_string(),
+        program: req.program.to_path_buf(),
+        source,
+    })?;
+    // Our child, not reaped: the pid cannot have been reused yet.
+    let pidfd = Pidfd::open(pid).map_err(|source| Error::Process {
+        capsule: capsule.to_string(),
+        pid,
+        what: "open pidfd for",
+        source,
+    })?;
+    let start_time_ticks =
+        sys::start_time_ticks(&paths.proc_root, pid).map_err(|source| Error::Process {
+            capsule: capsule.to_string(),
+            pid,
+            what: "read start time of",
+            source,
+        })?;
+    Ok(VmmProcess {
+        capsule: capsule.to_string(),
+        identity: ProcessIdentity {
+            pid,
+            start_time_ticks,
+        },
+        pidfd,
+        cgroup,
+        stop_requested: Arc::new(AtomicBool::new(false)),
+    })
+}
+
+impl VmmProcess {
+    /// Adopts a VMM recorded before an agent restart. Fails if `identity`'s
+    /// pid is gone or now belongs to another process.
+    pub fn adopt(
+        paths: &HostPaths,
+        cgroups: &CgroupRoot,
+        capsule: &str,
+        identity: ProcessIdentity,
+    ) -> Result<Self, Error> {
+        let gone = |reason: String| Error::AdoptVmm {
+            capsule: capsule.to_string(),
+            pid: identity.pid,
+            reason,
+        };
+        // Open first, check second: once the pidfd exists it pins the
+        // process, so a matching start time cannot go stale.
+        let pidfd = Pidfd::open(identity.pid).map_err(|e| gone(format!("pidfd_open: {e}")))?;
+        let now = sys::start_time_ticks(&paths.proc_root, identity.pid)
+            .map_err(|e| gone(format!("stat: {e}")))?;
+        if now != identity.start_time_ticks {
+            return Err(gone(format!(
+                "start time {now} differs from recorded {}",
+                identity.start_time_ticks
+            )));
+        }
+        Ok(Self {
+            capsule: capsule.to_string(),
+            identity,
+            pidfd,
+            cgroup: cgroups.open_capsule(capsule),
+            stop_requested: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Pid and start time, for the journal.
+    pub fn identity(&self) -> ProcessIdentity {
+        self.identity
+    }
+
+    /// The capsule's cgroup.
+    pub fn cgroup(&self) -> &CapsuleCgroup {
+        &self.cgroup
+    }
+
+    /// Marks the coming exit as requested (before `vmm.shutdown` or a
+    /// signal), so the watcher does not report a crash.
+    pub fn mark_stop_requested(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Sends `signal` through the pidfd (never to a recycled pid).
+    pub fn signal(&self, signal: i32) -> Result<(), Error> {
+        self.pidfd.signal(signal).map_err(|source| Error::Process {
+            capsule: self.capsule.clone(),
+            pid: self.identity.pid,
+            what: "signal",
+            source,
+        })
+    }
+
+    /// Status if it has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&self) -> Result<Option<ExitStatus>, Error> {
+        self.pidfd
+            .try_wait()
+            .map_err(|source| self.wait_err(source))
+    }
+
+    /// Waits for the exit without blocking a runtime thread (the pidfd turns
+    /// readable when the process exits).
+    pub async fn wait(&self) -> Result<ExitStatus, Error> {
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            self.pidfd
+                .exited()
+                .await
+                .map_err(|source| self.wait_err(source))?;
+        }
+    }
+
+    /// Waits for the exit and classifies it with the events in
+    /// `event_file` (the VMM's `--event-monitor` file).
+    pub async fn watch(&self, event_file: &Path) -> Result<VmmExit, Error> {
+        let status = self.wait().await?;
+        let mut events = EventFile::new(event_file);
+        let read = events
+            .read_new()
+            .await
+            .map_err(|source| Error::ReadEvents {
+                capsule: self.capsule.clone(),
+                path: event_file.to_path_buf(),
+                source,
+            })?;
+        let kinds: Vec<EventKind> = read
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|e| e.kind())
+            .collect();
+        Ok(classify_exit(
+            status,
+            &kinds,
+            self.stop_requested.load(Ordering::SeqCst),
+        ))
+    }
+
+    /// Stops the VMM: SIGTERM, then SIGKILL after `grace`; waits for it and
+    /// removes its cgroup. Idempotent on an exited process.
+    pub async fn stop(&self, grace: std::time::Duration) -> Result<ExitStatus, Error> {
+        self.mark_stop_requested();
+        if self.try_wait()?.is_none() {
+            // ESRCH here means it exited meanwhile; wait() reports it.
+            let _ = self.pidfd.signal(libc::SIGTERM);
+        }
+        let status = match tokio::time::timeout(grace, self.wait()).await {
+            Ok(s) => s?,
+            Err(_) => {
+                let _ = self.pidfd.signal(libc::SIGKILL);
+                self.wait().await?
+            }
+        };
+        self.cgroup.remove()?;
+        Ok(status)
+    }
+
+    fn wait_err(&self, source: std::io::Error) -> Error {
+        Error::Process {
+            capsule: self.capsule.clone(),
+            pid: self.identity.pid,
+            what: "wait for",
+            source,
+        }
+    }
+}
+
+/// Why a VMM process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmExit {
+    /// The agent asked for it (`vmm.shutdown`, delete, suspend).
+    Requested,
+    /// The guest powered off: CH shuts itself down in order (event
+    /// `vmm/shutdown`, exit code 0).
+    GuestPoweroff,
+    /// Anything else: a non-zero exit, a signal (SIGSYS from seccomp,
+    /// SIGKILL from the OOM killer), or an adopted process that vanished
+    /// without the `vmm/shutdown` event.
+    Crashed(ExitStatus),
+}
+
+/// Classifies an exit from its status, the events CH wrote and whether the
+/// agent requested it. Exit code 0 is CH's orderly path; the event confirms
+/// it when the status is unknown (adopted process, not our child).
+pub fn classify_exit(status: ExitStatus, events: &[EventKind], requested: bool) -> VmmExit {
+    let orderly = events.contains(&EventKind::VmmShutdown);
+    match status {
+        _ if requested
+            && !matches!(
+                status,
+                ExitStatus::Signaled {
+                    core_dumped: true,
+                    ..
+                }
+            ) =>
+        {
+            VmmExit::Requested
+        }
+        ExitStatus::Exited(0) => VmmExit::GuestPoweroff,
+        ExitStatus::Unknown if orderly => VmmExit::GuestPoweroff,
+        other => VmmExit::Crashed(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poweroff_versus_crash() {
+        use EventKind::*;
+        assert_eq!(
+            classify_exit(ExitStatus::Exited(0), &[VmBooted, VmmShutdown], false),
+            VmmExit::GuestPoweroff
+        );
+        assert_eq!(
+            classify_exit(ExitStatus::Exited(1), &[VmBooted], false),
+            VmmExit::Crashed(ExitStatus::Exited(1))
+        );
+        let sigsys = ExitStatus::Signaled {
+            signal: libc::SIGSYS,
+            core_dumped: false,
+        };
+        assert_eq!(
+            classify_exit(sigsys, &[VmBooted], false),
+            VmmExit::Crashed(sigsys)
+        );
+        assert_eq!(
+            classify_exit(ExitStatus::Unknown, &[VmmShutdown], false),
+            VmmExit::GuestPoweroff
+        );
+        assert_eq!(
+            classify_exit(ExitStatus::Unknown, &[VmBooted], false),
+            VmmExit::Crashed(ExitStatus::Unknown)
+        );
+        let term = ExitStatus::Signaled {
+            signal: libc::SIGTERM,
+            core_dumped: false,
+        };
+        assert_eq!(classify_exit(term, &[], true), VmmExit::Requested);
+    }
+}
