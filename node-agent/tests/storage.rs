@@ -1,0 +1,390 @@
+//! Storage on the real host: qcow2 overlays checked and written with
+//! QEMU's own tools, loop devices reused and cleaned up, and dm-snapshot
+//! where the kernel has device-mapper. Everything a test creates is undone
+//! by guards, also when an assertion fails.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use wrenn_node_agent::storage::loops::LoopRegistry;
+use wrenn_node_agent::storage::{
+    BlockStore, CapsuleId, DiskFormat, DiskRequest, DmSnapshotStore, Error, Qcow2Store,
+    StorageConfig, detect_device_mapper,
+};
+use wrenn_node_agent::sys::block::LoopHost;
+use wrenn_testkit::Tier;
+
+const MIB: u64 = 1 << 20;
+
+/// A raw "template" of `size` bytes filled with `fill`.
+fn write_base(path: &Path, size: u64, fill: u8) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![fill; MIB as usize];
+    for _ in 0..size / MIB {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+/// Detaches every loop device still on any file under `dir` when dropped.
+struct LoopGuard {
+    dir: PathBuf,
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        let host = LoopHost::default();
+        let Ok(dir) = std::fs::canonicalize(&self.dir) else {
+            return;
+        };
+        for dev in host.list().unwrap_or_default() {
+            if dev
+                .backing_file
+                .as_deref()
+                .is_some_and(|f| f.starts_with(&dir))
+            {
+                let _ = host.detach(dev.index);
+            }
+        }
+    }
+}
+
+fn loops_on(dir: &Path) -> Vec<PathBuf> {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    LoopHost::default()
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|d| {
+            d.backing_file
+                .as_deref()
+                .is_some_and(|f| f.starts_with(&dir))
+        })
+        .map(|d| d.path)
+        .collect()
+}
+
+#[test]
+fn qcow2_overlay_writes_never_change_the_base() {
+    let case = wrenn_testkit::case(Tier::Host, "qcow2_overlay_writes_never_change_the_base");
+    for prog in ["qemu-img", "qemu-io"] {
+        if let Err(why) = wrenn_testkit::need_program(prog) {
+            return case.skip(why);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("template.raw");
+    write_base(&base, 64 * MIB, 0x5a);
+    let before = sha256_file(&base);
+
+    let store = Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).unwrap();
+    let capsule = CapsuleId::new("qc-1").unwrap();
+    let req = DiskRequest {
+        capsule: capsule.clone(),
+        template: base.clone(),
+        size_bytes: 128 * MIB,
+    };
+    let disk = store.ensure_disk(&req).unwrap();
+    assert_eq!(disk.format, DiskFormat::Qcow2);
+    assert_eq!(disk.size_bytes, 128 * MIB);
+
+    // QEMU agrees it is a clean qcow2 over a raw backing file.
+    run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&disk.path));
+    let info = run(Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(&disk.path));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["virtual-size"], 128 * MIB);
+    assert_eq!(info["backing-filename-format"], "raw");
+    assert_eq!(
+        info["full-backing-filename"],
+        std::fs::canonicalize(&base).unwrap().to_str().unwrap()
+    );
+
+    let allocated_before = store.allocated_bytes(&capsule).unwrap();
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .args(["-c", "write -P 0xab 0 4M", "-c", "write -P 0xcd 32M 1M"])
+        .args(["-c", "write -P 0xee 96M 1M"])
+        .arg(&disk.path));
+    // Reads see the writes, the base where nothing was written, and zeros
+    // past the end of the base.
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r"])
+        .args(["-c", "read -P 0xab 0 4M", "-c", "read -P 0xcd 32M 1M"])
+        .args(["-c", "read -P 0x5a 8M 1M", "-c", "read -P 0xee 96M 1M"])
+        .args(["-c", "read -P 0 100M 1M"])
+        .arg(&disk.path));
+    run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&disk.path));
+
+    assert_eq!(sha256_file(&base), before, "base changed under the overlay");
+    let allocated_after = store.allocated_bytes(&capsule).unwrap();
+    assert!(
+        allocated_after >= allocated_before + 6 * MIB,
+        "allocated {allocated_before} -> {allocated_after}"
+    );
+
+    // Idempotent: the same request adopts; a different one is refused
+    // without touching the disk.
+    assert_eq!(store.ensure_disk(&req).unwrap(), disk);
+    let other = DiskRequest {
+        size_bytes: 256 * MIB,
+        ..req.clone()
+    };
+    let err = store.ensure_disk(&other).unwrap_err();
+    assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("qc-1"), "{err}");
+    assert_eq!(store.allocated_bytes(&capsule).unwrap(), allocated_after);
+
+    store.remove_disk(&capsule).unwrap();
+    assert!(!disk.path.exists());
+    store.remove_disk(&capsule).unwrap();
+    assert_eq!(sha256_file(&base), before);
+}
+
+#[test]
+fn qcow2_sweep_removes_only_orphans() {
+    let _case = wrenn_testkit::case(Tier::Host, "qcow2_sweep_removes_only_orphans");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("template.raw");
+    write_base(&base, 4 * MIB, 0);
+    let state = dir.path().join("disks");
+    let store = Qcow2Store::open(StorageConfig::new(&state)).unwrap();
+    let ids: Vec<CapsuleId> = ["a", "b", "c"]
+        .iter()
+        .map(|i| CapsuleId::new(i).unwrap())
+        .collect();
+    for id in &ids {
+        store
+            .ensure_disk(&DiskRequest {
+                capsule: id.clone(),
+                template: base.clone(),
+                size_bytes: 0,
+            })
+            .unwrap();
+    }
+    std::fs::write(state.join("unrelated.qcow2"), b"x").unwrap();
+    std::fs::write(state.join("wrenn-d.qcow2.tmp"), b"half").unwrap();
+    let report = store.sweep(&ids[..1]).unwrap();
+    let mut removed: Vec<String> = report
+        .files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec!["wrenn-b.qcow2", "wrenn-c.qcow2", "wrenn-d.qcow2.tmp"]
+    );
+    assert!(store.overlay_path(&ids[0]).exists());
+    assert!(state.join("unrelated.qcow2").exists());
+}
+
+#[test]
+fn loop_devices_are_reused_and_leave_nothing_behind() {
+    let case = wrenn_testkit::case(
+        Tier::Host,
+        "loop_devices_are_reused_and_leave_nothing_behind",
+    );
+    if let Err(why) = wrenn_testkit::need_root() {
+        return case.skip(why);
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return case.skip("needs /dev/loop-control (loop driver)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _guard = LoopGuard {
+        dir: dir.path().to_path_buf(),
+    };
+    let base = dir.path().join("base.raw");
+    write_base(&base, 8 * MIB, 0x11);
+    let cow = dir.path().join("cow");
+    write_base(&cow, 8 * MIB, 0);
+
+    let reg = LoopRegistry::new(LoopHost::default());
+    let a = reg.acquire(&base, true).unwrap();
+    let b = reg.acquire(&base, true).unwrap();
+    assert_eq!(a, b, "second acquire must share the device");
+    assert!(a.read_only);
+    assert_eq!(reg.refs(&base), 2);
+    let c = reg.acquire(&cow, false).unwrap();
+    assert_ne!(a.index, c.index);
+    assert!(!c.read_only);
+
+    // The kernel reports what we attached.
+    let seen = LoopHost::default().read(a.index).unwrap().unwrap();
+    assert_eq!(
+        seen.backing_file.as_deref(),
+        Some(std::fs::canonicalize(&base).unwrap().as_path())
+    );
+    assert!(seen.read_only);
+    // Read-only really is read-only.
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a.path)
+        .and_then(|mut f| f.write_all(&[0u8; 512]).and_then(|_| f.sync_all()));
+    assert!(err.is_err(), "wrote to a read-only loop device");
+
+    // A registry that starts later (agent restart) adopts the existing
+    // device instead of allocating another one.
+    let restarted = LoopRegistry::new(LoopHost::default());
+    let again = restarted.acquire(&base, true).unwrap();
+    assert_eq!(again.index, a.index);
+    // Only one device per file.
+    assert_eq!(loops_on(dir.path()).len(), 2);
+
+    // The cow device is readable through the loop.
+    let mut f = std::fs::File::open(&c.path).unwrap();
+    f.seek(SeekFrom::Start(MIB)).unwrap();
+    let mut buf = [1u8; 16];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [0u8; 16]);
+    drop(f);
+
+    reg.release(&base).unwrap();
+    assert!(
+        LoopHost::default().read(a.index).unwrap().is_some(),
+        "detached while still referenced"
+    );
+    reg.release(&base).unwrap();
+    reg.release(&cow).unwrap();
+    // `restarted` still counts one reference, but the device is gone: the
+    // release is harmless, and releasing an unknown file is a no-op.
+    wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "loops detached", || {
+        let left = loops_on(dir.path());
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    })
+    .unwrap();
+    restarted.release(&base).unwrap();
+    reg.release(&dir.path().join("never-attached")).unwrap();
+
+    // detach_all is the safety net before deleting a file.
+    let d = reg.acquire(&cow, false).unwrap();
+    let e = LoopHost::default()
+        .attach(&std::fs::canonicalize(&cow).unwrap(), false)
+        .unwrap();
+    assert_ne!(d.index, e.index);
+    let mut gone = reg.detach_all(&cow).unwrap();
+    gone.sort();
+    assert_eq!(gone.len(), 2);
+    assert!(loops_on(dir.path()).is_empty());
+}
+
+/// Skips unless this host has device-mapper; names what is missing.
+fn need_device_mapper(cfg: &StorageConfig) -> Result<(), String> {
+    detect_device_mapper(cfg).map_err(|why| format!("needs device-mapper: {why}"))
+}
+
+#[test]
+fn dm_snapshot_writes_never_change_the_base() {
+    let case = wrenn_testkit::case(Tier::Kvm, "dm_snapshot_writes_never_change_the_base");
+    if let Err(why) = wrenn_testkit::need_root() {
+        return case.skip(why);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StorageConfig::new(dir.path().join("disks"));
+    if let Err(why) = need_device_mapper(&cfg) {
+        return case.skip(why);
+    }
+    let _guard = LoopGuard {
+        dir: dir.path().to_path_buf(),
+    };
+    let base = dir.path().join("template.raw");
+    write_base(&base, 64 * MIB, 0x5a);
+    let before = sha256_file(&base);
+    let capsule = CapsuleId::new(&wrenn_testkit::unique_name("dmt")).unwrap();
+    let store = DmSnapshotStore::open(cfg.clone()).unwrap();
+    /// Removes the test's dm device even if the test fails.
+    struct DmGuard<'a>(&'a DmSnapshotStore, CapsuleId);
+    impl Drop for DmGuard<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.remove_disk(&self.1);
+        }
+    }
+    let _dm_guard = DmGuard(&store, capsule.clone());
+    let req = DiskRequest {
+        capsule: capsule.clone(),
+        template: base.clone(),
+        size_bytes: 32 * MIB,
+    };
+    let disk = store.ensure_disk(&req).unwrap();
+    assert_eq!(disk.format, DiskFormat::Raw);
+    assert_eq!(disk.size_bytes, 64 * MIB);
+    // CoW is never smaller than the origin.
+    assert!(std::fs::metadata(store.cow_path(&capsule)).unwrap().len() >= 64 * MIB);
+    let allocated_before = store.allocated_bytes(&capsule).unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk.path)
+            .unwrap();
+        f.write_all(&vec![0xab; 4 * MIB as usize]).unwrap();
+        f.sync_all().unwrap();
+        f.seek(SeekFrom::Start(8 * MIB)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        f.read_exact(&mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x5a));
+    }
+    assert_eq!(
+        sha256_file(&base),
+        before,
+        "base changed under the snapshot"
+    );
+    assert!(store.allocated_bytes(&capsule).unwrap() > allocated_before);
+    // Idempotent, and a second capsule shares the origin loop.
+    assert_eq!(store.ensure_disk(&req).unwrap(), disk);
+    let second = CapsuleId::new(&wrenn_testkit::unique_name("dmt")).unwrap();
+    let _dm_guard2 = DmGuard(&store, second.clone());
+    store
+        .ensure_disk(&DiskRequest {
+            capsule: second.clone(),
+            ..req.clone()
+        })
+        .unwrap();
+    assert_eq!(
+        loops_on(dir.path()).len(),
+        3,
+        "one origin loop, two cow loops"
+    );
+    store.remove_disk(&second).unwrap();
+    store.remove_disk(&capsule).unwrap();
+    assert!(!disk.path.exists());
+    assert!(loops_on(dir.path()).is_empty(), "loops left behind");
+    assert_eq!(sha256_file(&base), before);
+}
