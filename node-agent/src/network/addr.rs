@@ -152,10 +152,7 @@ impl AddressPlan {
         }
         let transit_room = 1u64 << (32 - u32::from(self.transit_range.prefix));
         if 2 * u64::from(self.max_slots) + 1 >= transit_room {
-            return Err(format!(
-                "transit range {} is too small",
-                self.transit_range
-            ));
+            return Err(format!("transit range {} is too small", self.transit_range));
         }
         let (a, b) = (self.host_range, self.transit_range);
         if a.contains(b.addr) || b.contains(a.addr) {
@@ -255,6 +252,9 @@ mod tests {
         assert!("10.1.2.3/8".parse::<Cidr>().is_err());
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nonsense".parse::<Cidr>().is_err());
-        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().netmask(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(
+            "0.0.0.0/0".parse::<Cidr>().unwrap().netmask(),
+            Ipv4Addr::UNSPECIFIED
+        );
     }
 }

@@ -77,7 +77,8 @@ impl NetOps for FakeNet {
 
     fn setup(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<CapsuleNet, Error> {
         let mut st = self.state();
-        st.calls.push(NetCall::Setup(capsule.clone(), policy.clone()));
+        st.calls
+            .push(NetCall::Setup(capsule.clone(), policy.clone()));
         if let Some(step) = st.fail_setup.take() {
             return Err(Error::Injected {
                 capsule: capsule.clone(),
@@ -87,7 +88,9 @@ impl NetOps for FakeNet {
         let slot = match st.slots.get(capsule) {
             Some(s) => *s,
             None => {
-                let s = (1..).find(|s| !st.slots.values().any(|v| v == s)).unwrap_or(1);
+                let s = (1..)
+                    .find(|s| !st.slots.values().any(|v| v == s))
+                    .unwrap_or(1);
                 st.slots.insert(capsule.clone(), s);
                 s
             }
@@ -158,7 +161,10 @@ mod tests {
         net.fail_next_setup(SetupStep::CreateTap);
         assert!(matches!(
             net.setup(&CapsuleId::new("ccc").unwrap(), &EgressPolicy::Allow),
-            Err(Error::Injected { step: SetupStep::CreateTap, .. })
+            Err(Error::Injected {
+                step: SetupStep::CreateTap,
+                ..
+            })
         ));
         assert_eq!(
             net.calls()[..3],

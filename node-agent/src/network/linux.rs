@@ -9,7 +9,9 @@ use std::sync::Mutex;
 
 use tracing::{debug, info, warn};
 
-use super::addr::{AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs};
+use super::addr::{
+    AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
+};
 use super::ruleset::{CapsuleRules, NodeRules, build_capsule_table, build_node_table};
 use super::slots::{ClaimError, SlotAllocator};
 use super::{
@@ -72,10 +74,15 @@ impl LinuxNetConfig {
             plan: AddressPlan::default(),
             // Private, shared-address-space (cluster networks often live
             // there) ranges: nothing a sandbox should reach.
-            blocked_egress: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]
-                .into_iter()
-                .map(net)
-                .collect(),
+            blocked_egress: [
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+            ]
+            .into_iter()
+            .map(net)
+            .collect(),
             guest_link: GuestLink::Tap,
         }
     }
@@ -251,12 +258,13 @@ impl LinuxNet {
         let guest_ns = self.emulated_guest_netns(capsule);
         if let Some(g) = &guest_ns {
             undo.push(Undo::Netns(g.clone()));
-            sys::run_in_new_netns(g, &self.cfg.proc_dir, |_| Ok::<(), Error>(()))
-                .map_err(|source| Error::CreateNetns {
+            sys::run_in_new_netns(g, &self.cfg.proc_dir, |_| Ok::<(), Error>(())).map_err(
+                |source| Error::CreateNetns {
                     capsule: capsule.clone(),
                     path: g.clone(),
                     source,
-                })??;
+                },
+            )??;
         }
 
         // 3. The capsule namespace and everything inside it, on one thread
@@ -380,7 +388,8 @@ impl LinuxNet {
             device: TAP_NAME.into(),
             source,
         };
-        nl.create_tap(&self.cfg.tun_path, TAP_NAME).map_err(tap_err)?;
+        nl.create_tap(&self.cfg.tun_path, TAP_NAME)
+            .map_err(tap_err)?;
         self.configure_guest_side(nl, capsule)
     }
 
@@ -390,13 +399,19 @@ impl LinuxNet {
             device: TAP_NAME.into(),
             source,
         };
-        nl.add_addr(TAP_NAME, GUEST_GATEWAY, GUEST_PREFIX).map_err(link)?;
+        nl.add_addr(TAP_NAME, GUEST_GATEWAY, GUEST_PREFIX)
+            .map_err(link)?;
         nl.set_up(TAP_NAME, Some(TAP_QUEUE_LEN), None).map_err(link)
     }
 
     /// Tests: a veth named like the TAP, its peer playing the guest's NIC in
     /// the guest namespace.
-    fn make_emulated_guest(&self, nl: &Netlink, capsule: &CapsuleId, guest_ns: &Path) -> Result<(), Error> {
+    fn make_emulated_guest(
+        &self,
+        nl: &Netlink,
+        capsule: &CapsuleId,
+        guest_ns: &Path,
+    ) -> Result<(), Error> {
         let err = |source| Error::CreateTap {
             capsule: capsule.clone(),
             device: TAP_NAME.into(),
@@ -425,12 +440,14 @@ impl LinuxNet {
     fn run_undo(&self, capsule: &CapsuleId, undo: Vec<Undo>) {
         for step in undo.into_iter().rev() {
             let res = match &step {
-                Undo::Netns(path) => sys::remove_netns(path).map(drop).map_err(|source| {
-                    Error::RemoveNetns {
-                        path: path.clone(),
-                        source,
-                    }
-                }),
+                Undo::Netns(path) => {
+                    sys::remove_netns(path)
+                        .map(drop)
+                        .map_err(|source| Error::RemoveNetns {
+                            path: path.clone(),
+                            source,
+                        })
+                }
                 Undo::NodeLink(name) => self.delete_node_link(name).map(drop),
             };
             if let Err(e) = res {
@@ -544,9 +561,13 @@ impl NetOps for LinuxNet {
                 source,
             },
         })?;
-        let addrs = self.cfg.plan.slot_addrs(slot).ok_or_else(|| Error::InvalidConfig {
-            reason: format!("slot {slot} outside the address plan"),
-        })?;
+        let addrs = self
+            .cfg
+            .plan
+            .slot_addrs(slot)
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("slot {slot} outside the address plan"),
+            })?;
 
         // Adopt what exists: a restarted agent, or a repeated call. The
         // table is reloaded so a changed policy takes effect.
@@ -643,27 +664,6 @@ impl NetOps for LinuxNet {
         let ours = format!("{PREFIX}-");
         let mut report = SweepReport::default();
 
-        let mut dirs = vec![self.cfg.netns_dir.clone()];
-        if let GuestLink::EmulatedGuest { netns_dir } = &self.cfg.guest_link {
-            dirs.push(netns_dir.clone());
-        }
-        for dir in dirs {
-            let names = sys::list_netns(&dir, &ours).map_err(|source| Error::ListNetns {
-                path: dir.clone(),
-                source,
-            })?;
-            for name in names.into_iter().filter(|n| !kept.contains(n)) {
-                let path = dir.join(&name);
-                if sys::remove_netns(&path).map_err(|source| Error::RemoveNetns {
-                    path: path.clone(),
-                    source,
-                })? && dir == self.cfg.netns_dir
-                {
-                    report.namespaces += 1;
-                }
-            }
-        }
-
         let netns = self.cfg.node_netns.clone();
         let plan = self.cfg.plan.clone();
         let (links, tables, conntrack) = self.in_node(|nl| {
@@ -697,7 +697,10 @@ impl NetOps for LinuxNet {
                 // replaces it atomically.
                 let node_table = family == 2 && name == PREFIX;
                 if name.starts_with(PREFIX) && !node_table {
-                    if nl.delete_table(family, &name).map_err(tables_err("delete"))? {
+                    if nl
+                        .delete_table(family, &name)
+                        .map_err(tables_err("delete"))?
+                    {
                         tables += 1;
                     }
                 }
@@ -718,6 +721,30 @@ impl NetOps for LinuxNet {
         report.links = links;
         report.tables = tables;
         report.conntrack = conntrack;
+
+        // Namespaces last: removing one destroys its veth, and the node end
+        // with it, which the count above would then miss.
+        let mut dirs = vec![self.cfg.netns_dir.clone()];
+        if let GuestLink::EmulatedGuest { netns_dir } = &self.cfg.guest_link {
+            dirs.push(netns_dir.clone());
+        }
+        for dir in dirs {
+            let names = sys::list_netns(&dir, &ours).map_err(|source| Error::ListNetns {
+                path: dir.clone(),
+                source,
+            })?;
+            for name in names.into_iter().filter(|n| !kept.contains(n)) {
+                let path = dir.join(&name);
+                if sys::remove_netns(&path).map_err(|source| Error::RemoveNetns {
+                    path: path.clone(),
+                    source,
+                })? && dir == self.cfg.netns_dir
+                {
+                    report.namespaces += 1;
+                }
+            }
+        }
+
         if report != SweepReport::default() {
             info!(?report, "swept network leftovers");
         }

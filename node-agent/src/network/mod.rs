@@ -141,8 +141,12 @@ pub struct CapsuleNet {
 impl CapsuleNet {
     /// The kernel `ip=` argument configuring the guest's interface.
     pub fn kernel_ip_arg(&self) -> String {
-        let mask = Cidr::new(self.guest, GUEST_PREFIX).map_or(Ipv4Addr::UNSPECIFIED, |c| c.netmask());
-        format!("ip={}::{}:{}:capsule:eth0:off", self.guest, self.gateway, mask)
+        let mask =
+            Cidr::new(self.guest, GUEST_PREFIX).map_or(Ipv4Addr::UNSPECIFIED, |c| c.netmask());
+        format!(
+            "ip={}::{}:{}:capsule:eth0:off",
+            self.guest, self.gateway, mask
+        )
     }
 }
 

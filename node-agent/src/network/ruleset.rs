@@ -465,7 +465,9 @@ mod tests {
         assert_eq!(
             forward_of(&t),
             vec![
-                " ct state established,related accept".trim_start().to_string(),
+                " ct state established,related accept"
+                    .trim_start()
+                    .to_string(),
                 r#"iifname "veth0" oifname "tap0" ip daddr 169.254.0.21/32 accept"#.into(),
                 "ip daddr 169.254.0.0/16 drop".into(),
                 r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 accept"#.into(),
@@ -489,7 +491,10 @@ mod tests {
 
     #[test]
     fn allow_list_accepts_each_listed_network_only() {
-        let nets = vec!["198.51.100.0/24".parse().unwrap(), "203.0.113.9".parse().unwrap()];
+        let nets = vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+        ];
         let t = build_capsule_table(&CapsuleRules {
             table: "wrenn",
             addrs: addrs(),
@@ -499,7 +504,15 @@ mod tests {
         });
         let fwd = forward_of(&t);
         assert_eq!(fwd.len(), 5);
-        assert!(fwd[3].ends_with("ip daddr 198.51.100.0/24 accept"), "{}", fwd[3]);
-        assert!(fwd[4].ends_with("ip daddr 203.0.113.9/32 accept"), "{}", fwd[4]);
+        assert!(
+            fwd[3].ends_with("ip daddr 198.51.100.0/24 accept"),
+            "{}",
+            fwd[3]
+        );
+        assert!(
+            fwd[4].ends_with("ip daddr 203.0.113.9/32 accept"),
+            "{}",
+            fwd[4]
+        );
     }
 }

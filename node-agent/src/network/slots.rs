@@ -113,11 +113,7 @@ impl SlotAllocator {
         if let Some((slot, _)) = st.claims.iter().find(|(_, c)| *c == capsule) {
             return Ok((*slot, false));
         }
-        if let Some(other) = st
-            .claims
-            .values()
-            .find(|c| c.short() == capsule.short())
-        {
+        if let Some(other) = st.claims.values().find(|c| c.short() == capsule.short()) {
             return Err(ClaimError::ShortIdTaken(other.clone()));
         }
         for step in 0..self.max {

@@ -36,7 +36,7 @@ use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::network::{Action, Cidr, ChainKind, Hook, IfName, Match, Table, Verdict};
+use crate::network::{Action, ChainKind, Cidr, Hook, IfName, Match, Table, Verdict};
 
 /// Runs `f` on a new thread inside the network namespace at `netns`. The
 /// outer error is about entering the namespace; the inner one is `f`'s.
@@ -193,8 +193,16 @@ impl Netlink {
 
     /// Index of link `name`, `None` if there is none.
     pub fn link_index(&self, name: &str) -> io::Result<Option<u32>> {
-        let req = self.handle.link().get().match_name(name.to_string()).execute();
-        match self.rt.block_on(async { futures::pin_mut!(req); req.try_next().await }) {
+        let req = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match self.rt.block_on(async {
+            futures::pin_mut!(req);
+            req.try_next().await
+        }) {
             Ok(Some(msg)) => Ok(Some(msg.header.index)),
             Ok(None) => Ok(None),
             Err(e) => {
@@ -209,9 +217,8 @@ impl Netlink {
     }
 
     fn index(&self, name: &str) -> io::Result<u32> {
-        self.link_index(name)?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no link named {name}"))
-        })
+        self.link_index(name)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no link named {name}")))
     }
 
     /// Every link: index, name, transmit queue length.
@@ -310,7 +317,11 @@ impl Netlink {
         let Some(idx) = self.link_index(name)? else {
             return Ok(false);
         };
-        match self.rt.block_on(self.handle.link().del(idx).execute()).map_err(nl_err) {
+        match self
+            .rt
+            .block_on(self.handle.link().del(idx).execute())
+            .map_err(nl_err)
+        {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
             Err(e) => Err(e),
@@ -392,7 +403,10 @@ impl Netlink {
     /// IPv4 conntrack entries here.
     pub fn conntrack_list(&self) -> io::Result<Vec<CtEntry>> {
         let mut out = Vec::new();
-        for reply in nf_dump(NetfilterProtoFamily::IPv4, ConntrackMessage::Get(vec![]).into())? {
+        for reply in nf_dump(
+            NetfilterProtoFamily::IPv4,
+            ConntrackMessage::Get(vec![]).into(),
+        )? {
             let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = reply.inner else {
                 continue;
             };
@@ -422,9 +436,8 @@ impl Netlink {
     pub fn conntrack_flush(&self, pred: impl Fn(&CtEntry) -> bool) -> io::Result<usize> {
         let mut n = 0;
         for entry in self.conntrack_list()?.into_iter().filter(|e| pred(e)) {
-            let msg = ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(
-                entry.orig_tuple,
-            )]);
+            let msg =
+                ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(entry.orig_tuple)]);
             match nf_request(NetfilterProtoFamily::IPv4, msg.into()) {
                 Ok(()) => n += 1,
                 Err(e) if is_errno(&e, libc::ENOENT) => {}
@@ -731,7 +744,9 @@ fn nft_batch(family: NetfilterProtoFamily, msgs: Vec<(NfTablesMessage, u16)>) ->
     }
     buf.extend(control(ControlMessage::BatchEnd, last + 1));
     s.send(&buf, 0)?;
-    read_replies(&s, |m| Ok(m.header.sequence_number >= last && matches!(m.payload, NetlinkPayload::Error(_))))
+    read_replies(&s, |m| {
+        Ok(m.header.sequence_number >= last && matches!(m.payload, NetlinkPayload::Error(_)))
+    })
 }
 
 /// One request answered by an acknowledgement.
@@ -825,7 +840,7 @@ pub fn own_netns(proc_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::{Rule, Chain as C};
+    use crate::network::{Chain as C, Rule};
 
     #[test]
     fn rules_encode_to_the_expressions_nft_would_send() {
