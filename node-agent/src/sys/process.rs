@@ -553,10 +553,12 @@ impl Pidfd {
     pub async fn exited(&self) -> io::Result<()> {
         use tokio::io::Interest;
         use tokio::io::unix::AsyncFd;
-        // SAFETY: `self.fd` is open for as long as `self` lives, and the
-        // `AsyncFd` (holding only a borrow of it) is dropped at the end of
-        // this call, so the fd stays valid and unchanged while registered.
-        let afd = unsafe { AsyncFd::register_with_interest(self.as_fd(), Interest::READABLE) }
+        // A private duplicate: several waiters may watch one process, and
+        // epoll refuses the same fd twice.
+        let fd = self.fd.try_clone()?;
+        // SAFETY: the `AsyncFd` owns `fd`, so it stays open and refers to
+        // the same pidfd for as long as it is registered.
+        let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
         let _ready = afd.readable().await?;
         Ok(())
