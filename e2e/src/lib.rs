@@ -105,7 +105,10 @@ impl ControlPlane {
 
     fn install_crds(&self) -> Result<()> {
         let crds = workspace_root().join("crds");
-        self.kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f"], Some(&crds))?;
+        self.kubectl_ok(
+            &["apply", "--server-side", "--force-conflicts", "-f"],
+            Some(&crds),
+        )?;
         self.kubectl_ok(
             &[
                 "wait",
@@ -135,7 +138,8 @@ impl ControlPlane {
         if let Some(f) = file_arg {
             cmd.arg(f);
         }
-        cmd.output().with_context(|| format!("run kubectl {args:?}"))
+        cmd.output()
+            .with_context(|| format!("run kubectl {args:?}"))
     }
 
     /// Runs kubectl and returns stdout, failing with stderr on a non-zero exit.
@@ -152,8 +156,8 @@ impl ControlPlane {
 
     /// A kube client for this cluster, bound to the caller's runtime.
     pub async fn client(&self) -> Result<kube::Client> {
-        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
-            .context("read kubeconfig")?;
+        let kc =
+            kube::config::Kubeconfig::read_from(&self.kubeconfig).context("read kubeconfig")?;
         let config =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
@@ -197,5 +201,8 @@ pub async fn temp_namespace(client: &kube::Client, prefix: &str) -> Result<Strin
         "metadata": { "generateName": format!("{prefix}-") }
     }))?;
     let created = api.create(&PostParams::default(), &ns).await?;
-    created.metadata.name.context("created namespace has no name")
+    created
+        .metadata
+        .name
+        .context("created namespace has no name")
 }

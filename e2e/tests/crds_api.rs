@@ -25,48 +25,258 @@ fn capsule(extra: Value) -> Value {
 fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
     let long_name_marker = "capsule names are at most 63 characters";
     vec![
-        ("capsule without source", "Capsule", json!({}), "spec.source: Required value"),
-        ("empty source", "Capsule", json!({"source": {}}), "source needs exactly one of templateRef or snapshotRef"),
-        ("two sources", "Capsule", json!({"source": {"templateRef": {"name": "a"}, "snapshotRef": {"name": "b"}}}), "source needs exactly one of templateRef or snapshotRef"),
-        ("zero vcpus", "Capsule", capsule(json!({"resources": {"vcpus": 0}})), "should be greater than or equal to 1"),
-        ("65 vcpus", "Capsule", capsule(json!({"resources": {"vcpus": 65}})), "should be less than or equal to 64"),
-        ("64Mi memory", "Capsule", capsule(json!({"resources": {"memory": "64Mi"}})), "memory must be at least 128Mi"),
-        ("memory not a quantity", "Capsule", capsule(json!({"resources": {"memory": "lots"}})), "memory must be a quantity such as 512Mi or 4Gi"),
-        ("memory as a bare integer", "Capsule", capsule(json!({"resources": {"memory": 1073741824}})), "must be of type string"),
-        ("1Mi disk", "Capsule", capsule(json!({"resources": {"disk": "1Mi"}})), "disk must be at least 128Mi"),
-        ("unknown operating mode", "Capsule", capsule(json!({"operatingMode": "Stopped"})), "Unsupported value: \"Stopped\""),
-        ("unknown onExpiry", "Capsule", capsule(json!({"lifecycle": {"onExpiry": "Archive"}})), "Unsupported value: \"Archive\""),
-        ("prose duration", "Capsule", capsule(json!({"lifecycle": {"shutdownAfter": "2 hours"}})), "shutdownAfter must be a duration such as 90s, 30m or 1h30m"),
-        ("negative duration", "Capsule", capsule(json!({"lifecycle": {"shutdownAfter": "-5m"}})), "shutdownAfter must be a duration such as 90s, 30m or 1h30m"),
-        ("zero idle timeout", "Capsule", capsule(json!({"lifecycle": {"idleTimeout": "0s"}})), "idleTimeout must be at least 1s"),
-        ("template name with a path", "Capsule", json!({"source": {"templateRef": {"name": "../../etc"}}}), "templateRef.name must be a Kubernetes object name"),
-        ("snapshot name with a slash", "Capsule", json!({"source": {"snapshotRef": {"name": "a/b"}}}), "snapshotRef.name must be a Kubernetes object name"),
-        ("empty template name", "Capsule", json!({"source": {"templateRef": {"name": ""}}}), "templateRef.name must be a Kubernetes object name"),
-        ("env name starting with a digit", "Capsule", capsule(json!({"env": [{"name": "1BAD", "value": "x"}]})), "env names are letters, digits and '_'"),
-        ("duplicate env names", "Capsule", capsule(json!({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]})), "Duplicate value"),
-        ("malformed CIDR", "Capsule", capsule(json!({"network": {"egress": "Deny", "allowCidrs": ["10.0.0.300/8"]}})), "allowCidrs entries must be CIDRs"),
-        ("allow list with egress Allow", "Capsule", capsule(json!({"network": {"egress": "Allow", "allowCidrs": ["10.0.0.0/8"]}})), "network.allowCidrs applies only with network.egress: Deny"),
-        ("unknown egress", "Capsule", capsule(json!({"network": {"egress": "Block"}})), "Unsupported value: \"Block\""),
-        ("port 0", "Capsule", capsule(json!({"network": {"ports": [{"port": 0}]}})), "should be greater than or equal to 1"),
-        ("port 70000", "Capsule", capsule(json!({"network": {"ports": [{"port": 70000}]}})), "should be less than or equal to 65535"),
-        ("unknown protocol", "Capsule", capsule(json!({"network": {"ports": [{"port": 80, "protocol": "SCTP"}]}})), "Unsupported value: \"SCTP\""),
-        ("64-character capsule name", "Capsule", capsule(json!({})), long_name_marker),
-        ("snapshot without capsule", "CapsuleSnapshot", json!({}), "spec.capsuleName: Required value"),
-        ("snapshot of an unsafe name", "CapsuleSnapshot", json!({"capsuleName": "My_Capsule"}), "capsuleName must be a Kubernetes object name"),
-        ("unknown deletion policy", "CapsuleSnapshot", json!({"capsuleName": "a", "deletionPolicy": "Keep"}), "Unsupported value: \"Keep\""),
-        ("template without source", "CapsuleTemplate", json!({"source": {}}), "source needs exactly one of image, rootfs or snapshotRef"),
-        ("template with two sources", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}, "rootfs": {"path": "/d.ext4"}}}), "source needs exactly one of image, rootfs or snapshotRef"),
-        ("image reference with spaces", "CapsuleTemplate", json!({"source": {"image": {"reference": "Not A Ref"}}}), "image.reference must be an OCI reference"),
-        ("rootfs with url and path", "CapsuleTemplate", json!({"source": {"rootfs": {"url": "https://example.com/d.ext4", "path": "/d.ext4"}}}), "rootfs needs exactly one of url or path"),
-        ("rootfs over ftp", "CapsuleTemplate", json!({"source": {"rootfs": {"url": "ftp://example.com/d.ext4"}}}), "rootfs.url must be an http or https URL"),
-        ("relative rootfs path", "CapsuleTemplate", json!({"source": {"rootfs": {"path": "images/d.ext4"}}}), "rootfs.path must be an absolute path"),
-        ("rootfs path escaping with ..", "CapsuleTemplate", json!({"source": {"rootfs": {"path": "/var/lib/wrenn/../../etc/shadow"}}}), "rootfs.path must be an absolute path without '.' or '..' segments"),
-        ("kernel path escaping with ..", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "/boot/../vmlinux"}}), "kernel.path must be an absolute path without '.' or '..' segments"),
-        ("template with 100 vcpus", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"vcpus": 100}}), "should be less than or equal to 64"),
-        ("template memory too small", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"memory": "100Mi"}}), "memory must be at least 128Mi"),
-        ("readiness with exec and port", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}}, "warm": {"startCommand": ["app"], "readiness": {"exec": ["true"], "tcpPort": 80}}}), "readiness needs exactly one of exec or tcpPort"),
-        ("warm without command", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}}, "warm": {"startCommand": [], "readiness": {"tcpPort": 80}}}), "should have at least 1 items"),
-        ("readiness timeout in prose", "CapsuleTemplate", json!({"source": {"image": {"reference": "debian:12"}}, "warm": {"startCommand": ["app"], "readiness": {"tcpPort": 80, "timeout": "soon"}}}), "readiness.timeout must be a duration"),
+        (
+            "capsule without source",
+            "Capsule",
+            json!({}),
+            "spec.source: Required value",
+        ),
+        (
+            "empty source",
+            "Capsule",
+            json!({"source": {}}),
+            "source needs exactly one of templateRef or snapshotRef",
+        ),
+        (
+            "two sources",
+            "Capsule",
+            json!({"source": {"templateRef": {"name": "a"}, "snapshotRef": {"name": "b"}}}),
+            "source needs exactly one of templateRef or snapshotRef",
+        ),
+        (
+            "zero vcpus",
+            "Capsule",
+            capsule(json!({"resources": {"vcpus": 0}})),
+            "should be greater than or equal to 1",
+        ),
+        (
+            "65 vcpus",
+            "Capsule",
+            capsule(json!({"resources": {"vcpus": 65}})),
+            "should be less than or equal to 64",
+        ),
+        (
+            "64Mi memory",
+            "Capsule",
+            capsule(json!({"resources": {"memory": "64Mi"}})),
+            "memory must be at least 128Mi",
+        ),
+        (
+            "memory not a quantity",
+            "Capsule",
+            capsule(json!({"resources": {"memory": "lots"}})),
+            "memory must be a quantity such as 512Mi or 4Gi",
+        ),
+        (
+            "memory as a bare integer",
+            "Capsule",
+            capsule(json!({"resources": {"memory": 1073741824}})),
+            "must be of type string",
+        ),
+        (
+            "1Mi disk",
+            "Capsule",
+            capsule(json!({"resources": {"disk": "1Mi"}})),
+            "disk must be at least 128Mi",
+        ),
+        (
+            "unknown operating mode",
+            "Capsule",
+            capsule(json!({"operatingMode": "Stopped"})),
+            "Unsupported value: \"Stopped\"",
+        ),
+        (
+            "unknown onExpiry",
+            "Capsule",
+            capsule(json!({"lifecycle": {"onExpiry": "Archive"}})),
+            "Unsupported value: \"Archive\"",
+        ),
+        (
+            "prose duration",
+            "Capsule",
+            capsule(json!({"lifecycle": {"shutdownAfter": "2 hours"}})),
+            "shutdownAfter must be a duration such as 90s, 30m or 1h30m",
+        ),
+        (
+            "negative duration",
+            "Capsule",
+            capsule(json!({"lifecycle": {"shutdownAfter": "-5m"}})),
+            "shutdownAfter must be a duration such as 90s, 30m or 1h30m",
+        ),
+        (
+            "zero idle timeout",
+            "Capsule",
+            capsule(json!({"lifecycle": {"idleTimeout": "0s"}})),
+            "idleTimeout must be at least 1s",
+        ),
+        (
+            "template name with a path",
+            "Capsule",
+            json!({"source": {"templateRef": {"name": "../../etc"}}}),
+            "templateRef.name must be a Kubernetes object name",
+        ),
+        (
+            "snapshot name with a slash",
+            "Capsule",
+            json!({"source": {"snapshotRef": {"name": "a/b"}}}),
+            "snapshotRef.name must be a Kubernetes object name",
+        ),
+        (
+            "empty template name",
+            "Capsule",
+            json!({"source": {"templateRef": {"name": ""}}}),
+            "templateRef.name must be a Kubernetes object name",
+        ),
+        (
+            "env name starting with a digit",
+            "Capsule",
+            capsule(json!({"env": [{"name": "1BAD", "value": "x"}]})),
+            "env names are letters, digits and '_'",
+        ),
+        (
+            "duplicate env names",
+            "Capsule",
+            capsule(json!({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]})),
+            "Duplicate value",
+        ),
+        (
+            "malformed CIDR",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Deny", "allowCidrs": ["10.0.0.300/8"]}})),
+            "allowCidrs entries must be CIDRs",
+        ),
+        (
+            "allow list with egress Allow",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Allow", "allowCidrs": ["10.0.0.0/8"]}})),
+            "network.allowCidrs applies only with network.egress: Deny",
+        ),
+        (
+            "unknown egress",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Block"}})),
+            "Unsupported value: \"Block\"",
+        ),
+        (
+            "port 0",
+            "Capsule",
+            capsule(json!({"network": {"ports": [{"port": 0}]}})),
+            "should be greater than or equal to 1",
+        ),
+        (
+            "port 70000",
+            "Capsule",
+            capsule(json!({"network": {"ports": [{"port": 70000}]}})),
+            "should be less than or equal to 65535",
+        ),
+        (
+            "unknown protocol",
+            "Capsule",
+            capsule(json!({"network": {"ports": [{"port": 80, "protocol": "SCTP"}]}})),
+            "Unsupported value: \"SCTP\"",
+        ),
+        (
+            "64-character capsule name",
+            "Capsule",
+            capsule(json!({})),
+            long_name_marker,
+        ),
+        (
+            "snapshot without capsule",
+            "CapsuleSnapshot",
+            json!({}),
+            "spec.capsuleName: Required value",
+        ),
+        (
+            "snapshot of an unsafe name",
+            "CapsuleSnapshot",
+            json!({"capsuleName": "My_Capsule"}),
+            "capsuleName must be a Kubernetes object name",
+        ),
+        (
+            "unknown deletion policy",
+            "CapsuleSnapshot",
+            json!({"capsuleName": "a", "deletionPolicy": "Keep"}),
+            "Unsupported value: \"Keep\"",
+        ),
+        (
+            "template without source",
+            "CapsuleTemplate",
+            json!({"source": {}}),
+            "source needs exactly one of image, rootfs or snapshotRef",
+        ),
+        (
+            "template with two sources",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}, "rootfs": {"path": "/d.ext4"}}}),
+            "source needs exactly one of image, rootfs or snapshotRef",
+        ),
+        (
+            "image reference with spaces",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "Not A Ref"}}}),
+            "image.reference must be an OCI reference",
+        ),
+        (
+            "rootfs with url and path",
+            "CapsuleTemplate",
+            json!({"source": {"rootfs": {"url": "https://example.com/d.ext4", "path": "/d.ext4"}}}),
+            "rootfs needs exactly one of url or path",
+        ),
+        (
+            "rootfs over ftp",
+            "CapsuleTemplate",
+            json!({"source": {"rootfs": {"url": "ftp://example.com/d.ext4"}}}),
+            "rootfs.url must be an http or https URL",
+        ),
+        (
+            "relative rootfs path",
+            "CapsuleTemplate",
+            json!({"source": {"rootfs": {"path": "images/d.ext4"}}}),
+            "rootfs.path must be an absolute path",
+        ),
+        (
+            "rootfs path escaping with ..",
+            "CapsuleTemplate",
+            json!({"source": {"rootfs": {"path": "/var/lib/wrenn/../../etc/shadow"}}}),
+            "rootfs.path must be an absolute path without '.' or '..' segments",
+        ),
+        (
+            "kernel path escaping with ..",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "/boot/../vmlinux"}}),
+            "kernel.path must be an absolute path without '.' or '..' segments",
+        ),
+        (
+            "template with 100 vcpus",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"vcpus": 100}}),
+            "should be less than or equal to 64",
+        ),
+        (
+            "template memory too small",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"memory": "100Mi"}}),
+            "memory must be at least 128Mi",
+        ),
+        (
+            "readiness with exec and port",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "warm": {"startCommand": ["app"], "readiness": {"exec": ["true"], "tcpPort": 80}}}),
+            "readiness needs exactly one of exec or tcpPort",
+        ),
+        (
+            "warm without command",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "warm": {"startCommand": [], "readiness": {"tcpPort": 80}}}),
+            "should have at least 1 items",
+        ),
+        (
+            "readiness timeout in prose",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "warm": {"startCommand": ["app"], "readiness": {"tcpPort": 80, "timeout": "soon"}}}),
+            "readiness.timeout must be a duration",
+        ),
     ]
 }
 
@@ -106,7 +316,10 @@ async fn every_example_is_accepted() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 3, "examples/ holds at least one file per kind");
+    assert!(
+        files.len() >= 3,
+        "examples/ holds at least one file per kind"
+    );
     let mut kinds = std::collections::BTreeSet::new();
     for file in &files {
         let out = env
@@ -131,30 +344,60 @@ async fn the_api_server_applies_defaults() {
     let Some(env) = setup("the_api_server_applies_defaults").await else {
         return;
     };
-    let cap = create(&env, "Capsule", "minimal", capsule(json!({"lifecycle": {"idleTimeout": "10m"}, "network": {"ports": [{"port": 22}]}})))
-        .await
-        .unwrap();
+    let cap = create(
+        &env,
+        "Capsule",
+        "minimal",
+        capsule(json!({"lifecycle": {"idleTimeout": "10m"}, "network": {"ports": [{"port": 22}]}})),
+    )
+    .await
+    .unwrap();
     let spec = &cap.data["spec"];
     assert_eq!(spec["operatingMode"], "Running");
     assert_eq!(spec["lifecycle"]["onExpiry"], "Delete");
     assert_eq!(spec["network"]["egress"], "Allow");
     assert_eq!(spec["network"]["ports"][0]["protocol"], "TCP");
     // Typed view of what the server stored.
-    let typed: wrenn_crds::Capsule = serde_json::from_value(serde_json::to_value(&cap).unwrap()).unwrap();
-    assert_eq!(typed.spec.operating_mode, wrenn_crds::capsule::OperatingMode::Running);
+    let typed: wrenn_crds::Capsule =
+        serde_json::from_value(serde_json::to_value(&cap).unwrap()).unwrap();
+    assert_eq!(
+        typed.spec.operating_mode,
+        wrenn_crds::capsule::OperatingMode::Running
+    );
 
-    let snap = create(&env, "CapsuleSnapshot", "snap", json!({"capsuleName": "minimal"})).await.unwrap();
+    let snap = create(
+        &env,
+        "CapsuleSnapshot",
+        "snap",
+        json!({"capsuleName": "minimal"}),
+    )
+    .await
+    .unwrap();
     assert_eq!(snap.data["spec"]["memory"], true);
     assert_eq!(snap.data["spec"]["deletionPolicy"], "Delete");
 
-    let tpl = create(&env, "CapsuleTemplate", "tpl", json!({"source": {"image": {"reference": "debian:12"}}})).await.unwrap();
-    assert_eq!(tpl.data["spec"]["defaults"], json!({"vcpus": 1, "memory": "512Mi", "disk": "2Gi"}));
+    let tpl = create(
+        &env,
+        "CapsuleTemplate",
+        "tpl",
+        json!({"source": {"image": {"reference": "debian:12"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tpl.data["spec"]["defaults"],
+        json!({"vcpus": 1, "memory": "512Mi", "disk": "2Gi"})
+    );
     drop(env.case);
 }
 
 async fn update(env: &Env, kind: &str, name: &str, spec_patch: Value) -> Result<(), String> {
     api(env, kind)
-        .patch(name, &PatchParams::default(), &Patch::Merge(json!({ "spec": spec_patch })))
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec_patch })),
+        )
         .await
         .map(|_| ())
         .map_err(|e| match e {
@@ -175,36 +418,87 @@ async fn immutable_fields_cannot_change() {
     let Some(env) = setup("immutable_fields_cannot_change").await else {
         return;
     };
-    create(&env, "Capsule", "sized", capsule(json!({"resources": {"disk": "10Gi", "memory": "1Gi"}}))).await.unwrap();
-    create(&env, "Capsule", "unsized", capsule(json!({}))).await.unwrap();
+    create(
+        &env,
+        "Capsule",
+        "sized",
+        capsule(json!({"resources": {"disk": "10Gi", "memory": "1Gi"}})),
+    )
+    .await
+    .unwrap();
+    create(&env, "Capsule", "unsized", capsule(json!({})))
+        .await
+        .unwrap();
     assert_refused(
-        update(&env, "Capsule", "sized", json!({"source": {"templateRef": {"name": "other"}}})).await,
+        update(
+            &env,
+            "Capsule",
+            "sized",
+            json!({"source": {"templateRef": {"name": "other"}}}),
+        )
+        .await,
         "source is immutable",
         "capsule source",
     );
     assert_refused(
-        update(&env, "Capsule", "sized", json!({"resources": {"disk": "20Gi"}})).await,
+        update(
+            &env,
+            "Capsule",
+            "sized",
+            json!({"resources": {"disk": "20Gi"}}),
+        )
+        .await,
         "resources.disk is immutable",
         "growing disk",
     );
     assert_refused(
-        update(&env, "Capsule", "sized", json!({"resources": {"disk": null}})).await,
+        update(
+            &env,
+            "Capsule",
+            "sized",
+            json!({"resources": {"disk": null}}),
+        )
+        .await,
         "resources.disk is immutable",
         "removing disk",
     );
     assert_refused(
-        update(&env, "Capsule", "unsized", json!({"resources": {"disk": "20Gi"}})).await,
+        update(
+            &env,
+            "Capsule",
+            "unsized",
+            json!({"resources": {"disk": "20Gi"}}),
+        )
+        .await,
         "resources.disk is immutable",
         "adding disk",
     );
     // What may change does change.
-    update(&env, "Capsule", "sized", json!({"operatingMode": "Suspended", "resources": {"memory": "2Gi"}}))
-        .await
-        .expect("operatingMode and memory are mutable");
+    update(
+        &env,
+        "Capsule",
+        "sized",
+        json!({"operatingMode": "Suspended", "resources": {"memory": "2Gi"}}),
+    )
+    .await
+    .expect("operatingMode and memory are mutable");
 
-    create(&env, "CapsuleSnapshot", "snap", json!({"capsuleName": "sized"})).await.unwrap();
+    create(
+        &env,
+        "CapsuleSnapshot",
+        "snap",
+        json!({"capsuleName": "sized"}),
+    )
+    .await
+    .unwrap();
     assert_refused(
-        update(&env, "CapsuleSnapshot", "snap", json!({"capsuleName": "unsized"})).await,
+        update(
+            &env,
+            "CapsuleSnapshot",
+            "snap",
+            json!({"capsuleName": "unsized"}),
+        )
+        .await,
         "capsuleName is immutable",
         "snapshot capsuleName",
     );
@@ -213,13 +507,31 @@ async fn immutable_fields_cannot_change() {
         "memory is immutable",
         "snapshot memory",
     );
-    update(&env, "CapsuleSnapshot", "snap", json!({"deletionPolicy": "Retain"}))
-        .await
-        .expect("deletionPolicy is mutable");
+    update(
+        &env,
+        "CapsuleSnapshot",
+        "snap",
+        json!({"deletionPolicy": "Retain"}),
+    )
+    .await
+    .expect("deletionPolicy is mutable");
 
-    create(&env, "CapsuleTemplate", "tpl", json!({"source": {"image": {"reference": "debian:12"}}})).await.unwrap();
+    create(
+        &env,
+        "CapsuleTemplate",
+        "tpl",
+        json!({"source": {"image": {"reference": "debian:12"}}}),
+    )
+    .await
+    .unwrap();
     assert_refused(
-        update(&env, "CapsuleTemplate", "tpl", json!({"source": {"image": {"reference": "debian:13"}}})).await,
+        update(
+            &env,
+            "CapsuleTemplate",
+            "tpl",
+            json!({"source": {"image": {"reference": "debian:13"}}}),
+        )
+        .await,
         "source is immutable",
         "template source",
     );
@@ -235,14 +547,26 @@ async fn status_is_written_only_through_the_status_subresource() {
     let mut obj = object("Capsule", "st", capsule(json!({})));
     obj.data["status"] = json!({"phase": "Running", "nodeName": "forged"});
     let created = caps.create(&PostParams::default(), &obj).await.unwrap();
-    assert!(created.data.get("status").is_none(), "status on create was kept: {:?}", created.data);
+    assert!(
+        created.data.get("status").is_none(),
+        "status on create was kept: {:?}",
+        created.data
+    );
 
     // A main-resource write cannot set status.
     let patched = caps
-        .patch("st", &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Failed"}})))
+        .patch(
+            "st",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+        )
         .await
         .unwrap();
-    assert!(patched.data.get("status").is_none(), "status via main resource: {:?}", patched.data);
+    assert!(
+        patched.data.get("status").is_none(),
+        "status via main resource: {:?}",
+        patched.data
+    );
 
     // The status subresource sets status, and only status.
     let ssa = PatchParams::apply(wrenn_crds::names::FIELD_MANAGER).force();
@@ -262,14 +586,20 @@ async fn status_is_written_only_through_the_status_subresource() {
         .unwrap();
     assert_eq!(written.data["status"]["phase"], "Running");
     assert_eq!(written.data["status"]["nodeName"], "node-a");
-    assert_eq!(written.data["spec"]["operatingMode"], "Running", "spec changed through /status");
+    assert_eq!(
+        written.data["spec"]["operatingMode"], "Running",
+        "spec changed through /status"
+    );
 
     // An unknown phase is refused even on the status subresource.
     let bad = caps
         .patch_status("st", &ssa, &Patch::Apply(json!({
             "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule", "status": {"phase": "Exploded"}})))
         .await;
-    assert!(matches!(bad, Err(kube::Error::Api(ref r)) if r.message.contains("Unsupported value: \"Exploded\"")), "{bad:?}");
+    assert!(
+        matches!(bad, Err(kube::Error::Api(ref r)) if r.message.contains("Unsupported value: \"Exploded\"")),
+        "{bad:?}"
+    );
     drop(env.case);
 }
 
@@ -278,29 +608,64 @@ async fn kubectl_get_shows_the_printer_columns() {
     let Some(env) = setup("kubectl_get_shows_the_printer_columns").await else {
         return;
     };
-    create(&env, "Capsule", "shown", capsule(json!({"resources": {"vcpus": 3, "memory": "768Mi"}}))).await.unwrap();
+    create(
+        &env,
+        "Capsule",
+        "shown",
+        capsule(json!({"resources": {"vcpus": 3, "memory": "768Mi"}})),
+    )
+    .await
+    .unwrap();
     api(&env, "Capsule")
         .patch_status(
             "shown",
             &PatchParams::apply(wrenn_crds::names::FIELD_MANAGER).force(),
-            &Patch::Apply(json!({"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
-                "status": {"phase": "Running", "nodeName": "node-a", "ip": "10.200.0.7"}})),
+            &Patch::Apply(
+                json!({"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+                "status": {"phase": "Running", "nodeName": "node-a", "ip": "10.200.0.7"}}),
+            ),
         )
         .await
         .unwrap();
-    let out = env.cp.kubectl_ok(&["get", "cap", "-n", &env.ns], None).unwrap();
+    let out = env
+        .cp
+        .kubectl_ok(&["get", "cap", "-n", &env.ns], None)
+        .unwrap();
     let mut lines = out.lines();
     let header: Vec<_> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "PHASE", "NODE", "IP", "VCPUS", "MEMORY", "AGE"], "{out}");
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "NODE", "IP", "VCPUS", "MEMORY", "AGE"],
+        "{out}"
+    );
     let row: Vec<_> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(&row[..6], ["shown", "Running", "node-a", "10.200.0.7", "3", "768Mi"], "{out}");
+    assert_eq!(
+        &row[..6],
+        ["shown", "Running", "node-a", "10.200.0.7", "3", "768Mi"],
+        "{out}"
+    );
 
     // Category and short names reach every kind.
-    create(&env, "CapsuleTemplate", "tpl", json!({"source": {"image": {"reference": "debian:12"}}})).await.unwrap();
-    let all = env.cp.kubectl_ok(&["get", "wrenn", "-n", &env.ns, "-o", "name"], None).unwrap();
-    assert!(all.contains("capsule.wrenn.dev/shown") && all.contains("capsuletemplate.wrenn.dev/tpl"), "{all}");
+    create(
+        &env,
+        "CapsuleTemplate",
+        "tpl",
+        json!({"source": {"image": {"reference": "debian:12"}}}),
+    )
+    .await
+    .unwrap();
+    let all = env
+        .cp
+        .kubectl_ok(&["get", "wrenn", "-n", &env.ns, "-o", "name"], None)
+        .unwrap();
+    assert!(
+        all.contains("capsule.wrenn.dev/shown") && all.contains("capsuletemplate.wrenn.dev/tpl"),
+        "{all}"
+    );
     for short in ["cap", "csnap", "ctpl"] {
-        env.cp.kubectl_ok(&["get", short, "-n", &env.ns], None).unwrap();
+        env.cp
+            .kubectl_ok(&["get", short, "-n", &env.ns], None)
+            .unwrap();
     }
     drop(env.case);
 }
@@ -310,26 +675,75 @@ async fn capsule_disk_below_its_template_is_refused() {
     let Some(env) = setup("capsule_disk_below_its_template_is_refused").await else {
         return;
     };
-    create(&env, "CapsuleTemplate", "big", json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"disk": "8Gi"}}))
-        .await
-        .unwrap();
+    create(
+        &env,
+        "CapsuleTemplate",
+        "big",
+        json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"disk": "8Gi"}}),
+    )
+    .await
+    .unwrap();
     // The policy sees templates through an informer: allow it to catch up.
     let deadline = Instant::now() + Duration::from_secs(30);
     let msg = loop {
-        match create(&env, "Capsule", "small", json!({"source": template_ref("big"), "resources": {"disk": "4Gi"}})).await {
+        match create(
+            &env,
+            "Capsule",
+            "small",
+            json!({"source": template_ref("big"), "resources": {"disk": "4Gi"}}),
+        )
+        .await
+        {
             Err(msg) => break msg,
             Ok(_) => {
-                api(&env, "Capsule").delete("small", &Default::default()).await.unwrap();
-                assert!(Instant::now() < deadline, "4Gi capsule on an 8Gi template kept being accepted");
+                api(&env, "Capsule")
+                    .delete("small", &Default::default())
+                    .await
+                    .unwrap();
+                assert!(
+                    Instant::now() < deadline,
+                    "4Gi capsule on an 8Gi template kept being accepted"
+                );
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     };
-    assert!(msg.contains("resources.disk 4Gi is smaller than the disk of template big (8Gi)"), "{msg}");
+    assert!(
+        msg.contains("resources.disk 4Gi is smaller than the disk of template big (8Gi)"),
+        "{msg}"
+    );
     // Equal, larger and unset disks pass; other templates do not interfere.
-    create(&env, "Capsule", "equal", json!({"source": template_ref("big"), "resources": {"disk": "8Gi"}})).await.unwrap();
-    create(&env, "Capsule", "larger", json!({"source": template_ref("big"), "resources": {"disk": "16384Mi"}})).await.unwrap();
-    create(&env, "Capsule", "unset", json!({"source": template_ref("big")})).await.unwrap();
-    create(&env, "Capsule", "missing", json!({"source": template_ref("nope"), "resources": {"disk": "1Gi"}})).await.unwrap();
+    create(
+        &env,
+        "Capsule",
+        "equal",
+        json!({"source": template_ref("big"), "resources": {"disk": "8Gi"}}),
+    )
+    .await
+    .unwrap();
+    create(
+        &env,
+        "Capsule",
+        "larger",
+        json!({"source": template_ref("big"), "resources": {"disk": "16384Mi"}}),
+    )
+    .await
+    .unwrap();
+    create(
+        &env,
+        "Capsule",
+        "unset",
+        json!({"source": template_ref("big")}),
+    )
+    .await
+    .unwrap();
+    create(
+        &env,
+        "Capsule",
+        "missing",
+        json!({"source": template_ref("nope"), "resources": {"disk": "1Gi"}}),
+    )
+    .await
+    .unwrap();
     drop(env.case);
 }

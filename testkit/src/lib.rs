@@ -113,7 +113,7 @@ fn record_to(path: &std::path::Path, tier: Tier, outcome: &str, name: &str, reas
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
     {
         let _ = f.write_all(line.as_bytes());
     }

@@ -7,6 +7,8 @@ use serde_json::Value;
 use wrenn_e2e::ControlPlane;
 use wrenn_testkit::{Case, Tier, case};
 
+// kube::Client has no Debug.
+#[allow(missing_debug_implementations)]
 pub struct Env {
     pub case: Case,
     pub cp: &'static ControlPlane,
@@ -25,11 +27,19 @@ pub async fn setup(name: &str) -> Option<Env> {
         }
         Err(join) => panic!("control plane start panicked: {join}"),
     };
-    let client = cp.client().await.expect("client for the test control plane");
+    let client = cp
+        .client()
+        .await
+        .expect("client for the test control plane");
     let ns = wrenn_e2e::temp_namespace(&client, "wt")
         .await
         .expect("create test namespace");
-    Some(Env { case, cp, client, ns })
+    Some(Env {
+        case,
+        cp,
+        client,
+        ns,
+    })
 }
 
 pub fn api(env: &Env, kind: &str) -> Api<DynamicObject> {
@@ -60,7 +70,12 @@ pub fn object(kind: &str, name: &str, spec: Value) -> DynamicObject {
 }
 
 /// Creates an object, returning the API server's refusal message if any.
-pub async fn create(env: &Env, kind: &str, name: &str, spec: Value) -> Result<DynamicObject, String> {
+pub async fn create(
+    env: &Env,
+    kind: &str,
+    name: &str,
+    spec: Value,
+) -> Result<DynamicObject, String> {
     api(env, kind)
         .create(&PostParams::default(), &object(kind, name, spec))
         .await
