@@ -121,10 +121,18 @@ impl Drop for Env {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*pid), None);
         }
         // Processes die asynchronously; rmdir of a cgroup fails while any
-        // is still attached, so retry briefly.
+        // is still attached, so retry briefly. Anything left in a test
+        // cgroup (e.g. spawned by a helper that panicked before we learnt
+        // its pid) is killed first.
         if let Ok(names) = self.cgroups.list() {
             for name in names {
                 let cg = self.cgroups.open_capsule(&name);
+                for pid in cg.pids().unwrap_or_default() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::SIGKILL,
+                    );
+                }
                 let _ = wait_until(Duration::from_secs(5), "cgroup empty", || {
                     cg.remove().map_err(|e| e.to_string())
                 });
