@@ -22,7 +22,7 @@ use wrenn_node_agent::sys::net as sys;
 use wrenn_testkit::{Tier, case, need_root};
 
 fn id(s: &str) -> CapsuleId {
-    CapsuleId::new(s).unwrap()
+    CapsuleId::new(s).expect("valid capsule id")
 }
 
 fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
@@ -100,7 +100,10 @@ fn capsules_cannot_reach_each_other_the_node_or_metadata() {
     // B's guest listens; A cannot reach it, the node can.
     let lb = listen(&bed.guest(&b), nb.guest);
     let pb = lb.local_addr().unwrap().port();
-    assert!(blocked(&ga, addr(nb.addrs.host, pb)), "capsule reached capsule");
+    assert!(
+        blocked(&ga, addr(nb.addrs.host, pb)),
+        "capsule reached capsule"
+    );
     assert!(blocked(&ga, addr(nb.addrs.capsule_transit, pb)));
     source_seen(&bed.node, &lb, addr(nb.addrs.host, pb)).unwrap();
 
@@ -108,15 +111,25 @@ fn capsules_cannot_reach_each_other_the_node_or_metadata() {
     // address, reachable from elsewhere (so the listener is really there).
     let agent = listen(&bed.node, std::net::Ipv4Addr::UNSPECIFIED);
     let port = agent.local_addr().unwrap().port();
-    for ip in [na.addrs.node_transit, NODE_UPLINK_ADDR, nb.addrs.node_transit] {
-        assert!(blocked(&ga, addr(ip, port)), "capsule reached the node at {ip}");
+    for ip in [
+        na.addrs.node_transit,
+        NODE_UPLINK_ADDR,
+        nb.addrs.node_transit,
+    ] {
+        assert!(
+            blocked(&ga, addr(ip, port)),
+            "capsule reached the node at {ip}"
+        );
     }
     source_seen(&bed.uplink, &agent, addr(NODE_UPLINK_ADDR, port)).unwrap();
 
     // Link-local metadata, even though the uplink routes it.
     let md = listen(&bed.uplink, METADATA);
     let mport = md.local_addr().unwrap().port();
-    assert!(blocked(&ga, addr(METADATA, mport)), "capsule reached metadata");
+    assert!(
+        blocked(&ga, addr(METADATA, mport)),
+        "capsule reached metadata"
+    );
     // The capsule namespace itself (its gateway address) is closed too.
     assert!(blocked(&ga, addr(na.gateway, 22)));
 
@@ -229,7 +242,11 @@ fn rollback_after_an_injected_failure_leaks_nothing() {
             Err(Error::Injected { step: s, .. }) => assert_eq!(s, step),
             other => panic!("setup with a failure before {step:?}: {other:?}"),
         }
-        assert_eq!(bed.snapshot(), before, "leak after a failure before {step:?}");
+        assert_eq!(
+            bed.snapshot(),
+            before,
+            "leak after a failure before {step:?}"
+        );
     }
     net.fail_before(None);
     net.setup(&c, &EgressPolicy::Allow).unwrap();
@@ -299,7 +316,10 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     let after = bed.snapshot();
     assert_eq!(after.namespaces, vec![keep.resource_name()]);
     source_seen(&bed.guest(&keep), &remote, to).unwrap();
-    assert_eq!(restarted.setup(&keep, &EgressPolicy::Allow).unwrap().slot, nk.slot);
+    assert_eq!(
+        restarted.setup(&keep, &EgressPolicy::Allow).unwrap().slot,
+        nk.slot
+    );
     restarted.teardown(&keep, Teardown::ReleaseSlot).unwrap();
     assert_eq!(restarted.sweep().unwrap(), Default::default());
     assert_eq!(bed.snapshot(), before);
@@ -316,7 +336,14 @@ fn tap_has_its_queue_length_and_is_recreated_by_name() {
     let n = net.setup(&c, &EgressPolicy::Allow).unwrap();
     assert_eq!(n.tap, TAP_NAME);
     let tap_qlen = |ns: &Path| {
-        in_ns(ns, |nl| Ok(nl.links()?.into_iter().find(|l| l.1 == TAP_NAME).map(|l| l.2))).unwrap()
+        in_ns(ns, |nl| {
+            Ok(nl
+                .links()?
+                .into_iter()
+                .find(|l| l.1 == TAP_NAME)
+                .map(|l| l.2))
+        })
+        .unwrap()
     };
     assert_eq!(tap_qlen(&n.netns), Some(TAP_QUEUE_LEN));
 

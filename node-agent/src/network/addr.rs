@@ -229,14 +229,18 @@ mod tests {
 
     #[test]
     fn bad_plans_are_refused() {
-        let mut plan = AddressPlan::default();
-        plan.max_slots = MAX_SLOTS + 1;
+        let plan = AddressPlan {
+            max_slots: MAX_SLOTS + 1,
+            ..AddressPlan::default()
+        };
         assert!(plan.validate().is_err());
         let mut plan = AddressPlan::default();
         plan.transit_range = plan.host_range;
         assert!(plan.validate().is_err());
-        let mut plan = AddressPlan::default();
-        plan.transit_range = "10.12.0.0/24".parse().unwrap();
+        let mut plan = AddressPlan {
+            transit_range: "10.12.0.0/24".parse().unwrap(),
+            ..AddressPlan::default()
+        };
         assert!(plan.validate().is_err());
         plan.max_slots = 100;
         plan.validate().unwrap();

@@ -497,12 +497,11 @@ impl LinuxNet {
                 errors.push(Error::RemoveNetns { path, source });
             }
         }
-        if let Some(slot) = self.slots.get(capsule) {
-            if let Some(addrs) = self.cfg.plan.slot_addrs(slot) {
-                if let Err(e) = self.flush_slot_conntrack(slot, addrs) {
-                    errors.push(e);
-                }
-            }
+        if let Some(slot) = self.slots.get(capsule)
+            && let Some(addrs) = self.cfg.plan.slot_addrs(slot)
+            && let Err(e) = self.flush_slot_conntrack(slot, addrs)
+        {
+            errors.push(e);
         }
     }
 }
@@ -601,10 +600,8 @@ impl NetOps for LinuxNet {
             }
             Err(e) => {
                 self.run_undo(capsule, undo);
-                if new_claim {
-                    if let Err(re) = self.slots.release(capsule) {
-                        warn!(capsule = %capsule, error = &re as &dyn std::error::Error, "release slot after failed setup");
-                    }
+                if new_claim && let Err(re) = self.slots.release(capsule) {
+                    warn!(capsule = %capsule, error = &re as &dyn std::error::Error, "release slot after failed setup");
                 }
                 Err(e)
             }
@@ -637,14 +634,15 @@ impl NetOps for LinuxNet {
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
         let mut errors = Vec::new();
         self.remove_resources(capsule, &mut errors);
-        if mode == Teardown::ReleaseSlot && errors.is_empty() {
-            if let Err(source) = self.slots.release(capsule) {
-                errors.push(Error::SlotClaim {
-                    action: "remove",
-                    capsule: capsule.clone(),
-                    source,
-                });
-            }
+        if mode == Teardown::ReleaseSlot
+            && errors.is_empty()
+            && let Err(source) = self.slots.release(capsule)
+        {
+            errors.push(Error::SlotClaim {
+                action: "remove",
+                capsule: capsule.clone(),
+                source,
+            });
         }
         let count = errors.len();
         match errors.into_iter().next() {
@@ -673,14 +671,15 @@ impl NetOps for LinuxNet {
             };
             let mut links = 0;
             for (_, name, _) in nl.links().map_err(list)? {
-                if name.starts_with(&ours) && !kept.contains(&name) {
-                    if nl.del_link(&name).map_err(|source| Error::DeleteLink {
+                if name.starts_with(&ours)
+                    && !kept.contains(&name)
+                    && nl.del_link(&name).map_err(|source| Error::DeleteLink {
                         device: name.clone(),
                         netns: netns.clone(),
                         source,
-                    })? {
-                        links += 1;
-                    }
+                    })?
+                {
+                    links += 1;
                 }
             }
             let tables_err = |action| {
@@ -696,13 +695,13 @@ impl NetOps for LinuxNet {
                 // The node table itself is ours to keep: ensure_node
                 // replaces it atomically.
                 let node_table = family == 2 && name == PREFIX;
-                if name.starts_with(PREFIX) && !node_table {
-                    if nl
+                if name.starts_with(PREFIX)
+                    && !node_table
+                    && nl
                         .delete_table(family, &name)
                         .map_err(tables_err("delete"))?
-                    {
-                        tables += 1;
-                    }
+                {
+                    tables += 1;
                 }
             }
             let stale = |a: &IpAddr| match a {

@@ -418,14 +418,14 @@ impl Netlink {
                     _ => {}
                 }
             }
-            if let (Some(o), Some(r)) = (orig, rep) {
-                if let (Some(oa), Some(ra)) = (tuple_addrs(&o), tuple_addrs(&r)) {
-                    out.push(CtEntry {
-                        orig: oa,
-                        reply: ra,
-                        orig_tuple: o,
-                    });
-                }
+            if let (Some(o), Some(r)) = (orig, rep)
+                && let (Some(oa), Some(ra)) = (tuple_addrs(&o), tuple_addrs(&r))
+            {
+                out.push(CtEntry {
+                    orig: oa,
+                    reply: ra,
+                    orig_tuple: o,
+                });
             }
         }
         Ok(out)

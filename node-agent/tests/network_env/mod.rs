@@ -198,13 +198,18 @@ pub fn listen(ns: &Path, addr: Ipv4Addr) -> TcpListener {
 /// A TCP connection opened from inside `ns`; generous, for paths that
 /// must work even on a loaded machine.
 pub fn connect(ns: &Path, to: SocketAddr) -> io::Result<TcpStream> {
-    in_ns(ns, |_| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+    in_ns(ns, |_| {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })
 }
 
 /// Whether a connection from `ns` to `to` fails, with a shorter wait: a
 /// dropped SYN is never answered, so this waits the whole second.
 pub fn blocked(ns: &Path, to: SocketAddr) -> bool {
-    in_ns(ns, |_| TcpStream::connect_timeout(&to, Duration::from_secs(1))).is_err()
+    in_ns(ns, |_| {
+        TcpStream::connect_timeout(&to, Duration::from_secs(1))
+    })
+    .is_err()
 }
 
 /// Connects from `ns` to `to` and returns the source address `listener`
