@@ -2,6 +2,7 @@
 //! QEMU's own tools, loop devices reused and cleaned up, and dm-snapshot
 //! where the kernel has device-mapper. Everything a test creates is undone
 //! by guards, also when an assertion fails.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,172 @@
+//! Pulling an image from a registry into a local OCI layout with
+//! `oci-client`, so that registry and offline builds share one path. The
+//! manifest is chosen for this host's platform; every blob is checked
+//! against its digest before it is renamed into the layout, and blobs
+//! already present are not fetched again.
+
+use std::path::Path;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::Error;
+use super::oci::{Descriptor, Index, REF_NAME, digest_hex, sha256_digest};
+
+/// How to reach registries.
+#[derive(Clone, Debug, Default)]
+pub struct PullOptions {
+    /// Credentials.
+    pub auth: Option<(String, String)>,
+    /// Registries spoken to over plain HTTP (tests, local mirrors).
+    pub insecure_registries: Vec<String>,
+}
+
+fn pull_err(reference: &str) -> impl Fn(oci_client::errors::OciDistributionError) -> Error + '_ {
+    move |source| Error::Pull {
+        reference: reference.to_string(),
+        source: Box::new(source),
+    }
+}
+
+fn write_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::WriteLayout {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Pulls `reference` into the OCI layout at `dir` (created if needed) and
+/// returns the manifest digest. The layout's `index.json` then names that
+/// manifest, tagged with `reference`.
+pub async fn pull_to_layout(
+    reference: &str,
+    dir: &Path,
+    opts: &PullOptions,
+) -> Result<String, Error> {
+    let image: Reference = reference
+        .parse()
+        .map_err(|source| Error::InvalidReference {
+            reference: reference.to_string(),
+            source,
+        })?;
+    let client = Client::new(ClientConfig {
+        protocol: if opts.insecure_registries.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(opts.insecure_registries.clone())
+        },
+        ..Default::default()
+    });
+    let auth = match &opts.auth {
+        Some((user, pass)) => RegistryAuth::Basic(user.clone(), pass.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    // Resolves a multi-platform index to this host's manifest.
+    let (manifest, digest) = client
+        .pull_image_manifest(&image, &auth)
+        .await
+        .map_err(pull_err(reference))?;
+    let pinned = image.clone_with_digest(digest.clone());
+    let (raw, _) = client
+        .pull_manifest_raw(
+            &pinned,
+            &auth,
+            &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE],
+        )
+        .await
+        .map_err(pull_err(reference))?;
+    if sha256_digest(&raw) != digest {
+        return Err(Error::DigestMismatch {
+            digest,
+            actual: sha256_digest(&raw),
+        });
+    }
+    let blobs = dir.join("blobs/sha256");
+    tokio::fs::create_dir_all(&blobs)
+        .await
+        .map_err(write_err(&blobs))?;
+    let manifest_path = blobs.join(digest_hex(&digest)?);
+    tokio::fs::write(&manifest_path, &raw)
+        .await
+        .map_err(write_err(&manifest_path))?;
+
+    for desc in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
+        let path = blobs.join(digest_hex(&desc.digest)?);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            continue;
+        }
+        let tmp = blobs.join(format!("{}.partial", digest_hex(&desc.digest)?));
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(write_err(&tmp))?;
+        let pulled = client
+            .pull_blob(&pinned, desc, &mut file)
+            .await
+            .map_err(pull_err(reference));
+        let flushed = file.flush().await.map_err(write_err(&tmp));
+        drop(file);
+        if let Err(e) = pulled.and(flushed) {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        // oci-client checks digests too; checking the bytes on disk is
+        // what lets a later build trust the layout without re-hashing.
+        let actual = hash_file(&tmp).await.map_err(write_err(&tmp))?;
+        if actual != desc.digest {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(Error::DigestMismatch {
+                digest: desc.digest.clone(),
+                actual,
+            });
+        }
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(write_err(&path))?;
+    }
+
+    let index = Index {
+        schema_version: 2,
+        manifests: vec![Descriptor {
+            media_type: manifest
+                .media_type
+                .clone()
+                .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_string()),
+            digest: digest.clone(),
+            size: raw.len() as u64,
+            annotations: [(REF_NAME.to_string(), reference.to_string())].into(),
+            platform: None,
+        }],
+    };
+    let index_bytes = serde_json::to_vec_pretty(&index).map_err(|source| Error::ParseImage {
+        path: dir.join("index.json"),
+        source,
+    })?;
+    let layout = dir.join("oci-layout");
+    tokio::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .await
+        .map_err(write_err(&layout))?;
+    let index_path = dir.join("index.json");
+    tokio::fs::write(&index_path, index_bytes)
+        .await
+        .map_err(write_err(&index_path))?;
+    Ok(digest)
+}
+
+async fn hash_file(path: &Path) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{:x}", h.finalize()))
+}
