@@ -1,0 +1,525 @@
+//! Template disks from OCI images built in the test: a layout with
+//! whiteouts, opaque directories, links and ownership becomes an ext4
+//! image whose tree `debugfs` checks; hostile layers are refused by name
+//! and leave nothing in the cache; concurrent builds of one digest build
+//! once; a `docker save` tarball builds the same way.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use sha2::{Digest, Sha256};
+use wrenn_node_agent::images::{
+    Error, GUEST_PATH, ImageCache, LocalImage, TemplateDisk, TemplateRequest,
+};
+use wrenn_testkit::Tier;
+
+const MIB: u64 = 1 << 20;
+
+fn hdr(kind: tar::EntryType, mode: u32, uid: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(0);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+/// Builds one layer tar.
+struct LayerTar(tar::Builder<Vec<u8>>);
+
+impl Default for LayerTar {
+    fn default() -> Self {
+        Self(tar::Builder::new(Vec::new()))
+    }
+}
+
+impl LayerTar {
+    fn builder(&mut self) -> &mut tar::Builder<Vec<u8>> {
+        &mut self.0
+    }
+    fn dir(mut self, path: &str) -> Self {
+        let mut h = hdr(tar::EntryType::Directory, 0o755, 0);
+        self.builder().append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+    fn file(mut self, path: &str, data: &[u8], mode: u32, uid: u64) -> Self {
+        let mut h = hdr(tar::EntryType::Regular, mode, uid);
+        h.set_size(data.len() as u64);
+        self.builder().append_data(&mut h, path, data).unwrap();
+        self
+    }
+    fn link(mut self, kind: tar::EntryType, path: &str, target: &str) -> Self {
+        let mut h = hdr(kind, 0o777, 0);
+        self.builder().append_link(&mut h, path, target).unwrap();
+        self
+    }
+    fn finish(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> String {
+    let d = digest(bytes);
+    let p = dir.join("blobs/sha256").join(&d[7..]);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, bytes).unwrap();
+    d
+}
+
+/// Writes an OCI layout of `layers` (each `(bytes, gzipped)`) tagged
+/// `latest`; returns the manifest digest.
+fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)]) -> String {
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#;
+    let config_digest = put_blob(dir, config);
+    let layer_descs: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(bytes, gz)| {
+            let blob = if *gz { gzip(bytes) } else { bytes.clone() };
+            let d = put_blob(dir, &blob);
+            serde_json::json!({
+                "mediaType": if *gz {
+                    "application/vnd.oci.image.layer.v1.tar+gzip"
+                } else {
+                    "application/vnd.oci.image.layer.v1.tar"
+                },
+                "digest": d,
+                "size": blob.len(),
+            })
+        })
+        .collect();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    let manifest_digest = put_blob(dir, &manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "latest"},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    manifest_digest
+}
+
+/// The base layer and the layer with whiteouts the tree checks expect.
+fn good_layers() -> Vec<(Vec<u8>, bool)> {
+    let base = LayerTar::default()
+        .dir("etc")
+        .file("etc/hostname", b"old\n", 0o644, 0)
+        .file("etc/gone", b"remove me\n", 0o644, 0)
+        .dir("usr")
+        .dir("usr/bin")
+        .file("usr/bin/tool", b"#!/bin/sh\n", 0o4755, 1000)
+        .link(tar::EntryType::Link, "usr/bin/tool-again", "usr/bin/tool")
+        .link(tar::EntryType::Symlink, "bin", "usr/bin")
+        .link(tar::EntryType::Symlink, "etc/abs", "/usr/bin/tool")
+        .dir("var")
+        .dir("var/cache")
+        .file("var/cache/old", b"stale\n", 0o644, 0)
+        .dir("var/cache/sub")
+        .file("var/cache/sub/deep", b"stale\n", 0o644, 0)
+        .finish();
+    let top = LayerTar::default()
+        .file("etc/.wh.gone", b"", 0o644, 0)
+        .file("etc/hostname", b"capsule\n", 0o644, 0)
+        .file("var/cache/.wh..wh..opq", b"", 0o644, 0)
+        .file("var/cache/fresh", b"new\n", 0o600, 33)
+        .finish();
+    vec![(base, true), (top, false)]
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .unwrap();
+    // stderr first: it opens with debugfs's banner.
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    )
+}
+
+fn exists_in(image: &Path, path: &str) -> bool {
+    !debugfs(image, &format!("stat {path}")).contains("File not found")
+}
+
+fn need_tools(case: wrenn_testkit::Case) -> Option<wrenn_testkit::Case> {
+    if let Err(why) = wrenn_testkit::need_root() {
+        case.skip(format!("{why}: ownership in the image needs root"));
+        return None;
+    }
+    for prog in ["mkfs.ext4", "debugfs", "e2fsck"] {
+        if let Err(why) = wrenn_testkit::need_program(prog) {
+            case.skip(why);
+            return None;
+        }
+    }
+    Some(case)
+}
+
+fn guest_binary(dir: &Path) -> PathBuf {
+    let p = dir.join("wrenn-guest");
+    std::fs::write(&p, b"#!/bin/sh\necho wrenn-guest\n").unwrap();
+    p
+}
+
+fn leftovers(cache: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![cache.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".build-")
+                || name.starts_with(".archive-")
+                || name.ends_with(".ext4")
+            {
+                out.push(e.path().display().to_string());
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn check_tree(disk: &TemplateDisk) {
+    let img = &disk.path;
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    assert_eq!(
+        debugfs(img, "cat /etc/hostname").trim_end().lines().last(),
+        Some("capsule")
+    );
+    assert!(!exists_in(img, "/etc/gone"), "whiteout ignored");
+    assert!(exists_in(img, "/etc/hostname"));
+    // Opaque directory: lower contents gone, this layer's kept.
+    assert!(!exists_in(img, "/var/cache/old"));
+    assert!(!exists_in(img, "/var/cache/sub"));
+    assert!(exists_in(img, "/var/cache/fresh"));
+    // Ownership and set-id bits survive.
+    let tool = debugfs(img, "stat /usr/bin/tool");
+    assert!(tool.contains("User:  1000"), "{tool}");
+    assert!(tool.contains("Mode:  04755"), "{tool}");
+    assert!(tool.contains("Links: 2"), "hardlink lost: {tool}");
+    let fresh = debugfs(img, "stat /var/cache/fresh");
+    assert!(
+        fresh.contains("User:    33") || fresh.contains("User:  33"),
+        "{fresh}"
+    );
+    assert!(fresh.contains("Mode:  0600"), "{fresh}");
+    // Symlinks are kept as written, absolute ones too.
+    assert!(debugfs(img, "stat /bin").contains("Fast link dest: \"usr/bin\""));
+    assert!(debugfs(img, "stat /etc/abs").contains("Fast link dest: \"/usr/bin/tool\""));
+    // The guest agent is where the kernel command line expects it.
+    let guest = debugfs(img, &format!("stat {GUEST_PATH}"));
+    assert!(
+        guest.contains("Mode:  0755") && guest.contains("User:     0"),
+        "{guest}"
+    );
+    assert!(debugfs(img, &format!("cat {GUEST_PATH}")).contains("echo wrenn-guest"));
+    // Sparse at the requested size.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(img).unwrap();
+    assert_eq!(meta.len(), disk.size_bytes);
+    assert!(
+        meta.blocks() * 512 < disk.size_bytes / 4,
+        "not sparse: {} blocks",
+        meta.blocks()
+    );
+}
+
+#[test]
+fn oci_layout_becomes_a_checked_ext4_tree() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "oci_layout_becomes_a_checked_ext4_tree",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let manifest = write_layout(&layout, &good_layers());
+    let cache = ImageCache::open(dir.path().join("cache")).unwrap();
+    let req = TemplateRequest {
+        image: LocalImage::Layout {
+            dir: layout.clone(),
+            tag: Some("latest".into()),
+        },
+        guest_binary: guest_binary(dir.path()),
+        size_bytes: 256 * MIB,
+    };
+    let disk = cache.ensure_template(&req).unwrap();
+    assert!(disk.built);
+    assert_eq!(disk.manifest_digest, manifest);
+    assert!(
+        disk.path.starts_with(
+            dir.path()
+                .join("cache")
+                .join(format!("sha256-{}", &manifest[7..]))
+        )
+    );
+    check_tree(&disk);
+    // Cached: same file, not rebuilt.
+    let again = cache.ensure_template(&req).unwrap();
+    assert!(!again.built);
+    assert_eq!(again.path, disk.path);
+    // A different size is a different template file.
+    let bigger = cache
+        .ensure_template(&TemplateRequest {
+            size_bytes: 300 * MIB,
+            ..req.clone()
+        })
+        .unwrap();
+    assert!(bigger.built);
+    assert_ne!(bigger.path, disk.path);
+}
+
+#[test]
+fn hostile_layers_are_refused_by_name_and_leave_nothing() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "hostile_layers_are_refused_by_name_and_leave_nothing",
+    )) else {
+        return;
+    };
+    let hostile: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "symlink out, then write through it",
+            LayerTar::default()
+                .link(tar::EntryType::Symlink, "hostroot", "/")
+                .file("hostroot/tmp/wrenn-pwned", b"x", 0o644, 0)
+                .finish(),
+            "hostroot/tmp/wrenn-pwned",
+        ),
+        (
+            "relative symlink climbing out",
+            LayerTar::default()
+                .link(tar::EntryType::Symlink, "etc/up", "../../../../../etc")
+                .finish(),
+            "etc/up",
+        ),
+        (
+            "absolute symlink climbing out",
+            LayerTar::default()
+                .link(tar::EntryType::Symlink, "etc/abs-up", "/../../etc/shadow")
+                .finish(),
+            "etc/abs-up",
+        ),
+        (
+            "hardlink out",
+            LayerTar::default()
+                .link(tar::EntryType::Link, "etc/shadow-copy", "../../etc/shadow")
+                .finish(),
+            "etc/shadow-copy",
+        ),
+        (
+            "device node",
+            {
+                let mut t = LayerTar::default();
+                let mut h = hdr(tar::EntryType::Block, 0o600, 0);
+                h.set_device_major(8).unwrap();
+                h.set_device_minor(0).unwrap();
+                t.builder().append_data(&mut h, "dev/sda", &[][..]).unwrap();
+                t.finish()
+            },
+            "dev/sda",
+        ),
+    ];
+    for (what, layer, entry) in hostile {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("layout");
+        let mut layers = good_layers();
+        layers.push((layer, true));
+        write_layout(&layout, &layers);
+        let cache_dir = dir.path().join("cache");
+        let cache = ImageCache::open(&cache_dir).unwrap();
+        let err = cache
+            .ensure_template(&TemplateRequest {
+                image: LocalImage::Layout {
+                    dir: layout,
+                    tag: None,
+                },
+                guest_binary: guest_binary(dir.path()),
+                size_bytes: 64 * MIB,
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::UnsafeEntry { .. }), "{what}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(entry) && text.contains("sha256:"),
+            "{what}: {text}"
+        );
+        eprintln!("{what}: {text}");
+        assert!(
+            leftovers(&cache_dir).is_empty(),
+            "{what}: {:?}",
+            leftovers(&cache_dir)
+        );
+    }
+    assert!(!Path::new("/tmp/wrenn-pwned").exists());
+}
+
+#[test]
+fn concurrent_builds_of_one_digest_build_once() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "concurrent_builds_of_one_digest_build_once",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    write_layout(&layout, &good_layers());
+    let req = TemplateRequest {
+        image: LocalImage::Layout {
+            dir: layout,
+            tag: None,
+        },
+        guest_binary: guest_binary(dir.path()),
+        size_bytes: 128 * MIB,
+    };
+    let cache_dir = dir.path().join("cache");
+    let results: Vec<TemplateDisk> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                // Separate caches on one directory, as separate agents
+                // processes would have: the lock is the file, not a mutex.
+                let cache = ImageCache::open(&cache_dir).unwrap();
+                let req = req.clone();
+                s.spawn(move || cache.ensure_template(&req).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|d| d.built).count(), 1, "{results:?}");
+    assert!(results.iter().all(|d| d.path == results[0].path));
+    check_tree(&results[0]);
+}
+
+#[test]
+fn docker_save_tarball_builds_the_same_tree() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "docker_save_tarball_builds_the_same_tree",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Legacy `docker save` format: manifest.json naming layer tars.
+    let layers = good_layers();
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut names = Vec::new();
+    for (i, (bytes, _)) in layers.iter().enumerate() {
+        let name = format!("layer{i}/layer.tar");
+        let mut h = hdr(tar::EntryType::Regular, 0o644, 0);
+        h.set_size(bytes.len() as u64);
+        archive.append_data(&mut h, &name, &bytes[..]).unwrap();
+        names.push(name);
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": ["example/app:1"],
+        "Layers": names,
+    }]))
+    .unwrap();
+    for (name, data) in [
+        ("manifest.json", &manifest[..]),
+        ("config.json", &b"{}"[..]),
+    ] {
+        let mut h = hdr(tar::EntryType::Regular, 0o644, 0);
+        h.set_size(data.len() as u64);
+        archive.append_data(&mut h, name, data).unwrap();
+    }
+    let tarball = dir.path().join("image.tar");
+    std::fs::write(&tarball, archive.into_inner().unwrap()).unwrap();
+
+    let cache_dir = dir.path().join("cache");
+    let cache = ImageCache::open(&cache_dir).unwrap();
+    let disk = cache
+        .ensure_template(&TemplateRequest {
+            image: LocalImage::DockerArchive {
+                path: tarball,
+                tag: Some("example/app:1".into()),
+            },
+            guest_binary: guest_binary(dir.path()),
+            size_bytes: 128 * MIB,
+        })
+        .unwrap();
+    assert!(disk.built);
+    check_tree(&disk);
+    let left: Vec<_> = leftovers(&cache_dir)
+        .into_iter()
+        .filter(|p| !p.ends_with(".ext4"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn too_small_a_disk_is_a_clear_error() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "too_small_a_disk_is_a_clear_error",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let big = LayerTar::default()
+        .file("big", &vec![7u8; 3 * MIB as usize], 0o644, 0)
+        .finish();
+    write_layout(&layout, &[(big, true)]);
+    let cache_dir = dir.path().join("cache");
+    let err = ImageCache::open(&cache_dir)
+        .unwrap()
+        .ensure_template(&TemplateRequest {
+            image: LocalImage::Layout {
+                dir: layout,
+                tag: None,
+            },
+            guest_binary: guest_binary(dir.path()),
+            size_bytes: 2 * MIB,
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Mkfs { .. }), "{err}");
+    assert!(leftovers(&cache_dir).is_empty());
+}
