@@ -19,6 +19,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "generated files are current"
 cargo run -q --locked -p wrenn-crds --bin crdgen -- --check
+cargo run -q --locked -p wrenn-proto --example gen -- --check
 
 step "cargo test --workspace"
 report=$(mktemp); log=$(mktemp)
