@@ -5,6 +5,8 @@
 //! `tests/data/ch/`, and receives SCM_RIGHTS fds so we can check they are
 //! the files we sent. It exercises the transport, timeouts, error mapping
 //! and fd passing; it says nothing about CH's own behaviour.
+// Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};

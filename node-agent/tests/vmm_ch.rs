@@ -6,6 +6,8 @@
 //!
 //! Skips, naming what is missing, when the variable is unset, when not
 //! root, or without /dev/kvm.
+// Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
 #![allow(unsafe_code)] // only the TUNSETIFF ioctl in `tap` below
 
 use std::os::fd::{AsFd, OwnedFd};

@@ -12,6 +12,8 @@
 //! Where the spec and CH disagree we follow CH (notes §16); each deviation
 //! is patched into the spec copy by [`apply_documented_deviations`] with
 //! the reason next to it.
+// Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use jsonschema::Validator;
 use serde_json::{Value, json};

@@ -4,6 +4,8 @@
 //! fresh sysfs, the cgroup limits, that the child outlives the process that
 //! spawned it, adoption with the pid-reuse guard, and the crash watcher.
 //! Everything is removed by guards, also when an assertion fails.
+// Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
