@@ -227,6 +227,25 @@ impl Applier<'_> {
         Ok(())
     }
 
+    /// Whether every parent of `rel` is a real directory; `false` when one
+    /// is missing. Symlinks and files on the way are refused.
+    fn parents_exist(&self, raw: &Path, rel: &Path) -> Result<bool, Error> {
+        let mut prefix = PathBuf::new();
+        for c in rel.parent().into_iter().flat_map(Path::components) {
+            prefix.push(c);
+            match fs::symlink_metadata(self.root.join(&prefix)) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.refuse(raw, Refusal::ThroughSymlink(prefix)));
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(self.refuse(raw, Refusal::ParentNotDir(prefix))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(self.io(raw)(e)),
+            }
+        }
+        Ok(true)
+    }
+
     /// Removes whatever is at `rel` (not following symlinks).
     fn remove_existing(&self, raw: &Path, rel: &Path) -> Result<bool, Error> {
         let abs = self.root.join(rel);
@@ -285,9 +304,12 @@ impl Applier<'_> {
             // The root itself: nothing to create.
             return Ok(());
         }
-        self.ensure_parents(&raw, &rel)?;
-
         if let Some(w) = plan_whiteout(&rel) {
+            // A whiteout under a directory that does not exist hides
+            // nothing, and must not create it.
+            if !self.parents_exist(&raw, &rel)? {
+                return Ok(());
+            }
             match w {
                 Whiteout::Remove(target) => {
                     if !self.created.contains(&target) && self.remove_existing(&raw, &target)? {
@@ -299,6 +321,7 @@ impl Applier<'_> {
             }
             return Ok(());
         }
+        self.ensure_parents(&raw, &rel)?;
 
         let header = entry.header();
         let mode = header.mode().map_err(self.io(&raw))? & 0o7777;
@@ -560,6 +583,9 @@ mod tests {
             // A whiteout in a layer never hides that layer's own file.
             file(b, "etc/mine", b"m");
             file(b, "etc/.wh.mine", b"");
+            // Whiteouts under a missing directory create nothing.
+            file(b, "opt/none/.wh.x", b"");
+            file(b, "srv/.wh..wh..opq", b"");
         });
         apply_layer(r, &l1[..], "l1").unwrap();
         let stats = apply_layer(r, &l2[..], "l2").unwrap();
@@ -571,6 +597,7 @@ mod tests {
         assert!(!r.join("var/cache/a").exists());
         assert!(r.join("var/cache/sub").is_dir());
         assert!(!r.join("var/cache/sub/b").exists());
+        assert!(!r.join("opt").exists() && !r.join("srv").exists());
         assert_eq!(stats.whiteouts, 3);
     }
 
