@@ -627,3 +627,129 @@ async fn a_success_with_a_bad_body_is_a_decode_error() {
         "{err:?}"
     );
 }
+
+mod chvmm {
+    //! `ChVmm`'s own rules on top of single calls, against the fake server.
+    use super::*;
+    use wrenn_node_agent::vmm::cgroup::CgroupRoot;
+    use wrenn_node_agent::vmm::process::{HostPaths, ProcessIdentity};
+    use wrenn_node_agent::vmm::{ChVmm, Vmm, VmmHandle};
+
+    fn vmm(major: u32, dir: &Path) -> ChVmm {
+        std::fs::write(dir.join("cgroup.controllers"), "cpu memory").unwrap();
+        ChVmm::with_version(
+            Path::new("/nonexistent/cloud-hypervisor"),
+            ChVersion {
+                major,
+                minor: 0,
+                raw: format!("v{major}.0"),
+            },
+            HostPaths {
+                proc_root: "/proc".into(),
+                state_dir: dir.to_path_buf(),
+            },
+            CgroupRoot::detect(dir, "wrenn").unwrap(),
+        )
+    }
+
+    fn handle(ch: &FakeCh) -> VmmHandle {
+        VmmHandle {
+            capsule: "capsule-a".into(),
+            api_socket: ch.socket.clone(),
+            event_file: ch.socket.with_file_name("events.json"),
+            process: ProcessIdentity {
+                pid: 0,
+                start_time_ticks: 0,
+            },
+            memory_bytes: 256 << 20,
+        }
+    }
+
+    fn paths(seen: &[Seen]) -> Vec<String> {
+        seen.iter().map(|s| path_of(s).to_string()).collect()
+    }
+
+    fn restore_cfg() -> RestoreConfig {
+        RestoreConfig {
+            source_url: "file:///s".into(),
+            prefault: None,
+            memory_restore_mode: None,
+            resume: None,
+            net_fds: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_boot_is_followed_by_delete() {
+        let body = fixture("error_boot_kernel.json");
+        let ch = FakeCh::start(move |s| {
+            if path_of(s).ends_with("vm.boot") {
+                Reply::ok(500, &body)
+            } else {
+                Reply::no_content()
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let err = vmm(53, dir.path()).boot(&handle(&ch)).await.unwrap_err();
+        assert_eq!(err.api_kind(), Some(ErrorKind::Failed));
+        assert_eq!(paths(&ch.take()), ["/api/v1/vm.boot", "/api/v1/vm.delete"]);
+    }
+
+    #[tokio::test]
+    async fn a_restore_that_does_not_end_paused_is_refused_and_deleted() {
+        let running = fixture("vm_info_running.json");
+        let ch = FakeCh::start(move |s| {
+            if path_of(s).ends_with("vm.info") {
+                Reply::ok(200, &running)
+            } else {
+                Reply::no_content()
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let err = vmm(53, dir.path())
+            .restore(&handle(&ch), &restore_cfg(), &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::UnexpectedState {
+                    expected: VmState::Paused,
+                    found: VmState::Running,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            paths(&ch.take()),
+            ["/api/v1/vm.restore", "/api/v1/vm.info", "/api/v1/vm.delete"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_is_deleted_only_before_v44() {
+        for (major, expect_delete) in [(43, true), (53, false)] {
+            let body = fixture("error_bad_request.json");
+            let ch = FakeCh::start(move |s| {
+                if path_of(s).ends_with("vm.restore") {
+                    Reply::ok(400, &body)
+                } else {
+                    Reply::no_content()
+                }
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let err = vmm(major, dir.path())
+                .restore(&handle(&ch), &restore_cfg(), &[])
+                .await
+                .unwrap_err();
+            assert_eq!(err.api_kind(), Some(ErrorKind::InvalidRequest));
+            let seen = paths(&ch.take());
+            assert_eq!(
+                seen.contains(&"/api/v1/vm.delete".to_string()),
+                expect_delete,
+                "v{major}: {seen:?}"
+            );
+        }
+    }
+}

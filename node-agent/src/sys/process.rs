@@ -310,6 +310,16 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(SpawnStep::Stdio);
             }
         }
+        // Any descriptor the agent (or a library in it) opened without
+        // O_CLOEXEC must not leak into the VMM: mark everything above
+        // stdio close-on-exec (Linux 5.11+; older kernels keep the
+        // per-fd flags), then clear it again on the inherited ones.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         for i in 0..(*plan).n_inherit {
             let fd = *(*plan).inherit.add(i);
             let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -671,6 +681,49 @@ mod tests {
         })
         .unwrap();
         assert_eq!(status, ExitStatus::Exited(7));
+    }
+
+    #[test]
+    fn only_listed_fds_are_inherited() {
+        // A descriptor without O_CLOEXEC, as a careless library might open.
+        let leaky = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let kept = tempfile::tempfile().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("fds");
+        let script = format!("ls /proc/self/fd > {}", out.display());
+        let args = [OsStr::new("-c"), OsStr::new(&script)];
+        let pid = spawn(&SpawnPlan {
+            program: std::path::Path::new("/bin/sh"),
+            args: &args,
+            env: &[],
+            new_session: false,
+            netns: None,
+            new_mount_ns_with_sysfs: false,
+            cgroup_procs: &[],
+            stdio: [None, None, None],
+            inherit: &[kept.as_fd()],
+        })
+        .unwrap();
+        let pidfd = Pidfd::open(pid).unwrap();
+        wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "exit", || {
+            pidfd
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .ok_or("running".to_string())
+        })
+        .unwrap();
+        let fds: Vec<i32> = std::fs::read_to_string(&out)
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        assert!(fds.contains(&kept.as_raw_fd()), "{fds:?}");
+        assert!(!fds.contains(&leaky.as_raw_fd()), "{fds:?}");
     }
 
     #[test]

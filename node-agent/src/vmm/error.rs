@@ -24,6 +24,19 @@ pub enum Error {
         #[source]
         source: ApiError,
     },
+    /// A call succeeded but `vm.info` then showed the wrong state (e.g. a
+    /// restore that did not leave the VM paused); the VM was deleted.
+    #[error("VM of capsule {capsule} is {found:?} after {after}, expected {expected:?}")]
+    UnexpectedState {
+        /// The capsule.
+        capsule: String,
+        /// The call that should have produced `expected`.
+        after: Action,
+        /// The state it should be in.
+        expected: super::ch::api::VmState,
+        /// The state it is in.
+        found: super::ch::api::VmState,
+    },
     /// Running `<binary> --version` failed.
     #[error("run {} --version", binary.display())]
     DetectVersion {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use super::ch::api::{
     Action, DiskConfig, NetConfig, PciDeviceInfo, RestoreConfig, VmConfig, VmCounters, VmInfo,
-    VmState, VmmPingResponse,
+    VmResize, VmState, VmmPingResponse,
 };
 use super::ch::{ApiError, ErrorKind};
 use super::process::{ProcessIdentity, VmmExit};
@@ -283,11 +283,16 @@ impl Vmm for FakeVmm {
     }
 
     async fn boot(&self, vm: &VmmHandle) -> Result<(), Error> {
-        self.api(vm, Action::VmBoot, 0, |v| {
+        let result = self.api(vm, Action::VmBoot, 0, |v| {
             need(v, &[VmState::Created])?;
             v.state = Some(VmState::Running);
             Ok(())
-        })
+        });
+        if result.is_err() {
+            // As ChVmm does: a failed boot is followed by vm.delete.
+            let _ = self.delete(vm).await;
+        }
+        result
     }
 
     async fn pause(&self, vm: &VmmHandle) -> Result<(), Error> {
@@ -308,6 +313,20 @@ impl Vmm for FakeVmm {
 
     async fn snapshot(&self, vm: &VmmHandle, _dir: &Path) -> Result<(), Error> {
         self.api(vm, Action::VmSnapshot, 0, |v| need(v, &[VmState::Paused]))
+    }
+
+    async fn resize(&self, vm: &VmmHandle, _resize: &VmResize) -> Result<(), Error> {
+        self.api(vm, Action::VmResize, 0, |v| {
+            need(v, &[VmState::Running, VmState::Paused])
+        })
+    }
+
+    async fn shutdown_vm(&self, vm: &VmmHandle) -> Result<(), Error> {
+        self.api(vm, Action::VmShutdown, 0, |v| {
+            need(v, &[VmState::Running, VmState::Paused])?;
+            v.state = Some(VmState::Created);
+            Ok(())
+        })
     }
 
     async fn restore(

@@ -26,7 +26,7 @@ pub use fake::{FakeCall, FakeVmm};
 use cgroup::{CgroupLimits, CgroupRoot};
 use ch::api::{
     DiskConfig, NetConfig, PciDeviceInfo, RestoreConfig, VmConfig, VmCounters, VmInfo,
-    VmRemoveDevice, VmSnapshotConfig, VmmPingResponse, build_file_url, endpoint,
+    VmRemoveDevice, VmResize, VmSnapshotConfig, VmState, VmmPingResponse, build_file_url, endpoint,
 };
 use ch::{ChClient, ChVersion, Timeouts};
 use process::{HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess};
@@ -95,7 +95,9 @@ pub trait Vmm: Send + Sync {
         vm: &VmmHandle,
         id: &str,
     ) -> impl Future<Output = Result<(), Error>> + Send;
-    /// `vm.boot`.
+    /// `vm.boot`. A failed boot leaves a half-built VM in CH (notes §5), so
+    /// the VM is deleted before the error is returned; create again to
+    /// retry.
     fn boot(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
     /// `vm.pause`.
     fn pause(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
@@ -107,7 +109,19 @@ pub trait Vmm: Send + Sync {
         vm: &VmmHandle,
         dir: &Path,
     ) -> impl Future<Output = Result<(), Error>> + Send;
-    /// `vm.restore` with new TAP fds in `net_fds` order.
+    /// `vm.resize` (vCPUs, RAM or balloon).
+    fn resize(
+        &self,
+        vm: &VmmHandle,
+        resize: &VmResize,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.shutdown`: vCPUs stopped, config kept (`Created` again).
+    fn shutdown_vm(&self, vm: &VmmHandle) -> impl Future<Output = Result<(), Error>> + Send;
+    /// `vm.restore` with new TAP fds in `net_fds` order. Returns only once
+    /// `vm.info` confirms the expected state (`Paused`, or `Running` with
+    /// `resume`): a broken restore must not register a zombie VM
+    /// (wrenn-go-notes §11 #13). Before v44 a failed restore is deleted
+    /// here; later CH does that itself.
     fn restore(
         &self,
         vm: &VmmHandle,
@@ -322,7 +336,15 @@ impl Vmm for ChVmm {
     }
 
     async fn boot(&self, vm: &VmmHandle) -> Result<(), Error> {
-        self.client(vm).call::<endpoint::VmBoot>(&()).await
+        let client = self.client(vm);
+        let result = client.call::<endpoint::VmBoot>(&()).await;
+        if let Err(e) = &result
+            && e.api_kind() != Some(ch::ErrorKind::Unreachable)
+        {
+            // Best effort: the boot error is what the caller needs to see.
+            let _ = client.call::<endpoint::VmDelete>(&()).await;
+        }
+        result
     }
 
     async fn pause(&self, vm: &VmmHandle) -> Result<(), Error> {
@@ -340,15 +362,48 @@ impl Vmm for ChVmm {
         self.client(vm).call::<endpoint::VmSnapshot>(&body).await
     }
 
+    async fn resize(&self, vm: &VmmHandle, resize: &VmResize) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmResize>(resize).await
+    }
+
+    async fn shutdown_vm(&self, vm: &VmmHandle) -> Result<(), Error> {
+        self.client(vm).call::<endpoint::VmShutdown>(&()).await
+    }
+
     async fn restore(
         &self,
         vm: &VmmHandle,
         config: &RestoreConfig,
         net_fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        self.client(vm)
+        let client = self.client(vm);
+        if let Err(e) = client
             .call_with_fds::<endpoint::VmRestore>(config, net_fds)
             .await
+        {
+            if !self.version.cleans_failed_restore()
+                && e.api_kind() != Some(ch::ErrorKind::Unreachable)
+            {
+                let _ = client.call::<endpoint::VmDelete>(&()).await;
+            }
+            return Err(e);
+        }
+        let expected = if config.resume == Some(true) {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        let found = client.call::<endpoint::VmInfo>(&()).await?.state;
+        if found != expected {
+            let _ = client.call::<endpoint::VmDelete>(&()).await;
+            return Err(Error::UnexpectedState {
+                capsule: vm.capsule.clone(),
+                after: ch::Action::VmRestore,
+                expected,
+                found,
+            });
+        }
+        Ok(())
     }
 
     async fn info(&self, vm: &VmmHandle) -> Result<VmInfo, Error> {

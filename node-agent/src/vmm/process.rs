@@ -145,11 +145,18 @@ pub fn spawn_supervised(
         stdio: [None, Some(log.as_fd()), Some(log.as_fd())],
         inherit: &req.inherit,
     };
-    let pid = sys::spawn(&plan).map_err(|source| Error::SpawnVmm {
-        capsule: capsule.to_string(),
-        program: req.program.to_path_buf(),
-        source,
-    })?;
+    let pid = match sys::spawn(&plan) {
+        Ok(pid) => pid,
+        Err(source) => {
+            // Undo the cgroup made for it; the child never ran in it.
+            let _ = cgroup.remove();
+            return Err(Error::SpawnVmm {
+                capsule: capsule.to_string(),
+                program: req.program.to_path_buf(),
+                source,
+            });
+        }
+    };
     // Our child, not reaped: the pid cannot have been reused yet.
     let pidfd = Pidfd::open(pid).map_err(|source| Error::Process {
         capsule: capsule.to_string(),
