@@ -389,3 +389,28 @@ fn dm_snapshot_writes_never_change_the_base() {
     assert!(loops_on(dir.path()).is_empty(), "loops left behind");
     assert_eq!(sha256_file(&base), before);
 }
+
+#[test]
+fn auto_detection_picks_what_the_host_has() {
+    let _case = wrenn_testkit::case(Tier::Host, "auto_detection_picks_what_the_host_has");
+    use wrenn_node_agent::storage::{Backend, BackendChoice, open_store};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StorageConfig::new(dir.path().join("disks"));
+    let dm = detect_device_mapper(&cfg);
+    if dm.is_ok() && wrenn_testkit::need_root().is_err() {
+        // Opening device-mapper needs root; nothing more to check here.
+        return;
+    }
+    let store = open_store(BackendChoice::Auto, cfg.clone()).unwrap();
+    let want = if dm.is_ok() {
+        Backend::DmSnapshot
+    } else {
+        Backend::Qcow2
+    };
+    assert_eq!(store.backend(), want);
+    if let Err(why) = dm {
+        let err = open_store(BackendChoice::Fixed(Backend::DmSnapshot), cfg).unwrap_err();
+        assert!(matches!(err, Error::BackendUnavailable { .. }), "{err}");
+        assert!(err.to_string().contains(&why), "{err}");
+    }
+}
