@@ -225,7 +225,7 @@ fn main() {
     let _ = Command::new("ip")
         .args(["netns", "del", &netns_name])
         .status();
-    for c in ["cpu", "memory", ""] {
+    for c in ["cpu", "memory", "cpuacct", ""] {
         let _ = std::fs::remove_dir(cgroup_mount.join(c).join(&parent));
     }
     let _ = std::fs::remove_dir_all(&state);

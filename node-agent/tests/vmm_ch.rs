@@ -94,7 +94,7 @@ impl Drop for Cleanup {
                 let _ = cg.remove();
             }
         }
-        for c in ["cpu", "memory", ""] {
+        for c in ["cpu", "memory", "cpuacct", ""] {
             let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&self.parent));
         }
     }

@@ -141,7 +141,7 @@ impl Drop for Env {
             }
         }
         let parents: Vec<PathBuf> = match self.cgroups.version() {
-            CgroupVersion::V1 => ["cpu", "memory"]
+            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
                 .iter()
                 .map(|c| Path::new(CGROUP_MOUNT).join(c).join(&self.parent))
                 .collect(),
@@ -266,6 +266,10 @@ fn spawn_enters_netns_mount_ns_and_cgroup_with_limits() {
             );
         }
     }
+
+    // Usage is readable for metrics (v1: from cpuacct where it is separate).
+    p.cgroup().cpu_usage_ns().unwrap();
+    assert!(p.cgroup().memory_bytes().unwrap() > 0);
 
     // Stopping removes the cgroup.
     let rt = tokio::runtime::Builder::new_current_thread()

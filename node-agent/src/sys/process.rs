@@ -685,17 +685,21 @@ mod tests {
 
     #[test]
     fn only_listed_fds_are_inherited() {
+        let dir = tempfile::tempdir().unwrap();
         // A descriptor without O_CLOEXEC, as a careless library might open.
         let leaky = nix::fcntl::open(
-            "/dev/null",
-            nix::fcntl::OFlag::O_RDONLY,
-            nix::sys::stat::Mode::empty(),
+            &dir.path().join("leaky"),
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CREAT,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
         )
         .unwrap();
-        let kept = tempfile::tempfile().unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        let kept = std::fs::File::create(dir.path().join("kept")).unwrap();
         let out = dir.path().join("fds");
-        let script = format!("ls /proc/self/fd > {}", out.display());
+        // The shell lists its own descriptors with their targets.
+        let script = format!(
+            "for f in /proc/$$/fd/*; do echo \"${{f##*/}} $(readlink $f)\"; done > {}",
+            out.display()
+        );
         let args = [OsStr::new("-c"), OsStr::new(&script)];
         let pid = spawn(&SpawnPlan {
             program: std::path::Path::new("/bin/sh"),
@@ -717,13 +721,14 @@ mod tests {
                 .ok_or("running".to_string())
         })
         .unwrap();
-        let fds: Vec<i32> = std::fs::read_to_string(&out)
-            .unwrap()
-            .split_whitespace()
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        assert!(fds.contains(&kept.as_raw_fd()), "{fds:?}");
-        assert!(!fds.contains(&leaky.as_raw_fd()), "{fds:?}");
+        let listing = std::fs::read_to_string(&out).unwrap();
+        let expect = format!("{} {}", kept.as_raw_fd(), dir.path().join("kept").display());
+        assert!(listing.lines().any(|l| l == expect), "{listing}");
+        assert!(
+            !listing.lines().any(|l| l.ends_with("/leaky")),
+            "fd {} leaked: {listing}",
+            leaky.as_raw_fd()
+        );
     }
 
     #[test]

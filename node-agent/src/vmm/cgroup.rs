@@ -84,12 +84,27 @@ impl CgroupRoot {
     /// The directories of capsule `name`, one per hierarchy.
     pub fn dirs(&self, name: &str) -> Vec<PathBuf> {
         match self.version {
-            CgroupVersion::V1 => ["cpu", "memory"]
-                .iter()
-                .map(|c| self.mount.join(c).join(&self.parent).join(name))
-                .collect(),
+            CgroupVersion::V1 => {
+                let mut dirs: Vec<PathBuf> = ["cpu", "memory"]
+                    .iter()
+                    .map(|c| self.mount.join(c).join(&self.parent).join(name))
+                    .collect();
+                if self.separate_cpuacct() {
+                    dirs.push(self.mount.join("cpuacct").join(&self.parent).join(name));
+                }
+                dirs
+            }
             CgroupVersion::V2 => vec![self.mount.join(&self.parent).join(name)],
         }
+    }
+
+    /// Whether v1 `cpuacct` (CPU usage) is a hierarchy of its own rather
+    /// than co-mounted with `cpu` (`cpu,cpuacct` with symlinks).
+    fn separate_cpuacct(&self) -> bool {
+        let acct = self.mount.join("cpuacct");
+        acct.is_dir()
+            && std::fs::canonicalize(&acct).ok()
+                != std::fs::canonicalize(self.mount.join("cpu")).ok()
     }
 
     /// Creates (or adopts) capsule `name`'s cgroup and writes `limits`.
@@ -209,16 +224,58 @@ impl CapsuleCgroup {
 
     /// Pids in the cgroup (from the memory hierarchy on v1).
     pub fn pids(&self) -> Result<Vec<i32>, Error> {
-        let path = self.procs_files().pop().ok_or_else(|| Error::CgroupIo {
-            path: PathBuf::new(),
-            source: std::io::Error::other("cgroup has no directories"),
-        })?;
+        let dir = match self.version {
+            CgroupVersion::V1 => self.dirs.get(1),
+            CgroupVersion::V2 => self.dirs.first(),
+        };
+        let path = dir
+            .map(|d| d.join("cgroup.procs"))
+            .ok_or_else(|| Error::CgroupIo {
+                path: PathBuf::new(),
+                source: std::io::Error::other("cgroup has no directories"),
+            })?;
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => return Err(Error::CgroupIo { path, source }),
         };
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// CPU time used by the cgroup in nanoseconds: v1 `cpuacct.usage` (from
+    /// the `cpuacct` hierarchy, or the co-mounted `cpu` one), v2
+    /// `cpu.stat` `usage_usec`.
+    pub fn cpu_usage_ns(&self) -> Result<u64, Error> {
+        match self.version {
+            CgroupVersion::V1 => {
+                let dir = self.dirs.get(2).unwrap_or(&self.dirs[0]);
+                read_u64(&dir.join("cpuacct.usage"))
+            }
+            CgroupVersion::V2 => {
+                let path = self.dirs[0].join("cpu.stat");
+                let text = read(&path)?;
+                text.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|us| us.saturating_mul(1000))
+                    .ok_or_else(|| Error::CgroupIo {
+                        path,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "no usage_usec",
+                        ),
+                    })
+            }
+        }
+    }
+
+    /// Memory charged to the cgroup in bytes (RSS plus page cache): v1
+    /// `memory.usage_in_bytes`, v2 `memory.current`.
+    pub fn memory_bytes(&self) -> Result<u64, Error> {
+        match self.version {
+            CgroupVersion::V1 => read_u64(&self.dirs[1].join("memory.usage_in_bytes")),
+            CgroupVersion::V2 => read_u64(&self.dirs[0].join("memory.current")),
+        }
     }
 
     /// Removes the directories; the cgroup must be empty. Missing ones are
@@ -256,6 +313,20 @@ fn is_cgroupfs(path: &Path) -> bool {
                 || s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC
         })
         .unwrap_or(false)
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::CgroupIo {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_u64(path: &Path) -> Result<u64, Error> {
+    read(path)?.trim().parse().map_err(|_| Error::CgroupIo {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an integer"),
+    })
 }
 
 fn create_dir(path: &Path) -> Result<(), Error> {
@@ -309,6 +380,31 @@ mod tests {
     }
 
     #[test]
+    fn v1_with_separate_cpuacct_reads_usage_there() {
+        let root = tempfile::tempdir().unwrap();
+        for c in ["cpu", "memory", "cpuacct"] {
+            std::fs::create_dir_all(root.path().join(c)).unwrap();
+        }
+        let cg = CgroupRoot::detect(root.path(), "wrenn").unwrap();
+        let capsule = cg
+            .ensure_capsule("c1", &CgroupLimits::build_for_vm(1, 0))
+            .unwrap();
+        assert_eq!(capsule.dirs().len(), 3);
+        std::fs::write(
+            root.path().join("cpuacct/wrenn/c1/cpuacct.usage"),
+            "123456\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.path().join("memory/wrenn/c1/memory.usage_in_bytes"),
+            "4096\n",
+        )
+        .unwrap();
+        assert_eq!(capsule.cpu_usage_ns().unwrap(), 123456);
+        assert_eq!(capsule.memory_bytes().unwrap(), 4096);
+    }
+
+    #[test]
     fn v2_limits_and_controllers() {
         let root = tempfile::tempdir().unwrap();
         std::fs::write(root.path().join("cgroup.controllers"), "cpu memory").unwrap();
@@ -326,6 +422,9 @@ mod tests {
             read(root.path().join("wrenn/cgroup.subtree_control")),
             "+cpu +memory"
         );
+        std::fs::write(dir.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n").unwrap();
+        let capsule = cg.open_capsule("c2");
+        assert_eq!(capsule.cpu_usage_ns().unwrap(), 1_500_000);
     }
 
     #[test]

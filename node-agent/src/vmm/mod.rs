@@ -46,7 +46,7 @@ pub struct StartSpec {
 
 /// A started VMM, as the supervisor journals it: enough to reach and adopt
 /// it after an agent restart.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmmHandle {
     /// Capsule name.
     pub capsule: String,

@@ -49,7 +49,7 @@ pub struct SpawnRequest<'a> {
 
 /// The identity of a VMM process that survives agent restarts (for the
 /// capsule journal): pid plus start time guards against pid reuse.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessIdentity {
     /// Pid.
     pub pid: i32,
