@@ -217,6 +217,24 @@ impl EventFile {
     }
 }
 
+impl EventFile {
+    /// Waits until at least one new event (or unreadable entry) has been
+    /// appended, checking every `poll`. A regular file gives no readiness
+    /// signal, so this polls; pair it with the process watcher to stop.
+    pub async fn next_batch(
+        &mut self,
+        poll: std::time::Duration,
+    ) -> std::io::Result<Vec<Result<Event, BadEvent>>> {
+        loop {
+            let batch = self.read_new().await?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +254,42 @@ mod tests {
         assert_eq!(got[0].timestamp.nanos, 249433292);
         assert_eq!(got[1].properties.as_ref().unwrap()["id"], "_disk0");
         assert_eq!(p.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tailed_file_yields_events_as_they_are_appended() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.json");
+        let mut tail = EventFile::new(&path);
+        assert!(
+            tail.read_new().await.unwrap().is_empty(),
+            "missing file is empty"
+        );
+        let mut f = std::fs::File::create(&path).unwrap();
+        let (first, second) = TWO.split_at(TWO.len() / 2 + 20);
+        f.write_all(first.as_bytes()).unwrap();
+        let got = tail
+            .next_batch(std::time::Duration::from_millis(5))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        f.write_all(second.as_bytes()).unwrap();
+        let got = tail
+            .next_batch(std::time::Duration::from_millis(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            got[0].as_ref().unwrap().properties.as_ref().unwrap()["id"],
+            "_disk0"
+        );
+        // CH truncates the file when a new VMM starts: read from the top.
+        std::fs::write(&path, &TWO[..TWO.len() / 2 + 20]).unwrap();
+        let got = tail
+            .next_batch(std::time::Duration::from_millis(5))
+            .await
+            .unwrap();
+        assert_eq!(got[0].as_ref().unwrap().kind(), EventKind::VmBooting);
     }
 
     #[test]
