@@ -210,7 +210,7 @@ fn main() {
         &ns_only,
     );
     report(
-        "  of which: cgroup mkdir + limits (v1: cpu, memory)",
+        "  of which: cgroup mkdir + limits (v1: cpu, memory, cpuacct)",
         &cgroup_only,
     );
     report(
