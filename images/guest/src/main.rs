@@ -1,16 +1,195 @@
 //! `wrenn-guest`: the one static binary inside a capsule's VM. As PID 1 it
-//! mounts the pseudo filesystems, reaps zombies, forwards signals and powers
-//! off cleanly; as the guest agent it serves `guest.proto` on vsock (exec,
-//! PTY, files, metrics). It knows nothing about Kubernetes.
+//! mounts the pseudo filesystems, sets the hostname, starts the agent (a
+//! child running this same binary), reaps zombies, forwards SIGTERM/SIGINT
+//! and powers off cleanly; as the guest agent it serves `guest.proto`
+//! (package `wrenn.guest.v1`) on vsock: Init, Exec, Pty, files, metrics,
+//! health and Quiesce. It knows nothing about Kubernetes.
 //!
-//! The agent lands with the guest issue; until then this binary says so.
+//! Modes:
+//! - `wrenn-guest` as PID 1 (or `--init`, which insists on being PID 1):
+//!   init, then the agent on `vsock:<--vsock-port>` with `--owns-os`.
+//! - `wrenn-guest --listen unix:/path` (or `vsock:1024`): the agent only.
+//!   Without `--owns-os` it never touches the clock, hostname or caches.
+//!
+//! Static build (the guest image has no libc):
+//! ```text
+//! cargo build --release -p wrenn-guest --target x86_64-unknown-linux-musl
+//! # where the musl target cannot be installed:
+//! RUSTFLAGS="-C target-feature=+crt-static" \
+//!   cargo build --release -p wrenn-guest --target x86_64-unknown-linux-gnu
+//! file target/x86_64-unknown-linux-musl/release/wrenn-guest   # "static-pie linked"
+//! ```
+//! Users are resolved from `/etc/passwd` directly, so no NSS module is
+//! needed at run time.
 
+mod exec;
+mod files;
+mod init;
+mod listen;
+mod metrics;
+mod process;
+mod pty;
+mod ratelimit;
+mod server;
+mod setup;
+mod sys;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
+use tokio_stream::wrappers::UnixListenerStream;
+use wrenn_proto::guest::v1::guest_agent_server::GuestAgentServer;
+
+use crate::listen::{Listen, Listener};
+
+/// PID 1 and guest agent inside a Wrenn capsule.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Run the PID-1 duties (needs to be PID 1; implied when it is).
+    #[arg(long)]
+    init: bool,
+    /// vsock port the agent listens on when --listen is not given.
+    #[arg(long, default_value_t = 1024)]
+    vsock_port: u32,
+    /// Where the agent listens: vsock:<port> or unix:<path>.
+    #[arg(long)]
+    listen: Option<Listen>,
+    /// The agent owns the guest OS: Init may set the clock and hostname,
+    /// Quiesce drops caches. Set by PID 1 for its agent child.
+    #[arg(long)]
+    owns_os: bool,
+    /// Largest file a read or write may move, in bytes.
+    #[arg(long, default_value_t = 4 << 30)]
+    max_file_bytes: u64,
+    /// PID 1: hostname until Init sets another.
+    #[arg(long, default_value = "capsule")]
+    hostname: String,
+    /// PID 1: where the filesystems are mounted.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+}
+
 fn main() -> ExitCode {
-    eprintln!(
-        "wrenn-guest {}: the guest agent is not implemented yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or(Listen::Vsock(args.vsock_port));
+    if args.init || nix::unistd::getpid().as_raw() == 1 {
+        let mut agent_args: Vec<OsString> = vec![
+            "--owns-os".into(),
+            "--listen".into(),
+            match &listen {
+                Listen::Vsock(port) => format!("vsock:{port}").into(),
+                Listen::Unix(path) => {
+                    let mut s = OsString::from("unix:");
+                    s.push(path);
+                    s
+                }
+            },
+        ];
+        agent_args.extend([
+            "--max-file-bytes".into(),
+            args.max_file_bytes.to_string().into(),
+        ]);
+        let config = init::InitConfig {
+            root: args.root.clone(),
+            hostname: args.hostname.clone(),
+            agent_args,
+        };
+        let Err(e) = init::run(&config);
+        tracing::error!(error = %server::chain(&e), "init failed");
+        return ExitCode::from(1);
+    }
+    let config = server::Config {
+        owns_os: args.owns_os,
+        max_file_bytes: args.max_file_bytes,
+        passwd: PathBuf::from("/etc/passwd"),
+        proc: PathBuf::from("/proc"),
+        random: PathBuf::from("/dev/random"),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "start the runtime");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(&listen, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %server::chain(e.as_ref()), "agent failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(listen: &Listen, config: server::Config) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = listen.bind()?;
+    tracing::info!(?listen, version = server::VERSION, "guest agent listening");
+    let service = GuestAgentServer::new(server::Agent::new(config));
+    let router = tonic::transport::Server::builder().add_service(service);
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    match listener {
+        Listener::Unix(l) => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                .await?;
+            if let Listen::Unix(path) = listen {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Listener::Vsock(l) => {
+            let incoming = async_stream_accept(l);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Accepted vsock connections as a stream for tonic.
+fn async_stream_accept(
+    l: listen::VsockListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<listen::VsockStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let conn = l.accept().await;
+            if let Err(e) = &conn {
+                warn_limited!(error = %e, "vsock accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+            if tx.send(conn).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -1,0 +1,178 @@
+//! The Exec RPC: one process in its own process group, stdin fed from the
+//! request stream, stdout and stderr streamed back, then how it ended.
+//! A timeout or a vanished caller kills the whole group.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use wrenn_proto::guest::v1::{ExecInput, ExecOutput, ExecStart, exec_input, exec_output};
+
+use crate::process;
+use crate::server::SpawnContext;
+
+/// Output chunk size; well under gRPC's 4 MiB message limit.
+const CHUNK: usize = 64 * 1024;
+/// How long output may keep flowing after the process exited (a background
+/// child can hold the pipes open).
+const DRAIN: Duration = Duration::from_secs(2);
+
+pub type OutputStream = ReceiverStream<Result<ExecOutput, Status>>;
+
+fn out(o: exec_output::Output) -> Result<ExecOutput, Status> {
+    Ok(ExecOutput { output: Some(o) })
+}
+
+/// Starts the process described by the stream's first message.
+pub async fn exec(
+    mut input: Streaming<ExecInput>,
+    ctx: SpawnContext,
+) -> Result<OutputStream, Status> {
+    let start = match input.message().await? {
+        Some(ExecInput {
+            input: Some(exec_input::Input::Start(start)),
+        }) => start,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first Exec message must be ExecStart",
+            ));
+        }
+    };
+    let ExecStart {
+        argv,
+        env,
+        cwd,
+        user,
+        timeout_ms,
+    } = start;
+    let user = process::resolve_user(&ctx.passwd, &user)?;
+    let env = process::build_env(user.as_ref(), &ctx.env, &env, None)?;
+    let mut cmd = process::build_command(&argv, &env, &cwd, user.as_ref())?;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| process::Error::Spawn {
+        program: argv[0].clone(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    tracing::debug!(pid, program = %argv[0], "exec started");
+
+    let (tx, rx) = mpsc::channel(32);
+    let _ = tx.try_send(out(exec_output::Output::StartedPid(pid)));
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let stdin = child.stdin.take();
+    tokio::spawn(async move {
+        let pumps = [
+            stdout.map(|r| tokio::spawn(pump(r, tx.clone(), exec_output::Output::Stdout))),
+            stderr.map(|r| tokio::spawn(pump(r, tx.clone(), exec_output::Output::Stderr))),
+        ];
+        let feeder = tokio::spawn(feed(input, stdin, pid));
+        let timeout = match timeout_ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        };
+        let ended = tokio::select! {
+            status = child.wait() => status.map(|s| (s, false)),
+            () = sleep(timeout) => {
+                let _ = process::signal_group(pid, libc::SIGKILL);
+                child.wait().await.map(|s| (s, true))
+            }
+            () = tx.closed() => {
+                // The caller is gone: nobody will read the result.
+                let _ = process::signal_group(pid, libc::SIGKILL);
+                let _ = child.wait().await;
+                feeder.abort();
+                return;
+            }
+        };
+        feeder.abort();
+        for mut pump in pumps.into_iter().flatten() {
+            if tokio::time::timeout(DRAIN, &mut pump).await.is_err() {
+                pump.abort();
+                crate::warn_limited!(pid, "exec output still open after exit; dropped");
+            }
+        }
+        let msg = match ended {
+            Ok((status, timed_out)) => out(exec_output::Output::Exit(process::to_exit(
+                status, timed_out,
+            ))),
+            Err(e) => Err(Status::internal(format!("wait for pid {pid}: {e}"))),
+        };
+        let _ = tx.send(msg).await;
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn sleep(d: Duration) {
+    match tokio::time::Instant::now().checked_add(d) {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    tx: mpsc::Sender<Result<ExecOutput, Status>>,
+    wrap: fn(Vec<u8>) -> exec_output::Output,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send(out(wrap(buf[..n].to_vec()))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn feed(
+    mut input: Streaming<ExecInput>,
+    mut stdin: Option<tokio::process::ChildStdin>,
+    pgid: u32,
+) {
+    loop {
+        let msg = match input.message().await {
+            Ok(Some(m)) => m,
+            // The caller half-closed (or broke) its side: no more stdin.
+            Ok(None) | Err(_) => {
+                drop(stdin.take());
+                // Keep honouring nothing else; the output side goes on.
+                return;
+            }
+        };
+        match msg.input {
+            Some(exec_input::Input::Stdin(data)) => {
+                if let Some(w) = stdin.as_mut()
+                    && w.write_all(&data).await.is_err()
+                {
+                    // The process closed its stdin; later input is dropped.
+                    stdin = None;
+                }
+            }
+            Some(exec_input::Input::CloseStdin(true)) => {
+                if let Some(mut w) = stdin.take() {
+                    let _ = w.shutdown().await;
+                }
+            }
+            Some(exec_input::Input::Signal(sig)) => {
+                if let Err(status) = process::signal_group(pgid, sig) {
+                    crate::warn_limited!(pgid, error = %status.message(), "exec signal refused");
+                }
+            }
+            Some(exec_input::Input::Start(_)) => {
+                crate::warn_limited!(pgid, "second ExecStart ignored");
+            }
+            Some(exec_input::Input::CloseStdin(false)) | None => {}
+        }
+    }
+}
