@@ -1,0 +1,649 @@
+//! `wrenn-guest` as a host process, over a Unix socket and the vsock
+//! handshake (tier 1).
+
+// Helpers outside #[test] fns unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request};
+use wrenn_proto::guest::v1::guest_agent_client::GuestAgentClient;
+use wrenn_proto::guest::v1::{
+    ExecExit, ExecInput, ExecStart, FileType, HealthRequest, InitRequest, MakeDirRequest,
+    MetricsRequest, PathRequest, PtyInput, PtySize, PtyStart, ReadFileRequest, RemoveRequest,
+    RenameRequest, WriteFileInput, WriteFileStart, exec_input, exec_output, pty_input, pty_output,
+    write_file_input,
+};
+use wrenn_testkit::{Tier, case};
+
+use common::Guest;
+
+const TOKEN: &str = "t0ken-for-tests";
+
+type Client = GuestAgentClient<tonic::transport::Channel>;
+
+fn authed<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+fn init_request() -> InitRequest {
+    InitRequest {
+        // No wall time: a host test must never step the host's clock.
+        unix_time_nanos: 0,
+        entropy: (0..64u8).collect(),
+        env: [("WRENN_TEST".to_string(), "yes".to_string())].into(),
+        hostname: String::new(),
+        access_token: TOKEN.to_string(),
+    }
+}
+
+async fn started() -> Guest {
+    let mut g = Guest::start(&[]).await;
+    g.client.init(init_request()).await.unwrap();
+    g
+}
+
+fn host_uname_r() -> String {
+    let out = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[derive(Debug, Default)]
+struct Ran {
+    pid: u32,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exit: Option<ExecExit>,
+}
+
+impl Ran {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+fn start_msg(argv: &[&str], timeout_ms: u64) -> ExecInput {
+    ExecInput {
+        input: Some(exec_input::Input::Start(ExecStart {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout_ms,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Runs `argv` with `stdin` (then EOF) and collects everything.
+async fn run(client: &mut Client, argv: &[&str], stdin: &[u8], timeout_ms: u64) -> Ran {
+    let mut msgs = vec![start_msg(argv, timeout_ms)];
+    if !stdin.is_empty() {
+        msgs.push(ExecInput {
+            input: Some(exec_input::Input::Stdin(stdin.to_vec())),
+        });
+    }
+    msgs.push(ExecInput {
+        input: Some(exec_input::Input::CloseStdin(true)),
+    });
+    let (tx, rx) = mpsc::channel(8);
+    for m in msgs {
+        tx.send(m).await.unwrap();
+    }
+    // Keep the request stream open (like an interactive caller) until the
+    // exit arrives.
+    let stream = client
+        .exec(authed(ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let ran = collect(stream).await;
+    drop(tx);
+    ran
+}
+
+async fn collect(mut stream: tonic::Streaming<wrenn_proto::guest::v1::ExecOutput>) -> Ran {
+    let mut ran = Ran::default();
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg.output.unwrap() {
+            exec_output::Output::StartedPid(p) => ran.pid = p,
+            exec_output::Output::Stdout(b) => ran.stdout.extend(b),
+            exec_output::Output::Stderr(b) => ran.stderr.extend(b),
+            exec_output::Output::Exit(e) => ran.exit = Some(e),
+        }
+    }
+    ran
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_then_every_call_needs_the_token() {
+    let _case = case(Tier::Host, "guest_init_then_token");
+    let mut g = Guest::start(&[]).await;
+    let h = g
+        .client
+        .health(HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!h.initialized);
+    assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
+    let e = g.client.metrics(MetricsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    let r = g.client.init(init_request()).await.unwrap().into_inner();
+    assert_eq!(r.kernel_release, host_uname_r());
+
+    let e = g.client.health(HealthRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let mut wrong = Request::new(HealthRequest {});
+    wrong
+        .metadata_mut()
+        .insert("authorization", "nope".parse().unwrap());
+    let e = g.client.health(wrong).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = g.client.init(init_request()).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "a second Init needs the token too"
+    );
+    let e = g
+        .client
+        .exec(tokio_stream::iter([start_msg(&["true"], 0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    let h = g
+        .client
+        .health(authed(HealthRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(h.initialized);
+    // A restore sends Init again, with the token.
+    g.client.init(authed(init_request())).await.unwrap();
+    // Too little entropy is refused.
+    let mut short = init_request();
+    short.entropy = vec![1; 8];
+    let e = g.client.init(authed(short)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_uname_matches_the_host_and_sees_init_env() {
+    let _case = case(Tier::Host, "guest_exec_uname");
+    let mut g = started().await;
+    let ran = run(&mut g.client, &["uname", "-r"], b"", 0).await;
+    assert_eq!(ran.out().trim(), host_uname_r());
+    assert_eq!(ran.exit.unwrap().code, Some(0));
+    assert!(ran.pid > 0);
+    let ran = run(
+        &mut g.client,
+        &["sh", "-c", "echo $WRENN_TEST; pwd"],
+        b"",
+        0,
+    )
+    .await;
+    assert_eq!(ran.out(), "yes\n/\n");
+    let e = g
+        .client
+        .exec(authed(tokio_stream::iter([start_msg(
+            &["/no/such/program"],
+            0,
+        )])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = g
+        .client
+        .exec(authed(tokio_stream::iter([start_msg(&[], 0)])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_pipeline_reads_stdin() {
+    let _case = case(Tier::Host, "guest_exec_pipeline");
+    let mut g = started().await;
+    let ran = run(
+        &mut g.client,
+        &["sh", "-c", "tr a-z A-Z | wc -c"],
+        b"hello world\n",
+        0,
+    )
+    .await;
+    assert_eq!(ran.out().trim(), "12");
+    let ran = run(&mut g.client, &["tr", "a-z", "A-Z"], b"hello world\n", 0).await;
+    assert_eq!(ran.out(), "HELLO WORLD\n");
+    assert_eq!(ran.exit.unwrap().code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_reports_exit_codes_signals_and_stderr() {
+    let _case = case(Tier::Host, "guest_exec_exit");
+    let mut g = started().await;
+    let ran = run(
+        &mut g.client,
+        &["sh", "-c", "echo oops >&2; exit 3"],
+        b"",
+        0,
+    )
+    .await;
+    assert_eq!(ran.stderr, b"oops\n");
+    let exit = ran.exit.unwrap();
+    assert_eq!(
+        (exit.code, exit.signal, exit.timed_out),
+        (Some(3), None, false)
+    );
+    let ran = run(&mut g.client, &["sh", "-c", "kill -TERM $$"], b"", 0).await;
+    assert_eq!(ran.exit.unwrap().signal, Some(libc::SIGTERM));
+
+    // A signal sent through the stream reaches the process group.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(start_msg(&["sleep", "30"], 0)).await.unwrap();
+    let mut out = g
+        .client
+        .exec(authed(ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = out.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.output,
+        Some(exec_output::Output::StartedPid(_))
+    ));
+    let t0 = Instant::now();
+    tx.send(ExecInput {
+        input: Some(exec_input::Input::Signal(libc::SIGKILL)),
+    })
+    .await
+    .unwrap();
+    let ran = collect(out).await;
+    assert_eq!(ran.exit.unwrap().signal, Some(libc::SIGKILL));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_timeout_kills_the_process_group() {
+    let _case = case(Tier::Host, "guest_exec_timeout");
+    let mut g = started().await;
+    let t0 = Instant::now();
+    let ran = run(
+        &mut g.client,
+        &["sh", "-c", "sleep 30 & sleep 30"],
+        b"",
+        300,
+    )
+    .await;
+    let exit = ran.exit.unwrap();
+    assert!(exit.timed_out);
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // The background sleep went with the group.
+    let pgid = nix::unistd::Pid::from_raw(-(ran.pid as i32));
+    wrenn_testkit::wait_until(Duration::from_secs(2), "process group gone", || {
+        match nix::sys::signal::kill(pgid, None) {
+            Err(nix::errno::Errno::ESRCH) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+}
+
+async fn pty_until(
+    out: &mut tonic::Streaming<wrenn_proto::guest::v1::PtyOutput>,
+    seen: &mut String,
+    want: &str,
+) -> Option<wrenn_proto::guest::v1::ExecExit> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, out.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} in pty output {seen:?}"))
+            .unwrap();
+        match msg.and_then(|m| m.output) {
+            Some(pty_output::Output::Data(d)) => seen.push_str(&String::from_utf8_lossy(&d)),
+            Some(pty_output::Output::Exit(e)) => return Some(e),
+            Some(pty_output::Output::StartedPid(_)) => {}
+            None => panic!("pty stream ended before {want:?}: {seen:?}"),
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_round_trip_with_resize() {
+    let _case = case(Tier::Host, "guest_pty_resize");
+    let mut g = started().await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(PtyInput {
+        input: Some(pty_input::Input::Start(PtyStart {
+            argv: vec!["sh".into()],
+            env: [("PS1".to_string(), "$ ".to_string())].into(),
+            size: Some(PtySize { rows: 24, cols: 80 }),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut out = g
+        .client
+        .pty(authed(ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let data = |s: &str| PtyInput {
+        input: Some(pty_input::Input::Data(s.as_bytes().to_vec())),
+    };
+    let mut seen = String::new();
+    tx.send(data("stty size; tty\n")).await.unwrap();
+    pty_until(&mut out, &mut seen, "24 80\r\n/dev/pts/").await;
+    tx.send(PtyInput {
+        input: Some(pty_input::Input::Resize(PtySize {
+            rows: 40,
+            cols: 100,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(data("stty size\n")).await.unwrap();
+    pty_until(&mut out, &mut seen, "40 100\r\n").await;
+    tx.send(data("exit 7\n")).await.unwrap();
+    let exit = pty_until(&mut out, &mut seen, "never printed")
+        .await
+        .unwrap();
+    assert_eq!(exit.code, Some(7));
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_msgs(path: &str, declared: u64, data: &[u8]) -> Vec<WriteFileInput> {
+    let mut msgs = vec![WriteFileInput {
+        input: Some(write_file_input::Input::Start(WriteFileStart {
+            path: path.to_string(),
+            mode: 0o640,
+            size: declared,
+            make_parents: true,
+        })),
+    }];
+    msgs.extend(data.chunks(256 * 1024).map(|c| WriteFileInput {
+        input: Some(write_file_input::Input::Data(c.to_vec())),
+    }));
+    msgs
+}
+
+async fn read_all(client: &mut Client, path: &str, max: u64) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = client
+        .read_file(authed(ReadFileRequest {
+            path: path.to_string(),
+            max_bytes: max,
+        }))
+        .await?
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        data.extend(chunk.data);
+    }
+    Ok(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_of_10_mib_round_trips_with_the_same_sha256() {
+    let _case = case(Tier::Host, "guest_file_10mib");
+    let mut g = started().await;
+    let data = pattern(10 << 20);
+    let path = g.dir.path().join("sub/dir/big.bin");
+    let path_s = path.to_str().unwrap().to_string();
+    let info = g
+        .client
+        .write_file(authed(tokio_stream::iter(write_msgs(
+            &path_s,
+            data.len() as u64,
+            &data,
+        ))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.size, 10 << 20);
+    assert_eq!(info.r#type, FileType::Regular as i32);
+    assert_eq!(info.mode & 0o7777, 0o640);
+    let back = read_all(&mut g.client, &path_s, 0).await.unwrap();
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
+    // A read limit below the size is refused.
+    let e = read_all(&mut g.client, &path_s, 1 << 20).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Nothing but the file is left in its directory (no temp files).
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["big.bin"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_directory_or_a_device_is_refused() {
+    let _case = case(Tier::Host, "guest_read_refusals");
+    let mut g = started().await;
+    let dir = g.dir.path().to_str().unwrap().to_string();
+    let e = read_all(&mut g.client, &dir, 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("is a directory, not a regular file"),
+        "{}",
+        e.message()
+    );
+    let e = read_all(&mut g.client, "/dev/null", 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("character device"), "{}", e.message());
+    let fifo = g.dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let e = read_all(&mut g.client, fifo.to_str().unwrap(), 0)
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("FIFO"), "{}", e.message());
+    let e = read_all(&mut g.client, &format!("{dir}/missing"), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = read_all(&mut g.client, "relative/path", 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_off_their_declared_size_are_refused_and_leave_nothing() {
+    let _case = case(Tier::Host, "guest_write_refusals");
+    let mut g = Guest::start(&["--max-file-bytes", "1048576"]).await;
+    g.client.init(init_request()).await.unwrap();
+    let out = g.dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let target = out.join("f").to_str().unwrap().to_string();
+
+    let e = g
+        .client
+        .write_file(authed(tokio_stream::iter(write_msgs(
+            &target, 10, &[7; 20],
+        ))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = g
+        .client
+        .write_file(authed(tokio_stream::iter(write_msgs(
+            &target, 30, &[7; 20],
+        ))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = g
+        .client
+        .write_file(authed(tokio_stream::iter(write_msgs(
+            &target,
+            2 << 20,
+            &[],
+        ))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "a partial or temp file was left"
+    );
+
+    // An existing file is replaced whole, never truncated in place.
+    std::fs::write(&target, b"old").unwrap();
+    let e = g
+        .client
+        .write_file(authed(tokio_stream::iter(write_msgs(&target, 5, &[1; 9]))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"old");
+    g.client
+        .write_file(authed(tokio_stream::iter(write_msgs(&target, 3, b"new"))))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directories_stat_list_rename_remove() {
+    let _case = case(Tier::Host, "guest_dir_ops");
+    let mut g = started().await;
+    let root = g.dir.path().join("tree");
+    let p = |s: &str| root.join(s).to_str().unwrap().to_string();
+    let info = g
+        .client
+        .make_dir(authed(MakeDirRequest {
+            path: p("a/b"),
+            mode: 0o750,
+            parents: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.r#type, FileType::Directory as i32);
+    let e = g
+        .client
+        .make_dir(authed(MakeDirRequest {
+            path: p("x/y"),
+            mode: 0,
+            parents: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    std::os::unix::fs::symlink("a", root.join("link")).unwrap();
+    let list = g
+        .client
+        .list_dir(authed(PathRequest { path: p("") }))
+        .await
+        .unwrap()
+        .into_inner();
+    let kinds: Vec<_> = list
+        .entries
+        .iter()
+        .map(|e| (e.path.clone(), e.r#type))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (p("a"), FileType::Directory as i32),
+            (p("link"), FileType::Symlink as i32)
+        ]
+    );
+    assert_eq!(list.entries[1].link_target, "a");
+    let moved = g
+        .client
+        .rename(authed(RenameRequest {
+            from: p("a"),
+            to: p("c"),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.path, p("c"));
+    let e = g
+        .client
+        .remove(authed(RemoveRequest {
+            path: p("c"),
+            recursive: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    g.client
+        .remove(authed(RemoveRequest {
+            path: p("c"),
+            recursive: true,
+        }))
+        .await
+        .unwrap();
+    let e = g
+        .client
+        .stat(authed(PathRequest { path: p("c") }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_are_sane() {
+    let _case = case(Tier::Host, "guest_metrics_health");
+    let mut g = started().await;
+    let m = g
+        .client
+        .metrics(authed(MetricsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(m.memory_total_bytes > 0);
+    assert_eq!(
+        m.memory_used_bytes,
+        m.memory_total_bytes - m.memory_available_bytes
+    );
+    assert!(m.cpu_total_nanos > 0 && m.cpu_busy_nanos <= m.cpu_total_nanos);
+    assert!(m.disk_total_bytes > 0 && m.disk_used_bytes <= m.disk_total_bytes);
+    assert!(m.load1 >= 0.0 && m.load15 >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    assert!((now - m.sampled_unix_nanos).abs() < 10_000_000_000);
+    let h = g
+        .client
+        .health(authed(HealthRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(h.initialized);
+    assert!(h.uptime_ms < 60_000);
+    g.client
+        .quiesce(authed(wrenn_proto::guest::v1::QuiesceRequest {}))
+        .await
+        .unwrap();
+}

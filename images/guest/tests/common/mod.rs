@@ -1,0 +1,159 @@
+//! Host-process harness: the real `wrenn-guest` binary on a temp Unix
+//! socket, reached through a shim that speaks Cloud Hypervisor's hybrid
+//! vsock handshake (`CONNECT <port>\n` -> `OK <port>\n`), the way the node
+//! agent will reach it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::{Channel, Endpoint, Uri};
+use wrenn_proto::guest::v1::guest_agent_client::GuestAgentClient;
+
+/// The guest agent's vsock port, as on a VM.
+pub const PORT: u32 = 1024;
+
+/// A running agent, its handshake shim and a connected client.
+pub struct Guest {
+    pub dir: tempfile::TempDir,
+    pub client: GuestAgentClient<Channel>,
+    pub vsock: PathBuf,
+    agent: Child,
+    shim: tokio::task::JoinHandle<()>,
+}
+
+impl Guest {
+    /// Starts `wrenn-guest --listen unix:...` with `extra` arguments.
+    pub async fn start(extra: &[&str]) -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        let agent_sock = dir.path().join("agent.sock");
+        let vsock = dir.path().join("vm.vsock");
+        let agent = Command::new(env!("CARGO_BIN_EXE_wrenn-guest"))
+            .arg("--listen")
+            .arg(format!("unix:{}", agent_sock.display()))
+            .args(extra)
+            .env("WRENN_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent_sock.exists() {
+            assert!(Instant::now() < deadline, "agent socket never appeared");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let shim = tokio::spawn(run_shim(UnixListener::bind(&vsock).unwrap(), agent_sock));
+        let client = GuestAgentClient::new(connect(&vsock).await);
+        Guest {
+            dir,
+            client,
+            vsock,
+            agent,
+            shim,
+        }
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.id()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.shim.abort();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.agent.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(Some(_)) = self.agent.try_wait() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.agent.kill();
+                let _ = self.agent.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Imitates the VMM's vsock muxer: on each connection, read one
+/// `CONNECT <port>\n` line, connect to the guest's listener for that port,
+/// answer `OK <port>\n`, then splice bytes both ways.
+async fn run_shim(listener: UnixListener, agent: PathBuf) {
+    loop {
+        let Ok((mut host, _)) = listener.accept().await else {
+            return;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let Some(line) = read_line(&mut host).await else {
+                return;
+            };
+            let port = line
+                .strip_prefix("CONNECT ")
+                .and_then(|p| p.parse::<u32>().ok());
+            if port != Some(PORT) {
+                return; // CH closes the connection for an unknown port.
+            }
+            let Ok(mut guest) = UnixStream::connect(&agent).await else {
+                return;
+            };
+            if host
+                .write_all(format!("OK {PORT}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut host, &mut guest).await;
+        });
+    }
+}
+
+/// Reads one `\n`-terminated line byte by byte, so nothing after it is
+/// consumed.
+async fn read_line(s: &mut UnixStream) -> Option<String> {
+    let mut line = Vec::new();
+    loop {
+        let b = s.read_u8().await.ok()?;
+        if b == b'\n' {
+            return String::from_utf8(line).ok();
+        }
+        line.push(b);
+        if line.len() > 64 {
+            return None;
+        }
+    }
+}
+
+/// The node agent's dialer: connect to the VMM's socket and do the
+/// handshake.
+pub async fn dial(vsock: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(vsock).await?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    let line = read_line(&mut s)
+        .await
+        .ok_or_else(|| std::io::Error::other("vsock handshake: no answer"))?;
+    if !line.starts_with("OK ") {
+        return Err(std::io::Error::other(format!("vsock handshake: {line:?}")));
+    }
+    Ok(s)
+}
+
+/// A tonic channel whose every connection goes through [`dial`].
+pub async fn connect(vsock: &Path) -> Channel {
+    let vsock = vsock.to_path_buf();
+    Endpoint::from_static("http://guest.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let vsock = vsock.clone();
+            async move { dial(&vsock, PORT).await.map(TokioIo::new) }
+        }))
+        .await
+        .unwrap()
+}
