@@ -414,3 +414,161 @@ fn auto_detection_picks_what_the_host_has() {
         assert!(err.to_string().contains(&why), "{err}");
     }
 }
+
+/// The dm-snapshot store's own logic (adopt, replace stale, roll back,
+/// detach the CoW loop even when the device stays busy) on real loop
+/// devices, with device-mapper itself faked: it runs where the kernel has
+/// no device-mapper.
+#[test]
+fn dm_store_logic_over_real_loops_and_fake_dm() {
+    use std::sync::Arc;
+    use wrenn_node_agent::storage::SnapshotTable;
+    use wrenn_node_agent::sys::block::dm::{DmCall, FakeDm};
+
+    let case = wrenn_testkit::case(Tier::Host, "dm_store_logic_over_real_loops_and_fake_dm");
+    if let Err(why) = wrenn_testkit::need_root() {
+        return case.skip(why);
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return case.skip("needs /dev/loop-control (loop driver)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _guard = LoopGuard {
+        dir: dir.path().to_path_buf(),
+    };
+    let base = dir.path().join("template.raw");
+    write_base(&base, 16 * MIB, 0x5a);
+    let cfg = StorageConfig::new(dir.path().join("disks"));
+    let fake = Arc::new(FakeDm::default());
+    let store = DmSnapshotStore::with_dm(cfg.clone(), fake.clone()).unwrap();
+    let a = CapsuleId::new("cap-a").unwrap();
+    let req = DiskRequest {
+        capsule: a.clone(),
+        template: base.clone(),
+        size_bytes: 4 * MIB,
+    };
+
+    // Create: one origin loop (read-only), one CoW loop, table as DESIGN §4.
+    let disk = store.ensure_disk(&req).unwrap();
+    assert_eq!(disk.path, cfg.dev_dir.join("mapper/wrenn-cap-a"));
+    assert_eq!(disk.size_bytes, 16 * MIB);
+    let cow = store.cow_path(&a);
+    assert_eq!(
+        std::fs::metadata(&cow).unwrap().len(),
+        16 * MIB,
+        "CoW smaller than origin"
+    );
+    let host = LoopHost::default();
+    let base_loop = host.find_by_backing_file(&base).unwrap();
+    let cow_loop = host.find_by_backing_file(&cow).unwrap();
+    assert_eq!((base_loop.len(), cow_loop.len()), (1, 1));
+    assert!(base_loop[0].read_only && !cow_loop[0].read_only);
+    let table = SnapshotTable::from_raw(&fake_table(&fake, "wrenn-cap-a")).unwrap();
+    assert_eq!(
+        table.to_string(),
+        format!(
+            "0 32768 snapshot 7:{} 7:{} P 8",
+            base_loop[0].index, cow_loop[0].index
+        )
+    );
+
+    // Idempotent; a second capsule shares the origin loop.
+    assert_eq!(store.ensure_disk(&req).unwrap(), disk);
+    let b = CapsuleId::new("cap-b").unwrap();
+    store
+        .ensure_disk(&DiskRequest {
+            capsule: b.clone(),
+            ..req.clone()
+        })
+        .unwrap();
+    assert_eq!(host.find_by_backing_file(&base).unwrap().len(), 1);
+    assert_eq!(loops_on(dir.path()).len(), 3);
+    let creates = |f: &FakeDm| {
+        f.calls()
+            .iter()
+            .filter(|c| matches!(c, DmCall::Create(..)))
+            .count()
+    };
+    assert_eq!(creates(&fake), 2);
+
+    // Restart: a new store adopts both devices and their loops.
+    drop(store);
+    let store = DmSnapshotStore::with_dm(cfg.clone(), fake.clone()).unwrap();
+    assert_eq!(store.ensure_disk(&req).unwrap(), disk);
+    assert_eq!(creates(&fake), 2, "adopted device was recreated");
+    assert_eq!(loops_on(dir.path()).len(), 3);
+
+    // Removing one capsule keeps the shared origin for the other.
+    store.remove_disk(&b).unwrap();
+    assert!(!store.cow_path(&b).exists());
+    assert_eq!(host.find_by_backing_file(&base).unwrap().len(), 1);
+    assert_eq!(loops_on(dir.path()).len(), 2);
+
+    // A device that stays busy: the error says so, the CoW loop is
+    // detached anyway and the CoW file (the capsule's data) is kept.
+    fake.busy_removes(1);
+    let err = store.remove_disk(&a).unwrap_err();
+    assert!(
+        matches!(err, Error::DeviceMapper { .. }) && err.to_string().contains("wrenn-cap-a"),
+        "{err}"
+    );
+    assert!(host.find_by_backing_file(&cow).unwrap().is_empty());
+    assert!(cow.exists());
+    // The retry finishes the job and releases the origin.
+    store.remove_disk(&a).unwrap();
+    assert!(fake.devices().is_empty());
+    assert!(!cow.exists());
+    assert!(
+        loops_on(dir.path()).is_empty(),
+        "{:?}",
+        loops_on(dir.path())
+    );
+
+    // A stale device of another shape is replaced, not adopted.
+    fake.insert(
+        "wrenn-cap-a",
+        vec![(0, 8, "snapshot".into(), "7:250 7:251 P 8".into())],
+    );
+    store.ensure_disk(&req).unwrap();
+    let now = SnapshotTable::from_raw(&fake_table(&fake, "wrenn-cap-a")).unwrap();
+    assert_eq!(*now.table.length, 32768);
+    store.remove_disk(&a).unwrap();
+
+    // A failed create leaves no loop, no CoW file and no device.
+    fake.fail_next_create();
+    let err = store.ensure_disk(&req).unwrap_err();
+    assert!(err.to_string().contains("create"), "{err}");
+    assert!(fake.devices().is_empty());
+    assert!(!cow.exists());
+    assert!(
+        loops_on(dir.path()).is_empty(),
+        "{:?}",
+        loops_on(dir.path())
+    );
+
+    // Sweep: devices and CoW files of capsules not kept go.
+    store.ensure_disk(&req).unwrap();
+    store
+        .ensure_disk(&DiskRequest {
+            capsule: b.clone(),
+            ..req.clone()
+        })
+        .unwrap();
+    let report = store.sweep(std::slice::from_ref(&a)).unwrap();
+    assert_eq!(report.dm_devices, vec!["wrenn-cap-b".to_string()]);
+    assert_eq!(fake.devices(), vec!["wrenn-cap-a".to_string()]);
+    store.remove_disk(&a).unwrap();
+    assert!(
+        loops_on(dir.path()).is_empty(),
+        "{:?}",
+        loops_on(dir.path())
+    );
+}
+
+fn fake_table(
+    fake: &wrenn_node_agent::sys::block::dm::FakeDm,
+    name: &str,
+) -> Vec<(u64, u64, String, String)> {
+    use wrenn_node_agent::sys::block::dm::DmOps;
+    fake.table(name).unwrap().unwrap()
+}

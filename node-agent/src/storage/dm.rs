@@ -22,7 +22,8 @@ use super::{
     Backend, BlockStore, CapsuleDisk, CapsuleId, DiskFormat, DiskRequest, Error, NAME_PREFIX,
     Result, Rollback, StorageConfig, SweepReport, ensure_dir, file_allocated_bytes, template_size,
 };
-use crate::sys::block::{LOOP_MAJOR, LoopDevice, dm::Dm};
+use crate::sys::block::dm::{Dm, DmOps};
+use crate::sys::block::{LOOP_MAJOR, LoopDevice};
 
 /// Chunk size of every snapshot: 8 sectors = 4 KiB.
 pub const CHUNK_SECTORS: u64 = 8;
@@ -214,7 +215,7 @@ fn loop_dev(d: &LoopDevice) -> Device {
 #[derive(Debug)]
 pub struct DmSnapshotStore {
     cfg: StorageConfig,
-    dm: Dm,
+    dm: Arc<dyn DmOps>,
     loops: Arc<LoopRegistry>,
     /// Capsules holding a reference on their template's loop, and which.
     held: Mutex<HashMap<CapsuleId, PathBuf>>,
@@ -237,8 +238,14 @@ impl DmSnapshotStore {
     /// the kernel (agent restart): their template loops get one reference
     /// each.
     pub fn open(cfg: StorageConfig) -> Result<Self> {
-        ensure_dir(&cfg.state_dir)?;
         let dm = Dm::open().map_err(dm_err("open", "control"))?;
+        Self::with_dm(cfg, Arc::new(dm))
+    }
+
+    /// As [`open`](Self::open), over any [`DmOps`] (tests pass a
+    /// `FakeDm` and real loop devices).
+    pub fn with_dm(cfg: StorageConfig, dm: Arc<dyn DmOps>) -> Result<Self> {
+        ensure_dir(&cfg.state_dir)?;
         let store = Self {
             loops: Arc::new(LoopRegistry::new(cfg.loop_host())),
             cfg,

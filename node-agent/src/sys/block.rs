@@ -352,20 +352,127 @@ fn configure(dev: &File, backing: &File, path: &Path, read_only: bool) -> io::Re
 pub mod dm {
     use devicemapper::{DM, DevId, DmError, DmFlags, DmName, DmOptions};
 
-    /// A device-mapper call failed: which call and the crate's error.
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// A device-mapper call failed: which call, the errno, and the crate's
+    /// error (absent when a [`FakeDm`] made it up).
     #[derive(Debug, thiserror::Error)]
-    #[error("device-mapper {action}")]
+    #[error("device-mapper {action} (errno {errno:?})")]
     pub struct DmFailure {
         action: &'static str,
         errno: Option<i32>,
         #[source]
-        source: DmError,
+        source: Option<DmError>,
     }
 
     impl DmFailure {
         /// The kernel said `EBUSY` (device still open).
         pub fn is_busy(&self) -> bool {
             self.errno == Some(libc::EBUSY)
+        }
+    }
+
+    /// The device-mapper calls `storage` makes; [`Dm`] does them, and
+    /// [`FakeDm`] records them for tests on hosts without device-mapper.
+    pub trait DmOps: Send + Sync + std::fmt::Debug {
+        /// Names of every device.
+        fn list(&self) -> Result<Vec<String>, DmFailure>;
+        /// The live table of `dev`, or `None` if there is no such device.
+        fn table(&self, dev: &str) -> Result<Option<Vec<RawLine>>, DmFailure>;
+        /// Creates, loads and resumes `dev`; leaves nothing on failure.
+        fn create(&self, dev: &str, table: &[RawLine]) -> Result<(), DmFailure>;
+        /// Removes `dev`; a missing device counts as removed.
+        fn remove(&self, dev: &str) -> Result<(), DmFailure>;
+    }
+
+    /// One call recorded by [`FakeDm`].
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum DmCall {
+        /// `create(name, table)`.
+        Create(String, Vec<RawLine>),
+        /// `remove(name)`.
+        Remove(String),
+    }
+
+    #[derive(Debug, Default)]
+    struct FakeState {
+        devices: BTreeMap<String, Vec<RawLine>>,
+        calls: Vec<DmCall>,
+        fail_create: bool,
+        busy_removes: usize,
+    }
+
+    /// In-memory device-mapper: devices are names with tables.
+    #[derive(Debug, Default)]
+    pub struct FakeDm(Mutex<FakeState>);
+
+    impl FakeDm {
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+        /// Puts a device in place as if an earlier process made it.
+        pub fn insert(&self, dev: &str, table: Vec<RawLine>) {
+            self.state().devices.insert(dev.to_string(), table);
+        }
+        /// Recorded create/remove calls.
+        pub fn calls(&self) -> Vec<DmCall> {
+            self.state().calls.clone()
+        }
+        /// Device names.
+        pub fn devices(&self) -> Vec<String> {
+            self.state().devices.keys().cloned().collect()
+        }
+        /// The next `create` fails (`EINVAL`, as a bad table would).
+        pub fn fail_next_create(&self) {
+            self.state().fail_create = true;
+        }
+        /// The next `n` removes fail with `EBUSY` (after the retries a
+        /// real remove makes).
+        pub fn busy_removes(&self, n: usize) {
+            self.state().busy_removes = n;
+        }
+    }
+
+    fn made_up(action: &'static str, errno: i32) -> DmFailure {
+        DmFailure {
+            action,
+            errno: Some(errno),
+            source: None,
+        }
+    }
+
+    impl DmOps for FakeDm {
+        fn list(&self) -> Result<Vec<String>, DmFailure> {
+            Ok(self.devices())
+        }
+        fn table(&self, dev: &str) -> Result<Option<Vec<RawLine>>, DmFailure> {
+            Ok(self.state().devices.get(dev).cloned())
+        }
+        fn create(&self, dev: &str, table: &[RawLine]) -> Result<(), DmFailure> {
+            let mut s = self.state();
+            s.calls
+                .push(DmCall::Create(dev.to_string(), table.to_vec()));
+            if std::mem::take(&mut s.fail_create) {
+                return Err(made_up("load table", libc::EINVAL));
+            }
+            if s.devices.contains_key(dev) {
+                return Err(made_up("create device", libc::EBUSY));
+            }
+            s.devices.insert(dev.to_string(), table.to_vec());
+            Ok(())
+        }
+        fn remove(&self, dev: &str) -> Result<(), DmFailure> {
+            let mut s = self.state();
+            s.calls.push(DmCall::Remove(dev.to_string()));
+            if s.busy_removes > 0 && s.devices.contains_key(dev) {
+                s.busy_removes -= 1;
+                return Err(made_up("remove device", libc::EBUSY));
+            }
+            s.devices.remove(dev);
+            Ok(())
         }
     }
 
@@ -384,7 +491,7 @@ pub mod dm {
         DmFailure {
             action,
             errno: errno_of(&source),
-            source,
+            source: Some(source),
         }
     }
 
@@ -409,9 +516,10 @@ pub mod dm {
         pub fn open() -> Result<Self, DmFailure> {
             DM::new().map(Dm).map_err(|e| fail("open control", e))
         }
+    }
 
-        /// Names of every device.
-        pub fn list(&self) -> Result<Vec<String>, DmFailure> {
+    impl DmOps for Dm {
+        fn list(&self) -> Result<Vec<String>, DmFailure> {
             Ok(self
                 .0
                 .list_devices()
@@ -421,8 +529,7 @@ pub mod dm {
                 .collect())
         }
 
-        /// The live table of `dev`, or `None` if there is no such device.
-        pub fn table(&self, dev: &str) -> Result<Option<Vec<RawLine>>, DmFailure> {
+        fn table(&self, dev: &str) -> Result<Option<Vec<RawLine>>, DmFailure> {
             let id = DevId::Name(name(dev)?);
             match self.0.table_status(
                 &id,
@@ -437,7 +544,7 @@ pub mod dm {
         /// Creates `dev`, loads `table` and resumes it. Removes the device
         /// again if any step after creation fails, so a failed call leaves
         /// nothing behind.
-        pub fn create(&self, dev: &str, table: &[RawLine]) -> Result<(), DmFailure> {
+        fn create(&self, dev: &str, table: &[RawLine]) -> Result<(), DmFailure> {
             let n = name(dev)?;
             let id = DevId::Name(n);
             self.0
@@ -462,7 +569,7 @@ pub mod dm {
         /// Removes `dev`. The crate retries `EBUSY` 5 × 200 ms, which is the
         /// busy-after-VMM-exit window of wrenn-go-notes §11.1. A missing
         /// device counts as removed.
-        pub fn remove(&self, dev: &str) -> Result<(), DmFailure> {
+        fn remove(&self, dev: &str) -> Result<(), DmFailure> {
             let id = DevId::Name(name(dev)?);
             match self.0.device_remove(&id, DmOptions::default()) {
                 Ok(_) => Ok(()),
