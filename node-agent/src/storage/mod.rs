@@ -257,6 +257,8 @@ pub struct SweepReport {
 }
 
 /// Capsule root disks. Calls are idempotent and keyed by capsule id.
+/// Calls for different capsules may run concurrently; the caller
+/// serialises calls for one capsule (its per-capsule lifecycle lock).
 pub trait BlockStore: Send + Sync + fmt::Debug {
     /// Which backend this is.
     fn backend(&self) -> Backend;
