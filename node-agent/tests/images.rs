@@ -59,6 +59,14 @@ impl LayerTar {
         self.builder().append_link(&mut h, path, target).unwrap();
         self
     }
+    /// PAX xattrs for the next entry.
+    fn xattr(mut self, name: &str, value: &[u8]) -> Self {
+        let key = format!("SCHILY.xattr.{name}");
+        self.builder()
+            .append_pax_extensions([(key.as_str(), value)])
+            .unwrap();
+        self
+    }
     fn finish(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
@@ -129,6 +137,10 @@ fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)]) -> String {
     manifest_digest
 }
 
+const CAP_NET_RAW: [u8; 20] = [
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
 /// The base layer and the layer with whiteouts the tree checks expect.
 fn good_layers() -> Vec<(Vec<u8>, bool)> {
     let base = LayerTar::default()
@@ -139,6 +151,9 @@ fn good_layers() -> Vec<(Vec<u8>, bool)> {
         .dir("usr/bin")
         .file("usr/bin/tool", b"#!/bin/sh\n", 0o4755, 1000)
         .link(tar::EntryType::Link, "usr/bin/tool-again", "usr/bin/tool")
+        // cap_net_raw+ep, as iputils' ping ships (VFS_CAP_REVISION_2).
+        .xattr("security.capability", &CAP_NET_RAW)
+        .file("usr/bin/ping", b"ping", 0o755, 0)
         .link(tar::EntryType::Symlink, "bin", "usr/bin")
         .link(tar::EntryType::Symlink, "etc/abs", "/usr/bin/tool")
         .dir("var")
@@ -247,6 +262,9 @@ fn check_tree(disk: &TemplateDisk) {
         "{fresh}"
     );
     assert!(fresh.contains("Mode:  0600"), "{fresh}");
+    // File capabilities survive (set after chown, which clears them).
+    let ea = debugfs(img, "ea_list /usr/bin/ping");
+    assert!(ea.contains("security.capability"), "{ea}");
     // Symlinks are kept as written, absolute ones too.
     assert!(debugfs(img, "stat /bin").contains("Fast link dest: \"usr/bin\""));
     assert!(debugfs(img, "stat /etc/abs").contains("Fast link dest: \"/usr/bin/tool\""));

@@ -173,6 +173,26 @@ pub fn apply_layer(root: &Path, tar: impl Read, layer: &str) -> Result<LayerStat
     Ok(applier.stats)
 }
 
+const PAX_XATTR: &str = "SCHILY.xattr.";
+
+/// The entry's extended attributes, without SELinux labels (they belong
+/// to the host's policy, not the image).
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            let Ok(key) = ext.key() else { continue };
+            if let Some(name) = key.strip_prefix(PAX_XATTR)
+                && name != "security.selinux"
+            {
+                out.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 struct Applier<'a> {
     root: &'a Path,
     layer: &'a str,
@@ -323,6 +343,9 @@ impl Applier<'_> {
         }
         self.ensure_parents(&raw, &rel)?;
 
+        // PAX `SCHILY.xattr.*` records (file capabilities, ACLs). Read now:
+        // the data below consumes the entry.
+        let xattrs = pax_xattrs(&mut entry).map_err(self.io(&raw))?;
         let header = entry.header();
         let mode = header.mode().map_err(self.io(&raw))? & 0o7777;
         let uid = header.uid().map_err(self.io(&raw))?;
@@ -423,6 +446,12 @@ impl Applier<'_> {
             T::Char | T::Block => return Err(self.refuse(&raw, Refusal::Device)),
             other => {
                 return Err(self.refuse(&raw, Refusal::UnsupportedType(format!("{other:?}"))));
+            }
+        }
+        if kind != T::Link {
+            // Last: chown clears security.capability.
+            for (name, value) in &xattrs {
+                crate::sys::block::set_xattr_nofollow(&abs, name, value).map_err(self.io(&raw))?;
             }
         }
         self.created.insert(rel);
@@ -599,6 +628,27 @@ mod tests {
         assert!(!r.join("var/cache/sub/b").exists());
         assert!(!r.join("opt").exists() && !r.join("srv").exists());
         assert_eq!(stats.whiteouts, 3);
+    }
+
+    #[test]
+    fn pax_xattrs_are_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let layer = tar_of(|b| {
+            b.append_pax_extensions([
+                ("SCHILY.xattr.user.wrenn", &b"yes"[..]),
+                (
+                    "SCHILY.xattr.security.selinux",
+                    &b"system_u:object_r:bin_t"[..],
+                ),
+            ])
+            .unwrap();
+            file(b, "tool", b"x");
+        });
+        apply_layer(root.path(), &layer[..], "l").unwrap();
+        let tool = root.path().join("tool");
+        let get = |n| crate::sys::block::get_xattr_nofollow(&tool, n).unwrap();
+        assert_eq!(get("user.wrenn").as_deref(), Some(&b"yes"[..]));
+        assert_eq!(get("security.selinux"), None);
     }
 
     #[test]
