@@ -44,6 +44,9 @@ use wrenn_proto::guest::v1::guest_agent_server::GuestAgentServer;
 
 use crate::listen::{Listen, Listener};
 
+/// How long open calls may run on after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// PID 1 and guest agent inside a Wrenn capsule.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -143,7 +146,10 @@ async fn serve(listen: &Listen, config: server::Config) -> Result<(), Box<dyn st
     tracing::info!(?listen, version = server::VERSION, "guest agent listening");
     let service = GuestAgentServer::new(server::Agent::new(config));
     let router = tonic::transport::Server::builder().add_service(service);
-    let shutdown = async {
+    // On SIGTERM stop accepting, let calls finish for a moment, then go
+    // even if a client keeps its connection open (the node agent does).
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
@@ -154,23 +160,35 @@ async fn serve(listen: &Listen, config: server::Config) -> Result<(), Box<dyn st
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
+        let _ = stopping_tx.send(());
     };
-    match listener {
+    let grace = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let served = match listener {
         Listener::Unix(l) => {
-            router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
-                .await?;
-            if let Listen::Unix(path) = listen {
-                let _ = std::fs::remove_file(path);
+            let serve = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown);
+            tokio::select! {
+                r = serve => r,
+                () = grace => Ok(()),
             }
         }
         Listener::Vsock(l) => {
-            let incoming = async_stream_accept(l);
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?;
+            let serve = router.serve_with_incoming_shutdown(async_stream_accept(l), shutdown);
+            tokio::select! {
+                r = serve => r,
+                () = grace => Ok(()),
+            }
         }
+    };
+    if let Listen::Unix(path) = listen {
+        let _ = std::fs::remove_file(path);
     }
+    served?;
     Ok(())
 }
 

@@ -40,12 +40,8 @@ impl Guest {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent_sock.exists() {
-            assert!(Instant::now() < deadline, "agent socket never appeared");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let shim = tokio::spawn(run_shim(UnixListener::bind(&vsock).unwrap(), agent_sock));
+        wait_for(&agent_sock).await;
+        let shim = shim(&vsock, agent_sock);
         let client = GuestAgentClient::new(connect(&vsock).await);
         Guest {
             dir,
@@ -79,6 +75,24 @@ impl Drop for Guest {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// Starts the handshake shim on `vsock`, forwarding port [`PORT`] to `agent`.
+pub fn shim(vsock: &Path, agent: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run_shim(UnixListener::bind(vsock).unwrap(), agent))
+}
+
+/// Waits until `path` exists.
+pub async fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -147,7 +161,7 @@ pub async fn dial(vsock: &Path, port: u32) -> std::io::Result<UnixStream> {
 }
 
 /// A tonic channel whose every connection goes through [`dial`].
-pub async fn connect(vsock: &Path) -> Channel {
+pub async fn try_connect(vsock: &Path) -> Result<Channel, tonic::transport::Error> {
     let vsock = vsock.to_path_buf();
     Endpoint::from_static("http://guest.invalid")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -155,5 +169,9 @@ pub async fn connect(vsock: &Path) -> Channel {
             async move { dial(&vsock, PORT).await.map(TokioIo::new) }
         }))
         .await
-        .unwrap()
+}
+
+/// [`try_connect`], which must succeed.
+pub async fn connect(vsock: &Path) -> Channel {
+    try_connect(vsock).await.unwrap()
 }
