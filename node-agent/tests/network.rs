@@ -15,7 +15,7 @@ use std::path::Path;
 
 use network_env::*;
 use wrenn_node_agent::network::{
-    CapsuleId, Chain, ChainKind, EgressPolicy, Error, Hook, NetOps, SetupStep, TAP_NAME,
+    CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Error, Hook, NetOps, SetupStep, TAP_NAME,
     TAP_QUEUE_LEN, Table, Teardown, Verdict,
 };
 use wrenn_node_agent::sys::net as sys;
@@ -173,6 +173,24 @@ fn deny_blocks_egress_and_an_allow_listed_cidr_passes() {
 
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
     net.teardown(&d, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn a_half_built_network_is_rebuilt_not_adopted() {
+    let _case = host_case!("a_half_built_network_is_rebuilt_not_adopted");
+    let bed = Bed::new(false);
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let c = id("half0001");
+    let n = net.setup(&c, &EgressPolicy::Allow).unwrap();
+    // As if the agent died just before the last step of setup.
+    in_ns(&bed.node, |nl| nl.del_route(Cidr::host(n.addrs.host))).unwrap();
+    let again = bed.net().setup(&c, &EgressPolicy::Allow).unwrap();
+    assert_eq!(again.slot, n.slot);
+    let l = listen(&bed.guest(&c), n.guest);
+    let port = l.local_addr().unwrap().port();
+    source_seen(&bed.node, &l, addr(n.addrs.host, port)).unwrap();
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
 }
 
 #[test]

@@ -468,17 +468,28 @@ impl LinuxNet {
         })
     }
 
-    /// Whether the capsule's namespace and node veth both exist.
-    fn is_built(&self, capsule: &CapsuleId) -> Result<bool, Error> {
+    /// Whether the capsule's network is complete: its namespace exists and
+    /// the node routes the slot's host address into its veth. That route is
+    /// the last step of a setup, so a crash anywhere earlier reads as "not
+    /// built" and the leftovers are cleared and rebuilt instead of adopted.
+    fn is_built(&self, capsule: &CapsuleId, addrs: SlotAddrs) -> Result<bool, Error> {
         if !self.netns_path(capsule).exists() {
             return Ok(false);
         }
         let name = capsule.resource_name();
         let netns = self.cfg.node_netns.clone();
         self.in_node(|nl| {
-            nl.link_index(&name)
-                .map(|i| i.is_some())
-                .map_err(|source| Error::ListLinks { netns, source })
+            let list = |source| Error::ListLinks {
+                netns: netns.clone(),
+                source,
+            };
+            let Some(index) = nl.link_index(&name).map_err(list)? else {
+                return Ok(false);
+            };
+            let routes = nl.routes_v4().map_err(list)?;
+            Ok(routes
+                .iter()
+                .any(|(dest, len, oif)| *dest == addrs.host && *len == 32 && *oif == Some(index)))
         })
     }
 
@@ -570,7 +581,7 @@ impl NetOps for LinuxNet {
 
         // Adopt what exists: a restarted agent, or a repeated call. The
         // table is reloaded so a changed policy takes effect.
-        if self.is_built(capsule)? {
+        if self.is_built(capsule, addrs)? {
             let table = self.capsule_table(addrs, policy);
             let netns = self.netns_path(capsule);
             in_ns(&netns, |nl| {

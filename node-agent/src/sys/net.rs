@@ -33,6 +33,7 @@ use rtnetlink::packet_core::{
     NetlinkPayload,
 };
 use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -308,6 +309,42 @@ impl Netlink {
         }
         self.rt
             .block_on(self.handle.route().add(b.build()).execute())
+            .map_err(nl_err)
+    }
+
+    /// IPv4 routes of the main table: destination, prefix length, output
+    /// link index.
+    pub fn routes_v4(&self) -> io::Result<Vec<(Ipv4Addr, u8, Option<u32>)>> {
+        let req = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let msgs: Vec<_> = self.rt.block_on(req.try_collect()).map_err(nl_err)?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut dest = Ipv4Addr::UNSPECIFIED;
+                let mut oif = None;
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dest = *d,
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                (dest, m.header.destination_prefix_length, oif)
+            })
+            .collect())
+    }
+
+    /// Deletes the main-table route to `dest`.
+    pub fn del_route(&self, dest: Cidr) -> io::Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest.addr(), dest.prefix())
+            .build();
+        self.rt
+            .block_on(self.handle.route().del(msg).execute())
             .map_err(nl_err)
     }
 
