@@ -194,6 +194,36 @@ async fn exec_uname_matches_the_host_and_sees_init_env() {
     )
     .await;
     assert_eq!(ran.out(), "yes\n/\n");
+    // As another user, in another directory, with the request's env.
+    let cwd = g.dir.path().to_str().unwrap().to_string();
+    let start = ExecInput {
+        input: Some(exec_input::Input::Start(ExecStart {
+            argv: vec!["sh".into(), "-c".into(), "id -u; pwd; echo $A".into()],
+            env: [("A".to_string(), "b".to_string())].into(),
+            cwd: cwd.clone(),
+            user: "65534".into(),
+            timeout_ms: 0,
+        })),
+    };
+    let ran = collect(
+        g.client
+            .exec(authed(tokio_stream::iter([start])))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(ran.out(), format!("65534\n{cwd}\nb\n"));
+    let mut unknown = start_msg(&["true"], 0);
+    if let Some(exec_input::Input::Start(s)) = &mut unknown.input {
+        s.user = "no-such-user-here".into();
+    }
+    let e = g
+        .client
+        .exec(authed(tokio_stream::iter([unknown])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = g
         .client
         .exec(authed(tokio_stream::iter([start_msg(
