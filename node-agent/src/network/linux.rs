@@ -98,7 +98,7 @@ pub enum SetupStep {
     CreateNetns,
     /// Create the veth pair inside it.
     CreateVeth,
-    /// Move the node end to the node namespace.
+    /// Address the capsule end (the node end is born in the node namespace).
     MoveVeth,
     /// Create the TAP (or emulated guest).
     CreateTap,
@@ -325,23 +325,23 @@ impl LinuxNet {
         };
         nl.set_up("lo", None, None).map_err(link("lo"))?;
 
-        // The veth is born here, so its capsule end never shares a name
-        // space with the node's links; the node end then moves out.
+        // The veth is born here with its node end born in the node
+        // namespace: the capsule end never shares a name space with the
+        // node's links, and no link has to move (a move waits for an RCU
+        // grace period).
         self.check(capsule, SetupStep::CreateVeth)?;
-        nl.add_veth(CAPSULE_VETH, &name)
+        let node = File::open(&self.cfg.node_netns).map_err(|source| Error::CreateVeth {
+            capsule: capsule.clone(),
+            device: name.clone(),
+            source,
+        })?;
+        nl.add_veth_peer_in(CAPSULE_VETH, &name, &node)
             .map_err(|source| Error::CreateVeth {
                 capsule: capsule.clone(),
                 device: name.clone(),
                 source,
             })?;
         self.check(capsule, SetupStep::MoveVeth)?;
-        let move_err = |source| Error::MoveLink {
-            capsule: capsule.clone(),
-            device: name.clone(),
-            source,
-        };
-        let node = File::open(&self.cfg.node_netns).map_err(move_err)?;
-        nl.move_link(&name, &node).map_err(move_err)?;
         nl.add_addr(CAPSULE_VETH, addrs.capsule_transit, 31)
             .map_err(link(CAPSULE_VETH))?;
         nl.set_up(CAPSULE_VETH, None, None)
@@ -417,9 +417,8 @@ impl LinuxNet {
             device: TAP_NAME.into(),
             source,
         };
-        nl.add_veth(TAP_NAME, "guest0").map_err(err)?;
         let g = File::open(guest_ns).map_err(err)?;
-        nl.move_link("guest0", &g).map_err(err)?;
+        nl.add_veth_peer_in(TAP_NAME, "guest0", &g).map_err(err)?;
         self.configure_guest_side(nl, capsule)?;
         in_ns(guest_ns, |gl| {
             gl.set_up("lo", None, None)
@@ -495,7 +494,7 @@ impl LinuxNet {
 
     /// Removes every resource of a capsule, tolerating absence; collects
     /// errors rather than stopping at the first.
-    fn remove_resources(&self, capsule: &CapsuleId, errors: &mut Vec<Error>) {
+    fn remove_resources(&self, capsule: &CapsuleId, flush: bool, errors: &mut Vec<Error>) {
         // Deleting the node end takes the capsule end along, and with the
         // link its route.
         if let Err(e) = self.delete_node_link(&capsule.resource_name()) {
@@ -508,7 +507,8 @@ impl LinuxNet {
                 errors.push(Error::RemoveNetns { path, source });
             }
         }
-        if let Some(slot) = self.slots.get(capsule)
+        if flush
+            && let Some(slot) = self.slots.get(capsule)
             && let Some(addrs) = self.cfg.plan.slot_addrs(slot)
             && let Err(e) = self.flush_slot_conntrack(slot, addrs)
         {
@@ -596,9 +596,10 @@ impl NetOps for LinuxNet {
             return Ok(self.net_of(capsule, slot, addrs));
         }
 
-        // Half-built leftovers of this capsule (a crash mid-setup) go first.
+        // Half-built leftovers of this capsule (a crash mid-setup) go first;
+        // their conntrack entries go in the build's first step.
         let mut errors = Vec::new();
-        self.remove_resources(capsule, &mut errors);
+        self.remove_resources(capsule, false, &mut errors);
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
@@ -644,7 +645,7 @@ impl NetOps for LinuxNet {
 
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
         let mut errors = Vec::new();
-        self.remove_resources(capsule, &mut errors);
+        self.remove_resources(capsule, true, &mut errors);
         if mode == Teardown::ReleaseSlot
             && errors.is_empty()
             && let Err(source) = self.slots.release(capsule)

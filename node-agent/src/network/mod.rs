@@ -291,17 +291,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Moving a link between namespaces failed.
-    #[error("move link {device} of capsule {capsule} to the node namespace")]
-    MoveLink {
-        /// Capsule.
-        capsule: CapsuleId,
-        /// Link.
-        device: String,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
     /// Creating the TAP failed.
     #[error("create tap {device} for capsule {capsule}")]
     CreateTap {

@@ -32,7 +32,7 @@ use rtnetlink::packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage,
     NetlinkPayload,
 };
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -246,6 +246,21 @@ impl Netlink {
     /// Creates a veth pair, both ends here.
     pub fn add_veth(&self, name: &str, peer: &str) -> io::Result<()> {
         let msg = LinkVeth::new(name, peer).build();
+        self.rt
+            .block_on(self.handle.link().add(msg).execute())
+            .map_err(nl_err)
+    }
+
+    /// Creates a veth pair whose peer is born in the namespace open as
+    /// `netns`: cheaper than creating both ends here and moving one, since
+    /// a move waits for an RCU grace period.
+    pub fn add_veth_peer_in(&self, name: &str, peer: &str, netns: &File) -> io::Result<()> {
+        let peer_msg = LinkUnspec::new_with_name(peer)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(name, peer)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
         self.rt
             .block_on(self.handle.link().add(msg).execute())
             .map_err(nl_err)
