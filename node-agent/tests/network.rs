@@ -364,6 +364,13 @@ fn tap_has_its_queue_length_and_is_recreated_by_name() {
         .unwrap()
     };
     assert_eq!(tap_qlen(&n.netns), Some(TAP_QUEUE_LEN));
+    // IPv6 is off on the guest's link (when the kernel has IPv6 at all).
+    let v6 = in_ns(&n.netns, |_| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{TAP_NAME}/disable_ipv6"))
+    });
+    if let Ok(v) = v6 {
+        assert_eq!(v.trim(), "1");
+    }
 
     // Restore path: the TAP is gone (or never made on this node); it comes
     // back under the same name.

@@ -324,6 +324,26 @@ impl LinuxNet {
             }
         };
         nl.set_up("lo", None, None).map_err(link("lo"))?;
+        // Guests are IPv4 only; with IPv6 off in their namespace (before any
+        // link exists, so `default` covers them all) nothing is reachable
+        // over link-local IPv6 either. A kernel without IPv6 has no such
+        // sysctl, and nothing to turn off.
+        for key in [
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+        ] {
+            match sys::write_sysctl(&self.cfg.proc_dir, key, "1") {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::SetSysctl {
+                        key: key.into(),
+                        netns: self.netns_path(capsule),
+                        source,
+                    });
+                }
+            }
+        }
 
         // The veth is born here with its node end born in the node
         // namespace: the capsule end never shares a name space with the
