@@ -11,13 +11,18 @@
 //! - `wrenn-guest --listen unix:/path` (or `vsock:1024`): the agent only.
 //!   Without `--owns-os` it never touches the clock, hostname or caches.
 //!
-//! Static build (the guest image has no libc):
+//! Static build (the guest image has no libc). `ring` (pulled in by the
+//! workspace's tonic TLS feature) compiles C, so the musl target needs the
+//! Debian package `musl-tools` for `musl-gcc`:
 //! ```text
-//! cargo build --release -p wrenn-guest --target x86_64-unknown-linux-musl
-//! # where the musl target cannot be installed:
+//! rustup target add x86_64-unknown-linux-musl
+//! CC_x86_64_unknown_linux_musl=musl-gcc \
+//!   cargo build --release -p wrenn-guest --target x86_64-unknown-linux-musl
+//! file target/x86_64-unknown-linux-musl/release/wrenn-guest  # static-pie linked
+//! ldd  target/x86_64-unknown-linux-musl/release/wrenn-guest  # statically linked
+//! # where the musl target cannot be installed, glibc linked statically:
 //! RUSTFLAGS="-C target-feature=+crt-static" \
 //!   cargo build --release -p wrenn-guest --target x86_64-unknown-linux-gnu
-//! file target/x86_64-unknown-linux-musl/release/wrenn-guest   # "static-pie linked"
 //! ```
 //! Users are resolved from `/etc/passwd` directly, so no NSS module is
 //! needed at run time.

@@ -7,9 +7,9 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `_IOW('R', 0x03, int[2])`: add entropy to the input pool and credit it.
-const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
 /// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
