@@ -46,9 +46,9 @@ pub fn parse_cpu(stat: &str) -> Option<(u64, u64)> {
     if v.len() < 4 {
         return None;
     }
-    let total: u64 = v.iter().sum();
-    let idle = v[3] + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
+    let total = v.iter().try_fold(0u64, |acc, &x| acc.checked_add(x))?;
+    let idle = v[3].checked_add(v.get(4).copied().unwrap_or(0))?;
+    Some((total.checked_sub(idle)?, total))
 }
 
 /// `(total, available)` bytes from `/proc/meminfo`.

@@ -177,11 +177,19 @@ pub fn to_exit(status: std::process::ExitStatus, timed_out: bool) -> ExecExit {
 }
 
 /// Sends `signal` to process group `pgid`; a group already gone is fine.
+/// Signal 0 only checks that the group exists.
 pub fn signal_group(pgid: u32, signal: i32) -> Result<(), Status> {
-    let sig = nix::sys::signal::Signal::try_from(signal)
-        .map_err(|_| Status::invalid_argument(format!("signal {signal} is invalid")))?;
-    let Ok(pgid) = i32::try_from(pgid) else {
-        return Ok(());
+    let sig = match signal {
+        0 => None,
+        s => Some(
+            nix::sys::signal::Signal::try_from(s)
+                .map_err(|_| Status::invalid_argument(format!("signal {signal} is invalid")))?,
+        ),
+    };
+    // 0 would mean our own group and 1 init's: never a process we spawned.
+    let pgid = match i32::try_from(pgid) {
+        Ok(p) if p > 1 => p,
+        _ => return Ok(()),
     };
     match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
