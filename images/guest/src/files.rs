@@ -18,6 +18,9 @@ use wrenn_proto::guest::v1::{
 
 /// Read chunk size.
 const CHUNK: usize = 256 * 1024;
+/// Most entries one ListDir returns: keeps the reply under gRPC's default
+/// 4 MiB message limit.
+pub const MAX_LIST_ENTRIES: usize = 20_000;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,8 @@ pub enum Error {
     },
     #[error("the first WriteFile message must be WriteFileStart")]
     NoStart,
+    #[error("{path:?} has more than {MAX_LIST_ENTRIES} entries")]
+    TooManyEntries { path: PathBuf },
     #[error("refusing to remove /")]
     RemoveRoot,
     #[error("write stream of {path:?} broke")]
@@ -77,7 +82,9 @@ impl From<Error> for Status {
             | Error::NoStart
             | Error::RemoveRoot => Status::invalid_argument(msg),
             Error::NotRegular { .. } => Status::failed_precondition(msg),
-            Error::TooLarge { .. } => Status::resource_exhausted(msg),
+            Error::TooLarge { .. } | Error::TooManyEntries { .. } => {
+                Status::resource_exhausted(msg)
+            }
             Error::Stream { source, .. } => Status::new(source.code(), msg),
             Error::Io { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => Status::not_found(msg),
@@ -172,6 +179,11 @@ pub fn list_dir(path: &Path) -> Result<Vec<FileInfo>, Error> {
     let mut entries = Vec::new();
     for entry in fs::read_dir(path).map_err(io_err("list", path))? {
         let entry = entry.map_err(io_err("list", path))?;
+        if entries.len() == MAX_LIST_ENTRIES {
+            return Err(Error::TooManyEntries {
+                path: path.to_path_buf(),
+            });
+        }
         let p = entry.path();
         // An entry removed while listing is simply not listed.
         if let Ok(meta) = fs::symlink_metadata(&p) {
