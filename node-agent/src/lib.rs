@@ -5,6 +5,9 @@
 
 pub mod images;
 pub mod network;
+pub mod node;
+pub mod server;
 pub mod storage;
 pub mod sys;
+pub mod tls;
 pub mod vmm;

@@ -53,6 +53,7 @@ pub async fn pull_to_layout(
             reference: reference.to_string(),
             source,
         })?;
+    crate::tls::install_crypto_provider();
     let client = Client::new(ClientConfig {
         protocol: if opts.insecure_registries.is_empty() {
             ClientProtocol::Https
