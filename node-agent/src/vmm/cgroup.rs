@@ -27,7 +27,7 @@ pub enum CgroupVersion {
 }
 
 /// Limits for one capsule's cgroup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CgroupLimits {
     /// CPU time allowed per [`CPU_PERIOD_US`], in microseconds; `None` is
     /// unlimited.

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod ch;
 mod error;
 mod fake;
+pub mod machine;
 pub mod process;
 
 use std::future::Future;
@@ -22,6 +23,10 @@ use std::time::Duration;
 
 pub use error::Error;
 pub use fake::{FakeCall, FakeVmm};
+pub use machine::{
+    BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
+    NetCounters, TapSpec,
+};
 
 use cgroup::{CgroupLimits, CgroupRoot};
 use ch::api::{

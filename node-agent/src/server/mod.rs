@@ -17,6 +17,8 @@ use wrenn_proto::agent::v1::node_agent_server::{NodeAgent, NodeAgentServer};
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::node::{NodePaths, read_facts};
+
+mod dataplane;
 use crate::tls::TlsFiles;
 
 /// Errors starting or running the server.
@@ -53,11 +55,29 @@ impl AgentService {
     pub fn new(identity: AgentIdentity, paths: NodePaths) -> Self {
         Self { identity, paths }
     }
+
+    /// Where the data plane reaches `capsule`'s guest agent. Refuses with
+    /// a status the user understands when the capsule is unknown, not
+    /// running (paused: "resume it first"), or its guest is not ready.
+    pub async fn guest_endpoint(&self, capsule: &str) -> Result<GuestEndpoint, Status> {
+        let _ = capsule;
+        Err(not_yet("the data plane"))
+    }
 }
 
-type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// How to reach one capsule's guest agent.
+#[derive(Clone, Debug)]
+pub struct GuestEndpoint {
+    /// Capsule id.
+    pub capsule: String,
+    /// Host Unix socket of the guest's vsock (`CONNECT <port>` handshake).
+    pub vsock_socket: std::path::PathBuf,
+}
 
-fn not_yet(rpc: &str) -> Status {
+pub(crate) type BoxStream<T> =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub(crate) fn not_yet(rpc: &str) -> Status {
     Status::unimplemented(format!(
         "{rpc} is not implemented by this node agent yet: the capsule supervisor is pending"
     ))
@@ -167,38 +187,38 @@ impl NodeAgent for AgentService {
     type ExecStream = BoxStream<gpb::ExecOutput>;
     async fn exec(
         &self,
-        _: Request<Streaming<pb::ExecInput>>,
+        req: Request<Streaming<pb::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        Err(not_yet("Exec"))
+        dataplane::exec(self, req).await
     }
     type PtyStream = BoxStream<gpb::PtyOutput>;
     async fn pty(
         &self,
-        _: Request<Streaming<pb::PtyInput>>,
+        req: Request<Streaming<pb::PtyInput>>,
     ) -> Result<Response<Self::PtyStream>, Status> {
-        Err(not_yet("Pty"))
+        dataplane::pty(self, req).await
     }
     type ReadFileStream = BoxStream<gpb::FileChunk>;
     async fn read_file(
         &self,
-        _: Request<pb::ReadFileRequest>,
+        req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
-        Err(not_yet("ReadFile"))
+        dataplane::read_file(self, req).await
     }
     async fn write_file(
         &self,
-        _: Request<Streaming<pb::WriteFileInput>>,
+        req: Request<Streaming<pb::WriteFileInput>>,
     ) -> Result<Response<gpb::FileInfo>, Status> {
-        Err(not_yet("WriteFile"))
+        dataplane::write_file(self, req).await
     }
     async fn list_dir(
         &self,
-        _: Request<pb::PathRequest>,
+        req: Request<pb::PathRequest>,
     ) -> Result<Response<gpb::ListDirResponse>, Status> {
-        Err(not_yet("ListDir"))
+        dataplane::list_dir(self, req).await
     }
-    async fn stat(&self, _: Request<pb::PathRequest>) -> Result<Response<gpb::FileInfo>, Status> {
-        Err(not_yet("Stat"))
+    async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<gpb::FileInfo>, Status> {
+        dataplane::stat(self, req).await
     }
 }
 
