@@ -92,6 +92,19 @@ fn loops_on(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The kernel clears a detached loop's backing file asynchronously.
+fn wait_no_loops_on(dir: &Path) {
+    wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "loops detached", || {
+        let left = loops_on(dir);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    })
+    .unwrap();
+}
+
 #[test]
 fn qcow2_overlay_writes_never_change_the_base() {
     let case = wrenn_testkit::case(Tier::Host, "qcow2_overlay_writes_never_change_the_base");
@@ -282,15 +295,7 @@ fn loop_devices_are_reused_and_leave_nothing_behind() {
     reg.release(&cow).unwrap();
     // `restarted` still counts one reference, but the device is gone: the
     // release is harmless, and releasing an unknown file is a no-op.
-    wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "loops detached", || {
-        let left = loops_on(dir.path());
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{left:?}"))
-        }
-    })
-    .unwrap();
+    wait_no_loops_on(dir.path());
     restarted.release(&base).unwrap();
     reg.release(&dir.path().join("never-attached")).unwrap();
 
@@ -303,16 +308,7 @@ fn loop_devices_are_reused_and_leave_nothing_behind() {
     let mut gone = reg.detach_all(&cow).unwrap();
     gone.sort();
     assert_eq!(gone.len(), 2);
-    // The kernel clears a detached loop's backing file asynchronously.
-    wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "loops detached", || {
-        let left = loops_on(dir.path());
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{left:?}"))
-        }
-    })
-    .unwrap();
+    wait_no_loops_on(dir.path());
 }
 
 /// Skips unless this host has device-mapper; names what is missing.
