@@ -132,15 +132,17 @@ if LC_ALL=C ldd "$guest_bin" 2>&1 | grep -q '=>'; then
 fi
 
 # 2. Debian packages, downloaded once per version (never installed).
-fetch() { # package version -> path of the .deb
-  local f
-  f=$(ls "$cache/guest/debs/$1_"*"_amd64.deb" 2>/dev/null | grep -F "_$(printf '%s' "$2" | sed 's/^[0-9]*://')_" | head -1 || true)
+fetch() { # package version -> path of the .deb (one directory per version)
+  local d=$cache/guest/debs/$1/${2//:/%3a} f
+  f=$(ls "$d"/*.deb 2>/dev/null | head -1 || true)
   if [ -z "$f" ]; then
     log "apt-get download $1=$2"
-    (cd "$cache/guest/debs" && apt-get download -q "$1=$2" 2>&1 \
+    mkdir -p "$d.tmp"
+    (cd "$d.tmp" && apt-get download -q "$1=$2" 2>&1 \
       | { grep -v -e '^W: Download is performed unsandboxed' -e '^Get:' -e '^Fetched' || true; } >&2)
-    f=$(ls "$cache/guest/debs/$1_"*"_amd64.deb" 2>/dev/null | grep -F "_$(printf '%s' "$2" | sed 's/^[0-9]*://')_" | head -1 || true)
-    [ -n "$f" ] || die "apt-get download $1=$2 fetched nothing"
+    ls "$d.tmp"/*.deb >/dev/null 2>&1 || die "apt-get download $1=$2 fetched nothing"
+    rm -rf "$d"; mv "$d.tmp" "$d"
+    f=$(ls "$d"/*.deb | head -1)
   fi
   printf '%s' "$f"
 }
@@ -238,7 +240,7 @@ chown -R 0:0 "$rd"
 find "$rd" -exec touch -h -d "@$epoch" {} +
 uuid=$(printf '%s' "$key" | sha256sum | sed -E 's/^(.{8})(.{4})(.{4})(.{4})(.{12}).*/\1-\2-\3-\4-\5/')
 E2FSPROGS_FAKE_TIME=$epoch mkfs.ext4 -q -F -L wrenn-root -U "$uuid" -E "hash_seed=$uuid,root_owner=0:0" \
-  -m 0 -d "$rd" "$out/rootfs.ext4" "$rootfs_size"
+  -m 0 -d "$rd" "$out/rootfs.ext4" "$rootfs_size" >/dev/null
 e2fsck -fn "$out/rootfs.ext4" >/dev/null 2>&1 || die "e2fsck found errors in the new rootfs.ext4"
 
 # 6. Manifest.
