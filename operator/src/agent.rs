@@ -1,0 +1,378 @@
+//! The [`NodeAgent`] capability (one node agent's gRPC API) and its tonic
+//! client [`GrpcNodeAgent`] over mutual TLS. It only translates: decisions
+//! live in `plan`, bookkeeping of many agents in `pool`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use wrenn_proto::agent::v1 as pb;
+use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
+
+use crate::plan::{Vm, VmState};
+
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
+
+/// Errors talking to a node agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call was refused or failed.
+    #[error("{call} on node {node}")]
+    Call {
+        /// RPC name.
+        call: &'static str,
+        /// Node of the agent.
+        node: String,
+        /// What the agent (or transport) said.
+        #[source]
+        status: tonic::Status,
+    },
+    /// The channel to an agent could not be set up.
+    #[error("connect to the agent of node {node} at {addr}")]
+    Connect {
+        /// Node name.
+        node: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// TLS material could not be read.
+    #[error("read {what} from {path}")]
+    ReadTls {
+        /// Certificate, key or CA.
+        what: &'static str,
+        /// File.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No agent is known for the node.
+    #[error("no agent for node {node}")]
+    NoAgent {
+        /// Node name.
+        node: String,
+    },
+}
+
+impl Error {
+    /// The gRPC code of a failed call.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Call { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// The agent's own message of a failed call, for conditions.
+    pub fn agent_message(&self) -> String {
+        match self {
+            Error::Call { status, .. } => status.message().to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Future returned by every [`NodeAgent`] call.
+pub type Call<'a, T> = BoxFuture<'a, Result<T, Error>>;
+/// Stream of an agent's events.
+pub type Events = BoxStream<'static, Result<pb::Event, Error>>;
+
+/// One node agent's API. Every capsule call is keyed by UID and idempotent.
+pub trait NodeAgent: Send + Sync + 'static {
+    /// Node facts: VMM, capacity, free resources, templates and snapshots held.
+    fn node_info(&self) -> Call<'_, pb::NodeInfoResponse>;
+    /// Creates (or returns the existing) capsule.
+    fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule>;
+    /// Every capsule on the node.
+    fn list_capsules(&self) -> Call<'_, Vec<pb::Capsule>>;
+    /// Deletes a capsule; `false` when it was already gone.
+    fn delete_capsule(&self, uid: String) -> Call<'_, bool>;
+    /// Running → Paused.
+    fn pause_capsule(&self, uid: String) -> Call<'_, pb::Capsule>;
+    /// Paused or Suspended → Running.
+    fn resume_capsule(&self, uid: String) -> Call<'_, pb::Capsule>;
+    /// Running or Paused → Suspended.
+    fn suspend_capsule(&self, uid: String) -> Call<'_, pb::Capsule>;
+    /// Snapshots a capsule into the named snapshot.
+    fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot>;
+    /// Deletes a snapshot's files; `false` when already gone.
+    fn delete_snapshot(&self, id: String) -> Call<'_, bool>;
+    /// State changes of every capsule after sequence `after` (0: from now, after SYNC events).
+    fn watch_events(&self, after: u64) -> Call<'_, Events>;
+    /// Metric samples of one capsule.
+    fn get_metrics(&self, req: pb::GetMetricsRequest) -> Call<'_, pb::GetMetricsResponse>;
+}
+
+/// Makes a [`NodeAgent`] for a node at an address (the pool calls it on
+/// discovery and whenever the address changes).
+pub trait Connector: Send + Sync + 'static {
+    /// A client for `node` at `addr`; connecting may be lazy.
+    fn connect(&self, node: &str, addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error>;
+}
+
+/// The operator's TLS identity and the CA that signs agents.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    config: ClientTlsConfig,
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::ReadTls {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl ClientTls {
+    /// Loads the client certificate, its key and the agents' CA (PEM files).
+    /// `server_name` is the name every agent certificate carries.
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        let cert = read("client certificate", cert)?;
+        let key = read("client key", key)?;
+        let ca = read("agent CA", ca)?;
+        Ok(Self::from_pem(cert, key, ca, server_name))
+    }
+
+    /// The same from PEM bytes.
+    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>, server_name: &str) -> Self {
+        Self {
+            config: ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key))
+                .domain_name(server_name),
+        }
+    }
+}
+
+/// Connects [`GrpcNodeAgent`]s with mutual TLS.
+#[derive(Clone, Debug)]
+pub struct GrpcConnector {
+    /// TLS identity and trust.
+    pub tls: ClientTls,
+    /// Per-call deadline (streams excepted).
+    pub timeout: Duration,
+}
+
+impl Connector for GrpcConnector {
+    fn connect(&self, node: &str, addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error> {
+        let wrap = |source| Error::Connect {
+            node: node.to_string(),
+            addr,
+            source,
+        };
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .map_err(|e| Error::Call {
+                call: "connect",
+                node: node.to_string(),
+                status: tonic::Status::invalid_argument(e.to_string()),
+            })?
+            .tls_config(self.tls.config.clone())
+            .map_err(wrap)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        Ok(Arc::new(GrpcNodeAgent {
+            node: node.to_string(),
+            client: NodeAgentClient::new(channel),
+            timeout: self.timeout,
+        }))
+    }
+}
+
+/// A node agent reached over gRPC.
+#[derive(Clone, Debug)]
+pub struct GrpcNodeAgent {
+    node: String,
+    client: NodeAgentClient<Channel>,
+    timeout: Duration,
+}
+
+impl GrpcNodeAgent {
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(self.timeout);
+        req
+    }
+
+    fn fail(&self, call: &'static str) -> impl FnOnce(tonic::Status) -> Error + '_ {
+        move |status| Error::Call {
+            call,
+            node: self.node.clone(),
+            status,
+        }
+    }
+}
+
+impl NodeAgent for GrpcNodeAgent {
+    fn node_info(&self) -> Call<'_, pb::NodeInfoResponse> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.node_info(self.request(pb::NodeInfoRequest {}))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("NodeInfo"))
+        })
+    }
+
+    fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.create_capsule(self.request(req))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("CreateCapsule"))
+        })
+    }
+
+    fn list_capsules(&self) -> Call<'_, Vec<pb::Capsule>> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.list_capsules(self.request(pb::ListCapsulesRequest {}))
+                .await
+                .map(|r| r.into_inner().capsules)
+                .map_err(self.fail("ListCapsules"))
+        })
+    }
+
+    fn delete_capsule(&self, uid: String) -> Call<'_, bool> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.delete_capsule(self.request(pb::CapsuleRef { uid }))
+                .await
+                .map(|r| r.into_inner().existed)
+                .map_err(self.fail("DeleteCapsule"))
+        })
+    }
+
+    fn pause_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.pause_capsule(self.request(pb::CapsuleRef { uid }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("PauseCapsule"))
+        })
+    }
+
+    fn resume_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.resume_capsule(self.request(pb::CapsuleRef { uid }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("ResumeCapsule"))
+        })
+    }
+
+    fn suspend_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.suspend_capsule(self.request(pb::CapsuleRef { uid }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("SuspendCapsule"))
+        })
+    }
+
+    fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            // Writing memory to disk takes longer than an ordinary call.
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(self.timeout * 20);
+            c.snapshot_capsule(r)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("SnapshotCapsule"))
+        })
+    }
+
+    fn delete_snapshot(&self, id: String) -> Call<'_, bool> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.delete_snapshot(self.request(pb::SnapshotRef { id }))
+                .await
+                .map(|r| r.into_inner().existed)
+                .map_err(self.fail("DeleteSnapshot"))
+        })
+    }
+
+    fn watch_events(&self, after: u64) -> Call<'_, Events> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            let stream = c
+                .watch_events(pb::WatchEventsRequest { after })
+                .await
+                .map_err(self.fail("WatchEvents"))?
+                .into_inner();
+            let node = self.node.clone();
+            Ok(stream
+                .map(move |r| {
+                    r.map_err(|status| Error::Call {
+                        call: "WatchEvents",
+                        node: node.clone(),
+                        status,
+                    })
+                })
+                .boxed())
+        })
+    }
+
+    fn get_metrics(&self, req: pb::GetMetricsRequest) -> Call<'_, pb::GetMetricsResponse> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.get_metrics(self.request(req))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("GetMetrics"))
+        })
+    }
+}
+
+/// The plan's view of an agent's capsule.
+pub fn to_vm(c: &pb::Capsule) -> Vm {
+    use pb::CapsuleState as S;
+    let state = match S::try_from(c.state).unwrap_or(S::Unspecified) {
+        S::Unspecified | S::Creating => VmState::Creating,
+        S::Running => VmState::Running,
+        S::Pausing => VmState::Pausing,
+        S::Paused => VmState::Paused,
+        S::Suspending => VmState::Suspending,
+        S::Suspended => VmState::Suspended,
+        S::Resuming => VmState::Resuming,
+        S::Snapshotting => VmState::Snapshotting,
+        S::Deleting => VmState::Deleting,
+        S::Failed => VmState::Failed,
+        S::Stopped => VmState::Stopped,
+    };
+    Vm {
+        state,
+        ip: c.ip.clone(),
+        vmm: c
+            .vmm
+            .as_ref()
+            .map(|v| (v.name.clone(), v.version.clone(), v.note.clone())),
+        started_unix_nanos: c.started_unix_nanos,
+        message: if c.reason.is_empty() || c.message.starts_with(&c.reason) {
+            c.message.clone()
+        } else {
+            format!("{}: {}", c.reason, c.message)
+        },
+    }
+}

@@ -1,0 +1,430 @@
+//! An in-memory node agent for tests: it keeps capsules per UID with the
+//! agent's idempotency rules, boots them after a configurable delay,
+//! streams events like the real agent and records every call. It can be
+//! taken "down" (calls fail Unavailable, streams end) to test reconnects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::stream::StreamExt;
+use tokio::sync::broadcast;
+use wrenn_proto::agent::v1 as pb;
+
+use super::{Call, Connector, Error, Events, NodeAgent};
+
+/// A recorded call: (RPC name, UID or id).
+pub type Recorded = (&'static str, String);
+
+#[derive(Debug, Default)]
+struct State {
+    capsules: BTreeMap<String, pb::Capsule>,
+    snapshots: BTreeMap<String, pb::Snapshot>,
+    calls: Vec<Recorded>,
+    down: bool,
+    sequence: u64,
+    created: BTreeSet<String>,
+}
+
+/// A fake agent for one node.
+#[derive(Debug)]
+pub struct FakeNodeAgent {
+    node: String,
+    capacity: pb::Resources,
+    boot_delay: Duration,
+    state: Mutex<State>,
+    events: broadcast::Sender<pb::Event>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panicking test thread poisons the lock; the data is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl FakeNodeAgent {
+    /// A node with this capacity; capsules reach Running after `boot_delay`.
+    pub fn new(node: &str, capacity: pb::Resources, boot_delay: Duration) -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            node: node.into(),
+            capacity,
+            boot_delay,
+            state: Mutex::new(State::default()),
+            events,
+        })
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<Recorded> {
+        lock(&self.state).calls.clone()
+    }
+
+    /// How many times `call` was made.
+    pub fn count(&self, call: &str) -> usize {
+        lock(&self.state)
+            .calls
+            .iter()
+            .filter(|(c, _)| *c == call)
+            .count()
+    }
+
+    /// UIDs of the capsules the node holds.
+    pub fn uids(&self) -> Vec<String> {
+        lock(&self.state).capsules.keys().cloned().collect()
+    }
+
+    /// The capsule with this UID.
+    pub fn capsule(&self, uid: &str) -> Option<pb::Capsule> {
+        lock(&self.state).capsules.get(uid).cloned()
+    }
+
+    /// UIDs for which a VM was ever really created (not returned as existing).
+    pub fn created(&self) -> BTreeSet<String> {
+        lock(&self.state).created.clone()
+    }
+
+    /// Puts a VM on the node behind the operator's back (an orphan, or one
+    /// left by a create the operator did not see finish).
+    pub fn insert(&self, uid: &str, namespace: &str, name: &str, state: pb::CapsuleState) {
+        let c = pb::Capsule {
+            uid: uid.into(),
+            spec: Some(pb::CapsuleSpec {
+                namespace: namespace.into(),
+                name: name.into(),
+                ..Default::default()
+            }),
+            state: state as i32,
+            ip: "10.201.0.9".into(),
+            ..Default::default()
+        };
+        lock(&self.state).capsules.insert(uid.into(), c);
+    }
+
+    /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
+    pub fn vanish(&self, uid: &str) {
+        lock(&self.state).capsules.remove(uid);
+    }
+
+    /// Takes the agent down (calls fail, streams end) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        lock(&self.state).down = down;
+        if down {
+            // Ends every stream: receivers see the sentinel below.
+            let _ = self.events.send(pb::Event {
+                sequence: u64::MAX,
+                ..Default::default()
+            });
+        }
+    }
+
+    fn enter(&self, call: &'static str, key: &str) -> Result<MutexGuard<'_, State>, Error> {
+        let mut st = lock(&self.state);
+        st.calls.push((call, key.to_string()));
+        if st.down {
+            return Err(Error::Call {
+                call,
+                node: self.node.clone(),
+                status: tonic::Status::unavailable("agent down"),
+            });
+        }
+        Ok(st)
+    }
+
+    fn emit(&self, st: &mut State, kind: pb::EventKind, c: &pb::Capsule) {
+        st.sequence += 1;
+        let _ = self.events.send(pb::Event {
+            sequence: st.sequence,
+            kind: kind as i32,
+            capsule: Some(c.clone()),
+            unix_nanos: 0,
+        });
+    }
+
+    fn used(st: &State) -> pb::Resources {
+        let mut used = pb::Resources::default();
+        for c in st.capsules.values() {
+            let suspended = c.state == pb::CapsuleState::Suspended as i32;
+            if let Some(r) = c.spec.as_ref().and_then(|s| s.resources.as_ref()) {
+                if !suspended {
+                    used.vcpus += r.vcpus;
+                    used.memory_bytes += r.memory_bytes;
+                }
+                used.disk_bytes += r.disk_bytes;
+            }
+        }
+        used
+    }
+
+    fn transition(
+        self: &Arc<Self>,
+        call: &'static str,
+        uid: String,
+        allowed: &[pb::CapsuleState],
+        to: pb::CapsuleState,
+    ) -> Call<'static, pb::Capsule> {
+        let this = self.clone();
+        let allowed = allowed.to_vec();
+        Box::pin(async move {
+            let mut st = this.enter(call, &uid)?;
+            let Some(c) = st.capsules.get(&uid).cloned() else {
+                return Err(Error::Call {
+                    call,
+                    node: this.node.clone(),
+                    status: tonic::Status::not_found(format!("capsule {uid}")),
+                });
+            };
+            if c.state == to as i32 {
+                return Ok(c);
+            }
+            if !allowed.iter().any(|s| *s as i32 == c.state) {
+                return Err(Error::Call {
+                    call,
+                    node: this.node.clone(),
+                    status: tonic::Status::failed_precondition(format!(
+                        "capsule {uid} is {:?}",
+                        pb::CapsuleState::try_from(c.state)
+                    )),
+                });
+            }
+            let mut c = c;
+            c.state = to as i32;
+            st.capsules.insert(uid, c.clone());
+            this.emit(&mut st, pb::EventKind::StateChanged, &c);
+            Ok(c)
+        })
+    }
+}
+
+/// Shares fakes by node so tests keep a handle to each.
+#[derive(Debug, Default)]
+pub struct FakeConnector {
+    agents: Mutex<BTreeMap<String, Arc<FakeNodeAgent>>>,
+}
+
+impl FakeConnector {
+    /// Registers the fake serving `node`.
+    pub fn add(&self, agent: Arc<FakeNodeAgent>) {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.node.clone(), agent);
+    }
+}
+
+impl Connector for FakeConnector {
+    fn connect(&self, node: &str, _addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error> {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        match agents.get(node) {
+            Some(a) => Ok(Arc::new(Handle(a.clone()))),
+            None => Err(Error::NoAgent { node: node.into() }),
+        }
+    }
+}
+
+/// `NodeAgent` needs `&self`, the fake's timers need an `Arc`.
+struct Handle(Arc<FakeNodeAgent>);
+
+impl NodeAgent for Handle {
+    fn node_info(&self) -> Call<'_, pb::NodeInfoResponse> {
+        let a = &self.0;
+        Box::pin(async move {
+            let st = a.enter("NodeInfo", "")?;
+            let used = FakeNodeAgent::used(&st);
+            Ok(pb::NodeInfoResponse {
+                node_name: a.node.clone(),
+                agent_version: "fake".into(),
+                kvm: true,
+                vmm: Some(pb::VmmInfo {
+                    name: "fake-vmm".into(),
+                    version: "1".into(),
+                    note: String::new(),
+                }),
+                cpu_model: "fake cpu".into(),
+                capacity: Some(a.capacity),
+                free: Some(pb::Resources {
+                    vcpus: a.capacity.vcpus.saturating_sub(used.vcpus),
+                    memory_bytes: a.capacity.memory_bytes.saturating_sub(used.memory_bytes),
+                    disk_bytes: a.capacity.disk_bytes.saturating_sub(used.disk_bytes),
+                }),
+                templates: Default::default(),
+                snapshots: st.snapshots.keys().cloned().collect(),
+                storage_backend: "fake".into(),
+            })
+        })
+    }
+
+    fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule> {
+        let a = self.0.clone();
+        Box::pin(async move {
+            let mut st = a.enter("CreateCapsule", &req.uid)?;
+            if let Some(c) = st.capsules.get(&req.uid) {
+                return Ok(c.clone());
+            }
+            let target = match pb::CapsuleState::try_from(req.initial_state) {
+                Ok(pb::CapsuleState::Paused) => pb::CapsuleState::Paused,
+                Ok(pb::CapsuleState::Suspended) => pb::CapsuleState::Suspended,
+                _ => pb::CapsuleState::Running,
+            };
+            let n = st.created.len() + 2;
+            let c = pb::Capsule {
+                uid: req.uid.clone(),
+                spec: req.spec,
+                state: pb::CapsuleState::Creating as i32,
+                ip: format!("10.201.{}.{}", n / 250, n % 250 + 2),
+                vmm: Some(pb::VmmInfo {
+                    name: "fake-vmm".into(),
+                    version: "1".into(),
+                    note: String::new(),
+                }),
+                started_unix_nanos: 0,
+                message: String::new(),
+                reason: String::new(),
+            };
+            st.created.insert(req.uid.clone());
+            st.capsules.insert(req.uid.clone(), c.clone());
+            a.emit(&mut st, pb::EventKind::StateChanged, &c);
+            drop(st);
+            let boot = a.clone();
+            let uid = req.uid;
+            tokio::spawn(async move {
+                tokio::time::sleep(boot.boot_delay).await;
+                let mut st = lock(&boot.state);
+                let booted = st.capsules.get_mut(&uid).map(|c| {
+                    c.state = target as i32;
+                    c.started_unix_nanos = 1;
+                    c.clone()
+                });
+                if let Some(c) = booted {
+                    boot.emit(&mut st, pb::EventKind::StateChanged, &c);
+                }
+            });
+            Ok(c)
+        })
+    }
+
+    fn list_capsules(&self) -> Call<'_, Vec<pb::Capsule>> {
+        Box::pin(async move {
+            let st = self.0.enter("ListCapsules", "")?;
+            Ok(st.capsules.values().cloned().collect())
+        })
+    }
+
+    fn delete_capsule(&self, uid: String) -> Call<'_, bool> {
+        Box::pin(async move {
+            let mut st = self.0.enter("DeleteCapsule", &uid)?;
+            match st.capsules.remove(&uid) {
+                Some(c) => {
+                    self.0.emit(&mut st, pb::EventKind::Deleted, &c);
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        })
+    }
+
+    fn pause_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        use pb::CapsuleState as S;
+        self.0
+            .transition("PauseCapsule", uid, &[S::Running], S::Paused)
+    }
+
+    fn resume_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        use pb::CapsuleState as S;
+        self.0
+            .transition("ResumeCapsule", uid, &[S::Paused, S::Suspended], S::Running)
+    }
+
+    fn suspend_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        use pb::CapsuleState as S;
+        self.0.transition(
+            "SuspendCapsule",
+            uid,
+            &[S::Running, S::Paused],
+            S::Suspended,
+        )
+    }
+
+    fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot> {
+        Box::pin(async move {
+            let id = req.snapshot.map(|s| s.id).unwrap_or_default();
+            let mut st = self.0.enter("SnapshotCapsule", &id)?;
+            if let Some(s) = st.snapshots.get(&id) {
+                return Ok(s.clone());
+            }
+            let Some(c) = st.capsules.get(&req.uid) else {
+                return Err(Error::Call {
+                    call: "SnapshotCapsule",
+                    node: self.0.node.clone(),
+                    status: tonic::Status::not_found(format!("capsule {}", req.uid)),
+                });
+            };
+            let snap = pb::Snapshot {
+                r#ref: Some(pb::SnapshotRef { id: id.clone() }),
+                capsule_uid: req.uid.clone(),
+                size_bytes: if req.memory { 600 << 20 } else { 80 << 20 },
+                created_unix_nanos: 1_700_000_000_000_000_000,
+                memory: req.memory,
+                vmm: c.vmm.clone(),
+                cpu_model: "fake cpu".into(),
+                resources: c.spec.as_ref().and_then(|s| s.resources),
+            };
+            st.snapshots.insert(id, snap.clone());
+            Ok(snap)
+        })
+    }
+
+    fn delete_snapshot(&self, id: String) -> Call<'_, bool> {
+        Box::pin(async move {
+            let mut st = self.0.enter("DeleteSnapshot", &id)?;
+            Ok(st.snapshots.remove(&id).is_some())
+        })
+    }
+
+    fn watch_events(&self, after: u64) -> Call<'_, Events> {
+        Box::pin(async move {
+            let st = self.0.enter("WatchEvents", &after.to_string())?;
+            let rx = self.0.events.subscribe();
+            let sync: Vec<_> = st
+                .capsules
+                .values()
+                .cloned()
+                .map(|c| pb::Event {
+                    sequence: 0,
+                    kind: pb::EventKind::Sync as i32,
+                    capsule: Some(c),
+                    unix_nanos: 0,
+                })
+                .collect();
+            drop(st);
+            let live = tokio_stream::wrappers::BroadcastStream::new(rx)
+                .take_while(|e| {
+                    let end = matches!(e, Ok(ev) if ev.sequence == u64::MAX);
+                    futures::future::ready(!end)
+                })
+                .filter_map(|e| futures::future::ready(e.ok()))
+                .map(Ok);
+            Ok(futures::stream::iter(sync.into_iter().map(Ok))
+                .chain(live)
+                .boxed())
+        })
+    }
+
+    fn get_metrics(&self, req: pb::GetMetricsRequest) -> Call<'_, pb::GetMetricsResponse> {
+        Box::pin(async move {
+            let _st = self.0.enter("GetMetrics", &req.uid)?;
+            Ok(pb::GetMetricsResponse {
+                resolution_seconds: 1,
+                samples: vec![pb::MetricsSample {
+                    unix_nanos: req.to_unix_nanos,
+                    cpu_millicores: 250,
+                    guest_memory_used_bytes: 100 << 20,
+                    host_rss_bytes: 150 << 20,
+                    disk_allocated_bytes: 20 << 20,
+                    net_rx_bytes: 0,
+                    net_tx_bytes: 0,
+                }],
+            })
+        })
+    }
+}

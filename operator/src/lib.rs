@@ -1,0 +1,9 @@
+//! The Wrenn operator as a library, so tests drive the same controllers the
+//! binary runs. `plan` and `placement` decide (pure); `agent` talks to node
+//! agents; `status` writes status; `controller` ties them together per kind.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod placement;
+pub mod plan;
+pub mod resources;

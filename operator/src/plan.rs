@@ -1,0 +1,824 @@
+//! Pure decisions for one capsule: from its spec and what its node agent
+//! reports, the next action on the node and the status to show. No async,
+//! no clients, no clocks (`now` is an argument); the controller gathers the
+//! facts, acts on [`NodeAction`] and writes [`StatusDraft`].
+
+use std::time::Duration;
+
+use wrenn_crds::capsule::{CapsulePhase, Lifecycle, OnExpiry, OperatingMode};
+use wrenn_crds::names::{condition, reason};
+
+use crate::resources::{Error as ResourceError, parse_duration};
+
+/// State of a VM as its agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Booting or restoring for the first time.
+    Creating,
+    /// vCPUs run.
+    Running,
+    /// Being paused.
+    Pausing,
+    /// vCPUs stopped, memory kept.
+    Paused,
+    /// Memory being written to disk.
+    Suspending,
+    /// On disk; the VMM has exited.
+    Suspended,
+    /// Being restored or resumed.
+    Resuming,
+    /// A snapshot is being taken.
+    Snapshotting,
+    /// Being deleted.
+    Deleting,
+    /// Failed; the message says why.
+    Failed,
+    /// The guest powered itself off.
+    Stopped,
+}
+
+/// A VM on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vm {
+    /// Its state.
+    pub state: VmState,
+    /// Node-reachable address, empty until networking is up.
+    pub ip: String,
+    /// VMM name, version and slowness note.
+    pub vmm: Option<(String, String, String)>,
+    /// Start or last restore, Unix nanoseconds (0 when unknown).
+    pub started_unix_nanos: i64,
+    /// The agent's last error.
+    pub message: String,
+}
+
+/// What the operator knows about the capsule's VM.
+#[derive(Clone, Copy, Debug)]
+pub enum Observed<'a> {
+    /// The node's agent is unreachable: nothing is known.
+    Unknown,
+    /// The agent answered and has no VM for this UID.
+    Absent,
+    /// The agent has this VM.
+    Present(&'a Vm),
+}
+
+/// Whether the capsule's source can be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// Template present, or snapshot Ready.
+    Usable,
+    /// Blocked; (reason, message).
+    Blocked(&'static str, String),
+}
+
+/// Everything the plan reads.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    /// `spec.operatingMode`.
+    pub mode: OperatingMode,
+    /// `status.nodeName`: the placement already recorded.
+    pub node: Option<&'a str>,
+    /// `status.phase` as last written.
+    pub phase: Option<CapsulePhase>,
+    /// The VM on `node`.
+    pub vm: Observed<'a>,
+    /// Whether the source is usable (only matters before creation).
+    pub source: SourceState,
+    /// The lifecycle expired, with `onExpiry`.
+    pub expired: Option<OnExpiry>,
+}
+
+/// One step on the node, or on the object itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeAction {
+    /// Nothing to do until something changes.
+    None,
+    /// Choose a node (legal only while `status.nodeName` is unset).
+    Place,
+    /// Create the VM on `status.nodeName`, starting in this state.
+    Create(OperatingMode),
+    /// Running → Paused.
+    Pause,
+    /// Paused or Suspended → Running.
+    Resume,
+    /// Running or Paused → Suspended.
+    Suspend,
+    /// Lifecycle expired with `onExpiry: Delete`: delete the Capsule object
+    /// (its finalizer then deletes the VM).
+    DeleteObject,
+}
+
+/// One condition to show: (type, status, reason, message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConditionDraft {
+    /// `Scheduled`, `Ready`, `Paused` or `Suspended`.
+    pub type_: &'static str,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
+    /// CamelCase reason from `wrenn_crds::names::reason`.
+    pub reason: &'static str,
+    /// Human sentence.
+    pub message: String,
+}
+
+/// The status the plan wants, without times or generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusDraft {
+    /// Phase.
+    pub phase: CapsulePhase,
+    /// Node, kept once set.
+    pub node: Option<String>,
+    /// Guest address.
+    pub ip: Option<String>,
+    /// Start time, Unix nanoseconds.
+    pub started_unix_nanos: Option<i64>,
+    /// VMM (name, version, note).
+    pub vmm: Option<(String, String, String)>,
+    /// Conditions, one per type.
+    pub conditions: Vec<ConditionDraft>,
+}
+
+/// The plan: an action and the status to show once it is under way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Next step.
+    pub action: NodeAction,
+    /// Status to show; `None` keeps the current one (nothing is known).
+    pub status: Option<StatusDraft>,
+}
+
+fn cond(type_: &'static str, ok: bool, reason: &'static str, message: String) -> ConditionDraft {
+    ConditionDraft {
+        type_,
+        status: if ok { "True" } else { "False" },
+        reason,
+        message,
+    }
+}
+
+/// Builds the four conditions for a phase. `scheduled` is Scheduled's
+/// (ok, reason, message); `ready_reason`/`message` explain Ready when False.
+fn conditions(
+    scheduled: (bool, &'static str, String),
+    phase: CapsulePhase,
+    ready_reason: &'static str,
+    ready_message: String,
+    suspend_reason: &'static str,
+) -> Vec<ConditionDraft> {
+    let running = phase == CapsulePhase::Running;
+    let paused = phase == CapsulePhase::Paused;
+    let suspended = phase == CapsulePhase::Suspended;
+    let other_reason = if running {
+        reason::RUNNING
+    } else {
+        ready_reason
+    };
+    vec![
+        cond(condition::SCHEDULED, scheduled.0, scheduled.1, scheduled.2),
+        cond(
+            condition::READY,
+            running,
+            if running {
+                reason::RUNNING
+            } else {
+                ready_reason
+            },
+            if running {
+                "the VM runs".to_string()
+            } else {
+                ready_message
+            },
+        ),
+        cond(
+            condition::PAUSED,
+            paused,
+            if paused {
+                reason::PAUSED_BY_USER
+            } else {
+                other_reason
+            },
+            if paused {
+                "vCPUs stopped, memory kept".to_string()
+            } else {
+                String::new()
+            },
+        ),
+        cond(
+            condition::SUSPENDED,
+            suspended,
+            if suspended {
+                suspend_reason
+            } else {
+                other_reason
+            },
+            if suspended {
+                "memory written to disk on the node; VMM stopped".to_string()
+            } else {
+                String::new()
+            },
+        ),
+    ]
+}
+
+fn draft(
+    phase: CapsulePhase,
+    node: Option<&str>,
+    vm: Option<&Vm>,
+    conditions: Vec<ConditionDraft>,
+) -> StatusDraft {
+    StatusDraft {
+        phase,
+        node: node.map(str::to_string),
+        ip: vm.filter(|v| !v.ip.is_empty()).map(|v| v.ip.clone()),
+        started_unix_nanos: vm.map(|v| v.started_unix_nanos).filter(|n| *n > 0),
+        vmm: vm.and_then(|v| v.vmm.clone()),
+        conditions,
+    }
+}
+
+/// The mode the capsule should be in, after lifecycle expiry.
+fn desired_mode(f: &Facts<'_>) -> OperatingMode {
+    match f.expired {
+        Some(OnExpiry::Suspend) => OperatingMode::Suspended,
+        _ => f.mode,
+    }
+}
+
+/// Decides the next step for one capsule and the status to show.
+pub fn plan_capsule(f: &Facts<'_>) -> Plan {
+    let mode = desired_mode(f);
+    let suspend_reason = if f.expired.is_some() {
+        reason::SUSPENDED_ON_EXPIRY
+    } else {
+        reason::SUSPENDED_BY_USER
+    };
+    let placed = |node: &str| (true, reason::PLACED, format!("placed on node {node}"));
+
+    if f.expired == Some(OnExpiry::Delete) {
+        let sched = match f.node {
+            Some(n) => placed(n),
+            None => (false, reason::EXPIRED, "expired before placement".into()),
+        };
+        let vm = match f.vm {
+            Observed::Present(vm) => Some(vm),
+            _ => None,
+        };
+        return Plan {
+            action: NodeAction::DeleteObject,
+            status: Some(draft(
+                CapsulePhase::Expired,
+                f.node,
+                vm,
+                conditions(
+                    sched,
+                    CapsulePhase::Expired,
+                    reason::EXPIRED,
+                    "lifecycle expired; deleting".into(),
+                    suspend_reason,
+                ),
+            )),
+        };
+    }
+
+    let Some(node) = f.node else {
+        if let SourceState::Blocked(why, message) = &f.source {
+            return Plan {
+                action: NodeAction::None,
+                status: Some(draft(
+                    CapsulePhase::Pending,
+                    None,
+                    None,
+                    conditions(
+                        (false, why, message.clone()),
+                        CapsulePhase::Pending,
+                        reason::PENDING,
+                        "waiting for its source".into(),
+                        suspend_reason,
+                    ),
+                )),
+            };
+        }
+        return Plan {
+            action: NodeAction::Place,
+            status: Some(pending(suspend_reason)),
+        };
+    };
+
+    let vm = match f.vm {
+        // Nothing is known: keep what the status says until the agent is back.
+        Observed::Unknown => {
+            return Plan {
+                action: NodeAction::None,
+                status: None,
+            };
+        }
+        Observed::Absent => {
+            return plan_absent(f, node, mode, suspend_reason);
+        }
+        Observed::Present(vm) => vm,
+    };
+
+    let (phase, action, ready_reason, message) = match (vm.state, mode) {
+        (VmState::Failed, _) => (
+            CapsulePhase::Failed,
+            NodeAction::None,
+            reason::NODE_ERROR,
+            vm.message.clone(),
+        ),
+        (VmState::Stopped, _) => (
+            CapsulePhase::Failed,
+            NodeAction::None,
+            reason::VM_CRASHED,
+            "the guest powered itself off".to_string(),
+        ),
+        (VmState::Creating, _) => (
+            CapsulePhase::Creating,
+            NodeAction::None,
+            reason::CREATING,
+            "the VM is booting".to_string(),
+        ),
+        (VmState::Pausing, _) => transitional(CapsulePhase::Pausing, "pausing"),
+        (VmState::Suspending, _) => transitional(CapsulePhase::Suspending, "suspending"),
+        (VmState::Resuming, _) => transitional(CapsulePhase::Resuming, "resuming"),
+        (VmState::Snapshotting, _) => transitional(CapsulePhase::Pausing, "snapshotting"),
+        (VmState::Deleting, _) => transitional(CapsulePhase::Terminating, "deleting"),
+        (VmState::Running, OperatingMode::Running) => (
+            CapsulePhase::Running,
+            NodeAction::None,
+            reason::RUNNING,
+            String::new(),
+        ),
+        (VmState::Running, OperatingMode::Paused) => (
+            CapsulePhase::Pausing,
+            NodeAction::Pause,
+            reason::PAUSED_BY_USER,
+            "pausing".to_string(),
+        ),
+        (VmState::Running | VmState::Paused, OperatingMode::Suspended) => (
+            CapsulePhase::Suspending,
+            NodeAction::Suspend,
+            suspend_reason,
+            "suspending".to_string(),
+        ),
+        (VmState::Paused, OperatingMode::Paused) => (
+            CapsulePhase::Paused,
+            NodeAction::None,
+            reason::PAUSED_BY_USER,
+            "paused at the user's request".to_string(),
+        ),
+        // Paused → Running, and Suspended → Running or Paused: resume first;
+        // a Paused target pauses on the next pass.
+        (VmState::Paused, OperatingMode::Running)
+        | (VmState::Suspended, OperatingMode::Running | OperatingMode::Paused) => (
+            CapsulePhase::Resuming,
+            NodeAction::Resume,
+            reason::CREATING,
+            "resuming".to_string(),
+        ),
+        (VmState::Suspended, OperatingMode::Suspended) => (
+            CapsulePhase::Suspended,
+            NodeAction::None,
+            suspend_reason,
+            "suspended".to_string(),
+        ),
+    };
+    Plan {
+        action,
+        status: Some(draft(
+            phase,
+            Some(node),
+            Some(vm),
+            conditions(placed(node), phase, ready_reason, message, suspend_reason),
+        )),
+    }
+}
+
+fn transitional(
+    phase: CapsulePhase,
+    what: &str,
+) -> (CapsulePhase, NodeAction, &'static str, String) {
+    (
+        phase,
+        NodeAction::None,
+        reason::PENDING,
+        format!("the node agent is {what} the VM"),
+    )
+}
+
+fn pending(suspend_reason: &'static str) -> StatusDraft {
+    draft(
+        CapsulePhase::Pending,
+        None,
+        None,
+        conditions(
+            (false, reason::PENDING, "waiting for placement".into()),
+            CapsulePhase::Pending,
+            reason::PENDING,
+            "not placed yet".into(),
+            suspend_reason,
+        ),
+    )
+}
+
+/// The node answered and has no VM for this capsule.
+fn plan_absent(
+    f: &Facts<'_>,
+    node: &str,
+    mode: OperatingMode,
+    suspend_reason: &'static str,
+) -> Plan {
+    let placed = (true, reason::PLACED, format!("placed on node {node}"));
+    let status = |phase, action, ready_reason, message: String| Plan {
+        action,
+        status: Some(draft(
+            phase,
+            Some(node),
+            None,
+            conditions(placed.clone(), phase, ready_reason, message, suspend_reason),
+        )),
+    };
+    match f.phase {
+        // Never created, or a create cut short (operator restart): create;
+        // the agent returns the existing VM for a UID it already has.
+        None | Some(CapsulePhase::Pending | CapsulePhase::Scheduled | CapsulePhase::Creating) => {
+            status(
+                CapsulePhase::Creating,
+                NodeAction::Create(mode),
+                reason::CREATING,
+                format!("creating the VM on node {node}"),
+            )
+        }
+        Some(CapsulePhase::Failed | CapsulePhase::Expired | CapsulePhase::Terminating) => Plan {
+            action: NodeAction::None,
+            status: None,
+        },
+        // A suspended capsule's memory lived only on that node: it is gone.
+        Some(CapsulePhase::Suspended | CapsulePhase::Suspending) => status(
+            CapsulePhase::Failed,
+            NodeAction::None,
+            reason::VM_CRASHED,
+            format!("the suspended VM vanished from node {node}; its memory is lost"),
+        ),
+        // It ran and vanished: boot it again from its source.
+        Some(_) => status(
+            CapsulePhase::Creating,
+            NodeAction::Create(mode),
+            reason::VM_CRASHED,
+            format!("the VM vanished from node {node}; recreating it"),
+        ),
+    }
+}
+
+/// When a capsule expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// No lifecycle limit.
+    Never,
+    /// Expires after this much more time.
+    In(Duration),
+    /// Already expired; what to do.
+    Now(OnExpiry),
+}
+
+/// Decides expiry from the lifecycle and ages (seconds since creation and
+/// since the last activity the operator knows of: the VM's start).
+pub fn plan_expiry(
+    lifecycle: Option<&Lifecycle>,
+    age: Duration,
+    idle: Option<Duration>,
+) -> Result<Expiry, ResourceError> {
+    let Some(l) = lifecycle else {
+        return Ok(Expiry::Never);
+    };
+    let mut left: Option<Duration> = None;
+    if let Some(after) = &l.shutdown_after {
+        let limit = parse_duration("shutdownAfter", after)?;
+        left = Some(limit.saturating_sub(age));
+    }
+    if let (Some(timeout), Some(idle)) = (&l.idle_timeout, idle) {
+        let limit = parse_duration("idleTimeout", timeout)?;
+        let rest = limit.saturating_sub(idle);
+        left = Some(left.map_or(rest, |l| l.min(rest)));
+    }
+    Ok(match left {
+        None => Expiry::Never,
+        Some(d) if d.is_zero() => Expiry::Now(l.on_expiry),
+        Some(d) => Expiry::In(d),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn vm(state: VmState) -> Vm {
+        Vm {
+            state,
+            ip: "10.200.0.2".into(),
+            vmm: Some(("cloud-hypervisor".into(), "v44".into(), String::new())),
+            started_unix_nanos: 1_700_000_000_000_000_000,
+            message: String::new(),
+        }
+    }
+
+    fn facts<'a>(
+        mode: OperatingMode,
+        node: Option<&'a str>,
+        phase: Option<CapsulePhase>,
+        vm: Observed<'a>,
+    ) -> Facts<'a> {
+        Facts {
+            mode,
+            node,
+            phase,
+            vm,
+            source: SourceState::Usable,
+            expired: None,
+        }
+    }
+
+    fn cond_of<'a>(p: &'a Plan, t: &str) -> &'a ConditionDraft {
+        p.status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap()
+    }
+
+    fn phase(p: &Plan) -> CapsulePhase {
+        p.status.as_ref().unwrap().phase
+    }
+
+    #[test]
+    fn unplaced_capsule_asks_for_placement() {
+        let p = plan_capsule(&facts(OperatingMode::Running, None, None, Observed::Absent));
+        assert_eq!(p.action, NodeAction::Place);
+        assert_eq!(phase(&p), CapsulePhase::Pending);
+        assert_eq!(cond_of(&p, "Scheduled").status, "False");
+    }
+
+    #[test]
+    fn missing_template_blocks_placement_with_its_reason() {
+        let mut f = facts(OperatingMode::Running, None, None, Observed::Absent);
+        f.source =
+            SourceState::Blocked(reason::TEMPLATE_NOT_FOUND, "template base not found".into());
+        let p = plan_capsule(&f);
+        assert_eq!(p.action, NodeAction::None);
+        let s = cond_of(&p, "Scheduled");
+        assert_eq!(s.reason, "TemplateNotFound");
+        assert_eq!(s.message, "template base not found");
+    }
+
+    #[test]
+    fn placed_capsule_without_vm_is_created_in_its_mode() {
+        for mode in [
+            OperatingMode::Running,
+            OperatingMode::Paused,
+            OperatingMode::Suspended,
+        ] {
+            let p = plan_capsule(&facts(
+                mode,
+                Some("n1"),
+                Some(CapsulePhase::Scheduled),
+                Observed::Absent,
+            ));
+            assert_eq!(p.action, NodeAction::Create(mode));
+            assert_eq!(phase(&p), CapsulePhase::Creating);
+            assert_eq!(cond_of(&p, "Scheduled").message, "placed on node n1");
+        }
+    }
+
+    #[test]
+    fn running_vm_shows_running_with_ip_and_ready() {
+        let v = vm(VmState::Running);
+        let p = plan_capsule(&facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Creating),
+            Observed::Present(&v),
+        ));
+        assert_eq!(p.action, NodeAction::None);
+        let s = p.status.as_ref().unwrap();
+        assert_eq!(s.phase, CapsulePhase::Running);
+        assert_eq!(s.ip.as_deref(), Some("10.200.0.2"));
+        assert_eq!(cond_of(&p, "Ready").status, "True");
+        assert_eq!(cond_of(&p, "Paused").status, "False");
+    }
+
+    #[test]
+    fn mode_changes_map_to_node_actions_in_both_directions() {
+        use OperatingMode as M;
+        use VmState as S;
+        let cases = [
+            (
+                S::Running,
+                M::Paused,
+                NodeAction::Pause,
+                CapsulePhase::Pausing,
+            ),
+            (
+                S::Running,
+                M::Suspended,
+                NodeAction::Suspend,
+                CapsulePhase::Suspending,
+            ),
+            (
+                S::Paused,
+                M::Suspended,
+                NodeAction::Suspend,
+                CapsulePhase::Suspending,
+            ),
+            (
+                S::Paused,
+                M::Running,
+                NodeAction::Resume,
+                CapsulePhase::Resuming,
+            ),
+            (
+                S::Suspended,
+                M::Running,
+                NodeAction::Resume,
+                CapsulePhase::Resuming,
+            ),
+            (
+                S::Suspended,
+                M::Paused,
+                NodeAction::Resume,
+                CapsulePhase::Resuming,
+            ),
+            (S::Paused, M::Paused, NodeAction::None, CapsulePhase::Paused),
+            (
+                S::Suspended,
+                M::Suspended,
+                NodeAction::None,
+                CapsulePhase::Suspended,
+            ),
+        ];
+        for (state, mode, action, ph) in cases {
+            let v = vm(state);
+            let p = plan_capsule(&facts(
+                mode,
+                Some("n1"),
+                Some(CapsulePhase::Running),
+                Observed::Present(&v),
+            ));
+            assert_eq!((p.action, phase(&p)), (action, ph), "{state:?} -> {mode:?}");
+        }
+    }
+
+    #[test]
+    fn paused_and_suspended_conditions_follow_the_vm() {
+        let v = vm(VmState::Paused);
+        let p = plan_capsule(&facts(
+            OperatingMode::Paused,
+            Some("n1"),
+            None,
+            Observed::Present(&v),
+        ));
+        assert_eq!(cond_of(&p, "Paused").status, "True");
+        assert_eq!(cond_of(&p, "Paused").reason, "PausedByUser");
+        assert_eq!(cond_of(&p, "Ready").status, "False");
+        let v = vm(VmState::Suspended);
+        let p = plan_capsule(&facts(
+            OperatingMode::Suspended,
+            Some("n1"),
+            None,
+            Observed::Present(&v),
+        ));
+        assert_eq!(cond_of(&p, "Suspended").status, "True");
+        assert_eq!(cond_of(&p, "Suspended").reason, "SuspendedByUser");
+    }
+
+    #[test]
+    fn failed_vm_carries_the_agents_message() {
+        let mut v = vm(VmState::Failed);
+        v.message = "boot vm: kernel not found".into();
+        let p = plan_capsule(&facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Creating),
+            Observed::Present(&v),
+        ));
+        assert_eq!(phase(&p), CapsulePhase::Failed);
+        assert_eq!(cond_of(&p, "Ready").reason, "NodeError");
+        assert_eq!(cond_of(&p, "Ready").message, "boot vm: kernel not found");
+        assert_eq!(p.action, NodeAction::None);
+    }
+
+    #[test]
+    fn unreachable_agent_changes_nothing() {
+        let p = plan_capsule(&facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Unknown,
+        ));
+        assert_eq!(
+            p,
+            Plan {
+                action: NodeAction::None,
+                status: None
+            }
+        );
+    }
+
+    #[test]
+    fn vanished_running_vm_is_recreated_and_marked() {
+        let p = plan_capsule(&facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Absent,
+        ));
+        assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
+        assert_eq!(cond_of(&p, "Ready").reason, "VmCrashed");
+    }
+
+    #[test]
+    fn vanished_suspended_vm_fails_for_its_memory_is_lost() {
+        let p = plan_capsule(&facts(
+            OperatingMode::Suspended,
+            Some("n1"),
+            Some(CapsulePhase::Suspended),
+            Observed::Absent,
+        ));
+        assert_eq!(p.action, NodeAction::None);
+        assert_eq!(phase(&p), CapsulePhase::Failed);
+    }
+
+    #[test]
+    fn failed_capsule_is_not_recreated() {
+        let p = plan_capsule(&facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Failed),
+            Observed::Absent,
+        ));
+        assert_eq!(p.action, NodeAction::None);
+    }
+
+    #[test]
+    fn expiry_with_delete_deletes_the_object() {
+        let v = vm(VmState::Running);
+        let mut f = facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.expired = Some(OnExpiry::Delete);
+        let p = plan_capsule(&f);
+        assert_eq!(p.action, NodeAction::DeleteObject);
+        assert_eq!(phase(&p), CapsulePhase::Expired);
+        assert_eq!(cond_of(&p, "Ready").reason, "Expired");
+    }
+
+    #[test]
+    fn expiry_with_suspend_suspends_with_its_own_reason() {
+        let v = vm(VmState::Running);
+        let mut f = facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.expired = Some(OnExpiry::Suspend);
+        assert_eq!(plan_capsule(&f).action, NodeAction::Suspend);
+        let v = vm(VmState::Suspended);
+        f.vm = Observed::Present(&v);
+        let p = plan_capsule(&f);
+        assert_eq!(phase(&p), CapsulePhase::Suspended);
+        assert_eq!(cond_of(&p, "Suspended").reason, "SuspendedOnExpiry");
+    }
+
+    #[test]
+    fn expiry_takes_the_earlier_of_both_limits() {
+        let l = Lifecycle {
+            shutdown_after: Some("1h".into()),
+            idle_timeout: Some("10m".into()),
+            on_expiry: OnExpiry::Suspend,
+        };
+        let min = |m: u64| Duration::from_secs(m * 60);
+        assert_eq!(
+            plan_expiry(Some(&l), min(5), Some(min(5))).unwrap(),
+            Expiry::In(min(5))
+        );
+        assert_eq!(
+            plan_expiry(Some(&l), min(50), None).unwrap(),
+            Expiry::In(min(10))
+        );
+        assert_eq!(
+            plan_expiry(Some(&l), min(61), None).unwrap(),
+            Expiry::Now(OnExpiry::Suspend)
+        );
+        assert_eq!(
+            plan_expiry(Some(&l), min(20), Some(min(10))).unwrap(),
+            Expiry::Now(OnExpiry::Suspend)
+        );
+        assert_eq!(plan_expiry(None, min(1000), None).unwrap(), Expiry::Never);
+    }
+}
