@@ -4,6 +4,7 @@
 //! ioctl and `unsafe` block lives in `sys`.
 
 pub mod images;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod server;

@@ -1,0 +1,418 @@
+//! Capsule and agent metrics (DESIGN.md §4 `metrics`): a 1 s sampler per
+//! capsule with a VMM ([`sampler`]) feeding per-capsule ring buffers
+//! ([`ring`]), range queries for `GetMetrics` ([`proto`]), and Prometheus
+//! text plus health and readiness on the admin port ([`admin`]).
+//!
+//! [`Metrics`] is the one shared handle. The supervisor attaches a
+//! [`SampleSource`] when a capsule's VMM exists, detaches it when the VMM
+//! is gone (suspended, stopped) and removes the capsule when it is deleted;
+//! it times its steps with [`Metrics::start_step`] and counts orphans and
+//! errors. Reading the figures belongs to the modules that own them
+//! (cgroups in `vmm`, disks in `storage`); this module only asks.
+
+pub mod admin;
+pub mod proto;
+pub mod ring;
+pub mod sampler;
+pub mod source;
+mod steps;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+pub use ring::{Point, Range, Recorded, Series, TIERS, Tier};
+pub use source::{ProcSource, Reading, SampleSource, SourceFuture};
+pub use steps::{Outcome, Step, StepTimer};
+
+/// Errors of the metrics module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No history for the capsule (never attached, or removed).
+    #[error("no metrics for capsule {capsule}")]
+    UnknownCapsule {
+        /// Capsule UID.
+        capsule: String,
+    },
+    /// Reading the cgroup's CPU usage failed.
+    #[error("read cgroup cpu usage")]
+    ReadCgroupCpu {
+        /// Why.
+        #[source]
+        source: crate::vmm::Error,
+    },
+    /// Reading a `/proc` file failed.
+    #[error("read {path}")]
+    ReadProc {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A source plugged in by another module failed.
+    #[error("read {figure}")]
+    Source {
+        /// Which figure (`disk_allocated_bytes`, `net_counters`, ...).
+        figure: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A capsule's figures did not arrive within the sampling deadline.
+    #[error("sample capsule {capsule}: no answer within {deadline:?}")]
+    SampleTimeout {
+        /// Capsule UID.
+        capsule: String,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// The admin server could not accept a connection.
+    #[error("accept admin connection")]
+    Accept {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps another module's error for `figure`, for [`SampleSource`]
+    /// impls outside this module.
+    pub fn source(
+        figure: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Source {
+            figure,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Error class counted when a figure cannot be read.
+pub const ERROR_CLASS_SAMPLE: &str = "metrics_sample";
+
+struct Capsule {
+    series: Series,
+    source: Option<Arc<dyn SampleSource>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    capsules: Mutex<HashMap<String, Capsule>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Capsule>> {
+        // A panic while holding the lock leaves plain data behind; the
+        // history is still consistent enough to serve.
+        self.capsules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("capsules", &self.lock().len())
+            .finish()
+    }
+}
+
+type OutcomeLabels = [(&'static str, &'static str); 1];
+type StringLabels = [(&'static str, String); 1];
+
+/// The agent's metrics: capsule histories, step histograms, counters and
+/// the readiness flag. Shared as `Arc<Metrics>`.
+pub struct Metrics {
+    shared: Arc<Shared>,
+    registry: Registry,
+    steps: Vec<Family<OutcomeLabels, prometheus_client::metrics::histogram::Histogram>>,
+    orphans: Family<StringLabels, Counter>,
+    errors: Family<StringLabels, Counter>,
+    ready: AtomicBool,
+    origin: Instant,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("shared", &self.shared)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Empty metrics, not ready.
+    pub fn new() -> Arc<Self> {
+        let shared = Arc::new(Shared::default());
+        let mut registry = Registry::default();
+        let steps = Step::ALL
+            .iter()
+            .map(|step| {
+                let family = Family::<OutcomeLabels, _>::new_with_constructor(
+                    steps::histogram as fn() -> prometheus_client::metrics::histogram::Histogram,
+                );
+                registry.register(
+                    format!("wrenn_agent_{}_seconds", step.name()),
+                    format!("Duration of capsule {} steps by outcome", step.name()),
+                    family.clone(),
+                );
+                family
+            })
+            .collect();
+        let orphans = Family::<StringLabels, Counter>::default();
+        registry.register(
+            "wrenn_agent_orphans_removed",
+            "Leftovers of dead capsules removed at startup, by kind",
+            orphans.clone(),
+        );
+        let errors = Family::<StringLabels, Counter>::default();
+        registry.register("wrenn_agent_errors", "Errors by class", errors.clone());
+        registry.register_collector(Box::new(CapsuleCollector(shared.clone())));
+        Arc::new(Self {
+            shared,
+            registry,
+            steps,
+            orphans,
+            errors,
+            ready: AtomicBool::new(false),
+            origin: Instant::now(),
+        })
+    }
+
+    /// Starts sampling `capsule` from `source` (a VMM now exists: after
+    /// launch, resume from suspend, restore or adoption). Keeps its history
+    /// if it has one; counters start new deltas, since a new VMM restarts
+    /// its counters. Replaces an earlier source.
+    pub fn attach(&self, capsule: &str, source: Arc<dyn SampleSource>) {
+        let mut capsules = self.shared.lock();
+        let entry = capsules
+            .entry(capsule.to_string())
+            .or_insert_with(|| Capsule {
+                series: Series::new(),
+                source: None,
+            });
+        entry.series.rebase();
+        entry.source = Some(source);
+    }
+
+    /// Stops sampling `capsule` (its VMM is gone: suspended or stopped).
+    /// The history stays for `GetMetrics`; its Prometheus series go away
+    /// until it is attached again.
+    pub fn detach(&self, capsule: &str) {
+        if let Some(c) = self.shared.lock().get_mut(capsule) {
+            c.source = None;
+        }
+    }
+
+    /// Forgets `capsule` (deleted): history and Prometheus series.
+    pub fn remove(&self, capsule: &str) {
+        self.shared.lock().remove(capsule);
+    }
+
+    /// Capsules being sampled, with their sources.
+    pub fn attached(&self) -> Vec<(String, Arc<dyn SampleSource>)> {
+        self.shared
+            .lock()
+            .iter()
+            .filter_map(|(k, c)| c.source.clone().map(|s| (k.clone(), s)))
+            .collect()
+    }
+
+    /// Records a reading taken now for `capsule`, if `from` is still its
+    /// source (a reading of a source detached or replaced meanwhile is
+    /// dropped).
+    pub fn record_from(
+        &self,
+        capsule: &str,
+        from: &Arc<dyn SampleSource>,
+        reading: &Reading,
+    ) -> Option<Recorded> {
+        let (at, mono) = self.now();
+        let mut capsules = self.shared.lock();
+        let c = capsules.get_mut(capsule)?;
+        if !c.source.as_ref().is_some_and(|s| Arc::ptr_eq(s, from)) {
+            return None;
+        }
+        Some(c.series.record(at, mono, reading))
+    }
+
+    /// Points of `capsule` in `[from, to]` (unix nanos) at the finest
+    /// resolution of at least `min_step` that holds the range.
+    pub fn range(
+        &self,
+        capsule: &str,
+        from: i64,
+        to: i64,
+        min_step: Duration,
+    ) -> Result<Range, Error> {
+        self.shared
+            .lock()
+            .get(capsule)
+            .map(|c| c.series.range(from, to, min_step))
+            .ok_or_else(|| Error::UnknownCapsule {
+                capsule: capsule.to_string(),
+            })
+    }
+
+    /// Answers `GetMetrics`: the request's range (defaults as in
+    /// [`proto::from_request`]) at the finest resolution holding it.
+    pub fn get_metrics(
+        &self,
+        req: &wrenn_proto::agent::v1::GetMetricsRequest,
+    ) -> Result<wrenn_proto::agent::v1::GetMetricsResponse, Error> {
+        let (from, to) = proto::from_request(req, self.now().0);
+        let range = self.range(&req.uid, from, to, Duration::ZERO)?;
+        Ok(proto::to_proto(&range))
+    }
+
+    /// Starts timing `step`; the timer records when finished or dropped.
+    pub fn start_step(&self, step: Step) -> StepTimer<'_> {
+        StepTimer::new(self, step)
+    }
+
+    /// Records one `step` that took `duration` and ended with `outcome`.
+    pub fn observe_step(&self, step: Step, duration: Duration, outcome: Outcome) {
+        self.steps[step as usize]
+            .get_or_create(&[("outcome", outcome.name())])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts `count` orphans of `kind` (`netns`, `tap`, `cgroup`, `loop`,
+    /// `dm`, `file`, `process`, ...) removed by the startup sweep.
+    pub fn orphans_removed(&self, kind: &str, count: u64) {
+        self.orphans
+            .get_or_create(&[("kind", kind.to_string())])
+            .inc_by(count);
+    }
+
+    /// Counts one error of `class` (a stable, low-cardinality name such as
+    /// `vmm_api`, `journal`, [`ERROR_CLASS_SAMPLE`]).
+    pub fn error(&self, class: &str) {
+        self.errors
+            .get_or_create(&[("class", class.to_string())])
+            .inc();
+    }
+
+    /// Sets readiness (`/readyz`): true once recovery is done.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether the agent said it is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Prometheus (OpenMetrics) text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Wall time (unix nanos) and monotonic nanos since this was made.
+    fn now(&self) -> (i64, u64) {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let mono = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        (at, mono)
+    }
+}
+
+/// Exports the latest reading of every attached capsule at scrape time, so
+/// a detached or removed capsule's series vanish with it.
+#[derive(Debug)]
+struct CapsuleCollector(Arc<Shared>);
+
+impl Collector for CapsuleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut latest: Vec<(String, Reading)> = self
+            .0
+            .lock()
+            .iter()
+            .filter(|(_, c)| c.source.is_some())
+            .map(|(k, c)| (k.clone(), *c.series.latest()))
+            .collect();
+        latest.sort_by(|a, b| a.0.cmp(&b.0));
+        let sampled = ConstGauge::new(latest.len() as i64);
+        sampled.encode(encoder.encode_descriptor(
+            "wrenn_agent_capsules_sampled",
+            "Capsules whose VMM is being sampled",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        type Pick = fn(&Reading) -> Option<u64>;
+        let counters: [(&str, &str, Pick, f64); 3] = [
+            (
+                "wrenn_agent_capsule_cpu_seconds",
+                "CPU time used by the capsule's cgroup",
+                |r| r.cpu_usage_ns,
+                1e-9,
+            ),
+            (
+                "wrenn_agent_capsule_network_receive_bytes",
+                "Bytes sent to the guest NIC since its VMM started",
+                |r| r.net.map(|n| n.rx_bytes),
+                1.0,
+            ),
+            (
+                "wrenn_agent_capsule_network_transmit_bytes",
+                "Bytes sent by the guest NIC since its VMM started",
+                |r| r.net.map(|n| n.tx_bytes),
+                1.0,
+            ),
+        ];
+        for (name, help, pick, scale) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (capsule, r) in &latest {
+                if let Some(v) = pick(r) {
+                    let labels = [("capsule", capsule.as_str())];
+                    ConstCounter::new(v as f64 * scale).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let gauges: [(&str, &str, Pick); 3] = [
+            (
+                "wrenn_agent_capsule_memory_bytes",
+                "Resident memory of the capsule's VMM process on the host",
+                |r| r.host_rss_bytes,
+            ),
+            (
+                "wrenn_agent_capsule_guest_memory_used_bytes",
+                "Memory in use inside the guest (total - available)",
+                |r| r.guest_memory_used_bytes,
+            ),
+            (
+                "wrenn_agent_capsule_disk_allocated_bytes",
+                "Bytes allocated by the capsule's writable disk",
+                |r| r.disk_allocated_bytes,
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (capsule, r) in &latest {
+                if let Some(v) = pick(r) {
+                    let labels = [("capsule", capsule.as_str())];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

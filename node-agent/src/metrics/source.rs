@@ -1,0 +1,171 @@
+//! Where one capsule's figures come from. [`SampleSource`] has one method
+//! per figure so the supervisor can combine what it owns — the cgroup and
+//! VMM pid ([`ProcSource`]), the disk (`BlockStore::allocated_bytes`), the
+//! NIC counters (`Machine::counters`), the guest agent's memory report —
+//! into one source per capsule. A figure a source cannot give is `Ok(None)`,
+//! which is also the default of every method.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use super::Error;
+use crate::vmm::NetCounters;
+use crate::vmm::cgroup::CapsuleCgroup;
+
+/// One reading of every figure, as the sources report them: CPU and
+/// network are cumulative counters, the rest are gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// CPU time used by the capsule's cgroup since it was made, in ns.
+    pub cpu_usage_ns: Option<u64>,
+    /// Resident memory of the VMM process on the host.
+    pub host_rss_bytes: Option<u64>,
+    /// Bytes allocated by the capsule's writable disk.
+    pub disk_allocated_bytes: Option<u64>,
+    /// Guest NIC counters since the VMM started.
+    pub net: Option<NetCounters>,
+    /// Guest memory in use (total - available), from the guest agent.
+    pub guest_memory_used_bytes: Option<u64>,
+}
+
+/// The future every [`SampleSource`] method returns.
+pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<Option<T>, Error>> + Send + 'a>>;
+
+fn none<'a, T: Send + 'a>() -> SourceFuture<'a, T> {
+    Box::pin(std::future::ready(Ok(None)))
+}
+
+/// The figures of one capsule. Each method is called once per sampling
+/// tick (1 s) under a deadline; an error drops that figure from that point
+/// and is counted, it does not stop sampling.
+pub trait SampleSource: Send + Sync + std::fmt::Debug {
+    /// Cumulative CPU nanoseconds of the capsule's cgroup.
+    fn cpu_usage_ns(&self) -> SourceFuture<'_, u64> {
+        none()
+    }
+    /// Resident bytes of the VMM process.
+    fn host_rss_bytes(&self) -> SourceFuture<'_, u64> {
+        none()
+    }
+    /// Allocated bytes of the writable disk.
+    fn disk_allocated_bytes(&self) -> SourceFuture<'_, u64> {
+        none()
+    }
+    /// Guest NIC counters.
+    fn net_counters(&self) -> SourceFuture<'_, NetCounters> {
+        none()
+    }
+    /// Guest memory in use; `None` until the guest agent is connected.
+    fn guest_memory_used_bytes(&self) -> SourceFuture<'_, u64> {
+        none()
+    }
+}
+
+/// Reads every figure concurrently. Each figure's error is returned beside
+/// the reading (which lacks that figure).
+pub async fn read_all(source: &dyn SampleSource) -> (Reading, Vec<Error>) {
+    let (cpu, rss, disk, net, guest) = futures::join!(
+        source.cpu_usage_ns(),
+        source.host_rss_bytes(),
+        source.disk_allocated_bytes(),
+        source.net_counters(),
+        source.guest_memory_used_bytes(),
+    );
+    let mut errors = Vec::new();
+    let mut keep = |r: Result<Option<u64>, Error>| match r {
+        Ok(v) => v,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    let mut reading = Reading {
+        cpu_usage_ns: keep(cpu),
+        host_rss_bytes: keep(rss),
+        disk_allocated_bytes: keep(disk),
+        net: None,
+        guest_memory_used_bytes: keep(guest),
+    };
+    match net {
+        Ok(n) => reading.net = n,
+        Err(e) => errors.push(e),
+    }
+    (reading, errors)
+}
+
+/// CPU from the capsule's cgroup and host RSS of its VMM process, read
+/// from cgroupfs and `<proc>/<pid>/status`.
+#[derive(Clone, Debug)]
+pub struct ProcSource {
+    cgroup: CapsuleCgroup,
+    status: PathBuf,
+}
+
+impl ProcSource {
+    /// Reads the cgroup `cgroup` and the process `pid` under `proc_root`
+    /// (normally `/proc`).
+    pub fn new(proc_root: &Path, pid: i32, cgroup: CapsuleCgroup) -> Self {
+        Self {
+            cgroup,
+            status: proc_root.join(pid.to_string()).join("status"),
+        }
+    }
+
+    /// Cumulative CPU nanoseconds of the cgroup (v1 `cpuacct.usage`, v2
+    /// `cpu.stat`).
+    pub fn read_cpu_usage_ns(&self) -> Result<u64, Error> {
+        self.cgroup
+            .cpu_usage_ns()
+            .map_err(|source| Error::ReadCgroupCpu { source })
+    }
+
+    /// `VmRSS` of the process. `status` is used rather than `smaps_rollup`,
+    /// which walks every mapping and costs far more on a VMM with guest RAM
+    /// mapped; the totals agree.
+    pub fn read_host_rss_bytes(&self) -> Result<u64, Error> {
+        let text = std::fs::read_to_string(&self.status).map_err(|source| Error::ReadProc {
+            path: self.status.clone(),
+            source,
+        })?;
+        parse_vm_rss(&text).ok_or_else(|| Error::ReadProc {
+            path: self.status.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no VmRSS line"),
+        })
+    }
+}
+
+impl SampleSource for ProcSource {
+    fn cpu_usage_ns(&self) -> SourceFuture<'_, u64> {
+        Box::pin(std::future::ready(self.read_cpu_usage_ns().map(Some)))
+    }
+
+    fn host_rss_bytes(&self) -> SourceFuture<'_, u64> {
+        Box::pin(std::future::ready(self.read_host_rss_bytes().map(Some)))
+    }
+}
+
+/// `VmRSS:   1234 kB` → bytes. A kernel thread or zombie has no such line.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut parts = line.split_whitespace();
+    let kib: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") => kib.checked_mul(1024),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_read_in_bytes() {
+        let status = "Name:\tcloud-hypervisor\nVmPeak:\t  99 kB\nVmRSS:\t  2048 kB\nThreads: 4\n";
+        assert_eq!(parse_vm_rss(status), Some(2048 * 1024));
+        assert_eq!(parse_vm_rss("Name:\tkworker\nThreads: 1\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+    }
+}
