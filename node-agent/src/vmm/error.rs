@@ -172,6 +172,41 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A QMP exchange with a capsule's QEMU failed.
+    #[error("QMP {step} for capsule {capsule}")]
+    Qmp {
+        /// The capsule.
+        capsule: String,
+        /// The lifecycle step (`pause`, `snapshot`, ...).
+        step: &'static str,
+        /// What went wrong.
+        #[source]
+        source: super::qemu::QmpError,
+    },
+    /// QEMU or its vsock helper did not come up, or a QEMU step did not
+    /// reach the state it should.
+    #[error("{what} for capsule {capsule}: {reason}")]
+    Qemu {
+        /// The capsule.
+        capsule: String,
+        /// What was attempted.
+        what: &'static str,
+        /// What was seen.
+        reason: String,
+    },
+    /// Reading or writing a snapshot's files failed.
+    #[error("{what} snapshot file {} for capsule {capsule}", path.display())]
+    SnapshotFile {
+        /// The capsule.
+        capsule: String,
+        /// `write` or `read`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {

@@ -14,6 +14,7 @@ mod error;
 mod fake;
 pub mod machine;
 pub mod process;
+pub mod qemu;
 
 use std::future::Future;
 use std::os::fd::{AsFd, BorrowedFd};

@@ -233,6 +233,12 @@ impl VmmProcess {
         self.stop_requested.store(true, Ordering::SeqCst);
     }
 
+    /// Whether [`mark_stop_requested`](Self::mark_stop_requested) was
+    /// called.
+    pub fn stop_was_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
     /// Sends `signal` through the pidfd (never to a recycled pid).
     pub fn signal(&self, signal: i32) -> Result<(), Error> {
         self.pidfd.signal(signal).map_err(|source| Error::Process {
