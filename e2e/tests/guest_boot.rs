@@ -5,6 +5,8 @@
 //!
 //! The boot-to-ready wall time (QEMU spawned → the agent's "listening" line
 //! on the serial console) is printed for each machine.
+// Helpers outside #[test] fns unwrap too: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,9 +35,18 @@ fn build_artifacts() -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .expect("run images/build.sh");
-    assert!(out.status.success(), "images/build.sh failed: {}", out.status);
+    assert!(
+        out.status.success(),
+        "images/build.sh failed: {}",
+        out.status
+    );
     let stdout = String::from_utf8(out.stdout).expect("utf-8 from build.sh");
-    let dir = PathBuf::from(stdout.lines().last().expect("build.sh prints the directory"));
+    let dir = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh prints the directory"),
+    );
     for f in ["vmlinuz", "initramfs.img", "rootfs.ext4", "manifest.json"] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
@@ -141,7 +152,10 @@ fn boot_to_ready(dir: &Path, machine: &str) -> Duration {
 
 #[test]
 fn guest_image_boots_to_agent_ready_under_tcg() {
-    let c = case(Tier::Vm, "guest_boot::guest_image_boots_to_agent_ready_under_tcg");
+    let c = case(
+        Tier::Vm,
+        "guest_boot::guest_image_boots_to_agent_ready_under_tcg",
+    );
     if let Err(why) = need_program("qemu-system-x86_64").and_then(|_| need_root()) {
         return c.skip(why);
     }
