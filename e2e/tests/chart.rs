@@ -346,7 +346,18 @@ fn bad_values_are_refused_by_the_schema() {
         }
     }
     // The same values with the fields fixed render: the refusals are specific.
-    helm.ok(&["template", "wrenn", &chart(), KUBE_VERSION_FLAG, "--set", "nodeAgent.vmm=qemu,nodeAgent.storage=qcow2,operator.replicas=2,nodeAgent.updateStrategy.maxUnavailable=10%"]).unwrap();
+    let fixed = "nodeAgent.vmm=qemu,nodeAgent.storage=qcow2,operator.replicas=2,\
+                 nodeAgent.updateStrategy.maxUnavailable=10%";
+    let chart = chart();
+    helm.ok(&[
+        "template",
+        "wrenn",
+        &chart,
+        KUBE_VERSION_FLAG,
+        "--set",
+        fixed,
+    ])
+    .unwrap();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -549,7 +560,7 @@ fn rendered_chart_passes_server_side_dry_run() {
         let rendered = helm
             .ok(&[
                 "template",
-                "wrenn",
+                &release,
                 &chart,
                 "-n",
                 &ns,
@@ -828,6 +839,15 @@ fn install_rolls_out_and_upgrade_changes_the_crd_keeping_objects() {
     .unwrap();
     cp.kubectl_ok(&["get", "crd", "capsules.wrenn.dev"], None)
         .unwrap();
+    cp.kubectl_ok(
+        &[
+            "get",
+            "validatingadmissionpolicy",
+            "capsule-disk-at-least-template.wrenn.dev",
+        ],
+        None,
+    )
+    .unwrap();
     assert_eq!(
         json_of(cp, &["get", "capsule", "-n", &ns, "kept"])["metadata"]["uid"],
         uid
