@@ -677,20 +677,30 @@ fn install_rolls_out_and_upgrade_changes_the_crd_keeping_objects() {
     adopt_api_objects(cp, release, &ns);
 
     let t0 = Instant::now();
-    helm.ok_on(
-        cp,
-        &[
-            "install",
-            release,
-            &chart(),
-            "-n",
-            &ns,
-            "--wait",
-            "--timeout=180s",
-        ],
-    )
-    .unwrap();
+    let notes = helm
+        .ok_on(
+            cp,
+            &[
+                "install",
+                release,
+                &chart(),
+                "-n",
+                &ns,
+                "--wait",
+                "--timeout=180s",
+            ],
+        )
+        .unwrap();
     let install_ms = t0.elapsed().as_millis();
+    // NOTES.txt tells the user what to do next, with this release's names.
+    for next in [
+        format!("kubectl -n {ns} get deploy,ds -l app.kubernetes.io/instance={release}"),
+        "kubectl label node NODE wrenn.dev/kvm=true".to_string(),
+        "kubectl get capsule hello -w".to_string(),
+        format!("kubectl -n {ns} delete secret wrenn-node-agent-tls wrenn-operator-tls"),
+    ] {
+        assert!(notes.contains(&next), "NOTES lack {next:?}:\n{notes}");
+    }
     println!(
         "helm install --wait (CRDs, operator rollout, agent DaemonSet on 2 nodes): {install_ms} ms"
     );
