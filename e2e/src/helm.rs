@@ -49,10 +49,16 @@ impl Helm {
             .with_context(|| format!("run helm {args:?}"))
     }
 
-    /// Runs helm against `cp` (kubeconfig set, state kept in a per-process
-    /// directory so nothing of the user's helm setup is read or written).
+    /// Runs helm against `cp` (kubeconfig set, state kept in the control
+    /// plane's directory so nothing of the user's helm setup is read or written).
     pub fn run_on(&self, cp: &ControlPlane, args: &[&str]) -> Result<Output> {
-        let home = std::env::temp_dir().join(format!("wrenn-helm-{}", std::process::id()));
+        let home = cp
+            .kubeconfig
+            .parent()
+            .map(|d| d.join("helm"))
+            .unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("wrenn-helm-{}", std::process::id()))
+            });
         Command::new(&self.bin)
             .arg("--kubeconfig")
             .arg(&cp.kubeconfig)

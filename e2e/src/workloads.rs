@@ -64,7 +64,8 @@ impl Workloads {
                 bail!("control plane in {} has no pki/{f}", cp_dir.display());
             }
         }
-        let dir = std::env::temp_dir().join(format!("wrenn-workloads-{}", std::process::id()));
+        // Logs live beside the control plane's, and go with it.
+        let dir = cp_dir.join("workloads");
         std::fs::create_dir_all(&dir)?;
         let kc = cp.kubeconfig.display().to_string();
         let mut stages = Vec::new();
