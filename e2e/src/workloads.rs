@@ -84,8 +84,6 @@ impl Workloads {
             "--use-service-account-credentials=false".into(),
             "--bind-address=127.0.0.1".into(),
             "--secure-port=0".into(),
-            // Pods of a fake node's DaemonSet are replaced at once when needed.
-            "--concurrent-daemonset-syncs=2".into(),
         ];
         let sched = vec![
             format!("--kubeconfig={kc}"),
@@ -190,12 +188,43 @@ impl Workloads {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
 
-    /// Deletes fake Nodes (cluster-scoped, so tests remove theirs).
-    pub fn remove_nodes(&self, cp: &ControlPlane, names: &[String]) -> Result<()> {
+/// Fake Nodes a test made; deleted when dropped, even when the test fails
+/// (Nodes are cluster-scoped and would outlive the test's namespace).
+#[derive(Debug)]
+pub struct FakeNodes<'a> {
+    cp: &'a ControlPlane,
+    /// Names of the Nodes.
+    pub names: Vec<String>,
+}
+
+impl<'a> FakeNodes<'a> {
+    /// Creates each `(name, labels)` Node through `workloads` and waits for it to be Ready.
+    pub fn add(
+        workloads: &Workloads,
+        cp: &'a ControlPlane,
+        nodes: &[(&str, &[(&str, &str)])],
+    ) -> Result<FakeNodes<'a>> {
+        let mut made = FakeNodes {
+            cp,
+            names: Vec::new(),
+        };
+        for (name, labels) in nodes {
+            made.names.push((*name).to_string());
+            workloads.add_node(cp, name, labels)?;
+        }
+        Ok(made)
+    }
+}
+
+impl Drop for FakeNodes<'_> {
+    fn drop(&mut self) {
         let mut args = vec!["delete", "node", "--ignore-not-found", "--wait=false"];
-        args.extend(names.iter().map(String::as_str));
-        cp.kubectl_ok(&args, None).map(drop)
+        args.extend(self.names.iter().map(String::as_str));
+        if let Err(e) = self.cp.kubectl_ok(&args, None) {
+            eprintln!("leaving fake nodes {:?}: {e:#}", self.names);
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use wrenn_e2e::ControlPlane;
 use wrenn_e2e::helm::{Helm, chart_dir, copy_chart, documents};
-use wrenn_e2e::workloads::Workloads;
+use wrenn_e2e::workloads::{FakeNodes, Workloads};
 use wrenn_testkit::{Case, Tier, case, unique_name};
 
 const KUBE_VERSION_FLAG: &str = "--kube-version=1.36.3";
@@ -657,11 +657,8 @@ fn install_rolls_out_and_upgrade_changes_the_crd_keeping_objects() {
     let kvm_a = unique_name("kvm");
     let kvm_b = unique_name("kvm");
     let plain = unique_name("plain");
-    wl.add_node(cp, &kvm_a, &[("wrenn.dev/kvm", "true")])
-        .unwrap();
-    wl.add_node(cp, &kvm_b, &[("wrenn.dev/kvm", "true")])
-        .unwrap();
-    wl.add_node(cp, &plain, &[]).unwrap();
+    let kvm: &[(&str, &str)] = &[("wrenn.dev/kvm", "true")];
+    let _nodes = FakeNodes::add(wl, cp, &[(&kvm_a, kvm), (&kvm_b, kvm), (&plain, &[])]).unwrap();
     // Only capsule nodes carry the taint; the agent tolerates it.
     cp.kubectl_ok(
         &[
@@ -673,7 +670,6 @@ fn install_rolls_out_and_upgrade_changes_the_crd_keeping_objects() {
         None,
     )
     .unwrap();
-    let nodes = vec![kvm_a.clone(), kvm_b.clone(), plain.clone()];
     adopt_api_objects(cp, release, &ns);
 
     let t0 = Instant::now();
@@ -869,7 +865,6 @@ fn install_rolls_out_and_upgrade_changes_the_crd_keeping_objects() {
         !gone.status.success(),
         "the DaemonSet is removed with the release"
     );
-    wl.remove_nodes(cp, &nodes).unwrap();
 }
 
 /// `resource` is `kind`, `kind/name`, or `kind:subresource`.
