@@ -75,11 +75,13 @@ build_kwok() {
     && go get -tool "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
     && rm -rf "$KWOK_BIN_DIR.tmp" && mkdir -p "$KWOK_BIN_DIR.tmp/stages" \
     && go build -trimpath -ldflags "-s -w" -o "$KWOK_BIN_DIR.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok)
-  # kwok does nothing without Stage policies; the standard "fast" ones
-  # (node initialize + heartbeat, pod ready + delete) ship in the module.
+  # kwok does nothing without Stage policies; the standard ones (node
+  # initialize, heartbeat with a Lease; pod ready, complete, delete) ship in
+  # the module.
   dir=$(cd "$w" && go list -m -f '{{.Dir}}' "sigs.k8s.io/kwok")
   local s
-  for s in "$dir"/kustomize/stage/node/fast/*.yaml "$dir"/kustomize/stage/pod/fast/*.yaml; do
+  for s in "$dir"/kustomize/stage/node/fast/*.yaml "$dir"/kustomize/stage/node/heartbeat-with-lease/*.yaml \
+           "$dir"/kustomize/stage/pod/fast/*.yaml; do
     case $s in */kustomization.yaml) continue ;; esac
     cp "$s" "$KWOK_BIN_DIR.tmp/stages/"
   done

@@ -20,6 +20,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "generated files are current"
 cargo run -q --locked -p wrenn-crds --bin crdgen -- --check
 cargo run -q --locked -p wrenn-proto --example gen -- --check
+# The chart's CRD copy (charts/wrenn/files/crds) equals crdgen's output.
+charts/wrenn/sync-crds.sh --check
 
 step "cargo test --workspace"
 report=$(mktemp); log=$(mktemp)

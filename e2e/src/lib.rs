@@ -11,6 +11,9 @@
 //! installed once and waited for until served.
 #![forbid(unsafe_code)]
 
+pub mod helm;
+pub mod workloads;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
