@@ -35,3 +35,13 @@ command -v cargo >/dev/null || { log "cargo not found: install Rust with rustup 
 
 command -v go >/dev/null || { log "go not found: the control plane is built from the Go module proxy with the machine's Go (>= 1.26)"; exit 1; }
 "$root/e2e/scripts/build-control-plane.sh"
+
+# >>> guest image (issue 5, images/): kernel, initramfs and root disk for
+# tier-3 VM tests, cached in ${WRENN_CACHE:-~/.cache/wrenn}/guest/<input hash>/
+# so a warm CI run only computes the key. Needs root (CI is root).
+if [ "$(id -u)" = 0 ]; then
+  "$root/images/build.sh" >/dev/null
+else
+  log "not root: skipping images/build.sh (the guest boot test builds or skips)"
+fi
+# <<< guest image

@@ -33,9 +33,18 @@ fn build_artifacts() -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .expect("run images/build.sh");
-    assert!(out.status.success(), "images/build.sh failed: {}", out.status);
+    assert!(
+        out.status.success(),
+        "images/build.sh failed: {}",
+        out.status
+    );
     let stdout = String::from_utf8(out.stdout).expect("utf-8 from build.sh");
-    let dir = PathBuf::from(stdout.lines().last().expect("build.sh prints the directory"));
+    let dir = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh prints the directory"),
+    );
     for f in ["vmlinuz", "initramfs.img", "rootfs.ext4", "manifest.json"] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
@@ -61,7 +70,7 @@ impl Drop for Vm {
 }
 
 fn boot(dir: &Path, machine: &str, serial: &Path) -> Vm {
-    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).expect("read manifest.json");
     let cmdline = manifest_str(&manifest, "cmdline");
     let (machine_arg, blk) = match machine {
         "q35" => ("q35", "virtio-blk-pci"),
@@ -96,7 +105,7 @@ fn boot(dir: &Path, machine: &str, serial: &Path) -> Vm {
 }
 
 fn boot_to_ready(dir: &Path, machine: &str) -> Duration {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().expect("temp dir");
     let serial = tmp.path().join("serial.log");
     let start = Instant::now();
     let mut vm = boot(dir, machine, &serial);
@@ -141,12 +150,15 @@ fn boot_to_ready(dir: &Path, machine: &str) -> Duration {
 
 #[test]
 fn guest_image_boots_to_agent_ready_under_tcg() {
-    let c = case(Tier::Vm, "guest_boot::guest_image_boots_to_agent_ready_under_tcg");
+    let c = case(
+        Tier::Vm,
+        "guest_boot::guest_image_boots_to_agent_ready_under_tcg",
+    );
     if let Err(why) = need_program("qemu-system-x86_64").and_then(|_| need_root()) {
         return c.skip(why);
     }
     let dir = build_artifacts();
-    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).expect("read manifest.json");
     println!(
         "guest artifacts in {} (kernel {})",
         dir.display(),
