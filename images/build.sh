@@ -22,7 +22,7 @@
 #
 # Needs root (the disk's files must be root-owned; nothing is mounted and
 # nothing is installed on the host), apt with the Debian mirror reachable
-# on a cold build, and the Debian packages kmod (depmod), e2fsprogs,
+# on a cold build, and the Debian packages kmod (depmod), cpio, e2fsprogs,
 # util-linux (flock) and musl-tools (musl-gcc for the guest's C deps).
 # The production kernel (no initramfs) is built by kernel/build-kernel.sh.
 set -euo pipefail
@@ -91,13 +91,14 @@ if [ "$mode" = print ]; then
 fi
 if [ -f "$dir/manifest.json" ]; then
   log "cached: kernel $kernel_ver, key $key"
+  touch "$dir" 2>/dev/null || true # marks it used for the pruning below
   echo "$dir"
   exit 0
 fi
 
 [ "$(id -u)" = 0 ] || die "run as root: the root disk's files must be owned by root"
-for tool in depmod mkfs.ext4 e2fsck flock dpkg-deb apt-get gzip; do
-  command -v "$tool" >/dev/null || die "$tool not found (Debian packages: kmod e2fsprogs util-linux dpkg apt gzip)"
+for tool in depmod cpio mkfs.ext4 e2fsck flock dpkg-deb apt-get gzip; do
+  command -v "$tool" >/dev/null || die "$tool not found (Debian packages: kmod cpio e2fsprogs util-linux dpkg apt gzip)"
 done
 mkdir -p "$cache/guest/debs"
 exec 9>"$cache/guest/.lock"
@@ -112,18 +113,28 @@ trap 'rm -rf "$work"' EXIT
 out=$work/out
 mkdir -p "$out"
 
-# 1. wrenn-guest, static.
+# 1. wrenn-guest, static: musl when rustup has (or can add) the target,
+#    else glibc with crt-static (rustup's server may be unreachable in CI).
 if [ -n "${WRENN_GUEST_BIN:-}" ]; then
   guest_bin=$WRENN_GUEST_BIN
+  target=prebuilt
 else
   target=x86_64-unknown-linux-musl
-  command -v musl-gcc >/dev/null || die "musl-gcc not found (Debian package musl-tools)"
-  rustup target list --installed 2>/dev/null | grep -qx "$target" \
-    || (cd "$repo" && rustup target add "$target" >&2) \
-    || die "rustup cannot add $target"
+  if ! (cd "$repo" && rustup target list --installed 2>/dev/null | grep -qx "$target") \
+    && ! (cd "$repo" && rustup target add "$target" >&2); then
+    log "rustup cannot add $target; linking wrenn-guest statically against glibc"
+    target=x86_64-unknown-linux-gnu
+  fi
   log "cargo build --release -p wrenn-guest --target $target"
-  (cd "$repo" && CC_x86_64_unknown_linux_musl=musl-gcc \
-    cargo build --release --locked -q -p wrenn-guest --target "$target" >&2)
+  if [ "$target" = x86_64-unknown-linux-musl ]; then
+    command -v musl-gcc >/dev/null || die "musl-gcc not found (Debian package musl-tools)"
+    (cd "$repo" && CC_x86_64_unknown_linux_musl=musl-gcc \
+      cargo build --release --locked -q -p wrenn-guest --target "$target" >&2)
+  else
+    # An explicit --target keeps RUSTFLAGS off build scripts and proc macros.
+    (cd "$repo" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+      cargo build --release --locked -q -p wrenn-guest --target "$target" >&2)
+  fi
   guest_bin=${CARGO_TARGET_DIR:-$repo/target}/$target/release/wrenn-guest
 fi
 [ -x "$guest_bin" ] || die "no wrenn-guest binary at $guest_bin"
@@ -215,7 +226,8 @@ done
 mknod -m 600 "$ird/dev/console" c 5 1
 epoch=${SOURCE_DATE_EPOCH:-0}
 find "$ird" -exec touch -h -d "@$epoch" {} +
-(cd "$ird" && find . -mindepth 1 | LC_ALL=C sort | "$busybox" cpio -o -H newc -R 0:0 2>/dev/null) \
+# GNU cpio's --reproducible renumbers inodes, so equal inputs give equal bytes.
+(cd "$ird" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) \
   | gzip -9n > "$out/initramfs.img"
 
 # 5. Root disk: busybox userland, accounts, and wrenn-guest where the
@@ -257,7 +269,7 @@ cat > "$out/manifest.json" <<EOF
   "kernel": {"package": "$kernel_pkg", "version": "$kernel_ver", "release": "$release"},
   "busybox": "$busybox_ver",
   "cmdline": "$cmdline",
-  "guest": {"path": "$guest_path", "vsock_port": $vsock_port, "sha256": "$(sha256sum < "$guest_bin" | cut -d' ' -f1)"},
+  "guest": {"path": "$guest_path", "vsock_port": $vsock_port, "target": "$target", "sha256": "$(sha256sum < "$guest_bin" | cut -d' ' -f1)"},
   "modules": [$(printf '"%s",' "${load[@]##*/}" | sed 's/,$//')],
   "rootfs": {"fstype": "ext4", "label": "wrenn-root", "uuid": "$uuid", "allocated": $(($(stat -c %b "$out/rootfs.ext4") * $(stat -c %B "$out/rootfs.ext4")))},
   "files": {
@@ -271,5 +283,9 @@ EOF
 inputs > "$out/inputs.txt"
 rm -rf "$dir"
 mv "$out" "$dir"
+# Entries for old inputs go after a week unused; the newest stay for
+# whatever may still boot them.
+find "$cache/guest" -mindepth 1 -maxdepth 1 -type d -name '[0-9a-f]*' -mtime +7 \
+  -not -name "$key" -exec rm -rf {} + 2>/dev/null || true
 log "built in ${elapsed}s: kernel $release ($kernel_ver), key $key"
 echo "$dir"

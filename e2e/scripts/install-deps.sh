@@ -42,3 +42,12 @@ command -v go >/dev/null || { log "go not found: the control plane is built from
 # 2 cores, of which helm ~5; warm: instant).
 "$root/e2e/scripts/build-helm.sh" all
 # --- end chart tooling --------------------------------------------------------
+# >>> guest image (issue 5, images/): kernel, initramfs and root disk for
+# tier-3 VM tests, cached in ${WRENN_CACHE:-~/.cache/wrenn}/guest/<input hash>/
+# so a warm CI run only computes the key. Needs root (CI is root).
+if [ "$(id -u)" = 0 ]; then
+  "$root/images/build.sh" >/dev/null
+else
+  log "not root: skipping images/build.sh (the guest boot test builds or skips)"
+fi
+# <<< guest image

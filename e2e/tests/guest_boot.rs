@@ -72,7 +72,7 @@ impl Drop for Vm {
 }
 
 fn boot(dir: &Path, machine: &str, serial: &Path) -> Vm {
-    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).expect("read manifest.json");
     let cmdline = manifest_str(&manifest, "cmdline");
     let (machine_arg, blk) = match machine {
         "q35" => ("q35", "virtio-blk-pci"),
@@ -107,7 +107,7 @@ fn boot(dir: &Path, machine: &str, serial: &Path) -> Vm {
 }
 
 fn boot_to_ready(dir: &Path, machine: &str) -> Duration {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().expect("temp dir");
     let serial = tmp.path().join("serial.log");
     let start = Instant::now();
     let mut vm = boot(dir, machine, &serial);
@@ -160,7 +160,7 @@ fn guest_image_boots_to_agent_ready_under_tcg() {
         return c.skip(why);
     }
     let dir = build_artifacts();
-    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).expect("read manifest.json");
     println!(
         "guest artifacts in {} (kernel {})",
         dir.display(),
