@@ -7,3 +7,7 @@ pub mod agent;
 pub mod placement;
 pub mod plan;
 pub mod resources;
+pub mod controller;
+pub mod metrics;
+pub mod pool;
+pub mod status;
