@@ -3,6 +3,8 @@
 //! backoff of failed reconciles.
 
 pub mod capsule;
+pub mod snapshot;
+pub mod template;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -134,7 +136,11 @@ impl Context {
             secondary: None,
         };
         if let Err(err) = self.recorder.publish(&ev, reference).await {
-            tracing::warn!(error = &err as &dyn std::error::Error, reason, "publish event");
+            tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                reason,
+                "publish event"
+            );
         }
     }
 
@@ -156,4 +162,104 @@ impl Context {
             .min(Duration::from_secs(60));
         Action::requeue(delay)
     }
+}
+
+/// Everything [`run_all`] runs with.
+pub struct Operator {
+    /// API client.
+    pub client: Client,
+    /// Node agents.
+    pub pool: AgentPool,
+    /// The pool's triggers and sync notices.
+    pub streams: crate::pool::PoolStreams,
+    /// Node-agent Pods: (namespace, label selector, gRPC port).
+    pub discovery: (String, String, u16),
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Tunables.
+    pub settings: Settings,
+    /// This replica's name, for Events.
+    pub instance: Option<String>,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("discovery", &self.discovery)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs every controller, agent discovery and the Node reflector until
+/// `shutdown` resolves. `discovery` is (namespace, label selector, port) of
+/// the node-agent Pods.
+pub async fn run_all(
+    op: Operator,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let Operator {
+        client,
+        pool,
+        streams,
+        discovery,
+        metrics,
+        settings,
+        instance,
+    } = op;
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (nodes, writer) = reflector::store();
+    let node_api: kube::Api<Node> = kube::Api::all(client.clone());
+    let node_task = tokio::spawn(
+        reflector(writer, watcher(node_api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(|_| futures::future::ready(())),
+    );
+    let (ns, selector, port) = discovery;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let discover = tokio::spawn(crate::pool::discover(pool.clone(), pods, selector, port));
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stop = |tx: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = tx.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    };
+    let parts = Parts {
+        client: client.clone(),
+        pool: pool.clone(),
+        nodes,
+        metrics: metrics.clone(),
+        settings,
+        instance,
+    };
+    let capsules = capsule::run(parts, streams.triggers, streams.syncs, stop(&stop_tx));
+    let side = (
+        snapshot::run(
+            client.clone(),
+            pool.clone(),
+            metrics.clone(),
+            stop(&stop_tx),
+        ),
+        template::run(
+            client.clone(),
+            pool.clone(),
+            metrics.clone(),
+            stop(&stop_tx),
+        ),
+    );
+    let all = async move { futures::join!(capsules, side.0, side.1) };
+    tokio::pin!(all);
+    tokio::select! {
+        _ = &mut all => {}
+        _ = shutdown => {
+            let _ = stop_tx.send(());
+            all.await;
+        }
+    }
+    discover.abort();
+    node_task.abort();
+    pool.shutdown();
 }

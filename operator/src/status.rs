@@ -187,10 +187,7 @@ mod tests {
         let later = Timestamp::from_second(9_000).unwrap();
         let b = build_capsule_status(&draft, Some(&a), Some(3), None, later);
         assert_eq!(a, b);
-        assert_eq!(
-            a.resources.unwrap().memory.unwrap().0,
-            "512Mi".to_string()
-        );
+        assert_eq!(a.resources.unwrap().memory.unwrap().0, "512Mi".to_string());
         assert_eq!(a.vmm.unwrap().note.as_deref(), Some("TCG"));
     }
 }

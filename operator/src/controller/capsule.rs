@@ -372,23 +372,25 @@ impl Step<'_> {
     }
 
     async fn announce(&self, ctx: &Context, before: Option<CapsulePhase>, draft: &StatusDraft) {
-        let ready = |t: &str| -> Option<&ConditionDraft> {
-            draft.conditions.iter().find(|c| c.type_ == t)
-        };
+        let ready =
+            |t: &str| -> Option<&ConditionDraft> { draft.conditions.iter().find(|c| c.type_ == t) };
         let msg = |t: &str| ready(t).map(|c| c.message.clone()).unwrap_or_default();
         let (type_, reason, note) = match draft.phase {
             CapsulePhase::Scheduled => (EventType::Normal, "Scheduled", msg("Scheduled")),
             CapsulePhase::Running => {
-                if before == Some(CapsulePhase::Creating) {
-                    if let Some(created) = age(self.cap.meta().creation_timestamp.as_ref()) {
-                        ctx.metrics.create_to_running.observe(created.as_secs_f64());
-                    }
+                if before == Some(CapsulePhase::Creating)
+                    && let Some(created) = age(self.cap.meta().creation_timestamp.as_ref())
+                {
+                    ctx.metrics.create_to_running.observe(created.as_secs_f64());
                 }
                 let ip = draft.ip.clone().unwrap_or_default();
                 (
                     EventType::Normal,
                     "Running",
-                    format!("running on node {} at {ip}", draft.node.clone().unwrap_or_default()),
+                    format!(
+                        "running on node {} at {ip}",
+                        draft.node.clone().unwrap_or_default()
+                    ),
                 )
             }
             CapsulePhase::Paused => (EventType::Normal, "Paused", "vCPUs stopped".to_string()),
@@ -511,12 +513,15 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                         key_prefix: k,
                         preparable: *p,
                     }),
-                    snapshot: src.snapshot.as_ref().map(|(n, id)| SnapshotNeed { node: n, id }),
+                    snapshot: src
+                        .snapshot
+                        .as_ref()
+                        .map(|(n, id)| SnapshotNeed { node: n, id }),
                 };
                 match plan_placement(&req, &views) {
                     Ok(chosen) => {
                         ctx.pool.reserve(&uid, &chosen, src.resources);
-                        let mut draft = plan.status.clone().unwrap_or_else(|| unreachable_draft());
+                        let mut draft = plan.status.clone().unwrap_or_else(unreachable_draft);
                         draft.phase = CapsulePhase::Scheduled;
                         draft.node = Some(chosen.clone());
                         for c in &mut draft.conditions {
@@ -533,7 +538,7 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                         phase = Some(CapsulePhase::Scheduled);
                     }
                     Err(why) => {
-                        let mut draft = plan.status.clone().unwrap_or_else(|| unreachable_draft());
+                        let mut draft = plan.status.clone().unwrap_or_else(unreachable_draft);
                         for c in &mut draft.conditions {
                             if c.type_ == "Scheduled" {
                                 c.reason = reason::UNSCHEDULABLE;
@@ -548,9 +553,10 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
             }
             NodeAction::Create(mode) => {
                 let Some(n) = node.clone() else { break };
-                let client = ctx.pool.client(&n).ok_or_else(|| Error::NodeUnreachable {
-                    node: n.clone(),
-                })?;
+                let client = ctx
+                    .pool
+                    .client(&n)
+                    .ok_or_else(|| Error::NodeUnreachable { node: n.clone() })?;
                 let req = pb::CreateCapsuleRequest {
                     uid: uid.clone(),
                     spec: Some(to_proto_spec(cap, ns, &src)),
@@ -593,9 +599,10 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
             }
             NodeAction::Pause | NodeAction::Resume | NodeAction::Suspend => {
                 let Some(n) = node.clone() else { break };
-                let client = ctx.pool.client(&n).ok_or_else(|| Error::NodeUnreachable {
-                    node: n.clone(),
-                })?;
+                let client = ctx
+                    .pool
+                    .client(&n)
+                    .ok_or_else(|| Error::NodeUnreachable { node: n.clone() })?;
                 let (action, call) = match plan.action {
                     NodeAction::Pause => ("pause", client.pause_capsule(uid.clone())),
                     NodeAction::Resume => ("resume", client.resume_capsule(uid.clone())),
@@ -642,7 +649,11 @@ fn unreachable_draft() -> StatusDraft {
 }
 
 /// Refreshes `status.usage` from the agent's metrics when older than the interval.
-async fn refresh_usage(step: &mut Step<'_>, ctx: &Context, node: Option<&str>) -> Result<(), Error> {
+async fn refresh_usage(
+    step: &mut Step<'_>,
+    ctx: &Context,
+    node: Option<&str>,
+) -> Result<(), Error> {
     let Some(node) = node else { return Ok(()) };
     let Some(cur) = step.current.clone() else {
         return Ok(());
@@ -751,16 +762,28 @@ pub fn error_policy(cap: Arc<Capsule>, err: &Error, ctx: Arc<Context>) -> Action
         })
         .inc();
     if category == "node-unreachable" {
-        tracing::debug!(error = err as &dyn std::error::Error, "capsule waits for its node");
+        tracing::debug!(
+            error = err as &dyn std::error::Error,
+            "capsule waits for its node"
+        );
     } else {
-        tracing::warn!(error = err as &dyn std::error::Error, category, "capsule reconcile failed");
+        tracing::warn!(
+            error = err as &dyn std::error::Error,
+            category,
+            "capsule reconcile failed"
+        );
     }
     ctx.backoff(&cap.uid().unwrap_or_default())
 }
 
 /// Convergence after an agent (re)synced: VMs without a Capsule are deleted;
 /// capsules placed on that node are reconciled (a vanished VM is noticed).
-pub async fn converge(ctx: &Context, store: &Store<Capsule>, sync: &AgentSynced, retrigger: &mpsc::UnboundedSender<ObjectRef<Capsule>>) {
+pub async fn converge(
+    ctx: &Context,
+    store: &Store<Capsule>,
+    sync: &AgentSynced,
+    retrigger: &mpsc::UnboundedSender<ObjectRef<Capsule>>,
+) {
     let _ = store.wait_until_ready().await;
     let Some(client) = ctx.pool.client(&sync.node) else {
         return;
