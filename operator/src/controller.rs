@@ -88,6 +88,17 @@ pub struct Parts {
     pub instance: Option<String>,
 }
 
+/// `Api::all`, or namespaced when a namespace is given.
+pub fn scoped<K>(client: &Client, namespace: Option<&str>) -> kube::Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    }
+}
+
 impl std::fmt::Debug for Parts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parts")
@@ -180,6 +191,8 @@ pub struct Operator {
     pub settings: Settings,
     /// This replica's name, for Events.
     pub instance: Option<String>,
+    /// Watch only this namespace (tests); every namespace when `None`.
+    pub namespace: Option<String>,
 }
 
 impl std::fmt::Debug for Operator {
@@ -206,6 +219,7 @@ pub async fn run_all(
         metrics,
         settings,
         instance,
+        namespace,
     } = op;
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -235,16 +249,24 @@ pub async fn run_all(
         settings,
         instance,
     };
-    let capsules = capsule::run(parts, streams.triggers, streams.syncs, stop(&stop_tx));
+    let capsules = capsule::run(
+        parts,
+        namespace.clone(),
+        streams.triggers,
+        streams.syncs,
+        stop(&stop_tx),
+    );
     let side = (
         snapshot::run(
             client.clone(),
+            namespace.clone(),
             pool.clone(),
             metrics.clone(),
             stop(&stop_tx),
         ),
         template::run(
             client.clone(),
+            namespace.clone(),
             pool.clone(),
             metrics.clone(),
             stop(&stop_tx),

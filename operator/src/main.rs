@@ -200,6 +200,7 @@ async fn run(args: Args) -> Result<()> {
         metrics,
         settings,
         instance,
+        namespace: None,
     };
     let controllers = run_all(operator, async move {
         let _ = lost_rx.await;

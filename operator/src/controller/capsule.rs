@@ -814,14 +814,16 @@ pub async fn converge(
 /// Runs the Capsule controller until `shutdown` resolves.
 pub async fn run(
     ctx_parts: super::Parts,
+    namespace: Option<String>,
     triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
     mut syncs: mpsc::UnboundedReceiver<AgentSynced>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx_parts.client.clone();
-    let caps: Api<Capsule> = Api::all(client.clone());
-    let templates: Api<CapsuleTemplate> = Api::all(client.clone());
-    let snapshots: Api<CapsuleSnapshot> = Api::all(client.clone());
+    let ns = namespace.as_deref();
+    let caps: Api<Capsule> = super::scoped(&client, ns);
+    let templates: Api<CapsuleTemplate> = super::scoped(&client, ns);
+    let snapshots: Api<CapsuleSnapshot> = super::scoped(&client, ns);
     let controller = Controller::new(caps, watcher::Config::default());
     let store = controller.store();
     let ctx = Arc::new(ctx_parts.into_context(store.clone()));

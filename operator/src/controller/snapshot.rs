@@ -383,6 +383,7 @@ fn error_policy(_: Arc<CapsuleSnapshot>, err: &Error, ctx: Arc<Ctx>) -> Action {
 /// Runs the CapsuleSnapshot controller until `shutdown`.
 pub async fn run(
     client: Client,
+    namespace: Option<String>,
     pool: AgentPool,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
@@ -400,8 +401,8 @@ pub async fn run(
         metrics,
         recorder,
     });
-    let snaps: Api<CapsuleSnapshot> = Api::all(client.clone());
-    let caps: Api<Capsule> = Api::all(client);
+    let snaps: Api<CapsuleSnapshot> = super::scoped(&client, namespace.as_deref());
+    let caps: Api<Capsule> = super::scoped(&client, namespace.as_deref());
     let controller = Controller::new(snaps, watcher::Config::default());
     let store = controller.store();
     controller

@@ -220,6 +220,7 @@ fn error_policy(_: Arc<CapsuleTemplate>, err: &Error, ctx: Arc<Ctx>) -> Action {
 /// Runs the CapsuleTemplate controller until `shutdown`.
 pub async fn run(
     client: Client,
+    namespace: Option<String>,
     pool: AgentPool,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
@@ -229,7 +230,7 @@ pub async fn run(
         pool,
         metrics,
     });
-    let api: Api<CapsuleTemplate> = Api::all(client);
+    let api: Api<CapsuleTemplate> = super::scoped(&client, namespace.as_deref());
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
