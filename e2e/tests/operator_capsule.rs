@@ -474,3 +474,210 @@ async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
     }
     op.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
+    let Some(env) = common::setup("operator_capsule::snapshot").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let src = capsule(&client, &ns, "src", 2).await;
+    let running = wait_capsule(&client, &ns, "src", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    let node = running.status.unwrap().node_name.unwrap();
+    let snap: wrenn_crds::CapsuleSnapshot = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleSnapshot",
+            "metadata": { "name": "s1" },
+            "spec": { "capsuleName": "src" },
+        }),
+    )
+    .await;
+    let snaps: Api<wrenn_crds::CapsuleSnapshot> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let s = snaps.get("s1").await.unwrap();
+        if s.status.as_ref().and_then(|s| s.ready_to_use) == Some(true) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot not Ready: {:?}",
+            s.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let st = ready.status.unwrap();
+    assert_eq!(st.node_name.as_deref(), Some(node.as_str()));
+    assert_eq!(st.size_bytes, Some(600 << 20));
+    let compat = st.compatibility.unwrap();
+    assert_eq!((compat.vmm.as_str(), compat.vcpus), ("fake-vmm", 2));
+    assert_eq!(st.source_capsule.unwrap().uid, src.uid().unwrap());
+
+    // Deleting the source keeps the Ready snapshot.
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    caps.delete("src", &DeleteParams::default()).await.unwrap();
+    let restored: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "restored" },
+            "spec": { "source": { "snapshotRef": { "name": "s1" } } },
+        }),
+    )
+    .await;
+    let r = wait_capsule(&client, &ns, "restored", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    assert_eq!(
+        r.status.as_ref().unwrap().node_name.as_deref(),
+        Some(node.as_str()),
+        "lands on the node that holds the snapshot"
+    );
+    let agent = nodes
+        .agents
+        .iter()
+        .find(|a| a.capsule(&restored.uid().unwrap()).is_some())
+        .unwrap();
+    let boot = agent
+        .capsule(&restored.uid().unwrap())
+        .unwrap()
+        .spec
+        .unwrap()
+        .source
+        .unwrap()
+        .source
+        .unwrap();
+    assert_eq!(
+        boot,
+        pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+            id: snap.uid().unwrap()
+        })
+    );
+    let s = snaps.get("s1").await.unwrap();
+    assert_eq!(s.status.and_then(|s| s.ready_to_use), Some(true));
+
+    snaps.delete("s1", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while snaps.get_opt("s1").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "snapshot object still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        agent.count("DeleteSnapshot"),
+        1,
+        "files removed on the node"
+    );
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_expiry_deletes_or_suspends() {
+    let Some(env) = common::setup("operator_capsule::expiry").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    for (name, on_expiry) in [("ttl-delete", "Delete"), ("ttl-suspend", "Suspend")] {
+        let _: Capsule = apply(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+                "metadata": { "name": name },
+                "spec": {
+                    "source": { "templateRef": { "name": "base" } },
+                    "lifecycle": { "shutdownAfter": "3s", "onExpiry": on_expiry },
+                },
+            }),
+        )
+        .await;
+    }
+    let c = wait_capsule(&client, &ns, "ttl-suspend", "Suspended on expiry", |c| {
+        phase(c) == Some(CapsulePhase::Suspended)
+    })
+    .await;
+    let st = c.status.unwrap();
+    let s = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Suspended")
+        .unwrap();
+    assert_eq!(
+        (s.status.as_str(), s.reason.as_str()),
+        ("True", "SuspendedOnExpiry")
+    );
+    assert_eq!(
+        vm_state(&nodes, &c.metadata.uid.clone().unwrap()),
+        Some(pb::CapsuleState::Suspended)
+    );
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while caps.get_opt("ttl-delete").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "expired capsule not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total: usize = nodes.agents.iter().map(|a| a.uids().len()).sum();
+    assert_eq!(total, 1, "only the suspended capsule's VM remains");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
+    let Some(env) = common::setup("operator_capsule::node_lost").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let c = capsule(&client, &ns, "stranded", 1).await;
+    let uid = c.uid().unwrap();
+    wait_capsule(&client, &ns, "stranded", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    for a in &nodes.agents {
+        a.set_down(true);
+    }
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let asked = Instant::now();
+    caps.delete("stranded", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while caps.get_opt("stranded").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "finalizer never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "released only after the node-lost timeout, not at once ({:?})",
+        asked.elapsed()
+    );
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+    let lost = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| {
+            e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str())
+                && e.reason.as_deref() == Some("NodeLost")
+        })
+        .expect("a NodeLost event");
+    assert_eq!(lost.type_.as_deref(), Some("Warning"));
+    op.stop().await;
+}
