@@ -58,6 +58,16 @@ pub mod reason {
     pub const NODE_LOST: &str = "NodeLost";
     /// The VMM exited without being asked to.
     pub const VM_CRASHED: &str = "VmCrashed";
+    /// A snapshot's files are written and usable.
+    pub const SNAPSHOT_TAKEN: &str = "SnapshotTaken";
+    /// A snapshot is being written on its node.
+    pub const SNAPSHOTTING: &str = "Snapshotting";
+    /// A template's root disk is on at least one node.
+    pub const TEMPLATE_CACHED: &str = "TemplateCached";
+    /// A template's root disk is prepared on a node when a capsule first needs it.
+    pub const PREPARED_ON_DEMAND: &str = "PreparedOnDemand";
+    /// No node agent is connected.
+    pub const NO_NODES: &str = "NoNodes";
 }
 
 /// Labels the chart and the operator use to find node agents.

@@ -4,6 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod controller;
+pub mod metrics;
 pub mod placement;
 pub mod plan;
+pub mod pool;
 pub mod resources;
+pub mod status;

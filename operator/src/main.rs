@@ -4,17 +4,233 @@
 //! `wrenn-operator` field manager. It never execs processes and never touches
 //! host networking or disks: that is the node agent's job.
 //!
-//! Controllers land with the operator issue; until then this binary only says
-//! so, rather than pretending to reconcile.
+//! This file: flags, telemetry, the admin server, leader election and
+//! graceful shutdown. `anyhow` stops here.
 #![forbid(unsafe_code)]
 
+mod args;
+
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use wrenn_operator::agent::{ClientTls, GrpcConnector};
+use wrenn_operator::controller::{Operator, Settings, run_all};
+use wrenn_operator::metrics::Metrics;
+use wrenn_operator::pool::AgentPool;
+
+use crate::args::{Args, LogFormat};
 
 fn main() -> ExitCode {
-    eprintln!(
-        "wrenn-operator {}: controllers are not implemented yet; \
-         install the CRDs with `crdgen` and see README.md",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    let args = Args::parse();
+    // ring only: with the provider explicit, a dependency enabling a second
+    // one cannot make the first handshake panic.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(err) => {
+            eprintln!("wrenn-operator: --log-level {:?}: {err}", args.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("wrenn-operator: start async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Admin {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve_metrics(State(a): State<Admin>) -> (StatusCode, String) {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &a.registry) {
+        Ok(()) => (StatusCode::OK, out),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+    }
+}
+
+async fn readyz(State(a): State<Admin>) -> StatusCode {
+    if a.ready.load(Ordering::Relaxed) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// Resolves on SIGTERM (the kubelet) or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let Args {
+        agent_namespace,
+        agent_selector,
+        agent_port,
+        agent_server_name,
+        tls_cert,
+        tls_key,
+        agent_ca,
+        admin_listen,
+        leader_election,
+        node_lost_timeout,
+        ..
+    } = args;
+    let own_namespace = std::env::var("POD_NAMESPACE").ok();
+    let agent_namespace = agent_namespace
+        .or_else(|| own_namespace.clone())
+        .context("--agent-namespace (WRENN_AGENT_NAMESPACE) or POD_NAMESPACE must be set")?;
+    let instance = std::env::var("POD_NAME").ok();
+    let tls = ClientTls::from_files(&tls_cert, &tls_key, &agent_ca, &agent_server_name)
+        .context("load agent TLS material")?;
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Admin {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { StatusCode::OK }))
+        .route("/readyz", get(readyz))
+        .with_state(admin);
+    let listener = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("bind admin server on {admin_listen}"))?;
+    let admin_task = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = kube::Client::try_default()
+        .await
+        .context("build Kubernetes client")?;
+
+    let stop = stop_signal();
+    tokio::pin!(stop);
+
+    // Only the Lease holder reconciles; a standby waits, ready to take over.
+    let mut leadership = None;
+    if leader_election {
+        let ns = own_namespace
+            .clone()
+            .unwrap_or_else(|| agent_namespace.clone());
+        let manager =
+            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "wrenn-operator")
+                .with_namespace(ns)
+                .with_identity(
+                    instance
+                        .clone()
+                        .unwrap_or_else(|| format!("wrenn-operator-{}", std::process::id())),
+                )
+                .with_duration(15)
+                .with_grace(5)
+                .build()
+                .await
+                .context("set up leader election")?;
+        let (mut rx, task) = manager.watch().await;
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!("waiting for the wrenn-operator lease");
+        loop {
+            if *rx.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                changed = rx.changed() => changed.context("leader election task ended")?,
+                _ = &mut stop => return Ok(()),
+            }
+        }
+        tracing::info!("leading");
+        leadership = Some((rx, task));
+    }
+
+    let connector = GrpcConnector {
+        tls,
+        timeout: Duration::from_secs(30),
+    };
+    let (pool, streams) = AgentPool::new(Arc::new(connector), Duration::from_secs(10));
+    let settings = Settings {
+        node_lost_timeout: Duration::from_secs(node_lost_timeout),
+        ..Settings::default()
+    };
+    ready.store(true, Ordering::Relaxed);
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let operator = Operator {
+        client,
+        pool,
+        streams,
+        discovery: (agent_namespace, agent_selector, agent_port),
+        metrics,
+        settings,
+        instance,
+        namespace: None,
+    };
+    let controllers = run_all(operator, async move {
+        let _ = lost_rx.await;
+    });
+    tokio::pin!(controllers);
+    let lost_lease = async {
+        match &mut leadership {
+            Some((rx, _)) => {
+                while rx.changed().await.is_ok() {
+                    if !*rx.borrow() {
+                        break;
+                    }
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let outcome = tokio::select! {
+        _ = &mut controllers => Err(anyhow::anyhow!("controllers stopped")),
+        _ = &mut stop => Ok(()),
+        _ = lost_lease => Err(anyhow::anyhow!("lost the wrenn-operator lease")),
+        res = admin_task => Err(anyhow::anyhow!("admin server stopped: {res:?}")),
+    };
+    // Let in-flight reconciles finish before the lease is given up.
+    let _ = lost_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    if let Some((rx, task)) = leadership {
+        // Dropping the receiver makes the manager release the lease.
+        drop(rx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    outcome
 }

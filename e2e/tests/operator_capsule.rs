@@ -1,0 +1,683 @@
+//! Tier 2: the operator's controllers against a real kube-apiserver, with
+//! in-process fake node agents (`FakeNodeAgent`) found through real
+//! node-agent Pods. Each test runs its own operator scoped to its own
+//! namespace, with its own nodes.
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::{Capsule, CapsuleTemplate};
+use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
+use wrenn_operator::controller::{Operator, Settings, run_all};
+use wrenn_operator::metrics::Metrics;
+use wrenn_operator::pool::AgentPool;
+use wrenn_proto::agent::v1 as pb;
+
+const SELECTOR: &str = "app.kubernetes.io/name=wrenn-node-agent";
+const GI: u64 = 1 << 30;
+
+/// A running operator; dropping `stop` shuts it down.
+struct RunningOperator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningOperator {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("operator stops within 30 s")
+            .unwrap();
+    }
+}
+
+fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> RunningOperator {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let (pool, streams) = AgentPool::new(connector, Duration::from_secs(1));
+    let op = Operator {
+        client: client.clone(),
+        pool,
+        streams,
+        discovery: (ns.to_string(), SELECTOR.to_string(), 7443),
+        metrics,
+        settings: Settings {
+            node_lost_timeout: Duration::from_secs(3),
+            settle_grace: Duration::from_secs(5),
+            // Usage writes would blur the write count; they have their own interval.
+            usage_interval: Duration::from_secs(3600),
+        },
+        instance: None,
+        namespace: Some(ns.to_string()),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(run_all(op, async move {
+        let _ = rx.await;
+    }));
+    RunningOperator {
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// A node-agent Pod on `node` with an IP, as the DaemonSet and kubelet would make it.
+async fn agent_pod(client: &Client, ns: &str, node: &str, ip: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": format!("agent-{node}"), "labels": { "app.kubernetes.io/name": "wrenn-node-agent" } },
+        "spec": { "nodeName": node, "containers": [{ "name": "agent", "image": "wrenn/node-agent:test" }] },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    pods.patch_status(
+        &format!("agent-{node}"),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": { "podIP": ip, "podIPs": [{ "ip": ip }] } })),
+    )
+    .await
+    .unwrap();
+}
+
+struct Nodes {
+    connector: Arc<FakeConnector>,
+    agents: Vec<Arc<FakeNodeAgent>>,
+}
+
+async fn nodes(client: &Client, ns: &str, vcpus: u32) -> Nodes {
+    let connector = Arc::new(FakeConnector::default());
+    let mut agents = Vec::new();
+    for (i, suffix) in ["a", "b"].iter().enumerate() {
+        let node = format!("{ns}-{suffix}");
+        let agent = FakeNodeAgent::new(
+            &node,
+            pb::Resources {
+                vcpus,
+                memory_bytes: 16 * GI,
+                disk_bytes: 100 * GI,
+            },
+            Duration::from_millis(300),
+        );
+        connector.add(agent.clone());
+        agent_pod(client, ns, &node, &format!("127.0.0.{}", i + 2)).await;
+        agents.push(agent);
+    }
+    Nodes { connector, agents }
+}
+
+async fn apply<K>(client: &Client, ns: &str, body: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let obj: K = serde_json::from_value(body).unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap()
+}
+
+async fn template(client: &Client, ns: &str) {
+    let _: CapsuleTemplate = apply(
+        client,
+        ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
+            "metadata": { "name": "base" },
+            "spec": { "source": { "image": { "reference": "docker.io/library/debian:bookworm" } } },
+        }),
+    )
+    .await;
+}
+
+async fn capsule(client: &Client, ns: &str, name: &str, vcpus: u32) -> Capsule {
+    apply(
+        client,
+        ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": name },
+            "spec": { "source": { "templateRef": { "name": "base" } }, "resources": { "vcpus": vcpus, "memory": "512Mi" } },
+        }),
+    )
+    .await
+}
+
+/// Polls the capsule until `check` holds, returning it.
+async fn wait_capsule(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Capsule) -> bool,
+) -> Capsule {
+    let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = api.get(name).await.unwrap();
+        if check(&c) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capsule {name}: {what} not reached in 30 s; status: {:?}",
+            c.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn phase(c: &Capsule) -> Option<CapsulePhase> {
+    c.status.as_ref().and_then(|s| s.phase)
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not true after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn set_mode(client: &Client, ns: &str, name: &str, mode: &str) {
+    let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "operatingMode": mode } })),
+    )
+    .await
+    .unwrap();
+}
+
+fn vm_state(nodes: &Nodes, uid: &str) -> Option<pb::CapsuleState> {
+    nodes
+        .agents
+        .iter()
+        .find_map(|a| a.capsule(uid))
+        .and_then(|c| pb::CapsuleState::try_from(c.state).ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
+    let Some(env) = common::setup("operator_capsule::lifecycle").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+
+    // Every write to the capsule bumps its resourceVersion; a watch sees each.
+    let api: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let cfg = watcher::Config::default().fields("metadata.name=c1");
+    let mut versions = watcher(api.clone(), cfg).boxed();
+    let created = capsule(&client, &ns, "c1", 1).await;
+    let uid = created.uid().unwrap();
+    let created_rv = created.resource_version().unwrap();
+    let started = Instant::now();
+    let mut seen = BTreeSet::new();
+    let running = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), versions.next())
+            .await
+            .expect("capsule reaches Running within 30 s")
+            .unwrap()
+            .unwrap();
+        if let watcher::Event::Apply(c) | watcher::Event::InitApply(c) = ev {
+            let rv = c.resource_version().unwrap();
+            if rv != created_rv {
+                seen.insert(rv);
+            }
+            if phase(&c) == Some(CapsulePhase::Running) {
+                break c;
+            }
+        }
+    };
+    let to_running = started.elapsed();
+    drop(versions);
+    let st = running.status.clone().unwrap();
+    assert!(
+        st.ip.as_deref().unwrap().starts_with("10.201."),
+        "IP comes from the agent: {st:?}"
+    );
+    let node = st.node_name.clone().unwrap();
+    assert!(node.starts_with(&ns));
+    assert_eq!(st.observed_generation, running.metadata.generation);
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Running")
+    );
+    assert_eq!(running.finalizers(), ["wrenn.dev/node-cleanup"]);
+    assert!(
+        running.annotations().is_empty(),
+        "the operator never annotates user objects: {:?}",
+        running.annotations()
+    );
+
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+    let ours: Vec<K8sEvent> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
+        .collect();
+    let reasons: Vec<_> = ours.iter().filter_map(|e| e.reason.clone()).collect();
+    assert!(reasons.contains(&"Scheduled".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"Running".to_string()), "{reasons:?}");
+    let writes = seen.len() + ours.len();
+    eprintln!(
+        "apply -> Running: {:?}; API writes: {} to the Capsule + {} Events = {writes}",
+        to_running,
+        seen.len(),
+        ours.len()
+    );
+    assert!(writes <= 6, "{writes} API writes from apply to Running");
+
+    let tpl: Api<CapsuleTemplate> = Api::namespaced(client.clone(), &ns);
+    let t = tpl.get("base").await.unwrap();
+    assert_eq!(
+        t.status.and_then(|s| s.phase),
+        Some(wrenn_crds::template::TemplatePhase::Ready)
+    );
+
+    for (mode, want, vm) in [
+        ("Paused", CapsulePhase::Paused, pb::CapsuleState::Paused),
+        (
+            "Suspended",
+            CapsulePhase::Suspended,
+            pb::CapsuleState::Suspended,
+        ),
+        ("Running", CapsulePhase::Running, pb::CapsuleState::Running),
+    ] {
+        set_mode(&client, &ns, "c1", mode).await;
+        let c = wait_capsule(&client, &ns, "c1", mode, |c| phase(c) == Some(want)).await;
+        assert_eq!(vm_state(&nodes, &uid), Some(vm), "agent state after {mode}");
+        let st = c.status.unwrap();
+        let cond = |t: &str| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| c.status.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            cond("Paused"),
+            if mode == "Paused" { "True" } else { "False" }
+        );
+        assert_eq!(
+            cond("Suspended"),
+            if mode == "Suspended" { "True" } else { "False" }
+        );
+        assert_eq!(
+            st.node_name.as_deref(),
+            Some(node.as_str()),
+            "stays on its node"
+        );
+    }
+
+    api.delete("c1", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.get_opt("c1").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "capsule still there after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deleted: usize = nodes
+        .agents
+        .iter()
+        .map(|a| {
+            a.calls()
+                .iter()
+                .filter(|(c, u)| *c == "DeleteCapsule" && *u == uid)
+                .count()
+        })
+        .sum();
+    assert!(deleted >= 1, "DeleteCapsule called on the agent");
+    assert!(
+        nodes.agents.iter().all(|a| a.uids().is_empty()),
+        "no VM left"
+    );
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_capsule_says_why_per_node() {
+    let Some(env) = common::setup("operator_capsule::unschedulable").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 2).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    capsule(&client, &ns, "big", 4).await;
+    let c = wait_capsule(&client, &ns, "big", "Unschedulable", |c| {
+        c.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Scheduled" && c.reason == "Unschedulable")
+        })
+    })
+    .await;
+    let st = c.status.unwrap();
+    let sched = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Scheduled")
+        .unwrap();
+    assert_eq!(sched.status, "False");
+    assert_eq!(
+        sched.message,
+        format!(
+            "0/2 nodes fit: {ns}-a: not enough vcpus (need 4, free 2); {ns}-b: not enough vcpus (need 4, free 2)"
+        )
+    );
+    assert_eq!(st.phase, Some(CapsulePhase::Pending));
+    assert!(nodes.agents.iter().all(|a| a.count("CreateCapsule") == 0));
+
+    // A capsule that names a missing template waits with its own reason.
+    let _: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "orphaned" },
+            "spec": { "source": { "templateRef": { "name": "nope" } } },
+        }),
+    )
+    .await;
+    wait_capsule(&client, &ns, "orphaned", "TemplateNotFound", |c| {
+        c.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Scheduled" && c.reason == "TemplateNotFound")
+        })
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
+    let Some(env) = common::setup("operator_capsule::restart").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    template(&client, &ns).await;
+
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    let first = capsule(&client, &ns, "first", 1).await;
+    let first_uid = first.uid().unwrap();
+    wait_capsule(&client, &ns, "first", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    op.stop().await;
+
+    // While the operator is down: an orphan VM appears on node a, the
+    // first capsule's VM vanishes, and a new capsule is applied.
+    nodes.agents[0].insert("orphan-uid", &ns, "ghost", pb::CapsuleState::Running);
+    let first_node = nodes
+        .agents
+        .iter()
+        .position(|a| a.capsule(&first_uid).is_some())
+        .unwrap();
+    nodes.agents[first_node].vanish(&first_uid);
+    let second = capsule(&client, &ns, "second", 1).await;
+    let second_uid = second.uid().unwrap();
+
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    wait_until("orphan VM deleted", || {
+        !nodes.agents[0].uids().contains(&"orphan-uid".to_string())
+    })
+    .await;
+    wait_capsule(&client, &ns, "second", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    let again = wait_capsule(&client, &ns, "first", "recreated", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+            && nodes.agents[first_node].capsule(&first_uid).is_some()
+    })
+    .await;
+    assert_eq!(
+        again.status.unwrap().node_name.as_deref(),
+        Some(format!("{ns}-{}", ["a", "b"][first_node]).as_str()),
+        "recreated on the node it was placed on"
+    );
+    for uid in [&first_uid, &second_uid] {
+        let holders = nodes
+            .agents
+            .iter()
+            .filter(|a| a.capsule(uid).is_some())
+            .count();
+        assert_eq!(holders, 1, "exactly one VM for {uid}");
+    }
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
+    let Some(env) = common::setup("operator_capsule::snapshot").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let src = capsule(&client, &ns, "src", 2).await;
+    let running = wait_capsule(&client, &ns, "src", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    let node = running.status.unwrap().node_name.unwrap();
+    let snap: wrenn_crds::CapsuleSnapshot = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleSnapshot",
+            "metadata": { "name": "s1" },
+            "spec": { "capsuleName": "src" },
+        }),
+    )
+    .await;
+    let snaps: Api<wrenn_crds::CapsuleSnapshot> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let s = snaps.get("s1").await.unwrap();
+        if s.status.as_ref().and_then(|s| s.ready_to_use) == Some(true) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot not Ready: {:?}",
+            s.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let st = ready.status.unwrap();
+    assert_eq!(st.node_name.as_deref(), Some(node.as_str()));
+    assert_eq!(st.size_bytes, Some(600 << 20));
+    let compat = st.compatibility.unwrap();
+    assert_eq!((compat.vmm.as_str(), compat.vcpus), ("fake-vmm", 2));
+    assert_eq!(st.source_capsule.unwrap().uid, src.uid().unwrap());
+
+    // Deleting the source keeps the Ready snapshot.
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    caps.delete("src", &DeleteParams::default()).await.unwrap();
+    let restored: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "restored" },
+            "spec": { "source": { "snapshotRef": { "name": "s1" } } },
+        }),
+    )
+    .await;
+    let r = wait_capsule(&client, &ns, "restored", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    assert_eq!(
+        r.status.as_ref().unwrap().node_name.as_deref(),
+        Some(node.as_str()),
+        "lands on the node that holds the snapshot"
+    );
+    let agent = nodes
+        .agents
+        .iter()
+        .find(|a| a.capsule(&restored.uid().unwrap()).is_some())
+        .unwrap();
+    let boot = agent
+        .capsule(&restored.uid().unwrap())
+        .unwrap()
+        .spec
+        .unwrap()
+        .source
+        .unwrap()
+        .source
+        .unwrap();
+    assert_eq!(
+        boot,
+        pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+            id: snap.uid().unwrap()
+        })
+    );
+    let s = snaps.get("s1").await.unwrap();
+    assert_eq!(s.status.and_then(|s| s.ready_to_use), Some(true));
+
+    snaps.delete("s1", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while snaps.get_opt("s1").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "snapshot object still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        agent.count("DeleteSnapshot"),
+        1,
+        "files removed on the node"
+    );
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_expiry_deletes_or_suspends() {
+    let Some(env) = common::setup("operator_capsule::expiry").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    for (name, on_expiry) in [("ttl-delete", "Delete"), ("ttl-suspend", "Suspend")] {
+        let _: Capsule = apply(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+                "metadata": { "name": name },
+                "spec": {
+                    "source": { "templateRef": { "name": "base" } },
+                    "lifecycle": { "shutdownAfter": "3s", "onExpiry": on_expiry },
+                },
+            }),
+        )
+        .await;
+    }
+    let c = wait_capsule(&client, &ns, "ttl-suspend", "Suspended on expiry", |c| {
+        phase(c) == Some(CapsulePhase::Suspended)
+    })
+    .await;
+    let st = c.status.unwrap();
+    let s = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Suspended")
+        .unwrap();
+    assert_eq!(
+        (s.status.as_str(), s.reason.as_str()),
+        ("True", "SuspendedOnExpiry")
+    );
+    assert_eq!(
+        vm_state(&nodes, &c.metadata.uid.clone().unwrap()),
+        Some(pb::CapsuleState::Suspended)
+    );
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while caps.get_opt("ttl-delete").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "expired capsule not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total: usize = nodes.agents.iter().map(|a| a.uids().len()).sum();
+    assert_eq!(total, 1, "only the suspended capsule's VM remains");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
+    let Some(env) = common::setup("operator_capsule::node_lost").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let c = capsule(&client, &ns, "stranded", 1).await;
+    let uid = c.uid().unwrap();
+    wait_capsule(&client, &ns, "stranded", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    for a in &nodes.agents {
+        a.set_down(true);
+    }
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let asked = Instant::now();
+    caps.delete("stranded", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while caps.get_opt("stranded").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "finalizer never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "released only after the node-lost timeout, not at once ({:?})",
+        asked.elapsed()
+    );
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+    let lost = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| {
+            e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str())
+                && e.reason.as_deref() == Some("NodeLost")
+        })
+        .expect("a NodeLost event");
+    assert_eq!(lost.type_.as_deref(), Some("Warning"));
+    op.stop().await;
+}

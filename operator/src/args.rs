@@ -1,0 +1,97 @@
+//! Command-line flags, each with an environment fallback and a default.
+//! The Helm chart sets these by name; renaming one breaks it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `wrenn-operator`.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Wrenn operator: places Capsules and drives node agents"
+)]
+pub struct Args {
+    /// Namespace of the node-agent Pods (default: the operator's own, POD_NAMESPACE).
+    #[arg(long, env = "WRENN_AGENT_NAMESPACE")]
+    pub agent_namespace: Option<String>,
+    /// Label selector of the node-agent Pods.
+    #[arg(
+        long,
+        env = "WRENN_AGENT_SELECTOR",
+        default_value = "app.kubernetes.io/name=wrenn-node-agent"
+    )]
+    pub agent_selector: String,
+    /// gRPC port of every node agent.
+    #[arg(long, env = "WRENN_AGENT_PORT", default_value_t = 7443)]
+    pub agent_port: u16,
+    /// Name every agent's server certificate carries (checked on connect).
+    #[arg(
+        long,
+        env = "WRENN_AGENT_SERVER_NAME",
+        default_value = "wrenn-node-agent"
+    )]
+    pub agent_server_name: String,
+    /// Client certificate presented to agents (PEM).
+    #[arg(long, env = "WRENN_TLS_CERT", default_value = "/etc/wrenn/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = "WRENN_TLS_KEY", default_value = "/etc/wrenn/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// CA that signs the agents' server certificates (PEM).
+    #[arg(long, env = "WRENN_AGENT_CA", default_value = "/etc/wrenn/tls/ca.crt")]
+    pub agent_ca: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub admin_listen: SocketAddr,
+    /// Take the `wrenn-operator` Lease before reconciling (several replicas).
+    #[arg(
+        long,
+        env = "WRENN_LEADER_ELECTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub leader_election: bool,
+    /// Seconds a deleted capsule waits for its unreachable node before its
+    /// finalizer is released with a Warning Event.
+    #[arg(long, env = "WRENN_NODE_LOST_TIMEOUT", default_value_t = 300)]
+    pub node_lost_timeout: u64,
+    /// Log filter, e.g. `info` or `wrenn_operator=debug`.
+    #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// `plain` or `json`.
+    #[arg(long, env = "WRENN_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_chart() {
+        let a = Args::try_parse_from(["wrenn-operator"]).unwrap();
+        assert_eq!(a.agent_selector, "app.kubernetes.io/name=wrenn-node-agent");
+        assert_eq!(a.agent_port, 7443);
+        assert_eq!(a.admin_listen.to_string(), "0.0.0.0:8080");
+        assert!(a.leader_election);
+        assert_eq!(a.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn leader_election_can_be_turned_off() {
+        let a = Args::try_parse_from(["wrenn-operator", "--leader-election", "false"]).unwrap();
+        assert!(!a.leader_election);
+    }
+}

@@ -1,0 +1,287 @@
+//! Controllers, one module per kind, and what they share: the [`Context`]
+//! (API client, agent pool, Event recorder, metrics, settings) and the
+//! backoff of failed reconciles.
+
+pub mod capsule;
+pub mod snapshot;
+pub mod template;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use wrenn_crds::Capsule;
+
+use crate::metrics::Metrics;
+use crate::pool::AgentPool;
+
+/// Tunables of the controllers (flags in `main`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// After this long unreachable, a deleted capsule's finalizer is
+    /// released with a Warning Event.
+    pub node_lost_timeout: Duration,
+    /// Placement waits at most this long after start for every known agent
+    /// to list its capsules (so a VM it already holds is not duplicated).
+    pub settle_grace: Duration,
+    /// `status.usage` is refreshed at most this often per capsule.
+    pub usage_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            node_lost_timeout: Duration::from_secs(300),
+            settle_grace: Duration::from_secs(10),
+            usage_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Node agents.
+    pub pool: AgentPool,
+    /// Node labels, for `nodeSelector`.
+    pub nodes: Store<Node>,
+    /// Every Capsule, for reservations and convergence.
+    pub capsules: Store<Capsule>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Tunables.
+    pub settings: Settings,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("pool", &self.pool)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a [`Context`] needs but the Capsule store, which exists only
+/// once the Capsule controller is built.
+pub struct Parts {
+    /// API client.
+    pub client: Client,
+    /// Node agents.
+    pub pool: AgentPool,
+    /// Node labels.
+    pub nodes: Store<Node>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Tunables.
+    pub settings: Settings,
+    /// This replica's name, for Events.
+    pub instance: Option<String>,
+}
+
+/// `Api::all`, or namespaced when a namespace is given.
+pub fn scoped<K>(client: &Client, namespace: Option<&str>) -> kube::Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    }
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Parts {
+    /// The context, with the Capsule store.
+    pub fn into_context(self, capsules: Store<Capsule>) -> Context {
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "wrenn-operator".into(),
+                instance: self.instance,
+            },
+        );
+        Context {
+            client: self.client,
+            pool: self.pool,
+            nodes: self.nodes,
+            capsules,
+            recorder,
+            metrics: self.metrics,
+            settings: self.settings,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Context {
+    /// Publishes an Event; a failure is logged, never fatal.
+    pub async fn event(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&ev, reference).await {
+            tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                reason,
+                "publish event"
+            );
+        }
+    }
+
+    /// Clears the failure count of an object after a good reconcile.
+    pub fn succeeded(&self, uid: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// Exponential backoff per object: 0.5 s doubling to 60 s.
+    pub fn backoff(&self, uid: &str) -> Action {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(uid.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = Duration::from_millis(500)
+            .saturating_mul(1u32 << (*n - 1).min(7))
+            .min(Duration::from_secs(60));
+        Action::requeue(delay)
+    }
+}
+
+/// Everything [`run_all`] runs with.
+pub struct Operator {
+    /// API client.
+    pub client: Client,
+    /// Node agents.
+    pub pool: AgentPool,
+    /// The pool's triggers and sync notices.
+    pub streams: crate::pool::PoolStreams,
+    /// Node-agent Pods: (namespace, label selector, gRPC port).
+    pub discovery: (String, String, u16),
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Tunables.
+    pub settings: Settings,
+    /// This replica's name, for Events.
+    pub instance: Option<String>,
+    /// Watch only this namespace (tests); every namespace when `None`.
+    pub namespace: Option<String>,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("discovery", &self.discovery)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs every controller, agent discovery and the Node reflector until
+/// `shutdown` resolves. `discovery` is (namespace, label selector, port) of
+/// the node-agent Pods.
+pub async fn run_all(
+    op: Operator,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let Operator {
+        client,
+        pool,
+        streams,
+        discovery,
+        metrics,
+        settings,
+        instance,
+        namespace,
+    } = op;
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (nodes, writer) = reflector::store();
+    let node_api: kube::Api<Node> = kube::Api::all(client.clone());
+    let node_task = tokio::spawn(
+        reflector(writer, watcher(node_api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(|_| futures::future::ready(())),
+    );
+    let (ns, selector, port) = discovery;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let discover = tokio::spawn(crate::pool::discover(pool.clone(), pods, selector, port));
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stop = |tx: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = tx.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    };
+    let parts = Parts {
+        client: client.clone(),
+        pool: pool.clone(),
+        nodes,
+        metrics: metrics.clone(),
+        settings,
+        instance,
+    };
+    let capsules = capsule::run(
+        parts,
+        namespace.clone(),
+        streams.triggers,
+        streams.syncs,
+        stop(&stop_tx),
+    );
+    let side = (
+        snapshot::run(
+            client.clone(),
+            namespace.clone(),
+            pool.clone(),
+            metrics.clone(),
+            stop(&stop_tx),
+        ),
+        template::run(
+            client.clone(),
+            namespace.clone(),
+            pool.clone(),
+            metrics.clone(),
+            stop(&stop_tx),
+        ),
+    );
+    let all = async move { futures::join!(capsules, side.0, side.1) };
+    tokio::pin!(all);
+    tokio::select! {
+        _ = &mut all => {}
+        _ = shutdown => {
+            let _ = stop_tx.send(());
+            all.await;
+        }
+    }
+    discover.abort();
+    node_task.abort();
+    pool.shutdown();
+}

@@ -1,0 +1,509 @@
+//! The agent pool: one client per node, found from the node-agent
+//! DaemonSet's Pods (node name → pod IP : port); per agent a task that
+//! fetches NodeInfo, lists capsules and follows `WatchEvents`, reconnecting
+//! with backoff. Controllers read the pool's cached view and get a trigger
+//! for each capsule an agent reports on, and a [`AgentSynced`] when an agent has
+//! (re)connected and listed its capsules, for convergence.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use wrenn_crds::Capsule;
+use wrenn_proto::agent::v1 as pb;
+
+use crate::agent::{Connector, NodeAgent, to_vm};
+use crate::placement::NodeView;
+use crate::plan::Vm;
+use crate::resources::Resources;
+
+/// An agent has connected (or reconnected) and listed its capsules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentSynced {
+    /// Node of the agent.
+    pub node: String,
+}
+
+#[derive(Default)]
+struct Entry {
+    addr: Option<SocketAddr>,
+    client: Option<Arc<dyn NodeAgent>>,
+    task: Option<JoinHandle<()>>,
+    info: Option<pb::NodeInfoResponse>,
+    /// UIDs the agent held when it last reported `free`.
+    info_uids: BTreeSet<String>,
+    capsules: BTreeMap<String, pb::Capsule>,
+    synced: bool,
+    /// Since when the agent is unreachable (or unknown since start).
+    lost_since: Option<Instant>,
+}
+
+struct Inner {
+    connector: Arc<dyn Connector>,
+    nodes: RwLock<HashMap<String, Entry>>,
+    /// Placements made but not yet visible in the agent's `free`.
+    placements: RwLock<HashMap<String, (String, Resources)>>,
+    triggers: mpsc::UnboundedSender<ObjectRef<Capsule>>,
+    syncs: mpsc::UnboundedSender<AgentSynced>,
+    refresh: Duration,
+    started: Instant,
+}
+
+/// Shared handle to every node agent.
+#[derive(Clone)]
+pub struct AgentPool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AgentPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentPool")
+            .field("nodes", &self.read().len())
+            .finish()
+    }
+}
+
+/// The receiving ends the controllers consume.
+#[derive(Debug)]
+pub struct PoolStreams {
+    /// Capsules an agent reported on.
+    pub triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
+    /// Agents that (re)synced.
+    pub syncs: mpsc::UnboundedReceiver<AgentSynced>,
+}
+
+impl AgentPool {
+    /// A pool that connects through `connector` and refreshes NodeInfo every `refresh`.
+    pub fn new(connector: Arc<dyn Connector>, refresh: Duration) -> (Self, PoolStreams) {
+        let (tx, triggers) = mpsc::unbounded_channel();
+        let (stx, syncs) = mpsc::unbounded_channel();
+        let pool = Self {
+            inner: Arc::new(Inner {
+                connector,
+                nodes: RwLock::new(HashMap::new()),
+                placements: RwLock::new(HashMap::new()),
+                triggers: tx,
+                syncs: stx,
+                refresh,
+                started: Instant::now(),
+            }),
+        };
+        (pool, PoolStreams { triggers, syncs })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.inner.nodes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.inner.nodes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts (or moves) the agent of `node` at `addr`.
+    pub fn upsert(&self, node: &str, addr: SocketAddr) {
+        let mut nodes = self.write();
+        let entry = nodes.entry(node.to_string()).or_default();
+        if entry.addr == Some(addr) && entry.task.is_some() {
+            return;
+        }
+        if let Some(task) = entry.task.take() {
+            task.abort();
+        }
+        entry.addr = Some(addr);
+        entry.synced = false;
+        entry.lost_since.get_or_insert_with(Instant::now);
+        match self.inner.connector.connect(node, addr) {
+            Ok(client) => {
+                entry.client = Some(client.clone());
+                let pool = self.clone();
+                let node = node.to_string();
+                entry.task = Some(tokio::spawn(async move { pool.follow(node, client).await }));
+            }
+            Err(err) => {
+                tracing::warn!(%node, error = &err as &dyn std::error::Error, "agent client");
+                entry.client = None;
+            }
+        }
+    }
+
+    /// Forgets the agent of `node` (its Pod is gone).
+    pub fn remove(&self, node: &str) {
+        let mut nodes = self.write();
+        if let Some(entry) = nodes.get_mut(node) {
+            if let Some(task) = entry.task.take() {
+                task.abort();
+            }
+            entry.client = None;
+            entry.synced = false;
+            entry.addr = None;
+            entry.lost_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Stops every agent task.
+    pub fn shutdown(&self) {
+        for entry in self.write().values_mut() {
+            if let Some(task) = entry.task.take() {
+                task.abort();
+            }
+        }
+    }
+
+    /// The client for `node`, when its agent is synced.
+    pub fn client(&self, node: &str) -> Option<Arc<dyn NodeAgent>> {
+        self.read()
+            .get(node)
+            .filter(|e| e.synced)
+            .and_then(|e| e.client.clone())
+    }
+
+    /// What `node`'s agent says about `uid`: `None` when the agent is not
+    /// synced, `Some(None)` when it has no such VM.
+    pub fn observe(&self, node: &str, uid: &str) -> Option<Option<Vm>> {
+        let nodes = self.read();
+        let e = nodes.get(node).filter(|e| e.synced)?;
+        Some(e.capsules.get(uid).map(to_vm))
+    }
+
+    /// Node of the VM with this UID, on any synced agent.
+    pub fn find(&self, uid: &str) -> Option<String> {
+        self.read()
+            .iter()
+            .find(|(_, e)| e.synced && e.capsules.contains_key(uid))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// True once every known agent has synced at least once, or `grace`
+    /// passed since start: placing before then could duplicate a VM that an
+    /// agent not yet listed already holds.
+    pub fn settled(&self, grace: Duration) -> bool {
+        self.inner.started.elapsed() >= grace || self.read().values().all(|e| e.synced)
+    }
+
+    /// How long `node`'s agent has been unreachable (`None`: reachable).
+    pub fn lost_for(&self, node: &str) -> Option<Duration> {
+        match self.read().get(node) {
+            Some(e) if e.synced => None,
+            Some(e) => Some(
+                e.lost_since
+                    .map_or(self.inner.started.elapsed(), |t| t.elapsed()),
+            ),
+            None => Some(self.inner.started.elapsed()),
+        }
+    }
+
+    /// UIDs of the VMs on `node`.
+    pub fn uids(&self, node: &str) -> Vec<(String, String, String)> {
+        self.read()
+            .get(node)
+            .map(|e| {
+                e.capsules
+                    .values()
+                    .map(|c| {
+                        let (ns, name) = c
+                            .spec
+                            .as_ref()
+                            .map(|s| (s.namespace.clone(), s.name.clone()))
+                            .unwrap_or_default();
+                        (c.uid.clone(), ns, name)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Records what an RPC just returned, ahead of the event stream.
+    pub fn note(&self, node: &str, c: pb::Capsule) {
+        self.with_entry(node, |e| {
+            e.capsules.insert(c.uid.clone(), c);
+        });
+    }
+
+    /// Forgets a VM the operator just deleted.
+    pub fn forget(&self, node: &str, uid: &str) {
+        self.with_entry(node, |e| {
+            e.capsules.remove(uid);
+        });
+    }
+
+    /// Records a placement so the next decisions count it before the agent does.
+    pub fn reserve(&self, uid: &str, node: &str, r: Resources) {
+        self.inner
+            .placements
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), (node.to_string(), r));
+    }
+
+    /// Drops a placement (the capsule is gone).
+    pub fn release(&self, uid: &str) {
+        self.inner
+            .placements
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// Every node as placement sees it. `labels` gives each node's labels;
+    /// `placed` adds placements recorded in capsule statuses (uid → node,
+    /// resources), for those made before this process started.
+    pub fn views(
+        &self,
+        labels: impl Fn(&str) -> BTreeMap<String, String>,
+        placed: &[(String, String, Resources)],
+    ) -> Vec<NodeView> {
+        let nodes = self.read();
+        let placements = self
+            .inner
+            .placements
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut all: HashMap<&str, (&str, Resources)> = placed
+            .iter()
+            .map(|(u, n, r)| (u.as_str(), (n.as_str(), *r)))
+            .collect();
+        for (u, (n, r)) in placements.iter() {
+            all.insert(u, (n, *r));
+        }
+        let mut out: Vec<NodeView> = nodes
+            .iter()
+            .map(|(name, e)| {
+                let res = |r: Option<&pb::Resources>| {
+                    r.map(|r| Resources {
+                        vcpus: r.vcpus,
+                        memory_bytes: r.memory_bytes,
+                        disk_bytes: r.disk_bytes,
+                    })
+                    .unwrap_or_default()
+                };
+                let mut reserved = Resources::default();
+                let mut count = e.capsules.len();
+                for (uid, (n, r)) in &all {
+                    if *n == name.as_str() && !e.info_uids.contains(*uid) {
+                        reserved = reserved.plus(*r);
+                        if !e.capsules.contains_key(*uid) {
+                            count += 1;
+                        }
+                    }
+                }
+                let info = e.info.as_ref();
+                NodeView {
+                    name: name.clone(),
+                    ready: e.synced && info.is_some(),
+                    labels: labels(name),
+                    vmm: info
+                        .and_then(|i| i.vmm.as_ref())
+                        .filter(|v| !v.name.is_empty())
+                        .map(|v| v.name.clone()),
+                    capacity: res(info.and_then(|i| i.capacity.as_ref())),
+                    free: res(info.and_then(|i| i.free.as_ref())),
+                    reserved,
+                    templates: info
+                        .map(|i| i.templates.keys().cloned().collect())
+                        .unwrap_or_default(),
+                    snapshots: info
+                        .map(|i| i.snapshots.iter().cloned().collect())
+                        .unwrap_or_default(),
+                    capsules: count,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// NodeInfo of `node`, as last fetched.
+    pub fn info(&self, node: &str) -> Option<pb::NodeInfoResponse> {
+        self.read().get(node).and_then(|e| e.info.clone())
+    }
+
+    /// Names of every synced node.
+    pub fn ready_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .read()
+            .iter()
+            .filter(|(_, e)| e.synced)
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn trigger(&self, c: &pb::Capsule) {
+        if let Some(spec) = &c.spec
+            && !spec.name.is_empty()
+        {
+            let _ = self
+                .inner
+                .triggers
+                .send(ObjectRef::new(&spec.name).within(&spec.namespace));
+        }
+    }
+
+    fn with_entry(&self, node: &str, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self.write().get_mut(node) {
+            f(e);
+        }
+    }
+
+    async fn refresh_info(&self, node: &str, client: &Arc<dyn NodeAgent>) -> bool {
+        match client.node_info().await {
+            Ok(info) => {
+                self.with_entry(node, |e| {
+                    e.info_uids = e.capsules.keys().cloned().collect();
+                    e.info = Some(info);
+                });
+                let mut placements = self
+                    .inner
+                    .placements
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                let nodes = self.read();
+                if let Some(e) = nodes.get(node) {
+                    placements.retain(|uid, _| !e.info_uids.contains(uid));
+                }
+                true
+            }
+            Err(err) => {
+                tracing::debug!(%node, error = &err as &dyn std::error::Error, "node info");
+                false
+            }
+        }
+    }
+
+    /// One agent's life: connect, sync, follow events; on any failure mark
+    /// it unsynced and retry with exponential backoff (0.5 s to 30 s).
+    async fn follow(self, node: String, client: Arc<dyn NodeAgent>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.session(&node, &client).await {
+                Ok(()) => backoff = Duration::from_millis(500),
+                Err(err) => {
+                    tracing::warn!(%node, error = &*err as &dyn std::error::Error, "agent session ended");
+                }
+            }
+            self.with_entry(&node, |e| {
+                if e.synced {
+                    e.lost_since = Some(Instant::now());
+                }
+                e.synced = false;
+            });
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn session(
+        &self,
+        node: &str,
+        client: &Arc<dyn NodeAgent>,
+    ) -> Result<(), Box<crate::agent::Error>> {
+        let mut events = client.watch_events(0).await.map_err(Box::new)?;
+        let listed = client.list_capsules().await.map_err(Box::new)?;
+        let info = client.node_info().await.map_err(Box::new)?;
+        let before: Vec<pb::Capsule> = {
+            let mut nodes = self.write();
+            let Some(e) = nodes.get_mut(node) else {
+                return Ok(());
+            };
+            let before = e.capsules.values().cloned().collect();
+            e.capsules = listed.iter().map(|c| (c.uid.clone(), c.clone())).collect();
+            e.info_uids = e.capsules.keys().cloned().collect();
+            e.info = Some(info);
+            e.synced = true;
+            e.lost_since = None;
+            before
+        };
+        tracing::info!(%node, capsules = listed.len(), "agent synced");
+        for c in before.iter().chain(listed.iter()) {
+            self.trigger(c);
+        }
+        let _ = self.inner.syncs.send(AgentSynced {
+            node: node.to_string(),
+        });
+        let mut tick = tokio::time::interval(self.inner.refresh);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                ev = events.next() => {
+                    let Some(ev) = ev else { return Ok(()) };
+                    let ev = ev.map_err(Box::new)?;
+                    self.apply_event(node, ev);
+                }
+                _ = tick.tick() => {
+                    if !self.refresh_info(node, client).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_event(&self, node: &str, ev: pb::Event) {
+        let kind = pb::EventKind::try_from(ev.kind).unwrap_or(pb::EventKind::Unspecified);
+        if kind == pb::EventKind::Reset {
+            // The stream cannot resume: end the session, which relists.
+            self.with_entry(node, |e| e.synced = false);
+            return;
+        }
+        let Some(c) = ev.capsule else { return };
+        self.with_entry(node, |e| {
+            if kind == pb::EventKind::Deleted {
+                e.capsules.remove(&c.uid);
+            } else {
+                e.capsules.insert(c.uid.clone(), c.clone());
+            }
+        });
+        self.trigger(&c);
+    }
+}
+
+/// Follows the node-agent Pods and keeps the pool's clients in step.
+/// Returns when the watch ends (never, in practice).
+pub async fn discover(pool: AgentPool, pods: Api<Pod>, selector: String, port: u16) {
+    let cfg = watcher::Config::default().labels(&selector);
+    let stream = watcher(pods, cfg).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        let (pod, deleted) = match item {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
+            Ok(watcher::Event::Delete(p)) => (p, true),
+            Ok(_) => continue,
+            Err(err) => {
+                tracing::warn!(error = &err as &dyn std::error::Error, "watch agent pods");
+                continue;
+            }
+        };
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+            continue;
+        };
+        let ip: Option<IpAddr> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        match ip {
+            Some(ip) if !deleted && pod.metadata.deletion_timestamp.is_none() => {
+                pool.upsert(&node, SocketAddr::new(ip, port));
+            }
+            _ if deleted || pod.metadata.deletion_timestamp.is_some() => pool.remove(&node),
+            _ => {}
+        }
+    }
+}
+
+/// Labels of a node from a Node reflector store (empty when unknown).
+pub fn node_labels(nodes: &Store<Node>, name: &str) -> BTreeMap<String, String> {
+    nodes
+        .get(&ObjectRef::new(name))
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default()
+}
