@@ -416,3 +416,185 @@ impl Collector for CapsuleCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::NetCounters;
+
+    /// A source with fixed figures; `hang` makes CPU never answer, `fail`
+    /// makes the disk figure fail.
+    #[derive(Debug, Default)]
+    struct FixedSource {
+        cpu_ns: u64,
+        hang: bool,
+        fail: bool,
+    }
+
+    impl SampleSource for FixedSource {
+        fn cpu_usage_ns(&self) -> SourceFuture<'_, u64> {
+            if self.hang {
+                Box::pin(std::future::pending())
+            } else {
+                Box::pin(std::future::ready(Ok(Some(self.cpu_ns))))
+            }
+        }
+        fn host_rss_bytes(&self) -> SourceFuture<'_, u64> {
+            Box::pin(std::future::ready(Ok(Some(8 << 20))))
+        }
+        fn disk_allocated_bytes(&self) -> SourceFuture<'_, u64> {
+            let r = if self.fail {
+                Err(Error::source(
+                    "disk_allocated_bytes",
+                    std::io::Error::other("gone"),
+                ))
+            } else {
+                Ok(Some(1 << 30))
+            };
+            Box::pin(std::future::ready(r))
+        }
+        fn net_counters(&self) -> SourceFuture<'_, NetCounters> {
+            Box::pin(std::future::ready(Ok(Some(NetCounters {
+                rx_bytes: 10,
+                tx_bytes: 20,
+            }))))
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[tokio::test]
+    async fn sampled_capsules_export_series_until_detached_or_removed() {
+        let m = Metrics::new();
+        m.attach(
+            "c1",
+            Arc::new(FixedSource {
+                cpu_ns: 2_500_000_000,
+                ..Default::default()
+            }),
+        );
+        m.attach("c2", Arc::new(FixedSource::default()));
+        let report = sampler::tick(&m, Duration::from_secs(1)).await;
+        assert_eq!(report.stored, 2);
+        let text = m.encode();
+        assert_eq!(
+            line(
+                &text,
+                "wrenn_agent_capsule_cpu_seconds_total{capsule=\"c1\"}"
+            ),
+            Some("wrenn_agent_capsule_cpu_seconds_total{capsule=\"c1\"} 2.5")
+        );
+        assert_eq!(
+            line(&text, "wrenn_agent_capsule_memory_bytes{capsule=\"c2\"}"),
+            Some("wrenn_agent_capsule_memory_bytes{capsule=\"c2\"} 8388608")
+        );
+        assert!(
+            text.contains("wrenn_agent_capsule_network_transmit_bytes_total{capsule=\"c1\"} 20")
+        );
+        assert!(text.contains("wrenn_agent_capsules_sampled 2"));
+
+        m.detach("c1");
+        let text = m.encode();
+        assert!(!text.contains("capsule=\"c1\""), "{text}");
+        // The history of a detached capsule is still served.
+        assert_eq!(
+            m.range("c1", 0, i64::MAX, Duration::ZERO)
+                .unwrap()
+                .points
+                .len(),
+            1
+        );
+
+        m.remove("c2");
+        assert!(!m.encode().contains("capsule=\"c2\""));
+        assert!(matches!(
+            m.range("c2", 0, i64::MAX, Duration::ZERO),
+            Err(Error::UnknownCapsule { capsule }) if capsule == "c2"
+        ));
+        assert!(
+            m.get_metrics(&wrenn_proto::agent::v1::GetMetricsRequest {
+                uid: "c2".into(),
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_or_failing_source_is_counted_and_does_not_stall_others() {
+        let m = Metrics::new();
+        m.attach(
+            "hung",
+            Arc::new(FixedSource {
+                hang: true,
+                ..Default::default()
+            }),
+        );
+        m.attach(
+            "failing",
+            Arc::new(FixedSource {
+                fail: true,
+                ..Default::default()
+            }),
+        );
+        let report = sampler::tick(&m, Duration::from_millis(50)).await;
+        assert_eq!(report.stored, 1);
+        assert_eq!(report.errors, 2);
+        assert!(
+            m.range("hung", 0, i64::MAX, Duration::ZERO)
+                .unwrap()
+                .points
+                .is_empty()
+        );
+        let failing = m.range("failing", 0, i64::MAX, Duration::ZERO).unwrap();
+        assert_eq!(failing.points[0].disk_allocated_bytes, None);
+        assert_eq!(failing.points[0].host_rss_bytes, Some(8 << 20));
+        assert!(
+            m.encode()
+                .contains("wrenn_agent_errors_total{class=\"metrics_sample\"} 2")
+        );
+    }
+
+    #[test]
+    fn a_reading_from_a_replaced_source_is_dropped() {
+        let m = Metrics::new();
+        let old: Arc<dyn SampleSource> = Arc::new(FixedSource::default());
+        m.attach("c", old.clone());
+        m.attach("c", Arc::new(FixedSource::default()));
+        assert_eq!(m.record_from("c", &old, &Reading::default()), None);
+        m.remove("c");
+        assert_eq!(m.record_from("c", &old, &Reading::default()), None);
+        assert!(m.attached().is_empty());
+    }
+
+    #[test]
+    fn steps_orphans_errors_and_readiness() {
+        let m = Metrics::new();
+        assert!(!m.is_ready());
+        m.set_ready(true);
+        assert!(m.is_ready());
+        m.observe_step(Step::Pause, Duration::from_millis(20), Outcome::Ok);
+        m.start_step(Step::Pause).finish(Outcome::Error);
+        let r: Result<(), ()> = m.start_step(Step::Snapshot).finish_with(Ok(()));
+        assert!(r.is_ok());
+        drop(m.start_step(Step::Create));
+        m.orphans_removed("netns", 2);
+        m.orphans_removed("netns", 1);
+        m.error("vmm_api");
+        let text = m.encode();
+        for want in [
+            "wrenn_agent_pause_seconds_bucket{le=\"0.025\",outcome=\"ok\"} 1",
+            "wrenn_agent_pause_seconds_count{outcome=\"ok\"} 1",
+            "wrenn_agent_pause_seconds_count{outcome=\"error\"} 1",
+            "wrenn_agent_snapshot_seconds_count{outcome=\"ok\"} 1",
+            "wrenn_agent_create_seconds_count{outcome=\"cancelled\"} 1",
+            "wrenn_agent_orphans_removed_total{kind=\"netns\"} 3",
+            "wrenn_agent_errors_total{class=\"vmm_api\"} 1",
+            "# TYPE wrenn_agent_create_seconds histogram",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The admin server over real loopback HTTP (Tier::Host): scrape
+//! `/metrics`, parse the text format, check metric names, labels and
+//! values; a removed capsule's series disappear; `/healthz`, `/readyz`
+//! before and after recovery; the server stops on shutdown.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wrenn_node_agent::metrics::admin::{AdminState, serve};
+use wrenn_node_agent::metrics::{Metrics, Outcome, SampleSource, SourceFuture, Step, sampler};
+use wrenn_node_agent::vmm::NetCounters;
+use wrenn_testkit::Tier;
+
+/// Fixed figures for one capsule.
+#[derive(Debug)]
+struct Figures {
+    cpu_ns: u64,
+    rss: u64,
+}
+
+impl SampleSource for Figures {
+    fn cpu_usage_ns(&self) -> SourceFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(Some(self.cpu_ns))))
+    }
+    fn host_rss_bytes(&self) -> SourceFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(Some(self.rss))))
+    }
+    fn disk_allocated_bytes(&self) -> SourceFuture<'_, u64> {
+        Box::pin(std::future::ready(Ok(Some(3 << 20))))
+    }
+    fn net_counters(&self) -> SourceFuture<'_, NetCounters> {
+        Box::pin(std::future::ready(Ok(Some(NetCounters {
+            rx_bytes: 1500,
+            tx_bytes: 700,
+        }))))
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`: (status, content type, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_string())
+}
+
+type Sample = (String, BTreeMap<String, String>, f64);
+
+/// Parses the text exposition format into (name, labels, value), checking
+/// that every sample belongs to a declared family and the text ends in EOF.
+fn parse(text: &str) -> Vec<Sample> {
+    assert!(text.ends_with("# EOF\n"), "no EOF marker");
+    let mut families = Vec::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            families.push(rest.split_whitespace().next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.strip_suffix('}').unwrap()),
+            None => (series, ""),
+        };
+        let labels: BTreeMap<String, String> = labels
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.trim_matches('"').to_string())
+            })
+            .collect();
+        assert!(
+            families.iter().any(|f| name.starts_with(f.as_str())),
+            "{name} has no TYPE line"
+        );
+        samples.push((name.to_string(), labels, value.parse().unwrap()));
+    }
+    samples
+}
+
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.2)
+}
+
+#[tokio::test]
+async fn scrape_health_readiness_and_removed_capsules() {
+    let _case = wrenn_testkit::case(Tier::Host, "metrics_admin_loopback_http");
+    let metrics = Metrics::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        listener,
+        AdminState {
+            metrics: metrics.clone(),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    let (status, _, body) = get(addr, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "recovering\n"));
+    metrics.orphans_removed("tap", 2);
+    metrics.set_ready(true);
+    assert_eq!(get(addr, "/readyz").await.0, 200);
+    assert_eq!(get(addr, "/nope").await.0, 404);
+
+    let a: Arc<dyn SampleSource> = Arc::new(Figures {
+        cpu_ns: 1_250_000_000,
+        rss: 300 << 20,
+    });
+    let b: Arc<dyn SampleSource> = Arc::new(Figures {
+        cpu_ns: 7,
+        rss: 100 << 20,
+    });
+    metrics.attach("uid-a", a);
+    metrics.attach("uid-b", b);
+    sampler::tick(&metrics, Duration::from_secs(1)).await;
+    metrics.observe_step(Step::Boot, Duration::from_millis(1200), Outcome::Ok);
+    metrics.observe_step(Step::Boot, Duration::from_millis(30), Outcome::Error);
+
+    let (status, content_type, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let s = parse(&body);
+    let a = [("capsule", "uid-a")];
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_cpu_seconds_total", &a),
+        Some(1.25)
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_memory_bytes", &a),
+        Some((300 << 20) as f64)
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_disk_allocated_bytes", &a),
+        Some((3 << 20) as f64)
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_network_receive_bytes_total", &a),
+        Some(1500.0)
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_network_transmit_bytes_total", &a),
+        Some(700.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "wrenn_agent_capsule_memory_bytes",
+            &[("capsule", "uid-b")]
+        ),
+        Some((100 << 20) as f64)
+    );
+    // Not reported by this source: no series rather than a made-up zero.
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_guest_memory_used_bytes", &a),
+        None
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_boot_seconds_count", &[("outcome", "ok")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "wrenn_agent_boot_seconds_bucket",
+            &[("outcome", "ok"), ("le", "1.0")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "wrenn_agent_boot_seconds_bucket",
+            &[("outcome", "ok"), ("le", "2.5")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "wrenn_agent_boot_seconds_count",
+            &[("outcome", "error")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_orphans_removed_total", &[("kind", "tap")]),
+        Some(2.0)
+    );
+    assert_eq!(value(&s, "wrenn_agent_capsules_sampled", &[]), Some(2.0));
+
+    metrics.remove("uid-a");
+    let s = parse(&get(addr, "/metrics").await.2);
+    assert!(
+        s.iter()
+            .all(|(_, l, _)| l.get("capsule").map(String::as_str) != Some("uid-a")),
+        "series of a removed capsule remain"
+    );
+    assert!(
+        value(
+            &s,
+            "wrenn_agent_capsule_memory_bytes",
+            &[("capsule", "uid-b")]
+        )
+        .is_some()
+    );
+    assert_eq!(value(&s, "wrenn_agent_capsules_sampled", &[]), Some(1.0));
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still listening after shutdown"
+    );
+}

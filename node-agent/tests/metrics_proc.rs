@@ -1,0 +1,165 @@
+//! `ProcSource` against real processes (Tier::Host, root): a busy loop and
+//! a sleeper go through the real VMM spawn path into their own test-made
+//! cgroups; sampling them through `Metrics` shows the busy one's CPU rise
+//! and the sleeper's stay near zero, and both report host RSS. The
+//! processes and cgroups are removed by a guard, also when a check fails.
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wrenn_node_agent::metrics::{Metrics, ProcSource, SampleSource, sampler};
+use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot, CgroupVersion};
+use wrenn_node_agent::vmm::process::{HostPaths, SpawnRequest, VmmProcess, spawn_supervised};
+use wrenn_testkit::{Tier, unique_name, wait_until};
+
+const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+
+/// A unique cgroup parent; kills what is left in it and removes it on drop.
+struct Env {
+    cgroups: CgroupRoot,
+    parent: String,
+    paths: HostPaths,
+    _state: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let parent = unique_name("wrenn-mtest");
+        let state = tempfile::tempdir().unwrap();
+        Self {
+            cgroups: CgroupRoot::detect(Path::new(CGROUP_MOUNT), &parent).unwrap(),
+            paths: HostPaths {
+                proc_root: "/proc".into(),
+                state_dir: state.path().to_path_buf(),
+            },
+            parent,
+            _state: state,
+        }
+    }
+
+    fn spawn(&self, capsule: &str, script: &str) -> VmmProcess {
+        spawn_supervised(
+            &self.paths,
+            &self.cgroups,
+            &SpawnRequest {
+                capsule,
+                program: Path::new("/bin/sh"),
+                args: vec![OsString::from("-c"), OsString::from(script)],
+                netns: None,
+                // One CPU at most, so the busy loop cannot starve the host.
+                limits: CgroupLimits::build_for_vm(1, 64 << 20),
+                inherit: vec![],
+            },
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for name in self.cgroups.list().unwrap_or_default() {
+            let cg = self.cgroups.open_capsule(&name);
+            for pid in cg.pids().unwrap_or_default() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+            let _ = wait_until(Duration::from_secs(5), "cgroup empty", || {
+                cg.remove().map_err(|e| e.to_string())
+            });
+        }
+        let parents: Vec<PathBuf> = match self.cgroups.version() {
+            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
+                .iter()
+                .map(|c| Path::new(CGROUP_MOUNT).join(c).join(&self.parent))
+                .collect(),
+            CgroupVersion::V2 => vec![Path::new(CGROUP_MOUNT).join(&self.parent)],
+        };
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cpu_of_a_busy_cgroup_rises_and_rss_is_read() {
+    let case = wrenn_testkit::case(Tier::Host, "metrics_proc_source_real_cgroup");
+    if let Err(why) = wrenn_testkit::need_root() {
+        return case.skip(why);
+    }
+    if let Err(why) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
+        return case.skip(format!("needs a cgroup mount: {why}"));
+    }
+    let _case = case;
+    let env = Env::new();
+    let busy = env.spawn("busy", "while :; do :; done");
+    let idle = env.spawn("idle", "exec sleep 60");
+    let source = |p: &VmmProcess| -> Arc<dyn SampleSource> {
+        Arc::new(ProcSource::new(
+            Path::new("/proc"),
+            p.identity().pid,
+            p.cgroup().clone(),
+        ))
+    };
+
+    // Direct reads: the counter moves, RSS is a plausible size.
+    let direct = ProcSource::new(
+        Path::new("/proc"),
+        busy.identity().pid,
+        busy.cgroup().clone(),
+    );
+    let before = direct.read_cpu_usage_ns().unwrap();
+    wait_until(Duration::from_secs(10), "busy loop uses CPU", || {
+        let now = direct.read_cpu_usage_ns().map_err(|e| e.to_string())?;
+        (now > before + 100_000_000)
+            .then_some(())
+            .ok_or(format!("{} ns since the first read", now - before))
+    })
+    .unwrap();
+    let rss = direct.read_host_rss_bytes().unwrap();
+    assert!((64 << 10..64 << 20).contains(&rss), "sh has RSS {rss}");
+
+    // Through the sampler: two ticks a second apart give a rate.
+    let metrics = Metrics::new();
+    metrics.attach("busy", source(&busy));
+    metrics.attach("idle", source(&idle));
+    for _ in 0..3 {
+        let report = sampler::tick(&metrics, Duration::from_millis(800)).await;
+        assert_eq!((report.stored, report.errors), (2, 0), "{report:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let points = |c: &str| {
+        metrics
+            .range(c, 0, i64::MAX, Duration::ZERO)
+            .unwrap()
+            .points
+    };
+    let busy_points = points("busy");
+    let idle_points = points("idle");
+    assert_eq!(busy_points.len(), 3);
+    for p in &busy_points[1..] {
+        // The loop is capped at one CPU; other builds share the host.
+        let mc = p.cpu_millicores.unwrap();
+        assert!((100..=1100).contains(&mc), "busy loop at {mc} millicores");
+        assert!(p.host_rss_bytes.unwrap() > 0);
+    }
+    for p in &idle_points[1..] {
+        let mc = p.cpu_millicores.unwrap();
+        assert!(mc < 50, "sleep at {mc} millicores");
+    }
+
+    // A process that is gone fails its figures; the error is counted.
+    busy.stop(Duration::from_secs(2)).await.unwrap();
+    let report = sampler::tick(&metrics, Duration::from_millis(800)).await;
+    assert!(report.errors >= 1, "{report:?}");
+    assert!(
+        metrics
+            .encode()
+            .contains("wrenn_agent_errors_total{class=\"metrics_sample\"}")
+    );
+    idle.stop(Duration::from_secs(2)).await.unwrap();
+}
