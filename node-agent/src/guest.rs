@@ -137,7 +137,13 @@ impl Error {
     /// request, failed).
     pub fn is_link_failure(&self) -> bool {
         match self {
-            Error::Call { source, .. } => source.code() == tonic::Code::Unavailable,
+            // A broken connection surfaces as Unknown with a transport
+            // error inside, not only as Unavailable.
+            Error::Call { source, .. } => {
+                source.code() == tonic::Code::Unavailable
+                    || std::error::Error::source(source)
+                        .is_some_and(|e| e.is::<tonic::transport::Error>())
+            }
             Error::Entropy { .. } | Error::Token { .. } => false,
             _ => true,
         }
