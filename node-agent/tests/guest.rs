@@ -200,10 +200,16 @@ async fn ready_init_exec_and_files_through_the_handshake() {
     let agent = Agent::start(&bin, Duration::from_millis(300));
     // The agent is not up yet: wait_ready must retry through refused
     // handshakes rather than fail.
-    let (mut g, health) =
-        GuestClient::wait_ready("c1", &agent.vsock, 1024, quick(), Duration::from_secs(10))
-            .await
-            .unwrap();
+    let (mut g, health) = GuestClient::wait_ready(
+        "c1",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     assert!(!health.initialized);
 
     // Before Init the agent refuses work.
@@ -295,10 +301,16 @@ async fn a_reset_link_is_redialed() {
         Err(reason) => return c.skip(reason),
     };
     let agent = Agent::start(&bin, Duration::ZERO);
-    let (mut g, _) =
-        GuestClient::wait_ready("c2", &agent.vsock, 1024, quick(), Duration::from_secs(10))
-            .await
-            .unwrap();
+    let (mut g, _) = GuestClient::wait_ready(
+        "c2",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     g.init(&params("")).await.unwrap();
     // The VMM drops every vsock connection (restore): the old channel's
     // next call fails as a link failure, a redial brings it back, and the
@@ -323,9 +335,16 @@ async fn handshake_refusal_and_deadlines_are_reported() {
         Err(reason) => return c.skip(reason),
     };
     let agent = Agent::start(&bin, Duration::ZERO);
-    GuestClient::wait_ready("c3", &agent.vsock, 1024, quick(), Duration::from_secs(10))
-        .await
-        .unwrap();
+    GuestClient::wait_ready(
+        "c3",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
 
     // A port nothing listens on: the VMM closes without OK.
     let err = guest::dial(&agent.vsock, 5000).await.unwrap_err();
@@ -353,9 +372,16 @@ async fn handshake_refusal_and_deadlines_are_reported() {
     // says why.
     let missing = agent.dir.path().join("nothing.vsock");
     let t = Instant::now();
-    let err = GuestClient::wait_ready("c3", &missing, 1024, quick(), Duration::from_millis(700))
-        .await
-        .unwrap_err();
+    let err = GuestClient::wait_ready(
+        "c3",
+        &missing,
+        1024,
+        "",
+        quick(),
+        Duration::from_millis(700),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, guest::Error::NotReady { .. }), "{err}");
     let waited = t.elapsed();
     assert!(
