@@ -137,7 +137,13 @@ impl Error {
     /// request, failed).
     pub fn is_link_failure(&self) -> bool {
         match self {
-            Error::Call { source, .. } => source.code() == tonic::Code::Unavailable,
+            // A broken connection surfaces as Unknown with a transport
+            // error inside, not only as Unavailable.
+            Error::Call { source, .. } => {
+                source.code() == tonic::Code::Unavailable
+                    || std::error::Error::source(source)
+                        .is_some_and(|e| e.is::<tonic::transport::Error>())
+            }
             Error::Entropy { .. } | Error::Token { .. } => false,
             _ => true,
         }
@@ -278,11 +284,13 @@ impl GuestClient {
     }
 
     /// Dials until the agent answers `Health` or `deadline` passes; after
-    /// boot and after restore. Returns the client and the health reply.
+    /// boot and after restore. `token` is the one a previous `Init` set
+    /// (empty on first boot). Returns the client and the health reply.
     pub async fn wait_ready(
         capsule: &str,
         socket: &Path,
         port: u32,
+        token: &str,
         timeouts: Timeouts,
         deadline: Duration,
     ) -> Result<(Self, gpb::HealthResponse), Error> {
@@ -290,7 +298,9 @@ impl GuestClient {
         let until = started + deadline;
         loop {
             let attempt = async {
-                let mut c = Self::connect_with(capsule, socket, port, timeouts).await?;
+                let mut c = Self::connect_with(capsule, socket, port, timeouts)
+                    .await?
+                    .with_token(token)?;
                 let probe = Timeouts {
                     call: timeouts.probe,
                     ..timeouts

@@ -30,6 +30,9 @@ const INPUT_QUEUE: usize = 16;
 /// the guest is unavailable.
 fn to_status(e: guest::Error) -> Status {
     let chain = crate_chain(&e);
+    if e.is_link_failure() && !matches!(e, guest::Error::Timeout { .. }) {
+        return Status::unavailable(chain);
+    }
     match e {
         guest::Error::Call {
             source, capsule, ..

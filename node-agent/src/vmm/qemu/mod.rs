@@ -46,6 +46,8 @@ const CONSOLE_LOG: &str = "console.log";
 const MEMORY_FILE: &str = "memory.qemu";
 /// What the snapshot was taken with, checked on restore.
 const MACHINE_FILE: &str = "machine.json";
+/// How long the vsock may take to answer a handshake after resume.
+const VSOCK_PROBE: Duration = Duration::from_secs(2);
 /// The root port the vsock device is hot-plugged on.
 const VSOCK_PORT_ID: &str = "vsock-port";
 
@@ -194,7 +196,9 @@ pub fn build_qemu_args(
     let mem_mib = spec.memory_bytes.div_ceil(1 << 20).max(64);
     let (accel_arg, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
-        Accel::Tcg { .. } => ("tcg", "max"),
+        // A bounded translation cache: QEMU's default (1 GiB) would not
+        // fit the cgroup's VMM overhead.
+        Accel::Tcg { .. } => ("tcg,tb-size=64", "max"),
     };
     push(&[
         "-machine",
@@ -875,8 +879,11 @@ async fn current_vsock(q: &mut Qmp) -> Result<Option<(String, Option<String>)>, 
     let buses = q.execute(&qmp::QueryPci).await?;
     for bus in buses {
         for dev in bus.all_devices() {
-            if dev.qdev_id.starts_with("vsock") {
-                let n = dev.qdev_id.trim_start_matches("vsock");
+            // `vsock<N>`, not the root port it sits on.
+            if let Some(n) = dev.qdev_id.strip_prefix("vsock")
+                && !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+            {
                 return Ok(Some((dev.qdev_id.clone(), Some(format!("vsock-chr{n}")))));
             }
         }
@@ -991,9 +998,23 @@ impl Machine for QemuMachine {
         Ok(())
     }
 
+    /// `cont`, then a vsock check: vhost-device-vsock 0.3 stops serving
+    /// for good if host traffic reached it while the vCPUs were stopped (a
+    /// dial or a keepalive during the pause), and a fresh device session
+    /// heals it. So when the guest agent's port does not answer the
+    /// handshake, the vsock device is plugged anew; the guest then sees a
+    /// transport reset, as after a restore, and callers redial.
     async fn resume(&self, vm: &MachineHandle) -> Result<(), Error> {
         let mut q = self.qmp(vm, "resume").await?;
-        self.cont(&mut q, &vm.capsule, "resume").await
+        self.cont(&mut q, &vm.capsule, "resume").await?;
+        let probe = crate::guest::dial(&vm.vsock_socket, crate::guest::AGENT_PORT);
+        if matches!(tokio::time::timeout(VSOCK_PROBE, probe).await, Ok(Ok(_))) {
+            return Ok(());
+        }
+        tracing::info!(capsule = %vm.capsule, "vsock silent after resume; plugging a fresh device");
+        self.unplug_vsock(&mut q, &vm.capsule).await?;
+        self.plug_vsock(&mut q, &vm.capsule, &run_dir(vm).join(VHOST_SOCKET))
+            .await
     }
 
     /// Runs the guest for the moment it takes to release its vsock device

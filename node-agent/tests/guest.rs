@@ -1,0 +1,391 @@
+//! The node agent's guest link (`wrenn_node_agent::guest`) against the real
+//! `wrenn-guest` binary run as a host process on a Unix socket, behind a
+//! shim that speaks the VMM's hybrid-vsock handshake (tier 1). The shim can
+//! drop every connection, as a VMM does on restore.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use wrenn_node_agent::guest::{self, GuestClient, InitParams, Timeouts};
+use wrenn_proto::guest::v1 as gpb;
+use wrenn_testkit::{Tier, case};
+
+/// `wrenn-guest` next to this test's binary (`cargo test --workspace` or
+/// `cargo build -p wrenn-guest` puts it there), or `WRENN_GUEST_BIN`.
+fn guest_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("WRENN_GUEST_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("wrenn-guest"))
+        .ok_or("no target dir")?;
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "needs the wrenn-guest binary at {} (cargo build -p wrenn-guest)",
+            bin.display()
+        ))
+    }
+}
+
+/// The VMM's vsock muxer, imitated: `CONNECT <port>` → connect to the
+/// agent's socket → `OK <port>` → splice. `reset()` drops every live
+/// connection.
+struct Shim {
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Shim {
+    fn start(vsock: &Path, agent: PathBuf) -> Shim {
+        let listener = UnixListener::bind(vsock).unwrap();
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let c = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut host, _)) = listener.accept().await {
+                let agent = agent.clone();
+                let task = tokio::spawn(async move {
+                    let mut line = Vec::new();
+                    loop {
+                        let Ok(b) = host.read_u8().await else { return };
+                        if b == b'\n' {
+                            break;
+                        }
+                        line.push(b);
+                    }
+                    if line != b"CONNECT 1024" {
+                        return;
+                    }
+                    let Ok(mut g) = UnixStream::connect(&agent).await else {
+                        return;
+                    };
+                    if host.write_all(b"OK 1024\n").await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut host, &mut g).await;
+                });
+                c.lock().unwrap().push(task);
+            }
+        });
+        Shim { conns, accept }
+    }
+
+    fn reset(&self) {
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        self.reset();
+        self.accept.abort();
+    }
+}
+
+struct Agent {
+    dir: tempfile::TempDir,
+    child: Child,
+    vsock: PathBuf,
+    _shim: Shim,
+}
+
+impl Agent {
+    /// The shim listens at once; the agent starts `delay` later, so a
+    /// caller that dials early meets refused handshakes first.
+    fn start(bin: &Path, delay: Duration) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let agent_sock = dir.path().join("agent.sock");
+        let vsock = dir.path().join("vm.vsock");
+        let shim = Shim::start(&vsock, agent_sock.clone());
+        std::thread::sleep(delay);
+        let child = Command::new(bin)
+            .arg("--listen")
+            .arg(format!("unix:{}", agent_sock.display()))
+            .env("WRENN_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent {
+            dir,
+            child,
+            vsock,
+            _shim: shim,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn quick() -> Timeouts {
+    Timeouts {
+        dial: Duration::from_secs(2),
+        call: Duration::from_secs(5),
+        probe: Duration::from_millis(500),
+        retry: Duration::from_millis(20),
+    }
+}
+
+fn params(token: &str) -> InitParams {
+    InitParams {
+        env: [("WRENN_FROM_INIT".to_string(), "hello".to_string())].into(),
+        hostname: String::new(),
+        access_token: token.to_string(),
+        // A host test must never step the host's clock.
+        send_wall_time: false,
+    }
+}
+
+async fn run(c: &GuestClient, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, gpb::ExecExit) {
+    let mut input = vec![gpb::ExecInput {
+        input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })),
+    }];
+    if !stdin.is_empty() {
+        input.push(gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::Stdin(stdin.to_vec())),
+        });
+    }
+    input.push(gpb::ExecInput {
+        input: Some(gpb::exec_input::Input::CloseStdin(true)),
+    });
+    let mut out = c.exec(tokio_stream::iter(input)).await.unwrap();
+    let mut stdout = Vec::new();
+    while let Some(m) = out.message().await.unwrap() {
+        match m.output {
+            Some(gpb::exec_output::Output::Stdout(b)) => stdout.extend(b),
+            Some(gpb::exec_output::Output::Exit(e)) => return (stdout, e),
+            _ => {}
+        }
+    }
+    panic!("exec output ended without an exit");
+}
+
+#[tokio::test]
+async fn ready_init_exec_and_files_through_the_handshake() {
+    let c = case(
+        Tier::Host,
+        "guest::ready_init_exec_and_files_through_the_handshake",
+    );
+    let bin = match guest_binary() {
+        Ok(b) => b,
+        Err(reason) => return c.skip(reason),
+    };
+    let agent = Agent::start(&bin, Duration::from_millis(300));
+    // The agent is not up yet: wait_ready must retry through refused
+    // handshakes rather than fail.
+    let (mut g, health) = GuestClient::wait_ready(
+        "c1",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(!health.initialized);
+
+    // Before Init the agent refuses work.
+    let err = g.stat("/").await.unwrap_err();
+    assert_eq!(
+        err.status().unwrap().code(),
+        tonic::Code::FailedPrecondition
+    );
+
+    g.init(&params("s3cret")).await.unwrap();
+    assert!(g.health().await.unwrap().initialized);
+
+    // The token Init set is required from now on: a fresh client without it
+    // is refused, the initialized one is not.
+    let stranger = GuestClient::connect_with("c1", &agent.vsock, 1024, quick())
+        .await
+        .unwrap();
+    let refused = stranger.stat("/").await.unwrap_err();
+    assert_eq!(
+        refused.status().unwrap().code(),
+        tonic::Code::Unauthenticated
+    );
+
+    // Exec: env from Init, stdin in, exit code out.
+    let (out, exit) = run(
+        &g,
+        &["sh", "-c", "echo $WRENN_FROM_INIT; tr a-z A-Z; exit 3"],
+        b"piped",
+    )
+    .await;
+    assert_eq!(String::from_utf8(out).unwrap(), "hello\nPIPED");
+    assert_eq!(exit.code, Some(3));
+
+    // Files: write, stat, read back, list.
+    let path = agent.dir.path().join("f.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut input = vec![gpb::WriteFileInput {
+        input: Some(gpb::write_file_input::Input::Start(gpb::WriteFileStart {
+            path: path.display().to_string(),
+            mode: 0o640,
+            size: data.len() as u64,
+            make_parents: false,
+        })),
+    }];
+    for chunk in data.chunks(64 << 10) {
+        input.push(gpb::WriteFileInput {
+            input: Some(gpb::write_file_input::Input::Data(chunk.to_vec())),
+        });
+    }
+    let info = g.write_file(tokio_stream::iter(input)).await.unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(
+        g.stat(&path.display().to_string()).await.unwrap().mode & 0o777,
+        0o640
+    );
+    let mut read = g
+        .read_file(gpb::ReadFileRequest {
+            path: path.display().to_string(),
+            max_bytes: 0,
+        })
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    while let Some(chunk) = read.message().await.unwrap() {
+        back.extend(chunk.data);
+    }
+    assert_eq!(back, data);
+    let listing = g
+        .list_dir(&agent.dir.path().display().to_string())
+        .await
+        .unwrap();
+    assert!(listing.entries.iter().any(|e| e.path.ends_with("f.bin")));
+
+    // Metrics: memory used is total minus available.
+    let m = g.metrics().await.unwrap();
+    assert!(m.memory_total_bytes > 0);
+    assert_eq!(
+        m.memory_used_bytes,
+        m.memory_total_bytes - m.memory_available_bytes
+    );
+    g.quiesce().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reset_link_is_redialed() {
+    let c = case(Tier::Host, "guest::a_reset_link_is_redialed");
+    let bin = match guest_binary() {
+        Ok(b) => b,
+        Err(reason) => return c.skip(reason),
+    };
+    let agent = Agent::start(&bin, Duration::ZERO);
+    let (mut g, _) = GuestClient::wait_ready(
+        "c2",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    g.init(&params("")).await.unwrap();
+    // The VMM drops every vsock connection (restore): the old channel's
+    // next call fails as a link failure, a redial brings it back, and the
+    // guest kept its state (still initialized).
+    agent._shim.reset();
+    let err = g.health().await;
+    if let Err(e) = &err {
+        assert!(e.is_link_failure(), "{e}: {:?}", e.status());
+    }
+    g.redial().await.unwrap();
+    assert!(g.health().await.unwrap().initialized);
+}
+
+#[tokio::test]
+async fn handshake_refusal_and_deadlines_are_reported() {
+    let c = case(
+        Tier::Host,
+        "guest::handshake_refusal_and_deadlines_are_reported",
+    );
+    let bin = match guest_binary() {
+        Ok(b) => b,
+        Err(reason) => return c.skip(reason),
+    };
+    let agent = Agent::start(&bin, Duration::ZERO);
+    GuestClient::wait_ready(
+        "c3",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
+    // A port nothing listens on: the VMM closes without OK.
+    let err = guest::dial(&agent.vsock, 5000).await.unwrap_err();
+    assert!(
+        matches!(err, guest::Error::Handshake { port: 5000, .. }),
+        "{err}"
+    );
+
+    // A stopped guest (as when the VM is paused) makes calls time out at
+    // the bound instead of hanging.
+    let g = GuestClient::connect_with("c3", &agent.vsock, 1024, quick())
+        .await
+        .unwrap();
+    agent.signal("-STOP");
+    let t = Instant::now();
+    let err = g.health().await.unwrap_err();
+    assert!(
+        matches!(err, guest::Error::Timeout { rpc: "Health", .. }),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(8));
+    agent.signal("-CONT");
+
+    // Nothing listening at all: wait_ready gives up at its deadline and
+    // says why.
+    let missing = agent.dir.path().join("nothing.vsock");
+    let t = Instant::now();
+    let err = GuestClient::wait_ready(
+        "c3",
+        &missing,
+        1024,
+        "",
+        quick(),
+        Duration::from_millis(700),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, guest::Error::NotReady { .. }), "{err}");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}

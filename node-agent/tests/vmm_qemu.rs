@@ -1,0 +1,536 @@
+//! The QEMU backend for real.
+//!
+//! - Tier host: the QMP client against a real `qemu-system-x86_64
+//!   -machine none` (no guest), and against a socket that never greets.
+//! - Tier vm: a real guest (the CI kernel, initramfs and root disk that
+//!   `images/build.sh` makes) booted under TCG through
+//!   `QemuMachine::launch` in a test-made netns with a TAP, reached over
+//!   vhost-user-vsock by the guest link; pause/resume, snapshot, stop,
+//!   restore from the snapshot, guest poweroff, and no leftovers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wrenn_node_agent::guest::{GuestClient, InitParams, Timeouts as GuestTimeouts};
+use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
+use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
+use wrenn_node_agent::vmm::qemu::{Accel, QemuMachine, Qmp, QmpError, qmp};
+use wrenn_node_agent::vmm::{DiskFormat, Machine, MachineSpec, MachineState, TapSpec};
+use wrenn_proto::guest::v1 as gpb;
+use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn qmp_drives_a_real_qemu() {
+    let c = case(Tier::Host, "vmm_qemu::qmp_drives_a_real_qemu");
+    let qemu = match need_program("qemu-system-x86_64") {
+        Ok(p) => p,
+        Err(reason) => return c.skip(reason),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut child = Child(
+        Command::new(&qemu)
+            .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut q = loop {
+        match Qmp::connect(&sock, Duration::from_secs(2)).await {
+            Ok(q) => break q,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let v = q.execute(&qmp::QueryVersion).await.unwrap();
+    assert!(v.qemu.major >= 7, "{v:?}");
+    // -S: vCPUs have not started.
+    let s = q.execute(&qmp::QueryStatus).await.unwrap();
+    assert_eq!((s.status.as_str(), s.running), ("prelaunch", false));
+    q.execute(&qmp::Cont).await.unwrap();
+    assert!(q.execute(&qmp::QueryStatus).await.unwrap().running);
+    q.execute(&qmp::Stop).await.unwrap();
+    let s = q.execute(&qmp::QueryStatus).await.unwrap();
+    assert_eq!((s.status.as_str(), s.running), ("paused", false));
+    // The events of those transitions were kept while waiting for replies.
+    let events: Vec<String> = q.take_events().into_iter().map(|e| e.event).collect();
+    assert!(
+        events.contains(&"RESUME".to_string()) && events.contains(&"STOP".to_string()),
+        "{events:?}"
+    );
+    // QEMU's refusals come back typed.
+    let err = q
+        .execute(&qmp::DeviceDel {
+            id: "no-such-device".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QmpError::Command { command: "device_del", ref class, .. } if class == "DeviceNotFound"),
+        "{err}"
+    );
+    // quit ends the process.
+    q.execute(&qmp::Quit).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        assert!(Instant::now() < deadline, "qemu did not quit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn qmp_gives_up_on_a_silent_socket() {
+    let _c = case(Tier::Host, "vmm_qemu::qmp_gives_up_on_a_silent_socket");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("silent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let hold = tokio::spawn(async move {
+        let conn = listener.accept().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(conn);
+    });
+    let t = Instant::now();
+    let err = Qmp::connect(&sock, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QmpError::Timeout {
+                command: "greeting",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    hold.abort();
+}
+
+/// Where `images/build.sh` put the guest artifacts: `WRENN_GUEST_IMAGE`,
+/// else `images/build.sh --print-dir`, else the newest complete directory
+/// under `${WRENN_CACHE:-~/.cache/wrenn}/guest/`.
+fn guest_image() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("WRENN_GUEST_IMAGE") {
+        return Ok(PathBuf::from(d));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    if script.exists()
+        && let Ok(out) = Command::new(&script).arg("--print-dir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("manifest.json").exists() {
+            return Ok(dir);
+        }
+    }
+    let cache = std::env::var_os("WRENN_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/wrenn")))
+        .ok_or("no WRENN_CACHE or HOME")?;
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(cache.join("guest"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let m = e.path().join("manifest.json");
+        if let Ok(meta) = std::fs::metadata(&m) {
+            let t = meta.modified().unwrap();
+            if best.as_ref().is_none_or(|(b, _)| t > *b) {
+                best = Some((t, e.path()));
+            }
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| {
+        format!(
+            "needs the guest kernel, initramfs and root disk (run images/build.sh; none under {})",
+            cache.join("guest").display()
+        )
+    })
+}
+
+struct Image {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    rootfs: PathBuf,
+    cmdline: String,
+    release: String,
+}
+
+fn read_image(dir: &Path) -> Image {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    Image {
+        kernel: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.img"),
+        rootfs: dir.join("rootfs.ext4"),
+        cmdline: m["cmdline"].as_str().unwrap().to_string(),
+        release: m["kernel"]["release"].as_str().unwrap().to_string(),
+    }
+}
+
+/// A netns with a TAP inside, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn with_tap(tap: &str) -> Netns {
+        let name = unique_name("wqt");
+        let ok = |args: &[&str]| {
+            assert!(
+                Command::new("ip").args(args).status().unwrap().success(),
+                "ip {args:?}"
+            )
+        };
+        ok(&["netns", "add", &name]);
+        let ns = Netns(name.clone());
+        ok(&["-n", &name, "tuntap", "add", "name", tap, "mode", "tap"]);
+        ok(&["-n", &name, "link", "set", tap, "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is not alive: it is waiting to be reaped.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+async fn exec(g: &GuestClient, script: &str) -> (String, Option<i32>) {
+    let input = vec![
+        gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                timeout_ms: 30_000,
+                ..Default::default()
+            })),
+        },
+        gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::CloseStdin(true)),
+        },
+    ];
+    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
+    let mut stdout = Vec::new();
+    while let Some(m) = out.message().await.unwrap() {
+        match m.output {
+            Some(gpb::exec_output::Output::Stdout(b)) => stdout.extend(b),
+            Some(gpb::exec_output::Output::Exit(e)) => {
+                return (String::from_utf8_lossy(&stdout).into_owned(), e.code);
+            }
+            _ => {}
+        }
+    }
+    panic!("exec of {script:?} ended without an exit");
+}
+
+fn guest_timeouts() -> GuestTimeouts {
+    GuestTimeouts {
+        dial: Duration::from_secs(5),
+        call: Duration::from_secs(30),
+        probe: Duration::from_secs(3),
+        retry: Duration::from_millis(100),
+    }
+}
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+
+#[tokio::test]
+async fn boots_pauses_snapshots_and_restores_a_real_guest() {
+    let c = case(
+        Tier::Vm,
+        "vmm_qemu::boots_pauses_snapshots_and_restores_a_real_guest",
+    );
+    let found = need_root()
+        .and_then(|()| need_program("qemu-system-x86_64"))
+        .and_then(|q| {
+            Ok((
+                q,
+                need_program("vhost-device-vsock")?,
+                need_program("qemu-img")?,
+            ))
+        })
+        .and_then(|p| Ok((p, guest_image()?)));
+    let ((qemu, helper, qemu_img), image_dir) = match found {
+        Ok(f) => f,
+        Err(reason) => return c.skip(reason),
+    };
+    let image = read_image(&image_dir);
+
+    let work = tempfile::tempdir().unwrap();
+    // The capsule's disk: a qcow2 layer over the shared root disk.
+    let disk = work.path().join("disk.qcow2");
+    assert!(
+        Command::new(&qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&image.rootfs)
+            .arg(&disk)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let netns = Netns::with_tap("tap0");
+    let parent = unique_name("wrenn-qtest");
+    let cgroups = CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &parent).unwrap();
+    let paths = HostPaths {
+        proc_root: "/proc".into(),
+        state_dir: work.path().join("state"),
+    };
+    let machine = QemuMachine::new(&qemu, &helper, paths, cgroups.clone())
+        .await
+        .unwrap();
+    let info = machine.info();
+    eprintln!("backend {info:?}, accel {:?}", machine.accel());
+    if let Accel::Tcg { .. } = machine.accel() {
+        assert!(!info.accelerated, "TCG must be reported as not accelerated");
+    }
+    let capsule = unique_name("cap");
+    let run_dir = work.path().join("run");
+    let spec = MachineSpec {
+        capsule: capsule.clone(),
+        vcpus: 1,
+        memory_bytes: 256 << 20,
+        kernel: image.kernel.clone(),
+        initramfs: Some(image.initramfs.clone()),
+        cmdline: image.cmdline.clone(),
+        root_disk: disk.clone(),
+        root_disk_format: DiskFormat::Qcow2,
+        netns: Some(netns.path()),
+        tap: Some(TapSpec {
+            name: "tap0".into(),
+            mac: "52:54:00:12:34:56".into(),
+        }),
+        vsock_cid: 3,
+        vsock_socket: run_dir.join("vm.vsock"),
+        limits: CgroupLimits::build_for_vm(1, 256 << 20),
+        run_dir: run_dir.clone(),
+    };
+
+    // Boot, reach the agent over vsock, Init, exec.
+    let booted = Instant::now();
+    let vm = machine.launch(&spec).await.unwrap();
+    let mut all_pids = vec![vm.process.pid];
+    all_pids.extend(vm.helpers.iter().map(|h| h.pid));
+    let guard = Cleanup {
+        pids: all_pids.clone(),
+        cgroups: cgroups.clone(),
+        capsule: capsule.clone(),
+    };
+    let ready = GuestClient::wait_ready(
+        &capsule,
+        &spec.vsock_socket,
+        1024,
+        "",
+        guest_timeouts(),
+        BOOT_DEADLINE,
+    )
+    .await;
+    let console = run_dir.join("console.log");
+    let (mut g, health) = ready.unwrap_or_else(|e| {
+        panic!(
+            "{e}\nconsole:\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        )
+    });
+    eprintln!("boot to agent ready: {:?}", booted.elapsed());
+    assert!(!health.initialized);
+    g.init(&InitParams {
+        hostname: "qemu-test".into(),
+        access_token: "tok".into(),
+        send_wall_time: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (uname, code) = exec(&g, "uname -r; hostname").await;
+    assert_eq!(code, Some(0));
+    assert_eq!(uname, format!("{}\nqemu-test\n", image.release));
+    // The guest sees the NIC QEMU attached to the TAP in the netns.
+    let (nic, _) = exec(
+        &g,
+        "cat /sys/class/net/eth0/address 2>/dev/null || ls /sys/class/net",
+    )
+    .await;
+    assert!(nic.contains("52:54:00:12:34:56"), "{nic}");
+
+    // Pause: the VMM says so and the guest stops answering; resume.
+    machine.pause(&vm).await.unwrap();
+    assert_eq!(machine.state(&vm).await.unwrap(), MachineState::Paused);
+    let frozen = GuestClient::connect_with(
+        &capsule,
+        &spec.vsock_socket,
+        1024,
+        GuestTimeouts {
+            call: Duration::from_secs(2),
+            ..guest_timeouts()
+        },
+    )
+    .await;
+    if let Ok(f) = frozen {
+        assert!(
+            f.with_token("tok").unwrap().health().await.is_err(),
+            "a paused guest answered"
+        );
+    }
+    machine.resume(&vm).await.unwrap();
+    assert_eq!(machine.state(&vm).await.unwrap(), MachineState::Running);
+    // The dial during the pause may have cost the vsock its session;
+    // resume heals that, and the guest link redials.
+    let (fresh, _) = GuestClient::wait_ready(
+        &capsule,
+        &spec.vsock_socket,
+        1024,
+        "tok",
+        guest_timeouts(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    drop(fresh);
+    g.redial().await.unwrap();
+    assert!(g.health().await.unwrap().initialized);
+
+    // State to find after restore: a file and a running process.
+    let (_, code) = exec(&g, "echo before-snapshot > /root/marker; sync; setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /root/sleeper").await;
+    assert_eq!(code, Some(0));
+    let (sleeper, _) = exec(&g, "cat /root/sleeper").await;
+
+    // Snapshot (paused in, paused out), then stop: nothing of it is left.
+    machine.pause(&vm).await.unwrap();
+    let snap = work.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let t = Instant::now();
+    machine.snapshot(&vm, &snap).await.unwrap();
+    eprintln!("snapshot of 256 MiB guest: {:?}", t.elapsed());
+    assert_eq!(machine.state(&vm).await.unwrap(), MachineState::Paused);
+    assert!(std::fs::metadata(snap.join("memory.qemu")).unwrap().len() > 1 << 20);
+    machine.stop(&vm).await.unwrap();
+    for pid in &all_pids {
+        assert!(!alive(*pid), "pid {pid} survived stop");
+    }
+    assert!(cgroups.list().unwrap().is_empty(), "cgroup left after stop");
+    machine.stop(&vm).await.unwrap(); // idempotent
+
+    // Restore: a new QEMU from the file; the agent is reachable again after
+    // a redial, still initialized, with the file and the process.
+    let t = Instant::now();
+    let vm2 = machine.restore(&spec, &snap).await.unwrap();
+    let mut pids2 = vec![vm2.process.pid];
+    pids2.extend(vm2.helpers.iter().map(|h| h.pid));
+    let _guard2 = Cleanup {
+        pids: pids2.clone(),
+        cgroups: cgroups.clone(),
+        capsule: capsule.clone(),
+    };
+    let (g2, health) = GuestClient::wait_ready(
+        &capsule,
+        &spec.vsock_socket,
+        1024,
+        "tok",
+        guest_timeouts(),
+        BOOT_DEADLINE,
+    )
+    .await
+    .map(|(c, h)| (c.with_token("tok").unwrap(), h))
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nconsole:\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        )
+    });
+    eprintln!("restore to agent ready: {:?}", t.elapsed());
+    assert!(health.initialized, "the restored guest lost its Init state");
+    assert_eq!(machine.state(&vm2).await.unwrap(), MachineState::Running);
+    let (marker, _) = exec(&g2, "cat /root/marker").await;
+    assert_eq!(marker, "before-snapshot\n");
+    let (_, code) = exec(&g2, &format!("kill -0 {}", sleeper.trim())).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "the process started before the snapshot is gone"
+    );
+    let mut g2 = g2;
+    g2.init(&InitParams {
+        access_token: "tok".into(),
+        send_wall_time: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The guest powers itself off: QEMU exits and that is not a crash.
+    let waiter = machine.wait_exit(&vm2);
+    let _ = exec(&g2, "kill -TERM 1").await;
+    let exit = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, VmmExit::GuestPoweroff);
+    machine.stop(&vm2).await.unwrap();
+    for pid in &pids2 {
+        assert!(!alive(*pid), "pid {pid} survived stop");
+    }
+    assert!(cgroups.list().unwrap().is_empty(), "cgroup left after stop");
+    assert!(!spec.vsock_socket.exists() && !run_dir.join("qmp.sock").exists());
+    drop(guard);
+}
+
+/// Kills what a failed test left and removes the test cgroups.
+struct Cleanup {
+    pids: Vec<i32>,
+    cgroups: CgroupRoot,
+    capsule: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
+        }
+        let cg = self.cgroups.open_capsule(&self.capsule);
+        for _ in 0..50 {
+            if cg.remove().is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for dir in cg.dirs() {
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
