@@ -3,10 +3,12 @@
 //! policy lives in `network`, `storage`, `images` and `vmm`; every syscall,
 //! ioctl and `unsafe` block lives in `sys`.
 
+pub mod capsule;
 pub mod images;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod state;
 pub mod storage;
 pub mod sys;
 pub mod tls;
