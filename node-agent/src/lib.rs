@@ -3,12 +3,14 @@
 //! policy lives in `network`, `storage`, `images` and `vmm`; every syscall,
 //! ioctl and `unsafe` block lives in `sys`.
 
+pub mod capsule;
 pub mod guest;
 pub mod images;
 pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod state;
 pub mod storage;
 pub mod sys;
 pub mod tls;

@@ -5,18 +5,39 @@
 //! never reads or writes Capsule objects in Kubernetes.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
+use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
+use wrenn_node_agent::state::OrphanSweep;
+use wrenn_node_agent::storage::{self, BackendChoice, StorageConfig};
 use wrenn_node_agent::tls::TlsFiles;
+use wrenn_node_agent::vmm::cgroup::CgroupRoot;
+use wrenn_node_agent::vmm::process::HostPaths;
+use wrenn_node_agent::vmm::{ChMachine, ChVmm, Machine};
 
 /// Exit codes, one per failure class, so a crash loop says what is wrong.
 const EXIT_BAD_CONFIG: u8 = 2;
 const EXIT_LISTEN: u8 = 3;
 const EXIT_SERVE: u8 = 4;
+/// The VMM, network or storage of this host cannot be used.
+const EXIT_HOST: u8 = 5;
+/// Start-up recovery failed.
+const EXIT_RECOVERY: u8 = 6;
+
+/// Which VMM backend runs capsules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum VmmBackend {
+    /// Cloud Hypervisor (needs KVM).
+    CloudHypervisor,
+    /// QEMU (KVM or TCG).
+    Qemu,
+}
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Wrenn node agent")]
@@ -45,6 +66,40 @@ struct Args {
     /// `plain` or `json`.
     #[arg(long, env = "WRENN_LOG_FORMAT", default_value = "plain")]
     log_format: String,
+    /// VMM backend.
+    #[arg(
+        long,
+        env = "WRENN_VMM",
+        value_enum,
+        default_value = "cloud-hypervisor"
+    )]
+    vmm: VmmBackend,
+    /// Cloud Hypervisor binary.
+    #[arg(
+        long,
+        env = "WRENN_CH_BINARY",
+        default_value = "/usr/local/bin/cloud-hypervisor"
+    )]
+    ch_binary: PathBuf,
+    /// Default guest kernel.
+    #[arg(
+        long,
+        env = "WRENN_KERNEL",
+        default_value = "/var/lib/wrenn/kernels/vmlinux"
+    )]
+    kernel: PathBuf,
+    /// Optional initramfs for every guest.
+    #[arg(long, env = "WRENN_INITRAMFS")]
+    initramfs: Option<PathBuf>,
+    /// Root-disk backend: `auto`, `dm-snapshot` or `qcow2`.
+    #[arg(long, env = "WRENN_STORAGE", default_value = "auto")]
+    storage: BackendChoice,
+    /// The node's uplink interface, the only one capsule traffic may leave by.
+    #[arg(long, env = "WRENN_UPLINK", default_value = "eth0")]
+    uplink: String,
+    /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +134,19 @@ fn main() -> ExitCode {
     runtime.block_on(run(args))
 }
 
+/// What every backend's run path needs.
+struct Common {
+    node_name: String,
+    listen: SocketAddr,
+    tls: TlsFiles,
+    state_dir: PathBuf,
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    storage: BackendChoice,
+    uplink: String,
+    cgroups: CgroupRoot,
+}
+
 async fn run(args: Args) -> ExitCode {
     let Args {
         node_name,
@@ -87,8 +155,18 @@ async fn run(args: Args) -> ExitCode {
         tls_key,
         client_ca,
         state_dir,
+        vmm,
+        ch_binary,
+        kernel,
+        initramfs,
+        storage,
+        uplink,
+        admin_listen,
         ..
     } = args;
+    if vmm == VmmBackend::Qemu {
+        return unreachable_qemu();
+    }
     let tls = TlsFiles {
         cert: tls_cert,
         key: tls_key,
@@ -101,6 +179,120 @@ async fn run(args: Args) -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
+    // Served by the metrics module once it is wired in.
+    tracing::debug!(%admin_listen, "admin address");
+    let cgroups = match CgroupRoot::detect(Path::new("/sys/fs/cgroup"), "wrenn") {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "find the cgroup mount"
+            );
+            return ExitCode::from(EXIT_HOST);
+        }
+    };
+    let common = Common {
+        node_name,
+        listen,
+        tls,
+        state_dir,
+        kernel,
+        initramfs,
+        storage,
+        uplink,
+        cgroups,
+    };
+    match vmm {
+        VmmBackend::CloudHypervisor => {
+            let paths = HostPaths {
+                proc_root: "/proc".into(),
+                state_dir: wrenn_node_agent::capsule::Layout::new(&common.state_dir).vmm_root(),
+            };
+            match ChVmm::new(&ch_binary, paths, common.cgroups.clone()).await {
+                Ok(vmm) => run_with(ChMachine::new(vmm), common).await,
+                Err(err) => {
+                    tracing::error!(binary = %ch_binary.display(), error = &err as &dyn std::error::Error, "start the Cloud Hypervisor backend");
+                    ExitCode::from(EXIT_HOST)
+                }
+            }
+        }
+        VmmBackend::Qemu => unreachable_qemu(),
+    }
+}
+
+/// `--vmm qemu` until the QEMU backend is merged (wired in `run`).
+fn unreachable_qemu() -> ExitCode {
+    tracing::error!("--vmm qemu: qemu backend not built into this agent yet");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+/// The agent over any VMM backend: host modules, recovery, then serving.
+async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode {
+    let Common {
+        node_name,
+        listen,
+        tls,
+        state_dir,
+        kernel,
+        initramfs,
+        storage: storage_choice,
+        uplink,
+        cgroups,
+    } = common;
+    let store_cfg = StorageConfig::new(state_dir.join("disks"));
+    let store =
+        match tokio::task::spawn_blocking(move || storage::open_store(storage_choice, store_cfg))
+            .await
+        {
+            Ok(Ok(s)) => Arc::<dyn storage::BlockStore>::from(s),
+            Ok(Err(err)) => {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "open the disk store"
+                );
+                return ExitCode::from(EXIT_HOST);
+            }
+            Err(_) => return ExitCode::from(EXIT_HOST),
+        };
+    let net = match LinuxNet::new(LinuxNetConfig::host(&uplink, &state_dir)) {
+        Ok(n) => n,
+        Err(err) => {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "set up capsule networking"
+            );
+            return ExitCode::from(EXIT_HOST);
+        }
+    };
+    let storage_backend = store.backend().to_string();
+    let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
+    cfg.initramfs = initramfs;
+    let supervisor = Supervisor::new(
+        Host {
+            machine: Arc::new(machine),
+            net: Arc::new(net),
+            store,
+        },
+        cfg,
+    );
+    match supervisor
+        .recover(&OrphanSweep {
+            cgroups: Some(cgroups),
+        })
+        .await
+    {
+        Ok(report) => tracing::info!(
+            adopted = report.adopted.len(),
+            suspended = report.suspended.len(),
+            lost = report.lost.len(),
+            orphans_removed = report.orphans.total(),
+            "recovered capsules"
+        ),
+        Err(err) => {
+            tracing::error!(error = &err as &dyn std::error::Error, "recover capsules");
+            return ExitCode::from(EXIT_RECOVERY);
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(err) => {
@@ -112,17 +304,20 @@ async fn run(args: Args) -> ExitCode {
         AgentIdentity {
             node_name,
             vmm: None,
-            storage_backend: String::new(),
+            storage_backend,
         },
         NodePaths {
             proc: "/proc".into(),
             kvm: "/dev/kvm".into(),
             state_dir,
         },
-    );
+    )
+    .with_capsules(Arc::new(supervisor.clone()));
     tracing::info!(%listen, "serving wrenn.agent.v1 with mutual TLS");
     let shutdown = stop_signal();
-    match server::serve(listener, &tls, service, shutdown).await {
+    let res = server::serve(listener, &tls, service, shutdown).await;
+    supervisor.shutdown();
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = &err as &dyn std::error::Error, "gRPC server failed");

@@ -261,6 +261,7 @@ fn add_disk_body_matches_the_spec() {
         num_queues: Some(1),
         queue_size: Some(128),
         rate_limiter_config: None,
+        backing_files: None,
     };
     c.check::<endpoint::VmAddDisk>("data disk", &disk).unwrap();
 }

@@ -141,6 +141,10 @@ impl NetOps for FakeNet {
         self.state().calls.push(NetCall::Sweep);
         Ok(SweepReport::default())
     }
+
+    fn claims(&self) -> Vec<CapsuleId> {
+        self.state().slots.keys().cloned().collect()
+    }
 }
 
 #[cfg(test)]

@@ -687,6 +687,10 @@ impl NetOps for LinuxNet {
         }
     }
 
+    fn claims(&self) -> Vec<CapsuleId> {
+        self.slots.claims().into_iter().map(|(_, c)| c).collect()
+    }
+
     fn sweep(&self) -> Result<SweepReport, Error> {
         let claims = self.slots.claims();
         let kept: HashSet<String> = claims.iter().map(|(_, c)| c.resource_name()).collect();

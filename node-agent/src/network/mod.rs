@@ -199,6 +199,11 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// Removes every leftover with our prefix that no slot claim accounts
     /// for, and counts what it removed. Call at startup after `ensure_node`.
     fn sweep(&self) -> Result<SweepReport, Error>;
+
+    /// Capsules holding a slot claim (running or suspended). Recovery
+    /// tears down the network of any claim no journal accounts for, before
+    /// [`NetOps::sweep`], which keeps whatever is claimed.
+    fn claims(&self) -> Vec<CapsuleId>;
 }
 
 /// Errors of the network module. Each names the action that failed and

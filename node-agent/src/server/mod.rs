@@ -1,12 +1,13 @@
 //! The agent's gRPC service (`wrenn.agent.v1.NodeAgent`) over mutual TLS.
 //!
-//! It validates requests and converts between proto and domain types; side
-//! effects belong to the capsule supervisor. Until the supervisor lands
-//! (issue 3), capsule and data-plane RPCs answer `UNIMPLEMENTED` with a
-//! message saying so, rather than pretending.
+//! It validates requests and converts between proto and domain types
+//! ([`convert`]); side effects belong to the capsule supervisor, reached
+//! through [`CapsuleApi`]. `GetMetrics` answers `UNIMPLEMENTED` until the
+//! metrics module is wired in.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -16,10 +17,13 @@ use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_server::{NodeAgent, NodeAgentServer};
 use wrenn_proto::guest::v1 as gpb;
 
+use crate::capsule::{CapsuleApi, State};
 use crate::node::{NodePaths, read_facts};
 
+pub mod convert;
 mod dataplane;
 use crate::tls::TlsFiles;
+use convert::{to_capsule, to_status, validate_snapshot_id, validate_uid};
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -48,20 +52,60 @@ pub struct AgentIdentity {
 pub struct AgentService {
     identity: AgentIdentity,
     paths: NodePaths,
+    capsules: Option<Arc<dyn CapsuleApi>>,
 }
 
 impl AgentService {
     /// A service answering for `identity`, reading node facts from `paths`.
+    /// Capsule RPCs need [`AgentService::with_capsules`].
     pub fn new(identity: AgentIdentity, paths: NodePaths) -> Self {
-        Self { identity, paths }
+        Self {
+            identity,
+            paths,
+            capsules: None,
+        }
+    }
+
+    /// Serves capsule RPCs from `capsules` (the supervisor).
+    pub fn with_capsules(mut self, capsules: Arc<dyn CapsuleApi>) -> Self {
+        self.capsules = Some(capsules);
+        self
+    }
+
+    fn capsules(&self) -> Result<&Arc<dyn CapsuleApi>, Status> {
+        self.capsules
+            .as_ref()
+            .ok_or_else(|| not_yet("capsule RPCs"))
     }
 
     /// Where the data plane reaches `capsule`'s guest agent. Refuses with
     /// a status the user understands when the capsule is unknown, not
     /// running (paused: "resume it first"), or its guest is not ready.
     pub async fn guest_endpoint(&self, capsule: &str) -> Result<GuestEndpoint, Status> {
-        let _ = capsule;
-        Err(not_yet("the data plane"))
+        validate_uid(capsule)?;
+        let view = self.capsules()?.get(capsule).map_err(|e| to_status(&e))?;
+        let refuse = |hint: &str| {
+            Status::failed_precondition(format!("capsule {capsule} is {}; {hint}", view.state))
+        };
+        match view.state {
+            State::Running => {}
+            State::Paused | State::Suspended => return Err(refuse("resume it first")),
+            State::Creating
+            | State::Resuming
+            | State::Pausing
+            | State::Suspending
+            | State::Snapshotting => return Err(refuse("wait until it is running")),
+            State::Deleting | State::Failed | State::Stopped => {
+                return Err(refuse("it has no running guest"));
+            }
+        }
+        let vsock_socket = view.vsock_socket.ok_or_else(|| {
+            Status::unavailable(format!("capsule {capsule} has no guest connection yet"))
+        })?;
+        Ok(GuestEndpoint {
+            capsule: capsule.to_string(),
+            vsock_socket,
+        })
     }
 }
 
@@ -78,9 +122,7 @@ pub(crate) type BoxStream<T> =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 pub(crate) fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented by this node agent yet: the capsule supervisor is pending"
-    ))
+    Status::unimplemented(format!("{rpc} is not implemented by this node agent yet"))
 }
 
 #[tonic::async_trait]
@@ -97,7 +139,11 @@ impl NodeAgent for AgentService {
             node_name: self.identity.node_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             kvm: facts.kvm,
-            vmm: self.identity.vmm.clone(),
+            vmm: self.identity.vmm.clone().or_else(|| {
+                self.capsules
+                    .as_ref()
+                    .map(|c| convert::to_vmm(&c.backend()))
+            }),
             cpu_model: facts.cpu_model,
             capacity: Some(pb::Resources {
                 vcpus: facts.vcpus,
@@ -110,72 +156,162 @@ impl NodeAgent for AgentService {
                 disk_bytes: facts.disk_free,
             }),
             templates: Default::default(),
-            snapshots: Vec::new(),
+            snapshots: self
+                .capsules
+                .as_ref()
+                .map(|c| c.snapshots())
+                .unwrap_or_default(),
             storage_backend: self.identity.storage_backend.clone(),
         }))
     }
 
     async fn create_capsule(
         &self,
-        _: Request<pb::CreateCapsuleRequest>,
+        req: Request<pb::CreateCapsuleRequest>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        Err(not_yet("CreateCapsule"))
+        let (uid, spec, initial) = convert::from_create(req.into_inner())?;
+        let view = self
+            .capsules()?
+            .create(&uid, spec, initial)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
     }
     async fn get_capsule(
         &self,
-        _: Request<pb::CapsuleRef>,
+        req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        Err(not_yet("GetCapsule"))
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let view = self.capsules()?.get(&uid).map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
     }
     async fn list_capsules(
         &self,
         _: Request<pb::ListCapsulesRequest>,
     ) -> Result<Response<pb::ListCapsulesResponse>, Status> {
-        Err(not_yet("ListCapsules"))
+        let capsules = self.capsules()?.list().iter().map(to_capsule).collect();
+        Ok(Response::new(pb::ListCapsulesResponse { capsules }))
     }
     async fn delete_capsule(
         &self,
-        _: Request<pb::CapsuleRef>,
+        req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::DeleteCapsuleResponse>, Status> {
-        Err(not_yet("DeleteCapsule"))
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let existed = self
+            .capsules()?
+            .delete(&uid)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::DeleteCapsuleResponse { existed }))
     }
     async fn pause_capsule(
         &self,
-        _: Request<pb::CapsuleRef>,
+        req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        Err(not_yet("PauseCapsule"))
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let view = self
+            .capsules()?
+            .pause(&uid)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
     }
     async fn resume_capsule(
         &self,
-        _: Request<pb::CapsuleRef>,
+        req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        Err(not_yet("ResumeCapsule"))
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let view = self
+            .capsules()?
+            .resume(&uid)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
     }
     async fn suspend_capsule(
         &self,
-        _: Request<pb::CapsuleRef>,
+        req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        Err(not_yet("SuspendCapsule"))
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let view = self
+            .capsules()?
+            .suspend(&uid)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
     }
     async fn snapshot_capsule(
         &self,
-        _: Request<pb::SnapshotCapsuleRequest>,
+        req: Request<pb::SnapshotCapsuleRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
-        Err(not_yet("SnapshotCapsule"))
+        let req = req.into_inner();
+        validate_uid(&req.uid)?;
+        let id = req
+            .snapshot
+            .map(|s| s.id)
+            .ok_or_else(|| Status::invalid_argument("snapshot.id is required"))?;
+        validate_snapshot_id(&id)?;
+        let caps = self.capsules()?;
+        let info = caps
+            .snapshot(&req.uid, &id, req.memory)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let paths = self.paths.clone();
+        let cpu_model = tokio::task::spawn_blocking(move || read_facts(&paths).cpu_model)
+            .await
+            .unwrap_or_default();
+        Ok(Response::new(convert::to_snapshot(
+            &info,
+            &caps.backend(),
+            cpu_model,
+        )))
     }
     async fn delete_snapshot(
         &self,
-        _: Request<pb::SnapshotRef>,
+        req: Request<pb::SnapshotRef>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        Err(not_yet("DeleteSnapshot"))
+        let id = req.into_inner().id;
+        validate_snapshot_id(&id)?;
+        let existed = self
+            .capsules()?
+            .delete_snapshot(&id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;
     async fn watch_events(
         &self,
-        _: Request<pb::WatchEventsRequest>,
+        req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Err(not_yet("WatchEvents"))
+        use tokio_stream::StreamExt as _;
+        use tokio_stream::wrappers::BroadcastStream;
+        let watch = self.capsules()?.watch(req.into_inner().after);
+        let backlog: Vec<Result<pb::Event, Status>> = watch
+            .backlog
+            .iter()
+            .map(|e| Ok(convert::to_event(e)))
+            .collect();
+        let live = BroadcastStream::new(watch.live).map(|item| match item {
+            Ok(e) => Ok(convert::to_event(&e)),
+            // This watcher fell behind the bus: whatever it missed is
+            // gone, so tell it to list again.
+            Err(_) => Ok(pb::Event {
+                sequence: 0,
+                kind: pb::EventKind::Reset as i32,
+                capsule: None,
+                unix_nanos: 0,
+            }),
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(backlog).chain(live),
+        )))
     }
     async fn get_metrics(
         &self,

@@ -10,8 +10,10 @@
 
 pub mod cgroup;
 pub mod ch;
+mod ch_machine;
 mod error;
 mod fake;
+mod fake_machine;
 pub mod machine;
 pub mod process;
 pub mod qemu;
@@ -22,8 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use ch_machine::{ChMachine, build_net_config, build_vm_config};
 pub use error::Error;
 pub use fake::{FakeCall, FakeVmm};
+pub use fake_machine::{FAKE_IMAGE, FakeMachine, MachineCall, Step};
 pub use machine::{
     BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
     NetCounters, TapSpec,

@@ -408,6 +408,9 @@ pub struct DiskConfig {
     /// I/O rate limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limiter_config: Option<RateLimiterConfig>,
+    /// Follow a qcow2 backing file (off by default since v51).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_files: Option<bool>,
 }
 
 /// `ImageType`.

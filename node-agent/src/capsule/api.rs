@@ -1,0 +1,71 @@
+//! [`CapsuleApi`]: the supervisor as the gRPC server sees it, with the
+//! backend type erased, so `server` (and the data plane) need no generic
+//! parameter.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use super::{CapsuleSpec, CapsuleView, Error, State, Watch};
+use crate::vmm::BackendInfo;
+
+/// A boxed future of the API.
+pub type ApiFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+/// A watch: backlog then live events.
+pub type EventStream = Watch;
+
+/// A named snapshot on the node.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    /// Snapshot id.
+    pub id: String,
+    /// Capsule it came from.
+    pub capsule_uid: String,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Created at (unix nanos).
+    pub created_unix_nanos: i64,
+    /// Whether memory is included.
+    pub memory: bool,
+    /// vCPUs, RAM and disk of the source.
+    pub resources: super::Resources,
+}
+
+/// What the server may ask of the supervisor.
+pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
+    /// The VMM backend.
+    fn backend(&self) -> BackendInfo;
+    /// Creates a capsule, or returns the existing one with the same spec.
+    fn create<'a>(
+        &'a self,
+        uid: &'a str,
+        spec: CapsuleSpec,
+        initial: State,
+    ) -> ApiFuture<'a, CapsuleView>;
+    /// One capsule.
+    fn get(&self, uid: &str) -> Result<CapsuleView, Error>;
+    /// All capsules.
+    fn list(&self) -> Vec<CapsuleView>;
+    /// Deletes a capsule (cancelling an in-flight create); `false` when it
+    /// did not exist.
+    fn delete<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, bool>;
+    /// Running → Paused.
+    fn pause<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView>;
+    /// Paused → Running, or Suspended → Running.
+    fn resume<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView>;
+    /// Running|Paused → Suspended.
+    fn suspend<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView>;
+    /// Writes a named snapshot; the capsule returns to its prior mode.
+    fn snapshot<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        memory: bool,
+    ) -> ApiFuture<'a, SnapshotInfo>;
+    /// Removes a named snapshot; `false` when it did not exist.
+    fn delete_snapshot<'a>(&'a self, id: &'a str) -> ApiFuture<'a, bool>;
+    /// Snapshot ids on the node.
+    fn snapshots(&self) -> Vec<String>;
+    /// Starts a watch after `cursor`.
+    fn watch(&self, cursor: u64) -> EventStream;
+}

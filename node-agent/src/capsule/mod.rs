@@ -1,0 +1,33 @@
+//! Per-capsule lifecycle: the state machine, the step executor over
+//! [`Machine`](crate::vmm::Machine), [`NetOps`](crate::network::NetOps) and
+//! [`BlockStore`](crate::storage::BlockStore), and the event bus behind
+//! `WatchEvents`. The journal and restart recovery live in `crate::state`;
+//! the gRPC edge (validation, proto conversion) in `crate::server`.
+//!
+//! States and the operations legal in each:
+//!
+//! ```text
+//! Creating ──> Running ⇄ Paused            (pause / resume)
+//! Running|Paused ──> Suspending ──> Suspended ──> Resuming ──> Running
+//! Running|Paused ──> Snapshotting ──> (the mode it was in)
+//! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped
+//! ```
+//!
+//! Every operation on one capsule holds that capsule's lock for its whole
+//! run, so a pause and a delete can never interleave; a delete first raises
+//! the capsule's cancel flag so an in-flight create stops at its next step
+//! and rolls back.
+
+mod api;
+mod events;
+mod model;
+pub(crate) mod supervisor;
+#[cfg(test)]
+mod tests;
+
+pub use api::{CapsuleApi, EventStream, SnapshotInfo};
+pub use events::{Event, EventBus, EventKind, Watch};
+pub use model::{
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, Resources, State, TemplateDisk,
+};
+pub use supervisor::{Host, Layout, Supervisor, SupervisorConfig};

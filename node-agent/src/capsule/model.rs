@@ -1,0 +1,446 @@
+//! Domain types of a capsule: what was asked for ([`CapsuleSpec`]), where it
+//! stands ([`State`]), what the journal records ([`Record`]) and what
+//! readers see ([`CapsuleView`]). No I/O here.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::vmm::{BackendInfo, MachineHandle};
+
+/// Where a capsule's root disk comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootSource {
+    /// A template's raw ext4 image already on the node.
+    Template(TemplateDisk),
+    /// A named snapshot on the node.
+    Snapshot {
+        /// Snapshot id.
+        id: String,
+    },
+}
+
+/// A template disk on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateDisk {
+    /// Stable key (namespace/name@digest).
+    pub key: String,
+    /// Absolute path of the raw image.
+    pub rootfs: PathBuf,
+    /// Digest, when known.
+    pub digest: String,
+}
+
+/// Egress policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Egress {
+    /// Anywhere the node allows.
+    Allow,
+    /// Nowhere.
+    Deny,
+    /// Only these CIDRs.
+    AllowList(Vec<String>),
+}
+
+/// vCPUs, RAM and disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Root disk size in bytes.
+    pub disk_bytes: u64,
+}
+
+/// What the operator asked for. Two creates with the same UID must carry an
+/// equal spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapsuleSpec {
+    /// Kubernetes namespace of the Capsule.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Root disk source.
+    pub source: BootSource,
+    /// Resources.
+    pub resources: Resources,
+    /// Kernel; `None` uses the agent's default.
+    pub kernel: Option<PathBuf>,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// Environment for the guest's `Init`.
+    pub env: BTreeMap<String, String>,
+    /// Egress policy.
+    pub egress: Egress,
+}
+
+impl CapsuleSpec {
+    /// The first field that differs from `other`, for a conflict message.
+    pub fn first_difference(&self, other: &CapsuleSpec) -> Option<&'static str> {
+        let pairs: [(&'static str, bool); 8] = [
+            ("namespace", self.namespace == other.namespace),
+            ("name", self.name == other.name),
+            ("source", self.source == other.source),
+            ("resources", self.resources == other.resources),
+            ("kernel", self.kernel == other.kernel),
+            ("cmdline", self.cmdline == other.cmdline),
+            ("env", self.env == other.env),
+            ("network", self.egress == other.egress),
+        ];
+        pairs.into_iter().find(|(_, same)| !same).map(|(f, _)| f)
+    }
+}
+
+/// Where a capsule stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum State {
+    /// Disk, network and VM being made.
+    Creating,
+    /// vCPUs running.
+    Running,
+    /// vCPUs being stopped.
+    Pausing,
+    /// vCPUs stopped, memory kept.
+    Paused,
+    /// Memory being written to the node; the VMM will exit.
+    Suspending,
+    /// Memory and disk on the node, no VMM, slot kept.
+    Suspended,
+    /// Being restored from its suspend image.
+    Resuming,
+    /// Being written to a named snapshot.
+    Snapshotting,
+    /// Being removed.
+    Deleting,
+    /// The VMM died or an undo failed; only delete is legal.
+    Failed,
+    /// The guest powered itself off; only delete is legal.
+    Stopped,
+}
+
+impl State {
+    /// Lowercase name for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Creating => "creating",
+            State::Running => "running",
+            State::Pausing => "pausing",
+            State::Paused => "paused",
+            State::Suspending => "suspending",
+            State::Suspended => "suspended",
+            State::Resuming => "resuming",
+            State::Snapshotting => "snapshotting",
+            State::Deleting => "deleting",
+            State::Failed => "failed",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A capsule's journal entry: written before every side effect, so each
+/// field says what *may* exist on the node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Format version.
+    pub version: u32,
+    /// Capsule UID.
+    pub uid: String,
+    /// The spec it was created with.
+    pub spec: CapsuleSpec,
+    /// Current (or in-progress) state.
+    pub state: State,
+    /// The state to return to when an in-progress step
+    /// (suspending, snapshotting) is undone.
+    pub prior: Option<State>,
+    /// A disk may exist.
+    pub disk: bool,
+    /// The disk's path once made.
+    pub disk_path: Option<PathBuf>,
+    /// A network (or at least a slot claim) may exist.
+    pub network: bool,
+    /// The node's address of the guest.
+    pub ip: Option<String>,
+    /// The slot.
+    pub slot: Option<u32>,
+    /// A VMM may be starting (launch or restore under way).
+    pub vm_starting: bool,
+    /// The running VM.
+    pub vm: Option<MachineHandle>,
+    /// The suspend image is complete in the capsule's `suspend/` dir.
+    pub suspended_image: bool,
+    /// A named snapshot being written (its staging dir may exist).
+    pub snapshot_in_progress: Option<String>,
+    /// When the guest started (unix nanos).
+    pub started_unix_nanos: i64,
+    /// Last error or why Failed.
+    pub message: String,
+    /// CamelCase reason for `message`.
+    pub reason: String,
+}
+
+/// Current journal format.
+pub const RECORD_VERSION: u32 = 1;
+
+impl Record {
+    /// A fresh record for a create.
+    pub fn new(uid: &str, spec: &CapsuleSpec) -> Self {
+        Self {
+            version: RECORD_VERSION,
+            uid: uid.to_string(),
+            spec: spec.clone(),
+            state: State::Creating,
+            prior: None,
+            disk: false,
+            disk_path: None,
+            network: false,
+            ip: None,
+            slot: None,
+            vm_starting: false,
+            vm: None,
+            suspended_image: false,
+            snapshot_in_progress: None,
+            started_unix_nanos: 0,
+            message: String::new(),
+            reason: String::new(),
+        }
+    }
+
+    /// What readers see.
+    pub fn view(&self, vmm: &BackendInfo) -> CapsuleView {
+        CapsuleView {
+            uid: self.uid.clone(),
+            spec: self.spec.clone(),
+            state: self.state,
+            ip: self.ip.clone().unwrap_or_default(),
+            vmm: vmm.clone(),
+            started_unix_nanos: self.started_unix_nanos,
+            message: self.message.clone(),
+            reason: self.reason.clone(),
+            vsock_socket: self.vm.as_ref().map(|v| v.vsock_socket.clone()),
+        }
+    }
+}
+
+/// A capsule as `Get`/`List`/events show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CapsuleView {
+    /// UID.
+    pub uid: String,
+    /// Spec.
+    pub spec: CapsuleSpec,
+    /// State.
+    pub state: State,
+    /// Guest address as the node reaches it.
+    pub ip: String,
+    /// Backend.
+    pub vmm: BackendInfo,
+    /// Guest start (unix nanos), 0 before.
+    pub started_unix_nanos: i64,
+    /// Last error.
+    pub message: String,
+    /// Its reason.
+    pub reason: String,
+    /// Host socket of the guest's vsock while a VMM runs.
+    pub vsock_socket: Option<PathBuf>,
+}
+
+/// Errors of the capsule supervisor. Display names the failed action and
+/// the capsule; the cause is in `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No capsule with this UID.
+    #[error("capsule {uid} not found")]
+    NotFound {
+        /// UID.
+        uid: String,
+    },
+    /// A create with this UID and another spec exists.
+    #[error("capsule {uid} already exists with a different {field}")]
+    AlreadyExists {
+        /// UID.
+        uid: String,
+        /// The first field that differs.
+        field: &'static str,
+    },
+    /// The request cannot be served in the capsule's state.
+    #[error("capsule {uid} is {state}; {hint}")]
+    WrongState {
+        /// UID.
+        uid: String,
+        /// Its state.
+        state: State,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// The spec cannot be served by this agent.
+    #[error("invalid capsule spec: {reason}")]
+    InvalidSpec {
+        /// Why.
+        reason: String,
+    },
+    /// A delete cancelled this create.
+    #[error("create of capsule {uid} cancelled by a delete")]
+    Cancelled {
+        /// UID.
+        uid: String,
+    },
+    /// The journal could not be written or read.
+    #[error("journal of capsule {uid}")]
+    Journal {
+        /// UID.
+        uid: String,
+        /// Why.
+        #[source]
+        source: Box<crate::state::Error>,
+    },
+    /// A network step failed.
+    #[error("{action} network of capsule {uid}")]
+    Network {
+        /// `set up`, `tear down`, `recreate tap of`.
+        action: &'static str,
+        /// UID.
+        uid: String,
+        /// Why.
+        #[source]
+        source: Box<crate::network::Error>,
+    },
+    /// A disk step failed.
+    #[error("{action} disk of capsule {uid}")]
+    Storage {
+        /// `create`, `remove`.
+        action: &'static str,
+        /// UID.
+        uid: String,
+        /// Why.
+        #[source]
+        source: Box<crate::storage::Error>,
+    },
+    /// A VM step failed.
+    #[error("{action} VM of capsule {uid}")]
+    Vm {
+        /// `launch`, `pause`, `resume`, `snapshot`, `restore`, `stop`.
+        action: &'static str,
+        /// UID.
+        uid: String,
+        /// Why.
+        #[source]
+        source: Box<crate::vmm::Error>,
+    },
+    /// A file of a suspend image or snapshot could not be handled.
+    #[error("{action} {}", path.display())]
+    Files {
+        /// What was done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot with this id already exists on the node.
+    #[error("snapshot {id} already exists")]
+    SnapshotExists {
+        /// Snapshot id.
+        id: String,
+    },
+    /// A blocking task of the supervisor died.
+    #[error("{what} of capsule {uid} was aborted")]
+    Aborted {
+        /// What.
+        what: &'static str,
+        /// UID.
+        uid: String,
+    },
+}
+
+impl Error {
+    /// A stable CamelCase reason for `Capsule.reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::NotFound { .. } => "NotFound",
+            Error::AlreadyExists { .. } => "AlreadyExists",
+            Error::WrongState { .. } => "WrongState",
+            Error::InvalidSpec { .. } => "InvalidSpec",
+            Error::Cancelled { .. } => "Cancelled",
+            Error::Journal { .. } => "JournalFailed",
+            Error::Network { .. } => "NetworkFailed",
+            Error::Storage { .. } => "StorageFailed",
+            Error::Vm { .. } => "VmFailed",
+            Error::Files { .. } => "FilesFailed",
+            Error::SnapshotExists { .. } => "SnapshotExists",
+            Error::Aborted { .. } => "Aborted",
+        }
+    }
+
+    /// The whole chain on one line, for `Capsule.message`.
+    pub fn chain(&self) -> String {
+        let mut s = self.to_string();
+        let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(self);
+        while let Some(e) = cur {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            cur = e.source();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A small valid spec.
+    pub fn spec(name: &str) -> CapsuleSpec {
+        CapsuleSpec {
+            namespace: "default".into(),
+            name: name.into(),
+            source: BootSource::Template(TemplateDisk {
+                key: "default/base@sha256:00".into(),
+                rootfs: "/var/lib/wrenn/templates/base.ext4".into(),
+                digest: "sha256:00".into(),
+            }),
+            resources: Resources {
+                vcpus: 1,
+                memory_bytes: 256 << 20,
+                disk_bytes: 1 << 30,
+            },
+            kernel: None,
+            cmdline: String::new(),
+            env: BTreeMap::new(),
+            egress: Egress::Allow,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::spec;
+    use super::*;
+
+    #[test]
+    fn spec_difference_names_the_field() {
+        let a = spec("a");
+        let mut b = a.clone();
+        assert_eq!(a.first_difference(&b), None);
+        b.resources.vcpus = 4;
+        assert_eq!(a.first_difference(&b), Some("resources"));
+        b.egress = Egress::Deny;
+        assert_eq!(a.first_difference(&b), Some("resources"));
+    }
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let r = Record::new("c1", &spec("a"));
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,536 @@
+//! Supervisor unit tests over the recording fakes: each asserts the state a
+//! user would see and the calls made to the host (what exists afterwards).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::model::testing::spec;
+use super::*;
+use crate::network::{CapsuleId as NetId, FakeNet, NetCall, NetOps, Teardown};
+use crate::state::OrphanSweep;
+use crate::storage::{BlockStore, CapsuleId as DiskId, FakeBlockStore};
+use crate::vmm::{FAKE_IMAGE, FakeMachine, Machine, Step};
+
+struct Bed {
+    dir: tempfile::TempDir,
+    machine: Arc<FakeMachine>,
+    net: Arc<FakeNet>,
+    store: Arc<FakeBlockStore>,
+    sup: Supervisor<FakeMachine>,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = Arc::new(FakeMachine::new());
+        let net = Arc::new(FakeNet::new());
+        let store = Arc::new(FakeBlockStore::new());
+        let sup = Self::supervisor(&dir, &machine, &net, &store);
+        Self {
+            dir,
+            machine,
+            net,
+            store,
+            sup,
+        }
+    }
+
+    fn supervisor(
+        dir: &tempfile::TempDir,
+        machine: &Arc<FakeMachine>,
+        net: &Arc<FakeNet>,
+        store: &Arc<FakeBlockStore>,
+    ) -> Supervisor<FakeMachine> {
+        Supervisor::new(
+            Host {
+                machine: machine.clone(),
+                net: net.clone(),
+                store: store.clone(),
+            },
+            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
+        )
+    }
+
+    /// Drops every in-memory state and starts a new supervisor on the same
+    /// host and state dir: an agent restart.
+    fn restart(&mut self) {
+        self.sup.shutdown();
+        self.sup = Self::supervisor(&self.dir, &self.machine, &self.net, &self.store);
+    }
+
+    fn journal_exists(&self, uid: &str) -> bool {
+        self.dir
+            .path()
+            .join("capsules")
+            .join(uid)
+            .join(crate::state::JOURNAL_FILE)
+            .exists()
+    }
+
+    /// Nothing of `uid` left on the host.
+    fn assert_gone(&self, uid: &str) {
+        assert!(
+            !self.machine.running().contains(&uid.to_string()),
+            "VM of {uid} left"
+        );
+        let id = NetId::new(uid).unwrap();
+        assert!(!self.net.built().contains(&id), "network of {uid} left");
+        assert_eq!(self.net.slot(&id), None, "slot of {uid} left");
+        assert!(
+            !self.store.disks().contains(&DiskId::new(uid).unwrap()),
+            "disk of {uid} left"
+        );
+        assert!(
+            !self.dir.path().join("capsules").join(uid).exists(),
+            "files of {uid} left"
+        );
+        assert!(self.sup.get(uid).is_err());
+    }
+}
+
+async fn create(b: &Bed, uid: &str) -> CapsuleView {
+    b.sup.create(uid, spec(uid), State::Running).await.unwrap()
+}
+
+#[tokio::test]
+async fn create_is_idempotent_by_uid_and_refuses_another_spec() {
+    let b = Bed::new();
+    let v = create(&b, "c1").await;
+    assert_eq!(v.state, State::Running);
+    assert!(!v.ip.is_empty());
+    assert!(b.journal_exists("c1"));
+    let again = create(&b, "c1").await;
+    assert_eq!(again, b.sup.get("c1").unwrap());
+    assert_eq!(b.machine.steps("c1"), vec![Step::Launch], "launched once");
+    let mut other = spec("c1");
+    other.resources.vcpus = 8;
+    let err = b.sup.create("c1", other, State::Running).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::AlreadyExists {
+                field: "resources",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Disk and network were made before the VM, each once.
+    let id = NetId::new("c1").unwrap();
+    assert_eq!(
+        b.net.calls(),
+        vec![
+            NetCall::Setup(id.clone(), crate::network::EgressPolicy::Allow),
+            NetCall::EnsureTap(id)
+        ]
+    );
+    assert_eq!(b.store.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_launch_leaves_nothing() {
+    let b = Bed::new();
+    b.machine.fail_next(Step::Launch, "no kvm");
+    let err = b
+        .sup
+        .create("c1", spec("c1"), State::Running)
+        .await
+        .unwrap_err();
+    assert!(err.chain().contains("no kvm"), "{}", err.chain());
+    b.assert_gone("c1");
+    // And the UID can be created again.
+    create(&b, "c1").await;
+}
+
+#[tokio::test]
+async fn pause_and_resume_with_failure_semantics() {
+    let b = Bed::new();
+    create(&b, "c1").await;
+    b.machine.fail_next(Step::Pause, "timeout");
+    let err = b.sup.pause("c1").await.unwrap_err();
+    assert!(err.chain().contains("timeout"));
+    let v = b.sup.get("c1").unwrap();
+    assert_eq!(v.state, State::Running, "a failed pause returns to Running");
+    assert!(v.message.contains("timeout"));
+    assert_eq!(b.machine.paused("c1"), Some(false));
+
+    assert_eq!(b.sup.pause("c1").await.unwrap().state, State::Paused);
+    assert_eq!(
+        b.sup.pause("c1").await.unwrap().state,
+        State::Paused,
+        "no-op"
+    );
+    b.machine.fail_next(Step::Resume, "busy");
+    b.sup.resume("c1").await.unwrap_err();
+    assert_eq!(b.sup.get("c1").unwrap().state, State::Paused, "retryable");
+    assert_eq!(b.sup.resume("c1").await.unwrap().state, State::Running);
+    assert_eq!(b.machine.paused("c1"), Some(false));
+    assert_eq!(b.sup.get("c1").unwrap().message, "");
+}
+
+#[tokio::test]
+async fn suspend_releases_the_vm_keeps_the_slot_and_resume_restores() {
+    let b = Bed::new();
+    let v = create(&b, "c1").await;
+    let id = NetId::new("c1").unwrap();
+    let slot = b.net.slot(&id);
+    let s = b.sup.suspend("c1").await.unwrap();
+    assert_eq!(s.state, State::Suspended);
+    assert!(b.machine.running().is_empty(), "RAM released: no VMM");
+    assert_eq!(b.net.slot(&id), slot, "slot kept");
+    assert!(!b.net.built().contains(&id));
+    assert!(b.sup.layout().suspend_dir("c1").join(FAKE_IMAGE).exists());
+    assert_eq!(
+        b.machine.steps("c1"),
+        vec![Step::Launch, Step::Pause, Step::Snapshot, Step::Stop]
+    );
+    assert!(
+        b.net
+            .calls()
+            .contains(&NetCall::Teardown(id.clone(), Teardown::KeepSlot))
+    );
+
+    // A failed restore leaves it Suspended and retryable.
+    b.machine.fail_next(Step::Restore, "cpuid mismatch");
+    b.sup.resume("c1").await.unwrap_err();
+    let after = b.sup.get("c1").unwrap();
+    assert_eq!(after.state, State::Suspended);
+    assert!(after.message.contains("cpuid mismatch"));
+    assert!(b.machine.running().is_empty());
+    assert!(!b.net.built().contains(&id), "network undone");
+
+    let r = b.sup.resume("c1").await.unwrap();
+    assert_eq!(r.state, State::Running);
+    assert_eq!(r.ip, v.ip, "same address after resume");
+    assert_eq!(b.machine.running(), vec!["c1".to_string()]);
+    let calls = b.machine.calls();
+    let restore = calls
+        .iter()
+        .rev()
+        .find(|c| c.step == Step::Restore)
+        .unwrap();
+    assert_eq!(
+        restore.dir.as_deref(),
+        Some(b.sup.layout().suspend_dir("c1").as_path())
+    );
+    // TAP recreated by name before the restore.
+    assert!(b.net.calls().ends_with(&[
+        NetCall::Setup(id.clone(), crate::network::EgressPolicy::Allow),
+        NetCall::EnsureTap(id)
+    ]));
+}
+
+#[tokio::test]
+async fn a_failed_suspend_snapshot_returns_to_running() {
+    let b = Bed::new();
+    create(&b, "c1").await;
+    b.machine.fail_next(Step::Snapshot, "disk full");
+    b.sup.suspend("c1").await.unwrap_err();
+    assert_eq!(b.sup.get("c1").unwrap().state, State::Running);
+    assert_eq!(b.machine.paused("c1"), Some(false), "thawed");
+    assert!(
+        !b.sup
+            .layout()
+            .suspend_dir("c1")
+            .with_extension("tmp")
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn delete_during_create_cancels_it_and_leaks_nothing() {
+    let b = Bed::new();
+    b.machine.delay(Step::Launch, Duration::from_millis(300));
+    let sup = b.sup.clone();
+    let creating = tokio::spawn(async move { sup.create("c1", spec("c1"), State::Running).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(b.sup.get("c1").unwrap().state, State::Creating);
+    assert!(b.sup.delete("c1").await.unwrap());
+    let err = creating.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Cancelled { .. }), "{err}");
+    b.assert_gone("c1");
+    assert!(
+        b.machine.steps("c1").contains(&Step::Stop),
+        "the launched VM was stopped"
+    );
+    assert!(
+        !b.sup.delete("c1").await.unwrap(),
+        "second delete: nothing there"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_pause_and_delete_end_with_nothing() {
+    let b = Bed::new();
+    for i in 0..10 {
+        let uid = format!("c{i}");
+        create(&b, &uid).await;
+        b.machine.delay(Step::Pause, Duration::from_millis(20));
+        let (s1, s2) = (b.sup.clone(), b.sup.clone());
+        let (u1, u2) = (uid.clone(), uid.clone());
+        let pause = tokio::spawn(async move { s1.pause(&u1).await });
+        let delete = tokio::spawn(async move { s2.delete(&u2).await });
+        let _ = pause.await.unwrap();
+        assert!(delete.await.unwrap().unwrap());
+        b.assert_gone(&uid);
+    }
+}
+
+#[tokio::test]
+async fn wrong_states_are_refused_with_a_hint() {
+    let b = Bed::new();
+    create(&b, "c1").await;
+    b.sup.suspend("c1").await.unwrap();
+    let err = b.sup.pause("c1").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "capsule c1 is suspended; only a running capsule can be paused"
+    );
+    let err = b.sup.snapshot("c1", "s1", true).await.unwrap_err();
+    assert_eq!(err.to_string(), "capsule c1 is suspended; resume it first");
+    assert!(matches!(
+        b.sup.pause("nope").await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn crash_fails_the_capsule_and_poweroff_stops_it() {
+    let b = Bed::new();
+    create(&b, "c1").await;
+    create(&b, "c2").await;
+    let mut w = b.sup.watch(b.sup.shared.bus.head());
+    b.machine.crash("c1");
+    b.machine.poweroff("c2");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), w.live.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let c = ev.capsule.unwrap();
+        if matches!(c.state, State::Failed | State::Stopped) {
+            seen.push((c.uid, c.state, c.reason));
+        }
+    }
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen,
+        vec![
+            ("c1".into(), State::Failed, "VmmCrashed".into()),
+            ("c2".into(), State::Stopped, "GuestPoweroff".into())
+        ]
+    );
+    // Runtime released, slot kept until delete.
+    assert!(!b.net.built().contains(&NetId::new("c1").unwrap()));
+    assert!(b.net.slot(&NetId::new("c1").unwrap()).is_some());
+    assert!(b.sup.delete("c1").await.unwrap());
+    b.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn snapshot_returns_to_the_prior_mode() {
+    // A real qcow2 store (plain files), so the disk copy is real too.
+    let b = Bed::new();
+    let template = b.dir.path().join("base.ext4");
+    std::fs::write(&template, vec![7u8; 1 << 20]).unwrap();
+    let store = crate::storage::Qcow2Store::open(crate::storage::StorageConfig::new(
+        b.dir.path().join("disks"),
+    ))
+    .unwrap();
+    let sup = Supervisor::new(
+        Host {
+            machine: b.machine.clone(),
+            net: b.net.clone(),
+            store: Arc::new(store),
+        },
+        SupervisorConfig::new(b.dir.path(), std::path::Path::new("/k/vmlinux")),
+    );
+    let b = Bed { sup, ..b };
+    let mut s = spec("c1");
+    s.source = BootSource::Template(TemplateDisk {
+        key: "t".into(),
+        rootfs: template,
+        digest: String::new(),
+    });
+    b.sup.create("c1", s, State::Running).await.unwrap();
+    let info = b.sup.snapshot("c1", "s1", true).await.unwrap();
+    assert_eq!((info.capsule_uid.as_str(), info.memory), ("c1", true));
+    assert_eq!(b.sup.get("c1").unwrap().state, State::Running);
+    assert_eq!(b.machine.paused("c1"), Some(false));
+    let dir = b.sup.layout().snapshot_dir("s1");
+    assert!(dir.join("memory").join(FAKE_IMAGE).exists());
+    assert!(dir.join("snapshot.json").exists());
+    let disk = dir.join("disk.img");
+    let overlay = b.dir.path().join("disks/wrenn-c1.qcow2");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        std::fs::read(&overlay).unwrap()
+    );
+    assert!(matches!(
+        b.sup.snapshot("c1", "s1", true).await,
+        Err(Error::SnapshotExists { .. })
+    ));
+    b.sup.pause("c1").await.unwrap();
+    b.sup.snapshot("c1", "s2", false).await.unwrap();
+    assert_eq!(b.sup.get("c1").unwrap().state, State::Paused);
+    assert_eq!(b.sup.snapshots(), vec!["s1".to_string(), "s2".to_string()]);
+    assert!(b.sup.delete_snapshot("s1").await.unwrap());
+    assert!(!b.sup.delete_snapshot("s1").await.unwrap());
+}
+
+#[tokio::test]
+async fn events_resume_from_a_cursor_in_order() {
+    let b = Bed::new();
+    let start = b.sup.shared.bus.head();
+    create(&b, "c1").await;
+    b.sup.pause("c1").await.unwrap();
+    b.sup.delete("c1").await.unwrap();
+    let w = b.sup.watch(start);
+    let states: Vec<(EventKind, State)> = w
+        .backlog
+        .iter()
+        .map(|e| (e.kind, e.capsule.as_ref().unwrap().state))
+        .collect();
+    assert_eq!(
+        states.first(),
+        Some(&(EventKind::StateChanged, State::Creating))
+    );
+    assert!(states.contains(&(EventKind::StateChanged, State::Running)));
+    assert!(states.contains(&(EventKind::StateChanged, State::Paused)));
+    assert_eq!(states.last(), Some(&(EventKind::Deleted, State::Deleting)));
+    let seqs: Vec<u64> = w.backlog.iter().map(|e| e.sequence).collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "{seqs:?}");
+}
+
+#[tokio::test]
+async fn recovery_adopts_restores_and_rolls_back() {
+    let mut b = Bed::new();
+    create(&b, "run").await;
+    create(&b, "paused").await;
+    b.sup.pause("paused").await.unwrap();
+    create(&b, "susp").await;
+    b.sup.suspend("susp").await.unwrap();
+    create(&b, "dead").await;
+    // An interrupted create: journaled with a disk and a network made.
+    let mut rec = Record::new("half", &spec("half"));
+    rec.disk = true;
+    rec.network = true;
+    b.store
+        .ensure_disk(&crate::storage::DiskRequest {
+            capsule: DiskId::new("half").unwrap(),
+            template: "/t".into(),
+            size_bytes: 1,
+        })
+        .unwrap();
+    b.net
+        .setup(
+            &NetId::new("half").unwrap(),
+            &crate::network::EgressPolicy::Allow,
+        )
+        .unwrap();
+    crate::state::Journal::new(b.dir.path())
+        .write("half", &rec)
+        .unwrap();
+    // A directory without a journal, and a disk nobody journaled.
+    std::fs::create_dir_all(b.dir.path().join("capsules/stray")).unwrap();
+    b.store
+        .ensure_disk(&crate::storage::DiskRequest {
+            capsule: DiskId::new("lost-disk").unwrap(),
+            template: "/t".into(),
+            size_bytes: 1,
+        })
+        .unwrap();
+
+    b.restart();
+    // The VM of "dead" died while the agent was down.
+    b.machine.vanish("dead");
+    let report = b.sup.recover(&OrphanSweep::default()).await.unwrap();
+
+    let mut adopted = report.adopted.clone();
+    adopted.sort();
+    assert_eq!(adopted, vec!["paused".to_string(), "run".to_string()]);
+    assert_eq!(report.suspended, vec!["susp".to_string()]);
+    assert_eq!(report.lost, vec!["dead".to_string()]);
+    assert_eq!(report.orphans.journals, 1);
+    assert_eq!(report.orphans.rolled_back, 1);
+    assert_eq!(
+        report.orphans.storage.files.len(),
+        1,
+        "{:?}",
+        report.orphans
+    );
+    assert!(report.orphans.total() >= 3);
+
+    let state = |u: &str| b.sup.get(u).unwrap().state;
+    assert_eq!(state("run"), State::Running);
+    assert_eq!(state("paused"), State::Paused);
+    assert_eq!(state("susp"), State::Suspended);
+    assert_eq!(state("dead"), State::Failed);
+    b.assert_gone("half");
+    assert!(!b.dir.path().join("capsules/stray").exists());
+    assert!(b.machine.steps("run").contains(&Step::Adopt));
+
+    // Adopted capsules work as before the restart.
+    b.sup.resume("paused").await.unwrap();
+    b.sup.resume("susp").await.unwrap();
+    assert_eq!(state("susp"), State::Running);
+    // The re-armed crash watcher still reports a crash.
+    b.machine.crash("run");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while state("run") != State::Failed {
+        assert!(tokio::time::Instant::now() < deadline, "crash not seen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn recovery_finishes_an_interrupted_suspend_and_undoes_a_snapshot() {
+    let mut b = Bed::new();
+    create(&b, "a").await;
+    create(&b, "s").await;
+    // "a": its suspend image was complete when the agent died.
+    b.sup.pause("a").await.unwrap();
+    let mut rec: Record = crate::state::Journal::new(b.dir.path())
+        .read("a")
+        .unwrap()
+        .unwrap();
+    let dir = b.sup.layout().suspend_dir("a");
+    std::fs::create_dir_all(&dir).unwrap();
+    let vm = rec.vm.clone().unwrap();
+    b.machine.snapshot(&vm, &dir).await.unwrap();
+    rec.state = State::Suspending;
+    rec.prior = Some(State::Running);
+    rec.suspended_image = true;
+    crate::state::Journal::new(b.dir.path())
+        .write("a", &rec)
+        .unwrap();
+    // "s": snapshotting, paused by the step, staging half written.
+    let vm_s: Record = crate::state::Journal::new(b.dir.path())
+        .read("s")
+        .unwrap()
+        .unwrap();
+    b.machine.pause(vm_s.vm.as_ref().unwrap()).await.unwrap();
+    let mut rec = vm_s.clone();
+    rec.state = State::Snapshotting;
+    rec.prior = Some(State::Running);
+    rec.snapshot_in_progress = Some("snap".into());
+    crate::state::Journal::new(b.dir.path())
+        .write("s", &rec)
+        .unwrap();
+    let staging = b.sup.layout().snapshot_staging("snap");
+    std::fs::create_dir_all(&staging).unwrap();
+
+    b.restart();
+    b.sup.recover(&OrphanSweep::default()).await.unwrap();
+    assert_eq!(b.sup.get("a").unwrap().state, State::Suspended);
+    assert!(!b.machine.running().contains(&"a".to_string()));
+    assert_eq!(b.sup.get("s").unwrap().state, State::Running);
+    assert_eq!(
+        b.machine.paused("s"),
+        Some(false),
+        "thawed after the snapshot"
+    );
+    assert!(!staging.exists());
+    b.sup.resume("a").await.unwrap();
+}

@@ -1,0 +1,410 @@
+//! Pure conversions between `wrenn.agent.v1` messages and the supervisor's
+//! domain types, with validation at the edge, and the one mapping of
+//! supervisor errors to gRPC status codes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tonic::Status;
+use wrenn_proto::agent::v1 as pb;
+
+use crate::capsule::{
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, Resources, SnapshotInfo,
+    State, TemplateDisk,
+};
+use crate::vmm::{BackendInfo, BackendKind};
+
+/// Smallest guest the agent boots.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+
+/// Checks a capsule UID: what the network and storage modules can name
+/// resources after (1–63 of `[a-z0-9-]`, not starting with `-`).
+pub fn validate_uid(uid: &str) -> Result<(), Status> {
+    let ok = !uid.is_empty()
+        && uid.len() <= 63
+        && !uid.starts_with('-')
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "uid {uid:?} must be 1 to 63 characters of a-z, 0-9 and '-', not starting with '-'"
+        )))
+    }
+}
+
+/// Checks a snapshot id (a directory name on the node; no traversal).
+pub fn validate_snapshot_id(id: &str) -> Result<(), Status> {
+    validate_uid(id).map_err(|_| {
+        Status::invalid_argument(format!(
+            "snapshot id {id:?} must be 1 to 63 characters of a-z, 0-9 and '-'"
+        ))
+    })
+}
+
+/// `CreateCapsuleRequest` → (uid, spec, initial state).
+pub fn from_create(req: pb::CreateCapsuleRequest) -> Result<(String, CapsuleSpec, State), Status> {
+    validate_uid(&req.uid)?;
+    let spec = req
+        .spec
+        .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+    let initial = match pb::CapsuleState::try_from(req.initial_state) {
+        Ok(pb::CapsuleState::Unspecified | pb::CapsuleState::Running) => State::Running,
+        Ok(pb::CapsuleState::Paused) => State::Paused,
+        Ok(pb::CapsuleState::Suspended) => State::Suspended,
+        _ => {
+            return Err(Status::invalid_argument(
+                "initial_state must be RUNNING, PAUSED or SUSPENDED",
+            ));
+        }
+    };
+    Ok((req.uid, from_spec(spec)?, initial))
+}
+
+/// `CapsuleSpec` → domain spec.
+pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
+    let res = spec
+        .resources
+        .ok_or_else(|| Status::invalid_argument("spec.resources is required"))?;
+    if res.vcpus == 0 {
+        return Err(Status::invalid_argument(
+            "spec.resources.vcpus must be at least 1",
+        ));
+    }
+    if res.memory_bytes < MIN_MEMORY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "spec.resources.memory_bytes must be at least {MIN_MEMORY_BYTES}"
+        )));
+    }
+    let source = match spec.source.and_then(|s| s.source) {
+        Some(pb::boot_source::Source::Template(t)) => {
+            let rootfs = match t.disk {
+                Some(pb::template_disk::Disk::RootfsPath(p)) if p.starts_with('/') => {
+                    PathBuf::from(p)
+                }
+                Some(pb::template_disk::Disk::RootfsPath(p)) => {
+                    return Err(Status::invalid_argument(format!(
+                        "spec.source.template.rootfs_path {p:?} must be absolute"
+                    )));
+                }
+                Some(_) => {
+                    return Err(Status::invalid_argument(
+                        "this agent boots templates from rootfs_path only; prepare the template disk on the node first",
+                    ));
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "spec.source.template needs rootfs_path",
+                    ));
+                }
+            };
+            BootSource::Template(TemplateDisk {
+                key: t.key,
+                rootfs,
+                digest: t.digest,
+            })
+        }
+        Some(pb::boot_source::Source::Snapshot(s)) => {
+            validate_snapshot_id(&s.id)?;
+            BootSource::Snapshot { id: s.id }
+        }
+        None => return Err(Status::invalid_argument("spec.source is required")),
+    };
+    let kernel = match spec.kernel_path.as_str() {
+        "" => None,
+        p if p.starts_with('/') => Some(PathBuf::from(p)),
+        p => {
+            return Err(Status::invalid_argument(format!(
+                "spec.kernel_path {p:?} must be absolute"
+            )));
+        }
+    };
+    let net = spec.network.unwrap_or_default();
+    let egress = match (pb::Egress::try_from(net.egress), net.allow_cidrs.is_empty()) {
+        (Ok(pb::Egress::Deny), _) => Egress::Deny,
+        (Ok(pb::Egress::Allow | pb::Egress::Unspecified), true) => Egress::Allow,
+        (Ok(pb::Egress::Allow | pb::Egress::Unspecified), false) => {
+            for c in &net.allow_cidrs {
+                c.parse::<crate::network::Cidr>().map_err(|e| {
+                    Status::invalid_argument(format!("spec.network.allow_cidrs {c:?}: {e}"))
+                })?;
+            }
+            Egress::AllowList(net.allow_cidrs)
+        }
+        (Err(_), _) => return Err(Status::invalid_argument("spec.network.egress is unknown")),
+    };
+    Ok(CapsuleSpec {
+        namespace: spec.namespace,
+        name: spec.name,
+        source,
+        resources: Resources {
+            vcpus: res.vcpus,
+            memory_bytes: res.memory_bytes,
+            disk_bytes: res.disk_bytes,
+        },
+        kernel,
+        cmdline: spec.kernel_cmdline,
+        env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
+        egress,
+    })
+}
+
+/// Domain spec → `CapsuleSpec`.
+pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
+    let source = match &spec.source {
+        BootSource::Template(t) => pb::boot_source::Source::Template(pb::TemplateDisk {
+            key: t.key.clone(),
+            disk: Some(pb::template_disk::Disk::RootfsPath(
+                t.rootfs.to_string_lossy().into_owned(),
+            )),
+            digest: t.digest.clone(),
+            disk_bytes: spec.resources.disk_bytes,
+        }),
+        BootSource::Snapshot { id } => {
+            pb::boot_source::Source::Snapshot(pb::SnapshotRef { id: id.clone() })
+        }
+    };
+    let (egress, allow_cidrs) = match &spec.egress {
+        Egress::Allow => (pb::Egress::Allow, Vec::new()),
+        Egress::Deny => (pb::Egress::Deny, Vec::new()),
+        Egress::AllowList(c) => (pb::Egress::Allow, c.clone()),
+    };
+    pb::CapsuleSpec {
+        namespace: spec.namespace.clone(),
+        name: spec.name.clone(),
+        source: Some(pb::BootSource {
+            source: Some(source),
+        }),
+        resources: Some(to_resources(&spec.resources)),
+        kernel_path: spec
+            .kernel
+            .as_ref()
+            .map(|k| k.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kernel_cmdline: spec.cmdline.clone(),
+        env: spec.env.clone().into_iter().collect(),
+        network: Some(pb::NetworkPolicy {
+            egress: egress as i32,
+            allow_cidrs,
+            ports: Vec::new(),
+        }),
+    }
+}
+
+fn to_resources(r: &Resources) -> pb::Resources {
+    pb::Resources {
+        vcpus: r.vcpus,
+        memory_bytes: r.memory_bytes,
+        disk_bytes: r.disk_bytes,
+    }
+}
+
+/// Domain state → proto.
+pub fn to_state(s: State) -> pb::CapsuleState {
+    match s {
+        State::Creating => pb::CapsuleState::Creating,
+        State::Running => pb::CapsuleState::Running,
+        State::Pausing => pb::CapsuleState::Pausing,
+        State::Paused => pb::CapsuleState::Paused,
+        State::Suspending => pb::CapsuleState::Suspending,
+        State::Suspended => pb::CapsuleState::Suspended,
+        State::Resuming => pb::CapsuleState::Resuming,
+        State::Snapshotting => pb::CapsuleState::Snapshotting,
+        State::Deleting => pb::CapsuleState::Deleting,
+        State::Failed => pb::CapsuleState::Failed,
+        State::Stopped => pb::CapsuleState::Stopped,
+    }
+}
+
+/// Backend → `VmmInfo`.
+pub fn to_vmm(b: &BackendInfo) -> pb::VmmInfo {
+    let name = match b.kind {
+        BackendKind::CloudHypervisor => "cloud-hypervisor",
+        BackendKind::Qemu => "qemu",
+    };
+    pb::VmmInfo {
+        name: name.into(),
+        version: b.version.clone(),
+        note: if b.accelerated {
+            String::new()
+        } else {
+            "no hardware virtualization (QEMU TCG): much slower than production".into()
+        },
+    }
+}
+
+/// Domain view → `Capsule`.
+pub fn to_capsule(v: &CapsuleView) -> pb::Capsule {
+    pb::Capsule {
+        uid: v.uid.clone(),
+        spec: Some(to_spec(&v.spec)),
+        state: to_state(v.state) as i32,
+        ip: v.ip.clone(),
+        vmm: Some(to_vmm(&v.vmm)),
+        started_unix_nanos: v.started_unix_nanos,
+        message: v.message.clone(),
+        reason: v.reason.clone(),
+    }
+}
+
+/// Domain event → `Event`.
+pub fn to_event(e: &Event) -> pb::Event {
+    let kind = match e.kind {
+        EventKind::Sync => pb::EventKind::Sync,
+        EventKind::StateChanged => pb::EventKind::StateChanged,
+        EventKind::Deleted => pb::EventKind::Deleted,
+        EventKind::Reset => pb::EventKind::Reset,
+    };
+    pb::Event {
+        sequence: e.sequence,
+        kind: kind as i32,
+        capsule: e.capsule.as_ref().map(to_capsule),
+        unix_nanos: e.unix_nanos,
+    }
+}
+
+/// Snapshot → proto.
+pub fn to_snapshot(s: &SnapshotInfo, vmm: &BackendInfo, cpu_model: String) -> pb::Snapshot {
+    pb::Snapshot {
+        r#ref: Some(pb::SnapshotRef { id: s.id.clone() }),
+        capsule_uid: s.capsule_uid.clone(),
+        size_bytes: s.size_bytes,
+        created_unix_nanos: s.created_unix_nanos,
+        memory: s.memory,
+        vmm: Some(to_vmm(vmm)),
+        cpu_model,
+        resources: Some(to_resources(&s.resources)),
+    }
+}
+
+/// The one mapping of supervisor errors to gRPC: the message is the whole
+/// chain, so the operator can put it in a condition as it is.
+pub fn to_status(e: &Error) -> Status {
+    let msg = e.chain();
+    match e {
+        Error::NotFound { .. } => Status::not_found(msg),
+        Error::AlreadyExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
+        Error::WrongState { .. } => Status::failed_precondition(msg),
+        Error::InvalidSpec { .. } => Status::invalid_argument(msg),
+        Error::Cancelled { .. } => Status::aborted(msg),
+        Error::Aborted { .. } => Status::unavailable(msg),
+        Error::Journal { .. }
+        | Error::Network { .. }
+        | Error::Storage { .. }
+        | Error::Vm { .. }
+        | Error::Files { .. } => Status::internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::CreateCapsuleRequest {
+        pb::CreateCapsuleRequest {
+            uid: "3f2a9c1e-77b0".into(),
+            spec: Some(pb::CapsuleSpec {
+                namespace: "ns".into(),
+                name: "web".into(),
+                source: Some(pb::BootSource {
+                    source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
+                        key: "ns/base@sha256:1".into(),
+                        disk: Some(pb::template_disk::Disk::RootfsPath("/t/base.ext4".into())),
+                        digest: "sha256:1".into(),
+                        disk_bytes: 1 << 30,
+                    })),
+                }),
+                resources: Some(pb::Resources {
+                    vcpus: 2,
+                    memory_bytes: 512 << 20,
+                    disk_bytes: 1 << 30,
+                }),
+                kernel_path: String::new(),
+                kernel_cmdline: "quiet".into(),
+                env: [("A".to_string(), "1".to_string())].into(),
+                network: Some(pb::NetworkPolicy {
+                    egress: pb::Egress::Allow as i32,
+                    allow_cidrs: vec!["198.51.100.0/24".into()],
+                    ports: vec![],
+                }),
+            }),
+            initial_state: 0,
+        }
+    }
+
+    #[test]
+    fn spec_round_trips() {
+        let (uid, spec, initial) = from_create(request()).unwrap();
+        assert_eq!((uid.as_str(), initial), ("3f2a9c1e-77b0", State::Running));
+        assert_eq!(
+            spec.egress,
+            Egress::AllowList(vec!["198.51.100.0/24".into()])
+        );
+        let back = from_spec(to_spec(&spec)).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    type Mutation = Box<dyn Fn(&mut pb::CreateCapsuleRequest)>;
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|r| r.uid = "Bad/Uid".into()), "uid"),
+            (Box::new(|r| r.spec = None), "spec is required"),
+            (
+                Box::new(|r| r.spec.as_mut().unwrap().resources.as_mut().unwrap().vcpus = 0),
+                "vcpus",
+            ),
+            (
+                Box::new(|r| {
+                    r.spec
+                        .as_mut()
+                        .unwrap()
+                        .network
+                        .as_mut()
+                        .unwrap()
+                        .allow_cidrs = vec!["300.1.1.1/8".into()]
+                }),
+                "allow_cidrs",
+            ),
+            (
+                Box::new(|r| r.spec.as_mut().unwrap().kernel_path = "vmlinux".into()),
+                "kernel_path",
+            ),
+            (Box::new(|r| r.initial_state = 9), "initial_state"),
+        ];
+        for (mutate, field) in cases {
+            let mut r = request();
+            mutate(&mut r);
+            let st = from_create(r).unwrap_err();
+            assert_eq!(st.code(), tonic::Code::InvalidArgument);
+            assert!(st.message().contains(field), "{field}: {}", st.message());
+        }
+    }
+
+    #[test]
+    fn errors_map_to_codes_users_can_act_on() {
+        let paused = Error::WrongState {
+            uid: "c1".into(),
+            state: State::Paused,
+            hint: "resume it first",
+        };
+        let st = to_status(&paused);
+        assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(st.message(), "capsule c1 is paused; resume it first");
+        assert_eq!(
+            to_status(&Error::NotFound { uid: "x".into() }).code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            to_status(&Error::AlreadyExists {
+                uid: "x".into(),
+                field: "env"
+            })
+            .code(),
+            tonic::Code::AlreadyExists
+        );
+    }
+}

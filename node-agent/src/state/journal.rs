@@ -1,0 +1,206 @@
+//! The on-disk journal: one JSON file per capsule,
+//! `<state>/capsules/<uid>/journal.json`, rewritten whole before every side
+//! effect the supervisor makes, so that a restarted agent knows what may
+//! exist on the node for that capsule.
+//!
+//! Each write is atomic and durable: a temp file in the same directory,
+//! `fsync`, `rename` over the journal, then `fsync` of the directory so the
+//! rename itself survives a power cut. A reader therefore sees either the
+//! old record or the new one, never a torn file.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::Error;
+
+/// File name of a capsule's journal inside its directory.
+pub const JOURNAL_FILE: &str = "journal.json";
+const TEMP_FILE: &str = ".journal.json.tmp";
+
+/// Each capsule directory with its journal, or why it has none.
+pub type Listing<T> = Vec<(String, Result<T, Error>)>;
+
+/// The journal directory tree under the agent's state directory.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    root: PathBuf,
+}
+
+impl Journal {
+    /// Journals under `<state_dir>/capsules`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            root: state_dir.join("capsules"),
+        }
+    }
+
+    /// `<state>/capsules`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A capsule's directory (journal, suspend image).
+    pub fn capsule_dir(&self, uid: &str) -> PathBuf {
+        self.root.join(uid)
+    }
+
+    /// Writes `record` as `uid`'s journal, atomically and durably.
+    pub fn write<T: Serialize>(&self, uid: &str, record: &T) -> Result<(), Error> {
+        let dir = self.capsule_dir(uid);
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Write { what, path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        let body = serde_json::to_vec_pretty(record).map_err(|source| Error::Encode {
+            uid: uid.to_string(),
+            source,
+        })?;
+        let tmp = dir.join(TEMP_FILE);
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&body).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        drop(f);
+        let dest = dir.join(JOURNAL_FILE);
+        std::fs::rename(&tmp, &dest).map_err(io("rename", &dest))?;
+        sync_dir(&dir).map_err(io("fsync directory", &dir))?;
+        Ok(())
+    }
+
+    /// Reads `uid`'s journal; `None` when it has none.
+    pub fn read<T: DeserializeOwned>(&self, uid: &str) -> Result<Option<T>, Error> {
+        let path = self.capsule_dir(uid).join(JOURNAL_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| Error::Decode { path, source })
+    }
+
+    /// Every capsule directory present, with its journal (`Err` for a
+    /// directory whose journal is missing or unreadable: recovery treats
+    /// those as orphans).
+    pub fn list<T: DeserializeOwned>(&self) -> Result<Listing<T>, Error> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(Error::Read {
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| Error::Read {
+                path: self.root.clone(),
+                source,
+            })?;
+            if !entry.path().is_dir() {
+                continue;
+            }
+            let uid = entry.file_name().to_string_lossy().into_owned();
+            let rec = match self.read::<T>(&uid) {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => Err(Error::Missing {
+                    path: entry.path().join(JOURNAL_FILE),
+                }),
+                Err(e) => Err(e),
+            };
+            out.push((uid, rec));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Removes `uid`'s directory and everything in it (the last step of a
+    /// delete). Succeeds when it is already gone.
+    pub fn remove(&self, uid: &str) -> Result<(), Error> {
+        let dir = self.capsule_dir(uid);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(Error::Write {
+                    what: "remove",
+                    path: dir,
+                    source,
+                });
+            }
+        }
+        sync_dir(&self.root).map_err(|source| Error::Write {
+            what: "fsync directory",
+            path: self.root.clone(),
+            source,
+        })
+    }
+}
+
+/// `fsync` of a directory, which makes a rename or unlink in it durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Rec {
+        n: u32,
+    }
+
+    #[test]
+    fn write_replaces_whole_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        assert_eq!(j.read::<Rec>("c1").unwrap(), None);
+        j.write("c1", &Rec { n: 1 }).unwrap();
+        j.write("c1", &Rec { n: 2 }).unwrap();
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 2 }));
+        let names: Vec<String> = std::fs::read_dir(j.capsule_dir("c1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![JOURNAL_FILE.to_string()]);
+    }
+
+    #[test]
+    fn a_crash_before_rename_keeps_the_old_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        j.write("c1", &Rec { n: 1 }).unwrap();
+        // What a crash between write and rename leaves: a torn temp file.
+        std::fs::write(j.capsule_dir("c1").join(TEMP_FILE), b"{\"n\": 9").unwrap();
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 1 }));
+        // The next write replaces the stale temp file.
+        j.write("c1", &Rec { n: 3 }).unwrap();
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 3 }));
+    }
+
+    #[test]
+    fn list_reports_directories_without_a_readable_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        j.write("good", &Rec { n: 1 }).unwrap();
+        std::fs::create_dir_all(j.capsule_dir("empty")).unwrap();
+        std::fs::create_dir_all(j.capsule_dir("torn")).unwrap();
+        std::fs::write(j.capsule_dir("torn").join(JOURNAL_FILE), b"{").unwrap();
+        let list = j.list::<Rec>().unwrap();
+        let summary: Vec<(&str, bool)> =
+            list.iter().map(|(u, r)| (u.as_str(), r.is_ok())).collect();
+        assert_eq!(
+            summary,
+            vec![("empty", false), ("good", true), ("torn", false)]
+        );
+        j.remove("good").unwrap();
+        j.remove("good").unwrap();
+        assert!(!j.capsule_dir("good").exists());
+    }
+}

@@ -1,0 +1,80 @@
+//! What survives an agent restart: the per-capsule journal ([`Journal`])
+//! and the recovery run at start-up ([`recovery`]), which adopts live VMMs,
+//! restores the view of paused and suspended capsules, finishes or undoes
+//! steps a crash interrupted, and removes every orphan on the node.
+
+mod journal;
+pub mod recovery;
+
+use std::path::{Path, PathBuf};
+
+pub use journal::{JOURNAL_FILE, Journal, sync_dir};
+pub use recovery::{OrphanReport, OrphanSweep, RecoveryReport};
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing (or renaming, or removing) a journal file failed.
+    #[error("{what} {}", path.display())]
+    Write {
+        /// The step.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a journal failed.
+    #[error("read journal {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A journal is not valid JSON of the expected shape.
+    #[error("decode journal {}", path.display())]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record could not be encoded.
+    #[error("encode journal of capsule {uid}")]
+    Encode {
+        /// The capsule.
+        uid: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A capsule directory without a journal.
+    #[error("no journal at {}", path.display())]
+    Missing {
+        /// Where it should be.
+        path: PathBuf,
+    },
+}
+
+/// `fsync` of every file under `dir` and of the directories themselves, so
+/// a snapshot renamed into place is complete on disk.
+pub fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                stack.push(e.path());
+            } else if ty.is_file() {
+                std::fs::File::open(e.path())?.sync_all()?;
+            }
+        }
+        sync_dir(&d)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! Start-up recovery: rebuild the supervisor's view from the journals,
+//! adopt the VMMs that outlived the previous agent, settle every step a
+//! crash interrupted, then remove whatever no journal accounts for.
+//!
+//! Per journal state:
+//! - `Running`/`Paused`/`Pausing` with a VM: adopt it (pid + start time,
+//!   so a reused pid is refused) and read its real state; a VM that is gone
+//!   leaves the capsule `Failed` (runtime released, disk kept for delete).
+//! - `Suspended`: nothing runs; make sure the network is down (slot kept).
+//! - `Creating`, `Deleting`: roll back everything; the operator will create
+//!   again (calls are idempotent).
+//! - `Suspending`: a complete image finishes the suspend; otherwise the VM
+//!   goes back to its prior mode (or `Failed` if it is gone).
+//! - `Resuming`: a live restored VM is adopted as `Running`; otherwise the
+//!   capsule is `Suspended` again and the resume can be retried.
+//! - `Snapshotting`: the staging directory is removed and the VM returns to
+//!   its prior mode.
+//!
+//! Orphans, removed and counted: capsule directories without a readable
+//! journal; slot claims, namespaces, links, nftables tables and conntrack
+//! entries of no known capsule (`NetOps`); disks of no known capsule
+//! (`BlockStore`); cgroups (and any process in them) of no live VM; VMM
+//! runtime dirs of unknown capsules; unfinished snapshot staging dirs.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::capsule::supervisor::{Entry, Shared};
+use crate::capsule::{Error, Record, State, Supervisor};
+use crate::network::{self, Teardown};
+use crate::storage;
+use crate::vmm::cgroup::CgroupRoot;
+use crate::vmm::{Machine, MachineState};
+
+/// Host resources recovery sweeps besides those behind `NetOps` and
+/// `BlockStore`.
+#[derive(Clone, Debug, Default)]
+pub struct OrphanSweep {
+    /// The capsule cgroups' root (`None`: do not sweep cgroups).
+    pub cgroups: Option<CgroupRoot>,
+}
+
+/// What was removed because nothing accounted for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrphanReport {
+    /// Capsule directories without a readable journal.
+    pub journals: usize,
+    /// Capsules rolled back (interrupted create or delete).
+    pub rolled_back: usize,
+    /// Slot claims of unknown capsules (network torn down).
+    pub slot_claims: usize,
+    /// What `NetOps::sweep` removed.
+    pub network: network::SweepReport,
+    /// What `BlockStore::sweep` removed.
+    pub storage: storage::SweepReport,
+    /// cgroups removed.
+    pub cgroups: usize,
+    /// Processes killed inside them.
+    pub processes: usize,
+    /// VMM runtime and snapshot staging directories removed.
+    pub dirs: usize,
+}
+
+impl OrphanReport {
+    /// Everything removed, for the `orphans removed` metric.
+    pub fn total(&self) -> usize {
+        self.journals
+            + self.rolled_back
+            + self.slot_claims
+            + self.network.namespaces
+            + self.network.links
+            + self.network.tables
+            + self.network.conntrack
+            + self.storage.dm_devices.len()
+            + self.storage.loop_devices.len()
+            + self.storage.files.len()
+            + self.cgroups
+            + self.processes
+            + self.dirs
+    }
+}
+
+/// What recovery found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Capsules whose VMM was adopted.
+    pub adopted: Vec<String>,
+    /// Suspended capsules restored to the view.
+    pub suspended: Vec<String>,
+    /// Capsules whose VM was gone (now `Failed`).
+    pub lost: Vec<String>,
+    /// Orphans removed.
+    pub orphans: OrphanReport,
+}
+
+impl<M: Machine + 'static> Supervisor<M> {
+    /// Runs recovery; call once, before serving.
+    pub async fn recover(&self, sweep: &OrphanSweep) -> Result<RecoveryReport, Error> {
+        let shared = self.shared.clone();
+        let mut report = RecoveryReport::default();
+        let net = shared.host.net.clone();
+        tokio::task::spawn_blocking(move || net.ensure_node())
+            .await
+            .map_err(|_| Error::Aborted {
+                what: "prepare node network",
+                uid: String::new(),
+            })?
+            .map_err(|source| Error::Network {
+                action: "prepare",
+                uid: "(node)".into(),
+                source: Box::new(source),
+            })?;
+
+        let journals = shared
+            .journal
+            .list::<Record>()
+            .map_err(|source| Error::Journal {
+                uid: "(all)".into(),
+                source: Box::new(source),
+            })?;
+        for (uid, rec) in journals {
+            let rec = match rec {
+                Ok(r) if r.uid == uid => r,
+                other => {
+                    tracing::warn!(capsule = %uid, ok = other.is_ok(), "capsule directory without a usable journal; removing it");
+                    let _ = shared.journal.remove(&uid);
+                    report.orphans.journals += 1;
+                    continue;
+                }
+            };
+            shared.recover_one(rec, &mut report).await;
+        }
+
+        // Live VMs and their capsules, after settling.
+        let (known, live): (BTreeSet<String>, BTreeSet<String>) = {
+            let mut known = BTreeSet::new();
+            let mut live = BTreeSet::new();
+            let entries: Vec<(String, Arc<Entry>)> = shared
+                .lock_map()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (uid, e) in entries {
+                let guard = e.lock.lock().await;
+                if let Some(r) = guard.as_ref() {
+                    if r.vm.is_some() {
+                        live.insert(uid.clone());
+                    }
+                    known.insert(uid);
+                }
+            }
+            (known, live)
+        };
+        shared
+            .sweep_orphans(sweep, &known, &live, &mut report.orphans)
+            .await;
+        tracing::info!(
+            adopted = report.adopted.len(),
+            suspended = report.suspended.len(),
+            lost = report.lost.len(),
+            orphans = report.orphans.total(),
+            "recovery done"
+        );
+        Ok(report)
+    }
+}
+
+impl<M: Machine + 'static> Shared<M> {
+    fn insert(&self, rec: &Record) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            lock: Arc::new(AsyncMutex::new(Some(rec.clone()))),
+            view: std::sync::Mutex::new(rec.view(&self.backend)),
+            cancel: AtomicBool::new(false),
+        });
+        self.lock_map().insert(rec.uid.clone(), entry.clone());
+        entry
+    }
+
+    async fn recover_one(self: &Arc<Self>, mut rec: Record, report: &mut RecoveryReport) {
+        let uid = rec.uid.clone();
+        let entry = self.insert(&rec);
+        let mut guard = entry.lock.lock().await;
+        match rec.state {
+            State::Creating | State::Deleting => {
+                // Undo it all; journal removed last, so a crash here
+                // retries on the next start.
+                match self.release(&mut rec, Teardown::ReleaseSlot, true).await {
+                    Ok(()) => {
+                        let _ = self.journal.remove(&uid);
+                        *guard = None;
+                        drop(guard);
+                        self.lock_map().remove(&uid);
+                        report.orphans.rolled_back += 1;
+                        return;
+                    }
+                    Err(e) => self.fail(&entry, &mut rec, &e),
+                }
+            }
+            State::Suspended => {
+                if let Err(e) = self.release(&mut rec, Teardown::KeepSlot, false).await {
+                    tracing::warn!(capsule = %uid, error = &e as &dyn std::error::Error, "clear a suspended capsule's runtime");
+                }
+                report.suspended.push(uid.clone());
+            }
+            State::Failed | State::Stopped => {
+                let _ = self.release(&mut rec, Teardown::KeepSlot, false).await;
+            }
+            State::Running
+            | State::Pausing
+            | State::Paused
+            | State::Suspending
+            | State::Resuming
+            | State::Snapshotting => {
+                let alive = match &rec.vm {
+                    Some(vm) => match self.host.machine.adopt(vm).await {
+                        Ok(()) => self.host.machine.state(vm).await.ok(),
+                        Err(e) => {
+                            tracing::warn!(capsule = %uid, error = &e as &dyn std::error::Error, "VMM not adopted");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                self.settle(&entry, &mut rec, alive, report).await;
+            }
+        }
+        let _ = self.commit(&entry, &rec);
+        if let Some(vm) = rec.vm.clone() {
+            self.watch_vm(entry.clone(), vm);
+        }
+        *guard = Some(rec);
+    }
+
+    /// Settles a capsule that had (or was getting) a VM; `alive` is what
+    /// the adopted VM reports, `None` when it is gone.
+    async fn settle(
+        &self,
+        entry: &Entry,
+        rec: &mut Record,
+        alive: Option<MachineState>,
+        report: &mut RecoveryReport,
+    ) {
+        let uid = rec.uid.clone();
+        let prior = rec.prior.take();
+        // Remove the staging dir of an interrupted snapshot.
+        if let Some(id) = rec.snapshot_in_progress.take() {
+            let staging = self.layout.snapshot_staging(&id);
+            if std::fs::remove_dir_all(&staging).is_ok() {
+                report.orphans.dirs += 1;
+            }
+        }
+        let suspend_staging = self.layout.suspend_dir(&uid).with_extension("tmp");
+        if std::fs::remove_dir_all(&suspend_staging).is_ok() {
+            report.orphans.dirs += 1;
+        }
+        match (rec.state, alive) {
+            // The image was complete: finish the suspend.
+            (State::Suspending, _) if rec.suspended_image => {
+                if let Err(e) = self.release(rec, Teardown::KeepSlot, false).await {
+                    self.fail(entry, rec, &e);
+                    return;
+                }
+                rec.state = State::Suspended;
+                report.suspended.push(uid);
+            }
+            // A restore that did not finish: suspended again, retryable.
+            (State::Resuming, None) => {
+                let _ = self.release(rec, Teardown::KeepSlot, false).await;
+                rec.state = State::Suspended;
+                rec.reason = "ResumeInterrupted".into();
+                rec.message = "the agent restarted during the resume; resume again".into();
+                report.suspended.push(uid);
+            }
+            (_, Some(state)) => {
+                let want = match rec.state {
+                    State::Suspending | State::Snapshotting => prior.unwrap_or(State::Running),
+                    State::Resuming => State::Running,
+                    s => s,
+                };
+                let vm = rec.vm.clone();
+                // Whatever the interrupted step froze, thaw if the capsule
+                // should run.
+                if want == State::Running
+                    && state == MachineState::Paused
+                    && let Some(vm) = &vm
+                    && let Err(source) = self.host.machine.resume(vm).await
+                {
+                    let e = Error::Vm {
+                        action: "resume",
+                        uid: uid.clone(),
+                        source: Box::new(source),
+                    };
+                    self.fail(entry, rec, &e);
+                    return;
+                }
+                rec.state = match (want, state) {
+                    (State::Pausing, MachineState::Paused) => State::Paused,
+                    (State::Pausing, _) => State::Running,
+                    (State::Paused, MachineState::Running) => State::Running,
+                    (w, _) => w,
+                };
+                rec.vm_starting = false;
+                report.adopted.push(uid);
+            }
+            (_, None) => {
+                let e = Error::Vm {
+                    action: "adopt",
+                    uid: uid.clone(),
+                    source: Box::new(crate::vmm::Error::AdoptVmm {
+                        capsule: uid.clone(),
+                        pid: rec.vm.as_ref().map_or(0, |v| v.process.pid),
+                        reason: "the VMM exited while the agent was down".into(),
+                    }),
+                };
+                // Forget the dead handle before stopping: stop() of a
+                // handle whose pid may be reused must not signal anything.
+                rec.vm = None;
+                let _ = self.release(rec, Teardown::KeepSlot, false).await;
+                self.fail(entry, rec, &e);
+                rec.reason = "VmmLost".into();
+                report.lost.push(uid);
+            }
+        }
+    }
+
+    fn fail(&self, entry: &Entry, rec: &mut Record, e: &Error) {
+        tracing::error!(capsule = %rec.uid, error = e as &dyn std::error::Error, "recovery left the capsule failed");
+        rec.state = State::Failed;
+        rec.reason = e.reason().into();
+        rec.message = e.chain();
+        let _ = self.commit(entry, rec);
+    }
+
+    async fn sweep_orphans(
+        &self,
+        sweep: &OrphanSweep,
+        known: &BTreeSet<String>,
+        live: &BTreeSet<String>,
+        report: &mut OrphanReport,
+    ) {
+        // Network: claims first (the sweep keeps whatever is claimed).
+        let net = self.host.net.clone();
+        let known_net = known.clone();
+        let net_res = tokio::task::spawn_blocking(move || {
+            let mut claims = 0;
+            for c in net.claims() {
+                if !known_net.contains(c.as_str()) {
+                    match net.teardown(&c, Teardown::ReleaseSlot) {
+                        Ok(()) => claims += 1,
+                        Err(e) => tracing::warn!(capsule = %c, error = &e as &dyn std::error::Error, "remove an orphan network"),
+                    }
+                }
+            }
+            (claims, net.sweep())
+        })
+        .await;
+        match net_res {
+            Ok((claims, Ok(r))) => {
+                report.slot_claims = claims;
+                report.network = r;
+            }
+            Ok((claims, Err(e))) => {
+                report.slot_claims = claims;
+                tracing::warn!(error = &e as &dyn std::error::Error, "network sweep");
+            }
+            Err(_) => tracing::warn!("network sweep aborted"),
+        }
+
+        // Disks.
+        let keep: Vec<storage::CapsuleId> = known
+            .iter()
+            .filter_map(|u| storage::CapsuleId::new(u).ok())
+            .collect();
+        let store = self.host.store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep(&keep)).await {
+            Ok(Ok(r)) => report.storage = r,
+            Ok(Err(e)) => tracing::warn!(error = &e as &dyn std::error::Error, "disk sweep"),
+            Err(_) => tracing::warn!("disk sweep aborted"),
+        }
+
+        // cgroups of no live VM, and whatever still runs in them.
+        if let Some(root) = &sweep.cgroups {
+            for name in root.list().unwrap_or_default() {
+                if live.contains(&name) {
+                    continue;
+                }
+                let cg = root.open_capsule(&name);
+                let pids = cg.pids().unwrap_or_default();
+                for pid in &pids {
+                    // In our cgroup, so ours: no pid-reuse concern.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                report.processes += pids.len();
+                if remove_cgroup(&cg).await {
+                    report.cgroups += 1;
+                }
+            }
+        }
+
+        // VMM runtime dirs of unknown capsules, unfinished snapshots.
+        report.dirs += remove_children(&self.layout.vmm_root(), |n| !known.contains(n));
+        report.dirs += remove_children(&self.layout.snapshots_root(), |n| {
+            n.starts_with('.') || n.ends_with(".old")
+        });
+    }
+}
+
+/// Removes a cgroup once its killed processes are gone (rmdir fails while
+/// any remains).
+async fn remove_cgroup(cg: &crate::vmm::cgroup::CapsuleCgroup) -> bool {
+    for _ in 0..50 {
+        if cg.remove().is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::warn!(dirs = ?cg.dirs(), "orphan cgroup still busy");
+    false
+}
+
+fn remove_children(dir: &Path, pick: impl Fn(&str) -> bool) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if pick(&name) && std::fs::remove_dir_all(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}

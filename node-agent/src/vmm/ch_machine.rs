@@ -1,0 +1,333 @@
+//! [`ChMachine`]: the [`Machine`] steps over Cloud Hypervisor's API
+//! ([`ChVmm`]). Launch is start → `vm.create` → `vm.add-net` (TAP by name:
+//! CH runs inside the capsule's netns with a fresh sysfs) → `vm.boot`;
+//! restore is start → `vm.restore` (which checks the VM is `Paused`) →
+//! `vm.resume`. Any failure after the process started stops it (which also
+//! removes its cgroup) before the error is returned.
+//!
+//! `ChVmm` keeps each VMM's files in `<HostPaths::state_dir>/<capsule>`; the
+//! supervisor's `MachineSpec::run_dir` is that same directory (see
+//! `capsule::Layout::vmm_root`).
+
+use std::path::Path;
+
+use super::ch::api::{
+    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MemoryConfig, NetConfig,
+    PayloadConfig, RestoreConfig, RngConfig, VmConfig, VmState, VsockConfig, build_file_url,
+};
+use super::machine::{
+    BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
+    NetCounters,
+};
+use super::process::VmmExit;
+use super::{ChVmm, Error, StartSpec, Vmm, VmmHandle};
+
+/// Queues of the guest NIC: one RX/TX pair (CH's default; a single-queue
+/// TAP needs exactly 2).
+const NET_QUEUES: u32 = 2;
+
+/// Cloud Hypervisor as a [`Machine`].
+#[derive(Debug)]
+pub struct ChMachine {
+    vmm: ChVmm,
+}
+
+impl ChMachine {
+    /// Wraps a `ChVmm`.
+    pub fn new(vmm: ChVmm) -> Self {
+        Self { vmm }
+    }
+
+    /// The wrapped client.
+    pub fn vmm(&self) -> &ChVmm {
+        &self.vmm
+    }
+
+    fn start_spec(spec: &MachineSpec) -> StartSpec {
+        StartSpec {
+            capsule: spec.capsule.clone(),
+            netns: spec.netns.clone(),
+            limits: spec.limits,
+            memory_bytes: spec.memory_bytes,
+        }
+    }
+
+    fn handle(&self, vm: &VmmHandle, spec: &MachineSpec) -> MachineHandle {
+        MachineHandle {
+            backend: BackendKind::CloudHypervisor,
+            capsule: vm.capsule.clone(),
+            process: vm.process,
+            helpers: Vec::new(),
+            control_socket: vm.api_socket.clone(),
+            vsock_socket: spec.vsock_socket.clone(),
+            memory_bytes: spec.memory_bytes,
+        }
+    }
+
+    fn vmm_handle(vm: &MachineHandle) -> VmmHandle {
+        // ChVmm puts the event file next to the API socket.
+        let dir = vm.control_socket.parent().unwrap_or(Path::new("/"));
+        VmmHandle {
+            capsule: vm.capsule.clone(),
+            api_socket: vm.control_socket.clone(),
+            event_file: dir.join("events.json"),
+            process: vm.process,
+            memory_bytes: vm.memory_bytes,
+        }
+    }
+
+    /// CH binds the vsock socket itself and refuses an existing path.
+    fn clear_vsock(spec: &MachineSpec) -> Result<(), Error> {
+        match std::fs::remove_file(&spec.vsock_socket) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::PrepareSpawn {
+                capsule: spec.capsule.clone(),
+                what: "stale vsock socket",
+                path: spec.vsock_socket.clone(),
+                source,
+            }),
+        }
+    }
+
+    async fn stop_after_failure(&self, vm: &VmmHandle, err: Error) -> Error {
+        if let Err(stop) = self.vmm.stop(vm).await {
+            tracing::error!(capsule = %vm.capsule, error = &stop as &dyn std::error::Error, "stop a VMM after a failed step");
+        }
+        err
+    }
+}
+
+/// The `vm.create` body for `spec` (the NIC is added separately, see
+/// [`build_net_config`]).
+pub fn build_vm_config(spec: &MachineSpec) -> VmConfig {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    VmConfig {
+        payload: PayloadConfig {
+            kernel: Some(path(&spec.kernel)),
+            cmdline: Some(spec.cmdline.clone()),
+            initramfs: spec.initramfs.as_deref().map(path),
+            firmware: None,
+        },
+        cpus: Some(CpusConfig {
+            boot_vcpus: spec.vcpus,
+            max_vcpus: spec.vcpus,
+            // CH defaults to nested=true (v50+); guests here never nest.
+            nested: Some(false),
+        }),
+        memory: Some(MemoryConfig {
+            size: spec.memory_bytes,
+            shared: Some(false),
+            hugepages: None,
+            // Explicit: THP defeats sparse snapshots (§11 #15).
+            thp: Some(false),
+            mergeable: None,
+        }),
+        disks: vec![DiskConfig {
+            path: path(&spec.root_disk),
+            id: Some("rootfs".into()),
+            readonly: Some(false),
+            image_type: Some(match spec.root_disk_format {
+                DiskFormat::Raw => ImageType::Raw,
+                DiskFormat::Qcow2 => ImageType::Qcow2,
+            }),
+            // A qcow2 overlay's template is its backing file (off by
+            // default since v51).
+            backing_files: (spec.root_disk_format == DiskFormat::Qcow2).then_some(true),
+            ..DiskConfig::default()
+        }],
+        net: Vec::new(),
+        rng: Some(RngConfig {
+            src: "/dev/urandom".into(),
+        }),
+        serial: Some(ConsoleConfig {
+            mode: ConsoleMode::File,
+            file: Some(path(&spec.run_dir.join("serial.log"))),
+            socket: None,
+        }),
+        // CH's API default is Tty, which a daemon must not use.
+        console: Some(ConsoleConfig {
+            mode: ConsoleMode::Off,
+            file: None,
+            socket: None,
+        }),
+        vsock: Some(VsockConfig {
+            cid: u64::from(spec.vsock_cid),
+            socket: path(&spec.vsock_socket),
+            id: None,
+        }),
+        balloon: None,
+        platform: None,
+        landlock_enable: None,
+    }
+}
+
+/// The `vm.add-net` body: the TAP by name, in CH's netns.
+pub fn build_net_config(spec: &MachineSpec) -> Option<NetConfig> {
+    spec.tap.as_ref().map(|tap| NetConfig {
+        id: Some("net0".into()),
+        tap: Some(tap.name.clone()),
+        mac: Some(tap.mac.clone()),
+        num_queues: Some(NET_QUEUES),
+        ..NetConfig::default()
+    })
+}
+
+impl Machine for ChMachine {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: BackendKind::CloudHypervisor,
+            version: self.vmm.version().raw.clone(),
+            accelerated: true,
+        }
+    }
+
+    async fn launch(&self, spec: &MachineSpec) -> Result<MachineHandle, Error> {
+        Self::clear_vsock(spec)?;
+        let vm = self.vmm.start(&Self::start_spec(spec)).await?;
+        let steps = async {
+            self.vmm.create(&vm, &build_vm_config(spec)).await?;
+            if let Some(net) = build_net_config(spec) {
+                self.vmm.add_net(&vm, &net, &[]).await?;
+            }
+            // A failed boot is followed by vm.delete inside ChVmm::boot.
+            self.vmm.boot(&vm).await
+        };
+        match steps.await {
+            Ok(()) => Ok(self.handle(&vm, spec)),
+            Err(e) => Err(self.stop_after_failure(&vm, e).await),
+        }
+    }
+
+    async fn adopt(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.vmm.adopt(&Self::vmm_handle(vm)).await
+    }
+
+    async fn pause(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.vmm.pause(&Self::vmm_handle(vm)).await
+    }
+
+    async fn resume(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.vmm.resume(&Self::vmm_handle(vm)).await
+    }
+
+    async fn snapshot(&self, vm: &MachineHandle, dir: &Path) -> Result<(), Error> {
+        self.vmm.snapshot(&Self::vmm_handle(vm), dir).await
+    }
+
+    async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
+        Self::clear_vsock(spec)?;
+        let vm = self.vmm.start(&Self::start_spec(spec)).await?;
+        // The NIC was TAP-by-name when snapshotted, so CH reopens it by name
+        // in its netns: no fds to pass. Copy mode: the image is read whole,
+        // so nothing keeps it open once the restore returns.
+        let config = RestoreConfig {
+            source_url: build_file_url(dir),
+            prefault: None,
+            memory_restore_mode: None,
+            resume: None,
+            net_fds: Vec::new(),
+        };
+        let steps = async {
+            self.vmm.restore(&vm, &config, &[]).await?;
+            self.vmm.resume(&vm).await
+        };
+        match steps.await {
+            Ok(()) => Ok(self.handle(&vm, spec)),
+            Err(e) => Err(self.stop_after_failure(&vm, e).await),
+        }
+    }
+
+    async fn state(&self, vm: &MachineHandle) -> Result<MachineState, Error> {
+        let info = self.vmm.info(&Self::vmm_handle(vm)).await?;
+        Ok(match info.state {
+            VmState::Running => MachineState::Running,
+            VmState::Paused | VmState::BreakPoint => MachineState::Paused,
+            VmState::Created | VmState::Shutdown => MachineState::Shutdown,
+        })
+    }
+
+    async fn counters(&self, vm: &MachineHandle) -> Result<NetCounters, Error> {
+        let all = self.vmm.counters(&Self::vmm_handle(vm)).await?;
+        // Block devices report read/write counters; NICs rx/tx.
+        let mut c = NetCounters::default();
+        for dev in all.values() {
+            c.rx_bytes += dev.get("rx_bytes").copied().unwrap_or(0);
+            c.tx_bytes += dev.get("tx_bytes").copied().unwrap_or(0);
+        }
+        Ok(c)
+    }
+
+    async fn stop(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.vmm.stop(&Self::vmm_handle(vm)).await
+    }
+
+    async fn wait_exit(&self, vm: &MachineHandle) -> Result<VmmExit, Error> {
+        self.vmm.wait_exit(&Self::vmm_handle(vm)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::TapSpec;
+    use crate::vmm::cgroup::CgroupLimits;
+
+    fn spec(format: DiskFormat) -> MachineSpec {
+        MachineSpec {
+            capsule: "c1".into(),
+            vcpus: 2,
+            memory_bytes: 512 << 20,
+            kernel: "/k/vmlinux".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            root_disk: "/dev/mapper/wrenn-c1".into(),
+            root_disk_format: format,
+            netns: Some("/run/netns/wrenn-c1".into()),
+            tap: Some(TapSpec {
+                name: "tap0".into(),
+                mac: "02:fc:00:00:00:05".into(),
+            }),
+            vsock_cid: 3,
+            vsock_socket: "/s/vmm/c1/vsock.sock".into(),
+            limits: CgroupLimits::build_for_vm(2, 512 << 20),
+            run_dir: "/s/vmm/c1".into(),
+        }
+    }
+
+    #[test]
+    fn vm_config_sets_what_ch_defaults_wrong() {
+        let c = build_vm_config(&spec(DiskFormat::Raw));
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["memory"]["thp"], false);
+        assert_eq!(json["cpus"]["nested"], false);
+        assert_eq!(json["console"]["mode"], "Off");
+        assert_eq!(json["disks"][0]["image_type"], "Raw");
+        assert!(json["disks"][0].get("backing_files").is_none());
+        assert!(json.get("net").is_none(), "the NIC goes through vm.add-net");
+        let q = serde_json::to_value(build_vm_config(&spec(DiskFormat::Qcow2))).unwrap();
+        assert_eq!(q["disks"][0]["backing_files"], true);
+        let net = serde_json::to_value(build_net_config(&spec(DiskFormat::Raw))).unwrap();
+        assert_eq!(net["tap"], "tap0");
+        assert_eq!(net["num_queues"], 2);
+    }
+
+    #[test]
+    fn handle_maps_to_the_vmm_files_next_to_the_api_socket() {
+        let h = MachineHandle {
+            backend: BackendKind::CloudHypervisor,
+            capsule: "c1".into(),
+            process: crate::vmm::process::ProcessIdentity {
+                pid: 7,
+                start_time_ticks: 9,
+            },
+            helpers: vec![],
+            control_socket: "/s/vmm/c1/api.sock".into(),
+            vsock_socket: "/s/vmm/c1/vsock.sock".into(),
+            memory_bytes: 1,
+        };
+        let v = ChMachine::vmm_handle(&h);
+        assert_eq!(v.event_file, Path::new("/s/vmm/c1/events.json"));
+        assert_eq!(v.process.pid, 7);
+    }
+}

@@ -1,0 +1,510 @@
+//! The supervisor as root on this host (Tier::Host), with everything real
+//! but the guest: capsule networks from `LinuxNet` (netns, veth, TAP,
+//! nftables) in a test-made node namespace, qcow2 disks from `Qcow2Store`,
+//! cgroups, and a VMM stand-in — `sleep` started through the real
+//! `vmm::process` spawn path, paused with SIGSTOP — behind the `Machine`
+//! trait. An "agent restart" drops the tokio runtime and every in-memory
+//! structure and builds new ones from the journal.
+#![allow(clippy::unwrap_used)]
+
+mod network_env;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use network_env::Bed as NetBed;
+use wrenn_node_agent::capsule::{
+    BootSource, CapsuleSpec, Egress, Host, Resources, State, Supervisor, SupervisorConfig,
+    TemplateDisk,
+};
+use wrenn_node_agent::network::{CapsuleId as NetId, EgressPolicy, LinuxNet, NetOps};
+use wrenn_node_agent::state::{OrphanSweep, RecoveryReport};
+use wrenn_node_agent::storage::{BlockStore, DiskRequest, Qcow2Store, StorageConfig};
+use wrenn_node_agent::vmm::cgroup::{CgroupRoot, CgroupVersion};
+use wrenn_node_agent::vmm::process::{
+    HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess, spawn_supervised,
+};
+use wrenn_node_agent::vmm::{
+    BackendInfo, BackendKind, Error, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
+};
+use wrenn_testkit::{Tier, case, need_root, unique_name};
+
+const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+
+/// A VMM stand-in: `sleep` in the capsule's netns and cgroup. Pause is
+/// SIGSTOP, a snapshot a file, restore a fresh process.
+#[derive(Debug)]
+struct ProcessMachine {
+    paths: HostPaths,
+    cgroups: CgroupRoot,
+    procs: Mutex<HashMap<String, Arc<VmmProcess>>>,
+    /// Launch spawns, then never returns: a create the agent dies in.
+    hang_after_spawn: bool,
+}
+
+impl ProcessMachine {
+    fn new(paths: HostPaths, cgroups: CgroupRoot) -> Self {
+        Self {
+            paths,
+            cgroups,
+            procs: Mutex::new(HashMap::new()),
+            hang_after_spawn: false,
+        }
+    }
+
+    fn spawn(&self, spec: &MachineSpec) -> Result<MachineHandle, Error> {
+        let p = spawn_supervised(
+            &self.paths,
+            &self.cgroups,
+            &SpawnRequest {
+                capsule: &spec.capsule,
+                program: Path::new("/bin/sleep"),
+                args: vec![OsString::from("3600")],
+                netns: spec.netns.as_deref(),
+                limits: spec.limits,
+                inherit: vec![],
+            },
+        )?;
+        let handle = MachineHandle {
+            backend: BackendKind::CloudHypervisor,
+            capsule: spec.capsule.clone(),
+            process: p.identity(),
+            helpers: vec![],
+            control_socket: spec.run_dir.join("api.sock"),
+            vsock_socket: spec.vsock_socket.clone(),
+            memory_bytes: spec.memory_bytes,
+        };
+        self.procs
+            .lock()
+            .unwrap()
+            .insert(spec.capsule.clone(), Arc::new(p));
+        Ok(handle)
+    }
+
+    fn proc(&self, vm: &MachineHandle) -> Result<Arc<VmmProcess>, Error> {
+        if let Some(p) = self.procs.lock().unwrap().get(&vm.capsule)
+            && p.identity() == vm.process
+        {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(VmmProcess::adopt(
+            &self.paths,
+            &self.cgroups,
+            &vm.capsule,
+            vm.process,
+        )?);
+        self.procs
+            .lock()
+            .unwrap()
+            .insert(vm.capsule.clone(), p.clone());
+        Ok(p)
+    }
+}
+
+impl Machine for ProcessMachine {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: BackendKind::CloudHypervisor,
+            version: "sleep".into(),
+            accelerated: true,
+        }
+    }
+    async fn launch(&self, spec: &MachineSpec) -> Result<MachineHandle, Error> {
+        let h = self.spawn(spec)?;
+        if self.hang_after_spawn {
+            std::future::pending::<()>().await;
+        }
+        Ok(h)
+    }
+    async fn adopt(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.procs.lock().unwrap().remove(&vm.capsule);
+        self.proc(vm).map(|_| ())
+    }
+    async fn pause(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.proc(vm)?.signal(libc::SIGSTOP)
+    }
+    async fn resume(&self, vm: &MachineHandle) -> Result<(), Error> {
+        self.proc(vm)?.signal(libc::SIGCONT)
+    }
+    async fn snapshot(&self, vm: &MachineHandle, dir: &Path) -> Result<(), Error> {
+        std::fs::write(dir.join("state.json"), vm.capsule.as_bytes()).unwrap();
+        Ok(())
+    }
+    async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
+        assert!(dir.join("state.json").exists());
+        self.spawn(spec)
+    }
+    async fn state(&self, vm: &MachineHandle) -> Result<MachineState, Error> {
+        self.proc(vm)?;
+        Ok(if proc_state(vm.process.pid) == Some('T') {
+            MachineState::Paused
+        } else {
+            MachineState::Running
+        })
+    }
+    async fn counters(&self, _: &MachineHandle) -> Result<NetCounters, Error> {
+        Ok(NetCounters::default())
+    }
+    async fn stop(&self, vm: &MachineHandle) -> Result<(), Error> {
+        let p = match self.proc(vm) {
+            Ok(p) => p,
+            Err(Error::AdoptVmm { .. }) => return self.cgroups.open_capsule(&vm.capsule).remove(),
+            Err(e) => return Err(e),
+        };
+        // A stopped process only dies of SIGTERM once continued.
+        let _ = p.signal(libc::SIGCONT);
+        p.stop(Duration::from_secs(5)).await?;
+        self.procs.lock().unwrap().remove(&vm.capsule);
+        Ok(())
+    }
+    async fn wait_exit(&self, vm: &MachineHandle) -> Result<VmmExit, Error> {
+        let p = self.proc(vm)?;
+        p.watch(&vm.control_socket.with_file_name("events.json"))
+            .await
+    }
+}
+
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn alive(pid: i32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z')
+}
+
+/// Host pieces of one test, removed on drop even when the test fails.
+struct World {
+    net: NetBed,
+    state: tempfile::TempDir,
+    cgroups: CgroupRoot,
+    parent: String,
+    template: PathBuf,
+    extra_pids: Vec<i32>,
+}
+
+impl World {
+    fn new() -> Self {
+        let net = NetBed::new(true);
+        let state = tempfile::tempdir().unwrap();
+        let parent = unique_name("wrenn-sup");
+        let template = state.path().join("base.ext4");
+        std::fs::write(&template, vec![1u8; 1 << 20]).unwrap();
+        Self {
+            net,
+            cgroups: CgroupRoot::detect(Path::new(CGROUP_MOUNT), &parent).unwrap(),
+            parent,
+            template,
+            state,
+            extra_pids: vec![],
+        }
+    }
+
+    fn store(&self) -> Qcow2Store {
+        Qcow2Store::open(StorageConfig::new(self.state.path().join("disks"))).unwrap()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state.path().join("agent")
+    }
+
+    /// A fresh agent over this world: new network, store and machine
+    /// objects, nothing carried over but the disk.
+    fn agent(&self, hang: bool) -> (Supervisor<ProcessMachine>, Arc<LinuxNet>) {
+        let layout = wrenn_node_agent::capsule::Layout::new(&self.state_dir());
+        let mut m = ProcessMachine::new(
+            HostPaths {
+                proc_root: "/proc".into(),
+                state_dir: layout.vmm_root(),
+            },
+            self.cgroups.clone(),
+        );
+        m.hang_after_spawn = hang;
+        let net = Arc::new(self.net.net());
+        let sup = Supervisor::new(
+            Host {
+                machine: Arc::new(m),
+                net: net.clone(),
+                store: Arc::new(self.store()),
+            },
+            SupervisorConfig::new(&self.state_dir(), Path::new("/k/vmlinux")),
+        );
+        (sup, net)
+    }
+
+    fn spec(&self) -> CapsuleSpec {
+        CapsuleSpec {
+            namespace: "default".into(),
+            name: "c".into(),
+            source: BootSource::Template(TemplateDisk {
+                key: "t".into(),
+                rootfs: self.template.clone(),
+                digest: String::new(),
+            }),
+            resources: Resources {
+                vcpus: 1,
+                memory_bytes: 64 << 20,
+                disk_bytes: 1 << 20,
+            },
+            kernel: None,
+            cmdline: String::new(),
+            env: Default::default(),
+            egress: Egress::Allow,
+        }
+    }
+
+    fn sweep(&self) -> OrphanSweep {
+        OrphanSweep {
+            cgroups: Some(self.cgroups.clone()),
+        }
+    }
+
+    fn cgroup_names(&self) -> Vec<String> {
+        self.cgroups.list().unwrap()
+    }
+
+    fn files(&self, sub: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state_dir().join(sub))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for pid in &self.extra_pids {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
+        }
+        for name in self.cgroups.list().unwrap_or_default() {
+            let cg = self.cgroups.open_capsule(&name);
+            for pid in cg.pids().unwrap_or_default() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+            let _ = wrenn_testkit::wait_until(Duration::from_secs(5), "cgroup empty", || {
+                cg.remove().map_err(|e| e.to_string())
+            });
+        }
+        let parents: Vec<PathBuf> = match self.cgroups.version() {
+            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
+                .iter()
+                .map(|c| Path::new(CGROUP_MOUNT).join(c).join(&self.parent))
+                .collect(),
+            CgroupVersion::V2 => vec![Path::new(CGROUP_MOUNT).join(&self.parent)],
+        };
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+fn host_case(name: &str) -> Option<wrenn_testkit::Case> {
+    let c = case(Tier::Host, name);
+    if let Err(why) = need_root() {
+        c.skip(why);
+        return None;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        c.skip("needs /dev/net/tun");
+        return None;
+    }
+    if let Err(e) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
+        c.skip(format!("needs a cgroup mount: {e}"));
+        return None;
+    }
+    Some(c)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn recover(
+    w: &World,
+    rt: &tokio::runtime::Runtime,
+) -> (Supervisor<ProcessMachine>, RecoveryReport) {
+    let (sup, _) = w.agent(false);
+    let report = rt.block_on(sup.recover(&w.sweep())).unwrap();
+    (sup, report)
+}
+
+#[test]
+fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
+    let Some(_c) = host_case("supervisor_host::vmm_survives_agent_restart") else {
+        return;
+    };
+    let w = World::new();
+    w.net.net().ensure_node().unwrap();
+    let baseline = w.net.snapshot();
+
+    // Agent 1 creates and pauses a capsule, then dies.
+    let rt = runtime();
+    let (sup, _) = w.agent(false);
+    rt.block_on(sup.create("c1", w.spec(), State::Running))
+        .unwrap();
+    let pid = {
+        let rec: wrenn_node_agent::capsule::Record =
+            wrenn_node_agent::state::Journal::new(&w.state_dir())
+                .read("c1")
+                .unwrap()
+                .unwrap();
+        rec.vm.unwrap().process.pid
+    };
+    rt.block_on(sup.pause("c1")).unwrap();
+    assert_eq!(proc_state(pid), Some('T'), "really stopped");
+    sup.shutdown();
+    drop(sup);
+    drop(rt);
+    assert!(alive(pid), "the VMM outlives the agent");
+
+    // Agent 2 rebuilds everything from the journal and adopts it.
+    let rt = runtime();
+    let (sup, report) = recover(&w, &rt);
+    assert_eq!(report.adopted, vec!["c1".to_string()]);
+    assert_eq!(report.orphans.total(), 0, "{:?}", report.orphans);
+    assert_eq!(sup.get("c1").unwrap().state, State::Paused);
+    assert_eq!(w.cgroup_names(), vec!["c1".to_string()]);
+    rt.block_on(sup.resume("c1")).unwrap();
+    assert!(matches!(proc_state(pid), Some('S' | 'R')), "continued");
+
+    // And it can still be removed completely.
+    assert!(rt.block_on(sup.delete("c1")).unwrap());
+    assert!(!alive(pid));
+    assert!(w.cgroup_names().is_empty());
+    assert!(w.files("capsules").is_empty());
+    assert!(w.files("vmm").is_empty());
+    assert_eq!(w.net.snapshot(), baseline);
+    assert!(w.store().sweep(&[]).unwrap().files.is_empty(), "disk left");
+}
+
+#[test]
+fn a_reused_pid_is_not_adopted_or_signalled() {
+    let Some(_c) = host_case("supervisor_host::reused_pid_not_adopted") else {
+        return;
+    };
+    let mut w = World::new();
+    let rt = runtime();
+    let (sup, _) = w.agent(false);
+    rt.block_on(sup.create("c1", w.spec(), State::Running))
+        .unwrap();
+    sup.shutdown();
+    drop(sup);
+    drop(rt);
+    // While the agent is down the VMM dies and an unrelated process gets a
+    // pid; make the journal point at it with the old start time, as a
+    // recycled pid would.
+    let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
+    let mut rec: wrenn_node_agent::capsule::Record = journal.read("c1").unwrap().unwrap();
+    let old = rec.vm.clone().unwrap().process;
+    let mut stranger = std::process::Command::new("/bin/sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let spid = stranger.id() as i32;
+    w.extra_pids.push(spid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.pid),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    rec.vm.as_mut().unwrap().process = ProcessIdentity {
+        pid: spid,
+        start_time_ticks: old.start_time_ticks,
+    };
+    journal.write("c1", &rec).unwrap();
+
+    let rt = runtime();
+    let (sup, report) = recover(&w, &rt);
+    assert_eq!(report.lost, vec!["c1".to_string()]);
+    assert!(report.adopted.is_empty());
+    let v = sup.get("c1").unwrap();
+    assert_eq!((v.state, v.reason.as_str()), (State::Failed, "VmmLost"));
+    assert!(alive(spid), "the stranger was signalled");
+    assert!(
+        w.cgroup_names().is_empty(),
+        "the dead VMM's cgroup was left"
+    );
+    assert!(rt.block_on(sup.delete("c1")).unwrap());
+    assert!(alive(spid));
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+}
+
+#[test]
+fn orphans_of_a_crash_mid_create_are_removed() {
+    let Some(_c) = host_case("supervisor_host::orphans_after_crash") else {
+        return;
+    };
+    let w = World::new();
+    w.net.net().ensure_node().unwrap();
+    let baseline = w.net.snapshot();
+
+    // Agent 1 dies in the middle of a create: disk, network, process and
+    // cgroup exist, the journal says Creating, no VM handle was recorded.
+    let rt = runtime();
+    let (sup, net) = w.agent(true);
+    let s2 = sup.clone();
+    let spec = w.spec();
+    rt.spawn(async move { s2.create("c1", spec, State::Running).await });
+    wrenn_testkit::wait_until(Duration::from_secs(10), "VMM spawned", || {
+        (w.cgroup_names() == vec!["c1".to_string()])
+            .then_some(())
+            .ok_or(format!("{:?}", w.cgroup_names()))
+    })
+    .unwrap();
+    let pid = w.cgroups.open_capsule("c1").pids().unwrap()[0];
+    // Leftovers no journal knows: a claimed network, a disk, a directory.
+    net.setup(&NetId::new("ghost").unwrap(), &EgressPolicy::Deny)
+        .unwrap();
+    w.store()
+        .ensure_disk(&DiskRequest {
+            capsule: wrenn_node_agent::storage::CapsuleId::new("ghost2").unwrap(),
+            template: w.template.clone(),
+            size_bytes: 1 << 20,
+        })
+        .unwrap();
+    std::fs::create_dir_all(w.state_dir().join("capsules/ghost3")).unwrap();
+    assert_ne!(w.net.snapshot(), baseline);
+    sup.shutdown();
+    drop(sup);
+    drop(net);
+    rt.shutdown_timeout(Duration::from_secs(1));
+
+    let rt = runtime();
+    let (sup, report) = recover(&w, &rt);
+    let o = &report.orphans;
+    assert_eq!(o.rolled_back, 1, "{o:?}");
+    assert_eq!(o.slot_claims, 1, "{o:?}");
+    assert_eq!(o.journals, 1, "{o:?}");
+    assert_eq!(o.storage.files.len(), 1, "{o:?}");
+    assert_eq!((o.cgroups, o.processes), (1, 1), "{o:?}");
+    assert!(sup.list().is_empty());
+    assert!(!alive(pid), "the half-started VMM was killed");
+    assert!(w.cgroup_names().is_empty());
+    assert_eq!(w.net.snapshot(), baseline, "network leftovers");
+    assert!(w.files("capsules").is_empty());
+    assert!(w.files("vmm").is_empty());
+    assert!(
+        std::fs::read_dir(w.state.path().join("disks"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "disk leftovers"
+    );
+}
