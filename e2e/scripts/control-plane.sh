@@ -107,7 +107,9 @@ if [ "$cmd" = kubectl-path ]; then echo "$K8S_BIN_DIR/kubectl"; exit 0; fi
 [ -n "$cmd" ] && [ -n "$dir" ] || die "usage: $0 run|start|stop DIR | kubectl-path"
 case $cmd in
   run)
-    trap 'stop_dir "$dir"' EXIT
+    # A run's directory is scratch: removed at exit (only if it is one of
+    # ours) unless WRENN_KEEP_CONTROL_PLANE asks to keep its logs.
+    trap 'stop_dir "$dir"; [ -n "${WRENN_KEEP_CONTROL_PLANE:-}" ] || { [ -f "$dir/tokens.csv" ] && rm -rf "$dir"; }' EXIT
     trap 'exit 0' INT TERM
     start_dir "$dir"
     echo "ready $(cd "$dir" && pwd)/kubeconfig"
