@@ -19,7 +19,8 @@ use wrenn_node_agent::storage::{self, BackendChoice, StorageConfig};
 use wrenn_node_agent::tls::TlsFiles;
 use wrenn_node_agent::vmm::cgroup::CgroupRoot;
 use wrenn_node_agent::vmm::process::HostPaths;
-use wrenn_node_agent::vmm::{ChMachine, ChVmm, Machine};
+use wrenn_node_agent::vmm::qemu::QemuMachine;
+use wrenn_node_agent::vmm::{BackendKind, ChMachine, ChVmm, Machine};
 
 /// Exit codes, one per failure class, so a crash loop says what is wrong.
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -81,6 +82,12 @@ struct Args {
         default_value = "/usr/local/bin/cloud-hypervisor"
     )]
     ch_binary: PathBuf,
+    /// QEMU binary for `--vmm qemu` (looked up in PATH when bare).
+    #[arg(long, env = "WRENN_QEMU_BINARY", default_value = "qemu-system-x86_64")]
+    qemu_binary: PathBuf,
+    /// vhost-device-vsock, QEMU's vsock backend (looked up in PATH when bare).
+    #[arg(long, env = "WRENN_VHOST_VSOCK", default_value = "vhost-device-vsock")]
+    vhost_vsock: PathBuf,
     /// Default guest kernel.
     #[arg(
         long,
@@ -157,6 +164,8 @@ async fn run(args: Args) -> ExitCode {
         state_dir,
         vmm,
         ch_binary,
+        qemu_binary,
+        vhost_vsock,
         kernel,
         initramfs,
         storage,
@@ -164,9 +173,6 @@ async fn run(args: Args) -> ExitCode {
         admin_listen,
         ..
     } = args;
-    if vmm == VmmBackend::Qemu {
-        return unreachable_qemu();
-    }
     let tls = TlsFiles {
         cert: tls_cert,
         key: tls_key,
@@ -202,12 +208,12 @@ async fn run(args: Args) -> ExitCode {
         uplink,
         cgroups,
     };
+    let paths = HostPaths {
+        proc_root: "/proc".into(),
+        state_dir: wrenn_node_agent::capsule::Layout::new(&common.state_dir).vmm_root(),
+    };
     match vmm {
         VmmBackend::CloudHypervisor => {
-            let paths = HostPaths {
-                proc_root: "/proc".into(),
-                state_dir: wrenn_node_agent::capsule::Layout::new(&common.state_dir).vmm_root(),
-            };
             match ChVmm::new(&ch_binary, paths, common.cgroups.clone()).await {
                 Ok(vmm) => run_with(ChMachine::new(vmm), common).await,
                 Err(err) => {
@@ -216,14 +222,17 @@ async fn run(args: Args) -> ExitCode {
                 }
             }
         }
-        VmmBackend::Qemu => unreachable_qemu(),
+        VmmBackend::Qemu => {
+            match QemuMachine::new(&qemu_binary, &vhost_vsock, paths, common.cgroups.clone()).await
+            {
+                Ok(qemu) => run_with(qemu, common).await,
+                Err(err) => {
+                    tracing::error!(binary = %qemu_binary.display(), error = &err as &dyn std::error::Error, "start the QEMU backend");
+                    ExitCode::from(EXIT_HOST)
+                }
+            }
+        }
     }
-}
-
-/// `--vmm qemu` until the QEMU backend is merged (wired in `run`).
-fn unreachable_qemu() -> ExitCode {
-    tracing::error!("--vmm qemu: qemu backend not built into this agent yet");
-    ExitCode::from(EXIT_BAD_CONFIG)
 }
 
 /// The agent over any VMM backend: host modules, recovery, then serving.
@@ -265,6 +274,20 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         }
     };
     let storage_backend = store.backend().to_string();
+    let backend = machine.info();
+    let vmm_info = wrenn_proto::agent::v1::VmmInfo {
+        name: match backend.kind {
+            BackendKind::CloudHypervisor => "cloud-hypervisor",
+            BackendKind::Qemu => "qemu",
+        }
+        .into(),
+        version: backend.version.clone(),
+        note: if backend.accelerated {
+            String::new()
+        } else {
+            "QEMU under TCG (no hardware virtualization): slow, for development and CI".into()
+        },
+    };
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
     let supervisor = Supervisor::new(
@@ -303,7 +326,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     let service = AgentService::new(
         AgentIdentity {
             node_name,
-            vmm: None,
+            vmm: Some(vmm_info),
             storage_backend,
         },
         NodePaths {
