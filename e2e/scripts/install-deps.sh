@@ -51,3 +51,15 @@ else
   log "not root: skipping images/build.sh (the guest boot test builds or skips)"
 fi
 # <<< guest image
+
+# vhost-device-vsock: QEMU's vsock backend for the QEMU VMM backend and the
+# tier-3 VM tests. Not packaged in Debian; built from crates.io (cold ~4 min
+# on 2 cores), installed into ~/.cargo/bin once per version.
+VHOST_VSOCK_VERSION=0.3.0
+if ! vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_VSOCK_VERSION"; then
+  log "cargo install vhost-device-vsock $VHOST_VSOCK_VERSION"
+  # Outside the workspace so its toolchain pin does not apply.
+  (cd / && env -u CARGO_TARGET_DIR cargo install -q --locked vhost-device-vsock --version "$VHOST_VSOCK_VERSION")
+else
+  log "vhost-device-vsock $VHOST_VSOCK_VERSION present"
+fi
