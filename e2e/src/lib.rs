@@ -11,6 +11,7 @@
 //! installed once and waited for until served.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod helm;
 pub mod workloads;
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
@@ -290,6 +290,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     };
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
+    cfg.guest = Some(GuestSettings::default());
     let supervisor = Supervisor::new(
         Host {
             machine: Arc::new(machine),

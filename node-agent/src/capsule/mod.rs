@@ -30,4 +30,4 @@ pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, Resources, State, TemplateDisk,
 };
-pub use supervisor::{Host, Layout, Supervisor, SupervisorConfig};
+pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};

@@ -334,6 +334,17 @@ pub enum Error {
         #[source]
         source: Box<crate::vmm::Error>,
     },
+    /// The guest agent did not come up or refused `Init`.
+    #[error("{action} guest agent of capsule {uid}")]
+    Guest {
+        /// `reach` or `init`.
+        action: &'static str,
+        /// UID.
+        uid: String,
+        /// Why.
+        #[source]
+        source: Box<crate::guest::Error>,
+    },
     /// A file of a suspend image or snapshot could not be handled.
     #[error("{action} {}", path.display())]
     Files {
@@ -374,6 +385,7 @@ impl Error {
             Error::Network { .. } => "NetworkFailed",
             Error::Storage { .. } => "StorageFailed",
             Error::Vm { .. } => "VmFailed",
+            Error::Guest { .. } => "GuestNotReady",
             Error::Files { .. } => "FilesFailed",
             Error::SnapshotExists { .. } => "SnapshotExists",
             Error::Aborted { .. } => "Aborted",

@@ -57,6 +57,31 @@ pub struct SupervisorConfig {
     pub base_cmdline: String,
     /// Events kept for `WatchEvents` cursors.
     pub event_history: usize,
+    /// How to reach each guest's agent after boot and restore; `None`
+    /// (unit tests over fake machines) skips the guest step.
+    pub guest: Option<GuestSettings>,
+}
+
+/// Reaching the guest agent over the VMM's vsock socket.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestSettings {
+    /// vsock port `wrenn-guest` listens on.
+    pub port: u32,
+    /// Per-call bounds.
+    pub timeouts: crate::guest::Timeouts,
+    /// How long a boot or restore may take until the agent answers.
+    pub ready_within: std::time::Duration,
+}
+
+impl Default for GuestSettings {
+    fn default() -> Self {
+        Self {
+            port: crate::guest::AGENT_PORT,
+            timeouts: crate::guest::Timeouts::default(),
+            // TCG boots take seconds to tens of seconds on a busy node.
+            ready_within: std::time::Duration::from_secs(180),
+        }
+    }
 }
 
 impl SupervisorConfig {
@@ -66,8 +91,13 @@ impl SupervisorConfig {
             state_dir: state_dir.to_path_buf(),
             kernel: kernel.to_path_buf(),
             initramfs: None,
-            base_cmdline: "console=ttyS0 root=/dev/vda rw reboot=k panic=1 init_on_free=1".into(),
+            // Template disks carry wrenn-guest at GUEST_PATH (images module).
+            base_cmdline: format!(
+                "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init={} reboot=k panic=1 init_on_free=1",
+                crate::images::GUEST_PATH
+            ),
             event_history: 4096,
+            guest: None,
         }
     }
 }
@@ -903,8 +933,10 @@ impl<M: Machine + 'static> Shared<M> {
                     uid: uid.clone(),
                     source: Box::new(source),
                 })?;
-            rec.vm = Some(vm);
+            rec.vm = Some(vm.clone());
             rec.vm_starting = false;
+            self.commit(entry, &rec)?;
+            self.guest_up(&rec, &vm).await?;
             if entry.cancel.load(Ordering::SeqCst) {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
@@ -936,6 +968,47 @@ impl<M: Machine + 'static> Shared<M> {
         };
         let view = entry.view();
         (Some(rec), res.map(|()| view))
+    }
+
+    /// Waits until the guest agent answers, then sends `Init` (wall time,
+    /// entropy, env, hostname). Skipped when no guest settings are given.
+    async fn guest_up(&self, rec: &Record, vm: &MachineHandle) -> Result<(), Error> {
+        let Some(g) = self.cfg.guest else {
+            return Ok(());
+        };
+        let err = |action| {
+            let uid = rec.uid.clone();
+            move |source| Error::Guest {
+                action,
+                uid,
+                source: Box::new(source),
+            }
+        };
+        let (mut client, _) = crate::guest::GuestClient::wait_ready(
+            &rec.uid,
+            &vm.vsock_socket,
+            g.port,
+            "",
+            g.timeouts,
+            g.ready_within,
+        )
+        .await
+        .map_err(err("reach"))?;
+        client
+            .init(&crate::guest::InitParams {
+                env: rec
+                    .spec
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                hostname: rec.spec.name.clone(),
+                access_token: String::new(),
+                send_wall_time: true,
+            })
+            .await
+            .map_err(err("init"))?;
+        Ok(())
     }
 
     async fn pause_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
@@ -1108,7 +1181,8 @@ impl<M: Machine + 'static> Shared<M> {
             rec.vm_starting = true;
             self.commit(entry, rec)?;
             let spec = self.machine_spec(rec, &net, &disk);
-            self.host
+            let vm = self
+                .host
                 .machine
                 .restore(&spec, &self.layout.suspend_dir(&uid))
                 .await
@@ -1116,7 +1190,16 @@ impl<M: Machine + 'static> Shared<M> {
                     action: "restore",
                     uid: uid.clone(),
                     source: Box::new(source),
-                })
+                })?;
+            // The VMM reset vsock: the guest is reached and re-initialised
+            // (clock, entropy) before the capsule counts as running again.
+            if let Err(e) = self.guest_up(rec, &vm).await {
+                if let Err(stop) = self.host.machine.stop(&vm).await {
+                    tracing::error!(capsule = %uid, error = &stop as &dyn std::error::Error, "stop a restored VM whose guest did not answer");
+                }
+                return Err(e);
+            }
+            Ok(vm)
         }
         .await;
         match res {

@@ -289,7 +289,7 @@ pub fn to_status(e: &Error) -> Status {
         Error::WrongState { .. } => Status::failed_precondition(msg),
         Error::InvalidSpec { .. } => Status::invalid_argument(msg),
         Error::Cancelled { .. } => Status::aborted(msg),
-        Error::Aborted { .. } => Status::unavailable(msg),
+        Error::Aborted { .. } | Error::Guest { .. } => Status::unavailable(msg),
         Error::Journal { .. }
         | Error::Network { .. }
         | Error::Storage { .. }

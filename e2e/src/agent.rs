@@ -1,0 +1,404 @@
+//! A real `wrenn-node-agent` process playing one node, for tests and the
+//! local run. The node is a network namespace made for the purpose: the
+//! agent runs inside it (its nftables rules, capsule namespaces and uplink
+//! stay there), reached from the host over a veth pair the harness made.
+//! Certificates are made per node: a CA, the agent's server certificate and
+//! an operator client certificate, as the chart makes them.
+//!
+//! Dropping a [`NodeAgent`] stops the agent (SIGTERM, then SIGKILL) and
+//! removes the namespace and the veth. Capsules outlive their agent by
+//! design, so a test deletes its capsules through the API first and checks
+//! for leaks itself.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::workspace_root;
+
+/// TLS material of one node, as PEM files in a directory.
+#[derive(Debug)]
+pub struct Pki {
+    /// CA certificate (signs both sides here).
+    pub ca: PathBuf,
+    /// Agent server certificate and key.
+    pub server_cert: PathBuf,
+    /// Agent server key.
+    pub server_key: PathBuf,
+    /// Operator client certificate.
+    pub client_cert: PathBuf,
+    /// Operator client key.
+    pub client_key: PathBuf,
+}
+
+/// The name agents' certificates carry (the chart's default).
+pub const SERVER_NAME: &str = "wrenn-node-agent";
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("run openssl")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Pki {
+    /// Makes a CA and the two leaf certificates in `dir` with openssl.
+    pub fn create(dir: &Path, node_ip: Ipv4Addr) -> Result<Pki> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=wrenn test CA",
+            ],
+        )?;
+        let leaf = |name: &str, cn: &str, ext: String| -> Result<()> {
+            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            )?;
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            )
+        };
+        leaf(
+            "server",
+            SERVER_NAME,
+            format!(
+                "subjectAltName=DNS:{SERVER_NAME},DNS:localhost,IP:{node_ip},IP:127.0.0.1\n\
+                 extendedKeyUsage=serverAuth\n"
+            ),
+        )?;
+        leaf(
+            "client",
+            "wrenn-operator",
+            "extendedKeyUsage=clientAuth\n".into(),
+        )?;
+        Ok(Pki {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+        })
+    }
+}
+
+/// The guest kernel, initramfs and root disk from `images/build.sh`.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    /// Artifact directory.
+    pub dir: PathBuf,
+    /// Kernel release the image carries (`uname -r` in the guest).
+    pub kernel_release: String,
+}
+
+impl GuestImage {
+    /// `images/build.sh` output, building it when absent (cached by inputs).
+    pub fn build() -> Result<GuestImage> {
+        let out = Command::new(workspace_root().join("images/build.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .context("run images/build.sh")?;
+        if !out.status.success() {
+            bail!("images/build.sh failed: {}", out.status);
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("manifest.json"))
+                .with_context(|| format!("read {}/manifest.json", dir.display()))?,
+        )
+        .context("parse the guest image manifest")?;
+        let kernel_release = manifest["kernel"]["release"]
+            .as_str()
+            .context("manifest has no kernel.release")?
+            .to_string();
+        Ok(GuestImage {
+            dir,
+            kernel_release,
+        })
+    }
+
+    /// Kernel image.
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+    /// Initramfs.
+    pub fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs.img")
+    }
+    /// Root disk (raw ext4).
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+}
+
+/// Builds the agent binary (debug) and returns its path.
+pub fn agent_binary() -> Result<PathBuf> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--locked",
+            "-q",
+            "-p",
+            "wrenn-node-agent",
+            "--bin",
+            "wrenn-node-agent",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .context("run cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p wrenn-node-agent failed: {status}");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("debug/wrenn-node-agent"))
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Options of one agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Node name (also names the namespace).
+    pub node_name: String,
+    /// Index 1..=250: picks the veth subnet 10.251.<index>.0/30.
+    pub index: u8,
+    /// Guest image whose kernel and initramfs the agent uses.
+    pub image: GuestImage,
+}
+
+/// A running agent in its node namespace.
+#[derive(Debug)]
+pub struct NodeAgent {
+    /// Node name.
+    pub node_name: String,
+    /// Namespace playing the node.
+    pub netns: String,
+    /// Address the agent serves on (node side of the veth), port 7443.
+    pub addr: std::net::SocketAddr,
+    /// TLS material.
+    pub pki: Pki,
+    /// The agent's state directory.
+    pub state_dir: PathBuf,
+    /// The agent's log file.
+    pub log: PathBuf,
+    host_veth: String,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeAgent {
+    /// Makes the node namespace and starts the agent in it (`--vmm qemu`,
+    /// `--storage qcow2`), waiting until its port accepts connections.
+    pub fn start(opts: &AgentOptions) -> Result<NodeAgent> {
+        let binary = agent_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("wrenn-node-")
+            .tempdir()
+            .context("make the node directory")?;
+        let suffix = &opts.node_name[opts.node_name.len().saturating_sub(6)..];
+        let netns = format!("wrenn-node-{suffix}");
+        let host_veth = format!("wnh-{suffix}");
+        let node_veth = format!("wnn-{suffix}");
+        let host_ip = Ipv4Addr::new(10, 251, opts.index, 1);
+        let node_ip = Ipv4Addr::new(10, 251, opts.index, 2);
+        let mut agent = NodeAgent {
+            node_name: opts.node_name.clone(),
+            netns: netns.clone(),
+            addr: (node_ip, 7443).into(),
+            pki: Pki::create(&dir.path().join("pki"), node_ip)?,
+            state_dir: dir.path().join("state"),
+            log: dir.path().join("agent.log"),
+            host_veth: host_veth.clone(),
+            child: None,
+            _dir: dir,
+        };
+        ip(&["netns", "add", &netns])?;
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &node_veth, "netns", &netns,
+        ])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth])?;
+        ip(&["link", "set", &host_veth, "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{node_ip}/30"),
+            "dev",
+            &node_veth,
+        ])?;
+        ip(&["-n", &netns, "link", "set", &node_veth, "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_ip.to_string(),
+        ])?;
+        let log = std::fs::File::create(&agent.log).context("create the agent log")?;
+        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the
+        // cgroup hierarchy the agent places VMMs in.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg(&binary)
+            .args(["--node-name", &opts.node_name, "--listen", "0.0.0.0:7443"])
+            .arg("--tls-cert")
+            .arg(&agent.pki.server_cert)
+            .arg("--tls-key")
+            .arg(&agent.pki.server_key)
+            .arg("--client-ca")
+            .arg(&agent.pki.ca)
+            .arg("--state-dir")
+            .arg(&agent.state_dir)
+            .args([
+                "--vmm",
+                "qemu",
+                "--storage",
+                "qcow2",
+                "--uplink",
+                &node_veth,
+            ])
+            .arg("--kernel")
+            .arg(opts.image.kernel())
+            .arg("--initramfs")
+            .arg(opts.image.initramfs())
+            .args(["--admin-listen", "127.0.0.1:9090", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("clone the log handle")?)
+            .stderr(log)
+            .spawn()
+            .context("start wrenn-node-agent")?;
+        agent.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect_timeout(&agent.addr, Duration::from_millis(200)).is_ok()
+            {
+                return Ok(agent);
+            }
+            if let Some(child) = agent.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "agent exited ({status}) during start:\n{}",
+                    agent.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("agent not listening within 30 s:\n{}", agent.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of the agent's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Stops the agent process (SIGTERM, then SIGKILL after 10 s); capsules
+    /// keep running, as in production.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // nsenter execs the agent, so the child pid is the agent's.
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = ip(&["link", "del", &self.host_veth]);
+        let _ = ip(&["netns", "del", &self.netns]);
+    }
+}

@@ -1,0 +1,503 @@
+//! Tier 3 (vm): a real guest booted under QEMU TCG by a real node agent,
+//! driven only through the agent's public gRPC API over mutual TLS — the
+//! way the operator drives it. Exec, PTY, files, pause, suspend to disk and
+//! back, and delete with a leak check.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, SERVER_NAME};
+use wrenn_proto::agent::v1 as pb;
+use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
+use wrenn_proto::guest::v1 as gpb;
+use wrenn_testkit::{Tier, case, need_program, need_root};
+
+type Client = NodeAgentClient<Channel>;
+
+async fn connect(agent: &NodeAgent) -> Client {
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&agent.pki.ca)))
+        .identity(Identity::from_pem(
+            read(&agent.pki.client_cert),
+            read(&agent.pki.client_key),
+        ))
+        .domain_name(SERVER_NAME);
+    let channel = Channel::from_shared(format!("https://{}", agent.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    NodeAgentClient::new(channel).max_decoding_message_size(16 << 20)
+}
+
+fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
+    pb::CreateCapsuleRequest {
+        uid: uid.into(),
+        spec: Some(pb::CapsuleSpec {
+            namespace: "default".into(),
+            name: "vm-test".into(),
+            source: Some(pb::BootSource {
+                source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
+                    key: "default/base@ci".into(),
+                    disk: Some(pb::template_disk::Disk::RootfsPath(
+                        image.rootfs().display().to_string(),
+                    )),
+                    digest: String::new(),
+                    disk_bytes: 1 << 30,
+                })),
+            }),
+            resources: Some(pb::Resources {
+                vcpus: 1,
+                memory_bytes: 512 << 20,
+                disk_bytes: 1 << 30,
+            }),
+            kernel_path: String::new(),
+            kernel_cmdline: String::new(),
+            env: [("WRENN_TEST".to_string(), "yes".to_string())].into(),
+            network: None,
+        }),
+        initial_state: 0,
+    }
+}
+
+fn r(uid: &str) -> pb::CapsuleRef {
+    pb::CapsuleRef { uid: uid.into() }
+}
+
+async fn wait_state(
+    c: &mut Client,
+    uid: &str,
+    want: pb::CapsuleState,
+    limit: Duration,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let cap = c.get_capsule(r(uid)).await.unwrap().into_inner();
+        let state = pb::CapsuleState::try_from(cap.state).unwrap_or_default();
+        if state == want {
+            return t0.elapsed();
+        }
+        assert_ne!(
+            state,
+            pb::CapsuleState::Failed,
+            "capsule failed: {} {}",
+            cap.reason,
+            cap.message
+        );
+        assert!(
+            t0.elapsed() < limit,
+            "capsule still {state:?} after {limit:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+struct Ran {
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+}
+
+/// Runs `argv` with `stdin`, collecting output, through the agent.
+async fn exec(
+    c: &mut Client,
+    uid: &str,
+    argv: &[&str],
+    stdin: &[u8],
+) -> Result<Ran, tonic::Status> {
+    let (tx, rx) = mpsc::channel(8);
+    let start = pb::ExecInput {
+        uid: uid.into(),
+        input: Some(gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                timeout_ms: 60_000,
+                ..Default::default()
+            })),
+        }),
+    };
+    tx.send(start).await.unwrap();
+    if !stdin.is_empty() {
+        tx.send(pb::ExecInput {
+            uid: String::new(),
+            input: Some(gpb::ExecInput {
+                input: Some(gpb::exec_input::Input::Stdin(stdin.to_vec())),
+            }),
+        })
+        .await
+        .unwrap();
+    }
+    tx.send(pb::ExecInput {
+        uid: String::new(),
+        input: Some(gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::CloseStdin(true)),
+        }),
+    })
+    .await
+    .unwrap();
+    let mut out = c.exec(ReceiverStream::new(rx)).await?.into_inner();
+    let mut ran = Ran {
+        stdout: String::new(),
+        stderr: String::new(),
+        code: None,
+    };
+    drop(tx);
+    while let Some(msg) = out.message().await? {
+        match msg.output {
+            Some(gpb::exec_output::Output::Stdout(b)) => {
+                ran.stdout.push_str(&String::from_utf8_lossy(&b))
+            }
+            Some(gpb::exec_output::Output::Stderr(b)) => {
+                ran.stderr.push_str(&String::from_utf8_lossy(&b))
+            }
+            Some(gpb::exec_output::Output::Exit(e)) => ran.code = e.code,
+            _ => {}
+        }
+    }
+    Ok(ran)
+}
+
+async fn sh(c: &mut Client, uid: &str, script: &str) -> String {
+    let ran = exec(c, uid, &["/bin/sh", "-c", script], b"").await.unwrap();
+    assert_eq!(ran.code, Some(0), "{script}: stderr {}", ran.stderr);
+    ran.stdout
+}
+
+/// A PTY session: resize, then `stty size` must report the new size.
+async fn pty_size(c: &mut Client, uid: &str) -> String {
+    let (tx, rx) = mpsc::channel(8);
+    let send = |input| pb::PtyInput {
+        uid: uid.into(),
+        input: Some(gpb::PtyInput { input: Some(input) }),
+    };
+    tx.send(send(gpb::pty_input::Input::Start(gpb::PtyStart {
+        argv: vec!["/bin/sh".into()],
+        size: Some(gpb::PtySize { rows: 24, cols: 80 }),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let mut out = c.pty(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(send(gpb::pty_input::Input::Resize(gpb::PtySize {
+        rows: 40,
+        cols: 100,
+    })))
+    .await
+    .unwrap();
+    tx.send(send(gpb::pty_input::Input::Data(
+        b"stty size; exit\n".to_vec(),
+    )))
+    .await
+    .unwrap();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(deadline, out.message()).await {
+        match msg.output {
+            Some(gpb::pty_output::Output::Data(b)) => text.push_str(&String::from_utf8_lossy(&b)),
+            Some(gpb::pty_output::Output::Exit(_)) => break,
+            _ => {}
+        }
+    }
+    text
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn write_file(c: &mut Client, uid: &str, path: &str, data: &[u8]) {
+    let mut msgs = vec![pb::WriteFileInput {
+        uid: uid.into(),
+        input: Some(gpb::WriteFileInput {
+            input: Some(gpb::write_file_input::Input::Start(gpb::WriteFileStart {
+                path: path.into(),
+                mode: 0o644,
+                size: data.len() as u64,
+                make_parents: true,
+            })),
+        }),
+    }];
+    for chunk in data.chunks(1 << 20) {
+        msgs.push(pb::WriteFileInput {
+            uid: String::new(),
+            input: Some(gpb::WriteFileInput {
+                input: Some(gpb::write_file_input::Input::Data(chunk.to_vec())),
+            }),
+        });
+    }
+    let info = c
+        .write_file(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.size, data.len() as u64);
+}
+
+async fn read_file(c: &mut Client, uid: &str, path: &str) -> Vec<u8> {
+    let mut stream = c
+        .read_file(pb::ReadFileRequest {
+            uid: uid.into(),
+            request: Some(gpb::ReadFileRequest {
+                path: path.into(),
+                max_bytes: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        data.extend_from_slice(&chunk.data);
+    }
+    data
+}
+
+/// Processes whose command line mentions `needle` (QEMU carries the
+/// capsule's run directory, named by its UID).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn files_mentioning(root: &Path, needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.to_string_lossy().contains(needle) {
+                hits.push(p.display().to_string());
+            }
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            }
+        }
+    }
+    hits
+}
+
+fn capsule_namespaces() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wrenn-") && !n.starts_with("wrenn-node-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_guest_through_the_agents_grpc_api() {
+    let c = case(
+        Tier::Vm,
+        "agent_vm::a_real_guest_through_the_agents_grpc_api",
+    );
+    if let Err(why) = need_root()
+        .and_then(|_| need_program("qemu-system-x86_64"))
+        .and_then(|_| need_program("vhost-device-vsock"))
+        .and_then(|_| need_program("openssl"))
+    {
+        return c.skip(why);
+    }
+    let image = match tokio::task::spawn_blocking(GuestImage::build)
+        .await
+        .unwrap()
+    {
+        Ok(i) => i,
+        Err(e) => return c.skip(format!("no guest image: {e:#}")),
+    };
+    let node = wrenn_testkit::unique_name("n");
+    let opts = AgentOptions {
+        node_name: node,
+        index: 1 + (std::process::id() % 250) as u8,
+        image: image.clone(),
+    };
+    let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut cl = connect(&agent).await;
+    let netns_before = capsule_namespaces();
+
+    let info = cl
+        .node_info(pb::NodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let vmm = info.vmm.clone().unwrap_or_default();
+    assert_eq!(vmm.name, "qemu");
+    if !info.kvm {
+        assert!(
+            vmm.note.contains("TCG"),
+            "status must say TCG is slow: {vmm:?}"
+        );
+    }
+
+    let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
+    cl.create_capsule(create_request(&uid, &image))
+        .await
+        .unwrap();
+    let boot = wait_state(
+        &mut cl,
+        &uid,
+        pb::CapsuleState::Running,
+        Duration::from_secs(300),
+    )
+    .await;
+    eprintln!("create to Running (agent + boot under TCG): {boot:?}");
+
+    // Exec: the guest's kernel, and a pipeline fed on stdin.
+    let uname = sh(&mut cl, &uid, "uname -r").await;
+    assert_eq!(uname.trim(), image.kernel_release);
+    let t0 = Instant::now();
+    let piped = exec(
+        &mut cl,
+        &uid,
+        &["/bin/sh", "-c", "tr a-z A-Z | rev"],
+        b"hello wrenn\n",
+    )
+    .await
+    .unwrap();
+    eprintln!("exec round trip with stdin: {:?}", t0.elapsed());
+    assert_eq!(piped.stdout.trim(), "NNERW OLLEH");
+    assert_eq!(sh(&mut cl, &uid, "echo $WRENN_TEST").await.trim(), "yes");
+    let failing = exec(&mut cl, &uid, &["/bin/sh", "-c", "exit 7"], b"")
+        .await
+        .unwrap();
+    assert_eq!(failing.code, Some(7));
+
+    // PTY with a resize.
+    let tty = pty_size(&mut cl, &uid).await;
+    assert!(tty.contains("40 100"), "stty size after resize: {tty:?}");
+
+    // 10 MiB through the file RPCs.
+    let data = pattern(10 << 20);
+    let t0 = Instant::now();
+    write_file(&mut cl, &uid, "/root/big.bin", &data).await;
+    let back = read_file(&mut cl, &uid, "/root/big.bin").await;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "10 MiB written and read back in {secs:.2} s ({:.1} MiB/s)",
+        20.0 / secs
+    );
+    assert!(
+        back == data,
+        "file read back differs ({} bytes)",
+        back.len()
+    );
+
+    // Pause refuses exec with a clear error; resume brings it back.
+    cl.pause_capsule(r(&uid)).await.unwrap();
+    wait_state(
+        &mut cl,
+        &uid,
+        pb::CapsuleState::Paused,
+        Duration::from_secs(30),
+    )
+    .await;
+    let refused = exec(&mut cl, &uid, &["true"], b"").await;
+    let status = refused
+        .err()
+        .expect("exec into a paused capsule must be refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("paused"), "{}", status.message());
+    cl.resume_capsule(r(&uid)).await.unwrap();
+    wait_state(
+        &mut cl,
+        &uid,
+        pb::CapsuleState::Running,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(sh(&mut cl, &uid, "echo back").await.trim(), "back");
+
+    // Suspend to disk: the VMM goes away; resume keeps files and processes.
+    sh(
+        &mut cl,
+        &uid,
+        "echo kept > /root/kept; sleep 100000 >/dev/null 2>&1 & echo $! > /root/sleeper",
+    )
+    .await;
+    cl.suspend_capsule(r(&uid)).await.unwrap();
+    wait_state(
+        &mut cl,
+        &uid,
+        pb::CapsuleState::Suspended,
+        Duration::from_secs(180),
+    )
+    .await;
+    wrenn_testkit::wait_until(Duration::from_secs(20), "VMM gone after suspend", || {
+        let left = processes_mentioning(&uid);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    })
+    .unwrap();
+    cl.resume_capsule(r(&uid)).await.unwrap();
+    let restore = wait_state(
+        &mut cl,
+        &uid,
+        pb::CapsuleState::Running,
+        Duration::from_secs(180),
+    )
+    .await;
+    eprintln!("resume from Suspended: {restore:?}");
+    assert_eq!(sh(&mut cl, &uid, "cat /root/kept").await.trim(), "kept");
+    sh(&mut cl, &uid, "kill -0 $(cat /root/sleeper)").await;
+
+    // Delete leaves no process, namespace, disk or file behind.
+    cl.delete_capsule(r(&uid)).await.unwrap();
+    wrenn_testkit::wait_until(Duration::from_secs(60), "capsule gone", || {
+        let procs = processes_mentioning(&uid);
+        let files = files_mentioning(&agent.state_dir, &uid);
+        if procs.is_empty() && files.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("processes {procs:?}, files {files:?}"))
+        }
+    })
+    .unwrap();
+    let listed = cl
+        .list_capsules(pb::ListCapsulesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.capsules.iter().all(|c| c.uid != uid));
+    let netns: Vec<String> = capsule_namespaces()
+        .into_iter()
+        .filter(|n| !netns_before.contains(n))
+        .collect();
+    assert!(netns.is_empty(), "capsule namespaces left: {netns:?}");
+    drop(agent);
+}
