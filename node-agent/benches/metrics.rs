@@ -8,6 +8,12 @@
 //!   the qcow2 store does) — reported per tick and per capsule;
 //! - a `/metrics` encode and a 24 h `GetMetrics` with 100 capsules.
 //!
+//! Measured on the 2-CPU CI host (cgroup v1, other builds running): a full
+//! history is 63,760 B per capsule (6.1 MiB for 100, matching RSS growth);
+//! `record` ~100 ns; a tick over 100 capsules ~3 ms median (~30 us per
+//! capsule, mostly the cgroupfs and `/proc` reads); `/metrics` for 100
+//! capsules ~19 KB in ~0.1 ms.
+//!
 //! The cgroup part needs root and prints why it is skipped otherwise. Run
 //! with `cargo bench -p wrenn-node-agent --bench metrics`.
 
