@@ -26,6 +26,7 @@ use wrenn_node_agent::metrics::{
 };
 use wrenn_node_agent::vmm::NetCounters;
 use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
+use wrenn_node_agent::vmm::process::ProcessIdentity;
 
 const CAPSULES: usize = 100;
 const TICKS: usize = 50;
@@ -149,6 +150,17 @@ async fn sampling_cost() {
         memory_bytes: None,
     };
     let metrics = Metrics::new();
+    let pid = std::process::id() as i32;
+    let me = match wrenn_node_agent::sys::process::start_time_ticks(Path::new("/proc"), pid) {
+        Ok(start_time_ticks) => ProcessIdentity {
+            pid,
+            start_time_ticks,
+        },
+        Err(e) => {
+            println!("metrics sampling bench skipped: no /proc ({e})");
+            return;
+        }
+    };
     let mut made = Vec::new();
     let setup = (|| -> Result<(), String> {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -161,7 +173,7 @@ async fn sampling_cost() {
                 .map_err(|e| e.to_string())?;
             made.push(cg.clone());
             let source = BenchSource {
-                proc: ProcSource::new(Path::new("/proc"), std::process::id() as i32, cg),
+                proc: ProcSource::new(Path::new("/proc"), me, cg),
                 disk: disk.clone(),
             };
             metrics.attach(&name, Arc::new(source));

@@ -60,6 +60,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The pid now belongs to another process: ours has exited.
+    #[error("process {pid} is gone")]
+    ProcessGone {
+        /// The pid.
+        pid: i32,
+    },
     /// A source plugged in by another module failed.
     #[error("read {figure}")]
     Source {
