@@ -10,8 +10,9 @@
 //!
 //! Measured on the 2-CPU CI host (cgroup v1, other builds running): a full
 //! history is 63,760 B per capsule (6.1 MiB for 100, matching RSS growth);
-//! `record` ~100 ns; a tick over 100 capsules ~3 ms median (~30 us per
-//! capsule, mostly the cgroupfs and `/proc` reads); `/metrics` for 100
+//! `record` 100-150 ns; a tick over 100 capsules ~3.4 ms median (~34 us
+//! per capsule, mostly the cgroupfs and `/proc` reads, including the
+//! start-time check against pid reuse); `/metrics` for 100
 //! capsules ~19 KB in ~0.1 ms.
 //!
 //! The cgroup part needs root and prints why it is skipped otherwise. Run
