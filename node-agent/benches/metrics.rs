@@ -8,6 +8,13 @@
 //!   the qcow2 store does) — reported per tick and per capsule;
 //! - a `/metrics` encode and a 24 h `GetMetrics` with 100 capsules.
 //!
+//! Measured on the 2-CPU CI host (cgroup v1, other builds running): a full
+//! history is 63,760 B per capsule (6.1 MiB for 100, matching RSS growth);
+//! `record` 100-150 ns; a tick over 100 capsules ~3.4 ms median (~34 us
+//! per capsule, mostly the cgroupfs and `/proc` reads, including the
+//! start-time check against pid reuse); `/metrics` for 100
+//! capsules ~19 KB in ~0.1 ms.
+//!
 //! The cgroup part needs root and prints why it is skipped otherwise. Run
 //! with `cargo bench -p wrenn-node-agent --bench metrics`.
 
@@ -20,6 +27,7 @@ use wrenn_node_agent::metrics::{
 };
 use wrenn_node_agent::vmm::NetCounters;
 use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
+use wrenn_node_agent::vmm::process::ProcessIdentity;
 
 const CAPSULES: usize = 100;
 const TICKS: usize = 50;
@@ -143,6 +151,17 @@ async fn sampling_cost() {
         memory_bytes: None,
     };
     let metrics = Metrics::new();
+    let pid = std::process::id() as i32;
+    let me = match wrenn_node_agent::sys::process::start_time_ticks(Path::new("/proc"), pid) {
+        Ok(start_time_ticks) => ProcessIdentity {
+            pid,
+            start_time_ticks,
+        },
+        Err(e) => {
+            println!("metrics sampling bench skipped: no /proc ({e})");
+            return;
+        }
+    };
     let mut made = Vec::new();
     let setup = (|| -> Result<(), String> {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -155,7 +174,7 @@ async fn sampling_cost() {
                 .map_err(|e| e.to_string())?;
             made.push(cg.clone());
             let source = BenchSource {
-                proc: ProcSource::new(Path::new("/proc"), std::process::id() as i32, cg),
+                proc: ProcSource::new(Path::new("/proc"), me, cg),
                 disk: disk.clone(),
             };
             metrics.attach(&name, Arc::new(source));

@@ -101,17 +101,13 @@ async fn cpu_of_a_busy_cgroup_rises_and_rss_is_read() {
     let source = |p: &VmmProcess| -> Arc<dyn SampleSource> {
         Arc::new(ProcSource::new(
             Path::new("/proc"),
-            p.identity().pid,
+            p.identity(),
             p.cgroup().clone(),
         ))
     };
 
     // Direct reads: the counter moves, RSS is a plausible size.
-    let direct = ProcSource::new(
-        Path::new("/proc"),
-        busy.identity().pid,
-        busy.cgroup().clone(),
-    );
+    let direct = ProcSource::new(Path::new("/proc"), busy.identity(), busy.cgroup().clone());
     let before = direct.read_cpu_usage_ns().unwrap();
     wait_until(Duration::from_secs(10), "busy loop uses CPU", || {
         let now = direct.read_cpu_usage_ns().map_err(|e| e.to_string())?;

@@ -60,6 +60,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The pid now belongs to another process: ours has exited.
+    #[error("process {pid} is gone")]
+    ProcessGone {
+        /// The pid.
+        pid: i32,
+    },
     /// A source plugged in by another module failed.
     #[error("read {figure}")]
     Source {
@@ -123,8 +129,10 @@ impl Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // try_lock: Debug may run while this thread holds the lock.
+        let capsules = self.capsules.try_lock().map(|c| c.len()).ok();
         f.debug_struct("Shared")
-            .field("capsules", &self.lock().len())
+            .field("capsules", &capsules)
             .finish()
     }
 }
@@ -555,6 +563,43 @@ mod tests {
             m.encode()
                 .contains("wrenn_agent_errors_total{class=\"metrics_sample\"} 2")
         );
+    }
+
+    #[tokio::test]
+    async fn the_sampler_ticks_until_shutdown() {
+        let m = Metrics::new();
+        m.attach("c", Arc::new(FixedSource::default()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = sampler::SamplerConfig {
+            interval: Duration::from_millis(20),
+            deadline: Duration::from_millis(10),
+        };
+        let task = tokio::spawn(sampler::run(m.clone(), config, async move {
+            let _ = stopped.await;
+        }));
+        let count = || {
+            m.range("c", 0, i64::MAX, Duration::ZERO)
+                .unwrap()
+                .points
+                .len()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while count() < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sampler stored {}",
+                count()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .unwrap()
+            .unwrap();
+        let after = count();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(count(), after, "sampled after shutdown");
     }
 
     #[test]

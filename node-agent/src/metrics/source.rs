@@ -12,6 +12,7 @@ use std::pin::Pin;
 use super::Error;
 use crate::vmm::NetCounters;
 use crate::vmm::cgroup::CapsuleCgroup;
+use crate::vmm::process::ProcessIdentity;
 
 /// One reading of every figure, as the sources report them: CPU and
 /// network are cumulative counters, the rest are gauges.
@@ -95,20 +96,25 @@ pub async fn read_all(source: &dyn SampleSource) -> (Reading, Vec<Error>) {
 }
 
 /// CPU from the capsule's cgroup and host RSS of its VMM process, read
-/// from cgroupfs and `<proc>/<pid>/status`.
+/// from cgroupfs and `<proc>/<pid>/status`. The process is named by pid
+/// and start time, so a reused pid reports an error, not a stranger's RSS.
 #[derive(Clone, Debug)]
 pub struct ProcSource {
     cgroup: CapsuleCgroup,
+    proc_root: PathBuf,
+    process: ProcessIdentity,
     status: PathBuf,
 }
 
 impl ProcSource {
-    /// Reads the cgroup `cgroup` and the process `pid` under `proc_root`
-    /// (normally `/proc`).
-    pub fn new(proc_root: &Path, pid: i32, cgroup: CapsuleCgroup) -> Self {
+    /// Reads the cgroup `cgroup` and the process `process` under
+    /// `proc_root` (normally `/proc`).
+    pub fn new(proc_root: &Path, process: ProcessIdentity, cgroup: CapsuleCgroup) -> Self {
         Self {
             cgroup,
-            status: proc_root.join(pid.to_string()).join("status"),
+            proc_root: proc_root.to_path_buf(),
+            process,
+            status: proc_root.join(process.pid.to_string()).join("status"),
         }
     }
 
@@ -128,10 +134,26 @@ impl ProcSource {
             path: self.status.clone(),
             source,
         })?;
-        parse_vm_rss(&text).ok_or_else(|| Error::ReadProc {
+        let rss = parse_vm_rss(&text).ok_or_else(|| Error::ReadProc {
             path: self.status.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no VmRSS line"),
-        })
+        })?;
+        // Checked after the read: if the pid still has the same start time
+        // now, the status read before belonged to our process.
+        let started = crate::sys::process::start_time_ticks(&self.proc_root, self.process.pid)
+            .map_err(|source| Error::ReadProc {
+                path: self
+                    .proc_root
+                    .join(self.process.pid.to_string())
+                    .join("stat"),
+                source,
+            })?;
+        if started != self.process.start_time_ticks {
+            return Err(Error::ProcessGone {
+                pid: self.process.pid,
+            });
+        }
+        Ok(rss)
     }
 }
 
@@ -159,6 +181,44 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_of_a_reused_pid_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let proc_dir = root.path().join("proc/42");
+        std::fs::create_dir_all(&proc_dir).unwrap();
+        std::fs::write(proc_dir.join("status"), "Name:\tch\nVmRSS:\t 100 kB\n").unwrap();
+        std::fs::write(
+            proc_dir.join("stat"),
+            format!("42 (c h) S {}555 0\n", "1 ".repeat(18)),
+        )
+        .unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "").unwrap();
+        let cg = crate::vmm::cgroup::CgroupRoot::detect(root.path(), "wrenn")
+            .unwrap()
+            .open_capsule("c");
+        let ours = ProcSource::new(
+            &root.path().join("proc"),
+            ProcessIdentity {
+                pid: 42,
+                start_time_ticks: 555,
+            },
+            cg.clone(),
+        );
+        assert_eq!(ours.read_host_rss_bytes().unwrap(), 100 * 1024);
+        let earlier = ProcSource::new(
+            &root.path().join("proc"),
+            ProcessIdentity {
+                pid: 42,
+                start_time_ticks: 554,
+            },
+            cg,
+        );
+        assert!(matches!(
+            earlier.read_host_rss_bytes(),
+            Err(Error::ProcessGone { pid: 42 })
+        ));
+    }
 
     #[test]
     fn vm_rss_is_read_in_bytes() {
