@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
@@ -152,6 +153,7 @@ struct Common {
     storage: BackendChoice,
     uplink: String,
     cgroups: CgroupRoot,
+    metrics: Arc<Metrics>,
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -185,8 +187,33 @@ async fn run(args: Args) -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
-    // Served by the metrics module once it is wired in.
-    tracing::debug!(%admin_listen, "admin address");
+    // The admin port answers /healthz at once and /readyz after recovery.
+    let metrics = Metrics::new();
+    let admin = match tokio::net::TcpListener::bind(admin_listen).await {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(%admin_listen, error = &err as &dyn std::error::Error, "bind admin listener");
+            return ExitCode::from(EXIT_LISTEN);
+        }
+    };
+    {
+        let state = metrics::admin::AdminState {
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(err) = metrics::admin::serve(admin, state, std::future::pending()).await {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "admin server failed"
+                );
+            }
+        });
+    }
+    tokio::spawn(metrics::sampler::run(
+        metrics.clone(),
+        metrics::sampler::SamplerConfig::default(),
+        std::future::pending(),
+    ));
     let cgroups = match CgroupRoot::detect(Path::new("/sys/fs/cgroup"), "wrenn") {
         Ok(c) => c,
         Err(err) => {
@@ -207,6 +234,7 @@ async fn run(args: Args) -> ExitCode {
         storage,
         uplink,
         cgroups,
+        metrics,
     };
     let paths = HostPaths {
         proc_root: "/proc".into(),
@@ -247,6 +275,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         storage: storage_choice,
         uplink,
         cgroups,
+        metrics,
     } = common;
     let store_cfg = StorageConfig::new(state_dir.join("disks"));
     let store =
@@ -336,7 +365,9 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             state_dir,
         },
     )
-    .with_capsules(Arc::new(supervisor.clone()));
+    .with_capsules(Arc::new(supervisor.clone()))
+    .with_metrics(metrics.clone());
+    metrics.set_ready(true);
     tracing::info!(%listen, "serving wrenn.agent.v1 with mutual TLS");
     let shutdown = stop_signal();
     let res = server::serve(listener, &tls, service, shutdown).await;

@@ -53,6 +53,7 @@ pub struct AgentService {
     identity: AgentIdentity,
     paths: NodePaths,
     capsules: Option<Arc<dyn CapsuleApi>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AgentService {
@@ -63,12 +64,19 @@ impl AgentService {
             identity,
             paths,
             capsules: None,
+            metrics: None,
         }
     }
 
     /// Serves capsule RPCs from `capsules` (the supervisor).
     pub fn with_capsules(mut self, capsules: Arc<dyn CapsuleApi>) -> Self {
         self.capsules = Some(capsules);
+        self
+    }
+
+    /// Serves `GetMetrics` from the agent's sampled history.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -315,9 +323,18 @@ impl NodeAgent for AgentService {
     }
     async fn get_metrics(
         &self,
-        _: Request<pb::GetMetricsRequest>,
+        req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
-        Err(not_yet("GetMetrics"))
+        let Some(metrics) = &self.metrics else {
+            return Err(not_yet("GetMetrics"));
+        };
+        match metrics.get_metrics(req.get_ref()) {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e @ crate::metrics::Error::UnknownCapsule { .. }) => {
+                Err(Status::not_found(e.to_string()))
+            }
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 
     type ExecStream = BoxStream<gpb::ExecOutput>;
