@@ -11,6 +11,8 @@
 //! installed once and waited for until served.
 #![forbid(unsafe_code)]
 
+pub mod guest_vm;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
