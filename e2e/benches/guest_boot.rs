@@ -21,20 +21,43 @@ fn main() -> Result<()> {
     println!("kernel {} from {}", a.release, a.dir.display());
     for machine in Machine::ALL {
         let mut times = Vec::with_capacity(runs);
+        let mut hung = 0;
         for _ in 0..runs {
-            let boot = boot_to_ready(&a, machine, Duration::from_secs(120))?;
-            times.push(boot.ready_after.as_secs_f64());
+            // A boot that never gets ready is counted, not fatal: microvm
+            // under TCG sometimes hangs calibrating the TSC.
+            match boot_to_ready(&a, machine, Duration::from_secs(60)) {
+                Ok(boot) => times.push(boot.ready_after.as_secs_f64()),
+                Err(e) => {
+                    hung += 1;
+                    eprintln!(
+                        "{}: {}",
+                        machine.name(),
+                        e.to_string().lines().next().unwrap_or("")
+                    );
+                }
+            }
         }
         let shown: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
         times.sort_by(f64::total_cmp);
-        println!(
-            "{:8} boot-to-ready (TCG, 1 vCPU, 256 MiB): median {:.2} s, min {:.2} s, max {:.2} s over {runs} [{}]",
-            machine.name(),
-            times[runs / 2],
-            times[0],
-            times[runs - 1],
-            shown.join(", ")
-        );
+        match (times.first(), times.last()) {
+            (Some(min), Some(max)) => println!(
+                "{:8} boot-to-ready (TCG, 1 vCPU, 256 MiB): median {:.2} s, min {min:.2} s, max {max:.2} s; {} of {runs} ready [{}]",
+                machine.name(),
+                times[times.len() / 2],
+                times.len(),
+                shown.join(", ")
+            ),
+            _ => println!(
+                "{:8} boot-to-ready: none of {runs} boots got ready",
+                machine.name()
+            ),
+        }
+        if hung > 0 {
+            println!(
+                "{:8} {hung} of {runs} boots not ready within 60 s",
+                machine.name()
+            );
+        }
     }
     Ok(())
 }
