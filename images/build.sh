@@ -107,6 +107,8 @@ if [ -f "$dir/manifest.json" ]; then # built by whoever held the lock
   echo "$dir"
   exit 0
 fi
+# Holding the lock, any scratch directory left is from a killed build.
+rm -rf "$cache/guest/.build-"*
 start=$(date +%s%N)
 work=$(mktemp -d "$cache/guest/.build-$key.XXXXXX")
 trap 'rm -rf "$work"' EXIT

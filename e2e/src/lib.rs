@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod guest_vm;
 pub mod helm;
 pub mod workloads;
 
