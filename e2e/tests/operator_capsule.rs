@@ -272,15 +272,24 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
         running.annotations()
     );
 
+    // The Running Event follows the status write that shows Running.
     let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
-    let ours: Vec<K8sEvent> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
-        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ours: Vec<K8sEvent> = loop {
+        let ours: Vec<K8sEvent> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
+            .collect();
+        if ours.iter().any(|e| e.reason.as_deref() == Some("Running")) || Instant::now() > deadline
+        {
+            break ours;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let reasons: Vec<_> = ours.iter().filter_map(|e| e.reason.clone()).collect();
     assert!(reasons.contains(&"Scheduled".to_string()), "{reasons:?}");
     assert!(reasons.contains(&"Running".to_string()), "{reasons:?}");
