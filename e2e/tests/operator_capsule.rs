@@ -49,6 +49,11 @@ impl RunningOperator {
 }
 
 fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> RunningOperator {
+    // RUST_LOG=wrenn_operator=debug shows what the operator did.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let (pool, streams) = AgentPool::new(connector, Duration::from_secs(1));
@@ -63,6 +68,7 @@ fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> R
             settle_grace: Duration::from_secs(5),
             // Usage writes would blur the write count; they have their own interval.
             usage_interval: Duration::from_secs(3600),
+            converge_interval: Duration::from_secs(60),
         },
         instance: None,
         namespace: Some(ns.to_string()),
