@@ -49,6 +49,11 @@ impl RunningOperator {
 }
 
 fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> RunningOperator {
+    // RUST_LOG=wrenn_operator=debug shows what the operator did.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let (pool, streams) = AgentPool::new(connector, Duration::from_secs(1));
@@ -63,6 +68,7 @@ fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> R
             settle_grace: Duration::from_secs(5),
             // Usage writes would blur the write count; they have their own interval.
             usage_interval: Duration::from_secs(3600),
+            converge_interval: Duration::from_secs(60),
         },
         instance: None,
         namespace: Some(ns.to_string()),
@@ -272,15 +278,24 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
         running.annotations()
     );
 
+    // The Running Event follows the status write that shows Running.
     let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
-    let ours: Vec<K8sEvent> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
-        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ours: Vec<K8sEvent> = loop {
+        let ours: Vec<K8sEvent> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
+            .collect();
+        if ours.iter().any(|e| e.reason.as_deref() == Some("Running")) || Instant::now() > deadline
+        {
+            break ours;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let reasons: Vec<_> = ours.iter().filter_map(|e| e.reason.clone()).collect();
     assert!(reasons.contains(&"Scheduled".to_string()), "{reasons:?}");
     assert!(reasons.contains(&"Running".to_string()), "{reasons:?}");

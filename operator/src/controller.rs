@@ -31,6 +31,9 @@ pub struct Settings {
     pub settle_grace: Duration,
     /// `status.usage` is refreshed at most this often per capsule.
     pub usage_interval: Duration,
+    /// Convergence (orphan sweep) also runs this often on every synced
+    /// agent, not only when one (re)connects.
+    pub converge_interval: Duration,
 }
 
 impl Default for Settings {
@@ -39,6 +42,7 @@ impl Default for Settings {
             node_lost_timeout: Duration::from_secs(300),
             settle_grace: Duration::from_secs(10),
             usage_interval: Duration::from_secs(30),
+            converge_interval: Duration::from_secs(60),
         }
     }
 }

@@ -36,6 +36,8 @@ pub fn build_conditions(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Vec<Condition> {
+    // Whole seconds, as the API server stores them (see build_capsule_status).
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     drafts
         .iter()
         .map(|d| {
@@ -68,7 +70,9 @@ pub fn build_capsule_status(
     let cur = current.cloned().unwrap_or_default();
     let started_at = draft
         .started_unix_nanos
-        .and_then(|n| Timestamp::from_nanosecond(n.into()).ok())
+        // metav1.Time keeps whole seconds: a finer value would never equal
+        // what the API server returns, and every reconcile would write again.
+        .and_then(|n| Timestamp::from_second(n.div_euclid(1_000_000_000)).ok())
         .map(Time)
         .or_else(|| cur.started_at.clone().filter(|_| draft.ip.is_some()));
     CapsuleStatus {
@@ -173,7 +177,7 @@ mod tests {
             phase: CapsulePhase::Running,
             node: Some("n1".into()),
             ip: Some("10.0.0.2".into()),
-            started_unix_nanos: Some(1_700_000_000_000_000_000),
+            started_unix_nanos: Some(1_700_000_000_123_456_789),
             vmm: Some(("qemu".into(), "9".into(), "TCG".into())),
             conditions: vec![d("True")],
         };
@@ -185,7 +189,10 @@ mod tests {
         };
         let a = build_capsule_status(&draft, None, Some(3), Some(r), t0);
         let later = Timestamp::from_second(9_000).unwrap();
-        let b = build_capsule_status(&draft, Some(&a), Some(3), None, later);
+        // What the API server hands back: serialised and parsed again.
+        let stored: CapsuleStatus =
+            serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
+        let b = build_capsule_status(&draft, Some(&stored), Some(3), None, later);
         assert_eq!(a, b);
         assert_eq!(a.resources.unwrap().memory.unwrap().0, "512Mi".to_string());
         assert_eq!(a.vmm.unwrap().note.as_deref(), Some("TCG"));

@@ -292,7 +292,10 @@ impl NodeAgent for Handle {
                 let mut st = lock(&boot.state);
                 let booted = st.capsules.get_mut(&uid).map(|c| {
                     c.state = target as i32;
-                    c.started_unix_nanos = 1;
+                    c.started_unix_nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as i64)
+                        .unwrap_or(1);
                     c.clone()
                 });
                 if let Some(c) = booted {

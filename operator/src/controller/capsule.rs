@@ -778,19 +778,31 @@ pub fn error_policy(cap: Arc<Capsule>, err: &Error, ctx: Arc<Context>) -> Action
 
 /// Convergence after an agent (re)synced: VMs without a Capsule are deleted;
 /// capsules placed on that node are reconciled (a vanished VM is noticed).
+/// Capsules are listed from the API server, not the cache: deleting a VM
+/// is decided on the freshest view there is.
 pub async fn converge(
     ctx: &Context,
-    store: &Store<Capsule>,
+    caps: &Api<Capsule>,
     sync: &AgentSynced,
     retrigger: &mpsc::UnboundedSender<ObjectRef<Capsule>>,
 ) {
-    let _ = store.wait_until_ready().await;
     let Some(client) = ctx.pool.client(&sync.node) else {
+        tracing::debug!(node = %sync.node, "agent gone before convergence");
         return;
     };
-    for (uid, ns, name) in ctx.pool.uids(&sync.node) {
-        let owner = store.get(&ObjectRef::new(&name).within(&ns));
-        if owner.as_ref().and_then(|c| c.uid()).as_deref() == Some(uid.as_str()) {
+    // Taken before the list: a VM created after the list belongs to a
+    // Capsule the list may miss, and must not be swept.
+    let vms = ctx.pool.uids(&sync.node);
+    let listed = match caps.list(&kube::api::ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(err) => {
+            tracing::warn!(node = %sync.node, error = &err as &dyn std::error::Error, "list capsules for convergence");
+            return;
+        }
+    };
+    let owners: std::collections::HashSet<String> = listed.iter().filter_map(|c| c.uid()).collect();
+    for (uid, ns, name) in vms {
+        if owners.contains(&uid) {
             continue;
         }
         match client.delete_capsule(uid.clone()).await {
@@ -804,9 +816,9 @@ pub async fn converge(
             }
         }
     }
-    for c in store.state() {
+    for c in &listed {
         if c.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(sync.node.as_str()) {
-            let _ = retrigger.send(ObjectRef::from_obj(&*c));
+            let _ = retrigger.send(ObjectRef::from_obj(c));
         }
     }
 }
@@ -831,10 +843,26 @@ pub async fn run(
     let by_template = store.clone();
     let by_snapshot = store.clone();
     let conv_ctx = ctx.clone();
-    let conv_store = store.clone();
+    let conv_api: Api<Capsule> = super::scoped(&client, ns);
     let converger = tokio::spawn(async move {
-        while let Some(sync) = syncs.recv().await {
-            converge(&conv_ctx, &conv_store, &sync, &retrigger).await;
+        let mut tick = tokio::time::interval(conv_ctx.settings.converge_interval);
+        tick.tick().await;
+        loop {
+            let nodes = tokio::select! {
+                sync = syncs.recv() => match sync {
+                    Some(s) => vec![s],
+                    None => return,
+                },
+                _ = tick.tick() => conv_ctx
+                    .pool
+                    .ready_nodes()
+                    .into_iter()
+                    .map(|node| AgentSynced { node })
+                    .collect(),
+            };
+            for sync in &nodes {
+                converge(&conv_ctx, &conv_api, sync, &retrigger).await;
+            }
         }
     });
     let merged = futures::stream::select(
