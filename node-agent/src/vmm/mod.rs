@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use ch_machine::{ChMachine, build_net_config, build_vm_config};
+pub use ch_machine::{ChMachine, build_machine_config, build_net_config};
 pub use error::Error;
 pub use fake::{FakeCall, FakeVmm};
 pub use fake_machine::{FAKE_IMAGE, FakeMachine, MachineCall, Step};
