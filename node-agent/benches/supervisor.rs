@@ -100,7 +100,7 @@ fn main() {
     let sup = supervisor(dir.path(), &machine, &net, &store);
     let idle = rss_kib();
     println!(
-        "supervisor bench (fake VMM/network/disks; journal on {})",
+        "supervisor bench (fake VMM and network, qcow2 disk files; state on {})",
         dir.path().display()
     );
     println!("  agent RSS idle (supervisor built)     {idle} KiB");

@@ -490,8 +490,10 @@ impl<M: Machine + 'static> Shared<M> {
         Ok((disk, capsule_net))
     }
 
-    /// Undoes everything `rec` says may exist, newest first. Stops at
-    /// nothing: every step is tried, the first failure is returned.
+    /// Undoes what `rec` says may exist, newest first: the VM, the network
+    /// (slot kept or released), and with `remove_disk` the disk and the
+    /// VMM's runtime dir. Every step is tried; the first failure is
+    /// returned.
     pub(crate) async fn release(
         &self,
         rec: &mut Record,
@@ -560,7 +562,10 @@ impl<M: Machine + 'static> Shared<M> {
                 }
             }
         }
-        if rec.vm.is_none()
+        // The VMM's log stays with a crashed or suspended capsule (it may
+        // say why); it goes with the capsule.
+        if remove_disk
+            && rec.vm.is_none()
             && let Err(e) = remove_dir(&self.layout.run_dir(&uid))
         {
             first.get_or_insert(e);
