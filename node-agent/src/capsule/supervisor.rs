@@ -1056,6 +1056,8 @@ impl<M: Machine + 'static> Shared<M> {
         let prior = rec.state;
         rec.prior = Some(prior);
         rec.state = State::Suspending;
+        // An image from an earlier suspend is stale from here on.
+        rec.suspended_image = false;
         self.commit(entry, rec)?;
         let final_dir = self.layout.suspend_dir(&uid);
         let staging = final_dir.with_extension("tmp");
@@ -1128,6 +1130,7 @@ impl<M: Machine + 'static> Shared<M> {
             Ok(vm) => {
                 rec.vm = Some(vm.clone());
                 rec.vm_starting = false;
+                rec.suspended_image = false;
                 rec.state = State::Running;
                 rec.prior = None;
                 rec.started_unix_nanos = now_nanos();
