@@ -172,10 +172,29 @@ fn vm_configs() -> Vec<(&'static str, VmConfig)> {
         num_queues: Some(2),
         ..NetConfig::default()
     });
+    // What ChMachine sends for a qcow2 root disk with an initramfs.
+    let machine =
+        wrenn_node_agent::vmm::build_machine_config(&wrenn_node_agent::vmm::MachineSpec {
+            capsule: "abc".into(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            kernel: "/var/lib/wrenn/kernels/vmlinux".into(),
+            initramfs: Some("/var/lib/wrenn/kernels/initrd".into()),
+            cmdline: "console=ttyS0".into(),
+            root_disk: "/var/lib/wrenn/disks/wrenn-abc.qcow2".into(),
+            root_disk_format: wrenn_node_agent::vmm::DiskFormat::Qcow2,
+            netns: None,
+            tap: None,
+            vsock_cid: 3,
+            vsock_socket: "/var/lib/wrenn/vmm/abc/vsock.sock".into(),
+            limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(1, 256 << 20),
+            run_dir: "/var/lib/wrenn/vmm/abc".into(),
+        });
     vec![
         ("minimal", plain),
         ("serial+vsock+uuid", full),
         ("named tap", named_tap),
+        ("machine: qcow2 + initramfs", machine),
     ]
 }
 
@@ -243,7 +262,30 @@ fn every_vm_create_body_matches_the_spec() {
 #[test]
 fn every_add_net_body_matches_the_spec() {
     let c = Contract::new();
-    for (what, net) in nets() {
+    let mut nets = nets();
+    let machine_net =
+        wrenn_node_agent::vmm::build_net_config(&wrenn_node_agent::vmm::MachineSpec {
+            capsule: "abc".into(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            kernel: "/k".into(),
+            initramfs: None,
+            cmdline: String::new(),
+            root_disk: "/d".into(),
+            root_disk_format: wrenn_node_agent::vmm::DiskFormat::Raw,
+            netns: Some("/run/netns/wrenn-abc".into()),
+            tap: Some(wrenn_node_agent::vmm::TapSpec {
+                name: "tap0".into(),
+                mac: "02:fc:00:00:00:05".into(),
+            }),
+            vsock_cid: 3,
+            vsock_socket: "/v".into(),
+            limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(1, 256 << 20),
+            run_dir: "/r".into(),
+        })
+        .unwrap();
+    nets.push(("machine: tap by name", machine_net));
+    for (what, net) in nets {
         c.check::<endpoint::VmAddNet>(what, &net).unwrap();
     }
 }

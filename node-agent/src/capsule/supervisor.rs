@@ -520,8 +520,10 @@ impl<M: Machine + 'static> Shared<M> {
         Ok((disk, capsule_net))
     }
 
-    /// Undoes everything `rec` says may exist, newest first. Stops at
-    /// nothing: every step is tried, the first failure is returned.
+    /// Undoes what `rec` says may exist, newest first: the VM, the network
+    /// (slot kept or released), and with `remove_disk` the disk and the
+    /// VMM's runtime dir. Every step is tried; the first failure is
+    /// returned.
     pub(crate) async fn release(
         &self,
         rec: &mut Record,
@@ -590,7 +592,10 @@ impl<M: Machine + 'static> Shared<M> {
                 }
             }
         }
-        if rec.vm.is_none()
+        // The VMM's log stays with a crashed or suspended capsule (it may
+        // say why); it goes with the capsule.
+        if remove_disk
+            && rec.vm.is_none()
             && let Err(e) = remove_dir(&self.layout.run_dir(&uid))
         {
             first.get_or_insert(e);
@@ -1124,6 +1129,8 @@ impl<M: Machine + 'static> Shared<M> {
         let prior = rec.state;
         rec.prior = Some(prior);
         rec.state = State::Suspending;
+        // An image from an earlier suspend is stale from here on.
+        rec.suspended_image = false;
         self.commit(entry, rec)?;
         let final_dir = self.layout.suspend_dir(&uid);
         let staging = final_dir.with_extension("tmp");
@@ -1206,6 +1213,7 @@ impl<M: Machine + 'static> Shared<M> {
             Ok(vm) => {
                 rec.vm = Some(vm.clone());
                 rec.vm_starting = false;
+                rec.suspended_image = false;
                 rec.state = State::Running;
                 rec.prior = None;
                 rec.started_unix_nanos = now_nanos();

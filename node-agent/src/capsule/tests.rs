@@ -534,3 +534,42 @@ async fn recovery_finishes_an_interrupted_suspend_and_undoes_a_snapshot() {
     assert!(!staging.exists());
     b.sup.resume("a").await.unwrap();
 }
+
+#[tokio::test]
+async fn the_journal_is_written_before_each_side_effect() {
+    let b = Bed::new();
+    let journal = crate::state::Journal::new(b.dir.path());
+    // Read the journal while the VMM step is in flight.
+    b.machine.delay(Step::Launch, Duration::from_millis(200));
+    let sup = b.sup.clone();
+    let creating = tokio::spawn(async move { sup.create("c1", spec("c1"), State::Running).await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let rec: Record = journal.read("c1").unwrap().unwrap();
+    assert_eq!(rec.state, State::Creating);
+    assert!(rec.disk && rec.network && rec.vm_starting, "{rec:?}");
+    assert!(rec.vm.is_none());
+    creating.await.unwrap().unwrap();
+    let rec: Record = journal.read("c1").unwrap().unwrap();
+    assert_eq!(rec.state, State::Running);
+    assert!(rec.vm.is_some() && !rec.vm_starting);
+
+    b.machine.delay(Step::Snapshot, Duration::from_millis(200));
+    let sup = b.sup.clone();
+    let suspending = tokio::spawn(async move { sup.suspend("c1").await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let rec: Record = journal.read("c1").unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.prior),
+        (State::Suspending, Some(State::Running))
+    );
+    assert!(!rec.suspended_image);
+    suspending.await.unwrap().unwrap();
+    let rec: Record = journal.read("c1").unwrap().unwrap();
+    assert_eq!(rec.state, State::Suspended);
+    assert!(rec.suspended_image && rec.vm.is_none() && rec.network);
+    // Resumed, the old image no longer counts: a crash during the next
+    // suspend must not finish it with stale memory.
+    b.sup.resume("c1").await.unwrap();
+    let rec: Record = journal.read("c1").unwrap().unwrap();
+    assert!(!rec.suspended_image);
+}

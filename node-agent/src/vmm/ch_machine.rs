@@ -12,8 +12,7 @@
 use std::path::Path;
 
 use super::ch::api::{
-    ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, ImageType, MemoryConfig, NetConfig,
-    PayloadConfig, RestoreConfig, RngConfig, VmConfig, VmState, VsockConfig, build_file_url,
+    ImageType, NetConfig, RestoreConfig, VmConfig, VmSpec, VmState, build_file_url, build_vm_config,
 };
 use super::machine::{
     BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
@@ -98,68 +97,32 @@ impl ChMachine {
     }
 }
 
-/// The `vm.create` body for `spec` (the NIC is added separately, see
-/// [`build_net_config`]).
-pub fn build_vm_config(spec: &MachineSpec) -> VmConfig {
+/// The `vm.create` body for `spec`: the shared builder
+/// ([`api::build_vm_config`](super::ch::api::build_vm_config)) plus the
+/// initramfs and the disk format. The NIC is added separately, see
+/// [`build_net_config`].
+pub fn build_machine_config(spec: &MachineSpec) -> VmConfig {
     let path = |p: &Path| p.to_string_lossy().into_owned();
-    VmConfig {
-        payload: PayloadConfig {
-            kernel: Some(path(&spec.kernel)),
-            cmdline: Some(spec.cmdline.clone()),
-            initramfs: spec.initramfs.as_deref().map(path),
-            firmware: None,
-        },
-        cpus: Some(CpusConfig {
-            boot_vcpus: spec.vcpus,
-            max_vcpus: spec.vcpus,
-            // CH defaults to nested=true (v50+); guests here never nest.
-            nested: Some(false),
-        }),
-        memory: Some(MemoryConfig {
-            size: spec.memory_bytes,
-            shared: Some(false),
-            hugepages: None,
-            // Explicit: THP defeats sparse snapshots (§11 #15).
-            thp: Some(false),
-            mergeable: None,
-        }),
-        disks: vec![DiskConfig {
-            path: path(&spec.root_disk),
-            id: Some("rootfs".into()),
-            readonly: Some(false),
-            image_type: Some(match spec.root_disk_format {
-                DiskFormat::Raw => ImageType::Raw,
-                DiskFormat::Qcow2 => ImageType::Qcow2,
-            }),
-            // A qcow2 overlay's template is its backing file (off by
-            // default since v51).
-            backing_files: (spec.root_disk_format == DiskFormat::Qcow2).then_some(true),
-            ..DiskConfig::default()
-        }],
-        net: Vec::new(),
-        rng: Some(RngConfig {
-            src: "/dev/urandom".into(),
-        }),
-        serial: Some(ConsoleConfig {
-            mode: ConsoleMode::File,
-            file: Some(path(&spec.run_dir.join("serial.log"))),
-            socket: None,
-        }),
-        // CH's API default is Tty, which a daemon must not use.
-        console: Some(ConsoleConfig {
-            mode: ConsoleMode::Off,
-            file: None,
-            socket: None,
-        }),
-        vsock: Some(VsockConfig {
-            cid: u64::from(spec.vsock_cid),
-            socket: path(&spec.vsock_socket),
-            id: None,
-        }),
-        balloon: None,
-        platform: None,
-        landlock_enable: None,
+    let mut config = build_vm_config(&VmSpec {
+        vcpus: spec.vcpus,
+        memory_bytes: spec.memory_bytes,
+        kernel: path(&spec.kernel),
+        cmdline: spec.cmdline.clone(),
+        root_disk: path(&spec.root_disk),
+        serial_file: Some(path(&spec.run_dir.join("serial.log"))),
+        vsock: Some((u64::from(spec.vsock_cid), path(&spec.vsock_socket))),
+        system_uuid: None,
+    });
+    config.payload.initramfs = spec.initramfs.as_deref().map(path);
+    if spec.root_disk_format == DiskFormat::Qcow2
+        && let Some(root) = config.disks.first_mut()
+    {
+        root.image_type = Some(ImageType::Qcow2);
+        // The template is the overlay's backing file (off by default
+        // since v51).
+        root.backing_files = Some(true);
     }
+    config
 }
 
 /// The `vm.add-net` body: the TAP by name, in CH's netns.
@@ -186,7 +149,7 @@ impl Machine for ChMachine {
         Self::clear_vsock(spec)?;
         let vm = self.vmm.start(&Self::start_spec(spec)).await?;
         let steps = async {
-            self.vmm.create(&vm, &build_vm_config(spec)).await?;
+            self.vmm.create(&vm, &build_machine_config(spec)).await?;
             if let Some(net) = build_net_config(spec) {
                 self.vmm.add_net(&vm, &net, &[]).await?;
             }
@@ -297,7 +260,7 @@ mod tests {
 
     #[test]
     fn vm_config_sets_what_ch_defaults_wrong() {
-        let c = build_vm_config(&spec(DiskFormat::Raw));
+        let c = build_machine_config(&spec(DiskFormat::Raw));
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["memory"]["thp"], false);
         assert_eq!(json["cpus"]["nested"], false);
@@ -305,7 +268,7 @@ mod tests {
         assert_eq!(json["disks"][0]["image_type"], "Raw");
         assert!(json["disks"][0].get("backing_files").is_none());
         assert!(json.get("net").is_none(), "the NIC goes through vm.add-net");
-        let q = serde_json::to_value(build_vm_config(&spec(DiskFormat::Qcow2))).unwrap();
+        let q = serde_json::to_value(build_machine_config(&spec(DiskFormat::Qcow2))).unwrap();
         assert_eq!(q["disks"][0]["backing_files"], true);
         let net = serde_json::to_value(build_net_config(&spec(DiskFormat::Raw))).unwrap();
         assert_eq!(net["tap"], "tap0");

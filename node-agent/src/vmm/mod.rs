@@ -1,9 +1,11 @@
 //! The only code that starts a VMM or talks to one: the typed Cloud
 //! Hypervisor client over its API socket and event-monitor parsing
 //! ([`ch`]), process supervision in the capsule's netns and cgroup
-//! ([`process`], [`cgroup`]), and (later) the QEMU backend — all behind the
-//! [`Vmm`] capability that the capsule supervisor drives. [`FakeVmm`]
-//! records calls for the supervisor's unit tests.
+//! ([`process`], [`cgroup`]), and (later) the QEMU backend. The capsule
+//! supervisor drives whole lifecycle steps through [`Machine`]:
+//! [`ChMachine`] over the CH-granular [`Vmm`] ([`ChVmm`]), and
+//! [`FakeMachine`], which records calls for the supervisor's unit tests.
+//! [`FakeVmm`] records `Vmm` calls.
 //!
 //! Networking (netns, TAP) and disks (dm devices) belong to `network` and
 //! `storage`; this module receives their results as paths and fds.
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use ch_machine::{ChMachine, build_net_config, build_vm_config};
+pub use ch_machine::{ChMachine, build_machine_config, build_net_config};
 pub use error::Error;
 pub use fake::{FakeCall, FakeVmm};
 pub use fake_machine::{FAKE_IMAGE, FakeMachine, MachineCall, Step};
