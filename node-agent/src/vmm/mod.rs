@@ -1,8 +1,9 @@
 //! The only code that starts a VMM or talks to one: the typed Cloud
 //! Hypervisor client over its API socket and event-monitor parsing
 //! ([`ch`]), process supervision in the capsule's netns and cgroup
-//! ([`process`], [`cgroup`]), and (later) the QEMU backend — all behind the
-//! [`Vmm`] capability that the capsule supervisor drives. [`FakeVmm`]
+//! ([`process`], [`cgroup`]), and the QEMU backend ([`qemu`], QMP and
+//! vhost-user-vsock) — behind the [`Vmm`] capability and the lifecycle-level
+//! [`Machine`] that the capsule supervisor drives. [`FakeVmm`]
 //! records calls for the supervisor's unit tests.
 //!
 //! Networking (netns, TAP) and disks (dm devices) belong to `network` and

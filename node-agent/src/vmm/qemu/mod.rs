@@ -977,12 +977,22 @@ impl Machine for QemuMachine {
         }
         let mut q = self.qmp(vm, "adopt").await?;
         self.run_state(&mut q, &vm.capsule, "adopt").await?;
+        // Later plugs must not reuse the id of the device plugged now.
+        let plugs = current_vsock(&mut q)
+            .await
+            .map_err(|source| Error::Qmp {
+                capsule: vm.capsule.clone(),
+                step: "adopt",
+                source,
+            })?
+            .and_then(|(id, _)| id.trim_start_matches("vsock").parse().ok())
+            .unwrap_or(0);
         self.remember(
             &vm.capsule,
             Procs {
                 qemu,
                 helpers,
-                plugs: 0,
+                plugs,
             },
         );
         Ok(())
