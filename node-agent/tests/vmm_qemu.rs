@@ -385,6 +385,28 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     .await;
     assert!(nic.contains("52:54:00:12:34:56"), "{nic}");
 
+    // A second backend adopts the running VM, as after an agent restart,
+    // and answers for it.
+    let adopter = QemuMachine::with_accel(
+        &qemu,
+        &helper,
+        info.version.clone(),
+        machine.accel().clone(),
+        HostPaths {
+            proc_root: "/proc".into(),
+            state_dir: work.path().join("state"),
+        },
+        cgroups.clone(),
+    );
+    adopter.adopt(&vm).await.unwrap();
+    assert_eq!(adopter.state(&vm).await.unwrap(), MachineState::Running);
+    let mut stale = vm.clone();
+    stale.process.start_time_ticks += 1;
+    assert!(
+        adopter.adopt(&stale).await.is_err(),
+        "a reused pid was adopted"
+    );
+
     // Pause: the VMM says so and the guest stops answering; resume.
     machine.pause(&vm).await.unwrap();
     assert_eq!(machine.state(&vm).await.unwrap(), MachineState::Paused);

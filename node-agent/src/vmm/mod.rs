@@ -1,11 +1,11 @@
 //! The only code that starts a VMM or talks to one: the typed Cloud
 //! Hypervisor client over its API socket and event-monitor parsing
 //! ([`ch`]), process supervision in the capsule's netns and cgroup
-//! ([`process`], [`cgroup`]), and (later) the QEMU backend. The capsule
-//! supervisor drives whole lifecycle steps through [`Machine`]:
-//! [`ChMachine`] over the CH-granular [`Vmm`] ([`ChVmm`]), and
-//! [`FakeMachine`], which records calls for the supervisor's unit tests.
-//! [`FakeVmm`] records `Vmm` calls.
+//! ([`process`], [`cgroup`]), and the QEMU backend ([`qemu`], QMP and
+//! vhost-user-vsock). The capsule supervisor drives whole lifecycle steps
+//! through [`Machine`]: [`ChMachine`] over the CH-granular [`Vmm`]
+//! ([`ChVmm`]), `QemuMachine`, and [`FakeMachine`], which records calls for
+//! the supervisor's unit tests. [`FakeVmm`] records `Vmm` calls.
 //!
 //! Networking (netns, TAP) and disks (dm devices) belong to `network` and
 //! `storage`; this module receives their results as paths and fds.

@@ -977,12 +977,22 @@ impl Machine for QemuMachine {
         }
         let mut q = self.qmp(vm, "adopt").await?;
         self.run_state(&mut q, &vm.capsule, "adopt").await?;
+        // Later plugs must not reuse the id of the device plugged now.
+        let plugs = current_vsock(&mut q)
+            .await
+            .map_err(|source| Error::Qmp {
+                capsule: vm.capsule.clone(),
+                step: "adopt",
+                source,
+            })?
+            .and_then(|(id, _)| id.trim_start_matches("vsock").parse().ok())
+            .unwrap_or(0);
         self.remember(
             &vm.capsule,
             Procs {
                 qemu,
                 helpers,
-                plugs: 0,
+                plugs,
             },
         );
         Ok(())
@@ -1161,5 +1171,114 @@ impl Machine for QemuMachine {
         let status = qemu.wait().await?;
         let requested = qemu.stop_was_requested();
         Ok(process::classify_exit(status, &[], requested))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::TapSpec;
+    use crate::vmm::cgroup::CgroupLimits;
+
+    fn spec() -> MachineSpec {
+        MachineSpec {
+            capsule: "c1".into(),
+            vcpus: 2,
+            memory_bytes: 300 << 20,
+            kernel: "/k/vmlinuz".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+            root_disk: "/d/a,b.qcow2".into(),
+            root_disk_format: DiskFormat::Qcow2,
+            netns: None,
+            tap: Some(TapSpec {
+                name: "tap0".into(),
+                mac: "52:54:00:00:00:01".into(),
+            }),
+            vsock_cid: 7,
+            vsock_socket: "/r/vm.vsock".into(),
+            limits: CgroupLimits::build_for_vm(2, 300 << 20),
+            run_dir: "/r".into(),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn command_line_carries_the_spec() {
+        let s = spec();
+        let tcg = Accel::Tcg { reason: "x".into() };
+        let a = joined(&build_qemu_args(&s, &tcg, &Layout::build(&s), false));
+        assert!(a.contains("-accel tcg,tb-size=64 -cpu max"), "{a}");
+        assert!(a.contains("-m 300M -smp 2"), "{a}");
+        assert!(
+            a.contains("memory-backend-memfd,id=mem0,size=300M,share=on"),
+            "{a}"
+        );
+        // A comma in a path is doubled, not taken as an option separator.
+        assert!(a.contains("file=/d/a,,b.qcow2,format=qcow2"), "{a}");
+        assert!(a.contains("tap,id=net0,ifname=tap0,script=no"), "{a}");
+        assert!(a.contains("mac=52:54:00:00:00:01"), "{a}");
+        assert!(
+            a.contains("vhost-user-vsock-pci,chardev=vsock-chr0,id=vsock0,bus=vsock-port"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-qmp unix:/r/qmp.sock,server=on,wait=off"),
+            "{a}"
+        );
+        assert!(!a.contains("-initrd") && !a.contains("-incoming"), "{a}");
+
+        // Restore: waits for the state, and has no vsock device yet.
+        let a = joined(&build_qemu_args(&s, &Accel::Kvm, &Layout::build(&s), true));
+        assert!(a.contains("-accel kvm -cpu host"), "{a}");
+        assert!(a.contains("-incoming defer -S"), "{a}");
+        assert!(!a.contains("vhost-user-vsock-pci"), "{a}");
+        assert!(a.contains("pcie-root-port,id=vsock-port"), "{a}");
+
+        let h = joined(&build_helper_args(&s, &Layout::build(&s)));
+        assert_eq!(
+            h,
+            "--guest-cid 7 --uds-path /r/vm.vsock --socket /r/vhost-vsock.sock"
+        );
+    }
+
+    #[test]
+    fn migration_uris_are_quoted_or_refused() {
+        assert_eq!(
+            exec_uri("cat > ", Path::new("/s/a b/memory.qemu")).unwrap(),
+            "exec:cat > '/s/a b/memory.qemu'"
+        );
+        assert!(exec_uri("cat ", Path::new("/s/it's")).is_err());
+    }
+
+    #[test]
+    fn states_versions_and_counters_parse() {
+        assert_eq!(to_machine_state("running"), MachineState::Running);
+        assert_eq!(to_machine_state("postmigrate"), MachineState::Paused);
+        assert_eq!(to_machine_state("paused"), MachineState::Paused);
+        assert_eq!(to_machine_state("guest-panicked"), MachineState::Shutdown);
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            Some("7.2.22".into())
+        );
+        assert_eq!(parse_version("qemu: unknown"), None);
+        let dev = "Inter-|   Receive                            |  Transmit\n \
+             face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+             lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n  \
+             tap0:    1500      10    0    0    0     0          0         0     9000      20    0    0    0     0       0          0\n";
+        assert_eq!(
+            parse_net_dev(dev, "tap0"),
+            Some(NetCounters {
+                tx_bytes: 1500,
+                rx_bytes: 9000
+            })
+        );
+        assert_eq!(parse_net_dev(dev, "tap1"), None);
     }
 }
