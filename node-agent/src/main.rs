@@ -369,7 +369,12 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     .with_metrics(metrics.clone());
     metrics.set_ready(true);
     tracing::info!(%listen, "serving wrenn.agent.v1 with mutual TLS");
-    let shutdown = stop_signal();
+    let sup = supervisor.clone();
+    let shutdown = async move {
+        stop_signal().await;
+        // Ends open WatchEvents streams, so the graceful stop completes.
+        sup.shutdown();
+    };
     let res = server::serve(listener, &tls, service, shutdown).await;
     supervisor.shutdown();
     match res {

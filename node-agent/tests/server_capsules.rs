@@ -49,6 +49,7 @@ fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, server: bool) -> (String, String
 struct Agent {
     client: NodeAgentClient<Channel>,
     service: AgentService,
+    sup: Supervisor<FakeMachine>,
     machine: Arc<FakeMachine>,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -93,7 +94,7 @@ async fn start() -> Agent {
             state_dir: dir.path().to_path_buf(),
         },
     )
-    .with_capsules(Arc::new(sup));
+    .with_capsules(Arc::new(sup.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -120,6 +121,7 @@ async fn start() -> Agent {
     Agent {
         client: NodeAgentClient::new(channel),
         service,
+        sup,
         machine,
         _dir: dir,
         _stop: stop,
@@ -305,6 +307,14 @@ async fn capsule_lifecycle_over_mtls() {
         pb::EventKind::try_from(ev.kind).unwrap(),
         pb::EventKind::Reset
     );
+
+    // An agent shutting down ends open watches, so its graceful stop does
+    // not wait on them.
+    a.sup.shutdown();
+    let end = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .expect("the watch ends on shutdown");
+    assert!(matches!(end, Ok(None)), "{end:?}");
 }
 
 #[tokio::test]

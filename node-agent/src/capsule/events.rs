@@ -51,6 +51,7 @@ pub struct EventBus {
     ring: Mutex<Ring>,
     capacity: usize,
     tx: broadcast::Sender<Event>,
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 /// What a watcher gets: the backlog to send first, then live events.
@@ -60,6 +61,9 @@ pub struct Watch {
     pub backlog: Vec<Event>,
     /// Live events after the backlog.
     pub live: broadcast::Receiver<Event>,
+    /// Turns `true` when the agent stops: end the stream then, or a
+    /// graceful shutdown waits for the watcher to hang up.
+    pub closed: tokio::sync::watch::Receiver<bool>,
 }
 
 fn now_nanos() -> i64 {
@@ -80,7 +84,13 @@ impl EventBus {
             }),
             capacity: capacity.max(1),
             tx,
+            closed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Ends every watch (agent shutdown).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     /// A bus numbering from the current time in microseconds.
@@ -157,7 +167,11 @@ impl EventBus {
                     .collect()
             }
         };
-        Watch { backlog, live }
+        Watch {
+            backlog,
+            live,
+            closed: self.closed.subscribe(),
+        }
     }
 }
 

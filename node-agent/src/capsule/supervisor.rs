@@ -302,9 +302,11 @@ impl<M: Machine + 'static> Supervisor<M> {
         &self.shared.layout
     }
 
-    /// Stops every background task (crash watchers). Capsules keep running:
-    /// this is what an agent exit does to the supervisor.
+    /// Ends every event watch and stops every background task (crash
+    /// watchers). Capsules keep running: this is what an agent exit does to
+    /// the supervisor.
     pub fn shutdown(&self) {
+        self.shared.bus.close();
         let tasks = std::mem::take(&mut *self.shared.lock_tasks());
         for t in tasks {
             t.abort();

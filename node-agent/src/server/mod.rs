@@ -317,9 +317,14 @@ impl NodeAgent for AgentService {
                 unix_nanos: 0,
             }),
         });
-        Ok(Response::new(Box::pin(
+        let mut closed = watch.closed;
+        let stop = async move {
+            let _ = closed.wait_for(|c| *c).await;
+        };
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(
             tokio_stream::iter(backlog).chain(live),
-        )))
+            stop,
+        ))))
     }
     async fn get_metrics(
         &self,
