@@ -104,6 +104,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A program given by bare name is not in any `PATH` directory, or a
+    /// path given is not an executable file.
+    #[error("program {} not found: {why}", program.display())]
+    ProgramNotFound {
+        /// The name or path as configured.
+        program: PathBuf,
+        /// Where it was looked for.
+        why: String,
+    },
     /// Preparing a VMM's files (state dir, API socket, log, netns,
     /// cgroup.procs) failed.
     #[error("prepare {what} {} for capsule {capsule}", path.display())]

@@ -172,6 +172,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 impl ChVmm {
     /// A backend for `binary`, whose version is detected once here.
     pub async fn new(binary: &Path, paths: HostPaths, cgroups: CgroupRoot) -> Result<Self, Error> {
+        let binary = &process::resolve_program(binary, std::env::var_os("PATH").as_deref())?;
         let version = ChVersion::detect(binary, Duration::from_secs(10)).await?;
         Ok(Self::with_version(binary, version, paths, cgroups))
     }

@@ -73,6 +73,38 @@ pub fn capsule_dir(paths: &HostPaths, capsule: &str) -> PathBuf {
     paths.state_dir.join(capsule)
 }
 
+/// Turns a configured program into the absolute path `execve` needs: a
+/// bare name is looked up in `PATH` (as a shell would), a path is checked
+/// for being an executable file. Done once at start, so a missing binary
+/// stops the agent with its name rather than failing every capsule.
+pub fn resolve_program(program: &Path, path_var: Option<&OsStr>) -> Result<PathBuf, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let not_found = |why: String| Error::ProgramNotFound {
+        program: program.to_path_buf(),
+        why,
+    };
+    if program.components().count() > 1 || program.is_absolute() {
+        let abs = std::path::absolute(program).map_err(|e| not_found(e.to_string()))?;
+        return if executable(&abs) {
+            Ok(abs)
+        } else {
+            Err(not_found(format!(
+                "{} is not an executable file",
+                abs.display()
+            )))
+        };
+    }
+    let dirs = path_var.unwrap_or_default();
+    std::env::split_paths(dirs)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| not_found(format!("not in PATH ({})", dirs.to_string_lossy())))
+}
+
 /// Starts `req.program` in the capsule's namespaces and cgroup.
 ///
 /// Order matters:
@@ -364,6 +396,33 @@ pub fn classify_exit(status: ExitStatus, events: &[EventKind], requested: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_resolve_through_path_or_fail_with_their_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("vmm-bin");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plain = dir.path().join("not-exec");
+        std::fs::write(&plain, "").unwrap();
+        let path_var =
+            std::env::join_paths(["relative/dir".into(), dir.path().to_path_buf()]).unwrap();
+
+        let found = resolve_program(Path::new("vmm-bin"), Some(&path_var)).unwrap();
+        assert_eq!(found, exe);
+        assert_eq!(resolve_program(&exe, None).unwrap(), exe);
+
+        let missing = resolve_program(Path::new("no-such-vmm"), Some(&path_var)).unwrap_err();
+        assert!(missing.to_string().contains("no-such-vmm"), "{missing}");
+        assert!(missing.to_string().contains("not in PATH"), "{missing}");
+        let plain_err = resolve_program(&plain, Some(&path_var)).unwrap_err();
+        assert!(
+            plain_err.to_string().contains("not an executable"),
+            "{plain_err}"
+        );
+        assert!(resolve_program(Path::new("not-exec"), Some(&path_var)).is_err());
+    }
 
     #[test]
     fn poweroff_versus_crash() {

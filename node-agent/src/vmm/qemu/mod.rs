@@ -398,6 +398,9 @@ impl QemuMachine {
         paths: HostPaths,
         cgroups: CgroupRoot,
     ) -> Result<Self, Error> {
+        let path_var = std::env::var_os("PATH");
+        let qemu = &process::resolve_program(qemu, path_var.as_deref())?;
+        let helper = &process::resolve_program(helper, path_var.as_deref())?;
         let version = detect_version(qemu).await?;
         let accel = probe_accel(qemu, &paths.proc_root, Path::new("/dev/kvm")).await;
         if let Accel::Tcg { reason } = &accel {
