@@ -16,11 +16,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use wrenn_proto::agent::v1 as pb;
+use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
+use wrenn_proto::guest::v1 as gpb;
 
 use crate::workspace_root;
 
 /// TLS material of one node, as PEM files in a directory.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Pki {
     /// CA certificate (signs both sides here).
     pub ca: PathBuf,
@@ -190,28 +196,25 @@ impl GuestImage {
     }
 }
 
-/// Builds the agent binary (debug) and returns its path.
-pub fn agent_binary() -> Result<PathBuf> {
+/// Builds `bin` of `package` (debug, locked) and returns its path.
+pub fn cargo_build(package: &str, bin: &str) -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--locked",
-            "-q",
-            "-p",
-            "wrenn-node-agent",
-            "--bin",
-            "wrenn-node-agent",
-        ])
+        .args(["build", "--locked", "-q", "-p", package, "--bin", bin])
         .current_dir(workspace_root())
         .status()
         .context("run cargo build")?;
     if !status.success() {
-        bail!("cargo build -p wrenn-node-agent failed: {status}");
+        bail!("cargo build -p {package} failed: {status}");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug/wrenn-node-agent"))
+    Ok(target.join("debug").join(bin))
+}
+
+/// Builds the agent binary (debug) and returns its path.
+pub fn agent_binary() -> Result<PathBuf> {
+    cargo_build("wrenn-node-agent", "wrenn-node-agent")
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -235,6 +238,9 @@ pub struct AgentOptions {
     pub index: u8,
     /// Guest image whose kernel and initramfs the agent uses.
     pub image: GuestImage,
+    /// Certificates shared with other nodes (one operator talks to all);
+    /// `None` makes a CA for this node alone.
+    pub pki: Option<Pki>,
 }
 
 /// A running agent in its node namespace.
@@ -253,6 +259,9 @@ pub struct NodeAgent {
     /// The agent's log file.
     pub log: PathBuf,
     host_veth: String,
+    node_veth: String,
+    binary: PathBuf,
+    image: GuestImage,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -276,10 +285,16 @@ impl NodeAgent {
             node_name: opts.node_name.clone(),
             netns: netns.clone(),
             addr: (node_ip, 7443).into(),
-            pki: Pki::create(&dir.path().join("pki"), node_ip)?,
+            pki: match &opts.pki {
+                Some(p) => p.clone(),
+                None => Pki::create(&dir.path().join("pki"), node_ip)?,
+            },
             state_dir: dir.path().join("state"),
             log: dir.path().join("agent.log"),
             host_veth: host_veth.clone(),
+            node_veth: node_veth.clone(),
+            binary,
+            image: opts.image.clone(),
             child: None,
             _dir: dir,
         };
@@ -309,13 +324,27 @@ impl NodeAgent {
             "via",
             &host_ip.to_string(),
         ])?;
-        let log = std::fs::File::create(&agent.log).context("create the agent log")?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent process in the node (again, after [`Self::stop`] or
+    /// [`Self::kill9`]: same state directory, so it adopts its capsules),
+    /// waiting until its port accepts connections.
+    pub fn spawn(&mut self) -> Result<()> {
+        let agent = self;
+        // Appends: a restart keeps the earlier log for failure messages.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&agent.log)
+            .context("open the agent log")?;
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the
         // cgroup hierarchy the agent places VMMs in.
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg(&binary)
-            .args(["--node-name", &opts.node_name, "--listen", "0.0.0.0:7443"])
+            .arg(format!("--net=/run/netns/{}", agent.netns))
+            .arg(&agent.binary)
+            .args(["--node-name", &agent.node_name, "--listen", "0.0.0.0:7443"])
             .arg("--tls-cert")
             .arg(&agent.pki.server_cert)
             .arg("--tls-key")
@@ -330,12 +359,12 @@ impl NodeAgent {
                 "--storage",
                 "qcow2",
                 "--uplink",
-                &node_veth,
+                &agent.node_veth,
             ])
             .arg("--kernel")
-            .arg(opts.image.kernel())
+            .arg(agent.image.kernel())
             .arg("--initramfs")
-            .arg(opts.image.initramfs())
+            .arg(agent.image.initramfs())
             .args(["--admin-listen", "127.0.0.1:9090", "--log-level", "info"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone the log handle")?)
@@ -347,7 +376,7 @@ impl NodeAgent {
         loop {
             if std::net::TcpStream::connect_timeout(&agent.addr, Duration::from_millis(200)).is_ok()
             {
-                return Ok(agent);
+                return Ok(());
             }
             if let Some(child) = agent.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
@@ -372,26 +401,15 @@ impl NodeAgent {
     }
 
     /// Stops the agent process (SIGTERM, then SIGKILL after 10 s); capsules
-    /// keep running, as in production.
+    /// keep running, as in production. nsenter execs the agent, so the
+    /// child is the agent itself.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // nsenter execs the agent, so the child pid is the agent's.
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        crate::local::stop_child(self.child.take(), "TERM", Duration::from_secs(10));
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or OOM kill would.
+    pub fn kill9(&mut self) {
+        crate::local::stop_child(self.child.take(), "KILL", Duration::from_secs(5));
     }
 }
 
@@ -401,4 +419,94 @@ impl Drop for NodeAgent {
         let _ = ip(&["link", "del", &self.host_veth]);
         let _ = ip(&["netns", "del", &self.netns]);
     }
+}
+
+/// A gRPC client of one agent, as the operator holds it.
+pub type AgentClient = NodeAgentClient<Channel>;
+
+/// Dials `addr` over mutual TLS with the operator's client certificate.
+pub async fn connect(pki: &Pki, addr: std::net::SocketAddr) -> Result<AgentClient> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&pki.ca)?))
+        .identity(Identity::from_pem(
+            read(&pki.client_cert)?,
+            read(&pki.client_key)?,
+        ))
+        .domain_name(SERVER_NAME);
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .context("agent URL")?
+        .tls_config(tls)
+        .context("TLS config")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connect to the agent at {addr}"))?;
+    Ok(NodeAgentClient::new(channel).max_decoding_message_size(16 << 20))
+}
+
+impl NodeAgent {
+    /// A client of this agent.
+    pub async fn connect(&self) -> Result<AgentClient> {
+        connect(&self.pki, self.addr).await
+    }
+}
+
+/// What a finished exec printed and how it ended.
+#[derive(Debug, Default)]
+pub struct Ran {
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+    /// Exit code; `None` when a signal ended it.
+    pub code: Option<i32>,
+}
+
+/// Runs `argv` in capsule `uid` with `stdin`, collecting its output,
+/// through the agent's Exec stream.
+pub async fn exec(
+    c: &mut AgentClient,
+    uid: &str,
+    argv: &[&str],
+    stdin: &[u8],
+) -> Result<Ran, tonic::Status> {
+    let input = |i: gpb::exec_input::Input, uid: &str| pb::ExecInput {
+        uid: uid.into(),
+        input: Some(gpb::ExecInput { input: Some(i) }),
+    };
+    let mut msgs = vec![input(
+        gpb::exec_input::Input::Start(gpb::ExecStart {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout_ms: 60_000,
+            ..Default::default()
+        }),
+        uid,
+    )];
+    if !stdin.is_empty() {
+        msgs.push(input(gpb::exec_input::Input::Stdin(stdin.to_vec()), ""));
+    }
+    msgs.push(input(gpb::exec_input::Input::CloseStdin(true), ""));
+    let (tx, rx) = mpsc::channel(msgs.len());
+    for m in msgs {
+        tx.send(m)
+            .await
+            .map_err(|_| tonic::Status::internal("exec input channel closed"))?;
+    }
+    drop(tx);
+    let mut out = c.exec(ReceiverStream::new(rx)).await?.into_inner();
+    let mut ran = Ran::default();
+    while let Some(msg) = out.message().await? {
+        match msg.output {
+            Some(gpb::exec_output::Output::Stdout(b)) => {
+                ran.stdout.push_str(&String::from_utf8_lossy(&b))
+            }
+            Some(gpb::exec_output::Output::Stderr(b)) => {
+                ran.stderr.push_str(&String::from_utf8_lossy(&b))
+            }
+            Some(gpb::exec_output::Output::Exit(e)) => ran.code = e.code,
+            _ => {}
+        }
+    }
+    Ok(ran)
 }

@@ -14,6 +14,8 @@
 pub mod agent;
 pub mod guest_vm;
 pub mod helm;
+pub mod leaks;
+pub mod local;
 pub mod workloads;
 
 use std::io::{BufRead, BufReader};

@@ -4,38 +4,20 @@
 //! back, and delete with a leak check.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, SERVER_NAME};
+use wrenn_e2e::agent::{AgentClient, AgentOptions, GuestImage, NodeAgent, exec};
+use wrenn_e2e::leaks::{capsule_namespaces, files_mentioning, processes_mentioning};
 use wrenn_proto::agent::v1 as pb;
-use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case, need_program, need_root};
 
-type Client = NodeAgentClient<Channel>;
+type Client = AgentClient;
 
 async fn connect(agent: &NodeAgent) -> Client {
-    let read = |p: &Path| std::fs::read(p).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&agent.pki.ca)))
-        .identity(Identity::from_pem(
-            read(&agent.pki.client_cert),
-            read(&agent.pki.client_key),
-        ))
-        .domain_name(SERVER_NAME);
-    let channel = Channel::from_shared(format!("https://{}", agent.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap();
-    NodeAgentClient::new(channel).max_decoding_message_size(16 << 20)
+    agent.connect().await.unwrap()
 }
 
 fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
@@ -98,71 +80,6 @@ async fn wait_state(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-struct Ran {
-    stdout: String,
-    stderr: String,
-    code: Option<i32>,
-}
-
-/// Runs `argv` with `stdin`, collecting output, through the agent.
-async fn exec(
-    c: &mut Client,
-    uid: &str,
-    argv: &[&str],
-    stdin: &[u8],
-) -> Result<Ran, tonic::Status> {
-    let (tx, rx) = mpsc::channel(8);
-    let start = pb::ExecInput {
-        uid: uid.into(),
-        input: Some(gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
-                argv: argv.iter().map(|s| s.to_string()).collect(),
-                timeout_ms: 60_000,
-                ..Default::default()
-            })),
-        }),
-    };
-    tx.send(start).await.unwrap();
-    if !stdin.is_empty() {
-        tx.send(pb::ExecInput {
-            uid: String::new(),
-            input: Some(gpb::ExecInput {
-                input: Some(gpb::exec_input::Input::Stdin(stdin.to_vec())),
-            }),
-        })
-        .await
-        .unwrap();
-    }
-    tx.send(pb::ExecInput {
-        uid: String::new(),
-        input: Some(gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::CloseStdin(true)),
-        }),
-    })
-    .await
-    .unwrap();
-    let mut out = c.exec(ReceiverStream::new(rx)).await?.into_inner();
-    let mut ran = Ran {
-        stdout: String::new(),
-        stderr: String::new(),
-        code: None,
-    };
-    drop(tx);
-    while let Some(msg) = out.message().await? {
-        match msg.output {
-            Some(gpb::exec_output::Output::Stdout(b)) => {
-                ran.stdout.push_str(&String::from_utf8_lossy(&b))
-            }
-            Some(gpb::exec_output::Output::Stderr(b)) => {
-                ran.stderr.push_str(&String::from_utf8_lossy(&b))
-            }
-            Some(gpb::exec_output::Output::Exit(e)) => ran.code = e.code,
-            _ => {}
-        }
-    }
-    Ok(ran)
 }
 
 async fn sh(c: &mut Client, uid: &str, script: &str) -> String {
@@ -268,53 +185,6 @@ async fn read_file(c: &mut Client, uid: &str, path: &str) -> Vec<u8> {
     data
 }
 
-/// Processes whose command line mentions `needle` (QEMU carries the
-/// capsule's run directory, named by its UID).
-fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(needle)
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-fn files_mentioning(root: &Path, needle: &str) -> Vec<String> {
-    let mut hits = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let p = entry.path();
-            if p.to_string_lossy().contains(needle) {
-                hits.push(p.display().to_string());
-            }
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p);
-            }
-        }
-    }
-    hits
-}
-
-fn capsule_namespaces() -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("wrenn-") && !n.starts_with("wrenn-node-"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_through_the_agents_grpc_api() {
     let c = case(
@@ -340,6 +210,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         node_name: node,
         index: 1 + (std::process::id() % 250) as u8,
         image: image.clone(),
+        pki: None,
     };
     let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
         .await
@@ -425,9 +296,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     )
     .await;
     let refused = exec(&mut cl, &uid, &["true"], b"").await;
-    let status = refused
-        .err()
-        .expect("exec into a paused capsule must be refused");
+    let status = refused.expect_err("exec into a paused capsule must be refused");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("paused"), "{}", status.message());
     cl.resume_capsule(r(&uid)).await.unwrap();

@@ -1,0 +1,275 @@
+//! Wrenn end to end on one machine: the real `wrenn-operator` binary against
+//! a control plane, driving real node agents that each play a node in their
+//! own network namespace (see [`crate::agent`]). The local run (`up.sh`) and
+//! the scenario tests use this, so what a user starts is what CI tests.
+//!
+//! Agents are found the way the chart makes them found: a Pod per agent
+//! carrying the DaemonSet's label, with the node name and the Pod IP (the
+//! node side of the agent's veth). No kubelet runs, so the harness writes
+//! the Pod's status itself.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::agent::{NodeAgent, Pki, SERVER_NAME, cargo_build};
+
+/// The label the chart's DaemonSet gives node-agent Pods.
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=wrenn-node-agent";
+
+/// A running `wrenn-operator` process.
+#[derive(Debug)]
+pub struct OperatorProcess {
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its admin address (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
+    child: Option<Child>,
+}
+
+/// Everything the operator process needs.
+#[derive(Clone, Debug)]
+pub struct OperatorOptions {
+    /// Admin kubeconfig of the control plane.
+    pub kubeconfig: PathBuf,
+    /// Namespace of the node-agent Pods.
+    pub agent_namespace: String,
+    /// Client certificate and the CA of the agents.
+    pub pki: Pki,
+    /// Where the log goes.
+    pub log: PathBuf,
+    /// Seconds before a deleted capsule on a lost node is released.
+    pub node_lost_timeout_secs: u64,
+}
+
+fn free_loopback_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("pick a free loopback port")?;
+    l.local_addr().context("local address")
+}
+
+impl OperatorProcess {
+    /// Builds (debug) and starts the operator, waiting until `/healthz` answers.
+    pub fn start(opts: &OperatorOptions) -> Result<OperatorProcess> {
+        let binary = cargo_build("wrenn-operator", "wrenn-operator")?;
+        let admin = free_loopback_port()?;
+        let log = std::fs::File::create(&opts.log)
+            .with_context(|| format!("create {}", opts.log.display()))?;
+        let child = Command::new(&binary)
+            .env("KUBECONFIG", &opts.kubeconfig)
+            .args(["--agent-namespace", &opts.agent_namespace])
+            .args(["--agent-selector", AGENT_SELECTOR])
+            .args(["--agent-server-name", SERVER_NAME])
+            .arg("--tls-cert")
+            .arg(&opts.pki.client_cert)
+            .arg("--tls-key")
+            .arg(&opts.pki.client_key)
+            .arg("--agent-ca")
+            .arg(&opts.pki.ca)
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--leader-election", "false"])
+            .args([
+                "--node-lost-timeout",
+                &opts.node_lost_timeout_secs.to_string(),
+            ])
+            .args(["--log-level", "info,wrenn_operator=debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("clone the log handle")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        let mut op = OperatorProcess {
+            log: opts.log.clone(),
+            admin,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(&admin, Duration::from_millis(200)).is_err() {
+            if let Some(child) = op.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "operator exited ({status}) during start:\n{}",
+                    op.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("operator admin port not open in 30 s:\n{}", op.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(op)
+    }
+
+    /// The last lines of the operator's log.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 60)
+    }
+
+    /// Stops it: SIGTERM (graceful), SIGKILL after 15 s.
+    pub fn stop(&mut self) {
+        stop_child(self.child.take(), "TERM", Duration::from_secs(15));
+    }
+
+    /// Kills it with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        stop_child(self.child.take(), "KILL", Duration::from_secs(5));
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends `signal` and waits up to `grace`, then SIGKILL.
+pub(crate) fn stop_child(child: Option<Child>, signal: &str, grace: Duration) {
+    let Some(mut child) = child else {
+        return;
+    };
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The last `n` lines of a file, for failure messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Creates `ns` unless it exists.
+pub async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let body: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns } }))?;
+    match api.create(&PostParams::default(), &body).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("create namespace {ns}")),
+    }
+}
+
+fn agent_pod_name(agent: &NodeAgent) -> String {
+    format!("wrenn-node-agent-{}", agent.node_name)
+}
+
+/// Publishes `agent` as the DaemonSet and kubelet would: a labelled Pod on
+/// its node, Running and Ready, with the agent's address as Pod IP.
+pub async fn register_agent(client: &kube::Client, ns: &str, agent: &NodeAgent) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let name = agent_pod_name(agent);
+    let (key, value) = AGENT_SELECTOR
+        .split_once('=')
+        .context("selector is key=value")?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { key: value } },
+        "spec": {
+            "nodeName": agent.node_name,
+            "containers": [{ "name": "node-agent", "image": "wrenn/node-agent:local" }],
+        },
+    }))?;
+    match pods.create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e).with_context(|| format!("create Pod {ns}/{name}")),
+    }
+    let ip = agent.addr.ip().to_string();
+    pods.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{ "ip": ip }],
+            "conditions": [{ "type": "Ready", "status": "True" }],
+        } })),
+    )
+    .await
+    .with_context(|| format!("write the status of Pod {ns}/{name}"))?;
+    Ok(())
+}
+
+/// Removes the agent's Pod, as a drained node would.
+pub async fn unregister_agent(client: &kube::Client, ns: &str, agent: &NodeAgent) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    match pods
+        .delete(
+            &agent_pod_name(agent),
+            &DeleteParams::default().grace_period(0),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e).context("delete the agent Pod"),
+    }
+}
+
+/// A CapsuleTemplate booting the guest image's root disk (`rootfs.path`).
+pub fn template_manifest(name: &str, rootfs: &Path) -> serde_json::Value {
+    json!({
+        "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
+        "metadata": { "name": name },
+        "spec": {
+            "source": { "rootfs": { "path": rootfs.display().to_string() } },
+            "defaults": { "vcpus": 1, "memory": "256Mi", "disk": "1Gi" },
+        },
+    })
+}
+
+/// A Capsule from template `template`.
+pub fn capsule_manifest(name: &str, template: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+        "metadata": { "name": name },
+        "spec": {
+            "source": { "templateRef": { "name": template } },
+            "env": [{ "name": "WRENN_LOCAL", "value": "1" }],
+        },
+    })
+}
+
+/// Server-side applies `body` (any namespaced kind) as field manager `who`.
+pub async fn apply(
+    client: &kube::Client,
+    ns: &str,
+    body: &serde_json::Value,
+    who: &str,
+) -> Result<()> {
+    let kind = body["kind"].as_str().context("manifest without kind")?;
+    let name = body["metadata"]["name"]
+        .as_str()
+        .context("manifest without name")?;
+    let (group, version) = body["apiVersion"]
+        .as_str()
+        .context("manifest without apiVersion")?
+        .split_once('/')
+        .context("apiVersion is group/version")?;
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
+    let (ar, _) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .with_context(|| format!("discover {kind}"))?;
+    let api: Api<kube::core::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    api.patch(name, &PatchParams::apply(who).force(), &Patch::Apply(body))
+        .await
+        .with_context(|| format!("apply {kind} {ns}/{name}"))?;
+    Ok(())
+}
