@@ -234,17 +234,22 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     }
 
     let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
+    let t0 = Instant::now();
     cl.create_capsule(create_request(&uid, &image))
         .await
         .unwrap();
-    let boot = wait_state(
+    wait_state(
         &mut cl,
         &uid,
         pb::CapsuleState::Running,
         Duration::from_secs(300),
     )
     .await;
-    eprintln!("create to Running (agent + boot under TCG): {boot:?}");
+    // Create returns once the guest agent answered Init.
+    eprintln!(
+        "create to Running (agent + boot under TCG): {:?}",
+        t0.elapsed()
+    );
 
     // Exec: the guest's kernel, and a pipeline fed on stdin.
     let uname = sh(&mut cl, &uid, "uname -r").await;

@@ -65,6 +65,8 @@ async fn run(args: Args) -> Result<()> {
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = std::path::absolute(&args.dir).context("absolute state dir")?;
+    std::fs::write(dir.join("pid"), std::process::id().to_string())
+        .context("write the pid file")?;
 
     say("guest image (kernel, initramfs, root disk): images/build.sh");
     let image = tokio::task::spawn_blocking(GuestImage::build).await??;
@@ -208,7 +210,13 @@ async fn demo(args: &Args, client: &Client, image: &GuestImage, agent: &NodeAgen
          e2e/scripts/down.sh then stops the control plane.",
         args.kubeconfig.display()
     );
-    tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    // down.sh sends SIGTERM: it cleans up like Ctrl-C.
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     println!();
     Ok(())
 }
