@@ -256,6 +256,9 @@ pub struct NodeAgent {
     pub pki: Pki,
     /// The agent's state directory.
     pub state_dir: PathBuf,
+    /// Where this agent mounts capsule namespaces: its own, so agents
+    /// sharing this host never sweep each other's.
+    pub netns_dir: PathBuf,
     /// The agent's log file.
     pub log: PathBuf,
     host_veth: String,
@@ -290,6 +293,7 @@ impl NodeAgent {
                 None => Pki::create(&dir.path().join("pki"), node_ip)?,
             },
             state_dir: dir.path().join("state"),
+            netns_dir: dir.path().join("netns"),
             log: dir.path().join("agent.log"),
             host_veth: host_veth.clone(),
             node_veth: node_veth.clone(),
@@ -353,6 +357,8 @@ impl NodeAgent {
             .arg(&agent.pki.ca)
             .arg("--state-dir")
             .arg(&agent.state_dir)
+            .arg("--netns-dir")
+            .arg(&agent.netns_dir)
             .args([
                 "--vmm",
                 "qemu",

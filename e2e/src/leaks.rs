@@ -41,13 +41,13 @@ pub fn files_mentioning(root: &Path, needle: &str) -> Vec<String> {
     hits
 }
 
-/// Capsule network namespaces (`wrenn-*`, not the nodes' `wrenn-node-*`).
-pub fn capsule_namespaces() -> Vec<String> {
-    std::fs::read_dir("/run/netns")
+/// Capsule network namespaces mounted in `dir` (an agent's `--netns-dir`).
+pub fn capsule_namespaces(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("wrenn-") && !n.starts_with("wrenn-node-"))
+        .filter(|n| n.starts_with("wrenn-"))
         .collect()
 }

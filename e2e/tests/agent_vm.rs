@@ -217,7 +217,6 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         .unwrap()
         .unwrap();
     let mut cl = connect(&agent).await;
-    let netns_before = capsule_namespaces();
 
     let info = cl
         .node_info(pb::NodeInfoRequest {})
@@ -245,6 +244,11 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         Duration::from_secs(300),
     )
     .await;
+    assert_eq!(
+        capsule_namespaces(&agent.netns_dir).len(),
+        1,
+        "a running capsule has its namespace"
+    );
     // Create returns once the guest agent answered Init.
     eprintln!(
         "create to Running (agent + boot under TCG): {:?}",
@@ -368,10 +372,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         .unwrap()
         .into_inner();
     assert!(listed.capsules.iter().all(|c| c.uid != uid));
-    let netns: Vec<String> = capsule_namespaces()
-        .into_iter()
-        .filter(|n| !netns_before.contains(n))
-        .collect();
+    let netns = capsule_namespaces(&agent.netns_dir);
     assert!(netns.is_empty(), "capsule namespaces left: {netns:?}");
     drop(agent);
 }

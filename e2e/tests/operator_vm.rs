@@ -238,7 +238,6 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut cl = setup(&image).await;
     let ns = cl.ns.clone();
-    let netns_before = capsule_namespaces();
 
     apply(
         &cl.client,
@@ -264,6 +263,11 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
         "Running capsule without an IP: {status:?}"
     );
     let uid = one.uid().unwrap();
+    assert_eq!(
+        capsule_namespaces(&cl.agent(&node).netns_dir).len(),
+        1,
+        "the capsule's namespace is on its node"
+    );
 
     // What a user would do inside: leave a file and a process behind.
     cl.sh(
@@ -375,10 +379,13 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
             "VMM of {uid} left running"
         );
     }
-    assert_eq!(
-        capsule_namespaces(),
-        netns_before,
-        "capsule namespaces left behind"
-    );
+    for a in &cl.agents {
+        let left = capsule_namespaces(&a.netns_dir);
+        assert!(
+            left.is_empty(),
+            "namespaces left on {}: {left:?}",
+            a.node_name
+        );
+    }
     drop(c);
 }

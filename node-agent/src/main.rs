@@ -105,6 +105,10 @@ struct Args {
     /// The node's uplink interface, the only one capsule traffic may leave by.
     #[arg(long, env = "WRENN_UPLINK", default_value = "eth0")]
     uplink: String,
+    /// Where capsule network namespaces are mounted. Only agents sharing a
+    /// host with other agents (tests, the local run) need their own.
+    #[arg(long, env = "WRENN_NETNS_DIR", default_value = "/run/netns")]
+    netns_dir: PathBuf,
     /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     admin_listen: SocketAddr,
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
 
 /// What every backend's run path needs.
 struct Common {
+    netns_dir: PathBuf,
     node_name: String,
     listen: SocketAddr,
     tls: TlsFiles,
@@ -172,6 +177,7 @@ async fn run(args: Args) -> ExitCode {
         initramfs,
         storage,
         uplink,
+        netns_dir,
         admin_listen,
         ..
     } = args;
@@ -233,6 +239,7 @@ async fn run(args: Args) -> ExitCode {
         initramfs,
         storage,
         uplink,
+        netns_dir,
         cgroups,
         metrics,
     };
@@ -274,6 +281,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         initramfs,
         storage: storage_choice,
         uplink,
+        netns_dir,
         cgroups,
         metrics,
     } = common;
@@ -292,7 +300,11 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             }
             Err(_) => return ExitCode::from(EXIT_HOST),
         };
-    let net = match LinuxNet::new(LinuxNetConfig::host(&uplink, &state_dir)) {
+    let net_cfg = LinuxNetConfig {
+        netns_dir,
+        ..LinuxNetConfig::host(&uplink, &state_dir)
+    };
+    let net = match LinuxNet::new(net_cfg) {
         Ok(n) => n,
         Err(err) => {
             tracing::error!(

@@ -306,6 +306,16 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     )
     .unwrap()
     .unwrap();
+    // Not ours though it starts with the prefix: another agent's node
+    // namespace on a shared host. The sweep must leave it alone.
+    let foreign = bed.cfg.netns_dir.join("wrenn-node-x1");
+    sys::run_in_new_netns(
+        &foreign,
+        Path::new("/proc"),
+        |_| Ok::<_, std::io::Error>(()),
+    )
+    .unwrap()
+    .unwrap();
     in_ns(&bed.node, |nl| {
         nl.add_veth(&ours("stale2"), "stalepeer")?;
         nl.load_table(&Table {
@@ -329,6 +339,12 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     assert_eq!(report.links, 2, "{report:?}");
     assert_eq!(report.tables, 1, "{report:?}");
     assert!(report.conntrack >= 1, "{report:?}");
+
+    assert!(
+        foreign.exists(),
+        "the sweep removed another agent's namespace"
+    );
+    assert!(sys::remove_netns(&foreign).unwrap());
 
     // The kept capsule is untouched and still works.
     let after = bed.snapshot();

@@ -210,6 +210,15 @@ impl GrpcNodeAgent {
         req
     }
 
+    /// For calls that wait for a guest to boot or restore (and, for a
+    /// template from an image, for its disk to be built): the agent answers
+    /// once the guest agent is ready, which takes minutes without KVM.
+    fn boot_request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(self.timeout * 20);
+        req
+    }
+
     fn fail(&self, call: &'static str) -> impl FnOnce(tonic::Status) -> Error + '_ {
         move |status| Error::Call {
             call,
@@ -233,7 +242,7 @@ impl NodeAgent for GrpcNodeAgent {
     fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule> {
         Box::pin(async move {
             let mut c = self.client.clone();
-            c.create_capsule(self.request(req))
+            c.create_capsule(self.boot_request(req))
                 .await
                 .map(tonic::Response::into_inner)
                 .map_err(self.fail("CreateCapsule"))
@@ -273,7 +282,7 @@ impl NodeAgent for GrpcNodeAgent {
     fn resume_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
         Box::pin(async move {
             let mut c = self.client.clone();
-            c.resume_capsule(self.request(pb::CapsuleRef { uid }))
+            c.resume_capsule(self.boot_request(pb::CapsuleRef { uid }))
                 .await
                 .map(tonic::Response::into_inner)
                 .map_err(self.fail("ResumeCapsule"))

@@ -449,7 +449,16 @@ fn plan_absent(
                 format!("creating the VM on node {node}"),
             )
         }
-        Some(CapsulePhase::Failed | CapsulePhase::Expired | CapsulePhase::Terminating) => Plan {
+        // Terminating without a deletion (this plan only runs for live
+        // capsules): the agent rolled back a create that failed on the
+        // node, e.g. a guest that never answered. Try again.
+        Some(CapsulePhase::Terminating) => status(
+            CapsulePhase::Creating,
+            NodeAction::Create(mode),
+            reason::CREATING,
+            format!("the node {node} rolled back a failed create; creating the VM again"),
+        ),
+        Some(CapsulePhase::Failed | CapsulePhase::Expired) => Plan {
             action: NodeAction::None,
             status: None,
         },
@@ -736,6 +745,18 @@ mod tests {
         ));
         assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
         assert_eq!(cond_of(&p, "Ready").reason, "VmCrashed");
+    }
+
+    #[test]
+    fn a_create_rolled_back_by_the_node_is_tried_again() {
+        let p = plan_capsule(&facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Terminating),
+            Observed::Absent,
+        ));
+        assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
+        assert_eq!(phase(&p), CapsulePhase::Creating);
     }
 
     #[test]

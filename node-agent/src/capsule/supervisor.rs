@@ -1000,6 +1000,16 @@ impl<M: Machine + 'static> Shared<M> {
             g.ready_within,
         )
         .await
+        .inspect_err(|_| {
+            // The rollback removes the run dir: keep what the guest printed
+            // (kernel panic, missing module, init failure) in the agent log.
+            let console = self.layout.run_dir(&rec.uid).join("console.log");
+            if let Ok(text) = std::fs::read_to_string(&console) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                tracing::error!(capsule = %rec.uid, console = %tail, "guest agent never answered; serial console tail");
+            }
+        })
         .map_err(err("reach"))?;
         client
             .init(&crate::guest::InitParams {

@@ -707,7 +707,7 @@ impl NetOps for LinuxNet {
             };
             let mut links = 0;
             for (_, name, _) in nl.links().map_err(list)? {
-                if name.starts_with(&ours)
+                if super::is_resource_name(&name)
                     && !kept.contains(&name)
                     && nl.del_link(&name).map_err(|source| Error::DeleteLink {
                         device: name.clone(),
@@ -768,7 +768,10 @@ impl NetOps for LinuxNet {
                 path: dir.clone(),
                 source,
             })?;
-            for name in names.into_iter().filter(|n| !kept.contains(n)) {
+            for name in names
+                .into_iter()
+                .filter(|n| super::is_resource_name(n) && !kept.contains(n))
+            {
                 let path = dir.join(&name);
                 if sys::remove_netns(&path).map_err(|source| Error::RemoveNetns {
                     path: path.clone(),

@@ -96,6 +96,17 @@ impl CapsuleId {
     }
 }
 
+/// Whether `name` has the shape of a [`CapsuleId::resource_name`]: the
+/// sweep removes only such names, never a `wrenn-node-*` namespace or any
+/// other that merely starts with the prefix.
+pub fn is_resource_name(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|id| {
+            (1..=SHORT_ID_LEN).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric())
+        })
+}
+
 impl fmt::Display for CapsuleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -434,6 +445,23 @@ pub enum Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_takes_only_names_shaped_like_capsule_resources() {
+        let id = CapsuleId::new("3f2a9c1e-77b0-4c1d-9e0a-5b6c7d8e9f00").unwrap();
+        assert!(is_resource_name(&id.resource_name()));
+        assert!(is_resource_name("wrenn-ab"));
+        for other in [
+            "wrenn",
+            "wrenn-",
+            "wrenn-node-a1",
+            "wrenn-0123456789",
+            "wrennab",
+            "x-ab",
+        ] {
+            assert!(!is_resource_name(other), "{other:?}");
+        }
+    }
 
     #[test]
     fn capsule_ids_name_resources_within_ifnamsiz() {
