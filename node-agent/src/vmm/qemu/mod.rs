@@ -29,12 +29,12 @@ use std::time::Duration;
 pub use qmp::{Qmp, QmpError};
 
 use super::Error;
-use super::cgroup::CgroupRoot;
+use super::cgroup::{CgroupLimits, CgroupRoot};
 use super::machine::{
     BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
     NetCounters,
 };
-use super::process::{self, HostPaths, SpawnRequest, VmmExit, VmmProcess};
+use super::process::{self, HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess};
 
 /// QMP socket in the run dir.
 const QMP_SOCKET: &str = "qmp.sock";
@@ -46,6 +46,11 @@ const CONSOLE_LOG: &str = "console.log";
 const MEMORY_FILE: &str = "memory.qemu";
 /// What the snapshot was taken with, checked on restore.
 const MACHINE_FILE: &str = "machine.json";
+/// The vsock helper running now: a respawn replaces the one the supervisor
+/// journaled with the handle, so adoption reads this first.
+const HELPER_FILE: &str = "helper.json";
+/// How long a vsock helper gets to re-create its socket after an unplug.
+const HELPER_RELISTEN: Duration = Duration::from_secs(2);
 /// How long the vsock may take to answer a handshake after resume.
 const VSOCK_PROBE: Duration = Duration::from_secs(2);
 /// The root port the vsock device is hot-plugged on.
@@ -501,7 +506,13 @@ impl QemuMachine {
         std::fs::create_dir_all(&spec.run_dir).map_err(prep("run dir", &spec.run_dir))?;
         let layout = Layout::build(spec);
         write_shape(capsule, &spec.run_dir.join(MACHINE_FILE), &shape_of(spec))?;
-        for stale in [&layout.qmp, &layout.vhost, &spec.vsock_socket] {
+        let helper_record = spec.run_dir.join(HELPER_FILE);
+        for stale in [
+            &layout.qmp,
+            &layout.vhost,
+            &spec.vsock_socket,
+            &helper_record,
+        ] {
             match std::fs::remove_file(stale) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -633,6 +644,75 @@ impl QemuMachine {
 
     /// Ends processes (QEMU first: the helper must outlive its frontend)
     /// and removes the shared cgroup once it is empty.
+    /// Replaces the vsock helper of a running VM: same guest CID and
+    /// sockets, QEMU's network namespace and cgroup. Records the new one in
+    /// the run dir for adoption after an agent restart.
+    async fn fresh_helper(&self, vm: &MachineHandle) -> Result<(), Error> {
+        let capsule = vm.capsule.as_str();
+        let fail = |reason: String| Error::Qemu {
+            capsule: capsule.to_string(),
+            what: "restart the vsock helper",
+            reason,
+        };
+        let (qemu, helpers) = self.procs_of(vm)?;
+        let cid = helpers
+            .iter()
+            .find_map(|h| helper_cid(&self.paths.proc_root, h.identity().pid))
+            .ok_or_else(|| fail("cannot read --guest-cid of the running helper".into()))?;
+        let dir = run_dir(vm);
+        let shape = read_shape(capsule, &dir.join(MACHINE_FILE))?;
+        let netns = self
+            .paths
+            .proc_root
+            .join(qemu.identity().pid.to_string())
+            .join("ns/net");
+        for h in &helpers {
+            self.end(h).await?;
+        }
+        let vhost = dir.join(VHOST_SOCKET);
+        for stale in [&vhost, &vm.vsock_socket] {
+            match std::fs::remove_file(stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(fail(format!("remove {}: {e}", stale.display()))),
+            }
+        }
+        let helper = Arc::new(process::spawn_supervised(
+            &self.paths,
+            &self.cgroups,
+            &SpawnRequest {
+                capsule,
+                program: &self.helper,
+                args: vec![
+                    "--guest-cid".into(),
+                    cid.to_string().into(),
+                    "--uds-path".into(),
+                    vm.vsock_socket.clone().into_os_string(),
+                    "--socket".into(),
+                    vhost.clone().into_os_string(),
+                ],
+                netns: Some(&netns),
+                limits: CgroupLimits::build_for_vm(shape.vcpus, shape.memory_bytes),
+                inherit: Vec::new(),
+            },
+        )?);
+        self.wait_path(capsule, &helper, &vhost, "vhost-device-vsock")
+            .await?;
+        let record = serde_json::to_vec(&[helper.identity()])
+            .map_err(|e| fail(format!("encode the helper record: {e}")))?;
+        // Rename over the old record, so adoption never reads half of it.
+        let tmp = dir.join(format!(".{HELPER_FILE}.tmp"));
+        std::fs::write(&tmp, &record)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(HELPER_FILE)))
+            .map_err(|e| fail(format!("write {HELPER_FILE}: {e}")))?;
+        if let Ok(mut m) = self.procs.lock()
+            && let Some(p) = m.get_mut(capsule)
+        {
+            p.helpers = vec![helper];
+        }
+        Ok(())
+    }
+
     async fn kill_all(&self, capsule: &str, qemu: &[Arc<VmmProcess>], helpers: &[Arc<VmmProcess>]) {
         for p in qemu.iter().chain(helpers) {
             let _ = self.end(p).await;
@@ -673,7 +753,22 @@ impl QemuMachine {
 
     /// Plugs a vsock device into the root port, retrying while the helper
     /// re-creates its socket after an unplug.
-    async fn plug_vsock(&self, q: &mut Qmp, capsule: &str, vhost: &Path) -> Result<(), Error> {
+    async fn plug_vsock(&self, q: &mut Qmp, vm: &MachineHandle, vhost: &Path) -> Result<(), Error> {
+        let capsule = vm.capsule.as_str();
+        // vhost-device-vsock 0.3 does not always listen again after a
+        // session ends (seen after a second unplug): a socket that is not
+        // back in a moment gets a fresh helper, which always listens.
+        let back = tokio::time::Instant::now() + HELPER_RELISTEN;
+        while !vhost.exists() && tokio::time::Instant::now() < back {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !vhost.exists() {
+            tracing::info!(
+                capsule,
+                "vsock helper did not listen again; starting a fresh one"
+            );
+            self.fresh_helper(vm).await?;
+        }
         let n = self.next_plug(capsule);
         let chardev = format!("vsock-chr{n}");
         let deadline = tokio::time::Instant::now() + self.timeouts.start;
@@ -826,7 +921,7 @@ impl QemuMachine {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.plug_vsock(&mut q, capsule, &Layout::build(spec).vhost)
+        self.plug_vsock(&mut q, vm, &Layout::build(spec).vhost)
             .await?;
         self.cont(&mut q, capsule, "restore").await
     }
@@ -865,16 +960,36 @@ impl QemuMachine {
             vm.process,
         )?);
         let mut helpers = Vec::new();
-        for h in &vm.helpers {
+        for h in current_helpers(vm) {
             helpers.push(Arc::new(VmmProcess::adopt(
                 &self.paths,
                 &self.cgroups,
                 &vm.capsule,
-                *h,
+                h,
             )?));
         }
         Ok((qemu, helpers))
     }
+}
+
+/// The helpers of `vm`: those a respawn recorded, else those journaled.
+fn current_helpers(vm: &MachineHandle) -> Vec<ProcessIdentity> {
+    std::fs::read(run_dir(vm).join(HELPER_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| vm.helpers.clone())
+}
+
+/// `--guest-cid` from a running helper's command line.
+fn helper_cid(proc_root: &Path, pid: i32) -> Option<u32> {
+    let cmdline = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(a) = args.next() {
+        if a == b"--guest-cid" {
+            return std::str::from_utf8(args.next()?).ok()?.parse().ok();
+        }
+    }
+    None
 }
 
 /// The id and chardev of the vsock device on its root port, if any.
@@ -970,12 +1085,12 @@ impl Machine for QemuMachine {
             vm.process,
         )?);
         let mut helpers = Vec::new();
-        for h in &vm.helpers {
+        for h in current_helpers(vm) {
             helpers.push(Arc::new(VmmProcess::adopt(
                 &self.paths,
                 &self.cgroups,
                 &vm.capsule,
-                *h,
+                h,
             )?));
         }
         let mut q = self.qmp(vm, "adopt").await?;
@@ -1026,7 +1141,7 @@ impl Machine for QemuMachine {
         }
         tracing::info!(capsule = %vm.capsule, "vsock silent after resume; plugging a fresh device");
         self.unplug_vsock(&mut q, &vm.capsule).await?;
-        self.plug_vsock(&mut q, &vm.capsule, &run_dir(vm).join(VHOST_SOCKET))
+        self.plug_vsock(&mut q, vm, &run_dir(vm).join(VHOST_SOCKET))
             .await
     }
 
@@ -1067,7 +1182,7 @@ impl Machine for QemuMachine {
             .await;
         // Whatever happened, the running VM gets its vsock back.
         let plugged = self
-            .plug_vsock(&mut q, capsule, &run_dir(vm).join(VHOST_SOCKET))
+            .plug_vsock(&mut q, vm, &run_dir(vm).join(VHOST_SOCKET))
             .await;
         migrated?;
         plugged?;
