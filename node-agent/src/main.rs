@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
@@ -320,6 +320,12 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
     cfg.guest = Some(GuestSettings::default());
+    // The sampler and the admin server read what the supervisor records.
+    cfg.metrics = metrics.clone();
+    cfg.figures = Some(HostFigures {
+        proc_root: "/proc".into(),
+        cgroups: cgroups.clone(),
+    });
     let supervisor = Supervisor::new(
         Host {
             machine: Arc::new(machine),

@@ -22,6 +22,7 @@ mod api;
 mod events;
 mod model;
 pub(crate) mod supervisor;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 
@@ -31,3 +32,4 @@ pub use model::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, Resources, State, TemplateDisk,
 };
 pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};
+pub use telemetry::HostFigures;

@@ -392,6 +392,28 @@ impl Error {
         }
     }
 
+    /// The `class` label of `wrenn_agent_errors_total` for a failed
+    /// operation; `None` for refusals of the request itself (unknown
+    /// capsule, wrong state, bad spec) and for a create a delete
+    /// cancelled, which say nothing about the node's health.
+    pub fn class(&self) -> Option<&'static str> {
+        match self {
+            Error::NotFound { .. }
+            | Error::AlreadyExists { .. }
+            | Error::WrongState { .. }
+            | Error::InvalidSpec { .. }
+            | Error::SnapshotExists { .. }
+            | Error::Cancelled { .. } => None,
+            Error::Journal { .. } => Some("journal"),
+            Error::Network { .. } => Some("network"),
+            Error::Storage { .. } => Some("storage"),
+            Error::Vm { .. } => Some("vmm"),
+            Error::Guest { .. } => Some("guest"),
+            Error::Files { .. } => Some("files"),
+            Error::Aborted { .. } => Some("aborted"),
+        }
+    }
+
     /// The whole chain on one line, for `Capsule.message`.
     pub fn chain(&self) -> String {
         let mut s = self.to_string();

@@ -11,27 +11,37 @@ use crate::state::OrphanSweep;
 use crate::storage::{BlockStore, CapsuleId as DiskId, FakeBlockStore};
 use crate::vmm::{FAKE_IMAGE, FakeMachine, Machine, Step};
 
+/// Adjusts a bed's supervisor settings, given the bed's temp dir; applied
+/// again on every restart.
+type Tune = fn(&mut SupervisorConfig, &std::path::Path);
+
 struct Bed {
     dir: tempfile::TempDir,
     machine: Arc<FakeMachine>,
     net: Arc<FakeNet>,
     store: Arc<FakeBlockStore>,
     sup: Supervisor<FakeMachine>,
+    tune: Tune,
 }
 
 impl Bed {
     fn new() -> Self {
+        Self::with(|_, _| {})
+    }
+
+    fn with(tune: Tune) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let machine = Arc::new(FakeMachine::new());
         let net = Arc::new(FakeNet::new());
         let store = Arc::new(FakeBlockStore::new());
-        let sup = Self::supervisor(&dir, &machine, &net, &store);
+        let sup = Self::supervisor(&dir, &machine, &net, &store, tune);
         Self {
             dir,
             machine,
             net,
             store,
             sup,
+            tune,
         }
     }
 
@@ -40,14 +50,17 @@ impl Bed {
         machine: &Arc<FakeMachine>,
         net: &Arc<FakeNet>,
         store: &Arc<FakeBlockStore>,
+        tune: Tune,
     ) -> Supervisor<FakeMachine> {
+        let mut cfg = SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux"));
+        tune(&mut cfg, dir.path());
         Supervisor::new(
             Host {
                 machine: machine.clone(),
                 net: net.clone(),
                 store: store.clone(),
             },
-            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
+            cfg,
         )
     }
 
@@ -55,7 +68,7 @@ impl Bed {
     /// host and state dir: an agent restart.
     fn restart(&mut self) {
         self.sup.shutdown();
-        self.sup = Self::supervisor(&self.dir, &self.machine, &self.net, &self.store);
+        self.sup = Self::supervisor(&self.dir, &self.machine, &self.net, &self.store, self.tune);
     }
 
     fn journal_exists(&self, uid: &str) -> bool {
@@ -573,3 +586,5 @@ async fn the_journal_is_written_before_each_side_effect() {
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert!(!rec.suspended_image);
 }
+
+mod telemetry;
