@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::model::{Error, Record, State};
-use super::supervisor::{Entry, Shared};
+use super::supervisor::{Entry, GuestSettings, Shared};
 use crate::guest::{self, GuestClient};
 use crate::metrics::{self, Outcome, SampleSource, SourceFuture, Step};
 use crate::storage::{self, BlockStore};
@@ -198,10 +198,20 @@ impl<M: Machine + 'static> Shared<M> {
     /// Starts sampling `rec`'s VMM (after create, restore or adoption).
     /// History kept from an earlier VMM of the capsule continues.
     pub(crate) fn start_sampling(&self, entry: &Arc<Entry>, rec: &Record) {
-        let Some(vm) = rec.vm.clone() else {
-            return;
-        };
-        let guest = self.cfg.guest.map(|g| GuestMemory {
+        if let Some(source) = self.source(entry, rec, self.cfg.guest) {
+            self.cfg.metrics.attach(&rec.uid, Arc::new(source));
+        }
+    }
+
+    /// The source of `rec`'s VMM; `None` when it has none.
+    pub(super) fn source(
+        &self,
+        entry: &Arc<Entry>,
+        rec: &Record,
+        guest: Option<GuestSettings>,
+    ) -> Option<CapsuleSource<M>> {
+        let vm = rec.vm.clone()?;
+        let guest = guest.map(|g| GuestMemory {
             capsule: rec.uid.clone(),
             socket: vm.vsock_socket.clone(),
             port: g.port,
@@ -209,7 +219,7 @@ impl<M: Machine + 'static> Shared<M> {
             entry: Arc::downgrade(entry),
             client: tokio::sync::Mutex::new(None),
         });
-        let source = CapsuleSource {
+        Some(CapsuleSource {
             machine: self.host.machine.clone(),
             store: self.host.store.clone(),
             disk: if rec.disk {
@@ -224,8 +234,7 @@ impl<M: Machine + 'static> Shared<M> {
                 .map(|f| (f.proc_root.clone(), f.cgroups.open_capsule(&rec.uid))),
             guest,
             vm,
-        };
-        self.cfg.metrics.attach(&rec.uid, Arc::new(source));
+        })
     }
 }
 

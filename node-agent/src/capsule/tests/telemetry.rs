@@ -305,3 +305,71 @@ async fn recovery_counts_orphans_by_kind_and_samples_adopted_vms() {
     );
     assert_eq!(errors(&b, "vmm"), 1, "the lost VMM");
 }
+
+/// The source the supervisor would attach to `uid`, with guest reads
+/// bounded by `within`.
+async fn source_with_guest(
+    b: &Bed,
+    uid: &str,
+    within: Duration,
+) -> (
+    super::super::telemetry::CapsuleSource<FakeMachine>,
+    std::path::PathBuf,
+) {
+    let entry = b.sup.shared.lock_map().get(uid).cloned().unwrap();
+    let rec = entry.lock.lock().await.clone().unwrap();
+    let socket = rec.vm.as_ref().unwrap().vsock_socket.clone();
+    let guest = GuestSettings {
+        sample_within: within,
+        ..GuestSettings::default()
+    };
+    let source = b.sup.shared.source(&entry, &rec, Some(guest)).unwrap();
+    (source, socket)
+}
+
+#[tokio::test]
+async fn a_silent_guest_costs_only_its_own_figure() {
+    let b = Bed::new();
+    create(&b, "c1").await;
+    b.store.set_allocated(&DiskId::new("c1").unwrap(), 1 << 20);
+    let within = Duration::from_millis(100);
+    let (source, socket) = source_with_guest(&b, "c1", within).await;
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+
+    // Nothing listens: the dial fails at once.
+    let (reading, errs) = crate::metrics::source::read_all(&source).await;
+    assert_eq!(reading.disk_allocated_bytes, Some(1 << 20));
+    assert_eq!(reading.guest_memory_used_bytes, None);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+
+    // A VMM that accepts but never completes the handshake (a guest that
+    // hangs): bounded, and the host figures still arrive.
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            conns.push(c);
+        }
+    });
+    let started = std::time::Instant::now();
+    let (reading, errs) = crate::metrics::source::read_all(&source).await;
+    assert!(started.elapsed() < within * 5, "{:?}", started.elapsed());
+    assert_eq!(reading.disk_allocated_bytes, Some(1 << 20));
+    assert!(reading.net.is_some());
+    assert_eq!(reading.guest_memory_used_bytes, None);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].to_string().contains("guest_memory_used_bytes"),
+        "{}",
+        errs[0]
+    );
+
+    // A paused guest is not asked at all.
+    b.sup.pause("c1").await.unwrap();
+    let started = std::time::Instant::now();
+    let (reading, errs) = crate::metrics::source::read_all(&source).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    assert!(started.elapsed() < within, "{:?}", started.elapsed());
+    assert_eq!(reading.disk_allocated_bytes, Some(1 << 20));
+    held.abort();
+}
