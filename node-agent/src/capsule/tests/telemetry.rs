@@ -14,7 +14,7 @@ use crate::vmm::cgroup::CgroupRoot;
 const RSS_KIB: u64 = 2048;
 
 /// Host figures from a fake `/proc` (the fake machine's pids, start time
-/// 1) and a fake cgroup v2 tree whose capsules `c1` and `run` used 1.5 s
+/// one) and a fake cgroup v2 tree whose capsules `c1` and `run` used 1.5 s
 /// of CPU.
 fn fake_host(cfg: &mut SupervisorConfig, dir: &Path) {
     let proc_root = dir.join("proc");
