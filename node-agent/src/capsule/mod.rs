@@ -2,7 +2,9 @@
 //! [`Machine`](crate::vmm::Machine), [`NetOps`](crate::network::NetOps) and
 //! [`BlockStore`](crate::storage::BlockStore), and the event bus behind
 //! `WatchEvents`. The journal and restart recovery live in `crate::state`;
-//! the gRPC edge (validation, proto conversion) in `crate::server`.
+//! the gRPC edge (validation, proto conversion) in `crate::server`. What
+//! the supervisor reports to `crate::metrics` (a sample source per capsule
+//! whose VMM exists, step timings, error classes) is in `telemetry`.
 //!
 //! States and the operations legal in each:
 //!
