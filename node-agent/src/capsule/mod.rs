@@ -21,6 +21,7 @@
 mod api;
 mod events;
 mod model;
+mod sources;
 pub(crate) mod supervisor;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ mod tests;
 pub use api::{CapsuleApi, EventStream, SnapshotInfo};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, Resources, State, TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Record, Resources, State,
+    TemplateDisk,
 };
 pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};

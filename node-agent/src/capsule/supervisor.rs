@@ -15,7 +15,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::api::{ApiFuture, CapsuleApi, EventStream, SnapshotInfo};
 use super::events::{EventBus, EventKind};
-use super::model::{BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, State};
+use super::model::{CapsuleSpec, CapsuleView, Egress, Error, Record, State};
 use crate::network::{self, CapsuleNet, EgressPolicy, NetOps, Teardown};
 use crate::state::Journal;
 use crate::storage::{self, BlockStore, CapsuleDisk, DiskRequest};
@@ -60,6 +60,8 @@ pub struct SupervisorConfig {
     /// How to reach each guest's agent after boot and restore; `None`
     /// (unit tests over fake machines) skips the guest step.
     pub guest: Option<GuestSettings>,
+    /// Builds template disks from OCI images.
+    pub templates: Arc<crate::images::TemplateBuilder>,
 }
 
 /// Reaching the guest agent over the VMM's vsock socket.
@@ -98,6 +100,14 @@ impl SupervisorConfig {
             ),
             event_history: 4096,
             guest: None,
+            templates: Arc::new(crate::images::TemplateBuilder::new(
+                crate::images::TemplateSettings {
+                    cache_dir: state_dir.join("images"),
+                    // Where the node-agent container image carries it.
+                    guest_binary: PathBuf::from("/opt/wrenn/share/wrenn-guest"),
+                    pull: crate::images::PullOptions::default(),
+                },
+            )),
         }
     }
 }
@@ -465,19 +475,18 @@ impl<M: Machine + 'static> Shared<M> {
         rec: &mut Record,
     ) -> Result<(CapsuleDisk, CapsuleNet), Error> {
         let uid = rec.uid.clone();
-        let BootSource::Template(template) = &rec.spec.source else {
-            return Err(Error::InvalidSpec {
-                reason: "creating a capsule from a snapshot is not supported by this agent yet"
-                    .into(),
-            });
-        };
+        let base = self.ensure_base(entry, rec).await?;
+        // A template build can take minutes; a delete meanwhile wins.
+        if entry.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled { uid });
+        }
         if !rec.disk {
             rec.disk = true;
             self.commit(entry, rec)?;
         }
         let req = DiskRequest {
             capsule: disk_id(&uid)?,
-            template: template.rootfs.clone(),
+            template: base,
             size_bytes: rec.spec.resources.disk_bytes,
         };
         let store = self.host.store.clone();
@@ -930,16 +939,17 @@ impl<M: Machine + 'static> Shared<M> {
             rec.vm_starting = true;
             self.commit(entry, &rec)?;
             let spec = self.machine_spec(&rec, &net, &disk);
-            let vm = self
-                .host
-                .machine
-                .launch(&spec)
-                .await
-                .map_err(|source| Error::Vm {
-                    action: "launch",
-                    uid: uid.clone(),
-                    source: Box::new(source),
-                })?;
+            // A snapshot with memory is restored (the guest resumes where
+            // it was; guest_up below re-initialises it); anything else boots.
+            let vm = match self.memory_image(&rec)? {
+                Some(image) => self.host.machine.restore(&spec, &image).await,
+                None => self.host.machine.launch(&spec).await,
+            }
+            .map_err(|source| Error::Vm {
+                action: "launch",
+                uid: uid.clone(),
+                source: Box::new(source),
+            })?;
             rec.vm = Some(vm.clone());
             rec.vm_starting = false;
             self.commit(entry, &rec)?;
@@ -1264,7 +1274,7 @@ impl<M: Machine + 'static> Shared<M> {
         let written: Result<SnapshotInfo, Error> = async {
             self.freeze(rec, &vm, prior).await?;
             remove_dir(&staging)?;
-            let mem_dir = staging.join("memory");
+            let mem_dir = staging.join(super::sources::SNAPSHOT_MEMORY);
             std::fs::create_dir_all(&mem_dir).map_err(files("create", &mem_dir))?;
             if memory {
                 self.host
@@ -1280,7 +1290,7 @@ impl<M: Machine + 'static> Shared<M> {
             // The disk is copied while the vCPUs are stopped, so it matches
             // the memory image.
             if let Some(disk) = rec.disk_path.clone() {
-                let to = staging.join("disk.img");
+                let to = staging.join(super::sources::snapshot_disk_name(&disk));
                 let u = uid.clone();
                 blocking(&u, "copy disk", move || {
                     copy_disk(&disk, &to).map_err(files("copy disk to", &to))
@@ -1295,7 +1305,7 @@ impl<M: Machine + 'static> Shared<M> {
                 memory,
                 resources: rec.spec.resources,
             };
-            let meta = staging.join("snapshot.json");
+            let meta = staging.join(super::sources::SNAPSHOT_META);
             let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Files {
                 action: "encode",
                 path: meta.clone(),
