@@ -7,17 +7,13 @@
 
 mod oci_layout;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
-use sha2::{Digest, Sha256};
+use oci_layout::{LayerTar, hdr, write_layout};
 use wrenn_node_agent::images::{
     Error, GUEST_PATH, ImageCache, LocalImage, TemplateDisk, TemplateRequest,
 };
-use oci_layout::{LayerTar, digest, gzip, hdr, put_blob, write_layout};
 use wrenn_testkit::Tier;
 
 const MIB: u64 = 1 << 20;

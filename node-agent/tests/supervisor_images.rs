@@ -136,7 +136,11 @@ async fn capsules_from_an_oci_layout_share_one_cached_template() {
     let b = Bed::new();
     let img = layout(b.dir.path(), "layout", b"capsule\n");
 
-    let v = b.sup.create("c1", b.spec(&img), State::Running).await.unwrap();
+    let v = b
+        .sup
+        .create("c1", b.spec(&img), State::Running)
+        .await
+        .unwrap();
     assert_eq!(v.state, State::Running);
     assert_eq!(b.machine.steps("c1"), vec![Step::Launch]);
     let (disks, scratch) = b.cache();
@@ -150,7 +154,10 @@ async fn capsules_from_an_oci_layout_share_one_cached_template() {
     let built = std::fs::metadata(template).unwrap();
 
     // The second capsule of the image reuses the file: same inode, untouched.
-    b.sup.create("c2", b.spec(&img), State::Running).await.unwrap();
+    b.sup
+        .create("c2", b.spec(&img), State::Running)
+        .await
+        .unwrap();
     let (again, _) = b.cache();
     assert_eq!(&again, &disks);
     let now = std::fs::metadata(template).unwrap();
@@ -216,12 +223,18 @@ async fn a_hostile_image_fails_with_its_cause_and_leaves_nothing() {
         .unwrap_err();
     assert!(matches!(err, Error::Image { .. }), "{err}");
     let chain = err.chain();
-    assert!(chain.contains("build template disk of capsule bad"), "{chain}");
+    assert!(
+        chain.contains("build template disk of capsule bad"),
+        "{chain}"
+    );
     assert!(chain.contains("dev/sda"), "{chain}");
     assert!(b.sup.get("bad").is_err());
     assert!(b.machine.steps("bad").is_empty());
     assert!(!b.overlay("bad").exists());
     let (disks, scratch) = b.cache();
-    assert!(disks.is_empty() && scratch.is_empty(), "{disks:?} {scratch:?}");
+    assert!(
+        disks.is_empty() && scratch.is_empty(),
+        "{disks:?} {scratch:?}"
+    );
     assert!(!b.dir.path().join("agent/capsules/bad").exists());
 }

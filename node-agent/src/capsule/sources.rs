@@ -120,7 +120,11 @@ impl<M: Machine + 'static> Shared<M> {
     /// Resolves (and, for an image, builds) the base image of `rec`'s disk
     /// and journals it before the disk is made over it. A base resolved
     /// once is kept: a later restore must not build or look it up again.
-    pub(crate) async fn ensure_base(&self, entry: &Entry, rec: &mut Record) -> Result<PathBuf, Error> {
+    pub(crate) async fn ensure_base(
+        &self,
+        entry: &Entry,
+        rec: &mut Record,
+    ) -> Result<PathBuf, Error> {
         if let Some(base) = &rec.base_image {
             return Ok(base.clone());
         }

@@ -664,7 +664,10 @@ async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
         .collect();
     assert_eq!(restore.len(), 1, "{restore:?}");
     assert_eq!(restore[0].step, Step::Restore);
-    assert_eq!(restore[0].dir.as_deref(), Some(snap.join("memory").as_path()));
+    assert_eq!(
+        restore[0].dir.as_deref(),
+        Some(snap.join("memory").as_path())
+    );
     // Its own overlay, based on the snapshot's disk (a qcow2 copy here).
     let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
     let base = snap.join("disk.qcow2");
@@ -774,7 +777,10 @@ async fn an_image_that_cannot_be_read_fails_with_its_cause_and_leaves_nothing() 
     let err = b.sup.create("c1", s, State::Running).await.unwrap_err();
     assert!(matches!(err, Error::Image { .. }), "{err}");
     let chain = err.chain();
-    assert!(chain.contains("build template disk of capsule c1"), "{chain}");
+    assert!(
+        chain.contains("build template disk of capsule c1"),
+        "{chain}"
+    );
     assert!(chain.contains("no-such-layout"), "{chain}");
     b.assert_gone("c1");
     assert!(b.store.calls().is_empty(), "a disk was made");

@@ -75,7 +75,11 @@ impl TemplateBuilder {
     /// returns it. A failed build leaves no file behind (the cache only
     /// ever receives complete images); a failed first pull removes its
     /// layout directory.
-    pub async fn ensure(&self, source: &ImageSource, size_bytes: u64) -> Result<TemplateDisk, Error> {
+    pub async fn ensure(
+        &self,
+        source: &ImageSource,
+        size_bytes: u64,
+    ) -> Result<TemplateDisk, Error> {
         match source {
             ImageSource::Registry(reference) => {
                 let dir = self.pull_dir(reference);

@@ -394,7 +394,12 @@ mod tests {
             })),
         });
         let (_, spec, _) = from_create(r).unwrap();
-        assert_eq!(spec.source, BootSource::Snapshot { id: "snap-1".into() });
+        assert_eq!(
+            spec.source,
+            BootSource::Snapshot {
+                id: "snap-1".into()
+            }
+        );
         assert_eq!(from_spec(to_spec(&spec)).unwrap(), spec);
         assert_eq!(
             to_status(&Error::SnapshotNotFound { id: "s".into() }).code(),

@@ -14,11 +14,11 @@ use std::path::Path;
 use super::ch::api::{
     ImageType, NetConfig, RestoreConfig, VmConfig, VmSpec, VmState, build_file_url, build_vm_config,
 };
+use super::ch_restore::{remove_staged, stage_restore};
 use super::machine::{
     BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
     NetCounters,
 };
-use super::ch_restore::{remove_staged, stage_restore};
 use super::process::VmmExit;
 use super::{ChVmm, Error, StartSpec, Vmm, VmmHandle};
 

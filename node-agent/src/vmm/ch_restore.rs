@@ -28,7 +28,9 @@ const STAGED: &str = "restore-source";
 pub fn build_restore_config(mut config: Value, spec: &MachineSpec) -> Value {
     let fresh = serde_json::to_value(build_machine_config(spec)).unwrap_or(Value::Null);
     if let (Some(disk), Some(new)) = (
-        config.pointer_mut("/disks/0").and_then(Value::as_object_mut),
+        config
+            .pointer_mut("/disks/0")
+            .and_then(Value::as_object_mut),
         fresh.pointer("/disks/0").and_then(Value::as_object),
     ) {
         for key in ["path", "image_type", "backing_files"] {

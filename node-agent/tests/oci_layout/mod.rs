@@ -127,4 +127,3 @@ pub fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)]) -> String {
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     manifest_digest
 }
-
