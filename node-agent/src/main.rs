@@ -344,7 +344,8 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
     cfg.guest = Some(GuestSettings::default());
-    cfg.templates = Arc::new(TemplateBuilder::new(templates));
+    let cfg_templates = Arc::new(TemplateBuilder::new(templates));
+    cfg.templates = cfg_templates.clone();
     let supervisor = Supervisor::new(
         Host {
             machine: Arc::new(machine),
@@ -370,6 +371,17 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             tracing::error!(error = &err as &dyn std::error::Error, "recover capsules");
             return ExitCode::from(EXIT_RECOVERY);
         }
+    }
+    let builder = cfg_templates.clone();
+    match tokio::task::spawn_blocking(move || builder.sweep()).await {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(removed = removed.len(), "removed interrupted image builds");
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "sweep the image cache"
+        ),
     }
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,

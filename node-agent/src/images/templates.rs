@@ -109,6 +109,56 @@ impl TemplateBuilder {
         }
     }
 
+    /// Removes what builds and pulls interrupted by an agent crash left in
+    /// the cache (scratch trees, partial blobs) and returns it. Complete
+    /// template disks and pulled blobs stay. Blocking; call it at start,
+    /// before any build runs.
+    pub fn sweep(&self) -> Vec<PathBuf> {
+        let root = &self.settings.cache_dir;
+        let mut found = Vec::new();
+        let children = |dir: &std::path::Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        let named = |p: &std::path::Path, f: &dyn Fn(&str) -> bool| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(f)
+        };
+        for p in children(root) {
+            if named(&p, &|n| n.starts_with(".archive-")) {
+                found.push(p);
+            } else if named(&p, &|n| n.starts_with("sha256-")) && p.is_dir() {
+                found.extend(
+                    children(&p)
+                        .into_iter()
+                        .filter(|c| named(c, &|n| n.starts_with(".build-"))),
+                );
+            }
+        }
+        for pull in children(&root.join("pulls")) {
+            found.extend(
+                children(&pull.join("blobs/sha256"))
+                    .into_iter()
+                    .filter(|c| named(c, &|n| n.ends_with(".partial"))),
+            );
+        }
+        found.retain(|p| {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            match removed {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = &e as &dyn std::error::Error, "remove an interrupted image build");
+                    false
+                }
+            }
+        });
+        found
+    }
+
     async fn build(&self, image: LocalImage, size_bytes: u64) -> Result<TemplateDisk, Error> {
         let req = TemplateRequest {
             image,
@@ -119,5 +169,48 @@ impl TemplateBuilder {
         tokio::task::spawn_blocking(move || ImageCache::open(&dir)?.ensure_template(&req))
             .await
             .map_err(|_| thread_lost(&self.settings.cache_dir))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_only_interrupted_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let make = |rel: &str, is_dir: bool| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(if is_dir { &p } else { p.parent().unwrap() }).unwrap();
+            if !is_dir {
+                std::fs::write(&p, b"x").unwrap();
+            }
+            p
+        };
+        let scratch = [
+            make(".archive-1-0", true),
+            make("sha256-ab/.build-1-1", true),
+            make("pulls/p1/blobs/sha256/cd.partial", false),
+        ];
+        let kept = [
+            make("sha256-ab/rootfs-4096-g0.ext4", false),
+            make("sha256-ab.lock", false),
+            make("pulls/p1/blobs/sha256/cd", false),
+            make("pulls/p1/index.json", false),
+        ];
+        let b = TemplateBuilder::new(TemplateSettings {
+            cache_dir: root.to_path_buf(),
+            guest_binary: "/g".into(),
+            pull: PullOptions::default(),
+        });
+        let mut removed = b.sweep();
+        removed.sort();
+        let mut want = scratch.to_vec();
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(scratch.iter().all(|p| !p.exists()));
+        assert!(kept.iter().all(|p| p.exists()));
+        assert!(b.sweep().is_empty());
     }
 }

@@ -123,6 +123,13 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
         }
         None => return Err(Status::invalid_argument("spec.source is required")),
     };
+    // The image is built at the capsule's disk size (dm-snapshot shows the
+    // guest exactly the template's size), so there must be one.
+    if matches!(source, BootSource::Image(_)) && res.disk_bytes == 0 {
+        return Err(Status::invalid_argument(
+            "spec.resources.disk_bytes must be set to build a template from oci_reference",
+        ));
+    }
     let kernel = match spec.kernel_path.as_str() {
         "" => None,
         p if p.starts_with('/') => Some(PathBuf::from(p)),
@@ -405,6 +412,27 @@ mod tests {
             to_status(&Error::SnapshotNotFound { id: "s".into() }).code(),
             tonic::Code::NotFound
         );
+        let image = |source| Error::Image {
+            uid: "c1".into(),
+            reference: "oci:/srv/img".into(),
+            source: Box::new(source),
+        };
+        let hostile = to_status(&image(crate::images::Error::UnsafeEntry {
+            layer: "sha256:1".into(),
+            entry: "dev/sda".into(),
+            why: "device node".into(),
+        }));
+        assert_eq!(hostile.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            hostile.message(),
+            "build template disk of capsule c1 from oci:/srv/img: \
+             refuse entry \"dev/sda\" of layer sha256:1: device node"
+        );
+        let busy = to_status(&image(crate::images::Error::Lock {
+            path: "/l".into(),
+            source: std::io::ErrorKind::WouldBlock.into(),
+        }));
+        assert_eq!(busy.code(), tonic::Code::Unavailable);
     }
 
     #[test]
@@ -440,6 +468,19 @@ mod tests {
             (
                 Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsUrl("https://x/r".into()))),
                 "use rootfs_path",
+            ),
+            (
+                Box::new(|r| {
+                    set_disk(r, pb::template_disk::Disk::OciReference("alpine:3".into()));
+                    r.spec
+                        .as_mut()
+                        .unwrap()
+                        .resources
+                        .as_mut()
+                        .unwrap()
+                        .disk_bytes = 0;
+                }),
+                "disk_bytes",
             ),
         ];
         for (mutate, field) in cases {
