@@ -462,13 +462,15 @@ fn orphans_of_a_crash_mid_create_are_removed() {
     let s2 = sup.clone();
     let spec = w.spec();
     rt.spawn(async move { s2.create("c1", spec, State::Running).await });
-    wrenn_testkit::wait_until(Duration::from_secs(10), "VMM spawned", || {
-        (w.cgroup_names() == vec!["c1".to_string()])
-            .then_some(())
-            .ok_or(format!("{:?}", w.cgroup_names()))
+    // The cgroup appears just before the VMM is moved into it: wait for both.
+    let pid = wrenn_testkit::wait_until(Duration::from_secs(10), "VMM spawned", || {
+        let pids = w.cgroups.open_capsule("c1").pids().unwrap_or_default();
+        match (w.cgroup_names() == vec!["c1".to_string()], pids.first()) {
+            (true, Some(pid)) => Ok(*pid),
+            _ => Err(format!("{:?} {pids:?}", w.cgroup_names())),
+        }
     })
     .unwrap();
-    let pid = w.cgroups.open_capsule("c1").pids().unwrap()[0];
     // Leftovers no journal knows: a claimed network, a disk, a directory.
     net.setup(&NetId::new("ghost").unwrap(), &EgressPolicy::Deny)
         .unwrap();
