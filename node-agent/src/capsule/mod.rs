@@ -7,7 +7,8 @@
 //! States and the operations legal in each:
 //!
 //! ```text
-//! Creating ──> Running ⇄ Paused            (pause / resume)
+//! Creating ──> Running ⇄ Paused            (pause / resume; a create from a
+//!                                          snapshot with memory restores it)
 //! Running|Paused ──> Suspending ──> Suspended ──> Resuming ──> Running
 //! Running|Paused ──> Snapshotting ──> (the mode it was in)
 //! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped

@@ -941,12 +941,12 @@ impl<M: Machine + 'static> Shared<M> {
             let spec = self.machine_spec(&rec, &net, &disk);
             // A snapshot with memory is restored (the guest resumes where
             // it was; guest_up below re-initialises it); anything else boots.
-            let vm = match self.memory_image(&rec)? {
-                Some(image) => self.host.machine.restore(&spec, &image).await,
-                None => self.host.machine.launch(&spec).await,
-            }
-            .map_err(|source| Error::Vm {
-                action: "launch",
+            let (action, started) = match self.memory_image(&rec)? {
+                Some(image) => ("restore", self.host.machine.restore(&spec, &image).await),
+                None => ("launch", self.host.machine.launch(&spec).await),
+            };
+            let vm = started.map_err(|source| Error::Vm {
+                action,
                 uid: uid.clone(),
                 source: Box::new(source),
             })?;

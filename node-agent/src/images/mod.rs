@@ -20,6 +20,10 @@
 //! rewritten in place (running capsules use it as their origin); a new
 //! size or guest binary makes a new file.
 //!
+//! [`ImageSource`] parses the references capsules name images by;
+//! [`TemplateBuilder`] is what the capsule supervisor calls (pull, then
+//! build, off the async runtime).
+//!
 //! The build is blocking (file I/O and a child process): async callers run
 //! it on a blocking thread. It needs root so ownership in the image is
 //! kept. Storage of capsule disks is `storage`'s job.

@@ -3,8 +3,11 @@
 //! Each capsule gets `wrenn-<capsule>.qcow2` in the state directory: an
 //! empty qcow2 (version 3) image whose backing file is the template's raw
 //! image, with the backing format recorded as `raw` in a header extension
-//! so neither QEMU nor Cloud Hypervisor probes it. Cloud Hypervisor follows
-//! backing files only with `backing_files=on` on the disk.
+//! so neither QEMU nor Cloud Hypervisor probes it. A capsule started from
+//! a named snapshot taken on this backend is backed by the snapshot's copy
+//! of an overlay instead (`*.qcow2`, backing format `qcow2`). Cloud
+//! Hypervisor follows backing files only with `backing_files=on` on the
+//! disk.
 //!
 //! We write the header ourselves rather than run `qemu-img create`: an
 //! empty image with a backing file is four clusters of fixed layout
