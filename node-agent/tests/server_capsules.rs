@@ -350,6 +350,21 @@ async fn bad_requests_are_refused_at_the_edge() {
         a.client.pause_capsule(r("nope")).await.unwrap_err().code(),
         Code::NotFound
     );
+    // A snapshot this node does not hold: NOT_FOUND naming it, and the
+    // capsule is not left behind.
+    let mut from_snap = create_request("c3", 1);
+    from_snap.spec.as_mut().unwrap().source = Some(pb::BootSource {
+        source: Some(pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+            id: "elsewhere".into(),
+        })),
+    });
+    let st = a.client.create_capsule(from_snap).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    assert_eq!(st.message(), "snapshot elsewhere not found on this node");
+    assert_eq!(
+        a.client.get_capsule(r("c3")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     let st = a
         .client
         .get_metrics(pb::GetMetricsRequest {

@@ -492,12 +492,13 @@ fn orphans_of_a_crash_mid_create_are_removed() {
     let s2 = sup.clone();
     let spec = w.spec();
     rt.spawn(async move { s2.create("c1", spec, State::Running).await });
-    // The cgroup exists a moment before the process has joined it.
+    // The cgroup appears just before the VMM is moved into it: wait for both.
     let pid = wrenn_testkit::wait_until(Duration::from_secs(10), "VMM spawned", || {
         let pids = w.cgroups.open_capsule("c1").pids().unwrap_or_default();
-        pids.first()
-            .copied()
-            .ok_or(format!("{:?} {pids:?}", w.cgroup_names()))
+        match (w.cgroup_names() == vec!["c1".to_string()], pids.first()) {
+            (true, Some(pid)) => Ok(*pid),
+            _ => Err(format!("{:?} {pids:?}", w.cgroup_names())),
+        }
     })
     .unwrap();
     // Leftovers no journal knows: a claimed network, a disk, a directory.

@@ -9,7 +9,8 @@
 //! States and the operations legal in each:
 //!
 //! ```text
-//! Creating ──> Running ⇄ Paused            (pause / resume)
+//! Creating ──> Running ⇄ Paused            (pause / resume; a create from a
+//!                                          snapshot with memory restores it)
 //! Running|Paused ──> Suspending ──> Suspended ──> Resuming ──> Running
 //! Running|Paused ──> Snapshotting ──> (the mode it was in)
 //! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped
@@ -23,6 +24,7 @@
 mod api;
 mod events;
 mod model;
+mod sources;
 pub(crate) mod supervisor;
 mod telemetry;
 #[cfg(test)]
@@ -31,7 +33,8 @@ mod tests;
 pub use api::{CapsuleApi, EventStream, SnapshotInfo};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, Resources, State, TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Record, Resources, State,
+    TemplateDisk,
 };
 pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};
 pub use telemetry::HostFigures;

@@ -15,7 +15,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::api::{ApiFuture, CapsuleApi, EventStream, SnapshotInfo};
 use super::events::{EventBus, EventKind};
-use super::model::{BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, State};
+use super::model::{CapsuleSpec, CapsuleView, Egress, Error, Record, State};
 use super::telemetry::HostFigures;
 use crate::metrics::{Metrics, Outcome, Step};
 use crate::network::{self, CapsuleNet, EgressPolicy, NetOps, Teardown};
@@ -69,6 +69,8 @@ pub struct SupervisorConfig {
     /// Where each VMM's CPU and RSS are read; `None` (fake machines, whose
     /// pids are not real) samples only disk, network and guest figures.
     pub figures: Option<HostFigures>,
+    /// Builds template disks from OCI images.
+    pub templates: Arc<crate::images::TemplateBuilder>,
 }
 
 /// Reaching the guest agent over the VMM's vsock socket.
@@ -114,6 +116,14 @@ impl SupervisorConfig {
             guest: None,
             metrics: Metrics::new(),
             figures: None,
+            templates: Arc::new(crate::images::TemplateBuilder::new(
+                crate::images::TemplateSettings {
+                    cache_dir: state_dir.join("images"),
+                    // Where the node-agent container image carries it.
+                    guest_binary: PathBuf::from("/opt/wrenn/share/wrenn-guest"),
+                    pull: crate::images::PullOptions::default(),
+                },
+            )),
         }
     }
 }
@@ -495,19 +505,18 @@ impl<M: Machine + 'static> Shared<M> {
         rec: &mut Record,
     ) -> Result<(CapsuleDisk, CapsuleNet), Error> {
         let uid = rec.uid.clone();
-        let BootSource::Template(template) = &rec.spec.source else {
-            return Err(Error::InvalidSpec {
-                reason: "creating a capsule from a snapshot is not supported by this agent yet"
-                    .into(),
-            });
-        };
+        let base = self.ensure_base(entry, rec).await?;
+        // A template build can take minutes; a delete meanwhile wins.
+        if entry.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled { uid });
+        }
         if !rec.disk {
             rec.disk = true;
             self.commit(entry, rec)?;
         }
         let req = DiskRequest {
             capsule: disk_id(&uid)?,
-            template: template.rootfs.clone(),
+            template: base,
             size_bytes: rec.spec.resources.disk_bytes,
         };
         let store = self.host.store.clone();
@@ -995,16 +1004,17 @@ impl<M: Machine + 'static> Shared<M> {
             self.commit(entry, &rec)?;
             let spec = self.machine_spec(&rec, &net, &disk);
             self.timed(Step::Boot, async {
-                let vm = self
-                    .host
-                    .machine
-                    .launch(&spec)
-                    .await
-                    .map_err(|source| Error::Vm {
-                        action: "launch",
-                        uid: uid.clone(),
-                        source: Box::new(source),
-                    })?;
+                // A snapshot with memory is restored (the guest resumes where
+                // it was; guest_up below re-initialises it); anything else boots.
+                let (action, started) = match self.memory_image(&rec)? {
+                    Some(image) => ("restore", self.host.machine.restore(&spec, &image).await),
+                    None => ("launch", self.host.machine.launch(&spec).await),
+                };
+                let vm = started.map_err(|source| Error::Vm {
+                    action,
+                    uid: uid.clone(),
+                    source: Box::new(source),
+                })?;
                 rec.vm = Some(vm.clone());
                 rec.vm_starting = false;
                 self.commit(entry, &rec)?;
@@ -1347,7 +1357,7 @@ impl<M: Machine + 'static> Shared<M> {
         let written: Result<SnapshotInfo, Error> = async {
             self.freeze(rec, &vm, prior).await?;
             remove_dir(&staging)?;
-            let mem_dir = staging.join("memory");
+            let mem_dir = staging.join(super::sources::SNAPSHOT_MEMORY);
             std::fs::create_dir_all(&mem_dir).map_err(files("create", &mem_dir))?;
             if memory {
                 self.host
@@ -1363,7 +1373,7 @@ impl<M: Machine + 'static> Shared<M> {
             // The disk is copied while the vCPUs are stopped, so it matches
             // the memory image.
             if let Some(disk) = rec.disk_path.clone() {
-                let to = staging.join("disk.img");
+                let to = staging.join(super::sources::snapshot_disk_name(&disk));
                 let u = uid.clone();
                 blocking(&u, "copy disk", move || {
                     copy_disk(&disk, &to).map_err(files("copy disk to", &to))
@@ -1378,7 +1388,7 @@ impl<M: Machine + 'static> Shared<M> {
                 memory,
                 resources: rec.spec.resources,
             };
-            let meta = staging.join("snapshot.json");
+            let meta = staging.join(super::sources::SNAPSHOT_META);
             let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Files {
                 action: "encode",
                 path: meta.clone(),
