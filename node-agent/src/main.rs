@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
+use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
@@ -109,6 +110,16 @@ struct Args {
     /// host with other agents (tests, the local run) need their own.
     #[arg(long, env = "WRENN_NETNS_DIR", default_value = "/run/netns")]
     netns_dir: PathBuf,
+    /// `wrenn-guest`, injected into template disks built from OCI images.
+    #[arg(
+        long,
+        env = "WRENN_GUEST_BINARY",
+        default_value = "/opt/wrenn/share/wrenn-guest"
+    )]
+    guest_binary: PathBuf,
+    /// Registries pulled from over plain HTTP (local mirrors), comma-separated.
+    #[arg(long, env = "WRENN_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
     /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     admin_listen: SocketAddr,
@@ -159,6 +170,7 @@ struct Common {
     uplink: String,
     cgroups: CgroupRoot,
     metrics: Arc<Metrics>,
+    templates: TemplateSettings,
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -179,6 +191,8 @@ async fn run(args: Args) -> ExitCode {
         uplink,
         netns_dir,
         admin_listen,
+        guest_binary,
+        insecure_registries,
         ..
     } = args;
     let tls = TlsFiles {
@@ -230,7 +244,16 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(EXIT_HOST);
         }
     };
+    let templates = TemplateSettings {
+        cache_dir: state_dir.join("images"),
+        guest_binary,
+        pull: PullOptions {
+            auth: None,
+            insecure_registries,
+        },
+    };
     let common = Common {
+        templates,
         node_name,
         listen,
         tls,
@@ -284,6 +307,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         netns_dir,
         cgroups,
         metrics,
+        templates,
     } = common;
     let store_cfg = StorageConfig::new(state_dir.join("disks"));
     let store =
@@ -332,6 +356,14 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
     cfg.guest = Some(GuestSettings::default());
+    // The sampler and the admin server read what the supervisor records.
+    cfg.metrics = metrics.clone();
+    cfg.figures = Some(HostFigures {
+        proc_root: "/proc".into(),
+        cgroups: cgroups.clone(),
+    });
+    let cfg_templates = Arc::new(TemplateBuilder::new(templates));
+    cfg.templates = cfg_templates.clone();
     let supervisor = Supervisor::new(
         Host {
             machine: Arc::new(machine),
@@ -357,6 +389,17 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             tracing::error!(error = &err as &dyn std::error::Error, "recover capsules");
             return ExitCode::from(EXIT_RECOVERY);
         }
+    }
+    let builder = cfg_templates.clone();
+    match tokio::task::spawn_blocking(move || builder.sweep()).await {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(removed = removed.len(), "removed interrupted image builds");
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "sweep the image cache"
+        ),
     }
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,

@@ -257,3 +257,88 @@ async fn scrape_health_readiness_and_removed_capsules() {
         "still listening after shutdown"
     );
 }
+
+/// A capsule made by the supervisor (over the recording fakes) shows up in
+/// the scrape once sampled, with its create timed, and goes with delete.
+#[tokio::test]
+async fn a_supervised_capsule_is_scraped_until_deleted() {
+    use wrenn_node_agent::capsule::{
+        BootSource, CapsuleSpec, Egress, Host, Resources, State, Supervisor, SupervisorConfig,
+        TemplateDisk,
+    };
+    use wrenn_node_agent::storage::{CapsuleId, FakeBlockStore};
+
+    let _case = wrenn_testkit::case(Tier::Host, "metrics_admin_supervised_capsule");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FakeBlockStore::new());
+    let cfg = SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux"));
+    let metrics = cfg.metrics.clone();
+    let sup = Supervisor::new(
+        Host {
+            machine: Arc::new(wrenn_node_agent::vmm::FakeMachine::new()),
+            net: Arc::new(wrenn_node_agent::network::FakeNet::new()),
+            store: store.clone(),
+        },
+        cfg,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(
+        listener,
+        AdminState {
+            metrics: metrics.clone(),
+        },
+        std::future::pending(),
+    ));
+
+    let spec = CapsuleSpec {
+        namespace: "default".into(),
+        name: "c".into(),
+        source: BootSource::Template(TemplateDisk {
+            key: "t".into(),
+            rootfs: "/t/base.ext4".into(),
+            digest: String::new(),
+        }),
+        resources: Resources {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+        },
+        kernel: None,
+        cmdline: String::new(),
+        env: Default::default(),
+        egress: Egress::Allow,
+    };
+    sup.create("uid-c", spec, State::Running).await.unwrap();
+    store.set_allocated(&CapsuleId::new("uid-c").unwrap(), 5 << 20);
+    sampler::tick(&metrics, Duration::from_secs(1)).await;
+
+    let s = parse(&get(addr, "/metrics").await.2);
+    let c = [("capsule", "uid-c")];
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_disk_allocated_bytes", &c),
+        Some((5 << 20) as f64)
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_capsule_network_receive_bytes_total", &c),
+        Some(0.0)
+    );
+    assert_eq!(value(&s, "wrenn_agent_capsules_sampled", &[]), Some(1.0));
+    assert_eq!(
+        value(&s, "wrenn_agent_create_seconds_count", &[("outcome", "ok")]),
+        Some(1.0)
+    );
+
+    assert!(sup.delete("uid-c").await.unwrap());
+    let s = parse(&get(addr, "/metrics").await.2);
+    assert!(
+        s.iter()
+            .all(|(_, l, _)| l.get("capsule").map(String::as_str) != Some("uid-c")),
+        "series of a deleted capsule remain"
+    );
+    assert_eq!(
+        value(&s, "wrenn_agent_delete_seconds_count", &[("outcome", "ok")]),
+        Some(1.0)
+    );
+    server.abort();
+}

@@ -56,6 +56,12 @@ struct Agent {
 }
 
 async fn start() -> Agent {
+    start_with(false).await
+}
+
+/// An agent; with `metrics`, GetMetrics is served from the supervisor's
+/// metrics, as `main` wires it.
+async fn start_with(metrics: bool) -> Agent {
     wrenn_node_agent::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let ca = ca();
@@ -95,6 +101,11 @@ async fn start() -> Agent {
         },
     )
     .with_capsules(Arc::new(sup.clone()));
+    let service = if metrics {
+        service.with_metrics(sup.metrics().clone())
+    } else {
+        service
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -339,6 +350,21 @@ async fn bad_requests_are_refused_at_the_edge() {
         a.client.pause_capsule(r("nope")).await.unwrap_err().code(),
         Code::NotFound
     );
+    // A snapshot this node does not hold: NOT_FOUND naming it, and the
+    // capsule is not left behind.
+    let mut from_snap = create_request("c3", 1);
+    from_snap.spec.as_mut().unwrap().source = Some(pb::BootSource {
+        source: Some(pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+            id: "elsewhere".into(),
+        })),
+    });
+    let st = a.client.create_capsule(from_snap).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    assert_eq!(st.message(), "snapshot elsewhere not found on this node");
+    assert_eq!(
+        a.client.get_capsule(r("c3")).await.unwrap_err().code(),
+        Code::NotFound
+    );
     let st = a
         .client
         .get_metrics(pb::GetMetricsRequest {
@@ -350,4 +376,29 @@ async fn bad_requests_are_refused_at_the_edge() {
         .unwrap_err();
     assert_eq!(st.code(), Code::Unimplemented);
     assert!(a.machine.calls().is_empty(), "nothing reached the VMM");
+}
+
+#[tokio::test]
+async fn get_metrics_answers_for_a_capsule_until_it_is_deleted() {
+    let _c = case(
+        Tier::Unit,
+        "server_capsules::get_metrics_answers_for_a_capsule_until_it_is_deleted",
+    );
+    let mut a = start_with(true).await;
+    let req = || pb::GetMetricsRequest {
+        uid: "c1".into(),
+        from_unix_nanos: 0,
+        to_unix_nanos: 0,
+    };
+    a.client
+        .create_capsule(create_request("c1", 1))
+        .await
+        .unwrap();
+    wrenn_node_agent::metrics::sampler::tick(a.sup.metrics(), Duration::from_secs(1)).await;
+    let resp = a.client.get_metrics(req()).await.unwrap().into_inner();
+    assert_eq!(resp.resolution_seconds, 1);
+    assert_eq!(resp.samples.len(), 1, "{resp:?}");
+    a.client.delete_capsule(r("c1")).await.unwrap();
+    let st = a.client.get_metrics(req()).await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
 }

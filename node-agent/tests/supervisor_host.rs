@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use network_env::Bed as NetBed;
 use wrenn_node_agent::capsule::{
-    BootSource, CapsuleSpec, Egress, Host, Resources, State, Supervisor, SupervisorConfig,
-    TemplateDisk,
+    BootSource, CapsuleSpec, Egress, Host, HostFigures, Resources, State, Supervisor,
+    SupervisorConfig, TemplateDisk,
 };
+use wrenn_node_agent::metrics::sampler;
 use wrenn_node_agent::network::{CapsuleId as NetId, EgressPolicy, LinuxNet, NetOps};
 use wrenn_node_agent::state::{OrphanSweep, RecoveryReport};
 use wrenn_node_agent::storage::{BlockStore, DiskRequest, Qcow2Store, StorageConfig};
@@ -224,13 +225,18 @@ impl World {
         );
         m.hang_after_spawn = hang;
         let net = Arc::new(self.net.net());
+        let mut cfg = SupervisorConfig::new(&self.state_dir(), Path::new("/k/vmlinux"));
+        cfg.figures = Some(HostFigures {
+            proc_root: "/proc".into(),
+            cgroups: self.cgroups.clone(),
+        });
         let sup = Supervisor::new(
             Host {
                 machine: Arc::new(m),
                 net: net.clone(),
                 store: Arc::new(self.store()),
             },
-            SupervisorConfig::new(&self.state_dir(), Path::new("/k/vmlinux")),
+            cfg,
         );
         (sup, net)
     }
@@ -327,6 +333,23 @@ fn host_case(name: &str) -> Option<wrenn_testkit::Case> {
     Some(c)
 }
 
+/// Samples once and returns the value of `name{capsule="<uid>"}` in the
+/// Prometheus text.
+fn sampled(
+    sup: &Supervisor<ProcessMachine>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    uid: &str,
+) -> Option<f64> {
+    let report = rt.block_on(sampler::tick(sup.metrics(), Duration::from_secs(1)));
+    assert_eq!(report.errors, 0, "{report:?}");
+    let series = format!("{name}{{capsule=\"{uid}\"}} ");
+    sup.metrics()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -358,6 +381,11 @@ fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
     let (sup, _) = w.agent(false);
     rt.block_on(sup.create("c1", w.spec(), State::Running))
         .unwrap();
+    // The real VMM stand-in's RSS (from /proc) and its cgroup's CPU.
+    let rss = sampled(&sup, &rt, "wrenn_agent_capsule_memory_bytes", "c1");
+    assert!(rss.is_some_and(|v| v > 0.0), "{rss:?}");
+    let cpu = sampled(&sup, &rt, "wrenn_agent_capsule_cpu_seconds_total", "c1");
+    assert!(cpu.is_some_and(|v| v >= 0.0), "{cpu:?}");
     let pid = {
         let rec: wrenn_node_agent::capsule::Record =
             wrenn_node_agent::state::Journal::new(&w.state_dir())
@@ -380,6 +408,8 @@ fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
     assert_eq!(report.orphans.total(), 0, "{:?}", report.orphans);
     assert_eq!(sup.get("c1").unwrap().state, State::Paused);
     assert_eq!(w.cgroup_names(), vec!["c1".to_string()]);
+    let rss = sampled(&sup, &rt, "wrenn_agent_capsule_memory_bytes", "c1");
+    assert!(rss.is_some_and(|v| v > 0.0), "adopted VMM sampled: {rss:?}");
     rt.block_on(sup.resume("c1")).unwrap();
     assert!(matches!(proc_state(pid), Some('S' | 'R')), "continued");
 
@@ -462,13 +492,15 @@ fn orphans_of_a_crash_mid_create_are_removed() {
     let s2 = sup.clone();
     let spec = w.spec();
     rt.spawn(async move { s2.create("c1", spec, State::Running).await });
-    wrenn_testkit::wait_until(Duration::from_secs(10), "VMM spawned", || {
-        (w.cgroup_names() == vec!["c1".to_string()])
-            .then_some(())
-            .ok_or(format!("{:?}", w.cgroup_names()))
+    // The cgroup appears just before the VMM is moved into it: wait for both.
+    let pid = wrenn_testkit::wait_until(Duration::from_secs(10), "VMM spawned", || {
+        let pids = w.cgroups.open_capsule("c1").pids().unwrap_or_default();
+        match (w.cgroup_names() == vec!["c1".to_string()], pids.first()) {
+            (true, Some(pid)) => Ok(*pid),
+            _ => Err(format!("{:?} {pids:?}", w.cgroup_names())),
+        }
     })
     .unwrap();
-    let pid = w.cgroups.open_capsule("c1").pids().unwrap()[0];
     // Leftovers no journal knows: a claimed network, a disk, a directory.
     net.setup(&NetId::new("ghost").unwrap(), &EgressPolicy::Deny)
         .unwrap();
@@ -494,6 +526,16 @@ fn orphans_of_a_crash_mid_create_are_removed() {
     assert_eq!(o.journals, 1, "{o:?}");
     assert_eq!(o.storage.files.len(), 1, "{o:?}");
     assert_eq!((o.cgroups, o.processes), (1, 1), "{o:?}");
+    // The same counts, by kind, on the admin port.
+    let text = sup.metrics().encode();
+    for want in [
+        "wrenn_agent_orphans_removed_total{kind=\"capsule\"} 1",
+        "wrenn_agent_orphans_removed_total{kind=\"cgroup\"} 1",
+        "wrenn_agent_orphans_removed_total{kind=\"process\"} 1",
+        "wrenn_agent_orphans_removed_total{kind=\"journal\"} 1",
+    ] {
+        assert!(text.contains(want), "{want} not in\n{text}");
+    }
     assert!(sup.list().is_empty());
     assert!(!alive(pid), "the half-started VMM was killed");
     assert!(w.cgroup_names().is_empty());

@@ -2,12 +2,15 @@
 //! [`Machine`](crate::vmm::Machine), [`NetOps`](crate::network::NetOps) and
 //! [`BlockStore`](crate::storage::BlockStore), and the event bus behind
 //! `WatchEvents`. The journal and restart recovery live in `crate::state`;
-//! the gRPC edge (validation, proto conversion) in `crate::server`.
+//! the gRPC edge (validation, proto conversion) in `crate::server`. What
+//! the supervisor reports to `crate::metrics` (a sample source per capsule
+//! whose VMM exists, step timings, error classes) is in `telemetry`.
 //!
 //! States and the operations legal in each:
 //!
 //! ```text
-//! Creating ──> Running ⇄ Paused            (pause / resume)
+//! Creating ──> Running ⇄ Paused            (pause / resume; a create from a
+//!                                          snapshot with memory restores it)
 //! Running|Paused ──> Suspending ──> Suspended ──> Resuming ──> Running
 //! Running|Paused ──> Snapshotting ──> (the mode it was in)
 //! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped
@@ -21,13 +24,17 @@
 mod api;
 mod events;
 mod model;
+mod sources;
 pub(crate) mod supervisor;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 
 pub use api::{CapsuleApi, EventStream, SnapshotInfo};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, Resources, State, TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Record, Resources, State,
+    TemplateDisk,
 };
 pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};
+pub use telemetry::HostFigures;

@@ -14,11 +14,26 @@ use crate::vmm::{BackendInfo, MachineHandle};
 pub enum BootSource {
     /// A template's raw ext4 image already on the node.
     Template(TemplateDisk),
+    /// An OCI image the agent builds into a template disk (cached by
+    /// manifest digest) before the capsule's disk is made over it.
+    Image(ImageTemplate),
     /// A named snapshot on the node.
     Snapshot {
         /// Snapshot id.
         id: String,
     },
+}
+
+/// A template given as an OCI image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageTemplate {
+    /// Stable key (namespace/name@digest).
+    pub key: String,
+    /// The reference as the operator sent it; see
+    /// [`ImageSource`](crate::images::ImageSource) for the syntax.
+    pub reference: String,
+    /// Manifest digest, when known.
+    pub digest: String,
 }
 
 /// A template disk on the node.
@@ -164,6 +179,12 @@ pub struct Record {
     pub disk: bool,
     /// The disk's path once made.
     pub disk_path: Option<PathBuf>,
+    /// The read-only image the disk is made over, once resolved: the
+    /// template's rootfs, a built OCI template, or a snapshot's disk. Kept
+    /// so a restore after suspend or restart uses the same base without
+    /// resolving (or building) it again.
+    #[serde(default)]
+    pub base_image: Option<PathBuf>,
     /// A network (or at least a slot claim) may exist.
     pub network: bool,
     /// The node's address of the guest.
@@ -200,6 +221,7 @@ impl Record {
             prior: None,
             disk: false,
             disk_path: None,
+            base_image: None,
             network: false,
             ip: None,
             slot: None,
@@ -362,6 +384,33 @@ pub enum Error {
         /// Snapshot id.
         id: String,
     },
+    /// No snapshot with this id on this node.
+    #[error("snapshot {id} not found on this node")]
+    SnapshotNotFound {
+        /// Snapshot id.
+        id: String,
+    },
+    /// A snapshot exists but cannot start this capsule.
+    #[error("snapshot {id} cannot start capsule {uid}: {why}")]
+    SnapshotUnusable {
+        /// Snapshot id.
+        id: String,
+        /// UID.
+        uid: String,
+        /// Why.
+        why: String,
+    },
+    /// The template disk of an OCI image could not be made.
+    #[error("build template disk of capsule {uid} from {reference}")]
+    Image {
+        /// UID.
+        uid: String,
+        /// The image reference.
+        reference: String,
+        /// Why.
+        #[source]
+        source: Box<crate::images::Error>,
+    },
     /// A blocking task of the supervisor died.
     #[error("{what} of capsule {uid} was aborted")]
     Aborted {
@@ -389,6 +438,35 @@ impl Error {
             Error::Files { .. } => "FilesFailed",
             Error::SnapshotExists { .. } => "SnapshotExists",
             Error::Aborted { .. } => "Aborted",
+            Error::SnapshotNotFound { .. } => "SnapshotNotFound",
+            Error::SnapshotUnusable { .. } => "SnapshotUnusable",
+            Error::Image { .. } => "ImageFailed",
+        }
+    }
+
+    /// The `class` label of `wrenn_agent_errors_total` for a failed
+    /// operation; `None` for refusals of the request itself (unknown
+    /// capsule, wrong state, bad spec) and for a create a delete
+    /// cancelled, which say nothing about the node's health.
+    pub fn class(&self) -> Option<&'static str> {
+        match self {
+            Error::NotFound { .. }
+            | Error::AlreadyExists { .. }
+            | Error::WrongState { .. }
+            | Error::InvalidSpec { .. }
+            | Error::SnapshotExists { .. }
+            | Error::SnapshotNotFound { .. }
+            | Error::SnapshotUnusable { .. }
+            | Error::Cancelled { .. } => None,
+            // A registry, cache or unpack failure on this node.
+            Error::Image { .. } => Some("image"),
+            Error::Journal { .. } => Some("journal"),
+            Error::Network { .. } => Some("network"),
+            Error::Storage { .. } => Some("storage"),
+            Error::Vm { .. } => Some("vmm"),
+            Error::Guest { .. } => Some("guest"),
+            Error::Files { .. } => Some("files"),
+            Error::Aborted { .. } => Some("aborted"),
         }
     }
 

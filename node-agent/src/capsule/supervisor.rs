@@ -15,7 +15,9 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::api::{ApiFuture, CapsuleApi, EventStream, SnapshotInfo};
 use super::events::{EventBus, EventKind};
-use super::model::{BootSource, CapsuleSpec, CapsuleView, Egress, Error, Record, State};
+use super::model::{CapsuleSpec, CapsuleView, Egress, Error, Record, State};
+use super::telemetry::HostFigures;
+use crate::metrics::{Metrics, Outcome, Step};
 use crate::network::{self, CapsuleNet, EgressPolicy, NetOps, Teardown};
 use crate::state::Journal;
 use crate::storage::{self, BlockStore, CapsuleDisk, DiskRequest};
@@ -58,8 +60,17 @@ pub struct SupervisorConfig {
     /// Events kept for `WatchEvents` cursors.
     pub event_history: usize,
     /// How to reach each guest's agent after boot and restore; `None`
-    /// (unit tests over fake machines) skips the guest step.
+    /// (unit tests over fake machines) skips the guest step and the guest
+    /// memory figure.
     pub guest: Option<GuestSettings>,
+    /// Where capsule histories, step durations and error counts go; the
+    /// agent shares it with the sampler and the admin server.
+    pub metrics: Arc<Metrics>,
+    /// Where each VMM's CPU and RSS are read; `None` (fake machines, whose
+    /// pids are not real) samples only disk, network and guest figures.
+    pub figures: Option<HostFigures>,
+    /// Builds template disks from OCI images.
+    pub templates: Arc<crate::images::TemplateBuilder>,
 }
 
 /// Reaching the guest agent over the VMM's vsock socket.
@@ -71,6 +82,10 @@ pub struct GuestSettings {
     pub timeouts: crate::guest::Timeouts,
     /// How long a boot or restore may take until the agent answers.
     pub ready_within: std::time::Duration,
+    /// How long one guest memory reading may take (dial included). Well
+    /// under the sampler's per-capsule deadline, so a hung guest costs
+    /// only its own figure, not the host's.
+    pub sample_within: std::time::Duration,
 }
 
 impl Default for GuestSettings {
@@ -80,6 +95,7 @@ impl Default for GuestSettings {
             timeouts: crate::guest::Timeouts::default(),
             // TCG boots take seconds to tens of seconds on a busy node.
             ready_within: std::time::Duration::from_secs(180),
+            sample_within: std::time::Duration::from_millis(250),
         }
     }
 }
@@ -98,6 +114,16 @@ impl SupervisorConfig {
             ),
             event_history: 4096,
             guest: None,
+            metrics: Metrics::new(),
+            figures: None,
+            templates: Arc::new(crate::images::TemplateBuilder::new(
+                crate::images::TemplateSettings {
+                    cache_dir: state_dir.join("images"),
+                    // Where the node-agent container image carries it.
+                    guest_binary: PathBuf::from("/opt/wrenn/share/wrenn-guest"),
+                    pull: crate::images::PullOptions::default(),
+                },
+            )),
         }
     }
 }
@@ -163,6 +189,11 @@ pub(crate) struct Entry {
 impl Entry {
     fn view(&self) -> CapsuleView {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The state last shown, without waiting for an operation.
+    pub(crate) fn state(&self) -> State {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).state
     }
 }
 
@@ -302,6 +333,11 @@ impl<M: Machine + 'static> Supervisor<M> {
         &self.shared.layout
     }
 
+    /// Where capsule histories and step durations are recorded.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.cfg.metrics
+    }
+
     /// Ends every event watch and stops every background task (crash
     /// watchers). Capsules keep running: this is what an agent exit does to
     /// the supervisor.
@@ -335,8 +371,11 @@ impl<M: Machine + 'static> Supervisor<M> {
             let Some(rec) = guard.take() else {
                 return Err(Error::NotFound { uid: owned_uid });
             };
-            let (rec, result) = op(shared, entry.clone(), rec).await;
+            let (rec, result) = op(shared.clone(), entry.clone(), rec).await;
             *guard = rec;
+            if let Err(e) = &result {
+                shared.count_error(e);
+            }
             result
         });
         task.await.map_err(|_| Error::Aborted {
@@ -392,6 +431,7 @@ impl<M> Shared<M> {
             map.remove(&rec.uid);
         }
         drop(map);
+        self.cfg.metrics.remove(&rec.uid);
         self.bus
             .publish(EventKind::Deleted, rec.view(&self.backend));
     }
@@ -465,19 +505,18 @@ impl<M: Machine + 'static> Shared<M> {
         rec: &mut Record,
     ) -> Result<(CapsuleDisk, CapsuleNet), Error> {
         let uid = rec.uid.clone();
-        let BootSource::Template(template) = &rec.spec.source else {
-            return Err(Error::InvalidSpec {
-                reason: "creating a capsule from a snapshot is not supported by this agent yet"
-                    .into(),
-            });
-        };
+        let base = self.ensure_base(entry, rec).await?;
+        // A template build can take minutes; a delete meanwhile wins.
+        if entry.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled { uid });
+        }
         if !rec.disk {
             rec.disk = true;
             self.commit(entry, rec)?;
         }
         let req = DiskRequest {
             capsule: disk_id(&uid)?,
-            template: template.rootfs.clone(),
+            template: base,
             size_bytes: rec.spec.resources.disk_bytes,
         };
         let store = self.host.store.clone();
@@ -535,6 +574,9 @@ impl<M: Machine + 'static> Shared<M> {
         let uid = rec.uid.clone();
         let mut first: Option<Error> = None;
         if let Some(vm) = rec.vm.clone() {
+            // First, so the sampler does not count a VMM going away as
+            // failed readings. The history stays until the capsule goes.
+            self.cfg.metrics.detach(&uid);
             match self.host.machine.stop(&vm).await {
                 Ok(()) => rec.vm = None,
                 Err(source) => {
@@ -667,6 +709,9 @@ impl<M: Machine + 'static> Shared<M> {
                 ),
             };
             tracing::warn!(capsule = %rec.uid, %message, "VMM ended");
+            if state == State::Failed {
+                shared.cfg.metrics.error("vmm_exit");
+            }
             // Release the runtime (cgroup, namespace); the slot and disk
             // stay until the capsule is deleted.
             if let Err(e) = shared.release(rec, Teardown::KeepSlot, false).await {
@@ -736,6 +781,9 @@ impl<M: Machine + 'static> Supervisor<M> {
             let rec = Record::new(&owned_uid, &spec);
             let (rec, result) = shared.create_steps(&entry, rec, initial).await;
             *guard = rec;
+            if let Err(e) = &result {
+                shared.count_error(e);
+            }
             result
         });
         task.await.map_err(|_| Error::Aborted {
@@ -769,11 +817,14 @@ impl<M: Machine + 'static> Supervisor<M> {
         entry.cancel.store(true, Ordering::SeqCst);
         let res = self
             .run(uid, "delete", |shared, entry, mut rec| async move {
+                let timer = shared.cfg.metrics.start_step(Step::Delete);
                 rec.state = State::Deleting;
                 if let Err(e) = shared.commit(&entry, &rec) {
+                    timer.finish(Outcome::Error);
                     return (Some(rec), Err(e));
                 }
                 let (rec, res) = shared.destroy(&entry, rec).await;
+                timer.finish(Outcome::of(&res));
                 (rec, res.map(|()| true))
             })
             .await;
@@ -789,7 +840,11 @@ impl<M: Machine + 'static> Supervisor<M> {
         self.run(uid, "pause", |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Paused => Ok(()),
-                State::Running => shared.pause_steps(&entry, &mut rec).await,
+                State::Running => {
+                    shared
+                        .timed(Step::Pause, shared.pause_steps(&entry, &mut rec))
+                        .await
+                }
                 other => Err(wrong(
                     &rec.uid,
                     other,
@@ -807,8 +862,16 @@ impl<M: Machine + 'static> Supervisor<M> {
         self.run(uid, "resume", |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Running => Ok(()),
-                State::Paused => shared.resume_paused(&entry, &mut rec).await,
-                State::Suspended => shared.restore_steps(&entry, &mut rec).await,
+                State::Paused => {
+                    shared
+                        .timed(Step::Resume, shared.resume_paused(&entry, &mut rec))
+                        .await
+                }
+                State::Suspended => {
+                    shared
+                        .timed(Step::Resume, shared.restore_steps(&entry, &mut rec))
+                        .await
+                }
                 other => Err(wrong(
                     &rec.uid,
                     other,
@@ -826,7 +889,11 @@ impl<M: Machine + 'static> Supervisor<M> {
         self.run(uid, "suspend", |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Suspended => Ok(()),
-                State::Running | State::Paused => shared.suspend_steps(&entry, &mut rec).await,
+                State::Running | State::Paused => {
+                    shared
+                        .timed(Step::Suspend, shared.suspend_steps(&entry, &mut rec))
+                        .await
+                }
                 other => Err(wrong(
                     &rec.uid,
                     other,
@@ -845,7 +912,12 @@ impl<M: Machine + 'static> Supervisor<M> {
         self.run(uid, "snapshot", move |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Running | State::Paused => {
-                    shared.snapshot_steps(&entry, &mut rec, &id, memory).await
+                    shared
+                        .timed(
+                            Step::Snapshot,
+                            shared.snapshot_steps(&entry, &mut rec, &id, memory),
+                        )
+                        .await
                 }
                 other => Err(wrong(
                     &rec.uid,
@@ -921,6 +993,7 @@ impl<M: Machine + 'static> Shared<M> {
         initial: State,
     ) -> (Option<Record>, Result<CapsuleView, Error>) {
         let uid = rec.uid.clone();
+        let timer = self.cfg.metrics.start_step(Step::Create);
         let res: Result<(), Error> = async {
             self.commit(entry, &rec)?;
             let (disk, net) = self.ensure_disk_and_net(entry, &mut rec).await?;
@@ -930,20 +1003,24 @@ impl<M: Machine + 'static> Shared<M> {
             rec.vm_starting = true;
             self.commit(entry, &rec)?;
             let spec = self.machine_spec(&rec, &net, &disk);
-            let vm = self
-                .host
-                .machine
-                .launch(&spec)
-                .await
-                .map_err(|source| Error::Vm {
-                    action: "launch",
+            self.timed(Step::Boot, async {
+                // A snapshot with memory is restored (the guest resumes where
+                // it was; guest_up below re-initialises it); anything else boots.
+                let (action, started) = match self.memory_image(&rec)? {
+                    Some(image) => ("restore", self.host.machine.restore(&spec, &image).await),
+                    None => ("launch", self.host.machine.launch(&spec).await),
+                };
+                let vm = started.map_err(|source| Error::Vm {
+                    action,
                     uid: uid.clone(),
                     source: Box::new(source),
                 })?;
-            rec.vm = Some(vm.clone());
-            rec.vm_starting = false;
-            self.commit(entry, &rec)?;
-            self.guest_up(&rec, &vm).await?;
+                rec.vm = Some(vm.clone());
+                rec.vm_starting = false;
+                self.commit(entry, &rec)?;
+                self.guest_up(&rec, &vm).await
+            })
+            .await?;
             if entry.cancel.load(Ordering::SeqCst) {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
@@ -963,14 +1040,25 @@ impl<M: Machine + 'static> Shared<M> {
             if let Err(u) = undo {
                 tracing::error!(capsule = %uid, error = &u as &dyn std::error::Error, "roll back a failed create");
             }
-            return (rec, Err(e));
+            // Timed after the rollback: what the caller waited for.
+            let res = Err(e);
+            timer.finish(super::telemetry::outcome(&res));
+            return (rec, res);
         }
+        timer.finish(Outcome::Ok);
         if let Some(vm) = rec.vm.clone() {
+            self.start_sampling(entry, &rec);
             self.watch_vm(entry.clone(), vm);
         }
         let res = match initial {
-            State::Paused => self.pause_steps(entry, &mut rec).await,
-            State::Suspended => self.suspend_steps(entry, &mut rec).await,
+            State::Paused => {
+                self.timed(Step::Pause, self.pause_steps(entry, &mut rec))
+                    .await
+            }
+            State::Suspended => {
+                self.timed(Step::Suspend, self.suspend_steps(entry, &mut rec))
+                    .await
+            }
             _ => Ok(()),
         };
         let view = entry.view();
@@ -1200,25 +1288,29 @@ impl<M: Machine + 'static> Shared<M> {
             rec.vm_starting = true;
             self.commit(entry, rec)?;
             let spec = self.machine_spec(rec, &net, &disk);
-            let vm = self
-                .host
-                .machine
-                .restore(&spec, &self.layout.suspend_dir(&uid))
-                .await
-                .map_err(|source| Error::Vm {
-                    action: "restore",
-                    uid: uid.clone(),
-                    source: Box::new(source),
-                })?;
-            // The VMM reset vsock: the guest is reached and re-initialised
-            // (clock, entropy) before the capsule counts as running again.
-            if let Err(e) = self.guest_up(rec, &vm).await {
-                if let Err(stop) = self.host.machine.stop(&vm).await {
-                    tracing::error!(capsule = %uid, error = &stop as &dyn std::error::Error, "stop a restored VM whose guest did not answer");
+            self.timed(Step::Restore, async {
+                let vm = self
+                    .host
+                    .machine
+                    .restore(&spec, &self.layout.suspend_dir(&uid))
+                    .await
+                    .map_err(|source| Error::Vm {
+                        action: "restore",
+                        uid: uid.clone(),
+                        source: Box::new(source),
+                    })?;
+                // The VMM reset vsock: the guest is reached and
+                // re-initialised (clock, entropy) before the capsule counts
+                // as running again.
+                if let Err(e) = self.guest_up(rec, &vm).await {
+                    if let Err(stop) = self.host.machine.stop(&vm).await {
+                        tracing::error!(capsule = %uid, error = &stop as &dyn std::error::Error, "stop a restored VM whose guest did not answer");
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-            Ok(vm)
+                Ok(vm)
+            })
+            .await
         }
         .await;
         match res {
@@ -1232,6 +1324,7 @@ impl<M: Machine + 'static> Shared<M> {
                 rec.message.clear();
                 rec.reason.clear();
                 self.commit(entry, rec)?;
+                self.start_sampling(entry, rec);
                 self.watch_vm(entry.clone(), vm);
                 Ok(())
             }
@@ -1274,7 +1367,7 @@ impl<M: Machine + 'static> Shared<M> {
         let written: Result<SnapshotInfo, Error> = async {
             self.freeze(rec, &vm, prior).await?;
             remove_dir(&staging)?;
-            let mem_dir = staging.join("memory");
+            let mem_dir = staging.join(super::sources::SNAPSHOT_MEMORY);
             std::fs::create_dir_all(&mem_dir).map_err(files("create", &mem_dir))?;
             if memory {
                 self.host
@@ -1290,7 +1383,7 @@ impl<M: Machine + 'static> Shared<M> {
             // The disk is copied while the vCPUs are stopped, so it matches
             // the memory image.
             if let Some(disk) = rec.disk_path.clone() {
-                let to = staging.join("disk.img");
+                let to = staging.join(super::sources::snapshot_disk_name(&disk));
                 let u = uid.clone();
                 blocking(&u, "copy disk", move || {
                     copy_disk(&disk, &to).map_err(files("copy disk to", &to))
@@ -1305,7 +1398,7 @@ impl<M: Machine + 'static> Shared<M> {
                 memory,
                 resources: rec.spec.resources,
             };
-            let meta = staging.join("snapshot.json");
+            let meta = staging.join(super::sources::SNAPSHOT_META);
             let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Files {
                 action: "encode",
                 path: meta.clone(),

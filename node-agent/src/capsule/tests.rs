@@ -11,27 +11,37 @@ use crate::state::OrphanSweep;
 use crate::storage::{BlockStore, CapsuleId as DiskId, FakeBlockStore};
 use crate::vmm::{FAKE_IMAGE, FakeMachine, Machine, Step};
 
+/// Adjusts a bed's supervisor settings, given the bed's temp dir; applied
+/// again on every restart.
+type Tune = fn(&mut SupervisorConfig, &std::path::Path);
+
 struct Bed {
     dir: tempfile::TempDir,
     machine: Arc<FakeMachine>,
     net: Arc<FakeNet>,
     store: Arc<FakeBlockStore>,
     sup: Supervisor<FakeMachine>,
+    tune: Tune,
 }
 
 impl Bed {
     fn new() -> Self {
+        Self::with(|_, _| {})
+    }
+
+    fn with(tune: Tune) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let machine = Arc::new(FakeMachine::new());
         let net = Arc::new(FakeNet::new());
         let store = Arc::new(FakeBlockStore::new());
-        let sup = Self::supervisor(&dir, &machine, &net, &store);
+        let sup = Self::supervisor(&dir, &machine, &net, &store, tune);
         Self {
             dir,
             machine,
             net,
             store,
             sup,
+            tune,
         }
     }
 
@@ -40,14 +50,17 @@ impl Bed {
         machine: &Arc<FakeMachine>,
         net: &Arc<FakeNet>,
         store: &Arc<FakeBlockStore>,
+        tune: Tune,
     ) -> Supervisor<FakeMachine> {
+        let mut cfg = SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux"));
+        tune(&mut cfg, dir.path());
         Supervisor::new(
             Host {
                 machine: machine.clone(),
                 net: net.clone(),
                 store: store.clone(),
             },
-            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
+            cfg,
         )
     }
 
@@ -55,7 +68,7 @@ impl Bed {
     /// host and state dir: an agent restart.
     fn restart(&mut self) {
         self.sup.shutdown();
-        self.sup = Self::supervisor(&self.dir, &self.machine, &self.net, &self.store);
+        self.sup = Self::supervisor(&self.dir, &self.machine, &self.net, &self.store, self.tune);
     }
 
     fn journal_exists(&self, uid: &str) -> bool {
@@ -361,7 +374,8 @@ async fn snapshot_returns_to_the_prior_mode() {
     let dir = b.sup.layout().snapshot_dir("s1");
     assert!(dir.join("memory").join(FAKE_IMAGE).exists());
     assert!(dir.join("snapshot.json").exists());
-    let disk = dir.join("disk.img");
+    // A qcow2 overlay is copied as such and named for its format.
+    let disk = dir.join("disk.qcow2");
     let overlay = b.dir.path().join("disks/wrenn-c1.qcow2");
     assert_eq!(
         std::fs::read(&disk).unwrap(),
@@ -573,3 +587,216 @@ async fn the_journal_is_written_before_each_side_effect() {
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert!(!rec.suspended_image);
 }
+
+// ---- capsules from snapshots and images ---------------------------------------
+
+impl Bed {
+    /// A bed whose disks are real qcow2 overlays over a 1 MiB template, so
+    /// snapshot disks and bases are real files.
+    fn with_qcow2() -> (Self, std::path::PathBuf) {
+        let b = Bed::new();
+        let template = b.dir.path().join("base.ext4");
+        std::fs::write(&template, vec![7u8; 1 << 20]).unwrap();
+        let store = crate::storage::Qcow2Store::open(crate::storage::StorageConfig::new(
+            b.dir.path().join("disks"),
+        ))
+        .unwrap();
+        let sup = Supervisor::new(
+            Host {
+                machine: b.machine.clone(),
+                net: b.net.clone(),
+                store: Arc::new(store),
+            },
+            SupervisorConfig::new(b.dir.path(), std::path::Path::new("/k/vmlinux")),
+        );
+        (Bed { sup, ..b }, template)
+    }
+
+    fn overlay(&self, uid: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("disks/wrenn-{uid}.qcow2"))
+    }
+}
+
+fn from_template(uid: &str, template: &std::path::Path) -> CapsuleSpec {
+    let mut s = spec(uid);
+    s.source = BootSource::Template(TemplateDisk {
+        key: "t".into(),
+        rootfs: template.to_path_buf(),
+        digest: String::new(),
+    });
+    s
+}
+
+fn from_snapshot(uid: &str, id: &str) -> CapsuleSpec {
+    let mut s = spec(uid);
+    s.source = BootSource::Snapshot { id: id.into() };
+    s
+}
+
+/// Every file of `dir` with its content, to show nothing was written.
+fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
+    let (b, template) = Bed::with_qcow2();
+    b.sup
+        .create("src", from_template("src", &template), State::Running)
+        .await
+        .unwrap();
+    b.sup.snapshot("src", "s1", true).await.unwrap();
+    let snap = b.sup.layout().snapshot_dir("s1");
+    let before = tree(&snap);
+
+    let v = b
+        .sup
+        .create("new", from_snapshot("new", "s1"), State::Running)
+        .await
+        .unwrap();
+    assert_eq!(v.state, State::Running);
+    // Restored (not booted) from the snapshot's memory, as itself.
+    let restore: Vec<_> = b
+        .machine
+        .calls()
+        .into_iter()
+        .filter(|c| c.capsule == "new")
+        .collect();
+    assert_eq!(restore.len(), 1, "{restore:?}");
+    assert_eq!(restore[0].step, Step::Restore);
+    assert_eq!(
+        restore[0].dir.as_deref(),
+        Some(snap.join("memory").as_path())
+    );
+    // Its own overlay, based on the snapshot's disk (a qcow2 copy here).
+    let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
+    let base = snap.join("disk.qcow2");
+    assert_eq!(
+        info.backing_file.as_deref(),
+        Some(base.to_str().unwrap()),
+        "{info:?}"
+    );
+    assert_eq!(info.backing_format.as_deref(), Some("qcow2"));
+    assert_ne!(b.overlay("new"), b.overlay("src"));
+
+    // The source goes; the snapshot stays whole and starts more capsules.
+    assert!(b.sup.delete("src").await.unwrap());
+    b.assert_gone("src");
+    b.sup
+        .create("again", from_snapshot("again", "s1"), State::Running)
+        .await
+        .unwrap();
+    assert_eq!(b.machine.steps("again"), vec![Step::Restore]);
+    for uid in ["new", "again"] {
+        assert!(b.sup.delete(uid).await.unwrap());
+        b.assert_gone(uid);
+        assert!(!b.overlay(uid).exists(), "overlay of {uid} left");
+    }
+    assert_eq!(tree(&snap), before, "the snapshot was written");
+}
+
+#[tokio::test]
+async fn a_disk_only_snapshot_boots_cold_from_its_disk() {
+    let (b, template) = Bed::with_qcow2();
+    b.sup
+        .create("src", from_template("src", &template), State::Running)
+        .await
+        .unwrap();
+    b.sup.snapshot("src", "cold", false).await.unwrap();
+    let mut s = from_snapshot("new", "cold");
+    // Without memory the shape may change.
+    s.resources.vcpus = 4;
+    b.sup.create("new", s, State::Running).await.unwrap();
+    assert_eq!(b.machine.steps("new"), vec![Step::Launch]);
+    let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
+    let base = b.sup.layout().snapshot_dir("cold").join("disk.qcow2");
+    assert_eq!(info.backing_file.as_deref(), Some(base.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn a_missing_or_mismatched_snapshot_is_refused_and_leaves_nothing() {
+    let (b, template) = Bed::with_qcow2();
+    let err = b
+        .sup
+        .create("new", from_snapshot("new", "nope"), State::Running)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::SnapshotNotFound { ref id } if id == "nope"),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "snapshot nope not found on this node");
+    b.assert_gone("new");
+    assert!(!b.overlay("new").exists());
+
+    b.sup
+        .create("src", from_template("src", &template), State::Running)
+        .await
+        .unwrap();
+    b.sup.snapshot("src", "s1", true).await.unwrap();
+    let mut s = from_snapshot("big", "s1");
+    s.resources.memory_bytes *= 2;
+    let err = b.sup.create("big", s, State::Running).await.unwrap_err();
+    assert!(matches!(err, Error::SnapshotUnusable { .. }), "{err}");
+    assert!(err.chain().contains("RAM"), "{}", err.chain());
+    b.assert_gone("big");
+    assert!(!b.overlay("big").exists());
+}
+
+#[tokio::test]
+async fn a_failed_restore_from_a_snapshot_leaves_nothing_and_keeps_the_snapshot() {
+    let (b, template) = Bed::with_qcow2();
+    b.sup
+        .create("src", from_template("src", &template), State::Running)
+        .await
+        .unwrap();
+    b.sup.snapshot("src", "s1", true).await.unwrap();
+    let before = tree(&b.sup.layout().snapshot_dir("s1"));
+    b.machine.fail_next(Step::Restore, "cpuid mismatch");
+    let err = b
+        .sup
+        .create("new", from_snapshot("new", "s1"), State::Running)
+        .await
+        .unwrap_err();
+    assert!(err.chain().contains("cpuid mismatch"), "{}", err.chain());
+    b.assert_gone("new");
+    assert!(!b.overlay("new").exists());
+    assert_eq!(tree(&b.sup.layout().snapshot_dir("s1")), before);
+}
+
+#[tokio::test]
+async fn an_image_that_cannot_be_read_fails_with_its_cause_and_leaves_nothing() {
+    let b = Bed::new();
+    let mut s = spec("c1");
+    let missing = b.dir.path().join("no-such-layout");
+    s.source = BootSource::Image(ImageTemplate {
+        key: "k".into(),
+        reference: format!("oci:{}", missing.display()),
+        digest: String::new(),
+    });
+    let err = b.sup.create("c1", s, State::Running).await.unwrap_err();
+    assert!(matches!(err, Error::Image { .. }), "{err}");
+    let chain = err.chain();
+    assert!(
+        chain.contains("build template disk of capsule c1"),
+        "{chain}"
+    );
+    assert!(chain.contains("no-such-layout"), "{chain}");
+    b.assert_gone("c1");
+    assert!(b.store.calls().is_empty(), "a disk was made");
+}
+
+mod telemetry;

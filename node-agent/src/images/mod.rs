@@ -20,12 +20,18 @@
 //! rewritten in place (running capsules use it as their origin); a new
 //! size or guest binary makes a new file.
 //!
+//! [`ImageSource`] parses the references capsules name images by;
+//! [`TemplateBuilder`] is what the capsule supervisor calls (pull, then
+//! build, off the async runtime).
+//!
 //! The build is blocking (file I/O and a child process): async callers run
 //! it on a blocking thread. It needs root so ownership in the image is
 //! kept. Storage of capsule disks is `storage`'s job.
 
 pub mod oci;
 mod registry;
+mod source;
+mod templates;
 pub mod unpack;
 
 use std::fs::{self, File};
@@ -38,6 +44,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use sha2::{Digest as _, Sha256};
 
 pub use registry::{PullOptions, pull_to_layout};
+pub use source::ImageSource;
+pub use templates::{TemplateBuilder, TemplateSettings};
 
 /// Where `wrenn-guest` lives inside every template. It is outside every
 /// distribution's directories (no clash with the image's `/sbin`, which is
@@ -136,6 +144,14 @@ pub enum Error {
         #[source]
         source: oci_client::ParseError,
     },
+    /// A local image reference (`oci:`, `docker-archive:`) is malformed.
+    #[error("image reference {reference:?}: {why}")]
+    LocalReference {
+        /// As given.
+        reference: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// Pulling from a registry failed.
     #[error("pull {reference}")]
     Pull {
@@ -191,6 +207,14 @@ pub enum Error {
         /// Its stderr, or why it did not start.
         stderr: String,
     },
+}
+
+impl Error {
+    /// Whether trying again later may succeed: the registry was
+    /// unreachable or refused, rather than the image being unusable.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Pull { .. } | Error::Lock { .. })
+    }
 }
 
 /// Result of this module.

@@ -32,7 +32,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 pub use ring::{Point, Range, Recorded, Series, TIERS, Tier};
-pub use source::{ProcSource, Reading, SampleSource, SourceFuture};
+pub use source::{ProcSource, Reading, SampleSource, SourceFuture, read_rss_bytes};
 pub use steps::{Outcome, Step, StepTimer};
 
 /// Errors of the metrics module.

@@ -103,7 +103,6 @@ pub struct ProcSource {
     cgroup: CapsuleCgroup,
     proc_root: PathBuf,
     process: ProcessIdentity,
-    status: PathBuf,
 }
 
 impl ProcSource {
@@ -114,7 +113,6 @@ impl ProcSource {
             cgroup,
             proc_root: proc_root.to_path_buf(),
             process,
-            status: proc_root.join(process.pid.to_string()).join("status"),
         }
     }
 
@@ -126,35 +124,41 @@ impl ProcSource {
             .map_err(|source| Error::ReadCgroupCpu { source })
     }
 
-    /// `VmRSS` of the process. `status` is used rather than `smaps_rollup`,
-    /// which walks every mapping and costs far more on a VMM with guest RAM
-    /// mapped; the totals agree.
+    /// `VmRSS` of the process; see [`read_rss_bytes`].
     pub fn read_host_rss_bytes(&self) -> Result<u64, Error> {
-        let text = std::fs::read_to_string(&self.status).map_err(|source| Error::ReadProc {
-            path: self.status.clone(),
-            source,
-        })?;
-        let rss = parse_vm_rss(&text).ok_or_else(|| Error::ReadProc {
-            path: self.status.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no VmRSS line"),
-        })?;
-        // Checked after the read: if the pid still has the same start time
-        // now, the status read before belonged to our process.
-        let started = crate::sys::process::start_time_ticks(&self.proc_root, self.process.pid)
-            .map_err(|source| Error::ReadProc {
-                path: self
-                    .proc_root
-                    .join(self.process.pid.to_string())
-                    .join("stat"),
-                source,
-            })?;
-        if started != self.process.start_time_ticks {
-            return Err(Error::ProcessGone {
-                pid: self.process.pid,
-            });
-        }
-        Ok(rss)
+        read_rss_bytes(&self.proc_root, self.process)
     }
+}
+
+/// `VmRSS` of `process` under `proc_root`. `status` is used rather than
+/// `smaps_rollup`, which walks every mapping and costs far more on a VMM
+/// with guest RAM mapped; the totals agree. A pid that now names another
+/// process (other start time) is [`Error::ProcessGone`], not a stranger's
+/// RSS.
+pub fn read_rss_bytes(proc_root: &Path, process: ProcessIdentity) -> Result<u64, Error> {
+    let dir = proc_root.join(process.pid.to_string());
+    let status = dir.join("status");
+    let text = std::fs::read_to_string(&status).map_err(|source| Error::ReadProc {
+        path: status.clone(),
+        source,
+    })?;
+    let rss = parse_vm_rss(&text).ok_or_else(|| Error::ReadProc {
+        path: status.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no VmRSS line"),
+    })?;
+    // Checked after the read: if the pid still has the same start time
+    // now, the status read before belonged to our process.
+    let started =
+        crate::sys::process::start_time_ticks(proc_root, process.pid).map_err(|source| {
+            Error::ReadProc {
+                path: dir.join("stat"),
+                source,
+            }
+        })?;
+    if started != process.start_time_ticks {
+        return Err(Error::ProcessGone { pid: process.pid });
+    }
+    Ok(rss)
 }
 
 impl SampleSource for ProcSource {

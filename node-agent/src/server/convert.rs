@@ -9,9 +9,10 @@ use tonic::Status;
 use wrenn_proto::agent::v1 as pb;
 
 use crate::capsule::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, Resources, SnapshotInfo,
-    State, TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate,
+    Resources, SnapshotInfo, State, TemplateDisk,
 };
+use crate::images::ImageSource;
 use crate::vmm::{BackendInfo, BackendKind};
 
 /// Smallest guest the agent boots.
@@ -63,6 +64,42 @@ pub fn from_create(req: pb::CreateCapsuleRequest) -> Result<(String, CapsuleSpec
     Ok((req.uid, from_spec(spec)?, initial))
 }
 
+/// `TemplateDisk` → boot source. `rootfs_url` is refused: a download
+/// would put unverified bytes under the guest's root, and the node can
+/// already take the same disk as `rootfs_path` (prepared out of band) or
+/// build it from an image as `oci_reference`.
+fn from_template(t: pb::TemplateDisk) -> Result<BootSource, Status> {
+    match t.disk {
+        Some(pb::template_disk::Disk::RootfsPath(p)) if p.starts_with('/') => {
+            Ok(BootSource::Template(TemplateDisk {
+                key: t.key,
+                rootfs: PathBuf::from(p),
+                digest: t.digest,
+            }))
+        }
+        Some(pb::template_disk::Disk::RootfsPath(p)) => Err(Status::invalid_argument(format!(
+            "spec.source.template.rootfs_path {p:?} must be absolute"
+        ))),
+        Some(pb::template_disk::Disk::OciReference(r)) => {
+            ImageSource::parse(&r).map_err(|e| {
+                Status::invalid_argument(format!("spec.source.template.oci_reference: {e}"))
+            })?;
+            Ok(BootSource::Image(ImageTemplate {
+                key: t.key,
+                reference: r,
+                digest: t.digest,
+            }))
+        }
+        Some(pb::template_disk::Disk::RootfsUrl(u)) => Err(Status::invalid_argument(format!(
+            "spec.source.template.rootfs_url {u:?}: this agent does not download root disks; \
+             give the image as oci_reference, or place the disk on the node and use rootfs_path"
+        ))),
+        None => Err(Status::invalid_argument(
+            "spec.source.template needs oci_reference or rootfs_path",
+        )),
+    }
+}
+
 /// `CapsuleSpec` → domain spec.
 pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
     let res = spec
@@ -79,39 +116,20 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
         )));
     }
     let source = match spec.source.and_then(|s| s.source) {
-        Some(pb::boot_source::Source::Template(t)) => {
-            let rootfs = match t.disk {
-                Some(pb::template_disk::Disk::RootfsPath(p)) if p.starts_with('/') => {
-                    PathBuf::from(p)
-                }
-                Some(pb::template_disk::Disk::RootfsPath(p)) => {
-                    return Err(Status::invalid_argument(format!(
-                        "spec.source.template.rootfs_path {p:?} must be absolute"
-                    )));
-                }
-                Some(_) => {
-                    return Err(Status::invalid_argument(
-                        "this agent boots templates from rootfs_path only; prepare the template disk on the node first",
-                    ));
-                }
-                None => {
-                    return Err(Status::invalid_argument(
-                        "spec.source.template needs rootfs_path",
-                    ));
-                }
-            };
-            BootSource::Template(TemplateDisk {
-                key: t.key,
-                rootfs,
-                digest: t.digest,
-            })
-        }
+        Some(pb::boot_source::Source::Template(t)) => from_template(t)?,
         Some(pb::boot_source::Source::Snapshot(s)) => {
             validate_snapshot_id(&s.id)?;
             BootSource::Snapshot { id: s.id }
         }
         None => return Err(Status::invalid_argument("spec.source is required")),
     };
+    // The image is built at the capsule's disk size (dm-snapshot shows the
+    // guest exactly the template's size), so there must be one.
+    if matches!(source, BootSource::Image(_)) && res.disk_bytes == 0 {
+        return Err(Status::invalid_argument(
+            "spec.resources.disk_bytes must be set to build a template from oci_reference",
+        ));
+    }
     let kernel = match spec.kernel_path.as_str() {
         "" => None,
         p if p.starts_with('/') => Some(PathBuf::from(p)),
@@ -160,6 +178,12 @@ pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
                 t.rootfs.to_string_lossy().into_owned(),
             )),
             digest: t.digest.clone(),
+            disk_bytes: spec.resources.disk_bytes,
+        }),
+        BootSource::Image(i) => pb::boot_source::Source::Template(pb::TemplateDisk {
+            key: i.key.clone(),
+            disk: Some(pb::template_disk::Disk::OciReference(i.reference.clone())),
+            digest: i.digest.clone(),
             disk_bytes: spec.resources.disk_bytes,
         }),
         BootSource::Snapshot { id } => {
@@ -284,7 +308,10 @@ pub fn to_snapshot(s: &SnapshotInfo, vmm: &BackendInfo, cpu_model: String) -> pb
 pub fn to_status(e: &Error) -> Status {
     let msg = e.chain();
     match e {
-        Error::NotFound { .. } => Status::not_found(msg),
+        Error::NotFound { .. } | Error::SnapshotNotFound { .. } => Status::not_found(msg),
+        Error::SnapshotUnusable { .. } => Status::failed_precondition(msg),
+        Error::Image { source, .. } if source.is_transient() => Status::unavailable(msg),
+        Error::Image { .. } => Status::failed_precondition(msg),
         Error::AlreadyExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
         Error::WrongState { .. } => Status::failed_precondition(msg),
         Error::InvalidSpec { .. } => Status::invalid_argument(msg),
@@ -348,6 +375,66 @@ mod tests {
 
     type Mutation = Box<dyn Fn(&mut pb::CreateCapsuleRequest)>;
 
+    fn set_disk(r: &mut pb::CreateCapsuleRequest, disk: pb::template_disk::Disk) {
+        let source = r.spec.as_mut().unwrap().source.as_mut().unwrap();
+        if let Some(pb::boot_source::Source::Template(t)) = source.source.as_mut() {
+            t.disk = Some(disk);
+        }
+    }
+
+    #[test]
+    fn image_and_snapshot_sources_round_trip() {
+        for disk in [
+            pb::template_disk::Disk::OciReference("oci:/srv/base:v1".into()),
+            pb::template_disk::Disk::OciReference("ghcr.io/wrenn/base:1".into()),
+        ] {
+            let mut r = request();
+            set_disk(&mut r, disk);
+            let (_, spec, _) = from_create(r).unwrap();
+            assert!(matches!(spec.source, BootSource::Image(_)), "{spec:?}");
+            assert_eq!(from_spec(to_spec(&spec)).unwrap(), spec);
+        }
+        let mut r = request();
+        r.spec.as_mut().unwrap().source = Some(pb::BootSource {
+            source: Some(pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+                id: "snap-1".into(),
+            })),
+        });
+        let (_, spec, _) = from_create(r).unwrap();
+        assert_eq!(
+            spec.source,
+            BootSource::Snapshot {
+                id: "snap-1".into()
+            }
+        );
+        assert_eq!(from_spec(to_spec(&spec)).unwrap(), spec);
+        assert_eq!(
+            to_status(&Error::SnapshotNotFound { id: "s".into() }).code(),
+            tonic::Code::NotFound
+        );
+        let image = |source| Error::Image {
+            uid: "c1".into(),
+            reference: "oci:/srv/img".into(),
+            source: Box::new(source),
+        };
+        let hostile = to_status(&image(crate::images::Error::UnsafeEntry {
+            layer: "sha256:1".into(),
+            entry: "dev/sda".into(),
+            why: "device node".into(),
+        }));
+        assert_eq!(hostile.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            hostile.message(),
+            "build template disk of capsule c1 from oci:/srv/img: \
+             refuse entry \"dev/sda\" of layer sha256:1: device node"
+        );
+        let busy = to_status(&image(crate::images::Error::Lock {
+            path: "/l".into(),
+            source: std::io::ErrorKind::WouldBlock.into(),
+        }));
+        assert_eq!(busy.code(), tonic::Code::Unavailable);
+    }
+
     #[test]
     fn bad_requests_name_the_field() {
         let cases: Vec<(Mutation, &str)> = vec![
@@ -374,6 +461,27 @@ mod tests {
                 "kernel_path",
             ),
             (Box::new(|r| r.initial_state = 9), "initial_state"),
+            (
+                Box::new(|r| set_disk(r, pb::template_disk::Disk::OciReference("oci:rel".into()))),
+                "oci_reference",
+            ),
+            (
+                Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsUrl("https://x/r".into()))),
+                "use rootfs_path",
+            ),
+            (
+                Box::new(|r| {
+                    set_disk(r, pb::template_disk::Disk::OciReference("alpine:3".into()));
+                    r.spec
+                        .as_mut()
+                        .unwrap()
+                        .resources
+                        .as_mut()
+                        .unwrap()
+                        .disk_bytes = 0;
+                }),
+                "disk_bytes",
+            ),
         ];
         for (mutate, field) in cases {
             let mut r = request();

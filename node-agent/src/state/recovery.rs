@@ -66,21 +66,30 @@ pub struct OrphanReport {
 }
 
 impl OrphanReport {
-    /// Everything removed, for the `orphans removed` metric.
+    /// Everything removed.
     pub fn total(&self) -> usize {
-        self.journals
-            + self.rolled_back
-            + self.slot_claims
-            + self.network.namespaces
-            + self.network.links
-            + self.network.tables
-            + self.network.conntrack
-            + self.storage.dm_devices.len()
-            + self.storage.loop_devices.len()
-            + self.storage.files.len()
-            + self.cgroups
-            + self.processes
-            + self.dirs
+        self.by_kind().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Counts by the `kind` label of `wrenn_agent_orphans_removed_total`.
+    /// Every kind is listed, zero or not, so each series exists from the
+    /// first scrape.
+    pub fn by_kind(&self) -> [(&'static str, usize); 13] {
+        [
+            ("journal", self.journals),
+            ("capsule", self.rolled_back),
+            ("slot", self.slot_claims),
+            ("netns", self.network.namespaces),
+            ("link", self.network.links),
+            ("nftables", self.network.tables),
+            ("conntrack", self.network.conntrack),
+            ("dm", self.storage.dm_devices.len()),
+            ("loop", self.storage.loop_devices.len()),
+            ("file", self.storage.files.len()),
+            ("cgroup", self.cgroups),
+            ("process", self.processes),
+            ("dir", self.dirs),
+        ]
     }
 }
 
@@ -158,6 +167,9 @@ impl<M: Machine + 'static> Supervisor<M> {
         shared
             .sweep_orphans(sweep, &known, &live, &mut report.orphans)
             .await;
+        for (kind, count) in report.orphans.by_kind() {
+            shared.cfg.metrics.orphans_removed(kind, count as u64);
+        }
         tracing::info!(
             adopted = report.adopted.len(),
             suspended = report.suspended.len(),
@@ -230,6 +242,7 @@ impl<M: Machine + 'static> Shared<M> {
         }
         let _ = self.commit(&entry, &rec);
         if let Some(vm) = rec.vm.clone() {
+            self.start_sampling(&entry, &rec);
             self.watch_vm(entry.clone(), vm);
         }
         *guard = Some(rec);
@@ -329,6 +342,7 @@ impl<M: Machine + 'static> Shared<M> {
 
     fn fail(&self, entry: &Entry, rec: &mut Record, e: &Error) {
         tracing::error!(capsule = %rec.uid, error = e as &dyn std::error::Error, "recovery left the capsule failed");
+        self.count_error(e);
         rec.state = State::Failed;
         rec.reason = e.reason().into();
         rec.message = e.chain();

@@ -3,8 +3,11 @@
 //! Each capsule gets `wrenn-<capsule>.qcow2` in the state directory: an
 //! empty qcow2 (version 3) image whose backing file is the template's raw
 //! image, with the backing format recorded as `raw` in a header extension
-//! so neither QEMU nor Cloud Hypervisor probes it. Cloud Hypervisor follows
-//! backing files only with `backing_files=on` on the disk.
+//! so neither QEMU nor Cloud Hypervisor probes it. A capsule started from
+//! a named snapshot taken on this backend is backed by the snapshot's copy
+//! of an overlay instead (`*.qcow2`, backing format `qcow2`). Cloud
+//! Hypervisor follows backing files only with `backing_files=on` on the
+//! disk.
 //!
 //! We write the header ourselves rather than run `qemu-img create`: an
 //! empty image with a backing file is four clusters of fixed layout
@@ -210,15 +213,21 @@ pub fn parse_header(b: &[u8]) -> Result<Qcow2Info, FormatError> {
 }
 
 /// Writes an empty qcow2 overlay at `path` (atomically: a temporary file
-/// renamed into place) over the raw image `backing`.
-pub fn create_overlay(path: &Path, backing: &Path, virtual_size: u64) -> std::io::Result<()> {
+/// renamed into place) over the image `backing` of `backing_format`
+/// (`raw` or `qcow2`).
+pub fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    backing_format: &str,
+    virtual_size: u64,
+) -> std::io::Result<()> {
     let name = backing.to_str().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "backing path is not UTF-8",
         )
     })?;
-    let (bytes, len) = build_image(virtual_size, name, "raw")
+    let (bytes, len) = build_image(virtual_size, name, backing_format)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let tmp = tmp_path(path);
     let written = (|| {
@@ -241,6 +250,24 @@ fn tmp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".tmp");
     PathBuf::from(s)
+}
+
+/// Format and guest-visible size of a base image. A template is raw; a
+/// snapshot's disk taken on this backend is a copy of a qcow2 overlay
+/// (still backed by its template) and is named `*.qcow2` by the snapshot.
+/// The name decides, never the content: a raw disk's first sector is the
+/// guest's to write, and a qcow2 header there could name any host file as
+/// its backing file.
+fn base_format(path: &Path) -> Result<(&'static str, u64)> {
+    if path.extension().is_some_and(|e| e == "qcow2") {
+        let info = read_info(path).map_err(|source| Error::ReadTemplate {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(("qcow2", info.virtual_size))
+    } else {
+        Ok(("raw", template_size(path)?))
+    }
 }
 
 /// Reads the header of the image at `path`.
@@ -296,7 +323,8 @@ impl BlockStore for Qcow2Store {
                 path: req.template.clone(),
                 source,
             })?;
-        let size = req.size_bytes.max(template_size(&template)?).div_ceil(512) * 512;
+        let (format, base_size) = base_format(&template)?;
+        let size = req.size_bytes.max(base_size).div_ceil(512) * 512;
         let path = self.overlay_path(&req.capsule);
         let disk = CapsuleDisk {
             capsule: req.capsule.clone(),
@@ -319,9 +347,9 @@ impl BlockStore for Qcow2Store {
                         info.backing_file
                     )));
                 }
-                if info.backing_format.as_deref() != Some("raw") {
+                if info.backing_format.as_deref() != Some(format) {
                     return Err(mismatch(format!(
-                        "backing format is {:?}, want raw",
+                        "backing format is {:?}, want {format}",
                         info.backing_format
                     )));
                 }
@@ -345,7 +373,7 @@ impl BlockStore for Qcow2Store {
         rollback.push("remove overlay", move || {
             let _ = std::fs::remove_file(&undo_path);
         });
-        create_overlay(&path, &template, size).map_err(|source| Error::CreateCow {
+        create_overlay(&path, &template, format, size).map_err(|source| Error::CreateCow {
             capsule: req.capsule.to_string(),
             path: path.clone(),
             source,

@@ -14,6 +14,7 @@ use std::path::Path;
 use super::ch::api::{
     ImageType, NetConfig, RestoreConfig, VmConfig, VmSpec, VmState, build_file_url, build_vm_config,
 };
+use super::ch_restore::{remove_staged, stage_restore};
 use super::machine::{
     BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
     NetCounters,
@@ -86,6 +87,29 @@ impl ChMachine {
                 path: spec.vsock_socket.clone(),
                 source,
             }),
+        }
+    }
+
+    /// Starts a VMM and restores the staged snapshot in `dir` into it.
+    async fn restore_staged(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
+        let vm = self.vmm.start(&Self::start_spec(spec)).await?;
+        // The NIC was TAP-by-name when snapshotted, so CH reopens it by name
+        // in its netns: no fds to pass. Copy mode: the image is read whole,
+        // so nothing keeps it open once the restore returns.
+        let config = RestoreConfig {
+            source_url: build_file_url(dir),
+            prefault: None,
+            memory_restore_mode: None,
+            resume: None,
+            net_fds: Vec::new(),
+        };
+        let steps = async {
+            self.vmm.restore(&vm, &config, &[]).await?;
+            self.vmm.resume(&vm).await
+        };
+        match steps.await {
+            Ok(()) => Ok(self.handle(&vm, spec)),
+            Err(e) => Err(self.stop_after_failure(&vm, e).await),
         }
     }
 
@@ -180,25 +204,14 @@ impl Machine for ChMachine {
 
     async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
         Self::clear_vsock(spec)?;
-        let vm = self.vmm.start(&Self::start_spec(spec)).await?;
-        // The NIC was TAP-by-name when snapshotted, so CH reopens it by name
-        // in its netns: no fds to pass. Copy mode: the image is read whole,
-        // so nothing keeps it open once the restore returns.
-        let config = RestoreConfig {
-            source_url: build_file_url(dir),
-            prefault: None,
-            memory_restore_mode: None,
-            resume: None,
-            net_fds: Vec::new(),
-        };
-        let steps = async {
-            self.vmm.restore(&vm, &config, &[]).await?;
-            self.vmm.resume(&vm).await
-        };
-        match steps.await {
-            Ok(()) => Ok(self.handle(&vm, spec)),
-            Err(e) => Err(self.stop_after_failure(&vm, e).await),
+        // The snapshot may be another capsule's: restore from a copy that
+        // names this capsule's disk and sockets (see `ch_restore`).
+        let staged = stage_restore(spec, dir)?;
+        let restored = self.restore_staged(spec, &staged).await;
+        if let Err(e) = remove_staged(spec) {
+            tracing::warn!(capsule = %spec.capsule, error = &e as &dyn std::error::Error, "remove a staged restore source");
         }
+        restored
     }
 
     async fn state(&self, vm: &MachineHandle) -> Result<MachineState, Error> {

@@ -296,8 +296,10 @@ impl Machine for FakeMachine {
 
     async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
         self.call(Step::Restore, &spec.capsule, Some(dir)).await?;
+        // Any capsule's image will do: a capsule created from a snapshot
+        // restores another capsule's memory.
         let image = dir.join(FAKE_IMAGE);
-        if std::fs::read(&image).ok().as_deref() != Some(spec.capsule.as_bytes()) {
+        if !image.is_file() {
             return Err(Error::PrepareSpawn {
                 capsule: spec.capsule.clone(),
                 what: "fake restore image",

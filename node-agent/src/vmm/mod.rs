@@ -13,6 +13,7 @@
 pub mod cgroup;
 pub mod ch;
 mod ch_machine;
+mod ch_restore;
 mod error;
 mod fake;
 mod fake_machine;

@@ -1,0 +1,160 @@
+//! Where a capsule's root disk and first memory come from: the read-only
+//! base image its copy-on-write disk is made over (a template's rootfs, a
+//! template disk built from an OCI image, or a named snapshot's disk), and
+//! for a snapshot with memory, the image the VM is restored from instead of
+//! booted.
+//!
+//! A snapshot is only ever read: its disk becomes the base of the new
+//! capsule's own copy-on-write disk, and its memory is handed to
+//! [`Machine::restore`], which must not write into the directory. Any
+//! number of capsules can start from one snapshot, before and after its
+//! source capsule is deleted.
+
+use std::path::{Path, PathBuf};
+
+use super::api::SnapshotInfo;
+use super::model::{BootSource, Error, Record};
+use super::supervisor::{Entry, Shared};
+use crate::images::ImageSource;
+use crate::vmm::Machine;
+
+/// File names inside a snapshot directory (written by `snapshot_steps`).
+pub(crate) const SNAPSHOT_META: &str = "snapshot.json";
+/// The snapshot's copy of a raw capsule disk (a dm-snapshot device).
+pub(crate) const SNAPSHOT_DISK: &str = "disk.img";
+/// The snapshot's copy of a qcow2 overlay. The name tells the store the
+/// format; it is never guessed from content (see `storage::qcow2`).
+pub(crate) const SNAPSHOT_DISK_QCOW2: &str = "disk.qcow2";
+/// The snapshot's VM state (empty for a disk-only snapshot).
+pub(crate) const SNAPSHOT_MEMORY: &str = "memory";
+
+/// The name a copy of the capsule disk at `disk` gets in a snapshot.
+pub(crate) fn snapshot_disk_name(disk: &Path) -> &'static str {
+    if disk.extension().is_some_and(|e| e == "qcow2") {
+        SNAPSHOT_DISK_QCOW2
+    } else {
+        SNAPSHOT_DISK
+    }
+}
+
+/// The disk file of the snapshot in `dir`, if it has one.
+fn snapshot_disk(dir: &Path) -> Option<PathBuf> {
+    [SNAPSHOT_DISK, SNAPSHOT_DISK_QCOW2]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
+impl<M: Machine + 'static> Shared<M> {
+    /// The metadata and disk of snapshot `id`, checked to be able to start
+    /// `rec` on this node.
+    pub(crate) fn read_snapshot(
+        &self,
+        rec: &Record,
+        id: &str,
+    ) -> Result<(SnapshotInfo, PathBuf), Error> {
+        let dir = self.layout.snapshot_dir(id);
+        let meta = dir.join(SNAPSHOT_META);
+        let body = match std::fs::read(&meta) {
+            Ok(b) => b,
+            // An absent directory and one whose write never completed
+            // (no metadata) are the same to a caller: no such snapshot.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::SnapshotNotFound { id: id.to_string() });
+            }
+            Err(source) => {
+                return Err(Error::Files {
+                    action: "read",
+                    path: meta,
+                    source,
+                });
+            }
+        };
+        let info: SnapshotInfo = serde_json::from_slice(&body).map_err(|e| Error::Files {
+            action: "parse",
+            path: meta.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        let unusable = |why: String| Error::SnapshotUnusable {
+            id: id.to_string(),
+            uid: rec.uid.clone(),
+            why,
+        };
+        let Some(disk) = snapshot_disk(&dir) else {
+            return Err(unusable("it holds no disk".into()));
+        };
+        if disk.ends_with(SNAPSHOT_DISK_QCOW2)
+            && self.host.store.backend() != crate::storage::Backend::Qcow2
+        {
+            return Err(unusable(format!(
+                "its disk is a qcow2 overlay and this node stores disks with {}",
+                self.host.store.backend()
+            )));
+        }
+        let want = &rec.spec.resources;
+        // A memory image fixes the machine's shape; a cold boot does not.
+        if info.memory
+            && (info.resources.vcpus != want.vcpus
+                || info.resources.memory_bytes != want.memory_bytes)
+        {
+            return Err(unusable(format!(
+                "its memory was taken with {} vCPUs and {} bytes of RAM, the spec asks for {} and {}",
+                info.resources.vcpus, info.resources.memory_bytes, want.vcpus, want.memory_bytes
+            )));
+        }
+        Ok((info, disk))
+    }
+
+    /// The memory image to restore `rec` from on create: `Some` only for a
+    /// snapshot source taken with memory.
+    pub(crate) fn memory_image(&self, rec: &Record) -> Result<Option<PathBuf>, Error> {
+        let BootSource::Snapshot { id } = &rec.spec.source else {
+            return Ok(None);
+        };
+        let (info, _) = self.read_snapshot(rec, id)?;
+        Ok(info
+            .memory
+            .then(|| self.layout.snapshot_dir(id).join(SNAPSHOT_MEMORY)))
+    }
+
+    /// Resolves (and, for an image, builds) the base image of `rec`'s disk
+    /// and journals it before the disk is made over it. A base resolved
+    /// once is kept: a later restore must not build or look it up again.
+    pub(crate) async fn ensure_base(
+        &self,
+        entry: &Entry,
+        rec: &mut Record,
+    ) -> Result<PathBuf, Error> {
+        if let Some(base) = &rec.base_image {
+            return Ok(base.clone());
+        }
+        let base = match rec.spec.source.clone() {
+            BootSource::Template(t) => t.rootfs,
+            BootSource::Image(image) => {
+                let err = |source| Error::Image {
+                    uid: rec.uid.clone(),
+                    reference: image.reference.clone(),
+                    source: Box::new(source),
+                };
+                let source = ImageSource::parse(&image.reference).map_err(err)?;
+                let disk = self
+                    .cfg
+                    .templates
+                    .ensure(&source, rec.spec.resources.disk_bytes)
+                    .await
+                    .map_err(err)?;
+                if !image.digest.is_empty() && image.digest != disk.manifest_digest {
+                    return Err(err(crate::images::Error::DigestMismatch {
+                        digest: image.digest.clone(),
+                        actual: disk.manifest_digest,
+                    }));
+                }
+                disk.path
+            }
+            BootSource::Snapshot { id } => self.read_snapshot(rec, &id)?.1,
+        };
+        rec.base_image = Some(base.clone());
+        self.commit(entry, rec)?;
+        Ok(base)
+    }
+}

@@ -1,0 +1,240 @@
+//! Capsules from OCI images through the supervisor (Tier::Host): a layout
+//! built in the test becomes a template disk in the agent's cache (real
+//! `mkfs.ext4`), each capsule gets a real qcow2 overlay over it, and the
+//! VMM and network are the recording fakes. Checks that the second
+//! capsule hits the cache, that concurrent capsules of one image build it
+//! once, and that a hostile image fails with its cause and leaves nothing.
+#![allow(clippy::unwrap_used)]
+
+mod oci_layout;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use oci_layout::{LayerTar, write_layout};
+use wrenn_node_agent::capsule::{
+    BootSource, CapsuleSpec, Egress, Error, Host, ImageTemplate, Resources, State, Supervisor,
+    SupervisorConfig,
+};
+use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
+use wrenn_node_agent::network::FakeNet;
+use wrenn_node_agent::storage::{Qcow2Store, StorageConfig, qcow2};
+use wrenn_node_agent::vmm::{FakeMachine, Step};
+use wrenn_testkit::{Case, Tier, case, need_program, need_root};
+
+const MIB: u64 = 1 << 20;
+
+struct Bed {
+    dir: tempfile::TempDir,
+    machine: Arc<FakeMachine>,
+    sup: Supervisor<FakeMachine>,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = dir.path().join("wrenn-guest");
+        std::fs::write(&guest, b"#!/bin/sh\n").unwrap();
+        let machine = Arc::new(FakeMachine::new());
+        let store = Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).unwrap();
+        let mut cfg = SupervisorConfig::new(&dir.path().join("agent"), Path::new("/k/vmlinux"));
+        cfg.templates = Arc::new(TemplateBuilder::new(TemplateSettings {
+            cache_dir: dir.path().join("images"),
+            guest_binary: guest,
+            pull: PullOptions::default(),
+        }));
+        let sup = Supervisor::new(
+            Host {
+                machine: machine.clone(),
+                net: Arc::new(FakeNet::new()),
+                store: Arc::new(store),
+            },
+            cfg,
+        );
+        Self { dir, machine, sup }
+    }
+
+    fn spec(&self, layout: &Path) -> CapsuleSpec {
+        CapsuleSpec {
+            namespace: "default".into(),
+            name: "c".into(),
+            source: BootSource::Image(ImageTemplate {
+                key: "default/img".into(),
+                reference: format!("oci:{}", layout.display()),
+                digest: String::new(),
+            }),
+            resources: Resources {
+                vcpus: 1,
+                memory_bytes: 64 * MIB,
+                disk_bytes: 64 * MIB,
+            },
+            kernel: None,
+            cmdline: String::new(),
+            env: Default::default(),
+            egress: Egress::Allow,
+        }
+    }
+
+    fn overlay(&self, uid: &str) -> PathBuf {
+        self.dir.path().join(format!("disks/wrenn-{uid}.qcow2"))
+    }
+
+    /// Template disks in the cache, and anything a build left behind.
+    fn cache(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let (mut disks, mut scratch) = (Vec::new(), Vec::new());
+        let mut stack = vec![self.dir.path().join("images")];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".build-") || name.starts_with(".archive-") {
+                    scratch.push(e.path());
+                } else if name.ends_with(".ext4") {
+                    disks.push(e.path());
+                }
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+        disks.sort();
+        (disks, scratch)
+    }
+}
+
+fn ready(name: &str) -> Option<Case> {
+    let c = case(Tier::Host, name);
+    if let Err(why) = need_root() {
+        c.skip(format!("{why}: ownership in the image needs root"));
+        return None;
+    }
+    if let Err(why) = need_program("mkfs.ext4") {
+        c.skip(why);
+        return None;
+    }
+    Some(c)
+}
+
+fn layout(dir: &Path, name: &str, marker: &[u8]) -> PathBuf {
+    let layout = dir.join(name);
+    let layer = LayerTar::default()
+        .dir("etc")
+        .file("etc/hostname", marker, 0o644, 0)
+        .finish();
+    write_layout(&layout, &[(layer, true)]);
+    layout
+}
+
+#[tokio::test]
+async fn capsules_from_an_oci_layout_share_one_cached_template() {
+    let Some(_case) = ready("capsules_from_an_oci_layout_share_one_cached_template") else {
+        return;
+    };
+    let b = Bed::new();
+    let img = layout(b.dir.path(), "layout", b"capsule\n");
+
+    let v = b
+        .sup
+        .create("c1", b.spec(&img), State::Running)
+        .await
+        .unwrap();
+    assert_eq!(v.state, State::Running);
+    assert_eq!(b.machine.steps("c1"), vec![Step::Launch]);
+    let (disks, scratch) = b.cache();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert!(scratch.is_empty(), "{scratch:?}");
+    let template = &disks[0];
+    let info = qcow2::read_info(&b.overlay("c1")).unwrap();
+    assert_eq!(info.backing_file.as_deref(), template.to_str());
+    assert_eq!(info.backing_format.as_deref(), Some("raw"));
+    assert_eq!(std::fs::metadata(template).unwrap().len(), 64 * MIB);
+    let built = std::fs::metadata(template).unwrap();
+
+    // The second capsule of the image reuses the file: same inode, untouched.
+    b.sup
+        .create("c2", b.spec(&img), State::Running)
+        .await
+        .unwrap();
+    let (again, _) = b.cache();
+    assert_eq!(&again, &disks);
+    let now = std::fs::metadata(template).unwrap();
+    assert_eq!(
+        (now.ino(), now.mtime(), now.mtime_nsec()),
+        (built.ino(), built.mtime(), built.mtime_nsec())
+    );
+    let info = qcow2::read_info(&b.overlay("c2")).unwrap();
+    assert_eq!(info.backing_file.as_deref(), template.to_str());
+
+    // Deleting the capsules keeps the template for the next one.
+    for uid in ["c1", "c2"] {
+        assert!(b.sup.delete(uid).await.unwrap());
+        assert!(!b.overlay(uid).exists());
+    }
+    assert!(template.exists());
+}
+
+#[tokio::test]
+async fn concurrent_capsules_of_one_image_build_it_once() {
+    let Some(_case) = ready("concurrent_capsules_of_one_image_build_it_once") else {
+        return;
+    };
+    let b = Bed::new();
+    let img = layout(b.dir.path(), "layout", b"shared\n");
+    let uids = ["a1", "a2", "a3"];
+    let creates = uids.map(|uid| {
+        let sup = b.sup.clone();
+        let spec = b.spec(&img);
+        tokio::spawn(async move { sup.create(uid, spec, State::Running).await })
+    });
+    for c in creates {
+        assert_eq!(c.await.unwrap().unwrap().state, State::Running);
+    }
+    let (disks, scratch) = b.cache();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert!(scratch.is_empty(), "{scratch:?}");
+    for uid in uids {
+        let info = qcow2::read_info(&b.overlay(uid)).unwrap();
+        assert_eq!(info.backing_file.as_deref(), disks[0].to_str());
+    }
+}
+
+#[tokio::test]
+async fn a_hostile_image_fails_with_its_cause_and_leaves_nothing() {
+    let Some(_case) = ready("a_hostile_image_fails_with_its_cause_and_leaves_nothing") else {
+        return;
+    };
+    let b = Bed::new();
+    let img = b.dir.path().join("hostile");
+    // A device node: a guest must not get the host's disk.
+    let mut t = LayerTar::default();
+    let mut h = oci_layout::hdr(tar::EntryType::Block, 0o600, 0);
+    h.set_device_major(8).unwrap();
+    h.set_device_minor(0).unwrap();
+    t.builder().append_data(&mut h, "dev/sda", &[][..]).unwrap();
+    let layer = t.finish();
+    write_layout(&img, &[(layer, false)]);
+    let err = b
+        .sup
+        .create("bad", b.spec(&img), State::Running)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Image { .. }), "{err}");
+    let chain = err.chain();
+    assert!(
+        chain.contains("build template disk of capsule bad"),
+        "{chain}"
+    );
+    assert!(chain.contains("dev/sda"), "{chain}");
+    assert!(b.sup.get("bad").is_err());
+    assert!(b.machine.steps("bad").is_empty());
+    assert!(!b.overlay("bad").exists());
+    let (disks, scratch) = b.cache();
+    assert!(
+        disks.is_empty() && scratch.is_empty(),
+        "{disks:?} {scratch:?}"
+    );
+    assert!(!b.dir.path().join("agent/capsules/bad").exists());
+}
