@@ -295,6 +295,48 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         back.len()
     );
 
+    // Guest metrics arrive: the sampler asks the guest agent every second.
+    let t0 = Instant::now();
+    let sample = loop {
+        let got = cl
+            .get_metrics(pb::GetMetricsRequest {
+                uid: uid.clone(),
+                from_unix_nanos: 0,
+                to_unix_nanos: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(s) = got
+            .samples
+            .iter()
+            .rev()
+            .find(|s| s.guest_memory_used_bytes > 0)
+        {
+            break s.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no sample with guest memory in 30 s: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(
+        sample.guest_memory_used_bytes < 512 << 20,
+        "guest memory used beyond the VM's 512 MiB: {sample:?}"
+    );
+    assert!(sample.host_rss_bytes > 0, "no host RSS: {sample:?}");
+    assert!(
+        sample.disk_allocated_bytes > 0,
+        "no disk figure: {sample:?}"
+    );
+    eprintln!(
+        "guest metrics: memory used {} MiB, host RSS {} MiB, disk {} MiB",
+        sample.guest_memory_used_bytes >> 20,
+        sample.host_rss_bytes >> 20,
+        sample.disk_allocated_bytes >> 20
+    );
+
     // Pause refuses exec with a clear error; resume brings it back.
     cl.pause_capsule(r(&uid)).await.unwrap();
     wait_state(
