@@ -313,7 +313,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
             .rev()
             .find(|s| s.guest_memory_used_bytes > 0)
         {
-            break s.clone();
+            break *s;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
