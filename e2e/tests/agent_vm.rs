@@ -384,15 +384,17 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         }
     })
     .unwrap();
+    let t0 = Instant::now();
     cl.resume_capsule(r(&uid)).await.unwrap();
-    let restore = wait_state(
+    wait_state(
         &mut cl,
         &uid,
         pb::CapsuleState::Running,
         Duration::from_secs(180),
     )
     .await;
-    eprintln!("resume from Suspended: {restore:?}");
+    // Resume returns once the restored guest answered Init again.
+    eprintln!("resume from Suspended to guest ready: {:?}", t0.elapsed());
     assert_eq!(sh(&mut cl, &uid, "cat /root/kept").await.trim(), "kept");
     sh(&mut cl, &uid, "kill -0 $(cat /root/sleeper)").await;
 
