@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod plan;
