@@ -15,7 +15,6 @@
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -279,9 +278,12 @@ where
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &serde_json::from_value(body).unwrap())
-        .await
-        .unwrap()
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(body).unwrap(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Fake agents on nodes `<prefix>-a` and `<prefix>-b`, each found through a
@@ -405,7 +407,10 @@ async fn wait_for<K: std::fmt::Debug>(
         if check(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "{what}: not reached in 30 s: {v:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in 30 s: {v:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -455,9 +460,10 @@ fn forbidden_lines(lines: &[String]) -> Vec<&String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
     let _serial = SERIAL.lock().await;
-    let Some((_case, helm, cp)) =
-        cluster_or_skip("chart_rbac::operator_as_the_chart_service_account_runs_a_capsule_lifecycle")
-            .await
+    let Some((_case, helm, cp)) = cluster_or_skip(
+        "chart_rbac::operator_as_the_chart_service_account_runs_a_capsule_lifecycle",
+    )
+    .await
     else {
         return;
     };
@@ -486,7 +492,10 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
     .await
     .expect("the operator takes the wrenn-operator Lease within 30 s");
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &ns);
-    let lease = leases.get(wrenn_operator::leader::LEASE_NAME).await.unwrap();
+    let lease = leases
+        .get(wrenn_operator::leader::LEASE_NAME)
+        .await
+        .unwrap();
     assert_eq!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("wrenn-operator-0")
@@ -740,7 +749,10 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
         .expect("the Lease is released within 10 s")
         .unwrap()
         .unwrap();
-    let lease = leases.get(wrenn_operator::leader::LEASE_NAME).await.unwrap();
+    let lease = leases
+        .get(wrenn_operator::leader::LEASE_NAME)
+        .await
+        .unwrap();
     assert_eq!(lease.spec.and_then(|s| s.holder_identity), None);
 
     // Sufficient: not one call the operator made was refused.
@@ -749,7 +761,11 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
     assert!(
         refused.is_empty(),
         "the operator was refused under the chart's RBAC:\n{}",
-        refused.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n")
+        refused
+            .iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     let nodes: Api<Node> = Api::all(admin.clone());
@@ -862,78 +878,62 @@ async fn operator_without_a_chart_permission_reports_forbidden() {
 
 // ---- settings: the chart's env against the binaries' flags ----
 
-/// Every `[env: NAME=` of a binary's `--help`.
-fn accepted_env(bin: &std::path::Path) -> BTreeSet<String> {
-    let out = Command::new(bin).arg("--help").output().unwrap();
-    assert!(out.status.success(), "{} --help", bin.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split("[env: ")
-        .skip(1)
-        .filter_map(|rest| rest.split_once('=').map(|(name, _)| name.to_string()))
+/// Env name -> `--long` flag of every argument of a binary's command.
+fn flags_by_env(cmd: &clap::Command) -> BTreeMap<String, String> {
+    cmd.get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_str()?.to_string();
+            Some((env, format!("--{}", a.get_long()?)))
+        })
         .collect()
 }
 
-/// Runs `bin` with exactly the container's args and env (downward-API
-/// values filled in, `$(VAR)` expanded as the kubelet does) and returns its
-/// exit status and output. Nothing on this machine sits at the chart's
-/// certificate paths, so a binary that accepts its configuration stops at
-/// loading them.
-fn run_as_container(bin: &std::path::Path, container: &Value) -> (Option<i32>, String) {
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
+/// The argv a container's env amounts to: its args, then each env var as
+/// the flag that reads it, with downward-API values filled in and `$(VAR)`
+/// expanded as the kubelet does. Env names no flag reads are returned apart.
+fn argv_of(
+    bin: &str,
+    container: &Value,
+    flags: &BTreeMap<String, String>,
+) -> (Vec<String>, Vec<String>) {
+    let mut argv = vec![bin.to_string()];
+    argv.extend(
+        container["args"]
+            .as_array()
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string()),
+    );
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut unknown = Vec::new();
     for (name, v) in env_of(container) {
         let value = match v.as_str() {
-            Some(s) => {
-                let mut s = s.to_string();
-                for (k, val) in &env {
-                    s = s.replace(&format!("$({k})"), val);
-                }
-                s
-            }
+            Some(s) => seen.iter().fold(s.to_string(), |s, (k, val)| {
+                s.replace(&format!("$({k})"), val)
+            }),
             None => format!("downward-{}", name.to_lowercase()),
         };
-        env.insert(name, value);
-    }
-    let args: Vec<String> = container["args"]
-        .as_array()
-        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default();
-    let mut child = Command::new(bin)
-        .args(&args)
-        .env_clear()
-        .envs(&env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
+        match flags.get(&name) {
+            Some(flag) => argv.extend([flag.clone(), value.clone()]),
+            None => unknown.push(name.clone()),
         }
-        std::thread::sleep(Duration::from_millis(50));
+        seen.insert(name, value);
     }
-    let out = child.wait_with_output().unwrap();
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code(), text)
+    (argv, unknown)
 }
 
 #[test]
 fn chart_env_is_what_the_binaries_accept() {
+    use clap::{CommandFactory, Parser};
     let Some((_case, helm)) = helm_or_skip(case(
         Tier::Cluster,
         "chart_rbac::chart_env_is_what_the_binaries_accept",
     )) else {
         return;
     };
-    let operator = wrenn_e2e::workspace_binary("wrenn-operator", "wrenn-operator").unwrap();
-    let agent = wrenn_e2e::workspace_binary("wrenn-node-agent", "wrenn-node-agent").unwrap();
-    let accepted = [
-        ("Deployment", accepted_env(&operator)),
-        ("DaemonSet", accepted_env(&agent)),
-    ];
+    let op_flags = flags_by_env(&wrenn_operator::args::Args::command());
+    let agent_flags = flags_by_env(&wrenn_node_agent::args::Args::command());
     // Flags the chart leaves at their defaults, and why. A new flag fails
     // this test until the chart sets it or it is named here.
     let defaults: BTreeMap<&str, &[&str]> = BTreeMap::from([
@@ -974,52 +974,59 @@ fn chart_env_is_what_the_binaries_accept() {
     for (what, extra) in &variants {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let docs = render(&helm, "wrenn", "wrenn-system", &extra);
-        for (kind, accepted) in &accepted {
-            let c = &find(&docs, kind)["spec"]["template"]["spec"]["containers"][0];
-            for (name, _) in env_of(c) {
-                if !accepted.contains(&name) {
-                    wrong.push(format!("{what}: {kind} sets {name}, which the binary ignores"));
-                }
-                set_by_chart.entry(kind).or_default().insert(name);
-            }
-            let bin = if *kind == "Deployment" {
-                &operator
-            } else {
-                &agent
-            };
-            let (code, out) = run_as_container(bin, c);
-            // Past flag parsing, the first thing each binary does is read its
-            // certificates; a flag it refuses ends it before that.
-            let reached = if *kind == "Deployment" {
-                "load agent TLS material"
-            } else {
-                "bad TLS configuration"
-            };
-            if !out.contains(reached) || out.contains("Usage:") {
-                wrong.push(format!(
-                    "{what}: the {kind}'s container does not start on the chart's settings \
-                     (exit {code:?}):\n{out}"
-                ));
-            }
+        let container =
+            |kind: &str| find(&docs, kind)["spec"]["template"]["spec"]["containers"][0].clone();
+
+        let op = container("Deployment");
+        let (argv, unknown) = argv_of("wrenn-operator", &op, &op_flags);
+        for name in unknown {
+            wrong.push(format!(
+                "{what}: the Deployment sets {name}, which no operator flag reads"
+            ));
         }
-        // Leader election is what the values say, not the flag's default.
-        let dep = find(&docs, "Deployment");
-        let le = env_value(
-            &dep["spec"]["template"]["spec"]["containers"][0],
-            "WRENN_LEADER_ELECTION",
-        );
-        let want = if what == "no leader election" {
-            "false"
-        } else {
-            "true"
-        };
-        if le != want {
-            wrong.push(format!("{what}: WRENN_LEADER_ELECTION={le}, want {want}"));
+        match wrenn_operator::args::Args::try_parse_from(&argv) {
+            // Leader election is what the values say, not the flag's default.
+            Ok(args) => {
+                let want = what != "no leader election";
+                if args.leader_election != want {
+                    wrong.push(format!(
+                        "{what}: leader election {}, want {want}",
+                        args.leader_election
+                    ));
+                }
+                if args.pod_namespace.is_none() || args.pod_name.is_none() {
+                    wrong.push(format!(
+                        "{what}: the operator is not told its Pod's name and namespace"
+                    ));
+                }
+            }
+            Err(e) => wrong.push(format!(
+                "{what}: the operator refuses the chart's settings {argv:?}:\n{e}"
+            )),
+        }
+
+        let ag = container("DaemonSet");
+        let (argv, unknown) = argv_of("wrenn-node-agent", &ag, &agent_flags);
+        for name in unknown {
+            wrong.push(format!(
+                "{what}: the DaemonSet sets {name}, which no node-agent flag reads"
+            ));
+        }
+        if let Err(e) = wrenn_node_agent::args::Args::try_parse_from(&argv) {
+            wrong.push(format!(
+                "{what}: the node agent refuses the chart's settings {argv:?}:\n{e}"
+            ));
+        }
+        for (kind, c) in [("Deployment", &op), ("DaemonSet", &ag)] {
+            set_by_chart
+                .entry(kind)
+                .or_default()
+                .extend(env_of(c).into_iter().map(|(n, _)| n));
         }
     }
-    for (kind, accepted) in &accepted {
+    for (kind, flags) in [("Deployment", &op_flags), ("DaemonSet", &agent_flags)] {
         let set = set_by_chart.get(kind).cloned().unwrap_or_default();
-        for name in accepted {
+        for name in flags.keys() {
             if !set.contains(name) && !defaults[kind].contains(&name.as_str()) {
                 wrong.push(format!(
                     "the {kind} never sets {name}: set it from values or name it in `defaults`"

@@ -18,6 +18,7 @@ pub enum LogFormat {
 /// Flags of `wrenn-operator`.
 #[derive(Debug, Parser)]
 #[command(
+    name = "wrenn-operator",
     version,
     about = "Wrenn operator: places Capsules and drives node agents"
 )]

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod args;
 pub mod controller;
 pub mod leader;
 pub mod metrics;

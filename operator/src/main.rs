@@ -8,8 +8,6 @@
 //! graceful shutdown. `anyhow` stops here.
 #![forbid(unsafe_code)]
 
-mod args;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +25,7 @@ use wrenn_operator::controller::{Operator, Settings, run_all};
 use wrenn_operator::metrics::Metrics;
 use wrenn_operator::pool::AgentPool;
 
-use crate::args::{Args, LogFormat};
+use wrenn_operator::args::{Args, LogFormat};
 
 fn main() -> ExitCode {
     let args = Args::parse();
