@@ -232,14 +232,7 @@ pub async fn run_all(
     let node_task = tokio::spawn(
         reflector(writer, watcher(node_api, watcher::Config::default()))
             .default_backoff()
-            .for_each(|event| {
-                // Without Node labels every nodeSelector fails to match; say
-                // why (e.g. RBAC) instead of leaving capsules Unschedulable.
-                if let Err(err) = event {
-                    tracing::warn!(error = &err as &dyn std::error::Error, "watch nodes");
-                }
-                futures::future::ready(())
-            }),
+            .for_each(|_| futures::future::ready(())),
     );
     let (ns, selector, port) = discovery;
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
