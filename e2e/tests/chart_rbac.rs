@@ -256,14 +256,27 @@ fn api_code(e: &kube::Error) -> u16 {
 }
 
 /// New bindings reach the API server's authorizer through a watch: wait
-/// until `user` may list Pods in `ns` (a permission of the chart's Role).
+/// until both bindings are in force (Pods in `ns` through the Role, Nodes
+/// and Capsules everywhere through the ClusterRole), so that a refusal the
+/// operator logs later is the chart's doing, not a race with the install.
 async fn wait_for_rbac(client: &Client, ns: &str) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let caps: Api<Capsule> = Api::all(client.clone());
+    let lp = ListParams::default().limit(1);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = pods.list(&ListParams::default()).await {
+    loop {
+        let refused = match (
+            pods.list(&lp).await,
+            nodes.list(&lp).await,
+            caps.list(&lp).await,
+        ) {
+            (Ok(_), Ok(_), Ok(_)) => return,
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => e,
+        };
         assert!(
             Instant::now() < deadline,
-            "the chart's Role never took effect: {e}"
+            "the chart's RBAC never took effect: {refused}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
