@@ -192,7 +192,26 @@ impl GuestImage {
 
 /// Builds the agent binary (debug) and returns its path.
 pub fn agent_binary() -> Result<PathBuf> {
-    crate::workspace_binary("wrenn-node-agent", "wrenn-node-agent")
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--locked",
+            "-q",
+            "-p",
+            "wrenn-node-agent",
+            "--bin",
+            "wrenn-node-agent",
+        ])
+        .current_dir(workspace_root())
+        .status()
+        .context("run cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p wrenn-node-agent failed: {status}");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("debug/wrenn-node-agent"))
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -195,23 +195,6 @@ fn kubectl_path() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Builds `bin` of workspace package `package` (debug) and returns its path.
-/// Test binaries of another package have no `CARGO_BIN_EXE_*` for it.
-pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--locked", "-q", "-p", package, "--bin", bin])
-        .current_dir(workspace_root())
-        .status()
-        .context("run cargo build")?;
-    if !status.success() {
-        bail!("cargo build -p {package} --bin {bin} failed: {status}");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug").join(bin))
-}
-
 /// Creates a namespace named `<prefix>-<random>` and returns its name. Test
 /// namespaces are left behind: without kube-controller-manager a deleted
 /// namespace never finishes terminating, and the cluster is thrown away.
