@@ -449,13 +449,14 @@ fn rendered_workloads_match_the_contracts() {
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
-    assert_eq!(c["args"], json!(["--leader-election"]));
+    assert!(c["args"].is_null(), "every setting is an env var");
     assert_eq!(
         c["readinessProbe"]["httpGet"],
         json!({"path": "/readyz", "port": "admin"})
     );
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     let env = env_of(c);
+    assert_eq!(env["WRENN_LEADER_ELECTION"], "true");
     assert_eq!(env["WRENN_AGENT_PORT"], "7443");
     assert_eq!(env["WRENN_ADMIN_LISTEN"], "0.0.0.0:8080");
     assert_eq!(env["WRENN_AGENT_NAMESPACE"], "$(POD_NAMESPACE)");
@@ -954,6 +955,8 @@ async fn operator_rbac_is_sufficient_and_minimal() {
         ("create", "events.events.k8s.io", Some(&user_ns)),
         ("list", "pods", Some(&ns)),
         ("watch", "pods", Some(&ns)),
+        // Node labels, for nodeSelector.
+        ("watch", "nodes", None),
         ("create", "leases.coordination.k8s.io", Some(&ns)),
         (
             "update",
@@ -978,7 +981,7 @@ async fn operator_rbac_is_sufficient_and_minimal() {
             "customresourcedefinitions.apiextensions.k8s.io",
             None,
         ),
-        ("list", "nodes", None),
+        ("patch", "nodes", None),
         ("create", "leases.coordination.k8s.io", Some(&user_ns)),
         (
             "update",

@@ -3,6 +3,7 @@
 //! policy lives in `network`, `storage`, `images` and `vmm`; every syscall,
 //! ioctl and `unsafe` block lives in `sys`.
 
+pub mod args;
 pub mod capsule;
 pub mod guest;
 pub mod images;

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use wrenn_node_agent::args::{Args, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
@@ -32,98 +33,6 @@ const EXIT_SERVE: u8 = 4;
 const EXIT_HOST: u8 = 5;
 /// Start-up recovery failed.
 const EXIT_RECOVERY: u8 = 6;
-
-/// Which VMM backend runs capsules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum VmmBackend {
-    /// Cloud Hypervisor (needs KVM).
-    CloudHypervisor,
-    /// QEMU (KVM or TCG).
-    Qemu,
-}
-
-#[derive(Debug, Parser)]
-#[command(version, about = "Wrenn node agent")]
-struct Args {
-    /// Kubernetes node name (downward API).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// Address of the gRPC server.
-    #[arg(long, env = "WRENN_LISTEN", default_value = "0.0.0.0:7443")]
-    listen: SocketAddr,
-    /// Server certificate (PEM).
-    #[arg(long, env = "WRENN_TLS_CERT", default_value = "/etc/wrenn/tls/tls.crt")]
-    tls_cert: PathBuf,
-    /// Server key (PEM).
-    #[arg(long, env = "WRENN_TLS_KEY", default_value = "/etc/wrenn/tls/tls.key")]
-    tls_key: PathBuf,
-    /// CA that signs the operator's client certificate (PEM).
-    #[arg(long, env = "WRENN_CLIENT_CA", default_value = "/etc/wrenn/tls/ca.crt")]
-    client_ca: PathBuf,
-    /// State directory: journals, disks, snapshots.
-    #[arg(long, env = "WRENN_STATE_DIR", default_value = "/var/lib/wrenn")]
-    state_dir: PathBuf,
-    /// Log filter, e.g. `info` or `wrenn_node_agent=debug`.
-    #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-    /// `plain` or `json`.
-    #[arg(long, env = "WRENN_LOG_FORMAT", default_value = "plain")]
-    log_format: String,
-    /// VMM backend.
-    #[arg(
-        long,
-        env = "WRENN_VMM",
-        value_enum,
-        default_value = "cloud-hypervisor"
-    )]
-    vmm: VmmBackend,
-    /// Cloud Hypervisor binary.
-    #[arg(
-        long,
-        env = "WRENN_CH_BINARY",
-        default_value = "/usr/local/bin/cloud-hypervisor"
-    )]
-    ch_binary: PathBuf,
-    /// QEMU binary for `--vmm qemu` (looked up in PATH when bare).
-    #[arg(long, env = "WRENN_QEMU_BINARY", default_value = "qemu-system-x86_64")]
-    qemu_binary: PathBuf,
-    /// vhost-device-vsock, QEMU's vsock backend (looked up in PATH when bare).
-    #[arg(long, env = "WRENN_VHOST_VSOCK", default_value = "vhost-device-vsock")]
-    vhost_vsock: PathBuf,
-    /// Default guest kernel.
-    #[arg(
-        long,
-        env = "WRENN_KERNEL",
-        default_value = "/var/lib/wrenn/kernels/vmlinux"
-    )]
-    kernel: PathBuf,
-    /// Optional initramfs for every guest.
-    #[arg(long, env = "WRENN_INITRAMFS")]
-    initramfs: Option<PathBuf>,
-    /// Root-disk backend: `auto`, `dm-snapshot` or `qcow2`.
-    #[arg(long, env = "WRENN_STORAGE", default_value = "auto")]
-    storage: BackendChoice,
-    /// The node's uplink interface, the only one capsule traffic may leave by.
-    #[arg(long, env = "WRENN_UPLINK", default_value = "eth0")]
-    uplink: String,
-    /// Where capsule network namespaces are mounted. Only agents sharing a
-    /// host with other agents (tests, the local run) need their own.
-    #[arg(long, env = "WRENN_NETNS_DIR", default_value = "/run/netns")]
-    netns_dir: PathBuf,
-    /// `wrenn-guest`, injected into template disks built from OCI images.
-    #[arg(
-        long,
-        env = "WRENN_GUEST_BINARY",
-        default_value = "/opt/wrenn/share/wrenn-guest"
-    )]
-    guest_binary: PathBuf,
-    /// Registries pulled from over plain HTTP (local mirrors), comma-separated.
-    #[arg(long, env = "WRENN_INSECURE_REGISTRIES", value_delimiter = ',')]
-    insecure_registries: Vec<String>,
-    /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
-    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    admin_listen: SocketAddr,
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -18,6 +18,7 @@ pub enum LogFormat {
 /// Flags of `wrenn-operator`.
 #[derive(Debug, Parser)]
 #[command(
+    name = "wrenn-operator",
     version,
     about = "Wrenn operator: places Capsules and drives node agents"
 )]
@@ -25,6 +26,14 @@ pub struct Args {
     /// Namespace of the node-agent Pods (default: the operator's own, POD_NAMESPACE).
     #[arg(long, env = "WRENN_AGENT_NAMESPACE")]
     pub agent_namespace: Option<String>,
+    /// This replica's namespace (downward API): where the Lease is held and,
+    /// by default, where the node-agent Pods are found.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// This replica's name (downward API): its Lease identity and the
+    /// reporting instance of its Events.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
     /// Label selector of the node-agent Pods.
     #[arg(
         long,

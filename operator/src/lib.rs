@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod args;
 pub mod controller;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod plan;

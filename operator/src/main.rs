@@ -8,8 +8,6 @@
 //! graceful shutdown. `anyhow` stops here.
 #![forbid(unsafe_code)]
 
-mod args;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +25,7 @@ use wrenn_operator::controller::{Operator, Settings, run_all};
 use wrenn_operator::metrics::Metrics;
 use wrenn_operator::pool::AgentPool;
 
-use crate::args::{Args, LogFormat};
+use wrenn_operator::args::{Args, LogFormat};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -102,6 +100,8 @@ async fn stop_signal() {
 
 async fn run(args: Args) -> Result<()> {
     let Args {
+        pod_namespace: own_namespace,
+        pod_name: instance,
         agent_namespace,
         agent_selector,
         agent_port,
@@ -114,11 +114,9 @@ async fn run(args: Args) -> Result<()> {
         node_lost_timeout,
         ..
     } = args;
-    let own_namespace = std::env::var("POD_NAMESPACE").ok();
     let agent_namespace = agent_namespace
         .or_else(|| own_namespace.clone())
         .context("--agent-namespace (WRENN_AGENT_NAMESPACE) or POD_NAMESPACE must be set")?;
-    let instance = std::env::var("POD_NAME").ok();
     let tls = ClientTls::from_files(&tls_cert, &tls_key, &agent_ca, &agent_server_name)
         .context("load agent TLS material")?;
 
@@ -152,19 +150,12 @@ async fn run(args: Args) -> Result<()> {
         let ns = own_namespace
             .clone()
             .unwrap_or_else(|| agent_namespace.clone());
-        let manager =
-            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "wrenn-operator")
-                .with_namespace(ns)
-                .with_identity(
-                    instance
-                        .clone()
-                        .unwrap_or_else(|| format!("wrenn-operator-{}", std::process::id())),
-                )
-                .with_duration(15)
-                .with_grace(5)
-                .build()
-                .await
-                .context("set up leader election")?;
+        let identity = instance
+            .clone()
+            .unwrap_or_else(|| format!("wrenn-operator-{}", std::process::id()));
+        let manager = wrenn_operator::leader::manager(client.clone(), &ns, &identity)
+            .await
+            .context("set up leader election")?;
         let (mut rx, task) = manager.watch().await;
         ready.store(true, Ordering::Relaxed);
         tracing::info!("waiting for the wrenn-operator lease");

@@ -501,6 +501,14 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                 if !ctx.pool.settled(ctx.settings.settle_grace) {
                     return Ok(Action::requeue(Duration::from_millis(500)));
                 }
+                // A nodeSelector matched before the Node labels are listed
+                // would call every node a mismatch and park the capsule as
+                // Unschedulable until its next requeue.
+                if !cap.spec.node_selector.is_empty()
+                    && futures::FutureExt::now_or_never(ctx.nodes.wait_until_ready()).is_none()
+                {
+                    return Ok(Action::requeue(Duration::from_millis(500)));
+                }
                 let nodes = ctx.nodes.clone();
                 let views = ctx.pool.views(
                     |n| crate::pool::node_labels(&nodes, n),
