@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use wrenn_crds::Capsule;
 use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::{Capsule, CapsuleSnapshot};
 use wrenn_e2e::ControlPlane;
 use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, Pki, exec};
 use wrenn_e2e::leaks::{capsule_namespaces, processes_mentioning};
@@ -344,14 +344,77 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
     assert_eq!(all.len(), 2, "agents hold {held:?}");
     assert!(cl.sh(&two, "uname -r").await.trim() == image.kernel_release);
 
+    // A snapshot of `one` with memory; `one` goes back to Running, and a
+    // capsule from the snapshot lands on the node holding it, with the
+    // file and the process `one` had, as a VM of its own.
+    apply(
+        &cl.client,
+        &ns,
+        &json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleSnapshot",
+            "metadata": { "name": "snap" },
+            "spec": { "capsuleName": "one", "memory": true },
+        }),
+        MANAGER,
+    )
+    .await
+    .unwrap();
+    let snaps: Api<CapsuleSnapshot> = Api::namespaced(cl.client.clone(), &ns);
+    let t0 = Instant::now();
+    let snap = loop {
+        let s = snaps.get("snap").await.unwrap();
+        if s.status.as_ref().and_then(|s| s.ready_to_use) == Some(true) {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "snapshot not ready: {:?}\n{}",
+            s.status,
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("snapshot Ready after {:.1} s", t0.elapsed().as_secs_f64());
+    let st = snap.status.unwrap();
+    assert_eq!(st.node_name.as_deref(), Some(node.as_str()));
+    assert!(st.size_bytes.unwrap_or(0) > 0, "snapshot size: {st:?}");
+    let one = cl.wait_phase("one", CapsulePhase::Running).await;
+    apply(
+        &cl.client,
+        &ns,
+        &json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "three" },
+            "spec": { "source": { "snapshotRef": { "name": "snap" } } },
+        }),
+        MANAGER,
+    )
+    .await
+    .unwrap();
+    let three = cl.wait_phase("three", CapsulePhase::Running).await;
+    assert_eq!(
+        node_of(&three),
+        node,
+        "lands on the node holding the snapshot"
+    );
+    assert_eq!(cl.sh(&three, "cat /root/marker").await.trim(), "kept");
+    assert!(cl.sh(&three, "ps").await.contains("sleep 100000"));
+    cl.sh(&three, "echo three > /root/marker").await;
+    assert_eq!(cl.sh(&one, "cat /root/marker").await.trim(), "kept");
+    assert_no_duplicates(&cl.held().await);
+
     // Delete: gone from the API once the node let go, and from the nodes.
-    let uids = [uid.clone(), two.uid().unwrap()];
-    for name in ["one", "two"] {
+    let uids = [uid.clone(), two.uid().unwrap(), three.uid().unwrap()];
+    for name in ["one", "two", "three"] {
         cl.caps()
             .delete(name, &DeleteParams::default())
             .await
             .unwrap();
     }
+    snaps
+        .delete("snap", &DeleteParams::default())
+        .await
+        .unwrap();
     let t0 = Instant::now();
     while !cl
         .caps()
@@ -364,6 +427,20 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
         assert!(
             t0.elapsed() < Duration::from_secs(120),
             "capsules not released 120 s after delete\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    while !snaps
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "snapshot not released 120 s after delete\n{}",
             cl.logs()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -321,6 +321,18 @@ struct Shape {
     tap: Option<String>,
 }
 
+impl Shape {
+    /// Whether a snapshot of `self` can be restored as `wanted`. The TAP
+    /// name is the host side only (another capsule restoring a snapshot
+    /// has its own); the guest sees a NIC or none.
+    fn restorable_as(&self, wanted: &Shape) -> bool {
+        self.format == wanted.format
+            && self.vcpus == wanted.vcpus
+            && self.memory_bytes == wanted.memory_bytes
+            && self.tap.is_some() == wanted.tap.is_some()
+    }
+}
+
 fn shape_of(spec: &MachineSpec) -> Shape {
     Shape {
         format: 1,
@@ -1193,7 +1205,7 @@ impl Machine for QemuMachine {
     async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
         let capsule = spec.capsule.as_str();
         let shape = read_shape(capsule, &dir.join(MACHINE_FILE))?;
-        if shape != shape_of(spec) {
+        if !shape.restorable_as(&shape_of(spec)) {
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: "restore",
@@ -1325,6 +1337,37 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    #[test]
+    fn another_capsule_may_restore_a_snapshot_of_the_same_shape() {
+        let taken = Shape {
+            format: 1,
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            tap: Some("wrenn-aaaa".into()),
+        };
+        let other_tap = Shape {
+            tap: Some("wrenn-bbbb".into()),
+            ..taken.clone()
+        };
+        assert!(taken.restorable_as(&other_tap));
+        for wrong in [
+            Shape {
+                vcpus: 2,
+                ..taken.clone()
+            },
+            Shape {
+                memory_bytes: 512 << 20,
+                ..taken.clone()
+            },
+            Shape {
+                tap: None,
+                ..taken.clone()
+            },
+        ] {
+            assert!(!taken.restorable_as(&wrong), "{wrong:?}");
+        }
     }
 
     #[test]
