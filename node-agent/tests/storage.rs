@@ -71,7 +71,7 @@ impl Drop for LoopGuard {
                 .as_deref()
                 .is_some_and(|f| f.starts_with(&dir))
             {
-                let _ = host.detach(dev.index);
+                let _ = host.detach(&dev);
             }
         }
     }

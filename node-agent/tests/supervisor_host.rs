@@ -442,6 +442,10 @@ fn a_reused_pid_is_not_adopted_or_signalled() {
     let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
     let mut rec: wrenn_node_agent::capsule::Record = journal.read("c1").unwrap().unwrap();
     let old = rec.vm.clone().unwrap().process;
+    // Start times count clock ticks (10 ms): a stranger started in the
+    // VMM's own tick would be indistinguishable, as it would be for the
+    // kernel's pid reuse too.
+    std::thread::sleep(Duration::from_millis(50));
     let mut stranger = std::process::Command::new("/bin/sleep")
         .arg("60")
         .spawn()

@@ -111,12 +111,10 @@ impl LoopRegistry {
         let dev = e.dev.clone();
         entries.remove(&file);
         drop(entries);
-        self.host
-            .detach(dev.index)
-            .map_err(|source| Error::DetachLoop {
-                device: dev.path.clone(),
-                source,
-            })
+        self.host.detach(&dev).map_err(|source| Error::DetachLoop {
+            device: dev.path.clone(),
+            source,
+        })
     }
 
     /// References held on `file`'s device.
@@ -153,12 +151,10 @@ impl LoopRegistry {
             .find_by_backing_file(&canon)
             .map_err(|e| self.list_error(e))?
         {
-            self.host
-                .detach(dev.index)
-                .map_err(|source| Error::DetachLoop {
-                    device: dev.path.clone(),
-                    source,
-                })?;
+            self.host.detach(&dev).map_err(|source| Error::DetachLoop {
+                device: dev.path.clone(),
+                source,
+            })?;
             detached.push(dev.path);
         }
         Ok(detached)

@@ -159,11 +159,18 @@ impl LoopHost {
         let dir = self.sys_dir.join("block").join(format!("loop{index}"));
         let backing = match std::fs::read_to_string(dir.join("loop/backing_file")) {
             Ok(s) => s,
-            // Unconfigured loops have no `loop/` directory.
+            // Unconfigured loops have no `loop/` directory; one being torn
+            // down while we read answers ENXIO or ENODEV.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) => {
+                return Ok(None);
+            }
             Err(e) => return Err(e),
         };
         let backing = backing.trim_end_matches('\n');
+        if backing.is_empty() {
+            return Ok(None);
+        }
         let backing_file = match backing.strip_suffix(" (deleted)") {
             Some(_) => None,
             None => Some(PathBuf::from(backing)),
@@ -235,12 +242,17 @@ impl LoopHost {
         Err(last)
     }
 
-    /// Detaches loop `index`, retrying while it is busy. A device that is
+    /// Detaches `loop_dev`, retrying while it is busy. A device that is
     /// already free counts as detached. When the device is still open
     /// elsewhere the kernel defers the detach to the last close (it sets
     /// autoclear), which is what we want for a device-mapper user that is
     /// going away.
-    pub fn detach(&self, index: u32) -> io::Result<()> {
+    ///
+    /// The fd names the device, not its binding: between retries the loop
+    /// may be freed and bound again by someone else, so each attempt first
+    /// checks it still serves `loop_dev`'s backing file.
+    pub fn detach(&self, loop_dev: &LoopDevice) -> io::Result<()> {
+        let index = loop_dev.index;
         let node = self.node(index);
         let dev = match OpenOptions::new()
             .read(true)
@@ -253,6 +265,22 @@ impl LoopHost {
         };
         let mut attempt = 0;
         loop {
+            match self.read(index)? {
+                None => return Ok(()),
+                // A deleted backing file cannot be compared: the old
+                // behaviour (detach) is the one that never leaks.
+                Some(LoopDevice {
+                    backing_file: Some(bound),
+                    ..
+                }) if loop_dev
+                    .backing_file
+                    .as_ref()
+                    .is_some_and(|ours| *ours != bound) =>
+                {
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
             // SAFETY: LOOP_CLR_FD takes no argument; `dev` is open.
             let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD, 0) };
             if rc == 0 {

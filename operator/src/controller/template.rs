@@ -67,6 +67,14 @@ impl std::fmt::Debug for Ctx {
     }
 }
 
+/// `spec.warm` is accepted by the API but not carried out yet: say so
+/// where the user looks, rather than boot cold in silence.
+pub fn with_warm_caveat(message: &str) -> String {
+    format!(
+        "{message}; spec.warm is not implemented yet: capsules boot cold and run no startCommand"
+    )
+}
+
 /// Pure: the status from what each ready node holds.
 /// `held` is (node, digest when it holds the template).
 pub fn build_template_status(
@@ -171,7 +179,10 @@ async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, E
         }
         None => None,
     };
-    let (mut next, cond) = build_template_status(&held, snapshot_ready, true);
+    let (mut next, mut cond) = build_template_status(&held, snapshot_ready, true);
+    if tpl.spec.warm.is_some() {
+        cond.message = with_warm_caveat(&cond.message);
+    }
     let current = tpl.status.clone().unwrap_or_default();
     next.observed_generation = tpl.metadata.generation;
     next.conditions = build_conditions(
@@ -261,6 +272,13 @@ mod tests {
         let (s, c) = build_template_status(&[], None, true);
         assert_eq!(s.phase, Some(TemplatePhase::Pending));
         assert_eq!(c.status, "False");
+    }
+
+    #[test]
+    fn a_warm_template_says_it_boots_cold() {
+        let m = with_warm_caveat("root disk on 1/2 nodes");
+        assert!(m.starts_with("root disk on 1/2 nodes; "), "{m}");
+        assert!(m.contains("spec.warm is not implemented yet"), "{m}");
     }
 
     #[test]
