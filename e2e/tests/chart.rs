@@ -252,6 +252,11 @@ fn bad_values() -> Vec<(&'static str, Vec<&'static str>, Vec<&'static str>)> {
             vec!["/operator/image/digest"],
         ),
         (
+            "uplink that is no interface name",
+            vec!["--set", "nodeAgent.uplink=eth0/1"],
+            vec!["/nodeAgent/uplink"],
+        ),
+        (
             "relative state directory",
             vec!["--set", "nodeAgent.stateDir=var/lib/wrenn"],
             vec!["/nodeAgent/stateDir"],

@@ -958,13 +958,12 @@ fn chart_env_is_what_the_binaries_accept() {
         (
             "DaemonSet",
             // QEMU and its vsock backend are found in PATH in the image;
-            // the uplink is eth0 unless the node says otherwise; one agent
+            // one agent
             // per node owns /run/netns; the image carries wrenn-guest at the
             // default path; no registry is trusted over plain HTTP.
             &[
                 "WRENN_QEMU_BINARY",
                 "WRENN_VHOST_VSOCK",
-                "WRENN_UPLINK",
                 "WRENN_NETNS_DIR",
                 "WRENN_GUEST_BINARY",
                 "WRENN_INSECURE_REGISTRIES",
