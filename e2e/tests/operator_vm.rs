@@ -30,6 +30,7 @@ struct Cluster {
     agents: Vec<NodeAgent>,
     operator: OperatorProcess,
     opts: OperatorOptions,
+    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -166,11 +167,13 @@ async fn setup(image: &GuestImage) -> Cluster {
     let cp = ControlPlane::shared().unwrap();
     let client = cp.client().await.unwrap();
     let ns = wrenn_e2e::temp_namespace(&client, "opvm").await.unwrap();
-    let dir = tempfile::Builder::new()
+    // Certificates and the operator's log; removed with the Cluster (a
+    // failure prints the log tails first).
+    let tmp = tempfile::Builder::new()
         .prefix("wrenn-opvm-")
         .tempdir()
-        .unwrap()
-        .keep();
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     // One CA for the operator and both agents, as the chart makes it.
     let pki = Pki::create(&dir.join("pki"), std::net::Ipv4Addr::LOCALHOST).unwrap();
     let base = 1 + (std::process::id() % 120) as u8 * 2;
@@ -209,6 +212,7 @@ async fn setup(image: &GuestImage) -> Cluster {
         agents,
         operator,
         opts,
+        _dir: tmp,
     }
 }
 
