@@ -401,9 +401,7 @@ impl NodeAgent {
 
     /// The last lines of the agent's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        crate::local::tail(&self.log, 40)
     }
 
     /// Stops the agent process (SIGTERM, then SIGKILL after 10 s); capsules

@@ -163,14 +163,19 @@ impl ControlPlane {
 
     /// A kube client for this cluster, bound to the caller's runtime.
     pub async fn client(&self) -> Result<kube::Client> {
-        let kc =
-            kube::config::Kubeconfig::read_from(&self.kubeconfig).context("read kubeconfig")?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .context("load kubeconfig")?;
-        kube::Client::try_from(config).context("build client")
+        client_from(&self.kubeconfig).await
     }
+}
+
+/// A kube client for the cluster of `kubeconfig`, bound to the caller's runtime.
+pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("read {}", kubeconfig.display()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .context("load kubeconfig")?;
+    kube::Client::try_from(config).context("build client")
 }
 
 fn kubectl_path() -> Result<PathBuf> {

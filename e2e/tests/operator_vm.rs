@@ -85,6 +85,27 @@ impl Cluster {
         }
     }
 
+    /// Waits until `api` lists nothing, at most 120 s after `since`.
+    async fn wait_gone<K>(&self, api: &Api<K>, what: &str, since: Instant)
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+    {
+        while !api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+        {
+            assert!(
+                since.elapsed() < Duration::from_secs(120),
+                "{what} not released 120 s after delete\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     async fn wait_phase(&self, name: &str, phase: CapsulePhase) -> Capsule {
         self.wait(
             name,
@@ -420,35 +441,8 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
         .await
         .unwrap();
     let t0 = Instant::now();
-    while !cl
-        .caps()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .is_empty()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "capsules not released 120 s after delete\n{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    while !snaps
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .is_empty()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "snapshot not released 120 s after delete\n{}",
-            cl.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    cl.wait_gone(&cl.caps(), "capsules", t0).await;
+    cl.wait_gone(&snaps, "snapshot", t0).await;
     let held = cl.held().await;
     assert!(
         held.values().all(Vec::is_empty),

@@ -110,7 +110,7 @@ async fn run_with_agent(
     pki: Pki,
     agent: &NodeAgent,
 ) -> Result<()> {
-    let client = kube_client(&args.kubeconfig).await?;
+    let client = wrenn_e2e::client_from(&args.kubeconfig).await?;
     ensure_namespace(&client, AGENT_NS).await?;
     ensure_namespace(&client, &args.namespace).await?;
     register_agent(&client, AGENT_NS, agent).await?;
@@ -219,16 +219,6 @@ async fn demo(args: &Args, client: &Client, image: &GuestImage, agent: &NodeAgen
     }
     println!();
     Ok(())
-}
-
-async fn kube_client(kubeconfig: &std::path::Path) -> Result<Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("read {}", kubeconfig.display()))?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .context("load kubeconfig")?;
-    Client::try_from(config).context("build the kube client")
 }
 
 /// Deletes every Capsule and waits until the operator released them, so

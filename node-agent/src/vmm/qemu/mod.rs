@@ -289,13 +289,19 @@ fn escape_opt(s: &str) -> String {
 
 /// The helper's command line.
 pub fn build_helper_args(spec: &MachineSpec, layout: &Layout) -> Vec<OsString> {
+    helper_args(spec.vsock_cid, &spec.vsock_socket, &layout.vhost)
+}
+
+/// vhost-device-vsock serving guest `cid`: host connections on `uds`,
+/// QEMU on `vhost`.
+fn helper_args(cid: u32, uds: &Path, vhost: &Path) -> Vec<OsString> {
     vec![
         "--guest-cid".into(),
-        spec.vsock_cid.to_string().into(),
+        cid.to_string().into(),
         "--uds-path".into(),
-        spec.vsock_socket.clone().into_os_string(),
+        uds.as_os_str().to_owned(),
         "--socket".into(),
-        layout.vhost.clone().into_os_string(),
+        vhost.as_os_str().to_owned(),
     ]
 }
 
@@ -695,14 +701,7 @@ impl QemuMachine {
             &SpawnRequest {
                 capsule,
                 program: &self.helper,
-                args: vec![
-                    "--guest-cid".into(),
-                    cid.to_string().into(),
-                    "--uds-path".into(),
-                    vm.vsock_socket.clone().into_os_string(),
-                    "--socket".into(),
-                    vhost.clone().into_os_string(),
-                ],
+                args: helper_args(cid, &vm.vsock_socket, &vhost),
                 netns: Some(&netns),
                 limits: CgroupLimits::build_for_vm(shape.vcpus, shape.memory_bytes),
                 inherit: Vec::new(),
