@@ -47,6 +47,8 @@ pub async fn exec(
         cwd,
         user,
         timeout_ms,
+        detach: _,
+        log_path: _,
     } = start;
     let user = process::resolve_user(&ctx.passwd, &user)?;
     let env = process::build_env(user.as_ref(), &ctx.env, &env, None)?;

@@ -203,6 +203,7 @@ async fn exec_uname_matches_the_host_and_sees_init_env() {
             cwd: cwd.clone(),
             user: "65534".into(),
             timeout_ms: 0,
+            ..Default::default()
         })),
     };
     let ran = collect(

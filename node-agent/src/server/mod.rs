@@ -293,6 +293,13 @@ impl NodeAgent for AgentService {
         Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
     }
 
+    async fn prepare_template(
+        &self,
+        _req: Request<pb::PrepareTemplateRequest>,
+    ) -> Result<Response<pb::TemplateState>, Status> {
+        Err(Status::unimplemented("PrepareTemplate is not implemented yet"))
+    }
+
     type WatchEventsStream = BoxStream<pb::Event>;
     async fn watch_events(
         &self,

@@ -208,6 +208,85 @@ pub struct SnapshotRef {
     pub id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PrepareTemplateRequest {
+    #[prost(message, optional, tag = "1")]
+    pub disk: ::core::option::Option<TemplateDisk>,
+    /// Absent: prepare the root disk only.
+    #[prost(message, optional, tag = "2")]
+    pub warm: ::core::option::Option<WarmBuild>,
+    /// Empty: the agent's default kernel.
+    #[prost(string, tag = "3")]
+    pub kernel_path: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub kernel_cmdline: ::prost::alloc::string::String,
+}
+/// Boot once, start, wait, snapshot.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct WarmBuild {
+    /// Names the snapshot; the caller derives it from everything that shapes
+    /// the snapshot, so a changed template gets a new one.
+    #[prost(string, tag = "1")]
+    pub snapshot_id: ::prost::alloc::string::String,
+    /// The build VM's shape; capsules restoring the snapshot get the same.
+    #[prost(message, optional, tag = "2")]
+    pub resources: ::core::option::Option<Resources>,
+    #[prost(map = "string, string", tag = "3")]
+    pub env: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Started detached (own session, outlives the call) after boot.
+    #[prost(string, repeated, tag = "4")]
+    pub start_command: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// For start plus readiness; 0 means 300 s.
+    #[prost(uint32, tag = "7")]
+    pub timeout_seconds: u32,
+    #[prost(oneof = "warm_build::Readiness", tags = "5, 6")]
+    pub readiness: ::core::option::Option<warm_build::Readiness>,
+}
+/// Nested message and enum types in `WarmBuild`.
+pub mod warm_build {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Readiness {
+        /// Ready once this argv exits 0 in the guest.
+        #[prost(message, tag = "5")]
+        Exec(super::ExecProbe),
+        /// Ready once the guest accepts TCP connections on this port.
+        #[prost(uint32, tag = "6")]
+        TcpPort(u32),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExecProbe {
+    #[prost(string, repeated, tag = "1")]
+    pub argv: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TemplateState {
+    /// TemplateDisk.key.
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(enumeration = "TemplatePhase", tag = "2")]
+    pub phase: i32,
+    /// Digest of the root disk's source, once known.
+    #[prost(string, tag = "3")]
+    pub digest: ::prost::alloc::string::String,
+    /// Set once the warm snapshot is on the node.
+    #[prost(string, tag = "4")]
+    pub snapshot_id: ::prost::alloc::string::String,
+    /// Why it FAILED (CamelCase reason and a message naming the cause), or
+    /// what a PREPARING build is doing.
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub message: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SnapshotCapsuleRequest {
     #[prost(string, tag = "1")]
@@ -426,6 +505,39 @@ impl CapsuleState {
             "CAPSULE_STATE_DELETING" => Some(Self::Deleting),
             "CAPSULE_STATE_FAILED" => Some(Self::Failed),
             "CAPSULE_STATE_STOPPED" => Some(Self::Stopped),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum TemplatePhase {
+    Unspecified = 0,
+    Preparing = 1,
+    Ready = 2,
+    Failed = 3,
+}
+impl TemplatePhase {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "TEMPLATE_PHASE_UNSPECIFIED",
+            Self::Preparing => "TEMPLATE_PHASE_PREPARING",
+            Self::Ready => "TEMPLATE_PHASE_READY",
+            Self::Failed => "TEMPLATE_PHASE_FAILED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "TEMPLATE_PHASE_UNSPECIFIED" => Some(Self::Unspecified),
+            "TEMPLATE_PHASE_PREPARING" => Some(Self::Preparing),
+            "TEMPLATE_PHASE_READY" => Some(Self::Ready),
+            "TEMPLATE_PHASE_FAILED" => Some(Self::Failed),
             _ => None,
         }
     }
@@ -778,6 +890,38 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "DeleteSnapshot"));
             self.inner.unary(req, path, codec).await
         }
+        /// Makes a template ready on this node before any capsule needs it: builds
+        /// its root disk (pulls and unpacks an OCI image, or checks a rootfs path)
+        /// and, with `warm`, boots it once, starts `warm.start_command`, waits for
+        /// readiness and snapshots the VM with memory as snapshot
+        /// `warm.snapshot_id`; capsules then start from that snapshot. The build VM
+        /// is internal: it never appears in ListCapsules or WatchEvents and is
+        /// removed when the build ends, fails, or the agent restarts.
+        /// Idempotent by key and snapshot id: answers at once with PREPARING while
+        /// a build runs (the caller polls by calling again), READY or FAILED after.
+        /// A FAILED build is tried again by the next call. The warm snapshot is
+        /// removed with DeleteSnapshot.
+        pub async fn prepare_template(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PrepareTemplateRequest>,
+        ) -> std::result::Result<tonic::Response<super::TemplateState>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/PrepareTemplate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "PrepareTemplate"));
+            self.inner.unary(req, path, codec).await
+        }
         /// State changes of every capsule on the node. `after` resumes after the
         /// event with that sequence number; an expired cursor yields a RESET event
         /// after which the operator lists capsules again.
@@ -1056,6 +1200,21 @@ pub mod node_agent_server {
             tonic::Response<super::DeleteSnapshotResponse>,
             tonic::Status,
         >;
+        /// Makes a template ready on this node before any capsule needs it: builds
+        /// its root disk (pulls and unpacks an OCI image, or checks a rootfs path)
+        /// and, with `warm`, boots it once, starts `warm.start_command`, waits for
+        /// readiness and snapshots the VM with memory as snapshot
+        /// `warm.snapshot_id`; capsules then start from that snapshot. The build VM
+        /// is internal: it never appears in ListCapsules or WatchEvents and is
+        /// removed when the build ends, fails, or the agent restarts.
+        /// Idempotent by key and snapshot id: answers at once with PREPARING while
+        /// a build runs (the caller polls by calling again), READY or FAILED after.
+        /// A FAILED build is tried again by the next call. The warm snapshot is
+        /// removed with DeleteSnapshot.
+        async fn prepare_template(
+            &self,
+            request: tonic::Request<super::PrepareTemplateRequest>,
+        ) -> std::result::Result<tonic::Response<super::TemplateState>, tonic::Status>;
         /// Server streaming response type for the WatchEvents method.
         type WatchEventsStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<super::Event, tonic::Status>,
@@ -1641,6 +1800,51 @@ pub mod node_agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteSnapshotSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/PrepareTemplate" => {
+                    #[allow(non_camel_case_types)]
+                    struct PrepareTemplateSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::PrepareTemplateRequest>
+                    for PrepareTemplateSvc<T> {
+                        type Response = super::TemplateState;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PrepareTemplateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::prepare_template(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PrepareTemplateSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -45,6 +45,14 @@ pub struct ExecStart {
     /// Kill the process group after this many milliseconds; 0 = no limit.
     #[prost(uint64, tag = "5")]
     pub timeout_ms: u64,
+    /// Start the process in a session of its own that outlives the call, with
+    /// stdin from /dev/null and stdout and stderr appended to `log_path`
+    /// (discarded when empty). The stream answers `started_pid`, then an
+    /// ExecExit without code, and ends; `timeout_ms` does not apply.
+    #[prost(bool, tag = "6")]
+    pub detach: bool,
+    #[prost(string, tag = "7")]
+    pub log_path: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
