@@ -68,6 +68,14 @@ pub mod reason {
     pub const PREPARED_ON_DEMAND: &str = "PreparedOnDemand";
     /// No node agent is connected.
     pub const NO_NODES: &str = "NoNodes";
+    /// Nodes are preparing a template's root disk or building its warm snapshot.
+    pub const PREPARING: &str = "Preparing";
+    /// A template's warm snapshot is on at least one node.
+    pub const WARM_SNAPSHOT_READY: &str = "WarmSnapshotReady";
+    /// Every matching node failed to prepare the template; the message says why per node.
+    pub const PREPARATION_FAILED: &str = "PreparationFailed";
+    /// A warm template's snapshot is not on any node that fits the capsule yet.
+    pub const WARM_SNAPSHOT_NOT_READY: &str = "WarmSnapshotNotReady";
 }
 
 /// Labels the chart and the operator use to find node agents.

@@ -1,6 +1,8 @@
 //! `CapsuleTemplate`: where capsules' root disks come from, their default
 //! resources and, optionally, a warm snapshot to restore instead of booting.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -53,6 +55,37 @@ pub struct CapsuleTemplateSpec {
     /// capsules restore from that snapshot instead of booting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmSpec>,
+
+    /// When nodes get the template ready: `OnDemand` (default) when the
+    /// first capsule lands on a node, `AllNodes` on every matching node as
+    /// soon as it is applied. A warm template is always built on every
+    /// matching node: its snapshot must exist before a capsule can use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preparation: Option<Preparation>,
+
+    /// Only nodes whose labels match all of these prepare the template and
+    /// run capsules from it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// When nodes get a template ready.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum Preparation {
+    /// On a node when the first capsule from the template lands there.
+    #[default]
+    OnDemand,
+    /// On every matching node as soon as the template is applied.
+    AllNodes,
+}
+
+impl CapsuleTemplateSpec {
+    /// Whether every matching node prepares the template ahead of capsules.
+    pub fn prepares_everywhere(&self) -> bool {
+        self.warm.is_some() || self.preparation == Some(Preparation::AllNodes)
+    }
 }
 
 /// Exactly one of `image`, `rootfs` or `snapshotRef`.
@@ -244,4 +277,7 @@ pub struct TemplateNode {
     /// The warm snapshot is on the node.
     #[serde(default)]
     pub snapshot_ready: bool,
+    /// Why the node is not ready: what it is doing, or why preparation failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
