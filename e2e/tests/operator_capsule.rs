@@ -20,6 +20,7 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleTemplate};
 use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
 use wrenn_operator::controller::{Operator, Settings, run_all};
@@ -695,4 +696,246 @@ async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
         .expect("a NodeLost event");
     assert_eq!(lost.type_.as_deref(), Some("Warning"));
     op.stop().await;
+}
+
+fn template_status(t: &CapsuleTemplate) -> (Option<TemplatePhase>, String, String) {
+    let st = t.status.clone().unwrap_or_default();
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready");
+    (
+        st.phase,
+        ready.map(|c| c.reason.clone()).unwrap_or_default(),
+        ready.map(|c| c.message.clone()).unwrap_or_default(),
+    )
+}
+
+async fn wait_template(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    check: impl Fn(&CapsuleTemplate) -> bool,
+) -> CapsuleTemplate {
+    let api: Api<CapsuleTemplate> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = api.get(name).await.unwrap();
+        if check(&t) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "template {name}: not reached in 30 s; status: {:?}",
+            t.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Warm and `AllNodes` templates are prepared on the nodes their
+/// nodeSelector picks, per-node results reach status, capsules of a warm
+/// template restore its snapshot where it was built, and deleting the
+/// template removes the snapshot from the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
+    let Some(env) = common::setup("operator_capsule::warm").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    // Node objects: a and b run warm templates, only b the "only-b" one.
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for (suffix, only_b) in [("a", false), ("b", true)] {
+        let mut labels = json!({ "wrenn.test/warm": "yes" });
+        if only_b {
+            labels["wrenn.test/only-b"] = json!("yes");
+        }
+        let n = serde_json::from_value(json!({
+            "metadata": { "name": format!("{ns}-{suffix}"), "labels": labels },
+        }))
+        .unwrap();
+        node_api.create(&PostParams::default(), &n).await.unwrap();
+    }
+    // b's warm build never gets ready.
+    nodes.agents[1].fail_templates(
+        &format!("{ns}/warm@"),
+        "port 8080 refused connections for 2m0s",
+    );
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    let warm: CapsuleTemplate = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
+            "metadata": { "name": "warm" },
+            "spec": {
+                "source": { "rootfs": { "path": "/srv/web.ext4" } },
+                "defaults": { "vcpus": 1, "memory": "256Mi", "disk": "1Gi" },
+                "nodeSelector": { "wrenn.test/warm": "yes" },
+                "warm": {
+                    "startCommand": ["httpd", "-f", "-p", "8080"],
+                    "readiness": { "tcpPort": 8080, "timeout": "2m" },
+                },
+            },
+        }),
+    )
+    .await;
+    let t = wait_template(&client, &ns, "warm", |t| {
+        template_status(t).0 == Some(TemplatePhase::Ready)
+            && t.status.as_ref().is_some_and(|s| {
+                s.nodes.len() == 2 && s.nodes.iter().all(|n| n.ready || n.message.is_some())
+            })
+            && template_status(t).2.contains("failed on")
+    })
+    .await;
+    let (_, why, msg) = template_status(&t);
+    assert_eq!(why, "WarmSnapshotReady");
+    assert_eq!(
+        msg,
+        format!(
+            "warm snapshot on 1/2 nodes; failed on {ns}-b: ReadinessTimeout: port 8080 refused connections for 2m0s"
+        )
+    );
+    let st = t.status.unwrap();
+    let a = st
+        .nodes
+        .iter()
+        .find(|n| n.name == format!("{ns}-a"))
+        .unwrap();
+    assert!(a.ready && a.snapshot_ready);
+    let b = st
+        .nodes
+        .iter()
+        .find(|n| n.name == format!("{ns}-b"))
+        .unwrap();
+    assert!(!b.ready && !b.snapshot_ready);
+    // What the agent was asked to build: the defaults' shape and readiness.
+    let built = nodes.agents[0].templates();
+    let (key, state) = built.iter().next().unwrap();
+    assert_eq!(key, &format!("{ns}/warm@{}", warm.uid().unwrap()));
+    let warm_id = state.snapshot_id.clone();
+    assert!(warm_id.starts_with(&format!("w-{}-", warm.uid().unwrap())));
+    assert!(nodes.agents[0].count("PrepareTemplate") >= 1);
+
+    // A capsule of the warm template restores the snapshot on a.
+    let w1: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "w1" },
+            "spec": { "source": { "templateRef": { "name": "warm" } } },
+        }),
+    )
+    .await;
+    let r = wait_capsule(&client, &ns, "w1", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    assert_eq!(
+        r.status.unwrap().node_name,
+        Some(format!("{ns}-a")),
+        "only a holds the warm snapshot"
+    );
+    let vm = nodes.agents[0].capsule(&w1.uid().unwrap()).unwrap();
+    let spec = vm.spec.unwrap();
+    assert_eq!(
+        spec.source.unwrap().source.unwrap(),
+        pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+            id: warm_id.clone()
+        })
+    );
+    assert_eq!(spec.resources.unwrap().memory_bytes, 256 << 20);
+
+    // One asking for another shape is refused with the reason, not booted cold.
+    let _: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "w2" },
+            "spec": { "source": { "templateRef": { "name": "warm" } }, "resources": { "vcpus": 2 } },
+        }),
+    )
+    .await;
+    let c = wait_capsule(&client, &ns, "w2", "InvalidSpec", |c| {
+        c.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Scheduled" && c.reason == "InvalidSpec")
+        })
+    })
+    .await;
+    let msg = &c.status.unwrap().conditions[0].message;
+    assert!(
+        msg.contains("is warm") && msg.contains("1 vCPUs and 256Mi"),
+        "{msg}"
+    );
+
+    // AllNodes: prepared on the one node its selector picks, before any capsule.
+    let _: CapsuleTemplate = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
+            "metadata": { "name": "only-b" },
+            "spec": {
+                "source": { "image": { "reference": "docker.io/library/debian:bookworm" } },
+                "preparation": "AllNodes",
+                "nodeSelector": { "wrenn.test/only-b": "yes" },
+            },
+        }),
+    )
+    .await;
+    let t = wait_template(&client, &ns, "only-b", |t| {
+        template_status(t).0 == Some(TemplatePhase::Ready)
+    })
+    .await;
+    let (_, why, msg) = template_status(&t);
+    assert_eq!(
+        (why.as_str(), msg.as_str()),
+        ("TemplateCached", "root disk on 1/1 nodes")
+    );
+    assert_eq!(t.status.unwrap().nodes[0].name, format!("{ns}-b"));
+    assert!(
+        nodes.agents[0]
+            .calls()
+            .iter()
+            .all(|(c, k)| !(c == &"PrepareTemplate" && k.contains("/only-b@"))),
+        "a is not selected"
+    );
+    let _: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "on-b" },
+            "spec": { "source": { "templateRef": { "name": "only-b" } } },
+        }),
+    )
+    .await;
+    let r = wait_capsule(&client, &ns, "on-b", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    assert_eq!(r.status.unwrap().node_name, Some(format!("{ns}-b")));
+
+    // Deleting the warm template removes its snapshot from a.
+    let tpls: Api<CapsuleTemplate> = Api::namespaced(client.clone(), &ns);
+    tpls.delete("warm", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tpls.get_opt("warm").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "template object still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        nodes.agents[0]
+            .calls()
+            .contains(&("DeleteSnapshot", warm_id.clone())),
+        "warm snapshot removed on the node"
+    );
+    op.stop().await;
+    for suffix in ["a", "b"] {
+        let _ = node_api
+            .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
+            .await;
+    }
 }

@@ -105,6 +105,8 @@ pub trait NodeAgent: Send + Sync + 'static {
     fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot>;
     /// Deletes a snapshot's files; `false` when already gone.
     fn delete_snapshot(&self, id: String) -> Call<'_, bool>;
+    /// Starts or reports a template's preparation (answers at once).
+    fn prepare_template(&self, req: pb::PrepareTemplateRequest) -> Call<'_, pb::TemplateState>;
     /// State changes of every capsule after sequence `after` (0: from now, after SYNC events).
     fn watch_events(&self, after: u64) -> Call<'_, Events>;
     /// Metric samples of one capsule.
@@ -319,6 +321,16 @@ impl NodeAgent for GrpcNodeAgent {
                 .await
                 .map(|r| r.into_inner().existed)
                 .map_err(self.fail("DeleteSnapshot"))
+        })
+    }
+
+    fn prepare_template(&self, req: pb::PrepareTemplateRequest) -> Call<'_, pb::TemplateState> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.prepare_template(self.request(req))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("PrepareTemplate"))
         })
     }
 

@@ -245,6 +245,7 @@ pub async fn run_all(
             let _ = rx.recv().await;
         }
     };
+    let template_nodes = nodes.clone();
     let parts = Parts {
         client: client.clone(),
         pool: pool.clone(),
@@ -272,6 +273,7 @@ pub async fn run_all(
             client.clone(),
             namespace.clone(),
             pool.clone(),
+            template_nodes,
             metrics.clone(),
             stop(&stop_tx),
         ),

@@ -13,3 +13,4 @@ pub mod plan;
 pub mod pool;
 pub mod resources;
 pub mod status;
+pub mod templates;

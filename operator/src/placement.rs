@@ -47,6 +47,10 @@ pub struct Request<'a> {
     pub template: Option<TemplateNeed<'a>>,
     /// The snapshot it restores, when it restores one.
     pub snapshot: Option<SnapshotNeed<'a>>,
+    /// Labels its template limits it to (the template's nodeSelector).
+    pub template_selector: Option<&'a BTreeMap<String, String>>,
+    /// A warm template's snapshot id: only nodes holding it qualify.
+    pub warm: Option<&'a str>,
 }
 
 /// A template the node must hold or be able to prepare.
@@ -82,6 +86,13 @@ pub enum Rejection {
     NoVmm,
     /// The template is not on the node and cannot be prepared there.
     TemplateUnavailable,
+    /// The template's nodeSelector leaves the node out.
+    TemplateSelectorMismatch {
+        /// The label key.
+        key: String,
+    },
+    /// The warm template's snapshot is not (yet) built on the node.
+    WarmSnapshotMissing,
     /// The snapshot lives on another node.
     SnapshotElsewhere {
         /// Where it lives.
@@ -110,6 +121,12 @@ impl fmt::Display for Rejection {
             Rejection::NoVmm => f.write_str("no VMM on the node"),
             Rejection::TemplateUnavailable => {
                 f.write_str("template not on the node and not preparable")
+            }
+            Rejection::TemplateSelectorMismatch { key } => {
+                write!(f, "the template's nodeSelector {key} does not match")
+            }
+            Rejection::WarmSnapshotMissing => {
+                f.write_str("the template's warm snapshot is not built on the node yet")
             }
             Rejection::SnapshotElsewhere { node } => write!(f, "snapshot is on node {node}"),
             Rejection::SnapshotMissing => f.write_str("snapshot files missing on the node"),
@@ -161,8 +178,20 @@ pub fn plan_filter(req: &Request<'_>, node: &NodeView) -> Result<bool, Rejection
             }
         }
     }
+    if let Some(selector) = req.template_selector {
+        for (key, value) in selector {
+            if node.labels.get(key) != Some(value) {
+                return Err(Rejection::TemplateSelectorMismatch { key: key.clone() });
+            }
+        }
+    }
     if node.vmm.is_none() {
         return Err(Rejection::NoVmm);
+    }
+    if let Some(id) = req.warm
+        && !node.snapshots.contains(id)
+    {
+        return Err(Rejection::WarmSnapshotMissing);
     }
     if let Some(snap) = req.snapshot {
         if snap.node != node.name {
@@ -421,6 +450,43 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "0/2 nodes fit: bigger: snapshot is on node holder; holder: snapshot files missing on the node"
+        );
+    }
+
+    #[test]
+    fn warm_capsules_land_only_where_the_warm_snapshot_is_built() {
+        let mut built = node("built");
+        built.snapshots.insert("w-t-1".into());
+        let mut roomier = node("roomier");
+        roomier.free.vcpus = 64;
+        let mut req = small();
+        req.warm = Some("w-t-1");
+        assert_eq!(
+            plan_placement(&req, &[roomier.clone(), built.clone()]).unwrap(),
+            "built"
+        );
+        built.snapshots.clear();
+        let err = plan_placement(&req, &[roomier, built]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/2 nodes fit: built: the template's warm snapshot is not built on the node yet; \
+             roomier: the template's warm snapshot is not built on the node yet"
+        );
+    }
+
+    #[test]
+    fn the_templates_node_selector_limits_its_capsules() {
+        let mut gpu = node("gpu");
+        gpu.labels.insert("pool".into(), "gpu".into());
+        let plain = node("plain");
+        let selector = BTreeMap::from([("pool".to_string(), "gpu".to_string())]);
+        let mut req = small();
+        req.template_selector = Some(&selector);
+        assert_eq!(plan_placement(&req, &[plain.clone(), gpu]).unwrap(), "gpu");
+        let err = plan_placement(&req, &[plain]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/1 nodes fit: plain: the template's nodeSelector pool does not match"
         );
     }
 

@@ -297,7 +297,9 @@ impl NodeAgent for AgentService {
         &self,
         _req: Request<pb::PrepareTemplateRequest>,
     ) -> Result<Response<pb::TemplateState>, Status> {
-        Err(Status::unimplemented("PrepareTemplate is not implemented yet"))
+        Err(Status::unimplemented(
+            "PrepareTemplate is not implemented yet",
+        ))
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;

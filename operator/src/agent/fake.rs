@@ -21,6 +21,8 @@ pub type Recorded = (&'static str, String);
 struct State {
     capsules: BTreeMap<String, pb::Capsule>,
     snapshots: BTreeMap<String, pb::Snapshot>,
+    templates: BTreeMap<String, pb::TemplateState>,
+    template_failures: BTreeMap<String, String>,
     calls: Vec<Recorded>,
     down: bool,
     sequence: u64,
@@ -99,6 +101,20 @@ impl FakeNodeAgent {
             ..Default::default()
         };
         lock(&self.state).capsules.insert(uid.into(), c);
+    }
+
+    /// Makes every later preparation of templates whose key starts with
+    /// `prefix` fail with `message` (ReadinessTimeout), as a warm build
+    /// whose readiness never succeeds.
+    pub fn fail_templates(&self, prefix: &str, message: &str) {
+        let mut st = lock(&self.state);
+        st.template_failures.insert(prefix.into(), message.into());
+        st.templates.retain(|k, _| !k.starts_with(prefix));
+    }
+
+    /// The template states the node holds, by key.
+    pub fn templates(&self) -> BTreeMap<String, pb::TemplateState> {
+        lock(&self.state).templates.clone()
     }
 
     /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
@@ -247,7 +263,12 @@ impl NodeAgent for Handle {
                     memory_bytes: a.capacity.memory_bytes.saturating_sub(used.memory_bytes),
                     disk_bytes: a.capacity.disk_bytes.saturating_sub(used.disk_bytes),
                 }),
-                templates: Default::default(),
+                templates: st
+                    .templates
+                    .values()
+                    .filter(|t| t.phase == pb::TemplatePhase::Ready as i32)
+                    .map(|t| (t.key.clone(), t.digest.clone()))
+                    .collect(),
                 snapshots: st.snapshots.keys().cloned().collect(),
                 storage_backend: "fake".into(),
             })
@@ -374,6 +395,65 @@ impl NodeAgent for Handle {
             };
             st.snapshots.insert(id, snap.clone());
             Ok(snap)
+        })
+    }
+
+    fn prepare_template(&self, req: pb::PrepareTemplateRequest) -> Call<'_, pb::TemplateState> {
+        let a = self.0.clone();
+        Box::pin(async move {
+            let key = req.disk.as_ref().map(|d| d.key.clone()).unwrap_or_default();
+            let mut st = a.enter("PrepareTemplate", &key)?;
+            if let Some(t) = st.templates.get(&key)
+                && (t.phase != pb::TemplatePhase::Failed as i32 || !req.retry)
+            {
+                return Ok(t.clone());
+            }
+            let preparing = pb::TemplateState {
+                key: key.clone(),
+                phase: pb::TemplatePhase::Preparing as i32,
+                message: "building".into(),
+                ..Default::default()
+            };
+            st.templates.insert(key.clone(), preparing.clone());
+            drop(st);
+            // Like the real agent: the call answers at once, the build
+            // finishes later (after the boot delay).
+            let build = a.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(build.boot_delay).await;
+                let mut st = lock(&build.state);
+                let failure = st
+                    .template_failures
+                    .iter()
+                    .find(|(p, _)| key.starts_with(p.as_str()))
+                    .map(|(_, m)| m.clone());
+                let mut done = pb::TemplateState {
+                    key: key.clone(),
+                    digest: "sha256:fake".into(),
+                    ..Default::default()
+                };
+                if let Some(message) = failure {
+                    done.phase = pb::TemplatePhase::Failed as i32;
+                    done.reason = "ReadinessTimeout".into();
+                    done.message = message;
+                } else {
+                    done.phase = pb::TemplatePhase::Ready as i32;
+                    if let Some(w) = req.warm {
+                        done.snapshot_id = w.snapshot_id.clone();
+                        let snap = pb::Snapshot {
+                            r#ref: Some(pb::SnapshotRef {
+                                id: w.snapshot_id.clone(),
+                            }),
+                            memory: true,
+                            resources: w.resources,
+                            ..Default::default()
+                        };
+                        st.snapshots.insert(w.snapshot_id, snap);
+                    }
+                }
+                st.templates.insert(key, done);
+            });
+            Ok(preparing)
         })
     }
 

@@ -2,6 +2,7 @@
 //! write status, all inside the `wrenn.dev/node-cleanup` finalizer. Also the
 //! convergence sweep run whenever an agent (re)syncs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,8 +32,9 @@ use crate::plan::{
     plan_capsule, plan_expiry,
 };
 use crate::pool::AgentSynced;
-use crate::resources::{Resources, effective};
+use crate::resources::{Resources, effective, format_bytes};
 use crate::status::{self, build_capsule_status};
+use crate::templates;
 
 /// Errors of one Capsule reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +111,11 @@ struct Source {
     resources: Resources,
     boot: Option<pb::BootSource>,
     template_key: Option<(String, bool)>,
+    /// The template's own nodeSelector.
+    template_selector: BTreeMap<String, String>,
     snapshot: Option<(String, String)>,
+    /// A warm template's snapshot id: any node holding it will do.
+    warm: Option<String>,
     kernel: (String, String),
 }
 
@@ -119,7 +125,9 @@ fn blocked(why: &'static str, message: String) -> Source {
         resources: Resources::default(),
         boot: None,
         template_key: None,
+        template_selector: BTreeMap::new(),
         snapshot: None,
+        warm: None,
         kernel: Default::default(),
     }
 }
@@ -149,25 +157,7 @@ async fn resolve(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Source, Error
             Ok(r) => r,
             Err(e) => return Ok(blocked(reason::INVALID_SPEC, e.to_string())),
         };
-        let digest = tpl
-            .status
-            .as_ref()
-            .and_then(|s| s.digest.clone())
-            .unwrap_or_default();
-        let prefix = format!("{ns}/{}@", t.name);
-        let ts = &tpl.spec.source;
-        use pb::template_disk::Disk;
-        let disk = if let Some(i) = &ts.image {
-            Some(Disk::OciReference(i.reference.clone()))
-        } else if let Some(r) = &ts.rootfs {
-            r.path
-                .clone()
-                .map(Disk::RootfsPath)
-                .or_else(|| r.url.clone().map(Disk::RootfsUrl))
-        } else {
-            None
-        };
-        let Some(disk) = disk else {
+        let Some(disk) = templates::disk_source(&tpl) else {
             return Ok(blocked(
                 reason::INVALID_SPEC,
                 format!(
@@ -176,25 +166,76 @@ async fn resolve(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Source, Error
                 ),
             ));
         };
+        let Some(tpl_uid) = tpl.uid() else {
+            return Err(Error::MissingMetadata);
+        };
+        let template_selector = tpl.spec.node_selector.clone();
+        if let Some(id) = templates::warm_snapshot_id(&tpl, &tpl_uid) {
+            let st = tpl.status.as_ref();
+            if st.and_then(|s| s.phase) != Some(TemplatePhase::Ready) {
+                let why = st
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                    .map(|c| format!(": {}", c.message))
+                    .unwrap_or_default();
+                return Ok(blocked(
+                    reason::WARM_SNAPSHOT_NOT_READY,
+                    format!("CapsuleTemplate {} has no warm snapshot yet{why}", t.name),
+                ));
+            }
+            // A warm template's capsules restore its snapshot, whose memory
+            // fixes vCPUs and memory; booting cold instead would silently
+            // skip the startCommand the user asked for.
+            let shape = match effective(None, &tpl.spec.defaults) {
+                Ok(r) => r,
+                Err(e) => return Ok(blocked(reason::INVALID_SPEC, e.to_string())),
+            };
+            if (resources.vcpus, resources.memory_bytes) != (shape.vcpus, shape.memory_bytes) {
+                return Ok(blocked(
+                    reason::INVALID_SPEC,
+                    format!(
+                        "CapsuleTemplate {} is warm: its capsules restore a snapshot taken with {} vCPUs and {} of memory; leave spec.resources.vcpus and memory unset or equal",
+                        t.name,
+                        shape.vcpus,
+                        format_bytes(shape.memory_bytes)
+                    ),
+                ));
+            }
+            return Ok(Source {
+                state: SourceState::Usable,
+                resources,
+                boot: Some(pb::BootSource {
+                    source: Some(pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+                        id: id.clone(),
+                    })),
+                }),
+                template_key: None,
+                template_selector,
+                snapshot: None,
+                warm: Some(id),
+                kernel: Default::default(),
+            });
+        }
+        let digest = tpl
+            .status
+            .as_ref()
+            .and_then(|s| s.digest.clone())
+            .unwrap_or_default();
         return Ok(Source {
             state: SourceState::Usable,
             resources,
             boot: Some(pb::BootSource {
                 source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
-                    key: format!("{prefix}{digest}"),
+                    key: templates::template_key(ns, &t.name, &tpl_uid),
                     disk: Some(disk),
                     digest,
                     disk_bytes: resources.disk_bytes,
                 })),
             }),
-            template_key: Some((prefix, true)),
+            template_key: Some((templates::key_prefix(ns, &t.name), true)),
+            template_selector,
             snapshot: None,
-            kernel: tpl
-                .spec
-                .kernel
-                .as_ref()
-                .map(|k| (k.path.clone(), k.cmdline.clone().unwrap_or_default()))
-                .unwrap_or_default(),
+            warm: None,
+            kernel: templates::kernel(&tpl),
         });
     }
     let Some(s) = &src.snapshot_ref else {
@@ -238,7 +279,9 @@ async fn resolve(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Source, Error
             })),
         }),
         template_key: None,
+        template_selector: BTreeMap::new(),
         snapshot: Some((node, id)),
+        warm: None,
         kernel: Default::default(),
     })
 }
@@ -521,6 +564,8 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                         key_prefix: k,
                         preparable: *p,
                     }),
+                    template_selector: Some(&src.template_selector),
+                    warm: src.warm.as_deref(),
                     snapshot: src
                         .snapshot
                         .as_ref()

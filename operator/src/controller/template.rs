@@ -1,33 +1,50 @@
-//! The CapsuleTemplate controller: per-node readiness from the agents'
-//! NodeInfo (the template keys each node holds) and the phase. Root disks
-//! are prepared by the agent on demand, when the first capsule on a node
-//! asks for one; `agent.proto` has no call to prepare or remove a template
-//! ahead of time, so this controller only observes and needs no finalizer.
+//! The CapsuleTemplate controller. Templates that are warm or ask for
+//! `preparation: AllNodes` are prepared on every matching node through the
+//! agents' `PrepareTemplate` (which answers at once; the controller polls
+//! while nodes prepare). Others are prepared by the agent on demand, when
+//! the first capsule lands on a node; for them the controller only reports
+//! which nodes hold the disk. Per-node readiness and the phase go to status.
+//!
+//! The finalizer removes the template's warm snapshots from every node;
+//! snapshots of an earlier warm spec are removed on every reconcile.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
-use wrenn_crds::names::{condition, reason};
+use kube::{Client, Resource, ResourceExt};
+use wrenn_crds::names::FINALIZER;
 use wrenn_crds::snapshot::SnapshotPhase;
-use wrenn_crds::template::{CapsuleTemplateStatus, TemplateNode, TemplatePhase};
+use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{CapsuleSnapshot, CapsuleTemplate};
 
 use crate::metrics::{ErrorLabels, KindLabels, Metrics};
-use crate::plan::ConditionDraft;
-use crate::pool::AgentPool;
+use crate::pool::{AgentPool, node_labels};
+use crate::resources::effective;
 use crate::status::{self, build_conditions};
+use crate::templates::{
+    OnNode, build_template_status, key_prefix, on_node, prepare_request, selects, template_key,
+    warm_id_prefix, warm_snapshot_id,
+};
+
+/// A node that failed a build is asked again only after this long: a
+/// broken startCommand would otherwise boot a VM every few seconds.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(300);
 
 /// Errors of one CapsuleTemplate reconcile.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The object lacks a namespace.
-    #[error("template without namespace")]
+    /// The object lacks a namespace or UID.
+    #[error("template without namespace or uid")]
     MissingMetadata,
     /// Reading the referenced snapshot failed.
     #[error("read snapshot {name}")]
@@ -41,6 +58,9 @@ pub enum Error {
     /// Writing status failed.
     #[error("write template status")]
     Status(#[source] status::Error),
+    /// Adding or removing the finalizer failed.
+    #[error("template finalizer")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -50,6 +70,11 @@ impl Error {
             Error::MissingMetadata => "invalid",
             Error::GetSnapshot { .. } => "api",
             Error::Status(_) => "status",
+            Error::Finalizer(e) => match &**e {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                _ => "finalizer",
+            },
         }
     }
 }
@@ -58,7 +83,11 @@ impl Error {
 pub struct Ctx {
     client: Client,
     pool: AgentPool,
+    nodes: Store<Node>,
     metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// (template uid, generation, node) → when its build was seen failing.
+    failures: Mutex<HashMap<(String, i64, String), Instant>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -67,104 +96,129 @@ impl std::fmt::Debug for Ctx {
     }
 }
 
-/// `spec.warm` is accepted by the API but not carried out yet: say so
-/// where the user looks, rather than boot cold in silence.
-pub fn with_warm_caveat(message: &str) -> String {
-    format!(
-        "{message}; spec.warm is not implemented yet: capsules boot cold and run no startCommand"
-    )
-}
-
-/// Pure: the status from what each ready node holds.
-/// `held` is (node, digest when it holds the template).
-pub fn build_template_status(
-    held: &[(String, Option<String>)],
-    snapshot_ready: Option<bool>,
-    on_demand: bool,
-) -> (CapsuleTemplateStatus, ConditionDraft) {
-    let nodes: Vec<TemplateNode> = held
-        .iter()
-        .map(|(name, digest)| TemplateNode {
-            name: name.clone(),
-            ready: digest.is_some(),
-            digest: digest.clone().filter(|d| !d.is_empty()),
-            snapshot_ready: false,
-        })
-        .collect();
-    let cached = nodes.iter().filter(|n| n.ready).count();
-    let digest = nodes.iter().find_map(|n| n.digest.clone());
-    let (phase, ok, why, msg) = match snapshot_ready {
-        Some(true) => (
-            TemplatePhase::Ready,
-            true,
-            reason::SNAPSHOT_TAKEN,
-            "restores its snapshot".to_string(),
-        ),
-        Some(false) => (
-            TemplatePhase::Pending,
-            false,
-            reason::SNAPSHOT_NOT_READY,
-            "its CapsuleSnapshot is not Ready".to_string(),
-        ),
-        None if cached > 0 => (
-            TemplatePhase::Ready,
-            true,
-            reason::TEMPLATE_CACHED,
-            format!("root disk on {cached}/{} nodes", nodes.len()),
-        ),
-        None if on_demand && !nodes.is_empty() => (
-            TemplatePhase::Ready,
-            true,
-            reason::PREPARED_ON_DEMAND,
-            format!(
-                "prepared on a node when a capsule first needs it ({} nodes ready)",
-                nodes.len()
-            ),
-        ),
-        None => (
-            TemplatePhase::Pending,
-            false,
-            reason::NO_NODES,
-            "no node agent is ready".to_string(),
-        ),
+async fn event(ctx: &Ctx, tpl: &CapsuleTemplate, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
     };
-    (
-        CapsuleTemplateStatus {
-            phase: Some(phase),
-            digest,
-            nodes,
-            ..Default::default()
-        },
-        ConditionDraft {
-            type_: condition::READY,
-            status: if ok { "True" } else { "False" },
-            reason: why,
-            message: msg,
-        },
-    )
+    if let Err(err) = ctx.recorder.publish(&ev, &tpl.object_ref(&())).await {
+        tracing::warn!(error = &err as &dyn std::error::Error, "publish event");
+    }
 }
 
-async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let ns = tpl.namespace().ok_or(Error::MissingMetadata)?;
-    let prefix = format!("{ns}/{}@", tpl.name_any());
-    let held: Vec<(String, Option<String>)> = ctx
+/// Asks `node` to prepare the template (or how far it got). A failed
+/// build is retried only [`RETRY_FAILED_AFTER`] after the operator first
+/// saw it fail.
+async fn prepare_on(
+    ctx: &Ctx,
+    memo: (String, i64, String),
+    mut req: wrenn_proto::agent::v1::PrepareTemplateRequest,
+) -> OnNode {
+    let node = memo.2.clone();
+    let Some(client) = ctx.pool.client(&node) else {
+        return OnNode::Preparing("waiting for the node agent".into());
+    };
+    req.retry = ctx
+        .failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&memo)
+        .is_some_and(|at| at.elapsed() >= RETRY_FAILED_AFTER);
+    let on = match client.prepare_template(req).await {
+        Ok(state) => on_node(&state),
+        Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+            OnNode::Failed("InvalidSpec".into(), e.agent_message())
+        }
+        // Unreachable for now: the next reconcile asks again.
+        Err(e) => return OnNode::Preparing(format!("node agent unreachable: {e}")),
+    };
+    let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+    match &on {
+        OnNode::Failed(..) => {
+            let at = failures.entry(memo).or_insert_with(Instant::now);
+            if at.elapsed() >= RETRY_FAILED_AFTER {
+                // The retry was asked for just now: count from here.
+                *at = Instant::now();
+            }
+        }
+        _ => {
+            failures.remove(&memo);
+        }
+    }
+    on
+}
+
+/// Removes this template's warm snapshots other than `keep` from `node`.
+async fn remove_warm(ctx: &Ctx, node: &str, uid: &str, keep: Option<&str>) {
+    let prefix = warm_id_prefix(uid);
+    let (Some(info), Some(client)) = (ctx.pool.info(node), ctx.pool.client(node)) else {
+        return;
+    };
+    for id in info.snapshots.iter().filter(|id| id.starts_with(&prefix)) {
+        if Some(id.as_str()) == keep {
+            continue;
+        }
+        match client.delete_snapshot(id.clone()).await {
+            Ok(_) => tracing::info!(node, snapshot = %id, "removed a stale warm snapshot"),
+            Err(e) => tracing::warn!(
+                node,
+                snapshot = %id,
+                error = &e as &dyn std::error::Error,
+                "remove warm snapshot"
+            ),
+        }
+    }
+}
+
+async fn apply(tpl: &CapsuleTemplate, ns: &str, ctx: &Ctx) -> Result<Action, Error> {
+    let name = tpl.name_any();
+    let uid = tpl.uid().ok_or(Error::MissingMetadata)?;
+    let generation = tpl.metadata.generation.unwrap_or_default();
+    let key = template_key(ns, &name, &uid);
+    let prefix = key_prefix(ns, &name);
+    let warm_id = warm_snapshot_id(tpl, &uid);
+    let everywhere = tpl.spec.prepares_everywhere();
+    let shape = effective(None, &tpl.spec.defaults);
+    let selected: Vec<String> = ctx
         .pool
         .ready_nodes()
         .into_iter()
-        .map(|n| {
-            let digest = ctx.pool.info(&n).and_then(|i| {
-                i.templates
-                    .iter()
-                    .find(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, d)| d.clone())
-            });
-            (n, digest)
-        })
+        .filter(|n| selects(&tpl.spec.node_selector, &node_labels(&ctx.nodes, n)))
         .collect();
+    let mut nodes = Vec::with_capacity(selected.len());
+    for node in selected {
+        let held = ctx.pool.info(&node).and_then(|i| {
+            i.templates
+                .iter()
+                .find(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, d)| d.clone())
+        });
+        let on = match (&shape, everywhere) {
+            (Err(e), true) => OnNode::Failed("InvalidSpec".into(), e.to_string()),
+            (Ok(shape), true) => match prepare_request(tpl, &key, *shape, warm_id.as_deref()) {
+                Ok(Some(req)) => {
+                    prepare_on(ctx, (uid.clone(), generation, node.clone()), req).await
+                }
+                Ok(None) => OnNode::Absent,
+                Err(e) => OnNode::Failed("InvalidSpec".into(), e.to_string()),
+            },
+            (_, false) => match held {
+                Some(digest) => OnNode::Ready {
+                    digest,
+                    snapshot: false,
+                },
+                None => OnNode::Absent,
+            },
+        };
+        remove_warm(ctx, &node, &uid, warm_id.as_deref()).await;
+        nodes.push((node, on));
+    }
     let snapshot_ready = match &tpl.spec.source.snapshot_ref {
         Some(r) => {
-            let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+            let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), ns);
             let s = api
                 .get_opt(&r.name)
                 .await
@@ -179,21 +233,19 @@ async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, E
         }
         None => None,
     };
-    let (mut next, mut cond) = build_template_status(&held, snapshot_ready, true);
-    if tpl.spec.warm.is_some() {
-        cond.message = with_warm_caveat(&cond.message);
-    }
+    let preparing = nodes.iter().any(|(_, o)| matches!(o, OnNode::Preparing(_)));
+    let (mut next, cond) = build_template_status(&nodes, warm_id.is_some(), snapshot_ready);
     let current = tpl.status.clone().unwrap_or_default();
     next.observed_generation = tpl.metadata.generation;
     next.conditions = build_conditions(
-        &[cond],
+        std::slice::from_ref(&cond),
         &current.conditions,
         tpl.metadata.generation,
         Timestamp::now(),
     );
     if tpl.status.as_ref() != Some(&next) {
-        let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), &ns);
-        status::apply_status(&api, &*tpl, &next)
+        let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), ns);
+        status::apply_status(&api, tpl, &next)
             .await
             .map_err(Error::Status)?;
         ctx.metrics
@@ -202,15 +254,59 @@ async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, E
                 kind: "CapsuleTemplate",
             })
             .inc();
+        if current.phase != next.phase {
+            let type_ = match next.phase {
+                Some(TemplatePhase::Failed) => EventType::Warning,
+                _ => EventType::Normal,
+            };
+            event(ctx, tpl, type_, cond.reason, cond.message).await;
+        }
     }
+    // Node readiness changes without an event on the template: look again,
+    // soon while nodes are preparing.
+    Ok(Action::requeue(if preparing {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(15)
+    }))
+}
+
+/// Removes the template's warm snapshots from every node that is up. A
+/// node that is down keeps its copy: logged, never blocking the delete.
+async fn cleanup(tpl: &CapsuleTemplate, ctx: &Ctx) -> Result<Action, Error> {
+    let uid = tpl.uid().ok_or(Error::MissingMetadata)?;
+    if tpl.spec.warm.is_none() {
+        return Ok(Action::await_change());
+    }
+    for node in ctx.pool.ready_nodes() {
+        remove_warm(ctx, &node, &uid, None).await;
+    }
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(u, _, _), _| *u != uid);
+    Ok(Action::await_change())
+}
+
+async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = tpl.namespace().ok_or(Error::MissingMetadata)?;
+    let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), &ns);
+    let r = finalizer(&api, FINALIZER, tpl, |ev| async {
+        match ev {
+            Finalizer::Apply(t) => apply(&t, &ns, &ctx).await,
+            Finalizer::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics
         .reconcile_duration
         .get_or_create(&KindLabels {
             kind: "CapsuleTemplate",
         })
         .observe(started.elapsed().as_secs_f64());
-    // Node readiness changes without an event on the template: look again.
-    Ok(Action::requeue(Duration::from_secs(15)))
+    r
 }
 
 fn error_policy(_: Arc<CapsuleTemplate>, err: &Error, ctx: Arc<Ctx>) -> Action {
@@ -233,13 +329,24 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     pool: AgentPool,
+    nodes: Store<Node>,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "wrenn-operator".into(),
+            instance: None,
+        },
+    );
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pool,
+        nodes,
         metrics,
+        recorder,
+        failures: Mutex::new(HashMap::new()),
     });
     let api: Api<CapsuleTemplate> = super::scoped(&client, namespace.as_deref());
     Controller::new(api, watcher::Config::default())
@@ -247,50 +354,4 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cached_nodes_make_it_ready_with_per_node_readiness() {
-        let held = vec![
-            ("a".to_string(), Some("sha256:1".to_string())),
-            ("b".to_string(), None),
-        ];
-        let (s, c) = build_template_status(&held, None, true);
-        assert_eq!(s.phase, Some(TemplatePhase::Ready));
-        assert_eq!(c.reason, "TemplateCached");
-        assert_eq!(c.message, "root disk on 1/2 nodes");
-        assert!(s.nodes[0].ready && !s.nodes[1].ready);
-        assert_eq!(s.digest.as_deref(), Some("sha256:1"));
-    }
-
-    #[test]
-    fn no_agents_leaves_it_pending() {
-        let (s, c) = build_template_status(&[], None, true);
-        assert_eq!(s.phase, Some(TemplatePhase::Pending));
-        assert_eq!(c.status, "False");
-    }
-
-    #[test]
-    fn a_warm_template_says_it_boots_cold() {
-        let m = with_warm_caveat("root disk on 1/2 nodes");
-        assert!(m.starts_with("root disk on 1/2 nodes; "), "{m}");
-        assert!(m.contains("spec.warm is not implemented yet"), "{m}");
-    }
-
-    #[test]
-    fn snapshot_templates_follow_their_snapshot() {
-        let held = vec![("a".to_string(), None)];
-        assert_eq!(
-            build_template_status(&held, Some(false), true).0.phase,
-            Some(TemplatePhase::Pending)
-        );
-        assert_eq!(
-            build_template_status(&held, Some(true), true).0.phase,
-            Some(TemplatePhase::Ready)
-        );
-    }
 }

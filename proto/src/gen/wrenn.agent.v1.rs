@@ -220,6 +220,9 @@ pub struct PrepareTemplateRequest {
     pub kernel_path: ::prost::alloc::string::String,
     #[prost(string, tag = "4")]
     pub kernel_cmdline: ::prost::alloc::string::String,
+    /// Build again if the last build FAILED; no effect otherwise.
+    #[prost(bool, tag = "5")]
+    pub retry: bool,
 }
 /// Boot once, start, wait, snapshot.
 #[allow(clippy::all)]
@@ -899,8 +902,9 @@ pub mod node_agent_client {
         /// removed when the build ends, fails, or the agent restarts.
         /// Idempotent by key and snapshot id: answers at once with PREPARING while
         /// a build runs (the caller polls by calling again), READY or FAILED after.
-        /// A FAILED build is tried again by the next call. The warm snapshot is
-        /// removed with DeleteSnapshot.
+        /// A FAILED state is answered as is until a call sets `retry`, which starts
+        /// the build again (so a broken start command does not boot a VM on every
+        /// poll). The warm snapshot is removed with DeleteSnapshot.
         pub async fn prepare_template(
             &mut self,
             request: impl tonic::IntoRequest<super::PrepareTemplateRequest>,
@@ -1209,8 +1213,9 @@ pub mod node_agent_server {
         /// removed when the build ends, fails, or the agent restarts.
         /// Idempotent by key and snapshot id: answers at once with PREPARING while
         /// a build runs (the caller polls by calling again), READY or FAILED after.
-        /// A FAILED build is tried again by the next call. The warm snapshot is
-        /// removed with DeleteSnapshot.
+        /// A FAILED state is answered as is until a call sets `retry`, which starts
+        /// the build again (so a broken start command does not boot a VM on every
+        /// poll). The warm snapshot is removed with DeleteSnapshot.
         async fn prepare_template(
             &self,
             request: tonic::Request<super::PrepareTemplateRequest>,
