@@ -70,6 +70,7 @@ fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> R
             // Usage writes would blur the write count; they have their own interval.
             usage_interval: Duration::from_secs(3600),
             converge_interval: Duration::from_secs(60),
+            ..Settings::default()
         },
         instance: None,
         namespace: Some(ns.to_string()),

@@ -75,6 +75,15 @@ pub struct Args {
     /// finalizer is released with a Warning Event.
     #[arg(long, env = "WRENN_NODE_LOST_TIMEOUT", default_value_t = 300)]
     pub node_lost_timeout: u64,
+    /// Capsules reconciled at once (one object is never reconciled twice at
+    /// once); bounds the calls in flight to node agents.
+    #[arg(
+        long,
+        env = "WRENN_MAX_CONCURRENT_RECONCILES",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub max_concurrent_reconciles: u16,
     /// Log filter, e.g. `info` or `wrenn_operator=debug`.
     #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -34,6 +34,8 @@ pub struct Settings {
     /// Convergence (orphan sweep) also runs this often on every synced
     /// agent, not only when one (re)connects.
     pub converge_interval: Duration,
+    /// Capsules reconciled at once.
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -43,6 +45,7 @@ impl Default for Settings {
             settle_grace: Duration::from_secs(10),
             usage_interval: Duration::from_secs(30),
             converge_interval: Duration::from_secs(60),
+            concurrency: 32,
         }
     }
 }

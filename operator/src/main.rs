@@ -112,6 +112,7 @@ async fn run(args: Args) -> Result<()> {
         admin_listen,
         leader_election,
         node_lost_timeout,
+        max_concurrent_reconciles,
         ..
     } = args;
     let agent_namespace = agent_namespace
@@ -179,6 +180,7 @@ async fn run(args: Args) -> Result<()> {
     let (pool, streams) = AgentPool::new(Arc::new(connector), Duration::from_secs(10));
     let settings = Settings {
         node_lost_timeout: Duration::from_secs(node_lost_timeout),
+        concurrency: max_concurrent_reconciles,
         ..Settings::default()
     };
     ready.store(true, Ordering::Relaxed);

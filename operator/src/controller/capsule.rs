@@ -889,7 +889,9 @@ pub async fn run(
     let caps: Api<Capsule> = super::scoped(&client, ns);
     let templates: Api<CapsuleTemplate> = super::scoped(&client, ns);
     let snapshots: Api<CapsuleSnapshot> = super::scoped(&client, ns);
-    let controller = Controller::new(caps, watcher::Config::default());
+    let concurrency = ctx_parts.settings.concurrency;
+    let controller = Controller::new(caps, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     let store = controller.store();
     let ctx = Arc::new(ctx_parts.into_context(store.clone()));
     let (retrigger, retriggered) = mpsc::unbounded_channel();
