@@ -650,6 +650,76 @@ async fn lifecycle_expiry_deletes_or_suspends() {
     op.stop().await;
 }
 
+/// idleTimeout counts from the last exec/PTY/file call the agent saw, not
+/// from the start: a capsule in use stays, one left alone expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_counts_from_the_last_activity() {
+    let Some(env) = common::setup("operator_capsule::idle").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let c: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "busy" },
+            "spec": {
+                "source": { "templateRef": { "name": "base" } },
+                "lifecycle": { "idleTimeout": "3s", "onExpiry": "Suspend" },
+            },
+        }),
+    )
+    .await;
+    let uid = c.uid().unwrap();
+    wait_capsule(&client, &ns, "busy", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    // In use every second for 8 s: well past 3 s since it started.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        for a in &nodes.agents {
+            a.touch(&uid);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+        let now = caps.get("busy").await.unwrap();
+        assert_eq!(
+            phase(&now),
+            Some(CapsulePhase::Running),
+            "expired while in use, {:.1} s after start",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    assert!(
+        nodes
+            .agents
+            .iter()
+            .map(|a| a.count("GetCapsule"))
+            .sum::<usize>()
+            >= 1,
+        "the operator asked the agent for the last activity"
+    );
+    // Left alone, it is suspended about 3 s later.
+    let t1 = Instant::now();
+    let c = wait_capsule(&client, &ns, "busy", "Suspended when idle", |c| {
+        phase(c) == Some(CapsulePhase::Suspended)
+    })
+    .await;
+    assert!(t1.elapsed() >= Duration::from_secs(2), "{:?}", t1.elapsed());
+    let cond = c.status.unwrap();
+    assert!(
+        cond.conditions
+            .iter()
+            .any(|c| c.type_ == "Suspended" && c.reason == "SuspendedOnExpiry")
+    );
+    op.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
     let Some(env) = common::setup("operator_capsule::node_lost").await else {

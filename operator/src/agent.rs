@@ -91,6 +91,8 @@ pub trait NodeAgent: Send + Sync + 'static {
     fn node_info(&self) -> Call<'_, pb::NodeInfoResponse>;
     /// Creates (or returns the existing) capsule.
     fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule>;
+    /// One capsule, with fields no event carries (last activity).
+    fn get_capsule(&self, uid: String) -> Call<'_, pb::Capsule>;
     /// Every capsule on the node.
     fn list_capsules(&self) -> Call<'_, Vec<pb::Capsule>>;
     /// Deletes a capsule; `false` when it was already gone.
@@ -321,6 +323,16 @@ impl NodeAgent for GrpcNodeAgent {
                 .await
                 .map(|r| r.into_inner().existed)
                 .map_err(self.fail("DeleteSnapshot"))
+        })
+    }
+
+    fn get_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.get_capsule(self.request(pb::CapsuleRef { uid }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("GetCapsule"))
         })
     }
 

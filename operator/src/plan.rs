@@ -491,7 +491,8 @@ pub enum Expiry {
 }
 
 /// Decides expiry from the lifecycle and ages (seconds since creation and
-/// since the last activity the operator knows of: the VM's start).
+/// since the last activity: the VM's start, or the last data-plane call
+/// the agent reports when asked).
 pub fn plan_expiry(
     lifecycle: Option<&Lifecycle>,
     age: Duration,

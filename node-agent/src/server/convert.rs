@@ -270,6 +270,7 @@ pub fn to_capsule(v: &CapsuleView) -> pb::Capsule {
         started_unix_nanos: v.started_unix_nanos,
         message: v.message.clone(),
         reason: v.reason.clone(),
+        last_activity_unix_nanos: 0,
     }
 }
 

@@ -117,6 +117,18 @@ impl FakeNodeAgent {
         lock(&self.state).templates.clone()
     }
 
+    /// Records a data-plane call on the capsule now, as the agent does for
+    /// exec, PTY and file calls (no event).
+    pub fn touch(&self, uid: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(1);
+        if let Some(c) = lock(&self.state).capsules.get_mut(uid) {
+            c.last_activity_unix_nanos = now;
+        }
+    }
+
     /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
     pub fn vanish(&self, uid: &str) {
         lock(&self.state).capsules.remove(uid);
@@ -301,6 +313,7 @@ impl NodeAgent for Handle {
                 started_unix_nanos: 0,
                 message: String::new(),
                 reason: String::new(),
+                last_activity_unix_nanos: 0,
             };
             st.created.insert(req.uid.clone());
             st.capsules.insert(req.uid.clone(), c.clone());
@@ -324,6 +337,17 @@ impl NodeAgent for Handle {
                 }
             });
             Ok(c)
+        })
+    }
+
+    fn get_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let st = self.0.enter("GetCapsule", &uid)?;
+            st.capsules.get(&uid).cloned().ok_or_else(|| Error::Call {
+                call: "GetCapsule",
+                node: self.0.node.clone(),
+                status: tonic::Status::not_found(format!("capsule {uid}")),
+            })
         })
     }
 

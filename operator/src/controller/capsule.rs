@@ -332,6 +332,18 @@ fn proto_state(mode: wrenn_crds::capsule::OperatingMode) -> i32 {
     }
 }
 
+/// How long since the last data-plane call on the capsule, as its agent
+/// counts; `None` when unknown (no call yet, or the agent did not answer).
+async fn quiet_for(ctx: &Context, node: Option<&str>, uid: &str) -> Option<Duration> {
+    let client = ctx.pool.client(node?)?;
+    let c = client.get_capsule(uid.to_string()).await.ok()?;
+    if c.last_activity_unix_nanos <= 0 {
+        return None;
+    }
+    let at = Timestamp::from_nanosecond(i128::from(c.last_activity_unix_nanos)).ok()?;
+    Duration::try_from(Timestamp::now().duration_since(at)).ok()
+}
+
 fn age(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Option<Duration> {
     let t = t?;
     let d = Timestamp::now().duration_since(t.0);
@@ -485,10 +497,19 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
     let mut phase = current.as_ref().and_then(|s| s.phase);
     let idle = age(current.as_ref().and_then(|s| s.started_at.as_ref()));
     let created = age(cap.meta().creation_timestamp.as_ref()).unwrap_or_default();
-    let expiry = match plan_expiry(cap.spec.lifecycle.as_ref(), created, idle) {
+    let lifecycle = cap.spec.lifecycle.as_ref();
+    let mut expiry = match plan_expiry(lifecycle, created, idle) {
         Ok(e) => e,
         Err(_) => Expiry::Never, // the API server validated the format
     };
+    if matches!(expiry, Expiry::Now(_))
+        && lifecycle.is_some_and(|l| l.idle_timeout.is_some())
+        && let Some(quiet) = quiet_for(ctx, node.as_deref(), &uid).await
+    {
+        // Only now is the agent asked: activity is not streamed.
+        let idle = Some(idle.map_or(quiet, |i| i.min(quiet)));
+        expiry = plan_expiry(lifecycle, created, idle).unwrap_or(Expiry::Never);
+    }
     let mut step = Step {
         cap,
         api: api.clone(),

@@ -183,6 +183,12 @@ pub struct Capsule {
     /// A stable CamelCase reason for `message`.
     #[prost(string, tag = "8")]
     pub reason: ::prost::alloc::string::String,
+    /// The last data-plane call on the capsule (Exec, Pty, ReadFile, WriteFile,
+    /// ListDir, Stat), Unix nanoseconds; 0 when none since the agent started.
+    /// No event is sent when it changes (it changes too often): the operator
+    /// reads it with GetCapsule when an idleTimeout is due.
+    #[prost(int64, tag = "9")]
+    pub last_activity_unix_nanos: i64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
