@@ -24,17 +24,22 @@
 mod api;
 mod events;
 mod model;
+mod prepare;
 mod sources;
 pub(crate) mod supervisor;
 mod telemetry;
 #[cfg(test)]
 mod tests;
+pub mod warm;
 
 pub use api::{CapsuleApi, EventStream, SnapshotInfo};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Record, Resources, State,
     TemplateDisk,
+};
+pub use prepare::{
+    PrepareRequest, Readiness, TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
 };
 pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};
 pub use telemetry::HostFigures;

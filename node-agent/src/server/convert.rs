@@ -10,7 +10,8 @@ use wrenn_proto::agent::v1 as pb;
 
 use crate::capsule::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate,
-    Resources, SnapshotInfo, State, TemplateDisk,
+    PrepareRequest, Readiness, Resources, SnapshotInfo, State, TemplateDisk, TemplatePhase,
+    TemplateSource, TemplateStatus, WarmSpec,
 };
 use crate::images::ImageSource;
 use crate::vmm::{BackendInfo, BackendKind};
@@ -97,6 +98,155 @@ fn from_template(t: pb::TemplateDisk) -> Result<BootSource, Status> {
         None => Err(Status::invalid_argument(
             "spec.source.template needs oci_reference or rootfs_path",
         )),
+    }
+}
+
+/// How long a warm build may take for start plus readiness when the
+/// request says 0.
+pub const DEFAULT_WARM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn from_resources(res: Option<pb::Resources>, field: &str) -> Result<Resources, Status> {
+    let res = res.ok_or_else(|| Status::invalid_argument(format!("{field} is required")))?;
+    if res.vcpus == 0 {
+        return Err(Status::invalid_argument(format!(
+            "{field}.vcpus must be at least 1"
+        )));
+    }
+    if res.memory_bytes < MIN_MEMORY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field}.memory_bytes must be at least {MIN_MEMORY_BYTES}"
+        )));
+    }
+    Ok(Resources {
+        vcpus: res.vcpus,
+        memory_bytes: res.memory_bytes,
+        disk_bytes: res.disk_bytes,
+    })
+}
+
+/// `PrepareTemplateRequest` → domain request. The disk is checked as a
+/// create checks it; a warm build needs a snapshot id, a start command, a
+/// readiness check and a shape.
+pub fn from_prepare(req: pb::PrepareTemplateRequest) -> Result<PrepareRequest, Status> {
+    let disk = req
+        .disk
+        .ok_or_else(|| Status::invalid_argument("disk is required"))?;
+    if disk.key.is_empty() {
+        return Err(Status::invalid_argument("disk.key is required"));
+    }
+    let disk_bytes = disk.disk_bytes;
+    let key = disk.key.clone();
+    let digest = disk.digest.clone();
+    let source = match from_template(disk).map_err(|s| {
+        Status::invalid_argument(s.message().replace("spec.source.template", "disk"))
+    })? {
+        BootSource::Template(t) => TemplateSource::Rootfs(t.rootfs),
+        BootSource::Image(i) => TemplateSource::Image(i.reference),
+        BootSource::Snapshot { .. } => {
+            return Err(Status::invalid_argument("disk must name a root disk"));
+        }
+    };
+    let warm = req.warm.map(from_warm).transpose()?;
+    // The image is built at the size a capsule's create asks for, so the
+    // cache entry is the one that create finds.
+    let disk_bytes = match disk_bytes {
+        0 => warm.as_ref().map_or(0, |w| w.resources.disk_bytes),
+        n => n,
+    };
+    if matches!(source, TemplateSource::Image(_)) && disk_bytes == 0 {
+        return Err(Status::invalid_argument(
+            "disk.disk_bytes (or warm.resources.disk_bytes) must be set to build a template from oci_reference",
+        ));
+    }
+    let kernel = match req.kernel_path.as_str() {
+        "" => None,
+        p if p.starts_with('/') => Some(PathBuf::from(p)),
+        p => {
+            return Err(Status::invalid_argument(format!(
+                "kernel_path {p:?} must be absolute"
+            )));
+        }
+    };
+    Ok(PrepareRequest {
+        key,
+        source,
+        digest,
+        disk_bytes,
+        kernel,
+        cmdline: req.kernel_cmdline,
+        warm,
+    })
+}
+
+fn from_warm(w: pb::WarmBuild) -> Result<WarmSpec, Status> {
+    validate_snapshot_id(&w.snapshot_id)
+        .map_err(|s| Status::invalid_argument(format!("warm.{}", s.message())))?;
+    if w.start_command.first().is_none_or(String::is_empty) {
+        return Err(Status::invalid_argument(
+            "warm.start_command must name a program",
+        ));
+    }
+    if w.start_command.iter().any(|a| a.contains('\0')) {
+        return Err(Status::invalid_argument(
+            "warm.start_command contains a NUL byte",
+        ));
+    }
+    let readiness = match w.readiness {
+        Some(pb::warm_build::Readiness::Exec(p)) => {
+            if p.argv.first().is_none_or(String::is_empty) {
+                return Err(Status::invalid_argument(
+                    "warm.exec.argv must name a program",
+                ));
+            }
+            Readiness::Exec(p.argv)
+        }
+        Some(pb::warm_build::Readiness::TcpPort(port)) => match u16::try_from(port) {
+            Ok(p) if p > 0 => Readiness::TcpPort(p),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "warm.tcp_port {port} must be 1 to 65535"
+                )));
+            }
+        },
+        None => {
+            return Err(Status::invalid_argument(
+                "warm needs a readiness check: exec or tcp_port",
+            ));
+        }
+    };
+    for k in w.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "warm.env name {k:?} is invalid"
+            )));
+        }
+    }
+    Ok(WarmSpec {
+        snapshot_id: w.snapshot_id,
+        resources: from_resources(w.resources, "warm.resources")?,
+        env: w.env.into_iter().collect(),
+        start_command: w.start_command,
+        readiness,
+        timeout: match w.timeout_seconds {
+            0 => DEFAULT_WARM_TIMEOUT,
+            s => std::time::Duration::from_secs(u64::from(s)),
+        },
+    })
+}
+
+/// Domain template status → `TemplateState`.
+pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
+    pb::TemplateState {
+        key: s.key.clone(),
+        phase: match s.phase {
+            TemplatePhase::Preparing => pb::TemplatePhase::Preparing,
+            TemplatePhase::Ready => pb::TemplatePhase::Ready,
+            TemplatePhase::Failed => pb::TemplatePhase::Failed,
+        } as i32,
+        digest: s.digest.clone(),
+        snapshot_id: s.snapshot_id.clone(),
+        reason: s.reason.clone(),
+        message: s.message.clone(),
     }
 }
 

@@ -163,7 +163,11 @@ impl NodeAgent for AgentService {
                 memory_bytes: facts.memory_available,
                 disk_bytes: facts.disk_free,
             }),
-            templates: Default::default(),
+            templates: self
+                .capsules
+                .as_ref()
+                .map(|c| c.templates().into_iter().collect())
+                .unwrap_or_default(),
             snapshots: self
                 .capsules
                 .as_ref()
@@ -297,7 +301,9 @@ impl NodeAgent for AgentService {
         &self,
         _req: Request<pb::PrepareTemplateRequest>,
     ) -> Result<Response<pb::TemplateState>, Status> {
-        Err(Status::unimplemented("PrepareTemplate is not implemented yet"))
+        Err(Status::unimplemented(
+            "PrepareTemplate is not implemented yet",
+        ))
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;
