@@ -9,7 +9,8 @@
 //! answer where it stands. A `Ready` template is recorded under
 //! `<state>/templates/`, so a restarted agent answers `Ready` at once while
 //! the disk and the snapshot are still there, and `NodeInfo` lists it. A
-//! `Failed` build is tried again by the next call. Nothing about a build in
+//! `Failed` build is answered as such once; the call after that tries
+//! again. Nothing about a build in
 //! progress survives a restart: recovery removes its build VM, and the next
 //! call starts over.
 
@@ -126,7 +127,12 @@ pub(crate) struct ReadyTemplate {
 enum Slot {
     Preparing(String),
     Ready(ReadyTemplate),
-    Failed(Failure),
+    /// Failed; `reported` once a caller was told, after which the next
+    /// call tries again (so a polling caller always sees the failure).
+    Failed {
+        failure: Failure,
+        reported: bool,
+    },
 }
 
 type BuildKey = (String, String);
@@ -216,7 +222,7 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
             s.digest = r.digest.clone();
             s.snapshot_id = r.snapshot_id.clone();
         }
-        Slot::Failed(f) => {
+        Slot::Failed { failure: f, .. } => {
             s.phase = TemplatePhase::Failed;
             s.reason = f.reason.to_string();
             s.message = f.message.clone();
@@ -269,7 +275,19 @@ impl<M: Machine + 'static> Supervisor<M> {
                     return Ok(status(&req.key, &Slot::Ready(r.clone())));
                 }
                 Some(Slot::Ready(_)) => registry.forget_record(&key),
-                Some(Slot::Failed(_)) => {}
+                Some(Slot::Failed {
+                    failure,
+                    reported: false,
+                }) => {
+                    let slot = Slot::Failed {
+                        failure: failure.clone(),
+                        reported: true,
+                    };
+                    let st = status(&req.key, &slot);
+                    slots.insert(key, slot);
+                    return Ok(st);
+                }
+                Some(Slot::Failed { .. }) => {}
                 None => {
                     if let Some(r) = registry.read_record(&key) {
                         if shared.still_ready(&r) {
@@ -302,7 +320,10 @@ impl<M: Machine + 'static> Supervisor<M> {
                 Err(f) => {
                     tracing::error!(template = %key.0, snapshot = %key.1, reason = f.reason, message = %f.message, "template build failed");
                     shared.cfg.metrics.error("template");
-                    Slot::Failed(f)
+                    Slot::Failed {
+                        failure: f,
+                        reported: false,
+                    }
                 }
             };
             shared.templates.lock().insert(key, slot);

@@ -479,6 +479,102 @@ pub fn to_status(e: &Error) -> Status {
 mod tests {
     use super::*;
 
+    fn prepare() -> pb::PrepareTemplateRequest {
+        pb::PrepareTemplateRequest {
+            disk: Some(pb::TemplateDisk {
+                key: "ns/web@sha256:1".into(),
+                disk: Some(pb::template_disk::Disk::OciReference(
+                    "registry.example/web:1".into(),
+                )),
+                digest: String::new(),
+                disk_bytes: 0,
+            }),
+            warm: Some(pb::WarmBuild {
+                snapshot_id: "warm-ns-web-1".into(),
+                resources: Some(pb::Resources {
+                    vcpus: 1,
+                    memory_bytes: 256 << 20,
+                    disk_bytes: 1 << 30,
+                }),
+                env: Default::default(),
+                start_command: vec!["/srv/app".into()],
+                readiness: Some(pb::warm_build::Readiness::TcpPort(8080)),
+                timeout_seconds: 0,
+            }),
+            kernel_path: String::new(),
+            kernel_cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn prepare_requests_take_defaults_and_refuse_what_cannot_build() {
+        let ok = from_prepare(prepare()).unwrap();
+        // The image is built at the warm shape's disk size, the timeout
+        // defaults to 300 s.
+        assert_eq!(ok.disk_bytes, 1 << 30);
+        let warm = ok.warm.unwrap();
+        assert_eq!(warm.timeout, DEFAULT_WARM_TIMEOUT);
+        assert_eq!(warm.readiness, Readiness::TcpPort(8080));
+        let refused = |edit: fn(&mut pb::PrepareTemplateRequest), needle: &str| {
+            let mut r = prepare();
+            edit(&mut r);
+            let e = from_prepare(r).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains(needle), "{needle}: {}", e.message());
+        };
+        refused(|r| r.disk = None, "disk is required");
+        refused(
+            |r| r.disk.as_mut().unwrap().key.clear(),
+            "disk.key is required",
+        );
+        refused(
+            |r| {
+                r.disk.as_mut().unwrap().disk = Some(pb::template_disk::Disk::RootfsUrl(
+                    "https://x/r.ext4".into(),
+                ))
+            },
+            "does not download",
+        );
+        refused(
+            |r| r.warm.as_mut().unwrap().start_command.clear(),
+            "start_command",
+        );
+        refused(
+            |r| r.warm.as_mut().unwrap().snapshot_id = "../etc".into(),
+            "snapshot id",
+        );
+        refused(|r| r.warm.as_mut().unwrap().readiness = None, "readiness");
+        refused(
+            |r| r.warm.as_mut().unwrap().readiness = Some(pb::warm_build::Readiness::TcpPort(0)),
+            "tcp_port",
+        );
+        refused(
+            |r| {
+                r.warm.as_mut().unwrap().readiness =
+                    Some(pb::warm_build::Readiness::Exec(pb::ExecProbe {
+                        argv: vec![],
+                    }))
+            },
+            "exec.argv",
+        );
+        refused(
+            |r| r.warm.as_mut().unwrap().resources = None,
+            "warm.resources",
+        );
+        refused(
+            |r| {
+                r.warm = None;
+            },
+            "disk_bytes",
+        );
+        refused(|r| r.kernel_path = "vmlinux".into(), "kernel_path");
+        // A root disk alone needs no warm part.
+        let mut disk_only = prepare();
+        disk_only.warm = None;
+        disk_only.disk.as_mut().unwrap().disk_bytes = 1 << 30;
+        assert!(from_prepare(disk_only).unwrap().warm.is_none());
+    }
+
     fn request() -> pb::CreateCapsuleRequest {
         pb::CreateCapsuleRequest {
             uid: "3f2a9c1e-77b0".into(),
