@@ -27,6 +27,7 @@ use wrenn_node_agent::capsule::{
     TemplateStatus, WarmSpec,
 };
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
+use wrenn_node_agent::network::{CapsuleId as NetId, GUEST_ADDR};
 use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::cgroup::CgroupRoot;
@@ -325,6 +326,12 @@ async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
     panic!("exec of {script:?} ended without an exit");
 }
 
+/// The CI image's kernel loads virtio-net from its initramfs, after the
+/// kernel's `ip=` autoconfiguration ran, so its guest comes up without an
+/// address (the production kernel has the driver built in). The start
+/// command gives eth0 the address every guest has, as `ip=` would.
+const GUEST_NET: &str = "ip link set lo up; ip link set eth0 up; ip addr add 169.254.0.21/30 dev eth0 2>/dev/null; echo net: $(ip -4 addr show eth0 | grep inet);";
+
 /// Creates `uid` and returns how long until its guest answered.
 async fn create(w: &World, uid: &str, spec: CapsuleSpec) -> Duration {
     let t0 = Instant::now();
@@ -359,7 +366,9 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     // template's env, and writes a marker first.
     let tcp = w.prepare(
         "warm-tcp",
-        "mkdir -p /www && echo \"$WARM_GREETING $$\" > /www/marker && exec httpd -f -p 8080 -h /www",
+        &format!(
+            "{GUEST_NET} mkdir -p /www && echo \"$WARM_GREETING $$\" > /www/marker && exec httpd -f -p 8080 -h /www"
+        ),
         Readiness::TcpPort(8080),
         240,
     );
@@ -397,6 +406,18 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     // The server from the build answers at once: nobody started it here.
     let (served, code) = sh(&g, "wget -q -O - http://127.0.0.1:8080/marker").await;
     assert_eq!((served.as_str(), code), (marker.as_str(), Some(0)));
+    // And from the node, inside the new capsule's own namespace.
+    let netns = w
+        .net
+        .cfg
+        .netns_dir
+        .join(NetId::new("fromtcp").unwrap().resource_name());
+    wrenn_node_agent::sys::net::tcp_connect_in_netns(
+        &netns,
+        (GUEST_ADDR, 8080).into(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let pid = marker.trim_start_matches("hello-warm ").to_string();
     let (comm, _) = sh(&g, &format!("cat /proc/{pid}/comm")).await;
     assert_eq!(
