@@ -158,8 +158,8 @@ pub(crate) fn install_noop_handlers(signals: &[nix::sys::signal::Signal]) -> nix
     Ok(())
 }
 
-/// Makes `cmd` start its program as a daemon of its own: the child std
-/// forks forks once more and exits, and the grandchild calls `setsid` and
+/// Makes `cmd` start its program as a daemon of its own: the child that
+/// std forks forks once more and exits, and the grandchild calls `setsid` and
 /// goes on to exec. The grandchild is re-parented to PID 1 (the guest's
 /// reaper), so it outlives the agent call and leaves no zombie behind the
 /// agent. Returns a pipe whose read end yields the grandchild's pid (a

@@ -264,22 +264,19 @@ async fn root_disk<M: Machine + 'static>(
             }
         }
         TemplateSource::Image(reference) => {
-            let chain = |e: &crate::images::Error| {
-                let mut s = format!("build template disk from {reference}: {e}");
-                let mut cur = std::error::Error::source(e);
-                while let Some(c) = cur {
-                    s.push_str(&format!(": {c}"));
-                    cur = c.source();
-                }
-                s
+            let image_failed = |e: crate::images::Error| {
+                failed(format!(
+                    "build template disk from {reference}: {}",
+                    chain(&e)
+                ))
             };
-            let source = ImageSource::parse(reference).map_err(|e| failed(chain(&e)))?;
+            let source = ImageSource::parse(reference).map_err(image_failed)?;
             let disk = shared
                 .cfg
                 .templates
                 .ensure(&source, req.disk_bytes)
                 .await
-                .map_err(|e| failed(chain(&e)))?;
+                .map_err(image_failed)?;
             if !req.digest.is_empty() && req.digest != disk.manifest_digest {
                 return Err(failed(format!(
                     "image {reference} has manifest digest {}, the template pins {}",
