@@ -16,6 +16,12 @@
 //! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped
 //! ```
 //!
+//! `PrepareTemplate` lives in `prepare` (phases, idempotency, ready
+//! records) and [`warm`] (the build steps): a warm template's build VM is
+//! an *internal* capsule, made and removed by the same steps and journal
+//! as any other, but never shown by get, list, events or metrics, and
+//! removed rather than adopted by recovery.
+//!
 //! Every operation on one capsule holds that capsule's lock for its whole
 //! run, so a pause and a delete can never interleave; a delete first raises
 //! the capsule's cancel flag so an in-flight create stops at its next step

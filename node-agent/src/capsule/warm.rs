@@ -1,4 +1,4 @@
-//! The steps of one template build ([`build`]), in order:
+//! The steps of one template build (`build`), in order:
 //! 1. the root disk, through the code path a create uses (image cache or a
 //!    rootfs path on the node);
 //! 2. for a warm template, one at a time per node (`warm_builds`):
