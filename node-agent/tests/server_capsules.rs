@@ -402,3 +402,78 @@ async fn get_metrics_answers_for_a_capsule_until_it_is_deleted() {
     let st = a.client.get_metrics(req()).await.unwrap_err();
     assert_eq!(st.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() {
+    let _c = case(
+        Tier::Unit,
+        "server_capsules::prepare_template_answers_preparing_then_ready_and_node_info_lists_it",
+    );
+    let mut a = start().await;
+    let rootfs = a._dir.path().join("base.ext4");
+    std::fs::write(&rootfs, b"ext4").unwrap();
+    let req = pb::PrepareTemplateRequest {
+        disk: Some(pb::TemplateDisk {
+            key: "default/base@sha256:1".into(),
+            disk: Some(pb::template_disk::Disk::RootfsPath(
+                rootfs.display().to_string(),
+            )),
+            digest: "sha256:1".into(),
+            disk_bytes: 1 << 30,
+        }),
+        warm: None,
+        kernel_path: String::new(),
+        kernel_cmdline: String::new(),
+    };
+    let first = a
+        .client
+        .prepare_template(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.phase(), pb::TemplatePhase::Preparing);
+    assert_eq!(first.key, "default/base@sha256:1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let s = a
+            .client
+            .prepare_template(req.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        if s.phase() != pb::TemplatePhase::Preparing {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ready.phase(), pb::TemplatePhase::Ready, "{ready:?}");
+    assert_eq!(ready.digest, "sha256:1");
+    let info = a
+        .client
+        .node_info(pb::NodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.templates
+            .get("default/base@sha256:1")
+            .map(String::as_str),
+        Some("sha256:1")
+    );
+    // A warm build without a readiness check is refused at the edge.
+    let mut bad = req;
+    bad.warm = Some(pb::WarmBuild {
+        snapshot_id: "warm-1".into(),
+        resources: Some(pb::Resources {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+        }),
+        start_command: vec!["/srv/app".into()],
+        ..Default::default()
+    });
+    let err = a.client.prepare_template(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("readiness"), "{err:?}");
+}

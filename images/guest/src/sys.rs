@@ -158,6 +158,40 @@ pub(crate) fn install_noop_handlers(signals: &[nix::sys::signal::Signal]) -> nix
     Ok(())
 }
 
+/// Makes `cmd` start its program as a daemon of its own: the child that
+/// std forks forks once more and exits, and the grandchild calls `setsid` and
+/// goes on to exec. The grandchild is re-parented to PID 1 (the guest's
+/// reaper), so it outlives the agent call and leaves no zombie behind the
+/// agent. Returns a pipe whose read end yields the grandchild's pid (a
+/// native-endian `pid_t`) once `cmd.spawn()` returned; the caller drops the
+/// write end right after spawning. An exec failure of the grandchild still
+/// reaches `spawn()`: it holds std's error pipe open until it execs.
+pub(crate) fn daemonize(cmd: &mut tokio::process::Command) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let wr_fd = wr.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (fork, setsid, write, _exit) on
+    // plain integers; `wr_fd` stays open in the parent until `spawn`
+    // returned, because the caller holds `wr` until then.
+    unsafe {
+        cmd.pre_exec(move || match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            }
+            pid => {
+                let bytes = pid.to_ne_bytes();
+                let _ = libc::write(wr_fd, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(0)
+            }
+        });
+    }
+    Ok((rd, wr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -331,6 +331,159 @@ async fn exec_timeout_kills_the_process_group() {
     .unwrap();
 }
 
+/// Kills the process group of `pid` when dropped, so a failed assertion
+/// leaves no detached process behind.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn running(pid: i32) -> bool {
+    // A zombie is not running: it only waits to be reaped.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_exec_outlives_the_call_and_writes_its_log() {
+    let _case = case(Tier::Host, "guest_exec_detached");
+    let mut g = started().await;
+    let log = g.dir.path().join("logs/nested/start.log");
+    let start = ExecInput {
+        input: Some(exec_input::Input::Start(ExecStart {
+            argv: [
+                "/bin/sh",
+                "-c",
+                "echo out; echo err >&2; echo $WRENN_TEST; exec sleep 60",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            detach: true,
+            log_path: log.display().to_string(),
+            ..Default::default()
+        })),
+    };
+    let t0 = Instant::now();
+    let out = g
+        .client
+        .exec(authed(tokio_stream::iter(vec![start])))
+        .await
+        .unwrap()
+        .into_inner();
+    let ran = collect(out).await;
+    // The call ends at once, with no exit code: the process runs on.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let exit = ran.exit.unwrap();
+    assert_eq!(
+        (exit.code, exit.signal, exit.timed_out),
+        (None, None, false)
+    );
+    assert!(ran.stdout.is_empty() && ran.stderr.is_empty());
+    let pid = i32::try_from(ran.pid).unwrap();
+    assert!(pid > 1);
+    let _kill = KillGroup(pid);
+    // Its own session (so no terminal or group of the agent's reaches it),
+    // not a child of the agent.
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+    assert_eq!(sid.as_raw(), pid);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: u32 = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(ppid, g.agent_pid(), "the agent is its parent");
+    // stdout and stderr were appended to the log (parents created).
+    wrenn_testkit::wait_until(Duration::from_secs(5), "log written", || {
+        let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+        if text.contains("out\n") && text.contains("err\n") && text.contains("yes\n") {
+            Ok(())
+        } else {
+            Err(format!("log so far: {text:?}"))
+        }
+    })
+    .unwrap();
+    // Still running after the stream ended and after other calls.
+    run(&mut g.client, &["true"], b"", 5_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(running(pid), "the detached process died with its call");
+    // A second start appends to the same log.
+    let again = ExecInput {
+        input: Some(exec_input::Input::Start(ExecStart {
+            argv: vec!["/bin/sh".into(), "-c".into(), "echo second".into()],
+            detach: true,
+            log_path: log.display().to_string(),
+            ..Default::default()
+        })),
+    };
+    let ran = collect(
+        g.client
+            .exec(authed(tokio_stream::iter(vec![again])))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let _kill2 = KillGroup(i32::try_from(ran.pid).unwrap());
+    wrenn_testkit::wait_until(Duration::from_secs(5), "second line", || {
+        let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+        if text.starts_with("out\n") && text.contains("second\n") {
+            Ok(())
+        } else {
+            Err(format!("log so far: {text:?}"))
+        }
+    })
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_exec_refuses_a_missing_program_and_a_relative_log() {
+    let _case = case(Tier::Host, "guest_exec_detached_refusals");
+    let mut g = started().await;
+    let call = |argv: &[&str], log_path: &str| ExecInput {
+        input: Some(exec_input::Input::Start(ExecStart {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            detach: true,
+            log_path: log_path.to_string(),
+            ..Default::default()
+        })),
+    };
+    let missing = g
+        .client
+        .exec(authed(tokio_stream::iter(vec![call(
+            &["/no/such/program"],
+            "",
+        )])))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert!(
+        missing.message().contains("/no/such/program"),
+        "{missing:?}"
+    );
+    let relative = g
+        .client
+        .exec(authed(tokio_stream::iter(vec![call(
+            &["true"],
+            "start.log",
+        )])))
+        .await
+        .unwrap_err();
+    assert_eq!(relative.code(), Code::InvalidArgument, "{relative:?}");
+}
+
 async fn pty_until(
     out: &mut tonic::Streaming<wrenn_proto::guest::v1::PtyOutput>,
     seen: &mut String,

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use super::{CapsuleSpec, CapsuleView, Error, State, Watch};
+use super::{CapsuleSpec, CapsuleView, Error, PrepareRequest, State, TemplateStatus, Watch};
 use crate::vmm::BackendInfo;
 
 /// A boxed future of the API.
@@ -68,4 +68,9 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
     fn snapshots(&self) -> Vec<String>;
     /// Starts a watch after `cursor`.
     fn watch(&self, cursor: u64) -> EventStream;
+    /// Where a template stands on this node, starting its build when none
+    /// ran or the last failed.
+    fn prepare_template(&self, req: PrepareRequest) -> ApiFuture<'_, TemplateStatus>;
+    /// Templates ready on this node: key → digest.
+    fn templates(&self) -> std::collections::BTreeMap<String, String>;
 }

@@ -16,6 +16,12 @@
 //! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped
 //! ```
 //!
+//! `PrepareTemplate` lives in `prepare` (phases, idempotency, ready
+//! records) and [`warm`] (the build steps): a warm template's build VM is
+//! an *internal* capsule, made and removed by the same steps and journal
+//! as any other, but never shown by get, list, events or metrics, and
+//! removed rather than adopted by recovery.
+//!
 //! Every operation on one capsule holds that capsule's lock for its whole
 //! run, so a pause and a delete can never interleave; a delete first raises
 //! the capsule's cancel flag so an in-flight create stops at its next step
@@ -24,17 +30,22 @@
 mod api;
 mod events;
 mod model;
+mod prepare;
 mod sources;
 pub(crate) mod supervisor;
 mod telemetry;
 #[cfg(test)]
 mod tests;
+pub mod warm;
 
 pub use api::{CapsuleApi, EventStream, SnapshotInfo};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Record, Resources, State,
     TemplateDisk,
+};
+pub use prepare::{
+    PrepareRequest, Readiness, TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
 };
 pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};
 pub use telemetry::HostFigures;

@@ -205,6 +205,13 @@ pub struct Record {
     pub message: String,
     /// CamelCase reason for `message`.
     pub reason: String,
+    /// A warm template's build VM: hidden from list, get, events and
+    /// metrics, and removed (never adopted) by recovery.
+    #[serde(default)]
+    pub internal: bool,
+    /// The capsule's network namespace once made.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// Current journal format.
@@ -232,6 +239,8 @@ impl Record {
             started_unix_nanos: 0,
             message: String::new(),
             reason: String::new(),
+            internal: false,
+            netns: None,
         }
     }
 

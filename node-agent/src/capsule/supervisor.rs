@@ -71,6 +71,13 @@ pub struct SupervisorConfig {
     pub figures: Option<HostFigures>,
     /// Builds template disks from OCI images.
     pub templates: Arc<crate::images::TemplateBuilder>,
+    /// Warm template builds run at once; more wait their turn.
+    pub warm_builds: usize,
+    /// Pause between two readiness probes of a warm build.
+    pub warm_probe_every: std::time::Duration,
+    /// How a warm build starts and probes its guest; `None`: through the
+    /// guest agent (with `guest`'s settings) and the capsule's namespace.
+    pub build_guest: Option<Arc<dyn super::warm::BuildGuest>>,
 }
 
 /// Reaching the guest agent over the VMM's vsock socket.
@@ -124,6 +131,9 @@ impl SupervisorConfig {
                     pull: crate::images::PullOptions::default(),
                 },
             )),
+            warm_builds: 1,
+            warm_probe_every: std::time::Duration::from_secs(1),
+            build_guest: None,
         }
     }
 }
@@ -184,6 +194,9 @@ pub(crate) struct Entry {
     pub(crate) view: Mutex<CapsuleView>,
     /// Raised by a delete: an in-flight create stops at its next step.
     pub(crate) cancel: AtomicBool,
+    /// A warm template's build VM ([`Record::internal`]): reachable only
+    /// through the template code, never through the capsule API.
+    pub(crate) internal: bool,
 }
 
 impl Entry {
@@ -207,6 +220,8 @@ pub(crate) struct Shared<M> {
     pub(crate) bus: EventBus,
     /// Watchers and other background tasks, aborted by `shutdown`.
     pub(crate) tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Templates prepared ahead of time (`PrepareTemplate`).
+    pub(crate) templates: super::prepare::Registry,
 }
 
 impl<M> std::fmt::Debug for Shared<M> {
@@ -314,6 +329,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// [`recover`](Supervisor::recover) before serving.
     pub fn new(host: Host<M>, cfg: SupervisorConfig) -> Self {
         let backend = host.machine.info();
+        let templates = super::prepare::Registry::new(&cfg.state_dir, cfg.warm_builds);
         Self {
             shared: Arc::new(Shared {
                 layout: Layout::new(&cfg.state_dir),
@@ -324,6 +340,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 cfg,
                 capsules: Mutex::new(BTreeMap::new()),
                 tasks: Mutex::new(Vec::new()),
+                templates,
             }),
         }
     }
@@ -349,19 +366,31 @@ impl<M: Machine + 'static> Supervisor<M> {
         }
     }
 
-    /// The entry of `uid`.
-    fn entry(&self, uid: &str) -> Option<Arc<Entry>> {
-        self.shared.lock_map().get(uid).cloned()
+    /// The entry of `uid`, if it is a user capsule (`internal: false`) or
+    /// a build VM (`internal: true`).
+    pub(crate) fn entry(&self, uid: &str, internal: bool) -> Option<Arc<Entry>> {
+        self.shared
+            .lock_map()
+            .get(uid)
+            .filter(|e| e.internal == internal)
+            .cloned()
     }
 
     /// Runs `op` on `uid`'s record under its lock, in a task of its own.
-    async fn run<T, F, Fut>(&self, uid: &str, what: &'static str, op: F) -> Result<T, Error>
+    /// `internal` picks build VMs instead of user capsules.
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        uid: &str,
+        what: &'static str,
+        internal: bool,
+        op: F,
+    ) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(Arc<Shared<M>>, Arc<Entry>, Record) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = (Option<Record>, Result<T, Error>)> + Send,
     {
-        let entry = self.entry(uid).ok_or_else(|| Error::NotFound {
+        let entry = self.entry(uid, internal).ok_or_else(|| Error::NotFound {
             uid: uid.to_string(),
         })?;
         let shared = self.shared.clone();
@@ -416,7 +445,7 @@ impl<M> Shared<M> {
             *cur = view.clone();
             changed
         };
-        if changed {
+        if changed && !rec.internal {
             self.bus.publish(EventKind::StateChanged, view);
         }
     }
@@ -432,8 +461,10 @@ impl<M> Shared<M> {
         }
         drop(map);
         self.cfg.metrics.remove(&rec.uid);
-        self.bus
-            .publish(EventKind::Deleted, rec.view(&self.backend));
+        if !rec.internal {
+            self.bus
+                .publish(EventKind::Deleted, rec.view(&self.backend));
+        }
     }
 
     pub(crate) fn track(&self, handle: tokio::task::AbortHandle) {
@@ -558,6 +589,7 @@ impl<M: Machine + 'static> Shared<M> {
         .await?;
         rec.ip = Some(capsule_net.addrs.host.to_string());
         rec.slot = Some(capsule_net.slot);
+        rec.netns = Some(capsule_net.netns.clone());
         Ok((disk, capsule_net))
     }
 
@@ -738,6 +770,18 @@ impl<M: Machine + 'static> Supervisor<M> {
         spec: CapsuleSpec,
         initial: State,
     ) -> Result<CapsuleView, Error> {
+        self.create_with(uid, spec, initial, false).await
+    }
+
+    /// [`create`](Self::create) of a user capsule or (`internal`) of a
+    /// warm template's build VM.
+    pub(crate) async fn create_with(
+        &self,
+        uid: &str,
+        spec: CapsuleSpec,
+        initial: State,
+        internal: bool,
+    ) -> Result<CapsuleView, Error> {
         if !matches!(initial, State::Running | State::Paused | State::Suspended) {
             return Err(Error::InvalidSpec {
                 reason: format!("a capsule cannot start {initial}"),
@@ -751,6 +795,12 @@ impl<M: Machine + 'static> Supervisor<M> {
             let mut map = shared.lock_map();
             if let Some(e) = map.get(uid) {
                 let view = e.view();
+                if e.internal != internal {
+                    return Err(Error::AlreadyExists {
+                        uid: uid.to_string(),
+                        field: "owner",
+                    });
+                }
                 return match view.spec.first_difference(&spec) {
                     None => Ok(view),
                     Some(field) => Err(Error::AlreadyExists {
@@ -759,7 +809,8 @@ impl<M: Machine + 'static> Supervisor<M> {
                     }),
                 };
             }
-            let rec = Record::new(uid, &spec);
+            let mut rec = Record::new(uid, &spec);
+            rec.internal = internal;
             let lock = Arc::new(AsyncMutex::new(None));
             // Locked before it becomes visible, so no other operation can
             // run before the create.
@@ -771,6 +822,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 lock,
                 view: Mutex::new(rec.view(&shared.backend)),
                 cancel: AtomicBool::new(false),
+                internal,
             });
             map.insert(uid.to_string(), entry.clone());
             (entry, guard)
@@ -778,7 +830,8 @@ impl<M: Machine + 'static> Supervisor<M> {
         let owned_uid = uid.to_string();
         let task = tokio::spawn(async move {
             let mut guard = guard;
-            let rec = Record::new(&owned_uid, &spec);
+            let mut rec = Record::new(&owned_uid, &spec);
+            rec.internal = internal;
             let (rec, result) = shared.create_steps(&entry, rec, initial).await;
             *guard = rec;
             if let Err(e) = &result {
@@ -794,7 +847,7 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// One capsule.
     pub fn get(&self, uid: &str) -> Result<CapsuleView, Error> {
-        self.entry(uid)
+        self.entry(uid, false)
             .map(|e| e.view())
             .ok_or_else(|| Error::NotFound {
                 uid: uid.to_string(),
@@ -803,30 +856,47 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// Every capsule, by UID.
     pub fn list(&self) -> Vec<CapsuleView> {
-        let entries: Vec<Arc<Entry>> = self.shared.lock_map().values().cloned().collect();
+        let entries: Vec<Arc<Entry>> = self
+            .shared
+            .lock_map()
+            .values()
+            .filter(|e| !e.internal)
+            .cloned()
+            .collect();
         entries.iter().map(|e| e.view()).collect()
     }
 
     /// Deletes `uid`; `false` when it did not exist.
     pub async fn delete(&self, uid: &str) -> Result<bool, Error> {
-        let Some(entry) = self.entry(uid) else {
+        self.delete_with(uid, false).await
+    }
+
+    /// [`delete`](Self::delete) of a user capsule or (`internal`) of a
+    /// build VM.
+    pub(crate) async fn delete_with(&self, uid: &str, internal: bool) -> Result<bool, Error> {
+        let Some(entry) = self.entry(uid, internal) else {
             return Ok(false);
         };
         // Raise the flag before queueing for the lock: a create holding it
         // stops at its next step and rolls back.
         entry.cancel.store(true, Ordering::SeqCst);
         let res = self
-            .run(uid, "delete", |shared, entry, mut rec| async move {
-                let timer = shared.cfg.metrics.start_step(Step::Delete);
-                rec.state = State::Deleting;
-                if let Err(e) = shared.commit(&entry, &rec) {
-                    timer.finish(Outcome::Error);
-                    return (Some(rec), Err(e));
-                }
-                let (rec, res) = shared.destroy(&entry, rec).await;
-                timer.finish(Outcome::of(&res));
-                (rec, res.map(|()| true))
-            })
+            .run(
+                uid,
+                "delete",
+                internal,
+                |shared, entry, mut rec| async move {
+                    let timer = shared.cfg.metrics.start_step(Step::Delete);
+                    rec.state = State::Deleting;
+                    if let Err(e) = shared.commit(&entry, &rec) {
+                        timer.finish(Outcome::Error);
+                        return (Some(rec), Err(e));
+                    }
+                    let (rec, res) = shared.destroy(&entry, rec).await;
+                    timer.finish(Outcome::of(&res));
+                    (rec, res.map(|()| true))
+                },
+            )
             .await;
         match res {
             // Gone meanwhile (a cancelled create rolled itself back).
@@ -837,7 +907,7 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// Running → Paused; Paused: no-op.
     pub async fn pause(&self, uid: &str) -> Result<CapsuleView, Error> {
-        self.run(uid, "pause", |shared, entry, mut rec| async move {
+        self.run(uid, "pause", false, |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Paused => Ok(()),
                 State::Running => {
@@ -859,7 +929,7 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// Paused → Running, Suspended → Running; Running: no-op.
     pub async fn resume(&self, uid: &str) -> Result<CapsuleView, Error> {
-        self.run(uid, "resume", |shared, entry, mut rec| async move {
+        self.run(uid, "resume", false, |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Running => Ok(()),
                 State::Paused => {
@@ -886,7 +956,7 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// Running|Paused → Suspended; Suspended: no-op.
     pub async fn suspend(&self, uid: &str) -> Result<CapsuleView, Error> {
-        self.run(uid, "suspend", |shared, entry, mut rec| async move {
+        self.run(uid, "suspend", false, |shared, entry, mut rec| async move {
             let res = match rec.state {
                 State::Suspended => Ok(()),
                 State::Running | State::Paused => {
@@ -908,25 +978,42 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// Writes snapshot `id` of `uid`; the capsule returns to its mode.
     pub async fn snapshot(&self, uid: &str, id: &str, memory: bool) -> Result<SnapshotInfo, Error> {
+        self.snapshot_with(uid, id, memory, false).await
+    }
+
+    /// [`snapshot`](Self::snapshot) of a user capsule or (`internal`) of a
+    /// build VM.
+    pub(crate) async fn snapshot_with(
+        &self,
+        uid: &str,
+        id: &str,
+        memory: bool,
+        internal: bool,
+    ) -> Result<SnapshotInfo, Error> {
         let id = id.to_string();
-        self.run(uid, "snapshot", move |shared, entry, mut rec| async move {
-            let res = match rec.state {
-                State::Running | State::Paused => {
-                    shared
-                        .timed(
-                            Step::Snapshot,
-                            shared.snapshot_steps(&entry, &mut rec, &id, memory),
-                        )
-                        .await
-                }
-                other => Err(wrong(
-                    &rec.uid,
-                    other,
-                    "only a running or paused capsule can be snapshotted; resume it first",
-                )),
-            };
-            (Some(rec), res)
-        })
+        self.run(
+            uid,
+            "snapshot",
+            internal,
+            move |shared, entry, mut rec| async move {
+                let res = match rec.state {
+                    State::Running | State::Paused => {
+                        shared
+                            .timed(
+                                Step::Snapshot,
+                                shared.snapshot_steps(&entry, &mut rec, &id, memory),
+                            )
+                            .await
+                    }
+                    other => Err(wrong(
+                        &rec.uid,
+                        other,
+                        "only a running or paused capsule can be snapshotted; resume it first",
+                    )),
+                };
+                (Some(rec), res)
+            },
+        )
         .await
     }
 
@@ -1525,5 +1612,11 @@ impl<M: Machine + 'static> CapsuleApi for Supervisor<M> {
     }
     fn watch(&self, cursor: u64) -> EventStream {
         Supervisor::watch(self, cursor)
+    }
+    fn prepare_template(&self, req: super::PrepareRequest) -> ApiFuture<'_, super::TemplateStatus> {
+        Box::pin(Supervisor::prepare_template(self, req))
+    }
+    fn templates(&self) -> BTreeMap<String, String> {
+        Supervisor::templates(self)
     }
 }

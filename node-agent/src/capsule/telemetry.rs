@@ -198,6 +198,10 @@ impl<M: Machine + 'static> Shared<M> {
     /// Starts sampling `rec`'s VMM (after create, restore or adoption).
     /// History kept from an earlier VMM of the capsule continues.
     pub(crate) fn start_sampling(&self, entry: &Arc<Entry>, rec: &Record) {
+        // A build VM is the agent's own work, not a capsule to report.
+        if rec.internal {
+            return;
+        }
         if let Some(source) = self.source(entry, rec, self.cfg.guest) {
             self.cfg.metrics.attach(&rec.uid, Arc::new(source));
         }

@@ -799,4 +799,5 @@ async fn an_image_that_cannot_be_read_fails_with_its_cause_and_leaves_nothing() 
     assert!(b.store.calls().is_empty(), "a disk was made");
 }
 
+mod prepare;
 mod telemetry;

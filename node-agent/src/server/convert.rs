@@ -10,7 +10,8 @@ use wrenn_proto::agent::v1 as pb;
 
 use crate::capsule::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate,
-    Resources, SnapshotInfo, State, TemplateDisk,
+    PrepareRequest, Readiness, Resources, SnapshotInfo, State, TemplateDisk, TemplatePhase,
+    TemplateSource, TemplateStatus, WarmSpec,
 };
 use crate::images::ImageSource;
 use crate::vmm::{BackendInfo, BackendKind};
@@ -97,6 +98,155 @@ fn from_template(t: pb::TemplateDisk) -> Result<BootSource, Status> {
         None => Err(Status::invalid_argument(
             "spec.source.template needs oci_reference or rootfs_path",
         )),
+    }
+}
+
+/// How long a warm build may take for start plus readiness when the
+/// request says 0.
+pub const DEFAULT_WARM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn from_resources(res: Option<pb::Resources>, field: &str) -> Result<Resources, Status> {
+    let res = res.ok_or_else(|| Status::invalid_argument(format!("{field} is required")))?;
+    if res.vcpus == 0 {
+        return Err(Status::invalid_argument(format!(
+            "{field}.vcpus must be at least 1"
+        )));
+    }
+    if res.memory_bytes < MIN_MEMORY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field}.memory_bytes must be at least {MIN_MEMORY_BYTES}"
+        )));
+    }
+    Ok(Resources {
+        vcpus: res.vcpus,
+        memory_bytes: res.memory_bytes,
+        disk_bytes: res.disk_bytes,
+    })
+}
+
+/// `PrepareTemplateRequest` → domain request. The disk is checked as a
+/// create checks it; a warm build needs a snapshot id, a start command, a
+/// readiness check and a shape.
+pub fn from_prepare(req: pb::PrepareTemplateRequest) -> Result<PrepareRequest, Status> {
+    let disk = req
+        .disk
+        .ok_or_else(|| Status::invalid_argument("disk is required"))?;
+    if disk.key.is_empty() {
+        return Err(Status::invalid_argument("disk.key is required"));
+    }
+    let disk_bytes = disk.disk_bytes;
+    let key = disk.key.clone();
+    let digest = disk.digest.clone();
+    let source = match from_template(disk).map_err(|s| {
+        Status::invalid_argument(s.message().replace("spec.source.template", "disk"))
+    })? {
+        BootSource::Template(t) => TemplateSource::Rootfs(t.rootfs),
+        BootSource::Image(i) => TemplateSource::Image(i.reference),
+        BootSource::Snapshot { .. } => {
+            return Err(Status::invalid_argument("disk must name a root disk"));
+        }
+    };
+    let warm = req.warm.map(from_warm).transpose()?;
+    // The image is built at the size a capsule's create asks for, so the
+    // cache entry is the one that create finds.
+    let disk_bytes = match disk_bytes {
+        0 => warm.as_ref().map_or(0, |w| w.resources.disk_bytes),
+        n => n,
+    };
+    if matches!(source, TemplateSource::Image(_)) && disk_bytes == 0 {
+        return Err(Status::invalid_argument(
+            "disk.disk_bytes (or warm.resources.disk_bytes) must be set to build a template from oci_reference",
+        ));
+    }
+    let kernel = match req.kernel_path.as_str() {
+        "" => None,
+        p if p.starts_with('/') => Some(PathBuf::from(p)),
+        p => {
+            return Err(Status::invalid_argument(format!(
+                "kernel_path {p:?} must be absolute"
+            )));
+        }
+    };
+    Ok(PrepareRequest {
+        key,
+        source,
+        digest,
+        disk_bytes,
+        kernel,
+        cmdline: req.kernel_cmdline,
+        warm,
+    })
+}
+
+fn from_warm(w: pb::WarmBuild) -> Result<WarmSpec, Status> {
+    validate_snapshot_id(&w.snapshot_id)
+        .map_err(|s| Status::invalid_argument(format!("warm.{}", s.message())))?;
+    if w.start_command.first().is_none_or(String::is_empty) {
+        return Err(Status::invalid_argument(
+            "warm.start_command must name a program",
+        ));
+    }
+    if w.start_command.iter().any(|a| a.contains('\0')) {
+        return Err(Status::invalid_argument(
+            "warm.start_command contains a NUL byte",
+        ));
+    }
+    let readiness = match w.readiness {
+        Some(pb::warm_build::Readiness::Exec(p)) => {
+            if p.argv.first().is_none_or(String::is_empty) {
+                return Err(Status::invalid_argument(
+                    "warm.exec.argv must name a program",
+                ));
+            }
+            Readiness::Exec(p.argv)
+        }
+        Some(pb::warm_build::Readiness::TcpPort(port)) => match u16::try_from(port) {
+            Ok(p) if p > 0 => Readiness::TcpPort(p),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "warm.tcp_port {port} must be 1 to 65535"
+                )));
+            }
+        },
+        None => {
+            return Err(Status::invalid_argument(
+                "warm needs a readiness check: exec or tcp_port",
+            ));
+        }
+    };
+    for k in w.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "warm.env name {k:?} is invalid"
+            )));
+        }
+    }
+    Ok(WarmSpec {
+        snapshot_id: w.snapshot_id,
+        resources: from_resources(w.resources, "warm.resources")?,
+        env: w.env.into_iter().collect(),
+        start_command: w.start_command,
+        readiness,
+        timeout: match w.timeout_seconds {
+            0 => DEFAULT_WARM_TIMEOUT,
+            s => std::time::Duration::from_secs(u64::from(s)),
+        },
+    })
+}
+
+/// Domain template status → `TemplateState`.
+pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
+    pb::TemplateState {
+        key: s.key.clone(),
+        phase: match s.phase {
+            TemplatePhase::Preparing => pb::TemplatePhase::Preparing,
+            TemplatePhase::Ready => pb::TemplatePhase::Ready,
+            TemplatePhase::Failed => pb::TemplatePhase::Failed,
+        } as i32,
+        digest: s.digest.clone(),
+        snapshot_id: s.snapshot_id.clone(),
+        reason: s.reason.clone(),
+        message: s.message.clone(),
     }
 }
 
@@ -329,6 +479,102 @@ pub fn to_status(e: &Error) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prepare() -> pb::PrepareTemplateRequest {
+        pb::PrepareTemplateRequest {
+            disk: Some(pb::TemplateDisk {
+                key: "ns/web@sha256:1".into(),
+                disk: Some(pb::template_disk::Disk::OciReference(
+                    "registry.example/web:1".into(),
+                )),
+                digest: String::new(),
+                disk_bytes: 0,
+            }),
+            warm: Some(pb::WarmBuild {
+                snapshot_id: "warm-ns-web-1".into(),
+                resources: Some(pb::Resources {
+                    vcpus: 1,
+                    memory_bytes: 256 << 20,
+                    disk_bytes: 1 << 30,
+                }),
+                env: Default::default(),
+                start_command: vec!["/srv/app".into()],
+                readiness: Some(pb::warm_build::Readiness::TcpPort(8080)),
+                timeout_seconds: 0,
+            }),
+            kernel_path: String::new(),
+            kernel_cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn prepare_requests_take_defaults_and_refuse_what_cannot_build() {
+        let ok = from_prepare(prepare()).unwrap();
+        // The image is built at the warm shape's disk size, the timeout
+        // defaults to 300 s.
+        assert_eq!(ok.disk_bytes, 1 << 30);
+        let warm = ok.warm.unwrap();
+        assert_eq!(warm.timeout, DEFAULT_WARM_TIMEOUT);
+        assert_eq!(warm.readiness, Readiness::TcpPort(8080));
+        let refused = |edit: fn(&mut pb::PrepareTemplateRequest), needle: &str| {
+            let mut r = prepare();
+            edit(&mut r);
+            let e = from_prepare(r).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains(needle), "{needle}: {}", e.message());
+        };
+        refused(|r| r.disk = None, "disk is required");
+        refused(
+            |r| r.disk.as_mut().unwrap().key.clear(),
+            "disk.key is required",
+        );
+        refused(
+            |r| {
+                r.disk.as_mut().unwrap().disk = Some(pb::template_disk::Disk::RootfsUrl(
+                    "https://x/r.ext4".into(),
+                ))
+            },
+            "does not download",
+        );
+        refused(
+            |r| r.warm.as_mut().unwrap().start_command.clear(),
+            "start_command",
+        );
+        refused(
+            |r| r.warm.as_mut().unwrap().snapshot_id = "../etc".into(),
+            "snapshot id",
+        );
+        refused(|r| r.warm.as_mut().unwrap().readiness = None, "readiness");
+        refused(
+            |r| r.warm.as_mut().unwrap().readiness = Some(pb::warm_build::Readiness::TcpPort(0)),
+            "tcp_port",
+        );
+        refused(
+            |r| {
+                r.warm.as_mut().unwrap().readiness =
+                    Some(pb::warm_build::Readiness::Exec(pb::ExecProbe {
+                        argv: vec![],
+                    }))
+            },
+            "exec.argv",
+        );
+        refused(
+            |r| r.warm.as_mut().unwrap().resources = None,
+            "warm.resources",
+        );
+        refused(
+            |r| {
+                r.warm = None;
+            },
+            "disk_bytes",
+        );
+        refused(|r| r.kernel_path = "vmlinux".into(), "kernel_path");
+        // A root disk alone needs no warm part.
+        let mut disk_only = prepare();
+        disk_only.warm = None;
+        disk_only.disk.as_mut().unwrap().disk_bytes = 1 << 30;
+        assert!(from_prepare(disk_only).unwrap().warm.is_none());
+    }
 
     fn request() -> pb::CreateCapsuleRequest {
         pb::CreateCapsuleRequest {

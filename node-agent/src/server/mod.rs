@@ -163,7 +163,11 @@ impl NodeAgent for AgentService {
                 memory_bytes: facts.memory_available,
                 disk_bytes: facts.disk_free,
             }),
-            templates: Default::default(),
+            templates: self
+                .capsules
+                .as_ref()
+                .map(|c| c.templates().into_iter().collect())
+                .unwrap_or_default(),
             snapshots: self
                 .capsules
                 .as_ref()
@@ -295,11 +299,15 @@ impl NodeAgent for AgentService {
 
     async fn prepare_template(
         &self,
-        _req: Request<pb::PrepareTemplateRequest>,
+        req: Request<pb::PrepareTemplateRequest>,
     ) -> Result<Response<pb::TemplateState>, Status> {
-        Err(Status::unimplemented(
-            "PrepareTemplate is not implemented yet",
-        ))
+        let req = convert::from_prepare(req.into_inner())?;
+        let state = self
+            .capsules()?
+            .prepare_template(req)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::to_template_state(&state)))
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;

@@ -15,6 +15,8 @@
 //!   capsule is `Suspended` again and the resume can be retried.
 //! - `Snapshotting`: the staging directory is removed and the VM returns to
 //!   its prior mode.
+//! - A warm template's build VM (`internal`), in any state: removed with
+//!   its disk, network and any snapshot it was writing.
 //!
 //! Orphans, removed and counted: capsule directories without a readable
 //! journal; slot claims, namespaces, links, nftables tables and conntrack
@@ -187,6 +189,7 @@ impl<M: Machine + 'static> Shared<M> {
             lock: Arc::new(AsyncMutex::new(Some(rec.clone()))),
             view: std::sync::Mutex::new(rec.view(&self.backend)),
             cancel: AtomicBool::new(false),
+            internal: rec.internal,
         });
         self.lock_map().insert(rec.uid.clone(), entry.clone());
         entry
@@ -196,7 +199,36 @@ impl<M: Machine + 'static> Shared<M> {
         let uid = rec.uid.clone();
         let entry = self.insert(&rec);
         let mut guard = entry.lock.lock().await;
+        // A warm template's build VM never outlives the agent that ran the
+        // build: whatever it was doing, it goes, with any snapshot it was
+        // writing; the next PrepareTemplate builds again.
+        if rec.internal
+            && let Some(id) = rec.snapshot_in_progress.take()
+            && std::fs::remove_dir_all(self.layout.snapshot_staging(&id)).is_ok()
+        {
+            report.orphans.dirs += 1;
+        }
         match rec.state {
+            _ if rec.internal => {
+                // Forget the handle only after adopting it: stop() must
+                // signal the VMM we know to be ours, never a reused pid.
+                if let Some(vm) = rec.vm.clone()
+                    && self.host.machine.adopt(&vm).await.is_err()
+                {
+                    rec.vm = None;
+                }
+                match self.release(&mut rec, Teardown::ReleaseSlot, true).await {
+                    Ok(()) => {
+                        let _ = self.journal.remove(&uid);
+                        *guard = None;
+                        drop(guard);
+                        self.lock_map().remove(&uid);
+                        report.orphans.rolled_back += 1;
+                        return;
+                    }
+                    Err(e) => self.fail(&entry, &mut rec, &e),
+                }
+            }
             State::Creating | State::Deleting => {
                 // Undo it all; journal removed last, so a crash here
                 // retries on the next start.

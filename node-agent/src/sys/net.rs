@@ -104,6 +104,21 @@ fn on_thread<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T>
     })
 }
 
+/// Opens and closes a TCP connection to `addr` from inside the network
+/// namespace at `netns`, within `timeout`: a readiness check that reaches
+/// only that one address, on a thread of its own.
+pub fn tcp_connect_in_netns(
+    netns: &Path,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    on_thread(move || {
+        let ns = File::open(netns)?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        std::net::TcpStream::connect_timeout(&addr, timeout).map(drop)
+    })
+}
+
 /// Unmounts and removes a named namespace. The namespace itself, with its
 /// links, TAP, nftables tables and conntrack entries, goes away once no
 /// process or mount holds it. `Ok(false)` if there was nothing to remove.

@@ -1,0 +1,502 @@
+//! Warm templates with a real guest (Tier::Vm): the supervisor over QEMU
+//! (TCG), `LinuxNet` with a real TAP in a test-made node namespace, qcow2
+//! disks and cgroups, booting the image `images/build.sh` makes (built here
+//! when its inputs changed, so the guest is this tree's `wrenn-guest`).
+//!
+//! `PrepareTemplate` boots a build VM, starts a server detached, waits for
+//! it (a TCP connect from inside the capsule's namespace, or an exec
+//! probe), snapshots it and removes the build VM; a capsule created from
+//! the snapshot finds the server already running and the start command's
+//! files in place. A readiness that never comes fails with
+//! `ReadinessTimeout` and leaves no VMM, namespace, disk, cgroup or file.
+//! Prints the build time and create-to-ready of a capsule from the warm
+//! snapshot against a cold boot.
+#![allow(clippy::unwrap_used)]
+
+mod network_env;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use network_env::Bed as NetBed;
+use wrenn_node_agent::capsule::{
+    BootSource, CapsuleSpec, Egress, GuestSettings, Host, PrepareRequest, Readiness, Resources,
+    State, Supervisor, SupervisorConfig, TemplateDisk, TemplatePhase, TemplateSource,
+    TemplateStatus, WarmSpec,
+};
+use wrenn_node_agent::guest::{GuestClient, Timeouts};
+use wrenn_node_agent::network::{CapsuleId as NetId, GUEST_ADDR};
+use wrenn_node_agent::state::OrphanSweep;
+use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
+use wrenn_node_agent::vmm::cgroup::CgroupRoot;
+use wrenn_node_agent::vmm::process::HostPaths;
+use wrenn_node_agent::vmm::qemu::QemuMachine;
+use wrenn_proto::guest::v1 as gpb;
+use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
+
+/// The guest image of this tree: `images/build.sh` builds it when any
+/// input (the guest's sources included) changed, else prints the cache.
+struct Image {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    rootfs: PathBuf,
+}
+
+fn build_image() -> Result<Image, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    let out = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run images/build.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("images/build.sh failed ({})", out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    Ok(Image {
+        kernel: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.img"),
+        rootfs: dir.join("rootfs.ext4"),
+    })
+}
+
+/// Kills every process that names the test's state dir and removes the
+/// test's cgroups, even when an assertion failed.
+struct Cleanup {
+    state: PathBuf,
+    cgroups: CgroupRoot,
+}
+
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.state.display().to_string()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        let mut parents = Vec::new();
+        for name in self.cgroups.list().unwrap_or_default() {
+            let cg = self.cgroups.open_capsule(&name);
+            for _ in 0..50 {
+                if cg.remove().is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            parents.extend(
+                cg.dirs()
+                    .iter()
+                    .filter_map(|d| d.parent().map(Path::to_path_buf)),
+            );
+        }
+        parents.extend(
+            self.cgroups
+                .dirs("x")
+                .iter()
+                .filter_map(|d| d.parent().map(Path::to_path_buf)),
+        );
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+struct World {
+    net: NetBed,
+    state: tempfile::TempDir,
+    cgroups: CgroupRoot,
+    sup: Supervisor<QemuMachine>,
+    image: Image,
+    _cleanup: Cleanup,
+}
+
+impl World {
+    async fn new(qemu: &Path, helper: &Path, image: Image) -> World {
+        let net = NetBed::new(true);
+        let state = tempfile::tempdir().unwrap();
+        let cgroups =
+            CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &unique_name("wrenn-warm")).unwrap();
+        let cleanup = Cleanup {
+            state: state.path().to_path_buf(),
+            cgroups: cgroups.clone(),
+        };
+        let mut cfg = SupervisorConfig::new(state.path(), &image.kernel);
+        cfg.initramfs = Some(image.initramfs.clone());
+        cfg.guest = Some(GuestSettings {
+            timeouts: Timeouts {
+                dial: Duration::from_secs(5),
+                call: Duration::from_secs(60),
+                probe: Duration::from_secs(3),
+                retry: Duration::from_millis(100),
+            },
+            ..GuestSettings::default()
+        });
+        let machine = QemuMachine::new(
+            qemu,
+            helper,
+            HostPaths {
+                proc_root: "/proc".into(),
+                state_dir: wrenn_node_agent::capsule::Layout::new(state.path()).vmm_root(),
+            },
+            cgroups.clone(),
+        )
+        .await
+        .unwrap();
+        let store = Qcow2Store::open(StorageConfig::new(state.path().join("disks"))).unwrap();
+        let sup = Supervisor::new(
+            Host {
+                machine: Arc::new(machine),
+                net: Arc::new(net.net()),
+                store: Arc::new(store),
+            },
+            cfg,
+        );
+        sup.recover(&OrphanSweep {
+            cgroups: Some(cgroups.clone()),
+        })
+        .await
+        .unwrap();
+        World {
+            net,
+            state,
+            cgroups,
+            sup,
+            image,
+            _cleanup: cleanup,
+        }
+    }
+
+    fn resources() -> Resources {
+        Resources {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+        }
+    }
+
+    fn spec(&self, name: &str, source: BootSource) -> CapsuleSpec {
+        CapsuleSpec {
+            namespace: "default".into(),
+            name: name.into(),
+            source,
+            resources: Self::resources(),
+            kernel: None,
+            cmdline: String::new(),
+            env: Default::default(),
+            egress: Egress::Allow,
+        }
+    }
+
+    fn cold(&self, name: &str) -> CapsuleSpec {
+        self.spec(
+            name,
+            BootSource::Template(TemplateDisk {
+                key: "default/base@ci".into(),
+                rootfs: self.image.rootfs.clone(),
+                digest: String::new(),
+            }),
+        )
+    }
+
+    fn prepare(
+        &self,
+        snapshot_id: &str,
+        start: &str,
+        readiness: Readiness,
+        secs: u64,
+    ) -> PrepareRequest {
+        PrepareRequest {
+            key: "default/base@ci".into(),
+            source: TemplateSource::Rootfs(self.image.rootfs.clone()),
+            digest: "ci".into(),
+            disk_bytes: 0,
+            kernel: None,
+            cmdline: String::new(),
+            warm: Some(WarmSpec {
+                snapshot_id: snapshot_id.into(),
+                resources: Self::resources(),
+                env: [("WARM_GREETING".to_string(), "hello-warm".to_string())].into(),
+                start_command: vec!["/bin/sh".into(), "-c".into(), start.into()],
+                readiness,
+                timeout: Duration::from_secs(secs),
+            }),
+        }
+    }
+
+    /// Calls PrepareTemplate until it settles; checks on the way that the
+    /// build VM never shows as a capsule.
+    async fn settle(&self, req: &PrepareRequest, limit: Duration) -> (TemplateStatus, Duration) {
+        let t0 = Instant::now();
+        let first = self.sup.prepare_template(req.clone()).await.unwrap();
+        assert_eq!(first.phase, TemplatePhase::Preparing, "{first:?}");
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert!(self.sup.list().is_empty(), "the build VM is listed");
+            let s = self.sup.prepare_template(req.clone()).await.unwrap();
+            if s.phase != TemplatePhase::Preparing {
+                return (s, t0.elapsed());
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "still preparing after {limit:?}: {s:?}"
+            );
+        }
+    }
+
+    async fn guest(&self, uid: &str) -> GuestClient {
+        let view = self.sup.get(uid).unwrap();
+        GuestClient::connect_with(
+            uid,
+            &view.vsock_socket.unwrap(),
+            wrenn_node_agent::guest::AGENT_PORT,
+            Timeouts {
+                call: Duration::from_secs(60),
+                ..Timeouts::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    fn files(&self, dir: &str) -> Vec<String> {
+        std::fs::read_dir(self.state.path().join(dir))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nothing of any VM left: VMM processes, namespaces and links, disks,
+    /// cgroups, journals and runtime dirs.
+    fn assert_clean(&self, baseline: &network_env::Leaks) {
+        let procs = processes_mentioning(&self.state.path().display().to_string());
+        assert!(procs.is_empty(), "VMM processes left: {procs:?}");
+        assert_eq!(&self.net.snapshot(), baseline, "network leftovers");
+        assert!(self.cgroups.list().unwrap().is_empty(), "cgroups left");
+        for d in ["capsules", "vmm", "disks"] {
+            assert!(self.files(d).is_empty(), "{d}: {:?}", self.files(d));
+        }
+    }
+}
+
+async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
+    let input = vec![
+        gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                timeout_ms: 30_000,
+                ..Default::default()
+            })),
+        },
+        gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::CloseStdin(true)),
+        },
+    ];
+    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
+    let mut text = Vec::new();
+    while let Some(m) = out.message().await.unwrap() {
+        match m.output {
+            Some(gpb::exec_output::Output::Stdout(b) | gpb::exec_output::Output::Stderr(b)) => {
+                text.extend(b)
+            }
+            Some(gpb::exec_output::Output::Exit(e)) => {
+                return (String::from_utf8_lossy(&text).trim().to_string(), e.code);
+            }
+            Some(gpb::exec_output::Output::StartedPid(_)) | None => {}
+        }
+    }
+    panic!("exec of {script:?} ended without an exit");
+}
+
+/// The CI image's kernel loads virtio-net from its initramfs, after the
+/// kernel's `ip=` autoconfiguration ran, so its guest comes up without an
+/// address (the production kernel has the driver built in). The start
+/// command gives eth0 the address every guest has, as `ip=` would.
+const GUEST_NET: &str = "ip link set lo up; ip link set eth0 up; ip addr add 169.254.0.21/30 dev eth0 2>/dev/null; echo net: $(ip -4 addr show eth0 | grep inet);";
+
+/// Creates `uid` and returns how long until its guest answered.
+async fn create(w: &World, uid: &str, spec: CapsuleSpec) -> Duration {
+    let t0 = Instant::now();
+    let v = w.sup.create(uid, spec, State::Running).await.unwrap();
+    assert_eq!(v.state, State::Running);
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing() {
+    let c = case(
+        Tier::Vm,
+        "warm_vm::warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing",
+    );
+    let found = need_root()
+        .and_then(|()| need_program("qemu-system-x86_64"))
+        .and_then(|q| Ok((q, need_program("vhost-device-vsock")?)))
+        .and_then(|p| Ok((p, need_program("qemu-img")?)))
+        .and_then(|p| Ok((p, build_image()?)));
+    let (((qemu, helper), _), image) = match found {
+        Ok(f) => f,
+        Err(reason) => return c.skip(reason),
+    };
+    let w = World::new(&qemu, &helper, image).await;
+    let baseline = w.net.snapshot();
+
+    // A cold boot, for comparison.
+    let cold = create(&w, "cold", w.cold("cold")).await;
+    assert!(w.sup.delete("cold").await.unwrap());
+
+    // Warm, TCP readiness: the server is started detached, with the
+    // template's env, and writes a marker first.
+    let tcp = w.prepare(
+        "warm-tcp",
+        &format!(
+            "{GUEST_NET} mkdir -p /www && echo \"$WARM_GREETING $$\" > /www/marker && exec httpd -f -p 8080 -h /www"
+        ),
+        Readiness::TcpPort(8080),
+        240,
+    );
+    let (ready, build_tcp) = w.settle(&tcp, Duration::from_secs(400)).await;
+    assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
+    assert_eq!(
+        (ready.snapshot_id.as_str(), ready.digest.as_str()),
+        ("warm-tcp", "ci")
+    );
+    assert!(w.sup.snapshots().contains(&"warm-tcp".to_string()));
+    assert_eq!(
+        w.sup.templates().get("default/base@ci").map(String::as_str),
+        Some("ci")
+    );
+    // The build VM is gone already.
+    w.assert_clean(&baseline);
+    // Idempotent: READY again without another build.
+    assert_eq!(w.sup.prepare_template(tcp.clone()).await.unwrap(), ready);
+
+    let from_tcp = create(
+        &w,
+        "fromtcp",
+        w.spec(
+            "fromtcp",
+            BootSource::Snapshot {
+                id: "warm-tcp".into(),
+            },
+        ),
+    )
+    .await;
+    let g = w.guest("fromtcp").await;
+    let (marker, code) = sh(&g, "cat /www/marker").await;
+    assert_eq!(code, Some(0), "{marker}");
+    assert!(marker.starts_with("hello-warm "), "{marker}");
+    // The server from the build answers at once: nobody started it here.
+    let (served, code) = sh(&g, "wget -q -O - http://127.0.0.1:8080/marker").await;
+    assert_eq!((served.as_str(), code), (marker.as_str(), Some(0)));
+    // And from the node, inside the new capsule's own namespace.
+    let netns = w
+        .net
+        .cfg
+        .netns_dir
+        .join(NetId::new("fromtcp").unwrap().resource_name());
+    wrenn_node_agent::sys::net::tcp_connect_in_netns(
+        &netns,
+        (GUEST_ADDR, 8080).into(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let pid = marker.trim_start_matches("hello-warm ").to_string();
+    let (comm, _) = sh(&g, &format!("cat /proc/{pid}/comm")).await;
+    assert_eq!(
+        comm, "httpd",
+        "the start command's process is not the server"
+    );
+    drop(g);
+    assert!(w.sup.delete("fromtcp").await.unwrap());
+
+    // Warm, exec readiness.
+    let exec = w.prepare(
+        "warm-exec",
+        "sleep 2; echo ready > /tmp/ready; exec sleep 100000",
+        Readiness::Exec(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "test -f /tmp/ready".into(),
+        ]),
+        240,
+    );
+    let (ready, build_exec) = w.settle(&exec, Duration::from_secs(400)).await;
+    assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
+    w.assert_clean(&baseline);
+    let from_exec = create(
+        &w,
+        "fromexec",
+        w.spec(
+            "fromexec",
+            BootSource::Snapshot {
+                id: "warm-exec".into(),
+            },
+        ),
+    )
+    .await;
+    let g = w.guest("fromexec").await;
+    let (out, code) = sh(&g, "cat /tmp/ready && pidof sleep").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("ready"), "{out}");
+    drop(g);
+    assert!(w.sup.delete("fromexec").await.unwrap());
+
+    // A readiness that never comes: FAILED with the probe's last word and
+    // the start log, and nothing left of the build VM.
+    let never = w.prepare(
+        "warm-never",
+        "echo starting-never; exec sleep 100000",
+        Readiness::Exec(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo nope; exit 3".into(),
+        ]),
+        20,
+    );
+    let (failed, _) = w.settle(&never, Duration::from_secs(400)).await;
+    assert_eq!(failed.phase, TemplatePhase::Failed, "{failed:?}");
+    assert_eq!(failed.reason, "ReadinessTimeout");
+    for part in ["code 3", "nope", "starting-never"] {
+        assert!(failed.message.contains(part), "{part}: {}", failed.message);
+    }
+    assert!(!w.sup.snapshots().contains(&"warm-never".to_string()));
+    w.assert_clean(&baseline);
+    let snaps = w.files("snapshots");
+    assert!(snaps.iter().all(|s| !s.contains("never")), "{snaps:?}");
+
+    for id in ["warm-tcp", "warm-exec"] {
+        assert!(w.sup.delete_snapshot(id).await.unwrap());
+    }
+    w.assert_clean(&baseline);
+    eprintln!(
+        "warm templates under QEMU TCG (load {}):\n  \
+         warm build (boot, start, readiness, snapshot, remove): tcp {:.1} s, exec {:.1} s\n  \
+         create -> guest ready: cold boot {:.2} s, from warm snapshot {:.2} s (tcp) {:.2} s (exec)",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim(),
+        build_tcp.as_secs_f64(),
+        build_exec.as_secs_f64(),
+        cold.as_secs_f64(),
+        from_tcp.as_secs_f64(),
+        from_exec.as_secs_f64(),
+    );
+}
