@@ -424,6 +424,7 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
         warm: None,
         kernel_path: String::new(),
         kernel_cmdline: String::new(),
+        retry: false,
     };
     let first = a
         .client

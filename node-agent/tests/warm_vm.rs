@@ -236,6 +236,7 @@ impl World {
                 readiness,
                 timeout: Duration::from_secs(secs),
             }),
+            retry: false,
         }
     }
 

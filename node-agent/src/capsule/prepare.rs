@@ -9,8 +9,9 @@
 //! answer where it stands. A `Ready` template is recorded under
 //! `<state>/templates/`, so a restarted agent answers `Ready` at once while
 //! the disk and the snapshot are still there, and `NodeInfo` lists it. A
-//! `Failed` build is answered as such once; the call after that tries
-//! again. Nothing about a build in
+//! `Failed` build is answered as such until a call asks to retry (so a
+//! polling caller sees the failure, and a broken start command does not
+//! boot a VM on every poll). Nothing about a build in
 //! progress survives a restart: recovery removes its build VM, and the next
 //! call starts over.
 
@@ -56,6 +57,8 @@ pub struct PrepareRequest {
     pub cmdline: String,
     /// Boot, start, wait, snapshot; `None`: the root disk only.
     pub warm: Option<WarmSpec>,
+    /// Build again if the last build failed.
+    pub retry: bool,
 }
 
 /// A warm build: what the build VM runs and when it counts as ready.
@@ -127,11 +130,9 @@ pub(crate) struct ReadyTemplate {
 enum Slot {
     Preparing(String),
     Ready(ReadyTemplate),
-    /// Failed; `reported` once a caller was told, after which the next
-    /// call tries again (so a polling caller always sees the failure).
+    /// Failed; answered as such until a call sets `retry`.
     Failed {
         failure: Failure,
-        reported: bool,
     },
 }
 
@@ -275,17 +276,8 @@ impl<M: Machine + 'static> Supervisor<M> {
                     return Ok(status(&req.key, &Slot::Ready(r.clone())));
                 }
                 Some(Slot::Ready(_)) => registry.forget_record(&key),
-                Some(Slot::Failed {
-                    failure,
-                    reported: false,
-                }) => {
-                    let slot = Slot::Failed {
-                        failure: failure.clone(),
-                        reported: true,
-                    };
-                    let st = status(&req.key, &slot);
-                    slots.insert(key, slot);
-                    return Ok(st);
+                Some(slot @ Slot::Failed { .. }) if !req.retry => {
+                    return Ok(status(&req.key, slot));
                 }
                 Some(Slot::Failed { .. }) => {}
                 None => {
@@ -320,10 +312,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 Err(f) => {
                     tracing::error!(template = %key.0, snapshot = %key.1, reason = f.reason, message = %f.message, "template build failed");
                     shared.cfg.metrics.error("template");
-                    Slot::Failed {
-                        failure: f,
-                        reported: false,
-                    }
+                    Slot::Failed { failure: f }
                 }
             };
             shared.templates.lock().insert(key, slot);

@@ -175,6 +175,7 @@ pub fn from_prepare(req: pb::PrepareTemplateRequest) -> Result<PrepareRequest, S
         kernel,
         cmdline: req.kernel_cmdline,
         warm,
+        retry: req.retry,
     })
 }
 
@@ -504,6 +505,7 @@ mod tests {
             }),
             kernel_path: String::new(),
             kernel_cmdline: String::new(),
+            retry: false,
         }
     }
 

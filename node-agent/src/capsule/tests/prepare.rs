@@ -177,6 +177,7 @@ impl WarmBed {
             kernel: None,
             cmdline: String::new(),
             warm: None,
+            retry: false,
         }
     }
 
@@ -195,10 +196,14 @@ impl WarmBed {
     }
 
     /// Calls until the phase is no longer `Preparing`.
+    /// Asks (retrying a failed build) and polls until the build ends.
     async fn settle(&self, req: &PrepareRequest) -> TemplateStatus {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut ask = req.clone();
+        ask.retry = true;
         loop {
-            let s = self.sup.prepare_template(req.clone()).await.unwrap();
+            let s = self.sup.prepare_template(ask.clone()).await.unwrap();
+            ask.retry = false;
             if s.phase != TemplatePhase::Preparing {
                 return s;
             }
@@ -267,9 +272,14 @@ async fn a_root_disk_template_is_prepared_listed_and_retried_after_a_failure() {
     assert_eq!(failed.reason, "RootDiskFailed");
     assert!(failed.message.contains("later.ext4"), "{}", failed.message);
     assert!(b.sup.templates().is_empty());
-    // Told once; the call after that tries again.
+    // Failed stays failed for a poller, even once the file is there...
     std::fs::write(&missing, b"ext4").unwrap();
-    let again = b.sup.prepare_template(req.clone()).await.unwrap();
+    let polled = b.sup.prepare_template(req.clone()).await.unwrap();
+    assert_eq!(polled.phase, TemplatePhase::Failed);
+    // ...until a call asks to retry.
+    let mut retry = req.clone();
+    retry.retry = true;
+    let again = b.sup.prepare_template(retry).await.unwrap();
     assert_eq!(again.phase, TemplatePhase::Preparing);
     let ready = b.settle(&req).await;
     assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
@@ -388,9 +398,22 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     }
     b.assert_gone(&build);
     assert!(b.snapshot_dirs().is_empty(), "{:?}", b.snapshot_dirs());
-    // FAILED stays FAILED only until the next call, which builds again.
+    // FAILED stays FAILED for pollers, without another build VM...
     b.guest.ready_after.store(0, Ordering::SeqCst);
-    let retry = b.sup.prepare_template(req.clone()).await.unwrap();
+    let launches = b.machine.steps(&build).len();
+    for _ in 0..3 {
+        let polled = b.sup.prepare_template(req.clone()).await.unwrap();
+        assert_eq!(polled.reason, "ReadinessTimeout");
+    }
+    assert_eq!(
+        b.machine.steps(&build).len(),
+        launches,
+        "built while polled"
+    );
+    // ...until a call asks to retry.
+    let mut retry = req.clone();
+    retry.retry = true;
+    let retry = b.sup.prepare_template(retry).await.unwrap();
     assert_eq!(retry.phase, TemplatePhase::Preparing);
     assert_eq!(b.settle(&req).await.phase, TemplatePhase::Ready);
     assert!(b.sup.delete_snapshot("warm-web-2").await.unwrap());
