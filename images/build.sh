@@ -210,7 +210,7 @@ done
 ird=$work/initramfs
 mkdir -p "$ird"/{bin,dev,proc,sys,newroot,lib/modules}
 cp "$busybox" "$ird/bin/busybox"
-for applet in sh mount umount insmod switch_root usleep cat mkdir; do
+for applet in sh mount umount insmod switch_root usleep cat mkdir ip; do
   ln -s busybox "$ird/bin/$applet"
 done
 install -m 0755 "$here/initramfs/init" "$ird/init"
