@@ -223,7 +223,27 @@ async fn capsule_lifecycle_over_mtls() {
     assert_eq!(st.message(), "capsule c1 is paused; resume it first");
     let resumed = a.client.resume_capsule(r("c1")).await.unwrap().into_inner();
     assert_eq!(state(&resumed), pb::CapsuleState::Running);
+    // No data-plane call yet: no activity (the refused one does not count).
+    let got = a.client.get_capsule(r("c1")).await.unwrap().into_inner();
+    assert_eq!(got.last_activity_unix_nanos, 0);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
     let ep = a.service.guest_endpoint("c1").await.unwrap();
+    // A data-plane call is activity, shown by Get and List (idleTimeout).
+    let got = a.client.get_capsule(r("c1")).await.unwrap().into_inner();
+    assert!(got.last_activity_unix_nanos >= before, "{got:?}");
+    let listed = a
+        .client
+        .list_capsules(pb::ListCapsulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.capsules[0].last_activity_unix_nanos,
+        got.last_activity_unix_nanos
+    );
     assert!(
         ep.vsock_socket.ends_with("vmm/c1/vsock.sock"),
         "{:?}",

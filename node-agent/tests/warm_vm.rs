@@ -329,7 +329,8 @@ async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
 
 /// Proves the guest has the address every guest has (the CI image's
 /// initramfs applies `ip=` after it loads virtio-net).
-const GUEST_NET: &str = "ip -4 addr show eth0 | grep -q 'inet 169.254.0.21/30' || { echo no address; exit 1; };";
+const GUEST_NET: &str =
+    "ip -4 addr show eth0 | grep -q 'inet 169.254.0.21/30' || { echo no address; exit 1; };";
 
 /// Creates `uid` and returns how long until its guest answered.
 async fn create(w: &World, uid: &str, spec: CapsuleSpec) -> Duration {

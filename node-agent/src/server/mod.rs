@@ -20,6 +20,7 @@ use wrenn_proto::guest::v1 as gpb;
 use crate::capsule::{CapsuleApi, State};
 use crate::node::{NodePaths, read_facts};
 
+mod activity;
 pub mod convert;
 mod dataplane;
 use crate::tls::TlsFiles;
@@ -54,6 +55,7 @@ pub struct AgentService {
     paths: NodePaths,
     capsules: Option<Arc<dyn CapsuleApi>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    activity: activity::Activity,
 }
 
 impl AgentService {
@@ -65,6 +67,7 @@ impl AgentService {
             paths,
             capsules: None,
             metrics: None,
+            activity: activity::Activity::default(),
         }
     }
 
@@ -107,6 +110,7 @@ impl AgentService {
                 return Err(refuse("it has no running guest"));
             }
         }
+        self.activity.touch(capsule);
         let vsock_socket = view.vsock_socket.ok_or_else(|| {
             Status::unavailable(format!("capsule {capsule} has no guest connection yet"))
         })?;
@@ -196,13 +200,24 @@ impl NodeAgent for AgentService {
         let uid = req.into_inner().uid;
         validate_uid(&uid)?;
         let view = self.capsules()?.get(&uid).map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        let mut c = to_capsule(&view);
+        c.last_activity_unix_nanos = self.activity.last(&uid);
+        Ok(Response::new(c))
     }
     async fn list_capsules(
         &self,
         _: Request<pb::ListCapsulesRequest>,
     ) -> Result<Response<pb::ListCapsulesResponse>, Status> {
-        let capsules = self.capsules()?.list().iter().map(to_capsule).collect();
+        let capsules = self
+            .capsules()?
+            .list()
+            .iter()
+            .map(|v| {
+                let mut c = to_capsule(v);
+                c.last_activity_unix_nanos = self.activity.last(&v.uid);
+                c
+            })
+            .collect();
         Ok(Response::new(pb::ListCapsulesResponse { capsules }))
     }
     async fn delete_capsule(
@@ -216,6 +231,7 @@ impl NodeAgent for AgentService {
             .delete(&uid)
             .await
             .map_err(|e| to_status(&e))?;
+        self.activity.forget(&uid);
         Ok(Response::new(pb::DeleteCapsuleResponse { existed }))
     }
     async fn pause_capsule(
