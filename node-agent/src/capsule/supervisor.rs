@@ -168,6 +168,12 @@ impl Layout {
         self.state_dir.join("capsules").join(uid).join("suspend")
     }
 
+    /// Where a capsule keeps its own hard link to the snapshot disk it was
+    /// made over, so deleting the snapshot never pulls a disk from under it.
+    pub fn pinned_base_dir(&self, uid: &str) -> PathBuf {
+        self.state_dir.join("capsules").join(uid).join("base")
+    }
+
     /// Named snapshots (`<state>/snapshots`).
     pub fn snapshots_root(&self) -> PathBuf {
         self.state_dir.join("snapshots")

@@ -681,13 +681,20 @@ async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
         restore[0].dir.as_deref(),
         Some(snap.join("memory").as_path())
     );
-    // Its own overlay, based on the snapshot's disk (a qcow2 copy here).
+    // Its own overlay, based on the snapshot's disk (a qcow2 copy here)
+    // through its own hard link to it.
     let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
-    let base = snap.join("disk.qcow2");
+    let pinned = b.sup.layout().pinned_base_dir("new").join("disk.qcow2");
     assert_eq!(
         info.backing_file.as_deref(),
-        Some(base.to_str().unwrap()),
+        Some(pinned.to_str().unwrap()),
         "{info:?}"
+    );
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        std::fs::metadata(&pinned).unwrap().ino(),
+        std::fs::metadata(snap.join("disk.qcow2")).unwrap().ino(),
+        "a link, not a copy"
     );
     assert_eq!(info.backing_format.as_deref(), Some("qcow2"));
     assert_ne!(b.overlay("new"), b.overlay("src"));
@@ -700,12 +707,27 @@ async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
         .await
         .unwrap();
     assert_eq!(b.machine.steps("again"), vec![Step::Restore]);
+    assert_eq!(tree(&snap), before, "the snapshot was written");
+
+    // Deleting the snapshot leaves its capsules their disks: "new" still
+    // suspends and resumes (its disk reopened), and its base is still there.
+    assert!(b.sup.delete_snapshot("s1").await.unwrap());
+    assert!(!snap.exists());
+    b.sup.suspend("new").await.unwrap();
+    assert_eq!(b.sup.resume("new").await.unwrap().state, State::Running);
+    assert!(
+        pinned.is_file(),
+        "the capsule's base went with the snapshot"
+    );
     for uid in ["new", "again"] {
         assert!(b.sup.delete(uid).await.unwrap());
         b.assert_gone(uid);
         assert!(!b.overlay(uid).exists(), "overlay of {uid} left");
+        assert!(
+            !b.sup.layout().pinned_base_dir(uid).exists(),
+            "base link of {uid} left"
+        );
     }
-    assert_eq!(tree(&snap), before, "the snapshot was written");
 }
 
 #[tokio::test]
@@ -722,7 +744,7 @@ async fn a_disk_only_snapshot_boots_cold_from_its_disk() {
     b.sup.create("new", s, State::Running).await.unwrap();
     assert_eq!(b.machine.steps("new"), vec![Step::Launch]);
     let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
-    let base = b.sup.layout().snapshot_dir("cold").join("disk.qcow2");
+    let base = b.sup.layout().pinned_base_dir("new").join("disk.qcow2");
     assert_eq!(info.backing_file.as_deref(), Some(base.to_str().unwrap()));
 }
 
