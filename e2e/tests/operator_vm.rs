@@ -240,10 +240,13 @@ impl Cluster {
         let (boot, boots) = delta(&before[1], "boot");
         let placed = placed.unwrap_or_default().as_secs_f64();
         eprintln!(
-            "figure: create-to-Running of {name}: {total:.2} s = operator {:.2} s \
-             (of which apply to placed {placed:.2} s) + agent CreateCapsule {create:.2} s \
-             (of which VM boot {boot:.2} s){}",
-            total - create,
+            "figure: create-to-Running of {name}: {total:.2} s from kubectl apply = \
+             placement {placed:.2} s (apply until status.nodeName) + {:.2} s on the node: \
+             agent CreateCapsule {create:.2} s (of which VM boot {boot:.2} s, disk and \
+             network {:.2} s) and {:.2} s for the operator to write Running (±0.1 s polling){}",
+            total - placed,
+            create - boot,
+            total - placed - create,
             if creates == 1 && boots == 1 {
                 String::new()
             } else {
@@ -954,7 +957,8 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
     assert_eq!(cl.sh(&sus, "cat /root/marker").await.trim(), "kept");
 
     cl.delete_all(&["sandbox-1", "ttl-suspend"]).await;
-    let (code, out, err) = cl.kubectl(&["delete", "-f", &examples_arg, "--wait=false"]);
+    let template_file = examples.join("01-template.yaml").display().to_string();
+    let (code, out, err) = cl.kubectl(&["delete", "-f", &template_file, "--wait=false"]);
     assert_eq!(code, 0, "kubectl delete: {out}{err}");
     cl.wait_gone(&templates, "template", Instant::now()).await;
     drop(c);
@@ -983,8 +987,8 @@ async fn kill9_in_the_middle_of_a_create_converges() {
     .await
     .unwrap();
 
-    // Applies `name` and returns once its VMM runs: the agent's
-    // CreateCapsule is in flight, the guest still booting (seconds under
+    // Applies `name` and returns 1.5 s after its VMM started: the agent's
+    // CreateCapsule is in flight, the guest still booting (about 7 s under
     // TCG). Returns the UID and the node.
     async fn create_in_flight(cl: &Cluster, name: &str) -> (String, String) {
         apply(&cl.client, &cl.ns, &capsule_manifest(name, "base"), MANAGER)
@@ -993,6 +997,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
         let applied = Instant::now();
         let uid = cl.caps().get(name).await.unwrap().uid().unwrap();
         cl.wait_vmm(&uid, Duration::from_secs(180)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let cap = cl.caps().get(name).await.unwrap();
         let phase = cap.status.as_ref().and_then(|s| s.phase);
         assert!(
@@ -1000,7 +1005,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
             "{name} Running before the kill: not a create in flight"
         );
         eprintln!(
-            "{name}: VMM up {:.1} s after apply, phase {phase:?}: killing",
+            "{name}: {:.1} s after apply, VMM up, phase {phase:?}: killing",
             applied.elapsed().as_secs_f64()
         );
         (uid, node_of(&cap))
@@ -1009,6 +1014,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
     // (a) kill -9 of the agent creating it; restarted a moment later.
     let (a_uid, node) = create_in_flight(&cl, "mid-agent").await;
     assert!(!node.is_empty(), "a VMM runs, yet no node is recorded");
+    let killed = Instant::now();
     cl.agent(&node).kill9();
     tokio::time::sleep(Duration::from_secs(1)).await;
     {
@@ -1016,6 +1022,10 @@ async fn kill9_in_the_middle_of_a_create_converges() {
         tokio::task::block_in_place(|| agent.spawn()).unwrap();
     }
     let a = cl.wait_phase("mid-agent", CapsulePhase::Running).await;
+    eprintln!(
+        "figure: kill -9 of the agent mid-create (restarted after 1 s): Running {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
     cl.assert_single(&a_uid).await;
     assert_eq!(
         cl.sh(&a, "uname -r").await.trim(),
@@ -1025,6 +1035,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
 
     // (b) kill -9 of the operator while it waits on a create; restarted.
     let (b_uid, _) = create_in_flight(&cl, "mid-op").await;
+    let killed = Instant::now();
     cl.operator.kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
     cl.operator = {
@@ -1035,6 +1046,10 @@ async fn kill9_in_the_middle_of_a_create_converges() {
             .unwrap()
     };
     let b = cl.wait_phase("mid-op", CapsulePhase::Running).await;
+    eprintln!(
+        "figure: kill -9 of the operator mid-create (restarted after 2 s): Running {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
     cl.wait_phase("mid-agent", CapsulePhase::Running).await;
     cl.assert_single(&b_uid).await;
     cl.assert_single(&a_uid).await;
