@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
@@ -670,6 +670,29 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
     drop(c);
 }
 
+/// Counts the writes to capsule `name` the API server makes visible (its
+/// creation, then each change) until it shows phase Running. The watch is
+/// open when this returns, so a create that follows is seen.
+async fn count_writes(api: &Api<Capsule>, name: &str) -> tokio::task::JoinHandle<usize> {
+    use futures::{StreamExt, TryStreamExt};
+    let wp = WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(290);
+    let mut stream = api.watch(&wp, "0").await.unwrap().boxed();
+    tokio::spawn(async move {
+        let mut writes = 0;
+        while let Some(event) = stream.try_next().await.unwrap() {
+            if let WatchEvent::Added(cap) | WatchEvent::Modified(cap) = event {
+                writes += 1;
+                if cap.status.and_then(|s| s.phase) == Some(CapsulePhase::Running) {
+                    break;
+                }
+            }
+        }
+        writes
+    })
+}
+
 /// What a user keeps in a directory and applies with kubectl, shaped like
 /// `examples/01-template-image.yaml` and `examples/03-capsule.yaml`. The
 /// examples themselves pull `docker.io/library/python:3.12-slim` (no
@@ -811,10 +834,17 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
 
     // kubectl apply -f dir/, as a user does: template Ready, capsule Running.
     let before = [cl.agent_steps("create"), cl.agent_steps("boot")];
+    let writes = count_writes(&cl.caps(), "sandbox-1").await;
     let applied = Instant::now();
     let (code, out, err) = cl.kubectl(&["apply", "-f", &examples_arg]);
     assert_eq!(code, 0, "kubectl apply: {out}{err}");
     let sandbox = cl.running_with_figures("sandbox-1", applied, &before).await;
+    let writes = writes.await.unwrap();
+    eprintln!(
+        "figure: API-server writes to sandbox-1 from apply to Running: {writes} \
+         (kubectl's create and {} by the operator)",
+        writes - 1
+    );
     assert!(
         sandbox
             .status
