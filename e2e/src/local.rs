@@ -273,3 +273,82 @@ pub async fn apply(
         .with_context(|| format!("apply {kind} {ns}/{name}"))?;
     Ok(())
 }
+
+/// Sum (seconds) and count of the successful `step` observations
+/// (`wrenn_agent_<step>_seconds{outcome="ok"}`) on `agent`'s admin port.
+/// The port listens on loopback inside the node's namespace, so the scrape
+/// runs there too.
+pub fn agent_step_seconds(agent: &NodeAgent, step: &str) -> Result<(f64, u64)> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", agent.netns))
+        .args([
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9090/metrics",
+        ])
+        .output()
+        .context("run curl in the node namespace")?;
+    if !out.status.success() {
+        bail!(
+            "scrape the metrics of agent {}: {}",
+            agent.node_name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    histogram_ok(
+        &String::from_utf8_lossy(&out.stdout),
+        &format!("wrenn_agent_{step}_seconds"),
+    )
+}
+
+/// Sum and count of histogram `name` with `outcome="ok"` in Prometheus text.
+fn histogram_ok(text: &str, name: &str) -> Result<(f64, u64)> {
+    let value = |suffix: &str| -> Result<Option<f64>> {
+        let prefix = format!("{name}_{suffix}{{");
+        for line in text.lines() {
+            if line.starts_with(&prefix) && line.contains("outcome=\"ok\"") {
+                let v = line
+                    .rsplit(' ')
+                    .next()
+                    .context("metric line without value")?;
+                return Ok(Some(
+                    v.parse()
+                        .with_context(|| format!("parse {name}_{suffix} value {v:?}"))?,
+                ));
+            }
+        }
+        Ok(None)
+    };
+    // An agent that has not finished a step yet has no series for it.
+    let sum = value("sum")?.unwrap_or(0.0);
+    let count = value("count")?.unwrap_or(0.0);
+    Ok((sum, count as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::histogram_ok;
+
+    #[test]
+    fn histogram_ok_reads_the_ok_series_only() {
+        let text = "\
+# TYPE wrenn_agent_boot_seconds histogram
+wrenn_agent_boot_seconds_sum{outcome=\"error\"} 9.0
+wrenn_agent_boot_seconds_count{outcome=\"error\"} 3
+wrenn_agent_boot_seconds_sum{outcome=\"ok\"} 7.25
+wrenn_agent_boot_seconds_count{outcome=\"ok\"} 2
+wrenn_agent_boot_seconds_bucket{le=\"1.0\",outcome=\"ok\"} 0
+";
+        assert_eq!(
+            histogram_ok(text, "wrenn_agent_boot_seconds").unwrap(),
+            (7.25, 2)
+        );
+        assert_eq!(
+            histogram_ok(text, "wrenn_agent_create_seconds").unwrap(),
+            (0.0, 0)
+        );
+    }
+}
