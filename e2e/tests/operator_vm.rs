@@ -723,6 +723,42 @@ spec:
         ),
     )
     .unwrap();
+    // examples/02-template-warm.yaml with the test's disk and a server
+    // busybox has (jupyter is not in the CI image), at a TCG-sized shape.
+    std::fs::write(
+        dir.join("02-template-warm.yaml"),
+        format!(
+            "apiVersion: wrenn.dev/v1alpha1
+kind: CapsuleTemplate
+metadata:
+  name: jupyter-warm
+spec:
+  source:
+    rootfs:
+      path: {}
+  defaults:
+    vcpus: 1
+    memory: 256Mi
+    disk: 1Gi
+  warm:
+    startCommand: [\"/bin/sh\", \"-c\", \"mkdir -p /www && echo warm $$ > /www/marker && exec httpd -f -p 8888 -h /www\"]
+    readiness:
+      tcpPort: 8888
+      timeout: 3m
+---
+apiVersion: wrenn.dev/v1alpha1
+kind: Capsule
+metadata:
+  name: notebook-1
+spec:
+  source:
+    templateRef:
+      name: jupyter-warm
+",
+            rootfs.display()
+        ),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("03-capsule.yaml"),
         "apiVersion: wrenn.dev/v1alpha1
@@ -863,6 +899,7 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
         tpl.status
     );
     cl.sh(&sandbox, "echo kept > /root/marker").await;
+    let warm_id = warm_template_serves(&mut cl, applied).await;
 
     // No drift: the operator wrote status only.
     cl.assert_no_drift(&examples, "after reconcile");
@@ -986,11 +1023,29 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
     let sus = cl.wait_phase("ttl-suspend", CapsulePhase::Running).await;
     assert_eq!(cl.sh(&sus, "cat /root/marker").await.trim(), "kept");
 
-    cl.delete_all(&["sandbox-1", "ttl-suspend"]).await;
-    let template_file = examples.join("01-template.yaml").display().to_string();
-    let (code, out, err) = cl.kubectl(&["delete", "-f", &template_file, "--wait=false"]);
-    assert_eq!(code, 0, "kubectl delete: {out}{err}");
+    cl.delete_all(&["sandbox-1", "ttl-suspend", "notebook-1"])
+        .await;
+    for file in ["01-template.yaml", "02-template-warm.yaml"] {
+        let file = examples.join(file).display().to_string();
+        let (code, out, err) = cl.kubectl(&["delete", "-f", &file, "--wait=false"]);
+        assert_eq!(code, 0, "kubectl delete: {out}{err}");
+    }
     cl.wait_gone(&templates, "template", Instant::now()).await;
+    // The warm template took its snapshots with it, on both nodes.
+    for a in &cl.agents {
+        let mut c = a.connect().await.unwrap();
+        let info = c
+            .node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !info.snapshots.contains(&warm_id),
+            "warm snapshot left on {}: {:?}",
+            a.node_name,
+            info.snapshots
+        );
+    }
     drop(c);
 }
 
@@ -1093,4 +1148,80 @@ async fn kill9_in_the_middle_of_a_create_converges() {
 
     cl.delete_all(&["mid-agent", "mid-op"]).await;
     drop(c);
+}
+
+/// The warm example: built on both nodes (start command run, port open,
+/// snapshot), Ready per node; its capsule restores the snapshot with the
+/// server already running. Returns the warm snapshot's id.
+async fn warm_template_serves(cl: &mut Cluster, applied: Instant) -> String {
+    let templates: Api<CapsuleTemplate> = Api::namespaced(cl.client.clone(), &cl.ns);
+    let t0 = Instant::now();
+    let tpl = loop {
+        let t = templates.get("jupyter-warm").await.unwrap();
+        let st = t.status.clone().unwrap_or_default();
+        if st.nodes.len() == 2 && st.nodes.iter().all(|n| n.snapshot_ready) {
+            break t;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "warm template not built on both nodes: {st:?}\n{}",
+            cl.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let st = tpl.status.unwrap();
+    assert_eq!(st.phase, Some(TemplatePhase::Ready));
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.reason.as_str(), ready.message.as_str()),
+        ("WarmSnapshotReady", "warm snapshot on 2/2 nodes")
+    );
+    eprintln!(
+        "figure: warm template built on both nodes {:.1} s after kubectl apply",
+        applied.elapsed().as_secs_f64()
+    );
+    let nb = cl.wait_phase("notebook-1", CapsulePhase::Running).await;
+    let since = nb
+        .status
+        .as_ref()
+        .and_then(|s| s.started_at.as_ref())
+        .map(|t| t.0)
+        .unwrap();
+    let made = nb.metadata.creation_timestamp.as_ref().unwrap().0;
+    eprintln!(
+        "figure: notebook-1 from the warm snapshot: started {:.1} s after apply (waits for the build)",
+        since.duration_since(made).as_secs_f64()
+    );
+    // The server the start command launched is already up in the capsule,
+    // started before the snapshot (its pid is in the marker).
+    let marker = cl.sh(&nb, "wget -qO- http://127.0.0.1:8888/marker").await;
+    let pid = marker
+        .trim()
+        .strip_prefix("warm ")
+        .unwrap_or_else(|| panic!("marker: {marker:?}"));
+    let ps = cl.sh(&nb, "ps").await;
+    assert!(
+        ps.lines()
+            .any(|l| l.split_whitespace().next() == Some(pid) && l.contains("httpd")),
+        "httpd (pid {pid}) not running: {ps}"
+    );
+    // Held by its node, once.
+    let held = cl.held().await;
+    let uid = nb.uid().unwrap();
+    assert!(held[&node_of(&nb)].iter().any(|(u, _)| *u == uid));
+    // The id the capsule restored from, for the cleanup check.
+    let info = {
+        let node = node_of(&nb);
+        let mut c = cl.agent(&node).connect().await.unwrap();
+        c.node_info(pb::NodeInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let tpl_uid = templates.get("jupyter-warm").await.unwrap().uid().unwrap();
+    info.snapshots
+        .iter()
+        .find(|s| s.starts_with(&format!("w-{tpl_uid}-")))
+        .cloned()
+        .unwrap_or_else(|| panic!("no warm snapshot listed: {:?}", info.snapshots))
 }
