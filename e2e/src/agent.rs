@@ -359,6 +359,10 @@ impl NodeAgent {
             .arg(&agent.state_dir)
             .arg("--netns-dir")
             .arg(&agent.netns_dir)
+            // Its own cgroup parent: a starting agent kills what runs in
+            // cgroups it does not know, other agents' VMs included.
+            .arg("--cgroup-parent")
+            .arg(format!("wrenn-{}", agent.node_name))
             .args([
                 "--vmm",
                 "qemu",
@@ -422,6 +426,14 @@ impl Drop for NodeAgent {
         self.stop();
         let _ = ip(&["link", "del", &self.host_veth]);
         let _ = ip(&["netns", "del", &self.netns]);
+        // Its cgroup parent, once empty (a VM left in it keeps it, and the
+        // leak checks report the VM).
+        let parent = format!("wrenn-{}", self.node_name);
+        if let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") {
+            for m in mounts.flatten() {
+                let _ = std::fs::remove_dir(m.path().join(&parent));
+            }
+        }
     }
 }
 

@@ -87,6 +87,16 @@ pub struct Args {
     /// host with other agents (tests, the local run) need their own.
     #[arg(long, env = "WRENN_NETNS_DIR", default_value = "/run/netns")]
     pub netns_dir: PathBuf,
+    /// The cgroup (under each controller's mount) VMMs are placed in, one
+    /// child per capsule. The startup sweep kills whatever runs in a child
+    /// it does not know, so agents sharing a host need their own.
+    #[arg(
+        long,
+        env = "WRENN_CGROUP_PARENT",
+        default_value = "wrenn",
+        value_parser = cgroup_parent
+    )]
+    pub cgroup_parent: String,
     /// `wrenn-guest`, injected into template disks built from OCI images.
     #[arg(
         long,
@@ -100,4 +110,22 @@ pub struct Args {
     /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
+}
+
+/// One path segment of letters, digits, '-', '_' and '.': never `..` or a
+/// path that climbs out of the cgroup mount.
+fn cgroup_parent(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: one name of letters, digits, '-', '_' or '.' (at most 64)"
+        ))
+    }
 }

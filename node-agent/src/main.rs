@@ -99,6 +99,7 @@ async fn run(args: Args) -> ExitCode {
         storage,
         uplink,
         netns_dir,
+        cgroup_parent,
         admin_listen,
         guest_binary,
         insecure_registries,
@@ -143,7 +144,7 @@ async fn run(args: Args) -> ExitCode {
         metrics::sampler::SamplerConfig::default(),
         std::future::pending(),
     ));
-    let cgroups = match CgroupRoot::detect(Path::new("/sys/fs/cgroup"), "wrenn") {
+    let cgroups = match CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &cgroup_parent) {
         Ok(c) => c,
         Err(err) => {
             tracing::error!(
