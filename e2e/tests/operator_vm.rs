@@ -218,13 +218,13 @@ impl Cluster {
                 placed = Some(applied.elapsed());
             }
             if let Some(cap) = cap
-                && st.and_then(|s| s.phase) == Some(CapsulePhase::Running)
+                && st.as_ref().and_then(|s| s.phase) == Some(CapsulePhase::Running)
             {
                 break cap;
             }
             assert!(
                 applied.elapsed() < Duration::from_secs(300),
-                "{name}: not Running in 300 s\n{}",
+                "{name}: not Running in 300 s; status {st:?}\n{}",
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -697,10 +697,11 @@ async fn count_writes(api: &Api<Capsule>, name: &str) -> tokio::task::JoinHandle
 /// `examples/01-template-image.yaml` and `examples/03-capsule.yaml`. The
 /// examples themselves pull `docker.io/library/python:3.12-slim` (no
 /// registry but the package ones is reachable here) and ask for 2 vCPUs and
-/// 1Gi, slow to boot under TCG on a 2-CPU runner; so the template boots the
-/// test's guest root disk from a node path and the capsule asks for 1 vCPU.
-/// Every other field (lifecycle, env, network egress and ports) is the
-/// example's.
+/// 1Gi, slow to boot under TCG on a 2-CPU runner, and a 4Gi to 10Gi disk,
+/// which placement reserves in full against the node's free space (a test
+/// machine may have less); so the template boots the test's guest root disk
+/// from a node path and the capsule asks for 1 vCPU and a 1Gi disk. Every
+/// other field (lifecycle, env, network egress and ports) is the example's.
 fn write_examples(dir: &std::path::Path, rootfs: &std::path::Path) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
@@ -717,7 +718,7 @@ spec:
   defaults:
     vcpus: 1
     memory: 512Mi
-    disk: 4Gi
+    disk: 1Gi
 ",
             rootfs.display()
         ),
@@ -772,7 +773,7 @@ spec:
   resources:
     vcpus: 1
     memory: 512Mi
-    disk: 4Gi
+    disk: 1Gi
   lifecycle:
     shutdownAfter: 2h
     idleTimeout: 15m
