@@ -152,8 +152,10 @@ pub struct Lifecycle {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "with::idle_timeout")]
     pub idle_timeout: Option<String>,
-    /// What expiry does: Delete (default) removes the capsule; Suspend keeps
-    /// it suspended on its node until it is set Running again.
+    /// What expiry does: Delete (default) removes the capsule; Suspend
+    /// suspends it on its node, memory and disk kept, for as long as the
+    /// lifecycle says it has expired: raise or remove shutdownAfter or
+    /// idleTimeout to run it again.
     #[serde(default)]
     pub on_expiry: OnExpiry,
 }
