@@ -1028,7 +1028,9 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
         .await;
     for file in ["01-template.yaml", "02-template-warm.yaml"] {
         let file = examples.join(file).display().to_string();
-        let (code, out, err) = cl.kubectl(&["delete", "-f", &file, "--wait=false"]);
+        // The capsule in the warm file is deleted already.
+        let (code, out, err) =
+            cl.kubectl(&["delete", "-f", &file, "--wait=false", "--ignore-not-found"]);
         assert_eq!(code, 0, "kubectl delete: {out}{err}");
     }
     cl.wait_gone(&templates, "template", Instant::now()).await;
