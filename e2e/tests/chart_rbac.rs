@@ -958,13 +958,14 @@ fn chart_env_is_what_the_binaries_accept() {
         (
             "DaemonSet",
             // QEMU and its vsock backend are found in PATH in the image;
-            // one agent
-            // per node owns /run/netns; the image carries wrenn-guest at the
-            // default path; no registry is trusted over plain HTTP.
+            // one agent per node owns /run/netns and the `wrenn` cgroups;
+            // the image carries wrenn-guest at the default path; no
+            // registry is trusted over plain HTTP.
             &[
                 "WRENN_QEMU_BINARY",
                 "WRENN_VHOST_VSOCK",
                 "WRENN_NETNS_DIR",
+                "WRENN_CGROUP_PARENT",
                 "WRENN_GUEST_BINARY",
                 "WRENN_INSECURE_REGISTRIES",
             ][..],
