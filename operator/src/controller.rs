@@ -117,13 +117,7 @@ impl std::fmt::Debug for Parts {
 impl Parts {
     /// The context, with the Capsule store.
     pub fn into_context(self, capsules: Store<Capsule>) -> Context {
-        let recorder = Recorder::new(
-            self.client.clone(),
-            Reporter {
-                controller: "wrenn-operator".into(),
-                instance: self.instance,
-            },
-        );
+        let recorder = recorder(self.client.clone(), self.instance);
         Context {
             client: self.client,
             pool: self.pool,
@@ -137,6 +131,41 @@ impl Parts {
     }
 }
 
+/// The Event recorder every controller reports as.
+pub fn recorder(client: Client, instance: Option<String>) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "wrenn-operator".into(),
+            instance,
+        },
+    )
+}
+
+/// Publishes an Event about `reference`; a failure is logged, never fatal.
+pub async fn publish(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(err) = recorder.publish(&ev, reference).await {
+        tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            reason,
+            "publish event"
+        );
+    }
+}
+
 impl Context {
     /// Publishes an Event; a failure is logged, never fatal.
     pub async fn event(
@@ -146,20 +175,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&ev, reference).await {
-            tracing::warn!(
-                error = &err as &dyn std::error::Error,
-                reason,
-                "publish event"
-            );
-        }
+        publish(&self.recorder, reference, type_, reason, note).await;
     }
 
     /// Clears the failure count of an object after a good reconcile.

@@ -39,6 +39,14 @@ pub struct FakeNodeAgent {
     events: broadcast::Sender<pb::Event>,
 }
 
+/// Now, as the agent reports times: Unix nanoseconds.
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(1)
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panicking test thread poisons the lock; the data is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -120,12 +128,8 @@ impl FakeNodeAgent {
     /// Records a data-plane call on the capsule now, as the agent does for
     /// exec, PTY and file calls (no event).
     pub fn touch(&self, uid: &str) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(1);
         if let Some(c) = lock(&self.state).capsules.get_mut(uid) {
-            c.last_activity_unix_nanos = now;
+            c.last_activity_unix_nanos = now_nanos();
         }
     }
 
@@ -326,10 +330,7 @@ impl NodeAgent for Handle {
                 let mut st = lock(&boot.state);
                 let booted = st.capsules.get_mut(&uid).map(|c| {
                     c.state = target as i32;
-                    c.started_unix_nanos = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as i64)
-                        .unwrap_or(1);
+                    c.started_unix_nanos = now_nanos();
                     c.clone()
                 });
                 if let Some(c) = booted {

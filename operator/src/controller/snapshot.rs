@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -144,16 +144,7 @@ async fn write(
 }
 
 async fn event(ctx: &Ctx, snap: &CapsuleSnapshot, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&ev, &snap.object_ref(&())).await {
-        tracing::warn!(error = &err as &dyn std::error::Error, "publish event");
-    }
+    super::publish(&ctx.recorder, &snap.object_ref(&()), type_, reason, note).await;
 }
 
 fn pending(message: String) -> (CapsuleSnapshotStatus, ConditionDraft) {
@@ -388,13 +379,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "wrenn-operator".into(),
-            instance: None,
-        },
-    );
+    let recorder = super::recorder(client.clone(), None);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pool,

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
@@ -97,16 +97,7 @@ impl std::fmt::Debug for Ctx {
 }
 
 async fn event(ctx: &Ctx, tpl: &CapsuleTemplate, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&ev, &tpl.object_ref(&())).await {
-        tracing::warn!(error = &err as &dyn std::error::Error, "publish event");
-    }
+    super::publish(&ctx.recorder, &tpl.object_ref(&()), type_, reason, note).await;
 }
 
 /// Asks `node` to prepare the template (or how far it got). A failed
@@ -333,13 +324,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "wrenn-operator".into(),
-            instance: None,
-        },
-    );
+    let recorder = super::recorder(client.clone(), None);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pool,
