@@ -34,6 +34,10 @@ pub const AGENT_PORT: u32 = 1024;
 pub const INIT_ENTROPY_BYTES: usize = 64;
 /// Longest handshake reply we read: `OK ` and a u32.
 const MAX_REPLY: usize = 64;
+/// How long [`dial`] retries a handshake the guest refused.
+pub const REFUSED_RETRY_FOR: Duration = Duration::from_secs(1);
+/// Pause between those retries.
+const REFUSED_RETRY_EVERY: Duration = Duration::from_millis(10);
 
 /// Errors of the guest link.
 #[derive(Debug, thiserror::Error)]
@@ -49,13 +53,14 @@ pub enum Error {
     },
     /// The VMM refused or garbled the `CONNECT` handshake (nothing listens
     /// on the port yet, or the guest is gone).
-    #[error("vsock handshake for port {port} on {}: {reply:?}", socket.display())]
+    #[error("vsock handshake for port {port} on {}: {}", socket.display(), describe_reply(reply))]
     Handshake {
         /// The socket.
         socket: PathBuf,
         /// The guest port.
         port: u32,
-        /// What came back (empty: the VMM closed the connection).
+        /// What came back (empty: the VMM closed the connection, after
+        /// retries for [`REFUSED_RETRY_FOR`]).
         reply: String,
     },
     /// Dialing did not finish in time.
@@ -202,7 +207,29 @@ pub struct GuestClient {
 
 /// Connects to `socket` and performs the hybrid-vsock handshake for
 /// `port`. The stream carries the guest's bytes from then on.
+///
+/// A refusal (the VMM closes without a reply: the guest answered with a
+/// reset) is retried for [`REFUSED_RETRY_FOR`]. After a restore or a new
+/// vsock helper, the VMM numbers its host-side ports from the start
+/// again, while the guest still holds recently closed connections on
+/// those ports for some seconds; a request that lands on one of them is
+/// reset, and the next port is free. Retrying also catches the moment a
+/// booting guest agent starts listening.
 pub async fn dial(socket: &Path, port: u32) -> Result<UnixStream, Error> {
+    let until = tokio::time::Instant::now() + REFUSED_RETRY_FOR;
+    loop {
+        match dial_once(socket, port).await {
+            Err(Error::Handshake { reply, .. })
+                if reply.is_empty() && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(REFUSED_RETRY_EVERY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn dial_once(socket: &Path, port: u32) -> Result<UnixStream, Error> {
     let mut s = UnixStream::connect(socket)
         .await
         .map_err(|source| Error::Connect {
@@ -237,6 +264,14 @@ pub async fn dial(socket: &Path, port: u32) -> Result<UnixStream, Error> {
         return Err(handshake(String::from_utf8_lossy(&line).into_owned()));
     }
     Ok(s)
+}
+
+fn describe_reply(reply: &str) -> String {
+    if reply.is_empty() {
+        "refused: the VMM closed the connection without a reply (nothing listens on the port in the guest)".into()
+    } else {
+        format!("unexpected reply {reply:?}")
+    }
 }
 
 fn host_entropy(capsule: &str) -> Result<Vec<u8>, Error> {

@@ -449,6 +449,21 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert_eq!(code, Some(0));
     let (sleeper, _) = exec(&g, "cat /root/sleeper").await;
 
+    // One new connection per call, as the node agent's data plane makes
+    // them. The guest keeps closed connections in its tables for some
+    // seconds, and a vsock helper that was just started (by the heal in
+    // resume, or by a restore) numbers its ports from zero again, so new
+    // requests meet old ports: each must still answer. These also linger
+    // into the snapshot below.
+    for _ in 0..12 {
+        let c = GuestClient::connect_with(&capsule, &spec.vsock_socket, 1024, guest_timeouts())
+            .await
+            .unwrap()
+            .with_token("tok")
+            .unwrap();
+        assert!(c.health().await.unwrap().initialized);
+    }
+
     // Snapshot (paused in, paused out), then stop: nothing of it is left.
     machine.pause(&vm).await.unwrap();
     let snap = work.path().join("snap");
@@ -495,6 +510,27 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     eprintln!("restore to agent ready: {:?}", t.elapsed());
     assert!(health.initialized, "the restored guest lost its Init state");
     assert_eq!(machine.state(&vm2).await.unwrap(), MachineState::Running);
+    // Every new connection answers, one after another, as the node
+    // agent's data plane makes one per call.
+    let mut refused = Vec::new();
+    for i in 0..24 {
+        let c = GuestClient::connect_with(&capsule, &spec.vsock_socket, 1024, guest_timeouts())
+            .await
+            .and_then(|c| c.with_token("tok"));
+        match c {
+            Ok(c) => {
+                if let Err(e) = c.health().await {
+                    refused.push(format!("{i}: health: {e}"));
+                }
+            }
+            Err(e) => refused.push(format!("{i}: {e}")),
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "connections after restore failed:\n{}",
+        refused.join("\n")
+    );
     let (marker, _) = exec(&g2, "cat /root/marker").await;
     assert_eq!(marker, "before-snapshot\n");
     let (_, code) = exec(&g2, &format!("kill -0 {}", sleeper.trim())).await;
