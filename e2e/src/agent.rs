@@ -8,7 +8,8 @@
 //! Dropping a [`NodeAgent`] stops the agent (SIGTERM, then SIGKILL) and
 //! removes the namespace and the veth. Capsules outlive their agent by
 //! design, so a test deletes its capsules through the API first and checks
-//! for leaks itself.
+//! for leaks itself; whatever is still there when the agent is dropped (a
+//! failed test) is killed and unmounted by [`crate::reclaim`].
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -266,7 +267,7 @@ pub struct NodeAgent {
     binary: PathBuf,
     image: GuestImage,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl NodeAgent {
@@ -300,7 +301,7 @@ impl NodeAgent {
             binary,
             image: opts.image.clone(),
             child: None,
-            _dir: dir,
+            dir,
         };
         ip(&["netns", "add", &netns])?;
         ip(&[
@@ -424,16 +425,20 @@ impl NodeAgent {
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         self.stop();
+        // Capsules still here (a test that failed before deleting them)
+        // would hold QEMU processes, cgroups and mounted namespaces past
+        // the test; a test that passed checked for leaks already, so this
+        // finds nothing but the empty cgroup parent.
+        let left =
+            crate::reclaim::reclaim(&format!("wrenn-{}", self.node_name), &[self.dir.path()]);
+        if !left.killed.is_empty() || !left.unmounted.is_empty() {
+            eprintln!(
+                "[node {}] reclaimed after the agent: killed {:?}, unmounted {:?}",
+                self.node_name, left.killed, left.unmounted
+            );
+        }
         let _ = ip(&["link", "del", &self.host_veth]);
         let _ = ip(&["netns", "del", &self.netns]);
-        // Its cgroup parent, once empty (a VM left in it keeps it, and the
-        // leak checks report the VM).
-        let parent = format!("wrenn-{}", self.node_name);
-        if let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") {
-            for m in mounts.flatten() {
-                let _ = std::fs::remove_dir(m.path().join(&parent));
-            }
-        }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod guest_vm;
 pub mod helm;
 pub mod leaks;
 pub mod local;
+pub mod reclaim;
 pub mod workloads;
 
 use std::io::{BufRead, BufReader};

@@ -420,3 +420,81 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     assert!(netns.is_empty(), "capsule namespaces left: {netns:?}");
     drop(agent);
 }
+
+/// A test that fails before deleting its capsules drops its agent with a
+/// VM still running: the harness must take the VM, its mounted namespace,
+/// its cgroups and its files along, or every failed run leaks them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_agent_takes_its_capsules_along() {
+    let c = case(
+        Tier::Vm,
+        "agent_vm::a_dropped_agent_takes_its_capsules_along",
+    );
+    if let Err(why) = need_root()
+        .and_then(|_| need_program("qemu-system-x86_64"))
+        .and_then(|_| need_program("vhost-device-vsock"))
+        .and_then(|_| need_program("openssl"))
+    {
+        return c.skip(why);
+    }
+    let image = match tokio::task::spawn_blocking(GuestImage::build)
+        .await
+        .unwrap()
+    {
+        Ok(i) => i,
+        Err(e) => return c.skip(format!("no guest image: {e:#}")),
+    };
+    let node = wrenn_testkit::unique_name("n");
+    let opts = AgentOptions {
+        node_name: node.clone(),
+        // Not the other test's subnet: both run at once.
+        index: 1 + ((std::process::id() + 125) % 250) as u8,
+        image: image.clone(),
+        pki: None,
+    };
+    let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut cl = connect(&agent).await;
+    let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
+    cl.create_capsule(create_request(&uid, &image))
+        .await
+        .unwrap();
+    wait_state(
+        &mut cl,
+        &uid,
+        pb::CapsuleState::Running,
+        Duration::from_secs(300),
+    )
+    .await;
+    let dir = agent.state_dir.parent().unwrap().to_path_buf();
+    let netns_dir = agent.netns_dir.clone();
+    assert!(!processes_mentioning(&uid).is_empty(), "the VM runs");
+    assert_eq!(capsule_namespaces(&netns_dir).len(), 1);
+    drop(cl);
+
+    tokio::task::spawn_blocking(move || drop(agent))
+        .await
+        .unwrap();
+    assert_eq!(
+        processes_mentioning(&uid),
+        Vec::<u32>::new(),
+        "VM processes left"
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let held: Vec<_> = mountinfo
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .collect();
+    assert!(held.is_empty(), "mounts left: {held:?}");
+    assert!(!dir.exists(), "{} left", dir.display());
+    let parent = format!("wrenn-{node}");
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join(&parent))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+}
