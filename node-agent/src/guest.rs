@@ -591,8 +591,10 @@ async fn open_channel(
         }
     });
     // Keepalive notices a connection the VMM dropped (restore) while a
-    // stream is idle.
+    // stream is idle; the connect timeout bounds a redial whose request
+    // the guest never answers.
     let endpoint = Endpoint::from_static("http://guest.invalid")
+        .connect_timeout(dial_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
