@@ -34,7 +34,7 @@ pub const AGENT_PORT: u32 = 1024;
 pub const INIT_ENTROPY_BYTES: usize = 64;
 /// Longest handshake reply we read: `OK ` and a u32.
 const MAX_REPLY: usize = 64;
-/// How long [`dial`] retries a handshake the guest refused.
+/// How long [`dial_through_refusals`] retries a refused handshake.
 pub const REFUSED_RETRY_FOR: Duration = Duration::from_secs(1);
 /// Pause between those retries.
 const REFUSED_RETRY_EVERY: Duration = Duration::from_millis(10);
@@ -59,8 +59,8 @@ pub enum Error {
         socket: PathBuf,
         /// The guest port.
         port: u32,
-        /// What came back (empty: the VMM closed the connection, after
-        /// retries for [`REFUSED_RETRY_FOR`]).
+        /// What came back (empty: the VMM closed the connection, which is
+        /// how a guest's refusal reaches the host).
         reply: String,
     },
     /// Dialing did not finish in time.
@@ -205,20 +205,18 @@ pub struct GuestClient {
     client: GuestAgentClient<Channel>,
 }
 
-/// Connects to `socket` and performs the hybrid-vsock handshake for
-/// `port`. The stream carries the guest's bytes from then on.
-///
-/// A refusal (the VMM closes without a reply: the guest answered with a
-/// reset) is retried for [`REFUSED_RETRY_FOR`]. After a restore or a new
-/// vsock helper, the VMM numbers its host-side ports from the start
-/// again, while the guest still holds recently closed connections on
-/// those ports for some seconds; a request that lands on one of them is
-/// reset, and the next port is free. Retrying also catches the moment a
-/// booting guest agent starts listening.
-pub async fn dial(socket: &Path, port: u32) -> Result<UnixStream, Error> {
+/// [`dial`] to a guest that was listening: a refusal (the VMM closes
+/// without a reply: the guest answered with a reset) is retried for
+/// [`REFUSED_RETRY_FOR`]. After a restore or a new vsock helper, the VMM
+/// numbers its host-side ports from the start again, while the guest
+/// still holds recently closed connections on those ports for some
+/// seconds; a request that lands on one of them is reset, and the next
+/// port is free. Not for a guest still booting: nothing listens there
+/// yet, and [`GuestClient::wait_ready`] paces its own attempts.
+pub async fn dial_through_refusals(socket: &Path, port: u32) -> Result<UnixStream, Error> {
     let until = tokio::time::Instant::now() + REFUSED_RETRY_FOR;
     loop {
-        match dial_once(socket, port).await {
+        match dial(socket, port).await {
             Err(Error::Handshake { reply, .. })
                 if reply.is_empty() && tokio::time::Instant::now() < until =>
             {
@@ -229,7 +227,9 @@ pub async fn dial(socket: &Path, port: u32) -> Result<UnixStream, Error> {
     }
 }
 
-async fn dial_once(socket: &Path, port: u32) -> Result<UnixStream, Error> {
+/// Connects to `socket` and performs the hybrid-vsock handshake for
+/// `port`, once. The stream carries the guest's bytes from then on.
+pub async fn dial(socket: &Path, port: u32) -> Result<UnixStream, Error> {
     let mut s = UnixStream::connect(socket)
         .await
         .map_err(|source| Error::Connect {
@@ -307,7 +307,17 @@ impl GuestClient {
         port: u32,
         timeouts: Timeouts,
     ) -> Result<Self, Error> {
-        let client = open_channel(capsule, socket, port, timeouts.dial).await?;
+        Self::open(capsule, socket, port, timeouts, FirstDial::ThroughRefusals).await
+    }
+
+    async fn open(
+        capsule: &str,
+        socket: &Path,
+        port: u32,
+        timeouts: Timeouts,
+        first: FirstDial,
+    ) -> Result<Self, Error> {
+        let client = open_channel(capsule, socket, port, timeouts.dial, first).await?;
         Ok(Self {
             capsule: capsule.to_string(),
             socket: socket.to_path_buf(),
@@ -333,7 +343,7 @@ impl GuestClient {
         let until = started + deadline;
         loop {
             let attempt = async {
-                let mut c = Self::connect_with(capsule, socket, port, timeouts)
+                let mut c = Self::open(capsule, socket, port, timeouts, FirstDial::Once)
                     .await?
                     .with_token(token)?;
                 let probe = Timeouts {
@@ -394,8 +404,14 @@ impl GuestClient {
     /// Drops the old connection and dials again (after every restore: the
     /// VMM resets vsock, so the old HTTP/2 connection is dead).
     pub async fn redial(&mut self) -> Result<(), Error> {
-        let channel =
-            open_channel(&self.capsule, &self.socket, self.port, self.timeouts.dial).await?;
+        let channel = open_channel(
+            &self.capsule,
+            &self.socket,
+            self.port,
+            self.timeouts.dial,
+            FirstDial::ThroughRefusals,
+        )
+        .await?;
         self.client = GuestAgentClient::new(channel);
         Ok(())
     }
@@ -560,6 +576,15 @@ impl GuestClient {
     }
 }
 
+/// How [`open_channel`] makes its first connection.
+#[derive(Clone, Copy, Debug)]
+enum FirstDial {
+    /// One attempt: the guest may still be booting.
+    Once,
+    /// Through refusals: the guest is known to listen.
+    ThroughRefusals,
+}
+
 /// An HTTP/2 channel over `dial(socket, port)`. The first connection is
 /// dialed here, so a refused handshake is reported as itself; tonic redials
 /// the same way if the connection breaks later.
@@ -568,14 +593,19 @@ async fn open_channel(
     socket: &Path,
     port: u32,
     dial_timeout: Duration,
+    how: FirstDial,
 ) -> Result<Channel, Error> {
     let timed_out = || Error::DialTimeout {
         capsule: capsule.to_string(),
         after: dial_timeout,
     };
-    let first = tokio::time::timeout(dial_timeout, dial(socket, port))
-        .await
-        .map_err(|_| timed_out())??;
+    let first = match how {
+        FirstDial::Once => tokio::time::timeout(dial_timeout, dial(socket, port)).await,
+        FirstDial::ThroughRefusals => {
+            tokio::time::timeout(dial_timeout, dial_through_refusals(socket, port)).await
+        }
+    }
+    .map_err(|_| timed_out())??;
     let first = std::sync::Arc::new(std::sync::Mutex::new(Some(first)));
     let target = socket.to_path_buf();
     let connector = tower::service_fn(move |_: Uri| {
@@ -585,7 +615,10 @@ async fn open_channel(
             let ready = first.lock().ok().and_then(|mut f| f.take());
             let stream = match ready {
                 Some(s) => s,
-                None => dial(&target, port).await.map_err(std::io::Error::other)?,
+                // The guest answered before: a refusal now is a stale port.
+                None => dial_through_refusals(&target, port)
+                    .await
+                    .map_err(std::io::Error::other)?,
             };
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }

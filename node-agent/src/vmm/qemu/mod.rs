@@ -1146,7 +1146,7 @@ impl Machine for QemuMachine {
     async fn resume(&self, vm: &MachineHandle) -> Result<(), Error> {
         let mut q = self.qmp(vm, "resume").await?;
         self.cont(&mut q, &vm.capsule, "resume").await?;
-        let probe = crate::guest::dial(&vm.vsock_socket, crate::guest::AGENT_PORT);
+        let probe = crate::guest::dial_through_refusals(&vm.vsock_socket, crate::guest::AGENT_PORT);
         if matches!(tokio::time::timeout(VSOCK_PROBE, probe).await, Ok(Ok(_))) {
             return Ok(());
         }
