@@ -28,6 +28,7 @@
 //! and rolls back.
 
 mod api;
+mod bases;
 mod events;
 mod model;
 mod prepare;

@@ -117,39 +117,6 @@ impl<M: Machine + 'static> Shared<M> {
             .then(|| self.layout.snapshot_dir(id).join(SNAPSHOT_MEMORY)))
     }
 
-    /// A hard link to snapshot disk `disk` in the capsule's own directory,
-    /// under the same file name (the name tells the store its format): the
-    /// capsule's disk is made over the link, so DeleteSnapshot removes the
-    /// snapshot's name while the capsule keeps the data until it goes
-    /// itself (its directory is removed with it). Where a link cannot be
-    /// made (another filesystem) the snapshot's own path is used.
-    fn pin(&self, uid: &str, disk: &Path) -> Result<PathBuf, Error> {
-        let Some(name) = disk.file_name() else {
-            return Ok(disk.to_path_buf());
-        };
-        let dir = self.layout.pinned_base_dir(uid);
-        let link = dir.join(name);
-        let files = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Files {
-                action,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&dir).map_err(files("create", &dir))?;
-        match std::fs::hard_link(disk, &link) {
-            Ok(()) => Ok(link),
-            // A retried create linked it already.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(link),
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                tracing::warn!(capsule = uid, disk = %disk.display(), "snapshot disk on another filesystem: used in place");
-                Ok(disk.to_path_buf())
-            }
-            Err(e) => Err(files("link", &link)(e)),
-        }
-    }
-
     /// Resolves (and, for an image, builds) the base image of `rec`'s disk
     /// and journals it before the disk is made over it. A base resolved
     /// once is kept: a later restore must not build or look it up again.
@@ -186,7 +153,12 @@ impl<M: Machine + 'static> Shared<M> {
             }
             BootSource::Snapshot { id } => {
                 let disk = self.read_snapshot(rec, &id)?.1;
-                self.pin(&rec.uid, &disk)?
+                // Journaled before a collection may look for it.
+                let _held = self.bases.lock().unwrap_or_else(|p| p.into_inner());
+                let base = self.pin_base(&rec.uid, &id, &disk)?;
+                rec.base_image = Some(base.clone());
+                self.commit(entry, rec)?;
+                return Ok(base);
             }
         };
         rec.base_image = Some(base.clone());

@@ -168,10 +168,10 @@ impl Layout {
         self.state_dir.join("capsules").join(uid).join("suspend")
     }
 
-    /// Where a capsule keeps its own hard link to the snapshot disk it was
-    /// made over, so deleting the snapshot never pulls a disk from under it.
-    pub fn pinned_base_dir(&self, uid: &str) -> PathBuf {
-        self.state_dir.join("capsules").join(uid).join("base")
+    /// Hard links to the snapshot disks capsules are made over, kept while
+    /// any capsule or snapshot depends on them (see `capsule::bases`).
+    pub fn bases_root(&self) -> PathBuf {
+        self.state_dir.join("bases")
     }
 
     /// Named snapshots (`<state>/snapshots`).
@@ -228,6 +228,9 @@ pub(crate) struct Shared<M> {
     pub(crate) tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Templates prepared ahead of time (`PrepareTemplate`).
     pub(crate) templates: super::prepare::Registry,
+    /// Held from linking a base until the record naming it is journaled,
+    /// and while bases are collected.
+    pub(crate) bases: Mutex<()>,
 }
 
 impl<M> std::fmt::Debug for Shared<M> {
@@ -347,6 +350,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 capsules: Mutex::new(BTreeMap::new()),
                 tasks: Mutex::new(Vec::new()),
                 templates,
+                bases: Mutex::new(()),
             }),
         }
     }
@@ -703,6 +707,9 @@ impl<M: Machine + 'static> Shared<M> {
         match removed {
             Ok(()) => {
                 self.forget(entry, &rec);
+                if rec.base_image.is_some() {
+                    self.collect_bases();
+                }
                 (None, Ok(()))
             }
             Err(e) => {
@@ -1030,6 +1037,7 @@ impl<M: Machine + 'static> Supervisor<M> {
             return Ok(false);
         }
         remove_dir(&dir)?;
+        self.shared.collect_bases();
         Ok(true)
     }
 

@@ -597,23 +597,57 @@ impl Bed {
         let b = Bed::new();
         let template = b.dir.path().join("base.ext4");
         std::fs::write(&template, vec![7u8; 1 << 20]).unwrap();
+        let sup = b.qcow2_supervisor();
+        (Bed { sup, ..b }, template)
+    }
+
+    fn qcow2_supervisor(&self) -> Supervisor<FakeMachine> {
         let store = crate::storage::Qcow2Store::open(crate::storage::StorageConfig::new(
-            b.dir.path().join("disks"),
+            self.dir.path().join("disks"),
         ))
         .unwrap();
-        let sup = Supervisor::new(
+        Supervisor::new(
             Host {
-                machine: b.machine.clone(),
-                net: b.net.clone(),
+                machine: self.machine.clone(),
+                net: self.net.clone(),
                 store: Arc::new(store),
             },
-            SupervisorConfig::new(b.dir.path(), std::path::Path::new("/k/vmlinux")),
-        );
-        (Bed { sup, ..b }, template)
+            SupervisorConfig::new(self.dir.path(), std::path::Path::new("/k/vmlinux")),
+        )
+    }
+
+    /// [`Bed::restart`] of a bed made by [`Bed::with_qcow2`].
+    fn restart_qcow2(&mut self) {
+        self.sup.shutdown();
+        self.sup = self.qcow2_supervisor();
     }
 
     fn overlay(&self, uid: &str) -> std::path::PathBuf {
         self.dir.path().join(format!("disks/wrenn-{uid}.qcow2"))
+    }
+
+    /// The link capsules from snapshot `id` are made over.
+    fn base(&self, id: &str) -> std::path::PathBuf {
+        self.bases()
+            .into_iter()
+            .find(|d| {
+                d.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}.")))
+            })
+            .unwrap_or_else(|| panic!("no base of {id}: {:?}", self.bases()))
+            .join("disk.qcow2")
+    }
+
+    /// Every base directory on the node.
+    fn bases(&self) -> Vec<std::path::PathBuf> {
+        let mut all: Vec<_> = std::fs::read_dir(self.sup.layout().bases_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        all.sort();
+        all
     }
 }
 
@@ -684,7 +718,7 @@ async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
     // Its own overlay, based on the snapshot's disk (a qcow2 copy here)
     // through its own hard link to it.
     let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
-    let pinned = b.sup.layout().pinned_base_dir("new").join("disk.qcow2");
+    let pinned = b.base("s1");
     assert_eq!(
         info.backing_file.as_deref(),
         Some(pinned.to_str().unwrap()),
@@ -723,11 +757,8 @@ async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
         assert!(b.sup.delete(uid).await.unwrap());
         b.assert_gone(uid);
         assert!(!b.overlay(uid).exists(), "overlay of {uid} left");
-        assert!(
-            !b.sup.layout().pinned_base_dir(uid).exists(),
-            "base link of {uid} left"
-        );
     }
+    assert_eq!(b.bases(), Vec::<std::path::PathBuf>::new(), "base left");
 }
 
 #[tokio::test]
@@ -744,7 +775,7 @@ async fn a_disk_only_snapshot_boots_cold_from_its_disk() {
     b.sup.create("new", s, State::Running).await.unwrap();
     assert_eq!(b.machine.steps("new"), vec![Step::Launch]);
     let info = crate::storage::qcow2::read_info(&b.overlay("new")).unwrap();
-    let base = b.sup.layout().pinned_base_dir("new").join("disk.qcow2");
+    let base = b.base("cold");
     assert_eq!(info.backing_file.as_deref(), Some(base.to_str().unwrap()));
 }
 
@@ -821,5 +852,6 @@ async fn an_image_that_cannot_be_read_fails_with_its_cause_and_leaves_nothing() 
     assert!(b.store.calls().is_empty(), "a disk was made");
 }
 
+mod bases;
 mod prepare;
 mod telemetry;

@@ -63,7 +63,8 @@ pub struct OrphanReport {
     pub cgroups: usize,
     /// Processes killed inside them.
     pub processes: usize,
-    /// VMM runtime and snapshot staging directories removed.
+    /// VMM runtime and snapshot staging directories, and bases nothing
+    /// uses (a delete interrupted before it collected them), removed.
     pub dirs: usize,
 }
 
@@ -169,6 +170,7 @@ impl<M: Machine + 'static> Supervisor<M> {
         shared
             .sweep_orphans(sweep, &known, &live, &mut report.orphans)
             .await;
+        report.orphans.dirs += shared.collect_bases();
         for (kind, count) in report.orphans.by_kind() {
             shared.cfg.metrics.orphans_removed(kind, count as u64);
         }
