@@ -40,6 +40,9 @@ pub struct OperatorOptions {
     pub kubeconfig: PathBuf,
     /// Namespace of the node-agent Pods.
     pub agent_namespace: String,
+    /// Reconcile only this namespace's objects (tests sharing one API
+    /// server each run an operator); every namespace when `None`.
+    pub watch_namespace: Option<String>,
     /// Client certificate and the CA of the agents.
     pub pki: Pki,
     /// Where the log goes.
@@ -63,6 +66,11 @@ impl OperatorProcess {
         let child = Command::new(&binary)
             .env("KUBECONFIG", &opts.kubeconfig)
             .args(["--agent-namespace", &opts.agent_namespace])
+            .args(
+                opts.watch_namespace
+                    .iter()
+                    .flat_map(|ns| ["--watch-namespace", ns.as_str()]),
+            )
             .args(["--agent-selector", AGENT_SELECTOR])
             .args(["--agent-server-name", SERVER_NAME])
             .arg("--tls-cert")

@@ -12,12 +12,47 @@ use wrenn_e2e::agent::{AgentClient, AgentOptions, GuestImage, NodeAgent, exec};
 use wrenn_e2e::leaks::{capsule_namespaces, files_mentioning, processes_mentioning};
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Tier, case, need_program, need_root};
+use wrenn_testkit::{Case, Tier, case, need_program, need_root};
 
 type Client = AgentClient;
 
 async fn connect(agent: &NodeAgent) -> Client {
     agent.connect().await.unwrap()
+}
+
+/// The case back, the guest image and an agent on a new node whose veth subnet is picked
+/// by the process id plus `offset`; `None` after skipping `c` when the host
+/// cannot run VMs.
+async fn start_node(c: Case, offset: u32) -> Option<(Case, GuestImage, NodeAgent)> {
+    if let Err(why) = need_root()
+        .and_then(|_| need_program("qemu-system-x86_64"))
+        .and_then(|_| need_program("vhost-device-vsock"))
+        .and_then(|_| need_program("openssl"))
+    {
+        c.skip(why);
+        return None;
+    }
+    let image = match tokio::task::spawn_blocking(GuestImage::build)
+        .await
+        .unwrap()
+    {
+        Ok(i) => i,
+        Err(e) => {
+            c.skip(format!("no guest image: {e:#}"));
+            return None;
+        }
+    };
+    let opts = AgentOptions {
+        node_name: wrenn_testkit::unique_name("n"),
+        index: 1 + ((std::process::id() + offset) % 250) as u8,
+        image: image.clone(),
+        pki: None,
+    };
+    let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
+        .await
+        .unwrap()
+        .unwrap();
+    Some((c, image, agent))
 }
 
 fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
@@ -191,31 +226,9 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         Tier::Vm,
         "agent_vm::a_real_guest_through_the_agents_grpc_api",
     );
-    if let Err(why) = need_root()
-        .and_then(|_| need_program("qemu-system-x86_64"))
-        .and_then(|_| need_program("vhost-device-vsock"))
-        .and_then(|_| need_program("openssl"))
-    {
-        return c.skip(why);
-    }
-    let image = match tokio::task::spawn_blocking(GuestImage::build)
-        .await
-        .unwrap()
-    {
-        Ok(i) => i,
-        Err(e) => return c.skip(format!("no guest image: {e:#}")),
+    let Some((_case, image, agent)) = start_node(c, 0).await else {
+        return;
     };
-    let node = wrenn_testkit::unique_name("n");
-    let opts = AgentOptions {
-        node_name: node,
-        index: 1 + (std::process::id() % 250) as u8,
-        image: image.clone(),
-        pki: None,
-    };
-    let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
-        .await
-        .unwrap()
-        .unwrap();
     let mut cl = connect(&agent).await;
 
     let info = cl
@@ -430,32 +443,11 @@ async fn a_dropped_agent_takes_its_capsules_along() {
         Tier::Vm,
         "agent_vm::a_dropped_agent_takes_its_capsules_along",
     );
-    if let Err(why) = need_root()
-        .and_then(|_| need_program("qemu-system-x86_64"))
-        .and_then(|_| need_program("vhost-device-vsock"))
-        .and_then(|_| need_program("openssl"))
-    {
-        return c.skip(why);
-    }
-    let image = match tokio::task::spawn_blocking(GuestImage::build)
-        .await
-        .unwrap()
-    {
-        Ok(i) => i,
-        Err(e) => return c.skip(format!("no guest image: {e:#}")),
+    // Not the other test's subnet: both run at once.
+    let Some((_case, image, agent)) = start_node(c, 125).await else {
+        return;
     };
-    let node = wrenn_testkit::unique_name("n");
-    let opts = AgentOptions {
-        node_name: node.clone(),
-        // Not the other test's subnet: both run at once.
-        index: 1 + ((std::process::id() + 125) % 250) as u8,
-        image: image.clone(),
-        pki: None,
-    };
-    let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
-        .await
-        .unwrap()
-        .unwrap();
+    let node = agent.node_name.clone();
     let mut cl = connect(&agent).await;
     let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
     cl.create_capsule(create_request(&uid, &image))

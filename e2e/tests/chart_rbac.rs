@@ -953,7 +953,9 @@ fn chart_env_is_what_the_binaries_accept() {
         (
             "Deployment",
             // 300 s is the documented node-lost grace; no value needed yet.
-            &["WRENN_NODE_LOST_TIMEOUT"][..],
+            // The chart's ClusterRole serves one operator for the whole
+            // cluster, so it watches every namespace.
+            &["WRENN_NODE_LOST_TIMEOUT", "WRENN_WATCH_NAMESPACE"][..],
         ),
         (
             "DaemonSet",

@@ -432,6 +432,8 @@ async fn setup(image: &GuestImage, slot: u8) -> Cluster {
     let opts = OperatorOptions {
         kubeconfig: cp.kubeconfig.clone(),
         agent_namespace: ns.clone(),
+        // The tests share one API server; each operator keeps to its own.
+        watch_namespace: Some(ns.clone()),
         pki,
         log: dir.join("operator.log"),
         node_lost_timeout_secs: 30,

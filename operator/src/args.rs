@@ -34,6 +34,11 @@ pub struct Args {
     /// reporting instance of its Events.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Reconcile Capsules, CapsuleSnapshots and CapsuleTemplates of this
+    /// namespace only (default: every namespace). Two operators sharing a
+    /// cluster must watch disjoint namespaces and drive disjoint agents.
+    #[arg(long, env = "WRENN_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Label selector of the node-agent Pods.
     #[arg(
         long,

@@ -113,6 +113,7 @@ async fn run(args: Args) -> Result<()> {
         leader_election,
         node_lost_timeout,
         max_concurrent_reconciles,
+        watch_namespace,
         ..
     } = args;
     let agent_namespace = agent_namespace
@@ -193,7 +194,7 @@ async fn run(args: Args) -> Result<()> {
         metrics,
         settings,
         instance,
-        namespace: None,
+        namespace: watch_namespace.filter(|ns| !ns.is_empty()),
     };
     let controllers = run_all(operator, async move {
         let _ = lost_rx.await;

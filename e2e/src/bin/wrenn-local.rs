@@ -120,6 +120,7 @@ async fn run_with_agent(
         let opts = OperatorOptions {
             kubeconfig: args.kubeconfig.clone(),
             agent_namespace: AGENT_NS.into(),
+            watch_namespace: None,
             pki,
             log: dir.join("operator.log"),
             node_lost_timeout_secs: 60,
