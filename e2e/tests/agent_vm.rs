@@ -55,6 +55,22 @@ async fn start_node(c: Case, offset: u32) -> Option<(Case, GuestImage, NodeAgent
     Some((c, image, agent))
 }
 
+/// Creates a capsule with a new UID and waits until it runs.
+async fn create_running(cl: &mut Client, image: &GuestImage) -> String {
+    let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
+    cl.create_capsule(create_request(&uid, image))
+        .await
+        .unwrap();
+    wait_state(
+        cl,
+        &uid,
+        pb::CapsuleState::Running,
+        Duration::from_secs(300),
+    )
+    .await;
+    uid
+}
+
 fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
     pb::CreateCapsuleRequest {
         uid: uid.into(),
@@ -245,18 +261,8 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         );
     }
 
-    let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
     let t0 = Instant::now();
-    cl.create_capsule(create_request(&uid, &image))
-        .await
-        .unwrap();
-    wait_state(
-        &mut cl,
-        &uid,
-        pb::CapsuleState::Running,
-        Duration::from_secs(300),
-    )
-    .await;
+    let uid = create_running(&mut cl, &image).await;
     assert_eq!(
         capsule_namespaces(&agent.netns_dir).len(),
         1,
@@ -449,17 +455,7 @@ async fn a_dropped_agent_takes_its_capsules_along() {
     };
     let node = agent.node_name.clone();
     let mut cl = connect(&agent).await;
-    let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
-    cl.create_capsule(create_request(&uid, &image))
-        .await
-        .unwrap();
-    wait_state(
-        &mut cl,
-        &uid,
-        pb::CapsuleState::Running,
-        Duration::from_secs(300),
-    )
-    .await;
+    let uid = create_running(&mut cl, &image).await;
     let dir = agent.state_dir.parent().unwrap().to_path_buf();
     let netns_dir = agent.netns_dir.clone();
     assert!(!processes_mentioning(&uid).is_empty(), "the VM runs");

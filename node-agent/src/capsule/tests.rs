@@ -616,6 +616,18 @@ impl Bed {
         )
     }
 
+    /// A [`Bed::with_qcow2`] where capsule `src` runs from the template
+    /// and snapshot `id` of it was taken (`memory`: with its memory).
+    async fn with_snapshot(id: &str, memory: bool) -> (Self, std::path::PathBuf) {
+        let (b, template) = Bed::with_qcow2();
+        b.sup
+            .create("src", from_template("src", &template), State::Running)
+            .await
+            .unwrap();
+        b.sup.snapshot("src", id, memory).await.unwrap();
+        (b, template)
+    }
+
     /// [`Bed::restart`] of a bed made by [`Bed::with_qcow2`].
     fn restart_qcow2(&mut self) {
         self.sup.shutdown();
@@ -687,12 +699,7 @@ fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 
 #[tokio::test]
 async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
-    let (b, template) = Bed::with_qcow2();
-    b.sup
-        .create("src", from_template("src", &template), State::Running)
-        .await
-        .unwrap();
-    b.sup.snapshot("src", "s1", true).await.unwrap();
+    let (b, _) = Bed::with_snapshot("s1", true).await;
     let snap = b.sup.layout().snapshot_dir("s1");
     let before = tree(&snap);
 
@@ -763,12 +770,7 @@ async fn a_capsule_from_a_snapshot_restores_its_memory_over_its_own_disk() {
 
 #[tokio::test]
 async fn a_disk_only_snapshot_boots_cold_from_its_disk() {
-    let (b, template) = Bed::with_qcow2();
-    b.sup
-        .create("src", from_template("src", &template), State::Running)
-        .await
-        .unwrap();
-    b.sup.snapshot("src", "cold", false).await.unwrap();
+    let (b, _) = Bed::with_snapshot("cold", false).await;
     let mut s = from_snapshot("new", "cold");
     // Without memory the shape may change.
     s.resources.vcpus = 4;
@@ -811,12 +813,7 @@ async fn a_missing_or_mismatched_snapshot_is_refused_and_leaves_nothing() {
 
 #[tokio::test]
 async fn a_failed_restore_from_a_snapshot_leaves_nothing_and_keeps_the_snapshot() {
-    let (b, template) = Bed::with_qcow2();
-    b.sup
-        .create("src", from_template("src", &template), State::Running)
-        .await
-        .unwrap();
-    b.sup.snapshot("src", "s1", true).await.unwrap();
+    let (b, _) = Bed::with_snapshot("s1", true).await;
     let before = tree(&b.sup.layout().snapshot_dir("s1"));
     b.machine.fail_next(Step::Restore, "cpuid mismatch");
     let err = b

@@ -20,12 +20,7 @@ fn chain(disk: &Path) -> Vec<PathBuf> {
 
 #[tokio::test]
 async fn a_second_generation_snapshot_outlives_its_source_capsule_and_snapshot() {
-    let (b, template) = Bed::with_qcow2();
-    b.sup
-        .create("src", from_template("src", &template), State::Running)
-        .await
-        .unwrap();
-    b.sup.snapshot("src", "s1", true).await.unwrap();
+    let (b, template) = Bed::with_snapshot("s1", true).await;
     b.sup
         .create("mid", from_snapshot("mid", "s1"), State::Running)
         .await
@@ -74,12 +69,7 @@ async fn a_second_generation_snapshot_outlives_its_source_capsule_and_snapshot()
 
 #[tokio::test]
 async fn recovery_collects_bases_that_a_crash_left() {
-    let (mut b, template) = Bed::with_qcow2();
-    b.sup
-        .create("src", from_template("src", &template), State::Running)
-        .await
-        .unwrap();
-    b.sup.snapshot("src", "s1", false).await.unwrap();
+    let (mut b, _) = Bed::with_snapshot("s1", false).await;
     b.sup
         .create("c", from_snapshot("c", "s1"), State::Running)
         .await
