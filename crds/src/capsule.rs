@@ -148,7 +148,8 @@ pub struct Lifecycle {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "with::shutdown_after")]
     pub shutdown_after: Option<String>,
-    /// Expire after this long without exec, PTY, file or port-forward activity, e.g. `15m`.
+    /// Expire after this long without an exec, PTY or file call through the
+    /// node agent, e.g. `15m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "with::idle_timeout")]
     pub idle_timeout: Option<String>,

@@ -117,7 +117,7 @@ pub(crate) mod with {
     pub(crate) fn idle_timeout(_: &mut SchemaGenerator) -> Schema {
         duration(
             "idleTimeout",
-            "How long without exec, PTY, file or port-forward activity before the capsule expires, e.g. 15m.",
+            "How long without an exec, PTY or file call through its node agent before the capsule expires, e.g. 15m.",
         )
     }
 

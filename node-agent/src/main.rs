@@ -318,6 +318,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             return ExitCode::from(EXIT_LISTEN);
         }
     };
+    let activity_file = state_dir.join("activity.json");
     let service = AgentService::new(
         AgentIdentity {
             node_name,
@@ -330,6 +331,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             state_dir,
         },
     )
+    .with_activity_file(&activity_file)
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());
     metrics.set_ready(true);

@@ -1,41 +1,123 @@
 //! When each capsule last served a data-plane call (exec, PTY, files), so
 //! the operator can count `idleTimeout` from real use rather than from the
-//! start. Kept in memory: after an agent restart a capsule counts as used
-//! at that moment only once a call arrives, which errs toward keeping it.
+//! start.
+//!
+//! Kept in a file in the state directory as well, written at most every
+//! [`FLUSH_EVERY`], on every forget and when the agent stops, so an agent
+//! restart does not make a capsule in use look idle since its start and
+//! expire it: a crash loses at most that much of its latest use.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest a touch waits before it reaches the file.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// Last data-plane call per capsule UID, Unix nanoseconds.
 #[derive(Clone, Debug, Default)]
 pub struct Activity {
-    last: Arc<Mutex<HashMap<String, i64>>>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    last: HashMap<String, i64>,
+    file: Option<PathBuf>,
+    flushed_at: i64,
+    /// Touched since the last flush.
+    dirty: bool,
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 impl Activity {
+    /// Activity kept in `file` too, starting from what it holds. An
+    /// unreadable file starts empty, with a warning: activity only delays
+    /// an expiry, it never keeps anything alive for good.
+    pub fn persisted(file: &Path) -> Self {
+        let last = match std::fs::read(file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %file.display(), error = %e, "unreadable activity file; starting empty");
+                HashMap::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = &e as &dyn std::error::Error, "read the activity file; starting empty");
+                HashMap::new()
+            }
+        };
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                last,
+                file: Some(file.to_path_buf()),
+                flushed_at: 0,
+                dirty: false,
+            })),
+        }
+    }
+
     /// Records a call on `uid` now.
     pub fn touch(&self, uid: &str) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        self.lock().insert(uid.to_string(), now);
+        let now = now_nanos();
+        let mut inner = self.lock();
+        inner.last.insert(uid.to_string(), now);
+        inner.dirty = true;
+        let due = i64::try_from(FLUSH_EVERY.as_nanos()).unwrap_or(i64::MAX);
+        if now.saturating_sub(inner.flushed_at) >= due {
+            inner.flush(now);
+        }
     }
 
     /// The last call on `uid`, 0 when none.
     pub fn last(&self, uid: &str) -> i64 {
-        self.lock().get(uid).copied().unwrap_or(0)
+        self.lock().last.get(uid).copied().unwrap_or(0)
     }
 
     /// Drops a deleted capsule.
     pub fn forget(&self, uid: &str) {
-        self.lock().remove(uid);
+        let mut inner = self.lock();
+        if inner.last.remove(uid).is_some() {
+            inner.flush(now_nanos());
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panicked holder leaves a map that is still valid.
-        self.last.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    /// Writes the map beside the file and renames it over, so a crash
+    /// leaves the old or the new map, never half of one.
+    fn flush(&mut self, now: i64) {
+        let Some(file) = &self.file else { return };
+        self.flushed_at = now;
+        self.dirty = false;
+        let tmp = file.with_extension("json.tmp");
+        let written = serde_json::to_vec(&self.last)
+            .map_err(std::io::Error::other)
+            .and_then(|body| std::fs::write(&tmp, body))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = written {
+            tracing::warn!(file = %file.display(), error = &e as &dyn std::error::Error, "write the activity file");
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// The agent stopping writes what the last window touched.
+    fn drop(&mut self) {
+        if self.dirty {
+            self.flush(now_nanos());
+        }
     }
 }
 
@@ -55,5 +137,29 @@ mod tests {
         assert_eq!(a.last("c2"), 0);
         a.forget("c1");
         assert_eq!(a.last("c1"), 0);
+    }
+
+    #[test]
+    fn activity_survives_a_restart_and_a_forget_too() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let file = dir.path().join("activity.json");
+        let a = Activity::persisted(&file);
+        a.touch("c1");
+        a.touch("c2");
+        a.forget("c2");
+        // Within the flush window: written when the agent stops.
+        a.touch("c1");
+        let c1 = a.last("c1");
+        assert!(c1 > 0);
+        drop(a);
+
+        // A new agent reads what the old one saw.
+        let b = Activity::persisted(&file);
+        assert_eq!(b.last("c1"), c1);
+        assert_eq!(b.last("c2"), 0, "a forgotten capsule came back");
+
+        // A torn file starts empty instead of failing the agent.
+        std::fs::write(&file, b"{\"c1\": ").unwrap_or_else(|e| panic!("write: {e}"));
+        assert_eq!(Activity::persisted(&file).last("c1"), 0);
     }
 }

@@ -77,6 +77,12 @@ impl AgentService {
         self
     }
 
+    /// Keeps data-plane activity in `file` across restarts.
+    pub fn with_activity_file(mut self, file: &std::path::Path) -> Self {
+        self.activity = activity::Activity::persisted(file);
+        self
+    }
+
     /// Serves `GetMetrics` from the agent's sampled history.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
