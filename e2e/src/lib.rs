@@ -111,12 +111,25 @@ impl ControlPlane {
         })
     }
 
+    /// The CRDs first, then the admission policy: a policy whose paramKind
+    /// (CapsuleTemplate) is not served yet fails to configure, and with
+    /// `failurePolicy: Fail` it then refuses every Capsule until the API
+    /// server compiles it again.
     fn install_crds(&self) -> Result<()> {
         let crds = workspace_root().join("crds");
-        self.kubectl_ok(
-            &["apply", "--server-side", "--force-conflicts", "-f"],
-            Some(&crds),
-        )?;
+        let apply = |file: &str| {
+            self.kubectl_ok(
+                &["apply", "--server-side", "--force-conflicts", "-f"],
+                Some(&crds.join(file)),
+            )
+        };
+        for file in [
+            "capsule.yaml",
+            "capsulesnapshot.yaml",
+            "capsuletemplate.yaml",
+        ] {
+            apply(file)?;
+        }
         self.kubectl_ok(
             &[
                 "wait",
@@ -129,11 +142,35 @@ impl ControlPlane {
             None,
         )?;
         // Established is not yet served through discovery: poll until it is.
+        self.poll("CRDs never served", || {
+            self.kubectl_ok(&["get", "cap,csnap,ctpl", "-A"], None)
+        })?;
+        apply("policy.yaml")?;
+        // A Capsule passes admission (no such template: the binding allows
+        // it) once the policy is configured.
+        let probe = std::env::temp_dir().join(format!("wrenn-probe-{}.json", std::process::id()));
+        std::fs::write(
+            &probe,
+            r#"{"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule", "metadata": {"name": "admission-probe", "namespace": "default"}, "spec": {"source": {"templateRef": {"name": "admission-probe"}}}}"#,
+        )
+        .context("write the admission probe")?;
+        let admitted = self.poll("the admission policy never took effect", || {
+            self.kubectl_ok(
+                &["create", "--dry-run=server", "-o", "name", "-f"],
+                Some(&probe),
+            )
+        });
+        let _ = std::fs::remove_file(&probe);
+        admitted.map(|_| ())
+    }
+
+    /// Retries `attempt` every 200 ms for up to 60 s.
+    fn poll(&self, what: &'static str, attempt: impl Fn() -> Result<String>) -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.kubectl_ok(&["get", "cap,csnap,ctpl", "-A"], None) {
-                Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => return Err(e.context("CRDs never served")),
+            match attempt() {
+                Ok(out) => return Ok(out),
+                Err(e) if Instant::now() > deadline => return Err(e.context(what)),
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }
         }
