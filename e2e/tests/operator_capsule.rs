@@ -66,7 +66,11 @@ fn start_operator(client: &Client, ns: &str, connector: Arc<FakeConnector>) -> R
         metrics,
         settings: Settings {
             node_lost_timeout: Duration::from_secs(3),
-            settle_grace: Duration::from_secs(5),
+            // Placement waits until every agent synced, or this long.
+            // Under CI load (eight tests on one API server) a sync can take
+            // over 5 s, and placing before it writes a transient
+            // Unschedulable that blurs the write count.
+            settle_grace: Duration::from_secs(30),
             // Usage writes would blur the write count; they have their own interval.
             usage_interval: Duration::from_secs(3600),
             converge_interval: Duration::from_secs(60),
@@ -242,6 +246,7 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
     let created_rv = created.resource_version().unwrap();
     let started = Instant::now();
     let mut seen = BTreeSet::new();
+    let mut shown = Vec::new();
     let running = loop {
         let ev = tokio::time::timeout(Duration::from_secs(30), versions.next())
             .await
@@ -250,8 +255,21 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
             .unwrap();
         if let watcher::Event::Apply(c) | watcher::Event::InitApply(c) = ev {
             let rv = c.resource_version().unwrap();
-            if rv != created_rv {
-                seen.insert(rv);
+            if rv != created_rv && seen.insert(rv) {
+                let st = c.status.as_ref();
+                let conds: Vec<_> = st
+                    .map(|s| {
+                        s.conditions
+                            .iter()
+                            .map(|c| format!("{}={}", c.type_, c.reason))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                shown.push(format!(
+                    "{:?} {conds:?} finalizers={:?}",
+                    phase(&c),
+                    c.finalizers()
+                ));
             }
             if phase(&c) == Some(CapsulePhase::Running) {
                 break c;
@@ -308,7 +326,11 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
         seen.len(),
         ours.len()
     );
-    assert!(writes <= 6, "{writes} API writes from apply to Running");
+    assert!(
+        writes <= 6,
+        "{writes} API writes from apply to Running:\n{}\nevents: {reasons:?}",
+        shown.join("\n")
+    );
 
     let tpl: Api<CapsuleTemplate> = Api::namespaced(client.clone(), &ns);
     let t = tpl.get("base").await.unwrap();
