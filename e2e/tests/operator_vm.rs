@@ -23,7 +23,7 @@ use wrenn_e2e::local::{
     template_manifest,
 };
 use wrenn_proto::agent::v1 as pb;
-use wrenn_testkit::{Tier, case, need_program, need_root};
+use wrenn_testkit::{Case, Tier, case, need_program, need_root};
 
 const MANAGER: &str = "e2e";
 
@@ -398,6 +398,32 @@ async fn prerequisites() -> Result<GuestImage, String> {
 /// time, or the boots of one time out for the load of the other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The prologue of every test here: its case, its turn (the lock), the
+/// guest image and a [`setup`] cluster; `None` after skipping when the host
+/// cannot run the test.
+async fn start(
+    name: &str,
+    slot: u8,
+) -> Option<(
+    Case,
+    tokio::sync::MutexGuard<'static, ()>,
+    GuestImage,
+    Cluster,
+)> {
+    let c = case(Tier::Vm, name);
+    let image = match prerequisites().await {
+        Ok(i) => i,
+        Err(why) => {
+            c.skip(why);
+            return None;
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let serial = SERIAL.lock().await;
+    let cl = setup(&image, slot).await;
+    Some((c, serial, image, cl))
+}
+
 /// Starts two agents and the operator in a fresh namespace. `slot` (0, 1,
 /// ...) keeps the node subnets of the tests of this binary apart.
 async fn setup(image: &GuestImage, slot: u8) -> Cluster {
@@ -458,17 +484,14 @@ async fn setup(image: &GuestImage, slot: u8) -> Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_drives_real_agents_through_a_capsules_life() {
-    let c = case(
-        Tier::Vm,
+    let Some((verdict, _serial, image, mut cl)) = start(
         "operator_vm::operator_drives_real_agents_through_a_capsules_life",
-    );
-    let image = match prerequisites().await {
-        Ok(i) => i,
-        Err(why) => return c.skip(why),
+        0,
+    )
+    .await
+    else {
+        return;
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let _serial = SERIAL.lock().await;
-    let mut cl = setup(&image, 0).await;
     let ns = cl.ns.clone();
 
     apply(
@@ -636,40 +659,14 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
     assert_no_duplicates(&cl.held().await);
 
     // Delete: gone from the API once the node let go, and from the nodes.
-    let uids = [uid.clone(), two.uid().unwrap(), three.uid().unwrap()];
-    for name in ["one", "two", "three"] {
-        cl.caps()
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap();
-    }
     snaps
         .delete("snap", &DeleteParams::default())
         .await
         .unwrap();
     let t0 = Instant::now();
-    cl.wait_gone(&cl.caps(), "capsules", t0).await;
+    cl.delete_all(&["one", "two", "three"]).await;
     cl.wait_gone(&snaps, "snapshot", t0).await;
-    let held = cl.held().await;
-    assert!(
-        held.values().all(Vec::is_empty),
-        "agents still hold {held:?}"
-    );
-    for uid in &uids {
-        assert!(
-            processes_mentioning(uid).is_empty(),
-            "VMM of {uid} left running"
-        );
-    }
-    for a in &cl.agents {
-        let left = capsule_namespaces(&a.netns_dir);
-        assert!(
-            left.is_empty(),
-            "namespaces left on {}: {left:?}",
-            a.node_name
-        );
-    }
-    drop(c);
+    drop(verdict);
 }
 
 /// Counts the writes to capsule `name` the API server makes visible (its
@@ -855,17 +852,14 @@ fn assert_operator_owns_only_status(obj: &kube::core::ObjectMeta, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_applied_manifests_run_without_drift_and_expire() {
-    let c = case(
-        Tier::Vm,
+    let Some((verdict, _serial, image, mut cl)) = start(
         "operator_vm::kubectl_applied_manifests_run_without_drift_and_expire",
-    );
-    let image = match prerequisites().await {
-        Ok(i) => i,
-        Err(why) => return c.skip(why),
+        1,
+    )
+    .await
+    else {
+        return;
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let _serial = SERIAL.lock().await;
-    let mut cl = setup(&image, 1).await;
     let files = tempfile::tempdir().unwrap();
     let examples = files.path().join("examples");
     write_examples(&examples, &image.rootfs());
@@ -1051,22 +1045,16 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
             info.snapshots
         );
     }
-    drop(c);
+    drop(verdict);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_in_the_middle_of_a_create_converges() {
-    let c = case(
-        Tier::Vm,
-        "operator_vm::kill9_in_the_middle_of_a_create_converges",
-    );
-    let image = match prerequisites().await {
-        Ok(i) => i,
-        Err(why) => return c.skip(why),
+    let Some((verdict, _serial, image, mut cl)) =
+        start("operator_vm::kill9_in_the_middle_of_a_create_converges", 2).await
+    else {
+        return;
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let _serial = SERIAL.lock().await;
-    let mut cl = setup(&image, 2).await;
     let ns = cl.ns.clone();
     apply(
         &cl.client,
@@ -1152,7 +1140,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
     assert_eq!(all.len(), 2, "agents hold {all:?}");
 
     cl.delete_all(&["mid-agent", "mid-op"]).await;
-    drop(c);
+    drop(verdict);
 }
 
 /// The warm example: built on both nodes (start command run, port open,
