@@ -239,9 +239,7 @@ impl<M: Machine + 'static> Shared<M> {
         ready.rootfs.is_file()
             && (ready.snapshot_id.is_empty()
                 || self.warm_snapshot_owner(&ready.snapshot_id).as_deref()
-                    == Some(
-                        warm::build_uid(&self.layout.snapshots_root(), &ready.snapshot_id).as_str(),
-                    ))
+                    == Some(warm::build_uid(&ready.snapshot_id).as_str()))
     }
 
     /// Records the progress of a running build (shown as its message).

@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -148,15 +148,10 @@ pub trait BuildGuest: Send + Sync + std::fmt::Debug {
 }
 
 /// The internal capsule id of the build VM of snapshot `snapshot_id`: not
-/// a UUID, so it never meets an operator's capsule. `scope` (the agent's
-/// snapshot directory) keeps two agents on one host, which build the same
-/// snapshot id, from sharing host names (cgroups) of one build VM.
-pub(crate) fn build_uid(scope: &Path, snapshot_id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(scope.as_os_str().as_encoded_bytes());
-    h.update([0]);
-    h.update(snapshot_id.as_bytes());
-    let h = format!("{:x}", h.finalize());
+/// a UUID, so it never meets an operator's capsule. Agents sharing a host
+/// keep their build VMs apart by their own state dir and cgroup parent.
+pub(crate) fn build_uid(snapshot_id: &str) -> String {
+    let h = format!("{:x}", Sha256::digest(snapshot_id.as_bytes()));
     format!("warm-{}", &h[..20])
 }
 
@@ -205,7 +200,7 @@ pub(crate) async fn build<M: Machine + 'static>(
         .acquire_owned()
         .await
         .map_err(|_| fail("Aborted", "the agent is shutting down"))?;
-    let uid = build_uid(&shared.layout.snapshots_root(), &warm.snapshot_id);
+    let uid = build_uid(&warm.snapshot_id);
     match shared.warm_snapshot_owner(&warm.snapshot_id) {
         // Built before (an agent restart between the snapshot and the
         // answer): nothing to do.

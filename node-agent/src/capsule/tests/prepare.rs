@@ -302,7 +302,7 @@ async fn a_warm_build_snapshots_a_hidden_build_vm_then_removes_it() {
     let b = WarmBed::new(FakeGuest::new(3));
     b.guest.hold(true);
     let req = b.warm_request("warm-web-1");
-    let build = warm::build_uid(&b.sup.layout().snapshots_root(), "warm-web-1");
+    let build = warm::build_uid("warm-web-1");
     let mut watch = b.sup.watch(0);
     let first = b.sup.prepare_template(req.clone()).await.unwrap();
     assert_eq!(first.phase, TemplatePhase::Preparing);
@@ -387,7 +387,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     if let Some(w) = req.warm.as_mut() {
         w.timeout = Duration::from_millis(300);
     }
-    let build = warm::build_uid(&b.sup.layout().snapshots_root(), "warm-web-2");
+    let build = warm::build_uid("warm-web-2");
 
     // Readiness never comes.
     let failed = b.settle(&req).await;
@@ -467,7 +467,7 @@ async fn a_restart_mid_build_removes_the_build_vm_and_the_next_call_builds_again
     let mut b = WarmBed::new(FakeGuest::new(1));
     b.guest.hold(true);
     let req = b.warm_request("warm-web-3");
-    let build = warm::build_uid(&b.sup.layout().snapshots_root(), "warm-web-3");
+    let build = warm::build_uid("warm-web-3");
     b.sup.prepare_template(req.clone()).await.unwrap();
     wait_for("a readiness probe", || {
         b.guest.probing.load(Ordering::SeqCst) > 0
@@ -506,7 +506,7 @@ async fn a_restart_mid_build_removes_the_build_vm_and_the_next_call_builds_again
 async fn a_restart_after_the_snapshot_keeps_it_without_building_again() {
     let mut b = WarmBed::new(FakeGuest::new(1));
     let req = b.warm_request("warm-web-4");
-    let build = warm::build_uid(&b.sup.layout().snapshots_root(), "warm-web-4");
+    let build = warm::build_uid("warm-web-4");
     assert_eq!(b.settle(&req).await.phase, TemplatePhase::Ready);
     // As if the agent died after the snapshot and before the answer was
     // recorded: the record is gone, the snapshot is whole.
@@ -540,10 +540,7 @@ async fn warm_builds_run_one_at_a_time() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let waiting = b.sup.prepare_template(two.clone()).await.unwrap();
     assert_eq!(waiting.message, "waiting for another warm build to finish");
-    assert_eq!(
-        b.machine.running(),
-        vec![warm::build_uid(&b.sup.layout().snapshots_root(), "warm-a")]
-    );
+    assert_eq!(b.machine.running(), vec![warm::build_uid("warm-a")]);
     b.guest.hold(false);
     assert_eq!(b.settle(&one).await.phase, TemplatePhase::Ready);
     assert_eq!(b.settle(&two).await.phase, TemplatePhase::Ready);
