@@ -23,7 +23,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -142,7 +142,7 @@ impl ControlPlane {
             None,
         )?;
         // Established is not yet served through discovery: poll until it is.
-        self.poll("CRDs never served", || {
+        self.until_ok("CRDs served", || {
             self.kubectl_ok(&["get", "cap,csnap,ctpl", "-A"], None)
         })?;
         apply("policy.yaml")?;
@@ -154,7 +154,7 @@ impl ControlPlane {
             r#"{"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule", "metadata": {"name": "admission-probe", "namespace": "default"}, "spec": {"source": {"templateRef": {"name": "admission-probe"}}}}"#,
         )
         .context("write the admission probe")?;
-        let admitted = self.poll("the admission policy never took effect", || {
+        let admitted = self.until_ok("the admission policy takes effect", || {
             self.kubectl_ok(
                 &["create", "--dry-run=server", "-o", "name", "-f"],
                 Some(&probe),
@@ -164,16 +164,12 @@ impl ControlPlane {
         admitted.map(|_| ())
     }
 
-    /// Retries `attempt` every 200 ms for up to 60 s.
-    fn poll(&self, what: &'static str, attempt: impl Fn() -> Result<String>) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match attempt() {
-                Ok(out) => return Ok(out),
-                Err(e) if Instant::now() > deadline => return Err(e.context(what)),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+    /// Retries `attempt` for up to 60 s ([`wrenn_testkit::wait_until`]).
+    fn until_ok(&self, what: &str, attempt: impl Fn() -> Result<String>) -> Result<String> {
+        wrenn_testkit::wait_until(Duration::from_secs(60), what, || {
+            attempt().map_err(|e| format!("{e:#}"))
+        })
+        .map_err(|e| anyhow!(e))
     }
 
     /// Runs kubectl against this cluster; returns its output whatever the exit code.
