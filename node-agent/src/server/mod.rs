@@ -77,6 +77,14 @@ impl AgentService {
         self
     }
 
+    /// A capsule as Get and List show it: the supervisor's view and the
+    /// last data-plane call this service saw.
+    fn shown(&self, view: &crate::capsule::CapsuleView) -> pb::Capsule {
+        let mut c = to_capsule(view);
+        c.last_activity_unix_nanos = self.activity.last(&view.uid);
+        c
+    }
+
     /// Keeps data-plane activity in `file` across restarts.
     pub fn with_activity_file(mut self, file: &std::path::Path) -> Self {
         self.activity = activity::Activity::persisted(file);
@@ -206,9 +214,7 @@ impl NodeAgent for AgentService {
         let uid = req.into_inner().uid;
         validate_uid(&uid)?;
         let view = self.capsules()?.get(&uid).map_err(|e| to_status(&e))?;
-        let mut c = to_capsule(&view);
-        c.last_activity_unix_nanos = self.activity.last(&uid);
-        Ok(Response::new(c))
+        Ok(Response::new(self.shown(&view)))
     }
     async fn list_capsules(
         &self,
@@ -218,11 +224,7 @@ impl NodeAgent for AgentService {
             .capsules()?
             .list()
             .iter()
-            .map(|v| {
-                let mut c = to_capsule(v);
-                c.last_activity_unix_nanos = self.activity.last(&v.uid);
-                c
-            })
+            .map(|v| self.shown(v))
             .collect();
         Ok(Response::new(pb::ListCapsulesResponse { capsules }))
     }
