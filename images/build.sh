@@ -43,7 +43,10 @@ cache=${WRENN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wrenn}
 guest_path=/.wrenn/wrenn-guest # node-agent/src/images GUEST_PATH
 vsock_port=1024                # wrenn-guest --vsock-port default
 rootfs_size=${WRENN_ROOTFS_SIZE:-512M}
-cmdline="console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=$guest_path panic=1 reboot=k random.trust_cpu=on quiet loglevel=3"
+# no_timer_check: under TCG on a busy host the kernel's check that the PIT
+# ticks through the IO-APIC fails at random (the vCPU is not scheduled for
+# the 10 ms it waits), and the fallback timer routing can stall the boot.
+cmdline="console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=$guest_path panic=1 reboot=k random.trust_cpu=on no_timer_check quiet loglevel=3"
 # Module names as modules.dep knows them; their dependencies are resolved
 # from modules.dep. ptp_kvm is refused without KVM, so it is optional.
 required_modules=(virtio_pci virtio_mmio virtio_blk virtio_net virtio_console virtio-rng

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wrenn_e2e::guest_vm::{Artifacts, Machine, boot_to_ready};
+use wrenn_testkit::guest_vm::{Artifacts, Machine, boot_to_ready};
 
 fn main() -> Result<()> {
     let runs: usize = std::env::var("WRENN_BOOT_RUNS")

@@ -17,15 +17,29 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# One build of every test target first: the generated-file checks and the
+# vm tier's agent and operator binaries (e2e/src/agent.rs cargo_build) then
+# reuse its artifacts instead of compiling their own.
+step "cargo test --workspace --no-run"
+cargo test --workspace --locked --no-run
+
 step "generated files are current"
-cargo run -q --locked -p wrenn-crds --bin crdgen -- --check
-cargo run -q --locked -p wrenn-proto --example gen -- --check
+# --workspace plus an example (a target that needs dev-dependencies) resolves
+# features as the test build did; `cargo run -p wrenn-crds` alone resolved
+# fewer and compiled kube, k8s-openapi and their dependencies a second time.
+cargo build -q --locked --workspace --bin crdgen --example gen
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+"$target_dir/debug/crdgen" --check
+"$target_dir/debug/examples/gen" --check
 # The chart's CRD copy (charts/wrenn/files/crds) equals crdgen's output.
 charts/wrenn/sync-crds.sh --check
 
 step "cargo test --workspace"
 report=$(mktemp); log=$(mktemp)
-trap 'rm -f "$report" "$log"' EXIT
+# The vm tier calibrates its boot budget once per run (wrenn_testkit::vm).
+WRENN_VM_RUN_DIR=$(mktemp -d -t wrenn-vm-run.XXXXXX)
+export WRENN_VM_RUN_DIR
+trap 'rm -rf "$report" "$log" "$WRENN_VM_RUN_DIR"' EXIT
 export WRENN_TIER_REPORT=$report
 set +e
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
@@ -66,5 +80,8 @@ for tier, c in tiers.items():
 skipped = sum(c["skipped"] for c in tiers.values())
 print(f"{passed - skipped} passed, {failed} failed, {skipped} skipped, {ignored} ignored")
 PY
+if [ -f "$WRENN_VM_RUN_DIR/boot-calibration" ]; then
+  echo "vm tier: calibration boot took $(cat "$WRENN_VM_RUN_DIR/boot-calibration") s; guest readiness budgets scale from it"
+fi
 echo "test.sh finished in $(( $(date +%s) - t0 ))s"
 exit "$rc"

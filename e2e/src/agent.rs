@@ -197,15 +197,28 @@ impl GuestImage {
     }
 }
 
+/// The example that makes a build resolve features as `cargo test
+/// --workspace` does (see [`cargo_build`]).
+const DEV_UNIT: [&str; 2] = ["--example", "gen"];
+
 /// Builds `bin` of `package` (debug, locked) and returns its path.
+///
+/// With the features `cargo test --workspace` resolves: `-p <package>`
+/// alone resolves fewer (no other member, no dev-dependency), which
+/// changes the features of libc, serde_json, tower and more, so the binary
+/// and half its dependencies were compiled a second time inside the first
+/// test that needed it. `--workspace` plus one small example (a target
+/// that needs dev-dependencies) gives the test build's resolution, whose
+/// artifacts are already there.
 pub fn cargo_build(package: &str, bin: &str) -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--locked", "-q", "-p", package, "--bin", bin])
+        .args(["build", "--locked", "-q", "--workspace", "--bin", bin])
+        .args(DEV_UNIT)
         .current_dir(workspace_root())
         .status()
         .context("run cargo build")?;
     if !status.success() {
-        bail!("cargo build -p {package} failed: {status}");
+        bail!("cargo build of {package}'s {bin} failed: {status}");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -242,6 +255,10 @@ pub struct AgentOptions {
     /// Certificates shared with other nodes (one operator talks to all);
     /// `None` makes a CA for this node alone.
     pub pki: Option<Pki>,
+    /// How long a guest may take until its agent answers
+    /// (`--guest-ready-secs`); `None` keeps the agent's default. The vm
+    /// tier passes its calibrated budget (`wrenn_testkit::vm`).
+    pub guest_ready: Option<Duration>,
 }
 
 /// A running agent in its node namespace.
@@ -266,6 +283,7 @@ pub struct NodeAgent {
     node_veth: String,
     binary: PathBuf,
     image: GuestImage,
+    guest_ready: Option<Duration>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -300,6 +318,7 @@ impl NodeAgent {
             node_veth: node_veth.clone(),
             binary,
             image: opts.image.clone(),
+            guest_ready: opts.guest_ready,
             child: None,
             dir,
         };
@@ -346,8 +365,8 @@ impl NodeAgent {
             .context("open the agent log")?;
         // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the
         // cgroup hierarchy the agent places VMMs in.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", agent.netns))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", agent.netns))
             .arg(&agent.binary)
             .args(["--node-name", &agent.node_name, "--listen", "0.0.0.0:7443"])
             .arg("--tls-cert")
@@ -379,7 +398,11 @@ impl NodeAgent {
             .args(["--admin-listen", "127.0.0.1:9090", "--log-level", "info"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone the log handle")?)
-            .stderr(log)
+            .stderr(log);
+        if let Some(ready) = agent.guest_ready {
+            cmd.arg(format!("--guest-ready-secs={}", ready.as_secs().max(1)));
+        }
+        let child = cmd
             .spawn()
             .context("start wrenn-node-agent")?;
         agent.child = Some(child);
@@ -425,6 +448,16 @@ impl NodeAgent {
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         self.stop();
+        // A failed test's message names the symptom; the agent log has the
+        // cause (a guest that never answered logs the host's view of it:
+        // processes, QMP run state, console and VMM log tails).
+        if std::thread::panicking() {
+            eprintln!(
+                "[node {}] agent log, last lines:\n{}",
+                self.node_name,
+                crate::local::tail(&self.log, 150)
+            );
+        }
         // Capsules still here (a test that failed before deleting them)
         // would hold QEMU processes, cgroups and mounted namespaces past
         // the test; a test that passed checked for leaks already, so this

@@ -12,7 +12,6 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod guest_vm;
 pub mod helm;
 pub mod leaks;
 pub mod local;
@@ -42,10 +41,7 @@ pub struct ControlPlane {
 
 /// Root of the workspace.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    wrenn_testkit::workspace_root()
 }
 
 fn script() -> PathBuf {

@@ -12,6 +12,7 @@ use wrenn_e2e::agent::{AgentClient, AgentOptions, GuestImage, NodeAgent, exec};
 use wrenn_e2e::leaks::{capsule_namespaces, files_mentioning, processes_mentioning};
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::guest::v1 as gpb;
+use wrenn_testkit::vm::Turn;
 use wrenn_testkit::{Case, Tier, case, need_program, need_root};
 
 type Client = AgentClient;
@@ -20,10 +21,11 @@ async fn connect(agent: &NodeAgent) -> Client {
     agent.connect().await.unwrap()
 }
 
-/// The case back, the guest image and an agent on a new node whose veth subnet is picked
-/// by the process id plus `offset`; `None` after skipping `c` when the host
-/// cannot run VMs.
-async fn start_node(c: Case, offset: u32) -> Option<(Case, GuestImage, NodeAgent)> {
+/// The test's vm-tier turn (a guest slot and the readiness budget), the
+/// case back, the guest image and an agent on a new node whose veth subnet
+/// is picked by the process id plus `offset`; `None` after skipping `c`
+/// when the host cannot run VMs.
+async fn start_node(c: Case, offset: u32) -> Option<(Turn, Case, GuestImage, NodeAgent)> {
     if let Err(why) = need_root()
         .and_then(|_| need_program("qemu-system-x86_64"))
         .and_then(|_| need_program("vhost-device-vsock"))
@@ -42,32 +44,33 @@ async fn start_node(c: Case, offset: u32) -> Option<(Case, GuestImage, NodeAgent
             return None;
         }
     };
+    let who = format!("agent_vm offset {offset} (pid {})", std::process::id());
+    let turn = tokio::task::spawn_blocking(move || wrenn_testkit::vm::turn(&who))
+        .await
+        .unwrap()
+        .unwrap();
     let opts = AgentOptions {
         node_name: wrenn_testkit::unique_name("n"),
         index: 1 + ((std::process::id() + offset) % 250) as u8,
         image: image.clone(),
         pki: None,
+        guest_ready: Some(turn.ready),
     };
     let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
         .await
         .unwrap()
         .unwrap();
-    Some((c, image, agent))
+    Some((turn, c, image, agent))
 }
 
-/// Creates a capsule with a new UID and waits until it runs.
-async fn create_running(cl: &mut Client, image: &GuestImage) -> String {
+/// Creates a capsule with a new UID and waits until it runs; the create
+/// returns once the guest answered, within the agent's `ready` budget.
+async fn create_running(cl: &mut Client, image: &GuestImage, ready: Duration) -> String {
     let uid = format!("e2e-{}", wrenn_testkit::unique_name("c"));
     cl.create_capsule(create_request(&uid, image))
         .await
         .unwrap();
-    wait_state(
-        cl,
-        &uid,
-        pb::CapsuleState::Running,
-        Duration::from_secs(300),
-    )
-    .await;
+    wait_state(cl, &uid, pb::CapsuleState::Running, ready).await;
     uid
 }
 
@@ -242,7 +245,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         Tier::Vm,
         "agent_vm::a_real_guest_through_the_agents_grpc_api",
     );
-    let Some((_case, image, agent)) = start_node(c, 0).await else {
+    let Some((turn, _case, image, agent)) = start_node(c, 0).await else {
         return;
     };
     let mut cl = connect(&agent).await;
@@ -262,7 +265,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     }
 
     let t0 = Instant::now();
-    let uid = create_running(&mut cl, &image).await;
+    let uid = create_running(&mut cl, &image, turn.ready).await;
     assert_eq!(
         capsule_namespaces(&agent.netns_dir).len(),
         1,
@@ -391,7 +394,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         &mut cl,
         &uid,
         pb::CapsuleState::Suspended,
-        Duration::from_secs(180),
+        turn.ready,
     )
     .await;
     wrenn_testkit::wait_until(Duration::from_secs(20), "VMM gone after suspend", || {
@@ -409,7 +412,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
         &mut cl,
         &uid,
         pb::CapsuleState::Running,
-        Duration::from_secs(180),
+        turn.ready,
     )
     .await;
     // Resume returns once the restored guest answered Init again.
@@ -450,12 +453,12 @@ async fn a_dropped_agent_takes_its_capsules_along() {
         "agent_vm::a_dropped_agent_takes_its_capsules_along",
     );
     // Not the other test's subnet: both run at once.
-    let Some((_case, image, agent)) = start_node(c, 125).await else {
+    let Some((turn, _case, image, agent)) = start_node(c, 125).await else {
         return;
     };
     let node = agent.node_name.clone();
     let mut cl = connect(&agent).await;
-    let uid = create_running(&mut cl, &image).await;
+    let uid = create_running(&mut cl, &image, turn.ready).await;
     let dir = agent.state_dir.parent().unwrap().to_path_buf();
     let netns_dir = agent.netns_dir.clone();
     assert!(!processes_mentioning(&uid).is_empty(), "the VM runs");

@@ -7,13 +7,8 @@
 //! here: under TCG on a loaded host its kernel sometimes hangs calibrating
 //! the TSC (microvm has no HPET or ACPI PM timer to fall back on).
 
-use std::time::Duration;
-
-use wrenn_e2e::guest_vm::{Artifacts, Machine, PID1_LINE, boot_to_ready};
+use wrenn_testkit::guest_vm::{Artifacts, Machine, PID1_LINE, boot_to_ready};
 use wrenn_testkit::{Tier, case, need_program, need_root};
-
-/// TCG on 2 busy cores: a boot normally takes a few seconds.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
 fn guest_image_boots_to_agent_ready_under_tcg() {
@@ -32,7 +27,11 @@ fn guest_image_boots_to_agent_ready_under_tcg() {
         a.release
     );
     let machine = Machine::Q35;
-    let boot = boot_to_ready(&a, machine, BOOT_TIMEOUT).expect("boot to agent ready");
+    // A boot normally takes a few seconds; the budget is the vm tier's,
+    // measured on this machine.
+    let turn = wrenn_testkit::vm::turn("guest_boot::guest_image_boots_to_agent_ready_under_tcg")
+        .expect("vm tier turn");
+    let boot = boot_to_ready(&a, machine, turn.ready).expect("boot to agent ready");
     assert!(
         boot.console.contains(PID1_LINE),
         "{}: the agent listens but wrenn-guest did not log as PID 1:\n{}",

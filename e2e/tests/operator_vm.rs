@@ -23,6 +23,7 @@ use wrenn_e2e::local::{
     template_manifest,
 };
 use wrenn_proto::agent::v1 as pb;
+use wrenn_testkit::vm::Turn;
 use wrenn_testkit::{Case, Tier, case, need_program, need_root};
 
 const MANAGER: &str = "e2e";
@@ -34,10 +35,20 @@ struct Cluster {
     agents: Vec<NodeAgent>,
     operator: OperatorProcess,
     opts: OperatorOptions,
+    /// The vm tier's readiness budget for one guest boot (the agents'
+    /// `--guest-ready-secs`).
+    ready: Duration,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
+    /// How long an apply may take to reach a booted guest: two boots'
+    /// budgets (a warm build and the restore from it), and never less than
+    /// the 300 s these tests always allowed.
+    fn boot_wait(&self) -> Duration {
+        (self.ready * 2).max(Duration::from_secs(300))
+    }
+
     fn agent(&mut self, node: &str) -> &mut NodeAgent {
         self.agents
             .iter_mut()
@@ -114,7 +125,7 @@ impl Cluster {
         self.wait(
             name,
             &format!("phase {phase:?}"),
-            Duration::from_secs(300),
+            self.boot_wait(),
             |c| c.status.as_ref().and_then(|s| s.phase) == Some(phase),
         )
         .await
@@ -223,8 +234,9 @@ impl Cluster {
                 break cap;
             }
             assert!(
-                applied.elapsed() < Duration::from_secs(300),
-                "{name}: not Running in 300 s; status {st:?}\n{}",
+                applied.elapsed() < self.boot_wait(),
+                "{name}: not Running in {:?}; status {st:?}\n{}",
+                self.boot_wait(),
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -406,7 +418,7 @@ async fn start(
     slot: u8,
 ) -> Option<(
     Case,
-    tokio::sync::MutexGuard<'static, ()>,
+    (tokio::sync::MutexGuard<'static, ()>, Turn),
     GuestImage,
     Cluster,
 )> {
@@ -420,13 +432,20 @@ async fn start(
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let serial = SERIAL.lock().await;
-    let cl = setup(&image, slot).await;
-    Some((c, serial, image, cl))
+    // This binary's turn among every vm-tier test process, taken after
+    // its own lock so its waiting tests hold no slot.
+    let who = format!("{name} (pid {})", std::process::id());
+    let turn = tokio::task::spawn_blocking(move || wrenn_testkit::vm::turn(&who))
+        .await
+        .unwrap()
+        .unwrap();
+    let cl = setup(&image, slot, turn.ready).await;
+    Some((c, (serial, turn), image, cl))
 }
 
 /// Starts two agents and the operator in a fresh namespace. `slot` (0, 1,
 /// ...) keeps the node subnets of the tests of this binary apart.
-async fn setup(image: &GuestImage, slot: u8) -> Cluster {
+async fn setup(image: &GuestImage, slot: u8, ready: Duration) -> Cluster {
     let cp = ControlPlane::shared().unwrap();
     let client = cp.client().await.unwrap();
     let ns = wrenn_e2e::temp_namespace(&client, "opvm").await.unwrap();
@@ -447,6 +466,7 @@ async fn setup(image: &GuestImage, slot: u8) -> Cluster {
             index: base + i as u8,
             image: image.clone(),
             pki: Some(pki.clone()),
+            guest_ready: Some(ready),
         };
         let agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts))
             .await
@@ -478,6 +498,7 @@ async fn setup(image: &GuestImage, slot: u8) -> Cluster {
         agents,
         operator,
         opts,
+        ready,
         _dir: tmp,
     }
 }
@@ -1074,7 +1095,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
             .unwrap();
         let applied = Instant::now();
         let uid = cl.caps().get(name).await.unwrap().uid().unwrap();
-        cl.wait_vmm(&uid, Duration::from_secs(180)).await;
+        cl.wait_vmm(&uid, cl.boot_wait()).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let cap = cl.caps().get(name).await.unwrap();
         let phase = cap.status.as_ref().and_then(|s| s.phase);
@@ -1156,7 +1177,7 @@ async fn warm_template_serves(cl: &mut Cluster, applied: Instant) -> String {
             break t;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(300),
+            t0.elapsed() < cl.boot_wait(),
             "warm template not built on both nodes: {st:?}\n{}",
             cl.logs()
         );

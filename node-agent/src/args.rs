@@ -110,6 +110,16 @@ pub struct Args {
     /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
+    /// Seconds a booting or restored guest may take until its agent
+    /// answers; past it the create fails and is rolled back. TCG guests on
+    /// a busy node need tens of seconds.
+    #[arg(
+        long,
+        env = "WRENN_GUEST_READY_SECS",
+        default_value_t = 180,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub guest_ready_secs: u64,
 }
 
 /// One path segment of letters, digits, '-', '_' and '.': never `..` or a

@@ -102,12 +102,14 @@ pub enum Error {
         after: Duration,
     },
     /// The guest agent never became ready before the deadline.
-    #[error("guest agent of capsule {capsule} not ready after {waited:?}")]
+    #[error("guest agent of capsule {capsule} not ready after {waited:?} ({attempts} attempts)")]
     NotReady {
         /// The capsule.
         capsule: String,
         /// How long we tried.
         waited: Duration,
+        /// Attempts made, the one cut by the deadline included.
+        attempts: u32,
         /// The last attempt's failure.
         #[source]
         last: Box<Error>,
@@ -341,7 +343,10 @@ impl GuestClient {
     ) -> Result<(Self, gpb::HealthResponse), Error> {
         let started = tokio::time::Instant::now();
         let until = started + deadline;
+        let mut attempts = 0;
+        let mut finished: Option<Error> = None;
         loop {
+            attempts += 1;
             let attempt = async {
                 let mut c = Self::open(capsule, socket, port, timeouts, FirstDial::Once)
                     .await?
@@ -355,18 +360,25 @@ impl GuestClient {
                 c.timeouts = saved;
                 Ok::<_, Error>((c, health))
             };
-            let last = match tokio::time::timeout_at(until, attempt).await {
+            let cut = match tokio::time::timeout_at(until, attempt).await {
                 Ok(Ok(ready)) => return Ok(ready),
-                Ok(Err(e)) => e,
-                Err(_) => Error::DialTimeout {
+                Ok(Err(e)) => {
+                    finished = Some(e);
+                    false
+                }
+                Err(_) => true,
+            };
+            if cut || tokio::time::Instant::now() + timeouts.retry >= until {
+                // An attempt the deadline cut says nothing; the one before
+                // it says how the guest answered.
+                let last = finished.unwrap_or_else(|| Error::DialTimeout {
                     capsule: capsule.to_string(),
                     after: deadline,
-                },
-            };
-            if tokio::time::Instant::now() + timeouts.retry >= until {
+                });
                 return Err(Error::NotReady {
                     capsule: capsule.to_string(),
                     waited: started.elapsed(),
+                    attempts,
                     last: Box::new(last),
                 });
             }

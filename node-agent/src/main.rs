@@ -68,6 +68,7 @@ fn main() -> ExitCode {
 
 /// What every backend's run path needs.
 struct Common {
+    guest_ready: std::time::Duration,
     netns_dir: PathBuf,
     node_name: String,
     listen: SocketAddr,
@@ -103,6 +104,7 @@ async fn run(args: Args) -> ExitCode {
         admin_listen,
         guest_binary,
         insecure_registries,
+        guest_ready_secs,
         ..
     } = args;
     let tls = TlsFiles {
@@ -163,6 +165,7 @@ async fn run(args: Args) -> ExitCode {
         },
     };
     let common = Common {
+        guest_ready: std::time::Duration::from_secs(guest_ready_secs),
         templates,
         node_name,
         listen,
@@ -206,6 +209,7 @@ async fn run(args: Args) -> ExitCode {
 /// The agent over any VMM backend: host modules, recovery, then serving.
 async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode {
     let Common {
+        guest_ready,
         node_name,
         listen,
         tls,
@@ -265,7 +269,10 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     };
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
-    cfg.guest = Some(GuestSettings::default());
+    cfg.guest = Some(GuestSettings {
+        ready_within: guest_ready,
+        ..GuestSettings::default()
+    });
     // The sampler and the admin server read what the supervisor records.
     cfg.metrics = metrics.clone();
     cfg.figures = Some(HostFigures {

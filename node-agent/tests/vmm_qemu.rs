@@ -256,6 +256,14 @@ async fn exec(g: &GuestClient, script: &str) -> (String, Option<i32>) {
     panic!("exec of {script:?} ended without an exit");
 }
 
+/// [`guest_timeouts`] with no pause between readiness attempts.
+fn hammering() -> GuestTimeouts {
+    GuestTimeouts {
+        retry: Duration::from_millis(1),
+        ..guest_timeouts()
+    }
+}
+
 fn guest_timeouts() -> GuestTimeouts {
     GuestTimeouts {
         dial: Duration::from_secs(5),
@@ -264,8 +272,6 @@ fn guest_timeouts() -> GuestTimeouts {
         retry: Duration::from_millis(100),
     }
 }
-
-const BOOT_DEADLINE: Duration = Duration::from_secs(120);
 
 #[tokio::test]
 async fn boots_pauses_snapshots_and_restores_a_real_guest() {
@@ -288,6 +294,9 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         Err(reason) => return c.skip(reason),
     };
     let image = read_image(&image_dir);
+    // The vm tier's turn: a guest slot and the calibrated boot budget.
+    let turn = wrenn_testkit::vm::turn("vmm_qemu::boots_pauses_snapshots_and_restores_a_real_guest")
+        .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     // The capsule's disk: a qcow2 layer over the shared root disk.
@@ -348,13 +357,19 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         cgroups: cgroups.clone(),
         capsule: capsule.clone(),
     };
+    // As the supervisor does: no dial before the guest set its vsock up.
+    // Then redial with no pause at all: every dial that reached the helper
+    // while the guest was still setting the device up ended its worker for
+    // good (issue 16's 180 s timeouts); this hammering made that happen on
+    // every boot without the wait.
+    machine.wait_vsock(&vm, turn.ready).await.unwrap();
     let ready = GuestClient::wait_ready(
         &capsule,
         &spec.vsock_socket,
         1024,
         "",
-        guest_timeouts(),
-        BOOT_DEADLINE,
+        hammering(),
+        turn.ready,
     )
     .await;
     let console = run_dir.join("console.log");
@@ -491,13 +506,15 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         cgroups: cgroups.clone(),
         capsule: capsule.clone(),
     };
+    // The restored guest sets up the re-plugged device: the same wait.
+    machine.wait_vsock(&vm2, turn.ready).await.unwrap();
     let (g2, health) = GuestClient::wait_ready(
         &capsule,
         &spec.vsock_socket,
         1024,
         "tok",
-        guest_timeouts(),
-        BOOT_DEADLINE,
+        hammering(),
+        turn.ready,
     )
     .await
     .map(|(c, h)| (c.with_token("tok").unwrap(), h))

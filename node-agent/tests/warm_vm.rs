@@ -127,7 +127,8 @@ struct World {
 }
 
 impl World {
-    async fn new(qemu: &Path, helper: &Path, image: Image) -> World {
+    /// `ready`: the vm tier's calibrated budget for one guest boot.
+    async fn new(qemu: &Path, helper: &Path, image: Image, ready: Duration) -> World {
         let net = NetBed::new(true);
         let state = tempfile::tempdir().unwrap();
         let cgroups =
@@ -145,6 +146,7 @@ impl World {
                 probe: Duration::from_secs(3),
                 retry: Duration::from_millis(100),
             },
+            ready_within: ready,
             ..GuestSettings::default()
         });
         let machine = QemuMachine::new(
@@ -355,7 +357,14 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         Ok(f) => f,
         Err(reason) => return c.skip(reason),
     };
-    let w = World::new(&qemu, &helper, image).await;
+    let turn = wrenn_testkit::vm::turn(
+        "warm_vm::warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing",
+    )
+    .unwrap();
+    // A build boots a guest and waits for its readiness; never less than
+    // the 400 s this test always allowed.
+    let build_wait = (turn.ready * 2).max(Duration::from_secs(400));
+    let w = World::new(&qemu, &helper, image, turn.ready).await;
     let baseline = w.net.snapshot();
 
     // A cold boot, for comparison.
@@ -372,7 +381,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         Readiness::TcpPort(8080),
         240,
     );
-    let (ready, build_tcp) = w.settle(&tcp, Duration::from_secs(400)).await;
+    let (ready, build_tcp) = w.settle(&tcp, build_wait).await;
     assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
     assert_eq!(
         (ready.snapshot_id.as_str(), ready.digest.as_str()),
@@ -438,7 +447,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         ]),
         240,
     );
-    let (ready, build_exec) = w.settle(&exec, Duration::from_secs(400)).await;
+    let (ready, build_exec) = w.settle(&exec, build_wait).await;
     assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
     w.assert_clean(&baseline);
     let from_exec = create(
@@ -471,7 +480,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         ]),
         20,
     );
-    let (failed, _) = w.settle(&never, Duration::from_secs(400)).await;
+    let (failed, _) = w.settle(&never, build_wait).await;
     assert_eq!(failed.phase, TemplatePhase::Failed, "{failed:?}");
     assert_eq!(failed.reason, "ReadinessTimeout");
     for part in ["code 3", "nope", "starting-never"] {

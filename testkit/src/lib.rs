@@ -11,6 +11,9 @@
 //!   a tier that silently did nothing.
 #![forbid(unsafe_code)]
 
+pub mod guest_vm;
+pub mod vm;
+
 use std::fmt;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -117,6 +120,14 @@ fn record_to(path: &std::path::Path, tier: Tier, outcome: &str, name: &str, reas
     {
         let _ = f.write_all(line.as_bytes());
     }
+}
+
+/// The workspace's root directory (`images/`, `e2e/scripts/` live there).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| std::path::PathBuf::from("."))
 }
 
 /// `Err` with a reason unless the process runs as root.

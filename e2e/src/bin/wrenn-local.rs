@@ -78,6 +78,7 @@ async fn run(args: Args) -> Result<()> {
         index: 250,
         image: image.clone(),
         pki: Some(pki.clone()),
+        guest_ready: None,
     };
     let mut agent = tokio::task::spawn_blocking(move || NodeAgent::start(&opts)).await??;
     println!("    agent {} log {}", agent.addr, agent.log.display());

@@ -115,8 +115,10 @@ impl SupervisorConfig {
             kernel: kernel.to_path_buf(),
             initramfs: None,
             // Template disks carry wrenn-guest at GUEST_PATH (images module).
+            // no_timer_check: the kernel's PIT-through-IO-APIC check fails at
+            // random under TCG on a busy node, and its fallback can stall boot.
             base_cmdline: format!(
-                "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init={} reboot=k panic=1 init_on_free=1",
+                "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init={} reboot=k panic=1 init_on_free=1 no_timer_check",
                 crate::images::GUEST_PATH
             ),
             event_history: 4096,
@@ -1180,26 +1182,43 @@ impl<M: Machine + 'static> Shared<M> {
                 source: Box::new(source),
             }
         };
-        let (mut client, _) = crate::guest::GuestClient::wait_ready(
-            &rec.uid,
-            &vm.vsock_socket,
-            g.port,
-            "",
-            g.timeouts,
-            g.ready_within,
-        )
-        .await
-        .inspect_err(|_| {
-            // The rollback removes the run dir: keep what the guest printed
-            // (kernel panic, missing module, init failure) in the agent log.
-            let console = self.layout.run_dir(&rec.uid).join("console.log");
-            if let Ok(text) = std::fs::read_to_string(&console) {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
-                tracing::error!(capsule = %rec.uid, console = %tail, "guest agent never answered; serial console tail");
+        // Some VMMs' vsock must not be dialed before the guest set it up.
+        let t0 = tokio::time::Instant::now();
+        let ready = match self.host.machine.wait_vsock(vm, g.ready_within).await {
+            Ok(()) => crate::guest::GuestClient::wait_ready(
+                &rec.uid,
+                &vm.vsock_socket,
+                g.port,
+                "",
+                g.timeouts,
+                g.ready_within.saturating_sub(t0.elapsed()),
+            )
+            .await
+            .map_err(err("reach")),
+            Err(source) => Err(Error::Vm {
+                action: "wait for the vsock of",
+                uid: rec.uid.clone(),
+                source: Box::new(source),
+            }),
+        };
+        let (mut client, _) = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                // The rollback removes the VM and its run dir: keep what the
+                // host saw of it (processes, run state, console, VMM logs) in
+                // the agent log, or the cause is gone with it.
+                let mut view = self.host.machine.diagnose(vm).await;
+                if view.is_empty() {
+                    let console = self.layout.run_dir(&rec.uid).join("console.log");
+                    if let Ok(text) = std::fs::read_to_string(&console) {
+                        let lines: Vec<&str> = text.lines().collect();
+                        view = lines[lines.len().saturating_sub(25)..].join("\n");
+                    }
+                }
+                tracing::error!(capsule = %rec.uid, error = %e.chain(), "guest agent never answered; the host's view:\n{view}");
+                return Err(e);
             }
-        })
-        .map_err(err("reach"))?;
+        };
         client
             .init(&crate::guest::InitParams {
                 env: rec

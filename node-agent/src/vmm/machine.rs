@@ -193,4 +193,26 @@ pub trait Machine: Send + Sync {
     /// Waits until the VMM exits and says why (requested, guest poweroff or
     /// crash).
     fn wait_exit(&self, vm: &MachineHandle) -> impl Future<Output = Result<VmmExit, Error>> + Send;
+
+    /// Waits until host connections may reach the guest's vsock device,
+    /// for at most `within`; called before the first dial to a booting or
+    /// restored guest. Backends whose vsock takes connections at any time
+    /// return at once.
+    fn wait_vsock(
+        &self,
+        vm: &MachineHandle,
+        within: std::time::Duration,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = (vm, within);
+        std::future::ready(Ok(()))
+    }
+
+    /// What the host sees of a VM whose guest did not answer in time
+    /// (processes, run state, logs), one fact per line, for the log line
+    /// that reports it before the rollback removes the VM. Best effort;
+    /// empty where a backend has nothing to add.
+    fn diagnose(&self, vm: &MachineHandle) -> impl Future<Output = String> + Send {
+        let _ = vm;
+        std::future::ready(String::new())
+    }
 }

@@ -18,6 +18,7 @@
 //! Networks (the TAP, opened here by name inside the netns) and disks come
 //! from `network` and `storage`.
 
+mod diagnose;
 pub mod qmp;
 
 use std::collections::HashMap;
@@ -53,6 +54,8 @@ const HELPER_FILE: &str = "helper.json";
 const HELPER_RELISTEN: Duration = Duration::from_secs(2);
 /// How long the vsock may take to answer a handshake after resume.
 const VSOCK_PROBE: Duration = Duration::from_secs(2);
+/// Pause between two looks at the vsock device while the guest sets it up.
+const VSOCK_POLL: Duration = Duration::from_millis(50);
 /// The root port the vsock device is hot-plugged on.
 const VSOCK_PORT_ID: &str = "vsock-port";
 
@@ -1146,6 +1149,9 @@ impl Machine for QemuMachine {
     async fn resume(&self, vm: &MachineHandle) -> Result<(), Error> {
         let mut q = self.qmp(vm, "resume").await?;
         self.cont(&mut q, &vm.capsule, "resume").await?;
+        // The probe itself must not reach the device mid-restart; a device
+        // that does not come back is plugged anew below.
+        let _ = self.wait_vsock(vm, VSOCK_PROBE).await;
         let probe = crate::guest::dial_through_refusals(&vm.vsock_socket, crate::guest::AGENT_PORT);
         if matches!(tokio::time::timeout(VSOCK_PROBE, probe).await, Ok(Ok(_))) {
             return Ok(());
@@ -1300,6 +1306,52 @@ impl Machine for QemuMachine {
         let status = qemu.wait().await?;
         let requested = qemu.stop_was_requested();
         Ok(process::classify_exit(status, &[], requested))
+    }
+
+    /// vhost-device-vsock 0.3 stops serving for good when a host
+    /// connection reaches it while the device's rings are not running
+    /// (its worker thread ends on the first error, and the process stays):
+    /// during the guest driver's setup of the device at boot or after a
+    /// restore's hot-plug, and while the VM is stopped. So no dial until
+    /// QEMU reports the vhost backend started. QMP answers under the lock
+    /// the device setup holds, so "started" means the setup is done.
+    async fn wait_vsock(&self, vm: &MachineHandle, within: Duration) -> Result<(), Error> {
+        let capsule = vm.capsule.as_str();
+        let until = tokio::time::Instant::now() + within;
+        let qerr = |source| Error::Qmp {
+            capsule: capsule.to_string(),
+            step: "wait for vsock",
+            source,
+        };
+        let mut q = self.qmp(vm, "wait for vsock").await?;
+        loop {
+            let devices = q.execute(&qmp::QueryVirtio).await.map_err(qerr)?;
+            if let Some(dev) = devices.iter().find(|d| d.name == "vhost-vsock") {
+                let status = q
+                    .execute(&qmp::QueryVirtioStatus {
+                        path: dev.path.clone(),
+                    })
+                    .await
+                    .map_err(qerr)?;
+                if status.vhost_started {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(Error::Qemu {
+                    capsule: capsule.to_string(),
+                    what: "wait for vsock",
+                    reason: format!(
+                        "the guest did not set up its vsock device within {within:?}"
+                    ),
+                });
+            }
+            tokio::time::sleep(VSOCK_POLL).await;
+        }
+    }
+
+    async fn diagnose(&self, vm: &MachineHandle) -> String {
+        self.report(vm).await
     }
 }
 

@@ -134,6 +134,42 @@ no_args!(
     "Whether KVM is present and in use."
 );
 no_args!(QueryPci, "query-pci", Vec<PciBus>, "The PCI tree.");
+no_args!(
+    QueryVirtio,
+    "x-query-virtio",
+    Vec<VirtioDevice>,
+    "The virtio devices and their QOM paths (QEMU 7.2+, experimental)."
+);
+
+/// One device of `x-query-virtio`.
+#[derive(Debug, Deserialize)]
+pub struct VirtioDevice {
+    /// Its backend's QOM path, for [`QueryVirtioStatus`].
+    pub path: String,
+    /// The model, e.g. `vhost-vsock` (vhost-user-vsock-pci's backend).
+    pub name: String,
+}
+
+/// The state of one virtio device.
+#[derive(Debug, Serialize)]
+pub struct QueryVirtioStatus {
+    /// [`VirtioDevice::path`].
+    pub path: String,
+}
+
+impl Command for QueryVirtioStatus {
+    const NAME: &'static str = "x-query-virtio-status";
+    type Reply = VirtioStatus;
+}
+
+/// `x-query-virtio-status` reply (the fields we read).
+#[derive(Debug, Deserialize)]
+pub struct VirtioStatus {
+    /// The vhost backend's rings are set up and running: the guest driver
+    /// finished the device's setup (DRIVER_OK) and the VM runs.
+    #[serde(rename = "vhost-started", default)]
+    pub vhost_started: bool,
+}
 
 /// `query-kvm` reply.
 #[derive(Debug, Deserialize, PartialEq, Eq)]

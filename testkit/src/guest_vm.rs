@@ -1,7 +1,8 @@
 //! The guest image from `images/build.sh`, booted with plain QEMU (TCG, no
 //! network, no vsock device, serial console to a file) for the boot smoke
-//! test and the boot benchmark. Capsules boot through the node agent's
-//! backends instead; this is the image checked on its own.
+//! test, the boot benchmark and the vm tier's calibration boot
+//! ([`crate::vm`]). Capsules boot through the node agent's backends
+//! instead; this is the image checked on its own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
