@@ -100,6 +100,8 @@ async fn main() {
     let paths = HostPaths {
         proc_root: "/proc".into(),
         state_dir: work.path().join("state"),
+        hidden: Vec::new(),
+        devices: Vec::new(),
     };
     let machine = QemuMachine::new(&qemu, &helper, paths, cgroups.clone())
         .await

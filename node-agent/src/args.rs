@@ -107,6 +107,33 @@ pub struct Args {
     /// Registries pulled from over plain HTTP (local mirrors), comma-separated.
     #[arg(long, env = "WRENN_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
+    /// CPUs kept from the VMMs for the kubelet, system daemons and this
+    /// agent: all VMMs together are capped (their parent cgroup) at the
+    /// node's CPUs minus this, and NodeInfo offers no more. At least the
+    /// kubelet's system-reserved + kube-reserved.
+    #[arg(long, env = "WRENN_RESERVED_CPUS", default_value_t = 1.0)]
+    pub reserved_cpus: f64,
+    /// Memory kept from the VMMs, like `--reserved-cpus` (bytes, or with
+    /// `Ki`/`Mi`/`Gi`/`Ti`). At least system-reserved + kube-reserved + the
+    /// eviction threshold.
+    #[arg(long, env = "WRENN_RESERVED_MEMORY", default_value = "1Gi", value_parser = bytes)]
+    pub reserved_memory: u64,
+    /// Processes and threads of all VMMs together; 0 is unlimited.
+    #[arg(long, env = "WRENN_VMM_PIDS_MAX", default_value_t = 65536)]
+    pub vmm_pids_max: u64,
+    /// Read bytes/s of all VMMs together on the state directory's disk
+    /// (where the host has the io/blkio controller); 0 is unlimited.
+    #[arg(long, env = "WRENN_VMM_IO_READ_BPS", default_value_t = 0)]
+    pub vmm_io_read_bps: u64,
+    /// Write bytes/s, like `--vmm-io-read-bps`.
+    #[arg(long, env = "WRENN_VMM_IO_WRITE_BPS", default_value_t = 0)]
+    pub vmm_io_write_bps: u64,
+    /// Read operations/s, like `--vmm-io-read-bps`.
+    #[arg(long, env = "WRENN_VMM_IO_READ_IOPS", default_value_t = 0)]
+    pub vmm_io_read_iops: u64,
+    /// Write operations/s, like `--vmm-io-read-bps`.
+    #[arg(long, env = "WRENN_VMM_IO_WRITE_IOPS", default_value_t = 0)]
+    pub vmm_io_write_iops: u64,
     /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
@@ -120,6 +147,24 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub guest_ready_secs: u64,
+}
+
+/// Bytes, plain or with a binary suffix (`512Mi`, `2Gi`).
+fn bytes(s: &str) -> Result<u64, String> {
+    let (num, mult) = [
+        ("Ki", 1u64 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?}: bytes, e.g. 1073741824 or 1Gi"))
 }
 
 /// One path segment of letters, digits, '-', '_' and '.': never `..` or a

@@ -15,12 +15,14 @@ use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, Su
 use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
-use wrenn_node_agent::node::NodePaths;
+use wrenn_node_agent::node::{NodePaths, VmmCap, read_facts};
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
 use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{self, BackendChoice, StorageConfig};
 use wrenn_node_agent::tls::TlsFiles;
-use wrenn_node_agent::vmm::cgroup::CgroupRoot;
+use wrenn_node_agent::vmm::cgroup::{
+    CPU_PERIOD_US, CgroupRoot, VmmBudget, plan_parent_limits, whole_disk_of,
+};
 use wrenn_node_agent::vmm::process::HostPaths;
 use wrenn_node_agent::vmm::qemu::QemuMachine;
 use wrenn_node_agent::vmm::{BackendKind, ChMachine, ChVmm, Machine};
@@ -79,6 +81,7 @@ struct Common {
     storage: BackendChoice,
     uplink: String,
     cgroups: CgroupRoot,
+    vmm_cap: VmmCap,
     metrics: Arc<Metrics>,
     templates: TemplateSettings,
 }
@@ -105,6 +108,13 @@ async fn run(args: Args) -> ExitCode {
         guest_binary,
         insecure_registries,
         guest_ready_secs,
+        reserved_cpus,
+        reserved_memory,
+        vmm_pids_max,
+        vmm_io_read_bps,
+        vmm_io_write_bps,
+        vmm_io_read_iops,
+        vmm_io_write_iops,
         ..
     } = args;
     let tls = TlsFiles {
@@ -156,6 +166,56 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(EXIT_HOST);
         }
     };
+    // The cap on all VMMs together, before any VMM starts.
+    let budget = VmmBudget {
+        reserved_cpus,
+        reserved_memory_bytes: reserved_memory,
+        pids_max: vmm_pids_max,
+        io_read_bps: vmm_io_read_bps,
+        io_write_bps: vmm_io_write_bps,
+        io_read_iops: vmm_io_read_iops,
+        io_write_iops: vmm_io_write_iops,
+    };
+    let vmm_cap = {
+        let cgroups = cgroups.clone();
+        let state_dir = state_dir.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let facts = read_facts(&NodePaths {
+                proc: "/proc".into(),
+                kvm: "/dev/kvm".into(),
+                state_dir: state_dir.clone(),
+            });
+            let disk = whole_disk_of(&state_dir, Path::new("/sys"));
+            let limits = plan_parent_limits(facts.vcpus, facts.memory_total, &budget, disk);
+            cgroups.ensure_parent(&limits).map(|a| (limits, a))
+        })
+        .await;
+        match applied {
+            Ok(Ok((limits, applied))) => {
+                for controller in &applied.unsupported {
+                    tracing::warn!(
+                        controller,
+                        "the host has no such cgroup controller; that VMM cap is not enforced"
+                    );
+                }
+                tracing::info!(?limits, "VMM parent cgroup capped");
+                VmmCap {
+                    vcpus: limits
+                        .cpu_quota_us
+                        .map(|q| u32::try_from(q / CPU_PERIOD_US).unwrap_or(u32::MAX)),
+                    memory_bytes: limits.memory_bytes,
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "cap the VMM parent cgroup"
+                );
+                return ExitCode::from(EXIT_HOST);
+            }
+            Err(_) => return ExitCode::from(EXIT_HOST),
+        }
+    };
     let templates = TemplateSettings {
         cache_dir: state_dir.join("images"),
         guest_binary,
@@ -177,12 +237,15 @@ async fn run(args: Args) -> ExitCode {
         uplink,
         netns_dir,
         cgroups,
+        vmm_cap,
         metrics,
     };
-    let paths = HostPaths {
-        proc_root: "/proc".into(),
-        state_dir: wrenn_node_agent::capsule::Layout::new(&common.state_dir).vmm_root(),
-    };
+    // Every VMM sees only its own files: see `HostPaths::confined`.
+    let paths = HostPaths::confined(
+        "/proc".into(),
+        wrenn_node_agent::capsule::Layout::new(&common.state_dir).vmm_root(),
+        &common.state_dir,
+    );
     match vmm {
         VmmBackend::CloudHypervisor => {
             match ChVmm::new(&ch_binary, paths, common.cgroups.clone()).await {
@@ -220,6 +283,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         uplink,
         netns_dir,
         cgroups,
+        vmm_cap,
         metrics,
         templates,
     } = common;
@@ -338,6 +402,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             state_dir,
         },
     )
+    .with_vmm_cap(vmm_cap)
     .with_activity_file(&activity_file)
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());

@@ -1,8 +1,12 @@
 //! Facts about this node for `NodeInfo`: CPU model, capacity, free memory
-//! and disk, whether KVM is usable. Host paths are passed in so tests read a
-//! fake `/proc`.
+//! and disk, whether KVM is usable; and what its capsules hold of it
+//! ([`plan_offer`]), so `free` never offers what a capsule may still claim.
+//! Host paths are passed in so tests read a fake `/proc`.
 
 use std::path::{Path, PathBuf};
+
+use crate::capsule::{Resources, State};
+use crate::vmm::cgroup::VMM_MEMORY_OVERHEAD_BYTES;
 
 /// Where to read node facts from.
 #[derive(Clone, Debug)]
@@ -56,6 +60,98 @@ pub fn read_facts(paths: &NodePaths) -> NodeFacts {
             .open(&paths.kvm)
             .is_ok(),
     }
+}
+
+/// The cap on all VMMs together (their parent cgroup), as configured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmmCap {
+    /// Whole CPUs; `None` is the node's.
+    pub vcpus: Option<u32>,
+    /// Bytes; `None` is the node's memory.
+    pub memory_bytes: Option<u64>,
+}
+
+/// What one capsule holds of the node: its declared resources as far as
+/// its state keeps them, never what the guest happens to touch now.
+pub fn held_by(state: State, declared: &Resources) -> Resources {
+    // A VMM's cgroup may use guest RAM plus the VMM's own overhead.
+    let memory = declared
+        .memory_bytes
+        .saturating_add(VMM_MEMORY_OVERHEAD_BYTES);
+    match state {
+        // A VMM exists or is about to (paused keeps RAM and must be able
+        // to resume in place; snapshotting and pausing return to running).
+        State::Creating
+        | State::Running
+        | State::Pausing
+        | State::Paused
+        | State::Resuming
+        | State::Snapshotting
+        | State::Suspending
+        | State::Deleting => Resources {
+            vcpus: declared.vcpus,
+            memory_bytes: memory,
+            disk_bytes: declared.disk_bytes,
+        },
+        // No VMM: the disk stays, and a suspend image as large as RAM.
+        State::Suspended => Resources {
+            vcpus: 0,
+            memory_bytes: 0,
+            disk_bytes: declared.disk_bytes.saturating_add(declared.memory_bytes),
+        },
+        // The VMM is gone; the disk stays until the capsule is deleted.
+        State::Failed | State::Stopped => Resources {
+            vcpus: 0,
+            memory_bytes: 0,
+            disk_bytes: declared.disk_bytes,
+        },
+    }
+}
+
+/// `capacity` and `free` as `NodeInfo` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// What capsules may use together: the node's, or the VMM cap if lower.
+    pub capacity: Resources,
+    /// Capacity minus what the capsules hold, bounded by what the host
+    /// really has left (memory available, disk free).
+    pub free: Resources,
+}
+
+/// Capacity and free resources from the node's facts, the VMM cap and the
+/// capsules' states and declared resources. Free memory also leaves room
+/// for the next VMM's overhead, since a capsule asks only for guest RAM.
+///
+/// Disk is thin (sparse CoW): what a capsule already wrote is in the
+/// filesystem's used space *and* in its declared size here, so free disk is
+/// conservative by that much, never generous.
+pub fn plan_offer(facts: &NodeFacts, cap: &VmmCap, capsules: &[(State, Resources)]) -> Offer {
+    let capacity = Resources {
+        vcpus: cap.vcpus.map_or(facts.vcpus, |c| c.min(facts.vcpus)),
+        memory_bytes: cap
+            .memory_bytes
+            .map_or(facts.memory_total, |m| m.min(facts.memory_total)),
+        disk_bytes: facts.disk_total,
+    };
+    let held =
+        capsules
+            .iter()
+            .map(|(state, r)| held_by(*state, r))
+            .fold(Resources::default(), |a, b| Resources {
+                vcpus: a.vcpus.saturating_add(b.vcpus),
+                memory_bytes: a.memory_bytes.saturating_add(b.memory_bytes),
+                disk_bytes: a.disk_bytes.saturating_add(b.disk_bytes),
+            });
+    let free = Resources {
+        vcpus: capacity.vcpus.saturating_sub(held.vcpus),
+        memory_bytes: capacity
+            .memory_bytes
+            .saturating_sub(held.memory_bytes)
+            .saturating_sub(VMM_MEMORY_OVERHEAD_BYTES)
+            .min(facts.memory_available),
+        disk_bytes: facts.disk_free.saturating_sub(held.disk_bytes),
+    };
+    Offer { capacity, free }
 }
 
 fn cpu_model(cpuinfo: &str) -> String {
@@ -117,5 +213,101 @@ mod tests {
         assert_eq!(facts.memory_available, 8192 * 1024);
         assert!(!facts.kvm);
         assert!(facts.disk_total >= facts.disk_free && facts.disk_total > 0);
+    }
+
+    const GI: u64 = 1 << 30;
+
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            vcpus: 16,
+            memory_total: 64 * GI,
+            memory_available: 60 * GI,
+            disk_total: 500 * GI,
+            disk_free: 400 * GI,
+            ..NodeFacts::default()
+        }
+    }
+
+    fn res(vcpus: u32, memory: u64, disk: u64) -> Resources {
+        Resources {
+            vcpus,
+            memory_bytes: memory,
+            disk_bytes: disk,
+        }
+    }
+
+    #[test]
+    fn free_subtracts_what_capsules_declare_not_what_they_touch() {
+        // Two fresh 4 GiB guests have touched almost nothing (memory
+        // available is still 60 GiB), yet both hold their full size.
+        let cap = VmmCap {
+            vcpus: Some(14),
+            memory_bytes: Some(56 * GI),
+        };
+        let held = [
+            (State::Running, res(2, 4 * GI, 10 * GI)),
+            (State::Creating, res(4, 4 * GI, 10 * GI)),
+        ];
+        let offer = plan_offer(&facts(), &cap, &held);
+        assert_eq!(offer.capacity, res(14, 56 * GI, 500 * GI));
+        let ovh = VMM_MEMORY_OVERHEAD_BYTES;
+        assert_eq!(offer.free.vcpus, 8);
+        assert_eq!(offer.free.memory_bytes, 56 * GI - 8 * GI - 3 * ovh);
+        assert_eq!(offer.free.disk_bytes, 380 * GI);
+    }
+
+    #[test]
+    fn paused_keeps_memory_and_suspended_keeps_disk_and_its_memory_image() {
+        let ovh = VMM_MEMORY_OVERHEAD_BYTES;
+        assert_eq!(
+            held_by(State::Paused, &res(2, 4 * GI, 10 * GI)),
+            res(2, 4 * GI + ovh, 10 * GI)
+        );
+        assert_eq!(
+            held_by(State::Suspended, &res(2, 4 * GI, 10 * GI)),
+            res(0, 0, 14 * GI)
+        );
+        assert_eq!(
+            held_by(State::Failed, &res(2, 4 * GI, 10 * GI)),
+            res(0, 0, 10 * GI)
+        );
+        let offer = plan_offer(
+            &facts(),
+            &VmmCap::default(),
+            &[
+                (State::Suspended, res(8, 32 * GI, 100 * GI)),
+                (State::Paused, res(8, 16 * GI, 0)),
+            ],
+        );
+        // The suspended capsule's vCPUs and RAM are free again; its disk
+        // and memory image are not. The paused one holds everything.
+        assert_eq!(offer.free.vcpus, 8);
+        assert_eq!(offer.free.memory_bytes, 64 * GI - 16 * GI - 2 * ovh);
+        assert_eq!(offer.free.disk_bytes, 400 * GI - 132 * GI);
+    }
+
+    #[test]
+    fn the_host_bounds_free_memory_and_a_full_node_offers_nothing() {
+        let mut f = facts();
+        // Something outside the capsules ate memory: free follows the host.
+        f.memory_available = 3 * GI;
+        let offer = plan_offer(&f, &VmmCap::default(), &[]);
+        assert_eq!(offer.free.memory_bytes, 3 * GI);
+        // Held beyond capacity (cap lowered under running capsules) floors at 0.
+        let cap = VmmCap {
+            vcpus: Some(2),
+            memory_bytes: Some(GI),
+        };
+        let offer = plan_offer(&facts(), &cap, &[(State::Running, res(4, 4 * GI, 0))]);
+        assert_eq!((offer.free.vcpus, offer.free.memory_bytes), (0, 0));
+        // A cap above the node is the node.
+        let big = VmmCap {
+            vcpus: Some(64),
+            memory_bytes: Some(1 << 50),
+        };
+        assert_eq!(
+            plan_offer(&facts(), &big, &[]).capacity,
+            res(16, 64 * GI, 500 * GI)
+        );
     }
 }

@@ -34,6 +34,8 @@ impl Env {
             paths: HostPaths {
                 proc_root: "/proc".into(),
                 state_dir: state.path().to_path_buf(),
+                hidden: Vec::new(),
+                devices: Vec::new(),
             },
             parent,
             _state: state,
@@ -52,6 +54,7 @@ impl Env {
                 // One CPU at most, so the busy loop cannot starve the host.
                 limits: CgroupLimits::build_for_vm(1, 64 << 20),
                 inherit: vec![],
+                confine: Default::default(),
             },
         )
         .unwrap()

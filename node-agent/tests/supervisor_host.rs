@@ -67,6 +67,7 @@ impl ProcessMachine {
                 netns: spec.netns.as_deref(),
                 limits: spec.limits,
                 inherit: vec![],
+                confine: Default::default(),
             },
         )?;
         let handle = MachineHandle {
@@ -220,6 +221,8 @@ impl World {
             HostPaths {
                 proc_root: "/proc".into(),
                 state_dir: layout.vmm_root(),
+                hidden: Vec::new(),
+                devices: Vec::new(),
             },
             self.cgroups.clone(),
         );

@@ -647,6 +647,8 @@ mod chvmm {
             HostPaths {
                 proc_root: "/proc".into(),
                 state_dir: dir.to_path_buf(),
+                hidden: Vec::new(),
+                devices: Vec::new(),
             },
             CgroupRoot::detect(dir, "wrenn").unwrap(),
         )

@@ -149,6 +149,8 @@ fn api_suite_against_real_cloud_hypervisor() {
         let paths = HostPaths {
             proc_root: "/proc".into(),
             state_dir: state.path().to_path_buf(),
+            hidden: Vec::new(),
+            devices: Vec::new(),
         };
         let vmm = ChVmm::new(&bin, paths, cgroups.clone()).await.unwrap();
         eprintln!("cloud-hypervisor {} ({})", vmm.version(), vmm.version().raw);
@@ -159,6 +161,7 @@ fn api_suite_against_real_cloud_hypervisor() {
                 netns: Some(netns_path.clone()),
                 limits: CgroupLimits::build_for_vm(1, 256 << 20),
                 memory_bytes: 256 << 20,
+                confine: Default::default(),
             })
             .await
             .unwrap();

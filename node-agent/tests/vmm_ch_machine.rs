@@ -118,6 +118,8 @@ impl Env {
         let paths = HostPaths {
             proc_root: "/proc".into(),
             state_dir: self.dir.path().join("vmm"),
+            hidden: Vec::new(),
+            devices: Vec::new(),
         };
         ChMachine::new(ChVmm::with_version(
             &self.dir.path().join("cloud-hypervisor"),

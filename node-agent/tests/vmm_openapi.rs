@@ -195,7 +195,69 @@ fn vm_configs() -> Vec<(&'static str, VmConfig)> {
         ("serial+vsock+uuid", full),
         ("named tap", named_tap),
         ("machine: qcow2 + initramfs", machine),
+        ("machine: confined, with a NIC", confined_machine()),
     ]
+}
+
+/// What ChMachine sends for a capsule with a NIC: Landlock on, with the
+/// run dir and the TAP device as extra rules.
+fn confined_machine() -> VmConfig {
+    wrenn_node_agent::vmm::build_machine_config(&wrenn_node_agent::vmm::MachineSpec {
+        capsule: "abc".into(),
+        vcpus: 2,
+        memory_bytes: 512 << 20,
+        kernel: "/opt/wrenn/share/vmlinuz".into(),
+        initramfs: None,
+        cmdline: "console=ttyS0".into(),
+        root_disk: "/dev/mapper/wrenn-abc".into(),
+        root_disk_format: wrenn_node_agent::vmm::DiskFormat::Raw,
+        netns: Some("/run/netns/wrenn-abc".into()),
+        tap: Some(wrenn_node_agent::vmm::TapSpec {
+            name: "tap0".into(),
+            mac: "02:fc:00:00:00:05".into(),
+        }),
+        vsock_cid: 3,
+        vsock_socket: "/var/lib/wrenn/vmm/abc/vsock.sock".into(),
+        limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(2, 512 << 20),
+        run_dir: "/var/lib/wrenn/vmm/abc".into(),
+    })
+}
+
+#[test]
+fn cloud_hypervisor_runs_with_its_seccomp_and_landlock() {
+    let args: Vec<String> =
+        wrenn_node_agent::vmm::build_ch_args(7, std::path::Path::new("/r/events.json"))
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+    assert_eq!(
+        args,
+        [
+            "--api-socket",
+            "fd=7",
+            "--event-monitor",
+            "path=/r/events.json",
+            "--seccomp",
+            "true"
+        ]
+    );
+    let config = confined_machine();
+    assert_eq!(config.landlock_enable, Some(true));
+    let rules: Vec<(&str, &str)> = config
+        .landlock_rules
+        .iter()
+        .map(|r| (r.path.as_str(), r.access.as_str()))
+        .collect();
+    assert_eq!(
+        rules,
+        [("/var/lib/wrenn/vmm/abc", "rw"), ("/dev/net/tun", "rw")]
+    );
+    // Without a NIC, no TAP device rule.
+    let (_, qcow) = vm_configs()
+        .into_iter()
+        .find(|(n, _)| *n == "machine: qcow2 + initramfs")
+        .unwrap();
+    assert!(qcow.landlock_rules.iter().all(|r| r.path != "/dev/net/tun"));
 }
 
 fn nets() -> Vec<(&'static str, NetConfig)> {

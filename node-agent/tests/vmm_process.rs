@@ -79,6 +79,8 @@ impl Env {
             paths: HostPaths {
                 proc_root: "/proc".into(),
                 state_dir: state.path().to_path_buf(),
+                hidden: Vec::new(),
+                devices: Vec::new(),
             },
             parent,
             pids: Default::default(),
@@ -107,6 +109,7 @@ impl Env {
                 netns,
                 limits: CgroupLimits::build_for_vm(2, 256 << 20),
                 inherit: vec![],
+                confine: Default::default(),
             },
         )
         .unwrap();
@@ -302,6 +305,8 @@ fn spawner_helper() {
     let paths = HostPaths {
         proc_root: "/proc".into(),
         state_dir: state.into(),
+        hidden: Vec::new(),
+        devices: Vec::new(),
     };
     let p = spawn_supervised(
         &paths,
@@ -313,6 +318,7 @@ fn spawner_helper() {
             netns: Some(Path::new(&netns)),
             limits: CgroupLimits::build_for_vm(1, 64 << 20),
             inherit: vec![],
+            confine: Default::default(),
         },
     )
     .unwrap();
@@ -506,6 +512,7 @@ fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
             netns: Some(netns.path()),
             limits: CgroupLimits::build_for_vm(1, 128 << 20),
             memory_bytes: 128 << 20,
+            confine: Default::default(),
         };
         let started = std::time::Instant::now();
         let vm = vmm.start(&spec).await.unwrap();

@@ -313,10 +313,10 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     let netns = Netns::with_tap("tap0");
     let parent = unique_name("wrenn-qtest");
     let cgroups = CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &parent).unwrap();
-    let paths = HostPaths {
-        proc_root: "/proc".into(),
-        state_dir: work.path().join("state"),
-    };
+    // The production view: the whole work dir, /dev and the cgroup mount
+    // hidden from QEMU and its helper, so this test also proves the VM
+    // runs confined.
+    let paths = HostPaths::confined("/proc".into(), work.path().join("state"), work.path());
     let machine = QemuMachine::new(&qemu, &helper, paths, cgroups.clone())
         .await
         .unwrap();

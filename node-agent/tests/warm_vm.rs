@@ -152,10 +152,11 @@ impl World {
         let machine = QemuMachine::new(
             qemu,
             helper,
-            HostPaths {
-                proc_root: "/proc".into(),
-                state_dir: wrenn_node_agent::capsule::Layout::new(state.path()).vmm_root(),
-            },
+            HostPaths::confined(
+                "/proc".into(),
+                wrenn_node_agent::capsule::Layout::new(state.path()).vmm_root(),
+                state.path(),
+            ),
             cgroups.clone(),
         )
         .await

@@ -38,8 +38,6 @@ struct Entry {
     client: Option<Arc<dyn NodeAgent>>,
     task: Option<JoinHandle<()>>,
     info: Option<pb::NodeInfoResponse>,
-    /// UIDs the agent held when it last reported `free`.
-    info_uids: BTreeSet<String>,
     capsules: BTreeMap<String, pb::Capsule>,
     synced: bool,
     /// Since when the agent is unreachable (or unknown since start).
@@ -49,7 +47,8 @@ struct Entry {
 struct Inner {
     connector: Arc<dyn Connector>,
     nodes: RwLock<HashMap<String, Entry>>,
-    /// Placements made but not yet visible in the agent's `free`.
+    /// Placements made but not yet listed as held by the agent (so not yet
+    /// subtracted from its `free`).
     placements: RwLock<HashMap<String, (String, Resources)>>,
     triggers: mpsc::UnboundedSender<ObjectRef<Capsule>>,
     syncs: mpsc::UnboundedSender<AgentSynced>,
@@ -234,7 +233,10 @@ impl AgentPool {
         });
     }
 
-    /// Records a placement so the next decisions count it before the agent does.
+    /// Records a placement so the next decisions count it before the agent
+    /// does. It stays until the agent's NodeInfo lists the UID as held
+    /// ([`plan_reserved`]), so at no moment is the capsule counted by
+    /// neither side.
     pub fn reserve(&self, uid: &str, node: &str, r: Resources) {
         self.inner
             .placements
@@ -284,17 +286,21 @@ impl AgentPool {
                     })
                     .unwrap_or_default()
                 };
-                let mut reserved = Resources::default();
-                let mut count = e.capsules.len();
-                for (uid, (n, r)) in &all {
-                    if *n == name.as_str() && !e.info_uids.contains(*uid) {
-                        reserved = reserved.plus(*r);
-                        if !e.capsules.contains_key(*uid) {
-                            count += 1;
-                        }
-                    }
-                }
                 let info = e.info.as_ref();
+                let held: BTreeSet<&str> = info
+                    .map(|i| i.held.iter().map(String::as_str).collect())
+                    .unwrap_or_default();
+                let mine: Vec<(&str, Resources)> = all
+                    .iter()
+                    .filter(|(_, (n, _))| *n == name.as_str())
+                    .map(|(u, (_, r))| (*u, *r))
+                    .collect();
+                let reserved = plan_reserved(&mine, &held);
+                let count = e.capsules.len()
+                    + mine
+                        .iter()
+                        .filter(|(u, _)| !held.contains(u) && !e.capsules.contains_key(*u))
+                        .count();
                 NodeView {
                     name: name.clone(),
                     ready: e.synced && info.is_some(),
@@ -348,6 +354,15 @@ impl AgentPool {
         }
     }
 
+    /// Drops the reservations the agent now counts itself.
+    fn release_held(&self, info: &pb::NodeInfoResponse) {
+        self.inner
+            .placements
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|uid, _| !info.held.contains(uid));
+    }
+
     fn with_entry(&self, node: &str, f: impl FnOnce(&mut Entry)) {
         if let Some(e) = self.write().get_mut(node) {
             f(e);
@@ -357,19 +372,11 @@ impl AgentPool {
     async fn refresh_info(&self, node: &str, client: &Arc<dyn NodeAgent>) -> bool {
         match client.node_info().await {
             Ok(info) => {
-                self.with_entry(node, |e| {
-                    e.info_uids = e.capsules.keys().cloned().collect();
-                    e.info = Some(info);
-                });
-                let mut placements = self
-                    .inner
-                    .placements
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner());
-                let nodes = self.read();
-                if let Some(e) = nodes.get(node) {
-                    placements.retain(|uid, _| !e.info_uids.contains(uid));
-                }
+                // Info first: until it is in, the reservation is what
+                // counts the capsule (releasing first would open a window
+                // in which neither side does).
+                self.with_entry(node, |e| e.info = Some(info.clone()));
+                self.release_held(&info);
                 true
             }
             Err(err) => {
@@ -416,12 +423,12 @@ impl AgentPool {
             };
             let before = e.capsules.values().cloned().collect();
             e.capsules = listed.iter().map(|c| (c.uid.clone(), c.clone())).collect();
-            e.info_uids = e.capsules.keys().cloned().collect();
-            e.info = Some(info);
+            e.info = Some(info.clone());
             e.synced = true;
             e.lost_since = None;
             before
         };
+        self.release_held(&info);
         tracing::info!(%node, capsules = listed.len(), "agent synced");
         for c in before.iter().chain(listed.iter()) {
             self.trigger(c);
@@ -466,6 +473,16 @@ impl AgentPool {
     }
 }
 
+/// What a node's `free` does not yet count: the placements on it (`uid`,
+/// resources) whose UID the agent's last NodeInfo did not list as held.
+/// Pure; the hand-off rule between operator and agent.
+pub fn plan_reserved(placed: &[(&str, Resources)], held: &BTreeSet<&str>) -> Resources {
+    placed
+        .iter()
+        .filter(|(uid, _)| !held.contains(uid))
+        .fold(Resources::default(), |sum, (_, r)| sum.plus(*r))
+}
+
 /// Follows the node-agent Pods and keeps the pool's clients in step.
 /// Returns when the watch ends (never, in practice).
 pub async fn discover(pool: AgentPool, pods: Api<Pod>, selector: String, port: u16) {
@@ -506,4 +523,102 @@ pub fn node_labels(nodes: &Store<Node>, name: &str) -> BTreeMap<String, String> 
         .get(&ObjectRef::new(name))
         .and_then(|n| n.metadata.labels.clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::agent::fake::{FakeConnector, FakeNodeAgent};
+
+    const GI: u64 = 1 << 30;
+
+    fn two_cpus() -> Resources {
+        Resources {
+            vcpus: 2,
+            memory_bytes: GI,
+            disk_bytes: GI,
+        }
+    }
+
+    #[test]
+    fn a_placement_counts_until_the_agent_lists_it_as_held() {
+        let placed = [("a", two_cpus()), ("b", two_cpus())];
+        let none = BTreeSet::new();
+        assert_eq!(plan_reserved(&placed, &none).vcpus, 4);
+        let a_held = BTreeSet::from(["a"]);
+        assert_eq!(plan_reserved(&placed, &a_held), two_cpus());
+        let both = BTreeSet::from(["a", "b"]);
+        assert_eq!(plan_reserved(&placed, &both), Resources::default());
+    }
+
+    /// What placement sees as left on `node`: the agent's free minus the
+    /// operator's reservations.
+    fn left(pool: &AgentPool, node: &str) -> Resources {
+        let views = pool.views(|_| BTreeMap::new(), &[]);
+        let v = views.iter().find(|v| v.name == node).unwrap();
+        v.free.minus(v.reserved)
+    }
+
+    /// The hand-off for real: a fake agent answers NodeInfo on a short
+    /// refresh while a placed capsule is created on it. At every moment
+    /// the capsule is counted once: by the reservation until the agent's
+    /// NodeInfo lists it as held, then by the agent's free alone.
+    #[tokio::test]
+    async fn no_moment_counts_a_placed_capsule_by_neither_side_nor_twice() {
+        let connector = Arc::new(FakeConnector::default());
+        let agent = FakeNodeAgent::new(
+            "node-a",
+            pb::Resources {
+                vcpus: 4,
+                memory_bytes: 8 * GI,
+                disk_bytes: 100 * GI,
+            },
+            Duration::ZERO,
+        );
+        connector.add(agent.clone());
+        let (pool, _streams) = AgentPool::new(connector.clone(), Duration::from_millis(20));
+        pool.upsert("node-a", "127.0.0.1:1".parse().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.ready_nodes().is_empty() {
+            assert!(Instant::now() < deadline, "agent never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(left(&pool, "node-a").vcpus, 4);
+
+        pool.reserve("x", "node-a", two_cpus());
+        assert_eq!(left(&pool, "node-a").vcpus, 2, "reserved before created");
+        let client = pool.client("node-a").unwrap();
+        client
+            .create_capsule(pb::CreateCapsuleRequest {
+                uid: "x".into(),
+                spec: Some(pb::CapsuleSpec {
+                    namespace: "ns".into(),
+                    name: "x".into(),
+                    resources: Some(two_cpus().into()),
+                    ..Default::default()
+                }),
+                initial_state: 0,
+            })
+            .await
+            .unwrap();
+        // Until and after the agent reports it: always exactly 2 left.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert_eq!(left(&pool, "node-a").vcpus, 2);
+            let held = pool
+                .info("node-a")
+                .is_some_and(|i| i.held.iter().any(|u| u == "x"));
+            if held && pool.inner.placements.read().unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent never listed x as held"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(left(&pool, "node-a").vcpus, 2, "counted by the agent alone");
+        pool.shutdown();
+    }
 }

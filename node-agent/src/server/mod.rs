@@ -18,7 +18,7 @@ use wrenn_proto::agent::v1::node_agent_server::{NodeAgent, NodeAgentServer};
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::capsule::{CapsuleApi, State};
-use crate::node::{NodePaths, read_facts};
+use crate::node::{NodePaths, VmmCap, plan_offer, read_facts};
 
 mod activity;
 pub mod convert;
@@ -56,6 +56,7 @@ pub struct AgentService {
     capsules: Option<Arc<dyn CapsuleApi>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     activity: activity::Activity,
+    vmm_cap: VmmCap,
 }
 
 impl AgentService {
@@ -68,7 +69,14 @@ impl AgentService {
             capsules: None,
             metrics: None,
             activity: activity::Activity::default(),
+            vmm_cap: VmmCap::default(),
         }
+    }
+
+    /// Offers at most `cap` (the VMM parent cgroup's cap) as capacity.
+    pub fn with_vmm_cap(mut self, cap: VmmCap) -> Self {
+        self.vmm_cap = cap;
+        self
     }
 
     /// Serves capsule RPCs from `capsules` (the supervisor).
@@ -144,6 +152,14 @@ pub struct GuestEndpoint {
     pub vsock_socket: std::path::PathBuf,
 }
 
+fn to_resources(r: &crate::capsule::Resources) -> pb::Resources {
+    pb::Resources {
+        vcpus: r.vcpus,
+        memory_bytes: r.memory_bytes,
+        disk_bytes: r.disk_bytes,
+    }
+}
+
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -161,6 +177,14 @@ impl NodeAgent for AgentService {
         let facts = tokio::task::spawn_blocking(move || read_facts(&paths))
             .await
             .map_err(|e| Status::internal(format!("read node facts: {e}")))?;
+        // One listing gives both what `free` subtracts and the UIDs that
+        // tell the operator so: they cannot disagree.
+        let capsules = self.capsules.as_ref().map(|c| c.list()).unwrap_or_default();
+        let held: Vec<(State, crate::capsule::Resources)> = capsules
+            .iter()
+            .map(|v| (v.state, v.spec.resources))
+            .collect();
+        let offer = plan_offer(&facts, &self.vmm_cap, &held);
         Ok(Response::new(pb::NodeInfoResponse {
             node_name: self.identity.node_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -171,16 +195,8 @@ impl NodeAgent for AgentService {
                     .map(|c| convert::to_vmm(&c.backend()))
             }),
             cpu_model: facts.cpu_model,
-            capacity: Some(pb::Resources {
-                vcpus: facts.vcpus,
-                memory_bytes: facts.memory_total,
-                disk_bytes: facts.disk_total,
-            }),
-            free: Some(pb::Resources {
-                vcpus: facts.vcpus,
-                memory_bytes: facts.memory_available,
-                disk_bytes: facts.disk_free,
-            }),
+            capacity: Some(to_resources(&offer.capacity)),
+            free: Some(to_resources(&offer.free)),
             templates: self
                 .capsules
                 .as_ref()
@@ -192,6 +208,7 @@ impl NodeAgent for AgentService {
                 .map(|c| c.snapshots())
                 .unwrap_or_default(),
             storage_backend: self.identity.storage_backend.clone(),
+            held: capsules.into_iter().map(|v| v.uid).collect(),
         }))
     }
 

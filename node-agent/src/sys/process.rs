@@ -120,6 +120,45 @@ pub struct SpawnPlan<'a> {
     /// Descriptors the program inherits under their current numbers (all
     /// must be > 2); everything else stays close-on-exec.
     pub inherit: &'a [BorrowedFd<'a>],
+    /// Least privilege for the program; `None` leaves it as privileged as
+    /// the agent (tests of the plain spawn path only).
+    pub confine: Option<&'a Confinement<'a>>,
+}
+
+/// What a confined child may see and do. Applied after the namespace and
+/// cgroup steps (which need the agent's privileges) and before `execve`.
+///
+/// The view: every `hide` directory is covered by an empty read-only tmpfs,
+/// then every `show` path under one of them is bind-mounted back at its
+/// own path (the source is opened before `clone`, so it stays reachable
+/// once covered). A shown path outside every hidden directory is visible
+/// anyway and needs no mount.
+#[derive(Debug, Default)]
+pub struct Confinement<'a> {
+    /// Start the child as init of a new PID namespace with a fresh `/proc`
+    /// (needs a new mount namespace): it sees no other process, so no
+    /// `/proc/<pid>/root` or `/proc/<pid>/mem` of another VMM.
+    pub new_pid_ns: bool,
+    /// Directories covered by an empty tmpfs in the child's mount namespace
+    /// (needs a new mount namespace).
+    pub hide: &'a [&'a std::path::Path],
+    /// Paths bound back over the hidden directories.
+    pub show: &'a [Shown<'a>],
+    /// Capabilities (numbers, `CAP_*`) left in the bounding and inheritable
+    /// sets; every other one is dropped, so a root VMM execs with
+    /// effective = permitted = `keep_caps`. Ambient capabilities are
+    /// cleared and `no_new_privs` is set, so no setuid or file-capability
+    /// binary gives any back.
+    pub keep_caps: &'a [u32],
+}
+
+/// One path of [`Confinement::show`].
+#[derive(Clone, Copy, Debug)]
+pub struct Shown<'a> {
+    /// Absolute path, the same outside and inside.
+    pub path: &'a std::path::Path,
+    /// Writable (e.g. the capsule's own directory, device nodes) or read-only.
+    pub writable: bool,
 }
 
 /// The child step that failed.
@@ -140,6 +179,14 @@ pub enum SpawnStep {
     MountSysfs,
     /// Writing to a `cgroup.procs`.
     JoinCgroup,
+    /// Covering a hidden directory with a tmpfs.
+    HidePath,
+    /// Creating a mount point for, or bind-mounting, a shown path.
+    ShowPath,
+    /// Mounting a fresh `/proc` for the new PID namespace.
+    MountProc,
+    /// Dropping capabilities or setting `no_new_privs`.
+    DropPrivileges,
     /// `dup2` onto fd 0-2.
     Stdio,
     /// Clearing close-on-exec on an inherited fd.
@@ -159,6 +206,10 @@ impl SpawnStep {
             MakeRootPrivate,
             MountSysfs,
             JoinCgroup,
+            HidePath,
+            ShowPath,
+            MountProc,
+            DropPrivileges,
             Stdio,
             Inherit,
             Exec,
@@ -205,17 +256,47 @@ struct ChildPlan {
     new_session: bool,
     netns: RawFd,
     new_mount_ns: bool,
+    mount_sysfs: bool,
     cgroup_procs: *const RawFd,
     n_cgroup_procs: usize,
     stdio: [RawFd; 3],
     inherit: *const RawFd,
     n_inherit: usize,
+    hide: *const *const libc::c_char,
+    n_hide: usize,
+    mkdirs: *const *const libc::c_char,
+    n_mkdirs: usize,
+    touch: *const *const libc::c_char,
+    n_touch: usize,
+    binds: *const ChildBind,
+    n_binds: usize,
+    mount_proc: bool,
+    drop_privileges: bool,
+    /// Bit `n` set: keep capability `n`.
+    keep_caps: u64,
     // Written by the child on failure, read by the parent after `clone`.
     failed_step: i32,
     failed_errno: i32,
 }
 
+/// One bind mount of a shown path, prepared by the parent.
+#[repr(C)]
+struct ChildBind {
+    /// `/proc/self/fd/<n>` of an `O_PATH` descriptor of the source.
+    source: *const libc::c_char,
+    target: *const libc::c_char,
+    read_only: bool,
+}
+
 const ROOT: &CStr = c"/";
+const PROC: &CStr = c"/proc";
+const PROCFS: &CStr = c"proc";
+const TMPFS: &CStr = c"tmpfs";
+/// Only mount points live on a hiding tmpfs; it is read-only once they do.
+const HIDE_OPTS: &CStr = c"mode=0755,size=64k,nr_inodes=4096";
+/// Highest capability number the loop below tries to drop (the kernel
+/// answers EINVAL past its own last one).
+const MAX_CAP: u32 = 63;
 const SYS: &CStr = c"/sys";
 const SYSFS: &CStr = c"sysfs";
 
@@ -282,6 +363,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             {
                 fail(SpawnStep::MakeRootPrivate);
             }
+        }
+        if (*plan).mount_sysfs {
             // Detach the host's /sys (and its submounts) from this view; it
             // may not be mounted at all, hence no check.
             libc::umount2(SYS.as_ptr(), libc::MNT_DETACH);
@@ -301,6 +384,101 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             // "0" means the writing process, in cgroup v1 and v2 alike.
             if libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
                 fail(SpawnStep::JoinCgroup);
+            }
+        }
+        // The view: hide, make mount points on the hiding tmpfs, bind the
+        // shown paths back, then freeze the tmpfs read-only. Needs the new
+        // mount namespace (asked for by the parent whenever hiding).
+        let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        for i in 0..(*plan).n_hide {
+            let dir = *(*plan).hide.add(i);
+            if libc::mount(
+                TMPFS.as_ptr(),
+                dir,
+                TMPFS.as_ptr(),
+                nosuid,
+                HIDE_OPTS.as_ptr().cast(),
+            ) < 0
+            {
+                fail(SpawnStep::HidePath);
+            }
+        }
+        for i in 0..(*plan).n_mkdirs {
+            let dir = *(*plan).mkdirs.add(i);
+            if libc::mkdir(dir, 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
+                fail(SpawnStep::ShowPath);
+            }
+        }
+        for i in 0..(*plan).n_touch {
+            let file = *(*plan).touch.add(i);
+            let fd = libc::open(
+                file,
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o600,
+            );
+            if fd < 0 {
+                fail(SpawnStep::ShowPath);
+            }
+            libc::close(fd);
+        }
+        for i in 0..(*plan).n_binds {
+            let bind = &*(*plan).binds.add(i);
+            if libc::mount(
+                bind.source,
+                bind.target,
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) < 0
+            {
+                fail(SpawnStep::ShowPath);
+            }
+            // A bind keeps its source's flags; read-only needs a remount of
+            // this mount alone.
+            if bind.read_only
+                && libc::mount(
+                    std::ptr::null(),
+                    bind.target,
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                    std::ptr::null(),
+                ) < 0
+            {
+                fail(SpawnStep::ShowPath);
+            }
+        }
+        for i in 0..(*plan).n_hide {
+            let dir = *(*plan).hide.add(i);
+            if libc::mount(
+                std::ptr::null(),
+                dir,
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_RDONLY | nosuid,
+                std::ptr::null(),
+            ) < 0
+            {
+                fail(SpawnStep::HidePath);
+            }
+        }
+        // After the binds: their sources are `/proc/self/fd/N` of the host
+        // procfs. The fresh one shows only the new PID namespace.
+        if (*plan).mount_proc {
+            libc::umount2(PROC.as_ptr(), libc::MNT_DETACH);
+            if libc::mount(
+                PROCFS.as_ptr(),
+                PROC.as_ptr(),
+                PROCFS.as_ptr(),
+                nosuid,
+                std::ptr::null(),
+            ) < 0
+            {
+                fail(SpawnStep::MountProc);
+            }
+        }
+        // Last privileged step: everything above needed CAP_SYS_ADMIN.
+        if (*plan).drop_privileges {
+            if drop_privileges((*plan).keep_caps).is_err() {
+                fail(SpawnStep::DropPrivileges);
             }
         }
         for (target, src) in (*plan).stdio.iter().enumerate() {
@@ -333,6 +511,190 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 
         libc::execve((*plan).program, (*plan).argv, (*plan).envp);
         fail(SpawnStep::Exec)
+    }
+}
+
+/// Leaves only `keep` (bit per capability) in the inheritable and bounding
+/// sets, clears the ambient set and sets `no_new_privs`. As root, `execve`
+/// then grants exactly the bounding set, so permitted and effective become
+/// `keep`; without clearing the inheritable set an agent started with a
+/// full one (older container runtimes) would pass everything on.
+///
+/// # Safety
+/// Raw syscalls only, for the vfork child.
+unsafe fn drop_privileges(keep: u64) -> Result<(), ()> {
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const CAP_V3: u32 = 0x2008_0522;
+    // SAFETY: plain syscalls on stack memory that outlives them.
+    unsafe {
+        let mut header = CapHeader {
+            version: CAP_V3,
+            pid: 0,
+        };
+        let mut data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) < 0 {
+            return Err(());
+        }
+        data[0].inheritable &= keep as u32;
+        data[1].inheritable &= (keep >> 32) as u32;
+        if libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) < 0 {
+            return Err(());
+        }
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) < 0
+        {
+            return Err(());
+        }
+        for cap in 0..=MAX_CAP {
+            if keep & (1 << cap) != 0 {
+                continue;
+            }
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                return Err(());
+            }
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// The parent's preparation of a [`Confinement`]: C strings for every
+/// path, and an `O_PATH` descriptor per shown path so the child can bind it
+/// after its original location is covered.
+#[derive(Default)]
+struct View {
+    hide: Vec<CString>,
+    /// Parents of mount points, outermost first.
+    mkdirs: Vec<CString>,
+    /// Mount points of shown files.
+    touch: Vec<CString>,
+    binds: Vec<PreparedBind>,
+}
+
+struct PreparedBind {
+    _fd: OwnedFd,
+    source: CString,
+    target: CString,
+    read_only: bool,
+}
+
+impl View {
+    fn build(c: &Confinement<'_>) -> Result<Self, SpawnError> {
+        use std::path::Path;
+        let invalid = |what: String| parent_err(io::Error::new(io::ErrorKind::InvalidInput, what));
+        let mut view = View::default();
+        for dir in c.hide {
+            if !dir.is_absolute() || dir.parent().is_none() {
+                return Err(invalid(format!("cannot hide {}", dir.display())));
+            }
+            view.hide.push(cstring(dir.as_os_str())?);
+        }
+        let mut made: Vec<&Path> = Vec::new();
+        let mut bound: Vec<&Path> = Vec::new();
+        for shown in c.show {
+            let path = shown.path;
+            if bound.contains(&path) {
+                continue; // listed twice (e.g. the run dir by two parties)
+            }
+            if c.hide.contains(&path) {
+                return Err(invalid(format!(
+                    "{} is both hidden and shown",
+                    path.display()
+                )));
+            }
+            let Some(root) = c
+                .hide
+                .iter()
+                .filter(|h| path.starts_with(h) && path != **h)
+                .max_by_key(|h| h.as_os_str().len())
+            else {
+                continue; // visible anyway
+            };
+            if c.show
+                .iter()
+                .any(|o| path.starts_with(o.path) && path != o.path)
+            {
+                continue; // visible through the enclosing shown directory
+            }
+            if path.components().any(|p| {
+                matches!(
+                    p,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            }) {
+                return Err(invalid(format!("cannot show {}", path.display())));
+            }
+            // Follows symlinks (`/dev/mapper/x` -> `/dev/dm-3`): the target
+            // is bound at the path the VMM is told.
+            let fd = nix::fcntl::open(
+                path,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| {
+                parent_err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("open {}: {e}", path.display()),
+                ))
+            })?;
+            let is_dir = nix::sys::stat::fstat(&fd)
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                .map_err(|e| parent_err(e.into()))?;
+            let mut parents: Vec<&Path> = path
+                .ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with(root) && a != root)
+                .collect();
+            parents.reverse();
+            for dir in parents {
+                if !made.contains(&dir) {
+                    made.push(dir);
+                    view.mkdirs.push(cstring(dir.as_os_str())?);
+                }
+            }
+            if is_dir {
+                if !made.contains(&path) {
+                    made.push(path);
+                    view.mkdirs.push(cstring(path.as_os_str())?);
+                }
+            } else {
+                view.touch.push(cstring(path.as_os_str())?);
+            }
+            let source = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|e| invalid(e.to_string()))?;
+            bound.push(path);
+            view.binds.push(PreparedBind {
+                _fd: fd,
+                source,
+                target: cstring(path.as_os_str())?,
+                read_only: !shown.writable,
+            });
+        }
+        Ok(view)
     }
 }
 
@@ -415,6 +777,31 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
     ];
     let cgroup_procs: Vec<RawFd> = plan.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
     let inherit: Vec<RawFd> = plan.inherit.iter().map(AsRawFd::as_raw_fd).collect();
+    let view = match plan.confine {
+        Some(c) => View::build(c)?,
+        None => View::default(),
+    };
+    let ptrs =
+        |v: &[CString]| -> Vec<*const libc::c_char> { v.iter().map(|c| c.as_ptr()).collect() };
+    let hide = ptrs(&view.hide);
+    let mkdirs = ptrs(&view.mkdirs);
+    let touch = ptrs(&view.touch);
+    let binds: Vec<ChildBind> = view
+        .binds
+        .iter()
+        .map(|b| ChildBind {
+            source: b.source.as_ptr(),
+            target: b.target.as_ptr(),
+            read_only: b.read_only,
+        })
+        .collect();
+    let new_pid_ns = plan.confine.is_some_and(|c| c.new_pid_ns);
+    let keep_caps = plan.confine.map_or(0, |c| {
+        c.keep_caps
+            .iter()
+            .filter(|&&n| n <= MAX_CAP)
+            .fold(0u64, |m, &n| m | (1 << n))
+    });
 
     let mut child = ChildPlan {
         program: program.as_ptr(),
@@ -422,12 +809,24 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         envp: envp.as_ptr(),
         new_session: plan.new_session,
         netns: plan.netns.map_or(-1, |fd| fd.as_raw_fd()),
-        new_mount_ns: plan.new_mount_ns_with_sysfs,
+        new_mount_ns: plan.new_mount_ns_with_sysfs || !hide.is_empty() || new_pid_ns,
+        mount_sysfs: plan.new_mount_ns_with_sysfs,
         cgroup_procs: cgroup_procs.as_ptr(),
         n_cgroup_procs: cgroup_procs.len(),
         stdio,
         inherit: inherit.as_ptr(),
         n_inherit: inherit.len(),
+        hide: hide.as_ptr(),
+        n_hide: hide.len(),
+        mkdirs: mkdirs.as_ptr(),
+        n_mkdirs: mkdirs.len(),
+        touch: touch.as_ptr(),
+        n_touch: touch.len(),
+        binds: binds.as_ptr(),
+        n_binds: binds.len(),
+        mount_proc: new_pid_ns,
+        drop_privileges: plan.confine.is_some(),
+        keep_caps,
         failed_step: 0,
         failed_errno: 0,
     };
@@ -456,7 +855,10 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         libc::clone(
             child_main,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM
+                | libc::CLONE_VFORK
+                | libc::SIGCHLD
+                | if new_pid_ns { libc::CLONE_NEWPID } else { 0 },
             (&raw mut child).cast::<libc::c_void>(),
         )
     };
@@ -478,6 +880,8 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         )
     };
     drop(stack);
+    // The O_PATH sources stay open until the child has mounted them.
+    drop(view);
     if step != 0 {
         // The child has exited with 127; reap it so no zombie is left.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
@@ -651,6 +1055,7 @@ mod tests {
             cgroup_procs: &[],
             stdio: [None, None, None],
             inherit: &[],
+            confine: None,
         })
         .unwrap_err();
         assert_eq!(err.step, Some(SpawnStep::Exec));
@@ -670,6 +1075,7 @@ mod tests {
             cgroup_procs: &[],
             stdio: [None, None, None],
             inherit: &[],
+            confine: None,
         })
         .unwrap();
         let pidfd = Pidfd::open(pid).unwrap();
@@ -711,6 +1117,7 @@ mod tests {
             cgroup_procs: &[],
             stdio: [None, None, None],
             inherit: &[kept.as_fd()],
+            confine: None,
         })
         .unwrap();
         let pidfd = Pidfd::open(pid).unwrap();

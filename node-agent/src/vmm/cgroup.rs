@@ -3,9 +3,16 @@
 //! otherwise. The mount point is passed in, so tests run on a temp dir.
 //!
 //! Layout: `<mount>/wrenn/<capsule>` (v2) or
-//! `<mount>/{cpu,memory}/wrenn/<capsule>` (v1). Joining happens in the
-//! spawned child itself (see `sys::process::spawn`), before it execs the
-//! VMM, so no VMM allocation is ever charged elsewhere.
+//! `<mount>/{cpu,memory,pids,blkio}/wrenn/<capsule>` (v1). Joining happens
+//! in the spawned child itself (see `sys::process::spawn`), before it execs
+//! the VMM, so no VMM allocation is ever charged elsewhere.
+//!
+//! The parent (`wrenn`) carries the cap on all VMMs together
+//! ([`ParentLimits`]: CPU, memory, pids, and block I/O where the host has
+//! the controller), sized by the chart against the node's allocatable, so
+//! capsules together cannot starve the kubelet. Limits are hierarchical: a
+//! capsule cgroup with a higher limit of its own is still held to the
+//! parent's.
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +54,119 @@ impl CgroupLimits {
     }
 }
 
+/// The cap on every VMM of the node together, written to the parent
+/// cgroup. `None` leaves a resource unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentLimits {
+    /// CPU time per [`CPU_PERIOD_US`], in microseconds.
+    pub cpu_quota_us: Option<u64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+    /// Block I/O throttles on one device.
+    pub io: Option<IoLimit>,
+}
+
+/// Throttles on one block device (`io.max` in v2, `blkio.throttle.*` in v1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoLimit {
+    /// Major and minor number of a whole disk.
+    pub device: (u32, u32),
+    /// Read bytes per second.
+    pub read_bps: Option<u64>,
+    /// Write bytes per second.
+    pub write_bps: Option<u64>,
+    /// Read operations per second.
+    pub read_iops: Option<u64>,
+    /// Write operations per second.
+    pub write_iops: Option<u64>,
+}
+
+/// What the node keeps for itself, and the other caps, as configured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct VmmBudget {
+    /// CPUs left to the kubelet, system daemons and the agent.
+    pub reserved_cpus: f64,
+    /// Memory left to them, in bytes.
+    pub reserved_memory_bytes: u64,
+    /// Processes and threads of all VMMs together; 0 is unlimited.
+    pub pids_max: u64,
+    /// Block I/O caps on the state directory's disk; 0 is unlimited.
+    pub io_read_bps: u64,
+    /// See `io_read_bps`.
+    pub io_write_bps: u64,
+    /// See `io_read_bps`.
+    pub io_read_iops: u64,
+    /// See `io_read_bps`.
+    pub io_write_iops: u64,
+}
+
+/// The parent cgroup's cap for a node with `cpus` and `memory_bytes`:
+/// everything but the reserve. `io_device` is the whole disk holding the
+/// state directory, when there is one. Pure.
+pub fn plan_parent_limits(
+    cpus: u32,
+    memory_bytes: u64,
+    budget: &VmmBudget,
+    io_device: Option<(u32, u32)>,
+) -> ParentLimits {
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    let cpu_us = (f64::from(cpus) - budget.reserved_cpus.max(0.0)) * CPU_PERIOD_US as f64;
+    // At least one CPU's worth and one VMM's overhead: a cap of zero would
+    // make every VMM fail to start instead of saying the node is full.
+    let cpu_quota_us = (cpu_us.floor() as u64).max(CPU_PERIOD_US);
+    let memory = memory_bytes
+        .saturating_sub(budget.reserved_memory_bytes)
+        .max(VMM_MEMORY_OVERHEAD_BYTES);
+    let any_io =
+        budget.io_read_bps | budget.io_write_bps | budget.io_read_iops | budget.io_write_iops != 0;
+    ParentLimits {
+        cpu_quota_us: Some(cpu_quota_us),
+        memory_bytes: Some(memory),
+        pids: nonzero(budget.pids_max),
+        io: io_device.filter(|_| any_io).map(|device| IoLimit {
+            device,
+            read_bps: nonzero(budget.io_read_bps),
+            write_bps: nonzero(budget.io_write_bps),
+            read_iops: nonzero(budget.io_read_iops),
+            write_iops: nonzero(budget.io_write_iops),
+        }),
+    }
+}
+
+/// The whole disk (major, minor) under the filesystem holding `path`, via
+/// `<sys>/dev/block/M:m` (a partition's parent directory is its disk).
+/// `None` for filesystems without a block device (tmpfs, overlay).
+pub fn whole_disk_of(path: &Path, sys: &Path) -> Option<(u32, u32)> {
+    let st = nix::sys::stat::stat(path).ok()?;
+    let dev = st.st_dev;
+    let (major, minor) = (
+        nix::sys::stat::major(dev) as u32,
+        nix::sys::stat::minor(dev) as u32,
+    );
+    if major == 0 {
+        return None;
+    }
+    let node = std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))).ok()?;
+    let disk = if node.join("partition").exists() {
+        node.parent()?.to_path_buf()
+    } else {
+        node
+    };
+    let text = std::fs::read_to_string(disk.join("dev")).ok()?;
+    let (ma, mi) = text.trim().split_once(':')?;
+    Some((ma.parse().ok()?, mi.parse().ok()?))
+}
+
+/// What [`CgroupRoot::ensure_parent`] could apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParentApplied {
+    /// Limits asked for whose controller the host does not have (`pids`,
+    /// `io`): logged by the caller, never silently claimed.
+    pub unsupported: Vec<&'static str>,
+}
+
 /// The host's cgroup mount and its version.
 #[derive(Clone, Debug)]
 pub struct CgroupRoot {
@@ -81,21 +201,180 @@ impl CgroupRoot {
         self.version
     }
 
-    /// The directories of capsule `name`, one per hierarchy.
+    /// The directories of capsule `name`, one per hierarchy: v1 `cpu`,
+    /// `memory`, then `cpuacct`, `pids` and `blkio` where mounted on their
+    /// own (a process outside a hierarchy's parent escapes its cap).
     pub fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        self.hierarchy_dirs()
+            .into_iter()
+            .map(|d| d.join(name))
+            .collect()
+    }
+
+    /// The parent cgroup's directory in each hierarchy, in [`Self::dirs`]
+    /// order.
+    fn hierarchy_dirs(&self) -> Vec<PathBuf> {
         match self.version {
             CgroupVersion::V1 => {
-                let mut dirs: Vec<PathBuf> = ["cpu", "memory"]
-                    .iter()
-                    .map(|c| self.mount.join(c).join(&self.parent).join(name))
-                    .collect();
+                let mut dirs = vec![
+                    self.mount.join("cpu").join(&self.parent),
+                    self.mount.join("memory").join(&self.parent),
+                ];
                 if self.separate_cpuacct() {
-                    dirs.push(self.mount.join("cpuacct").join(&self.parent).join(name));
+                    dirs.push(self.mount.join("cpuacct").join(&self.parent));
+                }
+                for extra in ["pids", "blkio"] {
+                    if self.has_v1(extra) {
+                        dirs.push(self.mount.join(extra).join(&self.parent));
+                    }
                 }
                 dirs
             }
-            CgroupVersion::V2 => vec![self.mount.join(&self.parent).join(name)],
+            CgroupVersion::V2 => vec![self.mount.join(&self.parent)],
         }
+    }
+
+    fn has_v1(&self, controller: &str) -> bool {
+        self.mount.join(controller).is_dir()
+    }
+
+    /// v2 controllers the host offers, of those we use.
+    fn v2_controllers(&self) -> Result<Vec<&'static str>, Error> {
+        let offered = read(&self.mount.join("cgroup.controllers"))?;
+        Ok(["cpu", "memory", "pids", "io"]
+            .into_iter()
+            .filter(|c| offered.split_whitespace().any(|o| o == *c))
+            .collect())
+    }
+
+    /// Creates (or adopts) the parent cgroup and writes the node-wide cap.
+    /// Idempotent; run at agent start, before any capsule cgroup.
+    pub fn ensure_parent(&self, limits: &ParentLimits) -> Result<ParentApplied, Error> {
+        let mut applied = ParentApplied::default();
+        match self.version {
+            CgroupVersion::V1 => {
+                for dir in self.hierarchy_dirs() {
+                    create_dir(&dir)?;
+                }
+                let at = |c: &str| self.mount.join(c).join(&self.parent);
+                write(
+                    &at("cpu").join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_US.to_string(),
+                )?;
+                write(
+                    &at("cpu").join("cpu.cfs_quota_us"),
+                    &v1_value(limits.cpu_quota_us),
+                )?;
+                write(
+                    &at("memory").join("memory.limit_in_bytes"),
+                    &v1_value(limits.memory_bytes),
+                )?;
+                if self.has_v1("pids") {
+                    write(&at("pids").join("pids.max"), &v2_value(limits.pids))?;
+                } else if limits.pids.is_some() {
+                    applied.unsupported.push("pids");
+                }
+                if let Some(io) = &limits.io {
+                    if self.has_v1("blkio") {
+                        let dev = format!("{}:{}", io.device.0, io.device.1);
+                        for (file, value) in [
+                            ("blkio.throttle.read_bps_device", io.read_bps),
+                            ("blkio.throttle.write_bps_device", io.write_bps),
+                            ("blkio.throttle.read_iops_device", io.read_iops),
+                            ("blkio.throttle.write_iops_device", io.write_iops),
+                        ] {
+                            // 0 removes the rule in v1.
+                            write(
+                                &at("blkio").join(file),
+                                &format!("{dev} {}", value.unwrap_or(0)),
+                            )?;
+                        }
+                    } else {
+                        applied.unsupported.push("io");
+                    }
+                }
+            }
+            CgroupVersion::V2 => {
+                let controllers = self.v2_controllers()?;
+                let dir = self.mount.join(&self.parent);
+                create_dir(&dir)?;
+                let enable = controllers
+                    .iter()
+                    .map(|c| format!("+{c}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                write(&self.mount.join("cgroup.subtree_control"), &enable)?;
+                let quota = v2_value(limits.cpu_quota_us);
+                write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                write(&dir.join("memory.max"), &v2_value(limits.memory_bytes))?;
+                if controllers.contains(&"pids") {
+                    write(&dir.join("pids.max"), &v2_value(limits.pids))?;
+                } else if limits.pids.is_some() {
+                    applied.unsupported.push("pids");
+                }
+                if let Some(io) = &limits.io {
+                    if controllers.contains(&"io") {
+                        write(
+                            &dir.join("io.max"),
+                            &format!(
+                                "{}:{} rbps={} wbps={} riops={} wiops={}",
+                                io.device.0,
+                                io.device.1,
+                                v2_value(io.read_bps),
+                                v2_value(io.write_bps),
+                                v2_value(io.read_iops),
+                                v2_value(io.write_iops)
+                            ),
+                        )?;
+                    } else {
+                        applied.unsupported.push("io");
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The parent's CPU and memory cap as written (`None`: unlimited or not
+    /// readable), for the capacity the agent reports.
+    pub fn parent_cap(&self) -> (Option<u64>, Option<u64>) {
+        let (cpu, mem) = match self.version {
+            CgroupVersion::V1 => (
+                read(
+                    &self
+                        .mount
+                        .join("cpu")
+                        .join(&self.parent)
+                        .join("cpu.cfs_quota_us"),
+                )
+                .ok()
+                .and_then(|q| q.trim().parse::<i64>().ok())
+                .and_then(|q| u64::try_from(q).ok()),
+                read(
+                    &self
+                        .mount
+                        .join("memory")
+                        .join(&self.parent)
+                        .join("memory.limit_in_bytes"),
+                )
+                .ok()
+                .and_then(|m| m.trim().parse::<u64>().ok())
+                // v1 reports "unlimited" as a page-rounded huge number.
+                .filter(|m| *m < 1 << 62),
+            ),
+            CgroupVersion::V2 => {
+                let dir = self.mount.join(&self.parent);
+                (
+                    read(&dir.join("cpu.max"))
+                        .ok()
+                        .and_then(|t| t.split_whitespace().next().and_then(|q| q.parse().ok())),
+                    read(&dir.join("memory.max"))
+                        .ok()
+                        .and_then(|m| m.trim().parse().ok()),
+                )
+            }
+        };
+        (cpu, mem)
     }
 
     /// Whether v1 `cpuacct` (CPU usage) is a hierarchy of its own rather
@@ -124,16 +403,19 @@ impl CgroupRoot {
             // Controllers must be enabled on every ancestor's subtree.
             let parent = self.mount.join(&self.parent);
             create_dir(&parent)?;
-            write(&self.mount.join("cgroup.subtree_control"), "+cpu +memory")?;
-            write(&parent.join("cgroup.subtree_control"), "+cpu +memory")?;
+            let enable = self
+                .v2_controllers()?
+                .iter()
+                .map(|c| format!("+{c}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            write(&self.mount.join("cgroup.subtree_control"), &enable)?;
+            write(&parent.join("cgroup.subtree_control"), &enable)?;
         }
         for dir in &dirs {
             create_dir(dir)?;
         }
-        let cg = CapsuleCgroup {
-            version: self.version,
-            dirs,
-        };
+        let cg = self.open_capsule(name);
         cg.write_limits(limits)?;
         Ok(cg)
     }
@@ -165,9 +447,17 @@ impl CgroupRoot {
 
     /// The cgroup of capsule `name` as it stands, without creating it.
     pub fn open_capsule(&self, name: &str) -> CapsuleCgroup {
+        let acct = match self.version {
+            CgroupVersion::V1 if self.separate_cpuacct() => {
+                self.mount.join("cpuacct").join(&self.parent).join(name)
+            }
+            CgroupVersion::V1 => self.mount.join("cpu").join(&self.parent).join(name),
+            CgroupVersion::V2 => self.mount.join(&self.parent).join(name),
+        };
         CapsuleCgroup {
             version: self.version,
             dirs: self.dirs(name),
+            acct,
         }
     }
 }
@@ -176,7 +466,10 @@ impl CgroupRoot {
 #[derive(Clone, Debug)]
 pub struct CapsuleCgroup {
     version: CgroupVersion,
+    /// v1: `cpu`, `memory`, then the optional ones; v2: the one directory.
     dirs: Vec<PathBuf>,
+    /// Where CPU usage is read.
+    acct: PathBuf,
 }
 
 impl CapsuleCgroup {
@@ -247,10 +540,7 @@ impl CapsuleCgroup {
     /// `cpu.stat` `usage_usec`.
     pub fn cpu_usage_ns(&self) -> Result<u64, Error> {
         match self.version {
-            CgroupVersion::V1 => {
-                let dir = self.dirs.get(2).unwrap_or(&self.dirs[0]);
-                read_u64(&dir.join("cpuacct.usage"))
-            }
+            CgroupVersion::V1 => read_u64(&self.acct.join("cpuacct.usage")),
             CgroupVersion::V2 => {
                 let path = self.dirs[0].join("cpu.stat");
                 let text = read(&path)?;
@@ -304,6 +594,16 @@ impl CapsuleCgroup {
         }
         Ok(())
     }
+}
+
+/// v1 spells "unlimited" `-1`.
+fn v1_value(v: Option<u64>) -> String {
+    v.map_or("-1".to_string(), |v| v.to_string())
+}
+
+/// v2 spells "unlimited" `max`.
+fn v2_value(v: Option<u64>) -> String {
+    v.map_or("max".to_string(), |v| v.to_string())
 }
 
 fn is_cgroupfs(path: &Path) -> bool {
@@ -448,5 +748,123 @@ mod tests {
             CgroupRoot::detect(root.path(), "wrenn"),
             Err(Error::DetectCgroup { .. })
         ));
+    }
+
+    #[test]
+    fn the_parent_cap_is_the_node_minus_its_reserve() {
+        let budget = VmmBudget {
+            reserved_cpus: 1.5,
+            reserved_memory_bytes: 2 << 30,
+            pids_max: 4096,
+            io_write_bps: 100 << 20,
+            ..VmmBudget::default()
+        };
+        let p = plan_parent_limits(8, 16 << 30, &budget, Some((8, 0)));
+        assert_eq!(p.cpu_quota_us, Some(650_000));
+        assert_eq!(p.memory_bytes, Some(14 << 30));
+        assert_eq!(p.pids, Some(4096));
+        assert_eq!(
+            p.io,
+            Some(IoLimit {
+                device: (8, 0),
+                write_bps: Some(100 << 20),
+                ..IoLimit::default()
+            })
+        );
+        // A reserve larger than the node still leaves one VMM's worth, and
+        // no I/O figures mean no io rule.
+        let tiny = plan_parent_limits(
+            1,
+            1 << 20,
+            &VmmBudget {
+                reserved_cpus: 4.0,
+                reserved_memory_bytes: 1 << 30,
+                ..VmmBudget::default()
+            },
+            Some((8, 0)),
+        );
+        assert_eq!(tiny.cpu_quota_us, Some(CPU_PERIOD_US));
+        assert_eq!(tiny.memory_bytes, Some(VMM_MEMORY_OVERHEAD_BYTES));
+        assert_eq!((tiny.pids, tiny.io), (None, None));
+    }
+
+    #[test]
+    fn v1_parent_caps_go_to_each_hierarchy_and_capsules_join_pids_and_blkio() {
+        let root = tempfile::tempdir().unwrap();
+        for c in ["cpu", "memory", "pids", "blkio"] {
+            std::fs::create_dir_all(root.path().join(c)).unwrap();
+        }
+        let cg = CgroupRoot::detect(root.path(), "wrenn").unwrap();
+        let limits = ParentLimits {
+            cpu_quota_us: Some(300_000),
+            memory_bytes: Some(4 << 30),
+            pids: Some(1000),
+            io: Some(IoLimit {
+                device: (8, 0),
+                read_iops: Some(500),
+                ..IoLimit::default()
+            }),
+        };
+        assert!(cg.ensure_parent(&limits).unwrap().unsupported.is_empty());
+        let at = |p: &str| read(root.path().join(p));
+        assert_eq!(at("cpu/wrenn/cpu.cfs_quota_us"), "300000");
+        assert_eq!(
+            at("memory/wrenn/memory.limit_in_bytes"),
+            (4u64 << 30).to_string()
+        );
+        assert_eq!(at("pids/wrenn/pids.max"), "1000");
+        assert_eq!(at("blkio/wrenn/blkio.throttle.read_iops_device"), "8:0 500");
+        assert_eq!(at("blkio/wrenn/blkio.throttle.write_bps_device"), "8:0 0");
+        assert_eq!(cg.parent_cap(), (Some(300_000), Some(4 << 30)));
+        let capsule = cg
+            .ensure_capsule("c1", &CgroupLimits::build_for_vm(1, 0))
+            .unwrap();
+        let dirs: Vec<String> = capsule
+            .dirs()
+            .iter()
+            .map(|d| d.strip_prefix(root.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                "cpu/wrenn/c1",
+                "memory/wrenn/c1",
+                "pids/wrenn/c1",
+                "blkio/wrenn/c1"
+            ]
+        );
+    }
+
+    #[test]
+    fn v2_parent_caps_enable_only_the_controllers_the_host_has() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu memory pids",
+        )
+        .unwrap();
+        let cg = CgroupRoot::detect(root.path(), "wrenn").unwrap();
+        let applied = cg
+            .ensure_parent(&ParentLimits {
+                cpu_quota_us: Some(200_000),
+                memory_bytes: None,
+                pids: Some(64),
+                io: Some(IoLimit {
+                    device: (259, 0),
+                    write_bps: Some(1 << 20),
+                    ..IoLimit::default()
+                }),
+            })
+            .unwrap();
+        // No io controller on this host: said so, not written.
+        assert_eq!(applied.unsupported, vec!["io"]);
+        assert_eq!(
+            read(root.path().join("cgroup.subtree_control")),
+            "+cpu +memory +pids"
+        );
+        assert_eq!(read(root.path().join("wrenn/cpu.max")), "200000 100000");
+        assert_eq!(read(root.path().join("wrenn/memory.max")), "max");
+        assert_eq!(read(root.path().join("wrenn/pids.max")), "64");
+        assert!(!root.path().join("wrenn/io.max").exists());
     }
 }

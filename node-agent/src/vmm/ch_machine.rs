@@ -9,10 +9,11 @@
 //! supervisor's `MachineSpec::run_dir` is that same directory (see
 //! `capsule::Layout::vmm_root`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::ch::api::{
-    ImageType, NetConfig, RestoreConfig, VmConfig, VmSpec, VmState, build_file_url, build_vm_config,
+    ImageType, LandlockConfig, NetConfig, RestoreConfig, VmConfig, VmSpec, VmState, build_file_url,
+    build_vm_config,
 };
 use super::ch_restore::{remove_staged, stage_restore};
 use super::machine::{
@@ -20,6 +21,7 @@ use super::machine::{
     NetCounters,
 };
 use super::process::VmmExit;
+use super::view::qcow2_backing_chain;
 use super::{ChVmm, Error, StartSpec, Vmm, VmmHandle};
 
 /// Queues of the guest NIC: one RX/TX pair (CH's default; a single-queue
@@ -49,6 +51,7 @@ impl ChMachine {
             netns: spec.netns.clone(),
             limits: spec.limits,
             memory_bytes: spec.memory_bytes,
+            confine: super::view::build_confine(spec),
         }
     }
 
@@ -146,6 +149,26 @@ pub fn build_machine_config(spec: &MachineSpec) -> VmConfig {
         // since v51).
         root.backing_files = Some(true);
     }
+    // Landlock covers the paths of this config by itself (disks, kernel,
+    // serial file, vsock socket). Beyond them: the run dir (snapshots are
+    // written there, see `snapshot`), the TAP device for the NIC added
+    // after `vm.create`, and the qcow2 backing chain.
+    let rule = |path: &Path, access: &str| LandlockConfig {
+        path: path.to_string_lossy().into_owned(),
+        access: access.to_string(),
+    };
+    config.landlock_enable = Some(true);
+    config.landlock_rules.push(rule(&spec.run_dir, "rw"));
+    if spec.tap.is_some() {
+        config
+            .landlock_rules
+            .push(rule(Path::new("/dev/net/tun"), "rw"));
+    }
+    if spec.root_disk_format == DiskFormat::Qcow2 {
+        for backing in qcow2_backing_chain(&spec.root_disk) {
+            config.landlock_rules.push(rule(&backing, "r"));
+        }
+    }
     config
 }
 
@@ -199,7 +222,21 @@ impl Machine for ChMachine {
     }
 
     async fn snapshot(&self, vm: &MachineHandle, dir: &Path) -> Result<(), Error> {
-        self.vmm.snapshot(&Self::vmm_handle(vm), dir).await
+        // CH writes snapshots by path, and sees only its own run dir (mount
+        // namespace and Landlock): it writes there and the agent moves the
+        // files into `dir`. Same filesystem (the state dir), so renames.
+        let handle = Self::vmm_handle(vm);
+        let out = handle
+            .event_file
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(SNAPSHOT_OUT);
+        let capsule = vm.capsule.clone();
+        let (o, d) = (out.clone(), dir.to_path_buf());
+        run_blocking(move || reset_dir(&capsule, &o)).await?;
+        self.vmm.snapshot(&handle, &out).await?;
+        let capsule = vm.capsule.clone();
+        run_blocking(move || move_files(&capsule, &o, &d)).await
     }
 
     async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
@@ -306,4 +343,60 @@ mod tests {
         assert_eq!(v.event_file, Path::new("/s/vmm/c1/events.json"));
         assert_eq!(v.process.pid, 7);
     }
+}
+
+/// The run-dir subdirectory CH writes a snapshot into.
+const SNAPSHOT_OUT: &str = "snapshot-out";
+
+async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) -> Result<(), Error> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(Error::PrepareSpawn {
+            capsule: String::new(),
+            what: "snapshot file task",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+fn snapshot_err(
+    capsule: &str,
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> Error {
+    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
+    move |source| Error::PrepareSpawn {
+        capsule,
+        what,
+        path,
+        source,
+    }
+}
+
+/// An empty `dir`, whatever a failed earlier snapshot left there.
+fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
+}
+
+/// Moves every file of `from` into `to` (created if absent), then removes
+/// `from`.
+fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
+    let entries =
+        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+    for entry in entries {
+        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        let target = to.join(entry.file_name());
+        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
+            capsule,
+            "move snapshot file",
+            &target,
+        ))?;
+    }
+    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
 }

@@ -441,6 +441,7 @@ mod tests {
             netns: None,
             limits: CgroupLimits::build_for_vm(1, 1 << 28),
             memory_bytes: 1 << 28,
+            confine: Default::default(),
         }
     }
 

@@ -20,6 +20,7 @@ mod fake_machine;
 pub mod machine;
 pub mod process;
 pub mod qemu;
+pub mod view;
 
 use std::future::Future;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -44,6 +45,22 @@ use ch::api::{
 use ch::{ChClient, ChVersion, Timeouts};
 use process::{HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess};
 
+/// Cloud Hypervisor's command line: the API on an inherited listener, the
+/// event monitor, and its own seccomp filters stated explicitly (`true`:
+/// a forbidden syscall kills the thread), so a changed default can never
+/// turn them off. Landlock is per VM, in the `vm.create` body
+/// ([`build_machine_config`]).
+pub fn build_ch_args(api_fd: std::os::fd::RawFd, event_file: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--api-socket".into(),
+        format!("fd={api_fd}").into(),
+        "--event-monitor".into(),
+        format!("path={}", event_file.display()).into(),
+        "--seccomp".into(),
+        "true".into(),
+    ]
+}
+
 /// What a VMM is started with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StartSpec {
@@ -55,6 +72,8 @@ pub struct StartSpec {
     pub limits: CgroupLimits,
     /// Guest RAM (scales snapshot/restore timeouts).
     pub memory_bytes: u64,
+    /// What the process may see and keep ([`view::build_confine`]).
+    pub confine: process::Confine,
 }
 
 /// A started VMM, as the supervisor journals it: enough to reach and adopt
@@ -258,12 +277,7 @@ impl Vmm for ChVmm {
         // A regular file that CH appends to: unlike a pipe, nothing is lost
         // while the agent restarts.
         let event_file = dir.join("events.json");
-        let args = vec![
-            "--api-socket".into(),
-            format!("fd={}", std::os::fd::AsRawFd::as_raw_fd(&listener)).into(),
-            "--event-monitor".into(),
-            format!("path={}", event_file.display()).into(),
-        ];
+        let args = build_ch_args(std::os::fd::AsRawFd::as_raw_fd(&listener), &event_file);
         let proc = process::spawn_supervised(
             &self.paths,
             &self.cgroups,
@@ -274,6 +288,7 @@ impl Vmm for ChVmm {
                 netns: spec.netns.as_deref(),
                 limits: spec.limits,
                 inherit: vec![listener.as_fd()],
+                confine: spec.confine.clone(),
             },
         )?;
         drop(listener);

@@ -4,6 +4,14 @@
 //! an agent restart (guarding against pid reuse); watch it and tell a guest
 //! poweroff from a crash.
 //!
+//! Every VMM is confined ([`Confine`]): no capabilities beyond what its
+//! backend names, `no_new_privs`, and a mount namespace in which the
+//! node-wide hidden directories ([`HostPaths::hidden`]: the agent's state
+//! directory, `/dev`, the cgroup mount) show only this capsule's own
+//! directory and the files its backend lists. Optionally (the backends ask
+//! for it) its own PID namespace, so no other process's `/proc/<pid>`
+//! reaches another capsule's files or memory.
+//!
 //! The syscalls are in `sys::process`; this file decides the order and the
 //! paths. Host paths come in through [`HostPaths`], so tests use temp dirs.
 
@@ -25,6 +33,89 @@ pub struct HostPaths {
     pub proc_root: PathBuf,
     /// Per-capsule state; the VMM's files go to `<state_dir>/<capsule>/`.
     pub state_dir: PathBuf,
+    /// Directories every VMM sees empty (a read-only tmpfs), apart from
+    /// what is shown again: its own `<state_dir>/<capsule>/`,
+    /// [`HostPaths::devices`] and the request's [`Confine::show`]. Empty in
+    /// tests of the plain spawn path.
+    pub hidden: Vec<PathBuf>,
+    /// Device nodes every VMM may open (`/dev/kvm`, `/dev/net/tun`,
+    /// `/dev/null`, `/dev/urandom`, ...), shown when `/dev` is hidden.
+    pub devices: Vec<PathBuf>,
+}
+
+impl HostPaths {
+    /// The production view: `/dev` and the agent's whole state directory
+    /// (`state_root`, which holds every capsule's disks, journals, sockets
+    /// and snapshots) hidden, and the cgroup mount too (a root process that
+    /// sees it could move itself out of its cgroup in v1), the usual device
+    /// nodes shown where they exist.
+    pub fn confined(proc_root: PathBuf, state_dir: PathBuf, state_root: &Path) -> Self {
+        let devices = [
+            "/dev/kvm",
+            "/dev/net/tun",
+            "/dev/null",
+            "/dev/zero",
+            "/dev/full",
+            "/dev/random",
+            "/dev/urandom",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .collect();
+        Self {
+            proc_root,
+            state_dir,
+            hidden: vec![
+                state_root.to_path_buf(),
+                PathBuf::from("/dev"),
+                PathBuf::from("/sys/fs/cgroup"),
+            ],
+            devices,
+        }
+    }
+}
+
+/// One path a VMM may see inside the hidden directories.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShowPath {
+    /// Absolute path (the same inside as outside).
+    pub path: PathBuf,
+    /// Writable, or read-only.
+    pub writable: bool,
+}
+
+impl ShowPath {
+    /// Read-only.
+    pub fn read_only(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: false,
+        }
+    }
+
+    /// Writable.
+    pub fn writable(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            writable: true,
+        }
+    }
+}
+
+/// Least privilege for one VMM process, beyond the node-wide view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Confine {
+    /// Its own PID namespace and `/proc`. It is then init there: signals
+    /// without a handler of its own, SIGTERM included, are ignored, so
+    /// stopping falls back to SIGKILL after the grace time.
+    pub new_pid_ns: bool,
+    /// Files it needs inside the hidden directories (kernel, disks,
+    /// snapshot being restored), beyond its own state directory.
+    pub show: Vec<ShowPath>,
+    /// Capabilities it keeps (`CAP_*` numbers); all others are dropped
+    /// from every set before `execve`.
+    pub keep_caps: Vec<u32>,
 }
 
 /// What to start.
@@ -45,6 +136,8 @@ pub struct SpawnRequest<'a> {
     /// Descriptors the program inherits under their numbers (e.g. the API
     /// listener for `--api-socket fd=N`).
     pub inherit: Vec<BorrowedFd<'a>>,
+    /// Privileges and view.
+    pub confine: Confine,
 }
 
 /// The identity of a VMM process that survives agent restarts (for the
@@ -114,7 +207,9 @@ pub fn resolve_program(program: &Path, path_var: Option<&OsStr>) -> Result<PathB
 /// 3. the child enters the netns before it mounts sysfs (sysfs shows the
 ///    netns of its mounter; CH reads `/sys/class/net/<tap>/tun_flags`);
 /// 4. `setsid`, so the agent's process group and terminal signals never
-///    reach it and it outlives the agent.
+///    reach it and it outlives the agent;
+/// 5. the view and privileges of [`Confine`] last, since every step above
+///    needs the agent's privileges.
 pub fn spawn_supervised(
     paths: &HostPaths,
     cgroups: &CgroupRoot,
@@ -161,6 +256,28 @@ pub fn spawn_supervised(
         None => None,
     };
 
+    // 4. The view: own directory writable, then devices, then the files
+    //    the backend names.
+    let mut show = vec![sys::Shown {
+        path: &dir,
+        writable: true,
+    }];
+    show.extend(paths.devices.iter().map(|d| sys::Shown {
+        path: d,
+        writable: true,
+    }));
+    show.extend(req.confine.show.iter().map(|s| sys::Shown {
+        path: &s.path,
+        writable: s.writable,
+    }));
+    let hide: Vec<&Path> = paths.hidden.iter().map(PathBuf::as_path).collect();
+    let confine = sys::Confinement {
+        new_pid_ns: req.confine.new_pid_ns,
+        hide: &hide,
+        show: &show,
+        keep_caps: &req.confine.keep_caps,
+    };
+
     let args: Vec<&OsStr> = req.args.iter().map(OsString::as_os_str).collect();
     let env = [(
         OsStr::new("PATH"),
@@ -176,6 +293,7 @@ pub fn spawn_supervised(
         cgroup_procs: &procs_fds,
         stdio: [None, Some(log.as_fd()), Some(log.as_fd())],
         inherit: &req.inherit,
+        confine: Some(&confine),
     };
     let pid = match sys::spawn(&plan) {
         Ok(pid) => pid,

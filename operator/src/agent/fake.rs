@@ -287,6 +287,8 @@ impl NodeAgent for Handle {
                     .collect(),
                 snapshots: st.snapshots.keys().cloned().collect(),
                 storage_backend: "fake".into(),
+                // Every capsule counts in `used` above, as on the real agent.
+                held: st.capsules.keys().cloned().collect(),
             })
         })
     }

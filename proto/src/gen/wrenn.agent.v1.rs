@@ -30,6 +30,11 @@ pub struct NodeInfoResponse {
     /// "dm-snapshot" or "qcow2".
     #[prost(string, tag = "10")]
     pub storage_backend: ::prost::alloc::string::String,
+    /// UIDs of the capsules whose resources `free` already subtracts (every
+    /// capsule the agent holds, whatever its state). The operator keeps its
+    /// own reservation for a placed capsule until its UID is listed here.
+    #[prost(string, repeated, tag = "20")]
+    pub held: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -328,6 +328,18 @@ pub struct VmConfig {
     /// Apply Landlock at `vm.create` (v41+).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub landlock_enable: Option<bool>,
+    /// Paths Landlock allows beyond those in this config (v41+).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub landlock_rules: Vec<LandlockConfig>,
+}
+
+/// `LandlockConfig`: one path CH may use under Landlock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LandlockConfig {
+    /// File or directory.
+    pub path: String,
+    /// `r`, `w` or `rw`.
+    pub access: String,
 }
 
 /// `PayloadConfig`.
@@ -790,6 +802,7 @@ pub fn build_vm_config(spec: &VmSpec) -> VmConfig {
             oem_strings: Vec::new(),
         }),
         landlock_enable: None,
+        landlock_rules: Vec::new(),
     }
 }
 

@@ -8,7 +8,8 @@
 //! finds it really works, TCG otherwise). Lifecycle steps go over QMP
 //! ([`qmp`]).
 //!
-//! Snapshots are migrations to a file. QEMU 7.2 refuses to migrate a
+//! Snapshots are migrations to a file, streamed through a socket the agent
+//! serves ([`stream`]). QEMU 7.2 refuses to migrate a
 //! vhost-user-vsock device, so the device sits on its own PCIe root port
 //! and is hot-unplugged for the migration and plugged again afterwards (on
 //! the source after a snapshot, on the destination before it resumes). The
@@ -20,6 +21,7 @@
 
 mod diagnose;
 pub mod qmp;
+mod stream;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -36,9 +38,14 @@ use super::machine::{
     NetCounters,
 };
 use super::process::{self, HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess};
+use super::view;
 
 /// QMP socket in the run dir.
 const QMP_SOCKET: &str = "qmp.sock";
+/// How the vsock helper is stopped: it keeps no state, and as init of its
+/// own PID namespace it would ignore SIGTERM (it has no handler).
+const HELPER_STOP: i32 = libc::SIGKILL;
+
 /// vhost-user control socket between QEMU and the vsock helper.
 const VHOST_SOCKET: &str = "vhost-vsock.sock";
 /// Guest serial console.
@@ -190,6 +197,12 @@ impl Layout {
     }
 }
 
+/// QEMU's own seccomp filter: besides its default deny list, no obsolete
+/// syscalls, no setuid/setgid/capability changes, no fork or exec (the
+/// migration stream goes through a socket, see [`stream`]), no scheduler or
+/// resource-limit changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// QEMU's command line for `spec`. With `incoming` the VM waits for
 /// `migrate-incoming` and has no vsock device yet (it is plugged after
 /// the state is loaded; see the module doc).
@@ -234,6 +247,7 @@ pub fn build_qemu_args(
         "-no-user-config",
         "-no-reboot",
     ]);
+    push(&["-sandbox", SANDBOX]);
     push(&["-serial", &format!("file:{}", layout.console.display())]);
     push(&[
         "-qmp",
@@ -306,16 +320,6 @@ fn helper_args(cid: u32, uds: &Path, vhost: &Path) -> Vec<OsString> {
         "--socket".into(),
         vhost.as_os_str().to_owned(),
     ]
-}
-
-/// A shell-safe `exec:` migration URI for `path` (QEMU runs it with
-/// `/bin/sh -c`).
-fn exec_uri(verb: &str, path: &Path) -> Result<String, String> {
-    let p = path.display().to_string();
-    if p.contains('\'') || p.contains('\n') {
-        return Err(format!("path {p:?} cannot be quoted for the shell"));
-    }
-    Ok(format!("exec:{verb}'{p}'"))
 }
 
 /// The machine's shape, written to the run dir at start (so it survives
@@ -552,6 +556,7 @@ impl QemuMachine {
                 netns: spec.netns.as_deref(),
                 limits: spec.limits,
                 inherit: Vec::new(),
+                confine: view::build_helper_confine(),
             },
         )?;
         let helper = Arc::new(helper);
@@ -575,6 +580,7 @@ impl QemuMachine {
                 netns: spec.netns.as_deref(),
                 limits: spec.limits,
                 inherit: Vec::new(),
+                confine: view::build_confine(spec),
             },
         ) {
             Ok(q) => Arc::new(q),
@@ -688,7 +694,7 @@ impl QemuMachine {
             .join(qemu.identity().pid.to_string())
             .join("ns/net");
         for h in &helpers {
-            self.end(h).await?;
+            self.end(h, HELPER_STOP).await?;
         }
         let vhost = dir.join(VHOST_SOCKET);
         for stale in [&vhost, &vm.vsock_socket] {
@@ -708,6 +714,7 @@ impl QemuMachine {
                 netns: Some(&netns),
                 limits: CgroupLimits::build_for_vm(shape.vcpus, shape.memory_bytes),
                 inherit: Vec::new(),
+                confine: view::build_helper_confine(),
             },
         )?);
         self.wait_path(capsule, &helper, &vhost, "vhost-device-vsock")
@@ -728,16 +735,20 @@ impl QemuMachine {
     }
 
     async fn kill_all(&self, capsule: &str, qemu: &[Arc<VmmProcess>], helpers: &[Arc<VmmProcess>]) {
-        for p in qemu.iter().chain(helpers) {
-            let _ = self.end(p).await;
+        for p in qemu {
+            let _ = self.end(p, libc::SIGTERM).await;
+        }
+        for p in helpers {
+            let _ = self.end(p, HELPER_STOP).await;
         }
         let _ = self.cgroups.open_capsule(capsule).remove();
     }
 
-    async fn end(&self, p: &VmmProcess) -> Result<(), Error> {
+    /// Stops `p` with `first`, then SIGKILL after the grace time.
+    async fn end(&self, p: &VmmProcess, first: i32) -> Result<(), Error> {
         p.mark_stop_requested();
         if p.try_wait()?.is_none() {
-            let _ = p.signal(libc::SIGTERM);
+            let _ = p.signal(first);
             if tokio::time::timeout(self.timeouts.stop_grace, p.wait())
                 .await
                 .is_err()
@@ -912,21 +923,29 @@ impl QemuMachine {
     ) -> Result<(), Error> {
         let capsule = spec.capsule.as_str();
         let memory = dir.join(MEMORY_FILE);
-        let uri = exec_uri("cat ", &memory).map_err(|reason| Error::Qemu {
+        let stream_err = |e: std::io::Error| Error::Qemu {
             capsule: capsule.to_string(),
             what: "restore",
-            reason,
-        })?;
+            reason: format!("stream {}: {e}", memory.display()),
+        };
+        let transfer =
+            stream::load(&spec.run_dir, &memory, self.timeouts.start).map_err(stream_err)?;
         let mut q = self.qmp(vm, "restore").await?;
-        q.execute(&qmp::MigrateIncoming { uri })
-            .await
-            .map_err(|source| Error::Qmp {
-                capsule: capsule.to_string(),
-                step: "restore",
-                source,
-            })?;
+        q.execute(&qmp::MigrateIncoming {
+            uri: transfer.uri(),
+        })
+        .await
+        .map_err(|source| Error::Qmp {
+            capsule: capsule.to_string(),
+            step: "restore",
+            source,
+        })?;
         self.wait_migration(&mut q, capsule, &memory, "restore", spec.memory_bytes)
             .await?;
+        transfer
+            .finish(self.migrate_timeout(spec.memory_bytes))
+            .await
+            .map_err(stream_err)?;
         // The migration thread sets the run state just after "completed".
         let deadline = tokio::time::Instant::now() + self.timeouts.command;
         while self.run_state(&mut q, capsule, "restore").await? == "inmigrate" {
@@ -1169,11 +1188,11 @@ impl Machine for QemuMachine {
     async fn snapshot(&self, vm: &MachineHandle, dir: &Path) -> Result<(), Error> {
         let capsule = vm.capsule.as_str();
         let memory = dir.join(MEMORY_FILE);
-        let uri = exec_uri("cat > ", &memory).map_err(|reason| Error::Qemu {
+        let stream_err = |e: std::io::Error| Error::Qemu {
             capsule: capsule.to_string(),
             what: "snapshot",
-            reason,
-        })?;
+            reason: format!("stream {}: {e}", memory.display()),
+        };
         let qerr = |step| {
             move |source| Error::Qmp {
                 capsule: capsule.to_string(),
@@ -1191,12 +1210,23 @@ impl Machine for QemuMachine {
         })
         .await
         .map_err(qerr("snapshot"))?;
-        q.execute(&qmp::Migrate { uri })
-            .await
-            .map_err(qerr("snapshot"))?;
-        let migrated = self
+        let transfer = stream::save(&run_dir(vm), &memory).map_err(stream_err)?;
+        q.execute(&qmp::Migrate {
+            uri: transfer.uri(),
+        })
+        .await
+        .map_err(qerr("snapshot"))?;
+        let migrated = match self
             .wait_migration(&mut q, capsule, &memory, "snapshot", vm.memory_bytes)
-            .await;
+            .await
+        {
+            Ok(()) => transfer
+                .finish(self.migrate_timeout(vm.memory_bytes))
+                .await
+                .map(drop)
+                .map_err(stream_err),
+            Err(e) => Err(e),
+        };
         // Whatever happened, the running VM gets its vsock back.
         let plugged = self
             .plug_vsock(&mut q, vm, &run_dir(vm).join(VHOST_SOCKET))
@@ -1282,8 +1312,11 @@ impl Machine for QemuMachine {
                 let _ = c.execute(&qmp::Quit).await;
             }
         }
-        for p in qemu.iter().chain(helpers.iter()) {
-            self.end(p).await?;
+        for p in qemu.iter() {
+            self.end(p, libc::SIGTERM).await?;
+        }
+        for p in helpers.iter() {
+            self.end(p, HELPER_STOP).await?;
         }
         helpers.clear();
         self.cgroups.open_capsule(&vm.capsule).remove()?;
@@ -1458,15 +1491,6 @@ mod tests {
             h,
             "--guest-cid 7 --uds-path /r/vm.vsock --socket /r/vhost-vsock.sock"
         );
-    }
-
-    #[test]
-    fn migration_uris_are_quoted_or_refused() {
-        assert_eq!(
-            exec_uri("cat > ", Path::new("/s/a b/memory.qemu")).unwrap(),
-            "exec:cat > '/s/a b/memory.qemu'"
-        );
-        assert!(exec_uri("cat ", Path::new("/s/it's")).is_err());
     }
 
     #[test]

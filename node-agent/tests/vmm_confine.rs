@@ -1,0 +1,579 @@
+//! VMM confinement and the VMM cgroup cap, attacked for real (Tier::Host).
+//!
+//! A shell script stands in for a compromised VMM: it is started through
+//! the agent's spawn path (`spawn_supervised`) with the production view
+//! (`HostPaths::confined`: the state root, `/dev` and the cgroup mount
+//! hidden) and tries what a VMM running as the agent's uid could try: read
+//! another capsule's files, lift the hiding mount, mount cgroupfs, move
+//! itself out of its cgroup, raise the parent's limits, outgrow them. Each
+//! attempt's exit status and output are written to its own directory (the
+//! only writable place it sees) and checked here, together with the
+//! process's credentials from the host's `/proc/<pid>/status` and the
+//! node's state afterwards. Everything is removed by guards.
+// Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use wrenn_node_agent::vmm::cgroup::{
+    CgroupLimits, CgroupRoot, CgroupVersion, IoLimit, ParentLimits,
+};
+use wrenn_node_agent::vmm::process::{
+    Confine, HostPaths, SpawnRequest, VmmProcess, spawn_supervised,
+};
+use wrenn_testkit::{Tier, unique_name, wait_until};
+
+const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+const SECRET: &str = "victim-secret-4711";
+
+fn host_case(name: &str) -> Option<wrenn_testkit::Case> {
+    let case = wrenn_testkit::case(Tier::Host, name);
+    if let Err(why) = wrenn_testkit::need_root() {
+        case.skip(why);
+        return None;
+    }
+    if let Err(why) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
+        case.skip(format!("needs a cgroup mount: {why}"));
+        return None;
+    }
+    Some(case)
+}
+
+/// A unique VMM parent cgroup; kills what is left in it and removes it on
+/// drop, also when an assertion failed.
+struct Parent {
+    name: String,
+    root: CgroupRoot,
+}
+
+impl Parent {
+    fn new() -> Self {
+        let name = unique_name("wrenn-confine");
+        let root = CgroupRoot::detect(Path::new(CGROUP_MOUNT), &name).unwrap();
+        Self { name, root }
+    }
+
+    /// The parent's directory in `controller` (v1) or the unified one.
+    fn dir(&self, controller: &str) -> PathBuf {
+        match self.root.version() {
+            CgroupVersion::V1 => Path::new(CGROUP_MOUNT).join(controller).join(&self.name),
+            CgroupVersion::V2 => Path::new(CGROUP_MOUNT).join(&self.name),
+        }
+    }
+}
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        for name in self.root.list().unwrap_or_default() {
+            let cg = self.root.open_capsule(&name);
+            for pid in cg.pids().unwrap_or_default() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+            let _ = wait_until(Duration::from_secs(10), "capsule cgroup empty", || {
+                cg.remove().map_err(|e| e.to_string())
+            });
+        }
+        for c in ["cpu", "memory", "cpuacct", "pids", "blkio"] {
+            let _ = std::fs::remove_dir(self.dir(c));
+        }
+    }
+}
+
+/// A state root with a victim capsule's files next to the attacker's own
+/// directory, laid out as the agent lays them out.
+struct StateRoot {
+    dir: tempfile::TempDir,
+}
+
+impl StateRoot {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in [
+            "vmm/victim",
+            "vmm/attacker",
+            "capsules/victim",
+            "snapshots/s1",
+            "disks",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "vmm/victim/console.log",
+            "capsules/victim/record.json",
+            "snapshots/s1/memory.qemu",
+            "disks/victim.qcow2",
+        ] {
+            std::fs::write(root.join(f), SECRET).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn paths(&self) -> HostPaths {
+        HostPaths::confined("/proc".into(), self.root().join("vmm"), self.root())
+    }
+
+    fn own(&self) -> PathBuf {
+        self.root().join("vmm/attacker")
+    }
+
+    /// The victim's files as the host sees them, to prove nothing changed.
+    fn victim_files(&self) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        for f in [
+            "vmm/victim/console.log",
+            "capsules/victim/record.json",
+            "snapshots/s1/memory.qemu",
+            "disks/victim.qcow2",
+        ] {
+            let p = self.root().join(f);
+            out.push((p.clone(), std::fs::read_to_string(&p).unwrap()));
+        }
+        out
+    }
+}
+
+/// Starts `script` as the attacker capsule's "VMM" with the production
+/// confinement (own PID namespace, no capabilities).
+fn spawn_attacker(
+    state: &StateRoot,
+    parent: &Parent,
+    script: &str,
+    limits: CgroupLimits,
+) -> VmmProcess {
+    spawn_supervised(
+        &state.paths(),
+        &parent.root,
+        &SpawnRequest {
+            capsule: "attacker",
+            program: Path::new("/bin/sh"),
+            args: vec![OsString::from("-c"), OsString::from(script)],
+            netns: None,
+            limits,
+            inherit: Vec::new(),
+            confine: Confine {
+                new_pid_ns: true,
+                show: Vec::new(),
+                keep_caps: Vec::new(),
+            },
+        },
+    )
+    .unwrap()
+}
+
+/// Runs `cmd` in the script and records `<name>: <exit status>` plus its
+/// output in `<own>/results`.
+fn attempt(name: &str, cmd: &str) -> String {
+    format!("out=$({cmd} 2>&1); echo \"{name}: $? $out\" >> \"$OWN/results\"\n")
+}
+
+fn wait_done(own: &Path) -> Vec<(String, i32, String)> {
+    wait_until(Duration::from_secs(60), "attack script done", || {
+        own.join("done")
+            .exists()
+            .then_some(())
+            .ok_or("running".to_string())
+    })
+    .unwrap();
+    std::fs::read_to_string(own.join("results"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(": ")?;
+            let (code, out) = rest.split_once(' ').unwrap_or((rest, ""));
+            Some((name.to_string(), code.parse().ok()?, out.to_string()))
+        })
+        .collect()
+}
+
+fn result<'a>(all: &'a [(String, i32, String)], name: &str) -> &'a (String, i32, String) {
+    all.iter()
+        .find(|(n, _, _)| n == name)
+        .unwrap_or_else(|| panic!("no result for {name}: {all:?}"))
+}
+
+fn status_field(pid: i32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in status"))
+}
+
+fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
+    let Some(_case) = host_case("vmm_confine_view_and_privileges") else {
+        return;
+    };
+    let parent = Parent::new();
+    let state = StateRoot::new();
+    let root = state.root().display().to_string();
+    let before = state.victim_files();
+    let mounts_before = mount_count();
+    // The test process's own pid, as an attacker would learn it from a
+    // host-wide /proc: its /proc/<pid>/root is the host's view.
+    let host_pid = std::process::id();
+    let mut script = format!("OWN={}\n", state.own().display());
+    for (name, cmd) in [
+        (
+            "read-victim-console",
+            format!("cat {root}/vmm/victim/console.log"),
+        ),
+        (
+            "read-victim-record",
+            format!("cat {root}/capsules/victim/record.json"),
+        ),
+        (
+            "read-snapshot",
+            format!("cat {root}/snapshots/s1/memory.qemu"),
+        ),
+        ("read-victim-disk", format!("cat {root}/disks/victim.qcow2")),
+        ("list-vmm-dir", format!("ls {root}/vmm")),
+        ("list-state-root", format!("ls -A {root}")),
+        (
+            "via-host-proc-root",
+            format!("cat /proc/{host_pid}/root{root}/vmm/victim/console.log"),
+        ),
+        (
+            "via-proc-1-root",
+            format!("cat /proc/1/root{root}/vmm/victim/console.log"),
+        ),
+        ("lift-the-hiding-mount", format!("umount -l {root}")),
+        (
+            "mount-over-own",
+            format!("mount -t tmpfs x {root}/vmm/attacker"),
+        ),
+        ("write-hidden-root", format!("touch {root}/planted")),
+        ("list-dev", "ls /dev".to_string()),
+        (
+            "write-own",
+            format!("echo mine > {root}/vmm/attacker/own-file"),
+        ),
+    ] {
+        script.push_str(&attempt(name, &cmd));
+    }
+    script.push_str("touch \"$OWN/done\"; exec sleep 60\n");
+    let p = spawn_attacker(
+        &state,
+        &parent,
+        &script,
+        CgroupLimits::build_for_vm(1, 128 << 20),
+    );
+    let pid = p.identity().pid;
+    let results = wait_done(&state.own());
+
+    for name in [
+        "read-victim-console",
+        "read-victim-record",
+        "read-snapshot",
+        "read-victim-disk",
+        "via-host-proc-root",
+        "via-proc-1-root",
+        "lift-the-hiding-mount",
+        "mount-over-own",
+        "write-hidden-root",
+    ] {
+        let (_, code, out) = result(&results, name);
+        assert_ne!(*code, 0, "{name} succeeded: {out}");
+        assert!(!out.contains(SECRET), "{name} read the secret: {out}");
+    }
+    // It sees its own directory and nothing else of the state root.
+    assert_eq!(result(&results, "list-vmm-dir").2, "attacker");
+    assert_eq!(result(&results, "list-state-root").2, "vmm");
+    assert_eq!(result(&results, "write-own").1, 0);
+    assert_eq!(
+        std::fs::read_to_string(state.own().join("own-file")).unwrap(),
+        "mine\n"
+    );
+    // Only the device nodes it needs.
+    let devs: Vec<&str> = result(&results, "list-dev").2.split_whitespace().collect();
+    assert!(devs.contains(&"null"), "{devs:?}");
+    for forbidden in ["mem", "kmsg", "mapper", "loop0", "sda", "vda"] {
+        assert!(
+            !devs.contains(&forbidden),
+            "/dev/{forbidden} visible: {devs:?}"
+        );
+    }
+
+    // Credentials, as the host sees them.
+    assert_eq!(status_field(pid as i32, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid as i32, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid as i32, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(pid as i32, "CapInh"), "0000000000000000");
+    assert_eq!(status_field(pid as i32, "CapAmb"), "0000000000000000");
+    assert_eq!(status_field(pid as i32, "NoNewPrivs"), "1");
+    // Its own PID namespace, in which it is init.
+    let ns = |p: String| std::fs::metadata(p).unwrap().ino();
+    assert_ne!(
+        ns(format!("/proc/{pid}/ns/pid")),
+        ns("/proc/self/ns/pid".into())
+    );
+    assert_eq!(
+        status_field(pid as i32, "NSpid").split_whitespace().last(),
+        Some("1")
+    );
+
+    // Nothing on the node changed: the victim's files, the host's mounts,
+    // nothing planted in the state root.
+    assert_eq!(state.victim_files(), before);
+    assert!(!state.root().join("planted").exists());
+    assert_eq!(mount_count(), mounts_before);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(p.stop(Duration::from_secs(1))).unwrap();
+}
+
+#[test]
+fn a_capsule_cannot_leave_or_raise_the_vmm_cgroup_cap() {
+    let Some(_case) = host_case("vmm_cgroup_escape") else {
+        return;
+    };
+    let parent = Parent::new();
+    let v1 = parent.root.version() == CgroupVersion::V1;
+    // The cap: one CPU, 96 MiB, 24 tasks for all VMMs together.
+    let cap = ParentLimits {
+        cpu_quota_us: Some(100_000),
+        memory_bytes: Some(96 << 20),
+        pids: Some(24),
+        io: None::<IoLimit>,
+    };
+    let applied = parent.root.ensure_parent(&cap).unwrap();
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap().trim().to_string();
+    if v1 {
+        assert_eq!(read(parent.dir("cpu").join("cpu.cfs_quota_us")), "100000");
+        assert_eq!(
+            read(parent.dir("memory").join("memory.limit_in_bytes")),
+            (96u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(read(parent.dir("").join("cpu.max")), "100000 100000");
+        assert_eq!(
+            read(parent.dir("").join("memory.max")),
+            (96u64 << 20).to_string()
+        );
+    }
+    let pids_enforced = !applied.unsupported.contains(&"pids");
+    if pids_enforced {
+        assert_eq!(read(parent.dir("pids").join("pids.max")), "24");
+    } else {
+        wrenn_testkit::case(Tier::Host, "vmm_cgroup_escape/pids")
+            .skip("the host has no pids controller");
+    }
+    let state = StateRoot::new();
+    let mem_dir = parent.dir("memory");
+    let parent_limit_file = if v1 {
+        mem_dir.join("memory.limit_in_bytes")
+    } else {
+        mem_dir.join("memory.max")
+    };
+    let limit_before = read(parent_limit_file.clone());
+    let root_procs = if v1 {
+        Path::new(CGROUP_MOUNT).join("memory/cgroup.procs")
+    } else {
+        Path::new(CGROUP_MOUNT).join("cgroup.procs")
+    };
+    let release_agent = Path::new(CGROUP_MOUNT).join("memory/release_agent");
+    let own = state.own();
+    let mut script = format!("OWN={}\n", own.display());
+    for (name, cmd) in [
+        // Move itself to the root cgroup: out of every cap.
+        (
+            "join-root-cgroup",
+            format!("echo 1 > {}", root_procs.display()),
+        ),
+        // Lift the parent's cap from inside.
+        (
+            "raise-parent-limit",
+            format!("echo -1 > {}", parent_limit_file.display()),
+        ),
+        // CVE-2022-0492: a release agent runs as root in the host.
+        (
+            "set-release-agent",
+            format!("echo /bin/sh > {}", release_agent.display()),
+        ),
+        // Bring its own cgroupfs.
+        (
+            "mount-cgroupfs",
+            format!("mkdir -p $OWN/cg && mount -t cgroup -o memory cgroup $OWN/cg"),
+        ),
+        (
+            "mount-cgroup2",
+            format!("mkdir -p $OWN/cg2 && mount -t cgroup2 none $OWN/cg2"),
+        ),
+        // Outgrow the cap: its own limit allows 1 GiB, the parent 96 MiB.
+        // `tail` keeps a newline-free line whole in memory.
+        (
+            "outgrow-memory",
+            "head -c 300m /dev/zero | tail -c 1 | wc -c".to_string(),
+        ),
+    ] {
+        script.push_str(&attempt(name, &cmd));
+    }
+    // Fork as much as it can; count what it got.
+    script.push_str(
+        "n=0; for i in $(seq 60); do sleep 60 & [ $? -eq 0 ] && n=$((n+1)); done; \
+         echo \"forked: 0 $(jobs -p | wc -l)\" >> \"$OWN/results\"\n",
+    );
+    script.push_str("touch \"$OWN/done\"; exec sleep 60\n");
+    let p = spawn_attacker(
+        &state,
+        &parent,
+        &script,
+        // The capsule's own limits are far above the parent's cap.
+        CgroupLimits::build_for_vm(1, 1 << 30),
+    );
+    let pid = p.identity().pid;
+    let results = wait_done(&own);
+
+    for name in [
+        "join-root-cgroup",
+        "raise-parent-limit",
+        "set-release-agent",
+        "mount-cgroupfs",
+        "mount-cgroup2",
+    ] {
+        let (_, code, out) = result(&results, name);
+        assert_ne!(*code, 0, "{name} succeeded: {out}");
+    }
+    // The allocation died at the parent's cap (SIGKILL from the OOM
+    // killer: the pipeline reports tail's failure as no output).
+    let (_, _, grown) = result(&results, "outgrow-memory");
+    assert_eq!(grown.trim(), "0", "300 MiB fit under a 96 MiB cap: {grown}");
+
+    // From the host: still in its capsule cgroup, parent cap unchanged,
+    // not in the root cgroup, no release agent.
+    let cgroup_file = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let memory_line = cgroup_file
+        .lines()
+        .find(|l| {
+            if v1 {
+                l.contains(":memory:")
+            } else {
+                l.starts_with("0::")
+            }
+        })
+        .unwrap();
+    assert!(
+        memory_line.ends_with(&format!("/{}/attacker", parent.name)),
+        "{memory_line}"
+    );
+    assert_eq!(read(parent_limit_file), limit_before);
+    assert!(!read(root_procs).lines().any(|l| l == pid.to_string()));
+    if v1 {
+        assert_ne!(read(release_agent.clone()), "/bin/sh");
+    }
+    if pids_enforced {
+        let capsule = parent.root.open_capsule("attacker");
+        let tasks = capsule.pids().unwrap().len();
+        assert!(tasks <= 24, "{tasks} processes under a cap of 24");
+        let (_, _, forked) = result(&results, "forked");
+        let forked: usize = forked.trim().parse().unwrap();
+        assert!(forked < 60, "all 60 forks succeeded under a cap of 24");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(p.stop(Duration::from_secs(1))).unwrap();
+}
+
+#[test]
+fn qemu_runs_under_its_own_seccomp_filter_inside_the_confinement() {
+    let Some(case) = host_case("vmm_confine_qemu_sandbox") else {
+        return;
+    };
+    let qemu = match wrenn_testkit::need_program("qemu-system-x86_64") {
+        Ok(q) => q,
+        Err(why) => return case.skip(why),
+    };
+    let parent = Parent::new();
+    let state = StateRoot::new();
+    let qmp = state.own().join("qmp.sock");
+    let args: Vec<OsString> = [
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-user-config",
+        "-sandbox",
+        wrenn_node_agent::vmm::qemu::SANDBOX,
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp.display()),
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let p = spawn_supervised(
+        &state.paths(),
+        &parent.root,
+        &SpawnRequest {
+            capsule: "attacker",
+            program: &qemu,
+            args,
+            netns: None,
+            limits: CgroupLimits::build_for_vm(1, 256 << 20),
+            inherit: Vec::new(),
+            confine: Confine {
+                new_pid_ns: true,
+                show: Vec::new(),
+                keep_caps: Vec::new(),
+            },
+        },
+    )
+    .unwrap();
+    let pid = p.identity().pid as i32;
+    let log = state.own().join("vmm.log");
+    wait_until(Duration::from_secs(20), "QMP socket", || {
+        if let Some(status) = p.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!(
+                "QEMU exited {status:?}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        qmp.exists().then_some(()).ok_or("not yet".to_string())
+    })
+    .unwrap();
+    // It stays up under the filter (a denied syscall at start-up would kill it).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        p.try_wait().unwrap().is_none(),
+        "QEMU died under its sandbox"
+    );
+    // Every thread is filtered (mode 2) and unprivileged.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid: i32 = task.unwrap().file_name().to_string_lossy().parse().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "thread {tid}: {status}"
+        );
+    }
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(p.stop(Duration::from_secs(5))).unwrap();
+}
