@@ -110,6 +110,9 @@ pub struct Args {
     /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
+    /// Blocked destinations and per-capsule traffic limits.
+    #[command(flatten)]
+    pub egress: crate::network::EgressFlags,
 }
 
 /// One path segment of letters, digits, '-', '_' and '.': never `..` or a

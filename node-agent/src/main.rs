@@ -14,7 +14,7 @@ use wrenn_node_agent::args::{Args, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
-use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
+use wrenn_node_agent::network::{EgressFlags, LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
 use wrenn_node_agent::state::OrphanSweep;
@@ -77,6 +77,7 @@ struct Common {
     initramfs: Option<PathBuf>,
     storage: BackendChoice,
     uplink: String,
+    egress: EgressFlags,
     cgroups: CgroupRoot,
     metrics: Arc<Metrics>,
     templates: TemplateSettings,
@@ -103,6 +104,7 @@ async fn run(args: Args) -> ExitCode {
         admin_listen,
         guest_binary,
         insecure_registries,
+        egress,
         ..
     } = args;
     let tls = TlsFiles {
@@ -172,6 +174,7 @@ async fn run(args: Args) -> ExitCode {
         initramfs,
         storage,
         uplink,
+        egress,
         netns_dir,
         cgroups,
         metrics,
@@ -214,6 +217,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         initramfs,
         storage: storage_choice,
         uplink,
+        egress,
         netns_dir,
         cgroups,
         metrics,
@@ -234,10 +238,12 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             }
             Err(_) => return ExitCode::from(EXIT_HOST),
         };
-    let net_cfg = LinuxNetConfig {
+    let mut net_cfg = LinuxNetConfig {
         netns_dir,
+        limits: egress.limits(),
         ..LinuxNetConfig::host(&uplink, &state_dir)
     };
+    net_cfg.blocked_egress.extend(egress.blocked);
     let net = match LinuxNet::new(net_cfg) {
         Ok(n) => n,
         Err(err) => {
