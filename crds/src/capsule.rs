@@ -187,15 +187,20 @@ pub struct EnvVar {
     pub value: String,
 }
 
-/// Network policy of a capsule. Isolation from other capsules, the node and
-/// link-local metadata addresses always applies.
+/// Network policy of a capsule. Isolation from other capsules, the node,
+/// cloud metadata addresses and the node's blocked ranges always applies.
+/// `egress` and `allowCidrs` may change on a running capsule: the node
+/// swaps its rules in place, and `status.observedGeneration` advances once
+/// it has.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkSpec {
-    /// Allow (default): any destination outside the node. Deny: only `allowCidrs`.
+    /// Allow (default): any destination outside the node that the node
+    /// does not block. Deny: only `allowCidrs`.
     #[serde(default)]
     pub egress: Egress,
-    /// With `egress: Deny`, destinations still reachable, in CIDR form.
+    /// With `egress: Deny`, the only destinations still reachable: IPv4
+    /// CIDRs (capsules are IPv4 only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "with::cidrs")]
     pub allow_cidrs: Vec<String>,

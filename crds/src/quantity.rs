@@ -131,16 +131,22 @@ pub(crate) mod with {
     pub(crate) fn cidrs(_: &mut SchemaGenerator) -> Schema {
         let schema = json!({
             "type": "array",
-            "description": "With egress: Deny, destinations still reachable, in CIDR form.",
+            "description": "With egress: Deny, the only destinations the guest can reach: IPv4 networks in CIDR form (a.b.c.d/n, host bits zero). Capsules are IPv4 only. Cloud metadata addresses and what the node blocks stay unreachable even when listed. Changes apply to a running capsule in place.",
             "maxItems": 64,
             "x-kubernetes-list-type": "set",
             "items": {
                 "type": "string",
                 "maxLength": 64,
-                "x-kubernetes-validations": [rule(
-                    "isCIDR(self)",
-                    "allowCidrs entries must be CIDRs such as 203.0.113.0/24 or 2001:db8::/32",
-                )],
+                "x-kubernetes-validations": [
+                    rule(
+                        "isCIDR(self) && cidr(self).ip().family() == 4",
+                        "allowCidrs entries must be CIDRs of IPv4 networks such as 203.0.113.0/24: capsules have no IPv6, so IPv6 CIDRs are refused",
+                    ),
+                    rule(
+                        "!isCIDR(self) || cidr(self).masked() == cidr(self)",
+                        "allowCidrs entries must have no host bits set, e.g. 10.1.0.0/16 rather than 10.1.2.3/16",
+                    ),
+                ],
             },
         });
         Schema::try_from(schema).expect("a JSON object is always a schema")

@@ -146,6 +146,18 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "allowCidrs entries must be CIDRs",
         ),
         (
+            "IPv6 CIDR",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Deny", "allowCidrs": ["2001:db8::/32"]}})),
+            "capsules have no IPv6, so IPv6 CIDRs are refused",
+        ),
+        (
+            "CIDR with host bits",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Deny", "allowCidrs": ["10.1.2.3/16"]}})),
+            "allowCidrs entries must have no host bits set",
+        ),
+        (
             "allow list with egress Allow",
             "Capsule",
             capsule(json!({"network": {"egress": "Allow", "allowCidrs": ["10.0.0.0/8"]}})),

@@ -1032,3 +1032,76 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
             .await;
     }
 }
+
+/// A changed `spec.network` reaches the running VM's node through
+/// UpdateNetwork (no new VM), and `observedGeneration` claims the new
+/// generation only once the node answered that it enforces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_change_is_applied_in_place_before_it_is_observed() {
+    let Some(env) = common::setup("operator_capsule::network_update").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let created = capsule(&client, &ns, "c1", 1).await;
+    let uid = created.uid().unwrap();
+    let running = wait_capsule(&client, &ns, "c1", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    let before = running.metadata.generation.unwrap();
+    assert_eq!(running.status.unwrap().observed_generation, Some(before));
+
+    // The node cannot load the new rules yet.
+    for a in &nodes.agents {
+        a.refuse_network_updates(true);
+    }
+    let api: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let patched = api
+        .patch(
+            "c1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "network": {
+                "egress": "Deny", "allowCidrs": ["203.0.113.0/24"] } } })),
+        )
+        .await
+        .unwrap();
+    let after = patched.metadata.generation.unwrap();
+    assert!(after > before);
+    wait_until("UpdateNetwork tried", || {
+        nodes.agents.iter().any(|a| a.count("UpdateNetwork") > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = api.get("c1").await.unwrap().status.unwrap();
+    assert_eq!(
+        held.observed_generation,
+        Some(before),
+        "a policy the node does not enforce was reported observed"
+    );
+    assert_eq!(held.phase, Some(CapsulePhase::Running));
+
+    for a in &nodes.agents {
+        a.refuse_network_updates(false);
+    }
+    wait_capsule(&client, &ns, "c1", "the new generation observed", |c| {
+        c.status.as_ref().and_then(|s| s.observed_generation) == Some(after)
+    })
+    .await;
+    let net = nodes
+        .agents
+        .iter()
+        .find_map(|a| a.capsule(&uid))
+        .and_then(|c| c.spec)
+        .and_then(|s| s.network)
+        .unwrap();
+    assert_eq!(
+        (net.egress, net.allow_cidrs),
+        (pb::Egress::Deny as i32, vec!["203.0.113.0/24".to_string()])
+    );
+    let created: usize = nodes.agents.iter().map(|a| a.created().len()).sum();
+    assert_eq!(created, 1, "the VM was recreated instead of updated");
+    op.stop().await;
+}

@@ -147,6 +147,9 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub guest_ready_secs: u64,
+    /// Blocked destinations and per-capsule traffic limits.
+    #[command(flatten)]
+    pub egress: crate::network::EgressFlags,
 }
 
 /// Bytes, plain or with a binary suffix (`512Mi`, `2Gi`).

@@ -14,7 +14,7 @@ use wrenn_node_agent::args::{Args, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
-use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
+use wrenn_node_agent::network::{EgressFlags, LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::{NodePaths, VmmCap, read_facts};
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
 use wrenn_node_agent::state::OrphanSweep;
@@ -80,6 +80,7 @@ struct Common {
     initramfs: Option<PathBuf>,
     storage: BackendChoice,
     uplink: String,
+    egress: EgressFlags,
     cgroups: CgroupRoot,
     vmm_cap: VmmCap,
     metrics: Arc<Metrics>,
@@ -115,6 +116,7 @@ async fn run(args: Args) -> ExitCode {
         vmm_io_write_bps,
         vmm_io_read_iops,
         vmm_io_write_iops,
+        egress,
         ..
     } = args;
     let tls = TlsFiles {
@@ -235,6 +237,7 @@ async fn run(args: Args) -> ExitCode {
         initramfs,
         storage,
         uplink,
+        egress,
         netns_dir,
         cgroups,
         vmm_cap,
@@ -281,6 +284,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         initramfs,
         storage: storage_choice,
         uplink,
+        egress,
         netns_dir,
         cgroups,
         vmm_cap,
@@ -302,10 +306,12 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             }
             Err(_) => return ExitCode::from(EXIT_HOST),
         };
-    let net_cfg = LinuxNetConfig {
+    let mut net_cfg = LinuxNetConfig {
         netns_dir,
+        limits: egress.limits(),
         ..LinuxNetConfig::host(&uplink, &state_dir)
     };
+    net_cfg.blocked_egress.extend(egress.blocked);
     let net = match LinuxNet::new(net_cfg) {
         Ok(n) => n,
         Err(err) => {

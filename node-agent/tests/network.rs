@@ -15,8 +15,8 @@ use std::path::Path;
 
 use network_env::*;
 use wrenn_node_agent::network::{
-    CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Error, Hook, NetOps, SetupStep, TAP_NAME,
-    TAP_QUEUE_LEN, Table, Teardown, Verdict,
+    CapsuleId, CapsuleLimits, Chain, ChainKind, Cidr, EgressFlags, EgressPolicy, Error, Family,
+    Hook, NetOps, SetupStep, TAP_NAME, TAP_QUEUE_LEN, Table, Teardown, Verdict,
 };
 use wrenn_node_agent::sys::net as sys;
 use wrenn_testkit::{Tier, case, need_root};
@@ -319,6 +319,7 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     in_ns(&bed.node, |nl| {
         nl.add_veth(&ours("stale2"), "stalepeer")?;
         nl.load_table(&Table {
+            family: Family::Ip,
             name: ours("old"),
             chains: vec![Chain {
                 name: "input",
@@ -404,4 +405,316 @@ fn tap_has_its_queue_length_and_is_recreated_by_name() {
     assert_eq!(tap_qlen(&resumed.netns), Some(TAP_QUEUE_LEN));
     bed.net().teardown(&c, Teardown::ReleaseSlot).unwrap();
     assert_eq!(bed.snapshot(), before);
+}
+
+/// Node-side facts that change only if a capsule network is rebuilt: the
+/// namespace's inode, the TAP's and the node veth's interface indexes.
+fn identity(bed: &Bed, c: &CapsuleId) -> (u64, Option<u32>, Option<u32>) {
+    use std::os::unix::fs::MetadataExt;
+    let netns = bed.cfg.netns_dir.join(c.resource_name());
+    let ino = std::fs::metadata(&netns).unwrap().ino();
+    let tap = in_ns(&netns, |nl| nl.link_index(TAP_NAME)).unwrap();
+    let veth = in_ns(&bed.node, |nl| nl.link_index(&c.resource_name())).unwrap();
+    (ino, tap, veth)
+}
+
+#[test]
+fn an_allow_list_reaches_exactly_its_networks_and_never_metadata() {
+    let _case = host_case!("an_allow_list_reaches_exactly_its_networks_and_never_metadata");
+    let bed = Bed::new(false);
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let to = remote.local_addr().unwrap();
+    let other = listen(&bed.uplink, OTHER_REMOTE);
+    let md = listen(&bed.uplink, METADATA);
+    let azure = listen(&bed.uplink, AZURE_METADATA);
+
+    // What a tenant writes: Deny, plus the network it needs and, hoping
+    // for credentials, both metadata services.
+    let c = id("list0001");
+    let listed = EgressPolicy::AllowList(vec![
+        "198.51.100.0/24".parse().unwrap(),
+        "169.254.169.254/32".parse().unwrap(),
+        "168.63.129.16/32".parse().unwrap(),
+    ]);
+    net.setup(&c, &listed).unwrap();
+    let g = bed.guest(&c);
+    assert_eq!(source_seen(&g, &remote, to).unwrap(), NODE_UPLINK_ADDR);
+    assert!(
+        blocked(&g, other.local_addr().unwrap()),
+        "a network not on the list was reachable"
+    );
+    assert!(
+        blocked(&g, md.local_addr().unwrap()),
+        "listing 169.254.169.254 opened it"
+    );
+    assert!(
+        blocked(&g, azure.local_addr().unwrap()),
+        "listing 168.63.129.16 opened it"
+    );
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn metadata_stays_blocked_under_egress_allow() {
+    let _case = host_case!("metadata_stays_blocked_under_egress_allow");
+    let bed = Bed::new(false);
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let md = listen(&bed.uplink, METADATA);
+    let azure = listen(&bed.uplink, AZURE_METADATA);
+    let c = id("meta0001");
+    net.setup(&c, &EgressPolicy::Allow).unwrap();
+    let g = bed.guest(&c);
+    source_seen(&g, &remote, remote.local_addr().unwrap()).unwrap();
+    assert!(blocked(&g, md.local_addr().unwrap()), "reached 169.254.169.254");
+    assert!(blocked(&g, azure.local_addr().unwrap()), "reached 168.63.129.16");
+    // The node itself still reaches them: only capsule traffic is judged.
+    source_seen(&bed.node, &azure, azure.local_addr().unwrap()).unwrap();
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn a_cidr_the_node_blocks_by_flag_is_blocked_under_every_policy() {
+    let _case = host_case!("a_cidr_the_node_blocks_by_flag_is_blocked_under_every_policy");
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        egress: EgressFlags,
+    }
+    let flags = <Flags as clap::Parser>::try_parse_from([
+        "agent",
+        "--blocked-egress-cidrs",
+        "203.0.113.0/24",
+    ])
+    .unwrap();
+    let mut bed = Bed::new(false);
+    bed.cfg.blocked_egress.extend(flags.egress.blocked);
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let other = listen(&bed.uplink, OTHER_REMOTE);
+
+    let (a, l) = (id("flag0001"), id("flag0002"));
+    net.setup(&a, &EgressPolicy::Allow).unwrap();
+    net.setup(
+        &l,
+        &EgressPolicy::AllowList(vec!["203.0.113.0/24".parse().unwrap()]),
+    )
+    .unwrap();
+    for c in [&a, &l] {
+        assert!(
+            blocked(&bed.guest(c), other.local_addr().unwrap()),
+            "capsule {c} reached a blocked network"
+        );
+    }
+    // Not a blanket block: the rest of the uplink still works.
+    source_seen(&bed.guest(&a), &remote, remote.local_addr().unwrap()).unwrap();
+    net.teardown(&a, Teardown::ReleaseSlot).unwrap();
+    net.teardown(&l, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn a_live_policy_update_flips_reachability_without_rebuilding_the_network() {
+    let _case =
+        host_case!("a_live_policy_update_flips_reachability_without_rebuilding_the_network");
+    use std::io::{Read, Write};
+    let bed = Bed::new(false);
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let to = remote.local_addr().unwrap();
+    let c = id("live0001");
+    net.setup(&c, &EgressPolicy::Allow).unwrap();
+    let g = bed.guest(&c);
+    let before = identity(&bed, &c);
+    let leaks = bed.snapshot();
+
+    // A connection opened while egress was allowed ...
+    let mut open = connect(&g, to).unwrap();
+    let (mut far, _) = remote.accept().unwrap();
+    open.write_all(b"a").unwrap();
+    let mut buf = [0u8; 1];
+    far.read_exact(&mut buf).unwrap();
+
+    net.update_policy(&c, &EgressPolicy::Deny).unwrap();
+    assert!(blocked(&g, to), "a new connection passed after Deny");
+    // ... carries nothing once its permission is gone.
+    far.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let _ = open.write_all(b"b");
+    assert!(
+        far.read(&mut buf).is_err(),
+        "an open connection outlived the Deny"
+    );
+
+    net.update_policy(
+        &c,
+        &EgressPolicy::AllowList(vec!["198.51.100.0/24".parse().unwrap()]),
+    )
+    .unwrap();
+    source_seen(&g, &remote, to).unwrap();
+
+    // The same namespace, TAP and veth throughout: the VM never noticed.
+    assert_eq!(identity(&bed, &c), before);
+    let after = bed.snapshot();
+    assert_eq!(
+        (after.namespaces, after.node_links, after.node_tables),
+        (leaks.namespaces, leaks.node_links, leaks.node_tables)
+    );
+
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+    assert!(matches!(
+        net.update_policy(&c, &EgressPolicy::Allow),
+        Err(Error::NotSetUp { .. })
+    ));
+}
+
+#[test]
+fn connections_over_the_conntrack_limit_are_refused() {
+    let _case = host_case!("connections_over_the_conntrack_limit_are_refused");
+    let mut bed = Bed::new(false);
+    bed.cfg.limits = CapsuleLimits {
+        max_connections: 3,
+        ..CapsuleLimits::UNLIMITED
+    };
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let to = remote.local_addr().unwrap();
+    let c = id("ctct0001");
+    net.setup(&c, &EgressPolicy::Allow).unwrap();
+    let g = bed.guest(&c);
+
+    let mut held: Vec<_> = (0..3)
+        .map(|i| {
+            let near =
+                connect(&g, to).unwrap_or_else(|e| panic!("connection {i} under the limit: {e}"));
+            (near, remote.accept().unwrap().0)
+        })
+        .collect();
+    assert!(blocked(&g, to), "a fourth connection passed a limit of 3");
+    // Another capsule has its own count.
+    let d = id("ctct0002");
+    net.setup(&d, &EgressPolicy::Allow).unwrap();
+    source_seen(&bed.guest(&d), &remote, to).unwrap();
+
+    // A connection closed at both ends frees its place.
+    drop(held.pop());
+    wrenn_testkit::wait_until(
+        std::time::Duration::from_secs(10),
+        "a place under the limit",
+        || connect(&g, to).map(drop).map_err(|e| e.to_string()),
+    )
+    .unwrap();
+    drop(held);
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+    net.teardown(&d, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn new_connections_over_the_rate_limit_are_refused() {
+    let _case = host_case!("new_connections_over_the_rate_limit_are_refused");
+    let mut bed = Bed::new(false);
+    bed.cfg.limits = CapsuleLimits {
+        new_connections_per_second: 1,
+        ..CapsuleLimits::UNLIMITED
+    };
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let to = remote.local_addr().unwrap();
+    let c = id("rate0001");
+    net.setup(&c, &EgressPolicy::Allow).unwrap();
+    let g = bed.guest(&c);
+    // A burst of 5 passes, then about one a second.
+    let mut ok = 0;
+    let mut refused = 0;
+    let started = std::time::Instant::now();
+    for _ in 0..12 {
+        match in_ns(&g, |_| {
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(300))
+        }) {
+            Ok(_) => ok += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs();
+    assert!(ok >= 1, "nothing passed");
+    assert!(
+        ok <= 5 + secs as usize + 1,
+        "{ok} connections in {secs}s at 1/s with a burst of 5"
+    );
+    assert!(refused > 0);
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn bandwidth_over_the_limit_is_held_back() {
+    let _case = host_case!("bandwidth_over_the_limit_is_held_back");
+    use std::io::{Read, Write};
+    let mut bed = Bed::new(false);
+    // Floor of the byte bucket: 64 KiB.
+    bed.cfg.limits = CapsuleLimits {
+        bandwidth_bytes_per_second: 256 << 10,
+        ..CapsuleLimits::UNLIMITED
+    };
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let remote = listen(&bed.uplink, UPLINK_ADDR);
+    let to = remote.local_addr().unwrap();
+    let c = id("band0001");
+    net.setup(&c, &EgressPolicy::Allow).unwrap();
+    let g = bed.guest(&c);
+
+    // 1 MiB at 256 KiB/s with a 256 KiB bucket: at least 3 s. Unlimited,
+    // a veth moves it in milliseconds.
+    let total = 1usize << 20;
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = remote.accept().unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while got < total {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        got
+    });
+    let started = std::time::Instant::now();
+    let mut s = connect(&g, to).unwrap();
+    s.write_all(&vec![7u8; total]).unwrap();
+    drop(s);
+    let got = reader.join().unwrap();
+    let took = started.elapsed();
+    assert_eq!(got, total);
+    assert!(
+        took >= std::time::Duration::from_millis(2500),
+        "1 MiB passed a 256 KiB/s limit in {took:?}"
+    );
+    net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+}
+
+#[test]
+fn the_node_drops_ipv6_on_every_capsule_link() {
+    let _case = host_case!("the_node_drops_ipv6_on_every_capsule_link");
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        return _case.skip("needs a kernel with IPv6");
+    }
+    let bed = Bed::new(false);
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    let tables = in_ns(&bed.node, |nl| nl.list_tables()).unwrap();
+    assert!(
+        tables.contains(&(10, "wrenn".to_string())),
+        "no ip6 node table: {tables:?}"
+    );
+    // The sweep keeps it; a restarted agent replaces it in place.
+    assert_eq!(net.sweep().unwrap().tables, 0);
+    bed.net().ensure_node().unwrap();
+    let again = in_ns(&bed.node, |nl| nl.list_tables()).unwrap();
+    assert_eq!(again, tables);
 }

@@ -190,7 +190,16 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let net = NetBed::new(true);
+        Self::with_net(NetBed::new(true))
+    }
+
+    /// With an emulated guest (see `network_env`) instead of a TAP, so
+    /// traffic from the guest's side can be tried.
+    fn with_guest() -> Self {
+        Self::with_net(NetBed::new(false))
+    }
+
+    fn with_net(net: NetBed) -> Self {
         let state = tempfile::tempdir().unwrap();
         let parent = unique_name("wrenn-sup");
         let template = state.path().join("base.ext4");
@@ -556,4 +565,72 @@ fn orphans_of_a_crash_mid_create_are_removed() {
             .is_none(),
         "disk leftovers"
     );
+}
+
+#[test]
+fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
+    let Some(_c) = host_case("supervisor_host::egress_changes_live") else {
+        return;
+    };
+    use network_env::{OTHER_REMOTE, UPLINK_ADDR, blocked, listen, source_seen};
+    use wrenn_node_agent::server::convert::from_network;
+    use wrenn_proto::agent::v1 as pb;
+    let w = World::with_guest();
+    w.net.net().ensure_node().unwrap();
+    let remote = listen(&w.net.uplink, UPLINK_ADDR);
+    let to = remote.local_addr().unwrap();
+    let other = listen(&w.net.uplink, OTHER_REMOTE);
+    let guest = w.net.guest(&NetId::new("c1").unwrap());
+    let wire = |egress: pb::Egress, cidrs: &[&str]| {
+        from_network(pb::NetworkPolicy {
+            egress: egress as i32,
+            allow_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            ports: vec![],
+        })
+        .unwrap()
+    };
+
+    // Deny plus one allowed network, as the operator sends a Capsule's
+    // `egress: Deny` with `allowCidrs`.
+    let rt = runtime();
+    let (sup, _) = w.agent(false);
+    let mut spec = w.spec();
+    spec.egress = wire(pb::Egress::Deny, &["198.51.100.0/24"]);
+    rt.block_on(sup.create("c1", spec, State::Running)).unwrap();
+    source_seen(&guest, &remote, to).unwrap();
+    assert!(blocked(&guest, other.local_addr().unwrap()), "unlisted network reached");
+
+    // A change on the running capsule: the same VMM, the new policy.
+    let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
+    let read = || -> wrenn_node_agent::capsule::Record { journal.read("c1").unwrap().unwrap() };
+    let pid = read().vm.unwrap().process.pid;
+    let view = rt
+        .block_on(sup.update_network("c1", wire(pb::Egress::Deny, &[])))
+        .unwrap();
+    assert_eq!(view.spec.egress, Egress::Deny);
+    assert_eq!(read().spec.egress, Egress::Deny, "journaled");
+    assert!(blocked(&guest, to), "egress still open after Deny");
+    assert_eq!(read().vm.unwrap().process.pid, pid);
+    assert!(alive(pid));
+    // An invalid policy changes nothing.
+    assert!(rt
+        .block_on(sup.update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()])))
+        .is_err());
+    assert_eq!(read().spec.egress, Egress::Deny);
+
+    // An agent that journaled Allow and died before loading the table:
+    // the next one enforces what the journal says.
+    sup.shutdown();
+    drop(sup);
+    drop(rt);
+    let mut rec = read();
+    rec.spec.egress = Egress::Allow;
+    journal.write("c1", &rec).unwrap();
+    assert!(blocked(&guest, to), "the table changed before the restart");
+    let rt = runtime();
+    let (sup, report) = recover(&w, &rt);
+    assert_eq!(report.adopted, vec!["c1".to_string()]);
+    source_seen(&guest, &remote, to).unwrap();
+    assert_eq!(sup.get("c1").unwrap().spec.egress, Egress::Allow);
+    assert!(rt.block_on(sup.delete("c1")).unwrap());
 }

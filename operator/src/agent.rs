@@ -13,7 +13,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 
-use crate::plan::{Vm, VmState};
+use crate::plan::{EgressPolicy, Vm, VmState};
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
@@ -103,6 +103,8 @@ pub trait NodeAgent: Send + Sync + 'static {
     fn resume_capsule(&self, uid: String) -> Call<'_, pb::Capsule>;
     /// Running or Paused → Suspended.
     fn suspend_capsule(&self, uid: String) -> Call<'_, pb::Capsule>;
+    /// Replaces a capsule's egress policy; answers once the node enforces it.
+    fn update_network(&self, req: pb::UpdateNetworkRequest) -> Call<'_, pb::Capsule>;
     /// Snapshots a capsule into the named snapshot.
     fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot>;
     /// Deletes a snapshot's files; `false` when already gone.
@@ -303,6 +305,16 @@ impl NodeAgent for GrpcNodeAgent {
         })
     }
 
+    fn update_network(&self, req: pb::UpdateNetworkRequest) -> Call<'_, pb::Capsule> {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            c.update_network(self.request(req))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(self.fail("UpdateNetwork"))
+        })
+    }
+
     fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot> {
         Box::pin(async move {
             let mut c = self.client.clone();
@@ -407,5 +419,20 @@ pub fn to_vm(c: &pb::Capsule) -> Vm {
         } else {
             format!("{}: {}", c.reason, c.message)
         },
+        egress: c
+            .spec
+            .as_ref()
+            .and_then(|s| s.network.as_ref())
+            .map(to_egress)
+            .unwrap_or_default(),
     }
+}
+
+/// The plan's view of a wire network policy (ports aside: the agent does
+/// not enforce them).
+pub fn to_egress(n: &pb::NetworkPolicy) -> EgressPolicy {
+    EgressPolicy::new(
+        n.egress == pb::Egress::Deny as i32,
+        n.allow_cidrs.clone(),
+    )
 }

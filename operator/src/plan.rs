@@ -37,6 +37,25 @@ pub enum VmState {
     Stopped,
 }
 
+/// An egress policy as the spec asks for it and as an agent reports it
+/// applied, in one comparable form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    /// `egress: Deny`.
+    pub deny: bool,
+    /// With `deny`, the CIDRs still reachable: sorted, without duplicates.
+    pub allow_cidrs: Vec<String>,
+}
+
+impl EgressPolicy {
+    /// The policy, with the CIDR list in canonical order.
+    pub fn new(deny: bool, mut allow_cidrs: Vec<String>) -> Self {
+        allow_cidrs.sort();
+        allow_cidrs.dedup();
+        Self { deny, allow_cidrs }
+    }
+}
+
 /// A VM on a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vm {
@@ -50,6 +69,8 @@ pub struct Vm {
     pub started_unix_nanos: i64,
     /// The agent's last error.
     pub message: String,
+    /// The egress policy the node enforces for it.
+    pub egress: EgressPolicy,
 }
 
 /// What the operator knows about the capsule's VM.
@@ -87,6 +108,8 @@ pub struct Facts<'a> {
     pub source: SourceState,
     /// The lifecycle expired, with `onExpiry`.
     pub expired: Option<OnExpiry>,
+    /// `spec.network`'s egress policy.
+    pub egress: EgressPolicy,
 }
 
 /// One step on the node, or on the object itself.
@@ -104,6 +127,10 @@ pub enum NodeAction {
     Resume,
     /// Running or Paused → Suspended.
     Suspend,
+    /// Make the node enforce `spec.network`'s egress policy: live on a
+    /// running or paused VM, recorded for a suspended, failed or stopped
+    /// one. Legal once the VM settled in one of those states.
+    UpdateNetwork,
     /// Lifecycle expired with `onExpiry: Delete`: delete the Capsule object
     /// (its finalizer then deletes the VM).
     DeleteObject,
@@ -137,6 +164,9 @@ pub struct StatusDraft {
     pub vmm: Option<(String, String, String)>,
     /// Conditions, one per type.
     pub conditions: Vec<ConditionDraft>,
+    /// The node does not enforce the spec's network policy yet:
+    /// `observedGeneration` stays where it was until it does.
+    pub network_pending: bool,
 }
 
 /// The plan: an action and the status to show once it is under way.
@@ -234,6 +264,7 @@ fn draft(
         started_unix_nanos: vm.map(|v| v.started_unix_nanos).filter(|n| *n > 0),
         vmm: vm.and_then(|v| v.vmm.clone()),
         conditions,
+        network_pending: false,
     }
 }
 
@@ -383,14 +414,33 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
             "suspended".to_string(),
         ),
     };
+    // The policy changes once the VM has settled (a mode change first);
+    // until the node enforces it the status does not claim this generation.
+    let network_pending = vm.egress != f.egress;
+    let settled = matches!(
+        vm.state,
+        VmState::Running
+            | VmState::Paused
+            | VmState::Suspended
+            | VmState::Failed
+            | VmState::Stopped
+    );
+    let action = if network_pending && settled && action == NodeAction::None {
+        NodeAction::UpdateNetwork
+    } else {
+        action
+    };
     Plan {
         action,
-        status: Some(draft(
-            phase,
-            Some(node),
-            Some(vm),
-            conditions(placed(node), phase, ready_reason, message, suspend_reason),
-        )),
+        status: Some(StatusDraft {
+            network_pending,
+            ..draft(
+                phase,
+                Some(node),
+                Some(vm),
+                conditions(placed(node), phase, ready_reason, message, suspend_reason),
+            )
+        }),
     }
 }
 
@@ -530,6 +580,7 @@ mod tests {
             vmm: Some(("cloud-hypervisor".into(), "v44".into(), String::new())),
             started_unix_nanos: 1_700_000_000_000_000_000,
             message: String::new(),
+            egress: EgressPolicy::default(),
         }
     }
 
@@ -546,6 +597,7 @@ mod tests {
             vm,
             source: SourceState::Usable,
             expired: None,
+            egress: EgressPolicy::default(),
         }
     }
 
@@ -815,6 +867,71 @@ mod tests {
         let p = plan_capsule(&f);
         assert_eq!(phase(&p), CapsulePhase::Suspended);
         assert_eq!(cond_of(&p, "Suspended").reason, "SuspendedOnExpiry");
+    }
+
+    #[test]
+    fn a_changed_network_is_updated_on_the_node_and_holds_the_generation() {
+        let deny = EgressPolicy::new(true, vec!["203.0.113.0/24".into()]);
+        for state in [
+            VmState::Running,
+            VmState::Paused,
+            VmState::Suspended,
+            VmState::Failed,
+        ] {
+            let v = vm(state);
+            let mode = match state {
+                VmState::Paused => OperatingMode::Paused,
+                VmState::Suspended => OperatingMode::Suspended,
+                _ => OperatingMode::Running,
+            };
+            let mut f = facts(
+                mode,
+                Some("n1"),
+                Some(CapsulePhase::Running),
+                Observed::Present(&v),
+            );
+            f.egress = deny.clone();
+            let p = plan_capsule(&f);
+            assert_eq!(p.action, NodeAction::UpdateNetwork, "{state:?}");
+            assert!(p.status.as_ref().unwrap().network_pending, "{state:?}");
+        }
+
+        // Applied: nothing more to do, and the generation may advance.
+        let mut v = vm(VmState::Running);
+        v.egress = EgressPolicy::new(true, vec!["203.0.113.0/24".into(), "203.0.113.0/24".into()]);
+        let mut f = facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.egress = deny.clone();
+        let p = plan_capsule(&f);
+        assert_eq!(p.action, NodeAction::None);
+        assert!(!p.status.as_ref().unwrap().network_pending);
+    }
+
+    #[test]
+    fn a_mode_change_goes_first_and_the_network_waits_for_a_settled_vm() {
+        let deny = EgressPolicy::new(true, vec![]);
+        let v = vm(VmState::Running);
+        let mut f = facts(
+            OperatingMode::Suspended,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.egress = deny.clone();
+        let p = plan_capsule(&f);
+        assert_eq!(p.action, NodeAction::Suspend);
+        assert!(p.status.as_ref().unwrap().network_pending);
+
+        let v = vm(VmState::Creating);
+        f.vm = Observed::Present(&v);
+        f.mode = OperatingMode::Running;
+        let p = plan_capsule(&f);
+        assert_eq!(p.action, NodeAction::None);
+        assert!(p.status.as_ref().unwrap().network_pending);
     }
 
     #[test]

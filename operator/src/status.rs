@@ -68,6 +68,12 @@ pub fn build_capsule_status(
     now: Timestamp,
 ) -> CapsuleStatus {
     let cur = current.cloned().unwrap_or_default();
+    // A spec the node does not enforce yet is not observed yet.
+    let generation = if draft.network_pending {
+        cur.observed_generation
+    } else {
+        generation
+    };
     let started_at = draft
         .started_unix_nanos
         // metav1.Time keeps whole seconds: a finer value would never equal
@@ -180,6 +186,7 @@ mod tests {
             started_unix_nanos: Some(1_700_000_000_123_456_789),
             vmm: Some(("qemu".into(), "9".into(), "TCG".into())),
             conditions: vec![d("True")],
+            network_pending: false,
         };
         let t0 = Timestamp::from_second(1_000).unwrap();
         let r = Resources {
@@ -196,5 +203,27 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.resources.unwrap().memory.unwrap().0, "512Mi".to_string());
         assert_eq!(a.vmm.unwrap().note.as_deref(), Some("TCG"));
+    }
+
+    #[test]
+    fn observed_generation_waits_for_the_network_to_be_applied() {
+        let mut draft = StatusDraft {
+            phase: CapsulePhase::Running,
+            node: Some("n1".into()),
+            ip: Some("10.0.0.2".into()),
+            started_unix_nanos: None,
+            vmm: None,
+            conditions: vec![d("True")],
+            network_pending: false,
+        };
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let applied = build_capsule_status(&draft, None, Some(3), None, t0);
+        draft.network_pending = true;
+        let pending = build_capsule_status(&draft, Some(&applied), Some(4), None, t0);
+        assert_eq!(pending.observed_generation, Some(3));
+        assert_eq!(pending.conditions[0].observed_generation, Some(3));
+        draft.network_pending = false;
+        let done = build_capsule_status(&draft, Some(&pending), Some(4), None, t0);
+        assert_eq!(done.observed_generation, Some(4));
     }
 }

@@ -5,7 +5,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use super::{CapsuleSpec, CapsuleView, Error, PrepareRequest, State, TemplateStatus, Watch};
+use super::{
+    CapsuleSpec, CapsuleView, Egress, Error, PrepareRequest, State, TemplateStatus, Watch,
+};
 use crate::vmm::BackendInfo;
 
 /// A boxed future of the API.
@@ -55,6 +57,8 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
     fn resume<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView>;
     /// Running|Paused → Suspended.
     fn suspend<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView>;
+    /// Replaces the egress policy, live on a running or paused capsule.
+    fn update_network<'a>(&'a self, uid: &'a str, egress: Egress) -> ApiFuture<'a, CapsuleView>;
     /// Writes a named snapshot; the capsule returns to its prior mode.
     fn snapshot<'a>(
         &'a self,

@@ -29,6 +29,7 @@
 
 mod api;
 mod bases;
+mod egress;
 mod events;
 mod model;
 mod prepare;

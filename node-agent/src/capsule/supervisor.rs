@@ -208,7 +208,7 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    fn view(&self) -> CapsuleView {
+    pub(crate) fn view(&self) -> CapsuleView {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -270,7 +270,7 @@ pub(crate) fn now_nanos() -> i64 {
         .unwrap_or(0)
 }
 
-fn net_id(uid: &str) -> Result<network::CapsuleId, Error> {
+pub(super) fn net_id(uid: &str) -> Result<network::CapsuleId, Error> {
     network::CapsuleId::new(uid).map_err(|e| Error::InvalidSpec {
         reason: e.to_string(),
     })
@@ -282,7 +282,7 @@ fn disk_id(uid: &str) -> Result<storage::CapsuleId, Error> {
     })
 }
 
-fn policy(egress: &Egress) -> Result<EgressPolicy, Error> {
+pub(super) fn policy(egress: &Egress) -> Result<EgressPolicy, Error> {
     Ok(match egress {
         Egress::Allow => EgressPolicy::Allow,
         Egress::Deny => EgressPolicy::Deny,
@@ -301,7 +301,7 @@ fn policy(egress: &Egress) -> Result<EgressPolicy, Error> {
 }
 
 /// Runs blocking host work (netlink threads, loop ioctls) off the runtime.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     uid: &str,
     what: &'static str,
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -1063,7 +1063,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     }
 }
 
-fn wrong(uid: &str, state: State, hint: &'static str) -> Error {
+pub(super) fn wrong(uid: &str, state: State, hint: &'static str) -> Error {
     let hint = match state {
         State::Paused if hint.starts_with("only a running") => "resume it first",
         State::Suspended if hint.starts_with("only a running or paused capsule can be snap") => {
@@ -1083,7 +1083,7 @@ fn wrong(uid: &str, state: State, hint: &'static str) -> Error {
 }
 
 /// Records a failed step's error on `rec` (shown in `Capsule.message`).
-fn note(rec: &mut Record, e: &Error) {
+pub(super) fn note(rec: &mut Record, e: &Error) {
     rec.reason = e.reason().into();
     rec.message = e.chain();
 }
@@ -1628,6 +1628,9 @@ impl<M: Machine + 'static> CapsuleApi for Supervisor<M> {
     }
     fn suspend<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView> {
         Box::pin(Supervisor::suspend(self, uid))
+    }
+    fn update_network<'a>(&'a self, uid: &'a str, egress: Egress) -> ApiFuture<'a, CapsuleView> {
+        Box::pin(Supervisor::update_network(self, uid, egress))
     }
     fn snapshot<'a>(
         &'a self,

@@ -22,6 +22,17 @@ pub const LINK_LOCAL: Cidr = Cidr {
     addr: Ipv4Addr::new(169, 254, 0, 0),
     prefix: 16,
 };
+/// Azure's wireserver (metadata and agent channel): outside link-local,
+/// so it needs its own entry.
+pub const AZURE_WIRESERVER: Cidr = Cidr {
+    addr: Ipv4Addr::new(168, 63, 129, 16),
+    prefix: 32,
+};
+/// Destinations no capsule reaches under any policy or allow list, on any
+/// node: link-local (AWS, GCP, OpenStack metadata at 169.254.169.254, and
+/// the guest link itself) and Azure's wireserver. IPv6 metadata
+/// (`fd00:ec2::254`) needs no entry: capsules have no IPv6 at all.
+pub const ALWAYS_BLOCKED: [Cidr; 2] = [LINK_LOCAL, AZURE_WIRESERVER];
 /// Highest slot the plan supports: a `/31` per slot must fit in a `/16`
 /// (the Go implementation overflowed past 32767, notes §11.34).
 pub const MAX_SLOTS: u32 = 32767;

@@ -16,6 +16,8 @@ pub enum NetCall {
     EnsureNode,
     /// [`NetOps::setup`].
     Setup(CapsuleId, EgressPolicy),
+    /// [`NetOps::update_policy`].
+    UpdatePolicy(CapsuleId, EgressPolicy),
     /// [`NetOps::ensure_tap`].
     EnsureTap(CapsuleId),
     /// [`NetOps::teardown`].
@@ -53,7 +55,7 @@ impl FakeNet {
         self.state().calls.clone()
     }
 
-    /// Makes the next setup fail as if `step` had failed.
+    /// Makes the next setup (or policy update) fail as if `step` had failed.
     pub fn fail_next_setup(&self, step: SetupStep) {
         self.state().fail_setup = Some(step);
     }
@@ -113,6 +115,25 @@ impl NetOps for FakeNet {
             gateway: GUEST_GATEWAY,
             mac: GUEST_MAC,
         })
+    }
+
+    fn update_policy(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<(), Error> {
+        let mut st = self.state();
+        st.calls
+            .push(NetCall::UpdatePolicy(capsule.clone(), policy.clone()));
+        if let Some(step) = st.fail_setup.take() {
+            return Err(Error::Injected {
+                capsule: capsule.clone(),
+                step,
+            });
+        }
+        if st.built.contains(capsule) {
+            Ok(())
+        } else {
+            Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            })
+        }
     }
 
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {

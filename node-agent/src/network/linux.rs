@@ -12,7 +12,10 @@ use tracing::{debug, info, warn};
 use super::addr::{
     AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
 };
-use super::ruleset::{CapsuleRules, NodeRules, build_capsule_table, build_node_table};
+use super::limits::CapsuleLimits;
+use super::ruleset::{
+    CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
+};
 use super::slots::{ClaimError, SlotAllocator};
 use super::{
     CAPSULE_VETH, CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, PREFIX, SweepReport,
@@ -54,8 +57,11 @@ pub struct LinuxNetConfig {
     pub uplink: String,
     /// Address ranges of slots.
     pub plan: AddressPlan,
-    /// Destinations no capsule may reach whatever its policy.
+    /// Destinations no capsule may reach whatever its policy, besides
+    /// [`ALWAYS_BLOCKED`](super::ALWAYS_BLOCKED).
     pub blocked_egress: Vec<Cidr>,
+    /// Ceilings on each capsule's traffic.
+    pub limits: CapsuleLimits,
     /// TAP (production) or emulated guest (tests).
     pub guest_link: GuestLink,
 }
@@ -83,6 +89,7 @@ impl LinuxNetConfig {
             .into_iter()
             .map(net)
             .collect(),
+            limits: CapsuleLimits::default(),
             guest_link: GuestLink::Tap,
         }
     }
@@ -214,6 +221,7 @@ impl LinuxNet {
             veth: CAPSULE_VETH,
             tap: TAP_NAME,
             policy,
+            limits: self.cfg.limits,
         })
     }
 
@@ -572,7 +580,17 @@ impl NetOps for LinuxNet {
                 table: table.name.clone(),
                 netns: netns.clone(),
                 source,
-            })
+            })?;
+            // A kernel without IPv6 has no IPv6 to keep from capsules.
+            if self.cfg.proc_dir.join("sys/net/ipv6").exists() {
+                let v6 = build_node_table6(PREFIX);
+                nl.load_table(&v6).map_err(|source| Error::LoadTable {
+                    table: format!("ip6 {}", v6.name),
+                    netns: netns.clone(),
+                    source,
+                })?;
+            }
+            Ok(())
         })
     }
 
@@ -638,6 +656,56 @@ impl NetOps for LinuxNet {
                 Err(e)
             }
         }
+    }
+
+    fn update_policy(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<(), Error> {
+        let netns = self.netns_path(capsule);
+        let Some(slot) = self.slots.get(capsule) else {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        };
+        let addrs = self
+            .cfg
+            .plan
+            .slot_addrs(slot)
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("slot {slot} outside the address plan"),
+            })?;
+        if !netns.exists() {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        let table = self.capsule_table(addrs, policy);
+        let guest = IpAddr::V4(GUEST_ADDR);
+        let flushed = in_ns(&netns, |nl| {
+            // Loading replaces the table in one transaction: the old policy
+            // holds until the new one does.
+            nl.load_table(&table).map_err(|source| Error::LoadTable {
+                table: table.name.clone(),
+                netns: netns.clone(),
+                source,
+            })?;
+            // Connections the guest opened to what is now forbidden would
+            // pass as established; forget them, so their next packet is
+            // judged as new (and dropped). The node's own connections to
+            // the guest stay.
+            nl.conntrack_flush(|e| {
+                e.orig.0 == guest
+                    && match e.orig.1 {
+                        IpAddr::V4(dst) => !policy.allows(dst),
+                        IpAddr::V6(_) => true,
+                    }
+            })
+            .map_err(|source| Error::FlushConntrack {
+                what: format!("capsule {capsule}"),
+                netns: netns.clone(),
+                source,
+            })
+        })?;
+        info!(capsule = %capsule, slot, flushed, "egress policy replaced");
+        Ok(())
     }
 
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {
@@ -728,9 +796,9 @@ impl NetOps for LinuxNet {
             };
             let mut tables = 0;
             for (family, name) in nl.list_tables().map_err(tables_err("list"))? {
-                // The node table itself is ours to keep: ensure_node
-                // replaces it atomically.
-                let node_table = family == 2 && name == PREFIX;
+                // The node tables (ip and ip6) are ours to keep:
+                // ensure_node replaces them atomically.
+                let node_table = (family == 2 || family == 10) && name == PREFIX;
                 if name.starts_with(PREFIX)
                     && !node_table
                     && nl

@@ -19,6 +19,7 @@
 
 mod addr;
 mod fake;
+mod limits;
 mod linux;
 mod ruleset;
 mod slots;
@@ -29,14 +30,15 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use addr::{
-    AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS,
-    ParseCidrError, SlotAddrs,
+    ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC,
+    GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, ParseCidrError, SlotAddrs,
 };
 pub use fake::{FakeNet, NetCall};
+pub use limits::{CapsuleLimits, EgressFlags};
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
 pub use ruleset::{
-    Action, CapsuleRules, Chain, ChainKind, Hook, IfName, Match, NodeRules, Rule, Table, Verdict,
-    build_capsule_table, build_node_table,
+    Action, CapsuleRules, Chain, ChainKind, Family, Hook, IfName, Limit, LimitUnit, Match,
+    NodeRules, Rule, Table, Verdict, build_capsule_table, build_node_table, build_node_table6,
 };
 pub use slots::SlotAllocator;
 
@@ -126,6 +128,21 @@ pub enum EgressPolicy {
     AllowList(Vec<Cidr>),
 }
 
+impl EgressPolicy {
+    /// Whether the policy lets the guest open a connection to `ip`
+    /// ([`ALWAYS_BLOCKED`] and the node's blocked list aside).
+    pub fn allows(&self, ip: Ipv4Addr) -> bool {
+        if ALWAYS_BLOCKED.iter().any(|n| n.contains(ip)) {
+            return false;
+        }
+        match self {
+            EgressPolicy::Allow => true,
+            EgressPolicy::Deny => false,
+            EgressPolicy::AllowList(nets) => nets.iter().any(|n| n.contains(ip)),
+        }
+    }
+}
+
 /// What the rest of the agent needs to know about a capsule's network.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CapsuleNet {
@@ -197,6 +214,13 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// being restored, which gets its old slot back. On failure nothing is
     /// left behind but a slot claim the capsule already held.
     fn setup(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<CapsuleNet, Error>;
+
+    /// Replaces the egress policy of a capsule whose network exists, in one
+    /// nftables transaction (no moment without a policy), and drops the
+    /// guest's tracked connections the new policy forbids, so an open
+    /// connection does not outlive its permission. The namespace, links and
+    /// TAP stay as they are: the VM keeps running. Legal after `setup`.
+    fn update_policy(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<(), Error>;
 
     /// Recreates the TAP by name inside an existing capsule namespace (a
     /// restore opens the TAP the snapshot names). Legal after `setup`.
@@ -445,6 +469,25 @@ pub enum Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policies_never_allow_metadata() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let listed = EgressPolicy::AllowList(vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "168.63.129.16".parse().unwrap(),
+            "169.254.0.0/16".parse().unwrap(),
+        ]);
+        assert!(listed.allows(ip("198.51.100.9")));
+        assert!(!listed.allows(ip("198.51.101.9")));
+        for md in ["169.254.169.254", "168.63.129.16"] {
+            for p in [&EgressPolicy::Allow, &EgressPolicy::Deny, &listed] {
+                assert!(!p.allows(ip(md)), "{p:?} allows {md}");
+            }
+        }
+        assert!(EgressPolicy::Allow.allows(ip("203.0.113.1")));
+        assert!(!EgressPolicy::Deny.allows(ip("203.0.113.1")));
+    }
 
     #[test]
     fn sweep_takes_only_names_shaped_like_capsule_resources() {

@@ -2,25 +2,34 @@
 //! table contain. Built here (pure, unit-tested, printable in `nft` syntax);
 //! encoded into netlink messages and loaded by `sys::net`.
 //!
-//! Two tables, both family `ip`:
-//! - the **node table** (one per node, in the node namespace): isolation that
-//!   holds for every capsule, matched by interface-name prefix, plus the
-//!   MASQUERADE out of the uplink. It has no per-capsule rules, so creating
-//!   or removing a capsule never touches it.
+//! Three tables:
+//! - the **node table** (family `ip`, one per node, in the node namespace):
+//!   isolation that holds for every capsule, matched by interface-name
+//!   prefix, the destinations no capsule may reach, plus the MASQUERADE out
+//!   of the uplink. It has no per-capsule rules, so creating or removing a
+//!   capsule never touches it.
+//! - the **node IPv6 table** (family `ip6`, same name): drops every IPv6
+//!   packet from or to a capsule link. Capsule namespaces disable IPv6; this
+//!   holds even if one did not (IPv6 metadata such as `fd00:ec2::254`).
 //! - a **capsule table** (in each capsule namespace): DNAT/SNAT between the
-//!   fixed guest address and the slot's host address, and the capsule's egress
-//!   policy. It dies with the namespace, so it cannot leak.
+//!   fixed guest address and the slot's host address, the per-capsule
+//!   limits, and the capsule's egress policy. It dies with the namespace, so
+//!   it cannot leak; a policy change replaces it in one transaction.
 
 use std::fmt;
 use std::net::Ipv4Addr;
 
 use super::EgressPolicy;
-use super::addr::{Cidr, GUEST_ADDR, LINK_LOCAL, SlotAddrs};
+use super::addr::{ALWAYS_BLOCKED, Cidr, GUEST_ADDR, SlotAddrs};
+use super::limits::CapsuleLimits;
 
-/// A table to load, replacing any table of the same name atomically.
+/// A table to load, replacing any table of the same name and family
+/// atomically.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
-    /// Table name (family `ip`).
+    /// Address family.
+    pub family: Family,
+    /// Table name.
     pub name: String,
     /// Base chains, each hooked into the stack.
     pub chains: Vec<Chain>,
@@ -41,6 +50,15 @@ pub struct Chain {
     pub policy: Verdict,
     /// Rules, in order.
     pub rules: Vec<Rule>,
+}
+
+/// nftables address family of a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `ip`: IPv4.
+    Ip,
+    /// `ip6`: IPv6 (interface matches only).
+    Ip6,
 }
 
 /// Chain type.
@@ -109,6 +127,31 @@ pub enum Match {
     Daddr(Cidr),
     /// Connection tracking state is established or related.
     CtEstablished,
+    /// More connections than this are tracked for packets that reach the
+    /// rule (`ct count over`); the one being opened counts.
+    CtCountOver(u32),
+    /// The rule's token bucket is empty (`limit rate over`).
+    LimitOver(Limit),
+}
+
+/// A token bucket: `rate` per second, holding up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// Refill per second.
+    pub rate: u64,
+    /// Bucket size.
+    pub burst: u32,
+    /// What the bucket counts.
+    pub unit: LimitUnit,
+}
+
+/// What a [`Limit`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitUnit {
+    /// Packets.
+    Packets,
+    /// Bytes.
+    Bytes,
 }
 
 /// What a rule does.
@@ -140,7 +183,8 @@ pub struct NodeRules<'a> {
     /// All host addresses of slots.
     pub host_range: Cidr,
     /// Destinations no capsule may reach through the uplink, whatever its
-    /// policy (cluster and private networks; link-local is always added).
+    /// policy (cluster and private networks); [`ALWAYS_BLOCKED`] comes first
+    /// whatever this says.
     pub blocked: &'a [Cidr],
 }
 
@@ -169,14 +213,14 @@ pub fn build_node_table(r: &NodeRules<'_>) -> Table {
         // host address (the capsule namespace SNATs the guest to it).
         rule(vec![Iif(caps()), OifNot(uplink.clone())], Action::Drop),
         rule(vec![Iif(caps()), SaddrNot(r.host_range)], Action::Drop),
-        rule(vec![Iif(caps()), Daddr(LINK_LOCAL)], Action::Drop),
     ];
-    for net in r.blocked {
+    for net in ALWAYS_BLOCKED.iter().chain(r.blocked) {
         forward.push(rule(vec![Iif(caps()), Daddr(*net)], Action::Drop));
     }
     forward.push(rule(vec![Iif(caps())], Action::Accept));
 
     Table {
+        family: Family::Ip,
         name: r.prefix.to_string(),
         chains: vec![
             Chain {
@@ -213,6 +257,41 @@ pub fn build_node_table(r: &NodeRules<'_>) -> Table {
     }
 }
 
+/// Builds the node's IPv6 table: no IPv6 packet from or to a capsule link,
+/// to the node or through it. Capsules are IPv4 only; this is the second
+/// wall should a capsule namespace ever have IPv6 on.
+pub fn build_node_table6(prefix: &str) -> Table {
+    use Match::*;
+    let caps = || IfName::Prefix(format!("{prefix}-"));
+    let filter = |name, hook, rules| Chain {
+        name,
+        kind: ChainKind::Filter,
+        hook,
+        priority: 0,
+        policy: Verdict::Accept,
+        rules,
+    };
+    Table {
+        family: Family::Ip6,
+        name: prefix.to_string(),
+        chains: vec![
+            filter(
+                "input",
+                Hook::Input,
+                vec![rule(vec![Iif(caps())], Action::Drop)],
+            ),
+            filter(
+                "forward",
+                Hook::Forward,
+                vec![
+                    rule(vec![Iif(caps())], Action::Drop),
+                    rule(vec![Oif(caps())], Action::Drop),
+                ],
+            ),
+        ],
+    }
+}
+
 /// What a capsule table needs to know.
 #[derive(Clone, Debug)]
 pub struct CapsuleRules<'a> {
@@ -226,6 +305,8 @@ pub struct CapsuleRules<'a> {
     pub tap: &'a str,
     /// Egress policy from the capsule's spec.
     pub policy: &'a EgressPolicy,
+    /// The node's per-capsule ceilings.
+    pub limits: CapsuleLimits,
 }
 
 /// Builds a capsule table: NAT between the fixed guest address and the
@@ -236,22 +317,58 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
     let tap = || IfName::Exact(r.tap.to_string());
     let guest = Cidr::host(GUEST_ADDR);
 
-    let mut forward = vec![
-        rule(vec![CtEstablished], Action::Accept),
-        // The node (agent, port forwarding) may open connections to the guest.
-        rule(vec![Iif(veth()), Oif(tap()), Daddr(guest)], Action::Accept),
-    ];
+    let l = r.limits;
+    let mut forward = Vec::new();
+    // Ceilings on every packet, before established traffic is waved
+    // through: a flood on an open connection is still a flood.
+    if l.packets_per_second > 0 {
+        let pps = u64::from(l.packets_per_second);
+        forward.push(rule(
+            vec![Iif(tap()), LimitOver(packets(pps, l.packets_per_second / 10))],
+            Action::Drop,
+        ));
+    }
+    if l.bandwidth_bytes_per_second > 0 {
+        let b = bytes(l.bandwidth_bytes_per_second);
+        forward.push(rule(vec![Iif(tap()), LimitOver(b)], Action::Drop));
+        forward.push(rule(vec![Oif(tap()), LimitOver(b)], Action::Drop));
+    }
+    forward.push(rule(vec![CtEstablished], Action::Accept));
+    // The node (agent, port forwarding) may open connections to the guest.
+    forward.push(rule(
+        vec![Iif(veth()), Oif(tap()), Daddr(guest)],
+        Action::Accept,
+    ));
+    // Only packets opening a connection get here: count and rate them.
+    if l.max_connections > 0 {
+        forward.push(rule(
+            vec![Iif(tap()), CtCountOver(l.max_connections)],
+            Action::Drop,
+        ));
+    }
+    if l.new_connections_per_second > 0 {
+        let n = u64::from(l.new_connections_per_second);
+        forward.push(rule(
+            vec![Iif(tap()), LimitOver(packets(n, l.new_connections_per_second))],
+            Action::Drop,
+        ));
+    }
     // Egress: only from the guest's own address (no spoofing), never to
-    // link-local metadata, then whatever the policy allows.
+    // metadata, then whatever the policy allows.
     let egress = || vec![Iif(tap()), Oif(veth()), Saddr(guest)];
+    let always_blocked = || {
+        ALWAYS_BLOCKED
+            .iter()
+            .map(|net| rule(vec![Daddr(*net)], Action::Drop))
+    };
     match r.policy {
         EgressPolicy::Deny => {}
         EgressPolicy::Allow => {
-            forward.push(rule(vec![Daddr(LINK_LOCAL)], Action::Drop));
+            forward.extend(always_blocked());
             forward.push(rule(egress(), Action::Accept));
         }
         EgressPolicy::AllowList(nets) => {
-            forward.push(rule(vec![Daddr(LINK_LOCAL)], Action::Drop));
+            forward.extend(always_blocked());
             for net in nets {
                 let mut m = egress();
                 m.push(Daddr(*net));
@@ -261,6 +378,7 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
     }
 
     Table {
+        family: Family::Ip,
         name: r.table.to_string(),
         chains: vec![
             Chain {
@@ -309,6 +427,26 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
     }
 }
 
+/// A packet bucket; at least the kernel's default burst of 5.
+fn packets(rate: u64, burst: u32) -> Limit {
+    Limit {
+        rate,
+        burst: burst.max(5),
+        unit: LimitUnit::Packets,
+    }
+}
+
+/// A byte bucket holding one second's worth, and never less than the
+/// largest packet the stack may forward (64 KiB with GRO): a smaller bucket
+/// would drop such a packet however idle the capsule is.
+fn bytes(rate: u64) -> Limit {
+    Limit {
+        rate,
+        burst: u32::try_from(rate).unwrap_or(u32::MAX).max(1 << 16),
+        unit: LimitUnit::Bytes,
+    }
+}
+
 impl fmt::Display for IfName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -328,6 +466,17 @@ impl fmt::Display for Match {
             Match::SaddrNot(c) => write!(f, "ip saddr != {c}"),
             Match::Daddr(c) => write!(f, "ip daddr {c}"),
             Match::CtEstablished => f.write_str("ct state established,related"),
+            Match::CtCountOver(n) => write!(f, "ct count over {n}"),
+            Match::LimitOver(Limit {
+                rate,
+                burst,
+                unit: LimitUnit::Packets,
+            }) => write!(f, "limit rate over {rate}/second burst {burst} packets"),
+            Match::LimitOver(Limit {
+                rate,
+                burst,
+                unit: LimitUnit::Bytes,
+            }) => write!(f, "limit rate over {rate} bytes/second burst {burst} bytes"),
         }
     }
 }
@@ -348,7 +497,11 @@ impl fmt::Display for Action {
 /// logs, and for tests to read.
 impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "table ip {} {{", self.name)?;
+        let family = match self.family {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+        };
+        writeln!(f, "table {family} {} {{", self.name)?;
         for c in &self.chains {
             let kind = match c.kind {
                 ChainKind::Filter => "filter",
@@ -392,6 +545,17 @@ mod tests {
         AddressPlan::default().slot_addrs(7).unwrap()
     }
 
+    fn capsule(policy: &EgressPolicy, limits: CapsuleLimits) -> Table {
+        build_capsule_table(&CapsuleRules {
+            table: "wrenn",
+            addrs: addrs(),
+            veth: "veth0",
+            tap: "tap0",
+            policy,
+            limits,
+        })
+    }
+
     #[test]
     fn node_table_isolates_capsules_and_masquerades_host_addresses() {
         let blocked = ["10.0.0.0/8".parse().unwrap()];
@@ -418,12 +582,49 @@ mod tests {
 		iifname "wrenn-*" oifname != "eth0" drop
 		iifname "wrenn-*" ip saddr != 10.11.0.0/16 drop
 		iifname "wrenn-*" ip daddr 169.254.0.0/16 drop
+		iifname "wrenn-*" ip daddr 168.63.129.16/32 drop
 		iifname "wrenn-*" ip daddr 10.0.0.0/8 drop
 		iifname "wrenn-*" accept
 	}
 	chain postrouting {
 		type nat hook postrouting priority 100; policy accept;
 		oifname "eth0" ip saddr 10.11.0.0/16 masquerade
+	}
+}
+"#
+        );
+    }
+
+    #[test]
+    fn node_table_blocks_metadata_even_with_an_empty_blocked_list() {
+        let t = build_node_table(&NodeRules {
+            prefix: "wrenn",
+            uplink: "eth0",
+            host_range: "10.11.0.0/16".parse().unwrap(),
+            blocked: &[],
+        });
+        let text = t.to_string();
+        for md in ["169.254.0.0/16", "168.63.129.16/32"] {
+            assert!(
+                text.contains(&format!(r#"iifname "wrenn-*" ip daddr {md} drop"#)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_ipv6_table_drops_everything_on_capsule_links() {
+        assert_eq!(
+            build_node_table6("wrenn").to_string(),
+            r#"table ip6 wrenn {
+	chain input {
+		type filter hook input priority 0; policy accept;
+		iifname "wrenn-*" drop
+	}
+	chain forward {
+		type filter hook forward priority 0; policy accept;
+		iifname "wrenn-*" drop
+		oifname "wrenn-*" drop
 	}
 }
 "#
@@ -446,13 +647,7 @@ mod tests {
 
     #[test]
     fn capsule_table_translates_between_guest_and_slot_address() {
-        let t = build_capsule_table(&CapsuleRules {
-            table: "wrenn",
-            addrs: addrs(),
-            veth: "veth0",
-            tap: "tap0",
-            policy: &EgressPolicy::Allow,
-        });
+        let t = capsule(&EgressPolicy::Allow, CapsuleLimits::UNLIMITED);
         let text = t.to_string();
         assert!(
             text.contains(r#"iifname "veth0" ip daddr 10.11.0.7/32 dnat to 169.254.0.21"#),
@@ -470,6 +665,7 @@ mod tests {
                     .to_string(),
                 r#"iifname "veth0" oifname "tap0" ip daddr 169.254.0.21/32 accept"#.into(),
                 "ip daddr 169.254.0.0/16 drop".into(),
+                "ip daddr 168.63.129.16/32 drop".into(),
                 r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 accept"#.into(),
             ]
         );
@@ -477,42 +673,69 @@ mod tests {
 
     #[test]
     fn deny_leaves_only_replies_and_inbound_from_the_node() {
-        let t = build_capsule_table(&CapsuleRules {
-            table: "wrenn",
-            addrs: addrs(),
-            veth: "veth0",
-            tap: "tap0",
-            policy: &EgressPolicy::Deny,
-        });
+        let t = capsule(&EgressPolicy::Deny, CapsuleLimits::UNLIMITED);
         let fwd = t.chains.iter().find(|c| c.name == "forward").unwrap();
         assert_eq!(fwd.policy, Verdict::Drop);
         assert_eq!(forward_of(&t).len(), 2);
     }
 
     #[test]
-    fn allow_list_accepts_each_listed_network_only() {
+    fn allow_list_accepts_each_listed_network_only_and_never_metadata() {
         let nets = vec![
             "198.51.100.0/24".parse().unwrap(),
             "203.0.113.9".parse().unwrap(),
+            // Listing metadata opens nothing: the drops come first.
+            "168.63.129.16".parse().unwrap(),
         ];
-        let t = build_capsule_table(&CapsuleRules {
-            table: "wrenn",
-            addrs: addrs(),
-            veth: "veth0",
-            tap: "tap0",
-            policy: &EgressPolicy::AllowList(nets),
-        });
+        let t = capsule(&EgressPolicy::AllowList(nets), CapsuleLimits::UNLIMITED);
         let fwd = forward_of(&t);
-        assert_eq!(fwd.len(), 5);
-        assert!(
-            fwd[3].ends_with("ip daddr 198.51.100.0/24 accept"),
-            "{}",
-            fwd[3]
+        assert_eq!(
+            fwd[2..],
+            [
+                "ip daddr 169.254.0.0/16 drop".to_string(),
+                "ip daddr 168.63.129.16/32 drop".into(),
+                r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 ip daddr 198.51.100.0/24 accept"#.into(),
+                r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 ip daddr 203.0.113.9/32 accept"#.into(),
+                r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 ip daddr 168.63.129.16/32 accept"#.into(),
+            ]
         );
-        assert!(
-            fwd[4].ends_with("ip daddr 203.0.113.9/32 accept"),
-            "{}",
-            fwd[4]
+    }
+
+    #[test]
+    fn limits_cap_every_packet_and_only_new_connections_are_counted() {
+        let limits = CapsuleLimits {
+            max_connections: 64,
+            new_connections_per_second: 20,
+            packets_per_second: 1000,
+            bandwidth_bytes_per_second: 1_000_000,
+        };
+        let fwd = forward_of(&capsule(&EgressPolicy::Allow, limits));
+        assert_eq!(
+            fwd[..7],
+            [
+                r#"iifname "tap0" limit rate over 1000/second burst 100 packets drop"#.to_string(),
+                r#"iifname "tap0" limit rate over 1000000 bytes/second burst 1000000 bytes drop"#
+                    .into(),
+                r#"oifname "tap0" limit rate over 1000000 bytes/second burst 1000000 bytes drop"#
+                    .into(),
+                "ct state established,related accept".into(),
+                r#"iifname "veth0" oifname "tap0" ip daddr 169.254.0.21/32 accept"#.into(),
+                // After the established accept: only opening packets count.
+                r#"iifname "tap0" ct count over 64 drop"#.into(),
+                r#"iifname "tap0" limit rate over 20/second burst 20 packets drop"#.into(),
+            ]
         );
+    }
+
+    #[test]
+    fn small_buckets_still_pass_a_whole_packet() {
+        let limits = CapsuleLimits {
+            packets_per_second: 10,
+            bandwidth_bytes_per_second: 1000,
+            ..CapsuleLimits::UNLIMITED
+        };
+        let fwd = forward_of(&capsule(&EgressPolicy::Deny, limits));
+        assert!(fwd[0].contains("burst 5 packets"), "{}", fwd[0]);
+        assert!(fwd[1].contains("burst 65536 bytes"), "{}", fwd[1]);
     }
 }

@@ -290,20 +290,7 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
             )));
         }
     };
-    let net = spec.network.unwrap_or_default();
-    let egress = match (pb::Egress::try_from(net.egress), net.allow_cidrs.is_empty()) {
-        (Ok(pb::Egress::Deny), _) => Egress::Deny,
-        (Ok(pb::Egress::Allow | pb::Egress::Unspecified), true) => Egress::Allow,
-        (Ok(pb::Egress::Allow | pb::Egress::Unspecified), false) => {
-            for c in &net.allow_cidrs {
-                c.parse::<crate::network::Cidr>().map_err(|e| {
-                    Status::invalid_argument(format!("spec.network.allow_cidrs {c:?}: {e}"))
-                })?;
-            }
-            Egress::AllowList(net.allow_cidrs)
-        }
-        (Err(_), _) => return Err(Status::invalid_argument("spec.network.egress is unknown")),
-    };
+    let egress = from_network(spec.network.unwrap_or_default())?;
     Ok(CapsuleSpec {
         namespace: spec.namespace,
         name: spec.name,
@@ -317,6 +304,31 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
         cmdline: spec.kernel_cmdline,
         env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
         egress,
+    })
+}
+
+/// `NetworkPolicy` → egress policy. DENY with CIDRs allows exactly those;
+/// CIDRs with ALLOW are refused (ALLOW already reaches them, and a list
+/// the user thinks restricts something must not be dropped silently).
+pub fn from_network(net: pb::NetworkPolicy) -> Result<Egress, Status> {
+    let egress = pb::Egress::try_from(net.egress)
+        .map_err(|_| Status::invalid_argument("spec.network.egress is unknown"))?;
+    for c in &net.allow_cidrs {
+        c.parse::<crate::network::Cidr>().map_err(|e| {
+            Status::invalid_argument(format!(
+                "spec.network.allow_cidrs {c:?}: {e} (capsules are IPv4 only)"
+            ))
+        })?;
+    }
+    Ok(match (egress, net.allow_cidrs.is_empty()) {
+        (pb::Egress::Deny, true) => Egress::Deny,
+        (pb::Egress::Deny, false) => Egress::AllowList(net.allow_cidrs),
+        (pb::Egress::Allow | pb::Egress::Unspecified, true) => Egress::Allow,
+        (pb::Egress::Allow | pb::Egress::Unspecified, false) => {
+            return Err(Status::invalid_argument(
+                "spec.network.allow_cidrs applies only with egress DENY",
+            ));
+        }
     })
 }
 
@@ -344,7 +356,7 @@ pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
     let (egress, allow_cidrs) = match &spec.egress {
         Egress::Allow => (pb::Egress::Allow, Vec::new()),
         Egress::Deny => (pb::Egress::Deny, Vec::new()),
-        Egress::AllowList(c) => (pb::Egress::Allow, c.clone()),
+        Egress::AllowList(c) => (pb::Egress::Deny, c.clone()),
     };
     pb::CapsuleSpec {
         namespace: spec.namespace.clone(),
@@ -601,7 +613,7 @@ mod tests {
                 kernel_cmdline: "quiet".into(),
                 env: [("A".to_string(), "1".to_string())].into(),
                 network: Some(pb::NetworkPolicy {
-                    egress: pb::Egress::Allow as i32,
+                    egress: pb::Egress::Deny as i32,
                     allow_cidrs: vec!["198.51.100.0/24".into()],
                     ports: vec![],
                 }),
@@ -620,6 +632,37 @@ mod tests {
         );
         let back = from_spec(to_spec(&spec)).unwrap();
         assert_eq!(back, spec);
+        let net = to_spec(&spec).network.unwrap();
+        assert_eq!(
+            (net.egress, net.allow_cidrs),
+            (pb::Egress::Deny as i32, vec!["198.51.100.0/24".to_string()])
+        );
+    }
+
+    #[test]
+    fn deny_with_cidrs_allows_exactly_those_and_allow_with_cidrs_is_refused() {
+        let net = |egress: pb::Egress, cidrs: &[&str]| pb::NetworkPolicy {
+            egress: egress as i32,
+            allow_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            ports: vec![],
+        };
+        assert_eq!(
+            from_network(net(pb::Egress::Deny, &["203.0.113.0/24"])).unwrap(),
+            Egress::AllowList(vec!["203.0.113.0/24".into()])
+        );
+        assert_eq!(
+            from_network(net(pb::Egress::Deny, &[])).unwrap(),
+            Egress::Deny
+        );
+        assert_eq!(
+            from_network(net(pb::Egress::Unspecified, &[])).unwrap(),
+            Egress::Allow
+        );
+        let e = from_network(net(pb::Egress::Allow, &["203.0.113.0/24"])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("only with egress DENY"), "{e:?}");
+        let e = from_network(net(pb::Egress::Deny, &["2001:db8::/32"])).unwrap_err();
+        assert!(e.message().contains("IPv4 only"), "{e:?}");
     }
 
     type Mutation = Box<dyn Fn(&mut pb::CreateCapsuleRequest)>;

@@ -298,6 +298,20 @@ impl NodeAgent for AgentService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))
     }
+    async fn update_network(
+        &self,
+        req: Request<pb::UpdateNetworkRequest>,
+    ) -> Result<Response<pb::Capsule>, Status> {
+        let req = req.into_inner();
+        validate_uid(&req.uid)?;
+        let egress = convert::from_network(req.network.unwrap_or_default())?;
+        let view = self
+            .capsules()?
+            .update_network(&req.uid, egress)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
+    }
     async fn snapshot_capsule(
         &self,
         req: Request<pb::SnapshotCapsuleRequest>,

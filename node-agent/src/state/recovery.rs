@@ -272,6 +272,7 @@ impl<M: Machine + 'static> Shared<M> {
                     None => None,
                 };
                 self.settle(&entry, &mut rec, alive, report).await;
+                self.reapply_egress(&rec).await;
             }
         }
         let _ = self.commit(&entry, &rec);

@@ -37,7 +37,9 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::network::{Action, ChainKind, Cidr, Hook, IfName, Match, Table, Verdict};
+use crate::network::{
+    Action, ChainKind, Cidr, Family, Hook, IfName, Limit, LimitUnit, Match, Table, Verdict,
+};
 
 /// Runs `f` on a new thread inside the network namespace at `netns`. The
 /// outer error is about entering the namespace; the inner one is `f`'s.
@@ -422,7 +424,11 @@ impl Netlink {
                 .into_iter()
                 .map(|m| (m, NLM_F_CREATE | NLM_F_APPEND)),
         );
-        nft_batch(NetfilterProtoFamily::IPv4, msgs)
+        let family = match table.family {
+            Family::Ip => NetfilterProtoFamily::IPv4,
+            Family::Ip6 => NetfilterProtoFamily::IPv6,
+        };
+        nft_batch(family, msgs)
     }
 
     /// Every nftables table here: family number and name.
@@ -553,6 +559,17 @@ const NFPROTO_IPV4: u32 = 2;
 const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NFT_REG_1: u32 = 1;
 const IFNAMSIZ: usize = 16;
+const NFTA_CONNLIMIT_COUNT: u16 = 1;
+const NFTA_CONNLIMIT_FLAGS: u16 = 2;
+const NFT_CONNLIMIT_F_INV: u32 = 1;
+const NFTA_LIMIT_RATE: u16 = 1;
+const NFTA_LIMIT_UNIT: u16 = 2;
+const NFTA_LIMIT_BURST: u16 = 3;
+const NFTA_LIMIT_TYPE: u16 = 4;
+const NFTA_LIMIT_FLAGS: u16 = 5;
+const NFT_LIMIT_PKTS: u32 = 0;
+const NFT_LIMIT_PKT_BYTES: u32 = 1;
+const NFT_LIMIT_F_INV: u32 = 1;
 
 fn new_table(name: &str) -> NfTablesMessage {
     NfTablesMessage::NewTable(TableMessage {
@@ -697,6 +714,31 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
             ]));
             out.push(cmp(Operator::NotEqual, vec![0; 4]));
         }
+        // `over` is the inverted match: the rule applies past the ceiling.
+        Match::CtCountOver(n) => out.push(Expressions::Other {
+            expression_type: "connlimit".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_CONNLIMIT_COUNT, be(*n)),
+                DefaultNla::new(NFTA_CONNLIMIT_FLAGS, be(NFT_CONNLIMIT_F_INV)),
+            ],
+        }),
+        Match::LimitOver(Limit { rate, burst, unit }) => out.push(Expressions::Other {
+            expression_type: "limit".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_LIMIT_RATE, rate.to_be_bytes().to_vec()),
+                // Seconds per `rate`.
+                DefaultNla::new(NFTA_LIMIT_UNIT, 1u64.to_be_bytes().to_vec()),
+                DefaultNla::new(NFTA_LIMIT_BURST, be(*burst)),
+                DefaultNla::new(
+                    NFTA_LIMIT_TYPE,
+                    be(match unit {
+                        LimitUnit::Packets => NFT_LIMIT_PKTS,
+                        LimitUnit::Bytes => NFT_LIMIT_PKT_BYTES,
+                    }),
+                ),
+                DefaultNla::new(NFTA_LIMIT_FLAGS, be(NFT_LIMIT_F_INV)),
+            ],
+        }),
     }
 }
 
@@ -912,6 +954,7 @@ mod tests {
     #[test]
     fn rules_encode_to_the_expressions_nft_would_send() {
         let t = Table {
+            family: crate::network::Family::Ip,
             name: "t".into(),
             chains: vec![C {
                 name: "f",

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use wrenn_node_agent::network::{
-    AddressPlan, CapsuleId, Cidr, GuestLink, LinuxNet, LinuxNetConfig, PREFIX,
+    AddressPlan, CapsuleId, CapsuleLimits, Cidr, GuestLink, LinuxNet, LinuxNetConfig, PREFIX,
 };
 use wrenn_node_agent::sys::net as sys;
 
@@ -23,6 +23,8 @@ pub const UPLINK_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const OTHER_REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// A metadata-service address, also in the uplink namespace.
 pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// Azure's wireserver address, also in the uplink namespace.
+pub const AZURE_METADATA: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
 /// The uplink's name in the node namespace.
 pub const UPLINK: &str = "up0";
 
@@ -54,6 +56,7 @@ impl Bed {
             uplink: UPLINK.to_string(),
             plan: AddressPlan::default(),
             blocked_egress: vec!["10.0.0.0/8".parse().expect("cidr")],
+            limits: CapsuleLimits::default(),
             guest_link: if tap {
                 GuestLink::Tap
             } else {
@@ -70,7 +73,7 @@ impl Bed {
         };
         sys::run_in_new_netns(&bed.uplink, Path::new("/proc"), |nl| {
             nl.set_up("lo", None, None)?;
-            for a in [OTHER_REMOTE, METADATA] {
+            for a in [OTHER_REMOTE, METADATA, AZURE_METADATA] {
                 nl.add_addr("lo", a, 32)?;
             }
             Ok::<_, io::Error>(())

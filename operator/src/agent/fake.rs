@@ -25,6 +25,7 @@ struct State {
     template_failures: BTreeMap<String, String>,
     calls: Vec<Recorded>,
     down: bool,
+    refuse_network: bool,
     sequence: u64,
     created: BTreeSet<String>,
 }
@@ -136,6 +137,12 @@ impl FakeNodeAgent {
     /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
     pub fn vanish(&self, uid: &str) {
         lock(&self.state).capsules.remove(uid);
+    }
+
+    /// Makes `UpdateNetwork` fail Unavailable (as an agent that cannot load
+    /// the table) until called again with `false`.
+    pub fn refuse_network_updates(&self, refuse: bool) {
+        lock(&self.state).refuse_network = refuse;
     }
 
     /// Takes the agent down (calls fail, streams end) or brings it back.
@@ -394,6 +401,45 @@ impl NodeAgent for Handle {
             &[S::Running, S::Paused],
             S::Suspended,
         )
+    }
+
+    fn update_network(&self, req: pb::UpdateNetworkRequest) -> Call<'_, pb::Capsule> {
+        use pb::CapsuleState as S;
+        Box::pin(async move {
+            let call = "UpdateNetwork";
+            let mut st = self.0.enter(call, &req.uid)?;
+            let fail = |status| Error::Call {
+                call,
+                node: self.0.node.clone(),
+                status,
+            };
+            if st.refuse_network {
+                return Err(fail(tonic::Status::unavailable("load nftables table")));
+            }
+            let Some(mut c) = st.capsules.get(&req.uid).cloned() else {
+                return Err(fail(tonic::Status::not_found(format!(
+                    "capsule {}",
+                    req.uid
+                ))));
+            };
+            let settled = [S::Running, S::Paused, S::Suspended, S::Failed, S::Stopped];
+            if !settled.iter().any(|s| *s as i32 == c.state) {
+                return Err(fail(tonic::Status::failed_precondition(format!(
+                    "capsule {} is {:?}; wait until it settles",
+                    req.uid,
+                    S::try_from(c.state)
+                ))));
+            }
+            let spec = c.spec.get_or_insert_with(Default::default);
+            let ports = spec.network.take().map(|n| n.ports).unwrap_or_default();
+            spec.network = Some(pb::NetworkPolicy {
+                ports,
+                ..req.network.unwrap_or_default()
+            });
+            st.capsules.insert(req.uid, c.clone());
+            self.0.emit(&mut st, pb::EventKind::StateChanged, &c);
+            Ok(c)
+        })
     }
 
     fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot> {

@@ -286,8 +286,28 @@ async fn resolve(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Source, Error
     })
 }
 
-fn to_proto_spec(cap: &Capsule, ns: &str, src: &Source) -> pb::CapsuleSpec {
+/// `spec.network` as the agent takes it: DENY with `allowCidrs` reaches
+/// exactly those CIDRs.
+fn to_proto_network(cap: &Capsule) -> pb::NetworkPolicy {
     let net = cap.spec.network.clone().unwrap_or_default();
+    pb::NetworkPolicy {
+        egress: match net.egress {
+            wrenn_crds::capsule::Egress::Allow => pb::Egress::Allow as i32,
+            wrenn_crds::capsule::Egress::Deny => pb::Egress::Deny as i32,
+        },
+        allow_cidrs: net.allow_cidrs.clone(),
+        ports: net
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                port: p.port.into(),
+                protocol: format!("{:?}", p.protocol),
+            })
+            .collect(),
+    }
+}
+
+fn to_proto_spec(cap: &Capsule, ns: &str, src: &Source) -> pb::CapsuleSpec {
     pb::CapsuleSpec {
         namespace: ns.to_string(),
         name: cap.name_any(),
@@ -305,21 +325,7 @@ fn to_proto_spec(cap: &Capsule, ns: &str, src: &Source) -> pb::CapsuleSpec {
             .iter()
             .map(|e| (e.name.clone(), e.value.clone()))
             .collect(),
-        network: Some(pb::NetworkPolicy {
-            egress: match net.egress {
-                wrenn_crds::capsule::Egress::Allow => pb::Egress::Allow as i32,
-                wrenn_crds::capsule::Egress::Deny => pb::Egress::Deny as i32,
-            },
-            allow_cidrs: net.allow_cidrs.clone(),
-            ports: net
-                .ports
-                .iter()
-                .map(|p| pb::Port {
-                    port: p.port.into(),
-                    protocol: format!("{:?}", p.protocol),
-                })
-                .collect(),
-        }),
+        network: Some(to_proto_network(cap)),
     }
 }
 
@@ -539,6 +545,7 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                 Expiry::Now(on) => Some(on),
                 _ => None,
             },
+            egress: agent::to_egress(&to_proto_network(cap)),
         };
         let plan = plan_capsule(&facts);
         match plan.action {
@@ -659,6 +666,7 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                             vmm: None,
                             started_unix_nanos: 0,
                             message: e.agent_message(),
+                            egress: agent::to_egress(&to_proto_network(cap)),
                         });
                     }
                     Err(source) => {
@@ -687,6 +695,31 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                     uid: uid.clone(),
                     source,
                 })?;
+                ctx.pool.note(&n, c.clone());
+                fresh = Some(to_vm(&c));
+            }
+            NodeAction::UpdateNetwork => {
+                let Some(n) = node.clone() else { break };
+                let client = ctx
+                    .pool
+                    .client(&n)
+                    .ok_or_else(|| Error::NodeUnreachable { node: n.clone() })?;
+                // The status shows the VM as it is, with the previous
+                // observedGeneration, until the node answers.
+                if let Some(draft) = &plan.status {
+                    step.write(ctx, draft, None).await?;
+                }
+                let c = client
+                    .update_network(pb::UpdateNetworkRequest {
+                        uid: uid.clone(),
+                        network: Some(to_proto_network(cap)),
+                    })
+                    .await
+                    .map_err(|source| Error::Agent {
+                        action: "update network of",
+                        uid: uid.clone(),
+                        source,
+                    })?;
                 ctx.pool.note(&n, c.clone());
                 fresh = Some(to_vm(&c));
             }
@@ -719,6 +752,7 @@ fn unreachable_draft() -> StatusDraft {
         started_unix_nanos: None,
         vmm: None,
         conditions: Vec::new(),
+        network_pending: false,
     }
 }
 

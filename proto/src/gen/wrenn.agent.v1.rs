@@ -76,12 +76,24 @@ pub struct Port {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct NetworkPolicy {
+    /// ALLOW: every destination the node does not block. DENY: none but
+    /// allow_cidrs.
     #[prost(enumeration = "Egress", tag = "1")]
     pub egress: i32,
+    /// With DENY only: IPv4 CIDRs (a.b.c.d/n, host bits zero) still reachable.
+    /// Never opens what the node blocks (metadata, the node's blocked list).
     #[prost(string, repeated, tag = "2")]
     pub allow_cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(message, repeated, tag = "3")]
     pub ports: ::prost::alloc::vec::Vec<Port>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct UpdateNetworkRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub network: ::core::option::Option<NetworkPolicy>,
 }
 /// Where the root disk and kernel come from, resolved by the operator.
 #[allow(clippy::all)]
@@ -858,6 +870,36 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "SuspendCapsule"));
             self.inner.unary(req, path, codec).await
         }
+        /// Replaces the capsule's egress policy (network.egress and allow_cidrs;
+        /// ports are not part of it) in place: on a running or paused capsule the
+        /// node swaps its nftables ruleset in one transaction, without touching
+        /// the VM, its namespace or its TAP, and forgets the guest's connections
+        /// the new policy forbids; on a suspended, failed or stopped one it is
+        /// recorded and applied when the network comes back. Answers once applied,
+        /// with the capsule showing the new policy in spec.network. Same policy:
+        /// no-op. INVALID_ARGUMENT for a bad CIDR, FAILED_PRECONDITION while the
+        /// capsule is between states.
+        pub async fn update_network(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateNetworkRequest>,
+        ) -> std::result::Result<tonic::Response<super::Capsule>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/UpdateNetwork",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "UpdateNetwork"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Into a named snapshot directory; the capsule returns to its prior mode.
         pub async fn snapshot_capsule(
             &mut self,
@@ -1202,6 +1244,19 @@ pub mod node_agent_server {
         async fn suspend_capsule(
             &self,
             request: tonic::Request<super::CapsuleRef>,
+        ) -> std::result::Result<tonic::Response<super::Capsule>, tonic::Status>;
+        /// Replaces the capsule's egress policy (network.egress and allow_cidrs;
+        /// ports are not part of it) in place: on a running or paused capsule the
+        /// node swaps its nftables ruleset in one transaction, without touching
+        /// the VM, its namespace or its TAP, and forgets the guest's connections
+        /// the new policy forbids; on a suspended, failed or stopped one it is
+        /// recorded and applied when the network comes back. Answers once applied,
+        /// with the capsule showing the new policy in spec.network. Same policy:
+        /// no-op. INVALID_ARGUMENT for a bad CIDR, FAILED_PRECONDITION while the
+        /// capsule is between states.
+        async fn update_network(
+            &self,
+            request: tonic::Request<super::UpdateNetworkRequest>,
         ) -> std::result::Result<tonic::Response<super::Capsule>, tonic::Status>;
         /// Into a named snapshot directory; the capsule returns to its prior mode.
         async fn snapshot_capsule(
@@ -1728,6 +1783,51 @@ pub mod node_agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SuspendCapsuleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/UpdateNetwork" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateNetworkSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::UpdateNetworkRequest>
+                    for UpdateNetworkSvc<T> {
+                        type Response = super::Capsule;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpdateNetworkRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::update_network(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateNetworkSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

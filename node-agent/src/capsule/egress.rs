@@ -1,0 +1,217 @@
+//! Live egress changes: a capsule's policy replaced without touching its
+//! VM. The new policy is journaled first, then the capsule's nftables table
+//! is swapped in one transaction; readers (and so the operator) see the new
+//! policy only once it holds. A failed swap journals the old policy back.
+//! An agent that dies between the two steps finds the new policy in the
+//! journal, and recovery applies it ([`Shared::reapply_egress`]).
+
+use super::model::{CapsuleView, Egress, Error, Record, State};
+use super::supervisor::{Entry, Shared, Supervisor, blocking, net_id, note, policy, wrong};
+use crate::vmm::Machine;
+
+impl<M: Machine + 'static> Supervisor<M> {
+    /// Replaces `uid`'s egress policy. Running or paused: applied at once;
+    /// suspended, failed or stopped (no network exists): recorded, applied
+    /// when the network is made again. The same policy: no-op.
+    pub async fn update_network(&self, uid: &str, egress: Egress) -> Result<CapsuleView, Error> {
+        policy(&egress)?;
+        self.run(
+            uid,
+            "update network",
+            false,
+            move |shared, entry, mut rec| async move {
+                let res = shared.update_egress(&entry, &mut rec, egress).await;
+                let view = entry.view();
+                (Some(rec), res.map(|()| view))
+            },
+        )
+        .await
+    }
+}
+
+impl<M: Machine + 'static> Shared<M> {
+    async fn update_egress(
+        &self,
+        entry: &Entry,
+        rec: &mut Record,
+        egress: Egress,
+    ) -> Result<(), Error> {
+        if rec.spec.egress == egress {
+            return Ok(());
+        }
+        let live = match rec.state {
+            State::Running | State::Paused => true,
+            State::Suspended | State::Failed | State::Stopped => false,
+            other => return Err(wrong(&rec.uid, other, "wait until it settles")),
+        };
+        let old = std::mem::replace(&mut rec.spec.egress, egress);
+        // Journaled before the swap, but not shown: until the table is
+        // loaded the capsule still runs under the old policy.
+        self.journal_only(rec)?;
+        if live && let Err(e) = self.apply_egress(rec).await {
+            rec.spec.egress = old;
+            note(rec, &e);
+            if let Err(j) = self.commit(entry, rec) {
+                tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal the egress policy back after a failed update");
+            }
+            return Err(e);
+        }
+        self.show(entry, rec);
+        tracing::info!(capsule = %rec.uid, live, "egress policy updated");
+        Ok(())
+    }
+
+    /// Loads `rec`'s journaled policy into its capsule table.
+    async fn apply_egress(&self, rec: &Record) -> Result<(), Error> {
+        let pol = policy(&rec.spec.egress)?;
+        let net = self.host.net.clone();
+        let uid = rec.uid.clone();
+        blocking(&rec.uid, "update egress", move || {
+            let id = net_id(&uid)?;
+            net.update_policy(&id, &pol)
+                .map_err(|source| Error::Network {
+                    action: "apply egress policy to",
+                    uid,
+                    source: Box::new(source),
+                })
+        })
+        .await
+    }
+
+    /// Recovery: the journal's policy is the one to hold for a capsule
+    /// whose VM was adopted. An update may have been journaled by an agent
+    /// that died before the swap, and a restarted agent may run with other
+    /// limits. A failure leaves the table that was loaded (the swap is
+    /// atomic) and is logged.
+    pub(crate) async fn reapply_egress(&self, rec: &Record) {
+        if rec.vm.is_none() || !matches!(rec.state, State::Running | State::Paused) {
+            return;
+        }
+        if let Err(e) = self.apply_egress(rec).await {
+            tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "reapply the journaled egress policy");
+        }
+    }
+
+    fn journal_only(&self, rec: &Record) -> Result<(), Error> {
+        self.journal
+            .write(&rec.uid, rec)
+            .map_err(|source| Error::Journal {
+                uid: rec.uid.clone(),
+                source: Box::new(source),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::model::testing::spec;
+    use super::super::{Host, Supervisor, SupervisorConfig};
+    use super::*;
+    use crate::network::{CapsuleId as NetId, EgressPolicy, FakeNet, NetCall, SetupStep};
+    use crate::storage::FakeBlockStore;
+    use crate::vmm::FakeMachine;
+
+    struct Bed {
+        dir: tempfile::TempDir,
+        net: Arc<FakeNet>,
+        sup: Supervisor<FakeMachine>,
+    }
+
+    fn bed() -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(FakeNet::new());
+        let sup = Supervisor::new(
+            Host {
+                machine: Arc::new(FakeMachine::new()),
+                net: net.clone(),
+                store: Arc::new(FakeBlockStore::new()),
+            },
+            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
+        );
+        Bed { dir, net, sup }
+    }
+
+    fn journaled(b: &Bed, uid: &str) -> Egress {
+        let rec: Record = crate::state::Journal::new(b.dir.path())
+            .read(uid)
+            .unwrap()
+            .unwrap();
+        rec.spec.egress
+    }
+
+    fn listed() -> Egress {
+        Egress::AllowList(vec!["203.0.113.0/24".into()])
+    }
+
+    #[tokio::test]
+    async fn a_running_capsule_gets_the_new_policy_in_place() {
+        let b = bed();
+        b.sup.create("c1", spec("c1"), State::Running).await.unwrap();
+        let id = NetId::new("c1").unwrap();
+        let v = b.sup.update_network("c1", listed()).await.unwrap();
+        assert_eq!(v.spec.egress, listed());
+        assert_eq!(b.sup.get("c1").unwrap().state, State::Running);
+        assert_eq!(journaled(&b, "c1"), listed());
+        let calls = b.net.calls();
+        assert_eq!(
+            calls.last(),
+            Some(&NetCall::UpdatePolicy(
+                id.clone(),
+                EgressPolicy::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
+            ))
+        );
+        // Not rebuilt: one setup, from the create.
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|c| matches!(c, NetCall::Setup(..)))
+                .count(),
+            1
+        );
+        // The same policy again changes nothing on the host.
+        b.sup.update_network("c1", listed()).await.unwrap();
+        assert_eq!(b.net.calls().len(), calls.len());
+    }
+
+    #[tokio::test]
+    async fn a_failed_swap_keeps_the_old_policy_in_the_journal_and_the_view() {
+        let b = bed();
+        b.sup.create("c1", spec("c1"), State::Running).await.unwrap();
+        b.net.fail_next_setup(SetupStep::LoadCapsuleTable);
+        let err = b.sup.update_network("c1", Egress::Deny).await.unwrap_err();
+        assert!(matches!(err, Error::Network { .. }), "{err}");
+        let v = b.sup.get("c1").unwrap();
+        assert_eq!(v.spec.egress, Egress::Allow);
+        assert_eq!(v.reason, "NetworkFailed");
+        assert_eq!(journaled(&b, "c1"), Egress::Allow);
+        // A bad CIDR never reaches the host.
+        let before = b.net.calls().len();
+        assert!(matches!(
+            b.sup
+                .update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()]))
+                .await,
+            Err(Error::InvalidSpec { .. })
+        ));
+        assert_eq!(b.net.calls().len(), before);
+    }
+
+    #[tokio::test]
+    async fn a_suspended_capsule_gets_the_new_policy_when_it_resumes() {
+        let b = bed();
+        b.sup
+            .create("c1", spec("c1"), State::Suspended)
+            .await
+            .unwrap();
+        let before = b.net.calls().len();
+        b.sup.update_network("c1", Egress::Deny).await.unwrap();
+        assert_eq!(b.net.calls().len(), before, "no network to change");
+        assert_eq!(journaled(&b, "c1"), Egress::Deny);
+        b.sup.resume("c1").await.unwrap();
+        assert!(b.net.calls()[before..].contains(&NetCall::Setup(
+            NetId::new("c1").unwrap(),
+            EgressPolicy::Deny
+        )));
+    }
+}

@@ -1,0 +1,156 @@
+//! What a node admin tunes about capsule egress: destinations blocked on
+//! top of the built-in set, and the per-capsule ceilings (conntrack
+//! entries, new connections, packets, bytes) that keep one capsule from
+//! exhausting the node's conntrack table or uplink. Flags and their
+//! defaults live here; the rules that enforce them are built in `ruleset`.
+
+use super::addr::Cidr;
+
+/// Ceilings every capsule's table enforces on its own traffic. Zero turns
+/// one off. The defaults are what the chart ships.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapsuleLimits {
+    /// Connections (conntrack entries) the guest may have open at once.
+    pub max_connections: u32,
+    /// Connections the guest may open per second (a burst of one second's
+    /// worth is allowed).
+    pub new_connections_per_second: u32,
+    /// Packets the guest may send per second.
+    pub packets_per_second: u32,
+    /// Bytes per second in each direction (guest to uplink, and to guest).
+    pub bandwidth_bytes_per_second: u64,
+}
+
+impl CapsuleLimits {
+    /// No ceiling at all.
+    pub const UNLIMITED: Self = Self {
+        max_connections: 0,
+        new_connections_per_second: 0,
+        packets_per_second: 0,
+        bandwidth_bytes_per_second: 0,
+    };
+}
+
+impl Default for CapsuleLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            new_connections_per_second: DEFAULT_NEW_CONNECTIONS_PER_SECOND,
+            packets_per_second: DEFAULT_PACKETS_PER_SECOND,
+            bandwidth_bytes_per_second: DEFAULT_BANDWIDTH_BYTES_PER_SECOND,
+        }
+    }
+}
+
+const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+const DEFAULT_NEW_CONNECTIONS_PER_SECOND: u32 = 200;
+const DEFAULT_PACKETS_PER_SECOND: u32 = 50_000;
+/// 1 Gbit/s.
+const DEFAULT_BANDWIDTH_BYTES_PER_SECOND: u64 = 125_000_000;
+
+/// Egress flags of `wrenn-node-agent` (flattened into its `Args`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct EgressFlags {
+    /// IPv4 destinations no capsule may reach, whatever its policy, on top
+    /// of the built-in private, shared-address and link-local ranges and
+    /// the cloud metadata addresses. Comma-separated CIDRs.
+    #[arg(
+        long = "blocked-egress-cidrs",
+        env = "WRENN_BLOCKED_EGRESS_CIDRS",
+        value_delimiter = ',',
+        value_parser = blocked_cidr
+    )]
+    pub blocked: Vec<Cidr>,
+    /// Open connections (conntrack entries) per capsule; 0: no limit.
+    #[arg(
+        long,
+        env = "WRENN_CAPSULE_MAX_CONNECTIONS",
+        default_value_t = DEFAULT_MAX_CONNECTIONS
+    )]
+    pub capsule_max_connections: u32,
+    /// New connections per second per capsule; 0: no limit.
+    #[arg(
+        long,
+        env = "WRENN_CAPSULE_NEW_CONNECTIONS_PER_SECOND",
+        default_value_t = DEFAULT_NEW_CONNECTIONS_PER_SECOND
+    )]
+    pub capsule_new_connections_per_second: u32,
+    /// Packets per second a capsule may send; 0: no limit.
+    #[arg(
+        long,
+        env = "WRENN_CAPSULE_PACKETS_PER_SECOND",
+        default_value_t = DEFAULT_PACKETS_PER_SECOND
+    )]
+    pub capsule_packets_per_second: u32,
+    /// Bytes per second per capsule, each direction; 0: no limit.
+    #[arg(
+        long,
+        env = "WRENN_CAPSULE_BANDWIDTH_BYTES_PER_SECOND",
+        default_value_t = DEFAULT_BANDWIDTH_BYTES_PER_SECOND
+    )]
+    pub capsule_bandwidth_bytes_per_second: u64,
+}
+
+impl EgressFlags {
+    /// The per-capsule limits the flags ask for.
+    pub fn limits(&self) -> CapsuleLimits {
+        CapsuleLimits {
+            max_connections: self.capsule_max_connections,
+            new_connections_per_second: self.capsule_new_connections_per_second,
+            packets_per_second: self.capsule_packets_per_second,
+            bandwidth_bytes_per_second: self.capsule_bandwidth_bytes_per_second,
+        }
+    }
+}
+
+/// An IPv4 CIDR; an IPv6 one is refused with the reason (capsules have no
+/// IPv6 at all, so there is nothing to block).
+fn blocked_cidr(s: &str) -> Result<Cidr, String> {
+    if s.contains(':') {
+        return Err(format!(
+            "{s:?}: capsules have no IPv6 (their namespaces disable it and the node drops any IPv6 from them), so IPv6 destinations need no entry"
+        ));
+    }
+    s.trim().parse::<Cidr>().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        egress: EgressFlags,
+    }
+
+    #[test]
+    fn flags_parse_cidrs_and_limits_and_refuse_ipv6() {
+        let t = T::try_parse_from([
+            "t",
+            "--blocked-egress-cidrs",
+            "203.0.113.0/24,198.51.100.7",
+            "--capsule-max-connections",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            t.egress.blocked,
+            vec![
+                "203.0.113.0/24".parse().unwrap(),
+                "198.51.100.7/32".parse().unwrap()
+            ]
+        );
+        let l = t.egress.limits();
+        assert_eq!(l.max_connections, 0);
+        assert_eq!(l.packets_per_second, DEFAULT_PACKETS_PER_SECOND);
+
+        let err = T::try_parse_from(["t", "--blocked-egress-cidrs", "2001:db8::/32"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("capsules have no IPv6"), "{err}");
+        assert!(T::try_parse_from(["t", "--blocked-egress-cidrs", "10.1.2.3/8"]).is_err());
+    }
+}
