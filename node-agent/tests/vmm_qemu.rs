@@ -266,6 +266,8 @@ fn guest_timeouts() -> GuestTimeouts {
 }
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+/// The guest refuses tokens shorter than 16 bytes.
+const VM_TOKEN: &str = "vm-tier-guest-token";
 
 #[tokio::test]
 async fn boots_pauses_snapshots_and_restores_a_real_guest() {
@@ -368,7 +370,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert!(!health.initialized);
     g.init(&InitParams {
         hostname: "qemu-test".into(),
-        access_token: "tok".into(),
+        access_token: VM_TOKEN.into(),
         send_wall_time: true,
         ..Default::default()
     })
@@ -422,7 +424,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     .await;
     if let Ok(f) = frozen {
         assert!(
-            f.with_token("tok").unwrap().health().await.is_err(),
+            f.with_token(VM_TOKEN).unwrap().health().await.is_err(),
             "a paused guest answered"
         );
     }
@@ -434,7 +436,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         &capsule,
         &spec.vsock_socket,
         1024,
-        "tok",
+        VM_TOKEN,
         guest_timeouts(),
         Duration::from_secs(30),
     )
@@ -459,7 +461,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         let c = GuestClient::connect_with(&capsule, &spec.vsock_socket, 1024, guest_timeouts())
             .await
             .unwrap()
-            .with_token("tok")
+            .with_token(VM_TOKEN)
             .unwrap();
         assert!(c.health().await.unwrap().initialized);
     }
@@ -495,12 +497,12 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         &capsule,
         &spec.vsock_socket,
         1024,
-        "tok",
+        VM_TOKEN,
         guest_timeouts(),
         BOOT_DEADLINE,
     )
     .await
-    .map(|(c, h)| (c.with_token("tok").unwrap(), h))
+    .map(|(c, h)| (c.with_token(VM_TOKEN).unwrap(), h))
     .unwrap_or_else(|e| {
         panic!(
             "{e}\nconsole:\n{}",
@@ -516,7 +518,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     for i in 0..24 {
         let c = GuestClient::connect_with(&capsule, &spec.vsock_socket, 1024, guest_timeouts())
             .await
-            .and_then(|c| c.with_token("tok"));
+            .and_then(|c| c.with_token(VM_TOKEN));
         match c {
             Ok(c) => {
                 if let Err(e) = c.health().await {
@@ -541,7 +543,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     );
     let mut g2 = g2;
     g2.init(&InitParams {
-        access_token: "tok".into(),
+        access_token: VM_TOKEN.into(),
         send_wall_time: true,
         ..Default::default()
     })

@@ -131,6 +131,7 @@ impl AgentService {
         Ok(GuestEndpoint {
             capsule: capsule.to_string(),
             vsock_socket,
+            guest_token: view.guest_token,
         })
     }
 }
@@ -142,6 +143,8 @@ pub struct GuestEndpoint {
     pub capsule: String,
     /// Host Unix socket of the guest's vsock (`CONNECT <port>` handshake).
     pub vsock_socket: std::path::PathBuf,
+    /// What the guest agent requires on every call.
+    pub guest_token: Option<crate::guest::GuestToken>,
 }
 
 pub(crate) type BoxStream<T> =
@@ -192,6 +195,11 @@ impl NodeAgent for AgentService {
                 .map(|c| c.snapshots())
                 .unwrap_or_default(),
             storage_backend: self.identity.storage_backend.clone(),
+            quarantined: self
+                .capsules
+                .as_ref()
+                .map(|c| c.quarantined().iter().map(convert::to_quarantined).collect())
+                .unwrap_or_default(),
         }))
     }
 

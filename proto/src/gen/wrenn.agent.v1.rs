@@ -30,6 +30,24 @@ pub struct NodeInfoResponse {
     /// "dm-snapshot" or "qcow2".
     #[prost(string, tag = "10")]
     pub storage_backend: ::prost::alloc::string::String,
+    /// Capsules whose journal the agent could not use at start-up (unreadable,
+    /// or written by a newer agent): nothing of them is touched, and create
+    /// and delete of their UIDs are refused, until an admin releases them.
+    /// (Tag 20: kept clear of fields other changes add after 10.)
+    #[prost(message, repeated, tag = "20")]
+    pub quarantined: ::prost::alloc::vec::Vec<QuarantinedCapsule>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QuarantinedCapsule {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    /// "JournalUnreadable" or "JournalNewerVersion".
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+    /// What the agent found, for the admin.
+    #[prost(string, tag = "3")]
+    pub message: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
