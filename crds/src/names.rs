@@ -76,6 +76,10 @@ pub mod reason {
     pub const PREPARATION_FAILED: &str = "PreparationFailed";
     /// A warm template's snapshot is not on any node that fits the capsule yet.
     pub const WARM_SNAPSHOT_NOT_READY: &str = "WarmSnapshotNotReady";
+    /// A node agent found a capsule journal it cannot use (unreadable, or
+    /// from a newer agent) and left everything of that capsule alone for
+    /// an admin (Warning Event on the Node).
+    pub const CAPSULE_QUARANTINED: &str = "CapsuleQuarantined";
 }
 
 /// Labels the chart and the operator use to find node agents.

@@ -1105,3 +1105,57 @@ async fn a_network_change_is_applied_in_place_before_it_is_observed() {
     assert_eq!(created, 1, "the VM was recreated instead of updated");
     op.stop().await;
 }
+
+/// An agent that quarantined a capsule at start-up (unreadable journal)
+/// reports it in NodeInfo; the operator turns that into a Warning Event on
+/// the Node when the agent syncs, so an admin sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
+    let Some(env) = common::setup("operator_capsule::quarantine_event").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let uid = format!("{ns}-quarantined-uid");
+    nodes.agents[0].quarantine(&uid, "JournalUnreadable", "decode journal: EOF");
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    let node = format!("{ns}-a");
+    // Events about a cluster-scoped object land in "default".
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ev = loop {
+        let found = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(wrenn_crds::names::reason::CAPSULE_QUARANTINED)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node.as_str())
+            });
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no CapsuleQuarantined event for {node}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    let regarding = ev.regarding.unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("Node"));
+    let note = ev.note.unwrap_or_default();
+    assert!(note.contains(&uid) && note.contains("JournalUnreadable"), "{note}");
+    // The other node quarantined nothing and gets no such Event.
+    let other = format!("{ns}-b");
+    assert!(
+        !events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(other.as_str())
+                && e.reason.as_deref() == Some(wrenn_crds::names::reason::CAPSULE_QUARANTINED))
+    );
+    op.stop().await;
+}

@@ -204,6 +204,7 @@ async fn measure(
     .await
     .expect("ready");
     g.init(&InitParams {
+        access_token: "bench-guest-token-0001".into(),
         send_wall_time: true,
         ..Default::default()
     })

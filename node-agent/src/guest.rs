@@ -8,7 +8,9 @@
 //! - [`GuestClient::wait_ready`] after boot or restore: redials until the
 //!   agent answers `Health` or the deadline passes;
 //! - [`GuestClient::init`] right after: wall time, fresh entropy, env,
-//!   hostname and token;
+//!   hostname and the capsule's [`GuestToken`], authorized by the token the
+//!   guest already holds (none on first boot; after a restore, the one
+//!   in the restored memory), so a restore re-keys the guest;
 //! - [`GuestClient::redial`] after every restore: the VMM resets vsock, so
 //!   connections made before it are dead.
 //!
@@ -129,6 +131,12 @@ pub enum Error {
         /// The capsule.
         capsule: String,
     },
+    /// The capsule's journal holds no token to send on `Init`.
+    #[error("capsule {capsule} has no guest access token")]
+    NoToken {
+        /// The capsule.
+        capsule: String,
+    },
 }
 
 impl Error {
@@ -151,9 +159,47 @@ impl Error {
                     || std::error::Error::source(source)
                         .is_some_and(|e| e.is::<tonic::transport::Error>())
             }
-            Error::Entropy { .. } | Error::Token { .. } => false,
+            Error::Entropy { .. } | Error::Token { .. } | Error::NoToken { .. } => false,
             _ => true,
         }
+    }
+}
+
+/// Random bytes in a [`GuestToken`].
+const TOKEN_BYTES: usize = 32;
+
+/// A capsule's guest-agent access token: 32 random bytes, hex-encoded.
+/// It lives in the capsule's journal and next to a snapshot's memory image
+/// (both under the root-only state dir) and on the wire to the guest;
+/// nowhere else. `Debug` prints a placeholder, and no view, event, status
+/// or log line carries it.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct GuestToken(String);
+
+impl GuestToken {
+    /// A fresh token from the kernel's CSPRNG.
+    pub fn generate() -> std::io::Result<Self> {
+        use std::io::Read as _;
+        let mut buf = [0u8; TOKEN_BYTES];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+        Ok(Self(buf.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    /// A token read back from where the agent stored it (a snapshot).
+    pub fn from_stored(s: &str) -> Self {
+        Self(s.trim().to_string())
+    }
+
+    /// The secret itself, for the wire and the agent's own files only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for GuestToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GuestToken(<redacted>)")
     }
 }
 
@@ -182,8 +228,8 @@ impl Default for Timeouts {
 }
 
 /// What `Init` carries besides time and entropy, which are taken fresh on
-/// every call.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// every call. `Debug` leaves the token out.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct InitParams {
     /// Environment for every process the guest starts.
     pub env: HashMap<String, String>,
@@ -194,6 +240,17 @@ pub struct InitParams {
     /// Send the host's wall time (tests running the agent as a host
     /// process turn this off; a guest under our PID 1 always gets it).
     pub send_wall_time: bool,
+}
+
+impl std::fmt::Debug for InitParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitParams")
+            .field("env", &self.env)
+            .field("hostname", &self.hostname)
+            .field("access_token", &"<redacted>")
+            .field("send_wall_time", &self.send_wall_time)
+            .finish()
+    }
 }
 
 /// One capsule's guest agent, reached through its VMM's vsock socket.
@@ -392,13 +449,15 @@ impl GuestClient {
         self.token = if token.is_empty() {
             None
         } else {
-            Some(
+            let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
                 format!("Bearer {token}")
                     .parse()
                     .map_err(|_| Error::Token {
                         capsule: self.capsule.clone(),
-                    })?,
-            )
+                    })?;
+            // Not printed by Debug, never HPACK-indexed.
+            value.set_sensitive(true);
+            Some(value)
         };
         Ok(self)
     }

@@ -105,18 +105,26 @@ impl Agent {
     /// The shim listens at once; the agent starts `delay` later, so a
     /// caller that dials early meets refused handshakes first.
     fn start(bin: &Path, delay: Duration) -> Agent {
+        Self::start_logging(bin, delay, None)
+    }
+
+    /// [`start`](Self::start), with the agent's debug log written to `log`.
+    fn start_logging(bin: &Path, delay: Duration, log: Option<&Path>) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let agent_sock = dir.path().join("agent.sock");
         let vsock = dir.path().join("vm.vsock");
         let shim = Shim::start(&vsock, agent_sock.clone());
         std::thread::sleep(delay);
-        let child = Command::new(bin)
-            .arg("--listen")
+        let mut cmd = Command::new(bin);
+        cmd.arg("--listen")
             .arg(format!("unix:{}", agent_sock.display()))
             .env("WRENN_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            cmd.env("WRENN_LOG", "debug")
+                .stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd.spawn().unwrap();
         Agent {
             dir,
             child,
@@ -219,7 +227,7 @@ async fn ready_init_exec_and_files_through_the_handshake() {
         tonic::Code::FailedPrecondition
     );
 
-    g.init(&params("s3cret")).await.unwrap();
+    g.init(&params("s3cret-guest-token")).await.unwrap();
     assert!(g.health().await.unwrap().initialized);
 
     // The token Init set is required from now on: a fresh client without it
@@ -311,7 +319,7 @@ async fn a_reset_link_is_redialed() {
     )
     .await
     .unwrap();
-    g.init(&params("")).await.unwrap();
+    g.init(&params("reset-link-guest-token")).await.unwrap();
     // The VMM drops every vsock connection (restore): the old channel's
     // next call fails as a link failure, a redial brings it back, and the
     // guest kept its state (still initialized).
@@ -388,4 +396,124 @@ async fn handshake_refusal_and_deadlines_are_reported() {
         waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
         "{waited:?}"
     );
+}
+
+fn code(e: &guest::Error) -> tonic::Code {
+    e.status().map_or(tonic::Code::Ok, tonic::Status::code)
+}
+
+/// What a boot and a later restore do to the guest's token, attacked: an
+/// Init without or with a wrong token cannot take the guest over, a
+/// restore re-keys it (Init authorized by the token in the restored
+/// memory), after which the old token is refused everywhere; and neither
+/// token shows in the guest agent's log or in our Debug output.
+#[tokio::test]
+async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
+    let c = case(
+        Tier::Host,
+        "guest::a_restore_rekeys_the_guest_and_the_old_token_is_refused",
+    );
+    let bin = match guest_binary() {
+        Ok(b) => b,
+        Err(reason) => return c.skip(reason),
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("guest.log");
+    let agent = Agent::start_logging(&bin, Duration::ZERO, Some(&log));
+    let old = guest::GuestToken::generate().unwrap();
+    let new = guest::GuestToken::generate().unwrap();
+    assert_ne!(old, new);
+    assert_eq!(old.expose().len(), 64);
+    let connect = || GuestClient::connect_with("c4", &agent.vsock, 1024, quick());
+
+    // Boot: an Init without a token is refused; the bootstrap Init sets one.
+    let (mut g, _) = GuestClient::wait_ready(
+        "c4",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let e = g.init(&params("")).await.unwrap_err();
+    assert_eq!(code(&e), tonic::Code::InvalidArgument, "{e}");
+    assert!(!g.health().await.unwrap().initialized);
+    g.init(&params(old.expose())).await.unwrap();
+
+    // Someone without the token cannot re-Init (take over) the guest, nor
+    // call anything; a wrong token fares no better.
+    let stranger = connect().await.unwrap();
+    let e = stranger
+        .clone()
+        .init(&params("attacker-chosen-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
+    let wrong = stranger
+        .with_token(guest::GuestToken::generate().unwrap().expose())
+        .unwrap();
+    for e in [
+        wrong.health().await.unwrap_err(),
+        wrong.stat("/").await.unwrap_err(),
+        wrong
+            .clone()
+            .init(&params("attacker-chosen-token"))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
+    }
+    // The guest still answers its real owner.
+    assert!(g.stat("/").await.is_ok());
+
+    // Restore: the VMM drops vsock; the node agent redials with the token
+    // the restored memory holds and sends the capsule's new one.
+    agent._shim.reset();
+    let (mut r, health) = GuestClient::wait_ready(
+        "c4",
+        &agent.vsock,
+        1024,
+        old.expose(),
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(health.initialized);
+    r.init(&params(new.expose())).await.unwrap();
+
+    let with_old = connect().await.unwrap().with_token(old.expose()).unwrap();
+    for e in [
+        with_old.health().await.unwrap_err(),
+        with_old.stat("/").await.unwrap_err(),
+        with_old
+            .clone()
+            .init(&params("attacker-chosen-token"))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
+    }
+    let (out, exit) = run(&r, &["sh", "-c", "echo $WRENN_FROM_INIT"], b"").await;
+    assert_eq!((out.as_slice(), exit.code), (b"hello\n".as_slice(), Some(0)));
+    let with_new = connect().await.unwrap().with_token(new.expose()).unwrap();
+    assert!(with_new.health().await.unwrap().initialized);
+
+    // Neither token is in the guest's debug log (which did record the
+    // refusals) nor in what our types print.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("wrong access token"), "log:\n{text}");
+    for t in [&old, &new] {
+        assert!(!text.contains(t.expose()), "token in the guest log");
+        for printed in [
+            format!("{t:?}"),
+            format!("{r:?}"),
+            format!("{with_new:?}"),
+            format!("{:?}", params(t.expose())),
+        ] {
+            assert!(!printed.contains(t.expose()), "token printed: {printed}");
+        }
+    }
 }

@@ -634,3 +634,128 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     assert_eq!(sup.get("c1").unwrap().spec.egress, Egress::Allow);
     assert!(rt.block_on(sup.delete("c1")).unwrap());
 }
+
+/// Recovery meets a torn journal and one from a newer agent, next to their
+/// capsules' live VMMs, cgroups, networks and disks: it must remove and
+/// kill nothing of them, adopt neither, report both, and refuse create and
+/// delete of their UIDs. Then the admin releases them as docs/security.md
+/// says: the newer record is readable again (the newer agent came back)
+/// and is adopted; the torn one's directory is removed, and its resources
+/// go as orphans.
+#[test]
+fn unusable_journals_quarantine_their_capsules_untouched() {
+    let Some(_c) = host_case("supervisor_host::unusable_journals_quarantine") else {
+        return;
+    };
+    let w = World::new();
+    w.net.net().ensure_node().unwrap();
+    let rt = runtime();
+    let (sup, _) = w.agent(false);
+    for uid in ["torn", "newer"] {
+        rt.block_on(sup.create(uid, w.spec(), State::Running))
+            .unwrap();
+    }
+    let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
+    let pid = |uid: &str| {
+        let rec: wrenn_node_agent::capsule::Record = journal.read(uid).unwrap().unwrap();
+        rec.vm.unwrap().process.pid
+    };
+    let (torn_pid, newer_pid) = (pid("torn"), pid("newer"));
+    sup.shutdown();
+    drop(sup);
+    drop(rt);
+
+    // What the node holds for both, before the restart.
+    let net = w.net.snapshot();
+    let cgroups = w.cgroup_names();
+    assert_eq!(cgroups, vec!["newer".to_string(), "torn".to_string()]);
+    let disks = std::fs::read_dir(w.state.path().join("disks"))
+        .unwrap()
+        .count();
+    assert_eq!(disks, 2);
+    let (capsule_dirs, vmm_dirs) = (w.files("capsules"), w.files("vmm"));
+
+    // The attack: a torn record, and one a newer agent wrote.
+    let torn = w.state_dir().join("capsules/torn/journal.json");
+    let good = std::fs::read(&torn).unwrap();
+    std::fs::write(&torn, &good[..good.len() / 2]).unwrap();
+    let newer = w.state_dir().join("capsules/newer/journal.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&newer).unwrap()).unwrap();
+    v["version"] = serde_json::json!(99);
+    std::fs::write(&newer, serde_json::to_vec(&v).unwrap()).unwrap();
+
+    let rt = runtime();
+    let (sup, report) = recover(&w, &rt);
+    let mut got: Vec<(String, &str)> = report
+        .quarantined
+        .iter()
+        .map(|q| (q.uid.clone(), q.reason.as_str()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("newer".to_string(), "JournalNewerVersion"),
+            ("torn".to_string(), "JournalUnreadable"),
+        ]
+    );
+    assert!(report.adopted.is_empty() && report.lost.is_empty());
+    assert_eq!(report.orphans.total(), 0, "{:?}", report.orphans);
+    // Nothing of either was touched.
+    assert!(alive(torn_pid) && alive(newer_pid), "a quarantined VMM was killed");
+    assert_eq!(w.cgroup_names(), cgroups);
+    assert_eq!(w.net.snapshot(), net, "a quarantined network changed");
+    assert_eq!(
+        std::fs::read_dir(w.state.path().join("disks")).unwrap().count(),
+        disks
+    );
+    assert_eq!(w.files("capsules"), capsule_dirs);
+    assert_eq!(w.files("vmm"), vmm_dirs);
+    assert_eq!(std::fs::read(&torn).unwrap(), &good[..good.len() / 2]);
+    // Reported: the API, the metric.
+    assert_eq!(sup.quarantined().len(), 2);
+    assert!(sup.list().is_empty());
+    assert!(
+        sup.metrics()
+            .encode()
+            .contains("wrenn_agent_quarantined_capsules 2"),
+        "{}",
+        sup.metrics().encode()
+    );
+    // The operator's converge or a user cannot write over or delete them.
+    for uid in ["torn", "newer"] {
+        let e = rt
+            .block_on(sup.create(uid, w.spec(), State::Running))
+            .unwrap_err();
+        assert_eq!(e.reason(), "Quarantined", "{e}");
+        let e = rt.block_on(sup.delete(uid)).unwrap_err();
+        assert_eq!(e.reason(), "Quarantined", "{e}");
+    }
+    assert!(alive(torn_pid) && alive(newer_pid));
+    assert_eq!(w.files("capsules"), capsule_dirs);
+    sup.shutdown();
+    drop(sup);
+    drop(rt);
+
+    // Release, as an admin would: the newer record becomes readable (here:
+    // its version put back, as a roll-forward of the agent would read it),
+    // and the torn capsule is given up by removing its directory.
+    v["version"] = serde_json::json!(1);
+    std::fs::write(&newer, serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::remove_dir_all(w.state_dir().join("capsules/torn")).unwrap();
+    let rt = runtime();
+    let (sup, report) = recover(&w, &rt);
+    assert!(report.quarantined.is_empty());
+    assert_eq!(report.adopted, vec!["newer".to_string()]);
+    assert!(alive(newer_pid));
+    assert!(!alive(torn_pid), "the released capsule's VMM is an orphan now");
+    assert_eq!(w.cgroup_names(), vec!["newer".to_string()]);
+    assert_eq!(report.orphans.storage.files.len(), 1, "{:?}", report.orphans);
+    assert!(
+        sup.metrics()
+            .encode()
+            .contains("wrenn_agent_quarantined_capsules 0")
+    );
+    assert!(rt.block_on(sup.delete("newer")).unwrap());
+    assert!(!alive(newer_pid));
+}

@@ -273,6 +273,9 @@ fn guest_timeouts() -> GuestTimeouts {
     }
 }
 
+/// The guest refuses tokens shorter than 16 bytes.
+const VM_TOKEN: &str = "vm-tier-guest-token";
+
 #[tokio::test]
 async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     let c = case(
@@ -383,7 +386,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert!(!health.initialized);
     g.init(&InitParams {
         hostname: "qemu-test".into(),
-        access_token: "tok".into(),
+        access_token: VM_TOKEN.into(),
         send_wall_time: true,
         ..Default::default()
     })
@@ -437,7 +440,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     .await;
     if let Ok(f) = frozen {
         assert!(
-            f.with_token("tok").unwrap().health().await.is_err(),
+            f.with_token(VM_TOKEN).unwrap().health().await.is_err(),
             "a paused guest answered"
         );
     }
@@ -449,7 +452,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         &capsule,
         &spec.vsock_socket,
         1024,
-        "tok",
+        VM_TOKEN,
         guest_timeouts(),
         Duration::from_secs(30),
     )
@@ -474,7 +477,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         let c = GuestClient::connect_with(&capsule, &spec.vsock_socket, 1024, guest_timeouts())
             .await
             .unwrap()
-            .with_token("tok")
+            .with_token(VM_TOKEN)
             .unwrap();
         assert!(c.health().await.unwrap().initialized);
     }
@@ -512,12 +515,12 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         &capsule,
         &spec.vsock_socket,
         1024,
-        "tok",
+        VM_TOKEN,
         hammering(),
         turn.ready,
     )
     .await
-    .map(|(c, h)| (c.with_token("tok").unwrap(), h))
+    .map(|(c, h)| (c.with_token(VM_TOKEN).unwrap(), h))
     .unwrap_or_else(|e| {
         panic!(
             "{e}\nconsole:\n{}",
@@ -533,7 +536,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     for i in 0..24 {
         let c = GuestClient::connect_with(&capsule, &spec.vsock_socket, 1024, guest_timeouts())
             .await
-            .and_then(|c| c.with_token("tok"));
+            .and_then(|c| c.with_token(VM_TOKEN));
         match c {
             Ok(c) => {
                 if let Err(e) = c.health().await {
@@ -558,7 +561,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     );
     let mut g2 = g2;
     g2.init(&InitParams {
-        access_token: "tok".into(),
+        access_token: VM_TOKEN.into(),
         send_wall_time: true,
         ..Default::default()
     })

@@ -1,5 +1,10 @@
 //! Where the agent listens: `AF_VSOCK` inside a VM, a Unix socket on a host
-//! (tests, development). Both yield byte streams that tonic serves.
+//! (tests, development). Both yield byte streams that tonic serves, and
+//! both admit only the node agent's side before a byte is read: on vsock
+//! the host's CID ([`admit_vsock`]), on a Unix socket a peer with the
+//! agent's own uid or root ([`admit_unix`]). A process inside the guest
+//! that dials the agent's port over vsock loopback arrives with CID 1 or
+//! the guest's own CID and is closed at once.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -12,6 +17,46 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::sys;
+
+/// `VMADDR_CID_HOST`: connections the VMM forwards from the host's vsock
+/// socket (Cloud Hypervisor's hybrid vsock, vhost-vsock) carry it.
+pub const HOST_CID: u32 = 2;
+
+/// Why a connection was closed unserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("vsock peer CID {0} is not the host (2)")]
+    NotHost(u32),
+    #[error("unix socket peer uid {peer} is neither root nor the agent's uid {own}")]
+    OtherUser { peer: u32, own: u32 },
+    #[error("unix socket peer credentials are unavailable")]
+    NoCredentials,
+}
+
+/// Only the host may talk to the agent over vsock. Inside the guest,
+/// `connect(VMADDR_CID_LOCAL | own CID, port)` goes through the loopback
+/// transport and the agent sees that CID here; a sibling VM cannot reach
+/// us at all (vsock never routes guest to guest).
+pub fn admit_vsock(peer_cid: u32) -> Result<(), Refused> {
+    if peer_cid == HOST_CID {
+        Ok(())
+    } else {
+        Err(Refused::NotHost(peer_cid))
+    }
+}
+
+/// On a Unix socket (host tests, development), the stand-in for "the
+/// host": a peer running as root or as the agent's own user. Any other
+/// user is an unprivileged process that must not reach an agent which
+/// runs commands as root.
+pub fn admit_unix(peer_uid: Option<u32>, own_uid: u32) -> Result<(), Refused> {
+    match peer_uid {
+        Some(0) => Ok(()),
+        Some(peer) if peer == own_uid => Ok(()),
+        Some(peer) => Err(Refused::OtherUser { peer, own: own_uid }),
+        None => Err(Refused::NoCredentials),
+    }
+}
 
 /// A listening address, parsed from `vsock:<port>` or `unix:<path>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,14 +151,21 @@ impl VsockListener {
         })
     }
 
-    /// Waits for the next connection.
+    /// Waits for the next connection from the host; connections from any
+    /// other CID are closed unread (see [`admit_vsock`]).
     pub async fn accept(&self) -> io::Result<VsockStream> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| sys::accept(fd.get_ref().as_fd())) {
-                Ok(conn) => {
+            match guard.try_io(|fd| sys::vsock_accept(fd.get_ref().as_fd())) {
+                Ok(accepted) => {
+                    let (conn, peer_cid) = accepted?;
+                    if let Err(refused) = admit_vsock(peer_cid) {
+                        crate::warn_limited!(peer_cid, reason = %refused, "vsock connection refused");
+                        drop(conn);
+                        continue;
+                    }
                     return Ok(VsockStream {
-                        fd: sys::register(conn?)?,
+                        fd: sys::register(conn)?,
                     });
                 }
                 Err(_would_block) => continue,
@@ -190,6 +242,28 @@ impl AsyncWrite for VsockStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock_admits_only_the_host() {
+        assert_eq!(admit_vsock(HOST_CID), Ok(()));
+        // VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL (loopback inside the
+        // guest), a guest's own CID, VMADDR_CID_ANY: all refused.
+        for cid in [0, 1, 3, 42, u32::MAX] {
+            assert_eq!(admit_vsock(cid), Err(Refused::NotHost(cid)), "{cid}");
+        }
+    }
+
+    #[test]
+    fn unix_admits_root_and_the_agents_user_only() {
+        assert_eq!(admit_unix(Some(0), 1000), Ok(()));
+        assert_eq!(admit_unix(Some(1000), 1000), Ok(()));
+        assert_eq!(admit_unix(Some(0), 0), Ok(()));
+        assert_eq!(
+            admit_unix(Some(65534), 0),
+            Err(Refused::OtherUser { peer: 65534, own: 0 })
+        );
+        assert_eq!(admit_unix(None, 0), Err(Refused::NoCredentials));
+    }
 
     #[test]
     fn parses_both_kinds_and_refuses_others() {

@@ -44,7 +44,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_stream::wrappers::UnixListenerStream;
 use wrenn_proto::guest::v1::guest_agent_server::GuestAgentServer;
 
 use crate::listen::{Listen, Listener};
@@ -176,7 +175,7 @@ async fn serve(listen: &Listen, config: server::Config) -> Result<(), Box<dyn st
     };
     let served = match listener {
         Listener::Unix(l) => {
-            let serve = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown);
+            let serve = router.serve_with_incoming_shutdown(unix_accept(l), shutdown);
             tokio::select! {
                 r = serve => r,
                 () = grace => Ok(()),
@@ -197,7 +196,37 @@ async fn serve(listen: &Listen, config: server::Config) -> Result<(), Box<dyn st
     Ok(())
 }
 
-/// Accepted vsock connections as a stream for tonic.
+/// Accepted Unix connections of admitted peers (see
+/// [`listen::admit_unix`]) as a stream for tonic; others are closed unread.
+fn unix_accept(
+    l: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::UnixStream>> {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let conn = match l.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    warn_limited!(error = %e, "unix accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let peer_uid = conn.peer_cred().ok().map(|c| c.uid());
+            if let Err(refused) = listen::admit_unix(peer_uid, own_uid) {
+                warn_limited!(reason = %refused, "unix connection refused");
+                continue;
+            }
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Accepted vsock connections (from the host only) as a stream for tonic.
 fn async_stream_accept(
     l: listen::VsockListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<listen::VsockStream>> {

@@ -22,6 +22,10 @@ use crate::{exec, files, metrics, pty, setup};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Shortest access token Init accepts: the node agent sends 32 random
+/// bytes hex-encoded; anything guessable is refused.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
 /// How the agent was started.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -85,6 +89,22 @@ fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// A token Init may set: long enough, and sendable as gRPC metadata
+/// (visible ASCII), so the node agent can present it on later calls.
+fn check_token(token: &str) -> Result<(), Status> {
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "Init needs an access token of at least {MIN_TOKEN_BYTES} bytes"
+        )));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(
+            "the access token must be visible ASCII",
+        ));
+    }
+    Ok(())
+}
+
 /// Equal-time comparison, so the token cannot be guessed byte by byte.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -104,7 +124,9 @@ impl Agent {
     }
 
     /// Refuses a call without the token Init set (`authorization`, bare or
-    /// as `Bearer <token>`).
+    /// as `Bearer <token>`). Before the first Init there is no token: only
+    /// Init (the bootstrap) and Health answer then, and only the host can
+    /// connect at all (see `listen`).
     fn authorize(&self, metadata: &MetadataMap) -> Result<(), Status> {
         let state = self.state();
         let Some(token) = state.token.as_deref() else {
@@ -157,8 +179,11 @@ async fn blocking<T: Send + 'static>(
 #[tonic::async_trait]
 impl GuestAgent for Agent {
     async fn init(&self, request: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        // The first Init sets the token; every later one (after a restore)
+        // must carry the current token and may replace it.
         self.authorize(request.metadata())?;
         let req = request.into_inner();
+        check_token(&req.access_token)?;
         setup::check_entropy(&req.entropy)?;
         if !req.hostname.is_empty() {
             setup::check_hostname(&req.hostname)?;
@@ -199,7 +224,7 @@ impl GuestAgent for Agent {
         {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
             state.env = req.env.into_iter().collect();
-            state.token = Some(req.access_token).filter(|t| !t.is_empty());
+            state.token = Some(req.access_token);
             state.initialized = true;
         }
         Ok(Response::new(InitResponse {
@@ -364,6 +389,18 @@ impl GuestAgent for Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_refuses_missing_short_or_unprintable_tokens() {
+        for bad in ["", "short", "sixteen bytes!!!", "0123456789abcdef\n"] {
+            assert_eq!(
+                check_token(bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        assert!(check_token("0123456789abcdef").is_ok());
+    }
 
     #[test]
     fn secrets_compare_whole() {

@@ -116,20 +116,33 @@ pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
-/// Accepts one connection on a non-blocking listening socket; the new fd is
-/// non-blocking and close-on-exec. `WouldBlock` when none is pending.
-pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    // SAFETY: null address pointers are allowed by accept4(2).
+/// Accepts one connection on a non-blocking `AF_VSOCK` listening socket;
+/// the new fd is non-blocking and close-on-exec. Returns it with the
+/// peer's CID, which the caller checks before serving anything on it.
+/// `WouldBlock` when none is pending.
+pub(crate) fn vsock_accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, u32)> {
+    // SAFETY: all-zero is a valid `sockaddr_vm`; accept4 fills it in.
+    let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `peer` and `len` are live and `len` is `peer`'s size, so the
+    // kernel writes at most that many bytes into it.
     let fd = check(unsafe {
         libc::accept4(
             listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
+            (&raw mut peer).cast::<libc::sockaddr>(),
+            &raw mut len,
             libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
         )
     })?;
     // SAFETY: `fd` was just returned by accept4(2) and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    if peer.svm_family != libc::AF_VSOCK as libc::sa_family_t {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "accepted a connection without a vsock peer address",
+        ));
+    }
+    Ok((conn, peer.svm_cid))
 }
 
 /// Registers an owned fd with tokio's reactor.

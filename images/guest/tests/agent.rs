@@ -23,7 +23,7 @@ use wrenn_testkit::{Tier, case};
 
 use common::Guest;
 
-const TOKEN: &str = "t0ken-for-tests";
+const TOKEN: &str = "t0ken-for-guest-tests";
 
 type Client = GuestAgentClient<tonic::transport::Channel>;
 
@@ -137,6 +137,16 @@ async fn init_then_every_call_needs_the_token() {
     assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
     let e = g.client.metrics(MetricsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // Init must set a token an attacker cannot guess: none or a short one
+    // is refused, and the agent stays uninitialized.
+    for weak in ["", "guessable"] {
+        let mut req = init_request();
+        req.access_token = weak.into();
+        let e = g.client.init(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{weak:?}: {e:?}");
+    }
+    let h = g.client.health(HealthRequest {}).await.unwrap().into_inner();
+    assert!(!h.initialized);
 
     let r = g.client.init(init_request()).await.unwrap().into_inner();
     assert_eq!(r.kernel_release, host_uname_r());

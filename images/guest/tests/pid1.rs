@@ -20,7 +20,7 @@ use wrenn_proto::guest::v1::{
 };
 use wrenn_testkit::{Tier, case};
 
-const TOKEN: &str = "pid1-token";
+const TOKEN: &str = "pid1-token-for-tests";
 
 /// The `unshare` process; on drop (a failed test) its PID 1 is killed,
 /// which ends every process of the namespace, and it is waited for.

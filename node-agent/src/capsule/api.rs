@@ -77,4 +77,6 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
     fn prepare_template(&self, req: PrepareRequest) -> ApiFuture<'_, TemplateStatus>;
     /// Templates ready on this node: key → digest.
     fn templates(&self) -> std::collections::BTreeMap<String, String>;
+    /// Capsules recovery quarantined.
+    fn quarantined(&self) -> Vec<crate::state::Quarantined>;
 }

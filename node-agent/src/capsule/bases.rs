@@ -59,9 +59,13 @@ impl<M: Machine + 'static> Shared<M> {
     }
 
     /// Removes every base that no capsule and no snapshot reaches; returns
-    /// how many. Does nothing while any journal cannot be read: a record
-    /// it cannot see might need a base.
+    /// how many. Does nothing while any journal cannot be read or any
+    /// capsule is quarantined: a record it cannot see (or trust) might
+    /// need a base.
     pub(crate) fn collect_bases(&self) -> usize {
+        if !self.quarantine.is_empty() {
+            return 0;
+        }
         let _held = self.bases.lock().unwrap_or_else(|p| p.into_inner());
         let root = self.layout.bases_root();
         let Ok(entries) = std::fs::read_dir(&root) else {

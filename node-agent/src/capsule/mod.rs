@@ -43,8 +43,8 @@ pub mod warm;
 pub use api::{CapsuleApi, EventStream, SnapshotInfo};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Record, Resources, State,
-    TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, RECORD_VERSION, Record,
+    Resources, State, TemplateDisk,
 };
 pub use prepare::{
     PrepareRequest, Readiness, TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,

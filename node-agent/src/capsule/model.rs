@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::guest::GuestToken;
 use crate::vmm::{BackendInfo, MachineHandle};
 
 /// Where a capsule's root disk comes from.
@@ -212,6 +213,11 @@ pub struct Record {
     /// The capsule's network namespace once made.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// The token its guest agent requires (sent on every `Init`);
+    /// journaled before the first `Init` so a restarted agent still
+    /// reaches the guest. `None` only in records of older agents.
+    #[serde(default)]
+    pub guest_token: Option<GuestToken>,
 }
 
 /// Current journal format.
@@ -241,6 +247,7 @@ impl Record {
             reason: String::new(),
             internal: false,
             netns: None,
+            guest_token: None,
         }
     }
 
@@ -256,6 +263,7 @@ impl Record {
             message: self.message.clone(),
             reason: self.reason.clone(),
             vsock_socket: self.vm.as_ref().map(|v| v.vsock_socket.clone()),
+            guest_token: self.guest_token.clone(),
         }
     }
 }
@@ -281,6 +289,9 @@ pub struct CapsuleView {
     pub reason: String,
     /// Host socket of the guest's vsock while a VMM runs.
     pub vsock_socket: Option<PathBuf>,
+    /// What the guest agent requires, for the node agent's own calls
+    /// (data plane, sampler, warm builds). Never converted to the wire.
+    pub guest_token: Option<GuestToken>,
 }
 
 /// Errors of the capsule supervisor. Display names the failed action and
@@ -420,6 +431,16 @@ pub enum Error {
         #[source]
         source: Box<crate::images::Error>,
     },
+    /// Recovery quarantined this capsule: its journal could not be read
+    /// (or was written by a newer agent), so the agent touches nothing of
+    /// it until an admin releases it (docs/security.md, "Recovery").
+    #[error("capsule {uid} is quarantined on this node ({why}); an admin must release it")]
+    Quarantined {
+        /// UID.
+        uid: String,
+        /// What recovery found.
+        why: String,
+    },
     /// A blocking task of the supervisor died.
     #[error("{what} of capsule {uid} was aborted")]
     Aborted {
@@ -450,6 +471,7 @@ impl Error {
             Error::SnapshotNotFound { .. } => "SnapshotNotFound",
             Error::SnapshotUnusable { .. } => "SnapshotUnusable",
             Error::Image { .. } => "ImageFailed",
+            Error::Quarantined { .. } => "Quarantined",
         }
     }
 
@@ -466,6 +488,7 @@ impl Error {
             | Error::SnapshotExists { .. }
             | Error::SnapshotNotFound { .. }
             | Error::SnapshotUnusable { .. }
+            | Error::Quarantined { .. }
             | Error::Cancelled { .. } => None,
             // A registry, cache or unpack failure on this node.
             Error::Image { .. } => Some("image"),

@@ -27,6 +27,9 @@ pub(crate) const SNAPSHOT_DISK: &str = "disk.img";
 pub(crate) const SNAPSHOT_DISK_QCOW2: &str = "disk.qcow2";
 /// The snapshot's VM state (empty for a disk-only snapshot).
 pub(crate) const SNAPSHOT_MEMORY: &str = "memory";
+/// The guest token held in that memory (mode 0600): a capsule restored
+/// from it authorizes its first `Init` with this and sets its own.
+pub(crate) const SNAPSHOT_GUEST_TOKEN: &str = "guest.token";
 
 /// The name a copy of the capsule disk at `disk` gets in a snapshot.
 pub(crate) fn snapshot_disk_name(disk: &Path) -> &'static str {
@@ -103,6 +106,16 @@ impl<M: Machine + 'static> Shared<M> {
             )));
         }
         Ok((info, disk))
+    }
+
+    /// The guest token held in the memory of snapshot `id`; `None` for a
+    /// disk-only snapshot or one taken before tokens were kept (the guest
+    /// then refuses the re-key, and the create fails saying so).
+    pub(crate) fn snapshot_guest_token(&self, id: &str) -> Option<crate::guest::GuestToken> {
+        let path = self.layout.snapshot_dir(id).join(SNAPSHOT_GUEST_TOKEN);
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| crate::guest::GuestToken::from_stored(&s))
     }
 
     /// The memory image to restore `rec` from on create: `Some` only for a

@@ -17,6 +17,7 @@ use super::api::{ApiFuture, CapsuleApi, EventStream, SnapshotInfo};
 use super::events::{EventBus, EventKind};
 use super::model::{CapsuleSpec, CapsuleView, Egress, Error, Record, State};
 use super::telemetry::HostFigures;
+use crate::guest::GuestToken;
 use crate::metrics::{Metrics, Outcome, Step};
 use crate::network::{self, CapsuleNet, EgressPolicy, NetOps, Teardown};
 use crate::state::Journal;
@@ -233,6 +234,8 @@ pub(crate) struct Shared<M> {
     /// Held from linking a base until the record naming it is journaled,
     /// and while bases are collected.
     pub(crate) bases: Mutex<()>,
+    /// Capsules recovery could not read: nothing of theirs is touched.
+    pub(crate) quarantine: crate::state::Quarantine,
 }
 
 impl<M> std::fmt::Debug for Shared<M> {
@@ -353,6 +356,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 tasks: Mutex::new(Vec::new()),
                 templates,
                 bases: Mutex::new(()),
+                quarantine: crate::state::Quarantine::default(),
             }),
         }
     }
@@ -805,6 +809,12 @@ impl<M: Machine + 'static> Supervisor<M> {
         net_id(uid)?;
         disk_id(uid)?;
         policy(&spec.egress)?;
+        self.refuse_quarantined(uid)?;
+        let token = GuestToken::generate().map_err(|source| Error::Files {
+            action: "read a guest token from",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
         let shared = self.shared.clone();
         let (entry, guard) = {
             let mut map = shared.lock_map();
@@ -847,6 +857,7 @@ impl<M: Machine + 'static> Supervisor<M> {
             let mut guard = guard;
             let mut rec = Record::new(&owned_uid, &spec);
             rec.internal = internal;
+            rec.guest_token = Some(token);
             let (rec, result) = shared.create_steps(&entry, rec, initial).await;
             *guard = rec;
             if let Err(e) = &result {
@@ -858,6 +869,23 @@ impl<M: Machine + 'static> Supervisor<M> {
             what: "create",
             uid: uid.to_string(),
         })?
+    }
+
+    /// Capsules recovery quarantined (see `state::quarantine`).
+    pub fn quarantined(&self) -> Vec<crate::state::Quarantined> {
+        self.shared.quarantine.list()
+    }
+
+    /// A create or delete would write over or remove what a quarantined
+    /// capsule's unreadable journal may name.
+    fn refuse_quarantined(&self, uid: &str) -> Result<(), Error> {
+        match self.shared.quarantine.get(uid) {
+            Some(q) => Err(Error::Quarantined {
+                uid: uid.to_string(),
+                why: q.reason.as_str().to_string(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// One capsule.
@@ -889,6 +917,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// [`delete`](Self::delete) of a user capsule or (`internal`) of a
     /// build VM.
     pub(crate) async fn delete_with(&self, uid: &str, internal: bool) -> Result<bool, Error> {
+        self.refuse_quarantined(uid)?;
         let Some(entry) = self.entry(uid, internal) else {
             return Ok(false);
         };
@@ -1109,9 +1138,18 @@ impl<M: Machine + 'static> Shared<M> {
             self.timed(Step::Boot, async {
                 // A snapshot with memory is restored (the guest resumes where
                 // it was; guest_up below re-initialises it); anything else boots.
-                let (action, started) = match self.memory_image(&rec)? {
-                    Some(image) => ("restore", self.host.machine.restore(&spec, &image).await),
-                    None => ("launch", self.host.machine.launch(&spec).await),
+                // A restored guest holds the snapshot's token; a booted one
+                // none yet.
+                let (action, started, held) = match self.memory_image(&rec)? {
+                    Some(image) => {
+                        let held = match &rec.spec.source {
+                            super::BootSource::Snapshot { id } => self.snapshot_guest_token(id),
+                            _ => None,
+                        };
+                        let vm = self.host.machine.restore(&spec, &image).await;
+                        ("restore", vm, held)
+                    }
+                    None => ("launch", self.host.machine.launch(&spec).await, None),
                 };
                 let vm = started.map_err(|source| Error::Vm {
                     action,
@@ -1121,7 +1159,7 @@ impl<M: Machine + 'static> Shared<M> {
                 rec.vm = Some(vm.clone());
                 rec.vm_starting = false;
                 self.commit(entry, &rec)?;
-                self.guest_up(&rec, &vm).await
+                self.guest_up(&rec, &vm, held.as_ref()).await
             })
             .await?;
             if entry.cancel.load(Ordering::SeqCst) {
@@ -1169,8 +1207,15 @@ impl<M: Machine + 'static> Shared<M> {
     }
 
     /// Waits until the guest agent answers, then sends `Init` (wall time,
-    /// entropy, env, hostname). Skipped when no guest settings are given.
-    async fn guest_up(&self, rec: &Record, vm: &MachineHandle) -> Result<(), Error> {
+    /// entropy, env, hostname, and the capsule's journaled token,
+    /// authorized by `held`: the token the guest already holds, if any).
+    /// Skipped when no guest settings are given.
+    async fn guest_up(
+        &self,
+        rec: &Record,
+        vm: &MachineHandle,
+        held: Option<&GuestToken>,
+    ) -> Result<(), Error> {
         let Some(g) = self.cfg.guest else {
             return Ok(());
         };
@@ -1189,7 +1234,7 @@ impl<M: Machine + 'static> Shared<M> {
                 &rec.uid,
                 &vm.vsock_socket,
                 g.port,
-                "",
+                held.map_or("", GuestToken::expose),
                 g.timeouts,
                 g.ready_within.saturating_sub(t0.elapsed()),
             )
@@ -1228,7 +1273,14 @@ impl<M: Machine + 'static> Shared<M> {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 hostname: rec.spec.name.clone(),
-                access_token: String::new(),
+                access_token: rec
+                    .guest_token
+                    .as_ref()
+                    .map(|t| t.expose().to_string())
+                    .ok_or_else(|| crate::guest::Error::NoToken {
+                        capsule: rec.uid.clone(),
+                    })
+                    .map_err(err("init"))?,
                 send_wall_time: true,
             })
             .await
@@ -1400,6 +1452,12 @@ impl<M: Machine + 'static> Shared<M> {
         rec: &mut Record,
     ) -> Result<(), Error> {
         let uid = rec.uid.clone();
+        // Its own suspend image holds its own token; a record from before
+        // tokens gets one now, journaled before the guest is re-keyed.
+        let held = rec.guest_token.clone();
+        if rec.guest_token.is_none() {
+            rec.guest_token = Some(GuestToken::generate().map_err(files("read a guest token from", Path::new("/dev/urandom")))?);
+        }
         rec.state = State::Resuming;
         rec.prior = Some(State::Suspended);
         self.commit(entry, rec)?;
@@ -1422,7 +1480,7 @@ impl<M: Machine + 'static> Shared<M> {
                 // The VMM reset vsock: the guest is reached and
                 // re-initialised (clock, entropy) before the capsule counts
                 // as running again.
-                if let Err(e) = self.guest_up(rec, &vm).await {
+                if let Err(e) = self.guest_up(rec, &vm, held.as_ref()).await {
                     if let Err(stop) = self.host.machine.stop(&vm).await {
                         tracing::error!(capsule = %uid, error = &stop as &dyn std::error::Error, "stop a restored VM whose guest did not answer");
                     }
@@ -1518,6 +1576,12 @@ impl<M: Machine + 'static> Shared<M> {
                 memory,
                 resources: rec.spec.resources,
             };
+            // A capsule restored from this memory must prove it is the
+            // host to the guest inside: keep the token that memory holds.
+            if memory && let Some(token) = &rec.guest_token {
+                let path = staging.join(super::sources::SNAPSHOT_GUEST_TOKEN);
+                write_secret(&path, token.expose()).map_err(files("write", &path))?;
+            }
             let meta = staging.join(super::sources::SNAPSHOT_META);
             let body = serde_json::to_vec_pretty(&info).map_err(|e| Error::Files {
                 action: "encode",
@@ -1554,6 +1618,18 @@ fn swap_into_place(staging: &Path, dest: &Path) -> Result<(), Error> {
         crate::state::sync_dir(parent).map_err(files("fsync", parent))?;
     }
     remove_dir(&old)
+}
+
+/// Writes `secret` to a new file only root can read.
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())
 }
 
 /// Copies a disk (a file or a block device) keeping holes where the source
@@ -1654,5 +1730,8 @@ impl<M: Machine + 'static> CapsuleApi for Supervisor<M> {
     }
     fn templates(&self) -> BTreeMap<String, String> {
         Supervisor::templates(self)
+    }
+    fn quarantined(&self) -> Vec<crate::state::Quarantined> {
+        Supervisor::quarantined(self)
     }
 }

@@ -125,6 +125,7 @@ struct GuestMemory {
     /// Asked only while the capsule is running: a paused guest cannot
     /// answer, and waiting for it every second would only count errors.
     entry: Weak<Entry>,
+    token: Option<guest::GuestToken>,
     client: tokio::sync::Mutex<Option<GuestClient>>,
 }
 
@@ -175,7 +176,8 @@ impl GuestMemory {
                     };
                     let c =
                         GuestClient::connect_with(&self.capsule, &self.socket, self.port, timeouts)
-                            .await?;
+                            .await?
+                            .with_token(self.token.as_ref().map_or("", |t| t.expose()))?;
                     slot.insert(c).clone()
                 }
             }
@@ -221,6 +223,7 @@ impl<M: Machine + 'static> Shared<M> {
             port: g.port,
             within: g.sample_within,
             entry: Arc::downgrade(entry),
+            token: rec.guest_token.clone(),
             client: tokio::sync::Mutex::new(None),
         });
         Some(CapsuleSource {

@@ -117,6 +117,8 @@ pub struct BuildVm {
     pub netns: Option<PathBuf>,
     /// The guest's address inside that namespace.
     pub guest_addr: Ipv4Addr,
+    /// What its guest agent requires.
+    pub guest_token: Option<crate::guest::GuestToken>,
 }
 
 /// A boxed future of a [`BuildGuest`].
@@ -337,6 +339,7 @@ async fn boot<M: Machine + 'static>(
         vsock_socket: view.vsock_socket.unwrap_or_default(),
         netns,
         guest_addr: GUEST_ADDR,
+        guest_token: view.guest_token,
     })
 }
 
@@ -464,7 +467,8 @@ impl AgentGuest {
             self.settings.port,
             self.settings.timeouts,
         )
-        .await
+        .await?
+        .with_token(vm.guest_token.as_ref().map_or("", |t| t.expose()))
     }
 
     /// Runs `start` and collects its output, pid and exit.

@@ -148,6 +148,7 @@ pub struct Metrics {
     steps: Vec<Family<OutcomeLabels, prometheus_client::metrics::histogram::Histogram>>,
     orphans: Family<StringLabels, Counter>,
     errors: Family<StringLabels, Counter>,
+    quarantined: prometheus_client::metrics::gauge::Gauge,
     ready: AtomicBool,
     origin: Instant,
 }
@@ -188,6 +189,12 @@ impl Metrics {
         );
         let errors = Family::<StringLabels, Counter>::default();
         registry.register("wrenn_agent_errors", "Errors by class", errors.clone());
+        let quarantined = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "wrenn_agent_quarantined_capsules",
+            "Capsules whose journal recovery could not use, left untouched for an admin",
+            quarantined.clone(),
+        );
         registry.register_collector(Box::new(CapsuleCollector(shared.clone())));
         Arc::new(Self {
             shared,
@@ -195,6 +202,7 @@ impl Metrics {
             steps,
             orphans,
             errors,
+            quarantined,
             ready: AtomicBool::new(false),
             origin: Instant::now(),
         })
@@ -304,6 +312,12 @@ impl Metrics {
         self.orphans
             .get_or_create(&[("kind", kind.to_string())])
             .inc_by(count);
+    }
+
+    /// Sets how many capsules recovery quarantined.
+    pub fn set_quarantined(&self, count: usize) {
+        self.quarantined
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts one error of `class` (a stable, low-cardinality name such as

@@ -467,13 +467,24 @@ pub fn to_snapshot(s: &SnapshotInfo, vmm: &BackendInfo, cpu_model: String) -> pb
     }
 }
 
+/// A quarantined capsule as `NodeInfo` lists it.
+pub fn to_quarantined(q: &crate::state::Quarantined) -> pb::QuarantinedCapsule {
+    pb::QuarantinedCapsule {
+        uid: q.uid.clone(),
+        reason: q.reason.as_str().to_string(),
+        message: q.message.clone(),
+    }
+}
+
 /// The one mapping of supervisor errors to gRPC: the message is the whole
 /// chain, so the operator can put it in a condition as it is.
 pub fn to_status(e: &Error) -> Status {
     let msg = e.chain();
     match e {
         Error::NotFound { .. } | Error::SnapshotNotFound { .. } => Status::not_found(msg),
-        Error::SnapshotUnusable { .. } => Status::failed_precondition(msg),
+        Error::SnapshotUnusable { .. } | Error::Quarantined { .. } => {
+            Status::failed_precondition(msg)
+        }
         Error::Image { source, .. } if source.is_transient() => Status::unavailable(msg),
         Error::Image { .. } => Status::failed_precondition(msg),
         Error::AlreadyExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
@@ -619,6 +630,34 @@ mod tests {
                 }),
             }),
             initial_state: 0,
+        }
+    }
+
+    #[test]
+    fn the_guest_token_never_reaches_the_wire() {
+        let (uid, spec, _) = from_create(request()).unwrap();
+        let mut rec = crate::capsule::Record::new(&uid, &spec);
+        let token = crate::guest::GuestToken::generate().unwrap();
+        rec.guest_token = Some(token.clone());
+        let view = rec.view(&BackendInfo {
+            kind: crate::vmm::BackendKind::CloudHypervisor,
+            version: "v1".into(),
+            accelerated: true,
+        });
+        assert_eq!(view.guest_token.as_ref(), Some(&token));
+        let event = Event {
+            sequence: 1,
+            kind: EventKind::StateChanged,
+            capsule: Some(view.clone()),
+            unix_nanos: 0,
+        };
+        for shown in [
+            format!("{:?}", to_capsule(&view)),
+            format!("{:?}", to_event(&event)),
+            format!("{view:?}"),
+            format!("{rec:?}"),
+        ] {
+            assert!(!shown.contains(token.expose()), "token shown: {shown}");
         }
     }
 

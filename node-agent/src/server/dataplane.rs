@@ -60,6 +60,7 @@ fn crate_chain(e: &dyn std::error::Error) -> String {
 async fn client(ep: &GuestEndpoint) -> Result<GuestClient, Status> {
     GuestClient::connect(&ep.capsule, &ep.vsock_socket)
         .await
+        .and_then(|c| c.with_token(ep.guest_token.as_ref().map_or("", |t| t.expose())))
         .map_err(to_status)
 }
 

@@ -139,6 +139,7 @@ impl AgentService {
         Ok(GuestEndpoint {
             capsule: capsule.to_string(),
             vsock_socket,
+            guest_token: view.guest_token,
         })
     }
 }
@@ -150,6 +151,8 @@ pub struct GuestEndpoint {
     pub capsule: String,
     /// Host Unix socket of the guest's vsock (`CONNECT <port>` handshake).
     pub vsock_socket: std::path::PathBuf,
+    /// What the guest agent requires on every call.
+    pub guest_token: Option<crate::guest::GuestToken>,
 }
 
 fn to_resources(r: &crate::capsule::Resources) -> pb::Resources {
@@ -209,6 +212,11 @@ impl NodeAgent for AgentService {
                 .unwrap_or_default(),
             storage_backend: self.identity.storage_backend.clone(),
             held: capsules.into_iter().map(|v| v.uid).collect(),
+            quarantined: self
+                .capsules
+                .as_ref()
+                .map(|c| c.quarantined().iter().map(convert::to_quarantined).collect())
+                .unwrap_or_default(),
         }))
     }
 

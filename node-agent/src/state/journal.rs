@@ -82,6 +82,51 @@ impl Journal {
             .map_err(|source| Error::Decode { path, source })
     }
 
+    /// `uid`'s journal as bytes, undecoded; `None` when it has none.
+    /// Recovery decides from these whether it may use the record at all.
+    pub fn read_bytes(&self, uid: &str) -> Result<Option<Vec<u8>>, Error> {
+        let path = self.capsule_dir(uid).join(JOURNAL_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Read { path, source }),
+        }
+    }
+
+    /// Every capsule directory's name.
+    pub fn uids(&self) -> Result<Vec<String>, Error> {
+        let read = |source| Error::Read {
+            path: self.root.clone(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(read(source)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(read)?;
+            if entry.path().is_dir() {
+                out.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether `uid`'s directory holds nothing but (at most) a temp file:
+    /// what a crash before the first journal write leaves, when nothing
+    /// was done on the node yet for that capsule.
+    pub fn never_written(&self, uid: &str) -> bool {
+        match std::fs::read_dir(self.capsule_dir(uid)) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .all(|e| e.file_name() == TEMP_FILE),
+            Err(_) => false,
+        }
+    }
+
     /// Every capsule directory present, with its journal (`Err` for a
     /// directory whose journal is missing or unreadable: recovery treats
     /// those as orphans).

@@ -1,14 +1,17 @@
 //! What survives an agent restart: the per-capsule journal ([`Journal`])
 //! and the recovery run at start-up ([`recovery`]), which adopts live VMMs,
 //! restores the view of paused and suspended capsules, finishes or undoes
-//! steps a crash interrupted, and removes every orphan on the node.
+//! steps a crash interrupted, and removes every orphan on the node; and
+//! the capsules it must not touch ([`quarantine`]).
 
 mod journal;
+pub mod quarantine;
 pub mod recovery;
 
 use std::path::{Path, PathBuf};
 
 pub use journal::{JOURNAL_FILE, Journal, sync_dir};
+pub use quarantine::{Quarantine, QuarantineReason, Quarantined};
 pub use recovery::{OrphanReport, OrphanSweep, RecoveryReport};
 
 /// Errors of the journal.

@@ -18,8 +18,13 @@
 //! - A warm template's build VM (`internal`), in any state: removed with
 //!   its disk, network and any snapshot it was writing.
 //!
-//! Orphans, removed and counted: capsule directories without a readable
-//! journal; slot claims, namespaces, links, nftables tables and conntrack
+//! A capsule whose journal cannot be read, or was written by a newer agent,
+//! is quarantined (see [`super::quarantine`]): not adopted, not rolled
+//! back, and every resource named after its UID is kept out of the sweep
+//! below, as if it were a live capsule.
+//!
+//! Orphans, removed and counted: capsule directories a crash left before
+//! their first journal write; slot claims, namespaces, links, nftables tables and conntrack
 //! entries of no known capsule (`NetOps`); disks of no known capsule
 //! (`BlockStore`); cgroups (and any process in them) of no live VM; VMM
 //! runtime dirs of unknown capsules; unfinished snapshot staging dirs.
@@ -31,6 +36,7 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::sync::Mutex as AsyncMutex;
 
+use super::quarantine::{Quarantined, Verdict};
 use crate::capsule::supervisor::{Entry, Shared};
 use crate::capsule::{Error, Record, State, Supervisor};
 use crate::network::{self, Teardown};
@@ -49,7 +55,7 @@ pub struct OrphanSweep {
 /// What was removed because nothing accounted for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OrphanReport {
-    /// Capsule directories without a readable journal.
+    /// Capsule directories a crash left before their first journal write.
     pub journals: usize,
     /// Capsules rolled back (interrupted create or delete).
     pub rolled_back: usize,
@@ -105,6 +111,8 @@ pub struct RecoveryReport {
     pub suspended: Vec<String>,
     /// Capsules whose VM was gone (now `Failed`).
     pub lost: Vec<String>,
+    /// Capsules left untouched because their journal is unusable.
+    pub quarantined: Vec<Quarantined>,
     /// Orphans removed.
     pub orphans: OrphanReport,
 }
@@ -127,25 +135,38 @@ impl<M: Machine + 'static> Supervisor<M> {
                 source: Box::new(source),
             })?;
 
-        let journals = shared
+        let uids = shared
             .journal
-            .list::<Record>()
+            .uids()
             .map_err(|source| Error::Journal {
                 uid: "(all)".into(),
                 source: Box::new(source),
             })?;
-        for (uid, rec) in journals {
-            let rec = match rec {
-                Ok(r) if r.uid == uid => r,
-                other => {
-                    tracing::warn!(capsule = %uid, ok = other.is_ok(), "capsule directory without a usable journal; removing it");
+        for uid in uids {
+            let bytes = shared.journal.read_bytes(&uid);
+            let never_written = shared.journal.never_written(&uid);
+            let verdict = super::quarantine::plan_journal(
+                &uid,
+                bytes,
+                never_written,
+                crate::capsule::RECORD_VERSION,
+                |r: &Record| r.uid.as_str(),
+            );
+            match verdict {
+                Verdict::Use(rec) => shared.recover_one(rec, &mut report).await,
+                Verdict::Quarantine(q) => {
+                    tracing::warn!(capsule = %q.uid, reason = q.reason.as_str(), detail = %q.message, "capsule quarantined: its journal is not usable; nothing of it is touched until an admin releases it");
+                    report.quarantined.push(q.clone());
+                    shared.quarantine.insert(q);
+                }
+                Verdict::Discard => {
+                    tracing::info!(capsule = %uid, "capsule directory from before its first journal write; removing it");
                     let _ = shared.journal.remove(&uid);
                     report.orphans.journals += 1;
-                    continue;
                 }
-            };
-            shared.recover_one(rec, &mut report).await;
+            }
         }
+        shared.cfg.metrics.set_quarantined(shared.quarantine.len());
 
         // Live VMs and their capsules, after settling.
         let (known, live): (BTreeSet<String>, BTreeSet<String>) = {
@@ -165,6 +186,12 @@ impl<M: Machine + 'static> Supervisor<M> {
                     known.insert(uid);
                 }
             }
+            // A quarantined capsule may have a VM, disk, network and
+            // cgroup: all of it counts as known and live to the sweeps.
+            for q in shared.quarantine.list() {
+                known.insert(q.uid.clone());
+                live.insert(q.uid);
+            }
             (known, live)
         };
         shared
@@ -178,6 +205,7 @@ impl<M: Machine + 'static> Supervisor<M> {
             adopted = report.adopted.len(),
             suspended = report.suspended.len(),
             lost = report.lost.len(),
+            quarantined = report.quarantined.len(),
             orphans = report.orphans.total(),
             "recovery done"
         );
@@ -455,9 +483,13 @@ impl<M: Machine + 'static> Shared<M> {
 
         // VMM runtime dirs of unknown capsules, unfinished snapshots.
         report.dirs += remove_children(&self.layout.vmm_root(), |n| !known.contains(n));
-        report.dirs += remove_children(&self.layout.snapshots_root(), |n| {
-            n.starts_with('.') || n.ends_with(".old")
-        });
+        // A staging dir may be a quarantined capsule's snapshot in
+        // progress; with any quarantined, unfinished snapshots stay too.
+        if self.quarantine.is_empty() {
+            report.dirs += remove_children(&self.layout.snapshots_root(), |n| {
+                n.starts_with('.') || n.ends_with(".old")
+            });
+        }
     }
 }
 

@@ -28,6 +28,7 @@ struct State {
     refuse_network: bool,
     sequence: u64,
     created: BTreeSet<String>,
+    quarantined: Vec<pb::QuarantinedCapsule>,
 }
 
 /// A fake agent for one node.
@@ -132,6 +133,16 @@ impl FakeNodeAgent {
         if let Some(c) = lock(&self.state).capsules.get_mut(uid) {
             c.last_activity_unix_nanos = now_nanos();
         }
+    }
+
+    /// Reports `uid` as quarantined in `NodeInfo`, as an agent that found
+    /// its journal unreadable at start-up does.
+    pub fn quarantine(&self, uid: &str, reason: &str, message: &str) {
+        lock(&self.state).quarantined.push(pb::QuarantinedCapsule {
+            uid: uid.into(),
+            reason: reason.into(),
+            message: message.into(),
+        });
     }
 
     /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
@@ -296,6 +307,7 @@ impl NodeAgent for Handle {
                 storage_backend: "fake".into(),
                 // Every capsule counts in `used` above, as on the real agent.
                 held: st.capsules.keys().cloned().collect(),
+                quarantined: st.quarantined.clone(),
             })
         })
     }

@@ -931,6 +931,39 @@ pub async fn converge(
     }
 }
 
+/// After an agent (re)synced: one Warning Event on its Node per capsule the
+/// agent quarantined at start-up, so an admin sees it without reading agent
+/// logs. Once per sync, not per refresh: the list only changes when the
+/// agent restarts.
+async fn report_quarantined(ctx: &Context, node: &str) {
+    let Some(info) = ctx.pool.info(node) else {
+        return;
+    };
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_string()),
+        ..Default::default()
+    };
+    for q in &info.quarantined {
+        ctx.event(
+            &reference,
+            EventType::Warning,
+            reason::CAPSULE_QUARANTINED,
+            quarantine_note(q),
+        )
+        .await;
+    }
+}
+
+/// The Event note for one quarantined capsule.
+fn quarantine_note(q: &pb::QuarantinedCapsule) -> String {
+    format!(
+        "capsule {} quarantined by the node agent ({}: {}); its VM, disk and network are left untouched and create/delete of it are refused until an admin releases it (docs/security.md, Recovery)",
+        q.uid, q.reason, q.message
+    )
+}
+
 /// Runs the Capsule controller until `shutdown` resolves.
 pub async fn run(
     ctx_parts: super::Parts,
@@ -960,7 +993,10 @@ pub async fn run(
         loop {
             let nodes = tokio::select! {
                 sync = syncs.recv() => match sync {
-                    Some(s) => vec![s],
+                    Some(s) => {
+                        report_quarantined(&conv_ctx, &s.node).await;
+                        vec![s]
+                    }
                     None => return,
                 },
                 _ = tick.tick() => conv_ctx

@@ -15,7 +15,8 @@ pub struct InitRequest {
     >,
     #[prost(string, tag = "4")]
     pub hostname: ::prost::alloc::string::String,
-    /// Required on every later call as the "authorization" metadata, when set.
+    /// Required (at least 16 visible ASCII bytes): every later call must
+    /// present it as the "authorization" metadata. Replaces the previous one.
     #[prost(string, tag = "5")]
     pub access_token: ::prost::alloc::string::String,
 }
@@ -451,6 +452,9 @@ pub mod guest_agent_client {
         }
         /// Sent after every boot and every restore, before anything else: sets the
         /// wall clock, reseeds the kernel CRNG, and fixes env, hostname and token.
+        /// The first Init needs no token; every later one must be authorized by
+        /// the token the guest holds and may replace it (a restore re-keys the
+        /// guest: a snapshot's memory holds its source's token).
         pub async fn init(
             &mut self,
             request: impl tonic::IntoRequest<super::InitRequest>,
@@ -764,6 +768,9 @@ pub mod guest_agent_server {
     pub trait GuestAgent: std::marker::Send + std::marker::Sync + 'static {
         /// Sent after every boot and every restore, before anything else: sets the
         /// wall clock, reseeds the kernel CRNG, and fixes env, hostname and token.
+        /// The first Init needs no token; every later one must be authorized by
+        /// the token the guest holds and may replace it (a restore re-keys the
+        /// guest: a snapshot's memory holds its source's token).
         async fn init(
             &self,
             request: tonic::Request<super::InitRequest>,
