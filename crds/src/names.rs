@@ -76,6 +76,8 @@ pub mod reason {
     pub const PREPARATION_FAILED: &str = "PreparationFailed";
     /// A warm template's snapshot is not on any node that fits the capsule yet.
     pub const WARM_SNAPSHOT_NOT_READY: &str = "WarmSnapshotNotReady";
+    /// A node's image cache, snapshots and suspend images fill its disk quota.
+    pub const DISK_QUOTA_EXCEEDED: &str = "DiskQuotaExceeded";
 }
 
 /// Labels the chart and the operator use to find node agents.

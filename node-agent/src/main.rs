@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use wrenn_node_agent::args::{Args, VmmBackend};
+use wrenn_node_agent::args::{Args, DiskArgs, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
@@ -80,6 +80,7 @@ struct Common {
     cgroups: CgroupRoot,
     metrics: Arc<Metrics>,
     templates: TemplateSettings,
+    disk: DiskArgs,
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -103,6 +104,7 @@ async fn run(args: Args) -> ExitCode {
         admin_listen,
         guest_binary,
         insecure_registries,
+        disk,
         ..
     } = args;
     let tls = TlsFiles {
@@ -160,10 +162,13 @@ async fn run(args: Args) -> ExitCode {
         pull: PullOptions {
             auth: None,
             insecure_registries,
+            limits: disk.image_limits(),
         },
+        cache_max_bytes: disk.image_cache_max_bytes,
     };
     let common = Common {
         templates,
+        disk,
         node_name,
         listen,
         tls,
@@ -218,6 +223,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         cgroups,
         metrics,
         templates,
+        disk,
     } = common;
     let store_cfg = StorageConfig::new(state_dir.join("disks"));
     let store =
@@ -318,6 +324,13 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             return ExitCode::from(EXIT_LISTEN);
         }
     };
+    // A guest flooding its console, or a VMM its log, fills no disk.
+    tokio::spawn(wrenn_node_agent::vmm::logs::run(
+        wrenn_node_agent::capsule::Layout::new(&state_dir).vmm_root(),
+        disk.vmm_log_max_bytes,
+        wrenn_node_agent::vmm::logs::SWEEP_EVERY,
+        std::future::pending(),
+    ));
     let activity_file = state_dir.join("activity.json");
     let service = AgentService::new(
         AgentIdentity {
@@ -332,6 +345,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         },
     )
     .with_activity_file(&activity_file)
+    .with_disk_quota(disk.disk_quota)
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());
     metrics.set_ready(true);

@@ -56,6 +56,8 @@ pub struct AgentService {
     capsules: Option<Arc<dyn CapsuleApi>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     activity: activity::Activity,
+    /// `--disk-quota`; `None`: a share of the state filesystem.
+    disk_quota: Option<u64>,
 }
 
 impl AgentService {
@@ -68,7 +70,15 @@ impl AgentService {
             capsules: None,
             metrics: None,
             activity: activity::Activity::default(),
+            disk_quota: None,
         }
+    }
+
+    /// Reports `quota` (bytes) as the node's disk quota instead of
+    /// [`crate::node::DEFAULT_QUOTA_PERCENT`] of the state filesystem.
+    pub fn with_disk_quota(mut self, quota: Option<u64>) -> Self {
+        self.disk_quota = quota;
+        self
     }
 
     /// Serves capsule RPCs from `capsules` (the supervisor).
@@ -192,6 +202,8 @@ impl NodeAgent for AgentService {
                 .map(|c| c.snapshots())
                 .unwrap_or_default(),
             storage_backend: self.identity.storage_backend.clone(),
+            disk_quota_bytes: crate::node::plan_quota(self.disk_quota, facts.disk_total),
+            disk_quota_used_bytes: facts.quota_used,
         }))
     }
 

@@ -287,6 +287,7 @@ impl NodeAgent for Handle {
                     .collect(),
                 snapshots: st.snapshots.keys().cloned().collect(),
                 storage_backend: "fake".into(),
+                ..Default::default()
             })
         })
     }

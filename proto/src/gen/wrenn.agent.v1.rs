@@ -30,6 +30,13 @@ pub struct NodeInfoResponse {
     /// "dm-snapshot" or "qcow2".
     #[prost(string, tag = "10")]
     pub storage_backend: ::prost::alloc::string::String,
+    /// The node's quota for what the agent keeps on disk beyond running
+    /// capsules: the image cache, snapshots and suspend images (0: none).
+    #[prost(uint64, tag = "20")]
+    pub disk_quota_bytes: u64,
+    /// What those hold now; placement refuses a node at or over its quota.
+    #[prost(uint64, tag = "21")]
+    pub disk_quota_used_bytes: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
