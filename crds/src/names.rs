@@ -80,6 +80,8 @@ pub mod reason {
     /// from a newer agent) and left everything of that capsule alone for
     /// an admin (Warning Event on the Node).
     pub const CAPSULE_QUARANTINED: &str = "CapsuleQuarantined";
+    /// A node's image cache, snapshots and suspend images fill its disk quota.
+    pub const DISK_QUOTA_EXCEEDED: &str = "DiskQuotaExceeded";
 }
 
 /// Labels the chart and the operator use to find node agents.

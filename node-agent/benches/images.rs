@@ -13,7 +13,7 @@ use std::time::Instant;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use sha2::{Digest, Sha256};
-use wrenn_node_agent::images::{ImageCache, LocalImage, TemplateRequest, oci, write_ext4};
+use wrenn_node_agent::images::{ImageCache, LocalImage, TemplateRequest, oci, unpack, write_ext4};
 
 const MIB: u64 = 1 << 20;
 
@@ -191,8 +191,9 @@ fn main() {
     let resolved = oci::resolve_layout(&layout, None).unwrap();
     let t = Instant::now();
     let mut unpacked = 0;
+    let budget = unpack::Budget::new(unpack::Limits::default());
     for l in &resolved.layers {
-        unpacked += oci::apply_blob(&root, l).unwrap().bytes;
+        unpacked += oci::apply_blob(&root, l, &budget).unwrap().bytes;
     }
     let unpack = t.elapsed();
     let t = Instant::now();

@@ -150,6 +150,9 @@ pub struct Args {
     /// Blocked destinations and per-capsule traffic limits.
     #[command(flatten)]
     pub egress: crate::network::EgressFlags,
+    /// Bounds on what images, guests and snapshots may put on the disk.
+    #[command(flatten)]
+    pub disk: DiskArgs,
 }
 
 /// Bytes, plain or with a binary suffix (`512Mi`, `2Gi`).
@@ -170,6 +173,69 @@ fn bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?}: bytes, e.g. 1073741824 or 1Gi"))
 }
 
+/// Disk bounds. Sizes take a plain byte count or a `Ki`/`Mi`/`Gi`/`Ti`
+/// suffix; the defaults are `images::unpack::Limits::default()` and the
+/// caps documented in docs/security.md.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiskArgs {
+    /// Largest compressed layer blob an image may have.
+    #[arg(long, env = "WRENN_IMAGE_MAX_LAYER_COMPRESSED_BYTES", default_value = "8Gi", value_parser = byte_size)]
+    pub image_max_layer_compressed_bytes: u64,
+    /// Largest sum of an image's compressed layer blobs.
+    #[arg(long, env = "WRENN_IMAGE_MAX_COMPRESSED_BYTES", default_value = "16Gi", value_parser = byte_size)]
+    pub image_max_compressed_bytes: u64,
+    /// Largest unpacked layer (tar stream, and file sizes as declared:
+    /// sparse files count in full).
+    #[arg(long, env = "WRENN_IMAGE_MAX_LAYER_BYTES", default_value = "16Gi", value_parser = byte_size)]
+    pub image_max_layer_bytes: u64,
+    /// Largest unpacked image, all layers together.
+    #[arg(long, env = "WRENN_IMAGE_MAX_BYTES", default_value = "32Gi", value_parser = byte_size)]
+    pub image_max_bytes: u64,
+    /// Most tar entries an image may have, all layers together.
+    #[arg(long, env = "WRENN_IMAGE_MAX_FILES", default_value_t = 1_000_000)]
+    pub image_max_files: u64,
+    /// Largest unpacked-to-compressed ratio of a layer (past its first
+    /// 16 MiB): a gzip bomb stops there.
+    #[arg(long, env = "WRENN_IMAGE_MAX_RATIO", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub image_max_ratio: u64,
+    /// Quota of the image cache; least recently used templates no capsule
+    /// or snapshot uses are dropped to stay under it.
+    #[arg(long, env = "WRENN_IMAGE_CACHE_MAX_BYTES", default_value = "100Gi", value_parser = byte_size)]
+    pub image_cache_max_bytes: u64,
+    /// Cap of each serial console, VMM log and event file on disk; past
+    /// it the oldest half is dropped.
+    #[arg(long, env = "WRENN_VMM_LOG_MAX_BYTES", default_value = "4Mi", value_parser = byte_size)]
+    pub vmm_log_max_bytes: u64,
+    /// Quota of the image cache, snapshots and suspend images together,
+    /// reported in NodeInfo; placement avoids a node at or over it.
+    /// Unset: 80% of the state directory's filesystem.
+    #[arg(long, env = "WRENN_DISK_QUOTA", value_parser = byte_size)]
+    pub disk_quota: Option<u64>,
+}
+
+impl DiskArgs {
+    /// The image limits these flags set.
+    pub fn image_limits(&self) -> crate::images::unpack::Limits {
+        crate::images::unpack::Limits {
+            layer_compressed_bytes: self.image_max_layer_compressed_bytes,
+            image_compressed_bytes: self.image_max_compressed_bytes,
+            layer_bytes: self.image_max_layer_bytes,
+            image_bytes: self.image_max_bytes,
+            files: self.image_max_files,
+            ratio: self.image_max_ratio,
+        }
+    }
+}
+
+/// A positive byte count (see [`bytes`]).
+fn byte_size(s: &str) -> Result<u64, String> {
+    bytes(s).and_then(|n| {
+        (n > 0)
+            .then_some(n)
+            .ok_or_else(|| format!("{s:?}: a positive byte count such as 4096, 512Mi or 20Gi"))
+    })
+}
+
 /// One path segment of letters, digits, '-', '_' and '.': never `..` or a
 /// path that climbs out of the cgroup mount.
 fn cgroup_parent(s: &str) -> Result<String, String> {
@@ -185,5 +251,38 @@ fn cgroup_parent(s: &str) -> Result<String, String> {
         Err(format!(
             "{s:?}: one name of letters, digits, '-', '_' or '.' (at most 64)"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_binary_units() {
+        assert_eq!(byte_size("4096"), Ok(4096));
+        assert_eq!(byte_size("512Mi"), Ok(512 << 20));
+        assert_eq!(byte_size("20Gi"), Ok(20 << 30));
+        for bad in ["", "0", "1GB", "Gi", "-1", "99999999999Ti"] {
+            assert!(byte_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_flags_are_the_documented_defaults() {
+        let args = Args::try_parse_from(["wrenn-node-agent", "--node-name", "n"]).unwrap();
+        assert_eq!(
+            args.disk.image_limits(),
+            crate::images::unpack::Limits::default()
+        );
+        assert_eq!(
+            args.disk.image_cache_max_bytes,
+            crate::images::quota::DEFAULT_MAX_BYTES
+        );
+        assert_eq!(
+            args.disk.vmm_log_max_bytes,
+            crate::vmm::logs::DEFAULT_MAX_BYTES
+        );
+        assert_eq!(args.disk.disk_quota, None);
     }
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use wrenn_node_agent::args::{Args, VmmBackend};
+use wrenn_node_agent::args::{Args, DiskArgs, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
@@ -85,6 +85,7 @@ struct Common {
     vmm_cap: VmmCap,
     metrics: Arc<Metrics>,
     templates: TemplateSettings,
+    disk: DiskArgs,
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -117,6 +118,7 @@ async fn run(args: Args) -> ExitCode {
         vmm_io_read_iops,
         vmm_io_write_iops,
         egress,
+        disk,
         ..
     } = args;
     let tls = TlsFiles {
@@ -224,11 +226,14 @@ async fn run(args: Args) -> ExitCode {
         pull: PullOptions {
             auth: None,
             insecure_registries,
+            limits: disk.image_limits(),
         },
+        cache_max_bytes: disk.image_cache_max_bytes,
     };
     let common = Common {
         guest_ready: std::time::Duration::from_secs(guest_ready_secs),
         templates,
+        disk,
         node_name,
         listen,
         tls,
@@ -290,6 +295,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         vmm_cap,
         metrics,
         templates,
+        disk,
     } = common;
     let store_cfg = StorageConfig::new(state_dir.join("disks"));
     let store =
@@ -395,6 +401,13 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             return ExitCode::from(EXIT_LISTEN);
         }
     };
+    // A guest flooding its console, or a VMM its log, fills no disk.
+    tokio::spawn(wrenn_node_agent::vmm::logs::run(
+        wrenn_node_agent::capsule::Layout::new(&state_dir).vmm_root(),
+        disk.vmm_log_max_bytes,
+        wrenn_node_agent::vmm::logs::SWEEP_EVERY,
+        std::future::pending(),
+    ));
     let activity_file = state_dir.join("activity.json");
     let service = AgentService::new(
         AgentIdentity {
@@ -410,6 +423,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     )
     .with_vmm_cap(vmm_cap)
     .with_activity_file(&activity_file)
+    .with_disk_quota(disk.disk_quota)
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());
     metrics.set_ready(true);

@@ -1,6 +1,8 @@
 //! Facts about this node for `NodeInfo`: CPU model, capacity, free memory
-//! and disk, whether KVM is usable; and what its capsules hold of it
-//! ([`plan_offer`]), so `free` never offers what a capsule may still claim.
+//! and disk, whether KVM is usable; what its capsules hold of it
+//! ([`plan_offer`]), so `free` never offers what a capsule may still claim;
+//! and what the agent's own files (image cache, snapshots, suspend images)
+//! hold against the node's disk quota.
 //! Host paths are passed in so tests read a fake `/proc`.
 
 use std::path::{Path, PathBuf};
@@ -36,6 +38,33 @@ pub struct NodeFacts {
     pub disk_free: u64,
     /// `/dev/kvm` exists and opens read-write.
     pub kvm: bool,
+    /// Bytes the quota counts ([`quota_usage`]).
+    pub quota_used: u64,
+}
+
+/// Share of the state filesystem the quota is when no `--disk-quota` is
+/// given, in percent: the rest stays for capsule disks and the node.
+pub const DEFAULT_QUOTA_PERCENT: u64 = 80;
+
+/// The node's disk quota: `configured`, or [`DEFAULT_QUOTA_PERCENT`] of
+/// the state filesystem's size.
+pub fn plan_quota(configured: Option<u64>, disk_total: u64) -> u64 {
+    configured.unwrap_or(disk_total / 100 * DEFAULT_QUOTA_PERCENT)
+}
+
+/// What the quota counts under `state_dir`: the image cache (`images/`),
+/// snapshots (`snapshots/`, `bases/`) and suspend images
+/// (`capsules/*/suspend/`), each block once. Blocking.
+pub fn quota_usage(state_dir: &Path) -> u64 {
+    let mut roots = vec![
+        state_dir.join("images"),
+        state_dir.join("snapshots"),
+        state_dir.join("bases"),
+    ];
+    if let Ok(rd) = std::fs::read_dir(state_dir.join("capsules")) {
+        roots.extend(rd.flatten().map(|e| e.path().join("suspend")));
+    }
+    crate::images::quota::allocated_in(&roots)
 }
 
 /// Reads the facts; a missing source leaves its fields at zero rather than
@@ -59,6 +88,7 @@ pub fn read_facts(paths: &NodePaths) -> NodeFacts {
             .write(true)
             .open(&paths.kvm)
             .is_ok(),
+        quota_used: quota_usage(&paths.state_dir),
     }
 }
 
@@ -309,5 +339,31 @@ mod tests {
             plan_offer(&facts(), &big, &[]).capacity,
             res(16, 64 * GI, 500 * GI)
         );
+    }
+
+    #[test]
+    fn the_quota_counts_images_snapshots_and_suspend_images_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path();
+        let put = |rel: &str, len: usize| {
+            let p = s.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, vec![1u8; len]).unwrap();
+            p
+        };
+        let before = quota_usage(s);
+        put("images/sha256-ab/rootfs-1-g0.ext4", 1 << 20);
+        let snap = put("snapshots/s1/disk.img", 1 << 20);
+        put("capsules/c1/suspend/memory", 1 << 20);
+        // A capsule's own disk and journal are not the quota's.
+        put("disks/c1.cow", 4 << 20);
+        put("capsules/c1/record.json", 1 << 20);
+        // A base is a hard link to a snapshot disk: no new blocks.
+        std::fs::create_dir_all(s.join("bases/s1.1")).unwrap();
+        std::fs::hard_link(&snap, s.join("bases/s1.1/disk.img")).unwrap();
+        let used = quota_usage(s) - before;
+        assert!((3 << 20..(3 << 20) + (64 << 10)).contains(&used), "{used}");
+        assert_eq!(plan_quota(Some(5), 1000), 5);
+        assert_eq!(plan_quota(None, 1000), 800);
     }
 }

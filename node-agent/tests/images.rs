@@ -2,7 +2,9 @@
 //! whiteouts, opaque directories, links and ownership becomes an ext4
 //! image whose tree `debugfs` checks; hostile layers are refused by name
 //! and leave nothing in the cache; concurrent builds of one digest build
-//! once; a `docker save` tarball builds the same way.
+//! once; a `docker save` tarball builds the same way. Disk bombs (a sparse
+//! entry declaring terabytes, a gzip bomb, too many files, an image over
+//! its size) are refused naming the limit, and leave nothing either.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 mod oci_layout;
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use oci_layout::{LayerTar, hdr, write_layout};
+use wrenn_node_agent::images::unpack::{Limit, Limits};
 use wrenn_node_agent::images::{
     Error, GUEST_PATH, ImageCache, LocalImage, TemplateDisk, TemplateRequest,
 };
@@ -421,4 +424,295 @@ fn too_small_a_disk_is_a_clear_error() {
         .unwrap_err();
     assert!(matches!(err, Error::Mkfs { .. }), "{err}");
     assert!(leftovers(&cache_dir).is_empty());
+}
+
+/// Builds `layers` as a layout under `dir` into a fresh cache with
+/// `limits`; returns the error and the cache directory.
+fn build_refused(
+    dir: &Path,
+    layers: &[(Vec<u8>, bool)],
+    limits: Limits,
+) -> (Error, PathBuf, std::time::Duration) {
+    let layout = dir.join("layout");
+    write_layout(&layout, layers);
+    let cache_dir = dir.join("cache");
+    let cache = ImageCache::open(&cache_dir).unwrap().with_limits(limits);
+    let started = std::time::Instant::now();
+    let err = cache
+        .ensure_template(&TemplateRequest {
+            image: LocalImage::Layout {
+                dir: layout,
+                tag: None,
+            },
+            guest_binary: guest_binary(dir),
+            size_bytes: 64 * MIB,
+        })
+        .unwrap_err();
+    (err, cache_dir, started.elapsed())
+}
+
+/// Everything under `cache` other than lock files: a refused build must
+/// leave none of it.
+fn anything_left(cache: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![cache.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+            if !e.file_name().to_string_lossy().ends_with(".lock") {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// A GNU sparse entry storing one byte and declaring `real_size` bytes:
+/// unpacked naively, it writes `real_size` bytes of zeros.
+fn sparse_bomb(path: &str, real_size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_path(path).unwrap();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(512);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.sparse[0].set_offset(real_size - 512);
+    gnu.sparse[0].set_length(512);
+    gnu.set_real_size(real_size);
+    h.set_cksum();
+    let mut v = h.as_bytes().to_vec();
+    v.extend_from_slice(&[b'x'; 512]);
+    v.extend_from_slice(&[0; 1024]);
+    v
+}
+
+/// Node filesystem space the test directory's filesystem has left.
+fn free_bytes(dir: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(dir).unwrap();
+    s.blocks_available() * s.fragment_size()
+}
+
+#[test]
+fn a_sparse_tar_bomb_is_refused_before_a_byte_is_written() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "a_sparse_tar_bomb_is_refused_before_a_byte_is_written",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 4 TiB declared, 512 bytes stored: a 2 KiB layer.
+    let bomb = sparse_bomb("var/lib/bomb.img", 4 << 40);
+    let free = free_bytes(dir.path());
+    let (err, cache, took) = build_refused(
+        dir.path(),
+        &[(good_layers().remove(0).0, true), (bomb, true)],
+        Limits::default(),
+    );
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(
+            err,
+            Error::OverLimit {
+                limit: Limit::LayerBytes,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("var/lib/bomb.img")
+            && text.contains("--image-max-layer-bytes")
+            && text.contains("4.0 TiB"),
+        "{text}"
+    );
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    assert!(
+        anything_left(&cache).is_empty(),
+        "{:?}",
+        anything_left(&cache)
+    );
+    // Not a block of zeros reached the disk (other tests write meanwhile:
+    // a little slack).
+    assert!(free_bytes(dir.path()) + (256 << 20) >= free);
+}
+
+#[test]
+fn a_gzip_bomb_layer_is_stopped_by_the_ratio_limit() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "a_gzip_bomb_layer_is_stopped_by_the_ratio_limit",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // One 256 MiB file of zeros in a tar, gzipped to a few hundred KiB:
+    // under every size limit, about 1000:1.
+    let size: u64 = 256 << 20;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    {
+        let mut t = tar::Builder::new(&mut gz);
+        let mut h = hdr(tar::EntryType::Regular, 0o644, 0);
+        h.set_size(size);
+        t.append_data(
+            &mut h,
+            "zeros",
+            std::io::Read::take(std::io::repeat(0), size),
+        )
+        .unwrap();
+        t.finish().unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+    let layout = dir.path().join("layout");
+    // Stored as is: the layout marks it gzip by media type.
+    let blob_digest = oci_layout::put_blob(&layout, &bomb);
+    let config = oci_layout::put_blob(&layout, b"{}");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob_digest, "size": bomb.len()}],
+    }))
+    .unwrap();
+    let md = oci_layout::put_blob(&layout, &manifest);
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len()}
+        ]}))
+        .unwrap(),
+    )
+    .unwrap();
+    let cache_dir = dir.path().join("cache");
+    let err = ImageCache::open(&cache_dir)
+        .unwrap()
+        .ensure_template(&TemplateRequest {
+            image: LocalImage::Layout {
+                dir: layout,
+                tag: None,
+            },
+            guest_binary: guest_binary(dir.path()),
+            size_bytes: 64 * MIB,
+        })
+        .unwrap_err();
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(
+            err,
+            Error::OverLimit {
+                limit: Limit::Ratio,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("--image-max-ratio"), "{text}");
+    assert!(anything_left(&cache_dir).is_empty());
+}
+
+#[test]
+fn a_layer_with_too_many_files_is_refused() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "a_layer_with_too_many_files_is_refused",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::default().dir("many");
+    for i in 0..2000 {
+        t = t.file(&format!("many/f{i}"), b"", 0o644, 0);
+    }
+    let (err, cache, _) = build_refused(
+        dir.path(),
+        &[(t.finish(), true)],
+        Limits {
+            files: 1000,
+            ..Limits::default()
+        },
+    );
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(
+            err,
+            Error::OverLimit {
+                limit: Limit::Files,
+                value: 1001,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("--image-max-files") && text.contains("1000 entries"),
+        "{text}"
+    );
+    assert!(
+        anything_left(&cache).is_empty(),
+        "{:?}",
+        anything_left(&cache)
+    );
+}
+
+#[test]
+fn an_image_over_the_per_image_limit_is_refused_across_layers() {
+    let Some(_case) = need_tools(wrenn_testkit::case(
+        Tier::Host,
+        "an_image_over_the_per_image_limit_is_refused_across_layers",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Each layer alone is within the per-layer limit; together they are not.
+    let noise = |seed: u8| -> Vec<u8> {
+        (0..3 * MIB as usize)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect()
+    };
+    let layers = [1u8, 2, 3].map(|s| {
+        (
+            LayerTar::default()
+                .file(&format!("blob{s}"), &noise(s), 0o644, 0)
+                .finish(),
+            true,
+        )
+    });
+    let (err, cache, _) = build_refused(
+        dir.path(),
+        &layers,
+        Limits {
+            layer_bytes: 4 * MIB,
+            image_bytes: 8 * MIB,
+            ..Limits::default()
+        },
+    );
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(
+            err,
+            Error::OverLimit {
+                limit: Limit::ImageBytes,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("--image-max-bytes") && text.contains("8.0 MiB"),
+        "{text}"
+    );
+    assert!(
+        anything_left(&cache).is_empty(),
+        "{:?}",
+        anything_left(&cache)
+    );
 }

@@ -1,19 +1,24 @@
 //! The registry path: `pull_to_layout` against a minimal in-process
 //! registry (OCI distribution API over plain HTTP on 127.0.0.1), then the
 //! pulled layout builds a template like any local one. A blob served with
-//! the wrong content is refused.
+//! the wrong content is refused; so is a registry that sends more bytes
+//! than a descriptor declares, or a manifest whose descriptors are over the
+//! node's limits (before any blob is fetched), and the pull leaves nothing.
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use wrenn_node_agent::images::unpack::{Limit, Limits};
 use wrenn_node_agent::images::{
-    Error, ImageCache, LocalImage, PullOptions, TemplateRequest, pull_to_layout,
+    Error, ImageCache, ImageSource, LocalImage, PullOptions, TemplateBuilder, TemplateRequest,
+    TemplateSettings, pull_to_layout, quota,
 };
 use wrenn_testkit::Tier;
 
@@ -46,11 +51,34 @@ fn layer() -> Vec<u8> {
 struct Registry {
     manifest: Vec<u8>,
     blobs: HashMap<String, Vec<u8>>,
+    /// Blob requests answered.
+    blob_gets: AtomicUsize,
+}
+
+/// How the test registry lies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// As the manifest says.
+    Honest,
+    /// The layer with a flipped byte.
+    Corrupt,
+    /// The layer followed by this many more bytes than its descriptor says.
+    Longer(usize),
 }
 
 fn image(corrupt_layer: bool) -> (Registry, String) {
+    image_with(
+        layer(),
+        if corrupt_layer {
+            Served::Corrupt
+        } else {
+            Served::Honest
+        },
+    )
+}
+
+fn image_with(layer: Vec<u8>, served: Served) -> (Registry, String) {
     let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#.to_vec();
-    let layer = layer();
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -61,16 +89,29 @@ fn image(corrupt_layer: bool) -> (Registry, String) {
     let md = digest(&manifest);
     let mut blobs = HashMap::new();
     blobs.insert(digest(&config), config);
-    let served = if corrupt_layer {
-        let mut l = layer.clone();
-        let n = l.len();
-        l[n - 9] ^= 0xff;
-        l
-    } else {
-        layer.clone()
+    let bytes = match served {
+        Served::Honest => layer.clone(),
+        Served::Corrupt => {
+            let mut l = layer.clone();
+            let n = l.len();
+            l[n - 9] ^= 0xff;
+            l
+        }
+        Served::Longer(extra) => {
+            let mut l = layer.clone();
+            l.resize(l.len() + extra, b'!');
+            l
+        }
     };
-    blobs.insert(digest(&layer), served);
-    (Registry { manifest, blobs }, md)
+    blobs.insert(digest(&layer), bytes);
+    (
+        Registry {
+            manifest,
+            blobs,
+            blob_gets: AtomicUsize::new(0),
+        },
+        md,
+    )
 }
 
 async fn serve(listener: TcpListener, reg: Arc<Registry>) {
@@ -106,6 +147,7 @@ async fn serve(listener: TcpListener, reg: Arc<Registry>) {
                     md,
                 )
             } else if let Some(d) = path.split("/blobs/").nth(1) {
+                reg.blob_gets.fetch_add(1, Ordering::Relaxed);
                 match reg.blobs.get(d) {
                     Some(b) => (
                         "200 OK",
@@ -136,10 +178,16 @@ async fn serve(listener: TcpListener, reg: Arc<Registry>) {
 }
 
 async fn start(reg: Registry) -> (String, tokio::task::JoinHandle<()>) {
+    let (addr, task, _) = start_shared(reg).await;
+    (addr, task)
+}
+
+async fn start_shared(reg: Registry) -> (String, tokio::task::JoinHandle<()>, Arc<Registry>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let task = tokio::spawn(serve(listener, Arc::new(reg)));
-    (addr, task)
+    let reg = Arc::new(reg);
+    let task = tokio::spawn(serve(listener, reg.clone()));
+    (addr, task, reg)
 }
 
 #[tokio::test]
@@ -157,6 +205,7 @@ async fn registry_pull_builds_a_template() {
     let opts = PullOptions {
         auth: None,
         insecure_registries: vec![addr.clone()],
+        limits: Limits::default(),
     };
     let reference = format!("{addr}/wrenn/test:latest");
     let got = pull_to_layout(&reference, &layout, &opts).await.unwrap();
@@ -199,6 +248,7 @@ async fn registry_blob_with_wrong_content_is_refused() {
     let opts = PullOptions {
         auth: None,
         insecure_registries: vec![addr.clone()],
+        limits: Limits::default(),
     };
     let err = pull_to_layout(&format!("{addr}/wrenn/test:latest"), &layout, &opts)
         .await
@@ -217,4 +267,120 @@ async fn registry_blob_with_wrong_content_is_refused() {
         .collect();
     assert!(partial.is_empty());
     assert!(!Path::new(&layout.join("index.json")).exists());
+}
+
+/// Everything under `dir` (files and directories), to show a refused pull
+/// left nothing.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            out.push(e.path().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn builder(dir: &Path, addr: &str, limits: Limits) -> TemplateBuilder {
+    let guest = dir.join("wrenn-guest");
+    std::fs::write(&guest, b"guest").unwrap();
+    TemplateBuilder::new(TemplateSettings {
+        cache_dir: dir.join("images"),
+        guest_binary: guest,
+        pull: PullOptions {
+            auth: None,
+            insecure_registries: vec![addr.to_string()],
+            limits,
+        },
+        cache_max_bytes: quota::DEFAULT_MAX_BYTES,
+    })
+}
+
+#[tokio::test]
+async fn a_registry_sending_more_than_the_descriptor_is_cut_off() {
+    let _case = wrenn_testkit::case(
+        Tier::Host,
+        "a_registry_sending_more_than_the_descriptor_is_cut_off",
+    );
+    // 64 MiB more than the descriptor's size: a registry that would fill
+    // the node's disk with a "layer".
+    let (reg, _) = image_with(layer(), Served::Longer(64 << 20));
+    let (addr, server, _) = start_shared(reg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = builder(dir.path(), &addr, Limits::default());
+    let source = ImageSource::parse(&format!("{addr}/wrenn/liar:latest")).unwrap();
+    let err = b.ensure(&source, 32 << 20).await.unwrap_err();
+    server.abort();
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(
+            err,
+            Error::OverLimit {
+                limit: Limit::DescriptorSize,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(text.contains("descriptor declares"), "{text}");
+    // The pull's layout, its partial blob and the cache entry are gone.
+    let left = tree(&dir.path().join("images"));
+    assert!(left.iter().all(|p| p.ends_with("/pulls")), "{left:?}");
+}
+
+#[tokio::test]
+async fn descriptors_over_the_limits_are_refused_before_any_blob_is_fetched() {
+    let _case = wrenn_testkit::case(
+        Tier::Host,
+        "descriptors_over_the_limits_are_refused_before_any_blob_is_fetched",
+    );
+    let big = {
+        let mut b = tar::Builder::new(Vec::new());
+        let data: Vec<u8> = (0..(2 << 20)).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "big", &data[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let (reg, _) = image_with(big, Served::Honest);
+    let (addr, server, reg) = start_shared(reg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        layer_compressed_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let b = builder(dir.path(), &addr, limits);
+    let source = ImageSource::parse(&format!("{addr}/wrenn/big:latest")).unwrap();
+    let err = b.ensure(&source, 32 << 20).await.unwrap_err();
+    server.abort();
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(
+            err,
+            Error::OverLimit {
+                limit: Limit::LayerCompressed,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("--image-max-layer-compressed-bytes"),
+        "{text}"
+    );
+    assert_eq!(reg.blob_gets.load(Ordering::Relaxed), 0);
+    let left = tree(&dir.path().join("images"));
+    assert!(left.iter().all(|p| p.ends_with("/pulls")), "{left:?}");
 }

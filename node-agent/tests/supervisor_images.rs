@@ -3,7 +3,10 @@
 //! `mkfs.ext4`), each capsule gets a real qcow2 overlay over it, and the
 //! VMM and network are the recording fakes. Checks that the second
 //! capsule hits the cache, that concurrent capsules of one image build it
-//! once, and that a hostile image fails with its cause and leaves nothing.
+//! once, that a hostile image fails with its cause and leaves nothing, and
+//! that the cache keeps to its quota by dropping the least recently used
+//! template no capsule uses, and refuses a build when only used ones are
+//! left.
 #![allow(clippy::unwrap_used)]
 
 mod oci_layout;
@@ -17,7 +20,9 @@ use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, Error, Host, ImageTemplate, Resources, State, Supervisor,
     SupervisorConfig,
 };
-use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
+use wrenn_node_agent::images::{
+    ImageCache, LocalImage, PullOptions, TemplateBuilder, TemplateRequest, TemplateSettings, quota,
+};
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig, qcow2};
 use wrenn_node_agent::vmm::{FakeMachine, Step};
@@ -33,6 +38,10 @@ struct Bed {
 
 impl Bed {
     fn new() -> Self {
+        Self::with_quota(quota::DEFAULT_MAX_BYTES)
+    }
+
+    fn with_quota(cache_max_bytes: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let guest = dir.path().join("wrenn-guest");
         std::fs::write(&guest, b"#!/bin/sh\n").unwrap();
@@ -43,6 +52,7 @@ impl Bed {
             cache_dir: dir.path().join("images"),
             guest_binary: guest,
             pull: PullOptions::default(),
+            cache_max_bytes,
         }));
         let sup = Supervisor::new(
             Host {
@@ -237,4 +247,109 @@ async fn a_hostile_image_fails_with_its_cause_and_leaves_nothing() {
         "{disks:?} {scratch:?}"
     );
     assert!(!b.dir.path().join("agent/capsules/bad").exists());
+}
+
+/// A layout whose one layer holds 8 MiB that do not compress.
+fn sized_layout(dir: &Path, name: &str, seed: u32) -> PathBuf {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    let data: Vec<u8> = (0..8 * MIB as usize)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let layout = dir.join(name);
+    let layer = LayerTar::default().file("data", &data, 0o644, 0).finish();
+    write_layout(&layout, &[(layer, true)]);
+    layout
+}
+
+fn age(path: &Path) {
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::open(path)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_accessed(hour_ago))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_cache_drops_unused_templates_first_and_refuses_when_all_are_used() {
+    let Some(_case) = ready("the_cache_drops_unused_templates_first_and_refuses_when_all_are_used")
+    else {
+        return;
+    };
+    // What one such template costs in the cache, measured.
+    let scratch = tempfile::tempdir().unwrap();
+    let guest = scratch.path().join("g");
+    std::fs::write(&guest, b"#!/bin/sh\n").unwrap();
+    let cache_dir = scratch.path().join("cache");
+    ImageCache::open(&cache_dir)
+        .unwrap()
+        .ensure_template(&TemplateRequest {
+            image: LocalImage::Layout {
+                dir: sized_layout(scratch.path(), "calibrate", 9),
+                tag: None,
+            },
+            guest_binary: guest,
+            size_bytes: 64 * MIB,
+        })
+        .unwrap();
+    let one = quota::allocated(&cache_dir);
+    // Room for two and a half.
+    let b = Bed::with_quota(one * 5 / 2);
+    let spec = |name: &str, seed| {
+        let mut s = b.spec(&sized_layout(b.dir.path(), name, seed));
+        s.name = name.into();
+        s
+    };
+
+    let used = spec("used", 1);
+    let unused = spec("unused", 2);
+    b.sup.create("c-used", used, State::Running).await.unwrap();
+    b.sup
+        .create("c-unused", unused, State::Running)
+        .await
+        .unwrap();
+    assert!(b.sup.delete("c-unused").await.unwrap());
+    let (disks, _) = b.cache();
+    assert_eq!(disks.len(), 2, "{disks:?}");
+    let used_disk = PathBuf::from(
+        qcow2::read_info(&b.overlay("c-used"))
+            .unwrap()
+            .backing_file
+            .unwrap(),
+    );
+    let unused_disk = disks.iter().find(|d| **d != used_disk).unwrap().clone();
+    // Both were last used an hour ago; only one still is.
+    age(&used_disk);
+    age(&unused_disk);
+
+    // A third image: the unused template goes, the used one stays.
+    b.sup
+        .create("c-third", spec("third", 3), State::Running)
+        .await
+        .unwrap();
+    let (disks, scratch_left) = b.cache();
+    assert!(scratch_left.is_empty(), "{scratch_left:?}");
+    assert!(disks.contains(&used_disk), "{disks:?}");
+    assert!(!unused_disk.exists(), "the unused template stayed");
+    assert_eq!(disks.len(), 2, "{disks:?}");
+
+    // A fourth: every template left is in use, so it is refused and its
+    // disk goes again.
+    let err = b
+        .sup
+        .create("c-fourth", spec("fourth", 4), State::Running)
+        .await
+        .unwrap_err();
+    let chain = err.chain();
+    eprintln!("{chain}");
+    assert!(chain.contains("--image-cache-max-bytes"), "{chain}");
+    let (after, scratch_left) = b.cache();
+    assert_eq!(after, disks, "the refused build left its disk");
+    assert!(scratch_left.is_empty(), "{scratch_left:?}");
+    assert!(b.sup.get("c-fourth").is_err());
+    assert!(quota::allocated(&b.dir.path().join("images")) <= one * 5 / 2);
 }

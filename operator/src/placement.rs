@@ -34,6 +34,18 @@ pub struct NodeView {
     pub snapshots: BTreeSet<String>,
     /// Capsules on this node (running or placed), for spreading.
     pub capsules: usize,
+    /// The node's quota for its image cache, snapshots and suspend images
+    /// (0: none), and what those hold.
+    pub disk_quota: DiskQuota,
+}
+
+/// A node's disk quota as its agent reported it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskQuota {
+    /// Bytes allowed; 0 when the agent reports none.
+    pub quota: u64,
+    /// Bytes held.
+    pub used: u64,
 }
 
 /// What a capsule needs from a node.
@@ -100,6 +112,14 @@ pub enum Rejection {
     },
     /// The node should hold the snapshot but its agent does not list it.
     SnapshotMissing,
+    /// The node's image cache, snapshots and suspend images fill its disk
+    /// quota: a capsule there could not be suspended or snapshotted.
+    DiskQuotaExceeded {
+        /// Bytes held.
+        used: u64,
+        /// The quota.
+        quota: u64,
+    },
     /// Not enough of one resource after reservations.
     Insufficient {
         /// `vcpus`, `memory` or `disk`.
@@ -130,6 +150,13 @@ impl fmt::Display for Rejection {
             }
             Rejection::SnapshotElsewhere { node } => write!(f, "snapshot is on node {node}"),
             Rejection::SnapshotMissing => f.write_str("snapshot files missing on the node"),
+            Rejection::DiskQuotaExceeded { used, quota } => write!(
+                f,
+                "{}: images, snapshots and suspend images hold {} of the node's {} quota",
+                wrenn_crds::names::reason::DISK_QUOTA_EXCEEDED,
+                format_bytes(*used),
+                format_bytes(*quota)
+            ),
             Rejection::Insufficient { what, need, free } if *what == "vcpus" => {
                 write!(f, "not enough vcpus (need {need}, free {free})")
             }
@@ -211,6 +238,13 @@ pub fn plan_filter(req: &Request<'_>, node: &NodeView) -> Result<bool, Rejection
         && !t.preparable
     {
         return Err(Rejection::TemplateUnavailable);
+    }
+    let q = node.disk_quota;
+    if q.quota > 0 && q.used >= q.quota {
+        return Err(Rejection::DiskQuotaExceeded {
+            used: q.used,
+            quota: q.quota,
+        });
     }
     let free = node.free.minus(node.reserved);
     let need = req.resources;
@@ -499,5 +533,33 @@ mod tests {
             err.to_string(),
             "0/1 nodes fit: a: not enough disk (need 2Gi, free 1Gi)"
         );
+    }
+
+    #[test]
+    fn a_node_over_its_disk_quota_is_refused_with_the_reason() {
+        let mut full = node("full");
+        full.disk_quota = DiskQuota {
+            quota: 100 * GI,
+            used: 100 * GI,
+        };
+        let mut roomy = node("roomy");
+        roomy.free.vcpus = 2; // busier, yet the only fit
+        roomy.disk_quota = DiskQuota {
+            quota: 100 * GI,
+            used: 99 * GI,
+        };
+        assert_eq!(
+            plan_placement(&small(), &[full.clone(), roomy]).unwrap(),
+            "roomy"
+        );
+        let err = plan_placement(&small(), &[full.clone()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/1 nodes fit: full: DiskQuotaExceeded: images, snapshots and suspend images \
+             hold 100Gi of the node's 100Gi quota"
+        );
+        // No quota reported (an older agent): no refusal.
+        full.disk_quota.quota = 0;
+        assert_eq!(plan_placement(&small(), &[full]).unwrap(), "full");
     }
 }

@@ -319,6 +319,10 @@ impl AgentPool {
                         .map(|i| i.snapshots.iter().cloned().collect())
                         .unwrap_or_default(),
                     capsules: count,
+                    disk_quota: crate::placement::DiskQuota {
+                        quota: info.map_or(0, |i| i.disk_quota_bytes),
+                        used: info.map_or(0, |i| i.disk_quota_used_bytes),
+                    },
                 }
             })
             .collect();

@@ -88,6 +88,20 @@ impl<M: Machine + 'static> Shared<M> {
     /// The base directories reached from capsule records and snapshots;
     /// `None` when a journal is unreadable.
     fn used_bases(&self, root: &Path) -> Option<BTreeSet<PathBuf>> {
+        let used = self
+            .reached_disks()?
+            .into_iter()
+            .filter_map(|at| {
+                let first = at.strip_prefix(root).ok()?.components().next()?;
+                Some(root.join(first))
+            })
+            .collect();
+        Some(used)
+    }
+
+    /// Every disk a capsule record or a snapshot names, and every file
+    /// their backing chains reach; `None` when a journal is unreadable.
+    fn reached_disks(&self) -> Option<Vec<PathBuf>> {
         let mut starts = Vec::new();
         for (_, rec) in self.journal.list::<Record>().ok()? {
             let rec = rec.ok()?;
@@ -105,15 +119,11 @@ impl<M: Machine + 'static> Shared<M> {
                 starts.push(snap.path().join(name));
             }
         }
-        let mut used = BTreeSet::new();
+        let mut reached = Vec::new();
         for start in starts {
             let mut at = start;
             for _ in 0..MAX_CHAIN {
-                if let Ok(rel) = at.strip_prefix(root)
-                    && let Some(first) = rel.components().next()
-                {
-                    used.insert(root.join(first));
-                }
+                reached.push(at.clone());
                 match crate::storage::qcow2::read_info(&at) {
                     Ok(info) => match info.backing_file {
                         Some(next) => at = PathBuf::from(next),
@@ -123,6 +133,14 @@ impl<M: Machine + 'static> Shared<M> {
                 }
             }
         }
-        Some(used)
+        Some(reached)
+    }
+}
+
+/// The image cache keeps every template disk a capsule or snapshot
+/// reaches.
+impl<M: Machine + 'static> crate::images::CacheUsers for Shared<M> {
+    fn in_use(&self) -> Option<Vec<PathBuf>> {
+        self.reached_disks()
     }
 }

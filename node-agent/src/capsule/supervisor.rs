@@ -132,6 +132,7 @@ impl SupervisorConfig {
                     // Where the node-agent container image carries it.
                     guest_binary: PathBuf::from("/opt/wrenn/share/wrenn-guest"),
                     pull: crate::images::PullOptions::default(),
+                    cache_max_bytes: crate::images::quota::DEFAULT_MAX_BYTES,
                 },
             )),
             warm_builds: 1,
@@ -344,21 +345,25 @@ impl<M: Machine + 'static> Supervisor<M> {
     pub fn new(host: Host<M>, cfg: SupervisorConfig) -> Self {
         let backend = host.machine.info();
         let templates = super::prepare::Registry::new(&cfg.state_dir, cfg.warm_builds);
-        Self {
-            shared: Arc::new(Shared {
-                layout: Layout::new(&cfg.state_dir),
-                journal: Journal::new(&cfg.state_dir),
-                bus: EventBus::starting_now(cfg.event_history),
-                backend,
-                host,
-                cfg,
-                capsules: Mutex::new(BTreeMap::new()),
-                tasks: Mutex::new(Vec::new()),
-                templates,
-                bases: Mutex::new(()),
-                quarantine: crate::state::Quarantine::default(),
-            }),
-        }
+        let shared = Arc::new(Shared {
+            layout: Layout::new(&cfg.state_dir),
+            journal: Journal::new(&cfg.state_dir),
+            bus: EventBus::starting_now(cfg.event_history),
+            backend,
+            host,
+            cfg,
+            capsules: Mutex::new(BTreeMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            templates,
+            bases: Mutex::new(()),
+            quarantine: crate::state::Quarantine::default(),
+        });
+        // The image cache drops no template disk this supervisor's
+        // capsules or snapshots reach.
+        let weak = Arc::downgrade(&shared);
+        let users: std::sync::Weak<dyn crate::images::CacheUsers> = weak;
+        shared.cfg.templates.set_users(users);
+        Self { shared }
     }
 
     /// The layout of the state directory.
@@ -1254,11 +1259,10 @@ impl<M: Machine + 'static> Shared<M> {
                 // the agent log, or the cause is gone with it.
                 let mut view = self.host.machine.diagnose(vm).await;
                 if view.is_empty() {
-                    let console = self.layout.run_dir(&rec.uid).join("console.log");
-                    if let Ok(text) = std::fs::read_to_string(&console) {
-                        let lines: Vec<&str> = text.lines().collect();
-                        view = lines[lines.len().saturating_sub(25)..].join("\n");
-                    }
+                    // Only the tail: the guest decides how much it printed.
+                    let text = crate::vmm::logs::console_tail(&self.layout.run_dir(&rec.uid), 16 << 10);
+                    let lines: Vec<&str> = text.lines().collect();
+                    view = lines[lines.len().saturating_sub(25)..].join("\n");
                 }
                 tracing::error!(capsule = %rec.uid, error = %e.chain(), "guest agent never answered; the host's view:\n{view}");
                 return Err(e);

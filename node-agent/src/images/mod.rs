@@ -29,6 +29,7 @@
 //! kept. Storage of capsule disks is `storage`'s job.
 
 pub mod oci;
+pub mod quota;
 mod registry;
 mod source;
 mod templates;
@@ -43,9 +44,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
-pub use registry::{PullOptions, pull_to_layout};
+pub use registry::{PullOptions, check_descriptors, pull_to_layout};
 pub use source::ImageSource;
-pub use templates::{TemplateBuilder, TemplateSettings};
+pub use templates::{CacheUsers, TemplateBuilder, TemplateSettings};
 
 /// Where `wrenn-guest` lives inside every template. It is outside every
 /// distribution's directories (no clash with the image's `/sbin`, which is
@@ -77,6 +78,40 @@ pub enum Error {
         /// Cause.
         #[source]
         source: io::Error,
+    },
+    /// An image goes over one of this node's [`unpack::Limits`].
+    #[error(
+        "refuse layer {layer}: {what} reaches {}, over the {limit} of {}",
+        limit.show(*value),
+        limit.show(*max)
+    )]
+    OverLimit {
+        /// Layer digest (or archive member).
+        layer: String,
+        /// Which limit.
+        limit: unpack::Limit,
+        /// What crossed it (the blob, the stream, an entry).
+        what: String,
+        /// How far it got.
+        value: u64,
+        /// The limit's value.
+        max: u64,
+    },
+    /// The image cache cannot take another template: the templates that
+    /// capsules and snapshots use (or that were used moments ago) fill it.
+    #[error(
+        "image cache {} holds {} of its {} quota (--image-cache-max-bytes) in templates still in use",
+        dir.display(),
+        unpack::show_bytes(*used),
+        unpack::show_bytes(*quota)
+    )]
+    CacheFull {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Bytes it holds.
+        used: u64,
+        /// The quota.
+        quota: u64,
     },
     /// Reading a layer stream failed.
     #[error("read layer {layer}")]
@@ -213,7 +248,10 @@ impl Error {
     /// Whether trying again later may succeed: the registry was
     /// unreachable or refused, rather than the image being unusable.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Pull { .. } | Error::Lock { .. })
+        matches!(
+            self,
+            Error::Pull { .. } | Error::Lock { .. } | Error::CacheFull { .. }
+        )
     }
 }
 
@@ -269,6 +307,7 @@ pub struct TemplateDisk {
 #[derive(Clone, Debug)]
 pub struct ImageCache {
     dir: PathBuf,
+    limits: unpack::Limits,
 }
 
 /// Removes a scratch path when dropped.
@@ -281,6 +320,15 @@ impl Drop for Scratch {
             Ok(_) => fs::remove_file(&self.0),
             Err(_) => Ok(()),
         };
+    }
+}
+
+/// Removes a directory when dropped, if it is empty by then.
+struct RemoveIfEmpty(PathBuf);
+
+impl Drop for RemoveIfEmpty {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
     }
 }
 
@@ -319,7 +367,16 @@ impl ImageCache {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(scratch_err(&dir))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            limits: unpack::Limits::default(),
+        })
+    }
+
+    /// The same cache, building images under `limits`.
+    pub fn with_limits(mut self, limits: unpack::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Makes the template disk for `req` exist and returns it. Blocking;
@@ -347,8 +404,18 @@ impl ImageCache {
                     path: path.clone(),
                     source,
                 })?;
-                // The archive gets the same checks as a layer.
-                unpack::apply_layer(&out, io::BufReader::new(file), &path.display().to_string())?;
+                // The archive gets the same checks as a layer, and holds
+                // at most an image's worth of layers.
+                let l = self.limits;
+                let budget = unpack::Budget::new(unpack::Limits {
+                    layer_bytes: l.image_bytes,
+                    layer_compressed_bytes: l.image_bytes,
+                    image_compressed_bytes: l.image_bytes,
+                    ..l
+                });
+                let name = path.display().to_string();
+                budget.start_layer(&name, None)?;
+                unpack::apply_layer(&out, io::BufReader::new(file), &name, &budget)?;
                 let resolved = oci::resolve_docker_dir(&out, tag.as_deref())?;
                 _archive_scratch = Some(guard);
                 (path.clone(), resolved)
@@ -390,6 +457,8 @@ impl ImageCache {
 
         let started = std::time::Instant::now();
         fs::create_dir_all(&entry).map_err(scratch_err(&entry))?;
+        // Dropped after `_work`: a failed first build leaves no entry.
+        let _entry = RemoveIfEmpty(entry.clone());
         let work = entry.join(format!(".build-{}", unique_suffix()));
         let _work = Scratch(work.clone());
         let root = work.join("rootfs");
@@ -398,8 +467,9 @@ impl ImageCache {
             .map_err(scratch_err(&root))?;
 
         let mut bytes = 0;
+        let budget = unpack::Budget::new(self.limits);
         for layer in &resolved.layers {
-            bytes += oci::apply_blob(&root, layer)?.bytes;
+            bytes += oci::apply_blob(&root, layer, &budget)?.bytes;
         }
         inject_guest(&root, &req.guest_binary)?;
         let tmp = work.join("rootfs.ext4");

@@ -315,20 +315,36 @@ impl<R: Read> Read for Hashing<R> {
 
 /// Applies `layer` onto `root`: detects gzip by its magic bytes (Docker
 /// archives hold plain tars whatever their names say), refuses zstd, and
-/// checks the blob's digest once it has been read to the end.
-pub fn apply_blob(root: &Path, layer: &Layer) -> Result<super::unpack::LayerStats, Error> {
+/// checks the blob's digest once it has been read to the end. Every byte,
+/// trailing garbage included, is charged to `budget`.
+pub fn apply_blob(
+    root: &Path,
+    layer: &Layer,
+    budget: &super::unpack::Budget,
+) -> Result<super::unpack::LayerStats, Error> {
+    use super::unpack::Side;
     let file = File::open(&layer.path).map_err(|source| Error::ReadImage {
         path: layer.path.clone(),
         source,
     })?;
-    let read_err = |source| Error::ReadLayer {
-        layer: layer.id.clone(),
-        source,
+    let stored = file
+        .metadata()
+        .map_err(|source| Error::ReadImage {
+            path: layer.path.clone(),
+            source,
+        })?
+        .len();
+    budget.start_layer(&layer.id, Some(stored))?;
+    let read_err = |source| {
+        budget.or_over(Error::ReadLayer {
+            layer: layer.id.clone(),
+            source,
+        })
     };
     let mut hashed = BufReader::with_capacity(
         1 << 20,
         Hashing {
-            inner: file,
+            inner: budget.meter(Side::Compressed, file),
             hash: Sha256::new(),
         },
     );
@@ -340,8 +356,9 @@ pub fn apply_blob(root: &Path, layer: &Layer) -> Result<super::unpack::LayerStat
     let stats = match magic.as_deref() {
         Some([0x1f, 0x8b, ..]) => {
             let mut gz = flate2::read::MultiGzDecoder::new(&mut hashed);
-            let stats = super::unpack::apply_layer(root, &mut gz, &layer.id)?;
-            io::copy(&mut gz, &mut io::sink()).map_err(read_err)?;
+            let stats = super::unpack::apply_layer(root, &mut gz, &layer.id, budget)?;
+            io::copy(&mut budget.meter(Side::Unpacked, &mut gz), &mut io::sink())
+                .map_err(read_err)?;
             stats
         }
         Some([0x28, 0xb5, 0x2f, 0xfd]) => {
@@ -350,7 +367,7 @@ pub fn apply_blob(root: &Path, layer: &Layer) -> Result<super::unpack::LayerStat
                 compression: "zstd",
             });
         }
-        _ => super::unpack::apply_layer(root, &mut hashed, &layer.id)?,
+        _ => super::unpack::apply_layer(root, &mut hashed, &layer.id, budget)?,
     };
     io::copy(&mut hashed, &mut io::sink()).map_err(read_err)?;
     if let Some(want) = &layer.verify {

@@ -3,8 +3,15 @@
 //! manifest is chosen for this host's platform; every blob is checked
 //! against its digest before it is renamed into the layout, and blobs
 //! already present are not fetched again.
+//!
+//! Sizes are bounded before anything is written: every descriptor must be
+//! within the node's compressed [`Limits`], and a download stops (and its
+//! partial file goes) as soon as the registry sends more bytes than the
+//! descriptor declares.
 
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
@@ -15,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Error;
 use super::oci::{Descriptor, Index, REF_NAME, digest_hex, sha256_digest};
+use super::unpack::{Limit, Limits};
 
 /// How to reach registries.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +31,92 @@ pub struct PullOptions {
     pub auth: Option<(String, String)>,
     /// Registries spoken to over plain HTTP (tests, local mirrors).
     pub insecure_registries: Vec<String>,
+    /// Bounds on what a pull may download (the compressed ones apply).
+    pub limits: Limits,
+}
+
+fn over(layer: &str, limit: Limit, what: &str, value: u64, max: u64) -> Error {
+    Error::OverLimit {
+        layer: layer.to_string(),
+        limit,
+        what: what.to_string(),
+        value,
+        max,
+    }
+}
+
+/// Refuses a manifest whose blobs are over `limits` by their descriptors,
+/// before any of them is fetched.
+pub fn check_descriptors(
+    config: &oci_client::manifest::OciDescriptor,
+    layers: &[oci_client::manifest::OciDescriptor],
+    limits: &Limits,
+) -> Result<(), Error> {
+    let mut total: u64 = 0;
+    for desc in std::iter::once(config).chain(layers) {
+        // A negative size is as much a lie as a large one.
+        let size = u64::try_from(desc.size).unwrap_or(u64::MAX);
+        if size > limits.layer_compressed_bytes {
+            return Err(over(
+                &desc.digest,
+                Limit::LayerCompressed,
+                "its descriptor",
+                size,
+                limits.layer_compressed_bytes,
+            ));
+        }
+        total = total.saturating_add(size);
+        if total > limits.image_compressed_bytes {
+            return Err(over(
+                &desc.digest,
+                Limit::ImageCompressed,
+                "the image's descriptors",
+                total,
+                limits.image_compressed_bytes,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A writer that takes at most `max` bytes and fails past them, so a
+/// registry cannot send more than the descriptor it is fetched by.
+struct Bounded<W> {
+    inner: W,
+    written: u64,
+    max: u64,
+    /// How many bytes were offered in all, once past `max`.
+    over: Option<u64>,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let offered = this.written.saturating_add(buf.len() as u64);
+        if offered > this.max {
+            this.over = Some(offered);
+            return Poll::Ready(Err(std::io::Error::other(
+                "the registry sent more bytes than the descriptor declares",
+            )));
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.written += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 fn pull_err(reference: &str) -> impl Fn(oci_client::errors::OciDistributionError) -> Error + '_ {
@@ -86,6 +180,7 @@ pub async fn pull_to_layout(
             actual: sha256_digest(&raw),
         });
     }
+    check_descriptors(&manifest.config, &manifest.layers, &opts.limits)?;
     let blobs = dir.join("blobs/sha256");
     tokio::fs::create_dir_all(&blobs)
         .await
@@ -101,15 +196,37 @@ pub async fn pull_to_layout(
             continue;
         }
         let tmp = blobs.join(format!("{}.partial", digest_hex(&desc.digest)?));
-        let mut file = tokio::fs::File::create(&tmp)
+        let file = tokio::fs::File::create(&tmp)
             .await
             .map_err(write_err(&tmp))?;
+        let mut bounded = Bounded {
+            inner: file,
+            written: 0,
+            max: u64::try_from(desc.size).unwrap_or(0),
+            over: None,
+        };
         let pulled = client
-            .pull_blob(&pinned, desc, &mut file)
+            .pull_blob(&pinned, desc, &mut bounded)
             .await
             .map_err(pull_err(reference));
-        let flushed = file.flush().await.map_err(write_err(&tmp));
+        let flushed = bounded.flush().await.map_err(write_err(&tmp));
+        let Bounded {
+            inner: file,
+            over: sent,
+            max,
+            ..
+        } = bounded;
         drop(file);
+        let pulled = match sent {
+            Some(n) => Err(over(
+                &desc.digest,
+                Limit::DescriptorSize,
+                "what the registry sent",
+                n,
+                max,
+            )),
+            None => pulled,
+        };
         if let Err(e) = pulled.and(flushed) {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);

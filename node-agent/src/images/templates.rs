@@ -7,16 +7,24 @@
 //!
 //! Builds run on blocking threads and hold no capsule lock but the one of
 //! the capsule that asked, so a long build delays only that capsule.
+//!
+//! The cache keeps to `cache_max_bytes` ([`super::quota`]): before a pull
+//! and before a build it drops the least recently used template disks no
+//! capsule or snapshot uses ([`CacheUsers`]) and pulled layouts no pull
+//! holds; a build that cannot get under the quota is refused
+//! ([`Error::CacheFull`]), and one that went over it is removed again.
+//! Without a [`CacheUsers`] (no supervisor) no template disk is ever
+//! dropped.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use sha2::{Digest as _, Sha256};
 
 use super::{
     Error, ImageCache, ImageSource, LocalImage, PullOptions, TemplateDisk, TemplateRequest,
-    pull_to_layout,
+    pull_to_layout, quota,
 };
 
 /// Where templates are built and what goes into them.
@@ -26,17 +34,57 @@ pub struct TemplateSettings {
     pub cache_dir: PathBuf,
     /// `wrenn-guest`, injected into every template.
     pub guest_binary: PathBuf,
-    /// How to reach registries.
+    /// How to reach registries, and the [`Limits`](super::unpack::Limits)
+    /// every image is pulled and unpacked under.
     pub pull: PullOptions,
+    /// Quota of the whole cache (templates, pulled layouts, builds).
+    pub cache_max_bytes: u64,
+}
+
+/// Who tells the cache which template disks are in use: every disk a
+/// capsule record, a snapshot or a running build names, directly or
+/// through a chain of backing files. `None` when that cannot be known (a
+/// journal is unreadable): then nothing is dropped.
+pub trait CacheUsers: Send + Sync {
+    /// Paths in use.
+    fn in_use(&self) -> Option<Vec<PathBuf>>;
 }
 
 /// Builds (or finds) template disks. See the module docs.
-#[derive(Debug)]
 pub struct TemplateBuilder {
     settings: TemplateSettings,
+    state: Arc<CacheState>,
+}
+
+impl std::fmt::Debug for TemplateBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateBuilder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct CacheState {
     /// One pull-and-build at a time per pulled layout: `pull_to_layout`
     /// rewrites the layout's `index.json`, which a build reads.
     pulls: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Stamping a disk handed out and dropping one take turns, so a disk
+    /// is never dropped between the two.
+    handing: Mutex<()>,
+    users: Mutex<Option<Weak<dyn CacheUsers>>>,
+}
+
+/// What the cache must get to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Room {
+    /// Under the quota, before a pull or build (best effort: the image may
+    /// be cached already). A build in progress may take the cache over the
+    /// quota by at most one image's [`Limits`](super::unpack::Limits).
+    Before,
+    /// At most at the quota, with a finished build in it; else the build
+    /// is removed and refused.
+    After,
 }
 
 fn thread_lost(path: &std::path::Path) -> Error {
@@ -51,8 +99,13 @@ impl TemplateBuilder {
     pub fn new(settings: TemplateSettings) -> Self {
         Self {
             settings,
-            pulls: Mutex::new(HashMap::new()),
+            state: Arc::new(CacheState::default()),
         }
+    }
+
+    /// Names who keeps template disks in use; until then none is dropped.
+    pub fn set_users(&self, users: Weak<dyn CacheUsers>) {
+        *self.state.users.lock().unwrap_or_else(|p| p.into_inner()) = Some(users);
     }
 
     /// Its settings.
@@ -67,8 +120,18 @@ impl TemplateBuilder {
     }
 
     fn pull_lock(&self, dir: &std::path::Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.state.pulls.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(dir.to_path_buf()).or_default().clone()
+    }
+
+    /// [`make_room`] off the async runtime.
+    async fn room(&self, room: Room) -> Result<(), Error> {
+        let state = self.state.clone();
+        let dir = self.settings.cache_dir.clone();
+        let max = self.settings.cache_max_bytes;
+        tokio::task::spawn_blocking(move || make_room(&state, &dir, max, room))
+            .await
+            .map_err(|_| thread_lost(&self.settings.cache_dir))?
     }
 
     /// Makes the template disk of `source` at `size_bytes` exist and
@@ -86,6 +149,13 @@ impl TemplateBuilder {
                 let lock = self.pull_lock(&dir);
                 let _held = lock.lock().await;
                 let had_layout = dir.join("index.json").exists();
+                // Best effort: a pull of a cached image needs no room.
+                if let Err(e) = self.room(Room::Before).await {
+                    tracing::debug!(
+                        error = &e as &dyn std::error::Error,
+                        "no room before a pull"
+                    );
+                }
                 if let Err(e) = pull_to_layout(reference, &dir, &self.settings.pull).await {
                     if !had_layout {
                         let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -166,9 +236,152 @@ impl TemplateBuilder {
             size_bytes,
         };
         let dir = self.settings.cache_dir.clone();
-        tokio::task::spawn_blocking(move || ImageCache::open(&dir)?.ensure_template(&req))
-            .await
-            .map_err(|_| thread_lost(&self.settings.cache_dir))?
+        let limits = self.settings.pull.limits;
+        let max = self.settings.cache_max_bytes;
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let cache = ImageCache::open(&dir)?.with_limits(limits);
+            build_within(&state, &cache, &dir, max, &req)
+        })
+        .await
+        .map_err(|_| thread_lost(&self.settings.cache_dir))?
+    }
+}
+
+/// Builds (or finds) `req` in `cache` under the quota `max`, and stamps
+/// the disk it hands out. Blocking.
+fn build_within(
+    state: &CacheState,
+    cache: &ImageCache,
+    dir: &Path,
+    max: u64,
+    req: &TemplateRequest,
+) -> Result<TemplateDisk, Error> {
+    // Room for the build, if it comes to one; a cached disk needs none.
+    if let Err(e) = make_room(state, dir, max, Room::Before) {
+        tracing::debug!(
+            error = &e as &dyn std::error::Error,
+            "no room before a build"
+        );
+    }
+    // A cached disk dropped between the lookup and the stamp is built
+    // again.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let disk = cache.ensure_template(req)?;
+        if disk.built {
+            // A new disk: the cache must still fit it, or it goes again.
+            if let Err(e) = make_room(state, dir, max, Room::After) {
+                let _ = std::fs::remove_file(&disk.path);
+                if let Some(entry) = disk.path.parent() {
+                    let _ = std::fs::remove_dir(entry);
+                }
+                return Err(e);
+            }
+            return Ok(disk);
+        }
+        match handed_out(state, &disk.path) {
+            Ok(()) => return Ok(disk),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 3 => continue,
+            Err(source) => {
+                return Err(Error::Scratch {
+                    path: disk.path,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn handed_out(state: &CacheState, path: &Path) -> std::io::Result<()> {
+    let _turn = state.handing.lock().unwrap_or_else(|p| p.into_inner());
+    quota::stamp(path)
+}
+
+/// Drops least recently used disks and layouts until the cache in `dir`
+/// is under (`Before`) or at most at (`After`) `max`; refuses when what
+/// is left in use is still too much. Blocking.
+fn make_room(state: &CacheState, dir: &Path, max: u64, room: Room) -> Result<(), Error> {
+    let fits = |held: u64| match room {
+        Room::Before => held < max,
+        Room::After => held <= max,
+    };
+    let (held, candidates) = quota::list(dir);
+    if fits(held) {
+        return Ok(());
+    }
+    let users = state
+        .users
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // No users known: only pulled layouts may go.
+    let keep = users
+        .and_then(|w| w.upgrade())
+        .and_then(|u| u.in_use())
+        .map(|paths| (quota::ids(&paths), true))
+        .unwrap_or_default();
+    let candidates: Vec<quota::Candidate> = candidates
+        .into_iter()
+        .filter(|c| keep.1 || c.kind == quota::Kind::Pull)
+        .collect();
+    let target = match room {
+        Room::Before => max.saturating_sub(1),
+        Room::After => max,
+    };
+    let now = std::time::SystemTime::now();
+    for c in quota::plan_eviction(&candidates, held, target, &keep.0, now) {
+        let removed = match c.kind {
+            quota::Kind::Pull => {
+                // The same lock a pull of that reference takes: held, the
+                // layout is in use; taken here, no pull starts meanwhile.
+                let lock = state
+                    .pulls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(c.path.clone())
+                    .or_default()
+                    .clone();
+                let Ok(_held) = lock.try_lock() else {
+                    continue;
+                };
+                quota::remove(c)
+            }
+            quota::Kind::Template => {
+                let _turn = state.handing.lock().unwrap_or_else(|p| p.into_inner());
+                // Handed out since it was listed: it stays.
+                let fresh = std::fs::metadata(&c.path)
+                    .and_then(|m| m.accessed())
+                    .is_ok_and(|m| m > c.used_at);
+                if fresh {
+                    continue;
+                }
+                quota::remove(c)
+            }
+        };
+        match removed {
+            Ok(()) => tracing::info!(
+                path = %c.path.display(),
+                bytes = c.bytes,
+                "dropped a least recently used image from the cache"
+            ),
+            Err(e) => tracing::warn!(
+                path = %c.path.display(),
+                error = &e as &dyn std::error::Error,
+                "drop an image from the cache"
+            ),
+        }
+    }
+    let held = quota::allocated(dir);
+    if fits(held) {
+        Ok(())
+    } else {
+        Err(Error::CacheFull {
+            dir: dir.to_path_buf(),
+            used: held,
+            quota: max,
+        })
     }
 }
 
@@ -203,6 +416,7 @@ mod tests {
             cache_dir: root.to_path_buf(),
             guest_binary: "/g".into(),
             pull: PullOptions::default(),
+            cache_max_bytes: quota::DEFAULT_MAX_BYTES,
         });
         let mut removed = b.sweep();
         removed.sort();

@@ -14,10 +14,19 @@
 //! outside the tree or through a symlink; character and block devices.
 //! Absolute symlink targets are kept: they mean a path inside the guest
 //! and are never followed here.
+//!
+//! Every byte is metered against the image's [`Budget`] ([`Limits`]):
+//! compressed bytes read, bytes the decompressor yields (and their ratio
+//! to the compressed ones, so a gzip bomb stops early), the size each file
+//! declares (a GNU sparse entry counts its full declared size, since that
+//! is what the template will hold) and the number of entries. A file is
+//! written with holes where its data is zeros, so a sparse entry within
+//! the limits never costs its declared size in disk blocks.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -149,28 +158,399 @@ pub struct LayerStats {
     pub bytes: u64,
 }
 
-/// Applies one layer (an uncompressed tar stream) onto `root`.
-/// `layer` names it in errors (its digest).
-pub fn apply_layer(root: &Path, tar: impl Read, layer: &str) -> Result<LayerStats, Error> {
+/// Applies one layer (an uncompressed tar stream) onto `root`, charging
+/// `budget` (see [`Budget::start_layer`]). `layer` names it in errors (its
+/// digest). A limit crossed while reading wins over the read error it
+/// caused.
+pub fn apply_layer(
+    root: &Path,
+    tar: impl Read,
+    layer: &str,
+    budget: &Budget,
+) -> Result<LayerStats, Error> {
     let mut applier = Applier {
         root,
         layer,
         created: HashSet::new(),
         stats: LayerStats::default(),
+        budget,
     };
-    let mut archive = tar::Archive::new(tar);
-    let entries = archive.entries().map_err(|source| Error::ReadLayer {
-        layer: layer.to_string(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| Error::ReadLayer {
+    let mut archive = tar::Archive::new(budget.meter(Side::Unpacked, tar));
+    let read_err = |source| {
+        budget.or_over(Error::ReadLayer {
             layer: layer.to_string(),
             source,
-        })?;
-        applier.apply(entry)?;
+        })
+    };
+    let entries = archive.entries().map_err(read_err)?;
+    for entry in entries {
+        let entry = entry.map_err(read_err)?;
+        applier.apply(entry).map_err(|e| budget.or_over(e))?;
     }
     Ok(applier.stats)
+}
+
+/// What one image may put on the node. Every bound is on by default; the
+/// agent's `--image-max-*` flags set them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Compressed bytes of one layer blob.
+    pub layer_compressed_bytes: u64,
+    /// Compressed bytes of all layer blobs of an image.
+    pub image_compressed_bytes: u64,
+    /// Unpacked bytes of one layer: tar stream and declared file sizes.
+    pub layer_bytes: u64,
+    /// Unpacked bytes of all layers of an image.
+    pub image_bytes: u64,
+    /// Tar entries of all layers of an image.
+    pub files: u64,
+    /// Unpacked bytes per compressed byte of one layer, once past
+    /// [`RATIO_FLOOR`].
+    pub ratio: u64,
+}
+
+/// Unpacked bytes of a layer before the ratio is checked: tiny layers
+/// (a few small files) compress far better than images as a whole.
+pub const RATIO_FLOOR: u64 = 16 << 20;
+
+impl Default for Limits {
+    /// Room for large real images (CUDA and ML stacks reach tens of GiB
+    /// unpacked), while one tenant's image cannot fill a node disk.
+    fn default() -> Self {
+        Self {
+            layer_compressed_bytes: 8 << 30,
+            image_compressed_bytes: 16 << 30,
+            layer_bytes: 16 << 30,
+            image_bytes: 32 << 30,
+            files: 1_000_000,
+            ratio: 100,
+        }
+    }
+}
+
+/// One of [`Limits`], named as the flag that sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// [`Limits::layer_compressed_bytes`].
+    LayerCompressed,
+    /// [`Limits::image_compressed_bytes`].
+    ImageCompressed,
+    /// [`Limits::layer_bytes`].
+    LayerBytes,
+    /// [`Limits::image_bytes`].
+    ImageBytes,
+    /// [`Limits::files`].
+    Files,
+    /// [`Limits::ratio`].
+    Ratio,
+    /// A registry sent more bytes than the blob's descriptor declares.
+    DescriptorSize,
+}
+
+impl Limit {
+    /// The agent flag that sets it (empty for the descriptor's size).
+    pub fn flag(self) -> &'static str {
+        match self {
+            Limit::LayerCompressed => "--image-max-layer-compressed-bytes",
+            Limit::ImageCompressed => "--image-max-compressed-bytes",
+            Limit::LayerBytes => "--image-max-layer-bytes",
+            Limit::ImageBytes => "--image-max-bytes",
+            Limit::Files => "--image-max-files",
+            Limit::Ratio => "--image-max-ratio",
+            Limit::DescriptorSize => "",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Limit::LayerCompressed => "per-layer compressed size limit",
+            Limit::ImageCompressed => "per-image compressed size limit",
+            Limit::LayerBytes => "per-layer unpacked size limit",
+            Limit::ImageBytes => "per-image unpacked size limit",
+            Limit::Files => "per-image file-count limit",
+            Limit::Ratio => "compression ratio limit",
+            Limit::DescriptorSize => "size its descriptor declares",
+        }
+    }
+
+    /// `value` in this limit's unit.
+    pub fn show(self, value: u64) -> String {
+        match self {
+            Limit::Files => format!("{value} entries"),
+            Limit::Ratio => format!("{value}:1"),
+            _ => show_bytes(value),
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.flag() {
+            "" => f.write_str(self.what()),
+            flag => write!(f, "{} ({flag})", self.what()),
+        }
+    }
+}
+
+/// `n` bytes as the largest binary unit that keeps it above 1.
+pub fn show_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut v = n as f64;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Which side of the decompressor a [`Metered`] reader counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Bytes of the blob as stored.
+    Compressed,
+    /// Bytes of the tar stream.
+    Unpacked,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Used {
+    compressed: u64,
+    unpacked: u64,
+    declared: u64,
+}
+
+#[derive(Debug)]
+struct Meter {
+    limits: Limits,
+    image: Used,
+    layer: Used,
+    files: u64,
+    /// The first limit crossed, with what crossed it.
+    over: Option<(Limit, String, u64)>,
+}
+
+/// What an image has used of its [`Limits`] so far, across its layers.
+/// Shared by the readers of a blob and the unpacker (one thread).
+#[derive(Debug)]
+pub struct Budget {
+    meter: RefCell<Meter>,
+    layer: RefCell<String>,
+}
+
+impl Budget {
+    /// A fresh budget under `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            meter: RefCell::new(Meter {
+                limits,
+                image: Used::default(),
+                layer: Used::default(),
+                files: 0,
+                over: None,
+            }),
+            layer: RefCell::new(String::new()),
+        }
+    }
+
+    /// The limits it enforces.
+    pub fn limits(&self) -> Limits {
+        self.meter.borrow().limits
+    }
+
+    /// Starts metering layer `id`; `stored` is its blob size when known,
+    /// refused at once when over a compressed limit.
+    pub fn start_layer(&self, id: &str, stored: Option<u64>) -> Result<(), Error> {
+        *self.layer.borrow_mut() = id.to_string();
+        let mut m = self.meter.borrow_mut();
+        m.layer = Used::default();
+        m.over = None;
+        if let Some(n) = stored {
+            let image = m.image.compressed.saturating_add(n);
+            let over = if n > m.limits.layer_compressed_bytes {
+                Some((Limit::LayerCompressed, n))
+            } else if image > m.limits.image_compressed_bytes {
+                Some((Limit::ImageCompressed, image))
+            } else {
+                None
+            };
+            if let Some((limit, value)) = over {
+                drop(m);
+                return Err(self.error(limit, "the blob".into(), value));
+            }
+        }
+        Ok(())
+    }
+
+    fn error(&self, limit: Limit, what: String, value: u64) -> Error {
+        let max = {
+            let l = self.meter.borrow().limits;
+            match limit {
+                Limit::LayerCompressed => l.layer_compressed_bytes,
+                Limit::ImageCompressed => l.image_compressed_bytes,
+                Limit::LayerBytes => l.layer_bytes,
+                Limit::ImageBytes => l.image_bytes,
+                Limit::Files => l.files,
+                Limit::Ratio => l.ratio,
+                Limit::DescriptorSize => 0,
+            }
+        };
+        Error::OverLimit {
+            layer: self.layer.borrow().clone(),
+            limit,
+            what,
+            value,
+            max,
+        }
+    }
+
+    /// `err`, or the limit whose crossing caused it.
+    pub fn or_over(&self, err: Error) -> Error {
+        let over = self.meter.borrow_mut().over.take();
+        match over {
+            Some((limit, what, value)) => self.error(limit, what, value),
+            None => err,
+        }
+    }
+
+    fn trip(&self, limit: Limit, what: String, value: u64) -> io::Error {
+        let mut m = self.meter.borrow_mut();
+        let msg = format!("{what} is over the {limit}");
+        m.over.get_or_insert((limit, what, value));
+        io::Error::other(msg)
+    }
+
+    /// Counts `n` bytes read on `side`.
+    fn read(&self, side: Side, n: u64) -> io::Result<()> {
+        let (limit, value) = {
+            let mut m = self.meter.borrow_mut();
+            let l = m.limits;
+            match side {
+                Side::Compressed => {
+                    m.layer.compressed += n;
+                    m.image.compressed += n;
+                    if m.layer.compressed > l.layer_compressed_bytes {
+                        (Limit::LayerCompressed, m.layer.compressed)
+                    } else if m.image.compressed > l.image_compressed_bytes {
+                        (Limit::ImageCompressed, m.image.compressed)
+                    } else {
+                        return Ok(());
+                    }
+                }
+                Side::Unpacked => {
+                    m.layer.unpacked += n;
+                    m.image.unpacked += n;
+                    let ratio = m.layer.unpacked / m.layer.compressed.max(1);
+                    if m.layer.unpacked > l.layer_bytes {
+                        (Limit::LayerBytes, m.layer.unpacked)
+                    } else if m.image.unpacked > l.image_bytes {
+                        (Limit::ImageBytes, m.image.unpacked)
+                    } else if m.layer.unpacked > RATIO_FLOOR && ratio > l.ratio {
+                        (Limit::Ratio, ratio)
+                    } else {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let what = match (side, limit) {
+            (_, Limit::Ratio) => "the decompressed stream".to_string(),
+            (Side::Compressed, _) => "the compressed stream".to_string(),
+            (Side::Unpacked, _) => "the unpacked stream".to_string(),
+        };
+        Err(self.trip(limit, what, value))
+    }
+
+    /// Charges one entry, and `declared` bytes when it is a file, before
+    /// anything of it is written.
+    fn entry(&self, name: &Path, declared: u64) -> Result<(), Error> {
+        let over = {
+            let mut m = self.meter.borrow_mut();
+            let l = m.limits;
+            m.files += 1;
+            m.layer.declared = m.layer.declared.saturating_add(declared);
+            m.image.declared = m.image.declared.saturating_add(declared);
+            if m.files > l.files {
+                Some((Limit::Files, m.files))
+            } else if m.layer.declared > l.layer_bytes {
+                Some((Limit::LayerBytes, m.layer.declared))
+            } else if m.image.declared > l.image_bytes {
+                Some((Limit::ImageBytes, m.image.declared))
+            } else {
+                None
+            }
+        };
+        match over {
+            None => Ok(()),
+            Some((Limit::Files, n)) => Err(self.error(
+                Limit::Files,
+                format!("entry {:?}", name.display().to_string()),
+                n,
+            )),
+            Some((limit, total)) => Err(self.error(
+                limit,
+                format!(
+                    "entry {:?} (declaring {})",
+                    name.display().to_string(),
+                    show_bytes(declared)
+                ),
+                total,
+            )),
+        }
+    }
+
+    /// `inner`, counted on `side`.
+    pub fn meter<R: Read>(&self, side: Side, inner: R) -> Metered<'_, R> {
+        Metered {
+            inner,
+            side,
+            budget: self,
+        }
+    }
+}
+
+/// A reader whose bytes are charged to a [`Budget`]; it fails once a limit
+/// is crossed.
+#[derive(Debug)]
+pub struct Metered<'a, R> {
+    inner: R,
+    side: Side,
+    budget: &'a Budget,
+}
+
+impl<R: Read> Read for Metered<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.budget.read(self.side, n as u64)?;
+        Ok(n)
+    }
+}
+
+/// Copies `from` into `to`, seeking over blocks of zeros instead of
+/// writing them, and sets the length to what was read. Returns the length.
+fn copy_with_holes(from: &mut impl Read, to: &mut fs::File) -> io::Result<u64> {
+    const CHUNK: usize = 64 << 10;
+    let mut buf = vec![0u8; CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let data = &buf[..n];
+        if data.iter().all(|b| *b == 0) {
+            to.seek(io::SeekFrom::Current(n as i64))?;
+        } else {
+            to.write_all(data)?;
+        }
+        len += n as u64;
+    }
+    to.set_len(len)?;
+    Ok(len)
 }
 
 const PAX_XATTR: &str = "SCHILY.xattr.";
@@ -199,6 +579,7 @@ struct Applier<'a> {
     /// Paths this layer created or replaced: its own whiteouts spare them.
     created: HashSet<PathBuf>,
     stats: LayerStats,
+    budget: &'a Budget,
 }
 
 impl Applier<'_> {
@@ -320,6 +701,12 @@ impl Applier<'_> {
             return Ok(());
         }
         let rel = plan_path(&raw).map_err(|why| self.refuse(&raw, why))?;
+        // A sparse entry's size is the one it declares, not what it stores.
+        let declared = match kind {
+            T::Regular | T::Continuous | T::GNUSparse => entry.size(),
+            _ => 0,
+        };
+        self.budget.entry(&raw, declared)?;
         if rel.as_os_str().is_empty() {
             // The root itself: nothing to create.
             return Ok(());
@@ -372,7 +759,7 @@ impl Applier<'_> {
                     .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(&abs)
                     .map_err(self.io(&raw))?;
-                let n = io::copy(&mut entry, &mut f).map_err(self.io(&raw))?;
+                let n = copy_with_holes(&mut entry, &mut f).map_err(self.io(&raw))?;
                 self.stats.bytes += n;
                 let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
                 f.set_modified(t).map_err(self.io(&raw))?;
@@ -554,6 +941,10 @@ mod tests {
         assert_eq!(plan_whiteout(Path::new("a/b")), None);
     }
 
+    fn unbounded() -> Budget {
+        Budget::new(Limits::default())
+    }
+
     fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         build(&mut b);
@@ -616,8 +1007,8 @@ mod tests {
             file(b, "opt/none/.wh.x", b"");
             file(b, "srv/.wh..wh..opq", b"");
         });
-        apply_layer(r, &l1[..], "l1").unwrap();
-        let stats = apply_layer(r, &l2[..], "l2").unwrap();
+        apply_layer(r, &l1[..], "l1", &unbounded()).unwrap();
+        let stats = apply_layer(r, &l2[..], "l2", &unbounded()).unwrap();
         assert!(r.join("etc/keep").exists());
         assert!(!r.join("etc/gone").exists());
         assert_eq!(fs::read(r.join("etc/replaced")).unwrap(), b"new");
@@ -644,7 +1035,7 @@ mod tests {
             .unwrap();
             file(b, "tool", b"x");
         });
-        apply_layer(root.path(), &layer[..], "l").unwrap();
+        apply_layer(root.path(), &layer[..], "l", &unbounded()).unwrap();
         let tool = root.path().join("tool");
         let get = |n| crate::sys::block::get_xattr_nofollow(&tool, n).unwrap();
         assert_eq!(get("user.wrenn").as_deref(), Some(&b"yes"[..]));
@@ -700,12 +1091,164 @@ mod tests {
         ];
         for (layer, entry, why) in cases {
             let root = tempfile::tempdir().unwrap();
-            let err = apply_layer(root.path(), &layer[..], "sha256:bad").unwrap_err();
+            let err = apply_layer(root.path(), &layer[..], "sha256:bad", &unbounded()).unwrap_err();
             let text = err.to_string();
             assert!(
                 text.contains(entry) && text.contains(why) && text.contains("sha256:bad"),
                 "{entry}: {text}"
             );
         }
+    }
+
+    /// A GNU sparse entry storing `data` at `offset` and declaring
+    /// `real_size` bytes.
+    fn sparse_tar(path: &str, offset: u64, data: &[u8], real_size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_path(path).unwrap();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset(offset);
+        gnu.sparse[0].set_length(data.len() as u64);
+        gnu.set_real_size(real_size);
+        h.set_cksum();
+        let mut v = h.as_bytes().to_vec();
+        v.extend_from_slice(data);
+        v.resize(v.len().div_ceil(512) * 512, 0);
+        v.extend_from_slice(&[0; 1024]);
+        v
+    }
+
+    #[test]
+    fn a_sparse_entry_within_limits_is_written_with_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let layer = sparse_tar("big.img", 32 << 20, &[7u8; 512], (32 << 20) + 512);
+        let stats = apply_layer(root.path(), &layer[..], "l", &unbounded()).unwrap();
+        let meta = fs::metadata(root.path().join("big.img")).unwrap();
+        assert_eq!(meta.len(), (32 << 20) + 512);
+        assert_eq!(stats.bytes, (32 << 20) + 512);
+        // 32 MiB of declared zeros cost no blocks.
+        assert!(meta.blocks() * 512 <= 64 << 10, "{} blocks", meta.blocks());
+    }
+
+    #[test]
+    fn a_sparse_entry_declaring_more_than_the_limit_is_refused_before_writing() {
+        let root = tempfile::tempdir().unwrap();
+        let layer = sparse_tar("bomb", 1 << 40, b"x", (1 << 40) + 1);
+        let err = apply_layer(root.path(), &layer[..], "sha256:sparse", &unbounded()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                Error::OverLimit {
+                    limit: Limit::LayerBytes,
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("--image-max-layer-bytes") && text.contains("\"bomb\""),
+            "{text}"
+        );
+        assert!(!root.path().join("bomb").exists());
+    }
+
+    #[test]
+    fn the_file_count_and_image_total_span_layers() {
+        let limits = Limits {
+            files: 3,
+            ..Limits::default()
+        };
+        let budget = Budget::new(limits);
+        let root = tempfile::tempdir().unwrap();
+        let two = tar_of(|b| {
+            file(b, "a", b"1");
+            file(b, "b", b"1");
+        });
+        budget.start_layer("l1", None).unwrap();
+        apply_layer(root.path(), &two[..], "l1", &budget).unwrap();
+        budget.start_layer("l2", None).unwrap();
+        let err = apply_layer(root.path(), &two[..], "l2", &budget).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::OverLimit {
+                    limit: Limit::Files,
+                    value: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--image-max-files"), "{err}");
+
+        let budget = Budget::new(Limits {
+            image_bytes: 1500,
+            ..Limits::default()
+        });
+        let kib = tar_of(|b| file(b, "k", &[1u8; 1024]));
+        budget.start_layer("l1", None).unwrap();
+        apply_layer(root.path(), &kib[..], "l1", &budget).unwrap_err();
+    }
+
+    #[test]
+    fn a_blob_over_a_compressed_limit_is_refused_before_reading() {
+        let budget = Budget::new(Limits {
+            layer_compressed_bytes: 100,
+            image_compressed_bytes: 150,
+            ..Limits::default()
+        });
+        let err = budget.start_layer("l1", Some(101)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--image-max-layer-compressed-bytes"),
+            "{err}"
+        );
+        budget.start_layer("l1", Some(100)).unwrap();
+        // What a layer read counts towards the image.
+        let mut r = budget.meter(Side::Compressed, &[0u8; 100][..]);
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        let err = budget.start_layer("l2", Some(60)).unwrap_err();
+        assert!(
+            err.to_string().contains("--image-max-compressed-bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_high_ratio_stream_is_stopped_once_past_the_floor() {
+        let budget = Budget::new(Limits {
+            ratio: 10,
+            ..Limits::default()
+        });
+        budget.start_layer("l", None).unwrap();
+        io::copy(
+            &mut budget.meter(Side::Compressed, &[0u8; 1 << 20][..]),
+            &mut io::sink(),
+        )
+        .unwrap();
+        let zeros = io::repeat(0).take(RATIO_FLOOR * 2);
+        let err = io::copy(&mut budget.meter(Side::Unpacked, zeros), &mut io::sink()).unwrap_err();
+        assert!(err.to_string().contains("ratio"), "{err}");
+        let err = budget.or_over(Error::ReadLayer {
+            layer: "l".into(),
+            source: err,
+        });
+        assert!(
+            matches!(
+                err,
+                Error::OverLimit {
+                    limit: Limit::Ratio,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -15,6 +15,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Longest a touch waits before it reaches the file.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
+/// Largest activity file read back: one entry per capsule on the node is
+/// far less; anything bigger is not ours to trust.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+fn read_bounded(file: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_FILE_BYTES} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Last data-plane call per capsule UID, Unix nanoseconds.
 #[derive(Clone, Debug, Default)]
 pub struct Activity {
@@ -42,7 +60,7 @@ impl Activity {
     /// unreadable file starts empty, with a warning: activity only delays
     /// an expiry, it never keeps anything alive for good.
     pub fn persisted(file: &Path) -> Self {
-        let last = match std::fs::read(file) {
+        let last = match read_bounded(file) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::warn!(file = %file.display(), error = %e, "unreadable activity file; starting empty");
                 HashMap::new()
@@ -161,5 +179,18 @@ mod tests {
         // A torn file starts empty instead of failing the agent.
         std::fs::write(&file, b"{\"c1\": ").unwrap_or_else(|e| panic!("write: {e}"));
         assert_eq!(Activity::persisted(&file).last("c1"), 0);
+    }
+
+    #[test]
+    fn an_oversized_activity_file_is_not_read_whole() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let file = dir.path().join("activity.json");
+        // 64 GiB of (sparse) JSON whitespace would parse; it is not read.
+        let f = std::fs::File::create(&file).unwrap_or_else(|e| panic!("create: {e}"));
+        f.set_len(64 << 30)
+            .unwrap_or_else(|e| panic!("set_len: {e}"));
+        let started = std::time::Instant::now();
+        assert_eq!(Activity::persisted(&file).last("c1"), 0);
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

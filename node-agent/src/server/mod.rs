@@ -57,6 +57,8 @@ pub struct AgentService {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     activity: activity::Activity,
     vmm_cap: VmmCap,
+    /// `--disk-quota`; `None`: a share of the state filesystem.
+    disk_quota: Option<u64>,
 }
 
 impl AgentService {
@@ -70,12 +72,20 @@ impl AgentService {
             metrics: None,
             activity: activity::Activity::default(),
             vmm_cap: VmmCap::default(),
+            disk_quota: None,
         }
     }
 
     /// Offers at most `cap` (the VMM parent cgroup's cap) as capacity.
     pub fn with_vmm_cap(mut self, cap: VmmCap) -> Self {
         self.vmm_cap = cap;
+        self
+    }
+
+    /// Reports `quota` (bytes) as the node's disk quota instead of
+    /// [`crate::node::DEFAULT_QUOTA_PERCENT`] of the state filesystem.
+    pub fn with_disk_quota(mut self, quota: Option<u64>) -> Self {
+        self.disk_quota = quota;
         self
     }
 
@@ -217,6 +227,8 @@ impl NodeAgent for AgentService {
                 .as_ref()
                 .map(|c| c.quarantined().iter().map(convert::to_quarantined).collect())
                 .unwrap_or_default(),
+            disk_quota_bytes: crate::node::plan_quota(self.disk_quota, facts.disk_total),
+            disk_quota_used_bytes: facts.quota_used,
         }))
     }
 

@@ -136,7 +136,7 @@ pub fn build_machine_config(spec: &MachineSpec) -> VmConfig {
         kernel: path(&spec.kernel),
         cmdline: spec.cmdline.clone(),
         root_disk: path(&spec.root_disk),
-        serial_file: Some(path(&spec.run_dir.join("serial.log"))),
+        serial_file: Some(path(&spec.run_dir.join(super::logs::CH_SERIAL_LOG))),
         vsock: Some((u64::from(spec.vsock_cid), path(&spec.vsock_socket))),
         system_uuid: None,
     });

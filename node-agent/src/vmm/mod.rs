@@ -17,6 +17,7 @@ mod ch_restore;
 mod error;
 mod fake;
 mod fake_machine;
+pub mod logs;
 pub mod machine;
 pub mod process;
 pub mod qemu;

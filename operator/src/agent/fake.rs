@@ -308,6 +308,7 @@ impl NodeAgent for Handle {
                 // Every capsule counts in `used` above, as on the real agent.
                 held: st.capsules.keys().cloned().collect(),
                 quarantined: st.quarantined.clone(),
+                ..Default::default()
             })
         })
     }

@@ -117,7 +117,11 @@ impl EventParser {
         let mut consumed = 0;
         loop {
             let rest = &self.buf[consumed..];
-            let start = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            // NULs are what a capped file's punched-out head reads as.
+            let start = rest
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace() || **b == 0)
+                .count();
             if start == rest.len() {
                 consumed = self.buf.len();
                 break;

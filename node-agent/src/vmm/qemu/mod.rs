@@ -49,7 +49,7 @@ const HELPER_STOP: i32 = libc::SIGKILL;
 /// vhost-user control socket between QEMU and the vsock helper.
 const VHOST_SOCKET: &str = "vhost-vsock.sock";
 /// Guest serial console.
-const CONSOLE_LOG: &str = "console.log";
+const CONSOLE_LOG: &str = super::logs::QEMU_CONSOLE_LOG;
 /// Guest memory and device state in a snapshot directory.
 const MEMORY_FILE: &str = "memory.qemu";
 /// What the snapshot was taken with, checked on restore.
