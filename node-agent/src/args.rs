@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::metrics::admin::{AdminArgs, AdminListen};
 use crate::storage::BackendChoice;
+use crate::tls::PortArgs;
 
 /// Which VMM backend runs capsules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -107,9 +109,16 @@ pub struct Args {
     /// Registries pulled from over plain HTTP (local mirrors), comma-separated.
     #[arg(long, env = "WRENN_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
-    /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
-    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: SocketAddr,
+    /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`), without
+    /// authentication: `IP:PORT` or `pod-ip:PORT` (see `--pod-ip`).
+    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: AdminListen,
+    /// Admin port settings.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// gRPC port settings: client names, handshake deadline, cap, reload.
+    #[command(flatten)]
+    pub grpc: PortArgs,
 }
 
 /// One path segment of letters, digits, '-', '_' and '.': never `..` or a
