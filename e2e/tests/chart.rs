@@ -324,6 +324,47 @@ fn bad_values() -> Vec<(&'static str, Vec<&'static str>, Vec<&'static str>)> {
             vec!["--set-string", "crds.install=yes"],
             vec!["/crds/install", "want boolean"],
         ),
+        (
+            "admin port on every address",
+            vec!["--set", "nodeAgent.adminBind=0.0.0.0"],
+            vec!["/nodeAgent/adminBind", "'podIP', 'loopback'"],
+        ),
+        (
+            "admin on loopback with a PodMonitor",
+            vec![
+                "--set",
+                "nodeAgent.adminBind=loopback,metrics.serviceMonitor.enabled=true",
+            ],
+            vec!["nodeAgent.adminBind=loopback leaves nothing for the PodMonitor"],
+        ),
+        (
+            "no gRPC connections allowed",
+            vec!["--set", "nodeAgent.grpc.maxConnections=0"],
+            vec!["/nodeAgent/grpc/maxConnections", "minimum"],
+        ),
+        (
+            "TLS handshake without a deadline",
+            vec!["--set", "nodeAgent.grpc.handshakeTimeoutSeconds=0"],
+            vec!["/nodeAgent/grpc/handshakeTimeoutSeconds", "minimum"],
+        ),
+        (
+            "wildcard client name",
+            vec!["--set", "tls.extraClientNames={*.example}"],
+            vec!["/tls/extraClientNames/0"],
+        ),
+        (
+            "CA certificate without its key",
+            vec![
+                "--set-string",
+                "tls.agentCA.cert=-----BEGIN CERTIFICATE-----x",
+            ],
+            vec!["tls.agentCA needs both cert and key"],
+        ),
+        (
+            "CA key that is no PEM key",
+            vec!["--set-string", "tls.clientCA.key=secret"],
+            vec!["/tls/clientCA/key"],
+        ),
     ]
 }
 
@@ -424,7 +465,14 @@ fn rendered_workloads_match_the_contracts() {
     );
     for (k, v) in [
         ("WRENN_LISTEN", "0.0.0.0:7443"),
-        ("WRENN_ADMIN_LISTEN", "0.0.0.0:9090"),
+        // The unauthenticated admin port binds the pod (node) IP only.
+        ("WRENN_ADMIN_LISTEN", "pod-ip:9090"),
+        ("WRENN_METRICS_CAPSULE_LABELS", "false"),
+        // Only the operator's certificate name is served.
+        ("WRENN_CLIENT_NAMES", "wrenn-operator"),
+        ("WRENN_MAX_CONNECTIONS", "128"),
+        ("WRENN_TLS_HANDSHAKE_TIMEOUT_SECONDS", "10"),
+        ("WRENN_TLS_RELOAD_SECONDS", "10"),
         ("WRENN_STATE_DIR", "/var/lib/wrenn"),
         ("WRENN_VMM", "cloud-hypervisor"),
         ("WRENN_STORAGE", "auto"),
@@ -442,8 +490,33 @@ fn rendered_workloads_match_the_contracts() {
     ] {
         assert!(env.contains_key(k), "agent env lacks {k}");
     }
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        env["POD_IP"],
+        json!({"fieldRef": {"fieldPath": "status.podIP"}})
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "admin"})
+    );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+
+    // Admin on loopback: the probes follow it; a gateway's name is served too.
+    let lo = render(
+        &helm,
+        "wrenn-system",
+        &[
+            "--set",
+            "nodeAgent.adminBind=loopback,tls.extraClientNames={wrenn-gateway}",
+        ],
+    );
+    let c = &find(&lo, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    let env = env_of(c);
+    assert_eq!(env["WRENN_ADMIN_LISTEN"], "127.0.0.1:9090");
+    assert!(!env.contains_key("POD_IP"));
+    assert_eq!(env["WRENN_CLIENT_NAMES"], "wrenn-operator,wrenn-gateway");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["host"], "127.0.0.1", "{probe}");
+    }
 
     // Operator: non-root, read-only, no capabilities, probes on the admin port.
     let dep = find(&docs, "Deployment");
@@ -535,7 +608,30 @@ fn rendered_workloads_match_the_contracts() {
         ],
     );
     assert!(cm.iter().all(|d| d["kind"] != "Secret"));
-    assert_eq!(cm.iter().filter(|d| d["kind"] == "Certificate").count(), 4);
+    let certs: BTreeMap<String, &Value> = cm
+        .iter()
+        .filter(|d| d["kind"] == "Certificate")
+        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_string(), d))
+        .collect();
+    assert_eq!(certs.len(), 4);
+    // CAs and leaves are renewed before they expire; a CA keeps its key, so
+    // what it signed before a renewal stays valid.
+    for (name, duration, renew, rotation) in [
+        ("wrenn-agent-ca", "87600h", "720h", "Never"),
+        ("wrenn-client-ca", "87600h", "720h", "Never"),
+        ("wrenn-node-agent-tls", "2160h", "360h", "Always"),
+        ("wrenn-operator-tls", "2160h", "360h", "Always"),
+    ] {
+        let spec = &certs[name]["spec"];
+        assert_eq!(spec["duration"], duration, "{name}");
+        assert_eq!(spec["renewBefore"], renew, "{name}");
+        assert_eq!(spec["privateKey"]["rotationPolicy"], rotation, "{name}");
+    }
+    // The operator's certificate carries the name agents serve.
+    assert_eq!(
+        certs["wrenn-operator-tls"]["spec"]["dnsNames"],
+        json!(["wrenn-operator"])
+    );
     let trust = |d: &Value| {
         d["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"][1]["secret"]["name"]
             .clone()
@@ -1249,4 +1345,147 @@ fn decode_b64(s: &str) -> Vec<u8> {
         .unwrap();
     assert!(out.status.success());
     out.stdout
+}
+
+/// A CA pair (cert, key) in PEM, as an admin would supply it.
+fn ca_pem(name: &str) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// (data of the agent Secret, data of the operator Secret, checksum/tls),
+/// decoded, from a render.
+fn tls_of(docs: &[Value]) -> (BTreeMap<String, String>, BTreeMap<String, String>, Value) {
+    let secret = |name: &str| -> BTreeMap<String, String> {
+        let s = docs
+            .iter()
+            .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Secret {name}"));
+        s["data"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let text = String::from_utf8(decode_b64(v.as_str().unwrap())).unwrap();
+                (k.clone(), text)
+            })
+            .collect()
+    };
+    let sum =
+        find(docs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/tls"]
+            .clone();
+    (
+        secret("wrenn-node-agent-tls"),
+        secret("wrenn-operator-tls"),
+        sum,
+    )
+}
+
+/// Offline renders (`helm template`, GitOps: `lookup` finds nothing) with
+/// both CAs from values keep the CAs and the pods' checksum, so re-rendering
+/// restarts nothing; the leaves each render issues differ, yet an agent from
+/// one render and an operator from another still speak mutual TLS (the real
+/// agent server and operator client). Without CAs in values, each render
+/// makes new CAs: why the README sends GitOps users to values or cert-manager.
+#[tokio::test]
+async fn cas_from_values_keep_offline_renders_compatible() {
+    let Some((_c, helm)) = helm_or_skip(case(
+        Tier::Cluster,
+        "chart::cas_from_values_keep_offline_renders_compatible",
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (agent_ca, agent_ca_key) = ca_pem("site agent CA");
+    let (client_ca, client_ca_key) = ca_pem("site client CA");
+    let file = |n: &str, body: &str| {
+        let p = dir.path().join(n);
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    };
+    let set_files = format!(
+        "tls.agentCA.cert={},tls.agentCA.key={},tls.clientCA.cert={},tls.clientCA.key={}",
+        file("a.crt", &agent_ca),
+        file("a.key", &agent_ca_key),
+        file("c.crt", &client_ca),
+        file("c.key", &client_ca_key),
+    );
+    let first = tls_of(&render(&helm, "wrenn-system", &["--set-file", &set_files]));
+    let second = tls_of(&render(&helm, "wrenn-system", &["--set-file", &set_files]));
+    for (what, (agent, op, sum)) in [("first", &first), ("second", &second)] {
+        assert_eq!(
+            agent["ca.crt"], client_ca,
+            "{what}: agents trust the given client CA"
+        );
+        assert_eq!(
+            op["ca.crt"], agent_ca,
+            "{what}: the operator trusts the given agent CA"
+        );
+    }
+    assert_eq!(
+        first.2, second.2,
+        "the pods' checksum changed between renders"
+    );
+    assert_ne!(
+        first.0["tls.crt"], second.0["tls.crt"],
+        "leaves are issued per render"
+    );
+
+    // Agent from the first render, operator from the second.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let files = wrenn_node_agent::tls::TlsFiles {
+        cert: file("agent.crt", &first.0["tls.crt"]).into(),
+        key: file("agent.key", &first.0["tls.key"]).into(),
+        client_ca: file("client-ca.crt", &first.0["ca.crt"]).into(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = wrenn_node_agent::server::AgentService::new(
+        wrenn_node_agent::server::AgentIdentity {
+            node_name: "rendered".into(),
+            vmm: None,
+            storage_backend: "qcow2".into(),
+        },
+        wrenn_node_agent::node::NodePaths {
+            proc: "/proc".into(),
+            kvm: "/dev/kvm".into(),
+            state_dir: dir.path().to_path_buf(),
+        },
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        wrenn_node_agent::server::serve(listener, &files, service, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector, NodeAgent};
+    let tls = ClientTls::from_pem(
+        second.1["tls.crt"].clone().into_bytes(),
+        second.1["tls.key"].clone().into_bytes(),
+        second.1["ca.crt"].clone().into_bytes(),
+        "wrenn-node-agent",
+    )
+    .unwrap();
+    let agent = GrpcConnector {
+        tls,
+        timeout: Duration::from_secs(5),
+    }
+    .connect("rendered", addr)
+    .unwrap();
+    assert_eq!(agent.node_info().await.unwrap().node_name, "rendered");
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+
+    // Generated CAs: every offline render has new ones.
+    let a = tls_of(&render(&helm, "wrenn-system", &[]));
+    let b = tls_of(&render(&helm, "wrenn-system", &[]));
+    assert_ne!(a.0["ca.crt"], b.0["ca.crt"]);
+    assert_ne!(a.2, b.2);
 }

@@ -1,10 +1,13 @@
 //! The operator's tonic client (`GrpcNodeAgent` through `GrpcConnector`)
 //! against the real node-agent gRPC server over mutual TLS on loopback.
 //! Certificates are made here with rcgen; nothing between client and
-//! server is faked.
+//! server is faked. Covers identity (CA and name on both sides) and
+//! rotation of the operator's certificate files without a restart.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rcgen::{
     CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
@@ -12,49 +15,60 @@ use rcgen::{
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
 use wrenn_node_agent::tls::TlsFiles;
-use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector};
+use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector, NodeAgent};
 use wrenn_testkit::{Tier, case};
 
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+type Issuer = CertifiedIssuer<'static, KeyPair>;
+
+fn ca(name: &str) -> Issuer {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
-/// (cert, key) PEM signed by `issuer`; server certs carry the name the
-/// operator checks (`wrenn-node-agent`), as the chart issues them.
-fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, server: bool) -> (String, String) {
+/// A server certificate carrying the name the operator checks
+/// (`wrenn-node-agent`), as the chart issues them.
+fn server_leaf(issuer: &Issuer) -> (String, String) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(DnType::CommonName, "leaf");
-    if server {
-        params.subject_alt_names = vec![SanType::DnsName("wrenn-node-agent".try_into().unwrap())];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    } else {
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    }
+    params.subject_alt_names = vec![SanType::DnsName("wrenn-node-agent".try_into().unwrap())];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, issuer).unwrap();
     (cert.pem(), key.serialize_pem())
 }
 
-#[tokio::test]
-async fn grpc_client_speaks_mutual_tls_to_the_real_agent() {
-    let _c = case(Tier::Host, "operator_agent_tls::mutual_tls");
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let agents_ca = ca("agents");
-    let operators_ca = ca("operators");
-    let (cert, key) = leaf(&agents_ca, true);
+/// A client certificate named `cn` (the chart names the operator's
+/// `wrenn-operator`, the only name the agent serves by default).
+fn client_leaf(issuer: &Issuer, cn: &str) -> (String, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+struct Agent {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), wrenn_node_agent::server::Error>>,
+}
+
+/// The real agent server on loopback: server certificate from `agents_ca`,
+/// trusting clients of `operators_ca`.
+async fn start_agent(dir: &Path, agents_ca: &Issuer, operators_ca: &Issuer) -> Agent {
+    let (cert, key) = server_leaf(agents_ca);
     let write = |name: &str, text: &str| {
-        let p = dir.path().join(name);
+        let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
     };
     let files = TlsFiles {
-        cert: write("tls.crt", &cert),
-        key: write("tls.key", &key),
-        client_ca: write("ca.crt", &operators_ca.pem()),
+        cert: write("agent.crt", &cert),
+        key: write("agent.key", &key),
+        client_ca: write("client-ca.crt", &operators_ca.pem()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -67,43 +81,205 @@ async fn grpc_client_speaks_mutual_tls_to_the_real_agent() {
         NodePaths {
             proc: "/proc".into(),
             kvm: "/dev/kvm".into(),
-            state_dir: dir.path().to_path_buf(),
+            state_dir: dir.to_path_buf(),
         },
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         serve(listener, &files, service, async {
             let _ = stopped.await;
         })
         .await
     });
+    Agent { addr, stop, task }
+}
 
-    let connector = |client_ca: &CertifiedIssuer<'static, KeyPair>| {
-        let (c, k) = leaf(client_ca, false);
-        GrpcConnector {
-            tls: ClientTls::from_pem(
+impl Agent {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn grpc(tls: ClientTls) -> GrpcConnector {
+    GrpcConnector {
+        tls,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test]
+async fn grpc_client_speaks_mutual_tls_to_the_real_agent() {
+    let _c = case(Tier::Host, "operator_agent_tls::mutual_tls");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let agents_ca = ca("agents");
+    let operators_ca = ca("operators");
+    let agent = start_agent(dir.path(), &agents_ca, &operators_ca).await;
+
+    let connector = |client_ca: &Issuer, cn: &str| {
+        let (c, k) = client_leaf(client_ca, cn);
+        grpc(
+            ClientTls::from_pem(
                 c.into_bytes(),
                 k.into_bytes(),
                 agents_ca.pem().into_bytes(),
                 "wrenn-node-agent",
-            ),
-            timeout: Duration::from_secs(5),
-        }
+            )
+            .unwrap(),
+        )
     };
 
-    let agent = connector(&operators_ca).connect("node-tls", addr).unwrap();
-    let info = agent.node_info().await.unwrap();
+    let client = connector(&operators_ca, "wrenn-operator")
+        .connect("node-tls", agent.addr)
+        .unwrap();
+    let info = client.node_info().await.unwrap();
     assert_eq!(info.node_name, "node-tls");
     // A refusal keeps its gRPC code, which the controllers act on.
-    let err = agent.list_capsules().await.unwrap_err();
+    let err = client.list_capsules().await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::Unimplemented), "{err}");
     assert_eq!(err.to_string(), "ListCapsules on node node-tls");
 
     // A client certificate from another CA gets no answer.
     let stranger = ca("stranger");
-    let refused = connector(&stranger).connect("node-tls", addr).unwrap();
+    let refused = connector(&stranger, "wrenn-operator")
+        .connect("node-tls", agent.addr)
+        .unwrap();
     assert!(refused.node_info().await.is_err());
 
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    // Nor does one from the right CA under another name.
+    let renamed = connector(&operators_ca, "wrenn-node-agent")
+        .connect("node-tls", agent.addr)
+        .unwrap();
+    assert!(renamed.node_info().await.is_err());
+
+    // An agent whose certificate another CA signed is not trusted.
+    let dir2 = tempfile::tempdir().unwrap();
+    let impostor = start_agent(dir2.path(), &ca("impostor"), &operators_ca).await;
+    let fooled = connector(&operators_ca, "wrenn-operator")
+        .connect("node-x", impostor.addr)
+        .unwrap();
+    assert!(fooled.node_info().await.is_err());
+
+    impostor.stop().await;
+    agent.stop().await;
+}
+
+/// The operator's TLS files as a Secret volume mounts them: each file a
+/// symlink through `..data`, which a rotation swaps in one rename.
+struct OperatorVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl OperatorVolume {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        }
+    }
+
+    fn rotate(&mut self, cert: &str, key: &str, ca: &str) {
+        self.generation += 1;
+        let data = format!("..gen_{}", self.generation);
+        let d = self.dir.join(&data);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("tls.crt"), cert).unwrap();
+        std::fs::write(d.join("tls.key"), key).unwrap();
+        std::fs::write(d.join("ca.crt"), ca).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&data, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        if self.generation == 1 {
+            for name in ["tls.crt", "tls.key", "ca.crt"] {
+                std::os::unix::fs::symlink(format!("..data/{name}"), self.dir.join(name)).unwrap();
+            }
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_operator_certificate_is_used_without_a_restart() {
+    let _c = case(
+        Tier::Host,
+        "operator_agent_tls::a_rotated_operator_certificate_is_used_without_a_restart",
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let agents_ca = ca("agents");
+    let operators_ca = ca("operators");
+    let agent = start_agent(agent_dir.path(), &agents_ca, &operators_ca).await;
+
+    // The operator starts with a certificate the agent refuses (an old CA,
+    // as after the cluster's client CA was replaced).
+    let op_dir = tempfile::tempdir().unwrap();
+    let mut volume = OperatorVolume::new(op_dir.path());
+    let (c, k) = client_leaf(&ca("retired operators CA"), "wrenn-operator");
+    volume.rotate(&c, &k, &agents_ca.pem());
+    let tls = ClientTls::from_files(
+        &volume.path("tls.crt"),
+        &volume.path("tls.key"),
+        &volume.path("ca.crt"),
+        "wrenn-node-agent",
+    )
+    .unwrap();
+    let client = grpc(tls).connect("node-tls", agent.addr).unwrap();
+    assert!(
+        client.node_info().await.is_err(),
+        "the agent accepted a certificate from a CA it does not trust"
+    );
+
+    // The Secret is re-issued; the same client (same process, same
+    // channel) is served once it dials again.
+    let (c, k) = client_leaf(&operators_ca, "wrenn-operator");
+    volume.rotate(&c, &k, &agents_ca.pem());
+    let served = wait_served(client.as_ref(), Duration::from_secs(10)).await;
+    assert!(served, "the rotated operator certificate was not used");
+    agent.stop().await;
+}
+
+/// Calls NodeInfo until it answers or `within` passed (the channel
+/// redials after each failure, with backoff).
+async fn wait_served(client: &dyn NodeAgent, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if client.node_info().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[test]
+fn bad_material_is_refused_when_loaded() {
+    let _c = case(
+        Tier::Unit,
+        "operator_agent_tls::bad_material_is_refused_when_loaded",
+    );
+    let agents_ca = ca("agents");
+    let operators_ca = ca("operators");
+    let (cert, key) = client_leaf(&operators_ca, "wrenn-operator");
+    let (_, other_key) = client_leaf(&operators_ca, "wrenn-operator");
+    let err = ClientTls::from_pem(
+        cert.clone().into_bytes(),
+        other_key.into_bytes(),
+        agents_ca.pem().into_bytes(),
+        "wrenn-node-agent",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("client certificate"), "{err}");
+    let err = ClientTls::from_pem(
+        cert.into_bytes(),
+        key.into_bytes(),
+        b"not a certificate".to_vec(),
+        "wrenn-node-agent",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("agent CA"), "{err}");
 }

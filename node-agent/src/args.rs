@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::metrics::admin::{AdminArgs, AdminListen};
 use crate::storage::BackendChoice;
+use crate::tls::PortArgs;
 
 /// Which VMM backend runs capsules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -134,9 +136,16 @@ pub struct Args {
     /// Write operations/s, like `--vmm-io-read-bps`.
     #[arg(long, env = "WRENN_VMM_IO_WRITE_IOPS", default_value_t = 0)]
     pub vmm_io_write_iops: u64,
-    /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`).
-    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: SocketAddr,
+    /// Admin server (Prometheus `/metrics`, `/healthz`, `/readyz`), without
+    /// authentication: `IP:PORT` or `pod-ip:PORT` (see `--pod-ip`).
+    #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: AdminListen,
+    /// Admin port settings.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// gRPC port settings: client names, handshake deadline, cap, reload.
+    #[command(flatten)]
+    pub grpc: PortArgs,
     /// Seconds a booting or restored guest may take until its agent
     /// answers; past it the create fails and is rolled back. TCG guests on
     /// a busy node need tens of seconds.

@@ -19,7 +19,7 @@ use wrenn_node_agent::node::{NodePaths, VmmCap, read_facts};
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
 use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{self, BackendChoice, StorageConfig};
-use wrenn_node_agent::tls::TlsFiles;
+use wrenn_node_agent::tls::{PortConfig, TlsFiles};
 use wrenn_node_agent::vmm::cgroup::{
     CPU_PERIOD_US, CgroupRoot, VmmBudget, plan_parent_limits, whole_disk_of,
 };
@@ -74,7 +74,7 @@ struct Common {
     netns_dir: PathBuf,
     node_name: String,
     listen: SocketAddr,
-    tls: TlsFiles,
+    tls: PortConfig,
     state_dir: PathBuf,
     kernel: PathBuf,
     initramfs: Option<PathBuf>,
@@ -107,6 +107,8 @@ async fn run(args: Args) -> ExitCode {
         netns_dir,
         cgroup_parent,
         admin_listen,
+        admin,
+        grpc,
         guest_binary,
         insecure_registries,
         guest_ready_secs,
@@ -121,21 +123,44 @@ async fn run(args: Args) -> ExitCode {
         disk,
         ..
     } = args;
-    let tls = TlsFiles {
+    let files = TlsFiles {
         cert: tls_cert,
         key: tls_key,
         client_ca,
     };
-    if let Err(err) = tls.server_config() {
+    let tls = match grpc.config(files) {
+        Ok(port) => port,
+        Err(err) => {
+            tracing::error!(
+                error = &err as &dyn std::error::Error,
+                "bad gRPC port flags"
+            );
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    // Refused here, before recovery, so a bad Secret is named at once.
+    let check = tls.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        check.files.server_config(&check.client_names).map(|_| ())
+    })
+    .await;
+    if let Ok(Err(err)) = checked {
         tracing::error!(
             error = &err as &dyn std::error::Error,
             "bad TLS configuration"
         );
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
+    let admin_listen = match admin_listen.resolve(admin.pod_ip.as_deref()) {
+        Ok(a) => a,
+        Err(err) => {
+            tracing::error!(%err, "bad --admin-listen");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
     // The admin port answers /healthz at once and /readyz after recovery.
     let metrics = Metrics::new();
-    let admin = match tokio::net::TcpListener::bind(admin_listen).await {
+    let admin_listener = match tokio::net::TcpListener::bind(admin_listen).await {
         Ok(l) => l,
         Err(err) => {
             tracing::error!(%admin_listen, error = &err as &dyn std::error::Error, "bind admin listener");
@@ -144,10 +169,13 @@ async fn run(args: Args) -> ExitCode {
     };
     {
         let state = metrics::admin::AdminState {
-            metrics: metrics.clone(),
+            capsule_labels: admin.metrics_capsule_labels,
+            ..metrics::admin::AdminState::new(metrics.clone())
         };
         tokio::spawn(async move {
-            if let Err(err) = metrics::admin::serve(admin, state, std::future::pending()).await {
+            if let Err(err) =
+                metrics::admin::serve(admin_listener, state, std::future::pending()).await
+            {
                 tracing::error!(
                     error = &err as &dyn std::error::Error,
                     "admin server failed"
@@ -434,7 +462,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         // Ends open WatchEvents streams, so the graceful stop completes.
         sup.shutdown();
     };
-    let res = server::serve(listener, &tls, service, shutdown).await;
+    let res = server::serve_with(listener, tls, service, shutdown).await;
     supervisor.shutdown();
     match res {
         Ok(()) => ExitCode::SUCCESS,

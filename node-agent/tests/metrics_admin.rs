@@ -1,7 +1,10 @@
 //! The admin server over real loopback HTTP (Tier::Host): scrape
 //! `/metrics`, parse the text format, check metric names, labels and
 //! values; a removed capsule's series disappear; `/healthz`, `/readyz`
-//! before and after recovery; the server stops on shutdown.
+//! before and after recovery; the server stops on shutdown. Attacked as an
+//! anonymous caller: by default nothing it answers names a capsule; a
+//! client that never finishes its request is dropped; connections beyond
+//! the cap are closed.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use wrenn_node_agent::metrics::admin::{AdminState, serve};
+use wrenn_node_agent::metrics::admin::{AdminLimits, AdminState, serve};
 use wrenn_node_agent::metrics::{Metrics, Outcome, SampleSource, SourceFuture, Step, sampler};
 use wrenn_node_agent::vmm::NetCounters;
 use wrenn_testkit::Tier;
@@ -124,8 +127,10 @@ async fn scrape_health_readiness_and_removed_capsules() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(
         listener,
+        // The admin opted in to per-capsule series.
         AdminState {
-            metrics: metrics.clone(),
+            capsule_labels: true,
+            ..AdminState::new(metrics.clone())
         },
         async move {
             let _ = stopped.await;
@@ -285,8 +290,10 @@ async fn a_supervised_capsule_is_scraped_until_deleted() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve(
         listener,
+        // The admin opted in to per-capsule series.
         AdminState {
-            metrics: metrics.clone(),
+            capsule_labels: true,
+            ..AdminState::new(metrics.clone())
         },
         std::future::pending(),
     ));
@@ -341,4 +348,162 @@ async fn a_supervised_capsule_is_scraped_until_deleted() {
         Some(1.0)
     );
     server.abort();
+}
+
+/// Serves `metrics` on loopback with `state`'s settings.
+async fn start(state: AdminState) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    addr
+}
+
+/// Reads until the server closes; `true` if it did within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn by_default_no_answer_names_a_capsule() {
+    let _case = wrenn_testkit::case(Tier::Host, "metrics_admin_no_capsule_uids_by_default");
+    // What the agent binary does without flags.
+    let args = <wrenn_node_agent::args::Args as clap::Parser>::try_parse_from([
+        "wrenn-node-agent",
+        "--node-name",
+        "n",
+    ])
+    .unwrap();
+    assert!(!args.admin.metrics_capsule_labels);
+    assert_eq!(args.admin_listen.to_string(), "127.0.0.1:9090");
+
+    let metrics = Metrics::new();
+    metrics.set_ready(true);
+    let uids = [
+        "0f6b2c1e-aaaa-4bbb-8ccc-000000000001",
+        "0f6b2c1e-aaaa-4bbb-8ccc-000000000002",
+    ];
+    for uid in uids {
+        let src: Arc<dyn SampleSource> = Arc::new(Figures {
+            cpu_ns: 5,
+            rss: 1 << 20,
+        });
+        metrics.attach(uid, src);
+    }
+    sampler::tick(&metrics, Duration::from_secs(1)).await;
+    metrics.observe_step(Step::Boot, Duration::from_millis(10), Outcome::Ok);
+    assert!(
+        metrics.encode().contains(uids[0]),
+        "the test's capsules are not sampled"
+    );
+
+    let addr = start(AdminState::new(metrics.clone())).await;
+    let (status, _, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let s = parse(&body);
+    // The node-level figures are there; nothing names a capsule.
+    assert_eq!(value(&s, "wrenn_agent_capsules_sampled", &[]), Some(2.0));
+    assert_eq!(
+        value(&s, "wrenn_agent_boot_seconds_count", &[("outcome", "ok")]),
+        Some(1.0)
+    );
+    assert!(
+        s.iter().all(|(_, l, _)| !l.contains_key("capsule")),
+        "{body}"
+    );
+    for path in [
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/capsules",
+        "/metrics?capsule=1",
+    ] {
+        let (_, _, body) = get(addr, path).await;
+        for uid in uids {
+            assert!(!body.contains(uid), "{path} names capsule {uid}:\n{body}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_is_dropped() {
+    let _case = wrenn_testkit::case(Tier::Host, "metrics_admin_slow_request_dropped");
+    let metrics = Metrics::new();
+    let limit = Duration::from_millis(500);
+    let addr = start(AdminState {
+        limits: AdminLimits {
+            header_timeout: limit,
+            ..AdminLimits::default()
+        },
+        ..AdminState::new(metrics)
+    })
+    .await;
+    let opened = std::time::Instant::now();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Others are served meanwhile.
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    for (what, s) in [("silent", &mut silent), ("partial", &mut partial)] {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "{what} client still connected after 5 s"
+        );
+        assert!(
+            opened.elapsed() + Duration::from_millis(100) >= limit,
+            "{what} closed early"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed() {
+    let _case = wrenn_testkit::case(Tier::Host, "metrics_admin_connection_cap");
+    let addr = start(AdminState {
+        limits: AdminLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(30),
+            connection_timeout: Duration::from_secs(60),
+        },
+        ..AdminState::new(Metrics::new())
+    })
+    .await;
+    let held: Vec<TcpStream> = vec![
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    // Let the server take both before the third arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2)).await,
+        "a connection beyond the cap was kept"
+    );
+    // A freed slot serves the next scrape.
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut raw)).await;
+        if raw.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the slots of closed connections were not freed");
 }

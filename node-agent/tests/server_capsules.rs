@@ -34,7 +34,9 @@ fn ca() -> CertifiedIssuer<'static, KeyPair> {
 
 fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, server: bool) -> (String, String) {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, "x");
+    // The agent serves only the operator's name (`--client-name`).
+    let cn = if server { "x" } else { "wrenn-operator" };
+    params.distinguished_name.push(DnType::CommonName, cn);
     if server {
         params.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap())];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

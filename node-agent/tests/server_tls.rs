@@ -1,18 +1,26 @@
-//! The agent's gRPC server over real TLS on loopback: only clients whose
-//! certificate the configured CA signed get an answer. Certificates are made
-//! in the test with rcgen; nothing is mocked between client and server.
+//! The agent's gRPC port over real TLS on loopback, attacked as a stranger
+//! on the node network would: only clients whose certificate the configured
+//! CA signed AND that name an allowed client get an answer; a peer that
+//! never finishes its handshake is dropped after the deadline and delays
+//! nobody; connections beyond the cap are closed while held ones keep
+//! working; rotated certificate files are served to the next connection
+//! without a restart. Certificates are made in the test with rcgen; nothing
+//! is mocked between client and server.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rcgen::{
     CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use wrenn_node_agent::node::NodePaths;
-use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
-use wrenn_node_agent::tls::TlsFiles;
+use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
+use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_proto::agent::v1::NodeInfoRequest;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_testkit::{Tier, case};
@@ -34,48 +42,110 @@ impl Ca {
         self.issuer.pem()
     }
 
-    /// A leaf certificate and its key, both PEM.
-    fn leaf(&self, cn: &str, server: bool) -> (String, String) {
+    /// A server certificate for `localhost` and its key, both PEM.
+    fn server(&self) -> (String, String) {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        if server {
-            params.subject_alt_names = vec![
-                SanType::DnsName("localhost".try_into().unwrap()),
-                SanType::IpAddress([127, 0, 0, 1].into()),
-            ];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        } else {
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        }
+        params.distinguished_name.push(DnType::CommonName, "node-a");
+        params.subject_alt_names = vec![
+            SanType::DnsName("localhost".try_into().unwrap()),
+            SanType::IpAddress([127, 0, 0, 1].into()),
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A client certificate with subject CN `cn` and SAN DNS names `sans`.
+    fn client(&self, cn: &str, sans: &[&str]) -> (String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| SanType::DnsName((*s).try_into().unwrap()))
+            .collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// The operator's client certificate, as the chart names it.
+    fn operator(&self) -> (String, String) {
+        self.client("wrenn-operator", &[])
+    }
+}
+
+/// TLS files laid out as a Kubernetes Secret volume: `tls.crt` ->
+/// `..data/tls.crt`, `..data` -> a timestamped directory. A rotation writes
+/// a new directory and swaps `..data` in one rename, as the kubelet does.
+struct SecretVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    fn new(dir: &Path, cert: &str, key: &str, ca: &str) -> Self {
+        let mut v = Self {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        };
+        v.rotate(cert, key, ca);
+        for name in ["tls.crt", "tls.key", "ca.crt"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+        v
+    }
+
+    fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.dir.join("tls.crt"),
+            key: self.dir.join("tls.key"),
+            client_ca: self.dir.join("ca.crt"),
+        }
+    }
+
+    fn rotate(&mut self, cert: &str, key: &str, ca: &str) {
+        self.generation += 1;
+        let data = format!("..gen_{}", self.generation);
+        let d = self.dir.join(&data);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("tls.crt"), cert).unwrap();
+        std::fs::write(d.join("tls.key"), key).unwrap();
+        std::fs::write(d.join("ca.crt"), ca).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&data, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
 }
 
 struct Agent {
-    addr: std::net::SocketAddr,
-    ca: Ca,
+    addr: SocketAddr,
+    /// Signs the agent's server certificate.
+    server_ca: Ca,
+    /// Signs clients the agent trusts.
+    client_ca: Ca,
+    volume: SecretVolume,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), wrenn_node_agent::server::Error>>,
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+async fn start_agent() -> Agent {
+    start_agent_with(|_| {}).await
 }
 
-async fn start_agent() -> Agent {
+/// An agent on loopback; `tune` adjusts the port settings.
+async fn start_agent_with(tune: impl FnOnce(&mut PortConfig)) -> Agent {
+    wrenn_node_agent::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("wrenn test CA");
-    let (cert, key) = ca.leaf("node-a", true);
-    let files = TlsFiles {
-        cert: write(dir.path(), "tls.crt", &cert),
-        key: write(dir.path(), "tls.key", &key),
-        client_ca: write(dir.path(), "ca.crt", &ca.pem()),
-    };
+    let server_ca = Ca::new("wrenn test agent CA");
+    let client_ca = Ca::new("wrenn test client CA");
+    let (cert, key) = server_ca.server();
+    let volume = SecretVolume::new(dir.path(), &cert, &key, &client_ca.pem());
+    let mut port = PortConfig::new(volume.files());
+    port.reload_every = Duration::from_millis(100);
+    tune(&mut port);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = AgentService::new(
@@ -92,14 +162,16 @@ async fn start_agent() -> Agent {
     );
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
-        serve(listener, &files, service, async {
+        serve_with(listener, port, service, async {
             let _ = stopped.await;
         })
         .await
     });
     Agent {
         addr,
-        ca,
+        server_ca,
+        client_ca,
+        volume,
         _dir: dir,
         stop: Some(stop),
         task,
@@ -117,21 +189,31 @@ impl Agent {
             .unwrap();
         res.unwrap();
     }
+
+    /// A connected channel for the operator's certificate.
+    async fn operator_channel(&self) -> Result<Channel, String> {
+        channel(
+            self.addr,
+            &self.server_ca.pem(),
+            Some(self.client_ca.operator()),
+        )
+        .await
+    }
 }
 
-/// Calls NodeInfo with `identity` (or none), trusting `server_ca`.
-async fn node_info(
-    addr: std::net::SocketAddr,
+/// A channel to `addr` trusting `server_ca`, presenting `identity`.
+async fn channel(
+    addr: SocketAddr,
     server_ca: &str,
     identity: Option<(String, String)>,
-) -> Result<String, String> {
+) -> Result<Channel, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(server_ca))
         .domain_name("localhost");
     if let Some((cert, key)) = identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    let channel = Channel::from_shared(format!("https://{addr}"))
+    Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .map_err(|e| format!("tls config: {e}"))?
@@ -139,7 +221,10 @@ async fn node_info(
         .timeout(Duration::from_secs(5))
         .connect()
         .await
-        .map_err(|e| format!("connect: {e:?}"))?;
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+async fn ask(channel: Channel) -> Result<String, String> {
     let reply = NodeAgentClient::new(channel)
         .node_info(NodeInfoRequest {})
         .await
@@ -147,35 +232,72 @@ async fn node_info(
     Ok(reply.into_inner().node_name)
 }
 
+/// Calls NodeInfo with `identity` (or none), trusting `server_ca`.
+async fn node_info(
+    addr: SocketAddr,
+    server_ca: &str,
+    identity: Option<(String, String)>,
+) -> Result<String, String> {
+    ask(channel(addr, server_ca, identity).await?).await
+}
+
+/// Polls `check` every 50 ms until it is true or `within` passed.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Reads until the peer closes; `Some(elapsed)` if it did within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within.saturating_sub(t0.elapsed()), stream.read(&mut buf)).await
+        {
+            Ok(Ok(0) | Err(_)) => return Some(t0.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
 #[tokio::test]
-async fn client_signed_by_the_configured_ca_gets_node_info() {
+async fn the_operators_certificate_gets_node_info() {
     let _c = case(
         Tier::Unit,
-        "server_tls::client_signed_by_the_configured_ca_gets_node_info",
+        "server_tls::the_operators_certificate_gets_node_info",
     );
-    wrenn_node_agent::tls::install_crypto_provider();
     let agent = start_agent().await;
-    let client = agent.ca.leaf("wrenn-operator", false);
-    let name = node_info(agent.addr, &agent.ca.pem(), Some(client)).await;
-    assert_eq!(name, Ok("node-a".to_string()));
+    assert_eq!(
+        ask(agent.operator_channel().await.unwrap()).await,
+        Ok("node-a".to_string())
+    );
     agent.stop().await;
 }
 
 #[tokio::test]
 async fn client_from_another_ca_is_refused() {
     let _c = case(Tier::Unit, "server_tls::client_from_another_ca_is_refused");
-    wrenn_node_agent::tls::install_crypto_provider();
     let agent = start_agent().await;
-    let stranger = Ca::new("someone else's CA").leaf("wrenn-operator", false);
-    let res = node_info(agent.addr, &agent.ca.pem(), Some(stranger)).await;
+    let stranger = Ca::new("someone else's CA").operator();
+    let res = node_info(agent.addr, &agent.server_ca.pem(), Some(stranger)).await;
     assert!(
         res.is_err(),
         "a certificate from another CA was accepted: {res:?}"
     );
     // The server keeps serving good clients after refusing a bad one.
-    let good = agent.ca.leaf("wrenn-operator", false);
     assert_eq!(
-        node_info(agent.addr, &agent.ca.pem(), Some(good)).await,
+        ask(agent.operator_channel().await.unwrap()).await,
         Ok("node-a".to_string())
     );
     agent.stop().await;
@@ -187,12 +309,228 @@ async fn client_without_a_certificate_is_refused() {
         Tier::Unit,
         "server_tls::client_without_a_certificate_is_refused",
     );
-    wrenn_node_agent::tls::install_crypto_provider();
     let agent = start_agent().await;
-    let res = node_info(agent.addr, &agent.ca.pem(), None).await;
+    let res = node_info(agent.addr, &agent.server_ca.pem(), None).await;
     assert!(
         res.is_err(),
         "a client without a certificate was accepted: {res:?}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn client_from_the_right_ca_with_the_wrong_name_is_refused() {
+    let _c = case(
+        Tier::Unit,
+        "server_tls::client_from_the_right_ca_with_the_wrong_name_is_refused",
+    );
+    // The agent serves the operator and a gateway, nobody else.
+    let agent = start_agent_with(|p| {
+        p.client_names = ClientNames::new(["wrenn-operator", "wrenn-gateway"]).unwrap();
+    })
+    .await;
+    let ca = agent.server_ca.pem();
+    for (what, cn, sans) in [
+        ("another name", "wrenn-intruder", &[][..]),
+        (
+            "an allowed name as a suffix",
+            "x",
+            &["wrenn-operator.evil"][..],
+        ),
+        (
+            "an allowed name as a prefix",
+            "evil.wrenn-operator",
+            &[][..],
+        ),
+        ("no names at all", "", &[][..]),
+    ] {
+        let res = node_info(agent.addr, &ca, Some(agent.client_ca.client(cn, sans))).await;
+        assert!(res.is_err(), "{what}: a wrong name was accepted: {res:?}");
+    }
+    // Each allowed name, in the CN or in a SAN, is served.
+    for identity in [
+        agent.client_ca.operator(),
+        agent.client_ca.client("x", &["wrenn-gateway"]),
+    ] {
+        assert_eq!(
+            node_info(agent.addr, &ca, Some(identity)).await,
+            Ok("node-a".to_string())
+        );
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_finishes_is_dropped_and_blocks_nobody() {
+    let _c = case(
+        Tier::Unit,
+        "server_tls::a_handshake_that_never_finishes_is_dropped_and_blocks_nobody",
+    );
+    let deadline = Duration::from_secs(1);
+    let agent = start_agent_with(|p| p.limits.handshake_timeout = deadline).await;
+    // One peer says nothing at all, one stops in the middle of a ClientHello.
+    let opened = Instant::now();
+    let mut silent = TcpStream::connect(agent.addr).await.unwrap();
+    let mut partial = TcpStream::connect(agent.addr).await.unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+
+    // The operator is served while both hang.
+    let t0 = Instant::now();
+    assert_eq!(
+        ask(agent.operator_channel().await.unwrap()).await,
+        Ok("node-a".to_string())
+    );
+    assert!(
+        t0.elapsed() < deadline,
+        "the operator waited {:?} behind stalled handshakes",
+        t0.elapsed()
+    );
+
+    // Both are closed by the agent once the deadline passed, not before.
+    for (what, s) in [("silent", &mut silent), ("partial", &mut partial)] {
+        if closed_within(s, deadline * 5).await.is_none() {
+            panic!(
+                "{what} peer still open {:?} after connecting",
+                opened.elapsed()
+            );
+        }
+        let after = opened.elapsed();
+        assert!(
+            after + Duration::from_millis(100) >= deadline,
+            "{what} peer closed after {after:?}, before the deadline"
+        );
+    }
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_refused_while_held_ones_work() {
+    let _c = case(
+        Tier::Unit,
+        "server_tls::connections_beyond_the_cap_are_refused_while_held_ones_work",
+    );
+    let agent = start_agent_with(|p| {
+        p.limits.max_connections = 2;
+        p.limits.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Slot 1: the operator's established channel. Slot 2: a stalled peer.
+    let held = agent.operator_channel().await.unwrap();
+    assert_eq!(ask(held.clone()).await, Ok("node-a".to_string()));
+    let stalled = TcpStream::connect(agent.addr).await.unwrap();
+
+    // A third connection is closed at once, whoever it is.
+    let mut third = TcpStream::connect(agent.addr).await.unwrap();
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "a connection beyond the cap was kept open"
+    );
+    let refused = agent.operator_channel().await;
+    assert!(refused.is_err(), "a connection beyond the cap was served");
+
+    // The held connection keeps working.
+    assert_eq!(ask(held.clone()).await, Ok("node-a".to_string()));
+
+    // A freed slot serves the next client.
+    drop(stalled);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            match agent.operator_channel().await {
+                Ok(ch) => ask(ch).await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await,
+        "the slot of a closed connection was not freed"
+    );
+    drop(held);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_certificate_files_are_served_to_the_next_connection() {
+    let _c = case(
+        Tier::Unit,
+        "server_tls::rotated_certificate_files_are_served_to_the_next_connection",
+    );
+    let mut agent = start_agent().await;
+    let before = agent.operator_channel().await.unwrap();
+    assert_eq!(ask(before.clone()).await, Ok("node-a".to_string()));
+
+    // Rotate everything: a server certificate from a new agent CA and a new
+    // client CA, swapped in as the kubelet swaps a Secret volume.
+    let new_server_ca = Ca::new("rotated agent CA");
+    let new_client_ca = Ca::new("rotated client CA");
+    let (cert, key) = new_server_ca.server();
+    agent.volume.rotate(&cert, &key, &new_client_ca.pem());
+
+    let (addr, new_ca) = (agent.addr, new_server_ca.pem());
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let id = new_client_ca.operator();
+            let ca = new_ca.clone();
+            async move { node_info(addr, &ca, Some(id)).await.is_ok() }
+        })
+        .await,
+        "no new connection got the rotated certificate"
+    );
+    // The old server certificate and the old client CA are gone for new
+    // connections; the connection made before keeps working.
+    let old = node_info(
+        agent.addr,
+        &agent.server_ca.pem(),
+        Some(agent.client_ca.operator()),
+    )
+    .await;
+    assert!(old.is_err(), "the old certificates still work: {old:?}");
+    let old_client = node_info(agent.addr, &new_ca, Some(agent.client_ca.operator())).await;
+    assert!(old_client.is_err(), "the old client CA is still trusted");
+    assert_eq!(ask(before).await, Ok("node-a".to_string()));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_half_written_rotation_keeps_the_certificates_that_work() {
+    let _c = case(
+        Tier::Unit,
+        "server_tls::a_half_written_rotation_keeps_the_certificates_that_work",
+    );
+    let agent = start_agent().await;
+    // A new certificate whose key has not arrived yet (written in place,
+    // not through the Secret swap): the agent must not serve a certificate
+    // it cannot prove, nor stop serving the old one.
+    let new_ca = Ca::new("next agent CA");
+    let (cert, key) = new_ca.server();
+    let data = std::fs::canonicalize(agent.volume.dir.join("tls.crt")).unwrap();
+    std::fs::write(&data, &cert).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        node_info(
+            agent.addr,
+            &agent.server_ca.pem(),
+            Some(agent.client_ca.operator())
+        )
+        .await,
+        Ok("node-a".to_string()),
+        "a mismatched certificate and key replaced the working pair"
+    );
+    // The key arrives: the new pair is served.
+    let key_path = std::fs::canonicalize(agent.volume.dir.join("tls.key")).unwrap();
+    std::fs::write(key_path, &key).unwrap();
+    let (addr, ca) = (agent.addr, new_ca.pem());
+    let id = agent.client_ca.operator();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (ca, id) = (ca.clone(), id.clone());
+            async move { node_info(addr, &ca, Some(id)).await.is_ok() }
+        })
+        .await,
+        "the completed rotation was not picked up"
     );
     agent.stop().await;
 }
@@ -202,24 +540,41 @@ fn wrong_files_are_named_at_start_up() {
     let _c = case(Tier::Unit, "server_tls::wrong_files_are_named_at_start_up");
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("ca");
-    let (cert, key) = ca.leaf("node-a", true);
-    let files = TlsFiles {
-        cert: write(dir.path(), "tls.crt", &cert),
-        // A certificate where the key should be: the classic swapped flag.
-        key: write(dir.path(), "tls.key", &cert),
-        client_ca: write(dir.path(), "ca.crt", &ca.pem()),
+    let (cert, key) = ca.server();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
     };
-    let err = files.server_config().unwrap_err().to_string();
+    let names = ClientNames::default();
+    let files = TlsFiles {
+        cert: write("tls.crt", &cert),
+        // A certificate where the key should be: the classic swapped flag.
+        key: write("tls.key", &cert),
+        client_ca: write("ca.crt", &ca.pem()),
+    };
+    let err = files.server_config(&names).unwrap_err().to_string();
     assert!(
         err.contains("tls.key") && err.contains("private key"),
         "{err}"
     );
+    // Another certificate's key: refused as a pair, naming both files.
+    let (_, other_key) = ca.server();
+    let mismatched = TlsFiles {
+        key: write("other.key", &other_key),
+        ..files.clone()
+    };
+    let err = mismatched.server_config(&names).unwrap_err().to_string();
+    assert!(
+        err.contains("tls.crt") && err.contains("other.key"),
+        "{err}"
+    );
     let missing = TlsFiles {
-        key: write(dir.path(), "good.key", &key),
+        key: write("good.key", &key),
         client_ca: dir.path().join("absent.crt"),
         ..files
     };
-    let err = missing.server_config().unwrap_err().to_string();
+    let err = missing.server_config(&names).unwrap_err().to_string();
     assert!(
         err.contains("absent.crt") && err.contains("client CA"),
         "{err}"

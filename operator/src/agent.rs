@@ -3,13 +3,12 @@
 //! live in `plan`, bookkeeping of many agents in `pool`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 
@@ -17,6 +16,9 @@ use crate::plan::{EgressPolicy, Vm, VmState};
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod tls;
+
+pub use tls::ClientTls;
 
 /// Errors talking to a node agent.
 #[derive(Debug, thiserror::Error)]
@@ -31,28 +33,6 @@ pub enum Error {
         /// What the agent (or transport) said.
         #[source]
         status: tonic::Status,
-    },
-    /// The channel to an agent could not be set up.
-    #[error("connect to the agent of node {node} at {addr}")]
-    Connect {
-        /// Node name.
-        node: String,
-        /// Its address.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// TLS material could not be read.
-    #[error("read {what} from {path}")]
-    ReadTls {
-        /// Certificate, key or CA.
-        what: &'static str,
-        /// File.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
     },
     /// No agent is known for the node.
     #[error("no agent for node {node}")]
@@ -124,46 +104,6 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&self, node: &str, addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error>;
 }
 
-/// The operator's TLS identity and the CA that signs agents.
-#[derive(Clone, Debug)]
-pub struct ClientTls {
-    config: ClientTlsConfig,
-}
-
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::ReadTls {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-impl ClientTls {
-    /// Loads the client certificate, its key and the agents' CA (PEM files).
-    /// `server_name` is the name every agent certificate carries.
-    pub fn from_files(
-        cert: &Path,
-        key: &Path,
-        ca: &Path,
-        server_name: &str,
-    ) -> Result<Self, Error> {
-        let cert = read("client certificate", cert)?;
-        let key = read("client key", key)?;
-        let ca = read("agent CA", ca)?;
-        Ok(Self::from_pem(cert, key, ca, server_name))
-    }
-
-    /// The same from PEM bytes.
-    pub fn from_pem(cert: Vec<u8>, key: Vec<u8>, ca: Vec<u8>, server_name: &str) -> Self {
-        Self {
-            config: ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .identity(Identity::from_pem(cert, key))
-                .domain_name(server_name),
-        }
-    }
-}
-
 /// Connects [`GrpcNodeAgent`]s with mutual TLS.
 #[derive(Clone, Debug)]
 pub struct GrpcConnector {
@@ -175,24 +115,19 @@ pub struct GrpcConnector {
 
 impl Connector for GrpcConnector {
     fn connect(&self, node: &str, addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error> {
-        let wrap = |source| Error::Connect {
-            node: node.to_string(),
-            addr,
-            source,
-        };
-        let channel = Channel::from_shared(format!("https://{addr}"))
+        // http: TLS is the connector's, which re-reads rotated certificates.
+        let channel = Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Call {
                 call: "connect",
                 node: node.to_string(),
                 status: tonic::Status::invalid_argument(e.to_string()),
             })?
-            .tls_config(self.tls.config.clone())
-            .map_err(wrap)?
+            // Covers TCP and TLS. Dead peers are found by HTTP/2 pings
+            // (TCP keepalive settings would not reach our connector).
             .connect_timeout(Duration::from_secs(5))
-            .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy();
+            .connect_with_connector_lazy(self.tls.connector());
         Ok(Arc::new(GrpcNodeAgent {
             node: node.to_string(),
             client: NodeAgentClient::new(channel),

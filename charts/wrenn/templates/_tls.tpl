@@ -4,31 +4,58 @@ Mutual-TLS material in helm mode, as YAML with base64 values:
   operatorCrt, operatorKey  operator's client certificate, signed by the client CA
   agentCA, clientCA      the two CA certificates
 Two CAs, so that a node's agent key can never pass as the operator to another
-node: agents trust only the client CA, the operator trusts only the agent CA.
-The CA keys are used once, at generation, and stored nowhere.
+node: agents trust only the client CA, the operator only the agent CA.
 
-Reused from the Secrets in the cluster when both are complete (so upgrades keep
-them and running agents keep trusting the operator); generated afresh, both at
-once, when either is missing. Computed once per render and memoised in .Values,
-so the Secrets and the pods' checksum annotations agree.
+Each CA comes from values (tls.agentCA / tls.clientCA, PEM cert and key) when
+given, so it is the same in every render; otherwise it is generated, used once
+and its key stored nowhere.
+
+Reused from the Secrets in the cluster when both are complete and their CAs are
+the ones values give (so upgrades keep them and running agents keep trusting
+the operator); issued afresh, both at once, otherwise. `lookup` finds nothing
+under `helm template` and most GitOps tools: there each render issues new leaf
+certificates, which is harmless only when both CAs come from values (the
+components reload rotated files). Computed once per render and memoised in
+.Values, so the Secrets and the pods' checksum annotations agree.
 */}}
 {{- define "wrenn.tls.material" -}}
 {{- if not (hasKey .Values "_wrennTls") -}}
 {{- $ns := .Release.Namespace -}}
+{{- $tls := .Values.tls -}}
+{{- $given := dict "agent" ($tls.agentCA | default dict) "client" ($tls.clientCA | default dict) -}}
+{{- range $which, $ca := $given -}}
+{{- if or (and $ca.cert (not $ca.key)) (and $ca.key (not $ca.cert)) -}}
+{{- fail (printf "tls.%sCA needs both cert and key (PEM), or neither" $which) -}}
+{{- end -}}
+{{- end -}}
+{{- $agentGiven := $given.agent.cert | default "" -}}
+{{- $clientGiven := $given.client.cert | default "" -}}
 {{- $agent := lookup "v1" "Secret" $ns (include "wrenn.agent.tlsSecret" .) -}}
 {{- $op := lookup "v1" "Secret" $ns (include "wrenn.operator.tlsSecret" .) -}}
 {{- $ad := ($agent | default dict).data | default dict -}}
 {{- $od := ($op | default dict).data | default dict -}}
+{{- $complete := and (index $ad "tls.crt") (index $ad "tls.key") (index $ad "ca.crt") (index $od "tls.crt") (index $od "tls.key") (index $od "ca.crt") -}}
+{{- $sameCAs := and (or (not $agentGiven) (eq (index $od "ca.crt" | default "") (b64enc $agentGiven))) (or (not $clientGiven) (eq (index $ad "ca.crt" | default "") (b64enc $clientGiven))) -}}
 {{- $m := dict -}}
-{{- if and (index $ad "tls.crt") (index $ad "tls.key") (index $ad "ca.crt") (index $od "tls.crt") (index $od "tls.key") (index $od "ca.crt") -}}
+{{- if and $complete $sameCAs -}}
 {{- $m = dict "agentCrt" (index $ad "tls.crt") "agentKey" (index $ad "tls.key") "clientCA" (index $ad "ca.crt") "operatorCrt" (index $od "tls.crt") "operatorKey" (index $od "tls.key") "agentCA" (index $od "ca.crt") "reused" true -}}
 {{- else -}}
-{{- $days := int .Values.tls.validityDays -}}
-{{- $agentCA := genCA "wrenn-node-agent-ca" $days -}}
-{{- $clientCA := genCA "wrenn-operator-client-ca" $days -}}
-{{- $sans := list .Values.tls.agentServerName (printf "%s.%s.svc" (include "wrenn.agent.fullname" .) $ns) -}}
-{{- $agentCert := genSignedCert .Values.tls.agentServerName nil $sans $days $agentCA -}}
-{{- $opCert := genSignedCert "wrenn-operator" nil nil $days $clientCA -}}
+{{- $days := int $tls.validityDays -}}
+{{- $agentCA := "" -}}
+{{- if $agentGiven -}}
+{{- $agentCA = buildCustomCert (b64enc $agentGiven) (b64enc $given.agent.key) -}}
+{{- else -}}
+{{- $agentCA = genCA "wrenn-node-agent-ca" $days -}}
+{{- end -}}
+{{- $clientCA := "" -}}
+{{- if $clientGiven -}}
+{{- $clientCA = buildCustomCert (b64enc $clientGiven) (b64enc $given.client.key) -}}
+{{- else -}}
+{{- $clientCA = genCA "wrenn-operator-client-ca" $days -}}
+{{- end -}}
+{{- $sans := list $tls.agentServerName (printf "%s.%s.svc" (include "wrenn.agent.fullname" .) $ns) -}}
+{{- $agentCert := genSignedCert $tls.agentServerName nil $sans $days $agentCA -}}
+{{- $opCert := genSignedCert $tls.operatorClientName nil (list $tls.operatorClientName) $days $clientCA -}}
 {{- $m = dict "agentCrt" ($agentCert.Cert | b64enc) "agentKey" ($agentCert.Key | b64enc) "clientCA" ($clientCA.Cert | b64enc) "operatorCrt" ($opCert.Cert | b64enc) "operatorKey" ($opCert.Key | b64enc) "agentCA" ($agentCA.Cert | b64enc) "reused" false -}}
 {{- end -}}
 {{- $_ := set .Values "_wrennTls" $m -}}
@@ -36,10 +63,20 @@ so the Secrets and the pods' checksum annotations agree.
 {{- toYaml (get .Values "_wrennTls") -}}
 {{- end -}}
 
-{{/* Pod annotation that changes exactly when the certificates change, so pods pick up new ones. */}}
+{{/* Client certificate names agents serve: the operator's, then any extra (a gateway's). */}}
+{{- define "wrenn.tls.clientNames" -}}
+{{- prepend (.Values.tls.extraClientNames | default list) .Values.tls.operatorClientName | join "," -}}
+{{- end -}}
+
+{{/*
+Pod annotation that changes exactly when a CA changes, so both sides restart
+onto the new trust together. Leaf certificates are not in it: agents and the
+operator reload rotated leaves from their mounted Secrets without a restart, so
+a render that re-issues leaves under the same CAs restarts nothing.
+*/}}
 {{- define "wrenn.tls.checksum" -}}
 {{- if eq .Values.tls.mode "helm" -}}
 {{- $m := include "wrenn.tls.material" . | fromYaml -}}
-checksum/tls: {{ printf "%s%s" $m.agentCrt $m.operatorCrt | sha256sum | trunc 16 | quote }}
+checksum/tls: {{ printf "%s%s" $m.agentCA $m.clientCA | sha256sum | trunc 16 | quote }}
 {{- end -}}
 {{- end -}}

@@ -145,6 +145,11 @@ type StringLabels = [(&'static str, String); 1];
 pub struct Metrics {
     shared: Arc<Shared>,
     registry: Registry,
+    /// The per-capsule series (labelled with capsule UIDs), apart so the
+    /// admin port can leave them out.
+    per_capsule: Registry,
+    /// What the admin port shows without them: the count of capsules.
+    capsule_count: Registry,
     steps: Vec<Family<OutcomeLabels, prometheus_client::metrics::histogram::Histogram>>,
     orphans: Family<StringLabels, Counter>,
     errors: Family<StringLabels, Counter>,
@@ -195,10 +200,21 @@ impl Metrics {
             "Capsules whose journal recovery could not use, left untouched for an admin",
             quarantined.clone(),
         );
-        registry.register_collector(Box::new(CapsuleCollector(shared.clone())));
+        let mut per_capsule = Registry::default();
+        per_capsule.register_collector(Box::new(CapsuleCollector {
+            shared: shared.clone(),
+            per_capsule: true,
+        }));
+        let mut capsule_count = Registry::default();
+        capsule_count.register_collector(Box::new(CapsuleCollector {
+            shared: shared.clone(),
+            per_capsule: false,
+        }));
         Arc::new(Self {
             shared,
             registry,
+            per_capsule,
+            capsule_count,
             steps,
             orphans,
             errors,
@@ -338,11 +354,25 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Prometheus (OpenMetrics) text of every metric.
+    /// Prometheus (OpenMetrics) text of every metric, per-capsule series
+    /// included.
     pub fn encode(&self) -> String {
+        self.encode_with(&self.per_capsule)
+    }
+
+    /// The same without per-capsule series: nothing in it names a capsule,
+    /// for a port anyone on the node network may reach.
+    pub fn encode_without_capsules(&self) -> String {
+        self.encode_with(&self.capsule_count)
+    }
+
+    fn encode_with(&self, capsules: &Registry) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, capsules))
+            .and_then(|()| encode_eof(&mut out));
         out
     }
 
@@ -357,14 +387,18 @@ impl Metrics {
 }
 
 /// Exports the latest reading of every attached capsule at scrape time, so
-/// a detached or removed capsule's series vanish with it.
+/// a detached or removed capsule's series vanish with it. Without
+/// `per_capsule`, only how many capsules are sampled.
 #[derive(Debug)]
-struct CapsuleCollector(Arc<Shared>);
+struct CapsuleCollector {
+    shared: Arc<Shared>,
+    per_capsule: bool,
+}
 
 impl Collector for CapsuleCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let mut latest: Vec<(String, Reading)> = self
-            .0
+            .shared
             .lock()
             .iter()
             .filter(|(_, c)| c.source.is_some())
@@ -378,6 +412,9 @@ impl Collector for CapsuleCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        if !self.per_capsule {
+            return Ok(());
+        }
 
         type Pick = fn(&Reading) -> Option<u64>;
         let counters: [(&str, &str, Pick, f64); 3] = [

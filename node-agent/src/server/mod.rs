@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use wrenn_proto::agent::v1 as pb;
@@ -23,7 +22,7 @@ use crate::node::{NodePaths, VmmCap, plan_offer, read_facts};
 mod activity;
 pub mod convert;
 mod dataplane;
-use crate::tls::TlsFiles;
+use crate::tls::{Listening, PortConfig, TlsFiles};
 use convert::{to_capsule, to_status, validate_snapshot_id, validate_uid};
 
 /// Errors starting or running the server.
@@ -32,9 +31,12 @@ pub enum Error {
     /// TLS material could not be loaded.
     #[error("load TLS material")]
     Tls(#[source] crate::tls::Error),
-    /// tonic refused the TLS configuration or the server failed.
+    /// The server failed.
     #[error("serve gRPC")]
     Serve(#[source] tonic::transport::Error),
+    /// Accepting connections failed for good.
+    #[error("accept gRPC connections")]
+    Accept(#[source] std::io::Error),
 }
 
 /// Static identity of this agent.
@@ -472,19 +474,34 @@ impl NodeAgent for AgentService {
     }
 }
 
-/// Serves `service` on `listener` with mutual TLS until `shutdown` resolves.
+/// Serves `service` on `listener` with mutual TLS until `shutdown` resolves,
+/// with the default port settings ([`PortConfig::new`]: only the operator's
+/// name, default limits).
 pub async fn serve(
     listener: TcpListener,
     tls: &TlsFiles,
     service: AgentService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let tls = tls.server_config().map_err(Error::Tls)?;
-    Server::builder()
-        .tls_config(tls)
-        .map_err(Error::Serve)?
-        .add_service(NodeAgentServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    serve_with(listener, PortConfig::new(tls.clone()), service, shutdown).await
+}
+
+/// Serves `service` on `listener` as `port` says: mutual TLS with named
+/// clients, handshake deadline, connection cap, certificate reload.
+pub async fn serve_with(
+    listener: TcpListener,
+    port: PortConfig,
+    service: AgentService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let (incoming, accepting) = Listening::start(listener, port)
         .await
-        .map_err(Error::Serve)
+        .map_err(Error::Tls)?
+        .split();
+    Server::builder()
+        .add_service(NodeAgentServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(Error::Serve)?;
+    accepting.finish().await.map_err(Error::Accept)
 }
