@@ -1418,7 +1418,7 @@ async fn cas_from_values_keep_offline_renders_compatible() {
     );
     let first = tls_of(&render(&helm, "wrenn-system", &["--set-file", &set_files]));
     let second = tls_of(&render(&helm, "wrenn-system", &["--set-file", &set_files]));
-    for (what, (agent, op, sum)) in [("first", &first), ("second", &second)] {
+    for (what, (agent, op, _)) in [("first", &first), ("second", &second)] {
         assert_eq!(
             agent["ca.crt"], client_ca,
             "{what}: agents trust the given client CA"
@@ -1465,7 +1465,7 @@ async fn cas_from_values_keep_offline_renders_compatible() {
         })
         .await
     });
-    use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector, NodeAgent};
+    use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector};
     let tls = ClientTls::from_pem(
         second.1["tls.crt"].clone().into_bytes(),
         second.1["tls.key"].clone().into_bytes(),

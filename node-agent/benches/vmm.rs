@@ -58,6 +58,8 @@ fn main() {
     let paths = HostPaths {
         proc_root: "/proc".into(),
         state_dir: state.clone(),
+        hidden: Vec::new(),
+        devices: Vec::new(),
     };
 
     // Make the process large: 1 GiB, every page touched.
@@ -85,6 +87,7 @@ fn main() {
                 netns: Some(&netns),
                 limits: CgroupLimits::build_for_vm(1, 256 << 20),
                 inherit: vec![],
+                confine: Default::default(),
             },
         )
         .expect("spawn_supervised");
@@ -111,6 +114,7 @@ fn main() {
             cgroup_procs: &[],
             stdio: [None, None, None],
             inherit: &[],
+            confine: None,
         })
         .expect("spawn");
         let d = t.elapsed();
@@ -153,6 +157,7 @@ fn main() {
             cgroup_procs: &procs_fds,
             stdio: [None, None, None],
             inherit: &[],
+            confine: None,
         })
         .expect("spawn");
         let d = t.elapsed();
@@ -177,6 +182,7 @@ fn main() {
             cgroup_procs: &[],
             stdio: [None, None, None],
             inherit: &[],
+            confine: None,
         })
         .expect("spawn");
         let d = t.elapsed();

@@ -412,9 +412,9 @@ fn tap_has_its_queue_length_and_is_recreated_by_name() {
 fn identity(bed: &Bed, c: &CapsuleId) -> (u64, Option<u32>, Option<u32>) {
     use std::os::unix::fs::MetadataExt;
     let netns = bed.cfg.netns_dir.join(c.resource_name());
-    let ino = std::fs::metadata(&netns).unwrap().ino();
-    let tap = in_ns(&netns, |nl| nl.link_index(TAP_NAME)).unwrap();
-    let veth = in_ns(&bed.node, |nl| nl.link_index(&c.resource_name())).unwrap();
+    let ino = std::fs::metadata(&netns).expect("netns inode").ino();
+    let tap = in_ns(&netns, |nl| nl.link_index(TAP_NAME)).expect("tap index");
+    let veth = in_ns(&bed.node, |nl| nl.link_index(&c.resource_name())).expect("veth index");
     (ino, tap, veth)
 }
 
@@ -469,8 +469,14 @@ fn metadata_stays_blocked_under_egress_allow() {
     net.setup(&c, &EgressPolicy::Allow).unwrap();
     let g = bed.guest(&c);
     source_seen(&g, &remote, remote.local_addr().unwrap()).unwrap();
-    assert!(blocked(&g, md.local_addr().unwrap()), "reached 169.254.169.254");
-    assert!(blocked(&g, azure.local_addr().unwrap()), "reached 168.63.129.16");
+    assert!(
+        blocked(&g, md.local_addr().unwrap()),
+        "reached 169.254.169.254"
+    );
+    assert!(
+        blocked(&g, azure.local_addr().unwrap()),
+        "reached 168.63.129.16"
+    );
     // The node itself still reaches them: only capsule traffic is judged.
     source_seen(&bed.node, &azure, azure.local_addr().unwrap()).unwrap();
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();

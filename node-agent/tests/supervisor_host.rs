@@ -598,7 +598,10 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     spec.egress = wire(pb::Egress::Deny, &["198.51.100.0/24"]);
     rt.block_on(sup.create("c1", spec, State::Running)).unwrap();
     source_seen(&guest, &remote, to).unwrap();
-    assert!(blocked(&guest, other.local_addr().unwrap()), "unlisted network reached");
+    assert!(
+        blocked(&guest, other.local_addr().unwrap()),
+        "unlisted network reached"
+    );
 
     // A change on the running capsule: the same VMM, the new policy.
     let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
@@ -613,9 +616,10 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     assert_eq!(read().vm.unwrap().process.pid, pid);
     assert!(alive(pid));
     // An invalid policy changes nothing.
-    assert!(rt
-        .block_on(sup.update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()])))
-        .is_err());
+    assert!(
+        rt.block_on(sup.update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()])))
+            .is_err()
+    );
     assert_eq!(read().spec.egress, Egress::Deny);
 
     // An agent that journaled Allow and died before loading the table:
@@ -702,11 +706,16 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     assert!(report.adopted.is_empty() && report.lost.is_empty());
     assert_eq!(report.orphans.total(), 0, "{:?}", report.orphans);
     // Nothing of either was touched.
-    assert!(alive(torn_pid) && alive(newer_pid), "a quarantined VMM was killed");
+    assert!(
+        alive(torn_pid) && alive(newer_pid),
+        "a quarantined VMM was killed"
+    );
     assert_eq!(w.cgroup_names(), cgroups);
     assert_eq!(w.net.snapshot(), net, "a quarantined network changed");
     assert_eq!(
-        std::fs::read_dir(w.state.path().join("disks")).unwrap().count(),
+        std::fs::read_dir(w.state.path().join("disks"))
+            .unwrap()
+            .count(),
         disks
     );
     assert_eq!(w.files("capsules"), capsule_dirs);
@@ -748,9 +757,17 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     assert!(report.quarantined.is_empty());
     assert_eq!(report.adopted, vec!["newer".to_string()]);
     assert!(alive(newer_pid));
-    assert!(!alive(torn_pid), "the released capsule's VMM is an orphan now");
+    assert!(
+        !alive(torn_pid),
+        "the released capsule's VMM is an orphan now"
+    );
     assert_eq!(w.cgroup_names(), vec!["newer".to_string()]);
-    assert_eq!(report.orphans.storage.files.len(), 1, "{:?}", report.orphans);
+    assert_eq!(
+        report.orphans.storage.files.len(),
+        1,
+        "{:?}",
+        report.orphans
+    );
     assert!(
         sup.metrics()
             .encode()

@@ -414,11 +414,11 @@ fn a_capsule_cannot_leave_or_raise_the_vmm_cgroup_cap() {
         // Bring its own cgroupfs.
         (
             "mount-cgroupfs",
-            format!("mkdir -p $OWN/cg && mount -t cgroup -o memory cgroup $OWN/cg"),
+            "mkdir -p $OWN/cg && mount -t cgroup -o memory cgroup $OWN/cg".to_string(),
         ),
         (
             "mount-cgroup2",
-            format!("mkdir -p $OWN/cg2 && mount -t cgroup2 none $OWN/cg2"),
+            "mkdir -p $OWN/cg2 && mount -t cgroup2 none $OWN/cg2".to_string(),
         ),
         // Outgrow the cap: its own limit allows 1 GiB, the parent 96 MiB.
         // `tail` keeps a newline-free line whole in memory.

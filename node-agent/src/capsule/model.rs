@@ -60,7 +60,7 @@ pub enum Egress {
 }
 
 /// vCPUs, RAM and disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     /// vCPUs.
     pub vcpus: u32,

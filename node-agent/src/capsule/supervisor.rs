@@ -1260,7 +1260,8 @@ impl<M: Machine + 'static> Shared<M> {
                 let mut view = self.host.machine.diagnose(vm).await;
                 if view.is_empty() {
                     // Only the tail: the guest decides how much it printed.
-                    let text = crate::vmm::logs::console_tail(&self.layout.run_dir(&rec.uid), 16 << 10);
+                    let text =
+                        crate::vmm::logs::console_tail(&self.layout.run_dir(&rec.uid), 16 << 10);
                     let lines: Vec<&str> = text.lines().collect();
                     view = lines[lines.len().saturating_sub(25)..].join("\n");
                 }
@@ -1460,7 +1461,10 @@ impl<M: Machine + 'static> Shared<M> {
         // tokens gets one now, journaled before the guest is re-keyed.
         let held = rec.guest_token.clone();
         if rec.guest_token.is_none() {
-            rec.guest_token = Some(GuestToken::generate().map_err(files("read a guest token from", Path::new("/dev/urandom")))?);
+            rec.guest_token = Some(
+                GuestToken::generate()
+                    .map_err(files("read a guest token from", Path::new("/dev/urandom")))?,
+            );
         }
         rec.state = State::Resuming;
         rec.prior = Some(State::Suspended);

@@ -227,7 +227,12 @@ impl NodeAgent for AgentService {
             quarantined: self
                 .capsules
                 .as_ref()
-                .map(|c| c.quarantined().iter().map(convert::to_quarantined).collect())
+                .map(|c| {
+                    c.quarantined()
+                        .iter()
+                        .map(convert::to_quarantined)
+                        .collect()
+                })
                 .unwrap_or_default(),
             disk_quota_bytes: crate::node::plan_quota(self.disk_quota, facts.disk_total),
             disk_quota_used_bytes: facts.quota_used,

@@ -476,10 +476,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         // Last privileged step: everything above needed CAP_SYS_ADMIN.
-        if (*plan).drop_privileges {
-            if drop_privileges((*plan).keep_caps).is_err() {
-                fail(SpawnStep::DropPrivileges);
-            }
+        if (*plan).drop_privileges && drop_privileges((*plan).keep_caps).is_err() {
+            fail(SpawnStep::DropPrivileges);
         }
         for (target, src) in (*plan).stdio.iter().enumerate() {
             // The parent moved every source above 2, so no dup2 here

@@ -35,6 +35,30 @@ pub struct NodeInfoResponse {
     /// own reservation for a placed capsule until its UID is listed here.
     #[prost(string, repeated, tag = "20")]
     pub held: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Capsules whose journal the agent could not use at start-up (unreadable,
+    /// or written by a newer agent): nothing of them is touched, and create
+    /// and delete of their UIDs are refused, until an admin releases them.
+    #[prost(message, repeated, tag = "21")]
+    pub quarantined: ::prost::alloc::vec::Vec<QuarantinedCapsule>,
+    /// The node's quota for what the agent keeps on disk beyond running
+    /// capsules: the image cache, snapshots and suspend images (0: none).
+    #[prost(uint64, tag = "22")]
+    pub disk_quota_bytes: u64,
+    /// What those hold now; placement refuses a node at or over its quota.
+    #[prost(uint64, tag = "23")]
+    pub disk_quota_used_bytes: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct QuarantinedCapsule {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    /// "JournalUnreadable" or "JournalNewerVersion".
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+    /// What the agent found, for the admin.
+    #[prost(string, tag = "3")]
+    pub message: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
