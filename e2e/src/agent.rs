@@ -402,9 +402,7 @@ impl NodeAgent {
         if let Some(ready) = agent.guest_ready {
             cmd.arg(format!("--guest-ready-secs={}", ready.as_secs().max(1)));
         }
-        let child = cmd
-            .spawn()
-            .context("start wrenn-node-agent")?;
+        let child = cmd.spawn().context("start wrenn-node-agent")?;
         agent.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -390,13 +390,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     )
     .await;
     cl.suspend_capsule(r(&uid)).await.unwrap();
-    wait_state(
-        &mut cl,
-        &uid,
-        pb::CapsuleState::Suspended,
-        turn.ready,
-    )
-    .await;
+    wait_state(&mut cl, &uid, pb::CapsuleState::Suspended, turn.ready).await;
     wrenn_testkit::wait_until(Duration::from_secs(20), "VMM gone after suspend", || {
         let left = processes_mentioning(&uid);
         if left.is_empty() {
@@ -408,13 +402,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     .unwrap();
     let t0 = Instant::now();
     cl.resume_capsule(r(&uid)).await.unwrap();
-    wait_state(
-        &mut cl,
-        &uid,
-        pb::CapsuleState::Running,
-        turn.ready,
-    )
-    .await;
+    wait_state(&mut cl, &uid, pb::CapsuleState::Running, turn.ready).await;
     // Resume returns once the restored guest answered Init again.
     eprintln!("resume from Suspended to guest ready: {:?}", t0.elapsed());
     assert_eq!(sh(&mut cl, &uid, "cat /root/kept").await.trim(), "kept");

@@ -122,12 +122,9 @@ impl Cluster {
     }
 
     async fn wait_phase(&self, name: &str, phase: CapsulePhase) -> Capsule {
-        self.wait(
-            name,
-            &format!("phase {phase:?}"),
-            self.boot_wait(),
-            |c| c.status.as_ref().and_then(|s| s.phase) == Some(phase),
-        )
+        self.wait(name, &format!("phase {phase:?}"), self.boot_wait(), |c| {
+            c.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        })
         .await
     }
 

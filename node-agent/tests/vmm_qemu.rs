@@ -295,8 +295,9 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     };
     let image = read_image(&image_dir);
     // The vm tier's turn: a guest slot and the calibrated boot budget.
-    let turn = wrenn_testkit::vm::turn("vmm_qemu::boots_pauses_snapshots_and_restores_a_real_guest")
-        .unwrap();
+    let turn =
+        wrenn_testkit::vm::turn("vmm_qemu::boots_pauses_snapshots_and_restores_a_real_guest")
+            .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     // The capsule's disk: a qcow2 layer over the shared root disk.

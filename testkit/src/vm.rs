@@ -179,7 +179,8 @@ fn calibrate_or_read() -> Result<Duration, String> {
     let dir = run_dir.unwrap_or_else(slot_dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let lock_path = dir.join("calibration.lock");
-    let lock = File::create(&lock_path).map_err(|e| format!("open {}: {e}", lock_path.display()))?;
+    let lock =
+        File::create(&lock_path).map_err(|e| format!("open {}: {e}", lock_path.display()))?;
     // One process calibrates; the others wait here and read its figure.
     lock.lock()
         .map_err(|e| format!("lock {}: {e}", lock_path.display()))?;

@@ -213,7 +213,10 @@ mod tests {
         };
         let pid = i32::try_from(me).unwrap();
         let seen = describe_process(Path::new("/proc"), "qemu", id(pid, start));
-        assert!(seen.contains("state ") && seen.contains("threads:"), "{seen}");
+        assert!(
+            seen.contains("state ") && seen.contains("threads:"),
+            "{seen}"
+        );
         let reused = describe_process(Path::new("/proc"), "qemu", id(pid, start + 1));
         assert!(reused.ends_with("gone (pid reused)"), "{reused}");
         let gone = describe_process(Path::new("/nonexistent"), "helper", id(pid, start));

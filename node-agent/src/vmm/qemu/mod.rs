@@ -1341,9 +1341,7 @@ impl Machine for QemuMachine {
                 return Err(Error::Qemu {
                     capsule: capsule.to_string(),
                     what: "wait for vsock",
-                    reason: format!(
-                        "the guest did not set up its vsock device within {within:?}"
-                    ),
+                    reason: format!("the guest did not set up its vsock device within {within:?}"),
                 });
             }
             tokio::time::sleep(VSOCK_POLL).await;
