@@ -33,12 +33,12 @@ while getopts "n:l:t:x" opt; do
 done
 [ ${#bins[@]} -gt 0 ] || bins=(agent_vm operator_vm guest_boot vmm_qemu warm_vm)
 
-# Which package each binary belongs to.
-args=()
+# --workspace, not -p: the features then resolve as for `cargo test
+# --workspace`, so the soak reuses CI's build instead of compiling its own.
+args=(--workspace)
 for b in "${bins[@]}"; do
   case $b in
-    agent_vm | operator_vm | guest_boot) args+=(-p wrenn-e2e --test "$b") ;;
-    vmm_qemu | warm_vm) args+=(-p wrenn-node-agent --test "$b") ;;
+    agent_vm | operator_vm | guest_boot | vmm_qemu | warm_vm) args+=(--test "$b") ;;
     *) echo "unknown vm-tier test binary $b" >&2; exit 2 ;;
   esac
 done
