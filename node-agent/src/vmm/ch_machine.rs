@@ -233,7 +233,8 @@ impl Machine for ChMachine {
             .join(SNAPSHOT_OUT);
         let capsule = vm.capsule.clone();
         let (o, d) = (out.clone(), dir.to_path_buf());
-        run_blocking(move || reset_dir(&capsule, &o)).await?;
+        let reset = o.clone();
+        run_blocking(move || reset_dir(&capsule, &reset)).await?;
         self.vmm.snapshot(&handle, &out).await?;
         let capsule = vm.capsule.clone();
         run_blocking(move || move_files(&capsule, &o, &d)).await

@@ -95,9 +95,8 @@ fn read_backing(image: &Path) -> Option<PathBuf> {
     f.seek(SeekFrom::Start(offset)).ok()?;
     let mut name = vec![0u8; size as usize];
     f.read_exact(&mut name).ok()?;
-    let name = PathBuf::from(std::ffi::OsString::from(
-        std::os::unix::ffi::OsStringExt::from_vec(name),
-    ));
+    let name =
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
     // A relative name is relative to the image's directory.
     Some(match image.parent() {
         Some(dir) if name.is_relative() => dir.join(name),
