@@ -138,8 +138,14 @@ pub fn held_by(state: State, declared: &Resources) -> Resources {
     }
 }
 
+const NOTHING: Resources = Resources {
+    vcpus: 0,
+    memory_bytes: 0,
+    disk_bytes: 0,
+};
+
 /// `capacity` and `free` as `NodeInfo` reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offer {
     /// What capsules may use together: the node's, or the VMM cap if lower.
     pub capacity: Resources,
@@ -163,15 +169,14 @@ pub fn plan_offer(facts: &NodeFacts, cap: &VmmCap, capsules: &[(State, Resources
             .map_or(facts.memory_total, |m| m.min(facts.memory_total)),
         disk_bytes: facts.disk_total,
     };
-    let held =
-        capsules
-            .iter()
-            .map(|(state, r)| held_by(*state, r))
-            .fold(Resources::default(), |a, b| Resources {
-                vcpus: a.vcpus.saturating_add(b.vcpus),
-                memory_bytes: a.memory_bytes.saturating_add(b.memory_bytes),
-                disk_bytes: a.disk_bytes.saturating_add(b.disk_bytes),
-            });
+    let held = capsules
+        .iter()
+        .map(|(state, r)| held_by(*state, r))
+        .fold(NOTHING, |a, b| Resources {
+            vcpus: a.vcpus.saturating_add(b.vcpus),
+            memory_bytes: a.memory_bytes.saturating_add(b.memory_bytes),
+            disk_bytes: a.disk_bytes.saturating_add(b.disk_bytes),
+        });
     let free = Resources {
         vcpus: capacity.vcpus.saturating_sub(held.vcpus),
         memory_bytes: capacity

@@ -268,7 +268,7 @@ struct ChildPlan {
     n_mkdirs: usize,
     touch: *const *const libc::c_char,
     n_touch: usize,
-    binds: *const ChildBind,
+    binds: *mut ChildBind,
     n_binds: usize,
     mount_proc: bool,
     drop_privileges: bool,
@@ -282,11 +282,17 @@ struct ChildPlan {
 /// One bind mount of a shown path, prepared by the parent.
 #[repr(C)]
 struct ChildBind {
-    /// `/proc/self/fd/<n>` of an `O_PATH` descriptor of the source.
-    source: *const libc::c_char,
-    target: *const libc::c_char,
+    /// The path, bound at the same place once its surroundings are hidden.
+    path: *const libc::c_char,
     read_only: bool,
+    /// The detached copy (`open_tree`), made by the child before hiding.
+    tree: RawFd,
 }
+
+/// `open_tree(2)`: a detached copy of the mount at a path.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `move_mount(2)`: the source is the descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 const ROOT: &CStr = c"/";
 const PROC: &CStr = c"/proc";
@@ -390,6 +396,22 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // shown paths back, then freeze the tmpfs read-only. Needs the new
         // mount namespace (asked for by the parent whenever hiding).
         let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        // Copies of the shown paths first, while they are still visible:
+        // a bind needs its source in this mount namespace, so descriptors
+        // opened by the parent (in the agent's namespace) would not do.
+        for i in 0..(*plan).n_binds {
+            let bind = &mut *(*plan).binds.add(i);
+            let fd = libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                bind.path,
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            );
+            if fd < 0 {
+                fail(SpawnStep::ShowPath);
+            }
+            bind.tree = fd as RawFd;
+        }
         for i in 0..(*plan).n_hide {
             let dir = *(*plan).hide.add(i);
             if libc::mount(
@@ -423,22 +445,24 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         for i in 0..(*plan).n_binds {
             let bind = &*(*plan).binds.add(i);
-            if libc::mount(
-                bind.source,
-                bind.target,
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
+            if libc::syscall(
+                libc::SYS_move_mount,
+                bind.tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                bind.path,
+                MOVE_MOUNT_F_EMPTY_PATH,
             ) < 0
             {
                 fail(SpawnStep::ShowPath);
             }
+            libc::close(bind.tree);
             // A bind keeps its source's flags; read-only needs a remount of
             // this mount alone.
             if bind.read_only
                 && libc::mount(
                     std::ptr::null(),
-                    bind.target,
+                    bind.path,
                     std::ptr::null(),
                     libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
                     std::ptr::null(),
@@ -460,8 +484,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(SpawnStep::HidePath);
             }
         }
-        // After the binds: their sources are `/proc/self/fd/N` of the host
-        // procfs. The fresh one shows only the new PID namespace.
+        // The fresh procfs shows only the new PID namespace.
         if (*plan).mount_proc {
             libc::umount2(PROC.as_ptr(), libc::MNT_DETACH);
             if libc::mount(
@@ -581,8 +604,8 @@ unsafe fn drop_privileges(keep: u64) -> Result<(), ()> {
 }
 
 /// The parent's preparation of a [`Confinement`]: C strings for every
-/// path, and an `O_PATH` descriptor per shown path so the child can bind it
-/// after its original location is covered.
+/// path, and the mount points each shown path needs (a directory or a file,
+/// as it is now).
 #[derive(Default)]
 struct View {
     hide: Vec<CString>,
@@ -594,9 +617,7 @@ struct View {
 }
 
 struct PreparedBind {
-    _fd: OwnedFd,
-    source: CString,
-    target: CString,
+    path: CString,
     read_only: bool,
 }
 
@@ -646,8 +667,9 @@ impl View {
             }) {
                 return Err(invalid(format!("cannot show {}", path.display())));
             }
-            // Follows symlinks (`/dev/mapper/x` -> `/dev/dm-3`): the target
-            // is bound at the path the VMM is told.
+            // Follows symlinks (`/dev/mapper/x` -> `/dev/dm-3`), as the
+            // child's `open_tree` does: the target is bound at the path the
+            // VMM is told.
             let fd = nix::fcntl::open(
                 path,
                 nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
@@ -682,13 +704,9 @@ impl View {
             } else {
                 view.touch.push(cstring(path.as_os_str())?);
             }
-            let source = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-                .map_err(|e| invalid(e.to_string()))?;
             bound.push(path);
             view.binds.push(PreparedBind {
-                _fd: fd,
-                source,
-                target: cstring(path.as_os_str())?,
+                path: cstring(path.as_os_str())?,
                 read_only: !shown.writable,
             });
         }
@@ -784,13 +802,13 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
     let hide = ptrs(&view.hide);
     let mkdirs = ptrs(&view.mkdirs);
     let touch = ptrs(&view.touch);
-    let binds: Vec<ChildBind> = view
+    let mut binds: Vec<ChildBind> = view
         .binds
         .iter()
         .map(|b| ChildBind {
-            source: b.source.as_ptr(),
-            target: b.target.as_ptr(),
+            path: b.path.as_ptr(),
             read_only: b.read_only,
+            tree: -1,
         })
         .collect();
     let new_pid_ns = plan.confine.is_some_and(|c| c.new_pid_ns);
@@ -820,7 +838,7 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         n_mkdirs: mkdirs.len(),
         touch: touch.as_ptr(),
         n_touch: touch.len(),
-        binds: binds.as_ptr(),
+        binds: binds.as_mut_ptr(),
         n_binds: binds.len(),
         mount_proc: new_pid_ns,
         drop_privileges: plan.confine.is_some(),
@@ -878,8 +896,9 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         )
     };
     drop(stack);
-    // The O_PATH sources stay open until the child has mounted them.
+    // The paths stay allocated until the child has mounted them.
     drop(view);
+    drop(binds);
     if step != 0 {
         // The child has exited with 127; reap it so no zombie is left.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);

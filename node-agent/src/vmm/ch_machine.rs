@@ -136,7 +136,7 @@ pub fn build_machine_config(spec: &MachineSpec) -> VmConfig {
         kernel: path(&spec.kernel),
         cmdline: spec.cmdline.clone(),
         root_disk: path(&spec.root_disk),
-        serial_file: Some(path(&spec.run_dir.join(super::logs::CH_SERIAL_LOG))),
+        serial_file: Some(path(&spec.run_dir.join("serial.log"))),
         vsock: Some((u64::from(spec.vsock_cid), path(&spec.vsock_socket))),
         system_uuid: None,
     });
@@ -233,8 +233,8 @@ impl Machine for ChMachine {
             .join(SNAPSHOT_OUT);
         let capsule = vm.capsule.clone();
         let (o, d) = (out.clone(), dir.to_path_buf());
-        let fresh = out.clone();
-        run_blocking(move || reset_dir(&capsule, &fresh)).await?;
+        let reset = o.clone();
+        run_blocking(move || reset_dir(&capsule, &reset)).await?;
         self.vmm.snapshot(&handle, &out).await?;
         let capsule = vm.capsule.clone();
         run_blocking(move || move_files(&capsule, &o, &d)).await
@@ -279,62 +279,6 @@ impl Machine for ChMachine {
     async fn wait_exit(&self, vm: &MachineHandle) -> Result<VmmExit, Error> {
         self.vmm.wait_exit(&Self::vmm_handle(vm)).await
     }
-}
-
-/// The run-dir subdirectory CH writes a snapshot into.
-const SNAPSHOT_OUT: &str = "snapshot-out";
-
-async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) -> Result<(), Error> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(Error::PrepareSpawn {
-            capsule: String::new(),
-            what: "snapshot file task",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
-}
-
-fn snapshot_err(
-    capsule: &str,
-    what: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> Error {
-    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
-    move |source| Error::PrepareSpawn {
-        capsule,
-        what,
-        path,
-        source,
-    }
-}
-
-/// An empty `dir`, whatever a failed earlier snapshot left there.
-fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
-    }
-    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
-}
-
-/// Moves every file of `from` into `to` (created if absent), then removes
-/// `from`.
-fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
-    let entries =
-        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
-    for entry in entries {
-        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
-        let target = to.join(entry.file_name());
-        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
-            capsule,
-            "move snapshot file",
-            &target,
-        ))?;
-    }
-    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
 }
 
 #[cfg(test)]
@@ -400,4 +344,60 @@ mod tests {
         assert_eq!(v.event_file, Path::new("/s/vmm/c1/events.json"));
         assert_eq!(v.process.pid, 7);
     }
+}
+
+/// The run-dir subdirectory CH writes a snapshot into.
+const SNAPSHOT_OUT: &str = "snapshot-out";
+
+async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) -> Result<(), Error> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(Error::PrepareSpawn {
+            capsule: String::new(),
+            what: "snapshot file task",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+fn snapshot_err(
+    capsule: &str,
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> Error {
+    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
+    move |source| Error::PrepareSpawn {
+        capsule,
+        what,
+        path,
+        source,
+    }
+}
+
+/// An empty `dir`, whatever a failed earlier snapshot left there.
+fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
+}
+
+/// Moves every file of `from` into `to` (created if absent), then removes
+/// `from`.
+fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
+    let entries =
+        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+    for entry in entries {
+        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        let target = to.join(entry.file_name());
+        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
+            capsule,
+            "move snapshot file",
+            &target,
+        ))?;
+    }
+    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
 }
