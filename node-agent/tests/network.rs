@@ -469,8 +469,14 @@ fn metadata_stays_blocked_under_egress_allow() {
     net.setup(&c, &EgressPolicy::Allow).unwrap();
     let g = bed.guest(&c);
     source_seen(&g, &remote, remote.local_addr().unwrap()).unwrap();
-    assert!(blocked(&g, md.local_addr().unwrap()), "reached 169.254.169.254");
-    assert!(blocked(&g, azure.local_addr().unwrap()), "reached 168.63.129.16");
+    assert!(
+        blocked(&g, md.local_addr().unwrap()),
+        "reached 169.254.169.254"
+    );
+    assert!(
+        blocked(&g, azure.local_addr().unwrap()),
+        "reached 168.63.129.16"
+    );
     // The node itself still reaches them: only capsule traffic is judged.
     source_seen(&bed.node, &azure, azure.local_addr().unwrap()).unwrap();
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();

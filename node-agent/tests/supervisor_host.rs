@@ -595,7 +595,10 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     spec.egress = wire(pb::Egress::Deny, &["198.51.100.0/24"]);
     rt.block_on(sup.create("c1", spec, State::Running)).unwrap();
     source_seen(&guest, &remote, to).unwrap();
-    assert!(blocked(&guest, other.local_addr().unwrap()), "unlisted network reached");
+    assert!(
+        blocked(&guest, other.local_addr().unwrap()),
+        "unlisted network reached"
+    );
 
     // A change on the running capsule: the same VMM, the new policy.
     let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
@@ -610,9 +613,10 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     assert_eq!(read().vm.unwrap().process.pid, pid);
     assert!(alive(pid));
     // An invalid policy changes nothing.
-    assert!(rt
-        .block_on(sup.update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()])))
-        .is_err());
+    assert!(
+        rt.block_on(sup.update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()])))
+            .is_err()
+    );
     assert_eq!(read().spec.egress, Egress::Deny);
 
     // An agent that journaled Allow and died before loading the table:

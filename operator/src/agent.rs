@@ -431,8 +431,5 @@ pub fn to_vm(c: &pb::Capsule) -> Vm {
 /// The plan's view of a wire network policy (ports aside: the agent does
 /// not enforce them).
 pub fn to_egress(n: &pb::NetworkPolicy) -> EgressPolicy {
-    EgressPolicy::new(
-        n.egress == pb::Egress::Deny as i32,
-        n.allow_cidrs.clone(),
-    )
+    EgressPolicy::new(n.egress == pb::Egress::Deny as i32, n.allow_cidrs.clone())
 }

@@ -148,7 +148,10 @@ mod tests {
     #[tokio::test]
     async fn a_running_capsule_gets_the_new_policy_in_place() {
         let b = bed();
-        b.sup.create("c1", spec("c1"), State::Running).await.unwrap();
+        b.sup
+            .create("c1", spec("c1"), State::Running)
+            .await
+            .unwrap();
         let id = NetId::new("c1").unwrap();
         let v = b.sup.update_network("c1", listed()).await.unwrap();
         assert_eq!(v.spec.egress, listed());
@@ -178,7 +181,10 @@ mod tests {
     #[tokio::test]
     async fn a_failed_swap_keeps_the_old_policy_in_the_journal_and_the_view() {
         let b = bed();
-        b.sup.create("c1", spec("c1"), State::Running).await.unwrap();
+        b.sup
+            .create("c1", spec("c1"), State::Running)
+            .await
+            .unwrap();
         b.net.fail_next_setup(SetupStep::LoadCapsuleTable);
         let err = b.sup.update_network("c1", Egress::Deny).await.unwrap_err();
         assert!(matches!(err, Error::Network { .. }), "{err}");

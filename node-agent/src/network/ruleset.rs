@@ -324,7 +324,10 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
     if l.packets_per_second > 0 {
         let pps = u64::from(l.packets_per_second);
         forward.push(rule(
-            vec![Iif(tap()), LimitOver(packets(pps, l.packets_per_second / 10))],
+            vec![
+                Iif(tap()),
+                LimitOver(packets(pps, l.packets_per_second / 10)),
+            ],
             Action::Drop,
         ));
     }
@@ -349,7 +352,10 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
     if l.new_connections_per_second > 0 {
         let n = u64::from(l.new_connections_per_second);
         forward.push(rule(
-            vec![Iif(tap()), LimitOver(packets(n, l.new_connections_per_second))],
+            vec![
+                Iif(tap()),
+                LimitOver(packets(n, l.new_connections_per_second)),
+            ],
             Action::Drop,
         ));
     }
