@@ -1064,14 +1064,20 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
         if let Some(e) = found {
             break e;
         }
-        assert!(Instant::now() < deadline, "no CapsuleQuarantined event for {node}");
+        assert!(
+            Instant::now() < deadline,
+            "no CapsuleQuarantined event for {node}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(ev.type_.as_deref(), Some("Warning"));
     let regarding = ev.regarding.unwrap();
     assert_eq!(regarding.kind.as_deref(), Some("Node"));
     let note = ev.note.unwrap_or_default();
-    assert!(note.contains(&uid) && note.contains("JournalUnreadable"), "{note}");
+    assert!(
+        note.contains(&uid) && note.contains("JournalUnreadable"),
+        "{note}"
+    );
     // The other node quarantined nothing and gets no such Event.
     let other = format!("{ns}-b");
     assert!(
@@ -1081,8 +1087,10 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
             .unwrap()
             .items
             .iter()
-            .any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(other.as_str())
-                && e.reason.as_deref() == Some(wrenn_crds::names::reason::CAPSULE_QUARANTINED))
+            .any(
+                |e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(other.as_str())
+                    && e.reason.as_deref() == Some(wrenn_crds::names::reason::CAPSULE_QUARANTINED)
+            )
     );
     op.stop().await;
 }

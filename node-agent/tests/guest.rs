@@ -497,7 +497,10 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
         assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
     }
     let (out, exit) = run(&r, &["sh", "-c", "echo $WRENN_FROM_INIT"], b"").await;
-    assert_eq!((out.as_slice(), exit.code), (b"hello\n".as_slice(), Some(0)));
+    assert_eq!(
+        (out.as_slice(), exit.code),
+        (b"hello\n".as_slice(), Some(0))
+    );
     let with_new = connect().await.unwrap().with_token(new.expose()).unwrap();
     assert!(with_new.health().await.unwrap().initialized);
 

@@ -622,11 +622,16 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     assert!(report.adopted.is_empty() && report.lost.is_empty());
     assert_eq!(report.orphans.total(), 0, "{:?}", report.orphans);
     // Nothing of either was touched.
-    assert!(alive(torn_pid) && alive(newer_pid), "a quarantined VMM was killed");
+    assert!(
+        alive(torn_pid) && alive(newer_pid),
+        "a quarantined VMM was killed"
+    );
     assert_eq!(w.cgroup_names(), cgroups);
     assert_eq!(w.net.snapshot(), net, "a quarantined network changed");
     assert_eq!(
-        std::fs::read_dir(w.state.path().join("disks")).unwrap().count(),
+        std::fs::read_dir(w.state.path().join("disks"))
+            .unwrap()
+            .count(),
         disks
     );
     assert_eq!(w.files("capsules"), capsule_dirs);
@@ -668,9 +673,17 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     assert!(report.quarantined.is_empty());
     assert_eq!(report.adopted, vec!["newer".to_string()]);
     assert!(alive(newer_pid));
-    assert!(!alive(torn_pid), "the released capsule's VMM is an orphan now");
+    assert!(
+        !alive(torn_pid),
+        "the released capsule's VMM is an orphan now"
+    );
     assert_eq!(w.cgroup_names(), vec!["newer".to_string()]);
-    assert_eq!(report.orphans.storage.files.len(), 1, "{:?}", report.orphans);
+    assert_eq!(
+        report.orphans.storage.files.len(),
+        1,
+        "{:?}",
+        report.orphans
+    );
     assert!(
         sup.metrics()
             .encode()

@@ -260,7 +260,10 @@ mod tests {
         assert_eq!(admit_unix(Some(0), 0), Ok(()));
         assert_eq!(
             admit_unix(Some(65534), 0),
-            Err(Refused::OtherUser { peer: 65534, own: 0 })
+            Err(Refused::OtherUser {
+                peer: 65534,
+                own: 0
+            })
         );
         assert_eq!(admit_unix(None, 0), Err(Refused::NoCredentials));
     }

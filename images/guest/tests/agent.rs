@@ -145,7 +145,12 @@ async fn init_then_every_call_needs_the_token() {
         let e = g.client.init(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{weak:?}: {e:?}");
     }
-    let h = g.client.health(HealthRequest {}).await.unwrap().into_inner();
+    let h = g
+        .client
+        .health(HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!h.initialized);
 
     let r = g.client.init(init_request()).await.unwrap().into_inner();

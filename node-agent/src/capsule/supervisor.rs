@@ -1437,7 +1437,10 @@ impl<M: Machine + 'static> Shared<M> {
         // tokens gets one now, journaled before the guest is re-keyed.
         let held = rec.guest_token.clone();
         if rec.guest_token.is_none() {
-            rec.guest_token = Some(GuestToken::generate().map_err(files("read a guest token from", Path::new("/dev/urandom")))?);
+            rec.guest_token = Some(
+                GuestToken::generate()
+                    .map_err(files("read a guest token from", Path::new("/dev/urandom")))?,
+            );
         }
         rec.state = State::Resuming;
         rec.prior = Some(State::Suspended);

@@ -198,7 +198,12 @@ impl NodeAgent for AgentService {
             quarantined: self
                 .capsules
                 .as_ref()
-                .map(|c| c.quarantined().iter().map(convert::to_quarantined).collect())
+                .map(|c| {
+                    c.quarantined()
+                        .iter()
+                        .map(convert::to_quarantined)
+                        .collect()
+                })
                 .unwrap_or_default(),
         }))
     }

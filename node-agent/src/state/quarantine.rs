@@ -84,9 +84,7 @@ pub fn plan_journal<T: DeserializeOwned>(
         Ok(Some(b)) => b,
         Ok(None) if never_written => return Verdict::Discard,
         Ok(None) => {
-            return unreadable(
-                "the capsule directory holds files but no journal".to_string(),
-            );
+            return unreadable("the capsule directory holds files but no journal".to_string());
         }
         Err(e) => return unreadable(chain(&e)),
     };
@@ -191,7 +189,9 @@ mod tests {
     fn a_current_record_is_used() {
         let v = plan(
             "c1",
-            Ok(Some(br#"{"version":1,"uid":"c1","state":"Running"}"#.to_vec())),
+            Ok(Some(
+                br#"{"version":1,"uid":"c1","state":"Running"}"#.to_vec(),
+            )),
             false,
         );
         assert!(matches!(v, Verdict::Use(r) if r.state == "Running"));
@@ -201,7 +201,9 @@ mod tests {
     fn a_newer_record_is_quarantined_even_when_it_would_parse() {
         let v = plan(
             "c1",
-            Ok(Some(br#"{"version":2,"uid":"c1","state":"Running"}"#.to_vec())),
+            Ok(Some(
+                br#"{"version":2,"uid":"c1","state":"Running"}"#.to_vec(),
+            )),
             false,
         );
         assert_eq!(reason(v), Some(QuarantineReason::NewerVersion));

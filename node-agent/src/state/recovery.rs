@@ -135,13 +135,10 @@ impl<M: Machine + 'static> Supervisor<M> {
                 source: Box::new(source),
             })?;
 
-        let uids = shared
-            .journal
-            .uids()
-            .map_err(|source| Error::Journal {
-                uid: "(all)".into(),
-                source: Box::new(source),
-            })?;
+        let uids = shared.journal.uids().map_err(|source| Error::Journal {
+            uid: "(all)".into(),
+            source: Box::new(source),
+        })?;
         for uid in uids {
             let bytes = shared.journal.read_bytes(&uid);
             let never_written = shared.journal.never_written(&uid);
