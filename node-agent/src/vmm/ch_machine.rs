@@ -281,6 +281,62 @@ impl Machine for ChMachine {
     }
 }
 
+/// The run-dir subdirectory CH writes a snapshot into.
+const SNAPSHOT_OUT: &str = "snapshot-out";
+
+async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) -> Result<(), Error> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(Error::PrepareSpawn {
+            capsule: String::new(),
+            what: "snapshot file task",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+fn snapshot_err(
+    capsule: &str,
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> Error {
+    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
+    move |source| Error::PrepareSpawn {
+        capsule,
+        what,
+        path,
+        source,
+    }
+}
+
+/// An empty `dir`, whatever a failed earlier snapshot left there.
+fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
+}
+
+/// Moves every file of `from` into `to` (created if absent), then removes
+/// `from`.
+fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
+    let entries =
+        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+    for entry in entries {
+        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        let target = to.join(entry.file_name());
+        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
+            capsule,
+            "move snapshot file",
+            &target,
+        ))?;
+    }
+    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,60 +400,4 @@ mod tests {
         assert_eq!(v.event_file, Path::new("/s/vmm/c1/events.json"));
         assert_eq!(v.process.pid, 7);
     }
-}
-
-/// The run-dir subdirectory CH writes a snapshot into.
-const SNAPSHOT_OUT: &str = "snapshot-out";
-
-async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) -> Result<(), Error> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(Error::PrepareSpawn {
-            capsule: String::new(),
-            what: "snapshot file task",
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
-}
-
-fn snapshot_err(
-    capsule: &str,
-    what: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> Error {
-    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
-    move |source| Error::PrepareSpawn {
-        capsule,
-        what,
-        path,
-        source,
-    }
-}
-
-/// An empty `dir`, whatever a failed earlier snapshot left there.
-fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
-    }
-    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
-}
-
-/// Moves every file of `from` into `to` (created if absent), then removes
-/// `from`.
-fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
-    let entries =
-        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
-    for entry in entries {
-        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
-        let target = to.join(entry.file_name());
-        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
-            capsule,
-            "move snapshot file",
-            &target,
-        ))?;
-    }
-    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
 }
