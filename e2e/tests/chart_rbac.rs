@@ -962,7 +962,8 @@ fn chart_env_is_what_the_binaries_accept() {
             // QEMU and its vsock backend are found in PATH in the image;
             // one agent per node owns /run/netns and the `wrenn` cgroups;
             // the image carries wrenn-guest at the default path; no
-            // registry is trusted over plain HTTP.
+            // registry is trusted over plain HTTP; 180 s covers a KVM
+            // guest's boot with a wide margin (only TCG test beds raise it).
             &[
                 "WRENN_QEMU_BINARY",
                 "WRENN_VHOST_VSOCK",
@@ -970,6 +971,7 @@ fn chart_env_is_what_the_binaries_accept() {
                 "WRENN_CGROUP_PARENT",
                 "WRENN_GUEST_BINARY",
                 "WRENN_INSECURE_REGISTRIES",
+                "WRENN_GUEST_READY_SECS",
             ][..],
         ),
     ]);
