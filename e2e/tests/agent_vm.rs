@@ -80,9 +80,7 @@ fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
             source: Some(pb::BootSource {
                 source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
                     key: "default/base@ci".into(),
-                    disk: Some(pb::template_disk::Disk::RootfsPath(
-                        image.rootfs().display().to_string(),
-                    )),
+                    disk: Some(pb::template_disk::Disk::RootfsPath(GuestImage::ROOTFS.into())),
                     digest: String::new(),
                     disk_bytes: 1 << 30,
                 })),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use clap::Parser;
 use wrenn_node_agent::args::{Args, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
-use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
+use wrenn_node_agent::images::{ImageDirs, PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::NodePaths;
@@ -103,6 +103,7 @@ async fn run(args: Args) -> ExitCode {
         admin_listen,
         guest_binary,
         insecure_registries,
+        image_dirs,
         ..
     } = args;
     let tls = TlsFiles {
@@ -154,6 +155,21 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(EXIT_HOST);
         }
     };
+    let image_dirs = {
+        let state_dir = state_dir.clone();
+        match tokio::task::spawn_blocking(move || open_image_dirs(image_dirs, &state_dir)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(err)) => {
+                tracing::error!(
+                    error = &err as &dyn std::error::Error,
+                    "bad --image-dir"
+                );
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+            Err(_) => return ExitCode::from(EXIT_BAD_CONFIG),
+        }
+    };
+    tracing::info!(dirs = ?image_dirs.dirs(), "templates may name files in these image directories only");
     let templates = TemplateSettings {
         cache_dir: state_dir.join("images"),
         guest_binary,
@@ -161,6 +177,7 @@ async fn run(args: Args) -> ExitCode {
             auth: None,
             insecure_registries,
         },
+        image_dirs,
     };
     let common = Common {
         templates,
@@ -332,6 +349,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         },
     )
     .with_activity_file(&activity_file)
+    .with_image_dirs(cfg_templates.settings().image_dirs.clone())
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());
     metrics.set_ready(true);
@@ -351,6 +369,27 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             ExitCode::from(EXIT_SERVE)
         }
     }
+}
+
+/// The image directories from `--image-dir`, or `<state>/node-images`
+/// (made if missing) when none is given. Blocking.
+fn open_image_dirs(
+    dirs: Vec<PathBuf>,
+    state_dir: &Path,
+) -> Result<ImageDirs, wrenn_node_agent::images::dirs::Error> {
+    let dirs = if dirs.is_empty() {
+        let default = state_dir.join(wrenn_node_agent::images::dirs::NODE_IMAGES_SUBDIR);
+        std::fs::create_dir_all(&default).map_err(|e| {
+            wrenn_node_agent::images::dirs::Error::Config {
+                dir: default.clone(),
+                why: format!("create it: {e}"),
+            }
+        })?;
+        vec![default]
+    } else {
+        dirs
+    };
+    ImageDirs::new(&dirs, state_dir)
 }
 
 /// Resolves on SIGTERM (what the kubelet sends) or SIGINT. Running capsules

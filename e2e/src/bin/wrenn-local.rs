@@ -149,7 +149,7 @@ async fn demo(args: &Args, client: &Client, image: &GuestImage, agent: &NodeAgen
     apply(
         client,
         ns,
-        &template_manifest("local", &image.rootfs()),
+        &template_manifest("local", GuestImage::ROOTFS),
         MANAGER,
     )
     .await?;

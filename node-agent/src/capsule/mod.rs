@@ -29,6 +29,7 @@
 
 mod api;
 mod bases;
+pub mod cmdline;
 mod events;
 mod model;
 mod prepare;

@@ -28,6 +28,8 @@ pub struct TemplateSettings {
     pub guest_binary: PathBuf,
     /// How to reach registries.
     pub pull: PullOptions,
+    /// Where local images (`oci:`, `docker-archive:`) may come from.
+    pub image_dirs: super::ImageDirs,
 }
 
 /// Builds (or finds) template disks. See the module docs.
@@ -98,12 +100,14 @@ impl TemplateBuilder {
                 };
                 self.build(image, size_bytes).await
             }
-            ImageSource::Local(image) => self.build(image.clone(), size_bytes).await,
-            ImageSource::Path(path) => {
-                let p = path.clone();
-                let image = tokio::task::spawn_blocking(move || ImageSource::to_local(&p))
-                    .await
-                    .map_err(|_| thread_lost(path))??;
+            ImageSource::Local(image) => {
+                // Resolved here, right before the build reads it, whatever
+                // the gRPC edge checked earlier.
+                let (named, dirs) = (image.clone(), self.settings.image_dirs.clone());
+                let image =
+                    tokio::task::spawn_blocking(move || ImageSource::resolve_local(&named, &dirs))
+                        .await
+                        .map_err(|_| thread_lost(&self.settings.cache_dir))??;
                 self.build(image, size_bytes).await
             }
         }
@@ -203,6 +207,7 @@ mod tests {
             cache_dir: root.to_path_buf(),
             guest_binary: "/g".into(),
             pull: PullOptions::default(),
+            image_dirs: Default::default(),
         });
         let mut removed = b.sweep();
         removed.sort();

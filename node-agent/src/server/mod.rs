@@ -56,6 +56,7 @@ pub struct AgentService {
     capsules: Option<Arc<dyn CapsuleApi>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     activity: activity::Activity,
+    image_dirs: crate::images::ImageDirs,
 }
 
 impl AgentService {
@@ -68,7 +69,15 @@ impl AgentService {
             capsules: None,
             metrics: None,
             activity: activity::Activity::default(),
+            image_dirs: crate::images::ImageDirs::default(),
         }
+    }
+
+    /// Resolves the root disks, kernels and local images requests name in
+    /// `dirs` (see `images::dirs`); without it every node file is refused.
+    pub fn with_image_dirs(mut self, dirs: crate::images::ImageDirs) -> Self {
+        self.image_dirs = dirs;
+        self
     }
 
     /// Serves capsule RPCs from `capsules` (the supervisor).
@@ -199,7 +208,13 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::CreateCapsuleRequest>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let (uid, spec, initial) = convert::from_create(req.into_inner())?;
+        let dirs = self.image_dirs.clone();
+        let req = req.into_inner();
+        // Resolving node file names is blocking file work.
+        let (uid, spec, initial) =
+            tokio::task::spawn_blocking(move || convert::from_create(req, &dirs))
+                .await
+                .map_err(|e| Status::internal(format!("check the request: {e}")))??;
         let view = self
             .capsules()?
             .create(&uid, spec, initial)
@@ -325,7 +340,11 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::PrepareTemplateRequest>,
     ) -> Result<Response<pb::TemplateState>, Status> {
-        let req = convert::from_prepare(req.into_inner())?;
+        let dirs = self.image_dirs.clone();
+        let req = req.into_inner();
+        let req = tokio::task::spawn_blocking(move || convert::from_prepare(req, &dirs))
+            .await
+            .map_err(|e| Status::internal(format!("check the request: {e}")))??;
         let state = self
             .capsules()?
             .prepare_template(req)
