@@ -80,7 +80,9 @@ fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
             source: Some(pb::BootSource {
                 source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
                     key: "default/base@ci".into(),
-                    disk: Some(pb::template_disk::Disk::RootfsPath(GuestImage::ROOTFS.into())),
+                    disk: Some(pb::template_disk::Disk::RootfsPath(
+                        GuestImage::ROOTFS.into(),
+                    )),
                     digest: String::new(),
                     disk_bytes: 1 << 30,
                 })),

@@ -853,8 +853,14 @@ async fn only_namespaces_a_cluster_admin_allowed_may_name_node_files() {
             // The policy is applied with the CRDs; allow it to take effect.
             let deadline = Instant::now() + Duration::from_secs(30);
             let msg = loop {
-                match create_in(&env.client, ns, "CapsuleTemplate", &format!("t{i}"), spec.clone())
-                    .await
+                match create_in(
+                    &env.client,
+                    ns,
+                    "CapsuleTemplate",
+                    &format!("t{i}"),
+                    spec.clone(),
+                )
+                .await
                 {
                     Err(msg) => break msg,
                     Ok(_) => {
@@ -864,14 +870,22 @@ async fn only_namespaces_a_cluster_admin_allowed_may_name_node_files() {
                     }
                 }
             };
-            assert!(msg.contains(expected) && msg.contains(allowed_by), "{ns}: {msg}");
+            assert!(
+                msg.contains(expected) && msg.contains(allowed_by),
+                "{ns}: {msg}"
+            );
         }
     }
     // A registry image needs no permission; adding a kernel to it later is
     // refused like naming one at creation.
-    create(&env, "CapsuleTemplate", "registry", json!({"source": {"image": {"reference": "debian:12"}}}))
-        .await
-        .unwrap();
+    create(
+        &env,
+        "CapsuleTemplate",
+        "registry",
+        json!({"source": {"image": {"reference": "debian:12"}}}),
+    )
+    .await
+    .unwrap();
     let msg = update(
         &env,
         "CapsuleTemplate",
@@ -880,7 +894,10 @@ async fn only_namespaces_a_cluster_admin_allowed_may_name_node_files() {
     )
     .await
     .unwrap_err();
-    assert!(msg.contains("spec.kernel names a kernel file on the node"), "{msg}");
+    assert!(
+        msg.contains("spec.kernel names a kernel file on the node"),
+        "{msg}"
+    );
     // In a namespace the admin labelled, every one is accepted.
     let allowed = wrenn_e2e::node_images_namespace(&env.client, "allowed")
         .await
@@ -888,7 +905,15 @@ async fn only_namespaces_a_cluster_admin_allowed_may_name_node_files() {
     for (i, (spec, _)) in node_files.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match create_in(&env.client, &allowed, "CapsuleTemplate", &format!("t{i}"), spec.clone()).await {
+            match create_in(
+                &env.client,
+                &allowed,
+                "CapsuleTemplate",
+                &format!("t{i}"),
+                spec.clone(),
+            )
+            .await
+            {
                 Ok(_) => break,
                 Err(msg) => {
                     assert!(Instant::now() < deadline, "allowed namespace: {msg}");

@@ -701,7 +701,8 @@ async fn count_writes(api: &Api<Capsule>, name: &str) -> tokio::task::JoinHandle
 /// 1Gi, slow to boot under TCG on a 2-CPU runner, and a 4Gi to 10Gi disk,
 /// which placement reserves in full against the node's free space (a test
 /// machine may have less); so the template boots the test's guest root disk
-/// from a node path and the capsule asks for 1 vCPU and a 1Gi disk. Every
+/// from the agents' image directory (by name, in a namespace allowed to) and
+/// the capsule asks for 1 vCPU and a 1Gi disk. Every
 /// other field (lifecycle, env, network egress and ports) is the example's.
 fn write_examples(dir: &std::path::Path, rootfs: &str) {
     std::fs::create_dir_all(dir).unwrap();

@@ -160,10 +160,7 @@ async fn run(args: Args) -> ExitCode {
         match tokio::task::spawn_blocking(move || open_image_dirs(image_dirs, &state_dir)).await {
             Ok(Ok(d)) => d,
             Ok(Err(err)) => {
-                tracing::error!(
-                    error = &err as &dyn std::error::Error,
-                    "bad --image-dir"
-                );
+                tracing::error!(error = &err as &dyn std::error::Error, "bad --image-dir");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
             Err(_) => return ExitCode::from(EXIT_BAD_CONFIG),

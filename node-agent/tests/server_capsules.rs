@@ -575,14 +575,46 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
         })
     };
     let attacks: Vec<(&str, Edit, &str)> = vec![
-        ("block device by path", Box::new(disk(RootfsPath("/dev/loop0".into()))), "absolute paths"),
-        ("block device node", Box::new(disk(RootfsPath("loop.ext4".into()))), "a block device"),
-        ("char device node", Box::new(disk(RootfsPath("null.ext4".into()))), "a character device"),
-        ("FIFO", Box::new(disk(RootfsPath("fifo.ext4".into()))), "a FIFO"),
-        ("symlink out", Box::new(disk(RootfsPath("shadow.ext4".into()))), "symlink"),
-        ("dotdot escape", Box::new(disk(RootfsPath("../state/capsules/victim/disk.img".into()))), "'.'"),
-        ("state dir via symlinked dir", Box::new(disk(RootfsPath("capsules/victim/journal.json".into()))), "symlink"),
-        ("a directory as disk", Box::new(disk(RootfsPath("kernels".into()))), "a directory"),
+        (
+            "block device by path",
+            Box::new(disk(RootfsPath("/dev/loop0".into()))),
+            "absolute paths",
+        ),
+        (
+            "block device node",
+            Box::new(disk(RootfsPath("loop.ext4".into()))),
+            "a block device",
+        ),
+        (
+            "char device node",
+            Box::new(disk(RootfsPath("null.ext4".into()))),
+            "a character device",
+        ),
+        (
+            "FIFO",
+            Box::new(disk(RootfsPath("fifo.ext4".into()))),
+            "a FIFO",
+        ),
+        (
+            "symlink out",
+            Box::new(disk(RootfsPath("shadow.ext4".into()))),
+            "symlink",
+        ),
+        (
+            "dotdot escape",
+            Box::new(disk(RootfsPath("../state/capsules/victim/disk.img".into()))),
+            "'.'",
+        ),
+        (
+            "state dir via symlinked dir",
+            Box::new(disk(RootfsPath("capsules/victim/journal.json".into()))),
+            "symlink",
+        ),
+        (
+            "a directory as disk",
+            Box::new(disk(RootfsPath("kernels".into()))),
+            "a directory",
+        ),
         ("kernel by path", kernel("/boot/vmlinuz"), "absolute paths"),
         ("kernel via symlink", kernel("shadow.ext4"), "symlink"),
         ("kernel device", kernel("loop.ext4"), "a block device"),
@@ -590,14 +622,46 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
         ("init", cmdline("quiet init=/tmp/x"), "\"init=/tmp/x\""),
         ("root", cmdline("root=/dev/vdb"), "\"root=/dev/vdb\""),
         ("init arguments", cmdline("quiet -- x"), "\"--\""),
-        ("tab-joined init", cmdline("quiet\tinit=/bin/sh"), "init=/bin/sh"),
-        ("oci layout by path", Box::new(disk(OciReference("oci:/var/lib".into()))), "absolute paths"),
-        ("archive by path", Box::new(disk(OciReference("docker-archive:/etc/shadow".into()))), "absolute paths"),
-        ("bare node path", Box::new(disk(OciReference("/var/lib/wrenn".into()))), "node path"),
-        ("oci layout via symlink", Box::new(disk(OciReference("oci:layout".into()))), "symlink"),
-        ("archive FIFO", Box::new(disk(OciReference("docker-archive:fifo.ext4".into()))), "a FIFO"),
-        ("archive device", Box::new(disk(OciReference("docker-archive:loop.ext4:x:y".into()))), "a block device"),
-        ("oci escape", Box::new(disk(OciReference("oci:../state".into()))), "'.'"),
+        (
+            "tab-joined init",
+            cmdline("quiet\tinit=/bin/sh"),
+            "init=/bin/sh",
+        ),
+        (
+            "oci layout by path",
+            Box::new(disk(OciReference("oci:/var/lib".into()))),
+            "absolute paths",
+        ),
+        (
+            "archive by path",
+            Box::new(disk(OciReference("docker-archive:/etc/shadow".into()))),
+            "absolute paths",
+        ),
+        (
+            "bare node path",
+            Box::new(disk(OciReference("/var/lib/wrenn".into()))),
+            "node path",
+        ),
+        (
+            "oci layout via symlink",
+            Box::new(disk(OciReference("oci:layout".into()))),
+            "symlink",
+        ),
+        (
+            "archive FIFO",
+            Box::new(disk(OciReference("docker-archive:fifo.ext4".into()))),
+            "a FIFO",
+        ),
+        (
+            "archive device",
+            Box::new(disk(OciReference("docker-archive:loop.ext4:x:y".into()))),
+            "a block device",
+        ),
+        (
+            "oci escape",
+            Box::new(disk(OciReference("oci:../state".into()))),
+            "'.'",
+        ),
     ];
     for (i, (what, edit, says)) in attacks.iter().enumerate() {
         let uid = format!("attack-{i}");
@@ -627,7 +691,11 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
             .await
             .unwrap_err();
         assert_eq!(st.code(), Code::InvalidArgument, "prepare, {what}: {st:?}");
-        assert!(st.message().contains(says), "prepare, {what}: {}", st.message());
+        assert!(
+            st.message().contains(says),
+            "prepare, {what}: {}",
+            st.message()
+        );
     }
     // Nothing changed on the node: no journal, no disk, no VMM, no
     // template, and the files named are as they were.

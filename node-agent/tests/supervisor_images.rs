@@ -278,11 +278,7 @@ async fn a_local_image_outside_the_image_dirs_is_refused_by_the_builder() {
         if let BootSource::Image(image) = &mut spec.source {
             image.reference = reference.to_string();
         }
-        let err = b
-            .sup
-            .create(&uid, spec, State::Running)
-            .await
-            .unwrap_err();
+        let err = b.sup.create(&uid, spec, State::Running).await.unwrap_err();
         assert!(matches!(err, Error::Image { .. }), "{err}");
         let chain = err.chain();
         assert!(chain.contains(says), "{reference}: {chain}");

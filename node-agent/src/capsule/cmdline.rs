@@ -66,7 +66,10 @@ pub fn build(base: &str, net: &str, extra: &str) -> String {
         if allowed(token) {
             out.push(token);
         } else {
-            tracing::warn!(token, "dropping a kernel command line token outside the allow-list");
+            tracing::warn!(
+                token,
+                "dropping a kernel command line token outside the allow-list"
+            );
         }
     }
     out.join(" ")
@@ -157,7 +160,11 @@ mod tests {
     #[test]
     fn build_puts_the_agent_first_and_drops_what_is_not_allowed() {
         assert_eq!(
-            build("console=ttyS0 root=/dev/vda", "ip=1", "quiet  init=/bin/sh -- x"),
+            build(
+                "console=ttyS0 root=/dev/vda",
+                "ip=1",
+                "quiet  init=/bin/sh -- x"
+            ),
             "console=ttyS0 root=/dev/vda ip=1 quiet"
         );
         assert_eq!(build("b", "", ""), "b");

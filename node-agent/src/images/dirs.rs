@@ -163,13 +163,17 @@ pub fn check_name(what: Use, name: &str) -> Result<(), Error> {
             return Err(bad("a segment starts with '.' ('..' and hidden files)"));
         }
         if !segment.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(bad("a segment starts with something other than a letter, digit or '_'"));
+            return Err(bad(
+                "a segment starts with something other than a letter, digit or '_'",
+            ));
         }
         if !segment
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
         {
-            return Err(bad("only letters, digits, '.', '_', '+', '-' and '/' are allowed"));
+            return Err(bad(
+                "only letters, digits, '.', '_', '+', '-' and '/' are allowed",
+            ));
         }
     }
     Ok(())
@@ -268,7 +272,9 @@ impl ImageDirs {
                     return Err(refused("it leads out of the image directory".into()));
                 }
                 Err(Errno::ENOTDIR) => {
-                    return Err(refused("a segment before the last is not a directory".into()));
+                    return Err(refused(
+                        "a segment before the last is not a directory".into(),
+                    ));
                 }
                 Err(e) => {
                     return Err(Error::Lookup {
@@ -344,14 +350,37 @@ mod tests {
         let cel = regex::Regex::new(wrenn_crds::template::NODE_FILE_NAME_PATTERN).unwrap();
         let local = regex::Regex::new(wrenn_crds::template::LOCAL_IMAGE_PATTERN).unwrap();
         for name in [
-            "debian-12.ext4", "kernels/vmlinux-6.1", "a_b+c/D.E", "_x", "", "/dev/vda",
-            "../capsules/x", "a/../b", "./d", ".h", "a//b", "a/", "-rf", "+x", "a b", "a:b",
-            "a\0b", "a\\b", "d\u{e9}", "a\nb", "x/.y", "x/-y",
+            "debian-12.ext4",
+            "kernels/vmlinux-6.1",
+            "a_b+c/D.E",
+            "_x",
+            "",
+            "/dev/vda",
+            "../capsules/x",
+            "a/../b",
+            "./d",
+            ".h",
+            "a//b",
+            "a/",
+            "-rf",
+            "+x",
+            "a b",
+            "a:b",
+            "a\0b",
+            "a\\b",
+            "d\u{e9}",
+            "a\nb",
+            "x/.y",
+            "x/-y",
         ] {
             let agent = check_name(Use::RootDisk, name).is_ok();
             assert_eq!(cel.is_match(name), agent, "{name:?}");
             for prefix in ["oci:", "docker-archive:"] {
-                assert_eq!(local.is_match(&format!("{prefix}{name}")), agent, "{prefix}{name:?}");
+                assert_eq!(
+                    local.is_match(&format!("{prefix}{name}")),
+                    agent,
+                    "{prefix}{name:?}"
+                );
                 assert_eq!(
                     local.is_match(&format!("{prefix}{name}:v1")),
                     agent,
@@ -418,12 +447,20 @@ mod tests {
         let e = dirs.resolve(Use::RootDisk, "disk.ext4").unwrap_err();
         assert!(e.is_refusal() && e.to_string().contains("symlink"), "{e}");
         let e = dirs.resolve(Use::RootDisk, "layout").unwrap_err();
-        assert!(e.to_string().contains("a directory, not a regular file"), "{e}");
+        assert!(
+            e.to_string().contains("a directory, not a regular file"),
+            "{e}"
+        );
         let e = dirs.resolve(Use::OciLayout, "disk.ext4").unwrap_err();
         assert!(e.is_refusal(), "{e}");
         let e = dirs.resolve(Use::RootDisk, "nothing.ext4").unwrap_err();
-        assert!(matches!(e, Error::NotFound { .. }) && !e.is_refusal(), "{e}");
-        let none = ImageDirs::default().resolve(Use::Kernel, "vmlinux").unwrap_err();
+        assert!(
+            matches!(e, Error::NotFound { .. }) && !e.is_refusal(),
+            "{e}"
+        );
+        let none = ImageDirs::default()
+            .resolve(Use::Kernel, "vmlinux")
+            .unwrap_err();
         assert!(matches!(none, Error::NoDirs { .. }), "{none}");
     }
 }

@@ -44,8 +44,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
-pub use registry::{PullOptions, pull_to_layout};
 pub use dirs::ImageDirs;
+pub use registry::{PullOptions, pull_to_layout};
 pub use source::ImageSource;
 pub use templates::{TemplateBuilder, TemplateSettings};
 

@@ -15,14 +15,14 @@ use std::path::PathBuf;
 use tonic::Status;
 use wrenn_proto::agent::v1 as pb;
 
+use crate::capsule::cmdline;
 use crate::capsule::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate,
     PrepareRequest, Readiness, Resources, SnapshotInfo, State, TemplateDisk, TemplatePhase,
     TemplateSource, TemplateStatus, WarmSpec,
 };
-use crate::capsule::cmdline;
-use crate::images::dirs::{self, ImageDirs, Use};
 use crate::images::ImageSource;
+use crate::images::dirs::{self, ImageDirs, Use};
 use crate::vmm::{BackendInfo, BackendKind};
 
 /// Smallest guest the agent boots.
@@ -78,18 +78,17 @@ pub fn from_create(
     Ok((req.uid, from_spec(spec, dirs)?, initial))
 }
 
-/// A node file refusal as gRPC: a bad or hostile name is the caller's
-/// fault (`InvalidArgument`); a file this node lacks is a
-/// `FailedPrecondition` another node may meet.
+/// A node file refusal as gRPC. A bad or hostile name, and one this node
+/// does not hold, are the spec's fault here (`InvalidArgument`: the
+/// operator shows the message as the template's or capsule's reason); a
+/// lookup that failed otherwise (permissions, I/O) is the node's.
 fn node_file_status(field: &str, e: &dirs::Error) -> Status {
     let msg = format!("{field}: {e}");
     match e {
-        dirs::Error::BadName { .. } | dirs::Error::Refused { .. } => {
-            Status::invalid_argument(msg)
-        }
-        dirs::Error::NoDirs { .. } | dirs::Error::NotFound { .. } => {
-            Status::failed_precondition(msg)
-        }
+        dirs::Error::BadName { .. }
+        | dirs::Error::Refused { .. }
+        | dirs::Error::NoDirs { .. }
+        | dirs::Error::NotFound { .. } => Status::invalid_argument(msg),
         dirs::Error::Lookup { .. } | dirs::Error::Config { .. } => Status::internal(msg),
     }
 }
@@ -195,9 +194,12 @@ pub fn from_prepare(
     let disk_bytes = disk.disk_bytes;
     let key = disk.key.clone();
     let digest = disk.digest.clone();
-    let source = match from_template(disk, dirs)
-        .map_err(|s| Status::new(s.code(), s.message().replace("spec.source.template", "disk")))?
-    {
+    let source = match from_template(disk, dirs).map_err(|s| {
+        Status::new(
+            s.code(),
+            s.message().replace("spec.source.template", "disk"),
+        )
+    })? {
         BootSource::Template(t) => TemplateSource::Rootfs(t.rootfs),
         BootSource::Image(i) => TemplateSource::Image(i.reference),
         BootSource::Snapshot { .. } => {
@@ -643,7 +645,10 @@ mod tests {
         );
         refused(|r| r.kernel_path = "/boot/vmlinuz".into(), "kernel_path");
         refused(|r| r.kernel_path = "../vmlinux".into(), "kernel_path");
-        refused(|r| r.kernel_cmdline = "rdinit=/bin/sh".into(), "\"rdinit=/bin/sh\"");
+        refused(
+            |r| r.kernel_cmdline = "rdinit=/bin/sh".into(),
+            "\"rdinit=/bin/sh\"",
+        );
         refused(
             |r| {
                 r.disk.as_mut().unwrap().disk =
@@ -714,7 +719,10 @@ mod tests {
         assert_eq!(t.rootfs, d.dir.join("base.ext4"));
         // Shown back with the resolved paths; everything else as sent.
         let shown = to_spec(&spec);
-        assert_eq!(shown.kernel_path, d.dir.join("kernels/vmlinux").display().to_string());
+        assert_eq!(
+            shown.kernel_path,
+            d.dir.join("kernels/vmlinux").display().to_string()
+        );
         assert_eq!(shown.kernel_cmdline, "quiet");
         assert_eq!(shown.env, request().spec.unwrap().env);
     }
@@ -827,7 +835,10 @@ mod tests {
             (Box::new(|r| r.initial_state = 9), "initial_state"),
             (
                 Box::new(|r| {
-                    set_disk(r, pb::template_disk::Disk::OciReference("oci:/srv/img".into()))
+                    set_disk(
+                        r,
+                        pb::template_disk::Disk::OciReference("oci:/srv/img".into()),
+                    )
                 }),
                 "oci_reference",
             ),
