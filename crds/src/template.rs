@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::core::Message;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 

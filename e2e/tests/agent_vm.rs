@@ -71,7 +71,7 @@ async fn create_running(cl: &mut Client, image: &GuestImage) -> String {
     uid
 }
 
-fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
+fn create_request(uid: &str, _image: &GuestImage) -> pb::CreateCapsuleRequest {
     pb::CreateCapsuleRequest {
         uid: uid.into(),
         spec: Some(pb::CapsuleSpec {

@@ -486,7 +486,7 @@ async fn setup(image: &GuestImage, slot: u8) -> Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_drives_real_agents_through_a_capsules_life() {
-    let Some((verdict, _serial, image, mut cl)) = start(
+    let Some((verdict, _serial, _image, mut cl)) = start(
         "operator_vm::operator_drives_real_agents_through_a_capsules_life",
         0,
     )

@@ -525,8 +525,7 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
         .create_capsule(create_request("victim", 1))
         .await
         .unwrap();
-    let state = a._dir.path().join("state");
-    let capsules = state.join("capsules");
+    let capsules = a._dir.path().join("state/capsules");
     assert!(capsules.join("victim").is_dir());
     // What a hostile node file can be, placed where a careless admin or a
     // compromised image build could: in the image directory itself.

@@ -43,7 +43,9 @@ pub fn open_beneath(dir: &Path, name: &Path) -> Result<(OwnedFd, FileKind), Errn
         Mode::empty(),
     )?;
     let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        // No O_NOFOLLOW: with O_PATH it would open a trailing symlink
+        // itself; without it RESOLVE_NO_SYMLINKS refuses it (ELOOP).
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(
             ResolveFlag::RESOLVE_BENEATH
                 | ResolveFlag::RESOLVE_NO_SYMLINKS
