@@ -396,6 +396,9 @@ impl NodeAgent {
             .arg("--initramfs")
             .arg(agent.image.initramfs())
             .args(["--admin-listen", "127.0.0.1:9090", "--log-level", "info"])
+            // A test bed is no kubelet node: the VMMs may use every CPU and
+            // all memory (two agents share this machine's cores already).
+            .args(["--reserved-cpus", "0", "--reserved-memory", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone the log handle")?)
             .stderr(log);
