@@ -1260,8 +1260,12 @@ impl<M: Machine + 'static> Shared<M> {
                 let mut view = self.host.machine.diagnose(vm).await;
                 if view.is_empty() {
                     // Only the tail: the guest decides how much it printed.
-                    let text =
-                        crate::vmm::logs::console_tail(&self.layout.run_dir(&rec.uid), 16 << 10);
+                    let run_dir = self.layout.run_dir(&rec.uid);
+                    let text = tokio::task::spawn_blocking(move || {
+                        crate::vmm::logs::console_tail(&run_dir, 16 << 10)
+                    })
+                    .await
+                    .unwrap_or_default();
                     let lines: Vec<&str> = text.lines().collect();
                     view = lines[lines.len().saturating_sub(25)..].join("\n");
                 }
