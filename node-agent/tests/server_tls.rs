@@ -501,6 +501,17 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
         "server_tls::a_half_written_rotation_keeps_the_certificates_that_work",
     );
     let agent = start_agent().await;
+    // Serving first: the agent loads its files when its task first runs,
+    // and a half-written pair at start-up is refused outright (another test).
+    assert_eq!(
+        node_info(
+            agent.addr,
+            &agent.server_ca.pem(),
+            Some(agent.client_ca.operator())
+        )
+        .await,
+        Ok("node-a".to_string())
+    );
     // A new certificate whose key has not arrived yet (written in place,
     // not through the Secret swap): the agent must not serve a certificate
     // it cannot prove, nor stop serving the old one.

@@ -328,9 +328,23 @@ pub struct VmConfig {
     /// Apply Landlock at `vm.create` (v41+).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub landlock_enable: Option<bool>,
-    /// Paths Landlock allows beyond those in this config (v41+).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Paths Landlock allows beyond those in this config (v41+). `vm.info`
+    /// echoes `null` when none were given.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_empty"
+    )]
     pub landlock_rules: Vec<LandlockConfig>,
+}
+
+/// Reads a JSON `null` list as an empty one.
+fn null_as_empty<'de, D, T>(de: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(de)?.unwrap_or_default())
 }
 
 /// `LandlockConfig`: one path CH may use under Landlock.
