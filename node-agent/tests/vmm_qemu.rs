@@ -330,7 +330,9 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
         assert!(!info.accelerated, "TCG must be reported as not accelerated");
     }
     let capsule = unique_name("cap");
-    let run_dir = work.path().join("run");
+    // As the supervisor lays it out: the run dir is the capsule's dir under
+    // the VMM state dir, the one directory a confined VMM sees there.
+    let run_dir = work.path().join("state").join(&capsule);
     let spec = MachineSpec {
         capsule: capsule.clone(),
         vcpus: 1,

@@ -622,10 +622,19 @@ impl QemuMachine {
         let deadline = tokio::time::Instant::now() + self.timeouts.start;
         while !path.exists() {
             if let Some(status) = proc.try_wait()? {
+                let log = process::capsule_dir(&self.paths, capsule).join(super::logs::VMM_LOG);
+                let tail = tokio::task::spawn_blocking(move || {
+                    super::logs::read_tail(&log, 2048).unwrap_or_default()
+                })
+                .await
+                .unwrap_or_default();
                 return Err(Error::Qemu {
                     capsule: capsule.to_string(),
                     what,
-                    reason: format!("exited during start-up ({status:?}); see vmm.log"),
+                    reason: format!(
+                        "exited during start-up ({status:?}); vmm.log ends: {}",
+                        tail.trim()
+                    ),
                 });
             }
             if tokio::time::Instant::now() > deadline {
