@@ -90,4 +90,11 @@ pub mod label {
     pub const AGENT_NAME: &str = "wrenn-node-agent";
     /// Standard name label key.
     pub const APP_NAME: &str = "app.kubernetes.io/name";
+    /// Namespace label, set by a cluster admin, that lets the namespace's
+    /// CapsuleTemplates name files in node image directories (a root disk,
+    /// a kernel, a local image). Only the value [`NODE_IMAGES_ALLOWED`]
+    /// counts.
+    pub const NODE_IMAGES: &str = "wrenn.dev/node-images";
+    /// The value of [`NODE_IMAGES`] that allows node files.
+    pub const NODE_IMAGES_ALLOWED: &str = "allowed";
 }

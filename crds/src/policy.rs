@@ -1,17 +1,24 @@
-//! The one rule a CRD schema cannot hold because it spans two objects: a
-//! capsule's disk must be at least its template's. A
-//! ValidatingAdmissionPolicy evaluates it in the API server with the
-//! capsule's namespace's CapsuleTemplates as parameters, so the user is
-//! refused at `kubectl apply` time, like every other invalid spec.
+//! Rules a CRD schema cannot hold, evaluated by ValidatingAdmissionPolicies
+//! in the API server so the user is refused at `kubectl apply` time, like
+//! every other invalid spec:
+//! - a capsule's disk must be at least its template's (it spans two
+//!   objects: the capsule's namespace's CapsuleTemplates are parameters);
+//! - only namespaces a cluster admin labelled
+//!   [`NODE_IMAGES`](crate::names::label::NODE_IMAGES)`=allowed` may have
+//!   CapsuleTemplates that name files on nodes (it depends on the
+//!   namespace, which a namespace user cannot label).
 
 use k8s_openapi::api::admissionregistration::v1::{
     MatchResources, NamedRuleWithOperations, ParamKind, ParamRef, ValidatingAdmissionPolicy,
     ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBindingSpec,
     ValidatingAdmissionPolicySpec, Validation,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use serde_json::Value;
 
+use crate::names::label::{NODE_IMAGES, NODE_IMAGES_ALLOWED};
 use crate::names::{GROUP, VERSION};
 
 /// Name of the policy and of its binding.
@@ -87,16 +94,116 @@ pub fn disk_policy() -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBin
     (policy, binding)
 }
 
-/// The policy and binding as YAML-ready documents with apiVersion and kind.
+/// Name of the node-images policy and of its binding.
+pub const NODE_IMAGES_POLICY: &str = "capsuletemplate-node-images.wrenn.dev";
+
+/// One node-file field: (rule, message). Each rule passes when the field is
+/// absent, or on an update leaves it as it was: a namespace whose label is
+/// removed can still have its existing templates' finalizers and other
+/// fields edited, and deleted.
+const NODE_IMAGE_RULES: [(&str, &str); 3] = [
+    (
+        "!has(object.spec.source.rootfs) || !has(object.spec.source.rootfs.path) \
+         || (oldObject != null && has(oldObject.spec.source.rootfs) \
+             && has(oldObject.spec.source.rootfs.path) \
+             && oldObject.spec.source.rootfs.path == object.spec.source.rootfs.path)",
+        "spec.source.rootfs.path names a file on the node",
+    ),
+    (
+        "!has(object.spec.kernel) \
+         || (oldObject != null && has(oldObject.spec.kernel) && oldObject.spec.kernel == object.spec.kernel)",
+        "spec.kernel names a kernel file on the node",
+    ),
+    (
+        "!has(object.spec.source.image) \
+         || !(object.spec.source.image.reference.startsWith('oci:') \
+              || object.spec.source.image.reference.startsWith('docker-archive:')) \
+         || (oldObject != null && has(oldObject.spec.source.image) \
+             && oldObject.spec.source.image.reference == object.spec.source.image.reference)",
+        "spec.source.image.reference names an image directory on the node (oci: or docker-archive:)",
+    ),
+];
+
+/// Refuses CapsuleTemplates that name node files (`rootfs.path`, `kernel`,
+/// `oci:`/`docker-archive:` images) outside namespaces labelled
+/// [`NODE_IMAGES`]`=`[`NODE_IMAGES_ALLOWED`]. The binding selects the
+/// namespaces without that label, so the rules never see the others.
+pub fn node_images_policy() -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
+    let validations = NODE_IMAGE_RULES
+        .iter()
+        .map(|(rule, what)| Validation {
+            expression: (*rule).into(),
+            message: Some(format!(
+                "{what}; only namespaces a cluster admin labelled \
+                 {NODE_IMAGES}={NODE_IMAGES_ALLOWED} may name node files; \
+                 use spec.source.image with a registry reference instead"
+            )),
+            reason: Some("Forbidden".into()),
+            ..Validation::default()
+        })
+        .collect();
+    let policy = ValidatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(NODE_IMAGES_POLICY.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ValidatingAdmissionPolicySpec {
+            failure_policy: Some("Fail".into()),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![NamedRuleWithOperations {
+                    api_groups: Some(vec![GROUP.into()]),
+                    api_versions: Some(vec![VERSION.into()]),
+                    operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                    resources: Some(vec!["capsuletemplates".into()]),
+                    ..NamedRuleWithOperations::default()
+                }]),
+                ..MatchResources::default()
+            }),
+            validations: Some(validations),
+            ..ValidatingAdmissionPolicySpec::default()
+        }),
+        status: None,
+    };
+    let binding = ValidatingAdmissionPolicyBinding {
+        metadata: ObjectMeta {
+            name: Some(NODE_IMAGES_POLICY.into()),
+            ..ObjectMeta::default()
+        },
+        spec: ValidatingAdmissionPolicyBindingSpec {
+            policy_name: NODE_IMAGES_POLICY.into(),
+            // NotIn also selects namespaces without the label.
+            match_resources: Some(MatchResources {
+                namespace_selector: Some(LabelSelector {
+                    match_expressions: Some(vec![LabelSelectorRequirement {
+                        key: NODE_IMAGES.into(),
+                        operator: "NotIn".into(),
+                        values: Some(vec![NODE_IMAGES_ALLOWED.into()]),
+                    }]),
+                    ..LabelSelector::default()
+                }),
+                ..MatchResources::default()
+            }),
+            validation_actions: vec!["Deny".into()],
+            ..ValidatingAdmissionPolicyBindingSpec::default()
+        },
+    };
+    (policy, binding)
+}
+
+/// Every policy and binding as YAML-ready documents with apiVersion and kind.
 pub fn documents() -> Result<Vec<Value>, serde_json::Error> {
-    let (policy, binding) = disk_policy();
-    Ok(vec![
-        with_type_meta("ValidatingAdmissionPolicy", serde_json::to_value(&policy)?),
-        with_type_meta(
+    let mut docs = Vec::new();
+    for (policy, binding) in [disk_policy(), node_images_policy()] {
+        docs.push(with_type_meta(
+            "ValidatingAdmissionPolicy",
+            serde_json::to_value(&policy)?,
+        ));
+        docs.push(with_type_meta(
             "ValidatingAdmissionPolicyBinding",
             serde_json::to_value(&binding)?,
-        ),
-    ])
+        ));
+    }
+    Ok(docs)
 }
 
 fn with_type_meta(kind: &str, object: Value) -> Value {

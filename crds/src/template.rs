@@ -110,11 +110,15 @@ pub struct TemplateSource {
 #[serde(rename_all = "camelCase")]
 pub struct ImageSource {
     /// Image reference, e.g. `docker.io/library/debian:bookworm` or one
-    /// pinned by `@sha256:` digest.
+    /// pinned by `@sha256:` digest; or an image the node admin placed in
+    /// an image directory of every node, as `oci:<layout dir>[:<tag>]` or
+    /// `docker-archive:<file>[:<repo:tag>]`, named relative to that
+    /// directory (only in namespaces a cluster admin allows, see
+    /// `docs/security.md`).
     #[schemars(length(min = 1, max = 512))]
-    #[x_kube(validation = Rule::new(
-        r"self.matches(r'^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(@sha256:[a-f0-9]{64})?$')"
-    ).message("image.reference must be an OCI reference such as registry.example.com/team/image:tag or image@sha256:<64 hex digits>"))]
+    #[x_kube(validation = Rule::new(format!(
+        r"self.matches(r'^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})?(@sha256:[a-f0-9]{{64}})?$') || self.matches(r'{LOCAL_IMAGE_PATTERN}')"
+    )).message("image.reference must be an OCI reference such as registry.example.com/team/image:tag or image@sha256:<64 hex digits>, or oci:<name>[:<tag>] / docker-archive:<name>[:<repo:tag>] naming an image in a node image directory"))]
     pub reference: String,
     /// Name of a kubernetes.io/dockerconfigjson Secret in this namespace for a private registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,27 +137,57 @@ pub struct RootfsSource {
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https']")
         .message("rootfs.url must be an http or https URL"))]
     pub url: Option<String>,
-    /// An absolute path of a raw ext4 image present on every node.
+    /// A raw ext4 image the node admin placed in an image directory of
+    /// every node, named relative to that directory (`debian-12.ext4`,
+    /// `team/base.ext4`); never an absolute path or one with `..`. Only
+    /// namespaces a cluster admin allows may name one (see
+    /// `docs/security.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    #[x_kube(validation = Rule::new(r"self.matches(r'^(/[A-Za-z0-9._+-]+)+$') && !self.split('/').exists(s, s == '..' || s == '.')")
-        .message("rootfs.path must be an absolute path without '.' or '..' segments, made of letters, digits and ._+-"))]
+    #[schemars(length(max = 255))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{NODE_FILE_NAME_PATTERN}')"))
+        .message("rootfs.path must be a name relative to a node image directory: segments of letters, digits and ._+- separated by '/', none starting with '.' (no absolute paths, no '..')"))]
     pub path: Option<String>,
 }
 
 /// Kernel override.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct KernelSpec {
-    /// Absolute path of an uncompressed kernel on every node.
-    #[schemars(length(min = 1, max = 1024))]
-    #[x_kube(validation = Rule::new(r"self.matches(r'^(/[A-Za-z0-9._+-]+)+$') && !self.split('/').exists(s, s == '..' || s == '.')")
-        .message("kernel.path must be an absolute path without '.' or '..' segments, made of letters, digits and ._+-"))]
+    /// An uncompressed kernel the node admin placed in an image directory
+    /// of every node, named relative to that directory
+    /// (`kernels/vmlinux-6.1`).
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{NODE_FILE_NAME_PATTERN}')"))
+        .message("kernel.path must be a name relative to a node image directory: segments of letters, digits and ._+- separated by '/', none starting with '.' (no absolute paths, no '..')"))]
     pub path: String,
-    /// Extra kernel command-line arguments.
+    /// Extra kernel command-line arguments, separated by spaces, from an
+    /// allow-list: `quiet`, `debug`, `loglevel=0`..`7`, `panic=<seconds>`,
+    /// `console=ttyS0`..`3` or `hvc0`..`7` with an optional `,<baud>`. The
+    /// node agent builds the rest (root disk, init, network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(format!(
+        "self.split(' ').all(t, t == '' || t.matches(r'{KERNEL_ARG_PATTERN}'))"
+    )).message(Message::Expression(format!(
+        "'kernel.cmdline may only hold quiet, debug, loglevel=N, panic=N and console=ttyS0-3|hvc0-7[,baud]; refused: ' + self.split(' ').filter(t, t != '' && !t.matches(r'{KERNEL_ARG_PATTERN}')).join(' ')"
+    ))))]
     pub cmdline: Option<String>,
 }
+
+/// A file name inside a node image directory: `/`-separated segments of
+/// letters, digits and `._+-`, none starting with `.` (so no `.`, `..` or
+/// hidden files) and no leading `/`. The node agent applies the same rule
+/// (`images::dirs`) and resolves the name without following symlinks.
+pub const NODE_FILE_NAME_PATTERN: &str =
+    "^[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*$";
+
+/// A local image reference: `oci:` or `docker-archive:`, a node file name
+/// (as [`NODE_FILE_NAME_PATTERN`]) and an optional tag.
+pub const LOCAL_IMAGE_PATTERN: &str = "^(oci|docker-archive):[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*(:[A-Za-z0-9_][A-Za-z0-9._/:-]{0,254})?$";
+
+/// One kernel command-line token a template may add. The node agent keeps
+/// the same allow-list (`capsule::cmdline`); a test checks both agree.
+pub const KERNEL_ARG_PATTERN: &str =
+    "^(quiet|debug|loglevel=[0-7]|panic=-?[0-9]{1,4}|console=(ttyS[0-3]|hvc[0-7])(,[0-9]{1,7})?)$";
 
 fn default_vcpus() -> u32 {
     1

@@ -191,9 +191,13 @@ impl GuestImage {
     pub fn initramfs(&self) -> PathBuf {
         self.dir.join("initramfs.img")
     }
+    /// The root disk's name in [`Self::dir`], which agents take as their
+    /// image directory: what templates name as `rootfs.path`.
+    pub const ROOTFS: &'static str = "rootfs.ext4";
+
     /// Root disk (raw ext4).
     pub fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs.ext4")
+        self.dir.join(Self::ROOTFS)
     }
 }
 
@@ -393,6 +397,9 @@ impl NodeAgent {
             ])
             .arg("--kernel")
             .arg(agent.image.kernel())
+            // Templates name the guest image's root disk relative to it.
+            .arg("--image-dir")
+            .arg(&agent.image.dir)
             .arg("--initramfs")
             .arg(agent.image.initramfs())
             .args(["--admin-listen", "127.0.0.1:9090", "--log-level", "info"])

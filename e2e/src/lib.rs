@@ -236,11 +236,33 @@ fn kubectl_path() -> Result<PathBuf> {
 /// namespaces are left behind: without kube-controller-manager a deleted
 /// namespace never finishes terminating, and the cluster is thrown away.
 pub async fn temp_namespace(client: &kube::Client, prefix: &str) -> Result<String> {
+    create_namespace(client, prefix, serde_json::json!({})).await
+}
+
+/// [`temp_namespace`] labelled as a cluster admin labels a namespace whose
+/// CapsuleTemplates may name files in node image directories (the guest
+/// image's root disk). Labelled at creation: the admission policy reads
+/// namespace labels from a cache that lags a later patch.
+pub async fn node_images_namespace(client: &kube::Client, prefix: &str) -> Result<String> {
+    use wrenn_crds::names::label::{NODE_IMAGES, NODE_IMAGES_ALLOWED};
+    create_namespace(
+        client,
+        prefix,
+        serde_json::json!({ NODE_IMAGES: NODE_IMAGES_ALLOWED }),
+    )
+    .await
+}
+
+async fn create_namespace(
+    client: &kube::Client,
+    prefix: &str,
+    labels: serde_json::Value,
+) -> Result<String> {
     use k8s_openapi::api::core::v1::Namespace;
     use kube::api::{Api, PostParams};
     let api: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": { "generateName": format!("{prefix}-") }
+        "metadata": { "generateName": format!("{prefix}-"), "labels": labels }
     }))?;
     let created = api.create(&PostParams::default(), &ns).await?;
     created

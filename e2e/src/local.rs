@@ -164,10 +164,14 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Creates `ns` unless it exists.
+/// Creates `ns` unless it exists, labelled so its templates may name the
+/// agents' image files (the local run boots the guest image's disk).
 pub async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
+    use wrenn_crds::names::label::{NODE_IMAGES, NODE_IMAGES_ALLOWED};
     let api: Api<Namespace> = Api::all(client.clone());
-    let body: Namespace = serde_json::from_value(json!({ "metadata": { "name": ns } }))?;
+    let body: Namespace = serde_json::from_value(json!({
+        "metadata": { "name": ns, "labels": { NODE_IMAGES: NODE_IMAGES_ALLOWED } }
+    }))?;
     match api.create(&PostParams::default(), &body).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
@@ -231,13 +235,14 @@ pub async fn unregister_agent(client: &kube::Client, ns: &str, agent: &NodeAgent
     }
 }
 
-/// A CapsuleTemplate booting the guest image's root disk (`rootfs.path`).
-pub fn template_manifest(name: &str, rootfs: &Path) -> serde_json::Value {
+/// A CapsuleTemplate booting the root disk `rootfs` names in the agents'
+/// image directory (`rootfs.path`; the namespace must allow node images).
+pub fn template_manifest(name: &str, rootfs: &str) -> serde_json::Value {
     json!({
         "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
         "metadata": { "name": name },
         "spec": {
-            "source": { "rootfs": { "path": rootfs.display().to_string() } },
+            "source": { "rootfs": { "path": rootfs } },
             "defaults": { "vcpus": 1, "memory": "256Mi", "disk": "1Gi" },
         },
     })

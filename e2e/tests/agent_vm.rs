@@ -74,7 +74,7 @@ async fn create_running(cl: &mut Client, image: &GuestImage, ready: Duration) ->
     uid
 }
 
-fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
+fn create_request(uid: &str, _image: &GuestImage) -> pb::CreateCapsuleRequest {
     pb::CreateCapsuleRequest {
         uid: uid.into(),
         spec: Some(pb::CapsuleSpec {
@@ -84,7 +84,7 @@ fn create_request(uid: &str, image: &GuestImage) -> pb::CreateCapsuleRequest {
                 source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
                     key: "default/base@ci".into(),
                     disk: Some(pb::template_disk::Disk::RootfsPath(
-                        image.rootfs().display().to_string(),
+                        GuestImage::ROOTFS.into(),
                     )),
                     digest: String::new(),
                     disk_bytes: 1 << 30,

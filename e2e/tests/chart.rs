@@ -320,6 +320,16 @@ fn bad_values() -> Vec<(&'static str, Vec<&'static str>, Vec<&'static str>)> {
             vec!["/nodeAgent/nodeSelector/wrenn.dev~1kvm", "want string"],
         ),
         (
+            "image dir relative",
+            vec!["--set", "nodeAgent.imageDirs={images}"],
+            vec!["/nodeAgent/imageDirs/0", "does not match pattern"],
+        ),
+        (
+            "image dir holding every node file",
+            vec!["--set", "nodeAgent.imageDirs={/dev}"],
+            vec!["/nodeAgent/imageDirs/0"],
+        ),
+        (
             "CRDs not a boolean",
             vec!["--set-string", "crds.install=yes"],
             vec!["/crds/install", "want boolean"],
@@ -474,6 +484,7 @@ fn rendered_workloads_match_the_contracts() {
         ("WRENN_TLS_HANDSHAKE_TIMEOUT_SECONDS", "10"),
         ("WRENN_TLS_RELOAD_SECONDS", "10"),
         ("WRENN_STATE_DIR", "/var/lib/wrenn"),
+        ("WRENN_IMAGE_DIRS", "/var/lib/wrenn/node-images"),
         ("WRENN_VMM", "cloud-hypervisor"),
         ("WRENN_STORAGE", "auto"),
         ("WRENN_TLS_CERT", "/etc/wrenn/tls/tls.crt"),
@@ -499,6 +510,35 @@ fn rendered_workloads_match_the_contracts() {
         json!({"path": "/readyz", "port": "admin"})
     );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Image directories outside the state dir are mounted read-only; the
+    // one inside it comes with the state mount.
+    let with_dirs = render(
+        &helm,
+        "wrenn-system",
+        &[
+            "--set",
+            "nodeAgent.imageDirs={/srv/wrenn-images,/var/lib/wrenn/node-images}",
+        ],
+    );
+    let pod = &find(&with_dirs, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(
+        env_of(&pod["containers"][0])["WRENN_IMAGE_DIRS"],
+        "/srv/wrenn-images,/var/lib/wrenn/node-images"
+    );
+    let mounts = mounts_of(pod);
+    let (name, vol) = &mounts["/srv/wrenn-images"];
+    assert_eq!(
+        vol["hostPath"],
+        json!({"path": "/srv/wrenn-images", "type": "Directory"})
+    );
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name.as_str())
+        .unwrap();
+    assert_eq!(mount["readOnly"], true);
+    assert!(!mounts.contains_key("/var/lib/wrenn/node-images"));
 
     // Admin on loopback: the probes follow it; a gateway's name is served too.
     let lo = render(
@@ -698,6 +738,8 @@ fn adopt_api_objects(cp: &ControlPlane, release: &str, ns: &str) {
         "crd/capsuletemplates.wrenn.dev",
         "validatingadmissionpolicy/capsule-disk-at-least-template.wrenn.dev",
         "validatingadmissionpolicybinding/capsule-disk-at-least-template.wrenn.dev",
+        "validatingadmissionpolicy/capsuletemplate-node-images.wrenn.dev",
+        "validatingadmissionpolicybinding/capsuletemplate-node-images.wrenn.dev",
     ];
     for o in objects {
         cp.kubectl_ok(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Env, api, create, object, setup};
+use common::{Env, api, create, create_in, object, setup};
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -220,7 +220,7 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
         (
             "template with two sources",
             "CapsuleTemplate",
-            json!({"source": {"image": {"reference": "debian:12"}, "rootfs": {"path": "/d.ext4"}}}),
+            json!({"source": {"image": {"reference": "debian:12"}, "rootfs": {"path": "d.ext4"}}}),
             "source needs exactly one of image, rootfs or snapshotRef",
         ),
         (
@@ -232,7 +232,7 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
         (
             "rootfs with url and path",
             "CapsuleTemplate",
-            json!({"source": {"rootfs": {"url": "https://example.com/d.ext4", "path": "/d.ext4"}}}),
+            json!({"source": {"rootfs": {"url": "https://example.com/d.ext4", "path": "d.ext4"}}}),
             "rootfs needs exactly one of url or path",
         ),
         (
@@ -241,23 +241,74 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             json!({"source": {"rootfs": {"url": "ftp://example.com/d.ext4"}}}),
             "rootfs.url must be an http or https URL",
         ),
+        // Issue 11: node files are names inside the node admin's image
+        // directories, never node paths; the kernel command line is
+        // allow-listed. Refused by the schema, whatever the namespace.
         (
-            "relative rootfs path",
+            "rootfs as a block device path",
             "CapsuleTemplate",
-            json!({"source": {"rootfs": {"path": "images/d.ext4"}}}),
-            "rootfs.path must be an absolute path",
+            json!({"source": {"rootfs": {"path": "/dev/vda"}}}),
+            "rootfs.path must be a name relative to a node image directory",
         ),
         (
             "rootfs path escaping with ..",
             "CapsuleTemplate",
-            json!({"source": {"rootfs": {"path": "/var/lib/wrenn/../../etc/shadow"}}}),
-            "rootfs.path must be an absolute path without '.' or '..' segments",
+            json!({"source": {"rootfs": {"path": "../capsules/victim/disk.img"}}}),
+            "rootfs.path must be a name relative to a node image directory",
+        ),
+        (
+            "rootfs hidden behind a dot segment",
+            "CapsuleTemplate",
+            json!({"source": {"rootfs": {"path": "images/./d.ext4"}}}),
+            "rootfs.path must be a name relative to a node image directory",
+        ),
+        (
+            "kernel by node path",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "/boot/vmlinuz"}}),
+            "kernel.path must be a name relative to a node image directory",
         ),
         (
             "kernel path escaping with ..",
             "CapsuleTemplate",
-            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "/boot/../vmlinux"}}),
-            "kernel.path must be an absolute path without '.' or '..' segments",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "kernels/../../vmlinux"}}),
+            "kernel.path must be a name relative to a node image directory",
+        ),
+        (
+            "kernel cmdline rdinit",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "vmlinux", "cmdline": "quiet rdinit=/bin/sh"}}),
+            "kernel.cmdline may only hold quiet, debug, loglevel=N, panic=N and console=ttyS0-3|hvc0-7[,baud]; refused: rdinit=/bin/sh",
+        ),
+        (
+            "kernel cmdline init and root",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "vmlinux", "cmdline": "init=/x root=/dev/vdb loglevel=3"}}),
+            "refused: init=/x root=/dev/vdb",
+        ),
+        (
+            "kernel cmdline init arguments",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "vmlinux", "cmdline": "quiet -- x"}}),
+            "refused: -- x",
+        ),
+        (
+            "kernel cmdline tab-joined init",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "vmlinux", "cmdline": "quiet\tinit=/bin/sh"}}),
+            "kernel.cmdline may only hold",
+        ),
+        (
+            "oci layout by node path",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "oci:/var/lib/wrenn"}}}),
+            "image.reference must be an OCI reference",
+        ),
+        (
+            "docker archive escaping with ..",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "docker-archive:../../etc/shadow"}}}),
+            "image.reference must be an OCI reference",
         ),
         (
             "template with 100 vcpus",
@@ -333,10 +384,15 @@ async fn every_example_is_accepted() {
         "examples/ holds at least one file per kind"
     );
     let mut kinds = std::collections::BTreeSet::new();
+    // The warm example boots a disk from the nodes' image directories,
+    // which only a namespace a cluster admin labelled may name.
+    let ns = wrenn_e2e::node_images_namespace(&env.client, "examples")
+        .await
+        .unwrap();
     for file in &files {
         let out = env
             .cp
-            .kubectl_ok(&["apply", "--server-side", "-n", &env.ns, "-f"], Some(file))
+            .kubectl_ok(&["apply", "--server-side", "-n", &ns, "-f"], Some(file))
             .unwrap_or_else(|e| panic!("{} refused: {e:#}", file.display()));
         assert!(out.contains("serverside-applied"), "{out}");
         let text = std::fs::read_to_string(file).unwrap();
@@ -758,4 +814,132 @@ async fn capsule_disk_below_its_template_is_refused() {
     .await
     .unwrap();
     drop(env.case);
+}
+
+/// Issue 11: a namespace user with CapsuleTemplate rights alone cannot make
+/// the node agent open a node file; a cluster admin allows a namespace by
+/// labelling it `wrenn.dev/node-images=allowed`, which the user cannot do.
+#[tokio::test]
+async fn only_namespaces_a_cluster_admin_allowed_may_name_node_files() {
+    use wrenn_crds::names::label::NODE_IMAGES;
+    let Some(env) = setup("only_namespaces_a_cluster_admin_allowed_may_name_node_files").await
+    else {
+        return;
+    };
+    let node_files = [
+        (
+            json!({"source": {"rootfs": {"path": "debian-12.ext4"}}}),
+            "spec.source.rootfs.path names a file on the node",
+        ),
+        (
+            json!({"source": {"image": {"reference": "debian:12"}}, "kernel": {"path": "kernels/vmlinux", "cmdline": "quiet"}}),
+            "spec.kernel names a kernel file on the node",
+        ),
+        (
+            json!({"source": {"image": {"reference": "oci:debian:12"}}}),
+            "spec.source.image.reference names an image directory on the node",
+        ),
+        (
+            json!({"source": {"image": {"reference": "docker-archive:debian.tar"}}}),
+            "spec.source.image.reference names an image directory on the node",
+        ),
+    ];
+    let allowed_by = "only namespaces a cluster admin labelled wrenn.dev/node-images=allowed";
+    // A label with another value is no permission.
+    let other = {
+        use k8s_openapi::api::core::v1::Namespace;
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {
+            "generateName": "yes-", "labels": { NODE_IMAGES: "yes" }
+        }}))
+        .unwrap();
+        kube::Api::<Namespace>::all(env.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap()
+            .metadata
+            .name
+            .unwrap()
+    };
+    for ns in [env.ns.as_str(), other.as_str()] {
+        for (i, (spec, expected)) in node_files.iter().enumerate() {
+            // The policy is applied with the CRDs; allow it to take effect.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let msg = loop {
+                match create_in(
+                    &env.client,
+                    ns,
+                    "CapsuleTemplate",
+                    &format!("t{i}"),
+                    spec.clone(),
+                )
+                .await
+                {
+                    Err(msg) => break msg,
+                    Ok(_) => {
+                        api_in_delete(&env, ns, &format!("t{i}")).await;
+                        assert!(Instant::now() < deadline, "{ns}: {expected}: accepted");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            };
+            assert!(
+                msg.contains(expected) && msg.contains(allowed_by),
+                "{ns}: {msg}"
+            );
+        }
+    }
+    // A registry image needs no permission; adding a kernel to it later is
+    // refused like naming one at creation.
+    create(
+        &env,
+        "CapsuleTemplate",
+        "registry",
+        json!({"source": {"image": {"reference": "debian:12"}}}),
+    )
+    .await
+    .unwrap();
+    let msg = update(
+        &env,
+        "CapsuleTemplate",
+        "registry",
+        json!({"kernel": {"path": "kernels/vmlinux"}}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        msg.contains("spec.kernel names a kernel file on the node"),
+        "{msg}"
+    );
+    // In a namespace the admin labelled, every one is accepted.
+    let allowed = wrenn_e2e::node_images_namespace(&env.client, "allowed")
+        .await
+        .unwrap();
+    for (i, (spec, _)) in node_files.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match create_in(
+                &env.client,
+                &allowed,
+                "CapsuleTemplate",
+                &format!("t{i}"),
+                spec.clone(),
+            )
+            .await
+            {
+                Ok(_) => break,
+                Err(msg) => {
+                    assert!(Instant::now() < deadline, "allowed namespace: {msg}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+    drop(env.case);
+}
+
+async fn api_in_delete(env: &Env, ns: &str, name: &str) {
+    common::api_in(&env.client, ns, "CapsuleTemplate")
+        .delete(name, &Default::default())
+        .await
+        .unwrap();
 }

@@ -829,7 +829,8 @@ async fn wait_template(
 /// template removes the snapshot from the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
-    let Some(env) = common::setup("operator_capsule::warm").await else {
+    // The template names a node file (the fake agents never open it).
+    let Some(env) = common::setup_node_images("operator_capsule::warm").await else {
         return;
     };
     let (client, ns) = (env.client.clone(), env.ns.clone());
@@ -860,7 +861,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
             "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
             "metadata": { "name": "warm" },
             "spec": {
-                "source": { "rootfs": { "path": "/srv/web.ext4" } },
+                "source": { "rootfs": { "path": "web.ext4" } },
                 "defaults": { "vcpus": 1, "memory": "256Mi", "disk": "1Gi" },
                 "nodeSelector": { "wrenn.test/warm": "yes" },
                 "warm": {

@@ -445,7 +445,9 @@ async fn start(
 async fn setup(image: &GuestImage, slot: u8, ready: Duration) -> Cluster {
     let cp = ControlPlane::shared().unwrap();
     let client = cp.client().await.unwrap();
-    let ns = wrenn_e2e::temp_namespace(&client, "opvm").await.unwrap();
+    let ns = wrenn_e2e::node_images_namespace(&client, "opvm")
+        .await
+        .unwrap();
     // Certificates and the operator's log; removed with the Cluster (a
     // failure prints the log tails first).
     let tmp = tempfile::Builder::new()
@@ -515,7 +517,7 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
     apply(
         &cl.client,
         &ns,
-        &template_manifest("base", &image.rootfs()),
+        &template_manifest("base", GuestImage::ROOTFS),
         MANAGER,
     )
     .await
@@ -717,9 +719,10 @@ async fn count_writes(api: &Api<Capsule>, name: &str) -> tokio::task::JoinHandle
 /// 1Gi, slow to boot under TCG on a 2-CPU runner, and a 4Gi to 10Gi disk,
 /// which placement reserves in full against the node's free space (a test
 /// machine may have less); so the template boots the test's guest root disk
-/// from a node path and the capsule asks for 1 vCPU and a 1Gi disk. Every
+/// from the agents' image directory (by name, in a namespace allowed to) and
+/// the capsule asks for 1 vCPU and a 1Gi disk. Every
 /// other field (lifecycle, env, network egress and ports) is the example's.
-fn write_examples(dir: &std::path::Path, rootfs: &std::path::Path) {
+fn write_examples(dir: &std::path::Path, rootfs: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         dir.join("01-template.yaml"),
@@ -737,7 +740,7 @@ spec:
     memory: 512Mi
     disk: 1Gi
 ",
-            rootfs.display()
+            rootfs
         ),
     )
     .unwrap();
@@ -773,7 +776,7 @@ spec:
     templateRef:
       name: jupyter-warm
 ",
-            rootfs.display()
+            rootfs
         ),
     )
     .unwrap();
@@ -870,7 +873,7 @@ fn assert_operator_owns_only_status(obj: &kube::core::ObjectMeta, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_applied_manifests_run_without_drift_and_expire() {
-    let Some((verdict, _serial, image, mut cl)) = start(
+    let Some((verdict, _serial, _image, mut cl)) = start(
         "operator_vm::kubectl_applied_manifests_run_without_drift_and_expire",
         1,
     )
@@ -880,7 +883,7 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
     };
     let files = tempfile::tempdir().unwrap();
     let examples = files.path().join("examples");
-    write_examples(&examples, &image.rootfs());
+    write_examples(&examples, GuestImage::ROOTFS);
     let examples_arg = examples.display().to_string();
 
     // kubectl apply -f dir/, as a user does: template Ready, capsule Running.
@@ -1077,7 +1080,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
     apply(
         &cl.client,
         &ns,
-        &template_manifest("base", &image.rootfs()),
+        &template_manifest("base", GuestImage::ROOTFS),
         MANAGER,
     )
     .await

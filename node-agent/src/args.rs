@@ -69,6 +69,13 @@ pub struct Args {
     /// vhost-device-vsock, QEMU's vsock backend (looked up in PATH when bare).
     #[arg(long, env = "WRENN_VHOST_VSOCK", default_value = "vhost-device-vsock")]
     pub vhost_vsock: PathBuf,
+    /// A directory the node admin fills with root disks, kernels and local
+    /// images that templates may name (relative to it); repeat for several,
+    /// searched in order. Templates can name nothing else on the node.
+    /// Default: `<state-dir>/node-images`, created if missing. Must not
+    /// hold or be inside the state directory (that one subdirectory aside).
+    #[arg(long = "image-dir", env = "WRENN_IMAGE_DIRS", value_delimiter = ',')]
+    pub image_dirs: Vec<PathBuf>,
     /// Default guest kernel.
     #[arg(
         long,

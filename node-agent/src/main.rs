@@ -12,7 +12,7 @@ use std::sync::Arc;
 use clap::Parser;
 use wrenn_node_agent::args::{Args, DiskArgs, VmmBackend};
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
-use wrenn_node_agent::images::{PullOptions, TemplateBuilder, TemplateSettings};
+use wrenn_node_agent::images::{ImageDirs, PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{EgressFlags, LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::{NodePaths, VmmCap, read_facts};
@@ -121,6 +121,7 @@ async fn run(args: Args) -> ExitCode {
         vmm_io_write_iops,
         egress,
         disk,
+        image_dirs,
         ..
     } = args;
     let files = TlsFiles {
@@ -248,6 +249,18 @@ async fn run(args: Args) -> ExitCode {
             Err(_) => return ExitCode::from(EXIT_HOST),
         }
     };
+    let image_dirs = {
+        let state_dir = state_dir.clone();
+        match tokio::task::spawn_blocking(move || open_image_dirs(image_dirs, &state_dir)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(err)) => {
+                tracing::error!(error = &err as &dyn std::error::Error, "bad --image-dir");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+            Err(_) => return ExitCode::from(EXIT_BAD_CONFIG),
+        }
+    };
+    tracing::info!(dirs = ?image_dirs.dirs(), "templates may name files in these image directories only");
     let templates = TemplateSettings {
         cache_dir: state_dir.join("images"),
         guest_binary,
@@ -257,6 +270,7 @@ async fn run(args: Args) -> ExitCode {
             limits: disk.image_limits(),
         },
         cache_max_bytes: disk.image_cache_max_bytes,
+        image_dirs,
     };
     let common = Common {
         guest_ready: std::time::Duration::from_secs(guest_ready_secs),
@@ -452,6 +466,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     .with_vmm_cap(vmm_cap)
     .with_activity_file(&activity_file)
     .with_disk_quota(disk.disk_quota)
+    .with_image_dirs(cfg_templates.settings().image_dirs.clone())
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());
     metrics.set_ready(true);
@@ -471,6 +486,27 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             ExitCode::from(EXIT_SERVE)
         }
     }
+}
+
+/// The image directories from `--image-dir`, or `<state>/node-images`
+/// (made if missing) when none is given. Blocking.
+fn open_image_dirs(
+    dirs: Vec<PathBuf>,
+    state_dir: &Path,
+) -> Result<ImageDirs, wrenn_node_agent::images::dirs::Error> {
+    let dirs = if dirs.is_empty() {
+        let default = state_dir.join(wrenn_node_agent::images::dirs::NODE_IMAGES_SUBDIR);
+        std::fs::create_dir_all(&default).map_err(|e| {
+            wrenn_node_agent::images::dirs::Error::Config {
+                dir: default.clone(),
+                why: format!("create it: {e}"),
+            }
+        })?;
+        vec![default]
+    } else {
+        dirs
+    };
+    ImageDirs::new(&dirs, state_dir)
 }
 
 /// Resolves on SIGTERM (what the kubelet sends) or SIGINT. Running capsules

@@ -300,6 +300,7 @@ fn builder(dir: &Path, addr: &str, limits: Limits) -> TemplateBuilder {
             limits,
         },
         cache_max_bytes: quota::DEFAULT_MAX_BYTES,
+        image_dirs: Default::default(),
     })
 }
 

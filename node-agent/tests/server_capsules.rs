@@ -13,6 +13,7 @@ use rcgen::{
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::images::ImageDirs;
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
@@ -53,6 +54,9 @@ struct Agent {
     service: AgentService,
     sup: Supervisor<FakeMachine>,
     machine: Arc<FakeMachine>,
+    store: Arc<FakeBlockStore>,
+    /// The node admin's image directory: `base.ext4` and `kernels/vmlinux`.
+    images: std::path::PathBuf,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -78,12 +82,19 @@ async fn start_with(metrics: bool) -> Agent {
         key: w("tls.key", &key),
         client_ca: w("ca.crt", &ca.pem()),
     };
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("kernels")).unwrap();
+    std::fs::write(images.join("base.ext4"), b"ext4").unwrap();
+    std::fs::write(images.join("kernels/vmlinux"), b"kernel").unwrap();
+    let image_dirs =
+        ImageDirs::new(std::slice::from_ref(&images), &dir.path().join("state")).unwrap();
     let machine = Arc::new(FakeMachine::new());
+    let store = Arc::new(FakeBlockStore::new());
     let sup = Supervisor::new(
         Host {
             machine: machine.clone(),
             net: Arc::new(FakeNet::new()),
-            store: Arc::new(FakeBlockStore::new()),
+            store: store.clone(),
         },
         SupervisorConfig::new(
             &dir.path().join("state"),
@@ -102,6 +113,7 @@ async fn start_with(metrics: bool) -> Agent {
             state_dir: dir.path().to_path_buf(),
         },
     )
+    .with_image_dirs(image_dirs)
     .with_capsules(Arc::new(sup.clone()));
     let service = if metrics {
         service.with_metrics(sup.metrics().clone())
@@ -136,6 +148,8 @@ async fn start_with(metrics: bool) -> Agent {
         service,
         sup,
         machine,
+        store,
+        images,
         _dir: dir,
         _stop: stop,
     }
@@ -150,9 +164,7 @@ fn create_request(uid: &str, vcpus: u32) -> pb::CreateCapsuleRequest {
             source: Some(pb::BootSource {
                 source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
                     key: "default/base@sha256:1".into(),
-                    disk: Some(pb::template_disk::Disk::RootfsPath(
-                        "/var/lib/wrenn/templates/base.ext4".into(),
-                    )),
+                    disk: Some(pb::template_disk::Disk::RootfsPath("base.ext4".into())),
                     digest: "sha256:1".into(),
                     disk_bytes: 1 << 30,
                 })),
@@ -432,14 +444,10 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
         "server_capsules::prepare_template_answers_preparing_then_ready_and_node_info_lists_it",
     );
     let mut a = start().await;
-    let rootfs = a._dir.path().join("base.ext4");
-    std::fs::write(&rootfs, b"ext4").unwrap();
     let req = pb::PrepareTemplateRequest {
         disk: Some(pb::TemplateDisk {
             key: "default/base@sha256:1".into(),
-            disk: Some(pb::template_disk::Disk::RootfsPath(
-                rootfs.display().to_string(),
-            )),
+            disk: Some(pb::template_disk::Disk::RootfsPath("base.ext4".into())),
             digest: "sha256:1".into(),
             disk_bytes: 1 << 30,
         }),
@@ -499,4 +507,224 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
     let err = a.client.prepare_template(bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("readiness"), "{err:?}");
+}
+
+/// Issue 11: a template names node files. Each hostile name reaches the
+/// agent over gRPC as the operator would send it, and must be refused
+/// before the agent journals, attaches or starts anything.
+#[tokio::test]
+async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing() {
+    let c = case(
+        Tier::Host,
+        "server_capsules::hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing",
+    );
+    if let Err(why) = wrenn_testkit::need_root() {
+        return c.skip(format!("mknod of device nodes: {why}"));
+    }
+    let mut a = start().await;
+    // A victim: a running capsule whose disk files live in the state dir.
+    a.client
+        .create_capsule(create_request("victim", 1))
+        .await
+        .unwrap();
+    let capsules = a._dir.path().join("state/capsules");
+    assert!(capsules.join("victim").is_dir());
+    // What a hostile node file can be, placed where a careless admin or a
+    // compromised image build could: in the image directory itself.
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let img = &a.images;
+    let outside = a._dir.path().join("shadow");
+    std::fs::write(&outside, b"root:$6$secret").unwrap();
+    mknod(
+        &img.join("loop.ext4"),
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o600),
+        makedev(7, 0),
+    )
+    .unwrap();
+    mknod(
+        &img.join("null.ext4"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o600),
+        makedev(1, 3),
+    )
+    .unwrap();
+    nix::unistd::mkfifo(&img.join("fifo.ext4"), Mode::from_bits_truncate(0o600)).unwrap();
+    std::os::unix::fs::symlink(&outside, img.join("shadow.ext4")).unwrap();
+    std::os::unix::fs::symlink(&capsules, img.join("capsules")).unwrap();
+    std::os::unix::fs::symlink(a._dir.path(), img.join("layout")).unwrap();
+    let before_store = a.store.calls();
+
+    let disk = |d: pb::template_disk::Disk| {
+        move |r: &mut pb::CreateCapsuleRequest| {
+            let src = r.spec.as_mut().unwrap().source.as_mut().unwrap();
+            if let Some(pb::boot_source::Source::Template(t)) = src.source.as_mut() {
+                t.disk = Some(d.clone());
+            }
+        }
+    };
+    use pb::template_disk::Disk::{OciReference, RootfsPath};
+    type Edit = Box<dyn Fn(&mut pb::CreateCapsuleRequest)>;
+    let kernel = |k: &'static str| -> Edit {
+        Box::new(move |r: &mut pb::CreateCapsuleRequest| {
+            r.spec.as_mut().unwrap().kernel_path = k.into()
+        })
+    };
+    let cmdline = |k: &'static str| -> Edit {
+        Box::new(move |r: &mut pb::CreateCapsuleRequest| {
+            r.spec.as_mut().unwrap().kernel_cmdline = k.into()
+        })
+    };
+    let attacks: Vec<(&str, Edit, &str)> = vec![
+        (
+            "block device by path",
+            Box::new(disk(RootfsPath("/dev/loop0".into()))),
+            "absolute paths",
+        ),
+        (
+            "block device node",
+            Box::new(disk(RootfsPath("loop.ext4".into()))),
+            "a block device",
+        ),
+        (
+            "char device node",
+            Box::new(disk(RootfsPath("null.ext4".into()))),
+            "a character device",
+        ),
+        (
+            "FIFO",
+            Box::new(disk(RootfsPath("fifo.ext4".into()))),
+            "a FIFO",
+        ),
+        (
+            "symlink out",
+            Box::new(disk(RootfsPath("shadow.ext4".into()))),
+            "symlink",
+        ),
+        (
+            "dotdot escape",
+            Box::new(disk(RootfsPath("../state/capsules/victim/disk.img".into()))),
+            "'.'",
+        ),
+        (
+            "state dir via symlinked dir",
+            Box::new(disk(RootfsPath("capsules/victim/journal.json".into()))),
+            "symlink",
+        ),
+        (
+            "a directory as disk",
+            Box::new(disk(RootfsPath("kernels".into()))),
+            "a directory",
+        ),
+        ("kernel by path", kernel("/boot/vmlinuz"), "absolute paths"),
+        ("kernel via symlink", kernel("shadow.ext4"), "symlink"),
+        ("kernel device", kernel("loop.ext4"), "a block device"),
+        ("rdinit", cmdline("rdinit=/bin/sh"), "\"rdinit=/bin/sh\""),
+        ("init", cmdline("quiet init=/tmp/x"), "\"init=/tmp/x\""),
+        ("root", cmdline("root=/dev/vdb"), "\"root=/dev/vdb\""),
+        ("init arguments", cmdline("quiet -- x"), "\"--\""),
+        (
+            "tab-joined init",
+            cmdline("quiet\tinit=/bin/sh"),
+            "init=/bin/sh",
+        ),
+        (
+            "oci layout by path",
+            Box::new(disk(OciReference("oci:/var/lib".into()))),
+            "absolute paths",
+        ),
+        (
+            "archive by path",
+            Box::new(disk(OciReference("docker-archive:/etc/shadow".into()))),
+            "absolute paths",
+        ),
+        (
+            "bare node path",
+            Box::new(disk(OciReference("/var/lib/wrenn".into()))),
+            "node path",
+        ),
+        (
+            "oci layout via symlink",
+            Box::new(disk(OciReference("oci:layout".into()))),
+            "symlink",
+        ),
+        (
+            "archive FIFO",
+            Box::new(disk(OciReference("docker-archive:fifo.ext4".into()))),
+            "a FIFO",
+        ),
+        (
+            "archive device",
+            Box::new(disk(OciReference("docker-archive:loop.ext4:x:y".into()))),
+            "a block device",
+        ),
+        (
+            "oci escape",
+            Box::new(disk(OciReference("oci:../state".into()))),
+            "'.'",
+        ),
+    ];
+    for (i, (what, edit, says)) in attacks.iter().enumerate() {
+        let uid = format!("attack-{i}");
+        let mut req = create_request(&uid, 1);
+        edit(&mut req);
+        let st = a.client.create_capsule(req).await.unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{what}: {st:?}");
+        assert!(st.message().contains(says), "{what}: {}", st.message());
+        assert!(!capsules.join(&uid).exists(), "{what}: journaled");
+        // The same through PrepareTemplate (the warm build path).
+        let mut probe = create_request(&uid, 1);
+        edit(&mut probe);
+        let spec = probe.spec.unwrap();
+        let Some(pb::boot_source::Source::Template(disk)) = spec.source.and_then(|s| s.source)
+        else {
+            unreachable!("create_request boots a template")
+        };
+        let st = a
+            .client
+            .prepare_template(pb::PrepareTemplateRequest {
+                disk: Some(disk),
+                warm: None,
+                kernel_path: spec.kernel_path,
+                kernel_cmdline: spec.kernel_cmdline,
+                retry: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "prepare, {what}: {st:?}");
+        assert!(
+            st.message().contains(says),
+            "prepare, {what}: {}",
+            st.message()
+        );
+    }
+    // Nothing changed on the node: no journal, no disk, no VMM, no
+    // template, and the files named are as they were.
+    let mut left: Vec<_> = std::fs::read_dir(&capsules)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["victim"]);
+    let vmm_calls = a.machine.calls();
+    assert!(
+        vmm_calls.iter().all(|c| c.capsule == "victim"),
+        "{vmm_calls:?}"
+    );
+    assert_eq!(a.store.calls(), before_store);
+    assert_eq!(a.machine.running(), ["victim"]);
+    let info = a
+        .client
+        .node_info(pb::NodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.templates.is_empty(), "{:?}", info.templates);
+    assert_eq!(std::fs::read(&outside).unwrap(), b"root:$6$secret");
+    // A legitimate template still works: the kernel and disk by name.
+    let mut ok = create_request("legit", 1);
+    ok.spec.as_mut().unwrap().kernel_path = "kernels/vmlinux".into();
+    ok.spec.as_mut().unwrap().kernel_cmdline = "quiet console=hvc0".into();
+    let made = a.client.create_capsule(ok).await.unwrap().into_inner();
+    assert_eq!(state(&made), pb::CapsuleState::Running);
 }

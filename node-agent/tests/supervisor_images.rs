@@ -21,7 +21,8 @@ use wrenn_node_agent::capsule::{
     SupervisorConfig,
 };
 use wrenn_node_agent::images::{
-    ImageCache, LocalImage, PullOptions, TemplateBuilder, TemplateRequest, TemplateSettings, quota,
+    ImageCache, ImageDirs, LocalImage, PullOptions, TemplateBuilder, TemplateRequest, TemplateSettings,
+    quota,
 };
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig, qcow2};
@@ -48,11 +49,14 @@ impl Bed {
         let machine = Arc::new(FakeMachine::new());
         let store = Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).unwrap();
         let mut cfg = SupervisorConfig::new(&dir.path().join("agent"), Path::new("/k/vmlinux"));
+        let layouts = dir.path().join("layouts");
+        std::fs::create_dir(&layouts).unwrap();
         cfg.templates = Arc::new(TemplateBuilder::new(TemplateSettings {
             cache_dir: dir.path().join("images"),
             guest_binary: guest,
             pull: PullOptions::default(),
             cache_max_bytes,
+            image_dirs: ImageDirs::new(&[layouts], &dir.path().join("agent")).unwrap(),
         }));
         let sup = Supervisor::new(
             Host {
@@ -65,13 +69,20 @@ impl Bed {
         Self { dir, machine, sup }
     }
 
+    /// The node admin's image directory the layouts go in.
+    fn layouts(&self) -> PathBuf {
+        self.dir.path().join("layouts")
+    }
+
+    /// A capsule from `layout`, named relative to [`Bed::layouts`].
     fn spec(&self, layout: &Path) -> CapsuleSpec {
+        let name = layout.strip_prefix(self.layouts()).unwrap();
         CapsuleSpec {
             namespace: "default".into(),
             name: "c".into(),
             source: BootSource::Image(ImageTemplate {
                 key: "default/img".into(),
-                reference: format!("oci:{}", layout.display()),
+                reference: format!("oci:{}", name.display()),
                 digest: String::new(),
             }),
             resources: Resources {
@@ -144,7 +155,7 @@ async fn capsules_from_an_oci_layout_share_one_cached_template() {
         return;
     };
     let b = Bed::new();
-    let img = layout(b.dir.path(), "layout", b"capsule\n");
+    let img = layout(&b.layouts(), "layout", b"capsule\n");
 
     let v = b
         .sup
@@ -192,7 +203,7 @@ async fn concurrent_capsules_of_one_image_build_it_once() {
         return;
     };
     let b = Bed::new();
-    let img = layout(b.dir.path(), "layout", b"shared\n");
+    let img = layout(&b.layouts(), "layout", b"shared\n");
     let uids = ["a1", "a2", "a3"];
     let creates = uids.map(|uid| {
         let sup = b.sup.clone();
@@ -217,7 +228,7 @@ async fn a_hostile_image_fails_with_its_cause_and_leaves_nothing() {
         return;
     };
     let b = Bed::new();
-    let img = b.dir.path().join("hostile");
+    let img = b.layouts().join("hostile");
     // A device node: a guest must not get the host's disk.
     let mut t = LayerTar::default();
     let mut h = oci_layout::hdr(tar::EntryType::Block, 0o600, 0);
@@ -300,7 +311,7 @@ async fn the_cache_drops_unused_templates_first_and_refuses_when_all_are_used() 
     // Room for two and a half.
     let b = Bed::with_quota(one * 5 / 2);
     let spec = |name: &str, seed| {
-        let mut s = b.spec(&sized_layout(b.dir.path(), name, seed));
+        let mut s = b.spec(&sized_layout(&b.layouts(), name, seed));
         s.name = name.into();
         s
     };
@@ -352,4 +363,48 @@ async fn the_cache_drops_unused_templates_first_and_refuses_when_all_are_used() 
     assert!(scratch_left.is_empty(), "{scratch_left:?}");
     assert!(b.sup.get("c-fourth").is_err());
     assert!(quota::allocated(&b.dir.path().join("images")) <= one * 5 / 2);
+}
+
+/// Issue 11, past the gRPC edge: a local image that leaves the image
+/// directory (a symlink to a real layout elsewhere, a `..` name, a node
+/// path) is refused by the builder itself, before it reads a byte.
+#[tokio::test]
+async fn a_local_image_outside_the_image_dirs_is_refused_by_the_builder() {
+    let Some(_case) = ready("a_local_image_outside_the_image_dirs_is_refused_by_the_builder")
+    else {
+        return;
+    };
+    let b = Bed::new();
+    // A perfectly good layout, but outside the image directory.
+    let elsewhere = layout(b.dir.path(), "elsewhere", b"not for you\n");
+    std::os::unix::fs::symlink(&elsewhere, b.layouts().join("linked")).unwrap();
+    for (i, (reference, says)) in [
+        ("oci:linked", "symlink"),
+        ("oci:../elsewhere", "'.'"),
+        (
+            &*format!("oci:{}", elsewhere.display()),
+            "absolute paths are not allowed",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let uid = format!("out{i}");
+        let mut spec = b.spec(&b.layouts().join("linked"));
+        if let BootSource::Image(image) = &mut spec.source {
+            image.reference = reference.to_string();
+        }
+        let err = b.sup.create(&uid, spec, State::Running).await.unwrap_err();
+        assert!(matches!(err, Error::Image { .. }), "{err}");
+        let chain = err.chain();
+        assert!(chain.contains(says), "{reference}: {chain}");
+        assert!(b.machine.steps(&uid).is_empty());
+        assert!(!b.overlay(&uid).exists());
+        assert!(!b.dir.path().join("agent/capsules").join(&uid).exists());
+    }
+    let (disks, scratch) = b.cache();
+    assert!(
+        disks.is_empty() && scratch.is_empty(),
+        "{disks:?} {scratch:?}"
+    );
 }

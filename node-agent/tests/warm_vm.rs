@@ -276,6 +276,9 @@ impl World {
         )
         .await
         .unwrap()
+        // The guest answers only calls carrying the capsule's token.
+        .with_token(view.guest_token.as_ref().map_or("", |t| t.expose()))
+        .unwrap()
     }
 
     fn files(&self, dir: &str) -> Vec<String> {

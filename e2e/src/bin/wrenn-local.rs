@@ -144,13 +144,13 @@ async fn run_with_agent(
     result.and(cleanup)
 }
 
-async fn demo(args: &Args, client: &Client, image: &GuestImage, agent: &NodeAgent) -> Result<()> {
+async fn demo(args: &Args, client: &Client, _image: &GuestImage, agent: &NodeAgent) -> Result<()> {
     let ns = &args.namespace;
     say("CapsuleTemplate local (the guest image's root disk) and Capsule hello");
     apply(
         client,
         ns,
-        &template_manifest("local", &image.rootfs()),
+        &template_manifest("local", GuestImage::ROOTFS),
         MANAGER,
     )
     .await?;

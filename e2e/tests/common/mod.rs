@@ -18,6 +18,17 @@ pub struct Env {
 
 /// `None` when the control plane cannot run here (the skip is recorded).
 pub async fn setup(name: &str) -> Option<Env> {
+    setup_in(name, false).await
+}
+
+/// [`setup`] in a namespace a cluster admin allowed to name node image
+/// files (`rootfs.path`, `kernel`).
+#[allow(dead_code)]
+pub async fn setup_node_images(name: &str) -> Option<Env> {
+    setup_in(name, true).await
+}
+
+async fn setup_in(name: &str, node_images: bool) -> Option<Env> {
     let case = case(Tier::Cluster, name);
     let cp = match tokio::task::spawn_blocking(ControlPlane::shared).await {
         Ok(Ok(cp)) => cp,
@@ -31,9 +42,12 @@ pub async fn setup(name: &str) -> Option<Env> {
         .client()
         .await
         .expect("client for the test control plane");
-    let ns = wrenn_e2e::temp_namespace(&client, "wt")
-        .await
-        .expect("create test namespace");
+    let ns = if node_images {
+        wrenn_e2e::node_images_namespace(&client, "wt").await
+    } else {
+        wrenn_e2e::temp_namespace(&client, "wt").await
+    }
+    .expect("create test namespace");
     Some(Env {
         case,
         cp,
@@ -43,6 +57,11 @@ pub async fn setup(name: &str) -> Option<Env> {
 }
 
 pub fn api(env: &Env, kind: &str) -> Api<DynamicObject> {
+    api_in(&env.client, &env.ns, kind)
+}
+
+/// [`api`] in namespace `ns`.
+pub fn api_in(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
     let plural = match kind {
         "Capsule" => "capsules",
         "CapsuleSnapshot" => "capsulesnapshots",
@@ -56,7 +75,7 @@ pub fn api(env: &Env, kind: &str) -> Api<DynamicObject> {
         kind: kind.into(),
         plural: plural.into(),
     };
-    Api::namespaced_with(env.client.clone(), &env.ns, &ar)
+    Api::namespaced_with(client.clone(), ns, &ar)
 }
 
 pub fn object(kind: &str, name: &str, spec: Value) -> DynamicObject {
@@ -76,7 +95,18 @@ pub async fn create(
     name: &str,
     spec: Value,
 ) -> Result<DynamicObject, String> {
-    api(env, kind)
+    create_in(&env.client, &env.ns, kind, name, spec).await
+}
+
+/// [`create`] in namespace `ns`.
+pub async fn create_in(
+    client: &Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    spec: Value,
+) -> Result<DynamicObject, String> {
+    api_in(client, ns, kind)
         .create(&PostParams::default(), &object(kind, name, spec))
         .await
         .map_err(|e| match e {

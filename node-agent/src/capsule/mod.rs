@@ -29,6 +29,7 @@
 
 mod api;
 mod bases;
+pub mod cmdline;
 mod egress;
 mod events;
 mod model;

@@ -133,6 +133,9 @@ impl SupervisorConfig {
                     guest_binary: PathBuf::from("/opt/wrenn/share/wrenn-guest"),
                     pull: crate::images::PullOptions::default(),
                     cache_max_bytes: crate::images::quota::DEFAULT_MAX_BYTES,
+                    // Set by the agent from --image-dir; none refuses
+                    // every local image.
+                    image_dirs: crate::images::ImageDirs::default(),
                 },
             )),
             warm_builds: 1,
@@ -510,16 +513,8 @@ impl<M: Machine + 'static> Shared<M> {
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(":");
-        let cmdline = [
-            self.cfg.base_cmdline.as_str(),
-            net.kernel_ip_arg().as_str(),
-            spec.cmdline.as_str(),
-        ]
-        .iter()
-        .filter(|s| !s.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
+        let cmdline =
+            super::cmdline::build(&self.cfg.base_cmdline, &net.kernel_ip_arg(), &spec.cmdline);
         let run_dir = self.layout.run_dir(&rec.uid);
         MachineSpec {
             capsule: rec.uid.clone(),

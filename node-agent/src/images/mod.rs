@@ -28,6 +28,7 @@
 //! it on a blocking thread. It needs root so ownership in the image is
 //! kept. Storage of capsule disks is `storage`'s job.
 
+pub mod dirs;
 pub mod oci;
 pub mod quota;
 mod registry;
@@ -44,6 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
+pub use dirs::ImageDirs;
 pub use registry::{PullOptions, check_descriptors, pull_to_layout};
 pub use source::ImageSource;
 pub use templates::{CacheUsers, TemplateBuilder, TemplateSettings};
@@ -186,6 +188,14 @@ pub enum Error {
         reference: String,
         /// What is wrong.
         why: &'static str,
+    },
+    /// A local image's name is malformed, or is not a file the agent may
+    /// read from an image directory.
+    #[error("find local image")]
+    NodeFile {
+        /// Cause.
+        #[source]
+        source: dirs::Error,
     },
     /// Pulling from a registry failed.
     #[error("pull {reference}")]

@@ -3,18 +3,19 @@
 //!
 //! The prefixes follow containers-transports(5), which users know from
 //! skopeo and podman:
-//! - `oci:<absolute dir>[:<tag>]`: an OCI image layout on the node;
-//! - `docker-archive:<absolute file>[:<repo:tag>]`: a `docker save` tarball;
-//! - `<absolute path>`: either of the two, told apart by whether it is a
-//!   directory when the template is built;
+//! - `oci:<name>[:<tag>]`: an OCI image layout directory;
+//! - `docker-archive:<name>[:<repo:tag>]`: a `docker save` tarball;
 //! - `docker://<reference>` or a bare `<reference>`: a registry image
 //!   (`registry/repo:tag` or `…@sha256:…`), pulled with `oci-client`.
 //!
-//! A local path ends at the first `:`, so paths containing `:` cannot be
-//! named; the rest is the tag.
+//! A local image's `<name>` is relative to the node admin's image
+//! directories ([`ImageDirs`]), never a node path: an absolute path, bare
+//! or after a prefix, is refused. The name ends at the first `:`; the rest
+//! is the tag.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use super::dirs::{self, ImageDirs, Use};
 use super::{Error, LocalImage};
 
 /// Where an image comes from.
@@ -22,41 +23,38 @@ use super::{Error, LocalImage};
 pub enum ImageSource {
     /// A registry reference, as given (without `docker://`).
     Registry(String),
-    /// A layout or archive on the node.
+    /// A layout or archive in an image directory, by its name there
+    /// (resolve it with [`ImageSource::resolve_local`] before reading).
     Local(LocalImage),
-    /// An absolute path whose kind (layout directory or archive file) is
-    /// looked up when the template is built.
-    Path(PathBuf),
 }
 
-fn local_path(reference: &str, rest: &str) -> Result<(PathBuf, Option<String>), Error> {
-    let (path, tag) = match rest.split_once(':') {
-        Some((p, t)) if !t.is_empty() => (p, Some(t.to_string())),
-        Some((p, _)) => (p, None),
+fn local_name(use_: Use, rest: &str) -> Result<(PathBuf, Option<String>), Error> {
+    let (name, tag) = match rest.split_once(':') {
+        Some((n, t)) if !t.is_empty() => (n, Some(t.to_string())),
+        Some((n, _)) => (n, None),
         None => (rest, None),
     };
-    if !path.starts_with('/') {
-        return Err(Error::LocalReference {
-            reference: reference.to_string(),
-            why: "the path must be absolute",
-        });
-    }
-    Ok((PathBuf::from(path), tag))
+    dirs::check_name(use_, name).map_err(|source| Error::NodeFile { source })?;
+    Ok((PathBuf::from(name), tag))
 }
 
 impl ImageSource {
     /// Parses `reference` (see the module docs).
     pub fn parse(reference: &str) -> Result<Self, Error> {
         if let Some(rest) = reference.strip_prefix("oci:") {
-            let (dir, tag) = local_path(reference, rest)?;
+            let (dir, tag) = local_name(Use::OciLayout, rest)?;
             return Ok(Self::Local(LocalImage::Layout { dir, tag }));
         }
         if let Some(rest) = reference.strip_prefix("docker-archive:") {
-            let (path, tag) = local_path(reference, rest)?;
+            let (path, tag) = local_name(Use::DockerArchive, rest)?;
             return Ok(Self::Local(LocalImage::DockerArchive { path, tag }));
         }
         if reference.starts_with('/') {
-            return Ok(Self::Path(PathBuf::from(reference)));
+            return Err(Error::LocalReference {
+                reference: reference.to_string(),
+                why: "a node path is not an image reference; name a local image as \
+                      oci:<name> or docker-archive:<name>, relative to an image directory",
+            });
         }
         let remote = reference.strip_prefix("docker://").unwrap_or(reference);
         remote
@@ -68,23 +66,24 @@ impl ImageSource {
         Ok(Self::Registry(remote.to_string()))
     }
 
-    /// The local image a [`Path`](Self::Path) names: a directory is a
-    /// layout, anything else an archive. Blocking (one `stat`).
-    pub fn to_local(path: &Path) -> Result<LocalImage, Error> {
-        let meta = std::fs::metadata(path).map_err(|source| Error::ReadImage {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(if meta.is_dir() {
-            LocalImage::Layout {
-                dir: path.to_path_buf(),
-                tag: None,
-            }
-        } else {
-            LocalImage::DockerArchive {
-                path: path.to_path_buf(),
-                tag: None,
-            }
+    /// The local image `image` names, with its name replaced by its path in
+    /// the first image directory that holds it (see [`ImageDirs::resolve`]).
+    /// Blocking.
+    pub fn resolve_local(image: &LocalImage, dirs: &ImageDirs) -> Result<LocalImage, Error> {
+        let resolve = |use_, name: &PathBuf| {
+            let name = name.to_str().unwrap_or_default();
+            dirs.resolve(use_, name)
+                .map_err(|source| Error::NodeFile { source })
+        };
+        Ok(match image {
+            LocalImage::Layout { dir, tag } => LocalImage::Layout {
+                dir: resolve(Use::OciLayout, dir)?,
+                tag: tag.clone(),
+            },
+            LocalImage::DockerArchive { path, tag } => LocalImage::DockerArchive {
+                path: resolve(Use::DockerArchive, path)?,
+                tag: tag.clone(),
+            },
         })
     }
 }
@@ -96,29 +95,25 @@ mod tests {
     #[test]
     fn prefixes_pick_the_source() {
         assert_eq!(
-            ImageSource::parse("oci:/srv/img:v1").unwrap(),
+            ImageSource::parse("oci:img:v1").unwrap(),
             ImageSource::Local(LocalImage::Layout {
-                dir: "/srv/img".into(),
+                dir: "img".into(),
                 tag: Some("v1".into())
             })
         );
         assert_eq!(
-            ImageSource::parse("docker-archive:/srv/a.tar:repo:tag").unwrap(),
+            ImageSource::parse("docker-archive:team/a.tar:repo:tag").unwrap(),
             ImageSource::Local(LocalImage::DockerArchive {
-                path: "/srv/a.tar".into(),
+                path: "team/a.tar".into(),
                 tag: Some("repo:tag".into())
             })
         );
         assert_eq!(
-            ImageSource::parse("oci:/srv/img").unwrap(),
+            ImageSource::parse("oci:img").unwrap(),
             ImageSource::Local(LocalImage::Layout {
-                dir: "/srv/img".into(),
+                dir: "img".into(),
                 tag: None
             })
-        );
-        assert_eq!(
-            ImageSource::parse("/srv/img").unwrap(),
-            ImageSource::Path("/srv/img".into())
         );
         assert_eq!(
             ImageSource::parse("docker://ghcr.io/wrenn/base:1").unwrap(),
@@ -132,10 +127,20 @@ mod tests {
     }
 
     #[test]
-    fn refuses_relative_paths_and_bad_references() {
-        for bad in ["oci:img", "docker-archive:a.tar", "Not A Ref", ""] {
+    fn refuses_node_paths_and_bad_references() {
+        for bad in ["/srv/img", "Not A Ref", ""] {
             let err = ImageSource::parse(bad).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        for (bad, name) in [
+            ("oci:/srv/img", "/srv/img"),
+            ("docker-archive:/etc/shadow", "/etc/shadow"),
+            ("oci:../state/capsules", "../state/capsules"),
+            ("docker-archive:", ""),
+        ] {
+            let err = ImageSource::parse(bad).unwrap_err();
+            let chain = format!("{}", std::error::Error::source(&err).unwrap());
+            assert!(chain.contains(&format!("{name:?}")), "{bad}: {chain}");
         }
     }
 }

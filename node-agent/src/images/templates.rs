@@ -39,6 +39,8 @@ pub struct TemplateSettings {
     pub pull: PullOptions,
     /// Quota of the whole cache (templates, pulled layouts, builds).
     pub cache_max_bytes: u64,
+    /// Where local images (`oci:`, `docker-archive:`) may come from.
+    pub image_dirs: super::ImageDirs,
 }
 
 /// Who tells the cache which template disks are in use: every disk a
@@ -168,12 +170,14 @@ impl TemplateBuilder {
                 };
                 self.build(image, size_bytes).await
             }
-            ImageSource::Local(image) => self.build(image.clone(), size_bytes).await,
-            ImageSource::Path(path) => {
-                let p = path.clone();
-                let image = tokio::task::spawn_blocking(move || ImageSource::to_local(&p))
-                    .await
-                    .map_err(|_| thread_lost(path))??;
+            ImageSource::Local(image) => {
+                // Resolved here, right before the build reads it, whatever
+                // the gRPC edge checked earlier.
+                let (named, dirs) = (image.clone(), self.settings.image_dirs.clone());
+                let image =
+                    tokio::task::spawn_blocking(move || ImageSource::resolve_local(&named, &dirs))
+                        .await
+                        .map_err(|_| thread_lost(&self.settings.cache_dir))??;
                 self.build(image, size_bytes).await
             }
         }
@@ -417,6 +421,7 @@ mod tests {
             guest_binary: "/g".into(),
             pull: PullOptions::default(),
             cache_max_bytes: quota::DEFAULT_MAX_BYTES,
+            image_dirs: Default::default(),
         });
         let mut removed = b.sweep();
         removed.sort();

@@ -1,6 +1,13 @@
-//! Pure conversions between `wrenn.agent.v1` messages and the supervisor's
+//! Conversions between `wrenn.agent.v1` messages and the supervisor's
 //! domain types, with validation at the edge, and the one mapping of
 //! supervisor errors to gRPC status codes.
+//!
+//! Requests name root disks, kernels and local images relative to the node
+//! admin's image directories; `from_create` and `from_prepare` resolve
+//! them through [`ImageDirs`] (blocking: a few `openat2`s), so the domain
+//! only ever holds paths inside those directories, and refuse a template's
+//! kernel command line outside the allow-list (`capsule::cmdline`). All
+//! else here is pure.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,12 +15,14 @@ use std::path::PathBuf;
 use tonic::Status;
 use wrenn_proto::agent::v1 as pb;
 
+use crate::capsule::cmdline;
 use crate::capsule::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate,
     PrepareRequest, Readiness, Resources, SnapshotInfo, State, TemplateDisk, TemplatePhase,
     TemplateSource, TemplateStatus, WarmSpec,
 };
 use crate::images::ImageSource;
+use crate::images::dirs::{self, ImageDirs, Use};
 use crate::vmm::{BackendInfo, BackendKind};
 
 /// Smallest guest the agent boots.
@@ -46,8 +55,12 @@ pub fn validate_snapshot_id(id: &str) -> Result<(), Status> {
     })
 }
 
-/// `CreateCapsuleRequest` → (uid, spec, initial state).
-pub fn from_create(req: pb::CreateCapsuleRequest) -> Result<(String, CapsuleSpec, State), Status> {
+/// `CreateCapsuleRequest` → (uid, spec, initial state). Blocking (node
+/// file names are resolved in `dirs`).
+pub fn from_create(
+    req: pb::CreateCapsuleRequest,
+    dirs: &ImageDirs,
+) -> Result<(String, CapsuleSpec, State), Status> {
     validate_uid(&req.uid)?;
     let spec = req
         .spec
@@ -62,29 +75,69 @@ pub fn from_create(req: pb::CreateCapsuleRequest) -> Result<(String, CapsuleSpec
             ));
         }
     };
-    Ok((req.uid, from_spec(spec)?, initial))
+    Ok((req.uid, from_spec(spec, dirs)?, initial))
+}
+
+/// A node file refusal as gRPC. A bad or hostile name, and one this node
+/// does not hold, are the spec's fault here (`InvalidArgument`: the
+/// operator shows the message as the template's or capsule's reason); a
+/// lookup that failed otherwise (permissions, I/O) is the node's.
+fn node_file_status(field: &str, e: &dirs::Error) -> Status {
+    let msg = format!("{field}: {e}");
+    match e {
+        dirs::Error::BadName { .. }
+        | dirs::Error::Refused { .. }
+        | dirs::Error::NoDirs { .. }
+        | dirs::Error::NotFound { .. } => Status::invalid_argument(msg),
+        dirs::Error::Lookup { .. } | dirs::Error::Config { .. } => Status::internal(msg),
+    }
+}
+
+/// The kernel a request names (`""`: the agent's default), resolved.
+fn from_kernel(field: &str, name: &str, dirs: &ImageDirs) -> Result<Option<PathBuf>, Status> {
+    match name {
+        "" => Ok(None),
+        n => dirs
+            .resolve(Use::Kernel, n)
+            .map(Some)
+            .map_err(|e| node_file_status(field, &e)),
+    }
+}
+
+/// A template's extra kernel command line, checked against the allow-list.
+fn from_cmdline(field: &str, line: String) -> Result<String, Status> {
+    cmdline::check(&line).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+    Ok(line)
 }
 
 /// `TemplateDisk` → boot source. `rootfs_url` is refused: a download
 /// would put unverified bytes under the guest's root, and the node can
-/// already take the same disk as `rootfs_path` (prepared out of band) or
-/// build it from an image as `oci_reference`.
-fn from_template(t: pb::TemplateDisk) -> Result<BootSource, Status> {
+/// already take the same disk as `rootfs_path` (placed in an image
+/// directory by the node admin) or build it from an image as
+/// `oci_reference`. A local image is resolved here to refuse it early, and
+/// again by the builder right before it is read.
+fn from_template(t: pb::TemplateDisk, dirs: &ImageDirs) -> Result<BootSource, Status> {
+    const FIELD: &str = "spec.source.template";
     match t.disk {
-        Some(pb::template_disk::Disk::RootfsPath(p)) if p.starts_with('/') => {
+        Some(pb::template_disk::Disk::RootfsPath(p)) => {
+            let rootfs = dirs
+                .resolve(Use::RootDisk, &p)
+                .map_err(|e| node_file_status(&format!("{FIELD}.rootfs_path"), &e))?;
             Ok(BootSource::Template(TemplateDisk {
                 key: t.key,
-                rootfs: PathBuf::from(p),
+                rootfs,
                 digest: t.digest,
             }))
         }
-        Some(pb::template_disk::Disk::RootfsPath(p)) => Err(Status::invalid_argument(format!(
-            "spec.source.template.rootfs_path {p:?} must be absolute"
-        ))),
         Some(pb::template_disk::Disk::OciReference(r)) => {
-            ImageSource::parse(&r).map_err(|e| {
-                Status::invalid_argument(format!("spec.source.template.oci_reference: {e}"))
-            })?;
+            let field = format!("{FIELD}.oci_reference");
+            let bad = |e: crate::images::Error| match e {
+                crate::images::Error::NodeFile { source } => node_file_status(&field, &source),
+                e => Status::invalid_argument(format!("{field}: {e}")),
+            };
+            if let ImageSource::Local(image) = ImageSource::parse(&r).map_err(bad)? {
+                ImageSource::resolve_local(&image, dirs).map_err(bad)?;
+            }
             Ok(BootSource::Image(ImageTemplate {
                 key: t.key,
                 reference: r,
@@ -92,12 +145,13 @@ fn from_template(t: pb::TemplateDisk) -> Result<BootSource, Status> {
             }))
         }
         Some(pb::template_disk::Disk::RootfsUrl(u)) => Err(Status::invalid_argument(format!(
-            "spec.source.template.rootfs_url {u:?}: this agent does not download root disks; \
-             give the image as oci_reference, or place the disk on the node and use rootfs_path"
+            "{FIELD}.rootfs_url {u:?}: this agent does not download root disks; \
+             give the image as oci_reference, or place the disk in an image directory \
+             of the node and use rootfs_path"
         ))),
-        None => Err(Status::invalid_argument(
-            "spec.source.template needs oci_reference or rootfs_path",
-        )),
+        None => Err(Status::invalid_argument(format!(
+            "{FIELD} needs oci_reference or rootfs_path"
+        ))),
     }
 }
 
@@ -127,7 +181,10 @@ fn from_resources(res: Option<pb::Resources>, field: &str) -> Result<Resources, 
 /// `PrepareTemplateRequest` → domain request. The disk is checked as a
 /// create checks it; a warm build needs a snapshot id, a start command, a
 /// readiness check and a shape.
-pub fn from_prepare(req: pb::PrepareTemplateRequest) -> Result<PrepareRequest, Status> {
+pub fn from_prepare(
+    req: pb::PrepareTemplateRequest,
+    dirs: &ImageDirs,
+) -> Result<PrepareRequest, Status> {
     let disk = req
         .disk
         .ok_or_else(|| Status::invalid_argument("disk is required"))?;
@@ -137,8 +194,11 @@ pub fn from_prepare(req: pb::PrepareTemplateRequest) -> Result<PrepareRequest, S
     let disk_bytes = disk.disk_bytes;
     let key = disk.key.clone();
     let digest = disk.digest.clone();
-    let source = match from_template(disk).map_err(|s| {
-        Status::invalid_argument(s.message().replace("spec.source.template", "disk"))
+    let source = match from_template(disk, dirs).map_err(|s| {
+        Status::new(
+            s.code(),
+            s.message().replace("spec.source.template", "disk"),
+        )
     })? {
         BootSource::Template(t) => TemplateSource::Rootfs(t.rootfs),
         BootSource::Image(i) => TemplateSource::Image(i.reference),
@@ -158,22 +218,14 @@ pub fn from_prepare(req: pb::PrepareTemplateRequest) -> Result<PrepareRequest, S
             "disk.disk_bytes (or warm.resources.disk_bytes) must be set to build a template from oci_reference",
         ));
     }
-    let kernel = match req.kernel_path.as_str() {
-        "" => None,
-        p if p.starts_with('/') => Some(PathBuf::from(p)),
-        p => {
-            return Err(Status::invalid_argument(format!(
-                "kernel_path {p:?} must be absolute"
-            )));
-        }
-    };
+    let kernel = from_kernel("kernel_path", &req.kernel_path, dirs)?;
     Ok(PrepareRequest {
         key,
         source,
         digest,
         disk_bytes,
         kernel,
-        cmdline: req.kernel_cmdline,
+        cmdline: from_cmdline("kernel_cmdline", req.kernel_cmdline)?,
         warm,
         retry: req.retry,
     })
@@ -251,8 +303,9 @@ pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
     }
 }
 
-/// `CapsuleSpec` → domain spec.
-pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
+/// `CapsuleSpec` → domain spec. Blocking (node file names are resolved in
+/// `dirs`).
+pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec, Status> {
     let res = spec
         .resources
         .ok_or_else(|| Status::invalid_argument("spec.resources is required"))?;
@@ -267,7 +320,7 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
         )));
     }
     let source = match spec.source.and_then(|s| s.source) {
-        Some(pb::boot_source::Source::Template(t)) => from_template(t)?,
+        Some(pb::boot_source::Source::Template(t)) => from_template(t, dirs)?,
         Some(pb::boot_source::Source::Snapshot(s)) => {
             validate_snapshot_id(&s.id)?;
             BootSource::Snapshot { id: s.id }
@@ -281,15 +334,8 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
             "spec.resources.disk_bytes must be set to build a template from oci_reference",
         ));
     }
-    let kernel = match spec.kernel_path.as_str() {
-        "" => None,
-        p if p.starts_with('/') => Some(PathBuf::from(p)),
-        p => {
-            return Err(Status::invalid_argument(format!(
-                "spec.kernel_path {p:?} must be absolute"
-            )));
-        }
-    };
+    let kernel = from_kernel("spec.kernel_path", &spec.kernel_path, dirs)?;
+    let cmdline = from_cmdline("spec.kernel_cmdline", spec.kernel_cmdline)?;
     let egress = from_network(spec.network.unwrap_or_default())?;
     Ok(CapsuleSpec {
         namespace: spec.namespace,
@@ -301,7 +347,7 @@ pub fn from_spec(spec: pb::CapsuleSpec) -> Result<CapsuleSpec, Status> {
             disk_bytes: res.disk_bytes,
         },
         kernel,
-        cmdline: spec.kernel_cmdline,
+        cmdline,
         env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
         egress,
     })
@@ -332,7 +378,8 @@ pub fn from_network(net: pb::NetworkPolicy) -> Result<Egress, Status> {
     })
 }
 
-/// Domain spec → `CapsuleSpec`.
+/// Domain spec → `CapsuleSpec`. Node files appear as the paths they
+/// resolved to, for the operator's information; it never sends them back.
 pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
     let source = match &spec.source {
         BootSource::Template(t) => pb::boot_source::Source::Template(pb::TemplateDisk {
@@ -504,6 +551,31 @@ pub fn to_status(e: &Error) -> Status {
 mod tests {
     use super::*;
 
+    /// An image directory with a root disk, a kernel, an OCI layout
+    /// directory and an archive, as a node admin would fill it.
+    struct Dirs {
+        _root: tempfile::TempDir,
+        dir: PathBuf,
+        dirs: ImageDirs,
+    }
+
+    fn dirs() -> Dirs {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("images");
+        std::fs::create_dir_all(dir.join("kernels")).unwrap();
+        std::fs::create_dir_all(dir.join("base")).unwrap();
+        std::fs::write(dir.join("base.ext4"), b"ext4").unwrap();
+        std::fs::write(dir.join("kernels/vmlinux"), b"k").unwrap();
+        std::fs::write(dir.join("a.tar"), b"tar").unwrap();
+        let dirs = ImageDirs::new(std::slice::from_ref(&dir), &root.path().join("state")).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        Dirs {
+            _root: root,
+            dir,
+            dirs,
+        }
+    }
+
     fn prepare() -> pb::PrepareTemplateRequest {
         pb::PrepareTemplateRequest {
             disk: Some(pb::TemplateDisk {
@@ -534,7 +606,8 @@ mod tests {
 
     #[test]
     fn prepare_requests_take_defaults_and_refuse_what_cannot_build() {
-        let ok = from_prepare(prepare()).unwrap();
+        let d = dirs();
+        let ok = from_prepare(prepare(), &d.dirs).unwrap();
         // The image is built at the warm shape's disk size, the timeout
         // defaults to 300 s.
         assert_eq!(ok.disk_bytes, 1 << 30);
@@ -544,7 +617,7 @@ mod tests {
         let refused = |edit: fn(&mut pb::PrepareTemplateRequest), needle: &str| {
             let mut r = prepare();
             edit(&mut r);
-            let e = from_prepare(r).unwrap_err();
+            let e = from_prepare(r, &d.dirs).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
             assert!(e.message().contains(needle), "{needle}: {}", e.message());
         };
@@ -593,12 +666,30 @@ mod tests {
             },
             "disk_bytes",
         );
-        refused(|r| r.kernel_path = "vmlinux".into(), "kernel_path");
+        refused(|r| r.kernel_path = "/boot/vmlinuz".into(), "kernel_path");
+        refused(|r| r.kernel_path = "../vmlinux".into(), "kernel_path");
+        refused(
+            |r| r.kernel_cmdline = "rdinit=/bin/sh".into(),
+            "\"rdinit=/bin/sh\"",
+        );
+        refused(
+            |r| {
+                r.disk.as_mut().unwrap().disk =
+                    Some(pb::template_disk::Disk::RootfsPath("/dev/vda".into()))
+            },
+            "disk.rootfs_path",
+        );
+        let mut with_kernel = prepare();
+        with_kernel.kernel_path = "kernels/vmlinux".into();
+        with_kernel.kernel_cmdline = "quiet console=hvc0".into();
+        let ok = from_prepare(with_kernel, &d.dirs).unwrap();
+        assert_eq!(ok.kernel, Some(d.dir.join("kernels/vmlinux")));
+        assert_eq!(ok.cmdline, "quiet console=hvc0");
         // A root disk alone needs no warm part.
         let mut disk_only = prepare();
         disk_only.warm = None;
         disk_only.disk.as_mut().unwrap().disk_bytes = 1 << 30;
-        assert!(from_prepare(disk_only).unwrap().warm.is_none());
+        assert!(from_prepare(disk_only, &d.dirs).unwrap().warm.is_none());
     }
 
     fn request() -> pb::CreateCapsuleRequest {
@@ -610,7 +701,7 @@ mod tests {
                 source: Some(pb::BootSource {
                     source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
                         key: "ns/base@sha256:1".into(),
-                        disk: Some(pb::template_disk::Disk::RootfsPath("/t/base.ext4".into())),
+                        disk: Some(pb::template_disk::Disk::RootfsPath("base.ext4".into())),
                         digest: "sha256:1".into(),
                         disk_bytes: 1 << 30,
                     })),
@@ -635,7 +726,7 @@ mod tests {
 
     #[test]
     fn the_guest_token_never_reaches_the_wire() {
-        let (uid, spec, _) = from_create(request()).unwrap();
+        let (uid, spec, _) = from_create(request(), &dirs().dirs).unwrap();
         let mut rec = crate::capsule::Record::new(&uid, &spec);
         let token = crate::guest::GuestToken::generate().unwrap();
         rec.guest_token = Some(token.clone());
@@ -662,16 +753,30 @@ mod tests {
     }
 
     #[test]
-    fn spec_round_trips() {
-        let (uid, spec, initial) = from_create(request()).unwrap();
+    fn spec_converts_with_node_files_resolved() {
+        let d = dirs();
+        let mut req = request();
+        req.spec.as_mut().unwrap().kernel_path = "kernels/vmlinux".into();
+        let (uid, spec, initial) = from_create(req, &d.dirs).unwrap();
         assert_eq!((uid.as_str(), initial), ("3f2a9c1e-77b0", State::Running));
         assert_eq!(
             spec.egress,
             Egress::AllowList(vec!["198.51.100.0/24".into()])
         );
-        let back = from_spec(to_spec(&spec)).unwrap();
-        assert_eq!(back, spec);
-        let net = to_spec(&spec).network.unwrap();
+        assert_eq!(spec.kernel, Some(d.dir.join("kernels/vmlinux")));
+        let BootSource::Template(t) = &spec.source else {
+            panic!("{spec:?}")
+        };
+        assert_eq!(t.rootfs, d.dir.join("base.ext4"));
+        // Shown back with the resolved paths; everything else as sent.
+        let shown = to_spec(&spec);
+        assert_eq!(
+            shown.kernel_path,
+            d.dir.join("kernels/vmlinux").display().to_string()
+        );
+        assert_eq!(shown.kernel_cmdline, "quiet");
+        assert_eq!(shown.env, request().spec.unwrap().env);
+        let net = shown.network.unwrap();
         assert_eq!(
             (net.egress, net.allow_cidrs),
             (pb::Egress::Deny as i32, vec!["198.51.100.0/24".to_string()])
@@ -715,15 +820,17 @@ mod tests {
 
     #[test]
     fn image_and_snapshot_sources_round_trip() {
+        let d = dirs();
         for disk in [
-            pb::template_disk::Disk::OciReference("oci:/srv/base:v1".into()),
+            pb::template_disk::Disk::OciReference("oci:base:v1".into()),
+            pb::template_disk::Disk::OciReference("docker-archive:a.tar".into()),
             pb::template_disk::Disk::OciReference("ghcr.io/wrenn/base:1".into()),
         ] {
             let mut r = request();
             set_disk(&mut r, disk);
-            let (_, spec, _) = from_create(r).unwrap();
+            let (_, spec, _) = from_create(r, &d.dirs).unwrap();
             assert!(matches!(spec.source, BootSource::Image(_)), "{spec:?}");
-            assert_eq!(from_spec(to_spec(&spec)).unwrap(), spec);
+            assert_eq!(from_spec(to_spec(&spec), &d.dirs).unwrap(), spec);
         }
         let mut r = request();
         r.spec.as_mut().unwrap().source = Some(pb::BootSource {
@@ -731,21 +838,21 @@ mod tests {
                 id: "snap-1".into(),
             })),
         });
-        let (_, spec, _) = from_create(r).unwrap();
+        let (_, spec, _) = from_create(r, &d.dirs).unwrap();
         assert_eq!(
             spec.source,
             BootSource::Snapshot {
                 id: "snap-1".into()
             }
         );
-        assert_eq!(from_spec(to_spec(&spec)).unwrap(), spec);
+        assert_eq!(from_spec(to_spec(&spec), &d.dirs).unwrap(), spec);
         assert_eq!(
             to_status(&Error::SnapshotNotFound { id: "s".into() }).code(),
             tonic::Code::NotFound
         );
         let image = |source| Error::Image {
             uid: "c1".into(),
-            reference: "oci:/srv/img".into(),
+            reference: "oci:img".into(),
             source: Box::new(source),
         };
         let hostile = to_status(&image(crate::images::Error::UnsafeEntry {
@@ -756,7 +863,7 @@ mod tests {
         assert_eq!(hostile.code(), tonic::Code::FailedPrecondition);
         assert_eq!(
             hostile.message(),
-            "build template disk of capsule c1 from oci:/srv/img: \
+            "build template disk of capsule c1 from oci:img: \
              refuse entry \"dev/sda\" of layer sha256:1: device node"
         );
         let busy = to_status(&image(crate::images::Error::Lock {
@@ -771,6 +878,10 @@ mod tests {
         let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r.uid = "Bad/Uid".into()), "uid"),
             (Box::new(|r| r.spec = None), "spec is required"),
+            (
+                Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsPath("/dev/vda".into()))),
+                "absolute paths are not allowed",
+            ),
             (
                 Box::new(|r| r.spec.as_mut().unwrap().resources.as_mut().unwrap().vcpus = 0),
                 "vcpus",
@@ -788,12 +899,29 @@ mod tests {
                 "allow_cidrs",
             ),
             (
-                Box::new(|r| r.spec.as_mut().unwrap().kernel_path = "vmlinux".into()),
-                "kernel_path",
+                Box::new(|r| r.spec.as_mut().unwrap().kernel_path = "/boot/vmlinux".into()),
+                "spec.kernel_path",
+            ),
+            (
+                Box::new(|r| r.spec.as_mut().unwrap().kernel_cmdline = "quiet -- x".into()),
+                "\"--\"",
+            ),
+            (
+                Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsPath("../x".into()))),
+                "rootfs_path",
+            ),
+            (
+                Box::new(|r| set_disk(r, pb::template_disk::Disk::OciReference("/srv/img".into()))),
+                "oci_reference",
             ),
             (Box::new(|r| r.initial_state = 9), "initial_state"),
             (
-                Box::new(|r| set_disk(r, pb::template_disk::Disk::OciReference("oci:rel".into()))),
+                Box::new(|r| {
+                    set_disk(
+                        r,
+                        pb::template_disk::Disk::OciReference("oci:/srv/img".into()),
+                    )
+                }),
                 "oci_reference",
             ),
             (
@@ -814,10 +942,11 @@ mod tests {
                 "disk_bytes",
             ),
         ];
+        let d = dirs();
         for (mutate, field) in cases {
             let mut r = request();
             mutate(&mut r);
-            let st = from_create(r).unwrap_err();
+            let st = from_create(r, &d.dirs).unwrap_err();
             assert_eq!(st.code(), tonic::Code::InvalidArgument);
             assert!(st.message().contains(field), "{field}: {}", st.message());
         }

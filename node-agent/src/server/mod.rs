@@ -61,6 +61,7 @@ pub struct AgentService {
     vmm_cap: VmmCap,
     /// `--disk-quota`; `None`: a share of the state filesystem.
     disk_quota: Option<u64>,
+    image_dirs: crate::images::ImageDirs,
 }
 
 impl AgentService {
@@ -75,7 +76,15 @@ impl AgentService {
             activity: activity::Activity::default(),
             vmm_cap: VmmCap::default(),
             disk_quota: None,
+            image_dirs: crate::images::ImageDirs::default(),
         }
+    }
+
+    /// Resolves the root disks, kernels and local images requests name in
+    /// `dirs` (see `images::dirs`); without it every node file is refused.
+    pub fn with_image_dirs(mut self, dirs: crate::images::ImageDirs) -> Self {
+        self.image_dirs = dirs;
+        self
     }
 
     /// Offers at most `cap` (the VMM parent cgroup's cap) as capacity.
@@ -243,7 +252,13 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::CreateCapsuleRequest>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let (uid, spec, initial) = convert::from_create(req.into_inner())?;
+        let dirs = self.image_dirs.clone();
+        let req = req.into_inner();
+        // Resolving node file names is blocking file work.
+        let (uid, spec, initial) =
+            tokio::task::spawn_blocking(move || convert::from_create(req, &dirs))
+                .await
+                .map_err(|e| Status::internal(format!("check the request: {e}")))??;
         let view = self
             .capsules()?
             .create(&uid, spec, initial)
@@ -383,7 +398,11 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::PrepareTemplateRequest>,
     ) -> Result<Response<pb::TemplateState>, Status> {
-        let req = convert::from_prepare(req.into_inner())?;
+        let dirs = self.image_dirs.clone();
+        let req = req.into_inner();
+        let req = tokio::task::spawn_blocking(move || convert::from_prepare(req, &dirs))
+            .await
+            .map_err(|e| Status::internal(format!("check the request: {e}")))??;
         let state = self
             .capsules()?
             .prepare_template(req)

@@ -2,6 +2,7 @@
 //! and `unsafe` block of the node agent lives under here, each submodule
 //! owned by the module whose trait it implements.
 
+pub mod beneath;
 pub mod block;
 pub mod net;
 pub mod process;
