@@ -941,5 +941,5 @@ async fn api_in_delete(env: &Env, ns: &str, name: &str) {
     common::api_in(&env.client, ns, "CapsuleTemplate")
         .delete(name, &Default::default())
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("delete template {ns}/{name}: {e}"));
 }
