@@ -187,6 +187,21 @@ pub struct EnvVar {
     pub value: String,
 }
 
+/// IPv4 networks no capsule reaches on any node, whatever its allow list:
+/// private and shared address space (the node's and the cluster's own
+/// networks), link-local (cloud metadata at 169.254.169.254) and Azure's
+/// wireserver. An `allowCidrs` entry inside one of them could never work,
+/// so the API server refuses it. The node agent checks its built-in blocked
+/// set against this list.
+pub const NEVER_REACHABLE_CIDRS: [&str; 6] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "168.63.129.16/32",
+];
+
 /// Network policy of a capsule. Isolation from other capsules, the node,
 /// cloud metadata addresses and the node's blocked ranges always applies.
 /// `egress` and `allowCidrs` may change on a running capsule: the node

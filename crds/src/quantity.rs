@@ -146,10 +146,31 @@ pub(crate) mod with {
                         "!isCIDR(self) || cidr(self).masked() == cidr(self)",
                         "allowCidrs entries must have no host bits set, e.g. 10.1.0.0/16 rather than 10.1.2.3/16",
                     ),
+                    rule(&never_reachable_rule(), &never_reachable_message()),
                 ],
             },
         });
         Schema::try_from(schema).expect("a JSON object is always a schema")
+    }
+
+    /// Refuses an entry inside a network every node blocks.
+    fn never_reachable_rule() -> String {
+        let inside: Vec<String> = crate::capsule::NEVER_REACHABLE_CIDRS
+            .iter()
+            .map(|n| format!("cidr('{n}').containsCIDR(self)"))
+            .collect();
+        // IPv6 is refused by its own rule; containment is asked of IPv4 only.
+        format!(
+            "!isCIDR(self) || cidr(self).ip().family() != 4 || !({})",
+            inside.join(" || ")
+        )
+    }
+
+    fn never_reachable_message() -> String {
+        format!(
+            "allowCidrs entries inside {} are never reachable from a capsule: private, shared, link-local and cloud metadata ranges are blocked on every node; list public networks only",
+            crate::capsule::NEVER_REACHABLE_CIDRS.join(", ")
+        )
     }
 
     pub(crate) fn template_name(_: &mut SchemaGenerator) -> Schema {

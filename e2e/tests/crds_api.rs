@@ -158,6 +158,20 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "allowCidrs entries must have no host bits set",
         ),
         (
+            "allow list inside a range every node blocks",
+            "Capsule",
+            capsule(
+                json!({"network": {"egress": "Deny", "allowCidrs": ["203.0.113.0/24", "10.20.0.0/16"]}}),
+            ),
+            "allowCidrs entries inside 10.0.0.0/8",
+        ),
+        (
+            "allow list naming cloud metadata",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Deny", "allowCidrs": ["169.254.169.254/32"]}})),
+            "are never reachable from a capsule",
+        ),
+        (
             "allow list with egress Allow",
             "Capsule",
             capsule(json!({"network": {"egress": "Allow", "allowCidrs": ["10.0.0.0/8"]}})),

@@ -67,6 +67,12 @@ pub fn quota_usage(state_dir: &Path) -> u64 {
     crate::images::quota::allocated_in(&roots)
 }
 
+/// The CPU model alone (what a snapshot records), without the disk and
+/// quota walk of [`read_facts`]. Blocking.
+pub fn read_cpu_model(paths: &NodePaths) -> String {
+    cpu_model(&std::fs::read_to_string(paths.proc.join("cpuinfo")).unwrap_or_default())
+}
+
 /// Reads the facts; a missing source leaves its fields at zero rather than
 /// failing, since `NodeInfo` must answer even on odd hosts.
 pub fn read_facts(paths: &NodePaths) -> NodeFacts {

@@ -33,6 +33,27 @@ pub const AZURE_WIRESERVER: Cidr = Cidr {
 /// the guest link itself) and Azure's wireserver. IPv6 metadata
 /// (`fd00:ec2::254`) needs no entry: capsules have no IPv6 at all.
 pub const ALWAYS_BLOCKED: [Cidr; 2] = [LINK_LOCAL, AZURE_WIRESERVER];
+/// Private and shared address space (the node's and the cluster's own
+/// networks often live there): every node blocks it for capsules on top
+/// of [`ALWAYS_BLOCKED`], whatever its `--blocked-egress-cidrs`.
+pub const PRIVATE_RANGES: [Cidr; 4] = [
+    Cidr {
+        addr: Ipv4Addr::new(10, 0, 0, 0),
+        prefix: 8,
+    },
+    Cidr {
+        addr: Ipv4Addr::new(172, 16, 0, 0),
+        prefix: 12,
+    },
+    Cidr {
+        addr: Ipv4Addr::new(192, 168, 0, 0),
+        prefix: 16,
+    },
+    Cidr {
+        addr: Ipv4Addr::new(100, 64, 0, 0),
+        prefix: 10,
+    },
+];
 /// Highest slot the plan supports: a `/31` per slot must fit in a `/16`
 /// (the Go implementation overflowed past 32767, notes §11.34).
 pub const MAX_SLOTS: u32 = 32767;
@@ -76,6 +97,21 @@ impl Cidr {
     /// Whether `ip` lies inside this network.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & mask(self.prefix) == u32::from(self.addr)
+    }
+
+    /// Whether all of `other` lies inside this network.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        other.prefix >= self.prefix && self.contains(other.addr)
+    }
+
+    /// The built-in range ([`ALWAYS_BLOCKED`], [`PRIVATE_RANGES`]) holding
+    /// all of this network, if one does: no capsule can reach it.
+    pub fn never_reachable(&self) -> Option<Cidr> {
+        ALWAYS_BLOCKED
+            .iter()
+            .chain(PRIVATE_RANGES.iter())
+            .find(|b| b.covers(self))
+            .copied()
     }
 }
 
@@ -206,6 +242,32 @@ impl AddressPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_crd_refuses_exactly_the_ranges_every_node_blocks() {
+        let agent: Vec<String> = ALWAYS_BLOCKED
+            .iter()
+            .chain(PRIVATE_RANGES.iter())
+            .map(|c| c.to_string())
+            .collect();
+        let mut crd: Vec<String> = wrenn_crds::capsule::NEVER_REACHABLE_CIDRS
+            .iter()
+            .map(|c| c.parse::<Cidr>().unwrap().to_string())
+            .collect();
+        let mut sorted = agent.clone();
+        sorted.sort();
+        crd.sort();
+        assert_eq!(sorted, crd);
+        let net = |s: &str| s.parse::<Cidr>().unwrap();
+        assert_eq!(
+            net("10.1.0.0/16").never_reachable(),
+            Some(net("10.0.0.0/8"))
+        );
+        assert_eq!(net("10.0.0.0/8").never_reachable(), Some(net("10.0.0.0/8")));
+        assert_eq!(net("8.0.0.0/7").never_reachable(), None);
+        assert_eq!(net("0.0.0.0/0").never_reachable(), None);
+        assert_eq!(net("203.0.113.0/24").never_reachable(), None);
+    }
 
     #[test]
     fn slot_addresses_follow_the_plan() {

@@ -69,7 +69,6 @@ pub struct LinuxNetConfig {
 impl LinuxNetConfig {
     /// The production layout for a node whose uplink is `uplink`.
     pub fn host(uplink: &str, state_dir: &Path) -> Self {
-        let net = |s: &str| s.parse::<Cidr>().expect("constant CIDR parses");
         Self {
             node_netns: PathBuf::from("/proc/self/ns/net"),
             netns_dir: PathBuf::from("/run/netns"),
@@ -78,17 +77,7 @@ impl LinuxNetConfig {
             tun_path: PathBuf::from("/dev/net/tun"),
             uplink: uplink.to_string(),
             plan: AddressPlan::default(),
-            // Private, shared-address-space (cluster networks often live
-            // there) ranges: nothing a sandbox should reach.
-            blocked_egress: [
-                "10.0.0.0/8",
-                "172.16.0.0/12",
-                "192.168.0.0/16",
-                "100.64.0.0/10",
-            ]
-            .into_iter()
-            .map(net)
-            .collect(),
+            blocked_egress: super::PRIVATE_RANGES.to_vec(),
             limits: CapsuleLimits::default(),
             guest_link: GuestLink::Tap,
         }

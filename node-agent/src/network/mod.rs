@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 pub use addr::{
     ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC,
-    GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, ParseCidrError, SlotAddrs,
+    GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
 };
 pub use fake::{FakeNet, NetCall};
 pub use limits::{CapsuleLimits, EgressFlags};

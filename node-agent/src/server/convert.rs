@@ -360,11 +360,18 @@ pub fn from_network(net: pb::NetworkPolicy) -> Result<Egress, Status> {
     let egress = pb::Egress::try_from(net.egress)
         .map_err(|_| Status::invalid_argument("spec.network.egress is unknown"))?;
     for c in &net.allow_cidrs {
-        c.parse::<crate::network::Cidr>().map_err(|e| {
+        let cidr = c.parse::<crate::network::Cidr>().map_err(|e| {
             Status::invalid_argument(format!(
                 "spec.network.allow_cidrs {c:?}: {e} (capsules are IPv4 only)"
             ))
         })?;
+        // Listed but never reachable would be a list that lies.
+        if let Some(blocked) = cidr.never_reachable() {
+            return Err(Status::invalid_argument(format!(
+                "spec.network.allow_cidrs {c:?} lies inside {blocked}, which every node blocks \
+                 for capsules (private, shared, link-local and cloud metadata ranges)"
+            )));
+        }
     }
     Ok(match (egress, net.allow_cidrs.is_empty()) {
         (pb::Egress::Deny, true) => Egress::Deny,
@@ -807,6 +814,24 @@ mod tests {
         assert!(e.message().contains("only with egress DENY"), "{e:?}");
         let e = from_network(net(pb::Egress::Deny, &["2001:db8::/32"])).unwrap_err();
         assert!(e.message().contains("IPv4 only"), "{e:?}");
+        for (listed, inside) in [
+            ("10.20.0.0/16", "10.0.0.0/8"),
+            ("192.168.1.0/24", "192.168.0.0/16"),
+            ("169.254.169.254/32", "169.254.0.0/16"),
+            ("168.63.129.16/32", "168.63.129.16/32"),
+        ] {
+            let e = from_network(net(pb::Egress::Deny, &["203.0.113.0/24", listed])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().contains(&format!("lies inside {inside}")),
+                "{e:?}"
+            );
+        }
+        // Wider than a blocked range is fine: the rest of it is reachable.
+        assert_eq!(
+            from_network(net(pb::Egress::Deny, &["0.0.0.0/0"])).unwrap(),
+            Egress::AllowList(vec!["0.0.0.0/0".into()])
+        );
     }
 
     type Mutation = Box<dyn Fn(&mut pb::CreateCapsuleRequest)>;

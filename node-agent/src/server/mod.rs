@@ -17,7 +17,7 @@ use wrenn_proto::agent::v1::node_agent_server::{NodeAgent, NodeAgentServer};
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::capsule::{CapsuleApi, State};
-use crate::node::{NodePaths, VmmCap, plan_offer, read_facts};
+use crate::node::{NodePaths, VmmCap, plan_offer, read_cpu_model, read_facts};
 
 mod activity;
 pub mod convert;
@@ -371,7 +371,7 @@ impl NodeAgent for AgentService {
             .await
             .map_err(|e| to_status(&e))?;
         let paths = self.paths.clone();
-        let cpu_model = tokio::task::spawn_blocking(move || read_facts(&paths).cpu_model)
+        let cpu_model = tokio::task::spawn_blocking(move || read_cpu_model(&paths))
             .await
             .unwrap_or_default();
         Ok(Response::new(convert::to_snapshot(
