@@ -138,6 +138,20 @@ mod tests {
         for (token, ok) in TABLE {
             assert_eq!(cel.is_match(token), *ok, "CRD pattern on {token:?}");
         }
+        // The CRD checks the whole line with one pattern; it must agree
+        // with the agent's token-by-token check on every line.
+        let line = regex::Regex::new(wrenn_crds::template::KERNEL_CMDLINE_PATTERN).unwrap();
+        let mut lines: Vec<String> = TABLE.iter().map(|(t, _)| t.to_string()).collect();
+        for (a, _) in TABLE {
+            for (b, _) in TABLE {
+                lines.push(format!("{a} {b}"));
+                lines.push(format!(" {a}  {b} "));
+            }
+        }
+        lines.extend(["", "   ", "quiet\tinit=/x", "quiet -- x"].map(String::from));
+        for l in &lines {
+            assert_eq!(line.is_match(l), check(l).is_ok(), "CRD line pattern on {l:?}");
+        }
     }
 
     #[test]
