@@ -203,6 +203,18 @@ pub enum Error {
         /// What was seen.
         reason: String,
     },
+    /// A snapshot's `config.json` is not CH's config, or its rewritten
+    /// copy could not be encoded.
+    #[error("rewrite snapshot config {} for capsule {capsule}", path.display())]
+    SnapshotConfig {
+        /// The capsule.
+        capsule: String,
+        /// The snapshot's config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// Reading or writing a snapshot's files failed.
     #[error("{what} snapshot file {} for capsule {capsule}", path.display())]
     SnapshotFile {

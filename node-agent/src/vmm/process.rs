@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Error;
 use super::cgroup::{CapsuleCgroup, CgroupLimits, CgroupRoot};
-use super::ch::{EventFile, EventKind};
+use super::ch::events::{EventFile, EventKind};
 use crate::sys::process::{self as sys, ExitStatus, Pidfd};
 
 /// Host locations, passed in.

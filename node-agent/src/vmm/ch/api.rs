@@ -446,6 +446,13 @@ pub enum ImageType {
     Raw,
     /// qcow2.
     Qcow2,
+    /// Fixed-size VHD. Never sent; CH may write it into a snapshot's
+    /// config, which a restore must read back.
+    FixedVhd,
+    /// VHDX. Never sent, as `FixedVhd`.
+    Vhdx,
+    /// Probed by CH. Never sent, as `FixedVhd`.
+    Unknown,
 }
 
 /// `NetConfig`. TAP fds never go in the JSON (CH ignores them there); they
