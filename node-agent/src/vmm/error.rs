@@ -194,14 +194,15 @@ pub enum Error {
     },
     /// QEMU or its vsock helper did not come up, or a QEMU step did not
     /// reach the state it should.
-    #[error("{what} for capsule {capsule}: {reason}")]
+    #[error("{what} for capsule {capsule}")]
     Qemu {
         /// The capsule.
         capsule: String,
         /// What was attempted.
         what: &'static str,
         /// What was seen.
-        reason: String,
+        #[source]
+        source: super::qemu::QemuError,
     },
     /// A snapshot's `config.json` is not CH's config, or its rewritten
     /// copy could not be encoded.

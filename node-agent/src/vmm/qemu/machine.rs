@@ -14,6 +14,7 @@ use super::args::{
     Layout, QMP_SOCKET, VHOST_SOCKET, build_helper_args, build_qemu_args, helper_args, run_dir,
 };
 use super::diagnose;
+use super::error::QemuError;
 use super::migrate;
 use super::probe::{Accel, detect_version, probe_accel};
 use super::qmp::{self, Qmp};
@@ -332,21 +333,20 @@ impl QemuMachine {
                 return Err(Error::Qemu {
                     capsule: capsule.to_string(),
                     what,
-                    reason: format!(
-                        "exited during start-up ({status:?}); vmm.log ends: {}",
-                        tail.trim()
-                    ),
+                    source: QemuError::ExitedAtStart {
+                        status,
+                        log_tail: tail.trim().to_string(),
+                    },
                 });
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::Qemu {
                     capsule: capsule.to_string(),
                     what,
-                    reason: format!(
-                        "{} did not appear within {:?}",
-                        path.display(),
-                        self.timeouts.start
-                    ),
+                    source: QemuError::NoSocket {
+                        path: path.to_path_buf(),
+                        within: self.timeouts.start,
+                    },
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -384,16 +384,16 @@ impl QemuMachine {
     /// the run dir for adoption after an agent restart.
     async fn fresh_helper(&self, vm: &MachineHandle) -> Result<(), Error> {
         let capsule = vm.capsule.as_str();
-        let fail = |reason: String| Error::Qemu {
+        let fail = |source| Error::Qemu {
             capsule: capsule.to_string(),
             what: "restart the vsock helper",
-            reason,
+            source,
         };
         let (qemu, helpers) = self.procs_of(vm)?;
         let cid = helpers
             .iter()
             .find_map(|h| vsock::helper_cid(&self.paths.proc_root, h.identity().pid))
-            .ok_or_else(|| fail("cannot read --guest-cid of the running helper".into()))?;
+            .ok_or_else(|| fail(QemuError::HelperCid))?;
         let dir = run_dir(vm);
         let shape = read_shape(capsule, &dir.join(MACHINE_FILE))?;
         let netns = self
@@ -409,7 +409,12 @@ impl QemuMachine {
             match std::fs::remove_file(stale) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(fail(format!("remove {}: {e}", stale.display()))),
+                Err(source) => {
+                    return Err(fail(QemuError::RemoveStale {
+                        path: stale.clone(),
+                        source,
+                    }));
+                }
             }
         }
         let helper = Arc::new(process::spawn_supervised(
@@ -536,7 +541,7 @@ impl QemuMachine {
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: step,
-                reason: format!("VM is {state} after cont"),
+                source: QemuError::NotRunning { state },
             });
         }
         Ok(())
@@ -687,15 +692,13 @@ impl Machine for QemuMachine {
 
     async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
         let capsule = spec.capsule.as_str();
-        let shape = read_shape(capsule, &dir.join(MACHINE_FILE))?;
-        if !shape.restorable_as(&shape_of(spec)) {
+        let taken = read_shape(capsule, &dir.join(MACHINE_FILE))?;
+        let wanted = shape_of(spec);
+        if !taken.restorable_as(&wanted) {
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: "restore",
-                reason: format!(
-                    "snapshot was taken with {shape:?}, spec asks for {:?}",
-                    shape_of(spec)
-                ),
+                source: QemuError::ShapeMismatch { taken, wanted },
             });
         }
         let (handle, procs) = self.start(spec, true).await?;

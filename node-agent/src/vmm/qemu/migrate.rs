@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::error::QemuError;
 use super::qmp::{self, Qmp};
 use super::stream::{self, Transfer};
 use crate::vmm::error::Error;
@@ -24,10 +25,13 @@ pub(super) fn stream_err(
     file: &Path,
 ) -> impl Fn(std::io::Error) -> Error {
     let (capsule, file) = (capsule.to_string(), file.to_path_buf());
-    move |e| Error::Qemu {
+    move |source| Error::Qemu {
         capsule: capsule.clone(),
         what: step,
-        reason: format!("stream {}: {e}", file.display()),
+        source: QemuError::Stream {
+            file: file.clone(),
+            source,
+        },
     }
 }
 
@@ -116,11 +120,11 @@ pub(super) async fn complete(
                 return Err(Error::Qemu {
                     capsule: capsule.to_string(),
                     what: step,
-                    reason: format!(
-                        "migration {s} ({}): {}",
-                        file.display(),
-                        info.error_desc.unwrap_or_default()
-                    ),
+                    source: QemuError::Migration {
+                        status: s.to_string(),
+                        file: file.to_path_buf(),
+                        desc: info.error_desc.unwrap_or_default(),
+                    },
                 });
             }
             _ => {}
@@ -129,7 +133,9 @@ pub(super) async fn complete(
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: step,
-                reason: format!("migration via {} did not finish in time", file.display()),
+                source: QemuError::MigrationTimeout {
+                    file: file.to_path_buf(),
+                },
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -28,6 +28,7 @@
 
 mod args;
 mod diagnose;
+mod error;
 mod machine;
 mod migrate;
 mod probe;
@@ -37,6 +38,7 @@ mod stream;
 mod vsock;
 
 pub use args::{Layout, SANDBOX, build_helper_args, build_qemu_args};
+pub use error::QemuError;
 pub use machine::{QemuMachine, Timeouts, parse_net_dev, to_machine_state};
 pub use probe::{Accel, parse_version, probe_accel};
 pub use qmp::{Qmp, QmpError};

@@ -49,8 +49,30 @@ pub async fn probe_accel(qemu: &Path, proc_root: &Path, dev_kvm: &Path) -> Accel
     }
 }
 
-async fn probe_kvm_start(qemu: &Path) -> Result<(), String> {
-    let dir = tempfile_dir().map_err(|e| e.to_string())?;
+/// How long the throwaway QEMU gets to answer on QMP.
+const PROBE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Why the throwaway QEMU could not run a KVM vCPU. It ends up as the text
+/// of [`Accel::Tcg`], so each message carries its cause inline rather than
+/// as a `source()`.
+#[derive(Debug, thiserror::Error)]
+enum KvmProbeError {
+    #[error("{0}")]
+    TempDir(std::io::Error),
+    #[error("{0}")]
+    Spawn(std::io::Error),
+    #[error("qemu exited with {0}")]
+    Exited(std::process::ExitStatus),
+    #[error("query-kvm reports KVM disabled")]
+    Disabled,
+    #[error("{0}")]
+    Qmp(qmp::QmpError),
+    #[error("no QMP answer within {0:?}")]
+    NoAnswer(Duration),
+}
+
+async fn probe_kvm_start(qemu: &Path) -> Result<(), KvmProbeError> {
+    let dir = tempfile_dir().map_err(KvmProbeError::TempDir)?;
     let sock = dir.join("probe-qmp.sock");
     let mut child = tokio::process::Command::new(qemu)
         .args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-S"])
@@ -61,21 +83,21 @@ async fn probe_kvm_start(qemu: &Path) -> Result<(), String> {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| e.to_string())?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        .map_err(KvmProbeError::Spawn)?;
+    let deadline = tokio::time::Instant::now() + PROBE_WITHIN;
     let result = loop {
         if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!("qemu exited with {status}"));
+            break Err(KvmProbeError::Exited(status));
         }
         if let Ok(mut q) = Qmp::connect(&sock, Duration::from_secs(2)).await {
             break match q.execute(&qmp::QueryKvm).await {
                 Ok(k) if k.enabled => Ok(()),
-                Ok(_) => Err("query-kvm reports KVM disabled".into()),
-                Err(e) => Err(e.to_string()),
+                Ok(_) => Err(KvmProbeError::Disabled),
+                Err(e) => Err(KvmProbeError::Qmp(e)),
             };
         }
         if tokio::time::Instant::now() > deadline {
-            break Err("no QMP answer within 10s".into());
+            break Err(KvmProbeError::NoAnswer(PROBE_WITHIN));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };

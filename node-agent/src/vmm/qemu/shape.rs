@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::error::QemuError;
 use crate::vmm::error::Error;
 use crate::vmm::machine::MachineSpec;
 
@@ -14,7 +15,7 @@ pub(super) const MACHINE_FILE: &str = "machine.json";
 /// an agent restart) and copied into each snapshot; restore refuses a
 /// snapshot of another shape (QEMU needs identical devices).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(super) struct Shape {
+pub struct Shape {
     pub(super) format: u32,
     pub(super) vcpus: u32,
     pub(super) memory_bytes: u64,
@@ -50,15 +51,22 @@ pub(super) fn read_shape(capsule: &str, path: &Path) -> Result<Shape, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_slice(&text).map_err(|e| Error::Qemu {
+    serde_json::from_slice(&text).map_err(|source| Error::Qemu {
         capsule: capsule.to_string(),
         what: "read machine shape",
-        reason: format!("{} is unreadable: {e}", path.display()),
+        source: QemuError::ReadShape {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 
 pub(super) fn write_shape(capsule: &str, path: &Path, shape: &Shape) -> Result<(), Error> {
-    let body = serde_json::to_vec_pretty(shape).unwrap_or_default();
+    let body = serde_json::to_vec_pretty(shape).map_err(|e| Error::Qemu {
+        capsule: capsule.to_string(),
+        what: "write machine shape",
+        source: QemuError::EncodeShape(e),
+    })?;
     std::fs::write(path, body).map_err(|source| Error::SnapshotFile {
         capsule: capsule.to_string(),
         what: "write",
@@ -100,5 +108,17 @@ mod tests {
         ] {
             assert!(!taken.restorable_as(&wrong), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn an_unreadable_shape_file_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MACHINE_FILE);
+        std::fs::write(&path, "{").unwrap();
+        let err = read_shape("c1", &path).unwrap_err();
+        assert!(
+            matches!(&err, Error::Qemu { source: QemuError::ReadShape { path: p, .. }, .. } if *p == path),
+            "{err:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::args::{VSOCK_PORT_ID, run_dir};
+use super::error::QemuError;
 use super::qmp::{self, Qmp, QmpError};
 use crate::vmm::error::Error;
 use crate::vmm::machine::MachineHandle;
@@ -94,7 +95,7 @@ pub(super) async fn unplug(q: &mut Qmp, capsule: &str, within: Duration) -> Resu
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: "unplug vsock",
-                reason: format!("guest did not release {id} within {within:?}"),
+                source: QemuError::Unplug { id, within },
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -158,7 +159,7 @@ pub(super) async fn wait_started(
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: "wait for vsock",
-                reason: format!("the guest did not set up its vsock device within {within:?}"),
+                source: QemuError::VsockSetup { within },
             });
         }
         tokio::time::sleep(VSOCK_POLL).await;
@@ -176,19 +177,22 @@ pub(super) fn current_helpers(vm: &MachineHandle) -> Vec<ProcessIdentity> {
 /// Records `helper` as the one serving `vm`, for adoption after an agent
 /// restart.
 pub(super) fn record_helper(vm: &MachineHandle, helper: ProcessIdentity) -> Result<(), Error> {
-    let fail = |reason: String| Error::Qemu {
+    let fail = |source| Error::Qemu {
         capsule: vm.capsule.clone(),
         what: "restart the vsock helper",
-        reason,
+        source,
     };
     let dir = run_dir(vm);
-    let record = serde_json::to_vec(&[helper])
-        .map_err(|e| fail(format!("encode the helper record: {e}")))?;
+    let record =
+        serde_json::to_vec(&[helper]).map_err(|e| fail(QemuError::EncodeHelperRecord(e)))?;
     // Rename over the old record, so adoption never reads half of it.
-    let tmp = dir.join(format!(".{HELPER_FILE}.tmp"));
+    let (tmp, path) = (
+        dir.join(format!(".{HELPER_FILE}.tmp")),
+        dir.join(HELPER_FILE),
+    );
     std::fs::write(&tmp, &record)
-        .and_then(|()| std::fs::rename(&tmp, dir.join(HELPER_FILE)))
-        .map_err(|e| fail(format!("write {HELPER_FILE}: {e}")))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| fail(QemuError::WriteHelperRecord { path, source }))
 }
 
 /// `--guest-cid` from a running helper's command line.
