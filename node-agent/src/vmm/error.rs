@@ -232,6 +232,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// For `map_err`: the [`Error::PrepareSpawn`] of a file step on `path`
+    /// for `capsule` that failed.
+    pub fn prepare(
+        capsule: &str,
+        what: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        let (capsule, path) = (capsule.to_string(), path.to_path_buf());
+        move |source| Error::PrepareSpawn {
+            capsule,
+            what,
+            path,
+            source,
+        }
+    }
+
     /// The classification of a failed API call, if this is one.
     pub fn api_kind(&self) -> Option<super::ch::ErrorKind> {
         match self {

@@ -216,15 +216,7 @@ pub fn spawn_supervised(
     req: &SpawnRequest<'_>,
 ) -> Result<VmmProcess, Error> {
     let capsule = req.capsule;
-    let prep = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::PrepareSpawn {
-            capsule: capsule.to_string(),
-            what,
-            path,
-            source,
-        }
-    };
+    let prep = |what: &'static str, path: &Path| Error::prepare(capsule, what, path);
 
     // 1. State dir and log.
     let dir = capsule_dir(paths, capsule);

@@ -2,7 +2,7 @@
 //! [`MachineSpec`]: pure builders shared by a launch
 //! ([`ChMachine`](super::machine::ChMachine)) and a restore, which rewrites
 //! a snapshot's config with the same per-capsule paths
-//! ([`restore`](super::restore)).
+//! (`restore`).
 
 use std::path::Path;
 

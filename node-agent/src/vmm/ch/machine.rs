@@ -230,46 +230,32 @@ async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) ->
     })
 }
 
-fn snapshot_err(
-    capsule: &str,
-    what: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> Error {
-    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
-    move |source| Error::PrepareSpawn {
-        capsule,
-        what,
-        path,
-        source,
-    }
-}
-
 /// An empty `dir`, whatever a failed earlier snapshot left there.
 fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
+        Err(e) => return Err(Error::prepare(capsule, "snapshot output dir", dir)(e)),
     }
-    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
+    std::fs::create_dir_all(dir).map_err(Error::prepare(capsule, "snapshot output dir", dir))
 }
 
 /// Moves every file of `from` into `to` (created if absent), then removes
 /// `from`.
 fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
+    std::fs::create_dir_all(to).map_err(Error::prepare(capsule, "snapshot dir", to))?;
     let entries =
-        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        std::fs::read_dir(from).map_err(Error::prepare(capsule, "snapshot output dir", from))?;
     for entry in entries {
-        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        let entry = entry.map_err(Error::prepare(capsule, "snapshot output dir", from))?;
         let target = to.join(entry.file_name());
-        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
+        std::fs::rename(entry.path(), &target).map_err(Error::prepare(
             capsule,
             "move snapshot file",
             &target,
         ))?;
     }
-    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
+    std::fs::remove_dir(from).map_err(Error::prepare(capsule, "snapshot output dir", from))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! ([`error`]), version detection ([`version`]), the event monitor
 //! ([`events`]), the per-VMM client ([`client`]), one CH process per
 //! capsule ([`vmm`], `ChVmm`), the `vm.create` bodies for a machine spec
-//! ([`config`]), snapshot staging for a restore ([`restore`]) and the
+//! ([`config`]), snapshot staging for a restore (`restore`) and the
 //! lifecycle steps of [`Machine`](crate::vmm::Machine) ([`machine`],
 //! `ChMachine`). Spawning and supervising the process is `vmm::process`'s.
 

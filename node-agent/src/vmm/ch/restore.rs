@@ -123,16 +123,7 @@ fn rewrite_config(body: &[u8], spec: &MachineSpec) -> serde_json::Result<Vec<u8>
 /// its path. The caller removes it with [`remove_staged`] once the restore
 /// returned (CH reads the memory image whole before it does).
 pub fn stage_restore(spec: &MachineSpec, dir: &Path) -> Result<PathBuf, Error> {
-    let err = |what: &'static str, path: &Path| {
-        let capsule = spec.capsule.clone();
-        let path = path.to_path_buf();
-        move |source| Error::PrepareSpawn {
-            capsule,
-            what,
-            path,
-            source,
-        }
-    };
+    let err = |what: &'static str, path: &Path| Error::prepare(&spec.capsule, what, path);
     let staged = spec.run_dir.join(STAGED);
     remove_staged(spec)?;
     std::fs::create_dir_all(&staged).map_err(err("restore staging dir", &staged))?;

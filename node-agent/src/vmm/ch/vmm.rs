@@ -148,16 +148,7 @@ impl ChVmm {
     /// Starts a VMM with no VM and waits until its API answers.
     pub async fn start(&self, spec: &StartSpec) -> Result<VmmHandle, Error> {
         let dir = process::capsule_dir(&self.paths, &spec.capsule);
-        let prep = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            let capsule = spec.capsule.clone();
-            move |source| Error::PrepareSpawn {
-                capsule,
-                what,
-                path,
-                source,
-            }
-        };
+        let prep = |what: &'static str, path: &Path| Error::prepare(&spec.capsule, what, path);
         std::fs::create_dir_all(&dir).map_err(prep("state dir", &dir))?;
         // The agent binds the API socket and hands CH the listening fd
         // (`--api-socket fd=`), so the first call needs no polling for the

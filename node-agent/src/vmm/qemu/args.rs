@@ -40,7 +40,7 @@ impl Layout {
 
 /// QEMU's own seccomp filter: besides its default deny list, no obsolete
 /// syscalls, no setuid/setgid/capability changes, no fork or exec (the
-/// migration stream goes through a socket, see [`stream`]), no scheduler or
+/// migration stream goes through a socket, see `stream`), no scheduler or
 /// resource-limit changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::shape::Shape;
 use crate::sys::process::ExitStatus;
 
 /// A QEMU step that did not reach the state it should.
@@ -96,13 +95,14 @@ pub enum QemuError {
         /// QEMU's run state.
         state: String,
     },
-    /// A snapshot of another shape than the spec asks for.
-    #[error("snapshot was taken with {taken:?}, spec asks for {wanted:?}")]
+    /// A snapshot of another shape than the spec asks for. The shapes are
+    /// kept as text: `shape` reports its errors through this enum.
+    #[error("snapshot was taken with {taken}, spec asks for {wanted}")]
     ShapeMismatch {
         /// The snapshot's shape.
-        taken: Shape,
+        taken: String,
         /// The spec's.
-        wanted: Shape,
+        wanted: String,
     },
     /// A shape file is not JSON of a shape.
     #[error("{} is unreadable", path.display())]

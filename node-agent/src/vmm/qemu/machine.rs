@@ -1,69 +1,35 @@
 //! [`QemuMachine`]: the [`Machine`] steps for QEMU. One capsule is two
-//! supervised processes in its netns and cgroup, the vsock helper and QEMU;
-//! this file starts, adopts and ends them and sequences each step over QMP,
-//! using the command lines of [`args`](super::args), the shape file of
-//! [`shape`](super::shape), the migrations of [`migrate`](super::migrate)
-//! and the vsock workaround of [`vsock`](super::vsock).
+//! supervised processes, the vsock helper and QEMU, which
+//! [`procs`](super::procs) starts, adopts and ends; this file sequences
+//! each step over QMP, using the shape file of [`shape`](super::shape), the
+//! migrations of [`migrate`] and the vsock workaround of
+//! [`vsock`].
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::args::{
-    Layout, QMP_SOCKET, VHOST_SOCKET, build_helper_args, build_qemu_args, helper_args, run_dir,
-};
+use super::args::{Layout, QMP_SOCKET, VHOST_SOCKET, run_dir};
 use super::diagnose;
 use super::error::QemuError;
 use super::migrate;
 use super::probe::{Accel, detect_version, probe_accel};
+use super::procs::{HELPER_STOP, Processes, Procs, Timeouts};
 use super::qmp::{self, Qmp};
 use super::shape::{MACHINE_FILE, read_shape, shape_of, write_shape};
 use super::stream;
-use super::vsock::{self, HELPER_FILE};
-use crate::vmm::cgroup::{CgroupLimits, CgroupRoot};
+use super::vsock;
+use crate::vmm::cgroup::CgroupRoot;
 use crate::vmm::error::Error;
-use crate::vmm::logs;
 use crate::vmm::machine::{
     BackendInfo, BackendKind, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };
-use crate::vmm::process::{self, HostPaths, SpawnRequest, VmmExit, VmmProcess};
-use crate::vmm::view;
+use crate::vmm::process::{self, HostPaths, VmmExit, VmmProcess};
 
-/// How the vsock helper is stopped: it keeps no state, and as init of its
-/// own PID namespace it would ignore SIGTERM (it has no handler).
-const HELPER_STOP: i32 = libc::SIGKILL;
 /// How long the vsock may take to answer a handshake after resume.
 const VSOCK_PROBE: Duration = Duration::from_secs(2);
 /// Guest memory and device state in a snapshot directory.
 const MEMORY_FILE: &str = "memory.qemu";
-
-/// Bounds on QEMU steps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// Process start until QMP (or the helper's socket) answers.
-    pub start: Duration,
-    /// One QMP command.
-    pub command: Duration,
-    /// vsock hot-unplug (the guest must acknowledge it).
-    pub unplug: Duration,
-    /// Migration to or from a file, per GiB of guest RAM.
-    pub migrate_per_gib: Duration,
-    /// SIGTERM to SIGKILL.
-    pub stop_grace: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            start: Duration::from_secs(10),
-            command: Duration::from_secs(5),
-            unplug: Duration::from_secs(20),
-            migrate_per_gib: Duration::from_secs(60),
-            stop_grace: Duration::from_secs(5),
-        }
-    }
-}
 
 /// Maps QEMU's run state onto [`MachineState`].
 pub fn to_machine_state(status: &str) -> MachineState {
@@ -100,25 +66,12 @@ pub fn parse_net_dev(text: &str, tap: &str) -> Option<NetCounters> {
     None
 }
 
-#[derive(Debug)]
-struct Procs {
-    qemu: Arc<VmmProcess>,
-    helpers: Vec<Arc<VmmProcess>>,
-    /// Sequence for hot-plugged chardev/device ids.
-    plugs: u32,
-}
-
 /// QEMU behind [`Machine`].
 #[derive(Debug)]
 pub struct QemuMachine {
-    qemu: PathBuf,
-    helper: PathBuf,
     version: String,
-    accel: Accel,
-    paths: HostPaths,
-    cgroups: CgroupRoot,
     timeouts: Timeouts,
-    procs: Mutex<HashMap<String, Procs>>,
+    procs: Processes,
 }
 
 impl QemuMachine {
@@ -153,26 +106,22 @@ impl QemuMachine {
         cgroups: CgroupRoot,
     ) -> Self {
         Self {
-            qemu: qemu.to_path_buf(),
-            helper: helper.to_path_buf(),
             version,
-            accel,
-            paths,
-            cgroups,
             timeouts: Timeouts::default(),
-            procs: Mutex::new(HashMap::new()),
+            procs: Processes::new(qemu, helper, accel, paths, cgroups),
         }
     }
 
     /// Overrides the timeouts.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self.procs.set_timeouts(timeouts);
         self
     }
 
     /// The accelerator in use.
     pub fn accel(&self) -> &Accel {
-        &self.accel
+        self.procs.accel()
     }
 
     async fn qmp(&self, vm: &MachineHandle, step: &'static str) -> Result<Qmp, Error> {
@@ -183,290 +132,6 @@ impl QemuMachine {
                 step,
                 source,
             })
-    }
-
-    fn remember(&self, capsule: &str, procs: Procs) {
-        if let Ok(mut m) = self.procs.lock() {
-            m.insert(capsule.to_string(), procs);
-        }
-    }
-
-    fn next_plug(&self, capsule: &str) -> u32 {
-        self.procs
-            .lock()
-            .ok()
-            .and_then(|mut m| {
-                m.get_mut(capsule).map(|p| {
-                    p.plugs += 1;
-                    p.plugs
-                })
-            })
-            .unwrap_or_else(|| {
-                // Adopted after a restart: ids only need to be fresh.
-                u32::try_from(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() % 100_000)
-                        .unwrap_or(0),
-                )
-                .unwrap_or(0)
-                    + 1000
-            })
-    }
-
-    /// Starts the helper and QEMU; on error both are gone again.
-    async fn start(
-        &self,
-        spec: &MachineSpec,
-        incoming: bool,
-    ) -> Result<(MachineHandle, Procs), Error> {
-        let capsule = spec.capsule.as_str();
-        let prep = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::PrepareSpawn {
-                capsule: capsule.to_string(),
-                what,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&spec.run_dir).map_err(prep("run dir", &spec.run_dir))?;
-        let layout = Layout::build(spec);
-        write_shape(capsule, &spec.run_dir.join(MACHINE_FILE), &shape_of(spec))?;
-        let helper_record = spec.run_dir.join(HELPER_FILE);
-        for stale in [
-            &layout.qmp,
-            &layout.vhost,
-            &spec.vsock_socket,
-            &helper_record,
-        ] {
-            match std::fs::remove_file(stale) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(prep("stale socket", stale)(e)),
-            }
-        }
-
-        // 1. The vsock helper first: QEMU connects to its socket at start.
-        let helper = process::spawn_supervised(
-            &self.paths,
-            &self.cgroups,
-            &SpawnRequest {
-                capsule,
-                program: &self.helper,
-                args: build_helper_args(spec, &layout),
-                netns: spec.netns.as_deref(),
-                limits: spec.limits,
-                inherit: Vec::new(),
-                confine: view::build_helper_confine(),
-            },
-        )?;
-        let helper = Arc::new(helper);
-        if let Err(e) = self
-            .wait_path(capsule, &helper, &layout.vhost, "vhost-device-vsock")
-            .await
-        {
-            self.kill_all(capsule, &[], std::slice::from_ref(&helper))
-                .await;
-            return Err(e);
-        }
-
-        // 2. QEMU in the same netns and cgroup.
-        let qemu = match process::spawn_supervised(
-            &self.paths,
-            &self.cgroups,
-            &SpawnRequest {
-                capsule,
-                program: &self.qemu,
-                args: build_qemu_args(spec, &self.accel, &layout, incoming),
-                netns: spec.netns.as_deref(),
-                limits: spec.limits,
-                inherit: Vec::new(),
-                confine: view::build_confine(spec),
-            },
-        ) {
-            Ok(q) => Arc::new(q),
-            Err(e) => {
-                self.kill_all(capsule, &[], std::slice::from_ref(&helper))
-                    .await;
-                return Err(e);
-            }
-        };
-        let handle = MachineHandle {
-            backend: BackendKind::Qemu,
-            capsule: capsule.to_string(),
-            process: qemu.identity(),
-            helpers: vec![helper.identity()],
-            control_socket: layout.qmp.clone(),
-            vsock_socket: spec.vsock_socket.clone(),
-            memory_bytes: spec.memory_bytes,
-        };
-        let procs = Procs {
-            qemu,
-            helpers: vec![helper],
-            plugs: 0,
-        };
-        if let Err(e) = self.wait_qmp(&handle, &procs.qemu).await {
-            self.kill_all(capsule, std::slice::from_ref(&procs.qemu), &procs.helpers)
-                .await;
-            return Err(e);
-        }
-        Ok((handle, procs))
-    }
-
-    async fn wait_path(
-        &self,
-        capsule: &str,
-        proc: &VmmProcess,
-        path: &Path,
-        what: &'static str,
-    ) -> Result<(), Error> {
-        let deadline = tokio::time::Instant::now() + self.timeouts.start;
-        while !path.exists() {
-            if let Some(status) = proc.try_wait()? {
-                let log = process::capsule_dir(&self.paths, capsule).join(logs::VMM_LOG);
-                let tail = tokio::task::spawn_blocking(move || {
-                    logs::read_tail(&log, 2048).unwrap_or_default()
-                })
-                .await
-                .unwrap_or_default();
-                return Err(Error::Qemu {
-                    capsule: capsule.to_string(),
-                    what,
-                    source: QemuError::ExitedAtStart {
-                        status,
-                        log_tail: tail.trim().to_string(),
-                    },
-                });
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::Qemu {
-                    capsule: capsule.to_string(),
-                    what,
-                    source: QemuError::NoSocket {
-                        path: path.to_path_buf(),
-                        within: self.timeouts.start,
-                    },
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(())
-    }
-
-    async fn wait_qmp(&self, vm: &MachineHandle, qemu: &VmmProcess) -> Result<(), Error> {
-        let deadline = tokio::time::Instant::now() + self.timeouts.start;
-        loop {
-            match Qmp::connect(&vm.control_socket, self.timeouts.command).await {
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    if let Some(status) = qemu.try_wait()? {
-                        return Err(Error::ExitedEarly {
-                            capsule: vm.capsule.clone(),
-                            status,
-                        });
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(Error::Qmp {
-                            capsule: vm.capsule.clone(),
-                            step: "start",
-                            source: e,
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-
-    /// Replaces the vsock helper of a running VM: same guest CID and
-    /// sockets, QEMU's network namespace and cgroup. Records the new one in
-    /// the run dir for adoption after an agent restart.
-    async fn fresh_helper(&self, vm: &MachineHandle) -> Result<(), Error> {
-        let capsule = vm.capsule.as_str();
-        let fail = |source| Error::Qemu {
-            capsule: capsule.to_string(),
-            what: "restart the vsock helper",
-            source,
-        };
-        let (qemu, helpers) = self.procs_of(vm)?;
-        let cid = helpers
-            .iter()
-            .find_map(|h| vsock::helper_cid(&self.paths.proc_root, h.identity().pid))
-            .ok_or_else(|| fail(QemuError::HelperCid))?;
-        let dir = run_dir(vm);
-        let shape = read_shape(capsule, &dir.join(MACHINE_FILE))?;
-        let netns = self
-            .paths
-            .proc_root
-            .join(qemu.identity().pid.to_string())
-            .join("ns/net");
-        for h in &helpers {
-            self.end(h, HELPER_STOP).await?;
-        }
-        let vhost = dir.join(VHOST_SOCKET);
-        for stale in [&vhost, &vm.vsock_socket] {
-            match std::fs::remove_file(stale) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(fail(QemuError::RemoveStale {
-                        path: stale.clone(),
-                        source,
-                    }));
-                }
-            }
-        }
-        let helper = Arc::new(process::spawn_supervised(
-            &self.paths,
-            &self.cgroups,
-            &SpawnRequest {
-                capsule,
-                program: &self.helper,
-                args: helper_args(cid, &vm.vsock_socket, &vhost),
-                netns: Some(&netns),
-                limits: CgroupLimits::build_for_vm(shape.vcpus, shape.memory_bytes),
-                inherit: Vec::new(),
-                confine: view::build_helper_confine(),
-            },
-        )?);
-        self.wait_path(capsule, &helper, &vhost, "vhost-device-vsock")
-            .await?;
-        vsock::record_helper(vm, helper.identity())?;
-        if let Ok(mut m) = self.procs.lock()
-            && let Some(p) = m.get_mut(capsule)
-        {
-            p.helpers = vec![helper];
-        }
-        Ok(())
-    }
-
-    /// Ends processes (QEMU first: the helper must outlive its frontend)
-    /// and removes the shared cgroup once it is empty.
-    async fn kill_all(&self, capsule: &str, qemu: &[Arc<VmmProcess>], helpers: &[Arc<VmmProcess>]) {
-        for p in qemu {
-            let _ = self.end(p, libc::SIGTERM).await;
-        }
-        for p in helpers {
-            let _ = self.end(p, HELPER_STOP).await;
-        }
-        let _ = self.cgroups.open_capsule(capsule).remove();
-    }
-
-    /// Stops `p` with `first`, then SIGKILL after the grace time.
-    async fn end(&self, p: &VmmProcess, first: i32) -> Result<(), Error> {
-        p.mark_stop_requested();
-        if p.try_wait()?.is_none() {
-            let _ = p.signal(first);
-            if tokio::time::timeout(self.timeouts.stop_grace, p.wait())
-                .await
-                .is_err()
-            {
-                let _ = p.signal(libc::SIGKILL);
-                p.wait().await?;
-            }
-        }
-        Ok(())
     }
 
     async fn run_state(
@@ -494,9 +159,9 @@ impl QemuMachine {
                 capsule,
                 "vsock helper did not listen again; starting a fresh one"
             );
-            self.fresh_helper(vm).await?;
+            self.procs.fresh_helper(vm).await?;
         }
-        let n = self.next_plug(capsule);
+        let n = self.procs.next_plug(capsule);
         vsock::plug(q, capsule, vhost, n, self.timeouts.start).await
     }
 
@@ -546,43 +211,6 @@ impl QemuMachine {
         }
         Ok(())
     }
-
-    fn procs_of(
-        &self,
-        vm: &MachineHandle,
-    ) -> Result<(Arc<VmmProcess>, Vec<Arc<VmmProcess>>), Error> {
-        if let Some(p) = self.procs.lock().ok().and_then(|m| {
-            m.get(&vm.capsule)
-                .map(|p| (p.qemu.clone(), p.helpers.clone()))
-        }) {
-            return Ok(p);
-        }
-        self.adopt_procs(vm)
-    }
-
-    /// Re-attaches to the QEMU and helpers of `vm` started before an agent
-    /// restart.
-    fn adopt_procs(
-        &self,
-        vm: &MachineHandle,
-    ) -> Result<(Arc<VmmProcess>, Vec<Arc<VmmProcess>>), Error> {
-        let qemu = Arc::new(VmmProcess::adopt(
-            &self.paths,
-            &self.cgroups,
-            &vm.capsule,
-            vm.process,
-        )?);
-        let mut helpers = Vec::new();
-        for h in vsock::current_helpers(vm) {
-            helpers.push(Arc::new(VmmProcess::adopt(
-                &self.paths,
-                &self.cgroups,
-                &vm.capsule,
-                h,
-            )?));
-        }
-        Ok((qemu, helpers))
-    }
 }
 
 impl Machine for QemuMachine {
@@ -590,18 +218,18 @@ impl Machine for QemuMachine {
         BackendInfo {
             kind: BackendKind::Qemu,
             version: self.version.clone(),
-            accelerated: self.accel == Accel::Kvm,
+            accelerated: *self.procs.accel() == Accel::Kvm,
         }
     }
 
     async fn launch(&self, spec: &MachineSpec) -> Result<MachineHandle, Error> {
-        let (handle, procs) = self.start(spec, false).await?;
-        self.remember(&spec.capsule, procs);
+        let (handle, procs) = self.procs.start(spec, false).await?;
+        self.procs.remember(&spec.capsule, procs);
         Ok(handle)
     }
 
     async fn adopt(&self, vm: &MachineHandle) -> Result<(), Error> {
-        let (qemu, helpers) = self.adopt_procs(vm)?;
+        let (qemu, helpers) = self.procs.adopt_procs(vm)?;
         let mut q = self.qmp(vm, "adopt").await?;
         self.run_state(&mut q, &vm.capsule, "adopt").await?;
         // Later plugs must not reuse the id of the device plugged now.
@@ -614,7 +242,7 @@ impl Machine for QemuMachine {
             })?
             .and_then(|(id, _)| id.trim_start_matches("vsock").parse().ok())
             .unwrap_or(0);
-        self.remember(
+        self.procs.remember(
             &vm.capsule,
             Procs {
                 qemu,
@@ -698,16 +326,20 @@ impl Machine for QemuMachine {
             return Err(Error::Qemu {
                 capsule: capsule.to_string(),
                 what: "restore",
-                source: QemuError::ShapeMismatch { taken, wanted },
+                source: QemuError::ShapeMismatch {
+                    taken: format!("{taken:?}"),
+                    wanted: format!("{wanted:?}"),
+                },
             });
         }
-        let (handle, procs) = self.start(spec, true).await?;
+        let (handle, procs) = self.procs.start(spec, true).await?;
         if let Err(e) = self.restore_inner(spec, dir, &handle).await {
-            self.kill_all(capsule, std::slice::from_ref(&procs.qemu), &procs.helpers)
+            self.procs
+                .kill_all(capsule, std::slice::from_ref(&procs.qemu), &procs.helpers)
                 .await;
             return Err(e);
         }
-        self.remember(capsule, procs);
+        self.procs.remember(capsule, procs);
         Ok(handle)
     }
 
@@ -723,7 +355,8 @@ impl Machine for QemuMachine {
             return Ok(NetCounters::default());
         };
         let path = self
-            .paths
+            .procs
+            .paths()
             .proc_root
             .join(vm.process.pid.to_string())
             .join("net/dev");
@@ -737,7 +370,7 @@ impl Machine for QemuMachine {
     }
 
     async fn stop(&self, vm: &MachineHandle) -> Result<(), Error> {
-        let procs = match self.procs_of(vm) {
+        let procs = match self.procs.procs_of(vm) {
             Ok(p) => Some(p),
             Err(Error::AdoptVmm { .. }) => None,
             Err(e) => return Err(e),
@@ -750,7 +383,8 @@ impl Machine for QemuMachine {
                 vm.helpers
                     .iter()
                     .filter_map(|h| {
-                        VmmProcess::adopt(&self.paths, &self.cgroups, &vm.capsule, *h).ok()
+                        VmmProcess::adopt(self.procs.paths(), self.procs.cgroups(), &vm.capsule, *h)
+                            .ok()
                     })
                     .map(Arc::new)
                     .collect(),
@@ -764,21 +398,19 @@ impl Machine for QemuMachine {
             }
         }
         for p in qemu.iter() {
-            self.end(p, libc::SIGTERM).await?;
+            self.procs.end(p, libc::SIGTERM).await?;
         }
         for p in helpers.iter() {
-            self.end(p, HELPER_STOP).await?;
+            self.procs.end(p, HELPER_STOP).await?;
         }
         helpers.clear();
-        self.cgroups.open_capsule(&vm.capsule).remove()?;
+        self.procs.cgroups().open_capsule(&vm.capsule).remove()?;
         let dir = run_dir(vm);
         for f in [QMP_SOCKET, VHOST_SOCKET, MACHINE_FILE] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         let _ = std::fs::remove_file(&vm.vsock_socket);
-        if let Ok(mut m) = self.procs.lock() {
-            m.remove(&vm.capsule);
-        }
+        self.procs.forget(&vm.capsule);
         Ok(())
     }
 
@@ -786,7 +418,7 @@ impl Machine for QemuMachine {
     /// `-no-reboot`) and on `quit`; the agent's own stops are marked
     /// before they happen, so a 0 it did not ask for is the guest's.
     async fn wait_exit(&self, vm: &MachineHandle) -> Result<VmmExit, Error> {
-        let (qemu, _) = self.procs_of(vm)?;
+        let (qemu, _) = self.procs.procs_of(vm)?;
         let status = qemu.wait().await?;
         let requested = qemu.stop_was_requested();
         Ok(process::classify_exit(status, &[], requested))
@@ -800,7 +432,7 @@ impl Machine for QemuMachine {
     }
 
     async fn diagnose(&self, vm: &MachineHandle) -> String {
-        diagnose::report(&self.paths, &self.cgroups, vm).await
+        diagnose::report(self.procs.paths(), self.procs.cgroups(), vm).await
     }
 }
 

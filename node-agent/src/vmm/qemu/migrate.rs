@@ -1,5 +1,5 @@
 //! Snapshots as migrations: a paused VM's memory and device state goes to
-//! a file through the agent's stream socket ([`stream`](super::stream)),
+//! a file through the agent's stream socket ([`stream`]),
 //! and a fresh QEMU started with `-incoming defer` loads it back. The vsock
 //! device must be off the VM for both (see [`vsock`](super::vsock)); the
 //! caller unplugs and plugs it.

@@ -15,7 +15,7 @@ pub(super) const MACHINE_FILE: &str = "machine.json";
 /// an agent restart) and copied into each snapshot; restore refuses a
 /// snapshot of another shape (QEMU needs identical devices).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Shape {
+pub(super) struct Shape {
     pub(super) format: u32,
     pub(super) vcpus: u32,
     pub(super) memory_bytes: u64,
