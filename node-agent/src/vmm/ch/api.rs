@@ -10,6 +10,10 @@
 //! explicitly (`thp: false`, `nested: false`, `console: Off`).
 //! Response types tolerate missing and unknown fields: CH omits unset fields
 //! since v53 and adds fields in most releases.
+//!
+//! Longer than our other files on purpose: it mirrors CH's config and
+//! endpoint list one type each, and reads best as one table beside
+//! `vm_config.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
