@@ -4,6 +4,12 @@
 //! the rules that single calls lack: a failed boot or restore is deleted,
 //! a restore is confirmed with `vm.info`. Lifecycle steps built from these
 //! calls are [`ChMachine`](super::machine::ChMachine)'s.
+//!
+//! No trait stands over `ChVmm`: it has one implementation, backends differ
+//! at [`Machine`](crate::vmm::Machine) (whose fake serves the supervisor's
+//! tests), and its calls are checked against real sockets instead, a fake
+//! CH API server (`tests/vmm_api.rs`) and a CH stand-in process
+//! (`tests/vmm_ch_machine.rs`).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
