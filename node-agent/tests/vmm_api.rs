@@ -633,7 +633,7 @@ mod chvmm {
     use super::*;
     use wrenn_node_agent::vmm::cgroup::CgroupRoot;
     use wrenn_node_agent::vmm::process::{HostPaths, ProcessIdentity};
-    use wrenn_node_agent::vmm::{ChVmm, Vmm, VmmHandle};
+    use wrenn_node_agent::vmm::{ChVmm, VmmHandle};
 
     fn vmm(major: u32, dir: &Path) -> ChVmm {
         std::fs::write(dir.join("cgroup.controllers"), "cpu memory").unwrap();

@@ -19,7 +19,7 @@ use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::ch::ErrorKind;
 use wrenn_node_agent::vmm::ch::api::{VmSpec, VmState, build_tap_fd_net, build_vm_config};
 use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
-use wrenn_node_agent::vmm::{ChVmm, StartSpec, Vmm};
+use wrenn_node_agent::vmm::{ChVmm, StartSpec};
 use wrenn_testkit::{Tier, unique_name};
 
 /// Test-only TAP opener. The network module creates persistent TAPs by name

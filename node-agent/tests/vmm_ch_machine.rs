@@ -2,9 +2,10 @@
 //! cloud-hypervisor: a small Python API server started through the real
 //! spawn path (netns, cgroup, `--api-socket fd=N`) that keeps CH's VM state
 //! machine and logs every request. Checks the order of calls a launch,
-//! pause, snapshot and stop make, the bodies that matter, and that a failed
-//! boot leaves no process or cgroup behind. A real CH needs KVM, which this
-//! host lacks.
+//! pause, snapshot, restore and stop make, the bodies that matter (a
+//! restore hands CH a copy of the snapshot config naming the new capsule's
+//! files), and that a failed boot leaves no process or cgroup behind. A
+//! real CH needs KVM, which this host lacks.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -52,8 +53,9 @@ while True:
     if ep == "vmm.ping":
         reply(conn, 200, json.dumps({"build_version": "v53.0-stub", "version": "54.0.0", "pid": os.getpid()}).encode())
     elif ep == "vm.create":
-        state = "Created"; reply(conn, 204)
+        state = "Created"; config = json.loads(body); reply(conn, 204)
     elif ep == "vm.add-net":
+        if state == "Created": config["net"] = [json.loads(body)]
         reply(conn, 204 if state == "Created" else 500, b"" if state == "Created" else err)
     elif ep == "vm.boot":
         if fail_boot: reply(conn, 500, b'["Error from API","The VM could not boot","Cannot open kernel file"]')
@@ -67,8 +69,16 @@ while True:
     elif ep == "vm.snapshot":
         dest = json.loads(body)["destination_url"][len("file://"):]
         if state == "Paused":
-            open(os.path.join(dest, "state.json"), "w").write("{}"); reply(conn, 204)
+            open(os.path.join(dest, "state.json"), "w").write("{}")
+            # A field CH may add in a later version: a restore must keep it.
+            open(os.path.join(dest, "config.json"), "w").write(json.dumps(dict(config, x_later={"kept": True})))
+            reply(conn, 204)
         else: reply(conn, 500, b'["Trying to snapshot while VM is running"]')
+    elif ep == "vm.restore":
+        src = json.loads(body)["source_url"][len("file://"):]
+        restored = open(os.path.join(src, "config.json")).read()
+        open(os.path.join(os.path.dirname(log.name), "restored-config.json"), "w").write(restored)
+        state = "Paused"; reply(conn, 204)
     elif ep == "vm.info":
         if state: reply(conn, 200, json.dumps({"config": {}, "state": state}).encode())
         else: reply(conn, 404, b'["VM is not created"]')
@@ -287,5 +297,57 @@ async fn a_failed_boot_leaves_no_process_or_cgroup() {
             "vm.delete",
             "vmm.shutdown"
         ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_stages_another_capsules_snapshot_then_resumes() {
+    let c = case(Tier::Host, "vmm_ch_machine::restore_stages_then_resumes");
+    let env = match Env::new() {
+        Ok(e) => e,
+        Err(why) => return c.skip(why),
+    };
+    let m = env.machine();
+    let vm = m.launch(&env.spec("c1")).await.unwrap();
+    m.pause(&vm).await.unwrap();
+    let snap = env.dir.path().join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    m.snapshot(&vm, &snap).await.unwrap();
+    m.stop(&vm).await.unwrap();
+
+    let spec = env.spec("c3");
+    let restored = m.restore(&spec, &snap).await.unwrap();
+    assert_eq!(m.state(&restored).await.unwrap(), MachineState::Running);
+    m.stop(&restored).await.unwrap();
+    assert!(env.cgroups.list().unwrap().is_empty(), "cgroup removed");
+    assert_eq!(
+        endpoints(&env.requests("c3")),
+        vec![
+            "vm.restore",
+            "vm.info",
+            "vm.resume",
+            "vm.info",
+            "vmm.shutdown"
+        ]
+    );
+    // CH got a copy naming c3's files, with what it wrote kept.
+    let text = std::fs::read_to_string(spec.run_dir.join("restored-config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let path = |p: &Path| p.display().to_string();
+    assert_eq!(config["vsock"]["socket"], path(&spec.vsock_socket));
+    assert_eq!(
+        config["serial"]["file"],
+        path(&spec.run_dir.join("serial.log"))
+    );
+    assert_eq!(config["net"][0]["mac"], "02:fc:00:00:00:05");
+    assert_eq!(config["x_later"]["kept"], true);
+    assert!(
+        !spec.run_dir.join("restore-source").exists(),
+        "staging removed"
+    );
+    let original = std::fs::read_to_string(snap.join("config.json")).unwrap();
+    assert!(
+        original.contains("/vmm/c1/"),
+        "snapshot untouched: {original}"
     );
 }

@@ -21,7 +21,7 @@ use wrenn_node_agent::vmm::ch::ChVersion;
 use wrenn_node_agent::vmm::process::{
     HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess, spawn_supervised,
 };
-use wrenn_node_agent::vmm::{ChVmm, StartSpec, Vmm};
+use wrenn_node_agent::vmm::{ChVmm, StartSpec};
 use wrenn_testkit::{Tier, unique_name, wait_until};
 
 const CGROUP_MOUNT: &str = "/sys/fs/cgroup";

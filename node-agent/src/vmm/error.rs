@@ -194,14 +194,27 @@ pub enum Error {
     },
     /// QEMU or its vsock helper did not come up, or a QEMU step did not
     /// reach the state it should.
-    #[error("{what} for capsule {capsule}: {reason}")]
+    #[error("{what} for capsule {capsule}")]
     Qemu {
         /// The capsule.
         capsule: String,
         /// What was attempted.
         what: &'static str,
         /// What was seen.
-        reason: String,
+        #[source]
+        source: super::qemu::QemuError,
+    },
+    /// A snapshot's `config.json` is not CH's config, or its rewritten
+    /// copy could not be encoded.
+    #[error("rewrite snapshot config {} for capsule {capsule}", path.display())]
+    SnapshotConfig {
+        /// The capsule.
+        capsule: String,
+        /// The snapshot's config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
     },
     /// Reading or writing a snapshot's files failed.
     #[error("{what} snapshot file {} for capsule {capsule}", path.display())]
@@ -219,6 +232,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// For `map_err`: the [`Error::PrepareSpawn`] of a file step on `path`
+    /// for `capsule` that failed.
+    pub fn prepare(
+        capsule: &str,
+        what: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        let (capsule, path) = (capsule.to_string(), path.to_path_buf());
+        move |source| Error::PrepareSpawn {
+            capsule,
+            what,
+            path,
+            source,
+        }
+    }
+
     /// The classification of a failed API call, if this is one.
     pub fn api_kind(&self) -> Option<super::ch::ErrorKind> {
         match self {

@@ -1,11 +1,11 @@
 //! The backend-neutral VM capability the capsule supervisor drives.
 //!
-//! [`Vmm`](super::Vmm) mirrors Cloud Hypervisor's API one call per
+//! [`ChVmm`](super::ChVmm) mirrors Cloud Hypervisor's API one call per
 //! endpoint; QEMU has no such API (it speaks QMP and takes most of the
 //! machine on its command line). The supervisor therefore works in whole
 //! lifecycle steps — launch, pause, resume, snapshot, suspend, restore,
 //! stop — and each backend turns a step into its own calls: `ChMachine`
-//! over [`ChVmm`](super::ChVmm), `QemuMachine` over QMP. A fake that
+//! over `ChVmm`, `QemuMachine` over QMP. A fake that
 //! records calls serves the supervisor's unit tests.
 //!
 //! Every step is idempotent where the backend allows it and leaves nothing

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Error;
 use super::cgroup::{CapsuleCgroup, CgroupLimits, CgroupRoot};
-use super::ch::{EventFile, EventKind};
+use super::ch::events::{EventFile, EventKind};
 use crate::sys::process::{self as sys, ExitStatus, Pidfd};
 
 /// Host locations, passed in.
@@ -216,15 +216,7 @@ pub fn spawn_supervised(
     req: &SpawnRequest<'_>,
 ) -> Result<VmmProcess, Error> {
     let capsule = req.capsule;
-    let prep = |what: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::PrepareSpawn {
-            capsule: capsule.to_string(),
-            what,
-            path,
-            source,
-        }
-    };
+    let prep = |what: &'static str, path: &Path| Error::prepare(capsule, what, path);
 
     // 1. State dir and log.
     let dir = capsule_dir(paths, capsule);

@@ -10,6 +10,10 @@
 //! explicitly (`thp: false`, `nested: false`, `console: Off`).
 //! Response types tolerate missing and unknown fields: CH omits unset fields
 //! since v53 and adds fields in most releases.
+//!
+//! Longer than our other files on purpose: it mirrors CH's config and
+//! endpoint list one type each, and reads best as one table beside
+//! `vm_config.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -446,6 +450,13 @@ pub enum ImageType {
     Raw,
     /// qcow2.
     Qcow2,
+    /// Fixed-size VHD. Never sent; CH may write it into a snapshot's
+    /// config, which a restore must read back.
+    FixedVhd,
+    /// VHDX. Never sent, as `FixedVhd`.
+    Vhdx,
+    /// Probed by CH. Never sent, as `FixedVhd`.
+    Unknown,
 }
 
 /// `NetConfig`. TAP fds never go in the JSON (CH ignores them there); they

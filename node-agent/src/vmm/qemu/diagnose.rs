@@ -11,9 +11,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{QemuMachine, qmp, run_dir};
+use super::args::run_dir;
+use super::qmp;
+use super::vsock::current_helpers;
+use crate::vmm::cgroup::CgroupRoot;
+use crate::vmm::logs::QEMU_CONSOLE_LOG;
 use crate::vmm::machine::MachineHandle;
-use crate::vmm::process::{ProcessIdentity, capsule_dir};
+use crate::vmm::process::{HostPaths, ProcessIdentity, capsule_dir};
 
 /// Lines of the console and of `vmm.log` kept.
 const TAIL_LINES: usize = 30;
@@ -137,53 +141,51 @@ fn read_tail(path: &Path) -> String {
     }
 }
 
-impl QemuMachine {
-    /// The report of the module doc, one fact per line. Best effort: what
-    /// cannot be read says so and the rest is still gathered.
-    pub(super) async fn report(&self, vm: &MachineHandle) -> String {
-        let state = match qmp::Qmp::connect(&vm.control_socket, PROBE).await {
-            Ok(mut q) => match tokio::time::timeout(PROBE, q.execute(&qmp::QueryStatus)).await {
-                Ok(Ok(s)) => s.status,
-                Ok(Err(e)) => format!("query-status failed: {e}"),
-                Err(_) => format!("no query-status reply within {PROBE:?}"),
-            },
-            Err(e) => format!("no QMP: {e}"),
-        };
-        let handshake = match tokio::time::timeout(
-            PROBE,
-            crate::guest::dial(&vm.vsock_socket, crate::guest::AGENT_PORT),
-        )
-        .await
-        {
-            Ok(Ok(_)) => "answered (the guest agent listens now)".to_string(),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no reply within {PROBE:?} (the helper does not answer)"),
-        };
-        let proc_root = self.paths.proc_root.clone();
-        let cgroup_dirs = self.cgroups.open_capsule(&vm.capsule).dirs().to_vec();
-        let console = run_dir(vm).join(super::CONSOLE_LOG);
-        let vmm_log = capsule_dir(&self.paths, &vm.capsule).join("vmm.log");
-        let qemu = vm.process;
-        let helpers = super::current_helpers(vm);
-        let files = tokio::task::spawn_blocking(move || {
-            let mut out = describe_process(&proc_root, "qemu", qemu);
-            for h in helpers {
-                out.push('\n');
-                out.push_str(&describe_process(&proc_root, "vsock helper", h));
-            }
-            let _ = write!(
-                out,
-                "\n{}\nserial console tail:\n{}\nvmm.log tail:\n{}",
-                describe_cgroup(&cgroup_dirs),
-                read_tail(&console),
-                read_tail(&vmm_log)
-            );
-            out
-        })
-        .await
-        .unwrap_or_else(|e| format!("(reading the host's view failed: {e})"));
-        format!("QMP run state: {state}\nfresh vsock handshake: {handshake}\n{files}")
-    }
+/// The report of the module doc, one fact per line. Best effort: what
+/// cannot be read says so and the rest is still gathered.
+pub(super) async fn report(paths: &HostPaths, cgroups: &CgroupRoot, vm: &MachineHandle) -> String {
+    let state = match qmp::Qmp::connect(&vm.control_socket, PROBE).await {
+        Ok(mut q) => match tokio::time::timeout(PROBE, q.execute(&qmp::QueryStatus)).await {
+            Ok(Ok(s)) => s.status,
+            Ok(Err(e)) => format!("query-status failed: {e}"),
+            Err(_) => format!("no query-status reply within {PROBE:?}"),
+        },
+        Err(e) => format!("no QMP: {e}"),
+    };
+    let handshake = match tokio::time::timeout(
+        PROBE,
+        crate::guest::dial(&vm.vsock_socket, crate::guest::AGENT_PORT),
+    )
+    .await
+    {
+        Ok(Ok(_)) => "answered (the guest agent listens now)".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no reply within {PROBE:?} (the helper does not answer)"),
+    };
+    let proc_root = paths.proc_root.clone();
+    let cgroup_dirs = cgroups.open_capsule(&vm.capsule).dirs().to_vec();
+    let console = run_dir(vm).join(QEMU_CONSOLE_LOG);
+    let vmm_log = capsule_dir(paths, &vm.capsule).join("vmm.log");
+    let qemu = vm.process;
+    let helpers = current_helpers(vm);
+    let files = tokio::task::spawn_blocking(move || {
+        let mut out = describe_process(&proc_root, "qemu", qemu);
+        for h in helpers {
+            out.push('\n');
+            out.push_str(&describe_process(&proc_root, "vsock helper", h));
+        }
+        let _ = write!(
+            out,
+            "\n{}\nserial console tail:\n{}\nvmm.log tail:\n{}",
+            describe_cgroup(&cgroup_dirs),
+            read_tail(&console),
+            read_tail(&vmm_log)
+        );
+        out
+    })
+    .await
+    .unwrap_or_else(|e| format!("(reading the host's view failed: {e})"));
+    format!("QMP run state: {state}\nfresh vsock handshake: {handshake}\n{files}")
 }
 
 #[cfg(test)]

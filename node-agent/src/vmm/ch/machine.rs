@@ -11,22 +11,16 @@
 
 use std::path::{Path, PathBuf};
 
-use super::ch::api::{
-    ImageType, LandlockConfig, NetConfig, RestoreConfig, VmConfig, VmSpec, VmState, build_file_url,
-    build_vm_config,
+use super::api::{RestoreConfig, VmState, build_file_url};
+use super::config::{build_machine_config, build_net_config};
+use super::restore::{remove_staged, stage_restore};
+use super::vmm::{ChVmm, StartSpec, VmmHandle};
+use crate::vmm::error::Error;
+use crate::vmm::machine::{
+    BackendInfo, BackendKind, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };
-use super::ch_restore::{remove_staged, stage_restore};
-use super::machine::{
-    BackendInfo, BackendKind, DiskFormat, Machine, MachineHandle, MachineSpec, MachineState,
-    NetCounters,
-};
-use super::process::VmmExit;
-use super::view::qcow2_backing_chain;
-use super::{ChVmm, Error, StartSpec, Vmm, VmmHandle};
-
-/// Queues of the guest NIC: one RX/TX pair (CH's default; a single-queue
-/// TAP needs exactly 2).
-const NET_QUEUES: u32 = 2;
+use crate::vmm::process::VmmExit;
+use crate::vmm::view::build_confine;
 
 /// Cloud Hypervisor as a [`Machine`].
 #[derive(Debug)]
@@ -51,7 +45,7 @@ impl ChMachine {
             netns: spec.netns.clone(),
             limits: spec.limits,
             memory_bytes: spec.memory_bytes,
-            confine: super::view::build_confine(spec),
+            confine: build_confine(spec),
         }
     }
 
@@ -124,65 +118,6 @@ impl ChMachine {
     }
 }
 
-/// The `vm.create` body for `spec`: the shared builder
-/// ([`api::build_vm_config`](super::ch::api::build_vm_config)) plus the
-/// initramfs and the disk format. The NIC is added separately, see
-/// [`build_net_config`].
-pub fn build_machine_config(spec: &MachineSpec) -> VmConfig {
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    let mut config = build_vm_config(&VmSpec {
-        vcpus: spec.vcpus,
-        memory_bytes: spec.memory_bytes,
-        kernel: path(&spec.kernel),
-        cmdline: spec.cmdline.clone(),
-        root_disk: path(&spec.root_disk),
-        serial_file: Some(path(&spec.run_dir.join("serial.log"))),
-        vsock: Some((u64::from(spec.vsock_cid), path(&spec.vsock_socket))),
-        system_uuid: None,
-    });
-    config.payload.initramfs = spec.initramfs.as_deref().map(path);
-    if spec.root_disk_format == DiskFormat::Qcow2
-        && let Some(root) = config.disks.first_mut()
-    {
-        root.image_type = Some(ImageType::Qcow2);
-        // The template is the overlay's backing file (off by default
-        // since v51).
-        root.backing_files = Some(true);
-    }
-    // Landlock covers the paths of this config by itself (disks, kernel,
-    // serial file, vsock socket). Beyond them: the run dir (snapshots are
-    // written there, see `snapshot`), the TAP device for the NIC added
-    // after `vm.create`, and the qcow2 backing chain.
-    let rule = |path: &Path, access: &str| LandlockConfig {
-        path: path.to_string_lossy().into_owned(),
-        access: access.to_string(),
-    };
-    config.landlock_enable = Some(true);
-    config.landlock_rules.push(rule(&spec.run_dir, "rw"));
-    if spec.tap.is_some() {
-        config
-            .landlock_rules
-            .push(rule(Path::new("/dev/net/tun"), "rw"));
-    }
-    if spec.root_disk_format == DiskFormat::Qcow2 {
-        for backing in qcow2_backing_chain(&spec.root_disk) {
-            config.landlock_rules.push(rule(&backing, "r"));
-        }
-    }
-    config
-}
-
-/// The `vm.add-net` body: the TAP by name, in CH's netns.
-pub fn build_net_config(spec: &MachineSpec) -> Option<NetConfig> {
-    spec.tap.as_ref().map(|tap| NetConfig {
-        id: Some("net0".into()),
-        tap: Some(tap.name.clone()),
-        mac: Some(tap.mac.clone()),
-        num_queues: Some(NET_QUEUES),
-        ..NetConfig::default()
-    })
-}
-
 impl Machine for ChMachine {
     fn info(&self) -> BackendInfo {
         BackendInfo {
@@ -243,7 +178,7 @@ impl Machine for ChMachine {
     async fn restore(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, Error> {
         Self::clear_vsock(spec)?;
         // The snapshot may be another capsule's: restore from a copy that
-        // names this capsule's disk and sockets (see `ch_restore`).
+        // names this capsule's disk and sockets (see `restore`).
         let staged = stage_restore(spec, dir)?;
         let restored = self.restore_staged(spec, &staged).await;
         if let Err(e) = remove_staged(spec) {
@@ -295,92 +230,37 @@ async fn run_blocking(f: impl FnOnce() -> Result<(), Error> + Send + 'static) ->
     })
 }
 
-fn snapshot_err(
-    capsule: &str,
-    what: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> Error {
-    let (capsule, path) = (capsule.to_string(), path.to_path_buf());
-    move |source| Error::PrepareSpawn {
-        capsule,
-        what,
-        path,
-        source,
-    }
-}
-
 /// An empty `dir`, whatever a failed earlier snapshot left there.
 fn reset_dir(capsule: &str, dir: &Path) -> Result<(), Error> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(snapshot_err(capsule, "snapshot output dir", dir)(e)),
+        Err(e) => return Err(Error::prepare(capsule, "snapshot output dir", dir)(e)),
     }
-    std::fs::create_dir_all(dir).map_err(snapshot_err(capsule, "snapshot output dir", dir))
+    std::fs::create_dir_all(dir).map_err(Error::prepare(capsule, "snapshot output dir", dir))
 }
 
 /// Moves every file of `from` into `to` (created if absent), then removes
 /// `from`.
 fn move_files(capsule: &str, from: &Path, to: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(to).map_err(snapshot_err(capsule, "snapshot dir", to))?;
+    std::fs::create_dir_all(to).map_err(Error::prepare(capsule, "snapshot dir", to))?;
     let entries =
-        std::fs::read_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        std::fs::read_dir(from).map_err(Error::prepare(capsule, "snapshot output dir", from))?;
     for entry in entries {
-        let entry = entry.map_err(snapshot_err(capsule, "snapshot output dir", from))?;
+        let entry = entry.map_err(Error::prepare(capsule, "snapshot output dir", from))?;
         let target = to.join(entry.file_name());
-        std::fs::rename(entry.path(), &target).map_err(snapshot_err(
+        std::fs::rename(entry.path(), &target).map_err(Error::prepare(
             capsule,
             "move snapshot file",
             &target,
         ))?;
     }
-    std::fs::remove_dir(from).map_err(snapshot_err(capsule, "snapshot output dir", from))
+    std::fs::remove_dir(from).map_err(Error::prepare(capsule, "snapshot output dir", from))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::TapSpec;
-    use crate::vmm::cgroup::CgroupLimits;
-
-    fn spec(format: DiskFormat) -> MachineSpec {
-        MachineSpec {
-            capsule: "c1".into(),
-            vcpus: 2,
-            memory_bytes: 512 << 20,
-            kernel: "/k/vmlinux".into(),
-            initramfs: None,
-            cmdline: "console=ttyS0".into(),
-            root_disk: "/dev/mapper/wrenn-c1".into(),
-            root_disk_format: format,
-            netns: Some("/run/netns/wrenn-c1".into()),
-            tap: Some(TapSpec {
-                name: "tap0".into(),
-                mac: "02:fc:00:00:00:05".into(),
-            }),
-            vsock_cid: 3,
-            vsock_socket: "/s/vmm/c1/vsock.sock".into(),
-            limits: CgroupLimits::build_for_vm(2, 512 << 20),
-            run_dir: "/s/vmm/c1".into(),
-        }
-    }
-
-    #[test]
-    fn vm_config_sets_what_ch_defaults_wrong() {
-        let c = build_machine_config(&spec(DiskFormat::Raw));
-        let json = serde_json::to_value(&c).unwrap();
-        assert_eq!(json["memory"]["thp"], false);
-        assert_eq!(json["cpus"]["nested"], false);
-        assert_eq!(json["console"]["mode"], "Off");
-        assert_eq!(json["disks"][0]["image_type"], "Raw");
-        assert!(json["disks"][0].get("backing_files").is_none());
-        assert!(json.get("net").is_none(), "the NIC goes through vm.add-net");
-        let q = serde_json::to_value(build_machine_config(&spec(DiskFormat::Qcow2))).unwrap();
-        assert_eq!(q["disks"][0]["backing_files"], true);
-        let net = serde_json::to_value(build_net_config(&spec(DiskFormat::Raw))).unwrap();
-        assert_eq!(net["tap"], "tap0");
-        assert_eq!(net["num_queues"], 2);
-    }
 
     #[test]
     fn handle_maps_to_the_vmm_files_next_to_the_api_socket() {

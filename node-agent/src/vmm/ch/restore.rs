@@ -13,70 +13,117 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use super::Error;
-use super::ch_machine::build_machine_config;
-use super::machine::MachineSpec;
+use super::api::ImageType;
+use super::config::build_machine_config;
+use crate::vmm::error::Error;
+use crate::vmm::machine::MachineSpec;
 
 /// The staged directory's name inside the run dir.
 const STAGED: &str = "restore-source";
 
+/// A snapshot's `config.json` (CH's `VmConfig`) as far as a restore edits
+/// it. Every field not named here, at any level, rides in `other` and is
+/// written back as it was: CH adds fields between versions, and a restore
+/// must hand back what CH wrote. CH reads an absent optional section as
+/// `null`, so a `null` one is written back absent.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disks: Option<Vec<SnapshotDisk>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<SnapshotConsole>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vsock: Option<SnapshotVsock>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    net: Option<Vec<SnapshotNet>>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+/// A disk of [`SnapshotConfig`]: the fields the root disk's path and
+/// format live in.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDisk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_type: Option<ImageType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backing_files: Option<bool>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+/// The serial console of [`SnapshotConfig`].
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotConsole {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+/// The vsock device of [`SnapshotConfig`]; its CID is device state and
+/// stays in `other`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotVsock {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    socket: Option<String>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+/// A NIC of [`SnapshotConfig`]; its MAC is the guest's and stays in
+/// `other`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotNet {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tap: Option<String>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
 /// `config` (a snapshot's `config.json`) with the per-capsule paths of
 /// `spec`: root disk (path, format, backing files), serial log, vsock
 /// socket and TAP name. Everything else, device ids included, is kept.
-pub fn build_restore_config(mut config: Value, spec: &MachineSpec) -> Value {
-    let fresh = serde_json::to_value(build_machine_config(spec)).unwrap_or(Value::Null);
+pub fn build_restore_config(mut config: SnapshotConfig, spec: &MachineSpec) -> SnapshotConfig {
+    let fresh = build_machine_config(spec);
     if let (Some(disk), Some(new)) = (
-        config
-            .pointer_mut("/disks/0")
-            .and_then(Value::as_object_mut),
-        fresh.pointer("/disks/0").and_then(Value::as_object),
+        config.disks.as_mut().and_then(|d| d.first_mut()),
+        fresh.disks.first(),
     ) {
-        for key in ["path", "image_type", "backing_files"] {
-            match new.get(key) {
-                Some(v) => disk.insert(key.into(), v.clone()),
-                None => disk.remove(key),
-            };
-        }
+        disk.path = Some(new.path.clone());
+        disk.image_type = new.image_type;
+        disk.backing_files = new.backing_files;
     }
-    if let (Some(serial), Some(file)) = (
-        config.pointer_mut("/serial").and_then(Value::as_object_mut),
-        fresh.pointer("/serial/file"),
-    ) {
-        serial.insert("file".into(), file.clone());
+    if let (Some(serial), Some(file)) = (config.serial.as_mut(), fresh.serial.and_then(|s| s.file))
+    {
+        serial.file = Some(file);
     }
-    if let Some(vsock) = config.pointer_mut("/vsock").and_then(Value::as_object_mut) {
-        vsock.insert(
-            "socket".into(),
-            Value::String(spec.vsock_socket.to_string_lossy().into_owned()),
-        );
+    if let Some(vsock) = config.vsock.as_mut() {
+        vsock.socket = Some(spec.vsock_socket.to_string_lossy().into_owned());
     }
-    if let (Some(tap), Some(nets)) = (
-        &spec.tap,
-        config.pointer_mut("/net").and_then(Value::as_array_mut),
-    ) {
-        for net in nets.iter_mut().filter_map(Value::as_object_mut) {
-            net.insert("tap".into(), Value::String(tap.name.clone()));
+    if let (Some(tap), Some(nets)) = (&spec.tap, config.net.as_mut()) {
+        for net in nets {
+            net.tap = Some(tap.name.clone());
         }
     }
     config
+}
+
+/// The bytes of a snapshot's `config.json` as `spec`'s restore reads them.
+fn rewrite_config(body: &[u8], spec: &MachineSpec) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&build_restore_config(serde_json::from_slice(body)?, spec))
 }
 
 /// Writes the staged copy of the snapshot in `dir` for `spec` and returns
 /// its path. The caller removes it with [`remove_staged`] once the restore
 /// returned (CH reads the memory image whole before it does).
 pub fn stage_restore(spec: &MachineSpec, dir: &Path) -> Result<PathBuf, Error> {
-    let err = |what: &'static str, path: &Path| {
-        let capsule = spec.capsule.clone();
-        let path = path.to_path_buf();
-        move |source| Error::PrepareSpawn {
-            capsule,
-            what,
-            path,
-            source,
-        }
-    };
+    let err = |what: &'static str, path: &Path| Error::prepare(&spec.capsule, what, path);
     let staged = spec.run_dir.join(STAGED);
     remove_staged(spec)?;
     std::fs::create_dir_all(&staged).map_err(err("restore staging dir", &staged))?;
@@ -88,14 +135,11 @@ pub fn stage_restore(spec: &MachineSpec, dir: &Path) -> Result<PathBuf, Error> {
             let to = staged.join(entry.file_name());
             if entry.file_name() == "config.json" {
                 let body = std::fs::read(&from).map_err(err("snapshot config", &from))?;
-                let config: Value = serde_json::from_slice(&body).map_err(|e| {
-                    err("snapshot config", &from)(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        e,
-                    ))
+                let out = rewrite_config(&body, spec).map_err(|source| Error::SnapshotConfig {
+                    capsule: spec.capsule.clone(),
+                    path: from.clone(),
+                    source,
                 })?;
-                let out = serde_json::to_vec(&build_restore_config(config, spec))
-                    .map_err(|e| err("restore config", &to)(std::io::Error::other(e)))?;
                 std::fs::write(&to, out).map_err(err("restore config", &to))?;
             } else if std::fs::hard_link(&from, &to).is_err() {
                 std::fs::copy(&from, &to).map_err(err("snapshot file", &from))?;
@@ -165,7 +209,8 @@ mod tests {
             "cpus": {"boot_vcpus": 1, "max_vcpus": 1}
         });
         let s = spec(Path::new("/s/vmm/new"));
-        let new = build_restore_config(old.clone(), &s);
+        let config = serde_json::from_value(old.clone()).unwrap();
+        let new = serde_json::to_value(build_restore_config(config, &s)).unwrap();
         assert_eq!(new["disks"][0]["path"], "/d/wrenn-new.qcow2");
         assert_eq!(new["disks"][0]["image_type"], "Qcow2");
         assert_eq!(new["disks"][0]["backing_files"], true);
@@ -195,5 +240,17 @@ mod tests {
         remove_staged(&s).unwrap();
         assert!(!staged.exists());
         assert_eq!(read(&snap.join("memory-ranges")), "ram");
+    }
+
+    #[test]
+    fn a_config_that_is_not_chs_fails_the_staging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = tmp.path().join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), r#"{"disks": [{"path": 7}]}"#).unwrap();
+        let s = spec(&tmp.path().join("run"));
+        let err = stage_restore(&s, &snap).unwrap_err();
+        assert!(matches!(err, Error::SnapshotConfig { .. }), "{err:?}");
+        assert!(!s.run_dir.join(STAGED).exists());
     }
 }
