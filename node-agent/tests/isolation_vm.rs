@@ -553,7 +553,7 @@ async fn probe_all(g: &GuestClient, targets: &[(&str, SocketAddr)]) -> BTreeMap<
     let n = targets.len();
     let mut script = String::from(
         "rm -rf /tmp/iso && mkdir -p /tmp/iso\n\
-         probe() { out=$(echo | nc -w 6 $2 $3 2>/dev/null); echo \"PROBE $1 ${out:-none}\" > /tmp/iso/$1.tmp; mv /tmp/iso/$1.tmp /tmp/iso/$1; }\n",
+         probe() { out=$(sleep 3 | nc -w 6 $2 $3 2>/dev/null); echo \"PROBE $1 ${out:-none}\" > /tmp/iso/$1.tmp; mv /tmp/iso/$1.tmp /tmp/iso/$1; }\n",
     );
     for (i, (_, t)) in targets.iter().enumerate() {
         script.push_str(&format!(
@@ -588,7 +588,7 @@ async fn probe_all(g: &GuestClient, targets: &[(&str, SocketAddr)]) -> BTreeMap<
 /// `udp TAG`: UDP datagrams carrying TAG to the allowed internet address.
 /// The guest's busybox `nc` has no UDP; its `tftp` sends a read request
 /// naming the file (the tag) and retries it until killed.
-const UDP_FN: &str = "udp() { tftp -g -r \"$1\" -l - 198.51.100.1 9999 >/dev/null 2>&1 & p=$!; sleep 2; kill $p 2>/dev/null; true; }";
+const UDP_FN: &str = "udp() { tftp -g -r \"$1\" -l - 198.51.100.1 9999 >/dev/null 2>&1 & p=$!; sleep 2; kill -9 $p; sleep 1; grep -q '^State:.*[ZX]' /proc/$p/status 2>/dev/null || [ ! -e /proc/$p ] || { echo \"tftp $p still runs\"; exit 1; }; }";
 
 /// Sends one UDP datagram per `(tag, source)` to the allowed internet
 /// address, each from the given guest source address (added to eth0 and
@@ -829,7 +829,7 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
     let g = w.guest().await;
     let (out, code) = sh(
         &g,
-        "ip -4 addr show eth0 | grep -q 'inet 169.254.0.21/30' || exit 1; nc --help 2>&1 | head -4",
+        "ip -4 addr show eth0 | grep -q 'inet 169.254.0.21/30' || exit 1; nc --help 2>&1 | head -4; grep ^Sig /proc/$$/status",
     )
     .await;
     eprintln!("guest network and nc:\n{out}");
@@ -881,16 +881,22 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
             allowed.push(("internet not on the old allow list", unlisted));
         }
         let got = probe_all(&g, &allowed).await;
-        let seen = wait_for_hits(&hits, |h| h.len() >= allowed.len());
+        let seen = wait_for_hits(&hits, |h| {
+            allowed.iter().all(|(_, t)| h.iter().any(|h| h.local == *t))
+        });
         for (name, target) in &allowed {
             let ok = got[*name] == format!("tok {target}")
                 && seen
                     .iter()
                     .any(|h| h.local == *target && h.peer.ip() == IpAddr::V4(NODE_UPLINK_ADDR));
             eprintln!(
-                "[{phase}] {name} ({target}): {}",
-                if ok { "reached" } else { "NOT REACHED" }
+                "[{phase}] {name} ({target}): {} (guest got {:?})",
+                if ok { "reached" } else { "NOT REACHED" },
+                got[*name]
             );
+            if !ok {
+                eprintln!("  listeners saw: {seen:?}");
+            }
             results.push((format!("[{phase}] {name}"), "must work", ok));
         }
         take(&hits);
