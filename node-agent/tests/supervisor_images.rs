@@ -21,8 +21,8 @@ use wrenn_node_agent::capsule::{
     SupervisorConfig,
 };
 use wrenn_node_agent::images::{
-    ImageCache, ImageDirs, LocalImage, PullOptions, TemplateBuilder, TemplateRequest, TemplateSettings,
-    quota,
+    ImageCache, ImageDirs, LocalImage, PullOptions, TemplateBuilder, TemplateRequest,
+    TemplateSettings, quota,
 };
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig, qcow2};
