@@ -44,8 +44,9 @@ use wrenn_node_agent::capsule::{
 };
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::network::{
-    Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Family, GUEST_GATEWAY, GuestLink,
-    Hook, LinuxNet, LinuxNetConfig, Match, NetOps, Rule, SlotAddrs, Table, Teardown, Verdict,
+    Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Family, GUEST_GATEWAY, GUEST_MAC,
+    GuestLink, Hook, LinuxNet, LinuxNetConfig, Match, NetOps, Rule, SlotAddrs, Table, Teardown,
+    Verdict,
 };
 use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
@@ -544,6 +545,16 @@ fn host_port(a: SocketAddr) -> String {
     format!("{} {}", a.ip(), a.port())
 }
 
+/// `probe I HOST PORT`: a TCP connect that writes `PROBE I <answer>` to a
+/// file, the answer being the listener's first line or `none`. Its stdin
+/// stays open a while, so `nc` reads the answer before it sees an EOF.
+const PROBE_FN: &str = r#"rm -rf /tmp/iso && mkdir -p /tmp/iso
+probe() {
+  out=$(sleep 3 | nc -w 10 $2 $3 2>/dev/null)
+  echo "PROBE $1 ${out:-none}" > /tmp/iso/$1.tmp && mv /tmp/iso/$1.tmp /tmp/iso/$1
+}
+"#;
+
 /// Probes every target from the guest at once (a dropped SYN costs the
 /// whole timeout, so one after another would take minutes under TCG) and
 /// returns what each got back: the listener's token, or "none".
@@ -553,10 +564,7 @@ async fn probe_all(g: &GuestClient, targets: &[(&str, SocketAddr)]) -> BTreeMap<
     // blocked (PID 1's mask leaks through the agent), and busybox `wait`
     // then never returns.
     let n = targets.len();
-    let mut script = String::from(
-        "rm -rf /tmp/iso && mkdir -p /tmp/iso\n\
-         probe() { out=$(sleep 3 | nc -w 6 $2 $3 2>/dev/null); echo \"PROBE $1 ${out:-none}\" > /tmp/iso/$1.tmp; mv /tmp/iso/$1.tmp /tmp/iso/$1; }\n",
-    );
+    let mut script = String::from(PROBE_FN);
     for (i, (_, t)) in targets.iter().enumerate() {
         script.push_str(&format!(
             "probe {i} {} </dev/null >/dev/null 2>&1 &\n",
@@ -564,8 +572,9 @@ async fn probe_all(g: &GuestClient, targets: &[(&str, SocketAddr)]) -> BTreeMap<
         ));
     }
     script.push_str(&format!(
-        "i=0; while [ $(ls /tmp/iso | grep -vc tmp) -lt {n} ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done\n\
-         cat /tmp/iso/*; echo waited $i s\n"
+        "i=0\n\
+         while [ $(ls /tmp/iso | grep -vc tmp) -lt {n} ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done\n\
+         cat /tmp/iso/*\n"
     ));
     let t0 = Instant::now();
     let (out, code) = sh(g, &script).await;
@@ -587,23 +596,44 @@ async fn probe_all(g: &GuestClient, targets: &[(&str, SocketAddr)]) -> BTreeMap<
     got
 }
 
-/// `udp TAG`: UDP datagrams carrying TAG to the allowed internet address.
-/// The guest's busybox `nc` has no UDP; its `tftp` sends a read request
-/// naming the file (the tag) and retries it until killed. Killed with
-/// SIGKILL (SIGTERM is blocked in guest execs, see [`probe_all`]) and
-/// before the spoofed address goes: a retry from the real address would
-/// arrive carrying the spoof's tag.
-const UDP_FN: &str = "udp() { tftp -g -r \"$1\" -l - 198.51.100.1 9999 >/dev/null 2>&1 & p=$!; sleep 2; kill -9 $p; sleep 1; grep -q '^State:.*[ZX]' /proc/$p/status 2>/dev/null || [ ! -e /proc/$p ] || { echo \"tftp $p still runs\"; exit 1; }; }";
+/// `udp TAG`: UDP datagrams carrying TAG to the allowed internet address,
+/// then `SENT TAG <frames that left eth0 meanwhile>`. The guest's busybox
+/// `nc` has no UDP; its `tftp` sends a read request naming the file (the
+/// tag) and retries it until killed. Killed with SIGKILL (SIGTERM is
+/// blocked in guest execs, see [`probe_all`]) and before a spoofed address
+/// goes: a retry from the real address would arrive carrying the spoof's
+/// tag.
+const UDP_FN: &str = r#"udp() {
+  b=$(cat /sys/class/net/eth0/statistics/tx_packets)
+  tftp -g -r "$1" -l - 198.51.100.1 9999 >/dev/null 2>&1 & p=$!
+  sleep 3; kill -9 $p; sleep 1
+  grep -q '^State:.*[ZX]' /proc/$p/status 2>/dev/null || [ ! -e /proc/$p ] || { echo "tftp $p still runs"; exit 1; }
+  echo "SENT $1 $(( $(cat /sys/class/net/eth0/statistics/tx_packets) - b ))"
+}"#;
 
-/// Sends one UDP datagram per `(tag, source)` to the allowed internet
-/// address, each from the given guest source address (added to eth0 and
-/// chosen by a host route: a raw spoof as a tenant would script it), and
-/// returns how many frames left the guest's NIC meanwhile.
-async fn send_udp(g: &GuestClient, sends: &[(&str, Option<Ipv4Addr>)]) -> (u64, String) {
+/// Runs `script` (which calls `udp`) in the guest and returns, per tag,
+/// how many frames left the guest's NIC while it was sent.
+async fn run_udp(g: &GuestClient, script: &str) -> (BTreeMap<String, u64>, String) {
+    let (out, code) = sh(g, &format!("set -e\n{UDP_FN}\n{script}")).await;
+    assert_eq!(code, Some(0), "{out}");
+    let sent = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("SENT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(tag, n)| (tag.to_string(), n.trim().parse().unwrap()))
+        .collect();
+    (sent, out)
+}
+
+/// Sends UDP per `(tag, source)` to the allowed internet address, each
+/// from the given guest source address (added to eth0 and chosen by a host
+/// route: a spoof as a tenant would script it) or from the guest's own.
+async fn send_udp(
+    g: &GuestClient,
+    sends: &[(&str, Option<Ipv4Addr>)],
+) -> (BTreeMap<String, u64>, String) {
     let dst = UPLINK_ADDR;
-    let mut script = format!(
-        "set -e\n{UDP_FN}\ntx() {{ cat /sys/class/net/eth0/statistics/tx_packets; }}\nbefore=$(tx)\n"
-    );
+    let mut script = String::new();
     for (tag, src) in sends {
         match src {
             Some(s) => script.push_str(&format!(
@@ -616,15 +646,18 @@ async fn send_udp(g: &GuestClient, sends: &[(&str, Option<Ipv4Addr>)]) -> (u64, 
             None => script.push_str(&format!("udp {tag}\n")),
         }
     }
-    script.push_str("echo TX $(( $(tx) - before ))\nip -4 addr show eth0; ip route\n");
-    let (out, code) = sh(g, &script).await;
-    assert_eq!(code, Some(0), "{out}");
-    let tx = out
-        .lines()
-        .find_map(|l| l.strip_prefix("TX "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no TX count:\n{out}"));
-    (tx, out)
+    run_udp(g, &script).await
+}
+
+/// Sets the guest NIC's MAC (down and up again where the driver wants it;
+/// that drops the default route, which goes back).
+fn set_mac(mac: &str) -> String {
+    format!(
+        "ip link set dev eth0 address {mac} 2>/dev/null || \
+         {{ ip link set eth0 down; ip link set dev eth0 address {mac}; ip link set eth0 up; \
+            ip route replace default via {GUEST_GATEWAY}; }}\n\
+         grep -qx {mac} /sys/class/net/eth0/address\n"
+    )
 }
 
 fn wait_for_hits(hits: &Hits, pred: impl Fn(&[Hit]) -> bool) -> Vec<Hit> {
@@ -908,7 +941,7 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
 
         // Spoofing: the packets leave the guest's NIC, none arrives. A
         // datagram from the real source before and after proves the path.
-        let (tx, out) = send_udp(
+        let (sent, out) = send_udp(
             &g,
             &[
                 ("real-before", None),
@@ -923,9 +956,11 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
         let seen = wait_for_hits(&hits, |h| {
             h.iter().any(|h| h.payload.contains("real-after"))
         });
+        // Each send put frames on the wire: a spoof that never left the
+        // guest would pass for nothing.
         assert!(
-            tx >= 18,
-            "[{phase}] only {tx} frames left the guest:\n{out}"
+            sent.len() == 6 && sent.values().all(|n| *n > 0),
+            "[{phase}] frames sent per tag {sent:?}:\n{out}"
         );
         let arrived = |tag: &str| seen.iter().any(|h| h.payload.contains(tag));
         for tag in ["real-before", "real-after"] {
@@ -953,31 +988,28 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
         }
         take(&hits);
 
-        // A spoofed MAC with the real address.
-        let (out, code) = sh(
+        // A spoofed MAC with the real address; then the real MAC again.
+        let guest_mac: Vec<String> = GUEST_MAC.iter().map(|b| format!("{b:02x}")).collect();
+        let guest_mac = guest_mac.join(":");
+        let (sent, out) = run_udp(
             &g,
             &format!(
-                "set -e; {UDP_FN}\n ip link set dev eth0 address 02:fc:00:00:00:99 2>/dev/null || \
-                 {{ ip link set eth0 down; ip link set dev eth0 address 02:fc:00:00:00:99; ip link set eth0 up; \
-                    ip route replace default via {GUEST_GATEWAY}; }}\n\
-                 before=$(cat /sys/class/net/eth0/statistics/tx_packets)\n\
-                 udp spoof-mac\n\
-                 echo TX $(( $(cat /sys/class/net/eth0/statistics/tx_packets) - before ))\n\
-                 ip link set dev eth0 address 02:fc:00:00:00:05 2>/dev/null || \
-                 {{ ip link set eth0 down; ip link set dev eth0 address 02:fc:00:00:00:05; ip link set eth0 up; \
-                    ip route replace default via {GUEST_GATEWAY}; }}\n\
-                 udp mac-restored\n\
-                 ip link show eth0"
+                "{}udp spoof-mac\n{}udp mac-restored\n",
+                set_mac("02:fc:00:00:00:99"),
+                set_mac(&guest_mac)
             ),
         )
         .await;
-        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            sent.len() == 2 && sent.values().all(|n| *n > 0),
+            "[{phase}] frames sent per tag {sent:?}:\n{out}"
+        );
         let seen = wait_for_hits(&hits, |h| {
             h.iter().any(|h| h.payload.contains("mac-restored"))
         });
         let arrived = |tag: &str| seen.iter().any(|h| h.payload.contains(tag));
         eprintln!(
-            "[{phase}] spoofed MAC: {} ({out})",
+            "[{phase}] spoofed MAC: {}",
             if arrived("spoof-mac") {
                 "ARRIVED"
             } else {
