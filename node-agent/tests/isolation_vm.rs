@@ -721,7 +721,9 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
 
     // The other capsule: a second attachment by the same network module,
     // an emulated guest where its VM would be, with a server in it and one
-    // in its capsule namespace.
+    // in its capsule namespace. Made after the supervisor's recovery, whose
+    // sweep would take a network its own instance holds no claim for; the
+    // two instances share the claim directory, so their slots differ.
     let mut other_cfg = bed.cfg.clone();
     other_cfg.guest_link = GuestLink::EmulatedGuest {
         netns_dir: bed.dir.path().join("guests"),
