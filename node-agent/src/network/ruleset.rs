@@ -13,14 +13,15 @@
 //!   holds even if one did not (IPv6 metadata such as `fd00:ec2::254`).
 //! - a **capsule table** (in each capsule namespace): DNAT/SNAT between the
 //!   fixed guest address and the slot's host address, the per-capsule
-//!   limits, and the capsule's egress policy. It dies with the namespace, so
+//!   limits, the capsule's egress policy, and a drop of every frame from
+//!   the TAP whose source MAC is not the guest's. It dies with the namespace, so
 //!   it cannot leak; a policy change replaces it in one transaction.
 
 use std::fmt;
 use std::net::Ipv4Addr;
 
 use super::EgressPolicy;
-use super::addr::{ALWAYS_BLOCKED, Cidr, GUEST_ADDR, SlotAddrs};
+use super::addr::{ALWAYS_BLOCKED, Cidr, GUEST_ADDR, GUEST_MAC, SlotAddrs};
 use super::limits::CapsuleLimits;
 
 /// A table to load, replacing any table of the same name and family
@@ -125,6 +126,9 @@ pub enum Match {
     SaddrNot(Cidr),
     /// Destination address in.
     Daddr(Cidr),
+    /// Source MAC address (link-layer header) is not; only for packets
+    /// that came in on an Ethernet device, such as a TAP.
+    EtherSaddrNot([u8; 6]),
     /// Connection tracking state is established or related.
     CtEstablished,
     /// More connections than this are tracked for packets that reach the
@@ -388,6 +392,20 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
         name: r.table.to_string(),
         chains: vec![
             Chain {
+                name: "guest_mac",
+                kind: ChainKind::Filter,
+                hook: Hook::Prerouting,
+                // Before NAT and before either filter chain: a frame with a
+                // forged source MAC goes nowhere, not even to the capsule
+                // namespace itself.
+                priority: -150,
+                policy: Verdict::Accept,
+                rules: vec![rule(
+                    vec![Iif(tap()), EtherSaddrNot(GUEST_MAC)],
+                    Action::Drop,
+                )],
+            },
+            Chain {
                 name: "prerouting",
                 kind: ChainKind::Nat,
                 hook: Hook::Prerouting,
@@ -471,6 +489,11 @@ impl fmt::Display for Match {
             Match::Saddr(c) => write!(f, "ip saddr {c}"),
             Match::SaddrNot(c) => write!(f, "ip saddr != {c}"),
             Match::Daddr(c) => write!(f, "ip daddr {c}"),
+            Match::EtherSaddrNot(m) => write!(
+                f,
+                "ether saddr != {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
             Match::CtEstablished => f.write_str("ct state established,related"),
             Match::CtCountOver(n) => write!(f, "ct count over {n}"),
             Match::LimitOver(Limit {
@@ -675,6 +698,21 @@ mod tests {
                 r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 accept"#.into(),
             ]
         );
+    }
+
+    #[test]
+    fn frames_from_the_tap_with_another_source_mac_are_dropped_first() {
+        let t = capsule(&EgressPolicy::Allow, CapsuleLimits::UNLIMITED);
+        let text = t.to_string();
+        assert!(
+            text.contains(
+                "\tchain guest_mac {\n\t\ttype filter hook prerouting priority -150; policy accept;\n\t\tiifname \"tap0\" ether saddr != 02:fc:00:00:00:05 drop\n"
+            ),
+            "{text}"
+        );
+        // Ahead of the NAT prerouting chain (and so of every other chain).
+        let prio = |name| t.chains.iter().find(|c| c.name == name).unwrap().priority;
+        assert!(prio("guest_mac") < prio("prerouting"));
     }
 
     #[test]

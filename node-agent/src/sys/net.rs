@@ -540,7 +540,10 @@ fn tuple_addrs(t: &[Tuple]) -> Option<(IpAddr, IpAddr)> {
 // ---- nftables encoding ----
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_PAYLOAD_LL_HEADER: u32 = 0;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+/// Offset of the source address in an Ethernet header.
+const ETHER_SADDR_OFFSET: u32 = 6;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const NFTA_CT_DREG: u16 = 1;
@@ -694,6 +697,15 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
         Match::Saddr(c) => addr(12, *c, Operator::Equal, out),
         Match::SaddrNot(c) => addr(12, *c, Operator::NotEqual, out),
         Match::Daddr(c) => addr(16, *c, Operator::Equal, out),
+        Match::EtherSaddrNot(mac) => {
+            out.push(Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(NFT_PAYLOAD_LL_HEADER),
+                Payload::Offset(ETHER_SADDR_OFFSET),
+                Payload::Len(6),
+            ]));
+            out.push(cmp(Operator::NotEqual, mac.to_vec()));
+        }
         Match::CtEstablished => {
             out.push(Expressions::Other {
                 expression_type: "ct".into(),
