@@ -165,11 +165,11 @@ pub fn reap_all() -> Vec<(Pid, WaitStatus)> {
 }
 
 fn spawn_agent(config: &InitConfig) -> Result<Pid, Error> {
-    // std resets the signal mask and handlers in the child.
-    let child = std::process::Command::new("/proc/self/exe")
-        .args(&config.agent_args)
-        .spawn()
-        .map_err(Error::SpawnAgent)?;
+    // The handlers reset at exec; the mask (blocked for sigwait) does not.
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.args(&config.agent_args);
+    sys::unblock_signals_on_std_spawn(&mut cmd);
+    let child = cmd.spawn().map_err(Error::SpawnAgent)?;
     let pid = i32::try_from(child.id())
         .map_err(|_| Error::SpawnAgent(io::Error::other("pid out of range")))?;
     // The child is reaped by `reap_all`, not through this handle.

@@ -164,6 +164,7 @@ pub fn build_command(
         // std drops supplementary groups when it changes uid as root.
         cmd.uid(u.uid).gid(u.gid);
     }
+    crate::sys::unblock_signals_on_spawn(&mut cmd);
     Ok(cmd)
 }
 

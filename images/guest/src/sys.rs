@@ -67,6 +67,42 @@ pub(crate) fn set_window_size(tty: BorrowedFd<'_>, rows: u16, cols: u16) -> io::
     Ok(())
 }
 
+/// Empties the signal mask in the child before `exec`. A mask survives
+/// fork and exec, and PID 1 blocks the signals it takes with `sigwait`
+/// (SIGCHLD, SIGTERM, SIGINT, SIGPWR): without this the agent, and every
+/// process it starts, would inherit that mask (a shell's `wait` would never
+/// return, `kill` would do nothing).
+pub(crate) fn unblock_signals_on_spawn(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (sigemptyset, sigprocmask).
+    unsafe {
+        cmd.pre_exec(unblock_all);
+    }
+}
+
+/// [`unblock_signals_on_spawn`] for a `std` command.
+pub(crate) fn unblock_signals_on_std_spawn(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: as in `unblock_signals_on_spawn`.
+    unsafe {
+        cmd.pre_exec(unblock_all);
+    }
+}
+
+fn unblock_all() -> io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `set` is initialised by sigemptyset before sigprocmask reads
+    // it; both are async-signal-safe.
+    unsafe {
+        if libc::sigemptyset(set.as_mut_ptr()) < 0
+            || libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Makes the child a session leader whose controlling terminal is its
 /// stdin (a PTY slave), before `exec`.
 pub(crate) fn set_controlling_tty_on_spawn(cmd: &mut tokio::process::Command) {

@@ -163,6 +163,21 @@ async fn pid1_mounts_reaps_restarts_the_agent_and_powers_off() {
         assert!(found, "{fstype} not mounted on {want}:\n{mountinfo}");
     }
 
+    // Nothing PID 1 blocks for its sigwait reaches the agent or what it
+    // starts: a shell's `wait` returns and its `kill` works.
+    let (out, _) = sh(
+        &mut client,
+        "grep SigBlk /proc/self/status; \
+         for p in $(cat /proc/1/task/1/children); do grep SigBlk /proc/$p/status; done; \
+         sleep 30 & kill $!; wait $!; echo \"waited $?\"",
+    )
+    .await;
+    assert!(
+        out.starts_with("SigBlk:\t0000000000000000\nSigBlk:\t0000000000000000\n")
+            && out.lines().any(|l| l == "waited 143"),
+        "guest processes start with signals blocked: {out:?}"
+    );
+
     // An orphan is re-parented to PID 1 and reaped, never left a zombie.
     let (pid, _) = sh(&mut client, "sleep 0.3 & echo $!").await;
     let pid = pid.trim().to_string();

@@ -150,7 +150,11 @@ mod tests {
         }
         lines.extend(["", "   ", "quiet\tinit=/x", "quiet -- x"].map(String::from));
         for l in &lines {
-            assert_eq!(line.is_match(l), check(l).is_ok(), "CRD line pattern on {l:?}");
+            assert_eq!(
+                line.is_match(l),
+                check(l).is_ok(),
+                "CRD line pattern on {l:?}"
+            );
         }
     }
 
