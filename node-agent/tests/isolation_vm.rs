@@ -24,6 +24,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod network_env;
+mod qemu_bed;
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -38,6 +39,7 @@ use network_env::{
     AZURE_METADATA, Bed as NetBed, METADATA, NODE_UPLINK_ADDR, OTHER_REMOTE, UPLINK, UPLINK_ADDR,
     in_ns,
 };
+use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, GuestSettings, Host, Resources, State, Supervisor,
     SupervisorConfig, TemplateDisk,
@@ -96,89 +98,6 @@ const POD_LINK: &str = "isopod0";
 const UPLINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const METADATA6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
-
-// ---- guest image and VM cleanup (as warm_vm) ----
-
-struct Image {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    rootfs: PathBuf,
-}
-
-/// The guest image of this tree: `images/build.sh` builds it when any
-/// input changed, else prints the cache.
-fn build_image() -> Result<Image, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
-    let out = Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("run images/build.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("images/build.sh failed ({})", out.status));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    Ok(Image {
-        kernel: dir.join("vmlinuz"),
-        initramfs: dir.join("initramfs.img"),
-        rootfs: dir.join("rootfs.ext4"),
-    })
-}
-
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(needle)
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// Kills every process that names the test's state dir and removes the
-/// test's cgroups, even when an assertion failed.
-struct VmCleanup {
-    state: PathBuf,
-    cgroups: CgroupRoot,
-}
-
-impl Drop for VmCleanup {
-    fn drop(&mut self) {
-        for pid in processes_mentioning(&self.state.display().to_string()) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        }
-        let mut parents = Vec::new();
-        for name in self.cgroups.list().unwrap_or_default() {
-            let cg = self.cgroups.open_capsule(&name);
-            for _ in 0..50 {
-                if cg.remove().is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            parents.extend(
-                cg.dirs()
-                    .iter()
-                    .filter_map(|d| d.parent().map(Path::to_path_buf)),
-            );
-        }
-        parents.extend(
-            self.cgroups
-                .dirs("x")
-                .iter()
-                .filter_map(|d| d.parent().map(Path::to_path_buf)),
-        );
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
-    }
-}
 
 // ---- listeners that say who reached them ----
 
@@ -397,12 +316,13 @@ fn dnat_table(name: &str) -> Table {
 
 // ---- the guest ----
 
-struct World {
-    net: NetBed,
-    state: tempfile::TempDir,
-    sup: Supervisor<QemuMachine>,
-    image: Image,
-    _cleanup: VmCleanup,
+struct World(QemuBed);
+
+impl std::ops::Deref for World {
+    type Target = QemuBed;
+    fn deref(&self) -> &QemuBed {
+        &self.0
+    }
 }
 
 impl World {
@@ -411,58 +331,7 @@ impl World {
         // The production list of destinations no capsule reaches (cluster
         // and private ranges), not the bed's shorter one.
         net.cfg.blocked_egress = LinuxNetConfig::host(UPLINK, net.dir.path()).blocked_egress;
-        let state = tempfile::tempdir().unwrap();
-        let cgroups =
-            CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &unique_name("wrenn-iso")).unwrap();
-        let cleanup = VmCleanup {
-            state: state.path().to_path_buf(),
-            cgroups: cgroups.clone(),
-        };
-        let mut cfg = SupervisorConfig::new(state.path(), &image.kernel);
-        cfg.initramfs = Some(image.initramfs.clone());
-        cfg.guest = Some(GuestSettings {
-            timeouts: Timeouts {
-                dial: Duration::from_secs(5),
-                call: Duration::from_secs(60),
-                probe: Duration::from_secs(3),
-                retry: Duration::from_millis(100),
-            },
-            ready_within: ready,
-            ..GuestSettings::default()
-        });
-        let machine = QemuMachine::new(
-            qemu,
-            helper,
-            HostPaths::confined(
-                "/proc".into(),
-                wrenn_node_agent::capsule::Layout::new(state.path()).vmm_root(),
-                state.path(),
-            ),
-            cgroups.clone(),
-        )
-        .await
-        .unwrap();
-        let store = Qcow2Store::open(StorageConfig::new(state.path().join("disks"))).unwrap();
-        let sup = Supervisor::new(
-            Host {
-                machine: Arc::new(machine),
-                net: Arc::new(net.net()),
-                store: Arc::new(store),
-            },
-            cfg,
-        );
-        sup.recover(&OrphanSweep {
-            cgroups: Some(cgroups.clone()),
-        })
-        .await
-        .unwrap();
-        World {
-            net,
-            state,
-            sup,
-            image,
-            _cleanup: cleanup,
-        }
+        World(QemuBed::new(qemu, helper, image, ready, net, "wrenn-iso").await)
     }
 
     fn spec(&self, egress: Egress) -> CapsuleSpec {

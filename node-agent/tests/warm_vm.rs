@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod network_env;
+mod qemu_bed;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use network_env::Bed as NetBed;
+use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, GuestSettings, Host, PrepareRequest, Readiness, Resources,
     State, Supervisor, SupervisorConfig, TemplateDisk, TemplatePhase, TemplateSource,
@@ -36,153 +38,20 @@ use wrenn_node_agent::vmm::qemu::QemuMachine;
 use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
 
-/// The guest image of this tree: `images/build.sh` builds it when any
-/// input (the guest's sources included) changed, else prints the cache.
-struct Image {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    rootfs: PathBuf,
-}
+/// The bed, and this file's capsule and template requests over it.
+struct World(QemuBed);
 
-fn build_image() -> Result<Image, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
-    let out = Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("run images/build.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("images/build.sh failed ({})", out.status));
+impl std::ops::Deref for World {
+    type Target = QemuBed;
+    fn deref(&self) -> &QemuBed {
+        &self.0
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    Ok(Image {
-        kernel: dir.join("vmlinuz"),
-        initramfs: dir.join("initramfs.img"),
-        rootfs: dir.join("rootfs.ext4"),
-    })
-}
-
-/// Kills every process that names the test's state dir and removes the
-/// test's cgroups, even when an assertion failed.
-struct Cleanup {
-    state: PathBuf,
-    cgroups: CgroupRoot,
-}
-
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(needle)
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for pid in processes_mentioning(&self.state.display().to_string()) {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        }
-        let mut parents = Vec::new();
-        for name in self.cgroups.list().unwrap_or_default() {
-            let cg = self.cgroups.open_capsule(&name);
-            for _ in 0..50 {
-                if cg.remove().is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            parents.extend(
-                cg.dirs()
-                    .iter()
-                    .filter_map(|d| d.parent().map(Path::to_path_buf)),
-            );
-        }
-        parents.extend(
-            self.cgroups
-                .dirs("x")
-                .iter()
-                .filter_map(|d| d.parent().map(Path::to_path_buf)),
-        );
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
-    }
-}
-
-struct World {
-    net: NetBed,
-    state: tempfile::TempDir,
-    cgroups: CgroupRoot,
-    sup: Supervisor<QemuMachine>,
-    image: Image,
-    _cleanup: Cleanup,
 }
 
 impl World {
     /// `ready`: the vm tier's calibrated budget for one guest boot.
     async fn new(qemu: &Path, helper: &Path, image: Image, ready: Duration) -> World {
-        let net = NetBed::new(true);
-        let state = tempfile::tempdir().unwrap();
-        let cgroups =
-            CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &unique_name("wrenn-warm")).unwrap();
-        let cleanup = Cleanup {
-            state: state.path().to_path_buf(),
-            cgroups: cgroups.clone(),
-        };
-        let mut cfg = SupervisorConfig::new(state.path(), &image.kernel);
-        cfg.initramfs = Some(image.initramfs.clone());
-        cfg.guest = Some(GuestSettings {
-            timeouts: Timeouts {
-                dial: Duration::from_secs(5),
-                call: Duration::from_secs(60),
-                probe: Duration::from_secs(3),
-                retry: Duration::from_millis(100),
-            },
-            ready_within: ready,
-            ..GuestSettings::default()
-        });
-        let machine = QemuMachine::new(
-            qemu,
-            helper,
-            HostPaths::confined(
-                "/proc".into(),
-                wrenn_node_agent::capsule::Layout::new(state.path()).vmm_root(),
-                state.path(),
-            ),
-            cgroups.clone(),
-        )
-        .await
-        .unwrap();
-        let store = Qcow2Store::open(StorageConfig::new(state.path().join("disks"))).unwrap();
-        let sup = Supervisor::new(
-            Host {
-                machine: Arc::new(machine),
-                net: Arc::new(net.net()),
-                store: Arc::new(store),
-            },
-            cfg,
-        );
-        sup.recover(&OrphanSweep {
-            cgroups: Some(cgroups.clone()),
-        })
-        .await
-        .unwrap();
-        World {
-            net,
-            state,
-            cgroups,
-            sup,
-            image,
-            _cleanup: cleanup,
-        }
+        World(QemuBed::new(qemu, helper, image, ready, NetBed::new(true), "wrenn-warm").await)
     }
 
     fn resources() -> Resources {

@@ -1229,16 +1229,31 @@ impl<M: Machine + 'static> Shared<M> {
         };
         // Some VMMs' vsock must not be dialed before the guest set it up.
         let t0 = tokio::time::Instant::now();
-        let ready = match self.host.machine.wait_vsock(vm, g.ready_within).await {
-            Ok(()) => crate::guest::GuestClient::wait_ready(
+        let token = held.map_or("", GuestToken::expose);
+        let wait = |within| {
+            crate::guest::GuestClient::wait_ready(
                 &rec.uid,
                 &vm.vsock_socket,
                 g.port,
-                held.map_or("", GuestToken::expose),
+                token,
                 g.timeouts,
-                g.ready_within.saturating_sub(t0.elapsed()),
+                within,
             )
-            .await
+        };
+        let ready = match self.host.machine.wait_vsock(vm, g.ready_within).await {
+            // A third of the budget is many boots' worth; a guest silent
+            // that long behind a wedged host-side vsock gets a fresh device
+            // once (a no-op where the backend's vsock cannot wedge).
+            Ok(()) => match wait(g.ready_within / 3).await {
+                Ok(r) => Ok(r),
+                Err(first) => match self.host.machine.heal_vsock(vm).await {
+                    Ok(_) => wait(g.ready_within.saturating_sub(t0.elapsed())).await,
+                    Err(e) => {
+                        tracing::warn!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "healing the vsock failed");
+                        Err(first)
+                    }
+                },
+            }
             .map_err(err("reach")),
             Err(source) => Err(Error::Vm {
                 action: "wait for the vsock of",

@@ -207,6 +207,15 @@ pub trait Machine: Send + Sync {
         std::future::ready(Ok(()))
     }
 
+    /// Gives a running guest a fresh vsock device session, with a fresh
+    /// host-side helper, when the host side stopped answering while the
+    /// guest runs; the guest sees a transport reset and callers redial.
+    /// `Ok(false)`: the backend's vsock has no such failure, nothing done.
+    fn heal_vsock(&self, vm: &MachineHandle) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = vm;
+        std::future::ready(Ok(false))
+    }
+
     /// What the host sees of a VM whose guest did not answer in time
     /// (processes, run state, logs), one fact per line, for the log line
     /// that reports it before the rollback removes the VM. Best effort;

@@ -431,6 +431,27 @@ impl Machine for QemuMachine {
         vsock::wait_started(&mut q, &vm.capsule, within).await
     }
 
+    /// vhost-device-vsock 0.3 can stop serving for good even after the
+    /// guest set its device up (seen at boot: helper idle, guest agent
+    /// listening, no handshake answered). A new helper behind a freshly
+    /// plugged device serves again, as after a silent resume.
+    async fn heal_vsock(&self, vm: &MachineHandle) -> Result<bool, Error> {
+        let mut q = self.qmp(vm, "heal vsock").await?;
+        tracing::warn!(capsule = %vm.capsule, "vsock silent while the guest runs; plugging a fresh device with a fresh helper");
+        vsock::unplug(&mut q, &vm.capsule, self.timeouts.unplug).await?;
+        self.procs.fresh_helper(vm).await?;
+        let n = self.procs.next_plug(&vm.capsule);
+        vsock::plug(
+            &mut q,
+            &vm.capsule,
+            &run_dir(vm).join(VHOST_SOCKET),
+            n,
+            self.timeouts.start,
+        )
+        .await?;
+        Ok(true)
+    }
+
     async fn diagnose(&self, vm: &MachineHandle) -> String {
         diagnose::report(self.procs.paths(), self.procs.cgroups(), vm).await
     }

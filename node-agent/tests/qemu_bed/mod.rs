@@ -1,0 +1,181 @@
+//! The vm tier's bed for the real supervisor, shared by `warm_vm.rs` and
+//! `isolation_vm.rs`: this tree's guest image, QEMU (TCG) confined as in
+//! production, `LinuxNet` on a [`network_env::Bed`](super::network_env::Bed),
+//! qcow2 disks and a uniquely named cgroup parent. Dropping it kills every
+//! process that names its state dir and removes its cgroups, even when an
+//! assertion failed. A test file using it also declares `mod network_env;`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::network_env::Bed as NetBed;
+use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::guest::Timeouts;
+use wrenn_node_agent::state::OrphanSweep;
+use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
+use wrenn_node_agent::vmm::cgroup::CgroupRoot;
+use wrenn_node_agent::vmm::process::HostPaths;
+use wrenn_node_agent::vmm::qemu::QemuMachine;
+use wrenn_testkit::unique_name;
+
+/// The guest image of this tree: `images/build.sh` builds it when any
+/// input (the guest's sources included) changed, else prints the cache.
+pub struct Image {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+pub fn build_image() -> Result<Image, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    let out = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("run images/build.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("images/build.sh failed ({})", out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    Ok(Image {
+        kernel: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.img"),
+        rootfs: dir.join("rootfs.ext4"),
+    })
+}
+
+/// Processes whose command line contains `needle` (a test's state dir).
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Kills every process that names the test's state dir and removes the
+/// test's cgroups, even when an assertion failed.
+struct Cleanup {
+    state: PathBuf,
+    cgroups: CgroupRoot,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.state.display().to_string()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        let mut parents = Vec::new();
+        for name in self.cgroups.list().unwrap_or_default() {
+            let cg = self.cgroups.open_capsule(&name);
+            for _ in 0..50 {
+                if cg.remove().is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            parents.extend(
+                cg.dirs()
+                    .iter()
+                    .filter_map(|d| d.parent().map(Path::to_path_buf)),
+            );
+        }
+        parents.extend(
+            self.cgroups
+                .dirs("x")
+                .iter()
+                .filter_map(|d| d.parent().map(Path::to_path_buf)),
+        );
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// A recovered supervisor over QEMU on `net`.
+pub struct QemuBed {
+    pub net: NetBed,
+    pub state: tempfile::TempDir,
+    pub cgroups: CgroupRoot,
+    pub sup: Supervisor<QemuMachine>,
+    pub image: Image,
+    _cleanup: Cleanup,
+}
+
+impl QemuBed {
+    /// `ready`: the vm tier's calibrated budget for one guest boot;
+    /// `cgroup_prefix` names the test's cgroup parent (made unique here).
+    pub async fn new(
+        qemu: &Path,
+        helper: &Path,
+        image: Image,
+        ready: Duration,
+        net: NetBed,
+        cgroup_prefix: &str,
+    ) -> QemuBed {
+        let state = tempfile::tempdir().unwrap();
+        let cgroups =
+            CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &unique_name(cgroup_prefix)).unwrap();
+        let cleanup = Cleanup {
+            state: state.path().to_path_buf(),
+            cgroups: cgroups.clone(),
+        };
+        let mut cfg = SupervisorConfig::new(state.path(), &image.kernel);
+        cfg.initramfs = Some(image.initramfs.clone());
+        cfg.guest = Some(GuestSettings {
+            timeouts: Timeouts {
+                dial: Duration::from_secs(5),
+                call: Duration::from_secs(60),
+                probe: Duration::from_secs(3),
+                retry: Duration::from_millis(100),
+            },
+            ready_within: ready,
+            ..GuestSettings::default()
+        });
+        let machine = QemuMachine::new(
+            qemu,
+            helper,
+            HostPaths::confined(
+                "/proc".into(),
+                wrenn_node_agent::capsule::Layout::new(state.path()).vmm_root(),
+                state.path(),
+            ),
+            cgroups.clone(),
+        )
+        .await
+        .unwrap();
+        let store = Qcow2Store::open(StorageConfig::new(state.path().join("disks"))).unwrap();
+        let sup = Supervisor::new(
+            Host {
+                machine: Arc::new(machine),
+                net: Arc::new(net.net()),
+                store: Arc::new(store),
+            },
+            cfg,
+        );
+        sup.recover(&OrphanSweep {
+            cgroups: Some(cgroups.clone()),
+        })
+        .await
+        .unwrap();
+        QemuBed {
+            net,
+            state,
+            cgroups,
+            sup,
+            image,
+            _cleanup: cleanup,
+        }
+    }
+}
