@@ -40,22 +40,14 @@ use network_env::{
     in_ns,
 };
 use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
-use wrenn_node_agent::capsule::{
-    BootSource, CapsuleSpec, Egress, GuestSettings, Host, Resources, State, Supervisor,
-    SupervisorConfig, TemplateDisk,
-};
+use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::network::{
     Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Family, GUEST_GATEWAY, GUEST_MAC,
     GuestLink, Hook, LinuxNet, LinuxNetConfig, Match, NetOps, Rule, SlotAddrs, Table, Teardown,
     Verdict,
 };
-use wrenn_node_agent::state::OrphanSweep;
-use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
 use wrenn_node_agent::sys::net as sys;
-use wrenn_node_agent::vmm::cgroup::CgroupRoot;
-use wrenn_node_agent::vmm::process::HostPaths;
-use wrenn_node_agent::vmm::qemu::QemuMachine;
 use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
 

@@ -406,6 +406,28 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     .await;
     assert!(nic.contains("52:54:00:12:34:56"), "{nic}");
 
+    // The supervisor's cure for a host-side vsock that went silent: a new
+    // helper behind a freshly plugged device. The guest answers through
+    // it, with its Init state and token, and the old helper is gone.
+    let old_helper = vm.helpers[0].pid;
+    assert!(machine.heal_vsock(&vm).await.unwrap());
+    let (mut g, health) = GuestClient::wait_ready(
+        &capsule,
+        &spec.vsock_socket,
+        1024,
+        VM_TOKEN,
+        guest_timeouts(),
+        turn.ready,
+    )
+    .await
+    .expect("the guest answers behind the healed vsock");
+    assert!(health.initialized, "the heal lost the guest's Init state");
+    assert_eq!(exec(&g, "hostname").await.0, "qemu-test\n");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old_helper}")).exists(),
+        "the wedged helper was left running"
+    );
+
     // A second backend adopts the running VM, as after an agent restart,
     // and answers for it.
     let adopter = QemuMachine::with_accel(
@@ -594,11 +616,13 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for pid in &self.pids {
+        let cg = self.cgroups.open_capsule(&self.capsule);
+        // Also what started later in the capsule's cgroup (a fresh helper).
+        let later = cg.pids().unwrap_or_default();
+        for pid in self.pids.iter().chain(&later) {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
         }
-        let cg = self.cgroups.open_capsule(&self.capsule);
         for _ in 0..50 {
             if cg.remove().is_ok() {
                 break;

@@ -16,27 +16,19 @@
 mod network_env;
 mod qemu_bed;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use network_env::Bed as NetBed;
 use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
 use wrenn_node_agent::capsule::{
-    BootSource, CapsuleSpec, Egress, GuestSettings, Host, PrepareRequest, Readiness, Resources,
-    State, Supervisor, SupervisorConfig, TemplateDisk, TemplatePhase, TemplateSource,
-    TemplateStatus, WarmSpec,
+    BootSource, CapsuleSpec, Egress, PrepareRequest, Readiness, Resources, State, TemplateDisk,
+    TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
 };
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::network::{CapsuleId as NetId, GUEST_ADDR};
-use wrenn_node_agent::state::OrphanSweep;
-use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
-use wrenn_node_agent::vmm::cgroup::CgroupRoot;
-use wrenn_node_agent::vmm::process::HostPaths;
-use wrenn_node_agent::vmm::qemu::QemuMachine;
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
+use wrenn_testkit::{Tier, case, need_program, need_root};
 
 /// The bed, and this file's capsule and template requests over it.
 struct World(QemuBed);
