@@ -10,8 +10,8 @@
 #   -l LOAD_PROCS  busy-loop processes kept running during every run
 #                  (default 0; e.g. the number of cores)
 #   -t BINARY      only this vm-tier test binary (repeatable): agent_vm,
-#                  operator_vm, guest_boot (wrenn-e2e), vmm_qemu, warm_vm
-#                  (wrenn-node-agent); default all five
+#                  operator_vm, guest_boot (wrenn-e2e), vmm_qemu, warm_vm,
+#                  isolation_vm (wrenn-node-agent); default all six
 #   -x             stop at the first failed run (default: run them all)
 #
 # Exits non-zero when any run failed. Logs go to $SOAK_LOG_DIR (default a
@@ -28,17 +28,17 @@ while getopts "n:l:t:x" opt; do
     l) load=$OPTARG ;;
     t) bins+=("$OPTARG") ;;
     x) stop_on_fail=1 ;;
-    *) sed -n '2,19p' "$0"; exit 2 ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
   esac
 done
-[ ${#bins[@]} -gt 0 ] || bins=(agent_vm operator_vm guest_boot vmm_qemu warm_vm)
+[ ${#bins[@]} -gt 0 ] || bins=(agent_vm operator_vm guest_boot vmm_qemu warm_vm isolation_vm)
 
 # --workspace, not -p: the features then resolve as for `cargo test
 # --workspace`, so the soak reuses CI's build instead of compiling its own.
 args=(--workspace)
 for b in "${bins[@]}"; do
   case $b in
-    agent_vm | operator_vm | guest_boot | vmm_qemu | warm_vm) args+=(--test "$b") ;;
+    agent_vm | operator_vm | guest_boot | vmm_qemu | warm_vm | isolation_vm) args+=(--test "$b") ;;
     *) echo "unknown vm-tier test binary $b" >&2; exit 2 ;;
   esac
 done
