@@ -367,10 +367,16 @@ impl World {
 
 /// Runs `script` under `/bin/sh` in the guest; returns its output and code.
 async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
+    sh_as(g, "", script).await
+}
+
+/// [`sh`] as guest user `user` (empty: root).
+async fn sh_as(g: &GuestClient, user: &str, script: &str) -> (String, Option<i32>) {
     let input = vec![
         gpb::ExecInput {
             input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
                 argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                user: user.into(),
                 timeout_ms: 150_000,
                 ..Default::default()
             })),
@@ -891,6 +897,29 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
         ));
         take(&hits);
     }
+
+    // The guest agent from inside the guest: an unprivileged process that
+    // dials the agent's vsock port (loopback CID or the guest's own) is
+    // never served, and the node agent's connection keeps working.
+    for target in ["vsock:1:1024", "vsock:self:1024"] {
+        let probe = format!("{} --probe {target}", wrenn_node_agent::images::GUEST_PATH);
+        let (out, code) = sh_as(&g, "nobody", &probe).await;
+        // Only the probe's own verdicts count: a probe that did not run
+        // must not pass for a refusal.
+        let refused = code == Some(1) && (out == "closed" || out.starts_with("unreachable:"));
+        eprintln!("guest agent dialed as nobody at {target}: {out} (exit {code:?})");
+        results.push((
+            format!("guest agent dialed from inside as nobody ({target})"),
+            "must fail",
+            refused,
+        ));
+    }
+    let (out, code) = sh(&g, "echo still-served").await;
+    results.push((
+        "node agent's exec after the in-guest dials".into(),
+        "must work",
+        code == Some(0) && out == "still-served",
+    ));
     drop(g);
 
     assert!(w.sup.delete(GUEST_UID).await.unwrap());

@@ -10,6 +10,9 @@
 //!   init, then the agent on `vsock:<--vsock-port>` with `--owns-os`.
 //! - `wrenn-guest --listen unix:/path` (or `vsock:1024`): the agent only.
 //!   Without `--owns-os` it never touches the clock, hostname or caches.
+//! - `wrenn-guest --probe vsock:CID:PORT` (or `unix:/path`): dials an agent
+//!   as any process could and prints `served`, `closed` or `unreachable`;
+//!   exits 0 only when served. The isolation tests' in-guest checker.
 //!
 //! Static build (the guest image has no libc). `ring` (pulled in by the
 //! workspace's tonic TLS feature) compiles C, so the musl target needs the
@@ -32,6 +35,7 @@ mod files;
 mod init;
 mod listen;
 mod metrics;
+mod probe;
 mod process;
 mod pty;
 mod ratelimit;
@@ -77,10 +81,23 @@ struct Args {
     /// PID 1: where the filesystems are mounted.
     #[arg(long, default_value = "/")]
     root: PathBuf,
+    /// Dial an agent at vsock:CID:PORT or unix:PATH, say whether it served
+    /// us, and exit (0 only when served).
+    #[arg(long, conflicts_with_all = ["init", "listen", "owns_os"])]
+    probe: Option<probe::Target>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(target) = &args.probe {
+        let outcome = probe::run(target, std::time::Duration::from_secs(5));
+        println!("{outcome}");
+        return if outcome == probe::Outcome::Served {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")

@@ -152,6 +152,46 @@ pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// This machine's vsock CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID` on
+/// `/dev/vsock`).
+pub(crate) fn vsock_local_cid() -> io::Result<u32> {
+    const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+    let dev = std::fs::File::open("/dev/vsock")?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 into `cid`, which lives across the call.
+    check(unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            IOCTL_VM_SOCKETS_GET_LOCAL_CID as _,
+            &raw mut cid,
+        )
+    })?;
+    Ok(cid)
+}
+
+/// Opens a blocking `AF_VSOCK` stream socket connected to `cid:port`.
+pub(crate) fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with constant arguments; the fd is owned below.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid `sockaddr_vm`; the fields are set below.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid `sockaddr_vm` and the length matches it.
+    check(unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    })?;
+    Ok(sock)
+}
+
 /// Accepts one connection on a non-blocking `AF_VSOCK` listening socket;
 /// the new fd is non-blocking and close-on-exec. Returns it with the
 /// peer's CID, which the caller checks before serving anything on it.

@@ -846,3 +846,38 @@ async fn metrics_and_health_are_sane() {
         .await
         .unwrap();
 }
+
+/// The attack of an unprivileged local process: it dials the agent's own
+/// listener (here the Unix socket, world-writable so only the agent's
+/// admission check stands in the way) and sends an HTTP/2 preface. Root is
+/// served; `nobody` is closed unread, and the agent keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_local_process_is_closed_unserved() {
+    let case = case(Tier::Host, "guest_unprivileged_dial_refused");
+    if !nix::unistd::Uid::effective().is_root() {
+        return case.skip("needs root to dial as another user");
+    }
+    let mut g = started().await;
+    let sock = g.dir.path().join("agent.sock");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(g.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let probe = |uid: Option<u32>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn-guest"));
+        cmd.arg("--probe").arg(format!("unix:{}", sock.display()));
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(uid).gid(uid);
+        }
+        let out = cmd.output().unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            out.status.code(),
+        )
+    };
+    assert_eq!(probe(None), ("served".to_string(), Some(0)));
+    assert_eq!(probe(Some(65534)), ("closed".to_string(), Some(1)));
+    // The refused dial left the agent serving its real client.
+    let ran = run(&mut g.client, &["true"], b"", 0).await;
+    assert_eq!(ran.exit.unwrap().code, Some(0));
+}
