@@ -365,6 +365,24 @@ impl World {
     }
 }
 
+/// The guest's vsock CID, from its vsock helper's command line (as nobody
+/// in the guest cannot open `/dev/vsock` to ask).
+fn guest_cid(state: &Path) -> u32 {
+    for pid in processes_mentioning(&state.display().to_string()) {
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if let Some(i) = args.iter().position(|a| a == "--guest-cid") {
+            return args[i + 1].parse().unwrap();
+        }
+    }
+    panic!("no vsock helper with --guest-cid under {}", state.display());
+}
+
 /// Runs `script` under `/bin/sh` in the guest; returns its output and code.
 async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
     sh_as(g, "", script).await
@@ -901,7 +919,8 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
     // The guest agent from inside the guest: an unprivileged process that
     // dials the agent's vsock port (loopback CID or the guest's own) is
     // never served, and the node agent's connection keeps working.
-    for target in ["vsock:1:1024", "vsock:self:1024"] {
+    let own_cid = guest_cid(w.state.path());
+    for target in ["vsock:1:1024".to_string(), format!("vsock:{own_cid}:1024")] {
         let probe = format!("{} --probe {target}", wrenn_node_agent::images::GUEST_PATH);
         let (out, code) = sh_as(&g, "nobody", &probe).await;
         // Only the probe's own verdicts count: a probe that did not run
