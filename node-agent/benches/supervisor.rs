@@ -10,12 +10,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use wrenn_node_agent::capsule::OrphanSweep;
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, Host, Resources, State, Supervisor, SupervisorConfig,
     TemplateDisk,
 };
 use wrenn_node_agent::network::FakeNet;
-use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::FakeMachine;
 

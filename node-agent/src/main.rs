@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use clap::Parser;
 use wrenn_node_agent::args::{Args, DiskArgs, VmmBackend};
+use wrenn_node_agent::capsule::OrphanSweep;
 use wrenn_node_agent::capsule::{GuestSettings, Host, HostFigures, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{ImageDirs, PullOptions, TemplateBuilder, TemplateSettings};
 use wrenn_node_agent::metrics::{self, Metrics};
 use wrenn_node_agent::network::{EgressFlags, LinuxNet, LinuxNetConfig};
 use wrenn_node_agent::node::{NodePaths, VmmCap, read_facts};
 use wrenn_node_agent::server::{self, AgentIdentity, AgentService};
-use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{self, BackendChoice, StorageConfig};
 use wrenn_node_agent::tls::{PortConfig, TlsFiles};
 use wrenn_node_agent::vmm::cgroup::{
@@ -35,6 +35,14 @@ const EXIT_SERVE: u8 = 4;
 const EXIT_HOST: u8 = 5;
 /// Start-up recovery failed.
 const EXIT_RECOVERY: u8 = 6;
+/// A long-lived background task (admin server, sampler, log sweeper) ended
+/// or panicked: the agent exits so the kubelet restarts it whole, rather
+/// than serving on with no metrics, no readiness or an unbounded log.
+const EXIT_TASK: u8 = 7;
+
+/// The agent's long-lived background tasks, each named for the log line
+/// that reports its end.
+type Background = tokio::task::JoinSet<&'static str>;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -86,6 +94,8 @@ struct Common {
     metrics: Arc<Metrics>,
     templates: TemplateSettings,
     disk: DiskArgs,
+    /// Supervised until the agent exits (see [`EXIT_TASK`]).
+    background: Background,
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -161,6 +171,7 @@ async fn run(args: Args) -> ExitCode {
     };
     // The admin port answers /healthz at once and /readyz after recovery.
     let metrics = Metrics::new();
+    let mut background = Background::new();
     let admin_listener = match tokio::net::TcpListener::bind(admin_listen).await {
         Ok(l) => l,
         Err(err) => {
@@ -173,7 +184,7 @@ async fn run(args: Args) -> ExitCode {
             capsule_labels: admin.metrics_capsule_labels,
             ..metrics::admin::AdminState::new(metrics.clone())
         };
-        tokio::spawn(async move {
+        background.spawn(async move {
             if let Err(err) =
                 metrics::admin::serve(admin_listener, state, std::future::pending()).await
             {
@@ -182,13 +193,18 @@ async fn run(args: Args) -> ExitCode {
                     "admin server failed"
                 );
             }
+            "admin server"
         });
     }
-    tokio::spawn(metrics::sampler::run(
+    let sampler = metrics::sampler::run(
         metrics.clone(),
         metrics::sampler::SamplerConfig::default(),
         std::future::pending(),
-    ));
+    );
+    background.spawn(async move {
+        sampler.await;
+        "metrics sampler"
+    });
     let cgroups = match CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &cgroup_parent) {
         Ok(c) => c,
         Err(err) => {
@@ -289,6 +305,7 @@ async fn run(args: Args) -> ExitCode {
         cgroups,
         vmm_cap,
         metrics,
+        background,
     };
     // Every VMM sees only its own files: see `HostPaths::confined`.
     let paths = HostPaths::confined(
@@ -338,6 +355,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         metrics,
         templates,
         disk,
+        mut background,
     } = common;
     let store_cfg = StorageConfig::new(state_dir.join("disks"));
     let store =
@@ -444,12 +462,16 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         }
     };
     // A guest flooding its console, or a VMM its log, fills no disk.
-    tokio::spawn(wrenn_node_agent::vmm::logs::run(
+    let logs = wrenn_node_agent::vmm::logs::run(
         wrenn_node_agent::capsule::Layout::new(&state_dir).vmm_root(),
         disk.vmm_log_max_bytes,
         wrenn_node_agent::vmm::logs::SWEEP_EVERY,
         std::future::pending(),
-    ));
+    );
+    background.spawn(async move {
+        logs.await;
+        "VMM log sweeper"
+    });
     let activity_file = state_dir.join("activity.json");
     let service = AgentService::new(
         AgentIdentity {
@@ -477,7 +499,20 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         // Ends open WatchEvents streams, so the graceful stop completes.
         sup.shutdown();
     };
-    let res = server::serve_with(listener, tls, service, shutdown).await;
+    // A background task that ends (they run until the process exits) or
+    // panics stops the agent: the kubelet restarts it, and capsules keep
+    // running meanwhile.
+    let res = tokio::select! {
+        res = server::serve_with(listener, tls, service, shutdown) => res,
+        Some(ended) = background.join_next() => {
+            match ended {
+                Ok(task) => tracing::error!(task, "background task ended; exiting"),
+                Err(err) => tracing::error!(error = &err as &dyn std::error::Error, "background task panicked; exiting"),
+            }
+            supervisor.shutdown();
+            return ExitCode::from(EXIT_TASK);
+        }
+    };
     supervisor.shutdown();
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -245,7 +245,7 @@ fn build_surroundings(bed: &NetBed, pod_ns: &Path, dnat_table: &Table) {
         nl.move_link("podpeer", &std::fs::File::open(&pod_ns_path)?)?;
         nl.add_addr(POD_LINK, POD_GATEWAY, 24)?;
         nl.set_up(POD_LINK, None, None)?;
-        nl.load_table(dnat_table)
+        wrenn_node_agent::network::nft::load_table(nl, dnat_table)
     })
     .unwrap()
     .unwrap();

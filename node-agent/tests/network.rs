@@ -318,18 +318,21 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     .unwrap();
     in_ns(&bed.node, |nl| {
         nl.add_veth(&ours("stale2"), "stalepeer")?;
-        nl.load_table(&Table {
-            family: Family::Ip,
-            name: ours("old"),
-            chains: vec![Chain {
-                name: "input",
-                kind: ChainKind::Filter,
-                hook: Hook::Input,
-                priority: 0,
-                policy: Verdict::Accept,
-                rules: vec![],
-            }],
-        })
+        wrenn_node_agent::network::nft::load_table(
+            nl,
+            &Table {
+                family: Family::Ip,
+                name: ours("old"),
+                chains: vec![Chain {
+                    name: "input",
+                    kind: ChainKind::Filter,
+                    hook: Hook::Input,
+                    priority: 0,
+                    policy: Verdict::Accept,
+                    rules: vec![],
+                }],
+            },
+        )
     })
     .unwrap();
 

@@ -20,9 +20,9 @@ use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, Host, HostFigures, Resources, State, Supervisor,
     SupervisorConfig, TemplateDisk,
 };
+use wrenn_node_agent::capsule::{OrphanSweep, RecoveryReport};
 use wrenn_node_agent::metrics::sampler;
 use wrenn_node_agent::network::{CapsuleId as NetId, EgressPolicy, LinuxNet, NetOps};
-use wrenn_node_agent::state::{OrphanSweep, RecoveryReport};
 use wrenn_node_agent::storage::{BlockStore, DiskRequest, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::cgroup::{CgroupRoot, CgroupVersion};
 use wrenn_node_agent::vmm::process::{

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
-use wrenn_node_agent::sys::process::recv_with_fds;
+use wrenn_node_agent::sys::fd_passing::recv_with_fds;
 use wrenn_node_agent::vmm::Error;
 use wrenn_node_agent::vmm::ch::api::{
     Action, MemoryRestoreMode, RestoreConfig, RestoredNetFds, VmSpec, VmState, build_tap_fd_net,

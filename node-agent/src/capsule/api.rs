@@ -6,7 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use super::{
-    CapsuleSpec, CapsuleView, Egress, Error, PrepareRequest, State, TemplateStatus, Watch,
+    CapsuleSpec, CapsuleView, Egress, Error, PrepareRequest, SnapshotInfo, State, TemplateStatus,
+    Watch,
 };
 use crate::vmm::BackendInfo;
 
@@ -15,23 +16,6 @@ pub type ApiFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send
 
 /// A watch: backlog then live events.
 pub type EventStream = Watch;
-
-/// A named snapshot on the node.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SnapshotInfo {
-    /// Snapshot id.
-    pub id: String,
-    /// Capsule it came from.
-    pub capsule_uid: String,
-    /// Bytes on disk.
-    pub size_bytes: u64,
-    /// Created at (unix nanos).
-    pub created_unix_nanos: i64,
-    /// Whether memory is included.
-    pub memory: bool,
-    /// vCPUs, RAM and disk of the source.
-    pub resources: super::Resources,
-}
 
 /// What the server may ask of the supervisor.
 pub trait CapsuleApi: Send + Sync + std::fmt::Debug {

@@ -1,10 +1,24 @@
-//! Per-capsule lifecycle: the state machine, the step executor over
-//! [`Machine`](crate::vmm::Machine), [`NetOps`](crate::network::NetOps) and
-//! [`BlockStore`](crate::storage::BlockStore), and the event bus behind
-//! `WatchEvents`. The journal and restart recovery live in `crate::state`;
-//! the gRPC edge (validation, proto conversion) in `crate::server`. What
-//! the supervisor reports to `crate::metrics` (a sample source per capsule
-//! whose VMM exists, step timings, error classes) is in `telemetry`.
+//! Per-capsule lifecycle over [`Machine`](crate::vmm::Machine),
+//! [`NetOps`](crate::network::NetOps) and
+//! [`BlockStore`](crate::storage::BlockStore). The journal and the on-disk
+//! layout live in `crate::state`; the gRPC edge (validation, proto
+//! conversion) in `crate::server`.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `supervisor` | [`Supervisor`], the public API: checks a request, takes the capsule's lock, runs its steps in a task of its own |
+//! | `registry` | the map of capsules (each an entry behind its own lock) and their supervised background tasks |
+//! | `record` | the journaled [`Record`] and the pure helpers that note errors on it |
+//! | `steps` | one file per operation over the step context; every side effect journaled first |
+//! | `recovery` | start-up recovery: a pure `plan_recovery` per journal, the executor, the orphan sweep |
+//! | `templates` | `PrepareTemplate`: ready records, warm builds through the supervisor's `BuildVms` API |
+//! | `model`, `config`, `ids`, `files` | domain types, settings, host ids of a UID, file work of images and snapshots |
+//! | `events`, `api`, `cmdline` | the `WatchEvents` bus, the type-erased API the server uses, kernel command lines |
+//!
+//! Imports run one way: `supervisor` → (`recovery`, `templates`, `steps`);
+//! `recovery` → `steps` → (`registry`, `record`, `files`, `ids`, `model`).
+//! `templates` reaches its build VMs through the `BuildVms` trait the
+//! supervisor implements, so it never imports the supervisor.
 //!
 //! States and the operations legal in each:
 //!
@@ -16,11 +30,9 @@
 //! any ──> Deleting ──> gone ;  VMM crash ──> Failed ; guest poweroff ──> Stopped
 //! ```
 //!
-//! `PrepareTemplate` lives in `prepare` (phases, idempotency, ready
-//! records) and [`warm`] (the build steps): a warm template's build VM is
-//! an *internal* capsule, made and removed by the same steps and journal
-//! as any other, but never shown by get, list, events or metrics, and
-//! removed rather than adopted by recovery.
+//! A warm template's build VM is an *internal* capsule, made and removed by
+//! the same steps and journal as any other, but never shown by get, list,
+//! events or metrics, and removed rather than adopted by recovery.
 //!
 //! Every operation on one capsule holds that capsule's lock for its whole
 //! run, so a pause and a delete can never interleave; a delete first raises
@@ -28,27 +40,33 @@
 //! and rolls back.
 
 mod api;
-mod bases;
 pub mod cmdline;
-mod egress;
+mod config;
 mod events;
+mod files;
+mod ids;
 mod model;
-mod prepare;
-mod sources;
-pub(crate) mod supervisor;
-mod telemetry;
+mod plan;
+mod record;
+mod recovery;
+mod registry;
+mod steps;
+mod supervisor;
+pub mod templates;
 #[cfg(test)]
 mod tests;
-pub mod warm;
 
-pub use api::{CapsuleApi, EventStream, SnapshotInfo};
+pub use crate::state::Layout;
+pub use api::{CapsuleApi, EventStream};
+pub use config::{GuestSettings, Host, HostFigures, SupervisorConfig};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, RECORD_VERSION, Record,
-    Resources, State, TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Resources, SnapshotInfo,
+    State, TemplateDisk,
 };
-pub use prepare::{
+pub use record::{RECORD_VERSION, Record};
+pub use recovery::{OrphanReport, OrphanSweep, RecoveryReport};
+pub use supervisor::Supervisor;
+pub use templates::{
     PrepareRequest, Readiness, TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
 };
-pub use supervisor::{GuestSettings, Host, Layout, Supervisor, SupervisorConfig};
-pub use telemetry::HostFigures;

@@ -1,6 +1,6 @@
 //! Domain types of a capsule: what was asked for ([`CapsuleSpec`]), where it
-//! stands ([`State`]), what the journal records ([`Record`]) and what
-//! readers see ([`CapsuleView`]). No I/O here.
+//! stands ([`State`]) and what readers see ([`CapsuleView`]); the journal's
+//! record is in `record`. No I/O here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::GuestToken;
-use crate::vmm::{BackendInfo, MachineHandle};
+use crate::vmm::BackendInfo;
 
 /// Where a capsule's root disk comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,111 +161,21 @@ impl std::fmt::Display for State {
     }
 }
 
-/// A capsule's journal entry: written before every side effect, so each
-/// field says what *may* exist on the node.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    /// Format version.
-    pub version: u32,
-    /// Capsule UID.
-    pub uid: String,
-    /// The spec it was created with.
-    pub spec: CapsuleSpec,
-    /// Current (or in-progress) state.
-    pub state: State,
-    /// The state to return to when an in-progress step
-    /// (suspending, snapshotting) is undone.
-    pub prior: Option<State>,
-    /// A disk may exist.
-    pub disk: bool,
-    /// The disk's path once made.
-    pub disk_path: Option<PathBuf>,
-    /// The read-only image the disk is made over, once resolved: the
-    /// template's rootfs, a built OCI template, or a snapshot's disk. Kept
-    /// so a restore after suspend or restart uses the same base without
-    /// resolving (or building) it again.
-    #[serde(default)]
-    pub base_image: Option<PathBuf>,
-    /// A network (or at least a slot claim) may exist.
-    pub network: bool,
-    /// The node's address of the guest.
-    pub ip: Option<String>,
-    /// The slot.
-    pub slot: Option<u32>,
-    /// A VMM may be starting (launch or restore under way).
-    pub vm_starting: bool,
-    /// The running VM.
-    pub vm: Option<MachineHandle>,
-    /// The suspend image is complete in the capsule's `suspend/` dir.
-    pub suspended_image: bool,
-    /// A named snapshot being written (its staging dir may exist).
-    pub snapshot_in_progress: Option<String>,
-    /// When the guest started (unix nanos).
-    pub started_unix_nanos: i64,
-    /// Last error or why Failed.
-    pub message: String,
-    /// CamelCase reason for `message`.
-    pub reason: String,
-    /// A warm template's build VM: hidden from list, get, events and
-    /// metrics, and removed (never adopted) by recovery.
-    #[serde(default)]
-    pub internal: bool,
-    /// The capsule's network namespace once made.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-    /// The token its guest agent requires (sent on every `Init`);
-    /// journaled before the first `Init` so a restarted agent still
-    /// reaches the guest. `None` only in records of older agents.
-    #[serde(default)]
-    pub guest_token: Option<GuestToken>,
-}
-
-/// Current journal format.
-pub const RECORD_VERSION: u32 = 1;
-
-impl Record {
-    /// A fresh record for a create.
-    pub fn new(uid: &str, spec: &CapsuleSpec) -> Self {
-        Self {
-            version: RECORD_VERSION,
-            uid: uid.to_string(),
-            spec: spec.clone(),
-            state: State::Creating,
-            prior: None,
-            disk: false,
-            disk_path: None,
-            base_image: None,
-            network: false,
-            ip: None,
-            slot: None,
-            vm_starting: false,
-            vm: None,
-            suspended_image: false,
-            snapshot_in_progress: None,
-            started_unix_nanos: 0,
-            message: String::new(),
-            reason: String::new(),
-            internal: false,
-            netns: None,
-            guest_token: None,
-        }
-    }
-
-    /// What readers see.
-    pub fn view(&self, vmm: &BackendInfo) -> CapsuleView {
-        CapsuleView {
-            uid: self.uid.clone(),
-            spec: self.spec.clone(),
-            state: self.state,
-            ip: self.ip.clone().unwrap_or_default(),
-            vmm: vmm.clone(),
-            started_unix_nanos: self.started_unix_nanos,
-            message: self.message.clone(),
-            reason: self.reason.clone(),
-            vsock_socket: self.vm.as_ref().map(|v| v.vsock_socket.clone()),
-            guest_token: self.guest_token.clone(),
-        }
-    }
+/// A named snapshot on the node.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    /// Snapshot id.
+    pub id: String,
+    /// Capsule it came from.
+    pub capsule_uid: String,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Created at (unix nanos).
+    pub created_unix_nanos: i64,
+    /// Whether memory is included.
+    pub memory: bool,
+    /// vCPUs, RAM and disk of the source.
+    pub resources: Resources,
 }
 
 /// A capsule as `Get`/`List`/events show it.
@@ -556,13 +466,5 @@ mod tests {
         assert_eq!(a.first_difference(&b), Some("resources"));
         b.egress = Egress::Deny;
         assert_eq!(a.first_difference(&b), Some("resources"));
-    }
-
-    #[test]
-    fn record_round_trips_through_json() {
-        let r = Record::new("c1", &spec("a"));
-        let text = serde_json::to_string(&r).unwrap();
-        let back: Record = serde_json::from_str(&text).unwrap();
-        assert_eq!(back, r);
     }
 }

@@ -1,5 +1,7 @@
 //! Supervisor unit tests over the recording fakes: each asserts the state a
 //! user would see and the calls made to the host (what exists afterwards).
+//! One file over ~700 lines on purpose: the lifecycle scenarios share one
+//! bed and read as one spec; topic files live beside it in `tests/`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use std::time::Duration;
 use super::model::testing::spec;
 use super::*;
 use crate::network::{CapsuleId as NetId, FakeNet, NetCall, NetOps, Teardown};
-use crate::state::OrphanSweep;
+
 use crate::storage::{BlockStore, CapsuleId as DiskId, FakeBlockStore};
 use crate::vmm::{FAKE_IMAGE, FakeMachine, Machine, Step};
 
@@ -312,7 +314,7 @@ async fn crash_fails_the_capsule_and_poweroff_stops_it() {
     let b = Bed::new();
     create(&b, "c1").await;
     create(&b, "c2").await;
-    let mut w = b.sup.watch(b.sup.shared.bus.head());
+    let mut w = b.sup.watch(b.sup.events_head());
     b.machine.crash("c1");
     b.machine.poweroff("c2");
     let mut seen = Vec::new();
@@ -396,7 +398,7 @@ async fn snapshot_returns_to_the_prior_mode() {
 #[tokio::test]
 async fn events_resume_from_a_cursor_in_order() {
     let b = Bed::new();
-    let start = b.sup.shared.bus.head();
+    let start = b.sup.events_head();
     create(&b, "c1").await;
     b.sup.pause("c1").await.unwrap();
     b.sup.delete("c1").await.unwrap();

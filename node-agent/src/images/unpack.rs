@@ -838,7 +838,7 @@ impl Applier<'_> {
         if kind != T::Link {
             // Last: chown clears security.capability.
             for (name, value) in &xattrs {
-                crate::sys::block::set_xattr_nofollow(&abs, name, value).map_err(self.io(&raw))?;
+                crate::sys::xattr::set_xattr_nofollow(&abs, name, value).map_err(self.io(&raw))?;
             }
         }
         self.created.insert(rel);
@@ -1037,7 +1037,7 @@ mod tests {
         });
         apply_layer(root.path(), &layer[..], "l", &unbounded()).unwrap();
         let tool = root.path().join("tool");
-        let get = |n| crate::sys::block::get_xattr_nofollow(&tool, n).unwrap();
+        let get = |n| crate::sys::xattr::get_xattr_nofollow(&tool, n).unwrap();
         assert_eq!(get("user.wrenn").as_deref(), Some(&b"yes"[..]));
         assert_eq!(get("security.selinux"), None);
     }

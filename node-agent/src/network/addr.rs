@@ -239,6 +239,13 @@ impl AddressPlan {
     }
 }
 
+/// A network as the kernel wrappers take it: first address and prefix.
+impl From<Cidr> for (Ipv4Addr, u8) {
+    fn from(c: Cidr) -> Self {
+        (c.addr, c.prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

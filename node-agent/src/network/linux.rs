@@ -390,7 +390,7 @@ impl LinuxNet {
         })?;
 
         self.check(capsule, SetupStep::LoadCapsuleTable)?;
-        nl.load_table(table).map_err(|source| Error::LoadTable {
+        super::nft::load_table(nl, table).map_err(|source| Error::LoadTable {
             table: table.name.clone(),
             netns: self.netns_path(capsule),
             source,
@@ -565,7 +565,7 @@ impl NetOps for LinuxNet {
             if nl.link_index(&self.cfg.uplink).ok().flatten().is_none() {
                 warn!(uplink = %self.cfg.uplink, "uplink not found; capsules have no egress until it appears");
             }
-            nl.load_table(&table).map_err(|source| Error::LoadTable {
+            super::nft::load_table(nl, &table).map_err(|source| Error::LoadTable {
                 table: table.name.clone(),
                 netns: netns.clone(),
                 source,
@@ -573,7 +573,7 @@ impl NetOps for LinuxNet {
             // A kernel without IPv6 has no IPv6 to keep from capsules.
             if self.cfg.proc_dir.join("sys/net/ipv6").exists() {
                 let v6 = build_node_table6(PREFIX);
-                nl.load_table(&v6).map_err(|source| Error::LoadTable {
+                super::nft::load_table(nl, &v6).map_err(|source| Error::LoadTable {
                     table: format!("ip6 {}", v6.name),
                     netns: netns.clone(),
                     source,
@@ -612,7 +612,7 @@ impl NetOps for LinuxNet {
             let table = self.capsule_table(addrs, policy);
             let netns = self.netns_path(capsule);
             in_ns(&netns, |nl| {
-                nl.load_table(&table).map_err(|source| Error::LoadTable {
+                super::nft::load_table(nl, &table).map_err(|source| Error::LoadTable {
                     table: table.name.clone(),
                     netns: netns.clone(),
                     source,
@@ -671,7 +671,7 @@ impl NetOps for LinuxNet {
         let flushed = in_ns(&netns, |nl| {
             // Loading replaces the table in one transaction: the old policy
             // holds until the new one does.
-            nl.load_table(&table).map_err(|source| Error::LoadTable {
+            super::nft::load_table(nl, &table).map_err(|source| Error::LoadTable {
                 table: table.name.clone(),
                 netns: netns.clone(),
                 source,

@@ -21,6 +21,7 @@ mod addr;
 mod fake;
 mod limits;
 mod linux;
+pub mod nft;
 mod ruleset;
 mod slots;
 
@@ -464,6 +465,18 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+}
+
+/// Opens and closes a TCP connection to `addr` from inside the capsule
+/// namespace at `netns`, within `timeout`: a readiness probe that reaches
+/// only that one address. Blocking (a thread of its own enters the
+/// namespace).
+pub fn probe_tcp(
+    netns: &std::path::Path,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    crate::sys::net::tcp_connect_in_netns(netns, addr, timeout)
 }
 
 #[cfg(test)]

@@ -193,6 +193,7 @@ pub(crate) fn not_yet(rpc: &str) -> Status {
 
 #[tonic::async_trait]
 impl NodeAgent for AgentService {
+    #[tracing::instrument(skip_all)]
     async fn node_info(
         &self,
         _: Request<pb::NodeInfoRequest>,
@@ -248,6 +249,7 @@ impl NodeAgent for AgentService {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn create_capsule(
         &self,
         req: Request<pb::CreateCapsuleRequest>,
@@ -266,6 +268,7 @@ impl NodeAgent for AgentService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn get_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
@@ -275,6 +278,7 @@ impl NodeAgent for AgentService {
         let view = self.capsules()?.get(&uid).map_err(|e| to_status(&e))?;
         Ok(Response::new(self.shown(&view)))
     }
+    #[tracing::instrument(skip_all)]
     async fn list_capsules(
         &self,
         _: Request<pb::ListCapsulesRequest>,
@@ -287,6 +291,7 @@ impl NodeAgent for AgentService {
             .collect();
         Ok(Response::new(pb::ListCapsulesResponse { capsules }))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn delete_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
@@ -301,6 +306,7 @@ impl NodeAgent for AgentService {
         self.activity.forget(&uid);
         Ok(Response::new(pb::DeleteCapsuleResponse { existed }))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn pause_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
@@ -314,6 +320,7 @@ impl NodeAgent for AgentService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn resume_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
@@ -327,6 +334,7 @@ impl NodeAgent for AgentService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn suspend_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
@@ -340,6 +348,7 @@ impl NodeAgent for AgentService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn update_network(
         &self,
         req: Request<pb::UpdateNetworkRequest>,
@@ -354,6 +363,7 @@ impl NodeAgent for AgentService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn snapshot_capsule(
         &self,
         req: Request<pb::SnapshotCapsuleRequest>,
@@ -380,6 +390,7 @@ impl NodeAgent for AgentService {
             cpu_model,
         )))
     }
+    #[tracing::instrument(skip_all, fields(snapshot = %req.get_ref().id))]
     async fn delete_snapshot(
         &self,
         req: Request<pb::SnapshotRef>,
@@ -394,6 +405,7 @@ impl NodeAgent for AgentService {
         Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn prepare_template(
         &self,
         req: Request<pb::PrepareTemplateRequest>,
@@ -412,6 +424,7 @@ impl NodeAgent for AgentService {
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;
+    #[tracing::instrument(skip_all)]
     async fn watch_events(
         &self,
         req: Request<pb::WatchEventsRequest>,
@@ -444,6 +457,7 @@ impl NodeAgent for AgentService {
             stop,
         ))))
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn get_metrics(
         &self,
         req: Request<pb::GetMetricsRequest>,
@@ -461,6 +475,7 @@ impl NodeAgent for AgentService {
     }
 
     type ExecStream = BoxStream<gpb::ExecOutput>;
+    #[tracing::instrument(skip_all)]
     async fn exec(
         &self,
         req: Request<Streaming<pb::ExecInput>>,
@@ -468,6 +483,7 @@ impl NodeAgent for AgentService {
         dataplane::exec(self, req).await
     }
     type PtyStream = BoxStream<gpb::PtyOutput>;
+    #[tracing::instrument(skip_all)]
     async fn pty(
         &self,
         req: Request<Streaming<pb::PtyInput>>,
@@ -475,24 +491,28 @@ impl NodeAgent for AgentService {
         dataplane::pty(self, req).await
     }
     type ReadFileStream = BoxStream<gpb::FileChunk>;
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn read_file(
         &self,
         req: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         dataplane::read_file(self, req).await
     }
+    #[tracing::instrument(skip_all)]
     async fn write_file(
         &self,
         req: Request<Streaming<pb::WriteFileInput>>,
     ) -> Result<Response<gpb::FileInfo>, Status> {
         dataplane::write_file(self, req).await
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn list_dir(
         &self,
         req: Request<pb::PathRequest>,
     ) -> Result<Response<gpb::ListDirResponse>, Status> {
         dataplane::list_dir(self, req).await
     }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<gpb::FileInfo>, Status> {
         dataplane::stat(self, req).await
     }

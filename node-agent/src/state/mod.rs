@@ -1,18 +1,17 @@
-//! What survives an agent restart: the per-capsule journal ([`Journal`])
-//! and the recovery run at start-up ([`recovery`]), which adopts live VMMs,
-//! restores the view of paused and suspended capsules, finishes or undoes
-//! steps a crash interrupted, and removes every orphan on the node; and
-//! the capsules it must not touch ([`quarantine`]).
+//! What survives an agent restart: the per-capsule journal ([`Journal`]),
+//! where things live under the state directory ([`Layout`]), and the
+//! verdict on journals recovery must not touch ([`quarantine`]). Recovery
+//! itself, which reads them back, is `crate::capsule`'s.
 
 mod journal;
+mod layout;
 pub mod quarantine;
-pub mod recovery;
 
 use std::path::{Path, PathBuf};
 
 pub use journal::{JOURNAL_FILE, Journal, sync_dir};
+pub use layout::Layout;
 pub use quarantine::{Quarantine, QuarantineReason, Quarantined};
-pub use recovery::{OrphanReport, OrphanSweep, RecoveryReport};
 
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]

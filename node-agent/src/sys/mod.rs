@@ -4,5 +4,7 @@
 
 pub mod beneath;
 pub mod block;
+pub mod fd_passing;
 pub mod net;
 pub mod process;
+pub mod xattr;

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::network_env::Bed as NetBed;
+use wrenn_node_agent::capsule::OrphanSweep;
 use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::guest::Timeouts;
-use wrenn_node_agent::state::OrphanSweep;
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::cgroup::CgroupRoot;
 use wrenn_node_agent::vmm::process::HostPaths;

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use super::*;
-use crate::capsule::warm::{self, BuildGuest, BuildVm, GuestFuture, START_LOG};
+use crate::capsule::templates::{self as warm, BuildGuest, BuildVm, GuestFuture, START_LOG};
 use crate::storage::Qcow2Store;
 
 /// A guest whose readiness the test controls: probes wait while held, then
@@ -51,14 +51,14 @@ impl BuildGuest for FakeGuest {
         vm: &'a BuildVm,
         argv: &'a [String],
         log_path: &'a str,
-    ) -> GuestFuture<'a, Result<u32, warm::Error>> {
+    ) -> GuestFuture<'a, Result<u32, warm::GuestError>> {
         Box::pin(async move {
             self.starts
                 .lock()
                 .unwrap()
                 .push((vm.clone(), argv.to_vec(), log_path.to_string()));
             if self.fail_start.load(Ordering::SeqCst) {
-                return Err(warm::Error::Guest {
+                return Err(warm::GuestError::Guest {
                     action: "start the start command",
                     uid: vm.uid.clone(),
                     source: Box::new(crate::guest::Error::Call {
@@ -77,7 +77,7 @@ impl BuildGuest for FakeGuest {
         _vm: &'a BuildVm,
         _readiness: &'a Readiness,
         _within: Duration,
-    ) -> GuestFuture<'a, Result<(), warm::Error>> {
+    ) -> GuestFuture<'a, Result<(), warm::GuestError>> {
         Box::pin(async move {
             self.probing.fetch_add(1, Ordering::SeqCst);
             let mut rx = self.release.subscribe();
@@ -86,7 +86,7 @@ impl BuildGuest for FakeGuest {
             if n >= self.ready_after.load(Ordering::SeqCst) {
                 Ok(())
             } else {
-                Err(warm::Error::ProbeExit {
+                Err(warm::GuestError::ProbeExit {
                     argv: vec!["check".into()],
                     how: "code 7".into(),
                     tail: format!("attempt {n}: not yet"),

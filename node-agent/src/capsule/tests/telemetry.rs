@@ -313,17 +313,17 @@ async fn source_with_guest(
     uid: &str,
     within: Duration,
 ) -> (
-    super::super::telemetry::CapsuleSource<FakeMachine>,
+    super::super::steps::telemetry::CapsuleSource<FakeMachine>,
     std::path::PathBuf,
 ) {
-    let entry = b.sup.shared.lock_map().get(uid).cloned().unwrap();
-    let rec = entry.lock.lock().await.clone().unwrap();
+    let entry = b.sup.entry(uid, false).unwrap();
+    let rec = entry.lock().await.clone().unwrap();
     let socket = rec.vm.as_ref().unwrap().vsock_socket.clone();
     let guest = GuestSettings {
         sample_within: within,
         ..GuestSettings::default()
     };
-    let source = b.sup.shared.source(&entry, &rec, Some(guest)).unwrap();
+    let source = b.sup.ctx().source(&entry, &rec, Some(guest)).unwrap();
     (source, socket)
 }
 

@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 
 use super::api::Method;
 use super::error::ApiError;
-use crate::sys::process::send_with_fds;
+use crate::sys::fd_passing::send_with_fds;
 
 /// Responses larger than this are refused (CH's own request limit is 4 MiB;
 /// `vm.info` of a large VM stays far below).

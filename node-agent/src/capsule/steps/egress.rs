@@ -3,34 +3,21 @@
 //! is swapped in one transaction; readers (and so the operator) see the new
 //! policy only once it holds. A failed swap journals the old policy back.
 //! An agent that dies between the two steps finds the new policy in the
-//! journal, and recovery applies it ([`Shared::reapply_egress`]).
+//! journal, and recovery applies it ([`Ctx::reapply_egress`]).
 
-use super::model::{CapsuleView, Egress, Error, Record, State};
-use super::supervisor::{Entry, Shared, Supervisor, blocking, net_id, note, policy, wrong};
+use super::Ctx;
+use crate::capsule::files::blocking;
+use crate::capsule::ids::{net_id, policy};
+use crate::capsule::model::{Egress, Error, State};
+use crate::capsule::plan::{Decision, Op, plan_op};
+use crate::capsule::record::Record;
+use crate::capsule::record::{note, wrong};
+use crate::capsule::registry::Entry;
 use crate::vmm::Machine;
 
-impl<M: Machine + 'static> Supervisor<M> {
-    /// Replaces `uid`'s egress policy. Running or paused: applied at once;
-    /// suspended, failed or stopped (no network exists): recorded, applied
-    /// when the network is made again. The same policy: no-op.
-    pub async fn update_network(&self, uid: &str, egress: Egress) -> Result<CapsuleView, Error> {
-        policy(&egress)?;
-        self.run(
-            uid,
-            "update network",
-            false,
-            move |shared, entry, mut rec| async move {
-                let res = shared.update_egress(&entry, &mut rec, egress).await;
-                let view = entry.view();
-                (Some(rec), res.map(|()| view))
-            },
-        )
-        .await
-    }
-}
-
-impl<M: Machine + 'static> Shared<M> {
-    async fn update_egress(
+impl<M: Machine + 'static> Ctx<M> {
+    #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "update_egress"))]
+    pub(crate) async fn update_egress(
         &self,
         entry: &Entry,
         rec: &mut Record,
@@ -39,10 +26,11 @@ impl<M: Machine + 'static> Shared<M> {
         if rec.spec.egress == egress {
             return Ok(());
         }
-        let live = match rec.state {
-            State::Running | State::Paused => true,
-            State::Suspended | State::Failed | State::Stopped => false,
-            other => return Err(wrong(&rec.uid, other, "wait until it settles")),
+        let live = match plan_op(Op::UpdateEgress, rec.state) {
+            Decision::ApplyEgress => true,
+            Decision::RecordEgress => false,
+            Decision::Refuse(hint) => return Err(wrong(&rec.uid, rec.state, hint)),
+            _ => return Err(wrong(&rec.uid, rec.state, "wait until it settles")),
         };
         let old = std::mem::replace(&mut rec.spec.egress, egress);
         // Journaled before the swap, but not shown: until the table is
@@ -62,7 +50,7 @@ impl<M: Machine + 'static> Shared<M> {
     }
 
     /// Loads `rec`'s journaled policy into its capsule table.
-    async fn apply_egress(&self, rec: &Record) -> Result<(), Error> {
+    pub(crate) async fn apply_egress(&self, rec: &Record) -> Result<(), Error> {
         let pol = policy(&rec.spec.egress)?;
         let net = self.host.net.clone();
         let uid = rec.uid.clone();
@@ -92,7 +80,7 @@ impl<M: Machine + 'static> Shared<M> {
         }
     }
 
-    fn journal_only(&self, rec: &Record) -> Result<(), Error> {
+    pub(crate) fn journal_only(&self, rec: &Record) -> Result<(), Error> {
         self.journal
             .write(&rec.uid, rec)
             .map_err(|source| Error::Journal {
@@ -106,9 +94,9 @@ impl<M: Machine + 'static> Shared<M> {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::model::testing::spec;
-    use super::super::{Host, Supervisor, SupervisorConfig};
     use super::*;
+    use crate::capsule::model::testing::spec;
+    use crate::capsule::{Host, Supervisor, SupervisorConfig};
     use crate::network::{CapsuleId as NetId, EgressPolicy, FakeNet, NetCall, SetupStep};
     use crate::storage::FakeBlockStore;
     use crate::vmm::FakeMachine;

@@ -16,7 +16,9 @@
 //! call starts over.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,11 +26,43 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
-use super::model::{Error, Resources};
-use super::supervisor::{Shared, Supervisor};
-use super::warm::{self, Failure};
-use crate::images::ImageSource;
-use crate::vmm::Machine;
+mod guest;
+mod warm;
+
+pub use guest::{AgentGuest, BuildGuest, BuildVm, Error as GuestError, GuestFuture};
+pub use warm::START_LOG;
+#[cfg(test)]
+pub(crate) use warm::build_uid;
+
+use super::model::{CapsuleSpec, CapsuleView, Error, Resources, SnapshotInfo};
+use crate::images::{ImageSource, TemplateBuilder};
+use crate::metrics::Metrics;
+use crate::state::Layout;
+use warm::Failure;
+
+/// A boxed future of [`BuildVms`].
+pub type VmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
+
+/// What a warm build asks of the supervisor that runs it: its build VM is
+/// an internal capsule (journaled and recovered like any other, but never
+/// shown by get, list, events or metrics). The supervisor implements it.
+pub trait BuildVms: Send + Sync {
+    /// Creates build VM `uid` running; its view and network namespace.
+    fn boot<'a>(
+        &'a self,
+        uid: &'a str,
+        spec: CapsuleSpec,
+    ) -> VmFuture<'a, (CapsuleView, Option<PathBuf>)>;
+    /// The build VM's latest view; `None` once it is gone.
+    fn view(&self, uid: &str) -> Option<CapsuleView>;
+    /// Snapshots the build VM with memory as `id`.
+    fn snapshot<'a>(&'a self, uid: &'a str, id: &'a str) -> VmFuture<'a, SnapshotInfo>;
+    /// Removes the build VM; `false` when it did not exist.
+    fn remove<'a>(&'a self, uid: &'a str) -> VmFuture<'a, bool>;
+}
+
+/// A template build, for the caller to run in the background.
+pub(crate) type BuildTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where a template's root disk comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,23 +172,56 @@ enum Slot {
 
 type BuildKey = (String, String);
 
-/// The builds of this node: in memory, plus the ready ones on disk.
+/// The builds of this node: in memory, plus the ready ones on disk, and
+/// what a build needs besides the build VM.
 #[derive(Debug)]
-pub(crate) struct Registry {
+pub(crate) struct Builds {
     dir: PathBuf,
     slots: Mutex<HashMap<BuildKey, Slot>>,
     /// One permit per warm build allowed to run.
-    pub(crate) warm_gate: Arc<Semaphore>,
+    warm_gate: Arc<Semaphore>,
+    /// Where snapshots live.
+    layout: Layout,
+    /// Builds template disks from OCI images (the cache a create uses).
+    images: Arc<TemplateBuilder>,
+    /// Counts failed builds.
+    metrics: Arc<Metrics>,
+    /// Pause between two readiness probes.
+    probe_every: Duration,
+    /// How a warm build starts and probes its guest.
+    guest: Arc<dyn BuildGuest>,
 }
 
-impl Registry {
-    /// A registry recording ready templates under `<state_dir>/templates`,
+/// What [`Builds::new`] takes.
+#[derive(Debug)]
+pub(crate) struct BuildSettings {
+    /// The agent's state directory.
+    pub(crate) state_dir: PathBuf,
+    /// Warm builds run at once.
+    pub(crate) warm_builds: usize,
+    /// Builds template disks from OCI images.
+    pub(crate) images: Arc<TemplateBuilder>,
+    /// Counts failed builds.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Pause between two readiness probes.
+    pub(crate) probe_every: Duration,
+    /// How a warm build starts and probes its guest.
+    pub(crate) guest: Arc<dyn BuildGuest>,
+}
+
+impl Builds {
+    /// Builds recording ready templates under `<state_dir>/templates`,
     /// running at most `warm_builds` warm builds at once.
-    pub(crate) fn new(state_dir: &Path, warm_builds: usize) -> Self {
+    pub(crate) fn new(s: BuildSettings) -> Self {
         Self {
-            dir: state_dir.join("templates"),
+            dir: s.state_dir.join("templates"),
             slots: Mutex::new(HashMap::new()),
-            warm_gate: Arc::new(Semaphore::new(warm_builds.max(1))),
+            warm_gate: Arc::new(Semaphore::new(s.warm_builds.max(1))),
+            layout: Layout::new(&s.state_dir),
+            images: s.images,
+            metrics: s.metrics,
+            probe_every: s.probe_every,
+            guest: s.guest,
         }
     }
 
@@ -232,30 +299,42 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
     s
 }
 
-impl<M: Machine + 'static> Shared<M> {
+impl Builds {
     /// Whether what `ready` names is still on the node (a snapshot may
     /// have been deleted since, an image cache cleared).
-    pub(crate) fn still_ready(&self, ready: &ReadyTemplate) -> bool {
+    fn still_ready(&self, ready: &ReadyTemplate) -> bool {
         ready.rootfs.is_file()
             && (ready.snapshot_id.is_empty()
-                || self.warm_snapshot_owner(&ready.snapshot_id).as_deref()
+                || self.snapshot_owner(&ready.snapshot_id).as_deref()
                     == Some(warm::build_uid(&ready.snapshot_id).as_str()))
     }
 
     /// Records the progress of a running build (shown as its message).
-    pub(crate) fn progress(&self, key: &BuildKey, doing: &str) {
-        let mut slots = self.templates.lock();
+    fn progress(&self, key: &BuildKey, doing: &str) {
+        let mut slots = self.lock();
         if let Some(slot @ Slot::Preparing(_)) = slots.get_mut(key) {
             *slot = Slot::Preparing(doing.to_string());
         }
     }
-}
 
-impl<M: Machine + 'static> Supervisor<M> {
-    /// Answers where the template of `req` stands, starting its build when
-    /// none ran or the last one failed. See the module docs.
-    pub async fn prepare_template(&self, req: PrepareRequest) -> Result<TemplateStatus, Error> {
-        let shared = self.shared.clone();
+    /// Which capsule wrote snapshot `id` (its metadata's `capsule_uid`);
+    /// `None` when no complete snapshot has that id.
+    fn snapshot_owner(&self, id: &str) -> Option<String> {
+        let meta = self.layout.snapshot_dir(id).join(Layout::SNAPSHOT_META);
+        let body = std::fs::read(meta).ok()?;
+        serde_json::from_slice::<SnapshotInfo>(&body)
+            .ok()
+            .map(|i| i.capsule_uid)
+    }
+
+    /// Answers where the template of `req` stands; when none ran or the
+    /// last one failed, also the build to run in the background (over
+    /// `vms`). See the module docs.
+    pub(crate) fn prepare(
+        self: &Arc<Self>,
+        vms: Arc<dyn BuildVms>,
+        req: PrepareRequest,
+    ) -> Result<(TemplateStatus, Option<BuildTask>), Error> {
         let snapshot_id = req
             .warm
             .as_ref()
@@ -267,43 +346,41 @@ impl<M: Machine + 'static> Supervisor<M> {
                 reason: format!("oci_reference: {e}"),
             })?;
         }
-        let registry = &shared.templates;
         {
-            let mut slots = registry.lock();
+            let mut slots = self.lock();
             match slots.get(&key) {
-                Some(slot @ Slot::Preparing(_)) => return Ok(status(&req.key, slot)),
-                Some(Slot::Ready(r)) if shared.still_ready(r) => {
-                    return Ok(status(&req.key, &Slot::Ready(r.clone())));
+                Some(slot @ Slot::Preparing(_)) => return Ok((status(&req.key, slot), None)),
+                Some(Slot::Ready(r)) if self.still_ready(r) => {
+                    return Ok((status(&req.key, &Slot::Ready(r.clone())), None));
                 }
-                Some(Slot::Ready(_)) => registry.forget_record(&key),
+                Some(Slot::Ready(_)) => self.forget_record(&key),
                 Some(slot @ Slot::Failed { .. }) if !req.retry => {
-                    return Ok(status(&req.key, slot));
+                    return Ok((status(&req.key, slot), None));
                 }
                 Some(Slot::Failed { .. }) => {}
                 None => {
-                    if let Some(r) = registry.read_record(&key) {
-                        if shared.still_ready(&r) {
+                    if let Some(r) = self.read_record(&key) {
+                        if self.still_ready(&r) {
                             let slot = Slot::Ready(r);
                             let st = status(&req.key, &slot);
                             slots.insert(key, slot);
-                            return Ok(st);
+                            return Ok((st, None));
                         }
-                        registry.forget_record(&key);
+                        self.forget_record(&key);
                     }
                 }
             }
             slots.insert(key.clone(), Slot::Preparing("queued".into()));
         }
         tracing::info!(template = %req.key, snapshot = %key.1, "preparing template");
-        let task_shared = shared.clone();
+        let builds = self.clone();
         let task_key = key.clone();
-        let task = tokio::spawn(async move {
-            let shared = task_shared;
+        let task: BuildTask = Box::pin(async move {
             let key = task_key;
-            let result = warm::build(&shared, &key, &req).await;
+            let result = warm::build(&builds, vms.as_ref(), &key, &req).await;
             let slot = match result {
                 Ok(ready) => {
-                    if let Err(e) = shared.templates.write_record(&key, &ready) {
+                    if let Err(e) = builds.write_record(&key, &ready) {
                         tracing::warn!(template = %key.0, error = &e as &dyn std::error::Error, "record a ready template");
                     }
                     tracing::info!(template = %key.0, snapshot = %key.1, "template ready");
@@ -311,24 +388,23 @@ impl<M: Machine + 'static> Supervisor<M> {
                 }
                 Err(f) => {
                     tracing::error!(template = %key.0, snapshot = %key.1, reason = f.reason, message = %f.message, "template build failed");
-                    shared.cfg.metrics.error("template");
+                    builds.metrics.error("template");
                     Slot::Failed { failure: f }
                 }
             };
-            shared.templates.lock().insert(key, slot);
+            builds.lock().insert(key, slot);
         });
-        shared.track(task.abort_handle());
-        Ok(status(&key.0, &Slot::Preparing("queued".into())))
+        Ok((
+            status(&key.0, &Slot::Preparing("queued".into())),
+            Some(task),
+        ))
     }
 
     /// Templates ready on this node: key → digest.
-    pub fn templates(&self) -> BTreeMap<String, String> {
-        let shared = &self.shared;
-        shared
-            .templates
-            .ready_on_disk()
+    pub(crate) fn ready(&self) -> BTreeMap<String, String> {
+        self.ready_on_disk()
             .into_iter()
-            .filter(|r| shared.still_ready(r))
+            .filter(|r| self.still_ready(r))
             .map(|r| (r.key, r.digest))
             .collect()
     }

@@ -10,23 +10,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::model::{Error, Record, State};
-use super::supervisor::{Entry, GuestSettings, Shared};
+use super::Ctx;
+use crate::capsule::config::GuestSettings;
+use crate::capsule::model::{Error, State};
+use crate::capsule::record::Record;
+use crate::capsule::registry::Entry;
 use crate::guest::{self, GuestClient};
 use crate::metrics::{self, Outcome, SampleSource, SourceFuture, Step};
 use crate::storage::{self, BlockStore};
-use crate::vmm::cgroup::{CapsuleCgroup, CgroupRoot};
+use crate::vmm::cgroup::CapsuleCgroup;
 use crate::vmm::{Machine, MachineHandle, NetCounters};
-
-/// Where the host side of each capsule is read: its cgroup (CPU) and its
-/// VMM processes' `status` (RSS).
-#[derive(Clone, Debug)]
-pub struct HostFigures {
-    /// `/proc`, or a test's stand-in.
-    pub proc_root: PathBuf,
-    /// The capsule cgroups' root, the one the VMM backend spawns into.
-    pub cgroups: CgroupRoot,
-}
 
 /// The figures of one capsule's current VMM. A new VMM (restore, adoption)
 /// gets a new source, so nothing here outlives the VMM it describes.
@@ -196,7 +189,7 @@ pub(crate) fn guest_memory_used(m: &wrenn_proto::guest::v1::GuestMetrics) -> Opt
     })
 }
 
-impl<M: Machine + 'static> Shared<M> {
+impl<M: Machine + 'static> Ctx<M> {
     /// Starts sampling `rec`'s VMM (after create, restore or adoption).
     /// History kept from an earlier VMM of the capsule continues.
     pub(crate) fn start_sampling(&self, entry: &Arc<Entry>, rec: &Record) {
@@ -210,7 +203,7 @@ impl<M: Machine + 'static> Shared<M> {
     }
 
     /// The source of `rec`'s VMM; `None` when it has none.
-    pub(super) fn source(
+    pub(crate) fn source(
         &self,
         entry: &Arc<Entry>,
         rec: &Record,
@@ -245,7 +238,7 @@ impl<M: Machine + 'static> Shared<M> {
     }
 }
 
-impl<M> Shared<M> {
+impl<M> Ctx<M> {
     /// Runs `work` as one `step`, recording its duration and outcome. A
     /// create cancelled by a delete is `cancelled`, not an error; a future
     /// dropped before the end records `cancelled` too.

@@ -12,43 +12,33 @@
 
 use std::path::{Path, PathBuf};
 
-use super::api::SnapshotInfo;
-use super::model::{BootSource, Error, Record};
-use super::supervisor::{Entry, Shared};
+use super::Ctx;
+use crate::capsule::model::SnapshotInfo;
+use crate::capsule::model::{BootSource, Error};
+use crate::capsule::record::Record;
+use crate::capsule::registry::Entry;
 use crate::images::ImageSource;
+use crate::state::Layout;
 use crate::vmm::Machine;
-
-/// File names inside a snapshot directory (written by `snapshot_steps`).
-pub(crate) const SNAPSHOT_META: &str = "snapshot.json";
-/// The snapshot's copy of a raw capsule disk (a dm-snapshot device).
-pub(crate) const SNAPSHOT_DISK: &str = "disk.img";
-/// The snapshot's copy of a qcow2 overlay. The name tells the store the
-/// format; it is never guessed from content (see `storage::qcow2`).
-pub(crate) const SNAPSHOT_DISK_QCOW2: &str = "disk.qcow2";
-/// The snapshot's VM state (empty for a disk-only snapshot).
-pub(crate) const SNAPSHOT_MEMORY: &str = "memory";
-/// The guest token held in that memory (mode 0600): a capsule restored
-/// from it authorizes its first `Init` with this and sets its own.
-pub(crate) const SNAPSHOT_GUEST_TOKEN: &str = "guest.token";
 
 /// The name a copy of the capsule disk at `disk` gets in a snapshot.
 pub(crate) fn snapshot_disk_name(disk: &Path) -> &'static str {
     if disk.extension().is_some_and(|e| e == "qcow2") {
-        SNAPSHOT_DISK_QCOW2
+        Layout::SNAPSHOT_DISK_QCOW2
     } else {
-        SNAPSHOT_DISK
+        Layout::SNAPSHOT_DISK
     }
 }
 
 /// The disk file of the snapshot in `dir`, if it has one.
 fn snapshot_disk(dir: &Path) -> Option<PathBuf> {
-    [SNAPSHOT_DISK, SNAPSHOT_DISK_QCOW2]
+    [Layout::SNAPSHOT_DISK, Layout::SNAPSHOT_DISK_QCOW2]
         .iter()
         .map(|n| dir.join(n))
         .find(|p| p.is_file())
 }
 
-impl<M: Machine + 'static> Shared<M> {
+impl<M: Machine + 'static> Ctx<M> {
     /// The metadata and disk of snapshot `id`, checked to be able to start
     /// `rec` on this node.
     pub(crate) fn read_snapshot(
@@ -57,7 +47,7 @@ impl<M: Machine + 'static> Shared<M> {
         id: &str,
     ) -> Result<(SnapshotInfo, PathBuf), Error> {
         let dir = self.layout.snapshot_dir(id);
-        let meta = dir.join(SNAPSHOT_META);
+        let meta = dir.join(Layout::SNAPSHOT_META);
         let body = match std::fs::read(&meta) {
             Ok(b) => b,
             // An absent directory and one whose write never completed
@@ -86,7 +76,7 @@ impl<M: Machine + 'static> Shared<M> {
         let Some(disk) = snapshot_disk(&dir) else {
             return Err(unusable("it holds no disk".into()));
         };
-        if disk.ends_with(SNAPSHOT_DISK_QCOW2)
+        if disk.ends_with(Layout::SNAPSHOT_DISK_QCOW2)
             && self.host.store.backend() != crate::storage::Backend::Qcow2
         {
             return Err(unusable(format!(
@@ -112,7 +102,10 @@ impl<M: Machine + 'static> Shared<M> {
     /// disk-only snapshot or one taken before tokens were kept (the guest
     /// then refuses the re-key, and the create fails saying so).
     pub(crate) fn snapshot_guest_token(&self, id: &str) -> Option<crate::guest::GuestToken> {
-        let path = self.layout.snapshot_dir(id).join(SNAPSHOT_GUEST_TOKEN);
+        let path = self
+            .layout
+            .snapshot_dir(id)
+            .join(Layout::SNAPSHOT_GUEST_TOKEN);
         std::fs::read_to_string(path)
             .ok()
             .map(|s| crate::guest::GuestToken::from_stored(&s))
@@ -127,12 +120,13 @@ impl<M: Machine + 'static> Shared<M> {
         let (info, _) = self.read_snapshot(rec, id)?;
         Ok(info
             .memory
-            .then(|| self.layout.snapshot_dir(id).join(SNAPSHOT_MEMORY)))
+            .then(|| self.layout.snapshot_dir(id).join(Layout::SNAPSHOT_MEMORY)))
     }
 
     /// Resolves (and, for an image, builds) the base image of `rec`'s disk
     /// and journals it before the disk is made over it. A base resolved
     /// once is kept: a later restore must not build or look it up again.
+    #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "ensure_base"))]
     pub(crate) async fn ensure_base(
         &self,
         entry: &Entry,

@@ -15,18 +15,20 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::model::{Error, Record};
-use super::supervisor::Shared;
+use super::Ctx;
+use crate::capsule::model::Error;
+use crate::capsule::record::Record;
+use crate::state::Layout;
 use crate::vmm::Machine;
 
 /// Backing chains longer than this are not followed (a loop, or garbage).
 const MAX_CHAIN: usize = 64;
 
-impl<M: Machine + 'static> Shared<M> {
+impl<M: Machine + 'static> Ctx<M> {
     /// A hard link to snapshot `id`'s disk `disk` among the bases, under
     /// the same file name (the name tells the store its format). Where a
     /// link cannot be made (another filesystem) the snapshot's own path is
-    /// used. Callers hold [`Shared::bases`] until the record naming the
+    /// used. Callers hold the bases lock until the record naming the
     /// link is journaled, so a collection in between cannot take it.
     pub(crate) fn pin_base(&self, uid: &str, id: &str, disk: &Path) -> Result<PathBuf, Error> {
         use std::os::unix::fs::MetadataExt as _;
@@ -87,7 +89,7 @@ impl<M: Machine + 'static> Shared<M> {
 
     /// The base directories reached from capsule records and snapshots;
     /// `None` when a journal is unreadable.
-    fn used_bases(&self, root: &Path) -> Option<BTreeSet<PathBuf>> {
+    pub(crate) fn used_bases(&self, root: &Path) -> Option<BTreeSet<PathBuf>> {
         let used = self
             .reached_disks()?
             .into_iter()
@@ -101,7 +103,7 @@ impl<M: Machine + 'static> Shared<M> {
 
     /// Every disk a capsule record or a snapshot names, and every file
     /// their backing chains reach; `None` when a journal is unreadable.
-    fn reached_disks(&self) -> Option<Vec<PathBuf>> {
+    pub(crate) fn reached_disks(&self) -> Option<Vec<PathBuf>> {
         let mut starts = Vec::new();
         for (_, rec) in self.journal.list::<Record>().ok()? {
             let rec = rec.ok()?;
@@ -112,10 +114,7 @@ impl<M: Machine + 'static> Shared<M> {
         // taken.
         let snapshots = std::fs::read_dir(self.layout.snapshots_root());
         for snap in snapshots.into_iter().flatten().flatten() {
-            for name in [
-                super::sources::SNAPSHOT_DISK,
-                super::sources::SNAPSHOT_DISK_QCOW2,
-            ] {
+            for name in [Layout::SNAPSHOT_DISK, Layout::SNAPSHOT_DISK_QCOW2] {
                 starts.push(snap.path().join(name));
             }
         }
@@ -139,7 +138,7 @@ impl<M: Machine + 'static> Shared<M> {
 
 /// The image cache keeps every template disk a capsule or snapshot
 /// reaches.
-impl<M: Machine + 'static> crate::images::CacheUsers for Shared<M> {
+impl<M: Machine + 'static> crate::images::CacheUsers for Ctx<M> {
     fn in_use(&self) -> Option<Vec<PathBuf>> {
         self.reached_disks()
     }

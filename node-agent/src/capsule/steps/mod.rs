@@ -1,0 +1,183 @@
+//! The steps that move one capsule between states, one file per
+//! operation, over [`Ctx`]: the host capabilities, the settings, the
+//! journal and the view of each capsule. Every step runs under its
+//! capsule's lock (taken by `super::supervisor`), journals before each side
+//! effect (`commit`, or `journal_only` where the view must wait) and undoes
+//! what it did when a later step fails.
+//!
+//! | file | operation |
+//! |---|---|
+//! | `create` | create (boot or restore from a snapshot), rollback |
+//! | `provision` | base image, disk and network; the machine spec |
+//! | `sources`, `bases` | where a disk comes from; snapshot disks kept while used |
+//! | `guest` | reaching the guest agent and `Init` |
+//! | `pause` | pause, resume of a paused VM, freeze/thaw |
+//! | `suspend`, `restore` | suspend to the node, resume from it |
+//! | `snapshot` | named snapshots |
+//! | `egress` | live egress policy changes |
+//! | `release` | undo and delete |
+//! | `watch` | the crash watcher |
+//! | `telemetry` | sample sources and step timings for `crate::metrics` |
+//!
+//! `Ctx`'s fields are private to this module; the rest of `capsule`
+//! reads them through accessors and changes a capsule only through steps.
+
+mod bases;
+mod create;
+mod egress;
+mod guest;
+mod pause;
+mod provision;
+mod release;
+mod restore;
+mod snapshot;
+pub(crate) mod sources;
+mod suspend;
+pub(crate) mod telemetry;
+mod watch;
+
+use std::sync::{Arc, Mutex};
+
+use super::config::{Host, SupervisorConfig};
+use super::events::{EventBus, EventKind};
+use super::model::Error;
+use super::record::Record;
+use super::registry::{Entry, Registry};
+use crate::state::{Journal, Layout, Quarantine};
+use crate::vmm::{BackendInfo, Machine};
+
+/// What every step works with.
+pub(crate) struct Ctx<M> {
+    host: Host<M>,
+    cfg: SupervisorConfig,
+    layout: Layout,
+    journal: Journal,
+    backend: BackendInfo,
+    /// The capsules and their background tasks.
+    registry: Registry,
+    bus: EventBus,
+    /// Held from linking a base until the record naming it is journaled,
+    /// and while bases are collected.
+    bases: Mutex<()>,
+    /// Capsules recovery could not read: nothing of theirs is touched.
+    quarantine: Quarantine,
+}
+
+impl<M> std::fmt::Debug for Ctx<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("state_dir", &self.cfg.state_dir)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: Machine + 'static> Ctx<M> {
+    /// The context of a supervisor with no capsules.
+    pub(crate) fn new(host: Host<M>, cfg: SupervisorConfig) -> Arc<Self> {
+        let backend = host.machine.info();
+        let cx = Arc::new(Self {
+            layout: Layout::new(&cfg.state_dir),
+            journal: Journal::new(&cfg.state_dir),
+            bus: EventBus::starting_now(cfg.event_history),
+            backend,
+            host,
+            cfg,
+            registry: Registry::default(),
+            bases: Mutex::new(()),
+            quarantine: Quarantine::default(),
+        });
+        // The image cache drops no template disk this supervisor's
+        // capsules or snapshots reach.
+        let weak = Arc::downgrade(&cx);
+        let users: std::sync::Weak<dyn crate::images::CacheUsers> = weak;
+        cx.cfg.templates.set_users(users);
+        cx
+    }
+}
+
+impl<M> Ctx<M> {
+    /// The host capabilities.
+    pub(crate) fn host(&self) -> &Host<M> {
+        &self.host
+    }
+
+    /// The settings.
+    pub(crate) fn cfg(&self) -> &SupervisorConfig {
+        &self.cfg
+    }
+
+    /// The state directory's layout.
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The journal.
+    pub(crate) fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The VMM backend.
+    pub(crate) fn backend(&self) -> &BackendInfo {
+        &self.backend
+    }
+
+    /// The capsules.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The event bus.
+    pub(crate) fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+
+    /// Quarantined capsules.
+    pub(crate) fn quarantine(&self) -> &Quarantine {
+        &self.quarantine
+    }
+
+    /// Journals `rec`, then updates the view and publishes a change.
+    pub(crate) fn commit(&self, entry: &Entry, rec: &Record) -> Result<(), Error> {
+        self.journal
+            .write(&rec.uid, rec)
+            .map_err(|source| Error::Journal {
+                uid: rec.uid.clone(),
+                source: Box::new(source),
+            })?;
+        self.show(entry, rec);
+        Ok(())
+    }
+
+    /// Updates the view (and publishes) without journaling: for states
+    /// that only exist in memory and for the final view of a gone capsule.
+    pub(crate) fn show(&self, entry: &Entry, rec: &Record) {
+        let view = rec.view(&self.backend);
+        if entry.set_view(view.clone()) && !rec.internal {
+            self.bus.publish(EventKind::StateChanged, view);
+        }
+    }
+
+    /// Forgets a capsule that is gone, publishing `Deleted`.
+    pub(crate) fn forget(&self, entry: &Entry, rec: &Record) {
+        self.registry.remove(&rec.uid, entry);
+        self.cfg.metrics.remove(&rec.uid);
+        if !rec.internal {
+            self.bus
+                .publish(EventKind::Deleted, rec.view(&self.backend));
+        }
+    }
+
+    /// Runs `task` in the background under the registry's supervision: a
+    /// panic is logged and counted as an `aborted` error.
+    pub(crate) fn spawn(
+        &self,
+        what: &'static str,
+        capsule: &str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let metrics = self.cfg.metrics.clone();
+        self.registry
+            .spawn(what, capsule, move || metrics.error("aborted"), task);
+    }
+}

@@ -1,0 +1,131 @@
+//! The host resources a VM runs on: the base image, the capsule's disk and
+//! network, each journaled before it is made, and the machine spec that
+//! names them. A restore makes them again the same way (adopting what is
+//! left).
+
+use super::Ctx;
+use crate::capsule::files::blocking;
+use crate::capsule::ids::{disk_id, net_id, policy};
+use crate::capsule::model::Error;
+use crate::capsule::record::Record;
+use crate::capsule::registry::Entry;
+use crate::network::CapsuleNet;
+use crate::storage::{self, CapsuleDisk, DiskRequest};
+use crate::vmm::cgroup::CgroupLimits;
+use crate::vmm::{DiskFormat, Machine, MachineSpec, TapSpec};
+
+impl<M: Machine + 'static> Ctx<M> {
+    /// The machine spec of `rec` with its network and disk.
+    pub(crate) fn machine_spec(
+        &self,
+        rec: &Record,
+        net: &CapsuleNet,
+        disk: &CapsuleDisk,
+    ) -> MachineSpec {
+        let spec = &rec.spec;
+        let mac = net
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let cmdline = crate::capsule::cmdline::build(
+            &self.cfg.base_cmdline,
+            &net.kernel_ip_arg(),
+            &spec.cmdline,
+        );
+        let run_dir = self.layout.run_dir(&rec.uid);
+        MachineSpec {
+            capsule: rec.uid.clone(),
+            vcpus: spec.resources.vcpus,
+            memory_bytes: spec.resources.memory_bytes,
+            kernel: spec
+                .kernel
+                .clone()
+                .unwrap_or_else(|| self.cfg.kernel.clone()),
+            initramfs: self.cfg.initramfs.clone(),
+            cmdline,
+            root_disk: disk.path.clone(),
+            root_disk_format: match disk.format {
+                storage::DiskFormat::Raw => DiskFormat::Raw,
+                storage::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+            },
+            netns: Some(net.netns.clone()),
+            tap: Some(TapSpec {
+                name: net.tap.clone(),
+                mac,
+            }),
+            // Slots are unique per node and start at 1; CIDs start at 3.
+            vsock_cid: net.slot.saturating_add(2),
+            vsock_socket: run_dir.join("vsock.sock"),
+            limits: CgroupLimits::build_for_vm(spec.resources.vcpus, spec.resources.memory_bytes),
+            run_dir,
+        }
+    }
+
+    /// Makes (or adopts) the disk and the network of `rec`, journaling each
+    /// before it is made.
+    #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "ensure_disk_and_net"))]
+    pub(crate) async fn ensure_disk_and_net(
+        &self,
+        entry: &Entry,
+        rec: &mut Record,
+    ) -> Result<(CapsuleDisk, CapsuleNet), Error> {
+        let uid = rec.uid.clone();
+        let base = self.ensure_base(entry, rec).await?;
+        // A template build can take minutes; a delete meanwhile wins.
+        if entry.cancelled() {
+            return Err(Error::Cancelled { uid });
+        }
+        if !rec.disk {
+            rec.disk = true;
+            self.commit(entry, rec)?;
+        }
+        let req = DiskRequest {
+            capsule: disk_id(&uid)?,
+            template: base,
+            size_bytes: rec.spec.resources.disk_bytes,
+        };
+        let store = self.host.store.clone();
+        let u = uid.clone();
+        let disk = blocking(&uid, "create disk", move || {
+            store.ensure_disk(&req).map_err(|source| Error::Storage {
+                action: "create",
+                uid: u,
+                source: Box::new(source),
+            })
+        })
+        .await?;
+        rec.disk_path = Some(disk.path.clone());
+        if entry.cancelled() {
+            return Err(Error::Cancelled { uid });
+        }
+        if !rec.network {
+            rec.network = true;
+            self.commit(entry, rec)?;
+        }
+        let net = self.host.net.clone();
+        let id = net_id(&uid)?;
+        let pol = policy(&rec.spec.egress)?;
+        let u = uid.clone();
+        let capsule_net = blocking(&uid, "set up network", move || {
+            let n = net.setup(&id, &pol).map_err(|source| Error::Network {
+                action: "set up",
+                uid: u.clone(),
+                source: Box::new(source),
+            })?;
+            // A restore opens the TAP by name; make sure it is there.
+            net.ensure_tap(&id).map_err(|source| Error::Network {
+                action: "recreate tap of",
+                uid: u,
+                source: Box::new(source),
+            })?;
+            Ok(n)
+        })
+        .await?;
+        rec.ip = Some(capsule_net.addrs.host.to_string());
+        rec.slot = Some(capsule_net.slot);
+        rec.netns = Some(capsule_net.netns.clone());
+        Ok((disk, capsule_net))
+    }
+}

@@ -1,0 +1,141 @@
+//! Undo: what a record says may exist is removed, newest first (VM,
+//! network, disk, runtime dir); a delete then removes the journal, or
+//! leaves the capsule `Failed` with what still exists.
+
+use super::Ctx;
+use crate::capsule::files::{blocking, remove_dir};
+use crate::capsule::ids::{disk_id, net_id};
+use crate::capsule::model::{Error, State};
+use crate::capsule::record::Record;
+use crate::capsule::registry::Entry;
+use crate::network::Teardown;
+use crate::vmm::Machine;
+
+impl<M: Machine + 'static> Ctx<M> {
+    /// Undoes what `rec` says may exist, newest first: the VM, the network
+    /// (slot kept or released), and with `remove_disk` the disk and the
+    /// VMM's runtime dir. Every step is tried; the first failure is
+    /// returned.
+    #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "release"))]
+    pub(crate) async fn release(
+        &self,
+        rec: &mut Record,
+        net_mode: Teardown,
+        remove_disk: bool,
+    ) -> Result<(), Error> {
+        let uid = rec.uid.clone();
+        let mut first: Option<Error> = None;
+        if let Some(vm) = rec.vm.clone() {
+            // First, so the sampler does not count a VMM going away as
+            // failed readings. The history stays until the capsule goes.
+            self.cfg.metrics.detach(&uid);
+            match self.host.machine.stop(&vm).await {
+                Ok(()) => rec.vm = None,
+                Err(source) => {
+                    first.get_or_insert(Error::Vm {
+                        action: "stop",
+                        uid: uid.clone(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        rec.vm_starting = false;
+        if rec.network {
+            let net = self.host.net.clone();
+            let u = uid.clone();
+            let res = blocking(&uid, "tear down network", move || {
+                let id = net_id(&u)?;
+                net.teardown(&id, net_mode)
+                    .map_err(|source| Error::Network {
+                        action: "tear down",
+                        uid: u,
+                        source: Box::new(source),
+                    })
+            })
+            .await;
+            match res {
+                Ok(()) if net_mode == Teardown::ReleaseSlot => {
+                    rec.network = false;
+                    rec.ip = None;
+                    rec.slot = None;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if remove_disk && rec.disk {
+            let store = self.host.store.clone();
+            let u = uid.clone();
+            let res = blocking(&uid, "remove disk", move || {
+                let id = disk_id(&u)?;
+                store.remove_disk(&id).map_err(|source| Error::Storage {
+                    action: "remove",
+                    uid: u,
+                    source: Box::new(source),
+                })
+            })
+            .await;
+            match res {
+                Ok(()) => {
+                    rec.disk = false;
+                    rec.disk_path = None;
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        // The VMM's log stays with a crashed or suspended capsule (it may
+        // say why); it goes with the capsule.
+        if remove_disk
+            && rec.vm.is_none()
+            && let Err(e) = remove_dir(&self.layout.run_dir(&uid))
+        {
+            first.get_or_insert(e);
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Removes everything of `rec` including its journal, or leaves it
+    /// `Failed` (journaled, with what still exists) when an undo fails.
+    #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "destroy"))]
+    pub(crate) async fn destroy(
+        &self,
+        entry: &Entry,
+        mut rec: Record,
+    ) -> (Option<Record>, Result<(), Error>) {
+        let released = self.release(&mut rec, Teardown::ReleaseSlot, true).await;
+        let removed = released.and_then(|()| {
+            self.journal
+                .remove(&rec.uid)
+                .map_err(|source| Error::Journal {
+                    uid: rec.uid.clone(),
+                    source: Box::new(source),
+                })
+        });
+        match removed {
+            Ok(()) => {
+                self.forget(entry, &rec);
+                if rec.base_image.is_some() {
+                    self.collect_bases();
+                }
+                (None, Ok(()))
+            }
+            Err(e) => {
+                rec.state = State::Failed;
+                rec.reason = e.reason().into();
+                rec.message = e.chain();
+                if let Err(j) = self.commit(entry, &rec) {
+                    tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal a failed teardown");
+                }
+                (Some(rec), Err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Suspend: the VM's memory written to a fresh staging dir, swapped into
+//! place, journaled complete, and only then the VMM released with its RAM.
+//! A failed write thaws the VM back to the mode it was in.
+
+use super::Ctx;
+use crate::capsule::files::{files, remove_dir, swap_into_place};
+use crate::capsule::model::{Error, State};
+use crate::capsule::record::{Record, note, wrong};
+use crate::capsule::registry::Entry;
+use crate::network::Teardown;
+use crate::vmm::Machine;
+
+impl<M: Machine + 'static> Ctx<M> {
+    #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "suspend_steps"))]
+    pub(crate) async fn suspend_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
+        let uid = rec.uid.clone();
+        let Some(vm) = rec.vm.clone() else {
+            return Err(wrong(&uid, rec.state, "it has no VM"));
+        };
+        let prior = rec.begin_suspend();
+        self.commit(entry, rec)?;
+        let final_dir = self.layout.suspend_dir(&uid);
+        let staging = final_dir.with_extension("tmp");
+        let written: Result<(), Error> = async {
+            self.freeze(rec, &vm, prior).await?;
+            // A fresh directory every time: CH refuses to overwrite files,
+            // and may still hold the previous image open (§11 #11).
+            remove_dir(&staging)?;
+            std::fs::create_dir_all(&staging).map_err(files("create", &staging))?;
+            self.host
+                .machine
+                .snapshot(&vm, &staging)
+                .await
+                .map_err(|source| Error::Vm {
+                    action: "snapshot",
+                    uid: uid.clone(),
+                    source: Box::new(source),
+                })?;
+            swap_into_place(&staging, &final_dir)
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = remove_dir(&staging);
+            note(rec, &e);
+            self.thaw(entry, rec, &vm, prior).await;
+            return Err(e);
+        }
+        rec.suspend_image_written();
+        self.commit(entry, rec)?;
+        // The image is safe: the VMM can go, and with it the RAM.
+        if let Err(e) = self.release(rec, Teardown::KeepSlot, false).await {
+            rec.state = State::Failed;
+            note(rec, &e);
+            self.commit(entry, rec)?;
+            return Err(e);
+        }
+        rec.settle(State::Suspended);
+        self.commit(entry, rec)
+    }
+}
