@@ -252,13 +252,27 @@ async fn a_failed_suspend_snapshot_returns_to_running() {
     );
 }
 
+/// Waits until the fake VMM has started `step` for `capsule` (it records a
+/// call before its injected delay), so a test acts inside that window
+/// instead of guessing it with a sleep.
+async fn entered(b: &Bed, capsule: &str, step: Step) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !b.machine.steps(capsule).contains(&step) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{step:?} never started for {capsule}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::test]
 async fn delete_during_create_cancels_it_and_leaks_nothing() {
     let b = Bed::new();
-    b.machine.delay(Step::Launch, Duration::from_millis(300));
+    b.machine.delay(Step::Launch, Duration::from_secs(2));
     let sup = b.sup.clone();
     let creating = tokio::spawn(async move { sup.create("c1", spec("c1"), State::Running).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    entered(&b, "c1", Step::Launch).await;
     assert_eq!(b.sup.get("c1").unwrap().state, State::Creating);
     assert!(b.sup.delete("c1").await.unwrap());
     let err = creating.await.unwrap().unwrap_err();
@@ -556,10 +570,10 @@ async fn the_journal_is_written_before_each_side_effect() {
     let b = Bed::new();
     let journal = crate::state::Journal::new(b.dir.path());
     // Read the journal while the VMM step is in flight.
-    b.machine.delay(Step::Launch, Duration::from_millis(200));
+    b.machine.delay(Step::Launch, Duration::from_secs(2));
     let sup = b.sup.clone();
     let creating = tokio::spawn(async move { sup.create("c1", spec("c1"), State::Running).await });
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    entered(&b, "c1", Step::Launch).await;
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(rec.state, State::Creating);
     assert!(rec.disk && rec.network && rec.vm_starting, "{rec:?}");
@@ -569,10 +583,10 @@ async fn the_journal_is_written_before_each_side_effect() {
     assert_eq!(rec.state, State::Running);
     assert!(rec.vm.is_some() && !rec.vm_starting);
 
-    b.machine.delay(Step::Snapshot, Duration::from_millis(200));
+    b.machine.delay(Step::Snapshot, Duration::from_secs(2));
     let sup = b.sup.clone();
     let suspending = tokio::spawn(async move { sup.suspend("c1").await });
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    entered(&b, "c1", Step::Snapshot).await;
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.prior),
