@@ -6,6 +6,8 @@
 pub mod agent;
 pub mod args;
 pub mod controller;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod placement;

@@ -178,6 +178,112 @@ pub struct Plan {
     pub status: Option<StatusDraft>,
 }
 
+/// When to reconcile again after a pass that ends with no further step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// The VM runs: on the usage interval, which refreshes `status.usage`.
+    Usage,
+    /// Paused, suspended or failed: only a change moves it; look rarely.
+    Settled,
+    /// In a transition, or waiting for a source or a node: soon.
+    Soon,
+    /// The node's agent is unreachable: nothing is known yet.
+    Unknown,
+    /// The pool or the Node list is not complete yet: placing now could
+    /// duplicate a VM or misjudge a nodeSelector; very soon.
+    NotReady,
+}
+
+impl Requeue {
+    /// The delay; `usage` is the usage refresh interval.
+    pub fn after(self, usage: Duration) -> Duration {
+        match self {
+            Requeue::Usage => usage,
+            Requeue::Settled => Duration::from_secs(300),
+            Requeue::Soon => Duration::from_secs(10),
+            Requeue::Unknown => Duration::from_secs(15),
+            Requeue::NotReady => Duration::from_millis(500),
+        }
+    }
+}
+
+impl Plan {
+    /// When to look again once this plan's step is the pass's last.
+    pub fn requeue(&self) -> Requeue {
+        match self.status.as_ref().map(|s| s.phase) {
+            None => Requeue::Unknown,
+            Some(CapsulePhase::Running) => Requeue::Usage,
+            Some(CapsulePhase::Paused | CapsulePhase::Suspended | CapsulePhase::Failed) => {
+                Requeue::Settled
+            }
+            Some(_) => Requeue::Soon,
+        }
+    }
+}
+
+/// The delay before the next reconcile: `requeue`, or just after the
+/// lifecycle expires when that comes first.
+pub fn plan_requeue(requeue: Requeue, expiry: Expiry, usage: Duration) -> Duration {
+    let after = requeue.after(usage);
+    match expiry {
+        Expiry::In(left) => after.min(left + Duration::from_millis(200)),
+        _ => after,
+    }
+}
+
+/// The status once placement chose `node` (the [`NodeAction::Place`]
+/// plan's status with `Scheduled` true). Written before the VM is created:
+/// after a crash the next reconcile creates on this node, never another.
+pub fn plan_placed(f: &Facts<'_>, node: &str) -> StatusDraft {
+    let mut draft = placing(f);
+    draft.phase = CapsulePhase::Scheduled;
+    draft.node = Some(node.to_string());
+    if let Some(c) = draft
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == condition::SCHEDULED)
+    {
+        *c = cond(
+            condition::SCHEDULED,
+            true,
+            reason::PLACED,
+            format!("placed on node {node}"),
+        );
+    }
+    draft
+}
+
+/// No node fits: the capsule stays Pending with placement's reasons, and
+/// is looked at again soon (nodes free up, join, or get labels).
+pub fn plan_unschedulable(f: &Facts<'_>, why: String) -> Plan {
+    let mut draft = placing(f);
+    if let Some(c) = draft
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == condition::SCHEDULED)
+    {
+        c.reason = reason::UNSCHEDULABLE;
+        c.message = why;
+    }
+    Plan {
+        action: NodeAction::None,
+        status: Some(draft),
+    }
+}
+
+/// The status shown while a capsule waits for placement.
+fn placing(f: &Facts<'_>) -> StatusDraft {
+    pending(suspend_reason(f))
+}
+
+fn suspend_reason(f: &Facts<'_>) -> &'static str {
+    if f.expired.is_some() {
+        reason::SUSPENDED_ON_EXPIRY
+    } else {
+        reason::SUSPENDED_BY_USER
+    }
+}
+
 fn cond(type_: &'static str, ok: bool, reason: &'static str, message: String) -> ConditionDraft {
     ConditionDraft {
         type_,
@@ -279,11 +385,7 @@ fn desired_mode(f: &Facts<'_>) -> OperatingMode {
 /// Decides the next step for one capsule and the status to show.
 pub fn plan_capsule(f: &Facts<'_>) -> Plan {
     let mode = desired_mode(f);
-    let suspend_reason = if f.expired.is_some() {
-        reason::SUSPENDED_ON_EXPIRY
-    } else {
-        reason::SUSPENDED_BY_USER
-    };
+    let suspend_reason = suspend_reason(f);
     let placed = |node: &str| (true, reason::PLACED, format!("placed on node {node}"));
 
     if f.expired == Some(OnExpiry::Delete) {

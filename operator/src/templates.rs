@@ -44,13 +44,25 @@ pub fn disk_source(tpl: &CapsuleTemplate) -> Option<pb::template_disk::Disk> {
         .or_else(|| r.url.clone().map(Disk::RootfsUrl))
 }
 
-/// `(path, cmdline)` of the template's kernel override; empty for the
-/// agent's default.
-pub fn kernel(tpl: &CapsuleTemplate) -> (String, String) {
+/// A template's kernel override as the agent takes it; empty fields for
+/// the agent's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Kernel {
+    /// Kernel image in the node's image directory.
+    pub path: String,
+    /// Extra command line (allow-listed keys only).
+    pub cmdline: String,
+}
+
+/// The template's kernel override.
+pub fn kernel(tpl: &CapsuleTemplate) -> Kernel {
     tpl.spec
         .kernel
         .as_ref()
-        .map(|k| (k.path.clone(), k.cmdline.clone().unwrap_or_default()))
+        .map(|k| Kernel {
+            path: k.path.clone(),
+            cmdline: k.cmdline.clone().unwrap_or_default(),
+        })
         .unwrap_or_default()
 }
 
@@ -122,7 +134,10 @@ pub fn prepare_request(
         }
         _ => None,
     };
-    let (kernel_path, kernel_cmdline) = kernel(tpl);
+    let Kernel {
+        path: kernel_path,
+        cmdline: kernel_cmdline,
+    } = kernel(tpl);
     Ok(Some(pb::PrepareTemplateRequest {
         disk: Some(pb::TemplateDisk {
             key: key.to_string(),

@@ -67,6 +67,11 @@ impl FakeNodeAgent {
         })
     }
 
+    /// The node this agent serves.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<Recorded> {
         lock(&self.state).calls.clone()
