@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod args;
 pub mod controller;
+pub mod finalizer;
 #[cfg(test)]
 mod fixtures;
 pub mod leader;

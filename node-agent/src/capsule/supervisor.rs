@@ -270,12 +270,7 @@ impl<M> Clone for Supervisor<M> {
     }
 }
 
-pub(crate) fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use wrenn_proto::unix_nanos_now as now_nanos;
 
 pub(super) fn net_id(uid: &str) -> Result<network::CapsuleId, Error> {
     network::CapsuleId::new(uid).map_err(|e| Error::InvalidSpec {
@@ -745,17 +740,17 @@ impl<M: Machine + 'static> Shared<M> {
                 Ok(VmmExit::Requested) => return,
                 Ok(VmmExit::GuestPoweroff) => (
                     State::Stopped,
-                    "GuestPoweroff",
+                    wrenn_crds::reason::Reason::GuestPoweroff,
                     "the guest powered itself off".to_string(),
                 ),
                 Ok(VmmExit::Crashed(status)) => (
                     State::Failed,
-                    "VmmCrashed",
+                    wrenn_crds::reason::Reason::VmCrashed,
                     format!("the VMM exited unexpectedly ({status:?})"),
                 ),
                 Err(e) => (
                     State::Failed,
-                    "VmmLost",
+                    wrenn_crds::reason::Reason::VmmLost,
                     format!("lost track of the VMM: {e}"),
                 ),
             };

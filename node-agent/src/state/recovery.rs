@@ -344,7 +344,7 @@ impl<M: Machine + 'static> Shared<M> {
             (State::Resuming, None) => {
                 let _ = self.release(rec, Teardown::KeepSlot, false).await;
                 rec.state = State::Suspended;
-                rec.reason = "ResumeInterrupted".into();
+                rec.reason = wrenn_crds::reason::Reason::ResumeInterrupted.into();
                 rec.message = "the agent restarted during the resume; resume again".into();
                 report.suspended.push(uid);
             }
@@ -394,7 +394,7 @@ impl<M: Machine + 'static> Shared<M> {
                 rec.vm = None;
                 let _ = self.release(rec, Teardown::KeepSlot, false).await;
                 self.fail(entry, rec, &e);
-                rec.reason = "VmmLost".into();
+                rec.reason = wrenn_crds::reason::Reason::VmmLost.into();
                 report.lost.push(uid);
             }
         }

@@ -6,18 +6,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::finalizer::{Event as Finalizer, finalizer};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
 use wrenn_crds::capsule::{CapsulePhase, CapsuleStatus, OperatingMode, Usage};
-use wrenn_crds::names::{FINALIZER, condition, reason};
+use wrenn_crds::reason::{ConditionType, Reason};
 use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::{TemplateDefaults, TemplatePhase};
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
@@ -84,7 +84,7 @@ pub enum Error {
     },
     /// Adding or removing the finalizer failed.
     #[error("finalizer of capsule")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    Finalizer(#[source] Box<crate::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -97,8 +97,8 @@ impl Error {
             Error::NodeUnreachable { .. } => "node-unreachable",
             Error::Status(_) => "status",
             Error::Finalizer(e) => match &**e {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                crate::finalizer::Error::ApplyFailed(e)
+                | crate::finalizer::Error::CleanupFailed(e) => e.category(),
                 _ => "finalizer",
             },
         }
@@ -142,7 +142,7 @@ struct Source {
 }
 
 impl Source {
-    fn blocked(why: &'static str, message: String) -> Self {
+    fn blocked(why: Reason, message: String) -> Self {
         Self {
             state: SourceState::Blocked(why, message),
             resources: Resources::default(),
@@ -240,7 +240,7 @@ fn validate_source(cap: &Capsule, ns: &str, fetched: Fetched) -> Result<Source, 
     match fetched {
         Fetched::Template(name, tpl) => validate_template(cap, ns, &name, tpl),
         Fetched::Snapshot(name, snap) => Ok(validate_snapshot(cap, &name, snap)),
-        Fetched::Neither => Ok(Source::blocked(reason::INVALID_SPEC, "no source".into())),
+        Fetched::Neither => Ok(Source::blocked(Reason::InvalidSpec, "no source".into())),
     }
 }
 
@@ -252,24 +252,24 @@ fn validate_template(
 ) -> Result<Source, NoUid> {
     let Some(tpl) = tpl else {
         return Ok(Source::blocked(
-            reason::TEMPLATE_NOT_FOUND,
+            Reason::TemplateNotFound,
             format!("CapsuleTemplate {name} not found in namespace {ns}"),
         ));
     };
     let st = tpl.status.as_ref();
     if st.and_then(|s| s.phase) == Some(TemplatePhase::Failed) {
         return Ok(Source::blocked(
-            reason::TEMPLATE_NOT_FOUND,
+            Reason::TemplateNotFound,
             format!("CapsuleTemplate {name} failed to prepare"),
         ));
     }
     let resources = match effective(cap.spec.resources.as_ref(), &tpl.spec.defaults) {
         Ok(r) => r,
-        Err(e) => return Ok(Source::blocked(reason::INVALID_SPEC, e.to_string())),
+        Err(e) => return Ok(Source::blocked(Reason::InvalidSpec, e.to_string())),
     };
     let Some(disk) = templates::disk_source(&tpl) else {
         return Ok(Source::blocked(
-            reason::INVALID_SPEC,
+            Reason::InvalidSpec,
             format!("CapsuleTemplate {name} restores a snapshot; use snapshotRef on the capsule"),
         ));
     };
@@ -296,11 +296,15 @@ fn validate_template(
     };
     if st.and_then(|s| s.phase) != Some(TemplatePhase::Ready) {
         let why = st
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::READY))
+            .and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == ConditionType::Ready.as_str())
+            })
             .map(|c| format!(": {}", c.message))
             .unwrap_or_default();
         return Ok(Source::blocked(
-            reason::WARM_SNAPSHOT_NOT_READY,
+            Reason::WarmSnapshotNotReady,
             format!("CapsuleTemplate {name} has no warm snapshot yet{why}"),
         ));
     }
@@ -309,11 +313,11 @@ fn validate_template(
     // startCommand the user asked for.
     let shape = match effective(None, &tpl.spec.defaults) {
         Ok(r) => r,
-        Err(e) => return Ok(Source::blocked(reason::INVALID_SPEC, e.to_string())),
+        Err(e) => return Ok(Source::blocked(Reason::InvalidSpec, e.to_string())),
     };
     if (resources.vcpus, resources.memory_bytes) != (shape.vcpus, shape.memory_bytes) {
         return Ok(Source::blocked(
-            reason::INVALID_SPEC,
+            Reason::InvalidSpec,
             format!(
                 "CapsuleTemplate {name} is warm: its capsules restore a snapshot taken with {} vCPUs and {} of memory; leave spec.resources.vcpus and memory unset or equal",
                 shape.vcpus,
@@ -337,7 +341,7 @@ fn validate_snapshot(cap: &Capsule, name: &str, snap: Option<CapsuleSnapshot>) -
     });
     let Some((Some(id), Some(node), compat)) = ready else {
         return Source::blocked(
-            reason::SNAPSHOT_NOT_READY,
+            Reason::SnapshotNotReady,
             format!("CapsuleSnapshot {name} is not Ready"),
         );
     };
@@ -359,7 +363,7 @@ fn validate_snapshot(cap: &Capsule, name: &str, snap: Option<CapsuleSnapshot>) -
             },
             BTreeMap::new(),
         ),
-        Err(e) => Source::blocked(reason::INVALID_SPEC, e.to_string()),
+        Err(e) => Source::blocked(Reason::InvalidSpec, e.to_string()),
     }
 }
 /// `spec.network` as the agent takes it: DENY with `allowCidrs` reaches
@@ -510,11 +514,13 @@ impl Writer<'_> {
     }
 
     async fn announce(&self, ctx: &Context, before: Option<CapsulePhase>, draft: &StatusDraft) {
-        let ready =
-            |t: &str| -> Option<&ConditionDraft> { draft.conditions.iter().find(|c| c.type_ == t) };
-        let msg = |t: &str| ready(t).map(|c| c.message.clone()).unwrap_or_default();
+        use ConditionType as T;
+        let cond = |t: ConditionType| -> Option<&ConditionDraft> {
+            draft.conditions.iter().find(|c| c.type_ == t)
+        };
+        let msg = |t: ConditionType| cond(t).map(|c| c.message.clone()).unwrap_or_default();
         let (type_, reason, note) = match draft.phase {
-            CapsulePhase::Scheduled => (EventType::Normal, "Scheduled", msg("Scheduled")),
+            CapsulePhase::Scheduled => (EventType::Normal, Reason::Scheduled, msg(T::Scheduled)),
             CapsulePhase::Running => {
                 if before == Some(CapsulePhase::Creating)
                     && let Some(created) = age(self.cap.meta().creation_timestamp.as_ref())
@@ -524,21 +530,29 @@ impl Writer<'_> {
                 let ip = draft.ip.clone().unwrap_or_default();
                 (
                     EventType::Normal,
-                    "Running",
+                    Reason::Running,
                     format!(
                         "running on node {} at {ip}",
                         draft.node.clone().unwrap_or_default()
                     ),
                 )
             }
-            CapsulePhase::Paused => (EventType::Normal, "Paused", "vCPUs stopped".to_string()),
-            CapsulePhase::Suspended => (EventType::Normal, "Suspended", msg("Suspended")),
-            CapsulePhase::Failed => (EventType::Warning, "Failed", msg("Ready")),
-            CapsulePhase::Expired => (EventType::Normal, "Expired", msg("Ready")),
+            CapsulePhase::Paused => (
+                EventType::Normal,
+                Reason::Paused,
+                "vCPUs stopped".to_string(),
+            ),
+            CapsulePhase::Suspended => (EventType::Normal, Reason::Suspended, msg(T::Suspended)),
+            CapsulePhase::Failed => (EventType::Warning, Reason::Failed, msg(T::Ready)),
+            CapsulePhase::Expired => (EventType::Normal, Reason::Expired, msg(T::Ready)),
             CapsulePhase::Pending
-                if ready("Scheduled").is_some_and(|c| c.reason == reason::UNSCHEDULABLE) =>
+                if cond(T::Scheduled).is_some_and(|c| c.reason == Reason::Unschedulable) =>
             {
-                (EventType::Warning, "FailedScheduling", msg("Scheduled"))
+                (
+                    EventType::Warning,
+                    Reason::FailedScheduling,
+                    msg(T::Scheduled),
+                )
             }
             _ => return,
         };
@@ -548,12 +562,12 @@ impl Writer<'_> {
 }
 
 /// One reconcile of a Capsule, wrapped in its finalizer.
-#[tracing::instrument(skip_all, fields(capsule = %cap.name_any(), namespace = cap.namespace().unwrap_or_default()))]
+#[tracing::instrument(skip_all, fields(capsule = %cap.name_any(), namespace = cap.namespace().unwrap_or_default(), uid = cap.uid().unwrap_or_default()))]
 pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = cap.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<Capsule> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, cap, |ev| async {
+    let result = finalizer(&api, cap, |ev| async {
         match ev {
             Finalizer::Apply(c) => apply(&c, &ns, &ctx).await,
             Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
@@ -799,9 +813,10 @@ impl Pass<'_> {
             Err(e) if refuses_spec(&e) => {
                 known.fresh = Some(Vm {
                     state: crate::plan::VmState::Failed,
-                    ip: String::new(),
+                    ip: None,
                     vmm: None,
                     started_unix_nanos: 0,
+                    reason: None,
                     message: e.agent_message(),
                     egress: agent::to_egress(&to_proto_network(w.cap)),
                 });
@@ -987,7 +1002,7 @@ async fn cleanup(cap: &Capsule, ctx: &Context) -> Result<Action, Error> {
         ctx.event(
             &cap.object_ref(&()),
             EventType::Warning,
-            reason::NODE_LOST,
+            Reason::NodeLost,
             format!(
                 "node {node} unreachable for {}s: finalizer released; its VM may remain on the node until its agent returns",
                 lost.as_secs()
@@ -1089,7 +1104,7 @@ async fn report_quarantined(ctx: &Context, node: &str) {
         ctx.event(
             &reference,
             EventType::Warning,
-            reason::CAPSULE_QUARANTINED,
+            Reason::CapsuleQuarantined,
             quarantine_note(q),
         )
         .await;
@@ -1155,7 +1170,7 @@ pub async fn run(
         tokio_stream::wrappers::UnboundedReceiverStream::new(triggers),
         tokio_stream::wrappers::UnboundedReceiverStream::new(retriggered),
     );
-    controller
+    let controller = controller
         .reconcile_on(merged)
         .watches(templates, watcher::Config::default(), move |t| {
             let ns = t.namespace();
@@ -1183,8 +1198,16 @@ pub async fn run(
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    let mut converger = converger;
+    // Convergence runs as long as the controller: if it ends first (a
+    // panic), the controller stops too and the operator exits loudly.
+    tokio::select! {
+        _ = controller => {}
+        end = &mut converger => {
+            tracing::error!(outcome = ?end, "capsule convergence stopped; stopping the Capsule controller");
+        }
+    }
     converger.abort();
 }
 
@@ -1198,6 +1221,7 @@ mod tests {
 
     use super::*;
     use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool};
+    use wrenn_crds::names::FINALIZER;
 
     const CAPSULES: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules";
     const TEMPLATE: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsuletemplates/base";
@@ -1310,6 +1334,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_finalizer_goes_on_first_under_the_operators_field_manager() {
+        let (pool, _streams) = pool(&[]).await;
+        let server = ApiServer::default();
+        let mut cap = capsule(None);
+        cap.metadata.finalizers = None;
+        cap.metadata.resource_version = Some("7".into());
+        server.expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1?{SSA}"),
+            |body| {
+                assert_eq!(body["metadata"]["finalizers"][0], FINALIZER);
+                assert_eq!(body["metadata"]["resourceVersion"], "7");
+            },
+            ok(cap.clone()),
+        );
+        let action = reconcile(Arc::new(cap), context(&server, pool))
+            .await
+            .unwrap();
+        server.done();
+        assert_eq!(action, Action::await_change());
+    }
+
+    #[tokio::test]
     async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
         let node = agent("node-a", 1);
         let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
@@ -1380,7 +1427,7 @@ mod tests {
             phase: None,
             vm: Observed::Absent,
             source: SourceState::Blocked(
-                reason::TEMPLATE_NOT_FOUND,
+                Reason::TemplateNotFound,
                 "CapsuleTemplate base not found in namespace ns".into(),
             ),
             expired: None,
