@@ -211,24 +211,35 @@ enum Fetched {
 async fn fetch_source(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Fetched, Error> {
     let src = &cap.spec.source;
     if let Some(t) = &src.template_ref {
-        let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), ns);
-        let tpl = api.get_opt(&t.name).await.map_err(|source| Error::Get {
-            kind: "CapsuleTemplate",
-            name: t.name.clone(),
-            source,
-        })?;
+        let tpl = get_opt(ctx, ns, "CapsuleTemplate", &t.name).await?;
         return Ok(Fetched::Template(t.name.clone(), tpl));
     }
     if let Some(s) = &src.snapshot_ref {
-        let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), ns);
-        let snap = api.get_opt(&s.name).await.map_err(|source| Error::Get {
-            kind: "CapsuleSnapshot",
-            name: s.name.clone(),
-            source,
-        })?;
+        let snap = get_opt(ctx, ns, "CapsuleSnapshot", &s.name).await?;
         return Ok(Fetched::Snapshot(s.name.clone(), snap));
     }
     Ok(Fetched::Neither)
+}
+
+/// One object of the capsule's namespace, `None` when absent.
+async fn get_opt<K>(
+    ctx: &Context,
+    ns: &str,
+    kind: &'static str,
+    name: &str,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name).await.map_err(|source| Error::Get {
+        kind,
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// A referenced object without a UID (never from the API server).
