@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::quantity::with;
 
+/// The smallest guest memory: the CRD's CEL rule, the node agent's
+/// validation and the QEMU backend (which refuses less, never raises it)
+/// all read this one value.
+pub const MIN_MEMORY_BYTES: u64 = 128 << 20;
+
+/// The smallest root disk the CRD accepts.
+pub const MIN_DISK_BYTES: u64 = 128 << 20;
+
 /// Desired state of a capsule.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
@@ -26,8 +34,8 @@ use crate::quantity::with;
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "IP", type_ = "string", json_path = ".status.ip"),
-    printcolumn(name = "VCPUs", type_ = "integer", json_path = ".spec.resources.vcpus"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".spec.resources.memory"),
+    printcolumn(name = "VCPUs", type_ = "integer", json_path = ".status.resources.vcpus"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.resources.memory"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 63").message(
         "capsule names are at most 63 characters: the name becomes the guest's hostname"

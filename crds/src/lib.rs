@@ -14,6 +14,7 @@ pub mod capsule;
 pub mod names;
 pub mod policy;
 mod quantity;
+pub mod reason;
 pub mod snapshot;
 pub mod template;
 

@@ -32,6 +32,11 @@ fn string_with_rules(description: &str, max_len: u32, rules: Vec<Value>) -> Sche
     Schema::try_from(schema).expect("a JSON object is always a schema")
 }
 
+/// `bytes` as a quantity in MiB (`128Mi`).
+pub(crate) fn mebibytes(bytes: u64) -> String {
+    format!("{}Mi", bytes >> 20)
+}
+
 /// A quantity no smaller than `min`, e.g. memory from 128Mi.
 pub(crate) fn quantity_at_least(what: &str, min: &str, description: &str) -> Schema {
     string_with_rules(
@@ -91,17 +96,20 @@ pub(crate) mod with {
     use schemars::SchemaGenerator;
 
     pub(crate) fn memory(_: &mut SchemaGenerator) -> Schema {
+        let min = mebibytes(crate::capsule::MIN_MEMORY_BYTES);
         quantity_at_least(
             "memory",
-            "128Mi",
-            "Guest memory, a quantity such as 512Mi or 4Gi; at least 128Mi. Defaults to the template's.",
+            &min,
+            &format!(
+                "Guest memory, a quantity such as 512Mi or 4Gi; at least {min}. Defaults to the template's."
+            ),
         )
     }
 
     pub(crate) fn disk(_: &mut SchemaGenerator) -> Schema {
         quantity_at_least(
             "disk",
-            "128Mi",
+            &mebibytes(crate::capsule::MIN_DISK_BYTES),
             "Root disk size, a quantity such as 10Gi; at least the template's disk. \
              Defaults to the template's. Immutable.",
         )

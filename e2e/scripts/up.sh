@@ -10,13 +10,27 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 state=${WRENN_STATE:-$root/.wrenn}
+# The same build directory and settings as .ci/run: a machine that ran CI
+# (or up.sh) once does not compile everything again.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${WRENN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wrenn}/target}
+export CARGO_INCREMENTAL=0
+step() { printf '\n==> %s\n' "$*" >&2; }
+step "installing what is missing (tools, control plane)"
 [ "${WRENN_SKIP_INSTALL:-}" = 1 ] || "$root/e2e/scripts/install-deps.sh"
+step "starting the control plane in $state"
 "$root/e2e/scripts/control-plane.sh" stop "$state" 2>/dev/null || true
 kubeconfig=$("$root/e2e/scripts/control-plane.sh" start "$state")
 kubectl=$("$root/e2e/scripts/control-plane.sh" kubectl-path)
 k() { "$kubectl" --kubeconfig "$kubeconfig" "$@"; }
 
-(cd "$root" && cargo run -q -p wrenn-crds --bin crdgen -- --check)
+step "building the node agent, the operator and wrenn-local in $CARGO_TARGET_DIR (a first build takes ~15 minutes)"
+# One build with the resolution the harness uses (`--workspace` plus the
+# `gen` example, see e2e/src/agent.rs `cargo_build`): its own builds of
+# the agent and operator then find everything done.
+(cd "$root" && cargo build --locked --workspace \
+    --bin wrenn-node-agent --bin wrenn-operator --bin wrenn-local --bin crdgen --example gen)
+step "installing the CRDs"
+(cd "$root" && "$CARGO_TARGET_DIR/debug/crdgen" --check)
 k apply --server-side -f "$root/crds/"
 k wait --for=condition=Established --timeout=60s crd/capsules.wrenn.dev crd/capsulesnapshots.wrenn.dev crd/capsuletemplates.wrenn.dev
 until k get cap >/dev/null 2>&1; do sleep 0.2; done
@@ -26,8 +40,8 @@ k apply --server-side --dry-run=server -f "$root/examples/" >/dev/null
 echo "examples/ accepted by the API server (dry run)"
 
 cd "$root"
-cargo build -q --locked -p wrenn-e2e --bin wrenn-local
-target=${CARGO_TARGET_DIR:-$root/target}
+step "starting a node agent, the operator and a capsule"
+target=$CARGO_TARGET_DIR
 once=()
 [ "${WRENN_LOCAL_ONCE:-}" = 1 ] && once=(--once)
 exec "$target/debug/wrenn-local" --kubeconfig "$kubeconfig" --dir "$state/local" "${once[@]}"

@@ -704,7 +704,9 @@ async fn kubectl_get_shows_the_printer_columns() {
             &PatchParams::apply(wrenn_crds::names::FIELD_MANAGER).force(),
             &Patch::Apply(
                 json!({"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
-                "status": {"phase": "Running", "nodeName": "node-a", "ip": "10.200.0.7"}}),
+                "status": {"phase": "Running", "nodeName": "node-a", "ip": "10.200.0.7",
+                           // The effective values, as the operator writes them.
+                           "resources": {"vcpus": 3, "memory": "768Mi", "disk": "2Gi"}}}),
             ),
         )
         .await

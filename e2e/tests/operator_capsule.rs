@@ -1132,7 +1132,7 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
             .items
             .into_iter()
             .find(|e| {
-                e.reason.as_deref() == Some(wrenn_crds::names::reason::CAPSULE_QUARANTINED)
+                e.reason.as_deref() == Some(wrenn_crds::reason::Reason::CapsuleQuarantined.as_str())
                     && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node.as_str())
             });
         if let Some(e) = found {
@@ -1163,7 +1163,8 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
             .iter()
             .any(
                 |e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(other.as_str())
-                    && e.reason.as_deref() == Some(wrenn_crds::names::reason::CAPSULE_QUARANTINED)
+                    && e.reason.as_deref()
+                        == Some(wrenn_crds::reason::Reason::CapsuleQuarantined.as_str())
             )
     );
     op.stop().await;

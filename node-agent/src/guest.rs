@@ -345,12 +345,7 @@ fn host_entropy(capsule: &str) -> Result<Vec<u8>, Error> {
     Ok(buf)
 }
 
-fn unix_nanos_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use wrenn_proto::unix_nanos_now;
 
 impl GuestClient {
     /// Dials the guest of `capsule` through `socket` on [`AGENT_PORT`]

@@ -25,7 +25,7 @@ use wrenn_node_agent::vmm::cgroup::{
 };
 use wrenn_node_agent::vmm::process::HostPaths;
 use wrenn_node_agent::vmm::qemu::QemuMachine;
-use wrenn_node_agent::vmm::{BackendKind, ChMachine, ChVmm, Machine};
+use wrenn_node_agent::vmm::{ChMachine, ChVmm, Machine};
 
 /// Exit codes, one per failure class, so a crash loop says what is wrong.
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -390,19 +390,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     };
     let storage_backend = store.backend().to_string();
     let backend = machine.info();
-    let vmm_info = wrenn_proto::agent::v1::VmmInfo {
-        name: match backend.kind {
-            BackendKind::CloudHypervisor => "cloud-hypervisor",
-            BackendKind::Qemu => "qemu",
-        }
-        .into(),
-        version: backend.version.clone(),
-        note: if backend.accelerated {
-            String::new()
-        } else {
-            "QEMU under TCG (no hardware virtualization): slow, for development and CI".into()
-        },
-    };
+    let vmm_info = wrenn_node_agent::server::convert::to_vmm(&backend);
     let mut cfg = SupervisorConfig::new(&state_dir, &kernel);
     cfg.initramfs = initramfs;
     cfg.guest = Some(GuestSettings {

@@ -736,9 +736,9 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
         let e = rt
             .block_on(sup.create(uid, w.spec(), State::Running))
             .unwrap_err();
-        assert_eq!(e.reason(), "Quarantined", "{e}");
+        assert_eq!(e.reason().as_str(), "Quarantined", "{e}");
         let e = rt.block_on(sup.delete(uid)).unwrap_err();
-        assert_eq!(e.reason(), "Quarantined", "{e}");
+        assert_eq!(e.reason().as_str(), "Quarantined", "{e}");
     }
     assert!(alive(torn_pid) && alive(newer_pid));
     assert_eq!(w.files("capsules"), capsule_dirs);

@@ -9,8 +9,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use tonic::transport::Channel;
+use tracing::Instrument;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
+
+use wrenn_crds::capsule::VmmInfo;
 
 use crate::plan::{EgressPolicy, Vm, VmState};
 
@@ -160,6 +163,11 @@ impl GrpcNodeAgent {
         req
     }
 
+    /// The span of one call: node and RPC, under the reconcile's span.
+    fn span(&self, call: &'static str) -> tracing::Span {
+        tracing::debug_span!("agent", node = %self.node, call)
+    }
+
     fn fail(&self, call: &'static str) -> impl FnOnce(tonic::Status) -> Error + '_ {
         move |status| Error::Call {
             call,
@@ -171,157 +179,199 @@ impl GrpcNodeAgent {
 
 impl NodeAgent for GrpcNodeAgent {
     fn node_info(&self) -> Call<'_, pb::NodeInfoResponse> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.node_info(self.request(pb::NodeInfoRequest {}))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("NodeInfo"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.node_info(self.request(pb::NodeInfoRequest {}))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("NodeInfo"))
+            }
+            .instrument(self.span("NodeInfo")),
+        )
     }
 
     fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.create_capsule(self.boot_request(req))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("CreateCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.create_capsule(self.boot_request(req))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("CreateCapsule"))
+            }
+            .instrument(self.span("CreateCapsule")),
+        )
     }
 
     fn list_capsules(&self) -> Call<'_, Vec<pb::Capsule>> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.list_capsules(self.request(pb::ListCapsulesRequest {}))
-                .await
-                .map(|r| r.into_inner().capsules)
-                .map_err(self.fail("ListCapsules"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.list_capsules(self.request(pb::ListCapsulesRequest {}))
+                    .await
+                    .map(|r| r.into_inner().capsules)
+                    .map_err(self.fail("ListCapsules"))
+            }
+            .instrument(self.span("ListCapsules")),
+        )
     }
 
     fn delete_capsule(&self, uid: String) -> Call<'_, bool> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.delete_capsule(self.request(pb::CapsuleRef { uid }))
-                .await
-                .map(|r| r.into_inner().existed)
-                .map_err(self.fail("DeleteCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.delete_capsule(self.request(pb::CapsuleRef { uid }))
+                    .await
+                    .map(|r| r.into_inner().existed)
+                    .map_err(self.fail("DeleteCapsule"))
+            }
+            .instrument(self.span("DeleteCapsule")),
+        )
     }
 
     fn pause_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.pause_capsule(self.request(pb::CapsuleRef { uid }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("PauseCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.pause_capsule(self.request(pb::CapsuleRef { uid }))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("PauseCapsule"))
+            }
+            .instrument(self.span("PauseCapsule")),
+        )
     }
 
     fn resume_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.resume_capsule(self.boot_request(pb::CapsuleRef { uid }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("ResumeCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.resume_capsule(self.boot_request(pb::CapsuleRef { uid }))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("ResumeCapsule"))
+            }
+            .instrument(self.span("ResumeCapsule")),
+        )
     }
 
     fn suspend_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.suspend_capsule(self.request(pb::CapsuleRef { uid }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("SuspendCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.suspend_capsule(self.request(pb::CapsuleRef { uid }))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("SuspendCapsule"))
+            }
+            .instrument(self.span("SuspendCapsule")),
+        )
     }
 
     fn update_network(&self, req: pb::UpdateNetworkRequest) -> Call<'_, pb::Capsule> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.update_network(self.request(req))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("UpdateNetwork"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.update_network(self.request(req))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("UpdateNetwork"))
+            }
+            .instrument(self.span("UpdateNetwork")),
+        )
     }
 
     fn snapshot_capsule(&self, req: pb::SnapshotCapsuleRequest) -> Call<'_, pb::Snapshot> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            // Writing memory to disk takes longer than an ordinary call.
-            let mut r = tonic::Request::new(req);
-            r.set_timeout(self.timeout * 20);
-            c.snapshot_capsule(r)
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("SnapshotCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                // Writing memory to disk takes longer than an ordinary call.
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(self.timeout * 20);
+                c.snapshot_capsule(r)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("SnapshotCapsule"))
+            }
+            .instrument(self.span("SnapshotCapsule")),
+        )
     }
 
     fn delete_snapshot(&self, id: String) -> Call<'_, bool> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.delete_snapshot(self.request(pb::SnapshotRef { id }))
-                .await
-                .map(|r| r.into_inner().existed)
-                .map_err(self.fail("DeleteSnapshot"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.delete_snapshot(self.request(pb::SnapshotRef { id }))
+                    .await
+                    .map(|r| r.into_inner().existed)
+                    .map_err(self.fail("DeleteSnapshot"))
+            }
+            .instrument(self.span("DeleteSnapshot")),
+        )
     }
 
     fn get_capsule(&self, uid: String) -> Call<'_, pb::Capsule> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.get_capsule(self.request(pb::CapsuleRef { uid }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("GetCapsule"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.get_capsule(self.request(pb::CapsuleRef { uid }))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("GetCapsule"))
+            }
+            .instrument(self.span("GetCapsule")),
+        )
     }
 
     fn prepare_template(&self, req: pb::PrepareTemplateRequest) -> Call<'_, pb::TemplateState> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.prepare_template(self.request(req))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("PrepareTemplate"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.prepare_template(self.request(req))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("PrepareTemplate"))
+            }
+            .instrument(self.span("PrepareTemplate")),
+        )
     }
 
     fn watch_events(&self, after: u64) -> Call<'_, Events> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            let stream = c
-                .watch_events(pb::WatchEventsRequest { after })
-                .await
-                .map_err(self.fail("WatchEvents"))?
-                .into_inner();
-            let node = self.node.clone();
-            Ok(stream
-                .map(move |r| {
-                    r.map_err(|status| Error::Call {
-                        call: "WatchEvents",
-                        node: node.clone(),
-                        status,
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                let stream = c
+                    .watch_events(pb::WatchEventsRequest { after })
+                    .await
+                    .map_err(self.fail("WatchEvents"))?
+                    .into_inner();
+                let node = self.node.clone();
+                Ok(stream
+                    .map(move |r| {
+                        r.map_err(|status| Error::Call {
+                            call: "WatchEvents",
+                            node: node.clone(),
+                            status,
+                        })
                     })
-                })
-                .boxed())
-        })
+                    .boxed())
+            }
+            .instrument(self.span("WatchEvents")),
+        )
     }
 
     fn get_metrics(&self, req: pb::GetMetricsRequest) -> Call<'_, pb::GetMetricsResponse> {
-        Box::pin(async move {
-            let mut c = self.client.clone();
-            c.get_metrics(self.request(req))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(self.fail("GetMetrics"))
-        })
+        Box::pin(
+            async move {
+                let mut c = self.client.clone();
+                c.get_metrics(self.request(req))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(self.fail("GetMetrics"))
+            }
+            .instrument(self.span("GetMetrics")),
+        )
     }
 }
 
@@ -343,17 +393,16 @@ pub fn to_vm(c: &pb::Capsule) -> Vm {
     };
     Vm {
         state,
-        ip: c.ip.clone(),
-        vmm: c
-            .vmm
-            .as_ref()
-            .map(|v| (v.name.clone(), v.version.clone(), v.note.clone())),
+        ip: Some(c.ip.clone()).filter(|ip| !ip.is_empty()),
+        vmm: c.vmm.as_ref().map(|v| VmmInfo {
+            name: v.name.clone(),
+            version: v.version.clone(),
+            note: Some(v.note.clone()).filter(|n| !n.is_empty()),
+        }),
         started_unix_nanos: c.started_unix_nanos,
-        message: if c.reason.is_empty() || c.message.starts_with(&c.reason) {
-            c.message.clone()
-        } else {
-            format!("{}: {}", c.reason, c.message)
-        },
+        // Empty, or a reason of a newer agent: the operator's own stands.
+        reason: c.reason.parse().ok(),
+        message: c.message.clone(),
         egress: c
             .spec
             .as_ref()

@@ -16,6 +16,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use wrenn_crds::Capsule;
+use wrenn_crds::reason::Reason;
 
 use crate::metrics::Metrics;
 use crate::pool::AgentPool;
@@ -147,7 +148,7 @@ pub async fn publish(
     recorder: &Recorder,
     reference: &ObjectReference,
     type_: EventType,
-    reason: &str,
+    reason: Reason,
     note: String,
 ) {
     let ev = Event {
@@ -160,7 +161,7 @@ pub async fn publish(
     if let Err(err) = recorder.publish(&ev, reference).await {
         tracing::warn!(
             error = &err as &dyn std::error::Error,
-            reason,
+            %reason,
             "publish event"
         );
     }
@@ -172,7 +173,7 @@ impl Context {
         &self,
         reference: &ObjectReference,
         type_: EventType,
-        reason: &str,
+        reason: Reason,
         note: String,
     ) {
         publish(&self.recorder, reference, type_, reason, note).await;
@@ -299,9 +300,25 @@ pub async fn run_all(
     );
     let all = async move { futures::join!(capsules, side.0, side.1) };
     tokio::pin!(all);
+    tokio::pin!(discover);
+    tokio::pin!(node_task);
+    // Discovery and the Node reflector never end on their own: if one does
+    // (a panic, a closed stream), the controllers stop too and `main`
+    // exits, so the kubelet restarts the operator instead of it running
+    // blind.
     tokio::select! {
         _ = &mut all => {}
         _ = shutdown => {
+            let _ = stop_tx.send(());
+            all.await;
+        }
+        end = &mut discover => {
+            tracing::error!(outcome = ?end, "agent discovery stopped; stopping the controllers");
+            let _ = stop_tx.send(());
+            all.await;
+        }
+        end = &mut node_task => {
+            tracing::error!(outcome = ?end, "Node reflector stopped; stopping the controllers");
             let _ = stop_tx.send(());
             all.await;
         }

@@ -6,6 +6,9 @@
 pub mod agent;
 pub mod args;
 pub mod controller;
+pub mod finalizer;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod placement;

@@ -153,7 +153,7 @@ impl fmt::Display for Rejection {
             Rejection::DiskQuotaExceeded { used, quota } => write!(
                 f,
                 "{}: images, snapshots and suspend images hold {} of the node's {} quota",
-                wrenn_crds::names::reason::DISK_QUOTA_EXCEEDED,
+                wrenn_crds::reason::Reason::DiskQuotaExceeded,
                 format_bytes(*used),
                 format_bytes(*quota)
             ),

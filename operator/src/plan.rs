@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use wrenn_crds::capsule::VmmInfo;
 use wrenn_crds::capsule::{CapsulePhase, Lifecycle, OnExpiry, OperatingMode};
-use wrenn_crds::names::{condition, reason};
+use wrenn_crds::reason::{ConditionStatus, ConditionType, Reason};
 
 use crate::resources::{Error as ResourceError, parse_duration};
 
@@ -61,12 +62,15 @@ impl EgressPolicy {
 pub struct Vm {
     /// Its state.
     pub state: VmState,
-    /// Node-reachable address, empty until networking is up.
-    pub ip: String,
+    /// Node-reachable address, once networking is up.
+    pub ip: Option<String>,
     /// VMM name, version and slowness note.
-    pub vmm: Option<(String, String, String)>,
+    pub vmm: Option<VmmInfo>,
     /// Start or last restore, Unix nanoseconds (0 when unknown).
     pub started_unix_nanos: i64,
+    /// Why the agent failed it, or its last failed operation; `None`
+    /// when the agent named no reason this operator knows.
+    pub reason: Option<Reason>,
     /// The agent's last error.
     pub message: String,
     /// The egress policy the node enforces for it.
@@ -90,7 +94,7 @@ pub enum SourceState {
     /// Template present, or snapshot Ready.
     Usable,
     /// Blocked; (reason, message).
-    Blocked(&'static str, String),
+    Blocked(Reason, String),
 }
 
 /// Everything the plan reads.
@@ -140,11 +144,11 @@ pub enum NodeAction {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConditionDraft {
     /// `Scheduled`, `Ready`, `Paused` or `Suspended`.
-    pub type_: &'static str,
+    pub type_: ConditionType,
     /// `True`, `False` or `Unknown`.
-    pub status: &'static str,
-    /// CamelCase reason from `wrenn_crds::names::reason`.
-    pub reason: &'static str,
+    pub status: ConditionStatus,
+    /// Why.
+    pub reason: Reason,
     /// Human sentence.
     pub message: String,
 }
@@ -160,8 +164,8 @@ pub struct StatusDraft {
     pub ip: Option<String>,
     /// Start time, Unix nanoseconds.
     pub started_unix_nanos: Option<i64>,
-    /// VMM (name, version, note).
-    pub vmm: Option<(String, String, String)>,
+    /// VMM.
+    pub vmm: Option<VmmInfo>,
     /// Conditions, one per type.
     pub conditions: Vec<ConditionDraft>,
     /// The node does not enforce the spec's network policy yet:
@@ -178,39 +182,157 @@ pub struct Plan {
     pub status: Option<StatusDraft>,
 }
 
-fn cond(type_: &'static str, ok: bool, reason: &'static str, message: String) -> ConditionDraft {
-    ConditionDraft {
-        type_,
-        status: if ok { "True" } else { "False" },
-        reason,
-        message,
+/// When to reconcile again after a pass that ends with no further step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// The VM runs: on the usage interval, which refreshes `status.usage`.
+    Usage,
+    /// Paused, suspended or failed: only a change moves it; look rarely.
+    Settled,
+    /// In a transition, or waiting for a source or a node: soon.
+    Soon,
+    /// The node's agent is unreachable: nothing is known yet.
+    Unknown,
+    /// The pool or the Node list is not complete yet: placing now could
+    /// duplicate a VM or misjudge a nodeSelector; very soon.
+    NotReady,
+}
+
+impl Requeue {
+    /// The delay; `usage` is the usage refresh interval.
+    pub fn after(self, usage: Duration) -> Duration {
+        match self {
+            Requeue::Usage => usage,
+            Requeue::Settled => Duration::from_secs(300),
+            Requeue::Soon => Duration::from_secs(10),
+            Requeue::Unknown => Duration::from_secs(15),
+            Requeue::NotReady => Duration::from_millis(500),
+        }
     }
+}
+
+impl Plan {
+    /// When to look again once this plan's step is the pass's last.
+    pub fn requeue(&self) -> Requeue {
+        match self.status.as_ref().map(|s| s.phase) {
+            None => Requeue::Unknown,
+            Some(CapsulePhase::Running) => Requeue::Usage,
+            Some(CapsulePhase::Paused | CapsulePhase::Suspended | CapsulePhase::Failed) => {
+                Requeue::Settled
+            }
+            Some(_) => Requeue::Soon,
+        }
+    }
+}
+
+/// The delay before the next reconcile: `requeue`, or just after the
+/// lifecycle expires when that comes first.
+pub fn plan_requeue(requeue: Requeue, expiry: Expiry, usage: Duration) -> Duration {
+    let after = requeue.after(usage);
+    match expiry {
+        Expiry::In(left) => after.min(left + Duration::from_millis(200)),
+        _ => after,
+    }
+}
+
+/// The status once placement chose `node` (the [`NodeAction::Place`]
+/// plan's status with `Scheduled` true). Written before the VM is created:
+/// after a crash the next reconcile creates on this node, never another.
+pub fn plan_placed(f: &Facts<'_>, node: &str) -> StatusDraft {
+    let mut draft = placing(f);
+    draft.phase = CapsulePhase::Scheduled;
+    draft.node = Some(node.to_string());
+    if let Some(c) = draft
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == ConditionType::Scheduled)
+    {
+        *c = cond(
+            ConditionType::Scheduled,
+            true,
+            Reason::Placed,
+            format!("placed on node {node}"),
+        );
+    }
+    draft
+}
+
+/// No node fits: the capsule stays Pending with placement's reasons, and
+/// is looked at again soon (nodes free up, join, or get labels).
+pub fn plan_unschedulable(f: &Facts<'_>, why: String) -> Plan {
+    let mut draft = placing(f);
+    if let Some(c) = draft
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == ConditionType::Scheduled)
+    {
+        c.reason = Reason::Unschedulable;
+        c.message = why;
+    }
+    Plan {
+        action: NodeAction::None,
+        status: Some(draft),
+    }
+}
+
+/// The status shown while a capsule waits for placement.
+fn placing(f: &Facts<'_>) -> StatusDraft {
+    pending(suspend_reason(f))
+}
+
+fn suspend_reason(f: &Facts<'_>) -> Reason {
+    if f.expired.is_some() {
+        Reason::SuspendedOnExpiry
+    } else {
+        Reason::SuspendedByUser
+    }
+}
+
+impl ConditionDraft {
+    /// A condition that holds (`ok`) or not.
+    pub fn new(type_: ConditionType, ok: bool, reason: Reason, message: String) -> Self {
+        Self {
+            type_,
+            status: ok.into(),
+            reason,
+            message,
+        }
+    }
+}
+
+fn cond(type_: ConditionType, ok: bool, reason: Reason, message: String) -> ConditionDraft {
+    ConditionDraft::new(type_, ok, reason, message)
 }
 
 /// Builds the four conditions for a phase. `scheduled` is Scheduled's
 /// (ok, reason, message); `ready_reason`/`message` explain Ready when False.
 fn conditions(
-    scheduled: (bool, &'static str, String),
+    scheduled: (bool, Reason, String),
     phase: CapsulePhase,
-    ready_reason: &'static str,
+    ready_reason: Reason,
     ready_message: String,
-    suspend_reason: &'static str,
+    suspend_reason: Reason,
 ) -> Vec<ConditionDraft> {
     let running = phase == CapsulePhase::Running;
     let paused = phase == CapsulePhase::Paused;
     let suspended = phase == CapsulePhase::Suspended;
     let other_reason = if running {
-        reason::RUNNING
+        Reason::Running
     } else {
         ready_reason
     };
     vec![
-        cond(condition::SCHEDULED, scheduled.0, scheduled.1, scheduled.2),
         cond(
-            condition::READY,
+            ConditionType::Scheduled,
+            scheduled.0,
+            scheduled.1,
+            scheduled.2,
+        ),
+        cond(
+            ConditionType::Ready,
             running,
             if running {
-                reason::RUNNING
+                Reason::Running
             } else {
                 ready_reason
             },
@@ -221,10 +343,10 @@ fn conditions(
             },
         ),
         cond(
-            condition::PAUSED,
+            ConditionType::Paused,
             paused,
             if paused {
-                reason::PAUSED_BY_USER
+                Reason::PausedByUser
             } else {
                 other_reason
             },
@@ -235,7 +357,7 @@ fn conditions(
             },
         ),
         cond(
-            condition::SUSPENDED,
+            ConditionType::Suspended,
             suspended,
             if suspended {
                 suspend_reason
@@ -260,7 +382,7 @@ fn draft(
     StatusDraft {
         phase,
         node: node.map(str::to_string),
-        ip: vm.filter(|v| !v.ip.is_empty()).map(|v| v.ip.clone()),
+        ip: vm.and_then(|v| v.ip.clone()),
         started_unix_nanos: vm.map(|v| v.started_unix_nanos).filter(|n| *n > 0),
         vmm: vm.and_then(|v| v.vmm.clone()),
         conditions,
@@ -279,17 +401,13 @@ fn desired_mode(f: &Facts<'_>) -> OperatingMode {
 /// Decides the next step for one capsule and the status to show.
 pub fn plan_capsule(f: &Facts<'_>) -> Plan {
     let mode = desired_mode(f);
-    let suspend_reason = if f.expired.is_some() {
-        reason::SUSPENDED_ON_EXPIRY
-    } else {
-        reason::SUSPENDED_BY_USER
-    };
-    let placed = |node: &str| (true, reason::PLACED, format!("placed on node {node}"));
+    let suspend_reason = suspend_reason(f);
+    let placed = |node: &str| (true, Reason::Placed, format!("placed on node {node}"));
 
     if f.expired == Some(OnExpiry::Delete) {
         let sched = match f.node {
             Some(n) => placed(n),
-            None => (false, reason::EXPIRED, "expired before placement".into()),
+            None => (false, Reason::Expired, "expired before placement".into()),
         };
         let vm = match f.vm {
             Observed::Present(vm) => Some(vm),
@@ -304,7 +422,7 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
                 conditions(
                     sched,
                     CapsulePhase::Expired,
-                    reason::EXPIRED,
+                    Reason::Expired,
                     "lifecycle expired; deleting".into(),
                     suspend_reason,
                 ),
@@ -321,9 +439,9 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
                     None,
                     None,
                     conditions(
-                        (false, why, message.clone()),
+                        (false, *why, message.clone()),
                         CapsulePhase::Pending,
-                        reason::PENDING,
+                        Reason::Pending,
                         "waiting for its source".into(),
                         suspend_reason,
                     ),
@@ -354,19 +472,19 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         (VmState::Failed, _) => (
             CapsulePhase::Failed,
             NodeAction::None,
-            reason::NODE_ERROR,
+            vm.reason.unwrap_or(Reason::NodeError),
             vm.message.clone(),
         ),
         (VmState::Stopped, _) => (
             CapsulePhase::Failed,
             NodeAction::None,
-            reason::VM_CRASHED,
+            Reason::VmCrashed,
             "the guest powered itself off".to_string(),
         ),
         (VmState::Creating, _) => (
             CapsulePhase::Creating,
             NodeAction::None,
-            reason::CREATING,
+            Reason::Creating,
             "the VM is booting".to_string(),
         ),
         (VmState::Pausing, _) => transitional(CapsulePhase::Pausing, "pausing"),
@@ -377,13 +495,13 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         (VmState::Running, OperatingMode::Running) => (
             CapsulePhase::Running,
             NodeAction::None,
-            reason::RUNNING,
+            Reason::Running,
             String::new(),
         ),
         (VmState::Running, OperatingMode::Paused) => (
             CapsulePhase::Pausing,
             NodeAction::Pause,
-            reason::PAUSED_BY_USER,
+            Reason::PausedByUser,
             "pausing".to_string(),
         ),
         (VmState::Running | VmState::Paused, OperatingMode::Suspended) => (
@@ -395,7 +513,7 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         (VmState::Paused, OperatingMode::Paused) => (
             CapsulePhase::Paused,
             NodeAction::None,
-            reason::PAUSED_BY_USER,
+            Reason::PausedByUser,
             "paused at the user's request".to_string(),
         ),
         // Paused → Running, and Suspended → Running or Paused: resume first;
@@ -404,7 +522,7 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         | (VmState::Suspended, OperatingMode::Running | OperatingMode::Paused) => (
             CapsulePhase::Resuming,
             NodeAction::Resume,
-            reason::CREATING,
+            Reason::Creating,
             "resuming".to_string(),
         ),
         (VmState::Suspended, OperatingMode::Suspended) => (
@@ -444,27 +562,24 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
     }
 }
 
-fn transitional(
-    phase: CapsulePhase,
-    what: &str,
-) -> (CapsulePhase, NodeAction, &'static str, String) {
+fn transitional(phase: CapsulePhase, what: &str) -> (CapsulePhase, NodeAction, Reason, String) {
     (
         phase,
         NodeAction::None,
-        reason::PENDING,
+        Reason::Pending,
         format!("the node agent is {what} the VM"),
     )
 }
 
-fn pending(suspend_reason: &'static str) -> StatusDraft {
+fn pending(suspend_reason: Reason) -> StatusDraft {
     draft(
         CapsulePhase::Pending,
         None,
         None,
         conditions(
-            (false, reason::PENDING, "waiting for placement".into()),
+            (false, Reason::Pending, "waiting for placement".into()),
             CapsulePhase::Pending,
-            reason::PENDING,
+            Reason::Pending,
             "not placed yet".into(),
             suspend_reason,
         ),
@@ -472,13 +587,8 @@ fn pending(suspend_reason: &'static str) -> StatusDraft {
 }
 
 /// The node answered and has no VM for this capsule.
-fn plan_absent(
-    f: &Facts<'_>,
-    node: &str,
-    mode: OperatingMode,
-    suspend_reason: &'static str,
-) -> Plan {
-    let placed = (true, reason::PLACED, format!("placed on node {node}"));
+fn plan_absent(f: &Facts<'_>, node: &str, mode: OperatingMode, suspend_reason: Reason) -> Plan {
+    let placed = (true, Reason::Placed, format!("placed on node {node}"));
     let status = |phase, action, ready_reason, message: String| Plan {
         action,
         status: Some(draft(
@@ -495,7 +605,7 @@ fn plan_absent(
             status(
                 CapsulePhase::Creating,
                 NodeAction::Create(mode),
-                reason::CREATING,
+                Reason::Creating,
                 format!("creating the VM on node {node}"),
             )
         }
@@ -505,7 +615,7 @@ fn plan_absent(
         Some(CapsulePhase::Terminating) => status(
             CapsulePhase::Creating,
             NodeAction::Create(mode),
-            reason::CREATING,
+            Reason::Creating,
             format!("the node {node} rolled back a failed create; creating the VM again"),
         ),
         Some(CapsulePhase::Failed | CapsulePhase::Expired) => Plan {
@@ -516,14 +626,14 @@ fn plan_absent(
         Some(CapsulePhase::Suspended | CapsulePhase::Suspending) => status(
             CapsulePhase::Failed,
             NodeAction::None,
-            reason::VM_CRASHED,
+            Reason::VmCrashed,
             format!("the suspended VM vanished from node {node}; its memory is lost"),
         ),
         // It ran and vanished: boot it again from its source.
         Some(_) => status(
             CapsulePhase::Creating,
             NodeAction::Create(mode),
-            reason::VM_CRASHED,
+            Reason::VmCrashed,
             format!("the VM vanished from node {node}; recreating it"),
         ),
     }
@@ -576,9 +686,14 @@ mod tests {
     fn vm(state: VmState) -> Vm {
         Vm {
             state,
-            ip: "10.200.0.2".into(),
-            vmm: Some(("cloud-hypervisor".into(), "v44".into(), String::new())),
+            ip: Some("10.200.0.2".into()),
+            vmm: Some(VmmInfo {
+                name: "cloud-hypervisor".into(),
+                version: "v44".into(),
+                note: None,
+            }),
             started_unix_nanos: 1_700_000_000_000_000_000,
+            reason: None,
             message: String::new(),
             egress: EgressPolicy::default(),
         }
@@ -601,7 +716,7 @@ mod tests {
         }
     }
 
-    fn cond_of<'a>(p: &'a Plan, t: &str) -> &'a ConditionDraft {
+    fn cond_of(p: &Plan, t: ConditionType) -> &ConditionDraft {
         p.status
             .as_ref()
             .unwrap()
@@ -620,18 +735,20 @@ mod tests {
         let p = plan_capsule(&facts(OperatingMode::Running, None, None, Observed::Absent));
         assert_eq!(p.action, NodeAction::Place);
         assert_eq!(phase(&p), CapsulePhase::Pending);
-        assert_eq!(cond_of(&p, "Scheduled").status, "False");
+        assert_eq!(
+            cond_of(&p, ConditionType::Scheduled).status,
+            ConditionStatus::False
+        );
     }
 
     #[test]
     fn missing_template_blocks_placement_with_its_reason() {
         let mut f = facts(OperatingMode::Running, None, None, Observed::Absent);
-        f.source =
-            SourceState::Blocked(reason::TEMPLATE_NOT_FOUND, "template base not found".into());
+        f.source = SourceState::Blocked(Reason::TemplateNotFound, "template base not found".into());
         let p = plan_capsule(&f);
         assert_eq!(p.action, NodeAction::None);
-        let s = cond_of(&p, "Scheduled");
-        assert_eq!(s.reason, "TemplateNotFound");
+        let s = cond_of(&p, ConditionType::Scheduled);
+        assert_eq!(s.reason, Reason::TemplateNotFound);
         assert_eq!(s.message, "template base not found");
     }
 
@@ -650,7 +767,10 @@ mod tests {
             ));
             assert_eq!(p.action, NodeAction::Create(mode));
             assert_eq!(phase(&p), CapsulePhase::Creating);
-            assert_eq!(cond_of(&p, "Scheduled").message, "placed on node n1");
+            assert_eq!(
+                cond_of(&p, ConditionType::Scheduled).message,
+                "placed on node n1"
+            );
         }
     }
 
@@ -667,8 +787,14 @@ mod tests {
         let s = p.status.as_ref().unwrap();
         assert_eq!(s.phase, CapsulePhase::Running);
         assert_eq!(s.ip.as_deref(), Some("10.200.0.2"));
-        assert_eq!(cond_of(&p, "Ready").status, "True");
-        assert_eq!(cond_of(&p, "Paused").status, "False");
+        assert_eq!(
+            cond_of(&p, ConditionType::Ready).status,
+            ConditionStatus::True
+        );
+        assert_eq!(
+            cond_of(&p, ConditionType::Paused).status,
+            ConditionStatus::False
+        );
     }
 
     #[test]
@@ -741,9 +867,18 @@ mod tests {
             None,
             Observed::Present(&v),
         ));
-        assert_eq!(cond_of(&p, "Paused").status, "True");
-        assert_eq!(cond_of(&p, "Paused").reason, "PausedByUser");
-        assert_eq!(cond_of(&p, "Ready").status, "False");
+        assert_eq!(
+            cond_of(&p, ConditionType::Paused).status,
+            ConditionStatus::True
+        );
+        assert_eq!(
+            cond_of(&p, ConditionType::Paused).reason,
+            Reason::PausedByUser
+        );
+        assert_eq!(
+            cond_of(&p, ConditionType::Ready).status,
+            ConditionStatus::False
+        );
         let v = vm(VmState::Suspended);
         let p = plan_capsule(&facts(
             OperatingMode::Suspended,
@@ -751,13 +886,20 @@ mod tests {
             None,
             Observed::Present(&v),
         ));
-        assert_eq!(cond_of(&p, "Suspended").status, "True");
-        assert_eq!(cond_of(&p, "Suspended").reason, "SuspendedByUser");
+        assert_eq!(
+            cond_of(&p, ConditionType::Suspended).status,
+            ConditionStatus::True
+        );
+        assert_eq!(
+            cond_of(&p, ConditionType::Suspended).reason,
+            Reason::SuspendedByUser
+        );
     }
 
     #[test]
     fn failed_vm_carries_the_agents_message() {
         let mut v = vm(VmState::Failed);
+        v.reason = Some(Reason::VmFailed);
         v.message = "boot vm: kernel not found".into();
         let p = plan_capsule(&facts(
             OperatingMode::Running,
@@ -766,8 +908,11 @@ mod tests {
             Observed::Present(&v),
         ));
         assert_eq!(phase(&p), CapsulePhase::Failed);
-        assert_eq!(cond_of(&p, "Ready").reason, "NodeError");
-        assert_eq!(cond_of(&p, "Ready").message, "boot vm: kernel not found");
+        assert_eq!(cond_of(&p, ConditionType::Ready).reason, Reason::VmFailed);
+        assert_eq!(
+            cond_of(&p, ConditionType::Ready).message,
+            "boot vm: kernel not found"
+        );
         assert_eq!(p.action, NodeAction::None);
     }
 
@@ -797,7 +942,7 @@ mod tests {
             Observed::Absent,
         ));
         assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
-        assert_eq!(cond_of(&p, "Ready").reason, "VmCrashed");
+        assert_eq!(cond_of(&p, ConditionType::Ready).reason, Reason::VmCrashed);
     }
 
     #[test]
@@ -848,7 +993,7 @@ mod tests {
         let p = plan_capsule(&f);
         assert_eq!(p.action, NodeAction::DeleteObject);
         assert_eq!(phase(&p), CapsulePhase::Expired);
-        assert_eq!(cond_of(&p, "Ready").reason, "Expired");
+        assert_eq!(cond_of(&p, ConditionType::Ready).reason, Reason::Expired);
     }
 
     #[test]
@@ -866,7 +1011,10 @@ mod tests {
         f.vm = Observed::Present(&v);
         let p = plan_capsule(&f);
         assert_eq!(phase(&p), CapsulePhase::Suspended);
-        assert_eq!(cond_of(&p, "Suspended").reason, "SuspendedOnExpiry");
+        assert_eq!(
+            cond_of(&p, ConditionType::Suspended).reason,
+            Reason::SuspendedOnExpiry
+        );
     }
 
     #[test]

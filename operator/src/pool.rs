@@ -625,4 +625,103 @@ mod tests {
         assert_eq!(left(&pool, "node-a").vcpus, 2, "counted by the agent alone");
         pool.shutdown();
     }
+
+    /// Session calls of an agent, in order.
+    fn session_calls(a: &FakeNodeAgent) -> Vec<&'static str> {
+        a.calls().into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// Discovery and the first session, against the fake API server: the
+    /// agent Pods are listed, then watched; the node's agent is asked to
+    /// stream events first (nothing is missed), then to list its capsules
+    /// and its NodeInfo; the pool announces the sync and triggers the
+    /// capsules it holds.
+    #[tokio::test]
+    async fn a_discovered_agent_is_followed_then_listed_then_announced() {
+        use crate::fixtures::{ApiServer, Reply, ok};
+        use http::Method;
+        let agent = crate::fixtures::agent("node-a", 4);
+        agent.insert("u1", "ns", "c1", pb::CapsuleState::Running);
+        let connector = Arc::new(FakeConnector::default());
+        connector.add(agent.clone());
+        let (pool, mut streams) = AgentPool::new(connector, Duration::from_secs(3600));
+        let pods = "/api/v1/namespaces/wrenn/pods";
+        let selector = "labelSelector=app.kubernetes.io%2Fname%3Dwrenn-node-agent";
+        let server = ApiServer::default();
+        let pod = serde_json::json!({
+            "metadata": {"name": "agent-x", "namespace": "wrenn", "resourceVersion": "1"},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"podIP": "10.0.0.7"},
+        });
+        server
+            .expect(
+                Method::GET,
+                &format!("{pods}?{selector}"),
+                |_| {},
+                ok(serde_json::json!({
+                    "apiVersion": "v1", "kind": "PodList",
+                    "metadata": {"resourceVersion": "1"}, "items": [pod],
+                })),
+            )
+            .expect(
+                Method::GET,
+                &format!("{pods}?{selector}&watch=true"),
+                |_| {},
+                Reply::Hang,
+            );
+        let pods: Api<Pod> = Api::namespaced(server.client(), "wrenn");
+        let discovery = tokio::spawn(discover(
+            pool.clone(),
+            pods,
+            "app.kubernetes.io/name=wrenn-node-agent".into(),
+            50051,
+        ));
+        let synced = tokio::time::timeout(Duration::from_secs(5), streams.syncs.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(synced.node, "node-a");
+        assert_eq!(
+            session_calls(&agent),
+            vec!["WatchEvents", "ListCapsules", "NodeInfo"]
+        );
+        let triggered = streams.triggers.recv().await.unwrap();
+        assert_eq!(triggered, ObjectRef::new("c1").within("ns"));
+        assert_eq!(pool.find("u1").as_deref(), Some("node-a"));
+        server.done();
+        discovery.abort();
+        pool.shutdown();
+    }
+
+    /// An agent that goes away is unsynced at once (its capsules are then
+    /// unknown, not absent) and, once back, followed, listed and announced
+    /// again in the same order.
+    #[tokio::test]
+    async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
+        let agent = crate::fixtures::agent("node-a", 4);
+        let (pool, mut streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+        assert!(streams.syncs.recv().await.is_some());
+        assert_eq!(pool.observe("node-a", "u1"), Some(None));
+        agent.set_down(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.client("node-a").is_some() {
+            assert!(Instant::now() < deadline, "never unsynced");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(pool.observe("node-a", "u1"), None);
+        let before = agent.calls().len();
+        agent.set_down(false);
+        let synced = tokio::time::timeout(Duration::from_secs(5), streams.syncs.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(synced.node, "node-a");
+        let again = &session_calls(&agent)[before..];
+        // Failed attempts while down may come first; the last three are the sync.
+        assert_eq!(
+            again[again.len() - 3..],
+            ["WatchEvents", "ListCapsules", "NodeInfo"]
+        );
+        pool.shutdown();
+    }
 }

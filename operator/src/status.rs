@@ -11,7 +11,7 @@ use kube::core::NamespaceResourceScope;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use wrenn_crds::capsule::{CapsuleResources, CapsuleStatus, VmmInfo};
+use wrenn_crds::capsule::{CapsuleResources, CapsuleStatus};
 use wrenn_crds::names::FIELD_MANAGER;
 
 use crate::plan::{ConditionDraft, StatusDraft};
@@ -43,13 +43,13 @@ pub fn build_conditions(
         .map(|d| {
             let since = current
                 .iter()
-                .find(|c| c.type_ == d.type_ && c.status == d.status)
+                .find(|c| c.type_ == d.type_.as_str() && c.status == d.status.as_str())
                 .map(|c| c.last_transition_time.clone())
                 .unwrap_or(Time(now));
             Condition {
-                type_: d.type_.to_string(),
-                status: d.status.to_string(),
-                reason: d.reason.to_string(),
+                type_: d.type_.into(),
+                status: d.status.into(),
+                reason: d.reason.into(),
                 message: d.message.clone(),
                 last_transition_time: since,
                 observed_generation: generation,
@@ -98,15 +98,7 @@ pub fn build_capsule_status(
                 )),
             })
             .or(cur.resources),
-        vmm: draft
-            .vmm
-            .as_ref()
-            .map(|(name, version, note)| VmmInfo {
-                name: name.clone(),
-                version: version.clone(),
-                note: Some(note.clone()).filter(|n| !n.is_empty()),
-            })
-            .or(cur.vmm),
+        vmm: draft.vmm.clone().or(cur.vmm),
         usage: cur.usage,
         conditions: build_conditions(&draft.conditions, &cur.conditions, generation, now),
     }
@@ -155,12 +147,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use wrenn_crds::capsule::CapsulePhase;
+    use wrenn_crds::reason::{ConditionStatus, ConditionType, Reason};
 
-    fn d(status: &'static str) -> ConditionDraft {
+    fn d(status: ConditionStatus) -> ConditionDraft {
         ConditionDraft {
-            type_: "Ready",
+            type_: ConditionType::Ready,
             status,
-            reason: "Running",
+            reason: Reason::Running,
             message: String::new(),
         }
     }
@@ -169,11 +162,11 @@ mod tests {
     fn transition_time_kept_while_status_holds_and_reset_on_change() {
         let t0 = Timestamp::from_second(1_000).unwrap();
         let t1 = Timestamp::from_second(2_000).unwrap();
-        let first = build_conditions(&[d("True")], &[], Some(1), t0);
-        let again = build_conditions(&[d("True")], &first, Some(2), t1);
+        let first = build_conditions(&[d(ConditionStatus::True)], &[], Some(1), t0);
+        let again = build_conditions(&[d(ConditionStatus::True)], &first, Some(2), t1);
         assert_eq!(again[0].last_transition_time, Time(t0));
         assert_eq!(again[0].observed_generation, Some(2));
-        let flipped = build_conditions(&[d("False")], &again, Some(2), t1);
+        let flipped = build_conditions(&[d(ConditionStatus::False)], &again, Some(2), t1);
         assert_eq!(flipped[0].last_transition_time, Time(t1));
     }
 
@@ -184,8 +177,12 @@ mod tests {
             node: Some("n1".into()),
             ip: Some("10.0.0.2".into()),
             started_unix_nanos: Some(1_700_000_000_123_456_789),
-            vmm: Some(("qemu".into(), "9".into(), "TCG".into())),
-            conditions: vec![d("True")],
+            vmm: Some(wrenn_crds::capsule::VmmInfo {
+                name: "qemu".into(),
+                version: "9".into(),
+                note: Some("TCG".into()),
+            }),
+            conditions: vec![d(ConditionStatus::True)],
             network_pending: false,
         };
         let t0 = Timestamp::from_second(1_000).unwrap();
@@ -213,7 +210,7 @@ mod tests {
             ip: Some("10.0.0.2".into()),
             started_unix_nanos: None,
             vmm: None,
-            conditions: vec![d("True")],
+            conditions: vec![d(ConditionStatus::True)],
             network_pending: false,
         };
         let t0 = Timestamp::from_second(1_000).unwrap();

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use wrenn_crds::CapsuleTemplate;
-use wrenn_crds::names::reason;
+use wrenn_crds::reason::Reason;
 use wrenn_crds::template::{CapsuleTemplateStatus, TemplateNode, TemplatePhase};
 use wrenn_proto::agent::v1 as pb;
 
@@ -44,13 +44,25 @@ pub fn disk_source(tpl: &CapsuleTemplate) -> Option<pb::template_disk::Disk> {
         .or_else(|| r.url.clone().map(Disk::RootfsUrl))
 }
 
-/// `(path, cmdline)` of the template's kernel override; empty for the
-/// agent's default.
-pub fn kernel(tpl: &CapsuleTemplate) -> (String, String) {
+/// A template's kernel override as the agent takes it; empty fields for
+/// the agent's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Kernel {
+    /// Kernel image in the node's image directory.
+    pub path: String,
+    /// Extra command line (allow-listed keys only).
+    pub cmdline: String,
+}
+
+/// The template's kernel override.
+pub fn kernel(tpl: &CapsuleTemplate) -> Kernel {
     tpl.spec
         .kernel
         .as_ref()
-        .map(|k| (k.path.clone(), k.cmdline.clone().unwrap_or_default()))
+        .map(|k| Kernel {
+            path: k.path.clone(),
+            cmdline: k.cmdline.clone().unwrap_or_default(),
+        })
         .unwrap_or_default()
 }
 
@@ -122,7 +134,10 @@ pub fn prepare_request(
         }
         _ => None,
     };
-    let (kernel_path, kernel_cmdline) = kernel(tpl);
+    let Kernel {
+        path: kernel_path,
+        cmdline: kernel_cmdline,
+    } = kernel(tpl);
     Ok(Some(pb::PrepareTemplateRequest {
         disk: Some(pb::TemplateDisk {
             key: key.to_string(),
@@ -215,37 +230,37 @@ pub fn build_template_status(
         Some(true) => (
             TemplatePhase::Ready,
             true,
-            reason::SNAPSHOT_TAKEN,
+            Reason::SnapshotTaken,
             "restores its snapshot".to_string(),
         ),
         Some(false) => (
             TemplatePhase::Pending,
             false,
-            reason::SNAPSHOT_NOT_READY,
+            Reason::SnapshotNotReady,
             "its CapsuleSnapshot is not Ready".to_string(),
         ),
         None if total == 0 => (
             TemplatePhase::Pending,
             false,
-            reason::NO_NODES,
+            Reason::NoNodes,
             "no node agent is ready on a matching node".to_string(),
         ),
         None if ready > 0 && warm => (
             TemplatePhase::Ready,
             true,
-            reason::WARM_SNAPSHOT_READY,
+            Reason::WarmSnapshotReady,
             format!("warm snapshot on {ready}/{total} nodes{failures}"),
         ),
         None if ready > 0 => (
             TemplatePhase::Ready,
             true,
-            reason::TEMPLATE_CACHED,
+            Reason::TemplateCached,
             format!("root disk on {ready}/{total} nodes{failures}"),
         ),
         None if preparing > 0 => (
             TemplatePhase::Preparing,
             false,
-            reason::PREPARING,
+            Reason::Preparing,
             format!(
                 "{} on {preparing}/{total} nodes{failures}",
                 if warm {
@@ -258,13 +273,13 @@ pub fn build_template_status(
         None if failed.len() == total => (
             TemplatePhase::Failed,
             false,
-            reason::PREPARATION_FAILED,
+            Reason::PreparationFailed,
             format!("failed on every node: {}", failed.join("; ")),
         ),
         None => (
             TemplatePhase::Ready,
             true,
-            reason::PREPARED_ON_DEMAND,
+            Reason::PreparedOnDemand,
             format!(
                 "prepared on a node when a capsule first needs it ({total} nodes ready){failures}"
             ),
@@ -277,12 +292,7 @@ pub fn build_template_status(
             nodes: rows,
             ..Default::default()
         },
-        ConditionDraft {
-            type_: wrenn_crds::names::condition::READY,
-            status: if ok { "True" } else { "False" },
-            reason: why,
-            message: msg,
-        },
+        ConditionDraft::new(wrenn_crds::reason::ConditionType::Ready, ok, why, msg),
     )
 }
 
@@ -399,7 +409,7 @@ mod tests {
         ];
         let (s, c) = build_template_status(&nodes, true, None);
         assert_eq!(s.phase, Some(TemplatePhase::Preparing));
-        assert_eq!(c.reason, "Preparing");
+        assert_eq!(c.reason, Reason::Preparing);
         assert!(!s.nodes[0].ready && !s.nodes[0].snapshot_ready);
         assert_eq!(s.nodes[1].message.as_deref(), Some("preparing: booting"));
         let nodes = vec![
@@ -414,7 +424,7 @@ mod tests {
         ];
         let (s, c) = build_template_status(&nodes, true, None);
         assert_eq!(s.phase, Some(TemplatePhase::Ready));
-        assert_eq!(c.reason, "WarmSnapshotReady");
+        assert_eq!(c.reason, Reason::WarmSnapshotReady);
         assert_eq!(
             c.message,
             "warm snapshot on 1/2 nodes; failed on b: ReadinessTimeout: port 8080 closed after 2m"
@@ -436,7 +446,7 @@ mod tests {
         ];
         let (s, c) = build_template_status(&nodes, false, None);
         assert_eq!(s.phase, Some(TemplatePhase::Failed));
-        assert_eq!(c.status, "False");
+        assert_eq!(c.status, wrenn_crds::reason::ConditionStatus::False);
         assert_eq!(
             c.message,
             "failed on every node: a: RootDiskFailed: no such file; b: RootDiskFailed: no such file"
@@ -452,14 +462,14 @@ mod tests {
         let (s, c) = build_template_status(&nodes, false, None);
         assert_eq!(
             (s.phase, c.reason),
-            (Some(TemplatePhase::Ready), "TemplateCached")
+            (Some(TemplatePhase::Ready), Reason::TemplateCached)
         );
         assert_eq!(c.message, "root disk on 1/2 nodes");
         assert_eq!(s.digest.as_deref(), Some("sha256:1"));
         let nodes = vec![("b".to_string(), OnNode::Absent)];
         assert_eq!(
             build_template_status(&nodes, false, None).1.reason,
-            "PreparedOnDemand"
+            Reason::PreparedOnDemand
         );
         assert_eq!(
             build_template_status(&[], false, None).0.phase,

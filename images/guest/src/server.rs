@@ -76,12 +76,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub fn unix_nanos_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use wrenn_proto::unix_nanos_now;
 
 fn kernel_release() -> String {
     nix::sys::utsname::uname()

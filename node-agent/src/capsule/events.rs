@@ -66,12 +66,7 @@ pub struct Watch {
     pub closed: tokio::sync::watch::Receiver<bool>,
 }
 
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use wrenn_proto::unix_nanos_now as now_nanos;
 
 impl EventBus {
     /// A bus keeping the last `capacity` events, numbering from `first`.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use wrenn_crds::reason::Reason;
 
 use crate::guest::GuestToken;
 use crate::vmm::BackendInfo;
@@ -363,25 +364,25 @@ pub enum Error {
 
 impl Error {
     /// A stable CamelCase reason for `Capsule.reason`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Error::NotFound { .. } => "NotFound",
-            Error::AlreadyExists { .. } => "AlreadyExists",
-            Error::WrongState { .. } => "WrongState",
-            Error::InvalidSpec { .. } => "InvalidSpec",
-            Error::Cancelled { .. } => "Cancelled",
-            Error::Journal { .. } => "JournalFailed",
-            Error::Network { .. } => "NetworkFailed",
-            Error::Storage { .. } => "StorageFailed",
-            Error::Vm { .. } => "VmFailed",
-            Error::Guest { .. } => "GuestNotReady",
-            Error::Files { .. } => "FilesFailed",
-            Error::SnapshotExists { .. } => "SnapshotExists",
-            Error::Aborted { .. } => "Aborted",
-            Error::SnapshotNotFound { .. } => "SnapshotNotFound",
-            Error::SnapshotUnusable { .. } => "SnapshotUnusable",
-            Error::Image { .. } => "ImageFailed",
-            Error::Quarantined { .. } => "Quarantined",
+            Error::NotFound { .. } => Reason::NotFound,
+            Error::AlreadyExists { .. } => Reason::AlreadyExists,
+            Error::WrongState { .. } => Reason::WrongState,
+            Error::InvalidSpec { .. } => Reason::InvalidSpec,
+            Error::Cancelled { .. } => Reason::Cancelled,
+            Error::Journal { .. } => Reason::JournalFailed,
+            Error::Network { .. } => Reason::NetworkFailed,
+            Error::Storage { .. } => Reason::StorageFailed,
+            Error::Vm { .. } => Reason::VmFailed,
+            Error::Guest { .. } => Reason::GuestNotReady,
+            Error::Files { .. } => Reason::FilesFailed,
+            Error::SnapshotExists { .. } => Reason::SnapshotExists,
+            Error::Aborted { .. } => Reason::Aborted,
+            Error::SnapshotNotFound { .. } => Reason::SnapshotNotFound,
+            Error::SnapshotUnusable { .. } => Reason::SnapshotUnusable,
+            Error::Image { .. } => Reason::ImageFailed,
+            Error::Quarantined { .. } => Reason::Quarantined,
         }
     }
 

@@ -7,6 +7,7 @@
 
 use super::model::State;
 use crate::vmm::process::VmmExit;
+use wrenn_crds::reason::Reason;
 
 /// An operation on an existing capsule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,22 +76,22 @@ pub(crate) fn plan_op(op: Op, state: State) -> Decision {
 /// operation stopped it, and judges it itself).
 pub(crate) fn plan_vm_exit<E: std::fmt::Display>(
     exit: &Result<VmmExit, E>,
-) -> Option<(State, &'static str, String)> {
+) -> Option<(State, Reason, String)> {
     match exit {
         Ok(VmmExit::Requested) => None,
         Ok(VmmExit::GuestPoweroff) => Some((
             State::Stopped,
-            "GuestPoweroff",
+            Reason::GuestPoweroff,
             "the guest powered itself off".to_string(),
         )),
         Ok(VmmExit::Crashed(status)) => Some((
             State::Failed,
-            "VmmCrashed",
+            Reason::VmCrashed,
             format!("the VMM exited unexpectedly ({status:?})"),
         )),
         Err(e) => Some((
             State::Failed,
-            "VmmLost",
+            Reason::VmmLost,
             format!("lost track of the VMM: {e}"),
         )),
     }
@@ -204,7 +205,7 @@ mod tests {
             plan_vm_exit(&lost),
             Some((
                 State::Failed,
-                "VmmLost",
+                Reason::VmmLost,
                 "lost track of the VMM: pidfd closed".to_string()
             ))
         );

@@ -202,13 +202,7 @@ pub(crate) fn note(rec: &mut Record, e: &Error) {
     rec.message = e.chain();
 }
 
-/// Now, in nanoseconds since the epoch (0 before it, saturated after 2262).
-pub(crate) fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use wrenn_proto::unix_nanos_now as now_nanos;
 
 #[cfg(test)]
 mod tests {

@@ -346,7 +346,7 @@ async fn crash_fails_the_capsule_and_poweroff_stops_it() {
     assert_eq!(
         seen,
         vec![
-            ("c1".into(), State::Failed, "VmmCrashed".into()),
+            ("c1".into(), State::Failed, "VmCrashed".into()),
             ("c2".into(), State::Stopped, "GuestPoweroff".into())
         ]
     );

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Longest a touch waits before it reaches the file.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
@@ -48,12 +48,7 @@ struct Inner {
     dirty: bool,
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use wrenn_proto::unix_nanos_now as now_nanos;
 
 impl Activity {
     /// Activity kept in `file` too, starting from what it holds. An

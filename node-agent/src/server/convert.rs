@@ -25,8 +25,8 @@ use crate::images::ImageSource;
 use crate::images::dirs::{self, ImageDirs, Use};
 use crate::vmm::{BackendInfo, BackendKind};
 
-/// Smallest guest the agent boots.
-pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// Smallest guest the agent boots: the CRD's minimum.
+pub use wrenn_crds::capsule::MIN_MEMORY_BYTES;
 
 /// Checks a capsule UID: what the network and storage modules can name
 /// resources after (1–63 of `[a-z0-9-]`, not starting with `-`).
@@ -306,19 +306,7 @@ pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
 /// `CapsuleSpec` → domain spec. Blocking (node file names are resolved in
 /// `dirs`).
 pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec, Status> {
-    let res = spec
-        .resources
-        .ok_or_else(|| Status::invalid_argument("spec.resources is required"))?;
-    if res.vcpus == 0 {
-        return Err(Status::invalid_argument(
-            "spec.resources.vcpus must be at least 1",
-        ));
-    }
-    if res.memory_bytes < MIN_MEMORY_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "spec.resources.memory_bytes must be at least {MIN_MEMORY_BYTES}"
-        )));
-    }
+    let resources = from_resources(spec.resources, "spec.resources")?;
     let source = match spec.source.and_then(|s| s.source) {
         Some(pb::boot_source::Source::Template(t)) => from_template(t, dirs)?,
         Some(pb::boot_source::Source::Snapshot(s)) => {
@@ -329,7 +317,7 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
     };
     // The image is built at the capsule's disk size (dm-snapshot shows the
     // guest exactly the template's size), so there must be one.
-    if matches!(source, BootSource::Image(_)) && res.disk_bytes == 0 {
+    if matches!(source, BootSource::Image(_)) && resources.disk_bytes == 0 {
         return Err(Status::invalid_argument(
             "spec.resources.disk_bytes must be set to build a template from oci_reference",
         ));
@@ -341,11 +329,7 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
         namespace: spec.namespace,
         name: spec.name,
         source,
-        resources: Resources {
-            vcpus: res.vcpus,
-            memory_bytes: res.memory_bytes,
-            disk_bytes: res.disk_bytes,
-        },
+        resources,
         kernel,
         cmdline,
         env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
@@ -434,7 +418,8 @@ pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
     }
 }
 
-fn to_resources(r: &Resources) -> pb::Resources {
+/// Domain resources → proto (the one conversion).
+pub fn to_resources(r: &Resources) -> pb::Resources {
     pb::Resources {
         vcpus: r.vcpus,
         memory_bytes: r.memory_bytes,
@@ -459,7 +444,12 @@ pub fn to_state(s: State) -> pb::CapsuleState {
     }
 }
 
-/// Backend → `VmmInfo`.
+/// What NodeInfo and every capsule say of a VMM without hardware
+/// virtualization (`status.vmm.note`).
+pub const SLOW_VMM_NOTE: &str =
+    "no hardware virtualization (QEMU TCG): much slower than production, for development and CI";
+
+/// Backend → `VmmInfo`, for NodeInfo and capsules alike.
 pub fn to_vmm(b: &BackendInfo) -> pb::VmmInfo {
     let name = match b.kind {
         BackendKind::CloudHypervisor => "cloud-hypervisor",
@@ -471,7 +461,7 @@ pub fn to_vmm(b: &BackendInfo) -> pb::VmmInfo {
         note: if b.accelerated {
             String::new()
         } else {
-            "no hardware virtualization (QEMU TCG): much slower than production".into()
+            SLOW_VMM_NOTE.into()
         },
     }
 }

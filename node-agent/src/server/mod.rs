@@ -23,7 +23,7 @@ mod activity;
 pub mod convert;
 mod dataplane;
 use crate::tls::{Listening, PortConfig, TlsFiles};
-use convert::{to_capsule, to_status, validate_snapshot_id, validate_uid};
+use convert::{to_capsule, to_resources, to_status, validate_snapshot_id, validate_uid};
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -174,14 +174,6 @@ pub struct GuestEndpoint {
     pub vsock_socket: std::path::PathBuf,
     /// What the guest agent requires on every call.
     pub guest_token: Option<crate::guest::GuestToken>,
-}
-
-fn to_resources(r: &crate::capsule::Resources) -> pb::Resources {
-    pb::Resources {
-        vcpus: r.vcpus,
-        memory_bytes: r.memory_bytes,
-        disk_bytes: r.disk_bytes,
-    }
 }
 
 pub(crate) type BoxStream<T> =

@@ -41,13 +41,7 @@ pub struct FakeNodeAgent {
     events: broadcast::Sender<pb::Event>,
 }
 
-/// Now, as the agent reports times: Unix nanoseconds.
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(1)
-}
+use wrenn_proto::unix_nanos_now as now_nanos;
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panicking test thread poisons the lock; the data is still usable.
@@ -65,6 +59,11 @@ impl FakeNodeAgent {
             state: Mutex::new(State::default()),
             events,
         })
+    }
+
+    /// The node this agent serves.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// Every call so far, in order.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::finalizer::{Event as Finalizer, finalizer};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -14,11 +15,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_crds::names::{FINALIZER, condition, reason};
+
+use wrenn_crds::reason::{ConditionType, Reason};
 use wrenn_crds::snapshot::{
     CapsuleSnapshotStatus, Compatibility, DeletionPolicy, SnapshotPhase, SourceCapsule,
 };
@@ -69,7 +70,7 @@ pub enum Error {
     Status(#[source] status::Error),
     /// The finalizer failed.
     #[error("finalizer of snapshot")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    Finalizer(#[source] Box<crate::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -82,8 +83,8 @@ impl Error {
             Error::NodeUnreachable { .. } => "node-unreachable",
             Error::Status(_) => "status",
             Error::Finalizer(e) => match &**e {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                crate::finalizer::Error::ApplyFailed(e)
+                | crate::finalizer::Error::CleanupFailed(e) => e.category(),
                 _ => "finalizer",
             },
         }
@@ -104,13 +105,8 @@ impl std::fmt::Debug for Ctx {
     }
 }
 
-fn ready_cond(ok: bool, reason: &'static str, message: String) -> ConditionDraft {
-    ConditionDraft {
-        type_: condition::READY,
-        status: if ok { "True" } else { "False" },
-        reason,
-        message,
-    }
+fn ready_cond(ok: bool, reason: Reason, message: String) -> ConditionDraft {
+    ConditionDraft::new(ConditionType::Ready, ok, reason, message)
 }
 
 async fn write(
@@ -143,7 +139,7 @@ async fn write(
     Ok(true)
 }
 
-async fn event(ctx: &Ctx, snap: &CapsuleSnapshot, type_: EventType, reason: &str, note: String) {
+async fn event(ctx: &Ctx, snap: &CapsuleSnapshot, type_: EventType, reason: Reason, note: String) {
     super::publish(&ctx.recorder, &snap.object_ref(&()), type_, reason, note).await;
 }
 
@@ -154,7 +150,7 @@ fn pending(message: String) -> (CapsuleSnapshotStatus, ConditionDraft) {
             ready_to_use: Some(false),
             ..Default::default()
         },
-        ready_cond(false, reason::PENDING, message),
+        ready_cond(false, Reason::Pending, message),
     )
 }
 
@@ -212,7 +208,7 @@ async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Er
         progress,
         ready_cond(
             false,
-            reason::SNAPSHOTTING,
+            Reason::Snapshotting,
             format!("writing on node {node}"),
         ),
     )
@@ -258,7 +254,7 @@ async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Er
                 done,
                 ready_cond(
                     true,
-                    reason::SNAPSHOT_TAKEN,
+                    Reason::SnapshotTaken,
                     format!("{} on node {node}", format_bytes(s.size_bytes)),
                 ),
             )
@@ -267,7 +263,7 @@ async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Er
                 ctx,
                 snap,
                 EventType::Normal,
-                "Ready",
+                Reason::Ready,
                 format!("snapshot of {name} on node {node}"),
             )
             .await;
@@ -296,10 +292,10 @@ async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Er
                 &api,
                 &snap_now,
                 failed,
-                ready_cond(false, reason::NODE_ERROR, msg.clone()),
+                ready_cond(false, Reason::NodeError, msg.clone()),
             )
             .await?;
-            event(ctx, snap, EventType::Warning, "Failed", msg).await;
+            event(ctx, snap, EventType::Warning, Reason::Failed, msg).await;
             Ok(Action::await_change())
         }
         Err(source) => Err(Error::Agent {
@@ -339,7 +335,7 @@ pub async fn reconcile(snap: Arc<CapsuleSnapshot>, ctx: Arc<Ctx>) -> Result<Acti
     let started = Instant::now();
     let ns = snap.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let r = finalizer(&api, FINALIZER, snap, |ev| async {
+    let r = finalizer(&api, snap, |ev| async {
         match ev {
             Finalizer::Apply(s) => apply(&s, &ns, &ctx).await,
             Finalizer::Cleanup(s) => cleanup(&s, &ctx).await,

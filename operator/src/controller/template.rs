@@ -12,17 +12,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::finalizer::{Event as Finalizer, finalizer};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use wrenn_crds::names::FINALIZER;
+
+use wrenn_crds::reason::Reason;
 use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{CapsuleSnapshot, CapsuleTemplate};
@@ -60,7 +61,7 @@ pub enum Error {
     Status(#[source] status::Error),
     /// Adding or removing the finalizer failed.
     #[error("template finalizer")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    Finalizer(#[source] Box<crate::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -71,8 +72,8 @@ impl Error {
             Error::GetSnapshot { .. } => "api",
             Error::Status(_) => "status",
             Error::Finalizer(e) => match &**e {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                crate::finalizer::Error::ApplyFailed(e)
+                | crate::finalizer::Error::CleanupFailed(e) => e.category(),
                 _ => "finalizer",
             },
         }
@@ -96,7 +97,7 @@ impl std::fmt::Debug for Ctx {
     }
 }
 
-async fn event(ctx: &Ctx, tpl: &CapsuleTemplate, type_: EventType, reason: &str, note: String) {
+async fn event(ctx: &Ctx, tpl: &CapsuleTemplate, type_: EventType, reason: Reason, note: String) {
     super::publish(&ctx.recorder, &tpl.object_ref(&()), type_, reason, note).await;
 }
 
@@ -283,7 +284,7 @@ async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, E
     let started = Instant::now();
     let ns = tpl.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), &ns);
-    let r = finalizer(&api, FINALIZER, tpl, |ev| async {
+    let r = finalizer(&api, tpl, |ev| async {
         match ev {
             Finalizer::Apply(t) => apply(&t, &ns, &ctx).await,
             Finalizer::Cleanup(t) => cleanup(&t, &ctx).await,

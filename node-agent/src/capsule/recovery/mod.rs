@@ -317,7 +317,7 @@ async fn carry_out<M: Machine + 'static>(
         Plan::ResumeInterrupted => {
             let _ = cx.release(rec, Teardown::KeepSlot, false).await;
             rec.state = State::Suspended;
-            rec.reason = "ResumeInterrupted".into();
+            rec.reason = wrenn_crds::reason::Reason::ResumeInterrupted.into();
             rec.message = "the agent restarted during the resume; resume again".into();
             report.suspended.push(uid.clone());
         }
@@ -357,7 +357,7 @@ async fn carry_out<M: Machine + 'static>(
             rec.vm = None;
             let _ = cx.release(rec, Teardown::KeepSlot, false).await;
             fail(cx, entry, rec, &e);
-            rec.reason = "VmmLost".into();
+            rec.reason = wrenn_crds::reason::Reason::VmmLost.into();
             report.lost.push(uid.clone());
         }
     }

@@ -55,7 +55,8 @@ pub fn build_qemu_args(
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
-    let mem_mib = spec.memory_bytes.div_ceil(1 << 20).max(64);
+    // At least MIN_MEMORY_BYTES: `procs::start` refuses less.
+    let mem_mib = spec.memory_bytes.div_ceil(1 << 20);
     let (accel_arg, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
         // A bounded translation cache: QEMU's default (1 GiB) would not

@@ -10,6 +10,15 @@ use crate::sys::process::ExitStatus;
 /// A QEMU step that did not reach the state it should.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
+    /// The machine asks for less memory than any guest gets
+    /// ([`wrenn_crds::capsule::MIN_MEMORY_BYTES`]); refused, never raised.
+    #[error("{bytes} bytes of memory is below the minimum of {min}")]
+    MemoryTooSmall {
+        /// What the spec asked for.
+        bytes: u64,
+        /// The minimum.
+        min: u64,
+    },
     /// QEMU or the vsock helper ended before its socket appeared.
     #[error("exited during start-up ({status:?}); vmm.log ends: {log_tail}")]
     ExitedAtStart {

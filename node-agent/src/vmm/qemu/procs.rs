@@ -22,6 +22,7 @@ use crate::vmm::logs;
 use crate::vmm::machine::{BackendKind, MachineHandle, MachineSpec};
 use crate::vmm::process::{self, HostPaths, SpawnRequest, VmmProcess};
 use crate::vmm::view;
+use wrenn_crds::capsule::MIN_MEMORY_BYTES;
 
 /// How the vsock helper is stopped: it keeps no state, and as init of its
 /// own PID namespace it would ignore SIGTERM (it has no handler).
@@ -158,6 +159,16 @@ impl Processes {
         incoming: bool,
     ) -> Result<(MachineHandle, Procs), Error> {
         let capsule = spec.capsule.as_str();
+        if spec.memory_bytes < MIN_MEMORY_BYTES {
+            return Err(Error::Qemu {
+                capsule: capsule.to_string(),
+                what: "check the machine's memory",
+                source: QemuError::MemoryTooSmall {
+                    bytes: spec.memory_bytes,
+                    min: MIN_MEMORY_BYTES,
+                },
+            });
+        }
         let prep = |what: &'static str, path: &Path| Error::prepare(capsule, what, path);
         std::fs::create_dir_all(&spec.run_dir).map_err(prep("run dir", &spec.run_dir))?;
         let layout = Layout::build(spec);

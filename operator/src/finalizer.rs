@@ -1,0 +1,116 @@
+//! The `wrenn.dev/node-cleanup` finalizer around a reconcile, with kube's
+//! semantics (`kube::runtime::finalizer`: apply only once the finalizer is
+//! on; cleanup before it comes off; a deleted object without it is done)
+//! but every write under the `wrenn-operator` field manager, which kube's
+//! helper does not name. Adding and removing are merge patches carrying
+//! the object's `resourceVersion`, so a concurrent change of the list
+//! fails with a conflict and is retried instead of being overwritten.
+
+use std::sync::Arc;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wrenn_crds::names::{FIELD_MANAGER, FINALIZER};
+
+/// What the reconcile is asked to do.
+#[derive(Debug)]
+pub enum Event<K> {
+    /// The object lives: make the world match it (idempotent).
+    Apply(Arc<K>),
+    /// The object is being deleted: remove what it owns (idempotent,
+    /// tolerates `Apply` never having run).
+    Cleanup(Arc<K>),
+}
+
+/// A finalized reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error<E: std::error::Error + 'static> {
+    /// The apply step failed.
+    #[error("apply failed")]
+    ApplyFailed(#[source] E),
+    /// The cleanup step failed; the finalizer stays.
+    #[error("cleanup failed")]
+    CleanupFailed(#[source] E),
+    /// Adding the finalizer failed.
+    #[error("add finalizer")]
+    AddFinalizer(#[source] kube::Error),
+    /// Removing the finalizer failed.
+    #[error("remove finalizer")]
+    RemoveFinalizer(#[source] kube::Error),
+}
+
+/// The patch parameters of every finalizer write.
+fn params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    }
+}
+
+/// The merge patch that sets the object's finalizers to `list`, valid only
+/// against the version `obj` was read at.
+fn build_patch<K: Resource>(obj: &K, list: Vec<String>) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "finalizers": list,
+            "resourceVersion": obj.meta().resource_version,
+        }
+    })
+}
+
+/// Runs `reconcile` inside the finalizer.
+pub async fn finalizer<K, F, Fut, E>(
+    api: &Api<K>,
+    obj: Arc<K>,
+    reconcile: F,
+) -> Result<Action, Error<E>>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    F: FnOnce(Event<K>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, E>>,
+    E: std::error::Error + 'static,
+{
+    let has = obj.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = obj.meta().deletion_timestamp.is_some();
+    match (has, deleting) {
+        (true, false) => reconcile(Event::Apply(obj))
+            .await
+            .map_err(Error::ApplyFailed),
+        (true, true) => {
+            let action = reconcile(Event::Cleanup(obj.clone()))
+                .await
+                .map_err(Error::CleanupFailed)?;
+            let rest = obj
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            api.patch(
+                &obj.name_any(),
+                &params(),
+                &Patch::Merge(build_patch(&*obj, rest)),
+            )
+            .await
+            .map_err(Error::RemoveFinalizer)?;
+            Ok(action)
+        }
+        (false, false) => {
+            let mut list = obj.finalizers().to_vec();
+            list.push(FINALIZER.to_string());
+            api.patch(
+                &obj.name_any(),
+                &params(),
+                &Patch::Merge(build_patch(&*obj, list)),
+            )
+            .await
+            .map_err(Error::AddFinalizer)?;
+            // The write triggers the next reconcile, which applies.
+            Ok(Action::await_change())
+        }
+        (false, true) => Ok(Action::await_change()),
+    }
+}
