@@ -2,8 +2,8 @@
 //! with the API server by an `APIService`, and what it needs around it.
 //!
 //! The aggregator refuses loopback endpoints, so the gateway listens on a
-//! private address of a dummy link made for the test ([`LocalAddr`]):
-//! traffic to it never leaves the machine. With `--enable-aggregator-routing`
+//! private address of a veth made for the test ([`LocalAddr`]): traffic to
+//! it never leaves the machine. With `--enable-aggregator-routing`
 //! the API server dials the address in the Service's endpoints directly.
 //!
 //! `wrenn-guest` as a host process behind a vsock shim ([`HostGuest`]) gives
@@ -22,26 +22,37 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::agent::{cargo_build, ip};
 use crate::local::{stop_child, tail};
 
-/// A private IPv4 address on a dummy link of its own; removed on drop.
+/// A private IPv4 address on the host side of a veth pair of its own,
+/// whose other end sits in a network namespace made for it (kernels
+/// without the dummy link type have veth); both removed on drop.
 #[derive(Debug)]
 pub struct LocalAddr {
     /// The address.
     pub ip: Ipv4Addr,
     link: String,
+    netns: String,
 }
 
 impl LocalAddr {
-    /// Makes link `name` (at most 15 bytes) holding `ip`/32. Needs root.
+    /// Makes link `name` (at most 13 bytes) holding `addr`/32. Needs root.
     pub fn create(name: &str, addr: Ipv4Addr) -> Result<LocalAddr> {
-        // A link left by a killed run of the same name is replaced.
+        let netns = format!("{name}-ns");
+        // Leftovers of a killed run of the same name are replaced.
         let _ = ip(&["link", "del", name]);
-        ip(&["link", "add", name, "type", "dummy"])?;
+        let _ = ip(&["netns", "del", &netns]);
+        ip(&["netns", "add", &netns])?;
         let local = LocalAddr {
             ip: addr,
             link: name.to_string(),
+            netns: netns.clone(),
         };
+        let peer = format!("{name}p");
+        ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", &peer, "netns", &netns,
+        ])?;
         ip(&["addr", "add", &format!("{addr}/32"), "dev", name])?;
         ip(&["link", "set", name, "up"])?;
+        ip(&["-n", &netns, "link", "set", &peer, "up"])?;
         Ok(local)
     }
 }
@@ -49,6 +60,7 @@ impl LocalAddr {
 impl Drop for LocalAddr {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.link]);
+        let _ = ip(&["netns", "del", &self.netns]);
     }
 }
 

@@ -19,25 +19,8 @@ use wrenn_operator::agent::GrpcConnector;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(err) = args.log.init() {
-        eprintln!("wrenn-gateway: {err}");
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("wrenn-gateway: start async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::from(1)
-        }
-    }
+    let log = args.log.clone();
+    wrenn_operator::args::run_main("wrenn-gateway", &log, || run(args))
 }
 
 async fn shutdown_signal() {

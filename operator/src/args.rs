@@ -1,5 +1,6 @@
-//! Command-line flags, each with an environment fallback and a default.
-//! The Helm chart sets these by name; renaming one breaks it.
+//! Command-line flags, each with an environment fallback and a default,
+//! and how a server binary starts from them. The Helm chart sets these by
+//! name; renaming one breaks it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +87,36 @@ impl LogArgs {
             LogFormat::Plain => builder.init(),
         }
         Ok(())
+    }
+}
+
+/// The life of a Wrenn server binary: ring as the one rustls provider
+/// (a dependency enabling a second cannot make the first handshake panic),
+/// logging as `log` says, then `run` on a multi-threaded runtime; its
+/// error chain is logged once. Exit code 2 for bad flags, 1 for a failure.
+pub fn run_main<F>(program: &str, log: &LogArgs, run: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Err(err) = log.init() {
+        eprintln!("{program}: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("{program}: start async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -29,27 +29,8 @@ use wrenn_operator::args::Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // ring only: with the provider explicit, a dependency enabling a second
-    // one cannot make the first handshake panic.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(err) = args.log.init() {
-        eprintln!("wrenn-operator: {err}");
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("wrenn-operator: start async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::from(1)
-        }
-    }
+    let log = args.log.clone();
+    wrenn_operator::args::run_main("wrenn-operator", &log, || run(args))
 }
 
 #[derive(Clone)]
