@@ -492,7 +492,7 @@ fn rendered_workloads_match_the_contracts() {
         ("WRENN_ADMIN_LISTEN", "pod-ip:9090"),
         ("WRENN_METRICS_CAPSULE_LABELS", "false"),
         // Only the operator's certificate name is served.
-        ("WRENN_CLIENT_NAMES", "wrenn-operator"),
+        ("WRENN_CLIENT_NAMES", "wrenn-operator,wrenn-gateway"),
         ("WRENN_MAX_CONNECTIONS", "128"),
         ("WRENN_TLS_HANDSHAKE_TIMEOUT_SECONDS", "10"),
         ("WRENN_TLS_RELOAD_SECONDS", "10"),
