@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1.7
 #
-# Wrenn's two images, from one multi-stage build (run on a machine with
+# Wrenn's images, from one multi-stage build (run on a machine with
 # internet access; nothing is fetched when a node starts):
 #
 #   docker build --target operator   -t REGISTRY/wrenn-operator:0.1.0 .
+#   docker build --target gateway    -t REGISTRY/wrenn-gateway:0.1.0 .
 #   docker build --target node-agent -t REGISTRY/wrenn-node-agent:0.1.0 \
 #       --build-arg CH_SHA256=<sha256 of cloud-hypervisor-static of CH_VERSION> .
 #
@@ -33,9 +34,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     rustup target add "$TARGET" \
  && cargo build --release --locked --target "$TARGET" \
-      -p wrenn-operator -p wrenn-node-agent -p wrenn-guest \
+      -p wrenn-operator -p wrenn-gateway -p wrenn-node-agent -p wrenn-guest \
  && mkdir -p /out \
- && for b in wrenn-operator wrenn-node-agent wrenn-guest; do \
+ && for b in wrenn-operator wrenn-gateway wrenn-node-agent wrenn-guest; do \
       cp "target/$TARGET/release/$b" /out/ \
       && { file "/out/$b" | grep -Eq 'static(-pie)? linked|statically linked' \
            || { echo "$b is not static" >&2; exit 1; }; }; \
@@ -97,3 +98,9 @@ FROM scratch AS operator
 COPY --from=build /out/wrenn-operator /wrenn-operator
 USER 65532:65532
 ENTRYPOINT ["/wrenn-operator"]
+
+# --- gateway (subresources.wrenn.dev aggregated API) -------------------------------
+FROM scratch AS gateway
+COPY --from=build /out/wrenn-gateway /wrenn-gateway
+USER 65532:65532
+ENTRYPOINT ["/wrenn-gateway"]

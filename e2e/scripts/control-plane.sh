@@ -11,6 +11,8 @@
 # Binaries come from build-control-plane.sh (built and cached when absent).
 # Authentication is a static admin token in system:masters; the API server's
 # serving certificate is self-signed and written to DIR/pki.
+# WRENN_CP_FRONT_PROXY=1 adds the front-proxy flags aggregated API servers need;
+# WRENN_CP_EXTRA_TOKENS=FILE adds the static-token lines of FILE.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.sh
@@ -51,7 +53,32 @@ start_dir() {
   }
   local token; token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   printf '%s,admin,admin-uid,"system:masters"\n' "$token" > "$d/tokens.csv"
+  # More users (token,user,uid,"group,...") for RBAC tests.
+  if [ -n "${WRENN_CP_EXTRA_TOKENS:-}" ]; then cat "$WRENN_CP_EXTRA_TOKENS" >> "$d/tokens.csv"; fi
   chmod 600 "$d/tokens.csv"
+
+  # Front proxy for aggregated API servers (WRENN_CP_FRONT_PROXY=1): a
+  # request-header CA, the proxy's client certificate (CN front-proxy-client)
+  # and aggregator routing to APIService endpoints.
+  local aggregator=()
+  if [ -n "${WRENN_CP_FRONT_PROXY:-}" ]; then
+    [ -f "$d/pki/front-proxy-client.crt" ] || {
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -keyout "$d/pki/front-proxy-ca.key" -out "$d/pki/front-proxy-ca.crt" -subj "/CN=wrenn test front-proxy CA" 2>/dev/null
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$d/pki/front-proxy-client.key" -out "$d/pki/front-proxy-client.csr" -subj "/CN=front-proxy-client" 2>/dev/null
+      printf 'extendedKeyUsage=clientAuth\n' > "$d/pki/front-proxy-client.ext"
+      openssl x509 -req -in "$d/pki/front-proxy-client.csr" -CA "$d/pki/front-proxy-ca.crt" \
+        -CAkey "$d/pki/front-proxy-ca.key" -CAcreateserial -days 2 \
+        -extfile "$d/pki/front-proxy-client.ext" -out "$d/pki/front-proxy-client.crt" 2>/dev/null
+    }
+    aggregator=(--requestheader-client-ca-file="$d/pki/front-proxy-ca.crt"
+      --requestheader-allowed-names=front-proxy-client
+      --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group
+      --requestheader-extra-headers-prefix=X-Remote-Extra-
+      --proxy-client-cert-file="$d/pki/front-proxy-client.crt" --proxy-client-key-file="$d/pki/front-proxy-client.key"
+      --enable-aggregator-routing=true)
+  fi
 
   "$ETCD_BIN_DIR/etcd" --name=default --data-dir="$d/etcd" --unsafe-no-fsync=true \
     --listen-client-urls="http://127.0.0.1:$ep" --advertise-client-urls="http://127.0.0.1:$ep" \
@@ -66,7 +93,7 @@ start_dir() {
     --service-account-issuer="https://127.0.0.1:$ap" --service-account-key-file="$d/pki/sa.pub" \
     --service-account-signing-key-file="$d/pki/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
     --allow-privileged=true --disable-admission-plugins=ServiceAccount \
-    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 \
+    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 "${aggregator[@]}" \
     >"$d/apiserver.log" 2>&1 &
   echo $! > "$d/apiserver.pid"
 

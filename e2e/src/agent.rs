@@ -235,7 +235,7 @@ pub fn agent_binary() -> Result<PathBuf> {
     cargo_build("wrenn-node-agent", "wrenn-node-agent")
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output().context("run ip")?;
     if !out.status.success() {
         bail!(

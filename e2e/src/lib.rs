@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod gateway;
 pub mod helm;
 pub mod leaks;
 pub mod local;
@@ -50,6 +51,30 @@ fn script() -> PathBuf {
 
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
+/// How [`ControlPlane::start_own`] starts a control plane; the default is
+/// what [`ControlPlane::shared`] starts.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The front-proxy flags aggregated API servers need: a request-header
+    /// CA and the proxy's client certificate (`pki/front-proxy-ca.crt`,
+    /// `pki/front-proxy-client.{crt,key}`, CN `front-proxy-client`) and
+    /// `--enable-aggregator-routing`.
+    pub front_proxy: bool,
+    /// Users besides the admin, each with a static token.
+    pub tokens: Vec<StaticToken>,
+}
+
+/// A user of the static token file.
+#[derive(Clone, Debug)]
+pub struct StaticToken {
+    /// Bearer token.
+    pub token: String,
+    /// User name.
+    pub user: String,
+    /// Groups (besides `system:authenticated`, which every user has).
+    pub groups: Vec<String>,
+}
+
 impl ControlPlane {
     /// The control plane of this test process, started on first use with
     /// the CRDs installed. `Err` carries why it could not start, for the
@@ -76,12 +101,79 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// A control plane of the caller's own, started as `opts` asks, with
+    /// the CRDs installed; never a reused one (`WRENN_KUBECONFIG`), whose
+    /// flags the caller could not know. Stopped when dropped.
+    pub fn start_own(opts: &Options) -> Result<ControlPlane> {
+        let kubectl = kubectl_path()?;
+        static OWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = OWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wrenn-cp-{}-own{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let mut env = Vec::new();
+        if opts.front_proxy {
+            env.push(("WRENN_CP_FRONT_PROXY", "1".into()));
+        }
+        if !opts.tokens.is_empty() {
+            let file = dir.join("extra-tokens.csv");
+            let lines: String = opts
+                .tokens
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{},{},{}-uid,\"{}\"\n",
+                        t.token,
+                        t.user,
+                        t.user,
+                        t.groups.join(",")
+                    )
+                })
+                .collect();
+            std::fs::write(&file, lines).context("write the extra tokens")?;
+            env.push(("WRENN_CP_EXTRA_TOKENS", file.display().to_string()));
+        }
+        let cp = Self::spawn_in(kubectl, dir, &env)?;
+        cp.install_crds()?;
+        Ok(cp)
+    }
+
+    /// The directory of a control plane this process started (`pki/` holds
+    /// its certificates); `None` for a reused one.
+    pub fn dir(&self) -> Option<&Path> {
+        self._supervisor
+            .as_ref()
+            .and_then(|_| self.kubeconfig.parent())
+    }
+
+    /// A kubeconfig for the static-token user `user` (see [`Options::tokens`]),
+    /// written beside the admin's; an empty `token` sends no credentials.
+    pub fn kubeconfig_for(&self, user: &str, token: &str) -> Result<PathBuf> {
+        let admin = std::fs::read_to_string(&self.kubeconfig).context("read the kubeconfig")?;
+        let mut kc: serde_json::Value =
+            serde_saphyr::from_str(&admin).context("parse the kubeconfig")?;
+        let credentials = if token.is_empty() {
+            serde_json::json!({})
+        } else {
+            serde_json::json!({ "token": token })
+        };
+        kc["users"] = serde_json::json!([{ "name": "admin", "user": credentials }]);
+        let path = self.kubeconfig.with_file_name(format!("kubeconfig-{user}"));
+        std::fs::write(&path, serde_json::to_string(&kc)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
     fn spawn(kubectl: PathBuf) -> Result<ControlPlane> {
         let dir = std::env::temp_dir().join(format!("wrenn-cp-{}", std::process::id()));
+        Self::spawn_in(kubectl, dir, &[])
+    }
+
+    fn spawn_in(kubectl: PathBuf, dir: PathBuf, env: &[(&str, String)]) -> Result<ControlPlane> {
         let mut child = Command::new("bash")
             .arg(script())
             .arg("run")
             .arg(&dir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

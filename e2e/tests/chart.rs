@@ -71,6 +71,19 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The operator's Deployment (the gateway has one too).
+fn operator_deployment(docs: &[Value]) -> &Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == "Deployment"
+                && d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "expected one operator Deployment");
+    found[0]
+}
+
 fn env_of(container: &Value) -> BTreeMap<String, Value> {
     container["env"]
         .as_array()
@@ -479,7 +492,7 @@ fn rendered_workloads_match_the_contracts() {
         ("WRENN_ADMIN_LISTEN", "pod-ip:9090"),
         ("WRENN_METRICS_CAPSULE_LABELS", "false"),
         // Only the operator's certificate name is served.
-        ("WRENN_CLIENT_NAMES", "wrenn-operator"),
+        ("WRENN_CLIENT_NAMES", "wrenn-operator,wrenn-gateway"),
         ("WRENN_MAX_CONNECTIONS", "128"),
         ("WRENN_TLS_HANDSHAKE_TIMEOUT_SECONDS", "10"),
         ("WRENN_TLS_RELOAD_SECONDS", "10"),
@@ -558,8 +571,61 @@ fn rendered_workloads_match_the_contracts() {
         assert_eq!(c[probe]["httpGet"]["host"], "127.0.0.1", "{probe}");
     }
 
+    // Gateway: stateless replicas with HTTPS probes on its port, its agent
+    // identity from the client CA, and an APIService trusting exactly its
+    // serving certificate's CA.
+    let gw = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Deployment"
+                && d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+        })
+        .expect("a gateway Deployment");
+    assert_eq!(gw["spec"]["replicas"], 2);
+    let gc = &gw["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(gc["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert_eq!(gc["securityContext"]["readOnlyRootFilesystem"], true);
+    let apisvc = find(&docs, "APIService");
+    assert_eq!(
+        apisvc["metadata"]["name"],
+        "v1alpha1.subresources.wrenn.dev"
+    );
+    assert_eq!(apisvc["spec"]["service"]["name"], "wrenn-gateway");
+    let serving = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "wrenn-gateway-serving")
+        .expect("the gateway's serving Secret");
+    assert_eq!(apisvc["spec"]["caBundle"], serving["data"]["ca.crt"]);
+    let gw_cert = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == "wrenn-gateway-tls")
+        .expect("the gateway's client Secret");
+    let gw_pem =
+        String::from_utf8(decode_b64(gw_cert["data"]["tls.crt"].as_str().unwrap())).unwrap();
+    assert!(gw_pem.contains("BEGIN CERTIFICATE"));
+    // Aggregated roles: edit may exec, view may only read.
+    let role = |suffix: &str| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == "ClusterRole" && d["metadata"]["name"] == format!("wrenn-{suffix}")
+            })
+            .unwrap_or_else(|| panic!("no ClusterRole wrenn-{suffix}"))
+    };
+    let edit = role("edit");
+    assert_eq!(
+        edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
+    );
+    assert!(edit["rules"].to_string().contains("capsules/exec"));
+    let view = role("view");
+    assert_eq!(
+        view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"],
+        "true"
+    );
+    assert!(!view["rules"].to_string().contains("exec"));
+
     // Operator: non-root, read-only, no capabilities, probes on the admin port.
-    let dep = find(&docs, "Deployment");
+    let dep = operator_deployment(&docs);
     let pod = &dep["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -653,7 +719,8 @@ fn rendered_workloads_match_the_contracts() {
         .filter(|d| d["kind"] == "Certificate")
         .map(|d| (d["metadata"]["name"].as_str().unwrap().to_string(), d))
         .collect();
-    assert_eq!(certs.len(), 4);
+    // Two CAs, the agent's, the operator's and the gateway's two.
+    assert_eq!(certs.len(), 6);
     // CAs and leaves are renewed before they expire; a CA keeps its key, so
     // what it signed before a renewal stays valid.
     for (name, duration, renew, rotation) in [
@@ -661,6 +728,8 @@ fn rendered_workloads_match_the_contracts() {
         ("wrenn-client-ca", "87600h", "720h", "Never"),
         ("wrenn-node-agent-tls", "2160h", "360h", "Always"),
         ("wrenn-operator-tls", "2160h", "360h", "Always"),
+        ("wrenn-gateway-tls", "2160h", "360h", "Always"),
+        ("wrenn-gateway-serving", "2160h", "360h", "Always"),
     ] {
         let spec = &certs[name]["spec"];
         assert_eq!(spec["duration"], duration, "{name}");
@@ -677,8 +746,19 @@ fn rendered_workloads_match_the_contracts() {
             .clone()
     };
     assert_eq!(trust(find(&cm, "DaemonSet")), "wrenn-client-ca");
-    assert_eq!(trust(find(&cm, "Deployment")), "wrenn-agent-ca");
-    assert_eq!(find(&cm, "Deployment")["spec"]["replicas"], 2);
+    assert_eq!(trust(operator_deployment(&cm)), "wrenn-agent-ca");
+    assert_eq!(operator_deployment(&cm)["spec"]["replicas"], 2);
+    // The gateway's agent identity comes from the client CA; cert-manager
+    // injects its serving certificate into the APIService.
+    assert_eq!(
+        certs["wrenn-gateway-tls"]["spec"]["dnsNames"],
+        json!(["wrenn-gateway"])
+    );
+    assert_eq!(
+        find(&cm, "APIService")["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "wrenn-system/wrenn-gateway-serving"
+    );
+    assert!(find(&cm, "APIService")["spec"]["caBundle"].is_null());
 }
 
 #[test]
@@ -1072,6 +1152,10 @@ async fn operator_rbac_is_sufficient_and_minimal() {
             &ns,
             "--set",
             "crds.install=false",
+            // The APIService is cluster-wide and the install test's release
+            // owns it.
+            "--set",
+            "gateway.enabled=false",
             // Its agents go nowhere: on tier C they would take the host
             // ports of the install test's agents.
             "--set-string",

@@ -149,6 +149,23 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The one `kind` of `component` (label `app.kubernetes.io/component`).
+fn find_of<'a>(docs: &'a [Value], kind: &str, component: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == kind && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} of {component}, got {}",
+        found.len()
+    );
+    found[0]
+}
+
 /// (name, value or valueFrom) of a container's env, in order.
 fn env_of(container: &Value) -> Vec<(String, Value)> {
     container["env"]
@@ -221,7 +238,7 @@ struct Rendered {
 }
 
 fn read_chart(docs: &[Value], ns: &str) -> Rendered {
-    let dep = find(docs, "Deployment");
+    let dep = find_of(docs, "Deployment", "operator");
     let op = &dep["spec"]["template"]["spec"]["containers"][0];
     let sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
         .as_str()
@@ -807,7 +824,10 @@ async fn operator_without_a_chart_permission_reports_forbidden() {
     let docs = install_rbac(cp, &helm, &release, &ns, |docs| {
         let role = docs
             .iter_mut()
-            .find(|d| d["kind"] == "ClusterRole")
+            .find(|d| {
+                d["kind"] == "ClusterRole"
+                    && d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+            })
             .unwrap();
         let mut dropped = 0;
         for rule in role["rules"].as_array_mut().unwrap() {
@@ -947,6 +967,7 @@ fn chart_env_is_what_the_binaries_accept() {
     };
     let op_flags = flags_by_env(&wrenn_operator::args::Args::command());
     let agent_flags = flags_by_env(&wrenn_node_agent::args::Args::command());
+    let gateway_flags = flags_by_env(&wrenn_gateway::args::Args::command());
     // Flags the chart leaves at their defaults, and why. A new flag fails
     // this test until the chart sets it or it is named here.
     let defaults: BTreeMap<&str, &[&str]> = BTreeMap::from([
@@ -974,6 +995,11 @@ fn chart_env_is_what_the_binaries_accept() {
                 "WRENN_GUEST_READY_SECS",
             ][..],
         ),
+        (
+            "gateway Deployment",
+            // Certificates and the front proxy's CA are re-read every 30 s.
+            &["WRENN_RELOAD_SECONDS"][..],
+        ),
     ]);
 
     let mut variants: Vec<(String, Vec<String>)> = vec![
@@ -1000,10 +1026,11 @@ fn chart_env_is_what_the_binaries_accept() {
     for (what, extra) in &variants {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let docs = render(&helm, "wrenn", "wrenn-system", &extra);
-        let container =
-            |kind: &str| find(&docs, kind)["spec"]["template"]["spec"]["containers"][0].clone();
+        let container = |kind: &str, component: &str| {
+            find_of(&docs, kind, component)["spec"]["template"]["spec"]["containers"][0].clone()
+        };
 
-        let op = container("Deployment");
+        let op = container("Deployment", "operator");
         let (argv, unknown) = argv_of("wrenn-operator", &op, &op_flags);
         for name in unknown {
             wrong.push(format!(
@@ -1031,7 +1058,7 @@ fn chart_env_is_what_the_binaries_accept() {
             )),
         }
 
-        let ag = container("DaemonSet");
+        let ag = container("DaemonSet", "node-agent");
         let (argv, unknown) = argv_of("wrenn-node-agent", &ag, &agent_flags);
         for name in unknown {
             wrong.push(format!(
@@ -1043,14 +1070,34 @@ fn chart_env_is_what_the_binaries_accept() {
                 "{what}: the node agent refuses the chart's settings {argv:?}:\n{e}"
             ));
         }
-        for (kind, c) in [("Deployment", &op), ("DaemonSet", &ag)] {
+        let gw = container("Deployment", "gateway");
+        let (argv, unknown) = argv_of("wrenn-gateway", &gw, &gateway_flags);
+        for name in unknown {
+            wrong.push(format!(
+                "{what}: the gateway Deployment sets {name}, which no gateway flag reads"
+            ));
+        }
+        if let Err(e) = wrenn_gateway::args::Args::try_parse_from(&argv) {
+            wrong.push(format!(
+                "{what}: the gateway refuses the chart's settings {argv:?}:\n{e}"
+            ));
+        }
+        for (kind, c) in [
+            ("Deployment", &op),
+            ("DaemonSet", &ag),
+            ("gateway Deployment", &gw),
+        ] {
             set_by_chart
                 .entry(kind)
                 .or_default()
                 .extend(env_of(c).into_iter().map(|(n, _)| n));
         }
     }
-    for (kind, flags) in [("Deployment", &op_flags), ("DaemonSet", &agent_flags)] {
+    for (kind, flags) in [
+        ("Deployment", &op_flags),
+        ("DaemonSet", &agent_flags),
+        ("gateway Deployment", &gateway_flags),
+    ] {
         let set = set_by_chart.get(kind).cloned().unwrap_or_default();
         for name in flags.keys() {
             if !set.contains(name) && !defaults[kind].contains(&name.as_str()) {

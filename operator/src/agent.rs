@@ -116,10 +116,12 @@ pub struct GrpcConnector {
     pub timeout: Duration,
 }
 
-impl Connector for GrpcConnector {
-    fn connect(&self, node: &str, addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error> {
+impl GrpcConnector {
+    /// A lazily connecting channel to `node`'s agent at `addr`, for callers
+    /// that use RPCs [`NodeAgent`] does not cover (the gateway's data plane).
+    pub fn channel(&self, node: &str, addr: SocketAddr) -> Result<Channel, Error> {
         // http: TLS is the connector's, which re-reads rotated certificates.
-        let channel = Channel::from_shared(format!("http://{addr}"))
+        Ok(Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Call {
                 call: "connect",
                 node: node.to_string(),
@@ -130,7 +132,13 @@ impl Connector for GrpcConnector {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
-            .connect_with_connector_lazy(self.tls.connector());
+            .connect_with_connector_lazy(self.tls.connector()))
+    }
+}
+
+impl Connector for GrpcConnector {
+    fn connect(&self, node: &str, addr: SocketAddr) -> Result<Arc<dyn NodeAgent>, Error> {
+        let channel = self.channel(node, addr)?;
         Ok(Arc::new(GrpcNodeAgent {
             node: node.to_string(),
             client: NodeAgentClient::new(channel),

@@ -1,5 +1,6 @@
-//! Command-line flags, each with an environment fallback and a default.
-//! The Helm chart sets these by name; renaming one breaks it.
+//! Command-line flags, each with an environment fallback and a default,
+//! and how a server binary starts from them. The Helm chart sets these by
+//! name; renaming one breaks it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,30 +16,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Flags of `wrenn-operator`.
-#[derive(Debug, Parser)]
-#[command(
-    name = "wrenn-operator",
-    version,
-    about = "Wrenn operator: places Capsules and drives node agents"
-)]
-pub struct Args {
-    /// Namespace of the node-agent Pods (default: the operator's own, POD_NAMESPACE).
+/// How a client reaches node agents: their Pods, port and certificate
+/// name, and the client's own identity. The operator and the gateway both
+/// flatten it into their flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentClientArgs {
+    /// Namespace of the node-agent Pods (default: this Pod's own, POD_NAMESPACE).
     #[arg(long, env = "WRENN_AGENT_NAMESPACE")]
     pub agent_namespace: Option<String>,
-    /// This replica's namespace (downward API): where the Lease is held and,
-    /// by default, where the node-agent Pods are found.
-    #[arg(long, env = "POD_NAMESPACE")]
-    pub pod_namespace: Option<String>,
-    /// This replica's name (downward API): its Lease identity and the
-    /// reporting instance of its Events.
-    #[arg(long, env = "POD_NAME")]
-    pub pod_name: Option<String>,
-    /// Reconcile Capsules, CapsuleSnapshots and CapsuleTemplates of this
-    /// namespace only (default: every namespace). Two operators sharing a
-    /// cluster must watch disjoint namespaces and drive disjoint agents.
-    #[arg(long, env = "WRENN_WATCH_NAMESPACE")]
-    pub watch_namespace: Option<String>,
     /// Label selector of the node-agent Pods.
     #[arg(
         long,
@@ -56,7 +41,8 @@ pub struct Args {
         default_value = "wrenn-node-agent"
     )]
     pub agent_server_name: String,
-    /// Client certificate presented to agents (PEM).
+    /// Client certificate presented to agents (PEM); agents serve only the
+    /// names they list (`--client-name`).
     #[arg(long, env = "WRENN_TLS_CERT", default_value = "/etc/wrenn/tls/tls.crt")]
     pub tls_cert: PathBuf,
     /// Key of the client certificate (PEM).
@@ -65,6 +51,99 @@ pub struct Args {
     /// CA that signs the agents' server certificates (PEM).
     #[arg(long, env = "WRENN_AGENT_CA", default_value = "/etc/wrenn/tls/ca.crt")]
     pub agent_ca: PathBuf,
+}
+
+impl AgentClientArgs {
+    /// The client identity and agent trust these flags name (blocking: reads the files).
+    pub fn client_tls(&self) -> Result<crate::agent::ClientTls, crate::agent::tls::Error> {
+        crate::agent::ClientTls::from_files(
+            &self.tls_cert,
+            &self.tls_key,
+            &self.agent_ca,
+            &self.agent_server_name,
+        )
+    }
+}
+
+/// Logging flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LogArgs {
+    /// Log filter, e.g. `info` or `wrenn_operator=debug`.
+    #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// `plain` or `json`.
+    #[arg(long, env = "WRENN_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Installs the process's tracing subscriber; `Err` names a bad filter.
+    pub fn init(&self) -> Result<(), String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|err| format!("--log-level {:?}: {err}", self.log_level))?;
+        let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        match self.log_format {
+            LogFormat::Json => builder.json().init(),
+            LogFormat::Plain => builder.init(),
+        }
+        Ok(())
+    }
+}
+
+/// The life of a Wrenn server binary: ring as the one rustls provider
+/// (a dependency enabling a second cannot make the first handshake panic),
+/// logging as `log` says, then `run` on a multi-threaded runtime; its
+/// error chain is logged once. Exit code 2 for bad flags, 1 for a failure.
+pub fn run_main<F>(program: &str, log: &LogArgs, run: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Err(err) = log.init() {
+        eprintln!("{program}: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("{program}: start async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Flags of `wrenn-operator`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wrenn-operator",
+    version,
+    about = "Wrenn operator: places Capsules and drives node agents"
+)]
+pub struct Args {
+    /// Node agents and the operator's identity towards them.
+    #[command(flatten)]
+    pub agents: AgentClientArgs,
+    /// This replica's namespace (downward API): where the Lease is held and,
+    /// by default, where the node-agent Pods are found.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// This replica's name (downward API): its Lease identity and the
+    /// reporting instance of its Events.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Reconcile Capsules, CapsuleSnapshots and CapsuleTemplates of this
+    /// namespace only (default: every namespace). Two operators sharing a
+    /// cluster must watch disjoint namespaces and drive disjoint agents.
+    #[arg(long, env = "WRENN_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "WRENN_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
     pub admin_listen: SocketAddr,
@@ -89,12 +168,9 @@ pub struct Args {
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub max_concurrent_reconciles: u16,
-    /// Log filter, e.g. `info` or `wrenn_operator=debug`.
-    #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// `plain` or `json`.
-    #[arg(long, env = "WRENN_LOG_FORMAT", value_enum, default_value = "plain")]
-    pub log_format: LogFormat,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[cfg(test)]
@@ -105,11 +181,14 @@ mod tests {
     #[test]
     fn defaults_match_the_chart() {
         let a = Args::try_parse_from(["wrenn-operator"]).unwrap();
-        assert_eq!(a.agent_selector, "app.kubernetes.io/name=wrenn-node-agent");
-        assert_eq!(a.agent_port, 7443);
+        assert_eq!(
+            a.agents.agent_selector,
+            "app.kubernetes.io/name=wrenn-node-agent"
+        );
+        assert_eq!(a.agents.agent_port, 7443);
         assert_eq!(a.admin_listen.to_string(), "0.0.0.0:8080");
         assert!(a.leader_election);
-        assert_eq!(a.log_format, LogFormat::Plain);
+        assert_eq!(a.log.log_format, LogFormat::Plain);
     }
 
     #[test]

@@ -20,44 +20,17 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use clap::Parser;
 use prometheus_client::registry::Registry;
-use wrenn_operator::agent::{ClientTls, GrpcConnector};
+use wrenn_operator::agent::GrpcConnector;
 use wrenn_operator::controller::{Operator, Settings, run_all};
 use wrenn_operator::metrics::Metrics;
 use wrenn_operator::pool::AgentPool;
 
-use wrenn_operator::args::{Args, LogFormat};
+use wrenn_operator::args::Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // ring only: with the provider explicit, a dependency enabling a second
-    // one cannot make the first handshake panic.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(f) => f,
-        Err(err) => {
-            eprintln!("wrenn-operator: --log-level {:?}: {err}", args.log_level);
-            return ExitCode::from(2);
-        }
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Plain => builder.init(),
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("wrenn-operator: start async runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::from(1)
-        }
-    }
+    let log = args.log.clone();
+    wrenn_operator::args::run_main("wrenn-operator", &log, || run(args))
 }
 
 #[derive(Clone)]
@@ -100,15 +73,9 @@ async fn stop_signal() {
 
 async fn run(args: Args) -> Result<()> {
     let Args {
+        agents,
         pod_namespace: own_namespace,
         pod_name: instance,
-        agent_namespace,
-        agent_selector,
-        agent_port,
-        agent_server_name,
-        tls_cert,
-        tls_key,
-        agent_ca,
         admin_listen,
         leader_election,
         node_lost_timeout,
@@ -116,11 +83,12 @@ async fn run(args: Args) -> Result<()> {
         watch_namespace,
         ..
     } = args;
-    let agent_namespace = agent_namespace
+    let agent_namespace = agents
+        .agent_namespace
+        .clone()
         .or_else(|| own_namespace.clone())
         .context("--agent-namespace (WRENN_AGENT_NAMESPACE) or POD_NAMESPACE must be set")?;
-    let tls = ClientTls::from_files(&tls_cert, &tls_key, &agent_ca, &agent_server_name)
-        .context("load agent TLS material")?;
+    let tls = agents.client_tls().context("load agent TLS material")?;
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -190,7 +158,7 @@ async fn run(args: Args) -> Result<()> {
         client,
         pool,
         streams,
-        discovery: (agent_namespace, agent_selector, agent_port),
+        discovery: (agent_namespace, agents.agent_selector, agents.agent_port),
         metrics,
         settings,
         instance,

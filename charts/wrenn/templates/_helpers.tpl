@@ -91,3 +91,24 @@ issued that leaf, so each side reads the other side's CA Secret instead.
 {{- define "wrenn.operator.trustSecret" -}}
 {{- if eq .Values.tls.mode "cert-manager" -}}{{ include "wrenn.fullname" . }}-agent-ca{{- else -}}{{ include "wrenn.operator.tlsSecret" . }}{{- end -}}
 {{- end -}}
+
+{{- define "wrenn.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "wrenn.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "wrenn.gateway.selectorLabels" -}}
+app.kubernetes.io/name: wrenn-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "wrenn.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create -}}
+{{- default (include "wrenn.gateway.fullname" .) .Values.gateway.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.gateway.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The gateway's Secrets: its client key pair towards agents (ca.crt: the agent CA), and its serving key pair (ca.crt: the CA the APIService trusts). */}}
+{{- define "wrenn.gateway.tlsSecret" -}}{{ include "wrenn.gateway.fullname" . }}-tls{{- end -}}
+{{- define "wrenn.gateway.servingSecret" -}}{{ include "wrenn.gateway.fullname" . }}-serving{{- end -}}

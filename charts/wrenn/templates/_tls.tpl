@@ -3,6 +3,9 @@ Mutual-TLS material in helm mode, as YAML with base64 values:
   agentCrt, agentKey     node agent's server certificate, signed by the agent CA
   operatorCrt, operatorKey  operator's client certificate, signed by the client CA
   agentCA, clientCA      the two CA certificates
+  gatewayCrt, gatewayKey    (gateway.enabled) the gateway's client certificate, signed by the client CA
+  servingCrt, servingKey, servingCA  (gateway.enabled) the gateway's serving certificate and its
+                         own CA, which only the APIService's caBundle trusts
 Two CAs, so that a node's agent key can never pass as the operator to another
 node: agents trust only the client CA, the operator only the agent CA.
 
@@ -34,11 +37,24 @@ components reload rotated files). Computed once per render and memoised in
 {{- $op := lookup "v1" "Secret" $ns (include "wrenn.operator.tlsSecret" .) -}}
 {{- $ad := ($agent | default dict).data | default dict -}}
 {{- $od := ($op | default dict).data | default dict -}}
-{{- $complete := and (index $ad "tls.crt") (index $ad "tls.key") (index $ad "ca.crt") (index $od "tls.crt") (index $od "tls.key") (index $od "ca.crt") -}}
+{{- $gwOn := .Values.gateway.enabled -}}
+{{- $gw := lookup "v1" "Secret" $ns (include "wrenn.gateway.tlsSecret" .) -}}
+{{- $gs := lookup "v1" "Secret" $ns (include "wrenn.gateway.servingSecret" .) -}}
+{{- $gd := ($gw | default dict).data | default dict -}}
+{{- $sd := ($gs | default dict).data | default dict -}}
+{{- $gwComplete := or (not $gwOn) (and (index $gd "tls.crt") (index $gd "tls.key") (index $sd "tls.crt") (index $sd "tls.key") (index $sd "ca.crt")) -}}
+{{- $complete := and (index $ad "tls.crt") (index $ad "tls.key") (index $ad "ca.crt") (index $od "tls.crt") (index $od "tls.key") (index $od "ca.crt") $gwComplete -}}
 {{- $sameCAs := and (or (not $agentGiven) (eq (index $od "ca.crt" | default "") (b64enc $agentGiven))) (or (not $clientGiven) (eq (index $ad "ca.crt" | default "") (b64enc $clientGiven))) -}}
 {{- $m := dict -}}
 {{- if and $complete $sameCAs -}}
 {{- $m = dict "agentCrt" (index $ad "tls.crt") "agentKey" (index $ad "tls.key") "clientCA" (index $ad "ca.crt") "operatorCrt" (index $od "tls.crt") "operatorKey" (index $od "tls.key") "agentCA" (index $od "ca.crt") "reused" true -}}
+{{- if $gwOn -}}
+{{- $_ := set $m "gatewayCrt" (index $gd "tls.crt") -}}
+{{- $_ := set $m "gatewayKey" (index $gd "tls.key") -}}
+{{- $_ := set $m "servingCrt" (index $sd "tls.crt") -}}
+{{- $_ := set $m "servingKey" (index $sd "tls.key") -}}
+{{- $_ := set $m "servingCA" (index $sd "ca.crt") -}}
+{{- end -}}
 {{- else -}}
 {{- $days := int $tls.validityDays -}}
 {{- $agentCA := "" -}}
@@ -57,6 +73,20 @@ components reload rotated files). Computed once per render and memoised in
 {{- $agentCert := genSignedCert $tls.agentServerName nil $sans $days $agentCA -}}
 {{- $opCert := genSignedCert $tls.operatorClientName nil (list $tls.operatorClientName) $days $clientCA -}}
 {{- $m = dict "agentCrt" ($agentCert.Cert | b64enc) "agentKey" ($agentCert.Key | b64enc) "clientCA" ($clientCA.Cert | b64enc) "operatorCrt" ($opCert.Cert | b64enc) "operatorKey" ($opCert.Key | b64enc) "agentCA" ($agentCA.Cert | b64enc) "reused" false -}}
+{{- if $gwOn -}}
+{{/* The gateway: a client certificate from the client CA (agents serve its
+name), and a serving certificate from a CA of its own that only the
+APIService trusts. */}}
+{{- $gwCert := genSignedCert $tls.gatewayClientName nil (list $tls.gatewayClientName) $days $clientCA -}}
+{{- $svc := printf "%s.%s.svc" (include "wrenn.gateway.fullname" .) $ns -}}
+{{- $servingCA := genCA "wrenn-gateway-serving-ca" $days -}}
+{{- $serving := genSignedCert $svc nil (list $svc (printf "%s.cluster.local" $svc)) $days $servingCA -}}
+{{- $_ := set $m "gatewayCrt" ($gwCert.Cert | b64enc) -}}
+{{- $_ := set $m "gatewayKey" ($gwCert.Key | b64enc) -}}
+{{- $_ := set $m "servingCrt" ($serving.Cert | b64enc) -}}
+{{- $_ := set $m "servingKey" ($serving.Key | b64enc) -}}
+{{- $_ := set $m "servingCA" ($servingCA.Cert | b64enc) -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := set .Values "_wrennTls" $m -}}
 {{- end -}}
@@ -65,7 +95,9 @@ components reload rotated files). Computed once per render and memoised in
 
 {{/* Client certificate names agents serve: the operator's, then any extra (a gateway's). */}}
 {{- define "wrenn.tls.clientNames" -}}
-{{- prepend (.Values.tls.extraClientNames | default list) .Values.tls.operatorClientName | join "," -}}
+{{- $names := .Values.tls.extraClientNames | default list -}}
+{{- if .Values.gateway.enabled -}}{{- $names = prepend $names .Values.tls.gatewayClientName -}}{{- end -}}
+{{- prepend $names .Values.tls.operatorClientName | uniq | join "," -}}
 {{- end -}}
 
 {{/*

@@ -1,0 +1,26 @@
+//! `wrenn-gateway`: the aggregated API server of `subresources.wrenn.dev`.
+//! The kube-apiserver routes `/apis/subresources.wrenn.dev/v1alpha1/...`
+//! here through an `APIService`; the gateway trusts only that front proxy
+//! (`frontproxy`), authorizes every call with a SubjectAccessReview
+//! (`authz`), finds the capsule's node agent (`locate`) and bridges the
+//! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`).
+//! `route` parses paths and builds API `Status` replies (pure); `discovery`
+//! holds the discovery and OpenAPI documents (pure); `server` is the HTTPS
+//! listener tying them together.
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod authz;
+pub mod discovery;
+pub mod exec;
+pub mod frontproxy;
+pub mod locate;
+pub mod route;
+pub mod server;
+
+/// API group served.
+pub const GROUP: &str = "subresources.wrenn.dev";
+/// API version served.
+pub const VERSION: &str = "v1alpha1";
+/// The resource whose subresources are served.
+pub const RESOURCE: &str = "capsules";

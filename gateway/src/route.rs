@@ -1,0 +1,305 @@
+//! What a request asks for, from its path (pure), and the API `Status`
+//! bodies every refusal carries, so kubectl prints them as it prints the
+//! API server's own.
+
+use serde_json::{Value, json};
+
+use crate::{GROUP, RESOURCE, VERSION};
+
+/// A capsule subresource the group names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Subresource {
+    /// Run a command (WebSocket, `v5.channel.k8s.io`). Served.
+    Exec,
+    /// Attach to a capsule's PTY. Not served yet.
+    Attach,
+    /// File transfer. Not served yet.
+    Files,
+    /// Detached processes. Not served yet.
+    Processes,
+    /// Serial console. Not served yet.
+    Console,
+    /// Port forwarding. Not served yet.
+    Portforward,
+    /// HTTP proxy. Not served yet.
+    Proxy,
+}
+
+impl Subresource {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "exec" => Self::Exec,
+            "attach" => Self::Attach,
+            "files" => Self::Files,
+            "processes" => Self::Processes,
+            "console" => Self::Console,
+            "portforward" => Self::Portforward,
+            "proxy" => Self::Proxy,
+            _ => return None,
+        })
+    }
+
+    /// The name in paths, RBAC rules and SubjectAccessReviews.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Attach => "attach",
+            Self::Files => "files",
+            Self::Processes => "processes",
+            Self::Console => "console",
+            Self::Portforward => "portforward",
+            Self::Proxy => "proxy",
+        }
+    }
+
+    /// Whether this gateway serves it (the others answer 501).
+    pub fn served(self) -> bool {
+        matches!(self, Self::Exec)
+    }
+
+    /// Subresources served, as discovery lists them.
+    pub const SERVED: [Subresource; 1] = [Self::Exec];
+}
+
+/// What a path asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `/healthz`, `/livez`: the process answers.
+    Live,
+    /// `/readyz`: the front-proxy CA is loaded.
+    Ready,
+    /// `/apis`.
+    ApiGroupList,
+    /// `/apis/subresources.wrenn.dev`.
+    ApiGroup,
+    /// `/apis/subresources.wrenn.dev/v1alpha1`.
+    ApiResourceList,
+    /// `/openapi/v2`.
+    OpenApiV2,
+    /// `/openapi/v3`.
+    OpenApiV3Index,
+    /// `/openapi/v3/apis/subresources.wrenn.dev/v1alpha1`.
+    OpenApiV3Group,
+    /// A capsule's subresource.
+    Capsule {
+        /// Namespace.
+        namespace: String,
+        /// Capsule name.
+        name: String,
+        /// Subresource.
+        sub: Subresource,
+    },
+    /// A `subresources.wrenn.dev` path naming something that does not exist.
+    Unknown,
+}
+
+/// The route of `path` (without the query).
+pub fn plan_route(path: &str) -> Route {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["healthz"] | ["livez"] => Route::Live,
+        ["readyz"] => Route::Ready,
+        ["apis"] => Route::ApiGroupList,
+        ["apis", g] if *g == GROUP => Route::ApiGroup,
+        ["apis", g, v] if *g == GROUP && *v == VERSION => Route::ApiResourceList,
+        ["openapi", "v2"] => Route::OpenApiV2,
+        ["openapi", "v3"] => Route::OpenApiV3Index,
+        ["openapi", "v3", "apis", g, v] if *g == GROUP && *v == VERSION => Route::OpenApiV3Group,
+        ["apis", g, v, "namespaces", ns, r, name, sub]
+            if *g == GROUP
+                && *v == VERSION
+                && *r == RESOURCE
+                && valid_name(ns)
+                && valid_name(name) =>
+        {
+            match Subresource::parse(sub) {
+                Some(sub) => Route::Capsule {
+                    namespace: (*ns).to_string(),
+                    name: (*name).to_string(),
+                    sub,
+                },
+                None => Route::Unknown,
+            }
+        }
+        _ => Route::Unknown,
+    }
+}
+
+/// A DNS-1123 subdomain, as namespaces and capsule names are.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// Why a request is refused, as an API `Status` reason with its HTTP code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// 400.
+    BadRequest,
+    /// 401.
+    Unauthorized,
+    /// 403.
+    Forbidden,
+    /// 404.
+    NotFound,
+    /// 405.
+    MethodNotAllowed,
+    /// 409.
+    Conflict,
+    /// 500.
+    InternalError,
+    /// 501 (`NotImplemented` is not a metav1 reason; kubectl prints the message).
+    NotImplemented,
+    /// 503.
+    ServiceUnavailable,
+    /// 504.
+    Timeout,
+}
+
+impl Reason {
+    /// HTTP status code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::Conflict => 409,
+            Self::InternalError => 500,
+            Self::NotImplemented => 501,
+            Self::ServiceUnavailable => 503,
+            Self::Timeout => 504,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "BadRequest",
+            Self::Unauthorized => "Unauthorized",
+            Self::Forbidden => "Forbidden",
+            Self::NotFound => "NotFound",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::Conflict => "Conflict",
+            Self::InternalError => "InternalError",
+            Self::NotImplemented => "NotImplemented",
+            Self::ServiceUnavailable => "ServiceUnavailable",
+            Self::Timeout => "Timeout",
+        }
+    }
+}
+
+/// A refusal: reason and the message the user reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Reason and code.
+    pub reason: Reason,
+    /// Message.
+    pub message: String,
+    /// The capsule concerned, for `details`.
+    pub capsule: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal without a capsule.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            capsule: None,
+        }
+    }
+
+    /// The same, naming the capsule in `details`.
+    pub fn capsule(reason: Reason, name: &str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            capsule: Some(name.to_string()),
+        }
+    }
+
+    /// The `Status` body.
+    pub fn to_status(&self) -> Value {
+        let mut s = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason.as_str(),
+            "code": self.reason.code(),
+        });
+        if let Some(name) = &self.capsule {
+            s["details"] = json!({ "name": name, "group": GROUP, "kind": RESOURCE });
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn capsule_paths_name_namespace_capsule_and_subresource() {
+        assert_eq!(
+            plan_route("/apis/subresources.wrenn.dev/v1alpha1/namespaces/a/capsules/web/exec"),
+            Route::Capsule {
+                namespace: "a".into(),
+                name: "web".into(),
+                sub: Subresource::Exec
+            }
+        );
+        assert_eq!(
+            plan_route("/apis/subresources.wrenn.dev/v1alpha1/namespaces/a/capsules/web/files"),
+            Route::Capsule {
+                namespace: "a".into(),
+                name: "web".into(),
+                sub: Subresource::Files
+            }
+        );
+        assert!(!Subresource::Files.served());
+    }
+
+    #[test]
+    fn discovery_and_health_paths() {
+        assert_eq!(plan_route("/apis"), Route::ApiGroupList);
+        assert_eq!(plan_route("/apis/subresources.wrenn.dev"), Route::ApiGroup);
+        assert_eq!(
+            plan_route("/apis/subresources.wrenn.dev/v1alpha1"),
+            Route::ApiResourceList
+        );
+        assert_eq!(plan_route("/readyz"), Route::Ready);
+        assert_eq!(plan_route("/openapi/v2"), Route::OpenApiV2);
+    }
+
+    #[test]
+    fn anything_else_is_unknown() {
+        for p in [
+            "/apis/wrenn.dev/v1alpha1",
+            "/apis/subresources.wrenn.dev/v1",
+            "/apis/subresources.wrenn.dev/v1alpha1/namespaces/a/capsules/web/shell",
+            "/apis/subresources.wrenn.dev/v1alpha1/namespaces/A/capsules/web/exec",
+            "/apis/subresources.wrenn.dev/v1alpha1/namespaces/a/pods/web/exec",
+            "/apis/subresources.wrenn.dev/v1alpha1/namespaces/a/capsules/../exec",
+            "/",
+        ] {
+            assert_eq!(plan_route(p), Route::Unknown, "{p}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_a_status_kubectl_prints() {
+        let s = Refusal::capsule(Reason::NotFound, "web", "capsules \"web\" not found").to_status();
+        assert_eq!(s["kind"], "Status");
+        assert_eq!(s["code"], 404);
+        assert_eq!(s["reason"], "NotFound");
+        assert_eq!(s["details"]["name"], "web");
+    }
+}

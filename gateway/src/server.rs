@@ -1,0 +1,285 @@
+//! The HTTPS listener: TLS with the front-proxy CA ([`FrontProxy`]), HTTP/1.1
+//! and HTTP/2, and per request: route → authenticate → authorize → serve.
+//! Health paths answer anyone (the kubelet's probes); everything else needs
+//! the front proxy. Handshakes have a deadline, so a silent peer holds
+//! nothing for long.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::authz::{Access, Authorizer};
+use crate::discovery;
+use crate::exec;
+use crate::frontproxy::{FrontProxy, Peer, identify};
+use crate::locate::Locator;
+use crate::route::{Reason, Refusal, Route, Subresource, plan_route};
+
+/// Time from TCP accept to a finished TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a request needs.
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    /// Front-proxy trust and TLS.
+    pub front: FrontProxy,
+    /// SubjectAccessReviews.
+    pub authz: Authorizer,
+    /// Capsules and agents.
+    pub locator: Locator,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json_reply(code: StatusCode, body: &Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn refuse(r: &Refusal) -> Reply {
+    json_reply(
+        StatusCode::from_u16(r.reason.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &r.to_status(),
+    )
+}
+
+fn text(code: StatusCode, body: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = code;
+    r
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer_addr) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = &e as &dyn std::error::Error, "accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(loaded) = gw.front.current() else {
+            // No trust loaded yet: nobody can be authenticated.
+            drop(tcp);
+            continue;
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let acceptor = TlsAcceptor::from(loaded.tls.clone());
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer_addr, error = &e as &dyn std::error::Error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer_addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = Arc::new(Peer::from_certs(tls.get_ref().1.peer_certificates()));
+            let service = service_fn(move |req| {
+                let gw = gw.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, Infallible>(handle(&gw, &peer, req).await) }
+            });
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer_addr, error = &*e as &dyn std::error::Error, "connection");
+            }
+        });
+    }
+}
+
+/// Serves one request.
+pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply {
+    let route = plan_route(req.uri().path());
+    match route {
+        Route::Live => return text(StatusCode::OK, "ok"),
+        Route::Ready => {
+            return if gw.front.current().is_some() && gw.locator.ready() {
+                text(StatusCode::OK, "ok")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            };
+        }
+        _ => {}
+    }
+    let Some(loaded) = gw.front.current() else {
+        return refuse(&Refusal::new(Reason::ServiceUnavailable, "not ready"));
+    };
+    let user = match identify(&loaded.request_header, peer, req.headers()) {
+        Ok(u) => u,
+        Err(r) => return refuse(&r),
+    };
+    let is_get = req.method() == Method::GET;
+    let document = |doc: fn() -> Value| {
+        if is_get {
+            json_reply(StatusCode::OK, &doc())
+        } else {
+            refuse(&Refusal::new(
+                Reason::MethodNotAllowed,
+                "discovery documents are read with GET",
+            ))
+        }
+    };
+    match route {
+        Route::Live | Route::Ready => text(StatusCode::OK, "ok"),
+        Route::ApiGroupList => document(discovery::build_api_group_list),
+        Route::ApiGroup => document(discovery::build_api_group),
+        Route::ApiResourceList => document(discovery::build_api_resource_list),
+        Route::OpenApiV2 => document(discovery::build_openapi_v2),
+        Route::OpenApiV3Index => document(discovery::build_openapi_v3_index),
+        Route::OpenApiV3Group => document(discovery::build_openapi_v3_group),
+        Route::Unknown => refuse(&Refusal::new(
+            Reason::NotFound,
+            "the server could not find the requested resource",
+        )),
+        Route::Capsule {
+            namespace,
+            name,
+            sub,
+        } => {
+            if !sub.served() {
+                return refuse(&Refusal::capsule(
+                    Reason::NotImplemented,
+                    &name,
+                    format!(
+                        "capsules/{} is not implemented by this gateway yet; only capsules/exec is served",
+                        sub.as_str()
+                    ),
+                ));
+            }
+            let access = Access {
+                verb: "create",
+                namespace,
+                name,
+                sub,
+            };
+            if let Err(r) = gw.authz.authorize(&user, &access).await {
+                tracing::debug!(user = %user.name, namespace = %access.namespace, capsule = %access.name, "forbidden");
+                return refuse(&r);
+            }
+            match sub {
+                Subresource::Exec => exec_upgrade(gw, &access, req).await,
+                _ => refuse(&Refusal::new(Reason::NotImplemented, "not implemented")),
+            }
+        }
+    }
+}
+
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>) -> Reply {
+    let name = access.name.as_str();
+    if !is_websocket(&req) {
+        return refuse(&Refusal::capsule(
+            Reason::BadRequest,
+            name,
+            "exec is a WebSocket upgrade with subprotocol v5.channel.k8s.io (kubectl 1.30 or later; SPDY is not supported)",
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::POST {
+        return refuse(&Refusal::new(
+            Reason::MethodNotAllowed,
+            "exec takes GET or POST",
+        ));
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return refuse(&Refusal::new(
+            Reason::BadRequest,
+            "the WebSocket upgrade has no Sec-WebSocket-Key",
+        ));
+    };
+    let protocol = match exec::plan_protocol(
+        req.headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    ) {
+        Ok(p) => p,
+        Err(r) => return refuse(&r),
+    };
+    let options = match exec::parse_options(req.uri().query().unwrap_or("")) {
+        Ok(o) => o,
+        Err(r) => return refuse(&r),
+    };
+    let target = match gw.locator.target(&access.namespace, name).await {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    let channel = match gw.locator.channel(&target.node) {
+        Ok(c) => c,
+        Err(r) => return refuse(&r),
+    };
+    let started = match exec::start(channel, name, &target.uid, options, protocol).await {
+        Ok(s) => s,
+        Err(r) => return refuse(&r),
+    };
+    tracing::info!(namespace = %access.namespace, capsule = %name, node = %target.node, "exec started");
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(exec::websocket_config()),
+                )
+                .await;
+                exec::bridge(ws, started).await;
+            }
+            Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "exec upgrade"),
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(protocol.as_str()),
+    );
+    r
+}
