@@ -228,6 +228,10 @@ impl std::fmt::Debug for Operator {
     }
 }
 
+/// How long in-flight reconciles may run on once the controllers are told
+/// to stop: inside the kubelet's default 30 s termination grace.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Runs every controller, agent discovery and the Node reflector until
 /// `shutdown` resolves. `discovery` is (namespace, label selector, port) of
 /// the node-agent Pods.
@@ -306,21 +310,32 @@ pub async fn run_all(
     // (a panic, a closed stream), the controllers stop too and `main`
     // exits, so the kubelet restarts the operator instead of it running
     // blind.
-    tokio::select! {
-        _ = &mut all => {}
-        _ = shutdown => {
-            let _ = stop_tx.send(());
-            all.await;
-        }
+    let reason = tokio::select! {
+        _ = &mut all => None,
+        _ = shutdown => Some("shutdown asked"),
         end = &mut discover => {
             tracing::error!(outcome = ?end, "agent discovery stopped; stopping the controllers");
-            let _ = stop_tx.send(());
-            all.await;
+            Some("agent discovery stopped")
         }
         end = &mut node_task => {
             tracing::error!(outcome = ?end, "Node reflector stopped; stopping the controllers");
-            let _ = stop_tx.send(());
-            all.await;
+            Some("Node reflector stopped")
+        }
+    };
+    if let Some(reason) = reason {
+        let _ = stop_tx.send(());
+        // Reconciles in flight may finish, but not for longer than the
+        // kubelet would wait: one stuck on an agent call must not keep a
+        // stopping operator (and its leader lease) alive.
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                reason,
+                grace = ?SHUTDOWN_GRACE,
+                "reconciles still running after the shutdown grace; dropping them"
+            );
         }
     }
     discover.abort();
