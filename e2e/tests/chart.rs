@@ -795,8 +795,10 @@ fn rendered_chart_passes_server_side_dry_run() {
         println!("rendered manifests ({label}): {count}");
         let file = dir.path().join(format!("{label}.yaml"));
         std::fs::write(&file, &rendered).unwrap();
+        // No `-n`: every namespaced object names its namespace (the
+        // gateway's reader binding lives in kube-system).
         let out = cp
-            .kubectl_ok(&["apply", "--dry-run=server", "-n", &ns, "-f"], Some(&file))
+            .kubectl_ok(&["apply", "--dry-run=server", "-f"], Some(&file))
             .unwrap();
         let applied = out
             .lines()

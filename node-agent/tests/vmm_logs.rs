@@ -85,9 +85,10 @@ async fn a_console_flood_stays_within_the_cap_and_only_the_tail_is_read() {
         "{} bytes held",
         meta.blocks() * 512
     );
-    // Between two sweeps the guest adds what it writes in 50 ms: far from
-    // what it wrote in all.
-    assert!(most_held < written / 4, "held {most_held} of {written}");
+    // Between two sweeps the guest adds what it writes meanwhile (50 ms, or
+    // longer when the sweeper waits for a busy core): far from what it
+    // wrote in all, which an unswept file would hold.
+    assert!(most_held < written / 2, "held {most_held} of {written}");
 
     // The agent's read: the tail only, ending with whole guest lines.
     let tail = logs::console_tail(&run_dir, 16 << 10);

@@ -862,8 +862,12 @@ async fn an_unprivileged_local_process_is_closed_unserved() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(g.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // A copy `nobody` may execute: the build dir can sit under a 0700 home.
+    let bin = g.dir.path().join("wrenn-guest");
+    std::fs::copy(env!("CARGO_BIN_EXE_wrenn-guest"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let probe = |uid: Option<u32>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn-guest"));
+        let mut cmd = std::process::Command::new(&bin);
         cmd.arg("--probe").arg(format!("unix:{}", sock.display()));
         if let Some(uid) = uid {
             use std::os::unix::process::CommandExt as _;
