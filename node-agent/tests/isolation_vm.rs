@@ -39,7 +39,7 @@ use network_env::{
     AZURE_METADATA, Bed as NetBed, METADATA, NODE_UPLINK_ADDR, OTHER_REMOTE, UPLINK, UPLINK_ADDR,
     in_ns,
 };
-use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
+use qemu_bed::{Image, QemuBed, build_image, processes_mentioning, sh_as};
 use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::network::{
@@ -385,38 +385,7 @@ fn guest_cid(state: &Path) -> u32 {
 
 /// Runs `script` under `/bin/sh` in the guest; returns its output and code.
 async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
-    sh_as(g, "", script).await
-}
-
-/// [`sh`] as guest user `user` (empty: root).
-async fn sh_as(g: &GuestClient, user: &str, script: &str) -> (String, Option<i32>) {
-    let input = vec![
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                user: user.into(),
-                timeout_ms: 150_000,
-                ..Default::default()
-            })),
-        },
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::CloseStdin(true)),
-        },
-    ];
-    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
-    let mut text = Vec::new();
-    while let Some(m) = out.message().await.unwrap() {
-        match m.output {
-            Some(gpb::exec_output::Output::Stdout(b) | gpb::exec_output::Output::Stderr(b)) => {
-                text.extend(b)
-            }
-            Some(gpb::exec_output::Output::Exit(e)) => {
-                return (String::from_utf8_lossy(&text).trim().to_string(), e.code);
-            }
-            Some(gpb::exec_output::Output::StartedPid(_)) | None => {}
-        }
-    }
-    panic!("exec of {script:?} ended without an exit");
+    sh_as(g, "", script, 150_000).await
 }
 
 /// Gives the guest an IPv6 address and an on-link default route, as a
@@ -922,7 +891,7 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
     let own_cid = guest_cid(w.state.path());
     for target in ["vsock:1:1024".to_string(), format!("vsock:{own_cid}:1024")] {
         let probe = format!("{} --probe {target}", wrenn_node_agent::images::GUEST_PATH);
-        let (out, code) = sh_as(&g, "nobody", &probe).await;
+        let (out, code) = sh_as(&g, "nobody", &probe, 150_000).await;
         // Only the probe's own verdicts count: a probe that did not run
         // must not pass for a refusal.
         let refused = code == Some(1) && (out == "closed" || out.starts_with("unreachable:"));

@@ -166,32 +166,7 @@ impl World {
 }
 
 async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
-    let input = vec![
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                timeout_ms: 30_000,
-                ..Default::default()
-            })),
-        },
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::CloseStdin(true)),
-        },
-    ];
-    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
-    let mut text = Vec::new();
-    while let Some(m) = out.message().await.unwrap() {
-        match m.output {
-            Some(gpb::exec_output::Output::Stdout(b) | gpb::exec_output::Output::Stderr(b)) => {
-                text.extend(b)
-            }
-            Some(gpb::exec_output::Output::Exit(e)) => {
-                return (String::from_utf8_lossy(&text).trim().to_string(), e.code);
-            }
-            Some(gpb::exec_output::Output::StartedPid(_)) | None => {}
-        }
-    }
-    panic!("exec of {script:?} ended without an exit");
+    qemu_bed::sh_as(g, "", script, 30_000).await
 }
 
 /// Proves the guest has the address every guest has (the CI image's

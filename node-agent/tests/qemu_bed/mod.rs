@@ -179,3 +179,42 @@ impl QemuBed {
         }
     }
 }
+
+/// Runs `script` under `/bin/sh` in the guest as `user` (empty: root), with
+/// stdin closed and a kill after `timeout_ms`; returns its output (stdout
+/// and stderr, trimmed) and exit code.
+pub async fn sh_as(
+    g: &wrenn_node_agent::guest::GuestClient,
+    user: &str,
+    script: &str,
+    timeout_ms: u64,
+) -> (String, Option<i32>) {
+    use wrenn_proto::guest::v1 as gpb;
+    let input = vec![
+        gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                user: user.into(),
+                timeout_ms,
+                ..Default::default()
+            })),
+        },
+        gpb::ExecInput {
+            input: Some(gpb::exec_input::Input::CloseStdin(true)),
+        },
+    ];
+    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
+    let mut text = Vec::new();
+    while let Some(m) = out.message().await.unwrap() {
+        match m.output {
+            Some(gpb::exec_output::Output::Stdout(b) | gpb::exec_output::Output::Stderr(b)) => {
+                text.extend(b)
+            }
+            Some(gpb::exec_output::Output::Exit(e)) => {
+                return (String::from_utf8_lossy(&text).trim().to_string(), e.code);
+            }
+            Some(gpb::exec_output::Output::StartedPid(_)) | None => {}
+        }
+    }
+    panic!("exec of {script:?} ended without an exit");
+}
