@@ -14,6 +14,16 @@ t0=$(date +%s)
 step "cargo fmt --check"
 cargo fmt --all --check
 
+step "docs/architecture.md names only paths that exist"
+# Tokens in backticks whose first component is a top-level directory of
+# the repository are paths; each must exist, so the page cannot drift.
+missing=0
+while read -r p; do
+  [ -d "${p%%/*}" ] || continue
+  [ -e "$p" ] || { echo "docs/architecture.md names $p, which does not exist"; missing=1; }
+done < <(grep -o '`[^`]*`' docs/architecture.md | tr -d '`' | grep -E '^[a-z][a-zA-Z0-9_.-]*/[a-zA-Z0-9_./-]*$')
+[ "$missing" = 0 ]
+
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
