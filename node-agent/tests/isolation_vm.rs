@@ -48,7 +48,6 @@ use wrenn_node_agent::network::{
     Verdict,
 };
 use wrenn_node_agent::sys::net as sys;
-use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
 
 const NAME: &str =
