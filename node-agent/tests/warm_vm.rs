@@ -27,7 +27,6 @@ use wrenn_node_agent::capsule::{
 };
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::network::{CapsuleId as NetId, GUEST_ADDR};
-use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case, need_program, need_root};
 
 /// The bed, and this file's capsule and template requests over it.
