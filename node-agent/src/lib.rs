@@ -16,3 +16,16 @@ pub mod storage;
 pub mod sys;
 pub mod tls;
 pub mod vmm;
+
+/// An error and its sources on one line (`a: b: c`), for messages that
+/// reach a Capsule or a log once.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -415,14 +415,7 @@ impl Error {
 
     /// The whole chain on one line, for `Capsule.message`.
     pub fn chain(&self) -> String {
-        let mut s = self.to_string();
-        let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(self);
-        while let Some(e) = cur {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
-            cur = e.source();
-        }
-        s
+        crate::error_chain(self)
     }
 }
 

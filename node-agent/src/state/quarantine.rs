@@ -115,16 +115,7 @@ pub fn plan_journal<T: DeserializeOwned>(
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use crate::error_chain as chain;
 
 /// The quarantined capsules of this agent's life, by UID.
 #[derive(Debug, Default)]
