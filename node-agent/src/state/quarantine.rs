@@ -11,6 +11,7 @@
 //! capsule directory's record is usable; the [`Quarantine`] list holds the
 //! verdicts for the rest of the agent's life.
 
+use crate::error_chain as chain;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -114,8 +115,6 @@ pub fn plan_journal<T: DeserializeOwned>(
         Err(e) => unreadable(format!("decode journal: {e}")),
     }
 }
-
-use crate::error_chain as chain;
 
 /// The quarantined capsules of this agent's life, by UID.
 #[derive(Debug, Default)]

@@ -13,6 +13,7 @@
 //! supervisor's API for its internal capsules; its guest is reached
 //! through a [`BuildGuest`] (`super::guest`).
 
+use crate::error_chain as chain;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -280,5 +281,3 @@ async fn warm_up(
     }
     Err(fail("ReadinessTimeout", message))
 }
-
-use crate::error_chain as chain;
