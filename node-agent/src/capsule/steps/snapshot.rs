@@ -39,15 +39,7 @@ impl<M: Machine + 'static> Ctx<M> {
             let mem_dir = staging.join(Layout::SNAPSHOT_MEMORY);
             std::fs::create_dir_all(&mem_dir).map_err(files("create", &mem_dir))?;
             if memory {
-                self.host
-                    .machine
-                    .snapshot(&vm, &mem_dir)
-                    .await
-                    .map_err(|source| Error::Vm {
-                        action: "snapshot",
-                        uid: uid.clone(),
-                        source: Box::new(source),
-                    })?;
+                self.write_memory(&uid, &vm, &mem_dir).await?;
             }
             // The disk is copied while the vCPUs are stopped, so it matches
             // the memory image.
@@ -91,5 +83,26 @@ impl<M: Machine + 'static> Ctx<M> {
         }
         self.thaw(entry, rec, &vm, prior).await;
         written
+    }
+}
+
+impl<M: Machine + 'static> Ctx<M> {
+    /// Writes the paused VM's memory image into `dir` (suspend and named
+    /// snapshots alike).
+    pub(super) async fn write_memory(
+        &self,
+        uid: &str,
+        vm: &crate::vmm::MachineHandle,
+        dir: &std::path::Path,
+    ) -> Result<(), Error> {
+        self.host
+            .machine
+            .snapshot(vm, dir)
+            .await
+            .map_err(|source| Error::Vm {
+                action: "snapshot",
+                uid: uid.to_string(),
+                source: Box::new(source),
+            })
     }
 }

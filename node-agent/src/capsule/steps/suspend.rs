@@ -27,15 +27,7 @@ impl<M: Machine + 'static> Ctx<M> {
             // and may still hold the previous image open (§11 #11).
             remove_dir(&staging)?;
             std::fs::create_dir_all(&staging).map_err(files("create", &staging))?;
-            self.host
-                .machine
-                .snapshot(&vm, &staging)
-                .await
-                .map_err(|source| Error::Vm {
-                    action: "snapshot",
-                    uid: uid.clone(),
-                    source: Box::new(source),
-                })?;
+            self.write_memory(&uid, &vm, &staging).await?;
             swap_into_place(&staging, &final_dir)
         }
         .await;
