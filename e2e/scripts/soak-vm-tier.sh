@@ -9,6 +9,8 @@
 #   -n RUNS        runs (default 10)
 #   -l LOAD_PROCS  busy-loop processes kept running during every run
 #                  (default 0; e.g. the number of cores)
+#   -e EVERY       with -l: load only every EVERY-th run (runs EVERY, 2*EVERY,
+#                  ...), so one soak mixes quiet and loaded runs (default 1)
 #   -t BINARY      only this vm-tier test binary (repeatable): agent_vm,
 #                  operator_vm, guest_boot (wrenn-e2e), vmm_qemu, warm_vm,
 #                  isolation_vm (wrenn-node-agent); default all six
@@ -20,15 +22,16 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 
-runs=10 load=0 stop_on_fail=0
+runs=10 load=0 every=1 stop_on_fail=0
 bins=()
-while getopts "n:l:t:x" opt; do
+while getopts "n:l:e:t:x" opt; do
   case $opt in
     n) runs=$OPTARG ;;
     l) load=$OPTARG ;;
+    e) every=$OPTARG ;;
     t) bins+=("$OPTARG") ;;
     x) stop_on_fail=1 ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 [ ${#bins[@]} -gt 0 ] || bins=(agent_vm operator_vm guest_boot vmm_qemu warm_vm isolation_vm)
@@ -63,6 +66,9 @@ stop_load() {
 trap stop_load EXIT
 start_load() {
   local i
+  run_load=0
+  [ $(($1 % every)) = 0 ] || return 0
+  run_load=$load
   for ((i = 0; i < load; i++)); do
     timeout 6h sh -c 'while :; do :; done' &
     load_pids+=($!)
@@ -72,7 +78,7 @@ start_load() {
 total_pass=0 total_fail=0 green=0
 summary=()
 for ((run = 1; run <= runs; run++)); do
-  start_load
+  start_load "$run"
   log=$logs/run-$run.log
   t0=$(date +%s)
   set +e
@@ -90,7 +96,7 @@ for ((run = 1; run <= runs; run++)); do
   if [ "$fail" = 0 ]; then green=$((green + 1)); verdict=green; else verdict=RED; fi
   calib=$(grep -ho 'calibration boot: [0-9.]* s' "$log" | head -1 || true)
   line=$(printf 'run %2d/%d: %s  %d passed, %d failed  (%ss, load %d, %s)' \
-    "$run" "$runs" "$verdict" "$pass" "$fail" "$secs" "$load" "${calib:-no calibration}")
+    "$run" "$runs" "$verdict" "$pass" "$fail" "$secs" "$run_load" "${calib:-no calibration}")
   echo "$line"
   summary+=("$line")
   if [ "$fail" != 0 ]; then
@@ -100,6 +106,6 @@ for ((run = 1; run <= runs; run++)); do
 done
 
 echo
-echo "soak: $green of $runs runs green under load $load; logs in $logs"
+echo "soak: $green of $runs runs green (load $load every ${every}th run); logs in $logs"
 echo "soak: ${total_pass} passed, ${total_fail} failed"
 [ "$total_fail" = 0 ]
