@@ -36,6 +36,9 @@ pub enum Reply {
     Echo,
     /// Never answers (a watch that stays open).
     Hang,
+    /// 200 with this body once the sender fires (a watch event the test
+    /// releases when it is ready for it).
+    When(tokio::sync::oneshot::Receiver<()>, Value),
 }
 
 /// A fake API server: requests must arrive exactly in the scripted order.
@@ -111,6 +114,10 @@ impl ApiServer {
             Reply::Json(status, v) => Ok(json(status, &v)),
             Reply::Echo => Ok(json(StatusCode::CREATED, &body)),
             Reply::Hang => futures::future::pending().await,
+            Reply::When(signal, v) => {
+                let _ = signal.await;
+                Ok(json(StatusCode::OK, &v))
+            }
         }
     }
 
