@@ -1,0 +1,233 @@
+//! Call sequences of the Capsule controller against the fake API server
+//! and fake agents of `crate::fixtures`.
+#![allow(clippy::unwrap_used)]
+use http::Method;
+use serde_json::Value;
+use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, TemplateRef};
+use wrenn_crds::template::{CapsuleTemplateSpec, ImageSource, TemplateSource};
+
+use super::*;
+use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool};
+use crate::plan::SourceState;
+use crate::status::build_capsule_status;
+use wrenn_crds::names::FINALIZER;
+
+const CAPSULES: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules";
+const TEMPLATE: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsuletemplates/base";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+const SSA: &str = "fieldManager=wrenn-operator";
+
+/// A capsule from template `base`, with the finalizer already on.
+fn capsule(vcpus: Option<u32>) -> Capsule {
+    let mut c = Capsule::new(
+        "c1",
+        CapsuleSpec {
+            source: CapsuleSource {
+                template_ref: Some(TemplateRef {
+                    name: "base".into(),
+                }),
+                snapshot_ref: None,
+            },
+            resources: vcpus.map(|v| wrenn_crds::capsule::CapsuleResources {
+                vcpus: Some(v),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    c.metadata.namespace = Some("ns".into());
+    c.metadata.uid = Some("u1".into());
+    c.metadata.generation = Some(1);
+    c.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    c
+}
+
+fn template() -> CapsuleTemplate {
+    let mut t = CapsuleTemplate::new(
+        "base",
+        CapsuleTemplateSpec {
+            source: TemplateSource {
+                image: Some(ImageSource {
+                    reference: "docker.io/library/debian:bookworm".into(),
+                    pull_secret: None,
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    t.metadata.namespace = Some("ns".into());
+    t.metadata.uid = Some("t1".into());
+    t
+}
+
+fn phase_is(phase: &'static str) -> impl Fn(&Value) + Send {
+    move |body| assert_eq!(body["status"]["phase"], phase, "{body:#}")
+}
+
+fn condition(body: &Value, type_: &str) -> Value {
+    body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap()
+}
+
+fn event(reason: &'static str) -> impl Fn(&Value) + Send {
+    move |body| assert_eq!(body["reason"], reason, "{body:#}")
+}
+
+/// Capsule calls the agent saw (its own session calls left out).
+fn capsule_calls(a: &crate::agent::fake::FakeNodeAgent) -> Vec<(&'static str, String)> {
+    a.calls()
+        .into_iter()
+        .filter(|(c, _)| !matches!(*c, "WatchEvents" | "ListCapsules" | "NodeInfo"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Scheduled")(body);
+                assert_eq!(body["status"]["nodeName"], "node-a");
+                assert_eq!(condition(body, "Scheduled")["reason"], "Placed");
+            },
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Creating")(body);
+                assert_eq!(body["status"]["resources"]["vcpus"], 1);
+            },
+            ok(cap.clone()),
+        );
+    let ctx = context(&server, pool);
+    let action = reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert_eq!(capsule_calls(&node), vec![("CreateCapsule", "u1".into())]);
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn the_finalizer_goes_on_first_under_the_operators_field_manager() {
+    let (pool, _streams) = pool(&[]).await;
+    let server = ApiServer::default();
+    let mut cap = capsule(None);
+    cap.metadata.finalizers = None;
+    cap.metadata.resource_version = Some("7".into());
+    server.expect(
+        Method::PATCH,
+        &format!("{CAPSULES}/c1?{SSA}"),
+        |body| {
+            assert_eq!(body["metadata"]["finalizers"][0], FINALIZER);
+            assert_eq!(body["metadata"]["resourceVersion"], "7");
+        },
+        ok(cap.clone()),
+    );
+    let action = reconcile(Arc::new(cap), context(&server, pool))
+        .await
+        .unwrap();
+    server.done();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
+    let node = agent("node-a", 1);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(Some(4));
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Pending")(body);
+                assert_eq!(condition(body, "Scheduled")["reason"], "Unschedulable");
+            },
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("FailedScheduling"), Reply::Echo);
+    let ctx = context(&server, pool);
+    let action = reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert!(capsule_calls(&node).is_empty());
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(
+            Method::GET,
+            TEMPLATE,
+            |_| {},
+            not_found("capsuletemplates", "base"),
+        )
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Pending")(body);
+                assert_eq!(condition(body, "Scheduled")["reason"], "TemplateNotFound");
+            },
+            ok(cap.clone()),
+        );
+    let ctx = context(&server, pool);
+    reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert!(capsule_calls(&node).is_empty());
+}
+
+#[tokio::test]
+async fn a_shown_status_is_not_written_again() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    server.expect(
+        Method::GET,
+        TEMPLATE,
+        |_| {},
+        not_found("capsuletemplates", "base"),
+    );
+    // What an earlier reconcile wrote, as the API server stores it.
+    let facts = Facts {
+        mode: OperatingMode::Running,
+        node: None,
+        phase: None,
+        vm: Observed::Absent,
+        source: SourceState::Blocked(
+            Reason::TemplateNotFound,
+            "CapsuleTemplate base not found in namespace ns".into(),
+        ),
+        expired: None,
+        egress: crate::plan::EgressPolicy::default(),
+    };
+    let draft = plan_capsule(&facts).status.unwrap();
+    let written = build_capsule_status(&draft, None, Some(1), None, Timestamp::now());
+    let mut cap = capsule(None);
+    cap.status = Some(serde_json::from_value(serde_json::to_value(&written).unwrap()).unwrap());
+    reconcile(Arc::new(cap), context(&server, pool))
+        .await
+        .unwrap();
+    server.done();
+}
