@@ -16,6 +16,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use wrenn_crds::Capsule;
+use wrenn_crds::capsule::CapsuleStatus;
 use wrenn_crds::reason::Reason;
 
 use crate::metrics::Metrics;
@@ -68,6 +69,11 @@ pub struct Context {
     /// Tunables.
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
+    /// The last Capsule status this process wrote, by UID. The operator is
+    /// the only writer of Capsule status, so this is at least as fresh as
+    /// a cached object, which may not have seen that write yet: deciding
+    /// on the cache alone would place twice or write a status again.
+    written: Mutex<HashMap<String, CapsuleStatus>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -128,6 +134,7 @@ impl Parts {
             metrics: self.metrics,
             settings: self.settings,
             failures: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -182,6 +189,37 @@ impl Context {
     /// Clears the failure count of an object after a good reconcile.
     pub fn succeeded(&self, uid: &str) {
         self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// The freshest status of the capsule: the one this process last wrote,
+    /// else the one `cached` carries.
+    pub fn capsule_status(
+        &self,
+        uid: &str,
+        cached: Option<&CapsuleStatus>,
+    ) -> Option<CapsuleStatus> {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+            .or_else(|| cached.cloned())
+    }
+
+    /// Records a status the API server accepted for the capsule.
+    pub fn wrote_status(&self, uid: &str, status: &CapsuleStatus) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), status.clone());
+    }
+
+    /// Forgets the capsule's written status (it is being deleted).
+    pub fn forget_status(&self, uid: &str) {
+        self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);

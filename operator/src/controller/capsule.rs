@@ -15,6 +15,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use wrenn_crds::capsule::{CapsulePhase, OperatingMode};
 use wrenn_crds::reason::Reason;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
@@ -162,7 +163,7 @@ fn placed(store: &Store<Capsule>, except: &str) -> Vec<(String, String, Resource
 }
 
 /// One reconcile of a Capsule, wrapped in its finalizer.
-#[tracing::instrument(skip_all, fields(capsule = %cap.name_any(), namespace = cap.namespace().unwrap_or_default(), uid = cap.uid().unwrap_or_default()))]
+#[tracing::instrument(name = "capsule.reconcile", skip_all, fields(capsule = %cap.name_any(), namespace = cap.namespace().unwrap_or_default(), uid = cap.uid().unwrap_or_default()))]
 pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = cap.namespace().ok_or(Error::MissingMetadata)?;
@@ -255,13 +256,14 @@ enum Next {
 }
 
 /// Resolve → validate → plan → act, until a pass has nothing more to do.
+#[tracing::instrument(name = "capsule.apply", skip_all)]
 async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> {
     // Resolve (I/O): the source objects, the placement, expiry.
     let uid = cap.uid().ok_or(Error::MissingMetadata)?;
     let fetched = fetch_source(cap, ns, ctx).await?;
     // Validate (pure).
     let src = validate_source(cap, ns, fetched).map_err(|NoUid| Error::MissingMetadata)?;
-    let current = cap.status.clone();
+    let current = ctx.capsule_status(&uid, cap.status.as_ref());
     let mut known = Known {
         node: current
             .as_ref()
@@ -367,6 +369,7 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     /// Nothing to do on the node: show the status (and usage while running).
+    #[tracing::instrument(name = "capsule.show", skip_all)]
     async fn show(&self, w: &mut Writer<'_>, known: &Known) -> Result<Next, Error> {
         let Some(draft) = &self.plan.status else {
             return Ok(Next::Requeue(self.plan.requeue()));
@@ -380,6 +383,7 @@ impl Pass<'_> {
     }
 
     /// Chooses a node and records it before anything is created there.
+    #[tracing::instrument(name = "capsule.place", skip_all)]
     async fn place(&self, w: &mut Writer<'_>, facts: &Facts<'_>) -> Result<Next, Error> {
         let ctx = self.ctx;
         let cap = w.cap;
@@ -417,6 +421,7 @@ impl Pass<'_> {
 
     /// Creates the VM on the placed node. A refusal of the spec shows as a
     /// failed VM: retrying cannot help.
+    #[tracing::instrument(name = "capsule.create", skip_all)]
     async fn create(
         &self,
         w: &Writer<'_>,
@@ -431,7 +436,11 @@ impl Pass<'_> {
             spec: Some(to_proto_spec(w.cap, self.ns, self.src)),
             initial_state: proto_state(mode),
         };
-        match client.create_capsule(req).await {
+        let call = client.create_capsule(req);
+        match call
+            .instrument(tracing::info_span!("agent.create_capsule"))
+            .await
+        {
             Ok(c) => known.returned(self.ctx, &node, c),
             Err(e) if refuses_spec(&e) => {
                 known.fresh = Some(Vm {
@@ -457,6 +466,7 @@ impl Pass<'_> {
     }
 
     /// Pause, resume or suspend on the node.
+    #[tracing::instrument(name = "capsule.transition", skip_all)]
     async fn transition(&self, w: &Writer<'_>, known: &mut Known) -> Result<Next, Error> {
         let Some(Placed { node, client }) = known.placed_agent(self.ctx)? else {
             return Ok(Next::Requeue(Requeue::Settled));
@@ -478,6 +488,7 @@ impl Pass<'_> {
 
     /// Makes the node enforce `spec.network`. The status shows the VM as
     /// it is, with the previous observedGeneration, until the node answers.
+    #[tracing::instrument(name = "capsule.update_network", skip_all)]
     async fn update_network(&self, w: &mut Writer<'_>, known: &mut Known) -> Result<Next, Error> {
         let Some(Placed { node, client }) = known.placed_agent(self.ctx)? else {
             return Ok(Next::Requeue(Requeue::Settled));
@@ -502,6 +513,7 @@ impl Pass<'_> {
 
     /// Lifecycle expired with `onExpiry: Delete`: show Expired, then delete
     /// the object (its finalizer deletes the VM).
+    #[tracing::instrument(name = "capsule.delete_object", skip_all)]
     async fn delete_object(&self, w: &mut Writer<'_>) -> Result<Next, Error> {
         if let Some(draft) = &self.plan.status {
             w.write(self.ctx, draft, None).await?;
@@ -531,6 +543,7 @@ fn refuses_spec(e: &agent::Error) -> bool {
 async fn cleanup(cap: &Capsule, ctx: &Context) -> Result<Action, Error> {
     let uid = cap.uid().ok_or(Error::MissingMetadata)?;
     ctx.pool.release(&uid);
+    ctx.forget_status(&uid);
     let node = cap
         .status
         .as_ref()

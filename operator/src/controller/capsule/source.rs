@@ -122,6 +122,7 @@ pub(super) enum Fetched {
 }
 
 /// Resolve: reads the template or snapshot the spec names.
+#[tracing::instrument(name = "capsule.resolve", skip_all)]
 pub(super) async fn fetch_source(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Fetched, Error> {
     let src = &cap.spec.source;
     if let Some(t) = &src.template_ref {

@@ -6,6 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::events::EventType;
+use tracing::Instrument;
 use wrenn_crds::Capsule;
 use wrenn_crds::capsule::{CapsulePhase, CapsuleStatus, Usage};
 use wrenn_crds::reason::{ConditionType, Reason};
@@ -51,8 +52,10 @@ impl Writer<'_> {
             next.usage = None;
         }
         status::apply_status(&self.api, self.cap, &next)
+            .instrument(tracing::info_span!("capsule.write_status"))
             .await
             .map_err(Error::Status)?;
+        ctx.wrote_status(&self.uid, &next);
         ctx.metrics
             .status_writes
             .get_or_create(&KindLabels { kind: "Capsule" })
@@ -108,6 +111,7 @@ impl Writer<'_> {
             _ => return,
         };
         ctx.event(&self.cap.object_ref(&()), type_, reason, note)
+            .instrument(tracing::info_span!("capsule.publish_event"))
             .await;
     }
 }
@@ -163,8 +167,10 @@ pub(super) async fn refresh_usage(
         sampled_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
     });
     status::apply_status(&w.api, w.cap, &next)
+        .instrument(tracing::info_span!("capsule.write_usage"))
         .await
         .map_err(Error::Status)?;
+    ctx.wrote_status(&w.uid, &next);
     ctx.metrics
         .status_writes
         .get_or_create(&KindLabels { kind: "Capsule" })
