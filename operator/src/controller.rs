@@ -15,9 +15,9 @@ use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use wrenn_crds::Capsule;
 use wrenn_crds::capsule::CapsuleStatus;
 use wrenn_crds::reason::Reason;
+use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 
 use crate::metrics::Metrics;
 use crate::pool::AgentPool;
@@ -62,6 +62,12 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Every Capsule, for reservations and convergence.
     pub capsules: Store<Capsule>,
+    /// CapsuleTemplates as last watched (a capsule's source is read from
+    /// here, from the API server when absent). Empty until the Capsule
+    /// controller runs its reflector.
+    pub templates: Store<CapsuleTemplate>,
+    /// CapsuleSnapshots as last watched, like `templates`.
+    pub snapshots: Store<CapsuleSnapshot>,
     /// Event recorder.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -130,6 +136,8 @@ impl Parts {
             pool: self.pool,
             nodes: self.nodes,
             capsules,
+            templates: kube::runtime::reflector::store().0,
+            snapshots: kube::runtime::reflector::store().0,
             recorder,
             metrics: self.metrics,
             settings: self.settings,

@@ -6,19 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::finalizer::{Event as Finalizer, finalizer};
-use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
-use tokio::sync::mpsc;
 use tracing::Instrument;
+use wrenn_crds::Capsule;
 use wrenn_crds::capsule::{CapsulePhase, OperatingMode};
 use wrenn_crds::reason::Reason;
-use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 use wrenn_proto::agent::v1 as pb;
 
 use super::Context;
@@ -29,16 +26,16 @@ use crate::plan::{
     Expiry, Facts, NodeAction, Observed, Plan, Requeue, Vm, plan_capsule, plan_expiry, plan_placed,
     plan_requeue, plan_unschedulable,
 };
-use crate::pool::AgentSynced;
 use crate::resources::Resources;
 use crate::status;
 
 mod converge;
+mod run;
 mod source;
 mod writer;
 
 pub use converge::converge;
-use converge::report_quarantined;
+pub use run::run;
 use source::{
     NoUid, Source, fetch_source, proto_state, to_proto_network, to_proto_spec, validate_source,
 };
@@ -606,98 +603,6 @@ pub fn error_policy(cap: Arc<Capsule>, err: &Error, ctx: Arc<Context>) -> Action
         );
     }
     ctx.backoff(&cap.uid().unwrap_or_default())
-}
-
-/// Runs the Capsule controller until `shutdown` resolves.
-pub async fn run(
-    ctx_parts: super::Parts,
-    namespace: Option<String>,
-    triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
-    mut syncs: mpsc::UnboundedReceiver<AgentSynced>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = ctx_parts.client.clone();
-    let ns = namespace.as_deref();
-    let caps: Api<Capsule> = super::scoped(&client, ns);
-    let templates: Api<CapsuleTemplate> = super::scoped(&client, ns);
-    let snapshots: Api<CapsuleSnapshot> = super::scoped(&client, ns);
-    let concurrency = ctx_parts.settings.concurrency;
-    let controller = Controller::new(caps, watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
-    let store = controller.store();
-    let ctx = Arc::new(ctx_parts.into_context(store.clone()));
-    let (retrigger, retriggered) = mpsc::unbounded_channel();
-    let by_template = store.clone();
-    let by_snapshot = store.clone();
-    let conv_ctx = ctx.clone();
-    let conv_api: Api<Capsule> = super::scoped(&client, ns);
-    let converger = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(conv_ctx.settings.converge_interval);
-        tick.tick().await;
-        loop {
-            let nodes = tokio::select! {
-                sync = syncs.recv() => match sync {
-                    Some(s) => {
-                        report_quarantined(&conv_ctx, &s.node).await;
-                        vec![s]
-                    }
-                    None => return,
-                },
-                _ = tick.tick() => conv_ctx
-                    .pool
-                    .ready_nodes()
-                    .into_iter()
-                    .map(|node| AgentSynced { node })
-                    .collect(),
-            };
-            for sync in &nodes {
-                converge(&conv_ctx, &conv_api, sync, &retrigger).await;
-            }
-        }
-    });
-    let merged = futures::stream::select(
-        tokio_stream::wrappers::UnboundedReceiverStream::new(triggers),
-        tokio_stream::wrappers::UnboundedReceiverStream::new(retriggered),
-    );
-    let controller = controller
-        .reconcile_on(merged)
-        .watches(templates, watcher::Config::default(), move |t| {
-            let ns = t.namespace();
-            let name = t.name_any();
-            by_template
-                .state()
-                .into_iter()
-                .filter(move |c| {
-                    c.namespace() == ns
-                        && c.spec.source.template_ref.as_ref().map(|r| &r.name) == Some(&name)
-                })
-                .map(|c| ObjectRef::from_obj(&*c))
-        })
-        .watches(snapshots, watcher::Config::default(), move |s| {
-            let ns = s.namespace();
-            let name = s.name_any();
-            by_snapshot
-                .state()
-                .into_iter()
-                .filter(move |c| {
-                    c.namespace() == ns
-                        && c.spec.source.snapshot_ref.as_ref().map(|r| &r.name) == Some(&name)
-                })
-                .map(|c| ObjectRef::from_obj(&*c))
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
-    let mut converger = converger;
-    // Convergence runs as long as the controller: if it ends first (a
-    // panic), the controller stops too and the operator exits loudly.
-    tokio::select! {
-        _ = controller => {}
-        end = &mut converger => {
-            tracing::error!(outcome = ?end, "capsule convergence stopped; stopping the Capsule controller");
-        }
-    }
-    converger.abort();
 }
 
 #[cfg(test)]

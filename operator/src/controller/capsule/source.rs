@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use wrenn_crds::reason::{ConditionType, Reason};
 use wrenn_crds::snapshot::SnapshotPhase;
@@ -124,13 +125,22 @@ pub(super) enum Fetched {
 /// Resolve: reads the template or snapshot the spec names.
 #[tracing::instrument(name = "capsule.resolve", skip_all)]
 pub(super) async fn fetch_source(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Fetched, Error> {
+    // The watched copy is enough: every change of the object reaches the
+    // store before it triggers this capsule again. One not (yet) in the
+    // store is read from the API server, which has the last word on absence.
     let src = &cap.spec.source;
     if let Some(t) = &src.template_ref {
-        let tpl = get_opt(ctx, ns, "CapsuleTemplate", &t.name).await?;
+        let tpl = match ctx.templates.get(&ObjectRef::new(&t.name).within(ns)) {
+            Some(tpl) => Some((*tpl).clone()),
+            None => get_opt(ctx, ns, "CapsuleTemplate", &t.name).await?,
+        };
         return Ok(Fetched::Template(t.name.clone(), tpl));
     }
     if let Some(s) = &src.snapshot_ref {
-        let snap = get_opt(ctx, ns, "CapsuleSnapshot", &s.name).await?;
+        let snap = match ctx.snapshots.get(&ObjectRef::new(&s.name).within(ns)) {
+            Some(snap) => Some((*snap).clone()),
+            None => get_opt(ctx, ns, "CapsuleSnapshot", &s.name).await?,
+        };
         return Ok(Fetched::Snapshot(s.name.clone(), snap));
     }
     Ok(Fetched::Neither)

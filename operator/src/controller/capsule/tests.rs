@@ -10,6 +10,7 @@ use super::*;
 use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool};
 use crate::plan::SourceState;
 use crate::status::build_capsule_status;
+use wrenn_crds::CapsuleTemplate;
 use wrenn_crds::names::FINALIZER;
 
 const CAPSULES: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules";
