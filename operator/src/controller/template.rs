@@ -425,14 +425,6 @@ mod tests {
         }
     }
 
-    /// Template calls the agent saw (its session calls left out).
-    fn template_calls(a: &FakeNodeAgent) -> Vec<(&'static str, String)> {
-        a.calls()
-            .into_iter()
-            .filter(|(c, _)| !matches!(*c, "WatchEvents" | "ListCapsules" | "NodeInfo"))
-            .collect()
-    }
-
     /// Waits until the fake's build of [`KEY`] ended (its spawned task).
     async fn built(a: &FakeNodeAgent) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -483,7 +475,7 @@ mod tests {
         let tpl = Arc::new(template(None, false));
         let action = reconcile(tpl, ctx(&server, pool)).await.unwrap();
         server.done();
-        assert!(template_calls(&node).is_empty());
+        assert!(node.work_calls().is_empty());
         assert_eq!(action, Action::requeue(Duration::from_secs(15)));
     }
 
@@ -531,7 +523,7 @@ mod tests {
         let second = reconcile(tpl, ctx).await.unwrap();
         server.done();
         assert_eq!(
-            template_calls(&node),
+            node.work_calls(),
             vec![
                 ("PrepareTemplate", KEY.into()),
                 ("PrepareTemplate", KEY.into())
@@ -608,7 +600,7 @@ mod tests {
         let action = reconcile(Arc::new(tpl), ctx(&server, pool)).await.unwrap();
         server.done();
         assert_eq!(
-            template_calls(&node),
+            node.work_calls(),
             vec![("DeleteSnapshot", "w-t1-0123456789abcdef".into())]
         );
         assert_eq!(action, Action::await_change());

@@ -80,14 +80,6 @@ fn event(reason: &'static str) -> impl Fn(&Value) + Send {
     move |body| assert_eq!(body["reason"], reason, "{body:#}")
 }
 
-/// Capsule calls the agent saw (its own session calls left out).
-fn capsule_calls(a: &crate::agent::fake::FakeNodeAgent) -> Vec<(&'static str, String)> {
-    a.calls()
-        .into_iter()
-        .filter(|(c, _)| !matches!(*c, "WatchEvents" | "ListCapsules" | "NodeInfo"))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
     let node = agent("node-a", 4);
@@ -119,7 +111,7 @@ async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
     let ctx = context(&server, pool);
     let action = reconcile(Arc::new(cap), ctx).await.unwrap();
     server.done();
-    assert_eq!(capsule_calls(&node), vec![("CreateCapsule", "u1".into())]);
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }
 
@@ -196,7 +188,7 @@ async fn a_stale_cached_capsule_is_not_placed_or_written_twice() {
     reconcile(Arc::new(cap.clone()), ctx.clone()).await.unwrap();
     reconcile(Arc::new(cap), ctx).await.unwrap();
     server.done();
-    assert_eq!(capsule_calls(&node), vec![("CreateCapsule", "u1".into())]);
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }
 
 #[tokio::test]
@@ -220,7 +212,7 @@ async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
     let ctx = context(&server, pool);
     let action = reconcile(Arc::new(cap), ctx).await.unwrap();
     server.done();
-    assert!(capsule_calls(&node).is_empty());
+    assert!(node.work_calls().is_empty());
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }
 
@@ -249,7 +241,7 @@ async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
     let ctx = context(&server, pool);
     reconcile(Arc::new(cap), ctx).await.unwrap();
     server.done();
-    assert!(capsule_calls(&node).is_empty());
+    assert!(node.work_calls().is_empty());
 }
 
 #[tokio::test]

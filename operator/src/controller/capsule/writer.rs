@@ -51,8 +51,19 @@ impl Writer<'_> {
         if draft.phase != CapsulePhase::Running {
             next.usage = None;
         }
-        status::apply_status(&self.api, self.cap, &next)
+        self.put(ctx, next)
             .instrument(tracing::info_span!("capsule.write_status"))
+            .await?;
+        if before != Some(draft.phase) {
+            self.announce(ctx, before, draft).await;
+        }
+        Ok(())
+    }
+
+    /// Writes `next` as the status and remembers it as the current one,
+    /// here and in the context (the freshest status of the capsule).
+    async fn put(&mut self, ctx: &Context, next: CapsuleStatus) -> Result<(), Error> {
+        status::apply_status(&self.api, self.cap, &next)
             .await
             .map_err(Error::Status)?;
         ctx.wrote_status(&self.uid, &next);
@@ -61,9 +72,6 @@ impl Writer<'_> {
             .get_or_create(&KindLabels { kind: "Capsule" })
             .inc();
         self.current = Some(next);
-        if before != Some(draft.phase) {
-            self.announce(ctx, before, draft).await;
-        }
         Ok(())
     }
 
@@ -166,15 +174,7 @@ pub(super) async fn refresh_usage(
         ))),
         sampled_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
     });
-    status::apply_status(&w.api, w.cap, &next)
+    w.put(ctx, next)
         .instrument(tracing::info_span!("capsule.write_usage"))
         .await
-        .map_err(Error::Status)?;
-    ctx.wrote_status(&w.uid, &next);
-    ctx.metrics
-        .status_writes
-        .get_or_create(&KindLabels { kind: "Capsule" })
-        .inc();
-    w.current = Some(next);
-    Ok(())
 }

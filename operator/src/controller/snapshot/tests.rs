@@ -9,7 +9,6 @@ use wrenn_crds::names::FINALIZER;
 use wrenn_crds::snapshot::CapsuleSnapshotSpec;
 
 use super::*;
-use crate::agent::fake::FakeNodeAgent;
 use crate::fixtures::{ApiServer, Reply, agent, not_found, ok, pool};
 
 const SNAP: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsulesnapshots/s1";
@@ -99,14 +98,6 @@ fn event(reason: Reason) -> impl Fn(&Value) + Send {
     move |body| assert_eq!(body["reason"], reason.as_str(), "{body:#}")
 }
 
-/// Snapshot calls the agent saw (its session calls left out).
-fn snapshot_calls(a: &FakeNodeAgent) -> Vec<(&'static str, String)> {
-    a.calls()
-        .into_iter()
-        .filter(|(c, _)| !matches!(*c, "WatchEvents" | "ListCapsules" | "NodeInfo"))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_running_capsule_is_snapshotted_on_its_node_and_the_snapshot_shown_ready() {
     let node = agent("node-a", 4);
@@ -151,10 +142,7 @@ async fn a_running_capsule_is_snapshotted_on_its_node_and_the_snapshot_shown_rea
     let snap = Arc::new(snapshot(DeletionPolicy::Delete));
     let action = reconcile(snap, ctx(&server, pool)).await.unwrap();
     server.done();
-    assert_eq!(
-        snapshot_calls(&node),
-        vec![("SnapshotCapsule", "s-uid".into())]
-    );
+    assert_eq!(node.work_calls(), vec![("SnapshotCapsule", "s-uid".into())]);
     assert_eq!(action, Action::await_change());
 }
 
@@ -221,7 +209,7 @@ async fn a_snapshot_waits_for_its_capsule_to_run_and_looks_again_in_5s() {
     let snap = Arc::new(snapshot(DeletionPolicy::Delete));
     let action = reconcile(snap, ctx(&server, pool)).await.unwrap();
     server.done();
-    assert!(snapshot_calls(&node).is_empty());
+    assert!(node.work_calls().is_empty());
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 }
 
@@ -282,10 +270,7 @@ async fn deleting_a_snapshot_removes_its_files_on_the_node_then_the_finalizer() 
     let snap = Arc::new(deleted(DeletionPolicy::Delete, "node-a"));
     let action = reconcile(snap, ctx(&server, pool)).await.unwrap();
     server.done();
-    assert_eq!(
-        snapshot_calls(&node),
-        vec![("DeleteSnapshot", "s-uid".into())]
-    );
+    assert_eq!(node.work_calls(), vec![("DeleteSnapshot", "s-uid".into())]);
     assert_eq!(action, Action::await_change());
 }
 
@@ -303,7 +288,7 @@ async fn a_retained_snapshot_keeps_its_files_and_loses_the_finalizer() {
     let snap = Arc::new(deleted(DeletionPolicy::Retain, "node-a"));
     reconcile(snap, ctx(&server, pool)).await.unwrap();
     server.done();
-    assert!(snapshot_calls(&node).is_empty());
+    assert!(node.work_calls().is_empty());
 }
 
 #[tokio::test]
