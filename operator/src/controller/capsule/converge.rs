@@ -15,7 +15,8 @@ use crate::controller::Context;
 use crate::pool::AgentSynced;
 
 /// Convergence after an agent (re)synced: VMs without a Capsule are deleted;
-/// capsules placed on that node are reconciled (a vanished VM is noticed).
+/// capsules placed on that node are reconciled (a vanished VM is noticed),
+/// and so are unplaced ones (placement may have waited for this agent).
 /// Capsules are listed from the API server, not the cache: deleting a VM
 /// is decided on the freshest view there is.
 pub async fn converge(
@@ -55,7 +56,10 @@ pub async fn converge(
         }
     }
     for c in &listed {
-        if c.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(sync.node.as_str()) {
+        // Unplaced capsules too: placement waits for every agent to list
+        // its VMs, and this one just did.
+        let node = c.status.as_ref().and_then(|s| s.node_name.as_deref());
+        if node.is_none_or(|n| n == sync.node) {
             let _ = retrigger.send(ObjectRef::from_obj(c));
         }
     }

@@ -29,6 +29,37 @@ fn watched<K>(item: Result<K, watcher::Error>) -> Option<K> {
     .ok()
 }
 
+/// Follows the source objects `api` lists into `writer`'s store and yields,
+/// after each change is stored, the capsules whose `source` names it.
+fn source_triggers<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    capsules: Store<Capsule>,
+    source: fn(&Capsule) -> Option<&str>,
+) -> impl futures::Stream<Item = ObjectRef<Capsule>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects()
+    .filter_map(|o| futures::future::ready(watched(o)))
+    .flat_map(move |o| {
+        let (ns, name) = (o.namespace(), o.name_any());
+        futures::stream::iter(users(&capsules, |c| {
+            c.namespace() == ns && source(c) == Some(name.as_str())
+        }))
+    })
+}
+
 /// The capsules in `store` that `uses` selects, as triggers.
 fn users(store: &Store<Capsule>, uses: impl Fn(&Capsule) -> bool) -> Vec<ObjectRef<Capsule>> {
     store
@@ -94,31 +125,11 @@ pub async fn run(
     // Templates and snapshots through reflectors whose stores the
     // reconciles read: a change is in the store before the capsules that
     // use it are triggered.
-    let tpl_triggers = reflector(
-        template_writer,
-        watcher(templates, watcher::Config::default()).default_backoff(),
-    )
-    .touched_objects()
-    .filter_map(|t| futures::future::ready(watched(t)))
-    .flat_map(move |t| {
-        let (ns, name) = (t.namespace(), t.name_any());
-        futures::stream::iter(users(&by_template, |c| {
-            c.namespace() == ns
-                && c.spec.source.template_ref.as_ref().map(|r| &r.name) == Some(&name)
-        }))
+    let tpl_triggers = source_triggers(templates, template_writer, by_template, |c| {
+        c.spec.source.template_ref.as_ref().map(|r| r.name.as_str())
     });
-    let snap_triggers = reflector(
-        snapshot_writer,
-        watcher(snapshots, watcher::Config::default()).default_backoff(),
-    )
-    .touched_objects()
-    .filter_map(|s| futures::future::ready(watched(s)))
-    .flat_map(move |s| {
-        let (ns, name) = (s.namespace(), s.name_any());
-        futures::stream::iter(users(&by_snapshot, |c| {
-            c.namespace() == ns
-                && c.spec.source.snapshot_ref.as_ref().map(|r| &r.name) == Some(&name)
-        }))
+    let snap_triggers = source_triggers(snapshots, snapshot_writer, by_snapshot, |c| {
+        c.spec.source.snapshot_ref.as_ref().map(|r| r.name.as_str())
     });
     let merged = futures::stream::select_all([
         tokio_stream::wrappers::UnboundedReceiverStream::new(triggers).boxed(),
