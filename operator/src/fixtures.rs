@@ -220,3 +220,23 @@ pub fn context(server: &ApiServer, pool: AgentPool) -> Arc<Context> {
     };
     Arc::new(parts.into_context(capsules))
 }
+
+/// Template `base` (uid `t1`) in namespace `ns`, from an image.
+pub fn template() -> wrenn_crds::CapsuleTemplate {
+    let mut t = wrenn_crds::CapsuleTemplate::new(
+        "base",
+        wrenn_crds::template::CapsuleTemplateSpec {
+            source: wrenn_crds::template::TemplateSource {
+                image: Some(wrenn_crds::template::ImageSource {
+                    reference: "docker.io/library/debian:bookworm".into(),
+                    pull_secret: None,
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    t.metadata.namespace = Some("ns".into());
+    t.metadata.uid = Some("t1".into());
+    t
+}

@@ -349,9 +349,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::Value;
     use wrenn_crds::names::FINALIZER;
-    use wrenn_crds::template::{
-        CapsuleTemplateSpec, ImageSource, Preparation, Readiness, TemplateSource, WarmSpec,
-    };
+    use wrenn_crds::template::{Preparation, Readiness, TemplateSource, WarmSpec};
     use wrenn_proto::agent::v1 as pb;
 
     use super::*;
@@ -380,29 +378,15 @@ mod tests {
 
     /// Template `base` (uid `t1`) from an image, finalizer on.
     fn template(preparation: Option<Preparation>, warm: bool) -> CapsuleTemplate {
-        let mut t = CapsuleTemplate::new(
-            "base",
-            CapsuleTemplateSpec {
-                source: TemplateSource {
-                    image: Some(ImageSource {
-                        reference: "docker.io/library/debian:bookworm".into(),
-                        pull_secret: None,
-                    }),
-                    ..Default::default()
-                },
-                preparation,
-                warm: warm.then(|| WarmSpec {
-                    start_command: vec!["serve".into()],
-                    readiness: Readiness {
-                        tcp_port: Some(8080),
-                        ..Default::default()
-                    },
-                }),
+        let mut t = crate::fixtures::template();
+        t.spec.preparation = preparation;
+        t.spec.warm = warm.then(|| WarmSpec {
+            start_command: vec!["serve".into()],
+            readiness: Readiness {
+                tcp_port: Some(8080),
                 ..Default::default()
             },
-        );
-        t.metadata.namespace = Some("ns".into());
-        t.metadata.uid = Some("t1".into());
+        });
         t.metadata.generation = Some(1);
         t.metadata.resource_version = Some("5".into());
         t.metadata.finalizers = Some(vec![FINALIZER.into()]);

@@ -4,13 +4,11 @@
 use http::Method;
 use serde_json::Value;
 use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, TemplateRef};
-use wrenn_crds::template::{CapsuleTemplateSpec, ImageSource, TemplateSource};
 
 use super::*;
-use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool};
+use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool, template};
 use crate::plan::SourceState;
 use crate::status::build_capsule_status;
-use wrenn_crds::CapsuleTemplate;
 use wrenn_crds::names::FINALIZER;
 
 const CAPSULES: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules";
@@ -41,25 +39,6 @@ fn capsule(vcpus: Option<u32>) -> Capsule {
     c.metadata.generation = Some(1);
     c.metadata.finalizers = Some(vec![FINALIZER.into()]);
     c
-}
-
-fn template() -> CapsuleTemplate {
-    let mut t = CapsuleTemplate::new(
-        "base",
-        CapsuleTemplateSpec {
-            source: TemplateSource {
-                image: Some(ImageSource {
-                    reference: "docker.io/library/debian:bookworm".into(),
-                    pull_secret: None,
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    );
-    t.metadata.namespace = Some("ns".into());
-    t.metadata.uid = Some("t1".into());
-    t
 }
 
 fn phase_is(phase: &'static str) -> impl Fn(&Value) + Send {
