@@ -230,6 +230,16 @@ named! {
         ImageFailed,
         /// Agent: the capsule is quarantined; create and delete are refused.
         Quarantined,
+        /// Agent, template build: writing the template's root disk failed.
+        RootDiskFailed,
+        /// Agent, template build: the build VM did not boot.
+        BootFailed,
+        /// Agent, template build: the warm template's startCommand did not start.
+        StartFailed,
+        /// Agent, template build: the warm snapshot could not be written.
+        SnapshotFailed,
+        /// Agent, template build: the warm template's readiness probe never passed.
+        ReadinessTimeout,
     }
 }
 

@@ -15,8 +15,9 @@ use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use wrenn_crds::Capsule;
+use wrenn_crds::capsule::CapsuleStatus;
 use wrenn_crds::reason::Reason;
+use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 
 use crate::metrics::Metrics;
 use crate::pool::AgentPool;
@@ -61,6 +62,12 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Every Capsule, for reservations and convergence.
     pub capsules: Store<Capsule>,
+    /// CapsuleTemplates as last watched (a capsule's source is read from
+    /// here, from the API server when absent). Empty until the Capsule
+    /// controller runs its reflector.
+    pub templates: Store<CapsuleTemplate>,
+    /// CapsuleSnapshots as last watched, like `templates`.
+    pub snapshots: Store<CapsuleSnapshot>,
     /// Event recorder.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -68,6 +75,11 @@ pub struct Context {
     /// Tunables.
     pub settings: Settings,
     failures: Mutex<HashMap<String, u32>>,
+    /// The last Capsule status this process wrote, by UID. The operator is
+    /// the only writer of Capsule status, so this is at least as fresh as
+    /// a cached object, which may not have seen that write yet: deciding
+    /// on the cache alone would place twice or write a status again.
+    written: Mutex<HashMap<String, CapsuleStatus>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -124,10 +136,13 @@ impl Parts {
             pool: self.pool,
             nodes: self.nodes,
             capsules,
+            templates: kube::runtime::reflector::store().0,
+            snapshots: kube::runtime::reflector::store().0,
             recorder,
             metrics: self.metrics,
             settings: self.settings,
             failures: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -182,6 +197,37 @@ impl Context {
     /// Clears the failure count of an object after a good reconcile.
     pub fn succeeded(&self, uid: &str) {
         self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// The freshest status of the capsule: the one this process last wrote,
+    /// else the one `cached` carries.
+    pub fn capsule_status(
+        &self,
+        uid: &str,
+        cached: Option<&CapsuleStatus>,
+    ) -> Option<CapsuleStatus> {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+            .or_else(|| cached.cloned())
+    }
+
+    /// Records a status the API server accepted for the capsule.
+    pub fn wrote_status(&self, uid: &str, status: &CapsuleStatus) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), status.clone());
+    }
+
+    /// Forgets the capsule's written status (it is being deleted).
+    pub fn forget_status(&self, uid: &str) {
+        self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);

@@ -1,6 +1,7 @@
 //! The `wrenn.dev/node-cleanup` finalizer around a reconcile, with kube's
 //! semantics (`kube::runtime::finalizer`: apply only once the finalizer is
-//! on; cleanup before it comes off; a deleted object without it is done)
+//! on, right after adding it; cleanup before it comes off; a deleted
+//! object without it is done)
 //! but every write under the `wrenn-operator` field manager, which kube's
 //! helper does not name. Adding and removing are merge patches carrying
 //! the object's `resourceVersion`, so a concurrent change of the list
@@ -13,6 +14,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 use wrenn_crds::names::{FIELD_MANAGER, FINALIZER};
 
 /// What the reconcile is asked to do.
@@ -101,15 +103,21 @@ where
         (false, false) => {
             let mut list = obj.finalizers().to_vec();
             list.push(FINALIZER.to_string());
-            api.patch(
-                &obj.name_any(),
-                &params(),
-                &Patch::Merge(build_patch(&*obj, list)),
-            )
-            .await
-            .map_err(Error::AddFinalizer)?;
-            // The write triggers the next reconcile, which applies.
-            Ok(Action::await_change())
+            let patched = api
+                .patch(
+                    &obj.name_any(),
+                    &params(),
+                    &Patch::Merge(build_patch(&*obj, list)),
+                )
+                .instrument(tracing::info_span!("finalizer.add"))
+                .await
+                .map_err(Error::AddFinalizer)?;
+            // Apply at once on the object the write returned: waiting for
+            // the write to come back through the watch would cost a whole
+            // reconcile round trip on every create.
+            reconcile(Event::Apply(Arc::new(patched)))
+                .await
+                .map_err(Error::ApplyFailed)
         }
         (false, true) => Ok(Action::await_change()),
     }

@@ -36,6 +36,9 @@ pub enum Reply {
     Echo,
     /// Never answers (a watch that stays open).
     Hang,
+    /// 200 with this body once the sender fires (a watch event the test
+    /// releases when it is ready for it).
+    When(tokio::sync::oneshot::Receiver<()>, Value),
 }
 
 /// A fake API server: requests must arrive exactly in the scripted order.
@@ -111,6 +114,10 @@ impl ApiServer {
             Reply::Json(status, v) => Ok(json(status, &v)),
             Reply::Echo => Ok(json(StatusCode::CREATED, &body)),
             Reply::Hang => futures::future::pending().await,
+            Reply::When(signal, v) => {
+                let _ = signal.await;
+                Ok(json(StatusCode::OK, &v))
+            }
         }
     }
 
@@ -212,4 +219,24 @@ pub fn context(server: &ApiServer, pool: AgentPool) -> Arc<Context> {
         instance: None,
     };
     Arc::new(parts.into_context(capsules))
+}
+
+/// Template `base` (uid `t1`) in namespace `ns`, from an image.
+pub fn template() -> wrenn_crds::CapsuleTemplate {
+    let mut t = wrenn_crds::CapsuleTemplate::new(
+        "base",
+        wrenn_crds::template::CapsuleTemplateSpec {
+            source: wrenn_crds::template::TemplateSource {
+                image: Some(wrenn_crds::template::ImageSource {
+                    reference: "docker.io/library/debian:bookworm".into(),
+                    pull_secret: None,
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    t.metadata.namespace = Some("ns".into());
+    t.metadata.uid = Some("t1".into());
+    t
 }

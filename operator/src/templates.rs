@@ -173,7 +173,7 @@ pub enum OnNode {
     },
     /// Preparation failed: reason and message from the agent, or why the
     /// agent could not be asked.
-    Failed(String, String),
+    Failed(Reason, String),
 }
 
 /// The status from each node's state. `warm` tells whether readiness
@@ -303,14 +303,18 @@ pub fn on_node(state: &pb::TemplateState) -> OnNode {
             digest: state.digest.clone(),
             snapshot: !state.snapshot_id.is_empty(),
         },
-        Ok(pb::TemplatePhase::Failed) => OnNode::Failed(
-            if state.reason.is_empty() {
-                "Failed".into()
-            } else {
-                state.reason.clone()
-            },
-            state.message.clone(),
-        ),
+        Ok(pb::TemplatePhase::Failed) => match state.reason.parse::<Reason>() {
+            Ok(reason) => OnNode::Failed(reason, state.message.clone()),
+            // No reason, or one from an agent newer than this operator:
+            // its spelling stays readable in the message.
+            Err(_) if state.reason.is_empty() => {
+                OnNode::Failed(Reason::NodeError, state.message.clone())
+            }
+            Err(_) => OnNode::Failed(
+                Reason::NodeError,
+                format!("{}: {}", state.reason, state.message),
+            ),
+        },
         _ => OnNode::Preparing(if state.message.is_empty() {
             "started".into()
         } else {
@@ -416,10 +420,7 @@ mod tests {
             ("a".to_string(), ready(true)),
             (
                 "b".to_string(),
-                OnNode::Failed(
-                    "ReadinessTimeout".into(),
-                    "port 8080 closed after 2m".into(),
-                ),
+                OnNode::Failed(Reason::ReadinessTimeout, "port 8080 closed after 2m".into()),
             ),
         ];
         let (s, c) = build_template_status(&nodes, true, None);
@@ -437,11 +438,11 @@ mod tests {
         let nodes = vec![
             (
                 "a".to_string(),
-                OnNode::Failed("RootDiskFailed".into(), "no such file".into()),
+                OnNode::Failed(Reason::RootDiskFailed, "no such file".into()),
             ),
             (
                 "b".to_string(),
-                OnNode::Failed("RootDiskFailed".into(), "no such file".into()),
+                OnNode::Failed(Reason::RootDiskFailed, "no such file".into()),
             ),
         ];
         let (s, c) = build_template_status(&nodes, false, None);
@@ -508,7 +509,19 @@ mod tests {
         };
         assert_eq!(
             on_node(&st),
-            OnNode::Failed("StartFailed".into(), "exec: no such file".into())
+            OnNode::Failed(Reason::StartFailed, "exec: no such file".into())
+        );
+        let newer = pb::TemplateState {
+            reason: "FromANewerAgent".into(),
+            ..st
+        };
+        assert_eq!(
+            on_node(&newer),
+            OnNode::Failed(
+                Reason::NodeError,
+                "FromANewerAgent: exec: no such file".into()
+            ),
+            "an unknown reason is kept readable, never dropped"
         );
     }
 }

@@ -112,6 +112,25 @@ impl FakeNodeAgent {
         lock(&self.state).capsules.insert(uid.into(), c);
     }
 
+    /// The calls made to this agent beyond its session (WatchEvents,
+    /// ListCapsules, NodeInfo): what a reconcile asked of the node.
+    pub fn work_calls(&self) -> Vec<Recorded> {
+        self.calls()
+            .into_iter()
+            .filter(|(c, _)| !matches!(*c, "WatchEvents" | "ListCapsules" | "NodeInfo"))
+            .collect()
+    }
+
+    /// Adds a snapshot's files with this id (as a finished build leaves them).
+    pub fn insert_snapshot(&self, id: &str) {
+        let snap = pb::Snapshot {
+            r#ref: Some(pb::SnapshotRef { id: id.into() }),
+            memory: true,
+            ..Default::default()
+        };
+        lock(&self.state).snapshots.insert(id.into(), snap);
+    }
+
     /// Makes every later preparation of templates whose key starts with
     /// `prefix` fail with `message` (ReadinessTimeout), as a warm build
     /// whose readiness never succeeds.

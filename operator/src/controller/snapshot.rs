@@ -401,3 +401,6 @@ pub async fn run(
         .for_each(|_| futures::future::ready(()))
         .await;
 }
+
+#[cfg(test)]
+mod tests;

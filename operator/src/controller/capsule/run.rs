@@ -1,0 +1,155 @@
+//! The Capsule controller's wiring: its watches (Capsules; templates and
+//! snapshots through reflectors whose stores the reconciles read), the
+//! agents' triggers, and the convergence task that runs beside it.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use tokio::sync::mpsc;
+use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
+
+use super::converge::{converge, report_quarantined};
+use super::{error_policy, reconcile};
+use crate::pool::AgentSynced;
+
+/// A watched object, or `None` after logging why the watch failed (it
+/// retries with backoff).
+fn watched<K>(item: Result<K, watcher::Error>) -> Option<K> {
+    item.map_err(|err| {
+        tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "watch capsule sources"
+        )
+    })
+    .ok()
+}
+
+/// Follows the source objects `api` lists into `writer`'s store and yields,
+/// after each change is stored, the capsules whose `source` names it.
+fn source_triggers<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    capsules: Store<Capsule>,
+    source: fn(&Capsule) -> Option<&str>,
+) -> impl futures::Stream<Item = ObjectRef<Capsule>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects()
+    .filter_map(|o| futures::future::ready(watched(o)))
+    .flat_map(move |o| {
+        let (ns, name) = (o.namespace(), o.name_any());
+        futures::stream::iter(users(&capsules, |c| {
+            c.namespace() == ns && source(c) == Some(name.as_str())
+        }))
+    })
+}
+
+/// The capsules in `store` that `uses` selects, as triggers.
+fn users(store: &Store<Capsule>, uses: impl Fn(&Capsule) -> bool) -> Vec<ObjectRef<Capsule>> {
+    store
+        .state()
+        .iter()
+        .filter(|c| uses(c))
+        .map(|c| ObjectRef::from_obj(&**c))
+        .collect()
+}
+
+/// Runs the Capsule controller until `shutdown` resolves.
+pub async fn run(
+    ctx_parts: crate::controller::Parts,
+    namespace: Option<String>,
+    triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
+    mut syncs: mpsc::UnboundedReceiver<AgentSynced>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx_parts.client.clone();
+    let ns = namespace.as_deref();
+    let caps: Api<Capsule> = crate::controller::scoped(&client, ns);
+    let templates: Api<CapsuleTemplate> = crate::controller::scoped(&client, ns);
+    let snapshots: Api<CapsuleSnapshot> = crate::controller::scoped(&client, ns);
+    let concurrency = ctx_parts.settings.concurrency;
+    let controller = Controller::new(caps, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+    let store = controller.store();
+    let (template_cache, template_writer) = reflector::store();
+    let (snapshot_cache, snapshot_writer) = reflector::store();
+    let mut ctx = ctx_parts.into_context(store.clone());
+    ctx.templates = template_cache;
+    ctx.snapshots = snapshot_cache;
+    let ctx = Arc::new(ctx);
+    let (retrigger, retriggered) = mpsc::unbounded_channel();
+    let by_template = store.clone();
+    let by_snapshot = store.clone();
+    let conv_ctx = ctx.clone();
+    let conv_api: Api<Capsule> = crate::controller::scoped(&client, ns);
+    let converger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(conv_ctx.settings.converge_interval);
+        tick.tick().await;
+        loop {
+            let nodes = tokio::select! {
+                sync = syncs.recv() => match sync {
+                    Some(s) => {
+                        report_quarantined(&conv_ctx, &s.node).await;
+                        vec![s]
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => conv_ctx
+                    .pool
+                    .ready_nodes()
+                    .into_iter()
+                    .map(|node| AgentSynced { node })
+                    .collect(),
+            };
+            for sync in &nodes {
+                converge(&conv_ctx, &conv_api, sync, &retrigger).await;
+            }
+        }
+    });
+    // Templates and snapshots through reflectors whose stores the
+    // reconciles read: a change is in the store before the capsules that
+    // use it are triggered.
+    let tpl_triggers = source_triggers(templates, template_writer, by_template, |c| {
+        c.spec.source.template_ref.as_ref().map(|r| r.name.as_str())
+    });
+    let snap_triggers = source_triggers(snapshots, snapshot_writer, by_snapshot, |c| {
+        c.spec.source.snapshot_ref.as_ref().map(|r| r.name.as_str())
+    });
+    let merged = futures::stream::select_all([
+        tokio_stream::wrappers::UnboundedReceiverStream::new(triggers).boxed(),
+        tokio_stream::wrappers::UnboundedReceiverStream::new(retriggered).boxed(),
+        tpl_triggers.boxed(),
+        snap_triggers.boxed(),
+    ]);
+    let controller = controller
+        .reconcile_on(merged)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let mut converger = converger;
+    // Convergence runs as long as the controller: if it ends first (a
+    // panic), the controller stops too and the operator exits loudly.
+    tokio::select! {
+        _ = controller => {}
+        end = &mut converger => {
+            tracing::error!(outcome = ?end, "capsule convergence stopped; stopping the Capsule controller");
+        }
+    }
+    converger.abort();
+}

@@ -1,0 +1,258 @@
+//! Call sequences of the Capsule controller against the fake API server
+//! and fake agents of `crate::fixtures`.
+#![allow(clippy::unwrap_used)]
+use http::Method;
+use serde_json::Value;
+use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, TemplateRef};
+
+use super::*;
+use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool, template};
+use crate::plan::SourceState;
+use crate::status::build_capsule_status;
+use wrenn_crds::names::FINALIZER;
+
+const CAPSULES: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules";
+const TEMPLATE: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsuletemplates/base";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+const SSA: &str = "fieldManager=wrenn-operator";
+
+/// A capsule from template `base`, with the finalizer already on.
+fn capsule(vcpus: Option<u32>) -> Capsule {
+    let mut c = Capsule::new(
+        "c1",
+        CapsuleSpec {
+            source: CapsuleSource {
+                template_ref: Some(TemplateRef {
+                    name: "base".into(),
+                }),
+                snapshot_ref: None,
+            },
+            resources: vcpus.map(|v| wrenn_crds::capsule::CapsuleResources {
+                vcpus: Some(v),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    c.metadata.namespace = Some("ns".into());
+    c.metadata.uid = Some("u1".into());
+    c.metadata.generation = Some(1);
+    c.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    c
+}
+
+fn phase_is(phase: &'static str) -> impl Fn(&Value) + Send {
+    move |body| assert_eq!(body["status"]["phase"], phase, "{body:#}")
+}
+
+fn condition(body: &Value, type_: &str) -> Value {
+    body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap()
+}
+
+fn event(reason: &'static str) -> impl Fn(&Value) + Send {
+    move |body| assert_eq!(body["reason"], reason, "{body:#}")
+}
+
+#[tokio::test]
+async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Scheduled")(body);
+                assert_eq!(body["status"]["nodeName"], "node-a");
+                assert_eq!(condition(body, "Scheduled")["reason"], "Placed");
+            },
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Creating")(body);
+                assert_eq!(body["status"]["resources"]["vcpus"], 1);
+            },
+            ok(cap.clone()),
+        );
+    let ctx = context(&server, pool);
+    let action = reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn the_finalizer_goes_on_first_under_the_operators_field_manager_then_the_capsule_applies() {
+    let (pool, _streams) = pool(&[]).await;
+    let server = ApiServer::default();
+    let with_finalizer = capsule(None);
+    let mut cap = with_finalizer.clone();
+    cap.metadata.finalizers = None;
+    cap.metadata.resource_version = Some("7".into());
+    server
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1?{SSA}"),
+            |body| {
+                assert_eq!(body["metadata"]["finalizers"][0], FINALIZER);
+                assert_eq!(body["metadata"]["resourceVersion"], "7");
+            },
+            ok(with_finalizer.clone()),
+        )
+        // No wait for the write to come back through the watch: the same
+        // reconcile applies the object the patch returned.
+        .expect(
+            Method::GET,
+            TEMPLATE,
+            |_| {},
+            not_found("capsuletemplates", "base"),
+        )
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Pending")(body);
+                assert_eq!(condition(body, "Scheduled")["reason"], "TemplateNotFound");
+            },
+            ok(with_finalizer),
+        );
+    let action = reconcile(Arc::new(cap), context(&server, pool))
+        .await
+        .unwrap();
+    server.done();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+/// The operator is the only writer of a capsule's status: a reconcile that
+/// starts from a cached object which has not yet seen the operator's own
+/// last write decides on that write, so it neither places the capsule a
+/// second time nor writes the same status again.
+#[tokio::test]
+async fn a_stale_cached_capsule_is_not_placed_or_written_twice() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Scheduled"),
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(cap.clone()),
+        )
+        // The second reconcile: the same (stale) object, no status on it.
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    let ctx = context(&server, pool);
+    reconcile(Arc::new(cap.clone()), ctx.clone()).await.unwrap();
+    reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+}
+
+#[tokio::test]
+async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
+    let node = agent("node-a", 1);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(Some(4));
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Pending")(body);
+                assert_eq!(condition(body, "Scheduled")["reason"], "Unschedulable");
+            },
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("FailedScheduling"), Reply::Echo);
+    let ctx = context(&server, pool);
+    let action = reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert!(node.work_calls().is_empty());
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(
+            Method::GET,
+            TEMPLATE,
+            |_| {},
+            not_found("capsuletemplates", "base"),
+        )
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Pending")(body);
+                assert_eq!(condition(body, "Scheduled")["reason"], "TemplateNotFound");
+            },
+            ok(cap.clone()),
+        );
+    let ctx = context(&server, pool);
+    reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert!(node.work_calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_shown_status_is_not_written_again() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    server.expect(
+        Method::GET,
+        TEMPLATE,
+        |_| {},
+        not_found("capsuletemplates", "base"),
+    );
+    // What an earlier reconcile wrote, as the API server stores it.
+    let facts = Facts {
+        mode: OperatingMode::Running,
+        node: None,
+        phase: None,
+        vm: Observed::Absent,
+        source: SourceState::Blocked(
+            Reason::TemplateNotFound,
+            "CapsuleTemplate base not found in namespace ns".into(),
+        ),
+        expired: None,
+        egress: crate::plan::EgressPolicy::default(),
+    };
+    let draft = plan_capsule(&facts).status.unwrap();
+    let written = build_capsule_status(&draft, None, Some(1), None, Timestamp::now());
+    let mut cap = capsule(None);
+    cap.status = Some(serde_json::from_value(serde_json::to_value(&written).unwrap()).unwrap());
+    reconcile(Arc::new(cap), context(&server, pool))
+        .await
+        .unwrap();
+    server.done();
+}

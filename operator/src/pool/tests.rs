@@ -1,0 +1,303 @@
+//! Tests of `pool`: pure rules and, against the fake API server and fake
+//! agents of `crate::fixtures`, the exact calls each path makes.
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::agent::fake::{FakeConnector, FakeNodeAgent};
+
+const GI: u64 = 1 << 30;
+
+fn two_cpus() -> Resources {
+    Resources {
+        vcpus: 2,
+        memory_bytes: GI,
+        disk_bytes: GI,
+    }
+}
+
+#[test]
+fn a_placement_counts_until_the_agent_lists_it_as_held() {
+    let placed = [("a", two_cpus()), ("b", two_cpus())];
+    let none = BTreeSet::new();
+    assert_eq!(plan_reserved(&placed, &none).vcpus, 4);
+    let a_held = BTreeSet::from(["a"]);
+    assert_eq!(plan_reserved(&placed, &a_held), two_cpus());
+    let both = BTreeSet::from(["a", "b"]);
+    assert_eq!(plan_reserved(&placed, &both), Resources::default());
+}
+
+/// What placement sees as left on `node`: the agent's free minus the
+/// operator's reservations.
+fn left(pool: &AgentPool, node: &str) -> Resources {
+    let views = pool.views(|_| BTreeMap::new(), &[]);
+    let v = views.iter().find(|v| v.name == node).unwrap();
+    v.free.minus(v.reserved)
+}
+
+/// The hand-off for real: a fake agent answers NodeInfo on a short
+/// refresh while a placed capsule is created on it. At every moment
+/// the capsule is counted once: by the reservation until the agent's
+/// NodeInfo lists it as held, then by the agent's free alone.
+#[tokio::test]
+async fn no_moment_counts_a_placed_capsule_by_neither_side_nor_twice() {
+    let connector = Arc::new(FakeConnector::default());
+    let agent = FakeNodeAgent::new(
+        "node-a",
+        pb::Resources {
+            vcpus: 4,
+            memory_bytes: 8 * GI,
+            disk_bytes: 100 * GI,
+        },
+        Duration::ZERO,
+    );
+    connector.add(agent.clone());
+    let (pool, _streams) = AgentPool::new(connector.clone(), Duration::from_millis(20));
+    pool.upsert("node-a", "127.0.0.1:1".parse().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.ready_nodes().is_empty() {
+        assert!(Instant::now() < deadline, "agent never synced");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(left(&pool, "node-a").vcpus, 4);
+
+    pool.reserve("x", "node-a", two_cpus());
+    assert_eq!(left(&pool, "node-a").vcpus, 2, "reserved before created");
+    let client = pool.client("node-a").unwrap();
+    client
+        .create_capsule(pb::CreateCapsuleRequest {
+            uid: "x".into(),
+            spec: Some(pb::CapsuleSpec {
+                namespace: "ns".into(),
+                name: "x".into(),
+                resources: Some(two_cpus().into()),
+                ..Default::default()
+            }),
+            initial_state: 0,
+        })
+        .await
+        .unwrap();
+    // Until and after the agent reports it: always exactly 2 left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert_eq!(left(&pool, "node-a").vcpus, 2);
+        let held = pool
+            .info("node-a")
+            .is_some_and(|i| i.held.iter().any(|u| u == "x"));
+        if held && pool.inner.placements.read().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never listed x as held"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(left(&pool, "node-a").vcpus, 2, "counted by the agent alone");
+    pool.shutdown();
+}
+
+/// Session calls of an agent, in order.
+fn session_calls(a: &FakeNodeAgent) -> Vec<&'static str> {
+    a.calls().into_iter().map(|(c, _)| c).collect()
+}
+
+/// Discovery and the first session, against the fake API server: the
+/// agent Pods are listed, then watched; the node's agent is asked to
+/// stream events first (nothing is missed), then to list its capsules
+/// and its NodeInfo; the pool announces the sync and triggers the
+/// capsules it holds.
+#[tokio::test]
+async fn a_discovered_agent_is_followed_then_listed_then_announced() {
+    use crate::fixtures::{ApiServer, Reply, ok};
+    use http::Method;
+    let agent = crate::fixtures::agent("node-a", 4);
+    agent.insert("u1", "ns", "c1", pb::CapsuleState::Running);
+    let connector = Arc::new(FakeConnector::default());
+    connector.add(agent.clone());
+    let (pool, mut streams) = AgentPool::new(connector, Duration::from_secs(3600));
+    let pods = "/api/v1/namespaces/wrenn/pods";
+    let selector = "labelSelector=app.kubernetes.io%2Fname%3Dwrenn-node-agent";
+    let server = ApiServer::default();
+    let pod = serde_json::json!({
+        "metadata": {"name": "agent-x", "namespace": "wrenn", "resourceVersion": "1"},
+        "spec": {"nodeName": "node-a", "containers": []},
+        "status": {"podIP": "10.0.0.7"},
+    });
+    server
+        .expect(
+            Method::GET,
+            &format!("{pods}?{selector}"),
+            |_| {},
+            ok(serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": "1"}, "items": [pod],
+            })),
+        )
+        .expect(
+            Method::GET,
+            &format!("{pods}?{selector}&watch=true"),
+            |_| {},
+            Reply::Hang,
+        );
+    let pods: Api<Pod> = Api::namespaced(server.client(), "wrenn");
+    let discovery = tokio::spawn(discover(
+        pool.clone(),
+        pods,
+        "app.kubernetes.io/name=wrenn-node-agent".into(),
+        50051,
+    ));
+    let synced = tokio::time::timeout(Duration::from_secs(5), streams.syncs.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(synced.node, "node-a");
+    assert_eq!(
+        session_calls(&agent),
+        vec!["WatchEvents", "ListCapsules", "NodeInfo"]
+    );
+    let triggered = streams.triggers.recv().await.unwrap();
+    assert_eq!(triggered, ObjectRef::new("c1").within("ns"));
+    assert_eq!(pool.find("u1").as_deref(), Some("node-a"));
+    server.done();
+    discovery.abort();
+    pool.shutdown();
+}
+
+/// An agent that goes away is unsynced at once (its capsules are then
+/// unknown, not absent) and, once back, followed, listed and announced
+/// again in the same order.
+#[tokio::test]
+async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
+    let agent = crate::fixtures::agent("node-a", 4);
+    let (pool, mut streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+    assert!(streams.syncs.recv().await.is_some());
+    assert_eq!(pool.observe("node-a", "u1"), Some(None));
+    agent.set_down(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.client("node-a").is_some() {
+        assert!(Instant::now() < deadline, "never unsynced");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(pool.observe("node-a", "u1"), None);
+    let before = agent.calls().len();
+    agent.set_down(false);
+    let synced = tokio::time::timeout(Duration::from_secs(5), streams.syncs.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(synced.node, "node-a");
+    let again = &session_calls(&agent)[before..];
+    // Failed attempts while down may come first; the last three are the sync.
+    assert_eq!(
+        again[again.len() - 3..],
+        ["WatchEvents", "ListCapsules", "NodeInfo"]
+    );
+    pool.shutdown();
+}
+/// A deleted agent Pod takes the node's client away at once: calls to
+/// it wait (the node counts as lost) instead of going to an address
+/// that may now be another Pod's.
+#[tokio::test]
+async fn a_deleted_agent_pod_drops_the_nodes_client_at_once() {
+    use crate::fixtures::{ApiServer, Reply, ok};
+    use http::Method;
+    let agent = crate::fixtures::agent("node-a", 4);
+    let connector = Arc::new(FakeConnector::default());
+    connector.add(agent.clone());
+    let (pool, mut streams) = AgentPool::new(connector, Duration::from_secs(3600));
+    let pods = "/api/v1/namespaces/wrenn/pods";
+    let server = ApiServer::default();
+    let pod = serde_json::json!({
+        "metadata": {"name": "agent-x", "namespace": "wrenn", "resourceVersion": "1"},
+        "spec": {"nodeName": "node-a", "containers": []},
+        "status": {"podIP": "10.0.0.7"},
+    });
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+    let deleted = serde_json::json!({"type": "DELETED", "object": {
+        "metadata": {"name": "agent-x", "namespace": "wrenn", "resourceVersion": "2"},
+        "spec": {"nodeName": "node-a", "containers": []},
+    }});
+    server
+        .expect(
+            Method::GET,
+            pods,
+            |_| {},
+            ok(serde_json::json!({
+                "apiVersion": "v1", "kind": "PodList",
+                "metadata": {"resourceVersion": "1"}, "items": [pod],
+            })),
+        )
+        // The watch answers the deletion only once the agent synced.
+        .expect(
+            Method::GET,
+            &format!("{pods}?watch=true"),
+            |_| {},
+            Reply::When(gone_rx, deleted),
+        )
+        .expect(
+            Method::GET,
+            &format!("{pods}?watch=true&resourceVersion=2"),
+            |_| {},
+            Reply::Hang,
+        );
+    let discovery = tokio::spawn(discover(
+        pool.clone(),
+        Api::namespaced(server.client(), "wrenn"),
+        "app.kubernetes.io/name=wrenn-node-agent".into(),
+        50051,
+    ));
+    tokio::time::timeout(Duration::from_secs(5), streams.syncs.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(pool.client("node-a").is_some());
+    gone_tx.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.client("node-a").is_some() {
+        assert!(Instant::now() < deadline, "client kept after the Pod went");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(pool.lost_for("node-a").is_some());
+    assert_eq!(pool.ready_nodes(), Vec::<String>::new());
+    server.done();
+    discovery.abort();
+    pool.shutdown();
+}
+
+/// The agent's event stream is the fast path to Running: a state change
+/// updates the pool's view and triggers the capsule's reconcile, without
+/// any call from the operator.
+#[tokio::test]
+async fn an_agent_event_updates_the_view_and_triggers_its_capsule() {
+    let agent = FakeNodeAgent::new(
+        "node-a",
+        pb::Resources {
+            vcpus: 4,
+            memory_bytes: 8 * GI,
+            disk_bytes: 100 * GI,
+        },
+        Duration::ZERO,
+    );
+    let (pool, mut streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+    let client = pool.client("node-a").unwrap();
+    client
+        .create_capsule(pb::CreateCapsuleRequest {
+            uid: "u1".into(),
+            spec: Some(pb::CapsuleSpec {
+                namespace: "ns".into(),
+                name: "c1".into(),
+                ..Default::default()
+            }),
+            initial_state: 0,
+        })
+        .await
+        .unwrap();
+    let c1 = ObjectRef::new("c1").within("ns");
+    let first = tokio::time::timeout(Duration::from_secs(5), streams.triggers.recv());
+    assert_eq!(first.await.unwrap().unwrap(), c1, "Creating triggers");
+    let second = tokio::time::timeout(Duration::from_secs(5), streams.triggers.recv());
+    assert_eq!(second.await.unwrap().unwrap(), c1, "Running triggers");
+    let seen = pool.observe("node-a", "u1").unwrap().unwrap();
+    assert_eq!(seen.state, crate::plan::VmState::Running);
+    assert_eq!(pool.find("u1").as_deref(), Some("node-a"));
+    pool.shutdown();
+}
