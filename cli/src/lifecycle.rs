@@ -14,7 +14,7 @@ use wrenn_crds::capsule::{CapsulePhase, OperatingMode};
 use wrenn_crds::names::CLI_FIELD_MANAGER;
 
 use crate::cluster::{self, Target};
-use crate::wait::{self, WaitFor, plan_capsule};
+use crate::wait::{self, WaitFor};
 
 /// Why a mode change failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,24 +89,16 @@ pub async fn set_mode(
     let Some(timeout) = timeout else {
         return Ok(patched);
     };
-    // The generation that carries this mode: an unchanged mode keeps it,
-    // and a status already written for it counts.
-    let generation = patched.metadata.generation;
+    // The generation that carries this mode (the same one when the mode
+    // already was this): only a status the operator wrote for it counts.
     let want = WaitFor::Phase(plan_phase(mode));
-    wait::until(
-        target,
-        "capsule",
-        capsule,
-        &want.to_string(),
-        timeout,
-        |c: &Capsule| plan_capsule(c, want, generation),
-    )
-    .await
-    .map_err(|source| Error::Wait {
-        capsule: capsule.into(),
-        mode,
-        source,
-    })
+    wait::capsule(target, capsule, want, patched.metadata.generation, timeout)
+        .await
+        .map_err(|source| Error::Wait {
+            capsule: capsule.into(),
+            mode,
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -26,12 +26,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
-use wrenn_crds::Capsule;
 use wrenn_crds::capsule::OperatingMode;
 
 use crate::args::{Cli, Command, ModeArgs};
 use crate::cluster::Target;
-use crate::wait::{WaitFor, plan_capsule};
+use crate::wait::WaitFor;
 
 /// Exit code of every failure other than a command's own.
 const FAILURE: u8 = 1;
@@ -129,16 +128,9 @@ async fn run(cli: Cli) -> Result<u8> {
             wait_for,
             timeout,
         } => {
-            wait::until(
-                &target,
-                "capsule",
-                &capsule,
-                &wait_for.to_string(),
-                timeout,
-                |c: &Capsule| plan_capsule(c, wait_for, None),
-            )
-            .await
-            .with_context(|| format!("wait for capsule {capsule:?}"))?;
+            wait::capsule(&target, &capsule, wait_for, None, timeout)
+                .await
+                .with_context(|| format!("wait for capsule {capsule:?}"))?;
             println!("capsule/{capsule}: {wait_for}");
             Ok(0)
         }

@@ -14,7 +14,7 @@ use wrenn_crds::snapshot::CapsuleSnapshotSpec;
 use wrenn_crds::{Capsule, CapsuleSnapshot};
 
 use crate::cluster::{self, Target};
-use crate::wait::{self, WaitFor, plan_capsule, plan_snapshot};
+use crate::wait::{self, WaitFor, plan_snapshot};
 
 /// Why a snapshot or fork failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,18 +44,11 @@ pub enum Error {
         /// Where.
         namespace: String,
     },
-    /// The API server refused the CapsuleSnapshot.
-    #[error("create CapsuleSnapshot {name:?}")]
-    CreateSnapshot {
-        /// Its name.
-        name: String,
-        /// Why.
-        #[source]
-        source: cluster::Error,
-    },
-    /// The API server refused the new capsule.
-    #[error("create capsule {name:?}")]
-    CreateCapsule {
+    /// The API server refused the new object.
+    #[error("create {kind} {name:?}")]
+    Create {
+        /// `CapsuleSnapshot` or `capsule`.
+        kind: &'static str,
         /// Its name.
         name: String,
         /// Why.
@@ -75,11 +68,28 @@ pub enum Error {
     },
 }
 
-fn create_params() -> PostParams {
-    PostParams {
+/// Creates `object` (`kind` `name`) in the target's namespace under our
+/// field manager.
+async fn create<K>(target: &Target, kind: &'static str, name: &str, object: &K) -> Result<K, Error>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let params = PostParams {
         field_manager: Some(CLI_FIELD_MANAGER.into()),
         ..Default::default()
-    }
+    };
+    Api::<K>::namespaced(target.client.clone(), &target.namespace)
+        .create(&params, object)
+        .await
+        .map_err(|e| Error::Create {
+            kind,
+            name: name.into(),
+            source: target.refusal(e, kind, name),
+        })
 }
 
 /// A snapshot `name` of `capsule`: memory and disk, or disk only (pure).
@@ -151,14 +161,8 @@ async fn create_snapshot(
     memory: bool,
     timeout: Option<Duration>,
 ) -> Result<CapsuleSnapshot, Error> {
-    let api: Api<CapsuleSnapshot> = Api::namespaced(target.client.clone(), &target.namespace);
-    let created = api
-        .create(&create_params(), &build_snapshot(name, capsule, memory))
-        .await
-        .map_err(|e| Error::CreateSnapshot {
-            name: name.into(),
-            source: target.refusal(e, "CapsuleSnapshot", name),
-        })?;
+    let snapshot = build_snapshot(name, capsule, memory);
+    let created = create(target, "CapsuleSnapshot", name, &snapshot).await?;
     let Some(timeout) = timeout else {
         return Ok(created);
     };
@@ -210,34 +214,19 @@ pub async fn fork(
     }
     let started = tokio::time::Instant::now();
     create_snapshot(target, capsule, name, true, timeout).await?;
-    let api: Api<Capsule> = Api::namespaced(target.client.clone(), &target.namespace);
-    let created = api
-        .create(&create_params(), &build_fork(&source, name, name))
-        .await
-        .map_err(|e| Error::CreateCapsule {
-            name: name.into(),
-            source: target.refusal(e, "capsule", name),
-        })?;
+    let created = create(target, "capsule", name, &build_fork(&source, name, name)).await?;
     let Some(timeout) = timeout else {
         return Ok(created);
     };
-    let want = WaitFor::Phase(CapsulePhase::Running);
     let left = timeout.saturating_sub(started.elapsed());
-    let generation = created.metadata.generation;
-    wait::until(
-        target,
-        "capsule",
-        name,
-        &want.to_string(),
-        left,
-        |c: &Capsule| plan_capsule(c, want, generation),
-    )
-    .await
-    .map_err(|source| Error::Wait {
-        kind: "capsule",
-        name: name.into(),
-        source,
-    })
+    let want = WaitFor::Phase(CapsulePhase::Running);
+    wait::capsule(target, name, want, created.metadata.generation, left)
+        .await
+        .map_err(|source| Error::Wait {
+            kind: "capsule",
+            name: name.into(),
+            source,
+        })
 }
 
 #[cfg(test)]

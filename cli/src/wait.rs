@@ -364,6 +364,19 @@ where
     }
 }
 
+/// Watches capsule `name` until it is as `want` asks for a spec of at
+/// least `min_generation` (see [`plan_capsule`]).
+pub async fn capsule(
+    target: &Target,
+    name: &str,
+    want: WaitFor,
+    min_generation: Option<i64>,
+    timeout: Duration,
+) -> Result<Capsule, Error> {
+    let plan = |c: &Capsule| plan_capsule(c, want, min_generation);
+    until(target, "capsule", name, &want.to_string(), timeout, plan).await
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
