@@ -1,266 +1,156 @@
-//! `kubectl wrenn`: reach inside Wrenn capsules with your own kubeconfig.
-//! Requests go to the Kubernetes API server only (`subresources.wrenn.dev`,
-//! served by wrenn-gateway), so RBAC decides who may do what, as for Pods.
+//! `kubectl wrenn`: reach inside Wrenn capsules and drive their lifecycle
+//! with your own kubeconfig. Requests go to the Kubernetes API server only
+//! (`wrenn.dev` for capsules and snapshots, `subresources.wrenn.dev`,
+//! served by wrenn-gateway, for exec), so RBAC decides who may do what, as
+//! for Pods. This file parses the command line, runs the verb and turns
+//! the outcome into output and an exit code; each verb lives in its module.
 //!
 //! ```text
 //! kubectl wrenn exec hello -- uname -a
-//! kubectl wrenn exec -it hello -- sh
-//! echo 'print(6*7)' | kubectl wrenn exec -i -n team-a hello -- python3
+//! kubectl wrenn pause hello
+//! kubectl wrenn fork hello hello-2
 //! ```
-//!
-//! The command's exit code is the plugin's exit code.
 #![forbid(unsafe_code)]
 
-use std::io::Write as _;
+mod args;
+mod channel;
+mod cluster;
+mod exec;
+mod lifecycle;
+mod snapshot;
+mod status;
+mod terminal;
+mod wait;
+
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
-use futures::{SinkExt, StreamExt};
-use tokio::io::AsyncReadExt as _;
-use tokio_tungstenite::tungstenite::Message;
-use wrenn_gateway::exec::{ExecOptions, build_request_path, exit_code_of};
+use clap::Parser as _;
+use wrenn_crds::capsule::OperatingMode;
 
-/// kubectl plugin for Wrenn capsules.
-#[derive(Debug, Parser)]
-#[command(name = "kubectl-wrenn", version, about)]
-struct Cli {
-    /// Namespace (default: the kubeconfig context's).
-    #[arg(short, long, global = true)]
-    namespace: Option<String>,
-    /// Kubeconfig context (default: the current one).
-    #[arg(long, global = true)]
-    context: Option<String>,
-    #[command(subcommand)]
-    command: Command,
-}
+use crate::args::{Cli, Command, ModeArgs};
+use crate::cluster::Target;
+use crate::wait::WaitFor;
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run a command in a capsule, as `kubectl exec` does in a Pod.
-    ///
-    /// Examples:
-    ///   kubectl wrenn exec hello -- uname -a
-    ///   kubectl wrenn exec -it hello -- sh
-    ///   echo hi | kubectl wrenn exec -i hello -- cat
-    #[command(verbatim_doc_comment)]
-    Exec {
-        /// Pass stdin to the command.
-        #[arg(short = 'i', long)]
-        stdin: bool,
-        /// Run it on a terminal (with -i: an interactive shell).
-        #[arg(short = 't', long)]
-        tty: bool,
-        /// The capsule.
-        capsule: String,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-}
+/// Exit code of every failure other than a command's own.
+const FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("kubectl-wrenn: start async runtime: {err}");
-            return ExitCode::from(1);
+            eprintln!("error: start the async runtime: {err}");
+            return ExitCode::from(FAILURE);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // A read of a terminal stdin may still be blocked; it must not keep
+    // the finished command from exiting.
+    runtime.shutdown_background();
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(1)
+            ExitCode::from(FAILURE)
         }
     }
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let Cli {
-        namespace,
-        context,
-        command,
-    } = cli;
-    let options = kube::config::KubeConfigOptions {
-        context,
-        ..Default::default()
-    };
-    let config = kube::Config::from_kubeconfig(&options)
-        .await
-        .context("load the kubeconfig")?;
-    let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
-    let client = kube::Client::try_from(config).context("build the Kubernetes client")?;
+    let Cli { target, command } = cli;
+    let target = Target::connect(&target).await?;
     match command {
         Command::Exec {
             stdin,
             tty,
             capsule,
             command,
-        } => exec(&client, &namespace, &capsule, &command, stdin, tty).await,
-    }
-}
-
-/// Puts the terminal in raw mode until dropped.
-struct RawTerminal(Option<rustix::termios::Termios>);
-
-impl RawTerminal {
-    fn enter() -> Self {
-        let stdin = rustix::stdio::stdin();
-        match rustix::termios::tcgetattr(stdin) {
-            Ok(saved) => {
-                let mut raw = saved.clone();
-                raw.make_raw();
-                let ok =
-                    rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw)
-                        .is_ok();
-                Self(ok.then_some(saved))
-            }
-            Err(_) => Self(None),
-        }
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if let Some(saved) = &self.0 {
-            let _ = rustix::termios::tcsetattr(
-                rustix::stdio::stdin(),
-                rustix::termios::OptionalActions::Now,
-                saved,
-            );
-        }
-    }
-}
-
-fn resize_frame() -> Option<Message> {
-    let ws = rustix::termios::tcgetwinsize(rustix::stdio::stdout()).ok()?;
-    let mut m = vec![4u8];
-    m.extend_from_slice(
-        serde_json::json!({ "Width": ws.ws_col, "Height": ws.ws_row })
-            .to_string()
-            .as_bytes(),
-    );
-    Some(Message::binary(m))
-}
-
-async fn exec(
-    client: &kube::Client,
-    ns: &str,
-    capsule: &str,
-    command: &[String],
-    stdin: bool,
-    tty: bool,
-) -> Result<u8> {
-    let tty = tty && rustix::termios::isatty(rustix::stdio::stdin());
-    let options = ExecOptions {
-        command: command.to_vec(),
-        stdin,
-        stdout: true,
-        stderr: !tty,
-        tty,
-        ..Default::default()
-    };
-    let req = http::Request::get(build_request_path(ns, capsule, &options))
-        .body(Vec::new())
-        .context("build the request")?;
-    let conn = match client.connect(req).await {
-        Ok(c) => c,
-        Err(kube::Error::Api(s)) => anyhow::bail!("{}", s.message),
-        Err(e) => return Err(e).context(format!("exec in capsule {capsule}")),
-    };
-    let closable = conn.supports_stream_close();
-    let (mut sink, mut source) = conn.into_stream().split();
-    let _raw = tty.then(RawTerminal::enter);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(16);
-    if tty && let Some(m) = resize_frame() {
-        let _ = tx.send(m).await;
-    }
-    if stdin {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut input = tokio::io::stdin();
-            let mut buf = vec![0u8; 32 << 10];
-            loop {
-                match input.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let mut m = Vec::with_capacity(n + 1);
-                        m.push(0u8);
-                        m.extend_from_slice(&buf[..n]);
-                        if tx.send(Message::binary(m)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            if closable {
-                let _ = tx.send(Message::binary(vec![255u8, 0])).await;
-            }
-        });
-    }
-    if tty {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let Ok(mut winch) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
-            else {
-                return;
+        } => {
+            let req = exec::Request {
+                capsule,
+                command,
+                stdin,
+                tty,
             };
-            while winch.recv().await.is_some() {
-                if let Some(m) = resize_frame()
-                    && tx.send(m).await.is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
-    tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            if sink.send(m).await.is_err() {
-                return;
-            }
+            Ok(exec::run(&target, req).await?)
         }
-    });
-    let mut status = None;
-    while let Some(msg) = source.next().await {
-        let Ok(Message::Binary(b)) = msg else {
-            if msg.is_err() {
-                break;
-            }
-            continue;
-        };
-        let Some((&ch, data)) = b.split_first() else {
-            continue;
-        };
-        match ch {
-            1 => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(data);
-                let _ = out.flush();
-            }
-            2 => {
-                let mut err = std::io::stderr().lock();
-                let _ = err.write_all(data);
-                let _ = err.flush();
-            }
-            3 => status = serde_json::from_slice::<serde_json::Value>(data).ok(),
-            _ => {}
+        Command::Shell { capsule } => {
+            let req = exec::Request {
+                capsule,
+                command: vec!["/bin/sh".into()],
+                stdin: true,
+                tty: true,
+            };
+            Ok(exec::run(&target, req).await?)
+        }
+        Command::Pause(m) => set_mode(&target, m, OperatingMode::Paused).await,
+        Command::Resume(m) => set_mode(&target, m, OperatingMode::Running).await,
+        Command::Suspend(m) => set_mode(&target, m, OperatingMode::Suspended).await,
+        Command::Snapshot {
+            capsule,
+            name,
+            disk_only,
+            wait,
+        } => {
+            let timeout = wait.timeout();
+            snapshot::snapshot(&target, &capsule, &name, !disk_only, timeout).await?;
+            let state = if timeout.is_some() {
+                "Ready"
+            } else {
+                "created"
+            };
+            println!("capsulesnapshot/{name} of capsule/{capsule}: {state}");
+            Ok(0)
+        }
+        Command::Fork {
+            capsule,
+            name,
+            wait,
+        } => {
+            let timeout = wait.timeout();
+            snapshot::fork(&target, &capsule, &name, timeout).await?;
+            let state = if timeout.is_some() {
+                "Running"
+            } else {
+                "created"
+            };
+            println!("capsule/{name} forked from capsule/{capsule} (snapshot {name}): {state}");
+            Ok(0)
+        }
+        Command::Wait {
+            capsule,
+            wait_for,
+            timeout,
+        } => {
+            wait::capsule(&target, &capsule, wait_for, None, timeout)
+                .await
+                .with_context(|| format!("wait for capsule {capsule:?}"))?;
+            println!("capsule/{capsule}: {wait_for}");
+            Ok(0)
+        }
+        Command::Status { capsule } => {
+            print!("{}", status::show(&target, &capsule).await?);
+            Ok(0)
         }
     }
-    drop(_raw);
-    let Some(status) = status else {
-        anyhow::bail!("the connection ended before the command's exit status");
-    };
-    match exit_code_of(&status) {
-        Some(code) => Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
-        None => anyhow::bail!(
-            "{}",
-            status["message"].as_str().unwrap_or("the command failed")
+}
+
+async fn set_mode(target: &Target, m: ModeArgs, mode: OperatingMode) -> Result<u8> {
+    let ModeArgs { capsule, wait } = m;
+    let timeout = wait.timeout();
+    lifecycle::set_mode(target, &capsule, mode, timeout).await?;
+    match timeout {
+        Some(_) => println!(
+            "capsule/{capsule}: {}",
+            WaitFor::Phase(lifecycle::plan_phase(mode))
         ),
+        None => println!("capsule/{capsule}: operatingMode set to {mode:?}"),
     }
+    Ok(0)
 }

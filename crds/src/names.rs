@@ -14,6 +14,9 @@ pub const CATEGORY: &str = "wrenn";
 pub const FINALIZER: &str = "wrenn.dev/node-cleanup";
 /// Field manager of every status write (server-side apply).
 pub const FIELD_MANAGER: &str = "wrenn-operator";
+/// Field manager of the `kubectl wrenn` plugin's writes (a capsule's
+/// `operatingMode`, the snapshots and capsules it creates).
+pub const CLI_FIELD_MANAGER: &str = "kubectl-wrenn";
 
 /// Labels the chart and the operator use to find node agents.
 pub mod label {

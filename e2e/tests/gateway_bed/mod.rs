@@ -1,0 +1,516 @@
+//! A whole data-plane bed for tests that reach capsules as a user: the
+//! Go-built kube-apiserver with the front-proxy flags and two static-token
+//! users, the chart's RBAC (alice bound to the role aggregating into
+//! `edit` in [`NS`], bob to the one aggregating into `view`), a real node
+//! agent gRPC server with its real mutual TLS and supervisor (fake VMM,
+//! network and disks), capsule `box` Running on it with the real
+//! `wrenn-guest` as its guest agent, capsule `nap` Paused, and the real
+//! `wrenn-gateway` process registered by an `APIService`, serving once
+//! [`Bed::start`] returns. Nothing skips authorization.
+//!
+//! The same parts as `e2e/tests/gateway.rs` builds inline, packaged so
+//! another test file can stand them up in one call.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rcgen::{
+    CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+};
+use serde_json::{Value, json};
+use wrenn_crds::Capsule;
+use wrenn_e2e::gateway::{
+    GatewayOptions, GatewayProcess, HostGuest, LocalAddr, register_apiservice,
+};
+use wrenn_e2e::helm::{Helm, chart_dir, documents};
+use wrenn_e2e::{ControlPlane, Options, StaticToken};
+use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
+use wrenn_node_agent::guest::{GuestClient, InitParams};
+use wrenn_node_agent::images::ImageDirs;
+use wrenn_node_agent::network::FakeNet;
+use wrenn_node_agent::node::NodePaths;
+use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
+use wrenn_node_agent::storage::FakeBlockStore;
+use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
+use wrenn_node_agent::vmm::FakeMachine;
+use wrenn_proto::agent::v1 as pb;
+use wrenn_testkit::{need_program, need_root};
+
+/// The chart's release namespace and name here.
+const RELEASE_NS: &str = "wrenn-system";
+const RELEASE: &str = "wrenn";
+/// The chart names the gateway's Service and ServiceAccount so.
+const GATEWAY: &str = "wrenn-gateway";
+/// The node the agent plays.
+pub const NODE: &str = "bed-node";
+/// The users' namespace.
+pub const NS: &str = "team-a";
+
+type Issuer = CertifiedIssuer<'static, KeyPair>;
+
+/// Everything running; stopped on drop.
+pub struct Bed {
+    // Dropped in this order: the gateway before the agent it dials, the
+    // control plane last.
+    _gateway: GatewayProcess,
+    _guest: HostGuest,
+    _agent: Agent,
+    /// Cluster admin.
+    pub admin: kube::Client,
+    /// alice: the edit role in [`NS`]; her kubeconfig's context names [`NS`].
+    pub alice_kubeconfig: PathBuf,
+    /// bob: the view role in [`NS`]; his kubeconfig names no namespace.
+    pub bob_kubeconfig: PathBuf,
+    _local: LocalAddr,
+    _certs: tempfile::TempDir,
+    /// The control plane (admin kubeconfig, kubectl).
+    pub cp: ControlPlane,
+}
+
+impl std::fmt::Debug for Bed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bed").finish_non_exhaustive()
+    }
+}
+
+fn ca(name: &str) -> Issuer {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A leaf named `cn` (and `dns`) for `usage`, as `<file>.crt`/`.key` in `dir`.
+fn leaf(
+    dir: &Path,
+    file: &str,
+    issuer: &Issuer,
+    cn: &str,
+    dns: Option<&str>,
+    usage: ExtendedKeyUsagePurpose,
+) {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    if let Some(d) = dns {
+        p.subject_alt_names = vec![SanType::DnsName(d.try_into().unwrap())];
+    }
+    p.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    std::fs::write(dir.join(format!("{file}.crt")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+}
+
+async fn namespace(client: &kube::Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap();
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("create namespace {name}: {e}"),
+    }
+}
+
+async fn bind(client: &kube::Client, ns: &str, user: &str, role: &str) {
+    let api: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": format!("{user}-{role}") },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user }],
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &rb).await.unwrap();
+}
+
+/// Writes `status` of capsule `name` in [`NS`] as the operator does (its
+/// field manager, server-side apply), with `observedGeneration` set to the
+/// capsule's current generation.
+pub async fn operator_status(client: &kube::Client, name: &str, mut status: Value) {
+    let api: Api<Capsule> = Api::namespaced(client.clone(), NS);
+    let generation = api.get(name).await.unwrap().metadata.generation;
+    status["observedGeneration"] = json!(generation);
+    api.patch_status(
+        name,
+        &PatchParams::apply(wrenn_crds::names::FIELD_MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "status": status,
+        })),
+    )
+    .await
+    .unwrap();
+}
+
+/// A capsule in [`NS`] from template `base`, `phase` on [`NODE`]; returns its UID.
+pub async fn capsule(client: &kube::Client, name: &str, phase: &str) -> String {
+    let api: Api<Capsule> = Api::namespaced(client.clone(), NS);
+    let c: Capsule = serde_json::from_value(json!({
+        "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+        "metadata": { "name": name },
+        "spec": { "source": { "templateRef": { "name": "base" } } },
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &c).await.unwrap();
+    operator_status(client, name, json!({ "phase": phase, "nodeName": NODE })).await;
+    created.metadata.uid.unwrap()
+}
+
+/// Polls `attempt` every 250 ms for up to `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("{what} not reached: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// The node agent: real gRPC server and mutual TLS serving the operator
+/// and the gateway, real supervisor over fakes of VMM, network and disks.
+struct Agent {
+    sup: Supervisor<FakeMachine>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
+    wrenn_node_agent::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("kernels")).unwrap();
+    std::fs::write(images.join("base.ext4"), b"ext4").unwrap();
+    std::fs::write(images.join("kernels/vmlinux"), b"kernel").unwrap();
+    let state = dir.path().join("state");
+    let image_dirs = ImageDirs::new(std::slice::from_ref(&images), &state).unwrap();
+    let sup = Supervisor::new(
+        Host {
+            machine: Arc::new(FakeMachine::new()),
+            net: Arc::new(FakeNet::new()),
+            store: Arc::new(FakeBlockStore::new()),
+        },
+        SupervisorConfig::new(&state, Path::new("/k/vmlinux")),
+    );
+    let service = AgentService::new(
+        AgentIdentity {
+            node_name: NODE.into(),
+            vmm: None,
+            storage_backend: "qcow2".into(),
+        },
+        NodePaths {
+            proc: "/proc".into(),
+            kvm: "/dev/kvm".into(),
+            state_dir: dir.path().to_path_buf(),
+        },
+    )
+    .with_image_dirs(image_dirs)
+    .with_capsules(Arc::new(sup.clone()));
+    let mut port = PortConfig::new(TlsFiles {
+        cert: pki.join("agent.crt"),
+        key: pki.join("agent.key"),
+        client_ca: pki.join("clients-ca.crt"),
+    });
+    port.client_names = ClientNames::new(["wrenn-operator", "wrenn-gateway"]).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        serve_with(listener, port, service, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Agent {
+        sup,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// Creates capsule `uid` on the agent as the operator does (its own client
+/// certificate) and gives it a real guest agent; returns the guest.
+async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGuest {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("agents-ca.crt")))
+        .identity(Identity::from_pem(
+            read("operator.crt"),
+            read("operator.key"),
+        ))
+        .domain_name("wrenn-node-agent");
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut op = pb::node_agent_client::NodeAgentClient::new(channel);
+    let created = op
+        .create_capsule(pb::CreateCapsuleRequest {
+            uid: uid.into(),
+            spec: Some(pb::CapsuleSpec {
+                namespace: NS.into(),
+                name: "box".into(),
+                source: Some(pb::BootSource {
+                    source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
+                        key: format!("{NS}/base@sha256:1"),
+                        disk: Some(pb::template_disk::Disk::RootfsPath("base.ext4".into())),
+                        digest: "sha256:1".into(),
+                        disk_bytes: 1 << 30,
+                    })),
+                }),
+                resources: Some(pb::Resources {
+                    vcpus: 1,
+                    memory_bytes: 256 << 20,
+                    disk_bytes: 1 << 30,
+                }),
+                ..Default::default()
+            }),
+            initial_state: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        created.state,
+        pb::CapsuleState::Running as i32,
+        "{created:?}"
+    );
+    let view = agent.sup.get(uid).unwrap();
+    let vsock = view.vsock_socket.unwrap();
+    std::fs::create_dir_all(vsock.parent().unwrap()).unwrap();
+    let guest = HostGuest::start(&vsock).unwrap();
+    let token = view.guest_token.unwrap();
+    let mut client = eventually(Duration::from_secs(30), "the guest agent answers", || {
+        let vsock = vsock.clone();
+        async move {
+            GuestClient::connect(uid, &vsock)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    client
+        .init(&InitParams {
+            env: Default::default(),
+            hostname: String::new(),
+            access_token: token.expose().to_string(),
+            send_wall_time: false,
+        })
+        .await
+        .unwrap();
+    guest
+}
+
+/// A kubeconfig for a static-token user whose context names `namespace`.
+fn kubeconfig_in(cp: &ControlPlane, user: &str, token: &str, namespace: Option<&str>) -> PathBuf {
+    let path = cp.kubeconfig_for(user, token).unwrap();
+    if let Some(ns) = namespace {
+        let mut kc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for ctx in kc["contexts"].as_array_mut().unwrap() {
+            ctx["context"]["namespace"] = json!(ns);
+        }
+        std::fs::write(&path, kc.to_string()).unwrap();
+    }
+    path
+}
+
+impl Bed {
+    /// Starts everything; `Err` names what this machine lacks (a skip).
+    pub async fn start() -> Result<Bed, String> {
+        need_root()?;
+        need_program("ip")?;
+        need_program("openssl")?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let pid = std::process::id();
+        let alice = StaticToken {
+            token: format!("alice-{pid}"),
+            user: "alice".into(),
+            groups: vec!["devs".into()],
+        };
+        let bob = StaticToken {
+            token: format!("bob-{pid}"),
+            user: "bob".into(),
+            groups: vec!["devs".into()],
+        };
+        let opts = Options {
+            front_proxy: true,
+            tokens: vec![alice.clone(), bob.clone()],
+        };
+        let cp = tokio::task::spawn_blocking(move || ControlPlane::start_own(&opts))
+            .await
+            .unwrap()
+            .map_err(|e| format!("control plane did not start: {e:#}"))?;
+        let helm = Helm::find().map_err(|e| format!("no helm: {e:#}"))?;
+        let admin = cp.client().await.unwrap();
+
+        // The chart's RBAC: the gateway's own and the aggregated user roles.
+        namespace(&admin, RELEASE_NS).await;
+        let chart = chart_dir().display().to_string();
+        let rendered = helm
+            .ok(&[
+                "template",
+                RELEASE,
+                &chart,
+                "-n",
+                RELEASE_NS,
+                "--kube-version=1.36.3",
+                "--show-only",
+                "templates/gateway-rbac.yaml",
+                "--show-only",
+                "templates/user-rbac.yaml",
+                "--show-only",
+                "templates/serviceaccounts.yaml",
+            ])
+            .unwrap();
+        let docs = documents(&rendered).unwrap();
+        let manifest = cp.dir().unwrap().join("gateway-rbac.json");
+        std::fs::write(
+            &manifest,
+            json!({ "apiVersion": "v1", "kind": "List", "items": docs }).to_string(),
+        )
+        .unwrap();
+        cp.kubectl_ok(&["apply", "-f"], Some(&manifest)).unwrap();
+        namespace(&admin, NS).await;
+        // Bound directly: no kube-controller-manager aggregates them here.
+        bind(&admin, NS, "alice", "wrenn-edit").await;
+        bind(&admin, NS, "bob", "wrenn-view").await;
+
+        // Agents' CA, the client CA (operator, gateway), the serving CA.
+        let certs = tempfile::tempdir().unwrap();
+        let dir = certs.path();
+        let (agents, clients, serving) = (ca("agents"), ca("clients"), ca("gateway serving"));
+        std::fs::write(dir.join("agents-ca.crt"), agents.pem()).unwrap();
+        std::fs::write(dir.join("clients-ca.crt"), clients.pem()).unwrap();
+        let server = ExtendedKeyUsagePurpose::ServerAuth;
+        let client = ExtendedKeyUsagePurpose::ClientAuth;
+        leaf(
+            dir,
+            "agent",
+            &agents,
+            "wrenn-node-agent",
+            Some("wrenn-node-agent"),
+            server.clone(),
+        );
+        leaf(
+            dir,
+            "operator",
+            &clients,
+            "wrenn-operator",
+            None,
+            client.clone(),
+        );
+        leaf(dir, "gateway", &clients, "wrenn-gateway", None, client);
+        let svc_dns = format!("{GATEWAY}.{RELEASE_NS}.svc");
+        leaf(dir, "serving", &serving, &svc_dns, Some(&svc_dns), server);
+
+        // An address the aggregator may dial (not loopback), apart from
+        // the ones e2e/tests/gateway.rs picks.
+        let n = (pid % 200) as u8 + 20;
+        let local = LocalAddr::create(
+            &format!("wcl{}", pid % 100_000),
+            Ipv4Addr::new(10, 253, n, 1),
+        )
+        .map_err(|e| format!("no private address: {e:#}"))?;
+        let agent_listener = tokio::net::TcpListener::bind((local.ip, 0)).await.unwrap();
+        let agent_addr = agent_listener.local_addr().unwrap();
+        let agent = start_agent(agent_listener, dir).await;
+
+        // The agent's Pod, as the DaemonSet and kubelet would make it.
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), RELEASE_NS);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": "wrenn-node-agent-bed", "labels": { "app.kubernetes.io/name": "wrenn-node-agent" } },
+            "spec": { "nodeName": NODE, "containers": [{ "name": "node-agent", "image": "wrenn/node-agent:test" }] },
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        let ip = local.ip.to_string();
+        pods.patch_status(
+            "wrenn-node-agent-bed",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] } }),
+            ),
+        )
+        .await
+        .unwrap();
+
+        let uid = capsule(&admin, "box", "Running").await;
+        capsule(&admin, "nap", "Paused").await;
+        let guest = boot(&agent, agent_addr, dir, &uid).await;
+
+        // The gateway as the chart's ServiceAccount, registered by an APIService.
+        let mut kc: Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(&cp.kubeconfig).unwrap()).unwrap();
+        kc["users"][0]["user"]["as"] =
+            json!(format!("system:serviceaccount:{RELEASE_NS}:{GATEWAY}"));
+        let gw_kubeconfig = cp.dir().unwrap().join("kubeconfig-gateway");
+        std::fs::write(&gw_kubeconfig, kc.to_string()).unwrap();
+        let gw_listener = std::net::TcpListener::bind((local.ip, 0)).unwrap();
+        let gw_addr = gw_listener.local_addr().unwrap();
+        drop(gw_listener);
+        let gateway = tokio::task::spawn_blocking({
+            let o = GatewayOptions {
+                kubeconfig: gw_kubeconfig,
+                listen: gw_addr,
+                serving_cert: dir.join("serving.crt"),
+                serving_key: dir.join("serving.key"),
+                client_cert: dir.join("gateway.crt"),
+                client_key: dir.join("gateway.key"),
+                agent_ca: dir.join("agents-ca.crt"),
+                agent_namespace: RELEASE_NS.into(),
+                agent_port: agent_addr.port(),
+                log: cp.dir().unwrap().join("gateway.log"),
+            };
+            move || GatewayProcess::start(&o)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        register_apiservice(&admin, RELEASE_NS, GATEWAY, gw_addr, &serving.pem())
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(90),
+            "the APIService serves discovery",
+            || {
+                let admin = admin.clone();
+                async move {
+                    let req = http::Request::get("/apis/subresources.wrenn.dev/v1alpha1")
+                        .body(Vec::new())
+                        .unwrap();
+                    let list: Value = admin.request(req).await.map_err(|e| e.to_string())?;
+                    (list["resources"][0]["name"] == "capsules/exec")
+                        .then_some(())
+                        .ok_or_else(|| list.to_string())
+                }
+            },
+        )
+        .await;
+
+        let alice_kubeconfig = kubeconfig_in(&cp, "alice", &alice.token, Some(NS));
+        let bob_kubeconfig = kubeconfig_in(&cp, "bob", &bob.token, None);
+        Ok(Bed {
+            _gateway: gateway,
+            _guest: guest,
+            _agent: agent,
+            admin,
+            alice_kubeconfig,
+            bob_kubeconfig,
+            _local: local,
+            _certs: certs,
+            cp,
+        })
+    }
+}
