@@ -201,6 +201,7 @@ async fn write_file(c: &mut Client, uid: &str, path: &str, data: &[u8]) {
                 mode: 0o644,
                 size: data.len() as u64,
                 make_parents: true,
+                ..Default::default()
             })),
         }),
     }];

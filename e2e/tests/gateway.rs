@@ -304,6 +304,7 @@ async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
         },
     )
     .with_image_dirs(image_dirs)
+    .with_console_root(sup.layout().vmm_root())
     .with_capsules(Arc::new(sup.clone()));
     let mut port = PortConfig::new(TlsFiles {
         cert: pki.join("agent.crt"),
@@ -402,18 +403,40 @@ async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGue
     guest
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
-    let c = case(
-        Tier::Cluster,
-        "gateway::exec_through_the_api_server_is_authorized_per_user_and_namespace",
-    );
+/// Everything a test reaches the gateway through: the control plane with
+/// the chart's RBAC, alice (edit in A) and bob (view in A), the node agent
+/// with capsule `box` running in A on a real guest agent (`nap` paused in
+/// A, `box` in B), the gateway registered by its APIService.
+struct Bed {
+    _gateway: GatewayProcess,
+    _guest: HostGuest,
+    agent: Agent,
+    _local: LocalAddr,
+    certs: tempfile::TempDir,
+    serving: Issuer,
+    gw_addr: SocketAddr,
+    pki_dir: std::path::PathBuf,
+    admin: kube::Client,
+    alice_c: kube::Client,
+    bob_c: kube::Client,
+    alice_kc: std::path::PathBuf,
+    bob_kc: std::path::PathBuf,
+    /// UID of `box` in A.
+    uid: String,
+    cp: ControlPlane,
+}
+
+const NS_A: &str = "team-a";
+const NS_B: &str = "team-b";
+
+/// Starts a [`Bed`]; `tag` (1..=9) keeps the links and addresses of tests
+/// running at once apart. `Err` names what is missing to run at all.
+async fn bed(tag: u8) -> Result<Bed, String> {
     if let Err(why) = need_root()
         .and_then(|()| need_program("ip").map(drop))
         .and_then(|()| need_program("openssl").map(drop))
     {
-        c.skip(why);
-        return;
+        return Err(why.to_string());
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let alice = StaticToken {
@@ -436,15 +459,13 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     {
         Ok(cp) => cp,
         Err(e) => {
-            c.skip(format!("control plane did not start: {e:#}"));
-            return;
+            return Err(format!("control plane did not start: {e:#}"));
         }
     };
     let helm = match Helm::find() {
         Ok(h) => h,
         Err(e) => {
-            c.skip(format!("no helm: {e:#}"));
-            return;
+            return Err(format!("no helm: {e:#}"));
         }
     };
     let admin = cp.client().await.unwrap();
@@ -481,7 +502,7 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     )
     .unwrap();
     cp.kubectl_ok(&["apply", "-f"], Some(&manifest)).unwrap();
-    let (ns_a, ns_b) = ("team-a", "team-b");
+    let (ns_a, ns_b) = (NS_A, NS_B);
     namespace(&admin, ns_a).await;
     namespace(&admin, ns_b).await;
     // The chart's roles that aggregate into `edit` and `view` (bound
@@ -533,8 +554,8 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     // An address the aggregator may dial (not loopback).
     let n = (std::process::id() % 200) as u8 + 20;
     let local = LocalAddr::create(
-        &format!("wgw{}", std::process::id() % 100_000),
-        Ipv4Addr::new(10, 254, n, 1),
+        &format!("wgw{tag}{}", std::process::id() % 100_000),
+        Ipv4Addr::new(10, 254, n, tag),
     )
     .unwrap();
     let agent_listener = tokio::net::TcpListener::bind((local.ip, 0)).await.unwrap();
@@ -565,7 +586,7 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     let uid = capsule(&admin, ns_a, "box", "Running").await;
     capsule(&admin, ns_a, "nap", "Paused").await;
     capsule(&admin, ns_b, "box", "Running").await;
-    let _guest = boot(&agent, agent_addr, dir, &uid).await;
+    let guest = boot(&agent, agent_addr, dir, &uid).await;
 
     // The gateway as the chart's ServiceAccount, registered by an APIService.
     let kc: Value =
@@ -632,6 +653,41 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
         .unwrap();
     assert!(!resources.contains("error"), "{resources}");
 
+    let alice_kc = cp.kubeconfig_for("alice", &alice.token).unwrap();
+    let bob_kc = cp.kubeconfig_for("bob", &bob.token).unwrap();
+    Ok(Bed {
+        _gateway: gateway,
+        _guest: guest,
+        agent,
+        _local: local,
+        certs,
+        serving,
+        gw_addr,
+        pki_dir,
+        admin,
+        alice_c,
+        bob_c,
+        alice_kc,
+        bob_kc,
+        uid,
+        cp,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
+    let c = case(
+        Tier::Cluster,
+        "gateway::exec_through_the_api_server_is_authorized_per_user_and_namespace",
+    );
+    let b = match bed(1).await {
+        Ok(b) => b,
+        Err(why) => return c.skip(why),
+    };
+    let (cp, alice_c, bob_c) = (&b.cp, &b.alice_c, &b.bob_c);
+    let (ns_a, ns_b) = (NS_A, NS_B);
+    let (alice_kc, bob_kc) = (&b.alice_kc, &b.bob_kc);
+    let (gw_addr, serving, dir, pki_dir) = (b.gw_addr, &b.serving, b.certs.path(), &b.pki_dir);
     // The aggregated roles reached edit and view.
     let can_i_on = |resource: &str, kubeconfig: &Path, ns: &str| {
         let out = std::process::Command::new(&cp.kubectl)
@@ -653,19 +709,17 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     // kubectl maps `capsules` to wrenn.dev (a group of subresources only has
     // no top-level resource to map to); the roles grant both groups alike.
     let can_i = |kubeconfig: &Path, ns: &str| can_i_on("capsules", kubeconfig, ns);
-    let alice_kc = cp.kubeconfig_for("alice", &alice.token).unwrap();
-    let bob_kc = cp.kubeconfig_for("bob", &bob.token).unwrap();
     eventually(Duration::from_secs(60), "alice may exec in A", || {
-        let a = can_i(&alice_kc, ns_a);
+        let a = can_i(alice_kc, ns_a);
         async move { (a == "yes").then_some(()).ok_or(a) }
     })
     .await;
-    assert_eq!(can_i(&bob_kc, ns_a), "no");
-    assert_eq!(can_i(&alice_kc, ns_b), "no");
+    assert_eq!(can_i(bob_kc, ns_a), "no");
+    assert_eq!(can_i(alice_kc, ns_b), "no");
 
     // alice runs a command in A: stdout, stderr and the exit code arrive.
     let ran = exec(
-        &alice_c,
+        alice_c,
         ns_a,
         "box",
         &["sh", "-c", "echo out; echo err >&2; exit 3"],
@@ -679,7 +733,7 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     assert_eq!(exit_code_of(&ran.status), Some(3), "{ran:?}");
     // A closed stdin reaches the process: `cat` ends.
     let ran = exec(
-        &alice_c,
+        alice_c,
         ns_a,
         "box",
         &["cat"],
@@ -691,17 +745,17 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
     assert_eq!(ran.status["status"], "Success", "{ran:?}");
 
     // Clear refusals: an unknown capsule names itself, a paused one its phase.
-    let (code, msg) = api_code(exec(&alice_c, ns_a, "nosuch", &["true"], None).await);
+    let (code, msg) = api_code(exec(alice_c, ns_a, "nosuch", &["true"], None).await);
     assert_eq!(code, 404, "{msg}");
     assert!(msg.contains("\"nosuch\""), "{msg}");
-    let (code, msg) = api_code(exec(&alice_c, ns_a, "nap", &["true"], None).await);
+    let (code, msg) = api_code(exec(alice_c, ns_a, "nap", &["true"], None).await);
     assert_eq!(code, 409, "{msg}");
     assert!(msg.contains("Paused"), "{msg}");
 
     // bob may only view A; alice has nothing in B.
-    let (code, msg) = api_code(exec(&bob_c, ns_a, "box", &["true"], None).await);
+    let (code, msg) = api_code(exec(bob_c, ns_a, "box", &["true"], None).await);
     assert_eq!(code, 403, "{msg}");
-    let (code, msg) = api_code(exec(&alice_c, ns_b, "box", &["true"], None).await);
+    let (code, msg) = api_code(exec(alice_c, ns_b, "box", &["true"], None).await);
     assert_eq!(code, 403, "{msg}");
 
     // Without credentials the API server refuses (anonymous has no rights).
@@ -751,5 +805,632 @@ async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
         .await,
         Some(403)
     );
-    drop(gateway);
+
+    // An oversized WebSocket message ends that stream cleanly (a close or
+    // a cut connection, no hang); the gateway goes on serving.
+    let req = http::Request::get(exec_path(ns_a, "box", &["cat"], true))
+        .body(Vec::new())
+        .unwrap();
+    let mut ws = alice_c.connect(req).await.unwrap().into_stream();
+    let _ = ws.send(Message::binary(vec![0u8; 2 << 20])).await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "an oversized message left the stream open");
+    let ran = exec(alice_c, ns_a, "box", &["echo", "still here"], None)
+        .await
+        .unwrap();
+    assert_eq!(ran.stdout, "still here\n", "{ran:?}");
+    drop(b);
+}
+
+/// A TTY exec: the WebSocket, after the stream-up message.
+async fn tty(
+    client: &kube::Client,
+    argv: &[&str],
+) -> impl futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
++ futures::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
++ Unpin
++ use<> {
+    let path = build_request_path(
+        NS_A,
+        "box",
+        &ExecOptions {
+            command: argv.iter().map(|a| a.to_string()).collect(),
+            stdin: true,
+            stdout: true,
+            stderr: false,
+            tty: true,
+            ..Default::default()
+        },
+    );
+    let req = http::Request::get(path).body(Vec::new()).unwrap();
+    client.connect(req).await.unwrap().into_stream()
+}
+
+/// Reads terminal output until the error channel's `Status`; returns the
+/// output and the status. With `ctrl_c_after`, once the output shows that
+/// text, sends ^C each second until the output shows `until`.
+async fn read_tty<S>(ws: &mut S, ctrl_c_after: Option<(&str, &str)>) -> (String, Value)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures::Sink<Message>
+        + Unpin,
+{
+    let mut out = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout_at(deadline, ws.next()) => m
+                .unwrap_or_else(|_| panic!("no exit status in 60 s; output so far: {out:?}")),
+            _ = tick.tick() => {
+                if let Some((after, until)) = ctrl_c_after
+                    && out.contains(after)
+                    && !out.contains(until)
+                {
+                    let _ = ws.send(Message::binary(vec![0u8, 0x03])).await;
+                }
+                continue;
+            }
+        };
+        let Some(Ok(Message::Binary(b))) = msg else {
+            assert!(msg.is_some(), "stream ended without a status: {out:?}");
+            continue;
+        };
+        match b.split_first() {
+            Some((1, data)) => out.push_str(&String::from_utf8_lossy(data)),
+            Some((3, data)) => return (out, serde_json::from_slice(data).unwrap()),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tty_exec_resizes_reads_stdin_and_interrupts_with_ctrl_c() {
+    let c = case(
+        Tier::Cluster,
+        "gateway::tty_exec_resizes_reads_stdin_and_interrupts_with_ctrl_c",
+    );
+    let b = match bed(2).await {
+        Ok(b) => b,
+        Err(why) => return c.skip(why),
+    };
+    // The size reaches the PTY before the line the shell waits for: both
+    // travel the one stream in order.
+    let mut ws = tty(
+        &b.alice_c,
+        &[
+            "sh",
+            "-c",
+            "read line; echo \"got $line\"; stty size; exit 7",
+        ],
+    )
+    .await;
+    ws.send(Message::binary(
+        b"\x04{\"Width\":100,\"Height\":40}".to_vec(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::binary(b"\x00hello\n".to_vec()))
+        .await
+        .unwrap();
+    let (out, status) = read_tty(&mut ws, None).await;
+    assert!(out.contains("got hello"), "{out:?}");
+    assert!(
+        out.contains("40 100"),
+        "stty size after the resize: {out:?}"
+    );
+    assert_eq!(exit_code_of(&status), Some(7), "{status}");
+
+    // ^C on the terminal interrupts the foreground command (the shell
+    // traps it and goes on). Sent again each second until it lands while
+    // `sleep` runs: one sent before `sleep` started only runs the trap.
+    let started = Instant::now();
+    let mut ws = tty(
+        &b.alice_c,
+        &[
+            "sh",
+            "-c",
+            "trap 'echo trapped' INT; echo ready; sleep 100; echo \"slept $?\"; exit 5",
+        ],
+    )
+    .await;
+    let (out, status) = read_tty(&mut ws, Some(("ready", "slept"))).await;
+    assert!(
+        out.contains("slept 130"),
+        "sleep was not interrupted: {out:?}"
+    );
+    assert_eq!(exit_code_of(&status), Some(5), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    drop(b);
+}
+
+fn sub_path(ns: &str, capsule: &str, sub: &str, query: &str) -> String {
+    format!(
+        "/apis/subresources.wrenn.dev/v1alpha1/namespaces/{ns}/capsules/{capsule}/{sub}?{query}"
+    )
+}
+
+/// A request through the API server; the status code and the whole body.
+async fn call(
+    client: &kube::Client,
+    method: http::Method,
+    uri: String,
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(kube::client::Body::from(body))
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    let code = resp.status().as_u16();
+    (
+        code,
+        resp.into_body().collect_bytes().await.unwrap().to_vec(),
+    )
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A tar entry whose name is written as given, `..` and all (the tar
+/// crate's builder refuses such names, an attacker's does not).
+fn raw_entry(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(l) = link {
+        h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+    }
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut out: Vec<u8> = entries.concat();
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_stream_both_ways_with_checksums_and_refuse_escapes() {
+    let c = case(
+        Tier::Cluster,
+        "gateway::files_stream_both_ways_with_checksums_and_refuse_escapes",
+    );
+    let b = match bed(3).await {
+        Ok(b) => b,
+        Err(why) => return c.skip(why),
+    };
+    let alice = &b.alice_c;
+    let files = |q: &str| sub_path(NS_A, "box", "files", q);
+    use http::Method;
+    // Discovery lists what is served, with its verbs.
+    let req = http::Request::get("/apis/subresources.wrenn.dev/v1alpha1")
+        .body(Vec::new())
+        .unwrap();
+    let list: Value = b.admin.request(req).await.unwrap();
+    let names: Vec<&str> = list["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["capsules/exec", "capsules/files", "capsules/console"]
+    );
+
+    // The guest agent runs on this host: its files are the host's, in a
+    // directory of this test.
+    let root = tempfile::Builder::new()
+        .prefix("wrenn-gw-files-")
+        .tempdir()
+        .unwrap();
+    let r = root.path().display().to_string();
+
+    // 50 MiB up with its checksum, and down again, streamed.
+    let data: Vec<u8> = (0..50u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sum = sha256_hex(&data);
+    let (code, body) = call(
+        alice,
+        Method::PUT,
+        files(&format!("path={r}/big.bin&mode=0600&sha256={sum}")),
+        data,
+    )
+    .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let info = json_of(&body);
+    assert_eq!(info["size"], 50 << 20, "{info}");
+    assert_eq!(info["mode"], 0o600, "{info}");
+    let req = http::Request::get(files(&format!("path={r}/big.bin")))
+        .body(kube::client::Body::from(Vec::new()))
+        .unwrap();
+    let resp = alice.send(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()),
+        Some("52428800")
+    );
+    let mut body = resp.into_body();
+    let mut hash = sha2::Sha256::default();
+    let mut got = 0usize;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            got += d.len();
+            sha2::Digest::update(&mut hash, &d);
+        }
+    }
+    let down: String = sha2::Digest::finalize(hash)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!((got, down.as_str()), (50 << 20, sum.as_str()));
+    // The guest computes the same checksum.
+    let (code, body) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/big.bin&op=stat&sha256=true")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let st = json_of(&body);
+    assert_eq!(st["sha256"], sum.as_str(), "{st}");
+    assert_eq!(st["isDir"], false, "{st}");
+
+    // A checksum mismatch is 422 and leaves no file, partial or temporary.
+    let (code, body) = call(
+        alice,
+        Method::PUT,
+        files(&format!("path={r}/bad.bin&sha256={}", "0".repeat(64))),
+        b"not what you expected".to_vec(),
+    )
+    .await;
+    assert_eq!(code, 422, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("SHA-256")
+    );
+    let (code, body) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}&op=list")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let listed: Vec<String> = json_of(&body)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, [format!("{r}/big.bin")]);
+
+    // mkdir, paged list, rename, chmod, chown, remove.
+    let post = |q: String| call(alice, Method::POST, files(&q), Vec::new());
+    let (code, body) = post(format!("path={r}/d/e&op=mkdir&recursive=true")).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["isDir"], true);
+    for n in ["a", "b", "c"] {
+        let (code, _) = call(
+            alice,
+            Method::PUT,
+            files(&format!("path={r}/d/{n}")),
+            n.into(),
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    let (_, body) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/d&op=list&limit=2")),
+        Vec::new(),
+    )
+    .await;
+    let page = json_of(&body);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    assert_eq!(page["items"][0]["path"], format!("{r}/d/a"));
+    let next = page["continue"].as_str().unwrap().to_string();
+    let (_, body) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/d&op=list&limit=2&continue={next}")),
+        Vec::new(),
+    )
+    .await;
+    let page = json_of(&body);
+    let rest: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["path"].as_str())
+        .collect();
+    assert_eq!(rest, [format!("{r}/d/c"), format!("{r}/d/e")], "{page}");
+    assert!(page.get("continue").is_none(), "{page}");
+    let (code, body) = post(format!("path={r}/d/c&op=rename&to={r}/d/z")).await;
+    assert_eq!(code, 200);
+    assert_eq!(json_of(&body)["path"], format!("{r}/d/z"));
+    let (_, body) = post(format!("path={r}/d/z&op=chmod&mode=0751")).await;
+    assert_eq!(json_of(&body)["mode"], 0o751);
+    let (_, body) = post(format!("path={r}/d/z&op=chown&uid=1&gid=2")).await;
+    let owned = json_of(&body);
+    assert_eq!(
+        (owned["uid"].clone(), owned["gid"].clone()),
+        (json!(1), json!(2))
+    );
+    let (code, body) = post(format!("path={r}/d/z&op=remove")).await;
+    assert_eq!((code, json_of(&body)), (200, json!({})));
+    let (code, body) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/d/z&op=stat")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
+    // A directory with contents goes only with recursive=true.
+    let (code, _) = post(format!("path={r}/d&op=remove")).await;
+    assert_eq!(code, 409);
+    let (code, _) = post(format!("path={r}/d&op=remove&recursive=true")).await;
+    assert_eq!(code, 200);
+
+    // A directory round trip as tar.
+    let (code, _) = post(format!("path={r}/src/sub&op=mkdir&recursive=true")).await;
+    assert_eq!(code, 200);
+    for (p, d) in [
+        ("src/x.txt", &b"x"[..]),
+        ("src/sub/y.bin", &[0u8, 1, 2, 255][..]),
+    ] {
+        let (code, _) = call(
+            alice,
+            Method::PUT,
+            files(&format!("path={r}/{p}")),
+            d.to_vec(),
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    let (code, packed) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/src&op=tar")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let mut names: Vec<String> = tar::Archive::new(&packed[..])
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path().unwrap().display().to_string();
+            p.trim_end_matches('/').to_string()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["sub", "sub/y.bin", "x.txt"]);
+    let (code, body) = call(
+        alice,
+        Method::PUT,
+        files(&format!("path={r}/dst&op=tar")),
+        packed,
+    )
+    .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["entries"], 3);
+    let (_, y) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/dst/sub/y.bin")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(y, [0u8, 1, 2, 255]);
+
+    // Tar entries leaving the directory are refused, and nothing lands
+    // outside it: `..`, an absolute path, a symlink then a file through it.
+    let outside = format!("{r}/outside");
+    let attacks = [
+        tar_of(&[raw_entry(
+            "../escaped.txt",
+            tar::EntryType::Regular,
+            None,
+            b"x",
+        )]),
+        tar_of(&[raw_entry(
+            &format!("{outside}/abs.txt"),
+            tar::EntryType::Regular,
+            None,
+            b"x",
+        )]),
+        tar_of(&[
+            raw_entry("link", tar::EntryType::Symlink, Some(&r), b""),
+            raw_entry("link/owned.txt", tar::EntryType::Regular, None, b"x"),
+        ]),
+        tar_of(&[raw_entry(
+            "hard",
+            tar::EntryType::Link,
+            Some("../big.bin"),
+            b"",
+        )]),
+    ];
+    for (i, attack) in attacks.into_iter().enumerate() {
+        let (code, body) = call(
+            alice,
+            Method::PUT,
+            files(&format!("path={r}/jail&op=tar")),
+            attack,
+        )
+        .await;
+        assert_eq!(code, 400, "attack {i}: {}", String::from_utf8_lossy(&body));
+        let msg = json_of(&body)["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("refused"), "attack {i}: {msg}");
+    }
+    assert!(!root.path().join("escaped.txt").exists());
+    assert!(!Path::new(&outside).exists());
+    assert!(!root.path().join("owned.txt").exists());
+
+    // The guest's own errors pass through: root may not create files in
+    // sysfs (EACCES), and a missing file is 404.
+    let (code, body) = call(
+        alice,
+        Method::PUT,
+        files("path=/sys/kernel/wrenn-gateway-test"),
+        b"x".to_vec(),
+    )
+    .await;
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&body));
+    let msg = json_of(&body)["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("ermission denied"), "{msg}");
+    let (code, body) = call(
+        alice,
+        Method::GET,
+        files(&format!("path={r}/nope")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
+
+    // bob only views; unknown and paused capsules say so.
+    let (code, _) = call(
+        &b.bob_c,
+        Method::GET,
+        files(&format!("path={r}/big.bin&op=stat")),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 403);
+    let (code, body) = call(
+        alice,
+        Method::GET,
+        sub_path(NS_A, "nosuch", "files", "path=/etc/hostname"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 404);
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"nosuch\"")
+    );
+    let (code, body) = call(
+        alice,
+        Method::GET,
+        sub_path(NS_A, "nap", "files", "path=/etc/hostname"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 409);
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("Paused")
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn console_shows_the_tail_and_follows_new_output() {
+    let c = case(
+        Tier::Cluster,
+        "gateway::console_shows_the_tail_and_follows_new_output",
+    );
+    let b = match bed(4).await {
+        Ok(b) => b,
+        Err(why) => return c.skip(why),
+    };
+    use http::Method;
+    // Written where the VMM writes the serial console (the VMM is fake).
+    let run = b.agent.sup.layout().run_dir(&b.uid);
+    std::fs::create_dir_all(&run).unwrap();
+    let log = run.join("serial.log");
+    std::fs::write(&log, "boot 1\nboot 2\nboot 3\nlogin:\n").unwrap();
+    let console = |q: &str| sub_path(NS_A, "box", "console", q);
+    let (code, body) = call(&b.alice_c, Method::GET, console("tailLines=2"), Vec::new()).await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(String::from_utf8_lossy(&body), "boot 3\nlogin:\n");
+    // kubectl reads it as it reads any path of the API.
+    let raw =
+        b.cp.kubectl_ok(&["get", "--raw", &console("tailLines=1")], None)
+            .unwrap();
+    assert_eq!(raw.trim_end(), "login:");
+    let (_, body) = call(&b.alice_c, Method::GET, console(""), Vec::new()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "boot 1\nboot 2\nboot 3\nlogin:\n"
+    );
+
+    // A follower gets the tail, then what the guest prints next.
+    let req = http::Request::get(console("tailLines=1&follow=true"))
+        .body(kube::client::Body::from(Vec::new()))
+        .unwrap();
+    let resp = b.alice_c.send(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut appended = false;
+    while !seen.contains("late line") {
+        let frame = tokio::time::timeout_at(deadline, http_body_util::BodyExt::frame(&mut body))
+            .await
+            .unwrap_or_else(|_| panic!("no new console output in 30 s: {seen:?}"))
+            .unwrap()
+            .unwrap();
+        if let Ok(d) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&d));
+        }
+        if !appended && seen.contains("login:") {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+            f.write_all(b"late line\n").unwrap();
+            appended = true;
+        }
+    }
+    assert_eq!(seen, "login:\nlate line\n");
+    drop(body);
+
+    let (code, _) = call(&b.bob_c, Method::GET, console(""), Vec::new()).await;
+    assert_eq!(code, 403);
+    let (code, body) = call(
+        &b.alice_c,
+        Method::GET,
+        sub_path(NS_A, "nap", "console", ""),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+    drop(b);
 }

@@ -1,6 +1,7 @@
 //! Discovery and OpenAPI documents (pure). The API server marks the
 //! `APIService` available only when `/apis/GROUP/VERSION` answers, and
-//! kubectl reads these to map `capsules/exec`. Only subresources this
+//! kubectl reads these to map `capsules/exec`, `capsules/files` and
+//! `capsules/console`. Only subresources this
 //! gateway serves are listed.
 
 use serde_json::{Value, json};
@@ -34,8 +35,19 @@ pub fn build_api_group_list() -> Value {
     json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [g] })
 }
 
+/// The RBAC verbs of a subresource: exec as `pods/exec` (create and get),
+/// files by HTTP method (GET get, PUT update, POST create), console as
+/// `pods/log` (get).
+pub fn verbs(s: Subresource) -> &'static [&'static str] {
+    match s {
+        Subresource::Files => &["create", "get", "update"],
+        Subresource::Console => &["get"],
+        _ => &["create", "get"],
+    }
+}
+
 /// `/apis/GROUP/VERSION`: one entry per served subresource, with the verbs
-/// kubectl and RBAC use for it (as `pods/exec`: create and get).
+/// kubectl and RBAC use for it.
 pub fn build_api_resource_list() -> Value {
     let resources: Vec<Value> = Subresource::SERVED
         .iter()
@@ -45,7 +57,7 @@ pub fn build_api_resource_list() -> Value {
                 "singularName": "",
                 "namespaced": true,
                 "kind": "Status",
-                "verbs": ["create", "get"],
+                "verbs": verbs(*s),
             })
         })
         .collect();
@@ -57,6 +69,64 @@ pub fn build_api_resource_list() -> Value {
     })
 }
 
+/// Pairs of names: (method, description) or (query parameter, type).
+type Pairs = Vec<(&'static str, &'static str)>;
+
+/// The methods of a subresource's path, what each does, and its query
+/// parameters (name, type).
+fn operations(s: Subresource) -> (Pairs, Pairs) {
+    match s {
+        Subresource::Files => (
+            vec![
+                (
+                    "get",
+                    "read a file, or with op=stat|list|tar its metadata, a page of a directory, a directory as tar",
+                ),
+                (
+                    "put",
+                    "write a file from the body, or with op=tar extract a tar body into a directory",
+                ),
+                ("post", "op=mkdir|remove|rename|chmod|chown"),
+            ],
+            vec![
+                ("path", "string"),
+                ("op", "string"),
+                ("mode", "string"),
+                ("sha256", "string"),
+                ("limit", "integer"),
+                ("continue", "string"),
+                ("recursive", "boolean"),
+                ("to", "string"),
+                ("uid", "integer"),
+                ("gid", "integer"),
+            ],
+        ),
+        Subresource::Console => (
+            vec![("get", "read the serial console log (text/plain)")],
+            vec![("tailLines", "integer"), ("follow", "boolean")],
+        ),
+        _ => (
+            vec![
+                (
+                    "get",
+                    "connect to exec of a Capsule (WebSocket, v5.channel.k8s.io)",
+                ),
+                (
+                    "post",
+                    "connect to exec of a Capsule (WebSocket, v5.channel.k8s.io)",
+                ),
+            ],
+            vec![
+                ("command", "string"),
+                ("stdin", "boolean"),
+                ("stdout", "boolean"),
+                ("stderr", "boolean"),
+                ("tty", "boolean"),
+            ],
+        ),
+    }
+}
+
 fn paths() -> Value {
     let mut paths = serde_json::Map::new();
     for s in Subresource::SERVED {
@@ -64,31 +134,38 @@ fn paths() -> Value {
             "/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{RESOURCE}/{{name}}/{}",
             s.as_str()
         );
-        let op = |verb: &str| {
-            json!({
-                "description": format!("connect {verb} requests to {} of a Capsule (WebSocket, v5.channel.k8s.io)", s.as_str()),
-                "operationId": format!("connect{verb}NamespacedCapsule{}", s.as_str()),
-                "responses": { "101": { "description": "Switching Protocols" } },
-                "x-kubernetes-action": "connect",
-                "x-kubernetes-group-version-kind": { "group": GROUP, "version": VERSION, "kind": "Capsule" },
-            })
-        };
-        paths.insert(
-            path,
-            json!({
-                "get": op("Get"),
-                "post": op("Post"),
-                "parameters": [
-                    { "name": "namespace", "in": "path", "required": true, "type": "string" },
-                    { "name": "name", "in": "path", "required": true, "type": "string" },
-                    { "name": "command", "in": "query", "type": "string" },
-                    { "name": "stdin", "in": "query", "type": "boolean" },
-                    { "name": "stdout", "in": "query", "type": "boolean" },
-                    { "name": "stderr", "in": "query", "type": "boolean" },
-                    { "name": "tty", "in": "query", "type": "boolean" },
-                ],
-            }),
+        let (ops, query) = operations(s);
+        let mut item = serde_json::Map::new();
+        for (method, description) in ops {
+            let mut verb = method.to_string();
+            verb[..1].make_ascii_uppercase();
+            let (code, what) = if s == Subresource::Exec {
+                ("101", "Switching Protocols")
+            } else {
+                ("200", "OK")
+            };
+            item.insert(
+                method.to_string(),
+                json!({
+                    "description": description,
+                    "operationId": format!("connect{verb}NamespacedCapsule{}", s.as_str()),
+                    "responses": { code: { "description": what } },
+                    "x-kubernetes-action": "connect",
+                    "x-kubernetes-group-version-kind": { "group": GROUP, "version": VERSION, "kind": "Capsule" },
+                }),
+            );
+        }
+        let mut params = vec![
+            json!({ "name": "namespace", "in": "path", "required": true, "type": "string" }),
+            json!({ "name": "name", "in": "path", "required": true, "type": "string" }),
+        ];
+        params.extend(
+            query
+                .into_iter()
+                .map(|(n, t)| json!({ "name": n, "in": "query", "type": t })),
         );
+        item.insert("parameters".into(), Value::Array(params));
+        paths.insert(path, Value::Object(item));
     }
     Value::Object(paths)
 }
@@ -144,7 +221,14 @@ mod tests {
         assert_eq!(l["groupVersion"], "subresources.wrenn.dev/v1alpha1");
         assert_eq!(l["resources"][0]["name"], "capsules/exec");
         assert_eq!(l["resources"][0]["verbs"], json!(["create", "get"]));
-        assert_eq!(l["resources"].as_array().map(Vec::len), Some(1));
+        assert_eq!(l["resources"][1]["name"], "capsules/files");
+        assert_eq!(
+            l["resources"][1]["verbs"],
+            json!(["create", "get", "update"])
+        );
+        assert_eq!(l["resources"][2]["name"], "capsules/console");
+        assert_eq!(l["resources"][2]["verbs"], json!(["get"]));
+        assert_eq!(l["resources"].as_array().map(Vec::len), Some(3));
     }
 
     #[test]

@@ -118,7 +118,7 @@ fn flag(v: &str) -> Result<bool, String> {
 }
 
 /// Decodes `application/x-www-form-urlencoded` text (`+` is a space).
-fn form_decode(s: &str) -> String {
+pub(crate) fn form_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -350,7 +350,11 @@ pub fn plan_agent_refusal(capsule: &str, status: &tonic::Status) -> Refusal {
     use tonic::Code;
     let reason = match status.code() {
         Code::NotFound => Reason::NotFound,
-        Code::FailedPrecondition => Reason::Conflict,
+        Code::FailedPrecondition | Code::AlreadyExists => Reason::Conflict,
+        Code::PermissionDenied => Reason::Forbidden,
+        // A checksum that does not match what arrived.
+        Code::DataLoss => Reason::Invalid,
+        Code::ResourceExhausted => Reason::RequestEntityTooLarge,
         Code::InvalidArgument | Code::OutOfRange => Reason::BadRequest,
         Code::Unavailable => Reason::ServiceUnavailable,
         Code::DeadlineExceeded => Reason::Timeout,

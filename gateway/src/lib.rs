@@ -3,18 +3,23 @@
 //! here through an `APIService`; the gateway trusts only that front proxy
 //! (`frontproxy`), authorizes every call with a SubjectAccessReview
 //! (`authz`), finds the capsule's node agent (`locate`) and bridges the
-//! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`).
-//! `route` parses paths and builds API `Status` replies (pure); `discovery`
-//! holds the discovery and OpenAPI documents (pure); `server` is the HTTPS
-//! listener tying them together.
+//! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`),
+//! and plain HTTP requests to its file and console RPCs (`files`,
+//! `console`). `route` parses paths and builds API `Status` replies
+//! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
+//! `reply` the response bodies; `server` is the HTTPS listener tying them
+//! together.
 #![forbid(unsafe_code)]
 
 pub mod args;
 pub mod authz;
+pub mod console;
 pub mod discovery;
 pub mod exec;
+pub mod files;
 pub mod frontproxy;
 pub mod locate;
+pub mod reply;
 pub mod route;
 pub mod server;
 

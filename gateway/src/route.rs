@@ -13,11 +13,11 @@ pub enum Subresource {
     Exec,
     /// Attach to a capsule's PTY. Not served yet.
     Attach,
-    /// File transfer. Not served yet.
+    /// Files and directories (plain HTTP). Served.
     Files,
     /// Detached processes. Not served yet.
     Processes,
-    /// Serial console. Not served yet.
+    /// Serial console log (plain HTTP, text). Served.
     Console,
     /// Port forwarding. Not served yet.
     Portforward,
@@ -54,11 +54,11 @@ impl Subresource {
 
     /// Whether this gateway serves it (the others answer 501).
     pub fn served(self) -> bool {
-        matches!(self, Self::Exec)
+        Self::SERVED.contains(&self)
     }
 
     /// Subresources served, as discovery lists them.
-    pub const SERVED: [Subresource; 1] = [Self::Exec];
+    pub const SERVED: [Subresource; 3] = [Self::Exec, Self::Files, Self::Console];
 }
 
 /// What a path asks for.
@@ -150,6 +150,12 @@ pub enum Reason {
     MethodNotAllowed,
     /// 409.
     Conflict,
+    /// 411.
+    LengthRequired,
+    /// 413.
+    RequestEntityTooLarge,
+    /// 422 (metav1 `Invalid`).
+    Invalid,
     /// 500.
     InternalError,
     /// 501 (`NotImplemented` is not a metav1 reason; kubectl prints the message).
@@ -170,6 +176,9 @@ impl Reason {
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::Conflict => 409,
+            Self::LengthRequired => 411,
+            Self::RequestEntityTooLarge => 413,
+            Self::Invalid => 422,
             Self::InternalError => 500,
             Self::NotImplemented => 501,
             Self::ServiceUnavailable => 503,
@@ -185,6 +194,9 @@ impl Reason {
             Self::NotFound => "NotFound",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::Conflict => "Conflict",
+            Self::LengthRequired => "LengthRequired",
+            Self::RequestEntityTooLarge => "RequestEntityTooLarge",
+            Self::Invalid => "Invalid",
             Self::InternalError => "InternalError",
             Self::NotImplemented => "NotImplemented",
             Self::ServiceUnavailable => "ServiceUnavailable",
@@ -264,7 +276,8 @@ mod tests {
                 sub: Subresource::Files
             }
         );
-        assert!(!Subresource::Files.served());
+        assert!(Subresource::Files.served());
+        assert!(!Subresource::Processes.served());
     }
 
     #[test]

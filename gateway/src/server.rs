@@ -8,8 +8,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
@@ -23,11 +21,12 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::authz::{Access, Authorizer};
-use crate::discovery;
-use crate::exec;
+use crate::files::FileOp;
 use crate::frontproxy::{FrontProxy, Peer, identify};
 use crate::locate::Locator;
+use crate::reply::{Reply, json as json_reply, refuse, text};
 use crate::route::{Reason, Refusal, Route, Subresource, plan_route};
+use crate::{console, discovery, exec, files};
 
 /// Time from TCP accept to a finished TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,31 +40,6 @@ pub struct Gateway {
     pub authz: Authorizer,
     /// Capsules and agents.
     pub locator: Locator,
-}
-
-type Reply = Response<Full<Bytes>>;
-
-fn json_reply(code: StatusCode, body: &Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn refuse(r: &Refusal) -> Reply {
-    json_reply(
-        StatusCode::from_u16(r.reason.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &r.to_status(),
-    )
-}
-
-fn text(code: StatusCode, body: &'static str) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = code;
-    r
 }
 
 /// Accepts connections until `shutdown` resolves.
@@ -176,13 +150,21 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
                     Reason::NotImplemented,
                     &name,
                     format!(
-                        "capsules/{} is not implemented by this gateway yet; only capsules/exec is served",
-                        sub.as_str()
+                        "capsules/{} is not implemented by this gateway yet; served: {}",
+                        sub.as_str(),
+                        Subresource::SERVED
+                            .map(|s| format!("capsules/{}", s.as_str()))
+                            .join(", ")
                     ),
                 ));
             }
+            let verb = match sub {
+                Subresource::Files | Subresource::Console => FileOp::verb(req.method()),
+                // As `pods/exec`: a WebSocket GET needs create too.
+                _ => "create",
+            };
             let access = Access {
-                verb: "create",
+                verb,
                 namespace,
                 name,
                 sub,
@@ -193,10 +175,70 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
             }
             match sub {
                 Subresource::Exec => exec_upgrade(gw, &access, req).await,
+                Subresource::Files => files_request(gw, &access, req).await,
+                Subresource::Console => console_request(gw, &access, req).await,
                 _ => refuse(&Refusal::new(Reason::NotImplemented, "not implemented")),
             }
         }
     }
+}
+
+/// The capsule's node agent: its target and a channel to it.
+async fn reach(
+    gw: &Gateway,
+    access: &Access,
+) -> Result<(crate::locate::Target, tonic::transport::Channel), Refusal> {
+    let target = gw.locator.target(&access.namespace, &access.name).await?;
+    let channel = gw.locator.channel(&target.node)?;
+    Ok((target, channel))
+}
+
+async fn files_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    let (path, op) = match files::parse_request(req.method(), req.uri().query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(r) => return refuse(&r),
+    };
+    let (target, channel) = match reach(gw, access).await {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    tracing::debug!(namespace = %access.namespace, capsule = %access.name, ?op, %path, "files");
+    files::serve(
+        channel,
+        &access.name,
+        &target.uid,
+        path,
+        op,
+        length,
+        req.into_body(),
+    )
+    .await
+    .unwrap_or_else(|r| refuse(&r))
+}
+
+async fn console_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    if req.method() != Method::GET {
+        return refuse(&Refusal::new(
+            Reason::MethodNotAllowed,
+            "console is read with GET",
+        ));
+    }
+    let options = match console::parse_options(req.uri().query().unwrap_or("")) {
+        Ok(o) => o,
+        Err(r) => return refuse(&r),
+    };
+    let (target, channel) = match reach(gw, access).await {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    console::serve(channel, &access.name, &target.uid, options)
+        .await
+        .unwrap_or_else(|r| refuse(&r))
 }
 
 fn is_websocket(req: &Request<Incoming>) -> bool {
@@ -241,12 +283,8 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>)
         Ok(o) => o,
         Err(r) => return refuse(&r),
     };
-    let target = match gw.locator.target(&access.namespace, name).await {
+    let (target, channel) = match reach(gw, access).await {
         Ok(t) => t,
-        Err(r) => return refuse(&r),
-    };
-    let channel = match gw.locator.channel(&target.node) {
-        Ok(c) => c,
         Err(r) => return refuse(&r),
     };
     let started = match exec::start(channel, name, &target.uid, options, protocol).await {
@@ -269,7 +307,7 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>)
             Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "exec upgrade"),
         }
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(crate::reply::empty());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -229,6 +229,7 @@ async fn measure(
             mode: 0o644,
             size: FILE_BYTES as u64,
             make_parents: false,
+            ..Default::default()
         })),
     }];
     for c in data.chunks(256 << 10) {

@@ -510,6 +510,21 @@ impl GuestClient {
         }
     }
 
+    /// A call that may run as long as its data takes (a large file).
+    async fn unbounded<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, Error> {
+        call.await
+            .map(tonic::Response::into_inner)
+            .map_err(|source| Error::Call {
+                capsule: self.capsule.clone(),
+                rpc,
+                source,
+            })
+    }
+
     /// `Init` with the host's wall time and fresh entropy; after boot and
     /// after every restore. The token, once sent, is used on later calls.
     pub async fn init(&mut self, params: &InitParams) -> Result<gpb::InitResponse, Error> {
@@ -595,14 +610,8 @@ impl GuestClient {
         input: impl Stream<Item = gpb::WriteFileInput> + Send + 'static,
     ) -> Result<gpb::FileInfo, Error> {
         let mut c = self.client.clone();
-        c.write_file(self.request(input))
+        self.unbounded("WriteFile", c.write_file(self.request(input)))
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(|source| Error::Call {
-                capsule: self.capsule.clone(),
-                rpc: "WriteFile",
-                source,
-            })
     }
 
     /// `MakeDir`.
@@ -623,6 +632,43 @@ impl GuestClient {
     pub async fn rename(&self, req: gpb::RenameRequest) -> Result<gpb::FileInfo, Error> {
         let mut c = self.client.clone();
         self.bounded("Rename", c.rename(self.request(req))).await
+    }
+
+    /// `SetAttr`: chmod and/or chown.
+    pub async fn set_attr(&self, req: gpb::SetAttrRequest) -> Result<gpb::FileInfo, Error> {
+        let mut c = self.client.clone();
+        self.bounded("SetAttr", c.set_attr(self.request(req))).await
+    }
+
+    /// `Checksum`: SHA-256 of a regular file. Not bounded by the call
+    /// timeout: hashing a large file takes as long as reading it.
+    pub async fn checksum(&self, path: &str) -> Result<gpb::ChecksumResponse, Error> {
+        let mut c = self.client.clone();
+        let req = gpb::PathRequest {
+            path: path.to_string(),
+        };
+        self.unbounded("Checksum", c.checksum(self.request(req)))
+            .await
+    }
+
+    /// `ReadTar`: a directory as a tar stream.
+    pub async fn read_tar(&self, path: &str) -> Result<Streaming<gpb::FileChunk>, Error> {
+        let mut c = self.client.clone();
+        let req = gpb::PathRequest {
+            path: path.to_string(),
+        };
+        self.bounded("ReadTar", c.read_tar(self.request(req))).await
+    }
+
+    /// `WriteTar`: `input` starts with a `WriteTarStart`. Not bounded by
+    /// the call timeout, as `WriteFile`.
+    pub async fn write_tar(
+        &self,
+        input: impl Stream<Item = gpb::WriteTarInput> + Send + 'static,
+    ) -> Result<gpb::WriteTarResponse, Error> {
+        let mut c = self.client.clone();
+        self.unbounded("WriteTar", c.write_tar(self.request(input)))
+            .await
     }
 
     /// `Metrics` (guest memory used = total − available feeds the

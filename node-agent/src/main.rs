@@ -477,6 +477,7 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
     .with_activity_file(&activity_file)
     .with_disk_quota(disk.disk_quota)
     .with_image_dirs(cfg_templates.settings().image_dirs.clone())
+    .with_console_root(supervisor.layout().vmm_root())
     .with_capsules(Arc::new(supervisor.clone()))
     .with_metrics(metrics.clone());
     metrics.set_ready(true);

@@ -260,6 +260,7 @@ async fn ready_init_exec_and_files_through_the_handshake() {
             mode: 0o640,
             size: data.len() as u64,
             make_parents: false,
+            ..Default::default()
         })),
     }];
     for chunk in data.chunks(64 << 10) {

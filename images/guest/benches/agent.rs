@@ -82,6 +82,7 @@ async fn run() {
             mode: 0o644,
             size: FILE as u64,
             make_parents: false,
+            ..Default::default()
         })),
     }];
     msgs.extend(data.chunks(CHUNK).map(|c| WriteFileInput {

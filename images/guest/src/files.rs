@@ -1,6 +1,7 @@
 //! File RPCs: stat, list, streamed reads of regular files, atomic streamed
-//! writes (temp file in the same directory, fsync, rename), mkdir, remove,
-//! rename. Paths must be absolute; sizes are bounded.
+//! writes (temp file in the same directory, checksum, fsync, rename),
+//! mkdir, remove, rename, chmod/chown, SHA-256. Paths must be absolute;
+//! sizes are bounded. Directories as tar streams live in `archive`.
 
 use std::fs;
 use std::io::{self, Read as _, Write as _};
@@ -9,6 +10,7 @@ use std::os::unix::fs::{
 };
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -56,6 +58,16 @@ pub enum Error {
     TooManyEntries { path: PathBuf },
     #[error("refusing to remove /")]
     RemoveRoot,
+    #[error("write of {path:?}: the bytes have SHA-256 {got}, not the expected {expected}")]
+    ChecksumMismatch {
+        path: PathBuf,
+        expected: String,
+        got: String,
+    },
+    #[error("expected SHA-256 {0:?} is not 64 hex digits")]
+    BadChecksum(String),
+    #[error("set attributes of {path:?}: nothing to set")]
+    NoAttributes { path: PathBuf },
     #[error("write stream of {path:?} broke")]
     Stream {
         path: PathBuf,
@@ -80,7 +92,10 @@ impl From<Error> for Status {
             | Error::MoreThanDeclared { .. }
             | Error::LessThanDeclared { .. }
             | Error::NoStart
-            | Error::RemoveRoot => Status::invalid_argument(msg),
+            | Error::RemoveRoot
+            | Error::BadChecksum(_)
+            | Error::NoAttributes { .. } => Status::invalid_argument(msg),
+            Error::ChecksumMismatch { .. } => Status::data_loss(msg),
             Error::NotRegular { .. } => Status::failed_precondition(msg),
             Error::TooLarge { .. } | Error::TooManyEntries { .. } => {
                 Status::resource_exhausted(msg)
@@ -306,8 +321,16 @@ pub async fn write(mut input: Streaming<WriteFileInput>, limit: u64) -> Result<F
         mode,
         size,
         make_parents,
+        sha256: expected,
     } = start;
     let path = to_path(&path)?;
+    let expected = match expected.as_str() {
+        "" => None,
+        e if e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(e.to_ascii_lowercase())
+        }
+        e => return Err(Error::BadChecksum(e.to_string())),
+    };
     if size > limit {
         return Err(Error::TooLarge { path, size, limit });
     }
@@ -336,7 +359,7 @@ pub async fn write(mut input: Streaming<WriteFileInput>, limit: u64) -> Result<F
         })
         .await?
     };
-    let mut file = Some(file);
+    let mut file = Some((file, Sha256::new()));
     let mut got = 0u64;
     loop {
         let data = match input.message().await {
@@ -354,12 +377,13 @@ pub async fn write(mut input: Streaming<WriteFileInput>, limit: u64) -> Result<F
                 declared: size,
             });
         }
-        let mut f = file.take().ok_or(Error::NoStart)?;
+        let (mut f, mut hash) = file.take().ok_or(Error::NoStart)?;
         let temp_path = temp.path.clone();
         file = Some(
             blocking(move || {
                 f.write_all(&data).map_err(io_err("write", &temp_path))?;
-                Ok(f)
+                hash.update(&data);
+                Ok((f, hash))
             })
             .await?,
         );
@@ -371,7 +395,18 @@ pub async fn write(mut input: Streaming<WriteFileInput>, limit: u64) -> Result<F
             declared: size,
         });
     }
-    let f = file.take().ok_or(Error::NoStart)?;
+    let (f, hash) = file.take().ok_or(Error::NoStart)?;
+    if let Some(expected) = expected {
+        let got = to_hex(&hash.finalize());
+        if got != expected {
+            // `temp` is dropped on return: no file is left behind.
+            return Err(Error::ChecksumMismatch {
+                path,
+                expected,
+                got,
+            });
+        }
+    }
     blocking(move || {
         let mut temp = temp;
         f.set_permissions(fs::Permissions::from_mode(mode))
@@ -427,6 +462,60 @@ pub fn rename(from: &Path, to: &Path) -> Result<FileInfo, Error> {
     stat(to)
 }
 
+/// chmod (`mode`, 07777) and/or chown (`uid`, `gid`) of `path`; chown does
+/// not follow a final symlink.
+pub fn set_attr(
+    path: &Path,
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<FileInfo, Error> {
+    if mode.is_none() && uid.is_none() && gid.is_none() {
+        return Err(Error::NoAttributes {
+            path: path.to_path_buf(),
+        });
+    }
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::lchown(path, uid, gid).map_err(io_err("chown", path))?;
+    }
+    if let Some(mode) = mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(io_err("chmod", path))?;
+    }
+    stat(path)
+}
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 (lowercase hex) and size of the regular file `path`.
+pub fn checksum(path: &Path) -> Result<(String, u64), Error> {
+    let mut file = open_for_read(path, u64::MAX)?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                size += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    op: "read",
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok((to_hex(&hash.finalize()), size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +559,33 @@ mod tests {
             Error::TooLarge { .. }
         ));
         assert!(open_for_read(&f, 12).is_ok());
+    }
+
+    #[test]
+    fn checksum_chmod_and_chown() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        fs::write(&f, b"abc").unwrap();
+        assert_eq!(
+            checksum(&f).unwrap(),
+            (
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".to_string(),
+                3
+            )
+        );
+        let info = set_attr(&f, Some(0o600), None, None).unwrap();
+        assert_eq!(info.mode & 0o7777, 0o600);
+        let me = fs::metadata(&f).unwrap();
+        let info = set_attr(&f, None, Some(me.uid()), Some(me.gid())).unwrap();
+        assert_eq!((info.uid, info.gid), (me.uid(), me.gid()));
+        assert!(matches!(
+            set_attr(&f, None, None, None),
+            Err(Error::NoAttributes { .. })
+        ));
+        assert!(matches!(
+            checksum(dir.path()),
+            Err(Error::NotRegular { .. })
+        ));
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! Users are resolved from `/etc/passwd` directly, so no NSS module is
 //! needed at run time.
 
+mod archive;
 mod exec;
 mod files;
 mod init;

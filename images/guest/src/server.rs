@@ -12,13 +12,13 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use wrenn_proto::guest::v1::guest_agent_server::GuestAgent;
 use wrenn_proto::guest::v1::{
-    ExecInput, FileChunk, FileInfo, GuestMetrics, HealthRequest, HealthResponse, InitRequest,
-    InitResponse, ListDirResponse, MakeDirRequest, MetricsRequest, PathRequest, PtyInput,
-    QuiesceRequest, QuiesceResponse, ReadFileRequest, RemoveRequest, RemoveResponse, RenameRequest,
-    WriteFileInput,
+    ChecksumResponse, ExecInput, FileChunk, FileInfo, GuestMetrics, HealthRequest, HealthResponse,
+    InitRequest, InitResponse, ListDirResponse, MakeDirRequest, MetricsRequest, PathRequest,
+    PtyInput, QuiesceRequest, QuiesceResponse, ReadFileRequest, RemoveRequest, RemoveResponse,
+    RenameRequest, SetAttrRequest, WriteFileInput, WriteTarInput, WriteTarResponse,
 };
 
-use crate::{exec, files, metrics, pty, setup};
+use crate::{archive, exec, files, metrics, pty, setup};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -336,6 +336,53 @@ impl GuestAgent for Agent {
         blocking(move || Ok(files::rename(&from, &to)?))
             .await
             .map(Response::new)
+    }
+
+    async fn set_attr(
+        &self,
+        request: Request<SetAttrRequest>,
+    ) -> Result<Response<FileInfo>, Status> {
+        self.ready(request.metadata())?;
+        let req = request.into_inner();
+        let path = files::to_path(&req.path)?;
+        blocking(move || Ok(files::set_attr(&path, req.mode, req.uid, req.gid)?))
+            .await
+            .map(Response::new)
+    }
+
+    async fn checksum(
+        &self,
+        request: Request<PathRequest>,
+    ) -> Result<Response<ChecksumResponse>, Status> {
+        self.ready(request.metadata())?;
+        let path = files::to_path(&request.into_inner().path)?;
+        let (sha256, size) = blocking(move || Ok(files::checksum(&path)?)).await?;
+        Ok(Response::new(ChecksumResponse { sha256, size }))
+    }
+
+    type ReadTarStream = BoxStream<FileChunk>;
+
+    async fn read_tar(
+        &self,
+        request: Request<PathRequest>,
+    ) -> Result<Response<Self::ReadTarStream>, Status> {
+        self.ready(request.metadata())?;
+        let path = files::to_path(&request.into_inner().path)?;
+        Ok(Response::new(Box::pin(archive::read(path))))
+    }
+
+    async fn write_tar(
+        &self,
+        request: Request<Streaming<WriteTarInput>>,
+    ) -> Result<Response<WriteTarResponse>, Status> {
+        self.ready(request.metadata())?;
+        match archive::write(request.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                crate::warn_limited!(error = %chain(&e), "tar upload refused");
+                Err(e.into())
+            }
+        }
     }
 
     async fn metrics(

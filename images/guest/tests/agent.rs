@@ -584,6 +584,7 @@ fn write_msgs(path: &str, declared: u64, data: &[u8]) -> Vec<WriteFileInput> {
             mode: 0o640,
             size: declared,
             make_parents: true,
+            ..Default::default()
         })),
     }];
     msgs.extend(data.chunks(256 * 1024).map(|c| WriteFileInput {

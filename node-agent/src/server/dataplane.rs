@@ -28,7 +28,7 @@ const INPUT_QUEUE: usize = 16;
 /// A guest-link error as the client should see it: the guest's own status
 /// passes through (with the capsule named); a broken link or timeout says
 /// the guest is unavailable.
-fn to_status(e: guest::Error) -> Status {
+pub(super) fn to_status(e: guest::Error) -> Status {
     let chain = crate_chain(&e);
     if e.is_link_failure() && !matches!(e, guest::Error::Timeout { .. }) {
         return Status::unavailable(chain);
@@ -57,14 +57,14 @@ fn crate_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn client(ep: &GuestEndpoint) -> Result<GuestClient, Status> {
+pub(super) async fn client(ep: &GuestEndpoint) -> Result<GuestClient, Status> {
     GuestClient::connect(&ep.capsule, &ep.vsock_socket)
         .await
         .and_then(|c| c.with_token(ep.guest_token.as_ref().map_or("", |t| t.expose())))
         .map_err(to_status)
 }
 
-fn need_uid(uid: &str) -> Result<&str, Status> {
+pub(super) fn need_uid(uid: &str) -> Result<&str, Status> {
     if uid.is_empty() {
         Err(Status::invalid_argument(
             "uid (the capsule's UID) is required",
@@ -74,7 +74,7 @@ fn need_uid(uid: &str) -> Result<&str, Status> {
     }
 }
 
-fn chunk_ok(len: usize, what: &str) -> Result<(), Status> {
+pub(super) fn chunk_ok(len: usize, what: &str) -> Result<(), Status> {
     if len > MAX_INPUT_CHUNK {
         Err(Status::invalid_argument(format!(
             "{what} chunk of {len} bytes exceeds {MAX_INPUT_CHUNK}"
@@ -85,7 +85,7 @@ fn chunk_ok(len: usize, what: &str) -> Result<(), Status> {
 }
 
 /// Reads the first message of a client stream, which names the capsule.
-async fn first<T>(stream: &mut Streaming<T>, rpc: &str) -> Result<T, Status> {
+pub(super) async fn first<T>(stream: &mut Streaming<T>, rpc: &str) -> Result<T, Status> {
     match stream.message().await? {
         Some(m) => Ok(m),
         None => Err(Status::invalid_argument(format!(
@@ -97,7 +97,7 @@ async fn first<T>(stream: &mut Streaming<T>, rpc: &str) -> Result<T, Status> {
 /// Forwards the client's later messages to the guest through a bounded
 /// queue, refusing an oversized one by ending the input and reporting the
 /// refusal on `errors`. A client error or disconnect ends the input.
-fn forward<T, G>(
+pub(super) fn forward<T, G>(
     mut from: Streaming<T>,
     first: G,
     check: impl Fn(&T) -> Result<Option<G>, Status> + Send + 'static,

@@ -20,8 +20,10 @@ use crate::capsule::{CapsuleApi, State};
 use crate::node::{NodePaths, VmmCap, plan_offer, read_cpu_model, read_facts};
 
 mod activity;
+mod console;
 pub mod convert;
 mod dataplane;
+mod files;
 use crate::tls::{Listening, PortConfig, TlsFiles};
 use convert::{to_capsule, to_resources, to_status, validate_snapshot_id, validate_uid};
 
@@ -62,6 +64,9 @@ pub struct AgentService {
     /// `--disk-quota`; `None`: a share of the state filesystem.
     disk_quota: Option<u64>,
     image_dirs: crate::images::ImageDirs,
+    /// Per-capsule VMM run directories (`Layout::vmm_root`), where the
+    /// serial console is kept; `None`: ReadConsole is not served.
+    console_root: Option<std::path::PathBuf>,
 }
 
 impl AgentService {
@@ -77,7 +82,15 @@ impl AgentService {
             vmm_cap: VmmCap::default(),
             disk_quota: None,
             image_dirs: crate::images::ImageDirs::default(),
+            console_root: None,
         }
+    }
+
+    /// Serves ReadConsole from the run directories under `root`
+    /// (`Layout::vmm_root`).
+    pub fn with_console_root(mut self, root: std::path::PathBuf) -> Self {
+        self.console_root = Some(root);
+        self
     }
 
     /// Resolves the root disks, kernels and local images requests name in
@@ -507,6 +520,64 @@ impl NodeAgent for AgentService {
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn stat(&self, req: Request<pb::PathRequest>) -> Result<Response<gpb::FileInfo>, Status> {
         dataplane::stat(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn make_dir(
+        &self,
+        req: Request<pb::MakeDirRequest>,
+    ) -> Result<Response<gpb::FileInfo>, Status> {
+        files::make_dir(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveRequest>,
+    ) -> Result<Response<gpb::RemoveResponse>, Status> {
+        files::remove(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn rename(
+        &self,
+        req: Request<pb::RenameRequest>,
+    ) -> Result<Response<gpb::FileInfo>, Status> {
+        files::rename(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn set_attr(
+        &self,
+        req: Request<pb::SetAttrRequest>,
+    ) -> Result<Response<gpb::FileInfo>, Status> {
+        files::set_attr(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn checksum(
+        &self,
+        req: Request<pb::PathRequest>,
+    ) -> Result<Response<gpb::ChecksumResponse>, Status> {
+        files::checksum(self, req).await
+    }
+    type ReadTarStream = BoxStream<gpb::FileChunk>;
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn read_tar(
+        &self,
+        req: Request<pb::PathRequest>,
+    ) -> Result<Response<Self::ReadTarStream>, Status> {
+        files::read_tar(self, req).await
+    }
+    #[tracing::instrument(skip_all)]
+    async fn write_tar(
+        &self,
+        req: Request<Streaming<pb::WriteTarInput>>,
+    ) -> Result<Response<gpb::WriteTarResponse>, Status> {
+        files::write_tar(self, req).await
+    }
+    type ReadConsoleStream = BoxStream<pb::ConsoleChunk>;
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn read_console(
+        &self,
+        req: Request<pb::ReadConsoleRequest>,
+    ) -> Result<Response<Self::ReadConsoleStream>, Status> {
+        console::read_console(self, req).await
     }
 }
 

@@ -472,6 +472,62 @@ pub struct PathRequest {
     pub path: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MakeDirRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::MakeDirRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::RemoveRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenameRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::RenameRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetAttrRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::SetAttrRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WriteTarInput {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub input: ::core::option::Option<super::super::guest::v1::WriteTarInput>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadConsoleRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub tail_lines: u32,
+    #[prost(bool, tag = "3")]
+    pub follow: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConsoleChunk {
+    #[prost(bytes = "vec", tag = "1")]
+    pub data: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Egress {
@@ -1206,6 +1262,204 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "Stat"));
             self.inner.unary(req, path, codec).await
         }
+        pub async fn make_dir(
+            &mut self,
+            request: impl tonic::IntoRequest<super::MakeDirRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/MakeDir",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "MakeDir"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn remove(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::RemoveResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/Remove",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "Remove"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn rename(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenameRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/Rename",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "Rename"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn set_attr(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetAttrRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/SetAttr",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "SetAttr"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn checksum(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PathRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ChecksumResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/Checksum",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "Checksum"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn read_tar(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PathRequest>,
+        ) -> std::result::Result<
+            tonic::Response<
+                tonic::codec::Streaming<super::super::super::guest::v1::FileChunk>,
+            >,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/ReadTar",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "ReadTar"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        pub async fn write_tar(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::WriteTarInput>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::WriteTarResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/WriteTar",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "WriteTar"));
+            self.inner.client_streaming(req, path, codec).await
+        }
+        /// The capsule's serial console log as the node keeps it (bounded: see
+        /// vmm::logs): its last `tail_lines` lines (0: all it keeps), then, with
+        /// `follow`, what the guest prints next until the client goes away or the
+        /// capsule leaves the node.
+        pub async fn read_console(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReadConsoleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ConsoleChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/ReadConsole",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "ReadConsole"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1393,6 +1647,78 @@ pub mod node_agent_server {
             request: tonic::Request<super::PathRequest>,
         ) -> std::result::Result<
             tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        >;
+        async fn make_dir(
+            &self,
+            request: tonic::Request<super::MakeDirRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        >;
+        async fn remove(
+            &self,
+            request: tonic::Request<super::RemoveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::RemoveResponse>,
+            tonic::Status,
+        >;
+        async fn rename(
+            &self,
+            request: tonic::Request<super::RenameRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        >;
+        async fn set_attr(
+            &self,
+            request: tonic::Request<super::SetAttrRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::FileInfo>,
+            tonic::Status,
+        >;
+        async fn checksum(
+            &self,
+            request: tonic::Request<super::PathRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ChecksumResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the ReadTar method.
+        type ReadTarStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::super::super::guest::v1::FileChunk,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        async fn read_tar(
+            &self,
+            request: tonic::Request<super::PathRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ReadTarStream>, tonic::Status>;
+        async fn write_tar(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::WriteTarInput>>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::WriteTarResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the ReadConsole method.
+        type ReadConsoleStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ConsoleChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The capsule's serial console log as the node keeps it (bounded: see
+        /// vmm::logs): its last `tail_lines` lines (0: all it keeps), then, with
+        /// `follow`, what the guest prints next until the client goes away or the
+        /// capsule leaves the node.
+        async fn read_console(
+            &self,
+            request: tonic::Request<super::ReadConsoleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::ReadConsoleStream>,
             tonic::Status,
         >;
     }
@@ -2354,6 +2680,360 @@ pub mod node_agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/MakeDir" => {
+                    #[allow(non_camel_case_types)]
+                    struct MakeDirSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<T: NodeAgent> tonic::server::UnaryService<super::MakeDirRequest>
+                    for MakeDirSvc<T> {
+                        type Response = super::super::super::guest::v1::FileInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::MakeDirRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::make_dir(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = MakeDirSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/Remove" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<T: NodeAgent> tonic::server::UnaryService<super::RemoveRequest>
+                    for RemoveSvc<T> {
+                        type Response = super::super::super::guest::v1::RemoveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::remove(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/Rename" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenameSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<T: NodeAgent> tonic::server::UnaryService<super::RenameRequest>
+                    for RenameSvc<T> {
+                        type Response = super::super::super::guest::v1::FileInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenameRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::rename(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenameSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/SetAttr" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetAttrSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<T: NodeAgent> tonic::server::UnaryService<super::SetAttrRequest>
+                    for SetAttrSvc<T> {
+                        type Response = super::super::super::guest::v1::FileInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetAttrRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::set_attr(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetAttrSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/Checksum" => {
+                    #[allow(non_camel_case_types)]
+                    struct ChecksumSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<T: NodeAgent> tonic::server::UnaryService<super::PathRequest>
+                    for ChecksumSvc<T> {
+                        type Response = super::super::super::guest::v1::ChecksumResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PathRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::checksum(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ChecksumSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/ReadTar" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReadTarSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ServerStreamingService<super::PathRequest>
+                    for ReadTarSvc<T> {
+                        type Response = super::super::super::guest::v1::FileChunk;
+                        type ResponseStream = T::ReadTarStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PathRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::read_tar(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReadTarSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/WriteTar" => {
+                    #[allow(non_camel_case_types)]
+                    struct WriteTarSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ClientStreamingService<super::WriteTarInput>
+                    for WriteTarSvc<T> {
+                        type Response = super::super::super::guest::v1::WriteTarResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::WriteTarInput>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::write_tar(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WriteTarSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/ReadConsole" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReadConsoleSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ServerStreamingService<super::ReadConsoleRequest>
+                    for ReadConsoleSvc<T> {
+                        type Response = super::ConsoleChunk;
+                        type ResponseStream = T::ReadConsoleStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReadConsoleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::read_console(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReadConsoleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

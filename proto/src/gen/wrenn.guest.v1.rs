@@ -237,6 +237,10 @@ pub struct WriteFileStart {
     pub size: u64,
     #[prost(bool, tag = "4")]
     pub make_parents: bool,
+    /// Lowercase hex SHA-256 the bytes must have; checked before the file is
+    /// renamed into place: a mismatch is DATA_LOSS and leaves no file.
+    #[prost(string, tag = "5")]
+    pub sha256: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -283,6 +287,60 @@ pub struct RenameRequest {
     pub from: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub to: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetAttrRequest {
+    #[prost(string, tag = "1")]
+    pub path: ::prost::alloc::string::String,
+    /// Permission bits (07777) to set, when present.
+    #[prost(uint32, optional, tag = "2")]
+    pub mode: ::core::option::Option<u32>,
+    /// Owner to set, when present (either or both).
+    #[prost(uint32, optional, tag = "3")]
+    pub uid: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "4")]
+    pub gid: ::core::option::Option<u32>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChecksumResponse {
+    /// Lowercase hex.
+    #[prost(string, tag = "1")]
+    pub sha256: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WriteTarStart {
+    /// Absolute path of the directory to extract into; created if absent.
+    #[prost(string, tag = "1")]
+    pub dir: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WriteTarInput {
+    #[prost(oneof = "write_tar_input::Input", tags = "1, 2")]
+    pub input: ::core::option::Option<write_tar_input::Input>,
+}
+/// Nested message and enum types in `WriteTarInput`.
+pub mod write_tar_input {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Input {
+        #[prost(message, tag = "1")]
+        Start(super::WriteTarStart),
+        #[prost(bytes, tag = "2")]
+        Data(::prost::alloc::vec::Vec<u8>),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WriteTarResponse {
+    /// Entries extracted.
+    #[prost(uint64, tag = "1")]
+    pub entries: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -683,6 +741,108 @@ pub mod guest_agent_client {
                 .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "Rename"));
             self.inner.unary(req, path, codec).await
         }
+        /// chmod and/or chown of one path (not following a final symlink for
+        /// chown); answers the new FileInfo.
+        pub async fn set_attr(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetAttrRequest>,
+        ) -> std::result::Result<tonic::Response<super::FileInfo>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/SetAttr",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "SetAttr"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// SHA-256 of a regular file, computed in the guest.
+        pub async fn checksum(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PathRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChecksumResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/Checksum",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "Checksum"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A directory as a tar stream (symlinks stored as symlinks, never
+        /// followed).
+        pub async fn read_tar(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PathRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::FileChunk>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/ReadTar",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "ReadTar"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// First message WriteTarStart; then tar bytes, extracted into the
+        /// directory as they arrive. An entry that would land outside it
+        /// (absolute, "..", through or as a symlink leaving it, a hard link
+        /// to outside) fails the call; entries before it stay extracted.
+        pub async fn write_tar(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::WriteTarInput>,
+        ) -> std::result::Result<
+            tonic::Response<super::WriteTarResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/WriteTar",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "WriteTar"));
+            self.inner.client_streaming(req, path, codec).await
+        }
         pub async fn metrics(
             &mut self,
             request: impl tonic::IntoRequest<super::MetricsRequest>,
@@ -835,6 +995,43 @@ pub mod guest_agent_server {
             &self,
             request: tonic::Request<super::RenameRequest>,
         ) -> std::result::Result<tonic::Response<super::FileInfo>, tonic::Status>;
+        /// chmod and/or chown of one path (not following a final symlink for
+        /// chown); answers the new FileInfo.
+        async fn set_attr(
+            &self,
+            request: tonic::Request<super::SetAttrRequest>,
+        ) -> std::result::Result<tonic::Response<super::FileInfo>, tonic::Status>;
+        /// SHA-256 of a regular file, computed in the guest.
+        async fn checksum(
+            &self,
+            request: tonic::Request<super::PathRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChecksumResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the ReadTar method.
+        type ReadTarStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::FileChunk, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// A directory as a tar stream (symlinks stored as symlinks, never
+        /// followed).
+        async fn read_tar(
+            &self,
+            request: tonic::Request<super::PathRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ReadTarStream>, tonic::Status>;
+        /// First message WriteTarStart; then tar bytes, extracted into the
+        /// directory as they arrive. An entry that would land outside it
+        /// (absolute, "..", through or as a symlink leaving it, a hard link
+        /// to outside) fails the call; entries before it stay extracted.
+        async fn write_tar(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::WriteTarInput>>,
+        ) -> std::result::Result<
+            tonic::Response<super::WriteTarResponse>,
+            tonic::Status,
+        >;
         async fn metrics(
             &self,
             request: tonic::Request<super::MetricsRequest>,
@@ -1363,6 +1560,187 @@ pub mod guest_agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/SetAttr" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetAttrSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::UnaryService<super::SetAttrRequest>
+                    for SetAttrSvc<T> {
+                        type Response = super::FileInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetAttrRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::set_attr(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetAttrSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/Checksum" => {
+                    #[allow(non_camel_case_types)]
+                    struct ChecksumSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<T: GuestAgent> tonic::server::UnaryService<super::PathRequest>
+                    for ChecksumSvc<T> {
+                        type Response = super::ChecksumResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PathRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::checksum(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ChecksumSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/ReadTar" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReadTarSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::ServerStreamingService<super::PathRequest>
+                    for ReadTarSvc<T> {
+                        type Response = super::FileChunk;
+                        type ResponseStream = T::ReadTarStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PathRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::read_tar(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReadTarSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/WriteTar" => {
+                    #[allow(non_camel_case_types)]
+                    struct WriteTarSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::ClientStreamingService<super::WriteTarInput>
+                    for WriteTarSvc<T> {
+                        type Response = super::WriteTarResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::WriteTarInput>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::write_tar(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WriteTarSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
