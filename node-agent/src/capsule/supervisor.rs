@@ -492,7 +492,11 @@ impl<M: Machine + 'static> BuildVms for Supervisor<M> {
         Box::pin(async move {
             let view = self.create_with(uid, spec, State::Running, true).await?;
             let netns = match self.entry(uid, true) {
-                Some(entry) => entry.lock().await.as_ref().and_then(|r| r.netns.clone()),
+                Some(entry) => entry
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|r| r.net_addr().and_then(|a| a.netns.clone())),
                 None => None,
             };
             Ok((view, netns))

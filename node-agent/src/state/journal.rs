@@ -129,8 +129,12 @@ impl Journal {
 
     /// Every capsule directory present, with its journal (`Err` for a
     /// directory whose journal is missing or unreadable: recovery treats
-    /// those as orphans).
-    pub fn list<T: DeserializeOwned>(&self) -> Result<Listing<T>, Error> {
+    /// those as orphans). `decode` reads a record of any format the
+    /// caller understands.
+    pub fn list<T>(
+        &self,
+        decode: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
+    ) -> Result<Listing<T>, Error> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -151,11 +155,10 @@ impl Journal {
                 continue;
             }
             let uid = entry.file_name().to_string_lossy().into_owned();
-            let rec = match self.read::<T>(&uid) {
-                Ok(Some(r)) => Ok(r),
-                Ok(None) => Err(Error::Missing {
-                    path: entry.path().join(JOURNAL_FILE),
-                }),
+            let path = entry.path().join(JOURNAL_FILE);
+            let rec = match self.read_bytes(&uid) {
+                Ok(Some(b)) => decode(&b).map_err(|source| Error::Decode { path, source }),
+                Ok(None) => Err(Error::Missing { path }),
                 Err(e) => Err(e),
             };
             out.push((uid, rec));
@@ -237,7 +240,7 @@ mod tests {
         std::fs::create_dir_all(j.capsule_dir("empty")).unwrap();
         std::fs::create_dir_all(j.capsule_dir("torn")).unwrap();
         std::fs::write(j.capsule_dir("torn").join(JOURNAL_FILE), b"{").unwrap();
-        let list = j.list::<Rec>().unwrap();
+        let list = j.list(|b| serde_json::from_slice::<Rec>(b)).unwrap();
         let summary: Vec<(&str, bool)> =
             list.iter().map(|(u, r)| (u.as_str(), r.is_ok())).collect();
         assert_eq!(

@@ -105,10 +105,10 @@ impl<M: Machine + 'static> Ctx<M> {
     /// their backing chains reach; `None` when a journal is unreadable.
     pub(crate) fn reached_disks(&self) -> Option<Vec<PathBuf>> {
         let mut starts = Vec::new();
-        for (_, rec) in self.journal.list::<Record>().ok()? {
+        for (_, rec) in self.journal.list(Record::decode).ok()? {
             let rec = rec.ok()?;
+            starts.extend(rec.disk_path().cloned());
             starts.extend(rec.base_image);
-            starts.extend(rec.disk_path);
         }
         // Staging directories too: a snapshot being written is as good as
         // taken.

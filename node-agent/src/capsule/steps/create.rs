@@ -29,7 +29,7 @@ impl<M: Machine + 'static> Ctx<M> {
             if entry.cancelled() {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
-            rec.vm_starting = true;
+            rec.vm_starting().map_err(|r| r.on(&rec))?;
             self.commit(entry, &rec)?;
             let spec = self.machine_spec(&rec, &net, &disk);
             self.timed(Step::Boot, async {
@@ -53,8 +53,7 @@ impl<M: Machine + 'static> Ctx<M> {
                     uid: uid.clone(),
                     source: Box::new(source),
                 })?;
-                rec.vm = Some(vm.clone());
-                rec.vm_starting = false;
+                rec.vm_started(vm.clone()).map_err(|r| r.on(&rec))?;
                 self.commit(entry, &rec)?;
                 self.guest_up(&rec, &vm, held.as_ref()).await
             })
@@ -84,7 +83,7 @@ impl<M: Machine + 'static> Ctx<M> {
             return (rec, res);
         }
         timer.finish(Outcome::Ok);
-        if let Some(vm) = rec.vm.clone() {
+        if let Some(vm) = rec.vm().cloned() {
             self.start_sampling(entry, &rec);
             self.watch_vm(entry.clone(), vm);
         }

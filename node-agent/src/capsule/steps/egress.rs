@@ -72,7 +72,7 @@ impl<M: Machine + 'static> Ctx<M> {
     /// limits. A failure leaves the table that was loaded (the swap is
     /// atomic) and is logged.
     pub(crate) async fn reapply_egress(&self, rec: &Record) {
-        if rec.vm.is_none() || !matches!(rec.state, State::Running | State::Paused) {
+        if rec.vm().is_none() || !matches!(rec.state, State::Running | State::Paused) {
             return;
         }
         if let Err(e) = self.apply_egress(rec).await {

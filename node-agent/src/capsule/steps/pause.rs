@@ -11,7 +11,7 @@ impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "pause_steps"))]
     pub(crate) async fn pause_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
-        let Some(vm) = rec.vm.clone() else {
+        let Some(vm) = rec.vm().cloned() else {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
         rec.state = State::Pausing;
@@ -52,7 +52,7 @@ impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "resume_paused"))]
     pub(crate) async fn resume_paused(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
-        let Some(vm) = rec.vm.clone() else {
+        let Some(vm) = rec.vm().cloned() else {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
         match self.host.machine.resume(&vm).await {

@@ -33,11 +33,11 @@ impl<M: Machine + 'static> Ctx<M> {
                     .map_err(files("read a guest token from", Path::new("/dev/urandom")))?,
             );
         }
-        rec.begin_resume();
+        rec.begin_resume().map_err(|r| r.on(rec))?;
         self.commit(entry, rec)?;
         let res: Result<MachineHandle, Error> = async {
             let (disk, net) = self.ensure_disk_and_net(entry, rec).await?;
-            rec.vm_starting = true;
+            rec.vm_starting().map_err(|r| r.on(rec))?;
             self.commit(entry, rec)?;
             let spec = self.machine_spec(rec, &net, &disk);
             self.timed(Step::Restore, async {
@@ -67,7 +67,8 @@ impl<M: Machine + 'static> Ctx<M> {
         .await;
         match res {
             Ok(vm) => {
-                rec.restored(vm.clone(), now_nanos());
+                rec.restored(vm.clone(), now_nanos())
+                    .map_err(|r| r.on(rec))?;
                 self.commit(entry, rec)?;
                 self.start_sampling(entry, rec);
                 self.watch_vm(entry.clone(), vm);

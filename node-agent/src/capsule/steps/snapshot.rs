@@ -23,14 +23,14 @@ impl<M: Machine + 'static> Ctx<M> {
         memory: bool,
     ) -> Result<SnapshotInfo, Error> {
         let uid = rec.uid.clone();
-        let Some(vm) = rec.vm.clone() else {
+        let Some(vm) = rec.vm().cloned() else {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
         let dest = self.layout.snapshot_dir(id);
         if dest.exists() {
             return Err(Error::SnapshotExists { id: id.to_string() });
         }
-        let prior = rec.begin_snapshot(id);
+        let prior = rec.begin_snapshot(id).map_err(|r| r.on(rec))?;
         self.commit(entry, rec)?;
         let staging = self.layout.snapshot_staging(id);
         let written: Result<SnapshotInfo, Error> = async {
@@ -43,7 +43,7 @@ impl<M: Machine + 'static> Ctx<M> {
             }
             // The disk is copied while the vCPUs are stopped, so it matches
             // the memory image.
-            if let Some(disk) = rec.disk_path.clone() {
+            if let Some(disk) = rec.disk_path().cloned() {
                 let to = staging.join(super::sources::snapshot_disk_name(&disk));
                 let u = uid.clone();
                 blocking(&u, "copy disk", move || {
@@ -76,7 +76,8 @@ impl<M: Machine + 'static> Ctx<M> {
             Ok(info)
         }
         .await;
-        rec.end_snapshot();
+        // Only this step begins snapshots, under the capsule's lock.
+        let _ = rec.end_snapshot();
         if let Err(e) = &written {
             let _ = remove_dir(&staging);
             note(rec, e);

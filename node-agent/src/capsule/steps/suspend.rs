@@ -14,10 +14,10 @@ impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "suspend_steps"))]
     pub(crate) async fn suspend_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
-        let Some(vm) = rec.vm.clone() else {
+        let Some(vm) = rec.vm().cloned() else {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
-        let prior = rec.begin_suspend();
+        let prior = rec.begin_suspend().map_err(|r| r.on(rec))?;
         self.commit(entry, rec)?;
         let final_dir = self.layout.suspend_dir(&uid);
         let staging = final_dir.with_extension("tmp");
@@ -37,7 +37,7 @@ impl<M: Machine + 'static> Ctx<M> {
             self.thaw(entry, rec, &vm, prior).await;
             return Err(e);
         }
-        rec.suspend_image_written();
+        rec.suspend_image_written().map_err(|r| r.on(rec))?;
         self.commit(entry, rec)?;
         // The image is safe: the VMM can go, and with it the RAM.
         if let Err(e) = self.release(rec, Teardown::KeepSlot, false).await {
