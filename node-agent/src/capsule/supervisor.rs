@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::api::{ApiFuture, CapsuleApi, EventStream};
 use super::config::{Host, SupervisorConfig};
-use super::files::remove_dir;
+use super::files::{blocking, remove_dir};
 use super::ids::{disk_id, net_id, policy};
 use super::model::{CapsuleSpec, CapsuleView, Egress, Error, SnapshotInfo, State};
 use super::plan::{Decision, Op, plan_op};
@@ -432,12 +432,18 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// Removes snapshot `id`; `false` when absent.
     pub async fn delete_snapshot(&self, id: &str) -> Result<bool, Error> {
         let dir = self.cx.layout().snapshot_dir(id);
-        if !dir.exists() {
-            return Ok(false);
-        }
-        remove_dir(&dir)?;
-        self.cx.collect_bases();
-        Ok(true)
+        let cx = self.cx.clone();
+        // A snapshot holds a disk copy and maybe guest RAM: gigabytes to
+        // unlink, off the async workers.
+        blocking(id, "delete snapshot", move || {
+            if !dir.exists() {
+                return Ok(false);
+            }
+            remove_dir(&dir)?;
+            cx.collect_bases();
+            Ok(true)
+        })
+        .await
     }
 
     /// Snapshot ids on the node.

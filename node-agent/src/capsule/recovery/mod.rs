@@ -222,17 +222,25 @@ async fn recover_one<M: Machine + 'static>(
     let mut guard = entry.lock().await;
     // A snapshot being written is never finished by a restarted agent:
     // its staging directory goes (a build VM's too, with the VM).
-    if let Some(id) = rec.take_snapshot_in_flight()
-        && std::fs::remove_dir_all(cx.layout().snapshot_staging(&id)).is_ok()
-    {
-        report.orphans.dirs += 1;
-    }
     let observed = observes_vm(rec.state, rec.internal);
+    let mut stale = Vec::new();
+    stale.extend(
+        rec.take_snapshot_in_flight()
+            .map(|id| cx.layout().snapshot_staging(&id)),
+    );
+    if observed {
+        stale.push(cx.layout().suspend_dir(&uid).with_extension("tmp"));
+    }
+    let removed = tokio::task::spawn_blocking(move || {
+        stale
+            .iter()
+            .filter(|d| std::fs::remove_dir_all(d).is_ok())
+            .count()
+    })
+    .await
+    .unwrap_or(0);
+    report.orphans.dirs += removed;
     let vm = if observed {
-        let suspend_staging = cx.layout().suspend_dir(&uid).with_extension("tmp");
-        if std::fs::remove_dir_all(&suspend_staging).is_ok() {
-            report.orphans.dirs += 1;
-        }
         observe(cx, &rec).await
     } else {
         None

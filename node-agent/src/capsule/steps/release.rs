@@ -83,11 +83,13 @@ impl<M: Machine + 'static> Ctx<M> {
         }
         // The VMM's log stays with a crashed or suspended capsule (it may
         // say why); it goes with the capsule.
-        if remove_disk
-            && rec.vm().is_none()
-            && let Err(e) = remove_dir(&self.layout.run_dir(&uid))
-        {
-            first.get_or_insert(e);
+        if remove_disk && rec.vm().is_none() {
+            let run_dir = self.layout.run_dir(&uid);
+            if let Err(e) =
+                blocking(&uid, "remove the runtime dir", move || remove_dir(&run_dir)).await
+            {
+                first.get_or_insert(e);
+            }
         }
         match first {
             None => Ok(()),

@@ -3,7 +3,7 @@
 //! A failed write thaws the VM back to the mode it was in.
 
 use super::Ctx;
-use crate::capsule::files::{files, remove_dir, swap_into_place};
+use crate::capsule::files::{blocking, files, remove_dir, swap_into_place};
 use crate::capsule::model::{Error, State};
 use crate::capsule::record::{Record, note, wrong};
 use crate::capsule::registry::Entry;
@@ -25,14 +25,27 @@ impl<M: Machine + 'static> Ctx<M> {
             self.freeze(rec, &vm, prior).await?;
             // A fresh directory every time: CH refuses to overwrite files,
             // and may still hold the previous image open (§11 #11).
-            remove_dir(&staging)?;
-            std::fs::create_dir_all(&staging).map_err(files("create", &staging))?;
+            let dir = staging.clone();
+            blocking(&uid, "create the suspend dir", move || {
+                remove_dir(&dir)?;
+                std::fs::create_dir_all(&dir).map_err(files("create", &dir))
+            })
+            .await?;
             self.write_memory(&uid, &vm, &staging).await?;
-            swap_into_place(&staging, &final_dir)
+            let (from, to) = (staging.clone(), final_dir.clone());
+            // fsyncs of the whole image and renames.
+            blocking(&uid, "put the suspend image in place", move || {
+                swap_into_place(&from, &to)
+            })
+            .await
         }
         .await;
         if let Err(e) = written {
-            let _ = remove_dir(&staging);
+            let dir = staging.clone();
+            let _ = blocking(&uid, "remove the suspend staging dir", move || {
+                remove_dir(&dir)
+            })
+            .await;
             note(rec, &e);
             self.thaw(entry, rec, &vm, prior).await;
             return Err(e);
