@@ -314,7 +314,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 |shared, entry, mut rec| async move {
                     let timer = shared.cfg().metrics.start_step(Step::Delete);
                     rec.state = State::Deleting;
-                    if let Err(e) = shared.commit(&entry, &rec) {
+                    if let Err(e) = shared.commit(&entry, &rec).await {
                         timer.finish(Outcome::Error);
                         return (Some(rec), Err(e));
                     }
@@ -429,21 +429,29 @@ impl<M: Machine + 'static> Supervisor<M> {
         .await
     }
 
+    /// What the journal writer did so far (records, files written,
+    /// batches, fsyncs): for benchmarks and the admin view.
+    pub fn journal_stats(&self) -> crate::state::CommitStats {
+        self.cx.commit_stats()
+    }
+
     /// Removes snapshot `id`; `false` when absent.
     pub async fn delete_snapshot(&self, id: &str) -> Result<bool, Error> {
         let dir = self.cx.layout().snapshot_dir(id);
-        let cx = self.cx.clone();
         // A snapshot holds a disk copy and maybe guest RAM: gigabytes to
         // unlink, off the async workers.
-        blocking(id, "delete snapshot", move || {
+        let removed = blocking(id, "delete snapshot", move || {
             if !dir.exists() {
                 return Ok(false);
             }
             remove_dir(&dir)?;
-            cx.collect_bases();
             Ok(true)
         })
-        .await
+        .await?;
+        if removed {
+            self.cx.collect_bases().await;
+        }
+        Ok(removed)
     }
 
     /// Snapshot ids on the node.

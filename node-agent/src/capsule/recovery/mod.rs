@@ -195,7 +195,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
         (known, live)
     };
     sweep::sweep_orphans(shared, sweep, &known, &live, &mut report.orphans).await;
-    report.orphans.dirs += shared.collect_bases();
+    report.orphans.dirs += shared.collect_bases().await;
     for (kind, count) in report.orphans.by_kind() {
         shared.cfg().metrics.orphans_removed(kind, count as u64);
     }
@@ -265,7 +265,7 @@ async fn recover_one<M: Machine + 'static>(
     if observed {
         cx.reapply_egress(&rec).await;
     }
-    let _ = cx.commit(&entry, &rec);
+    let _ = cx.commit(&entry, &rec).await;
     if let Some(vm) = rec.vm().cloned() {
         cx.start_sampling(&entry, &rec);
         cx.watch_vm(entry.clone(), vm);
@@ -308,7 +308,7 @@ async fn carry_out<M: Machine + 'static>(
                     let _ = cx.journal().remove(&uid);
                     return Outcome::Removed;
                 }
-                Err(e) => fail(cx, entry, rec, &e),
+                Err(e) => fail(cx, entry, rec, &e).await,
             }
         }
         Plan::Quiesce { suspended } => {
@@ -325,7 +325,7 @@ async fn carry_out<M: Machine + 'static>(
                 rec.back_to(State::Suspended);
                 report.suspended.push(uid.clone());
             }
-            Err(e) => fail(cx, entry, rec, &e),
+            Err(e) => fail(cx, entry, rec, &e).await,
         },
         Plan::ResumeInterrupted => {
             let _ = cx.release(rec, Teardown::KeepSlot, false).await;
@@ -353,7 +353,7 @@ async fn carry_out<M: Machine + 'static>(
                         uid: uid.clone(),
                         source: Box::new(source),
                     };
-                    fail(cx, entry, rec, &e);
+                    fail(cx, entry, rec, &e).await;
                 }
             }
         }
@@ -371,7 +371,7 @@ async fn carry_out<M: Machine + 'static>(
             // handle whose pid may be reused must not signal anything.
             rec.vm_gone();
             let _ = cx.release(rec, Teardown::KeepSlot, false).await;
-            fail(cx, entry, rec, &e);
+            fail(cx, entry, rec, &e).await;
             rec.reason = Some(Reason::VmmLost);
             report.lost.push(uid.clone());
         }
@@ -393,10 +393,10 @@ async fn observe<M: Machine + 'static>(cx: &Ctx<M>, rec: &Record) -> Option<Mach
     }
 }
 
-fn fail<M: Machine + 'static>(cx: &Ctx<M>, entry: &Entry, rec: &mut Record, e: &Error) {
+async fn fail<M: Machine + 'static>(cx: &Ctx<M>, entry: &Entry, rec: &mut Record, e: &Error) {
     tracing::error!(capsule = %rec.uid, error = e as &dyn std::error::Error, "recovery left the capsule failed");
     cx.count_error(e);
     rec.back_to(State::Failed);
     note(rec, e);
-    let _ = cx.commit(entry, rec);
+    let _ = cx.commit(entry, rec).await;
 }

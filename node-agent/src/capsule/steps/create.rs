@@ -24,13 +24,13 @@ impl<M: Machine + 'static> Ctx<M> {
         let uid = rec.uid.clone();
         let timer = self.cfg.metrics.start_step(Step::Create);
         let res: Result<(), Error> = async {
-            self.commit(entry, &rec)?;
+            self.commit(entry, &rec).await?;
             let (disk, net) = self.ensure_disk_and_net(entry, &mut rec).await?;
             if entry.cancelled() {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
             rec.vm_starting().map_err(|r| r.on(&rec))?;
-            self.commit(entry, &rec)?;
+            self.commit(entry, &rec).await?;
             let spec = self.machine_spec(&rec, &net, &disk);
             self.timed(Step::Boot, async {
                 // A snapshot with memory is restored (the guest resumes where
@@ -54,7 +54,7 @@ impl<M: Machine + 'static> Ctx<M> {
                     source: Box::new(source),
                 })?;
                 rec.vm_started(vm.clone()).map_err(|r| r.on(&rec))?;
-                self.commit(entry, &rec)?;
+                self.commit(entry, &rec).await?;
                 self.guest_up(&rec, &vm, held.as_ref()).await
             })
             .await?;
@@ -63,7 +63,7 @@ impl<M: Machine + 'static> Ctx<M> {
             }
             rec.state = State::Running;
             rec.started_unix_nanos = now_nanos();
-            self.commit(entry, &rec)?;
+            self.commit(entry, &rec).await?;
             Ok(())
         }
         .await;

@@ -19,7 +19,7 @@ impl<M: Machine + 'static> Ctx<M> {
         match self.host.machine.pause(&vm).await {
             Ok(()) => {
                 rec.settle(State::Paused);
-                self.commit(entry, rec)
+                self.commit(entry, rec).await
             }
             Err(source) => {
                 let e = Error::Vm {
@@ -43,7 +43,7 @@ impl<M: Machine + 'static> Ctx<M> {
                     State::Failed
                 };
                 note(rec, &e);
-                self.commit(entry, rec)?;
+                self.commit(entry, rec).await?;
                 Err(e)
             }
         }
@@ -58,7 +58,7 @@ impl<M: Machine + 'static> Ctx<M> {
         match self.host.machine.resume(&vm).await {
             Ok(()) => {
                 rec.settle(State::Running);
-                self.commit(entry, rec)
+                self.commit(entry, rec).await
             }
             Err(source) => {
                 // Still paused, and the call can be retried.
@@ -68,7 +68,7 @@ impl<M: Machine + 'static> Ctx<M> {
                     source: Box::new(source),
                 };
                 note(rec, &e);
-                self.commit(entry, rec)?;
+                self.commit(entry, rec).await?;
                 Err(e)
             }
         }
@@ -116,7 +116,7 @@ impl<M: Machine + 'static> Ctx<M> {
             rec.state = State::Failed;
             note(rec, &e);
         }
-        if let Err(e) = self.commit(entry, rec) {
+        if let Err(e) = self.commit(entry, rec).await {
             tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "journal after undo");
         }
     }

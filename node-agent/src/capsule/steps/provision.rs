@@ -78,7 +78,7 @@ impl<M: Machine + 'static> Ctx<M> {
             return Err(Error::Cancelled { uid });
         }
         if rec.claim_disk() {
-            self.commit(entry, rec)?;
+            self.commit(entry, rec).await?;
         }
         let req = DiskRequest {
             capsule: disk_id(&uid)?,
@@ -100,7 +100,7 @@ impl<M: Machine + 'static> Ctx<M> {
             return Err(Error::Cancelled { uid });
         }
         if rec.claim_net() {
-            self.commit(entry, rec)?;
+            self.commit(entry, rec).await?;
         }
         let net = self.host.net.clone();
         let id = net_id(&uid)?;

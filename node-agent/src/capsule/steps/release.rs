@@ -118,14 +118,14 @@ impl<M: Machine + 'static> Ctx<M> {
             Ok(()) => {
                 self.forget(entry, &rec);
                 if rec.base_image.is_some() {
-                    self.collect_bases();
+                    self.collect_bases().await;
                 }
                 (None, Ok(()))
             }
             Err(e) => {
                 rec.state = State::Failed;
                 note(&mut rec, &e);
-                if let Err(j) = self.commit(entry, &rec) {
+                if let Err(j) = self.commit(entry, &rec).await {
                     tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal a failed teardown");
                 }
                 (Some(rec), Err(e))

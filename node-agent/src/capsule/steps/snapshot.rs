@@ -32,7 +32,7 @@ impl<M: Machine + 'static> Ctx<M> {
             return Err(Error::SnapshotExists { id: id.to_string() });
         }
         let prior = rec.begin_snapshot(id).map_err(|r| r.on(rec))?;
-        self.commit(entry, rec)?;
+        self.commit(entry, rec).await?;
         let staging = self.layout.snapshot_staging(id);
         let written: Result<SnapshotInfo, Error> = async {
             self.freeze(rec, &vm, prior).await?;

@@ -18,7 +18,7 @@ impl<M: Machine + 'static> Ctx<M> {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
         let prior = rec.begin_suspend().map_err(|r| r.on(rec))?;
-        self.commit(entry, rec)?;
+        self.commit(entry, rec).await?;
         let final_dir = self.layout.suspend_dir(&uid);
         let staging = final_dir.with_extension("tmp");
         let written: Result<(), Error> = async {
@@ -51,15 +51,15 @@ impl<M: Machine + 'static> Ctx<M> {
             return Err(e);
         }
         rec.suspend_image_written().map_err(|r| r.on(rec))?;
-        self.commit(entry, rec)?;
+        self.commit(entry, rec).await?;
         // The image is safe: the VMM can go, and with it the RAM.
         if let Err(e) = self.release(rec, Teardown::KeepSlot, false).await {
             rec.state = State::Failed;
             note(rec, &e);
-            self.commit(entry, rec)?;
+            self.commit(entry, rec).await?;
             return Err(e);
         }
         rec.settle(State::Suspended);
-        self.commit(entry, rec)
+        self.commit(entry, rec).await
     }
 }

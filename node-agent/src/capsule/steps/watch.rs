@@ -38,7 +38,7 @@ impl<M: Machine + 'static> Ctx<M> {
             }
             rec.state = state;
             rec.explain(reason, message);
-            if let Err(e) = shared.commit(&entry, rec) {
+            if let Err(e) = shared.commit(&entry, rec).await {
                 tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "journal a dead VM");
             }
         });
