@@ -3,8 +3,8 @@
 //! machine's disk so fsyncs are real. Prints create p50/p99, journal
 //! records per second and fsyncs per create through the group committer,
 //! then the journal layer alone, before/after: the same records written
-//! one fsync pair each from 50 blocking threads (the old `Journal::write`
-//! path) and through `GroupCommit`.
+//! one fsync pair each on the tokio workers (what `Ctx::commit` did) and
+//! through `GroupCommit`.
 //!
 //! `cargo bench -p wrenn-node-agent --bench journal`
 
@@ -160,7 +160,7 @@ fn main() {
     let grouped = t.elapsed().as_secs_f64();
     let g = gc.stats();
     println!(
-        "  {total} records from {CONCURRENT} writers, before (fsync pair each, 50 threads): {:.0} records/s, 2.0 fsyncs per record",
+        "  {total} records from {CONCURRENT} writers, before (fsync pair each, on the 2 tokio workers): {:.0} records/s, 2.0 fsyncs per record",
         total as f64 / one_by_one
     );
     println!(

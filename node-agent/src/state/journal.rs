@@ -101,15 +101,17 @@ impl Journal {
                 Ok(dir)
             })
             .collect();
+        let tmps: Vec<PathBuf> = staged.iter().flatten().map(|d| d.join(TEMP_FILE)).collect();
+        fsyncs += tmps.len() as u64;
+        let mut synced = sync_all(&tmps, |p| std::fs::File::open(p)?.sync_all()).into_iter();
         for dir in staged.iter_mut() {
             let Ok(d) = dir else { continue };
-            let tmp = d.join(TEMP_FILE);
-            fsyncs += 1;
-            if let Err(e) = std::fs::File::open(&tmp).and_then(|f| f.sync_all()) {
-                *dir = Err(io("fsync", &tmp)(e));
+            if let Some(Err(e)) = synced.next() {
+                *dir = Err(io("fsync", &d.join(TEMP_FILE))(e));
             }
         }
-        // Phase 2: renamed over the journals, directories fsynced.
+        // Phase 2: renamed over the journals, directories fsynced (batches
+        // hold one record per capsule, so each directory once).
         for dir in staged.iter_mut() {
             let Ok(d) = dir else { continue };
             let dest = d.join(JOURNAL_FILE);
@@ -117,21 +119,17 @@ impl Journal {
                 *dir = Err(io("rename", &dest)(e));
             }
         }
-        let mut synced: Vec<(PathBuf, Result<(), std::io::ErrorKind>)> = Vec::new();
+        let dirs: Vec<PathBuf> = staged.iter().flatten().cloned().collect();
+        fsyncs += dirs.len() as u64;
+        let mut synced = sync_all(&dirs, sync_dir).into_iter();
         let mut results: Vec<Result<(), Error>> = staged
             .into_iter()
             .map(|dir| {
                 let d = dir?;
-                let res = match synced.iter().find(|(s, _)| *s == d) {
-                    Some((_, r)) => *r,
-                    None => {
-                        fsyncs += 1;
-                        let r = sync_dir(&d).map_err(|e| e.kind());
-                        synced.push((d.clone(), r));
-                        r
-                    }
-                };
-                res.map_err(|kind| io("fsync directory", &d)(kind.into()))
+                match synced.next() {
+                    Some(Err(e)) => Err(io("fsync directory", &d)(e)),
+                    _ => Ok(()),
+                }
             })
             .collect();
         // A capsule directory made in this batch is itself an entry of
@@ -268,6 +266,45 @@ impl Journal {
         })
     }
 }
+
+/// Runs `sync` on every path, on up to [`SYNC_THREADS`] threads at once:
+/// the filesystem merges concurrent fsyncs into one journal commit (ext4's
+/// jbd2 does), where one thread's fsyncs would each wait for their own.
+/// One result per path, in order.
+fn sync_all(paths: &[PathBuf], sync: fn(&Path) -> std::io::Result<()>) -> Vec<std::io::Result<()>> {
+    if paths.len() < 2 {
+        return paths.iter().map(|p| sync(p)).collect();
+    }
+    let chunk = paths.len().div_ceil(SYNC_THREADS);
+    std::thread::scope(|s| {
+        let running: Vec<_> = paths
+            .chunks(chunk)
+            .map(|c| {
+                let run = move || c.iter().map(|p| sync(p)).collect::<Vec<_>>();
+                // No thread to spare: this chunk runs here instead.
+                std::thread::Builder::new()
+                    .name("wrenn-fsync".into())
+                    .spawn_scoped(s, run)
+                    .map_err(|_| run())
+            })
+            .collect();
+        running
+            .into_iter()
+            .zip(paths.chunks(chunk))
+            .flat_map(|(r, c)| match r {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    c.iter()
+                        .map(|_| Err(std::io::Error::other("fsync thread panicked")))
+                        .collect()
+                }),
+                Err(done) => done,
+            })
+            .collect()
+    })
+}
+
+/// Threads [`sync_all`] uses at most.
+const SYNC_THREADS: usize = 16;
 
 /// `fsync` of a directory, which makes a rename or unlink in it durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
