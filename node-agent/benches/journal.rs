@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 #[path = "support/capsule_spec.rs"]
 mod capsule_spec;
 
-use capsule_spec::spec;
-use wrenn_node_agent::capsule::{Host, State, Supervisor, SupervisorConfig};
+use capsule_spec::{spec, supervisor};
+use wrenn_node_agent::capsule::State;
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::state::{GroupCommit, Journal};
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
@@ -51,13 +51,11 @@ fn main() {
     std::fs::write(&template, vec![0u8; 1 << 20]).expect("template");
     let store: Arc<dyn BlockStore> =
         Arc::new(Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).expect("store"));
-    let sup = Supervisor::new(
-        Host {
-            machine: Arc::new(FakeMachine::new()),
-            net: Arc::new(FakeNet::new()),
-            store,
-        },
-        SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
+    let sup = supervisor(
+        dir.path(),
+        &Arc::new(FakeMachine::new()),
+        &Arc::new(FakeNet::new()),
+        &store,
     );
     println!(
         "journal bench: {CONCURRENT} concurrent creates x {ROUNDS} rounds (fake VMM and network, qcow2 files; state on {})",

@@ -14,8 +14,8 @@ use wrenn_node_agent::capsule::OrphanSweep;
 #[path = "support/capsule_spec.rs"]
 mod capsule_spec;
 
-use capsule_spec::spec;
-use wrenn_node_agent::capsule::{Host, State, Supervisor, SupervisorConfig};
+use capsule_spec::{spec, supervisor};
+use wrenn_node_agent::capsule::State;
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::FakeMachine;
@@ -31,22 +31,6 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
-}
-
-fn supervisor(
-    dir: &std::path::Path,
-    machine: &Arc<FakeMachine>,
-    net: &Arc<FakeNet>,
-    store: &Arc<dyn BlockStore>,
-) -> Supervisor<FakeMachine> {
-    Supervisor::new(
-        Host {
-            machine: machine.clone(),
-            net: net.clone(),
-            store: store.clone(),
-        },
-        SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
-    )
 }
 
 struct Samples(Vec<Duration>);

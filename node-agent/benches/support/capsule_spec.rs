@@ -1,7 +1,14 @@
-//! The capsule spec the supervisor benches create (shared by
-//! `supervisor` and `journal`).
+//! The capsule spec the supervisor benches create and the supervisor
+//! they create it on (shared by `supervisor` and `journal`).
 
-use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, TemplateDisk};
+use std::sync::Arc;
+
+use wrenn_node_agent::capsule::{
+    BootSource, CapsuleSpec, Egress, Host, Resources, Supervisor, SupervisorConfig, TemplateDisk,
+};
+use wrenn_node_agent::network::FakeNet;
+use wrenn_node_agent::storage::BlockStore;
+use wrenn_node_agent::vmm::FakeMachine;
 
 /// Capsule `i` over the template disk at `template`.
 pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
@@ -23,4 +30,21 @@ pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
         env: [("APP".to_string(), "bench".to_string())].into(),
         egress: Egress::Allow,
     }
+}
+
+/// A supervisor over the fakes and `store`, its state in `dir`.
+pub fn supervisor(
+    dir: &std::path::Path,
+    machine: &Arc<FakeMachine>,
+    net: &Arc<FakeNet>,
+    store: &Arc<dyn BlockStore>,
+) -> Supervisor<FakeMachine> {
+    Supervisor::new(
+        Host {
+            machine: machine.clone(),
+            net: net.clone(),
+            store: store.clone(),
+        },
+        SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
+    )
 }
