@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wrenn_node_agent::capsule::OrphanSweep;
-use wrenn_node_agent::capsule::{
-    BootSource, CapsuleSpec, Egress, Host, Resources, State, Supervisor, SupervisorConfig,
-    TemplateDisk,
-};
+#[path = "support/capsule_spec.rs"]
+mod capsule_spec;
+
+use capsule_spec::{spec, supervisor};
+use wrenn_node_agent::capsule::State;
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::FakeMachine;
@@ -30,43 +31,6 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
-}
-
-fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
-    CapsuleSpec {
-        namespace: "bench".into(),
-        name: format!("c{i}"),
-        source: BootSource::Template(TemplateDisk {
-            key: "bench/base@sha256:0".into(),
-            rootfs: template.to_path_buf(),
-            digest: "sha256:0".into(),
-        }),
-        resources: Resources {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            disk_bytes: 1 << 30,
-        },
-        kernel: None,
-        cmdline: String::new(),
-        env: [("APP".to_string(), "bench".to_string())].into(),
-        egress: Egress::Allow,
-    }
-}
-
-fn supervisor(
-    dir: &std::path::Path,
-    machine: &Arc<FakeMachine>,
-    net: &Arc<FakeNet>,
-    store: &Arc<dyn BlockStore>,
-) -> Supervisor<FakeMachine> {
-    Supervisor::new(
-        Host {
-            machine: machine.clone(),
-            net: net.clone(),
-            store: store.clone(),
-        },
-        SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
-    )
 }
 
 struct Samples(Vec<Duration>);

@@ -20,7 +20,7 @@ use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, Host, HostFigures, Resources, State, Supervisor,
     SupervisorConfig, TemplateDisk,
 };
-use wrenn_node_agent::capsule::{OrphanSweep, RecoveryReport};
+use wrenn_node_agent::capsule::{OrphanSweep, RecoveryReport, VmHeld};
 use wrenn_node_agent::metrics::sampler;
 use wrenn_node_agent::network::{CapsuleId as NetId, EgressPolicy, LinuxNet, NetOps};
 use wrenn_node_agent::storage::{BlockStore, DiskRequest, Qcow2Store, StorageConfig};
@@ -404,7 +404,7 @@ fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
                 .read("c1")
                 .unwrap()
                 .unwrap();
-        rec.vm.unwrap().process.pid
+        rec.vm().unwrap().process.pid
     };
     rt.block_on(sup.pause("c1")).unwrap();
     assert_eq!(proc_state(pid), Some('T'), "really stopped");
@@ -453,7 +453,7 @@ fn a_reused_pid_is_not_adopted_or_signalled() {
     // recycled pid would.
     let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
     let mut rec: wrenn_node_agent::capsule::Record = journal.read("c1").unwrap().unwrap();
-    let old = rec.vm.clone().unwrap().process;
+    let old = rec.vm().cloned().unwrap().process;
     // Start times count clock ticks (10 ms): a stranger started in the
     // VMM's own tick would be indistinguishable, as it would be for the
     // kernel's pid reuse too.
@@ -469,7 +469,10 @@ fn a_reused_pid_is_not_adopted_or_signalled() {
         nix::sys::signal::SIGKILL,
     )
     .unwrap();
-    rec.vm.as_mut().unwrap().process = ProcessIdentity {
+    let VmHeld::Running(vm) = &mut rec.held.vm else {
+        panic!("no VM journaled: {rec:?}")
+    };
+    vm.process = ProcessIdentity {
         pid: spid,
         start_time_ticks: old.start_time_ticks,
     };
@@ -606,14 +609,14 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     // A change on the running capsule: the same VMM, the new policy.
     let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
     let read = || -> wrenn_node_agent::capsule::Record { journal.read("c1").unwrap().unwrap() };
-    let pid = read().vm.unwrap().process.pid;
+    let pid = read().vm().unwrap().process.pid;
     let view = rt
         .block_on(sup.update_network("c1", wire(pb::Egress::Deny, &[])))
         .unwrap();
     assert_eq!(view.spec.egress, Egress::Deny);
     assert_eq!(read().spec.egress, Egress::Deny, "journaled");
     assert!(blocked(&guest, to), "egress still open after Deny");
-    assert_eq!(read().vm.unwrap().process.pid, pid);
+    assert_eq!(read().vm().unwrap().process.pid, pid);
     assert!(alive(pid));
     // An invalid policy changes nothing.
     assert!(
@@ -662,7 +665,7 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     let journal = wrenn_node_agent::state::Journal::new(&w.state_dir());
     let pid = |uid: &str| {
         let rec: wrenn_node_agent::capsule::Record = journal.read(uid).unwrap().unwrap();
-        rec.vm.unwrap().process.pid
+        rec.vm().unwrap().process.pid
     };
     let (torn_pid, newer_pid) = (pid("torn"), pid("newer"));
     sup.shutdown();
@@ -749,7 +752,7 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     // Release, as an admin would: the newer record becomes readable (here:
     // its version put back, as a roll-forward of the agent would read it),
     // and the torn capsule is given up by removing its directory.
-    v["version"] = serde_json::json!(1);
+    v["version"] = serde_json::json!(wrenn_node_agent::capsule::RECORD_VERSION);
     std::fs::write(&newer, serde_json::to_vec(&v).unwrap()).unwrap();
     std::fs::remove_dir_all(w.state_dir().join("capsules/torn")).unwrap();
     let rt = runtime();

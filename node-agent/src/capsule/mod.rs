@@ -64,7 +64,9 @@ pub use model::{
     BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Resources, SnapshotInfo,
     State, TemplateDisk,
 };
-pub use record::{RECORD_VERSION, Record};
+pub use record::{
+    DiskHeld, Held, InFlight, NetAddr, NetHeld, RECORD_VERSION, Record, Refused, VmHeld,
+};
 pub use recovery::{OrphanReport, OrphanSweep, RecoveryReport};
 pub use supervisor::Supervisor;
 pub use templates::{

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::api::{ApiFuture, CapsuleApi, EventStream};
 use super::config::{Host, SupervisorConfig};
-use super::files::remove_dir;
+use super::files::{blocking, remove_dir};
 use super::ids::{disk_id, net_id, policy};
 use super::model::{CapsuleSpec, CapsuleView, Egress, Error, SnapshotInfo, State};
 use super::plan::{Decision, Op, plan_op};
@@ -314,7 +314,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 |shared, entry, mut rec| async move {
                     let timer = shared.cfg().metrics.start_step(Step::Delete);
                     rec.state = State::Deleting;
-                    if let Err(e) = shared.commit(&entry, &rec) {
+                    if let Err(e) = shared.commit(&entry, &rec).await {
                         timer.finish(Outcome::Error);
                         return (Some(rec), Err(e));
                     }
@@ -429,15 +429,29 @@ impl<M: Machine + 'static> Supervisor<M> {
         .await
     }
 
+    /// What the journal writer did so far (records, files written,
+    /// batches, fsyncs): for benchmarks and the admin view.
+    pub fn journal_stats(&self) -> crate::state::CommitStats {
+        self.cx.commit_stats()
+    }
+
     /// Removes snapshot `id`; `false` when absent.
     pub async fn delete_snapshot(&self, id: &str) -> Result<bool, Error> {
         let dir = self.cx.layout().snapshot_dir(id);
-        if !dir.exists() {
-            return Ok(false);
+        // A snapshot holds a disk copy and maybe guest RAM: gigabytes to
+        // unlink, off the async workers.
+        let removed = blocking(id, "delete snapshot", move || {
+            if !dir.exists() {
+                return Ok(false);
+            }
+            remove_dir(&dir)?;
+            Ok(true)
+        })
+        .await?;
+        if removed {
+            self.cx.collect_bases().await;
         }
-        remove_dir(&dir)?;
-        self.cx.collect_bases();
-        Ok(true)
+        Ok(removed)
     }
 
     /// Snapshot ids on the node.
@@ -492,7 +506,11 @@ impl<M: Machine + 'static> BuildVms for Supervisor<M> {
         Box::pin(async move {
             let view = self.create_with(uid, spec, State::Running, true).await?;
             let netns = match self.entry(uid, true) {
-                Some(entry) => entry.lock().await.as_ref().and_then(|r| r.netns.clone()),
+                Some(entry) => entry
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|r| r.net_addr().and_then(|a| a.netns.clone())),
                 None => None,
             };
             Ok((view, netns))

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::model::testing::spec;
+use super::record::VmHeld;
 use super::*;
 use crate::network::{CapsuleId as NetId, FakeNet, NetCall, NetOps, Teardown};
 
@@ -444,8 +445,8 @@ async fn recovery_adopts_restores_and_rolls_back() {
     create(&b, "dead").await;
     // An interrupted create: journaled with a disk and a network made.
     let mut rec = Record::new("half", &spec("half"));
-    rec.disk = true;
-    rec.network = true;
+    rec.claim_disk();
+    rec.claim_net();
     b.store
         .ensure_disk(&crate::storage::DiskRequest {
             capsule: DiskId::new("half").unwrap(),
@@ -527,11 +528,11 @@ async fn recovery_finishes_an_interrupted_suspend_and_undoes_a_snapshot() {
         .unwrap();
     let dir = b.sup.layout().suspend_dir("a");
     std::fs::create_dir_all(&dir).unwrap();
-    let vm = rec.vm.clone().unwrap();
+    let vm = rec.vm().cloned().unwrap();
     b.machine.snapshot(&vm, &dir).await.unwrap();
-    rec.state = State::Suspending;
-    rec.prior = Some(State::Running);
-    rec.suspended_image = true;
+    rec.state = State::Running;
+    rec.begin_suspend().unwrap();
+    rec.suspend_image_written().unwrap();
     crate::state::Journal::new(b.dir.path())
         .write("a", &rec)
         .unwrap();
@@ -540,11 +541,9 @@ async fn recovery_finishes_an_interrupted_suspend_and_undoes_a_snapshot() {
         .read("s")
         .unwrap()
         .unwrap();
-    b.machine.pause(vm_s.vm.as_ref().unwrap()).await.unwrap();
+    b.machine.pause(vm_s.vm().unwrap()).await.unwrap();
     let mut rec = vm_s.clone();
-    rec.state = State::Snapshotting;
-    rec.prior = Some(State::Running);
-    rec.snapshot_in_progress = Some("snap".into());
+    rec.begin_snapshot("snap").unwrap();
     crate::state::Journal::new(b.dir.path())
         .write("s", &rec)
         .unwrap();
@@ -576,12 +575,12 @@ async fn the_journal_is_written_before_each_side_effect() {
     entered(&b, "c1", Step::Launch).await;
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(rec.state, State::Creating);
-    assert!(rec.disk && rec.network && rec.vm_starting, "{rec:?}");
-    assert!(rec.vm.is_none());
+    assert!(rec.held.disk.is_some() && rec.held.net.is_some(), "{rec:?}");
+    assert_eq!(rec.held.vm, VmHeld::Starting);
     creating.await.unwrap().unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(rec.state, State::Running);
-    assert!(rec.vm.is_some() && !rec.vm_starting);
+    assert!(rec.vm().is_some());
 
     b.machine.delay(Step::Snapshot, Duration::from_secs(2));
     let sup = b.sup.clone();
@@ -592,16 +591,16 @@ async fn the_journal_is_written_before_each_side_effect() {
         (rec.state, rec.prior),
         (State::Suspending, Some(State::Running))
     );
-    assert!(!rec.suspended_image);
+    assert!(!rec.suspend_image_complete());
     suspending.await.unwrap().unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(rec.state, State::Suspended);
-    assert!(rec.suspended_image && rec.vm.is_none() && rec.network);
+    assert!(rec.in_flight.is_none() && rec.vm().is_none() && rec.held.net.is_some());
     // Resumed, the old image no longer counts: a crash during the next
     // suspend must not finish it with stale memory.
     b.sup.resume("c1").await.unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
-    assert!(!rec.suspended_image);
+    assert!(!rec.suspend_image_complete() && rec.in_flight.is_none());
 }
 
 // ---- capsules from snapshots and images ---------------------------------------

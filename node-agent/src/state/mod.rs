@@ -1,15 +1,18 @@
-//! What survives an agent restart: the per-capsule journal ([`Journal`]),
+//! What survives an agent restart: the per-capsule journal ([`Journal`],
+//! written by the one batching writer [`GroupCommit`]),
 //! where things live under the state directory ([`Layout`]), and the
 //! verdict on journals recovery must not touch ([`quarantine`]). Recovery
 //! itself, which reads them back, is `crate::capsule`'s.
 
+mod group_commit;
 mod journal;
 mod layout;
 pub mod quarantine;
 
 use std::path::{Path, PathBuf};
 
-pub use journal::{JOURNAL_FILE, Journal, sync_dir};
+pub use group_commit::{CommitStats, GroupCommit};
+pub use journal::{Batch, JOURNAL_FILE, Journal, sync_dir};
 pub use layout::Layout;
 pub use quarantine::{Quarantine, QuarantineReason, Quarantined};
 
@@ -53,6 +56,12 @@ pub enum Error {
         /// Why.
         #[source]
         source: serde_json::Error,
+    },
+    /// The journal writer is gone (its thread died): nothing was written.
+    #[error("journal writer gone before capsule {uid}'s record was durable")]
+    WriterGone {
+        /// The capsule.
+        uid: String,
     },
     /// A capsule directory without a journal.
     #[error("no journal at {}", path.display())]

@@ -15,8 +15,6 @@ use crate::error_chain as chain;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use serde::de::DeserializeOwned;
-
 use super::Error;
 
 /// Why a capsule is quarantined.
@@ -64,13 +62,15 @@ pub enum Verdict<T> {
 
 /// Decides what to do with directory `uid`, whose journal read gave
 /// `bytes`. `version` and `uid_of` read the record's format version and
-/// UID; records newer than `current` are never decoded into `T`, since an
+/// UID; `decode` reads any older format; records newer than `current`
+/// are never decoded into `T`, since an
 /// older shape may still parse while meaning something else.
-pub fn plan_journal<T: DeserializeOwned>(
+pub fn plan_journal<T>(
     uid: &str,
     bytes: Result<Option<Vec<u8>>, Error>,
     never_written: bool,
     current: u32,
+    decode: impl Fn(&[u8]) -> Result<T, serde_json::Error>,
     uid_of: impl Fn(&T) -> &str,
 ) -> Verdict<T> {
     let quarantine = |reason, message: String| {
@@ -106,7 +106,7 @@ pub fn plan_journal<T: DeserializeOwned>(
         Ok(_) => {}
         Err(e) => return unreadable(format!("decode journal: {e}")),
     }
-    match serde_json::from_slice::<T>(&bytes) {
+    match decode(&bytes) {
         Ok(rec) if uid_of(&rec) == uid => Verdict::Use(rec),
         Ok(rec) => unreadable(format!(
             "the journal names capsule {:?}, not its directory's",
@@ -165,7 +165,14 @@ mod tests {
     }
 
     fn plan(uid: &str, bytes: Result<Option<Vec<u8>>, Error>, never: bool) -> Verdict<Rec> {
-        plan_journal(uid, bytes, never, 1, |r: &Rec| r.uid.as_str())
+        plan_journal(
+            uid,
+            bytes,
+            never,
+            1,
+            |b| serde_json::from_slice(b),
+            |r: &Rec| r.uid.as_str(),
+        )
     }
 
     fn reason(v: Verdict<Rec>) -> Option<QuarantineReason> {

@@ -36,7 +36,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use self::plan::{Facts, Plan, observes_vm, plan_recovery};
-use super::record::{RECORD_VERSION, Record};
+use super::record::{RECORD_VERSION, Record, note};
 use super::registry::Entry;
 use super::steps::Ctx;
 use super::{Error, State};
@@ -45,6 +45,7 @@ use crate::state::quarantine::{self, Quarantined, Verdict};
 use crate::storage;
 use crate::vmm::cgroup::CgroupRoot;
 use crate::vmm::{Machine, MachineState};
+use wrenn_crds::reason::Reason;
 
 /// Host resources recovery sweeps besides those behind `NetOps` and
 /// `BlockStore`.
@@ -145,10 +146,14 @@ pub(crate) async fn recover<M: Machine + 'static>(
     for uid in uids {
         let bytes = shared.journal().read_bytes(&uid);
         let never_written = shared.journal().never_written(&uid);
-        let verdict =
-            quarantine::plan_journal(&uid, bytes, never_written, RECORD_VERSION, |r: &Record| {
-                r.uid.as_str()
-            });
+        let verdict = quarantine::plan_journal(
+            &uid,
+            bytes,
+            never_written,
+            RECORD_VERSION,
+            Record::decode,
+            |r: &Record| r.uid.as_str(),
+        );
         match verdict {
             Verdict::Use(rec) => recover_one(shared, rec, &mut report).await,
             Verdict::Quarantine(q) => {
@@ -175,7 +180,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
         for (uid, e) in shared.registry().entries() {
             let guard = e.lock().await;
             if let Some(r) = guard.as_ref() {
-                if r.vm.is_some() {
+                if r.vm().is_some() {
                     live.insert(uid.clone());
                 }
                 known.insert(uid);
@@ -190,7 +195,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
         (known, live)
     };
     sweep::sweep_orphans(shared, sweep, &known, &live, &mut report.orphans).await;
-    report.orphans.dirs += shared.collect_bases();
+    report.orphans.dirs += shared.collect_bases().await;
     for (kind, count) in report.orphans.by_kind() {
         shared.cfg().metrics.orphans_removed(kind, count as u64);
     }
@@ -217,17 +222,25 @@ async fn recover_one<M: Machine + 'static>(
     let mut guard = entry.lock().await;
     // A snapshot being written is never finished by a restarted agent:
     // its staging directory goes (a build VM's too, with the VM).
-    if let Some(id) = rec.snapshot_in_progress.take()
-        && std::fs::remove_dir_all(cx.layout().snapshot_staging(&id)).is_ok()
-    {
-        report.orphans.dirs += 1;
-    }
     let observed = observes_vm(rec.state, rec.internal);
+    let mut stale = Vec::new();
+    stale.extend(
+        rec.take_snapshot_in_flight()
+            .map(|id| cx.layout().snapshot_staging(&id)),
+    );
+    if observed {
+        stale.push(cx.layout().suspend_dir(&uid).with_extension("tmp"));
+    }
+    let removed = tokio::task::spawn_blocking(move || {
+        stale
+            .iter()
+            .filter(|d| std::fs::remove_dir_all(d).is_ok())
+            .count()
+    })
+    .await
+    .unwrap_or(0);
+    report.orphans.dirs += removed;
     let vm = if observed {
-        let suspend_staging = cx.layout().suspend_dir(&uid).with_extension("tmp");
-        if std::fs::remove_dir_all(&suspend_staging).is_ok() {
-            report.orphans.dirs += 1;
-        }
         observe(cx, &rec).await
     } else {
         None
@@ -236,7 +249,7 @@ async fn recover_one<M: Machine + 'static>(
         state: rec.state,
         prior: rec.prior,
         internal: rec.internal,
-        suspended_image: rec.suspended_image,
+        suspended_image: rec.suspend_image_complete(),
         vm,
     });
     if observed {
@@ -252,8 +265,8 @@ async fn recover_one<M: Machine + 'static>(
     if observed {
         cx.reapply_egress(&rec).await;
     }
-    let _ = cx.commit(&entry, &rec);
-    if let Some(vm) = rec.vm.clone() {
+    let _ = cx.commit(&entry, &rec).await;
+    if let Some(vm) = rec.vm().cloned() {
         cx.start_sampling(&entry, &rec);
         cx.watch_vm(entry.clone(), vm);
     }
@@ -283,10 +296,10 @@ async fn carry_out<M: Machine + 'static>(
             // Forget the handle only after adopting it: stop() must
             // signal the VMM we know to be ours, never a reused pid.
             if adopt_first
-                && let Some(vm) = rec.vm.clone()
+                && let Some(vm) = rec.vm().cloned()
                 && cx.host().machine.adopt(&vm).await.is_err()
             {
-                rec.vm = None;
+                rec.vm_gone();
             }
             // Journal removed last, so a crash here retries on the
             // next start.
@@ -295,7 +308,7 @@ async fn carry_out<M: Machine + 'static>(
                     let _ = cx.journal().remove(&uid);
                     return Outcome::Removed;
                 }
-                Err(e) => fail(cx, entry, rec, &e),
+                Err(e) => fail(cx, entry, rec, &e).await,
             }
         }
         Plan::Quiesce { suspended } => {
@@ -309,27 +322,29 @@ async fn carry_out<M: Machine + 'static>(
         }
         Plan::FinishSuspend => match cx.release(rec, Teardown::KeepSlot, false).await {
             Ok(()) => {
-                rec.state = State::Suspended;
+                rec.back_to(State::Suspended);
                 report.suspended.push(uid.clone());
             }
-            Err(e) => fail(cx, entry, rec, &e),
+            Err(e) => fail(cx, entry, rec, &e).await,
         },
         Plan::ResumeInterrupted => {
             let _ = cx.release(rec, Teardown::KeepSlot, false).await;
-            rec.state = State::Suspended;
-            rec.reason = wrenn_crds::reason::Reason::ResumeInterrupted.into();
-            rec.message = "the agent restarted during the resume; resume again".into();
+            rec.back_to(State::Suspended);
+            rec.explain(
+                Reason::ResumeInterrupted,
+                "the agent restarted during the resume; resume again",
+            );
             report.suspended.push(uid.clone());
         }
         Plan::Keep { thaw, state } => {
-            let thawed = match (&rec.vm, thaw) {
+            let thawed = match (rec.vm(), thaw) {
                 (Some(vm), true) => cx.host().machine.resume(vm).await,
                 _ => Ok(()),
             };
             match thawed {
                 Ok(()) => {
-                    rec.state = state;
-                    rec.vm_starting = false;
+                    rec.back_to(state);
+                    rec.vm_start_over();
                     report.adopted.push(uid.clone());
                 }
                 Err(source) => {
@@ -338,7 +353,7 @@ async fn carry_out<M: Machine + 'static>(
                         uid: uid.clone(),
                         source: Box::new(source),
                     };
-                    fail(cx, entry, rec, &e);
+                    fail(cx, entry, rec, &e).await;
                 }
             }
         }
@@ -348,16 +363,16 @@ async fn carry_out<M: Machine + 'static>(
                 uid: uid.clone(),
                 source: Box::new(crate::vmm::Error::AdoptVmm {
                     capsule: uid.clone(),
-                    pid: rec.vm.as_ref().map_or(0, |v| v.process.pid),
+                    pid: rec.vm().map_or(0, |v| v.process.pid),
                     reason: "the VMM exited while the agent was down".into(),
                 }),
             };
             // Forget the dead handle before stopping: stop() of a
             // handle whose pid may be reused must not signal anything.
-            rec.vm = None;
+            rec.vm_gone();
             let _ = cx.release(rec, Teardown::KeepSlot, false).await;
-            fail(cx, entry, rec, &e);
-            rec.reason = wrenn_crds::reason::Reason::VmmLost.into();
+            fail(cx, entry, rec, &e).await;
+            rec.reason = Some(Reason::VmmLost);
             report.lost.push(uid.clone());
         }
     }
@@ -368,7 +383,7 @@ async fn carry_out<M: Machine + 'static>(
 /// refused) and asks its state; `None` when there is none or it is
 /// gone.
 async fn observe<M: Machine + 'static>(cx: &Ctx<M>, rec: &Record) -> Option<MachineState> {
-    let vm = rec.vm.as_ref()?;
+    let vm = rec.vm()?;
     match cx.host().machine.adopt(vm).await {
         Ok(()) => cx.host().machine.state(vm).await.ok(),
         Err(e) => {
@@ -378,11 +393,10 @@ async fn observe<M: Machine + 'static>(cx: &Ctx<M>, rec: &Record) -> Option<Mach
     }
 }
 
-fn fail<M: Machine + 'static>(cx: &Ctx<M>, entry: &Entry, rec: &mut Record, e: &Error) {
+async fn fail<M: Machine + 'static>(cx: &Ctx<M>, entry: &Entry, rec: &mut Record, e: &Error) {
     tracing::error!(capsule = %rec.uid, error = e as &dyn std::error::Error, "recovery left the capsule failed");
     cx.count_error(e);
-    rec.state = State::Failed;
-    rec.reason = e.reason().into();
-    rec.message = e.chain();
-    let _ = cx.commit(entry, rec);
+    rec.back_to(State::Failed);
+    note(rec, e);
+    let _ = cx.commit(entry, rec).await;
 }

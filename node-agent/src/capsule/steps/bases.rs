@@ -64,11 +64,11 @@ impl<M: Machine + 'static> Ctx<M> {
     /// how many. Does nothing while any journal cannot be read or any
     /// capsule is quarantined: a record it cannot see (or trust) might
     /// need a base.
-    pub(crate) fn collect_bases(&self) -> usize {
+    pub(crate) async fn collect_bases(&self) -> usize {
         if !self.quarantine.is_empty() {
             return 0;
         }
-        let _held = self.bases.lock().unwrap_or_else(|p| p.into_inner());
+        let _held = self.bases.lock().await;
         let root = self.layout.bases_root();
         let Ok(entries) = std::fs::read_dir(&root) else {
             return 0;
@@ -105,10 +105,10 @@ impl<M: Machine + 'static> Ctx<M> {
     /// their backing chains reach; `None` when a journal is unreadable.
     pub(crate) fn reached_disks(&self) -> Option<Vec<PathBuf>> {
         let mut starts = Vec::new();
-        for (_, rec) in self.journal.list::<Record>().ok()? {
+        for (_, rec) in self.journal.list(Record::decode).ok()? {
             let rec = rec.ok()?;
+            starts.extend(rec.disk_path().cloned());
             starts.extend(rec.base_image);
-            starts.extend(rec.disk_path);
         }
         // Staging directories too: a snapshot being written is as good as
         // taken.

@@ -24,13 +24,13 @@ impl<M: Machine + 'static> Ctx<M> {
         let uid = rec.uid.clone();
         let timer = self.cfg.metrics.start_step(Step::Create);
         let res: Result<(), Error> = async {
-            self.commit(entry, &rec)?;
+            self.commit(entry, &rec).await?;
             let (disk, net) = self.ensure_disk_and_net(entry, &mut rec).await?;
             if entry.cancelled() {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
-            rec.vm_starting = true;
-            self.commit(entry, &rec)?;
+            rec.vm_starting().map_err(|r| r.on(&rec))?;
+            self.commit(entry, &rec).await?;
             let spec = self.machine_spec(&rec, &net, &disk);
             self.timed(Step::Boot, async {
                 // A snapshot with memory is restored (the guest resumes where
@@ -53,9 +53,8 @@ impl<M: Machine + 'static> Ctx<M> {
                     uid: uid.clone(),
                     source: Box::new(source),
                 })?;
-                rec.vm = Some(vm.clone());
-                rec.vm_starting = false;
-                self.commit(entry, &rec)?;
+                rec.vm_started(vm.clone()).map_err(|r| r.on(&rec))?;
+                self.commit(entry, &rec).await?;
                 self.guest_up(&rec, &vm, held.as_ref()).await
             })
             .await?;
@@ -64,7 +63,7 @@ impl<M: Machine + 'static> Ctx<M> {
             }
             rec.state = State::Running;
             rec.started_unix_nanos = now_nanos();
-            self.commit(entry, &rec)?;
+            self.commit(entry, &rec).await?;
             Ok(())
         }
         .await;
@@ -84,7 +83,7 @@ impl<M: Machine + 'static> Ctx<M> {
             return (rec, res);
         }
         timer.finish(Outcome::Ok);
-        if let Some(vm) = rec.vm.clone() {
+        if let Some(vm) = rec.vm().cloned() {
             self.start_sampling(entry, &rec);
             self.watch_vm(entry.clone(), vm);
         }

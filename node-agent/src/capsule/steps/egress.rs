@@ -35,11 +35,11 @@ impl<M: Machine + 'static> Ctx<M> {
         let old = std::mem::replace(&mut rec.spec.egress, egress);
         // Journaled before the swap, but not shown: until the table is
         // loaded the capsule still runs under the old policy.
-        self.journal_only(rec)?;
+        self.journal_only(rec).await?;
         if live && let Err(e) = self.apply_egress(rec).await {
             rec.spec.egress = old;
             note(rec, &e);
-            if let Err(j) = self.commit(entry, rec) {
+            if let Err(j) = self.commit(entry, rec).await {
                 tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal the egress policy back after a failed update");
             }
             return Err(e);
@@ -72,21 +72,12 @@ impl<M: Machine + 'static> Ctx<M> {
     /// limits. A failure leaves the table that was loaded (the swap is
     /// atomic) and is logged.
     pub(crate) async fn reapply_egress(&self, rec: &Record) {
-        if rec.vm.is_none() || !matches!(rec.state, State::Running | State::Paused) {
+        if rec.vm().is_none() || !matches!(rec.state, State::Running | State::Paused) {
             return;
         }
         if let Err(e) = self.apply_egress(rec).await {
             tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "reapply the journaled egress policy");
         }
-    }
-
-    pub(crate) fn journal_only(&self, rec: &Record) -> Result<(), Error> {
-        self.journal
-            .write(&rec.uid, rec)
-            .map_err(|source| Error::Journal {
-                uid: rec.uid.clone(),
-                source: Box::new(source),
-            })
     }
 }
 

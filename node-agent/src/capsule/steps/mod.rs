@@ -36,14 +36,14 @@ mod suspend;
 pub(crate) mod telemetry;
 mod watch;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::config::{Host, SupervisorConfig};
 use super::events::{EventBus, EventKind};
 use super::model::Error;
 use super::record::Record;
 use super::registry::{Entry, Registry};
-use crate::state::{Journal, Layout, Quarantine};
+use crate::state::{CommitStats, GroupCommit, Journal, Layout, Quarantine};
 use crate::vmm::{BackendInfo, Machine};
 
 /// What every step works with.
@@ -52,13 +52,15 @@ pub(crate) struct Ctx<M> {
     cfg: SupervisorConfig,
     layout: Layout,
     journal: Journal,
+    /// The one writer of journals: batched, off the async workers.
+    commits: GroupCommit,
     backend: BackendInfo,
     /// The capsules and their background tasks.
     registry: Registry,
     bus: EventBus,
     /// Held from linking a base until the record naming it is journaled,
     /// and while bases are collected.
-    bases: Mutex<()>,
+    bases: tokio::sync::Mutex<()>,
     /// Capsules recovery could not read: nothing of theirs is touched.
     quarantine: Quarantine,
 }
@@ -79,12 +81,13 @@ impl<M: Machine + 'static> Ctx<M> {
         let cx = Arc::new(Self {
             layout: Layout::new(&cfg.state_dir),
             journal: Journal::new(&cfg.state_dir),
+            commits: GroupCommit::start(Journal::new(&cfg.state_dir)),
             bus: EventBus::starting_now(cfg.event_history),
             backend,
             host,
             cfg,
             registry: Registry::default(),
-            bases: Mutex::new(()),
+            bases: tokio::sync::Mutex::new(()),
             quarantine: Quarantine::default(),
         });
         // The image cache drops no template disk this supervisor's
@@ -137,16 +140,29 @@ impl<M> Ctx<M> {
         &self.quarantine
     }
 
-    /// Journals `rec`, then updates the view and publishes a change.
-    pub(crate) fn commit(&self, entry: &Entry, rec: &Record) -> Result<(), Error> {
-        self.journal
+    /// Journals `rec` (durable when this returns), then updates the view
+    /// and publishes a change.
+    pub(crate) async fn commit(&self, entry: &Entry, rec: &Record) -> Result<(), Error> {
+        self.journal_only(rec).await?;
+        self.show(entry, rec);
+        Ok(())
+    }
+
+    /// Journals `rec` without showing it: for a change the view must wait
+    /// for (a policy applied only after it is durable).
+    pub(crate) async fn journal_only(&self, rec: &Record) -> Result<(), Error> {
+        self.commits
             .write(&rec.uid, rec)
+            .await
             .map_err(|source| Error::Journal {
                 uid: rec.uid.clone(),
                 source: Box::new(source),
-            })?;
-        self.show(entry, rec);
-        Ok(())
+            })
+    }
+
+    /// What the journal writer did so far.
+    pub(crate) fn commit_stats(&self) -> CommitStats {
+        self.commits.stats()
     }
 
     /// Updates the view (and publishes) without journaling: for states

@@ -11,7 +11,7 @@ impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "pause_steps"))]
     pub(crate) async fn pause_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
-        let Some(vm) = rec.vm.clone() else {
+        let Some(vm) = rec.vm().cloned() else {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
         rec.state = State::Pausing;
@@ -19,7 +19,7 @@ impl<M: Machine + 'static> Ctx<M> {
         match self.host.machine.pause(&vm).await {
             Ok(()) => {
                 rec.settle(State::Paused);
-                self.commit(entry, rec)
+                self.commit(entry, rec).await
             }
             Err(source) => {
                 let e = Error::Vm {
@@ -43,7 +43,7 @@ impl<M: Machine + 'static> Ctx<M> {
                     State::Failed
                 };
                 note(rec, &e);
-                self.commit(entry, rec)?;
+                self.commit(entry, rec).await?;
                 Err(e)
             }
         }
@@ -52,13 +52,13 @@ impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "resume_paused"))]
     pub(crate) async fn resume_paused(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
-        let Some(vm) = rec.vm.clone() else {
+        let Some(vm) = rec.vm().cloned() else {
             return Err(wrong(&uid, rec.state, "it has no VM"));
         };
         match self.host.machine.resume(&vm).await {
             Ok(()) => {
                 rec.settle(State::Running);
-                self.commit(entry, rec)
+                self.commit(entry, rec).await
             }
             Err(source) => {
                 // Still paused, and the call can be retried.
@@ -68,7 +68,7 @@ impl<M: Machine + 'static> Ctx<M> {
                     source: Box::new(source),
                 };
                 note(rec, &e);
-                self.commit(entry, rec)?;
+                self.commit(entry, rec).await?;
                 Err(e)
             }
         }
@@ -116,7 +116,7 @@ impl<M: Machine + 'static> Ctx<M> {
             rec.state = State::Failed;
             note(rec, &e);
         }
-        if let Err(e) = self.commit(entry, rec) {
+        if let Err(e) = self.commit(entry, rec).await {
             tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "journal after undo");
         }
     }

@@ -7,7 +7,7 @@ use super::Ctx;
 use crate::capsule::files::blocking;
 use crate::capsule::ids::{disk_id, net_id, policy};
 use crate::capsule::model::Error;
-use crate::capsule::record::Record;
+use crate::capsule::record::{NetAddr, Record};
 use crate::capsule::registry::Entry;
 use crate::network::CapsuleNet;
 use crate::storage::{self, CapsuleDisk, DiskRequest};
@@ -77,9 +77,8 @@ impl<M: Machine + 'static> Ctx<M> {
         if entry.cancelled() {
             return Err(Error::Cancelled { uid });
         }
-        if !rec.disk {
-            rec.disk = true;
-            self.commit(entry, rec)?;
+        if rec.claim_disk() {
+            self.commit(entry, rec).await?;
         }
         let req = DiskRequest {
             capsule: disk_id(&uid)?,
@@ -96,13 +95,12 @@ impl<M: Machine + 'static> Ctx<M> {
             })
         })
         .await?;
-        rec.disk_path = Some(disk.path.clone());
+        rec.disk_made(disk.path.clone()).map_err(|r| r.on(rec))?;
         if entry.cancelled() {
             return Err(Error::Cancelled { uid });
         }
-        if !rec.network {
-            rec.network = true;
-            self.commit(entry, rec)?;
+        if rec.claim_net() {
+            self.commit(entry, rec).await?;
         }
         let net = self.host.net.clone();
         let id = net_id(&uid)?;
@@ -123,9 +121,12 @@ impl<M: Machine + 'static> Ctx<M> {
             Ok(n)
         })
         .await?;
-        rec.ip = Some(capsule_net.addrs.host.to_string());
-        rec.slot = Some(capsule_net.slot);
-        rec.netns = Some(capsule_net.netns.clone());
+        rec.net_made(NetAddr {
+            ip: capsule_net.addrs.host.to_string(),
+            slot: capsule_net.slot,
+            netns: Some(capsule_net.netns.clone()),
+        })
+        .map_err(|r| r.on(rec))?;
         Ok((disk, capsule_net))
     }
 }

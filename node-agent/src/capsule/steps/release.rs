@@ -6,7 +6,7 @@ use super::Ctx;
 use crate::capsule::files::{blocking, remove_dir};
 use crate::capsule::ids::{disk_id, net_id};
 use crate::capsule::model::{Error, State};
-use crate::capsule::record::Record;
+use crate::capsule::record::{Record, note};
 use crate::capsule::registry::Entry;
 use crate::network::Teardown;
 use crate::vmm::Machine;
@@ -25,12 +25,12 @@ impl<M: Machine + 'static> Ctx<M> {
     ) -> Result<(), Error> {
         let uid = rec.uid.clone();
         let mut first: Option<Error> = None;
-        if let Some(vm) = rec.vm.clone() {
+        if let Some(vm) = rec.vm().cloned() {
             // First, so the sampler does not count a VMM going away as
             // failed readings. The history stays until the capsule goes.
             self.cfg.metrics.detach(&uid);
             match self.host.machine.stop(&vm).await {
-                Ok(()) => rec.vm = None,
+                Ok(()) => rec.vm_gone(),
                 Err(source) => {
                     first.get_or_insert(Error::Vm {
                         action: "stop",
@@ -40,8 +40,8 @@ impl<M: Machine + 'static> Ctx<M> {
                 }
             }
         }
-        rec.vm_starting = false;
-        if rec.network {
+        rec.vm_start_over();
+        if rec.held.net.is_some() {
             let net = self.host.net.clone();
             let u = uid.clone();
             let res = blocking(&uid, "tear down network", move || {
@@ -55,18 +55,14 @@ impl<M: Machine + 'static> Ctx<M> {
             })
             .await;
             match res {
-                Ok(()) if net_mode == Teardown::ReleaseSlot => {
-                    rec.network = false;
-                    rec.ip = None;
-                    rec.slot = None;
-                }
+                Ok(()) if net_mode == Teardown::ReleaseSlot => rec.net_released(),
                 Ok(()) => {}
                 Err(e) => {
                     first.get_or_insert(e);
                 }
             }
         }
-        if remove_disk && rec.disk {
+        if remove_disk && rec.held.disk.is_some() {
             let store = self.host.store.clone();
             let u = uid.clone();
             let res = blocking(&uid, "remove disk", move || {
@@ -79,10 +75,7 @@ impl<M: Machine + 'static> Ctx<M> {
             })
             .await;
             match res {
-                Ok(()) => {
-                    rec.disk = false;
-                    rec.disk_path = None;
-                }
+                Ok(()) => rec.disk_removed(),
                 Err(e) => {
                     first.get_or_insert(e);
                 }
@@ -90,11 +83,13 @@ impl<M: Machine + 'static> Ctx<M> {
         }
         // The VMM's log stays with a crashed or suspended capsule (it may
         // say why); it goes with the capsule.
-        if remove_disk
-            && rec.vm.is_none()
-            && let Err(e) = remove_dir(&self.layout.run_dir(&uid))
-        {
-            first.get_or_insert(e);
+        if remove_disk && rec.vm().is_none() {
+            let run_dir = self.layout.run_dir(&uid);
+            if let Err(e) =
+                blocking(&uid, "remove the runtime dir", move || remove_dir(&run_dir)).await
+            {
+                first.get_or_insert(e);
+            }
         }
         match first {
             None => Ok(()),
@@ -123,15 +118,14 @@ impl<M: Machine + 'static> Ctx<M> {
             Ok(()) => {
                 self.forget(entry, &rec);
                 if rec.base_image.is_some() {
-                    self.collect_bases();
+                    self.collect_bases().await;
                 }
                 (None, Ok(()))
             }
             Err(e) => {
                 rec.state = State::Failed;
-                rec.reason = e.reason().into();
-                rec.message = e.chain();
-                if let Err(j) = self.commit(entry, &rec) {
+                note(&mut rec, &e);
+                if let Err(j) = self.commit(entry, &rec).await {
                     tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal a failed teardown");
                 }
                 (Some(rec), Err(e))

@@ -33,12 +33,12 @@ impl<M: Machine + 'static> Ctx<M> {
                     .map_err(files("read a guest token from", Path::new("/dev/urandom")))?,
             );
         }
-        rec.begin_resume();
-        self.commit(entry, rec)?;
+        rec.begin_resume().map_err(|r| r.on(rec))?;
+        self.commit(entry, rec).await?;
         let res: Result<MachineHandle, Error> = async {
             let (disk, net) = self.ensure_disk_and_net(entry, rec).await?;
-            rec.vm_starting = true;
-            self.commit(entry, rec)?;
+            rec.vm_starting().map_err(|r| r.on(rec))?;
+            self.commit(entry, rec).await?;
             let spec = self.machine_spec(rec, &net, &disk);
             self.timed(Step::Restore, async {
                 let vm = self
@@ -67,8 +67,9 @@ impl<M: Machine + 'static> Ctx<M> {
         .await;
         match res {
             Ok(vm) => {
-                rec.restored(vm.clone(), now_nanos());
-                self.commit(entry, rec)?;
+                rec.restored(vm.clone(), now_nanos())
+                    .map_err(|r| r.on(rec))?;
+                self.commit(entry, rec).await?;
                 self.start_sampling(entry, rec);
                 self.watch_vm(entry.clone(), vm);
                 Ok(())
@@ -81,7 +82,7 @@ impl<M: Machine + 'static> Ctx<M> {
                 }
                 rec.back_to(State::Suspended);
                 note(rec, &e);
-                self.commit(entry, rec)?;
+                self.commit(entry, rec).await?;
                 Err(e)
             }
         }

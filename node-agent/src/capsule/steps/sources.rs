@@ -161,15 +161,15 @@ impl<M: Machine + 'static> Ctx<M> {
             BootSource::Snapshot { id } => {
                 let disk = self.read_snapshot(rec, &id)?.1;
                 // Journaled before a collection may look for it.
-                let _held = self.bases.lock().unwrap_or_else(|p| p.into_inner());
+                let _held = self.bases.lock().await;
                 let base = self.pin_base(&rec.uid, &id, &disk)?;
                 rec.base_image = Some(base.clone());
-                self.commit(entry, rec)?;
+                self.commit(entry, rec).await?;
                 return Ok(base);
             }
         };
         rec.base_image = Some(base.clone());
-        self.commit(entry, rec)?;
+        self.commit(entry, rec).await?;
         Ok(base)
     }
 }

@@ -209,7 +209,7 @@ impl<M: Machine + 'static> Ctx<M> {
         rec: &Record,
         guest: Option<GuestSettings>,
     ) -> Option<CapsuleSource<M>> {
-        let vm = rec.vm.clone()?;
+        let vm = rec.vm().cloned()?;
         let guest = guest.map(|g| GuestMemory {
             capsule: rec.uid.clone(),
             socket: vm.vsock_socket.clone(),
@@ -222,7 +222,7 @@ impl<M: Machine + 'static> Ctx<M> {
         Some(CapsuleSource {
             machine: self.host.machine.clone(),
             store: self.host.store.clone(),
-            disk: if rec.disk {
+            disk: if rec.held.disk.is_some() {
                 storage::CapsuleId::new(&rec.uid).ok()
             } else {
                 None

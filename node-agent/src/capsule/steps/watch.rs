@@ -21,7 +21,7 @@ impl<M: Machine + 'static> Ctx<M> {
             let mut guard = entry.lock().await;
             let Some(rec) = guard.as_mut() else { return };
             // A VM stopped or replaced by an operation is not ours to judge.
-            if rec.vm.as_ref() != Some(&vm) {
+            if rec.vm() != Some(&vm) {
                 return;
             }
             let Some((state, reason, message)) = plan_vm_exit(&exit) else {
@@ -37,9 +37,8 @@ impl<M: Machine + 'static> Ctx<M> {
                 tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "release a dead VM");
             }
             rec.state = state;
-            rec.reason = reason.into();
-            rec.message = message;
-            if let Err(e) = shared.commit(&entry, rec) {
+            rec.explain(reason, message);
+            if let Err(e) = shared.commit(&entry, rec).await {
                 tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "journal a dead VM");
             }
         });

@@ -318,7 +318,7 @@ async fn source_with_guest(
 ) {
     let entry = b.sup.entry(uid, false).unwrap();
     let rec = entry.lock().await.clone().unwrap();
-    let socket = rec.vm.as_ref().unwrap().vsock_socket.clone();
+    let socket = rec.vm().unwrap().vsock_socket.clone();
     let guest = GuestSettings {
         sample_within: within,
         ..GuestSettings::default()

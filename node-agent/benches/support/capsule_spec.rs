@@ -1,0 +1,50 @@
+//! The capsule spec the supervisor benches create and the supervisor
+//! they create it on (shared by `supervisor` and `journal`).
+
+use std::sync::Arc;
+
+use wrenn_node_agent::capsule::{
+    BootSource, CapsuleSpec, Egress, Host, Resources, Supervisor, SupervisorConfig, TemplateDisk,
+};
+use wrenn_node_agent::network::FakeNet;
+use wrenn_node_agent::storage::BlockStore;
+use wrenn_node_agent::vmm::FakeMachine;
+
+/// Capsule `i` over the template disk at `template`.
+pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
+    CapsuleSpec {
+        namespace: "bench".into(),
+        name: format!("c{i}"),
+        source: BootSource::Template(TemplateDisk {
+            key: "bench/base@sha256:0".into(),
+            rootfs: template.to_path_buf(),
+            digest: "sha256:0".into(),
+        }),
+        resources: Resources {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+        },
+        kernel: None,
+        cmdline: String::new(),
+        env: [("APP".to_string(), "bench".to_string())].into(),
+        egress: Egress::Allow,
+    }
+}
+
+/// A supervisor over the fakes and `store`, its state in `dir`.
+pub fn supervisor(
+    dir: &std::path::Path,
+    machine: &Arc<FakeMachine>,
+    net: &Arc<FakeNet>,
+    store: &Arc<dyn BlockStore>,
+) -> Supervisor<FakeMachine> {
+    Supervisor::new(
+        Host {
+            machine: machine.clone(),
+            net: net.clone(),
+            store: store.clone(),
+        },
+        SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
+    )
+}
