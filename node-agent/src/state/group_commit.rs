@@ -89,24 +89,40 @@ impl GroupCommit {
     /// Writes `record` as `uid`'s journal; returns once it is durable.
     pub async fn write<T: Serialize>(&self, uid: &str, record: &T) -> Result<(), Error> {
         let body = encode(uid, record)?;
-        let gone = || Error::WriterGone {
-            uid: uid.to_string(),
-        };
         let Some(tx) = &self.tx else {
-            let (journal, batch) = (self.journal.clone(), vec![(uid.to_string(), body)]);
-            let mut done = tokio::task::spawn_blocking(move || journal.write_batch(&batch))
-                .await
-                .map_err(|_| gone())?;
-            return done.results.pop().unwrap_or(Ok(()));
+            return self.write_alone(uid, body).await;
         };
         let (done, wait) = oneshot::channel();
-        tx.send(Pending {
+        let sent = tx.send(Pending {
             uid: uid.to_string(),
             body,
             done,
-        })
-        .map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())?
+        });
+        let body = match sent {
+            Ok(()) => match wait.await {
+                Ok(res) => return res,
+                // The writer died holding this record; its write is a
+                // temp file and a rename, so writing it again is safe.
+                Err(_) => encode(uid, record)?,
+            },
+            Err(mpsc::SendError(p)) => p.body,
+        };
+        // A dead writer must not turn every later journal write into an
+        // error while the agent keeps running: each record is then
+        // written alone, as when the thread never started.
+        tracing::error!(capsule = %uid, "the journal writer thread is gone; writing this record alone");
+        self.write_alone(uid, body).await
+    }
+
+    /// Writes one record on a blocking thread, without the writer.
+    async fn write_alone(&self, uid: &str, body: Vec<u8>) -> Result<(), Error> {
+        let (journal, batch) = (self.journal.clone(), vec![(uid.to_string(), body)]);
+        let mut done = tokio::task::spawn_blocking(move || journal.write_batch(&batch))
+            .await
+            .map_err(|_| Error::WriterGone {
+                uid: uid.to_string(),
+            })?;
+        done.results.pop().unwrap_or(Ok(()))
     }
 
     /// Counts so far.
@@ -239,6 +255,22 @@ mod tests {
         }
         good.unwrap();
         assert_eq!(j.read::<Rec>("good").unwrap(), Some(Rec { n: 2 }));
+    }
+
+    #[tokio::test]
+    async fn records_stay_durable_after_the_writer_thread_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        // A writer whose thread has ended: its receiver is gone.
+        let (tx, rx) = mpsc::channel::<Pending>();
+        drop(rx);
+        let gc = GroupCommit {
+            tx: Some(tx),
+            journal: j.clone(),
+            counters: Arc::default(),
+        };
+        gc.write("c1", &Rec { n: 7 }).await.unwrap();
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 7 }));
     }
 
     #[tokio::test]
