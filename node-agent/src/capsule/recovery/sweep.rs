@@ -83,14 +83,25 @@ pub(super) async fn sweep_orphans<M: Machine + 'static>(
         }
     }
 
-    // VMM runtime dirs of unknown capsules, unfinished snapshots.
-    report.dirs += remove_children(&cx.layout().vmm_root(), |n| !known.contains(n));
-    // A staging dir may be a quarantined capsule's snapshot in
-    // progress; with any quarantined, unfinished snapshots stay too.
-    if cx.quarantine().is_empty() {
-        report.dirs += remove_children(&cx.layout().snapshots_root(), |n| {
-            n.starts_with('.') || n.ends_with(".old")
-        });
+    // VMM runtime dirs of unknown capsules, unfinished snapshots. A
+    // staging dir may be a quarantined capsule's snapshot in progress;
+    // with any quarantined, unfinished snapshots stay too.
+    let (vmm_root, snapshots_root) = (cx.layout().vmm_root(), cx.layout().snapshots_root());
+    let snapshots = cx.quarantine().is_empty();
+    let known = known.clone();
+    match tokio::task::spawn_blocking(move || {
+        let mut n = remove_children(&vmm_root, |n| !known.contains(n));
+        if snapshots {
+            n += remove_children(&snapshots_root, |n| {
+                n.starts_with('.') || n.ends_with(".old")
+            });
+        }
+        n
+    })
+    .await
+    {
+        Ok(n) => report.dirs += n,
+        Err(_) => tracing::warn!("directory sweep aborted"),
     }
 }
 
