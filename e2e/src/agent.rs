@@ -214,7 +214,23 @@ const DEV_UNIT: [&str; 2] = ["--example", "gen"];
 /// test that needed it. `--workspace` plus one small example (a target
 /// that needs dev-dependencies) gives the test build's resolution, whose
 /// artifacts are already there.
+///
+/// Built once per test process: a restart in the middle of a scenario (the
+/// operator or an agent after a kill -9) must not wait on a build, which on
+/// a busy machine can queue behind another build's lock for minutes and
+/// then reads as a slow recovery.
 pub fn cargo_build(package: &str, bin: &str) -> Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, path)) = built.iter().find(|(b, _)| b == bin) {
+        return Ok(path.clone());
+    }
+    let path = build_now(package, bin)?;
+    built.push((bin.to_string(), path.clone()));
+    Ok(path)
+}
+
+fn build_now(package: &str, bin: &str) -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--locked", "-q", "--workspace", "--bin", bin])
         .args(DEV_UNIT)

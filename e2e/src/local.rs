@@ -61,8 +61,12 @@ impl OperatorProcess {
     pub fn start(opts: &OperatorOptions) -> Result<OperatorProcess> {
         let binary = cargo_build("wrenn-operator", "wrenn-operator")?;
         let admin = free_loopback_port()?;
-        let log = std::fs::File::create(&opts.log)
-            .with_context(|| format!("create {}", opts.log.display()))?;
+        // Appended, so a restarted operator's log follows the killed one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&opts.log)
+            .with_context(|| format!("open {}", opts.log.display()))?;
         let child = Command::new(&binary)
             .env("KUBECONFIG", &opts.kubeconfig)
             .args(["--agent-namespace", &opts.agent_namespace])
