@@ -470,16 +470,22 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert_eq!(machine.state(&vm).await.unwrap(), MachineState::Running);
     // The dial during the pause may have cost the vsock its session;
     // resume heals that, and the guest link redials.
-    let (fresh, _) = GuestClient::wait_ready(
+    let fresh = match GuestClient::wait_ready(
         &capsule,
         &spec.vsock_socket,
         1024,
         VM_TOKEN,
         guest_timeouts(),
-        Duration::from_secs(30),
+        turn.ready,
     )
     .await
-    .unwrap();
+    {
+        Ok((fresh, _)) => fresh,
+        Err(e) => panic!(
+            "guest silent after pause and resume: {e}\n--- host view ---\n{}",
+            machine.diagnose(&vm).await
+        ),
+    };
     drop(fresh);
     g.redial().await.unwrap();
     assert!(g.health().await.unwrap().initialized);

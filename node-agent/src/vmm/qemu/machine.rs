@@ -165,6 +165,21 @@ impl QemuMachine {
         vsock::plug(q, capsule, vhost, n, self.timeouts.start).await
     }
 
+    /// Unplugs the vsock device and plugs a new one behind a new helper.
+    async fn replug_fresh(&self, q: &mut Qmp, vm: &MachineHandle) -> Result<(), Error> {
+        vsock::unplug(q, &vm.capsule, self.timeouts.unplug).await?;
+        self.procs.fresh_helper(vm).await?;
+        let n = self.procs.next_plug(&vm.capsule);
+        vsock::plug(
+            q,
+            &vm.capsule,
+            &run_dir(vm).join(VHOST_SOCKET),
+            n,
+            self.timeouts.start,
+        )
+        .await
+    }
+
     fn migrate_timeout(&self, memory_bytes: u64) -> Duration {
         migrate::timeout(self.timeouts.migrate_per_gib, memory_bytes)
     }
@@ -279,10 +294,12 @@ impl Machine for QemuMachine {
         if matches!(tokio::time::timeout(VSOCK_PROBE, probe).await, Ok(Ok(_))) {
             return Ok(());
         }
-        tracing::info!(capsule = %vm.capsule, "vsock silent after resume; plugging a fresh device");
-        vsock::unplug(&mut q, &vm.capsule, self.timeouts.unplug).await?;
-        self.plug_vsock(&mut q, vm, &run_dir(vm).join(VHOST_SOCKET))
-            .await
+        // A helper that left a dial unanswered is not trusted again: one
+        // that still accepts its vhost-user socket can be wedged for good
+        // (seen in the vm-tier soak: the old helper replugged after a
+        // resume, and no dial was answered for 30 s).
+        tracing::info!(capsule = %vm.capsule, "vsock silent after resume; plugging a fresh device with a fresh helper");
+        self.replug_fresh(&mut q, vm).await
     }
 
     /// Runs the guest for the moment it takes to release its vsock device
@@ -438,17 +455,7 @@ impl Machine for QemuMachine {
     async fn heal_vsock(&self, vm: &MachineHandle) -> Result<bool, Error> {
         let mut q = self.qmp(vm, "heal vsock").await?;
         tracing::warn!(capsule = %vm.capsule, "vsock silent while the guest runs; plugging a fresh device with a fresh helper");
-        vsock::unplug(&mut q, &vm.capsule, self.timeouts.unplug).await?;
-        self.procs.fresh_helper(vm).await?;
-        let n = self.procs.next_plug(&vm.capsule);
-        vsock::plug(
-            &mut q,
-            &vm.capsule,
-            &run_dir(vm).join(VHOST_SOCKET),
-            n,
-            self.timeouts.start,
-        )
-        .await?;
+        self.replug_fresh(&mut q, vm).await?;
         Ok(true)
     }
 
