@@ -302,10 +302,11 @@ async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
             kvm: "/dev/kvm".into(),
             state_dir: dir.path().to_path_buf(),
         },
+        Arc::new(sup.clone()),
+        sup.metrics().clone(),
     )
     .with_image_dirs(image_dirs)
-    .with_console_root(sup.layout().vmm_root())
-    .with_capsules(Arc::new(sup.clone()));
+    .with_console_root(sup.layout().vmm_root());
     let mut port = PortConfig::new(TlsFiles {
         cert: pki.join("agent.crt"),
         key: pki.join("agent.key"),

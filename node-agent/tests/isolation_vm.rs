@@ -605,7 +605,9 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
         .sup
         .create(
             GUEST_UID,
-            w.spec(Egress::AllowList(vec![format!("{UPLINK_ADDR}/32")])),
+            w.spec(Egress::AllowList(vec![
+                format!("{UPLINK_ADDR}/32").parse().unwrap(),
+            ])),
             State::Running,
         )
         .await

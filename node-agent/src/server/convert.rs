@@ -340,9 +340,12 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
 /// `NetworkPolicy` → egress policy. DENY with CIDRs allows exactly those;
 /// CIDRs with ALLOW are refused (ALLOW already reaches them, and a list
 /// the user thinks restricts something must not be dropped silently).
+/// The one place the agent parses a CIDR a request carries: everything
+/// after it holds [`Cidr`](crate::network::Cidr) values.
 pub fn from_network(net: pb::NetworkPolicy) -> Result<Egress, Status> {
     let egress = pb::Egress::try_from(net.egress)
         .map_err(|_| Status::invalid_argument("spec.network.egress is unknown"))?;
+    let mut cidrs = Vec::with_capacity(net.allow_cidrs.len());
     for c in &net.allow_cidrs {
         let cidr = c.parse::<crate::network::Cidr>().map_err(|e| {
             Status::invalid_argument(format!(
@@ -356,10 +359,11 @@ pub fn from_network(net: pb::NetworkPolicy) -> Result<Egress, Status> {
                  for capsules (private, shared, link-local and cloud metadata ranges)"
             )));
         }
+        cidrs.push(cidr);
     }
-    Ok(match (egress, net.allow_cidrs.is_empty()) {
+    Ok(match (egress, cidrs.is_empty()) {
         (pb::Egress::Deny, true) => Egress::Deny,
-        (pb::Egress::Deny, false) => Egress::AllowList(net.allow_cidrs),
+        (pb::Egress::Deny, false) => Egress::AllowList(cidrs),
         (pb::Egress::Allow | pb::Egress::Unspecified, true) => Egress::Allow,
         (pb::Egress::Allow | pb::Egress::Unspecified, false) => {
             return Err(Status::invalid_argument(
@@ -394,7 +398,7 @@ pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
     let (egress, allow_cidrs) = match &spec.egress {
         Egress::Allow => (pb::Egress::Allow, Vec::new()),
         Egress::Deny => (pb::Egress::Deny, Vec::new()),
-        Egress::AllowList(c) => (pb::Egress::Deny, c.clone()),
+        Egress::AllowList(c) => (pb::Egress::Deny, c.iter().map(|c| c.to_string()).collect()),
     };
     pb::CapsuleSpec {
         namespace: spec.namespace.clone(),
@@ -515,7 +519,7 @@ pub fn to_snapshot(s: &SnapshotInfo, vmm: &BackendInfo, cpu_model: String) -> pb
 pub fn to_quarantined(q: &crate::state::Quarantined) -> pb::QuarantinedCapsule {
     pb::QuarantinedCapsule {
         uid: q.uid.clone(),
-        reason: q.reason.as_str().to_string(),
+        reason: q.reason.reason().into(),
         message: q.message.clone(),
     }
 }
@@ -758,7 +762,7 @@ mod tests {
         assert_eq!((uid.as_str(), initial), ("3f2a9c1e-77b0", State::Running));
         assert_eq!(
             spec.egress,
-            Egress::AllowList(vec!["198.51.100.0/24".into()])
+            Egress::AllowList(vec!["198.51.100.0/24".parse().unwrap()])
         );
         assert_eq!(spec.kernel, Some(d.dir.join("kernels/vmlinux")));
         let BootSource::Template(t) = &spec.source else {
@@ -789,7 +793,7 @@ mod tests {
         };
         assert_eq!(
             from_network(net(pb::Egress::Deny, &["203.0.113.0/24"])).unwrap(),
-            Egress::AllowList(vec!["203.0.113.0/24".into()])
+            Egress::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
         );
         assert_eq!(
             from_network(net(pb::Egress::Deny, &[])).unwrap(),
@@ -820,7 +824,7 @@ mod tests {
         // Wider than a blocked range is fine: the rest of it is reachable.
         assert_eq!(
             from_network(net(pb::Egress::Deny, &["0.0.0.0/0"])).unwrap(),
-            Egress::AllowList(vec!["0.0.0.0/0".into()])
+            Egress::AllowList(vec!["0.0.0.0/0".parse().unwrap()])
         );
     }
 
