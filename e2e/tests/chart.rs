@@ -5,6 +5,10 @@
 //! rollout onto kwok fake nodes (tier C) followed by an upgrade that changes
 //! a CRD, and the operator's RBAC proven sufficient and minimal by acting
 //! as its ServiceAccount through a capsule's lifecycle.
+//!
+//! Why this file is long: nine scenarios of the one chart (lint, schema,
+//! rendered contracts, dry run, install and upgrade, RBAC) over shared render
+//! helpers.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 

@@ -2,6 +2,9 @@
 //! in-process fake node agents (`FakeNodeAgent`) found through real
 //! node-agent Pods. Each test runs its own operator scoped to its own
 //! namespace, with its own nodes.
+//!
+//! Why this file is long: ten controller scenarios against one real API server
+//! bed and its fake agents.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]

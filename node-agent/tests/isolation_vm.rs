@@ -21,6 +21,9 @@
 //! Everything lives in namespaces under the test's temp dir (dropping the
 //! bed removes them, links and tables with them); nothing touches the
 //! machine's own links, routes or firewall.
+//!
+//! Why this file is long: one guest bed and the whole isolation matrix of
+//! docs/security.md, row by row.
 #![allow(clippy::unwrap_used)]
 
 mod network_env;

@@ -2,6 +2,9 @@
 //! loopback, the real supervisor and journal, and the recording fakes for
 //! the VMM, network and disks (no KVM here). Checks what an operator sees:
 //! states, idempotency, conflicts, clear refusals, the event stream.
+//!
+//! Why this file is long: one gRPC bed and the capsule RPCs' scenarios as the
+//! operator sees them.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;

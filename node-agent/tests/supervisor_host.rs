@@ -5,6 +5,9 @@
 //! `vmm::process` spawn path, paused with SIGSTOP — behind the `Machine`
 //! trait. An "agent restart" drops the tokio runtime and every in-memory
 //! structure and builds new ones from the journal.
+//!
+//! Why this file is long: five host-tier scenarios over one real network, disk
+//! and cgroup bed.
 #![allow(clippy::unwrap_used)]
 
 mod network_env;
@@ -165,7 +168,7 @@ impl Machine for ProcessMachine {
     }
     async fn wait_exit(&self, vm: &MachineHandle) -> Result<VmmExit, Error> {
         let p = self.proc(vm)?;
-        p.watch(&vm.control_socket.with_file_name("events.json"))
+        wrenn_node_agent::vmm::ch::watch_exit(&p, &vm.control_socket.with_file_name("events.json"))
             .await
     }
 }

@@ -138,6 +138,22 @@ impl AgentService {
         self.capsules.as_ref()
     }
 
+    /// A state change named by a `CapsuleRef` (pause, resume, suspend):
+    /// the UID checked at the edge, the capsule as it is afterwards.
+    async fn change(
+        &self,
+        req: Request<pb::CapsuleRef>,
+        op: impl for<'a> FnOnce(
+            &'a dyn CapsuleApi,
+            &'a str,
+        ) -> crate::capsule::ApiFuture<'a, crate::capsule::CapsuleView>,
+    ) -> Result<Response<pb::Capsule>, Status> {
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let view = op(self.capsules(), &uid).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
+    }
+
     /// Where the data plane reaches `capsule`'s guest agent. Refuses with
     /// a status the user understands when the capsule is unknown, not
     /// running (paused: "resume it first"), or its guest is not ready.
@@ -297,42 +313,21 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let uid = req.into_inner().uid;
-        validate_uid(&uid)?;
-        let view = self
-            .capsules()
-            .pause(&uid)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        self.change(req, |c, uid| c.pause(uid)).await
     }
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn resume_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let uid = req.into_inner().uid;
-        validate_uid(&uid)?;
-        let view = self
-            .capsules()
-            .resume(&uid)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        self.change(req, |c, uid| c.resume(uid)).await
     }
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn suspend_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let uid = req.into_inner().uid;
-        validate_uid(&uid)?;
-        let view = self
-            .capsules()
-            .suspend(&uid)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        self.change(req, |c, uid| c.suspend(uid)).await
     }
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn update_network(
