@@ -8,15 +8,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use crate::limits::{MIN_DISK_BYTES, MIN_MEMORY_BYTES, NEVER_REACHABLE_CIDRS};
 use crate::quantity::with;
-
-/// The smallest guest memory: the CRD's CEL rule, the node agent's
-/// validation and the QEMU backend (which refuses less, never raises it)
-/// all read this one value.
-pub const MIN_MEMORY_BYTES: u64 = 128 << 20;
-
-/// The smallest root disk the CRD accepts.
-pub const MIN_DISK_BYTES: u64 = 128 << 20;
 
 /// Desired state of a capsule.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -194,21 +187,6 @@ pub struct EnvVar {
     #[schemars(length(max = 32768))]
     pub value: String,
 }
-
-/// IPv4 networks no capsule reaches on any node, whatever its allow list:
-/// private and shared address space (the node's and the cluster's own
-/// networks), link-local (cloud metadata at 169.254.169.254) and Azure's
-/// wireserver. An `allowCidrs` entry inside one of them could never work,
-/// so the API server refuses it. The node agent checks its built-in blocked
-/// set against this list.
-pub const NEVER_REACHABLE_CIDRS: [&str; 6] = [
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "169.254.0.0/16",
-    "168.63.129.16/32",
-];
 
 /// Network policy of a capsule. Isolation from other capsules, the node,
 /// cloud metadata addresses and the node's blocked ranges always applies.

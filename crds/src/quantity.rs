@@ -96,7 +96,7 @@ pub(crate) mod with {
     use schemars::SchemaGenerator;
 
     pub(crate) fn memory(_: &mut SchemaGenerator) -> Schema {
-        let min = mebibytes(crate::capsule::MIN_MEMORY_BYTES);
+        let min = mebibytes(crate::limits::MIN_MEMORY_BYTES);
         quantity_at_least(
             "memory",
             &min,
@@ -109,7 +109,7 @@ pub(crate) mod with {
     pub(crate) fn disk(_: &mut SchemaGenerator) -> Schema {
         quantity_at_least(
             "disk",
-            &mebibytes(crate::capsule::MIN_DISK_BYTES),
+            &mebibytes(crate::limits::MIN_DISK_BYTES),
             "Root disk size, a quantity such as 10Gi; at least the template's disk. \
              Defaults to the template's. Immutable.",
         )
@@ -163,7 +163,7 @@ pub(crate) mod with {
 
     /// Refuses an entry inside a network every node blocks.
     fn never_reachable_rule() -> String {
-        let inside: Vec<String> = crate::capsule::NEVER_REACHABLE_CIDRS
+        let inside: Vec<String> = crate::limits::NEVER_REACHABLE_CIDRS
             .iter()
             .map(|n| format!("cidr('{n}').containsCIDR(self)"))
             .collect();
@@ -177,7 +177,7 @@ pub(crate) mod with {
     fn never_reachable_message() -> String {
         format!(
             "allowCidrs entries inside {} are never reachable from a capsule: private, shared, link-local and cloud metadata ranges are blocked on every node; list public networks only",
-            crate::capsule::NEVER_REACHABLE_CIDRS.join(", ")
+            crate::limits::NEVER_REACHABLE_CIDRS.join(", ")
         )
     }
 

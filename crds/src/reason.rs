@@ -230,6 +230,11 @@ named! {
         ImageFailed,
         /// Agent: the capsule is quarantined; create and delete are refused.
         Quarantined,
+        /// Agent, quarantine: the capsule's journal is unreadable (an I/O
+        /// error, not JSON, not a record, or a record of another UID).
+        JournalUnreadable,
+        /// Agent, quarantine: a newer agent wrote the capsule's journal.
+        JournalNewerVersion,
         /// Agent, template build: writing the template's root disk failed.
         RootDiskFailed,
         /// Agent, template build: the build VM did not boot.

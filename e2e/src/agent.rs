@@ -453,19 +453,19 @@ impl NodeAgent {
 
     /// The last lines of the agent's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        crate::local::tail(&self.log, 40)
+        crate::child::tail(&self.log, 40)
     }
 
     /// Stops the agent process (SIGTERM, then SIGKILL after 10 s); capsules
     /// keep running, as in production. nsenter execs the agent, so the
     /// child is the agent itself.
     pub fn stop(&mut self) {
-        crate::local::stop_child(self.child.take(), "TERM", Duration::from_secs(10));
+        crate::child::stop_child(self.child.take(), "TERM", Duration::from_secs(10));
     }
 
     /// Kills the agent with SIGKILL, as a crash or OOM kill would.
     pub fn kill9(&mut self) {
-        crate::local::stop_child(self.child.take(), "KILL", Duration::from_secs(5));
+        crate::child::stop_child(self.child.take(), "KILL", Duration::from_secs(5));
     }
 }
 
@@ -479,7 +479,7 @@ impl Drop for NodeAgent {
             eprintln!(
                 "[node {}] agent log, last lines:\n{}",
                 self.node_name,
-                crate::local::tail(&self.log, 150)
+                crate::child::tail(&self.log, 150)
             );
         }
         // Capsules still here (a test that failed before deleting them)

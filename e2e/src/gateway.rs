@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::agent::{cargo_build, ip};
-use crate::local::{stop_child, tail};
+use crate::child::{stop_child, tail};
 
 /// A private IPv4 address on the host side of a veth pair of its own,
 /// whose other end sits in a network namespace made for it (kernels

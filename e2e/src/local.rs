@@ -9,7 +9,7 @@
 //! the Pod's status itself.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::agent::{NodeAgent, Pki, SERVER_NAME, cargo_build};
+use crate::child::stop_child;
+pub use crate::child::tail;
 
 /// The label the chart's DaemonSet gives node-agent Pods.
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=wrenn-node-agent";
@@ -138,34 +140,6 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Sends `signal` and waits up to `grace`, then SIGKILL.
-pub(crate) fn stop_child(child: Option<Child>, signal: &str, grace: Duration) {
-    let Some(mut child) = child else {
-        return;
-    };
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status();
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// The last `n` lines of a file, for failure messages.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Creates `ns` unless it exists, labelled so its templates may name the

@@ -5,6 +5,10 @@
 //! rollout onto kwok fake nodes (tier C) followed by an upgrade that changes
 //! a CRD, and the operator's RBAC proven sufficient and minimal by acting
 //! as its ServiceAccount through a capsule's lifecycle.
+//!
+//! Why this file is long: nine scenarios of the one chart (lint, schema,
+//! rendered contracts, dry run, install and upgrade, RBAC) over shared render
+//! helpers.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
@@ -1574,6 +1578,14 @@ async fn cas_from_values_keep_offline_renders_compatible() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
+    let sup = Supervisor::new(
+        Host::fakes(),
+        SupervisorConfig::new(
+            &dir.path().join("state"),
+            std::path::Path::new("/k/vmlinux"),
+        ),
+    );
     let service = wrenn_node_agent::server::AgentService::new(
         wrenn_node_agent::server::AgentIdentity {
             node_name: "rendered".into(),
@@ -1585,6 +1597,8 @@ async fn cas_from_values_keep_offline_renders_compatible() {
             kvm: "/dev/kvm".into(),
             state_dir: dir.path().to_path_buf(),
         },
+        std::sync::Arc::new(sup.clone()),
+        sup.metrics().clone(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {

@@ -11,6 +11,9 @@
 //!   its reconcile-error metric, and a capsule that never gets a status;
 //! - every environment variable the chart's Deployment and DaemonSet set is
 //!   a flag the binaries accept, and the binaries start on them.
+//!
+//! Why this file is long: four scenarios that run the real controllers as the
+//! chart's ServiceAccount, each a whole lifecycle.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 

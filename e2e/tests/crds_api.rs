@@ -1,5 +1,8 @@
 //! Tier 2: the CRDs, their CEL rules and the admission policy, enforced by a
 //! real kube-apiserver (built from Go modules by e2e/scripts).
+//!
+//! Why this file is long: the table of invalid objects the API server must
+//! refuse, with eight tests over it.
 
 mod common;
 

@@ -7,11 +7,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
     CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
 };
+use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
 use wrenn_node_agent::tls::TlsFiles;
@@ -72,6 +74,10 @@ async fn start_agent(dir: &Path, agents_ca: &Issuer, operators_ca: &Issuer) -> A
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let sup = Supervisor::new(
+        Host::fakes(),
+        SupervisorConfig::new(&dir.join("state"), Path::new("/k/vmlinux")),
+    );
     let service = AgentService::new(
         AgentIdentity {
             node_name: "node-tls".into(),
@@ -83,6 +89,8 @@ async fn start_agent(dir: &Path, agents_ca: &Issuer, operators_ca: &Issuer) -> A
             kvm: "/dev/kvm".into(),
             state_dir: dir.to_path_buf(),
         },
+        Arc::new(sup.clone()),
+        sup.metrics().clone(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -135,10 +143,12 @@ async fn grpc_client_speaks_mutual_tls_to_the_real_agent() {
         .unwrap();
     let info = client.node_info().await.unwrap();
     assert_eq!(info.node_name, "node-tls");
+    // The capsule RPCs are served over the same connection.
+    assert!(client.list_capsules().await.unwrap().is_empty());
     // A refusal keeps its gRPC code, which the controllers act on.
-    let err = client.list_capsules().await.unwrap_err();
-    assert_eq!(err.code(), Some(tonic::Code::Unimplemented), "{err}");
-    assert_eq!(err.to_string(), "ListCapsules on node node-tls");
+    let err = client.get_capsule("nosuch".into()).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert_eq!(err.to_string(), "GetCapsule on node node-tls");
 
     // A client certificate from another CA gets no answer.
     let stranger = ca("stranger");

@@ -2,6 +2,9 @@
 //! in-process fake node agents (`FakeNodeAgent`) found through real
 //! node-agent Pods. Each test runs its own operator scoped to its own
 //! namespace, with its own nodes.
+//!
+//! Why this file is long: ten controller scenarios against one real API server
+//! bed and its fake agents.
 #![allow(clippy::unwrap_used)]
 
 #[allow(dead_code)]
@@ -20,6 +23,7 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::reason::Reason;
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleTemplate};
 use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
@@ -1118,7 +1122,7 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
     let (client, ns) = (env.client.clone(), env.ns.clone());
     let nodes = nodes(&client, &ns, 8).await;
     let uid = format!("{ns}-quarantined-uid");
-    nodes.agents[0].quarantine(&uid, "JournalUnreadable", "decode journal: EOF");
+    nodes.agents[0].quarantine(&uid, Reason::JournalUnreadable, "decode journal: EOF");
     let op = start_operator(&client, &ns, nodes.connector.clone());
     let node = format!("{ns}-a");
     // Events about a cluster-scoped object land in "default".
@@ -1149,7 +1153,7 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
     assert_eq!(regarding.kind.as_deref(), Some("Node"));
     let note = ev.note.unwrap_or_default();
     assert!(
-        note.contains(&uid) && note.contains("JournalUnreadable"),
+        note.contains(&uid) && note.contains(Reason::JournalUnreadable.as_str()),
         "{note}"
     );
     // The other node quarantined nothing and gets no such Event.

@@ -3,6 +3,9 @@
 //! own network namespace and booting real guests under QEMU TCG. A user's
 //! view: apply, watch the phase, exec, change `operatingMode`, survive
 //! kill -9 of an agent and of the operator, delete — and nothing left over.
+//!
+//! Why this file is long: three long end-to-end scenarios on one two-node QEMU
+//! bed, each read top to bottom as a user would drive it.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;

@@ -16,6 +16,9 @@
 //!
 //! Host setup (sockets, VMM processes) belongs to `vmm`; which capsule is
 //! reachable belongs to the supervisor.
+//!
+//! Why this file is long: one typed call per `guest.proto` RPC on one client,
+//! beside the dial, token and error rules they all share.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -35,8 +35,8 @@ const EXIT_SERVE: u8 = 4;
 const EXIT_HOST: u8 = 5;
 /// Start-up recovery failed.
 const EXIT_RECOVERY: u8 = 6;
-/// A long-lived background task (admin server, sampler, log sweeper) ended
-/// or panicked: the agent exits so the kubelet restarts it whole, rather
+/// A long-lived background task (admin server, sampler, log sweeper,
+/// journal writer thread) ended or panicked: the agent exits so the kubelet restarts it whole, rather
 /// than serving on with no metrics, no readiness or an unbounded log.
 const EXIT_TASK: u8 = 7;
 
@@ -460,6 +460,11 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
         logs.await;
         "VMM log sweeper"
     });
+    let journal_writer = supervisor.journal_writer_ended();
+    background.spawn(async move {
+        journal_writer.await;
+        "journal writer thread"
+    });
     let activity_file = state_dir.join("activity.json");
     let service = AgentService::new(
         AgentIdentity {
@@ -472,14 +477,14 @@ async fn run_with<M: Machine + 'static>(machine: M, common: Common) -> ExitCode 
             kvm: "/dev/kvm".into(),
             state_dir,
         },
+        Arc::new(supervisor.clone()),
+        metrics.clone(),
     )
     .with_vmm_cap(vmm_cap)
     .with_activity_file(&activity_file)
     .with_disk_quota(disk.disk_quota)
     .with_image_dirs(cfg_templates.settings().image_dirs.clone())
-    .with_console_root(supervisor.layout().vmm_root())
-    .with_capsules(Arc::new(supervisor.clone()))
-    .with_metrics(metrics.clone());
+    .with_console_root(supervisor.layout().vmm_root());
     metrics.set_ready(true);
     tracing::info!(%listen, "serving wrenn.agent.v1 with mutual TLS");
     let sup = supervisor.clone();

@@ -21,6 +21,9 @@
 //! Everything lives in namespaces under the test's temp dir (dropping the
 //! bed removes them, links and tables with them); nothing touches the
 //! machine's own links, routes or firewall.
+//!
+//! Why this file is long: one guest bed and the whole isolation matrix of
+//! docs/security.md, row by row.
 #![allow(clippy::unwrap_used)]
 
 mod network_env;
@@ -605,7 +608,9 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
         .sup
         .create(
             GUEST_UID,
-            w.spec(Egress::AllowList(vec![format!("{UPLINK_ADDR}/32")])),
+            w.spec(Egress::AllowList(vec![
+                format!("{UPLINK_ADDR}/32").parse().unwrap(),
+            ])),
             State::Running,
         )
         .await

@@ -7,6 +7,9 @@
 //! veth named like the TAP where the TAP would be and its peer, configured
 //! exactly as the guest configures itself, in a namespace of its own. The
 //! TAP path is checked on its own (`tap_has_its_queue_length_and_is_recreated_by_name`).
+//!
+//! Why this file is long: seventeen host-tier network tests over the namespaces
+//! `network_env` makes.
 
 mod network_env;
 

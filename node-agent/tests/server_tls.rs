@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -18,6 +19,7 @@ use rcgen::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
@@ -148,6 +150,10 @@ async fn start_agent_with(tune: impl FnOnce(&mut PortConfig)) -> Agent {
     tune(&mut port);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let sup = Supervisor::new(
+        Host::fakes(),
+        SupervisorConfig::new(&dir.path().join("state"), Path::new("/k/vmlinux")),
+    );
     let service = AgentService::new(
         AgentIdentity {
             node_name: "node-a".into(),
@@ -159,6 +165,8 @@ async fn start_agent_with(tune: impl FnOnce(&mut PortConfig)) -> Agent {
             kvm: "/dev/kvm".into(),
             state_dir: dir.path().to_path_buf(),
         },
+        Arc::new(sup.clone()),
+        sup.metrics().clone(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {

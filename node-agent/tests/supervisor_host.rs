@@ -5,6 +5,9 @@
 //! `vmm::process` spawn path, paused with SIGSTOP — behind the `Machine`
 //! trait. An "agent restart" drops the tokio runtime and every in-memory
 //! structure and builds new ones from the journal.
+//!
+//! Why this file is long: five host-tier scenarios over one real network, disk
+//! and cgroup bed.
 #![allow(clippy::unwrap_used)]
 
 mod network_env;
@@ -16,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use network_env::Bed as NetBed;
+use wrenn_crds::reason::Reason;
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, Host, HostFigures, Resources, State, Supervisor,
     SupervisorConfig, TemplateDisk,
@@ -164,7 +168,7 @@ impl Machine for ProcessMachine {
     }
     async fn wait_exit(&self, vm: &MachineHandle) -> Result<VmmExit, Error> {
         let p = self.proc(vm)?;
-        p.watch(&vm.control_socket.with_file_name("events.json"))
+        wrenn_node_agent::vmm::ch::watch_exit(&p, &vm.control_socket.with_file_name("events.json"))
             .await
     }
 }
@@ -618,10 +622,15 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     assert!(blocked(&guest, to), "egress still open after Deny");
     assert_eq!(read().vm().unwrap().process.pid, pid);
     assert!(alive(pid));
-    // An invalid policy changes nothing.
+    // An invalid policy is refused where it enters the agent and changes
+    // nothing.
     assert!(
-        rt.block_on(sup.update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()])))
-            .is_err()
+        from_network(pb::NetworkPolicy {
+            egress: pb::Egress::Deny as i32,
+            allow_cidrs: vec!["2001:db8::/32".into()],
+            ports: Vec::new(),
+        })
+        .is_err()
     );
     assert_eq!(read().spec.egress, Egress::Deny);
 
@@ -693,17 +702,17 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
 
     let rt = runtime();
     let (sup, report) = recover(&w, &rt);
-    let mut got: Vec<(String, &str)> = report
+    let mut got: Vec<(String, Reason)> = report
         .quarantined
         .iter()
-        .map(|q| (q.uid.clone(), q.reason.as_str()))
+        .map(|q| (q.uid.clone(), q.reason.reason()))
         .collect();
     got.sort();
     assert_eq!(
         got,
         vec![
-            ("newer".to_string(), "JournalNewerVersion"),
-            ("torn".to_string(), "JournalUnreadable"),
+            ("newer".to_string(), Reason::JournalNewerVersion),
+            ("torn".to_string(), Reason::JournalUnreadable),
         ]
     );
     assert!(report.adopted.is_empty() && report.lost.is_empty());

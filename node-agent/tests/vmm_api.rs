@@ -5,6 +5,9 @@
 //! `tests/data/ch/`, and receives SCM_RIGHTS fds so we can check they are
 //! the files we sent. It exercises the transport, timeouts, error mapping
 //! and fd passing; it says nothing about CH's own behaviour.
+//!
+//! Why this file is long: sixteen tests over one scripted fake Cloud Hypervisor
+//! server and its recorded bodies.
 // Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
 #![allow(clippy::unwrap_used)]
 

@@ -17,7 +17,7 @@ use wrenn_node_agent::sys::process::ExitStatus;
 use wrenn_node_agent::vmm::cgroup::{
     CgroupLimits, CgroupRoot, CgroupVersion, VMM_MEMORY_OVERHEAD_BYTES,
 };
-use wrenn_node_agent::vmm::ch::ChVersion;
+use wrenn_node_agent::vmm::ch::{ChVersion, watch_exit};
 use wrenn_node_agent::vmm::process::{
     HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess, spawn_supervised,
 };
@@ -414,13 +414,13 @@ fn crash_watcher_tells_exit_code_signal_poweroff_and_requested_stop() {
 
     // Non-zero exit: a crash with its code.
     let p = env.spawn("exit3", "/bin/sh", &["-c", "exit 3"], None);
-    let exit = rt.block_on(p.watch(&events)).unwrap();
+    let exit = rt.block_on(watch_exit(&p, &events)).unwrap();
     assert_eq!(exit, VmmExit::Crashed(ExitStatus::Exited(3)));
 
     // Killed by a signal nobody asked for: a crash with the signal.
     let p = env.spawn("killed", "/bin/sleep", &["30"], None);
     p.signal(libc::SIGKILL).unwrap();
-    let exit = rt.block_on(p.watch(&events)).unwrap();
+    let exit = rt.block_on(watch_exit(&p, &events)).unwrap();
     assert_eq!(
         exit,
         VmmExit::Crashed(ExitStatus::Signaled {
@@ -436,14 +436,14 @@ fn crash_watcher_tells_exit_code_signal_poweroff_and_requested_stop() {
         events.display()
     );
     let p = env.spawn("poweroff", "/bin/sh", &["-c", &script], None);
-    let exit = rt.block_on(p.watch(&events)).unwrap();
+    let exit = rt.block_on(watch_exit(&p, &events)).unwrap();
     assert_eq!(exit, VmmExit::GuestPoweroff);
 
     // Requested stop: not a crash even though it died by SIGTERM.
     let p = env.spawn("stopped", "/bin/sleep", &["30"], None);
     p.mark_stop_requested();
     p.signal(libc::SIGTERM).unwrap();
-    let exit = rt.block_on(p.watch(&events)).unwrap();
+    let exit = rt.block_on(watch_exit(&p, &events)).unwrap();
     assert_eq!(exit, VmmExit::Requested);
 }
 

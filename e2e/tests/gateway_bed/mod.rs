@@ -4,13 +4,20 @@
 //! `edit` in [`NS`], bob to the one aggregating into `view`), a real node
 //! agent gRPC server with its real mutual TLS and supervisor (fake VMM,
 //! network and disks), capsule `box` Running on it with the real
-//! `wrenn-guest` as its guest agent, capsule `nap` Paused, and the real
-//! `wrenn-gateway` process registered by an `APIService`, serving once
-//! [`Bed::start`] returns. Nothing skips authorization.
+//! `wrenn-guest` as its guest agent (its serial console read from the
+//! agent's run directory), capsule `nap` Paused, a `box` in [`NS_B`] where
+//! neither user has rights, and the real `wrenn-gateway` process
+//! registered by an `APIService`, serving once [`Bed::start`] returns.
+//! Nothing skips authorization.
 //!
-//! The same parts as `e2e/tests/gateway.rs` builds inline, packaged so
-//! another test file can stand them up in one call.
+//! Below the bed, the requests the gateway tests make through the API
+//! server ([`exec`], [`call`]) so each test file says only what it checks.
 #![allow(clippy::unwrap_used, dead_code)]
+
+mod requests;
+// Each test file including the bed uses only some of them.
+#[allow(unused_imports)]
+pub use requests::{Ran, api_code, call, exec, exec_path, json_of, sub_path};
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -33,24 +40,24 @@ use wrenn_e2e::{ControlPlane, Options, StaticToken};
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::guest::{GuestClient, InitParams};
 use wrenn_node_agent::images::ImageDirs;
-use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
-use wrenn_node_agent::storage::FakeBlockStore;
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_node_agent::vmm::FakeMachine;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_testkit::{need_program, need_root};
 
 /// The chart's release namespace and name here.
-const RELEASE_NS: &str = "wrenn-system";
+pub const RELEASE_NS: &str = "wrenn-system";
 const RELEASE: &str = "wrenn";
 /// The chart names the gateway's Service and ServiceAccount so.
-const GATEWAY: &str = "wrenn-gateway";
+pub const GATEWAY: &str = "wrenn-gateway";
 /// The node the agent plays.
 pub const NODE: &str = "bed-node";
 /// The users' namespace.
 pub const NS: &str = "team-a";
+/// A namespace where neither user has rights; it holds a `box` too.
+pub const NS_B: &str = "team-b";
 
 type Issuer = CertifiedIssuer<'static, KeyPair>;
 
@@ -60,13 +67,23 @@ pub struct Bed {
     // control plane last.
     _gateway: GatewayProcess,
     _guest: HostGuest,
-    _agent: Agent,
+    agent: Agent,
     /// Cluster admin.
     pub admin: kube::Client,
     /// alice: the edit role in [`NS`]; her kubeconfig's context names [`NS`].
     pub alice_kubeconfig: PathBuf,
     /// bob: the view role in [`NS`]; his kubeconfig names no namespace.
     pub bob_kubeconfig: PathBuf,
+    /// A client as alice.
+    pub alice: kube::Client,
+    /// A client as bob.
+    pub bob: kube::Client,
+    /// The UID of `box` in [`NS`] (the capsule the agent runs).
+    pub uid: String,
+    /// Where the gateway listens (straight, not through the API server).
+    pub gw_addr: SocketAddr,
+    /// The CA of the gateway's serving certificate, PEM.
+    pub serving_ca: String,
     _local: LocalAddr,
     _certs: tempfile::TempDir,
     /// The control plane (admin kubeconfig, kubectl).
@@ -131,8 +148,13 @@ async fn bind(client: &kube::Client, ns: &str, user: &str, role: &str) {
 /// Writes `status` of capsule `name` in [`NS`] as the operator does (its
 /// field manager, server-side apply), with `observedGeneration` set to the
 /// capsule's current generation.
-pub async fn operator_status(client: &kube::Client, name: &str, mut status: Value) {
-    let api: Api<Capsule> = Api::namespaced(client.clone(), NS);
+pub async fn operator_status(client: &kube::Client, name: &str, status: Value) {
+    operator_status_in(client, NS, name, status).await;
+}
+
+/// [`operator_status`] for a capsule in `ns`.
+pub async fn operator_status_in(client: &kube::Client, ns: &str, name: &str, mut status: Value) {
+    let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
     let generation = api.get(name).await.unwrap().metadata.generation;
     status["observedGeneration"] = json!(generation);
     api.patch_status(
@@ -149,7 +171,13 @@ pub async fn operator_status(client: &kube::Client, name: &str, mut status: Valu
 
 /// A capsule in [`NS`] from template `base`, `phase` on [`NODE`]; returns its UID.
 pub async fn capsule(client: &kube::Client, name: &str, phase: &str) -> String {
-    let api: Api<Capsule> = Api::namespaced(client.clone(), NS);
+    capsule_in(client, NS, name, phase).await
+}
+
+/// A capsule in `ns` from template `base`, `phase` on [`NODE`], its status
+/// written as the operator does; returns its UID.
+pub async fn capsule_in(client: &kube::Client, ns: &str, name: &str, phase: &str) -> String {
+    let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
     let c: Capsule = serde_json::from_value(json!({
         "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
         "metadata": { "name": name },
@@ -157,7 +185,13 @@ pub async fn capsule(client: &kube::Client, name: &str, phase: &str) -> String {
     }))
     .unwrap();
     let created = api.create(&PostParams::default(), &c).await.unwrap();
-    operator_status(client, name, json!({ "phase": phase, "nodeName": NODE })).await;
+    operator_status_in(
+        client,
+        ns,
+        name,
+        json!({ "phase": phase, "nodeName": NODE }),
+    )
+    .await;
     created.metadata.uid.unwrap()
 }
 
@@ -195,11 +229,7 @@ async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
     let state = dir.path().join("state");
     let image_dirs = ImageDirs::new(std::slice::from_ref(&images), &state).unwrap();
     let sup = Supervisor::new(
-        Host {
-            machine: Arc::new(FakeMachine::new()),
-            net: Arc::new(FakeNet::new()),
-            store: Arc::new(FakeBlockStore::new()),
-        },
+        Host::fakes(),
         SupervisorConfig::new(&state, Path::new("/k/vmlinux")),
     );
     let service = AgentService::new(
@@ -213,9 +243,11 @@ async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
             kvm: "/dev/kvm".into(),
             state_dir: dir.path().to_path_buf(),
         },
+        Arc::new(sup.clone()),
+        sup.metrics().clone(),
     )
     .with_image_dirs(image_dirs)
-    .with_capsules(Arc::new(sup.clone()));
+    .with_console_root(sup.layout().vmm_root());
     let mut port = PortConfig::new(TlsFiles {
         cert: pki.join("agent.crt"),
         key: pki.join("agent.key"),
@@ -329,6 +361,46 @@ fn kubeconfig_in(cp: &ControlPlane, user: &str, token: &str, namespace: Option<&
 impl Bed {
     /// Starts everything; `Err` names what this machine lacks (a skip).
     pub async fn start() -> Result<Bed, String> {
+        // An address the aggregator may dial (not loopback), apart from
+        // the ones `start_tagged` picks.
+        let pid = std::process::id();
+        let n = (pid % 200) as u8 + 20;
+        Self::start_at(
+            &format!("wcl{}", pid % 100_000),
+            Ipv4Addr::new(10, 253, n, 1),
+        )
+        .await
+    }
+
+    /// [`Bed::start`] for a test running beside others in one process:
+    /// `tag` (1..=9) keeps their links and addresses apart.
+    pub async fn start_tagged(tag: u8) -> Result<Bed, String> {
+        let pid = std::process::id();
+        let n = (pid % 200) as u8 + 20;
+        Self::start_at(
+            &format!("wgw{tag}{}", pid % 100_000),
+            Ipv4Addr::new(10, 254, n, tag),
+        )
+        .await
+    }
+
+    /// The node agent's capsule supervisor (fake VMM, network and disks).
+    pub fn supervisor(&self) -> &Supervisor<FakeMachine> {
+        &self.agent.sup
+    }
+
+    /// The bed's certificates: `gateway.crt`/`.key` (the gateway's client
+    /// certificate, from the clients' CA), `serving.crt`, CAs.
+    pub fn certs(&self) -> &Path {
+        self._certs.path()
+    }
+
+    /// The control plane's own PKI (`front-proxy-client.crt`/`.key`, …).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.cp.dir().unwrap().join("pki")
+    }
+
+    async fn start_at(link: &str, ip: Ipv4Addr) -> Result<Bed, String> {
         need_root()?;
         need_program("ip")?;
         need_program("openssl")?;
@@ -375,6 +447,10 @@ impl Bed {
             ])
             .unwrap();
         let docs = documents(&rendered).unwrap();
+        assert!(
+            docs.iter()
+                .any(|d| d["metadata"]["name"] == GATEWAY && d["kind"] == "ServiceAccount")
+        );
         let manifest = cp.dir().unwrap().join("gateway-rbac.json");
         std::fs::write(
             &manifest,
@@ -415,14 +491,8 @@ impl Bed {
         let svc_dns = format!("{GATEWAY}.{RELEASE_NS}.svc");
         leaf(dir, "serving", &serving, &svc_dns, Some(&svc_dns), server);
 
-        // An address the aggregator may dial (not loopback), apart from
-        // the ones e2e/tests/gateway.rs picks.
-        let n = (pid % 200) as u8 + 20;
-        let local = LocalAddr::create(
-            &format!("wcl{}", pid % 100_000),
-            Ipv4Addr::new(10, 253, n, 1),
-        )
-        .map_err(|e| format!("no private address: {e:#}"))?;
+        let local =
+            LocalAddr::create(link, ip).map_err(|e| format!("no private address: {e:#}"))?;
         let agent_listener = tokio::net::TcpListener::bind((local.ip, 0)).await.unwrap();
         let agent_addr = agent_listener.local_addr().unwrap();
         let agent = start_agent(agent_listener, dir).await;
@@ -448,6 +518,8 @@ impl Bed {
 
         let uid = capsule(&admin, "box", "Running").await;
         capsule(&admin, "nap", "Paused").await;
+        namespace(&admin, NS_B).await;
+        capsule_in(&admin, NS_B, "box", "Running").await;
         let guest = boot(&agent, agent_addr, dir, &uid).await;
 
         // The gateway as the chart's ServiceAccount, registered by an APIService.
@@ -498,16 +570,30 @@ impl Bed {
             },
         )
         .await;
+        let resources = cp
+            .kubectl_ok(
+                &["api-resources", "--api-group=subresources.wrenn.dev"],
+                None,
+            )
+            .unwrap();
+        assert!(!resources.contains("error"), "{resources}");
 
         let alice_kubeconfig = kubeconfig_in(&cp, "alice", &alice.token, Some(NS));
         let bob_kubeconfig = kubeconfig_in(&cp, "bob", &bob.token, None);
+        let alice = wrenn_e2e::client_from(&alice_kubeconfig).await.unwrap();
+        let bob = wrenn_e2e::client_from(&bob_kubeconfig).await.unwrap();
         Ok(Bed {
             _gateway: gateway,
             _guest: guest,
-            _agent: agent,
+            agent,
             admin,
             alice_kubeconfig,
             bob_kubeconfig,
+            alice,
+            bob,
+            uid,
+            gw_addr,
+            serving_ca: serving.pem(),
             _local: local,
             _certs: certs,
             cp,

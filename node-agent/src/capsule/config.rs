@@ -32,6 +32,19 @@ impl<M> Clone for Host<M> {
     }
 }
 
+impl Host<crate::vmm::FakeMachine> {
+    /// Fakes of the VMM, network and disks that record their calls: the
+    /// whole supervisor and gRPC service without a host, for tests and
+    /// benches.
+    pub fn fakes() -> Self {
+        Self {
+            machine: Arc::new(crate::vmm::FakeMachine::new()),
+            net: Arc::new(crate::network::FakeNet::new()),
+            store: Arc::new(crate::storage::FakeBlockStore::new()),
+        }
+    }
+}
+
 /// Supervisor settings.
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {

@@ -57,7 +57,7 @@ pub mod templates;
 mod tests;
 
 pub use crate::state::Layout;
-pub use api::{CapsuleApi, EventStream};
+pub use api::{ApiFuture, CapsuleApi, EventStream};
 pub use config::{GuestSettings, Host, HostFigures, SupervisorConfig};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{

@@ -49,16 +49,10 @@ pub struct TemplateDisk {
     pub digest: String,
 }
 
-/// Egress policy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Egress {
-    /// Anywhere the node allows.
-    Allow,
-    /// Nowhere.
-    Deny,
-    /// Only these CIDRs.
-    AllowList(Vec<String>),
-}
+/// Egress policy: the network module's own type, its CIDRs parsed once
+/// where they enter the agent (`server::convert::from_network`) and
+/// journaled as their text.
+pub use crate::network::EgressPolicy as Egress;
 
 /// vCPUs, RAM and disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,8 +343,8 @@ pub enum Error {
     Quarantined {
         /// UID.
         uid: String,
-        /// What recovery found.
-        why: String,
+        /// What recovery found (`JournalUnreadable`, `JournalNewerVersion`).
+        why: Reason,
     },
     /// A blocking task of the supervisor died.
     #[error("{what} of capsule {uid} was aborted")]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::api::{ApiFuture, CapsuleApi, EventStream};
 use super::config::{Host, SupervisorConfig};
 use super::files::{blocking, remove_dir};
-use super::ids::{disk_id, net_id, policy};
+use super::ids::{disk_id, net_id};
 use super::model::{CapsuleSpec, CapsuleView, Egress, Error, SnapshotInfo, State};
 use super::plan::{Decision, Op, plan_op};
 use super::record::{Record, wrong};
@@ -121,6 +121,13 @@ impl<M: Machine + 'static> Supervisor<M> {
         &self.cx.cfg().metrics
     }
 
+    /// Resolves once the journal's writer thread is gone (see
+    /// `state::GroupCommit::ended`): the agent watches it as one of its
+    /// background tasks.
+    pub fn journal_writer_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.cx.journal_writer_ended()
+    }
+
     /// Ends every event watch and stops every background task (crash
     /// watchers). Capsules keep running: this is what an agent exit does to
     /// the supervisor.
@@ -201,7 +208,6 @@ impl<M: Machine + 'static> Supervisor<M> {
         }
         net_id(uid)?;
         disk_id(uid)?;
-        policy(&spec.egress)?;
         self.refuse_quarantined(uid)?;
         let token = GuestToken::generate().map_err(|source| Error::Files {
             action: "read a guest token from",
@@ -270,7 +276,7 @@ impl<M: Machine + 'static> Supervisor<M> {
         match self.cx.quarantine().get(uid) {
             Some(q) => Err(Error::Quarantined {
                 uid: uid.to_string(),
-                why: q.reason.as_str().to_string(),
+                why: q.reason.reason(),
             }),
             None => Ok(()),
         }
@@ -480,7 +486,6 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// when the network is made again. The same policy: no-op.
     #[tracing::instrument(skip_all, fields(capsule = %uid, step = "update_network"))]
     pub async fn update_network(&self, uid: &str, egress: Egress) -> Result<CapsuleView, Error> {
-        policy(&egress)?;
         self.run(
             uid,
             "update network",

@@ -22,6 +22,9 @@
 //! is what the template will hold) and the number of entries. A file is
 //! written with holes where its data is zeros, so a sparse entry within
 //! the limits never costs its declared size in disk blocks.
+//!
+//! Why this file is long: 872 lines of code and 382 of unit tests kept beside
+//! the code they check.
 
 use std::cell::RefCell;
 use std::collections::HashSet;

@@ -8,6 +8,9 @@
 //! moved during the point's interval (summed when downsampled). Rates come
 //! from the monotonic clock the caller passes, so a wall-clock jump never
 //! produces a spike; wall time only places points on the time axis.
+//!
+//! Why this file is long: 504 lines of code and 276 of unit tests kept beside
+//! the code they check.
 
 use std::time::Duration;
 

@@ -153,6 +153,21 @@ impl FromStr for Cidr {
     }
 }
 
+/// Written as its text (`198.51.100.0/24`), read back through [`FromStr`]:
+/// a record holding anything else does not decode.
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Which host-side addresses slots get. Both ranges must be `/16`s that
 /// nothing else on the node uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -340,5 +355,25 @@ mod tests {
             "0.0.0.0/0".parse::<Cidr>().unwrap().netmask(),
             Ipv4Addr::UNSPECIFIED
         );
+    }
+
+    #[test]
+    fn a_policy_is_journaled_as_cidr_text_and_only_valid_text_reads_back() {
+        use super::super::EgressPolicy;
+        let listed = EgressPolicy::AllowList(vec!["198.51.100.0/24".parse().unwrap()]);
+        let text = serde_json::to_string(&listed).unwrap();
+        assert_eq!(text, r#"{"AllowList":["198.51.100.0/24"]}"#);
+        assert_eq!(serde_json::from_str::<EgressPolicy>(&text).unwrap(), listed);
+        assert_eq!(
+            serde_json::from_str::<EgressPolicy>(r#""Deny""#).unwrap(),
+            EgressPolicy::Deny
+        );
+        for bad in ["2001:db8::/32", "10.1.2.3/8", "nonsense"] {
+            let text = format!(r#"{{"AllowList":["{bad}"]}}"#);
+            assert!(
+                serde_json::from_str::<EgressPolicy>(&text).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

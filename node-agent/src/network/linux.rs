@@ -1,5 +1,8 @@
 //! [`LinuxNet`]: the real [`NetOps`], on netlink and nftables through
 //! `sys::net`. This file decides order and rollback; it makes no syscall.
+//!
+//! Why this file is long: the numbered setup and teardown steps with the undo
+//! recorded before each effect read top to bottom in one place.
 
 use std::collections::HashSet;
 use std::fs::File;

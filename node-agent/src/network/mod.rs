@@ -118,7 +118,9 @@ impl fmt::Display for CapsuleId {
 
 /// Where a capsule may send traffic through the uplink. Isolation from other
 /// capsules, the node and link-local metadata holds under every policy.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serialized (the capsule journal) as `"Allow"`, `"Deny"` or
+/// `{"AllowList": ["198.51.100.0/24", …]}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EgressPolicy {
     /// Anywhere the node's guard allows.
     #[default]

@@ -16,6 +16,9 @@
 //!   limits, the capsule's egress policy, and a drop of every frame from
 //!   the TAP whose source MAC is not the guest's. It dies with the namespace, so
 //!   it cannot leak; a policy change replaces it in one transaction.
+//!
+//! Why this file is long: 567 lines of code and 218 of unit tests kept beside
+//! the code they check.
 
 use std::fmt;
 use std::net::Ipv4Addr;

@@ -72,10 +72,7 @@ pub(super) async fn read_console(
 ) -> Result<Response<BoxStream<pb::ConsoleChunk>>, Status> {
     let req = req.into_inner();
     validate_uid(&req.uid)?;
-    let capsules = svc
-        .capsules
-        .clone()
-        .ok_or_else(|| super::not_yet("ReadConsole"))?;
+    let capsules = svc.capsules.clone();
     capsules.get(&req.uid).map_err(|e| to_status(&e))?;
     let root = svc
         .console_root

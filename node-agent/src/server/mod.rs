@@ -2,8 +2,9 @@
 //!
 //! It validates requests and converts between proto and domain types
 //! ([`convert`]); side effects belong to the capsule supervisor, reached
-//! through [`CapsuleApi`]. `GetMetrics` answers `UNIMPLEMENTED` until the
-//! metrics module is wired in.
+//! through [`CapsuleApi`]; `GetMetrics` reads the agent's sampled history.
+//! Both are required by [`AgentService::new`], so no wiring slip can leave
+//! an RPC answering `UNIMPLEMENTED`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -57,8 +58,8 @@ pub struct AgentIdentity {
 pub struct AgentService {
     identity: AgentIdentity,
     paths: NodePaths,
-    capsules: Option<Arc<dyn CapsuleApi>>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    capsules: Arc<dyn CapsuleApi>,
+    metrics: Arc<crate::metrics::Metrics>,
     activity: activity::Activity,
     vmm_cap: VmmCap,
     /// `--disk-quota`; `None`: a share of the state filesystem.
@@ -70,14 +71,20 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    /// A service answering for `identity`, reading node facts from `paths`.
-    /// Capsule RPCs need [`AgentService::with_capsules`].
-    pub fn new(identity: AgentIdentity, paths: NodePaths) -> Self {
+    /// A service answering for `identity`, reading node facts from `paths`,
+    /// serving capsule RPCs from `capsules` (the supervisor) and `GetMetrics`
+    /// from `metrics` (the agent's sampled history).
+    pub fn new(
+        identity: AgentIdentity,
+        paths: NodePaths,
+        capsules: Arc<dyn CapsuleApi>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             identity,
             paths,
-            capsules: None,
-            metrics: None,
+            capsules,
+            metrics,
             activity: activity::Activity::default(),
             vmm_cap: VmmCap::default(),
             disk_quota: None,
@@ -113,12 +120,6 @@ impl AgentService {
         self
     }
 
-    /// Serves capsule RPCs from `capsules` (the supervisor).
-    pub fn with_capsules(mut self, capsules: Arc<dyn CapsuleApi>) -> Self {
-        self.capsules = Some(capsules);
-        self
-    }
-
     /// A capsule as Get and List show it: the supervisor's view and the
     /// last data-plane call this service saw.
     fn shown(&self, view: &crate::capsule::CapsuleView) -> pb::Capsule {
@@ -133,16 +134,24 @@ impl AgentService {
         self
     }
 
-    /// Serves `GetMetrics` from the agent's sampled history.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
+    fn capsules(&self) -> &dyn CapsuleApi {
+        self.capsules.as_ref()
     }
 
-    fn capsules(&self) -> Result<&Arc<dyn CapsuleApi>, Status> {
-        self.capsules
-            .as_ref()
-            .ok_or_else(|| not_yet("capsule RPCs"))
+    /// A state change named by a `CapsuleRef` (pause, resume, suspend):
+    /// the UID checked at the edge, the capsule as it is afterwards.
+    async fn change(
+        &self,
+        req: Request<pb::CapsuleRef>,
+        op: impl for<'a> FnOnce(
+            &'a dyn CapsuleApi,
+            &'a str,
+        ) -> crate::capsule::ApiFuture<'a, crate::capsule::CapsuleView>,
+    ) -> Result<Response<pb::Capsule>, Status> {
+        let uid = req.into_inner().uid;
+        validate_uid(&uid)?;
+        let view = op(self.capsules(), &uid).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(to_capsule(&view)))
     }
 
     /// Where the data plane reaches `capsule`'s guest agent. Refuses with
@@ -150,7 +159,7 @@ impl AgentService {
     /// running (paused: "resume it first"), or its guest is not ready.
     pub async fn guest_endpoint(&self, capsule: &str) -> Result<GuestEndpoint, Status> {
         validate_uid(capsule)?;
-        let view = self.capsules()?.get(capsule).map_err(|e| to_status(&e))?;
+        let view = self.capsules().get(capsule).map_err(|e| to_status(&e))?;
         let refuse = |hint: &str| {
             Status::failed_precondition(format!("capsule {capsule} is {}; {hint}", view.state))
         };
@@ -209,7 +218,7 @@ impl NodeAgent for AgentService {
             .map_err(|e| Status::internal(format!("read node facts: {e}")))?;
         // One listing gives both what `free` subtracts and the UIDs that
         // tell the operator so: they cannot disagree.
-        let capsules = self.capsules.as_ref().map(|c| c.list()).unwrap_or_default();
+        let capsules = self.capsules.list();
         let held: Vec<(State, crate::capsule::Resources)> = capsules
             .iter()
             .map(|v| (v.state, v.spec.resources))
@@ -219,36 +228,24 @@ impl NodeAgent for AgentService {
             node_name: self.identity.node_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             kvm: facts.kvm,
-            vmm: self.identity.vmm.clone().or_else(|| {
-                self.capsules
-                    .as_ref()
-                    .map(|c| convert::to_vmm(&c.backend()))
-            }),
+            vmm: self
+                .identity
+                .vmm
+                .clone()
+                .or_else(|| Some(convert::to_vmm(&self.capsules.backend()))),
             cpu_model: facts.cpu_model,
             capacity: Some(to_resources(&offer.capacity)),
             free: Some(to_resources(&offer.free)),
-            templates: self
-                .capsules
-                .as_ref()
-                .map(|c| c.templates().into_iter().collect())
-                .unwrap_or_default(),
-            snapshots: self
-                .capsules
-                .as_ref()
-                .map(|c| c.snapshots())
-                .unwrap_or_default(),
+            templates: self.capsules.templates().into_iter().collect(),
+            snapshots: self.capsules.snapshots(),
             storage_backend: self.identity.storage_backend.clone(),
             held: capsules.into_iter().map(|v| v.uid).collect(),
             quarantined: self
                 .capsules
-                .as_ref()
-                .map(|c| {
-                    c.quarantined()
-                        .iter()
-                        .map(convert::to_quarantined)
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .quarantined()
+                .iter()
+                .map(convert::to_quarantined)
+                .collect(),
             disk_quota_bytes: crate::node::plan_quota(self.disk_quota, facts.disk_total),
             disk_quota_used_bytes: facts.quota_used,
         }))
@@ -267,7 +264,7 @@ impl NodeAgent for AgentService {
                 .await
                 .map_err(|e| Status::internal(format!("check the request: {e}")))??;
         let view = self
-            .capsules()?
+            .capsules()
             .create(&uid, spec, initial)
             .await
             .map_err(|e| to_status(&e))?;
@@ -280,7 +277,7 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::Capsule>, Status> {
         let uid = req.into_inner().uid;
         validate_uid(&uid)?;
-        let view = self.capsules()?.get(&uid).map_err(|e| to_status(&e))?;
+        let view = self.capsules().get(&uid).map_err(|e| to_status(&e))?;
         Ok(Response::new(self.shown(&view)))
     }
     #[tracing::instrument(skip_all)]
@@ -289,7 +286,7 @@ impl NodeAgent for AgentService {
         _: Request<pb::ListCapsulesRequest>,
     ) -> Result<Response<pb::ListCapsulesResponse>, Status> {
         let capsules = self
-            .capsules()?
+            .capsules()
             .list()
             .iter()
             .map(|v| self.shown(v))
@@ -304,7 +301,7 @@ impl NodeAgent for AgentService {
         let uid = req.into_inner().uid;
         validate_uid(&uid)?;
         let existed = self
-            .capsules()?
+            .capsules()
             .delete(&uid)
             .await
             .map_err(|e| to_status(&e))?;
@@ -316,42 +313,21 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let uid = req.into_inner().uid;
-        validate_uid(&uid)?;
-        let view = self
-            .capsules()?
-            .pause(&uid)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        self.change(req, |c, uid| c.pause(uid)).await
     }
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn resume_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let uid = req.into_inner().uid;
-        validate_uid(&uid)?;
-        let view = self
-            .capsules()?
-            .resume(&uid)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        self.change(req, |c, uid| c.resume(uid)).await
     }
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn suspend_capsule(
         &self,
         req: Request<pb::CapsuleRef>,
     ) -> Result<Response<pb::Capsule>, Status> {
-        let uid = req.into_inner().uid;
-        validate_uid(&uid)?;
-        let view = self
-            .capsules()?
-            .suspend(&uid)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(to_capsule(&view)))
+        self.change(req, |c, uid| c.suspend(uid)).await
     }
     #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
     async fn update_network(
@@ -362,7 +338,7 @@ impl NodeAgent for AgentService {
         validate_uid(&req.uid)?;
         let egress = convert::from_network(req.network.unwrap_or_default())?;
         let view = self
-            .capsules()?
+            .capsules()
             .update_network(&req.uid, egress)
             .await
             .map_err(|e| to_status(&e))?;
@@ -380,7 +356,7 @@ impl NodeAgent for AgentService {
             .map(|s| s.id)
             .ok_or_else(|| Status::invalid_argument("snapshot.id is required"))?;
         validate_snapshot_id(&id)?;
-        let caps = self.capsules()?;
+        let caps = self.capsules();
         let info = caps
             .snapshot(&req.uid, &id, req.memory)
             .await
@@ -403,7 +379,7 @@ impl NodeAgent for AgentService {
         let id = req.into_inner().id;
         validate_snapshot_id(&id)?;
         let existed = self
-            .capsules()?
+            .capsules()
             .delete_snapshot(&id)
             .await
             .map_err(|e| to_status(&e))?;
@@ -421,7 +397,7 @@ impl NodeAgent for AgentService {
             .await
             .map_err(|e| Status::internal(format!("check the request: {e}")))??;
         let state = self
-            .capsules()?
+            .capsules()
             .prepare_template(req)
             .await
             .map_err(|e| to_status(&e))?;
@@ -436,7 +412,7 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         use tokio_stream::StreamExt as _;
         use tokio_stream::wrappers::BroadcastStream;
-        let watch = self.capsules()?.watch(req.into_inner().after);
+        let watch = self.capsules().watch(req.into_inner().after);
         let backlog: Vec<Result<pb::Event, Status>> = watch
             .backlog
             .iter()
@@ -467,10 +443,7 @@ impl NodeAgent for AgentService {
         &self,
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
-        let Some(metrics) = &self.metrics else {
-            return Err(not_yet("GetMetrics"));
-        };
-        match metrics.get_metrics(req.get_ref()) {
+        match self.metrics.get_metrics(req.get_ref()) {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e @ crate::metrics::Error::UnknownCapsule { .. }) => {
                 Err(Status::not_found(e.to_string()))

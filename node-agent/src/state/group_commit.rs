@@ -5,6 +5,12 @@
 //! concurrent capsules share disk flushes and no fsync runs on a tokio
 //! worker. A record is acknowledged only once it is durable, so "journal
 //! before side effect" holds for every caller that awaits.
+//!
+//! The thread is one of the agent's watched background tasks:
+//! [`GroupCommit::ended`] resolves when it is gone, and `main` exits on it
+//! as on any other. Until then (and in tests, with no one watching) records
+//! are written one by one on a blocking thread, so a dead writer never
+//! turns a journal write into an error.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::Error;
 use super::journal::{Journal, encode};
@@ -58,17 +64,44 @@ pub struct GroupCommit {
     tx: Option<mpsc::Sender<Pending>>,
     journal: Journal,
     counters: Arc<Counters>,
+    /// Turns `true` when the writer thread is gone (or never started).
+    ended: watch::Receiver<bool>,
 }
+
+/// Owned by the writer thread: dropped when the thread ends, by return or
+/// panic, which tells [`GroupCommit::ended`].
+struct Alive(watch::Sender<bool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// What the writer thread runs.
+type Writer = fn(&Journal, &mpsc::Receiver<Pending>, &Counters);
 
 impl GroupCommit {
     /// Starts the writer thread for `journal`.
     pub fn start(journal: Journal) -> Self {
+        Self::start_with(journal, run)
+    }
+
+    /// Starts `writer` as the writer thread (tests give one that dies).
+    fn start_with(journal: Journal, writer: Writer) -> Self {
         let (tx, rx) = mpsc::channel::<Pending>();
         let counters = Arc::new(Counters::default());
+        let (alive, ended) = watch::channel(false);
+        let alive = Alive(alive);
         let (j, c) = (journal.clone(), counters.clone());
+        // When the spawn fails the closure, and `alive` with it, is
+        // dropped: `ended` shows that too.
         let started = std::thread::Builder::new()
             .name("wrenn-journal".into())
-            .spawn(move || run(&j, &rx, &c));
+            .spawn(move || {
+                let _alive = alive;
+                writer(&j, &rx, &c);
+            });
         let tx = match started {
             Ok(_) => Some(tx),
             Err(e) => {
@@ -83,6 +116,19 @@ impl GroupCommit {
             tx,
             journal,
             counters,
+            ended,
+        }
+    }
+
+    /// Resolves once the writer thread is gone (panicked, or never
+    /// started). The agent watches it with its other background tasks; it
+    /// holds no sender, so it does not keep the thread alive.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut ended = self.ended.clone();
+        async move {
+            // An error means the sender is gone, which happens only after
+            // it sent `true`.
+            let _ = ended.wait_for(|gone| *gone).await;
         }
     }
 
@@ -108,7 +154,7 @@ impl GroupCommit {
             Err(mpsc::SendError(p)) => p.body,
         };
         // A dead writer must not turn every later journal write into an
-        // error while the agent keeps running: each record is then
+        // error until the agent exits (`ended`): each record is then
         // written alone, as when the thread never started.
         tracing::error!(capsule = %uid, "the journal writer thread is gone; writing this record alone");
         self.write_alone(uid, body).await
@@ -268,9 +314,36 @@ mod tests {
             tx: Some(tx),
             journal: j.clone(),
             counters: Arc::default(),
+            ended: watch::channel(true).1,
         };
         gc.write("c1", &Rec { n: 7 }).await.unwrap();
         assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 7 }));
+    }
+
+    #[tokio::test]
+    async fn a_writer_thread_that_dies_is_seen_ended_and_records_stay_durable() {
+        use futures::FutureExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        // A healthy writer is not ended after it wrote.
+        let healthy = GroupCommit::start(j.clone());
+        healthy.write("c0", &Rec { n: 1 }).await.unwrap();
+        assert!(healthy.ended().now_or_never().is_none());
+
+        // One that panics on its first record.
+        fn dies(_: &Journal, rx: &mpsc::Receiver<Pending>, _: &Counters) {
+            let _first = rx.recv();
+            panic!("writer thread dies (test)");
+        }
+        let gc = GroupCommit::start_with(j.clone(), dies);
+        let ended = gc.ended();
+        gc.write("c1", &Rec { n: 7 }).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), ended)
+            .await
+            .expect("the writer's death is visible");
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 7 }));
+        gc.write("c1", &Rec { n: 8 }).await.unwrap();
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 8 }));
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@ use crate::error_chain as chain;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use wrenn_crds::reason::Reason;
+
 use super::Error;
 
 /// Why a capsule is quarantined.
@@ -28,11 +30,12 @@ pub enum QuarantineReason {
 }
 
 impl QuarantineReason {
-    /// CamelCase name, as `NodeInfo` and Events show it.
-    pub fn as_str(self) -> &'static str {
+    /// The reason `NodeInfo` and Events carry (one spelling, in
+    /// `wrenn_crds::reason`).
+    pub fn reason(self) -> Reason {
         match self {
-            QuarantineReason::Unreadable => "JournalUnreadable",
-            QuarantineReason::NewerVersion => "JournalNewerVersion",
+            QuarantineReason::Unreadable => Reason::JournalUnreadable,
+            QuarantineReason::NewerVersion => Reason::JournalNewerVersion,
         }
     }
 }

@@ -23,6 +23,10 @@
 //! with the parent, which is safe to read once `clone` returns because
 //! `CLONE_VFORK` resumes the parent only after the child has exec'd or
 //! exited.
+//!
+//! Why this file is long: the spawn sequence (namespaces, cgroup, descriptors,
+//! exec) reads top to bottom in one place, each `unsafe` step with its SAFETY
+//! note; its tests are the last tenth.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsStr};

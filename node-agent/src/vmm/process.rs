@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Error;
 use super::cgroup::{CapsuleCgroup, CgroupLimits, CgroupRoot};
-use super::ch::events::{EventFile, EventKind};
 use crate::sys::process::{self as sys, ExitStatus, Pidfd};
 
 /// Host locations, passed in.
@@ -412,29 +411,9 @@ impl VmmProcess {
         }
     }
 
-    /// Waits for the exit and classifies it with the events in
-    /// `event_file` (the VMM's `--event-monitor` file).
-    pub async fn watch(&self, event_file: &Path) -> Result<VmmExit, Error> {
-        let status = self.wait().await?;
-        let mut events = EventFile::new(event_file);
-        let read = events
-            .read_new()
-            .await
-            .map_err(|source| Error::ReadEvents {
-                capsule: self.capsule.clone(),
-                path: event_file.to_path_buf(),
-                source,
-            })?;
-        let kinds: Vec<EventKind> = read
-            .into_iter()
-            .filter_map(Result::ok)
-            .map(|e| e.kind())
-            .collect();
-        Ok(classify_exit(
-            status,
-            &kinds,
-            self.stop_requested.load(Ordering::SeqCst),
-        ))
+    /// The capsule this VMM runs.
+    pub fn capsule(&self) -> &str {
+        &self.capsule
     }
 
     /// Stops the VMM: SIGTERM, then SIGKILL after `grace`; waits for it and
@@ -480,11 +459,12 @@ pub enum VmmExit {
     Crashed(ExitStatus),
 }
 
-/// Classifies an exit from its status, the events CH wrote and whether the
-/// agent requested it. Exit code 0 is CH's orderly path; the event confirms
-/// it when the status is unknown (adopted process, not our child).
-pub fn classify_exit(status: ExitStatus, events: &[EventKind], requested: bool) -> VmmExit {
-    let orderly = events.contains(&EventKind::VmmShutdown);
+/// Classifies an exit from its status, whether the VMM reported an orderly
+/// shutdown (Cloud Hypervisor's `vmm/shutdown` event, read by
+/// `ch::events::watch_exit`) and whether the agent requested it. Exit code
+/// 0 is the orderly path; the event confirms it when the status is unknown
+/// (adopted process, not our child).
+pub fn classify_exit(status: ExitStatus, orderly: bool, requested: bool) -> VmmExit {
     match status {
         _ if requested
             && !matches!(
@@ -536,13 +516,13 @@ mod tests {
 
     #[test]
     fn poweroff_versus_crash() {
-        use EventKind::*;
+        // `orderly`: the VMM reported its own shutdown.
         assert_eq!(
-            classify_exit(ExitStatus::Exited(0), &[VmBooted, VmmShutdown], false),
+            classify_exit(ExitStatus::Exited(0), true, false),
             VmmExit::GuestPoweroff
         );
         assert_eq!(
-            classify_exit(ExitStatus::Exited(1), &[VmBooted], false),
+            classify_exit(ExitStatus::Exited(1), false, false),
             VmmExit::Crashed(ExitStatus::Exited(1))
         );
         let sigsys = ExitStatus::Signaled {
@@ -550,21 +530,21 @@ mod tests {
             core_dumped: false,
         };
         assert_eq!(
-            classify_exit(sigsys, &[VmBooted], false),
+            classify_exit(sigsys, false, false),
             VmmExit::Crashed(sigsys)
         );
         assert_eq!(
-            classify_exit(ExitStatus::Unknown, &[VmmShutdown], false),
+            classify_exit(ExitStatus::Unknown, true, false),
             VmmExit::GuestPoweroff
         );
         assert_eq!(
-            classify_exit(ExitStatus::Unknown, &[VmBooted], false),
+            classify_exit(ExitStatus::Unknown, false, false),
             VmmExit::Crashed(ExitStatus::Unknown)
         );
         let term = ExitStatus::Signaled {
             signal: libc::SIGTERM,
             core_dumped: false,
         };
-        assert_eq!(classify_exit(term, &[], true), VmmExit::Requested);
+        assert_eq!(classify_exit(term, false, true), VmmExit::Requested);
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::stream::StreamExt;
 use tokio::sync::broadcast;
+use wrenn_crds::reason::Reason;
 use wrenn_proto::agent::v1 as pb;
 
 use super::{Call, Connector, Error, Events, NodeAgent};
@@ -155,7 +156,7 @@ impl FakeNodeAgent {
 
     /// Reports `uid` as quarantined in `NodeInfo`, as an agent that found
     /// its journal unreadable at start-up does.
-    pub fn quarantine(&self, uid: &str, reason: &str, message: &str) {
+    pub fn quarantine(&self, uid: &str, reason: Reason, message: &str) {
         lock(&self.state).quarantined.push(pb::QuarantinedCapsule {
             uid: uid.into(),
             reason: reason.into(),

@@ -53,7 +53,7 @@ pub struct NodeInfoResponse {
 pub struct QuarantinedCapsule {
     #[prost(string, tag = "1")]
     pub uid: ::prost::alloc::string::String,
-    /// "JournalUnreadable" or "JournalNewerVersion".
+    /// wrenn_crds::reason::Reason: JournalUnreadable or JournalNewerVersion.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
     /// What the agent found, for the admin.

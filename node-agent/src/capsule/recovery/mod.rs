@@ -157,7 +157,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
         match verdict {
             Verdict::Use(rec) => recover_one(shared, rec, &mut report).await,
             Verdict::Quarantine(q) => {
-                tracing::warn!(capsule = %q.uid, reason = q.reason.as_str(), detail = %q.message, "capsule quarantined: its journal is not usable; nothing of it is touched until an admin releases it");
+                tracing::warn!(capsule = %q.uid, reason = q.reason.reason().as_str(), detail = %q.message, "capsule quarantined: its journal is not usable; nothing of it is touched until an admin releases it");
                 report.quarantined.push(q.clone());
                 shared.quarantine().insert(q);
             }

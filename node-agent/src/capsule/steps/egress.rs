@@ -7,7 +7,7 @@
 
 use super::Ctx;
 use crate::capsule::files::blocking;
-use crate::capsule::ids::{net_id, policy};
+use crate::capsule::ids::net_id;
 use crate::capsule::model::{Egress, Error, State};
 use crate::capsule::plan::{Decision, Op, plan_op};
 use crate::capsule::record::Record;
@@ -51,7 +51,7 @@ impl<M: Machine + 'static> Ctx<M> {
 
     /// Loads `rec`'s journaled policy into its capsule table.
     pub(crate) async fn apply_egress(&self, rec: &Record) -> Result<(), Error> {
-        let pol = policy(&rec.spec.egress)?;
+        let pol = rec.spec.egress.clone();
         let net = self.host.net.clone();
         let uid = rec.uid.clone();
         blocking(&rec.uid, "update egress", move || {
@@ -121,7 +121,7 @@ mod tests {
     }
 
     fn listed() -> Egress {
-        Egress::AllowList(vec!["203.0.113.0/24".into()])
+        Egress::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
     }
 
     #[tokio::test]
@@ -171,15 +171,9 @@ mod tests {
         assert_eq!(v.spec.egress, Egress::Allow);
         assert_eq!(v.reason, "NetworkFailed");
         assert_eq!(journaled(&b, "c1"), Egress::Allow);
-        // A bad CIDR never reaches the host.
-        let before = b.net.calls().len();
-        assert!(matches!(
-            b.sup
-                .update_network("c1", Egress::AllowList(vec!["2001:db8::/32".into()]))
-                .await,
-            Err(Error::InvalidSpec { .. })
-        ));
-        assert_eq!(b.net.calls().len(), before);
+        // A bad CIDR cannot reach the host: it is refused where it enters
+        // the agent (`server::convert::from_network`) and no `Egress` holds
+        // one (`network::addr`'s serde test).
     }
 
     #[tokio::test]

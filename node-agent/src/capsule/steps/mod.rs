@@ -165,6 +165,11 @@ impl<M> Ctx<M> {
         self.commits.stats()
     }
 
+    /// Resolves once the journal writer thread is gone.
+    pub(crate) fn journal_writer_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.commits.ended()
+    }
+
     /// Updates the view (and publishes) without journaling: for states
     /// that only exist in memory and for the final view of a gone capsule.
     pub(crate) fn show(&self, entry: &Entry, rec: &Record) {

@@ -5,7 +5,7 @@
 
 use super::Ctx;
 use crate::capsule::files::blocking;
-use crate::capsule::ids::{disk_id, net_id, policy};
+use crate::capsule::ids::{disk_id, net_id};
 use crate::capsule::model::Error;
 use crate::capsule::record::{NetAddr, Record};
 use crate::capsule::registry::Entry;
@@ -104,7 +104,7 @@ impl<M: Machine + 'static> Ctx<M> {
         }
         let net = self.host.net.clone();
         let id = net_id(&uid)?;
-        let pol = policy(&rec.spec.egress)?;
+        let pol = rec.spec.egress.clone();
         let u = uid.clone();
         let capsule_net = blocking(&uid, "set up network", move || {
             let n = net.setup(&id, &pol).map_err(|source| Error::Network {

@@ -14,6 +14,9 @@
 //! Longer than our other files on purpose: it mirrors CH's config and
 //! endpoint list one type each, and reads best as one table beside
 //! `vm_config.rs`.
+//!
+//! Why this file is long: one type per Cloud Hypervisor endpoint with its
+//! request and response bodies, the whole typed API in one place.
 
 use std::collections::BTreeMap;
 use std::fmt;

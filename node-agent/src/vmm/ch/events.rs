@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use crate::vmm::Error;
+use crate::vmm::process::{VmmExit, VmmProcess, classify_exit};
+
 /// Time since VMM start (a serde `Duration`), not wall-clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct EventTimestamp {
@@ -237,6 +240,27 @@ impl EventFile {
             tokio::time::sleep(poll).await;
         }
     }
+}
+
+/// Waits for `process` to exit and classifies it
+/// ([`classify_exit`](crate::vmm::process::classify_exit)) with the events
+/// Cloud Hypervisor wrote to `event_file` (its `--event-monitor` file): a
+/// `vmm/shutdown` among them is an orderly exit.
+pub async fn watch_exit(process: &VmmProcess, event_file: &Path) -> Result<VmmExit, Error> {
+    let status = process.wait().await?;
+    let read = EventFile::new(event_file)
+        .read_new()
+        .await
+        .map_err(|source| Error::ReadEvents {
+            capsule: process.capsule().to_string(),
+            path: event_file.to_path_buf(),
+            source,
+        })?;
+    let orderly = read
+        .into_iter()
+        .filter_map(Result::ok)
+        .any(|e| e.kind() == EventKind::VmmShutdown);
+    Ok(classify_exit(status, orderly, process.stop_was_requested()))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::api::{RestoreConfig, VmState, build_file_url};
 use super::config::{build_machine_config, build_net_config};
 use super::restore::{remove_staged, stage_restore};
 use super::vmm::{ChVmm, StartSpec, VmmHandle};
-use crate::vmm::error::Error;
+use crate::vmm::Error;
 use crate::vmm::machine::{
     BackendInfo, BackendKind, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };

@@ -22,7 +22,7 @@ pub use api::{Action, CallClass, Endpoint, endpoint};
 pub use client::{ChClient, Timeouts};
 pub use config::{build_machine_config, build_net_config};
 pub use error::{ApiError, ErrorKind};
-pub use events::{Event, EventFile, EventKind, EventParser};
+pub use events::{Event, EventFile, EventKind, EventParser, watch_exit};
 pub use machine::ChMachine;
 pub use version::ChVersion;
 pub use vmm::{ChVmm, StartSpec, VmmHandle, build_ch_args};

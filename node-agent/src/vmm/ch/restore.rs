@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::api::ImageType;
 use super::config::build_machine_config;
-use crate::vmm::error::Error;
+use crate::vmm::Error;
 use crate::vmm::machine::MachineSpec;
 
 /// The staged directory's name inside the run dir.

@@ -23,8 +23,8 @@ use super::api::{
 use super::client::{ChClient, Timeouts};
 use super::error::ErrorKind;
 use super::version::ChVersion;
+use crate::vmm::Error;
 use crate::vmm::cgroup::{CgroupLimits, CgroupRoot};
-use crate::vmm::error::Error;
 use crate::vmm::process::{
     self, Confine, HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess,
 };
@@ -369,6 +369,6 @@ impl ChVmm {
                 vm.process,
             )?),
         };
-        proc.watch(&vm.event_file).await
+        super::events::watch_exit(&proc, &vm.event_file).await
     }
 }

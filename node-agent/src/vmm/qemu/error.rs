@@ -130,7 +130,7 @@ pub enum QemuError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::error::Error;
+    use crate::vmm::Error;
 
     #[test]
     fn the_chain_reads_as_one_sentence_with_the_cause_last() {

@@ -19,8 +19,8 @@ use super::qmp::{self, Qmp};
 use super::shape::{MACHINE_FILE, read_shape, shape_of, write_shape};
 use super::stream;
 use super::vsock;
+use crate::vmm::Error;
 use crate::vmm::cgroup::CgroupRoot;
-use crate::vmm::error::Error;
 use crate::vmm::machine::{
     BackendInfo, BackendKind, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };
@@ -438,7 +438,7 @@ impl Machine for QemuMachine {
         let (qemu, _) = self.procs.procs_of(vm)?;
         let status = qemu.wait().await?;
         let requested = qemu.stop_was_requested();
-        Ok(process::classify_exit(status, &[], requested))
+        Ok(process::classify_exit(status, false, requested))
     }
 
     /// Waits until QEMU reports the vsock's vhost backend started (see

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::error::QemuError;
 use super::qmp::{self, Qmp};
 use super::stream::{self, Transfer};
-use crate::vmm::error::Error;
+use crate::vmm::Error;
 
 /// How long a migration of `memory_bytes` of guest RAM may take.
 pub(super) fn timeout(per_gib: Duration, memory_bytes: u64) -> Duration {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::qmp::{self, Qmp};
-use crate::vmm::error::Error;
+use crate::vmm::Error;
 
 /// How QEMU runs guests on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::error::QemuError;
-use crate::vmm::error::Error;
+use crate::vmm::Error;
 use crate::vmm::machine::MachineSpec;
 
 /// What the snapshot was taken with, checked on restore.

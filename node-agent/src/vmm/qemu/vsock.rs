@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::args::{VSOCK_PORT_ID, run_dir};
 use super::error::QemuError;
 use super::qmp::{self, Qmp, QmpError};
-use crate::vmm::error::Error;
+use crate::vmm::Error;
 use crate::vmm::machine::MachineHandle;
 use crate::vmm::process::ProcessIdentity;
 

@@ -1,0 +1,447 @@
+//! Tests of the proto ↔ domain conversions: what the edge refuses and
+//! what round-trips.
+
+use super::*;
+
+/// An image directory with a root disk, a kernel, an OCI layout
+/// directory and an archive, as a node admin would fill it.
+struct Dirs {
+    _root: tempfile::TempDir,
+    dir: PathBuf,
+    dirs: ImageDirs,
+}
+
+fn dirs() -> Dirs {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("images");
+    std::fs::create_dir_all(dir.join("kernels")).unwrap();
+    std::fs::create_dir_all(dir.join("base")).unwrap();
+    std::fs::write(dir.join("base.ext4"), b"ext4").unwrap();
+    std::fs::write(dir.join("kernels/vmlinux"), b"k").unwrap();
+    std::fs::write(dir.join("a.tar"), b"tar").unwrap();
+    let dirs = ImageDirs::new(std::slice::from_ref(&dir), &root.path().join("state")).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    Dirs {
+        _root: root,
+        dir,
+        dirs,
+    }
+}
+
+fn prepare() -> pb::PrepareTemplateRequest {
+    pb::PrepareTemplateRequest {
+        disk: Some(pb::TemplateDisk {
+            key: "ns/web@sha256:1".into(),
+            disk: Some(pb::template_disk::Disk::OciReference(
+                "registry.example/web:1".into(),
+            )),
+            digest: String::new(),
+            disk_bytes: 0,
+        }),
+        warm: Some(pb::WarmBuild {
+            snapshot_id: "warm-ns-web-1".into(),
+            resources: Some(pb::Resources {
+                vcpus: 1,
+                memory_bytes: 256 << 20,
+                disk_bytes: 1 << 30,
+            }),
+            env: Default::default(),
+            start_command: vec!["/srv/app".into()],
+            readiness: Some(pb::warm_build::Readiness::TcpPort(8080)),
+            timeout_seconds: 0,
+        }),
+        kernel_path: String::new(),
+        kernel_cmdline: String::new(),
+        retry: false,
+    }
+}
+
+#[test]
+fn prepare_requests_take_defaults_and_refuse_what_cannot_build() {
+    let d = dirs();
+    let ok = from_prepare(prepare(), &d.dirs).unwrap();
+    // The image is built at the warm shape's disk size, the timeout
+    // defaults to 300 s.
+    assert_eq!(ok.disk_bytes, 1 << 30);
+    let warm = ok.warm.unwrap();
+    assert_eq!(warm.timeout, DEFAULT_WARM_TIMEOUT);
+    assert_eq!(warm.readiness, Readiness::TcpPort(8080));
+    let refused = |edit: fn(&mut pb::PrepareTemplateRequest), needle: &str| {
+        let mut r = prepare();
+        edit(&mut r);
+        let e = from_prepare(r, &d.dirs).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    };
+    refused(|r| r.disk = None, "disk is required");
+    refused(
+        |r| r.disk.as_mut().unwrap().key.clear(),
+        "disk.key is required",
+    );
+    refused(
+        |r| {
+            r.disk.as_mut().unwrap().disk = Some(pb::template_disk::Disk::RootfsUrl(
+                "https://x/r.ext4".into(),
+            ))
+        },
+        "does not download",
+    );
+    refused(
+        |r| r.warm.as_mut().unwrap().start_command.clear(),
+        "start_command",
+    );
+    refused(
+        |r| r.warm.as_mut().unwrap().snapshot_id = "../etc".into(),
+        "snapshot id",
+    );
+    refused(|r| r.warm.as_mut().unwrap().readiness = None, "readiness");
+    refused(
+        |r| r.warm.as_mut().unwrap().readiness = Some(pb::warm_build::Readiness::TcpPort(0)),
+        "tcp_port",
+    );
+    refused(
+        |r| {
+            r.warm.as_mut().unwrap().readiness =
+                Some(pb::warm_build::Readiness::Exec(pb::ExecProbe {
+                    argv: vec![],
+                }))
+        },
+        "exec.argv",
+    );
+    refused(
+        |r| r.warm.as_mut().unwrap().resources = None,
+        "warm.resources",
+    );
+    refused(
+        |r| {
+            r.warm = None;
+        },
+        "disk_bytes",
+    );
+    refused(|r| r.kernel_path = "/boot/vmlinuz".into(), "kernel_path");
+    refused(|r| r.kernel_path = "../vmlinux".into(), "kernel_path");
+    refused(
+        |r| r.kernel_cmdline = "rdinit=/bin/sh".into(),
+        "\"rdinit=/bin/sh\"",
+    );
+    refused(
+        |r| {
+            r.disk.as_mut().unwrap().disk =
+                Some(pb::template_disk::Disk::RootfsPath("/dev/vda".into()))
+        },
+        "disk.rootfs_path",
+    );
+    let mut with_kernel = prepare();
+    with_kernel.kernel_path = "kernels/vmlinux".into();
+    with_kernel.kernel_cmdline = "quiet console=hvc0".into();
+    let ok = from_prepare(with_kernel, &d.dirs).unwrap();
+    assert_eq!(ok.kernel, Some(d.dir.join("kernels/vmlinux")));
+    assert_eq!(ok.cmdline, "quiet console=hvc0");
+    // A root disk alone needs no warm part.
+    let mut disk_only = prepare();
+    disk_only.warm = None;
+    disk_only.disk.as_mut().unwrap().disk_bytes = 1 << 30;
+    assert!(from_prepare(disk_only, &d.dirs).unwrap().warm.is_none());
+}
+
+fn request() -> pb::CreateCapsuleRequest {
+    pb::CreateCapsuleRequest {
+        uid: "3f2a9c1e-77b0".into(),
+        spec: Some(pb::CapsuleSpec {
+            namespace: "ns".into(),
+            name: "web".into(),
+            source: Some(pb::BootSource {
+                source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
+                    key: "ns/base@sha256:1".into(),
+                    disk: Some(pb::template_disk::Disk::RootfsPath("base.ext4".into())),
+                    digest: "sha256:1".into(),
+                    disk_bytes: 1 << 30,
+                })),
+            }),
+            resources: Some(pb::Resources {
+                vcpus: 2,
+                memory_bytes: 512 << 20,
+                disk_bytes: 1 << 30,
+            }),
+            kernel_path: String::new(),
+            kernel_cmdline: "quiet".into(),
+            env: [("A".to_string(), "1".to_string())].into(),
+            network: Some(pb::NetworkPolicy {
+                egress: pb::Egress::Deny as i32,
+                allow_cidrs: vec!["198.51.100.0/24".into()],
+                ports: vec![],
+            }),
+        }),
+        initial_state: 0,
+    }
+}
+
+#[test]
+fn the_guest_token_never_reaches_the_wire() {
+    let (uid, spec, _) = from_create(request(), &dirs().dirs).unwrap();
+    let mut rec = crate::capsule::Record::new(&uid, &spec);
+    let token = crate::guest::GuestToken::generate().unwrap();
+    rec.guest_token = Some(token.clone());
+    let view = rec.view(&BackendInfo {
+        kind: crate::vmm::BackendKind::CloudHypervisor,
+        version: "v1".into(),
+        accelerated: true,
+    });
+    assert_eq!(view.guest_token.as_ref(), Some(&token));
+    let event = Event {
+        sequence: 1,
+        kind: EventKind::StateChanged,
+        capsule: Some(view.clone()),
+        unix_nanos: 0,
+    };
+    for shown in [
+        format!("{:?}", to_capsule(&view)),
+        format!("{:?}", to_event(&event)),
+        format!("{view:?}"),
+        format!("{rec:?}"),
+    ] {
+        assert!(!shown.contains(token.expose()), "token shown: {shown}");
+    }
+}
+
+#[test]
+fn spec_converts_with_node_files_resolved() {
+    let d = dirs();
+    let mut req = request();
+    req.spec.as_mut().unwrap().kernel_path = "kernels/vmlinux".into();
+    let (uid, spec, initial) = from_create(req, &d.dirs).unwrap();
+    assert_eq!((uid.as_str(), initial), ("3f2a9c1e-77b0", State::Running));
+    assert_eq!(
+        spec.egress,
+        Egress::AllowList(vec!["198.51.100.0/24".parse().unwrap()])
+    );
+    assert_eq!(spec.kernel, Some(d.dir.join("kernels/vmlinux")));
+    let BootSource::Template(t) = &spec.source else {
+        panic!("{spec:?}")
+    };
+    assert_eq!(t.rootfs, d.dir.join("base.ext4"));
+    // Shown back with the resolved paths; everything else as sent.
+    let shown = to_spec(&spec);
+    assert_eq!(
+        shown.kernel_path,
+        d.dir.join("kernels/vmlinux").display().to_string()
+    );
+    assert_eq!(shown.kernel_cmdline, "quiet");
+    assert_eq!(shown.env, request().spec.unwrap().env);
+    let net = shown.network.unwrap();
+    assert_eq!(
+        (net.egress, net.allow_cidrs),
+        (pb::Egress::Deny as i32, vec!["198.51.100.0/24".to_string()])
+    );
+}
+
+#[test]
+fn deny_with_cidrs_allows_exactly_those_and_allow_with_cidrs_is_refused() {
+    let net = |egress: pb::Egress, cidrs: &[&str]| pb::NetworkPolicy {
+        egress: egress as i32,
+        allow_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+        ports: vec![],
+    };
+    assert_eq!(
+        from_network(net(pb::Egress::Deny, &["203.0.113.0/24"])).unwrap(),
+        Egress::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
+    );
+    assert_eq!(
+        from_network(net(pb::Egress::Deny, &[])).unwrap(),
+        Egress::Deny
+    );
+    assert_eq!(
+        from_network(net(pb::Egress::Unspecified, &[])).unwrap(),
+        Egress::Allow
+    );
+    let e = from_network(net(pb::Egress::Allow, &["203.0.113.0/24"])).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("only with egress DENY"), "{e:?}");
+    let e = from_network(net(pb::Egress::Deny, &["2001:db8::/32"])).unwrap_err();
+    assert!(e.message().contains("IPv4 only"), "{e:?}");
+    for (listed, inside) in [
+        ("10.20.0.0/16", "10.0.0.0/8"),
+        ("192.168.1.0/24", "192.168.0.0/16"),
+        ("169.254.169.254/32", "169.254.0.0/16"),
+        ("168.63.129.16/32", "168.63.129.16/32"),
+    ] {
+        let e = from_network(net(pb::Egress::Deny, &["203.0.113.0/24", listed])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains(&format!("lies inside {inside}")),
+            "{e:?}"
+        );
+    }
+    // Wider than a blocked range is fine: the rest of it is reachable.
+    assert_eq!(
+        from_network(net(pb::Egress::Deny, &["0.0.0.0/0"])).unwrap(),
+        Egress::AllowList(vec!["0.0.0.0/0".parse().unwrap()])
+    );
+}
+
+type Mutation = Box<dyn Fn(&mut pb::CreateCapsuleRequest)>;
+
+fn set_disk(r: &mut pb::CreateCapsuleRequest, disk: pb::template_disk::Disk) {
+    let source = r.spec.as_mut().unwrap().source.as_mut().unwrap();
+    if let Some(pb::boot_source::Source::Template(t)) = source.source.as_mut() {
+        t.disk = Some(disk);
+    }
+}
+
+#[test]
+fn image_and_snapshot_sources_round_trip() {
+    let d = dirs();
+    for disk in [
+        pb::template_disk::Disk::OciReference("oci:base:v1".into()),
+        pb::template_disk::Disk::OciReference("docker-archive:a.tar".into()),
+        pb::template_disk::Disk::OciReference("ghcr.io/wrenn/base:1".into()),
+    ] {
+        let mut r = request();
+        set_disk(&mut r, disk);
+        let (_, spec, _) = from_create(r, &d.dirs).unwrap();
+        assert!(matches!(spec.source, BootSource::Image(_)), "{spec:?}");
+        assert_eq!(from_spec(to_spec(&spec), &d.dirs).unwrap(), spec);
+    }
+    let mut r = request();
+    r.spec.as_mut().unwrap().source = Some(pb::BootSource {
+        source: Some(pb::boot_source::Source::Snapshot(pb::SnapshotRef {
+            id: "snap-1".into(),
+        })),
+    });
+    let (_, spec, _) = from_create(r, &d.dirs).unwrap();
+    assert_eq!(
+        spec.source,
+        BootSource::Snapshot {
+            id: "snap-1".into()
+        }
+    );
+    assert_eq!(from_spec(to_spec(&spec), &d.dirs).unwrap(), spec);
+    assert_eq!(
+        to_status(&Error::SnapshotNotFound { id: "s".into() }).code(),
+        tonic::Code::NotFound
+    );
+    let image = |source| Error::Image {
+        uid: "c1".into(),
+        reference: "oci:img".into(),
+        source: Box::new(source),
+    };
+    let hostile = to_status(&image(crate::images::Error::UnsafeEntry {
+        layer: "sha256:1".into(),
+        entry: "dev/sda".into(),
+        why: "device node".into(),
+    }));
+    assert_eq!(hostile.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        hostile.message(),
+        "build template disk of capsule c1 from oci:img: \
+         refuse entry \"dev/sda\" of layer sha256:1: device node"
+    );
+    let busy = to_status(&image(crate::images::Error::Lock {
+        path: "/l".into(),
+        source: std::io::ErrorKind::WouldBlock.into(),
+    }));
+    assert_eq!(busy.code(), tonic::Code::Unavailable);
+}
+
+#[test]
+fn bad_requests_name_the_field() {
+    let cases: Vec<(Mutation, &str)> = vec![
+        (Box::new(|r| r.uid = "Bad/Uid".into()), "uid"),
+        (Box::new(|r| r.spec = None), "spec is required"),
+        (
+            Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsPath("/dev/vda".into()))),
+            "absolute paths are not allowed",
+        ),
+        (
+            Box::new(|r| r.spec.as_mut().unwrap().resources.as_mut().unwrap().vcpus = 0),
+            "vcpus",
+        ),
+        (
+            Box::new(|r| {
+                r.spec
+                    .as_mut()
+                    .unwrap()
+                    .network
+                    .as_mut()
+                    .unwrap()
+                    .allow_cidrs = vec!["300.1.1.1/8".into()]
+            }),
+            "allow_cidrs",
+        ),
+        (
+            Box::new(|r| r.spec.as_mut().unwrap().kernel_path = "/boot/vmlinux".into()),
+            "spec.kernel_path",
+        ),
+        (
+            Box::new(|r| r.spec.as_mut().unwrap().kernel_cmdline = "quiet -- x".into()),
+            "\"--\"",
+        ),
+        (
+            Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsPath("../x".into()))),
+            "rootfs_path",
+        ),
+        (
+            Box::new(|r| set_disk(r, pb::template_disk::Disk::OciReference("/srv/img".into()))),
+            "oci_reference",
+        ),
+        (Box::new(|r| r.initial_state = 9), "initial_state"),
+        (
+            Box::new(|r| {
+                set_disk(
+                    r,
+                    pb::template_disk::Disk::OciReference("oci:/srv/img".into()),
+                )
+            }),
+            "oci_reference",
+        ),
+        (
+            Box::new(|r| set_disk(r, pb::template_disk::Disk::RootfsUrl("https://x/r".into()))),
+            "use rootfs_path",
+        ),
+        (
+            Box::new(|r| {
+                set_disk(r, pb::template_disk::Disk::OciReference("alpine:3".into()));
+                r.spec
+                    .as_mut()
+                    .unwrap()
+                    .resources
+                    .as_mut()
+                    .unwrap()
+                    .disk_bytes = 0;
+            }),
+            "disk_bytes",
+        ),
+    ];
+    let d = dirs();
+    for (mutate, field) in cases {
+        let mut r = request();
+        mutate(&mut r);
+        let st = from_create(r, &d.dirs).unwrap_err();
+        assert_eq!(st.code(), tonic::Code::InvalidArgument);
+        assert!(st.message().contains(field), "{field}: {}", st.message());
+    }
+}
+
+#[test]
+fn errors_map_to_codes_users_can_act_on() {
+    let paused = Error::WrongState {
+        uid: "c1".into(),
+        state: State::Paused,
+        hint: "resume it first",
+    };
+    let st = to_status(&paused);
+    assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(st.message(), "capsule c1 is paused; resume it first");
+    assert_eq!(
+        to_status(&Error::NotFound { uid: "x".into() }).code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        to_status(&Error::AlreadyExists {
+            uid: "x".into(),
+            field: "env"
+        })
+        .code(),
+        tonic::Code::AlreadyExists
+    );
+}
