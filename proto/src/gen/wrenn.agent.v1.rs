@@ -1562,7 +1562,7 @@ pub mod node_agent_client {
             request: impl tonic::IntoRequest<super::AttachProcessRequest>,
         ) -> std::result::Result<
             tonic::Response<
-                tonic::codec::Streaming<super::super::super::guest::v1::ExecOutput>,
+                tonic::codec::Streaming<super::super::super::guest::v1::ProcessOutput>,
             >,
             tonic::Status,
         > {
@@ -1869,7 +1869,7 @@ pub mod node_agent_server {
         /// Server streaming response type for the AttachProcess method.
         type AttachProcessStream: tonic::codegen::tokio_stream::Stream<
                 Item = std::result::Result<
-                    super::super::super::guest::v1::ExecOutput,
+                    super::super::super::guest::v1::ProcessOutput,
                     tonic::Status,
                 >,
             >
@@ -3339,7 +3339,7 @@ pub mod node_agent_server {
                         T: NodeAgent,
                     > tonic::server::ServerStreamingService<super::AttachProcessRequest>
                     for AttachProcessSvc<T> {
-                        type Response = super::super::super::guest::v1::ExecOutput;
+                        type Response = super::super::super::guest::v1::ProcessOutput;
                         type ResponseStream = T::AttachProcessStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,

@@ -93,7 +93,7 @@ pub struct ExecExit {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ExecOutput {
-    #[prost(oneof = "exec_output::Output", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "exec_output::Output", tags = "1, 2, 3, 4")]
     pub output: ::core::option::Option<exec_output::Output>,
 }
 /// Nested message and enum types in `ExecOutput`.
@@ -110,10 +110,6 @@ pub mod exec_output {
         Stderr(::prost::alloc::vec::Vec<u8>),
         #[prost(message, tag = "4")]
         Exit(super::ExecExit),
-        /// AttachProcess only: this many bytes of the process's output were
-        /// dropped from its ring (too old) and will not be sent.
-        #[prost(uint64, tag = "5")]
-        Dropped(u64),
     }
 }
 #[allow(clippy::all)]
@@ -477,6 +473,29 @@ pub struct AttachProcessRequest {
     pub process: ::core::option::Option<ProcessRef>,
     #[prost(bool, tag = "2")]
     pub follow: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessOutput {
+    #[prost(oneof = "process_output::Output", tags = "1, 2, 3, 4")]
+    pub output: ::core::option::Option<process_output::Output>,
+}
+/// Nested message and enum types in `ProcessOutput`.
+pub mod process_output {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Output {
+        /// This many bytes of the process's output were dropped from its ring
+        /// (too old) and will not be sent.
+        #[prost(uint64, tag = "1")]
+        Dropped(u64),
+        #[prost(bytes, tag = "2")]
+        Stdout(::prost::alloc::vec::Vec<u8>),
+        #[prost(bytes, tag = "3")]
+        Stderr(::prost::alloc::vec::Vec<u8>),
+        #[prost(message, tag = "4")]
+        Exit(super::ExecExit),
+    }
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -1072,7 +1091,7 @@ pub mod guest_agent_client {
                 .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "SignalProcess"));
             self.inner.unary(req, path, codec).await
         }
-        /// The process's output: first an ExecOutput `dropped` (bytes the ring
+        /// The process's output: first a `dropped` (bytes the ring
         /// lost before what follows; 0 when none), then what the ring holds,
         /// then (with `follow`) new output as it comes. Ends with an ExecExit
         /// once the process exited and every byte was sent; without `follow` a
@@ -1082,7 +1101,7 @@ pub mod guest_agent_client {
             &mut self,
             request: impl tonic::IntoRequest<super::AttachProcessRequest>,
         ) -> std::result::Result<
-            tonic::Response<tonic::codec::Streaming<super::ExecOutput>>,
+            tonic::Response<tonic::codec::Streaming<super::ProcessOutput>>,
             tonic::Status,
         > {
             self.inner
@@ -1263,11 +1282,11 @@ pub mod guest_agent_server {
         ) -> std::result::Result<tonic::Response<super::ProcessInfo>, tonic::Status>;
         /// Server streaming response type for the AttachProcess method.
         type AttachProcessStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::ExecOutput, tonic::Status>,
+                Item = std::result::Result<super::ProcessOutput, tonic::Status>,
             >
             + std::marker::Send
             + 'static;
-        /// The process's output: first an ExecOutput `dropped` (bytes the ring
+        /// The process's output: first a `dropped` (bytes the ring
         /// lost before what follows; 0 when none), then what the ring holds,
         /// then (with `follow`) new output as it comes. Ends with an ExecExit
         /// once the process exited and every byte was sent; without `follow` a
@@ -2254,7 +2273,7 @@ pub mod guest_agent_server {
                         T: GuestAgent,
                     > tonic::server::ServerStreamingService<super::AttachProcessRequest>
                     for AttachProcessSvc<T> {
-                        type Response = super::ExecOutput;
+                        type Response = super::ProcessOutput;
                         type ResponseStream = T::AttachProcessStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
