@@ -14,6 +14,10 @@ const EXAMPLES: &str = "\
 Examples:
   kubectl wrenn exec hello -- uname -a
   kubectl wrenn shell hello
+  kubectl wrenn exec -d --tag web hello -- python3 -m http.server
+  kubectl wrenn ps hello
+  kubectl wrenn logs -f hello web
+  kubectl wrenn kill hello web
   kubectl wrenn pause hello && kubectl wrenn resume hello
   kubectl wrenn suspend -n team-a hello
   kubectl wrenn snapshot hello before-upgrade
@@ -22,8 +26,8 @@ Examples:
   kubectl wrenn status hello
 
 Every verb uses your kubeconfig and its namespace, as kubectl does; the
-API server's RBAC decides what you may do. `exec` and `shell` exit with
-the command's exit code; every other failure exits with 1.";
+API server's RBAC decides what you may do. `exec`, `shell` and `attach`
+exit with the command's exit code; every other failure exits with 1.";
 
 /// kubectl plugin for Wrenn capsules.
 #[derive(Debug, Parser)]
@@ -84,16 +88,27 @@ Examples:
   kubectl wrenn exec hello -- uname -a
   kubectl wrenn exec -it hello -- sh
   echo 'print(6*7)' | kubectl wrenn exec -i hello -- python3
+  kubectl wrenn exec -d --tag web hello -- python3 -m http.server
 
 Exits with the command's exit code. -t takes effect only when stdin is a
-terminal; the terminal follows window size changes.")]
+terminal; the terminal follows window size changes. With -d the command
+runs detached: it outlives this call, its output is kept in the capsule
+(the newest 1 MiB) for `logs` and `attach`, and `ps` and `kill` find it by
+its --tag or pid.")]
     Exec {
         /// Pass stdin to the command; its end closes the command's stdin.
-        #[arg(short = 'i', long)]
+        #[arg(short = 'i', long, conflicts_with = "detach")]
         stdin: bool,
         /// Run the command on a terminal (PTY).
-        #[arg(short = 't', long)]
+        #[arg(short = 't', long, conflicts_with = "detach")]
         tty: bool,
+        /// Start the command detached and return at once (it reads no stdin).
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Name the detached command for ps, logs, attach and kill (unique
+        /// among running ones; 1 to 63 of A-Z a-z 0-9 . _ -).
+        #[arg(long, requires = "detach", value_name = "TAG")]
+        tag: Option<String>,
         /// The capsule.
         capsule: String,
         /// The command and its arguments, after `--`.
@@ -108,6 +123,56 @@ Examples:
     Shell {
         /// The capsule.
         capsule: String,
+    },
+    /// List the detached processes of a capsule, running and exited.
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn ps hello")]
+    Ps {
+        /// The capsule.
+        capsule: String,
+    },
+    /// Send a signal to a detached process (its process group), by pid or tag.
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn kill hello web
+  kubectl wrenn kill hello 4242 -s KILL")]
+    Kill {
+        /// The capsule.
+        capsule: String,
+        /// The process: a pid (all digits) or a tag.
+        process: String,
+        /// Signal name or number.
+        #[arg(short = 's', long, default_value = "TERM", value_name = "SIGNAL")]
+        signal: String,
+    },
+    /// Print the output a detached process wrote (what the capsule keeps of it).
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn logs hello web
+  kubectl wrenn logs -f hello web          # and follow until it exits")]
+    Logs {
+        /// Keep printing new output until the process exits.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The capsule.
+        capsule: String,
+        /// The process: a pid (all digits) or a tag.
+        process: String,
+    },
+    /// Follow a detached process's output until it exits, and exit with its code.
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn attach hello web
+
+Prints what the capsule kept since the process started, then what it
+prints next; ends with the process's exit code. ^C detaches: the process
+runs on.")]
+    Attach {
+        /// The capsule.
+        capsule: String,
+        /// The process: a pid (all digits) or a tag.
+        process: String,
     },
     /// Stop a capsule's vCPUs, keeping its memory (spec.operatingMode: Paused).
     #[command(after_help = "\
@@ -252,6 +317,7 @@ mod tests {
             tty,
             capsule,
             command,
+            ..
         } = cli.command
         else {
             panic!("not exec");
@@ -265,6 +331,30 @@ mod tests {
     fn exec_without_a_command_is_refused_before_any_request() {
         assert!(parse(&["exec", "box"]).is_err());
         assert!(parse(&["exec", "box", "--"]).is_err());
+    }
+
+    #[test]
+    fn a_detached_exec_takes_a_tag_and_no_terminal() {
+        let cli = parse(&["exec", "-d", "--tag", "web", "box", "--", "sleep", "9"]).unwrap();
+        let Command::Exec { detach, tag, .. } = cli.command else {
+            panic!("not exec");
+        };
+        assert!(detach);
+        assert_eq!(tag.as_deref(), Some("web"));
+        assert!(parse(&["exec", "--tag", "web", "box", "--", "ls"]).is_err());
+        assert!(parse(&["exec", "-d", "-it", "box", "--", "sh"]).is_err());
+    }
+
+    #[test]
+    fn process_verbs_name_a_capsule_and_a_process() {
+        let cli = parse(&["kill", "box", "web", "-s", "KILL"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Kill { ref process, ref signal, .. } if process == "web" && signal == "KILL"
+        ));
+        let cli = parse(&["logs", "-f", "box", "42"]).unwrap();
+        assert!(matches!(cli.command, Command::Logs { follow: true, .. }));
+        assert!(parse(&["attach", "box"]).is_err());
     }
 
     #[test]

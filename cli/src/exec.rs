@@ -146,6 +146,20 @@ pub async fn run(target: &Target, req: Request) -> Result<u8, Error> {
         }
     });
 
+    let status = print_until_status(&mut source).await;
+    drop(raw);
+    let status = status.ok_or_else(|| Error::NoStatus {
+        capsule: capsule.clone(),
+    })?;
+    channel::plan_exit(&status).map_err(|message| Error::Failed { capsule, message })
+}
+
+/// Writes the server's stdout and stderr messages to ours as they come,
+/// until the connection ends; answers the final `Status`, if one came.
+pub async fn print_until_status<S>(source: &mut S) -> Option<serde_json::Value>
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut status = None;
@@ -170,11 +184,7 @@ pub async fn run(target: &Target, req: Request) -> Result<u8, Error> {
             ServerFrame::Ignore => {}
         }
     }
-    drop(raw);
-    let status = status.ok_or_else(|| Error::NoStatus {
-        capsule: capsule.clone(),
-    })?;
-    channel::plan_exit(&status).map_err(|message| Error::Failed { capsule, message })
+    status
 }
 
 /// Copies our stdin to the command; at its end, closes the command's stdin

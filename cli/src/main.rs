@@ -1,7 +1,7 @@
 //! `kubectl wrenn`: reach inside Wrenn capsules and drive their lifecycle
 //! with your own kubeconfig. Requests go to the Kubernetes API server only
 //! (`wrenn.dev` for capsules and snapshots, `subresources.wrenn.dev`,
-//! served by wrenn-gateway, for exec), so RBAC decides who may do what, as
+//! served by wrenn-gateway, for exec and processes), so RBAC decides who may do what, as
 //! for Pods. This file parses the command line, runs the verb and turns
 //! the outcome into output and an exit code; each verb lives in its module.
 //!
@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod attach;
 mod channel;
 mod cluster;
 mod exec;
 mod lifecycle;
+mod processes;
 mod snapshot;
 mod status;
 mod terminal;
@@ -67,10 +69,29 @@ async fn run(cli: Cli) -> Result<u8> {
     let target = Target::connect(&target).await?;
     match command {
         Command::Exec {
+            detach: true,
+            tag,
+            capsule,
+            command,
+            ..
+        } => {
+            let p = processes::start(&target, &capsule, tag.as_deref(), &command).await?;
+            println!(
+                "process {} ({}) started in capsule/{capsule}",
+                p["pid"],
+                p["tag"]
+                    .as_str()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or("no tag")
+            );
+            Ok(0)
+        }
+        Command::Exec {
             stdin,
             tty,
             capsule,
             command,
+            ..
         } => {
             let req = exec::Request {
                 capsule,
@@ -89,6 +110,31 @@ async fn run(cli: Cli) -> Result<u8> {
             };
             Ok(exec::run(&target, req).await?)
         }
+        Command::Ps { capsule } => {
+            print!(
+                "{}",
+                processes::build_table(&processes::list(&target, &capsule).await?)
+            );
+            Ok(0)
+        }
+        Command::Kill {
+            capsule,
+            process,
+            signal,
+        } => {
+            processes::kill(&target, &capsule, &process, &signal).await?;
+            println!("signal {signal} sent to process {process} in capsule/{capsule}");
+            Ok(0)
+        }
+        Command::Logs {
+            follow,
+            capsule,
+            process,
+        } => {
+            processes::logs(&target, &capsule, &process, follow).await?;
+            Ok(0)
+        }
+        Command::Attach { capsule, process } => Ok(attach::run(&target, &capsule, &process).await?),
         Command::Pause(m) => set_mode(&target, m, OperatingMode::Paused).await,
         Command::Resume(m) => set_mode(&target, m, OperatingMode::Running).await,
         Command::Suspend(m) => set_mode(&target, m, OperatingMode::Suspended).await,

@@ -149,8 +149,10 @@ pub struct Lifecycle {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "with::shutdown_after")]
     pub shutdown_after: Option<String>,
-    /// Expire after this long without an exec, PTY or file call through the
-    /// node agent, e.g. `15m`.
+    /// Expire after this long without activity, e.g. `15m`: any exec, PTY,
+    /// attach, file, process or console-follow call through the node agent
+    /// counts for as long as it stays open, and so does CPU use of the VM of
+    /// at least a tenth of one CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "with::idle_timeout")]
     pub idle_timeout: Option<String>,

@@ -125,7 +125,7 @@ pub(crate) mod with {
     pub(crate) fn idle_timeout(_: &mut SchemaGenerator) -> Schema {
         duration(
             "idleTimeout",
-            "How long without an exec, PTY or file call through its node agent before the capsule expires, e.g. 15m.",
+            "How long the capsule may go without activity before it expires, e.g. 15m. Activity is any exec, PTY, attach, file, process or console-follow call through its node agent, for as long as the call or stream stays open, and CPU use of its VM of at least a tenth of one CPU (sampled every second on the node).",
         )
     }
 

@@ -1,8 +1,8 @@
 //! Discovery and OpenAPI documents (pure). The API server marks the
 //! `APIService` available only when `/apis/GROUP/VERSION` answers, and
-//! kubectl reads these to map `capsules/exec`, `capsules/files` and
-//! `capsules/console`. Only subresources this
-//! gateway serves are listed.
+//! kubectl reads these to map `capsules/exec`, `capsules/attach`,
+//! `capsules/files`, `capsules/processes` and `capsules/console`. Only
+//! subresources this gateway serves are listed.
 
 use serde_json::{Value, json};
 
@@ -36,8 +36,9 @@ pub fn build_api_group_list() -> Value {
 }
 
 /// The RBAC verbs of a subresource: exec as `pods/exec` (create and get),
-/// files by HTTP method (GET get, PUT update, POST create), console as
-/// `pods/log` (get).
+/// files by HTTP method (GET get, PUT update, POST create), processes by
+/// HTTP method (GET get, POST create), console as `pods/log` (get), attach
+/// as `pods/attach` (create and get).
 pub fn verbs(s: Subresource) -> &'static [&'static str] {
     match s {
         Subresource::Files => &["create", "get", "update"],
@@ -105,6 +106,47 @@ fn operations(s: Subresource) -> (Pairs, Pairs) {
             vec![("get", "read the serial console log (text/plain)")],
             vec![("tailLines", "integer"), ("follow", "boolean")],
         ),
+        Subresource::Processes => (
+            vec![
+                (
+                    "get",
+                    "list detached processes, or with op=logs read one's kept output (text/plain)",
+                ),
+                (
+                    "post",
+                    "start a detached process, or with op=signal signal one",
+                ),
+            ],
+            vec![
+                ("op", "string"),
+                ("tag", "string"),
+                ("pid", "integer"),
+                ("command", "string"),
+                ("env", "string"),
+                ("workingDir", "string"),
+                ("user", "string"),
+                ("signal", "string"),
+                ("follow", "boolean"),
+            ],
+        ),
+        Subresource::Attach => (
+            vec![
+                (
+                    "get",
+                    "connect to attach of a Capsule's detached process (WebSocket, v5.channel.k8s.io)",
+                ),
+                (
+                    "post",
+                    "connect to attach of a Capsule's detached process (WebSocket, v5.channel.k8s.io)",
+                ),
+            ],
+            vec![
+                ("tag", "string"),
+                ("pid", "integer"),
+                ("stdout", "boolean"),
+                ("stderr", "boolean"),
+            ],
+        ),
         _ => (
             vec![
                 (
@@ -139,7 +181,7 @@ fn paths() -> Value {
         for (method, description) in ops {
             let mut verb = method.to_string();
             verb[..1].make_ascii_uppercase();
-            let (code, what) = if s == Subresource::Exec {
+            let (code, what) = if matches!(s, Subresource::Exec | Subresource::Attach) {
                 ("101", "Switching Protocols")
             } else {
                 ("200", "OK")
@@ -228,7 +270,11 @@ mod tests {
         );
         assert_eq!(l["resources"][2]["name"], "capsules/console");
         assert_eq!(l["resources"][2]["verbs"], json!(["get"]));
-        assert_eq!(l["resources"].as_array().map(Vec::len), Some(3));
+        assert_eq!(l["resources"][3]["name"], "capsules/attach");
+        assert_eq!(l["resources"][3]["verbs"], json!(["create", "get"]));
+        assert_eq!(l["resources"][4]["name"], "capsules/processes");
+        assert_eq!(l["resources"][4]["verbs"], json!(["create", "get"]));
+        assert_eq!(l["resources"].as_array().map(Vec::len), Some(5));
     }
 
     #[test]

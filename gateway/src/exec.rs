@@ -197,7 +197,7 @@ pub fn parse_options(query: &str) -> Result<ExecOptions, Refusal> {
 }
 
 /// Form-encodes one query value (pure).
-fn form_encode(s: &str) -> String {
+pub(crate) fn form_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -371,12 +371,15 @@ pub fn plan_agent_refusal(capsule: &str, status: &tonic::Status) -> Refusal {
 enum Input {
     Exec(mpsc::Sender<pb::ExecInput>),
     Pty(mpsc::Sender<pb::PtyInput>),
+    /// An attach to a detached process, which reads no stdin.
+    Nothing,
 }
 
 /// Output from the agent, whichever stream it is.
 enum Output {
     Exec(Streaming<gpb::ExecOutput>),
     Pty(Streaming<gpb::PtyOutput>),
+    Attach(Streaming<gpb::ProcessOutput>),
 }
 
 enum Out {
@@ -402,6 +405,19 @@ impl Output {
                 Some(P::Exit(e)) => Out::Exit(e),
                 Some(P::StartedPid(_)) | None => Out::Nothing,
             }),
+            Self::Attach(s) => s.message().await?.map(|m| {
+                use gpb::process_output::Output as A;
+                match m.output {
+                    Some(A::Stdout(b)) => Out::Stdout(b),
+                    Some(A::Stderr(b)) => Out::Stderr(b),
+                    Some(A::Exit(e)) => Out::Exit(e),
+                    // The client is told on stderr, apart from the output.
+                    Some(A::Dropped(n)) if n > 0 => {
+                        Out::Stderr(crate::attach::build_dropped_notice(n).into_bytes())
+                    }
+                    Some(A::Dropped(_)) | None => Out::Nothing,
+                }
+            }),
         })
     }
 }
@@ -420,7 +436,7 @@ impl Input {
             input: Some(gpb::PtyInput { input: Some(i) }),
         };
         match (self, frame) {
-            (_, ClientFrame::Ignore) => true,
+            (_, ClientFrame::Ignore) | (Self::Nothing, _) => true,
             (Self::Exec(tx), ClientFrame::Stdin(b)) => tx.send(exec(E::Stdin(b))).await.is_ok(),
             (Self::Exec(tx), ClientFrame::CloseStdin) => {
                 tx.send(exec(E::CloseStdin(true))).await.is_ok()
@@ -452,6 +468,30 @@ impl std::fmt::Debug for Started {
             .field("options", &self.options)
             .field("protocol", &self.protocol)
             .finish_non_exhaustive()
+    }
+}
+
+impl Started {
+    /// A stream of a detached process's output (`capsules/attach`):
+    /// no input; `label` names the process in a failure's message.
+    pub fn attached(
+        output: Streaming<gpb::ProcessOutput>,
+        label: String,
+        stdout: bool,
+        stderr: bool,
+        protocol: Protocol,
+    ) -> Self {
+        Self {
+            input: Input::Nothing,
+            output: Output::Attach(output),
+            options: ExecOptions {
+                command: vec![label],
+                stdout,
+                stderr,
+                ..Default::default()
+            },
+            protocol,
+        }
     }
 }
 

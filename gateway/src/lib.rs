@@ -4,7 +4,8 @@
 //! (`frontproxy`), authorizes every call with a SubjectAccessReview
 //! (`authz`), finds the capsule's node agent (`locate`) and bridges the
 //! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`),
-//! and plain HTTP requests to its file and console RPCs (`files`,
+//! and to its detached-process output (`attach`), and plain HTTP requests
+//! to its file, process and console RPCs (`files`, `processes`,
 //! `console`). `route` parses paths and builds API `Status` replies
 //! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
 //! `reply` the response bodies; `server` is the HTTPS listener tying them
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod attach;
 pub mod authz;
 pub mod console;
 pub mod discovery;
@@ -19,6 +21,7 @@ pub mod exec;
 pub mod files;
 pub mod frontproxy;
 pub mod locate;
+pub mod processes;
 pub mod reply;
 pub mod route;
 pub mod server;

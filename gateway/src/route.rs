@@ -11,11 +11,11 @@ use crate::{GROUP, RESOURCE, VERSION};
 pub enum Subresource {
     /// Run a command (WebSocket, `v5.channel.k8s.io`). Served.
     Exec,
-    /// Attach to a capsule's PTY. Not served yet.
+    /// Attach to a detached process's output (WebSocket). Served.
     Attach,
     /// Files and directories (plain HTTP). Served.
     Files,
-    /// Detached processes. Not served yet.
+    /// Detached processes (plain HTTP). Served.
     Processes,
     /// Serial console log (plain HTTP, text). Served.
     Console,
@@ -58,7 +58,13 @@ impl Subresource {
     }
 
     /// Subresources served, as discovery lists them.
-    pub const SERVED: [Subresource; 3] = [Self::Exec, Self::Files, Self::Console];
+    pub const SERVED: [Subresource; 5] = [
+        Self::Exec,
+        Self::Files,
+        Self::Console,
+        Self::Attach,
+        Self::Processes,
+    ];
 }
 
 /// What a path asks for.
@@ -235,6 +241,12 @@ impl Refusal {
         }
     }
 
+    /// The same refusal, naming capsule `name` in `details`.
+    pub fn with_capsule(mut self, name: &str) -> Self {
+        self.capsule = Some(name.to_string());
+        self
+    }
+
     /// The `Status` body.
     pub fn to_status(&self) -> Value {
         let mut s = json!({
@@ -277,7 +289,8 @@ mod tests {
             }
         );
         assert!(Subresource::Files.served());
-        assert!(!Subresource::Processes.served());
+        assert!(Subresource::Processes.served());
+        assert!(!Subresource::Portforward.served());
     }
 
     #[test]

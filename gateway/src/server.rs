@@ -26,7 +26,7 @@ use crate::frontproxy::{FrontProxy, Peer, identify};
 use crate::locate::Locator;
 use crate::reply::{Reply, json as json_reply, refuse, text};
 use crate::route::{Reason, Refusal, Route, Subresource, plan_route};
-use crate::{console, discovery, exec, files};
+use crate::{attach, console, discovery, exec, files, processes};
 
 /// Time from TCP accept to a finished TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -159,7 +159,9 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
                 ));
             }
             let verb = match sub {
-                Subresource::Files | Subresource::Console => FileOp::verb(req.method()),
+                Subresource::Files | Subresource::Console | Subresource::Processes => {
+                    FileOp::verb(req.method())
+                }
                 // As `pods/exec`: a WebSocket GET needs create too.
                 _ => "create",
             };
@@ -177,6 +179,8 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
                 Subresource::Exec => exec_upgrade(gw, &access, req).await,
                 Subresource::Files => files_request(gw, &access, req).await,
                 Subresource::Console => console_request(gw, &access, req).await,
+                Subresource::Processes => processes_request(gw, &access, req).await,
+                Subresource::Attach => attach_upgrade(gw, &access, req).await,
                 _ => refuse(&Refusal::new(Reason::NotImplemented, "not implemented")),
             }
         }
@@ -249,35 +253,46 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
         .any(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>) -> Reply {
-    let name = access.name.as_str();
-    if !is_websocket(&req) {
-        return refuse(&Refusal::capsule(
+/// The WebSocket key and channel protocol of an upgrade to `what`, or why
+/// it is refused (pure on the request's headers).
+fn plan_upgrade(
+    req: &Request<Incoming>,
+    what: &str,
+) -> Result<(HeaderValue, exec::Protocol), Refusal> {
+    if !is_websocket(req) {
+        return Err(Refusal::new(
             Reason::BadRequest,
-            name,
-            "exec is a WebSocket upgrade with subprotocol v5.channel.k8s.io (kubectl 1.30 or later; SPDY is not supported)",
+            format!(
+                "{what} is a WebSocket upgrade with subprotocol v5.channel.k8s.io (kubectl 1.30 or later; SPDY is not supported)"
+            ),
         ));
     }
     if req.method() != Method::GET && req.method() != Method::POST {
-        return refuse(&Refusal::new(
+        return Err(Refusal::new(
             Reason::MethodNotAllowed,
-            "exec takes GET or POST",
+            format!("{what} takes GET or POST"),
         ));
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return refuse(&Refusal::new(
+        return Err(Refusal::new(
             Reason::BadRequest,
             "the WebSocket upgrade has no Sec-WebSocket-Key",
         ));
     };
-    let protocol = match exec::plan_protocol(
+    let protocol = exec::plan_protocol(
         req.headers()
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
             .iter()
             .filter_map(|v| v.to_str().ok()),
-    ) {
-        Ok(p) => p,
-        Err(r) => return refuse(&r),
+    )?;
+    Ok((key, protocol))
+}
+
+async fn exec_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    let name = access.name.as_str();
+    let (key, protocol) = match plan_upgrade(&req, "exec") {
+        Ok(k) => k,
+        Err(r) => return refuse(&r.with_capsule(name)),
     };
     let options = match exec::parse_options(req.uri().query().unwrap_or("")) {
         Ok(o) => o,
@@ -292,6 +307,53 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>)
         Err(r) => return refuse(&r),
     };
     tracing::info!(namespace = %access.namespace, capsule = %name, node = %target.node, "exec started");
+    answer_upgrade(req, &key, protocol, started)
+}
+
+async fn attach_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    let name = access.name.as_str();
+    let (key, protocol) = match plan_upgrade(&req, "attach") {
+        Ok(k) => k,
+        Err(r) => return refuse(&r.with_capsule(name)),
+    };
+    let options = match attach::parse_options(req.uri().query().unwrap_or("")) {
+        Ok(o) => o,
+        Err(r) => return refuse(&r),
+    };
+    let (target, channel) = match reach(gw, access).await {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    let started = match attach::start(channel, name, &target.uid, options, protocol).await {
+        Ok(s) => s,
+        Err(r) => return refuse(&r),
+    };
+    tracing::debug!(namespace = %access.namespace, capsule = %name, node = %target.node, "attached");
+    answer_upgrade(req, &key, protocol, started)
+}
+
+async fn processes_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    let op = match processes::parse_request(req.method(), req.uri().query().unwrap_or("")) {
+        Ok(op) => op,
+        Err(r) => return refuse(&r),
+    };
+    let (target, channel) = match reach(gw, access).await {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    tracing::debug!(namespace = %access.namespace, capsule = %access.name, ?op, "processes");
+    processes::serve(channel, &access.name, &target.uid, op)
+        .await
+        .unwrap_or_else(|r| refuse(&r))
+}
+
+/// Answers 101 and bridges the upgraded connection to `started`.
+fn answer_upgrade(
+    mut req: Request<Incoming>,
+    key: &HeaderValue,
+    protocol: exec::Protocol,
+    started: exec::Started,
+) -> Reply {
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
@@ -304,7 +366,7 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>)
                 .await;
                 exec::bridge(ws, started).await;
             }
-            Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "exec upgrade"),
+            Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "upgrade"),
         }
     });
     let mut r = Response::new(crate::reply::empty());

@@ -682,6 +682,45 @@ impl GuestClient {
             .await
     }
 
+    /// `StartProcess`: a detached process, owned by the guest agent.
+    pub async fn start_process(
+        &self,
+        req: gpb::StartProcessRequest,
+    ) -> Result<gpb::ProcessInfo, Error> {
+        let mut c = self.client.clone();
+        self.bounded("StartProcess", c.start_process(self.request(req)))
+            .await
+    }
+
+    /// `ListProcesses`.
+    pub async fn list_processes(&self) -> Result<gpb::ListProcessesResponse, Error> {
+        let mut c = self.client.clone();
+        let req = gpb::ListProcessesRequest {};
+        self.bounded("ListProcesses", c.list_processes(self.request(req)))
+            .await
+    }
+
+    /// `SignalProcess`.
+    pub async fn signal_process(
+        &self,
+        req: gpb::SignalProcessRequest,
+    ) -> Result<gpb::ProcessInfo, Error> {
+        let mut c = self.client.clone();
+        self.bounded("SignalProcess", c.signal_process(self.request(req)))
+            .await
+    }
+
+    /// `AttachProcess`: the process's output ring, then (with `follow`)
+    /// live output. Dropping the stream detaches; the process runs on.
+    pub async fn attach_process(
+        &self,
+        req: gpb::AttachProcessRequest,
+    ) -> Result<Streaming<gpb::ProcessOutput>, Error> {
+        let mut c = self.client.clone();
+        self.bounded("AttachProcess", c.attach_process(self.request(req)))
+            .await
+    }
+
     /// `Quiesce`: sync and drop caches before a snapshot.
     pub async fn quiesce(&self) -> Result<(), Error> {
         let mut c = self.client.clone();

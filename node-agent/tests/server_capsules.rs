@@ -240,9 +240,26 @@ async fn capsule_lifecycle_over_mtls() {
         .unwrap()
         .as_nanos() as i64;
     let ep = a.service.guest_endpoint("c1").await.unwrap();
-    // A data-plane call is activity, shown by Get and List (idleTimeout).
+    assert!(
+        ep.vsock_socket.ends_with("vmm/c1/vsock.sock"),
+        "{:?}",
+        ep.vsock_socket
+    );
+    // A data-plane call is activity for as long as it is open (an exec,
+    // an attach, a console follow): Get shows "now" each time, however
+    // long the call has been quiet (idleTimeout counts from it).
+    let open1 = a.client.get_capsule(r("c1")).await.unwrap().into_inner();
+    assert!(open1.last_activity_unix_nanos >= before, "{open1:?}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let open2 = a.client.get_capsule(r("c1")).await.unwrap().into_inner();
+    assert!(
+        open2.last_activity_unix_nanos >= open1.last_activity_unix_nanos + 20_000_000,
+        "an open call stopped counting: {open1:?} then {open2:?}"
+    );
+    // Closed: the activity stays at its end, and goes on ageing.
+    drop(ep);
     let got = a.client.get_capsule(r("c1")).await.unwrap().into_inner();
-    assert!(got.last_activity_unix_nanos >= before, "{got:?}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let listed = a
         .client
         .list_capsules(pb::ListCapsulesRequest::default())
@@ -252,11 +269,6 @@ async fn capsule_lifecycle_over_mtls() {
     assert_eq!(
         listed.capsules[0].last_activity_unix_nanos,
         got.last_activity_unix_nanos
-    );
-    assert!(
-        ep.vsock_socket.ends_with("vmm/c1/vsock.sock"),
-        "{:?}",
-        ep.vsock_socket
     );
 
     let s = a

@@ -3,7 +3,7 @@
 //! child running this same binary), reaps zombies, forwards SIGTERM/SIGINT
 //! and powers off cleanly; as the guest agent it serves `guest.proto`
 //! (package `wrenn.guest.v1`) on vsock: Init, Exec, Pty, files, metrics,
-//! health and Quiesce. It knows nothing about Kubernetes.
+//! health, Quiesce and detached processes. It knows nothing about Kubernetes.
 //!
 //! Modes:
 //! - `wrenn-guest` as PID 1 (or `--init`, which insists on being PID 1):
@@ -36,8 +36,10 @@ mod files;
 mod init;
 mod listen;
 mod metrics;
+mod output_ring;
 mod probe;
 mod process;
+mod processes;
 mod pty;
 mod ratelimit;
 mod server;
@@ -76,6 +78,12 @@ struct Args {
     /// Largest file a read or write may move, in bytes.
     #[arg(long, default_value_t = 4 << 30)]
     max_file_bytes: u64,
+    /// Output bytes kept per detached process (the oldest are dropped).
+    #[arg(long, default_value_t = 1 << 20)]
+    process_ring_bytes: usize,
+    /// Detached processes running at once, and exited ones kept listed.
+    #[arg(long, default_value_t = 32)]
+    max_processes: usize,
     /// PID 1: hostname until Init sets another.
     #[arg(long, default_value = "capsule")]
     hostname: String,
@@ -127,6 +135,10 @@ fn main() -> ExitCode {
         agent_args.extend([
             "--max-file-bytes".into(),
             args.max_file_bytes.to_string().into(),
+            "--process-ring-bytes".into(),
+            args.process_ring_bytes.to_string().into(),
+            "--max-processes".into(),
+            args.max_processes.to_string().into(),
         ]);
         let config = init::InitConfig {
             root: args.root.clone(),
@@ -143,6 +155,11 @@ fn main() -> ExitCode {
         passwd: PathBuf::from("/etc/passwd"),
         proc: PathBuf::from("/proc"),
         random: PathBuf::from("/dev/random"),
+        processes: processes::Limits {
+            ring_bytes: args.process_ring_bytes,
+            max_running: args.max_processes,
+            max_exited: args.max_processes,
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

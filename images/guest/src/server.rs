@@ -12,13 +12,17 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use wrenn_proto::guest::v1::guest_agent_server::GuestAgent;
 use wrenn_proto::guest::v1::{
+    AttachProcessRequest, ListProcessesRequest, ListProcessesResponse, ProcessInfo,
+    SignalProcessRequest, StartProcessRequest,
+};
+use wrenn_proto::guest::v1::{
     ChecksumResponse, ExecInput, FileChunk, FileInfo, GuestMetrics, HealthRequest, HealthResponse,
     InitRequest, InitResponse, ListDirResponse, MakeDirRequest, MetricsRequest, PathRequest,
     PtyInput, QuiesceRequest, QuiesceResponse, ReadFileRequest, RemoveRequest, RemoveResponse,
     RenameRequest, SetAttrRequest, WriteFileInput, WriteTarInput, WriteTarResponse,
 };
 
-use crate::{archive, exec, files, metrics, pty, setup};
+use crate::{archive, exec, files, metrics, processes, pty, setup};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -40,6 +44,8 @@ pub struct Config {
     pub proc: PathBuf,
     /// The entropy device.
     pub random: PathBuf,
+    /// What detached processes may hold.
+    pub processes: processes::Limits,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +68,7 @@ pub struct Agent {
     config: Arc<Config>,
     state: Arc<RwLock<State>>,
     started: Instant,
+    processes: processes::Table,
 }
 
 /// The error and its sources, `: `-separated, printed once at the edge.
@@ -108,6 +115,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 impl Agent {
     pub fn new(config: Config) -> Self {
         Self {
+            processes: processes::Table::new(config.processes),
             config: Arc::new(config),
             state: Arc::new(RwLock::new(State::default())),
             started: Instant::now(),
@@ -425,6 +433,52 @@ impl GuestAgent for Agent {
         })
         .await?;
         Ok(Response::new(QuiesceResponse {}))
+    }
+
+    async fn start_process(
+        &self,
+        request: Request<StartProcessRequest>,
+    ) -> Result<Response<ProcessInfo>, Status> {
+        self.ready(request.metadata())?;
+        let ctx = self.spawn_context();
+        self.processes
+            .start(request.into_inner(), ctx)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_processes(
+        &self,
+        request: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        self.ready(request.metadata())?;
+        Ok(Response::new(ListProcessesResponse {
+            processes: self.processes.list(),
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<SignalProcessRequest>,
+    ) -> Result<Response<ProcessInfo>, Status> {
+        self.ready(request.metadata())?;
+        let req = request.into_inner();
+        self.processes
+            .signal(&req.process.unwrap_or_default(), req.signal)
+            .map(Response::new)
+    }
+
+    type AttachProcessStream = processes::OutputStream;
+
+    async fn attach_process(
+        &self,
+        request: Request<AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        self.ready(request.metadata())?;
+        let req = request.into_inner();
+        self.processes
+            .attach(&req.process.unwrap_or_default(), req.follow)
+            .map(Response::new)
     }
 }
 

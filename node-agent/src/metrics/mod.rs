@@ -310,6 +310,16 @@ impl Metrics {
         Ok(proto::to_proto(&range))
     }
 
+    /// When `capsule` last used at least `millicores` of CPU in a 1 s
+    /// sample of the finest history (the last 10 minutes); `None` when it
+    /// did not, or has no history.
+    pub fn last_busy(&self, capsule: &str, millicores: u64) -> Option<i64> {
+        let (now, _) = self.now();
+        let from = now.saturating_sub(TIERS[0].span_nanos());
+        let range = self.range(capsule, from, now, Duration::ZERO).ok()?;
+        plan_last_busy(&range.points, millicores)
+    }
+
     /// Starts timing `step`; the timer records when finished or dropped.
     pub fn start_step(&self, step: Step) -> StepTimer<'_> {
         StepTimer::new(self, step)
@@ -476,10 +486,33 @@ impl Collector for CapsuleCollector {
     }
 }
 
+/// The time of the newest point using at least `millicores` (pure).
+pub fn plan_last_busy(points: &[Point], millicores: u64) -> Option<i64> {
+    points
+        .iter()
+        .rev()
+        .find(|p| p.cpu_millicores.is_some_and(|c| c >= millicores))
+        .map(|p| p.at_unix_nanos)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::vmm::NetCounters;
+
+    #[test]
+    fn the_last_busy_point_is_the_newest_at_or_above_the_threshold() {
+        let p = |at, cpu| Point {
+            at_unix_nanos: at,
+            cpu_millicores: cpu,
+            ..Default::default()
+        };
+        let points = [p(1, Some(900)), p(2, Some(100)), p(3, Some(20)), p(4, None)];
+        assert_eq!(plan_last_busy(&points, 100), Some(2));
+        assert_eq!(plan_last_busy(&points, 500), Some(1));
+        assert_eq!(plan_last_busy(&points, 1000), None);
+        assert_eq!(plan_last_busy(&[], 1), None);
+    }
 
     /// A source with fixed figures; `hang` makes CPU never answer, `fail`
     /// makes the disk figure fail.

@@ -1,6 +1,9 @@
-//! When each capsule last served a data-plane call (exec, PTY, files), so
-//! the operator can count `idleTimeout` from real use rather than from the
-//! start.
+//! When each capsule last served a data-plane call (exec, PTY, files,
+//! detached processes, console), so the operator can count `idleTimeout`
+//! from real use rather than from the start. A call or stream counts for
+//! as long as it is open ([`Activity::hold`]): a capsule with an open exec,
+//! attach or console follow reads as active now, however long the stream
+//! has been quiet. So does guest CPU use above [`BUSY_MILLICORES`].
 //!
 //! Kept in a file in the state directory as well, written at most every
 //! [`FLUSH_EVERY`], on every forget and when the agent stops, so an agent
@@ -11,6 +14,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// CPU use of a capsule's VMM (sampled every second by `metrics`) that
+/// counts as activity: a tenth of one CPU. An idle guest and its VMM stay
+/// well below it; a build or a long job is above.
+pub const BUSY_MILLICORES: u64 = 100;
 
 /// Longest a touch waits before it reaches the file.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
@@ -42,6 +50,8 @@ pub struct Activity {
 #[derive(Debug, Default)]
 struct Inner {
     last: HashMap<String, i64>,
+    /// Calls and streams open per capsule.
+    open: HashMap<String, usize>,
     file: Option<PathBuf>,
     flushed_at: i64,
     /// Touched since the last flush.
@@ -69,6 +79,7 @@ impl Activity {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 last,
+                open: HashMap::new(),
                 file: Some(file.to_path_buf()),
                 flushed_at: 0,
                 dirty: false,
@@ -88,9 +99,24 @@ impl Activity {
         }
     }
 
-    /// The last call on `uid`, 0 when none.
+    /// The last call on `uid`, 0 when none; now while one is open.
     pub fn last(&self, uid: &str) -> i64 {
-        self.lock().last.get(uid).copied().unwrap_or(0)
+        let inner = self.lock();
+        if inner.open.get(uid).is_some_and(|n| *n > 0) {
+            return now_nanos();
+        }
+        inner.last.get(uid).copied().unwrap_or(0)
+    }
+
+    /// Records a call on `uid` that stays open until the guard drops (and
+    /// is touched again then).
+    pub fn hold(&self, uid: &str) -> Held {
+        self.touch(uid);
+        *self.lock().open.entry(uid.to_string()).or_default() += 1;
+        Held {
+            activity: self.clone(),
+            uid: uid.to_string(),
+        }
     }
 
     /// Drops a deleted capsule.
@@ -105,6 +131,41 @@ impl Activity {
         // A panicked holder leaves a map that is still valid.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// An open call or stream on a capsule (see [`Activity::hold`]).
+#[derive(Debug)]
+pub struct Held {
+    activity: Activity,
+    uid: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        {
+            let mut inner = self.activity.lock();
+            if let Some(n) = inner.open.get_mut(&self.uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    inner.open.remove(&self.uid);
+                }
+            }
+        }
+        self.activity.touch(&self.uid);
+    }
+}
+
+/// `stream`, keeping `held` until the stream is dropped (ended, or its
+/// client went away).
+pub fn keep_open<T: Send + 'static>(
+    stream: super::BoxStream<T>,
+    held: std::sync::Arc<Held>,
+) -> super::BoxStream<T> {
+    use tokio_stream::StreamExt as _;
+    Box::pin(stream.map(move |item| {
+        let _open = &held;
+        item
+    }))
 }
 
 impl Inner {
@@ -150,6 +211,24 @@ mod tests {
         assert_eq!(a.last("c2"), 0);
         a.forget("c1");
         assert_eq!(a.last("c1"), 0);
+    }
+
+    #[test]
+    fn an_open_call_is_activity_now_until_it_drops() {
+        let a = Activity::default();
+        let held = a.hold("c1");
+        let second = a.hold("c1");
+        let before = a.last("c1");
+        std::thread::sleep(Duration::from_millis(5));
+        // Still open: "now", not the time it started.
+        assert!(a.last("c1") > before);
+        drop(held);
+        assert!(a.last("c1") > before, "one of two calls is still open");
+        drop(second);
+        let closed = a.last("c1");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(a.last("c1"), closed, "closed calls stop counting");
+        assert_eq!(a.last("c2"), 0);
     }
 
     #[test]

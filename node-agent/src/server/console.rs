@@ -94,7 +94,10 @@ pub(super) async fn read_console(
     let tail = plan_tail(&bytes, req.tail_lines).to_vec();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let follow = req.follow;
+    // A follower counts as activity on the capsule until it goes away.
+    let open = follow.then(|| svc.activity.hold(&req.uid));
     tokio::spawn(async move {
+        let _open = open;
         if !tail.is_empty() && tx.send(Ok(pb::ConsoleChunk { data: tail })).await.is_err() {
             return;
         }

@@ -2,6 +2,10 @@
 //! endpoint through the supervisor and forwards to the guest agent over
 //! vsock (`crate::guest`), streams plumbed both ways.
 //!
+//! Activity: each call holds the capsule's endpoint, and each output
+//! stream keeps it (`activity::keep_open`), so the capsule counts as in
+//! use until the call or stream ends.
+//!
 //! Cancellation: when the client goes away tonic drops the response
 //! stream, which drops the guest call; the guest agent then kills the
 //! process group (exec, PTY) or discards the temp file (write). Input the
@@ -15,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::guest::v1 as gpb;
 
+use super::activity::keep_open;
 use super::{AgentService, BoxStream, GuestEndpoint};
 use crate::guest::{self, GuestClient};
 
@@ -220,7 +225,10 @@ pub(super) async fn exec(
         err_tx,
     );
     let out = guest.exec(input).await.map_err(to_status)?;
-    Ok(Response::new(output(out, err_rx)))
+    Ok(Response::new(keep_open(
+        output(out, err_rx),
+        ep.open.clone(),
+    )))
 }
 
 pub(super) async fn pty(
@@ -255,7 +263,10 @@ pub(super) async fn pty(
         err_tx,
     );
     let out = guest.pty(input).await.map_err(to_status)?;
-    Ok(Response::new(output(out, err_rx)))
+    Ok(Response::new(keep_open(
+        output(out, err_rx),
+        ep.open.clone(),
+    )))
 }
 
 pub(super) async fn read_file(
@@ -274,7 +285,7 @@ pub(super) async fn read_file(
     let ep = svc.guest_endpoint(uid).await?;
     let guest = client(&ep).await?;
     let out = guest.read_file(inner).await.map_err(to_status)?;
-    Ok(Response::new(Box::pin(out)))
+    Ok(Response::new(keep_open(Box::pin(out), ep.open.clone())))
 }
 
 pub(super) async fn write_file(

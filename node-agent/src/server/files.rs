@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::guest::v1 as gpb;
 
+use super::activity::keep_open;
 use super::dataplane::{chunk_ok, client, first, forward, need_uid, to_status};
 use super::{AgentService, BoxStream};
 
@@ -88,9 +89,10 @@ pub(super) async fn read_tar(
     req: Request<pb::PathRequest>,
 ) -> Result<Response<BoxStream<gpb::FileChunk>>, Status> {
     let req = req.into_inner();
-    let guest = client(&svc.guest_endpoint(need_uid(&req.uid)?).await?).await?;
+    let ep = svc.guest_endpoint(need_uid(&req.uid)?).await?;
+    let guest = client(&ep).await?;
     let out = guest.read_tar(&req.path).await.map_err(to_status)?;
-    Ok(Response::new(Box::pin(out)))
+    Ok(Response::new(keep_open(Box::pin(out), ep.open.clone())))
 }
 
 pub(super) async fn write_tar(
@@ -112,7 +114,9 @@ pub(super) async fn write_tar(
             ));
         }
     };
-    let guest = client(&svc.guest_endpoint(&uid).await?).await?;
+    // Held until the upload ended: it counts as activity all along.
+    let ep = svc.guest_endpoint(&uid).await?;
+    let guest = client(&ep).await?;
     let (err_tx, mut err_rx) = tokio::sync::oneshot::channel();
     let input = forward(
         stream,

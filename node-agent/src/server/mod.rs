@@ -25,6 +25,7 @@ mod console;
 pub mod convert;
 mod dataplane;
 mod files;
+mod processes;
 use crate::tls::{Listening, PortConfig, TlsFiles};
 use convert::{to_capsule, to_resources, to_status, validate_snapshot_id, validate_uid};
 
@@ -124,7 +125,11 @@ impl AgentService {
     /// last data-plane call this service saw.
     fn shown(&self, view: &crate::capsule::CapsuleView) -> pb::Capsule {
         let mut c = to_capsule(view);
-        c.last_activity_unix_nanos = self.activity.last(&view.uid);
+        let busy = self
+            .metrics
+            .as_ref()
+            .and_then(|m| m.last_busy(&view.uid, activity::BUSY_MILLICORES));
+        c.last_activity_unix_nanos = self.activity.last(&view.uid).max(busy.unwrap_or(0));
         c
     }
 
@@ -175,7 +180,7 @@ impl AgentService {
                 return Err(refuse("it has no running guest"));
             }
         }
-        self.activity.touch(capsule);
+        let open = Arc::new(self.activity.hold(capsule));
         let vsock_socket = view.vsock_socket.ok_or_else(|| {
             Status::unavailable(format!("capsule {capsule} has no guest connection yet"))
         })?;
@@ -183,6 +188,7 @@ impl AgentService {
             capsule: capsule.to_string(),
             vsock_socket,
             guest_token: view.guest_token,
+            open,
         })
     }
 }
@@ -196,6 +202,8 @@ pub struct GuestEndpoint {
     pub vsock_socket: std::path::PathBuf,
     /// What the guest agent requires on every call.
     pub guest_token: Option<crate::guest::GuestToken>,
+    /// Counts as activity on the capsule while any clone lives.
+    open: Arc<activity::Held>,
 }
 
 pub(crate) type BoxStream<T> =
@@ -551,6 +559,35 @@ impl NodeAgent for AgentService {
         req: Request<pb::ReadConsoleRequest>,
     ) -> Result<Response<Self::ReadConsoleStream>, Status> {
         console::read_console(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn start_process(
+        &self,
+        req: Request<pb::StartProcessRequest>,
+    ) -> Result<Response<gpb::ProcessInfo>, Status> {
+        processes::start(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn list_processes(
+        &self,
+        req: Request<pb::CapsuleRef>,
+    ) -> Result<Response<gpb::ListProcessesResponse>, Status> {
+        processes::list(self, req).await
+    }
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn signal_process(
+        &self,
+        req: Request<pb::SignalProcessRequest>,
+    ) -> Result<Response<gpb::ProcessInfo>, Status> {
+        processes::signal(self, req).await
+    }
+    type AttachProcessStream = BoxStream<gpb::ProcessOutput>;
+    #[tracing::instrument(skip_all, fields(capsule = %req.get_ref().uid))]
+    async fn attach_process(
+        &self,
+        req: Request<pb::AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        processes::attach(self, req).await
     }
 }
 

@@ -528,6 +528,30 @@ pub struct ConsoleChunk {
     pub data: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StartProcessRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::StartProcessRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SignalProcessRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::SignalProcessRequest>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AttachProcessRequest {
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub request: ::core::option::Option<super::super::guest::v1::AttachProcessRequest>,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Egress {
@@ -1460,6 +1484,105 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "ReadConsole"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Detached processes, forwarded to the guest agent (see guest.proto).
+        pub async fn start_process(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StartProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ProcessInfo>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/StartProcess",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "StartProcess"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_processes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CapsuleRef>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ListProcessesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/ListProcesses",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "ListProcesses"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn signal_process(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SignalProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ProcessInfo>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/SignalProcess",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "SignalProcess"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn attach_process(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AttachProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<
+                tonic::codec::Streaming<super::super::super::guest::v1::ProcessOutput>,
+            >,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/AttachProcess",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "AttachProcess"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1719,6 +1842,44 @@ pub mod node_agent_server {
             request: tonic::Request<super::ReadConsoleRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::ReadConsoleStream>,
+            tonic::Status,
+        >;
+        /// Detached processes, forwarded to the guest agent (see guest.proto).
+        async fn start_process(
+            &self,
+            request: tonic::Request<super::StartProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ProcessInfo>,
+            tonic::Status,
+        >;
+        async fn list_processes(
+            &self,
+            request: tonic::Request<super::CapsuleRef>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ListProcessesResponse>,
+            tonic::Status,
+        >;
+        async fn signal_process(
+            &self,
+            request: tonic::Request<super::SignalProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::super::super::guest::v1::ProcessInfo>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the AttachProcess method.
+        type AttachProcessStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::super::super::guest::v1::ProcessOutput,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        async fn attach_process(
+            &self,
+            request: tonic::Request<super::AttachProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::AttachProcessStream>,
             tonic::Status,
         >;
     }
@@ -3023,6 +3184,185 @@ pub mod node_agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReadConsoleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/StartProcess" => {
+                    #[allow(non_camel_case_types)]
+                    struct StartProcessSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::StartProcessRequest>
+                    for StartProcessSvc<T> {
+                        type Response = super::super::super::guest::v1::ProcessInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StartProcessRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::start_process(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StartProcessSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/ListProcesses" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListProcessesSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<T: NodeAgent> tonic::server::UnaryService<super::CapsuleRef>
+                    for ListProcessesSvc<T> {
+                        type Response = super::super::super::guest::v1::ListProcessesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CapsuleRef>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::list_processes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListProcessesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/SignalProcess" => {
+                    #[allow(non_camel_case_types)]
+                    struct SignalProcessSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::UnaryService<super::SignalProcessRequest>
+                    for SignalProcessSvc<T> {
+                        type Response = super::super::super::guest::v1::ProcessInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SignalProcessRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::signal_process(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SignalProcessSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/AttachProcess" => {
+                    #[allow(non_camel_case_types)]
+                    struct AttachProcessSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::ServerStreamingService<super::AttachProcessRequest>
+                    for AttachProcessSvc<T> {
+                        type Response = super::super::super::guest::v1::ProcessOutput;
+                        type ResponseStream = T::AttachProcessStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AttachProcessRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::attach_process(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AttachProcessSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

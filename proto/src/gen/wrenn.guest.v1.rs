@@ -393,6 +393,111 @@ pub struct QuiesceRequest {}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct QuiesceResponse {}
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StartProcessRequest {
+    /// Names the process for later calls: 1 to 63 of \[A-Za-z0-9.\_-\], unique
+    /// among running processes; empty: addressed by pid only.
+    #[prost(string, tag = "1")]
+    pub tag: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub argv: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(map = "string, string", tag = "3")]
+    pub env: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    #[prost(string, tag = "4")]
+    pub cwd: ::prost::alloc::string::String,
+    /// User name or numeric uid; empty runs as root.
+    #[prost(string, tag = "5")]
+    pub user: ::prost::alloc::string::String,
+}
+/// Which process: by pid when non-zero, else by tag (the running process
+/// holding it, or the latest exited one).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessRef {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    #[prost(string, tag = "2")]
+    pub tag: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessInfo {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    #[prost(string, tag = "2")]
+    pub tag: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "3")]
+    pub argv: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(int64, tag = "4")]
+    pub started_unix_nanos: i64,
+    #[prost(bool, tag = "5")]
+    pub running: bool,
+    /// Set once it exited.
+    #[prost(message, optional, tag = "6")]
+    pub exit: ::core::option::Option<ExecExit>,
+    /// Output bytes written since start, and how many of the oldest the ring
+    /// no longer holds.
+    #[prost(uint64, tag = "7")]
+    pub output_bytes: u64,
+    #[prost(uint64, tag = "8")]
+    pub dropped_bytes: u64,
+    #[prost(int64, tag = "9")]
+    pub exited_unix_nanos: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListProcessesRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListProcessesResponse {
+    /// Oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub processes: ::prost::alloc::vec::Vec<ProcessInfo>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SignalProcessRequest {
+    #[prost(message, optional, tag = "1")]
+    pub process: ::core::option::Option<ProcessRef>,
+    /// Signal number (15 = SIGTERM, 9 = SIGKILL).
+    #[prost(int32, tag = "2")]
+    pub signal: i32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AttachProcessRequest {
+    #[prost(message, optional, tag = "1")]
+    pub process: ::core::option::Option<ProcessRef>,
+    #[prost(bool, tag = "2")]
+    pub follow: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProcessOutput {
+    #[prost(oneof = "process_output::Output", tags = "1, 2, 3, 4")]
+    pub output: ::core::option::Option<process_output::Output>,
+}
+/// Nested message and enum types in `ProcessOutput`.
+pub mod process_output {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Output {
+        /// This many bytes of the process's output were dropped from its ring
+        /// (too old) and will not be sent.
+        #[prost(uint64, tag = "1")]
+        Dropped(u64),
+        #[prost(bytes, tag = "2")]
+        Stdout(::prost::alloc::vec::Vec<u8>),
+        #[prost(bytes, tag = "3")]
+        Stderr(::prost::alloc::vec::Vec<u8>),
+        #[prost(message, tag = "4")]
+        Exit(super::ExecExit),
+    }
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum FileType {
@@ -911,6 +1016,111 @@ pub mod guest_agent_client {
                 .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "Quiesce"));
             self.inner.unary(req, path, codec).await
         }
+        /// Detached processes. A started process belongs to the agent, not to the
+        /// call: no connection ending (or breaking) stops it. Its stdout and
+        /// stderr are kept in a bounded ring (oldest bytes dropped first), and it
+        /// stays listed after it exits (a bounded number of exited entries) so
+        /// its exit status can be read.
+        /// Refused with ALREADY_EXISTS when a running process holds the tag,
+        /// RESOURCE_EXHAUSTED when the agent already runs its maximum.
+        pub async fn start_process(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StartProcessRequest>,
+        ) -> std::result::Result<tonic::Response<super::ProcessInfo>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/StartProcess",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "StartProcess"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_processes(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListProcessesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListProcessesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/ListProcesses",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "ListProcesses"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sends a signal to the process's group. NOT_FOUND for an unknown pid or
+        /// tag, FAILED_PRECONDITION when it already exited.
+        pub async fn signal_process(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SignalProcessRequest>,
+        ) -> std::result::Result<tonic::Response<super::ProcessInfo>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/SignalProcess",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "SignalProcess"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The process's output: first a `dropped` (bytes the ring
+        /// lost before what follows; 0 when none), then what the ring holds,
+        /// then (with `follow`) new output as it comes. Ends with an ExecExit
+        /// once the process exited and every byte was sent; without `follow` a
+        /// running process's stream ends after the replay, without an exit.
+        /// Several attachers may read one process at once.
+        pub async fn attach_process(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AttachProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ProcessOutput>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/AttachProcess",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "AttachProcess"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1046,6 +1256,49 @@ pub mod guest_agent_server {
             &self,
             request: tonic::Request<super::QuiesceRequest>,
         ) -> std::result::Result<tonic::Response<super::QuiesceResponse>, tonic::Status>;
+        /// Detached processes. A started process belongs to the agent, not to the
+        /// call: no connection ending (or breaking) stops it. Its stdout and
+        /// stderr are kept in a bounded ring (oldest bytes dropped first), and it
+        /// stays listed after it exits (a bounded number of exited entries) so
+        /// its exit status can be read.
+        /// Refused with ALREADY_EXISTS when a running process holds the tag,
+        /// RESOURCE_EXHAUSTED when the agent already runs its maximum.
+        async fn start_process(
+            &self,
+            request: tonic::Request<super::StartProcessRequest>,
+        ) -> std::result::Result<tonic::Response<super::ProcessInfo>, tonic::Status>;
+        async fn list_processes(
+            &self,
+            request: tonic::Request<super::ListProcessesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListProcessesResponse>,
+            tonic::Status,
+        >;
+        /// Sends a signal to the process's group. NOT_FOUND for an unknown pid or
+        /// tag, FAILED_PRECONDITION when it already exited.
+        async fn signal_process(
+            &self,
+            request: tonic::Request<super::SignalProcessRequest>,
+        ) -> std::result::Result<tonic::Response<super::ProcessInfo>, tonic::Status>;
+        /// Server streaming response type for the AttachProcess method.
+        type AttachProcessStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ProcessOutput, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The process's output: first a `dropped` (bytes the ring
+        /// lost before what follows; 0 when none), then what the ring holds,
+        /// then (with `follow`) new output as it comes. Ends with an ExecExit
+        /// once the process exited and every byte was sent; without `follow` a
+        /// running process's stream ends after the replay, without an exit.
+        /// Several attachers may read one process at once.
+        async fn attach_process(
+            &self,
+            request: tonic::Request<super::AttachProcessRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::AttachProcessStream>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct GuestAgentServer<T> {
@@ -1874,6 +2127,187 @@ pub mod guest_agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/StartProcess" => {
+                    #[allow(non_camel_case_types)]
+                    struct StartProcessSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::UnaryService<super::StartProcessRequest>
+                    for StartProcessSvc<T> {
+                        type Response = super::ProcessInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StartProcessRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::start_process(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StartProcessSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/ListProcesses" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListProcessesSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::UnaryService<super::ListProcessesRequest>
+                    for ListProcessesSvc<T> {
+                        type Response = super::ListProcessesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListProcessesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::list_processes(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListProcessesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/SignalProcess" => {
+                    #[allow(non_camel_case_types)]
+                    struct SignalProcessSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::UnaryService<super::SignalProcessRequest>
+                    for SignalProcessSvc<T> {
+                        type Response = super::ProcessInfo;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SignalProcessRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::signal_process(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SignalProcessSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/AttachProcess" => {
+                    #[allow(non_camel_case_types)]
+                    struct AttachProcessSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<
+                        T: GuestAgent,
+                    > tonic::server::ServerStreamingService<super::AttachProcessRequest>
+                    for AttachProcessSvc<T> {
+                        type Response = super::ProcessOutput;
+                        type ResponseStream = T::AttachProcessStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AttachProcessRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::attach_process(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AttachProcessSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -1,0 +1,143 @@
+//! A detached process in a real guest (Tier::Vm) survives its caller and a
+//! suspend/resume of its capsule: the supervisor boots this tree's guest
+//! image under QEMU (TCG), the test starts a tagged process through the
+//! guest agent, drops that connection, suspends and resumes the capsule,
+//! then finds the process still running, tells it to finish and attaches:
+//! the output since its start comes back, then its exit code.
+#![allow(clippy::unwrap_used)]
+
+mod network_env;
+mod qemu_bed;
+
+use std::time::Duration;
+
+use network_env::Bed as NetBed;
+use qemu_bed::{QemuBed, build_image, sh_as};
+use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
+use wrenn_node_agent::guest::{GuestClient, Timeouts};
+use wrenn_proto::guest::v1 as gpb;
+use wrenn_testkit::{Tier, case, need_program, need_root};
+
+const NAME: &str =
+    "processes_vm::a_detached_process_survives_suspend_and_resume_then_attach_shows_its_output";
+
+async fn guest(bed: &QemuBed, uid: &str) -> GuestClient {
+    let view = bed.sup.get(uid).unwrap();
+    GuestClient::connect_with(
+        uid,
+        &view.vsock_socket.unwrap(),
+        wrenn_node_agent::guest::AGENT_PORT,
+        Timeouts {
+            call: Duration::from_secs(60),
+            ..Timeouts::default()
+        },
+    )
+    .await
+    .unwrap()
+    // A restore re-keys the guest: always the current token.
+    .with_token(view.guest_token.as_ref().map_or("", |t| t.expose()))
+    .unwrap()
+}
+
+fn tag() -> Option<gpb::ProcessRef> {
+    Some(gpb::ProcessRef {
+        pid: 0,
+        tag: "job".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_output() {
+    let c = case(Tier::Vm, NAME);
+    let found = need_root()
+        .and_then(|()| need_program("qemu-system-x86_64"))
+        .and_then(|q| Ok((q, need_program("vhost-device-vsock")?)))
+        .and_then(|p| Ok((p, need_program("qemu-img")?)))
+        .and_then(|p| Ok((p, build_image()?)));
+    let (((qemu, helper), _), image) = match found {
+        Ok(f) => f,
+        Err(reason) => return c.skip(reason),
+    };
+    let turn = wrenn_testkit::vm::turn(NAME).unwrap();
+    let bed = QemuBed::new(
+        &qemu,
+        &helper,
+        image,
+        turn.ready,
+        NetBed::new(true),
+        "wrenn-procs",
+    )
+    .await;
+    let spec = CapsuleSpec {
+        namespace: "default".into(),
+        name: "procs".into(),
+        source: BootSource::Template(TemplateDisk {
+            key: "default/base@ci".into(),
+            rootfs: bed.image.rootfs.clone(),
+            digest: String::new(),
+        }),
+        resources: Resources {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+        },
+        kernel: None,
+        cmdline: String::new(),
+        env: Default::default(),
+        egress: Egress::Allow,
+    };
+    let v = bed.sup.create("procs", spec, State::Running).await.unwrap();
+    assert_eq!(v.state, State::Running);
+
+    // Started through one connection, which then goes away.
+    let g = guest(&bed, "procs").await;
+    let started = g
+        .start_process(gpb::StartProcessRequest {
+            tag: "job".into(),
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo before; while [ ! -e /tmp/go ]; do sleep 0.2; done; echo after; exit 5"
+                    .into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(started.running, "{started:?}");
+    drop(g);
+
+    let s = bed.sup.suspend("procs").await.unwrap();
+    assert_eq!(s.state, State::Suspended);
+    let r = bed.sup.resume("procs").await.unwrap();
+    assert_eq!(r.state, State::Running);
+
+    let g = guest(&bed, "procs").await;
+    let ps = g.list_processes().await.unwrap().processes;
+    let job = ps.iter().find(|p| p.tag == "job").unwrap();
+    assert!(job.running && job.pid == started.pid, "{ps:?}");
+    let (_, code) = sh_as(&g, "", "touch /tmp/go", 30_000).await;
+    assert_eq!(code, Some(0));
+    let mut out = g
+        .attach_process(gpb::AttachProcessRequest {
+            process: tag(),
+            follow: true,
+        })
+        .await
+        .unwrap();
+    let (mut text, mut exit) = (Vec::new(), None);
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(60), out.message())
+        .await
+        .expect("the attach ends within 60 s")
+        .unwrap()
+    {
+        match m.output {
+            Some(gpb::process_output::Output::Stdout(b)) => text.extend(b),
+            Some(gpb::process_output::Output::Exit(e)) => exit = Some(e),
+            _ => {}
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "before\nafter\n");
+    assert_eq!(exit.and_then(|e| e.code), Some(5));
+    bed.sup.delete("procs").await.unwrap();
+}
