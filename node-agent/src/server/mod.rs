@@ -125,10 +125,7 @@ impl AgentService {
     /// last data-plane call this service saw.
     fn shown(&self, view: &crate::capsule::CapsuleView) -> pb::Capsule {
         let mut c = to_capsule(view);
-        let busy = self
-            .metrics
-            .as_ref()
-            .and_then(|m| m.last_busy(&view.uid, activity::BUSY_MILLICORES));
+        let busy = self.metrics.last_busy(&view.uid, activity::BUSY_MILLICORES);
         c.last_activity_unix_nanos = self.activity.last(&view.uid).max(busy.unwrap_or(0));
         c
     }
