@@ -41,6 +41,9 @@ command -v go >/dev/null || { log "go not found: the control plane is built from
 # module proxy and cached by version like the control plane (cold ~12 min on
 # 2 cores, of which helm ~5; warm: instant).
 "$root/e2e/scripts/build-helm.sh" all
+# The benchmark's peer (e2e/scripts/bench.sh and its CI ratio gate):
+# agent-sandbox's controller, from the Go module proxy (cold ~5 min).
+"$root/e2e/scripts/build-agent-sandbox.sh"
 # --- end chart tooling --------------------------------------------------------
 # >>> guest image (issue 5, images/): kernel, initramfs and root disk for
 # tier-3 VM tests, cached in ${WRENN_CACHE:-~/.cache/wrenn}/guest/<input hash>/

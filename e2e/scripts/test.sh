@@ -56,6 +56,15 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 
+step "benchmark ratio gate (cluster tier)"
+# A short Wrenn-versus-agent-sandbox run (~1 min) whose ratios must not fall
+# below docs/benchmarks.json's reference by more than the stated margin.
+set +e
+cargo test --workspace --locked --bench compare -- --gate docs/benchmarks.json 2>&1 | tee -a "$log"
+gate_rc=${PIPESTATUS[0]}
+set -e
+[ "$gate_rc" = 0 ] || rc=$gate_rc
+
 step "test tiers"
 python3 - "$report" "$log" <<'PY'
 import collections, re, sys
