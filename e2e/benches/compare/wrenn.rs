@@ -52,9 +52,9 @@ impl Wrenn {
             let agent = FakeNodeAgent::new(
                 &node,
                 pb::Resources {
-                    vcpus: 1 << 16,
-                    memory_bytes: 1 << 50,
-                    disk_bytes: 1 << 50,
+                    vcpus: 1024,
+                    memory_bytes: 4 << 40,
+                    disk_bytes: 64 << 40,
                 },
                 boot,
             );

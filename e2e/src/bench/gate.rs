@@ -10,10 +10,11 @@ use crate::bench::figures::{GateFigures, Params, Ratio};
 #[derive(Clone, Copy, Debug)]
 pub struct Margins {
     /// A speedup (p50, throughput) fails below the committed one divided by
-    /// this. 2: on a 2-core machine shared with other jobs, one run's p50
-    /// ratio over a few dozen objects was seen to move by up to ~1.5× from
-    /// run to run; a real regression of the kind the gate exists for (a
-    /// retry or a settle wait back on the hot path) moves it 3× or more.
+    /// this. 2: the short run times a few dozen objects per side on a
+    /// machine whose two cores are shared with other jobs, so one run's
+    /// ratio moves by tens of percent from the next; the regressions the
+    /// gate exists for (a settle wait, a retry or a requeue back on the hot
+    /// path) cost Wrenn several times its latency, far past a factor of 2.
     pub speedup: f64,
     /// The write saving fails below the committed one divided by this.
     /// Writes are counted, not timed, so they barely move: 1.25 tolerates
