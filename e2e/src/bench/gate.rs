@@ -10,11 +10,12 @@ use crate::bench::figures::{GateFigures, Params, Ratio};
 #[derive(Clone, Copy, Debug)]
 pub struct Margins {
     /// A speedup (p50, throughput) fails below the committed one divided by
-    /// this. 2: the short run times a few dozen objects per side on a
-    /// machine whose two cores are shared with other jobs, so one run's
-    /// ratio moves by tens of percent from the next; the regressions the
-    /// gate exists for (a settle wait, a retry or a requeue back on the hot
-    /// path) cost Wrenn several times its latency, far past a factor of 2.
+    /// this. 3: the short run times a few dozen objects per side on a
+    /// machine whose two cores are shared with other jobs; two runs a
+    /// minute apart moved the warm one-in-flight p50 ratio from 2.49 to
+    /// 1.37 (1.8×) and every other ratio by less than 1.3×. The regressions
+    /// the gate exists for (a settle wait, a retry or a requeue back on the
+    /// hot path) cost Wrenn several times its latency, past a factor of 3.
     pub speedup: f64,
     /// The write saving fails below the committed one divided by this.
     /// Writes are counted, not timed, so they barely move: 1.25 tolerates
@@ -25,7 +26,7 @@ pub struct Margins {
 impl Default for Margins {
     fn default() -> Self {
         Margins {
-            speedup: 2.0,
+            speedup: 3.0,
             writes: 1.25,
         }
     }
@@ -121,11 +122,11 @@ mod tests {
     }
 
     #[test]
-    fn a_speedup_halved_or_more_fails_naming_the_scenario() {
-        let now = [ratio(1, 4.0, 2.0), ratio(20, 1.4, 2.0)];
+    fn a_speedup_down_by_more_than_3x_fails_naming_the_scenario() {
+        let now = [ratio(1, 4.0, 2.0), ratio(20, 0.9, 2.0)];
         let f = check(&committed(), &params(), &now, Margins::default());
         assert_eq!(f.len(), 2, "{f:?}");
-        assert!(f[0].starts_with("Cold with 20 in flight: p50 speedup 1.40 fell below 1.50"));
+        assert!(f[0].starts_with("Cold with 20 in flight: p50 speedup 0.90 fell below 1.00"));
         assert!(f[1].contains("throughput speedup"));
     }
 

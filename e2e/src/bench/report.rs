@@ -281,7 +281,7 @@ mod tests {
             node_agent: Default::default(),
         };
         let page = markdown(&f, &[(Path::Cold, "benchmarks/cold.svg".into())]);
-        assert!(page.contains("| Cold | 1 | 2.00× |"), "{page}");
+        assert!(page.contains("| Cold | 1 | 3.00× |"), "{page}");
         assert!(
             page.contains("| Wrenn: Capsule → Running | 1 | 2 | 10.0 ms |"),
             "{page}"
