@@ -18,32 +18,29 @@
 //! --sequential N` after `--`, or `WRENN_BENCH_CAPSULES`, `_CONCURRENCY`,
 //! `_AGENTS`, `_BOOT_MS`, `_SEQUENTIAL`.
 //! `cargo test -p wrenn-e2e --bench operator_throughput -- --capsules 200`
+//! (The operator and fake agents come from `compare/wrenn.rs`, shared with
+//! the comparative benchmark `compare`.)
 #![allow(clippy::unwrap_used)]
 
+// Shared with `compare`, which also uses its warm-template side.
+#[allow(dead_code)]
+#[path = "compare/wrenn.rs"]
+mod wrenn;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use prometheus_client::registry::Registry;
-use serde_json::json;
 use tokio::sync::mpsc;
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::registry::LookupSpan;
+use wrenn::{COLD_TEMPLATE, Stages, Wrenn, capsule};
 use wrenn_crds::Capsule;
-use wrenn_crds::CapsuleTemplate;
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
-use wrenn_operator::controller::{Operator, Settings, run_all};
-use wrenn_operator::metrics::Metrics;
-use wrenn_operator::pool::AgentPool;
-use wrenn_proto::agent::v1 as pb;
+use wrenn_e2e::bench::figures::Measured;
+use wrenn_operator::controller::Settings;
 
 /// What one run measures.
 #[derive(Clone, Copy, Debug)]
@@ -86,13 +83,7 @@ impl Params {
 fn main() {
     let params = Params::parse();
     let stages = Stages::default();
-    let subscriber = tracing_subscriber::registry().with(
-        stages.clone().with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target("wrenn_operator", tracing::Level::TRACE),
-        ),
-    );
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    stages.install().unwrap();
     let cp = match wrenn_e2e::ControlPlane::shared() {
         Ok(cp) => cp,
         Err(why) => {
@@ -111,72 +102,18 @@ fn main() {
     });
 }
 
-/// Wall time of every closed operator span, by span name.
-#[derive(Clone, Default)]
-struct Stages(Arc<Mutex<BTreeMap<&'static str, Vec<Duration>>>>);
-
-struct Opened(Instant);
-
-impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Stages {
-    fn on_new_span(
-        &self,
-        _: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(Opened(Instant::now()));
-        }
-    }
-
-    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else { return };
-        let Some(took) = span.extensions().get::<Opened>().map(|o| o.0.elapsed()) else {
-            return;
-        };
-        self.0
-            .lock()
-            .unwrap()
-            .entry(span.name())
-            .or_default()
-            .push(took);
-    }
-}
-
-impl Stages {
-    fn take(&self) -> BTreeMap<&'static str, Vec<Duration>> {
-        std::mem::take(&mut *self.0.lock().unwrap())
-    }
-
-    /// Prints what the operator spent its time on since the last call.
-    fn print(&self) {
-        let mut rows: Vec<_> = self.take().into_iter().collect();
-        for (_, v) in &mut rows {
-            v.sort();
-        }
-        rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.iter().sum::<Duration>()));
+/// Prints what the operator spent its time on since the last call.
+fn print_spans(stages: &Stages) {
+    println!(
+        "  {:<34} {:>6} {:>10} {:>10} {:>10}",
+        "operator span", "count", "p50", "p99", "total"
+    );
+    for (name, count, p50, p99, total) in stages.take() {
         println!(
-            "  {:<34} {:>6} {:>10} {:>10} {:>10}",
-            "operator span", "count", "p50", "p99", "total"
+            "  {:<34} {:>6} {:>8.1}ms {:>8.1}ms {:>8.1}ms",
+            name, count, p50, p99, total
         );
-        for (name, v) in rows {
-            println!(
-                "  {:<34} {:>6} {:>10} {:>10} {:>10}",
-                name,
-                v.len(),
-                fmt(pct(&v, 50)),
-                fmt(pct(&v, 99)),
-                fmt(v.iter().sum())
-            );
-        }
     }
-}
-
-fn pct(sorted: &[Duration], p: usize) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
 fn fmt(d: Duration) -> String {
@@ -220,96 +157,17 @@ impl Seen {
     }
 }
 
-fn capsule(name: &str) -> Capsule {
-    serde_json::from_value(json!({
-        "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
-        "metadata": { "name": name },
-        "spec": { "source": { "templateRef": { "name": "base" } }, "resources": { "vcpus": 1, "memory": "256Mi" } },
-    }))
-    .unwrap()
-}
-
-fn percentiles(mut lat: Vec<Duration>) -> String {
-    lat.sort();
+fn percentiles(lat: Vec<Duration>) -> String {
+    let m = Measured::new(lat.iter().map(|d| d.as_secs_f64() * 1e3).collect(), 0.0);
     format!(
-        "p50 {}  p90 {}  p99 {}  max {}",
-        fmt(pct(&lat, 50)),
-        fmt(pct(&lat, 90)),
-        fmt(pct(&lat, 99)),
-        fmt(lat.last().copied().unwrap_or_default())
+        "p50 {:.1}ms  p90 {:.1}ms  p99 {:.1}ms  max {:.1}ms",
+        m.p50_ms, m.p90_ms, m.p99_ms, m.max_ms
     )
 }
 
 async fn run(client: Client, p: Params, stages: Stages) {
-    let ns = wrenn_e2e::temp_namespace(&client, "bench").await.unwrap();
-    let connector = Arc::new(FakeConnector::default());
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    for i in 0..p.agents {
-        let node = format!("{ns}-n{i}");
-        connector.add(FakeNodeAgent::new(
-            &node,
-            pb::Resources {
-                vcpus: 1024,
-                memory_bytes: 4 << 40,
-                disk_bytes: 64 << 40,
-            },
-            p.boot,
-        ));
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": { "name": format!("agent-{i}"), "labels": { "app.kubernetes.io/name": "wrenn-node-agent" } },
-            "spec": { "nodeName": node, "containers": [{ "name": "a", "image": "x" }] },
-        }))
-        .unwrap();
-        pods.create(&PostParams::default(), &pod).await.unwrap();
-        pods.patch_status(
-            &format!("agent-{i}"),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": { "podIP": format!("127.0.1.{}", i + 1) } })),
-        )
-        .await
-        .unwrap();
-    }
-    let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut registry));
-    let (pool, streams) = AgentPool::new(connector, Duration::from_secs(1));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let op = tokio::spawn(run_all(
-        Operator {
-            client: client.clone(),
-            pool: pool.clone(),
-            streams,
-            discovery: (
-                ns.clone(),
-                "app.kubernetes.io/name=wrenn-node-agent".into(),
-                7443,
-            ),
-            metrics: metrics.clone(),
-            settings: Settings {
-                usage_interval: Duration::from_secs(3600),
-                ..Settings::default()
-            },
-            instance: None,
-            namespace: Some(ns.clone()),
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let tpl: CapsuleTemplate = serde_json::from_value(json!({
-        "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
-        "metadata": { "name": "base" },
-        "spec": { "source": { "image": { "reference": "docker.io/library/debian:bookworm" } } },
-    }))
-    .unwrap();
-    let tpls: Api<CapsuleTemplate> = Api::namespaced(client.clone(), &ns);
-    tpls.create(&PostParams::default(), &tpl).await.unwrap();
-    // Measure reconciles, not start-up: wait for every agent to sync.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pool.ready_nodes().len() < p.agents {
-        assert!(Instant::now() < deadline, "agents never synced");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
+    let wrenn = Wrenn::start(&client, p.agents, p.boot).await.unwrap();
+    let ns = wrenn.ns.clone();
     let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
     // Follow every write from before the first create, so none is missed.
     let (tx, mut watch) = mpsc::unbounded_channel();
@@ -346,7 +204,10 @@ async fn run(client: Client, p: Params, stages: Stages) {
         for i in 0..p.sequential {
             let t0 = Instant::now();
             let c = caps
-                .create(&PostParams::default(), &capsule(&format!("s{i}")))
+                .create(
+                    &PostParams::default(),
+                    &capsule(&format!("s{i}"), COLD_TEMPLATE),
+                )
                 .await
                 .unwrap();
             let uid = c.uid().unwrap();
@@ -366,7 +227,7 @@ async fn run(client: Client, p: Params, stages: Stages) {
             "  capsule writes        {:.2} per capsule to Running",
             seen.versions.len() as f64 / p.sequential as f64
         );
-        stages.print();
+        print_spans(&stages);
     }
 
     // Burst: every create issued with `concurrency` in flight.
@@ -378,7 +239,10 @@ async fn run(client: Client, p: Params, stages: Stages) {
             async move {
                 let t0 = Instant::now();
                 let c = caps
-                    .create(&PostParams::default(), &capsule(&format!("c{i}")))
+                    .create(
+                        &PostParams::default(),
+                        &capsule(&format!("c{i}"), COLD_TEMPLATE),
+                    )
                     .await
                     .unwrap();
                 (c.uid().unwrap(), c.resource_version().unwrap(), t0)
@@ -451,8 +315,7 @@ async fn run(client: Client, p: Params, stages: Stages) {
     for (shape, n) in shapes.iter().take(3) {
         println!("  {n} capsules wrote: {shape}");
     }
-    stages.print();
+    print_spans(&stages);
     follower.abort();
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), op).await;
+    wrenn.stop().await;
 }

@@ -56,6 +56,11 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 
+# The benchmark's ratio gate (`cargo test --bench compare -- --gate
+# docs/benchmarks.json`) is not run here yet: under load a Wrenn capsule in the
+# comparison can stay short of Running (cause not found), which would fail CI
+# at random. Run it by hand after e2e/scripts/build-agent-sandbox.sh.
+
 step "test tiers"
 python3 - "$report" "$log" <<'PY'
 import collections, re, sys

@@ -13,3 +13,7 @@ KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_BIN_DIR=${HELM_BIN_DIR:-$WRENN_CACHE/helm-$HELM_VERSION}
 KWOK_BIN_DIR=${KWOK_BIN_DIR:-$WRENN_CACHE/kwok-$KWOK_VERSION}
 K8S_CTRL_BIN_DIR=${K8S_CTRL_BIN_DIR:-$WRENN_CACHE/k8s-ctrl-$KUBE_VERSION}
+# The benchmark's peer (bench.sh): agent-sandbox's controller (Sandbox, and
+# with --extensions SandboxClaim/SandboxTemplate/SandboxWarmPool) and its CRDs.
+AGENT_SANDBOX_VERSION=${AGENT_SANDBOX_VERSION:-v1.0.1}
+AGENT_SANDBOX_BIN_DIR=${AGENT_SANDBOX_BIN_DIR:-$WRENN_CACHE/agent-sandbox-$AGENT_SANDBOX_VERSION}

@@ -230,7 +230,7 @@ impl Drop for FakeNodes<'_> {
 
 /// Starts `bin args` under a shell that kills it when our pipe closes, and
 /// waits for the shell to say it started.
-fn supervise(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
+pub fn supervise(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
     if !bin.is_file() {
         bail!("{} is missing", bin.display());
     }
