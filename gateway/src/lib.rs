@@ -5,7 +5,8 @@
 //! (`authz`), finds the capsule's node agent (`locate`) and bridges the
 //! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`),
 //! and plain HTTP requests to its file and console RPCs (`files`,
-//! `console`). `route` parses paths and builds API `Status` replies
+//! `console`); `transfer` holds the long transfers' bodies and their
+//! WebSocket form, which the API server's request timeout does not cut. `route` parses paths and builds API `Status` replies
 //! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
 //! `reply` the response bodies; `server` is the HTTPS listener tying them
 //! together.
@@ -22,6 +23,7 @@ pub mod locate;
 pub mod reply;
 pub mod route;
 pub mod server;
+pub mod transfer;
 
 /// API group served.
 pub const GROUP: &str = "subresources.wrenn.dev";
