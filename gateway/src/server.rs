@@ -278,19 +278,8 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>)
             "exec takes GET or POST",
         ));
     }
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return refuse(&Refusal::new(
-            Reason::BadRequest,
-            "the WebSocket upgrade has no Sec-WebSocket-Key",
-        ));
-    };
-    let protocol = match exec::plan_protocol(
-        req.headers()
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    ) {
-        Ok(p) => p,
+    let (key, protocol) = match plan_handshake(&req) {
+        Ok(h) => h,
         Err(r) => return refuse(&r),
     };
     let options = match exec::parse_options(req.uri().query().unwrap_or("")) {
@@ -322,6 +311,28 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, mut req: Request<Incoming>)
         }
     });
     switching_protocols(&key, protocol)
+}
+
+/// The client's key and the channel protocol to speak, from a WebSocket
+/// upgrade's headers.
+fn plan_handshake(req: &Request<Incoming>) -> Result<(HeaderValue, exec::Protocol), Refusal> {
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| {
+            Refusal::new(
+                Reason::BadRequest,
+                "the WebSocket upgrade has no Sec-WebSocket-Key",
+            )
+        })?;
+    let protocol = exec::plan_protocol(
+        req.headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )?;
+    Ok((key, protocol))
 }
 
 /// The `101` answering a WebSocket upgrade.
@@ -356,19 +367,8 @@ async fn transfer_upgrade(
             "a WebSocket upgrade is a GET",
         ));
     }
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return refuse(&Refusal::new(
-            Reason::BadRequest,
-            "the WebSocket upgrade has no Sec-WebSocket-Key",
-        ));
-    };
-    let protocol = match exec::plan_protocol(
-        req.headers()
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    ) {
-        Ok(p) => p,
+    let (key, protocol) = match plan_handshake(&req) {
+        Ok(h) => h,
         Err(r) => return refuse(&r),
     };
     let planned = match planned {

@@ -45,7 +45,7 @@ use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::console::ConsoleOptions;
-use crate::exec::{form_decode, plan_agent_refusal};
+use crate::exec::{form_decode, framed, plan_agent_refusal};
 use crate::files::{FileOp, build_file_info, parse_request};
 use crate::reply::BodyError;
 use crate::route::{Reason, Refusal};
@@ -336,13 +336,6 @@ pub async fn open(
             crate::console::open(channel, capsule, uid, o).await?,
         )),
     })
-}
-
-fn framed(ch: u8, data: &[u8]) -> Message {
-    let mut v = Vec::with_capacity(data.len() + 1);
-    v.push(ch);
-    v.extend_from_slice(data);
-    Message::binary(v)
 }
 
 /// The final `Status` of a transfer that worked (pure).
