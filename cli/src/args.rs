@@ -18,6 +18,8 @@ Examples:
   kubectl wrenn ps hello
   kubectl wrenn logs -f hello web
   kubectl wrenn kill hello web
+  kubectl wrenn cp ./data hello:/srv/data
+  kubectl wrenn console -f hello
   kubectl wrenn pause hello && kubectl wrenn resume hello
   kubectl wrenn suspend -n team-a hello
   kubectl wrenn snapshot hello before-upgrade
@@ -173,6 +175,39 @@ runs on.")]
         capsule: String,
         /// The process: a pid (all digits) or a tag.
         process: String,
+    /// Copy a file or a directory between this machine and a capsule.
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn cp ./model.bin hello:/srv/model.bin     # a file up
+  kubectl wrenn cp ./notes.txt hello:/tmp/              # into a directory
+  kubectl wrenn cp hello:/var/log/app.log ./app.log     # a file down
+  kubectl wrenn cp ./site hello:/srv/site               # a directory (its contents), as tar
+  kubectl wrenn cp -n team-a hello:/srv/site ./site-copy
+
+One side is CAPSULE:/absolute/path. Files are checked end to end with
+SHA-256; directories keep symlinks. Long copies are not cut by the API
+server's request timeout.")]
+    Cp {
+        /// Source: a local path or CAPSULE:/path.
+        src: String,
+        /// Destination: a local path or CAPSULE:/path.
+        dst: String,
+    },
+    /// Print a capsule's serial console (boot log and what the guest prints there).
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn console hello
+  kubectl wrenn console hello --tail=50
+  kubectl wrenn console -f hello                        # follow until Ctrl-C")]
+    Console {
+        /// Keep printing what the guest prints next.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<u32>,
+        /// The capsule.
+        capsule: String,
     },
     /// Stop a capsule's vCPUs, keeping its memory (spec.operatingMode: Paused).
     #[command(after_help = "\

@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! kubectl wrenn exec hello -- uname -a
+//! kubectl wrenn cp ./data hello:/srv/data
 //! kubectl wrenn pause hello
 //! kubectl wrenn fork hello hello-2
 //! ```
@@ -16,12 +17,15 @@ mod args;
 mod attach;
 mod channel;
 mod cluster;
+mod console;
+mod cp;
 mod exec;
 mod lifecycle;
 mod processes;
 mod snapshot;
 mod status;
 mod terminal;
+mod transfer;
 mod wait;
 
 use std::process::ExitCode;
@@ -135,6 +139,20 @@ async fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Attach { capsule, process } => Ok(attach::run(&target, &capsule, &process).await?),
+        Command::Cp { src, dst } => {
+            println!("{}", cp::copy(&target, &src, &dst).await?);
+            Ok(0)
+        }
+        Command::Console {
+            follow,
+            tail,
+            capsule,
+        } => {
+            console::show(&target, &capsule, follow, tail)
+                .await
+                .with_context(|| format!("console of capsule {capsule:?}"))?;
+            Ok(0)
+        }
         Command::Pause(m) => set_mode(&target, m, OperatingMode::Paused).await,
         Command::Resume(m) => set_mode(&target, m, OperatingMode::Running).await,
         Command::Suspend(m) => set_mode(&target, m, OperatingMode::Suspended).await,

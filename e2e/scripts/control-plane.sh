@@ -12,7 +12,8 @@
 # Authentication is a static admin token in system:masters; the API server's
 # serving certificate is self-signed and written to DIR/pki.
 # WRENN_CP_FRONT_PROXY=1 adds the front-proxy flags aggregated API servers need;
-# WRENN_CP_EXTRA_TOKENS=FILE adds the static-token lines of FILE.
+# WRENN_CP_EXTRA_TOKENS=FILE adds the static-token lines of FILE;
+# WRENN_CP_REQUEST_TIMEOUT=5s shortens --request-timeout (default 60s).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.sh
@@ -80,6 +81,9 @@ start_dir() {
       --enable-aggregator-routing=true)
   fi
 
+  local timeout=()
+  if [ -n "${WRENN_CP_REQUEST_TIMEOUT:-}" ]; then timeout=(--request-timeout="$WRENN_CP_REQUEST_TIMEOUT"); fi
+
   "$ETCD_BIN_DIR/etcd" --name=default --data-dir="$d/etcd" --unsafe-no-fsync=true \
     --listen-client-urls="http://127.0.0.1:$ep" --advertise-client-urls="http://127.0.0.1:$ep" \
     --listen-peer-urls="http://127.0.0.1:$pp" --initial-advertise-peer-urls="http://127.0.0.1:$pp" \
@@ -93,7 +97,7 @@ start_dir() {
     --service-account-issuer="https://127.0.0.1:$ap" --service-account-key-file="$d/pki/sa.pub" \
     --service-account-signing-key-file="$d/pki/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
     --allow-privileged=true --disable-admission-plugins=ServiceAccount \
-    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 "${aggregator[@]}" \
+    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 "${aggregator[@]}" "${timeout[@]}" \
     >"$d/apiserver.log" 2>&1 &
   echo $! > "$d/apiserver.pid"
 

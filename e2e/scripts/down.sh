@@ -13,6 +13,9 @@ fi
 # Leftovers of a wrenn-local that was killed hard: the node namespace and veth.
 ip netns del wrenn-node-l-node 2>/dev/null || true
 ip link del wnh-l-node 2>/dev/null || true
+# ... and the gateway's address.
+ip link del wrenn-gw 2>/dev/null || true
+ip netns del wrenn-gw-ns 2>/dev/null || true
 "$root/e2e/scripts/control-plane.sh" stop "$state"
 rm -rf "$state"
 echo "stopped; removed $state"

@@ -84,46 +84,7 @@ impl Pki {
                 "/CN=wrenn test CA",
             ],
         )?;
-        let leaf = |name: &str, cn: &str, ext: String| -> Result<()> {
-            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
-            openssl(
-                dir,
-                &[
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                    "-subj",
-                    &format!("/CN={cn}"),
-                ],
-            )?;
-            openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}.crt"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                ],
-            )
-        };
+        let leaf = |name: &str, cn: &str, ext: String| leaf(dir, name, cn, &ext);
         leaf(
             "server",
             SERVER_NAME,
@@ -143,6 +104,90 @@ impl Pki {
             server_key: dir.join("server.key"),
             client_cert: dir.join("client.crt"),
             client_key: dir.join("client.key"),
+        })
+    }
+}
+
+/// A key and a certificate `name.{key,crt}` for `cn` in `dir`, signed by
+/// the CA there (`ca.{crt,key}`), with the extensions `ext`.
+fn leaf(dir: &Path, name: &str, cn: &str, ext: &str) -> Result<()> {
+    std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    )
+}
+
+/// The gateway's certificates, signed by a node [`Pki`]'s CA: its client
+/// certificate towards the agents and its serving certificate for the
+/// API server's front proxy (the APIService's caBundle is that CA).
+#[derive(Clone, Debug)]
+pub struct GatewayPki {
+    /// Client certificate (CN `wrenn-gateway`).
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// Serving certificate for `service_dns`.
+    pub serving_cert: PathBuf,
+    /// Its key.
+    pub serving_key: PathBuf,
+}
+
+impl Pki {
+    /// Makes the gateway's certificates beside this PKI's, the serving one
+    /// for the Service name `service_dns` (`NAME.NAMESPACE.svc`).
+    pub fn gateway(&self, service_dns: &str) -> Result<GatewayPki> {
+        let dir = self.ca.parent().context("the CA has a directory")?;
+        leaf(
+            dir,
+            "gateway-client",
+            "wrenn-gateway",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
+        leaf(
+            dir,
+            "gateway-serving",
+            service_dns,
+            &format!("subjectAltName=DNS:{service_dns}\nextendedKeyUsage=serverAuth\n"),
+        )?;
+        Ok(GatewayPki {
+            client_cert: dir.join("gateway-client.crt"),
+            client_key: dir.join("gateway-client.key"),
+            serving_cert: dir.join("gateway-serving.crt"),
+            serving_key: dir.join("gateway-serving.key"),
         })
     }
 }
@@ -419,6 +464,8 @@ impl NodeAgent {
             .arg("--initramfs")
             .arg(agent.image.initramfs())
             .args(["--admin-listen", "127.0.0.1:9090", "--log-level", "info"])
+            // As the chart: the operator and the gateway may call it.
+            .env("WRENN_CLIENT_NAMES", "wrenn-operator,wrenn-gateway")
             // A test bed is no kubelet node: the VMMs may use every CPU and
             // all memory (two agents share this machine's cores already).
             .args(["--reserved-cpus", "0", "--reserved-memory", "0"])

@@ -147,6 +147,11 @@ impl GatewayProcess {
     pub fn log_tail(&self) -> String {
         tail(&self.log, 60)
     }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for GatewayProcess {

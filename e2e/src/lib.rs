@@ -66,6 +66,14 @@ pub struct Options {
     pub tokens: Vec<StaticToken>,
 }
 
+/// API server flags a few tests change, beside [`Options`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerFlags {
+    /// `--request-timeout` (whole seconds; default 60 s): when the API
+    /// server cuts requests that are not long-running.
+    pub request_timeout: Option<Duration>,
+}
+
 /// A user of the static token file.
 #[derive(Clone, Debug)]
 pub struct StaticToken {
@@ -107,6 +115,11 @@ impl ControlPlane {
     /// the CRDs installed; never a reused one (`WRENN_KUBECONFIG`), whose
     /// flags the caller could not know. Stopped when dropped.
     pub fn start_own(opts: &Options) -> Result<ControlPlane> {
+        Self::start_own_with(opts, ServerFlags::default())
+    }
+
+    /// [`Self::start_own`] with `flags` on the API server.
+    pub fn start_own_with(opts: &Options, flags: ServerFlags) -> Result<ControlPlane> {
         let kubectl = kubectl_path()?;
         static OWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = OWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -115,6 +128,12 @@ impl ControlPlane {
         let mut env = Vec::new();
         if opts.front_proxy {
             env.push(("WRENN_CP_FRONT_PROXY", "1".into()));
+        }
+        if let Some(t) = flags.request_timeout {
+            env.push((
+                "WRENN_CP_REQUEST_TIMEOUT",
+                format!("{}s", t.as_secs().max(1)),
+            ));
         }
         if !opts.tokens.is_empty() {
             let file = dir.join("extra-tokens.csv");

@@ -265,6 +265,92 @@ pub async fn apply(
     Ok(())
 }
 
+/// The gateway as the local run starts it: `wrenn-gateway` on a private
+/// address of this machine (the aggregator refuses loopback), registered
+/// by an `APIService`, with certificates from the node's [`Pki`]. It runs
+/// with the admin kubeconfig (no chart, so no ServiceAccount); users'
+/// requests are still authorized as the user, by SubjectAccessReview.
+/// The API server needs its front-proxy flags (`control-plane.sh` with
+/// `WRENN_CP_FRONT_PROXY=1`).
+#[derive(Debug)]
+pub struct LocalGateway {
+    /// The process.
+    pub process: crate::gateway::GatewayProcess,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    _addr: crate::gateway::LocalAddr,
+}
+
+/// The Service the APIService names, in the agents' namespace.
+pub const GATEWAY_SERVICE: &str = "wrenn-gateway";
+
+impl LocalGateway {
+    /// Starts it in front of the agents of `agent_namespace` (port 7443),
+    /// listening on `ip` of a link named `link`, and waits until the API
+    /// server serves its discovery document.
+    pub async fn start(
+        client: &kube::Client,
+        kubeconfig: &Path,
+        pki: &Pki,
+        agent_namespace: &str,
+        (link, ip): (&str, std::net::Ipv4Addr),
+        log: &Path,
+    ) -> Result<LocalGateway> {
+        use crate::gateway::{GatewayOptions, GatewayProcess, LocalAddr, register_apiservice};
+        let dns = format!("{GATEWAY_SERVICE}.{agent_namespace}.svc");
+        let certs = tokio::task::spawn_blocking({
+            let (pki, dns) = (pki.clone(), dns.clone());
+            move || pki.gateway(&dns)
+        })
+        .await??;
+        let addr = LocalAddr::create(link, ip)?;
+        let listen = {
+            let l = TcpListener::bind((ip, 0)).context("pick a port for the gateway")?;
+            l.local_addr().context("local address")?
+        };
+        let opts = GatewayOptions {
+            kubeconfig: kubeconfig.to_path_buf(),
+            listen,
+            serving_cert: certs.serving_cert,
+            serving_key: certs.serving_key,
+            client_cert: certs.client_cert,
+            client_key: certs.client_key,
+            agent_ca: pki.ca.clone(),
+            agent_namespace: agent_namespace.to_string(),
+            agent_port: 7443,
+            log: log.to_path_buf(),
+        };
+        let process = tokio::task::spawn_blocking(move || GatewayProcess::start(&opts)).await??;
+        let ca = std::fs::read_to_string(&pki.ca).context("read the CA")?;
+        register_apiservice(client, agent_namespace, GATEWAY_SERVICE, listen, &ca).await?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let req =
+                http::Request::get(format!("/apis/{}/{}", "subresources.wrenn.dev", "v1alpha1"))
+                    .body(Vec::new())
+                    .context("discovery request")?;
+            match client.request::<serde_json::Value>(req).await {
+                Ok(list) if list["resources"][0]["name"] == "capsules/exec" => break,
+                Ok(other) if Instant::now() > deadline => {
+                    bail!("the APIService serves an unexpected document: {other}")
+                }
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "the API server does not serve subresources.wrenn.dev after 90 s: {e}\n{}",
+                        tail(log, 30)
+                    )
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+        Ok(LocalGateway {
+            process,
+            listen,
+            _addr: addr,
+        })
+    }
+}
+
 /// Sum (seconds) and count of the successful `step` observations
 /// (`wrenn_agent_<step>_seconds{outcome="ok"}`) on `agent`'s admin port.
 /// The port listens on loopback inside the node's namespace, so the scrape

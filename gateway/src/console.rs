@@ -3,7 +3,7 @@
 //! the node agent's `ReadConsole` (the node keeps the log bounded).
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
@@ -47,13 +47,13 @@ pub fn parse_options(query: &str) -> Result<ConsoleOptions, Refusal> {
     Ok(o)
 }
 
-/// Streams the console of capsule `uid` (named `capsule`).
-pub async fn serve(
+/// The console of capsule `uid` (named `capsule`) as a stream of chunks.
+pub async fn open(
     channel: Channel,
     capsule: &str,
     uid: &str,
     o: ConsoleOptions,
-) -> Result<Reply, Refusal> {
+) -> Result<impl Stream<Item = Result<Bytes, BodyError>> + Send + 'static, Refusal> {
     let s = NodeAgentClient::new(channel)
         .read_console(pb::ReadConsoleRequest {
             uid: uid.to_string(),
@@ -63,10 +63,22 @@ pub async fn serve(
         .await
         .map_err(|s| plan_agent_refusal(capsule, &s))?
         .into_inner();
-    let chunks = s.map(|c| {
+    Ok(s.map(|c| {
         c.map(|c| Bytes::from(c.data))
             .map_err(|st| BodyError(st.message().to_string()))
-    });
+    }))
+}
+
+/// Streams the console of capsule `uid` (named `capsule`) as a plain HTTP
+/// body (cut by the API server's `--request-timeout`; a WebSocket is not,
+/// see [`crate::transfer`]).
+pub async fn serve(
+    channel: Channel,
+    capsule: &str,
+    uid: &str,
+    o: ConsoleOptions,
+) -> Result<Reply, Refusal> {
+    let chunks = open(channel, capsule, uid, o).await?;
     Ok(reply::stream("text/plain; charset=utf-8", None, chunks))
 }
 

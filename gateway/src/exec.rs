@@ -569,7 +569,8 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
 
-fn framed(ch: u8, data: &[u8]) -> Message {
+/// A binary message on channel `ch`.
+pub(crate) fn framed(ch: u8, data: &[u8]) -> Message {
     let mut v = Vec::with_capacity(data.len() + 1);
     v.push(ch);
     v.extend_from_slice(data);

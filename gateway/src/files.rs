@@ -8,27 +8,23 @@
 //! [`plan_page`], [`build_file_info`]).
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 use tonic::transport::Channel;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::exec::{form_decode, plan_agent_refusal};
-use crate::reply::{self, BodyError, Reply};
+use crate::reply::{self, Reply};
 use crate::route::{Reason, Refusal};
+use crate::transfer::{Upload, UploadTo, download, download_tar, start_upload};
 
 /// Largest chunk sent to the agent (its limit per message).
 pub const MAX_CHUNK: usize = 1 << 20;
-/// Upload chunks queued towards the agent before the client is slowed.
-const QUEUE: usize = 8;
 
 /// What a files request asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,14 +271,10 @@ fn chunks_of(b: Bytes) -> impl Iterator<Item = Bytes> {
     })
 }
 
-/// Feeds the request body to `tx` as messages made by `wrap`, at most
-/// [`MAX_CHUNK`] each. A broken body ends the input early, which the guest
-/// sees as a short upload and refuses.
-fn pump<T: Send + 'static>(
-    mut body: Incoming,
-    tx: mpsc::Sender<T>,
-    wrap: impl Fn(Vec<u8>) -> T + Send + 'static,
-) {
+/// Feeds the request body to `tx` in chunks of at most [`MAX_CHUNK`]. A
+/// broken body ends the input early, which the guest sees as a short
+/// upload and refuses.
+fn pump(mut body: Incoming, tx: mpsc::Sender<Vec<u8>>) {
     tokio::spawn(async move {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
@@ -292,7 +284,7 @@ fn pump<T: Send + 'static>(
                 continue;
             };
             for c in chunks_of(data) {
-                if tx.send(wrap(c.to_vec())).await.is_err() {
+                if tx.send(c.to_vec()).await.is_err() {
                     return;
                 }
             }
@@ -300,25 +292,18 @@ fn pump<T: Send + 'static>(
     });
 }
 
-/// The agent's chunk stream as body chunks, after its first item was seen
-/// (so a refusal becomes an HTTP status, not a cut body).
-async fn peeked(
-    capsule: &str,
-    mut s: Streaming<gpb::FileChunk>,
-) -> Result<impl futures::Stream<Item = Result<Bytes, BodyError>> + Send + 'static, Refusal> {
-    let first = s
-        .message()
-        .await
-        .map_err(|st| plan_agent_refusal(capsule, &st))?;
-    let head = futures::stream::iter(first.map(|c| Ok(Bytes::from(c.data))));
-    let tail = futures::stream::unfold(s, |mut s| async move {
-        match s.message().await {
-            Ok(Some(c)) => Some((Ok(Bytes::from(c.data)), s)),
-            Ok(None) => None,
-            Err(st) => Some((Err(BodyError(st.message().to_string())), s)),
-        }
-    });
-    Ok(head.chain(tail))
+/// Runs `upload` fed from `body` and answers with its result.
+async fn upload_body(capsule: &str, upload: Upload, body: Incoming) -> Result<Reply, Refusal> {
+    pump(body, upload.data);
+    match upload.done.await {
+        Ok(Ok(v)) => Ok(reply::json(StatusCode::OK, &v)),
+        Ok(Err(st)) => Err(plan_agent_refusal(capsule, &st)),
+        Err(_) => Err(Refusal::capsule(
+            Reason::InternalError,
+            capsule,
+            "the upload task ended without an answer",
+        )),
+    }
 }
 
 /// Serves one files request on capsule `uid` (named `capsule`).
@@ -331,7 +316,7 @@ pub async fn serve(
     content_length: Option<u64>,
     body: Incoming,
 ) -> Result<Reply, Refusal> {
-    let mut agent = NodeAgentClient::new(channel);
+    let mut agent = NodeAgentClient::new(channel.clone());
     let refused = |s: tonic::Status| plan_agent_refusal(capsule, &s);
     let uid = uid.to_string();
     let at = |path: &str| pb::PathRequest {
@@ -341,26 +326,10 @@ pub async fn serve(
     let ok = |v: Value| Ok(reply::json(StatusCode::OK, &v));
     match op {
         FileOp::Download => {
-            let info = agent.stat(at(&path)).await.map_err(refused)?.into_inner();
-            if info.r#type != gpb::FileType::Regular as i32 {
-                return Err(Refusal::capsule(
-                    Reason::BadRequest,
-                    capsule,
-                    format!("{path} is not a regular file (a directory is read with op=tar)"),
-                ));
-            }
-            let s = agent
-                .read_file(pb::ReadFileRequest {
-                    uid: uid.clone(),
-                    request: Some(gpb::ReadFileRequest { path, max_bytes: 0 }),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
-            let chunks = peeked(capsule, s).await?;
+            let (size, chunks) = download(channel, capsule, &uid, path).await?;
             Ok(reply::stream(
                 "application/octet-stream",
-                Some(info.size),
+                Some(size),
                 chunks,
             ))
         }
@@ -371,33 +340,13 @@ pub async fn serve(
                     "an upload needs a Content-Length (the guest checks it received every byte)",
                 )
             })?;
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let wrap = {
-                let uid = uid.clone();
-                move |input| pb::WriteFileInput {
-                    uid: uid.clone(),
-                    input: Some(gpb::WriteFileInput { input: Some(input) }),
-                }
+            let to = UploadTo::File {
+                path,
+                mode,
+                size,
+                sha256,
             };
-            // The queue is empty: the first message always fits.
-            let _ = tx.try_send(wrap(gpb::write_file_input::Input::Start(
-                gpb::WriteFileStart {
-                    path,
-                    mode,
-                    size,
-                    make_parents: false,
-                    sha256: sha256.unwrap_or_default(),
-                },
-            )));
-            pump(body, tx, move |d| {
-                wrap(gpb::write_file_input::Input::Data(d))
-            });
-            let info = agent
-                .write_file(ReceiverStream::new(rx))
-                .await
-                .map_err(refused)?
-                .into_inner();
-            ok(build_file_info(&info, None))
+            upload_body(capsule, start_upload(channel, &uid, to), body).await
         }
         FileOp::Stat { sha256 } => {
             let info = agent.stat(at(&path)).await.map_err(refused)?.into_inner();
@@ -473,35 +422,12 @@ pub async fn serve(
             set_attr(&mut agent, capsule, &uid, path, None, u, gid).await
         }
         FileOp::TarDownload => {
-            let s = agent
-                .read_tar(at(&path))
-                .await
-                .map_err(refused)?
-                .into_inner();
-            let chunks = peeked(capsule, s).await?;
+            let chunks = download_tar(channel, capsule, &uid, path).await?;
             Ok(reply::stream("application/x-tar", None, chunks))
         }
         FileOp::TarUpload => {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let wrap = {
-                let uid = uid.clone();
-                move |input| pb::WriteTarInput {
-                    uid: uid.clone(),
-                    input: Some(gpb::WriteTarInput { input: Some(input) }),
-                }
-            };
-            let _ = tx.try_send(wrap(gpb::write_tar_input::Input::Start(
-                gpb::WriteTarStart { dir: path },
-            )));
-            pump(body, tx, move |d| {
-                wrap(gpb::write_tar_input::Input::Data(d))
-            });
-            let r = agent
-                .write_tar(ReceiverStream::new(rx))
-                .await
-                .map_err(refused)?
-                .into_inner();
-            ok(json!({ "entries": r.entries }))
+            let to = UploadTo::Tar { dir: path };
+            upload_body(capsule, start_upload(channel, &uid, to), body).await
         }
     }
 }

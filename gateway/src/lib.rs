@@ -6,7 +6,9 @@
 //! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`),
 //! and to its detached-process output (`attach`), and plain HTTP requests
 //! to its file, process and console RPCs (`files`, `processes`,
-//! `console`). `route` parses paths and builds API `Status` replies
+//! `console`); `transfer` holds the long transfers' bodies and their
+//! WebSocket form, which the API server's request timeout does not cut.
+//! `route` parses paths and builds API `Status` replies
 //! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
 //! `reply` the response bodies; `server` is the HTTPS listener tying them
 //! together.
@@ -25,6 +27,7 @@ pub mod processes;
 pub mod reply;
 pub mod route;
 pub mod server;
+pub mod transfer;
 
 /// API group served.
 pub const GROUP: &str = "subresources.wrenn.dev";

@@ -26,7 +26,7 @@ use crate::frontproxy::{FrontProxy, Peer, identify};
 use crate::locate::Locator;
 use crate::reply::{Reply, json as json_reply, refuse, text};
 use crate::route::{Reason, Refusal, Route, Subresource, plan_route};
-use crate::{attach, console, discovery, exec, files, processes};
+use crate::{attach, console, discovery, exec, files, processes, transfer};
 
 /// Time from TCP accept to a finished TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -159,6 +159,11 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
                 ));
             }
             let verb = match sub {
+                // A WebSocket is a GET; an upload over it stands for a PUT.
+                Subresource::Files if is_websocket(&req) => {
+                    transfer::plan_files(req.uri().query().unwrap_or(""))
+                        .map_or("get", |t| t.verb())
+                }
                 Subresource::Files | Subresource::Console | Subresource::Processes => {
                     FileOp::verb(req.method())
                 }
@@ -198,6 +203,10 @@ async fn reach(
 }
 
 async fn files_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    if is_websocket(&req) {
+        let t = transfer::plan_files(req.uri().query().unwrap_or(""));
+        return transfer_upgrade(gw, access, req, t).await;
+    }
     let (path, op) = match files::parse_request(req.method(), req.uri().query().unwrap_or("")) {
         Ok(p) => p,
         Err(r) => return refuse(&r),
@@ -226,6 +235,11 @@ async fn files_request(gw: &Gateway, access: &Access, req: Request<Incoming>) ->
 }
 
 async fn console_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    if is_websocket(&req) {
+        let t = console::parse_options(req.uri().query().unwrap_or(""))
+            .map(transfer::Transfer::Console);
+        return transfer_upgrade(gw, access, req, t).await;
+    }
     if req.method() != Method::GET {
         return refuse(&Refusal::new(
             Reason::MethodNotAllowed,
@@ -273,19 +287,7 @@ fn plan_upgrade(
             format!("{what} takes GET or POST"),
         ));
     }
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return Err(Refusal::new(
-            Reason::BadRequest,
-            "the WebSocket upgrade has no Sec-WebSocket-Key",
-        ));
-    };
-    let protocol = exec::plan_protocol(
-        req.headers()
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    )?;
-    Ok((key, protocol))
+    plan_handshake(req)
 }
 
 async fn exec_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
@@ -369,6 +371,33 @@ fn answer_upgrade(
             Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "upgrade"),
         }
     });
+    switching_protocols(&key, protocol)
+}
+
+/// The client's key and the channel protocol to speak, from a WebSocket
+/// upgrade's headers.
+fn plan_handshake(req: &Request<Incoming>) -> Result<(HeaderValue, exec::Protocol), Refusal> {
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| {
+            Refusal::new(
+                Reason::BadRequest,
+                "the WebSocket upgrade has no Sec-WebSocket-Key",
+            )
+        })?;
+    let protocol = exec::plan_protocol(
+        req.headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )?;
+    Ok((key, protocol))
+}
+
+/// The `101` answering a WebSocket upgrade.
+fn switching_protocols(key: &HeaderValue, protocol: exec::Protocol) -> Reply {
     let mut r = Response::new(crate::reply::empty());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
@@ -382,4 +411,61 @@ fn answer_upgrade(
         HeaderValue::from_static(protocol.as_str()),
     );
     r
+}
+
+/// `files` or `console` as a WebSocket ([`crate::transfer`]): not cut by
+/// the API server's request timeout.
+async fn transfer_upgrade(
+    gw: &Gateway,
+    access: &Access,
+    mut req: Request<Incoming>,
+    planned: Result<transfer::Transfer, Refusal>,
+) -> Reply {
+    let name = access.name.clone();
+    if req.method() != Method::GET {
+        return refuse(&Refusal::new(
+            Reason::MethodNotAllowed,
+            "a WebSocket upgrade is a GET",
+        ));
+    }
+    let (key, protocol) = match plan_handshake(&req) {
+        Ok(h) => h,
+        Err(r) => return refuse(&r),
+    };
+    let planned = match planned {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    if matches!(planned, transfer::Transfer::Upload(_)) && protocol != exec::Protocol::V5 {
+        return refuse(&Refusal::capsule(
+            Reason::BadRequest,
+            &name,
+            "an upload needs v5.channel.k8s.io, whose close message ends it",
+        ));
+    }
+    let (target, channel) = match reach(gw, access).await {
+        Ok(t) => t,
+        Err(r) => return refuse(&r),
+    };
+    tracing::debug!(namespace = %access.namespace, capsule = %name, transfer = ?planned, "transfer");
+    let opened = match transfer::open(channel, &name, &target.uid, planned).await {
+        Ok(o) => o,
+        Err(r) => return refuse(&r),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(exec::websocket_config()),
+                )
+                .await;
+                transfer::bridge(ws, name, opened).await;
+            }
+            Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "transfer upgrade"),
+        }
+    });
+    switching_protocols(&key, protocol)
 }

@@ -1,8 +1,10 @@
 //! `wrenn-local`: Wrenn on this machine, for `e2e/scripts/up.sh`. Against a
-//! running control plane it starts a node agent in a network namespace
-//! playing the node, the operator, and one capsule from a template of the
-//! guest image; execs into the capsule once it runs, then keeps everything
-//! up until Ctrl-C, when it deletes the capsules and stops what it started.
+//! running control plane (with its front-proxy flags) it starts a node
+//! agent in a network namespace playing the node, the operator, the
+//! gateway behind an `APIService`, and one capsule from a template of the
+//! guest image; runs `kubectl wrenn exec` in the capsule once it runs, then
+//! keeps everything up until Ctrl-C, when it deletes the capsules and stops
+//! what it started.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::PathBuf;
@@ -14,10 +16,10 @@ use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, ResourceExt};
 use wrenn_crds::Capsule;
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, Pki, exec};
+use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, Pki};
 use wrenn_e2e::local::{
-    OperatorOptions, OperatorProcess, apply, capsule_manifest, ensure_namespace, register_agent,
-    template_manifest,
+    LocalGateway, OperatorOptions, OperatorProcess, apply, capsule_manifest, ensure_namespace,
+    register_agent, template_manifest,
 };
 
 /// Runs an operator, a node agent and a capsule against a control plane.
@@ -32,6 +34,10 @@ struct Args {
     /// Namespace of the capsule.
     #[arg(long, default_value = "default")]
     namespace: String,
+    /// Directory holding `kubectl` and `kubectl-wrenn` (up.sh links them
+    /// there): the quick start's `kubectl wrenn exec` runs from it.
+    #[arg(long, default_value = ".wrenn/bin")]
+    bin_dir: PathBuf,
     /// Stop (and clean up) as soon as the capsule ran a command, instead of
     /// waiting for Ctrl-C.
     #[arg(long)]
@@ -122,7 +128,7 @@ async fn run_with_agent(
             kubeconfig: args.kubeconfig.clone(),
             agent_namespace: AGENT_NS.into(),
             watch_namespace: None,
-            pki,
+            pki: pki.clone(),
             log: dir.join("operator.log"),
             node_lost_timeout_secs: 60,
         };
@@ -135,7 +141,24 @@ async fn run_with_agent(
         operator.log.display()
     );
 
+    say("gateway (subresources.wrenn.dev: exec, files, console) behind an APIService");
+    let gateway = LocalGateway::start(
+        &client,
+        &args.kubeconfig,
+        &pki,
+        AGENT_NS,
+        ("wrenn-gw", std::net::Ipv4Addr::new(10, 252, 250, 1)),
+        &dir.join("gateway.log"),
+    )
+    .await?;
+    println!(
+        "    https://{} log {}",
+        gateway.listen,
+        gateway.process.log.display()
+    );
+
     let result = demo(args, &client, image, agent).await;
+    drop(gateway);
     let cleanup = delete_capsules(&client).await;
     operator.stop();
     if result.is_err() {
@@ -144,7 +167,7 @@ async fn run_with_agent(
     result.and(cleanup)
 }
 
-async fn demo(args: &Args, client: &Client, _image: &GuestImage, agent: &NodeAgent) -> Result<()> {
+async fn demo(args: &Args, client: &Client, _image: &GuestImage, _agent: &NodeAgent) -> Result<()> {
     let ns = &args.namespace;
     say("CapsuleTemplate local (the guest image's root disk) and Capsule hello");
     apply(
@@ -186,15 +209,32 @@ async fn demo(args: &Args, client: &Client, _image: &GuestImage, agent: &NodeAge
         t0.elapsed().as_secs_f64()
     );
 
-    say("exec in the capsule: uname -a; free -m (through the node agent's gRPC API)");
-    let mut c = agent.connect().await?;
-    let uid = cap.uid().context("capsule without uid")?;
-    let ran = exec(&mut c, &uid, &["/bin/sh", "-c", "uname -a; free -m"], b"")
+    let bin_dir = std::path::absolute(&args.bin_dir).context("absolute bin dir")?;
+    let path = match std::env::var_os("PATH") {
+        Some(p) => {
+            let mut dirs = vec![bin_dir.clone()];
+            dirs.extend(std::env::split_paths(&p));
+            std::env::join_paths(dirs).context("join PATH")?
+        }
+        None => bin_dir.clone().into_os_string(),
+    };
+    say(
+        "kubectl wrenn exec hello -- uname -a (kubectl -> API server -> gateway -> agent -> guest)",
+    );
+    let ran = tokio::process::Command::new(bin_dir.join("kubectl"))
+        .args(["wrenn", "exec", "-n", ns, "hello", "--", "uname", "-a"])
+        .env("PATH", &path)
+        .env("KUBECONFIG", &args.kubeconfig)
+        .output()
         .await
-        .context("exec in capsule hello")?;
-    print!("{}", ran.stdout);
-    if ran.code != Some(0) {
-        bail!("exec exited {:?}: {}", ran.code, ran.stderr);
+        .context("run kubectl wrenn exec")?;
+    print!("{}", String::from_utf8_lossy(&ran.stdout));
+    if !ran.status.success() {
+        bail!(
+            "kubectl wrenn exec hello exited {}: {}",
+            ran.status,
+            String::from_utf8_lossy(&ran.stderr).trim()
+        );
     }
 
     if args.once {
@@ -202,7 +242,11 @@ async fn demo(args: &Args, client: &Client, _image: &GuestImage, agent: &NodeAge
     }
     println!(
         "\nWrenn runs: an operator, a node agent and capsule {ns}/hello. Try:\n\n  \
-         export KUBECONFIG={}\n  \
+         export KUBECONFIG={} PATH={}:$PATH\n  \
+         kubectl wrenn exec hello -- uname -a\n  \
+         kubectl wrenn shell hello\n  \
+         kubectl wrenn cp ./some-dir hello:/tmp/some-dir\n  \
+         kubectl wrenn console hello --tail=20\n  \
          kubectl get cap,ctpl -o wide\n  \
          kubectl patch cap hello --type merge -p '{{\"spec\":{{\"operatingMode\":\"Paused\"}}}}'\n  \
          kubectl patch cap hello --type merge -p '{{\"spec\":{{\"operatingMode\":\"Suspended\"}}}}'\n  \
@@ -210,7 +254,8 @@ async fn demo(args: &Args, client: &Client, _image: &GuestImage, agent: &NodeAge
          kubectl get events --field-selector involvedObject.name=hello\n\n\
          Ctrl-C deletes the capsules and stops the operator and the agent;\n\
          e2e/scripts/down.sh then stops the control plane.",
-        args.kubeconfig.display()
+        args.kubeconfig.display(),
+        bin_dir.display()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listen for SIGTERM")?;

@@ -36,7 +36,7 @@ use wrenn_e2e::gateway::{
     GatewayOptions, GatewayProcess, HostGuest, LocalAddr, register_apiservice,
 };
 use wrenn_e2e::helm::{Helm, chart_dir, documents};
-use wrenn_e2e::{ControlPlane, Options, StaticToken};
+use wrenn_e2e::{ControlPlane, Options, ServerFlags, StaticToken};
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::guest::{GuestClient, InitParams};
 use wrenn_node_agent::images::ImageDirs;
@@ -68,6 +68,8 @@ pub struct Bed {
     _gateway: GatewayProcess,
     _guest: HostGuest,
     agent: Agent,
+    /// The node agent's gRPC address.
+    agent_addr: SocketAddr,
     /// Cluster admin.
     pub admin: kube::Client,
     /// alice: the edit role in [`NS`]; her kubeconfig's context names [`NS`].
@@ -368,6 +370,19 @@ impl Bed {
         Self::start_at(
             &format!("wcl{}", pid % 100_000),
             Ipv4Addr::new(10, 253, n, 1),
+            BedOptions::default(),
+        )
+        .await
+    }
+
+    /// [`Bed::start`] with the API server's flags `o` asks for.
+    pub async fn start_with(o: BedOptions) -> Result<Bed, String> {
+        let pid = std::process::id();
+        let n = (pid % 200) as u8 + 20;
+        Self::start_at(
+            &format!("wcl{}", pid % 100_000),
+            Ipv4Addr::new(10, 253, n, 1),
+            o,
         )
         .await
     }
@@ -380,6 +395,7 @@ impl Bed {
         Self::start_at(
             &format!("wgw{tag}{}", pid % 100_000),
             Ipv4Addr::new(10, 254, n, tag),
+            BedOptions::default(),
         )
         .await
     }
@@ -400,7 +416,7 @@ impl Bed {
         self.cp.dir().unwrap().join("pki")
     }
 
-    async fn start_at(link: &str, ip: Ipv4Addr) -> Result<Bed, String> {
+    async fn start_at(link: &str, ip: Ipv4Addr, o: BedOptions) -> Result<Bed, String> {
         need_root()?;
         need_program("ip")?;
         need_program("openssl")?;
@@ -420,7 +436,10 @@ impl Bed {
             front_proxy: true,
             tokens: vec![alice.clone(), bob.clone()],
         };
-        let cp = tokio::task::spawn_blocking(move || ControlPlane::start_own(&opts))
+        let flags = ServerFlags {
+            request_timeout: o.request_timeout,
+        };
+        let cp = tokio::task::spawn_blocking(move || ControlPlane::start_own_with(&opts, flags))
             .await
             .unwrap()
             .map_err(|e| format!("control plane did not start: {e:#}"))?;
@@ -586,6 +605,7 @@ impl Bed {
             _gateway: gateway,
             _guest: guest,
             agent,
+            agent_addr,
             admin,
             alice_kubeconfig,
             bob_kubeconfig,
@@ -598,5 +618,55 @@ impl Bed {
             _certs: certs,
             cp,
         })
+    }
+}
+
+/// What [`Bed::start_with`] changes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BedOptions {
+    /// The API server's `--request-timeout` (default 60 s).
+    pub request_timeout: Option<Duration>,
+}
+
+impl Bed {
+    /// Where the (fake) VMM of capsule `box` writes its serial console:
+    /// what `capsules/console` reads.
+    pub fn console_log(&self) -> PathBuf {
+        let run = self.agent.sup.layout().run_dir(&self.uid);
+        std::fs::create_dir_all(&run).unwrap();
+        run.join("serial.log")
+    }
+}
+
+impl Bed {
+    /// UID of capsule `box` (the agent's key for it).
+    pub fn box_uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// A client of the node agent with the gateway's certificate: the
+    /// direct path the gateway takes, for comparisons.
+    pub async fn agent_client(
+        &self,
+    ) -> pb::node_agent_client::NodeAgentClient<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        let read = |f: &str| std::fs::read(self._certs.path().join(f)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("agents-ca.crt")))
+            .identity(Identity::from_pem(read("gateway.crt"), read("gateway.key")))
+            .domain_name("wrenn-node-agent");
+        let channel = Channel::from_shared(format!("https://{}", self.agent_addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        pb::node_agent_client::NodeAgentClient::new(channel).max_decoding_message_size(16 << 20)
+    }
+
+    /// The gateway process's id.
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self._gateway.pid()
     }
 }

@@ -1,0 +1,294 @@
+//! Figures of the data plane for people, over the gateway bed
+//! (`e2e/tests/gateway_bed`): the Go-built kube-apiserver with its front
+//! proxy, the real `wrenn-gateway` behind an APIService, a real node agent
+//! (fake VMM) and the real guest agent as a host process. Each path
+//! through the API server is measured beside the direct node-agent gRPC
+//! call the gateway makes, in the same run:
+//!
+//! - exec round trip (`true`): API server → gateway → agent → guest vs
+//!   agent → guest, p50/p99 and the ratio;
+//! - file upload and download (64 MiB, the WebSocket form) vs the agent's
+//!   `WriteFile`/`ReadFile`, MB/s;
+//! - gateway RSS idle and with 100 open streams (console follows);
+//! - exec calls per second one gateway sustains (16 in flight).
+//!
+//! `cargo bench -p wrenn-e2e --bench gateway` (as root; needs the control
+//! plane binaries, like the cluster tier). `WRENN_BENCH_EXECS` sets the
+//! exec samples (default 200).
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
+#[path = "../tests/gateway_bed/mod.rs"]
+mod gateway_bed;
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt as _, StreamExt as _};
+use gateway_bed::{Bed, NS};
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+fn path(sub: &str, query: &str) -> String {
+    format!("/apis/subresources.wrenn.dev/v1alpha1/namespaces/{NS}/capsules/box/{sub}?{query}")
+}
+
+async fn ws(client: &kube::Client, sub: &str, query: &str) -> Ws {
+    let req = http::Request::get(path(sub, query))
+        .body(Vec::new())
+        .unwrap();
+    client.connect(req).await.unwrap().into_stream()
+}
+
+/// Reads until the final status; returns the stdout bytes received.
+async fn drain(ws: &mut Ws) -> usize {
+    let mut n = 0;
+    while let Some(m) = ws.next().await {
+        let Message::Binary(b) = m.unwrap() else {
+            continue;
+        };
+        match b.first() {
+            Some(1) => n += b.len() - 1,
+            Some(3) => {
+                let s: serde_json::Value = serde_json::from_slice(&b[1..]).unwrap();
+                assert_eq!(s["status"], "Success", "{s}");
+                return n;
+            }
+            _ => {}
+        }
+    }
+    panic!("stream ended without a status");
+}
+
+async fn exec_via_api(client: &kube::Client) {
+    let mut s = ws(client, "exec", "command=true&stdout=true&stderr=true").await;
+    drain(&mut s).await;
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let samples: usize = std::env::var("WRENN_BENCH_EXECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let bed = match Bed::start().await {
+        Ok(b) => b,
+        Err(why) => {
+            eprintln!("gateway bench: SKIPPED: {why}");
+            return;
+        }
+    };
+    let alice = wrenn_e2e::client_from(&bed.alice_kubeconfig).await.unwrap();
+    let mut agent = bed.agent_client().await;
+    let uid = bed.box_uid().to_string();
+    let pid = bed.gateway_pid().unwrap();
+
+    // Warm both paths (connections, SAR cache).
+    for _ in 0..10 {
+        exec_via_api(&alice).await;
+        wrenn_e2e::agent::exec(&mut agent, &uid, &["true"], b"")
+            .await
+            .unwrap();
+    }
+    let rss_idle = rss_kib(pid);
+
+    // Exec round trips, interleaved so both see the same load.
+    let (mut via, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let t = Instant::now();
+        exec_via_api(&alice).await;
+        via.push(t.elapsed());
+        let t = Instant::now();
+        let r = wrenn_e2e::agent::exec(&mut agent, &uid, &["true"], b"")
+            .await
+            .unwrap();
+        direct.push(t.elapsed());
+        assert_eq!(r.code, Some(0));
+    }
+    via.sort();
+    direct.sort();
+
+    // Throughput, 64 MiB each way.
+    const SIZE: usize = 64 << 20;
+    let dir = tempfile::Builder::new()
+        .prefix("wrenn-bench-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path().display().to_string();
+    let data: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mbps = |t: Duration| SIZE as f64 / 1e6 / t.as_secs_f64();
+    let t = Instant::now();
+    let mut up = ws(
+        &alice,
+        "files",
+        &format!("path={d}/via.bin&upload=true&size={SIZE}"),
+    )
+    .await;
+    for c in data.chunks(1 << 20) {
+        let mut m = Vec::with_capacity(c.len() + 1);
+        m.push(0u8);
+        m.extend_from_slice(c);
+        up.send(Message::binary(m)).await.unwrap();
+    }
+    up.send(Message::binary(vec![255u8, 0])).await.unwrap();
+    drain(&mut up).await;
+    let up_via = mbps(t.elapsed());
+    let t = Instant::now();
+    let mut down = ws(&alice, "files", &format!("path={d}/via.bin")).await;
+    assert_eq!(drain(&mut down).await, SIZE);
+    let down_via = mbps(t.elapsed());
+
+    use wrenn_proto::agent::v1 as pb;
+    use wrenn_proto::guest::v1 as gpb;
+    let t = Instant::now();
+    let wrap = |i| pb::WriteFileInput {
+        uid: uid.clone(),
+        input: Some(gpb::WriteFileInput { input: Some(i) }),
+    };
+    let mut msgs = vec![wrap(gpb::write_file_input::Input::Start(
+        gpb::WriteFileStart {
+            path: format!("{d}/direct.bin"),
+            size: SIZE as u64,
+            ..Default::default()
+        },
+    ))];
+    msgs.extend(
+        data.chunks(1 << 20)
+            .map(|c| wrap(gpb::write_file_input::Input::Data(c.to_vec()))),
+    );
+    agent.write_file(futures::stream::iter(msgs)).await.unwrap();
+    let up_direct = mbps(t.elapsed());
+    let t = Instant::now();
+    let mut s = agent
+        .read_file(pb::ReadFileRequest {
+            uid: uid.clone(),
+            request: Some(gpb::ReadFileRequest {
+                path: format!("{d}/direct.bin"),
+                max_bytes: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(c) = s.message().await.unwrap() {
+        n += c.data.len();
+    }
+    assert_eq!(n, SIZE);
+    let down_direct = mbps(t.elapsed());
+
+    // 100 open streams.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(ws(&alice, "console", "follow=true").await);
+    }
+    let rss_100 = rss_kib(pid);
+    drop(open);
+
+    // Exec calls per second, 16 in flight for 10 s.
+    let until = Instant::now() + Duration::from_secs(10);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let c = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                exec_via_api(&c).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut calls = 0;
+    for t in tasks {
+        calls += t.await.unwrap();
+    }
+    let per_s = calls as f64 / t.elapsed().as_secs_f64();
+
+    let (v50, v99, d50, d99) = (
+        pct(&via, 0.5),
+        pct(&via, 0.99),
+        pct(&direct, 0.5),
+        pct(&direct, 0.99),
+    );
+    println!("\ngateway figures ({samples} exec samples, 64 MiB transfers)\n");
+    println!("| measure | through API server + gateway | direct agent gRPC | ratio | aim |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| exec round trip p50 | {:.1} ms | {:.1} ms | {:.2}x | <= 1.5x + 5 ms ({:.1} ms): {} |",
+        ms(v50),
+        ms(d50),
+        ms(v50) / ms(d50),
+        ms(d50) * 1.5 + 5.0,
+        if ms(v50) <= ms(d50) * 1.5 + 5.0 {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| exec round trip p99 | {:.1} ms | {:.1} ms | {:.2}x | <= 1.5x + 5 ms ({:.1} ms): {} |",
+        ms(v99),
+        ms(d99),
+        ms(v99) / ms(d99),
+        ms(d99) * 1.5 + 5.0,
+        if ms(v99) <= ms(d99) * 1.5 + 5.0 {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| upload | {up_via:.0} MB/s | {up_direct:.0} MB/s | {:.0}% | >= 80%: {} |",
+        up_via / up_direct * 100.0,
+        if up_via >= 0.8 * up_direct {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!(
+        "| download | {down_via:.0} MB/s | {down_direct:.0} MB/s | {:.0}% | >= 80%: {} |",
+        down_via / down_direct * 100.0,
+        if down_via >= 0.8 * down_direct {
+            "met"
+        } else {
+            "missed"
+        }
+    );
+    println!("\n| gateway | value |\n|---|---|");
+    println!("| RSS idle | {:.1} MiB |", rss_idle as f64 / 1024.0);
+    println!(
+        "| RSS with 100 open streams | {:.1} MiB |",
+        rss_100 as f64 / 1024.0
+    );
+    println!("| exec calls/s (16 in flight, 10 s) | {per_s:.0} |");
+}
