@@ -175,6 +175,7 @@ runs on.")]
         capsule: String,
         /// The process: a pid (all digits) or a tag.
         process: String,
+    },
     /// Copy a file or a directory between this machine and a capsule.
     #[command(after_help = "\
 Examples:

@@ -371,7 +371,7 @@ fn answer_upgrade(
             Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "upgrade"),
         }
     });
-    switching_protocols(&key, protocol)
+    switching_protocols(key, protocol)
 }
 
 /// The client's key and the channel protocol to speak, from a WebSocket
