@@ -294,8 +294,10 @@ async fn long_transfers_and_console_follow_outlive_the_api_servers_request_timeo
     // Held open past the timeout, with a margin.
     const PAST: Duration = Duration::from_secs(8);
     let bin = tokio::task::spawn_blocking(plugin).await.unwrap();
+    // Beside the other test of this file, which holds the untagged bed.
     let bed = match Bed::start_with(BedOptions {
         request_timeout: Some(TIMEOUT),
+        tag: Some(1),
     })
     .await
     {

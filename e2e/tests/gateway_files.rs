@@ -70,7 +70,13 @@ async fn files_stream_both_ways_with_checksums_and_refuse_escapes() {
         .collect();
     assert_eq!(
         names,
-        ["capsules/exec", "capsules/files", "capsules/console"]
+        [
+            "capsules/exec",
+            "capsules/files",
+            "capsules/console",
+            "capsules/attach",
+            "capsules/processes"
+        ]
     );
 
     // The guest agent runs on this host: its files are the host's, in a

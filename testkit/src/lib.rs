@@ -123,9 +123,20 @@ fn record_to(path: &std::path::Path, tier: Tier, outcome: &str, name: &str, reas
 }
 
 /// The workspace's root directory (`images/`, `e2e/scripts/` live there).
+///
+/// From the package `cargo test` runs (it sets `CARGO_MANIFEST_DIR` at run
+/// time), not only from where this crate was compiled: `.ci/run` shares one
+/// target directory between clones, and cargo reuses a build of this crate
+/// made in another clone, whose baked path would point the tests at that
+/// clone's scripts (or at one since removed).
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+    let at_run = std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from);
+    let baked = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    at_run
+        .iter()
+        .flat_map(|d| d.ancestors())
+        .chain(baked.ancestors())
+        .find(|d| d.join("Cargo.lock").is_file())
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(|| std::path::PathBuf::from("."))
 }

@@ -379,12 +379,17 @@ impl Bed {
     pub async fn start_with(o: BedOptions) -> Result<Bed, String> {
         let pid = std::process::id();
         let n = (pid % 200) as u8 + 20;
-        Self::start_at(
-            &format!("wcl{}", pid % 100_000),
-            Ipv4Addr::new(10, 253, n, 1),
-            o,
-        )
-        .await
+        let (link, ip) = match o.tag {
+            Some(tag) => (
+                format!("wgw{tag}{}", pid % 100_000),
+                Ipv4Addr::new(10, 254, n, tag),
+            ),
+            None => (
+                format!("wcl{}", pid % 100_000),
+                Ipv4Addr::new(10, 253, n, 1),
+            ),
+        };
+        Self::start_at(&link, ip, o).await
     }
 
     /// [`Bed::start`] for a test running beside others in one process:
@@ -626,6 +631,9 @@ impl Bed {
 pub struct BedOptions {
     /// The API server's `--request-timeout` (default 60 s).
     pub request_timeout: Option<Duration>,
+    /// As [`Bed::start_tagged`]: a bed beside others in one test process
+    /// needs its own link and address (1..=9).
+    pub tag: Option<u8>,
 }
 
 impl Bed {
