@@ -39,6 +39,9 @@ struct Entry {
     task: Option<JoinHandle<()>>,
     info: Option<pb::NodeInfoResponse>,
     capsules: BTreeMap<String, pb::Capsule>,
+    /// UIDs whose view in `capsules` came from an RPC answer
+    /// ([`AgentPool::note`]) that no event or list has reported since.
+    noted: BTreeSet<String>,
     synced: bool,
     /// Since when the agent is unreachable (or unknown since start).
     lost_since: Option<Instant>,
@@ -219,10 +222,19 @@ impl AgentPool {
             .unwrap_or_default()
     }
 
-    /// Records what an RPC just returned, ahead of the event stream.
+    /// Records what an RPC just returned, ahead of the event stream, unless
+    /// the stream already reported the capsule. An answer and the events
+    /// travel apart (on the wire, two HTTP/2 streams), so an answer can
+    /// arrive after a later event: writing it over the stream's view would
+    /// roll the VM back (Creating over Running) with no event left to
+    /// correct it. The agent publishes every change before it answers, so
+    /// the stream reports the answer's state, or a later one, anyway.
     pub fn note(&self, node: &str, c: pb::Capsule) {
         self.with_entry(node, |e| {
-            e.capsules.insert(c.uid.clone(), c);
+            if plan_note(e.capsules.contains_key(&c.uid), e.noted.contains(&c.uid)) {
+                e.noted.insert(c.uid.clone());
+                e.capsules.insert(c.uid.clone(), c);
+            }
         });
     }
 
@@ -230,6 +242,7 @@ impl AgentPool {
     pub fn forget(&self, node: &str, uid: &str) {
         self.with_entry(node, |e| {
             e.capsules.remove(uid);
+            e.noted.remove(uid);
         });
     }
 
@@ -391,22 +404,30 @@ impl AgentPool {
     }
 
     /// One agent's life: connect, sync, follow events; on any failure mark
-    /// it unsynced and retry with exponential backoff (0.5 s to 30 s).
+    /// it unsynced and retry with exponential backoff (0.5 s to 30 s). A
+    /// stream the agent reset (this operator fell behind its events) is
+    /// listed again at once: the agent is fine, only the view is stale.
     async fn follow(self, node: String, client: Arc<dyn NodeAgent>) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.session(&node, &client).await {
-                Ok(()) => backoff = Duration::from_millis(500),
-                Err(err) => {
-                    tracing::warn!(%node, error = &*err as &dyn std::error::Error, "agent session ended");
-                }
-            }
+            let ended = self.session(&node, &client).await;
             self.with_entry(&node, |e| {
-                if e.synced {
+                if e.synced && !matches!(ended, Ok(Ended::Reset)) {
                     e.lost_since = Some(Instant::now());
                 }
                 e.synced = false;
             });
+            match ended {
+                Ok(Ended::Reset) => {
+                    tracing::info!(%node, "agent reset its event stream; listing again");
+                    backoff = Duration::from_millis(500);
+                    continue;
+                }
+                Ok(Ended::Closed) => backoff = Duration::from_millis(500),
+                Err(err) => {
+                    tracing::warn!(%node, error = &*err as &dyn std::error::Error, "agent session ended");
+                }
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
@@ -416,17 +437,18 @@ impl AgentPool {
         &self,
         node: &str,
         client: &Arc<dyn NodeAgent>,
-    ) -> Result<(), Box<crate::agent::Error>> {
+    ) -> Result<Ended, Box<crate::agent::Error>> {
         let mut events = client.watch_events(0).await.map_err(Box::new)?;
         let listed = client.list_capsules().await.map_err(Box::new)?;
         let info = client.node_info().await.map_err(Box::new)?;
         let before: Vec<pb::Capsule> = {
             let mut nodes = self.write();
             let Some(e) = nodes.get_mut(node) else {
-                return Ok(());
+                return Ok(Ended::Closed);
             };
             let before = e.capsules.values().cloned().collect();
             e.capsules = listed.iter().map(|c| (c.uid.clone(), c.clone())).collect();
+            e.noted.clear();
             e.info = Some(info.clone());
             e.synced = true;
             e.lost_since = None;
@@ -445,28 +467,32 @@ impl AgentPool {
         loop {
             tokio::select! {
                 ev = events.next() => {
-                    let Some(ev) = ev else { return Ok(()) };
+                    let Some(ev) = ev else { return Ok(Ended::Closed) };
                     let ev = ev.map_err(Box::new)?;
-                    self.apply_event(node, ev);
+                    if let Some(ended) = self.apply_event(node, ev) {
+                        return Ok(ended);
+                    }
                 }
                 _ = tick.tick() => {
                     if !self.refresh_info(node, client).await {
-                        return Ok(());
+                        return Ok(Ended::Closed);
                     }
                 }
             }
         }
     }
 
-    fn apply_event(&self, node: &str, ev: pb::Event) {
+    /// Applies one event; `Some` when it ends the session.
+    fn apply_event(&self, node: &str, ev: pb::Event) -> Option<Ended> {
         let kind = pb::EventKind::try_from(ev.kind).unwrap_or(pb::EventKind::Unspecified);
         if kind == pb::EventKind::Reset {
-            // The stream cannot resume: end the session, which relists.
-            self.with_entry(node, |e| e.synced = false);
-            return;
+            // Events were lost (the agent's buffer overran, or the cursor
+            // is too old): the stream cannot resume, so list again.
+            return Some(Ended::Reset);
         }
-        let Some(c) = ev.capsule else { return };
+        let c = ev.capsule?;
         self.with_entry(node, |e| {
+            e.noted.remove(&c.uid);
             if kind == pb::EventKind::Deleted {
                 e.capsules.remove(&c.uid);
             } else {
@@ -474,7 +500,23 @@ impl AgentPool {
             }
         });
         self.trigger(&c);
+        None
     }
+}
+
+/// How an agent session ended without an error.
+enum Ended {
+    /// The stream or the NodeInfo refresh ended: reconnect after a pause.
+    Closed,
+    /// The agent reset the stream (events were lost): list again at once.
+    Reset,
+}
+
+/// Whether an RPC answer about a capsule goes into the pool's view: only
+/// while no event or list has reported the capsule (it is absent, or its
+/// view is itself an earlier answer). Pure; see [`AgentPool::note`].
+pub fn plan_note(known: bool, noted: bool) -> bool {
+    !known || noted
 }
 
 /// What a node's `free` does not yet count: the placements on it (`uid`,

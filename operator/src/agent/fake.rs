@@ -52,7 +52,19 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 impl FakeNodeAgent {
     /// A node with this capacity; capsules reach Running after `boot_delay`.
     pub fn new(node: &str, capacity: pb::Resources, boot_delay: Duration) -> Arc<Self> {
-        let (events, _) = broadcast::channel(4096);
+        Self::with_event_buffer(node, capacity, boot_delay, 4096)
+    }
+
+    /// [`new`](Self::new) keeping only `buffer` undelivered events per
+    /// watcher: one that falls further behind gets a `Reset`, as from the
+    /// real agent.
+    pub fn with_event_buffer(
+        node: &str,
+        capacity: pb::Resources,
+        boot_delay: Duration,
+        buffer: usize,
+    ) -> Arc<Self> {
+        let (events, _) = broadcast::channel(buffer.max(1));
         Arc::new(Self {
             node: node.into(),
             capacity,
@@ -590,8 +602,14 @@ impl NodeAgent for Handle {
                     let end = matches!(e, Ok(ev) if ev.sequence == u64::MAX);
                     futures::future::ready(!end)
                 })
-                .filter_map(|e| futures::future::ready(e.ok()))
-                .map(Ok);
+                // A watcher that fell behind lost events: like the real
+                // agent, tell it to list again.
+                .map(|e| {
+                    Ok(e.unwrap_or_else(|_lagged| pb::Event {
+                        kind: pb::EventKind::Reset as i32,
+                        ..Default::default()
+                    }))
+                });
             Ok(futures::stream::iter(sync.into_iter().map(Ok))
                 .chain(live)
                 .boxed())

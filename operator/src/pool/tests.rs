@@ -301,3 +301,102 @@ async fn an_agent_event_updates_the_view_and_triggers_its_capsule() {
     assert_eq!(pool.find("u1").as_deref(), Some("node-a"));
     pool.shutdown();
 }
+
+fn create_req(uid: &str) -> pb::CreateCapsuleRequest {
+    pb::CreateCapsuleRequest {
+        uid: uid.into(),
+        spec: Some(pb::CapsuleSpec {
+            namespace: "ns".into(),
+            name: uid.into(),
+            ..Default::default()
+        }),
+        initial_state: 0,
+    }
+}
+
+fn roomy() -> pb::Resources {
+    pb::Resources {
+        vcpus: 1024,
+        memory_bytes: 1024 * GI,
+        disk_bytes: 1024 * GI,
+    }
+}
+
+/// Polls until `node`'s view of every UID in `uids` is Running.
+async fn wait_running(pool: &AgentPool, node: &str, uids: &[String]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let behind: Vec<String> = uids
+            .iter()
+            .filter(|u| {
+                pool.observe(node, u).flatten().map(|v| v.state)
+                    != Some(crate::plan::VmState::Running)
+            })
+            .cloned()
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not Running in the pool's view: {behind:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[test]
+fn an_answer_counts_only_until_the_stream_reports_the_capsule() {
+    assert!(
+        plan_note(false, false),
+        "unknown capsule: the answer is news"
+    );
+    assert!(plan_note(true, true), "over an earlier answer: newer");
+    assert!(
+        !plan_note(true, false),
+        "over the stream's view: maybe older"
+    );
+}
+
+/// The stuck capsule of the benchmark: the create's answer (Creating)
+/// reaches the operator after the Running event (answers and events travel
+/// apart). Recording the answer then must not roll the view back to
+/// Creating: no event would ever correct it, and the capsule would wait
+/// in Creating forever.
+#[tokio::test]
+async fn a_late_answer_does_not_roll_back_what_the_stream_reported() {
+    let agent = FakeNodeAgent::new("node-a", roomy(), Duration::ZERO);
+    let (pool, _streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+    let client = pool.client("node-a").unwrap();
+    let answer = client.create_capsule(create_req("u1")).await.unwrap();
+    assert_eq!(answer.state, pb::CapsuleState::Creating as i32);
+    wait_running(&pool, "node-a", &["u1".into()]).await.unwrap();
+    // The answer arrives now, after the Running event.
+    pool.note("node-a", answer);
+    let seen = pool.observe("node-a", "u1").unwrap().unwrap();
+    assert_eq!(seen.state, crate::plan::VmState::Running);
+    pool.shutdown();
+}
+
+/// An operator that falls behind an agent's events loses some (the agent
+/// keeps a bounded buffer per watcher) and gets a `Reset`: the pool lists
+/// the agent again at once, so every capsule's view converges and the
+/// node stays usable. Single-threaded runtime: the creates below run
+/// without yielding, so the pool's session cannot keep up.
+#[tokio::test]
+async fn a_reset_stream_is_listed_again_and_the_view_converges() {
+    let agent = FakeNodeAgent::with_event_buffer("node-a", roomy(), Duration::ZERO, 4);
+    let (pool, _streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+    let client = pool.client("node-a").unwrap();
+    let uids: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    for uid in &uids {
+        client.create_capsule(create_req(uid)).await.unwrap();
+    }
+    wait_running(&pool, "node-a", &uids).await.unwrap();
+    assert!(pool.client("node-a").is_some(), "the node is usable again");
+    assert!(
+        agent.count("ListCapsules") >= 2,
+        "listed again after the reset: {:?}",
+        session_calls(&agent)
+    );
+    pool.shutdown();
+}
