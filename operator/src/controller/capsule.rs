@@ -276,7 +276,34 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
         api: Api::namespaced(ctx.client.clone(), ns),
         uid: uid.clone(),
         current,
+        announced: Vec::new(),
     };
+    let passes = passes(ns, ctx, &src, &mut known, &mut w, expiry, &egress).await;
+    w.flush(ctx).await;
+    let requeue = match passes? {
+        Ok(requeue) => requeue,
+        Err(action) => return Ok(action),
+    };
+    ctx.succeeded(&uid);
+    Ok(Action::requeue(plan_requeue(
+        requeue,
+        expiry,
+        ctx.settings.usage_interval,
+    )))
+}
+
+/// Plan → act until a pass has nothing more to do: `Ok(requeue)` when done
+/// (a good reconcile), `Err(action)` to return `action` as it is.
+async fn passes(
+    ns: &str,
+    ctx: &Context,
+    src: &Source,
+    known: &mut Known,
+    w: &mut Writer<'_>,
+    expiry: Expiry,
+    egress: &crate::plan::EgressPolicy,
+) -> Result<Result<Requeue, Action>, Error> {
+    let (cap, uid) = (w.cap, w.uid.clone());
     let mut requeue = Requeue::Settled;
     for _ in 0..MAX_PASSES {
         let observed = known.observe(ctx, &uid);
@@ -303,17 +330,17 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
             ctx,
             ns,
             plan: &plan,
-            src: &src,
+            src,
         };
         let next = match plan.action {
-            NodeAction::None => pass.show(&mut w, &known).await?,
-            NodeAction::Place => pass.place(&mut w, &facts).await?,
-            NodeAction::Create(mode) => pass.create(&w, mode, &mut known).await?,
+            NodeAction::None => pass.show(w, known).await?,
+            NodeAction::Place => pass.place(w, &facts).await?,
+            NodeAction::Create(mode) => pass.create(w, mode, known).await?,
             NodeAction::Pause | NodeAction::Resume | NodeAction::Suspend => {
-                pass.transition(&w, &mut known).await?
+                pass.transition(w, known).await?
             }
-            NodeAction::UpdateNetwork => pass.update_network(&mut w, &mut known).await?,
-            NodeAction::DeleteObject => pass.delete_object(&mut w).await?,
+            NodeAction::UpdateNetwork => pass.update_network(w, known).await?,
+            NodeAction::DeleteObject => pass.delete_object(w).await?,
         };
         match next {
             Next::Again => {}
@@ -325,15 +352,10 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
                 requeue = r;
                 break;
             }
-            Next::Return(action) => return Ok(action),
+            Next::Return(action) => return Ok(Err(action)),
         }
     }
-    ctx.succeeded(&uid);
-    Ok(Action::requeue(plan_requeue(
-        requeue,
-        expiry,
-        ctx.settings.usage_interval,
-    )))
+    Ok(Ok(requeue))
 }
 
 /// Whether the lifecycle expired. The agent is asked for the last

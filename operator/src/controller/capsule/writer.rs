@@ -1,6 +1,7 @@
 //! The one writer of a Capsule's status during a reconcile: a status equal
 //! to the current one is not written, a phase change is announced as an
-//! Event, and `status.usage` is refreshed from the agent's metrics.
+//! Event once the reconcile's node work is done, and `status.usage` is
+//! refreshed from the agent's metrics.
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
@@ -26,6 +27,8 @@ pub(super) struct Writer<'a> {
     pub(super) api: Api<Capsule>,
     pub(super) uid: String,
     pub(super) current: Option<CapsuleStatus>,
+    /// Events of the phases written, published by [`Writer::flush`].
+    pub(super) announced: Vec<(EventType, Reason, String)>,
 }
 
 impl Writer<'_> {
@@ -55,9 +58,21 @@ impl Writer<'_> {
             .instrument(tracing::info_span!("capsule.write_status"))
             .await?;
         if before != Some(draft.phase) {
-            self.announce(ctx, before, draft).await;
+            self.announce(ctx, before, draft);
         }
         Ok(())
+    }
+
+    /// Publishes the Events of the phases written. Called once the
+    /// reconcile's node work is done, failed or not: an Event is a write
+    /// too, and publishing `Scheduled` before the create would hold the
+    /// capsule's way to Running up by one API round trip.
+    pub(super) async fn flush(&mut self, ctx: &Context) {
+        for (type_, reason, note) in std::mem::take(&mut self.announced) {
+            ctx.event(&self.cap.object_ref(&()), type_, reason, note)
+                .instrument(tracing::info_span!("capsule.publish_event"))
+                .await;
+        }
     }
 
     /// Writes `next` as the status and remembers it as the current one,
@@ -75,7 +90,8 @@ impl Writer<'_> {
         Ok(())
     }
 
-    async fn announce(&self, ctx: &Context, before: Option<CapsulePhase>, draft: &StatusDraft) {
+    /// Queues the Event of a phase change (see [`Writer::flush`]).
+    fn announce(&mut self, ctx: &Context, before: Option<CapsulePhase>, draft: &StatusDraft) {
         use ConditionType as T;
         let cond = |t: ConditionType| -> Option<&ConditionDraft> {
             draft.conditions.iter().find(|c| c.type_ == t)
@@ -118,9 +134,7 @@ impl Writer<'_> {
             }
             _ => return,
         };
-        ctx.event(&self.cap.object_ref(&()), type_, reason, note)
-            .instrument(tracing::info_span!("capsule.publish_event"))
-            .await;
+        self.announced.push((type_, reason, note));
     }
 }
 
