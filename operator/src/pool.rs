@@ -343,6 +343,26 @@ impl AgentPool {
         out
     }
 
+    /// Fetches every synced agent's NodeInfo now, at once, instead of
+    /// waiting for the periodic refresh: placement asks before it calls a
+    /// capsule unschedulable, since a template or snapshot that became
+    /// ready since the last refresh would otherwise keep it Pending until
+    /// its next retry.
+    pub async fn refresh_infos(&self) {
+        let clients: Vec<(String, Arc<dyn NodeAgent>)> = self
+            .read()
+            .iter()
+            .filter(|(_, e)| e.synced)
+            .filter_map(|(n, e)| Some((n.clone(), e.client.clone()?)))
+            .collect();
+        futures::future::join_all(
+            clients
+                .iter()
+                .map(|(node, client)| self.refresh_info(node, client)),
+        )
+        .await;
+    }
+
     /// NodeInfo of `node`, as last fetched.
     pub fn info(&self, node: &str) -> Option<pb::NodeInfoResponse> {
         self.read().get(node).and_then(|e| e.info.clone())

@@ -417,11 +417,25 @@ impl Pass<'_> {
             )));
         }
         let nodes = ctx.nodes.clone();
-        let views = ctx.pool.views(
-            |n| crate::pool::node_labels(&nodes, n),
-            &placed(&ctx.capsules, &w.uid),
-        );
-        match plan_placement(&self.src.request(cap), &views) {
+        let decide = || {
+            let views = ctx.pool.views(
+                |n| crate::pool::node_labels(&nodes, n),
+                &placed(&ctx.capsules, &w.uid),
+            );
+            plan_placement(&self.src.request(cap), &views)
+        };
+        let mut decided = decide();
+        if decided.is_err() {
+            // NodeInfo may predate a snapshot or template that just became
+            // ready (its trigger brought us here): ask the agents, not the
+            // last refresh, before showing the capsule as unschedulable.
+            ctx.pool
+                .refresh_infos()
+                .instrument(tracing::info_span!("agent.refresh_infos"))
+                .await;
+            decided = decide();
+        }
+        match decided {
             Ok(chosen) => {
                 ctx.pool.reserve(&w.uid, &chosen, self.src.resources);
                 let draft = plan_placed(facts, &chosen);

@@ -171,6 +171,57 @@ async fn a_stale_cached_capsule_is_not_placed_or_written_twice() {
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }
 
+/// The benchmark's 10 s warm capsule: a warm template turned Ready (its
+/// snapshot is on the node) after the agent's last NodeInfo refresh, and
+/// its capsule is triggered at once. Placement asks the agents again
+/// before calling it unschedulable, so the capsule is placed now instead
+/// of waiting in Pending for its retry.
+#[tokio::test]
+async fn a_warm_snapshot_newer_than_the_last_node_info_is_placed_at_once() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let mut tpl = template();
+    tpl.spec.warm = Some(wrenn_crds::template::WarmSpec {
+        start_command: vec!["httpd".into()],
+        readiness: wrenn_crds::template::Readiness {
+            tcp_port: Some(8080),
+            ..Default::default()
+        },
+    });
+    tpl.status = Some(wrenn_crds::template::CapsuleTemplateStatus {
+        phase: Some(wrenn_crds::template::TemplatePhase::Ready),
+        ..Default::default()
+    });
+    let id = crate::templates::warm_snapshot_id(&tpl, "t1").unwrap();
+    // Built after the pool's last NodeInfo (refreshed hourly here).
+    node.insert_snapshot(&id);
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(tpl))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Scheduled")(body);
+                assert_eq!(body["status"]["nodeName"], "node-a");
+            },
+            ok(cap.clone()),
+        )
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+    reconcile(Arc::new(cap), context(&server, pool))
+        .await
+        .unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+}
+
 #[tokio::test]
 async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
     let node = agent("node-a", 1);
