@@ -182,6 +182,20 @@ pub fn framed(ch: u8, data: &[u8]) -> Message {
     Message::binary(v)
 }
 
+/// Ends a stream as the kubelet does: the final `Status` on the error
+/// channel, then a close. A client already gone is no error here.
+pub async fn send_final_status<S>(sink: &mut S, status: &Value)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    use futures::SinkExt as _;
+    let _ = sink
+        .send(framed(number::ERROR, status.to_string().as_bytes()))
+        .await;
+    let _ = sink.send(Message::Close(None)).await;
+    let _ = sink.flush().await;
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -30,6 +30,7 @@ use wrenn_proto::guest::v1 as gpb;
 
 use crate::channel::{
     ClientFrame, build_exit_status, build_failure_status, framed, number, parse_frame,
+    send_final_status,
 };
 use crate::query::{flag, form_decode, form_encode};
 use crate::route::{Reason, Refusal, plan_agent_refusal};
@@ -407,11 +408,7 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, started: Started) {
             },
         }
     };
-    let _ = sink
-        .send(framed(number::ERROR, status.to_string().as_bytes()))
-        .await;
-    let _ = sink.send(Message::Close(None)).await;
-    let _ = sink.flush().await;
+    send_final_status(&mut sink, &status).await;
 }
 
 #[cfg(test)]

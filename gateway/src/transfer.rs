@@ -36,8 +36,8 @@ use tonic::transport::Channel;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
-use crate::channel::framed;
-use crate::channel::number::{CLOSE, ERROR, STDIN, STDOUT};
+use crate::channel::number::{CLOSE, STDIN, STDOUT};
+use crate::channel::{framed, send_final_status};
 use crate::console::ConsoleOptions;
 use crate::files::{FileOp, parse_request};
 use crate::filestream::{
@@ -285,11 +285,7 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, capsule: String, ope
             }
         }
     };
-    let _ = sink
-        .send(framed(ERROR, status.to_string().as_bytes()))
-        .await;
-    let _ = sink.send(Message::Close(None)).await;
-    let _ = sink.flush().await;
+    send_final_status(&mut sink, &status).await;
 }
 
 #[cfg(test)]
