@@ -3,11 +3,11 @@
 //! values (`--for`, `--timeout`) before anything touches the cluster.
 //! Running a verb is left to its module.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cluster::TargetArgs;
 use crate::wait::WaitFor;
 
 const EXAMPLES: &str = "\
@@ -47,20 +47,6 @@ pub struct Cli {
     /// The verb.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Where requests go, chosen as kubectl chooses it.
-#[derive(Debug, Args)]
-pub struct TargetArgs {
-    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context (default: the current one).
-    #[arg(long, global = true, value_name = "NAME")]
-    pub context: Option<String>,
-    /// Namespace (default: the context's, else `default`).
-    #[arg(short = 'n', long, global = true, value_name = "NAME")]
-    pub namespace: Option<String>,
 }
 
 /// How long a verb waits for the operator to report the result.
@@ -315,6 +301,8 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::path::PathBuf;
+
     use super::*;
     use clap::CommandFactory as _;
     use wrenn_crds::capsule::CapsulePhase;

@@ -5,7 +5,7 @@
 //! itself is the exec session's.
 
 use serde_json::Value;
-use wrenn_gateway::exec::exit_code_of;
+use wrenn_gateway::channel::exit_code_of;
 
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
@@ -80,7 +80,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::json;
-    use wrenn_gateway::exec::{ClientFrame, Protocol, build_exit_status, parse_frame};
+    use wrenn_gateway::channel::{ClientFrame, Protocol, build_exit_status, parse_frame};
     use wrenn_proto::guest::v1 as gpb;
 
     // The gateway's own parser reads what we send.

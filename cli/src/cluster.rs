@@ -7,9 +7,22 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::Args;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::args::TargetArgs;
+/// Where requests go, chosen as kubectl chooses it.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: the current one).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+    /// Namespace (default: the context's, else `default`).
+    #[arg(short = 'n', long, global = true, value_name = "NAME")]
+    pub namespace: Option<String>,
+}
 
 /// Why talking to the cluster failed.
 #[derive(Debug, thiserror::Error)]

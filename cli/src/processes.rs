@@ -1,16 +1,17 @@
 //! `exec --detach`, `ps`, `kill` and `logs`: detached processes in a
 //! capsule through the gateway's `capsules/processes` (plain HTTP, JSON
-//! answers; `logs` a text stream), as the user. The table `ps` prints is
+//! answers; `logs` a WebSocket, [`crate::transfer`], which a follow needs
+//! to outlive the API server's request timeout), as the user. The table `ps` prints is
 //! built apart from the I/O ([`build_table`]); `attach` lives in
 //! [`crate::attach`].
 
-use futures::AsyncBufReadExt as _;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
 use wrenn_gateway::processes::build_path;
 use wrenn_gateway::route::Subresource;
 
 use crate::cluster::{self, Target};
+use crate::transfer::Session;
 
 /// Why a process verb failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +36,7 @@ pub enum Error {
         #[source]
         source: cluster::Error,
     },
-    /// The output stream broke.
+    /// The output stream was refused or broke.
     #[error("read the output of {which} in capsule {capsule:?}")]
     Read {
         /// The pid or tag.
@@ -44,7 +45,7 @@ pub enum Error {
         capsule: String,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: crate::transfer::Error,
     },
 }
 
@@ -146,43 +147,32 @@ pub async fn logs(target: &Target, capsule: &str, which: &str, follow: bool) -> 
         .and_then(|p| p["droppedBytes"].as_u64())
         .unwrap_or(0);
     if dropped > 0 {
-        eprint!("{}", wrenn_gateway::attach::build_dropped_notice(dropped));
+        eprint!(
+            "{}",
+            wrenn_gateway::processes::build_dropped_notice(dropped)
+        );
     }
-    let follow = if follow { "true" } else { "false" };
-    let q = [("op", "logs"), (key, value), ("follow", follow)];
-    let path = build_path(&target.namespace, capsule, Subresource::Processes, &q);
-    let req = http::Request::get(path)
-        .body(Vec::new())
-        .map_err(|source| Error::Request {
-            capsule: capsule.to_string(),
-            source,
-        })?;
-    let mut body = target
-        .client
-        .request_stream(req)
+    // A WebSocket, so a follow outlives the API server's request timeout.
+    let query = format!(
+        "op=logs&{key}={}&follow={follow}",
+        crate::transfer::encode(value)
+    );
+    let stream = |source| Error::Read {
+        which: which.to_string(),
+        capsule: capsule.to_string(),
+        source,
+    };
+    let mut s = Session::open(target, capsule, "processes", &query)
         .await
-        .map_err(|e| Error::Refused {
-            what: "read a process's output",
-            capsule: capsule.to_string(),
-            source: target.refusal(e, "capsule", capsule),
-        })?;
+        .map_err(stream)?;
     let mut stdout = tokio::io::stdout();
-    loop {
-        let read = body.fill_buf().await.map_err(|source| Error::Read {
-            which: which.to_string(),
-            capsule: capsule.to_string(),
-            source,
-        })?;
-        if read.is_empty() {
-            return Ok(());
-        }
-        let n = read.len();
+    while let Some(b) = s.next().await.map_err(stream)? {
         // A reader that went away (`| head`) ends us quietly.
-        if stdout.write_all(read).await.is_err() || stdout.flush().await.is_err() {
+        if stdout.write_all(&b).await.is_err() || stdout.flush().await.is_err() {
             return Ok(());
         }
-        body.consume_unpin(n);
     }
+    Ok(())
 }
 
 /// One line of `ps` for a process (pure).

@@ -1,6 +1,7 @@
-//! One long transfer with the gateway (`files` or `console`) as a
-//! WebSocket through the API server: the form the API server's request
-//! timeout does not cut (`docs/gateway-api.md`, "Long transfers"). Data
+//! One long transfer with the gateway (`files`, `console` or a process's
+//! `logs`) as a WebSocket through the API server: the form the API
+//! server's request timeout does not cut (`docs/gateway-api.md`, "Long
+//! transfers"). Data
 //! comes on stdout (1), an upload goes on stdin (0) and ends with close
 //! (`[255, 0]`), and the last message is a `Status` on the error channel
 //! (3). Short requests (stat, mkdir) are plain HTTP ([`request_json`]).

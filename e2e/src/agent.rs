@@ -246,54 +246,9 @@ impl GuestImage {
     }
 }
 
-/// The example that makes a build resolve features as `cargo test
-/// --workspace` does (see [`cargo_build`]).
-const DEV_UNIT: [&str; 2] = ["--example", "gen"];
-
-/// Builds `bin` of `package` (debug, locked) and returns its path.
-///
-/// With the features `cargo test --workspace` resolves: `-p <package>`
-/// alone resolves fewer (no other member, no dev-dependency), which
-/// changes the features of libc, serde_json, tower and more, so the binary
-/// and half its dependencies were compiled a second time inside the first
-/// test that needed it. `--workspace` plus one small example (a target
-/// that needs dev-dependencies) gives the test build's resolution, whose
-/// artifacts are already there.
-///
-/// Built once per test process: a restart in the middle of a scenario (the
-/// operator or an agent after a kill -9) must not wait on a build, which on
-/// a busy machine can queue behind another build's lock for minutes and
-/// then reads as a slow recovery.
-pub fn cargo_build(package: &str, bin: &str) -> Result<PathBuf> {
-    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, path)) = built.iter().find(|(b, _)| b == bin) {
-        return Ok(path.clone());
-    }
-    let path = build_now(package, bin)?;
-    built.push((bin.to_string(), path.clone()));
-    Ok(path)
-}
-
-fn build_now(package: &str, bin: &str) -> Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--locked", "-q", "--workspace", "--bin", bin])
-        .args(DEV_UNIT)
-        .current_dir(workspace_root())
-        .status()
-        .context("run cargo build")?;
-    if !status.success() {
-        bail!("cargo build of {package}'s {bin} failed: {status}");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug").join(bin))
-}
-
 /// Builds the agent binary (debug) and returns its path.
 pub fn agent_binary() -> Result<PathBuf> {
-    cargo_build("wrenn-node-agent", "wrenn-node-agent")
+    crate::build::cargo_build("wrenn-node-agent", "wrenn-node-agent")
 }
 
 pub(crate) fn ip(args: &[&str]) -> Result<()> {

@@ -19,7 +19,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::agent::{cargo_build, ip};
+use crate::agent::ip;
+use crate::build::cargo_build;
 use crate::child::{stop_child, tail};
 
 /// A private IPv4 address on the host side of a veth pair of its own,

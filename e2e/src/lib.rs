@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod build;
 pub mod child;
 pub mod gateway;
 pub mod helm;

@@ -18,7 +18,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::agent::{NodeAgent, Pki, SERVER_NAME, cargo_build};
+use crate::agent::{NodeAgent, Pki, SERVER_NAME};
+use crate::build::cargo_build;
 use crate::child::stop_child;
 pub use crate::child::tail;
 

@@ -10,64 +10,18 @@
 #![allow(clippy::unwrap_used)]
 
 mod gateway_bed;
+mod plugin;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use tokio::io::AsyncWriteExt as _;
 use wrenn_crds::capsule::OperatingMode;
 use wrenn_crds::{Capsule, CapsuleSnapshot};
 use wrenn_testkit::{Tier, case};
 
 use gateway_bed::{Bed, NODE, NS, eventually, operator_status};
-
-/// What one run of the plugin gave.
-#[derive(Debug)]
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Starts the plugin with `--kubeconfig kc` and `args`, stdin piped.
-fn start(bin: &Path, kc: &Path, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(kc)
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-/// Writes `stdin` (then closes it) and waits up to a minute for the end.
-async fn finish(mut child: tokio::process::Child, stdin: &[u8]) -> Ran {
-    let mut input = child.stdin.take().unwrap();
-    if !stdin.is_empty() {
-        input.write_all(stdin).await.unwrap();
-    }
-    drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("kubectl-wrenn ends within 60 s")
-        .unwrap();
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-async fn run(bin: &Path, kc: &Path, args: &[&str]) -> Ran {
-    finish(start(bin, kc, args), b"").await
-}
+use plugin::{finish, plugin, run, start};
 
 async fn mode(admin: &kube::Client, name: &str) -> OperatingMode {
     let api: Api<Capsule> = Api::namespaced(admin.clone(), NS);
@@ -103,10 +57,6 @@ async fn snapshot_taken(admin: &kube::Client, name: &str) -> CapsuleSnapshot {
     .await
     .unwrap();
     snap
-}
-
-fn plugin() -> PathBuf {
-    wrenn_e2e::agent::cargo_build("kubectl-wrenn", "kubectl-wrenn").unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,16 +6,17 @@
 //! of its own).
 //!
 //! The API server cuts requests that are not long-running at
-//! `--request-timeout`; `files` and `console` are not long-running by
-//! name, so their plain HTTP form is cut and the WebSocket form
-//! (`docs/gateway-api.md`, "Long transfers") must not be. The second test
-//! runs an API server whose timeout is 5 s and holds each stream open
-//! longer than that.
+//! `--request-timeout`; `files`, `console` and `processes` are not
+//! long-running by name, so their plain HTTP form is cut and the WebSocket
+//! form (`docs/gateway-api.md`, "Long transfers") must not be. The second
+//! test runs an API server whose timeout is 5 s and holds each stream
+//! (a download, an upload, `console -f`, `logs -f`) open longer than that.
 #![allow(clippy::unwrap_used)]
 
 mod gateway_bed;
+mod plugin;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -26,38 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use wrenn_testkit::{Tier, case};
 
 use gateway_bed::{Bed, BedOptions, NS};
-
-#[derive(Debug)]
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run(bin: &Path, kc: &Path, args: &[&str]) -> Ran {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(bin)
-            .arg("--kubeconfig")
-            .arg(kc)
-            .args(args)
-            .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("kubectl-wrenn ends within 120 s")
-    .unwrap();
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn plugin() -> PathBuf {
-    wrenn_e2e::agent::cargo_build("kubectl-wrenn", "kubectl-wrenn").unwrap()
-}
+use plugin::{finish, plugin, read_until, run, start};
 
 fn sha256_hex(data: &[u8]) -> String {
     sha2::Sha256::digest(data)
@@ -247,20 +217,14 @@ async fn drain(ws: &mut Ws, data: &mut Vec<u8>) -> serde_json::Value {
 /// broken; `None` if it was still open after `within`.
 async fn plain_body_lasts(
     client: &kube::Client,
+    sub: &str,
     query: &str,
     read_pause: Duration,
     within: Duration,
 ) -> Option<(Duration, bool)> {
-    let req = http::Request::get(sub_path(
-        if query.contains("path=") {
-            "files"
-        } else {
-            "console"
-        },
-        query,
-    ))
-    .body(kube::client::Body::from(Vec::new()))
-    .unwrap();
+    let req = http::Request::get(sub_path(sub, query))
+        .body(kube::client::Body::from(Vec::new()))
+        .unwrap();
     let t0 = Instant::now();
     let resp = client.send(req).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
@@ -316,6 +280,7 @@ async fn long_transfers_and_console_follow_outlive_the_api_servers_request_timeo
     // slow download and a console follow alike.
     let (lasted, broken) = plain_body_lasts(
         &alice,
+        "files",
         &format!("path={g}/big.bin"),
         PAST,
         Duration::from_secs(60),
@@ -326,6 +291,7 @@ async fn long_transfers_and_console_follow_outlive_the_api_servers_request_timeo
     assert!(lasted >= TIMEOUT - Duration::from_secs(1), "{lasted:?}");
     let cut = plain_body_lasts(
         &alice,
+        "console",
         "follow=true",
         Duration::ZERO,
         Duration::from_secs(60),
@@ -433,4 +399,41 @@ async fn long_transfers_and_console_follow_outlive_the_api_servers_request_timeo
     }
     assert_eq!(String::from_utf8_lossy(&seen), "login:\nlate line\n");
     follower.kill().await.unwrap();
+
+    // A detached process's output: plain `logs` with follow=true is cut at
+    // the timeout too; `kubectl wrenn logs -f` (a WebSocket) prints what
+    // the process writes after it, then ends with the process.
+    let go = format!("{g}/go");
+    let script = format!("echo first; while [ ! -e {go} ]; do sleep 0.2; done; echo late");
+    let ran = run(
+        &bin,
+        &bed.alice_kubeconfig,
+        &[
+            "exec", "-d", "--tag", "ticker", "box", "--", "sh", "-c", &script,
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let cut = plain_body_lasts(
+        &alice,
+        "processes",
+        "op=logs&tag=ticker&follow=true",
+        Duration::ZERO,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("a plain logs follow is cut by the API server");
+    assert!(cut.0 >= TIMEOUT - Duration::from_secs(1), "{cut:?}");
+    let mut follower = start(
+        &bin,
+        &bed.alice_kubeconfig,
+        &["logs", "-f", "box", "ticker"],
+    );
+    read_until(&mut follower, "first\n").await;
+    tokio::time::sleep(PAST).await;
+    std::fs::write(&go, b"").unwrap();
+    let seen = read_until(&mut follower, "late\n").await;
+    assert_eq!(seen, "late\n");
+    let ran = finish(follower, b"").await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
 }

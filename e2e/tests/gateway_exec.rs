@@ -13,7 +13,8 @@ use futures::{SinkExt, StreamExt};
 use gateway_bed::{Bed, NS, api_code, exec, exec_path};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
-use wrenn_gateway::exec::{ExecOptions, build_request_path, exit_code_of};
+use wrenn_gateway::channel::exit_code_of;
+use wrenn_gateway::exec::{ExecOptions, build_request_path};
 use wrenn_testkit::{Tier, case};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,7 +9,8 @@
 
 use std::net::Ipv4Addr;
 
-use wrenn_e2e::agent::{Pki, cargo_build};
+use wrenn_e2e::agent::Pki;
+use wrenn_e2e::build::cargo_build;
 use wrenn_e2e::local::{LocalGateway, ensure_namespace};
 use wrenn_e2e::{ControlPlane, Options};
 use wrenn_testkit::{Tier, case, need_program, need_root};

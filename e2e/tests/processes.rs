@@ -8,75 +8,15 @@
 #![allow(clippy::unwrap_used)]
 
 mod gateway_bed;
+mod plugin;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncReadExt as _;
 use wrenn_testkit::{Tier, case};
 
 use gateway_bed::{Bed, NS, eventually};
-
-/// What one run of the plugin gave.
-#[derive(Debug)]
-struct Ran {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn plugin() -> PathBuf {
-    wrenn_e2e::agent::cargo_build("kubectl-wrenn", "kubectl-wrenn").unwrap()
-}
-
-fn start(bin: &Path, kc: &Path, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(kc)
-        .args(args)
-        .env_remove("KUBECONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn finish(child: tokio::process::Child) -> Ran {
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("kubectl-wrenn ends within 60 s")
-        .unwrap();
-    Ran {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-async fn run(bin: &Path, kc: &Path, args: &[&str]) -> Ran {
-    finish(start(bin, kc, args)).await
-}
-
-/// Reads the child's stdout until it holds `want`; answers what it read.
-async fn read_until(child: &mut tokio::process::Child, want: &str) -> String {
-    let out = child.stdout.as_mut().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while !String::from_utf8_lossy(&seen).contains(want) {
-            let n = out.read(&mut buf).await.unwrap();
-            assert!(n > 0, "output ended before {want:?}: {seen:?}");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {want:?} within 30 s: {seen:?}"));
-    String::from_utf8_lossy(&seen).into_owned()
-}
+use plugin::{finish, plugin, read_until, run, start};
 
 /// The processes of `box` as the gateway lists them to the admin.
 async fn listed(admin: &kube::Client) -> Vec<Value> {
@@ -188,7 +128,7 @@ async fn detached_processes_outlive_their_clients_replay_their_output_and_obey_r
     let mut second = start(&bin, alice, &["attach", "box", "job"]);
     read_until(&mut second, "started\n").await;
     std::fs::write(&go, b"").unwrap();
-    let ran = finish(second).await;
+    let ran = finish(second, b"").await;
     assert_eq!(ran.code, Some(7), "{ran:?}");
     assert_eq!(ran.stdout, "finished\n", "{ran:?}");
     let p = exited(admin, "job").await;

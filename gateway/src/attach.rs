@@ -12,8 +12,10 @@ use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
-use crate::exec::{Protocol, Started, form_decode};
+use crate::channel::Protocol;
+use crate::exec::Started;
 use crate::processes::plan_process_refusal;
+use crate::query::{flag, form_decode};
 use crate::route::{Reason, Refusal};
 
 /// What an attach request asks for.
@@ -35,17 +37,6 @@ impl AttachOptions {
         } else {
             format!("process {:?}", self.process.tag)
         }
-    }
-}
-
-fn flag(k: &str, v: &str) -> Result<bool, Refusal> {
-    match v {
-        "" | "1" | "true" | "True" | "TRUE" => Ok(true),
-        "0" | "false" | "False" | "FALSE" => Ok(false),
-        _ => Err(Refusal::new(
-            Reason::BadRequest,
-            format!("query parameter {k}={v:?} is not a boolean"),
-        )),
     }
 }
 
@@ -105,13 +96,6 @@ pub fn parse_options(query: &str) -> Result<AttachOptions, Refusal> {
         return Err(bad("attach at least one of stdout, stderr".into()));
     }
     Ok(o)
-}
-
-/// What the client reads on stderr when the ring dropped output (pure).
-pub fn build_dropped_notice(bytes: u64) -> String {
-    format!(
-        "wrenn: {bytes} bytes of earlier output were dropped (the capsule keeps the newest only)\n"
-    )
 }
 
 /// Opens the process's output stream (replay, then follow) in capsule
@@ -176,10 +160,5 @@ mod tests {
         let e = parse_options("tag=a&stdin=true").unwrap_err();
         assert!(e.message.contains("no stdin"), "{}", e.message);
         assert!(parse_options("tag=a&tty=1").is_err());
-    }
-
-    #[test]
-    fn the_dropped_notice_names_the_bytes() {
-        assert!(build_dropped_notice(4000).contains("4000 bytes"));
     }
 }

@@ -8,9 +8,9 @@ use tonic::transport::Channel;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 
-use crate::exec::{form_decode, plan_agent_refusal};
+use crate::query::{flag, form_decode};
 use crate::reply::{self, BodyError, Reply};
-use crate::route::{Reason, Refusal};
+use crate::route::{Reason, Refusal, plan_agent_refusal};
 
 /// What a console request asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -35,11 +35,7 @@ pub fn parse_options(query: &str) -> Result<ConsoleOptions, Refusal> {
                     .map_err(|_| bad(format!("tailLines={v:?} is not a count of lines")))?;
             }
             "follow" => {
-                o.follow = match v.as_str() {
-                    "" | "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => return Err(bad(format!("follow={v:?} is not a boolean"))),
-                };
+                o.follow = flag(&k, &v)?;
             }
             other => return Err(bad(format!("unknown query parameter {other:?}"))),
         }

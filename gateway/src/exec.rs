@@ -1,7 +1,8 @@
 //! `capsules/exec`: the Kubernetes WebSocket channel protocol
-//! (`v5.channel.k8s.io`, also `v4`) bridged to the node agent's `Exec`
-//! (or, with `tty=true`, `Pty`) stream, so kubectl and client-go behave as
-//! with `pods/exec`. Each binary message starts with its channel: stdin 0,
+//! (`v5.channel.k8s.io`, also `v4`; see `channel`) bridged to the node
+//! agent's `Exec` (or, with `tty=true`, `Pty`) stream, and `attach`'s
+//! replay of a detached process, so kubectl and client-go behave as with
+//! `pods/exec`. Each binary message starts with its channel: stdin 0,
 //! stdout 1, stderr 2, error 3 (one `Status` at the end, carrying a
 //! non-zero exit code as `NonZeroExitCode` with an `ExitCode` cause, as the
 //! kubelet does), resize 4, and in v5 close 255 (`[255, 0]` closes stdin,
@@ -17,76 +18,28 @@ use std::collections::HashMap;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tonic::Streaming;
 use tonic::transport::Channel;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
-use crate::route::{Reason, Refusal};
+use crate::channel::{
+    ClientFrame, build_exit_status, build_failure_status, framed, number, parse_frame,
+    send_final_status,
+};
+use crate::query::{flag, form_decode, form_encode};
+use crate::route::{Reason, Refusal, plan_agent_refusal};
 
-/// Channel numbers of the protocol.
-mod channel {
-    pub const STDIN: u8 = 0;
-    pub const STDOUT: u8 = 1;
-    pub const STDERR: u8 = 2;
-    pub const ERROR: u8 = 3;
-    pub const RESIZE: u8 = 4;
-    pub const CLOSE: u8 = 255;
-}
-
-/// Largest message a client may send: the agent takes stdin chunks of at
-/// most 1 MiB; the channel byte comes on top.
-pub const MAX_CLIENT_MESSAGE: usize = (1 << 20) + 1;
+// The upgrade in `server` names these through `exec`.
+pub use crate::channel::{Protocol, plan_protocol, websocket_config};
 
 /// Input messages queued towards the agent before the client is slowed.
 const INPUT_QUEUE: usize = 16;
-
-/// A channel protocol version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    /// `v5.channel.k8s.io`: v4 plus the close channel.
-    V5,
-    /// `v4.channel.k8s.io`.
-    V4,
-}
-
-impl Protocol {
-    /// Its `Sec-WebSocket-Protocol` name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::V5 => "v5.channel.k8s.io",
-            Self::V4 => "v4.channel.k8s.io",
-        }
-    }
-}
-
-/// The protocol to speak, from the client's `Sec-WebSocket-Protocol`
-/// offers (pure): v5 when offered, else v4.
-pub fn plan_protocol<'a>(offers: impl IntoIterator<Item = &'a str>) -> Result<Protocol, Refusal> {
-    let offered: Vec<String> = offers
-        .into_iter()
-        .flat_map(|h| h.split(','))
-        .map(|s| s.trim().to_string())
-        .collect();
-    for p in [Protocol::V5, Protocol::V4] {
-        if offered.iter().any(|o| o == p.as_str()) {
-            return Ok(p);
-        }
-    }
-    Err(Refusal::new(
-        Reason::BadRequest,
-        format!(
-            "exec needs a WebSocket with subprotocol v5.channel.k8s.io or v4.channel.k8s.io; offered: {offered:?}"
-        ),
-    ))
-}
 
 /// What the query asks for, as `pods/exec` takes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -109,42 +62,6 @@ pub struct ExecOptions {
     pub user: String,
 }
 
-fn flag(v: &str) -> Result<bool, String> {
-    match v {
-        "" | "1" | "true" | "True" | "TRUE" => Ok(true),
-        "0" | "false" | "False" | "FALSE" => Ok(false),
-        other => Err(other.to_string()),
-    }
-}
-
-/// Decodes `application/x-www-form-urlencoded` text (`+` is a space).
-pub(crate) fn form_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Parses the query of an exec request (pure).
 pub fn parse_options(query: &str) -> Result<ExecOptions, Refusal> {
     let bad = |m: String| Refusal::new(Reason::BadRequest, m);
@@ -156,9 +73,7 @@ pub fn parse_options(query: &str) -> Result<ExecOptions, Refusal> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (k, v) = (form_decode(k), form_decode(v));
-        let set = |v: &str| {
-            flag(v).map_err(|v| bad(format!("query parameter {k}={v:?} is not a boolean")))
-        };
+        let set = |v: &str| flag(&k, v);
         match k.as_str() {
             "command" => o.command.push(v),
             "stdin" => o.stdin = set(&v)?,
@@ -196,18 +111,6 @@ pub fn parse_options(query: &str) -> Result<ExecOptions, Refusal> {
     Ok(o)
 }
 
-/// Form-encodes one query value (pure).
-pub(crate) fn form_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// The path and query of an exec request for `options` (pure): what a
 /// client sends, and what [`parse_options`] reads back.
 pub fn build_request_path(namespace: &str, capsule: &str, o: &ExecOptions) -> String {
@@ -240,130 +143,6 @@ pub fn build_request_path(namespace: &str, capsule: &str, o: &ExecOptions) -> St
         crate::RESOURCE,
         form_encode(capsule),
         q.join("&")
-    )
-}
-
-/// The exit code the error channel's `Status` carries (pure): 0 for
-/// `Success`, the `ExitCode` cause of `NonZeroExitCode`; `None` for any
-/// other failure (its message says what went wrong).
-pub fn exit_code_of(status: &Value) -> Option<i32> {
-    if status["status"] == "Success" {
-        return Some(0);
-    }
-    if status["reason"] != "NonZeroExitCode" {
-        return None;
-    }
-    status["details"]["causes"]
-        .as_array()?
-        .iter()
-        .find(|c| c["reason"] == "ExitCode")
-        .and_then(|c| c["message"].as_str())
-        .and_then(|m| m.parse().ok())
-}
-
-/// What a client message asks (pure).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClientFrame {
-    /// Bytes for the process's stdin.
-    Stdin(Vec<u8>),
-    /// Close the process's stdin (v5).
-    CloseStdin,
-    /// Terminal size.
-    Resize {
-        /// Rows.
-        rows: u32,
-        /// Columns.
-        cols: u32,
-    },
-    /// Nothing to do (empty message, an unknown channel, a close of
-    /// another channel).
-    Ignore,
-}
-
-/// Decodes one binary client message.
-pub fn parse_frame(protocol: Protocol, data: &[u8]) -> Result<ClientFrame, String> {
-    let Some((&ch, rest)) = data.split_first() else {
-        return Ok(ClientFrame::Ignore);
-    };
-    match ch {
-        channel::STDIN if rest.is_empty() => Ok(ClientFrame::Ignore),
-        channel::STDIN => Ok(ClientFrame::Stdin(rest.to_vec())),
-        channel::RESIZE => {
-            #[derive(serde::Deserialize)]
-            #[serde(rename_all = "PascalCase")]
-            struct Size {
-                width: u32,
-                height: u32,
-            }
-            let s: Size = serde_json::from_slice(rest).map_err(|e| {
-                format!("resize message is not {{\"Width\":..,\"Height\":..}}: {e}")
-            })?;
-            Ok(ClientFrame::Resize {
-                rows: s.height,
-                cols: s.width,
-            })
-        }
-        channel::CLOSE if protocol == Protocol::V5 => Ok(match rest.first() {
-            Some(&channel::STDIN) => ClientFrame::CloseStdin,
-            _ => ClientFrame::Ignore,
-        }),
-        _ => Ok(ClientFrame::Ignore),
-    }
-}
-
-/// The error channel's `Status` for how the process ended (pure), worded
-/// as the kubelet words it so clients read the exit code the same way.
-pub fn build_exit_status(command: &[String], exit: &gpb::ExecExit) -> Value {
-    let code = match (exit.code, exit.signal) {
-        (Some(c), _) => c,
-        // As a shell reports it.
-        (None, Some(sig)) => 128 + sig,
-        (None, None) if exit.timed_out => 124,
-        (None, None) => -1,
-    };
-    if code == 0 {
-        return json!({ "metadata": {}, "status": "Success" });
-    }
-    let how = match (exit.code, exit.signal) {
-        (None, Some(sig)) => format!(" (killed by signal {sig})"),
-        _ if exit.timed_out => " (timed out)".to_string(),
-        _ => String::new(),
-    };
-    json!({
-        "metadata": {},
-        "status": "Failure",
-        "message": format!(
-            "command terminated with non-zero exit code: error executing command {command:?}, exit code {code}{how}"
-        ),
-        "reason": "NonZeroExitCode",
-        "details": { "causes": [{ "reason": "ExitCode", "message": code.to_string() }] },
-    })
-}
-
-/// The error channel's `Status` for a stream that failed (pure).
-pub fn build_failure_status(message: &str) -> Value {
-    json!({ "metadata": {}, "status": "Failure", "message": message, "reason": "InternalError" })
-}
-
-/// A refusal from the agent as the user reads it (pure).
-pub fn plan_agent_refusal(capsule: &str, status: &tonic::Status) -> Refusal {
-    use tonic::Code;
-    let reason = match status.code() {
-        Code::NotFound => Reason::NotFound,
-        Code::FailedPrecondition | Code::AlreadyExists => Reason::Conflict,
-        Code::PermissionDenied => Reason::Forbidden,
-        // A checksum that does not match what arrived.
-        Code::DataLoss => Reason::Invalid,
-        Code::ResourceExhausted => Reason::RequestEntityTooLarge,
-        Code::InvalidArgument | Code::OutOfRange => Reason::BadRequest,
-        Code::Unavailable => Reason::ServiceUnavailable,
-        Code::DeadlineExceeded => Reason::Timeout,
-        _ => Reason::InternalError,
-    };
-    Refusal::capsule(
-        reason,
-        capsule,
-        format!("capsule \"{capsule}\": {}", status.message()),
     )
 }
 
@@ -413,7 +192,7 @@ impl Output {
                     Some(A::Exit(e)) => Out::Exit(e),
                     // The client is told on stderr, apart from the output.
                     Some(A::Dropped(n)) if n > 0 => {
-                        Out::Stderr(crate::attach::build_dropped_notice(n).into_bytes())
+                        Out::Stderr(crate::processes::build_dropped_notice(n).into_bytes())
                     }
                     Some(A::Dropped(_)) | None => Out::Nothing,
                 }
@@ -562,21 +341,6 @@ pub async fn start(
     })
 }
 
-/// The WebSocket limits for exec.
-pub fn websocket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
-}
-
-/// A binary message on channel `ch`.
-pub(crate) fn framed(ch: u8, data: &[u8]) -> Message {
-    let mut v = Vec::with_capacity(data.len() + 1);
-    v.push(ch);
-    v.extend_from_slice(data);
-    Message::binary(v)
-}
-
 /// Runs the stream until the process ends or the client goes away.
 pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, started: Started) {
     let Started {
@@ -589,11 +353,11 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, started: Started) {
     // As the kubelet: an empty message on the lowest writable channel
     // tells the client the stream is up.
     let first = if options.stdout {
-        channel::STDOUT
+        number::STDOUT
     } else if options.stderr {
-        channel::STDERR
+        number::STDERR
     } else {
-        channel::ERROR
+        number::ERROR
     };
     if sink.send(framed(first, &[])).await.is_err() {
         return;
@@ -632,10 +396,10 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, started: Started) {
             },
             out = output.next() => match out {
                 Ok(Some(Out::Stdout(b))) if options.stdout => {
-                    if sink.send(framed(channel::STDOUT, &b)).await.is_err() { return; }
+                    if sink.send(framed(number::STDOUT, &b)).await.is_err() { return; }
                 }
                 Ok(Some(Out::Stderr(b))) if options.stderr => {
-                    if sink.send(framed(channel::STDERR, &b)).await.is_err() { return; }
+                    if sink.send(framed(number::STDERR, &b)).await.is_err() { return; }
                 }
                 Ok(Some(Out::Exit(e))) => break build_exit_status(&options.command, &e),
                 Ok(Some(_)) => {}
@@ -644,11 +408,7 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, started: Started) {
             },
         }
     };
-    let _ = sink
-        .send(framed(channel::ERROR, status.to_string().as_bytes()))
-        .await;
-    let _ = sink.send(Message::Close(None)).await;
-    let _ = sink.flush().await;
+    send_final_status(&mut sink, &status).await;
 }
 
 #[cfg(test)]
@@ -695,22 +455,6 @@ mod tests {
     }
 
     #[test]
-    fn exit_codes_read_back() {
-        let cmd = vec!["x".to_string()];
-        for code in [0, 1, 3, 255] {
-            let s = build_exit_status(
-                &cmd,
-                &gpb::ExecExit {
-                    code: Some(code),
-                    ..Default::default()
-                },
-            );
-            assert_eq!(exit_code_of(&s), Some(code));
-        }
-        assert_eq!(exit_code_of(&build_failure_status("boom")), None);
-    }
-
-    #[test]
     fn bad_queries_are_400() {
         for q in [
             "",
@@ -723,84 +467,5 @@ mod tests {
             let e = parse_options(q).unwrap_err();
             assert_eq!(e.reason, Reason::BadRequest, "{q}");
         }
-    }
-
-    #[test]
-    fn v5_is_preferred_and_spdy_only_clients_are_told() {
-        assert_eq!(
-            plan_protocol(["v4.channel.k8s.io, v5.channel.k8s.io"]).unwrap(),
-            Protocol::V5
-        );
-        assert_eq!(plan_protocol(["v4.channel.k8s.io"]).unwrap(), Protocol::V4);
-        let e = plan_protocol(["channel.k8s.io"]).unwrap_err();
-        assert!(e.message.contains("v5.channel.k8s.io"), "{}", e.message);
-    }
-
-    #[test]
-    fn client_frames() {
-        assert_eq!(
-            parse_frame(Protocol::V5, &[0, b'a']).unwrap(),
-            ClientFrame::Stdin(b"a".to_vec())
-        );
-        assert_eq!(
-            parse_frame(Protocol::V5, &[255, 0]).unwrap(),
-            ClientFrame::CloseStdin
-        );
-        assert_eq!(
-            parse_frame(Protocol::V4, &[255, 0]).unwrap(),
-            ClientFrame::Ignore
-        );
-        assert_eq!(
-            parse_frame(Protocol::V5, b"\x04{\"Width\":80,\"Height\":24}").unwrap(),
-            ClientFrame::Resize { rows: 24, cols: 80 }
-        );
-        assert!(parse_frame(Protocol::V5, b"\x04nonsense").is_err());
-        assert_eq!(parse_frame(Protocol::V5, &[]).unwrap(), ClientFrame::Ignore);
-    }
-
-    #[test]
-    fn exit_status_like_the_kubelet() {
-        let cmd = vec!["sh".to_string(), "-c".to_string(), "exit 3".to_string()];
-        let ok = build_exit_status(
-            &cmd,
-            &gpb::ExecExit {
-                code: Some(0),
-                ..Default::default()
-            },
-        );
-        assert_eq!(ok["status"], "Success");
-        let s = build_exit_status(
-            &cmd,
-            &gpb::ExecExit {
-                code: Some(3),
-                ..Default::default()
-            },
-        );
-        assert_eq!(s["status"], "Failure");
-        assert_eq!(s["reason"], "NonZeroExitCode");
-        assert_eq!(s["details"]["causes"][0]["reason"], "ExitCode");
-        assert_eq!(s["details"]["causes"][0]["message"], "3");
-        let k = build_exit_status(
-            &cmd,
-            &gpb::ExecExit {
-                signal: Some(9),
-                ..Default::default()
-            },
-        );
-        assert_eq!(k["details"]["causes"][0]["message"], "137");
-    }
-
-    #[test]
-    fn agent_refusals_map_to_http() {
-        let r = plan_agent_refusal(
-            "web",
-            &tonic::Status::failed_precondition("capsule u is Paused; resume it first"),
-        );
-        assert_eq!(r.reason, Reason::Conflict);
-        assert!(r.message.contains("web") && r.message.contains("Paused"));
-        assert_eq!(
-            plan_agent_refusal("web", &tonic::Status::not_found("x")).reason,
-            Reason::NotFound
-        );
     }
 }

@@ -18,13 +18,12 @@ use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
-use crate::exec::{form_decode, plan_agent_refusal};
+use crate::filestream::{
+    MAX_CHUNK, Upload, UploadTo, build_file_info, download, download_tar, start_upload,
+};
+use crate::query::{flag, form_decode};
 use crate::reply::{self, Reply};
-use crate::route::{Reason, Refusal};
-use crate::transfer::{Upload, UploadTo, download, download_tar, start_upload};
-
-/// Largest chunk sent to the agent (its limit per message).
-pub const MAX_CHUNK: usize = 1 << 20;
+use crate::route::{Reason, Refusal, plan_agent_refusal};
 
 /// What a files request asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,14 +115,6 @@ fn number<T: std::str::FromStr>(k: &str, v: &str) -> Result<T, Refusal> {
         .map_err(|_| bad(format!("query parameter {k}={v:?} is not a number")))
 }
 
-fn boolean(k: &str, v: &str) -> Result<bool, Refusal> {
-    match v {
-        "" | "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(bad(format!("query parameter {k}={v:?} is not a boolean"))),
-    }
-}
-
 /// The path and operation a request asks for (pure).
 pub fn parse_request(method: &Method, query: &str) -> Result<(String, FileOp), Refusal> {
     let mut q = std::collections::BTreeMap::new();
@@ -141,7 +132,7 @@ pub fn parse_request(method: &Method, query: &str) -> Result<(String, FileOp), R
     let op = take("op");
     let mode = take("mode").map(|m| octal(&m)).transpose()?;
     let recursive = take("recursive")
-        .map(|v| boolean("recursive", &v))
+        .map(|v| flag("recursive", &v))
         .transpose()?
         .unwrap_or(false);
     let parsed = match (method.clone(), op.as_deref()) {
@@ -158,7 +149,7 @@ pub fn parse_request(method: &Method, query: &str) -> Result<(String, FileOp), R
         },
         (Method::GET, Some("stat")) => FileOp::Stat {
             sha256: take("sha256")
-                .map(|v| boolean("sha256", &v))
+                .map(|v| flag("sha256", &v))
                 .transpose()?
                 .unwrap_or(false),
         },
@@ -210,33 +201,6 @@ pub fn parse_request(method: &Method, query: &str) -> Result<(String, FileOp), R
         )));
     }
     Ok((path, parsed))
-}
-
-/// The JSON a client reads for `info` (pure).
-pub fn build_file_info(info: &gpb::FileInfo, sha256: Option<&str>) -> Value {
-    let kind = match gpb::FileType::try_from(info.r#type) {
-        Ok(gpb::FileType::Regular) => "file",
-        Ok(gpb::FileType::Directory) => "dir",
-        Ok(gpb::FileType::Symlink) => "symlink",
-        _ => "other",
-    };
-    let mut v = json!({
-        "path": info.path,
-        "type": kind,
-        "size": info.size,
-        "mode": info.mode & 0o7777,
-        "isDir": kind == "dir",
-        "mtimeUnix": info.modified_unix_nanos.div_euclid(1_000_000_000),
-        "uid": info.uid,
-        "gid": info.gid,
-    });
-    if !info.link_target.is_empty() {
-        v["linkTarget"] = json!(info.link_target);
-    }
-    if let Some(h) = sha256 {
-        v["sha256"] = json!(h);
-    }
-    v
 }
 
 /// One page of a sorted listing (pure): the entries after `after`, at

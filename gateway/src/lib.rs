@@ -6,8 +6,10 @@
 //! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`),
 //! and to its detached-process output (`attach`), and plain HTTP requests
 //! to its file, process and console RPCs (`files`, `processes`,
-//! `console`); `transfer` holds the long transfers' bodies and their
-//! WebSocket form, which the API server's request timeout does not cut.
+//! `console`); `channel` is the channel protocol itself, `filestream` the
+//! file bodies streamed to and from the agent, `transfer` the long
+//! transfers' WebSocket form, which the API server's request timeout does
+//! not cut; `query` reads query strings.
 //! `route` parses paths and builds API `Status` replies
 //! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
 //! `reply` the response bodies; `server` is the HTTPS listener tying them
@@ -17,13 +19,16 @@
 pub mod args;
 pub mod attach;
 pub mod authz;
+pub mod channel;
 pub mod console;
 pub mod discovery;
 pub mod exec;
 pub mod files;
+pub mod filestream;
 pub mod frontproxy;
 pub mod locate;
 pub mod processes;
+pub mod query;
 pub mod reply;
 pub mod route;
 pub mod server;

@@ -4,7 +4,9 @@
 //! `POST` starts one (the command and its options in the query, as
 //! `capsules/exec` takes them, plus `tag`), `GET` lists them, `POST
 //! op=signal` signals one, `GET op=logs` streams its kept output (and with
-//! `follow=true` what comes next). The contract is `docs/gateway-api.md`.
+//! `follow=true` what comes next; as a WebSocket, see `transfer`, a follow
+//! outlives the API server's request timeout). The contract is
+//! `docs/gateway-api.md`.
 //!
 //! What a request asks is parsed apart from the I/O ([`parse_request`],
 //! [`build_process`]).
@@ -12,7 +14,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -21,9 +23,9 @@ use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
-use crate::exec::{form_decode, form_encode, plan_agent_refusal};
+use crate::query::{flag, form_decode, form_encode};
 use crate::reply::{self, BodyError, Reply};
-use crate::route::{Reason, Refusal, Subresource};
+use crate::route::{Reason, Refusal, Subresource, plan_agent_refusal};
 
 /// The response header of `op=logs` saying how many bytes of the
 /// process's output its ring dropped before what the body holds.
@@ -110,12 +112,11 @@ fn process_ref(
     }
 }
 
-fn boolean(k: &str, v: &str) -> Result<bool, Refusal> {
-    match v {
-        "" | "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(bad(format!("query parameter {k}={v:?} is not a boolean"))),
-    }
+/// What the client reads on stderr when the ring dropped output (pure).
+pub fn build_dropped_notice(bytes: u64) -> String {
+    format!(
+        "wrenn: {bytes} bytes of earlier output were dropped (the capsule keeps the newest only)\n"
+    )
 }
 
 /// The operation a request asks for (pure).
@@ -168,7 +169,7 @@ pub fn parse_request(method: &Method, query: &str) -> Result<ProcessOp, Refusal>
             let process = process_ref(&mut q)?;
             let follow = q
                 .remove("follow")
-                .map(|v| boolean("follow", &v))
+                .map(|v| flag("follow", &v))
                 .transpose()?
                 .unwrap_or(false);
             ProcessOp::Logs { process, follow }
@@ -260,6 +261,54 @@ pub fn plan_process_refusal(capsule: &str, status: &tonic::Status) -> Refusal {
     r
 }
 
+/// The kept output of `process` in capsule `uid` (stdout and stderr as
+/// they came), and with `follow` what comes next until it exits; first the
+/// count of bytes its ring dropped before that output.
+pub async fn open_logs(
+    mut agent: NodeAgentClient<Channel>,
+    capsule: &str,
+    uid: String,
+    process: gpb::ProcessRef,
+    follow: bool,
+) -> Result<
+    (
+        u64,
+        impl Stream<Item = Result<Bytes, BodyError>> + Send + 'static,
+    ),
+    Refusal,
+> {
+    use gpb::process_output::Output as O;
+    let refused = |s: tonic::Status| plan_process_refusal(capsule, &s);
+    let mut s = agent
+        .attach_process(pb::AttachProcessRequest {
+            uid,
+            request: Some(gpb::AttachProcessRequest {
+                process: Some(process),
+                follow,
+            }),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    // The guest says first how much was dropped.
+    let dropped = match s.message().await.map_err(refused)? {
+        Some(gpb::ProcessOutput {
+            output: Some(O::Dropped(n)),
+        }) => n,
+        _ => 0,
+    };
+    let chunks = s.filter_map(|m| async move {
+        match m {
+            Ok(gpb::ProcessOutput {
+                output: Some(O::Stdout(b) | O::Stderr(b)),
+            }) => Some(Ok(Bytes::from(b))),
+            Ok(_) => None,
+            Err(st) => Some(Err(BodyError(st.message().to_string()))),
+        }
+    });
+    Ok((dropped, chunks))
+}
+
 /// Serves `op` on capsule `uid` (named `capsule`).
 pub async fn serve(
     channel: Channel,
@@ -321,35 +370,8 @@ pub async fn serve(
             Ok(reply::json(StatusCode::OK, &build_process(&p)))
         }
         ProcessOp::Logs { process, follow } => {
-            let mut s = agent
-                .attach_process(pb::AttachProcessRequest {
-                    uid,
-                    request: Some(gpb::AttachProcessRequest {
-                        process: Some(process),
-                        follow,
-                    }),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
-            // The guest says first how much was dropped: a header, so the
-            // body is the output alone.
-            use gpb::process_output::Output as O;
-            let dropped = match s.message().await.map_err(refused)? {
-                Some(gpb::ProcessOutput {
-                    output: Some(O::Dropped(n)),
-                }) => n,
-                _ => 0,
-            };
-            let chunks = s.filter_map(|m| async move {
-                match m {
-                    Ok(gpb::ProcessOutput {
-                        output: Some(O::Stdout(b) | O::Stderr(b)),
-                    }) => Some(Ok(Bytes::from(b))),
-                    Ok(_) => None,
-                    Err(st) => Some(Err(BodyError(st.message().to_string()))),
-                }
-            });
+            let (dropped, chunks) = open_logs(agent, capsule, uid, process, follow).await?;
+            // The count as a header, so the body is the output alone.
             let mut r = reply::stream("text/plain; charset=utf-8", None, chunks);
             r.headers_mut().insert(
                 HeaderName::from_static(DROPPED_HEADER),
@@ -498,5 +520,9 @@ mod tests {
         assert!(v.get("exitCode").is_none());
         assert_eq!(v["startedAt"], "2023-11-14T22:13:20Z");
         assert_eq!(v["command"][1], "9");
+    }
+    #[test]
+    fn the_dropped_notice_names_the_bytes() {
+        assert!(build_dropped_notice(4000).contains("4000 bytes"));
     }
 }

@@ -265,6 +265,28 @@ impl Refusal {
     }
 }
 
+/// A refusal from the agent as the user reads it (pure).
+pub fn plan_agent_refusal(capsule: &str, status: &tonic::Status) -> Refusal {
+    use tonic::Code;
+    let reason = match status.code() {
+        Code::NotFound => Reason::NotFound,
+        Code::FailedPrecondition | Code::AlreadyExists => Reason::Conflict,
+        Code::PermissionDenied => Reason::Forbidden,
+        // A checksum that does not match what arrived.
+        Code::DataLoss => Reason::Invalid,
+        Code::ResourceExhausted => Reason::RequestEntityTooLarge,
+        Code::InvalidArgument | Code::OutOfRange => Reason::BadRequest,
+        Code::Unavailable => Reason::ServiceUnavailable,
+        Code::DeadlineExceeded => Reason::Timeout,
+        _ => Reason::InternalError,
+    };
+    Refusal::capsule(
+        reason,
+        capsule,
+        format!("capsule \"{capsule}\": {}", status.message()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -327,5 +349,19 @@ mod tests {
         assert_eq!(s["code"], 404);
         assert_eq!(s["reason"], "NotFound");
         assert_eq!(s["details"]["name"], "web");
+    }
+
+    #[test]
+    fn agent_refusals_map_to_http() {
+        let r = plan_agent_refusal(
+            "web",
+            &tonic::Status::failed_precondition("capsule u is Paused; resume it first"),
+        );
+        assert_eq!(r.reason, Reason::Conflict);
+        assert!(r.message.contains("web") && r.message.contains("Paused"));
+        assert_eq!(
+            plan_agent_refusal("web", &tonic::Status::not_found("x")).reason,
+            Reason::NotFound
+        );
     }
 }

@@ -335,6 +335,10 @@ async fn attach_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -
 }
 
 async fn processes_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+    if is_websocket(&req) {
+        let t = transfer::plan_processes(req.uri().query().unwrap_or(""));
+        return transfer_upgrade(gw, access, req, t).await;
+    }
     let op = match processes::parse_request(req.method(), req.uri().query().unwrap_or("")) {
         Ok(op) => op,
         Err(r) => return refuse(&r),

@@ -1,15 +1,14 @@
-//! The bodies of long transfers, and their WebSocket form.
-//!
-//! The agent side: a file or a directory (tar) read from the guest as a
-//! stream of chunks, an upload of a file or a tar fed chunk by chunk, the
-//! console followed. Plain HTTP (`files`, `console`) and the WebSocket
-//! form below share them.
+//! The WebSocket form of long transfers: a file or a directory (tar) read
+//! from the guest, an upload of a file or a tar, the console or a detached
+//! process's output followed. The agent-side bodies are `filestream`'s,
+//! `console`'s and `processes`', shared with the plain HTTP form.
 //!
 //! Why a WebSocket form: kube-apiserver ends every request that is not
 //! long-running at `--request-timeout` (60 s by default). Long-running are
 //! only the verbs watch and proxy and the subresources attach, exec, proxy,
 //! log and portforward (k8s.io/apiserver `BasicLongRunningRequestCheck`),
-//! so a `files` download, an upload or a `console` follow over plain HTTP
+//! so a `files` download, an upload, a `console` or a `processes` logs
+//! follow over plain HTTP
 //! is cut: `WithTimeoutForNonLongRunningRequests` answers 504, or aborts a
 //! response already started. A connection the aggregator's upgrade proxy
 //! hijacked after `101 Switching Protocols` is left alone by that filter
@@ -27,189 +26,26 @@
 //! `Status` on the error channel (3): `Success`, or `Failure` with the
 //! code and reason a plain request would have had.
 
-use std::pin::Pin;
-
-use bytes::Bytes;
-use futures::{SinkExt as _, Stream, StreamExt as _};
+use futures::{SinkExt as _, StreamExt as _};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tonic::Streaming;
 use tonic::transport::Channel;
-use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
+use crate::channel::number::{CLOSE, STDIN, STDOUT};
+use crate::channel::{framed, send_final_status};
 use crate::console::ConsoleOptions;
-use crate::exec::{form_decode, framed, plan_agent_refusal};
-use crate::files::{FileOp, build_file_info, parse_request};
-use crate::reply::BodyError;
-use crate::route::{Reason, Refusal};
-
-/// Upload chunks queued towards the agent before the client is slowed.
-const QUEUE: usize = 8;
-
-/// Channel numbers, as [`crate::exec`] speaks them.
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const ERROR: u8 = 3;
-const CLOSE: u8 = 255;
-
-/// Chunks of a download, whatever produces them.
-pub type Chunks = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
-
-/// Where an upload goes: one file, or a tar extracted into a directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UploadTo {
-    /// A regular file.
-    File {
-        /// Absolute path.
-        path: String,
-        /// Permission bits (0 = the guest's default).
-        mode: u32,
-        /// Bytes that will come; the guest refuses a short or long upload.
-        size: u64,
-        /// Expected SHA-256, checked in the guest.
-        sha256: Option<String>,
-    },
-    /// A tar stream extracted into this directory.
-    Tar {
-        /// Absolute path of the directory.
-        dir: String,
-    },
-}
-
-/// An upload running on the agent: chunks go into `data` (dropping it ends
-/// the input); `done` answers with the JSON a client reads.
-#[derive(Debug)]
-pub struct Upload {
-    /// Chunks of at most [`crate::files::MAX_CHUNK`] bytes.
-    pub data: mpsc::Sender<Vec<u8>>,
-    /// The agent's answer once the input ended.
-    pub done: tokio::task::JoinHandle<Result<Value, tonic::Status>>,
-}
-
-/// Starts an upload into capsule `uid` through the agent.
-pub fn start_upload(channel: Channel, uid: &str, to: UploadTo) -> Upload {
-    let (data, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let mut agent = NodeAgentClient::new(channel);
-    let uid = uid.to_string();
-    let done = tokio::spawn(async move {
-        match to {
-            UploadTo::File {
-                path,
-                mode,
-                size,
-                sha256,
-            } => {
-                use gpb::write_file_input::Input;
-                let wrap = move |input| pb::WriteFileInput {
-                    uid: uid.clone(),
-                    input: Some(gpb::WriteFileInput { input: Some(input) }),
-                };
-                let start = wrap(Input::Start(gpb::WriteFileStart {
-                    path,
-                    mode,
-                    size,
-                    make_parents: false,
-                    sha256: sha256.unwrap_or_default(),
-                }));
-                let rest = ReceiverStream::new(rx).map(move |d| wrap(Input::Data(d)));
-                let input = futures::stream::iter([start]).chain(rest);
-                let info = agent.write_file(input).await?.into_inner();
-                Ok(build_file_info(&info, None))
-            }
-            UploadTo::Tar { dir } => {
-                use gpb::write_tar_input::Input;
-                let wrap = move |input| pb::WriteTarInput {
-                    uid: uid.clone(),
-                    input: Some(gpb::WriteTarInput { input: Some(input) }),
-                };
-                let start = wrap(Input::Start(gpb::WriteTarStart { dir }));
-                let rest = ReceiverStream::new(rx).map(move |d| wrap(Input::Data(d)));
-                let input = futures::stream::iter([start]).chain(rest);
-                let r = agent.write_tar(input).await?.into_inner();
-                Ok(json!({ "entries": r.entries }))
-            }
-        }
-    });
-    Upload { data, done }
-}
-
-/// The agent's chunk stream as body chunks, after its first item was seen
-/// (so a refusal becomes an HTTP status, not a cut body).
-async fn peeked(capsule: &str, mut s: Streaming<gpb::FileChunk>) -> Result<Chunks, Refusal> {
-    let first = s
-        .message()
-        .await
-        .map_err(|st| plan_agent_refusal(capsule, &st))?;
-    let head = futures::stream::iter(first.map(|c| Ok(Bytes::from(c.data))));
-    let tail = futures::stream::unfold(s, |mut s| async move {
-        match s.message().await {
-            Ok(Some(c)) => Some((Ok(Bytes::from(c.data)), s)),
-            Ok(None) => None,
-            Err(st) => Some((Err(BodyError(st.message().to_string())), s)),
-        }
-    });
-    Ok(Box::pin(head.chain(tail)))
-}
-
-/// Regular file `path` of capsule `uid`: its size and its bytes.
-pub async fn download(
-    channel: Channel,
-    capsule: &str,
-    uid: &str,
-    path: String,
-) -> Result<(u64, Chunks), Refusal> {
-    let mut agent = NodeAgentClient::new(channel);
-    let refused = |s: tonic::Status| plan_agent_refusal(capsule, &s);
-    let info = agent
-        .stat(pb::PathRequest {
-            uid: uid.to_string(),
-            path: path.clone(),
-        })
-        .await
-        .map_err(refused)?
-        .into_inner();
-    if info.r#type != gpb::FileType::Regular as i32 {
-        return Err(Refusal::capsule(
-            Reason::BadRequest,
-            capsule,
-            format!("{path} is not a regular file (a directory is read with op=tar)"),
-        ));
-    }
-    let s = agent
-        .read_file(pb::ReadFileRequest {
-            uid: uid.to_string(),
-            request: Some(gpb::ReadFileRequest { path, max_bytes: 0 }),
-        })
-        .await
-        .map_err(refused)?
-        .into_inner();
-    Ok((info.size, peeked(capsule, s).await?))
-}
-
-/// Directory `path` of capsule `uid` as a tar stream.
-pub async fn download_tar(
-    channel: Channel,
-    capsule: &str,
-    uid: &str,
-    path: String,
-) -> Result<Chunks, Refusal> {
-    let s = NodeAgentClient::new(channel)
-        .read_tar(pb::PathRequest {
-            uid: uid.to_string(),
-            path,
-        })
-        .await
-        .map_err(|s| plan_agent_refusal(capsule, &s))?
-        .into_inner();
-    peeked(capsule, s).await
-}
+use crate::files::{FileOp, parse_request};
+use crate::filestream::{
+    Chunks, MAX_CHUNK, Upload, UploadTo, download, download_tar, start_upload,
+};
+use crate::processes::{self, ProcessOp};
+use crate::query::{flag, form_decode};
+use crate::route::{Reason, Refusal, plan_agent_refusal};
 
 /// A long transfer asked for by a WebSocket request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,6 +65,15 @@ pub enum Transfer {
     Upload(UploadTo),
     /// `console?follow=true&tailLines=N`.
     Console(ConsoleOptions),
+    /// `processes?op=logs&tag=T&follow=true` (or `pid=N`): a detached
+    /// process's output. The count of bytes its ring dropped is not sent
+    /// here; the process list has it.
+    Logs {
+        /// Which process.
+        process: gpb::ProcessRef,
+        /// Keep the stream open until the process exits.
+        follow: bool,
+    },
 }
 
 impl Transfer {
@@ -252,13 +97,7 @@ pub fn plan_files(query: &str) -> Result<Transfer, Refusal> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match form_decode(k).as_str() {
-            "upload" => {
-                upload = match form_decode(v).as_str() {
-                    "" | "true" | "1" => true,
-                    "false" | "0" => false,
-                    v => return Err(bad(format!("upload={v:?} is not a boolean"))),
-                }
-            }
+            "upload" => upload = flag("upload", &form_decode(v))?,
             "size" => {
                 let v = form_decode(v);
                 size = Some(
@@ -299,6 +138,24 @@ pub fn plan_files(query: &str) -> Result<Transfer, Refusal> {
     Ok(t)
 }
 
+/// The transfer a WebSocket `processes` request asks for (pure): only
+/// `op=logs`, with the plain request's query; the other operations answer
+/// at once.
+pub fn plan_processes(query: &str) -> Result<Transfer, Refusal> {
+    match processes::parse_request(&hyper::Method::GET, query)? {
+        ProcessOp::Logs { process, follow } => Ok(Transfer::Logs { process, follow }),
+        ProcessOp::List => Err(Refusal::new(
+            Reason::BadRequest,
+            "the process list answers at once: send it as a plain HTTP request",
+        )),
+        // GET never parses to the others.
+        other => Err(Refusal::new(
+            Reason::BadRequest,
+            format!("{other:?} is not a transfer"),
+        )),
+    }
+}
+
 /// A transfer opened on the agent, waiting for the client's upgrade.
 pub enum Opened {
     /// Data for the client.
@@ -335,6 +192,12 @@ pub async fn open(
         Transfer::Console(o) => Opened::Output(Box::pin(
             crate::console::open(channel, capsule, uid, o).await?,
         )),
+        Transfer::Logs { process, follow } => {
+            let agent = NodeAgentClient::new(channel);
+            let (_dropped, chunks) =
+                processes::open_logs(agent, capsule, uid.to_string(), process, follow).await?;
+            Opened::Output(Box::pin(chunks))
+        }
     })
 }
 
@@ -379,7 +242,7 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, capsule: String, ope
                     m = source.next(), if data.is_some() => match m {
                         Some(Ok(Message::Binary(b))) => match b.split_first() {
                             Some((&STDIN, rest)) => {
-                                for c in rest.chunks(crate::files::MAX_CHUNK) {
+                                for c in rest.chunks(MAX_CHUNK) {
                                     if let Some(tx) = &data
                                         && tx.send(c.to_vec()).await.is_err()
                                     {
@@ -422,11 +285,7 @@ pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, capsule: String, ope
             }
         }
     };
-    let _ = sink
-        .send(framed(ERROR, status.to_string().as_bytes()))
-        .await;
-    let _ = sink.send(Message::Close(None)).await;
-    let _ = sink.flush().await;
+    send_final_status(&mut sink, &status).await;
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use network_env::{
 };
 use qemu_bed::{Image, QemuBed, build_image, processes_mentioning, sh_as};
 use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
-use wrenn_node_agent::guest::{GuestClient, Timeouts};
+use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::{
     Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Family, GUEST_GATEWAY, GUEST_MAC,
     GuestLink, Hook, LinuxNet, LinuxNetConfig, Match, NetOps, Rule, SlotAddrs, Table, Teardown,
@@ -347,23 +347,6 @@ impl World {
             env: Default::default(),
             egress,
         }
-    }
-
-    async fn guest(&self) -> GuestClient {
-        let view = self.sup.get(GUEST_UID).unwrap();
-        GuestClient::connect_with(
-            GUEST_UID,
-            &view.vsock_socket.unwrap(),
-            wrenn_node_agent::guest::AGENT_PORT,
-            Timeouts {
-                call: Duration::from_secs(180),
-                ..Timeouts::default()
-            },
-        )
-        .await
-        .unwrap()
-        .with_token(view.guest_token.as_ref().map_or("", |t| t.expose()))
-        .unwrap()
     }
 }
 
@@ -724,7 +707,7 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
     reach(&bed.node, unlisted).unwrap();
     take(&hits);
 
-    let g = w.guest().await;
+    let g = w.guest(GUEST_UID, Duration::from_secs(180)).await;
     let (out, code) = sh(
         &g,
         "ip -4 addr show eth0 | grep -q 'inet 169.254.0.21/30' && grep ^SigBlk /proc/$$/status",

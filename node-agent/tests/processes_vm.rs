@@ -14,30 +14,11 @@ use std::time::Duration;
 use network_env::Bed as NetBed;
 use qemu_bed::{QemuBed, build_image, sh_as};
 use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
-use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case, need_program, need_root};
 
 const NAME: &str =
     "processes_vm::a_detached_process_survives_suspend_and_resume_then_attach_shows_its_output";
-
-async fn guest(bed: &QemuBed, uid: &str) -> GuestClient {
-    let view = bed.sup.get(uid).unwrap();
-    GuestClient::connect_with(
-        uid,
-        &view.vsock_socket.unwrap(),
-        wrenn_node_agent::guest::AGENT_PORT,
-        Timeouts {
-            call: Duration::from_secs(60),
-            ..Timeouts::default()
-        },
-    )
-    .await
-    .unwrap()
-    // A restore re-keys the guest: always the current token.
-    .with_token(view.guest_token.as_ref().map_or("", |t| t.expose()))
-    .unwrap()
-}
 
 fn tag() -> Option<gpb::ProcessRef> {
     Some(gpb::ProcessRef {
@@ -90,7 +71,7 @@ async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_ou
     assert_eq!(v.state, State::Running);
 
     // Started through one connection, which then goes away.
-    let g = guest(&bed, "procs").await;
+    let g = bed.guest("procs", Duration::from_secs(60)).await;
     let started = g
         .start_process(gpb::StartProcessRequest {
             tag: "job".into(),
@@ -112,7 +93,7 @@ async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_ou
     let r = bed.sup.resume("procs").await.unwrap();
     assert_eq!(r.state, State::Running);
 
-    let g = guest(&bed, "procs").await;
+    let g = bed.guest("procs", Duration::from_secs(60)).await;
     let ps = g.list_processes().await.unwrap().processes;
     let job = ps.iter().find(|p| p.tag == "job").unwrap();
     assert!(job.running && job.pid == started.pid, "{ps:?}");

@@ -25,7 +25,7 @@ use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, PrepareRequest, Readiness, Resources, State, TemplateDisk,
     TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
 };
-use wrenn_node_agent::guest::{GuestClient, Timeouts};
+use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::{CapsuleId as NetId, GUEST_ADDR};
 use wrenn_testkit::{Tier, case, need_program, need_root};
 
@@ -121,24 +121,6 @@ impl World {
                 "still preparing after {limit:?}: {s:?}"
             );
         }
-    }
-
-    async fn guest(&self, uid: &str) -> GuestClient {
-        let view = self.sup.get(uid).unwrap();
-        GuestClient::connect_with(
-            uid,
-            &view.vsock_socket.unwrap(),
-            wrenn_node_agent::guest::AGENT_PORT,
-            Timeouts {
-                call: Duration::from_secs(60),
-                ..Timeouts::default()
-            },
-        )
-        .await
-        .unwrap()
-        // The guest answers only calls carrying the capsule's token.
-        .with_token(view.guest_token.as_ref().map_or("", |t| t.expose()))
-        .unwrap()
     }
 
     fn files(&self, dir: &str) -> Vec<String> {
@@ -247,7 +229,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         ),
     )
     .await;
-    let g = w.guest("fromtcp").await;
+    let g = w.guest("fromtcp", Duration::from_secs(60)).await;
     let (marker, code) = sh(&g, "cat /www/marker").await;
     assert_eq!(code, Some(0), "{marker}");
     assert!(marker.starts_with("hello-warm "), "{marker}");
@@ -300,7 +282,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         ),
     )
     .await;
-    let g = w.guest("fromexec").await;
+    let g = w.guest("fromexec", Duration::from_secs(60)).await;
     let (out, code) = sh(&g, "cat /tmp/ready && pidof sleep").await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.starts_with("ready"), "{out}");

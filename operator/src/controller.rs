@@ -19,7 +19,7 @@ use wrenn_crds::capsule::CapsuleStatus;
 use wrenn_crds::reason::Reason;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 
-use crate::metrics::Metrics;
+use crate::metrics::{ErrorLabels, KindLabels, Metrics};
 use crate::pool::AgentPool;
 
 /// Tunables of the controllers (flags in `main`).
@@ -387,4 +387,37 @@ pub async fn run_all(
     discover.abort();
     node_task.abort();
     pool.shutdown();
+}
+
+/// Runs one reconcile of `kind` and records how long it took, whatever it
+/// returned.
+pub async fn timed<T>(
+    metrics: &Metrics,
+    kind: &'static str,
+    reconcile: impl std::future::Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    let r = reconcile.await;
+    metrics
+        .reconcile_duration
+        .get_or_create(&KindLabels { kind })
+        .observe(started.elapsed().as_secs_f64());
+    r
+}
+
+/// What a failed reconcile of a snapshot or a template does: counted by
+/// `category`, logged once as `what`, retried after a pause.
+pub fn requeue_failed(
+    metrics: &Metrics,
+    kind: &'static str,
+    category: &'static str,
+    err: &(dyn std::error::Error + 'static),
+    what: &'static str,
+) -> Action {
+    metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels { kind, category })
+        .inc();
+    tracing::warn!(error = err, "{what}");
+    Action::requeue(Duration::from_secs(5))
 }

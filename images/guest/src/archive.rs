@@ -55,7 +55,7 @@ pub enum Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let msg = crate::server::chain(&e);
+        let msg = crate::report::chain(&e);
         match e {
             Error::Files(f) => f.into(),
             Error::NoStart | Error::Escape { .. } | Error::Read { .. } => {

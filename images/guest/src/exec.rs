@@ -13,8 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use wrenn_proto::guest::v1::{ExecExit, ExecInput, ExecOutput, ExecStart, exec_input, exec_output};
 
-use crate::process;
-use crate::server::SpawnContext;
+use crate::process::{self, SpawnContext};
 
 /// Output chunk size; well under gRPC's 4 MiB message limit.
 const CHUNK: usize = 64 * 1024;

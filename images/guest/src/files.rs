@@ -86,7 +86,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Err
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let msg = crate::server::chain(&e);
+        let msg = crate::report::chain(&e);
         match &e {
             Error::NotAbsolute(_)
             | Error::MoreThanDeclared { .. }

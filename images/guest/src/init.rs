@@ -221,7 +221,7 @@ pub fn run(config: &InitConfig) -> Result<std::convert::Infallible, Error> {
                         match spawn_agent(config) {
                             Ok(p) => agent = p,
                             Err(e) => {
-                                tracing::error!(error = %crate::server::chain(&e), "agent restart failed; powering off");
+                                tracing::error!(error = %crate::report::chain(&e), "agent restart failed; powering off");
                                 power_off();
                             }
                         }
@@ -328,7 +328,7 @@ mod tests {
         }
         let e = ensure_mounts(&mut Failing, &plan_mounts(Path::new("/r"))).unwrap_err();
         assert_eq!(
-            crate::server::chain(&e),
+            crate::report::chain(&e),
             "mount proc on \"/r/proc\": EPERM: Operation not permitted"
         );
     }

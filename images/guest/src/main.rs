@@ -42,6 +42,7 @@ mod process;
 mod processes;
 mod pty;
 mod ratelimit;
+mod report;
 mod server;
 mod setup;
 mod sys;
@@ -146,7 +147,7 @@ fn main() -> ExitCode {
             agent_args,
         };
         let Err(e) = init::run(&config);
-        tracing::error!(error = %server::chain(&e), "init failed");
+        tracing::error!(error = %report::chain(&e), "init failed");
         return ExitCode::from(1);
     }
     let config = server::Config {
@@ -174,7 +175,7 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(&listen, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %server::chain(e.as_ref()), "agent failed");
+            tracing::error!(error = %report::chain(e.as_ref()), "agent failed");
             ExitCode::from(1)
         }
     }

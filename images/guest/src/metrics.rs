@@ -27,7 +27,7 @@ pub enum Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::internal(crate::server::chain(&e))
+        tonic::Status::internal(crate::report::chain(&e))
     }
 }
 
@@ -104,7 +104,7 @@ pub fn sample(proc: &Path, disk: &Path) -> Result<GuestMetrics, Error> {
         load1: l1,
         load5: l5,
         load15: l15,
-        sampled_unix_nanos: crate::server::unix_nanos_now(),
+        sampled_unix_nanos: wrenn_proto::unix_nanos_now(),
     })
 }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tonic::Status;
 use wrenn_proto::guest::v1::ExecExit;
@@ -40,7 +40,7 @@ pub enum Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let msg = crate::server::chain(&e);
+        let msg = crate::report::chain(&e);
         match &e {
             Error::EmptyArgv | Error::BadEnv(_) | Error::Nul | Error::UnknownUser(_) => {
                 Status::invalid_argument(msg)
@@ -54,6 +54,14 @@ impl From<Error> for Status {
             },
         }
     }
+}
+
+/// What a spawned process needs from the agent's state: the environment
+/// Init set, and the passwd file users are resolved from.
+#[derive(Debug, Clone)]
+pub struct SpawnContext {
+    pub env: BTreeMap<String, String>,
+    pub passwd: PathBuf,
 }
 
 /// A resolved user.

@@ -24,8 +24,7 @@ use wrenn_proto::guest::v1::{
 };
 
 use crate::output_ring::{Ring, Stream};
-use crate::process;
-use crate::server::SpawnContext;
+use crate::process::{self, SpawnContext};
 
 /// Longest tag.
 pub const MAX_TAG_BYTES: usize = 63;
@@ -138,7 +137,7 @@ impl Entry {
     }
 
     fn finish(&self, exit: ExecExit) {
-        self.state().exit = Some((exit, crate::server::unix_nanos_now()));
+        self.state().exit = Some((exit, wrenn_proto::unix_nanos_now()));
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -232,7 +231,7 @@ impl Table {
                 pid,
                 tag,
                 argv,
-                started_unix_nanos: crate::server::unix_nanos_now(),
+                started_unix_nanos: wrenn_proto::unix_nanos_now(),
                 state: Mutex::new(EntryState {
                     ring: Ring::new(self.limits.ring_bytes),
                     exit: None,

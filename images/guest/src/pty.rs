@@ -13,8 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use wrenn_proto::guest::v1::{PtyInput, PtyOutput, PtySize, PtyStart, pty_input, pty_output};
 
-use crate::server::SpawnContext;
-use crate::{process, sys};
+use crate::process::{self, SpawnContext};
+use crate::sys;
 
 const CHUNK: usize = 64 * 1024;
 const DRAIN: Duration = Duration::from_secs(2);

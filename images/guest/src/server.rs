@@ -22,6 +22,7 @@ use wrenn_proto::guest::v1::{
     RenameRequest, SetAttrRequest, WriteFileInput, WriteTarInput, WriteTarResponse,
 };
 
+use crate::process::SpawnContext;
 use crate::{archive, exec, files, metrics, processes, pty, setup};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -55,13 +56,6 @@ struct State {
     env: BTreeMap<String, String>,
 }
 
-/// What a spawned process needs from the agent's state.
-#[derive(Debug, Clone)]
-pub struct SpawnContext {
-    pub env: BTreeMap<String, String>,
-    pub passwd: PathBuf,
-}
-
 /// The service.
 #[derive(Debug, Clone)]
 pub struct Agent {
@@ -71,19 +65,7 @@ pub struct Agent {
     processes: processes::Table,
 }
 
-/// The error and its sources, `: `-separated, printed once at the edge.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
-
-pub use wrenn_proto::unix_nanos_now;
+use wrenn_proto::unix_nanos_now;
 
 fn kernel_release() -> String {
     nix::sys::utsname::uname()
@@ -307,7 +289,7 @@ impl GuestAgent for Agent {
         match files::write(request.into_inner(), self.config.max_file_bytes).await {
             Ok(info) => Ok(Response::new(info)),
             Err(e) => {
-                crate::warn_limited!(error = %chain(&e), "file write refused");
+                crate::warn_limited!(error = %crate::report::chain(&e), "file write refused");
                 Err(e.into())
             }
         }
@@ -387,7 +369,7 @@ impl GuestAgent for Agent {
         match archive::write(request.into_inner()).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
-                crate::warn_limited!(error = %chain(&e), "tar upload refused");
+                crate::warn_limited!(error = %crate::report::chain(&e), "tar upload refused");
                 Err(e.into())
             }
         }
@@ -503,15 +485,5 @@ mod tests {
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"ab"));
-    }
-
-    #[test]
-    fn chain_prints_every_source() {
-        let e = files::Error::Io {
-            op: "open",
-            path: "/x".into(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        };
-        assert_eq!(chain(&e), "open \"/x\": entity not found");
     }
 }

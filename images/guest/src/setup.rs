@@ -46,7 +46,7 @@ pub enum Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = crate::server::chain(&e);
+        let msg = crate::report::chain(&e);
         match &e {
             Error::EntropySize(_) | Error::Hostname(_) => tonic::Status::invalid_argument(msg),
             Error::AddEntropy(s) | Error::Reseed(s) | Error::OpenRandom { source: s, .. }

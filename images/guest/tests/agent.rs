@@ -1,5 +1,9 @@
 //! `wrenn-guest` as a host process, over a Unix socket and the vsock
 //! handshake (tier 1).
+//!
+//! Why this file is long: thirteen scenarios (token, exec, pty, detached
+//! processes, files, metrics) share one way of starting the agent and
+//! driving its streams; one test binary links the client once.
 
 // Helpers outside #[test] fns unwrap too: a panic is a test failure.
 #![allow(clippy::unwrap_used)]

@@ -34,7 +34,7 @@ const INPUT_QUEUE: usize = 16;
 /// passes through (with the capsule named); a broken link or timeout says
 /// the guest is unavailable.
 pub(super) fn to_status(e: guest::Error) -> Status {
-    let chain = crate_chain(&e);
+    let chain = crate::error_chain(&e);
     if e.is_link_failure() && !matches!(e, guest::Error::Timeout { .. }) {
         return Status::unavailable(chain);
     }
@@ -49,17 +49,6 @@ pub(super) fn to_status(e: guest::Error) -> Status {
         guest::Error::Entropy { .. } | guest::Error::Token { .. } => Status::internal(chain),
         _ => Status::unavailable(chain),
     }
-}
-
-fn crate_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 pub(super) async fn client(ep: &GuestEndpoint) -> Result<GuestClient, Status> {

@@ -264,40 +264,79 @@ unsafe fn child_fail(plan: *mut ChildPlan, step: SpawnStep) -> ! {
 }
 
 /// The child side. Runs in the parent's address space on its own stack
-/// while the parent thread is suspended: raw syscalls only.
+/// while the parent thread is suspended: raw syscalls only. The steps run
+/// in this order; each comment at a call says why it sits where it does.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     let plan = arg.cast::<ChildPlan>();
     // SAFETY: `arg` points at the `ChildPlan` that `spawn` keeps alive until
     // `clone` returns, which is after this function has exec'd or exited.
     // Every pointer in it refers to memory `spawn` owns for that long. Only
-    // async-signal-safe libc calls are made below.
+    // async-signal-safe libc calls are made by the steps below, each of
+    // which is called from here alone.
     unsafe {
-        let fail = |step: SpawnStep| child_fail(plan, step);
+        // 1. The agent's handlers must not run in the child.
+        reset_signal_handlers();
+        // 2. Session, network and mount namespaces; sysfs inside them.
+        enter_namespaces(plan);
+        // 3. Resource limits, before anything the limits should count.
+        join_cgroups(plan);
+        // 4. The view of the file system; needs CAP_SYS_ADMIN.
+        build_view(plan);
+        // 5. Last privileged step: everything above needed CAP_SYS_ADMIN.
+        if (*plan).drop_privileges && drop_privileges((*plan).keep_caps).is_err() {
+            child_fail(plan, SpawnStep::DropPrivileges);
+        }
+        // 6. Descriptors the program gets, and none other.
+        set_descriptors(plan);
+        // 7. Signals unblocked only now: no handler of the agent's is left.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::execve((*plan).program, (*plan).argv, (*plan).envp);
+        child_fail(plan, SpawnStep::Exec)
+    }
+}
 
-        // Handlers installed by the agent must not run in the child: they
-        // would run on the agent's memory. Signals are blocked (by the
-        // parent) until the mask is cleared just before exec.
-        for sig in 1..NSIG {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
+/// Handlers installed by the agent must not run in the child: they would
+/// run on the agent's memory. Signals are blocked (by the parent) until
+/// the mask is cleared just before exec.
+///
+/// # Safety
+/// Only from `child_main`.
+unsafe fn reset_signal_handlers() {
+    for sig in 1..NSIG {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: a zeroed `sigaction` with `SIG_DFL` is a valid argument.
+        unsafe {
             let mut act: libc::sigaction = std::mem::zeroed();
             act.sa_sigaction = libc::SIG_DFL;
             // EINVAL for the few signals glibc reserves: harmless.
             libc::sigaction(sig, &act, std::ptr::null_mut());
         }
+    }
+}
 
+/// A new session, the capsule's network namespace, a private mount
+/// namespace and a sysfs of that network namespace, as `plan` asks.
+///
+/// # Safety
+/// Only from `child_main`, with its `plan`.
+unsafe fn enter_namespaces(plan: *mut ChildPlan) {
+    // SAFETY: see `child_main`.
+    unsafe {
         if (*plan).new_session && libc::setsid() < 0 {
-            fail(SpawnStep::Setsid);
+            child_fail(plan, SpawnStep::Setsid);
         }
         // The network namespace first: sysfs shows the namespace of whoever
         // mounts it, so the mount below must happen inside it.
         if (*plan).netns >= 0 && libc::setns((*plan).netns, libc::CLONE_NEWNET) < 0 {
-            fail(SpawnStep::EnterNetns);
+            child_fail(plan, SpawnStep::EnterNetns);
         }
         if (*plan).new_mount_ns {
             if libc::unshare(libc::CLONE_NEWNS) < 0 {
-                fail(SpawnStep::UnshareMountNs);
+                child_fail(plan, SpawnStep::UnshareMountNs);
             }
             // Private propagation, so the sysfs mount stays in this namespace.
             if libc::mount(
@@ -308,7 +347,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 std::ptr::null(),
             ) < 0
             {
-                fail(SpawnStep::MakeRootPrivate);
+                child_fail(plan, SpawnStep::MakeRootPrivate);
             }
         }
         if (*plan).mount_sysfs {
@@ -323,20 +362,39 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 std::ptr::null(),
             ) < 0
             {
-                fail(SpawnStep::MountSysfs);
+                child_fail(plan, SpawnStep::MountSysfs);
             }
         }
+    }
+}
+
+/// Moves the child into each cgroup whose `cgroup.procs` the parent opened.
+///
+/// # Safety
+/// Only from `child_main`, with its `plan`.
+unsafe fn join_cgroups(plan: *mut ChildPlan) {
+    // SAFETY: see `child_main`.
+    unsafe {
         for i in 0..(*plan).n_cgroup_procs {
             let fd = *(*plan).cgroup_procs.add(i);
             // "0" means the writing process, in cgroup v1 and v2 alike.
             if libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
-                fail(SpawnStep::JoinCgroup);
+                child_fail(plan, SpawnStep::JoinCgroup);
             }
         }
-        // The view: hide, make mount points on the hiding tmpfs, bind the
-        // shown paths back, then freeze the tmpfs read-only. Needs the new
-        // mount namespace (asked for by the parent whenever hiding).
-        let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    }
+}
+
+/// The view: hide, make mount points on the hiding tmpfs, bind the shown
+/// paths back, then freeze the tmpfs read-only; last a fresh procfs. Needs
+/// the new mount namespace (asked for by the parent whenever hiding).
+///
+/// # Safety
+/// Only from `child_main`, with its `plan`.
+unsafe fn build_view(plan: *mut ChildPlan) {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: see `child_main`.
+    unsafe {
         // Copies of the shown paths first, while they are still visible:
         // a bind needs its source in this mount namespace, so descriptors
         // opened by the parent (in the agent's namespace) would not do.
@@ -349,7 +407,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
             );
             if fd < 0 {
-                fail(SpawnStep::ShowPath);
+                child_fail(plan, SpawnStep::ShowPath);
             }
             bind.tree = fd as RawFd;
         }
@@ -363,55 +421,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 HIDE_OPTS.as_ptr().cast(),
             ) < 0
             {
-                fail(SpawnStep::HidePath);
+                child_fail(plan, SpawnStep::HidePath);
             }
         }
-        for i in 0..(*plan).n_mkdirs {
-            let dir = *(*plan).mkdirs.add(i);
-            if libc::mkdir(dir, 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
-                fail(SpawnStep::ShowPath);
-            }
-        }
-        for i in 0..(*plan).n_touch {
-            let file = *(*plan).touch.add(i);
-            let fd = libc::open(
-                file,
-                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                0o600,
-            );
-            if fd < 0 {
-                fail(SpawnStep::ShowPath);
-            }
-            libc::close(fd);
-        }
-        for i in 0..(*plan).n_binds {
-            let bind = &*(*plan).binds.add(i);
-            if libc::syscall(
-                libc::SYS_move_mount,
-                bind.tree,
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                bind.path,
-                MOVE_MOUNT_F_EMPTY_PATH,
-            ) < 0
-            {
-                fail(SpawnStep::ShowPath);
-            }
-            libc::close(bind.tree);
-            // A bind keeps its source's flags; read-only needs a remount of
-            // this mount alone.
-            if bind.read_only
-                && libc::mount(
-                    std::ptr::null(),
-                    bind.path,
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
-                    std::ptr::null(),
-                ) < 0
-            {
-                fail(SpawnStep::ShowPath);
-            }
-        }
+        make_mount_points(plan);
+        bind_shown_paths(plan);
         for i in 0..(*plan).n_hide {
             let dir = *(*plan).hide.add(i);
             if libc::mount(
@@ -422,7 +436,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 std::ptr::null(),
             ) < 0
             {
-                fail(SpawnStep::HidePath);
+                child_fail(plan, SpawnStep::HidePath);
             }
         }
         // The fresh procfs shows only the new PID namespace.
@@ -436,18 +450,92 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 std::ptr::null(),
             ) < 0
             {
-                fail(SpawnStep::MountProc);
+                child_fail(plan, SpawnStep::MountProc);
             }
         }
-        // Last privileged step: everything above needed CAP_SYS_ADMIN.
-        if (*plan).drop_privileges && drop_privileges((*plan).keep_caps).is_err() {
-            fail(SpawnStep::DropPrivileges);
+    }
+}
+
+/// The directories and files the shown paths are bound onto, made on the
+/// hiding tmpfs.
+///
+/// # Safety
+/// Only from `build_view`, with its `plan`.
+unsafe fn make_mount_points(plan: *mut ChildPlan) {
+    // SAFETY: see `child_main`.
+    unsafe {
+        for i in 0..(*plan).n_mkdirs {
+            let dir = *(*plan).mkdirs.add(i);
+            if libc::mkdir(dir, 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
+                child_fail(plan, SpawnStep::ShowPath);
+            }
         }
+        for i in 0..(*plan).n_touch {
+            let file = *(*plan).touch.add(i);
+            let fd = libc::open(
+                file,
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o600,
+            );
+            if fd < 0 {
+                child_fail(plan, SpawnStep::ShowPath);
+            }
+            libc::close(fd);
+        }
+    }
+}
+
+/// Moves each copy made before hiding back onto its path.
+///
+/// # Safety
+/// Only from `build_view`, after the copies were made, with its `plan`.
+unsafe fn bind_shown_paths(plan: *mut ChildPlan) {
+    // SAFETY: see `child_main`.
+    unsafe {
+        for i in 0..(*plan).n_binds {
+            let bind = &*(*plan).binds.add(i);
+            if libc::syscall(
+                libc::SYS_move_mount,
+                bind.tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                bind.path,
+                MOVE_MOUNT_F_EMPTY_PATH,
+            ) < 0
+            {
+                child_fail(plan, SpawnStep::ShowPath);
+            }
+            libc::close(bind.tree);
+            // A bind keeps its source's flags; read-only needs a remount of
+            // this mount alone.
+            if bind.read_only
+                && libc::mount(
+                    std::ptr::null(),
+                    bind.path,
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                    std::ptr::null(),
+                ) < 0
+            {
+                child_fail(plan, SpawnStep::ShowPath);
+            }
+        }
+    }
+}
+
+/// Stdio from the plan, and the inherited descriptors open across exec;
+/// every other descriptor closes on exec.
+///
+/// # Safety
+/// Only from `child_main`, with its `plan`.
+unsafe fn set_descriptors(plan: *mut ChildPlan) {
+    // SAFETY: see `child_main`.
+    unsafe {
         for (target, src) in (*plan).stdio.iter().enumerate() {
             // The parent moved every source above 2, so no dup2 here
             // clobbers a later source.
             if libc::dup2(*src, target as RawFd) < 0 {
-                fail(SpawnStep::Stdio);
+                child_fail(plan, SpawnStep::Stdio);
             }
         }
         // Any descriptor the agent (or a library in it) opened without
@@ -464,15 +552,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             let fd = *(*plan).inherit.add(i);
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                fail(SpawnStep::Inherit);
+                child_fail(plan, SpawnStep::Inherit);
             }
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-
-        libc::execve((*plan).program, (*plan).argv, (*plan).envp);
-        fail(SpawnStep::Exec)
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::network_env::Bed as NetBed;
 use wrenn_node_agent::capsule::OrphanSweep;
 use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
-use wrenn_node_agent::guest::Timeouts;
+use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::cgroup::CgroupRoot;
 use wrenn_node_agent::vmm::process::HostPaths;
@@ -177,6 +177,28 @@ impl QemuBed {
             image,
             _cleanup: cleanup,
         }
+    }
+}
+
+impl QemuBed {
+    /// A client of capsule `uid`'s guest agent, each call bounded by
+    /// `call` (a TCG guest is slow), with the capsule's current token (a
+    /// restore re-keys the guest, so it is read again every time).
+    pub async fn guest(&self, uid: &str, call: Duration) -> GuestClient {
+        let view = self.sup.get(uid).unwrap();
+        GuestClient::connect_with(
+            uid,
+            &view.vsock_socket.unwrap(),
+            wrenn_node_agent::guest::AGENT_PORT,
+            Timeouts {
+                call,
+                ..Timeouts::default()
+            },
+        )
+        .await
+        .unwrap()
+        .with_token(view.guest_token.as_ref().map_or("", |t| t.expose()))
+        .unwrap()
     }
 }
 

@@ -5,7 +5,7 @@
 //! unless `deletionPolicy: Retain`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::finalizer::{Event as Finalizer, finalizer};
 use futures::StreamExt;
@@ -27,7 +27,7 @@ use wrenn_crds::{Capsule, CapsuleSnapshot};
 use wrenn_proto::agent::v1 as pb;
 
 use crate::agent;
-use crate::metrics::{ErrorLabels, KindLabels, Metrics};
+use crate::metrics::{KindLabels, Metrics};
 use crate::plan::ConditionDraft;
 use crate::pool::AgentPool;
 use crate::resources::format_bytes;
@@ -332,39 +332,27 @@ async fn cleanup(snap: &CapsuleSnapshot, ctx: &Ctx) -> Result<Action, Error> {
 /// One reconcile of a CapsuleSnapshot, inside its finalizer.
 #[tracing::instrument(skip_all, fields(snapshot = %snap.name_any()))]
 pub async fn reconcile(snap: Arc<CapsuleSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let started = Instant::now();
     let ns = snap.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    let r = finalizer(&api, snap, |ev| async {
+    let reconcile = finalizer(&api, snap, |ev| async {
         match ev {
             Finalizer::Apply(s) => apply(&s, &ns, &ctx).await,
             Finalizer::Cleanup(s) => cleanup(&s, &ctx).await,
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics
-        .reconcile_duration
-        .get_or_create(&KindLabels {
-            kind: "CapsuleSnapshot",
-        })
-        .observe(started.elapsed().as_secs_f64());
-    r
+    });
+    super::timed(&ctx.metrics, "CapsuleSnapshot", reconcile)
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 fn error_policy(_: Arc<CapsuleSnapshot>, err: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ErrorLabels {
-            kind: "CapsuleSnapshot",
-            category: err.category(),
-        })
-        .inc();
-    tracing::warn!(
-        error = err as &dyn std::error::Error,
-        "snapshot reconcile failed"
-    );
-    Action::requeue(Duration::from_secs(5))
+    super::requeue_failed(
+        &ctx.metrics,
+        "CapsuleSnapshot",
+        err.category(),
+        err,
+        "snapshot reconcile failed",
+    )
 }
 
 /// Runs the CapsuleSnapshot controller until `shutdown`.

@@ -28,7 +28,7 @@ use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{CapsuleSnapshot, CapsuleTemplate};
 
-use crate::metrics::{ErrorLabels, KindLabels, Metrics};
+use crate::metrics::{KindLabels, Metrics};
 use crate::pool::{AgentPool, node_labels};
 use crate::resources::effective;
 use crate::status::{self, build_conditions};
@@ -281,39 +281,27 @@ async fn cleanup(tpl: &CapsuleTemplate, ctx: &Ctx) -> Result<Action, Error> {
 }
 
 async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let started = Instant::now();
     let ns = tpl.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), &ns);
-    let r = finalizer(&api, tpl, |ev| async {
+    let reconcile = finalizer(&api, tpl, |ev| async {
         match ev {
             Finalizer::Apply(t) => apply(&t, &ns, &ctx).await,
             Finalizer::Cleanup(t) => cleanup(&t, &ctx).await,
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics
-        .reconcile_duration
-        .get_or_create(&KindLabels {
-            kind: "CapsuleTemplate",
-        })
-        .observe(started.elapsed().as_secs_f64());
-    r
+    });
+    super::timed(&ctx.metrics, "CapsuleTemplate", reconcile)
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 fn error_policy(_: Arc<CapsuleTemplate>, err: &Error, ctx: Arc<Ctx>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ErrorLabels {
-            kind: "CapsuleTemplate",
-            category: err.category(),
-        })
-        .inc();
-    tracing::warn!(
-        error = err as &dyn std::error::Error,
-        "template reconcile failed"
-    );
-    Action::requeue(Duration::from_secs(5))
+    super::requeue_failed(
+        &ctx.metrics,
+        "CapsuleTemplate",
+        err.category(),
+        err,
+        "template reconcile failed",
+    )
 }
 
 /// Runs the CapsuleTemplate controller until `shutdown`.
