@@ -6,12 +6,15 @@
 //! Kubernetes WebSocket channel protocol to the agent's gRPC (`exec`),
 //! and to its detached-process output (`attach`), and plain HTTP requests
 //! to its file, process and console RPCs (`files`, `processes`,
-//! `console`); `transfer` holds the long transfers' bodies and their
-//! WebSocket form, which the API server's request timeout does not cut.
-//! `route` parses paths and builds API `Status` replies
-//! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
-//! `reply` the response bodies; `server` is the HTTPS listener tying them
-//! together.
+//! `console`). `portforward` carries TCP connections to declared ports
+//! over the port-forward channel protocol and `proxy` HTTP requests to
+//! them, both through `tunnel` (the agent's `Connect`); `upgrade` runs
+//! every channel-protocol WebSocket the same way. `transfer` holds the
+//! long transfers' bodies and their WebSocket form, which the API
+//! server's request timeout does not cut. `route` parses paths and builds
+//! API `Status` replies (pure); `discovery` holds the discovery and
+//! OpenAPI documents (pure); `reply` the response bodies; `server` is the
+//! HTTPS listener tying them together.
 #![forbid(unsafe_code)]
 
 pub mod args;
@@ -23,11 +26,15 @@ pub mod exec;
 pub mod files;
 pub mod frontproxy;
 pub mod locate;
+pub mod portforward;
 pub mod processes;
+pub mod proxy;
 pub mod reply;
 pub mod route;
 pub mod server;
 pub mod transfer;
+pub mod tunnel;
+pub mod upgrade;
 
 /// API group served.
 pub const GROUP: &str = "subresources.wrenn.dev";
