@@ -147,7 +147,7 @@ pub fn parse_frame(protocol: Protocol, ports: usize, data: &[u8]) -> ClientFrame
     };
     let data_channel = |c: u8| {
         let i = usize::from(c / 2);
-        (c % 2 == 0 && i < ports).then_some(i)
+        (c.is_multiple_of(2) && i < ports).then_some(i)
     };
     match ch {
         CLOSE if protocol == Protocol::V5 => match rest.first().copied().and_then(data_channel) {
