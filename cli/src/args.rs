@@ -20,6 +20,7 @@ Examples:
   kubectl wrenn kill hello web
   kubectl wrenn cp ./data hello:/srv/data
   kubectl wrenn console -f hello
+  kubectl wrenn port-forward hello 8888 9000:80
   kubectl wrenn pause hello && kubectl wrenn resume hello
   kubectl wrenn suspend -n team-a hello
   kubectl wrenn snapshot hello before-upgrade
@@ -102,6 +103,26 @@ its --tag or pid.")]
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
+    },
+    /// Forward local ports to ports a capsule declares (spec.network.ports).
+    #[command(after_help = "\
+Examples:
+  kubectl wrenn port-forward hello 8888          # localhost:8888 -> 8888
+  kubectl wrenn port-forward hello 9000:80 :5432 # any free port -> 5432
+  kubectl wrenn port-forward --address 0.0.0.0 hello 8888
+
+Each local connection is carried through the API server as your user
+(RBAC: create on capsules/portforward); servers bound to 127.0.0.1 inside
+the capsule are reached too. Runs until Ctrl-C.")]
+    PortForward {
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+        address: std::net::IpAddr,
+        /// The capsule.
+        capsule: String,
+        /// `[LOCAL:]REMOTE` port pairs.
+        #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<String>,
     },
     /// An interactive /bin/sh in a running capsule (`exec -it CAP -- /bin/sh`).
     #[command(after_help = "\

@@ -21,6 +21,7 @@ mod console;
 mod cp;
 mod exec;
 mod lifecycle;
+mod portforward;
 mod processes;
 mod snapshot;
 mod status;
@@ -104,6 +105,17 @@ async fn run(cli: Cli) -> Result<u8> {
                 tty,
             };
             Ok(exec::run(&target, req).await?)
+        }
+        Command::PortForward {
+            address,
+            capsule,
+            ports,
+        } => {
+            let mappings = ports
+                .iter()
+                .map(|p| portforward::parse_mapping(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(portforward::run(&target, &capsule, &mappings, address).await?)
         }
         Command::Shell { capsule } => {
             let req = exec::Request {

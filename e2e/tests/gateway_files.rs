@@ -75,7 +75,9 @@ async fn files_stream_both_ways_with_checksums_and_refuse_escapes() {
             "capsules/files",
             "capsules/console",
             "capsules/attach",
-            "capsules/processes"
+            "capsules/processes",
+            "capsules/portforward",
+            "capsules/proxy"
         ]
     );
 

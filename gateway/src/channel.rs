@@ -47,6 +47,14 @@ impl Protocol {
 /// The protocol to speak, from the client's `Sec-WebSocket-Protocol`
 /// offers (pure): v5 when offered, else v4.
 pub fn plan_protocol<'a>(offers: impl IntoIterator<Item = &'a str>) -> Result<Protocol, Refusal> {
+    plan_protocol_for("exec", offers)
+}
+
+/// [`plan_protocol`] for subresource `what`, named in the refusal.
+pub fn plan_protocol_for<'a>(
+    what: &str,
+    offers: impl IntoIterator<Item = &'a str>,
+) -> Result<Protocol, Refusal> {
     let offered: Vec<String> = offers
         .into_iter()
         .flat_map(|h| h.split(','))
@@ -60,7 +68,7 @@ pub fn plan_protocol<'a>(offers: impl IntoIterator<Item = &'a str>) -> Result<Pr
     Err(Refusal::new(
         Reason::BadRequest,
         format!(
-            "exec needs a WebSocket with subprotocol v5.channel.k8s.io or v4.channel.k8s.io; offered: {offered:?}"
+            "{what} needs a WebSocket with subprotocol v5.channel.k8s.io or v4.channel.k8s.io; offered: {offered:?}"
         ),
     ))
 }

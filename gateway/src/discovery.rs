@@ -1,8 +1,9 @@
 //! Discovery and OpenAPI documents (pure). The API server marks the
 //! `APIService` available only when `/apis/GROUP/VERSION` answers, and
 //! kubectl reads these to map `capsules/exec`, `capsules/attach`,
-//! `capsules/files`, `capsules/processes` and `capsules/console`. Only
-//! subresources this gateway serves are listed.
+//! `capsules/files`, `capsules/processes`, `capsules/console`,
+//! `capsules/portforward` and `capsules/proxy`. Only subresources this
+//! gateway serves are listed.
 
 use serde_json::{Value, json};
 
@@ -38,11 +39,13 @@ pub fn build_api_group_list() -> Value {
 /// The RBAC verbs of a subresource: exec as `pods/exec` (create and get),
 /// files by HTTP method (GET get, PUT update, POST create), processes by
 /// HTTP method (GET get, POST create), console as `pods/log` (get), attach
-/// as `pods/attach` (create and get).
+/// as `pods/attach` (create and get), portforward as `pods/portforward`
+/// (create and get), proxy as `pods/proxy` (by HTTP method).
 pub fn verbs(s: Subresource) -> &'static [&'static str] {
     match s {
         Subresource::Files => &["create", "get", "update"],
         Subresource::Console => &["get"],
+        Subresource::Proxy => &["create", "delete", "get", "patch", "update"],
         _ => &["create", "get"],
     }
 }
@@ -129,6 +132,26 @@ fn operations(s: Subresource) -> (Pairs, Pairs) {
                 ("follow", "boolean"),
             ],
         ),
+        Subresource::Portforward => (
+            vec![
+                (
+                    "get",
+                    "connect to portforward of a Capsule's declared ports (WebSocket, v4.channel.k8s.io or v5.channel.k8s.io)",
+                ),
+                (
+                    "post",
+                    "connect to portforward of a Capsule's declared ports (WebSocket, v4.channel.k8s.io or v5.channel.k8s.io)",
+                ),
+            ],
+            vec![("ports", "string")],
+        ),
+        Subresource::Proxy => (
+            ["get", "put", "post", "patch", "delete", "head", "options"]
+                .into_iter()
+                .map(|m| (m, "proxy HTTP to a declared port of a Capsule (WebSocket upgrades passed through)"))
+                .collect(),
+            vec![],
+        ),
         Subresource::Attach => (
             vec![
                 (
@@ -172,8 +195,13 @@ fn operations(s: Subresource) -> (Pairs, Pairs) {
 fn paths() -> Value {
     let mut paths = serde_json::Map::new();
     for s in Subresource::SERVED {
+        let suffix = if s == Subresource::Proxy {
+            "/{port}/{path}"
+        } else {
+            ""
+        };
         let path = format!(
-            "/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{RESOURCE}/{{name}}/{}",
+            "/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{RESOURCE}/{{name}}/{}{suffix}",
             s.as_str()
         );
         let (ops, query) = operations(s);
@@ -181,7 +209,10 @@ fn paths() -> Value {
         for (method, description) in ops {
             let mut verb = method.to_string();
             verb[..1].make_ascii_uppercase();
-            let (code, what) = if matches!(s, Subresource::Exec | Subresource::Attach) {
+            let (code, what) = if matches!(
+                s,
+                Subresource::Exec | Subresource::Attach | Subresource::Portforward
+            ) {
                 ("101", "Switching Protocols")
             } else {
                 ("200", "OK")
@@ -201,6 +232,12 @@ fn paths() -> Value {
             json!({ "name": "namespace", "in": "path", "required": true, "type": "string" }),
             json!({ "name": "name", "in": "path", "required": true, "type": "string" }),
         ];
+        if s == Subresource::Proxy {
+            params
+                .push(json!({ "name": "port", "in": "path", "required": true, "type": "string" }));
+            params
+                .push(json!({ "name": "path", "in": "path", "required": true, "type": "string" }));
+        }
         params.extend(
             query
                 .into_iter()
@@ -274,7 +311,14 @@ mod tests {
         assert_eq!(l["resources"][3]["verbs"], json!(["create", "get"]));
         assert_eq!(l["resources"][4]["name"], "capsules/processes");
         assert_eq!(l["resources"][4]["verbs"], json!(["create", "get"]));
-        assert_eq!(l["resources"].as_array().map(Vec::len), Some(5));
+        assert_eq!(l["resources"][5]["name"], "capsules/portforward");
+        assert_eq!(l["resources"][5]["verbs"], json!(["create", "get"]));
+        assert_eq!(l["resources"][6]["name"], "capsules/proxy");
+        assert_eq!(
+            l["resources"][6]["verbs"],
+            json!(["create", "delete", "get", "patch", "update"])
+        );
+        assert_eq!(l["resources"].as_array().map(Vec::len), Some(7));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::query::{flag, form_decode, form_encode};
 use crate::route::{Reason, Refusal, plan_agent_refusal};
 
 // The upgrade in `server` names these through `exec`.
-pub use crate::channel::{Protocol, plan_protocol, websocket_config};
+pub use crate::channel::{Protocol, plan_protocol, plan_protocol_for, websocket_config};
 
 /// Input messages queued towards the agent before the client is slowed.
 const INPUT_QUEUE: usize = 16;

@@ -9,10 +9,13 @@
 //! `console`); `channel` is the channel protocol itself, `filestream` the
 //! file bodies streamed to and from the agent, `transfer` the long
 //! transfers' WebSocket form, which the API server's request timeout does
-//! not cut; `query` reads query strings.
-//! `route` parses paths and builds API `Status` replies
-//! (pure); `discovery` holds the discovery and OpenAPI documents (pure);
-//! `reply` the response bodies; `server` is the HTTPS listener tying them
+//! not cut; `query` reads query strings. `portforward` carries TCP
+//! connections to declared ports over the port-forward channel protocol
+//! and `proxy` HTTP requests to them, both through `tunnel` (the agent's
+//! `Connect`); `upgrade` runs every channel-protocol WebSocket the same
+//! way. `route` parses paths and builds API `Status` replies (pure);
+//! `discovery` holds the discovery and OpenAPI documents (pure); `reply`
+//! the response bodies; `server` is the HTTPS listener tying them
 //! together.
 #![forbid(unsafe_code)]
 
@@ -27,12 +30,16 @@ pub mod files;
 pub mod filestream;
 pub mod frontproxy;
 pub mod locate;
+pub mod portforward;
 pub mod processes;
+pub mod proxy;
 pub mod query;
 pub mod reply;
 pub mod route;
 pub mod server;
 pub mod transfer;
+pub mod tunnel;
+pub mod upgrade;
 
 /// API group served.
 pub const GROUP: &str = "subresources.wrenn.dev";

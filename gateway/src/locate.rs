@@ -16,7 +16,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tonic::transport::Channel;
 use wrenn_crds::Capsule;
-use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::capsule::{CapsulePhase, Protocol};
 use wrenn_operator::agent::GrpcConnector;
 
 use crate::route::{Reason, Refusal};
@@ -28,6 +28,47 @@ pub struct Target {
     pub uid: String,
     /// Node it runs on.
     pub node: String,
+    /// Its TCP ports declared in `spec.network.ports`: the only ones
+    /// `portforward` and `proxy` reach.
+    pub ports: Vec<DeclaredPort>,
+}
+
+/// A TCP port a capsule declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredPort {
+    /// Its name, if any.
+    pub name: Option<String>,
+    /// The guest port.
+    pub port: u16,
+}
+
+impl Target {
+    /// The declared port `asked` names (a number or a port's name), or
+    /// why it may not be reached (pure).
+    pub fn declared(&self, capsule: &str, asked: &str) -> Result<u16, Refusal> {
+        let found = self
+            .ports
+            .iter()
+            .find(|p| p.port.to_string() == asked || p.name.as_deref() == Some(asked));
+        match found {
+            Some(p) => Ok(p.port),
+            None => {
+                let declared: Vec<String> = self.ports.iter().map(|p| p.port.to_string()).collect();
+                let declared = if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                };
+                Err(Refusal::capsule(
+                    Reason::Forbidden,
+                    capsule,
+                    format!(
+                        "port {asked} is not declared in spec.network.ports of capsule \"{capsule}\" (declared TCP ports: {declared}); only declared ports can be forwarded or proxied"
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// Whether `capsule` (as read, `None` when absent) can be reached (pure):
@@ -75,7 +116,22 @@ pub fn plan_target(
         .uid
         .clone()
         .ok_or_else(|| Refusal::capsule(Reason::InternalError, name, "capsule has no UID"))?;
-    Ok(Target { uid, node })
+    let ports = c
+        .spec
+        .network
+        .as_ref()
+        .map(|n| {
+            n.ports
+                .iter()
+                .filter(|p| p.protocol == Protocol::TCP)
+                .map(|p| DeclaredPort {
+                    name: p.name.clone(),
+                    port: p.port,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Target { uid, node, ports })
 }
 
 /// The agent address on `node` among the agent Pods (pure): a Pod bound to
@@ -230,9 +286,28 @@ mod tests {
             t,
             Target {
                 uid: "u-1".into(),
-                node: "n1".into()
+                node: "n1".into(),
+                ports: vec![],
             }
         );
+    }
+
+    #[test]
+    fn only_declared_tcp_ports_are_reached() {
+        let mut c = capsule(Some("Running"), Some("n1"));
+        c.spec.network = serde_json::from_value(json!({ "ports": [
+            { "port": 8080, "name": "web" }, { "port": 53, "protocol": "UDP" }
+        ] }))
+        .unwrap();
+        let t = plan_target("a", "web", Some(&c)).unwrap();
+        assert_eq!(t.declared("web", "8080").unwrap(), 8080);
+        assert_eq!(t.declared("web", "web").unwrap(), 8080);
+        for undeclared in ["53", "22", "x"] {
+            let e = t.declared("web", undeclared).unwrap_err();
+            assert_eq!(e.reason, Reason::Forbidden);
+            assert!(e.message.contains("not declared"), "{}", e.message);
+            assert!(e.message.contains("8080"), "{}", e.message);
+        }
     }
 
     #[test]

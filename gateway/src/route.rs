@@ -19,9 +19,11 @@ pub enum Subresource {
     Processes,
     /// Serial console log (plain HTTP, text). Served.
     Console,
-    /// Port forwarding. Not served yet.
+    /// TCP connections to declared ports (WebSocket, the port-forward
+    /// channel protocol). Served.
     Portforward,
-    /// HTTP proxy. Not served yet.
+    /// HTTP to a declared port (any method, WebSocket upgrades passed
+    /// through). Served.
     Proxy,
 }
 
@@ -58,12 +60,14 @@ impl Subresource {
     }
 
     /// Subresources served, as discovery lists them.
-    pub const SERVED: [Subresource; 5] = [
+    pub const SERVED: [Subresource; 7] = [
         Self::Exec,
         Self::Files,
         Self::Console,
         Self::Attach,
         Self::Processes,
+        Self::Portforward,
+        Self::Proxy,
     ];
 }
 
@@ -111,6 +115,20 @@ pub fn plan_route(path: &str) -> Route {
         ["openapi", "v2"] => Route::OpenApiV2,
         ["openapi", "v3"] => Route::OpenApiV3Index,
         ["openapi", "v3", "apis", g, v] if *g == GROUP && *v == VERSION => Route::OpenApiV3Group,
+        // `proxy/PORT/PATH…`: the rest of the path is the guest's.
+        ["apis", g, v, "namespaces", ns, r, name, "proxy", ..]
+            if *g == GROUP
+                && *v == VERSION
+                && *r == RESOURCE
+                && valid_name(ns)
+                && valid_name(name) =>
+        {
+            Route::Capsule {
+                namespace: (*ns).to_string(),
+                name: (*name).to_string(),
+                sub: Subresource::Proxy,
+            }
+        }
         ["apis", g, v, "namespaces", ns, r, name, sub]
             if *g == GROUP
                 && *v == VERSION
@@ -164,6 +182,9 @@ pub enum Reason {
     Invalid,
     /// 500.
     InternalError,
+    /// 502 (not a metav1 reason; kubectl prints the message): nothing
+    /// answers on the capsule's port.
+    BadGateway,
     /// 501 (`NotImplemented` is not a metav1 reason; kubectl prints the message).
     NotImplemented,
     /// 503.
@@ -186,6 +207,7 @@ impl Reason {
             Self::RequestEntityTooLarge => 413,
             Self::Invalid => 422,
             Self::InternalError => 500,
+            Self::BadGateway => 502,
             Self::NotImplemented => 501,
             Self::ServiceUnavailable => 503,
             Self::Timeout => 504,
@@ -204,6 +226,7 @@ impl Reason {
             Self::RequestEntityTooLarge => "RequestEntityTooLarge",
             Self::Invalid => "Invalid",
             Self::InternalError => "InternalError",
+            Self::BadGateway => "BadGateway",
             Self::NotImplemented => "NotImplemented",
             Self::ServiceUnavailable => "ServiceUnavailable",
             Self::Timeout => "Timeout",
@@ -312,7 +335,17 @@ mod tests {
         );
         assert!(Subresource::Files.served());
         assert!(Subresource::Processes.served());
-        assert!(!Subresource::Portforward.served());
+        assert!(Subresource::Portforward.served());
+        assert_eq!(
+            plan_route(
+                "/apis/subresources.wrenn.dev/v1alpha1/namespaces/a/capsules/web/proxy/8080/x/y"
+            ),
+            Route::Capsule {
+                namespace: "a".into(),
+                name: "web".into(),
+                sub: Subresource::Proxy
+            }
+        );
     }
 
     #[test]

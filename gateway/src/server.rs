@@ -9,16 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
+use hyper::header;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::authz::{Access, Authorizer};
 use crate::files::FileOp;
@@ -26,7 +23,8 @@ use crate::frontproxy::{FrontProxy, Peer, identify};
 use crate::locate::Locator;
 use crate::reply::{Reply, json as json_reply, refuse, text};
 use crate::route::{Reason, Refusal, Route, Subresource, plan_route};
-use crate::{attach, console, discovery, exec, files, processes, transfer};
+use crate::upgrade::{self, Upgrade};
+use crate::{console, discovery, exec, files, processes, proxy, transfer};
 
 /// Time from TCP accept to a finished TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,13 +158,15 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
             }
             let verb = match sub {
                 // A WebSocket is a GET; an upload over it stands for a PUT.
-                Subresource::Files if is_websocket(&req) => {
+                Subresource::Files if upgrade::is_websocket(&req) => {
                     transfer::plan_files(req.uri().query().unwrap_or(""))
                         .map_or("get", |t| t.verb())
                 }
                 Subresource::Files | Subresource::Console | Subresource::Processes => {
                     FileOp::verb(req.method())
                 }
+                // As the API server names the verb of `pods/proxy`.
+                Subresource::Proxy => proxy::verb(req.method()),
                 // As `pods/exec`: a WebSocket GET needs create too.
                 _ => "create",
             };
@@ -181,12 +181,15 @@ pub async fn handle(gw: &Gateway, peer: &Peer, req: Request<Incoming>) -> Reply 
                 return refuse(&r);
             }
             match sub {
-                Subresource::Exec => exec_upgrade(gw, &access, req).await,
+                Subresource::Exec => channel_upgrade::<upgrade::Exec>(gw, &access, req).await,
                 Subresource::Files => files_request(gw, &access, req).await,
                 Subresource::Console => console_request(gw, &access, req).await,
                 Subresource::Processes => processes_request(gw, &access, req).await,
-                Subresource::Attach => attach_upgrade(gw, &access, req).await,
-                _ => refuse(&Refusal::new(Reason::NotImplemented, "not implemented")),
+                Subresource::Attach => channel_upgrade::<upgrade::Attach>(gw, &access, req).await,
+                Subresource::Portforward => {
+                    channel_upgrade::<upgrade::PortForward>(gw, &access, req).await
+                }
+                Subresource::Proxy => proxy_request(gw, &access, req).await,
             }
         }
     }
@@ -203,7 +206,7 @@ async fn reach(
 }
 
 async fn files_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
-    if is_websocket(&req) {
+    if upgrade::is_websocket(&req) {
         let t = transfer::plan_files(req.uri().query().unwrap_or(""));
         return transfer_upgrade(gw, access, req, t).await;
     }
@@ -235,7 +238,7 @@ async fn files_request(gw: &Gateway, access: &Access, req: Request<Incoming>) ->
 }
 
 async fn console_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
-    if is_websocket(&req) {
+    if upgrade::is_websocket(&req) {
         let t = console::parse_options(req.uri().query().unwrap_or(""))
             .map(transfer::Transfer::Console);
         return transfer_upgrade(gw, access, req, t).await;
@@ -259,44 +262,19 @@ async fn console_request(gw: &Gateway, access: &Access, req: Request<Incoming>) 
         .unwrap_or_else(|r| refuse(&r))
 }
 
-fn is_websocket(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-/// The WebSocket key and channel protocol of an upgrade to `what`, or why
-/// it is refused (pure on the request's headers).
-fn plan_upgrade(
-    req: &Request<Incoming>,
-    what: &str,
-) -> Result<(HeaderValue, exec::Protocol), Refusal> {
-    if !is_websocket(req) {
-        return Err(Refusal::new(
-            Reason::BadRequest,
-            format!(
-                "{what} is a WebSocket upgrade with subprotocol v5.channel.k8s.io (kubectl 1.30 or later; SPDY is not supported)"
-            ),
-        ));
-    }
-    if req.method() != Method::GET && req.method() != Method::POST {
-        return Err(Refusal::new(
-            Reason::MethodNotAllowed,
-            format!("{what} takes GET or POST"),
-        ));
-    }
-    plan_handshake(req)
-}
-
-async fn exec_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
+/// A channel-protocol WebSocket (`exec`, `attach`, `portforward`):
+/// upgrade checked, query parsed, capsule found and agent side opened
+/// before `101`, then bridged.
+async fn channel_upgrade<U: Upgrade>(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply
+where
+    U::Opened: 'static,
+{
     let name = access.name.as_str();
-    let (key, protocol) = match plan_upgrade(&req, "exec") {
+    let (key, protocol) = match upgrade::plan_upgrade(&req, U::WHAT) {
         Ok(k) => k,
         Err(r) => return refuse(&r.with_capsule(name)),
     };
-    let options = match exec::parse_options(req.uri().query().unwrap_or("")) {
+    let options = match U::parse(req.uri().query().unwrap_or("")) {
         Ok(o) => o,
         Err(r) => return refuse(&r),
     };
@@ -304,38 +282,26 @@ async fn exec_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -> 
         Ok(t) => t,
         Err(r) => return refuse(&r),
     };
-    let started = match exec::start(channel, name, &target.uid, options, protocol).await {
-        Ok(s) => s,
-        Err(r) => return refuse(&r),
-    };
-    tracing::info!(namespace = %access.namespace, capsule = %name, node = %target.node, "exec started");
-    answer_upgrade(req, &key, protocol, started)
-}
-
-async fn attach_upgrade(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
-    let name = access.name.as_str();
-    let (key, protocol) = match plan_upgrade(&req, "attach") {
-        Ok(k) => k,
-        Err(r) => return refuse(&r.with_capsule(name)),
-    };
-    let options = match attach::parse_options(req.uri().query().unwrap_or("")) {
+    let opened = match U::open(channel, name, &target, options, protocol).await {
         Ok(o) => o,
         Err(r) => return refuse(&r),
     };
+    tracing::debug!(namespace = %access.namespace, capsule = %name, node = %target.node, what = U::WHAT, "upgraded");
+    upgrade::answer(req, &key, protocol, move |ws| U::bridge(ws, opened))
+}
+
+async fn proxy_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
     let (target, channel) = match reach(gw, access).await {
         Ok(t) => t,
         Err(r) => return refuse(&r),
     };
-    let started = match attach::start(channel, name, &target.uid, options, protocol).await {
-        Ok(s) => s,
-        Err(r) => return refuse(&r),
-    };
-    tracing::debug!(namespace = %access.namespace, capsule = %name, node = %target.node, "attached");
-    answer_upgrade(req, &key, protocol, started)
+    proxy::serve(channel, &access.name, &target, req)
+        .await
+        .unwrap_or_else(|r| refuse(&r))
 }
 
 async fn processes_request(gw: &Gateway, access: &Access, req: Request<Incoming>) -> Reply {
-    if is_websocket(&req) {
+    if upgrade::is_websocket(&req) {
         let t = transfer::plan_processes(req.uri().query().unwrap_or(""));
         return transfer_upgrade(gw, access, req, t).await;
     }
@@ -353,76 +319,12 @@ async fn processes_request(gw: &Gateway, access: &Access, req: Request<Incoming>
         .unwrap_or_else(|r| refuse(&r))
 }
 
-/// Answers 101 and bridges the upgraded connection to `started`.
-fn answer_upgrade(
-    mut req: Request<Incoming>,
-    key: &HeaderValue,
-    protocol: exec::Protocol,
-    started: exec::Started,
-) -> Reply {
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(exec::websocket_config()),
-                )
-                .await;
-                exec::bridge(ws, started).await;
-            }
-            Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "upgrade"),
-        }
-    });
-    switching_protocols(key, protocol)
-}
-
-/// The client's key and the channel protocol to speak, from a WebSocket
-/// upgrade's headers.
-fn plan_handshake(req: &Request<Incoming>) -> Result<(HeaderValue, exec::Protocol), Refusal> {
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or_else(|| {
-            Refusal::new(
-                Reason::BadRequest,
-                "the WebSocket upgrade has no Sec-WebSocket-Key",
-            )
-        })?;
-    let protocol = exec::plan_protocol(
-        req.headers()
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    )?;
-    Ok((key, protocol))
-}
-
-/// The `101` answering a WebSocket upgrade.
-fn switching_protocols(key: &HeaderValue, protocol: exec::Protocol) -> Reply {
-    let mut r = Response::new(crate::reply::empty());
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    h.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(protocol.as_str()),
-    );
-    r
-}
-
 /// `files` or `console` as a WebSocket ([`crate::transfer`]): not cut by
 /// the API server's request timeout.
 async fn transfer_upgrade(
     gw: &Gateway,
     access: &Access,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     planned: Result<transfer::Transfer, Refusal>,
 ) -> Reply {
     let name = access.name.clone();
@@ -432,7 +334,7 @@ async fn transfer_upgrade(
             "a WebSocket upgrade is a GET",
         ));
     }
-    let (key, protocol) = match plan_handshake(&req) {
+    let (key, protocol) = match upgrade::plan_handshake(&req, "a transfer") {
         Ok(h) => h,
         Err(r) => return refuse(&r),
     };
@@ -456,20 +358,7 @@ async fn transfer_upgrade(
         Ok(o) => o,
         Err(r) => return refuse(&r),
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(exec::websocket_config()),
-                )
-                .await;
-                transfer::bridge(ws, name, opened).await;
-            }
-            Err(e) => tracing::debug!(error = &e as &dyn std::error::Error, "transfer upgrade"),
-        }
-    });
-    switching_protocols(&key, protocol)
+    upgrade::answer(req, &key, protocol, move |ws| {
+        transfer::bridge(ws, name, opened)
+    })
 }

@@ -568,6 +568,16 @@ impl GuestClient {
         self.bounded("Exec", c.exec(self.request(input))).await
     }
 
+    /// `Dial`: `input` starts with a `DialStart`; a TCP connection to
+    /// 127.0.0.1 inside the guest.
+    pub async fn dial(
+        &self,
+        input: impl Stream<Item = gpb::DialInput> + Send + 'static,
+    ) -> Result<Streaming<gpb::DialOutput>, Error> {
+        let mut c = self.client.clone();
+        self.bounded("Dial", c.dial(self.request(input))).await
+    }
+
     /// `Pty`: `input` starts with a `PtyStart`.
     pub async fn pty(
         &self,

@@ -3,7 +3,8 @@
 //! child running this same binary), reaps zombies, forwards SIGTERM/SIGINT
 //! and powers off cleanly; as the guest agent it serves `guest.proto`
 //! (package `wrenn.guest.v1`) on vsock: Init, Exec, Pty, files, metrics,
-//! health, Quiesce and detached processes. It knows nothing about Kubernetes.
+//! health, Quiesce, detached processes and TCP connections to loopback
+//! ports (Dial). It knows nothing about Kubernetes.
 //!
 //! Modes:
 //! - `wrenn-guest` as PID 1 (or `--init`, which insists on being PID 1):
@@ -31,6 +32,7 @@
 //! needed at run time.
 
 mod archive;
+mod dial;
 mod exec;
 mod files;
 mod init;

@@ -23,7 +23,7 @@ use wrenn_proto::guest::v1::{
 };
 
 use crate::process::SpawnContext;
-use crate::{archive, exec, files, metrics, processes, pty, setup};
+use crate::{archive, dial, exec, files, metrics, processes, pty, setup};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -229,6 +229,16 @@ impl GuestAgent for Agent {
         exec::exec(request.into_inner(), ctx)
             .await
             .map(Response::new)
+    }
+
+    type DialStream = dial::OutputStream;
+
+    async fn dial(
+        &self,
+        request: Request<Streaming<wrenn_proto::guest::v1::DialInput>>,
+    ) -> Result<Response<Self::DialStream>, Status> {
+        self.ready(request.metadata())?;
+        dial::dial(request.into_inner()).await.map(Response::new)
     }
 
     type PtyStream = pty::OutputStream;

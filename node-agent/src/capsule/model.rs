@@ -194,6 +194,9 @@ pub struct CapsuleView {
     pub reason: String,
     /// Host socket of the guest's vsock while a VMM runs.
     pub vsock_socket: Option<PathBuf>,
+    /// The capsule's network namespace, where the guest's address answers
+    /// (port forwarding dials from inside it).
+    pub netns: Option<PathBuf>,
     /// What the guest agent requires, for the node agent's own calls
     /// (data plane, sampler, warm builds). Never converted to the wire.
     pub guest_token: Option<GuestToken>,

@@ -25,6 +25,7 @@ mod console;
 pub mod convert;
 mod dataplane;
 mod files;
+mod ports;
 mod processes;
 use crate::tls::{Listening, PortConfig, TlsFiles};
 use convert::{to_capsule, to_resources, to_status, validate_snapshot_id, validate_uid};
@@ -69,6 +70,8 @@ pub struct AgentService {
     /// Per-capsule VMM run directories (`Layout::vmm_root`), where the
     /// serial console is kept; `None`: ReadConsole is not served.
     console_root: Option<std::path::PathBuf>,
+    /// Which route answered per capsule port (`ports`).
+    routes: ports::Routes,
 }
 
 impl AgentService {
@@ -91,6 +94,7 @@ impl AgentService {
             disk_quota: None,
             image_dirs: crate::images::ImageDirs::default(),
             console_root: None,
+            routes: ports::Routes::default(),
         }
     }
 
@@ -178,6 +182,7 @@ impl AgentService {
             }
         }
         let open = Arc::new(self.activity.hold(capsule));
+        let netns = view.netns;
         let vsock_socket = view.vsock_socket.ok_or_else(|| {
             Status::unavailable(format!("capsule {capsule} has no guest connection yet"))
         })?;
@@ -185,6 +190,7 @@ impl AgentService {
             capsule: capsule.to_string(),
             vsock_socket,
             guest_token: view.guest_token,
+            netns,
             open,
         })
     }
@@ -199,6 +205,8 @@ pub struct GuestEndpoint {
     pub vsock_socket: std::path::PathBuf,
     /// What the guest agent requires on every call.
     pub guest_token: Option<crate::guest::GuestToken>,
+    /// The capsule's network namespace (`None` before its network is set up).
+    pub netns: Option<std::path::PathBuf>,
     /// Counts as activity on the capsule while any clone lives.
     open: Arc<activity::Held>,
 }
@@ -585,6 +593,14 @@ impl NodeAgent for AgentService {
         req: Request<pb::AttachProcessRequest>,
     ) -> Result<Response<Self::AttachProcessStream>, Status> {
         processes::attach(self, req).await
+    }
+    type ConnectStream = BoxStream<pb::ConnectOutput>;
+    #[tracing::instrument(skip_all)]
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::ConnectInput>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        ports::connect(self, &self.routes, req).await
     }
 }
 

@@ -114,6 +114,21 @@ pub fn tcp_connect_in_netns(
     })
 }
 
+/// A TCP connection to `addr` made from inside the network namespace at
+/// `netns`, within `timeout`. The socket stays in that namespace after the
+/// thread that made it ends, so it can be used from anywhere. Blocking.
+pub fn tcp_stream_in_netns(
+    netns: &Path,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> io::Result<std::net::TcpStream> {
+    on_thread(move || {
+        let ns = File::open(netns)?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        std::net::TcpStream::connect_timeout(&addr, timeout)
+    })
+}
+
 /// Unmounts and removes a named namespace. The namespace itself, with its
 /// links, TAP, nftables tables and conntrack entries, goes away once no
 /// process or mount holds it. `Ok(false)` if there was nothing to remove.

@@ -449,6 +449,39 @@ pub struct PtyInput {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectInput {
+    /// Set on the first message only.
+    #[prost(string, tag = "1")]
+    pub uid: ::prost::alloc::string::String,
+    /// Set on the first message only.
+    #[prost(enumeration = "ConnectRoute", tag = "2")]
+    pub route: i32,
+    #[prost(message, optional, tag = "3")]
+    pub input: ::core::option::Option<super::super::guest::v1::DialInput>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectOutput {
+    #[prost(oneof = "connect_output::Output", tags = "1, 2, 3")]
+    pub output: ::core::option::Option<connect_output::Output>,
+}
+/// Nested message and enum types in `ConnectOutput`.
+pub mod connect_output {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Output {
+        /// The connection is up, by this route (NETWORK or LOOPBACK); first.
+        #[prost(enumeration = "super::ConnectRoute", tag = "1")]
+        Connected(i32),
+        #[prost(bytes, tag = "2")]
+        Data(::prost::alloc::vec::Vec<u8>),
+        /// The server shut its write side: no more data follows.
+        #[prost(bool, tag = "3")]
+        ClosedWrite(bool),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReadFileRequest {
     #[prost(string, tag = "1")]
     pub uid: ::prost::alloc::string::String,
@@ -706,6 +739,44 @@ impl EventKind {
             "EVENT_KIND_STATE_CHANGED" => Some(Self::StateChanged),
             "EVENT_KIND_DELETED" => Some(Self::Deleted),
             "EVENT_KIND_RESET" => Some(Self::Reset),
+            _ => None,
+        }
+    }
+}
+/// How the node agent reaches a capsule port.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ConnectRoute {
+    /// NETWORK, then LOOPBACK when nothing answers on the guest's address;
+    /// the agent remembers per capsule and port which one answered and tries
+    /// it first next time.
+    Auto = 0,
+    /// The guest's address, dialed from inside the capsule's network
+    /// namespace: servers listening on the guest's interface (0.0.0.0).
+    Network = 1,
+    /// 127.0.0.1 inside the guest, dialed by the guest agent over vsock:
+    /// servers bound to loopback too.
+    Loopback = 2,
+}
+impl ConnectRoute {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Auto => "CONNECT_ROUTE_AUTO",
+            Self::Network => "CONNECT_ROUTE_NETWORK",
+            Self::Loopback => "CONNECT_ROUTE_LOOPBACK",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CONNECT_ROUTE_AUTO" => Some(Self::Auto),
+            "CONNECT_ROUTE_NETWORK" => Some(Self::Network),
+            "CONNECT_ROUTE_LOOPBACK" => Some(Self::Loopback),
             _ => None,
         }
     }
@@ -1583,6 +1654,36 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "AttachProcess"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// One TCP connection to a port of the capsule (port forwarding, the HTTP
+        /// proxy). The first message carries `uid` and a DialStart; later ones
+        /// bytes and at most one close_write, as in the guest's Dial. The output
+        /// starts with `connected` naming the route taken. Counts as activity on
+        /// the capsule while open. Nothing listening on either route:
+        /// FAILED_PRECONDITION naming the port, at once.
+        pub async fn connect(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::ConnectInput>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ConnectOutput>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.agent.v1.NodeAgent/Connect",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "Connect"));
+            self.inner.streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1882,6 +1983,22 @@ pub mod node_agent_server {
             tonic::Response<Self::AttachProcessStream>,
             tonic::Status,
         >;
+        /// Server streaming response type for the Connect method.
+        type ConnectStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ConnectOutput, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// One TCP connection to a port of the capsule (port forwarding, the HTTP
+        /// proxy). The first message carries `uid` and a DialStart; later ones
+        /// bytes and at most one close_write, as in the guest's Dial. The output
+        /// starts with `connected` naming the route taken. Counts as activity on
+        /// the capsule while open. Nothing listening on either route:
+        /// FAILED_PRECONDITION naming the port, at once.
+        async fn connect(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::ConnectInput>>,
+        ) -> std::result::Result<tonic::Response<Self::ConnectStream>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct NodeAgentServer<T> {
@@ -3374,6 +3491,54 @@ pub mod node_agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.agent.v1.NodeAgent/Connect" => {
+                    #[allow(non_camel_case_types)]
+                    struct ConnectSvc<T: NodeAgent>(pub Arc<T>);
+                    impl<
+                        T: NodeAgent,
+                    > tonic::server::StreamingService<super::ConnectInput>
+                    for ConnectSvc<T> {
+                        type Response = super::ConnectOutput;
+                        type ResponseStream = T::ConnectStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::ConnectInput>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeAgent>::connect(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ConnectSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

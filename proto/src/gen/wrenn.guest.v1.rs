@@ -498,6 +498,54 @@ pub mod process_output {
     }
 }
 #[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DialStart {
+    /// 1 to 65535.
+    #[prost(uint32, tag = "1")]
+    pub port: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DialInput {
+    #[prost(oneof = "dial_input::Input", tags = "1, 2, 3")]
+    pub input: ::core::option::Option<dial_input::Input>,
+}
+/// Nested message and enum types in `DialInput`.
+pub mod dial_input {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Input {
+        #[prost(message, tag = "1")]
+        Start(super::DialStart),
+        #[prost(bytes, tag = "2")]
+        Data(::prost::alloc::vec::Vec<u8>),
+        /// Shut the connection's write side (a FIN reaches the server).
+        #[prost(bool, tag = "3")]
+        CloseWrite(bool),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DialOutput {
+    #[prost(oneof = "dial_output::Output", tags = "1, 2, 3")]
+    pub output: ::core::option::Option<dial_output::Output>,
+}
+/// Nested message and enum types in `DialOutput`.
+pub mod dial_output {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Output {
+        /// The connection is up (first message).
+        #[prost(bool, tag = "1")]
+        Connected(bool),
+        #[prost(bytes, tag = "2")]
+        Data(::prost::alloc::vec::Vec<u8>),
+        /// The server shut its write side: no more data follows.
+        #[prost(bool, tag = "3")]
+        ClosedWrite(bool),
+    }
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum FileType {
@@ -1121,6 +1169,40 @@ pub mod guest_agent_client {
                 .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "AttachProcess"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// One TCP connection from inside the guest to 127.0.0.1:port, so port
+        /// forwarding reaches servers bound to loopback. The first message
+        /// carries DialStart; later ones bytes for the server and at most one
+        /// close_write (the server then reads end of input, and its reply still
+        /// comes back). The output starts with `connected`, then the server's
+        /// bytes, then `closed_write` once the server shut its side; the stream
+        /// ends when both directions are done or the caller goes away (which
+        /// closes the connection). Nothing listening: FAILED_PRECONDITION naming
+        /// the port, at once; no answer within the connect timeout:
+        /// DEADLINE_EXCEEDED.
+        pub async fn dial(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::DialInput>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::DialOutput>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/wrenn.guest.v1.GuestAgent/Dial",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("wrenn.guest.v1.GuestAgent", "Dial"));
+            self.inner.streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1299,6 +1381,26 @@ pub mod guest_agent_server {
             tonic::Response<Self::AttachProcessStream>,
             tonic::Status,
         >;
+        /// Server streaming response type for the Dial method.
+        type DialStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::DialOutput, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// One TCP connection from inside the guest to 127.0.0.1:port, so port
+        /// forwarding reaches servers bound to loopback. The first message
+        /// carries DialStart; later ones bytes for the server and at most one
+        /// close_write (the server then reads end of input, and its reply still
+        /// comes back). The output starts with `connected`, then the server's
+        /// bytes, then `closed_write` once the server shut its side; the stream
+        /// ends when both directions are done or the caller goes away (which
+        /// closes the connection). Nothing listening: FAILED_PRECONDITION naming
+        /// the port, at once; no answer within the connect timeout:
+        /// DEADLINE_EXCEEDED.
+        async fn dial(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::DialInput>>,
+        ) -> std::result::Result<tonic::Response<Self::DialStream>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct GuestAgentServer<T> {
@@ -2308,6 +2410,50 @@ pub mod guest_agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/wrenn.guest.v1.GuestAgent/Dial" => {
+                    #[allow(non_camel_case_types)]
+                    struct DialSvc<T: GuestAgent>(pub Arc<T>);
+                    impl<T: GuestAgent> tonic::server::StreamingService<super::DialInput>
+                    for DialSvc<T> {
+                        type Response = super::DialOutput;
+                        type ResponseStream = T::DialStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::DialInput>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as GuestAgent>::dial(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DialSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -413,6 +413,7 @@ impl Record {
             message: self.message.clone().unwrap_or_default(),
             reason: self.reason.map(String::from).unwrap_or_default(),
             vsock_socket: self.vm().map(|v| v.vsock_socket.clone()),
+            netns: self.net_addr().and_then(|a| a.netns.clone()),
             guest_token: self.guest_token.clone(),
         }
     }

@@ -1,0 +1,471 @@
+//! Tier 2: a capsule's declared ports through the API server, over the
+//! real parts of [`gateway_bed`]. `kubectl wrenn port-forward` as alice
+//! carries 20 concurrent connections with half-close (each server reads to
+//! end of input before it answers) to a server in the capsule's network
+//! namespace (the agent's network route: the guest's address dialed from
+//! inside the namespace, which the test makes where the fake network
+//! says it is), and one to a server bound to 127.0.0.1 that only the guest
+//! agent reaches (the loopback route); the open forward counts as
+//! activity; Ctrl-C ends the plugin. `capsules/proxy` passes a GET with
+//! its path and query and without the caller's identity headers, and a
+//! WebSocket echo; nothing listening is a quick 502; an undeclared port
+//! is refused naming the declared ones; bob (view only) is forbidden both.
+#![allow(clippy::unwrap_used)]
+
+mod gateway_bed;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use gateway_bed::{Bed, NS, call, eventually, json_of};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use wrenn_crds::Capsule;
+use wrenn_node_agent::network::GUEST_ADDR;
+use wrenn_proto::agent::v1 as pb;
+use wrenn_testkit::{Tier, case};
+
+/// A network namespace at the path the (fake) network gave the capsule,
+/// with the guest's address on its loopback; removed on drop.
+struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    fn create(path: &Path) -> Netns {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(name.starts_with("wrenn-"), "{name}");
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            path: path.to_path_buf(),
+        };
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{GUEST_ADDR}/32"),
+            "dev",
+            "lo",
+        ]);
+        ns
+    }
+
+    /// A listener on the guest's address inside the namespace (the socket
+    /// stays there once the thread that made it ends).
+    fn listen(&self) -> TcpListener {
+        let path = self.path.clone();
+        let std = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            std::net::TcpListener::bind(SocketAddr::from((GUEST_ADDR, 0))).unwrap()
+        })
+        .join()
+        .unwrap();
+        std.set_nonblocking(true).unwrap();
+        TcpListener::from_std(std).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Reads each connection to its end of input, then answers `TAG LEN\n`
+/// and the bytes reversed, and closes: a reply proves the FIN arrived.
+fn reverse_server(l: TcpListener, tag: &'static str) -> u16 {
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if s.read_to_end(&mut all).await.is_err() {
+                    return;
+                }
+                let mut reply = format!("{tag} {}\n", all.len()).into_bytes();
+                all.reverse();
+                reply.extend_from_slice(&all);
+                let _ = s.write_all(&reply).await;
+            });
+        }
+    });
+    port
+}
+
+/// Answers every HTTP request with its request line and headers.
+fn http_server(l: TcpListener) -> u16 {
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = String::from_utf8_lossy(&head).to_lowercase();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+/// Echoes WebSocket messages, choosing the first subprotocol offered.
+// The handshake callback's error type is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
+fn websocket_echo(l: TcpListener) -> u16 {
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let pick = |req: &Request, mut resp: Response| {
+                    if let Some(first) = req
+                        .headers()
+                        .get("sec-websocket-protocol")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split(',').next())
+                    {
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", first.trim().parse().unwrap());
+                    }
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, pick).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A port nothing listens on (just freed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn proxy_path(port: u16, rest: &str) -> String {
+    format!("/apis/subresources.wrenn.dev/v1alpha1/namespaces/{NS}/capsules/box/proxy/{port}{rest}")
+}
+
+fn payload(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| ((j * 31 + i * 7) % 251) as u8).collect()
+}
+
+/// One connection through the forward: sends `data`, closes its write
+/// side, and reads the whole answer.
+async fn round_trip(local: u16, data: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    let (mut rd, mut wr) = s.split();
+    let send = async {
+        wr.write_all(data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut got = Vec::new();
+    let recv = rd.read_to_end(&mut got);
+    let ((), r) = tokio::join!(send, recv);
+    r.unwrap();
+    got
+}
+
+fn expected(tag: &str, data: &[u8]) -> Vec<u8> {
+    let mut want = format!("{tag} {}\n", data.len()).into_bytes();
+    want.extend(data.iter().rev());
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ports_are_forwarded_and_proxied_to_declared_ports_only() {
+    let c = case(
+        Tier::Cluster,
+        "gateway_ports::ports_are_forwarded_and_proxied_to_declared_ports_only",
+    );
+    let plugin = match tokio::task::spawn_blocking(|| {
+        wrenn_e2e::build::cargo_build("kubectl-wrenn", "kubectl-wrenn")
+    })
+    .await
+    .unwrap()
+    {
+        Ok(p) => p,
+        Err(e) => return c.skip(format!("no kubectl-wrenn build: {e:#}")),
+    };
+    let b = match Bed::start_tagged(4).await {
+        Ok(b) => b,
+        Err(why) => return c.skip(why),
+    };
+    let netns_path = b
+        .supervisor()
+        .get(b.box_uid())
+        .unwrap()
+        .netns
+        .expect("the fake network names the capsule's namespace");
+    let ns = Netns::create(&netns_path);
+
+    // Servers: in the capsule's namespace on the guest's address (network
+    // route), and on 127.0.0.1 where only the guest agent dials (loopback
+    // route; the guest agent here is a host process).
+    let net_port = reverse_server(ns.listen(), "net");
+    let http_port = http_server(ns.listen());
+    let lo_port = reverse_server(TcpListener::bind("127.0.0.1:0").await.unwrap(), "lo");
+    let ws_port = websocket_echo(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let none_port = free_port();
+    let undeclared = free_port();
+    let declared = [net_port, http_port, lo_port, ws_port, none_port];
+    let capsules: Api<Capsule> = Api::namespaced(b.admin.clone(), NS);
+    capsules
+        .patch(
+            "box",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "network": { "ports":
+                declared.iter().map(|p| json!({ "port": p })).collect::<Vec<_>>()
+            } } })),
+        )
+        .await
+        .unwrap();
+
+    // kubectl wrenn port-forward as alice, two ports on free local ones.
+    let mut child = tokio::process::Command::new(&plugin)
+        .arg("--kubeconfig")
+        .arg(&b.alice_kubeconfig)
+        .args([
+            "port-forward",
+            "box",
+            &format!(":{net_port}"),
+            &format!(":{lo_port}"),
+        ])
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut local = std::collections::HashMap::new();
+    while local.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("port-forward prints where it listens")
+            .unwrap()
+            .expect("port-forward is running");
+        // "Forwarding from 127.0.0.1:LOCAL -> REMOTE"
+        let (from, remote) = line
+            .strip_prefix("Forwarding from ")
+            .and_then(|l| l.split_once(" -> "))
+            .unwrap_or_else(|| panic!("{line}"));
+        let from: SocketAddr = from.parse().unwrap();
+        local.insert(remote.parse::<u16>().unwrap(), from.port());
+    }
+
+    // 20 concurrent connections, each with its own bytes, half-closed.
+    let t = Instant::now();
+    let runs = (0..20).map(|i| {
+        let data = payload(i, 100_000 + i * 997);
+        let port = local[&net_port];
+        tokio::spawn(async move { (round_trip(port, &data).await, data) })
+    });
+    for r in futures::future::join_all(runs).await {
+        let (got, data) = r.unwrap();
+        let want = expected("net", &data);
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the bytes came back changed");
+    }
+    eprintln!("20 forwarded connections in {:?}", t.elapsed());
+    // The loopback-only server, reached through the guest agent.
+    let got = round_trip(local[&lo_port], b"only on loopback").await;
+    assert_eq!(got, expected("lo", b"only on loopback"));
+
+    // An open forward counts as activity for as long as it is open.
+    let agent = b.agent_client().await;
+    let idle = TcpStream::connect(("127.0.0.1", local[&net_port]))
+        .await
+        .unwrap();
+    let opened = wrenn_proto::unix_nanos_now();
+    eventually(
+        Duration::from_secs(30),
+        "activity while the forward is open",
+        || {
+            let mut agent = agent.clone();
+            let uid = b.box_uid().to_string();
+            async move {
+                let cap = agent
+                    .get_capsule(pb::CapsuleRef { uid })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                let held = cap.last_activity_unix_nanos - opened;
+                (held > 3_000_000_000)
+                    .then_some(())
+                    .ok_or_else(|| format!("{held} ns after the forward opened"))
+            }
+        },
+    )
+    .await;
+    drop(idle);
+
+    // Ctrl-C ends the plugin.
+    let pid = child.id().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("Ctrl-C ends port-forward")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The proxy: path, query and method reach the server; who asked does not.
+    let (code, body) = call(
+        &b.alice,
+        http::Method::GET,
+        proxy_path(http_port, "/hello/world?x=1&y=two"),
+        Vec::new(),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with("get /hello/world?x=1&y=two http/1.1"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("host: localhost:{http_port}")),
+        "{body}"
+    );
+    for secret in ["x-remote-user", "x-remote-group", "authorization", "alice"] {
+        assert!(!body.contains(secret), "{secret} reached the guest: {body}");
+    }
+
+    // A WebSocket through the proxy: upgraded end to end, echoed.
+    let req = http::Request::get(proxy_path(ws_port, "/echo"))
+        .body(Vec::new())
+        .unwrap();
+    let conn = b.alice.connect(req).await.unwrap();
+    let mut ws = conn.into_stream();
+    for i in 0..3 {
+        let text = format!("ping {i} through the API server");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
+    let _ = ws.close(None).await;
+
+    // Nothing listening: 502 at once, by both.
+    let t = Instant::now();
+    let (code, body) = call(
+        &b.alice,
+        http::Method::GET,
+        proxy_path(none_port, "/"),
+        Vec::new(),
+    )
+    .await;
+    let s = json_of(&body);
+    assert_eq!(code, 502, "{s}");
+    assert!(
+        s["message"].as_str().unwrap().contains("nothing listens"),
+        "{s}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let pf = |client: &kube::Client, port: u16| {
+        let req = http::Request::get(wrenn_gateway::portforward::build_request_path(
+            NS,
+            "box",
+            &[port],
+        ))
+        .body(Vec::new())
+        .unwrap();
+        let client = client.clone();
+        async move {
+            match client.connect(req).await {
+                Ok(_) => (101, String::new()),
+                Err(kube::Error::Api(s)) => (s.code, s.message),
+                Err(e) => (0, e.to_string()),
+            }
+        }
+    };
+    let (code, msg) = pf(&b.alice, none_port).await;
+    assert_eq!(code, 502, "{msg}");
+
+    // An undeclared port: refused, naming the declared ones.
+    let (code, msg) = pf(&b.alice, undeclared).await;
+    assert_eq!(code, 403, "{msg}");
+    assert!(
+        msg.contains("not declared") && msg.contains(&net_port.to_string()),
+        "{msg}"
+    );
+    let (code, body) = call(
+        &b.alice,
+        http::Method::GET,
+        proxy_path(undeclared, "/"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        json_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("not declared")
+    );
+
+    // bob may look at capsules, not into their ports.
+    let (code, msg) = pf(&b.bob, net_port).await;
+    assert_eq!(code, 403, "{msg}");
+    let (code, body) = call(
+        &b.bob,
+        http::Method::GET,
+        proxy_path(http_port, "/"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&body));
+    drop(ns);
+}
