@@ -153,9 +153,46 @@ pub async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
     }))?;
     match api.create(&PostParams::default(), &body).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        // An existing namespace (`default` always exists) gets the label
+        // too, as a cluster admin would set it.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let labels = json!({ "metadata": { "labels": { NODE_IMAGES: NODE_IMAGES_ALLOWED } } });
+            api.patch(ns, &PatchParams::default(), &Patch::Merge(&labels))
+                .await
+                .with_context(|| format!("label namespace {ns} {NODE_IMAGES}"))?;
+            Ok(())
+        }
         Err(e) => Err(e).with_context(|| format!("create namespace {ns}")),
     }
+}
+
+/// [`apply`], retried while the API server's admission still refuses it
+/// (403) for up to `within`: the admission policies read namespace labels
+/// from a cache that lags a label set by [`ensure_namespace`] on an
+/// existing namespace.
+pub async fn apply_once_admitted(
+    client: &kube::Client,
+    ns: &str,
+    body: &serde_json::Value,
+    who: &str,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        match apply(client, ns, body, who).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline && is_forbidden(&e) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_forbidden(e: &anyhow::Error) -> bool {
+    e.chain().any(
+        |c| matches!(c.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 403),
+    )
 }
 
 fn agent_pod_name(agent: &NodeAgent) -> String {

@@ -18,8 +18,8 @@ use wrenn_crds::Capsule;
 use wrenn_crds::capsule::CapsulePhase;
 use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, Pki};
 use wrenn_e2e::local::{
-    LocalGateway, OperatorOptions, OperatorProcess, apply, capsule_manifest, ensure_namespace,
-    register_agent, template_manifest,
+    LocalGateway, OperatorOptions, OperatorProcess, apply, apply_once_admitted, capsule_manifest,
+    ensure_namespace, register_agent, template_manifest,
 };
 
 /// Runs an operator, a node agent and a capsule against a control plane.
@@ -170,11 +170,12 @@ async fn run_with_agent(
 async fn demo(args: &Args, client: &Client, _image: &GuestImage, _agent: &NodeAgent) -> Result<()> {
     let ns = &args.namespace;
     say("CapsuleTemplate local (the guest image's root disk) and Capsule hello");
-    apply(
+    apply_once_admitted(
         client,
         ns,
         &template_manifest("local", GuestImage::ROOTFS),
         MANAGER,
+        Duration::from_secs(30),
     )
     .await?;
     apply(client, ns, &capsule_manifest("hello", "local"), MANAGER).await?;
