@@ -15,35 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request};
-use wrenn_proto::guest::v1::{
-    DialInput, DialOutput, DialStart, InitRequest, dial_input, dial_output,
-};
+use wrenn_proto::guest::v1::{DialInput, DialOutput, DialStart, dial_input, dial_output};
 
-use common::Guest;
-
-const TOKEN: &str = "t0ken-for-dial-tests";
-
-fn authed<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
-}
-
-async fn started() -> Guest {
-    let mut g = Guest::start(&[]).await;
-    g.client
-        .init(InitRequest {
-            unix_time_nanos: 0,
-            entropy: (0..64u8).collect(),
-            env: Default::default(),
-            hostname: String::new(),
-            access_token: TOKEN.to_string(),
-        })
-        .await
-        .unwrap();
-    g
-}
+use common::{Guest, authed, started};
 
 fn msg(i: dial_input::Input) -> DialInput {
     DialInput { input: Some(i) }
@@ -91,7 +65,7 @@ async fn reverse_server() -> (u16, tokio::task::JoinHandle<()>) {
 
 #[tokio::test]
 async fn close_write_reaches_the_server_and_its_reply_comes_back() {
-    let mut g = started().await;
+    let mut g = started(&[]).await;
     let (port, _server) = reverse_server().await;
     let (tx, mut out) = dial(&mut g, port).await.unwrap();
     let first = out.message().await.unwrap().unwrap();
@@ -132,7 +106,7 @@ async fn close_write_reaches_the_server_and_its_reply_comes_back() {
 
 #[tokio::test]
 async fn nothing_listening_is_refused_at_once_naming_the_port() {
-    let mut g = started().await;
+    let mut g = started(&[]).await;
     // A port just freed: nothing listens on it.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -150,7 +124,7 @@ async fn nothing_listening_is_refused_at_once_naming_the_port() {
 
 #[tokio::test]
 async fn a_caller_going_away_closes_the_connection() {
-    let mut g = started().await;
+    let mut g = started(&[]).await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, mut out) = dial(&mut g, port).await.unwrap();
@@ -169,7 +143,7 @@ async fn a_caller_going_away_closes_the_connection() {
 
 #[tokio::test]
 async fn dial_needs_the_token() {
-    let mut g = started().await;
+    let mut g = started(&[]).await;
     let (tx, rx) = mpsc::channel(1);
     tx.send(msg(dial_input::Input::Start(DialStart { port: 80 })))
         .await

@@ -10,40 +10,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Request};
+use tonic::Code;
 use wrenn_proto::guest::v1::guest_agent_client::GuestAgentClient;
 use wrenn_proto::guest::v1::{
-    AttachProcessRequest, ExecExit, InitRequest, ListProcessesRequest, ProcessInfo, ProcessRef,
+    AttachProcessRequest, ExecExit, ListProcessesRequest, ProcessInfo, ProcessRef,
     SignalProcessRequest, StartProcessRequest, process_output,
 };
 
-use common::Guest;
-
-const TOKEN: &str = "t0ken-for-process-tests";
+use common::{authed, started};
 
 type Client = GuestAgentClient<tonic::transport::Channel>;
-
-fn authed<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
-}
-
-async fn started(extra: &[&str]) -> Guest {
-    let mut g = Guest::start(extra).await;
-    g.client
-        .init(InitRequest {
-            unix_time_nanos: 0,
-            entropy: (0..64u8).collect(),
-            env: Default::default(),
-            hostname: String::new(),
-            access_token: TOKEN.to_string(),
-        })
-        .await
-        .unwrap();
-    g
-}
 
 async fn start(c: &mut Client, tag: &str, script: &str) -> Result<ProcessInfo, tonic::Status> {
     c.start_process(authed(StartProcessRequest {

@@ -17,6 +17,33 @@ use wrenn_proto::guest::v1::guest_agent_client::GuestAgentClient;
 /// The guest agent's vsock port, as on a VM.
 pub const PORT: u32 = 1024;
 
+/// The access token [`started`] hands the guest at `Init`.
+pub const TOKEN: &str = "t0ken-for-guest-tests";
+
+/// `msg` with the bearer token [`started`] set.
+pub fn authed<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+/// A guest started with `extra` arguments and initialised with [`TOKEN`].
+pub async fn started(extra: &[&str]) -> Guest {
+    let mut g = Guest::start(extra).await;
+    g.client
+        .init(wrenn_proto::guest::v1::InitRequest {
+            unix_time_nanos: 0,
+            entropy: (0..64u8).collect(),
+            env: Default::default(),
+            hostname: String::new(),
+            access_token: TOKEN.to_string(),
+        })
+        .await
+        .unwrap();
+    g
+}
+
 /// A running agent, its handshake shim and a connected client.
 pub struct Guest {
     pub dir: tempfile::TempDir,
