@@ -62,12 +62,27 @@ pub(crate) fn plan_op(op: Op, state: State) -> Decision {
         (Op::Suspend, S::Running | S::Paused) => Decision::Suspend,
         (Op::Suspend, _) => Decision::Refuse("only a running or paused capsule can be suspended"),
         (Op::Snapshot, S::Running | S::Paused) => Decision::Snapshot,
+        (Op::Snapshot, S::Suspended) => Decision::Refuse("resume it first"),
         (Op::Snapshot, _) => {
             Decision::Refuse("only a running or paused capsule can be snapshotted; resume it first")
         }
         (Op::UpdateEgress, S::Running | S::Paused) => Decision::ApplyEgress,
         (Op::UpdateEgress, S::Suspended | S::Failed | S::Stopped) => Decision::RecordEgress,
         (Op::UpdateEgress, _) => Decision::Refuse("wait until it settles"),
+    }
+}
+
+/// The hint a refusal in `state` shows: the state's own when it says
+/// more (a capsule in flight waits, a dead one can only be deleted),
+/// otherwise the operation's `hint`. Decided by state, never by reading
+/// the hint's text.
+pub(crate) fn refusal_hint(state: State, hint: &'static str) -> &'static str {
+    match state {
+        State::Failed | State::Stopped => "only delete is possible",
+        State::Creating | State::Deleting | State::Resuming | State::Suspending => {
+            "wait until it settles"
+        }
+        _ => hint,
     }
 }
 
@@ -151,10 +166,34 @@ mod tests {
         assert_eq!(legal(Op::Snapshot), [State::Running, State::Paused]);
         assert_eq!(
             plan_op(Op::Snapshot, State::Suspended),
+            Decision::Refuse("resume it first")
+        );
+        assert_eq!(
+            plan_op(Op::Snapshot, State::Stopped),
             Decision::Refuse(
                 "only a running or paused capsule can be snapshotted; resume it first"
             )
         );
+    }
+
+    #[test]
+    fn a_refusal_shows_the_states_hint_where_it_says_more() {
+        let hint = "only a running capsule can be paused";
+        assert_eq!(refusal_hint(State::Suspended, hint), hint);
+        assert_eq!(refusal_hint(State::Paused, hint), hint);
+        assert_eq!(refusal_hint(State::Failed, hint), "only delete is possible");
+        assert_eq!(
+            refusal_hint(State::Stopped, hint),
+            "only delete is possible"
+        );
+        for s in [
+            State::Creating,
+            State::Deleting,
+            State::Resuming,
+            State::Suspending,
+        ] {
+            assert_eq!(refusal_hint(s, hint), "wait until it settles", "{s}");
+        }
     }
 
     #[test]

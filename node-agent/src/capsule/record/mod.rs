@@ -439,23 +439,12 @@ mod reason_text {
 }
 
 /// The refusal of an operation `state` does not allow, with a hint of
-/// what to do instead.
+/// what to do instead ([`super::plan::refusal_hint`] picks it).
 pub(crate) fn wrong(uid: &str, state: State, hint: &'static str) -> Error {
-    let hint = match state {
-        State::Paused if hint.starts_with("only a running") => "resume it first",
-        State::Suspended if hint.starts_with("only a running or paused capsule can be snap") => {
-            "resume it first"
-        }
-        State::Failed | State::Stopped => "only delete is possible",
-        State::Creating | State::Deleting | State::Resuming | State::Suspending => {
-            "wait until it settles"
-        }
-        _ => hint,
-    };
     Error::WrongState {
         uid: uid.to_string(),
         state,
-        hint,
+        hint: super::plan::refusal_hint(state, hint),
     }
 }
 
