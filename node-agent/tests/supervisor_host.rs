@@ -487,7 +487,7 @@ fn a_reused_pid_is_not_adopted_or_signalled() {
     assert_eq!(report.lost, vec!["c1".to_string()]);
     assert!(report.adopted.is_empty());
     let v = sup.get("c1").unwrap();
-    assert_eq!((v.state, v.reason.as_str()), (State::Failed, "VmmLost"));
+    assert_eq!((v.state, v.reason), (State::Failed, Some(Reason::VmmLost)));
     assert!(alive(spid), "the stranger was signalled");
     assert!(
         w.cgroup_names().is_empty(),

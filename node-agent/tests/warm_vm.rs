@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use network_env::Bed as NetBed;
 use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
+use wrenn_crds::reason::Reason;
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, PrepareRequest, Readiness, Resources, State, TemplateDisk,
     TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
@@ -303,7 +304,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     );
     let (failed, _) = w.settle(&never, build_wait).await;
     assert_eq!(failed.phase, TemplatePhase::Failed, "{failed:?}");
-    assert_eq!(failed.reason, "ReadinessTimeout");
+    assert_eq!(failed.reason, Some(Reason::ReadinessTimeout));
     for part in ["code 3", "nope", "starting-never"] {
         assert!(failed.message.contains(part), "{part}: {}", failed.message);
     }

@@ -188,10 +188,10 @@ pub struct CapsuleView {
     pub vmm: BackendInfo,
     /// Guest start (unix nanos), 0 before.
     pub started_unix_nanos: i64,
-    /// Last error.
-    pub message: String,
-    /// Its reason.
-    pub reason: String,
+    /// Last error, if any.
+    pub message: Option<String>,
+    /// Its reason, if any.
+    pub reason: Option<Reason>,
     /// Host socket of the guest's vsock while a VMM runs.
     pub vsock_socket: Option<PathBuf>,
     /// The capsule's network namespace, where the guest's address answers

@@ -10,6 +10,7 @@ use super::model::testing::spec;
 use super::record::VmHeld;
 use super::*;
 use crate::network::{CapsuleId as NetId, FakeNet, NetCall, NetOps, Teardown};
+use wrenn_crds::reason::Reason;
 
 use crate::storage::{BlockStore, CapsuleId as DiskId, FakeBlockStore};
 use crate::vmm::{FAKE_IMAGE, FakeMachine, Machine, Step};
@@ -167,7 +168,7 @@ async fn pause_and_resume_with_failure_semantics() {
     assert!(err.chain().contains("timeout"));
     let v = b.sup.get("c1").unwrap();
     assert_eq!(v.state, State::Running, "a failed pause returns to Running");
-    assert!(v.message.contains("timeout"));
+    assert!(v.message.as_deref().unwrap_or_default().contains("timeout"));
     assert_eq!(b.machine.paused("c1"), Some(false));
 
     assert_eq!(b.sup.pause("c1").await.unwrap().state, State::Paused);
@@ -181,7 +182,7 @@ async fn pause_and_resume_with_failure_semantics() {
     assert_eq!(b.sup.get("c1").unwrap().state, State::Paused, "retryable");
     assert_eq!(b.sup.resume("c1").await.unwrap().state, State::Running);
     assert_eq!(b.machine.paused("c1"), Some(false));
-    assert_eq!(b.sup.get("c1").unwrap().message, "");
+    assert_eq!(b.sup.get("c1").unwrap().message, None);
 }
 
 #[tokio::test]
@@ -211,7 +212,13 @@ async fn suspend_releases_the_vm_keeps_the_slot_and_resume_restores() {
     b.sup.resume("c1").await.unwrap_err();
     let after = b.sup.get("c1").unwrap();
     assert_eq!(after.state, State::Suspended);
-    assert!(after.message.contains("cpuid mismatch"));
+    assert!(
+        after
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cpuid mismatch")
+    );
     assert!(b.machine.running().is_empty());
     assert!(!b.net.built().contains(&id), "network undone");
 
@@ -347,8 +354,8 @@ async fn crash_fails_the_capsule_and_poweroff_stops_it() {
     assert_eq!(
         seen,
         vec![
-            ("c1".into(), State::Failed, "VmCrashed".into()),
-            ("c2".into(), State::Stopped, "GuestPoweroff".into())
+            ("c1".into(), State::Failed, Some(Reason::VmCrashed)),
+            ("c2".into(), State::Stopped, Some(Reason::GuestPoweroff))
         ]
     );
     // Runtime released, slot kept until delete.

@@ -298,7 +298,7 @@ pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
         } as i32,
         digest: s.digest.clone(),
         snapshot_id: s.snapshot_id.clone(),
-        reason: s.reason.clone(),
+        reason: s.reason.map(String::from).unwrap_or_default(),
         message: s.message.clone(),
     }
 }
@@ -479,8 +479,8 @@ pub fn to_capsule(v: &CapsuleView) -> pb::Capsule {
         ip: v.ip.clone(),
         vmm: Some(to_vmm(&v.vmm)),
         started_unix_nanos: v.started_unix_nanos,
-        message: v.message.clone(),
-        reason: v.reason.clone(),
+        message: v.message.clone().unwrap_or_default(),
+        reason: v.reason.map(String::from).unwrap_or_default(),
         last_activity_unix_nanos: 0,
     }
 }

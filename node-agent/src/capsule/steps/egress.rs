@@ -91,6 +91,7 @@ mod tests {
     use crate::network::{CapsuleId as NetId, EgressPolicy, FakeNet, NetCall, SetupStep};
     use crate::storage::FakeBlockStore;
     use crate::vmm::FakeMachine;
+    use wrenn_crds::reason::Reason;
 
     struct Bed {
         dir: tempfile::TempDir,
@@ -169,7 +170,7 @@ mod tests {
         assert!(matches!(err, Error::Network { .. }), "{err}");
         let v = b.sup.get("c1").unwrap();
         assert_eq!(v.spec.egress, Egress::Allow);
-        assert_eq!(v.reason, "NetworkFailed");
+        assert_eq!(v.reason, Some(Reason::NetworkFailed));
         assert_eq!(journaled(&b, "c1"), Egress::Allow);
         // A bad CIDR cannot reach the host: it is refused where it enters
         // the agent (`server::convert::from_network`) and no `Egress` holds

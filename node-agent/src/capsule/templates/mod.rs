@@ -39,6 +39,7 @@ use crate::images::{ImageSource, TemplateBuilder};
 use crate::metrics::Metrics;
 use crate::state::Layout;
 use warm::Failure;
+use wrenn_crds::reason::Reason;
 
 /// A boxed future of [`BuildVms`].
 pub type VmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
@@ -143,8 +144,8 @@ pub struct TemplateStatus {
     pub digest: String,
     /// The warm snapshot, once on the node.
     pub snapshot_id: String,
-    /// Why it failed (CamelCase), or empty.
-    pub reason: String,
+    /// Why it failed.
+    pub reason: Option<Reason>,
     /// The cause of a failure, or what a build is doing.
     pub message: String,
 }
@@ -280,7 +281,7 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
         phase: TemplatePhase::Preparing,
         digest: String::new(),
         snapshot_id: String::new(),
-        reason: String::new(),
+        reason: None,
         message: String::new(),
     };
     match slot {
@@ -292,7 +293,7 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
         }
         Slot::Failed { failure: f, .. } => {
             s.phase = TemplatePhase::Failed;
-            s.reason = f.reason.to_string();
+            s.reason = Some(f.reason);
             s.message = f.message.clone();
         }
     }
@@ -387,7 +388,7 @@ impl Builds {
                     Slot::Ready(ready)
                 }
                 Err(f) => {
-                    tracing::error!(template = %key.0, snapshot = %key.1, reason = f.reason, message = %f.message, "template build failed");
+                    tracing::error!(template = %key.0, snapshot = %key.1, reason = f.reason.as_str(), message = %f.message, "template build failed");
                     builds.metrics.error("template");
                     Slot::Failed { failure: f }
                 }

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
+use wrenn_crds::reason::Reason;
 
 use super::guest::BuildVm;
 use super::{BuildVms, Builds, PrepareRequest, ReadyTemplate, TemplateSource, WarmSpec};
@@ -33,13 +34,13 @@ const PROBE_BOUND: Duration = Duration::from_secs(10);
 /// Why a build failed, as `TemplateState` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Failure {
-    /// CamelCase reason.
-    pub(crate) reason: &'static str,
+    /// Why it failed.
+    pub(crate) reason: Reason,
     /// The cause.
     pub(crate) message: String,
 }
 
-fn fail(reason: &'static str, message: impl Into<String>) -> Failure {
+fn fail(reason: Reason, message: impl Into<String>) -> Failure {
     Failure {
         reason,
         message: message.into(),
@@ -78,7 +79,7 @@ pub(crate) async fn build(
         .clone()
         .acquire_owned()
         .await
-        .map_err(|_| fail("Aborted", "the agent is shutting down"))?;
+        .map_err(|_| fail(Reason::Aborted, "the agent is shutting down"))?;
     let uid = build_uid(&warm.snapshot_id);
     match builds.snapshot_owner(&warm.snapshot_id) {
         // Built before (an agent restart between the snapshot and the
@@ -91,7 +92,7 @@ pub(crate) async fn build(
         }
         Some(owner) => {
             return Err(fail(
-                "SnapshotExists",
+                Reason::SnapshotExists,
                 format!(
                     "snapshot {} already exists on this node, taken from capsule {owner}",
                     warm.snapshot_id
@@ -121,7 +122,7 @@ pub(crate) async fn build(
 /// Makes the root disk exist: the image cache entry a create of the same
 /// template would use, or the rootfs file. Returns it and its digest.
 async fn root_disk(builds: &Builds, req: &PrepareRequest) -> Result<(PathBuf, String), Failure> {
-    let failed = |m: String| fail("RootDiskFailed", m);
+    let failed = |m: String| fail(Reason::RootDiskFailed, m);
     match &req.source {
         TemplateSource::Rootfs(path) => {
             let p = path.clone();
@@ -190,7 +191,7 @@ async fn boot(vms: &dyn BuildVms, uid: &str, spec: CapsuleSpec) -> Result<BuildV
     let (view, netns) = vms
         .boot(uid, spec)
         .await
-        .map_err(|e| fail("BootFailed", e.chain()))?;
+        .map_err(|e| fail(Reason::BootFailed, e.chain()))?;
     Ok(BuildVm {
         uid: uid.to_string(),
         vsock_socket: view.vsock_socket.unwrap_or_default(),
@@ -216,14 +217,14 @@ async fn warm_up(
             .await
             .map_err(|_| {
                 fail(
-                    "StartFailed",
+                    Reason::StartFailed,
                     format!(
                         "start {:?} did not answer within the timeout",
                         warm.start_command
                     ),
                 )
             })?;
-    let pid = started.map_err(|e| fail("StartFailed", chain(&e)))?;
+    let pid = started.map_err(|e| fail(Reason::StartFailed, chain(&e)))?;
     tracing::info!(vm = %vm.uid, pid, "warm build started its process");
     builds.progress(key, "waiting for readiness");
     let mut probes = 0u32;
@@ -234,11 +235,16 @@ async fn warm_up(
             Some(v) if v.state == State::Running => {}
             Some(v) => {
                 return Err(fail(
-                    "BootFailed",
-                    format!("the build VM is {}: {} {}", v.state, v.reason, v.message),
+                    Reason::BootFailed,
+                    format!(
+                        "the build VM is {}: {} {}",
+                        v.state,
+                        v.reason.map_or("", Reason::as_str),
+                        v.message.as_deref().unwrap_or_default()
+                    ),
                 ));
             }
-            None => return Err(fail("BootFailed", "the build VM is gone")),
+            None => return Err(fail(Reason::BootFailed, "the build VM is gone")),
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -258,7 +264,7 @@ async fn warm_up(
                 return vms
                     .snapshot(&vm.uid, &warm.snapshot_id)
                     .await
-                    .map_err(|e| fail("SnapshotFailed", e.chain()));
+                    .map_err(|e| fail(Reason::SnapshotFailed, e.chain()));
             }
             Ok(Err(e)) => last = Some(chain(&e)),
             Err(_) => last = Some(format!("the probe did not answer within {within:?}")),
@@ -279,5 +285,5 @@ async fn warm_up(
     {
         message.push_str(&format!("; {START_LOG}: {log:?}"));
     }
-    Err(fail("ReadinessTimeout", message))
+    Err(fail(Reason::ReadinessTimeout, message))
 }

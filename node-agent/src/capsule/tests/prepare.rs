@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use super::*;
 use crate::capsule::templates::{self as warm, BuildGuest, BuildVm, GuestFuture, START_LOG};
 use crate::storage::Qcow2Store;
+use wrenn_crds::reason::Reason;
 
 /// A guest whose readiness the test controls: probes wait while held, then
 /// succeed from the `ready_after`-th on.
@@ -269,7 +270,7 @@ async fn a_root_disk_template_is_prepared_listed_and_retried_after_a_failure() {
     assert_eq!(first.key, "default/web@sha256:aa");
     let failed = b.settle(&req).await;
     assert_eq!(failed.phase, TemplatePhase::Failed);
-    assert_eq!(failed.reason, "RootDiskFailed");
+    assert_eq!(failed.reason, Some(Reason::RootDiskFailed));
     assert!(failed.message.contains("later.ext4"), "{}", failed.message);
     assert!(b.sup.templates().is_empty());
     // Failed stays failed for a poller, even once the file is there...
@@ -392,7 +393,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     // Readiness never comes.
     let failed = b.settle(&req).await;
     assert_eq!(failed.phase, TemplatePhase::Failed);
-    assert_eq!(failed.reason, "ReadinessTimeout");
+    assert_eq!(failed.reason, Some(Reason::ReadinessTimeout));
     for part in ["code 7", "not yet", START_LOG, "listening soon"] {
         assert!(failed.message.contains(part), "{part}: {}", failed.message);
     }
@@ -403,7 +404,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     let launches = b.machine.steps(&build).len();
     for _ in 0..3 {
         let polled = b.sup.prepare_template(req.clone()).await.unwrap();
-        assert_eq!(polled.reason, "ReadinessTimeout");
+        assert_eq!(polled.reason, Some(Reason::ReadinessTimeout));
     }
     assert_eq!(
         b.machine.steps(&build).len(),
@@ -421,7 +422,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     // The start command cannot start.
     b.guest.fail_start.store(true, Ordering::SeqCst);
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, "StartFailed");
+    assert_eq!(failed.reason, Some(Reason::StartFailed));
     assert!(failed.message.contains("/srv/app"), "{}", failed.message);
     b.assert_gone(&build);
     b.guest.fail_start.store(false, Ordering::SeqCst);
@@ -429,7 +430,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     // The VM does not boot.
     b.machine.fail_next(Step::Launch, "no kvm today");
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, "BootFailed");
+    assert_eq!(failed.reason, Some(Reason::BootFailed));
     assert!(
         failed.message.contains("no kvm today"),
         "{}",
@@ -440,7 +441,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     // The snapshot cannot be written.
     b.machine.fail_next(Step::Snapshot, "disk full");
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, "SnapshotFailed");
+    assert_eq!(failed.reason, Some(Reason::SnapshotFailed));
     assert!(failed.message.contains("disk full"), "{}", failed.message);
     b.assert_gone(&build);
     assert!(b.snapshot_dirs().is_empty(), "{:?}", b.snapshot_dirs());
@@ -457,7 +458,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     b.sup.snapshot("user", "warm-web-2", true).await.unwrap();
     let launches = b.machine.steps(&build).len();
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, "SnapshotExists");
+    assert_eq!(failed.reason, Some(Reason::SnapshotExists));
     assert!(failed.message.contains("user"), "{}", failed.message);
     assert_eq!(b.machine.steps(&build).len(), launches, "a build VM booted");
 }
