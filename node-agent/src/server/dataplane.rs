@@ -68,6 +68,14 @@ pub(super) fn need_uid(uid: &str) -> Result<&str, Status> {
     }
 }
 
+/// [`need_uid`] for a streaming RPC, whose span cannot name the capsule
+/// before its first message: records it there now.
+pub(super) fn stream_uid(uid: &str) -> Result<&str, Status> {
+    let uid = need_uid(uid)?;
+    tracing::Span::current().record("capsule", uid);
+    Ok(uid)
+}
+
 pub(super) fn chunk_ok(len: usize, what: &str) -> Result<(), Status> {
     if len > MAX_INPUT_CHUNK {
         Err(Status::invalid_argument(format!(
@@ -162,61 +170,121 @@ fn output<T: Send + 'static>(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-fn exec_input_ok(i: &gpb::ExecInput) -> Result<(), Status> {
-    match &i.input {
-        Some(gpb::exec_input::Input::Stdin(b)) => chunk_ok(b.len(), "stdin"),
-        Some(gpb::exec_input::Input::Start(_)) => Err(Status::invalid_argument(
-            "Exec: ExecStart is only allowed in the first message",
-        )),
-        _ => Ok(()),
-    }
+/// How to read one kind of interactive stream (exec or PTY). Both open
+/// with a message that names the capsule and carries the start; later
+/// messages carry bounded input and never a second start.
+struct Interactive<T, G> {
+    /// The RPC and its start message, for refusals.
+    rpc: &'static str,
+    start: &'static str,
+    /// What a data chunk is called in a refusal.
+    chunk: &'static str,
+    uid: fn(&T) -> &str,
+    input: fn(&T) -> Option<&G>,
+    is_start: fn(&G) -> bool,
+    /// The length of `G` if it is a data chunk.
+    chunk_len: fn(&G) -> Option<usize>,
 }
 
-fn pty_input_ok(i: &gpb::PtyInput) -> Result<(), Status> {
-    match &i.input {
-        Some(gpb::pty_input::Input::Data(b)) => chunk_ok(b.len(), "PTY input"),
-        Some(gpb::pty_input::Input::Start(_)) => Err(Status::invalid_argument(
-            "Pty: PtyStart is only allowed in the first message",
-        )),
-        _ => Ok(()),
+const EXEC: Interactive<pb::ExecInput, gpb::ExecInput> = Interactive {
+    rpc: "Exec",
+    start: "ExecStart",
+    chunk: "stdin",
+    uid: |m| &m.uid,
+    input: |m| m.input.as_ref(),
+    is_start: |g| matches!(g.input, Some(gpb::exec_input::Input::Start(_))),
+    chunk_len: |g| match &g.input {
+        Some(gpb::exec_input::Input::Stdin(b)) => Some(b.len()),
+        _ => None,
+    },
+};
+
+const PTY: Interactive<pb::PtyInput, gpb::PtyInput> = Interactive {
+    rpc: "Pty",
+    start: "PtyStart",
+    chunk: "PTY input",
+    uid: |m| &m.uid,
+    input: |m| m.input.as_ref(),
+    is_start: |g| matches!(g.input, Some(gpb::pty_input::Input::Start(_))),
+    chunk_len: |g| match &g.input {
+        Some(gpb::pty_input::Input::Data(b)) => Some(b.len()),
+        _ => None,
+    },
+};
+
+/// Refuses a message after the first: a second start or an oversized chunk.
+fn later_input_ok<T, G>(kind: &Interactive<T, G>, g: &G) -> Result<(), Status> {
+    if (kind.is_start)(g) {
+        return Err(Status::invalid_argument(format!(
+            "{}: {} is only allowed in the first message",
+            kind.rpc, kind.start
+        )));
     }
+    (kind.chunk_len)(g).map_or(Ok(()), |len| chunk_ok(len, kind.chunk))
+}
+
+/// An exec or PTY stream opened towards the guest: its endpoint (held for
+/// activity), a connected client, the checked input and where a refusal
+/// of later input is reported.
+struct Opened<G> {
+    ep: GuestEndpoint,
+    guest: GuestClient,
+    input: tokio_stream::wrappers::ReceiverStream<G>,
+    refused: tokio::sync::oneshot::Receiver<Status>,
+}
+
+/// Reads and checks the first message, names the capsule on the RPC's
+/// span, connects to its guest and starts forwarding later input.
+async fn open<T, G>(
+    svc: &AgentService,
+    req: Request<Streaming<T>>,
+    kind: &'static Interactive<T, G>,
+) -> Result<Opened<G>, Status>
+where
+    T: Send + 'static,
+    G: Clone + Send + 'static,
+{
+    let mut stream = req.into_inner();
+    let head = first(&mut stream, kind.rpc).await?;
+    let uid = stream_uid((kind.uid)(&head))?.to_string();
+    let start = match (kind.input)(&head) {
+        Some(g) if (kind.is_start)(g) => g.clone(),
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "{}: the first message must carry {}",
+                kind.rpc, kind.start
+            )));
+        }
+    };
+    let ep = svc.guest_endpoint(&uid).await?;
+    let guest = client(&ep).await?;
+    let (err_tx, refused) = tokio::sync::oneshot::channel();
+    let input = forward(
+        stream,
+        start,
+        move |m: &T| match (kind.input)(m) {
+            Some(g) => later_input_ok(kind, g).map(|()| Some(g.clone())),
+            None => Ok(None),
+        },
+        err_tx,
+    );
+    Ok(Opened {
+        ep,
+        guest,
+        input,
+        refused,
+    })
 }
 
 pub(super) async fn exec(
     svc: &AgentService,
     req: Request<Streaming<pb::ExecInput>>,
 ) -> Result<Response<BoxStream<gpb::ExecOutput>>, Status> {
-    let mut stream = req.into_inner();
-    let head = first(&mut stream, "Exec").await?;
-    let uid = need_uid(&head.uid)?.to_string();
-    let start = match head.input {
-        Some(
-            i @ gpb::ExecInput {
-                input: Some(gpb::exec_input::Input::Start(_)),
-            },
-        ) => i,
-        _ => {
-            return Err(Status::invalid_argument(
-                "Exec: the first message must carry ExecStart",
-            ));
-        }
-    };
-    let ep = svc.guest_endpoint(&uid).await?;
-    let guest = client(&ep).await?;
-    let (err_tx, err_rx) = tokio::sync::oneshot::channel();
-    let input = forward(
-        stream,
-        start,
-        |m: &pb::ExecInput| match &m.input {
-            Some(i) => exec_input_ok(i).map(|()| Some(i.clone())),
-            None => Ok(None),
-        },
-        err_tx,
-    );
-    let out = guest.exec(input).await.map_err(to_status)?;
+    let o = open(svc, req, &EXEC).await?;
+    let out = o.guest.exec(o.input).await.map_err(to_status)?;
     Ok(Response::new(keep_open(
-        output(out, err_rx),
-        ep.open.clone(),
+        output(out, o.refused),
+        o.ep.open.clone(),
     )))
 }
 
@@ -224,37 +292,11 @@ pub(super) async fn pty(
     svc: &AgentService,
     req: Request<Streaming<pb::PtyInput>>,
 ) -> Result<Response<BoxStream<gpb::PtyOutput>>, Status> {
-    let mut stream = req.into_inner();
-    let head = first(&mut stream, "Pty").await?;
-    let uid = need_uid(&head.uid)?.to_string();
-    let start = match head.input {
-        Some(
-            i @ gpb::PtyInput {
-                input: Some(gpb::pty_input::Input::Start(_)),
-            },
-        ) => i,
-        _ => {
-            return Err(Status::invalid_argument(
-                "Pty: the first message must carry PtyStart",
-            ));
-        }
-    };
-    let ep = svc.guest_endpoint(&uid).await?;
-    let guest = client(&ep).await?;
-    let (err_tx, err_rx) = tokio::sync::oneshot::channel();
-    let input = forward(
-        stream,
-        start,
-        |m: &pb::PtyInput| match &m.input {
-            Some(i) => pty_input_ok(i).map(|()| Some(i.clone())),
-            None => Ok(None),
-        },
-        err_tx,
-    );
-    let out = guest.pty(input).await.map_err(to_status)?;
+    let o = open(svc, req, &PTY).await?;
+    let out = o.guest.pty(o.input).await.map_err(to_status)?;
     Ok(Response::new(keep_open(
-        output(out, err_rx),
-        ep.open.clone(),
+        output(out, o.refused),
+        o.ep.open.clone(),
     )))
 }
 
@@ -283,7 +325,7 @@ pub(super) async fn write_file(
 ) -> Result<Response<gpb::FileInfo>, Status> {
     let mut stream = req.into_inner();
     let head = first(&mut stream, "WriteFile").await?;
-    let uid = need_uid(&head.uid)?.to_string();
+    let uid = stream_uid(&head.uid)?.to_string();
     let declared = match &head.input {
         Some(gpb::WriteFileInput {
             input: Some(gpb::write_file_input::Input::Start(s)),
@@ -375,17 +417,20 @@ mod tests {
             input: Some(gpb::exec_input::Input::Stdin(vec![0; MAX_INPUT_CHUNK + 1])),
         };
         assert_eq!(
-            exec_input_ok(&big).unwrap_err().code(),
+            later_input_ok(&EXEC, &big).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
         let ok = gpb::ExecInput {
             input: Some(gpb::exec_input::Input::Stdin(vec![0; MAX_INPUT_CHUNK])),
         };
-        assert!(exec_input_ok(&ok).is_ok());
+        assert!(later_input_ok(&EXEC, &ok).is_ok());
         let restart = gpb::PtyInput {
             input: Some(gpb::pty_input::Input::Start(gpb::PtyStart::default())),
         };
-        assert!(pty_input_ok(&restart).is_err());
+        assert_eq!(
+            later_input_ok(&PTY, &restart).unwrap_err().message(),
+            "Pty: PtyStart is only allowed in the first message"
+        );
     }
 
     #[test]

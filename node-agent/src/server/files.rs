@@ -8,7 +8,7 @@ use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::guest::v1 as gpb;
 
 use super::activity::keep_open;
-use super::dataplane::{chunk_ok, client, first, forward, need_uid, to_status};
+use super::dataplane::{chunk_ok, client, first, forward, need_uid, stream_uid, to_status};
 use super::{AgentService, BoxStream};
 
 fn required<T>(field: Option<T>, rpc: &str) -> Result<T, Status> {
@@ -101,7 +101,7 @@ pub(super) async fn write_tar(
 ) -> Result<Response<gpb::WriteTarResponse>, Status> {
     let mut stream = req.into_inner();
     let head = first(&mut stream, "WriteTar").await?;
-    let uid = need_uid(&head.uid)?.to_string();
+    let uid = stream_uid(&head.uid)?.to_string();
     let start = match head.input {
         Some(
             i @ gpb::WriteTarInput {

@@ -399,7 +399,7 @@ impl NodeAgent for AgentService {
         Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(template = req.get_ref().disk.as_ref().map_or("", |d| d.key.as_str())))]
     async fn prepare_template(
         &self,
         req: Request<pb::PrepareTemplateRequest>,
@@ -466,7 +466,7 @@ impl NodeAgent for AgentService {
     }
 
     type ExecStream = BoxStream<gpb::ExecOutput>;
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(capsule = tracing::field::Empty))]
     async fn exec(
         &self,
         req: Request<Streaming<pb::ExecInput>>,
@@ -474,7 +474,7 @@ impl NodeAgent for AgentService {
         dataplane::exec(self, req).await
     }
     type PtyStream = BoxStream<gpb::PtyOutput>;
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(capsule = tracing::field::Empty))]
     async fn pty(
         &self,
         req: Request<Streaming<pb::PtyInput>>,
@@ -489,7 +489,7 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         dataplane::read_file(self, req).await
     }
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(capsule = tracing::field::Empty))]
     async fn write_file(
         &self,
         req: Request<Streaming<pb::WriteFileInput>>,
@@ -550,7 +550,7 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<Self::ReadTarStream>, Status> {
         files::read_tar(self, req).await
     }
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(capsule = tracing::field::Empty))]
     async fn write_tar(
         &self,
         req: Request<Streaming<pb::WriteTarInput>>,
