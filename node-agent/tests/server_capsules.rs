@@ -7,50 +7,24 @@
 //! operator sees them.
 #![allow(clippy::unwrap_used)]
 
+mod agent_bed;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
+use agent_bed::Ca;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::ImageDirs;
 use wrenn_node_agent::network::FakeNet;
-use wrenn_node_agent::node::NodePaths;
-use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
+use wrenn_node_agent::server::{AgentService, serve};
 use wrenn_node_agent::storage::FakeBlockStore;
 use wrenn_node_agent::tls::TlsFiles;
 use wrenn_node_agent::vmm::FakeMachine;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_testkit::{Tier, case};
-
-fn ca() -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "wrenn test CA");
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, server: bool) -> (String, String) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    // The agent serves only the operator's name (`--client-name`).
-    let cn = if server { "x" } else { "wrenn-operator" };
-    params.distinguished_name.push(DnType::CommonName, cn);
-    if server {
-        params.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap())];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    } else {
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    }
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, ca).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
 
 struct Agent {
     client: NodeAgentClient<Channel>,
@@ -69,8 +43,8 @@ struct Agent {
 async fn start() -> Agent {
     wrenn_node_agent::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let ca = ca();
-    let (cert, key) = leaf(&ca, true);
+    let ca = Ca::new("wrenn test CA");
+    let (cert, key) = ca.server();
     let w = |n: &str, t: &str| {
         let p = dir.path().join(n);
         std::fs::write(&p, t).unwrap();
@@ -100,21 +74,7 @@ async fn start() -> Agent {
             std::path::Path::new("/k/vmlinux"),
         ),
     );
-    let service = AgentService::new(
-        AgentIdentity {
-            node_name: "node-a".into(),
-            vmm: None,
-            storage_backend: "qcow2".into(),
-        },
-        NodePaths {
-            proc: "/proc".into(),
-            kvm: "/dev/kvm".into(),
-            state_dir: dir.path().to_path_buf(),
-        },
-        Arc::new(sup.clone()),
-        sup.metrics().clone(),
-    )
-    .with_image_dirs(image_dirs);
+    let service = agent_bed::service(&sup, dir.path()).with_image_dirs(image_dirs);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -125,17 +85,7 @@ async fn start() -> Agent {
         })
         .await
     });
-    let (c, k) = leaf(&ca, false);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca.pem()))
-        .domain_name("localhost")
-        .identity(Identity::from_pem(c, k));
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
+    let channel = agent_bed::channel(addr, &ca.pem(), Some(ca.operator()))
         .await
         .unwrap();
     Agent {

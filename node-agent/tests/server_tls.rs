@@ -8,75 +8,22 @@
 //! is mocked between client and server.
 #![allow(clippy::unwrap_used)]
 
+mod agent_bed;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
+use agent_bed::{Ca, channel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
-use wrenn_node_agent::node::NodePaths;
-use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
+use wrenn_node_agent::server::serve_with;
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_proto::agent::v1::NodeInfoRequest;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_testkit::{Tier, case};
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Self { issuer }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A server certificate for `localhost` and its key, both PEM.
-    fn server(&self) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "node-a");
-        params.subject_alt_names = vec![
-            SanType::DnsName("localhost".try_into().unwrap()),
-            SanType::IpAddress([127, 0, 0, 1].into()),
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// A client certificate with subject CN `cn` and SAN DNS names `sans`.
-    fn client(&self, cn: &str, sans: &[&str]) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.subject_alt_names = sans
-            .iter()
-            .map(|s| SanType::DnsName((*s).try_into().unwrap()))
-            .collect();
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// The operator's client certificate, as the chart names it.
-    fn operator(&self) -> (String, String) {
-        self.client("wrenn-operator", &[])
-    }
-}
 
 /// TLS files laid out as a Kubernetes Secret volume: `tls.crt` ->
 /// `..data/tls.crt`, `..data` -> a timestamped directory. A rotation writes
@@ -154,20 +101,7 @@ async fn start_agent_with(tune: impl FnOnce(&mut PortConfig)) -> Agent {
         Host::fakes(),
         SupervisorConfig::new(&dir.path().join("state"), Path::new("/k/vmlinux")),
     );
-    let service = AgentService::new(
-        AgentIdentity {
-            node_name: "node-a".into(),
-            vmm: None,
-            storage_backend: "qcow2".into(),
-        },
-        NodePaths {
-            proc: "/proc".into(),
-            kvm: "/dev/kvm".into(),
-            state_dir: dir.path().to_path_buf(),
-        },
-        Arc::new(sup.clone()),
-        sup.metrics().clone(),
-    );
+    let service = agent_bed::service(&sup, dir.path());
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         serve_with(listener, port, service, async {
@@ -207,29 +141,6 @@ impl Agent {
         )
         .await
     }
-}
-
-/// A channel to `addr` trusting `server_ca`, presenting `identity`.
-async fn channel(
-    addr: SocketAddr,
-    server_ca: &str,
-    identity: Option<(String, String)>,
-) -> Result<Channel, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(server_ca))
-        .domain_name("localhost");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .map_err(|e| format!("tls config: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))
 }
 
 async fn ask(channel: Channel) -> Result<String, String> {
