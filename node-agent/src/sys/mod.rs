@@ -7,4 +7,5 @@ pub mod block;
 pub mod fd_passing;
 pub mod net;
 pub mod process;
+mod tap;
 pub mod xattr;

@@ -762,6 +762,65 @@ fn dup_above_stdio(fd: BorrowedFd<'_>) -> Result<OwnedFd, SpawnError> {
 /// libc wrappers and nothing else.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
+/// The program, argument and environment strings of an `execve`, with the
+/// NULL-terminated pointer arrays into them. Moving this value moves no
+/// string, so the pointers stay valid for as long as it lives.
+struct ExecStrings {
+    program: CString,
+    _args: Vec<CString>,
+    _env: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecStrings {
+    fn build(plan: &SpawnPlan<'_>) -> Result<Self, SpawnError> {
+        let program = cstring(plan.program.as_os_str())?;
+        let mut args = vec![program.clone()];
+        for a in plan.args {
+            args.push(cstring(a)?);
+        }
+        let mut env = Vec::with_capacity(plan.env.len());
+        for (k, v) in plan.env {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            env.push(cstring(OsStr::from_bytes(&kv))?);
+        }
+        let nul_terminated = |v: &[CString]| -> Vec<*const libc::c_char> {
+            v.iter()
+                .map(|a| a.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        Ok(Self {
+            argv: nul_terminated(&args),
+            envp: nul_terminated(&env),
+            program,
+            _args: args,
+            _env: env,
+        })
+    }
+}
+
+/// The child's fd 0-2, each duplicated above stdio (see
+/// [`dup_above_stdio`]); `/dev/null` where the plan names none.
+fn child_stdio(plan: &SpawnPlan<'_>) -> Result<[OwnedFd; 3], SpawnError> {
+    let dev_null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(parent_err)?;
+    let dup = |src: Option<BorrowedFd<'_>>| {
+        dup_above_stdio(src.unwrap_or_else(|| std::os::fd::AsFd::as_fd(&dev_null)))
+    };
+    Ok([
+        dup(plan.stdio[0])?,
+        dup(plan.stdio[1])?,
+        dup(plan.stdio[2])?,
+    ])
+}
+
 /// Starts `plan.program` as described by `plan` and returns its pid once it
 /// has exec'd. The child is ours: reap it with [`Pidfd::try_wait`] (or
 /// `waitpid`) once it exits.
@@ -772,43 +831,10 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
             format!("inherited fd {} would collide with stdio", fd.as_raw_fd()),
         )));
     }
-    // Everything the child touches is built here, before `clone`.
-    let program = cstring(plan.program.as_os_str())?;
-    let mut args = vec![program.clone()];
-    for a in plan.args {
-        args.push(cstring(a)?);
-    }
-    let mut env = Vec::with_capacity(plan.env.len());
-    for (k, v) in plan.env {
-        let mut kv = k.as_bytes().to_vec();
-        kv.push(b'=');
-        kv.extend_from_slice(v.as_bytes());
-        env.push(cstring(OsStr::from_bytes(&kv))?);
-    }
-    let argv: Vec<*const libc::c_char> = args
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: Vec<*const libc::c_char> = env
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-
-    let dev_null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .map_err(parent_err)?;
-    let mut stdio_owned = Vec::with_capacity(3);
-    for src in &plan.stdio {
-        let src = match src {
-            Some(fd) => *fd,
-            None => std::os::fd::AsFd::as_fd(&dev_null),
-        };
-        stdio_owned.push(dup_above_stdio(src)?);
-    }
+    // Everything the child touches is built here, before `clone`, and
+    // lives until `clone_child` has returned.
+    let exec = ExecStrings::build(plan)?;
+    let stdio_owned = child_stdio(plan)?;
     let stdio = [
         stdio_owned[0].as_raw_fd(),
         stdio_owned[1].as_raw_fd(),
@@ -843,9 +869,9 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
     });
 
     let mut child = ChildPlan {
-        program: program.as_ptr(),
-        argv: argv.as_ptr(),
-        envp: envp.as_ptr(),
+        program: exec.program.as_ptr(),
+        argv: exec.argv.as_ptr(),
+        envp: exec.envp.as_ptr(),
         new_session: plan.new_session,
         netns: plan.netns.map_or(-1, |fd| fd.as_raw_fd()),
         new_mount_ns: plan.new_mount_ns_with_sysfs || !hide.is_empty() || new_pid_ns,
@@ -869,6 +895,17 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         failed_step: 0,
         failed_errno: 0,
     };
+    let res = clone_child(&mut child, new_pid_ns);
+    // The paths stay allocated until the child has mounted them.
+    drop(view);
+    drop(binds);
+    res
+}
+
+/// Runs [`child_main`] on `child` in a `CLONE_VM | CLONE_VFORK` child and
+/// returns its pid once it has exec'd, or the step that failed in it.
+/// Every buffer `child` points into must outlive this call.
+fn clone_child(child: &mut ChildPlan, new_pid_ns: bool) -> Result<i32, SpawnError> {
     // u128 elements keep the stack 16-byte aligned, as the ABI requires.
     let mut stack = vec![0u128; CHILD_STACK_BYTES / 16];
 
@@ -887,8 +924,9 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
     // SAFETY: the stack pointer is one past the end of `stack`, which lives
     // until after `clone` returns; with CLONE_VFORK this thread is suspended
     // until the child has exec'd or exited, so the child's use of `child`,
-    // `stack` and every buffer above cannot race with us or outlive them.
-    // `child_main` follows the rules of a vfork child (see its comment).
+    // `stack` and every buffer `child` points into (kept alive by the
+    // caller) cannot race with us or outlive them. `child_main` follows the
+    // rules of a vfork child (see its comment).
     let pid = unsafe {
         let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
         libc::clone(
@@ -898,7 +936,7 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
                 | libc::CLONE_VFORK
                 | libc::SIGCHLD
                 | if new_pid_ns { libc::CLONE_NEWPID } else { 0 },
-            (&raw mut child).cast::<libc::c_void>(),
+            std::ptr::from_mut(child).cast::<libc::c_void>(),
         )
     };
     let clone_err = io::Error::last_os_error();
@@ -919,9 +957,6 @@ pub fn spawn(plan: &SpawnPlan<'_>) -> Result<i32, SpawnError> {
         )
     };
     drop(stack);
-    // The paths stay allocated until the child has mounted them.
-    drop(view);
-    drop(binds);
     if step != 0 {
         // The child has exited with 127; reap it so no zombie is left.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
