@@ -405,58 +405,12 @@ fn desired_mode(f: &Facts<'_>) -> OperatingMode {
 pub fn plan_capsule(f: &Facts<'_>) -> Plan {
     let mode = desired_mode(f);
     let suspend_reason = suspend_reason(f);
-    let placed = |node: &str| (true, Reason::Placed, format!("placed on node {node}"));
-
     if f.expired == Some(OnExpiry::Delete) {
-        let sched = match f.node {
-            Some(n) => placed(n),
-            None => (false, Reason::Expired, "expired before placement".into()),
-        };
-        let vm = match f.vm {
-            Observed::Present(vm) => Some(vm),
-            _ => None,
-        };
-        return Plan {
-            action: NodeAction::DeleteObject,
-            status: Some(draft(
-                CapsulePhase::Expired,
-                f.node,
-                vm,
-                conditions(
-                    sched,
-                    CapsulePhase::Expired,
-                    Reason::Expired,
-                    "lifecycle expired; deleting".into(),
-                    suspend_reason,
-                ),
-            )),
-        };
+        return plan_expired(f, suspend_reason);
     }
-
     let Some(node) = f.node else {
-        if let SourceState::Blocked(why, message) = &f.source {
-            return Plan {
-                action: NodeAction::None,
-                status: Some(draft(
-                    CapsulePhase::Pending,
-                    None,
-                    None,
-                    conditions(
-                        (false, *why, message.clone()),
-                        CapsulePhase::Pending,
-                        Reason::Pending,
-                        "waiting for its source".into(),
-                        suspend_reason,
-                    ),
-                )),
-            };
-        }
-        return Plan {
-            action: NodeAction::Place,
-            status: Some(pending(suspend_reason)),
-        };
+        return plan_unplaced(f, suspend_reason);
     };
-
     let vm = match f.vm {
         // Nothing is known: keep what the status says until the agent is back.
         Observed::Unknown => {
@@ -470,8 +424,103 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         }
         Observed::Present(vm) => vm,
     };
+    let (phase, action, ready_reason, message) = plan_vm(vm, mode, suspend_reason);
+    // The policy changes once the VM has settled (a mode change first);
+    // until the node enforces it the status does not claim this generation.
+    let network_pending = vm.egress != f.egress;
+    let settled = matches!(
+        vm.state,
+        VmState::Running
+            | VmState::Paused
+            | VmState::Suspended
+            | VmState::Failed
+            | VmState::Stopped
+    );
+    let action = if network_pending && settled && action == NodeAction::None {
+        NodeAction::UpdateNetwork
+    } else {
+        action
+    };
+    Plan {
+        action,
+        status: Some(StatusDraft {
+            network_pending,
+            ..draft(
+                phase,
+                Some(node),
+                Some(vm),
+                conditions(placed(node), phase, ready_reason, message, suspend_reason),
+            )
+        }),
+    }
+}
 
-    let (phase, action, ready_reason, message) = match (vm.state, mode) {
+/// The Scheduled condition of a capsule placed on `node`.
+fn placed(node: &str) -> (bool, Reason, String) {
+    (true, Reason::Placed, format!("placed on node {node}"))
+}
+
+/// A capsule whose lifecycle expired with `onExpiry: Delete`: the object
+/// goes, placed or not.
+fn plan_expired(f: &Facts<'_>, suspend_reason: Reason) -> Plan {
+    let sched = match f.node {
+        Some(n) => placed(n),
+        None => (false, Reason::Expired, "expired before placement".into()),
+    };
+    let vm = match f.vm {
+        Observed::Present(vm) => Some(vm),
+        _ => None,
+    };
+    Plan {
+        action: NodeAction::DeleteObject,
+        status: Some(draft(
+            CapsulePhase::Expired,
+            f.node,
+            vm,
+            conditions(
+                sched,
+                CapsulePhase::Expired,
+                Reason::Expired,
+                "lifecycle expired; deleting".into(),
+                suspend_reason,
+            ),
+        )),
+    }
+}
+
+/// A capsule on no node yet: place it, unless its source blocks it.
+fn plan_unplaced(f: &Facts<'_>, suspend_reason: Reason) -> Plan {
+    if let SourceState::Blocked(why, message) = &f.source {
+        return Plan {
+            action: NodeAction::None,
+            status: Some(draft(
+                CapsulePhase::Pending,
+                None,
+                None,
+                conditions(
+                    (false, *why, message.clone()),
+                    CapsulePhase::Pending,
+                    Reason::Pending,
+                    "waiting for its source".into(),
+                    suspend_reason,
+                ),
+            )),
+        };
+    }
+    Plan {
+        action: NodeAction::Place,
+        status: Some(pending(suspend_reason)),
+    }
+}
+
+/// Phase, node action, Ready reason and message for a VM the agent
+/// reports in `vm.state` when the capsule should be in `mode`.
+fn plan_vm(
+    vm: &Vm,
+    mode: OperatingMode,
+    suspend_reason: Reason,
+) -> (CapsulePhase, NodeAction, Reason, String) {
+    match (vm.state, mode) {
         (VmState::Failed, _) => (
             CapsulePhase::Failed,
             NodeAction::None,
@@ -534,34 +583,6 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
             suspend_reason,
             "suspended".to_string(),
         ),
-    };
-    // The policy changes once the VM has settled (a mode change first);
-    // until the node enforces it the status does not claim this generation.
-    let network_pending = vm.egress != f.egress;
-    let settled = matches!(
-        vm.state,
-        VmState::Running
-            | VmState::Paused
-            | VmState::Suspended
-            | VmState::Failed
-            | VmState::Stopped
-    );
-    let action = if network_pending && settled && action == NodeAction::None {
-        NodeAction::UpdateNetwork
-    } else {
-        action
-    };
-    Plan {
-        action,
-        status: Some(StatusDraft {
-            network_pending,
-            ..draft(
-                phase,
-                Some(node),
-                Some(vm),
-                conditions(placed(node), phase, ready_reason, message, suspend_reason),
-            )
-        }),
     }
 }
 
