@@ -5,17 +5,18 @@
 //! processes and cgroups are removed by a guard, also when a check fails.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
+
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cgroup_bed::CGROUP_MOUNT;
 use wrenn_node_agent::metrics::{Metrics, ProcSource, SampleSource, sampler};
-use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot, CgroupVersion};
+use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::process::{HostPaths, SpawnRequest, VmmProcess, spawn_supervised};
-use wrenn_testkit::{Tier, unique_name, wait_until};
-
-const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+use wrenn_testkit::{unique_name, wait_until};
 
 /// A unique cgroup parent; kills what is left in it and removes it on drop.
 struct Env {
@@ -63,41 +64,15 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for name in self.cgroups.list().unwrap_or_default() {
-            let cg = self.cgroups.open_capsule(&name);
-            for pid in cg.pids().unwrap_or_default() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::SIGKILL,
-                );
-            }
-            let _ = wait_until(Duration::from_secs(5), "cgroup empty", || {
-                cg.remove().map_err(|e| e.to_string())
-            });
-        }
-        let parents: Vec<PathBuf> = match self.cgroups.version() {
-            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
-                .iter()
-                .map(|c| Path::new(CGROUP_MOUNT).join(c).join(&self.parent))
-                .collect(),
-            CgroupVersion::V2 => vec![Path::new(CGROUP_MOUNT).join(&self.parent)],
-        };
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
+        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
 
 #[tokio::test]
 async fn cpu_of_a_busy_cgroup_rises_and_rss_is_read() {
-    let case = wrenn_testkit::case(Tier::Host, "metrics_proc_source_real_cgroup");
-    if let Err(why) = wrenn_testkit::need_root() {
-        return case.skip(why);
-    }
-    if let Err(why) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
-        return case.skip(format!("needs a cgroup mount: {why}"));
-    }
-    let _case = case;
+    let Some(_case) = cgroup_bed::host_case("metrics_proc_source_real_cgroup") else {
+        return;
+    };
     let env = Env::new();
     let busy = env.spawn("busy", "while :; do :; done");
     let idle = env.spawn("idle", "exec sleep 60");

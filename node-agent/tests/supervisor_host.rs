@@ -10,6 +10,7 @@
 //! and cgroup bed.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
 mod network_env;
 
 use std::collections::HashMap;
@@ -28,16 +29,16 @@ use wrenn_node_agent::capsule::{OrphanSweep, RecoveryReport, VmHeld};
 use wrenn_node_agent::metrics::sampler;
 use wrenn_node_agent::network::{CapsuleId as NetId, EgressPolicy, LinuxNet, NetOps};
 use wrenn_node_agent::storage::{BlockStore, DiskRequest, Qcow2Store, StorageConfig};
-use wrenn_node_agent::vmm::cgroup::{CgroupRoot, CgroupVersion};
+use wrenn_node_agent::vmm::cgroup::CgroupRoot;
 use wrenn_node_agent::vmm::process::{
     HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess, spawn_supervised,
 };
 use wrenn_node_agent::vmm::{
     BackendInfo, BackendKind, Error, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };
-use wrenn_testkit::{Tier, case, need_root, unique_name};
+use wrenn_testkit::unique_name;
 
-const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+use cgroup_bed::CGROUP_MOUNT;
 
 /// A VMM stand-in: `sleep` in the capsule's netns and cgroup. Pause is
 /// SIGSTOP, a snapshot a file, restore a fresh process.
@@ -307,43 +308,14 @@ impl Drop for World {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
         }
-        for name in self.cgroups.list().unwrap_or_default() {
-            let cg = self.cgroups.open_capsule(&name);
-            for pid in cg.pids().unwrap_or_default() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::SIGKILL,
-                );
-            }
-            let _ = wrenn_testkit::wait_until(Duration::from_secs(5), "cgroup empty", || {
-                cg.remove().map_err(|e| e.to_string())
-            });
-        }
-        let parents: Vec<PathBuf> = match self.cgroups.version() {
-            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
-                .iter()
-                .map(|c| Path::new(CGROUP_MOUNT).join(c).join(&self.parent))
-                .collect(),
-            CgroupVersion::V2 => vec![Path::new(CGROUP_MOUNT).join(&self.parent)],
-        };
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
+        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
 
 fn host_case(name: &str) -> Option<wrenn_testkit::Case> {
-    let c = case(Tier::Host, name);
-    if let Err(why) = need_root() {
-        c.skip(why);
-        return None;
-    }
+    let c = cgroup_bed::host_case(name)?;
     if !Path::new("/dev/net/tun").exists() {
         c.skip("needs /dev/net/tun");
-        return None;
-    }
-    if let Err(e) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
-        c.skip(format!("needs a cgroup mount: {e}"));
         return None;
     }
     Some(c)

@@ -8,11 +8,12 @@
 //! real CH needs KVM, which this host lacks.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot, CgroupVersion};
+use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::ch::ChVersion;
 use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
 use wrenn_node_agent::vmm::{
@@ -179,28 +180,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for name in self.cgroups.list().unwrap_or_default() {
-            let cg = self.cgroups.open_capsule(&name);
-            for pid in cg.pids().unwrap_or_default() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::SIGKILL,
-                );
-            }
-            let _ = wrenn_testkit::wait_until(Duration::from_secs(5), "cgroup empty", || {
-                cg.remove().map_err(|e| e.to_string())
-            });
-        }
-        let parents: Vec<PathBuf> = match self.cgroups.version() {
-            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
-                .iter()
-                .map(|c| Path::new("/sys/fs/cgroup").join(c).join(&self.parent))
-                .collect(),
-            CgroupVersion::V2 => vec![Path::new("/sys/fs/cgroup").join(&self.parent)],
-        };
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
+        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();

@@ -13,6 +13,8 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
+
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -26,21 +28,8 @@ use wrenn_node_agent::vmm::process::{
 };
 use wrenn_testkit::{Tier, unique_name, wait_until};
 
-const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+use cgroup_bed::CGROUP_MOUNT;
 const SECRET: &str = "victim-secret-4711";
-
-fn host_case(name: &str) -> Option<wrenn_testkit::Case> {
-    let case = wrenn_testkit::case(Tier::Host, name);
-    if let Err(why) = wrenn_testkit::need_root() {
-        case.skip(why);
-        return None;
-    }
-    if let Err(why) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
-        case.skip(format!("needs a cgroup mount: {why}"));
-        return None;
-    }
-    Some(case)
-}
 
 /// A unique VMM parent cgroup; kills what is left in it and removes it on
 /// drop, also when an assertion failed.
@@ -58,30 +47,13 @@ impl Parent {
 
     /// The parent's directory in `controller` (v1) or the unified one.
     fn dir(&self, controller: &str) -> PathBuf {
-        match self.root.version() {
-            CgroupVersion::V1 => Path::new(CGROUP_MOUNT).join(controller).join(&self.name),
-            CgroupVersion::V2 => Path::new(CGROUP_MOUNT).join(&self.name),
-        }
+        cgroup_bed::parent_dir(&self.root, &self.name, controller)
     }
 }
 
 impl Drop for Parent {
     fn drop(&mut self) {
-        for name in self.root.list().unwrap_or_default() {
-            let cg = self.root.open_capsule(&name);
-            for pid in cg.pids().unwrap_or_default() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::SIGKILL,
-                );
-            }
-            let _ = wait_until(Duration::from_secs(10), "capsule cgroup empty", || {
-                cg.remove().map_err(|e| e.to_string())
-            });
-        }
-        for c in ["cpu", "memory", "cpuacct", "pids", "blkio"] {
-            let _ = std::fs::remove_dir(self.dir(c));
-        }
+        cgroup_bed::remove_test_cgroups(&self.root, &self.name);
     }
 }
 
@@ -221,7 +193,7 @@ fn mount_count() -> usize {
 
 #[test]
 fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
-    let Some(_case) = host_case("vmm_confine_view_and_privileges") else {
+    let Some(_case) = cgroup_bed::host_case("vmm_confine_view_and_privileges") else {
         return;
     };
     let parent = Parent::new();
@@ -346,7 +318,7 @@ fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
 
 #[test]
 fn a_capsule_cannot_leave_or_raise_the_vmm_cgroup_cap() {
-    let Some(_case) = host_case("vmm_cgroup_escape") else {
+    let Some(_case) = cgroup_bed::host_case("vmm_cgroup_escape") else {
         return;
     };
     let parent = Parent::new();
@@ -504,7 +476,7 @@ fn a_capsule_cannot_leave_or_raise_the_vmm_cgroup_cap() {
 
 #[test]
 fn qemu_runs_under_its_own_seccomp_filter_inside_the_confinement() {
-    let Some(case) = host_case("vmm_confine_qemu_sandbox") else {
+    let Some(case) = cgroup_bed::host_case("vmm_confine_qemu_sandbox") else {
         return;
     };
     let qemu = match wrenn_testkit::need_program("qemu-system-x86_64") {

@@ -7,6 +7,8 @@
 // Test helpers outside #[test] fns unwrap too: a failed setup is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
+
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,7 @@ use wrenn_node_agent::vmm::process::{
 use wrenn_node_agent::vmm::{ChVmm, StartSpec};
 use wrenn_testkit::{Tier, unique_name, wait_until};
 
-const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+use cgroup_bed::CGROUP_MOUNT;
 
 /// A test netns made with `ip netns add`, deleted on drop.
 struct Netns {
@@ -129,30 +131,7 @@ impl Drop for Env {
         // is still attached, so retry briefly. Anything left in a test
         // cgroup (e.g. spawned by a helper that panicked before we learnt
         // its pid) is killed first.
-        if let Ok(names) = self.cgroups.list() {
-            for name in names {
-                let cg = self.cgroups.open_capsule(&name);
-                for pid in cg.pids().unwrap_or_default() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::SIGKILL,
-                    );
-                }
-                let _ = wait_until(Duration::from_secs(5), "cgroup empty", || {
-                    cg.remove().map_err(|e| e.to_string())
-                });
-            }
-        }
-        let parents: Vec<PathBuf> = match self.cgroups.version() {
-            CgroupVersion::V1 => ["cpu", "memory", "cpuacct"]
-                .iter()
-                .map(|c| Path::new(CGROUP_MOUNT).join(c).join(&self.parent))
-                .collect(),
-            CgroupVersion::V2 => vec![Path::new(CGROUP_MOUNT).join(&self.parent)],
-        };
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
+        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
 
@@ -160,22 +139,9 @@ fn ns_inode(path: impl AsRef<Path>) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
 
-fn host_case(name: &str) -> Option<wrenn_testkit::Case> {
-    let case = wrenn_testkit::case(Tier::Host, name);
-    if let Err(why) = wrenn_testkit::need_root() {
-        case.skip(why);
-        return None;
-    }
-    if let Err(why) = CgroupRoot::detect(Path::new(CGROUP_MOUNT), "wrenn") {
-        case.skip(format!("needs a cgroup mount: {why}"));
-        return None;
-    }
-    Some(case)
-}
-
 #[test]
 fn spawn_enters_netns_mount_ns_and_cgroup_with_limits() {
-    let Some(_case) = host_case("vmm_spawn_netns_cgroup") else {
+    let Some(_case) = cgroup_bed::host_case("vmm_spawn_netns_cgroup") else {
         return;
     };
     let env = Env::new();
@@ -329,7 +295,7 @@ fn spawner_helper() {
 
 #[test]
 fn child_outlives_its_spawner_and_is_adopted() {
-    let Some(_case) = host_case("vmm_child_outlives_spawner") else {
+    let Some(_case) = cgroup_bed::host_case("vmm_child_outlives_spawner") else {
         return;
     };
     let env = Env::new();
@@ -402,7 +368,7 @@ fn child_outlives_its_spawner_and_is_adopted() {
 
 #[test]
 fn crash_watcher_tells_exit_code_signal_poweroff_and_requested_stop() {
-    let Some(_case) = host_case("vmm_crash_watcher") else {
+    let Some(_case) = cgroup_bed::host_case("vmm_crash_watcher") else {
         return;
     };
     let env = Env::new();
@@ -481,7 +447,7 @@ while True:
 
 #[test]
 fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
-    let Some(case) = host_case("vmm_chvmm_start_stub") else {
+    let Some(case) = cgroup_bed::host_case("vmm_chvmm_start_stub") else {
         return;
     };
     if let Err(why) = wrenn_testkit::need_program("python3") {
