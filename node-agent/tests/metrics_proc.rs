@@ -12,41 +12,28 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cgroup_bed::CGROUP_MOUNT;
+use cgroup_bed::ProcessBed;
 use wrenn_node_agent::metrics::{Metrics, ProcSource, SampleSource, sampler};
-use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
-use wrenn_node_agent::vmm::process::{HostPaths, SpawnRequest, VmmProcess, spawn_supervised};
-use wrenn_testkit::{unique_name, wait_until};
+use wrenn_node_agent::vmm::cgroup::CgroupLimits;
+use wrenn_node_agent::vmm::process::{SpawnRequest, VmmProcess, spawn_supervised};
+use wrenn_testkit::wait_until;
 
 /// A unique cgroup parent; kills what is left in it and removes it on drop.
 struct Env {
-    cgroups: CgroupRoot,
-    parent: String,
-    paths: HostPaths,
-    _state: tempfile::TempDir,
+    bed: ProcessBed,
 }
 
 impl Env {
     fn new() -> Self {
-        let parent = unique_name("wrenn-mtest");
-        let state = tempfile::tempdir().unwrap();
         Self {
-            cgroups: CgroupRoot::detect(Path::new(CGROUP_MOUNT), &parent).unwrap(),
-            paths: HostPaths {
-                proc_root: "/proc".into(),
-                state_dir: state.path().to_path_buf(),
-                hidden: Vec::new(),
-                devices: Vec::new(),
-            },
-            parent,
-            _state: state,
+            bed: ProcessBed::new("wrenn-mtest"),
         }
     }
 
     fn spawn(&self, capsule: &str, script: &str) -> VmmProcess {
         spawn_supervised(
-            &self.paths,
-            &self.cgroups,
+            &self.bed.paths,
+            &self.bed.cgroups,
             &SpawnRequest {
                 capsule,
                 program: Path::new("/bin/sh"),
@@ -59,12 +46,6 @@ impl Env {
             },
         )
         .unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
 

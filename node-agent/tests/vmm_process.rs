@@ -26,7 +26,7 @@ use wrenn_node_agent::vmm::process::{
 use wrenn_node_agent::vmm::{ChVmm, StartSpec};
 use wrenn_testkit::{Tier, unique_name, wait_until};
 
-use cgroup_bed::CGROUP_MOUNT;
+use cgroup_bed::{CGROUP_MOUNT, ProcessBed};
 
 /// A test netns made with `ip netns add`, deleted on drop.
 struct Netns {
@@ -65,28 +65,15 @@ impl Drop for Netns {
 /// A unique cgroup parent and state dir; kills leftover processes and
 /// removes both on drop.
 struct Env {
-    cgroups: CgroupRoot,
-    parent: String,
-    paths: HostPaths,
+    bed: ProcessBed,
     pids: std::cell::RefCell<Vec<i32>>,
-    _state: tempfile::TempDir,
 }
 
 impl Env {
     fn new() -> Self {
-        let parent = unique_name("wrenn-test");
-        let state = tempfile::tempdir().unwrap();
         Self {
-            cgroups: CgroupRoot::detect(Path::new(CGROUP_MOUNT), &parent).unwrap(),
-            paths: HostPaths {
-                proc_root: "/proc".into(),
-                state_dir: state.path().to_path_buf(),
-                hidden: Vec::new(),
-                devices: Vec::new(),
-            },
-            parent,
+            bed: ProcessBed::new("wrenn-test"),
             pids: Default::default(),
-            _state: state,
         }
     }
 
@@ -102,8 +89,8 @@ impl Env {
         netns: Option<&Path>,
     ) -> VmmProcess {
         let p = spawn_supervised(
-            &self.paths,
-            &self.cgroups,
+            &self.bed.paths,
+            &self.bed.cgroups,
             &SpawnRequest {
                 capsule,
                 program: Path::new(program),
@@ -127,11 +114,9 @@ impl Drop for Env {
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*pid), None);
         }
-        // Processes die asynchronously; rmdir of a cgroup fails while any
-        // is still attached, so retry briefly. Anything left in a test
-        // cgroup (e.g. spawned by a helper that panicked before we learnt
-        // its pid) is killed first.
-        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
+        // Then `bed` kills whatever is left in its cgroups (e.g. spawned
+        // by a helper that panicked before we learnt its pid) and removes
+        // them.
     }
 }
 
@@ -151,7 +136,7 @@ fn spawn_enters_netns_mount_ns_and_cgroup_with_limits() {
             return wrenn_testkit::case(Tier::Host, "vmm_spawn_netns_cgroup/netns").skip(why);
         }
     };
-    let out = env.paths.state_dir.join("seen-links");
+    let out = env.bed.paths.state_dir.join("seen-links");
     let script = format!("ls /sys/class/net > {}; exec sleep 30", out.display());
     let p = env.spawn("c1", "/bin/sh", &["-c", &script], Some(&netns.path()));
     let pid = p.identity().pid;
@@ -199,8 +184,8 @@ fn spawn_enters_netns_mount_ns_and_cgroup_with_limits() {
     // cgroup membership and limits.
     assert!(p.cgroup().pids().unwrap().contains(&pid));
     let cgroup_file = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let rel = format!("/{}/c1", env.parent);
-    match env.cgroups.version() {
+    let rel = format!("/{}/c1", env.bed.parent);
+    match env.bed.cgroups.version() {
         CgroupVersion::V1 => {
             assert!(
                 cgroup_file
@@ -313,8 +298,8 @@ fn child_outlives_its_spawner_and_is_adopted() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("WRENN_VMM_SPAWNER_STATE", &env.paths.state_dir)
-        .env("WRENN_VMM_SPAWNER_CGROUP", &env.parent)
+        .env("WRENN_VMM_SPAWNER_STATE", &env.bed.paths.state_dir)
+        .env("WRENN_VMM_SPAWNER_CGROUP", &env.bed.parent)
         .env("WRENN_VMM_SPAWNER_NETNS", netns.path())
         .output()
         .unwrap();
@@ -350,10 +335,10 @@ fn child_outlives_its_spawner_and_is_adopted() {
         ..identity
     };
     assert!(matches!(
-        VmmProcess::adopt(&env.paths, &env.cgroups, "orphan", wrong),
+        VmmProcess::adopt(&env.bed.paths, &env.bed.cgroups, "orphan", wrong),
         Err(wrenn_node_agent::vmm::Error::AdoptVmm { .. })
     ));
-    let adopted = VmmProcess::adopt(&env.paths, &env.cgroups, "orphan", identity).unwrap();
+    let adopted = VmmProcess::adopt(&env.bed.paths, &env.bed.cgroups, "orphan", identity).unwrap();
     assert!(adopted.cgroup().pids().unwrap().contains(&identity.pid));
 
     // Not our child: the exit is seen through the pidfd, status unknown.
@@ -376,7 +361,7 @@ fn crash_watcher_tells_exit_code_signal_poweroff_and_requested_stop() {
         .enable_all()
         .build()
         .unwrap();
-    let events = env.paths.state_dir.join("events.json");
+    let events = env.bed.paths.state_dir.join("events.json");
 
     // Non-zero exit: a crash with its code.
     let p = env.spawn("exit3", "/bin/sh", &["-c", "exit 3"], None);
@@ -458,7 +443,7 @@ fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
         Ok(n) => n,
         Err(why) => return case.skip(why),
     };
-    let stub = env.paths.state_dir.join("ch-stub");
+    let stub = env.bed.paths.state_dir.join("ch-stub");
     std::fs::write(&stub, API_STUB).unwrap();
     std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
@@ -472,7 +457,12 @@ fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
             .await
             .unwrap();
         assert_eq!(version.major, 53);
-        let vmm = ChVmm::with_version(&stub, version, env.paths.clone(), env.cgroups.clone());
+        let vmm = ChVmm::with_version(
+            &stub,
+            version,
+            env.bed.paths.clone(),
+            env.bed.cgroups.clone(),
+        );
         let spec = StartSpec {
             capsule: "stub1".into(),
             netns: Some(netns.path()),
@@ -509,6 +499,6 @@ fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
             exit.unwrap()
         };
         assert_eq!(watcher, VmmExit::Requested);
-        assert!(env.cgroups.list().unwrap().is_empty());
+        assert!(env.bed.cgroups.list().unwrap().is_empty());
     });
 }

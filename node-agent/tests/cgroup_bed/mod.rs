@@ -3,13 +3,14 @@
 //! without root or a cgroup mount, and the cleanup each bed runs on drop,
 //! also after a failed assertion: kill what is left in every capsule
 //! cgroup under the test's own parent, remove them, then the parent.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use wrenn_node_agent::vmm::cgroup::{CgroupRoot, CgroupVersion};
-use wrenn_testkit::{Case, Tier, wait_until};
+use wrenn_node_agent::vmm::process::HostPaths;
+use wrenn_testkit::{Case, Tier, unique_name, wait_until};
 
 /// Where the host mounts its cgroups.
 pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
@@ -57,5 +58,39 @@ pub fn remove_test_cgroups(root: &CgroupRoot, parent: &str) {
     }
     for c in V1_CONTROLLERS {
         let _ = std::fs::remove_dir(parent_dir(root, parent, c));
+    }
+}
+
+/// A unique cgroup parent and the host paths `spawn_supervised` takes,
+/// with a temp state dir; removes the cgroups it made on drop.
+pub struct ProcessBed {
+    pub cgroups: CgroupRoot,
+    pub parent: String,
+    pub paths: HostPaths,
+    _state: tempfile::TempDir,
+}
+
+impl ProcessBed {
+    /// `prefix` names the parent (`<prefix>-<pid>-<n>`).
+    pub fn new(prefix: &str) -> Self {
+        let parent = unique_name(prefix);
+        let state = tempfile::tempdir().unwrap();
+        Self {
+            cgroups: CgroupRoot::detect(Path::new(CGROUP_MOUNT), &parent).unwrap(),
+            paths: HostPaths {
+                proc_root: "/proc".into(),
+                state_dir: state.path().to_path_buf(),
+                hidden: Vec::new(),
+                devices: Vec::new(),
+            },
+            parent,
+            _state: state,
+        }
+    }
+}
+
+impl Drop for ProcessBed {
+    fn drop(&mut self) {
+        remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
