@@ -484,8 +484,7 @@ async fn start_with<M: Machine + 'static>(machine: M, common: Common) -> Started
     .with_vmm_cap(vmm_cap)
     .with_activity_file(&activity_file)
     .with_disk_quota(disk.disk_quota)
-    .with_image_dirs(templates.settings().image_dirs.clone())
-    .with_console_root(supervisor.layout().vmm_root());
+    .with_image_dirs(templates.settings().image_dirs.clone());
     metrics.set_ready(true);
     tracing::info!(%listen, "serving wrenn.agent.v1 with mutual TLS");
     // 5. Serve.

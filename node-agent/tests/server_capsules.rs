@@ -396,6 +396,42 @@ async fn get_metrics_answers_for_a_capsule_until_it_is_deleted() {
 }
 
 #[tokio::test]
+async fn the_console_is_served_from_the_supervisors_run_directory() {
+    let _c = case(
+        Tier::Unit,
+        "server_capsules::the_console_is_served_from_the_supervisors_run_directory",
+    );
+    let mut a = start().await;
+    a.client
+        .create_capsule(create_request("c1", 1))
+        .await
+        .unwrap();
+    // What the VMM would have written to its serial port.
+    let dir = a.sup.layout().vmm_root().join("c1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(wrenn_node_agent::vmm::logs::CH_SERIAL_LOG),
+        "booted\nlogin:\n",
+    )
+    .unwrap();
+    let mut chunks = a
+        .client
+        .read_console(pb::ReadConsoleRequest {
+            uid: "c1".into(),
+            tail_lines: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(c) = chunks.message().await.unwrap() {
+        text.extend_from_slice(&c.data);
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "booted\nlogin:\n");
+}
+
+#[tokio::test]
 async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() {
     let _c = case(
         Tier::Unit,

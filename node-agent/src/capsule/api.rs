@@ -63,4 +63,7 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
     fn templates(&self) -> std::collections::BTreeMap<String, String>;
     /// Capsules recovery quarantined.
     fn quarantined(&self) -> Vec<crate::state::Quarantined>;
+    /// The directory the capsule's VMM writes its serial console to
+    /// (`Layout::vmm_root`/uid), whether or not it exists yet.
+    fn console_dir(&self, uid: &str) -> std::path::PathBuf;
 }

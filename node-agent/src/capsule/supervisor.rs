@@ -552,6 +552,9 @@ impl<M: Machine + 'static> CapsuleApi for Supervisor<M> {
     fn backend(&self) -> BackendInfo {
         self.cx.backend().clone()
     }
+    fn console_dir(&self, uid: &str) -> std::path::PathBuf {
+        self.layout().vmm_root().join(uid)
+    }
     fn create<'a>(
         &'a self,
         uid: &'a str,

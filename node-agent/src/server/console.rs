@@ -74,11 +74,10 @@ pub(super) async fn read_console(
     validate_uid(&req.uid)?;
     let capsules = svc.capsules.clone();
     capsules.get(&req.uid).map_err(|e| to_status(&e))?;
-    let root = svc
-        .console_root
-        .clone()
-        .ok_or_else(|| super::not_yet("ReadConsole"))?;
-    let dir = root.join(&req.uid);
+    let dir = match &svc.console_root {
+        Some(root) => root.join(&req.uid),
+        None => capsules.console_dir(&req.uid),
+    };
     let uid = req.uid.clone();
     let first = tokio::task::spawn_blocking(move || {
         let Some(file) = console_file(&dir) else {

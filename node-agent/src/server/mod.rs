@@ -67,8 +67,8 @@ pub struct AgentService {
     /// `--disk-quota`; `None`: a share of the state filesystem.
     disk_quota: Option<u64>,
     image_dirs: crate::images::ImageDirs,
-    /// Per-capsule VMM run directories (`Layout::vmm_root`), where the
-    /// serial console is kept; `None`: ReadConsole is not served.
+    /// Where ReadConsole looks instead of the supervisor's
+    /// [`CapsuleApi::console_dir`]; `None` (as `main` runs it): there.
     console_root: Option<std::path::PathBuf>,
     /// Which route answered per capsule port (`ports`).
     routes: ports::Routes,
@@ -98,8 +98,9 @@ impl AgentService {
         }
     }
 
-    /// Serves ReadConsole from the run directories under `root`
-    /// (`Layout::vmm_root`).
+    /// Serves ReadConsole from the run directories under `root` instead of
+    /// the supervisor's own (`Layout::vmm_root`), which it serves from
+    /// without this call.
     pub fn with_console_root(mut self, root: std::path::PathBuf) -> Self {
         self.console_root = Some(root);
         self
@@ -213,10 +214,6 @@ pub struct GuestEndpoint {
 
 pub(crate) type BoxStream<T> =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-pub(crate) fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented by this node agent yet"))
-}
 
 #[tonic::async_trait]
 impl NodeAgent for AgentService {
