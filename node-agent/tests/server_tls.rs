@@ -23,7 +23,7 @@ use wrenn_node_agent::server::serve_with;
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_proto::agent::v1::NodeInfoRequest;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
-use wrenn_testkit::{Tier, case};
+use wrenn_testkit::{Tier, case, eventually_async};
 
 /// TLS files laid out as a Kubernetes Secret volume: `tls.crt` ->
 /// `..data/tls.crt`, `..data` -> a timestamped directory. A rotation writes
@@ -158,22 +158,6 @@ async fn node_info(
     identity: Option<(String, String)>,
 ) -> Result<String, String> {
     ask(channel(addr, server_ca, identity).await?).await
-}
-
-/// Polls `check` every 50 ms until it is true or `within` passed.
-async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// Reads until the peer closes; `Some(elapsed)` if it did within `within`.
@@ -357,16 +341,17 @@ async fn connections_beyond_the_cap_are_refused_while_held_ones_work() {
 
     // A freed slot serves the next client.
     drop(stalled);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
+    eventually_async(
+        Duration::from_secs(5),
+        "the slot of a closed connection was not freed",
+        || async {
             match agent.operator_channel().await {
                 Ok(ch) => ask(ch).await.is_ok(),
                 Err(_) => false,
             }
-        })
-        .await,
-        "the slot of a closed connection was not freed"
-    );
+        },
+    )
+    .await;
     drop(held);
     agent.stop().await;
 }
@@ -389,15 +374,16 @@ async fn rotated_certificate_files_are_served_to_the_next_connection() {
     agent.volume.rotate(&cert, &key, &new_client_ca.pem());
 
     let (addr, new_ca) = (agent.addr, new_server_ca.pem());
-    assert!(
-        eventually(Duration::from_secs(5), || {
+    eventually_async(
+        Duration::from_secs(5),
+        "no new connection got the rotated certificate",
+        || {
             let id = new_client_ca.operator();
             let ca = new_ca.clone();
             async move { node_info(addr, &ca, Some(id)).await.is_ok() }
-        })
-        .await,
-        "no new connection got the rotated certificate"
-    );
+        },
+    )
+    .await;
     // The old server certificate and the old client CA are gone for new
     // connections; the connection made before keeps working.
     let old = node_info(
@@ -454,14 +440,15 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
     std::fs::write(key_path, &key).unwrap();
     let (addr, ca) = (agent.addr, new_ca.pem());
     let id = agent.client_ca.operator();
-    assert!(
-        eventually(Duration::from_secs(5), || {
+    eventually_async(
+        Duration::from_secs(5),
+        "the completed rotation was not picked up",
+        || {
             let (ca, id) = (ca.clone(), id.clone());
             async move { node_info(addr, &ca, Some(id)).await.is_ok() }
-        })
-        .await,
-        "the completed rotation was not picked up"
-    );
+        },
+    )
+    .await;
     agent.stop().await;
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -192,11 +192,10 @@ pub async fn pool(agents: &[Arc<FakeNodeAgent>]) -> (AgentPool, PoolStreams) {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1 + i as u16));
         pool.upsert(a.node(), addr);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.ready_nodes().len() < agents.len() {
-        assert!(Instant::now() < deadline, "agents never synced");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wrenn_testkit::eventually(Duration::from_secs(5), "agents never synced", || {
+        pool.ready_nodes().len() >= agents.len()
+    })
+    .await;
     (pool, streams)
 }
 

@@ -205,6 +205,36 @@ pub fn wait_until<T>(
     }
 }
 
+/// [`wait_until`] for async tests: polls `check` every 5 ms on the tokio
+/// timer (a thread sleep would stall the runtime the code under test runs
+/// on) and panics naming `what` once `timeout` has passed.
+pub async fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not true after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// [`eventually`] with an async check (a call to the server under test).
+pub async fn eventually_async<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not true after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +260,21 @@ mod tests {
             if n == 3 { Ok(n) } else { Err(format!("{n}")) }
         });
         assert_eq!(v, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn eventually_waits_for_a_late_truth_and_names_a_missing_one() {
+        let mut n = 0;
+        eventually(Duration::from_secs(5), "third try", || {
+            n += 1;
+            n == 3
+        })
+        .await;
+        assert_eq!(n, 3);
+        let never = tokio::spawn(eventually(Duration::from_millis(50), "never", || false));
+        let panic = never.await.unwrap_err().into_panic();
+        let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("never: not true after"), "{text}");
     }
 
     #[test]

@@ -264,14 +264,12 @@ async fn a_failed_suspend_snapshot_returns_to_running() {
 /// call before its injected delay), so a test acts inside that window
 /// instead of guessing it with a sleep.
 async fn entered(b: &Bed, capsule: &str, step: Step) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !b.machine.steps(capsule).contains(&step) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{step:?} never started for {capsule}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wrenn_testkit::eventually(
+        Duration::from_secs(10),
+        &format!("{step:?} never started for {capsule}"),
+        || b.machine.steps(capsule).contains(&step),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -515,11 +513,10 @@ async fn recovery_adopts_restores_and_rolls_back() {
     assert_eq!(state("susp"), State::Running);
     // The re-armed crash watcher still reports a crash.
     b.machine.crash("run");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while state("run") != State::Failed {
-        assert!(tokio::time::Instant::now() < deadline, "crash not seen");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wrenn_testkit::eventually(Duration::from_secs(5), "crash not seen", || {
+        state("run") == State::Failed
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -52,11 +52,10 @@ async fn no_moment_counts_a_placed_capsule_by_neither_side_nor_twice() {
     connector.add(agent.clone());
     let (pool, _streams) = AgentPool::new(connector.clone(), Duration::from_millis(20));
     pool.upsert("node-a", "127.0.0.1:1".parse().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.ready_nodes().is_empty() {
-        assert!(Instant::now() < deadline, "agent never synced");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wrenn_testkit::eventually(Duration::from_secs(5), "agent never synced", || {
+        !pool.ready_nodes().is_empty()
+    })
+    .await;
     assert_eq!(left(&pool, "node-a").vcpus, 4);
 
     pool.reserve("x", "node-a", two_cpus());
@@ -172,11 +171,10 @@ async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
     assert!(streams.syncs.recv().await.is_some());
     assert_eq!(pool.observe("node-a", "u1"), Some(None));
     agent.set_down(true);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.client("node-a").is_some() {
-        assert!(Instant::now() < deadline, "never unsynced");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wrenn_testkit::eventually(Duration::from_secs(5), "never unsynced", || {
+        pool.client("node-a").is_none()
+    })
+    .await;
     assert_eq!(pool.observe("node-a", "u1"), None);
     let before = agent.calls().len();
     agent.set_down(false);
@@ -251,11 +249,12 @@ async fn a_deleted_agent_pod_drops_the_nodes_client_at_once() {
         .unwrap();
     assert!(pool.client("node-a").is_some());
     gone_tx.send(()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.client("node-a").is_some() {
-        assert!(Instant::now() < deadline, "client kept after the Pod went");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wrenn_testkit::eventually(
+        Duration::from_secs(5),
+        "client kept after the Pod went",
+        || pool.client("node-a").is_none(),
+    )
+    .await;
     assert!(pool.lost_for("node-a").is_some());
     assert_eq!(pool.ready_nodes(), Vec::<String>::new());
     server.done();

@@ -251,14 +251,6 @@ impl WarmBed {
     }
 }
 
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_root_disk_template_is_prepared_listed_and_retried_after_a_failure() {
     let b = WarmBed::new(FakeGuest::new(1));
@@ -310,7 +302,7 @@ async fn a_warm_build_snapshots_a_hidden_build_vm_then_removes_it() {
 
     // Mid-build: the VM runs, the start command was started detached with
     // its log, and nothing of it shows through the capsule API.
-    wait_for("a readiness probe", || {
+    wrenn_testkit::eventually(Duration::from_secs(10), "a readiness probe", || {
         b.guest.probing.load(Ordering::SeqCst) > 0
     })
     .await;
@@ -470,7 +462,7 @@ async fn a_restart_mid_build_removes_the_build_vm_and_the_next_call_builds_again
     let req = b.warm_request("warm-web-3");
     let build = warm::build_uid("warm-web-3");
     b.sup.prepare_template(req.clone()).await.unwrap();
-    wait_for("a readiness probe", || {
+    wrenn_testkit::eventually(Duration::from_secs(10), "a readiness probe", || {
         b.guest.probing.load(Ordering::SeqCst) > 0
     })
     .await;
@@ -532,7 +524,7 @@ async fn warm_builds_run_one_at_a_time() {
     let one = b.warm_request("warm-a");
     let two = b.warm_request("warm-b");
     b.sup.prepare_template(one.clone()).await.unwrap();
-    wait_for("the first build probing", || {
+    wrenn_testkit::eventually(Duration::from_secs(10), "the first build probing", || {
         b.guest.probing.load(Ordering::SeqCst) > 0
     })
     .await;

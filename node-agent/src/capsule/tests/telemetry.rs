@@ -158,11 +158,10 @@ async fn a_vmm_that_dies_is_no_longer_sampled() {
     create(&b, "c1").await;
     sampler::tick(&metrics(&b), Duration::from_secs(1)).await;
     b.machine.crash("c1");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while b.sup.get("c1").unwrap().state != State::Failed {
-        assert!(tokio::time::Instant::now() < deadline, "crash not seen");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wrenn_testkit::eventually(Duration::from_secs(5), "crash not seen", || {
+        b.sup.get("c1").unwrap().state == State::Failed
+    })
+    .await;
     assert!(attached(&b).is_empty());
     assert_eq!(history(&b, "c1").map(|p| p.len()), Some(1));
     assert_eq!(errors(&b, "vmm_exit"), 1);
