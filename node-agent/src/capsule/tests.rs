@@ -366,22 +366,7 @@ async fn crash_fails_the_capsule_and_poweroff_stops_it() {
 #[tokio::test]
 async fn snapshot_returns_to_the_prior_mode() {
     // A real qcow2 store (plain files), so the disk copy is real too.
-    let b = Bed::new();
-    let template = b.dir.path().join("base.ext4");
-    std::fs::write(&template, vec![7u8; 1 << 20]).unwrap();
-    let store = crate::storage::Qcow2Store::open(crate::storage::StorageConfig::new(
-        b.dir.path().join("disks"),
-    ))
-    .unwrap();
-    let sup = Supervisor::new(
-        Host {
-            machine: b.machine.clone(),
-            net: b.net.clone(),
-            store: Arc::new(store),
-        },
-        SupervisorConfig::new(b.dir.path(), std::path::Path::new("/k/vmlinux")),
-    );
-    let b = Bed { sup, ..b };
+    let (b, template) = Bed::with_qcow2();
     let mut s = spec("c1");
     s.source = BootSource::Template(TemplateDisk {
         key: "t".into(),

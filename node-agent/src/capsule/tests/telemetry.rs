@@ -197,22 +197,7 @@ async fn a_failed_or_cancelled_create_is_timed_and_leaves_no_history() {
 #[tokio::test]
 async fn every_step_is_timed_with_its_outcome() {
     // A real qcow2 store (plain files), so the snapshot's disk copy works.
-    let b = Bed::new();
-    let template = b.dir.path().join("base.ext4");
-    std::fs::write(&template, vec![7u8; 1 << 20]).unwrap();
-    let store = crate::storage::Qcow2Store::open(crate::storage::StorageConfig::new(
-        b.dir.path().join("disks"),
-    ))
-    .unwrap();
-    let sup = Supervisor::new(
-        Host {
-            machine: b.machine.clone(),
-            net: b.net.clone(),
-            store: Arc::new(store),
-        },
-        SupervisorConfig::new(b.dir.path(), Path::new("/k/vmlinux")),
-    );
-    let b = Bed { sup, ..b };
+    let (b, template) = Bed::with_qcow2();
     let mut s = spec("c1");
     s.source = BootSource::Template(TemplateDisk {
         key: "t".into(),
