@@ -10,7 +10,8 @@ and build output:
 
 - the number of `.rs` files;
 - the ten longest functions (lines from `fn` to its closing brace), of
-  all code and of the crates' `src/` outside tests;
+  all code and of the crates' `src/` outside tests, and how many of the
+  latter pass 120 lines;
 - import cycles between modules: for every `crate::`, `super::` and `self::`
   path a file names (in `use` lines or inline), an edge from the file's
   module to the module the path resolves to, lifted to the two children of
@@ -37,6 +38,8 @@ from collections import defaultdict
 
 GENERATED = ("proto/src/gen/",)
 LONG = 700
+# A non-test function longer than this is a candidate to split.
+LONG_FN = 120
 # A long file's header says why in a sentence starting "Why this file is long:".
 REASON_WORDS = re.compile(r"(?i)(why this file is long|over ~?700 lines on purpose)")
 
@@ -324,6 +327,7 @@ def audit(root):
         "files": len(files),
         "functions": fns[:10],
         "src_functions": src_fns[:10],
+        "src_over": sum(1 for n, _, _ in src_fns if n > LONG_FN),
         "cycles": cycles(root, files),
         "long": long_files,
     }
@@ -338,6 +342,7 @@ def show(name, r):
     print("longest functions outside tests (crates' src/, no #[cfg(test)] code):")
     for n, where, fn in r["src_functions"]:
         print(f"  {n:5}  {fn}  {where}")
+    print(f"functions outside tests over {LONG_FN} lines: {r['src_over']}")
     print(f"import cycles: {len(r['cycles'])}")
     for crate, scc in r["cycles"]:
         print(f"  {crate}: " + " <-> ".join("::".join(m) for m in scc))
