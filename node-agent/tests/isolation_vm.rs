@@ -42,7 +42,7 @@ use network_env::{
     AZURE_METADATA, Bed as NetBed, METADATA, NODE_UPLINK_ADDR, OTHER_REMOTE, UPLINK, UPLINK_ADDR,
     in_ns,
 };
-use qemu_bed::{Image, QemuBed, build_image, processes_mentioning, sh_as};
+use qemu_bed::{Image, QemuBed, VmTools, need_vm_tools, processes_mentioning, sh_as};
 use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
 use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::{
@@ -51,7 +51,7 @@ use wrenn_node_agent::network::{
     Verdict,
 };
 use wrenn_node_agent::sys::net as sys;
-use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
+use wrenn_testkit::{Tier, case, unique_name};
 
 const NAME: &str =
     "isolation_vm::every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works";
@@ -517,15 +517,12 @@ fn take(hits: &Hits) -> Vec<Hit> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works() {
     let c = case(Tier::Vm, NAME);
-    let found = need_root()
-        .and_then(|()| need_program("qemu-system-x86_64"))
-        .and_then(|q| Ok((q, need_program("vhost-device-vsock")?)))
-        .and_then(|p| Ok((p, need_program("qemu-img")?)))
-        .and_then(|p| Ok((p, need_program("nsenter")?)))
-        .and_then(|p| Ok((p, need_program("ip")?)))
-        .and_then(|p| Ok((p, build_image()?)));
-    let (((((qemu, helper), _), _), _), image) = match found {
-        Ok(f) => f,
+    let VmTools {
+        qemu,
+        helper,
+        image,
+    } = match need_vm_tools(&["nsenter", "ip"]) {
+        Ok(t) => t,
         Err(reason) => return c.skip(reason),
     };
     let t0 = Instant::now();

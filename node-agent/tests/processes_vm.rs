@@ -12,10 +12,10 @@ mod qemu_bed;
 use std::time::Duration;
 
 use network_env::Bed as NetBed;
-use qemu_bed::{QemuBed, build_image, sh_as};
+use qemu_bed::{QemuBed, VmTools, need_vm_tools, sh_as};
 use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Tier, case, need_program, need_root};
+use wrenn_testkit::{Tier, case};
 
 const NAME: &str =
     "processes_vm::a_detached_process_survives_suspend_and_resume_then_attach_shows_its_output";
@@ -30,13 +30,12 @@ fn tag() -> Option<gpb::ProcessRef> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_output() {
     let c = case(Tier::Vm, NAME);
-    let found = need_root()
-        .and_then(|()| need_program("qemu-system-x86_64"))
-        .and_then(|q| Ok((q, need_program("vhost-device-vsock")?)))
-        .and_then(|p| Ok((p, need_program("qemu-img")?)))
-        .and_then(|p| Ok((p, build_image()?)));
-    let (((qemu, helper), _), image) = match found {
-        Ok(f) => f,
+    let VmTools {
+        qemu,
+        helper,
+        image,
+    } = match need_vm_tools(&[]) {
+        Ok(t) => t,
         Err(reason) => return c.skip(reason),
     };
     let turn = wrenn_testkit::vm::turn(NAME).unwrap();

@@ -36,7 +36,7 @@ use wrenn_node_agent::vmm::process::{
 use wrenn_node_agent::vmm::{
     BackendInfo, BackendKind, Error, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };
-use wrenn_testkit::unique_name;
+use wrenn_testkit::{process_alive, process_state, unique_name};
 
 use cgroup_bed::CGROUP_MOUNT;
 
@@ -146,7 +146,7 @@ impl Machine for ProcessMachine {
     }
     async fn state(&self, vm: &MachineHandle) -> Result<MachineState, Error> {
         self.proc(vm)?;
-        Ok(if proc_state(vm.process.pid) == Some('T') {
+        Ok(if process_state(vm.process.pid) == Some('T') {
             MachineState::Paused
         } else {
             MachineState::Running
@@ -172,15 +172,6 @@ impl Machine for ProcessMachine {
         wrenn_node_agent::vmm::ch::watch_exit(&p, &vm.control_socket.with_file_name("events.json"))
             .await
     }
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-fn alive(pid: i32) -> bool {
-    matches!(proc_state(pid), Some(s) if s != 'Z')
 }
 
 /// Host pieces of one test, removed on drop even when the test fails.
@@ -383,11 +374,11 @@ fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
         rec.vm().unwrap().process.pid
     };
     rt.block_on(sup.pause("c1")).unwrap();
-    assert_eq!(proc_state(pid), Some('T'), "really stopped");
+    assert_eq!(process_state(pid), Some('T'), "really stopped");
     sup.shutdown();
     drop(sup);
     drop(rt);
-    assert!(alive(pid), "the VMM outlives the agent");
+    assert!(process_alive(pid), "the VMM outlives the agent");
 
     // Agent 2 rebuilds everything from the journal and adopts it.
     let rt = runtime();
@@ -399,11 +390,11 @@ fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
     let rss = sampled(&sup, &rt, "wrenn_agent_capsule_memory_bytes", "c1");
     assert!(rss.is_some_and(|v| v > 0.0), "adopted VMM sampled: {rss:?}");
     rt.block_on(sup.resume("c1")).unwrap();
-    assert!(matches!(proc_state(pid), Some('S' | 'R')), "continued");
+    assert!(matches!(process_state(pid), Some('S' | 'R')), "continued");
 
     // And it can still be removed completely.
     assert!(rt.block_on(sup.delete("c1")).unwrap());
-    assert!(!alive(pid));
+    assert!(!process_alive(pid));
     assert!(w.cgroup_names().is_empty());
     assert!(w.files("capsules").is_empty());
     assert!(w.files("vmm").is_empty());
@@ -460,13 +451,13 @@ fn a_reused_pid_is_not_adopted_or_signalled() {
     assert!(report.adopted.is_empty());
     let v = sup.get("c1").unwrap();
     assert_eq!((v.state, v.reason), (State::Failed, Some(Reason::VmmLost)));
-    assert!(alive(spid), "the stranger was signalled");
+    assert!(process_alive(spid), "the stranger was signalled");
     assert!(
         w.cgroup_names().is_empty(),
         "the dead VMM's cgroup was left"
     );
     assert!(rt.block_on(sup.delete("c1")).unwrap());
-    assert!(alive(spid));
+    assert!(process_alive(spid));
     stranger.kill().unwrap();
     stranger.wait().unwrap();
 }
@@ -532,7 +523,7 @@ fn orphans_of_a_crash_mid_create_are_removed() {
         assert!(text.contains(want), "{want} not in\n{text}");
     }
     assert!(sup.list().is_empty());
-    assert!(!alive(pid), "the half-started VMM was killed");
+    assert!(!process_alive(pid), "the half-started VMM was killed");
     assert!(w.cgroup_names().is_empty());
     assert_eq!(w.net.snapshot(), baseline, "network leftovers");
     assert!(w.files("capsules").is_empty());
@@ -593,7 +584,7 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     assert_eq!(read().spec.egress, Egress::Deny, "journaled");
     assert!(blocked(&guest, to), "egress still open after Deny");
     assert_eq!(read().vm().unwrap().process.pid, pid);
-    assert!(alive(pid));
+    assert!(process_alive(pid));
     // An invalid policy is refused where it enters the agent and changes
     // nothing.
     assert!(
@@ -691,7 +682,7 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     assert_eq!(report.orphans.total(), 0, "{:?}", report.orphans);
     // Nothing of either was touched.
     assert!(
-        alive(torn_pid) && alive(newer_pid),
+        process_alive(torn_pid) && process_alive(newer_pid),
         "a quarantined VMM was killed"
     );
     assert_eq!(w.cgroup_names(), cgroups);
@@ -724,7 +715,7 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
         let e = rt.block_on(sup.delete(uid)).unwrap_err();
         assert_eq!(e.reason().as_str(), "Quarantined", "{e}");
     }
-    assert!(alive(torn_pid) && alive(newer_pid));
+    assert!(process_alive(torn_pid) && process_alive(newer_pid));
     assert_eq!(w.files("capsules"), capsule_dirs);
     sup.shutdown();
     drop(sup);
@@ -740,9 +731,9 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     let (sup, report) = recover(&w, &rt);
     assert!(report.quarantined.is_empty());
     assert_eq!(report.adopted, vec!["newer".to_string()]);
-    assert!(alive(newer_pid));
+    assert!(process_alive(newer_pid));
     assert!(
-        !alive(torn_pid),
+        !process_alive(torn_pid),
         "the released capsule's VMM is an orphan now"
     );
     assert_eq!(w.cgroup_names(), vec!["newer".to_string()]);
@@ -758,5 +749,5 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
             .contains("wrenn_agent_quarantined_capsules 0")
     );
     assert!(rt.block_on(sup.delete("newer")).unwrap());
-    assert!(!alive(newer_pid));
+    assert!(!process_alive(newer_pid));
 }

@@ -20,7 +20,7 @@ use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
 use wrenn_node_agent::vmm::qemu::{Accel, QemuMachine, Qmp, QmpError, qmp};
 use wrenn_node_agent::vmm::{DiskFormat, Machine, MachineSpec, MachineState, TapSpec};
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
+use wrenn_testkit::{Tier, case, need_program, need_root, process_alive, unique_name};
 
 struct Child(std::process::Child);
 
@@ -220,13 +220,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie is not alive: it is waiting to be reaped.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
 }
 
 async fn exec(g: &GuestClient, script: &str) -> (String, Option<i32>) {
@@ -521,7 +514,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert!(std::fs::metadata(snap.join("memory.qemu")).unwrap().len() > 1 << 20);
     machine.stop(&vm).await.unwrap();
     for pid in &all_pids {
-        assert!(!alive(*pid), "pid {pid} survived stop");
+        assert!(!process_alive(*pid), "pid {pid} survived stop");
     }
     assert!(cgroups.list().unwrap().is_empty(), "cgroup left after stop");
     machine.stop(&vm).await.unwrap(); // idempotent
@@ -606,7 +599,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert_eq!(exit, VmmExit::GuestPoweroff);
     machine.stop(&vm2).await.unwrap();
     for pid in &pids2 {
-        assert!(!alive(*pid), "pid {pid} survived stop");
+        assert!(!process_alive(*pid), "pid {pid} survived stop");
     }
     assert!(cgroups.list().unwrap().is_empty(), "cgroup left after stop");
     assert!(!spec.vsock_socket.exists() && !run_dir.join("qmp.sock").exists());

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use network_env::Bed as NetBed;
-use qemu_bed::{Image, QemuBed, build_image, processes_mentioning};
+use qemu_bed::{Image, QemuBed, VmTools, need_vm_tools, processes_mentioning};
 use wrenn_crds::reason::Reason;
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Egress, PrepareRequest, Readiness, Resources, State, TemplateDisk,
@@ -28,7 +28,7 @@ use wrenn_node_agent::capsule::{
 };
 use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::{CapsuleId as NetId, GUEST_ADDR};
-use wrenn_testkit::{Tier, case, need_program, need_root};
+use wrenn_testkit::{Tier, case};
 
 /// The bed, and this file's capsule and template requests over it.
 struct World(QemuBed);
@@ -170,13 +170,12 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         Tier::Vm,
         "warm_vm::warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing",
     );
-    let found = need_root()
-        .and_then(|()| need_program("qemu-system-x86_64"))
-        .and_then(|q| Ok((q, need_program("vhost-device-vsock")?)))
-        .and_then(|p| Ok((p, need_program("qemu-img")?)))
-        .and_then(|p| Ok((p, build_image()?)));
-    let (((qemu, helper), _), image) = match found {
-        Ok(f) => f,
+    let VmTools {
+        qemu,
+        helper,
+        image,
+    } = match need_vm_tools(&[]) {
+        Ok(t) => t,
         Err(reason) => return c.skip(reason),
     };
     let turn = wrenn_testkit::vm::turn(

@@ -205,6 +205,19 @@ pub fn wait_until<T>(
     }
 }
 
+/// The state letter of process `pid` from `/proc/<pid>/stat` (`R`, `S`,
+/// `T`, `Z`, ...), or `None` once it is gone. The letter follows the last
+/// `)`, so a command name holding `) Z ` cannot fool it.
+pub fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Whether process `pid` runs; a zombie (exited, not yet reaped) does not.
+pub fn process_alive(pid: i32) -> bool {
+    matches!(process_state(pid), Some(s) if s != 'Z')
+}
+
 /// [`wait_until`] for async tests: polls `check` every 5 ms on the tokio
 /// timer (a thread sleep would stall the runtime the code under test runs
 /// on) and panics naming `what` once `timeout` has passed.
@@ -260,6 +273,25 @@ mod tests {
             if n == 3 { Ok(n) } else { Err(format!("{n}")) }
         });
         assert_eq!(v, Ok(3));
+    }
+
+    #[test]
+    fn a_reaped_child_is_gone_and_a_zombie_is_not_alive() {
+        assert!(process_alive(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        wait_until(
+            Duration::from_secs(5),
+            "the child exits",
+            || match process_state(pid) {
+                Some('Z') => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .unwrap();
+        assert!(!process_alive(pid), "a zombie counts as alive");
+        child.wait().unwrap();
+        assert_eq!(process_state(pid), None);
     }
 
     #[tokio::test]

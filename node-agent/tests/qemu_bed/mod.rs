@@ -1,5 +1,6 @@
-//! The vm tier's bed for the real supervisor, shared by `warm_vm.rs` and
-//! `isolation_vm.rs`: this tree's guest image, QEMU (TCG) confined as in
+//! The vm tier's bed for the real supervisor, shared by `warm_vm.rs`,
+//! `isolation_vm.rs` and `processes_vm.rs`: what a test needs on the machine
+//! ([`need_vm_tools`]), this tree's guest image, QEMU (TCG) confined as in
 //! production, `LinuxNet` on a [`network_env::Bed`](super::network_env::Bed),
 //! qcow2 disks and a uniquely named cgroup parent. Dropping it kills every
 //! process that names its state dir and removes its cgroups, even when an
@@ -19,7 +20,7 @@ use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::cgroup::CgroupRoot;
 use wrenn_node_agent::vmm::process::HostPaths;
 use wrenn_node_agent::vmm::qemu::QemuMachine;
-use wrenn_testkit::unique_name;
+use wrenn_testkit::{need_program, need_root, unique_name};
 
 /// The guest image of this tree: `images/build.sh` builds it when any
 /// input (the guest's sources included) changed, else prints the cache.
@@ -44,6 +45,30 @@ pub fn build_image() -> Result<Image, String> {
         kernel: dir.join("vmlinuz"),
         initramfs: dir.join("initramfs.img"),
         rootfs: dir.join("rootfs.ext4"),
+    })
+}
+
+/// What a vm-tier test needs on this machine: root, QEMU, the vsock helper,
+/// `qemu-img`, every program in `more`, and this tree's guest image.
+pub struct VmTools {
+    pub qemu: PathBuf,
+    pub helper: PathBuf,
+    pub image: Image,
+}
+
+/// [`VmTools`], or what is missing (the case's skip reason).
+pub fn need_vm_tools(more: &[&str]) -> Result<VmTools, String> {
+    need_root()?;
+    let qemu = need_program("qemu-system-x86_64")?;
+    let helper = need_program("vhost-device-vsock")?;
+    need_program("qemu-img")?;
+    for p in more {
+        need_program(p)?;
+    }
+    Ok(VmTools {
+        qemu,
+        helper,
+        image: build_image()?,
     })
 }
 
