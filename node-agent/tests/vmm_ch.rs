@@ -10,17 +10,17 @@
 #![allow(clippy::unwrap_used)]
 #![allow(unsafe_code)] // only the TUNSETIFF ioctl in `tap` below
 
+mod cgroup_bed;
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::ch::ErrorKind;
 use wrenn_node_agent::vmm::ch::api::{VmSpec, VmState, build_tap_fd_net, build_vm_config};
 use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
 use wrenn_node_agent::vmm::{ChVmm, StartSpec};
-use wrenn_testkit::{Tier, unique_name};
+use wrenn_testkit::{TestNetns, Tier, unique_name};
 
 /// Test-only TAP opener. The network module creates persistent TAPs by name
 /// (CH opens them itself); until it also hands out fds, this opens one
@@ -70,33 +70,15 @@ fn kind<T>(r: Result<T, wrenn_node_agent::vmm::Error>) -> Option<ErrorKind> {
     r.err().and_then(|e| e.api_kind())
 }
 
+/// Removes the test's cgroups on drop (its netns goes with `TestNetns`).
 struct Cleanup {
-    netns: String,
     cgroups: CgroupRoot,
     parent: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-        if let Ok(names) = self.cgroups.list() {
-            for n in names {
-                let cg = self.cgroups.open_capsule(&n);
-                for pid in cg.pids().unwrap_or_default() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::SIGKILL,
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(100));
-                let _ = cg.remove();
-            }
-        }
-        for c in ["cpu", "memory", "cpuacct", ""] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&self.parent));
-        }
+        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
 
@@ -119,25 +101,15 @@ fn api_suite_against_real_cloud_hypervisor() {
     let state = tempfile::tempdir().unwrap();
     let parent = unique_name("wrenn-chtest");
     let cgroups = CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &parent).unwrap();
-    let netns = unique_name("wch");
     let _cleanup = Cleanup {
-        netns: netns.clone(),
         cgroups: cgroups.clone(),
         parent: parent.clone(),
     };
-    let run = |args: &[&str]| {
-        let ok = Command::new("ip")
-            .args(args)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "ip {args:?}");
-    };
-    run(&["netns", "add", &netns]);
-    run(&[
-        "-n", &netns, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
-    ]);
-    let netns_path = Path::new("/run/netns").join(&netns);
+    let netns = TestNetns::new("wch").unwrap();
+    netns
+        .ip(&["tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr"])
+        .unwrap();
+    let netns_path = netns.path();
     let tap: OwnedFd = tap::open_in(&netns_path, "tap0").unwrap();
 
     let rt = tokio::runtime::Builder::new_multi_thread()

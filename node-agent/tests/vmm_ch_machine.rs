@@ -10,8 +10,7 @@
 
 mod cgroup_bed;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::ch::ChVersion;
@@ -19,7 +18,7 @@ use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
 use wrenn_node_agent::vmm::{
     ChMachine, ChVmm, DiskFormat, Machine, MachineSpec, MachineState, TapSpec,
 };
-use wrenn_testkit::{Tier, case, need_program, need_root, unique_name};
+use wrenn_testkit::{TestNetns, Tier, case, need_program, need_root, unique_name};
 
 const STUB: &str = r#"#!/usr/bin/env python3
 import json, os, socket, sys
@@ -92,7 +91,7 @@ while True:
 
 struct Env {
     dir: tempfile::TempDir,
-    netns: String,
+    netns: TestNetns,
     cgroups: CgroupRoot,
     parent: String,
 }
@@ -101,14 +100,7 @@ impl Env {
     fn new() -> Result<Self, String> {
         need_root()?;
         need_program("python3")?;
-        let netns = unique_name("wcm");
-        let out = Command::new("ip")
-            .args(["netns", "add", &netns])
-            .output()
-            .map_err(|e| format!("needs `ip`: {e}"))?;
-        if !out.status.success() {
-            return Err("ip netns add failed".into());
-        }
+        let netns = TestNetns::new("wcm")?;
         let parent = unique_name("wrenn-chm");
         let cgroups = CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &parent)
             .map_err(|e| format!("needs a cgroup mount: {e}"))?;
@@ -151,7 +143,7 @@ impl Env {
             cmdline: "console=ttyS0".into(),
             root_disk: "/d/root.img".into(),
             root_disk_format: DiskFormat::Raw,
-            netns: Some(PathBuf::from("/run/netns").join(&self.netns)),
+            netns: Some(self.netns.path()),
             tap: Some(TapSpec {
                 name: "tap0".into(),
                 mac: "02:fc:00:00:00:05".into(),
@@ -181,9 +173,6 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 

@@ -11,7 +11,7 @@ mod cgroup_bed;
 
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -24,43 +24,9 @@ use wrenn_node_agent::vmm::process::{
     HostPaths, ProcessIdentity, SpawnRequest, VmmExit, VmmProcess, spawn_supervised,
 };
 use wrenn_node_agent::vmm::{ChVmm, StartSpec};
-use wrenn_testkit::{Tier, unique_name, wait_until};
+use wrenn_testkit::{TestNetns, Tier, wait_until};
 
 use cgroup_bed::{CGROUP_MOUNT, ProcessBed};
-
-/// A test netns made with `ip netns add`, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Result<Self, String> {
-        let name = unique_name("wvt");
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("needs `ip` (iproute2): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ip netns add failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(Self { name })
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// A unique cgroup parent and state dir; kills leftover processes and
 /// removes both on drop.
@@ -130,7 +96,7 @@ fn spawn_enters_netns_mount_ns_and_cgroup_with_limits() {
         return;
     };
     let env = Env::new();
-    let netns = match Netns::new() {
+    let netns = match TestNetns::new("wvt") {
         Ok(n) => n,
         Err(why) => {
             return wrenn_testkit::case(Tier::Host, "vmm_spawn_netns_cgroup/netns").skip(why);
@@ -284,7 +250,7 @@ fn child_outlives_its_spawner_and_is_adopted() {
         return;
     };
     let env = Env::new();
-    let netns = match Netns::new() {
+    let netns = match TestNetns::new("wvt") {
         Ok(n) => n,
         Err(why) => {
             return wrenn_testkit::case(Tier::Host, "vmm_child_outlives_spawner/netns").skip(why);
@@ -439,7 +405,7 @@ fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
         return case.skip(format!("the API stub {why}"));
     }
     let env = Env::new();
-    let netns = match Netns::new() {
+    let netns = match TestNetns::new("wvt") {
         Ok(n) => n,
         Err(why) => return case.skip(why),
     };

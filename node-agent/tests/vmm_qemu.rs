@@ -20,7 +20,7 @@ use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
 use wrenn_node_agent::vmm::qemu::{Accel, QemuMachine, Qmp, QmpError, qmp};
 use wrenn_node_agent::vmm::{DiskFormat, Machine, MachineSpec, MachineState, TapSpec};
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Tier, case, need_program, need_root, process_alive, unique_name};
+use wrenn_testkit::{TestNetns, Tier, case, need_program, need_root, process_alive, unique_name};
 
 struct Child(std::process::Child);
 
@@ -192,34 +192,13 @@ fn read_image(dir: &Path) -> Image {
     }
 }
 
-/// A netns with a TAP inside, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn with_tap(tap: &str) -> Netns {
-        let name = unique_name("wqt");
-        let ok = |args: &[&str]| {
-            assert!(
-                Command::new("ip").args(args).status().unwrap().success(),
-                "ip {args:?}"
-            )
-        };
-        ok(&["netns", "add", &name]);
-        let ns = Netns(name.clone());
-        ok(&["-n", &name, "tuntap", "add", "name", tap, "mode", "tap"]);
-        ok(&["-n", &name, "link", "set", tap, "up"]);
-        ns
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// A test netns with a TAP named `tap` inside, up.
+fn netns_with_tap(tap: &str) -> TestNetns {
+    let ns = TestNetns::new("wqt").unwrap();
+    ns.ip(&["tuntap", "add", "name", tap, "mode", "tap"])
+        .unwrap();
+    ns.ip(&["link", "set", tap, "up"]).unwrap();
+    ns
 }
 
 async fn exec(g: &GuestClient, script: &str) -> (String, Option<i32>) {
@@ -307,7 +286,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
             .unwrap()
             .success()
     );
-    let netns = Netns::with_tap("tap0");
+    let netns = netns_with_tap("tap0");
     let parent = unique_name("wrenn-qtest");
     let cgroups = CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &parent).unwrap();
     // The production view: the whole work dir, /dev and the cgroup mount

@@ -12,7 +12,10 @@
 #![forbid(unsafe_code)]
 
 pub mod guest_vm;
+mod netns;
 pub mod vm;
+
+pub use netns::TestNetns;
 
 use std::fmt;
 use std::io::Write as _;
