@@ -182,8 +182,8 @@ pub struct CapsuleView {
     pub spec: CapsuleSpec,
     /// State.
     pub state: State,
-    /// Guest address as the node reaches it.
-    pub ip: String,
+    /// Guest address as the node reaches it, once it has a network.
+    pub ip: Option<String>,
     /// Backend.
     pub vmm: BackendInfo,
     /// Guest start (unix nanos), 0 before.

@@ -476,7 +476,7 @@ pub fn to_capsule(v: &CapsuleView) -> pb::Capsule {
         uid: v.uid.clone(),
         spec: Some(to_spec(&v.spec)),
         state: to_state(v.state) as i32,
-        ip: v.ip.clone(),
+        ip: v.ip.clone().unwrap_or_default(),
         vmm: Some(to_vmm(&v.vmm)),
         started_unix_nanos: v.started_unix_nanos,
         message: v.message.clone().unwrap_or_default(),

@@ -407,7 +407,7 @@ impl Record {
             uid: self.uid.clone(),
             spec: self.spec.clone(),
             state: self.state,
-            ip: self.net_addr().map(|a| a.ip.clone()).unwrap_or_default(),
+            ip: self.net_addr().map(|a| a.ip.clone()),
             vmm: vmm.clone(),
             started_unix_nanos: self.started_unix_nanos,
             message: self.message.clone(),

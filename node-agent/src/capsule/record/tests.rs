@@ -62,12 +62,9 @@ fn a_network_is_claimed_once_then_made_then_released() {
     assert!(r.claim_net());
     assert!(!r.claim_net());
     r.net_made(addr()).unwrap();
-    assert_eq!(r.view(&info()).ip, "10.0.0.2");
+    assert_eq!(r.view(&info()).ip.as_deref(), Some("10.0.0.2"));
     r.net_released();
-    assert_eq!(
-        (r.held.net.clone(), r.view(&info()).ip),
-        (None, String::new())
-    );
+    assert_eq!((r.held.net.clone(), r.view(&info()).ip), (None, None));
 }
 
 #[test]
