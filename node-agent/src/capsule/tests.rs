@@ -453,15 +453,7 @@ async fn recovery_adopts_restores_and_rolls_back() {
     crate::state::Journal::new(b.dir.path())
         .write("half", &rec)
         .unwrap();
-    // A directory without a journal, and a disk nobody journaled.
-    std::fs::create_dir_all(b.dir.path().join("capsules/stray")).unwrap();
-    b.store
-        .ensure_disk(&crate::storage::DiskRequest {
-            capsule: DiskId::new("lost-disk").unwrap(),
-            template: "/t".into(),
-            size_bytes: 1,
-        })
-        .unwrap();
+    b.leave_orphans();
 
     b.restart();
     // The VM of "dead" died while the agent was down.
@@ -603,6 +595,20 @@ impl Bed {
         std::fs::write(&template, vec![7u8; 1 << 20]).unwrap();
         let sup = b.qcow2_supervisor();
         (Bed { sup, ..b }, template)
+    }
+
+    /// What a crash can leave for recovery's sweep: a capsule directory
+    /// without a journal (`stray`) and a disk nobody journaled
+    /// (`lost-disk`).
+    fn leave_orphans(&self) {
+        std::fs::create_dir_all(self.dir.path().join("capsules/stray")).unwrap();
+        self.store
+            .ensure_disk(&crate::storage::DiskRequest {
+                capsule: DiskId::new("lost-disk").unwrap(),
+                template: "/t".into(),
+                size_bytes: 1,
+            })
+            .unwrap();
     }
 
     fn qcow2_supervisor(&self) -> Supervisor<FakeMachine> {

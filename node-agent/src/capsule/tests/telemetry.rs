@@ -253,14 +253,7 @@ async fn recovery_counts_orphans_by_kind_and_samples_adopted_vms() {
     let mut b = Bed::with(fake_host);
     create(&b, "run").await;
     create(&b, "dead").await;
-    std::fs::create_dir_all(b.dir.path().join("capsules/stray")).unwrap();
-    b.store
-        .ensure_disk(&crate::storage::DiskRequest {
-            capsule: DiskId::new("lost-disk").unwrap(),
-            template: "/t".into(),
-            size_bytes: 1,
-        })
-        .unwrap();
+    b.leave_orphans();
 
     b.restart();
     b.machine.vanish("dead");
