@@ -205,8 +205,8 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     let (ready, build_tcp) = w.settle(&tcp, build_wait).await;
     assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
     assert_eq!(
-        (ready.snapshot_id.as_str(), ready.digest.as_str()),
-        ("warm-tcp", "ci")
+        (ready.snapshot_id.as_deref(), ready.digest.as_deref()),
+        (Some("warm-tcp"), Some("ci"))
     );
     assert!(w.sup.snapshots().contains(&"warm-tcp".to_string()));
     assert_eq!(

@@ -296,8 +296,8 @@ pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
             TemplatePhase::Ready => pb::TemplatePhase::Ready,
             TemplatePhase::Failed => pb::TemplatePhase::Failed,
         } as i32,
-        digest: s.digest.clone(),
-        snapshot_id: s.snapshot_id.clone(),
+        digest: s.digest.clone().unwrap_or_default(),
+        snapshot_id: s.snapshot_id.clone().unwrap_or_default(),
         reason: s.reason.map(String::from).unwrap_or_default(),
         message: s.message.clone(),
     }

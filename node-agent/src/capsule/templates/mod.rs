@@ -141,9 +141,9 @@ pub struct TemplateStatus {
     /// Phase.
     pub phase: TemplatePhase,
     /// Digest of the root disk's source, once known.
-    pub digest: String,
+    pub digest: Option<String>,
     /// The warm snapshot, once on the node.
-    pub snapshot_id: String,
+    pub snapshot_id: Option<String>,
     /// Why it failed.
     pub reason: Option<Reason>,
     /// The cause of a failure, or what a build is doing.
@@ -279,8 +279,8 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
     let mut s = TemplateStatus {
         key: key.to_string(),
         phase: TemplatePhase::Preparing,
-        digest: String::new(),
-        snapshot_id: String::new(),
+        digest: None,
+        snapshot_id: None,
         reason: None,
         message: String::new(),
     };
@@ -288,8 +288,9 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
         Slot::Preparing(doing) => s.message = doing.clone(),
         Slot::Ready(r) => {
             s.phase = TemplatePhase::Ready;
-            s.digest = r.digest.clone();
-            s.snapshot_id = r.snapshot_id.clone();
+            s.digest = Some(r.digest.clone());
+            // The on-disk record keeps "" for a template without a warm build.
+            s.snapshot_id = Some(r.snapshot_id.clone()).filter(|id| !id.is_empty());
         }
         Slot::Failed { failure: f, .. } => {
             s.phase = TemplatePhase::Failed;
