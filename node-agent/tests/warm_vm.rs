@@ -100,6 +100,7 @@ impl World {
                 timeout: Duration::from_secs(secs),
             }),
             retry: false,
+            credentials: None,
         }
     }
 

@@ -178,6 +178,7 @@ impl WarmBed {
             cmdline: String::new(),
             warm: None,
             retry: false,
+            credentials: None,
         }
     }
 
