@@ -203,15 +203,14 @@ async fn registry_pull_builds_a_template() {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     let opts = PullOptions {
-        auth: None,
         insecure_registries: vec![addr.clone()],
         limits: Limits::default(),
     };
     let reference = format!("{addr}/wrenn/test:latest");
-    let got = pull_to_layout(&reference, &layout, &opts).await.unwrap();
+    let got = pull_to_layout(&reference, &layout, &opts, None).await.unwrap();
     assert_eq!(got, manifest_digest);
     // Pulling again fetches only the manifest (blobs are present).
-    pull_to_layout(&reference, &layout, &opts).await.unwrap();
+    pull_to_layout(&reference, &layout, &opts, None).await.unwrap();
     server.abort();
 
     let guest = dir.path().join("wrenn-guest");
@@ -246,11 +245,10 @@ async fn registry_blob_with_wrong_content_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     let opts = PullOptions {
-        auth: None,
         insecure_registries: vec![addr.clone()],
         limits: Limits::default(),
     };
-    let err = pull_to_layout(&format!("{addr}/wrenn/test:latest"), &layout, &opts)
+    let err = pull_to_layout(&format!("{addr}/wrenn/test:latest"), &layout, &opts, None)
         .await
         .unwrap_err();
     server.abort();
@@ -295,8 +293,7 @@ fn builder(dir: &Path, addr: &str, limits: Limits) -> TemplateBuilder {
         cache_dir: dir.join("images"),
         guest_binary: guest,
         pull: PullOptions {
-            auth: None,
-            insecure_registries: vec![addr.to_string()],
+                insecure_registries: vec![addr.to_string()],
             limits,
         },
         cache_max_bytes: quota::DEFAULT_MAX_BYTES,

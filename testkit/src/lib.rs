@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod guest_vm;
+pub mod registry;
 pub mod vm;
 
 use std::fmt;

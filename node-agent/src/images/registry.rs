@@ -13,7 +13,9 @@ use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use oci_client::RegistryOperation;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -164,10 +166,21 @@ pub async fn pull_to_layout(
     });
     let auth = creds.map_or(RegistryAuth::Anonymous, Credentials::to_auth);
     // Resolves a multi-platform index to this host's manifest.
-    let (manifest, digest) = client
-        .pull_image_manifest(&image, &auth)
-        .await
-        .map_err(pull_err(reference, creds))?;
+    let (manifest, digest) = match client.pull_image_manifest(&image, &auth).await {
+        Ok(pulled) => pulled,
+        // oci-client drops a failed token exchange and reports only the
+        // 401 that follows; asking the token service again gets its words.
+        Err(OciDistributionError::UnauthorizedError { url }) => {
+            let why = client
+                .auth(&image, &auth, RegistryOperation::Pull)
+                .await
+                .err()
+                .filter(|e| matches!(e, OciDistributionError::AuthenticationFailure(_)))
+                .unwrap_or(OciDistributionError::UnauthorizedError { url });
+            return Err(pull_err(reference, creds)(why));
+        }
+        Err(e) => return Err(pull_err(reference, creds)(e)),
+    };
     let pinned = image.clone_with_digest(digest.clone());
     let (raw, _) = client
         .pull_manifest_raw(
