@@ -153,6 +153,7 @@ async fn prepare_on(
         .unwrap_or_else(|p| p.into_inner())
         .get(&memo)
         .is_some_and(|(at, asked)| at.elapsed() >= RETRY_FAILED_AFTER || *asked != creds);
+    let retried = req.retry;
     let on = match client.prepare_template(req).await {
         Ok(state) => on_node(&state),
         Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
@@ -167,7 +168,7 @@ async fn prepare_on(
             let (at, asked) = failures
                 .entry(memo)
                 .or_insert_with(|| (Instant::now(), creds));
-            if req.retry {
+            if retried {
                 // The retry was asked for just now: count from here.
                 *at = Instant::now();
                 *asked = creds;
@@ -688,6 +689,133 @@ mod tests {
             vec![("DeleteSnapshot", "w-t1-0123456789abcdef".into())]
         );
         assert_eq!(action, Action::await_change());
+    }
+
+    const SECRET: &str = "/api/v1/namespaces/ns/secrets/regcred";
+
+    /// An image template (for all nodes by its pull Secret) naming `regcred`.
+    fn private() -> CapsuleTemplate {
+        let mut t = template(None, false);
+        if let Some(i) = t.spec.source.image.as_mut() {
+            i.reference = "reg.example.com/team/app:v1".into();
+            i.pull_secret = Some("regcred".into());
+        }
+        t
+    }
+
+    fn refused(code: u16, reason: &str) -> Reply {
+        Reply::Json(
+            StatusCode::from_u16(code).unwrap(),
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "refused", "reason": reason, "code": code}),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_pull_secret_fails_the_template_with_the_grant_command_and_asks_no_node() {
+        let node = quick_agent();
+        let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+        let server = ApiServer::default();
+        server
+            .expect(Method::GET, SECRET, |_| {}, refused(403, "Forbidden"))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                |body| {
+                    shows("Failed", Reason::PullSecretForbidden)(body);
+                    let message = body["status"]["conditions"][0]["message"].as_str().unwrap();
+                    assert!(
+                        message.contains(
+                            "kubectl -n ns create role wrenn-pull-regcred --verb=get --resource=secrets --resource-name=regcred && kubectl -n ns create rolebinding wrenn-pull-regcred --role=wrenn-pull-regcred --serviceaccount=wrenn:wrenn-operator"
+                        ),
+                        "{message}"
+                    );
+                },
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Warning", Reason::PullSecretForbidden),
+                Reply::Echo,
+            );
+        let action = reconcile(Arc::new(private()), ctx(&server, pool)).await.unwrap();
+        server.done();
+        assert!(node.work_calls().is_empty());
+        assert_eq!(action, Action::requeue(PULL_SECRET_RECHECK));
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_unusable_pull_secret_has_its_own_reason() {
+        let (pool, _streams) = pool(&[]).await;
+        let server = ApiServer::default();
+        server
+            .expect(Method::GET, SECRET, |_| {}, refused(404, "NotFound"))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                shows("Failed", Reason::PullSecretNotFound),
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Warning", Reason::PullSecretNotFound),
+                Reply::Echo,
+            );
+        let ctx = ctx(&server, pool);
+        reconcile(Arc::new(private()), ctx.clone()).await.unwrap();
+        server.done();
+        let opaque = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "regcred", "namespace": "ns"}, "type": "Opaque", "data": {}});
+        server
+            .expect(Method::GET, SECRET, |_| {}, ok(opaque))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                shows("Failed", Reason::PullSecretInvalid),
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Warning", Reason::PullSecretInvalid),
+                Reply::Echo,
+            );
+        reconcile(Arc::new(private()), ctx).await.unwrap();
+        server.done();
+    }
+
+    #[tokio::test]
+    async fn the_pull_secrets_entry_goes_to_every_node_with_the_prepare_only() {
+        let node = quick_agent();
+        let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+        let server = ApiServer::default();
+        let config = serde_json::json!({"auths": {"https://reg.example.com": {
+            "username": "robot", "password": "pa55"}}});
+        let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "regcred", "namespace": "ns"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD, config.to_string())}});
+        server
+            .expect(Method::GET, SECRET, |_| {}, ok(secret))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                shows("Preparing", Reason::Preparing),
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Normal", Reason::Preparing),
+                Reply::Echo,
+            );
+        reconcile(Arc::new(private()), ctx(&server, pool)).await.unwrap();
+        server.done();
+        let sent = node.prepared_with(KEY).unwrap().unwrap();
+        assert_eq!((sent.username.as_str(), sent.password.as_str()), ("robot", "pa55"));
     }
 
     #[tokio::test]
