@@ -915,6 +915,26 @@ async fn private_images_pull_with_the_requests_credentials_only() {
     let cap = a.client.create_capsule(create).await.unwrap().into_inner();
     assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
     assert_eq!(registry.manifest_gets(), gets, "the capsule asked the registry");
+    // A bigger disk is built from the manifest the template pulled.
+    let mut bigger = create_request("private-2", 1);
+    if let Some(pb::boot_source::Source::Template(t)) = bigger
+        .spec
+        .as_mut()
+        .and_then(|s| s.source.as_mut())
+        .and_then(|s| s.source.as_mut())
+    {
+        t.key = "ns/app@1".into();
+        t.disk = Some(pb::template_disk::Disk::OciReference(image.clone()));
+        t.digest = digest.clone();
+        t.disk_bytes = 48 << 20;
+    }
+    if let Some(res) = bigger.spec.as_mut().and_then(|s| s.resources.as_mut()) {
+        res.disk_bytes = 48 << 20;
+    }
+    let cap = a.client.create_capsule(bigger).await.unwrap().into_inner();
+    assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
+    assert_eq!(registry.manifest_gets(), gets, "the capsule asked the registry");
+    a.client.delete_capsule(r("private-2")).await.unwrap();
 
     let creds = Some(("robot", password.as_str()));
     let missing = prepare("ns/gone@1", format!("{addr}/team/app:v9"), creds);

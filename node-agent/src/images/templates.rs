@@ -187,6 +187,15 @@ impl TemplateBuilder {
                         "no room before a pull"
                     );
                 }
+                let image = LocalImage::Layout {
+                    dir: dir.clone(),
+                    tag: Some(reference.clone()),
+                };
+                // The pinned manifest already pulled (another disk size of
+                // the same template): build from it, the registry unasked.
+                if had_layout && self.layout_holds(&image, pull.pinned.as_deref()).await {
+                    return self.build(image, size_bytes).await;
+                }
                 let creds = pull.credentials.as_ref();
                 if let Err(e) = pull_to_layout(reference, &dir, &self.settings.pull, creds).await {
                     if !had_layout {
@@ -194,10 +203,6 @@ impl TemplateBuilder {
                     }
                     return Err(e);
                 }
-                let image = LocalImage::Layout {
-                    dir,
-                    tag: Some(reference.clone()),
-                };
                 self.build(image, size_bytes).await
             }
             ImageSource::Local(image) => {
@@ -211,6 +216,21 @@ impl TemplateBuilder {
                 self.build(image, size_bytes).await
             }
         }
+    }
+
+    /// Whether the pulled layout `image` names manifest `pinned` (its
+    /// blobs are checked against their digests when a build reads them).
+    async fn layout_holds(&self, image: &LocalImage, pinned: Option<&str>) -> bool {
+        let (LocalImage::Layout { dir, tag }, Some(pinned)) = (image.clone(), pinned) else {
+            return false;
+        };
+        let pinned = pinned.to_string();
+        tokio::task::spawn_blocking(move || {
+            super::oci::resolve_layout(&dir, tag.as_deref())
+                .is_ok_and(|r| !pinned.is_empty() && r.manifest_digest == pinned)
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The cached disk of manifest `digest` at `size_bytes`, stamped as
