@@ -956,7 +956,10 @@ async fn operator_reads_only_the_pull_secrets_it_is_granted() {
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &users);
     for (name, password) in [("regcred", "granted-pw"), ("other", "never-read-pw")] {
         secrets
-            .create(&PostParams::default(), &pull_secret(name, registry, "robot", password))
+            .create(
+                &PostParams::default(),
+                &pull_secret(name, registry, "robot", password),
+            )
             .await
             .unwrap();
     }
@@ -983,7 +986,13 @@ async fn operator_reads_only_the_pull_secrets_it_is_granted() {
     let as_operator: Api<Secret> = Api::namespaced(op_client.clone(), &users);
     wait_for(
         "the granted pull Secret readable by the operator",
-        async || as_operator.get("regcred").await.map(|_| ()).map_err(|e| api_code(&e)),
+        async || {
+            as_operator
+                .get("regcred")
+                .await
+                .map(|_| ())
+                .map_err(|e| api_code(&e))
+        },
         Result::is_ok,
     )
     .await
@@ -1044,9 +1053,13 @@ async fn operator_reads_only_the_pull_secrets_it_is_granted() {
         "kubectl -n {users} create role wrenn-pull-other --verb=get --resource=secrets --resource-name=other && kubectl -n {users} create rolebinding wrenn-pull-other --role=wrenn-pull-other --serviceaccount={sa}"
     );
     assert!(cond.message.contains(&grant), "{}", cond.message);
-    assert!(agents.iter().all(|a| a
-        .prepared_with(&format!("{users}/denied@{}", denied.metadata.uid.clone().unwrap()))
-        .is_none()));
+    assert!(agents.iter().all(|a| {
+        a.prepared_with(&format!(
+            "{users}/denied@{}",
+            denied.metadata.uid.clone().unwrap()
+        ))
+        .is_none()
+    }));
 
     // A capsule of the private template lands on a node holding it.
     let _: Capsule = create(

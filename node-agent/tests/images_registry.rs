@@ -207,10 +207,14 @@ async fn registry_pull_builds_a_template() {
         limits: Limits::default(),
     };
     let reference = format!("{addr}/wrenn/test:latest");
-    let got = pull_to_layout(&reference, &layout, &opts, None).await.unwrap();
+    let got = pull_to_layout(&reference, &layout, &opts, None)
+        .await
+        .unwrap();
     assert_eq!(got, manifest_digest);
     // Pulling again fetches only the manifest (blobs are present).
-    pull_to_layout(&reference, &layout, &opts, None).await.unwrap();
+    pull_to_layout(&reference, &layout, &opts, None)
+        .await
+        .unwrap();
     server.abort();
 
     let guest = dir.path().join("wrenn-guest");
@@ -293,7 +297,7 @@ fn builder(dir: &Path, addr: &str, limits: Limits) -> TemplateBuilder {
         cache_dir: dir.join("images"),
         guest_binary: guest,
         pull: PullOptions {
-                insecure_registries: vec![addr.to_string()],
+            insecure_registries: vec![addr.to_string()],
             limits,
         },
         cache_max_bytes: quota::DEFAULT_MAX_BYTES,

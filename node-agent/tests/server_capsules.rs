@@ -15,10 +15,9 @@ use rcgen::{
 };
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_crds::reason::Reason;
+use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::images::{ImageDirs, PullOptions, TemplateBuilder, TemplateSettings, quota};
-use wrenn_testkit::registry::{BAD_LOGIN, RATE_LIMITED, UNKNOWN};
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
@@ -27,6 +26,7 @@ use wrenn_node_agent::tls::TlsFiles;
 use wrenn_node_agent::vmm::FakeMachine;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
+use wrenn_testkit::registry::{BAD_LOGIN, RATE_LIMITED, UNKNOWN};
 use wrenn_testkit::{Tier, case};
 
 fn ca() -> CertifiedIssuer<'static, KeyPair> {
@@ -861,8 +861,8 @@ async fn private_images_pull_with_the_requests_credentials_only() {
         }));
     })
     .await;
-    let prepare = |key: &str, reference: String, creds: Option<(&str, &str)>| {
-        pb::PrepareTemplateRequest {
+    let prepare =
+        |key: &str, reference: String, creds: Option<(&str, &str)>| pb::PrepareTemplateRequest {
             disk: Some(pb::TemplateDisk {
                 key: key.into(),
                 disk: Some(pb::template_disk::Disk::OciReference(reference)),
@@ -877,8 +877,7 @@ async fn private_images_pull_with_the_requests_credentials_only() {
                 username: u.into(),
                 password: p.into(),
             }),
-        }
-    };
+        };
     let image = format!("{addr}/team/app:v1");
     let failed = |s: &pb::TemplateState, reason: Reason, says: &str| {
         assert_eq!(s.phase(), pb::TemplatePhase::Failed, "{s:?}");
@@ -889,7 +888,11 @@ async fn private_images_pull_with_the_requests_credentials_only() {
     let anonymous = settle(&mut a, &prepare("ns/app@1", image.clone(), None)).await;
     failed(&anonymous, Reason::RegistryUnauthorized, BAD_LOGIN);
     let wrong = prepare("ns/app@1", image.clone(), Some(("robot", "not-it")));
-    failed(&settle(&mut a, &wrong).await, Reason::RegistryUnauthorized, BAD_LOGIN);
+    failed(
+        &settle(&mut a, &wrong).await,
+        Reason::RegistryUnauthorized,
+        BAD_LOGIN,
+    );
     let right = prepare("ns/app@1", image.clone(), Some(("robot", &password)));
     let ready = settle(&mut a, &right).await;
     assert_eq!(ready.phase(), pb::TemplatePhase::Ready, "{ready:?}");
@@ -914,7 +917,11 @@ async fn private_images_pull_with_the_requests_credentials_only() {
     }
     let cap = a.client.create_capsule(create).await.unwrap().into_inner();
     assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
-    assert_eq!(registry.manifest_gets(), gets, "the capsule asked the registry");
+    assert_eq!(
+        registry.manifest_gets(),
+        gets,
+        "the capsule asked the registry"
+    );
     // A bigger disk is built from the manifest the template pulled.
     let mut bigger = create_request("private-2", 1);
     if let Some(pb::boot_source::Source::Template(t)) = bigger
@@ -933,14 +940,26 @@ async fn private_images_pull_with_the_requests_credentials_only() {
     }
     let cap = a.client.create_capsule(bigger).await.unwrap().into_inner();
     assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
-    assert_eq!(registry.manifest_gets(), gets, "the capsule asked the registry");
+    assert_eq!(
+        registry.manifest_gets(),
+        gets,
+        "the capsule asked the registry"
+    );
     a.client.delete_capsule(r("private-2")).await.unwrap();
 
     let creds = Some(("robot", password.as_str()));
     let missing = prepare("ns/gone@1", format!("{addr}/team/app:v9"), creds);
-    failed(&settle(&mut a, &missing).await, Reason::ImageNotFound, UNKNOWN);
+    failed(
+        &settle(&mut a, &missing).await,
+        Reason::ImageNotFound,
+        UNKNOWN,
+    );
     let limited = prepare("ns/lim@1", format!("{addr}/limited/app:v1"), creds);
-    failed(&settle(&mut a, &limited).await, Reason::RegistryRateLimited, RATE_LIMITED);
+    failed(
+        &settle(&mut a, &limited).await,
+        Reason::RegistryRateLimited,
+        RATE_LIMITED,
+    );
 
     a.client.delete_capsule(r("private-1")).await.unwrap();
     let basic = wrenn_testkit::registry::base64(format!("robot:{password}").as_bytes());
@@ -950,5 +969,8 @@ async fn private_images_pull_with_the_requests_credentials_only() {
     }
     let logged = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
     assert!(logged.contains("template"), "nothing was logged: {logged}");
-    assert!(!logged.contains(&password) && !logged.contains(&basic), "{logged}");
+    assert!(
+        !logged.contains(&password) && !logged.contains(&basic),
+        "{logged}"
+    );
 }

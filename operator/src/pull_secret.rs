@@ -73,7 +73,9 @@ pub enum Invalid {
         why: String,
     },
     /// No entry for the image's registry.
-    #[error("Secret {name} holds no credentials for registry {registry} (it has entries for: {hosts})")]
+    #[error(
+        "Secret {name} holds no credentials for registry {registry} (it has entries for: {hosts})"
+    )]
     NoEntry {
         /// Secret name.
         name: String,
@@ -143,7 +145,11 @@ struct AuthEntry {
 }
 
 /// The credentials `secret` (named `name`) holds for `reference`'s registry.
-pub fn credentials_for(name: &str, secret: &Secret, reference: &str) -> Result<Credentials, Invalid> {
+pub fn credentials_for(
+    name: &str,
+    secret: &Secret,
+    reference: &str,
+) -> Result<Credentials, Invalid> {
     let malformed = |why: String| Invalid::Malformed {
         name: name.to_string(),
         why,
@@ -187,11 +193,16 @@ pub fn credentials_for(name: &str, secret: &Secret, reference: &str) -> Result<C
             password: p.clone(),
         });
     }
-    let auth = entry
-        .auth
-        .as_deref()
-        .ok_or_else(|| malformed(format!("entry {key:?} has neither auth nor username and password")))?;
-    let bad_auth = || malformed(format!("entry {key:?}: auth is not base64 of user:password"));
+    let auth = entry.auth.as_deref().ok_or_else(|| {
+        malformed(format!(
+            "entry {key:?} has neither auth nor username and password"
+        ))
+    })?;
+    let bad_auth = || {
+        malformed(format!(
+            "entry {key:?}: auth is not base64 of user:password"
+        ))
+    };
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
         .map_err(|_| bad_auth())?;
@@ -252,8 +263,14 @@ mod tests {
         assert_eq!(registry_host("index.docker.io/library/alpine"), "docker.io");
         assert_eq!(registry_host("ghcr.io/wrenn/base:1"), "ghcr.io");
         assert_eq!(registry_host("localhost/x"), "localhost");
-        assert_eq!(registry_host("127.0.0.1:5000/x@sha256:ab"), "127.0.0.1:5000");
-        assert_eq!(registry_host("docker://Reg.Example.com/x"), "reg.example.com");
+        assert_eq!(
+            registry_host("127.0.0.1:5000/x@sha256:ab"),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(
+            registry_host("docker://Reg.Example.com/x"),
+            "reg.example.com"
+        );
     }
 
     #[test]
@@ -269,9 +286,15 @@ mod tests {
         );
         let s = secret(SECRET_TYPE, &json);
         let hub = credentials_for("pull", &s, "alpine:3.20").unwrap();
-        assert_eq!((hub.username.as_str(), hub.password.as_str()), ("hub-user", "hub:pass"));
+        assert_eq!(
+            (hub.username.as_str(), hub.password.as_str()),
+            ("hub-user", "hub:pass")
+        );
         let reg = credentials_for("pull", &s, "reg.example.com:5000/team/app:v1").unwrap();
-        assert_eq!((reg.username.as_str(), reg.password.as_str()), ("robot", "p:w"));
+        assert_eq!(
+            (reg.username.as_str(), reg.password.as_str()),
+            ("robot", "p:w")
+        );
         let err = credentials_for("pull", &s, "ghcr.io/x/y:1").unwrap_err();
         assert_eq!(err.reason(), Reason::PullSecretNoCredentials);
         assert_eq!(
@@ -288,8 +311,14 @@ mod tests {
         assert!(err.to_string().contains("has type \"Opaque\""), "{err}");
         for (json, shown) in [
             (r#"{"auths": "topsecret"}"#, "docker config"),
-            (r#"{"auths": {"docker.io": {"auth": "!!topsecret"}}}"#, "base64"),
-            (r#"{"auths": {"docker.io": {"identitytoken": "topsecret"}}}"#, "neither"),
+            (
+                r#"{"auths": {"docker.io": {"auth": "!!topsecret"}}}"#,
+                "base64",
+            ),
+            (
+                r#"{"auths": {"docker.io": {"identitytoken": "topsecret"}}}"#,
+                "neither",
+            ),
         ] {
             let err = credentials_for("pull", &secret(SECRET_TYPE, json), "alpine").unwrap_err();
             let text = err.to_string();
@@ -308,7 +337,11 @@ mod tests {
     #[test]
     fn the_grant_hint_is_two_commands_for_that_secret_only() {
         assert_eq!(
-            grant_hint("team", "regcred", Some("system:serviceaccount:wrenn:wrenn-operator")),
+            grant_hint(
+                "team",
+                "regcred",
+                Some("system:serviceaccount:wrenn:wrenn-operator")
+            ),
             "kubectl -n team create role wrenn-pull-regcred --verb=get --resource=secrets --resource-name=regcred && kubectl -n team create rolebinding wrenn-pull-regcred --role=wrenn-pull-regcred --serviceaccount=wrenn:wrenn-operator"
         );
         assert!(grant_hint("team", "regcred", None).contains("<operator service account>"));

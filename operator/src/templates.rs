@@ -510,7 +510,11 @@ mod tests {
             let (s, c) = build_template_status(&nodes, false, None);
             assert_eq!(s.phase, Some(TemplatePhase::Failed));
             assert_eq!(c.reason, reason);
-            assert!(c.message.contains("a: ") && c.message.contains("slow down"), "{}", c.message);
+            assert!(
+                c.message.contains("a: ") && c.message.contains("slow down"),
+                "{}",
+                c.message
+            );
         }
         let mixed = vec![
             ("a".to_string(), refused(Reason::RegistryUnauthorized)),
@@ -521,7 +525,10 @@ mod tests {
             Reason::PreparationFailed
         );
         let (s, c) = build_blocked_status(Reason::PullSecretForbidden, "grant it".into());
-        assert_eq!((s.phase, c.reason), (Some(TemplatePhase::Failed), Reason::PullSecretForbidden));
+        assert_eq!(
+            (s.phase, c.reason),
+            (Some(TemplatePhase::Failed), Reason::PullSecretForbidden)
+        );
         assert!(s.nodes.is_empty());
     }
 

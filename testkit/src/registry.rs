@@ -45,7 +45,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Registry")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +66,11 @@ pub fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -131,7 +137,11 @@ impl Registry {
         blobs.insert(digest(&config), config);
         blobs.insert(digest(&layer), layer);
         drop(blobs);
-        let mut manifests = self.state.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut manifests = self
+            .state
+            .manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         manifests.insert(format!("{repo}:{tag}"), manifest.clone());
         manifests.insert(format!("{repo}:{md}"), manifest);
         Ok(md)
@@ -164,7 +174,14 @@ fn envelope(status: &'static str, code: &str, message: &str) -> Reply {
     }
 }
 
-fn answer(method: &str, path: &str, authz: &str, addr: &str, st: &State, auth: Option<&Auth>) -> Reply {
+fn answer(
+    method: &str,
+    path: &str,
+    authz: &str,
+    addr: &str,
+    st: &State,
+    auth: Option<&Auth>,
+) -> Reply {
     let challenge = || {
         (
             "WWW-Authenticate".to_string(),
@@ -177,21 +194,33 @@ fn answer(method: &str, path: &str, authz: &str, addr: &str, st: &State, auth: O
             Some(a) if authz == a.basic => Reply {
                 status: "200 OK",
                 headers: vec![("Content-Type".into(), "application/json".into())],
-                body: serde_json::json!({"token": a.token}).to_string().into_bytes(),
+                body: serde_json::json!({"token": a.token})
+                    .to_string()
+                    .into_bytes(),
             },
             _ => Reply {
                 status: "401 Unauthorized",
                 headers: vec![("Content-Type".into(), "application/json".into())],
-                body: serde_json::json!({"details": BAD_LOGIN}).to_string().into_bytes(),
+                body: serde_json::json!({"details": BAD_LOGIN})
+                    .to_string()
+                    .into_bytes(),
             },
         };
     }
     let authorized = auth.is_none_or(|a| authz == format!("Bearer {}", a.token));
     if path == "/v2/" {
         return if authorized {
-            Reply { status: "200 OK", headers: Vec::new(), body: b"{}".to_vec() }
+            Reply {
+                status: "200 OK",
+                headers: Vec::new(),
+                body: b"{}".to_vec(),
+            }
         } else {
-            let mut r = envelope("401 Unauthorized", "UNAUTHORIZED", "authentication required");
+            let mut r = envelope(
+                "401 Unauthorized",
+                "UNAUTHORIZED",
+                "authentication required",
+            );
             r.headers.push(challenge());
             r
         };
@@ -204,7 +233,11 @@ fn answer(method: &str, path: &str, authz: &str, addr: &str, st: &State, auth: O
         st.manifest_gets.fetch_add(1, Ordering::Relaxed);
     }
     if !authorized {
-        let mut r = envelope("401 Unauthorized", "UNAUTHORIZED", "authentication required");
+        let mut r = envelope(
+            "401 Unauthorized",
+            "UNAUTHORIZED",
+            "authentication required",
+        );
         r.headers.push(challenge());
         return r;
     }
@@ -222,7 +255,10 @@ fn answer(method: &str, path: &str, authz: &str, addr: &str, st: &State, auth: O
             Some(m) => Reply {
                 status: "200 OK",
                 headers: vec![
-                    ("Content-Type".into(), "application/vnd.oci.image.manifest.v1+json".into()),
+                    (
+                        "Content-Type".into(),
+                        "application/vnd.oci.image.manifest.v1+json".into(),
+                    ),
                     ("Docker-Content-Digest".into(), digest(&m)),
                 ],
                 body: if method == "HEAD" { Vec::new() } else { m },
@@ -231,7 +267,12 @@ fn answer(method: &str, path: &str, authz: &str, addr: &str, st: &State, auth: O
         };
     }
     if let Some((_, d)) = rest.split_once("/blobs/") {
-        let found = st.blobs.lock().unwrap_or_else(|p| p.into_inner()).get(d).cloned();
+        let found = st
+            .blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(d)
+            .cloned();
         return match found {
             Some(b) => Reply {
                 status: "200 OK",

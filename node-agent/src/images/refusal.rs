@@ -98,10 +98,9 @@ pub fn sanitize(text: &str) -> String {
 pub fn classify(err: &OciDistributionError, creds: Option<&Credentials>) -> Refusal {
     use OciDistributionError as E;
     let (class, raw) = match err {
-        E::UnauthorizedError { url } => (
-            Class::Unauthorized,
-            format!("401 Unauthorized from {url}"),
-        ),
+        E::UnauthorizedError { url } => {
+            (Class::Unauthorized, format!("401 Unauthorized from {url}"))
+        }
         // The token realm refused the credentials; its body says why.
         E::AuthenticationFailure(body) => (
             Class::Unauthorized,
@@ -196,11 +195,17 @@ mod tests {
             "bad\r\nlogin\x1b[31m u:hunter2 {}",
             "x".repeat(10 * MAX_MESSAGE_CHARS)
         );
-        let r = classify(&OciDistributionError::AuthenticationFailure(body), Some(&creds));
+        let r = classify(
+            &OciDistributionError::AuthenticationFailure(body),
+            Some(&creds),
+        );
         assert_eq!(r.class, Class::Unauthorized);
         assert!(!r.message.contains("hunter2"), "{}", r.message);
         assert!(!r.message.chars().any(char::is_control), "{}", r.message);
-        assert!(r.message.starts_with("the token service refused: bad login"));
+        assert!(
+            r.message
+                .starts_with("the token service refused: bad login")
+        );
         assert!(r.message.chars().count() <= MAX_MESSAGE_CHARS + 1);
         assert!(r.message.ends_with('…'));
     }

@@ -37,11 +37,11 @@ use wrenn_crds::template::{CapsuleTemplateStatus, TemplatePhase};
 use wrenn_crds::{CapsuleSnapshot, CapsuleTemplate};
 
 use crate::metrics::{KindLabels, Metrics};
+use crate::plan::ConditionDraft;
 use crate::pool::{AgentPool, node_labels};
+use crate::pull_secret::{Credentials, credentials_for, grant_hint};
 use crate::resources::effective;
 use crate::status::{self, build_conditions};
-use crate::plan::ConditionDraft;
-use crate::pull_secret::{Credentials, credentials_for, grant_hint};
 use crate::templates::{
     OnNode, build_blocked_status, build_template_status, key_prefix, on_node, prepare_request,
     selects, template_key, warm_id_prefix, warm_snapshot_id,
@@ -104,6 +104,9 @@ impl Error {
     }
 }
 
+/// A build on a node: (template uid, generation, node).
+type BuildMemo = (String, i64, String);
+
 /// What the template controller needs.
 pub struct Ctx {
     client: Client,
@@ -113,7 +116,7 @@ pub struct Ctx {
     recorder: Recorder,
     /// (template uid, generation, node) → when its build was seen failing,
     /// and a keyed hash of the credentials it was asked with.
-    failures: Mutex<HashMap<(String, i64, String), (Instant, u64)>>,
+    failures: Mutex<HashMap<BuildMemo, (Instant, u64)>>,
     /// The operator's user as the API server knows it, named in the
     /// command that grants it a pull Secret.
     identity: Option<String>,
@@ -739,7 +742,9 @@ mod tests {
                 event("Warning", Reason::PullSecretForbidden),
                 Reply::Echo,
             );
-        let action = reconcile(Arc::new(private()), ctx(&server, pool)).await.unwrap();
+        let action = reconcile(Arc::new(private()), ctx(&server, pool))
+            .await
+            .unwrap();
         server.done();
         assert!(node.work_calls().is_empty());
         assert_eq!(action, Action::requeue(PULL_SECRET_RECHECK));
@@ -812,10 +817,15 @@ mod tests {
                 event("Normal", Reason::Preparing),
                 Reply::Echo,
             );
-        reconcile(Arc::new(private()), ctx(&server, pool)).await.unwrap();
+        reconcile(Arc::new(private()), ctx(&server, pool))
+            .await
+            .unwrap();
         server.done();
         let sent = node.prepared_with(KEY).unwrap().unwrap();
-        assert_eq!((sent.username.as_str(), sent.password.as_str()), ("robot", "pa55"));
+        assert_eq!(
+            (sent.username.as_str(), sent.password.as_str()),
+            ("robot", "pa55")
+        );
     }
 
     #[tokio::test]
