@@ -371,6 +371,26 @@ async fn agents(
     (connector, agents)
 }
 
+/// Capsule `c1` from template `template`, with the template's resources.
+fn capsule_of(template: &str) -> Value {
+    json!({
+        "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "c1"},
+        "spec": {"source": {"templateRef": {"name": template}}},
+    })
+}
+
+/// Deletes the Nodes [`agents`] made for `prefix`.
+async fn delete_nodes(admin: &Client, prefix: &str) {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for zone in ["a", "b"] {
+        nodes
+            .delete(&format!("{prefix}-{zone}"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
+
 /// A running operator; `stop` shuts it down and waits.
 struct RunningOperator {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -806,13 +826,7 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
             .join("\n")
     );
 
-    let nodes: Api<Node> = Api::all(admin.clone());
-    for zone in ["a", "b"] {
-        nodes
-            .delete(&format!("{release}-{zone}"), &DeleteParams::default())
-            .await
-            .unwrap();
-    }
+    delete_nodes(&admin, &release).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -862,16 +876,7 @@ async fn operator_without_a_chart_permission_reports_forbidden() {
         }),
     )
     .await;
-    let _: Capsule = create(
-        &admin,
-        &users,
-        json!({
-            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
-            "metadata": {"name": "c1"},
-            "spec": {"source": {"templateRef": {"name": "base"}}},
-        }),
-    )
-    .await;
+    let _: Capsule = create(&admin, &users, capsule_of("base")).await;
 
     // The operator says which permission it lacks...
     let line = wait_for(
@@ -1062,16 +1067,7 @@ async fn operator_reads_only_the_pull_secrets_it_is_granted() {
     }));
 
     // A capsule of the private template lands on a node holding it.
-    let _: Capsule = create(
-        &admin,
-        &users,
-        json!({
-            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
-            "metadata": {"name": "c1"},
-            "spec": {"source": {"templateRef": {"name": "private"}}},
-        }),
-    )
-    .await;
+    let _: Capsule = create(&admin, &users, capsule_of("private")).await;
     let caps: Api<Capsule> = Api::namespaced(admin.clone(), &users);
     wait_for(
         "capsule of the private template Running",
@@ -1085,13 +1081,7 @@ async fn operator_reads_only_the_pull_secrets_it_is_granted() {
     for t in ["private", "denied"] {
         purge(&tpls, t).await;
     }
-    let nodes: Api<Node> = Api::all(admin.clone());
-    for zone in ["a", "b"] {
-        nodes
-            .delete(&format!("{release}-{zone}"), &DeleteParams::default())
-            .await
-            .unwrap();
-    }
+    delete_nodes(&admin, &release).await;
 }
 
 fn flags_by_env(cmd: &clap::Command) -> BTreeMap<String, String> {

@@ -27,21 +27,11 @@ fn digest(b: &[u8]) -> String {
 }
 
 fn layer() -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data) in [
+    let tar = wrenn_testkit::registry::tar_layer(&[
         ("etc/hostname", &b"pulled\n"[..]),
         ("bin/app", b"#!/bin/sh\n"),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        b.append_data(&mut h, path, data).unwrap();
-    }
-    let tar = b.into_inner().unwrap();
+    ])
+    .unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).unwrap();
     gz.finish().unwrap()

@@ -483,20 +483,7 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
         .into_inner();
     assert_eq!(first.phase(), pb::TemplatePhase::Preparing);
     assert_eq!(first.key, "default/base@sha256:1");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let ready = loop {
-        let s = a
-            .client
-            .prepare_template(req.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        if s.phase() != pb::TemplatePhase::Preparing {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let ready = settle(&mut a, &req).await;
     assert_eq!(ready.phase(), pb::TemplatePhase::Ready, "{ready:?}");
     assert_eq!(ready.digest, "sha256:1");
     let info = a
@@ -790,6 +777,23 @@ impl std::io::Write for Captured {
     }
 }
 
+/// A create of capsule `uid` from template `ns/app@1`'s `image`, pinned
+/// by `digest`, with a disk of `disk_bytes`.
+fn image_create(uid: &str, image: &str, digest: &str, disk_bytes: u64) -> pb::CreateCapsuleRequest {
+    let mut create = create_request(uid, 1);
+    let spec = create.spec.as_mut().unwrap();
+    spec.source = Some(pb::BootSource {
+        source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
+            key: "ns/app@1".into(),
+            disk: Some(pb::template_disk::Disk::OciReference(image.into())),
+            digest: digest.into(),
+            disk_bytes,
+        })),
+    });
+    spec.resources.as_mut().unwrap().disk_bytes = disk_bytes;
+    create
+}
+
 /// PrepareTemplate (as `req` asks, retry included), then polls without
 /// retrying until the build ends.
 async fn settle(a: &mut Agent, req: &pb::PrepareTemplateRequest) -> pb::TemplateState {
@@ -900,51 +904,14 @@ async fn private_images_pull_with_the_requests_credentials_only() {
 
     // A capsule of the template: no credentials, pinned by the digest.
     let gets = registry.manifest_gets();
-    let mut create = create_request("private-1", 1);
-    if let Some(pb::boot_source::Source::Template(t)) = create
-        .spec
-        .as_mut()
-        .and_then(|s| s.source.as_mut())
-        .and_then(|s| s.source.as_mut())
-    {
-        t.key = "ns/app@1".into();
-        t.disk = Some(pb::template_disk::Disk::OciReference(image.clone()));
-        t.digest = digest.clone();
-        t.disk_bytes = 32 << 20;
+    // At the template's disk size (its disk), then bigger (built from the
+    // manifest the template pulled): the registry is never asked.
+    for (uid, disk) in [("private-1", 32 << 20), ("private-2", 48 << 20)] {
+        let create = image_create(uid, &image, &digest, disk);
+        let cap = a.client.create_capsule(create).await.unwrap().into_inner();
+        assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
+        assert_eq!(registry.manifest_gets(), gets, "{uid} asked the registry");
     }
-    if let Some(res) = create.spec.as_mut().and_then(|s| s.resources.as_mut()) {
-        res.disk_bytes = 32 << 20;
-    }
-    let cap = a.client.create_capsule(create).await.unwrap().into_inner();
-    assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
-    assert_eq!(
-        registry.manifest_gets(),
-        gets,
-        "the capsule asked the registry"
-    );
-    // A bigger disk is built from the manifest the template pulled.
-    let mut bigger = create_request("private-2", 1);
-    if let Some(pb::boot_source::Source::Template(t)) = bigger
-        .spec
-        .as_mut()
-        .and_then(|s| s.source.as_mut())
-        .and_then(|s| s.source.as_mut())
-    {
-        t.key = "ns/app@1".into();
-        t.disk = Some(pb::template_disk::Disk::OciReference(image.clone()));
-        t.digest = digest.clone();
-        t.disk_bytes = 48 << 20;
-    }
-    if let Some(res) = bigger.spec.as_mut().and_then(|s| s.resources.as_mut()) {
-        res.disk_bytes = 48 << 20;
-    }
-    let cap = a.client.create_capsule(bigger).await.unwrap().into_inner();
-    assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
-    assert_eq!(
-        registry.manifest_gets(),
-        gets,
-        "the capsule asked the registry"
-    );
     a.client.delete_capsule(r("private-2")).await.unwrap();
 
     let creds = Some(("robot", password.as_str()));

@@ -4,8 +4,8 @@
 //! let the operator read the Secret. The `get` itself is the template
 //! controller's; nothing here does I/O.
 //!
-//! Credentials print redacted and are never serialized: they go from the
-//! Secret into one `PrepareTemplate` request and nowhere else.
+//! Credentials print redacted: they go from the Secret into one
+//! `PrepareTemplate` request and nowhere else.
 //!
 //! Matching follows the kubelet's for the common cases: an `auths` key is
 //! a host (`registry.example.com`, `localhost:5000`), optionally with a
@@ -25,33 +25,9 @@ pub const SECRET_TYPE: &str = "kubernetes.io/dockerconfigjson";
 /// Its data key.
 pub const DATA_KEY: &str = ".dockerconfigjson";
 
-/// A user name and password for one registry.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// User name (or the token's name).
-    pub username: String,
-    /// Password or token.
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
-
-impl Credentials {
-    /// As the agent takes them.
-    pub fn to_proto(&self) -> pb::RegistryCredentials {
-        pb::RegistryCredentials {
-            username: self.username.clone(),
-            password: self.password.clone(),
-        }
-    }
-}
+/// A user name and password for one registry, as the agent takes them
+/// (its `Debug` redacts the password).
+pub type Credentials = pb::RegistryCredentials;
 
 /// Why a pull Secret cannot be used. Messages never quote Secret data.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -331,7 +307,6 @@ mod tests {
             password: "topsecret".into(),
         };
         assert!(!format!("{creds:?}").contains("topsecret"));
-        assert!(!format!("{:?}", creds.to_proto()).contains("topsecret"));
     }
 
     #[test]

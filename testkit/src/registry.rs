@@ -83,6 +83,23 @@ pub fn base64(input: &[u8]) -> String {
     out
 }
 
+/// An uncompressed tar of `files` (path, content), root-owned, mode 0755,
+/// mtime 0: an image layer.
+pub fn tar_layer(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, *data)?;
+    }
+    b.into_inner()
+}
+
 struct Auth {
     basic: String,
     token: String,
@@ -112,18 +129,7 @@ impl Registry {
     /// Pushes an image of `files` (path, content) as `repo:tag` and returns
     /// its manifest digest.
     pub fn push(&self, repo: &str, tag: &str, files: &[(&str, &[u8])]) -> std::io::Result<String> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_size(data.len() as u64);
-            h.set_mode(0o755);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(0);
-            b.append_data(&mut h, path, *data)?;
-        }
-        let layer = b.into_inner()?;
+        let layer = tar_layer(files)?;
         let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#.to_vec();
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,

@@ -326,7 +326,7 @@ async fn apply(tpl: &CapsuleTemplate, ns: &str, ctx: &Ctx) -> Result<Action, Err
             (Err(e), true) => OnNode::Failed(Reason::InvalidSpec, e.to_string()),
             (Ok(shape), true) => match prepare_request(tpl, &key, *shape, warm_id.as_deref()) {
                 Ok(Some(mut req)) => {
-                    req.registry_credentials = credentials.as_ref().map(Credentials::to_proto);
+                    req.registry_credentials = credentials.clone();
                     prepare_on(ctx, (uid.clone(), generation, node.clone()), req).await
                 }
                 Ok(None) => OnNode::Absent,
