@@ -245,6 +245,29 @@ named! {
         SnapshotFailed,
         /// Agent, template build: the warm template's readiness probe never passed.
         ReadinessTimeout,
+        /// A template's `image.pullSecret` names no Secret in its namespace.
+        PullSecretNotFound,
+        /// The operator may not read the template's `image.pullSecret`: a
+        /// namespace owner grants `get` on that one Secret (the message
+        /// names the commands).
+        PullSecretForbidden,
+        /// The template's `image.pullSecret` is not a readable
+        /// `kubernetes.io/dockerconfigjson` Secret.
+        PullSecretInvalid,
+        /// The template's `image.pullSecret` holds no credentials for the
+        /// image's registry.
+        PullSecretNoCredentials,
+        /// Agent, image pull: the registry refused the pull (HTTP 401 or
+        /// 403: no or wrong credentials, or no access to the repository).
+        RegistryUnauthorized,
+        /// Agent, image pull: the registry has no such repository, tag or
+        /// digest (HTTP 404).
+        ImageNotFound,
+        /// Agent, image pull: the registry limits pulls (HTTP 429); retried later.
+        RegistryRateLimited,
+        /// Agent, image pull: the registry failed otherwise (5xx, an
+        /// unreachable host, a broken answer).
+        RegistryFailed,
     }
 }
 

@@ -58,8 +58,10 @@ pub struct CapsuleTemplateSpec {
 
     /// When nodes get the template ready: `OnDemand` (default) when the
     /// first capsule lands on a node, `AllNodes` on every matching node as
-    /// soon as it is applied. A warm template is always built on every
-    /// matching node: its snapshot must exist before a capsule can use it.
+    /// soon as it is applied. A warm template, and one whose image has a
+    /// `pullSecret`, is always prepared on every matching node: its
+    /// snapshot or its private image must be there before a capsule can
+    /// use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preparation: Option<Preparation>,
 
@@ -83,8 +85,20 @@ pub enum Preparation {
 
 impl CapsuleTemplateSpec {
     /// Whether every matching node prepares the template ahead of capsules.
+    /// A private image is: its credentials go to the nodes with the
+    /// template's own pull only, never with a capsule's create.
     pub fn prepares_everywhere(&self) -> bool {
-        self.warm.is_some() || self.preparation == Some(Preparation::AllNodes)
+        self.warm.is_some()
+            || self.preparation == Some(Preparation::AllNodes)
+            || self.pull_secret().is_some()
+    }
+
+    /// The Secret holding the registry credentials of the template's image.
+    pub fn pull_secret(&self) -> Option<&str> {
+        self.source
+            .image
+            .as_ref()
+            .and_then(|i| i.pull_secret.as_deref())
     }
 }
 
@@ -108,6 +122,8 @@ pub struct TemplateSource {
 /// An OCI image.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.pullSecret) || !(self.reference.startsWith('oci:') || self.reference.startsWith('docker-archive:'))")
+    .message("image.pullSecret applies to registry images only: an oci: or docker-archive: image is read from the node's image directory"))]
 pub struct ImageSource {
     /// Image reference, e.g. `docker.io/library/debian:bookworm` or one
     /// pinned by `@sha256:` digest; or an image the node admin placed in
@@ -120,9 +136,18 @@ pub struct ImageSource {
         r"self.matches(r'^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})?(@sha256:[a-f0-9]{{64}})?$') || self.matches(r'{LOCAL_IMAGE_PATTERN}')"
     )).message("image.reference must be an OCI reference such as registry.example.com/team/image:tag or image@sha256:<64 hex digits>, or oci:<name>[:<tag>] / docker-archive:<name>[:<repo:tag>] naming an image in a node image directory"))]
     pub reference: String,
-    /// Name of a kubernetes.io/dockerconfigjson Secret in this namespace for a private registry.
+    /// Name of a `kubernetes.io/dockerconfigjson` Secret in this namespace
+    /// holding credentials for the image's registry (a registry image only,
+    /// not `oci:`/`docker-archive:`). The operator reads it with a `get` by
+    /// name, which a namespace owner grants for this Secret alone (see
+    /// `docs/private-registries.md`), and passes the registry's entry to
+    /// the node agents for that pull only; nodes never store it. Such a
+    /// template is prepared on every matching node when applied, and its
+    /// capsules start only on nodes that hold its disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 253))]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(r"self.matches(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
+        .message("image.pullSecret must be a Secret name (lowercase DNS subdomain)"))]
     pub pull_secret: Option<String>,
 }
 

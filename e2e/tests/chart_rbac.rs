@@ -203,10 +203,13 @@ fn install_rbac(
     helm: &Helm,
     release: &str,
     ns: &str,
+    values: &[&str],
     edit: impl FnOnce(&mut Vec<Value>),
 ) -> Vec<Value> {
     // The control plane already serves the CRDs and the API's own policy.
-    let docs = render(helm, release, ns, &["--set", "crds.install=false"]);
+    let mut args = vec!["--set", "crds.install=false"];
+    args.extend_from_slice(values);
+    let docs = render(helm, release, ns, &args);
     let mut rbac: Vec<Value> = docs
         .iter()
         .filter(|d| RBAC_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
@@ -368,6 +371,26 @@ async fn agents(
     (connector, agents)
 }
 
+/// Capsule `c1` from template `template`, with the template's resources.
+fn capsule_of(template: &str) -> Value {
+    json!({
+        "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+        "metadata": {"name": "c1"},
+        "spec": {"source": {"templateRef": {"name": template}}},
+    })
+}
+
+/// Deletes the Nodes [`agents`] made for `prefix`.
+async fn delete_nodes(admin: &Client, prefix: &str) {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for zone in ["a", "b"] {
+        nodes
+            .delete(&format!("{prefix}-{zone}"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
+
 /// A running operator; `stop` shuts it down and waits.
 struct RunningOperator {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -395,6 +418,8 @@ impl RunningOperator {
             settings: Settings {
                 node_lost_timeout: Duration::from_secs(3),
                 settle_grace: Duration::from_secs(3),
+                // As the binary derives it from the downward API.
+                identity: Some(chart.user.clone()),
                 ..Settings::default()
             },
             instance: Some("wrenn-operator-0".into()),
@@ -506,7 +531,7 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
     let users = wrenn_e2e::temp_namespace(&admin, "users").await.unwrap();
     // Cluster-scoped names (ClusterRole, policy) carry the release name.
     let release = unique_name("rbac");
-    let docs = install_rbac(cp, &helm, &release, &ns, |_| {});
+    let docs = install_rbac(cp, &helm, &release, &ns, &[], |_| {});
     let chart = read_chart(&docs, &ns);
     let (connector, agents) = agents(&admin, &ns, &release, &chart.agent_labels).await;
     let op_client = client_as(cp, &chart.user).await;
@@ -801,13 +826,7 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
             .join("\n")
     );
 
-    let nodes: Api<Node> = Api::all(admin.clone());
-    for zone in ["a", "b"] {
-        nodes
-            .delete(&format!("{release}-{zone}"), &DeleteParams::default())
-            .await
-            .unwrap();
-    }
+    delete_nodes(&admin, &release).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -824,7 +843,7 @@ async fn operator_without_a_chart_permission_reports_forbidden() {
     let users = wrenn_e2e::temp_namespace(&admin, "users").await.unwrap();
     let release = unique_name("norbac");
     // The chart's RBAC with one permission dropped: writing Capsule status.
-    let docs = install_rbac(cp, &helm, &release, &ns, |docs| {
+    let docs = install_rbac(cp, &helm, &release, &ns, &[], |docs| {
         let role = docs
             .iter_mut()
             .find(|d| {
@@ -857,16 +876,7 @@ async fn operator_without_a_chart_permission_reports_forbidden() {
         }),
     )
     .await;
-    let _: Capsule = create(
-        &admin,
-        &users,
-        json!({
-            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
-            "metadata": {"name": "c1"},
-            "spec": {"source": {"templateRef": {"name": "base"}}},
-        }),
-    )
-    .await;
+    let _: Capsule = create(&admin, &users, capsule_of("base")).await;
 
     // The operator says which permission it lacks...
     let line = wait_for(
@@ -915,6 +925,165 @@ async fn operator_without_a_chart_permission_reports_forbidden() {
 // ---- settings: the chart's env against the binaries' flags ----
 
 /// Env name -> `--long` flag of every argument of a binary's command.
+/// A `kubernetes.io/dockerconfigjson` Secret with one registry's entry.
+fn pull_secret(name: &str, registry: &str, user: &str, password: &str) -> Secret {
+    let config = json!({"auths": {registry: {"username": user, "password": password}}});
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config.to_string()},
+    }))
+    .unwrap()
+}
+
+/// Issue 13 point 6: the chart gives the operator no Secret access but a
+/// `get` on each Secret named in `operator.pullSecretGrants`. As the chart's
+/// ServiceAccount, the operator reads the granted pull Secret and sends its
+/// registry entry with the template's PrepareTemplate (the template becomes
+/// Ready, and a capsule of it runs on a node that holds it); it cannot read
+/// or list any other Secret (the attack, made with its own identity), and a
+/// template naming an ungranted Secret fails with `PullSecretForbidden` and
+/// the two commands that grant exactly that Secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reads_only_the_pull_secrets_it_is_granted() {
+    let _serial = SERIAL.lock().await;
+    let Some((_case, helm, cp)) =
+        cluster_or_skip("chart_rbac::operator_reads_only_the_pull_secrets_it_is_granted").await
+    else {
+        return;
+    };
+    let admin = cp.client().await.unwrap();
+    let ns = wrenn_e2e::temp_namespace(&admin, "wrenn").await.unwrap();
+    let users = wrenn_e2e::temp_namespace(&admin, "users").await.unwrap();
+    let release = unique_name("pull");
+    let registry = "registry.example.com:5000";
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &users);
+    for (name, password) in [("regcred", "granted-pw"), ("other", "never-read-pw")] {
+        secrets
+            .create(
+                &PostParams::default(),
+                &pull_secret(name, registry, "robot", password),
+            )
+            .await
+            .unwrap();
+    }
+    let grant_ns = format!("operator.pullSecretGrants[0].namespace={users}");
+    let docs = install_rbac(
+        cp,
+        &helm,
+        &release,
+        &ns,
+        &[
+            "--set",
+            &grant_ns,
+            "--set",
+            "operator.pullSecretGrants[0].secret=regcred",
+        ],
+        |_| {},
+    );
+    let chart = read_chart(&docs, &ns);
+    let (connector, agents) = agents(&admin, &ns, &release, &chart.agent_labels).await;
+    let op_client = client_as(cp, &chart.user).await;
+    wait_for_rbac(&op_client, &ns).await;
+
+    // As the operator: the granted Secret, once the binding is in force...
+    let as_operator: Api<Secret> = Api::namespaced(op_client.clone(), &users);
+    wait_for(
+        "the granted pull Secret readable by the operator",
+        async || {
+            as_operator
+                .get("regcred")
+                .await
+                .map(|_| ())
+                .map_err(|e| api_code(&e))
+        },
+        Result::is_ok,
+    )
+    .await
+    .unwrap();
+    // ...and nothing else: the unreferenced Secret, a list, a watch.
+    assert_eq!(api_code(&as_operator.get("other").await.unwrap_err()), 403);
+    assert_eq!(
+        api_code(&as_operator.list(&ListParams::default()).await.unwrap_err()),
+        403
+    );
+    let elsewhere: Api<Secret> = Api::namespaced(op_client.clone(), &ns);
+    assert_eq!(
+        api_code(&elsewhere.list(&ListParams::default()).await.unwrap_err()),
+        403
+    );
+
+    let op = RunningOperator::start(&op_client, &chart, &ns, Some(users.clone()), connector);
+    for (name, secret) in [("private", "regcred"), ("denied", "other")] {
+        let _: CapsuleTemplate = create(
+            &admin,
+            &users,
+            json!({
+                "apiVersion": "wrenn.dev/v1alpha1", "kind": "CapsuleTemplate",
+                "metadata": {"name": name},
+                "spec": {"source": {"image": {
+                    "reference": format!("{registry}/team/app:v1"),
+                    "pullSecret": secret,
+                }}},
+            }),
+        )
+        .await;
+    }
+    let tpls: Api<CapsuleTemplate> = Api::namespaced(admin.clone(), &users);
+    let ready = wait_for(
+        "the private template Ready",
+        async || tpls.get("private").await.unwrap(),
+        |t| t.status.as_ref().and_then(|s| s.phase) == Some(TemplatePhase::Ready),
+    )
+    .await;
+    let key = format!("{users}/private@{}", ready.uid().unwrap());
+    for a in &agents {
+        let sent = a.prepared_with(&key).flatten().expect("credentials sent");
+        assert_eq!(
+            (sent.username.as_str(), sent.password.as_str()),
+            ("robot", "granted-pw")
+        );
+    }
+    let denied = wait_for(
+        "the ungranted template Failed",
+        async || tpls.get("denied").await.unwrap(),
+        |t| t.status.as_ref().and_then(|s| s.phase) == Some(TemplatePhase::Failed),
+    )
+    .await;
+    let cond = denied.status.unwrap().conditions[0].clone();
+    assert_eq!(cond.reason, "PullSecretForbidden");
+    let sa = chart.user.trim_start_matches("system:serviceaccount:");
+    let grant = format!(
+        "kubectl -n {users} create role wrenn-pull-other --verb=get --resource=secrets --resource-name=other && kubectl -n {users} create rolebinding wrenn-pull-other --role=wrenn-pull-other --serviceaccount={sa}"
+    );
+    assert!(cond.message.contains(&grant), "{}", cond.message);
+    assert!(agents.iter().all(|a| {
+        a.prepared_with(&format!(
+            "{users}/denied@{}",
+            denied.metadata.uid.clone().unwrap()
+        ))
+        .is_none()
+    }));
+
+    // A capsule of the private template lands on a node holding it.
+    let _: Capsule = create(&admin, &users, capsule_of("private")).await;
+    let caps: Api<Capsule> = Api::namespaced(admin.clone(), &users);
+    wait_for(
+        "capsule of the private template Running",
+        async || caps.get("c1").await.unwrap(),
+        |c| phase(c) == Some(CapsulePhase::Running),
+    )
+    .await;
+
+    op.stop().await;
+    purge(&caps, "c1").await;
+    for t in ["private", "denied"] {
+        purge(&tpls, t).await;
+    }
+    delete_nodes(&admin, &release).await;
+}
+
 fn flags_by_env(cmd: &clap::Command) -> BTreeMap<String, String> {
     cmd.get_arguments()
         .filter_map(|a| {

@@ -328,6 +328,18 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "image.reference must be an OCI reference",
         ),
         (
+            "pull secret on a node image",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "oci:base", "pullSecret": "regcred"}}}),
+            "image.pullSecret applies to registry images only",
+        ),
+        (
+            "pull secret that is no Secret name",
+            "CapsuleTemplate",
+            json!({"source": {"image": {"reference": "debian:12", "pullSecret": "Reg_Cred"}}}),
+            "image.pullSecret must be a Secret name",
+        ),
+        (
             "template with 100 vcpus",
             "CapsuleTemplate",
             json!({"source": {"image": {"reference": "debian:12"}}, "defaults": {"vcpus": 100}}),

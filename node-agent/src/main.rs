@@ -176,7 +176,6 @@ async fn start(args: Args) -> Started<ExitCode> {
         cache_dir: state_dir.join("images"),
         guest_binary,
         pull: PullOptions {
-            auth: None,
             insecure_registries,
             limits: disk.image_limits(),
         },

@@ -27,21 +27,11 @@ fn digest(b: &[u8]) -> String {
 }
 
 fn layer() -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data) in [
+    let tar = wrenn_testkit::registry::tar_layer(&[
         ("etc/hostname", &b"pulled\n"[..]),
         ("bin/app", b"#!/bin/sh\n"),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        b.append_data(&mut h, path, data).unwrap();
-    }
-    let tar = b.into_inner().unwrap();
+    ])
+    .unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).unwrap();
     gz.finish().unwrap()
@@ -203,15 +193,18 @@ async fn registry_pull_builds_a_template() {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     let opts = PullOptions {
-        auth: None,
         insecure_registries: vec![addr.clone()],
         limits: Limits::default(),
     };
     let reference = format!("{addr}/wrenn/test:latest");
-    let got = pull_to_layout(&reference, &layout, &opts).await.unwrap();
+    let got = pull_to_layout(&reference, &layout, &opts, None)
+        .await
+        .unwrap();
     assert_eq!(got, manifest_digest);
     // Pulling again fetches only the manifest (blobs are present).
-    pull_to_layout(&reference, &layout, &opts).await.unwrap();
+    pull_to_layout(&reference, &layout, &opts, None)
+        .await
+        .unwrap();
     server.abort();
 
     let guest = dir.path().join("wrenn-guest");
@@ -246,11 +239,10 @@ async fn registry_blob_with_wrong_content_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     let opts = PullOptions {
-        auth: None,
         insecure_registries: vec![addr.clone()],
         limits: Limits::default(),
     };
-    let err = pull_to_layout(&format!("{addr}/wrenn/test:latest"), &layout, &opts)
+    let err = pull_to_layout(&format!("{addr}/wrenn/test:latest"), &layout, &opts, None)
         .await
         .unwrap_err();
     server.abort();
@@ -295,7 +287,6 @@ fn builder(dir: &Path, addr: &str, limits: Limits) -> TemplateBuilder {
         cache_dir: dir.join("images"),
         guest_binary: guest,
         pull: PullOptions {
-            auth: None,
             insecure_registries: vec![addr.to_string()],
             limits,
         },

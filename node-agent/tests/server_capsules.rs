@@ -15,8 +15,9 @@ use std::time::Duration;
 use agent_bed::Ca;
 use tonic::Code;
 use tonic::transport::Channel;
+use wrenn_crds::reason::Reason;
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
-use wrenn_node_agent::images::ImageDirs;
+use wrenn_node_agent::images::{ImageDirs, PullOptions, TemplateBuilder, TemplateSettings, quota};
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::server::{AgentService, serve};
 use wrenn_node_agent::storage::FakeBlockStore;
@@ -24,6 +25,7 @@ use wrenn_node_agent::tls::TlsFiles;
 use wrenn_node_agent::vmm::FakeMachine;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
+use wrenn_testkit::registry::{BAD_LOGIN, RATE_LIMITED, UNKNOWN};
 use wrenn_testkit::{Tier, case};
 
 struct Agent {
@@ -41,6 +43,12 @@ struct Agent {
 /// An agent serving capsule RPCs from a supervisor over fakes and
 /// GetMetrics from the supervisor's metrics, as `main` wires it.
 async fn start() -> Agent {
+    start_with(|_, _| {}).await
+}
+
+/// [`start`], with `edit` changing the supervisor's config (given the
+/// agent's temporary directory) before it starts.
+async fn start_with(edit: impl FnOnce(&mut SupervisorConfig, &std::path::Path)) -> Agent {
     wrenn_node_agent::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("wrenn test CA");
@@ -63,16 +71,18 @@ async fn start() -> Agent {
         ImageDirs::new(std::slice::from_ref(&images), &dir.path().join("state")).unwrap();
     let machine = Arc::new(FakeMachine::new());
     let store = Arc::new(FakeBlockStore::new());
+    let mut config = SupervisorConfig::new(
+        &dir.path().join("state"),
+        std::path::Path::new("/k/vmlinux"),
+    );
+    edit(&mut config, dir.path());
     let sup = Supervisor::new(
         Host {
             machine: machine.clone(),
             net: Arc::new(FakeNet::new()),
             store: store.clone(),
         },
-        SupervisorConfig::new(
-            &dir.path().join("state"),
-            std::path::Path::new("/k/vmlinux"),
-        ),
+        config,
     );
     let service = agent_bed::service(&sup, dir.path()).with_image_dirs(image_dirs);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -449,6 +459,7 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
         kernel_path: String::new(),
         kernel_cmdline: String::new(),
         retry: false,
+        registry_credentials: None,
     };
     let first = a
         .client
@@ -458,20 +469,7 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
         .into_inner();
     assert_eq!(first.phase(), pb::TemplatePhase::Preparing);
     assert_eq!(first.key, "default/base@sha256:1");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let ready = loop {
-        let s = a
-            .client
-            .prepare_template(req.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        if s.phase() != pb::TemplatePhase::Preparing {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let ready = settle(&mut a, &req).await;
     assert_eq!(ready.phase(), pb::TemplatePhase::Ready, "{ready:?}");
     assert_eq!(ready.digest, "sha256:1");
     let info = a
@@ -682,6 +680,7 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
                 kernel_path: spec.kernel_path,
                 kernel_cmdline: spec.kernel_cmdline,
                 retry: false,
+                registry_credentials: None,
             })
             .await
             .unwrap_err();
@@ -721,4 +720,210 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
     ok.spec.as_mut().unwrap().kernel_cmdline = "quiet console=hvc0".into();
     let made = a.client.create_capsule(ok).await.unwrap().into_inner();
     assert_eq!(state(&made), pb::CapsuleState::Running);
+}
+
+// ---- image pulls with credentials (issue 13 point 6) ----
+
+/// Everything under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (p, t) = (e.path(), e.file_type().unwrap());
+            if t.is_dir() {
+                stack.push(p);
+            } else if t.is_file()
+                && std::fs::read(&p)
+                    .unwrap_or_default()
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// Log lines of this test, at debug level (a captured `tracing` default on
+/// the test's thread, where the server's tasks run).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        // Shown by the harness only when the test fails.
+        print!("{}", String::from_utf8_lossy(b));
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A create of capsule `uid` from template `ns/app@1`'s `image`, pinned
+/// by `digest`, with a disk of `disk_bytes`.
+fn image_create(uid: &str, image: &str, digest: &str, disk_bytes: u64) -> pb::CreateCapsuleRequest {
+    let mut create = create_request(uid, 1);
+    let spec = create.spec.as_mut().unwrap();
+    spec.source = Some(pb::BootSource {
+        source: Some(pb::boot_source::Source::Template(pb::TemplateDisk {
+            key: "ns/app@1".into(),
+            disk: Some(pb::template_disk::Disk::OciReference(image.into())),
+            digest: digest.into(),
+            disk_bytes,
+        })),
+    });
+    spec.resources.as_mut().unwrap().disk_bytes = disk_bytes;
+    create
+}
+
+/// PrepareTemplate (as `req` asks, retry included), then polls without
+/// retrying until the build ends.
+async fn settle(a: &mut Agent, req: &pb::PrepareTemplateRequest) -> pb::TemplateState {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut req = req.clone();
+    loop {
+        let s = a
+            .client
+            .prepare_template(req.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        req.retry = false;
+        if s.phase() != pb::TemplatePhase::Preparing {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private image from a registry that asks for a bearer token: pulled
+/// anonymously or with a wrong password it fails as `RegistryUnauthorized`
+/// with the token service's words; with the credentials the request
+/// carries it becomes Ready, and a capsule of it (pinned by digest, without
+/// credentials) starts from the node's copy without asking the registry.
+/// Unknown tags and a rate-limited repository fail with their own reasons
+/// and the registry's message. The password is in no file under the
+/// agent's directory and in no log line.
+#[tokio::test]
+async fn private_images_pull_with_the_requests_credentials_only() {
+    let c = case(
+        Tier::Host,
+        "server_capsules::private_images_pull_with_the_requests_credentials_only",
+    );
+    if let Err(why) = wrenn_testkit::need_program("mkfs.ext4") {
+        return c.skip(why);
+    }
+    let password = format!("pw-{}", wrenn_testkit::unique_name("secret"));
+    let registry = wrenn_testkit::registry::Registry::start(Some(("robot", &password)))
+        .await
+        .unwrap();
+    let addr = registry.addr().to_string();
+    let digest = registry
+        .push("team/app", "v1", &[("etc/hostname", b"private\n")])
+        .unwrap();
+    let log = Captured::default();
+    let writer = log.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let insecure = addr.clone();
+    let mut a = start_with(move |config, dir| {
+        let guest = dir.join("wrenn-guest");
+        std::fs::write(&guest, b"guest").unwrap();
+        config.templates = Arc::new(TemplateBuilder::new(TemplateSettings {
+            cache_dir: dir.join("state/images"),
+            guest_binary: guest,
+            pull: PullOptions {
+                insecure_registries: vec![insecure],
+                limits: Default::default(),
+            },
+            cache_max_bytes: quota::DEFAULT_MAX_BYTES,
+            image_dirs: Default::default(),
+        }));
+    })
+    .await;
+    let prepare =
+        |key: &str, reference: String, creds: Option<(&str, &str)>| pb::PrepareTemplateRequest {
+            disk: Some(pb::TemplateDisk {
+                key: key.into(),
+                disk: Some(pb::template_disk::Disk::OciReference(reference)),
+                digest: String::new(),
+                disk_bytes: 32 << 20,
+            }),
+            warm: None,
+            kernel_path: String::new(),
+            kernel_cmdline: String::new(),
+            retry: true,
+            registry_credentials: creds.map(|(u, p)| pb::RegistryCredentials {
+                username: u.into(),
+                password: p.into(),
+            }),
+        };
+    let image = format!("{addr}/team/app:v1");
+    let failed = |s: &pb::TemplateState, reason: Reason, says: &str| {
+        assert_eq!(s.phase(), pb::TemplatePhase::Failed, "{s:?}");
+        assert_eq!(s.reason, reason.as_str(), "{s:?}");
+        assert!(s.message.contains(says), "{s:?}");
+    };
+
+    let anonymous = settle(&mut a, &prepare("ns/app@1", image.clone(), None)).await;
+    failed(&anonymous, Reason::RegistryUnauthorized, BAD_LOGIN);
+    let wrong = prepare("ns/app@1", image.clone(), Some(("robot", "not-it")));
+    failed(
+        &settle(&mut a, &wrong).await,
+        Reason::RegistryUnauthorized,
+        BAD_LOGIN,
+    );
+    let right = prepare("ns/app@1", image.clone(), Some(("robot", &password)));
+    let ready = settle(&mut a, &right).await;
+    assert_eq!(ready.phase(), pb::TemplatePhase::Ready, "{ready:?}");
+    assert_eq!(ready.digest, digest);
+
+    // A capsule of the template: no credentials, pinned by the digest.
+    let gets = registry.manifest_gets();
+    // At the template's disk size (its disk), then bigger (built from the
+    // manifest the template pulled): the registry is never asked.
+    for (uid, disk) in [("private-1", 32 << 20), ("private-2", 48 << 20)] {
+        let create = image_create(uid, &image, &digest, disk);
+        let cap = a.client.create_capsule(create).await.unwrap().into_inner();
+        assert_eq!(state(&cap), pb::CapsuleState::Running, "{cap:?}");
+        assert_eq!(registry.manifest_gets(), gets, "{uid} asked the registry");
+    }
+    a.client.delete_capsule(r("private-2")).await.unwrap();
+
+    let creds = Some(("robot", password.as_str()));
+    let missing = prepare("ns/gone@1", format!("{addr}/team/app:v9"), creds);
+    failed(
+        &settle(&mut a, &missing).await,
+        Reason::ImageNotFound,
+        UNKNOWN,
+    );
+    let limited = prepare("ns/lim@1", format!("{addr}/limited/app:v1"), creds);
+    failed(
+        &settle(&mut a, &limited).await,
+        Reason::RegistryRateLimited,
+        RATE_LIMITED,
+    );
+
+    a.client.delete_capsule(r("private-1")).await.unwrap();
+    let basic = wrenn_testkit::registry::base64(format!("robot:{password}").as_bytes());
+    for secret in [password.as_bytes(), basic.as_bytes()] {
+        let leaked = files_containing(a._dir.path(), secret);
+        assert!(leaked.is_empty(), "credentials written to {leaked:?}");
+    }
+    let logged = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    assert!(logged.contains("template"), "nothing was logged: {logged}");
+    assert!(
+        !logged.contains(&password) && !logged.contains(&basic),
+        "{logged}"
+    );
 }

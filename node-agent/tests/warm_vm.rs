@@ -101,6 +101,7 @@ impl World {
                 timeout: Duration::from_secs(secs),
             }),
             retry: false,
+            credentials: None,
         }
     }
 

@@ -139,6 +139,11 @@ pub struct Args {
     /// reporting instance of its Events.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// This replica's ServiceAccount (downward API): with `pod_namespace`,
+    /// the user a template's status names when it asks a namespace owner to
+    /// grant the operator its pull Secret.
+    #[arg(long, env = "POD_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
     /// Reconcile Capsules, CapsuleSnapshots and CapsuleTemplates of this
     /// namespace only (default: every namespace). Two operators sharing a
     /// cluster must watch disjoint namespaces and drive disjoint agents.

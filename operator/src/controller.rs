@@ -38,6 +38,10 @@ pub struct Settings {
     pub converge_interval: Duration,
     /// Capsules reconciled at once.
     pub concurrency: u16,
+    /// The operator's user as the API server knows it
+    /// (`system:serviceaccount:NS:NAME`), named in the command a template's
+    /// status gives for granting it a pull Secret.
+    pub identity: Option<String>,
 }
 
 impl Default for Settings {
@@ -48,6 +52,7 @@ impl Default for Settings {
             usage_interval: Duration::from_secs(30),
             converge_interval: Duration::from_secs(60),
             concurrency: 32,
+            identity: None,
         }
     }
 }
@@ -316,6 +321,7 @@ pub async fn run_all(
         }
     };
     let template_nodes = nodes.clone();
+    let identity = settings.identity.clone();
     let parts = Parts {
         client: client.clone(),
         pool: pool.clone(),
@@ -345,6 +351,7 @@ pub async fn run_all(
             pool.clone(),
             template_nodes,
             metrics.clone(),
+            identity,
             stop(&stop_tx),
         ),
     );

@@ -76,6 +76,7 @@ async fn run(args: Args) -> Result<()> {
         agents,
         pod_namespace: own_namespace,
         pod_name: instance,
+        service_account,
         admin_listen,
         leader_election,
         node_lost_timeout,
@@ -150,6 +151,10 @@ async fn run(args: Args) -> Result<()> {
     let settings = Settings {
         node_lost_timeout: Duration::from_secs(node_lost_timeout),
         concurrency: max_concurrent_reconciles,
+        identity: own_namespace
+            .as_deref()
+            .zip(service_account.as_deref())
+            .map(|(ns, sa)| format!("system:serviceaccount:{ns}:{sa}")),
         ..Settings::default()
     };
     ready.store(true, Ordering::Relaxed);

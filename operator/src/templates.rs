@@ -149,6 +149,8 @@ pub fn prepare_request(
         kernel_path,
         kernel_cmdline,
         retry: false,
+        // The controller adds the pull Secret's, for each call.
+        registry_credentials: None,
     }))
 }
 
@@ -273,7 +275,7 @@ pub fn build_template_status(
         None if failed.len() == total => (
             TemplatePhase::Failed,
             false,
-            Reason::PreparationFailed,
+            failed_reason(nodes),
             format!("failed on every node: {}", failed.join("; ")),
         ),
         None => (
@@ -293,6 +295,49 @@ pub fn build_template_status(
             ..Default::default()
         },
         ConditionDraft::new(wrenn_crds::reason::ConditionType::Ready, ok, why, msg),
+    )
+}
+
+/// Reasons an agent gives for an image its registry refused: when every
+/// node failed for the same one, it is the template's reason, since the
+/// fix (credentials, reference, waiting) is the template's, not a node's.
+const REGISTRY_REASONS: [Reason; 4] = [
+    Reason::RegistryUnauthorized,
+    Reason::ImageNotFound,
+    Reason::RegistryRateLimited,
+    Reason::RegistryFailed,
+];
+
+/// The reason of a template that failed on every node: the registry's
+/// refusal when all nodes share it, else [`Reason::PreparationFailed`].
+fn failed_reason(nodes: &[(String, OnNode)]) -> Reason {
+    let mut reasons = nodes.iter().filter_map(|(_, o)| match o {
+        OnNode::Failed(r, _) => Some(*r),
+        _ => None,
+    });
+    match reasons.next() {
+        Some(first) if REGISTRY_REASONS.contains(&first) && reasons.all(|r| r == first) => first,
+        _ => Reason::PreparationFailed,
+    }
+}
+
+/// The status of a template no node is asked about: its pull Secret is
+/// absent, forbidden or unusable (`reason`, `message`).
+pub fn build_blocked_status(
+    reason: Reason,
+    message: String,
+) -> (CapsuleTemplateStatus, ConditionDraft) {
+    (
+        CapsuleTemplateStatus {
+            phase: Some(TemplatePhase::Failed),
+            ..Default::default()
+        },
+        ConditionDraft::new(
+            wrenn_crds::reason::ConditionType::Ready,
+            false,
+            reason,
+            message,
+        ),
     )
 }
 
@@ -452,6 +497,39 @@ mod tests {
             c.message,
             "failed on every node: a: RootDiskFailed: no such file; b: RootDiskFailed: no such file"
         );
+    }
+
+    #[test]
+    fn a_registry_refusal_on_every_node_is_the_templates_reason() {
+        let refused = |r: Reason| OnNode::Failed(r, "pull x: HTTP 429: slow down".into());
+        for reason in REGISTRY_REASONS {
+            let nodes = vec![
+                ("a".to_string(), refused(reason)),
+                ("b".to_string(), refused(reason)),
+            ];
+            let (s, c) = build_template_status(&nodes, false, None);
+            assert_eq!(s.phase, Some(TemplatePhase::Failed));
+            assert_eq!(c.reason, reason);
+            assert!(
+                c.message.contains("a: ") && c.message.contains("slow down"),
+                "{}",
+                c.message
+            );
+        }
+        let mixed = vec![
+            ("a".to_string(), refused(Reason::RegistryUnauthorized)),
+            ("b".to_string(), refused(Reason::RegistryRateLimited)),
+        ];
+        assert_eq!(
+            build_template_status(&mixed, false, None).1.reason,
+            Reason::PreparationFailed
+        );
+        let (s, c) = build_blocked_status(Reason::PullSecretForbidden, "grant it".into());
+        assert_eq!(
+            (s.phase, c.reason),
+            (Some(TemplatePhase::Failed), Reason::PullSecretForbidden)
+        );
+        assert!(s.nodes.is_empty());
     }
 
     #[test]

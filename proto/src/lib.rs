@@ -43,3 +43,13 @@ pub mod agent {
         include!("gen/wrenn.agent.v1.rs");
     }
 }
+
+impl std::fmt::Debug for agent::v1::RegistryCredentials {
+    /// Never shows the password: requests may be logged whole.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}

@@ -13,6 +13,7 @@
 
 pub mod guest_vm;
 mod netns;
+pub mod registry;
 pub mod vm;
 
 pub use netns::TestNetns;

@@ -28,9 +28,11 @@
 //! it on a blocking thread. It needs root so ownership in the image is
 //! kept. Storage of capsule disks is `storage`'s job.
 
+mod credentials;
 pub mod dirs;
 pub mod oci;
 pub mod quota;
+pub mod refusal;
 mod registry;
 mod source;
 mod templates;
@@ -45,10 +47,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
+pub use credentials::Credentials;
 pub use dirs::ImageDirs;
+pub use refusal::Refusal;
 pub use registry::{PullOptions, check_descriptors, pull_to_layout};
 pub use source::ImageSource;
-pub use templates::{CacheUsers, TemplateBuilder, TemplateSettings};
+pub use templates::{CacheUsers, Pull, TemplateBuilder, TemplateSettings};
 
 /// Where `wrenn-guest` lives inside every template. It is outside every
 /// distribution's directories (no clash with the image's `/sbin`, which is
@@ -197,14 +201,15 @@ pub enum Error {
         #[source]
         source: dirs::Error,
     },
-    /// Pulling from a registry failed.
-    #[error("pull {reference}")]
+    /// Pulling from a registry failed. The registry's words are kept
+    /// only as a sanitized [`Refusal`], never as the raw error, so no
+    /// chain printed from here carries unbounded registry text.
+    #[error("pull {reference}: {}", refusal.message)]
     Pull {
         /// Reference.
         reference: String,
-        /// Cause.
-        #[source]
-        source: Box<oci_client::errors::OciDistributionError>,
+        /// What the registry said, classified.
+        refusal: Refusal,
     },
     /// Writing a pulled layout failed.
     #[error("write image layout file {}", path.display())]
@@ -389,6 +394,39 @@ impl ImageCache {
         self
     }
 
+    /// The cache entry of a manifest digest, and the disk in it at `size`
+    /// (a multiple of 4 KiB) with the guest binary of hash `guest_hash`.
+    fn paths(&self, digest: &str, size: u64, guest_hash: &str) -> Result<(PathBuf, PathBuf)> {
+        let hex = oci::digest_hex(digest)?;
+        let entry = self.dir.join(format!("sha256-{hex}"));
+        let short = guest_hash.get(..12).unwrap_or(guest_hash);
+        let target = entry.join(format!("rootfs-{size}-g{short}.ext4"));
+        Ok((entry, target))
+    }
+
+    /// The template disk built from manifest `digest` at `size_bytes` with
+    /// `guest_binary`, if the cache holds it; nothing is pulled or built.
+    /// Blocking.
+    pub fn cached(
+        &self,
+        digest: &str,
+        size_bytes: u64,
+        guest_binary: &Path,
+    ) -> Result<Option<TemplateDisk>> {
+        let size = size_bytes.div_ceil(4096) * 4096;
+        let guest_hash = sha256_of_file(guest_binary).map_err(|source| Error::InjectGuest {
+            from: guest_binary.to_path_buf(),
+            source,
+        })?;
+        let (_, target) = self.paths(digest, size, &guest_hash)?;
+        Ok(target.is_file().then(|| TemplateDisk {
+            path: target,
+            manifest_digest: digest.to_string(),
+            size_bytes: size,
+            built: false,
+        }))
+    }
+
     /// Makes the template disk for `req` exist and returns it. Blocking;
     /// concurrent calls for the same image (threads or processes) build
     /// it once, the others wait on the lock and get the cached file.
@@ -431,9 +469,7 @@ impl ImageCache {
                 (path.clone(), resolved)
             }
         };
-        let hex = oci::digest_hex(&resolved.manifest_digest)?.to_string();
-        let entry = self.dir.join(format!("sha256-{hex}"));
-        let target = entry.join(format!("rootfs-{size}-g{}.ext4", &guest_hash[..12]));
+        let (entry, target) = self.paths(&resolved.manifest_digest, size, &guest_hash)?;
         let disk = |built| TemplateDisk {
             path: target.clone(),
             manifest_digest: resolved.manifest_digest.clone(),
@@ -445,7 +481,7 @@ impl ImageCache {
             return Ok(disk(false));
         }
 
-        let lock_path = self.dir.join(format!("sha256-{hex}.lock"));
+        let lock_path = entry.with_extension("lock");
         let lock_file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)

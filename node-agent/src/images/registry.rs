@@ -13,22 +13,24 @@ use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use oci_client::RegistryOperation;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::Error;
+use super::credentials::Credentials;
 use super::oci::{Descriptor, Index, REF_NAME, digest_hex, sha256_digest};
 use super::unpack::{Limit, Limits};
+use super::{Error, refusal};
 
-/// How to reach registries.
+/// How to reach registries (the node's settings; credentials come with
+/// each pull).
 #[derive(Clone, Debug, Default)]
 pub struct PullOptions {
-    /// Credentials.
-    pub auth: Option<(String, String)>,
     /// Registries spoken to over plain HTTP (tests, local mirrors).
     pub insecure_registries: Vec<String>,
     /// Bounds on what a pull may download (the compressed ones apply).
@@ -119,10 +121,13 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
     }
 }
 
-fn pull_err(reference: &str) -> impl Fn(oci_client::errors::OciDistributionError) -> Error + '_ {
+fn pull_err<'a>(
+    reference: &'a str,
+    creds: Option<&'a Credentials>,
+) -> impl Fn(oci_client::errors::OciDistributionError) -> Error + 'a {
     move |source| Error::Pull {
         reference: reference.to_string(),
-        source: Box::new(source),
+        refusal: refusal::classify(&source, creds),
     }
 }
 
@@ -135,11 +140,14 @@ fn write_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// Pulls `reference` into the OCI layout at `dir` (created if needed) and
 /// returns the manifest digest. The layout's `index.json` then names that
-/// manifest, tagged with `reference`.
+/// manifest, tagged with `reference`. With `creds`, the registry gets them
+/// as basic auth, or traded for a bearer token when it names a token
+/// realm; the client holding them is dropped when this returns.
 pub async fn pull_to_layout(
     reference: &str,
     dir: &Path,
     opts: &PullOptions,
+    creds: Option<&Credentials>,
 ) -> Result<String, Error> {
     let image: Reference = reference
         .parse()
@@ -156,15 +164,23 @@ pub async fn pull_to_layout(
         },
         ..Default::default()
     });
-    let auth = match &opts.auth {
-        Some((user, pass)) => RegistryAuth::Basic(user.clone(), pass.clone()),
-        None => RegistryAuth::Anonymous,
-    };
+    let auth = creds.map_or(RegistryAuth::Anonymous, Credentials::to_auth);
     // Resolves a multi-platform index to this host's manifest.
-    let (manifest, digest) = client
-        .pull_image_manifest(&image, &auth)
-        .await
-        .map_err(pull_err(reference))?;
+    let (manifest, digest) = match client.pull_image_manifest(&image, &auth).await {
+        Ok(pulled) => pulled,
+        // oci-client drops a failed token exchange and reports only the
+        // 401 that follows; asking the token service again gets its words.
+        Err(OciDistributionError::UnauthorizedError { url }) => {
+            let why = client
+                .auth(&image, &auth, RegistryOperation::Pull)
+                .await
+                .err()
+                .filter(|e| matches!(e, OciDistributionError::AuthenticationFailure(_)))
+                .unwrap_or(OciDistributionError::UnauthorizedError { url });
+            return Err(pull_err(reference, creds)(why));
+        }
+        Err(e) => return Err(pull_err(reference, creds)(e)),
+    };
     let pinned = image.clone_with_digest(digest.clone());
     let (raw, _) = client
         .pull_manifest_raw(
@@ -173,7 +189,7 @@ pub async fn pull_to_layout(
             &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE],
         )
         .await
-        .map_err(pull_err(reference))?;
+        .map_err(pull_err(reference, creds))?;
     if sha256_digest(&raw) != digest {
         return Err(Error::DigestMismatch {
             digest,
@@ -208,7 +224,7 @@ pub async fn pull_to_layout(
         let pulled = client
             .pull_blob(&pinned, desc, &mut bounded)
             .await
-            .map_err(pull_err(reference));
+            .map_err(pull_err(reference, creds));
         let flushed = bounded.flush().await.map_err(write_err(&tmp));
         let Bounded {
             inner: file,

@@ -23,9 +23,22 @@ use std::sync::{Arc, Mutex, Weak};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Error, ImageCache, ImageSource, LocalImage, PullOptions, TemplateDisk, TemplateRequest,
-    pull_to_layout, quota,
+    Credentials, Error, ImageCache, ImageSource, LocalImage, PullOptions, TemplateDisk,
+    TemplateRequest, pull_to_layout, quota,
 };
+
+/// What one build may use besides the node's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pull {
+    /// Credentials for the image's registry, for this pull only: they are
+    /// never stored (see [`Credentials`]).
+    pub credentials: Option<Credentials>,
+    /// The manifest digest the caller pins (`sha256:…`). When the cache
+    /// holds the disk built from it at the asked size, that disk is used
+    /// without asking the registry: a capsule of a private template starts
+    /// from what the template's own pull (with its credentials) built.
+    pub pinned: Option<String>,
+}
 
 /// Where templates are built and what goes into them.
 #[derive(Clone, Debug)]
@@ -145,8 +158,24 @@ impl TemplateBuilder {
         source: &ImageSource,
         size_bytes: u64,
     ) -> Result<TemplateDisk, Error> {
+        self.ensure_with(source, size_bytes, &Pull::default()).await
+    }
+
+    /// [`ensure`](Self::ensure), pulling with `pull`'s credentials, and
+    /// first looking for the disk of its pinned digest in the cache.
+    pub async fn ensure_with(
+        &self,
+        source: &ImageSource,
+        size_bytes: u64,
+        pull: &Pull,
+    ) -> Result<TemplateDisk, Error> {
         match source {
             ImageSource::Registry(reference) => {
+                if let Some(digest) = pull.pinned.as_deref().filter(|d| !d.is_empty())
+                    && let Some(disk) = self.cached(digest, size_bytes).await?
+                {
+                    return Ok(disk);
+                }
                 let dir = self.pull_dir(reference);
                 let lock = self.pull_lock(&dir);
                 let _held = lock.lock().await;
@@ -158,16 +187,22 @@ impl TemplateBuilder {
                         "no room before a pull"
                     );
                 }
-                if let Err(e) = pull_to_layout(reference, &dir, &self.settings.pull).await {
+                let image = LocalImage::Layout {
+                    dir: dir.clone(),
+                    tag: Some(reference.clone()),
+                };
+                // The pinned manifest already pulled (another disk size of
+                // the same template): build from it, the registry unasked.
+                if had_layout && self.layout_holds(&image, pull.pinned.as_deref()).await {
+                    return self.build(image, size_bytes).await;
+                }
+                let creds = pull.credentials.as_ref();
+                if let Err(e) = pull_to_layout(reference, &dir, &self.settings.pull, creds).await {
                     if !had_layout {
                         let _ = tokio::fs::remove_dir_all(&dir).await;
                     }
                     return Err(e);
                 }
-                let image = LocalImage::Layout {
-                    dir,
-                    tag: Some(reference.clone()),
-                };
                 self.build(image, size_bytes).await
             }
             ImageSource::Local(image) => {
@@ -181,6 +216,46 @@ impl TemplateBuilder {
                 self.build(image, size_bytes).await
             }
         }
+    }
+
+    /// Whether the pulled layout `image` names manifest `pinned` (its
+    /// blobs are checked against their digests when a build reads them).
+    async fn layout_holds(&self, image: &LocalImage, pinned: Option<&str>) -> bool {
+        let (LocalImage::Layout { dir, tag }, Some(pinned)) = (image.clone(), pinned) else {
+            return false;
+        };
+        let pinned = pinned.to_string();
+        tokio::task::spawn_blocking(move || {
+            super::oci::resolve_layout(&dir, tag.as_deref())
+                .is_ok_and(|r| !pinned.is_empty() && r.manifest_digest == pinned)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// The cached disk of manifest `digest` at `size_bytes`, stamped as
+    /// handed out; `None` when the cache does not hold it.
+    async fn cached(&self, digest: &str, size_bytes: u64) -> Result<Option<TemplateDisk>, Error> {
+        let state = self.state.clone();
+        let settings = self.settings.clone();
+        let digest = digest.to_string();
+        tokio::task::spawn_blocking(move || {
+            let cache = ImageCache::open(&settings.cache_dir)?;
+            let Some(disk) = cache.cached(&digest, size_bytes, &settings.guest_binary)? else {
+                return Ok(None);
+            };
+            match handed_out(&state, &disk.path) {
+                Ok(()) => Ok(Some(disk)),
+                // Dropped from the cache meanwhile: pull and build it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(Error::Scratch {
+                    path: disk.path,
+                    source,
+                }),
+            }
+        })
+        .await
+        .map_err(|_| thread_lost(&self.settings.cache_dir))?
     }
 
     /// Removes what builds and pulls interrupted by an agent crash left in

@@ -207,6 +207,12 @@ pub fn from_prepare(
         }
     };
     let warm = req.warm.map(from_warm).transpose()?;
+    // Credentials only mean something to a registry pull.
+    if req.registry_credentials.is_some() && !is_registry(&source) {
+        return Err(Status::invalid_argument(
+            "registry_credentials apply only to a registry image in disk.oci_reference",
+        ));
+    }
     // The image is built at the size a capsule's create asks for, so the
     // cache entry is the one that create finds.
     let disk_bytes = match disk_bytes {
@@ -228,7 +234,16 @@ pub fn from_prepare(
         cmdline: from_cmdline("kernel_cmdline", req.kernel_cmdline)?,
         warm,
         retry: req.retry,
+        credentials: req
+            .registry_credentials
+            .map(|c| crate::images::Credentials::new(c.username, c.password)),
     })
+}
+
+/// Whether a template's disk is pulled from a registry.
+fn is_registry(source: &TemplateSource) -> bool {
+    matches!(source, TemplateSource::Image(r)
+        if matches!(ImageSource::parse(r), Ok(ImageSource::Registry(_))))
 }
 
 fn from_warm(w: pb::WarmBuild) -> Result<WarmSpec, Status> {

@@ -30,6 +30,8 @@ struct State {
     sequence: u64,
     created: BTreeSet<String>,
     quarantined: Vec<pb::QuarantinedCapsule>,
+    /// Template key → the registry credentials of its last PrepareTemplate.
+    credentials: BTreeMap<String, Option<pb::RegistryCredentials>>,
 }
 
 /// A fake agent for one node.
@@ -151,6 +153,12 @@ impl FakeNodeAgent {
         let mut st = lock(&self.state);
         st.template_failures.insert(prefix.into(), message.into());
         st.templates.retain(|k, _| !k.starts_with(prefix));
+    }
+
+    /// The registry credentials the last PrepareTemplate of `key` carried
+    /// (`None` when never asked; `Some(None)` when asked without).
+    pub fn prepared_with(&self, key: &str) -> Option<Option<pb::RegistryCredentials>> {
+        lock(&self.state).credentials.get(key).cloned()
     }
 
     /// The template states the node holds, by key.
@@ -520,6 +528,8 @@ impl NodeAgent for Handle {
         Box::pin(async move {
             let key = req.disk.as_ref().map(|d| d.key.clone()).unwrap_or_default();
             let mut st = a.enter("PrepareTemplate", &key)?;
+            st.credentials
+                .insert(key.clone(), req.registry_credentials.clone());
             if let Some(t) = st.templates.get(&key)
                 && (t.phase != pb::TemplatePhase::Failed as i32 || !req.retry)
             {

@@ -7,14 +7,22 @@
 //!
 //! The finalizer removes the template's warm snapshots from every node;
 //! snapshots of an earlier warm spec are removed on every reconcile.
+//!
+//! A template whose image names a `pullSecret` is prepared on every
+//! matching node: the operator `get`s that Secret by name (never lists or
+//! watches Secrets; a namespace owner grants that one Secret), picks the
+//! image registry's entry and sends it with each `PrepareTemplate` only.
+//! A Secret that is absent, forbidden or unusable is the template's
+//! status, looked at again every [`PULL_SECRET_RECHECK`].
 
 use std::collections::HashMap;
+use std::hash::BuildHasher as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::finalizer::{Event as Finalizer, finalizer};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -25,21 +33,27 @@ use kube::{Client, Resource, ResourceExt};
 
 use wrenn_crds::reason::Reason;
 use wrenn_crds::snapshot::SnapshotPhase;
-use wrenn_crds::template::TemplatePhase;
+use wrenn_crds::template::{CapsuleTemplateStatus, TemplatePhase};
 use wrenn_crds::{CapsuleSnapshot, CapsuleTemplate};
 
 use crate::metrics::{KindLabels, Metrics};
+use crate::plan::ConditionDraft;
 use crate::pool::{AgentPool, node_labels};
+use crate::pull_secret::{Credentials, credentials_for, grant_hint};
 use crate::resources::effective;
 use crate::status::{self, build_conditions};
 use crate::templates::{
-    OnNode, build_template_status, key_prefix, on_node, prepare_request, selects, template_key,
-    warm_id_prefix, warm_snapshot_id,
+    OnNode, build_blocked_status, build_template_status, key_prefix, on_node, prepare_request,
+    selects, template_key, warm_id_prefix, warm_snapshot_id,
 };
 
 /// A node that failed a build is asked again only after this long: a
 /// broken startCommand would otherwise boot a VM every few seconds.
 const RETRY_FAILED_AFTER: Duration = Duration::from_secs(300);
+
+/// How soon a template whose pull Secret is missing, forbidden or
+/// unusable looks again (Secrets are read by name, never watched).
+const PULL_SECRET_RECHECK: Duration = Duration::from_secs(20);
 
 /// Errors of one CapsuleTemplate reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +61,16 @@ pub enum Error {
     /// The object lacks a namespace or UID.
     #[error("template without namespace or uid")]
     MissingMetadata,
+    /// Reading the template's pull Secret failed (other than absent or
+    /// forbidden, which the template's status shows).
+    #[error("read pull secret {name}")]
+    GetPullSecret {
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
     /// Reading the referenced snapshot failed.
     #[error("read snapshot {name}")]
     GetSnapshot {
@@ -69,7 +93,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingMetadata => "invalid",
-            Error::GetSnapshot { .. } => "api",
+            Error::GetSnapshot { .. } | Error::GetPullSecret { .. } => "api",
             Error::Status(_) => "status",
             Error::Finalizer(e) => match &**e {
                 crate::finalizer::Error::ApplyFailed(e)
@@ -80,6 +104,9 @@ impl Error {
     }
 }
 
+/// A build on a node: (template uid, generation, node).
+type BuildMemo = (String, i64, String);
+
 /// What the template controller needs.
 pub struct Ctx {
     client: Client,
@@ -87,8 +114,14 @@ pub struct Ctx {
     nodes: Store<Node>,
     metrics: Arc<Metrics>,
     recorder: Recorder,
-    /// (template uid, generation, node) → when its build was seen failing.
-    failures: Mutex<HashMap<(String, i64, String), Instant>>,
+    /// (template uid, generation, node) → when its build was seen failing,
+    /// and a keyed hash of the credentials it was asked with.
+    failures: Mutex<HashMap<BuildMemo, (Instant, u64)>>,
+    /// The operator's user as the API server knows it, named in the
+    /// command that grants it a pull Secret.
+    identity: Option<String>,
+    /// Keys the credentials hash (per process: it is never shown).
+    hasher: std::hash::RandomState,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -102,8 +135,8 @@ async fn event(ctx: &Ctx, tpl: &CapsuleTemplate, type_: EventType, reason: Reaso
 }
 
 /// Asks `node` to prepare the template (or how far it got). A failed
-/// build is retried only [`RETRY_FAILED_AFTER`] after the operator first
-/// saw it fail.
+/// build is retried [`RETRY_FAILED_AFTER`] after the operator first saw it
+/// fail, or at once when the pull Secret's credentials changed since.
 async fn prepare_on(
     ctx: &Ctx,
     memo: (String, i64, String),
@@ -113,12 +146,17 @@ async fn prepare_on(
     let Some(client) = ctx.pool.client(&node) else {
         return OnNode::Preparing("waiting for the node agent".into());
     };
+    let creds = req
+        .registry_credentials
+        .as_ref()
+        .map_or(0, |c| ctx.hasher.hash_one((&c.username, &c.password)));
     req.retry = ctx
         .failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&memo)
-        .is_some_and(|at| at.elapsed() >= RETRY_FAILED_AFTER);
+        .is_some_and(|(at, asked)| at.elapsed() >= RETRY_FAILED_AFTER || *asked != creds);
+    let retried = req.retry;
     let on = match client.prepare_template(req).await {
         Ok(state) => on_node(&state),
         Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
@@ -130,10 +168,13 @@ async fn prepare_on(
     let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
     match &on {
         OnNode::Failed(..) => {
-            let at = failures.entry(memo).or_insert_with(Instant::now);
-            if at.elapsed() >= RETRY_FAILED_AFTER {
+            let (at, asked) = failures
+                .entry(memo)
+                .or_insert_with(|| (Instant::now(), creds));
+            if retried {
                 // The retry was asked for just now: count from here.
                 *at = Instant::now();
+                *asked = creds;
             }
         }
         _ => {
@@ -165,9 +206,102 @@ async fn remove_warm(ctx: &Ctx, node: &str, uid: &str, keep: Option<&str>) {
     }
 }
 
+/// The registry credentials of the template's pull Secret: `Ok(None)`
+/// without one, `Ok(Err(..))` when the template cannot be pulled as it
+/// stands (Secret absent, not readable by the operator, or unusable).
+/// Only a `get` by name: the operator never lists or watches Secrets.
+async fn pull_credentials(
+    tpl: &CapsuleTemplate,
+    ns: &str,
+    ctx: &Ctx,
+) -> Result<Option<Result<Credentials, (Reason, String)>>, Error> {
+    let (Some(name), Some(image)) = (tpl.spec.pull_secret(), &tpl.spec.source.image) else {
+        return Ok(None);
+    };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = match api.get(name).await {
+        Ok(s) => s,
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            return Ok(Some(Err((
+                Reason::PullSecretNotFound,
+                format!("pull Secret {name} not found in namespace {ns}"),
+            ))));
+        }
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            return Ok(Some(Err((
+                Reason::PullSecretForbidden,
+                format!(
+                    "the operator may not read pull Secret {name}; a namespace owner grants it that Secret alone with: {}",
+                    grant_hint(ns, name, ctx.identity.as_deref())
+                ),
+            ))));
+        }
+        Err(source) => {
+            return Err(Error::GetPullSecret {
+                name: name.to_string(),
+                source,
+            });
+        }
+    };
+    Ok(Some(
+        credentials_for(name, &secret, &image.reference).map_err(|e| (e.reason(), e.to_string())),
+    ))
+}
+
+/// Writes `next` (with condition `cond`) when it differs from the
+/// template's status, with an Event when the phase changes.
+async fn write_status(
+    tpl: &CapsuleTemplate,
+    ns: &str,
+    ctx: &Ctx,
+    mut next: CapsuleTemplateStatus,
+    cond: ConditionDraft,
+) -> Result<(), Error> {
+    let current = tpl.status.clone().unwrap_or_default();
+    next.observed_generation = tpl.metadata.generation;
+    next.conditions = build_conditions(
+        std::slice::from_ref(&cond),
+        &current.conditions,
+        tpl.metadata.generation,
+        Timestamp::now(),
+    );
+    if tpl.status.as_ref() == Some(&next) {
+        return Ok(());
+    }
+    let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), ns);
+    status::apply_status(&api, tpl, &next)
+        .await
+        .map_err(Error::Status)?;
+    ctx.metrics
+        .status_writes
+        .get_or_create(&KindLabels {
+            kind: "CapsuleTemplate",
+        })
+        .inc();
+    if current.phase != next.phase {
+        let type_ = match next.phase {
+            Some(TemplatePhase::Failed) => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        event(ctx, tpl, type_, cond.reason, cond.message).await;
+    }
+    Ok(())
+}
+
 async fn apply(tpl: &CapsuleTemplate, ns: &str, ctx: &Ctx) -> Result<Action, Error> {
     let name = tpl.name_any();
     let uid = tpl.uid().ok_or(Error::MissingMetadata)?;
+    let credentials = match pull_credentials(tpl, ns, ctx).await? {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err((reason, message))) => {
+            let (next, cond) = build_blocked_status(reason, message);
+            write_status(tpl, ns, ctx, next, cond).await?;
+            // Secrets are not watched: a new Secret or grant is seen on
+            // the next look.
+            return Ok(Action::requeue(PULL_SECRET_RECHECK));
+        }
+    };
     let generation = tpl.metadata.generation.unwrap_or_default();
     let key = template_key(ns, &name, &uid);
     let prefix = key_prefix(ns, &name);
@@ -191,7 +325,8 @@ async fn apply(tpl: &CapsuleTemplate, ns: &str, ctx: &Ctx) -> Result<Action, Err
         let on = match (&shape, everywhere) {
             (Err(e), true) => OnNode::Failed(Reason::InvalidSpec, e.to_string()),
             (Ok(shape), true) => match prepare_request(tpl, &key, *shape, warm_id.as_deref()) {
-                Ok(Some(req)) => {
+                Ok(Some(mut req)) => {
+                    req.registry_credentials = credentials.clone();
                     prepare_on(ctx, (uid.clone(), generation, node.clone()), req).await
                 }
                 Ok(None) => OnNode::Absent,
@@ -225,35 +360,11 @@ async fn apply(tpl: &CapsuleTemplate, ns: &str, ctx: &Ctx) -> Result<Action, Err
         }
         None => None,
     };
+    // Dropped here: the credentials went with this reconcile's requests.
+    drop(credentials);
     let preparing = nodes.iter().any(|(_, o)| matches!(o, OnNode::Preparing(_)));
-    let (mut next, cond) = build_template_status(&nodes, warm_id.is_some(), snapshot_ready);
-    let current = tpl.status.clone().unwrap_or_default();
-    next.observed_generation = tpl.metadata.generation;
-    next.conditions = build_conditions(
-        std::slice::from_ref(&cond),
-        &current.conditions,
-        tpl.metadata.generation,
-        Timestamp::now(),
-    );
-    if tpl.status.as_ref() != Some(&next) {
-        let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), ns);
-        status::apply_status(&api, tpl, &next)
-            .await
-            .map_err(Error::Status)?;
-        ctx.metrics
-            .status_writes
-            .get_or_create(&KindLabels {
-                kind: "CapsuleTemplate",
-            })
-            .inc();
-        if current.phase != next.phase {
-            let type_ = match next.phase {
-                Some(TemplatePhase::Failed) => EventType::Warning,
-                _ => EventType::Normal,
-            };
-            event(ctx, tpl, type_, cond.reason, cond.message).await;
-        }
-    }
+    let (next, cond) = build_template_status(&nodes, warm_id.is_some(), snapshot_ready);
+    write_status(tpl, ns, ctx, next, cond).await?;
     // Node readiness changes without an event on the template: look again,
     // soon while nodes are preparing.
     Ok(Action::requeue(if preparing {
@@ -311,6 +422,7 @@ pub async fn run(
     pool: AgentPool,
     nodes: Store<Node>,
     metrics: Arc<Metrics>,
+    identity: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let recorder = super::recorder(client.clone(), None);
@@ -321,6 +433,8 @@ pub async fn run(
         metrics,
         recorder,
         failures: Mutex::new(HashMap::new()),
+        identity,
+        hasher: std::hash::RandomState::new(),
     });
     let api: Api<CapsuleTemplate> = super::scoped(&client, namespace.as_deref());
     Controller::new(api, watcher::Config::default())
@@ -361,6 +475,8 @@ mod tests {
                 &mut prometheus_client::registry::Registry::default(),
             )),
             failures: Mutex::new(HashMap::new()),
+            identity: Some("system:serviceaccount:wrenn:wrenn-operator".into()),
+            hasher: std::hash::RandomState::new(),
         })
     }
 
@@ -576,6 +692,140 @@ mod tests {
             vec![("DeleteSnapshot", "w-t1-0123456789abcdef".into())]
         );
         assert_eq!(action, Action::await_change());
+    }
+
+    const SECRET: &str = "/api/v1/namespaces/ns/secrets/regcred";
+
+    /// An image template (for all nodes by its pull Secret) naming `regcred`.
+    fn private() -> CapsuleTemplate {
+        let mut t = template(None, false);
+        if let Some(i) = t.spec.source.image.as_mut() {
+            i.reference = "reg.example.com/team/app:v1".into();
+            i.pull_secret = Some("regcred".into());
+        }
+        t
+    }
+
+    fn refused(code: u16, reason: &str) -> Reply {
+        Reply::Json(
+            StatusCode::from_u16(code).unwrap(),
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "refused", "reason": reason, "code": code}),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_pull_secret_fails_the_template_with_the_grant_command_and_asks_no_node() {
+        let node = quick_agent();
+        let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+        let server = ApiServer::default();
+        server
+            .expect(Method::GET, SECRET, |_| {}, refused(403, "Forbidden"))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                |body| {
+                    shows("Failed", Reason::PullSecretForbidden)(body);
+                    let message = body["status"]["conditions"][0]["message"].as_str().unwrap();
+                    assert!(
+                        message.contains(
+                            "kubectl -n ns create role wrenn-pull-regcred --verb=get --resource=secrets --resource-name=regcred && kubectl -n ns create rolebinding wrenn-pull-regcred --role=wrenn-pull-regcred --serviceaccount=wrenn:wrenn-operator"
+                        ),
+                        "{message}"
+                    );
+                },
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Warning", Reason::PullSecretForbidden),
+                Reply::Echo,
+            );
+        let action = reconcile(Arc::new(private()), ctx(&server, pool))
+            .await
+            .unwrap();
+        server.done();
+        assert!(node.work_calls().is_empty());
+        assert_eq!(action, Action::requeue(PULL_SECRET_RECHECK));
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_unusable_pull_secret_has_its_own_reason() {
+        let (pool, _streams) = pool(&[]).await;
+        let server = ApiServer::default();
+        server
+            .expect(Method::GET, SECRET, |_| {}, refused(404, "NotFound"))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                shows("Failed", Reason::PullSecretNotFound),
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Warning", Reason::PullSecretNotFound),
+                Reply::Echo,
+            );
+        let ctx = ctx(&server, pool);
+        reconcile(Arc::new(private()), ctx.clone()).await.unwrap();
+        server.done();
+        let opaque = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "regcred", "namespace": "ns"}, "type": "Opaque", "data": {}});
+        server
+            .expect(Method::GET, SECRET, |_| {}, ok(opaque))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                shows("Failed", Reason::PullSecretInvalid),
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Warning", Reason::PullSecretInvalid),
+                Reply::Echo,
+            );
+        reconcile(Arc::new(private()), ctx).await.unwrap();
+        server.done();
+    }
+
+    #[tokio::test]
+    async fn the_pull_secrets_entry_goes_to_every_node_with_the_prepare_only() {
+        let node = quick_agent();
+        let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+        let server = ApiServer::default();
+        let config = serde_json::json!({"auths": {"https://reg.example.com": {
+            "username": "robot", "password": "pa55"}}});
+        let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "regcred", "namespace": "ns"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD, config.to_string())}});
+        server
+            .expect(Method::GET, SECRET, |_| {}, ok(secret))
+            .expect(
+                Method::PATCH,
+                STATUS,
+                shows("Preparing", Reason::Preparing),
+                ok(private()),
+            )
+            .expect(
+                Method::POST,
+                EVENTS,
+                event("Normal", Reason::Preparing),
+                Reply::Echo,
+            );
+        reconcile(Arc::new(private()), ctx(&server, pool))
+            .await
+            .unwrap();
+        server.done();
+        let sent = node.prepared_with(KEY).unwrap().unwrap();
+        assert_eq!(
+            (sent.username.as_str(), sent.password.as_str()),
+            ("robot", "pa55")
+        );
     }
 
     #[tokio::test]

@@ -270,6 +270,23 @@ pub struct PrepareTemplateRequest {
     /// Build again if the last build FAILED; no effect otherwise.
     #[prost(bool, tag = "5")]
     pub retry: bool,
+    /// Credentials for the registry of `disk.oci_reference`, from the
+    /// template's pull Secret. Used for the pull this call starts (a bearer
+    /// token from the registry's realm, or basic auth), then dropped: the agent
+    /// never logs them nor writes them to disk. Absent: an anonymous pull.
+    #[prost(message, optional, tag = "6")]
+    pub registry_credentials: ::core::option::Option<RegistryCredentials>,
+}
+/// A user name and password (or identity token) for one registry. Its Debug
+/// output redacts the password.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[prost(skip_debug)]
+pub struct RegistryCredentials {
+    #[prost(string, tag = "1")]
+    pub username: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub password: ::prost::alloc::string::String,
 }
 /// Boot once, start, wait, snapshot.
 #[allow(clippy::all)]

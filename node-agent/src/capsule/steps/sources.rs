@@ -144,10 +144,16 @@ impl<M: Machine + 'static> Ctx<M> {
                     source: Box::new(source),
                 };
                 let source = ImageSource::parse(&image.reference).map_err(err)?;
+                // A pinned image the node holds needs no registry (a
+                // private one was pulled with its template's credentials).
+                let pull = crate::images::Pull {
+                    credentials: None,
+                    pinned: Some(image.digest.clone()),
+                };
                 let disk = self
                     .cfg
                     .templates
-                    .ensure(&source, rec.spec.resources.disk_bytes)
+                    .ensure_with(&source, rec.spec.resources.disk_bytes, &pull)
                     .await
                     .map_err(err)?;
                 if !image.digest.is_empty() && image.digest != disk.manifest_digest {

@@ -94,6 +94,9 @@ pub struct PrepareRequest {
     pub warm: Option<WarmSpec>,
     /// Build again if the last build failed.
     pub retry: bool,
+    /// Credentials for the image's registry: used by this build's pull,
+    /// dropped with the request, never recorded.
+    pub credentials: Option<crate::images::Credentials>,
 }
 
 /// A warm build: what the build VM runs and when it counts as ready.

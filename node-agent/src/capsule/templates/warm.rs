@@ -23,7 +23,7 @@ use wrenn_crds::reason::Reason;
 use super::guest::BuildVm;
 use super::{BuildVms, Builds, PrepareRequest, ReadyTemplate, TemplateSource, WarmSpec};
 use crate::capsule::model::{BootSource, CapsuleSpec, Egress, SnapshotInfo, State, TemplateDisk};
-use crate::images::ImageSource;
+use crate::images::{ImageSource, Pull};
 use crate::network::GUEST_ADDR;
 
 /// Where the start command's stdout and stderr go in the guest.
@@ -146,11 +146,22 @@ async fn root_disk(builds: &Builds, req: &PrepareRequest) -> Result<(PathBuf, St
                 ))
             };
             let source = ImageSource::parse(reference).map_err(image_failed)?;
+            let pull = Pull {
+                credentials: req.credentials.clone(),
+                pinned: Some(req.digest.clone()),
+            };
             let disk = builds
                 .images
-                .ensure(&source, req.disk_bytes)
+                .ensure_with(&source, req.disk_bytes, &pull)
                 .await
-                .map_err(image_failed)?;
+                .map_err(|e| match e {
+                    // The registry's refusal, as its own reason.
+                    crate::images::Error::Pull { refusal, .. } => fail(
+                        refusal.class.reason(),
+                        format!("pull {reference}: {}", refusal.message),
+                    ),
+                    e => image_failed(e),
+                })?;
             if !req.digest.is_empty() && req.digest != disk.manifest_digest {
                 return Err(failed(format!(
                     "image {reference} has manifest digest {}, the template pins {}",

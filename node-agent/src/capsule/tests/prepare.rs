@@ -179,6 +179,7 @@ impl WarmBed {
             cmdline: String::new(),
             warm: None,
             retry: false,
+            credentials: None,
         }
     }
 

@@ -53,6 +53,37 @@ fn prepare() -> pb::PrepareTemplateRequest {
         kernel_path: String::new(),
         kernel_cmdline: String::new(),
         retry: false,
+        registry_credentials: None,
+    }
+}
+
+#[test]
+fn credentials_reach_a_registry_pull_and_are_refused_elsewhere() {
+    let d = dirs();
+    let mut r = prepare();
+    r.registry_credentials = Some(pb::RegistryCredentials {
+        username: "robot".into(),
+        password: "pw".into(),
+    });
+    let ok = from_prepare(r.clone(), &d.dirs).unwrap();
+    assert_eq!(
+        ok.credentials,
+        Some(crate::images::Credentials::new("robot", "pw"))
+    );
+    assert!(!format!("{ok:?}").contains("\"pw\""), "{ok:?}");
+    // A local image or a root disk pulls nothing: credentials would be a
+    // field that does nothing.
+    for disk in [
+        pb::template_disk::Disk::RootfsPath("base.ext4".into()),
+        pb::template_disk::Disk::OciReference("docker-archive:a.tar".into()),
+    ] {
+        r.disk.as_mut().unwrap().disk = Some(disk.clone());
+        let e = from_prepare(r.clone(), &d.dirs).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("registry_credentials"), "{e:?}");
+        r.registry_credentials = None;
+        assert!(from_prepare(r.clone(), &d.dirs).is_ok(), "{disk:?}");
+        r.registry_credentials = Some(pb::RegistryCredentials::default());
     }
 }
 

@@ -23,10 +23,13 @@ use crate::templates;
 /// What a node must hold, or be able to make, for the capsule to boot there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Need {
-    /// A template's root disk (any node can prepare it on demand).
+    /// A template's root disk.
     Template {
         /// Key prefix shared by every digest of the template.
         key_prefix: String,
+        /// Any node can prepare it on demand; false for a private image,
+        /// whose credentials go with the template's own preparation only.
+        preparable: bool,
     },
     /// A warm template's snapshot: any node holding it will do.
     Warm {
@@ -95,9 +98,12 @@ impl Source {
             resources: self.resources,
             node_selector: Some(&cap.spec.node_selector),
             template: match &self.need {
-                Need::Template { key_prefix } => Some(TemplateNeed {
+                Need::Template {
                     key_prefix,
-                    preparable: true,
+                    preparable,
+                } => Some(TemplateNeed {
+                    key_prefix,
+                    preparable: *preparable,
                 }),
                 _ => None,
             },
@@ -225,6 +231,7 @@ pub(super) fn validate_template(
             }),
             need: Need::Template {
                 key_prefix: templates::key_prefix(ns, name),
+                preparable: tpl.spec.pull_secret().is_none(),
             },
             template_selector: selector,
             kernel: templates::kernel(&tpl),
