@@ -296,6 +296,8 @@ async fn kubectl_wrenn_reaches_into_a_real_guest() {
 
     step("exec: exit code, stdout and stderr apart");
     exit_code_and_outputs(&bed).await;
+    step("figure: exec round trips, through the API server and direct");
+    exec_round_trips(&bed).await;
     step("exec -i: a stdin pipeline, its end reaching the process");
     stdin_pipeline(&bed).await;
     step("console: the boot log");
@@ -341,6 +343,44 @@ async fn exit_code_and_outputs(bed: &Bed) {
         .wrenn(&["exec", CAP, "--", "/no/such/program"])
         .await;
     assert_ne!(ran.code, Some(0), "{ran:?}");
+}
+
+/// Figures, not assertions: `true` in the guest through API server →
+/// gateway → agent → guest beside the agent's own Exec (the call the
+/// gateway makes), interleaved so both see the same load.
+async fn exec_round_trips(bed: &Bed) {
+    const SAMPLES: usize = 20;
+    let uid = kube::ResourceExt::uid(&bed.caps().get(CAP).await.unwrap()).unwrap();
+    let mut agent = bed.agent.connect().await.unwrap();
+    let (mut via, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        let r = gateway_bed::exec(&bed.alice, &bed.ns, CAP, &["true"], None)
+            .await
+            .unwrap();
+        via.push(t.elapsed());
+        assert_eq!(r.status["status"], "Success", "{r:?}");
+        let t = Instant::now();
+        let r = wrenn_e2e::agent::exec(&mut agent, &uid, &["true"], b"")
+            .await
+            .unwrap();
+        direct.push(t.elapsed());
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    via.sort();
+    direct.sort();
+    let ms = |d: &[Duration], q: f64| {
+        d[((d.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
+    };
+    eprintln!(
+        "figure: exec `true` in a TCG guest ({SAMPLES} each): through the API server p50 {:.1} ms \
+         p99 {:.1} ms; direct agent gRPC p50 {:.1} ms p99 {:.1} ms; ratio p50 {:.2}x",
+        ms(&via, 0.5),
+        ms(&via, 0.99),
+        ms(&direct, 0.5),
+        ms(&direct, 0.99),
+        ms(&via, 0.5) / ms(&direct, 0.5)
+    );
 }
 
 async fn stdin_pipeline(bed: &Bed) {
