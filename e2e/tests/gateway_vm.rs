@@ -21,10 +21,9 @@ mod plugin;
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use plugin::{Ran, finish, read_until, run, start};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use wrenn_crds::Capsule;
 use wrenn_crds::capsule::CapsulePhase;
 use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, Pki};
@@ -414,17 +413,9 @@ struct Terminal {
 
 impl Terminal {
     fn open(bed: &Bed, args: &[&str]) -> Terminal {
-        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
-        let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
-        grantpt(&controller).unwrap();
-        unlockpt(&controller).unwrap();
-        let name = ptsname(&controller, Vec::new()).unwrap();
-        let tty = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(name.to_str().unwrap())
-            .unwrap();
-        let controller = std::fs::File::from(controller);
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let controller = std::fs::File::from(pty.master);
+        let tty = std::fs::File::from(pty.slave);
         set_size(&controller, 24, 80);
         let child = std::process::Command::new("setsid")
             .args(["--ctty", "--wait"])
@@ -723,37 +714,8 @@ async fn ports(bed: &Bed) {
     let ps = bed.wrenn_ok(&["ps", CAP]).await;
     assert!(ps.contains("web") && ps.contains("lo"), "{ps}");
 
-    let mut pf = tokio::process::Command::new(&bed.plugin)
-        .arg("--kubeconfig")
-        .arg(&bed.kubeconfig)
-        .args([
-            "port-forward",
-            CAP,
-            &format!(":{WEB}"),
-            &format!(":{LOOPBACK_WEB}"),
-        ])
-        .env_remove("KUBECONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(pf.stdout.take().unwrap()).lines();
-    let mut local = BTreeMap::new();
-    while local.len() < 2 {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("port-forward prints where it listens")
-            .unwrap()
-            .expect("port-forward is running");
-        let (from, remote) = line
-            .strip_prefix("Forwarding from ")
-            .and_then(|l| l.split_once(" -> "))
-            .unwrap_or_else(|| panic!("{line}"));
-        let from: SocketAddr = from.parse().unwrap();
-        local.insert(remote.parse::<u16>().unwrap(), from.port());
-    }
+    let (mut pf, local) =
+        plugin::port_forward(&bed.plugin, &bed.kubeconfig, CAP, &[WEB, LOOPBACK_WEB]).await;
     // httpd may still be starting: ask until it answers.
     for (port, body) in [
         (WEB, "served from the guest"),
