@@ -1,9 +1,10 @@
 //! Tier 3 (vm): the data plane for people through a real guest. The
 //! Go-built kube-apiserver with its front-proxy flags, the real
 //! `wrenn-gateway` behind an `APIService`, the real operator and a real
-//! node agent booting the guest image under QEMU TCG; every step is the
-//! real `kubectl-wrenn` binary run as alice, a static-token user bound to
-//! the chart's aggregated edit role and nothing else.
+//! node agent booting the guest image under QEMU (KVM where the machine
+//! has it, TCG otherwise); every step is the real `kubectl-wrenn` binary
+//! run as alice, a static-token user bound to the chart's aggregated edit
+//! role and nothing else.
 //!
 //! One capsule serves the whole file (a TCG boot costs a minute on a busy
 //! machine), driven as a user would, top to bottom: exec exit codes and
@@ -372,7 +373,7 @@ async fn exec_round_trips(bed: &Bed) {
         d[((d.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
     };
     eprintln!(
-        "figure: exec `true` in a TCG guest ({SAMPLES} each): through the API server p50 {:.1} ms \
+        "figure: exec `true` in a QEMU guest ({SAMPLES} each): through the API server p50 {:.1} ms \
          p99 {:.1} ms; direct agent gRPC p50 {:.1} ms p99 {:.1} ms; ratio p50 {:.2}x",
         ms(&via, 0.5),
         ms(&via, 0.99),
@@ -575,7 +576,7 @@ async fn big_files(bed: &Bed) {
     let sum = bed.sh("sha256sum /root/up.bin").await;
     assert_eq!(sum.split_whitespace().next(), Some(want.as_str()), "{sum}");
     eprintln!(
-        "figure: cp of 50 MiB up through the API server into a TCG guest: {:.1} s ({:.1} MB/s)",
+        "figure: cp of 50 MiB up through the API server into a QEMU guest: {:.1} s ({:.1} MB/s)",
         took.as_secs_f64(),
         BIG as f64 / 1e6 / took.as_secs_f64()
     );
