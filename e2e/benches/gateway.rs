@@ -59,9 +59,17 @@ async fn drain(ws: &mut Ws) -> usize {
     panic!("stream ended without a status");
 }
 
-async fn exec_via_api(client: &kube::Client) {
+/// One exec of `true` through the API server; answers when the upgrade
+/// was answered, the exit status came and the connection closed, each
+/// since the start.
+async fn exec_via_api(client: &kube::Client) -> [Duration; 3] {
+    let t = Instant::now();
     let mut s = ws(client, "exec", "command=true&stdout=true&stderr=true").await;
+    let upgraded = t.elapsed();
     drain(&mut s).await;
+    let status = t.elapsed();
+    while let Some(Ok(_)) = s.next().await {}
+    [upgraded, status, t.elapsed()]
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -119,10 +127,12 @@ async fn run() {
 
     // Exec round trips, interleaved so both see the same load.
     let (mut via, mut direct) = (Vec::new(), Vec::new());
+    let (mut upgraded, mut status) = (Vec::new(), Vec::new());
     for _ in 0..samples {
-        let t = Instant::now();
-        exec_via_api(&alice).await;
-        via.push(t.elapsed());
+        let [u, s, end] = exec_via_api(&alice).await;
+        via.push(end);
+        upgraded.push(u);
+        status.push(s);
         let t = Instant::now();
         let r = wrenn_e2e::agent::exec(&mut agent, &uid, &["true"], b"")
             .await
@@ -132,6 +142,8 @@ async fn run() {
     }
     via.sort();
     direct.sort();
+    upgraded.sort();
+    status.sort();
 
     // Throughput, 64 MiB each way.
     const SIZE: usize = 64 << 20;
@@ -283,6 +295,13 @@ async fn run() {
         } else {
             "missed"
         }
+    );
+    println!(
+        "\nexec through the API server, p50 since the start: upgrade answered {:.1} ms, \
+         exit status received {:.1} ms, connection closed {:.1} ms",
+        ms(pct(&upgraded, 0.5)),
+        ms(pct(&status, 0.5)),
+        ms(v50)
     );
     println!("\n| gateway | value |\n|---|---|");
     println!("| RSS idle | {:.1} MiB |", rss_idle as f64 / 1024.0);

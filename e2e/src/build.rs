@@ -80,9 +80,7 @@ fn set_by_cargo_for_the_test(name: &str) -> bool {
         "OUT_DIR",
         "CARGO_MANIFEST_LINKS",
     ];
-    name.starts_with("CARGO_PKG_")
-        || name.starts_with("CARGO_MANIFEST_")
-        || EXACT.contains(&name)
+    name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_MANIFEST_") || EXACT.contains(&name)
 }
 
 /// The toolchain `rust-toolchain.toml` pins (its `channel`).

@@ -88,7 +88,8 @@ impl Bed {
 
     /// A shell script in the capsule through `kubectl wrenn exec`.
     async fn sh(&self, script: &str) -> String {
-        self.wrenn_ok(&["exec", CAP, "--", "sh", "-c", script]).await
+        self.wrenn_ok(&["exec", CAP, "--", "sh", "-c", script])
+            .await
     }
 
     fn caps(&self) -> Api<Capsule> {
@@ -262,8 +263,11 @@ async fn setup(image: &GuestImage, helm: &Helm, ready: Duration) -> Result<Bed, 
         _cp: cp,
     };
     let boot = Instant::now();
-    bed.wait_phase(CapsulePhase::Running, (ready * 2).max(Duration::from_secs(300)))
-        .await;
+    bed.wait_phase(
+        CapsulePhase::Running,
+        (ready * 2).max(Duration::from_secs(300)),
+    )
+    .await;
     eprintln!(
         "figure: {CAP} Running {:.1} s after apply",
         boot.elapsed().as_secs_f64()
@@ -339,9 +343,7 @@ async fn exit_code_and_outputs(bed: &Bed) {
     assert_eq!(ran.stderr, "to-err\n", "{ran:?}");
     let uname = bed.wrenn_ok(&["exec", CAP, "--", "uname", "-r"]).await;
     assert_eq!(uname.trim(), bed.release, "not the guest's kernel");
-    let ran = bed
-        .wrenn(&["exec", CAP, "--", "/no/such/program"])
-        .await;
+    let ran = bed.wrenn(&["exec", CAP, "--", "/no/such/program"]).await;
     assert_ne!(ran.code, Some(0), "{ran:?}");
 }
 
@@ -587,8 +589,12 @@ async fn big_files(bed: &Bed) {
     let guest_sum = sum.split_whitespace().next().unwrap().to_string();
     let down = bed.dir.path().join("down.bin");
     let t = Instant::now();
-    bed.wrenn_ok(&["cp", &format!("{CAP}:/root/down.bin"), down.to_str().unwrap()])
-        .await;
+    bed.wrenn_ok(&[
+        "cp",
+        &format!("{CAP}:/root/down.bin"),
+        down.to_str().unwrap(),
+    ])
+    .await;
     let took = t.elapsed();
     let got = std::fs::read(&down).unwrap();
     assert_eq!(got.len(), BIG);
@@ -668,7 +674,9 @@ async fn directory_round_trip(bed: &Bed) {
 }
 
 fn proxy_path(ns: &str, port: u16, rest: &str) -> String {
-    format!("/apis/subresources.wrenn.dev/v1alpha1/namespaces/{ns}/capsules/{CAP}/proxy/{port}{rest}")
+    format!(
+        "/apis/subresources.wrenn.dev/v1alpha1/namespaces/{ns}/capsules/{CAP}/proxy/{port}{rest}"
+    )
 }
 
 /// An HTTP/1.0 GET of `path` from 127.0.0.1:`port`; the whole answer.
@@ -694,7 +702,18 @@ async fn ports(bed: &Bed) {
     )
     .await;
     bed.wrenn_ok(&[
-        "exec", "-d", "--tag", "web", CAP, "--", "httpd", "-f", "-p", "8080", "-h", "/root/www",
+        "exec",
+        "-d",
+        "--tag",
+        "web",
+        CAP,
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/root/www",
     ])
     .await;
     bed.wrenn_ok(&[
@@ -805,16 +824,25 @@ async fn detached_process(bed: &Bed) {
     attached.kill().await.unwrap();
     drop(attached);
     let ps = bed.wrenn_ok(&["ps", CAP]).await;
-    let row = ps.lines().find(|l| l.contains("ticker")).unwrap_or_default();
+    let row = ps
+        .lines()
+        .find(|l| l.contains("ticker"))
+        .unwrap_or_default();
     assert!(row.to_lowercase().contains("running"), "{ps}");
     let before = last_tick(&bed.wrenn_ok(&["logs", CAP, "ticker"]).await).unwrap();
 
     let t = Instant::now();
     bed.wrenn_ok(&["suspend", CAP]).await;
-    eprintln!("figure: kubectl wrenn suspend {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "figure: kubectl wrenn suspend {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let t = Instant::now();
     bed.wrenn_ok(&["resume", CAP]).await;
-    eprintln!("figure: kubectl wrenn resume {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "figure: kubectl wrenn resume {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // It ran on after the restore: ticks past the suspend, the output from
     // before kept.
@@ -884,8 +912,5 @@ async fn open_exec_is_activity(bed: &Bed) {
         "figure: deleted as idle {:.0} s after the exec ended (idleTimeout 30s)",
         closed.elapsed().as_secs_f64()
     );
-    let _ = bed
-        .caps()
-        .delete(CAP, &DeleteParams::default())
-        .await;
+    let _ = bed.caps().delete(CAP, &DeleteParams::default()).await;
 }

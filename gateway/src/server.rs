@@ -95,12 +95,11 @@ pub async fn serve(
     }
 }
 
-/// Socket options of every accepted connection: no Nagle delay. A
-/// session writes many small frames in a row (the 101, the first empty
-/// frame, output, the status, the close; each key of a terminal, each
-/// ping on a forwarded port); with Nagle each waited for the API server's
-/// delayed ACK of the one before, about 40 ms a time, which made an exec
-/// of `true` through the gateway 6x the agent's own call.
+/// Socket options of every accepted connection: no Nagle delay, as Go's
+/// net package gives the API server and the kubelet. Sessions write many
+/// small frames in a row (the 101, the first empty frame, output, the
+/// status, the close; a terminal's echo; a forwarded port's replies),
+/// which must not wait for the peer's ACK of the one before.
 fn configure_accepted(tcp: &tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = &e as &dyn std::error::Error, "set TCP_NODELAY");

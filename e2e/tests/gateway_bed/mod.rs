@@ -387,7 +387,12 @@ async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGue
 }
 
 /// A kubeconfig for a static-token user whose context names `namespace`.
-pub fn kubeconfig_in(cp: &ControlPlane, user: &str, token: &str, namespace: Option<&str>) -> PathBuf {
+pub fn kubeconfig_in(
+    cp: &ControlPlane,
+    user: &str,
+    token: &str,
+    namespace: Option<&str>,
+) -> PathBuf {
     let path = cp.kubeconfig_for(user, token).unwrap();
     if let Some(ns) = namespace {
         let mut kc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
