@@ -138,7 +138,6 @@ async fn prerequisites() -> Result<(GuestImage, Helm), String> {
         .and_then(|_| need_program("vhost-device-vsock"))
         .and_then(|_| need_program("openssl"))
         .and_then(|_| need_program("ip"))
-        .and_then(|_| need_program("curl"))
         .and_then(|_| need_program("setsid"))?;
     let helm = Helm::find().map_err(|e| format!("no helm: {e:#}"))?;
     let image = tokio::task::spawn_blocking(GuestImage::build)
