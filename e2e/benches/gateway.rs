@@ -59,9 +59,41 @@ async fn drain(ws: &mut Ws) -> usize {
     panic!("stream ended without a status");
 }
 
-async fn exec_via_api(client: &kube::Client) {
+/// One exec of `true` through the API server; answers when the upgrade
+/// was answered, the exit status came and the connection closed, each
+/// since the start.
+async fn exec_via_api(client: &kube::Client) -> [Duration; 3] {
+    let t = Instant::now();
     let mut s = ws(client, "exec", "command=true&stdout=true&stderr=true").await;
+    let upgraded = t.elapsed();
     drain(&mut s).await;
+    let status = t.elapsed();
+    while let Some(Ok(_)) = s.next().await {}
+    [upgraded, status, t.elapsed()]
+}
+
+/// A client of `kubeconfig` like [`wrenn_e2e::client_from`]'s, but whose
+/// connections have `TCP_NODELAY` (kube's HTTP connector leaves Nagle on;
+/// Go clients such as kubectl turn it off).
+async fn nodelay_client(kubeconfig: &std::path::Path) -> kube::Client {
+    use kube::client::ConfigExt as _;
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = config.rustls_https_connector_with_connector(http).unwrap();
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer().unwrap())
+        .map_err(tower::BoxError::from)
+        .service(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https),
+        );
+    kube::Client::new(service, config.default_namespace)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -119,10 +151,12 @@ async fn run() {
 
     // Exec round trips, interleaved so both see the same load.
     let (mut via, mut direct) = (Vec::new(), Vec::new());
+    let (mut upgraded, mut status) = (Vec::new(), Vec::new());
     for _ in 0..samples {
-        let t = Instant::now();
-        exec_via_api(&alice).await;
-        via.push(t.elapsed());
+        let [u, s, end] = exec_via_api(&alice).await;
+        via.push(end);
+        upgraded.push(u);
+        status.push(s);
         let t = Instant::now();
         let r = wrenn_e2e::agent::exec(&mut agent, &uid, &["true"], b"")
             .await
@@ -132,6 +166,18 @@ async fn run() {
     }
     via.sort();
     direct.sort();
+    upgraded.sort();
+    status.sort();
+    // The same through a client with TCP_NODELAY.
+    let quick = nodelay_client(&bed.alice_kubeconfig).await;
+    let mut via_nodelay = Vec::new();
+    for i in 0..samples + 10 {
+        let [_, _, end] = exec_via_api(&quick).await;
+        if i >= 10 {
+            via_nodelay.push(end);
+        }
+    }
+    via_nodelay.sort();
 
     // Throughput, 64 MiB each way.
     const SIZE: usize = 64 << 20;
@@ -283,6 +329,18 @@ async fn run() {
         } else {
             "missed"
         }
+    );
+    println!(
+        "\nexec through the API server, p50 since the start: upgrade answered {:.1} ms, \
+         exit status received {:.1} ms, connection closed {:.1} ms",
+        ms(pct(&upgraded, 0.5)),
+        ms(pct(&status, 0.5)),
+        ms(v50)
+    );
+    println!(
+        "exec through the API server from a client with TCP_NODELAY: p50 {:.1} ms, p99 {:.1} ms",
+        ms(pct(&via_nodelay, 0.5)),
+        ms(pct(&via_nodelay, 0.99))
     );
     println!("\n| gateway | value |\n|---|---|");
     println!("| RSS idle | {:.1} MiB |", rss_idle as f64 / 1024.0);

@@ -11,9 +11,9 @@
 #                  (default 0; e.g. the number of cores)
 #   -e EVERY       with -l: load only every EVERY-th run (runs EVERY, 2*EVERY,
 #                  ...), so one soak mixes quiet and loaded runs (default 1)
-#   -t BINARY      only this vm-tier test binary (repeatable): agent_vm,
+#   -t BINARY      only this vm-tier test binary (repeatable): agent_vm, gateway_vm,
 #                  operator_vm, guest_boot (wrenn-e2e), vmm_qemu, warm_vm,
-#                  isolation_vm, processes_vm (wrenn-node-agent); default all seven
+#                  isolation_vm, processes_vm (wrenn-node-agent); default all eight
 #   -x             stop at the first failed run (default: run them all)
 #
 # Exits non-zero when any run failed. Logs go to $SOAK_LOG_DIR (default a
@@ -34,14 +34,14 @@ while getopts "n:l:e:t:x" opt; do
     *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
-[ ${#bins[@]} -gt 0 ] || bins=(agent_vm operator_vm guest_boot vmm_qemu warm_vm isolation_vm processes_vm)
+[ ${#bins[@]} -gt 0 ] || bins=(agent_vm operator_vm gateway_vm guest_boot vmm_qemu warm_vm isolation_vm processes_vm)
 
 # --workspace, not -p: the features then resolve as for `cargo test
 # --workspace`, so the soak reuses CI's build instead of compiling its own.
 args=(--workspace)
 for b in "${bins[@]}"; do
   case $b in
-    agent_vm | operator_vm | guest_boot | vmm_qemu | warm_vm | isolation_vm | processes_vm) args+=(--test "$b") ;;
+    agent_vm | operator_vm | gateway_vm | guest_boot | vmm_qemu | warm_vm | isolation_vm | processes_vm) args+=(--test "$b") ;;
     *) echo "unknown vm-tier test binary $b" >&2; exit 2 ;;
   esac
 done

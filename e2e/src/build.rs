@@ -42,7 +42,13 @@ pub fn cargo_build(package: &str, bin: &str) -> Result<PathBuf> {
 fn build_now(package: &str, bin: &str) -> Result<PathBuf> {
     let root = workspace_root();
     let channel = pinned_channel(&root)?;
-    let status = pinned_cargo(&channel, std::env::var_os("CARGO"))
+    let mut cmd = pinned_cargo(&channel, std::env::var_os("CARGO"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_the_test) {
+            cmd.env_remove(&name);
+        }
+    }
+    let status = cmd
         .args(["build", "--locked", "-q", "--workspace", "--bin", bin])
         .args(DEV_UNIT)
         .current_dir(&root)
@@ -55,6 +61,26 @@ fn build_now(package: &str, bin: &str) -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
     Ok(target.join("debug").join(bin))
+}
+
+/// Whether `name` is a variable cargo sets for the test it runs (the
+/// test's package name, manifest directory, ...), which the build run from
+/// the test must not see: build scripts watch some of them (ring's
+/// `rerun-if-env-changed=CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...), so a
+/// build that saw them and one from a shell that did not each found the
+/// other's ring stale and rebuilt it and everything above it (rustls,
+/// kube, tonic, every Wrenn crate): minutes per switch on a busy machine.
+fn set_by_cargo_for_the_test(name: &str) -> bool {
+    const EXACT: [&str; 7] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+        "CARGO_MANIFEST_LINKS",
+    ];
+    name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_MANIFEST_") || EXACT.contains(&name)
 }
 
 /// The toolchain `rust-toolchain.toml` pins (its `channel`).
@@ -110,6 +136,31 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
+
+    #[test]
+    fn what_cargo_sets_for_a_test_is_kept_from_the_inner_build() {
+        for name in [
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo_for_the_test(name), "{name}");
+        }
+        // What configures the build stays.
+        for name in [
+            "CARGO",
+            "CARGO_TARGET_DIR",
+            "CARGO_HOME",
+            "CARGO_INCREMENTAL",
+            "CARGO_BUILD_JOBS",
+            "RUSTUP_TOOLCHAIN",
+        ] {
+            assert!(!set_by_cargo_for_the_test(name), "{name}");
+        }
+    }
 
     #[test]
     fn the_channel_is_read_from_the_toolchain_file() {

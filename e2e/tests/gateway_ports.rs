@@ -13,17 +13,17 @@
 #![allow(clippy::unwrap_used)]
 
 mod gateway_bed;
+mod plugin;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use gateway_bed::{Bed, NS, call, eventually, json_of};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -266,38 +266,8 @@ async fn ports_are_forwarded_and_proxied_to_declared_ports_only() {
         .unwrap();
 
     // kubectl wrenn port-forward as alice, two ports on free local ones.
-    let mut child = tokio::process::Command::new(&plugin)
-        .arg("--kubeconfig")
-        .arg(&b.alice_kubeconfig)
-        .args([
-            "port-forward",
-            "box",
-            &format!(":{net_port}"),
-            &format!(":{lo_port}"),
-        ])
-        .env_remove("KUBECONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut local = std::collections::HashMap::new();
-    while local.len() < 2 {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("port-forward prints where it listens")
-            .unwrap()
-            .expect("port-forward is running");
-        // "Forwarding from 127.0.0.1:LOCAL -> REMOTE"
-        let (from, remote) = line
-            .strip_prefix("Forwarding from ")
-            .and_then(|l| l.split_once(" -> "))
-            .unwrap_or_else(|| panic!("{line}"));
-        let from: SocketAddr = from.parse().unwrap();
-        local.insert(remote.parse::<u16>().unwrap(), from.port());
-    }
+    let (mut child, local) =
+        plugin::port_forward(&plugin, &b.alice_kubeconfig, "box", &[net_port, lo_port]).await;
 
     // 20 concurrent connections, each with its own bytes, half-closed.
     let t = Instant::now();

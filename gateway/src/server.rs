@@ -59,6 +59,7 @@ pub async fn serve(
                 }
             },
         };
+        configure_accepted(&tcp);
         let Some(loaded) = gw.front.current() else {
             // No trust loaded yet: nobody can be authenticated.
             drop(tcp);
@@ -91,6 +92,17 @@ pub async fn serve(
                 tracing::debug!(%peer_addr, error = &*e as &dyn std::error::Error, "connection");
             }
         });
+    }
+}
+
+/// Socket options of every accepted connection: no Nagle delay, as Go's
+/// net package gives the API server and the kubelet. Sessions write many
+/// small frames in a row (the 101, the first empty frame, output, the
+/// status, the close; a terminal's echo; a forwarded port's replies),
+/// which must not wait for the peer's ACK of the one before.
+fn configure_accepted(tcp: &tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = &e as &dyn std::error::Error, "set TCP_NODELAY");
     }
 }
 
@@ -361,4 +373,22 @@ async fn transfer_upgrade(
     upgrade::answer(req, &key, protocol, move |ws| {
         transfer::bridge(ws, name, opened)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_write_small_frames_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        assert!(!tcp.nodelay().unwrap(), "the kernel's default has Nagle on");
+        configure_accepted(&tcp);
+        assert!(tcp.nodelay().unwrap());
+    }
 }

@@ -126,7 +126,8 @@ fn leaf(
     std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
 }
 
-async fn namespace(client: &kube::Client, name: &str) {
+/// Creates namespace `name` unless it exists.
+pub async fn namespace(client: &kube::Client, name: &str) {
     let api: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": name } })).unwrap();
     match api.create(&PostParams::default(), &ns).await {
@@ -136,7 +137,9 @@ async fn namespace(client: &kube::Client, name: &str) {
     }
 }
 
-async fn bind(client: &kube::Client, ns: &str, user: &str, role: &str) {
+/// Binds `user` to ClusterRole `role` in `ns` (directly: no
+/// kube-controller-manager aggregates the chart's roles here).
+pub async fn bind(client: &kube::Client, ns: &str, user: &str, role: &str) {
     let api: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
     let rb: RoleBinding = serde_json::from_value(json!({
         "metadata": { "name": format!("{user}-{role}") },
@@ -195,6 +198,42 @@ pub async fn capsule_in(client: &kube::Client, ns: &str, name: &str, phase: &str
     )
     .await;
     created.metadata.uid.unwrap()
+}
+
+/// Applies the chart's RBAC: the gateway's own (ServiceAccount, auth
+/// delegation) and the user roles aggregating into `edit` and `view`
+/// (`wrenn-edit`, `wrenn-view`), in [`RELEASE_NS`].
+pub async fn install_chart_rbac(cp: &ControlPlane, helm: &Helm, admin: &kube::Client) {
+    namespace(admin, RELEASE_NS).await;
+    let chart = chart_dir().display().to_string();
+    let rendered = helm
+        .ok(&[
+            "template",
+            RELEASE,
+            &chart,
+            "-n",
+            RELEASE_NS,
+            "--kube-version=1.36.3",
+            "--show-only",
+            "templates/gateway-rbac.yaml",
+            "--show-only",
+            "templates/user-rbac.yaml",
+            "--show-only",
+            "templates/serviceaccounts.yaml",
+        ])
+        .unwrap();
+    let docs = documents(&rendered).unwrap();
+    assert!(
+        docs.iter()
+            .any(|d| d["metadata"]["name"] == GATEWAY && d["kind"] == "ServiceAccount")
+    );
+    let manifest = cp.dir().unwrap().join("gateway-rbac.json");
+    std::fs::write(
+        &manifest,
+        json!({ "apiVersion": "v1", "kind": "List", "items": docs }).to_string(),
+    )
+    .unwrap();
+    cp.kubectl_ok(&["apply", "-f"], Some(&manifest)).unwrap();
 }
 
 /// Polls `attempt` every 250 ms for up to `within`.
@@ -348,7 +387,12 @@ async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGue
 }
 
 /// A kubeconfig for a static-token user whose context names `namespace`.
-fn kubeconfig_in(cp: &ControlPlane, user: &str, token: &str, namespace: Option<&str>) -> PathBuf {
+pub fn kubeconfig_in(
+    cp: &ControlPlane,
+    user: &str,
+    token: &str,
+    namespace: Option<&str>,
+) -> PathBuf {
     let path = cp.kubeconfig_for(user, token).unwrap();
     if let Some(ns) = namespace {
         let mut kc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -451,37 +495,7 @@ impl Bed {
         let helm = Helm::find().map_err(|e| format!("no helm: {e:#}"))?;
         let admin = cp.client().await.unwrap();
 
-        // The chart's RBAC: the gateway's own and the aggregated user roles.
-        namespace(&admin, RELEASE_NS).await;
-        let chart = chart_dir().display().to_string();
-        let rendered = helm
-            .ok(&[
-                "template",
-                RELEASE,
-                &chart,
-                "-n",
-                RELEASE_NS,
-                "--kube-version=1.36.3",
-                "--show-only",
-                "templates/gateway-rbac.yaml",
-                "--show-only",
-                "templates/user-rbac.yaml",
-                "--show-only",
-                "templates/serviceaccounts.yaml",
-            ])
-            .unwrap();
-        let docs = documents(&rendered).unwrap();
-        assert!(
-            docs.iter()
-                .any(|d| d["metadata"]["name"] == GATEWAY && d["kind"] == "ServiceAccount")
-        );
-        let manifest = cp.dir().unwrap().join("gateway-rbac.json");
-        std::fs::write(
-            &manifest,
-            json!({ "apiVersion": "v1", "kind": "List", "items": docs }).to_string(),
-        )
-        .unwrap();
-        cp.kubectl_ok(&["apply", "-f"], Some(&manifest)).unwrap();
+        install_chart_rbac(&cp, &helm, &admin).await;
         namespace(&admin, NS).await;
         // Bound directly: no kube-controller-manager aggregates them here.
         bind(&admin, NS, "alice", "wrenn-edit").await;

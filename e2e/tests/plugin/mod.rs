@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 /// How long one run may take before the test fails: long enough for the
 /// biggest copy the tests make on a busy machine.
@@ -82,4 +82,44 @@ pub async fn read_until(child: &mut tokio::process::Child, want: &str) -> String
     .await
     .unwrap_or_else(|_| panic!("no {want:?} within 30 s: {seen:?}"));
     String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Starts `kubectl wrenn port-forward CAPSULE :P…` (a free local port for
+/// each remote one) and waits until it says where it listens; answers the
+/// plugin (killed on drop) and each remote port's local one.
+pub async fn port_forward(
+    bin: &Path,
+    kc: &Path,
+    capsule: &str,
+    remote: &[u16],
+) -> (tokio::process::Child, std::collections::BTreeMap<u16, u16>) {
+    let mut child = tokio::process::Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(kc)
+        .args(["port-forward", capsule])
+        .args(remote.iter().map(|p| format!(":{p}")))
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut local = std::collections::BTreeMap::new();
+    while local.len() < remote.len() {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("port-forward prints where it listens")
+            .unwrap()
+            .expect("port-forward is running");
+        // "Forwarding from 127.0.0.1:LOCAL -> REMOTE"
+        let (from, to) = line
+            .strip_prefix("Forwarding from ")
+            .and_then(|l| l.split_once(" -> "))
+            .unwrap_or_else(|| panic!("{line}"));
+        let from: std::net::SocketAddr = from.parse().unwrap();
+        local.insert(to.parse::<u16>().unwrap(), from.port());
+    }
+    (child, local)
 }
