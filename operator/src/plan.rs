@@ -49,6 +49,25 @@ pub struct EgressPolicy {
     pub deny: bool,
     /// With `deny`, the CIDRs still reachable: sorted, without duplicates.
     pub allow_cidrs: Vec<String>,
+    /// With `deny`, the host names still reachable: sorted, without
+    /// duplicates.
+    pub allow_hosts: Vec<String>,
+    /// `spec.network.dns`; `None` when absent or empty (the node's
+    /// defaults).
+    pub dns: Option<DnsPolicy>,
+}
+
+/// `spec.network.dns` in comparable form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsPolicy {
+    /// Upstream nameservers, in order.
+    pub nameservers: Vec<String>,
+    /// Search domains, in order.
+    pub searches: Vec<String>,
+    /// resolv.conf options, in order.
+    pub options: Vec<String>,
+    /// Name resolution closed under deny.
+    pub block_under_deny: bool,
 }
 
 impl EgressPolicy {
@@ -56,7 +75,21 @@ impl EgressPolicy {
     pub fn new(deny: bool, mut allow_cidrs: Vec<String>) -> Self {
         allow_cidrs.sort();
         allow_cidrs.dedup();
-        Self { deny, allow_cidrs }
+        Self {
+            deny,
+            allow_cidrs,
+            ..Self::default()
+        }
+    }
+
+    /// With allowed host names (canonical order) and DNS settings (the
+    /// empty settings read as `None`).
+    pub fn with_names(mut self, mut allow_hosts: Vec<String>, dns: Option<DnsPolicy>) -> Self {
+        allow_hosts.sort();
+        allow_hosts.dedup();
+        self.allow_hosts = allow_hosts;
+        self.dns = dns.filter(|d| *d != DnsPolicy::default());
+        self
     }
 }
 

@@ -129,6 +129,20 @@ pub fn tcp_stream_in_netns(
     })
 }
 
+/// Runs `make` on a thread inside the network namespace at `netns`: the
+/// sockets it opens (a listener, a UDP socket) belong to that namespace
+/// for their whole life, wherever they are used afterwards. Blocking.
+pub fn sockets_in_netns<T: Send>(
+    netns: &Path,
+    make: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    on_thread(move || {
+        let ns = File::open(netns)?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        make()
+    })
+}
+
 /// Unmounts and removes a named namespace. The namespace itself, with its
 /// links, TAP, nftables tables and conntrack entries, goes away once no
 /// process or mount holds it. `Ok(false)` if there was nothing to remove.

@@ -63,7 +63,9 @@ impl<M: Machine + 'static> Ctx<M> {
                     source: Box::new(source),
                 })
         })
-        .await
+        .await?;
+        // Whether DNS stays open depends on the policy.
+        self.apply_names(rec).await
     }
 
     /// Recovery: the journal's policy is the one to hold for a capsule

@@ -170,6 +170,7 @@ fn request() -> pb::CreateCapsuleRequest {
                 egress: pb::Egress::Deny as i32,
                 allow_cidrs: vec!["198.51.100.0/24".into()],
                 ports: vec![],
+                ..Default::default()
             }),
         }),
         initial_state: 0,
@@ -241,6 +242,7 @@ fn deny_with_cidrs_allows_exactly_those_and_allow_with_cidrs_is_refused() {
         egress: egress as i32,
         allow_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
         ports: vec![],
+        ..Default::default()
     };
     assert_eq!(
         from_network(net(pb::Egress::Deny, &["203.0.113.0/24"])).unwrap(),
