@@ -1096,6 +1096,43 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_host_list_or_resolver_is_a_network_update() {
+        let deny = EgressPolicy::new(true, vec![]);
+        let dns = DnsPolicy {
+            searches: vec!["corp.example".into()],
+            ..DnsPolicy::default()
+        };
+        let mut v = vm(VmState::Running);
+        v.egress = deny.clone();
+        for wanted in [
+            deny.clone().with_names(vec!["pypi.org".into()], None),
+            deny.clone().with_names(vec![], Some(dns.clone())),
+        ] {
+            let mut f = facts(
+                OperatingMode::Running,
+                Some("n1"),
+                Some(CapsulePhase::Running),
+                Observed::Present(&v),
+            );
+            f.egress = wanted.clone();
+            assert_eq!(plan_capsule(&f).action, NodeAction::UpdateNetwork, "{wanted:?}");
+        }
+        // Same names in another order, and empty DNS settings, are no change.
+        v.egress = deny.clone().with_names(
+            vec!["b.example".into(), "a.example".into()],
+            Some(DnsPolicy::default()),
+        );
+        let mut f = facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.egress = deny.with_names(vec!["a.example".into(), "b.example".into()], None);
+        assert_eq!(plan_capsule(&f).action, NodeAction::None);
+    }
+
+    #[test]
     fn a_mode_change_goes_first_and_the_network_waits_for_a_settled_vm() {
         let deny = EgressPolicy::new(true, vec![]);
         let v = vm(VmState::Running);

@@ -139,12 +139,17 @@ mod tests {
         assert_eq!(b.sup.get("c1").unwrap().state, State::Running);
         assert_eq!(journaled(&b, "c1"), listed());
         let calls = b.net.calls();
+        // The policy, then the names table (whether DNS stays open
+        // depends on the policy).
         assert_eq!(
-            calls.last(),
-            Some(&NetCall::UpdatePolicy(
-                id.clone(),
-                EgressPolicy::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
-            ))
+            calls[calls.len() - 2..],
+            [
+                NetCall::UpdatePolicy(
+                    id.clone(),
+                    EgressPolicy::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
+                ),
+                NetCall::SetNames(id.clone(), Default::default()),
+            ]
         );
         // Not rebuilt: one setup, from the create.
         assert_eq!(

@@ -132,3 +132,68 @@ impl<M: Machine + 'static> Ctx<M> {
         self.write_resolver(rec, &client).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::capsule::model::testing::spec;
+    use crate::capsule::model::State;
+    use crate::capsule::{Host, Supervisor, SupervisorConfig};
+    use crate::network::dns::AllowHosts;
+    use crate::network::{CapsuleId, FakeNet, NetCall, Names};
+    use crate::storage::FakeBlockStore;
+    use crate::vmm::FakeMachine;
+
+    fn names(h: &[&str]) -> Names {
+        Names {
+            allow_hosts: AllowHosts::parse(&h.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap(),
+            ..Names::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn names_are_journaled_applied_in_place_and_reapplied_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(FakeNet::new());
+        let sup = Supervisor::new(
+            Host {
+                machine: Arc::new(FakeMachine::new()),
+                net: net.clone(),
+                store: Arc::new(FakeBlockStore::new()),
+            },
+            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
+        );
+        let id = CapsuleId::new("c1").unwrap();
+        sup.create("c1", spec("c1"), State::Running).await.unwrap();
+        // The network's setup started the proxy with the spec's names.
+        assert!(net.calls().contains(&NetCall::SetNames(id.clone(), Names::default())));
+
+        let v = sup.update_names("c1", names(&["pypi.org"])).await.unwrap();
+        assert_eq!(v.spec.names, names(&["pypi.org"]));
+        assert_eq!(
+            net.calls().last(),
+            Some(&NetCall::SetNames(id.clone(), names(&["pypi.org"])))
+        );
+        let journaled: crate::capsule::record::Record = crate::state::Journal::new(dir.path())
+            .read("c1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(journaled.spec.names, names(&["pypi.org"]));
+        // The same names again change nothing on the host.
+        let before = net.calls().len();
+        sup.update_names("c1", names(&["pypi.org"])).await.unwrap();
+        assert_eq!(net.calls().len(), before);
+
+        // Suspended: recorded, applied when the network is made again.
+        sup.suspend("c1").await.unwrap();
+        sup.update_names("c1", names(&["*.github.com"])).await.unwrap();
+        let before = net.calls().len();
+        sup.resume("c1").await.unwrap();
+        assert!(
+            net.calls()[before..]
+                .contains(&NetCall::SetNames(id.clone(), names(&["*.github.com"])))
+        );
+    }
+}
