@@ -537,7 +537,7 @@ async fn the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one() {
         GuestClient::wait_ready("c1", &agent.vsock, 1024, "", quick(), Duration::from_secs(10))
             .await
             .unwrap();
-    g.init(&params("resolver-token")).await.unwrap();
+    g.init(&params("resolver-guest-token-0123")).await.unwrap();
     // A restored guest carries the file of the capsule it was snapshotted
     // from; the agent's write replaces it whole. (A host-process guest
     // writes under its temp dir, never the host's /etc.)
