@@ -305,6 +305,7 @@ fn dnat_table(name: &str) -> Table {
                 dnat(NODE_PORT_LOCAL, NODE_UPLINK_ADDR),
             ],
         }],
+        sets: vec![],
     }
 }
 
