@@ -473,7 +473,7 @@ pub enum Error {
     },
     /// Starting, changing or loading the table of a capsule's DNS proxy
     /// failed.
-    #[error("{action} DNS proxy of capsule {capsule}")]
+    #[error("{action} the DNS proxy of capsule {capsule}")]
     DnsProxy {
         /// What was being done.
         action: &'static str,

@@ -118,7 +118,7 @@ impl NameService {
             return p.update(settings, load).map_err(err("update"));
         }
         // Table first: the proxy's first answer may need the set.
-        load(Vec::new()).map_err(err("load the names table of"))?;
+        load(Vec::new()).map_err(err("load the names table for"))?;
         let rt = tokio::runtime::Handle::try_current()
             .map_err(|e| std::io::Error::other(e.to_string()))
             .map_err(err("start"))?;
