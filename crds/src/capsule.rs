@@ -8,8 +8,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-pub use crate::limits::{MIN_DISK_BYTES, MIN_MEMORY_BYTES, NEVER_REACHABLE_CIDRS};
 pub use crate::dns::DnsSpec;
+pub use crate::limits::{MIN_DISK_BYTES, MIN_MEMORY_BYTES, NEVER_REACHABLE_CIDRS};
 use crate::quantity::with;
 
 /// Desired state of a capsule.

@@ -133,10 +133,25 @@ mod tests {
     #[test]
     fn host_pattern_takes_names_and_one_leading_wildcard() {
         let re = regex_lite(HOST_PATTERN);
-        for ok in ["pypi.org", "*.github.com", "a-b.c.d", "localhost", "*.a.b.c"] {
+        for ok in [
+            "pypi.org",
+            "*.github.com",
+            "a-b.c.d",
+            "localhost",
+            "*.a.b.c",
+        ] {
             assert!(re(ok), "{ok}");
         }
-        for bad in ["*", "*.com", "a.*.com", "PyPI.org", "-a.com", "a..b", "*github.com", "a.com."] {
+        for bad in [
+            "*",
+            "*.com",
+            "a.*.com",
+            "PyPI.org",
+            "-a.com",
+            "a..b",
+            "*github.com",
+            "a.com.",
+        ] {
             assert!(!re(bad), "{bad}");
         }
     }

@@ -189,7 +189,9 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
         (
             "allowHosts with DNS closed",
             "Capsule",
-            capsule(json!({"network": {"egress": "Deny", "allowHosts": ["pypi.org"], "dns": {"blockUnderDeny": true}}})),
+            capsule(
+                json!({"network": {"egress": "Deny", "allowHosts": ["pypi.org"], "dns": {"blockUnderDeny": true}}}),
+            ),
             "network.allowHosts needs name resolution",
         ),
         (
@@ -213,7 +215,9 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
         (
             "too many nameservers",
             "Capsule",
-            capsule(json!({"network": {"dns": {"nameservers": ["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]}}})),
+            capsule(
+                json!({"network": {"dns": {"nameservers": ["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]}}}),
+            ),
             "nameservers",
         ),
         (

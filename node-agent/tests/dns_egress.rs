@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use network_env::*;
 use simple_dns::rdata::{A, RData};
-use simple_dns::{CLASS, Name, Packet, PacketFlag, QCLASS, QTYPE, Question, RCODE, ResourceRecord, TYPE};
+use simple_dns::{
+    CLASS, Name, Packet, PacketFlag, QCLASS, QTYPE, Question, RCODE, ResourceRecord, TYPE,
+};
 use wrenn_node_agent::network::dns::{AllowHosts, ClusterDns, DnsConfig};
-use wrenn_node_agent::network::{CapsuleId, EgressPolicy, NetOps, Names, Teardown};
+use wrenn_node_agent::network::{CapsuleId, EgressPolicy, Names, NetOps, Teardown};
 use wrenn_testkit::{Tier, case, need_root};
 
 /// A second address in the internet namespace that no name resolves to.
@@ -35,31 +37,93 @@ macro_rules! host_case {
 /// NXDOMAIN for other names. Runs on a thread until the process ends
 /// (its socket dies with the bed's namespace).
 fn dns_server(ns: &Path, records: &'static [(&'static str, Ipv4Addr)]) {
-    let sock = in_ns(ns, |_| UdpSocket::bind((UPLINK_ADDR, 53))).expect("bind test DNS server");
+    let (sock, tcp) = in_ns(ns, |_| {
+        Ok((
+            UdpSocket::bind((UPLINK_ADDR, 53))?,
+            TcpListener::bind((UPLINK_ADDR, 53))?,
+        ))
+    })
+    .expect("bind test DNS server");
+    let reply = move |query: &[u8]| -> Option<Vec<u8>> {
+        let q = Packet::parse(query).ok()?;
+        let mut r = Packet::new_reply(q.id());
+        r.questions = q.questions.clone();
+        let name = q
+            .questions
+            .first()
+            .map(|q| q.qname.to_string())
+            .unwrap_or_default();
+        let hits: Vec<_> = records.iter().filter(|(n, _)| *n == name).collect();
+        if hits.is_empty() {
+            *r.rcode_mut() = RCODE::NameError;
+        }
+        for (n, ip) in hits {
+            r.answers.push(ResourceRecord::new(
+                Name::new_unchecked(n),
+                CLASS::IN,
+                30,
+                RData::A(A::from(*ip)),
+            ));
+        }
+        r.build_bytes_vec().ok()
+    };
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let Ok(q) = Packet::parse(&buf[..n]) else { continue };
-            let mut r = Packet::new_reply(q.id());
-            r.questions = q.questions.clone();
-            let name = q.questions.first().map(|q| q.qname.to_string()).unwrap_or_default();
-            let hits: Vec<_> = records.iter().filter(|(n, _)| *n == name).collect();
-            if hits.is_empty() {
-                *r.rcode_mut() = RCODE::NameError;
-            }
-            for (n, ip) in hits {
-                r.answers.push(ResourceRecord::new(
-                    Name::new_unchecked(n),
-                    CLASS::IN,
-                    30,
-                    RData::A(A::from(*ip)),
-                ));
-            }
-            if let Ok(bytes) = r.build_bytes_vec() {
+            if let Some(bytes) = reply(&buf[..n]) {
                 let _ = sock.send_to(&bytes, from);
             }
         }
     });
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        while let Ok((mut c, _)) = tcp.accept() {
+            let mut len = [0u8; 2];
+            if c.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if c.read_exact(&mut q).is_err() {
+                continue;
+            }
+            if let Some(a) = reply(&q) {
+                let _ = c.write_all(&(a.len() as u16).to_be_bytes());
+                let _ = c.write_all(&a);
+            }
+        }
+    });
+}
+
+/// Asks the proxy on `server` for `name` over TCP from inside `ns`: the
+/// rcode and the addresses.
+fn resolve_tcp(ns: &Path, server: Ipv4Addr, name: &str) -> (RCODE, Vec<Ipv4Addr>) {
+    use std::io::{Read, Write};
+    let mut q = Packet::new_query(0x7c9);
+    q.questions.push(Question::new(
+        Name::new_unchecked(name),
+        QTYPE::TYPE(TYPE::A),
+        QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    let bytes = q.build_bytes_vec().expect("query");
+    let mut c = connect(ns, SocketAddr::from((server, 53))).expect("proxy accepts TCP");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(&(bytes.len() as u16).to_be_bytes()).unwrap();
+    c.write_all(&bytes).unwrap();
+    let mut len = [0u8; 2];
+    c.read_exact(&mut len).unwrap();
+    let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    c.read_exact(&mut a).unwrap();
+    let p = Packet::parse(&a).unwrap();
+    let ips = p
+        .answers
+        .iter()
+        .filter_map(|rr| match &rr.rdata {
+            RData::A(a) => Some(Ipv4Addr::from(a.address)),
+            _ => None,
+        })
+        .collect();
+    (p.rcode(), ips)
 }
 
 /// Asks `server` for `name`'s A records from inside `ns`: the rcode and
@@ -144,7 +208,10 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
     let t0 = Instant::now();
     let (rcode, ips) = resolve(&guest, gw, "pypi.org").expect("proxy answers");
     let answered = t0.elapsed();
-    assert_eq!((rcode, ips.as_slice()), (RCODE::NoError, &[OTHER_REMOTE][..]));
+    assert_eq!(
+        (rcode, ips.as_slice()),
+        (RCODE::NoError, &[OTHER_REMOTE][..])
+    );
     let t1 = Instant::now();
     connect(&guest, pypi_at).expect("allowed name's address opens");
     println!(
@@ -153,31 +220,54 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
         t1.elapsed()
     );
 
+    // The same over TCP (what a guest does after a truncated answer).
+    assert_eq!(
+        resolve_tcp(&guest, gw, "pypi.org"),
+        (RCODE::NoError, vec![OTHER_REMOTE])
+    );
+    assert_eq!(
+        resolve_tcp(&guest, gw, "evil.example.org").0,
+        RCODE::Refused
+    );
+
     // A name outside the list is refused without asking upstream.
     let (rcode, ips) = resolve(&guest, gw, "evil.example.org").expect("proxy answers");
     assert_eq!((rcode, ips.len()), (RCODE::Refused, 0));
 
     // The attack: a raw address no allowed answer gave stays closed.
-    assert!(blocked(&guest, raw_at), "raw IP reachable without an answer");
+    assert!(
+        blocked(&guest, raw_at),
+        "raw IP reachable without an answer"
+    );
     // DNS under Deny reaches the resolver only: the upstream directly does not answer.
     assert_eq!(resolve(&guest, UPLINK_ADDR, "pypi.org"), None);
 
     // A live change: a wildcard added takes effect on the next lookup and
     // connection, without touching the capsule's network.
-    net.set_names(&c, &EgressPolicy::Deny, &names(&["pypi.org", "*.example.net"]))
-        .unwrap();
+    net.set_names(
+        &c,
+        &EgressPolicy::Deny,
+        &names(&["pypi.org", "*.example.net"]),
+    )
+    .unwrap();
     let (_, ips) = resolve(&guest, gw, "api.example.net").expect("proxy answers");
     assert_eq!(ips, [RAW_ONLY]);
     connect(&guest, raw_at).expect("newly allowed name's address opens");
     // An allowed name pointing at metadata opens nothing.
     let (_, ips) = resolve(&guest, gw, "meta.example.net").expect("proxy answers");
     assert_eq!(ips, [METADATA]);
-    assert!(blocked(&guest, meta_at), "metadata reachable through a name");
+    assert!(
+        blocked(&guest, meta_at),
+        "metadata reachable through a name"
+    );
 
     // Removing a name closes the addresses only it opened.
     net.set_names(&c, &EgressPolicy::Deny, &names(&["*.example.net"]))
         .unwrap();
-    assert!(blocked(&guest, pypi_at), "removed name's address still open");
+    assert!(
+        blocked(&guest, pypi_at),
+        "removed name's address still open"
+    );
     connect(&guest, raw_at).expect("still-allowed name's address stays open");
     assert_eq!(
         resolve(&guest, gw, "pypi.org").map(|r| r.0),
@@ -202,5 +292,8 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
 
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
     let leaks = bed.snapshot();
-    assert!(leaks.namespaces.is_empty() && leaks.guests.is_empty(), "{leaks:?}");
+    assert!(
+        leaks.namespaces.is_empty() && leaks.guests.is_empty(),
+        "{leaks:?}"
+    );
 }

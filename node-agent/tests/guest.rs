@@ -533,10 +533,16 @@ async fn the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one() {
         Err(reason) => return c.skip(reason),
     };
     let agent = Agent::start(&bin, Duration::ZERO);
-    let (mut g, _) =
-        GuestClient::wait_ready("c1", &agent.vsock, 1024, "", quick(), Duration::from_secs(10))
-            .await
-            .unwrap();
+    let (mut g, _) = GuestClient::wait_ready(
+        "c1",
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     g.init(&params("resolver-guest-token-0123")).await.unwrap();
     // A restored guest carries the file of the capsule it was snapshotted
     // from; the agent's write replaces it whole. (A host-process guest
@@ -544,19 +550,30 @@ async fn the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one() {
     let etc = agent.dir.path().join("etc");
     std::fs::create_dir_all(&etc).unwrap();
     let path = etc.join("resolv.conf");
-    std::fs::write(&path, "nameserver 192.0.2.53\nsearch old.svc.cluster.local\n").unwrap();
+    std::fs::write(
+        &path,
+        "nameserver 192.0.2.53\nsearch old.svc.cluster.local\n",
+    )
+    .unwrap();
     let cluster = wrenn_node_agent::network::dns::ClusterDns {
         server: Some(std::net::Ipv4Addr::new(10, 96, 0, 10)),
         domain: "cluster.local".into(),
     };
     let text = wrenn_node_agent::network::dns::DnsConfig::default().render("team-a", &cluster);
     let info = g
-        .put_file(&path.display().to_string(), 0o644, text.clone().into_bytes())
+        .put_file(
+            &path.display().to_string(),
+            0o644,
+            text.clone().into_bytes(),
+        )
         .await
         .unwrap();
     assert_eq!(info.size, text.len() as u64);
     let back = std::fs::read_to_string(&path).unwrap();
     assert_eq!(back, text);
     assert!(back.contains("nameserver 169.254.0.22\n"), "{back}");
-    assert!(back.contains("search team-a.svc.cluster.local svc.cluster.local cluster.local\n"), "{back}");
+    assert!(
+        back.contains("search team-a.svc.cluster.local svc.cluster.local cluster.local\n"),
+        "{back}"
+    );
 }

@@ -1115,7 +1115,11 @@ mod tests {
                 Observed::Present(&v),
             );
             f.egress = wanted.clone();
-            assert_eq!(plan_capsule(&f).action, NodeAction::UpdateNetwork, "{wanted:?}");
+            assert_eq!(
+                plan_capsule(&f).action,
+                NodeAction::UpdateNetwork,
+                "{wanted:?}"
+            );
         }
         // Same names in another order, and empty DNS settings, are no change.
         v.egress = deny.clone().with_names(

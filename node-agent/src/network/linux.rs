@@ -12,10 +12,10 @@ use std::sync::Mutex;
 
 use tracing::{debug, info, warn};
 
-use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::addr::{
     AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
 };
+use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::limits::CapsuleLimits;
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,

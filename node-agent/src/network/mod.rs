@@ -35,13 +35,13 @@ pub use addr::{
     ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC,
     GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
 };
+pub use dns::Names;
 pub use fake::{FakeNet, NetCall};
 pub use limits::{CapsuleLimits, EgressFlags};
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
-pub use dns::Names;
 pub use ruleset::{
-    Action, AddrSet, CapsuleRules, Chain, ChainKind, DNS_MARK, FQDN_MARK, Family, Hook, IfName,
-    L4, Limit, LimitUnit, Match, NodeRules, Rule, SetElement, Table, Verdict, build_capsule_table,
+    Action, AddrSet, CapsuleRules, Chain, ChainKind, DNS_MARK, FQDN_MARK, Family, Hook, IfName, L4,
+    Limit, LimitUnit, Match, NodeRules, Rule, SetElement, Table, Verdict, build_capsule_table,
     build_node_table, build_node_table6,
 };
 pub use slots::SlotAllocator;

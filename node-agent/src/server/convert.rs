@@ -21,10 +21,10 @@ use crate::capsule::{
     PrepareRequest, Readiness, Resources, SnapshotInfo, State, TemplateDisk, TemplatePhase,
     TemplateSource, TemplateStatus, WarmSpec,
 };
-use crate::network::Names;
-use crate::network::dns::{AllowHosts, DnsConfig};
 use crate::images::ImageSource;
 use crate::images::dirs::{self, ImageDirs, Use};
+use crate::network::Names;
+use crate::network::dns::{AllowHosts, DnsConfig};
 use crate::vmm::{BackendInfo, BackendKind};
 
 /// Smallest guest the agent boots: the CRD's minimum.

@@ -137,11 +137,11 @@ impl<M: Machine + 'static> Ctx<M> {
 mod tests {
     use std::sync::Arc;
 
-    use crate::capsule::model::testing::spec;
     use crate::capsule::model::State;
+    use crate::capsule::model::testing::spec;
     use crate::capsule::{Host, Supervisor, SupervisorConfig};
     use crate::network::dns::AllowHosts;
-    use crate::network::{CapsuleId, FakeNet, NetCall, Names};
+    use crate::network::{CapsuleId, FakeNet, Names, NetCall};
     use crate::storage::FakeBlockStore;
     use crate::vmm::FakeMachine;
 
@@ -168,7 +168,10 @@ mod tests {
         let id = CapsuleId::new("c1").unwrap();
         sup.create("c1", spec("c1"), State::Running).await.unwrap();
         // The network's setup started the proxy with the spec's names.
-        assert!(net.calls().contains(&NetCall::SetNames(id.clone(), Names::default())));
+        assert!(
+            net.calls()
+                .contains(&NetCall::SetNames(id.clone(), Names::default()))
+        );
 
         let v = sup.update_names("c1", names(&["pypi.org"])).await.unwrap();
         assert_eq!(v.spec.names, names(&["pypi.org"]));
@@ -188,7 +191,9 @@ mod tests {
 
         // Suspended: recorded, applied when the network is made again.
         sup.suspend("c1").await.unwrap();
-        sup.update_names("c1", names(&["*.github.com"])).await.unwrap();
+        sup.update_names("c1", names(&["*.github.com"]))
+            .await
+            .unwrap();
         let before = net.calls().len();
         sup.resume("c1").await.unwrap();
         assert!(

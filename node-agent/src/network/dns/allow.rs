@@ -142,7 +142,10 @@ mod tests {
     fn only_one_plain_question_passes_a_filter() {
         let a = allow(&["pypi.org"]);
         assert_eq!(plan_query(&[], true, &a), QueryPlan::Refuse);
-        assert_eq!(plan_query(&["pypi.org", "evil.net"], true, &a), QueryPlan::Refuse);
+        assert_eq!(
+            plan_query(&["pypi.org", "evil.net"], true, &a),
+            QueryPlan::Refuse
+        );
         assert_eq!(plan_query(&["pypi.org"], false, &a), QueryPlan::Refuse);
         // No list: a plain forwarder.
         let none = AllowHosts::default();
@@ -151,7 +154,15 @@ mod tests {
 
     #[test]
     fn parse_refuses_bad_entries_and_round_trips_through_the_journal() {
-        for bad in ["*", "*.com", "a.*.com", "Bad.org", "a..b", "-a.org", "*github.com"] {
+        for bad in [
+            "*",
+            "*.com",
+            "a.*.com",
+            "Bad.org",
+            "a..b",
+            "-a.org",
+            "*github.com",
+        ] {
             assert!(AllowHosts::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
         let a = allow(&["pypi.org", "*.github.com", "pypi.org"]);

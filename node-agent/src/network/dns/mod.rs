@@ -110,8 +110,7 @@ impl NameService {
         };
         let load = |elements| {
             let table = build_names_table(&place.tap, dns_open, elements);
-            sys::run_in_netns(&place.netns, |nl| super::nft::load_table(nl, &table))
-                .and_then(|r| r)
+            sys::run_in_netns(&place.netns, |nl| super::nft::load_table(nl, &table)).and_then(|r| r)
         };
         let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = proxies.get(capsule) {

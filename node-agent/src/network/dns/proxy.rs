@@ -193,7 +193,9 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<tokio::net::UdpSocket>) {
             continue;
         }
         let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
-            shared.warn(format_args!("dns proxy: too many queries in flight; dropping"));
+            shared.warn(format_args!(
+                "dns proxy: too many queries in flight; dropping"
+            ));
             continue;
         };
         let query = buf[..n].to_vec();
@@ -263,7 +265,11 @@ async fn answer(shared: &Arc<Shared>, query: &[u8], via: Transport) -> Option<Ve
             return None;
         }
     };
-    let names: Vec<String> = parsed.questions.iter().map(|q| q.qname.to_string()).collect();
+    let names: Vec<String> = parsed
+        .questions
+        .iter()
+        .map(|q| q.qname.to_string())
+        .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let standard =
         parsed.opcode() == OPCODE::StandardQuery && !parsed.has_flags(PacketFlag::RESPONSE);

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
-use wrenn_crds::dns::{MAX_NAMESERVERS, MAX_NAME_LEN, MAX_OPTIONS, MAX_SEARCHES};
+use wrenn_crds::dns::{MAX_NAME_LEN, MAX_NAMESERVERS, MAX_OPTIONS, MAX_SEARCHES};
 
 use crate::network::Cidr;
 use crate::network::addr::GUEST_GATEWAY;
@@ -173,7 +173,8 @@ fn is_option(s: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let value_ok = value.is_none_or(|v| (1..=4).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()));
+    let value_ok =
+        value.is_none_or(|v| (1..=4).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()));
     name_ok && value_ok
 }
 
@@ -220,14 +221,29 @@ mod tests {
     fn parse_refuses_what_the_crd_refuses() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let bad = [
-            (s(&["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]), s(&[]), s(&[]), "at most 3"),
+            (
+                s(&["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]),
+                s(&[]),
+                s(&[]),
+                "at most 3",
+            ),
             (s(&["2001:db8::1"]), s(&[]), s(&[]), "IPv4"),
             (s(&["10.96.0.10"]), s(&[]), s(&[]), "10.0.0.0/8"),
             (s(&["169.254.169.254"]), s(&[]), s(&[]), "169.254.0.0/16"),
             (s(&[]), s(&["Bad.Name"]), s(&[]), "dns.searches"),
             (s(&[]), s(&["a b"]), s(&[]), "dns.searches"),
-            (s(&[]), s(&[]), s(&["ndots:2\nnameserver 6.6.6.6"]), "dns.options"),
-            (s(&[]), s(&["a", "b", "c", "d", "e", "f", "g"]), s(&[]), "at most 6"),
+            (
+                s(&[]),
+                s(&[]),
+                s(&["ndots:2\nnameserver 6.6.6.6"]),
+                "dns.options",
+            ),
+            (
+                s(&[]),
+                s(&["a", "b", "c", "d", "e", "f", "g"]),
+                s(&[]),
+                "at most 6",
+            ),
         ];
         for (n, se, o, want) in bad {
             let err = DnsConfig::parse(&n, &se, &o, false).unwrap_err();

@@ -478,7 +478,10 @@ fn names_are_checked_at_the_edge_and_echoed_back_as_sent() {
     assert_eq!(hosts, ["pypi.org", "*.github.com"]);
 
     for (bad, want) in [
-        (net(pb::Egress::Allow, &["pypi.org"], None), "only with egress DENY"),
+        (
+            net(pb::Egress::Allow, &["pypi.org"], None),
+            "only with egress DENY",
+        ),
         (net(pb::Egress::Deny, &["*"], None), "allow_hosts"),
         (
             net(
