@@ -94,18 +94,35 @@ fn dns_server(ns: &Path, records: &'static [(&'static str, Ipv4Addr)]) {
     });
 }
 
-/// Asks the proxy on `server` for `name` over TCP from inside `ns`: the
-/// rcode and the addresses.
-fn resolve_tcp(ns: &Path, server: Ipv4Addr, name: &str) -> (RCODE, Vec<Ipv4Addr>) {
-    use std::io::{Read, Write};
-    let mut q = Packet::new_query(0x7c9);
+/// An A query for `name`, recursion desired.
+fn query(name: &str) -> Vec<u8> {
+    let mut q = Packet::new_query(0x5157);
+    q.set_flags(PacketFlag::RECURSION_DESIRED);
     q.questions.push(Question::new(
         Name::new_unchecked(name),
         QTYPE::TYPE(TYPE::A),
         QCLASS::CLASS(CLASS::IN),
         false,
     ));
-    let bytes = q.build_bytes_vec().expect("query");
+    q.build_bytes_vec().expect("query")
+}
+
+/// The A records of an answer.
+fn a_records(p: &Packet<'_>) -> Vec<Ipv4Addr> {
+    p.answers
+        .iter()
+        .filter_map(|rr| match &rr.rdata {
+            RData::A(a) => Some(Ipv4Addr::from(a.address)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Asks the proxy on `server` for `name` over TCP from inside `ns`: the
+/// rcode and the addresses.
+fn resolve_tcp(ns: &Path, server: Ipv4Addr, name: &str) -> (RCODE, Vec<Ipv4Addr>) {
+    use std::io::{Read, Write};
+    let bytes = query(name);
     let mut c = connect(ns, SocketAddr::from((server, 53))).expect("proxy accepts TCP");
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(&(bytes.len() as u16).to_be_bytes()).unwrap();
@@ -115,29 +132,14 @@ fn resolve_tcp(ns: &Path, server: Ipv4Addr, name: &str) -> (RCODE, Vec<Ipv4Addr>
     let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
     c.read_exact(&mut a).unwrap();
     let p = Packet::parse(&a).unwrap();
-    let ips = p
-        .answers
-        .iter()
-        .filter_map(|rr| match &rr.rdata {
-            RData::A(a) => Some(Ipv4Addr::from(a.address)),
-            _ => None,
-        })
-        .collect();
+    let ips = a_records(&p);
     (p.rcode(), ips)
 }
 
 /// Asks `server` for `name`'s A records from inside `ns`: the rcode and
 /// the addresses, or `None` when nothing answered within a second.
 fn resolve(ns: &Path, server: Ipv4Addr, name: &str) -> Option<(RCODE, Vec<Ipv4Addr>)> {
-    let mut q = Packet::new_query(0x5157);
-    q.set_flags(PacketFlag::RECURSION_DESIRED);
-    q.questions.push(Question::new(
-        Name::new_unchecked(name),
-        QTYPE::TYPE(TYPE::A),
-        QCLASS::CLASS(CLASS::IN),
-        false,
-    ));
-    let bytes = q.build_bytes_vec().expect("query");
+    let bytes = query(name);
     in_ns(ns, move |_| {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -148,14 +150,7 @@ fn resolve(ns: &Path, server: Ipv4Addr, name: &str) -> Option<(RCODE, Vec<Ipv4Ad
             Err(_) => return Ok(None),
         };
         let p = Packet::parse(&buf[..n]).map_err(std::io::Error::other)?;
-        let ips = p
-            .answers
-            .iter()
-            .filter_map(|rr| match &rr.rdata {
-                RData::A(a) => Some(Ipv4Addr::from(a.address)),
-                _ => None,
-            })
-            .collect();
+        let ips = a_records(&p);
         Ok(Some((p.rcode(), ips)))
     })
     .expect("resolve")

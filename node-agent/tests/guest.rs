@@ -158,6 +158,24 @@ fn quick() -> Timeouts {
     }
 }
 
+/// A host-process guest agent, started at once, reached and sent `Init`
+/// with `token`.
+async fn initialized(bin: &Path, capsule: &str, token: &str) -> (Agent, GuestClient) {
+    let agent = Agent::start(bin, Duration::ZERO);
+    let (mut g, _) = GuestClient::wait_ready(
+        capsule,
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    g.init(&params(token)).await.unwrap();
+    (agent, g)
+}
+
 fn params(token: &str) -> InitParams {
     InitParams {
         env: [("WRENN_FROM_INIT".to_string(), "hello".to_string())].into(),
@@ -309,18 +327,7 @@ async fn a_reset_link_is_redialed() {
         Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let agent = Agent::start(&bin, Duration::ZERO);
-    let (mut g, _) = GuestClient::wait_ready(
-        "c2",
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    g.init(&params("reset-link-guest-token")).await.unwrap();
+    let (agent, mut g) = initialized(&bin, "c2", "reset-link-guest-token").await;
     // The VMM drops every vsock connection (restore): the old channel's
     // next call fails as a link failure, a redial brings it back, and the
     // guest kept its state (still initialized).
@@ -532,18 +539,7 @@ async fn the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one() {
         Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let agent = Agent::start(&bin, Duration::ZERO);
-    let (mut g, _) = GuestClient::wait_ready(
-        "c1",
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    g.init(&params("resolver-guest-token-0123")).await.unwrap();
+    let (agent, g) = initialized(&bin, "c1", "resolver-guest-token-0123").await;
     // A restored guest carries the file of the capsule it was snapshotted
     // from; the agent's write replaces it whole. (A host-process guest
     // writes under its temp dir, never the host's /etc.)

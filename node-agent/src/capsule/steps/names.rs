@@ -7,11 +7,11 @@
 //! carries the file of the capsule it was snapshotted from).
 
 use super::Ctx;
+use super::egress::live_network_change;
 use crate::capsule::files::blocking;
 use crate::capsule::ids::net_id;
 use crate::capsule::model::{Error, State};
-use crate::capsule::plan::{Decision, Op, plan_op};
-use crate::capsule::record::{Record, note, wrong};
+use crate::capsule::record::Record;
 use crate::capsule::registry::Entry;
 use crate::guest::GuestClient;
 use crate::network::Names;
@@ -31,12 +31,7 @@ impl<M: Machine + 'static> Ctx<M> {
         if rec.spec.names == names {
             return Ok(());
         }
-        let live = match plan_op(Op::UpdateEgress, rec.state) {
-            Decision::ApplyEgress => true,
-            Decision::RecordEgress => false,
-            Decision::Refuse(hint) => return Err(wrong(&rec.uid, rec.state, hint)),
-            _ => return Err(wrong(&rec.uid, rec.state, "wait until it settles")),
-        };
+        let live = live_network_change(rec)?;
         let old = std::mem::replace(&mut rec.spec.names, names);
         self.journal_only(rec).await?;
         if live {
@@ -52,10 +47,7 @@ impl<M: Machine + 'static> Ctx<M> {
                 if let Err(back) = self.apply_names(rec).await {
                     tracing::error!(capsule = %rec.uid, error = &back as &dyn std::error::Error, "restore the names after a failed update");
                 }
-                note(rec, &e);
-                if let Err(j) = self.commit(entry, rec).await {
-                    tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal the names back after a failed update");
-                }
+                self.journal_back(entry, rec, &e).await;
                 return Err(e);
             }
         }
