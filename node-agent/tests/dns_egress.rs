@@ -124,14 +124,16 @@ fn resolve_tcp(ns: &Path, server: Ipv4Addr, name: &str) -> (RCODE, Vec<Ipv4Addr>
     use std::io::{Read, Write};
     let bytes = query(name);
     let mut c = connect(ns, SocketAddr::from((server, 53))).expect("proxy accepts TCP");
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    c.write_all(&(bytes.len() as u16).to_be_bytes()).unwrap();
-    c.write_all(&bytes).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    c.write_all(&(bytes.len() as u16).to_be_bytes())
+        .expect("send length");
+    c.write_all(&bytes).expect("send query");
     let mut len = [0u8; 2];
-    c.read_exact(&mut len).unwrap();
+    c.read_exact(&mut len).expect("proxy answers over TCP");
     let mut a = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    c.read_exact(&mut a).unwrap();
-    let p = Packet::parse(&a).unwrap();
+    c.read_exact(&mut a).expect("whole answer");
+    let p = Packet::parse(&a).expect("answer parses");
     let ips = a_records(&p);
     (p.rcode(), ips)
 }

@@ -63,6 +63,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress: Egress::Allow,
+            names: Default::default(),
         }
     }
 

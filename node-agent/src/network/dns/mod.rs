@@ -40,7 +40,7 @@ impl Names {
     /// Whether the guest may query its resolver under `policy`: always,
     /// unless the policy denies egress and the spec closes DNS too.
     pub fn dns_open(&self, policy: &EgressPolicy) -> bool {
-        !(self.dns.block_under_deny && !matches!(policy, EgressPolicy::Allow))
+        !self.dns.block_under_deny || matches!(policy, EgressPolicy::Allow)
     }
 
     /// The proxy's settings for this capsule on a node with `cluster` DNS.
