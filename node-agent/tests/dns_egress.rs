@@ -244,9 +244,15 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
         RCODE::Refused
     );
 
-    // A name outside the list is refused without asking upstream.
+    // A name outside the list is refused at once, without asking upstream.
+    let t = Instant::now();
     let (rcode, ips) = resolve(&guest, gw, "evil.example.org").expect("proxy answers");
     assert_eq!((rcode, ips.len()), (RCODE::Refused, 0));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
 
     // The attack: a raw address no allowed answer gave stays closed.
     assert!(
@@ -303,6 +309,45 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
     net.set_names(&c, &EgressPolicy::Allow, &closed).unwrap();
     let (rcode, ips) = resolve(&guest, gw, "nowhere.example.org").expect("proxy answers");
     assert_eq!((rcode, ips.len()), (RCODE::NameError, 0));
+
+    // An upstream that never answers costs a bounded wait, then SERVFAIL:
+    // the guest's lookup fails instead of hanging.
+    let silent = Names {
+        dns: DnsConfig {
+            nameservers: vec![RAW_ONLY],
+            ..DnsConfig::default()
+        },
+        allow_hosts: AllowHosts::default(),
+    };
+    net.set_names(&c, &EgressPolicy::Allow, &silent).unwrap();
+    let t = Instant::now();
+    assert_eq!(
+        resolve_tcp(&guest, gw, "pypi.org").0,
+        RCODE::ServerFailure,
+        "an upstream with nothing on port 53"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // A restarted agent (a new instance) starts the proxy again; the set
+    // starts empty, so an address opens again on its next lookup.
+    net.update_policy(&c, &EgressPolicy::Deny).unwrap();
+    net.set_names(&c, &EgressPolicy::Deny, &names(&["pypi.org"]))
+        .unwrap();
+    resolve(&guest, gw, "pypi.org").expect("proxy answers");
+    drop(net);
+    let net = bed.net();
+    // The old instance's sockets close as its tasks end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = net.set_names(&c, &EgressPolicy::Deny, &names(&["pypi.org"])) {
+        assert!(Instant::now() < deadline, "proxy not restarted: {e}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(blocked(&guest, pypi_at), "set survived the restart");
+    assert_eq!(
+        resolve(&guest, gw, "pypi.org"),
+        Some((RCODE::NoError, vec![OTHER_REMOTE]))
+    );
+    connect(&guest, pypi_at).expect("reopened by the lookup after the restart");
 
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
     let leaks = bed.snapshot();
