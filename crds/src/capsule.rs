@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use crate::dns::DnsSpec;
 pub use crate::limits::{MIN_DISK_BYTES, MIN_MEMORY_BYTES, NEVER_REACHABLE_CIDRS};
 use crate::quantity::with;
 
@@ -42,6 +43,12 @@ use crate::quantity::with;
     validation = Rule::new(
         "!has(self.network) || !has(self.network.allowCidrs) || size(self.network.allowCidrs) == 0 || self.network.egress == 'Deny'"
     ).message("network.allowCidrs applies only with network.egress: Deny (Allow already permits everything)"),
+    validation = Rule::new(
+        "!has(self.network) || !has(self.network.allowHosts) || size(self.network.allowHosts) == 0 || self.network.egress == 'Deny'"
+    ).message("network.allowHosts applies only with network.egress: Deny (Allow already permits every host)"),
+    validation = Rule::new(
+        "!has(self.network) || !has(self.network.allowHosts) || size(self.network.allowHosts) == 0 || !has(self.network.dns) || !has(self.network.dns.blockUnderDeny) || !self.network.dns.blockUnderDeny"
+    ).message("network.allowHosts needs name resolution: remove network.dns.blockUnderDeny or allowHosts"),
 )]
 pub struct CapsuleSpec {
     /// Where the root disk (and, for a snapshot, the memory) comes from. Immutable.
@@ -192,7 +199,7 @@ pub struct EnvVar {
 
 /// Network policy of a capsule. Isolation from other capsules, the node,
 /// cloud metadata addresses and the node's blocked ranges always applies.
-/// `egress` and `allowCidrs` may change on a running capsule: the node
+/// `egress`, `allowCidrs`, `dns` and `allowHosts` may change on a running capsule: the node
 /// swaps its rules in place, and `status.observedGeneration` advances once
 /// it has.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -212,6 +219,15 @@ pub struct NetworkSpec {
     #[schemars(length(max = 32))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["port".into(), "protocol".into()]))]
     pub ports: Vec<PortSpec>,
+    /// The guest's resolver; absent: the node's cluster DNS with the
+    /// namespace search path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsSpec>,
+    /// With `egress: Deny`, host names the guest may still connect to
+    /// (`pypi.org`, `*.github.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::dns::allow_hosts")]
+    pub allow_hosts: Vec<String>,
 }
 
 /// Egress policy.

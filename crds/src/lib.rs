@@ -11,6 +11,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod capsule;
+pub mod dns;
 pub mod limits;
 pub mod names;
 pub mod policy;

@@ -181,6 +181,52 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "network.allowCidrs applies only with network.egress: Deny",
         ),
         (
+            "allowHosts with egress Allow",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Allow", "allowHosts": ["pypi.org"]}})),
+            "network.allowHosts applies only with network.egress: Deny",
+        ),
+        (
+            "allowHosts with DNS closed",
+            "Capsule",
+            capsule(
+                json!({"network": {"egress": "Deny", "allowHosts": ["pypi.org"], "dns": {"blockUnderDeny": true}}}),
+            ),
+            "network.allowHosts needs name resolution",
+        ),
+        (
+            "allowHosts wildcard in the middle",
+            "Capsule",
+            capsule(json!({"network": {"egress": "Deny", "allowHosts": ["a.*.example.org"]}})),
+            "allowHosts",
+        ),
+        (
+            "IPv6 nameserver",
+            "Capsule",
+            capsule(json!({"network": {"dns": {"nameservers": ["2001:db8::53"]}}})),
+            "dns.nameservers entries must be IPv4 addresses",
+        ),
+        (
+            "nameserver in a blocked range",
+            "Capsule",
+            capsule(json!({"network": {"dns": {"nameservers": ["10.96.0.10"]}}})),
+            "dns.nameservers entries may not lie in a network every node blocks",
+        ),
+        (
+            "too many nameservers",
+            "Capsule",
+            capsule(
+                json!({"network": {"dns": {"nameservers": ["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]}}}),
+            ),
+            "nameservers",
+        ),
+        (
+            "resolver option with a newline",
+            "Capsule",
+            capsule(json!({"network": {"dns": {"options": ["ndots:2\nnameserver 6.6.6.6"]}}})),
+            "options",
+        ),
+        (
             "unknown egress",
             "Capsule",
             capsule(json!({"network": {"egress": "Block"}})),

@@ -627,6 +627,33 @@ impl GuestClient {
             .await
     }
 
+    /// Writes a small file in one call bounded by the call timeout: the
+    /// guest writes a temp file and renames it over `path` once every
+    /// byte arrived (the agent's resolver file, not user data).
+    pub async fn put_file(
+        &self,
+        path: &str,
+        mode: u32,
+        data: Vec<u8>,
+    ) -> Result<gpb::FileInfo, Error> {
+        let start = gpb::WriteFileInput {
+            input: Some(gpb::write_file_input::Input::Start(gpb::WriteFileStart {
+                path: path.to_string(),
+                mode,
+                size: data.len() as u64,
+                make_parents: true,
+                sha256: String::new(),
+            })),
+        };
+        let body = gpb::WriteFileInput {
+            input: Some(gpb::write_file_input::Input::Data(data)),
+        };
+        let mut c = self.client.clone();
+        let input = tokio_stream::iter([start, body]);
+        self.bounded("WriteFile", c.write_file(self.request(input)))
+            .await
+    }
+
     /// `MakeDir`.
     pub async fn make_dir(&self, req: gpb::MakeDirRequest) -> Result<gpb::FileInfo, Error> {
         let mut c = self.client.clone();

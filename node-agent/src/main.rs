@@ -514,6 +514,7 @@ fn open_network(
     let mut net_cfg = LinuxNetConfig {
         netns_dir,
         limits: egress.limits(),
+        cluster_dns: egress.cluster_dns(),
         ..LinuxNetConfig::host(uplink, state_dir)
     };
     net_cfg.blocked_egress.extend(egress.blocked);

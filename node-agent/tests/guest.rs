@@ -158,6 +158,24 @@ fn quick() -> Timeouts {
     }
 }
 
+/// A host-process guest agent, started at once, reached and sent `Init`
+/// with `token`.
+async fn initialized(bin: &Path, capsule: &str, token: &str) -> (Agent, GuestClient) {
+    let agent = Agent::start(bin, Duration::ZERO);
+    let (mut g, _) = GuestClient::wait_ready(
+        capsule,
+        &agent.vsock,
+        1024,
+        "",
+        quick(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    g.init(&params(token)).await.unwrap();
+    (agent, g)
+}
+
 fn params(token: &str) -> InitParams {
     InitParams {
         env: [("WRENN_FROM_INIT".to_string(), "hello".to_string())].into(),
@@ -309,18 +327,7 @@ async fn a_reset_link_is_redialed() {
         Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let agent = Agent::start(&bin, Duration::ZERO);
-    let (mut g, _) = GuestClient::wait_ready(
-        "c2",
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
-    g.init(&params("reset-link-guest-token")).await.unwrap();
+    let (agent, mut g) = initialized(&bin, "c2", "reset-link-guest-token").await;
     // The VMM drops every vsock connection (restore): the old channel's
     // next call fails as a link failure, a redial brings it back, and the
     // guest kept its state (still initialized).
@@ -520,4 +527,49 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
             assert!(!printed.contains(t.expose()), "token printed: {printed}");
         }
     }
+}
+
+#[tokio::test]
+async fn the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one() {
+    let c = case(
+        Tier::Host,
+        "guest::the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one",
+    );
+    let bin = match guest_binary() {
+        Ok(b) => b,
+        Err(reason) => return c.skip(reason),
+    };
+    let (agent, g) = initialized(&bin, "c1", "resolver-guest-token-0123").await;
+    // A restored guest carries the file of the capsule it was snapshotted
+    // from; the agent's write replaces it whole. (A host-process guest
+    // writes under its temp dir, never the host's /etc.)
+    let etc = agent.dir.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let path = etc.join("resolv.conf");
+    std::fs::write(
+        &path,
+        "nameserver 192.0.2.53\nsearch old.svc.cluster.local\n",
+    )
+    .unwrap();
+    let cluster = wrenn_node_agent::network::dns::ClusterDns {
+        server: Some(std::net::Ipv4Addr::new(10, 96, 0, 10)),
+        domain: "cluster.local".into(),
+    };
+    let text = wrenn_node_agent::network::dns::DnsConfig::default().render("team-a", &cluster);
+    let info = g
+        .put_file(
+            &path.display().to_string(),
+            0o644,
+            text.clone().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.size, text.len() as u64);
+    let back = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(back, text);
+    assert!(back.contains("nameserver 169.254.0.22\n"), "{back}");
+    assert!(
+        back.contains("search team-a.svc.cluster.local svc.cluster.local cluster.local\n"),
+        "{back}"
+    );
 }

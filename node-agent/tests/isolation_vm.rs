@@ -305,6 +305,7 @@ fn dnat_table(name: &str) -> Table {
                 dnat(NODE_PORT_LOCAL, NODE_UPLINK_ADDR),
             ],
         }],
+        sets: vec![],
     }
 }
 
@@ -346,6 +347,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress,
+            names: Default::default(),
         }
     }
 }

@@ -334,6 +334,7 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
                     policy: Verdict::Accept,
                     rules: vec![],
                 }],
+                sets: vec![],
             },
         )
     })

@@ -267,6 +267,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress: Egress::Allow,
+            names: Default::default(),
         }
     }
 
@@ -556,6 +557,7 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
             egress: egress as i32,
             allow_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             ports: vec![],
+            ..Default::default()
         })
         .unwrap()
     };
@@ -592,6 +594,7 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
             egress: pb::Egress::Deny as i32,
             allow_cidrs: vec!["2001:db8::/32".into()],
             ports: Vec::new(),
+            ..Default::default()
         })
         .is_err()
     );

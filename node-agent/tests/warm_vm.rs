@@ -64,6 +64,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress: Egress::Allow,
+            names: Default::default(),
         }
     }
 

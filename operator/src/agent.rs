@@ -423,5 +423,12 @@ pub fn to_vm(c: &pb::Capsule) -> Vm {
 /// The plan's view of a wire network policy (ports aside: the agent does
 /// not enforce them).
 pub fn to_egress(n: &pb::NetworkPolicy) -> EgressPolicy {
+    let dns = n.dns.as_ref().map(|d| crate::plan::DnsPolicy {
+        nameservers: d.nameservers.clone(),
+        searches: d.searches.clone(),
+        options: d.options.clone(),
+        block_under_deny: d.block_under_deny,
+    });
     EgressPolicy::new(n.egress == pb::Egress::Deny as i32, n.allow_cidrs.clone())
+        .with_names(n.allow_hosts.clone(), dns)
 }

@@ -49,6 +49,25 @@ pub struct EgressPolicy {
     pub deny: bool,
     /// With `deny`, the CIDRs still reachable: sorted, without duplicates.
     pub allow_cidrs: Vec<String>,
+    /// With `deny`, the host names still reachable: sorted, without
+    /// duplicates.
+    pub allow_hosts: Vec<String>,
+    /// `spec.network.dns`; `None` when absent or empty (the node's
+    /// defaults).
+    pub dns: Option<DnsPolicy>,
+}
+
+/// `spec.network.dns` in comparable form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsPolicy {
+    /// Upstream nameservers, in order.
+    pub nameservers: Vec<String>,
+    /// Search domains, in order.
+    pub searches: Vec<String>,
+    /// resolv.conf options, in order.
+    pub options: Vec<String>,
+    /// Name resolution closed under deny.
+    pub block_under_deny: bool,
 }
 
 impl EgressPolicy {
@@ -56,7 +75,21 @@ impl EgressPolicy {
     pub fn new(deny: bool, mut allow_cidrs: Vec<String>) -> Self {
         allow_cidrs.sort();
         allow_cidrs.dedup();
-        Self { deny, allow_cidrs }
+        Self {
+            deny,
+            allow_cidrs,
+            ..Self::default()
+        }
+    }
+
+    /// With allowed host names (canonical order) and DNS settings (the
+    /// empty settings read as `None`).
+    pub fn with_names(mut self, mut allow_hosts: Vec<String>, dns: Option<DnsPolicy>) -> Self {
+        allow_hosts.sort();
+        allow_hosts.dedup();
+        self.allow_hosts = allow_hosts;
+        self.dns = dns.filter(|d| *d != DnsPolicy::default());
+        self
     }
 }
 
@@ -1081,6 +1114,47 @@ mod tests {
         let p = plan_capsule(&f);
         assert_eq!(p.action, NodeAction::None);
         assert!(!p.status.as_ref().unwrap().network_pending);
+    }
+
+    #[test]
+    fn a_changed_host_list_or_resolver_is_a_network_update() {
+        let deny = EgressPolicy::new(true, vec![]);
+        let dns = DnsPolicy {
+            searches: vec!["corp.example".into()],
+            ..DnsPolicy::default()
+        };
+        let mut v = vm(VmState::Running);
+        v.egress = deny.clone();
+        for wanted in [
+            deny.clone().with_names(vec!["pypi.org".into()], None),
+            deny.clone().with_names(vec![], Some(dns.clone())),
+        ] {
+            let mut f = facts(
+                OperatingMode::Running,
+                Some("n1"),
+                Some(CapsulePhase::Running),
+                Observed::Present(&v),
+            );
+            f.egress = wanted.clone();
+            assert_eq!(
+                plan_capsule(&f).action,
+                NodeAction::UpdateNetwork,
+                "{wanted:?}"
+            );
+        }
+        // Same names in another order, and empty DNS settings, are no change.
+        v.egress = deny.clone().with_names(
+            vec!["b.example".into(), "a.example".into()],
+            Some(DnsPolicy::default()),
+        );
+        let mut f = facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.egress = deny.with_names(vec!["a.example".into(), "b.example".into()], None);
+        assert_eq!(plan_capsule(&f).action, NodeAction::None);
     }
 
     #[test]

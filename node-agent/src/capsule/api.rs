@@ -43,6 +43,13 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
     fn suspend<'a>(&'a self, uid: &'a str) -> ApiFuture<'a, CapsuleView>;
     /// Replaces the egress policy, live on a running or paused capsule.
     fn update_network<'a>(&'a self, uid: &'a str, egress: Egress) -> ApiFuture<'a, CapsuleView>;
+    /// Replaces the resolver settings and allowed host names, live on a
+    /// running or paused capsule.
+    fn update_names<'a>(
+        &'a self,
+        uid: &'a str,
+        names: crate::network::Names,
+    ) -> ApiFuture<'a, CapsuleView>;
     /// Writes a named snapshot; the capsule returns to its prior mode.
     fn snapshot<'a>(
         &'a self,

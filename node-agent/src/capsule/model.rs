@@ -85,6 +85,9 @@ pub struct CapsuleSpec {
     pub env: BTreeMap<String, String>,
     /// Egress policy.
     pub egress: Egress,
+    /// Resolver and allowed host names (absent in older journals).
+    #[serde(default)]
+    pub names: crate::network::Names,
 }
 
 impl CapsuleSpec {
@@ -98,7 +101,10 @@ impl CapsuleSpec {
             ("kernel", self.kernel == other.kernel),
             ("cmdline", self.cmdline == other.cmdline),
             ("env", self.env == other.env),
-            ("network", self.egress == other.egress),
+            (
+                "network",
+                self.egress == other.egress && self.names == other.names,
+            ),
         ];
         pairs.into_iter().find(|(_, same)| !same).map(|(f, _)| f)
     }
@@ -439,6 +445,7 @@ pub(crate) mod testing {
             cmdline: String::new(),
             env: BTreeMap::new(),
             egress: Egress::Allow,
+            names: Default::default(),
         }
     }
 }

@@ -498,6 +498,27 @@ impl<M: Machine + 'static> Supervisor<M> {
         )
         .await
     }
+
+    /// Replaces `uid`'s resolver settings and allowed host names, in the
+    /// same states and the same way as [`Self::update_network`].
+    #[tracing::instrument(skip_all, fields(capsule = %uid, step = "update_names"))]
+    pub async fn update_names(
+        &self,
+        uid: &str,
+        names: crate::network::Names,
+    ) -> Result<CapsuleView, Error> {
+        self.run(
+            uid,
+            "update names",
+            false,
+            move |shared, entry, mut rec| async move {
+                let res = shared.update_names(&entry, &mut rec, names).await;
+                let view = entry.view();
+                (Some(rec), res.map(|()| view))
+            },
+        )
+        .await
+    }
 }
 
 /// A warm template's build VM is an internal capsule: the same steps and
@@ -583,6 +604,13 @@ impl<M: Machine + 'static> CapsuleApi for Supervisor<M> {
     }
     fn update_network<'a>(&'a self, uid: &'a str, egress: Egress) -> ApiFuture<'a, CapsuleView> {
         Box::pin(Supervisor::update_network(self, uid, egress))
+    }
+    fn update_names<'a>(
+        &'a self,
+        uid: &'a str,
+        names: crate::network::Names,
+    ) -> ApiFuture<'a, CapsuleView> {
+        Box::pin(Supervisor::update_names(self, uid, names))
     }
     fn snapshot<'a>(
         &'a self,

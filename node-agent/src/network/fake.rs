@@ -18,6 +18,8 @@ pub enum NetCall {
     Setup(CapsuleId, EgressPolicy),
     /// [`NetOps::update_policy`].
     UpdatePolicy(CapsuleId, EgressPolicy),
+    /// [`NetOps::set_names`].
+    SetNames(CapsuleId, super::Names),
     /// [`NetOps::ensure_tap`].
     EnsureTap(CapsuleId),
     /// [`NetOps::teardown`].
@@ -115,6 +117,23 @@ impl NetOps for FakeNet {
             gateway: GUEST_GATEWAY,
             mac: GUEST_MAC,
         })
+    }
+
+    fn set_names(
+        &self,
+        capsule: &CapsuleId,
+        _policy: &EgressPolicy,
+        names: &super::Names,
+    ) -> Result<(), Error> {
+        let mut st = self.state();
+        st.calls
+            .push(NetCall::SetNames(capsule.clone(), names.clone()));
+        if !st.built.contains(capsule) {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn update_policy(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<(), Error> {

@@ -89,9 +89,39 @@ pub struct EgressFlags {
         default_value_t = DEFAULT_BANDWIDTH_BYTES_PER_SECOND
     )]
     pub capsule_bandwidth_bytes_per_second: u64,
+    /// The cluster DNS Service address capsules' DNS proxies forward to
+    /// when a capsule names no nameservers (the kubelet's `clusterDNS`).
+    /// Unset: such capsules resolve nothing.
+    #[arg(long, env = "WRENN_CLUSTER_DNS")]
+    pub cluster_dns: Option<std::net::Ipv4Addr>,
+    /// The cluster domain of capsules' default search path
+    /// (`NS.svc.DOMAIN svc.DOMAIN DOMAIN`).
+    #[arg(
+        long,
+        env = "WRENN_CLUSTER_DOMAIN",
+        default_value = "cluster.local",
+        value_parser = cluster_domain
+    )]
+    pub cluster_domain: String,
+}
+
+fn cluster_domain(s: &str) -> Result<String, String> {
+    if super::dns::is_dns_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a lowercase DNS name"))
+    }
 }
 
 impl EgressFlags {
+    /// The cluster DNS the flags name.
+    pub fn cluster_dns(&self) -> super::dns::ClusterDns {
+        super::dns::ClusterDns {
+            server: self.cluster_dns,
+            domain: self.cluster_domain.clone(),
+        }
+    }
+
     /// The per-capsule limits the flags ask for.
     pub fn limits(&self) -> CapsuleLimits {
         CapsuleLimits {

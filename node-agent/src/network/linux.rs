@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::addr::{
     AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
 };
+use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::limits::CapsuleLimits;
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
@@ -67,6 +68,8 @@ pub struct LinuxNetConfig {
     pub limits: CapsuleLimits,
     /// TAP (production) or emulated guest (tests).
     pub guest_link: GuestLink,
+    /// The cluster DNS capsules' proxies forward to by default.
+    pub cluster_dns: ClusterDns,
 }
 
 impl LinuxNetConfig {
@@ -83,6 +86,7 @@ impl LinuxNetConfig {
             blocked_egress: super::PRIVATE_RANGES.to_vec(),
             limits: CapsuleLimits::default(),
             guest_link: GuestLink::Tap,
+            cluster_dns: ClusterDns::default(),
         }
     }
 }
@@ -122,6 +126,7 @@ enum Undo {
 pub struct LinuxNet {
     cfg: LinuxNetConfig,
     slots: SlotAllocator,
+    names: NameService,
     fail_before: Mutex<Option<SetupStep>>,
 }
 
@@ -140,6 +145,7 @@ impl LinuxNet {
         let slots = SlotAllocator::open(&dir, cfg.plan.max_slots)
             .map_err(|source| Error::OpenSlots { path: dir, source })?;
         Ok(Self {
+            names: NameService::new(cfg.cluster_dns.clone()),
             cfg,
             slots,
             fail_before: Mutex::new(None),
@@ -700,6 +706,35 @@ impl NetOps for LinuxNet {
         Ok(())
     }
 
+    fn set_names(
+        &self,
+        capsule: &CapsuleId,
+        policy: &EgressPolicy,
+        names: &Names,
+    ) -> Result<(), Error> {
+        let netns = self.netns_path(capsule);
+        if self.slots.get(capsule).is_none() || !netns.exists() {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        let mut blocked = self.cfg.blocked_egress.clone();
+        blocked.extend(super::ALWAYS_BLOCKED);
+        let place = NamesPlace {
+            netns,
+            node_netns: self.cfg.node_netns.clone(),
+            tap: TAP_NAME.to_string(),
+            blocked,
+        };
+        self.names.ensure(capsule, &place, policy, names)?;
+        debug!(capsule = %capsule, "names applied");
+        Ok(())
+    }
+
+    fn cluster_dns(&self) -> ClusterDns {
+        self.names.cluster().clone()
+    }
+
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {
         let netns = self.netns_path(capsule);
         if !netns.exists() {
@@ -724,6 +759,8 @@ impl NetOps for LinuxNet {
     }
 
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
+        // The proxy's sockets would keep the namespace alive.
+        self.names.remove(capsule);
         let mut errors = Vec::new();
         self.remove_resources(capsule, true, &mut errors);
         if mode == Teardown::ReleaseSlot

@@ -18,6 +18,7 @@
 //! blocking, call it from `spawn_blocking`.
 
 mod addr;
+pub mod dns;
 mod fake;
 mod limits;
 mod linux;
@@ -34,12 +35,14 @@ pub use addr::{
     ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC,
     GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
 };
+pub use dns::Names;
 pub use fake::{FakeNet, NetCall};
 pub use limits::{CapsuleLimits, EgressFlags};
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
 pub use ruleset::{
-    Action, CapsuleRules, Chain, ChainKind, Family, Hook, IfName, Limit, LimitUnit, Match,
-    NodeRules, Rule, Table, Verdict, build_capsule_table, build_node_table, build_node_table6,
+    Action, AddrSet, CapsuleRules, Chain, ChainKind, DNS_MARK, FQDN_MARK, Family, Hook, IfName, L4,
+    Limit, LimitUnit, Match, NodeRules, Rule, SetElement, Table, Verdict, build_capsule_table,
+    build_node_table, build_node_table6,
 };
 pub use slots::SlotAllocator;
 
@@ -224,6 +227,26 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// connection does not outlive its permission. The namespace, links and
     /// TAP stay as they are: the VM keeps running. Legal after `setup`.
     fn update_policy(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<(), Error>;
+
+    /// Makes the capsule's names (`spec.network.dns`, `allowHosts`) hold
+    /// under `policy`: its DNS proxy runs on the guest's gateway with these
+    /// settings, and its names table opens DNS (unless closed under deny)
+    /// and the addresses allowed names resolved to. A repeated call
+    /// changes the running proxy and table in place, dropping addresses
+    /// only names no longer allowed opened. Legal after `setup`; the
+    /// teardown stops the proxy. Needs a current tokio runtime.
+    fn set_names(
+        &self,
+        capsule: &CapsuleId,
+        policy: &EgressPolicy,
+        names: &Names,
+    ) -> Result<(), Error>;
+
+    /// The cluster DNS the node's proxies forward to by default (renders
+    /// the guest's resolver file).
+    fn cluster_dns(&self) -> dns::ClusterDns {
+        dns::ClusterDns::default()
+    }
 
     /// Recreates the TAP by name inside an existing capsule namespace (a
     /// restore opens the TAP the snapshot names). Legal after `setup`.
@@ -447,6 +470,18 @@ pub enum Error {
     NotSetUp {
         /// Capsule.
         capsule: CapsuleId,
+    },
+    /// Starting, changing or loading the table of a capsule's DNS proxy
+    /// failed.
+    #[error("{action} the DNS proxy of capsule {capsule}")]
+    DnsProxy {
+        /// What was being done.
+        action: &'static str,
+        /// Capsule.
+        capsule: CapsuleId,
+        /// Cause.
+        #[source]
+        source: io::Error,
     },
     /// A failure injected by a test ([`LinuxNet::fail_before`]).
     #[error("injected failure before {step:?} of capsule {capsule}")]

@@ -7,12 +7,14 @@ use std::net::Ipv4Addr;
 use netlink_packet_netfilter::NetfilterProtoFamily;
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Hook as NlHook,
-    Immediate, InetHookNumber, Meta, MetaKey, NfTablesMessage, Operator, Payload, Register,
-    RuleAttribute, RuleMessage, TableAttribute, TableMessage, Verdict as NlVerdict,
-    VerdictAttribute,
+    Immediate, InetHookNumber, ListAttribute, Lookup, Meta, MetaKey, NfTablesMessage, Operator,
+    Payload, Register, RuleAttribute, RuleMessage, SetAttribute, SetElementAttribute,
+    SetElementList, SetElementMessage, SetFlags, SetMessage, TableAttribute, TableMessage,
+    Verdict as NlVerdict, VerdictAttribute,
 };
 use rtnetlink::packet_core::{DefaultNla, NLM_F_APPEND, NLM_F_CREATE};
 
+use super::ruleset::{AddrSet, L4, SetElement};
 use super::{
     Action, ChainKind, Cidr, Family, Hook, IfName, Limit, LimitUnit, Match, Table, Verdict,
 };
@@ -38,6 +40,17 @@ pub fn build_load(table: &Table) -> (NetfilterProtoFamily, Vec<(NfTablesMessage,
         ),
         (new_table(&table.name), NLM_F_CREATE),
     ];
+    // Sets before the rules that look in them.
+    for (i, set) in table.sets.iter().enumerate() {
+        let id = u32::try_from(i).unwrap_or(u32::MAX).saturating_add(1);
+        msgs.push((new_set(&table.name, set, id), NLM_F_CREATE));
+        if !set.elements.is_empty() {
+            msgs.push((
+                new_elements(&table.name, set.name, &set.elements),
+                NLM_F_CREATE,
+            ));
+        }
+    }
     msgs.extend(encode_chains(table).into_iter().map(|m| (m, NLM_F_CREATE)));
     msgs.extend(
         encode_rules(table)
@@ -51,8 +64,70 @@ pub fn build_load(table: &Table) -> (NetfilterProtoFamily, Vec<(NfTablesMessage,
     (family, msgs)
 }
 
+/// Adds `elements` to set `set` of table `table` (family `ip`) in one
+/// transaction. An element already there gets the new timeout.
+pub fn add_elements(
+    nl: &Netlink,
+    table: &str,
+    set: &str,
+    elements: &[SetElement],
+) -> std::io::Result<()> {
+    nl.nft_transaction(
+        NetfilterProtoFamily::IPv4,
+        vec![(new_elements(table, set, elements), NLM_F_CREATE)],
+    )
+}
+
+/// nft's type number for `ipv4_addr` (informational for the kernel; `nft
+/// list` prints the set with it).
+const NFT_TYPE_IPADDR: u32 = 7;
+
+fn new_set(table: &str, set: &AddrSet, id: u32) -> NfTablesMessage {
+    let mut flags = SetFlags::empty();
+    if set.timeouts {
+        flags |= SetFlags::Timeout;
+    }
+    NfTablesMessage::NewSet(SetMessage {
+        attributes: vec![
+            SetAttribute::Table(table.to_string()),
+            SetAttribute::Name(set.name.to_string()),
+            SetAttribute::Flags(flags),
+            SetAttribute::KeyType(NFT_TYPE_IPADDR),
+            SetAttribute::KeyLen(4),
+            SetAttribute::Id(id),
+        ],
+    })
+}
+
+fn new_elements(table: &str, set: &str, elements: &[SetElement]) -> NfTablesMessage {
+    let list = elements
+        .iter()
+        .map(|e| {
+            let mut attrs = vec![SetElementAttribute::Key(DataAttribute::Value(
+                e.addr.octets().to_vec(),
+            ))];
+            if let Some(t) = e.timeout {
+                // Milliseconds; at least one, as zero would mean "never".
+                let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1);
+                attrs.push(SetElementAttribute::Timeout(ms));
+            }
+            ListAttribute::Element(attrs)
+        })
+        .collect();
+    NfTablesMessage::NewSetElement(SetElementMessage {
+        attributes: vec![
+            SetElementList::Table(table.to_string()),
+            SetElementList::Set(set.to_string()),
+            SetElementList::Elements(list),
+        ],
+    })
+}
+
 const NFT_PAYLOAD_LL_HEADER: u32 = 0;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 /// Offset of the source address in an Ethernet header.
 const ETHER_SADDR_OFFSET: u32 = 6;
 const NF_DROP: u32 = 0;
@@ -245,6 +320,46 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
                 DefaultNla::new(NFTA_CONNLIMIT_FLAGS, be(NFT_CONNLIMIT_F_INV)),
             ],
         }),
+        Match::Proto(p) => {
+            out.push(Expressions::Meta(vec![
+                Meta::Key(MetaKey::L4Proto),
+                Meta::DestinationRegister(Register::Reg1),
+            ]));
+            let proto = match p {
+                L4::Tcp => IPPROTO_TCP,
+                L4::Udp => IPPROTO_UDP,
+            };
+            out.push(cmp(Operator::Equal, vec![proto]));
+        }
+        Match::Dport(port) => {
+            out.push(Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(NFT_PAYLOAD_TRANSPORT_HEADER),
+                Payload::Offset(2),
+                Payload::Len(2),
+            ]));
+            out.push(cmp(Operator::Equal, port.to_be_bytes().to_vec()));
+        }
+        Match::DaddrInSet(set) => {
+            out.push(Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(NFT_PAYLOAD_NETWORK_HEADER),
+                Payload::Offset(16),
+                Payload::Len(4),
+            ]));
+            out.push(Expressions::Lookup(vec![
+                Lookup::Set(set.to_string()),
+                Lookup::SourceRegister(Register::Reg1),
+            ]));
+        }
+        Match::Mark(mark) => {
+            out.push(Expressions::Meta(vec![
+                Meta::Key(MetaKey::Mark),
+                Meta::DestinationRegister(Register::Reg1),
+            ]));
+            // Registers hold the mark in host byte order.
+            out.push(cmp(Operator::Equal, mark.to_ne_bytes().to_vec()));
+        }
         Match::LimitOver(Limit { rate, burst, unit }) => out.push(Expressions::Other {
             expression_type: "limit".into(),
             attributes: vec![
@@ -301,6 +416,16 @@ fn encode_action(a: Action, out: &mut Vec<Expressions>) {
             expression_type: "masq".into(),
             attributes: vec![],
         }),
+        Action::SetMark(mark) => {
+            out.push(Expressions::Immediate(vec![
+                Immediate::DestinationRegister(Register::Reg1),
+                Immediate::Data(DataAttribute::Value(mark.to_ne_bytes().to_vec())),
+            ]));
+            out.push(Expressions::Meta(vec![
+                Meta::Key(MetaKey::Mark),
+                Meta::SourceRegister(Register::Reg1),
+            ]));
+        }
     }
 }
 
@@ -332,6 +457,7 @@ mod tests {
                     },
                 ],
             }],
+            sets: Vec::new(),
         };
         let rules = encode_rules(&t);
         assert_eq!(rules.len(), 2);

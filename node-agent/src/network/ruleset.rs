@@ -37,6 +37,45 @@ pub struct Table {
     pub name: String,
     /// Base chains, each hooked into the stack.
     pub chains: Vec<Chain>,
+    /// Named IPv4 address sets, created before the chains that look in them.
+    pub sets: Vec<AddrSet>,
+}
+
+/// A named set of IPv4 addresses, optionally with per-element timeouts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddrSet {
+    /// Set name, unique in its table.
+    pub name: &'static str,
+    /// Whether elements expire (`flags timeout`).
+    pub timeouts: bool,
+    /// Elements loaded with the table.
+    pub elements: Vec<SetElement>,
+}
+
+/// One address in an [`AddrSet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetElement {
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// When it leaves the set; `None`: never (sets without timeouts).
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// Packet mark the names table (`network::dns`) sets on a guest's DNS
+/// query to its resolver: the capsule table's input chain accepts it.
+pub const DNS_MARK: u32 = 0x5772_0001;
+/// Packet mark the names table sets on a guest packet towards an address
+/// an allowed host name resolved to: the capsule table's forward chain
+/// accepts it (metadata and the node's blocked ranges still drop first).
+pub const FQDN_MARK: u32 = 0x5772_0002;
+
+/// Transport protocol of a [`Match::Proto`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
 }
 
 /// A base chain.
@@ -139,6 +178,14 @@ pub enum Match {
     CtCountOver(u32),
     /// The rule's token bucket is empty (`limit rate over`).
     LimitOver(Limit),
+    /// Transport protocol is.
+    Proto(L4),
+    /// Transport destination port is (after a [`Match::Proto`]).
+    Dport(u16),
+    /// Destination address is in this set of the same table.
+    DaddrInSet(&'static str),
+    /// Packet mark is.
+    Mark(u32),
 }
 
 /// A token bucket: `rate` per second, holding up to `burst`.
@@ -174,6 +221,8 @@ pub enum Action {
     Dnat(Ipv4Addr),
     /// Rewrite the source to the output interface's address.
     Masquerade,
+    /// Set the packet mark and go on with the next rule.
+    SetMark(u32),
 }
 
 fn rule(matches: Vec<Match>, action: Action) -> Rule {
@@ -261,6 +310,7 @@ pub fn build_node_table(r: &NodeRules<'_>) -> Table {
                 )],
             },
         ],
+        sets: Vec::new(),
     }
 }
 
@@ -296,6 +346,7 @@ pub fn build_node_table6(prefix: &str) -> Table {
                 ],
             ),
         ],
+        sets: Vec::new(),
     }
 }
 
@@ -374,8 +425,16 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
             .iter()
             .map(|net| rule(vec![Daddr(*net)], Action::Drop))
     };
+    let fqdn = || {
+        let mut m = egress();
+        m.push(Mark(FQDN_MARK));
+        rule(m, Action::Accept)
+    };
     match r.policy {
-        EgressPolicy::Deny => {}
+        EgressPolicy::Deny => {
+            forward.extend(always_blocked());
+            forward.push(fqdn());
+        }
         EgressPolicy::Allow => {
             forward.extend(always_blocked());
             forward.push(rule(egress(), Action::Accept));
@@ -387,6 +446,7 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
                 m.push(Daddr(*net));
                 forward.push(rule(m, Action::Accept));
             }
+            forward.push(fqdn());
         }
     }
 
@@ -437,8 +497,10 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
                 priority: 0,
                 policy: Verdict::Accept,
                 // The guest reaches nothing in its own namespace.
+                // Nor anything but its resolver when the names table opened it.
                 rules: vec![
                     rule(vec![Iif(tap()), CtEstablished], Action::Accept),
+                    rule(vec![Iif(tap()), Mark(DNS_MARK)], Action::Accept),
                     rule(vec![Iif(tap())], Action::Drop),
                 ],
             },
@@ -451,6 +513,7 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
                 rules: forward,
             },
         ],
+        sets: Vec::new(),
     }
 }
 
@@ -499,6 +562,11 @@ impl fmt::Display for Match {
             ),
             Match::CtEstablished => f.write_str("ct state established,related"),
             Match::CtCountOver(n) => write!(f, "ct count over {n}"),
+            Match::Proto(L4::Tcp) => f.write_str("meta l4proto tcp"),
+            Match::Proto(L4::Udp) => f.write_str("meta l4proto udp"),
+            Match::Dport(p) => write!(f, "th dport {p}"),
+            Match::DaddrInSet(set) => write!(f, "ip daddr @{set}"),
+            Match::Mark(m) => write!(f, "meta mark {m:#010x}"),
             Match::LimitOver(Limit {
                 rate,
                 burst,
@@ -521,6 +589,7 @@ impl fmt::Display for Action {
             Action::Snat(a) => write!(f, "snat to {a}"),
             Action::Dnat(a) => write!(f, "dnat to {a}"),
             Action::Masquerade => f.write_str("masquerade"),
+            Action::SetMark(m) => write!(f, "meta mark set {m:#010x}"),
         }
     }
 }
@@ -534,6 +603,10 @@ impl fmt::Display for Table {
             Family::Ip6 => "ip6",
         };
         writeln!(f, "table {family} {} {{", self.name)?;
+        for s in &self.sets {
+            let flags = if s.timeouts { " flags timeout;" } else { "" };
+            writeln!(f, "\tset {} {{ type ipv4_addr;{flags} }}", s.name)?;
+        }
         for c in &self.chains {
             let kind = match c.kind {
                 ChainKind::Filter => "filter",
@@ -723,7 +796,26 @@ mod tests {
         let t = capsule(&EgressPolicy::Deny, CapsuleLimits::UNLIMITED);
         let fwd = t.chains.iter().find(|c| c.name == "forward").unwrap();
         assert_eq!(fwd.policy, Verdict::Drop);
-        assert_eq!(forward_of(&t).len(), 2);
+        // Replies, the node's own connections, metadata drops, then only
+        // what the names table marked as an allowed host's address.
+        assert_eq!(
+            forward_of(&t)[2..],
+            [
+                "ip daddr 169.254.0.0/16 drop".to_string(),
+                "ip daddr 168.63.129.16/32 drop".into(),
+                r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 meta mark 0x57720002 accept"#.into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_guest_reaches_its_own_namespace_only_for_marked_dns() {
+        let t = capsule(&EgressPolicy::Allow, CapsuleLimits::UNLIMITED);
+        let text = t.to_string();
+        assert!(
+            text.contains("\t\tiifname \"tap0\" ct state established,related accept\n\t\tiifname \"tap0\" meta mark 0x57720001 accept\n\t\tiifname \"tap0\" drop\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -744,6 +836,7 @@ mod tests {
                 r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 ip daddr 198.51.100.0/24 accept"#.into(),
                 r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 ip daddr 203.0.113.9/32 accept"#.into(),
                 r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 ip daddr 168.63.129.16/32 accept"#.into(),
+                r#"iifname "tap0" oifname "veth0" ip saddr 169.254.0.21/32 meta mark 0x57720002 accept"#.into(),
             ]
         );
     }

@@ -23,6 +23,8 @@ use crate::capsule::{
 };
 use crate::images::ImageSource;
 use crate::images::dirs::{self, ImageDirs, Use};
+use crate::network::Names;
+use crate::network::dns::{AllowHosts, DnsConfig};
 use crate::vmm::{BackendInfo, BackendKind};
 
 /// Smallest guest the agent boots: the CRD's minimum.
@@ -339,7 +341,9 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
     }
     let kernel = from_kernel("spec.kernel_path", &spec.kernel_path, dirs)?;
     let cmdline = from_cmdline("spec.kernel_cmdline", spec.kernel_cmdline)?;
-    let egress = from_network(spec.network.unwrap_or_default())?;
+    let net = spec.network.unwrap_or_default();
+    let names = from_names(&net)?;
+    let egress = from_network(net)?;
     Ok(CapsuleSpec {
         namespace: spec.namespace,
         name: spec.name,
@@ -349,7 +353,33 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
         cmdline,
         env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
         egress,
+        names,
     })
+}
+
+/// `NetworkPolicy`'s DNS settings and allowed host names → [`Names`].
+/// Host names apply only under DENY, and need name resolution open.
+pub fn from_names(net: &pb::NetworkPolicy) -> Result<Names, Status> {
+    let dns = match &net.dns {
+        None => DnsConfig::default(),
+        Some(d) => DnsConfig::parse(&d.nameservers, &d.searches, &d.options, d.block_under_deny)
+            .map_err(|e| Status::invalid_argument(format!("spec.network.{e}")))?,
+    };
+    let allow_hosts = AllowHosts::parse(&net.allow_hosts)
+        .map_err(|e| Status::invalid_argument(format!("spec.network.{e}")))?;
+    if !allow_hosts.is_empty() {
+        if net.egress != pb::Egress::Deny as i32 {
+            return Err(Status::invalid_argument(
+                "spec.network.allow_hosts applies only with egress DENY",
+            ));
+        }
+        if dns.block_under_deny {
+            return Err(Status::invalid_argument(
+                "spec.network.allow_hosts needs name resolution: dns.block_under_deny closes it",
+            ));
+        }
+    }
+    Ok(Names { dns, allow_hosts })
 }
 
 /// `NetworkPolicy` → egress policy. DENY with CIDRs allows exactly those;
@@ -433,8 +463,21 @@ pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
             egress: egress as i32,
             allow_cidrs,
             ports: Vec::new(),
+            dns: to_dns(&spec.names.dns),
+            allow_hosts: spec.names.allow_hosts.clone().into(),
         }),
     }
+}
+
+/// The resolver settings as the operator sent them; `None` for the
+/// defaults, as the operator leaves an absent `dns` unset.
+fn to_dns(d: &DnsConfig) -> Option<pb::DnsConfig> {
+    (*d != DnsConfig::default()).then(|| pb::DnsConfig {
+        nameservers: d.nameservers.iter().map(ToString::to_string).collect(),
+        searches: d.searches.clone(),
+        options: d.options.clone(),
+        block_under_deny: d.block_under_deny,
+    })
 }
 
 /// Domain resources → proto (the one conversion).

@@ -346,10 +346,17 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::Capsule>, Status> {
         let req = req.into_inner();
         validate_uid(&req.uid)?;
-        let egress = convert::from_network(req.network.unwrap_or_default())?;
+        let net = req.network.unwrap_or_default();
+        // Both checked before either is applied.
+        let names = convert::from_names(&net)?;
+        let egress = convert::from_network(net)?;
+        self.capsules()
+            .update_network(&req.uid, egress)
+            .await
+            .map_err(|e| to_status(&e))?;
         let view = self
             .capsules()
-            .update_network(&req.uid, egress)
+            .update_names(&req.uid, names)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(to_capsule(&view)))

@@ -129,6 +129,38 @@ pub fn tcp_stream_in_netns(
     })
 }
 
+/// Runs `make` on a thread inside the network namespace at `netns`: the
+/// sockets it opens (a listener, a UDP socket) belong to that namespace
+/// for their whole life, wherever they are used afterwards. Blocking.
+pub fn sockets_in_netns<T: Send>(
+    netns: &Path,
+    make: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    // Already there (the node's namespace for an agent on the host
+    // network, once per upstream DNS query): no thread needed.
+    if is_own_netns(netns) {
+        return make();
+    }
+    on_thread(move || {
+        let ns = File::open(netns)?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        make()
+    })
+}
+
+/// Whether `netns` is the calling thread's network namespace (same nsfs
+/// inode, as `ip netns identify` compares).
+fn is_own_netns(netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (
+        fs::metadata(netns),
+        fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Unmounts and removes a named namespace. The namespace itself, with its
 /// links, TAP, nftables tables and conntrack entries, goes away once no
 /// process or mount holds it. `Ok(false)` if there was nothing to remove.
@@ -657,4 +689,24 @@ fn nf_dump(
 /// Path of the calling process's own network namespace under `proc_dir`.
 pub fn own_netns(proc_dir: &Path) -> PathBuf {
     proc_dir.join("self/ns/net")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_in_the_own_namespace_are_made_on_the_calling_thread() {
+        let here = std::thread::current().id();
+        let (sock, made_on) = sockets_in_netns(Path::new("/proc/self/ns/net"), || {
+            Ok((
+                std::net::UdpSocket::bind("127.0.0.1:0")?,
+                std::thread::current().id(),
+            ))
+        })
+        .unwrap();
+        assert_eq!(made_on, here);
+        assert!(sock.local_addr().unwrap().ip().is_loopback());
+        assert!(!is_own_netns(Path::new("/nonexistent/ns")));
+    }
 }

@@ -110,6 +110,32 @@ pub struct NetworkPolicy {
     pub allow_cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(message, repeated, tag = "3")]
     pub ports: ::prost::alloc::vec::Vec<Port>,
+    /// The guest's resolver; unset: the node's cluster DNS with the
+    /// namespace search path.
+    #[prost(message, optional, tag = "10")]
+    pub dns: ::core::option::Option<DnsConfig>,
+    /// With DENY only: host names (exact, or "\*." and a name) whose DNS
+    /// answers open their IPv4 addresses for the answer's TTL.
+    #[prost(string, repeated, tag = "11")]
+    pub allow_hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// spec.network.dns. The guest always asks the node's DNS proxy on its
+/// gateway; these name its upstreams and the guest's search path.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DnsConfig {
+    /// IPv4 upstreams, at most 3; empty: the node's cluster DNS.
+    #[prost(string, repeated, tag = "1")]
+    pub nameservers: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// At most 6; empty with nameservers empty: NS.svc.DOMAIN svc.DOMAIN DOMAIN.
+    #[prost(string, repeated, tag = "2")]
+    pub searches: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// resolv.conf options ("ndots:2"); empty with nameservers empty: ndots:5.
+    #[prost(string, repeated, tag = "3")]
+    pub options: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// With DENY: block name resolution too.
+    #[prost(bool, tag = "4")]
+    pub block_under_deny: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

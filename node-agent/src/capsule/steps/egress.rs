@@ -26,27 +26,28 @@ impl<M: Machine + 'static> Ctx<M> {
         if rec.spec.egress == egress {
             return Ok(());
         }
-        let live = match plan_op(Op::UpdateEgress, rec.state) {
-            Decision::ApplyEgress => true,
-            Decision::RecordEgress => false,
-            Decision::Refuse(hint) => return Err(wrong(&rec.uid, rec.state, hint)),
-            _ => return Err(wrong(&rec.uid, rec.state, "wait until it settles")),
-        };
+        let live = live_network_change(rec)?;
         let old = std::mem::replace(&mut rec.spec.egress, egress);
         // Journaled before the swap, but not shown: until the table is
         // loaded the capsule still runs under the old policy.
         self.journal_only(rec).await?;
         if live && let Err(e) = self.apply_egress(rec).await {
             rec.spec.egress = old;
-            note(rec, &e);
-            if let Err(j) = self.commit(entry, rec).await {
-                tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal the egress policy back after a failed update");
-            }
+            self.journal_back(entry, rec, &e).await;
             return Err(e);
         }
         self.show(entry, rec);
         tracing::info!(capsule = %rec.uid, live, "egress policy updated");
         Ok(())
+    }
+
+    /// After a failed live network change whose old settings are back in
+    /// `rec`: shows the failure and journals `rec` again.
+    pub(crate) async fn journal_back(&self, entry: &Entry, rec: &mut Record, e: &Error) {
+        note(rec, e);
+        if let Err(j) = self.commit(entry, rec).await {
+            tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal the network settings back after a failed update");
+        }
     }
 
     /// Loads `rec`'s journaled policy into its capsule table.
@@ -63,7 +64,9 @@ impl<M: Machine + 'static> Ctx<M> {
                     source: Box::new(source),
                 })
         })
-        .await
+        .await?;
+        // Whether DNS stays open depends on the policy.
+        self.apply_names(rec).await
     }
 
     /// Recovery: the journal's policy is the one to hold for a capsule
@@ -78,6 +81,18 @@ impl<M: Machine + 'static> Ctx<M> {
         if let Err(e) = self.apply_egress(rec).await {
             tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "reapply the journaled egress policy");
         }
+    }
+}
+
+/// Whether a network change to `rec` applies now (`true`: its network
+/// exists) or is only journaled for when one is made (`false`); refused
+/// in states where neither holds.
+pub(crate) fn live_network_change(rec: &Record) -> Result<bool, Error> {
+    match plan_op(Op::UpdateEgress, rec.state) {
+        Decision::ApplyEgress => Ok(true),
+        Decision::RecordEgress => Ok(false),
+        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
+        _ => Err(wrong(&rec.uid, rec.state, "wait until it settles")),
     }
 }
 
@@ -138,12 +153,17 @@ mod tests {
         assert_eq!(b.sup.get("c1").unwrap().state, State::Running);
         assert_eq!(journaled(&b, "c1"), listed());
         let calls = b.net.calls();
+        // The policy, then the names table (whether DNS stays open
+        // depends on the policy).
         assert_eq!(
-            calls.last(),
-            Some(&NetCall::UpdatePolicy(
-                id.clone(),
-                EgressPolicy::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
-            ))
+            calls[calls.len() - 2..],
+            [
+                NetCall::UpdatePolicy(
+                    id.clone(),
+                    EgressPolicy::AllowList(vec!["203.0.113.0/24".parse().unwrap()])
+                ),
+                NetCall::SetNames(id.clone(), Default::default()),
+            ]
         );
         // Not rebuilt: one setup, from the create.
         assert_eq!(

@@ -1,4 +1,5 @@
-//! Reaching the guest agent after a boot or restore and sending `Init`.
+//! Reaching the guest agent after a boot or restore and sending `Init`,
+//! then the resolver file (`names`).
 //! The readiness wait gives the guest a third of the budget, heals a
 //! wedged host-side vsock once (`Machine::heal_vsock`), then waits the rest.
 
@@ -93,7 +94,7 @@ impl<M: Machine + 'static> Ctx<M> {
             })
             .await
             .map_err(err("init"))?;
-        Ok(())
+        self.write_resolver(rec, &client).await
     }
 
     /// Logs what the host saw of a VM whose guest never answered

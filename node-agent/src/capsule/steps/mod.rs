@@ -15,6 +15,7 @@
 //! | `suspend`, `restore` | suspend to the node, resume from it |
 //! | `snapshot` | named snapshots |
 //! | `egress` | live egress policy changes |
+//! | `names` | live DNS and allowHosts changes, the guest's resolver file |
 //! | `release` | undo and delete |
 //! | `watch` | the crash watcher |
 //! | `telemetry` | sample sources and step timings for `crate::metrics` |
@@ -26,6 +27,7 @@ mod bases;
 mod create;
 mod egress;
 mod guest;
+mod names;
 mod pause;
 mod provision;
 mod release;

@@ -105,6 +105,7 @@ impl<M: Machine + 'static> Ctx<M> {
         let net = self.host.net.clone();
         let id = net_id(&uid)?;
         let pol = rec.spec.egress.clone();
+        let names = rec.spec.names.clone();
         let u = uid.clone();
         let capsule_net = blocking(&uid, "set up network", move || {
             let n = net.setup(&id, &pol).map_err(|source| Error::Network {
@@ -115,9 +116,17 @@ impl<M: Machine + 'static> Ctx<M> {
             // A restore opens the TAP by name; make sure it is there.
             net.ensure_tap(&id).map_err(|source| Error::Network {
                 action: "recreate tap of",
-                uid: u,
+                uid: u.clone(),
                 source: Box::new(source),
             })?;
+            // The guest's resolver: proxy and names table (torn down with
+            // the network).
+            net.set_names(&id, &pol, &names)
+                .map_err(|source| Error::Network {
+                    action: "start the DNS proxy of",
+                    uid: u,
+                    source: Box::new(source),
+                })?;
             Ok(n)
         })
         .await?;

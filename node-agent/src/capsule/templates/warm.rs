@@ -194,6 +194,7 @@ fn build_spec(
         cmdline: req.cmdline.clone(),
         env: warm.env.clone(),
         egress: Egress::Allow,
+        names: Default::default(),
     }
 }
 

@@ -201,6 +201,7 @@ fn request() -> pb::CreateCapsuleRequest {
                 egress: pb::Egress::Deny as i32,
                 allow_cidrs: vec!["198.51.100.0/24".into()],
                 ports: vec![],
+                ..Default::default()
             }),
         }),
         initial_state: 0,
@@ -272,6 +273,7 @@ fn deny_with_cidrs_allows_exactly_those_and_allow_with_cidrs_is_refused() {
         egress: egress as i32,
         allow_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
         ports: vec![],
+        ..Default::default()
     };
     assert_eq!(
         from_network(net(pb::Egress::Deny, &["203.0.113.0/24"])).unwrap(),
@@ -475,4 +477,68 @@ fn errors_map_to_codes_users_can_act_on() {
         .code(),
         tonic::Code::AlreadyExists
     );
+}
+
+#[test]
+fn names_are_checked_at_the_edge_and_echoed_back_as_sent() {
+    let net = |egress: pb::Egress, hosts: &[&str], dns: Option<pb::DnsConfig>| pb::NetworkPolicy {
+        egress: egress as i32,
+        allow_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        dns,
+        ..Default::default()
+    };
+    let dns = pb::DnsConfig {
+        nameservers: vec!["1.1.1.1".into()],
+        searches: vec!["corp.example".into()],
+        options: vec!["ndots:2".into()],
+        block_under_deny: false,
+    };
+    let n = from_names(&net(
+        pb::Egress::Deny,
+        &["pypi.org", "*.github.com"],
+        Some(dns.clone()),
+    ))
+    .unwrap();
+    assert!(n.allow_hosts.allows("api.github.com"));
+    assert_eq!(n.dns.nameservers, [std::net::Ipv4Addr::new(1, 1, 1, 1)]);
+    // What the agent reports is what the operator sent, so the operator
+    // sees no difference and sends no update.
+    assert_eq!(to_dns(&n.dns), Some(dns));
+    assert_eq!(to_dns(&DnsConfig::default()), None);
+    let hosts: Vec<String> = n.allow_hosts.into();
+    assert_eq!(hosts, ["pypi.org", "*.github.com"]);
+
+    for (bad, want) in [
+        (
+            net(pb::Egress::Allow, &["pypi.org"], None),
+            "only with egress DENY",
+        ),
+        (net(pb::Egress::Deny, &["*"], None), "allow_hosts"),
+        (
+            net(
+                pb::Egress::Deny,
+                &["pypi.org"],
+                Some(pb::DnsConfig {
+                    block_under_deny: true,
+                    ..Default::default()
+                }),
+            ),
+            "needs name resolution",
+        ),
+        (
+            net(
+                pb::Egress::Allow,
+                &[],
+                Some(pb::DnsConfig {
+                    nameservers: vec!["10.96.0.10".into()],
+                    ..Default::default()
+                }),
+            ),
+            "10.0.0.0/8",
+        ),
+    ] {
+        let e = from_names(&bad).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(want), "{e:?} lacks {want}");
+    }
 }

@@ -314,7 +314,8 @@ pub(super) fn validate_snapshot(
     }
 }
 /// `spec.network` as the agent takes it: DENY with `allowCidrs` reaches
-/// exactly those CIDRs.
+/// exactly those CIDRs, and `allowHosts` the addresses those names
+/// resolve to.
 pub(super) fn to_proto_network(cap: &Capsule) -> pb::NetworkPolicy {
     let net = cap.spec.network.clone().unwrap_or_default();
     pb::NetworkPolicy {
@@ -323,6 +324,13 @@ pub(super) fn to_proto_network(cap: &Capsule) -> pb::NetworkPolicy {
             wrenn_crds::capsule::Egress::Deny => pb::Egress::Deny as i32,
         },
         allow_cidrs: net.allow_cidrs.clone(),
+        dns: net.dns.as_ref().map(|d| pb::DnsConfig {
+            nameservers: d.nameservers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+            block_under_deny: d.block_under_deny,
+        }),
+        allow_hosts: net.allow_hosts.clone(),
         ports: net
             .ports
             .iter()
