@@ -19,6 +19,8 @@ use super::limits::CapsuleLimits;
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
 };
+use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
+use super::portrules::{PORTS_TABLE, build_ports_table};
 use super::slots::{ClaimError, SlotAllocator};
 use super::{
     CAPSULE_VETH, CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, PREFIX, SweepReport,
@@ -67,6 +69,8 @@ pub struct LinuxNetConfig {
     pub limits: CapsuleLimits,
     /// TAP (production) or emulated guest (tests).
     pub guest_link: GuestLink,
+    /// Node ports that published capsule ports are taken from.
+    pub host_ports: HostPortRange,
 }
 
 impl LinuxNetConfig {
@@ -83,6 +87,7 @@ impl LinuxNetConfig {
             blocked_egress: super::PRIVATE_RANGES.to_vec(),
             limits: CapsuleLimits::default(),
             guest_link: GuestLink::Tap,
+            host_ports: HostPortRange::default(),
         }
     }
 }
@@ -122,6 +127,7 @@ enum Undo {
 pub struct LinuxNet {
     cfg: LinuxNetConfig,
     slots: SlotAllocator,
+    ports: HostPortAllocator,
     fail_before: Mutex<Option<SetupStep>>,
 }
 
@@ -139,9 +145,13 @@ impl LinuxNet {
         let dir = cfg.state_dir.join("slots");
         let slots = SlotAllocator::open(&dir, cfg.plan.max_slots)
             .map_err(|source| Error::OpenSlots { path: dir, source })?;
+        let dir = cfg.state_dir.join("hostports");
+        let ports = HostPortAllocator::open(&dir, cfg.host_ports)
+            .map_err(|source| Error::OpenSlots { path: dir, source })?;
         Ok(Self {
             cfg,
             slots,
+            ports,
             fail_before: Mutex::new(None),
         })
     }
@@ -456,6 +466,71 @@ impl LinuxNet {
         })
     }
 
+    /// Loads the ports table as the claims now are, in one transaction.
+    fn load_ports_table(&self) -> Result<(), Error> {
+        let claims = self.ports.claims();
+        let table = build_ports_table(
+            &claims,
+            |c| {
+                self.slots
+                    .get(c)
+                    .and_then(|s| self.cfg.plan.slot_addrs(s))
+                    .map(|a| a.host)
+            },
+            self.cfg.plan.host_range,
+        );
+        let netns = self.cfg.node_netns.clone();
+        self.in_node(|nl| {
+            super::nft::load_table(nl, &table).map_err(|source| Error::LoadTable {
+                table: PORTS_TABLE.into(),
+                netns,
+                source,
+            })
+        })
+    }
+
+    /// Makes `capsule`'s published ports match `rules`: each claim write is
+    /// journaled (a file) before the table that uses it is loaded, and its
+    /// inverse recorded before it is made, so a failed load puts the claims
+    /// back as they were. Exhaustion is found before any write.
+    fn set_ports(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<(), Error> {
+        let change = self.ports.plan(capsule, rules).map_err(|e| match e {
+            PlanError::Exhausted { needed, free } => Error::HostPortsExhausted {
+                capsule: capsule.clone(),
+                range: self.ports.range().to_string(),
+                needed,
+                free,
+            },
+        })?;
+        if change.writes.is_empty() {
+            return Ok(());
+        }
+        let mut undo: Vec<Write> = Vec::new();
+        let mut result = Ok(());
+        for w in &change.writes {
+            undo.push(self.ports.inverse(w));
+            if let Err(source) = self.ports.apply(w) {
+                undo.pop();
+                result = Err(Error::HostPortClaim {
+                    capsule: capsule.clone(),
+                    source,
+                });
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = self.load_ports_table();
+        }
+        if result.is_err() {
+            for w in undo.iter().rev() {
+                if let Err(e) = self.ports.apply(w) {
+                    warn!(capsule = %capsule, error = &e as &dyn std::error::Error, "put a host port claim back after a failed change");
+                }
+            }
+        }
+        result
+    }
+
     fn run_undo(&self, capsule: &CapsuleId, undo: Vec<Undo>) {
         for step in undo.into_iter().rev() {
             let res = match &step {
@@ -557,6 +632,11 @@ impl NetOps for LinuxNet {
             blocked: &self.cfg.blocked_egress,
         });
         let netns = self.cfg.node_netns.clone();
+        // Published ports as the claims on disk say (after a restart the
+        // same host ports reach the same capsules), and first: the node
+        // table accepts DNATed connections into capsules because this
+        // table has dropped every one that is not published.
+        self.load_ports_table()?;
         self.in_node(|nl| {
             sys::write_sysctl(&self.cfg.proc_dir, "net/ipv4/ip_forward", "1").map_err(|source| {
                 Error::SetSysctl {
@@ -723,8 +803,30 @@ impl NetOps for LinuxNet {
         })
     }
 
+    fn publish(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<Vec<HostPort>, Error> {
+        if self.slots.get(capsule).is_none() {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        self.set_ports(capsule, rules)?;
+        Ok(self.ports.of(capsule))
+    }
+
+    fn host_ports(&self, capsule: &CapsuleId) -> Vec<HostPort> {
+        self.ports.of(capsule)
+    }
+
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
         let mut errors = Vec::new();
+        // A capsule gone for good gives its host ports back; a suspended
+        // one keeps them (the ports table drops what reaches its missing
+        // network) and comes back on the same ones.
+        if mode == Teardown::ReleaseSlot
+            && let Err(e) = self.set_ports(capsule, &[])
+        {
+            errors.push(e);
+        }
         self.remove_resources(capsule, true, &mut errors);
         if mode == Teardown::ReleaseSlot
             && errors.is_empty()
@@ -790,7 +892,8 @@ impl NetOps for LinuxNet {
             for (family, name) in nl.list_tables().map_err(tables_err("list"))? {
                 // The node tables (ip and ip6) are ours to keep:
                 // ensure_node replaces them atomically.
-                let node_table = (family == 2 || family == 10) && name == PREFIX;
+                let node_table = ((family == 2 || family == 10) && name == PREFIX)
+                    || (family == 2 && name == PORTS_TABLE);
                 if name.starts_with(PREFIX)
                     && !node_table
                     && nl

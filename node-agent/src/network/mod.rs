@@ -19,9 +19,11 @@
 
 mod addr;
 mod fake;
+mod hostports;
 mod limits;
 mod linux;
 pub mod nft;
+mod portrules;
 mod ruleset;
 mod slots;
 
@@ -35,6 +37,8 @@ pub use addr::{
     GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
 };
 pub use fake::{FakeNet, NetCall};
+pub use hostports::{HostPort, HostPortRange, PortRule};
+pub use portrules::PORTS_TABLE;
 pub use limits::{CapsuleLimits, EgressFlags};
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
 pub use ruleset::{
@@ -108,6 +112,21 @@ pub fn is_resource_name(name: &str) -> bool {
         .is_some_and(|id| {
             (1..=SHORT_ID_LEN).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric())
         })
+}
+
+/// Written as its text (host-port claims); read back through
+/// [`CapsuleId::new`], so a claim file cannot name an invalid id.
+impl serde::Serialize for CapsuleId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CapsuleId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        CapsuleId::new(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl fmt::Display for CapsuleId {
@@ -225,12 +244,26 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     /// TAP stay as they are: the VM keeps running. Legal after `setup`.
     fn update_policy(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<(), Error>;
 
+    /// Makes the capsule's published ports exactly `rules`: a port already
+    /// published keeps its host port (its sources may change), a new one
+    /// gets a free host port, a port left out gives its host port back.
+    /// The claims are on disk before the node's ports table, replaced in
+    /// one transaction, uses them; on failure the previous ports hold.
+    /// New connections see the change; open ones run on. Legal while the
+    /// capsule holds a slot (running, paused or suspended). Returns the
+    /// capsule's host ports.
+    fn publish(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<Vec<HostPort>, Error>;
+
+    /// The capsule's host ports, by guest port; empty when none.
+    fn host_ports(&self, capsule: &CapsuleId) -> Vec<HostPort>;
+
     /// Recreates the TAP by name inside an existing capsule namespace (a
     /// restore opens the TAP the snapshot names). Legal after `setup`.
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error>;
 
     /// Removes the capsule's namespace, links, routes and conntrack
-    /// entries; releases the slot or keeps it (suspend). Legal in any state,
+    /// entries; releases the slot and the host ports, or keeps both
+    /// (suspend). Legal in any state,
     /// including after a failed or never-run setup.
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error>;
 
@@ -265,6 +298,27 @@ pub enum Error {
     OpenSlots {
         /// Claim directory.
         path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The host-port range has too few free ports.
+    #[error("publish ports of capsule {capsule}: host-port range {range} has {free} free ports, {needed} needed")]
+    HostPortsExhausted {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// The range, as configured.
+        range: String,
+        /// New ports asked for.
+        needed: usize,
+        /// Free ports left.
+        free: usize,
+    },
+    /// Writing or removing a host-port claim failed.
+    #[error("write host port claim of capsule {capsule}")]
+    HostPortClaim {
+        /// Capsule.
+        capsule: CapsuleId,
         /// Cause.
         #[source]
         source: io::Error,

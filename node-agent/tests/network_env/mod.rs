@@ -57,6 +57,7 @@ impl Bed {
             plan: AddressPlan::default(),
             blocked_egress: vec!["10.0.0.0/8".parse().expect("cidr")],
             limits: CapsuleLimits::default(),
+            host_ports: "29000-29009".parse().expect("range"),
             guest_link: if tap {
                 GuestLink::Tap
             } else {
