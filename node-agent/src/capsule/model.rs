@@ -54,6 +54,11 @@ pub struct TemplateDisk {
 /// journaled as their text.
 pub use crate::network::EgressPolicy as Egress;
 
+/// A published port (a declared TCP port with sources): the network
+/// module's own type, its CIDRs parsed where they enter the agent
+/// (`server::convert::from_ports`).
+pub use crate::network::{HostPort, PortRule};
+
 /// vCPUs, RAM and disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
@@ -85,6 +90,9 @@ pub struct CapsuleSpec {
     pub env: BTreeMap<String, String>,
     /// Egress policy.
     pub egress: Egress,
+    /// Ports published through host ports, by guest port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRule>,
 }
 
 impl CapsuleSpec {
@@ -98,7 +106,10 @@ impl CapsuleSpec {
             ("kernel", self.kernel == other.kernel),
             ("cmdline", self.cmdline == other.cmdline),
             ("env", self.env == other.env),
-            ("network", self.egress == other.egress),
+            (
+                "network",
+                self.egress == other.egress && self.ports == other.ports,
+            ),
         ];
         pairs.into_iter().find(|(_, same)| !same).map(|(f, _)| f)
     }
@@ -194,6 +205,8 @@ pub struct CapsuleView {
     pub reason: String,
     /// Host socket of the guest's vsock while a VMM runs.
     pub vsock_socket: Option<PathBuf>,
+    /// Host ports of its published ports, by guest port.
+    pub host_ports: Vec<HostPort>,
     /// The capsule's network namespace, where the guest's address answers
     /// (port forwarding dials from inside it).
     pub netns: Option<PathBuf>,
@@ -369,6 +382,11 @@ impl Error {
             Error::InvalidSpec { .. } => Reason::InvalidSpec,
             Error::Cancelled { .. } => Reason::Cancelled,
             Error::Journal { .. } => Reason::JournalFailed,
+            Error::Network { source, .. }
+                if matches!(**source, crate::network::Error::HostPortsExhausted { .. }) =>
+            {
+                Reason::HostPortsExhausted
+            }
             Error::Network { .. } => Reason::NetworkFailed,
             Error::Storage { .. } => Reason::StorageFailed,
             Error::Vm { .. } => Reason::VmFailed,
@@ -439,6 +457,7 @@ pub(crate) mod testing {
             cmdline: String::new(),
             env: BTreeMap::new(),
             egress: Egress::Allow,
+            ports: Vec::new(),
         }
     }
 }

@@ -107,7 +107,7 @@ pub struct PortRule {
 }
 
 /// A published port: which host port reaches which guest port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct HostPort {
     /// Guest port.
     pub port: u16,

@@ -349,7 +349,15 @@ impl NodeAgent for AgentService {
     ) -> Result<Response<pb::Capsule>, Status> {
         let req = req.into_inner();
         validate_uid(&req.uid)?;
-        let egress = convert::from_network(req.network.unwrap_or_default())?;
+        let network = req.network.unwrap_or_default();
+        let ports = convert::from_ports(&network.ports)?;
+        let egress = convert::from_network(network)?;
+        // Ports first: exhaustion refuses the call before the egress
+        // policy changes, so a retry finds the same starting point.
+        self.capsules()
+            .update_ports(&req.uid, ports)
+            .await
+            .map_err(|e| to_status(&e))?;
         let view = self
             .capsules()
             .update_network(&req.uid, egress)

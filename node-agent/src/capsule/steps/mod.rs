@@ -15,6 +15,7 @@
 //! | `suspend`, `restore` | suspend to the node, resume from it |
 //! | `snapshot` | named snapshots |
 //! | `egress` | live egress policy changes |
+//! | `ports` | published ports: at create, live changes |
 //! | `release` | undo and delete |
 //! | `watch` | the crash watcher |
 //! | `telemetry` | sample sources and step timings for `crate::metrics` |
@@ -27,6 +28,7 @@ mod create;
 mod egress;
 mod guest;
 mod pause;
+mod ports;
 mod provision;
 mod release;
 mod restore;

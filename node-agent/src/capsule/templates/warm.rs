@@ -182,6 +182,7 @@ fn build_spec(
         cmdline: req.cmdline.clone(),
         env: warm.env.clone(),
         egress: Egress::Allow,
+        ports: Vec::new(),
     }
 }
 
