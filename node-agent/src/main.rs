@@ -516,6 +516,7 @@ fn open_network(
     let mut net_cfg = LinuxNetConfig {
         netns_dir,
         limits: egress.limits(),
+        host_ports: egress.host_port_range,
         ..LinuxNetConfig::host(uplink, state_dir)
     };
     net_cfg.blocked_egress.extend(egress.blocked);

@@ -89,6 +89,16 @@ pub struct EgressFlags {
         default_value_t = DEFAULT_BANDWIDTH_BYTES_PER_SECOND
     )]
     pub capsule_bandwidth_bytes_per_second: u64,
+    /// Node ports published capsule ports are taken from, `FIRST-LAST`.
+    /// Keep it clear of the NodePort range, the ephemeral port range and
+    /// every service listening on the node: the agent DNATs new
+    /// connections to these ports on every node address.
+    #[arg(
+        long,
+        env = "WRENN_HOST_PORT_RANGE",
+        default_value_t = super::HostPortRange::default()
+    )]
+    pub host_port_range: super::HostPortRange,
 }
 
 impl EgressFlags {
