@@ -36,5 +36,5 @@ pub mod label {
     /// `endpointslice.kubernetes.io/managed-by` of the operator's
     /// EndpointSlices: the cluster's EndpointSlice controller leaves them
     /// alone.
-    pub const SLICE_MANAGER: &str = "wrenn.dev/operator";
+    pub const SLICE_MANAGER: &str = "wrenn-operator";
 }
