@@ -251,7 +251,10 @@ pub struct PortSpec {
     /// not published in the cluster and is reached only through port
     /// forwarding and the proxy. Sources are matched as they arrive at the
     /// node: a CNI that masquerades Pod traffic to node addresses makes
-    /// Pods appear as their node's address.
+    /// Pods appear as their node's address. A Pod on the capsule's own node
+    /// connecting to the Service's ClusterIP is refused (kube-proxy
+    /// translates it to the node's own address first); it can use the
+    /// node address and port in the EndpointSlice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub from: Vec<PortPeer>,

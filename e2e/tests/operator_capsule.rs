@@ -1192,7 +1192,13 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     let nodes = nodes(&client, &ns, 8).await;
     // Node objects with an InternalIP each (cluster-scoped: removed below).
     let node_api: Api<Node> = Api::all(client.clone());
-    let node_ip = |suffix: &str| if suffix == "a" { "192.0.2.10" } else { "192.0.2.11" };
+    let node_ip = |suffix: &str| {
+        if suffix == "a" {
+            "192.0.2.10"
+        } else {
+            "192.0.2.11"
+        }
+    };
     for suffix in ["a", "b"] {
         let name = format!("{ns}-{suffix}");
         let n: Node = serde_json::from_value(json!({ "metadata": {
@@ -1243,7 +1249,11 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         phase(c) == Some(CapsulePhase::Running) && cond(c).is_some_and(|(s, _, _)| s == "True")
     })
     .await;
-    let node = c1.status.as_ref().and_then(|s| s.node_name.clone()).unwrap();
+    let node = c1
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap();
     let ip = node_ip(node.rsplit('-').next().unwrap());
 
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -1270,7 +1280,11 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         .flatten()
         .map(|p| (p.name.clone().unwrap_or_default(), p.port))
         .collect();
-    assert_eq!(ports, vec![("http".to_string(), 8888)], "port 9000 has no from");
+    assert_eq!(
+        ports,
+        vec![("http".to_string(), 8888)],
+        "port 9000 has no from"
+    );
     let owner = |m: &kube::api::ObjectMeta| {
         m.owner_references
             .iter()
@@ -1283,7 +1297,10 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     let slice = slices.get("c1-wrenn").await.unwrap();
     assert_eq!(owner(&slice.metadata), mine);
     assert_eq!(
-        slice.labels().get("kubernetes.io/service-name").map(String::as_str),
+        slice
+            .labels()
+            .get("kubernetes.io/service-name")
+            .map(String::as_str),
         Some("c1")
     );
     let ep = &slice.endpoints.clone().unwrap_or_default()[0];
@@ -1318,7 +1335,12 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     let lists: usize = nodes.agents.iter().map(|a| a.count("ListCapsules")).sum();
     let op = start_operator(&client, &ns, nodes.connector.clone());
     wait_until("the new operator synced its agents", || {
-        nodes.agents.iter().map(|a| a.count("ListCapsules")).sum::<usize>() >= lists + 2
+        nodes
+            .agents
+            .iter()
+            .map(|a| a.count("ListCapsules"))
+            .sum::<usize>()
+            >= lists + 2
     })
     .await;
     // Long enough for every reconcile the restart causes.
@@ -1336,7 +1358,9 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     wait_capsule(&client, &ns, "c2", "HostPortsExhausted", |c| {
         phase(c) == Some(CapsulePhase::Running)
             && cond(c).is_some_and(|(s, r, m)| {
-                s == "False" && r == Reason::HostPortsExhausted.as_str() && m.contains("29000-29000")
+                s == "False"
+                    && r == Reason::HostPortsExhausted.as_str()
+                    && m.contains("29000-29000")
             })
     })
     .await;
@@ -1355,7 +1379,10 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         }) {
             break;
         }
-        assert!(Instant::now() < deadline, "c2's EndpointSlice never got port 29000");
+        assert!(
+            Instant::now() < deadline,
+            "c2's EndpointSlice never got port 29000"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -1371,7 +1398,10 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     while services.get_opt("c2").await.unwrap().is_some()
         || slices.get_opt("c2-wrenn").await.unwrap().is_some()
     {
-        assert!(Instant::now() < deadline, "c2's Service and EndpointSlice stayed");
+        assert!(
+            Instant::now() < deadline,
+            "c2's Service and EndpointSlice stayed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_capsule(&client, &ns, "c2", "no PortsPublished condition", |c| {

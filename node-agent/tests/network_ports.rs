@@ -80,7 +80,10 @@ fn serve(bed: &Bed, c: &CapsuleId, port: u16, tag: &'static str) -> std::thread:
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { return };
-            let peer = s.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+            let peer = s
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
             let _ = s.write_all(format!("{tag} {peer}").as_bytes());
         }
     })
@@ -123,7 +126,10 @@ fn a_pod_reaches_the_declared_port_and_nothing_else_gets_in() {
     let hp = host_port(&ports, 8080);
     assert!((29000..=29009).contains(&hp), "{hp}");
     // The Pod reaches the guest, which sees the Pod's own address.
-    assert_eq!(ask(&bed, UPLINK_ADDR, hp).unwrap(), format!("web {UPLINK_ADDR}"));
+    assert_eq!(
+        ask(&bed, UPLINK_ADDR, hp).unwrap(),
+        format!("web {UPLINK_ADDR}")
+    );
 
     // The attack: the same port from a source outside `from`.
     assert!(
@@ -160,7 +166,10 @@ fn a_pod_reaches_the_declared_port_and_nothing_else_gets_in() {
         ask(&bed, UPLINK_ADDR, 5555).is_err(),
         "a foreign DNAT reached an undeclared port"
     );
-    assert_eq!(ask(&bed, UPLINK_ADDR, hp).unwrap(), format!("web {UPLINK_ADDR}"));
+    assert_eq!(
+        ask(&bed, UPLINK_ADDR, hp).unwrap(),
+        format!("web {UPLINK_ADDR}")
+    );
 
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
     assert!(net.host_ports(&c).is_empty());
@@ -202,7 +211,10 @@ fn host_ports_are_released_reused_and_run_out_without_side_effects() {
     let pb = net.publish(&b, &[rule(80, pod())]).unwrap();
     let hp = host_port(&pb, 80);
     assert!(taken.contains(&hp));
-    assert_eq!(ask(&bed, UPLINK_ADDR, hp).unwrap(), format!("b {UPLINK_ADDR}"));
+    assert_eq!(
+        ask(&bed, UPLINK_ADDR, hp).unwrap(),
+        format!("b {UPLINK_ADDR}")
+    );
     net.teardown(&b, Teardown::ReleaseSlot).unwrap();
 }
 
@@ -233,9 +245,15 @@ fn a_restarted_agent_keeps_the_same_host_ports_working() {
         before
     );
     net.sweep().unwrap();
-    assert_eq!(in_ns(&bed.node, |nl| nl.count_rules()).unwrap(), rules_before);
+    assert_eq!(
+        in_ns(&bed.node, |nl| nl.count_rules()).unwrap(),
+        rules_before
+    );
     let hp = host_port(&before, 8080);
-    assert_eq!(ask(&bed, UPLINK_ADDR, hp).unwrap(), format!("web {UPLINK_ADDR}"));
+    assert_eq!(
+        ask(&bed, UPLINK_ADDR, hp).unwrap(),
+        format!("web {UPLINK_ADDR}")
+    );
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
 }
 
@@ -260,7 +278,10 @@ fn live_changes_take_effect_on_the_next_connection() {
         .unwrap();
     assert_eq!(host_port(&p2, 8080), h8080);
     let h9090 = host_port(&p2, 9090);
-    assert_eq!(ask(&bed, UPLINK_ADDR, h9090).unwrap(), format!("b {UPLINK_ADDR}"));
+    assert_eq!(
+        ask(&bed, UPLINK_ADDR, h9090).unwrap(),
+        format!("b {UPLINK_ADDR}")
+    );
 
     // Change `from`: the Pod is out, the other source is in.
     net.publish(

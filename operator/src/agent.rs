@@ -420,7 +420,12 @@ pub fn to_vm(c: &pb::Capsule) -> Vm {
         host_ports: c
             .host_ports
             .iter()
-            .filter_map(|h| Some((u16::try_from(h.port).ok()?, u16::try_from(h.host_port).ok()?)))
+            .filter_map(|h| {
+                Some((
+                    u16::try_from(h.port).ok()?,
+                    u16::try_from(h.host_port).ok()?,
+                ))
+            })
             .collect(),
     }
 }

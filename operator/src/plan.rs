@@ -588,12 +588,7 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         action,
         status: Some(StatusDraft {
             network_pending,
-            ..draft(
-                phase,
-                Some(node),
-                Some(vm),
-                conds,
-            )
+            ..draft(phase, Some(node), Some(vm), conds)
         }),
     }
 }
@@ -634,7 +629,10 @@ fn ports_condition(wanted: &[PublishedPort], vm: &Vm) -> Option<ConditionDraft> 
             ConditionType::PortsPublished,
             false,
             Reason::Pending,
-            format!("waiting for the node to publish port {}", missing.join(", ")),
+            format!(
+                "waiting for the node to publish port {}",
+                missing.join(", ")
+            ),
         )
     })
 }
@@ -1122,8 +1120,15 @@ mod tests {
         let p = running(&v);
         assert_eq!(p.action, NodeAction::None);
         let c = cond_of(&p, ConditionType::PortsPublished);
-        assert_eq!((c.status, c.reason), (ConditionStatus::True, Reason::PortsPublished));
-        assert!(c.message.contains("8888 on node port 29000"), "{}", c.message);
+        assert_eq!(
+            (c.status, c.reason),
+            (ConditionStatus::True, Reason::PortsPublished)
+        );
+        assert!(
+            c.message.contains("8888 on node port 29000"),
+            "{}",
+            c.message
+        );
 
         // The node's range was full at create: it shows the port as not
         // enforced, so the node is asked again, and the condition says why.

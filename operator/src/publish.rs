@@ -196,7 +196,9 @@ pub fn slice_shape(s: &EndpointSlice) -> impl PartialEq + std::fmt::Debug {
         .map(|e| {
             (
                 e.addresses.clone(),
-                e.conditions.as_ref().map(|c| (c.ready, c.serving, c.terminating)),
+                e.conditions
+                    .as_ref()
+                    .map(|c| (c.ready, c.serving, c.terminating)),
                 e.node_name.clone(),
             )
         })
@@ -303,22 +305,43 @@ mod tests {
             .flatten()
             .map(|p| (p.name.clone().unwrap(), p.port))
             .collect();
-        assert_eq!(svc_ports, vec![("tcp-22".into(), 22), ("http".into(), 8888)]);
+        assert_eq!(
+            svc_ports,
+            vec![("tcp-22".into(), 22), ("http".into(), 8888)]
+        );
         assert!(p.service.spec.as_ref().unwrap().selector.is_none());
         assert_eq!(p.service.metadata.name.as_deref(), Some("jupyter"));
         let owner = &p.service.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Capsule", "u-1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Capsule", "u-1")
+        );
         assert_eq!(owner.controller, Some(true));
 
         let s = &p.slice;
         assert_eq!(s.metadata.name.as_deref(), Some("jupyter-wrenn"));
         assert_eq!(
-            s.metadata.labels.as_ref().unwrap().get(SERVICE_NAME).map(String::as_str),
+            s.metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .get(SERVICE_NAME)
+                .map(String::as_str),
             Some("jupyter")
         );
         assert_eq!(s.address_type, "IPv4");
-        assert_eq!(s.endpoints.as_ref().unwrap()[0].addresses, vec!["192.0.2.10".to_string()]);
-        assert_eq!(s.endpoints.as_ref().unwrap()[0].conditions.as_ref().unwrap().ready, Some(true));
+        assert_eq!(
+            s.endpoints.as_ref().unwrap()[0].addresses,
+            vec!["192.0.2.10".to_string()]
+        );
+        assert_eq!(
+            s.endpoints.as_ref().unwrap()[0]
+                .conditions
+                .as_ref()
+                .unwrap()
+                .ready,
+            Some(true)
+        );
         let sp: Vec<_> = s
             .ports
             .iter()
@@ -335,7 +358,11 @@ mod tests {
         assert!(p.slice.endpoints.as_ref().unwrap().is_empty());
         let p = build_published(&facts(&c, &[(80, 29000)], false)).unwrap();
         assert_eq!(
-            p.slice.endpoints.as_ref().unwrap()[0].conditions.as_ref().unwrap().ready,
+            p.slice.endpoints.as_ref().unwrap()[0]
+                .conditions
+                .as_ref()
+                .unwrap()
+                .ready,
             Some(false)
         );
     }

@@ -7,8 +7,7 @@ use std::pin::Pin;
 
 use super::{
     CapsuleSpec, CapsuleView, Egress, Error, PortRule, PrepareRequest, SnapshotInfo, State,
-    TemplateStatus,
-    Watch,
+    TemplateStatus, Watch,
 };
 use crate::vmm::BackendInfo;
 
@@ -45,11 +44,8 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
     /// Replaces the egress policy, live on a running or paused capsule.
     fn update_network<'a>(&'a self, uid: &'a str, egress: Egress) -> ApiFuture<'a, CapsuleView>;
     /// Replaces the published ports, live on a running or paused capsule.
-    fn update_ports<'a>(
-        &'a self,
-        uid: &'a str,
-        ports: Vec<PortRule>,
-    ) -> ApiFuture<'a, CapsuleView>;
+    fn update_ports<'a>(&'a self, uid: &'a str, ports: Vec<PortRule>)
+    -> ApiFuture<'a, CapsuleView>;
     /// Writes a named snapshot; the capsule returns to its prior mode.
     fn snapshot<'a>(
         &'a self,

@@ -505,7 +505,11 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// once; otherwise recorded and published when the network is made
     /// again. The same ports, all published: no-op.
     #[tracing::instrument(skip_all, fields(capsule = %uid, step = "update_ports"))]
-    pub async fn update_ports(&self, uid: &str, ports: Vec<PortRule>) -> Result<CapsuleView, Error> {
+    pub async fn update_ports(
+        &self,
+        uid: &str,
+        ports: Vec<PortRule>,
+    ) -> Result<CapsuleView, Error> {
         self.run(
             uid,
             "update ports",

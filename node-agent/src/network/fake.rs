@@ -159,7 +159,13 @@ impl NetOps for FakeNet {
             let host_port = match mine.iter().find(|h| h.port == r.port) {
                 Some(h) => h.host_port,
                 None => {
-                    while st.ports.values().flatten().chain(&out).any(|h: &HostPort| h.host_port == next) {
+                    while st
+                        .ports
+                        .values()
+                        .flatten()
+                        .chain(&out)
+                        .any(|h: &HostPort| h.host_port == next)
+                    {
                         next += 1;
                     }
                     next

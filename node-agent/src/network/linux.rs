@@ -15,12 +15,12 @@ use tracing::{debug, info, warn};
 use super::addr::{
     AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
 };
+use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
 use super::limits::CapsuleLimits;
+use super::portrules::{PORTS_TABLE, build_ports_table};
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
 };
-use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
-use super::portrules::{PORTS_TABLE, build_ports_table};
 use super::slots::{ClaimError, SlotAllocator};
 use super::{
     CAPSULE_VETH, CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, PREFIX, SweepReport,

@@ -38,9 +38,9 @@ pub use addr::{
 };
 pub use fake::{FakeNet, NetCall};
 pub use hostports::{HostPort, HostPortRange, PortRule};
-pub use portrules::PORTS_TABLE;
 pub use limits::{CapsuleLimits, EgressFlags};
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
+pub use portrules::PORTS_TABLE;
 pub use ruleset::{
     Action, CapsuleRules, Chain, ChainKind, Family, Hook, IfName, Limit, LimitUnit, Match,
     NodeRules, Rule, Table, Verdict, build_capsule_table, build_node_table, build_node_table6,
@@ -303,7 +303,9 @@ pub enum Error {
         source: io::Error,
     },
     /// The host-port range has too few free ports.
-    #[error("publish ports of capsule {capsule}: host-port range {range} has {free} free ports, {needed} needed")]
+    #[error(
+        "publish ports of capsule {capsule}: host-port range {range} has {free} free ports, {needed} needed"
+    )]
     HostPortsExhausted {
         /// Capsule.
         capsule: CapsuleId,

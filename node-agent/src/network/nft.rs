@@ -267,7 +267,9 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
                 Bitwise::DestinationRegister(Register::Reg1),
                 Bitwise::Length(4),
                 // Host byte order, like the state above.
-                Bitwise::Mask(DataAttribute::Value(CT_STATUS_DST_NAT.to_ne_bytes().to_vec())),
+                Bitwise::Mask(DataAttribute::Value(
+                    CT_STATUS_DST_NAT.to_ne_bytes().to_vec(),
+                )),
                 Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
             ]));
             out.push(cmp(Operator::NotEqual, vec![0; 4]));

@@ -2,7 +2,8 @@
 //! table contain. Built here (pure, unit-tested, printable in `nft` syntax);
 //! encoded into netlink messages and loaded by `sys::net`.
 //!
-//! Three tables:
+//! Three tables here (the node's ports table, for published capsule
+//! ports, is built in `portrules.rs`):
 //! - the **node table** (family `ip`, one per node, in the node namespace):
 //!   isolation that holds for every capsule, matched by interface-name
 //!   prefix, the destinations no capsule may reach, plus the MASQUERADE out

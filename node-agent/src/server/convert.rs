@@ -365,7 +365,10 @@ pub fn from_ports(ports: &[pb::Port]) -> Result<Vec<PortRule>, Status> {
             .ok()
             .filter(|p| *p > 0)
             .ok_or_else(|| {
-                Status::invalid_argument(format!("spec.network.ports: port {} is not 1-65535", p.port))
+                Status::invalid_argument(format!(
+                    "spec.network.ports: port {} is not 1-65535",
+                    p.port
+                ))
             })?;
         if p.protocol != "TCP" {
             return Err(Status::invalid_argument(format!(

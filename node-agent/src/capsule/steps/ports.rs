@@ -113,9 +113,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::capsule::model::State;
     use crate::capsule::model::testing::spec;
     use crate::capsule::{Host, Supervisor, SupervisorConfig};
-    use crate::capsule::model::State;
     use crate::network::{CapsuleId as NetId, FakeNet, NetCall, NetOps as _};
     use crate::storage::FakeBlockStore;
     use crate::vmm::FakeMachine;

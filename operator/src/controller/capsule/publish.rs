@@ -59,9 +59,11 @@ pub(super) async fn ensure_published(
         None => {
             // Objects exist only where ports were published, which the
             // status says; a capsule that never published costs no call.
-            let was_published = cap.status.iter().flat_map(|s| &s.conditions).any(|c| {
-                c.type_ == ConditionType::PortsPublished.as_str()
-            });
+            let was_published = cap
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .any(|c| c.type_ == ConditionType::PortsPublished.as_str());
             let Some(uid) = cap.uid().filter(|_| was_published) else {
                 return Ok(());
             };
