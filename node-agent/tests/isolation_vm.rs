@@ -346,6 +346,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress,
+            ports: Vec::new(),
         }
     }
 }

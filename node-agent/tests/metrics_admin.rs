@@ -315,6 +315,7 @@ async fn a_supervised_capsule_is_scraped_until_deleted() {
         cmdline: String::new(),
         env: Default::default(),
         egress: Egress::Allow,
+        ports: Vec::new(),
     };
     sup.create("uid-c", spec, State::Running).await.unwrap();
     store.set_allocated(&CapsuleId::new("uid-c").unwrap(), 5 << 20);

@@ -275,6 +275,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress: Egress::Allow,
+            ports: Vec::new(),
         }
     }
 

@@ -94,6 +94,7 @@ impl Bed {
             cmdline: String::new(),
             env: Default::default(),
             egress: Egress::Allow,
+            ports: Vec::new(),
         }
     }
 

@@ -63,6 +63,7 @@ impl World {
             cmdline: String::new(),
             env: Default::default(),
             egress: Egress::Allow,
+            ports: Vec::new(),
         }
     }
 

@@ -166,7 +166,7 @@ pub fn build_published(f: &PublishFacts<'_>) -> Option<Published> {
 /// What of a Service the operator decides, to compare a desired one with
 /// one read back (which carries server-set fields).
 pub fn service_shape(s: &Service) -> impl PartialEq + std::fmt::Debug {
-    let ports: Vec<(Option<String>, i32, Option<IntOrString>, Option<String>)> = s
+    let ports: Vec<_> = s
         .spec
         .iter()
         .flat_map(|sp| sp.ports.iter().flatten())

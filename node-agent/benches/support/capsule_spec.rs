@@ -29,6 +29,7 @@ pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
         cmdline: String::new(),
         env: [("APP".to_string(), "bench".to_string())].into(),
         egress: Egress::Allow,
+        ports: Vec::new(),
     }
 }
 
