@@ -212,6 +212,19 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Polls `check` (which may call the API) until it holds, for 30 s.
+async fn poll<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not true after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn set_mode(client: &Client, ns: &str, name: &str, mode: &str) {
     let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
     api.patch(
@@ -1260,16 +1273,15 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     // The objects follow the status write in the same reconcile; the
     // endpoint is ready once the VM runs.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !slices.get_opt("c1-wrenn").await.unwrap().is_some_and(|s| {
-        s.endpoints
-            .unwrap_or_default()
-            .iter()
-            .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-    }) {
-        assert!(Instant::now() < deadline, "no EndpointSlice c1-wrenn");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll("a ready endpoint in EndpointSlice c1-wrenn", || async {
+        slices.get_opt("c1-wrenn").await.unwrap().is_some_and(|s| {
+            s.endpoints
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        })
+    })
+    .await;
     let svc = services.get("c1").await.unwrap();
     let spec = svc.spec.clone().unwrap();
     assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
@@ -1370,21 +1382,13 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         cond(c).is_some_and(|(s, _, m)| s == "True" && m.contains("node port 29000"))
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = slices.get_opt("c2-wrenn").await.unwrap();
-        if s.is_some_and(|s| {
+    poll("port 29000 in c2's EndpointSlice", || async {
+        slices.get_opt("c2-wrenn").await.unwrap().is_some_and(|s| {
             s.ports.iter().flatten().any(|p| p.port == Some(29000))
                 && !s.endpoints.clone().unwrap_or_default().is_empty()
-        }) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "c2's EndpointSlice never got port 29000"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        })
+    })
+    .await;
 
     // No port with from left: both objects go.
     api.patch(
@@ -1394,16 +1398,11 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     )
     .await
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while services.get_opt("c2").await.unwrap().is_some()
-        || slices.get_opt("c2-wrenn").await.unwrap().is_some()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "c2's Service and EndpointSlice stayed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll("c2's Service and EndpointSlice removed", || async {
+        services.get_opt("c2").await.unwrap().is_none()
+            && slices.get_opt("c2-wrenn").await.unwrap().is_none()
+    })
+    .await;
     wait_capsule(&client, &ns, "c2", "no PortsPublished condition", |c| {
         cond(c).is_none()
     })

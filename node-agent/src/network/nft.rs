@@ -217,6 +217,26 @@ fn addr(offset: u32, net: Cidr, op: Operator, out: &mut Vec<Expressions>) {
     out.push(cmp(op, net.addr().octets().to_vec()));
 }
 
+/// Conntrack `key` (state or status) has one of the bits of `mask` set.
+fn ct_any_bit(key: u32, mask: u32, out: &mut Vec<Expressions>) {
+    out.push(Expressions::Other {
+        expression_type: "ct".into(),
+        attributes: vec![
+            DefaultNla::new(NFTA_CT_KEY, be(key)),
+            DefaultNla::new(NFTA_CT_DREG, be(NFT_REG_1)),
+        ],
+    });
+    out.push(Expressions::Bitwise(vec![
+        Bitwise::SourceRegister(Register::Reg1),
+        Bitwise::DestinationRegister(Register::Reg1),
+        Bitwise::Length(4),
+        // Registers hold state and status in host byte order.
+        Bitwise::Mask(DataAttribute::Value(mask.to_ne_bytes().to_vec())),
+        Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
+    ]));
+    out.push(cmp(Operator::NotEqual, vec![0; 4]));
+}
+
 fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
     match m {
         Match::Iif(n) => ifname(MetaKey::Iifname, n, Operator::Equal, out),
@@ -234,46 +254,8 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
             ]));
             out.push(cmp(Operator::NotEqual, mac.to_vec()));
         }
-        Match::CtEstablished => {
-            out.push(Expressions::Other {
-                expression_type: "ct".into(),
-                attributes: vec![
-                    DefaultNla::new(NFTA_CT_KEY, be(NFT_CT_STATE)),
-                    DefaultNla::new(NFTA_CT_DREG, be(NFT_REG_1)),
-                ],
-            });
-            out.push(Expressions::Bitwise(vec![
-                Bitwise::SourceRegister(Register::Reg1),
-                Bitwise::DestinationRegister(Register::Reg1),
-                Bitwise::Length(4),
-                // Registers hold the state in host byte order.
-                Bitwise::Mask(DataAttribute::Value(
-                    CT_STATE_ESTABLISHED_RELATED.to_ne_bytes().to_vec(),
-                )),
-                Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
-            ]));
-            out.push(cmp(Operator::NotEqual, vec![0; 4]));
-        }
-        Match::CtDnat => {
-            out.push(Expressions::Other {
-                expression_type: "ct".into(),
-                attributes: vec![
-                    DefaultNla::new(NFTA_CT_KEY, be(NFT_CT_STATUS)),
-                    DefaultNla::new(NFTA_CT_DREG, be(NFT_REG_1)),
-                ],
-            });
-            out.push(Expressions::Bitwise(vec![
-                Bitwise::SourceRegister(Register::Reg1),
-                Bitwise::DestinationRegister(Register::Reg1),
-                Bitwise::Length(4),
-                // Host byte order, like the state above.
-                Bitwise::Mask(DataAttribute::Value(
-                    CT_STATUS_DST_NAT.to_ne_bytes().to_vec(),
-                )),
-                Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
-            ]));
-            out.push(cmp(Operator::NotEqual, vec![0; 4]));
-        }
+        Match::CtEstablished => ct_any_bit(NFT_CT_STATE, CT_STATE_ESTABLISHED_RELATED, out),
+        Match::CtDnat => ct_any_bit(NFT_CT_STATUS, CT_STATUS_DST_NAT, out),
         Match::TcpDport(port) => {
             out.push(Expressions::Meta(vec![
                 Meta::Key(MetaKey::L4Proto),

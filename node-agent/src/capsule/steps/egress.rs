@@ -15,6 +15,18 @@ use crate::capsule::record::{note, wrong};
 use crate::capsule::registry::Entry;
 use crate::vmm::Machine;
 
+/// Whether a network change (egress, published ports) applies at once
+/// (running, paused) or is recorded for when the network comes back
+/// (suspended, failed, stopped); refused between states.
+pub(super) fn network_change_is_live(rec: &Record) -> Result<bool, Error> {
+    match plan_op(Op::UpdateEgress, rec.state) {
+        Decision::ApplyEgress => Ok(true),
+        Decision::RecordEgress => Ok(false),
+        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
+        _ => Err(wrong(&rec.uid, rec.state, "wait until it settles")),
+    }
+}
+
 impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "update_egress"))]
     pub(crate) async fn update_egress(
@@ -26,12 +38,7 @@ impl<M: Machine + 'static> Ctx<M> {
         if rec.spec.egress == egress {
             return Ok(());
         }
-        let live = match plan_op(Op::UpdateEgress, rec.state) {
-            Decision::ApplyEgress => true,
-            Decision::RecordEgress => false,
-            Decision::Refuse(hint) => return Err(wrong(&rec.uid, rec.state, hint)),
-            _ => return Err(wrong(&rec.uid, rec.state, "wait until it settles")),
-        };
+        let live = network_change_is_live(rec)?;
         let old = std::mem::replace(&mut rec.spec.egress, egress);
         // Journaled before the swap, but not shown: until the table is
         // loaded the capsule still runs under the old policy.

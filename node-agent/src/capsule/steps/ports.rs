@@ -10,8 +10,7 @@ use super::Ctx;
 use crate::capsule::files::blocking;
 use crate::capsule::ids::net_id;
 use crate::capsule::model::{Error, HostPort, PortRule};
-use crate::capsule::plan::{Decision, Op, plan_op};
-use crate::capsule::record::{Record, note, wrong};
+use crate::capsule::record::{Record, note};
 use crate::capsule::registry::Entry;
 use crate::vmm::Machine;
 
@@ -41,13 +40,7 @@ impl<M: Machine + 'static> Ctx<M> {
         if rec.spec.ports == ports && (rec.held.net.is_none() || all_published(rec)) {
             return Ok(());
         }
-        // Egress and ports are legal in the same states.
-        let live = match plan_op(Op::UpdateEgress, rec.state) {
-            Decision::ApplyEgress => true,
-            Decision::RecordEgress => false,
-            Decision::Refuse(hint) => return Err(wrong(&rec.uid, rec.state, hint)),
-            _ => return Err(wrong(&rec.uid, rec.state, "wait until it settles")),
-        };
+        let live = super::egress::network_change_is_live(rec)?;
         let old = std::mem::replace(&mut rec.spec.ports, ports);
         self.journal_only(rec).await?;
         if live {
