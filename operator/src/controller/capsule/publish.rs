@@ -34,6 +34,13 @@ pub(super) async fn ensure_published(
             .get(&kube::runtime::reflector::ObjectRef::<Node>::new(n))
             .and_then(|n| internal_ip(&n))
     });
+    // A placed capsule whose node's address is not known (the Node cache
+    // not yet filled after a restart, or no InternalIP) keeps its objects
+    // as they are rather than lose their endpoint for a moment.
+    if node.is_some() && node_ip.is_none() {
+        tracing::debug!(capsule = %cap.name_any(), "node address unknown; published objects left as they are");
+        return Ok(());
+    }
     let host_ports = vm.map(|v| v.host_ports.clone()).unwrap_or_default();
     let facts = PublishFacts {
         cap,
