@@ -307,3 +307,24 @@ fn live_changes_take_effect_on_the_next_connection() {
     assert!(ask(&bed, UPLINK_ADDR, h9090).is_err());
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
 }
+
+#[test]
+fn the_startup_sweep_gives_back_host_ports_of_capsules_without_a_slot() {
+    let _case = host_case!("the_startup_sweep_gives_back_host_ports_of_capsules_without_a_slot");
+    let bed = Bed::new(false);
+    let claims = bed.cfg.state_dir.join("hostports");
+    std::fs::create_dir_all(&claims).unwrap();
+    // A claim left by an agent that died after releasing the slot.
+    std::fs::write(
+        claims.join("29004"),
+        r#"{"capsule":"gone1111","port":80,"from":["198.51.100.1/32"]}"#,
+    )
+    .unwrap();
+    let net = bed.net();
+    net.ensure_node().unwrap();
+    assert_eq!(net.host_ports(&id("gone1111")).len(), 1);
+    let report = net.sweep().unwrap();
+    assert_eq!(report.host_ports, 1);
+    assert!(net.host_ports(&id("gone1111")).is_empty());
+    assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
+}

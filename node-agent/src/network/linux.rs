@@ -860,6 +860,20 @@ impl NetOps for LinuxNet {
         let ours = format!("{PREFIX}-");
         let mut report = SweepReport::default();
 
+        // Host ports of capsules that hold no slot (a crash between a
+        // teardown's two releases) serve nothing: give them back.
+        let orphans: std::collections::BTreeSet<CapsuleId> = self
+            .ports
+            .claims()
+            .into_values()
+            .map(|c| c.capsule)
+            .filter(|c| self.slots.get(c).is_none())
+            .collect();
+        for c in orphans {
+            report.host_ports += self.ports.of(&c).len();
+            self.set_ports(&c, &[])?;
+        }
+
         let netns = self.cfg.node_netns.clone();
         let plan = self.cfg.plan.clone();
         let (links, tables, conntrack) = self.in_node(|nl| {

@@ -221,6 +221,8 @@ pub struct SweepReport {
     pub tables: usize,
     /// Conntrack entries for slot addresses without a claim.
     pub conntrack: usize,
+    /// Host-port claims of capsules without a slot claim.
+    pub host_ports: usize,
 }
 
 /// Capability: wire and unwire capsule networks. Every method is idempotent
