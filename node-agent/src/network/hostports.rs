@@ -256,24 +256,15 @@ impl HostPortAllocator {
     /// another range: adopted unchanged, never moved). Unfinished writes
     /// from a crash are removed.
     pub fn open(dir: &Path, range: HostPortRange) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
         let mut claims = BTreeMap::new();
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') {
-                fs::remove_file(entry.path())?;
-                continue;
-            }
-            let Ok(port) = name.parse::<u16>() else {
+        for (port, path, body) in super::slots::read_claim_files(dir)? {
+            let Ok(port) = u16::try_from(port) else {
                 continue;
             };
-            let text = fs::read(entry.path())?;
-            let claim: Claim = serde_json::from_slice(&text).map_err(|e| {
+            let claim: Claim = serde_json::from_slice(&body).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("host port claim {}: {e}", entry.path().display()),
+                    format!("host port claim {}: {e}", path.display()),
                 )
             })?;
             claims.insert(port, claim);
