@@ -215,6 +215,10 @@ pub struct NetworkSpec {
     #[schemars(schema_with = "with::cidrs")]
     pub allow_cidrs: Vec<String>,
     /// Guest ports reachable through port forwarding and the data plane.
+    /// A TCP port with `from` is also published in the cluster: a Service
+    /// named like the capsule (port = this port) reaches it through a host
+    /// port on the capsule's node, from the listed sources only. Ports may
+    /// be added, removed or given other sources on a running capsule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["port".into(), "protocol".into()]))]
@@ -244,6 +248,8 @@ pub enum Egress {
 
 /// A guest port.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[x_kube(validation = Rule::new("!has(self.from) || size(self.from) == 0 || !has(self.protocol) || self.protocol == 'TCP'")
+    .message("from publishes TCP ports only: UDP ports are reachable through the data plane, not published in the cluster"))]
 pub struct PortSpec {
     /// Optional name, shown by tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +261,29 @@ pub struct PortSpec {
     /// TCP (default) or UDP.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Who in the cluster may reach this port, like a NetworkPolicy's
+    /// ingress `from`, enforced on the capsule's node: only these sources,
+    /// only this port. Absent or empty (the default): nobody; the port is
+    /// not published in the cluster and is reached only through port
+    /// forwarding and the proxy. Sources are matched as they arrive at the
+    /// node: a CNI that masquerades Pod traffic to node addresses makes
+    /// Pods appear as their node's address. A Pod on the capsule's own node
+    /// connecting to the Service's ClusterIP is refused (kube-proxy
+    /// translates it to the node's own address first); it can use the
+    /// node address and port in the EndpointSlice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub from: Vec<PortPeer>,
+}
+
+/// A source allowed to reach a published port.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct PortPeer {
+    /// An IPv4 network in CIDR form (a.b.c.d/n, host bits zero), e.g. the
+    /// cluster's Pod network or one Pod's address as /32. Namespace and Pod
+    /// selectors are not supported: list the addresses.
+    #[schemars(schema_with = "with::source_cidr")]
+    pub cidr: String,
 }
 
 /// Transport protocol of an exposed port.

@@ -31,4 +31,10 @@ pub mod label {
     pub const NODE_IMAGES: &str = "wrenn.dev/node-images";
     /// The value of [`NODE_IMAGES`] that allows node files.
     pub const NODE_IMAGES_ALLOWED: &str = "allowed";
+    /// The Capsule a published Service and EndpointSlice belong to.
+    pub const CAPSULE: &str = "wrenn.dev/capsule";
+    /// `endpointslice.kubernetes.io/managed-by` of the operator's
+    /// EndpointSlices: the cluster's EndpointSlice controller leaves them
+    /// alone.
+    pub const SLICE_MANAGER: &str = "wrenn-operator";
 }

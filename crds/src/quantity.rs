@@ -136,6 +136,25 @@ pub(crate) mod with {
         )
     }
 
+    pub(crate) fn source_cidr(_: &mut SchemaGenerator) -> Schema {
+        let schema = json!({
+            "type": "string",
+            "description": "An IPv4 network in CIDR form (a.b.c.d/n, host bits zero) allowed to reach the port, e.g. the cluster's Pod network, or one Pod's address as /32.",
+            "maxLength": 64,
+            "x-kubernetes-validations": [
+                rule(
+                    "isCIDR(self) && cidr(self).ip().family() == 4",
+                    "from entries must be IPv4 CIDRs such as 10.244.0.0/16: capsules have no IPv6",
+                ),
+                rule(
+                    "!isCIDR(self) || cidr(self).masked() == cidr(self)",
+                    "from entries must have no host bits set, e.g. 10.244.0.0/16 rather than 10.244.1.2/16",
+                ),
+            ],
+        });
+        Schema::try_from(schema).expect("a JSON object is always a schema")
+    }
+
     pub(crate) fn cidrs(_: &mut SchemaGenerator) -> Schema {
         let schema = json!({
             "type": "array",

@@ -94,6 +94,9 @@ named! {
         Paused,
         /// The capsule's memory is on disk and its VMM has exited.
         Suspended,
+        /// The capsule's ports with `from` are reachable in the cluster
+        /// through its Service.
+        PortsPublished,
     }
 }
 
@@ -210,6 +213,13 @@ named! {
         JournalFailed,
         /// Agent: setting up the capsule's network failed.
         NetworkFailed,
+        /// Agent: the node's host-port range has too few free ports to
+        /// publish the capsule's ports; the message names the range.
+        HostPortsExhausted,
+        /// The capsule's published ports are in a Service and EndpointSlice.
+        PortsPublished,
+        /// The capsule publishes no port (none has `from`), or is not running.
+        NoPortsPublished,
         /// Agent: setting up the capsule's disk failed.
         StorageFailed,
         /// Agent: the VMM failed an operation.

@@ -1190,6 +1190,13 @@ async fn operator_rbac_is_sufficient_and_minimal() {
         ("watch", "pods", Some(&ns)),
         // Node labels, for nodeSelector.
         ("watch", "nodes", None),
+        // Published ports: a Service and an EndpointSlice per capsule.
+        ("get", "services", Some(&user_ns)),
+        ("patch", "services", Some(&user_ns)),
+        ("delete", "services", Some(&user_ns)),
+        ("get", "endpointslices.discovery.k8s.io", Some(&user_ns)),
+        ("patch", "endpointslices.discovery.k8s.io", Some(&user_ns)),
+        ("delete", "endpointslices.discovery.k8s.io", Some(&user_ns)),
         ("create", "leases.coordination.k8s.io", Some(&ns)),
         (
             "update",
@@ -1222,6 +1229,9 @@ async fn operator_rbac_is_sufficient_and_minimal() {
             Some(&ns),
         ),
         ("patch", "daemonsets.apps", Some(&ns)),
+        // Services and EndpointSlices are read by name, never listed.
+        ("list", "services", None),
+        ("list", "endpointslices.discovery.k8s.io", None),
         ("impersonate", "serviceaccounts", None),
         ("escalate", "clusterroles.rbac.authorization.k8s.io", None),
     ];

@@ -233,6 +233,28 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "Unsupported value: \"Block\"",
         ),
         (
+            "from on a UDP port",
+            "Capsule",
+            capsule(
+                json!({"network": {"ports": [{"port": 53, "protocol": "UDP", "from": [{"cidr": "10.244.0.0/16"}]}]}}),
+            ),
+            "from publishes TCP ports only",
+        ),
+        (
+            "IPv6 source in from",
+            "Capsule",
+            capsule(json!({"network": {"ports": [{"port": 80, "from": [{"cidr": "fd00::/8"}]}]}})),
+            "from entries must be IPv4 CIDRs",
+        ),
+        (
+            "source with host bits in from",
+            "Capsule",
+            capsule(
+                json!({"network": {"ports": [{"port": 80, "from": [{"cidr": "10.244.1.2/16"}]}]}}),
+            ),
+            "from entries must have no host bits set",
+        ),
+        (
             "port 0",
             "Capsule",
             capsule(json!({"network": {"ports": [{"port": 0}]}})),

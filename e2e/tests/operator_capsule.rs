@@ -3,7 +3,7 @@
 //! node-agent Pods. Each test runs its own operator scoped to its own
 //! namespace, with its own nodes.
 //!
-//! Why this file is long: ten controller scenarios against one real API server
+//! Why this file is long: eleven controller scenarios against one real API server
 //! bed and its fake agents.
 #![allow(clippy::unwrap_used)]
 
@@ -207,6 +207,19 @@ fn phase(c: &Capsule) -> Option<CapsulePhase> {
 async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check() {
+        assert!(Instant::now() < deadline, "{what}: not true after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `check` (which may call the API) until it holds, for 30 s.
+async fn poll<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
         assert!(Instant::now() < deadline, "{what}: not true after 30 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1172,4 +1185,232 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
             )
     );
     op.stop().await;
+}
+
+/// A capsule's ports with `from` become a selector-less Service and an
+/// EndpointSlice pointing at its node's InternalIP and host ports, owned by
+/// the capsule; an operator restart writes none of them again; a full
+/// host-port range shows as PortsPublished=False HostPortsExhausted until a
+/// deleted capsule gives its host port back; a port without `from` is never
+/// published, and removing the last `from` removes the objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    let Some(env) = common::setup("operator_capsule::published_ports").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    // Node objects with an InternalIP each (cluster-scoped: removed below).
+    let node_api: Api<Node> = Api::all(client.clone());
+    let node_ip = |suffix: &str| {
+        if suffix == "a" {
+            "192.0.2.10"
+        } else {
+            "192.0.2.11"
+        }
+    };
+    for suffix in ["a", "b"] {
+        let name = format!("{ns}-{suffix}");
+        let n: Node = serde_json::from_value(json!({ "metadata": {
+            "name": name, "labels": { "kubernetes.io/hostname": name } } }))
+        .unwrap();
+        node_api.create(&PostParams::default(), &n).await.unwrap();
+        node_api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "addresses": [
+                    { "type": "InternalIP", "address": node_ip(suffix) },
+                    { "type": "Hostname", "address": name },
+                ] } })),
+            )
+            .await
+            .unwrap();
+    }
+    for a in &nodes.agents {
+        a.set_host_port_range(29000, 29000);
+    }
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    let with_ports = |name: &str, on: Option<&str>| {
+        let selector = on.map(|n| json!({ "kubernetes.io/hostname": n }));
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": name },
+            "spec": {
+                "source": { "templateRef": { "name": "base" } },
+                "nodeSelector": selector.unwrap_or_else(|| json!({})),
+                "resources": { "vcpus": 1, "memory": "512Mi" },
+                "network": { "ports": [
+                    { "name": "http", "port": 8888, "from": [{ "cidr": "10.244.0.0/16" }] },
+                    { "port": 9000 },
+                ] },
+            },
+        })
+    };
+    let cond = |c: &Capsule| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "PortsPublished"))
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let _: Capsule = apply(&client, &ns, with_ports("c1", None)).await;
+    let c1 = wait_capsule(&client, &ns, "c1", "Running with PortsPublished", |c| {
+        phase(c) == Some(CapsulePhase::Running) && cond(c).is_some_and(|(s, _, _)| s == "True")
+    })
+    .await;
+    let node = c1
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap();
+    let ip = node_ip(node.rsplit('-').next().unwrap());
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    // The objects follow the status write in the same reconcile; the
+    // endpoint is ready once the VM runs.
+    poll("a ready endpoint in EndpointSlice c1-wrenn", || async {
+        slices.get_opt("c1-wrenn").await.unwrap().is_some_and(|s| {
+            s.endpoints
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        })
+    })
+    .await;
+    let svc = services.get("c1").await.unwrap();
+    let spec = svc.spec.clone().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert!(spec.selector.is_none(), "the Service must not select Pods");
+    let ports: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![("http".to_string(), 8888)],
+        "port 9000 has no from"
+    );
+    let owner = |m: &kube::api::ObjectMeta| {
+        m.owner_references
+            .iter()
+            .flatten()
+            .map(|o| (o.kind.clone(), o.uid.clone(), o.controller))
+            .collect::<Vec<_>>()
+    };
+    let mine = vec![("Capsule".to_string(), c1.uid().unwrap(), Some(true))];
+    assert_eq!(owner(&svc.metadata), mine);
+    let slice = slices.get("c1-wrenn").await.unwrap();
+    assert_eq!(owner(&slice.metadata), mine);
+    assert_eq!(
+        slice
+            .labels()
+            .get("kubernetes.io/service-name")
+            .map(String::as_str),
+        Some("c1")
+    );
+    let ep = &slice.endpoints.clone().unwrap_or_default()[0];
+    assert_eq!(ep.addresses, vec![ip.to_string()]);
+    let sp: Vec<_> = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+        .collect();
+    assert_eq!(sp, vec![("http".to_string(), Some(29000))]);
+
+    // An operator restart writes neither object (nor the capsule) again.
+    let versions = |s: &Service, e: &EndpointSlice, c: &Capsule| {
+        (
+            s.resource_version(),
+            e.resource_version(),
+            c.resource_version(),
+        )
+    };
+    let api: Api<Capsule> = Api::namespaced(client.clone(), &ns);
+    let before = versions(&svc, &slice, &api.get("c1").await.unwrap());
+    // Settled: the running operator itself writes nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = versions(
+        &services.get("c1").await.unwrap(),
+        &slices.get("c1-wrenn").await.unwrap(),
+        &api.get("c1").await.unwrap(),
+    );
+    assert_eq!(settled, before, "the operator kept writing");
+    op.stop().await;
+    let lists: usize = nodes.agents.iter().map(|a| a.count("ListCapsules")).sum();
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    wait_until("the new operator synced its agents", || {
+        nodes
+            .agents
+            .iter()
+            .map(|a| a.count("ListCapsules"))
+            .sum::<usize>()
+            >= lists + 2
+    })
+    .await;
+    // Long enough for every reconcile the restart causes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = versions(
+        &services.get("c1").await.unwrap(),
+        &slices.get("c1-wrenn").await.unwrap(),
+        &api.get("c1").await.unwrap(),
+    );
+    assert_eq!(after, before, "the restarted operator wrote again");
+
+    // The node's one host port is c1's: c2, on the same node, cannot be
+    // published, and says so.
+    let _: Capsule = apply(&client, &ns, with_ports("c2", Some(&node))).await;
+    wait_capsule(&client, &ns, "c2", "HostPortsExhausted", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+            && cond(c).is_some_and(|(s, r, m)| {
+                s == "False"
+                    && r == Reason::HostPortsExhausted.as_str()
+                    && m.contains("29000-29000")
+            })
+    })
+    .await;
+    // c1 goes: its host port comes back and c2 gets it.
+    api.delete("c1", &DeleteParams::default()).await.unwrap();
+    wait_capsule(&client, &ns, "c2", "published after c1 left", |c| {
+        cond(c).is_some_and(|(s, _, m)| s == "True" && m.contains("node port 29000"))
+    })
+    .await;
+    poll("port 29000 in c2's EndpointSlice", || async {
+        slices.get_opt("c2-wrenn").await.unwrap().is_some_and(|s| {
+            s.ports.iter().flatten().any(|p| p.port == Some(29000))
+                && !s.endpoints.clone().unwrap_or_default().is_empty()
+        })
+    })
+    .await;
+
+    // No port with from left: both objects go.
+    api.patch(
+        "c2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "network": { "ports": [{ "port": 9000 }] } } })),
+    )
+    .await
+    .unwrap();
+    poll("c2's Service and EndpointSlice removed", || async {
+        services.get_opt("c2").await.unwrap().is_none()
+            && slices.get_opt("c2-wrenn").await.unwrap().is_none()
+    })
+    .await;
+    wait_capsule(&client, &ns, "c2", "no PortsPublished condition", |c| {
+        cond(c).is_none()
+    })
+    .await;
+    op.stop().await;
+    for suffix in ["a", "b"] {
+        let _ = node_api
+            .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
+            .await;
+    }
 }

@@ -515,6 +515,7 @@ fn open_network(
         netns_dir,
         limits: egress.limits(),
         cluster_dns: egress.cluster_dns(),
+        host_ports: egress.host_port_range,
         ..LinuxNetConfig::host(uplink, state_dir)
     };
     net_cfg.blocked_egress.extend(egress.blocked);

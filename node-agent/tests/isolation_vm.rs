@@ -348,6 +348,7 @@ impl World {
             env: Default::default(),
             egress,
             names: Default::default(),
+            ports: Vec::new(),
         }
     }
 }

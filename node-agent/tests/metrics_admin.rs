@@ -316,6 +316,7 @@ async fn a_supervised_capsule_is_scraped_until_deleted() {
         env: Default::default(),
         egress: Egress::Allow,
         names: Default::default(),
+        ports: Vec::new(),
     };
     sup.create("uid-c", spec, State::Running).await.unwrap();
     store.set_allocated(&CapsuleId::new("uid-c").unwrap(), 5 << 20);

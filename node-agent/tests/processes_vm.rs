@@ -66,6 +66,7 @@ async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_ou
         env: Default::default(),
         egress: Egress::Allow,
         names: Default::default(),
+        ports: Vec::new(),
     };
     let v = bed.sup.create("procs", spec, State::Running).await.unwrap();
     assert_eq!(v.state, State::Running);

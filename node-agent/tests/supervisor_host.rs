@@ -268,6 +268,7 @@ impl World {
             env: Default::default(),
             egress: Egress::Allow,
             names: Default::default(),
+            ports: Vec::new(),
         }
     }
 

@@ -95,6 +95,7 @@ impl Bed {
             env: Default::default(),
             egress: Egress::Allow,
             names: Default::default(),
+            ports: Vec::new(),
         }
     }
 

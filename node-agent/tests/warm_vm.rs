@@ -65,6 +65,7 @@ impl World {
             env: Default::default(),
             egress: Egress::Allow,
             names: Default::default(),
+            ports: Vec::new(),
         }
     }
 

@@ -15,7 +15,7 @@ use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 
 use wrenn_crds::capsule::VmmInfo;
 
-use crate::plan::{EgressPolicy, Vm, VmState};
+use crate::plan::{EgressPolicy, PublishedPort, Vm, VmState};
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
@@ -417,11 +417,21 @@ pub fn to_vm(c: &pb::Capsule) -> Vm {
             .and_then(|s| s.network.as_ref())
             .map(to_egress)
             .unwrap_or_default(),
+        host_ports: c
+            .host_ports
+            .iter()
+            .filter_map(|h| {
+                Some((
+                    u16::try_from(h.port).ok()?,
+                    u16::try_from(h.host_port).ok()?,
+                ))
+            })
+            .collect(),
     }
 }
 
-/// The plan's view of a wire network policy (ports aside: the agent does
-/// not enforce them).
+/// The plan's view of a wire network policy: egress, names, and the published
+/// ports (TCP with sources; the others are the data plane's alone).
 pub fn to_egress(n: &pb::NetworkPolicy) -> EgressPolicy {
     let dns = n.dns.as_ref().map(|d| crate::plan::DnsPolicy {
         nameservers: d.nameservers.clone(),
@@ -431,4 +441,15 @@ pub fn to_egress(n: &pb::NetworkPolicy) -> EgressPolicy {
     });
     EgressPolicy::new(n.egress == pb::Egress::Deny as i32, n.allow_cidrs.clone())
         .with_names(n.allow_hosts.clone(), dns)
+        .with_ports(
+            n.ports
+                .iter()
+                .filter(|p| p.protocol == "TCP" && !p.from_cidrs.is_empty())
+                .filter_map(|p| {
+                    Some(PublishedPort {
+                        port: u16::try_from(p.port).ok()?,
+                        from: p.from_cidrs.clone(),
+                    })
+                }),
+        )
 }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod placement;
 pub mod plan;
 pub mod pool;
+pub mod publish;
 pub mod pull_secret;
 pub mod resources;
 pub mod status;

@@ -55,6 +55,8 @@ pub struct EgressPolicy {
     /// `spec.network.dns`; `None` when absent or empty (the node's
     /// defaults).
     pub dns: Option<DnsPolicy>,
+    /// Published ports (TCP ports with `from`): by port, sources sorted.
+    pub ports: Vec<PublishedPort>,
 }
 
 /// `spec.network.dns` in comparable form.
@@ -68,6 +70,15 @@ pub struct DnsPolicy {
     pub options: Vec<String>,
     /// Name resolution closed under deny.
     pub block_under_deny: bool,
+}
+
+/// A port the node publishes through a host port, and from where.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PublishedPort {
+    /// Guest port.
+    pub port: u16,
+    /// Source CIDRs, sorted, without duplicates.
+    pub from: Vec<String>,
 }
 
 impl EgressPolicy {
@@ -91,6 +102,20 @@ impl EgressPolicy {
         self.dns = dns.filter(|d| *d != DnsPolicy::default());
         self
     }
+
+    /// With these published ports, in canonical order.
+    pub fn with_ports(mut self, ports: impl IntoIterator<Item = PublishedPort>) -> Self {
+        self.ports = ports
+            .into_iter()
+            .map(|mut p| {
+                p.from.sort();
+                p.from.dedup();
+                p
+            })
+            .collect();
+        self.ports.sort();
+        self
+    }
 }
 
 /// A VM on a node.
@@ -111,6 +136,8 @@ pub struct Vm {
     pub message: String,
     /// The egress policy the node enforces for it.
     pub egress: EgressPolicy,
+    /// Host ports of its published ports: (guest port, node port).
+    pub host_ports: Vec<(u16, u16)>,
 }
 
 /// What the operator knows about the capsule's VM.
@@ -461,6 +488,8 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
     // The policy changes once the VM has settled (a mode change first);
     // until the node enforces it the status does not claim this generation.
     let network_pending = vm.egress != f.egress;
+    let mut conds = conditions(placed(node), phase, ready_reason, message, suspend_reason);
+    conds.extend(ports_condition(&f.egress.ports, vm));
     let settled = matches!(
         vm.state,
         VmState::Running
@@ -478,12 +507,7 @@ pub fn plan_capsule(f: &Facts<'_>) -> Plan {
         action,
         status: Some(StatusDraft {
             network_pending,
-            ..draft(
-                phase,
-                Some(node),
-                Some(vm),
-                conditions(placed(node), phase, ready_reason, message, suspend_reason),
-            )
+            ..draft(phase, Some(node), Some(vm), conds)
         }),
     }
 }
@@ -617,6 +641,50 @@ fn plan_vm(
             "suspended".to_string(),
         ),
     }
+}
+
+/// `PortsPublished`, for a capsule that wants ports published: True once
+/// each has a host port on its node; False with the node's reason
+/// (`HostPortsExhausted`) or while the node has not published them yet.
+fn ports_condition(wanted: &[PublishedPort], vm: &Vm) -> Option<ConditionDraft> {
+    if wanted.is_empty() {
+        return None;
+    }
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|w| !vm.host_ports.iter().any(|(p, _)| *p == w.port))
+        .map(|w| w.port.to_string())
+        .collect();
+    Some(if missing.is_empty() {
+        let shown: Vec<String> = vm
+            .host_ports
+            .iter()
+            .map(|(p, h)| format!("{p} on node port {h}"))
+            .collect();
+        cond(
+            ConditionType::PortsPublished,
+            true,
+            Reason::PortsPublished,
+            format!("published: {}", shown.join(", ")),
+        )
+    } else if vm.reason == Some(Reason::HostPortsExhausted) {
+        cond(
+            ConditionType::PortsPublished,
+            false,
+            Reason::HostPortsExhausted,
+            vm.message.clone(),
+        )
+    } else {
+        cond(
+            ConditionType::PortsPublished,
+            false,
+            Reason::Pending,
+            format!(
+                "waiting for the node to publish port {}",
+                missing.join(", ")
+            ),
+        )
+    })
 }
 
 fn transitional(phase: CapsulePhase, what: &str) -> (CapsulePhase, NodeAction, Reason, String) {
@@ -753,6 +821,7 @@ mod tests {
             reason: None,
             message: String::new(),
             egress: EgressPolicy::default(),
+            host_ports: Vec::new(),
         }
     }
 
@@ -1072,6 +1141,75 @@ mod tests {
             cond_of(&p, ConditionType::Suspended).reason,
             Reason::SuspendedOnExpiry
         );
+    }
+
+    fn published(port: u16) -> PublishedPort {
+        PublishedPort {
+            port,
+            from: vec!["10.244.0.0/16".into()],
+        }
+    }
+
+    #[test]
+    fn published_ports_say_where_they_are_or_why_not() {
+        let want = EgressPolicy::default().with_ports([published(8888)]);
+        let running = |v: &Vm| {
+            let mut f = facts(
+                OperatingMode::Running,
+                Some("n1"),
+                Some(CapsulePhase::Running),
+                Observed::Present(v),
+            );
+            f.egress = want.clone();
+            plan_capsule(&f)
+        };
+        // Published: nothing to do, True with the node port.
+        let mut v = vm(VmState::Running);
+        v.egress = want.clone();
+        v.host_ports = vec![(8888, 29000)];
+        let p = running(&v);
+        assert_eq!(p.action, NodeAction::None);
+        let c = cond_of(&p, ConditionType::PortsPublished);
+        assert_eq!(
+            (c.status, c.reason),
+            (ConditionStatus::True, Reason::PortsPublished)
+        );
+        assert!(
+            c.message.contains("8888 on node port 29000"),
+            "{}",
+            c.message
+        );
+
+        // The node's range was full at create: it shows the port as not
+        // enforced, so the node is asked again, and the condition says why.
+        let mut v = vm(VmState::Running);
+        v.reason = Some(Reason::HostPortsExhausted);
+        v.message = "host-port range 29000-29009 has 0 free ports".into();
+        let p = running(&v);
+        assert_eq!(p.action, NodeAction::UpdateNetwork);
+        let c = cond_of(&p, ConditionType::PortsPublished);
+        assert_eq!(
+            (c.status, c.reason),
+            (ConditionStatus::False, Reason::HostPortsExhausted)
+        );
+        assert!(c.message.contains("29000-29009"));
+
+        // No port with `from`: no such condition at all.
+        let mut f = facts(
+            OperatingMode::Running,
+            Some("n1"),
+            Some(CapsulePhase::Running),
+            Observed::Present(&v),
+        );
+        f.egress = EgressPolicy::default();
+        let p = plan_capsule(&f);
+        let has = p
+            .status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == ConditionType::PortsPublished);
+        assert!(!has);
     }
 
     #[test]

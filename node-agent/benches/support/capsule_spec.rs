@@ -30,6 +30,7 @@ pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
         env: [("APP".to_string(), "bench".to_string())].into(),
         egress: Egress::Allow,
         names: Default::default(),
+        ports: Vec::new(),
     }
 }
 

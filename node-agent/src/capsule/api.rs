@@ -6,8 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use super::{
-    CapsuleSpec, CapsuleView, Egress, Error, PrepareRequest, SnapshotInfo, State, TemplateStatus,
-    Watch,
+    CapsuleSpec, CapsuleView, Egress, Error, PortRule, PrepareRequest, SnapshotInfo, State,
+    TemplateStatus, Watch,
 };
 use crate::vmm::BackendInfo;
 
@@ -50,6 +50,9 @@ pub trait CapsuleApi: Send + Sync + std::fmt::Debug {
         uid: &'a str,
         names: crate::network::Names,
     ) -> ApiFuture<'a, CapsuleView>;
+    /// Replaces the published ports, live on a running or paused capsule.
+    fn update_ports<'a>(&'a self, uid: &'a str, ports: Vec<PortRule>)
+    -> ApiFuture<'a, CapsuleView>;
     /// Writes a named snapshot; the capsule returns to its prior mode.
     fn snapshot<'a>(
         &'a self,

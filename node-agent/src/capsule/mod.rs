@@ -61,8 +61,8 @@ pub use api::{ApiFuture, CapsuleApi, EventStream};
 pub use config::{GuestSettings, Host, HostFigures, SupervisorConfig};
 pub use events::{Event, EventBus, EventKind, Watch};
 pub use model::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, ImageTemplate, Resources, SnapshotInfo,
-    State, TemplateDisk,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, HostPort, ImageTemplate, PortRule,
+    Resources, SnapshotInfo, State, TemplateDisk,
 };
 pub use record::{
     DiskHeld, Held, InFlight, NetAddr, NetHeld, RECORD_VERSION, Record, Refused, VmHeld,

@@ -54,6 +54,11 @@ pub struct TemplateDisk {
 /// journaled as their text.
 pub use crate::network::EgressPolicy as Egress;
 
+/// A published port (a declared TCP port with sources): the network
+/// module's own type, its CIDRs parsed where they enter the agent
+/// (`server::convert::from_ports`).
+pub use crate::network::{HostPort, PortRule};
+
 /// vCPUs, RAM and disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
@@ -88,6 +93,9 @@ pub struct CapsuleSpec {
     /// Resolver and allowed host names (absent in older journals).
     #[serde(default)]
     pub names: crate::network::Names,
+    /// Ports published through host ports, by guest port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRule>,
 }
 
 impl CapsuleSpec {
@@ -103,7 +111,9 @@ impl CapsuleSpec {
             ("env", self.env == other.env),
             (
                 "network",
-                self.egress == other.egress && self.names == other.names,
+                self.egress == other.egress
+                    && self.names == other.names
+                    && self.ports == other.ports,
             ),
         ];
         pairs.into_iter().find(|(_, same)| !same).map(|(f, _)| f)
@@ -200,6 +210,8 @@ pub struct CapsuleView {
     pub reason: Option<Reason>,
     /// Host socket of the guest's vsock while a VMM runs.
     pub vsock_socket: Option<PathBuf>,
+    /// Host ports of its published ports, by guest port.
+    pub host_ports: Vec<HostPort>,
     /// The capsule's network namespace, where the guest's address answers
     /// (port forwarding dials from inside it).
     pub netns: Option<PathBuf>,
@@ -375,6 +387,11 @@ impl Error {
             Error::InvalidSpec { .. } => Reason::InvalidSpec,
             Error::Cancelled { .. } => Reason::Cancelled,
             Error::Journal { .. } => Reason::JournalFailed,
+            Error::Network { source, .. }
+                if matches!(**source, crate::network::Error::HostPortsExhausted { .. }) =>
+            {
+                Reason::HostPortsExhausted
+            }
             Error::Network { .. } => Reason::NetworkFailed,
             Error::Storage { .. } => Reason::StorageFailed,
             Error::Vm { .. } => Reason::VmFailed,
@@ -446,6 +463,7 @@ pub(crate) mod testing {
             env: BTreeMap::new(),
             egress: Egress::Allow,
             names: Default::default(),
+            ports: Vec::new(),
         }
     }
 }

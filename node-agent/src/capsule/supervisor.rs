@@ -14,7 +14,7 @@ use super::api::{ApiFuture, CapsuleApi, EventStream};
 use super::config::{Host, SupervisorConfig};
 use super::files::{blocking, remove_dir};
 use super::ids::{disk_id, net_id};
-use super::model::{CapsuleSpec, CapsuleView, Egress, Error, SnapshotInfo, State};
+use super::model::{CapsuleSpec, CapsuleView, Egress, Error, PortRule, SnapshotInfo, State};
 use super::plan::{Decision, Op, plan_op};
 use super::record::{Record, wrong};
 use super::registry::{Claim, Entry};
@@ -521,6 +521,30 @@ impl<M: Machine + 'static> Supervisor<M> {
     }
 }
 
+impl<M: Machine + 'static> Supervisor<M> {
+    /// Replaces `uid`'s published ports. Running or paused: published at
+    /// once; otherwise recorded and published when the network is made
+    /// again. The same ports, all published: no-op.
+    #[tracing::instrument(skip_all, fields(capsule = %uid, step = "update_ports"))]
+    pub async fn update_ports(
+        &self,
+        uid: &str,
+        ports: Vec<PortRule>,
+    ) -> Result<CapsuleView, Error> {
+        self.run(
+            uid,
+            "update ports",
+            false,
+            move |shared, entry, mut rec| async move {
+                let res = shared.update_ports(&entry, &mut rec, ports).await;
+                let view = entry.view();
+                (Some(rec), res.map(|()| view))
+            },
+        )
+        .await
+    }
+}
+
 /// A warm template's build VM is an internal capsule: the same steps and
 /// journal as any other, reachable only through this.
 impl<M: Machine + 'static> BuildVms for Supervisor<M> {
@@ -611,6 +635,13 @@ impl<M: Machine + 'static> CapsuleApi for Supervisor<M> {
         names: crate::network::Names,
     ) -> ApiFuture<'a, CapsuleView> {
         Box::pin(Supervisor::update_names(self, uid, names))
+    }
+    fn update_ports<'a>(
+        &'a self,
+        uid: &'a str,
+        ports: Vec<PortRule>,
+    ) -> ApiFuture<'a, CapsuleView> {
+        Box::pin(Supervisor::update_ports(self, uid, ports))
     }
     fn snapshot<'a>(
         &'a self,

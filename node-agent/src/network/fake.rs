@@ -6,8 +6,12 @@ use std::sync::Mutex;
 
 use super::addr::{AddressPlan, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC};
 use super::{
-    CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, SetupStep, SweepReport, TAP_NAME, Teardown,
+    CapsuleId, CapsuleNet, EgressPolicy, Error, HostPort, NetOps, PortRule, SetupStep, SweepReport,
+    TAP_NAME, Teardown,
 };
+
+/// First host port the fake hands out.
+const FAKE_FIRST_HOST_PORT: u16 = 29000;
 
 /// A call made to a [`FakeNet`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +24,8 @@ pub enum NetCall {
     UpdatePolicy(CapsuleId, EgressPolicy),
     /// [`NetOps::set_names`].
     SetNames(CapsuleId, super::Names),
+    /// [`NetOps::publish`].
+    Publish(CapsuleId, Vec<PortRule>),
     /// [`NetOps::ensure_tap`].
     EnsureTap(CapsuleId),
     /// [`NetOps::teardown`].
@@ -40,6 +46,7 @@ struct FakeState {
     slots: BTreeMap<CapsuleId, u32>,
     built: Vec<CapsuleId>,
     fail_setup: Option<SetupStep>,
+    ports: BTreeMap<CapsuleId, Vec<HostPort>>,
 }
 
 impl FakeNet {
@@ -155,6 +162,48 @@ impl NetOps for FakeNet {
         }
     }
 
+    fn publish(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<Vec<HostPort>, Error> {
+        let mut st = self.state();
+        st.calls
+            .push(NetCall::Publish(capsule.clone(), rules.to_vec()));
+        if !st.slots.contains_key(capsule) {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        let mine = st.ports.get(capsule).cloned().unwrap_or_default();
+        let mut next = FAKE_FIRST_HOST_PORT;
+        let mut out = Vec::new();
+        for r in rules {
+            let host_port = match mine.iter().find(|h| h.port == r.port) {
+                Some(h) => h.host_port,
+                None => {
+                    while st
+                        .ports
+                        .values()
+                        .flatten()
+                        .chain(&out)
+                        .any(|h: &HostPort| h.host_port == next)
+                    {
+                        next += 1;
+                    }
+                    next
+                }
+            };
+            out.push(HostPort {
+                port: r.port,
+                host_port,
+            });
+        }
+        out.sort();
+        st.ports.insert(capsule.clone(), out.clone());
+        Ok(out)
+    }
+
+    fn host_ports(&self, capsule: &CapsuleId) -> Vec<HostPort> {
+        self.state().ports.get(capsule).cloned().unwrap_or_default()
+    }
+
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {
         let mut st = self.state();
         st.calls.push(NetCall::EnsureTap(capsule.clone()));
@@ -173,6 +222,7 @@ impl NetOps for FakeNet {
         st.built.retain(|c| c != capsule);
         if mode == Teardown::ReleaseSlot {
             st.slots.remove(capsule);
+            st.ports.remove(capsule);
         }
         Ok(())
     }

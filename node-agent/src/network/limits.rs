@@ -103,6 +103,16 @@ pub struct EgressFlags {
         value_parser = cluster_domain
     )]
     pub cluster_domain: String,
+    /// Node ports published capsule ports are taken from, `FIRST-LAST`.
+    /// Keep it clear of the NodePort range, the ephemeral port range and
+    /// every service listening on the node: the agent DNATs new
+    /// connections to these ports on every node address.
+    #[arg(
+        long,
+        env = "WRENN_HOST_PORT_RANGE",
+        default_value_t = super::HostPortRange::default()
+    )]
+    pub host_port_range: super::HostPortRange,
 }
 
 fn cluster_domain(s: &str) -> Result<String, String> {

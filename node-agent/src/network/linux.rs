@@ -16,7 +16,9 @@ use super::addr::{
     AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
 };
 use super::dns::{ClusterDns, NameService, Names, NamesPlace};
+use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
 use super::limits::CapsuleLimits;
+use super::portrules::{PORTS_TABLE, build_ports_table};
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
 };
@@ -70,6 +72,8 @@ pub struct LinuxNetConfig {
     pub guest_link: GuestLink,
     /// The cluster DNS capsules' proxies forward to by default.
     pub cluster_dns: ClusterDns,
+    /// Node ports that published capsule ports are taken from.
+    pub host_ports: HostPortRange,
 }
 
 impl LinuxNetConfig {
@@ -87,6 +91,7 @@ impl LinuxNetConfig {
             limits: CapsuleLimits::default(),
             guest_link: GuestLink::Tap,
             cluster_dns: ClusterDns::default(),
+            host_ports: HostPortRange::default(),
         }
     }
 }
@@ -127,6 +132,7 @@ pub struct LinuxNet {
     cfg: LinuxNetConfig,
     slots: SlotAllocator,
     names: NameService,
+    ports: HostPortAllocator,
     fail_before: Mutex<Option<SetupStep>>,
 }
 
@@ -144,10 +150,14 @@ impl LinuxNet {
         let dir = cfg.state_dir.join("slots");
         let slots = SlotAllocator::open(&dir, cfg.plan.max_slots)
             .map_err(|source| Error::OpenSlots { path: dir, source })?;
+        let dir = cfg.state_dir.join("hostports");
+        let ports = HostPortAllocator::open(&dir, cfg.host_ports)
+            .map_err(|source| Error::OpenSlots { path: dir, source })?;
         Ok(Self {
             names: NameService::new(cfg.cluster_dns.clone()),
             cfg,
             slots,
+            ports,
             fail_before: Mutex::new(None),
         })
     }
@@ -462,6 +472,71 @@ impl LinuxNet {
         })
     }
 
+    /// Loads the ports table as the claims now are, in one transaction.
+    fn load_ports_table(&self) -> Result<(), Error> {
+        let claims = self.ports.claims();
+        let table = build_ports_table(
+            &claims,
+            |c| {
+                self.slots
+                    .get(c)
+                    .and_then(|s| self.cfg.plan.slot_addrs(s))
+                    .map(|a| a.host)
+            },
+            self.cfg.plan.host_range,
+        );
+        let netns = self.cfg.node_netns.clone();
+        self.in_node(|nl| {
+            super::nft::load_table(nl, &table).map_err(|source| Error::LoadTable {
+                table: PORTS_TABLE.into(),
+                netns,
+                source,
+            })
+        })
+    }
+
+    /// Makes `capsule`'s published ports match `rules`: each claim write is
+    /// journaled (a file) before the table that uses it is loaded, and its
+    /// inverse recorded before it is made, so a failed load puts the claims
+    /// back as they were. Exhaustion is found before any write.
+    fn set_ports(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<(), Error> {
+        let change = self.ports.plan(capsule, rules).map_err(|e| match e {
+            PlanError::Exhausted { needed, free } => Error::HostPortsExhausted {
+                capsule: capsule.clone(),
+                range: self.ports.range().to_string(),
+                needed,
+                free,
+            },
+        })?;
+        if change.writes.is_empty() {
+            return Ok(());
+        }
+        let mut undo: Vec<Write> = Vec::new();
+        let mut result = Ok(());
+        for w in &change.writes {
+            undo.push(self.ports.inverse(w));
+            if let Err(source) = self.ports.apply(w) {
+                undo.pop();
+                result = Err(Error::HostPortClaim {
+                    capsule: capsule.clone(),
+                    source,
+                });
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = self.load_ports_table();
+        }
+        if result.is_err() {
+            for w in undo.iter().rev() {
+                if let Err(e) = self.ports.apply(w) {
+                    warn!(capsule = %capsule, error = &e as &dyn std::error::Error, "put a host port claim back after a failed change");
+                }
+            }
+        }
+        result
+    }
+
     fn run_undo(&self, capsule: &CapsuleId, undo: Vec<Undo>) {
         for step in undo.into_iter().rev() {
             let res = match &step {
@@ -563,6 +638,11 @@ impl NetOps for LinuxNet {
             blocked: &self.cfg.blocked_egress,
         });
         let netns = self.cfg.node_netns.clone();
+        // Published ports as the claims on disk say (after a restart the
+        // same host ports reach the same capsules), and first: the node
+        // table accepts DNATed connections into capsules because this
+        // table has dropped every one that is not published.
+        self.load_ports_table()?;
         self.in_node(|nl| {
             sys::write_sysctl(&self.cfg.proc_dir, "net/ipv4/ip_forward", "1").map_err(|source| {
                 Error::SetSysctl {
@@ -758,10 +838,32 @@ impl NetOps for LinuxNet {
         })
     }
 
+    fn publish(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<Vec<HostPort>, Error> {
+        if self.slots.get(capsule).is_none() {
+            return Err(Error::NotSetUp {
+                capsule: capsule.clone(),
+            });
+        }
+        self.set_ports(capsule, rules)?;
+        Ok(self.ports.of(capsule))
+    }
+
+    fn host_ports(&self, capsule: &CapsuleId) -> Vec<HostPort> {
+        self.ports.of(capsule)
+    }
+
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error> {
         // The proxy's sockets would keep the namespace alive.
         self.names.remove(capsule);
         let mut errors = Vec::new();
+        // A capsule gone for good gives its host ports back; a suspended
+        // one keeps them (the ports table drops what reaches its missing
+        // network) and comes back on the same ones.
+        if mode == Teardown::ReleaseSlot
+            && let Err(e) = self.set_ports(capsule, &[])
+        {
+            errors.push(e);
+        }
         self.remove_resources(capsule, true, &mut errors);
         if mode == Teardown::ReleaseSlot
             && errors.is_empty()
@@ -795,6 +897,20 @@ impl NetOps for LinuxNet {
         let ours = format!("{PREFIX}-");
         let mut report = SweepReport::default();
 
+        // Host ports of capsules that hold no slot (a crash between a
+        // teardown's two releases) serve nothing: give them back.
+        let orphans: std::collections::BTreeSet<CapsuleId> = self
+            .ports
+            .claims()
+            .into_values()
+            .map(|c| c.capsule)
+            .filter(|c| self.slots.get(c).is_none())
+            .collect();
+        for c in orphans {
+            report.host_ports += self.ports.of(&c).len();
+            self.set_ports(&c, &[])?;
+        }
+
         let netns = self.cfg.node_netns.clone();
         let plan = self.cfg.plan.clone();
         let (links, tables, conntrack) = self.in_node(|nl| {
@@ -827,7 +943,8 @@ impl NetOps for LinuxNet {
             for (family, name) in nl.list_tables().map_err(tables_err("list"))? {
                 // The node tables (ip and ip6) are ours to keep:
                 // ensure_node replaces them atomically.
-                let node_table = (family == 2 || family == 10) && name == PREFIX;
+                let node_table = ((family == 2 || family == 10) && name == PREFIX)
+                    || (family == 2 && name == PORTS_TABLE);
                 if name.starts_with(PREFIX)
                     && !node_table
                     && nl

@@ -20,9 +20,11 @@
 mod addr;
 pub mod dns;
 mod fake;
+mod hostports;
 mod limits;
 mod linux;
 pub mod nft;
+mod portrules;
 mod ruleset;
 mod slots;
 
@@ -37,8 +39,10 @@ pub use addr::{
 };
 pub use dns::Names;
 pub use fake::{FakeNet, NetCall};
+pub use hostports::{HostPort, HostPortRange, PortRule};
 pub use limits::{CapsuleLimits, EgressFlags};
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
+pub use portrules::PORTS_TABLE;
 pub use ruleset::{
     Action, AddrSet, CapsuleRules, Chain, ChainKind, DNS_MARK, FQDN_MARK, Family, Hook, IfName, L4,
     Limit, LimitUnit, Match, NodeRules, Rule, SetElement, Table, Verdict, build_capsule_table,
@@ -111,6 +115,21 @@ pub fn is_resource_name(name: &str) -> bool {
         .is_some_and(|id| {
             (1..=SHORT_ID_LEN).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric())
         })
+}
+
+/// Written as its text (host-port claims); read back through
+/// [`CapsuleId::new`], so a claim file cannot name an invalid id.
+impl serde::Serialize for CapsuleId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CapsuleId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        CapsuleId::new(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl fmt::Display for CapsuleId {
@@ -205,6 +224,8 @@ pub struct SweepReport {
     pub tables: usize,
     /// Conntrack entries for slot addresses without a claim.
     pub conntrack: usize,
+    /// Host-port claims of capsules without a slot claim.
+    pub host_ports: usize,
 }
 
 /// Capability: wire and unwire capsule networks. Every method is idempotent
@@ -247,13 +268,26 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     fn cluster_dns(&self) -> dns::ClusterDns {
         dns::ClusterDns::default()
     }
+    /// Makes the capsule's published ports exactly `rules`: a port already
+    /// published keeps its host port (its sources may change), a new one
+    /// gets a free host port, a port left out gives its host port back.
+    /// The claims are on disk before the node's ports table, replaced in
+    /// one transaction, uses them; on failure the previous ports hold.
+    /// New connections see the change; open ones run on. Legal while the
+    /// capsule holds a slot (running, paused or suspended). Returns the
+    /// capsule's host ports.
+    fn publish(&self, capsule: &CapsuleId, rules: &[PortRule]) -> Result<Vec<HostPort>, Error>;
+
+    /// The capsule's host ports, by guest port; empty when none.
+    fn host_ports(&self, capsule: &CapsuleId) -> Vec<HostPort>;
 
     /// Recreates the TAP by name inside an existing capsule namespace (a
     /// restore opens the TAP the snapshot names). Legal after `setup`.
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error>;
 
     /// Removes the capsule's namespace, links, routes and conntrack
-    /// entries; releases the slot or keeps it (suspend). Legal in any state,
+    /// entries; releases the slot and the host ports, or keeps both
+    /// (suspend). Legal in any state,
     /// including after a failed or never-run setup.
     fn teardown(&self, capsule: &CapsuleId, mode: Teardown) -> Result<(), Error>;
 
@@ -288,6 +322,29 @@ pub enum Error {
     OpenSlots {
         /// Claim directory.
         path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The host-port range has too few free ports.
+    #[error(
+        "publish ports of capsule {capsule}: host-port range {range} has {free} free ports, {needed} needed"
+    )]
+    HostPortsExhausted {
+        /// Capsule.
+        capsule: CapsuleId,
+        /// The range, as configured.
+        range: String,
+        /// New ports asked for.
+        needed: usize,
+        /// Free ports left.
+        free: usize,
+    },
+    /// Writing or removing a host-port claim failed.
+    #[error("write host port claim of capsule {capsule}")]
+    HostPortClaim {
+        /// Capsule.
+        capsule: CapsuleId,
         /// Cause.
         #[source]
         source: io::Error,

@@ -128,6 +128,21 @@ const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+/// Offset of the destination port in a TCP header.
+const TCP_DPORT_OFFSET: u32 = 2;
+const NFT_CT_STATUS: u32 = 2;
+/// `IPS_DST_NAT`.
+const CT_STATUS_DST_NAT: u32 = 1 << 5;
+const NFTA_FIB_DREG: u16 = 1;
+const NFTA_FIB_RESULT: u16 = 2;
+const NFTA_FIB_FLAGS: u16 = 3;
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+const RTN_LOCAL: u32 = 2;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_REG_PROTO_MAX: u16 = 6;
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+const NFT_REG_2: u32 = 2;
 /// Offset of the source address in an Ethernet header.
 const ETHER_SADDR_OFFSET: u32 = 6;
 const NF_DROP: u32 = 0;
@@ -275,6 +290,26 @@ fn addr(offset: u32, net: Cidr, op: Operator, out: &mut Vec<Expressions>) {
     out.push(cmp(op, net.addr().octets().to_vec()));
 }
 
+/// Conntrack `key` (state or status) has one of the bits of `mask` set.
+fn ct_any_bit(key: u32, mask: u32, out: &mut Vec<Expressions>) {
+    out.push(Expressions::Other {
+        expression_type: "ct".into(),
+        attributes: vec![
+            DefaultNla::new(NFTA_CT_KEY, be(key)),
+            DefaultNla::new(NFTA_CT_DREG, be(NFT_REG_1)),
+        ],
+    });
+    out.push(Expressions::Bitwise(vec![
+        Bitwise::SourceRegister(Register::Reg1),
+        Bitwise::DestinationRegister(Register::Reg1),
+        Bitwise::Length(4),
+        // Registers hold state and status in host byte order.
+        Bitwise::Mask(DataAttribute::Value(mask.to_ne_bytes().to_vec())),
+        Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
+    ]));
+    out.push(cmp(Operator::NotEqual, vec![0; 4]));
+}
+
 fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
     match m {
         Match::Iif(n) => ifname(MetaKey::Iifname, n, Operator::Equal, out),
@@ -292,25 +327,32 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
             ]));
             out.push(cmp(Operator::NotEqual, mac.to_vec()));
         }
-        Match::CtEstablished => {
+        Match::CtEstablished => ct_any_bit(NFT_CT_STATE, CT_STATE_ESTABLISHED_RELATED, out),
+        Match::CtDnat => ct_any_bit(NFT_CT_STATUS, CT_STATUS_DST_NAT, out),
+        Match::TcpDport(port) => {
+            out.push(Expressions::Meta(vec![
+                Meta::Key(MetaKey::L4Proto),
+                Meta::DestinationRegister(Register::Reg1),
+            ]));
+            out.push(cmp(Operator::Equal, vec![IPPROTO_TCP]));
+            out.push(Expressions::Payload(vec![
+                Payload::DestinationRegister(Register::Reg1),
+                Payload::Base(NFT_PAYLOAD_TRANSPORT_HEADER),
+                Payload::Offset(TCP_DPORT_OFFSET),
+                Payload::Len(2),
+            ]));
+            out.push(cmp(Operator::Equal, port.to_be_bytes().to_vec()));
+        }
+        Match::FibDaddrLocal => {
             out.push(Expressions::Other {
-                expression_type: "ct".into(),
+                expression_type: "fib".into(),
                 attributes: vec![
-                    DefaultNla::new(NFTA_CT_KEY, be(NFT_CT_STATE)),
-                    DefaultNla::new(NFTA_CT_DREG, be(NFT_REG_1)),
+                    DefaultNla::new(NFTA_FIB_DREG, be(NFT_REG_1)),
+                    DefaultNla::new(NFTA_FIB_RESULT, be(NFT_FIB_RESULT_ADDRTYPE)),
+                    DefaultNla::new(NFTA_FIB_FLAGS, be(NFTA_FIB_F_DADDR)),
                 ],
             });
-            out.push(Expressions::Bitwise(vec![
-                Bitwise::SourceRegister(Register::Reg1),
-                Bitwise::DestinationRegister(Register::Reg1),
-                Bitwise::Length(4),
-                // Registers hold the state in host byte order.
-                Bitwise::Mask(DataAttribute::Value(
-                    CT_STATE_ESTABLISHED_RELATED.to_ne_bytes().to_vec(),
-                )),
-                Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
-            ]));
-            out.push(cmp(Operator::NotEqual, vec![0; 4]));
+            out.push(cmp(Operator::Equal, RTN_LOCAL.to_ne_bytes().to_vec()));
         }
         // `over` is the inverted match: the rule applies past the ceiling.
         Match::CtCountOver(n) => out.push(Expressions::Other {
@@ -389,20 +431,33 @@ fn verdict(code: u32) -> Expressions {
     ])
 }
 
-fn nat(kind: u32, to: Ipv4Addr, out: &mut Vec<Expressions>) {
+/// NAT to `to`, and to `port` when given (the port travels in register 2,
+/// in network byte order).
+fn nat(kind: u32, to: Ipv4Addr, port: Option<u16>, out: &mut Vec<Expressions>) {
     out.push(Expressions::Immediate(vec![
         Immediate::DestinationRegister(Register::Reg1),
         Immediate::Data(DataAttribute::Value(to.octets().to_vec())),
     ]));
+    let mut attributes = vec![
+        DefaultNla::new(NFTA_NAT_TYPE, be(kind)),
+        DefaultNla::new(NFTA_NAT_FAMILY, be(NFPROTO_IPV4)),
+        DefaultNla::new(NFTA_NAT_REG_ADDR_MIN, be(NFT_REG_1)),
+        DefaultNla::new(NFTA_NAT_REG_ADDR_MAX, be(NFT_REG_1)),
+    ];
+    let mut flags = NF_NAT_RANGE_MAP_IPS;
+    if let Some(p) = port {
+        out.push(Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::Reg2),
+            Immediate::Data(DataAttribute::Value(p.to_be_bytes().to_vec())),
+        ]));
+        attributes.push(DefaultNla::new(NFTA_NAT_REG_PROTO_MIN, be(NFT_REG_2)));
+        attributes.push(DefaultNla::new(NFTA_NAT_REG_PROTO_MAX, be(NFT_REG_2)));
+        flags |= NF_NAT_RANGE_PROTO_SPECIFIED;
+    }
+    attributes.push(DefaultNla::new(NFTA_NAT_FLAGS, be(flags)));
     out.push(Expressions::Other {
         expression_type: "nat".into(),
-        attributes: vec![
-            DefaultNla::new(NFTA_NAT_TYPE, be(kind)),
-            DefaultNla::new(NFTA_NAT_FAMILY, be(NFPROTO_IPV4)),
-            DefaultNla::new(NFTA_NAT_REG_ADDR_MIN, be(NFT_REG_1)),
-            DefaultNla::new(NFTA_NAT_REG_ADDR_MAX, be(NFT_REG_1)),
-            DefaultNla::new(NFTA_NAT_FLAGS, be(NF_NAT_RANGE_MAP_IPS)),
-        ],
+        attributes,
     });
 }
 
@@ -410,8 +465,9 @@ fn encode_action(a: Action, out: &mut Vec<Expressions>) {
     match a {
         Action::Accept => out.push(verdict(NF_ACCEPT)),
         Action::Drop => out.push(verdict(NF_DROP)),
-        Action::Snat(to) => nat(NFT_NAT_SNAT, to, out),
-        Action::Dnat(to) => nat(NFT_NAT_DNAT, to, out),
+        Action::Snat(to) => nat(NFT_NAT_SNAT, to, None, out),
+        Action::Dnat(to) => nat(NFT_NAT_DNAT, to, None, out),
+        Action::DnatPort(to, port) => nat(NFT_NAT_DNAT, to, Some(port), out),
         Action::Masquerade => out.push(Expressions::Other {
             expression_type: "masq".into(),
             attributes: vec![],

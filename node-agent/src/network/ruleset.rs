@@ -2,7 +2,8 @@
 //! table contain. Built here (pure, unit-tested, printable in `nft` syntax);
 //! encoded into netlink messages and loaded by `sys::net`.
 //!
-//! Three tables:
+//! Three tables here (the node's ports table, for published capsule
+//! ports, is built in `portrules.rs`):
 //! - the **node table** (family `ip`, one per node, in the node namespace):
 //!   isolation that holds for every capsule, matched by interface-name
 //!   prefix, the destinations no capsule may reach, plus the MASQUERADE out
@@ -186,6 +187,14 @@ pub enum Match {
     DaddrInSet(&'static str),
     /// Packet mark is.
     Mark(u32),
+    /// The connection's destination was rewritten by a DNAT in this
+    /// namespace (`ct status dnat`).
+    CtDnat,
+    /// TCP, to this destination port.
+    TcpDport(u16),
+    /// The destination is an address of this namespace (`fib daddr type
+    /// local`), not one merely routed through it.
+    FibDaddrLocal,
 }
 
 /// A token bucket: `rate` per second, holding up to `burst`.
@@ -219,6 +228,8 @@ pub enum Action {
     Snat(Ipv4Addr),
     /// Rewrite the destination to this address.
     Dnat(Ipv4Addr),
+    /// Rewrite the destination to this address and port.
+    DnatPort(Ipv4Addr, u16),
     /// Rewrite the source to the output interface's address.
     Masquerade,
     /// Set the packet mark and go on with the next rule.
@@ -261,10 +272,18 @@ pub fn build_node_table(r: &NodeRules<'_>) -> Table {
     let mut forward = vec![
         // No capsule reaches another capsule (guest agents trust their link).
         rule(vec![Iif(caps()), Oif(caps())], Action::Drop),
-        // Towards a capsule only replies pass; new connections into a
-        // capsule come from the node itself (OUTPUT), never through it.
+        // Towards a capsule only replies pass, and connections DNATed in
+        // this namespace: the ports table (`portrules.rs`, hook priority
+        // before this one) has already dropped every such connection that
+        // is not to a published port from an allowed source. Other new
+        // connections into a capsule come from the node itself (OUTPUT),
+        // never through it.
         rule(vec![Oif(caps()), CtEstablished], Action::Accept),
+        rule(vec![Oif(caps()), CtDnat], Action::Accept),
         rule(vec![Oif(caps())], Action::Drop),
+        // Replies of those published connections go back wherever the
+        // client is (a Pod interface, the cluster's private network).
+        rule(vec![Iif(caps()), CtDnat, CtEstablished], Action::Accept),
         // Capsules leave through the uplink only, and only from their own
         // host address (the capsule namespace SNATs the guest to it).
         rule(vec![Iif(caps()), OifNot(uplink.clone())], Action::Drop),
@@ -561,6 +580,9 @@ impl fmt::Display for Match {
                 m[0], m[1], m[2], m[3], m[4], m[5]
             ),
             Match::CtEstablished => f.write_str("ct state established,related"),
+            Match::CtDnat => f.write_str("ct status dnat"),
+            Match::TcpDport(p) => write!(f, "tcp dport {p}"),
+            Match::FibDaddrLocal => f.write_str("fib daddr type local"),
             Match::CtCountOver(n) => write!(f, "ct count over {n}"),
             Match::Proto(L4::Tcp) => f.write_str("meta l4proto tcp"),
             Match::Proto(L4::Udp) => f.write_str("meta l4proto udp"),
@@ -588,6 +610,7 @@ impl fmt::Display for Action {
             Action::Drop => f.write_str("drop"),
             Action::Snat(a) => write!(f, "snat to {a}"),
             Action::Dnat(a) => write!(f, "dnat to {a}"),
+            Action::DnatPort(a, p) => write!(f, "dnat to {a}:{p}"),
             Action::Masquerade => f.write_str("masquerade"),
             Action::SetMark(m) => write!(f, "meta mark set {m:#010x}"),
         }
@@ -683,7 +706,9 @@ mod tests {
 		type filter hook forward priority 0; policy accept;
 		iifname "wrenn-*" oifname "wrenn-*" drop
 		oifname "wrenn-*" ct state established,related accept
+		oifname "wrenn-*" ct status dnat accept
 		oifname "wrenn-*" drop
+		iifname "wrenn-*" ct status dnat ct state established,related accept
 		iifname "wrenn-*" oifname != "eth0" drop
 		iifname "wrenn-*" ip saddr != 10.11.0.0/16 drop
 		iifname "wrenn-*" ip daddr 169.254.0.0/16 drop

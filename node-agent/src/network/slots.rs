@@ -43,25 +43,39 @@ struct State {
     cursor: u32,
 }
 
+/// Reads a claim directory (creating it if needed): each file named by a
+/// number, with its path and contents. Files starting with `.` are
+/// unfinished claims of a crashed writer (they never became visible) and
+/// are removed; other names are ignored. Shared by slot and host-port
+/// claims.
+pub(super) fn read_claim_files(dir: &Path) -> io::Result<Vec<(u32, PathBuf, Vec<u8>)>> {
+    fs::create_dir_all(dir)?;
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            fs::remove_file(entry.path())?;
+            continue;
+        }
+        let Ok(n) = name.parse::<u32>() else {
+            continue;
+        };
+        let path = entry.path();
+        let body = fs::read(&path)?;
+        out.push((n, path, body));
+    }
+    Ok(out)
+}
+
 impl SlotAllocator {
     /// Opens (creating it if needed) the claim directory and loads every
     /// claim in it. Leftover temporary files from a crash are removed.
     pub fn open(dir: &Path, max: u32) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
         let mut claims = BTreeMap::new();
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') {
-                // An unfinished claim: it never became visible as a slot.
-                fs::remove_file(entry.path())?;
-                continue;
-            }
-            let Ok(slot) = name.parse::<u32>() else {
-                continue;
-            };
-            let owner = fs::read_to_string(entry.path())?;
+        for (slot, path, body) in read_claim_files(dir)? {
+            let owner = String::from_utf8_lossy(&body);
             match CapsuleId::new(owner.trim()) {
                 Ok(id) => {
                     claims.insert(slot, id);
@@ -69,7 +83,7 @@ impl SlotAllocator {
                 Err(_) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("claim {} names no valid capsule", entry.path().display()),
+                        format!("claim {} names no valid capsule", path.display()),
                     ));
                 }
             }

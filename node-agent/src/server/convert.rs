@@ -17,7 +17,7 @@ use wrenn_proto::agent::v1 as pb;
 
 use crate::capsule::cmdline;
 use crate::capsule::{
-    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate,
+    BootSource, CapsuleSpec, CapsuleView, Egress, Error, Event, EventKind, ImageTemplate, PortRule,
     PrepareRequest, Readiness, Resources, SnapshotInfo, State, TemplateDisk, TemplatePhase,
     TemplateSource, TemplateStatus, WarmSpec,
 };
@@ -343,6 +343,7 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
     let cmdline = from_cmdline("spec.kernel_cmdline", spec.kernel_cmdline)?;
     let net = spec.network.unwrap_or_default();
     let names = from_names(&net)?;
+    let ports = from_ports(&net.ports)?;
     let egress = from_network(net)?;
     Ok(CapsuleSpec {
         namespace: spec.namespace,
@@ -354,6 +355,7 @@ pub fn from_spec(spec: pb::CapsuleSpec, dirs: &ImageDirs) -> Result<CapsuleSpec,
         env: spec.env.into_iter().collect::<BTreeMap<_, _>>(),
         egress,
         names,
+        ports,
     })
 }
 
@@ -380,6 +382,70 @@ pub fn from_names(net: &pb::NetworkPolicy) -> Result<Names, Status> {
         }
     }
     Ok(Names { dns, allow_hosts })
+}
+
+/// Most sources one published port may list (the CRD's limit).
+const MAX_PORT_SOURCES: usize = 16;
+/// Most ports a capsule may declare (the CRD's limit).
+const MAX_PORTS: usize = 32;
+
+/// `NetworkPolicy.ports` → the ports to publish: the TCP ports with
+/// sources, sorted by port. A port without sources is not published (the
+/// data plane still reaches it); UDP with sources, a duplicate port, port
+/// 0 or a bad CIDR is refused.
+pub fn from_ports(ports: &[pb::Port]) -> Result<Vec<PortRule>, Status> {
+    if ports.len() > MAX_PORTS {
+        return Err(Status::invalid_argument(format!(
+            "spec.network.ports has {} entries, at most {MAX_PORTS}",
+            ports.len()
+        )));
+    }
+    let mut out: Vec<PortRule> = Vec::new();
+    for p in ports {
+        if p.from_cidrs.is_empty() {
+            continue;
+        }
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "spec.network.ports: port {} is not 1-65535",
+                    p.port
+                ))
+            })?;
+        if p.protocol != "TCP" {
+            return Err(Status::invalid_argument(format!(
+                "spec.network.ports {port}: only TCP ports are published (protocol {:?})",
+                p.protocol
+            )));
+        }
+        if p.from_cidrs.len() > MAX_PORT_SOURCES {
+            return Err(Status::invalid_argument(format!(
+                "spec.network.ports {port}: {} sources, at most {MAX_PORT_SOURCES}",
+                p.from_cidrs.len()
+            )));
+        }
+        let mut from = Vec::with_capacity(p.from_cidrs.len());
+        for c in &p.from_cidrs {
+            let cidr = c.parse::<crate::network::Cidr>().map_err(|e| {
+                Status::invalid_argument(format!(
+                    "spec.network.ports {port} from {c:?}: {e} (capsules are IPv4 only)"
+                ))
+            })?;
+            if !from.contains(&cidr) {
+                from.push(cidr);
+            }
+        }
+        if out.iter().any(|r| r.port == port) {
+            return Err(Status::invalid_argument(format!(
+                "spec.network.ports: TCP port {port} is listed twice"
+            )));
+        }
+        out.push(PortRule { port, from });
+    }
+    out.sort_by_key(|r| r.port);
+    Ok(out)
 }
 
 /// `NetworkPolicy` → egress policy. DENY with CIDRs allows exactly those;
@@ -462,9 +528,17 @@ pub fn to_spec(spec: &CapsuleSpec) -> pb::CapsuleSpec {
         network: Some(pb::NetworkPolicy {
             egress: egress as i32,
             allow_cidrs,
-            ports: Vec::new(),
             dns: to_dns(&spec.names.dns),
             allow_hosts: spec.names.allow_hosts.clone().into(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|r| pb::Port {
+                    port: r.port.into(),
+                    protocol: "TCP".into(),
+                    from_cidrs: r.from.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
         }),
     }
 }
@@ -530,9 +604,19 @@ pub fn to_vmm(b: &BackendInfo) -> pb::VmmInfo {
 
 /// Domain view → `Capsule`.
 pub fn to_capsule(v: &CapsuleView) -> pb::Capsule {
+    let mut spec = to_spec(&v.spec);
+    // A running or paused capsule shows a port as enforced only once it has
+    // a host port, so the operator asks again (UpdateNetwork) for one that
+    // could not be published (host-port range full at create).
+    if matches!(v.state, State::Running | State::Paused)
+        && let Some(n) = spec.network.as_mut()
+    {
+        n.ports
+            .retain(|p| v.host_ports.iter().any(|h| u32::from(h.port) == p.port));
+    }
     pb::Capsule {
         uid: v.uid.clone(),
-        spec: Some(to_spec(&v.spec)),
+        spec: Some(spec),
         state: to_state(v.state) as i32,
         ip: v.ip.clone().unwrap_or_default(),
         vmm: Some(to_vmm(&v.vmm)),
@@ -540,6 +624,14 @@ pub fn to_capsule(v: &CapsuleView) -> pb::Capsule {
         message: v.message.clone().unwrap_or_default(),
         reason: v.reason.map(String::from).unwrap_or_default(),
         last_activity_unix_nanos: 0,
+        host_ports: v
+            .host_ports
+            .iter()
+            .map(|h| pb::HostPort {
+                port: h.port.into(),
+                host_port: h.host_port.into(),
+            })
+            .collect(),
     }
 }
 
@@ -598,6 +690,11 @@ pub fn to_status(e: &Error) -> Status {
         Error::InvalidSpec { .. } => Status::invalid_argument(msg),
         Error::Cancelled { .. } => Status::aborted(msg),
         Error::Aborted { .. } | Error::Guest { .. } => Status::unavailable(msg),
+        Error::Network { source, .. }
+            if matches!(**source, crate::network::Error::HostPortsExhausted { .. }) =>
+        {
+            Status::resource_exhausted(msg)
+        }
         Error::Journal { .. }
         | Error::Network { .. }
         | Error::Storage { .. }

@@ -347,9 +347,16 @@ impl NodeAgent for AgentService {
         let req = req.into_inner();
         validate_uid(&req.uid)?;
         let net = req.network.unwrap_or_default();
-        // Both checked before either is applied.
+        // All checked before any is applied.
         let names = convert::from_names(&net)?;
+        let ports = convert::from_ports(&net.ports)?;
         let egress = convert::from_network(net)?;
+        // Ports first: exhaustion refuses the call before the egress
+        // policy changes, so a retry finds the same starting point.
+        self.capsules()
+            .update_ports(&req.uid, ports)
+            .await
+            .map_err(|e| to_status(&e))?;
         self.capsules()
             .update_network(&req.uid, egress)
             .await

@@ -58,6 +58,7 @@ impl Bed {
             blocked_egress: vec!["10.0.0.0/8".parse().expect("cidr")],
             limits: CapsuleLimits::default(),
             cluster_dns: Default::default(),
+            host_ports: "29000-29009".parse().expect("range"),
             guest_link: if tap {
                 GuestLink::Tap
             } else {

@@ -32,6 +32,68 @@ struct State {
     quarantined: Vec<pb::QuarantinedCapsule>,
     /// Template key → the registry credentials of its last PrepareTemplate.
     credentials: BTreeMap<String, Option<pb::RegistryCredentials>>,
+    /// Host ports handed out: node port → (capsule UID, guest port).
+    host_ports: BTreeMap<u16, (String, u32)>,
+    /// The host-port range, when not the default 29000-29999.
+    host_port_range: Option<(u16, u16)>,
+}
+
+impl State {
+    /// Gives `uid` a host port for each TCP port with sources, keeping the
+    /// ones it has and releasing the ones it no longer lists, all or
+    /// nothing, as the real agent does. `Err` names the range when full.
+    fn publish(&mut self, uid: &str, ports: &[pb::Port]) -> Result<Vec<pb::HostPort>, String> {
+        let (first, last) = self.host_port_range.unwrap_or((29000, 29999));
+        let wanted: Vec<u32> = ports
+            .iter()
+            .filter(|p| p.protocol == "TCP" && !p.from_cidrs.is_empty())
+            .map(|p| p.port)
+            .collect();
+        let mut next: BTreeMap<u16, (String, u32)> = self
+            .host_ports
+            .iter()
+            .filter(|(_, (u, p))| u != uid || wanted.contains(p))
+            .map(|(h, v)| (*h, v.clone()))
+            .collect();
+        for p in &wanted {
+            if next.values().any(|(u, q)| u == uid && q == p) {
+                continue;
+            }
+            let free = (first..=last).find(|h| !next.contains_key(h));
+            let Some(h) = free else {
+                return Err(format!(
+                    "publish ports of capsule {uid}: host-port range {first}-{last} has 0 free ports"
+                ));
+            };
+            next.insert(h, (uid.to_string(), *p));
+        }
+        self.host_ports = next;
+        Ok(self.host_ports_of(uid))
+    }
+
+    fn host_ports_of(&self, uid: &str) -> Vec<pb::HostPort> {
+        let mut v: Vec<pb::HostPort> = self
+            .host_ports
+            .iter()
+            .filter(|(_, (u, _))| u == uid)
+            .map(|(h, (_, p))| pb::HostPort {
+                port: *p,
+                host_port: u32::from(*h),
+            })
+            .collect();
+        v.sort_by_key(|h| h.port);
+        v
+    }
+}
+
+/// Shows only the ports that have a host port as enforced, as the real
+/// agent does for a running capsule.
+fn show_published(c: &mut pb::Capsule) {
+    let held: Vec<u32> = c.host_ports.iter().map(|h| h.port).collect();
+    if let Some(n) = c.spec.as_mut().and_then(|s| s.network.as_mut()) {
+        n.ports
+            .retain(|p| p.from_cidrs.is_empty() || held.contains(&p.port));
+    }
 }
 
 /// A fake agent for one node.
@@ -187,6 +249,11 @@ impl FakeNodeAgent {
     /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
     pub fn vanish(&self, uid: &str) {
         lock(&self.state).capsules.remove(uid);
+    }
+
+    /// Hands out host ports from `first..=last` from now on.
+    pub fn set_host_port_range(&self, first: u16, last: u16) {
+        lock(&self.state).host_port_range = Some((first, last));
     }
 
     /// Makes `UpdateNetwork` fail Unavailable (as an agent that cannot load
@@ -379,7 +446,23 @@ impl NodeAgent for Handle {
                 message: String::new(),
                 reason: String::new(),
                 last_activity_unix_nanos: 0,
+                host_ports: Vec::new(),
             };
+            let mut c = c;
+            let ports = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.network.as_ref())
+                .map(|n| n.ports.clone())
+                .unwrap_or_default();
+            match st.publish(&req.uid, &ports) {
+                Ok(h) => c.host_ports = h,
+                Err(m) => {
+                    c.reason = "HostPortsExhausted".into();
+                    c.message = m;
+                }
+            }
+            show_published(&mut c);
             st.created.insert(req.uid.clone());
             st.capsules.insert(req.uid.clone(), c.clone());
             a.emit(&mut st, pb::EventKind::StateChanged, &c);
@@ -423,6 +506,7 @@ impl NodeAgent for Handle {
     fn delete_capsule(&self, uid: String) -> Call<'_, bool> {
         Box::pin(async move {
             let mut st = self.0.enter("DeleteCapsule", &uid)?;
+            st.host_ports.retain(|_, (u, _)| *u != uid);
             match st.capsules.remove(&uid) {
                 Some(c) => {
                     self.0.emit(&mut st, pb::EventKind::Deleted, &c);
@@ -482,12 +566,22 @@ impl NodeAgent for Handle {
                     S::try_from(c.state)
                 ))));
             }
-            let spec = c.spec.get_or_insert_with(Default::default);
-            let ports = spec.network.take().map(|n| n.ports).unwrap_or_default();
-            spec.network = Some(pb::NetworkPolicy {
-                ports,
-                ..req.network.unwrap_or_default()
-            });
+            let network = req.network.unwrap_or_default();
+            match st.publish(&req.uid, &network.ports) {
+                Ok(h) => {
+                    c.host_ports = h;
+                    c.reason.clear();
+                    c.message.clear();
+                }
+                Err(m) => {
+                    c.reason = "HostPortsExhausted".into();
+                    c.message = m.clone();
+                    st.capsules.insert(req.uid.clone(), c.clone());
+                    return Err(fail(tonic::Status::resource_exhausted(m)));
+                }
+            }
+            c.spec.get_or_insert_with(Default::default).network = Some(network);
+            show_published(&mut c);
             st.capsules.insert(req.uid, c.clone());
             self.0.emit(&mut st, pb::EventKind::StateChanged, &c);
             Ok(c)

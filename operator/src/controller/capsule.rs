@@ -30,6 +30,7 @@ use crate::resources::Resources;
 use crate::status;
 
 mod converge;
+mod publish;
 mod run;
 mod source;
 mod writer;
@@ -87,6 +88,20 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Reading, applying or deleting a published Service or EndpointSlice
+    /// failed.
+    #[error("{action} {kind} {name}")]
+    Publish {
+        /// `read`, `apply` or `delete`.
+        action: &'static str,
+        /// Service or EndpointSlice.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
     /// Adding or removing the finalizer failed.
     #[error("finalizer of capsule")]
     Finalizer(#[source] Box<crate::finalizer::Error<Error>>),
@@ -98,6 +113,7 @@ impl Error {
         match self {
             Error::MissingMetadata => "invalid",
             Error::Get { .. } | Error::DeleteExpired { .. } => "api",
+            Error::Publish { .. } => "publish",
             Error::Agent { .. } => "agent",
             Error::NodeUnreachable { .. } => "node-unreachable",
             Error::Status(_) => "status",
@@ -280,6 +296,14 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
     };
     let passes = passes(ns, ctx, &src, &mut known, &mut w, expiry, &egress).await;
     w.flush(ctx).await;
+    // Published ports follow what the node reports; while nothing is known
+    // (agent not synced, e.g. just after an operator restart) they stay as
+    // they are rather than lose their endpoint.
+    if passes.as_ref().is_ok_and(Result::is_ok)
+        && let Some(vm) = known.observe(ctx, &uid)
+    {
+        publish::ensure_published(ctx, cap, ns, known.node.as_deref(), vm.as_ref()).await?;
+    }
     let requeue = match passes? {
         Ok(requeue) => requeue,
         Err(action) => return Ok(action),
@@ -484,6 +508,7 @@ impl Pass<'_> {
                     reason: None,
                     message: e.agent_message(),
                     egress: agent::to_egress(&to_proto_network(w.cap)),
+                    host_ports: Vec::new(),
                 });
             }
             Err(source) => {

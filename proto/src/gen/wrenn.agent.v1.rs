@@ -96,6 +96,22 @@ pub struct Port {
     /// "TCP" or "UDP".
     #[prost(string, tag = "2")]
     pub protocol: ::prost::alloc::string::String,
+    /// IPv4 CIDRs that may reach this port through the node's host port. A
+    /// TCP port with sources is published: the node gives it a host port
+    /// (Capsule.host_ports) and DNATs node-address:host-port from these
+    /// sources only to the guest port. Empty: not published (reachable only
+    /// through the data plane). UDP with sources is refused.
+    #[prost(string, repeated, tag = "3")]
+    pub from_cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// A published port: the node port that reaches a guest port.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HostPort {
+    #[prost(uint32, tag = "1")]
+    pub port: u32,
+    #[prost(uint32, tag = "2")]
+    pub host_port: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -256,6 +272,10 @@ pub struct Capsule {
     /// reads it with GetCapsule when an idleTimeout is due.
     #[prost(int64, tag = "9")]
     pub last_activity_unix_nanos: i64,
+    /// Published ports (spec.network.ports with from_cidrs), by guest port,
+    /// while the capsule holds its network slot.
+    #[prost(message, repeated, tag = "20")]
+    pub host_ports: ::prost::alloc::vec::Vec<HostPort>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1088,14 +1108,17 @@ pub mod node_agent_client {
                 .insert(GrpcMethod::new("wrenn.agent.v1.NodeAgent", "SuspendCapsule"));
             self.inner.unary(req, path, codec).await
         }
-        /// Replaces the capsule's egress policy (network.egress and allow_cidrs;
-        /// ports are not part of it) in place: on a running or paused capsule the
-        /// node swaps its nftables ruleset in one transaction, without touching
-        /// the VM, its namespace or its TAP, and forgets the guest's connections
-        /// the new policy forbids; on a suspended, failed or stopped one it is
-        /// recorded and applied when the network comes back. Answers once applied,
-        /// with the capsule showing the new policy in spec.network. Same policy:
-        /// no-op. INVALID_ARGUMENT for a bad CIDR, FAILED_PRECONDITION while the
+        /// Replaces the capsule's egress policy (network.egress and allow_cidrs)
+        /// and published ports (network.ports with from_cidrs) in place: on a
+        /// running or paused capsule the node swaps its nftables ruleset in one
+        /// transaction, without touching the VM, its namespace or its TAP, and
+        /// forgets the guest's connections the new policy forbids; published ports
+        /// keep their host ports, new ones get one (Capsule.host_ports), removed
+        /// ones give theirs back, for new connections. On a suspended, failed or
+        /// stopped capsule it is recorded and applied when the network comes back.
+        /// Answers once applied, with the capsule showing the new policy in
+        /// spec.network. Same policy: no-op. RESOURCE_EXHAUSTED (reason
+        /// HostPortsExhausted) when the node's host-port range is full. INVALID_ARGUMENT for a bad CIDR, FAILED_PRECONDITION while the
         /// capsule is between states.
         pub async fn update_network(
             &mut self,
@@ -1790,14 +1813,17 @@ pub mod node_agent_server {
             &self,
             request: tonic::Request<super::CapsuleRef>,
         ) -> std::result::Result<tonic::Response<super::Capsule>, tonic::Status>;
-        /// Replaces the capsule's egress policy (network.egress and allow_cidrs;
-        /// ports are not part of it) in place: on a running or paused capsule the
-        /// node swaps its nftables ruleset in one transaction, without touching
-        /// the VM, its namespace or its TAP, and forgets the guest's connections
-        /// the new policy forbids; on a suspended, failed or stopped one it is
-        /// recorded and applied when the network comes back. Answers once applied,
-        /// with the capsule showing the new policy in spec.network. Same policy:
-        /// no-op. INVALID_ARGUMENT for a bad CIDR, FAILED_PRECONDITION while the
+        /// Replaces the capsule's egress policy (network.egress and allow_cidrs)
+        /// and published ports (network.ports with from_cidrs) in place: on a
+        /// running or paused capsule the node swaps its nftables ruleset in one
+        /// transaction, without touching the VM, its namespace or its TAP, and
+        /// forgets the guest's connections the new policy forbids; published ports
+        /// keep their host ports, new ones get one (Capsule.host_ports), removed
+        /// ones give theirs back, for new connections. On a suspended, failed or
+        /// stopped capsule it is recorded and applied when the network comes back.
+        /// Answers once applied, with the capsule showing the new policy in
+        /// spec.network. Same policy: no-op. RESOURCE_EXHAUSTED (reason
+        /// HostPortsExhausted) when the node's host-port range is full. INVALID_ARGUMENT for a bad CIDR, FAILED_PRECONDITION while the
         /// capsule is between states.
         async fn update_network(
             &self,

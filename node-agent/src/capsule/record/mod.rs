@@ -88,6 +88,10 @@ pub struct DiskHeld {
 pub struct NetHeld {
     /// What it is once made; `None` while it is being made.
     pub addr: Option<NetAddr>,
+    /// Host ports of its published ports (they live as long as the slot
+    /// claim), by guest port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<super::model::HostPort>,
 }
 
 /// A made network: where the node reaches the guest.
@@ -253,6 +257,13 @@ impl Record {
         }
     }
 
+    /// The capsule's published ports now have these host ports.
+    pub(crate) fn ports_published(&mut self, ports: Vec<super::model::HostPort>) {
+        if let Some(n) = &mut self.held.net {
+            n.host_ports = ports;
+        }
+    }
+
     /// The network is torn down and its slot released.
     pub(crate) fn net_released(&mut self) {
         self.held.net = None;
@@ -414,6 +425,12 @@ impl Record {
             reason: self.reason,
             vsock_socket: self.vm().map(|v| v.vsock_socket.clone()),
             netns: self.net_addr().and_then(|a| a.netns.clone()),
+            host_ports: self
+                .held
+                .net
+                .as_ref()
+                .map(|n| n.host_ports.clone())
+                .unwrap_or_default(),
             guest_token: self.guest_token.clone(),
         }
     }

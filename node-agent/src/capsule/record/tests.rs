@@ -296,7 +296,7 @@ fn version_1_flags_map_to_what_they_meant() {
         v["ip"] = serde_json::Value::Null;
         v["slot"] = serde_json::Value::Null;
     });
-    assert_eq!(r.held.net, Some(NetHeld { addr: None }));
+    assert_eq!(r.held.net, Some(NetHeld::default()));
     // A VMM starting, none named yet.
     let r = with(&|v| {
         v["vm"] = serde_json::Value::Null;

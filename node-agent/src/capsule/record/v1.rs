@@ -57,6 +57,7 @@ impl From<RecordV1> for Record {
                 }),
                 _ => None,
             },
+            host_ports: Vec::new(),
         });
         let vm = match (r.vm, r.vm_starting) {
             (Some(vm), _) => VmHeld::Running(vm),

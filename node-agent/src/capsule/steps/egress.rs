@@ -15,6 +15,18 @@ use crate::capsule::record::{note, wrong};
 use crate::capsule::registry::Entry;
 use crate::vmm::Machine;
 
+/// Whether a network change (egress, names, published ports) applies at once
+/// (running, paused) or is recorded for when the network comes back
+/// (suspended, failed, stopped); refused between states.
+pub(crate) fn network_change_is_live(rec: &Record) -> Result<bool, Error> {
+    match plan_op(Op::UpdateEgress, rec.state) {
+        Decision::ApplyEgress => Ok(true),
+        Decision::RecordEgress => Ok(false),
+        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
+        _ => Err(wrong(&rec.uid, rec.state, "wait until it settles")),
+    }
+}
+
 impl<M: Machine + 'static> Ctx<M> {
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "update_egress"))]
     pub(crate) async fn update_egress(
@@ -26,7 +38,7 @@ impl<M: Machine + 'static> Ctx<M> {
         if rec.spec.egress == egress {
             return Ok(());
         }
-        let live = live_network_change(rec)?;
+        let live = network_change_is_live(rec)?;
         let old = std::mem::replace(&mut rec.spec.egress, egress);
         // Journaled before the swap, but not shown: until the table is
         // loaded the capsule still runs under the old policy.
@@ -81,18 +93,6 @@ impl<M: Machine + 'static> Ctx<M> {
         if let Err(e) = self.apply_egress(rec).await {
             tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "reapply the journaled egress policy");
         }
-    }
-}
-
-/// Whether a network change to `rec` applies now (`true`: its network
-/// exists) or is only journaled for when one is made (`false`); refused
-/// in states where neither holds.
-pub(crate) fn live_network_change(rec: &Record) -> Result<bool, Error> {
-    match plan_op(Op::UpdateEgress, rec.state) {
-        Decision::ApplyEgress => Ok(true),
-        Decision::RecordEgress => Ok(false),
-        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
-        _ => Err(wrong(&rec.uid, rec.state, "wait until it settles")),
     }
 }
 

@@ -16,6 +16,7 @@
 //! | `snapshot` | named snapshots |
 //! | `egress` | live egress policy changes |
 //! | `names` | live DNS and allowHosts changes, the guest's resolver file |
+//! | `ports` | published ports: at create, live changes |
 //! | `release` | undo and delete |
 //! | `watch` | the crash watcher |
 //! | `telemetry` | sample sources and step timings for `crate::metrics` |
@@ -29,6 +30,7 @@ mod egress;
 mod guest;
 mod names;
 mod pause;
+mod ports;
 mod provision;
 mod release;
 mod restore;

@@ -7,7 +7,7 @@
 //! carries the file of the capsule it was snapshotted from).
 
 use super::Ctx;
-use super::egress::live_network_change;
+use super::egress::network_change_is_live;
 use crate::capsule::files::blocking;
 use crate::capsule::ids::net_id;
 use crate::capsule::model::{Error, State};
@@ -31,7 +31,7 @@ impl<M: Machine + 'static> Ctx<M> {
         if rec.spec.names == names {
             return Ok(());
         }
-        let live = live_network_change(rec)?;
+        let live = network_change_is_live(rec)?;
         let old = std::mem::replace(&mut rec.spec.names, names);
         self.journal_only(rec).await?;
         if live {

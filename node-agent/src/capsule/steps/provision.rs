@@ -136,6 +136,7 @@ impl<M: Machine + 'static> Ctx<M> {
             netns: Some(capsule_net.netns.clone()),
         })
         .map_err(|r| r.on(rec))?;
+        self.publish_at_create(rec).await;
         Ok((disk, capsule_net))
     }
 }

@@ -195,6 +195,7 @@ fn build_spec(
         env: warm.env.clone(),
         egress: Egress::Allow,
         names: Default::default(),
+        ports: Vec::new(),
     }
 }
 

@@ -542,3 +542,37 @@ fn names_are_checked_at_the_edge_and_echoed_back_as_sent() {
         assert!(e.message().contains(want), "{e:?} lacks {want}");
     }
 }
+
+#[test]
+fn only_tcp_ports_with_sources_are_published_and_bad_ones_are_refused() {
+    let port = |port: u32, protocol: &str, from: &[&str]| pb::Port {
+        port,
+        protocol: protocol.into(),
+        from_cidrs: from.iter().map(|s| s.to_string()).collect(),
+    };
+    let rules = from_ports(&[
+        port(9000, "TCP", &["10.244.0.0/16", "10.244.0.0/16"]),
+        port(8888, "TCP", &["10.244.0.0/16"]),
+        // No sources: the data plane's alone.
+        port(22, "TCP", &[]),
+        port(53, "UDP", &[]),
+    ])
+    .unwrap();
+    let shown: Vec<(u16, usize)> = rules.iter().map(|r| (r.port, r.from.len())).collect();
+    assert_eq!(shown, vec![(8888, 1), (9000, 1)]);
+
+    for bad in [
+        vec![port(53, "UDP", &["10.0.0.0/8"])],
+        vec![port(0, "TCP", &["10.0.0.0/8"])],
+        vec![port(70000, "TCP", &["10.0.0.0/8"])],
+        vec![port(80, "TCP", &["fd00::/8"])],
+        vec![port(80, "TCP", &["10.0.0.1/8"])],
+        vec![
+            port(80, "TCP", &["10.0.0.0/8"]),
+            port(80, "TCP", &["10.1.0.0/16"]),
+        ],
+    ] {
+        let err = from_ports(&bad).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+}

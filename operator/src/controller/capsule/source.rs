@@ -337,6 +337,7 @@ pub(super) fn to_proto_network(cap: &Capsule) -> pb::NetworkPolicy {
             .map(|p| pb::Port {
                 port: p.port.into(),
                 protocol: format!("{:?}", p.protocol),
+                from_cidrs: p.from.iter().map(|f| f.cidr.clone()).collect(),
             })
             .collect(),
     }
