@@ -1180,6 +1180,12 @@ fn chart_env_is_what_the_binaries_accept() {
             "no leader election".into(),
             vec!["--set".into(), "operator.leaderElection=false".into()],
         ),
+        (
+            // Empty by default (no cluster DNS known): the agent's flag is
+            // unset then, so one variant names it.
+            "cluster DNS".into(),
+            vec!["--set".into(), "nodeAgent.clusterDNS=10.96.0.10".into()],
+        ),
     ];
     let mut files: Vec<_> = std::fs::read_dir(chart_dir().join("ci"))
         .unwrap()
