@@ -576,6 +576,15 @@ fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String,
     Ok(out)
 }
 
+/// What an entry's headers say about the file it makes.
+struct EntryMeta {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
 struct Applier<'a> {
     root: &'a Path,
     layer: &'a str,
@@ -715,124 +724,24 @@ impl Applier<'_> {
             return Ok(());
         }
         if let Some(w) = plan_whiteout(&rel) {
-            // A whiteout under a directory that does not exist hides
-            // nothing, and must not create it.
-            if !self.parents_exist(&raw, &rel)? {
-                return Ok(());
-            }
-            match w {
-                Whiteout::Remove(target) => {
-                    if !self.created.contains(&target) && self.remove_existing(&raw, &target)? {
-                        self.stats.whiteouts += 1;
-                    }
-                }
-                Whiteout::Opaque(dir) => self.hide_lower(&raw, &dir)?,
-                Whiteout::Ignore => {}
-            }
-            return Ok(());
+            return self.apply_whiteout(&raw, &rel, w);
         }
         self.ensure_parents(&raw, &rel)?;
 
-        // PAX `SCHILY.xattr.*` records (file capabilities, ACLs). Read now:
-        // the data below consumes the entry.
-        let xattrs = pax_xattrs(&mut entry).map_err(self.io(&raw))?;
-        let header = entry.header();
-        let mode = header.mode().map_err(self.io(&raw))? & 0o7777;
-        let uid = header.uid().map_err(self.io(&raw))?;
-        let gid = header.gid().map_err(self.io(&raw))?;
-        let mtime = header.mtime().unwrap_or(0);
+        let meta = self.read_meta(&raw, &mut entry)?;
         let abs = self.root.join(&rel);
-
         match kind {
-            T::Directory => {
-                let is_dir = fs::symlink_metadata(&abs)
-                    .map(|m| m.is_dir())
-                    .unwrap_or(false);
-                if !is_dir {
-                    self.remove_existing(&raw, &rel)?;
-                    fs::create_dir(&abs).map_err(self.io(&raw))?;
-                }
-                self.set_owner_mode(&raw, &abs, uid, gid, Some(mode))?;
-            }
+            T::Directory => self.write_dir(&raw, &rel, &abs, &meta)?,
             T::Regular | T::Continuous | T::GNUSparse => {
-                self.remove_existing(&raw, &rel)?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&abs)
-                    .map_err(self.io(&raw))?;
-                let n = copy_with_holes(&mut entry, &mut f).map_err(self.io(&raw))?;
-                self.stats.bytes += n;
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-                f.set_modified(t).map_err(self.io(&raw))?;
-                drop(f);
-                self.set_owner_mode(&raw, &abs, uid, gid, Some(mode))?;
+                self.write_file(&raw, &rel, &abs, &meta, &mut entry)?;
             }
-            T::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(self.io(&raw))?
-                    .ok_or_else(|| {
-                        self.refuse(&raw, Refusal::UnsupportedType("empty symlink".into()))
-                    })?
-                    .into_owned();
-                check_symlink_target(&rel, &target).map_err(|why| self.refuse(&raw, why))?;
-                self.remove_existing(&raw, &rel)?;
-                std::os::unix::fs::symlink(&target, &abs).map_err(self.io(&raw))?;
-                self.set_owner_mode(&raw, &abs, uid, gid, None)?;
-            }
+            T::Symlink => self.write_symlink(&raw, &rel, &abs, &meta, &entry)?,
             T::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(self.io(&raw))?
-                    .ok_or_else(|| {
-                        self.refuse(&raw, Refusal::UnsupportedType("empty hardlink".into()))
-                    })?
-                    .into_owned();
-                let to = plan_path(&target).map_err(|_| {
-                    self.refuse(
-                        &raw,
-                        Refusal::HardlinkEscapes(target.to_string_lossy().into_owned()),
-                    )
-                })?;
-                // The target's parents must be real directories too.
-                let mut prefix = PathBuf::new();
-                if let Some(parent) = to.parent() {
-                    for c in parent.components() {
-                        prefix.push(c);
-                        if fs::symlink_metadata(self.root.join(&prefix))
-                            .map(|m| m.file_type().is_symlink())
-                            .unwrap_or(false)
-                        {
-                            return Err(self.refuse(&raw, Refusal::ThroughSymlink(prefix)));
-                        }
-                    }
-                }
-                let to_abs = self.root.join(&to);
-                match fs::symlink_metadata(&to_abs) {
-                    Ok(m) if !m.is_dir() => {}
-                    _ => {
-                        return Err(self.refuse(
-                            &raw,
-                            Refusal::BadHardlinkTarget(target.to_string_lossy().into_owned()),
-                        ));
-                    }
-                }
-                if to == rel {
+                if !self.write_hardlink(&raw, &rel, &abs, &entry)? {
                     return Ok(());
                 }
-                self.remove_existing(&raw, &rel)?;
-                // linkat without AT_SYMLINK_FOLLOW: links a symlink itself,
-                // never what it points at.
-                fs::hard_link(&to_abs, &abs).map_err(self.io(&raw))?;
             }
-            T::Fifo => {
-                self.remove_existing(&raw, &rel)?;
-                nix::unistd::mkfifo(&abs, nix::sys::stat::Mode::from_bits_truncate(mode))
-                    .map_err(|e| self.io(&raw)(e.into()))?;
-                self.set_owner_mode(&raw, &abs, uid, gid, Some(mode))?;
-            }
+            T::Fifo => self.write_fifo(&raw, &rel, &abs, &meta)?,
             T::Char | T::Block => return Err(self.refuse(&raw, Refusal::Device)),
             other => {
                 return Err(self.refuse(&raw, Refusal::UnsupportedType(format!("{other:?}"))));
@@ -840,13 +749,176 @@ impl Applier<'_> {
         }
         if kind != T::Link {
             // Last: chown clears security.capability.
-            for (name, value) in &xattrs {
+            for (name, value) in &meta.xattrs {
                 crate::sys::xattr::set_xattr_nofollow(&abs, name, value).map_err(self.io(&raw))?;
             }
         }
         self.created.insert(rel);
         self.stats.entries += 1;
         Ok(())
+    }
+
+    /// Applies one whiteout entry of this layer.
+    fn apply_whiteout(&mut self, raw: &Path, rel: &Path, w: Whiteout) -> Result<(), Error> {
+        // A whiteout under a directory that does not exist hides
+        // nothing, and must not create it.
+        if !self.parents_exist(raw, rel)? {
+            return Ok(());
+        }
+        match w {
+            Whiteout::Remove(target) => {
+                if !self.created.contains(&target) && self.remove_existing(raw, &target)? {
+                    self.stats.whiteouts += 1;
+                }
+            }
+            Whiteout::Opaque(dir) => self.hide_lower(raw, &dir)?,
+            Whiteout::Ignore => {}
+        }
+        Ok(())
+    }
+
+    /// Ownership, mode, mtime and xattrs from the entry's headers.
+    fn read_meta<R: Read>(
+        &self,
+        raw: &Path,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<EntryMeta, Error> {
+        // PAX `SCHILY.xattr.*` records (file capabilities, ACLs). Read now:
+        // the data consumes the entry.
+        let xattrs = pax_xattrs(entry).map_err(self.io(raw))?;
+        let header = entry.header();
+        Ok(EntryMeta {
+            mode: header.mode().map_err(self.io(raw))? & 0o7777,
+            uid: header.uid().map_err(self.io(raw))?,
+            gid: header.gid().map_err(self.io(raw))?,
+            mtime: header.mtime().unwrap_or(0),
+            xattrs,
+        })
+    }
+
+    fn write_dir(&self, raw: &Path, rel: &Path, abs: &Path, meta: &EntryMeta) -> Result<(), Error> {
+        let is_dir = fs::symlink_metadata(abs)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if !is_dir {
+            self.remove_existing(raw, rel)?;
+            fs::create_dir(abs).map_err(self.io(raw))?;
+        }
+        self.set_owner_mode(raw, abs, meta.uid, meta.gid, Some(meta.mode))
+    }
+
+    fn write_file<R: Read>(
+        &mut self,
+        raw: &Path,
+        rel: &Path,
+        abs: &Path,
+        meta: &EntryMeta,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), Error> {
+        self.remove_existing(raw, rel)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(abs)
+            .map_err(self.io(raw))?;
+        let n = copy_with_holes(entry, &mut f).map_err(self.io(raw))?;
+        self.stats.bytes += n;
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.mtime);
+        f.set_modified(t).map_err(self.io(raw))?;
+        drop(f);
+        self.set_owner_mode(raw, abs, meta.uid, meta.gid, Some(meta.mode))
+    }
+
+    /// The entry's link target; `what` names the entry kind when it has none.
+    fn link_target<R: Read>(
+        &self,
+        raw: &Path,
+        entry: &tar::Entry<'_, R>,
+        what: &str,
+    ) -> Result<PathBuf, Error> {
+        Ok(entry
+            .link_name()
+            .map_err(self.io(raw))?
+            .ok_or_else(|| self.refuse(raw, Refusal::UnsupportedType(format!("empty {what}"))))?
+            .into_owned())
+    }
+
+    fn write_symlink<R: Read>(
+        &self,
+        raw: &Path,
+        rel: &Path,
+        abs: &Path,
+        meta: &EntryMeta,
+        entry: &tar::Entry<'_, R>,
+    ) -> Result<(), Error> {
+        let target = self.link_target(raw, entry, "symlink")?;
+        check_symlink_target(rel, &target).map_err(|why| self.refuse(raw, why))?;
+        self.remove_existing(raw, rel)?;
+        std::os::unix::fs::symlink(&target, abs).map_err(self.io(raw))?;
+        self.set_owner_mode(raw, abs, meta.uid, meta.gid, None)
+    }
+
+    /// Links `rel` to an earlier entry; `false` when the entry links to
+    /// itself and nothing was written.
+    fn write_hardlink<R: Read>(
+        &self,
+        raw: &Path,
+        rel: &Path,
+        abs: &Path,
+        entry: &tar::Entry<'_, R>,
+    ) -> Result<bool, Error> {
+        let target = self.link_target(raw, entry, "hardlink")?;
+        let to = plan_path(&target).map_err(|_| {
+            self.refuse(
+                raw,
+                Refusal::HardlinkEscapes(target.to_string_lossy().into_owned()),
+            )
+        })?;
+        // The target's parents must be real directories too.
+        let mut prefix = PathBuf::new();
+        if let Some(parent) = to.parent() {
+            for c in parent.components() {
+                prefix.push(c);
+                if fs::symlink_metadata(self.root.join(&prefix))
+                    .map(|m| m.file_type().is_symlink())
+                    .unwrap_or(false)
+                {
+                    return Err(self.refuse(raw, Refusal::ThroughSymlink(prefix)));
+                }
+            }
+        }
+        let to_abs = self.root.join(&to);
+        match fs::symlink_metadata(&to_abs) {
+            Ok(m) if !m.is_dir() => {}
+            _ => {
+                return Err(self.refuse(
+                    raw,
+                    Refusal::BadHardlinkTarget(target.to_string_lossy().into_owned()),
+                ));
+            }
+        }
+        if to == rel {
+            return Ok(false);
+        }
+        self.remove_existing(raw, rel)?;
+        // linkat without AT_SYMLINK_FOLLOW: links a symlink itself,
+        // never what it points at.
+        fs::hard_link(&to_abs, abs).map_err(self.io(raw))?;
+        Ok(true)
+    }
+
+    fn write_fifo(
+        &self,
+        raw: &Path,
+        rel: &Path,
+        abs: &Path,
+        meta: &EntryMeta,
+    ) -> Result<(), Error> {
+        self.remove_existing(raw, rel)?;
+        nix::unistd::mkfifo(abs, nix::sys::stat::Mode::from_bits_truncate(meta.mode))
+            .map_err(|e| self.io(raw)(e.into()))?;
+        self.set_owner_mode(raw, abs, meta.uid, meta.gid, Some(meta.mode))
     }
 
     /// lchown, then chmod (chown clears set-id bits, so mode goes last).
