@@ -154,6 +154,119 @@ fn pending(message: String) -> (CapsuleSnapshotStatus, ConditionDraft) {
     )
 }
 
+/// Why a snapshot cannot be taken yet: the Pending message and when to look again.
+struct Wait {
+    message: String,
+    requeue: Duration,
+}
+
+/// The node the capsule runs on and the capsule's identity, or why the
+/// snapshot must wait for it.
+fn plan_node(name: &str, cap: Option<&Capsule>) -> Result<(String, SourceCapsule), Wait> {
+    let Some(cap) = cap else {
+        return Err(Wait {
+            message: format!("capsule {name} not found"),
+            requeue: Duration::from_secs(10),
+        });
+    };
+    let cst = cap.status.as_ref();
+    match (
+        cst.and_then(|s| s.node_name.clone()),
+        cst.and_then(|s| s.phase),
+    ) {
+        (Some(n), Some(CapsulePhase::Running | CapsulePhase::Paused)) => Ok((
+            n,
+            SourceCapsule {
+                uid: cap.uid().unwrap_or_default(),
+                generation: cap.meta().generation.unwrap_or(0),
+            },
+        )),
+        _ => Err(Wait {
+            message: format!("waiting for capsule {name} to run"),
+            requeue: Duration::from_secs(5),
+        }),
+    }
+}
+
+/// Status while the node writes the snapshot.
+fn build_in_progress(node: &str, source: SourceCapsule) -> (CapsuleSnapshotStatus, ConditionDraft) {
+    (
+        CapsuleSnapshotStatus {
+            phase: Some(SnapshotPhase::InProgress),
+            ready_to_use: Some(false),
+            node_name: Some(node.to_string()),
+            source_capsule: Some(source),
+            ..Default::default()
+        },
+        ready_cond(
+            false,
+            Reason::Snapshotting,
+            format!("writing on node {node}"),
+        ),
+    )
+}
+
+/// Status of a snapshot the node has written.
+fn build_taken(
+    node: &str,
+    source: SourceCapsule,
+    s: pb::Snapshot,
+) -> (CapsuleSnapshotStatus, ConditionDraft) {
+    let vmm = s.vmm.unwrap_or_default();
+    let res = s.resources.unwrap_or_default();
+    (
+        CapsuleSnapshotStatus {
+            phase: Some(SnapshotPhase::Ready),
+            ready_to_use: Some(true),
+            node_name: Some(node.to_string()),
+            size_bytes: i64::try_from(s.size_bytes).ok(),
+            created_at: Timestamp::from_nanosecond(s.created_unix_nanos.into())
+                .ok()
+                .map(Time),
+            compatibility: Some(Compatibility {
+                vmm: vmm.name,
+                vmm_version: vmm.version,
+                cpu_model: s.cpu_model,
+                vcpus: res.vcpus,
+                memory: Some(Quantity(format_bytes(res.memory_bytes))),
+            }),
+            source_capsule: Some(source),
+            ..Default::default()
+        },
+        ready_cond(
+            true,
+            Reason::SnapshotTaken,
+            format!("{} on node {node}", format_bytes(s.size_bytes)),
+        ),
+    )
+}
+
+/// Status of a snapshot the node refused for good.
+fn build_failed(node: String, message: String) -> (CapsuleSnapshotStatus, ConditionDraft) {
+    (
+        CapsuleSnapshotStatus {
+            phase: Some(SnapshotPhase::Failed),
+            ready_to_use: Some(false),
+            node_name: Some(node),
+            ..Default::default()
+        },
+        ready_cond(false, Reason::NodeError, message),
+    )
+}
+
+/// Whether the agent's answer will not change on a retry.
+fn is_permanent(e: &agent::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::NotFound
+                | tonic::Code::ResourceExhausted
+        )
+    )
+}
+
 async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Error> {
     let id = snap.uid().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), ns);
@@ -170,52 +283,29 @@ async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Er
             name: name.clone(),
             source,
         })?;
-    let Some(cap) = cap else {
-        let (s, c) = pending(format!("capsule {name} not found"));
-        write(ctx, &api, snap, s, c).await?;
-        return Ok(Action::requeue(Duration::from_secs(10)));
+    let target = match plan_node(name, cap.as_ref()) {
+        Ok((node, source)) => match ctx.pool.client(&node) {
+            Some(client) => Ok((node, source, client)),
+            None => Err(Wait {
+                message: format!("node {node} unreachable"),
+                requeue: Duration::from_secs(10),
+            }),
+        },
+        Err(wait) => Err(wait),
     };
-    let cst = cap.status.clone().unwrap_or_default();
-    let node = match (cst.node_name.clone(), cst.phase) {
-        (Some(n), Some(CapsulePhase::Running | CapsulePhase::Paused)) => n,
-        _ => {
-            let (s, c) = pending(format!("waiting for capsule {name} to run"));
+    let (node, source, client) = match target {
+        Ok(found) => found,
+        Err(Wait { message, requeue }) => {
+            let (s, c) = pending(message);
             write(ctx, &api, snap, s, c).await?;
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            return Ok(Action::requeue(requeue));
         }
     };
-    let Some(client) = ctx.pool.client(&node) else {
-        let (s, c) = pending(format!("node {node} unreachable"));
-        write(ctx, &api, snap, s, c).await?;
-        return Ok(Action::requeue(Duration::from_secs(10)));
-    };
-    let cap_uid = cap.uid().unwrap_or_default();
-    let source = SourceCapsule {
-        uid: cap_uid.clone(),
-        generation: cap.meta().generation.unwrap_or(0),
-    };
-    let progress = CapsuleSnapshotStatus {
-        phase: Some(SnapshotPhase::InProgress),
-        ready_to_use: Some(false),
-        node_name: Some(node.clone()),
-        source_capsule: Some(source.clone()),
-        ..Default::default()
-    };
-    write(
-        ctx,
-        &api,
-        snap,
-        progress,
-        ready_cond(
-            false,
-            Reason::Snapshotting,
-            format!("writing on node {node}"),
-        ),
-    )
-    .await?;
+    let (s, c) = build_in_progress(&node, source.clone());
+    write(ctx, &api, snap, s, c).await?;
     let taken = client
         .snapshot_capsule(pb::SnapshotCapsuleRequest {
-            uid: cap_uid,
+            uid: source.uid.clone(),
             snapshot: Some(pb::SnapshotRef { id: id.clone() }),
             memory: snap.spec.memory,
         })
@@ -227,74 +317,16 @@ async fn apply(snap: &CapsuleSnapshot, ns: &str, ctx: &Ctx) -> Result<Action, Er
         .unwrap_or_else(|_| snap.clone());
     match taken {
         Ok(s) => {
-            let vmm = s.vmm.clone().unwrap_or_default();
-            let res = s.resources.unwrap_or_default();
-            let done = CapsuleSnapshotStatus {
-                phase: Some(SnapshotPhase::Ready),
-                ready_to_use: Some(true),
-                node_name: Some(node.clone()),
-                size_bytes: i64::try_from(s.size_bytes).ok(),
-                created_at: Timestamp::from_nanosecond(s.created_unix_nanos.into())
-                    .ok()
-                    .map(Time),
-                compatibility: Some(Compatibility {
-                    vmm: vmm.name,
-                    vmm_version: vmm.version,
-                    cpu_model: s.cpu_model.clone(),
-                    vcpus: res.vcpus,
-                    memory: Some(Quantity(format_bytes(res.memory_bytes))),
-                }),
-                source_capsule: Some(source),
-                ..Default::default()
-            };
-            write(
-                ctx,
-                &api,
-                &snap_now,
-                done,
-                ready_cond(
-                    true,
-                    Reason::SnapshotTaken,
-                    format!("{} on node {node}", format_bytes(s.size_bytes)),
-                ),
-            )
-            .await?;
-            event(
-                ctx,
-                snap,
-                EventType::Normal,
-                Reason::Ready,
-                format!("snapshot of {name} on node {node}"),
-            )
-            .await;
+            let (s, c) = build_taken(&node, source, s);
+            write(ctx, &api, &snap_now, s, c).await?;
+            let note = format!("snapshot of {name} on node {node}");
+            event(ctx, snap, EventType::Normal, Reason::Ready, note).await;
             Ok(Action::await_change())
         }
-        Err(e)
-            if matches!(
-                e.code(),
-                Some(
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::NotFound
-                        | tonic::Code::ResourceExhausted
-                )
-            ) =>
-        {
-            let failed = CapsuleSnapshotStatus {
-                phase: Some(SnapshotPhase::Failed),
-                ready_to_use: Some(false),
-                node_name: Some(node),
-                ..Default::default()
-            };
+        Err(e) if is_permanent(&e) => {
             let msg = e.agent_message();
-            write(
-                ctx,
-                &api,
-                &snap_now,
-                failed,
-                ready_cond(false, Reason::NodeError, msg.clone()),
-            )
-            .await?;
+            let (s, c) = build_failed(node, msg.clone());
+            write(ctx, &api, &snap_now, s, c).await?;
             event(ctx, snap, EventType::Warning, Reason::Failed, msg).await;
             Ok(Action::await_change())
         }
