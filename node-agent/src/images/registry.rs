@@ -16,7 +16,9 @@ use std::task::{Context, Poll};
 use oci_client::RegistryOperation;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
-use oci_client::manifest::{IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest,
+};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest as _, Sha256};
@@ -156,46 +158,15 @@ pub async fn pull_to_layout(
             source,
         })?;
     crate::tls::install_crypto_provider();
-    let client = Client::new(ClientConfig {
-        protocol: if opts.insecure_registries.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(opts.insecure_registries.clone())
-        },
-        ..Default::default()
-    });
+    let client = Client::new(build_client_config(opts));
     let auth = creds.map_or(RegistryAuth::Anonymous, Credentials::to_auth);
-    // Resolves a multi-platform index to this host's manifest.
-    let (manifest, digest) = match client.pull_image_manifest(&image, &auth).await {
-        Ok(pulled) => pulled,
-        // oci-client drops a failed token exchange and reports only the
-        // 401 that follows; asking the token service again gets its words.
-        Err(OciDistributionError::UnauthorizedError { url }) => {
-            let why = client
-                .auth(&image, &auth, RegistryOperation::Pull)
-                .await
-                .err()
-                .filter(|e| matches!(e, OciDistributionError::AuthenticationFailure(_)))
-                .unwrap_or(OciDistributionError::UnauthorizedError { url });
-            return Err(pull_err(reference, creds)(why));
-        }
-        Err(e) => return Err(pull_err(reference, creds)(e)),
+    let pull = Pull {
+        client: &client,
+        auth: &auth,
+        reference,
+        creds,
     };
-    let pinned = image.clone_with_digest(digest.clone());
-    let (raw, _) = client
-        .pull_manifest_raw(
-            &pinned,
-            &auth,
-            &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE],
-        )
-        .await
-        .map_err(pull_err(reference, creds))?;
-    if sha256_digest(&raw) != digest {
-        return Err(Error::DigestMismatch {
-            digest,
-            actual: sha256_digest(&raw),
-        });
-    }
+    let (manifest, digest, raw) = pull.manifest(&image).await?;
     check_descriptors(&manifest.config, &manifest.layers, &opts.limits)?;
     let blobs = dir.join("blobs/sha256");
     tokio::fs::create_dir_all(&blobs)
@@ -206,10 +177,95 @@ pub async fn pull_to_layout(
         .await
         .map_err(write_err(&manifest_path))?;
 
+    let pinned = image.clone_with_digest(digest.clone());
     for desc in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
+        pull.blob(&pinned, desc, &blobs).await?;
+    }
+
+    let index = build_index(&manifest, &digest, raw.len(), reference);
+    write_layout(dir, &index).await?;
+    Ok(digest)
+}
+
+/// The registry client's settings: HTTPS except to the node's insecure
+/// registries.
+fn build_client_config(opts: &PullOptions) -> ClientConfig {
+    ClientConfig {
+        protocol: if opts.insecure_registries.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(opts.insecure_registries.clone())
+        },
+        ..Default::default()
+    }
+}
+
+/// One pull's client, credentials and the reference its errors name.
+struct Pull<'a> {
+    client: &'a Client,
+    auth: &'a RegistryAuth,
+    reference: &'a str,
+    creds: Option<&'a Credentials>,
+}
+
+impl Pull<'_> {
+    fn err(&self) -> impl Fn(OciDistributionError) -> Error + '_ {
+        pull_err(self.reference, self.creds)
+    }
+
+    /// This host's manifest of `image` (a multi-platform index resolved),
+    /// its digest, and its raw bytes checked against that digest.
+    async fn manifest(
+        &self,
+        image: &Reference,
+    ) -> Result<(OciImageManifest, String, Vec<u8>), Error> {
+        let (manifest, digest) = match self.client.pull_image_manifest(image, self.auth).await {
+            Ok(pulled) => pulled,
+            // oci-client drops a failed token exchange and reports only the
+            // 401 that follows; asking the token service again gets its words.
+            Err(OciDistributionError::UnauthorizedError { url }) => {
+                let why = self
+                    .client
+                    .auth(image, self.auth, RegistryOperation::Pull)
+                    .await
+                    .err()
+                    .filter(|e| matches!(e, OciDistributionError::AuthenticationFailure(_)))
+                    .unwrap_or(OciDistributionError::UnauthorizedError { url });
+                return Err(self.err()(why));
+            }
+            Err(e) => return Err(self.err()(e)),
+        };
+        let pinned = image.clone_with_digest(digest.clone());
+        let (raw, _) = self
+            .client
+            .pull_manifest_raw(
+                &pinned,
+                self.auth,
+                &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE],
+            )
+            .await
+            .map_err(self.err())?;
+        if sha256_digest(&raw) != digest {
+            return Err(Error::DigestMismatch {
+                digest,
+                actual: sha256_digest(&raw),
+            });
+        }
+        Ok((manifest, digest, raw.to_vec()))
+    }
+
+    /// Fetches the blob `desc` into `blobs` unless it is there already:
+    /// bounded by its declared size, checked against its digest on disk,
+    /// then renamed into place (a failed fetch leaves no file).
+    async fn blob(
+        &self,
+        pinned: &Reference,
+        desc: &OciDescriptor,
+        blobs: &Path,
+    ) -> Result<(), Error> {
         let path = blobs.join(digest_hex(&desc.digest)?);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            continue;
+            return Ok(());
         }
         let tmp = blobs.join(format!("{}.partial", digest_hex(&desc.digest)?));
         let file = tokio::fs::File::create(&tmp)
@@ -221,10 +277,11 @@ pub async fn pull_to_layout(
             max: u64::try_from(desc.size).unwrap_or(0),
             over: None,
         };
-        let pulled = client
-            .pull_blob(&pinned, desc, &mut bounded)
+        let pulled = self
+            .client
+            .pull_blob(pinned, desc, &mut bounded)
             .await
-            .map_err(pull_err(reference, creds));
+            .map_err(self.err());
         let flushed = bounded.flush().await.map_err(write_err(&tmp));
         let Bounded {
             inner: file,
@@ -259,23 +316,31 @@ pub async fn pull_to_layout(
         }
         tokio::fs::rename(&tmp, &path)
             .await
-            .map_err(write_err(&path))?;
+            .map_err(write_err(&path))
     }
+}
 
-    let index = Index {
+/// The layout's index: one manifest, tagged with the reference it was
+/// pulled by.
+fn build_index(manifest: &OciImageManifest, digest: &str, size: usize, reference: &str) -> Index {
+    Index {
         schema_version: 2,
         manifests: vec![Descriptor {
             media_type: manifest
                 .media_type
                 .clone()
                 .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_string()),
-            digest: digest.clone(),
-            size: raw.len() as u64,
+            digest: digest.to_string(),
+            size: size as u64,
             annotations: [(REF_NAME.to_string(), reference.to_string())].into(),
             platform: None,
         }],
-    };
-    let index_bytes = serde_json::to_vec_pretty(&index).map_err(|source| Error::ParseImage {
+    }
+}
+
+/// Writes `oci-layout` and `index.json` into `dir`.
+async fn write_layout(dir: &Path, index: &Index) -> Result<(), Error> {
+    let index_bytes = serde_json::to_vec_pretty(index).map_err(|source| Error::ParseImage {
         path: dir.join("index.json"),
         source,
     })?;
@@ -286,8 +351,7 @@ pub async fn pull_to_layout(
     let index_path = dir.join("index.json");
     tokio::fs::write(&index_path, index_bytes)
         .await
-        .map_err(write_err(&index_path))?;
-    Ok(digest)
+        .map_err(write_err(&index_path))
 }
 
 async fn hash_file(path: &Path) -> std::io::Result<String> {
