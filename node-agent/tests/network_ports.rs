@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use network_env::*;
 use wrenn_node_agent::network::{
-    Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Error, Family, Hook, HostPort, Match,
-    NetOps, PortRule, Rule, Table, Teardown, Verdict,
+    Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Error, Family, Hook, HostPort, L4,
+    Match, NetOps, PortRule, Rule, Table, Teardown, Verdict,
 };
 use wrenn_testkit::{Tier, case, need_root};
 
@@ -154,7 +154,7 @@ fn a_pod_reaches_the_declared_port_and_nothing_else_gets_in() {
             priority: -110,
             policy: Verdict::Accept,
             rules: vec![Rule {
-                matches: vec![Match::TcpDport(5555)],
+                matches: vec![Match::Dport(L4::Tcp, 5555)],
                 action: Action::DnatPort(n.addrs.host, 2222),
             }],
         }],

@@ -128,8 +128,8 @@ const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-/// Offset of the destination port in a TCP header.
-const TCP_DPORT_OFFSET: u32 = 2;
+/// Offset of the destination port in a TCP or UDP header.
+const DPORT_OFFSET: u32 = 2;
 const NFT_CT_STATUS: u32 = 2;
 /// `IPS_DST_NAT`.
 const CT_STATUS_DST_NAT: u32 = 1 << 5;
@@ -329,20 +329,6 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
         }
         Match::CtEstablished => ct_any_bit(NFT_CT_STATE, CT_STATE_ESTABLISHED_RELATED, out),
         Match::CtDnat => ct_any_bit(NFT_CT_STATUS, CT_STATUS_DST_NAT, out),
-        Match::TcpDport(port) => {
-            out.push(Expressions::Meta(vec![
-                Meta::Key(MetaKey::L4Proto),
-                Meta::DestinationRegister(Register::Reg1),
-            ]));
-            out.push(cmp(Operator::Equal, vec![IPPROTO_TCP]));
-            out.push(Expressions::Payload(vec![
-                Payload::DestinationRegister(Register::Reg1),
-                Payload::Base(NFT_PAYLOAD_TRANSPORT_HEADER),
-                Payload::Offset(TCP_DPORT_OFFSET),
-                Payload::Len(2),
-            ]));
-            out.push(cmp(Operator::Equal, port.to_be_bytes().to_vec()));
-        }
         Match::FibDaddrLocal => {
             out.push(Expressions::Other {
                 expression_type: "fib".into(),
@@ -362,7 +348,9 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
                 DefaultNla::new(NFTA_CONNLIMIT_FLAGS, be(NFT_CONNLIMIT_F_INV)),
             ],
         }),
-        Match::Proto(p) => {
+        // What `nft` sends for `tcp dport 80`: the protocol as a
+        // dependency, then the port from the transport header.
+        Match::Dport(p, port) => {
             out.push(Expressions::Meta(vec![
                 Meta::Key(MetaKey::L4Proto),
                 Meta::DestinationRegister(Register::Reg1),
@@ -372,12 +360,10 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
                 L4::Udp => IPPROTO_UDP,
             };
             out.push(cmp(Operator::Equal, vec![proto]));
-        }
-        Match::Dport(port) => {
             out.push(Expressions::Payload(vec![
                 Payload::DestinationRegister(Register::Reg1),
                 Payload::Base(NFT_PAYLOAD_TRANSPORT_HEADER),
-                Payload::Offset(2),
+                Payload::Offset(DPORT_OFFSET),
                 Payload::Len(2),
             ]));
             out.push(cmp(Operator::Equal, port.to_be_bytes().to_vec()));

@@ -23,7 +23,9 @@ use std::net::Ipv4Addr;
 
 use super::addr::Cidr;
 use super::hostports::Claim;
-use super::ruleset::{Action, Chain, ChainKind, Family, Hook, IfName, Match, Rule, Table, Verdict};
+use super::ruleset::{
+    Action, Chain, ChainKind, Family, Hook, IfName, L4, Match, Rule, Table, Verdict,
+};
 use super::{CapsuleId, PREFIX};
 
 /// Name of the ports table (family `ip`, node namespace). Not shaped like a
@@ -50,7 +52,7 @@ pub fn build_ports_table(
         };
         for src in &c.from {
             dnat.push(Rule {
-                matches: vec![FibDaddrLocal, Saddr(*src), TcpDport(*host_port)],
+                matches: vec![FibDaddrLocal, Saddr(*src), Dport(L4::Tcp, *host_port)],
                 action: Action::DnatPort(addr, c.port),
             });
             forward.push(Rule {
@@ -59,7 +61,7 @@ pub fn build_ports_table(
                     CtDnat,
                     Daddr(Cidr::host(addr)),
                     Saddr(*src),
-                    TcpDport(c.port),
+                    Dport(L4::Tcp, c.port),
                 ],
                 action: Action::Accept,
             });

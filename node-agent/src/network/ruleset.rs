@@ -70,7 +70,7 @@ pub const DNS_MARK: u32 = 0x5772_0001;
 /// accepts it (metadata and the node's blocked ranges still drop first).
 pub const FQDN_MARK: u32 = 0x5772_0002;
 
-/// Transport protocol of a [`Match::Proto`].
+/// Transport protocol of a [`Match::Dport`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
     /// TCP.
@@ -179,10 +179,10 @@ pub enum Match {
     CtCountOver(u32),
     /// The rule's token bucket is empty (`limit rate over`).
     LimitOver(Limit),
-    /// Transport protocol is.
-    Proto(L4),
-    /// Transport destination port is (after a [`Match::Proto`]).
-    Dport(u16),
+    /// Transport protocol is, and its destination port is (`tcp dport
+    /// 80`): the one way to match a port, since a port means nothing
+    /// without its protocol.
+    Dport(L4, u16),
     /// Destination address is in this set of the same table.
     DaddrInSet(&'static str),
     /// Packet mark is.
@@ -190,8 +190,6 @@ pub enum Match {
     /// The connection's destination was rewritten by a DNAT in this
     /// namespace (`ct status dnat`).
     CtDnat,
-    /// TCP, to this destination port.
-    TcpDport(u16),
     /// The destination is an address of this namespace (`fib daddr type
     /// local`), not one merely routed through it.
     FibDaddrLocal,
@@ -389,11 +387,92 @@ pub struct CapsuleRules<'a> {
 /// Builds a capsule table: NAT between the fixed guest address and the
 /// slot's host address, and the egress policy.
 pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
+    use ChainKind::{Filter, Nat};
     use Match::*;
     let veth = || IfName::Exact(r.veth.to_string());
     let tap = || IfName::Exact(r.tap.to_string());
     let guest = Cidr::host(GUEST_ADDR);
+    let chain = |name, kind, hook, priority, policy, rules| Chain {
+        name,
+        kind,
+        hook,
+        priority,
+        policy,
+        rules,
+    };
+    Table {
+        family: Family::Ip,
+        name: r.table.to_string(),
+        chains: vec![
+            // Before NAT and before either filter chain: a frame with a
+            // forged source MAC goes nowhere, not even to the capsule
+            // namespace itself.
+            chain(
+                "guest_mac",
+                Filter,
+                Hook::Prerouting,
+                -150,
+                Verdict::Accept,
+                vec![rule(
+                    vec![Iif(tap()), EtherSaddrNot(GUEST_MAC)],
+                    Action::Drop,
+                )],
+            ),
+            chain(
+                "prerouting",
+                Nat,
+                Hook::Prerouting,
+                -100,
+                Verdict::Accept,
+                vec![rule(
+                    vec![Iif(veth()), Daddr(Cidr::host(r.addrs.host))],
+                    Action::Dnat(GUEST_ADDR),
+                )],
+            ),
+            chain(
+                "postrouting",
+                Nat,
+                Hook::Postrouting,
+                100,
+                Verdict::Accept,
+                vec![rule(
+                    vec![Oif(veth()), Saddr(guest)],
+                    Action::Snat(r.addrs.host),
+                )],
+            ),
+            // The guest reaches nothing in its own namespace.
+            // Nor anything but its resolver when the names table opened it.
+            chain(
+                "input",
+                Filter,
+                Hook::Input,
+                0,
+                Verdict::Accept,
+                vec![
+                    rule(vec![Iif(tap()), CtEstablished], Action::Accept),
+                    rule(vec![Iif(tap()), Mark(DNS_MARK)], Action::Accept),
+                    rule(vec![Iif(tap())], Action::Drop),
+                ],
+            ),
+            chain(
+                "forward",
+                Filter,
+                Hook::Forward,
+                0,
+                Verdict::Drop,
+                build_forward_rules(r),
+            ),
+        ],
+        sets: Vec::new(),
+    }
+}
 
+/// The forward chain: ceilings, established traffic, the node's own
+/// connections to the guest, connection limits, then egress.
+fn build_forward_rules(r: &CapsuleRules<'_>) -> Vec<Rule> {
+    use Match::*;
+    let veth = || IfName::Exact(r.veth.to_string());
+    let tap = || IfName::Exact(r.tap.to_string());
     let l = r.limits;
     let mut forward = Vec::new();
     // Ceilings on every packet, before established traffic is waved
@@ -416,7 +495,7 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
     forward.push(rule(vec![CtEstablished], Action::Accept));
     // The node (agent, port forwarding) may open connections to the guest.
     forward.push(rule(
-        vec![Iif(veth()), Oif(tap()), Daddr(guest)],
+        vec![Iif(veth()), Oif(tap()), Daddr(Cidr::host(GUEST_ADDR))],
         Action::Accept,
     ));
     // Only packets opening a connection get here: count and rate them.
@@ -436,104 +515,43 @@ pub fn build_capsule_table(r: &CapsuleRules<'_>) -> Table {
             Action::Drop,
         ));
     }
-    // Egress: only from the guest's own address (no spoofing), never to
-    // metadata, then whatever the policy allows.
-    let egress = || vec![Iif(tap()), Oif(veth()), Saddr(guest)];
-    let always_blocked = || {
-        ALWAYS_BLOCKED
-            .iter()
-            .map(|net| rule(vec![Daddr(*net)], Action::Drop))
+    forward.extend(build_egress_rules(r));
+    forward
+}
+
+/// Egress: only from the guest's own address (no spoofing), never to
+/// metadata, then whatever the policy allows.
+fn build_egress_rules(r: &CapsuleRules<'_>) -> Vec<Rule> {
+    use Match::*;
+    let egress = || {
+        vec![
+            Iif(IfName::Exact(r.tap.to_string())),
+            Oif(IfName::Exact(r.veth.to_string())),
+            Saddr(Cidr::host(GUEST_ADDR)),
+        ]
     };
+    let mut out: Vec<Rule> = ALWAYS_BLOCKED
+        .iter()
+        .map(|net| rule(vec![Daddr(*net)], Action::Drop))
+        .collect();
     let fqdn = || {
         let mut m = egress();
         m.push(Mark(FQDN_MARK));
         rule(m, Action::Accept)
     };
     match r.policy {
-        EgressPolicy::Deny => {
-            forward.extend(always_blocked());
-            forward.push(fqdn());
-        }
-        EgressPolicy::Allow => {
-            forward.extend(always_blocked());
-            forward.push(rule(egress(), Action::Accept));
-        }
+        EgressPolicy::Deny => out.push(fqdn()),
+        EgressPolicy::Allow => out.push(rule(egress(), Action::Accept)),
         EgressPolicy::AllowList(nets) => {
-            forward.extend(always_blocked());
             for net in nets {
                 let mut m = egress();
                 m.push(Daddr(*net));
-                forward.push(rule(m, Action::Accept));
+                out.push(rule(m, Action::Accept));
             }
-            forward.push(fqdn());
+            out.push(fqdn());
         }
     }
-
-    Table {
-        family: Family::Ip,
-        name: r.table.to_string(),
-        chains: vec![
-            Chain {
-                name: "guest_mac",
-                kind: ChainKind::Filter,
-                hook: Hook::Prerouting,
-                // Before NAT and before either filter chain: a frame with a
-                // forged source MAC goes nowhere, not even to the capsule
-                // namespace itself.
-                priority: -150,
-                policy: Verdict::Accept,
-                rules: vec![rule(
-                    vec![Iif(tap()), EtherSaddrNot(GUEST_MAC)],
-                    Action::Drop,
-                )],
-            },
-            Chain {
-                name: "prerouting",
-                kind: ChainKind::Nat,
-                hook: Hook::Prerouting,
-                priority: -100,
-                policy: Verdict::Accept,
-                rules: vec![rule(
-                    vec![Iif(veth()), Daddr(Cidr::host(r.addrs.host))],
-                    Action::Dnat(GUEST_ADDR),
-                )],
-            },
-            Chain {
-                name: "postrouting",
-                kind: ChainKind::Nat,
-                hook: Hook::Postrouting,
-                priority: 100,
-                policy: Verdict::Accept,
-                rules: vec![rule(
-                    vec![Oif(veth()), Saddr(guest)],
-                    Action::Snat(r.addrs.host),
-                )],
-            },
-            Chain {
-                name: "input",
-                kind: ChainKind::Filter,
-                hook: Hook::Input,
-                priority: 0,
-                policy: Verdict::Accept,
-                // The guest reaches nothing in its own namespace.
-                // Nor anything but its resolver when the names table opened it.
-                rules: vec![
-                    rule(vec![Iif(tap()), CtEstablished], Action::Accept),
-                    rule(vec![Iif(tap()), Mark(DNS_MARK)], Action::Accept),
-                    rule(vec![Iif(tap())], Action::Drop),
-                ],
-            },
-            Chain {
-                name: "forward",
-                kind: ChainKind::Filter,
-                hook: Hook::Forward,
-                priority: 0,
-                policy: Verdict::Drop,
-                rules: forward,
-            },
-        ],
-        sets: Vec::new(),
-    }
+    out
 }
 
 /// A packet bucket; at least the kernel's default burst of 5.
@@ -581,12 +599,10 @@ impl fmt::Display for Match {
             ),
             Match::CtEstablished => f.write_str("ct state established,related"),
             Match::CtDnat => f.write_str("ct status dnat"),
-            Match::TcpDport(p) => write!(f, "tcp dport {p}"),
             Match::FibDaddrLocal => f.write_str("fib daddr type local"),
             Match::CtCountOver(n) => write!(f, "ct count over {n}"),
-            Match::Proto(L4::Tcp) => f.write_str("meta l4proto tcp"),
-            Match::Proto(L4::Udp) => f.write_str("meta l4proto udp"),
-            Match::Dport(p) => write!(f, "th dport {p}"),
+            Match::Dport(L4::Tcp, p) => write!(f, "tcp dport {p}"),
+            Match::Dport(L4::Udp, p) => write!(f, "udp dport {p}"),
             Match::DaddrInSet(set) => write!(f, "ip daddr @{set}"),
             Match::Mark(m) => write!(f, "meta mark {m:#010x}"),
             Match::LimitOver(Limit {

@@ -48,8 +48,7 @@ pub fn build_names_table(tap: &str, dns_open: bool, elements: Vec<SetElement>) -
                 matches: vec![
                     tap(),
                     Daddr(Cidr::host(GUEST_GATEWAY)),
-                    Proto(proto),
-                    Dport(DNS_PORT),
+                    Dport(proto, DNS_PORT),
                 ],
                 action: Action::SetMark(DNS_MARK),
             });
@@ -99,8 +98,8 @@ mod tests {
 	set fqdn { type ipv4_addr; flags timeout; }
 	chain dns {
 		type filter hook input priority -10; policy accept;
-		iifname "tap0" ip daddr 169.254.0.22/32 meta l4proto udp th dport 53 meta mark set 0x57720001
-		iifname "tap0" ip daddr 169.254.0.22/32 meta l4proto tcp th dport 53 meta mark set 0x57720001
+		iifname "tap0" ip daddr 169.254.0.22/32 udp dport 53 meta mark set 0x57720001
+		iifname "tap0" ip daddr 169.254.0.22/32 tcp dport 53 meta mark set 0x57720001
 	}
 	chain fqdn {
 		type filter hook forward priority -10; policy accept;
