@@ -71,6 +71,72 @@ async fn stop_signal() {
     }
 }
 
+/// The Lease watch while this instance leads: `true` while it holds the
+/// Lease; the task releases it once the receiver is dropped.
+struct Leadership {
+    rx: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+}
+
+impl Leadership {
+    /// Resolves once the Lease is lost (or its task ended).
+    async fn lost(&mut self) {
+        while self.rx.changed().await.is_ok() {
+            if !*self.rx.borrow() {
+                break;
+            }
+        }
+    }
+
+    /// Gives the Lease up and waits briefly for the release.
+    async fn release(self) {
+        // Dropping the receiver makes the manager release the lease.
+        drop(self.rx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// The admin server's routes: metrics, liveness, readiness.
+fn build_admin(registry: Registry, ready: Arc<AtomicBool>) -> Router {
+    let admin = Admin {
+        registry: Arc::new(registry),
+        ready,
+    };
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { StatusCode::OK }))
+        .route("/readyz", get(readyz))
+        .with_state(admin)
+}
+
+/// Waits until this instance holds the `wrenn-operator` Lease; `None` when
+/// a stop signal came first. Ready meanwhile: a standby is healthy.
+async fn lead(
+    client: &kube::Client,
+    namespace: &str,
+    identity: &str,
+    ready: &AtomicBool,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<Option<Leadership>> {
+    let manager = wrenn_operator::leader::manager(client.clone(), namespace, identity)
+        .await
+        .context("set up leader election")?;
+    let (mut rx, task) = manager.watch().await;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!("waiting for the wrenn-operator lease");
+    loop {
+        if *rx.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = rx.changed() => changed.context("leader election task ended")?,
+            _ = &mut *stop => return Ok(None),
+        }
+    }
+    tracing::info!("leading");
+    Ok(Some(Leadership { rx, task }))
+}
+
 async fn run(args: Args) -> Result<()> {
     let Args {
         agents,
@@ -94,15 +160,7 @@ async fn run(args: Args) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = Admin {
-        registry: Arc::new(registry),
-        ready: ready.clone(),
-    };
-    let app = Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { StatusCode::OK }))
-        .route("/readyz", get(readyz))
-        .with_state(admin);
+    let app = build_admin(registry, ready.clone());
     let listener = tokio::net::TcpListener::bind(admin_listen)
         .await
         .with_context(|| format!("bind admin server on {admin_listen}"))?;
@@ -118,29 +176,14 @@ async fn run(args: Args) -> Result<()> {
     // Only the Lease holder reconciles; a standby waits, ready to take over.
     let mut leadership = None;
     if leader_election {
-        let ns = own_namespace
-            .clone()
-            .unwrap_or_else(|| agent_namespace.clone());
+        let ns = own_namespace.as_deref().unwrap_or(&agent_namespace);
         let identity = instance
             .clone()
             .unwrap_or_else(|| format!("wrenn-operator-{}", std::process::id()));
-        let manager = wrenn_operator::leader::manager(client.clone(), &ns, &identity)
-            .await
-            .context("set up leader election")?;
-        let (mut rx, task) = manager.watch().await;
-        ready.store(true, Ordering::Relaxed);
-        tracing::info!("waiting for the wrenn-operator lease");
-        loop {
-            if *rx.borrow_and_update() {
-                break;
-            }
-            tokio::select! {
-                changed = rx.changed() => changed.context("leader election task ended")?,
-                _ = &mut stop => return Ok(()),
-            }
+        match lead(&client, ns, &identity, &ready, &mut stop).await? {
+            Some(l) => leadership = Some(l),
+            None => return Ok(()),
         }
-        tracing::info!("leading");
-        leadership = Some((rx, task));
     }
 
     let connector = GrpcConnector {
@@ -158,7 +201,6 @@ async fn run(args: Args) -> Result<()> {
         ..Settings::default()
     };
     ready.store(true, Ordering::Relaxed);
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let operator = Operator {
         client,
         pool,
@@ -169,35 +211,40 @@ async fn run(args: Args) -> Result<()> {
         instance,
         namespace: watch_namespace.filter(|ns| !ns.is_empty()),
     };
+    supervise(operator, &mut stop, leadership, admin_task).await
+}
+
+/// Runs the controllers until a stop signal, a lost Lease, or the
+/// controllers or the admin server ending; then lets in-flight reconciles
+/// finish and gives the Lease up.
+async fn supervise(
+    operator: Operator,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+    mut leadership: Option<Leadership>,
+    admin_task: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> Result<()> {
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
     let controllers = run_all(operator, async move {
         let _ = lost_rx.await;
     });
     tokio::pin!(controllers);
     let lost_lease = async {
         match &mut leadership {
-            Some((rx, _)) => {
-                while rx.changed().await.is_ok() {
-                    if !*rx.borrow() {
-                        break;
-                    }
-                }
-            }
+            Some(l) => l.lost().await,
             None => std::future::pending::<()>().await,
         }
     };
     let outcome = tokio::select! {
         _ = &mut controllers => Err(anyhow::anyhow!("controllers stopped")),
-        _ = &mut stop => Ok(()),
+        _ = stop => Ok(()),
         _ = lost_lease => Err(anyhow::anyhow!("lost the wrenn-operator lease")),
         res = admin_task => Err(anyhow::anyhow!("admin server stopped: {res:?}")),
     };
     // Let in-flight reconciles finish before the lease is given up.
     let _ = lost_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
-    if let Some((rx, task)) = leadership {
-        // Dropping the receiver makes the manager release the lease.
-        drop(rx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    if let Some(l) = leadership {
+        l.release().await;
     }
     outcome
 }
