@@ -608,7 +608,9 @@ async fn serve<M: Machine + 'static>(
 ) -> ExitCode {
     let sup = supervisor.clone();
     let shutdown = async move {
-        stop_signal().await;
+        wrenn_runtime::stop_signal().await;
+        // Running capsules are left alone: they outlive the agent by design.
+        tracing::info!("stop signal received; capsules keep running");
         // Ends open WatchEvents streams, so the graceful stop completes.
         sup.shutdown();
     };
@@ -666,26 +668,4 @@ fn image_dirs_blocking(
         dirs
     };
     ImageDirs::new(&dirs, state_dir)
-}
-
-/// Resolves on SIGTERM (what the kubelet sends) or SIGINT. Running capsules
-/// are left alone: they outlive the agent by design.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(err) => {
-            tracing::warn!(
-                error = &err as &dyn std::error::Error,
-                "no SIGTERM handler; stopping on SIGINT only"
-            );
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("stop signal received; capsules keep running");
 }

@@ -12,17 +12,16 @@
 //! The gRPC service itself lives in `server`; this module hands it
 //! authenticated streams.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use wrenn_runtime::pem::{self, Kind};
 
 pub mod accept;
 mod names;
@@ -35,36 +34,10 @@ use reload::Reloader;
 /// Errors loading TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A PEM file could not be read.
-    #[error("read {what} from {path}")]
-    Read {
-        /// Which file: certificate, key or client CA.
-        what: &'static str,
-        /// Its path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file does not hold what it should.
-    #[error("{path} holds no PEM {what}")]
-    NotPem {
-        /// What was expected.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-    },
-    /// A PEM section could not be decoded.
-    #[error("decode the {what} in {path}")]
-    Decode {
-        /// What was expected.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
+    /// A PEM file could not be read, holds no section of the kind wanted,
+    /// or a broken one; the error names the file and what it should hold.
+    #[error(transparent)]
+    Pem(#[from] pem::Error),
     /// The client CA file holds no usable CA certificate.
     #[error("trust the client CA in {path}")]
     ClientCa {
@@ -129,37 +102,6 @@ impl std::fmt::Debug for Material {
     }
 }
 
-fn read_pem(what: &'static str, path: &Path, marker: &str) -> Result<Vec<u8>, Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // A wrong file is refused by name, so the operator learns which flag
-    // (or which Secret key) is wrong.
-    if !String::from_utf8_lossy(&bytes).contains(marker) {
-        return Err(Error::NotPem {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(bytes)
-}
-
-fn certs(
-    what: &'static str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, Error> {
-    CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Decode {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 /// The one crypto provider the agent uses (see [`install_crypto_provider`]).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -169,9 +111,11 @@ impl TlsFiles {
     /// Reads the three files (blocking).
     pub fn read(&self) -> Result<Material, Error> {
         Ok(Material {
-            cert: read_pem("certificate", &self.cert, "-----BEGIN CERTIFICATE-----")?,
-            key: read_pem("private key", &self.key, "PRIVATE KEY-----")?,
-            ca: read_pem("client CA", &self.client_ca, "-----BEGIN CERTIFICATE-----")?,
+            // A wrong file is refused by name, so the operator learns which
+            // flag (or which Secret key) is wrong.
+            cert: pem::read_kind("certificate", &self.cert, Kind::Certificate)?,
+            key: pem::read_kind("private key", &self.key, Kind::PrivateKey)?,
+            ca: pem::read_kind("client CA", &self.client_ca, Kind::Certificate)?,
         })
     }
 
@@ -184,14 +128,10 @@ impl TlsFiles {
 
     /// Builds the server configuration from material read earlier.
     pub fn build(&self, m: &Material, names: &ClientNames) -> Result<Arc<ServerConfig>, Error> {
-        let chain = certs("certificate", &self.cert, &m.cert)?;
-        let key = PrivateKeyDer::from_pem_slice(&m.key).map_err(|source| Error::Decode {
-            what: "private key",
-            path: self.key.clone(),
-            source,
-        })?;
+        let chain = pem::certs("certificate", &self.cert, &m.cert)?;
+        let key = pem::private_key("private key", &self.key, &m.key)?;
         let mut roots = rustls::RootCertStore::empty();
-        for ca in certs("client CA", &self.client_ca, &m.ca)? {
+        for ca in pem::certs("client CA", &self.client_ca, &m.ca)? {
             // A bad certificate among several is skipped; none usable is
             // refused by the verifier builder below.
             let _ = roots.add(ca);

@@ -55,22 +55,6 @@ async fn readyz(State(a): State<Admin>) -> StatusCode {
     }
 }
 
-/// Resolves on SIGTERM (the kubelet) or SIGINT.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 /// The Lease watch while this instance leads: `true` while it holds the
 /// Lease; the task releases it once the receiver is dropped.
 struct Leadership {
@@ -170,7 +154,7 @@ async fn run(args: Args) -> Result<()> {
         .await
         .context("build Kubernetes client")?;
 
-    let stop = stop_signal();
+    let stop = wrenn_runtime::stop_signal();
     tokio::pin!(stop);
 
     // Only the Lease holder reconciles; a standby waits, ready to take over.

@@ -17,39 +17,21 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tonic::codegen::Service;
 use tonic::codegen::http::Uri;
+use wrenn_runtime::pem::{self, memory};
 
 /// Errors loading TLS material or dialling an agent.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read.
-    #[error("read {what} from {path}")]
-    Read {
-        /// Certificate, key or CA.
-        what: &'static str,
-        /// File.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file holds no PEM section of the kind wanted, or a broken one.
-    #[error("decode the {what} in {path}")]
-    Decode {
-        /// Certificate, key or CA.
-        what: &'static str,
-        /// File, or `<memory>`.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
+    /// A PEM file could not be read or decoded; the error names the file
+    /// and what it should hold.
+    #[error(transparent)]
+    Pem(#[from] pem::Error),
     /// The agent CA holds no usable certificate.
     #[error("trust the agent CA in {path}: no usable certificate")]
     AgentCa {
@@ -107,20 +89,12 @@ struct Files {
     ca: PathBuf,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 impl Files {
     fn read(&self) -> Result<Material, Error> {
         Ok(Material {
-            cert: read("client certificate", &self.cert)?,
-            key: read("client key", &self.key)?,
-            ca: read("agent CA", &self.ca)?,
+            cert: pem::read("client certificate", &self.cert)?,
+            key: pem::read("client key", &self.key)?,
+            ca: pem::read("agent CA", &self.ca)?,
         })
     }
 }
@@ -150,24 +124,14 @@ impl std::fmt::Debug for ClientTls {
     }
 }
 
-fn memory() -> PathBuf {
-    PathBuf::from("<memory>")
-}
-
 /// Builds a client configuration: `m.cert`/`m.key` as identity, trusting
 /// only `m.ca`, speaking HTTP/2.
 fn build(m: &Material, files: Option<&Files>) -> Result<Arc<ClientConfig>, Error> {
     let path = |pick: fn(&Files) -> &PathBuf| files.map_or_else(memory, |f| pick(f).clone());
-    let decode = |what, path: PathBuf| move |source| Error::Decode { what, path, source };
-    let chain = CertificateDer::pem_slice_iter(&m.cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(decode("client certificate", path(|f| &f.cert)))?;
-    let key =
-        PrivateKeyDer::from_pem_slice(&m.key).map_err(decode("client key", path(|f| &f.key)))?;
+    let chain = pem::certs("client certificate", &path(|f| &f.cert), &m.cert)?;
+    let key = pem::private_key("client key", &path(|f| &f.key), &m.key)?;
     let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_slice_iter(&m.ca)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(decode("agent CA", path(|f| &f.ca)))?;
+    let cas = pem::certs("agent CA", &path(|f| &f.ca), &m.ca)?;
     let (added, _) = roots.add_parsable_certificates(cas);
     if added == 0 {
         return Err(Error::AgentCa {
