@@ -20,7 +20,8 @@ use devicemapper::{Device, Sectors, TargetLine, TargetParams, TargetTable, Targe
 use super::loops::LoopRegistry;
 use super::{
     Backend, BlockStore, CapsuleDisk, CapsuleId, DiskFormat, DiskRequest, Error, NAME_PREFIX,
-    Result, Rollback, StorageConfig, SweepReport, ensure_dir, file_allocated_bytes, template_size,
+    Result, Rollback, StorageConfig, SweepReport, ensure_dir, file_allocated_bytes, orphan_files,
+    template_size,
 };
 use crate::sys::block::dm::{Dm, DmOps};
 use crate::sys::block::{LOOP_MAJOR, LoopDevice};
@@ -488,33 +489,14 @@ impl BlockStore for DmSnapshotStore {
             report.dm_devices.push(name);
         }
         // CoW files (and their loops) of capsules with no device.
-        let dir = &self.cfg.state_dir;
-        let entries = std::fs::read_dir(dir).map_err(|source| Error::Stat {
-            path: dir.clone(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let fname = entry.file_name();
-            let Some(id) = fname
-                .to_str()
-                .and_then(|n| n.strip_prefix(NAME_PREFIX))
-                .and_then(|n| n.strip_suffix(".cow"))
-                .and_then(|n| CapsuleId::new(n).ok())
-            else {
-                continue;
-            };
-            if keep.contains(&id) {
-                continue;
-            }
-            report
-                .loop_devices
-                .extend(self.loops.detach_all(&entry.path())?);
-            std::fs::remove_file(entry.path()).map_err(|source| Error::RemoveFile {
+        for (id, path) in orphan_files(&self.cfg.state_dir, &[".cow"], keep)? {
+            report.loop_devices.extend(self.loops.detach_all(&path)?);
+            std::fs::remove_file(&path).map_err(|source| Error::RemoveFile {
                 capsule: id.to_string(),
-                path: entry.path(),
+                path: path.clone(),
                 source,
             })?;
-            report.files.push(entry.path());
+            report.files.push(path);
         }
         Ok(report)
     }

@@ -390,6 +390,36 @@ fn ensure_dir(path: &Path) -> Result<()> {
     })
 }
 
+/// The files in `state_dir` named `wrenn-<capsule>` plus one of
+/// `suffixes`, of capsules not in `keep`: what a backend's sweep removes.
+/// Names that are not such files are left alone.
+fn orphan_files(
+    state_dir: &Path,
+    suffixes: &[&str],
+    keep: &[CapsuleId],
+) -> Result<Vec<(CapsuleId, PathBuf)>> {
+    let entries = std::fs::read_dir(state_dir).map_err(|source| Error::Stat {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(NAME_PREFIX))
+            .and_then(|n| suffixes.iter().find_map(|s| n.strip_suffix(s)))
+            .and_then(|n| CapsuleId::new(n).ok())
+        else {
+            continue;
+        };
+        if !keep.contains(&id) {
+            out.push((id, entry.path()));
+        }
+    }
+    Ok(out)
+}
+
 /// Bytes a file occupies on disk (`st_blocks` × 512), not its length.
 pub fn file_allocated_bytes(path: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use super::{
     Backend, BlockStore, CapsuleDisk, CapsuleId, DiskFormat, DiskRequest, Error, NAME_PREFIX,
-    Result, Rollback, StorageConfig, SweepReport, ensure_dir, file_allocated_bytes, template_size,
+    Result, Rollback, StorageConfig, SweepReport, ensure_dir, file_allocated_bytes, orphan_files,
+    template_size,
 };
 
 const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
@@ -395,26 +396,9 @@ impl BlockStore for Qcow2Store {
 
     fn sweep(&self, keep: &[CapsuleId]) -> Result<SweepReport> {
         let mut report = SweepReport::default();
-        let dir = &self.cfg.state_dir;
-        let entries = std::fs::read_dir(dir).map_err(|source| Error::Stat {
-            path: dir.clone(),
-            source,
-        })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(id) = name
-                .strip_prefix(NAME_PREFIX)
-                .and_then(|n| n.strip_suffix(".qcow2").or(n.strip_suffix(".qcow2.tmp")))
-            else {
-                continue;
-            };
-            let Ok(id) = CapsuleId::new(id) else { continue };
-            if keep.contains(&id) {
-                continue;
-            }
-            if self.remove_file(&id, &entry.path())? {
-                report.files.push(entry.path());
+        for (id, path) in orphan_files(&self.cfg.state_dir, &[".qcow2", ".qcow2.tmp"], keep)? {
+            if self.remove_file(&id, &path)? {
+                report.files.push(path);
             }
         }
         Ok(report)
