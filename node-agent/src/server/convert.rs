@@ -316,7 +316,7 @@ pub fn to_template_state(s: &TemplateStatus) -> pb::TemplateState {
         digest: s.digest.clone().unwrap_or_default(),
         snapshot_id: s.snapshot_id.clone().unwrap_or_default(),
         reason: s.reason.map(String::from).unwrap_or_default(),
-        message: s.message.clone(),
+        message: s.message.clone().unwrap_or_default(),
     }
 }
 

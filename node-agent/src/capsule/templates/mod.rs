@@ -149,8 +149,8 @@ pub struct TemplateStatus {
     pub snapshot_id: Option<String>,
     /// Why it failed.
     pub reason: Option<Reason>,
-    /// The cause of a failure, or what a build is doing.
-    pub message: String,
+    /// The cause of a failure, or what a build is doing; `None` once ready.
+    pub message: Option<String>,
 }
 
 /// A ready template as recorded on disk.
@@ -285,10 +285,10 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
         digest: None,
         snapshot_id: None,
         reason: None,
-        message: String::new(),
+        message: None,
     };
     match slot {
-        Slot::Preparing(doing) => s.message = doing.clone(),
+        Slot::Preparing(doing) => s.message = Some(doing.clone()),
         Slot::Ready(r) => {
             s.phase = TemplatePhase::Ready;
             s.digest = Some(r.digest.clone());
@@ -298,7 +298,7 @@ fn status(key: &str, slot: &Slot) -> TemplateStatus {
         Slot::Failed { failure: f, .. } => {
             s.phase = TemplatePhase::Failed;
             s.reason = Some(f.reason);
-            s.message = f.message.clone();
+            s.message = Some(f.message.clone());
         }
     }
     s
