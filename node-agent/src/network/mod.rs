@@ -20,6 +20,7 @@
 mod addr;
 pub mod dns;
 mod fake;
+mod flags;
 mod hostports;
 mod limits;
 mod linux;
@@ -39,8 +40,9 @@ pub use addr::{
 };
 pub use dns::Names;
 pub use fake::{FakeNet, NetCall};
+pub use flags::EgressFlags;
 pub use hostports::{HostPort, HostPortRange, PortRule};
-pub use limits::{CapsuleLimits, EgressFlags};
+pub use limits::CapsuleLimits;
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
 pub use portrules::PORTS_TABLE;
 pub use ruleset::{
