@@ -208,6 +208,16 @@ impl LinuxNet {
         in_ns(&self.cfg.node_netns, f)
     }
 
+    /// The addresses of `slot`; one outside the address plan is refused.
+    fn slot_addrs(&self, slot: u32) -> Result<SlotAddrs, Error> {
+        self.cfg
+            .plan
+            .slot_addrs(slot)
+            .ok_or_else(|| Error::InvalidConfig {
+                reason: format!("slot {slot} outside the address plan"),
+            })
+    }
+
     fn net_of(&self, capsule: &CapsuleId, slot: u32, addrs: SlotAddrs) -> CapsuleNet {
         CapsuleNet {
             capsule: capsule.clone(),
@@ -687,13 +697,7 @@ impl NetOps for LinuxNet {
                 source,
             },
         })?;
-        let addrs = self
-            .cfg
-            .plan
-            .slot_addrs(slot)
-            .ok_or_else(|| Error::InvalidConfig {
-                reason: format!("slot {slot} outside the address plan"),
-            })?;
+        let addrs = self.slot_addrs(slot)?;
 
         // Adopt what exists: a restarted agent, or a repeated call. The
         // table is reloaded so a changed policy takes effect.
@@ -743,13 +747,7 @@ impl NetOps for LinuxNet {
                 capsule: capsule.clone(),
             });
         };
-        let addrs = self
-            .cfg
-            .plan
-            .slot_addrs(slot)
-            .ok_or_else(|| Error::InvalidConfig {
-                reason: format!("slot {slot} outside the address plan"),
-            })?;
+        let addrs = self.slot_addrs(slot)?;
         if !netns.exists() {
             return Err(Error::NotSetUp {
                 capsule: capsule.clone(),
