@@ -98,35 +98,12 @@ impl<M: Machine + 'static> Ctx<M> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::capsule::model::testing::spec;
-    use crate::capsule::{Host, Supervisor, SupervisorConfig};
-    use crate::network::{CapsuleId as NetId, EgressPolicy, FakeNet, NetCall, SetupStep};
-    use crate::storage::FakeBlockStore;
-    use crate::vmm::FakeMachine;
+    use crate::network::{CapsuleId as NetId, EgressPolicy, NetCall, SetupStep};
     use wrenn_crds::reason::Reason;
 
-    struct Bed {
-        dir: tempfile::TempDir,
-        net: Arc<FakeNet>,
-        sup: Supervisor<FakeMachine>,
-    }
-
-    fn bed() -> Bed {
-        let dir = tempfile::tempdir().unwrap();
-        let net = Arc::new(FakeNet::new());
-        let sup = Supervisor::new(
-            Host {
-                machine: Arc::new(FakeMachine::new()),
-                net: net.clone(),
-                store: Arc::new(FakeBlockStore::new()),
-            },
-            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
-        );
-        Bed { dir, net, sup }
-    }
+    use crate::capsule::steps::testing::{NetBed as Bed, net_bed as bed};
 
     fn journaled(b: &Bed, uid: &str) -> Egress {
         let rec: Record = crate::state::Journal::new(b.dir.path())

@@ -38,6 +38,8 @@ mod snapshot;
 pub(crate) mod sources;
 mod suspend;
 pub(crate) mod telemetry;
+#[cfg(test)]
+mod testing;
 mod watch;
 
 use std::sync::Arc;

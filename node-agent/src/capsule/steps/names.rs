@@ -127,15 +127,11 @@ impl<M: Machine + 'static> Ctx<M> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use crate::capsule::model::State;
     use crate::capsule::model::testing::spec;
-    use crate::capsule::{Host, Supervisor, SupervisorConfig};
+    use crate::capsule::steps::testing::{NetBed, net_bed};
     use crate::network::dns::AllowHosts;
-    use crate::network::{CapsuleId, FakeNet, Names, NetCall};
-    use crate::storage::FakeBlockStore;
-    use crate::vmm::FakeMachine;
+    use crate::network::{CapsuleId, Names, NetCall};
 
     fn names(h: &[&str]) -> Names {
         Names {
@@ -147,16 +143,7 @@ mod tests {
 
     #[tokio::test]
     async fn names_are_journaled_applied_in_place_and_reapplied_on_resume() {
-        let dir = tempfile::tempdir().unwrap();
-        let net = Arc::new(FakeNet::new());
-        let sup = Supervisor::new(
-            Host {
-                machine: Arc::new(FakeMachine::new()),
-                net: net.clone(),
-                store: Arc::new(FakeBlockStore::new()),
-            },
-            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
-        );
+        let NetBed { dir, net, sup } = net_bed();
         let id = CapsuleId::new("c1").unwrap();
         sup.create("c1", spec("c1"), State::Running).await.unwrap();
         // The network's setup started the proxy with the spec's names.

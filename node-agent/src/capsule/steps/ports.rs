@@ -103,35 +103,17 @@ impl<M: Machine + 'static> Ctx<M> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::capsule::model::State;
     use crate::capsule::model::testing::spec;
-    use crate::capsule::{Host, Supervisor, SupervisorConfig};
+    use crate::capsule::steps::testing::{NetBed, net_bed};
     use crate::network::{CapsuleId as NetId, FakeNet, NetCall, NetOps as _};
-    use crate::storage::FakeBlockStore;
-    use crate::vmm::FakeMachine;
 
     fn rule(port: u16) -> PortRule {
         PortRule {
             port,
             from: vec!["10.244.0.0/16".parse().unwrap()],
         }
-    }
-
-    fn bed() -> (tempfile::TempDir, Arc<FakeNet>, Supervisor<FakeMachine>) {
-        let dir = tempfile::tempdir().unwrap();
-        let net = Arc::new(FakeNet::new());
-        let sup = Supervisor::new(
-            Host {
-                machine: Arc::new(FakeMachine::new()),
-                net: net.clone(),
-                store: Arc::new(FakeBlockStore::new()),
-            },
-            SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux")),
-        );
-        (dir, net, sup)
     }
 
     fn publishes(net: &FakeNet) -> Vec<Vec<u16>> {
@@ -146,7 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn ports_are_published_at_create_and_changed_live_keeping_host_ports() {
-        let (dir, net, sup) = bed();
+        let NetBed { dir, net, sup } = net_bed();
         let mut s = spec("c1");
         s.ports = vec![rule(8080)];
         let v = sup.create("c1", s, State::Running).await.unwrap();
@@ -187,7 +169,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_suspended_capsule_records_ports_and_publishes_them_on_resume() {
-        let (_dir, net, sup) = bed();
+        let NetBed {
+            dir: _dir,
+            net,
+            sup,
+        } = net_bed();
         sup.create("c1", spec("c1"), State::Running).await.unwrap();
         sup.suspend("c1").await.unwrap();
         let v = sup.update_ports("c1", vec![rule(80)]).await.unwrap();
