@@ -29,6 +29,7 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::reason::Reason;
 use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
@@ -795,8 +796,8 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
         .filter(|e| e.reporting_controller.as_deref() == Some("wrenn-operator"))
         .filter_map(|e| e.reason)
         .collect();
-    for r in ["Scheduled", "Running"] {
-        assert!(reasons.contains(r), "no {r} Event: {reasons:?}");
+    for r in [Reason::Scheduled, Reason::Running] {
+        assert!(reasons.contains(r.as_str()), "no {r} Event: {reasons:?}");
     }
 
     op.stop().await;

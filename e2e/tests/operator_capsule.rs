@@ -23,7 +23,7 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_crds::reason::Reason;
+use wrenn_crds::reason::{ConditionType, Reason};
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleTemplate};
 use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
@@ -303,7 +303,11 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
     let node = st.node_name.clone().unwrap();
     assert!(node.starts_with(&ns));
     assert_eq!(st.observed_generation, running.metadata.generation);
-    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    let ready = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Ready)
+        .unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Running")
@@ -327,15 +331,21 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
             .collect();
-        if ours.iter().any(|e| e.reason.as_deref() == Some("Running")) || Instant::now() > deadline
+        if ours
+            .iter()
+            .any(|e| e.reason.as_deref() == Some(Reason::Running.as_str()))
+            || Instant::now() > deadline
         {
             break ours;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let reasons: Vec<_> = ours.iter().filter_map(|e| e.reason.clone()).collect();
-    assert!(reasons.contains(&"Scheduled".to_string()), "{reasons:?}");
-    assert!(reasons.contains(&"Running".to_string()), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| *r == Reason::Scheduled),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| *r == Reason::Running), "{reasons:?}");
     let writes = seen.len() + ours.len();
     eprintln!(
         "apply -> Running: {:?}; API writes: {} to the Capsule + {} Events = {writes}",
@@ -429,7 +439,7 @@ async fn unschedulable_capsule_says_why_per_node() {
         c.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
-                .any(|c| c.type_ == "Scheduled" && c.reason == "Unschedulable")
+                .any(|c| c.type_ == ConditionType::Scheduled && c.reason == Reason::Unschedulable)
         })
     })
     .await;
@@ -437,7 +447,7 @@ async fn unschedulable_capsule_says_why_per_node() {
     let sched = st
         .conditions
         .iter()
-        .find(|c| c.type_ == "Scheduled")
+        .find(|c| c.type_ == ConditionType::Scheduled)
         .unwrap();
     assert_eq!(sched.status, "False");
     assert_eq!(
@@ -462,9 +472,9 @@ async fn unschedulable_capsule_says_why_per_node() {
     .await;
     wait_capsule(&client, &ns, "orphaned", "TemplateNotFound", |c| {
         c.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Scheduled" && c.reason == "TemplateNotFound")
+            s.conditions.iter().any(|c| {
+                c.type_ == ConditionType::Scheduled && c.reason == Reason::TemplateNotFound
+            })
         })
     })
     .await;
@@ -668,7 +678,7 @@ async fn lifecycle_expiry_deletes_or_suspends() {
     let s = st
         .conditions
         .iter()
-        .find(|c| c.type_ == "Suspended")
+        .find(|c| c.type_ == ConditionType::Suspended)
         .unwrap();
     assert_eq!(
         (s.status.as_str(), s.reason.as_str()),
@@ -754,7 +764,7 @@ async fn idle_timeout_counts_from_the_last_activity() {
     assert!(
         cond.conditions
             .iter()
-            .any(|c| c.type_ == "Suspended" && c.reason == "SuspendedOnExpiry")
+            .any(|c| c.type_ == ConditionType::Suspended && c.reason == Reason::SuspendedOnExpiry)
     );
     op.stop().await;
 }
@@ -801,7 +811,7 @@ async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
         .into_iter()
         .find(|e| {
             e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(uid.as_str())
-                && e.reason.as_deref() == Some("NodeLost")
+                && e.reason.as_deref() == Some(Reason::NodeLost.as_str())
         })
         .expect("a NodeLost event");
     assert_eq!(lost.type_.as_deref(), Some("Warning"));
@@ -810,7 +820,10 @@ async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
 
 fn template_status(t: &CapsuleTemplate) -> (Option<TemplatePhase>, String, String) {
     let st = t.status.clone().unwrap_or_default();
-    let ready = st.conditions.iter().find(|c| c.type_ == "Ready");
+    let ready = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Ready);
     (
         st.phase,
         ready.map(|c| c.reason.clone()).unwrap_or_default(),
@@ -971,7 +984,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
         c.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
-                .any(|c| c.type_ == "Scheduled" && c.reason == "InvalidSpec")
+                .any(|c| c.type_ == ConditionType::Scheduled && c.reason == Reason::InvalidSpec)
         })
     })
     .await;
@@ -1149,7 +1162,7 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
             .items
             .into_iter()
             .find(|e| {
-                e.reason.as_deref() == Some(wrenn_crds::reason::Reason::CapsuleQuarantined.as_str())
+                e.reason.as_deref() == Some(Reason::CapsuleQuarantined.as_str())
                     && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node.as_str())
             });
         if let Some(e) = found {
@@ -1180,8 +1193,7 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
             .iter()
             .any(
                 |e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(other.as_str())
-                    && e.reason.as_deref()
-                        == Some(wrenn_crds::reason::Reason::CapsuleQuarantined.as_str())
+                    && e.reason.as_deref() == Some(Reason::CapsuleQuarantined.as_str())
             )
     );
     op.stop().await;
@@ -1254,7 +1266,11 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     let cond = |c: &Capsule| {
         c.status
             .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "PortsPublished"))
+            .and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == ConditionType::PortsPublished)
+            })
             .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
     };
     let _: Capsule = apply(&client, &ns, with_ports("c1", None)).await;

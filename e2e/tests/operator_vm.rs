@@ -16,6 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, WatchEvent, W
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
+use wrenn_crds::reason::{ConditionType, Reason};
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 use wrenn_e2e::ControlPlane;
@@ -981,7 +982,7 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
         .into_iter()
         .filter(|e| {
             e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(del_uid.as_str())
-                && e.reason.as_deref() == Some("Expired")
+                && e.reason.as_deref() == Some(Reason::Expired.as_str())
         })
         .collect();
     assert!(!expired.is_empty(), "no Expired event for ttl-delete");
@@ -1013,9 +1014,10 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
             |c| {
                 c.status.as_ref().is_some_and(|s| {
                     s.phase == Some(CapsulePhase::Suspended)
-                        && s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Suspended" && c.reason == "SuspendedOnExpiry")
+                        && s.conditions.iter().any(|c| {
+                            c.type_ == ConditionType::Suspended
+                                && c.reason == Reason::SuspendedOnExpiry
+                        })
                 })
             },
         )
@@ -1188,7 +1190,11 @@ async fn warm_template_serves(cl: &mut Cluster, applied: Instant) -> String {
     };
     let st = tpl.status.unwrap();
     assert_eq!(st.phase, Some(TemplatePhase::Ready));
-    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    let ready = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Ready)
+        .unwrap();
     assert_eq!(
         (ready.reason.as_str(), ready.message.as_str()),
         ("WarmSnapshotReady", "warm snapshot on 2/2 nodes")
