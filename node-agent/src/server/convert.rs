@@ -8,6 +8,11 @@
 //! only ever holds paths inside those directories, and refuse a template's
 //! kernel command line outside the allow-list (`capsule::cmdline`). All
 //! else here is pure.
+//!
+//! Why this file is long: it is the one edge between the wire and the
+//! domain, a pair of small functions per message, kept together so that
+//! every field's validation can be read in one place (tests are in
+//! `convert/tests.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -2,6 +2,10 @@
 //! agent's idempotency rules, boots them after a configurable delay,
 //! streams events like the real agent and records every call. It can be
 //! taken "down" (calls fail Unavailable, streams end) to test reconnects.
+//!
+//! Why this file is long: it answers every call of the `NodeAgent` trait,
+//! each with the real agent's idempotency and error codes; split by call,
+//! the shared state and its rules would be spread over many files.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
