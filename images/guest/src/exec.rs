@@ -13,13 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use wrenn_proto::guest::v1::{ExecExit, ExecInput, ExecOutput, ExecStart, exec_input, exec_output};
 
-use crate::process::{self, SpawnContext};
-
-/// Output chunk size; well under gRPC's 4 MiB message limit.
-const CHUNK: usize = 64 * 1024;
-/// How long output may keep flowing after the process exited (a background
-/// child can hold the pipes open).
-const DRAIN: Duration = Duration::from_secs(2);
+use crate::process::{self, CHUNK, Session, SpawnContext};
 
 pub type OutputStream = ReceiverStream<Result<ExecOutput, Status>>;
 
@@ -32,16 +26,11 @@ pub async fn exec(
     mut input: Streaming<ExecInput>,
     ctx: SpawnContext,
 ) -> Result<OutputStream, Status> {
-    let start = match input.message().await? {
-        Some(ExecInput {
-            input: Some(exec_input::Input::Start(start)),
-        }) => start,
-        _ => {
-            return Err(Status::invalid_argument(
-                "the first Exec message must be ExecStart",
-            ));
-        }
-    };
+    let start = process::first_start(&mut input, "Exec", |m| match m.input {
+        Some(exec_input::Input::Start(start)) => Some(start),
+        _ => None,
+    })
+    .await?;
     let ExecStart {
         argv,
         env,
@@ -74,44 +63,28 @@ pub async fn exec(
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let stdin = child.stdin.take();
-    tokio::spawn(async move {
-        let pumps = [
-            stdout.map(|r| tokio::spawn(pump(r, tx.clone(), exec_output::Output::Stdout))),
-            stderr.map(|r| tokio::spawn(pump(r, tx.clone(), exec_output::Output::Stderr))),
-        ];
-        let feeder = tokio::spawn(feed(input, stdin, pid));
-        let timeout = match timeout_ms {
+    let readers = [
+        stdout.map(|r| tokio::spawn(pump(r, tx.clone(), exec_output::Output::Stdout))),
+        stderr.map(|r| tokio::spawn(pump(r, tx.clone(), exec_output::Output::Stderr))),
+    ];
+    let session = Session {
+        child,
+        pid,
+        tx,
+        feeder: tokio::spawn(feed(input, stdin, pid)),
+        readers: readers.into_iter().flatten().collect(),
+        timeout: match timeout_ms {
             0 => Duration::MAX,
             ms => Duration::from_millis(ms),
+        },
+    };
+    tokio::spawn(async move {
+        let exit = |e: ExecExit| ExecOutput {
+            output: Some(exec_output::Output::Exit(e)),
         };
-        let ended = tokio::select! {
-            status = child.wait() => status.map(|s| (s, false)),
-            () = sleep(timeout) => {
-                let _ = process::signal_group(pid, libc::SIGKILL);
-                child.wait().await.map(|s| (s, true))
-            }
-            () = tx.closed() => {
-                // The caller is gone: nobody will read the result.
-                let _ = process::signal_group(pid, libc::SIGKILL);
-                let _ = child.wait().await;
-                feeder.abort();
-                return;
-            }
-        };
-        feeder.abort();
-        for mut pump in pumps.into_iter().flatten() {
-            if tokio::time::timeout(DRAIN, &mut pump).await.is_err() {
-                pump.abort();
-                crate::warn_limited!(pid, "exec output still open after exit; dropped");
-            }
+        if process::supervise(session, exit).await > 0 {
+            crate::warn_limited!(pid, "exec output still open after exit; dropped");
         }
-        let msg = match ended {
-            Ok((status, timed_out)) => out(exec_output::Output::Exit(process::to_exit(
-                status, timed_out,
-            ))),
-            Err(e) => Err(Status::internal(format!("wait for pid {pid}: {e}"))),
-        };
-        let _ = tx.send(msg).await;
     });
     Ok(ReceiverStream::new(rx))
 }
@@ -186,13 +159,6 @@ fn open_log(path: &str) -> Result<std::fs::File, Status> {
         .append(true)
         .open(p)
         .map_err(|e| Status::internal(format!("open log file {path}: {e}")))
-}
-
-async fn sleep(d: Duration) {
-    match tokio::time::Instant::now().checked_add(d) {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn pump(

@@ -1,14 +1,24 @@
-//! What Exec and Pty share: turning a request's argv, env, cwd and user into
-//! a command, resolving users from `/etc/passwd` (no NSS, so the static
-//! binary needs no libc plugins), and reporting how a process ended.
+//! What Exec and Pty share: the start message, turning a request's argv,
+//! env, cwd and user into a command, resolving users from `/etc/passwd` (no
+//! NSS, so the static binary needs no libc plugins), watching the process
+//! until it ends ([`supervise`]) and reporting how it ended.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use tonic::Status;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::{Status, Streaming};
 use wrenn_proto::guest::v1::ExecExit;
+
+/// Output chunk size; well under gRPC's 4 MiB message limit.
+pub const CHUNK: usize = 64 * 1024;
+/// How long output may keep flowing after the process exited (a background
+/// child can hold the pipes or the terminal open).
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// `PATH` when neither Init nor the request sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -174,6 +184,84 @@ pub fn build_command(
     }
     crate::sys::unblock_signals_on_spawn(&mut cmd);
     Ok(cmd)
+}
+
+/// The start message of a `call` (`Exec`, `Pty`): its first message, which
+/// `start` picks out; anything else is refused.
+pub async fn first_start<M, S>(
+    input: &mut Streaming<M>,
+    call: &str,
+    start: impl FnOnce(M) -> Option<S>,
+) -> Result<S, Status> {
+    input.message().await?.and_then(start).ok_or_else(|| {
+        Status::invalid_argument(format!("the first {call} message must be {call}Start"))
+    })
+}
+
+/// A started process and the tasks around it, handed to [`supervise`].
+pub struct Session<T> {
+    /// The process; its pid leads its process group.
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    /// Where output and the exit go; closed when the caller went away.
+    pub tx: mpsc::Sender<Result<T, Status>>,
+    /// Feeds the request stream to the process.
+    pub feeder: JoinHandle<()>,
+    /// Copy the process's output to `tx`.
+    pub readers: Vec<JoinHandle<()>>,
+    /// Killed past this; `Duration::MAX` for never.
+    pub timeout: Duration,
+}
+
+/// Waits for the session's process to end, killing its group past the
+/// timeout or as soon as the caller went away (nobody would read the
+/// result). Then it stops the feeder, gives the readers [`DRAIN`] to
+/// finish, and sends how the process ended, wrapped by `exit`. Answers how
+/// many readers were cut off with output still open.
+pub async fn supervise<T>(s: Session<T>, exit: fn(ExecExit) -> T) -> usize {
+    let Session {
+        mut child,
+        pid,
+        tx,
+        feeder,
+        readers,
+        timeout,
+    } = s;
+    let ended = tokio::select! {
+        status = child.wait() => status.map(|s| (s, false)),
+        () = sleep(timeout) => {
+            let _ = signal_group(pid, libc::SIGKILL);
+            child.wait().await.map(|s| (s, true))
+        }
+        () = tx.closed() => {
+            let _ = signal_group(pid, libc::SIGKILL);
+            let _ = child.wait().await;
+            feeder.abort();
+            return 0;
+        }
+    };
+    feeder.abort();
+    let mut cut = 0;
+    for mut reader in readers {
+        if tokio::time::timeout(DRAIN, &mut reader).await.is_err() {
+            reader.abort();
+            cut += 1;
+        }
+    }
+    let msg = match ended {
+        Ok((status, timed_out)) => Ok(exit(to_exit(status, timed_out))),
+        Err(e) => Err(Status::internal(format!("wait for pid {pid}: {e}"))),
+    };
+    let _ = tx.send(msg).await;
+    cut
+}
+
+/// Sleeps for `d`; forever when `d` is too large to add to now.
+async fn sleep(d: Duration) {
+    match tokio::time::Instant::now().checked_add(d) {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How a process ended, in wire form.

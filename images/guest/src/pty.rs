@@ -11,13 +11,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
-use wrenn_proto::guest::v1::{PtyInput, PtyOutput, PtySize, PtyStart, pty_input, pty_output};
+use wrenn_proto::guest::v1::{
+    ExecExit, PtyInput, PtyOutput, PtySize, PtyStart, pty_input, pty_output,
+};
 
-use crate::process::{self, SpawnContext};
+use crate::process::{self, CHUNK, Session, SpawnContext};
 use crate::sys;
 
-const CHUNK: usize = 64 * 1024;
-const DRAIN: Duration = Duration::from_secs(2);
 const DEFAULT_SIZE: (u16, u16) = (24, 80);
 
 pub type OutputStream = ReceiverStream<Result<PtyOutput, Status>>;
@@ -45,16 +45,11 @@ pub async fn pty(
     mut input: Streaming<PtyInput>,
     ctx: SpawnContext,
 ) -> Result<OutputStream, Status> {
-    let start = match input.message().await? {
-        Some(PtyInput {
-            input: Some(pty_input::Input::Start(start)),
-        }) => start,
-        _ => {
-            return Err(Status::invalid_argument(
-                "the first Pty message must be PtyStart",
-            ));
-        }
-    };
+    let start = process::first_start(&mut input, "Pty", |m| match m.input {
+        Some(pty_input::Input::Start(start)) => Some(start),
+        _ => None,
+    })
+    .await?;
     let PtyStart {
         argv,
         env,
@@ -85,7 +80,7 @@ pub async fn pty(
         .stderr(stdio(&pty.slave)?)
         .kill_on_drop(true);
     sys::set_controlling_tty_on_spawn(&mut cmd);
-    let mut child = cmd.spawn().map_err(|source| process::Error::Spawn {
+    let child = cmd.spawn().map_err(|source| process::Error::Spawn {
         program: argv[0].clone(),
         source,
     })?;
@@ -100,27 +95,21 @@ pub async fn pty(
 
     let (tx, rx) = mpsc::channel(32);
     let _ = tx.try_send(out(pty_output::Output::StartedPid(pid)));
+    let session = Session {
+        child,
+        pid,
+        readers: vec![tokio::spawn(read_loop(master.clone(), tx.clone()))],
+        tx,
+        feeder: tokio::spawn(feed(input, master, pid)),
+        // A terminal session ends when its process does, or its caller.
+        timeout: Duration::MAX,
+    };
     tokio::spawn(async move {
-        let mut reader = tokio::spawn(read_loop(master.clone(), tx.clone()));
-        let feeder = tokio::spawn(feed(input, master, pid));
-        let ended = tokio::select! {
-            status = child.wait() => status,
-            () = tx.closed() => {
-                let _ = process::signal_group(pid, libc::SIGKILL);
-                let _ = child.wait().await;
-                feeder.abort();
-                return;
-            }
+        let exit = |e: ExecExit| PtyOutput {
+            output: Some(pty_output::Output::Exit(e)),
         };
-        feeder.abort();
-        if tokio::time::timeout(DRAIN, &mut reader).await.is_err() {
-            reader.abort();
-        }
-        let msg = match ended {
-            Ok(status) => out(pty_output::Output::Exit(process::to_exit(status, false))),
-            Err(e) => Err(Status::internal(format!("wait for pid {pid}: {e}"))),
-        };
-        let _ = tx.send(msg).await;
+        // A background job may keep the terminal open; its output is cut.
+        process::supervise(session, exit).await;
     });
     Ok(ReceiverStream::new(rx))
 }
