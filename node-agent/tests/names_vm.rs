@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use network_env::dns::{Asked, dns_server};
 use network_env::{Bed as NetBed, OTHER_REMOTE, UPLINK_ADDR, in_ns};
 use qemu_bed::{QemuBed, VmTools, need_vm_tools, sh_as};
-use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
+use wrenn_node_agent::capsule::{Egress, State};
 use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::Names;
 use wrenn_node_agent::network::dns::{AllowHosts, ClusterDns, DnsConfig};
@@ -153,29 +153,6 @@ impl Drop for Web {
 }
 
 // ---- the guest ----
-
-fn spec(rootfs: &Path) -> CapsuleSpec {
-    CapsuleSpec {
-        namespace: NAMESPACE.into(),
-        name: UID.into(),
-        source: BootSource::Template(TemplateDisk {
-            key: "tenant/base@ci".into(),
-            rootfs: rootfs.to_path_buf(),
-            digest: String::new(),
-        }),
-        resources: Resources {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            disk_bytes: 1 << 30,
-        },
-        kernel: None,
-        cmdline: String::new(),
-        env: Default::default(),
-        egress: Egress::Allow,
-        names: Names::default(),
-        ports: Vec::new(),
-    }
-}
 
 fn hosts(h: &[&str]) -> AllowHosts {
     AllowHosts::parse(&h.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
@@ -352,7 +329,7 @@ async fn a_guest_resolves_and_fetches_by_name_and_allow_hosts_holds_live_and_aft
     let boot = Instant::now();
     let v = w
         .sup
-        .create(UID, spec(&w.image.rootfs), State::Running)
+        .create(UID, w.spec(NAMESPACE, UID, Egress::Allow), State::Running)
         .await
         .unwrap();
     assert_eq!(v.state, State::Running);
