@@ -11,11 +11,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use network_env::dns::dns_server;
 use network_env::*;
-use simple_dns::rdata::{A, RData};
-use simple_dns::{
-    CLASS, Name, Packet, PacketFlag, QCLASS, QTYPE, Question, RCODE, ResourceRecord, TYPE,
-};
+use simple_dns::rdata::RData;
+use simple_dns::{CLASS, Name, Packet, PacketFlag, QCLASS, QTYPE, Question, RCODE, TYPE};
 use wrenn_node_agent::network::dns::{AllowHosts, ClusterDns, DnsConfig};
 use wrenn_node_agent::network::{CapsuleId, EgressPolicy, Names, NetOps, Teardown};
 use wrenn_testkit::{Tier, case, need_root};
@@ -31,67 +30,6 @@ macro_rules! host_case {
         }
         case
     }};
-}
-
-/// The internet's DNS server: answers A queries from `records` (TTL 30),
-/// NXDOMAIN for other names. Runs on a thread until the process ends
-/// (its socket dies with the bed's namespace).
-fn dns_server(ns: &Path, records: &'static [(&'static str, Ipv4Addr)]) {
-    let (sock, tcp) = in_ns(ns, |_| {
-        Ok((
-            UdpSocket::bind((UPLINK_ADDR, 53))?,
-            TcpListener::bind((UPLINK_ADDR, 53))?,
-        ))
-    })
-    .expect("bind test DNS server");
-    let reply = move |query: &[u8]| -> Option<Vec<u8>> {
-        let q = Packet::parse(query).ok()?;
-        let mut r = Packet::new_reply(q.id());
-        r.questions = q.questions.clone();
-        let name = q
-            .questions
-            .first()
-            .map(|q| q.qname.to_string())
-            .unwrap_or_default();
-        let hits: Vec<_> = records.iter().filter(|(n, _)| *n == name).collect();
-        if hits.is_empty() {
-            *r.rcode_mut() = RCODE::NameError;
-        }
-        for (n, ip) in hits {
-            r.answers.push(ResourceRecord::new(
-                Name::new_unchecked(n),
-                CLASS::IN,
-                30,
-                RData::A(A::from(*ip)),
-            ));
-        }
-        r.build_bytes_vec().ok()
-    };
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            if let Some(bytes) = reply(&buf[..n]) {
-                let _ = sock.send_to(&bytes, from);
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        while let Ok((mut c, _)) = tcp.accept() {
-            let mut len = [0u8; 2];
-            if c.read_exact(&mut len).is_err() {
-                continue;
-            }
-            let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            if c.read_exact(&mut q).is_err() {
-                continue;
-            }
-            if let Some(a) = reply(&q) {
-                let _ = c.write_all(&(a.len() as u16).to_be_bytes());
-                let _ = c.write_all(&a);
-            }
-        }
-    });
 }
 
 /// An A query for `name`, recursion desired.
@@ -186,7 +124,7 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
         ("api.example.net", RAW_ONLY),
         ("meta.example.net", METADATA),
     ];
-    dns_server(&bed.uplink, &RECORDS);
+    let asked = dns_server(&bed.uplink, UPLINK_ADDR, &RECORDS);
     let (_pypi, pypi_at) = listener(&bed.uplink, OTHER_REMOTE);
     let (_raw, raw_at) = listener(&bed.uplink, RAW_ONLY);
     let (_meta, meta_at) = listener(&bed.uplink, METADATA);
@@ -241,18 +179,20 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
     );
     assert_eq!(
         resolve_tcp(&guest, gw, "evil.example.org").0,
-        RCODE::Refused
+        RCODE::NameError
     );
 
-    // A name outside the list is refused at once, without asking upstream.
+    // A name outside the list gets NXDOMAIN at once (a search list walks
+    // on past it), without asking upstream.
     let t = Instant::now();
     let (rcode, ips) = resolve(&guest, gw, "evil.example.org").expect("proxy answers");
-    assert_eq!((rcode, ips.len()), (RCODE::Refused, 0));
+    assert_eq!((rcode, ips.len()), (RCODE::NameError, 0));
     assert!(
         t.elapsed() < Duration::from_millis(500),
         "{:?}",
         t.elapsed()
     );
+    assert!(!asked.saw("evil.example.org"), "{:?}", asked.names());
 
     // The attack: a raw address no allowed answer gave stays closed.
     assert!(
@@ -291,7 +231,7 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
     connect(&guest, raw_at).expect("still-allowed name's address stays open");
     assert_eq!(
         resolve(&guest, gw, "pypi.org").map(|r| r.0),
-        Some(RCODE::Refused)
+        Some(RCODE::NameError)
     );
 
     // blockUnderDeny closes the resolver too.

@@ -43,7 +43,7 @@ use network_env::{
     in_ns,
 };
 use qemu_bed::{Image, QemuBed, VmTools, need_vm_tools, processes_mentioning, sh_as};
-use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
+use wrenn_node_agent::capsule::{Egress, State};
 use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::{
     Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Family, GUEST_GATEWAY, GUEST_MAC,
@@ -328,29 +328,6 @@ impl World {
         net.cfg.blocked_egress = LinuxNetConfig::host(UPLINK, net.dir.path()).blocked_egress;
         World(QemuBed::new(qemu, helper, image, ready, net, "wrenn-iso").await)
     }
-
-    fn spec(&self, egress: Egress) -> CapsuleSpec {
-        CapsuleSpec {
-            namespace: "tenant".into(),
-            name: GUEST_UID.into(),
-            source: BootSource::Template(TemplateDisk {
-                key: "tenant/base@ci".into(),
-                rootfs: self.image.rootfs.clone(),
-                digest: String::new(),
-            }),
-            resources: Resources {
-                vcpus: 1,
-                memory_bytes: 256 << 20,
-                disk_bytes: 1 << 30,
-            },
-            kernel: None,
-            cmdline: String::new(),
-            env: Default::default(),
-            egress,
-            names: Default::default(),
-            ports: Vec::new(),
-        }
-    }
 }
 
 /// The guest's vsock CID, from its vsock helper's command line (as nobody
@@ -591,9 +568,11 @@ async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works(
         .sup
         .create(
             GUEST_UID,
-            w.spec(Egress::AllowList(vec![
-                format!("{UPLINK_ADDR}/32").parse().unwrap(),
-            ])),
+            w.spec(
+                "tenant",
+                GUEST_UID,
+                Egress::AllowList(vec![format!("{UPLINK_ADDR}/32").parse().unwrap()]),
+            ),
             State::Running,
         )
         .await

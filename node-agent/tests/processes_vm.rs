@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use network_env::Bed as NetBed;
 use qemu_bed::{QemuBed, VmTools, need_vm_tools, sh_as};
-use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, State, TemplateDisk};
+use wrenn_node_agent::capsule::{Egress, State};
 use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case};
 
@@ -48,26 +48,7 @@ async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_ou
         "wrenn-procs",
     )
     .await;
-    let spec = CapsuleSpec {
-        namespace: "default".into(),
-        name: "procs".into(),
-        source: BootSource::Template(TemplateDisk {
-            key: "default/base@ci".into(),
-            rootfs: bed.image.rootfs.clone(),
-            digest: String::new(),
-        }),
-        resources: Resources {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            disk_bytes: 1 << 30,
-        },
-        kernel: None,
-        cmdline: String::new(),
-        env: Default::default(),
-        egress: Egress::Allow,
-        names: Default::default(),
-        ports: Vec::new(),
-    };
+    let spec = bed.spec("default", "procs", Egress::Allow);
     let v = bed.sup.create("procs", spec, State::Running).await.unwrap();
     assert_eq!(v.state, State::Running);
 

@@ -17,6 +17,11 @@ pub const GUEST_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
 pub const GUEST_PREFIX: u8 = 30;
 /// MAC address of the guest's interface, the same in every capsule.
 pub const GUEST_MAC: [u8; 6] = [0x02, 0xfc, 0x00, 0x00, 0x00, 0x05];
+/// MAC address of the guest's gateway (the TAP), the same in every capsule
+/// and across restores: a restore recreates the TAP, and a guest whose ARP
+/// cache still held a random old MAC reached nothing past its gateway (DNS
+/// included) until the entry went stale, half a minute or more.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xfc, 0x00, 0x00, 0x00, 0x06];
 /// Link-local range, where cloud metadata services live; never reachable.
 pub const LINK_LOCAL: Cidr = Cidr {
     addr: Ipv4Addr::new(169, 254, 0, 0),

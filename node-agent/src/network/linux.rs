@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use super::addr::{
-    AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
+    AddressPlan, Cidr, GATEWAY_MAC, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
 };
 use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
@@ -447,7 +447,8 @@ impl LinuxNet {
         };
         nl.add_addr(TAP_NAME, GUEST_GATEWAY, GUEST_PREFIX)
             .map_err(link)?;
-        nl.set_up(TAP_NAME, Some(TAP_QUEUE_LEN), None).map_err(link)
+        nl.set_up(TAP_NAME, Some(TAP_QUEUE_LEN), Some(GATEWAY_MAC))
+            .map_err(link)
     }
 
     /// Tests: a veth named like the TAP, its peer playing the guest's NIC in

@@ -35,8 +35,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use addr::{
-    ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC,
-    GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
+    ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GATEWAY_MAC, GUEST_ADDR, GUEST_GATEWAY,
+    GUEST_MAC, GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
 };
 pub use dns::Names;
 pub use fake::{FakeNet, NetCall};

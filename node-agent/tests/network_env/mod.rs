@@ -1,9 +1,11 @@
-//! Test bed for the network module, shared by `tests/network.rs` and
-//! `benches/network.rs`: a "node" namespace and an "uplink" namespace joined
+//! Test bed for the network module, shared by the network tests, the vm
+//! tier's beds and `benches/network.rs`: a "node" namespace and an "uplink" namespace joined
 //! by a veth, made fresh per test in a temp dir, so nothing touches the
 //! machine's own links, routes or firewall. Dropping the bed removes every
 //! namespace it or the code under test made (all links die with them).
 #![allow(dead_code)]
+
+pub mod dns;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::network_env::Bed as NetBed;
 use wrenn_node_agent::capsule::OrphanSweep;
+use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, TemplateDisk};
 use wrenn_node_agent::capsule::{GuestSettings, Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::guest::{GuestClient, Timeouts};
 use wrenn_node_agent::storage::{Qcow2Store, StorageConfig};
@@ -206,6 +207,31 @@ impl QemuBed {
 }
 
 impl QemuBed {
+    /// A capsule `namespace/name` on this bed's guest image: 1 vCPU,
+    /// 256 MiB, a 1 GiB disk, `egress`, default names and no ports.
+    pub fn spec(&self, namespace: &str, name: &str, egress: Egress) -> CapsuleSpec {
+        CapsuleSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            source: BootSource::Template(TemplateDisk {
+                key: format!("{namespace}/base@ci"),
+                rootfs: self.image.rootfs.clone(),
+                digest: String::new(),
+            }),
+            resources: Resources {
+                vcpus: 1,
+                memory_bytes: 256 << 20,
+                disk_bytes: 1 << 30,
+            },
+            kernel: None,
+            cmdline: String::new(),
+            env: Default::default(),
+            egress,
+            names: Default::default(),
+            ports: Vec::new(),
+        }
+    }
+
     /// A client of capsule `uid`'s guest agent, each call bounded by
     /// `call` (a TCG guest is slow), with the capsule's current token (a
     /// restore re-keys the guest, so it is read again every time).

@@ -93,8 +93,15 @@ pub enum QueryPlan {
     /// Forward upstream; open every IPv4 address in the answer for its
     /// TTL before the guest sees it.
     ForwardAndOpen,
-    /// Answer `REFUSED` without asking upstream: a name outside
-    /// `allowHosts`, or a query that is not one plain question.
+    /// Answer `NXDOMAIN` without asking upstream: a name outside
+    /// `allowHosts`. Not `REFUSED`: a stub resolver walking its search
+    /// list (`pypi.org.NS.svc.cluster.local` first, under `ndots:5`)
+    /// must go on to the next candidate, and musl's stops at the first
+    /// answer that is neither an address nor `NXDOMAIN`, so an allowed
+    /// name would never resolve in a musl guest (Alpine).
+    NotAllowed,
+    /// Answer `REFUSED` without asking upstream: a query that is not one
+    /// plain question, under `allowHosts`.
     Refuse,
 }
 
@@ -108,6 +115,7 @@ pub fn plan_query(questions: &[&str], standard_query: bool, allow: &AllowHosts) 
     }
     match questions {
         [name] if standard_query && allow.allows(name) => QueryPlan::ForwardAndOpen,
+        [_] if standard_query => QueryPlan::NotAllowed,
         _ => QueryPlan::Refuse,
     }
 }
@@ -126,13 +134,15 @@ mod tests {
         for (q, plan) in [
             ("pypi.org", QueryPlan::ForwardAndOpen),
             ("PyPI.org.", QueryPlan::ForwardAndOpen),
-            ("files.pypi.org", QueryPlan::Refuse),
+            ("files.pypi.org", QueryPlan::NotAllowed),
             ("api.github.com", QueryPlan::ForwardAndOpen),
             ("a.b.github.com", QueryPlan::ForwardAndOpen),
-            ("github.com", QueryPlan::Refuse),
-            ("evilgithub.com", QueryPlan::Refuse),
-            ("github.com.evil.net", QueryPlan::Refuse),
-            ("example.org", QueryPlan::Refuse),
+            ("github.com", QueryPlan::NotAllowed),
+            ("evilgithub.com", QueryPlan::NotAllowed),
+            ("github.com.evil.net", QueryPlan::NotAllowed),
+            ("example.org", QueryPlan::NotAllowed),
+            // A search-list candidate of an allowed name.
+            ("pypi.org.ns.svc.cluster.local", QueryPlan::NotAllowed),
         ] {
             assert_eq!(plan_query(&[q], true, &a), plan, "{q}");
         }

@@ -1,9 +1,10 @@
 //! The per-capsule DNS proxy: listens on the guest's gateway (UDP and TCP
 //! port 53, sockets made inside the capsule namespace), forwards each
 //! query to the capsule's upstreams from the node namespace, and, when the
-//! capsule has `allowHosts`, refuses names outside it and opens every IPv4
-//! address of an allowed name's answer in the names table's `fqdn` set
-//! (for the answer's TTL, clamped) before the guest sees the answer.
+//! capsule has `allowHosts`, answers `NXDOMAIN` for names outside it and
+//! opens every IPv4 address of an allowed name's answer in the names
+//! table's `fqdn` set (for the answer's TTL, clamped) before the guest
+//! sees the answer.
 //!
 //! Everything from the guest is hostile: queries are bounded in size,
 //! in-flight queries and TCP connections are capped per capsule, logs a
@@ -279,9 +280,16 @@ async fn answer(shared: &Arc<Shared>, query: &[u8], via: Transport) -> Option<Ve
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let plan = plan_query(&refs, standard, &settings.allow);
-    if plan == QueryPlan::Refuse {
-        tracing::debug!(capsule = %shared.capsule, names = ?names, "dns proxy: refused");
-        return reply_with(&parsed, RCODE::Refused);
+    match plan {
+        QueryPlan::NotAllowed => {
+            tracing::debug!(capsule = %shared.capsule, names = ?names, "dns proxy: name not allowed");
+            return reply_with(&parsed, RCODE::NameError);
+        }
+        QueryPlan::Refuse => {
+            tracing::debug!(capsule = %shared.capsule, names = ?names, "dns proxy: refused");
+            return reply_with(&parsed, RCODE::Refused);
+        }
+        QueryPlan::Forward | QueryPlan::ForwardAndOpen => {}
     }
     let Some(reply) = forward(shared, &settings.upstreams, query, via).await else {
         return reply_with(&parsed, RCODE::ServerFailure);
