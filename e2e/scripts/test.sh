@@ -56,10 +56,26 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 
-# The benchmark's ratio gate (`cargo test --bench compare -- --gate
-# docs/benchmarks.json`) is not run here yet: under load a Wrenn capsule in the
-# comparison can stay short of Running (cause not found), which would fail CI
-# at random. Run it by hand after e2e/scripts/build-agent-sandbox.sh.
+step "benchmark ratio gate: Wrenn vs agent-sandbox, short interleaved rounds"
+# Ratios only, medians of rounds that alternate the two systems, against
+# docs/benchmarks.json (docs/benchmarks.md, "Regression gate"). The peer is
+# built from the Go module proxy once and cached like the control plane.
+# Built with --tests beside the bench: `--bench compare` alone would leave
+# the other crates' dev-dependencies out of feature resolution and compile
+# dozens of dependencies again with other features; with --tests it reuses
+# the test build above and compiles only the bench.
+set +e
+gate_exe=$(cargo test --workspace --locked --no-run --tests --bench compare --message-format=json \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "compare" and m.get("executable"):
+        print(m["executable"])')
+e2e/scripts/build-agent-sandbox.sh && [ -n "$gate_exe" ] \
+  && "$gate_exe" --gate docs/benchmarks.json
+gate_rc=$?
+set -e
+[ "$gate_rc" = 0 ] || rc=$gate_rc
 
 step "test tiers"
 python3 - "$report" "$log" <<'PY'

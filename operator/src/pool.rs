@@ -22,7 +22,7 @@ use wrenn_proto::agent::v1 as pb;
 
 use crate::agent::{Connector, NodeAgent, to_vm};
 use crate::placement::NodeView;
-use crate::plan::Vm;
+use crate::plan::{Vm, VmState};
 use crate::resources::Resources;
 
 /// An agent has connected (or reconnected) and listed its capsules.
@@ -173,6 +173,18 @@ impl AgentPool {
         let nodes = self.read();
         let e = nodes.get(node).filter(|e| e.synced)?;
         Some(e.capsules.get(uid).map(to_vm))
+    }
+
+    /// What `node`'s event stream (or its last list) reported about `uid`:
+    /// `None` when the agent is not synced, holds no such VM, or the view
+    /// is an RPC answer ([`AgentPool::note`]) no event has reported since.
+    pub fn reported(&self, node: &str, uid: &str) -> Option<Vm> {
+        let nodes = self.read();
+        let e = nodes.get(node).filter(|e| e.synced)?;
+        if e.noted.contains(uid) {
+            return None;
+        }
+        e.capsules.get(uid).map(to_vm)
     }
 
     /// Node of the VM with this UID, on any synced agent.
@@ -537,6 +549,21 @@ enum Ended {
 /// view is itself an earlier answer). Pure; see [`AgentPool::note`].
 pub fn plan_note(known: bool, noted: bool) -> bool {
     !known || noted
+}
+
+/// Which view of a VM to plan on: what an RPC just `answer`ed, or what
+/// the event stream `reported` since. An agent reports a new VM as
+/// Creating before it answers the create; so when the answer says
+/// Creating, any other state the stream holds came after it (a boot that
+/// finished meanwhile) and is the fresher one: planning on the answer would
+/// write a Creating the capsule has already left. Any other answer
+/// stands, since the stream may still be behind it (a pause answers Paused
+/// before the stream has delivered Pausing). Pure.
+pub fn plan_fresher<'a>(answer: &'a Vm, reported: Option<&'a Vm>) -> &'a Vm {
+    match reported {
+        Some(r) if answer.state == VmState::Creating && r.state != VmState::Creating => r,
+        _ => answer,
+    }
 }
 
 /// What a node's `free` does not yet count: the placements on it (`uid`,

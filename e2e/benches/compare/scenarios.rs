@@ -1,7 +1,7 @@
-//! The scenarios of one run, in order: for each concurrency, Wrenn cold,
-//! Wrenn warm, agent-sandbox cold, agent-sandbox warm; plus what the page
-//! says about the machine. A scenario that fails is recorded with its
-//! reason and the run goes on.
+//! The scenarios of one run, in order: for each concurrency, cold then
+//! warm, each in rounds that alternate the two systems (Wrenn, peer, peer,
+//! Wrenn, ...); plus what the page says about the machine. A scenario that
+//! fails is recorded with its reason and the run goes on.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use wrenn_crds::Capsule;
 use wrenn_e2e::ControlPlane;
 use wrenn_e2e::bench::driver::{self, Load, Target, status_str};
-use wrenn_e2e::bench::figures::{Measured, Params, Path, Run, SpanRow, System};
+use wrenn_e2e::bench::figures::{Measured, Params, Path, Ratio, Run, SpanRow, System, ratios};
 use wrenn_e2e::bench::peer::{self, Peer};
 
 use crate::wrenn::{COLD_TEMPLATE, Stages, WARM_TEMPLATE, Wrenn, capsule};
@@ -27,9 +27,19 @@ const SPANS_PER_SCENARIO: usize = 6;
 
 /// What a run produced.
 pub struct Done {
+    /// Every run, rounds in the order they ran.
     pub runs: Vec<Run>,
+    /// The ratios of each round (path, concurrency, round).
+    pub per_round: Vec<Ratio>,
     pub versions: BTreeMap<String, String>,
     pub spans: Vec<SpanRow>,
+}
+
+/// What the scenarios measured.
+struct Scenarios {
+    runs: Vec<Run>,
+    per_round: Vec<Ratio>,
+    spans: Vec<SpanRow>,
 }
 
 /// Starts the control plane and the peer, then runs every scenario of `p`.
@@ -50,7 +60,7 @@ pub fn run_all(p: &Params, stages: &Stages) -> Result<Done> {
         versions.insert("agent-sandbox".into(), peer.version.clone());
     }
     versions.insert("wrenn".into(), git_rev());
-    let (runs, spans) = rt.block_on(async {
+    let done = rt.block_on(async {
         let client = cp.client().await?;
         scenarios(
             &client,
@@ -61,9 +71,10 @@ pub fn run_all(p: &Params, stages: &Stages) -> Result<Done> {
         .await
     })?;
     Ok(Done {
-        runs,
+        runs: done.runs,
+        per_round: done.per_round,
         versions,
-        spans,
+        spans: done.spans,
     })
 }
 
@@ -113,7 +124,7 @@ async fn scenarios(
     p: &Params,
     stages: &Stages,
     peer: Result<(), String>,
-) -> Result<(Vec<Run>, Vec<SpanRow>)> {
+) -> Result<Scenarios> {
     let wrenn = Wrenn::start(client, p.agents, Duration::ZERO).await?;
     let warm = wrenn
         .prepare_warm(client)
@@ -154,44 +165,80 @@ async fn scenarios(
     stages.take();
 
     let mut runs = Vec::new();
+    let mut per_round = Vec::new();
     let mut spans = Vec::new();
     for &c in &p.in_flight {
         let objects = if c == 1 { p.sequential } else { p.objects };
-        let load = |prefix: String| Load {
-            prefix,
-            objects,
-            in_flight: c.min(objects),
-            timeout: OBJECT_TIMEOUT,
-        };
-        let mut record = |system, path, result: Result<Measured, String>| {
-            let (measured, failed) = match result {
-                Ok(m) => (Some(m), None),
-                Err(e) => (None, Some(e)),
-            };
-            if let Some(f) = &failed {
-                eprintln!("{} {path:?} {c} in flight: {f}", System::name(system));
-            }
-            runs.push(Run {
-                system,
-                path,
-                objects,
-                in_flight: c.min(objects),
-                measured,
-                failed,
-            });
-        };
         for (path, template) in [(Path::Cold, COLD_TEMPLATE), (Path::Warm, WARM_TEMPLATE)] {
-            let result = match (path, &warm) {
+            // The peer's warm pool, one per scenario, sized to a round.
+            let pool = match (path, &peer_ns) {
+                (Path::Cold, _) => Ok(String::new()),
                 (Path::Warm, Err(e)) => Err(e.clone()),
-                _ => driver::run(
-                    client,
-                    &wrenn.ns,
-                    &wrenn_target(template),
-                    &load(format!("{}{c}", &template[..1])),
-                )
-                .await
-                .map_err(|e| format!("{e:#}")),
+                (Path::Warm, Ok(ns)) => peer_pool(client, ns, &format!("pool-{c}"), objects)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
             };
+            for round in 0..p.rounds.max(1) {
+                let load = |prefix: &str| Load {
+                    prefix: format!("{prefix}{c}r{round}"),
+                    objects,
+                    in_flight: c.min(objects),
+                    timeout: OBJECT_TIMEOUT,
+                };
+                // Alternate which side goes first, so a load that grows or
+                // fades over the scenario weighs on both alike.
+                let order = if round % 2 == 0 {
+                    [System::Wrenn, System::AgentSandbox]
+                } else {
+                    [System::AgentSandbox, System::Wrenn]
+                };
+                let mut pair = Vec::new();
+                for system in order {
+                    let result = match system {
+                        System::Wrenn => match (path, &warm) {
+                            (Path::Warm, Err(e)) => Err(e.clone()),
+                            _ => driver::run(
+                                client,
+                                &wrenn.ns,
+                                &wrenn_target(template),
+                                &load(&template[..1]),
+                            )
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        },
+                        System::AgentSandbox => match (&peer_ns, &pool) {
+                            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+                            (Ok(ns), Ok(pool)) => peer_round(
+                                client,
+                                ns,
+                                path,
+                                pool,
+                                &load(if path == Path::Cold { "s" } else { "claim" }),
+                            )
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        },
+                    };
+                    progress(system, path, c, &result);
+                    let (measured, failed) = match result {
+                        Ok(m) => (Some(m), None),
+                        Err(e) => {
+                            eprintln!("{} {path:?} {c} in flight: {e}", system.name());
+                            (None, Some(e))
+                        }
+                    };
+                    pair.push(Run {
+                        system,
+                        path,
+                        objects,
+                        in_flight: c.min(objects),
+                        measured,
+                        failed,
+                    });
+                }
+                per_round.extend(ratios(&pair));
+                runs.extend(pair);
+            }
             let scenario = format!("{path:?} / {c} in flight");
             for (span, count, p50, p99, total) in stages.take().into_iter().take(SPANS_PER_SCENARIO)
             {
@@ -204,26 +251,6 @@ async fn scenarios(
                     total_ms: total,
                 });
             }
-            progress(System::Wrenn, path, c, &result);
-            record(System::Wrenn, path, result);
-        }
-        for path in [Path::Cold, Path::Warm] {
-            let result = match &peer_ns {
-                Err(e) => Err(e.clone()),
-                Ok(ns) => peer_scenario(
-                    client,
-                    ns,
-                    path,
-                    &load(format!(
-                        "{}{c}",
-                        if path == Path::Cold { "s" } else { "claim" }
-                    )),
-                )
-                .await
-                .map_err(|e| format!("{e:#}")),
-            };
-            progress(System::AgentSandbox, path, c, &result);
-            record(System::AgentSandbox, path, result);
         }
     }
     wrenn.stop().await;
@@ -236,7 +263,11 @@ async fn scenarios(
                 .await;
         }
     }
-    Ok((runs, spans))
+    Ok(Scenarios {
+        runs,
+        per_round,
+        spans,
+    })
 }
 
 fn progress(system: System, path: Path, c: usize, r: &Result<Measured, String>) {
@@ -260,34 +291,41 @@ async fn peer_setup(client: &Client, agents: usize) -> Result<String> {
     Ok(ns)
 }
 
-/// One peer scenario; the warm one first fills a pool sized to the load
-/// and, after, waits for it to refill so the next scenario starts quiet.
-async fn peer_scenario(client: &Client, ns: &str, path: Path, load: &Load) -> Result<Measured> {
-    if path == Path::Cold {
-        return driver::run(client, ns, &peer_target(path, String::new()), load).await;
-    }
-    let name = format!("pool-{}", load.prefix);
+/// Creates the peer's warm pool `name` of `size` sandboxes (and its
+/// template) and waits until it is full.
+async fn peer_pool(client: &Client, ns: &str, name: &str, size: usize) -> Result<String> {
     let templates: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &peer::template_kind());
     templates
-        .create(&PostParams::default(), &peer::template(&name))
+        .create(&PostParams::default(), &peer::template(name))
         .await
         .context("create the SandboxTemplate")?;
     let pools: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &peer::pool_kind());
     pools
-        .create(
-            &PostParams::default(),
-            &peer::warm_pool(&name, &name, load.objects),
-        )
+        .create(&PostParams::default(), &peer::warm_pool(name, name, size))
         .await
         .context("create the SandboxWarmPool")?;
-    peer::wait_pool_full(client, ns, &name, load.objects, POOL_TIMEOUT)
+    peer::wait_pool_full(client, ns, name, size, POOL_TIMEOUT)
         .await
         .context("the warm pool never filled")?;
-    let m = driver::run(client, ns, &peer_target(path, name.clone()), load).await?;
-    peer::wait_pool_full(client, ns, &name, load.objects, POOL_TIMEOUT)
-        .await
-        .context("the warm pool never refilled")?;
+    Ok(name.to_string())
+}
+
+/// One peer round; a warm one claims from `pool` (full when it starts)
+/// and then waits for the pool to refill, so what runs next starts quiet.
+async fn peer_round(
+    client: &Client,
+    ns: &str,
+    path: Path,
+    pool: &str,
+    load: &Load,
+) -> Result<Measured> {
+    let m = driver::run(client, ns, &peer_target(path, pool.to_string()), load).await?;
+    if path == Path::Warm {
+        peer::wait_pool_full(client, ns, pool, load.objects, POOL_TIMEOUT)
+            .await
+            .context("the warm pool never refilled")?;
+    }
     Ok(m)
 }
 

@@ -163,6 +163,46 @@ pub fn ratios(runs: &[Run]) -> Vec<Ratio> {
     out
 }
 
+/// One ratio per path and concurrency from the ratios of each round
+/// (`per_round`, in any order): for every field, the median over the
+/// rounds. A burst of load that lands on one side of one round moves that
+/// round's ratio a long way and the median not at all.
+pub fn median_ratios(per_round: &[Ratio]) -> Vec<Ratio> {
+    let mut keys: Vec<(Path, usize)> = Vec::new();
+    for r in per_round {
+        if !keys.contains(&(r.path, r.in_flight)) {
+            keys.push((r.path, r.in_flight));
+        }
+    }
+    keys.into_iter()
+        .map(|(path, in_flight)| {
+            let rounds: Vec<&Ratio> = per_round
+                .iter()
+                .filter(|r| r.path == path && r.in_flight == in_flight)
+                .collect();
+            let med = |f: fn(&Ratio) -> f64| median(rounds.iter().map(|r| f(r)).collect());
+            Ratio {
+                path,
+                in_flight,
+                p50_speedup: med(|r| r.p50_speedup),
+                p99_speedup: med(|r| r.p99_speedup),
+                throughput_speedup: med(|r| r.throughput_speedup),
+                write_saving: med(|r| r.write_saving),
+            }
+        })
+        .collect()
+}
+
+/// Median of `v` (the mean of the middle two when even; 0 when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn div(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }
@@ -197,6 +237,15 @@ pub struct Params {
     pub agents: usize,
     /// Cargo profile the Wrenn side was built with.
     pub profile: String,
+    /// Rounds per scenario, each side's rounds interleaved (Wrenn, peer,
+    /// peer, Wrenn, ...), every round with `objects` (or `sequential`)
+    /// objects per side. 1 in the full run.
+    #[serde(default = "one")]
+    pub rounds: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Everything one `bench.sh` run wrote.
@@ -230,8 +279,11 @@ pub struct Figures {
 pub struct GateFigures {
     /// What the short run ran.
     pub params: Params,
-    /// Its ratios.
+    /// Its ratios: per path and concurrency, the median over the rounds.
     pub ratios: Vec<Ratio>,
+    /// Each round's ratios, for the spread.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Ratio>,
 }
 
 /// Time spent in one operator `tracing` span over a scenario.
@@ -300,5 +352,37 @@ mod tests {
         assert_eq!(r[0].p50_speedup, 4.0);
         assert_eq!(r[0].throughput_speedup, 4.0);
         assert_eq!(r[0].write_saving, 2.0);
+    }
+
+    fn ratio(path: Path, in_flight: usize, p50: f64) -> Ratio {
+        Ratio {
+            path,
+            in_flight,
+            p50_speedup: p50,
+            p99_speedup: p50,
+            throughput_speedup: 2.0 * p50,
+            write_saving: 1.5,
+        }
+    }
+
+    #[test]
+    fn the_median_of_rounds_ignores_one_round_hit_by_load() {
+        let rounds = [
+            ratio(Path::Cold, 1, 2.0),
+            ratio(Path::Cold, 1, 0.3),
+            ratio(Path::Warm, 1, 5.0),
+            ratio(Path::Cold, 1, 2.2),
+            ratio(Path::Cold, 20, 1.0),
+            ratio(Path::Cold, 20, 3.0),
+        ];
+        let m = median_ratios(&rounds);
+        let keys: Vec<_> = m.iter().map(|r| (r.path, r.in_flight)).collect();
+        assert_eq!(keys, [(Path::Cold, 1), (Path::Warm, 1), (Path::Cold, 20)]);
+        assert_eq!(m[0].p50_speedup, 2.0);
+        assert_eq!(m[0].throughput_speedup, 4.0);
+        assert_eq!(m[1].p50_speedup, 5.0);
+        // Two rounds: the mean of both.
+        assert_eq!(m[2].p50_speedup, 2.0);
+        assert_eq!(median(Vec::new()), 0.0);
     }
 }

@@ -9,13 +9,8 @@ use crate::bench::figures::{GateFigures, Params, Ratio};
 /// How far a ratio may fall before the gate fails.
 #[derive(Clone, Copy, Debug)]
 pub struct Margins {
-    /// A speedup (p50, throughput) fails below the committed one divided by
-    /// this. 3: the short run times a few dozen objects per side on a
-    /// machine whose two cores are shared with other jobs; two runs a
-    /// minute apart moved the warm one-in-flight p50 ratio from 2.49 to
-    /// 1.37 (1.8×) and every other ratio by less than 1.3×. The regressions
-    /// the gate exists for (a settle wait, a retry or a requeue back on the
-    /// hot path) cost Wrenn several times its latency, past a factor of 3.
+    /// A p50 speedup fails below the committed one divided by this. See
+    /// [`Margins::WHY`] for how it was chosen.
     pub speedup: f64,
     /// The write saving fails below the committed one divided by this.
     /// Writes are counted, not timed, so they barely move: 1.25 tolerates
@@ -23,18 +18,39 @@ pub struct Margins {
     pub writes: f64,
 }
 
+impl Margins {
+    /// Why these margins and these ratios, for the page.
+    pub const WHY: &'static str = "Why: with one in flight each side's latency is a \
+        chain of API round trips that load stretches alike; under a load \
+        average of 5-10 (builds on both cores) rounds of 5 objects moved the \
+        p50 speedup between 0.66× and 1.52× (cold) and 1.25× and 4.21× (warm), \
+        their medians far less, and a factor of 2 stays clear of that while \
+        catching what the gate is for (a settle wait, a retry or a requeue back \
+        on the way to Running costs Wrenn several times its latency). The \
+        write saving stayed within 10% of its median in every round. With 10 \
+        or 20 in flight the rounds spread from 0.23× to 2.67× (speedup) and \
+        0.97× to 2.08× (writes) under the same load, because the side that \
+        runs second inherits the other's trailing writes, Events and kwok \
+        updates, so concurrency is left to the full run's page and not gated.";
+}
+
 impl Default for Margins {
     fn default() -> Self {
         Margins {
-            speedup: 3.0,
+            speedup: 2.0,
             writes: 1.25,
         }
     }
 }
 
 /// Every way `measured` (made with `params`) regressed against
-/// `committed`; empty when the gate passes. p99 is not gated: over a few
-/// dozen objects it is one or two samples and follows the machine's noise.
+/// `committed`; empty when the gate passes. Gated: the p50 speedup with
+/// one in flight and the write saving at every concurrency. Not gated:
+/// the p50 speedup with more in flight (under load its rounds spread
+/// 0.23×–1.69× around a median of ~1: the side that runs second inherits
+/// the other's trailing writes, Events and kwok updates), p99 (one sample
+/// per round) and throughput (a round's wall time, which one late object
+/// sets; at one in flight it repeats the latency).
 pub fn check(
     committed: &GateFigures,
     params: &Params,
@@ -67,13 +83,9 @@ pub fn check(
                 ));
             }
         };
-        fell("p50 speedup", c.p50_speedup, now.p50_speedup, m.speedup);
-        fell(
-            "throughput speedup",
-            c.throughput_speedup,
-            now.throughput_speedup,
-            m.speedup,
-        );
+        if c.in_flight == 1 {
+            fell("p50 speedup", c.p50_speedup, now.p50_speedup, m.speedup);
+        }
         fell("write saving", c.write_saving, now.write_saving, m.writes);
     }
     failures
@@ -91,6 +103,7 @@ mod tests {
             in_flight: vec![1, 20],
             agents: 2,
             profile: "dev".into(),
+            rounds: 5,
         }
     }
 
@@ -109,6 +122,7 @@ mod tests {
         GateFigures {
             params: params(),
             ratios: vec![ratio(1, 4.0, 2.0), ratio(20, 3.0, 2.0)],
+            rounds: Vec::new(),
         }
     }
 
@@ -122,12 +136,21 @@ mod tests {
     }
 
     #[test]
-    fn a_speedup_down_by_more_than_3x_fails_naming_the_scenario() {
-        let now = [ratio(1, 4.0, 2.0), ratio(20, 0.9, 2.0)];
+    fn a_speedup_down_by_more_than_the_margin_fails_naming_the_scenario() {
+        let now = [ratio(1, 1.9, 2.0), ratio(20, 3.0, 2.0)];
         let f = check(&committed(), &params(), &now, Margins::default());
-        assert_eq!(f.len(), 2, "{f:?}");
-        assert!(f[0].starts_with("Cold with 20 in flight: p50 speedup 0.90 fell below 1.00"));
-        assert!(f[1].contains("throughput speedup"));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(
+            f[0].starts_with("Cold with 1 in flight: p50 speedup 1.90 fell below 2.00"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn the_concurrent_speedup_is_reported_not_gated() {
+        let now = [ratio(1, 4.0, 2.0), ratio(20, 0.3, 2.0)];
+        let f = check(&committed(), &params(), &now, Margins::default());
+        assert!(f.is_empty(), "{f:?}");
     }
 
     #[test]

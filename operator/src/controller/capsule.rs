@@ -26,6 +26,7 @@ use crate::plan::{
     Expiry, Facts, NodeAction, Observed, Plan, Requeue, Vm, plan_capsule, plan_expiry, plan_placed,
     plan_requeue, plan_unschedulable,
 };
+use crate::pool::plan_fresher;
 use crate::resources::Resources;
 use crate::status;
 
@@ -196,9 +197,10 @@ pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, E
     result
 }
 
-/// Passes of plan → act in one reconcile: place, create, then show the
-/// VM the create returned, with one to spare.
-const MAX_PASSES: usize = 4;
+/// Passes of plan → act in one reconcile: place, create, show the VM the
+/// create returned, show it again once it has booted meanwhile, with one
+/// to spare.
+const MAX_PASSES: usize = 5;
 
 /// What one reconcile has learnt between passes: fresher than the object
 /// it started from.
@@ -213,9 +215,15 @@ struct Known {
 
 impl Known {
     /// The VM as the plan sees it: `None` when its node's agent is unknown.
+    /// A node call's answer goes first, unless the stream has since
+    /// reported a later state ([`plan_fresher`]).
     fn observe(&self, ctx: &Context, uid: &str) -> Option<Option<Vm>> {
         match (&self.fresh, &self.node) {
-            (Some(vm), _) => Some(Some(vm.clone())),
+            (Some(vm), Some(n)) => {
+                let reported = ctx.pool.reported(n, uid);
+                Some(Some(plan_fresher(vm, reported.as_ref()).clone()))
+            }
+            (Some(vm), None) => Some(Some(vm.clone())),
             (None, Some(n)) => ctx.pool.observe(n, uid),
             (None, None) => Some(None),
         }
@@ -357,7 +365,19 @@ async fn passes(
             src,
         };
         let next = match plan.action {
-            NodeAction::None => pass.show(w, known).await?,
+            NodeAction::None => {
+                let next = pass.show(w, known).await?;
+                // The VM moved on while its status was written (a boot
+                // finished): show that now rather than in a reconcile
+                // queued behind this one.
+                match next {
+                    Next::Requeue(r) if known.observe(ctx, &uid) != observed => {
+                        requeue = r;
+                        Next::Again
+                    }
+                    next => next,
+                }
+            }
             NodeAction::Place => pass.place(w, &facts).await?,
             NodeAction::Create(mode) => pass.create(w, mode, known).await?,
             NodeAction::Pause | NodeAction::Resume | NodeAction::Suspend => {

@@ -399,3 +399,54 @@ async fn a_reset_stream_is_listed_again_and_the_view_converges() {
     );
     pool.shutdown();
 }
+
+fn vm(state: crate::plan::VmState) -> Vm {
+    Vm {
+        state,
+        ip: None,
+        vmm: None,
+        started_unix_nanos: 0,
+        reason: None,
+        message: String::new(),
+        egress: crate::plan::EgressPolicy::default(),
+        host_ports: Vec::new(),
+    }
+}
+
+#[test]
+fn a_creating_answer_gives_way_to_any_later_state_the_stream_reported() {
+    use crate::plan::VmState as S;
+    let (creating, running, paused) = (vm(S::Creating), vm(S::Running), vm(S::Paused));
+    assert_eq!(plan_fresher(&creating, Some(&running)).state, S::Running);
+    assert_eq!(plan_fresher(&creating, Some(&creating)).state, S::Creating);
+    assert_eq!(plan_fresher(&creating, None).state, S::Creating);
+    // Any other answer stands: the stream may not have caught up with it.
+    assert_eq!(plan_fresher(&paused, Some(&running)).state, S::Paused);
+}
+
+/// `reported` is the stream's view only: an answer no event has reported
+/// since is not one.
+#[tokio::test]
+async fn reported_is_what_the_stream_said_not_an_answer() {
+    let agent = FakeNodeAgent::new("node-a", roomy(), Duration::from_secs(3600));
+    let (pool, _streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+    let client = pool.client("node-a").unwrap();
+    let mut answer = client.create_capsule(create_req("u1")).await.unwrap();
+    // An answer about a capsule the stream has not reported yet.
+    answer.uid = "u2".into();
+    pool.note("node-a", answer);
+    assert_eq!(pool.reported("node-a", "u2"), None);
+    assert!(pool.observe("node-a", "u2").flatten().is_some());
+    // The create's own Creating event reaches the pool's view.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.reported("node-a", "u1").is_none() {
+        assert!(Instant::now() < deadline, "u1 never reported");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        pool.reported("node-a", "u1").map(|v| v.state),
+        Some(crate::plan::VmState::Creating)
+    );
+    assert_eq!(pool.reported("node-b", "u1"), None);
+    pool.shutdown();
+}

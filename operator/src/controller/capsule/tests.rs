@@ -95,6 +95,56 @@ async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }
 
+/// A VM that finishes booting while its Creating status is being written
+/// is shown Running by the same reconcile, and both Events go out after:
+/// no reconcile queued behind this one, no Event, stands between the boot
+/// and the status that shows it.
+#[tokio::test]
+async fn a_boot_that_ends_during_the_creating_write_is_shown_running_at_once() {
+    let node = crate::agent::fake::FakeNodeAgent::new(
+        "node-a",
+        pb::Resources {
+            vcpus: 4,
+            memory_bytes: 8 << 30,
+            disk_bytes: 100 << 30,
+        },
+        Duration::from_secs(1),
+    );
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    let (booted, release) = tokio::sync::oneshot::channel();
+    let status = format!("{CAPSULES}/c1/status?{SSA}");
+    server.expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    // The Creating write is answered only once the agent has reported the boot.
+    let writes = [
+        ("Scheduled", ok(cap.clone())),
+        (
+            "Creating",
+            Reply::When(release, serde_json::to_value(&cap).unwrap()),
+        ),
+        ("Running", ok(cap.clone())),
+    ];
+    for (phase, reply) in writes {
+        server.expect(Method::PATCH, &status, phase_is(phase), reply);
+    }
+    server
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        .expect(Method::POST, EVENTS, event("Running"), Reply::Echo);
+    let ctx = context(&server, pool.clone());
+    let reconciled = tokio::spawn(reconcile(Arc::new(cap), ctx));
+    wrenn_testkit::eventually(Duration::from_secs(10), "the boot never reported", || {
+        pool.reported("node-a", "u1")
+            .is_some_and(|v| v.state == crate::plan::VmState::Running)
+    })
+    .await;
+    booted.send(()).unwrap();
+    let action = reconciled.await.unwrap().unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+}
+
 #[tokio::test]
 async fn the_finalizer_goes_on_first_under_the_operators_field_manager_then_the_capsule_applies() {
     let (pool, _streams) = pool(&[]).await;
