@@ -119,7 +119,7 @@ impl Target {
         let namespace = namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let client = kube::Client::try_from(config).map_err(Error::BuildClient)?;
+        let client = wrenn_operator::kube_client::build(config).map_err(Error::BuildClient)?;
         Ok(Target { client, namespace })
     }
 

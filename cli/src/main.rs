@@ -33,7 +33,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
-use wrenn_crds::capsule::OperatingMode;
+use wrenn_crds::capsule::{CapsulePhase, OperatingMode};
+use wrenn_crds::snapshot::SnapshotPhase;
 
 use crate::args::{Cli, Command, ModeArgs};
 use crate::cluster::Target;
@@ -79,18 +80,7 @@ async fn run(cli: Cli) -> Result<u8> {
             capsule,
             command,
             ..
-        } => {
-            let p = processes::start(&target, &capsule, tag.as_deref(), &command).await?;
-            println!(
-                "process {} ({}) started in capsule/{capsule}",
-                p["pid"],
-                p["tag"]
-                    .as_str()
-                    .filter(|t| !t.is_empty())
-                    .unwrap_or("no tag")
-            );
-            Ok(0)
-        }
+        } => start_detached(&target, &capsule, tag.as_deref(), &command).await,
         Command::Exec {
             stdin,
             tty,
@@ -176,11 +166,7 @@ async fn run(cli: Cli) -> Result<u8> {
         } => {
             let timeout = wait.timeout();
             snapshot::snapshot(&target, &capsule, &name, !disk_only, timeout).await?;
-            let state = if timeout.is_some() {
-                "Ready"
-            } else {
-                "created"
-            };
+            let state = reached(timeout, wait::phase_name(SnapshotPhase::Ready));
             println!("capsulesnapshot/{name} of capsule/{capsule}: {state}");
             Ok(0)
         }
@@ -191,11 +177,7 @@ async fn run(cli: Cli) -> Result<u8> {
         } => {
             let timeout = wait.timeout();
             snapshot::fork(&target, &capsule, &name, timeout).await?;
-            let state = if timeout.is_some() {
-                "Running"
-            } else {
-                "created"
-            };
+            let state = reached(timeout, wait::phase_name(CapsulePhase::Running));
             println!("capsule/{name} forked from capsule/{capsule} (snapshot {name}): {state}");
             Ok(0)
         }
@@ -214,6 +196,32 @@ async fn run(cli: Cli) -> Result<u8> {
             print!("{}", status::show(&target, &capsule).await?);
             Ok(0)
         }
+    }
+}
+
+/// `exec --detach`: starts a tagged process and says which.
+async fn start_detached(
+    target: &Target,
+    capsule: &str,
+    tag: Option<&str>,
+    command: &[String],
+) -> Result<u8> {
+    let p = processes::start(target, capsule, tag, command).await?;
+    let tag = p["tag"].as_str().filter(|t| !t.is_empty());
+    println!(
+        "process {} ({}) started in capsule/{capsule}",
+        p["pid"],
+        tag.unwrap_or("no tag")
+    );
+    Ok(0)
+}
+
+/// What a verb that may wait reports: the state waited for, else that the
+/// object was created.
+fn reached(timeout: Option<std::time::Duration>, waited: String) -> String {
+    match timeout {
+        Some(_) => waited,
+        None => "created".to_string(),
     }
 }
 

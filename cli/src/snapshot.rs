@@ -10,7 +10,7 @@ use kube::api::PostParams;
 use kube::core::ObjectMeta;
 use wrenn_crds::capsule::{CapsulePhase, CapsuleSource, OperatingMode, SnapshotRef};
 use wrenn_crds::names::CLI_FIELD_MANAGER;
-use wrenn_crds::snapshot::CapsuleSnapshotSpec;
+use wrenn_crds::snapshot::{CapsuleSnapshotSpec, SnapshotPhase};
 use wrenn_crds::{Capsule, CapsuleSnapshot};
 
 use crate::cluster::{self, Target};
@@ -170,7 +170,7 @@ async fn create_snapshot(
         target,
         "CapsuleSnapshot",
         name,
-        "Ready",
+        &wait::phase_name(SnapshotPhase::Ready),
         timeout,
         plan_snapshot,
     )

@@ -35,7 +35,9 @@ impl FromStr for WaitFor {
         match s.split_once('=') {
             Some(("phase", phase)) => parse_phase(phase).map(WaitFor::Phase),
             Some(("condition", cond)) => {
-                let (ty, status) = cond.split_once('=').unwrap_or((cond, "True"));
+                let (ty, status) = cond
+                    .split_once('=')
+                    .unwrap_or((cond, ConditionStatus::True.as_str()));
                 let ty = ConditionType::ALL
                     .iter()
                     .copied()
@@ -86,8 +88,8 @@ const PHASES: [CapsulePhase; 12] = [
 ];
 
 /// The phase as the API writes it (its serde name).
-pub fn phase_name(p: CapsulePhase) -> String {
-    serde_json::to_value(p)
+pub fn phase_name<P: serde::Serialize + fmt::Debug>(p: P) -> String {
+    serde_json::to_value(&p)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_else(|| format!("{p:?}"))

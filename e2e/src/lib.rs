@@ -319,7 +319,7 @@ pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
             .context("load kubeconfig")?;
-    kube::Client::try_from(config).context("build client")
+    wrenn_operator::kube_client::build(config).context("build client")
 }
 
 fn kubectl_path() -> Result<PathBuf> {

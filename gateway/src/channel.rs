@@ -4,12 +4,18 @@
 //! error channel ends with (pure). Which agent stream sits behind the
 //! socket is left to `exec` and `transfer`.
 
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::route::{Reason, Refusal};
+
+/// The WebSocket a session runs on, once the upgrade is answered.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Channel numbers: the first byte of every binary message.
 pub mod number {

@@ -16,11 +16,8 @@
 use std::collections::HashMap;
 
 use futures::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -29,7 +26,7 @@ use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::channel::{
-    ClientFrame, build_exit_status, build_failure_status, framed, number, parse_frame,
+    ClientFrame, Socket, build_exit_status, build_failure_status, framed, number, parse_frame,
     send_final_status,
 };
 use crate::query::{flag, form_decode, form_encode};
@@ -342,7 +339,7 @@ pub async fn start(
 }
 
 /// Runs the stream until the process ends or the client goes away.
-pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, started: Started) {
+pub async fn bridge(ws: Socket, started: Started) {
     let Started {
         input,
         mut output,

@@ -312,36 +312,16 @@ pub async fn serve(
             };
             upload_body(capsule, start_upload(channel, &uid, to), body).await
         }
-        FileOp::Stat { sha256 } => {
-            let info = agent.stat(at(&path)).await.map_err(refused)?.into_inner();
-            let sum = if sha256 && info.r#type == gpb::FileType::Regular as i32 {
-                Some(
-                    agent
-                        .checksum(at(&path))
-                        .await
-                        .map_err(refused)?
-                        .into_inner()
-                        .sha256,
-                )
-            } else {
-                None
-            };
-            ok(build_file_info(&info, sum.as_deref()))
-        }
+        FileOp::Stat { sha256 } => ok(stat(&mut agent, &at(&path), sha256)
+            .await
+            .map_err(refused)?),
         FileOp::List { limit, after } => {
-            let list = agent
-                .list_dir(at(&path))
-                .await
-                .map_err(refused)?
-                .into_inner();
-            let (page, next) = plan_page(&list.entries, limit, after.as_deref());
-            let mut v = json!({
-                "items": page.iter().map(|i| build_file_info(i, None)).collect::<Vec<_>>(),
-            });
-            if let Some(n) = next {
-                v["continue"] = json!(n);
-            }
-            ok(v)
+            let list = agent.list_dir(at(&path)).await.map_err(refused)?;
+            ok(build_page(
+                &list.into_inner().entries,
+                limit,
+                after.as_deref(),
+            ))
         }
         FileOp::Mkdir { mode, parents } => {
             let info = agent
@@ -394,6 +374,33 @@ pub async fn serve(
             upload_body(capsule, start_upload(channel, &uid, to), body).await
         }
     }
+}
+
+/// `stat`, with the content's checksum when asked and a regular file.
+async fn stat(
+    agent: &mut NodeAgentClient<Channel>,
+    at: &pb::PathRequest,
+    sha256: bool,
+) -> Result<Value, tonic::Status> {
+    let info = agent.stat(at.clone()).await?.into_inner();
+    if !(sha256 && info.r#type == gpb::FileType::Regular as i32) {
+        return Ok(build_file_info(&info, None));
+    }
+    let sum = agent.checksum(at.clone()).await?.into_inner().sha256;
+    Ok(build_file_info(&info, Some(&sum)))
+}
+
+/// One page of a directory listing, with the `continue` token of the
+/// next (pure).
+fn build_page(entries: &[gpb::FileInfo], limit: usize, after: Option<&str>) -> Value {
+    let (page, next) = plan_page(entries, limit, after);
+    let mut v = json!({
+        "items": page.iter().map(|i| build_file_info(i, None)).collect::<Vec<_>>(),
+    });
+    if let Some(n) = next {
+        v["continue"] = json!(n);
+    }
+    v
 }
 
 async fn set_attr(

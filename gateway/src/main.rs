@@ -49,9 +49,11 @@ async fn run(args: Args) -> Result<()> {
         reload_seconds,
         log: _,
     } = args;
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("connect to the Kubernetes API")?;
+        .context("find the Kubernetes API (in-cluster or kubeconfig)")?;
+    let client =
+        wrenn_operator::kube_client::build(config).context("connect to the Kubernetes API")?;
     let agent_namespace = agents
         .agent_namespace
         .clone()

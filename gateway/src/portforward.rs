@@ -25,13 +25,13 @@ use tonic::transport::Channel;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_proto::guest::v1 as gpb;
 
+use crate::channel::Socket;
 use crate::channel::framed;
 use crate::exec::Protocol;
 use crate::locate::Target;
 use crate::query::form_decode;
 use crate::route::{Reason, Refusal};
 use crate::tunnel::{self, Tunnel};
-use crate::upgrade::Socket;
 
 /// Most ports one WebSocket forwards (as many as a capsule may declare).
 pub const MAX_PORTS: usize = 32;

@@ -83,7 +83,12 @@ pub async fn serve(
             let service = service_fn(move |req| {
                 let gw = gw.clone();
                 let peer = peer.clone();
-                async move { Ok::<_, Infallible>(handle(&gw, &peer, req).await) }
+                async move {
+                    let asked_upgrade = req.headers().contains_key(header::UPGRADE);
+                    let mut reply = handle(&gw, &peer, req).await;
+                    close_refused_upgrade(asked_upgrade, &mut reply);
+                    Ok::<_, Infallible>(reply)
+                }
             });
             if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
@@ -103,6 +108,20 @@ pub async fn serve(
 fn configure_accepted(tcp: &tokio::net::TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = &e as &dyn std::error::Error, "set TCP_NODELAY");
+    }
+}
+
+/// A refused upgrade ends its connection, and says so. The API server
+/// echoes a backend's answer to an upgrade request and then closes the
+/// client's connection; without `Connection: close` in that answer the
+/// client pools the connection, and its next request on it fails
+/// (`IncompleteMessage`) whenever it wins the race with the close.
+fn close_refused_upgrade(asked_upgrade: bool, reply: &mut Reply) {
+    if asked_upgrade && reply.status() != StatusCode::SWITCHING_PROTOCOLS {
+        reply.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
 }
 
@@ -379,6 +398,19 @@ async fn transfer_upgrade(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_refused_upgrade_closes_its_connection_and_an_answered_one_does_not() {
+        let close = |asked: bool, code: StatusCode| {
+            let mut r = text(code, "x");
+            close_refused_upgrade(asked, &mut r);
+            r.headers().get(header::CONNECTION).cloned()
+        };
+        assert_eq!(close(true, StatusCode::FORBIDDEN).unwrap(), "close");
+        assert_eq!(close(true, StatusCode::BAD_GATEWAY).unwrap(), "close");
+        assert_eq!(close(true, StatusCode::SWITCHING_PROTOCOLS), None);
+        assert_eq!(close(false, StatusCode::FORBIDDEN), None);
+    }
 
     #[tokio::test]
     async fn accepted_connections_write_small_frames_at_once() {

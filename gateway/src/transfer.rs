@@ -27,17 +27,14 @@
 //! code and reason a plain request would have had.
 
 use futures::{SinkExt as _, StreamExt as _};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::transport::Channel;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
 use wrenn_proto::guest::v1 as gpb;
 
 use crate::channel::number::{CLOSE, STDIN, STDOUT};
-use crate::channel::{framed, send_final_status};
+use crate::channel::{Socket, framed, send_final_status};
 use crate::console::ConsoleOptions;
 use crate::files::{FileOp, parse_request};
 use crate::filestream::{
@@ -207,7 +204,7 @@ pub fn build_success_status() -> Value {
 }
 
 /// Runs the transfer until it ends or the client goes away.
-pub async fn bridge(ws: WebSocketStream<TokioIo<Upgraded>>, capsule: String, opened: Opened) {
+pub async fn bridge(ws: Socket, capsule: String, opened: Opened) {
     let (mut sink, mut source) = ws.split();
     if sink.send(framed(STDOUT, &[])).await.is_err() {
         return;

@@ -11,7 +11,6 @@ use std::future::Future;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
@@ -19,14 +18,12 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tonic::transport::Channel;
 
+use crate::channel::Socket;
 use crate::exec::{self, Protocol};
 use crate::locate::Target;
 use crate::reply::Reply;
 use crate::route::{Reason, Refusal};
 use crate::{attach, portforward};
-
-/// The WebSocket a bridge runs on.
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// One channel-protocol subresource.
 pub trait Upgrade {

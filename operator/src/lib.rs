@@ -9,6 +9,7 @@ pub mod controller;
 pub mod finalizer;
 #[cfg(test)]
 mod fixtures;
+pub mod kube_client;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
