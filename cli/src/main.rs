@@ -149,12 +149,7 @@ async fn run(cli: Cli) -> Result<u8> {
             follow,
             tail,
             capsule,
-        } => {
-            console::show(&target, &capsule, follow, tail)
-                .await
-                .with_context(|| format!("console of capsule {capsule:?}"))?;
-            Ok(0)
-        }
+        } => show_console(&target, &capsule, follow, tail).await,
         Command::Pause(m) => set_mode(&target, m, OperatingMode::Paused).await,
         Command::Resume(m) => set_mode(&target, m, OperatingMode::Running).await,
         Command::Suspend(m) => set_mode(&target, m, OperatingMode::Suspended).await,
@@ -185,18 +180,39 @@ async fn run(cli: Cli) -> Result<u8> {
             capsule,
             wait_for,
             timeout,
-        } => {
-            wait::capsule(&target, &capsule, wait_for, None, timeout)
-                .await
-                .with_context(|| format!("wait for capsule {capsule:?}"))?;
-            println!("capsule/{capsule}: {wait_for}");
-            Ok(0)
-        }
+        } => wait_for_capsule(&target, &capsule, wait_for, timeout).await,
         Command::Status { capsule } => {
             print!("{}", status::show(&target, &capsule).await?);
             Ok(0)
         }
     }
+}
+
+/// `console [-f]`: the serial console log, or its tail, and what follows.
+async fn show_console(
+    target: &Target,
+    capsule: &str,
+    follow: bool,
+    tail: Option<u32>,
+) -> Result<u8> {
+    console::show(target, capsule, follow, tail)
+        .await
+        .with_context(|| format!("console of capsule {capsule:?}"))?;
+    Ok(0)
+}
+
+/// `wait --for`: until the capsule reaches the state asked for.
+async fn wait_for_capsule(
+    target: &Target,
+    capsule: &str,
+    wait_for: WaitFor,
+    timeout: std::time::Duration,
+) -> Result<u8> {
+    wait::capsule(target, capsule, wait_for, None, timeout)
+        .await
+        .with_context(|| format!("wait for capsule {capsule:?}"))?;
+    println!("capsule/{capsule}: {wait_for}");
+    Ok(0)
 }
 
 /// `exec --detach`: starts a tagged process and says which.

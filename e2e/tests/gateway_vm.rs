@@ -15,6 +15,9 @@
 //! a detached process surviving a client disconnect and a suspend/resume;
 //! last, an open exec holding off `lifecycle.idleTimeout`, which then
 //! deletes the capsule once the exec ends.
+//!
+//! Why this file is long: one booted guest serves every step of the
+//! issue's vm-tier list, and splitting it would boot one guest per file.
 #![allow(clippy::unwrap_used)]
 
 mod gateway_bed;
