@@ -11,7 +11,7 @@
 //! serving certificate) so a rotation needs no restart.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -19,9 +19,10 @@ use hyper::HeaderMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use wrenn_runtime::pem;
 
 use crate::route::{Reason, Refusal};
 
@@ -54,26 +55,9 @@ pub enum Error {
     /// The request-header CA holds no usable certificate.
     #[error("trust the request-header CA")]
     Ca(#[source] rustls::server::VerifierBuilderError),
-    /// A PEM file could not be read.
-    #[error("read {what} from {path}")]
-    Read {
-        /// Certificate or key.
-        what: &'static str,
-        /// File.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A PEM section could not be decoded.
-    #[error("decode the {what}")]
-    Decode {
-        /// What was expected.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
+    /// A PEM file could not be read or decoded.
+    #[error("load the serving TLS files")]
+    Pem(#[source] wrenn_runtime::pem::Error),
     /// Certificate and key do not make a server identity.
     #[error("use the serving certificate {cert} with its key")]
     Identity {
@@ -269,25 +253,18 @@ pub struct ServingFiles {
     pub key: PathBuf,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// The TLS configuration: this serving certificate; client certificates
 /// optional (a request without one gets a clear 401 rather than a failed
 /// handshake) but verified against the request-header CA when presented.
 /// Blocking.
 pub fn build_tls(files: &ServingFiles, ca_pem: &str) -> Result<Arc<ServerConfig>, Error> {
-    let decode = |what| move |source| Error::Decode { what, source };
-    let chain = CertificateDer::pem_slice_iter(&read("serving certificate", &files.cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(decode("serving certificate"))?;
-    let key = PrivateKeyDer::from_pem_slice(&read("serving key", &files.key)?)
-        .map_err(decode("serving key"))?;
+    let (cert, key) = ("serving certificate", "serving key");
+    let chain = pem::read(cert, &files.cert)
+        .and_then(|b| pem::certs(cert, &files.cert, &b))
+        .map_err(Error::Pem)?;
+    let key = pem::read(key, &files.key)
+        .and_then(|b| pem::private_key(key, &files.key, &b))
+        .map_err(Error::Pem)?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()).flatten() {
         // A bad certificate among several is skipped; none usable is
