@@ -138,7 +138,25 @@ impl Agent {
             .args([sig, &self.child.id().to_string()])
             .status()
             .unwrap();
+        if sig == "-STOP" {
+            // `kill` returns once the signal is queued; the agent's threads
+            // stop when they next leave the kernel. A call made before that
+            // could still be answered, so wait for the state the kernel
+            // reports for a stopped process.
+            let stat = format!("/proc/{}/stat", self.child.id());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !stopped(&std::fs::read_to_string(&stat).unwrap_or_default()) {
+                assert!(Instant::now() < deadline, "the agent did not stop");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
+}
+
+/// Whether a `/proc/PID/stat` line shows a stopped process (state `T`).
+fn stopped(stat: &str) -> bool {
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('T'))
 }
 
 impl Drop for Agent {
