@@ -14,7 +14,8 @@
 //!
 //! `cargo bench -p wrenn-e2e --bench gateway` (as root; needs the control
 //! plane binaries, like the cluster tier). `WRENN_BENCH_EXECS` sets the
-//! exec samples (default 200).
+//! exec samples (default 200), `WRENN_BENCH_TRANSFER_ROUNDS` the transfer
+//! rounds whose medians are reported (default 5).
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "../tests/gateway_bed/mod.rs"]
@@ -102,6 +103,125 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes per transfer.
+const SIZE: usize = 64 << 20;
+
+/// One round of transfers, MB/s.
+struct Rates {
+    up_via: f64,
+    up_direct: f64,
+    down_via: f64,
+    down_direct: f64,
+}
+
+/// Uploads and downloads `data` through the API server and straight
+/// through the agent, back to back.
+async fn transfer_round(
+    alice: &kube::Client,
+    agent: &mut wrenn_proto::agent::v1::node_agent_client::NodeAgentClient<
+        tonic::transport::Channel,
+    >,
+    uid: &str,
+    d: &str,
+    data: &[u8],
+) -> Rates {
+    use wrenn_proto::agent::v1 as pb;
+    use wrenn_proto::guest::v1 as gpb;
+    let mbps = |t: Duration| SIZE as f64 / 1e6 / t.as_secs_f64();
+    let t = Instant::now();
+    let mut up = ws(
+        alice,
+        "files",
+        &format!("path={d}/via.bin&upload=true&size={SIZE}"),
+    )
+    .await;
+    for c in data.chunks(1 << 20) {
+        let mut m = Vec::with_capacity(c.len() + 1);
+        m.push(0u8);
+        m.extend_from_slice(c);
+        up.send(Message::binary(m)).await.unwrap();
+    }
+    up.send(Message::binary(vec![255u8, 0])).await.unwrap();
+    drain(&mut up).await;
+    let up_via = mbps(t.elapsed());
+    let t = Instant::now();
+    let mut down = ws(alice, "files", &format!("path={d}/via.bin")).await;
+    assert_eq!(drain(&mut down).await, SIZE);
+    let down_via = mbps(t.elapsed());
+
+    let t = Instant::now();
+    let wrap = |i| pb::WriteFileInput {
+        uid: uid.to_string(),
+        input: Some(gpb::WriteFileInput { input: Some(i) }),
+    };
+    let mut msgs = vec![wrap(gpb::write_file_input::Input::Start(
+        gpb::WriteFileStart {
+            path: format!("{d}/direct.bin"),
+            size: SIZE as u64,
+            ..Default::default()
+        },
+    ))];
+    msgs.extend(
+        data.chunks(1 << 20)
+            .map(|c| wrap(gpb::write_file_input::Input::Data(c.to_vec()))),
+    );
+    agent.write_file(futures::stream::iter(msgs)).await.unwrap();
+    let up_direct = mbps(t.elapsed());
+    let t = Instant::now();
+    let mut s = agent
+        .read_file(pb::ReadFileRequest {
+            uid: uid.to_string(),
+            request: Some(gpb::ReadFileRequest {
+                path: format!("{d}/direct.bin"),
+                max_bytes: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(c) = s.message().await.unwrap() {
+        n += c.data.len();
+    }
+    assert_eq!(n, SIZE);
+    Rates {
+        up_via,
+        up_direct,
+        down_via,
+        down_direct: mbps(t.elapsed()),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "missed" }
+}
+
+/// A row of the exec table: `via` against the aim of 1.5x `direct` + 5 ms.
+fn exec_row(what: &str, via: Duration, direct: Duration) {
+    let aim = ms(direct) * 1.5 + 5.0;
+    println!(
+        "| exec round trip {what} | {:.1} ms | {:.1} ms | {:.2}x | <= 1.5x + 5 ms ({aim:.1} ms): {} |",
+        ms(via),
+        ms(direct),
+        ms(via) / ms(direct),
+        verdict(ms(via) <= aim)
+    );
+}
+
+/// A row of the transfer table: medians, and the median ratio of the rounds.
+fn transfer_row(what: &str, via: f64, direct: f64, ratio: f64) {
+    println!(
+        "| {what} | {via:.0} MB/s | {direct:.0} MB/s | {:.0}% | >= 80%: {} |",
+        ratio * 100.0,
+        verdict(ratio >= 0.8)
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -167,8 +287,13 @@ async fn run() {
     }
     via_stock.sort();
 
-    // Throughput, 64 MiB each way.
-    const SIZE: usize = 64 << 20;
+    // Throughput, 64 MiB each way, in rounds of both paths: one transfer
+    // is half a second, so a burst of load on this shared machine can
+    // halve either column; the median of several rounds is what holds.
+    let rounds: usize = std::env::var("WRENN_BENCH_TRANSFER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let dir = tempfile::Builder::new()
         .prefix("wrenn-bench-")
         .tempdir()
@@ -177,66 +302,15 @@ async fn run() {
     let data: Vec<u8> = (0..SIZE as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let mbps = |t: Duration| SIZE as f64 / 1e6 / t.as_secs_f64();
-    let t = Instant::now();
-    let mut up = ws(
-        &alice,
-        "files",
-        &format!("path={d}/via.bin&upload=true&size={SIZE}"),
-    )
-    .await;
-    for c in data.chunks(1 << 20) {
-        let mut m = Vec::with_capacity(c.len() + 1);
-        m.push(0u8);
-        m.extend_from_slice(c);
-        up.send(Message::binary(m)).await.unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        runs.push(transfer_round(&alice, &mut agent, &uid, &d, &data).await);
     }
-    up.send(Message::binary(vec![255u8, 0])).await.unwrap();
-    drain(&mut up).await;
-    let up_via = mbps(t.elapsed());
-    let t = Instant::now();
-    let mut down = ws(&alice, "files", &format!("path={d}/via.bin")).await;
-    assert_eq!(drain(&mut down).await, SIZE);
-    let down_via = mbps(t.elapsed());
-
-    use wrenn_proto::agent::v1 as pb;
-    use wrenn_proto::guest::v1 as gpb;
-    let t = Instant::now();
-    let wrap = |i| pb::WriteFileInput {
-        uid: uid.clone(),
-        input: Some(gpb::WriteFileInput { input: Some(i) }),
-    };
-    let mut msgs = vec![wrap(gpb::write_file_input::Input::Start(
-        gpb::WriteFileStart {
-            path: format!("{d}/direct.bin"),
-            size: SIZE as u64,
-            ..Default::default()
-        },
-    ))];
-    msgs.extend(
-        data.chunks(1 << 20)
-            .map(|c| wrap(gpb::write_file_input::Input::Data(c.to_vec()))),
-    );
-    agent.write_file(futures::stream::iter(msgs)).await.unwrap();
-    let up_direct = mbps(t.elapsed());
-    let t = Instant::now();
-    let mut s = agent
-        .read_file(pb::ReadFileRequest {
-            uid: uid.clone(),
-            request: Some(gpb::ReadFileRequest {
-                path: format!("{d}/direct.bin"),
-                max_bytes: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Some(c) = s.message().await.unwrap() {
-        n += c.data.len();
-    }
-    assert_eq!(n, SIZE);
-    let down_direct = mbps(t.elapsed());
+    let rate = |pick: fn(&Rates) -> f64| median(runs.iter().map(pick).collect());
+    let (up_via, up_direct) = (rate(|r| r.up_via), rate(|r| r.up_direct));
+    let (down_via, down_direct) = (rate(|r| r.down_via), rate(|r| r.down_direct));
+    let up_ratio = rate(|r| r.up_via / r.up_direct);
+    let down_ratio = rate(|r| r.down_via / r.down_direct);
 
     // 100 open streams.
     let mut open = Vec::new();
@@ -273,51 +347,15 @@ async fn run() {
         pct(&direct, 0.5),
         pct(&direct, 0.99),
     );
-    println!("\ngateway figures ({samples} exec samples, 64 MiB transfers)\n");
+    println!(
+        "\ngateway figures ({samples} exec samples; 64 MiB transfers, median of {rounds} rounds)\n"
+    );
     println!("| measure | through API server + gateway | direct agent gRPC | ratio | aim |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| exec round trip p50 | {:.1} ms | {:.1} ms | {:.2}x | <= 1.5x + 5 ms ({:.1} ms): {} |",
-        ms(v50),
-        ms(d50),
-        ms(v50) / ms(d50),
-        ms(d50) * 1.5 + 5.0,
-        if ms(v50) <= ms(d50) * 1.5 + 5.0 {
-            "met"
-        } else {
-            "missed"
-        }
-    );
-    println!(
-        "| exec round trip p99 | {:.1} ms | {:.1} ms | {:.2}x | <= 1.5x + 5 ms ({:.1} ms): {} |",
-        ms(v99),
-        ms(d99),
-        ms(v99) / ms(d99),
-        ms(d99) * 1.5 + 5.0,
-        if ms(v99) <= ms(d99) * 1.5 + 5.0 {
-            "met"
-        } else {
-            "missed"
-        }
-    );
-    println!(
-        "| upload | {up_via:.0} MB/s | {up_direct:.0} MB/s | {:.0}% | >= 80%: {} |",
-        up_via / up_direct * 100.0,
-        if up_via >= 0.8 * up_direct {
-            "met"
-        } else {
-            "missed"
-        }
-    );
-    println!(
-        "| download | {down_via:.0} MB/s | {down_direct:.0} MB/s | {:.0}% | >= 80%: {} |",
-        down_via / down_direct * 100.0,
-        if down_via >= 0.8 * down_direct {
-            "met"
-        } else {
-            "missed"
-        }
-    );
+    exec_row("p50", v50, d50);
+    exec_row("p99", v99, d99);
+    transfer_row("upload", up_via, up_direct, up_ratio);
+    transfer_row("download", down_via, down_direct, down_ratio);
     println!(
         "\nexec through the API server, p50 since the start: upgrade answered {:.1} ms, \
          exit status received {:.1} ms, connection closed {:.1} ms",

@@ -3,6 +3,13 @@
 //! finds agents (the DaemonSet's label, the Pod IP, the agent port). The
 //! gRPC channel to each agent is opened through the operator's
 //! [`GrpcConnector`] with the gateway's own client certificate, and kept.
+//!
+//! Capsules are followed by a watch, so a request to a Running capsule
+//! costs no API call of its own (it was most of the gateway's share of an
+//! exec). Only a Running capsule is taken from the cache: one absent or
+//! not Running there is read from the API server, so every refusal a user
+//! sees is fresh. A cache a moment behind a pause sends the call to the
+//! agent, which refuses it with the capsule's state.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,8 +18,9 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tonic::transport::Channel;
 use wrenn_crds::Capsule;
@@ -153,11 +161,19 @@ pub fn plan_agent_addr<'a>(
         .map(|ip| SocketAddr::new(ip, port))
 }
 
+/// What the cache keeps of a Capsule: the fields [`plan_target`] reads
+/// (a Capsule's managed fields and annotations can outweigh the rest).
+fn slim(c: &mut Capsule) {
+    c.managed_fields_mut().clear();
+    c.annotations_mut().clear();
+}
+
 /// Finds capsules and their agents.
 #[derive(Clone)]
 pub struct Locator {
     client: kube::Client,
     pods: Store<Pod>,
+    capsules: Store<Capsule>,
     listed: Arc<AtomicBool>,
     port: u16,
     connector: GrpcConnector,
@@ -194,6 +210,21 @@ impl Locator {
                 tracing::warn!(error = &err as &dyn std::error::Error, "watch agent pods");
             }
         });
+        let (capsules, writer) = reflector::store();
+        let capsule_stream = reflector::reflector(
+            writer,
+            watcher(
+                Api::<Capsule>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .modify(slim),
+        )
+        .default_backoff()
+        .for_each(|ev| async move {
+            if let Err(err) = ev {
+                tracing::warn!(error = &err as &dyn std::error::Error, "watch capsules");
+            }
+        });
         let listed = Arc::new(AtomicBool::new(false));
         let (flag, first_list) = (listed.clone(), store.clone());
         let drive = async move {
@@ -202,12 +233,13 @@ impl Locator {
                     flag.store(true, Ordering::Relaxed);
                 }
             };
-            tokio::join!(stream, mark);
+            tokio::join!(stream, capsule_stream, mark);
         };
         (
             Self {
                 client,
                 pods: store,
+                capsules,
                 listed,
                 port,
                 connector,
@@ -224,6 +256,13 @@ impl Locator {
 
     /// The running capsule `namespace/name`, or the refusal the user reads.
     pub async fn target(&self, namespace: &str, name: &str) -> Result<Target, Refusal> {
+        let cached = self
+            .capsules
+            .get(&ObjectRef::new(name).within(namespace))
+            .and_then(|c| plan_target(namespace, name, Some(&c)).ok());
+        if let Some(t) = cached {
+            return Ok(t);
+        }
         let api: Api<Capsule> = Api::namespaced(self.client.clone(), namespace);
         let capsule = api.get_opt(name).await.map_err(|err| {
             tracing::warn!(error = &err as &dyn std::error::Error, %namespace, %name, "read capsule");
