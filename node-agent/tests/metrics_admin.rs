@@ -268,8 +268,7 @@ async fn scrape_health_readiness_and_removed_capsules() {
 #[tokio::test]
 async fn a_supervised_capsule_is_scraped_until_deleted() {
     use wrenn_node_agent::capsule::{
-        BootSource, CapsuleSpec, Egress, Host, Resources, State, Supervisor, SupervisorConfig,
-        TemplateDisk,
+        BootSource, CapsuleSpec, Host, Resources, State, Supervisor, SupervisorConfig, TemplateDisk,
     };
     use wrenn_node_agent::storage::{CapsuleId, FakeBlockStore};
 
@@ -298,26 +297,20 @@ async fn a_supervised_capsule_is_scraped_until_deleted() {
         std::future::pending(),
     ));
 
-    let spec = CapsuleSpec {
-        namespace: "default".into(),
-        name: "c".into(),
-        source: BootSource::Template(TemplateDisk {
+    let spec = CapsuleSpec::new(
+        "default",
+        "c",
+        BootSource::Template(TemplateDisk {
             key: "t".into(),
             rootfs: "/t/base.ext4".into(),
             digest: String::new(),
         }),
-        resources: Resources {
+        Resources {
             vcpus: 1,
             memory_bytes: 256 << 20,
             disk_bytes: 1 << 30,
         },
-        kernel: None,
-        cmdline: String::new(),
-        env: Default::default(),
-        egress: Egress::Allow,
-        names: Default::default(),
-        ports: Vec::new(),
-    };
+    );
     sup.create("uid-c", spec, State::Running).await.unwrap();
     store.set_allocated(&CapsuleId::new("uid-c").unwrap(), 5 << 20);
     sampler::tick(&metrics, Duration::from_secs(1)).await;

@@ -250,26 +250,20 @@ impl World {
     }
 
     fn spec(&self) -> CapsuleSpec {
-        CapsuleSpec {
-            namespace: "default".into(),
-            name: "c".into(),
-            source: BootSource::Template(TemplateDisk {
+        CapsuleSpec::new(
+            "default",
+            "c",
+            BootSource::Template(TemplateDisk {
                 key: "t".into(),
                 rootfs: self.template.clone(),
                 digest: String::new(),
             }),
-            resources: Resources {
+            Resources {
                 vcpus: 1,
                 memory_bytes: 64 << 20,
                 disk_bytes: 1 << 20,
             },
-            kernel: None,
-            cmdline: String::new(),
-            env: Default::default(),
-            egress: Egress::Allow,
-            names: Default::default(),
-            ports: Vec::new(),
-        }
+        )
     }
 
     fn sweep(&self) -> OrphanSweep {

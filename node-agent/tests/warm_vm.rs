@@ -23,7 +23,7 @@ use network_env::Bed as NetBed;
 use qemu_bed::{Image, QemuBed, VmTools, need_vm_tools, processes_mentioning};
 use wrenn_crds::reason::Reason;
 use wrenn_node_agent::capsule::{
-    BootSource, CapsuleSpec, Egress, PrepareRequest, Readiness, Resources, State, TemplateDisk,
+    BootSource, CapsuleSpec, PrepareRequest, Readiness, Resources, State, TemplateDisk,
     TemplatePhase, TemplateSource, TemplateStatus, WarmSpec,
 };
 use wrenn_node_agent::guest::GuestClient;
@@ -55,18 +55,7 @@ impl World {
     }
 
     fn spec(&self, name: &str, source: BootSource) -> CapsuleSpec {
-        CapsuleSpec {
-            namespace: "default".into(),
-            name: name.into(),
-            source,
-            resources: Self::resources(),
-            kernel: None,
-            cmdline: String::new(),
-            env: Default::default(),
-            egress: Egress::Allow,
-            names: Default::default(),
-            ports: Vec::new(),
-        }
+        CapsuleSpec::new("default", name, source, Self::resources())
     }
 
     fn cold(&self, name: &str) -> CapsuleSpec {

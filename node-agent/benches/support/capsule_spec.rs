@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use wrenn_node_agent::capsule::{
-    BootSource, CapsuleSpec, Egress, Host, Resources, Supervisor, SupervisorConfig, TemplateDisk,
+    BootSource, CapsuleSpec, Host, Resources, Supervisor, SupervisorConfig, TemplateDisk,
 };
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::BlockStore;
@@ -13,24 +13,21 @@ use wrenn_node_agent::vmm::FakeMachine;
 /// Capsule `i` over the template disk at `template`.
 pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
     CapsuleSpec {
-        namespace: "bench".into(),
-        name: format!("c{i}"),
-        source: BootSource::Template(TemplateDisk {
-            key: "bench/base@sha256:0".into(),
-            rootfs: template.to_path_buf(),
-            digest: "sha256:0".into(),
-        }),
-        resources: Resources {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            disk_bytes: 1 << 30,
-        },
-        kernel: None,
-        cmdline: String::new(),
         env: [("APP".to_string(), "bench".to_string())].into(),
-        egress: Egress::Allow,
-        names: Default::default(),
-        ports: Vec::new(),
+        ..CapsuleSpec::new(
+            "bench",
+            format!("c{i}"),
+            BootSource::Template(TemplateDisk {
+                key: "bench/base@sha256:0".into(),
+                rootfs: template.to_path_buf(),
+                digest: "sha256:0".into(),
+            }),
+            Resources {
+                vcpus: 1,
+                memory_bytes: 256 << 20,
+                disk_bytes: 1 << 30,
+            },
+        )
     }
 }
 

@@ -99,6 +99,29 @@ pub struct CapsuleSpec {
 }
 
 impl CapsuleSpec {
+    /// A capsule booting `source` with `resources` and the defaults for
+    /// the rest: the agent's kernel and command line, no environment,
+    /// egress allowed, no names or ports.
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        source: BootSource,
+        resources: Resources,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            source,
+            resources,
+            kernel: None,
+            cmdline: String::new(),
+            env: BTreeMap::new(),
+            egress: Egress::Allow,
+            names: Default::default(),
+            ports: Vec::new(),
+        }
+    }
+
     /// The first field that differs from `other`, for a conflict message.
     pub fn first_difference(&self, other: &CapsuleSpec) -> Option<&'static str> {
         let pairs: [(&'static str, bool); 8] = [
@@ -445,26 +468,20 @@ pub(crate) mod testing {
 
     /// A small valid spec.
     pub fn spec(name: &str) -> CapsuleSpec {
-        CapsuleSpec {
-            namespace: "default".into(),
-            name: name.into(),
-            source: BootSource::Template(TemplateDisk {
+        CapsuleSpec::new(
+            "default",
+            name,
+            BootSource::Template(TemplateDisk {
                 key: "default/base@sha256:00".into(),
                 rootfs: "/var/lib/wrenn/templates/base.ext4".into(),
                 digest: "sha256:00".into(),
             }),
-            resources: Resources {
+            Resources {
                 vcpus: 1,
                 memory_bytes: 256 << 20,
                 disk_bytes: 1 << 30,
             },
-            kernel: None,
-            cmdline: String::new(),
-            env: BTreeMap::new(),
-            egress: Egress::Allow,
-            names: Default::default(),
-            ports: Vec::new(),
-        }
+        )
     }
 }
 

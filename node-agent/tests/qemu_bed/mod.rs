@@ -211,24 +211,21 @@ impl QemuBed {
     /// 256 MiB, a 1 GiB disk, `egress`, default names and no ports.
     pub fn spec(&self, namespace: &str, name: &str, egress: Egress) -> CapsuleSpec {
         CapsuleSpec {
-            namespace: namespace.into(),
-            name: name.into(),
-            source: BootSource::Template(TemplateDisk {
-                key: format!("{namespace}/base@ci"),
-                rootfs: self.image.rootfs.clone(),
-                digest: String::new(),
-            }),
-            resources: Resources {
-                vcpus: 1,
-                memory_bytes: 256 << 20,
-                disk_bytes: 1 << 30,
-            },
-            kernel: None,
-            cmdline: String::new(),
-            env: Default::default(),
             egress,
-            names: Default::default(),
-            ports: Vec::new(),
+            ..CapsuleSpec::new(
+                namespace,
+                name,
+                BootSource::Template(TemplateDisk {
+                    key: format!("{namespace}/base@ci"),
+                    rootfs: self.image.rootfs.clone(),
+                    digest: String::new(),
+                }),
+                Resources {
+                    vcpus: 1,
+                    memory_bytes: 256 << 20,
+                    disk_bytes: 1 << 30,
+                },
+            )
         }
     }
 

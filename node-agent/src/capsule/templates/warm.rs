@@ -22,7 +22,7 @@ use wrenn_crds::reason::Reason;
 
 use super::guest::BuildVm;
 use super::{BuildVms, Builds, PrepareRequest, ReadyTemplate, TemplateSource, WarmSpec};
-use crate::capsule::model::{BootSource, CapsuleSpec, Egress, SnapshotInfo, State, TemplateDisk};
+use crate::capsule::model::{BootSource, CapsuleSpec, SnapshotInfo, State, TemplateDisk};
 use crate::images::{ImageSource, Pull};
 use crate::network::GUEST_ADDR;
 
@@ -182,20 +182,19 @@ fn build_spec(
     digest: &str,
 ) -> CapsuleSpec {
     CapsuleSpec {
-        namespace: String::new(),
-        name: "warm-build".into(),
-        source: BootSource::Template(TemplateDisk {
-            key: req.key.clone(),
-            rootfs: rootfs.to_path_buf(),
-            digest: digest.to_string(),
-        }),
-        resources: warm.resources,
         kernel: req.kernel.clone(),
         cmdline: req.cmdline.clone(),
         env: warm.env.clone(),
-        egress: Egress::Allow,
-        names: Default::default(),
-        ports: Vec::new(),
+        ..CapsuleSpec::new(
+            String::new(),
+            "warm-build",
+            BootSource::Template(TemplateDisk {
+                key: req.key.clone(),
+                rootfs: rootfs.to_path_buf(),
+                digest: digest.to_string(),
+            }),
+            warm.resources,
+        )
     }
 }
 
