@@ -12,11 +12,13 @@
 # Each is built in its own throwaway module so that one's dependency bumps
 # cannot shift what another is built with. helm v3 and kwok have no replace
 # directives in their go.mod, so a plain require works; k8s.io/kubernetes
-# needs the staging replaces (see build-control-plane.sh).
+# needs the staging replaces (go-kubernetes.sh).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.sh
 . "$here/versions.sh"
+# shellcheck source=go-kubernetes.sh
+. "$here/go-kubernetes.sh"
 export GOFLAGS=-buildvcs=false CGO_ENABLED=0
 
 log() { printf '[chart-tools] %s\n' "$*" >&2; }
@@ -44,24 +46,8 @@ build_kube_ctrl() {
     log "kube-controller-manager, kube-scheduler $KUBE_VERSION cached in $K8S_CTRL_BIN_DIR"; return
   fi
   log "building kube-controller-manager and kube-scheduler $KUBE_VERSION"
-  local t0 kv=$KUBE_VERSION sv="v0.${KUBE_VERSION#v1.}" w gomod
-  t0=$(date +%s); w=$(mktemp -d); trap 'rm -rf "$w"' RETURN
-  cd "$w"; go mod init local/k8sctrl >/dev/null 2>&1
-  gomod=$(go mod download -json "k8s.io/kubernetes@$kv" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-  [ -f "$gomod" ] || { log "no go.mod for k8s.io/kubernetes@$kv"; exit 1; }
-  local args=(-require="k8s.io/kubernetes@$kv") m
-  for m in $(sed -n 's#^[[:space:]]*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\1#p' "$gomod"); do
-    args+=(-replace="$m=$m@$sv")
-  done
-  go mod edit "${args[@]}"
-  local k=k8s.io/kubernetes/cmd
-  go get -tool "$k/kube-controller-manager@$kv" "$k/kube-scheduler@$kv"
-  local mi=${kv#v1.}; mi=${mi%%.*}
-  local p=k8s.io/component-base/version c=k8s.io/client-go/pkg/version
-  local ldf="-s -w -X $p.gitVersion=$kv -X $p.gitMajor=1 -X $p.gitMinor=$mi -X $c.gitVersion=$kv -X $c.gitMajor=1 -X $c.gitMinor=$mi"
-  rm -rf "$K8S_CTRL_BIN_DIR.tmp"; mkdir -p "$K8S_CTRL_BIN_DIR.tmp"
-  go build -trimpath -ldflags "$ldf" -o "$K8S_CTRL_BIN_DIR.tmp/" "$k/kube-controller-manager" "$k/kube-scheduler"
-  publish "$K8S_CTRL_BIN_DIR.tmp" "$K8S_CTRL_BIN_DIR"
+  local t0; t0=$(date +%s)
+  build_kubernetes_cmds "$K8S_CTRL_BIN_DIR" kube-controller-manager kube-scheduler
   log "kube-controller-manager, kube-scheduler built in $(( $(date +%s) - t0 ))s"
 }
 
