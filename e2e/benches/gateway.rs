@@ -9,13 +9,15 @@
 //!   agent → guest, p50/p99 and the ratio;
 //! - file upload and download (64 MiB, the WebSocket form) vs the agent's
 //!   `WriteFile`/`ReadFile`, MB/s;
-//! - gateway RSS idle and with 100 open streams (console follows);
+//! - gateway RSS idle and with 100 open streams (console follows), and
+//!   its CPU time per MB moved through it;
 //! - exec calls per second one gateway sustains (16 in flight).
 //!
 //! `cargo bench -p wrenn-e2e --bench gateway` (as root; needs the control
 //! plane binaries, like the cluster tier). `WRENN_BENCH_EXECS` sets the
 //! exec samples (default 200), `WRENN_BENCH_TRANSFER_ROUNDS` the transfer
-//! rounds whose medians are reported (default 5).
+//! rounds whose medians are reported (default 5); `WRENN_E2E_RELEASE=1`
+//! runs the gateway and guest agent built as they ship (release).
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "../tests/gateway_bed/mod.rs"]
@@ -106,17 +108,41 @@ fn rss_kib(pid: u32) -> u64 {
 /// Bytes per transfer.
 const SIZE: usize = 64 << 20;
 
-/// One round of transfers, MB/s.
+/// One round of transfers: MB/s, and the gateway's CPU per MB moved
+/// through it (ms).
 struct Rates {
     up_via: f64,
     up_direct: f64,
     down_via: f64,
     down_direct: f64,
+    gateway_up_cpu: f64,
+    gateway_down_cpu: f64,
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces): state, then
+    // utime and stime as the 12th and 13th fields.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    let per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / per_s)
 }
 
 /// Uploads and downloads `data` through the API server and straight
 /// through the agent, back to back.
 async fn transfer_round(
+    gateway: u32,
     alice: &kube::Client,
     agent: &mut wrenn_proto::agent::v1::node_agent_client::NodeAgentClient<
         tonic::transport::Channel,
@@ -128,6 +154,8 @@ async fn transfer_round(
     use wrenn_proto::agent::v1 as pb;
     use wrenn_proto::guest::v1 as gpb;
     let mbps = |t: Duration| SIZE as f64 / 1e6 / t.as_secs_f64();
+    let cpu_per_mb = |t: Duration| t.as_secs_f64() * 1e3 / (SIZE as f64 / 1e6);
+    let cpu = cpu_time(gateway);
     let t = Instant::now();
     let mut up = ws(
         alice,
@@ -144,10 +172,13 @@ async fn transfer_round(
     up.send(Message::binary(vec![255u8, 0])).await.unwrap();
     drain(&mut up).await;
     let up_via = mbps(t.elapsed());
+    let gateway_up_cpu = cpu_per_mb(cpu_time(gateway) - cpu);
+    let cpu = cpu_time(gateway);
     let t = Instant::now();
     let mut down = ws(alice, "files", &format!("path={d}/via.bin")).await;
     assert_eq!(drain(&mut down).await, SIZE);
     let down_via = mbps(t.elapsed());
+    let gateway_down_cpu = cpu_per_mb(cpu_time(gateway) - cpu);
 
     let t = Instant::now();
     let wrap = |i| pb::WriteFileInput {
@@ -189,6 +220,8 @@ async fn transfer_round(
         up_direct,
         down_via,
         down_direct: mbps(t.elapsed()),
+        gateway_up_cpu,
+        gateway_down_cpu,
     }
 }
 
@@ -304,7 +337,7 @@ async fn run() {
         .collect();
     let mut runs = Vec::new();
     for _ in 0..rounds {
-        runs.push(transfer_round(&alice, &mut agent, &uid, &d, &data).await);
+        runs.push(transfer_round(pid, &alice, &mut agent, &uid, &d, &data).await);
     }
     let rate = |pick: fn(&Rates) -> f64| median(runs.iter().map(pick).collect());
     let (up_via, up_direct) = (rate(|r| r.up_via), rate(|r| r.up_direct));
@@ -348,7 +381,13 @@ async fn run() {
         pct(&direct, 0.99),
     );
     println!(
-        "\ngateway figures ({samples} exec samples; 64 MiB transfers, median of {rounds} rounds)\n"
+        "\ngateway figures ({samples} exec samples; 64 MiB transfers, median of {rounds} rounds; \
+         gateway and guest agent built {})\n",
+        if wrenn_e2e::build::release_binaries() {
+            "release"
+        } else {
+            "debug"
+        }
     );
     println!("| measure | through API server + gateway | direct agent gRPC | ratio | aim |");
     println!("|---|---|---|---|---|");
@@ -373,6 +412,11 @@ async fn run() {
     println!(
         "| RSS with 100 open streams | {:.1} MiB |",
         rss_100 as f64 / 1024.0
+    );
+    println!(
+        "| CPU per MB through it (median): upload / download | {:.2} / {:.2} ms |",
+        rate(|r| r.gateway_up_cpu),
+        rate(|r| r.gateway_down_cpu)
     );
     println!("| exec calls/s (16 in flight, 10 s) | {per_s:.0} |");
 }

@@ -14,7 +14,8 @@ use crate::workspace_root;
 /// --workspace` does (see [`cargo_build`]).
 const DEV_UNIT: [&str; 2] = ["--example", "gen"];
 
-/// Builds `bin` of `package` (debug, locked) and returns its path.
+/// Builds `bin` of `package` (debug, or release with
+/// [`release_binaries`]; locked) and returns its path.
 ///
 /// With the features `cargo test --workspace` resolves: `-p <package>`
 /// alone resolves fewer (no other member, no dev-dependency), which
@@ -48,8 +49,12 @@ fn build_now(package: &str, bin: &str) -> Result<PathBuf> {
             cmd.env_remove(&name);
         }
     }
+    let release = release_binaries();
+    cmd.args(["build", "--locked", "-q", "--workspace", "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
     let status = cmd
-        .args(["build", "--locked", "-q", "--workspace", "--bin", bin])
         .args(DEV_UNIT)
         .current_dir(&root)
         .status()
@@ -60,7 +65,15 @@ fn build_now(package: &str, bin: &str) -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug").join(bin))
+    let profile = if release { "release" } else { "debug" };
+    Ok(target.join(profile).join(bin))
+}
+
+/// Whether the binaries are built as they ship (`WRENN_E2E_RELEASE=1`):
+/// for benchmarks whose figures a debug build would distort. Tests keep
+/// the debug build the test build already made.
+pub fn release_binaries() -> bool {
+    std::env::var_os("WRENN_E2E_RELEASE").is_some_and(|v| v == "1")
 }
 
 /// Whether `name` is a variable cargo sets for the test it runs (the

@@ -165,6 +165,13 @@ const NFT_REG_1: u32 = 1;
 const IFNAMSIZ: usize = 16;
 const NFTA_CONNLIMIT_COUNT: u16 = 1;
 const NFTA_CONNLIMIT_FLAGS: u16 = 2;
+// linux/netfilter/nf_tables.h, `enum nft_reject_attributes` and
+// `enum nft_reject_types`; ICMP_PKT_FILTERED from linux/icmp.h.
+const NFTA_REJECT_TYPE: u16 = 1;
+const NFTA_REJECT_ICMP_CODE: u16 = 2;
+const NFT_REJECT_ICMP_UNREACH: u32 = 0;
+const NFT_REJECT_TCP_RST: u32 = 1;
+const ICMP_PKT_FILTERED: u8 = 13;
 const NFT_CONNLIMIT_F_INV: u32 = 1;
 const NFTA_LIMIT_RATE: u16 = 1;
 const NFTA_LIMIT_UNIT: u16 = 2;
@@ -355,11 +362,7 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
                 Meta::Key(MetaKey::L4Proto),
                 Meta::DestinationRegister(Register::Reg1),
             ]));
-            let proto = match p {
-                L4::Tcp => IPPROTO_TCP,
-                L4::Udp => IPPROTO_UDP,
-            };
-            out.push(cmp(Operator::Equal, vec![proto]));
+            out.push(cmp(Operator::Equal, vec![l4_number(*p)]));
             out.push(Expressions::Payload(vec![
                 Payload::DestinationRegister(Register::Reg1),
                 Payload::Base(NFT_PAYLOAD_TRANSPORT_HEADER),
@@ -367,6 +370,13 @@ fn encode_match(m: &Match, out: &mut Vec<Expressions>) {
                 Payload::Len(2),
             ]));
             out.push(cmp(Operator::Equal, port.to_be_bytes().to_vec()));
+        }
+        Match::Proto(p) => {
+            out.push(Expressions::Meta(vec![
+                Meta::Key(MetaKey::L4Proto),
+                Meta::DestinationRegister(Register::Reg1),
+            ]));
+            out.push(cmp(Operator::Equal, vec![l4_number(*p)]));
         }
         Match::DaddrInSet(set) => {
             out.push(Expressions::Payload(vec![
@@ -447,6 +457,27 @@ fn nat(kind: u32, to: Ipv4Addr, port: Option<u16>, out: &mut Vec<Expressions>) {
     });
 }
 
+/// The IP protocol number of `p`.
+fn l4_number(p: L4) -> u8 {
+    match p {
+        L4::Tcp => IPPROTO_TCP,
+        L4::Udp => IPPROTO_UDP,
+    }
+}
+
+/// A `reject` expression of `kind`, with `icmp_code` where the kind
+/// needs one.
+fn reject(kind: u32, icmp_code: Option<u8>) -> Expressions {
+    let mut attributes = vec![DefaultNla::new(NFTA_REJECT_TYPE, be(kind))];
+    if let Some(code) = icmp_code {
+        attributes.push(DefaultNla::new(NFTA_REJECT_ICMP_CODE, vec![code]));
+    }
+    Expressions::Other {
+        expression_type: "reject".into(),
+        attributes,
+    }
+}
+
 fn encode_action(a: Action, out: &mut Vec<Expressions>) {
     match a {
         Action::Accept => out.push(verdict(NF_ACCEPT)),
@@ -458,6 +489,10 @@ fn encode_action(a: Action, out: &mut Vec<Expressions>) {
             expression_type: "masq".into(),
             attributes: vec![],
         }),
+        Action::RejectTcpReset => out.push(reject(NFT_REJECT_TCP_RST, None)),
+        Action::RejectAdminProhibited => {
+            out.push(reject(NFT_REJECT_ICMP_UNREACH, Some(ICMP_PKT_FILTERED)))
+        }
         Action::SetMark(mark) => {
             out.push(Expressions::Immediate(vec![
                 Immediate::DestinationRegister(Register::Reg1),
@@ -520,5 +555,46 @@ mod tests {
         assert_eq!(exprs(&rules[1]), 5);
         let chains = encode_chains(&t);
         assert_eq!(chains.len(), 1);
+    }
+
+    #[test]
+    fn refusals_encode_as_the_kernel_reads_reject() {
+        let encoded = |a| {
+            let mut out = Vec::new();
+            encode_action(a, &mut out);
+            match out.as_slice() {
+                [
+                    Expressions::Other {
+                        expression_type,
+                        attributes,
+                    },
+                ] => (
+                    expression_type.clone(),
+                    attributes
+                        .iter()
+                        .map(|a| {
+                            let mut v = vec![0; a.value_len()];
+                            a.emit_value(&mut v);
+                            (a.kind(), v)
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                other => panic!("{other:?}"),
+            }
+        };
+        use rtnetlink::packet_core::Nla as _;
+        // A TCP reset needs no code; the ICMP kind carries one (13,
+        // "communication administratively prohibited").
+        assert_eq!(
+            encoded(Action::RejectTcpReset),
+            ("reject".to_string(), vec![(1, vec![0, 0, 0, 1])])
+        );
+        assert_eq!(
+            encoded(Action::RejectAdminProhibited),
+            (
+                "reject".to_string(),
+                vec![(1, vec![0, 0, 0, 0]), (2, vec![13])]
+            )
+        );
     }
 }

@@ -219,6 +219,18 @@ pub fn blocked(ns: &Path, to: SocketAddr) -> bool {
     .is_err()
 }
 
+/// Whether a connection from `ns` to `to` is refused (a TCP reset), as
+/// the egress policy answers what it does not allow: at once, where a
+/// dropped SYN would leave the caller waiting.
+pub fn refused(ns: &Path, to: SocketAddr) -> bool {
+    let started = std::time::Instant::now();
+    let got = in_ns(ns, |_| {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    });
+    matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+        && started.elapsed() < Duration::from_secs(1)
+}
+
 /// Connects from `ns` to `to` and returns the source address `listener`
 /// saw; the listener must be the one bound at `to`.
 pub fn source_seen(ns: &Path, listener: &TcpListener, to: SocketAddr) -> io::Result<Ipv4Addr> {
