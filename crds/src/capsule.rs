@@ -222,6 +222,10 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["port".into(), "protocol".into()]))]
+    #[x_kube(
+        validation = Rule::new("self.all(p, !has(p.name) || self.filter(q, has(q.name) && q.name == p.name).size() == 1)")
+            .message("port names must be unique")
+    )]
     pub ports: Vec<PortSpec>,
     /// The guest's resolver; absent: the node's cluster DNS with the
     /// namespace search path.
@@ -248,12 +252,22 @@ pub enum Egress {
 
 /// A guest port.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[x_kube(validation = Rule::new("!has(self.name) || !self.name.matches(r'^tcp-[0-9]+$') || self.name == 'tcp-' + string(self.port)")
+    .message("a port name tcp-N is the name an unnamed published port N gets: it may only name port N"))]
 #[x_kube(validation = Rule::new("!has(self.from) || size(self.from) == 0 || !has(self.protocol) || self.protocol == 'TCP'")
     .message("from publishes TCP ports only: UDP ports are reachable through the data plane, not published in the cluster"))]
 pub struct PortSpec {
-    /// Optional name, shown by tools.
+    /// Optional name, shown by tools and used as the Service port's name
+    /// when the port is published: a Service port name (lowercase letters,
+    /// digits and single `-` inside, at least one letter, at most 15
+    /// characters). Unnamed published ports are named `tcp-PORT`, so a
+    /// name of that form must name its own port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 15))]
+    #[schemars(length(min = 1, max = 15))]
+    #[x_kube(
+        validation = Rule::new("self.matches(r'^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.matches(r'[a-z]') && !self.contains('--')")
+            .message("a port name is lowercase letters, digits and single '-' inside, with at least one letter (a Service port name)")
+    )]
     pub name: Option<String>,
     /// Port number in the guest, 1 to 65535.
     #[schemars(range(min = 1, max = 65535))]
