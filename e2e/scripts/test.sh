@@ -39,8 +39,10 @@ step "generated files are current"
 # fewer and compiled kube, k8s-openapi and their dependencies a second time.
 cargo build -q --locked --workspace --bin crdgen --example gen
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-"$target_dir/debug/crdgen" --check
-"$target_dir/debug/examples/gen" --check
+# Paths given: one target directory serves several clones, and a binary
+# built in another clone would read that clone's files.
+"$target_dir/debug/crdgen" --check --out "$root/crds"
+"$target_dir/debug/examples/gen" --check --root "$root/proto"
 # The chart's CRD copy (charts/wrenn/files/crds) equals crdgen's output.
 charts/wrenn/sync-crds.sh --check
 

@@ -39,7 +39,7 @@ mkdir -p "$state/bin"
 ln -sf "$kubectl" "$state/bin/kubectl"
 ln -sf "$CARGO_TARGET_DIR/debug/kubectl-wrenn" "$state/bin/kubectl-wrenn"
 step "installing the CRDs"
-(cd "$root" && "$CARGO_TARGET_DIR/debug/crdgen" --check)
+"$CARGO_TARGET_DIR/debug/crdgen" --check --out "$root/crds"
 k apply --server-side -f "$root/crds/"
 k wait --for=condition=Established --timeout=60s crd/capsules.wrenn.dev crd/capsulesnapshots.wrenn.dev crd/capsuletemplates.wrenn.dev
 until k get cap >/dev/null 2>&1; do sleep 0.2; done

@@ -275,13 +275,17 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
         (
             "port name tcp-N for another port",
             "Capsule",
-            capsule(json!({"network": {"ports": [{"port": 81, "name": "tcp-80"}, {"port": 80, "from": [{"cidr": "10.244.0.0/16"}]}]}})),
+            capsule(
+                json!({"network": {"ports": [{"port": 81, "name": "tcp-80"}, {"port": 80, "from": [{"cidr": "10.244.0.0/16"}]}]}}),
+            ),
             "a port name tcp-N is the name an unnamed published port N gets",
         ),
         (
             "two ports with one name",
             "Capsule",
-            capsule(json!({"network": {"ports": [{"port": 80, "name": "web"}, {"port": 81, "name": "web"}]}})),
+            capsule(
+                json!({"network": {"ports": [{"port": 80, "name": "web"}, {"port": 81, "name": "web"}]}}),
+            ),
             "port names must be unique",
         ),
         (
@@ -543,14 +547,16 @@ async fn the_api_server_applies_defaults() {
         &env,
         "Capsule",
         "minimal",
-        capsule(json!({"lifecycle": {"idleTimeout": "10m"}, "network": {"ports": [
-            {"port": 22},
-            // Service port names a user may pick, tcp-N on its own port N
-            // included.
-            {"port": 80, "name": "tcp-80"},
-            {"port": 8080, "name": "web-ui2"},
-            {"port": 8081, "name": "x"},
-        ]}})),
+        capsule(
+            json!({"lifecycle": {"idleTimeout": "10m"}, "network": {"ports": [
+                {"port": 22},
+                // Service port names a user may pick, tcp-N on its own port N
+                // included.
+                {"port": 80, "name": "tcp-80"},
+                {"port": 8080, "name": "web-ui2"},
+                {"port": 8081, "name": "x"},
+            ]}}),
+        ),
     )
     .await
     .unwrap();

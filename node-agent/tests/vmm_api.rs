@@ -27,8 +27,8 @@ use wrenn_node_agent::vmm::ch::api::{
 use wrenn_node_agent::vmm::ch::{ApiError, ChClient, ChVersion, ErrorKind, EventParser, Timeouts};
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/ch")
+    let p = wrenn_testkit::workspace_root()
+        .join("node-agent/tests/data/ch")
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

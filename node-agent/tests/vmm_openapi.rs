@@ -478,8 +478,8 @@ fn strict_validation_catches_typos_and_wrong_enums() {
 fn committed_spec_is_the_reference_copy() {
     // When CI has ../shared beside the clone, the committed copy must equal
     // it; otherwise this only checks the copy is there.
-    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/cloud-hypervisor-openapi.yaml");
+    let shared =
+        wrenn_testkit::workspace_root().join("../shared/reference/cloud-hypervisor-openapi.yaml");
     if let Ok(text) = std::fs::read_to_string(&shared) {
         assert_eq!(
             text,

@@ -136,7 +136,7 @@ fn guest_image() -> Result<PathBuf, String> {
     if let Some(d) = std::env::var_os("WRENN_GUEST_IMAGE") {
         return Ok(PathBuf::from(d));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    let script = wrenn_testkit::workspace_root().join("images/build.sh");
     if script.exists()
         && let Ok(out) = Command::new(&script).arg("--print-dir").output()
         && out.status.success()

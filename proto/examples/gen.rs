@@ -6,8 +6,23 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let check = std::env::args().any(|a| a == "--check");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let check = args.iter().any(|a| a == "--check");
+    // `--root DIR`, else where `cargo run` says this package is, else where
+    // it was built: one target directory serves several clones, so a build
+    // made in another clone bakes that clone's path.
+    let root = match args.iter().position(|a| a == "--root") {
+        Some(i) => match args.get(i + 1) {
+            Some(d) => PathBuf::from(d),
+            None => {
+                eprintln!("gen: --root needs a directory");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from),
+    };
+    let root = root.as_path();
     let committed = root.join("src/gen");
     let out = if check {
         std::env::temp_dir().join(format!("wrenn-proto-gen-{}", std::process::id()))

@@ -8,7 +8,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut check = false;
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // Where `cargo run` says this package is, else where it was built: one
+    // target directory serves several clones, so a build made in another
+    // clone bakes that clone's path (scripts pass `--out`).
+    let mut dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--check" => check = true,

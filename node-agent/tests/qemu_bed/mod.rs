@@ -32,7 +32,7 @@ pub struct Image {
 }
 
 pub fn build_image() -> Result<Image, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+    let script = wrenn_testkit::workspace_root().join("images/build.sh");
     let out = Command::new(&script)
         .stderr(std::process::Stdio::inherit())
         .output()
