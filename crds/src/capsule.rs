@@ -252,7 +252,7 @@ pub enum Egress {
 
 /// A guest port.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-#[x_kube(validation = Rule::new("!has(self.name) || !self.name.matches(r'^tcp-[0-9]+$') || self.name == 'tcp-' + string(self.port)")
+#[x_kube(validation = Rule::new("!has(self.name) || !self.name.matches(r'^tcp-[0-9]+$') || int(self.name.substring(4)) == self.port")
     .message("a port name tcp-N is the name an unnamed published port N gets: it may only name port N"))]
 #[x_kube(validation = Rule::new("!has(self.from) || size(self.from) == 0 || !has(self.protocol) || self.protocol == 'TCP'")
     .message("from publishes TCP ports only: UDP ports are reachable through the data plane, not published in the cluster"))]
