@@ -40,6 +40,67 @@ stop_dir() {
   done
 }
 
+# Starts etcd and the API server of directory $1 on ports $2 (etcd client),
+# $3 (etcd peer) and $4 (API server), and writes the admin kubeconfig for
+# token $5. Reads `aggregator` and `timeout` from the caller.
+launch() {
+  local d=$1 ep=$2 pp=$3 ap=$4 token=$5
+  "$ETCD_BIN_DIR/etcd" --name=default --data-dir="$d/etcd" --unsafe-no-fsync=true \
+    --listen-client-urls="http://127.0.0.1:$ep" --advertise-client-urls="http://127.0.0.1:$ep" \
+    --listen-peer-urls="http://127.0.0.1:$pp" --initial-advertise-peer-urls="http://127.0.0.1:$pp" \
+    --initial-cluster="default=http://127.0.0.1:$pp" --log-level=warn \
+    >"$d/etcd.log" 2>&1 &
+  echo $! > "$d/etcd.pid"
+
+  "$K8S_BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$ap" \
+    --cert-dir="$d/pki" --token-auth-file="$d/tokens.csv" --authorization-mode=RBAC \
+    --service-account-issuer="https://127.0.0.1:$ap" --service-account-key-file="$d/pki/sa.pub" \
+    --service-account-signing-key-file="$d/pki/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
+    --allow-privileged=true --disable-admission-plugins=ServiceAccount \
+    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 "${aggregator[@]}" "${timeout[@]}" \
+    >"$d/apiserver.log" 2>&1 &
+  echo $! > "$d/apiserver.pid"
+
+  cat > "$d/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: wrenn-test
+  cluster:
+    server: https://127.0.0.1:$ap
+    certificate-authority: $d/pki/apiserver.crt
+contexts:
+- name: wrenn-test
+  context: {cluster: wrenn-test, user: admin, namespace: default}
+current-context: wrenn-test
+users:
+- name: admin
+  user: {token: $token}
+KC
+  chmod 600 "$d/kubeconfig"
+}
+
+# Waits until the API server of directory $1 on port $2 answers /readyz for
+# token $3; on an exit or the deadline, shows the log, stops both and fails.
+wait_ready() {
+  local d=$1 ap=$2 token=$3 f
+  local deadline=$(( $(date +%s) + ${WRENN_APISERVER_TIMEOUT:-90} ))
+  until [ -f "$d/pki/apiserver.crt" ] && curl -fsS --cacert "$d/pki/apiserver.crt" \
+        -H "Authorization: Bearer $token" "https://127.0.0.1:$ap/readyz" >/dev/null 2>&1; do
+    for f in etcd apiserver; do
+      kill -0 "$(cat "$d/$f.pid")" 2>/dev/null || {
+        tail -20 "$d/$f.log" >&2; stop_dir "$d"; log "$f exited during start; log: $d/$f.log"; return 1
+      }
+    done
+    [ "$(date +%s)" -lt "$deadline" ] || {
+      tail -20 "$d/apiserver.log" >&2; stop_dir "$d"
+      log "kube-apiserver not ready within ${WRENN_APISERVER_TIMEOUT:-90}s"; return 1
+    }
+    sleep 0.2
+  done
+}
+
 start_dir() {
   local d=$1
   mkdir -p "$d/pki" "$d/etcd"
@@ -47,7 +108,6 @@ start_dir() {
   "$here/build-control-plane.sh"
   local t0; t0=$(date +%s%N)
   local ep pp ap
-  ep=$(free_port); pp=$(free_port); ap=$(free_port)
   [ -f "$d/pki/sa.key" ] || {
     openssl ecparam -genkey -name prime256v1 -noout -out "$d/pki/sa.key" 2>/dev/null
     openssl ec -in "$d/pki/sa.key" -pubout -out "$d/pki/sa.pub" 2>/dev/null
@@ -84,49 +144,23 @@ start_dir() {
   local timeout=()
   if [ -n "${WRENN_CP_REQUEST_TIMEOUT:-}" ]; then timeout=(--request-timeout="$WRENN_CP_REQUEST_TIMEOUT"); fi
 
-  "$ETCD_BIN_DIR/etcd" --name=default --data-dir="$d/etcd" --unsafe-no-fsync=true \
-    --listen-client-urls="http://127.0.0.1:$ep" --advertise-client-urls="http://127.0.0.1:$ep" \
-    --listen-peer-urls="http://127.0.0.1:$pp" --initial-advertise-peer-urls="http://127.0.0.1:$pp" \
-    --initial-cluster="default=http://127.0.0.1:$pp" --log-level=warn \
-    >"$d/etcd.log" 2>&1 &
-  echo $! > "$d/etcd.pid"
-
-  "$K8S_BIN_DIR/kube-apiserver" --etcd-servers="http://127.0.0.1:$ep" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$ap" \
-    --cert-dir="$d/pki" --token-auth-file="$d/tokens.csv" --authorization-mode=RBAC \
-    --service-account-issuer="https://127.0.0.1:$ap" --service-account-key-file="$d/pki/sa.pub" \
-    --service-account-signing-key-file="$d/pki/sa.key" --service-cluster-ip-range=10.0.0.0/24 \
-    --allow-privileged=true --disable-admission-plugins=ServiceAccount \
-    --enable-priority-and-fairness=false --endpoint-reconciler-type=none --v=0 "${aggregator[@]}" "${timeout[@]}" \
-    >"$d/apiserver.log" 2>&1 &
-  echo $! > "$d/apiserver.pid"
-
-  cat > "$d/kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: wrenn-test
-  cluster:
-    server: https://127.0.0.1:$ap
-    certificate-authority: $d/pki/apiserver.crt
-contexts:
-- name: wrenn-test
-  context: {cluster: wrenn-test, user: admin, namespace: default}
-current-context: wrenn-test
-users:
-- name: admin
-  user: {token: $token}
-KC
-  chmod 600 "$d/kubeconfig"
-
-  local deadline=$(( $(date +%s) + ${WRENN_APISERVER_TIMEOUT:-90} ))
-  until [ -f "$d/pki/apiserver.crt" ] && curl -fsS --cacert "$d/pki/apiserver.crt" \
-        -H "Authorization: Bearer $token" "https://127.0.0.1:$ap/readyz" >/dev/null 2>&1; do
-    for f in etcd apiserver; do
-      kill -0 "$(cat "$d/$f.pid")" 2>/dev/null || { tail -20 "$d/$f.log" >&2; stop_dir "$d"; die "$f exited during start; log: $d/$f.log"; }
-    done
-    [ "$(date +%s)" -lt "$deadline" ] || { tail -20 "$d/apiserver.log" >&2; stop_dir "$d"; die "kube-apiserver not ready within ${WRENN_APISERVER_TIMEOUT:-90}s"; }
-    sleep 0.2
+  # Ports are picked free, then bound by etcd and the API server a moment
+  # later; with other control planes and tests starting beside this one,
+  # another process can take one in between. A start that fails on a
+  # taken port is retried on fresh ports.
+  local attempt
+  for attempt in 1 2 3; do
+    ep=$(free_port); pp=$(free_port); ap=$(free_port)
+    launch "$d" "$ep" "$pp" "$ap" "$token"
+    if wait_ready "$d" "$ap" "$token"; then break; fi
+    if [ "$attempt" -lt 3 ] && grep -qs "address already in use" "$d/etcd.log" "$d/apiserver.log"; then
+      log "a port was taken before it was bound; starting again on other ports"
+      # Nothing was stored yet; a fresh data directory keeps etcd from
+      # recalling the old peer address.
+      rm -rf "$d/etcd"; mkdir -p "$d/etcd"
+      continue
+    fi
+    die "control plane did not start; logs: $d/etcd.log $d/apiserver.log"
   done
   local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   echo "$ms" > "$d/start-ms"
