@@ -266,10 +266,8 @@ impl ControlPlane {
         // install their CRDs at once, and each removes its probe when done.
         static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let probe = std::env::temp_dir().join(format!(
-            "wrenn-probe-{}-{n}.json",
-            std::process::id()
-        ));
+        let probe =
+            std::env::temp_dir().join(format!("wrenn-probe-{}-{n}.json", std::process::id()));
         std::fs::write(
             &probe,
             r#"{"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule", "metadata": {"name": "admission-probe", "namespace": "default"}, "spec": {"source": {"templateRef": {"name": "admission-probe"}}}}"#,
