@@ -67,6 +67,48 @@ fn event(type_: &'static str, reason: Reason) -> impl Fn(&Value) + Send {
     }
 }
 
+/// The status write a reconcile makes and the Event that goes with it.
+trait Shown {
+    fn server(&self) -> &ApiServer;
+
+    /// Expects the status showing `phase` with `reason` (answered with
+    /// `body`), then an Event of `type_` with the same reason.
+    fn shown(
+        &self,
+        phase: &'static str,
+        reason: Reason,
+        type_: &'static str,
+        body: impl serde::Serialize,
+    ) -> &ApiServer {
+        self.shown_and(phase, reason, type_, body, |_| {})
+    }
+
+    /// [`Shown::shown`], with `more` looking at the status body too.
+    fn shown_and(
+        &self,
+        phase: &'static str,
+        reason: Reason,
+        type_: &'static str,
+        body: impl serde::Serialize,
+        more: impl Fn(&Value) + Send + 'static,
+    ) -> &ApiServer {
+        let shows = shows(phase, reason);
+        let check = move |b: &Value| {
+            shows(b);
+            more(b);
+        };
+        self.server()
+            .expect(Method::PATCH, STATUS, check, ok(body))
+            .expect(Method::POST, EVENTS, event(type_, reason), Reply::Echo)
+    }
+}
+
+impl Shown for ApiServer {
+    fn server(&self) -> &ApiServer {
+        self
+    }
+}
+
 /// Waits until the fake's build of [`KEY`] ended (its spawned task).
 async fn built(a: &FakeNodeAgent) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -97,23 +139,16 @@ async fn an_on_demand_template_is_ready_without_asking_any_node_and_looked_at_in
     let node = agent("node-a", 4);
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
-    server
-        .expect(
-            Method::PATCH,
-            STATUS,
-            |body| {
-                shows("Ready", Reason::PreparedOnDemand)(body);
-                assert_eq!(body["status"]["nodes"][0]["name"], "node-a");
-                assert_eq!(body["status"]["nodes"][0]["ready"], false);
-            },
-            ok(template(None, false)),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Normal", Reason::PreparedOnDemand),
-            Reply::Echo,
-        );
+    server.shown_and(
+        "Ready",
+        Reason::PreparedOnDemand,
+        "Normal",
+        template(None, false),
+        |body| {
+            assert_eq!(body["status"]["nodes"][0]["name"], "node-a");
+            assert_eq!(body["status"]["nodes"][0]["ready"], false);
+        },
+    );
     let tpl = Arc::new(template(None, false));
     let action = reconcile(tpl, ctx(&server, pool)).await.unwrap();
     server.done();
@@ -126,42 +161,28 @@ async fn a_template_for_all_nodes_is_prepared_polled_every_3s_then_ready() {
     let node = quick_agent();
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
-    server
-        .expect(
-            Method::PATCH,
-            STATUS,
-            shows("Preparing", Reason::Preparing),
-            ok(template(Some(Preparation::AllNodes), false)),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Normal", Reason::Preparing),
-            Reply::Echo,
-        );
+    server.shown(
+        "Preparing",
+        Reason::Preparing,
+        "Normal",
+        template(Some(Preparation::AllNodes), false),
+    );
     let ctx = ctx(&server, pool);
     let tpl = Arc::new(template(Some(Preparation::AllNodes), false));
     let first = reconcile(tpl.clone(), ctx.clone()).await.unwrap();
     server.done();
     assert_eq!(first, Action::requeue(Duration::from_secs(3)));
     built(&node).await;
-    server
-        .expect(
-            Method::PATCH,
-            STATUS,
-            |body| {
-                shows("Ready", Reason::TemplateCached)(body);
-                assert_eq!(body["status"]["digest"], "sha256:fake");
-                assert_eq!(body["status"]["nodes"][0]["ready"], true);
-            },
-            ok(template(Some(Preparation::AllNodes), false)),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Normal", Reason::TemplateCached),
-            Reply::Echo,
-        );
+    server.shown_and(
+        "Ready",
+        Reason::TemplateCached,
+        "Normal",
+        template(Some(Preparation::AllNodes), false),
+        |body| {
+            assert_eq!(body["status"]["digest"], "sha256:fake");
+            assert_eq!(body["status"]["nodes"][0]["ready"], true);
+        },
+    );
     let second = reconcile(tpl, ctx).await.unwrap();
     server.done();
     assert_eq!(
@@ -180,42 +201,28 @@ async fn a_build_every_node_fails_fails_the_template_with_the_agents_reason() {
     node.fail_templates("ns/base@", "port 8080 refused connections");
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
-    server
-        .expect(
-            Method::PATCH,
-            STATUS,
-            shows("Preparing", Reason::Preparing),
-            ok(template(None, true)),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Normal", Reason::Preparing),
-            Reply::Echo,
-        );
+    server.shown(
+        "Preparing",
+        Reason::Preparing,
+        "Normal",
+        template(None, true),
+    );
     let ctx = ctx(&server, pool);
     let tpl = Arc::new(template(None, true));
     reconcile(tpl.clone(), ctx.clone()).await.unwrap();
     built(&node).await;
-    server
-        .expect(
-            Method::PATCH,
-            STATUS,
-            |body| {
-                shows("Failed", Reason::PreparationFailed)(body);
-                assert_eq!(
-                    body["status"]["nodes"][0]["message"],
-                    "ReadinessTimeout: port 8080 refused connections"
-                );
-            },
-            ok(template(None, true)),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Warning", Reason::PreparationFailed),
-            Reply::Echo,
-        );
+    server.shown_and(
+        "Failed",
+        Reason::PreparationFailed,
+        "Warning",
+        template(None, true),
+        |body| {
+            assert_eq!(
+                body["status"]["nodes"][0]["message"],
+                "ReadinessTimeout: port 8080 refused connections"
+            );
+        },
+    );
     let action = reconcile(tpl, ctx).await.unwrap();
     server.done();
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
@@ -310,18 +317,7 @@ async fn a_missing_or_unusable_pull_secret_has_its_own_reason() {
     let server = ApiServer::default();
     server
         .expect(Method::GET, SECRET, |_| {}, refused(404, "NotFound"))
-        .expect(
-            Method::PATCH,
-            STATUS,
-            shows("Failed", Reason::PullSecretNotFound),
-            ok(private()),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Warning", Reason::PullSecretNotFound),
-            Reply::Echo,
-        );
+        .shown("Failed", Reason::PullSecretNotFound, "Warning", private());
     let ctx = ctx(&server, pool);
     reconcile(Arc::new(private()), ctx.clone()).await.unwrap();
     server.done();
@@ -329,18 +325,7 @@ async fn a_missing_or_unusable_pull_secret_has_its_own_reason() {
             "metadata": {"name": "regcred", "namespace": "ns"}, "type": "Opaque", "data": {}});
     server
         .expect(Method::GET, SECRET, |_| {}, ok(opaque))
-        .expect(
-            Method::PATCH,
-            STATUS,
-            shows("Failed", Reason::PullSecretInvalid),
-            ok(private()),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Warning", Reason::PullSecretInvalid),
-            Reply::Echo,
-        );
+        .shown("Failed", Reason::PullSecretInvalid, "Warning", private());
     reconcile(Arc::new(private()), ctx).await.unwrap();
     server.done();
 }
@@ -359,18 +344,7 @@ async fn the_pull_secrets_entry_goes_to_every_node_with_the_prepare_only() {
                 &base64::engine::general_purpose::STANDARD, config.to_string())}});
     server
         .expect(Method::GET, SECRET, |_| {}, ok(secret))
-        .expect(
-            Method::PATCH,
-            STATUS,
-            shows("Preparing", Reason::Preparing),
-            ok(private()),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Normal", Reason::Preparing),
-            Reply::Echo,
-        );
+        .shown("Preparing", Reason::Preparing, "Normal", private());
     reconcile(Arc::new(private()), ctx(&server, pool))
         .await
         .unwrap();
