@@ -71,14 +71,10 @@ fn schema_defaults_match_serde_defaults() {
     assert_eq!(sspec["deletionPolicy"]["default"], "Delete");
 }
 
-/// This crate's directory, as `cargo test` gives it at run time (one
-/// target directory serves several clones; the compiled-in path can be
-/// another clone's).
+/// This crate's directory in the clone under test (one target directory
+/// serves several clones; the compiled-in path can be another clone's).
 fn crate_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
-        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
-        std::path::PathBuf::from,
-    )
+    wrenn_testkit::workspace_root().join("crds")
 }
 
 /// Every example parses into the typed API and serialises back to the same
