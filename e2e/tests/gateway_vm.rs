@@ -11,7 +11,8 @@
 //! separate outputs; a stdin pipeline; `exec -it` on a real pseudo-terminal
 //! (resize, Ctrl-C); `cp` of 50 MiB both ways and a directory round trip;
 //! `console`; port-forward and `capsules/proxy` to busybox httpd in the
-//! guest (on all addresses and on 127.0.0.1; an undeclared port refused);
+//! guest (on all addresses and on 127.0.0.1; an undeclared port refused)
+//! and a WebSocket echo (busybox `nc` and a shell script) through the proxy;
 //! a detached process surviving a client disconnect and a suspend/resume;
 //! last, an open exec holding off `lifecycle.idleTimeout`, which then
 //! deletes the capsule once the exec ends.
@@ -31,12 +32,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{SinkExt as _, StreamExt as _};
 use gateway_bed::{RELEASE_NS, bind, call, install_chart_rbac, json_of, kubeconfig_in};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use plugin::{Ran, finish, read_until, run, start};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite::Message;
 use wrenn_crds::Capsule;
 use wrenn_crds::capsule::CapsulePhase;
 use wrenn_e2e::agent::{AgentOptions, GuestImage, NodeAgent, Pki};
@@ -54,6 +57,11 @@ const MANAGER: &str = "e2e";
 /// The declared ports: httpd on every address, httpd on 127.0.0.1 only.
 const WEB: u16 = 8080;
 const LOOPBACK_WEB: u16 = 8081;
+/// The WebSocket echo's declared port.
+const WS_ECHO: u16 = 8082;
+/// A WebSocket echo for busybox `nc -ll -e`: the guest image has no
+/// WebSocket server of its own.
+const WS_ECHO_SH: &str = include_str!("fixtures/ws-echo.sh");
 /// A port the capsule does not declare.
 const UNDECLARED: u16 = 9999;
 const BIG: usize = 50 << 20;
@@ -244,7 +252,9 @@ async fn setup(image: &GuestImage, helm: &Helm, ready: Duration) -> Result<Bed, 
             "metadata": { "name": CAP },
             "spec": {
                 "source": { "templateRef": { "name": "base" } },
-                "network": { "ports": [{ "port": WEB }, { "port": LOOPBACK_WEB }] },
+                "network": { "ports": [
+                    { "port": WEB }, { "port": LOOPBACK_WEB }, { "port": WS_ECHO },
+                ] },
             },
         }),
         MANAGER,
@@ -801,8 +811,62 @@ async fn ports(bed: &Bed) {
         Ok(_) => panic!("port-forward to an undeclared port was upgraded"),
         Err(e) => panic!("port-forward to an undeclared port: {e}"),
     }
+    websocket_echo(bed).await;
     bed.wrenn_ok(&["kill", CAP, "web"]).await;
     bed.wrenn_ok(&["kill", CAP, "lo"]).await;
+}
+
+/// A WebSocket through `capsules/proxy` to a server in the guest: upgraded
+/// by the API server, the gateway and the guest alike, messages echoed.
+async fn websocket_echo(bed: &Bed) {
+    bed.sh(&format!(
+        "cat > /root/ws-echo.sh <<'EOF'\n{WS_ECHO_SH}EOF\nchmod +x /root/ws-echo.sh"
+    ))
+    .await;
+    let port = WS_ECHO.to_string();
+    bed.wrenn_ok(&[
+        "exec",
+        "-d",
+        "--tag",
+        "ws",
+        CAP,
+        "--",
+        "nc",
+        "-ll",
+        "-p",
+        &port,
+        "-e",
+        "/root/ws-echo.sh",
+    ])
+    .await;
+    let t0 = Instant::now();
+    let mut ws = loop {
+        let req = http::Request::get(proxy_path(&bed.ns, WS_ECHO, "/echo"))
+            .body(Vec::new())
+            .unwrap();
+        match bed.alice.connect(req).await {
+            Ok(conn) => break conn.into_stream(),
+            // nc may still be starting: 502 until it listens.
+            Err(e) => assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "WebSocket through the proxy: {e}\n{}",
+                bed.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for i in 0..3 {
+        let text = format!("ping {i} from alice to the guest");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("no echo in 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
+    let _ = ws.close(None).await;
+    bed.wrenn_ok(&["kill", CAP, "ws"]).await;
 }
 
 /// The highest `tick N` in `text`.
