@@ -201,6 +201,12 @@ named! {
         Failed,
         /// Event: a snapshot became usable.
         Ready,
+        /// Event: the guest looked up a name `spec.network.allowHosts` does
+        /// not list; its resolver answered NXDOMAIN without asking upstream.
+        NameNotAllowed,
+        /// Event: no upstream nameserver answered a name the guest looked
+        /// up; its resolver answered SERVFAIL.
+        NameUnresolved,
         /// Agent: no capsule with that UID.
         NotFound,
         /// Agent: a capsule with that UID exists with another spec.

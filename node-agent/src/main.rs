@@ -572,8 +572,8 @@ async fn sweep_image_builds(templates: &Arc<TemplateBuilder>) {
     }
 }
 
-/// Starts the VMM log sweeper and watches the journal writer thread, both
-/// under `background`.
+/// Starts the VMM log sweeper and the name refusal reports, and watches
+/// the journal writer thread, all under `background`.
 fn watch_logs_and_journal<M: Machine + 'static>(
     supervisor: &Supervisor<M>,
     state_dir: &Path,
@@ -595,6 +595,11 @@ fn watch_logs_and_journal<M: Machine + 'static>(
     background.spawn(async move {
         journal_writer.await;
         "journal writer thread"
+    });
+    let refusals = supervisor.report_name_refusals();
+    background.spawn(async move {
+        refusals.await;
+        "name refusal reports"
     });
 }
 

@@ -15,7 +15,8 @@ use network_env::dns::dns_server;
 use network_env::*;
 use simple_dns::rdata::RData;
 use simple_dns::{CLASS, Name, Packet, PacketFlag, QCLASS, QTYPE, Question, RCODE, TYPE};
-use wrenn_node_agent::network::dns::{AllowHosts, ClusterDns, DnsConfig};
+use wrenn_crds::reason::Reason;
+use wrenn_node_agent::network::dns::{AllowHosts, ClusterDns, DnsConfig, NameRefused};
 use wrenn_node_agent::network::{CapsuleId, EgressPolicy, Names, NetOps, Teardown};
 use wrenn_testkit::{Tier, case, need_root};
 
@@ -130,6 +131,8 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
     let (_meta, meta_at) = listener(&bed.uplink, METADATA);
 
     let net = bed.net();
+    let mut reports = net.take_name_refusals().expect("the resolvers' reports");
+    assert!(net.take_name_refusals().is_none(), "reports taken twice");
     net.ensure_node().unwrap();
     let c = CapsuleId::new("dnscap01").unwrap();
     net.setup(&c, &EgressPolicy::Deny).unwrap();
@@ -193,6 +196,19 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
         t.elapsed()
     );
     assert!(!asked.saw("evil.example.org"), "{:?}", asked.names());
+    // Reported for the operator's Event: once, though asked over TCP and then UDP
+    // (the later query is counted into the next report, a minute on);
+    // the allowed name is never reported.
+    assert_eq!(
+        reports.try_recv(),
+        Ok(NameRefused {
+            capsule: c.clone(),
+            name: "evil.example.org".into(),
+            reason: Reason::NameNotAllowed,
+            queries: 1,
+        })
+    );
+    assert!(reports.try_recv().is_err(), "more than one report");
 
     // The attack: a raw address no allowed answer gave stays closed, and
     // says so at once (refused, not a hang).
@@ -234,6 +250,10 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
         resolve(&guest, gw, "pypi.org").map(|r| r.0),
         Some(RCODE::NameError)
     );
+    assert_eq!(
+        reports.try_recv().map(|r| (r.name, r.reason)),
+        Ok(("pypi.org".to_string(), Reason::NameNotAllowed))
+    );
 
     // blockUnderDeny closes the resolver too.
     let closed = Names {
@@ -268,6 +288,11 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
         "an upstream with nothing on port 53"
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let unresolved = reports.try_recv().expect("an unanswered name reported");
+    assert_eq!(
+        (unresolved.name.as_str(), unresolved.reason),
+        ("pypi.org", Reason::NameUnresolved)
+    );
 
     // A restarted agent (a new instance) starts the proxy again; the set
     // starts empty, so an address opens again on its next lookup.

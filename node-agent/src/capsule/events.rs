@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use tokio::sync::broadcast;
 
 use super::CapsuleView;
+use crate::network::dns::NameRefused;
 
 /// Kind of event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +25,9 @@ pub enum EventKind {
     /// The cursor is too old (or from another agent run): list capsules
     /// again and watch from 0.
     Reset,
+    /// The capsule's resolver refused a name (`Event::name_refused`); not
+    /// a state change.
+    NameRefused,
 }
 
 /// One event.
@@ -37,6 +41,8 @@ pub struct Event {
     pub capsule: Option<CapsuleView>,
     /// When (unix nanos).
     pub unix_nanos: i64,
+    /// With [`EventKind::NameRefused`]: which name, why, how often.
+    pub name_refused: Option<NameRefused>,
 }
 
 #[derive(Debug)]
@@ -101,12 +107,27 @@ impl EventBus {
 
     /// Records and broadcasts an event.
     pub fn publish(&self, kind: EventKind, capsule: CapsuleView) -> u64 {
+        self.record(kind, capsule, None)
+    }
+
+    /// Records and broadcasts that `capsule`'s resolver refused a name.
+    pub fn publish_refusal(&self, capsule: CapsuleView, refused: NameRefused) -> u64 {
+        self.record(EventKind::NameRefused, capsule, Some(refused))
+    }
+
+    fn record(
+        &self,
+        kind: EventKind,
+        capsule: CapsuleView,
+        name_refused: Option<NameRefused>,
+    ) -> u64 {
         let mut ring = self.ring();
         let event = Event {
             sequence: ring.next,
             kind,
             capsule: Some(capsule),
             unix_nanos: now_nanos(),
+            name_refused,
         };
         ring.next += 1;
         if ring.events.len() == self.capacity {
@@ -142,6 +163,7 @@ impl EventBus {
                     kind: EventKind::Sync,
                     capsule: Some(c),
                     unix_nanos: now,
+                    name_refused: None,
                 })
                 .collect()
         } else {
@@ -153,6 +175,7 @@ impl EventBus {
                     kind: EventKind::Reset,
                     capsule: None,
                     unix_nanos: now,
+                    name_refused: None,
                 }]
             } else {
                 ring.events

@@ -128,6 +128,26 @@ impl<M: Machine + 'static> Supervisor<M> {
         self.cx.journal_writer_ended()
     }
 
+    /// Publishes the names capsules' resolvers refused as `NameRefused`
+    /// events (for the operator's Events); the agent watches it as one of
+    /// its background tasks. Never resolves while the network lives; pends
+    /// when the network has no resolvers.
+    pub fn report_name_refusals(&self) -> impl Future<Output = ()> + Send + 'static {
+        let cx = self.cx.clone();
+        let reports = cx.host().net.take_name_refusals();
+        async move {
+            let Some(mut reports) = reports else {
+                return std::future::pending().await;
+            };
+            while let Some(r) = reports.recv().await {
+                // A report outliving its capsule (or a build VM's) is dropped.
+                if let Some(e) = cx.registry().get(r.capsule.as_str(), false) {
+                    cx.bus().publish_refusal(e.view(), r);
+                }
+            }
+        }
+    }
+
     /// Ends every event watch and stops every background task (crash
     /// watchers). Capsules keep running: this is what an agent exit does to
     /// the supervisor.

@@ -427,6 +427,39 @@ async fn events_resume_from_a_cursor_in_order() {
 }
 
 #[tokio::test]
+async fn a_refused_name_becomes_an_event_about_its_capsule() {
+    let b = Bed::new();
+    create(&b, "c1").await;
+    let start = b.sup.events_head();
+    let reports = tokio::spawn(b.sup.report_name_refusals());
+    let refused = |uid: &str, name: &str| crate::network::dns::NameRefused {
+        capsule: NetId::new(uid).unwrap(),
+        name: name.into(),
+        reason: Reason::NameNotAllowed,
+        queries: 2,
+    };
+    // A report about a capsule the agent no longer knows is dropped.
+    assert!(b.net.refuse_name(refused("gone", "a.example")));
+    assert!(b.net.refuse_name(refused("c1", "evil.example")));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let event = loop {
+        if let Some(e) = b.sup.watch(start).backlog.into_iter().next() {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no event in 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(event.kind, EventKind::NameRefused);
+    assert_eq!(
+        event.capsule.map(|c| (c.uid, c.state)),
+        Some(("c1".into(), State::Running))
+    );
+    assert_eq!(event.name_refused, Some(refused("c1", "evil.example")));
+    assert_eq!(b.sup.watch(start).backlog.len(), 1);
+    reports.abort();
+}
+
+#[tokio::test]
 async fn recovery_adopts_restores_and_rolls_back() {
     let mut b = Bed::new();
     create(&b, "run").await;

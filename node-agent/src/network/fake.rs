@@ -47,6 +47,8 @@ struct FakeState {
     built: Vec<CapsuleId>,
     fail_setup: Option<SetupStep>,
     ports: BTreeMap<CapsuleId, Vec<HostPort>>,
+    /// Made by the first [`NetOps::take_name_refusals`].
+    refusals: Option<tokio::sync::mpsc::Sender<super::dns::NameRefused>>,
 }
 
 impl FakeNet {
@@ -72,6 +74,15 @@ impl FakeNet {
     /// Capsules whose network currently exists.
     pub fn built(&self) -> Vec<CapsuleId> {
         self.state().built.clone()
+    }
+
+    /// Reports `refused` as a resolver would; `false` before anyone took
+    /// the reports or when they are full.
+    pub fn refuse_name(&self, refused: super::dns::NameRefused) -> bool {
+        self.state()
+            .refusals
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(refused).is_ok())
     }
 
     /// The slot a capsule holds.
@@ -124,6 +135,16 @@ impl NetOps for FakeNet {
             gateway: GUEST_GATEWAY,
             mac: GUEST_MAC,
         })
+    }
+
+    fn take_name_refusals(&self) -> Option<tokio::sync::mpsc::Receiver<super::dns::NameRefused>> {
+        let mut st = self.state();
+        if st.refusals.is_some() {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        st.refusals = Some(tx);
+        Some(rx)
     }
 
     fn set_names(

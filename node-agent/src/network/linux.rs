@@ -814,6 +814,10 @@ impl NetOps for LinuxNet {
         self.names.cluster().clone()
     }
 
+    fn take_name_refusals(&self) -> Option<tokio::sync::mpsc::Receiver<super::dns::NameRefused>> {
+        self.names.take_refusals()
+    }
+
     fn ensure_tap(&self, capsule: &CapsuleId) -> Result<(), Error> {
         let netns = self.netns_path(capsule);
         if !netns.exists() {

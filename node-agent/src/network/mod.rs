@@ -270,6 +270,13 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     fn cluster_dns(&self) -> dns::ClusterDns {
         dns::ClusterDns::default()
     }
+
+    /// The names capsules' resolvers refused, throttled; `None` after the
+    /// first call, and from a network without resolvers.
+    fn take_name_refusals(&self) -> Option<tokio::sync::mpsc::Receiver<dns::NameRefused>> {
+        None
+    }
+
     /// Makes the capsule's published ports exactly `rules`: a port already
     /// published keeps its host port (its sources may change), a new one
     /// gets a free host port, a port left out gives its host port back.

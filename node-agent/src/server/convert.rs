@@ -647,12 +647,18 @@ pub fn to_event(e: &Event) -> pb::Event {
         EventKind::StateChanged => pb::EventKind::StateChanged,
         EventKind::Deleted => pb::EventKind::Deleted,
         EventKind::Reset => pb::EventKind::Reset,
+        EventKind::NameRefused => pb::EventKind::NameRefused,
     };
     pb::Event {
         sequence: e.sequence,
         kind: kind as i32,
         capsule: e.capsule.as_ref().map(to_capsule),
         unix_nanos: e.unix_nanos,
+        name_refused: e.name_refused.as_ref().map(|r| pb::NameRefused {
+            name: r.name.clone(),
+            reason: r.reason.as_str().to_string(),
+            queries: r.queries,
+        }),
     }
 }
 

@@ -451,6 +451,7 @@ impl NodeAgent for AgentService {
                 kind: pb::EventKind::Reset as i32,
                 capsule: None,
                 unix_nanos: 0,
+                name_refused: None,
             }),
         });
         let mut closed = watch.closed;

@@ -454,6 +454,26 @@ pub struct Event {
     pub capsule: ::core::option::Option<Capsule>,
     #[prost(int64, tag = "4")]
     pub unix_nanos: i64,
+    /// Set on EVENT_KIND_NAME_REFUSED only.
+    #[prost(message, optional, tag = "5")]
+    pub name_refused: ::core::option::Option<NameRefused>,
+}
+/// A name the guest asked its resolver (the node's DNS proxy) for and got no
+/// address for.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NameRefused {
+    /// The name as asked, without the final dot.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// NameNotAllowed (outside spec.network.allowHosts: NXDOMAIN, never asked
+    /// upstream) or NameUnresolved (no upstream nameserver answered: SERVFAIL).
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+    /// Queries refused for this name and reason since the last event about it
+    /// (at least 1).
+    #[prost(uint32, tag = "3")]
+    pub queries: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -779,6 +799,11 @@ pub enum EventKind {
     Deleted = 3,
     /// The cursor is too old: list capsules again.
     Reset = 4,
+    /// The capsule's resolver refused a name: `name_refused` says which and
+    /// why. Not a state change: `capsule` is the capsule as it was then. At
+    /// most one per name a minute and a few per capsule a minute; queries in
+    /// between are counted into the next.
+    NameRefused = 5,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -792,6 +817,7 @@ impl EventKind {
             Self::StateChanged => "EVENT_KIND_STATE_CHANGED",
             Self::Deleted => "EVENT_KIND_DELETED",
             Self::Reset => "EVENT_KIND_RESET",
+            Self::NameRefused => "EVENT_KIND_NAME_REFUSED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -802,6 +828,7 @@ impl EventKind {
             "EVENT_KIND_STATE_CHANGED" => Some(Self::StateChanged),
             "EVENT_KIND_DELETED" => Some(Self::Deleted),
             "EVENT_KIND_RESET" => Some(Self::Reset),
+            "EVENT_KIND_NAME_REFUSED" => Some(Self::NameRefused),
             _ => None,
         }
     }

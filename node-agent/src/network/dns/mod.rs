@@ -7,6 +7,7 @@
 
 mod allow;
 mod proxy;
+mod refusals;
 mod resolv;
 mod table;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use allow::{AllowHosts, QueryPlan, plan_query};
 pub use proxy::{Proxy, ProxySettings};
+pub use refusals::{NameRefused, Reporter, Throttle};
 pub use resolv::{ClusterDns, DnsConfig, is_dns_name};
 pub use table::{DNS_PORT, FQDN_SET, MAX_OPEN, MIN_OPEN, NAMES_TABLE, build_names_table, open_for};
 
@@ -66,20 +68,42 @@ pub struct NamesPlace {
 }
 
 /// The running DNS proxies of this node's capsules.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NameService {
     cluster: ClusterDns,
     proxies: Mutex<HashMap<CapsuleId, Proxy>>,
+    reports: tokio::sync::mpsc::Sender<NameRefused>,
+    /// Until the agent takes it ([`NameService::take_refusals`]).
+    refusals: Mutex<Option<tokio::sync::mpsc::Receiver<NameRefused>>>,
+}
+
+impl Default for NameService {
+    fn default() -> Self {
+        Self::new(ClusterDns::default())
+    }
 }
 
 impl NameService {
     /// No proxies yet; capsules without nameservers of their own forward
     /// to `cluster`.
     pub fn new(cluster: ClusterDns) -> Self {
+        let (reports, refusals) = tokio::sync::mpsc::channel(refusals::CHANNEL);
         Self {
             cluster,
             proxies: Mutex::new(HashMap::new()),
+            reports,
+            refusals: Mutex::new(Some(refusals)),
         }
+    }
+
+    /// The names every capsule's resolver refused, throttled (see
+    /// `refusals`); `None` after the first call. Unread reports past the
+    /// channel's bound are dropped.
+    pub fn take_refusals(&self) -> Option<tokio::sync::mpsc::Receiver<NameRefused>> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// The node's cluster DNS.
@@ -128,6 +152,7 @@ impl NameService {
             place.node_netns.clone(),
             place.blocked.clone(),
             settings,
+            Reporter::new(capsule.clone(), self.reports.clone()),
         )
         .map_err(err("start"))?;
         proxies.insert(capsule.clone(), proxy);

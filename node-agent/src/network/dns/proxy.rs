@@ -22,8 +22,10 @@ use simple_dns::{OPCODE, Packet, PacketFlag, RCODE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use wrenn_crds::reason::Reason;
 
 use super::allow::{AllowHosts, QueryPlan, plan_query};
+use super::refusals::Reporter;
 use super::table::{DNS_PORT, FQDN_SET, NAMES_TABLE, open_for};
 use crate::network::addr::{Cidr, GUEST_GATEWAY};
 use crate::network::ruleset::SetElement;
@@ -76,6 +78,7 @@ struct Shared {
     in_flight: Arc<Semaphore>,
     tcp_conns: Arc<Semaphore>,
     log: LogLimit,
+    refusals: Reporter,
 }
 
 /// A running proxy; its tasks end when it is dropped.
@@ -104,6 +107,7 @@ impl Proxy {
         node_netns: PathBuf,
         blocked: Vec<Cidr>,
         settings: ProxySettings,
+        refusals: Reporter,
     ) -> std::io::Result<Self> {
         let at = SocketAddr::V4(SocketAddrV4::new(GUEST_GATEWAY, DNS_PORT));
         let (udp, tcp) = sys::sockets_in_netns(&netns, || {
@@ -123,6 +127,7 @@ impl Proxy {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             tcp_conns: Arc::new(Semaphore::new(MAX_TCP_CONNS)),
             log: LogLimit::default(),
+            refusals,
         });
         let _guard = rt.enter();
         let udp = Arc::new(tokio::net::UdpSocket::from_std(udp)?);
@@ -283,6 +288,11 @@ async fn answer(shared: &Arc<Shared>, query: &[u8], via: Transport) -> Option<Ve
     match plan {
         QueryPlan::NotAllowed => {
             tracing::debug!(capsule = %shared.capsule, names = ?names, "dns proxy: name not allowed");
+            for n in &names {
+                if !settings.allow.allows(n) {
+                    shared.refusals.refused(n, Reason::NameNotAllowed);
+                }
+            }
             return reply_with(&parsed, RCODE::NameError);
         }
         QueryPlan::Refuse => {
@@ -292,6 +302,9 @@ async fn answer(shared: &Arc<Shared>, query: &[u8], via: Transport) -> Option<Ve
         QueryPlan::Forward | QueryPlan::ForwardAndOpen => {}
     }
     let Some(reply) = forward(shared, &settings.upstreams, query, via).await else {
+        for n in &names {
+            shared.refusals.refused(n, Reason::NameUnresolved);
+        }
         return reply_with(&parsed, RCODE::ServerFailure);
     };
     if plan == QueryPlan::Forward {

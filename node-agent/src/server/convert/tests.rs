@@ -225,6 +225,7 @@ fn the_guest_token_never_reaches_the_wire() {
         kind: EventKind::StateChanged,
         capsule: Some(view.clone()),
         unix_nanos: 0,
+        name_refused: None,
     };
     for shown in [
         format!("{:?}", to_capsule(&view)),
@@ -575,4 +576,38 @@ fn only_tcp_ports_with_sources_are_published_and_bad_ones_are_refused() {
         let err = from_ports(&bad).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
     }
+}
+
+#[test]
+fn a_refused_name_reaches_the_wire_as_its_reason_text() {
+    let (uid, spec, _) = from_create(request(), &dirs().dirs).unwrap();
+    let rec = crate::capsule::Record::new(&uid, &spec);
+    let view = rec.view(&BackendInfo {
+        kind: crate::vmm::BackendKind::CloudHypervisor,
+        version: "v1".into(),
+        accelerated: true,
+    });
+    let event = Event {
+        sequence: 7,
+        kind: EventKind::NameRefused,
+        capsule: Some(view),
+        unix_nanos: 1,
+        name_refused: Some(crate::network::dns::NameRefused {
+            capsule: crate::network::CapsuleId::new(&uid).unwrap(),
+            name: "evil.example".into(),
+            reason: wrenn_crds::reason::Reason::NameNotAllowed,
+            queries: 3,
+        }),
+    };
+    let pb = to_event(&event);
+    assert_eq!(pb.kind, pb::EventKind::NameRefused as i32);
+    assert_eq!(
+        pb.name_refused,
+        Some(pb::NameRefused {
+            name: "evil.example".into(),
+            reason: "NameNotAllowed".into(),
+            queries: 3,
+        })
+    );
+    assert_eq!(pb.capsule.map(|c| c.uid), Some(uid));
 }
