@@ -335,6 +335,7 @@ pub async fn run_all(
         namespace.clone(),
         streams.triggers,
         streams.syncs,
+        streams.refusals,
         stop(&stop_tx),
     );
     let side = (

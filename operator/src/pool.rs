@@ -55,6 +55,7 @@ struct Inner {
     placements: RwLock<HashMap<String, (String, Resources)>>,
     triggers: mpsc::UnboundedSender<ObjectRef<Capsule>>,
     syncs: mpsc::UnboundedSender<AgentSynced>,
+    refusals: mpsc::UnboundedSender<pb::Event>,
     refresh: Duration,
     started: Instant,
 }
@@ -80,6 +81,9 @@ pub struct PoolStreams {
     pub triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
     /// Agents that (re)synced.
     pub syncs: mpsc::UnboundedReceiver<AgentSynced>,
+    /// `NameRefused` events, as the agents sent them (each agent throttles
+    /// its own).
+    pub refusals: mpsc::UnboundedReceiver<pb::Event>,
 }
 
 impl AgentPool {
@@ -87,6 +91,7 @@ impl AgentPool {
     pub fn new(connector: Arc<dyn Connector>, refresh: Duration) -> (Self, PoolStreams) {
         let (tx, triggers) = mpsc::unbounded_channel();
         let (stx, syncs) = mpsc::unbounded_channel();
+        let (rtx, refusals) = mpsc::unbounded_channel();
         let pool = Self {
             inner: Arc::new(Inner {
                 connector,
@@ -94,11 +99,19 @@ impl AgentPool {
                 placements: RwLock::new(HashMap::new()),
                 triggers: tx,
                 syncs: stx,
+                refusals: rtx,
                 refresh,
                 started: Instant::now(),
             }),
         };
-        (pool, PoolStreams { triggers, syncs })
+        (
+            pool,
+            PoolStreams {
+                triggers,
+                syncs,
+                refusals,
+            },
+        )
     }
 
     fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Entry>> {
@@ -521,6 +534,11 @@ impl AgentPool {
             // Events were lost (the agent's buffer overran, or the cursor
             // is too old): the stream cannot resume, so list again.
             return Some(Ended::Reset);
+        }
+        if kind == pb::EventKind::NameRefused {
+            // Not a state change: the capsule's view stays as it is.
+            let _ = self.inner.refusals.send(ev);
+            return None;
         }
         let c = ev.capsule?;
         self.with_entry(node, |e| {

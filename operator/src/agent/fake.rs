@@ -250,6 +250,27 @@ impl FakeNodeAgent {
         });
     }
 
+    /// Sends a `NameRefused` event about `uid`, as an agent whose resolver
+    /// refused `name` for `reason` does.
+    pub fn refuse_name(&self, uid: &str, name: &str, reason: Reason, queries: u32) {
+        let mut st = lock(&self.state);
+        let Some(c) = st.capsules.get(uid).cloned() else {
+            return;
+        };
+        st.sequence += 1;
+        let _ = self.events.send(pb::Event {
+            sequence: st.sequence,
+            kind: pb::EventKind::NameRefused as i32,
+            capsule: Some(c),
+            unix_nanos: 0,
+            name_refused: Some(pb::NameRefused {
+                name: name.into(),
+                reason: reason.into(),
+                queries,
+            }),
+        });
+    }
+
     /// Removes a VM without an event (it "vanished", e.g. the host rebooted).
     pub fn vanish(&self, uid: &str) {
         lock(&self.state).capsules.remove(uid);
@@ -298,6 +319,7 @@ impl FakeNodeAgent {
             kind: kind as i32,
             capsule: Some(c.clone()),
             unix_nanos: 0,
+            name_refused: None,
         });
     }
 
@@ -702,6 +724,7 @@ impl NodeAgent for Handle {
                     kind: pb::EventKind::Sync as i32,
                     capsule: Some(c),
                     unix_nanos: 0,
+                    name_refused: None,
                 })
                 .collect();
             drop(st);

@@ -31,6 +31,7 @@ use crate::resources::Resources;
 use crate::status;
 
 mod converge;
+mod names;
 mod publish;
 mod run;
 mod source;

@@ -1,6 +1,7 @@
 //! The Capsule controller's wiring: its watches (Capsules; templates and
 //! snapshots through reflectors whose stores the reconciles read), the
-//! agents' triggers, and the convergence task that runs beside it.
+//! agents' triggers, and the convergence and name-refusal tasks that run
+//! beside it.
 
 use std::sync::Arc;
 
@@ -76,6 +77,7 @@ pub async fn run(
     namespace: Option<String>,
     triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
     mut syncs: mpsc::UnboundedReceiver<AgentSynced>,
+    refusals: mpsc::UnboundedReceiver<wrenn_proto::agent::v1::Event>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx_parts.client.clone();
@@ -93,6 +95,7 @@ pub async fn run(
     ctx.templates = template_cache;
     ctx.snapshots = snapshot_cache;
     let ctx = Arc::new(ctx);
+    let reporter = tokio::spawn(super::names::report_refusals(ctx.clone(), refusals));
     let (retrigger, retriggered) = mpsc::unbounded_channel();
     let by_template = store.clone();
     let by_snapshot = store.clone();
@@ -152,4 +155,5 @@ pub async fn run(
         }
     }
     converger.abort();
+    reporter.abort();
 }
