@@ -232,7 +232,8 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsSpec>,
     /// With `egress: Deny`, host names the guest may still connect to
-    /// (`pypi.org`, `*.github.com`).
+    /// (`pypi.org`, `*.github.com`). A lookup of any other name fails at
+    /// once and gives the capsule a `NameNotAllowed` Warning Event.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::dns::allow_hosts")]
     pub allow_hosts: Vec<String>,

@@ -13,6 +13,8 @@
 //! `console`; port-forward and `capsules/proxy` to busybox httpd in the
 //! guest (on all addresses and on 127.0.0.1; an undeclared port refused)
 //! and a WebSocket echo (busybox `nc` and a shell script) through the proxy;
+//! a name outside a live-changed `allowHosts` refused in the guest and
+//! shown as a Warning Event;
 //! a detached process surviving a client disconnect and a suspend/resume;
 //! last, an open exec holding off `lifecycle.idleTimeout`, which then
 //! deletes the capsule once the exec ends.
@@ -330,6 +332,8 @@ async fn kubectl_wrenn_reaches_into_a_real_guest() {
     directory_round_trip(&bed).await;
     step("port-forward and proxy");
     ports(&bed).await;
+    step("a name outside allowHosts: NXDOMAIN in the guest, a Warning Event on the capsule");
+    refused_name_event(&bed).await;
     step("a detached process through a disconnect and a suspend/resume");
     detached_process(&bed).await;
     step("an open exec holds off idleTimeout");
@@ -867,6 +871,77 @@ async fn websocket_echo(bed: &Bed) {
     }
     let _ = ws.close(None).await;
     bed.wrenn_ok(&["kill", CAP, "ws"]).await;
+}
+
+/// Egress closed to all but `example.org` on the running capsule; the
+/// guest's lookup of another name fails at once, and the capsule's Events
+/// say why. The policy is opened again after.
+async fn refused_name_event(bed: &Bed) {
+    let network = |v: serde_json::Value| {
+        let caps = bed.caps();
+        async move {
+            let c = caps
+                .patch(
+                    CAP,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "network": v } })),
+                )
+                .await
+                .unwrap();
+            let want = c.metadata.generation;
+            let t0 = Instant::now();
+            while caps
+                .get(CAP)
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.observed_generation)
+                < want
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "network change not applied"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    network(json!({ "egress": "Deny", "allowHosts": ["example.org"] })).await;
+    let t0 = Instant::now();
+    let out = bed.sh("nslookup evil.example 2>&1; true").await;
+    assert!(out.contains("NXDOMAIN"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(bed.admin.clone(), &bed.ns);
+    let t0 = Instant::now();
+    let note = loop {
+        let found = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("NameNotAllowed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(CAP)
+            });
+        if let Some(e) = found {
+            assert_eq!(e.type_.as_deref(), Some("Warning"));
+            break e.note.unwrap_or_default();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no NameNotAllowed Event in 30 s\n{}",
+            bed.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        note.contains("\"evil.example\"") && note.contains("allowHosts"),
+        "{note}"
+    );
+    println!("figure: lookup to NameNotAllowed Event {:?}", t0.elapsed());
+    network(json!({ "egress": "Allow", "allowHosts": null })).await;
 }
 
 /// The highest `tick N` in `text`.
