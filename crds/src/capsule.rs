@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -252,7 +252,7 @@ pub enum Egress {
 }
 
 /// A guest port.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(validation = Rule::new("!has(self.name) || !self.name.matches(r'^tcp-[0-9]+$') || int(self.name.substring(4)) == self.port")
     .message("a port name tcp-N is the name an unnamed published port N gets: it may only name port N"))]
 #[x_kube(validation = Rule::new("!has(self.from) || size(self.from) == 0 || !has(self.protocol) || self.protocol == 'TCP'")
@@ -282,7 +282,8 @@ pub struct PortSpec {
     /// not published in the cluster and is reached only through port
     /// forwarding and the proxy. Sources are matched as they arrive at the
     /// node: a CNI that masquerades Pod traffic to node addresses makes
-    /// Pods appear as their node's address. A Pod on the capsule's own node
+    /// Pods appear as their node's address, which a selector does not list.
+    /// At most 1024 addresses per port after selectors are resolved. A Pod on the capsule's own node
     /// connecting to the Service's ClusterIP is refused (kube-proxy
     /// translates it to the node's own address first); it can use the
     /// node address and port in the EndpointSlice.
@@ -291,14 +292,29 @@ pub struct PortSpec {
     pub from: Vec<PortPeer>,
 }
 
-/// A source allowed to reach a published port.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+/// A source allowed to reach a published port, like a NetworkPolicy peer:
+/// an IPv4 CIDR, or Pods chosen by label (`podSelector` alone: Pods in the
+/// capsule's namespace; `namespaceSelector` alone: every Pod in the chosen
+/// namespaces; both: the chosen Pods in the chosen namespaces). The
+/// operator resolves selectors to the Pods' IPv4 addresses and keeps the
+/// node's rules following them as Pods come, go and change labels.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.cidr) != (has(self.podSelector) || has(self.namespaceSelector))")
+    .message("a from entry is either a cidr or a podSelector and/or namespaceSelector"))]
 pub struct PortPeer {
     /// An IPv4 network in CIDR form (a.b.c.d/n, host bits zero), e.g. the
-    /// cluster's Pod network or one Pod's address as /32. Namespace and Pod
-    /// selectors are not supported: list the addresses.
+    /// cluster's Pod network or one address as /32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "with::source_cidr")]
-    pub cidr: String,
+    pub cidr: Option<String>,
+    /// Pods whose labels match (`{}`: every Pod), in the capsule's namespace
+    /// unless `namespaceSelector` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Namespaces whose labels match (`{}`: every namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
 /// Transport protocol of an exposed port.

@@ -8,6 +8,7 @@
 #
 #   build-helm.sh            all three
 #   build-helm.sh helm       helm only (tiers A: lint, template, dry-run, install)
+#   build-helm.sh ctrl       kube-controller-manager and kube-scheduler only
 #
 # Each is built in its own throwaway module so that one's dependency bumps
 # cannot shift what another is built with. helm v3 and kwok have no replace
@@ -80,7 +81,8 @@ command -v go >/dev/null || { log "go is required (the machine's Go, >= 1.26)"; 
 start=$(date +%s)
 case ${1:-all} in
   helm) build_helm ;;
+  ctrl) build_kube_ctrl ;;
   all) build_helm; build_kube_ctrl; build_kwok ;;
-  *) log "usage: $0 [helm|all]"; exit 2 ;;
+  *) log "usage: $0 [helm|ctrl|all]"; exit 2 ;;
 esac
 log "ready in $(( $(date +%s) - start ))s"

@@ -190,6 +190,59 @@ impl Workloads {
     }
 }
 
+/// kube-controller-manager running its garbage collector and nothing else,
+/// against `cp`, for as long as this lives: for cluster tests that show an
+/// object going with its owner through `ownerReferences` alone, without
+/// the node lifecycle and workload controllers acting on the shared
+/// cluster's other tests.
+#[derive(Debug)]
+pub struct GarbageCollector {
+    /// Its log.
+    pub log: PathBuf,
+    _child: Child,
+}
+
+impl GarbageCollector {
+    /// Builds kube-controller-manager when not cached, and starts it.
+    pub fn start(cp: &ControlPlane) -> Result<Self> {
+        let built = Command::new("bash")
+            .arg(crate::workspace_root().join("e2e/scripts/build-helm.sh"))
+            .arg("ctrl")
+            .status()
+            .context("run build-helm.sh ctrl")?;
+        if !built.success() {
+            bail!("build-helm.sh ctrl failed: no kube-controller-manager");
+        }
+        let ctrl = PathBuf::from(script_var("K8S_CTRL_BIN_DIR")?);
+        let dir = cp
+            .kubeconfig
+            .parent()
+            .context("kubeconfig has no directory")?
+            .to_path_buf();
+        let log = dir.join(format!("{}.log", wrenn_testkit::unique_name("gc")));
+        let args = vec![
+            format!("--kubeconfig={}", cp.kubeconfig.display()),
+            "--leader-elect=false".into(),
+            "--controllers=garbage-collector-controller".into(),
+            "--use-service-account-credentials=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--secure-port=0".into(),
+        ];
+        let child = supervise(&ctrl.join("kube-controller-manager"), &args, &log)?;
+        // A bad flag ends it at once: report that with its log.
+        std::thread::sleep(Duration::from_millis(1500));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("wrenn-supervise: exited") {
+            bail!(
+                "kube-controller-manager exited at start; log {}:\n{}",
+                log.display(),
+                tail(&text, 20)
+            );
+        }
+        Ok(Self { log, _child: child })
+    }
+}
+
 /// Fake Nodes a test made; deleted when dropped, even when the test fails
 /// (Nodes are cluster-scoped and would outlive the test's namespace).
 #[derive(Debug)]

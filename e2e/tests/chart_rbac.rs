@@ -752,6 +752,26 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
                 .await
                 .err(),
         ),
+        // It lists and watches Pods and Namespaces for `from` selectors,
+        // and writes neither.
+        (
+            "deletes a Pod",
+            Api::<Pod>::namespaced(op_client.clone(), &users)
+                .delete("any", &DeleteParams::default().dry_run())
+                .await
+                .err(),
+        ),
+        (
+            "labels a Namespace",
+            Api::<k8s_openapi::api::core::v1::Namespace>::all(op_client.clone())
+                .patch(
+                    &users,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+                )
+                .await
+                .err(),
+        ),
         (
             "deletes a template",
             Api::<CapsuleTemplate>::namespaced(op_client.clone(), &users)

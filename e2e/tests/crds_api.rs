@@ -281,6 +281,20 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             "a port name tcp-N is the name an unnamed published port N gets",
         ),
         (
+            "a from entry with a cidr and a selector",
+            "Capsule",
+            capsule(
+                json!({"network": {"ports": [{"port": 80, "from": [{"cidr": "10.0.0.0/8", "podSelector": {}}]}]}}),
+            ),
+            "a from entry is either a cidr or a podSelector and/or namespaceSelector",
+        ),
+        (
+            "an empty from entry",
+            "Capsule",
+            capsule(json!({"network": {"ports": [{"port": 80, "from": [{}]}]}})),
+            "a from entry is either a cidr or a podSelector and/or namespaceSelector",
+        ),
+        (
             "two ports with one name",
             "Capsule",
             capsule(
@@ -555,6 +569,14 @@ async fn the_api_server_applies_defaults() {
                 {"port": 80, "name": "tcp-80"},
                 {"port": 8080, "name": "web-ui2"},
                 {"port": 8081, "name": "x"},
+                // Sources by CIDR, by Pod labels, by namespace labels, both.
+                {"port": 9000, "from": [
+                    {"cidr": "10.244.0.0/16"},
+                    {"podSelector": {"matchLabels": {"app": "web"}}},
+                    {"namespaceSelector": {"matchExpressions": [
+                        {"key": "team", "operator": "In", "values": ["a"]}]}},
+                    {"namespaceSelector": {}, "podSelector": {}},
+                ]},
             ]}}),
         ),
     )

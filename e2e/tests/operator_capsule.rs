@@ -26,6 +26,7 @@ use wrenn_crds::capsule::CapsulePhase;
 use wrenn_crds::reason::{ConditionType, Reason};
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleTemplate};
+use wrenn_e2e::workloads::GarbageCollector;
 use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
 use wrenn_operator::controller::{Operator, Settings, run_all};
 use wrenn_operator::metrics::Metrics;
@@ -213,16 +214,29 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 /// Polls `check` (which may call the API) until it holds, for 30 s.
-async fn poll<F, Fut>(what: &str, mut check: F)
+async fn poll<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    if let Err(e) = poll_for(what, Duration::from_secs(30), check).await {
+        panic!("{e}");
+    }
+}
+
+async fn poll_for<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
     while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not true after 30 s");
+        if Instant::now() >= deadline {
+            return Err(format!("{what}: not true after {within:?}"));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
 }
 
 async fn set_mode(client: &Client, ns: &str, name: &str, mode: &str) {
@@ -1203,8 +1217,10 @@ async fn a_quarantined_capsule_is_a_warning_event_on_its_node() {
 /// EndpointSlice pointing at its node's InternalIP and host ports, owned by
 /// the capsule; an operator restart writes none of them again; a full
 /// host-port range shows as PortsPublished=False HostPortsExhausted until a
-/// deleted capsule gives its host port back; a port without `from` is never
-/// published, and removing the last `from` removes the objects.
+/// deleted capsule gives its host port back, and the garbage collector
+/// (kube-controller-manager's, nothing of ours) removes its objects; a
+/// port without `from` is never published, and removing the last `from`
+/// removes the objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     use k8s_openapi::api::core::v1::{Node, Service};
@@ -1214,6 +1230,12 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         return;
     };
     let (client, ns) = (env.client.clone(), env.ns.clone());
+    // Started first: it has to discover every resource before it collects.
+    let cp = env.cp;
+    let gc = tokio::task::spawn_blocking(move || GarbageCollector::start(cp))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("kube-controller-manager (garbage collector): {e:#}"));
     let nodes = nodes(&client, &ns, 8).await;
     // Node objects with an InternalIP each (cluster-scoped: removed below).
     let node_api: Api<Node> = Api::all(client.clone());
@@ -1405,6 +1427,17 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         })
     })
     .await;
+    // c1's objects go with it, by their owner references alone.
+    poll_for(
+        "c1's Service and EndpointSlice collected with it",
+        Duration::from_secs(60),
+        || async {
+            services.get_opt("c1").await.unwrap().is_none()
+                && slices.get_opt("c1-wrenn").await.unwrap().is_none()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; garbage collector log {}", gc.log.display()));
 
     // No port with from left: both objects go.
     api.patch(
@@ -1429,4 +1462,129 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
             .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
             .await;
     }
+}
+
+/// A port's `from` by Pod and namespace labels: the operator resolves the
+/// selectors to the chosen Pods' addresses and keeps the node's sources
+/// following them, live, as Pods come, change labels and go; Pods in
+/// namespaces the selector does not choose, and Pods without an address,
+/// are never sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_selectors_follow_the_pods_they_choose() {
+    use k8s_openapi::api::core::v1::Namespace;
+
+    let Some(env) = common::setup("operator_capsule::from_selectors").await else {
+        return;
+    };
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, 8).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "wrenn-test-team": &ns } } })),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = |name: &'static str, app: &'static str, ip: Option<&'static str>| {
+        let pods = pods.clone();
+        async move {
+            let p: Pod = serde_json::from_value(json!({
+                "metadata": { "name": name, "labels": { "app": app } },
+                "spec": { "containers": [{ "name": "c", "image": "busybox" }] },
+            }))
+            .unwrap();
+            pods.create(&PostParams::default(), &p).await.unwrap();
+            if let Some(ip) = ip {
+                pods.patch_status(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "status": {
+                        "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] } })),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    };
+    pod("web-1", "web", Some("10.1.0.1")).await;
+    pod("web-starting", "web", None).await;
+    pod("db", "db", Some("10.1.0.9")).await;
+    let _: Capsule = apply(
+        &client,
+        &ns,
+        json!({
+            "apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule",
+            "metadata": { "name": "c1" },
+            "spec": {
+                "source": { "templateRef": { "name": "base" } },
+                "resources": { "vcpus": 1, "memory": "512Mi" },
+                "network": { "ports": [
+                    { "port": 8080, "from": [{ "podSelector": { "matchLabels": { "app": "web" } } }] },
+                    { "port": 5432, "from": [
+                        { "namespaceSelector": { "matchLabels": { "wrenn-test-team": &ns } },
+                          "podSelector": { "matchLabels": { "app": "db" } } },
+                        { "namespaceSelector": { "matchLabels": { "wrenn-test-team": "nobody" } } },
+                    ] },
+                ] },
+            },
+        }),
+    )
+    .await;
+    let c1 = wait_capsule(&client, &ns, "c1", "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await;
+    let uid = c1.uid().unwrap();
+    let sources = |port: u32| {
+        let agents = nodes.agents.clone();
+        let uid = uid.clone();
+        move || {
+            agents
+                .iter()
+                .find_map(|a| a.capsule(&uid))
+                .and_then(|c| c.spec?.network)
+                .and_then(|n| n.ports.into_iter().find(|p| p.port == port))
+                .map(|p| p.from_cidrs)
+                .unwrap_or_default()
+        }
+    };
+    let web = sources(8080);
+    let db = sources(5432);
+    poll("web-1 the only source of 8080, db of 5432", || async {
+        web() == ["10.1.0.1/32"] && db() == ["10.1.0.9/32"]
+    })
+    .await;
+    // A new Pod with the label: a source on the running capsule.
+    pod("web-2", "web", Some("10.1.0.2")).await;
+    poll("web-2 added", || async {
+        web() == ["10.1.0.1/32", "10.1.0.2/32"]
+    })
+    .await;
+    // A label changed: no longer chosen.
+    pods.patch(
+        "web-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "labels": { "app": "other" } } })),
+    )
+    .await
+    .unwrap();
+    poll("web-1 removed after its label changed", || async {
+        web() == ["10.1.0.2/32"]
+    })
+    .await;
+    // A Pod gone: its address goes, and with no source left the port is
+    // no longer published.
+    pods.delete("web-2", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    poll("no source of 8080 once web-2 is gone", || async {
+        web().is_empty()
+    })
+    .await;
+    assert_eq!(db(), ["10.1.0.9/32"]);
+    op.stop().await;
 }

@@ -73,6 +73,11 @@ pub struct Context {
     pub templates: Store<CapsuleTemplate>,
     /// CapsuleSnapshots as last watched, like `templates`.
     pub snapshots: Store<CapsuleSnapshot>,
+    /// Pods as last watched (labels, addresses), for `from` selectors.
+    /// Empty until the Capsule controller runs its reflector.
+    pub pods: Store<k8s_openapi::api::core::v1::Pod>,
+    /// Namespaces as last watched (labels), for `from` selectors.
+    pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
     /// Event recorder.
     pub recorder: Recorder,
     /// Prometheus metrics.
@@ -143,6 +148,8 @@ impl Parts {
             capsules,
             templates: kube::runtime::reflector::store().0,
             snapshots: kube::runtime::reflector::store().0,
+            pods: kube::runtime::reflector::store().0,
+            namespaces: kube::runtime::reflector::store().0,
             recorder,
             metrics: self.metrics,
             settings: self.settings,
@@ -188,6 +195,30 @@ pub async fn publish(
 }
 
 impl Context {
+    /// Calls `f` with the Pods and Namespaces `from` selectors choose from;
+    /// both empty when no port of `cap` has a selector (no copy of the
+    /// stores is made then).
+    pub fn with_cluster<T>(
+        &self,
+        cap: &Capsule,
+        f: impl FnOnce(crate::peers::Cluster<'_>) -> T,
+    ) -> T {
+        let selects = cap
+            .spec
+            .network
+            .as_ref()
+            .is_some_and(|n| n.ports.iter().any(|p| crate::peers::selects_pods(&p.from)));
+        let (pods, namespaces) = if selects {
+            (self.pods.state(), self.namespaces.state())
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        f(crate::peers::Cluster {
+            pods: &pods,
+            namespaces: &namespaces,
+        })
+    }
+
     /// Publishes an Event; a failure is logged, never fatal.
     pub async fn event(
         &self,

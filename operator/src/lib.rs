@@ -12,6 +12,7 @@ mod fixtures;
 pub mod kube_client;
 pub mod leader;
 pub mod metrics;
+pub mod peers;
 pub mod placement;
 pub mod plan;
 pub mod pool;

@@ -264,7 +264,8 @@ mod tests {
             from: from
                 .iter()
                 .map(|c| PortPeer {
-                    cidr: (*c).to_string(),
+                    cidr: Some((*c).to_string()),
+                    ..PortPeer::default()
                 })
                 .collect(),
             ..PortSpec::default()

@@ -389,8 +389,10 @@ pub fn from_names(net: &pb::NetworkPolicy) -> Result<Names, Status> {
     Ok(Names { dns, allow_hosts })
 }
 
-/// Most sources one published port may list (the CRD's limit).
-const MAX_PORT_SOURCES: usize = 16;
+/// Most sources one published port may have: the CRD lists at most 16
+/// peers, and the operator resolves Pod selectors to at most this many
+/// addresses.
+const MAX_PORT_SOURCES: usize = 1024;
 /// Most ports a capsule may declare (the CRD's limit).
 const MAX_PORTS: usize = 32;
 

@@ -295,7 +295,7 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
         fresh: None,
     };
     let expiry = expiry(cap, ctx, known.node.as_deref(), &uid).await;
-    let egress = agent::to_egress(&to_proto_network(cap));
+    let network = ctx.with_cluster(cap, |cluster| to_proto_network(cap, cluster));
     let mut w = Writer {
         cap,
         api: Api::namespaced(ctx.client.clone(), ns),
@@ -303,7 +303,7 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
         current,
         announced: Vec::new(),
     };
-    let passes = passes(ns, ctx, &src, &mut known, &mut w, expiry, &egress).await;
+    let passes = passes(ns, ctx, &src, &mut known, &mut w, expiry, &network).await;
     w.flush(ctx).await;
     // Published ports follow what the node reports; while nothing is known
     // (agent not synced, e.g. just after an operator restart) they stay as
@@ -334,9 +334,10 @@ async fn passes(
     known: &mut Known,
     w: &mut Writer<'_>,
     expiry: Expiry,
-    egress: &crate::plan::EgressPolicy,
+    network: &pb::NetworkPolicy,
 ) -> Result<Result<Requeue, Action>, Error> {
     let (cap, uid) = (w.cap, w.uid.clone());
+    let egress = agent::to_egress(network);
     let mut requeue = Requeue::Settled;
     for _ in 0..MAX_PASSES {
         let observed = known.observe(ctx, &uid);
@@ -364,6 +365,7 @@ async fn passes(
             ns,
             plan: &plan,
             src,
+            network,
         };
         let next = match plan.action {
             NodeAction::None => {
@@ -429,6 +431,8 @@ struct Pass<'a> {
     ns: &'a str,
     plan: &'a Plan,
     src: &'a Source,
+    /// `spec.network` as the node enforces it, selectors resolved.
+    network: &'a pb::NetworkPolicy,
 }
 
 impl Pass<'_> {
@@ -511,7 +515,12 @@ impl Pass<'_> {
         };
         let req = pb::CreateCapsuleRequest {
             uid: w.uid.clone(),
-            spec: Some(to_proto_spec(w.cap, self.ns, self.src)),
+            spec: Some(to_proto_spec(
+                w.cap,
+                self.ns,
+                self.src,
+                self.network.clone(),
+            )),
             initial_state: proto_state(mode),
         };
         let call = client.create_capsule(req);
@@ -528,7 +537,7 @@ impl Pass<'_> {
                     started_unix_nanos: 0,
                     reason: None,
                     message: e.agent_message(),
-                    egress: agent::to_egress(&to_proto_network(w.cap)),
+                    egress: agent::to_egress(self.network),
                     host_ports: Vec::new(),
                 });
             }
@@ -578,7 +587,7 @@ impl Pass<'_> {
         let c = client
             .update_network(pb::UpdateNetworkRequest {
                 uid: w.uid.clone(),
-                network: Some(to_proto_network(w.cap)),
+                network: Some(self.network.clone()),
             })
             .await
             .map_err(|source| Error::Agent {

@@ -576,6 +576,21 @@ fn only_tcp_ports_with_sources_are_published_and_bad_ones_are_refused() {
         let err = from_ports(&bad).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
     }
+
+    // Pod selectors resolve to one /32 per Pod: up to 1024 per port.
+    let pods = |n: u32| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0af4_0000 + i)))
+            .collect()
+    };
+    let many = |n| pb::Port {
+        port: 80,
+        protocol: "TCP".into(),
+        from_cidrs: pods(n),
+    };
+    assert_eq!(from_ports(&[many(1024)]).unwrap()[0].from.len(), 1024);
+    let err = from_ports(&[many(1025)]).unwrap_err();
+    assert!(err.message().contains("at most 1024"), "{err:?}");
 }
 
 #[test]

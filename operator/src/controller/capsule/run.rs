@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
@@ -61,6 +62,85 @@ where
     })
 }
 
+/// Follows Pods and Namespaces into the stores `from` selectors read, and
+/// yields, after each change (deletes too), the capsules whose selectors
+/// it may concern. Pods are kept slim: labels, addresses, phase and
+/// whether they use the host's network.
+fn peer_triggers(
+    pods: Api<Pod>,
+    namespaces: Api<Namespace>,
+    writers: (
+        reflector::store::Writer<Pod>,
+        reflector::store::Writer<Namespace>,
+    ),
+    capsules: Store<Capsule>,
+) -> (
+    impl futures::Stream<Item = ObjectRef<Capsule>> + Send + 'static,
+    impl futures::Stream<Item = ObjectRef<Capsule>> + Send + 'static,
+) {
+    let by_pod = capsules.clone();
+    let pod_triggers = reflector(
+        writers.0,
+        watcher(pods, watcher::Config::default())
+            .default_backoff()
+            .modify(slim_pod),
+    )
+    .touched_objects()
+    .filter_map(|o| futures::future::ready(watched(o)))
+    .flat_map(move |pod| {
+        let pod_ns = pod.namespace().unwrap_or_default();
+        futures::stream::iter(users(&by_pod, |c| {
+            ports_from(c).any(|from| {
+                crate::peers::may_choose(&c.namespace().unwrap_or_default(), from, &pod_ns)
+            })
+        }))
+    });
+    let namespace_triggers = reflector(
+        writers.1,
+        watcher(namespaces, watcher::Config::default())
+            .default_backoff()
+            .modify(|n| {
+                n.managed_fields_mut().clear();
+                n.annotations_mut().clear();
+            }),
+    )
+    .touched_objects()
+    .filter_map(|o| futures::future::ready(watched(o)))
+    .flat_map(move |_| {
+        futures::stream::iter(users(&capsules, |c| {
+            ports_from(c).any(|from| from.iter().any(|p| p.namespace_selector.is_some()))
+        }))
+    });
+    (pod_triggers, namespace_triggers)
+}
+
+/// The `from` lists of a capsule's ports.
+fn ports_from(c: &Capsule) -> impl Iterator<Item = &[wrenn_crds::capsule::PortPeer]> {
+    c.spec
+        .network
+        .iter()
+        .flat_map(|n| n.ports.iter().map(|p| p.from.as_slice()))
+}
+
+/// What `from` selectors read of a Pod, and nothing else (a Pod's spec
+/// and status are most of its size, and carry what the operator has no
+/// business holding).
+fn slim_pod(p: &mut Pod) {
+    p.managed_fields_mut().clear();
+    p.annotations_mut().clear();
+    let host_network = p.spec.as_ref().and_then(|s| s.host_network);
+    p.spec = Some(PodSpec {
+        host_network,
+        ..PodSpec::default()
+    });
+    p.status = p.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
 /// The capsules in `store` that `uses` selects, as triggers.
 fn users(store: &Store<Capsule>, uses: impl Fn(&Capsule) -> bool) -> Vec<ObjectRef<Capsule>> {
     store
@@ -91,9 +171,13 @@ pub async fn run(
     let store = controller.store();
     let (template_cache, template_writer) = reflector::store();
     let (snapshot_cache, snapshot_writer) = reflector::store();
+    let (pod_cache, pod_writer) = reflector::store();
+    let (namespace_cache, namespace_writer) = reflector::store();
     let mut ctx = ctx_parts.into_context(store.clone());
     ctx.templates = template_cache;
     ctx.snapshots = snapshot_cache;
+    ctx.pods = pod_cache;
+    ctx.namespaces = namespace_cache;
     let ctx = Arc::new(ctx);
     let reporter = tokio::spawn(super::names::report_refusals(ctx.clone(), refusals));
     let (retrigger, retriggered) = mpsc::unbounded_channel();
@@ -134,11 +218,19 @@ pub async fn run(
     let snap_triggers = source_triggers(snapshots, snapshot_writer, by_snapshot, |c| {
         c.spec.source.snapshot_ref.as_ref().map(|r| r.name.as_str())
     });
+    let (pod_triggers, namespace_triggers) = peer_triggers(
+        crate::controller::scoped(&client, ns),
+        Api::all(client.clone()),
+        (pod_writer, namespace_writer),
+        store.clone(),
+    );
     let merged = futures::stream::select_all([
         tokio_stream::wrappers::UnboundedReceiverStream::new(triggers).boxed(),
         tokio_stream::wrappers::UnboundedReceiverStream::new(retriggered).boxed(),
         tpl_triggers.boxed(),
         snap_triggers.boxed(),
+        pod_triggers.boxed(),
+        namespace_triggers.boxed(),
     ]);
     let controller = controller
         .reconcile_on(merged)

@@ -15,6 +15,7 @@ use wrenn_proto::agent::v1 as pb;
 
 use super::Error;
 use crate::controller::Context;
+use crate::peers::Cluster;
 use crate::placement::{Request, SnapshotNeed, TemplateNeed};
 use crate::plan::SourceState;
 use crate::resources::{Resources, effective, format_bytes};
@@ -315,9 +316,11 @@ pub(super) fn validate_snapshot(
 }
 /// `spec.network` as the agent takes it: DENY with `allowCidrs` reaches
 /// exactly those CIDRs, and `allowHosts` the addresses those names
-/// resolve to.
-pub(super) fn to_proto_network(cap: &Capsule) -> pb::NetworkPolicy {
+/// resolve to; a port's `from` selectors are the addresses of the Pods
+/// they choose in `cluster` now.
+pub(super) fn to_proto_network(cap: &Capsule, cluster: Cluster<'_>) -> pb::NetworkPolicy {
     let net = cap.spec.network.clone().unwrap_or_default();
+    let ns = cap.namespace().unwrap_or_default();
     pb::NetworkPolicy {
         egress: match net.egress {
             wrenn_crds::capsule::Egress::Allow => pb::Egress::Allow as i32,
@@ -337,13 +340,18 @@ pub(super) fn to_proto_network(cap: &Capsule) -> pb::NetworkPolicy {
             .map(|p| pb::Port {
                 port: p.port.into(),
                 protocol: format!("{:?}", p.protocol),
-                from_cidrs: p.from.iter().map(|f| f.cidr.clone()).collect(),
+                from_cidrs: crate::peers::resolve(&ns, &p.from, cluster),
             })
             .collect(),
     }
 }
 
-pub(super) fn to_proto_spec(cap: &Capsule, ns: &str, src: &Source) -> pb::CapsuleSpec {
+pub(super) fn to_proto_spec(
+    cap: &Capsule,
+    ns: &str,
+    src: &Source,
+    network: pb::NetworkPolicy,
+) -> pb::CapsuleSpec {
     pb::CapsuleSpec {
         namespace: ns.to_string(),
         name: cap.name_any(),
@@ -361,7 +369,7 @@ pub(super) fn to_proto_spec(cap: &Capsule, ns: &str, src: &Source) -> pb::Capsul
             .iter()
             .map(|e| (e.name.clone(), e.value.clone()))
             .collect(),
-        network: Some(to_proto_network(cap)),
+        network: Some(network),
     }
 }
 
