@@ -724,9 +724,9 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
                 .err(),
         ),
         (
-            "lists Pods of users",
+            "reads a Pod's log",
             Api::<Pod>::namespaced(op_client.clone(), &users)
-                .list(&ListParams::default())
+                .logs("any", &Default::default())
                 .await
                 .err(),
         ),
