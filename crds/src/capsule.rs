@@ -255,8 +255,8 @@ pub enum Egress {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(validation = Rule::new("!has(self.name) || !self.name.matches(r'^tcp-[0-9]+$') || int(self.name.substring(4)) == self.port")
     .message("a port name tcp-N is the name an unnamed published port N gets: it may only name port N"))]
-#[x_kube(validation = Rule::new("!has(self.from) || size(self.from) == 0 || !has(self.protocol) || self.protocol == 'TCP'")
-    .message("from publishes TCP ports only: UDP ports are reachable through the data plane, not published in the cluster"))]
+#[x_kube(validation = Rule::new("!has(self.protocol) || self.protocol == 'TCP'")
+    .message("only TCP ports are supported: port forwarding and the proxy carry TCP, and only TCP is published in the cluster"))]
 pub struct PortSpec {
     /// Optional name, shown by tools and used as the Service port's name
     /// when the port is published: a Service port name (lowercase letters,
@@ -273,7 +273,8 @@ pub struct PortSpec {
     /// Port number in the guest, 1 to 65535.
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
-    /// TCP (default) or UDP.
+    /// TCP (the default, and the only protocol accepted today: port
+    /// forwarding, the proxy and publishing in the cluster carry TCP).
     #[serde(default)]
     pub protocol: Protocol,
     /// Who in the cluster may reach this port, like a NetworkPolicy's

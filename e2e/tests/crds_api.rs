@@ -238,7 +238,13 @@ fn invalid_cases() -> Vec<(&'static str, &'static str, Value, &'static str)> {
             capsule(
                 json!({"network": {"ports": [{"port": 53, "protocol": "UDP", "from": [{"cidr": "10.244.0.0/16"}]}]}}),
             ),
-            "from publishes TCP ports only",
+            "only TCP ports are supported",
+        ),
+        (
+            "a UDP port",
+            "Capsule",
+            capsule(json!({"network": {"ports": [{"port": 53, "protocol": "UDP"}]}})),
+            "only TCP ports are supported",
         ),
         (
             "IPv6 source in from",
