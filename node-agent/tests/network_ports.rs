@@ -9,8 +9,7 @@
 mod network_env;
 
 use std::io::{self, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use network_env::*;
@@ -48,27 +47,6 @@ fn rule(port: u16, from: Cidr) -> PortRule {
         port,
         from: vec![from],
     }
-}
-
-/// Connects from `ns` with source address `src` to `to`, giving up after a
-/// second (an unanswered SYN), so a refused source fails fast either way.
-fn connect_from(ns: &Path, src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
-    in_ns(ns, move |_| {
-        // The socket is made on this thread, so it lives in `ns`.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4()?;
-            sock.bind(SocketAddr::from((src, 0)))?;
-            let s = tokio::time::timeout(Duration::from_secs(1), sock.connect(to))
-                .await
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-            let s = s.into_std()?;
-            s.set_nonblocking(false)?;
-            Ok(s)
-        })
-    })
 }
 
 /// A server in the guest that answers each connection with `tag`.

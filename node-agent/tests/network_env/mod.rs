@@ -210,6 +210,27 @@ pub fn connect(ns: &Path, to: SocketAddr) -> io::Result<TcpStream> {
     })
 }
 
+/// Connects from `ns` with source address `src` to `to`, giving up after a
+/// second (an unanswered SYN), so a refused source fails fast either way.
+pub fn connect_from(ns: &Path, src: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
+    in_ns(ns, move |_| {
+        // The socket is made on this thread, so it lives in `ns`.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::from((src, 0)))?;
+            let s = tokio::time::timeout(Duration::from_secs(1), sock.connect(to))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            Ok(s)
+        })
+    })
+}
+
 /// Whether a connection from `ns` to `to` fails, with a shorter wait: a
 /// dropped SYN is never answered, so this waits the whole second.
 pub fn blocked(ns: &Path, to: SocketAddr) -> bool {
