@@ -16,6 +16,7 @@
 //!   without reaching upstream, and a raw IP (the other name's address, or
 //!   one no name has) gets nothing;
 //! - a host added to `allowHosts` live works on the next connection;
+//! - a search domain added while paused is in the file after resume;
 //! - after a suspend and restore (with a names change recorded while
 //!   suspended, and the file spoiled inside the guest before), the file
 //!   is right again and names still fetch.
@@ -472,7 +473,20 @@ async fn a_guest_resolves_and_fetches_by_name_and_allow_hosts_holds_live_and_aft
     assert_eq!(boot_id(&g).await, booted, "the guest restarted");
     web.take();
 
-    // 5. Suspend and restore. The file is spoiled inside the guest first,
+    // 5. Pause, a search domain added while paused, resume: the guest
+    // could not take the file while paused, and has it once it runs.
+    assert_eq!(w.sup.pause(UID).await.unwrap().state, State::Paused);
+    let mut paused = allow(&["allowed.example.org", "*.example.net"]);
+    paused.dns.searches = vec!["paused.example".into()];
+    w.sup.update_names(UID, paused).await.unwrap();
+    assert_eq!(w.sup.resume(UID).await.unwrap().state, State::Running);
+    assert_eq!(
+        resolv_conf(&g).await,
+        "# Written by wrenn: the node's DNS proxy for this capsule.\n\
+         nameserver 169.254.0.22\nsearch paused.example\noptions ndots:5\n"
+    );
+
+    // 6. Suspend and restore. The file is spoiled inside the guest first,
     // and a search domain is added while suspended: the restored guest
     // has the current file, and names fetch again (the proxy starts with
     // an empty set, so the lookup reopens the address).

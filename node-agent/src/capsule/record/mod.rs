@@ -63,6 +63,11 @@ pub struct Record {
     /// journaled before the first `Init` so a restarted agent still
     /// reaches the guest. `None` only in records of older agents.
     pub guest_token: Option<GuestToken>,
+    /// Its resolver settings changed while the guest was paused: the
+    /// guest's `/etc/resolv.conf` is rewritten at resume (an `Init`, at
+    /// boot or restore, writes it anyway).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resolver_stale: bool,
 }
 
 /// What may exist on the node for a capsule.
@@ -176,6 +181,7 @@ impl Record {
             message: None,
             internal: false,
             guest_token: None,
+            resolver_stale: false,
         }
     }
 

@@ -88,6 +88,7 @@ impl From<RecordV1> for Record {
             message,
             internal: r.internal,
             guest_token: r.guest_token,
+            resolver_stale: false,
         }
     }
 }

@@ -32,17 +32,20 @@ impl<M: Machine + 'static> Ctx<M> {
             return Ok(());
         }
         let live = network_change_is_live(rec)?;
+        let file_changes = self.resolver_text(&rec.spec.names) != self.resolver_text(&names);
         let old = std::mem::replace(&mut rec.spec.names, names);
+        let was_stale = rec.resolver_stale;
+        // A paused guest cannot take the file now: it gets it at resume.
+        rec.resolver_stale |= live && file_changes && rec.state == State::Paused;
         self.journal_only(rec).await?;
         if live {
             let res = match self.apply_names(rec).await {
-                Ok(()) if self.resolver_text(&old) != self.resolver_text(&rec.spec.names) => {
-                    self.rewrite_resolver(rec).await
-                }
+                Ok(()) if file_changes => self.rewrite_resolver(rec).await,
                 other => other,
             };
             if let Err(e) = res {
                 rec.spec.names = old;
+                rec.resolver_stale = was_stale;
                 // Put the old settings back on the host too.
                 if let Err(back) = self.apply_names(rec).await {
                     tracing::error!(capsule = %rec.uid, error = &back as &dyn std::error::Error, "restore the names after a failed update");
@@ -100,15 +103,29 @@ impl<M: Machine + 'static> Ctx<M> {
             })
     }
 
+    /// A resolver file marked stale while the guest was paused, written
+    /// now that it runs again. A failure leaves the mark for the next
+    /// resume and is logged: the resume itself has happened.
+    pub(crate) async fn catch_up_resolver(&self, rec: &mut Record) {
+        if !rec.resolver_stale {
+            return;
+        }
+        match self.rewrite_resolver(rec).await {
+            Ok(()) => rec.resolver_stale = false,
+            Err(e) => {
+                tracing::warn!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "resolver file not rewritten at resume");
+            }
+        }
+    }
+
     /// A live change of the resolver file: dials the running guest. A
-    /// paused guest cannot answer; it keeps its file until the next
-    /// restore (logged).
+    /// paused guest cannot answer: [`Ctx::catch_up_resolver`] writes it at
+    /// resume.
     async fn rewrite_resolver(&self, rec: &Record) -> Result<(), Error> {
         let (Some(g), Some(vm)) = (self.cfg.guest, rec.vm()) else {
             return Ok(());
         };
         if rec.state != State::Running {
-            tracing::warn!(capsule = %rec.uid, state = ?rec.state, "resolver file not rewritten: the guest is not running");
             return Ok(());
         }
         let err = |source| Error::Guest {
@@ -179,5 +196,29 @@ mod tests {
             net.calls()[before..]
                 .contains(&NetCall::SetNames(id.clone(), names(&["*.github.com"])))
         );
+    }
+
+    #[tokio::test]
+    async fn a_resolver_change_while_paused_is_owed_to_the_guest_until_resume() {
+        let NetBed { dir, sup, .. } = net_bed();
+        sup.create("c1", spec("c1"), State::Running).await.unwrap();
+        let journal = crate::state::Journal::new(dir.path());
+        let stale = || {
+            journal
+                .read::<crate::capsule::record::Record>("c1")
+                .unwrap()
+                .unwrap()
+                .resolver_stale
+        };
+        sup.pause("c1").await.unwrap();
+        // allowHosts alone does not change the file: nothing owed.
+        sup.update_names("c1", names(&["pypi.org"])).await.unwrap();
+        assert!(!stale());
+        let mut searched = names(&["pypi.org"]);
+        searched.dns.searches = vec!["corp.example".into()];
+        sup.update_names("c1", searched).await.unwrap();
+        assert!(stale(), "journaled, so an agent restart still owes it");
+        sup.resume("c1").await.unwrap();
+        assert!(!stale());
     }
 }

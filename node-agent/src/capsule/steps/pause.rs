@@ -58,6 +58,7 @@ impl<M: Machine + 'static> Ctx<M> {
         match self.host.machine.resume(&vm).await {
             Ok(()) => {
                 rec.settle(State::Running);
+                self.catch_up_resolver(rec).await;
                 self.commit(entry, rec).await
             }
             Err(source) => {

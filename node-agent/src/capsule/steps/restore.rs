@@ -69,6 +69,8 @@ impl<M: Machine + 'static> Ctx<M> {
             Ok(vm) => {
                 rec.restored(vm.clone(), now_nanos())
                     .map_err(|r| r.on(rec))?;
+                // Init wrote the resolver file.
+                rec.resolver_stale = false;
                 self.commit(entry, rec).await?;
                 self.start_sampling(entry, rec);
                 self.watch_vm(entry.clone(), vm);
