@@ -43,21 +43,10 @@ impl Workloads {
     }
 
     fn start(cp: &ControlPlane) -> Result<Workloads> {
-        let built = Command::new("bash")
-            .arg(crate::workspace_root().join("e2e/scripts/build-helm.sh"))
-            .arg("all")
-            .status()
-            .context("run build-helm.sh")?;
-        if !built.success() {
-            bail!("build-helm.sh failed: no kube-controller-manager, kube-scheduler or kwok");
-        }
+        build_tools("all", "kube-controller-manager, kube-scheduler or kwok")?;
         let ctrl = PathBuf::from(script_var("K8S_CTRL_BIN_DIR")?);
         let kwok = PathBuf::from(script_var("KWOK_BIN_DIR")?);
-        let cp_dir = cp
-            .kubeconfig
-            .parent()
-            .context("kubeconfig has no directory")?
-            .to_path_buf();
+        let cp_dir = cp_dir(cp)?;
         let pki = cp_dir.join("pki");
         for f in ["sa.key", "apiserver.crt"] {
             if !pki.join(f).is_file() {
@@ -205,21 +194,9 @@ pub struct GarbageCollector {
 impl GarbageCollector {
     /// Builds kube-controller-manager when not cached, and starts it.
     pub fn start(cp: &ControlPlane) -> Result<Self> {
-        let built = Command::new("bash")
-            .arg(crate::workspace_root().join("e2e/scripts/build-helm.sh"))
-            .arg("ctrl")
-            .status()
-            .context("run build-helm.sh ctrl")?;
-        if !built.success() {
-            bail!("build-helm.sh ctrl failed: no kube-controller-manager");
-        }
+        build_tools("ctrl", "kube-controller-manager")?;
         let ctrl = PathBuf::from(script_var("K8S_CTRL_BIN_DIR")?);
-        let dir = cp
-            .kubeconfig
-            .parent()
-            .context("kubeconfig has no directory")?
-            .to_path_buf();
-        let log = dir.join(format!("{}.log", wrenn_testkit::unique_name("gc")));
+        let log = cp_dir(cp)?.join(format!("{}.log", wrenn_testkit::unique_name("gc")));
         let args = vec![
             format!("--kubeconfig={}", cp.kubeconfig.display()),
             "--leader-elect=false".into(),
@@ -241,6 +218,30 @@ impl GarbageCollector {
         }
         Ok(Self { log, _child: child })
     }
+}
+
+/// Runs `build-helm.sh what` (cached builds return at once); `missing`
+/// names what a failure leaves unbuilt.
+fn build_tools(what: &str, missing: &str) -> Result<()> {
+    let built = Command::new("bash")
+        .arg(crate::workspace_root().join("e2e/scripts/build-helm.sh"))
+        .arg(what)
+        .status()
+        .with_context(|| format!("run build-helm.sh {what}"))?;
+    if !built.success() {
+        bail!("build-helm.sh {what} failed: no {missing}");
+    }
+    Ok(())
+}
+
+/// The control plane's directory (its kubeconfig's): logs of what runs
+/// beside it go there, and with it.
+fn cp_dir(cp: &ControlPlane) -> Result<PathBuf> {
+    Ok(cp
+        .kubeconfig
+        .parent()
+        .context("kubeconfig has no directory")?
+        .to_path_buf())
 }
 
 /// Fake Nodes a test made; deleted when dropped, even when the test fails

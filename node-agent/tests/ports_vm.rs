@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use network_env::{Bed as NetBed, NODE_UPLINK_ADDR, OTHER_REMOTE, UPLINK_ADDR, connect_from};
-use qemu_bed::{QemuBed, VmTools, need_vm_tools, sh_as};
+use qemu_bed::{sh_as, vm_bed};
 use wrenn_node_agent::capsule::{Egress, HostPort, PortRule, State};
 use wrenn_node_agent::network::Cidr;
 use wrenn_testkit::{Tier, case};
@@ -66,24 +66,10 @@ fn get(bed: &NetBed, src: Ipv4Addr, port: u16) -> io::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_reaches_a_real_guest_through_its_host_port_and_nothing_else_gets_in() {
     let c = case(Tier::Vm, NAME);
-    let VmTools {
-        qemu,
-        helper,
-        image,
-    } = match need_vm_tools(&[]) {
-        Ok(t) => t,
+    let (w, turn) = match vm_bed(NAME, &[], || NetBed::new(true), "wrenn-ports").await {
+        Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let turn = wrenn_testkit::vm::turn(NAME).unwrap();
-    let w = QemuBed::new(
-        &qemu,
-        &helper,
-        image,
-        turn.ready,
-        NetBed::new(true),
-        "wrenn-ports",
-    )
-    .await;
     let mut spec = w.spec("tenant", UID, Egress::Deny);
     spec.ports = vec![from(WEB, UPLINK_ADDR)];
     let v = w.sup.create(UID, spec, State::Running).await.unwrap();

@@ -12,7 +12,7 @@ mod qemu_bed;
 use std::time::Duration;
 
 use network_env::Bed as NetBed;
-use qemu_bed::{QemuBed, VmTools, need_vm_tools, sh_as};
+use qemu_bed::{sh_as, vm_bed};
 use wrenn_node_agent::capsule::{Egress, State};
 use wrenn_proto::guest::v1 as gpb;
 use wrenn_testkit::{Tier, case};
@@ -30,24 +30,10 @@ fn tag() -> Option<gpb::ProcessRef> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_process_survives_suspend_and_resume_then_attach_shows_its_output() {
     let c = case(Tier::Vm, NAME);
-    let VmTools {
-        qemu,
-        helper,
-        image,
-    } = match need_vm_tools(&[]) {
-        Ok(t) => t,
+    let (bed, _turn) = match vm_bed(NAME, &[], || NetBed::new(true), "wrenn-procs").await {
+        Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let turn = wrenn_testkit::vm::turn(NAME).unwrap();
-    let bed = QemuBed::new(
-        &qemu,
-        &helper,
-        image,
-        turn.ready,
-        NetBed::new(true),
-        "wrenn-procs",
-    )
-    .await;
     let spec = bed.spec("default", "procs", Egress::Allow);
     let v = bed.sup.create("procs", spec, State::Running).await.unwrap();
     assert_eq!(v.state, State::Running);

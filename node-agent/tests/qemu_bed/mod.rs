@@ -1,5 +1,5 @@
-//! The vm tier's bed for the real supervisor, shared by `warm_vm.rs`,
-//! `isolation_vm.rs` and `processes_vm.rs`: what a test needs on the machine
+//! The vm tier's bed for the real supervisor, shared by the `*_vm.rs`
+//! tests of this crate: what a test needs on the machine
 //! ([`need_vm_tools`]), this tree's guest image, QEMU (TCG) confined as in
 //! production, `LinuxNet` on a [`network_env::Bed`](super::network_env::Bed),
 //! qcow2 disks and a uniquely named cgroup parent. Dropping it kills every
@@ -71,6 +71,25 @@ pub fn need_vm_tools(more: &[&str]) -> Result<VmTools, String> {
         helper,
         image: build_image()?,
     })
+}
+
+/// What most vm-tier tests start with: the tools (`Err`: what is missing,
+/// the case's skip reason), the test's turn on the machine, and a bed on
+/// the network `net` makes (made only once the tools are there).
+pub async fn vm_bed(
+    name: &str,
+    more: &[&str],
+    net: impl FnOnce() -> NetBed,
+    cgroup_prefix: &str,
+) -> Result<(QemuBed, wrenn_testkit::vm::Turn), String> {
+    let VmTools {
+        qemu,
+        helper,
+        image,
+    } = need_vm_tools(more)?;
+    let turn = wrenn_testkit::vm::turn(name).expect("a turn on the vm tier");
+    let bed = QemuBed::new(&qemu, &helper, image, turn.ready, net(), cgroup_prefix).await;
+    Ok((bed, turn))
 }
 
 /// Processes whose command line contains `needle` (a test's state dir).
