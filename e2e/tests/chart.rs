@@ -1190,6 +1190,10 @@ async fn operator_rbac_is_sufficient_and_minimal() {
         ("watch", "pods", Some(&ns)),
         // Node labels, for nodeSelector.
         ("watch", "nodes", None),
+        // `from` selectors: the chosen Pods' addresses, namespaces' labels.
+        ("list", "pods", Some(&user_ns)),
+        ("watch", "pods", None),
+        ("watch", "namespaces", None),
         // Published ports: a Service and an EndpointSlice per capsule.
         ("get", "services", Some(&user_ns)),
         ("patch", "services", Some(&user_ns)),
@@ -1210,7 +1214,9 @@ async fn operator_rbac_is_sufficient_and_minimal() {
         ("get", "secrets", Some(&ns)),
         ("create", "pods:exec", Some(&ns)),
         ("create", "pods", Some(&ns)),
-        ("list", "pods", Some(&user_ns)),
+        ("delete", "pods", Some(&user_ns)),
+        ("get", "pods:log", Some(&user_ns)),
+        ("patch", "namespaces", None),
         ("create", "capsules.wrenn.dev", Some(&user_ns)),
         ("update", "capsules.wrenn.dev", Some(&user_ns)),
         ("delete", "capsuletemplates.wrenn.dev", Some(&user_ns)),
@@ -1358,13 +1364,19 @@ async fn operator_rbac_is_sufficient_and_minimal() {
         "regarding": {"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule", "name": "c1", "namespace": user_ns, "uid": seen.metadata.uid},
     })).unwrap();
     events.create(&PostParams::default(), &ev).await.unwrap();
-    // Agents by their pods, and the leader Lease, in its own namespace only.
+    // Agents by their pods in its own namespace; every Pod's labels and
+    // addresses for `from` selectors (listed, never read one by one); the
+    // leader Lease in its own namespace only.
     Api::<Pod>::namespaced(opc.clone(), &ns)
         .list(&ListParams::default().labels("app.kubernetes.io/name=wrenn-node-agent"))
         .await
         .unwrap();
-    let err = Api::<Pod>::all(opc.clone())
+    Api::<Pod>::all(opc.clone())
         .list(&ListParams::default())
+        .await
+        .unwrap();
+    let err = Api::<Pod>::namespaced(opc.clone(), &user_ns)
+        .get("any")
         .await
         .unwrap_err();
     assert_eq!(status_code(&err), 403);
