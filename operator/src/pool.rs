@@ -55,10 +55,13 @@ struct Inner {
     placements: RwLock<HashMap<String, (String, Resources)>>,
     triggers: mpsc::UnboundedSender<ObjectRef<Capsule>>,
     syncs: mpsc::UnboundedSender<AgentSynced>,
-    refusals: mpsc::UnboundedSender<pb::Event>,
+    refusals: mpsc::Sender<pb::Event>,
     refresh: Duration,
     started: Instant,
 }
+
+/// `NameRefused` events waiting for their Kubernetes Event.
+pub const REFUSALS_QUEUED: usize = 1024;
 
 /// Shared handle to every node agent.
 #[derive(Clone)]
@@ -82,8 +85,8 @@ pub struct PoolStreams {
     /// Agents that (re)synced.
     pub syncs: mpsc::UnboundedReceiver<AgentSynced>,
     /// `NameRefused` events, as the agents sent them (each agent throttles
-    /// its own).
-    pub refusals: mpsc::UnboundedReceiver<pb::Event>,
+    /// its own); past [`REFUSALS_QUEUED`] waiting, more are dropped.
+    pub refusals: mpsc::Receiver<pb::Event>,
 }
 
 impl AgentPool {
@@ -91,7 +94,7 @@ impl AgentPool {
     pub fn new(connector: Arc<dyn Connector>, refresh: Duration) -> (Self, PoolStreams) {
         let (tx, triggers) = mpsc::unbounded_channel();
         let (stx, syncs) = mpsc::unbounded_channel();
-        let (rtx, refusals) = mpsc::unbounded_channel();
+        let (rtx, refusals) = mpsc::channel(REFUSALS_QUEUED);
         let pool = Self {
             inner: Arc::new(Inner {
                 connector,
@@ -536,8 +539,9 @@ impl AgentPool {
             return Some(Ended::Reset);
         }
         if kind == pb::EventKind::NameRefused {
-            // Not a state change: the capsule's view stays as it is.
-            let _ = self.inner.refusals.send(ev);
+            // Not a state change: the capsule's view stays as it is. Their
+            // names come from guests: a full queue drops, never grows.
+            let _ = self.inner.refusals.try_send(ev);
             return None;
         }
         let c = ev.capsule?;

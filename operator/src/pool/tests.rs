@@ -450,3 +450,35 @@ async fn reported_is_what_the_stream_said_not_an_answer() {
     assert_eq!(pool.reported("node-b", "u1"), None);
     pool.shutdown();
 }
+
+/// Name refusals come from guests: unread, they fill a bounded queue and
+/// the rest are dropped; the agent's session is not disturbed by them.
+#[tokio::test]
+async fn unread_name_refusals_are_dropped_past_the_queue() {
+    use wrenn_crds::reason::Reason;
+    let agent = FakeNodeAgent::new("node-a", roomy(), Duration::from_secs(3600));
+    agent.insert("u1", "ns", "c1", pb::CapsuleState::Running);
+    let (pool, streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
+    let sent = REFUSALS_QUEUED + 50;
+    for i in 0..sent {
+        agent.refuse_name("u1", &format!("n{i}.example"), Reason::NameNotAllowed, 1);
+    }
+    wrenn_testkit::eventually(Duration::from_secs(5), "queue never filled", || {
+        streams.refusals.len() == REFUSALS_QUEUED
+    })
+    .await;
+    // A state change after them still reaches the pool's view.
+    client_pause(&pool, "u1").await;
+    wrenn_testkit::eventually(Duration::from_secs(5), "pause never seen", || {
+        pool.reported("node-a", "u1")
+            .is_some_and(|v| v.state == crate::plan::VmState::Paused)
+    })
+    .await;
+    assert_eq!(streams.refusals.len(), REFUSALS_QUEUED);
+    pool.shutdown();
+}
+
+async fn client_pause(pool: &AgentPool, uid: &str) {
+    let client = pool.client("node-a").unwrap();
+    client.pause_capsule(uid.to_string()).await.unwrap();
+}

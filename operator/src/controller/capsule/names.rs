@@ -56,7 +56,7 @@ pub fn regarding(c: &pb::Capsule) -> Option<ObjectReference> {
 }
 
 /// Publishes an Event per report until the pool's stream ends.
-pub async fn report_refusals(ctx: Arc<Context>, mut reports: mpsc::UnboundedReceiver<pb::Event>) {
+pub async fn report_refusals(ctx: Arc<Context>, mut reports: mpsc::Receiver<pb::Event>) {
     while let Some(ev) = reports.recv().await {
         let (Some(c), Some(r)) = (ev.capsule.as_ref(), ev.name_refused.as_ref()) else {
             continue;

@@ -157,7 +157,7 @@ pub async fn run(
     namespace: Option<String>,
     triggers: mpsc::UnboundedReceiver<ObjectRef<Capsule>>,
     mut syncs: mpsc::UnboundedReceiver<AgentSynced>,
-    refusals: mpsc::UnboundedReceiver<wrenn_proto::agent::v1::Event>,
+    refusals: mpsc::Receiver<wrenn_proto::agent::v1::Event>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx_parts.client.clone();
