@@ -150,9 +150,13 @@ async fn run(args: Args) -> Result<()> {
         .with_context(|| format!("bind admin server on {admin_listen}"))?;
     let admin_task = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let client = kube::Client::try_default()
+    // kube's default client leaves Nagle's algorithm on: every status write
+    // could wait 40 ms for the API server's delayed ACK.
+    let kube_config = kube::Config::infer()
         .await
-        .context("build Kubernetes client")?;
+        .context("find the Kubernetes client configuration")?;
+    let client =
+        wrenn_operator::kube_client::build(kube_config).context("build Kubernetes client")?;
 
     let stop = wrenn_runtime::stop_signal();
     tokio::pin!(stop);
