@@ -192,6 +192,7 @@ pub async fn pool(agents: &[Arc<FakeNodeAgent>]) -> (AgentPool, PoolStreams) {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1 + i as u16));
         pool.upsert(a.node(), addr);
     }
+    pool.discovered();
     wrenn_testkit::eventually(Duration::from_secs(5), "agents never synced", || {
         pool.ready_nodes().len() >= agents.len()
     })

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,9 @@ struct Inner {
     refusals: mpsc::Sender<pb::Event>,
     refresh: Duration,
     started: Instant,
+    /// Set once the agent list is complete (discovery's first list of the
+    /// agent Pods): before it, "every known agent synced" holds of none.
+    discovered: AtomicBool,
 }
 
 /// `NameRefused` events waiting for their Kubernetes Event.
@@ -105,6 +109,7 @@ impl AgentPool {
                 refusals: rtx,
                 refresh,
                 started: Instant::now(),
+                discovered: AtomicBool::new(false),
             }),
         };
         (
@@ -211,11 +216,21 @@ impl AgentPool {
             .map(|(n, _)| n.clone())
     }
 
-    /// True once every known agent has synced at least once, or `grace`
-    /// passed since start: placing before then could duplicate a VM that an
+    /// True once the agent list is complete and every agent on it has
+    /// synced at least once, or `grace` passed since start: placing before then could duplicate a VM that an
     /// agent not yet listed already holds.
     pub fn settled(&self, grace: Duration) -> bool {
-        self.inner.started.elapsed() >= grace || self.read().values().all(|e| e.synced)
+        self.inner.started.elapsed() >= grace
+            || (self.inner.discovered.load(Ordering::Acquire)
+                && self.read().values().all(|e| e.synced))
+    }
+
+    /// Marks the agent list complete: every agent there is has been
+    /// [`upsert`](Self::upsert)ed. Until then [`settled`](Self::settled)
+    /// waits for its grace, so an operator that starts before it has
+    /// listed the agent Pods does not call every capsule unschedulable.
+    pub fn discovered(&self) {
+        self.inner.discovered.store(true, Ordering::Release);
     }
 
     /// How long `node`'s agent has been unreachable (`None`: reachable).
@@ -608,7 +623,11 @@ pub async fn discover(pool: AgentPool, pods: Api<Pod>, selector: String, port: u
         let (pod, deleted) = match item {
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
             Ok(watcher::Event::Delete(p)) => (p, true),
-            Ok(_) => continue,
+            Ok(watcher::Event::InitDone) => {
+                pool.discovered();
+                continue;
+            }
+            Ok(watcher::Event::Init) => continue,
             Err(err) => {
                 tracing::warn!(error = &err as &dyn std::error::Error, "watch agent pods");
                 continue;

@@ -129,7 +129,7 @@ fn gate_section(s: &mut String, g: &GateFigures) {
     let p = &g.params;
     let _ = writeln!(
         s,
-        "## Regression gate\n\n\
+        "\n## Regression gate\n\n\
          CI runs the gate after the workspace tests (`e2e/scripts/test.sh`: \
          `cargo test --workspace --locked --bench compare -- --gate docs/benchmarks.json`). It repeats a short run: per path and concurrency, {} rounds \
          of {} objects per side ({} when one is in flight; {} in flight; {} agents; \

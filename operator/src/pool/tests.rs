@@ -25,6 +25,42 @@ fn a_placement_counts_until_the_agent_lists_it_as_held() {
     assert_eq!(plan_reserved(&placed, &both), Resources::default());
 }
 
+/// An operator that has not yet listed the agent Pods knows no agent, and
+/// "every known agent synced" would hold of none: placement would call a
+/// capsule unschedulable (a write) on a cluster full of nodes. Settled
+/// waits for the list, then for each listed agent's own sync.
+#[tokio::test]
+async fn placement_waits_for_the_agent_list_not_only_for_the_agents_on_it() {
+    let connector = Arc::new(FakeConnector::default());
+    let agent = FakeNodeAgent::new(
+        "node-a",
+        pb::Resources {
+            vcpus: 4,
+            memory_bytes: 8 * GI,
+            disk_bytes: 100 * GI,
+        },
+        Duration::ZERO,
+    );
+    connector.add(agent.clone());
+    let grace = Duration::from_secs(3600);
+    let (pool, _streams) = AgentPool::new(connector, grace);
+    assert!(!pool.settled(grace), "no agent listed yet");
+    pool.upsert("node-a", "127.0.0.1:1".parse().unwrap());
+    pool.discovered();
+    wrenn_testkit::eventually(Duration::from_secs(5), "agent never synced", || {
+        pool.settled(grace)
+    })
+    .await;
+    assert_eq!(pool.ready_nodes(), vec!["node-a".to_string()]);
+
+    let (empty, _streams) = AgentPool::new(Arc::new(FakeConnector::default()), grace);
+    empty.discovered();
+    assert!(
+        empty.settled(grace),
+        "a listed cluster without agents is settled"
+    );
+}
+
 /// What placement sees as left on `node`: the agent's free minus the
 /// operator's reservations.
 fn left(pool: &AgentPool, node: &str) -> Resources {
