@@ -11,7 +11,7 @@
 mod agent_bed;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_bed::{Ca, channel};
@@ -23,48 +23,13 @@ use wrenn_node_agent::server::serve_with;
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_proto::agent::v1::NodeInfoRequest;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
-use wrenn_testkit::{Tier, case, eventually_async};
+use wrenn_testkit::{SecretVolume, Tier, case, eventually_async};
 
-/// TLS files laid out as a Kubernetes Secret volume: `tls.crt` ->
-/// `..data/tls.crt`, `..data` -> a timestamped directory. A rotation writes
-/// a new directory and swaps `..data` in one rename, as the kubelet does.
-struct SecretVolume {
-    dir: PathBuf,
-    generation: u32,
-}
-
-impl SecretVolume {
-    fn new(dir: &Path, cert: &str, key: &str, ca: &str) -> Self {
-        let mut v = Self {
-            dir: dir.to_path_buf(),
-            generation: 0,
-        };
-        v.rotate(cert, key, ca);
-        for name in ["tls.crt", "tls.key", "ca.crt"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
-        }
-        v
-    }
-
-    fn files(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.dir.join("tls.crt"),
-            key: self.dir.join("tls.key"),
-            client_ca: self.dir.join("ca.crt"),
-        }
-    }
-
-    fn rotate(&mut self, cert: &str, key: &str, ca: &str) {
-        self.generation += 1;
-        let data = format!("..gen_{}", self.generation);
-        let d = self.dir.join(&data);
-        std::fs::create_dir(&d).unwrap();
-        std::fs::write(d.join("tls.crt"), cert).unwrap();
-        std::fs::write(d.join("tls.key"), key).unwrap();
-        std::fs::write(d.join("ca.crt"), ca).unwrap();
-        let tmp = self.dir.join("..data_tmp");
-        std::os::unix::fs::symlink(&data, &tmp).unwrap();
-        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+fn files(volume: &SecretVolume) -> TlsFiles {
+    TlsFiles {
+        cert: volume.path("tls.crt"),
+        key: volume.path("tls.key"),
+        client_ca: volume.path("ca.crt"),
     }
 }
 
@@ -92,7 +57,7 @@ async fn start_agent_with(tune: impl FnOnce(&mut PortConfig)) -> Agent {
     let client_ca = Ca::new("wrenn test client CA");
     let (cert, key) = server_ca.server();
     let volume = SecretVolume::new(dir.path(), &cert, &key, &client_ca.pem());
-    let mut port = PortConfig::new(volume.files());
+    let mut port = PortConfig::new(files(&volume));
     port.reload_every = Duration::from_millis(100);
     tune(&mut port);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -422,7 +387,7 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
     // it cannot prove, nor stop serving the old one.
     let new_ca = Ca::new("next agent CA");
     let (cert, key) = new_ca.server();
-    let data = std::fs::canonicalize(agent.volume.dir.join("tls.crt")).unwrap();
+    let data = std::fs::canonicalize(agent.volume.path("tls.crt")).unwrap();
     std::fs::write(&data, &cert).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -436,7 +401,7 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
         "a mismatched certificate and key replaced the working pair"
     );
     // The key arrives: the new pair is served.
-    let key_path = std::fs::canonicalize(agent.volume.dir.join("tls.key")).unwrap();
+    let key_path = std::fs::canonicalize(agent.volume.path("tls.key")).unwrap();
     std::fs::write(key_path, &key).unwrap();
     let (addr, ca) = (agent.addr, new_ca.pem());
     let id = agent.client_ca.operator();
