@@ -428,6 +428,22 @@ fn code(e: &guest::Error) -> tonic::Code {
     e.status().map_or(tonic::Code::Ok, tonic::Status::code)
 }
 
+/// `client` is refused as unauthenticated everywhere: a read, a file call
+/// and a take-over by re-Init.
+async fn assert_all_refused(client: &GuestClient) {
+    for e in [
+        client.health().await.unwrap_err(),
+        client.stat("/").await.unwrap_err(),
+        client
+            .clone()
+            .init(&params("attacker-chosen-token"))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
+    }
+}
+
 /// What a boot and a later restore do to the guest's token, attacked: an
 /// Init without or with a wrong token cannot take the guest over, a
 /// restore re-keys it (Init authorized by the token in the restored
@@ -480,17 +496,7 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
     let wrong = stranger
         .with_token(guest::GuestToken::generate().unwrap().expose())
         .unwrap();
-    for e in [
-        wrong.health().await.unwrap_err(),
-        wrong.stat("/").await.unwrap_err(),
-        wrong
-            .clone()
-            .init(&params("attacker-chosen-token"))
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
-    }
+    assert_all_refused(&wrong).await;
     // The guest still answers its real owner.
     assert!(g.stat("/").await.is_ok());
 
@@ -511,17 +517,7 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
     r.init(&params(new.expose())).await.unwrap();
 
     let with_old = connect().await.unwrap().with_token(old.expose()).unwrap();
-    for e in [
-        with_old.health().await.unwrap_err(),
-        with_old.stat("/").await.unwrap_err(),
-        with_old
-            .clone()
-            .init(&params("attacker-chosen-token"))
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
-    }
+    assert_all_refused(&with_old).await;
     let (out, exit) = run(&r, &["sh", "-c", "echo $WRENN_FROM_INIT"], b"").await;
     assert_eq!(
         (out.as_slice(), exit.code),
