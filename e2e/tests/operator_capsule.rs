@@ -222,6 +222,14 @@ async fn wait_capsule(
     wait_object(client, ns, name, what, check).await
 }
 
+/// Polls the capsule until it is Running, returning it.
+async fn wait_running(client: &Client, ns: &str, name: &str) -> Capsule {
+    wait_capsule(client, ns, name, "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await
+}
+
 fn phase(c: &Capsule) -> Option<CapsulePhase> {
     c.status.as_ref().and_then(|s| s.phase)
 }
@@ -540,10 +548,7 @@ async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
     let op = start_operator(&client, &ns, nodes.connector.clone());
     let first = capsule(&client, &ns, "first", 1).await;
     let first_uid = first.uid().unwrap();
-    wait_capsule(&client, &ns, "first", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "first").await;
     op.stop().await;
 
     // While the operator is down: an orphan VM appears on node a, the
@@ -563,10 +568,7 @@ async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
         !nodes.agents[0].uids().contains(&"orphan-uid".to_string())
     })
     .await;
-    wait_capsule(&client, &ns, "second", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "second").await;
     let again = wait_capsule(&client, &ns, "first", "recreated", |c| {
         phase(c) == Some(CapsulePhase::Running)
             && nodes.agents[first_node].capsule(&first_uid).is_some()
@@ -594,10 +596,7 @@ async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
         return;
     };
     let src = capsule(&client, &ns, "src", 2).await;
-    let running = wait_capsule(&client, &ns, "src", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let running = wait_running(&client, &ns, "src").await;
     let node = running.status.unwrap().node_name.unwrap();
     let snap: wrenn_crds::CapsuleSnapshot = apply(
         &client,
@@ -643,10 +642,7 @@ async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
         }),
     )
     .await;
-    let r = wait_capsule(&client, &ns, "restored", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let r = wait_running(&client, &ns, "restored").await;
     assert_eq!(
         r.status.as_ref().unwrap().node_name.as_deref(),
         Some(node.as_str()),
@@ -759,10 +755,7 @@ async fn idle_timeout_counts_from_the_last_activity() {
     )
     .await;
     let uid = c.uid().unwrap();
-    wait_capsule(&client, &ns, "busy", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "busy").await;
     // In use every second for 8 s: well past 3 s since it started.
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(8) {
@@ -811,10 +804,7 @@ async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
     };
     let c = capsule(&client, &ns, "stranded", 1).await;
     let uid = c.uid().unwrap();
-    wait_capsule(&client, &ns, "stranded", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "stranded").await;
     for a in &nodes.agents {
         a.set_down(true);
     }
@@ -968,10 +958,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
         }),
     )
     .await;
-    let r = wait_capsule(&client, &ns, "w1", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let r = wait_running(&client, &ns, "w1").await;
     assert_eq!(
         r.status.unwrap().node_name,
         Some(format!("{ns}-a")),
@@ -1054,10 +1041,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
         }),
     )
     .await;
-    let r = wait_capsule(&client, &ns, "on-b", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let r = wait_running(&client, &ns, "on-b").await;
     assert_eq!(r.status.unwrap().node_name, Some(format!("{ns}-b")));
 
     // Deleting the warm template removes its snapshot from a.
@@ -1089,10 +1073,7 @@ async fn a_network_change_is_applied_in_place_before_it_is_observed() {
     };
     let created = capsule(&client, &ns, "c1", 1).await;
     let uid = created.uid().unwrap();
-    let running = wait_capsule(&client, &ns, "c1", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let running = wait_running(&client, &ns, "c1").await;
     let before = running.metadata.generation.unwrap();
     assert_eq!(running.status.unwrap().observed_generation, Some(before));
 
@@ -1524,10 +1505,7 @@ async fn from_selectors_follow_the_pods_they_choose() {
         }),
     )
     .await;
-    let c1 = wait_capsule(&client, &ns, "c1", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let c1 = wait_running(&client, &ns, "c1").await;
     let uid = c1.uid().unwrap();
     let sources = |port: u32| {
         let agents = nodes.agents.clone();
