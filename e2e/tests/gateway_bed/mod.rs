@@ -319,16 +319,20 @@ async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
     }
 }
 
-/// Creates capsule `uid` on the agent as the operator does (its own client
-/// certificate) and gives it a real guest agent; returns the guest.
-async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGuest {
+/// A client of the agent at `addr` presenting `who`'s certificate from
+/// `pki` (`<who>.crt`, `<who>.key`), trusting the agents' CA there.
+async fn agent_client_as(
+    pki: &Path,
+    addr: SocketAddr,
+    who: &str,
+) -> pb::node_agent_client::NodeAgentClient<tonic::transport::Channel> {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("agents-ca.crt")))
         .identity(Identity::from_pem(
-            read("operator.crt"),
-            read("operator.key"),
+            read(&format!("{who}.crt")),
+            read(&format!("{who}.key")),
         ))
         .domain_name("wrenn-node-agent");
     let channel = Channel::from_shared(format!("https://{addr}"))
@@ -338,7 +342,13 @@ async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGue
         .connect()
         .await
         .unwrap();
-    let mut op = pb::node_agent_client::NodeAgentClient::new(channel);
+    pb::node_agent_client::NodeAgentClient::new(channel)
+}
+
+/// Creates capsule `uid` on the agent as the operator does (its own client
+/// certificate) and gives it a real guest agent; returns the guest.
+async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGuest {
+    let mut op = agent_client_as(pki, addr, "operator").await;
     let created = op
         .create_capsule(pb::CreateCapsuleRequest {
             uid: uid.into(),
@@ -694,20 +704,9 @@ impl Bed {
     pub async fn agent_client(
         &self,
     ) -> pb::node_agent_client::NodeAgentClient<tonic::transport::Channel> {
-        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-        let read = |f: &str| std::fs::read(self._certs.path().join(f)).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("agents-ca.crt")))
-            .identity(Identity::from_pem(read("gateway.crt"), read("gateway.key")))
-            .domain_name("wrenn-node-agent");
-        let channel = Channel::from_shared(format!("https://{}", self.agent_addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
+        agent_client_as(self._certs.path(), self.agent_addr, "gateway")
             .await
-            .unwrap();
-        pb::node_agent_client::NodeAgentClient::new(channel).max_decoding_message_size(16 << 20)
+            .max_decoding_message_size(16 << 20)
     }
 
     /// The gateway process's id.
