@@ -97,6 +97,11 @@ impl Agent {
         res.unwrap();
     }
 
+    /// NodeInfo over a new connection with the operator's certificate.
+    async fn operator_node_info(&self) -> Result<String, String> {
+        ask(self.operator_channel().await?).await
+    }
+
     /// A connected channel for the operator's certificate.
     async fn operator_channel(&self) -> Result<Channel, String> {
         channel(
@@ -146,10 +151,7 @@ async fn the_operators_certificate_gets_node_info() {
         "server_tls::the_operators_certificate_gets_node_info",
     );
     let agent = start_agent().await;
-    assert_eq!(
-        ask(agent.operator_channel().await.unwrap()).await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     agent.stop().await;
 }
 
@@ -164,10 +166,7 @@ async fn client_from_another_ca_is_refused() {
         "a certificate from another CA was accepted: {res:?}"
     );
     // The server keeps serving good clients after refusing a bad one.
-    assert_eq!(
-        ask(agent.operator_channel().await.unwrap()).await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     agent.stop().await;
 }
 
@@ -247,10 +246,7 @@ async fn a_handshake_that_never_finishes_is_dropped_and_blocks_nobody() {
 
     // The operator is served while both hang.
     let t0 = Instant::now();
-    assert_eq!(
-        ask(agent.operator_channel().await.unwrap()).await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     assert!(
         t0.elapsed() < deadline,
         "the operator waited {:?} behind stalled handshakes",
@@ -373,15 +369,7 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
     let agent = start_agent().await;
     // Serving first: the agent loads its files when its task first runs,
     // and a half-written pair at start-up is refused outright (another test).
-    assert_eq!(
-        node_info(
-            agent.addr,
-            &agent.server_ca.pem(),
-            Some(agent.client_ca.operator())
-        )
-        .await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     // A new certificate whose key has not arrived yet (written in place,
     // not through the Secret swap): the agent must not serve a certificate
     // it cannot prove, nor stop serving the old one.
@@ -391,12 +379,7 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
     std::fs::write(&data, &cert).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        node_info(
-            agent.addr,
-            &agent.server_ca.pem(),
-            Some(agent.client_ca.operator())
-        )
-        .await,
+        agent.operator_node_info().await,
         Ok("node-a".to_string()),
         "a mismatched certificate and key replaced the working pair"
     );
