@@ -45,14 +45,18 @@ pub struct Pki {
 pub const SERVER_NAME: &str = "wrenn-node-agent";
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
+    run_ok(Command::new("openssl").current_dir(dir), "openssl", args)
+}
+
+/// Runs `cmd` (named `program`) with `args`, failing with its stderr.
+fn run_ok(cmd: &mut Command, program: &str, args: &[&str]) -> Result<()> {
+    let out = cmd
         .args(args)
-        .current_dir(dir)
         .output()
-        .context("run openssl")?;
+        .with_context(|| format!("run {program}"))?;
     if !out.status.success() {
         bail!(
-            "openssl {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -252,15 +256,7 @@ pub fn agent_binary() -> Result<PathBuf> {
 }
 
 pub(crate) fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    run_ok(&mut Command::new("ip"), "ip", args)
 }
 
 /// Options of one agent.

@@ -1,13 +1,17 @@
 //! Helm for chart tests: finds the binary that `e2e/scripts/build-helm.sh`
-//! builds from the Go module proxy (building it when absent) and runs it
-//! against a [`ControlPlane`].
+//! builds from the Go module proxy (building it when absent), runs it
+//! against a [`ControlPlane`], and reads what `helm template` renders.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
+use wrenn_testkit::Case;
 
 use crate::{ControlPlane, workspace_root};
+
+/// The Kubernetes version charts are rendered for: the control plane's.
+pub const KUBE_VERSION_FLAG: &str = "--kube-version=1.36.3";
 
 /// The chart in this repository.
 pub fn chart_dir() -> PathBuf {
@@ -79,6 +83,51 @@ impl Helm {
     pub fn ok(&self, args: &[&str]) -> Result<String> {
         ok(self.run(args)?, args)
     }
+
+    /// The chart rendered offline as `release` in `ns` with `extra` flags,
+    /// one JSON value per document.
+    pub fn template(
+        &self,
+        release: &str,
+        ns: &str,
+        extra: &[&str],
+    ) -> Result<Vec<serde_json::Value>> {
+        let chart = chart_dir().display().to_string();
+        let mut args = vec![
+            "template",
+            release,
+            chart.as_str(),
+            "-n",
+            ns,
+            KUBE_VERSION_FLAG,
+        ];
+        args.extend_from_slice(extra);
+        documents(&self.ok(&args)?)
+    }
+}
+
+/// Helm, or `case` skipped naming why there is none.
+pub fn helm_or_skip(case: Case) -> Option<(Case, Helm)> {
+    match Helm::find() {
+        Ok(h) => Some((case, h)),
+        Err(e) => {
+            case.skip(format!("no helm: {e:#}"));
+            None
+        }
+    }
+}
+
+/// Helm and the shared control plane, or `case` skipped naming what is
+/// missing (blocking: it may start the control plane).
+pub fn cluster_or_skip(case: Case) -> Option<(Case, Helm, &'static ControlPlane)> {
+    let (case, helm) = helm_or_skip(case)?;
+    match ControlPlane::shared() {
+        Ok(cp) => Some((case, helm, cp)),
+        Err(e) => {
+            case.skip(format!("no control plane: {e}"));
+            None
+        }
+    }
 }
 
 fn ok(out: Output, args: &[&str]) -> Result<String> {
@@ -121,6 +170,53 @@ pub fn documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
         }
     }
     Ok(docs)
+}
+
+/// The one document of `kind`; panics (a failed test) unless there is
+/// exactly one.
+pub fn find_one<'a>(docs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    let found: Vec<&serde_json::Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    match found[..] {
+        [one] => one,
+        _ => panic!("expected one {kind}, got {}", found.len()),
+    }
+}
+
+/// The one `kind` of `component` (label `app.kubernetes.io/component`);
+/// panics unless there is exactly one.
+pub fn find_of<'a>(
+    docs: &'a [serde_json::Value],
+    kind: &str,
+    component: &str,
+) -> &'a serde_json::Value {
+    let found: Vec<&serde_json::Value> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == kind && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        })
+        .collect();
+    match found[..] {
+        [one] => one,
+        _ => panic!("expected one {kind} of {component}, got {}", found.len()),
+    }
+}
+
+/// (name, value or valueFrom) of a rendered container's env, in order.
+pub fn env_of(container: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+    container["env"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let v = if e["value"].is_null() {
+                e["valueFrom"].clone()
+            } else {
+                e["value"].clone()
+            };
+            (e["name"].as_str().unwrap_or_default().to_string(), v)
+        })
+        .collect()
 }
 
 /// Copies the chart into `dest` (for tests that change a copy).

@@ -22,33 +22,16 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use wrenn_e2e::ControlPlane;
-use wrenn_e2e::helm::{Helm, chart_dir, copy_chart, documents};
+use wrenn_e2e::helm::{
+    self, Helm, KUBE_VERSION_FLAG, chart_dir, copy_chart, documents, find_of, find_one as find,
+    helm_or_skip,
+};
 use wrenn_e2e::workloads::{FakeNodes, Workloads};
 use wrenn_testkit::{Case, Tier, case, unique_name};
 
-const KUBE_VERSION_FLAG: &str = "--kube-version=1.36.3";
-
-/// Helm, or a recorded skip naming why there is none.
-fn helm_or_skip(case: Case) -> Option<(Case, Helm)> {
-    match Helm::find() {
-        Ok(h) => Some((case, h)),
-        Err(e) => {
-            case.skip(format!("no helm: {e:#}"));
-            None
-        }
-    }
-}
-
 /// Helm and the control plane, or a recorded skip.
 fn cluster_or_skip(name: &str) -> Option<(Case, Helm, &'static ControlPlane)> {
-    let (case, helm) = helm_or_skip(case(Tier::Cluster, name))?;
-    match ControlPlane::shared() {
-        Ok(cp) => Some((case, helm, cp)),
-        Err(e) => {
-            case.skip(format!("no control plane: {e}"));
-            None
-        }
-    }
+    helm::cluster_or_skip(case(Tier::Cluster, name))
 }
 
 fn chart() -> String {
@@ -56,52 +39,16 @@ fn chart() -> String {
 }
 
 fn render(helm: &Helm, ns: &str, extra: &[&str]) -> Vec<Value> {
-    let chart = chart();
-    let mut args = vec![
-        "template",
-        "wrenn",
-        chart.as_str(),
-        "-n",
-        ns,
-        KUBE_VERSION_FLAG,
-    ];
-    args.extend_from_slice(extra);
-    documents(&helm.ok(&args).unwrap()).unwrap()
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
-    assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
-    found[0]
+    helm.template("wrenn", ns, extra).unwrap()
 }
 
 /// The operator's Deployment (the gateway has one too).
 fn operator_deployment(docs: &[Value]) -> &Value {
-    let found: Vec<&Value> = docs
-        .iter()
-        .filter(|d| {
-            d["kind"] == "Deployment"
-                && d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
-        })
-        .collect();
-    assert_eq!(found.len(), 1, "expected one operator Deployment");
-    found[0]
+    find_of(docs, "Deployment", "operator")
 }
 
 fn env_of(container: &Value) -> BTreeMap<String, Value> {
-    container["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let v = if e["value"].is_null() {
-                e["valueFrom"].clone()
-            } else {
-                e["value"].clone()
-            };
-            (e["name"].as_str().unwrap().to_string(), v)
-        })
-        .collect()
+    helm::env_of(container).into_iter().collect()
 }
 
 fn mounts_of(pod_spec: &Value) -> BTreeMap<String, (String, Value)> {

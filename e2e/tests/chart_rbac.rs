@@ -34,7 +34,7 @@ use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 use wrenn_e2e::ControlPlane;
-use wrenn_e2e::helm::{Helm, chart_dir, documents};
+use wrenn_e2e::helm::{self, Helm, chart_dir, env_of, find_of, find_one as find, helm_or_skip};
 use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
 use wrenn_operator::controller::{Operator, Settings, run_all};
 use wrenn_operator::metrics::Metrics;
@@ -42,7 +42,6 @@ use wrenn_operator::pool::AgentPool;
 use wrenn_proto::agent::v1 as pb;
 use wrenn_testkit::{Case, Tier, case, unique_name};
 
-const KUBE_VERSION_FLAG: &str = "--kube-version=1.36.3";
 const GI: u64 = 1 << 30;
 const ZONE: &str = "topology.kubernetes.io/zone";
 
@@ -107,85 +106,15 @@ fn log_since(mark: usize) -> Vec<String> {
 
 // ---- the chart ----
 
-fn helm_or_skip(case: Case) -> Option<(Case, Helm)> {
-    match Helm::find() {
-        Ok(h) => Some((case, h)),
-        Err(e) => {
-            case.skip(format!("no helm: {e:#}"));
-            None
-        }
-    }
-}
-
 async fn cluster_or_skip(name: &str) -> Option<(Case, Helm, &'static ControlPlane)> {
     let name = name.to_string();
-    tokio::task::spawn_blocking(move || {
-        let (case, helm) = helm_or_skip(case(Tier::Cluster, &name))?;
-        match ControlPlane::shared() {
-            Ok(cp) => Some((case, helm, cp)),
-            Err(e) => {
-                case.skip(format!("no control plane: {e}"));
-                None
-            }
-        }
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || helm::cluster_or_skip(case(Tier::Cluster, &name)))
+        .await
+        .unwrap()
 }
 
 fn render(helm: &Helm, release: &str, ns: &str, extra: &[&str]) -> Vec<Value> {
-    let chart = chart_dir().display().to_string();
-    let mut args = vec![
-        "template",
-        release,
-        chart.as_str(),
-        "-n",
-        ns,
-        KUBE_VERSION_FLAG,
-    ];
-    args.extend_from_slice(extra);
-    documents(&helm.ok(&args).unwrap()).unwrap()
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
-    assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
-    found[0]
-}
-
-/// The one `kind` of `component` (label `app.kubernetes.io/component`).
-fn find_of<'a>(docs: &'a [Value], kind: &str, component: &str) -> &'a Value {
-    let found: Vec<&Value> = docs
-        .iter()
-        .filter(|d| {
-            d["kind"] == kind && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
-        })
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one {kind} of {component}, got {}",
-        found.len()
-    );
-    found[0]
-}
-
-/// (name, value or valueFrom) of a container's env, in order.
-fn env_of(container: &Value) -> Vec<(String, Value)> {
-    container["env"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .map(|e| {
-            let v = if e["value"].is_null() {
-                e["valueFrom"].clone()
-            } else {
-                e["value"].clone()
-            };
-            (e["name"].as_str().unwrap().to_string(), v)
-        })
-        .collect()
+    helm.template(release, ns, extra).unwrap()
 }
 
 fn env_value(container: &Value, name: &str) -> String {

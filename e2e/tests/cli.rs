@@ -18,10 +18,9 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use wrenn_crds::capsule::OperatingMode;
 use wrenn_crds::{Capsule, CapsuleSnapshot};
-use wrenn_testkit::{Tier, case};
 
-use gateway_bed::{Bed, NODE, NS, eventually, operator_status};
-use plugin::{finish, plugin, run, start};
+use gateway_bed::{BedOptions, NODE, NS, eventually, operator_status};
+use plugin::{finish, plugin_bed, run, start};
 
 async fn mode(admin: &kube::Client, name: &str) -> OperatingMode {
     let api: Api<Capsule> = Api::namespaced(admin.clone(), NS);
@@ -61,17 +60,13 @@ async fn snapshot_taken(admin: &kube::Client, name: &str) -> CapsuleSnapshot {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_plugin_execs_and_drives_capsules_with_the_users_own_rights() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, bin, bed)) = plugin_bed(
         "cli::the_plugin_execs_and_drives_capsules_with_the_users_own_rights",
-    );
-    let bin = tokio::task::spawn_blocking(plugin).await.unwrap();
-    let bed = match Bed::start().await {
-        Ok(b) => b,
-        Err(why) => {
-            c.skip(why);
-            return;
-        }
+        BedOptions::default(),
+    )
+    .await
+    else {
+        return;
     };
     let (alice, bob, admin) = (&bed.alice_kubeconfig, &bed.bob_kubeconfig, &bed.admin);
 

@@ -21,27 +21,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt as _, StreamExt as _};
-use sha2::Digest as _;
 use tokio::io::AsyncReadExt as _;
 use tokio_tungstenite::tungstenite::Message;
-use wrenn_testkit::{Tier, case};
 
-use gateway_bed::{Bed, BedOptions, NS};
-use plugin::{finish, plugin, read_until, run, start};
-
-fn sha256_hex(data: &[u8]) -> String {
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// 50 MiB that compress badly and differ at every offset.
-fn big_data() -> Vec<u8> {
-    (0..50u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect()
-}
+use gateway_bed::{BedOptions, NS, big_data, sha256_hex};
+use plugin::{finish, plugin_bed, read_until, run, start};
 
 /// A directory of the host (the guest agent's files) for one test.
 fn scratch(prefix: &str) -> tempfile::TempDir {
@@ -50,14 +34,13 @@ fn scratch(prefix: &str) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cp_copies_files_and_directories_both_ways_and_console_prints_the_log() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, bin, bed)) = plugin_bed(
         "cli_cp::cp_copies_files_and_directories_both_ways_and_console_prints_the_log",
-    );
-    let bin = tokio::task::spawn_blocking(plugin).await.unwrap();
-    let bed = match Bed::start().await {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+        BedOptions::default(),
+    )
+    .await
+    else {
+        return;
     };
     let (alice, bob) = (&bed.alice_kubeconfig, &bed.bob_kubeconfig);
     let guest = scratch("wrenn-cp-guest-");
@@ -250,23 +233,20 @@ async fn plain_body_lasts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_transfers_and_console_follow_outlive_the_api_servers_request_timeout() {
-    let c = case(
-        Tier::Cluster,
-        "cli_cp::long_transfers_and_console_follow_outlive_the_api_servers_request_timeout",
-    );
     const TIMEOUT: Duration = Duration::from_secs(5);
     // Held open past the timeout, with a margin.
     const PAST: Duration = Duration::from_secs(8);
-    let bin = tokio::task::spawn_blocking(plugin).await.unwrap();
     // Beside the other test of this file, which holds the untagged bed.
-    let bed = match Bed::start_with(BedOptions {
-        request_timeout: Some(TIMEOUT),
-        tag: Some(1),
-    })
+    let Some((_c, bin, bed)) = plugin_bed(
+        "cli_cp::long_transfers_and_console_follow_outlive_the_api_servers_request_timeout",
+        BedOptions {
+            request_timeout: Some(TIMEOUT),
+            tag: Some(1),
+        },
+    )
     .await
-    {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+    else {
+        return;
     };
     let alice = wrenn_e2e::client_from(&bed.alice_kubeconfig).await.unwrap();
     let guest = scratch("wrenn-cp-long-");

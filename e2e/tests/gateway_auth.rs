@@ -13,8 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_bed::{Bed, GATEWAY, NS, NS_B, RELEASE_NS, api_code, eventually, exec, exec_path};
-use wrenn_testkit::{Tier, case};
+use gateway_bed::{
+    Bed, BedOptions, GATEWAY, NS, NS_B, RELEASE_NS, api_code, eventually, exec, exec_path,
+};
 
 /// A raw HTTPS GET straight to the gateway, presenting `client` (cert,
 /// key) or no certificate, with `headers`; returns the status code, `None`
@@ -72,13 +73,13 @@ async fn direct_get(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exec_through_the_api_server_is_authorized_per_user_and_namespace() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, b)) = Bed::for_case(
         "gateway_auth::exec_through_the_api_server_is_authorized_per_user_and_namespace",
-    );
-    let b = match Bed::start_tagged(1).await {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+        BedOptions::tagged(1),
+    )
+    .await
+    else {
+        return;
     };
     let (cp, alice_c, bob_c) = (&b.cp, &b.alice, &b.bob);
     let (ns_a, ns_b) = (NS, NS_B);

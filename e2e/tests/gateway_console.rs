@@ -7,18 +7,17 @@ mod gateway_bed;
 
 use std::time::Duration;
 
-use gateway_bed::{Bed, NS, call, sub_path};
-use wrenn_testkit::{Tier, case};
+use gateway_bed::{Bed, BedOptions, NS, call, sub_path};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn console_shows_the_tail_and_follows_new_output() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, b)) = Bed::for_case(
         "gateway_console::console_shows_the_tail_and_follows_new_output",
-    );
-    let b = match Bed::start_tagged(5).await {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+        BedOptions::tagged(5),
+    )
+    .await
+    else {
+        return;
     };
     use http::Method;
     // Written where the VMM writes the serial console (the VMM is fake).

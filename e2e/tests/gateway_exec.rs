@@ -10,22 +10,21 @@ mod gateway_bed;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use gateway_bed::{Bed, NS, api_code, exec, exec_path};
+use gateway_bed::{Bed, BedOptions, NS, api_code, exec, exec_path};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use wrenn_gateway::channel::exit_code_of;
 use wrenn_gateway::exec::{ExecOptions, build_request_path};
-use wrenn_testkit::{Tier, case};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exec_streams_output_stdin_and_exit_codes_and_refuses_clearly() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, b)) = Bed::for_case(
         "gateway_exec::exec_streams_output_stdin_and_exit_codes_and_refuses_clearly",
-    );
-    let b = match Bed::start_tagged(2).await {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+        BedOptions::tagged(2),
+    )
+    .await
+    else {
+        return;
     };
     let alice_c = &b.alice;
     let ns_a = NS;
@@ -152,13 +151,13 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tty_exec_resizes_reads_stdin_and_interrupts_with_ctrl_c() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, b)) = Bed::for_case(
         "gateway_exec::tty_exec_resizes_reads_stdin_and_interrupts_with_ctrl_c",
-    );
-    let b = match Bed::start_tagged(3).await {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+        BedOptions::tagged(3),
+    )
+    .await
+    else {
+        return;
     };
     // The size reaches the PTY before the line the shell waits for: both
     // travel the one stream in order.

@@ -8,17 +8,8 @@ mod gateway_bed;
 
 use std::path::Path;
 
-use gateway_bed::{Bed, NS, call, json_of, sub_path};
+use gateway_bed::{Bed, BedOptions, NS, big_data, call, json_of, sha256_hex, sub_path};
 use serde_json::{Value, json};
-use wrenn_testkit::{Tier, case};
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// A tar entry whose name is written as given, `..` and all (the tar
 /// crate's builder refuses such names, an attacker's does not).
@@ -46,13 +37,13 @@ fn tar_of(entries: &[Vec<u8>]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn files_stream_both_ways_with_checksums_and_refuse_escapes() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, b)) = Bed::for_case(
         "gateway_files::files_stream_both_ways_with_checksums_and_refuse_escapes",
-    );
-    let b = match Bed::start_tagged(4).await {
-        Ok(b) => b,
-        Err(why) => return c.skip(why),
+        BedOptions::tagged(4),
+    )
+    .await
+    else {
+        return;
     };
     let alice = &b.alice;
     let files = |q: &str| sub_path(NS, "box", "files", q);
@@ -90,9 +81,7 @@ async fn files_stream_both_ways_with_checksums_and_refuse_escapes() {
     let r = root.path().display().to_string();
 
     // 50 MiB up with its checksum, and down again, streamed.
-    let data: Vec<u8> = (0..50u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = big_data();
     let sum = sha256_hex(&data);
     let (code, body) = call(
         alice,

@@ -35,11 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt as _, StreamExt as _};
-use gateway_bed::{RELEASE_NS, bind, call, install_chart_rbac, json_of, kubeconfig_in};
+use gateway_bed::{RELEASE_NS, bind, call, install_chart_rbac, json_of, kubeconfig_in, sha256_hex};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use plugin::{Ran, finish, read_until, run, start};
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::Message;
 use wrenn_crds::Capsule;
@@ -572,13 +571,6 @@ fn pseudo_random(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 async fn big_files(bed: &Bed) {

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use wrenn_node_agent::node::NodePaths;
 use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
 use wrenn_node_agent::tls::TlsFiles;
 use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector, NodeAgent};
-use wrenn_testkit::{Tier, case};
+use wrenn_testkit::{SecretVolume, Tier, case};
 
 type Issuer = CertifiedIssuer<'static, KeyPair>;
 
@@ -175,44 +175,6 @@ async fn grpc_client_speaks_mutual_tls_to_the_real_agent() {
     agent.stop().await;
 }
 
-/// The operator's TLS files as a Secret volume mounts them: each file a
-/// symlink through `..data`, which a rotation swaps in one rename.
-struct OperatorVolume {
-    dir: PathBuf,
-    generation: u32,
-}
-
-impl OperatorVolume {
-    fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            generation: 0,
-        }
-    }
-
-    fn rotate(&mut self, cert: &str, key: &str, ca: &str) {
-        self.generation += 1;
-        let data = format!("..gen_{}", self.generation);
-        let d = self.dir.join(&data);
-        std::fs::create_dir(&d).unwrap();
-        std::fs::write(d.join("tls.crt"), cert).unwrap();
-        std::fs::write(d.join("tls.key"), key).unwrap();
-        std::fs::write(d.join("ca.crt"), ca).unwrap();
-        let tmp = self.dir.join("..data_tmp");
-        std::os::unix::fs::symlink(&data, &tmp).unwrap();
-        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
-        if self.generation == 1 {
-            for name in ["tls.crt", "tls.key", "ca.crt"] {
-                std::os::unix::fs::symlink(format!("..data/{name}"), self.dir.join(name)).unwrap();
-            }
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-}
-
 #[tokio::test]
 async fn a_rotated_operator_certificate_is_used_without_a_restart() {
     let _c = case(
@@ -228,9 +190,8 @@ async fn a_rotated_operator_certificate_is_used_without_a_restart() {
     // The operator starts with a certificate the agent refuses (an old CA,
     // as after the cluster's client CA was replaced).
     let op_dir = tempfile::tempdir().unwrap();
-    let mut volume = OperatorVolume::new(op_dir.path());
     let (c, k) = client_leaf(&ca("retired operators CA"), "wrenn-operator");
-    volume.rotate(&c, &k, &agents_ca.pem());
+    let mut volume = SecretVolume::new(op_dir.path(), &c, &k, &agents_ca.pem());
     let tls = ClientTls::from_files(
         &volume.path("tls.crt"),
         &volume.path("tls.key"),

@@ -177,6 +177,40 @@ async fn capsule(client: &Client, ns: &str, name: &str, vcpus: u32) -> Capsule {
     .await
 }
 
+/// Polls object `name` of `ns` until `check` holds, returning it; past
+/// 30 s the test fails showing its status.
+async fn wait_object<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&K) -> bool,
+) -> K
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + kube::core::object::HasStatus
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::Status: std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = api.get(name).await.unwrap();
+        if check(&o) {
+            return o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} {name}: {what} not reached in 30 s; status: {:?}",
+            K::kind(&()),
+            o.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls the capsule until `check` holds, returning it.
 async fn wait_capsule(
     client: &Client,
@@ -185,32 +219,23 @@ async fn wait_capsule(
     what: &str,
     check: impl Fn(&Capsule) -> bool,
 ) -> Capsule {
-    let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let c = api.get(name).await.unwrap();
-        if check(&c) {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "capsule {name}: {what} not reached in 30 s; status: {:?}",
-            c.status
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_object(client, ns, name, what, check).await
+}
+
+/// Polls the capsule until it is Running, returning it.
+async fn wait_running(client: &Client, ns: &str, name: &str) -> Capsule {
+    wait_capsule(client, ns, name, "Running", |c| {
+        phase(c) == Some(CapsulePhase::Running)
+    })
+    .await
 }
 
 fn phase(c: &Capsule) -> Option<CapsulePhase> {
     c.status.as_ref().and_then(|s| s.phase)
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not true after 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn wait_until(what: &str, check: impl FnMut() -> bool) {
+    wrenn_testkit::eventually(Duration::from_secs(30), what, check).await
 }
 
 /// Polls `check` (which may call the API) until it holds, for 30 s.
@@ -219,9 +244,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    if let Err(e) = poll_for(what, Duration::from_secs(30), check).await {
-        panic!("{e}");
-    }
+    wrenn_testkit::eventually_async(Duration::from_secs(30), what, check).await
 }
 
 async fn poll_for<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<(), String>
@@ -250,6 +273,31 @@ async fn set_mode(client: &Client, ns: &str, name: &str, mode: &str) {
     .unwrap();
 }
 
+/// What most cases start from: a namespace, two fake nodes of `vcpus`
+/// each, the operator driving them, and template `base`. The `Env` is
+/// held to the end of the case: dropping it records the outcome.
+async fn bed(
+    name: &str,
+    vcpus: u32,
+) -> Option<(common::Env, Client, String, Nodes, RunningOperator)> {
+    let env = common::setup(name).await?;
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let nodes = nodes(&client, &ns, vcpus).await;
+    let op = start_operator(&client, &ns, nodes.connector.clone());
+    template(&client, &ns).await;
+    Some((env, client, ns, nodes, op))
+}
+
+/// Removes the Node objects `<ns>-a` and `<ns>-b` a test made: they are
+/// cluster-scoped, so the namespace's end does not take them.
+async fn delete_node_objects(node_api: &Api<k8s_openapi::api::core::v1::Node>, ns: &str) {
+    for suffix in ["a", "b"] {
+        let _ = node_api
+            .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
+            .await;
+    }
+}
+
 fn vm_state(nodes: &Nodes, uid: &str) -> Option<pb::CapsuleState> {
     nodes
         .agents
@@ -260,13 +308,9 @@ fn vm_state(nodes: &Nodes, uid: &str) -> Option<pb::CapsuleState> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
-    let Some(env) = common::setup("operator_capsule::lifecycle").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::lifecycle", 8).await else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
 
     // Every write to the capsule bumps its resourceVersion; a watch sees each.
     let api: Api<Capsule> = Api::namespaced(client.clone(), &ns);
@@ -441,13 +485,10 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unschedulable_capsule_says_why_per_node() {
-    let Some(env) = common::setup("operator_capsule::unschedulable").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::unschedulable", 2).await
+    else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 2).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     capsule(&client, &ns, "big", 4).await;
     let c = wait_capsule(&client, &ns, "big", "Unschedulable", |c| {
         c.status.as_ref().is_some_and(|s| {
@@ -507,10 +548,7 @@ async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
     let op = start_operator(&client, &ns, nodes.connector.clone());
     let first = capsule(&client, &ns, "first", 1).await;
     let first_uid = first.uid().unwrap();
-    wait_capsule(&client, &ns, "first", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "first").await;
     op.stop().await;
 
     // While the operator is down: an orphan VM appears on node a, the
@@ -530,10 +568,7 @@ async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
         !nodes.agents[0].uids().contains(&"orphan-uid".to_string())
     })
     .await;
-    wait_capsule(&client, &ns, "second", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "second").await;
     let again = wait_capsule(&client, &ns, "first", "recreated", |c| {
         phase(c) == Some(CapsulePhase::Running)
             && nodes.agents[first_node].capsule(&first_uid).is_some()
@@ -557,18 +592,11 @@ async fn restart_deletes_orphans_recreates_vanished_and_never_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
-    let Some(env) = common::setup("operator_capsule::snapshot").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::snapshot", 8).await else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     let src = capsule(&client, &ns, "src", 2).await;
-    let running = wait_capsule(&client, &ns, "src", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let running = wait_running(&client, &ns, "src").await;
     let node = running.status.unwrap().node_name.unwrap();
     let snap: wrenn_crds::CapsuleSnapshot = apply(
         &client,
@@ -614,10 +642,7 @@ async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
         }),
     )
     .await;
-    let r = wait_capsule(&client, &ns, "restored", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let r = wait_running(&client, &ns, "restored").await;
     assert_eq!(
         r.status.as_ref().unwrap().node_name.as_deref(),
         Some(node.as_str()),
@@ -662,13 +687,9 @@ async fn snapshot_is_taken_and_a_capsule_restores_on_its_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_expiry_deletes_or_suspends() {
-    let Some(env) = common::setup("operator_capsule::expiry").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::expiry", 8).await else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     for (name, on_expiry) in [("ttl-delete", "Delete"), ("ttl-suspend", "Suspend")] {
         let _: Capsule = apply(
             &client,
@@ -717,13 +738,9 @@ async fn lifecycle_expiry_deletes_or_suspends() {
 /// from the start: a capsule in use stays, one left alone expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_counts_from_the_last_activity() {
-    let Some(env) = common::setup("operator_capsule::idle").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::idle", 8).await else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     let c: Capsule = apply(
         &client,
         &ns,
@@ -738,10 +755,7 @@ async fn idle_timeout_counts_from_the_last_activity() {
     )
     .await;
     let uid = c.uid().unwrap();
-    wait_capsule(&client, &ns, "busy", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "busy").await;
     // In use every second for 8 s: well past 3 s since it started.
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(8) {
@@ -785,19 +799,12 @@ async fn idle_timeout_counts_from_the_last_activity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
-    let Some(env) = common::setup("operator_capsule::node_lost").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::node_lost", 8).await else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     let c = capsule(&client, &ns, "stranded", 1).await;
     let uid = c.uid().unwrap();
-    wait_capsule(&client, &ns, "stranded", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    wait_running(&client, &ns, "stranded").await;
     for a in &nodes.agents {
         a.set_down(true);
     }
@@ -851,20 +858,7 @@ async fn wait_template(
     name: &str,
     check: impl Fn(&CapsuleTemplate) -> bool,
 ) -> CapsuleTemplate {
-    let api: Api<CapsuleTemplate> = Api::namespaced(client.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let t = api.get(name).await.unwrap();
-        if check(&t) {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "template {name}: not reached in 30 s; status: {:?}",
-            t.status
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_object(client, ns, name, "the wanted state", check).await
 }
 
 /// Warm and `AllNodes` templates are prepared on the nodes their
@@ -964,10 +958,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
         }),
     )
     .await;
-    let r = wait_capsule(&client, &ns, "w1", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let r = wait_running(&client, &ns, "w1").await;
     assert_eq!(
         r.status.unwrap().node_name,
         Some(format!("{ns}-a")),
@@ -1050,10 +1041,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
         }),
     )
     .await;
-    let r = wait_capsule(&client, &ns, "on-b", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let r = wait_running(&client, &ns, "on-b").await;
     assert_eq!(r.status.unwrap().node_name, Some(format!("{ns}-b")));
 
     // Deleting the warm template removes its snapshot from a.
@@ -1071,11 +1059,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
         "warm snapshot removed on the node"
     );
     op.stop().await;
-    for suffix in ["a", "b"] {
-        let _ = node_api
-            .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
-            .await;
-    }
+    delete_node_objects(&node_api, &ns).await;
 }
 
 /// A changed `spec.network` reaches the running VM's node through
@@ -1083,19 +1067,13 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
 /// generation only once the node answered that it enforces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_change_is_applied_in_place_before_it_is_observed() {
-    let Some(env) = common::setup("operator_capsule::network_update").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::network_update", 8).await
+    else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     let created = capsule(&client, &ns, "c1", 1).await;
     let uid = created.uid().unwrap();
-    let running = wait_capsule(&client, &ns, "c1", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let running = wait_running(&client, &ns, "c1").await;
     let before = running.metadata.generation.unwrap();
     assert_eq!(running.status.unwrap().observed_generation, Some(before));
 
@@ -1457,11 +1435,7 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     })
     .await;
     op.stop().await;
-    for suffix in ["a", "b"] {
-        let _ = node_api
-            .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
-            .await;
-    }
+    delete_node_objects(&node_api, &ns).await;
 }
 
 /// A port's `from` by Pod and namespace labels: the operator resolves the
@@ -1473,13 +1447,10 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
 async fn from_selectors_follow_the_pods_they_choose() {
     use k8s_openapi::api::core::v1::Namespace;
 
-    let Some(env) = common::setup("operator_capsule::from_selectors").await else {
+    let Some((_env, client, ns, nodes, op)) = bed("operator_capsule::from_selectors", 8).await
+    else {
         return;
     };
-    let (client, ns) = (env.client.clone(), env.ns.clone());
-    let nodes = nodes(&client, &ns, 8).await;
-    let op = start_operator(&client, &ns, nodes.connector.clone());
-    template(&client, &ns).await;
     Api::<Namespace>::all(client.clone())
         .patch(
             &ns,
@@ -1534,10 +1505,7 @@ async fn from_selectors_follow_the_pods_they_choose() {
         }),
     )
     .await;
-    let c1 = wait_capsule(&client, &ns, "c1", "Running", |c| {
-        phase(c) == Some(CapsulePhase::Running)
-    })
-    .await;
+    let c1 = wait_running(&client, &ns, "c1").await;
     let uid = c1.uid().unwrap();
     let sources = |port: u32| {
         let agents = nodes.agents.clone();

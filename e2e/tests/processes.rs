@@ -13,10 +13,9 @@ mod plugin;
 use std::time::Duration;
 
 use serde_json::Value;
-use wrenn_testkit::{Tier, case};
 
-use gateway_bed::{Bed, NS, eventually};
-use plugin::{finish, plugin, read_until, run, start};
+use gateway_bed::{BedOptions, NS, eventually};
+use plugin::{finish, plugin_bed, read_until, run, start};
 
 /// The processes of `box` as the gateway lists them to the admin.
 async fn listed(admin: &kube::Client) -> Vec<Value> {
@@ -55,17 +54,13 @@ async fn exited(admin: &kube::Client, tag: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn detached_processes_outlive_their_clients_replay_their_output_and_obey_rbac() {
-    let c = case(
-        Tier::Cluster,
+    let Some((_c, bin, bed)) = plugin_bed(
         "processes::detached_processes_outlive_their_clients_replay_their_output_and_obey_rbac",
-    );
-    let bin = tokio::task::spawn_blocking(plugin).await.unwrap();
-    let bed = match Bed::start().await {
-        Ok(b) => b,
-        Err(why) => {
-            c.skip(why);
-            return;
-        }
+        BedOptions::default(),
+    )
+    .await
+    else {
+        return;
     };
     let (alice, bob, admin) = (&bed.alice_kubeconfig, &bed.bob_kubeconfig, &bed.admin);
     // The guest agent runs as a host process here: a host file is its

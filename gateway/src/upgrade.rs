@@ -47,79 +47,47 @@ pub trait Upgrade {
     fn bridge(ws: Socket, opened: Self::Opened) -> impl Future<Output = ()> + Send;
 }
 
-/// `capsules/exec`.
-#[derive(Debug)]
-pub struct Exec;
-
-impl Upgrade for Exec {
-    type Options = exec::ExecOptions;
-    type Opened = exec::Started;
-    const WHAT: &'static str = "exec";
-    fn parse(query: &str) -> Result<Self::Options, Refusal> {
-        exec::parse_options(query)
-    }
-    fn open(
-        channel: Channel,
-        capsule: &str,
-        target: &Target,
-        options: Self::Options,
-        protocol: Protocol,
-    ) -> impl Future<Output = Result<Self::Opened, Refusal>> + Send {
-        exec::start(channel, capsule, &target.uid, options, protocol)
-    }
-    fn bridge(ws: Socket, opened: Self::Opened) -> impl Future<Output = ()> + Send {
-        exec::bridge(ws, opened)
-    }
+/// One unit type per subresource; each impl only names its module's
+/// functions, so the three cannot drift apart in how they are wired.
+macro_rules! channel_upgrade {
+    ($(#[$doc:meta] $name:ident($what:literal, $options:ty, $opened:ty): $parse:path, $bridge:path,
+        |$channel:ident, $capsule:ident, $target:ident, $options_:ident, $protocol:ident| $open:expr;)*) => {$(
+        #[$doc]
+        #[derive(Debug)]
+        pub struct $name;
+        impl Upgrade for $name {
+            type Options = $options;
+            type Opened = $opened;
+            const WHAT: &'static str = $what;
+            fn parse(query: &str) -> Result<Self::Options, Refusal> {
+                $parse(query)
+            }
+            fn open(
+                $channel: Channel,
+                $capsule: &str,
+                $target: &Target,
+                $options_: Self::Options,
+                $protocol: Protocol,
+            ) -> impl Future<Output = Result<Self::Opened, Refusal>> + Send {
+                $open
+            }
+            fn bridge(ws: Socket, opened: Self::Opened) -> impl Future<Output = ()> + Send {
+                $bridge(ws, opened)
+            }
+        }
+    )*};
 }
 
-/// `capsules/attach`.
-#[derive(Debug)]
-pub struct Attach;
-
-impl Upgrade for Attach {
-    type Options = attach::AttachOptions;
-    type Opened = exec::Started;
-    const WHAT: &'static str = "attach";
-    fn parse(query: &str) -> Result<Self::Options, Refusal> {
-        attach::parse_options(query)
-    }
-    fn open(
-        channel: Channel,
-        capsule: &str,
-        target: &Target,
-        options: Self::Options,
-        protocol: Protocol,
-    ) -> impl Future<Output = Result<Self::Opened, Refusal>> + Send {
-        attach::start(channel, capsule, &target.uid, options, protocol)
-    }
-    fn bridge(ws: Socket, opened: Self::Opened) -> impl Future<Output = ()> + Send {
-        exec::bridge(ws, opened)
-    }
-}
-
-/// `capsules/portforward`.
-#[derive(Debug)]
-pub struct PortForward;
-
-impl Upgrade for PortForward {
-    type Options = portforward::ForwardOptions;
-    type Opened = portforward::Opened;
-    const WHAT: &'static str = "portforward";
-    fn parse(query: &str) -> Result<Self::Options, Refusal> {
-        portforward::parse_options(query)
-    }
-    fn open(
-        channel: Channel,
-        capsule: &str,
-        target: &Target,
-        options: Self::Options,
-        protocol: Protocol,
-    ) -> impl Future<Output = Result<Self::Opened, Refusal>> + Send {
-        portforward::open(channel, capsule, target, options, protocol)
-    }
-    fn bridge(ws: Socket, opened: Self::Opened) -> impl Future<Output = ()> + Send {
-        portforward::bridge(ws, opened)
-    }
+channel_upgrade! {
+    /// `capsules/exec`.
+    Exec("exec", exec::ExecOptions, exec::Started): exec::parse_options, exec::bridge,
+        |channel, capsule, target, options, protocol| exec::start(channel, capsule, &target.uid, options, protocol);
+    /// `capsules/attach`.
+    Attach("attach", attach::AttachOptions, exec::Started): attach::parse_options, exec::bridge,
+        |channel, capsule, target, options, protocol| attach::start(channel, capsule, &target.uid, options, protocol);
+    /// `capsules/portforward`.
+    PortForward("portforward", portforward::ForwardOptions, portforward::Opened): portforward::parse_options, portforward::bridge,
+        |channel, capsule, target, options, protocol| portforward::open(channel, capsule, target, options, protocol);
 }
 
 /// Whether the request asks for a WebSocket.

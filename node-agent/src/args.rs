@@ -42,12 +42,9 @@ pub struct Args {
     /// State directory: journals, disks, snapshots.
     #[arg(long, env = "WRENN_STATE_DIR", default_value = "/var/lib/wrenn")]
     pub state_dir: PathBuf,
-    /// Log filter, e.g. `info` or `wrenn_node_agent=debug`.
-    #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// `plain` or `json`.
-    #[arg(long, env = "WRENN_LOG_FORMAT", default_value = "plain")]
-    pub log_format: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: wrenn_runtime::log::LogArgs,
     /// VMM backend.
     #[arg(
         long,

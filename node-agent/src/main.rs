@@ -48,21 +48,9 @@ type Background = tokio::task::JoinSet<&'static str>;
 fn main() -> ExitCode {
     let args = Args::parse();
     wrenn_node_agent::tls::install_crypto_provider();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(f) => f,
-        Err(err) => {
-            eprintln!("wrenn-node-agent: --log-level {:?}: {err}", args.log_level);
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format.as_str() {
-        "json" => builder.json().init(),
-        "plain" => builder.init(),
-        other => {
-            eprintln!("wrenn-node-agent: --log-format must be plain or json, not {other:?}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+    if let Err(err) = args.log.init() {
+        eprintln!("wrenn-node-agent: {err}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

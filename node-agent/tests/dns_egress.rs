@@ -18,20 +18,10 @@ use simple_dns::{CLASS, Name, Packet, PacketFlag, QCLASS, QTYPE, Question, RCODE
 use wrenn_crds::reason::Reason;
 use wrenn_node_agent::network::dns::{AllowHosts, ClusterDns, DnsConfig, NameRefused};
 use wrenn_node_agent::network::{CapsuleId, EgressPolicy, Names, NetOps, Teardown};
-use wrenn_testkit::{Tier, case, need_root};
+use wrenn_testkit::host_case;
 
 /// A second address in the internet namespace that no name resolves to.
 const RAW_ONLY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-
-macro_rules! host_case {
-    ($name:literal) => {{
-        let case = case(Tier::Host, $name);
-        if let Err(why) = need_root() {
-            return case.skip(why);
-        }
-        case
-    }};
-}
 
 /// An A query for `name`, recursion desired.
 fn query(name: &str) -> Vec<u8> {

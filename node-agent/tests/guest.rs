@@ -14,10 +14,23 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use wrenn_node_agent::guest::{self, GuestClient, InitParams, Timeouts};
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Tier, case};
+use wrenn_testkit::{Case, Tier, case};
 
 /// `wrenn-guest` next to this test's binary (`cargo test --workspace` or
 /// `cargo build -p wrenn-guest` puts it there), or `WRENN_GUEST_BIN`.
+/// Host case `name` and the guest agent binary, or the case recorded as
+/// skipped when there is no binary.
+fn guest_case(name: &str) -> Option<(Case, PathBuf)> {
+    let c = case(Tier::Host, name);
+    match guest_binary() {
+        Ok(bin) => Some((c, bin)),
+        Err(reason) => {
+            c.skip(reason);
+            None
+        }
+    }
+}
+
 fn guest_binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("WRENN_GUEST_BIN") {
         return Ok(PathBuf::from(p));
@@ -233,13 +246,9 @@ async fn run(c: &GuestClient, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, gpb::Exe
 
 #[tokio::test]
 async fn ready_init_exec_and_files_through_the_handshake() {
-    let c = case(
-        Tier::Host,
-        "guest::ready_init_exec_and_files_through_the_handshake",
-    );
-    let bin = match guest_binary() {
-        Ok(b) => b,
-        Err(reason) => return c.skip(reason),
+    let Some((_c, bin)) = guest_case("guest::ready_init_exec_and_files_through_the_handshake")
+    else {
+        return;
     };
     let agent = Agent::start(&bin, Duration::from_millis(300));
     // The agent is not up yet: wait_ready must retry through refused
@@ -340,10 +349,8 @@ async fn ready_init_exec_and_files_through_the_handshake() {
 
 #[tokio::test]
 async fn a_reset_link_is_redialed() {
-    let c = case(Tier::Host, "guest::a_reset_link_is_redialed");
-    let bin = match guest_binary() {
-        Ok(b) => b,
-        Err(reason) => return c.skip(reason),
+    let Some((_c, bin)) = guest_case("guest::a_reset_link_is_redialed") else {
+        return;
     };
     let (agent, mut g) = initialized(&bin, "c2", "reset-link-guest-token").await;
     // The VMM drops every vsock connection (restore): the old channel's
@@ -360,13 +367,8 @@ async fn a_reset_link_is_redialed() {
 
 #[tokio::test]
 async fn handshake_refusal_and_deadlines_are_reported() {
-    let c = case(
-        Tier::Host,
-        "guest::handshake_refusal_and_deadlines_are_reported",
-    );
-    let bin = match guest_binary() {
-        Ok(b) => b,
-        Err(reason) => return c.skip(reason),
+    let Some((_c, bin)) = guest_case("guest::handshake_refusal_and_deadlines_are_reported") else {
+        return;
     };
     let agent = Agent::start(&bin, Duration::ZERO);
     GuestClient::wait_ready(
@@ -428,6 +430,22 @@ fn code(e: &guest::Error) -> tonic::Code {
     e.status().map_or(tonic::Code::Ok, tonic::Status::code)
 }
 
+/// `client` is refused as unauthenticated everywhere: a read, a file call
+/// and a take-over by re-Init.
+async fn assert_all_refused(client: &GuestClient) {
+    for e in [
+        client.health().await.unwrap_err(),
+        client.stat("/").await.unwrap_err(),
+        client
+            .clone()
+            .init(&params("attacker-chosen-token"))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
+    }
+}
+
 /// What a boot and a later restore do to the guest's token, attacked: an
 /// Init without or with a wrong token cannot take the guest over, a
 /// restore re-keys it (Init authorized by the token in the restored
@@ -435,13 +453,10 @@ fn code(e: &guest::Error) -> tonic::Code {
 /// token shows in the guest agent's log or in our Debug output.
 #[tokio::test]
 async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
-    let c = case(
-        Tier::Host,
-        "guest::a_restore_rekeys_the_guest_and_the_old_token_is_refused",
-    );
-    let bin = match guest_binary() {
-        Ok(b) => b,
-        Err(reason) => return c.skip(reason),
+    let Some((_c, bin)) =
+        guest_case("guest::a_restore_rekeys_the_guest_and_the_old_token_is_refused")
+    else {
+        return;
     };
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("guest.log");
@@ -480,17 +495,7 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
     let wrong = stranger
         .with_token(guest::GuestToken::generate().unwrap().expose())
         .unwrap();
-    for e in [
-        wrong.health().await.unwrap_err(),
-        wrong.stat("/").await.unwrap_err(),
-        wrong
-            .clone()
-            .init(&params("attacker-chosen-token"))
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
-    }
+    assert_all_refused(&wrong).await;
     // The guest still answers its real owner.
     assert!(g.stat("/").await.is_ok());
 
@@ -511,17 +516,7 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
     r.init(&params(new.expose())).await.unwrap();
 
     let with_old = connect().await.unwrap().with_token(old.expose()).unwrap();
-    for e in [
-        with_old.health().await.unwrap_err(),
-        with_old.stat("/").await.unwrap_err(),
-        with_old
-            .clone()
-            .init(&params("attacker-chosen-token"))
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(code(&e), tonic::Code::Unauthenticated, "{e}");
-    }
+    assert_all_refused(&with_old).await;
     let (out, exit) = run(&r, &["sh", "-c", "echo $WRENN_FROM_INIT"], b"").await;
     assert_eq!(
         (out.as_slice(), exit.code),
@@ -549,13 +544,10 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
 
 #[tokio::test]
 async fn the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one() {
-    let c = case(
-        Tier::Host,
-        "guest::the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one",
-    );
-    let bin = match guest_binary() {
-        Ok(b) => b,
-        Err(reason) => return c.skip(reason),
+    let Some((_c, bin)) =
+        guest_case("guest::the_resolver_file_reaches_the_guest_agent_and_replaces_a_stale_one")
+    else {
+        return;
     };
     let (agent, g) = initialized(&bin, "c1", "resolver-guest-token-0123").await;
     // A restored guest carries the file of the capsule it was snapshotted

@@ -469,6 +469,25 @@ fn anything_left(cache: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `err` refuses the build for `limit`, its text names each of `says` (the
+/// flag to raise, the limit), and the refused build left nothing in `cache`.
+fn assert_over_limit(err: &Error, cache: &Path, limit: Limit, says: &[&str]) {
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        matches!(err, Error::OverLimit { limit: l, .. } if *l == limit),
+        "{text}"
+    );
+    for s in says {
+        assert!(text.contains(s), "no {s:?} in: {text}");
+    }
+    assert!(
+        anything_left(cache).is_empty(),
+        "{:?}",
+        anything_left(cache)
+    );
+}
+
 /// A GNU sparse entry storing one byte and declaring `real_size` bytes:
 /// unpacked naively, it writes `real_size` bytes of zeros.
 fn sparse_bomb(path: &str, real_size: u64) -> Vec<u8> {
@@ -514,30 +533,13 @@ fn a_sparse_tar_bomb_is_refused_before_a_byte_is_written() {
         &[(good_layers().remove(0).0, true), (bomb, true)],
         Limits::default(),
     );
-    let text = err.to_string();
-    eprintln!("{text}");
-    assert!(
-        matches!(
-            err,
-            Error::OverLimit {
-                limit: Limit::LayerBytes,
-                ..
-            }
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("var/lib/bomb.img")
-            && text.contains("--image-max-layer-bytes")
-            && text.contains("4.0 TiB"),
-        "{text}"
+    assert_over_limit(
+        &err,
+        &cache,
+        Limit::LayerBytes,
+        &["var/lib/bomb.img", "--image-max-layer-bytes", "4.0 TiB"],
     );
     assert!(took < std::time::Duration::from_secs(30), "{took:?}");
-    assert!(
-        anything_left(&cache).is_empty(),
-        "{:?}",
-        anything_left(&cache)
-    );
     // Not a block of zeros reached the disk (other tests write meanwhile:
     // a little slack).
     assert!(free_bytes(dir.path()) + (256 << 20) >= free);
@@ -572,20 +574,7 @@ fn a_gzip_bomb_layer_is_stopped_by_the_ratio_limit() {
     assert!(bomb.len() < 1 << 20, "{}", bomb.len());
     // Marked a plain tar: gzip is recognised by its bytes, not its name.
     let (err, cache_dir, _) = build_refused(dir.path(), &[(bomb, false)], Limits::default());
-    let text = err.to_string();
-    eprintln!("{text}");
-    assert!(
-        matches!(
-            err,
-            Error::OverLimit {
-                limit: Limit::Ratio,
-                ..
-            }
-        ),
-        "{text}"
-    );
-    assert!(text.contains("--image-max-ratio"), "{text}");
-    assert!(anything_left(&cache_dir).is_empty());
+    assert_over_limit(&err, &cache_dir, Limit::Ratio, &["--image-max-ratio"]);
 }
 
 #[test]
@@ -609,28 +598,13 @@ fn a_layer_with_too_many_files_is_refused() {
             ..Limits::default()
         },
     );
-    let text = err.to_string();
-    eprintln!("{text}");
-    assert!(
-        matches!(
-            err,
-            Error::OverLimit {
-                limit: Limit::Files,
-                value: 1001,
-                ..
-            }
-        ),
-        "{text}"
+    assert_over_limit(
+        &err,
+        &cache,
+        Limit::Files,
+        &["--image-max-files", "1000 entries"],
     );
-    assert!(
-        text.contains("--image-max-files") && text.contains("1000 entries"),
-        "{text}"
-    );
-    assert!(
-        anything_left(&cache).is_empty(),
-        "{:?}",
-        anything_left(&cache)
-    );
+    assert!(matches!(err, Error::OverLimit { value: 1001, .. }), "{err}");
 }
 
 #[test]
@@ -665,25 +639,10 @@ fn an_image_over_the_per_image_limit_is_refused_across_layers() {
             ..Limits::default()
         },
     );
-    let text = err.to_string();
-    eprintln!("{text}");
-    assert!(
-        matches!(
-            err,
-            Error::OverLimit {
-                limit: Limit::ImageBytes,
-                ..
-            }
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("--image-max-bytes") && text.contains("8.0 MiB"),
-        "{text}"
-    );
-    assert!(
-        anything_left(&cache).is_empty(),
-        "{:?}",
-        anything_left(&cache)
+    assert_over_limit(
+        &err,
+        &cache,
+        Limit::ImageBytes,
+        &["--image-max-bytes", "8.0 MiB"],
     );
 }

@@ -17,17 +17,7 @@ use wrenn_node_agent::network::{
     Action, CapsuleId, Chain, ChainKind, Cidr, EgressPolicy, Error, Family, Hook, HostPort, L4,
     Match, NetOps, PortRule, Rule, Table, Teardown, Verdict,
 };
-use wrenn_testkit::{Tier, case, need_root};
-
-macro_rules! host_case {
-    ($name:literal) => {{
-        let case = case(Tier::Host, $name);
-        if let Err(why) = need_root() {
-            return case.skip(why);
-        }
-        case
-    }};
-}
+use wrenn_testkit::host_case;
 
 fn id(s: &str) -> CapsuleId {
     CapsuleId::new(s).expect("valid capsule id")

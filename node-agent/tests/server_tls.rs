@@ -11,7 +11,7 @@
 mod agent_bed;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_bed::{Ca, channel};
@@ -23,48 +23,13 @@ use wrenn_node_agent::server::serve_with;
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_proto::agent::v1::NodeInfoRequest;
 use wrenn_proto::agent::v1::node_agent_client::NodeAgentClient;
-use wrenn_testkit::{Tier, case, eventually_async};
+use wrenn_testkit::{SecretVolume, Tier, case, eventually_async};
 
-/// TLS files laid out as a Kubernetes Secret volume: `tls.crt` ->
-/// `..data/tls.crt`, `..data` -> a timestamped directory. A rotation writes
-/// a new directory and swaps `..data` in one rename, as the kubelet does.
-struct SecretVolume {
-    dir: PathBuf,
-    generation: u32,
-}
-
-impl SecretVolume {
-    fn new(dir: &Path, cert: &str, key: &str, ca: &str) -> Self {
-        let mut v = Self {
-            dir: dir.to_path_buf(),
-            generation: 0,
-        };
-        v.rotate(cert, key, ca);
-        for name in ["tls.crt", "tls.key", "ca.crt"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
-        }
-        v
-    }
-
-    fn files(&self) -> TlsFiles {
-        TlsFiles {
-            cert: self.dir.join("tls.crt"),
-            key: self.dir.join("tls.key"),
-            client_ca: self.dir.join("ca.crt"),
-        }
-    }
-
-    fn rotate(&mut self, cert: &str, key: &str, ca: &str) {
-        self.generation += 1;
-        let data = format!("..gen_{}", self.generation);
-        let d = self.dir.join(&data);
-        std::fs::create_dir(&d).unwrap();
-        std::fs::write(d.join("tls.crt"), cert).unwrap();
-        std::fs::write(d.join("tls.key"), key).unwrap();
-        std::fs::write(d.join("ca.crt"), ca).unwrap();
-        let tmp = self.dir.join("..data_tmp");
-        std::os::unix::fs::symlink(&data, &tmp).unwrap();
-        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+fn files(volume: &SecretVolume) -> TlsFiles {
+    TlsFiles {
+        cert: volume.path("tls.crt"),
+        key: volume.path("tls.key"),
+        client_ca: volume.path("ca.crt"),
     }
 }
 
@@ -92,7 +57,7 @@ async fn start_agent_with(tune: impl FnOnce(&mut PortConfig)) -> Agent {
     let client_ca = Ca::new("wrenn test client CA");
     let (cert, key) = server_ca.server();
     let volume = SecretVolume::new(dir.path(), &cert, &key, &client_ca.pem());
-    let mut port = PortConfig::new(volume.files());
+    let mut port = PortConfig::new(files(&volume));
     port.reload_every = Duration::from_millis(100);
     tune(&mut port);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -130,6 +95,11 @@ impl Agent {
             .expect("server stops when asked")
             .unwrap();
         res.unwrap();
+    }
+
+    /// NodeInfo over a new connection with the operator's certificate.
+    async fn operator_node_info(&self) -> Result<String, String> {
+        ask(self.operator_channel().await?).await
     }
 
     /// A connected channel for the operator's certificate.
@@ -181,10 +151,7 @@ async fn the_operators_certificate_gets_node_info() {
         "server_tls::the_operators_certificate_gets_node_info",
     );
     let agent = start_agent().await;
-    assert_eq!(
-        ask(agent.operator_channel().await.unwrap()).await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     agent.stop().await;
 }
 
@@ -199,10 +166,7 @@ async fn client_from_another_ca_is_refused() {
         "a certificate from another CA was accepted: {res:?}"
     );
     // The server keeps serving good clients after refusing a bad one.
-    assert_eq!(
-        ask(agent.operator_channel().await.unwrap()).await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     agent.stop().await;
 }
 
@@ -282,10 +246,7 @@ async fn a_handshake_that_never_finishes_is_dropped_and_blocks_nobody() {
 
     // The operator is served while both hang.
     let t0 = Instant::now();
-    assert_eq!(
-        ask(agent.operator_channel().await.unwrap()).await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     assert!(
         t0.elapsed() < deadline,
         "the operator waited {:?} behind stalled handshakes",
@@ -408,35 +369,22 @@ async fn a_half_written_rotation_keeps_the_certificates_that_work() {
     let agent = start_agent().await;
     // Serving first: the agent loads its files when its task first runs,
     // and a half-written pair at start-up is refused outright (another test).
-    assert_eq!(
-        node_info(
-            agent.addr,
-            &agent.server_ca.pem(),
-            Some(agent.client_ca.operator())
-        )
-        .await,
-        Ok("node-a".to_string())
-    );
+    assert_eq!(agent.operator_node_info().await, Ok("node-a".to_string()));
     // A new certificate whose key has not arrived yet (written in place,
     // not through the Secret swap): the agent must not serve a certificate
     // it cannot prove, nor stop serving the old one.
     let new_ca = Ca::new("next agent CA");
     let (cert, key) = new_ca.server();
-    let data = std::fs::canonicalize(agent.volume.dir.join("tls.crt")).unwrap();
+    let data = std::fs::canonicalize(agent.volume.path("tls.crt")).unwrap();
     std::fs::write(&data, &cert).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        node_info(
-            agent.addr,
-            &agent.server_ca.pem(),
-            Some(agent.client_ca.operator())
-        )
-        .await,
+        agent.operator_node_info().await,
         Ok("node-a".to_string()),
         "a mismatched certificate and key replaced the working pair"
     );
     // The key arrives: the new pair is served.
-    let key_path = std::fs::canonicalize(agent.volume.dir.join("tls.key")).unwrap();
+    let key_path = std::fs::canonicalize(agent.volume.path("tls.key")).unwrap();
     std::fs::write(key_path, &key).unwrap();
     let (addr, ca) = (agent.addr, new_ca.pem());
     let id = agent.client_ca.operator();

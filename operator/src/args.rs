@@ -5,16 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
-    Json,
-}
+use clap::Parser;
+pub use wrenn_runtime::log::{LogArgs, LogFormat};
 
 /// How a client reaches node agents: their Pods, port and certificate
 /// name, and the client's own identity. The operator and the gateway both
@@ -62,31 +54,6 @@ impl AgentClientArgs {
             &self.agent_ca,
             &self.agent_server_name,
         )
-    }
-}
-
-/// Logging flags.
-#[derive(Clone, Debug, clap::Args)]
-pub struct LogArgs {
-    /// Log filter, e.g. `info` or `wrenn_operator=debug`.
-    #[arg(long, env = "WRENN_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-    /// `plain` or `json`.
-    #[arg(long, env = "WRENN_LOG_FORMAT", value_enum, default_value = "plain")]
-    pub log_format: LogFormat,
-}
-
-impl LogArgs {
-    /// Installs the process's tracing subscriber; `Err` names a bad filter.
-    pub fn init(&self) -> Result<(), String> {
-        let filter = tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|err| format!("--log-level {:?}: {err}", self.log_level))?;
-        let builder = tracing_subscriber::fmt().with_env_filter(filter);
-        match self.log_format {
-            LogFormat::Json => builder.json().init(),
-            LogFormat::Plain => builder.init(),
-        }
-        Ok(())
     }
 }
 

@@ -1,9 +1,11 @@
 //! Process plumbing the Wrenn binaries (operator, node agent, gateway)
-//! share, so each is written once: when to stop ([`stop_signal`]) and how
-//! PEM files are read ([`pem`]). It holds no policy: what a binary does on
-//! the signal, and which certificates it trusts, stay with the binary.
+//! share, so each is written once: when to stop ([`stop_signal`]), how
+//! PEM files are read ([`pem`]) and how logging is set up ([`log`]). It
+//! holds no policy: what a binary does on the signal, which certificates
+//! it trusts and how it exits on bad flags stay with the binary.
 #![forbid(unsafe_code)]
 
+pub mod log;
 pub mod pem;
 
 /// Resolves on SIGTERM (what the kubelet sends) or SIGINT. Without a

@@ -14,9 +14,11 @@
 pub mod guest_vm;
 mod netns;
 pub mod registry;
+mod secret_volume;
 pub mod vm;
 
 pub use netns::TestNetns;
+pub use secret_volume::SecretVolume;
 
 use std::fmt;
 use std::io::Write as _;
@@ -124,6 +126,19 @@ fn record_to(path: &std::path::Path, tier: Tier, outcome: &str, name: &str, reas
     {
         let _ = f.write_all(line.as_bytes());
     }
+}
+
+/// Opens a [`Tier::Host`] case named `$name` in a test returning `()`, or
+/// returns from the test with the case skipped when not root.
+#[macro_export]
+macro_rules! host_case {
+    ($name:expr) => {{
+        let case = $crate::case($crate::Tier::Host, $name);
+        if let Err(why) = $crate::need_root() {
+            return case.skip(why);
+        }
+        case
+    }};
 }
 
 /// The workspace's root directory (`images/`, `e2e/scripts/` live there).

@@ -35,7 +35,7 @@ use wrenn_crds::Capsule;
 use wrenn_e2e::gateway::{
     GatewayOptions, GatewayProcess, HostGuest, LocalAddr, register_apiservice,
 };
-use wrenn_e2e::helm::{Helm, chart_dir, documents};
+use wrenn_e2e::helm::Helm;
 use wrenn_e2e::{ControlPlane, Options, ServerFlags, StaticToken};
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::guest::{GuestClient, InitParams};
@@ -45,7 +45,7 @@ use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_node_agent::vmm::FakeMachine;
 use wrenn_proto::agent::v1 as pb;
-use wrenn_testkit::{need_program, need_root};
+use wrenn_testkit::{Case, Tier, case, need_program, need_root};
 
 /// The chart's release namespace and name here.
 pub const RELEASE_NS: &str = "wrenn-system";
@@ -205,24 +205,20 @@ pub async fn capsule_in(client: &kube::Client, ns: &str, name: &str, phase: &str
 /// (`wrenn-edit`, `wrenn-view`), in [`RELEASE_NS`].
 pub async fn install_chart_rbac(cp: &ControlPlane, helm: &Helm, admin: &kube::Client) {
     namespace(admin, RELEASE_NS).await;
-    let chart = chart_dir().display().to_string();
-    let rendered = helm
-        .ok(&[
-            "template",
+    let docs = helm
+        .template(
             RELEASE,
-            &chart,
-            "-n",
             RELEASE_NS,
-            "--kube-version=1.36.3",
-            "--show-only",
-            "templates/gateway-rbac.yaml",
-            "--show-only",
-            "templates/user-rbac.yaml",
-            "--show-only",
-            "templates/serviceaccounts.yaml",
-        ])
+            &[
+                "--show-only",
+                "templates/gateway-rbac.yaml",
+                "--show-only",
+                "templates/user-rbac.yaml",
+                "--show-only",
+                "templates/serviceaccounts.yaml",
+            ],
+        )
         .unwrap();
-    let docs = documents(&rendered).unwrap();
     assert!(
         docs.iter()
             .any(|d| d["metadata"]["name"] == GATEWAY && d["kind"] == "ServiceAccount")
@@ -234,6 +230,20 @@ pub async fn install_chart_rbac(cp: &ControlPlane, helm: &Helm, admin: &kube::Cl
     )
     .unwrap();
     cp.kubectl_ok(&["apply", "-f"], Some(&manifest)).unwrap();
+}
+
+/// 50 MiB that compress badly and differ at every offset: a long stream
+/// through the API server.
+pub fn big_data() -> Vec<u8> {
+    (0..50u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// SHA-256 of `data` in lowercase hex, as the gateway's `sha256` checks take it.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(data))
 }
 
 /// Polls `attempt` every 250 ms for up to `within`.
@@ -309,16 +319,20 @@ async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -> Agent {
     }
 }
 
-/// Creates capsule `uid` on the agent as the operator does (its own client
-/// certificate) and gives it a real guest agent; returns the guest.
-async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGuest {
+/// A client of the agent at `addr` presenting `who`'s certificate from
+/// `pki` (`<who>.crt`, `<who>.key`), trusting the agents' CA there.
+async fn agent_client_as(
+    pki: &Path,
+    addr: SocketAddr,
+    who: &str,
+) -> pb::node_agent_client::NodeAgentClient<tonic::transport::Channel> {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("agents-ca.crt")))
         .identity(Identity::from_pem(
-            read("operator.crt"),
-            read("operator.key"),
+            read(&format!("{who}.crt")),
+            read(&format!("{who}.key")),
         ))
         .domain_name("wrenn-node-agent");
     let channel = Channel::from_shared(format!("https://{addr}"))
@@ -328,7 +342,13 @@ async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGue
         .connect()
         .await
         .unwrap();
-    let mut op = pb::node_agent_client::NodeAgentClient::new(channel);
+    pb::node_agent_client::NodeAgentClient::new(channel)
+}
+
+/// Creates capsule `uid` on the agent as the operator does (its own client
+/// certificate) and gives it a real guest agent; returns the guest.
+async fn boot(agent: &Agent, addr: SocketAddr, pki: &Path, uid: &str) -> HostGuest {
+    let mut op = agent_client_as(pki, addr, "operator").await;
     let created = op
         .create_capsule(pb::CreateCapsuleRequest {
             uid: uid.into(),
@@ -407,19 +427,11 @@ pub fn kubeconfig_in(
 impl Bed {
     /// Starts everything; `Err` names what this machine lacks (a skip).
     pub async fn start() -> Result<Bed, String> {
-        // An address the aggregator may dial (not loopback), apart from
-        // the ones `start_tagged` picks.
-        let pid = std::process::id();
-        let n = (pid % 200) as u8 + 20;
-        Self::start_at(
-            &format!("wcl{}", pid % 100_000),
-            Ipv4Addr::new(10, 253, n, 1),
-            BedOptions::default(),
-        )
-        .await
+        Self::start_with(BedOptions::default()).await
     }
 
-    /// [`Bed::start`] with the API server's flags `o` asks for.
+    /// [`Bed::start`] with the API server's flags `o` asks for. An address
+    /// the aggregator may dial (not loopback), apart for each tag.
     pub async fn start_with(o: BedOptions) -> Result<Bed, String> {
         let pid = std::process::id();
         let n = (pid % 200) as u8 + 20;
@@ -439,14 +451,25 @@ impl Bed {
     /// [`Bed::start`] for a test running beside others in one process:
     /// `tag` (1..=9) keeps their links and addresses apart.
     pub async fn start_tagged(tag: u8) -> Result<Bed, String> {
-        let pid = std::process::id();
-        let n = (pid % 200) as u8 + 20;
-        Self::start_at(
-            &format!("wgw{tag}{}", pid % 100_000),
-            Ipv4Addr::new(10, 254, n, tag),
-            BedOptions::default(),
-        )
-        .await
+        Self::start_with(BedOptions::tagged(tag)).await
+    }
+
+    /// Cluster case `name` with the bed `o` asks for, or the case recorded
+    /// as skipped naming what this machine lacks.
+    pub async fn for_case(name: &str, o: BedOptions) -> Option<(Case, Bed)> {
+        Self::or_skip(case(Tier::Cluster, name), o).await
+    }
+
+    /// [`Bed::for_case`] for a case opened earlier (before a build the
+    /// case should own).
+    pub async fn or_skip(c: Case, o: BedOptions) -> Option<(Case, Bed)> {
+        match Self::start_with(o).await {
+            Ok(b) => Some((c, b)),
+            Err(why) => {
+                c.skip(why);
+                None
+            }
+        }
     }
 
     /// The node agent's capsule supervisor (fake VMM, network and disks).
@@ -650,6 +673,16 @@ pub struct BedOptions {
     pub tag: Option<u8>,
 }
 
+impl BedOptions {
+    /// The defaults for a bed beside others in one test process.
+    pub fn tagged(tag: u8) -> Self {
+        Self {
+            tag: Some(tag),
+            ..Self::default()
+        }
+    }
+}
+
 impl Bed {
     /// Where the (fake) VMM of capsule `box` writes its serial console:
     /// what `capsules/console` reads.
@@ -671,20 +704,9 @@ impl Bed {
     pub async fn agent_client(
         &self,
     ) -> pb::node_agent_client::NodeAgentClient<tonic::transport::Channel> {
-        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-        let read = |f: &str| std::fs::read(self._certs.path().join(f)).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("agents-ca.crt")))
-            .identity(Identity::from_pem(read("gateway.crt"), read("gateway.key")))
-            .domain_name("wrenn-node-agent");
-        let channel = Channel::from_shared(format!("https://{}", self.agent_addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
+        agent_client_as(self._certs.path(), self.agent_addr, "gateway")
             .await
-            .unwrap();
-        pb::node_agent_client::NodeAgentClient::new(channel).max_decoding_message_size(16 << 20)
+            .max_decoding_message_size(16 << 20)
     }
 
     /// The gateway process's id.

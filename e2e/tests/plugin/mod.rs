@@ -9,6 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use wrenn_testkit::{Case, Tier, case};
+
+use super::gateway_bed::{Bed, BedOptions};
 
 /// How long one run may take before the test fails: long enough for the
 /// biggest copy the tests make on a busy machine.
@@ -25,6 +28,15 @@ pub struct Ran {
 /// The plugin binary, built with the pinned toolchain.
 pub fn plugin() -> PathBuf {
     wrenn_e2e::build::cargo_build("kubectl-wrenn", "kubectl-wrenn").unwrap()
+}
+
+/// Cluster case `name` with the plugin built and the bed `o` asks for, or
+/// the case recorded as skipped naming what this machine lacks.
+pub async fn plugin_bed(name: &str, o: BedOptions) -> Option<(Case, PathBuf, Bed)> {
+    let c = case(Tier::Cluster, name);
+    let bin = tokio::task::spawn_blocking(plugin).await.unwrap();
+    let (c, bed) = Bed::or_skip(c, o).await?;
+    Some((c, bin, bed))
 }
 
 /// Starts the plugin with `--kubeconfig kc` and `args`; stdin is piped

@@ -102,10 +102,26 @@ pub struct Shown<'a> {
     pub writable: bool,
 }
 
-/// The child step that failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i32)]
-pub enum SpawnStep {
+/// Declares [`SpawnStep`] and its decoding from one list, so a step added
+/// to the child is never reported as an unknown number.
+macro_rules! spawn_steps {
+    ($($(#[$doc:meta])* $name:ident $(= $value:literal)?,)*) => {
+        /// The child step that failed.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(i32)]
+        pub enum SpawnStep {
+            $($(#[$doc])* $name $(= $value)?,)*
+        }
+
+        impl SpawnStep {
+            fn from_raw(v: i32) -> Option<Self> {
+                [$(SpawnStep::$name),*].into_iter().find(|s| *s as i32 == v)
+            }
+        }
+    };
+}
+
+spawn_steps! {
     /// Resetting signal dispositions.
     Signals = 1,
     /// `setsid`.
@@ -134,30 +150,6 @@ pub enum SpawnStep {
     Inherit,
     /// `execve`.
     Exec,
-}
-
-impl SpawnStep {
-    fn from_raw(v: i32) -> Option<Self> {
-        use SpawnStep::*;
-        [
-            Signals,
-            Setsid,
-            EnterNetns,
-            UnshareMountNs,
-            MakeRootPrivate,
-            MountSysfs,
-            JoinCgroup,
-            HidePath,
-            ShowPath,
-            MountProc,
-            DropPrivileges,
-            Stdio,
-            Inherit,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as i32 == v)
-    }
 }
 
 /// A spawn that failed, in the parent (`step == None`) or in the child.
@@ -351,19 +343,31 @@ unsafe fn enter_namespaces(plan: *mut ChildPlan) {
             }
         }
         if (*plan).mount_sysfs {
-            // Detach the host's /sys (and its submounts) from this view; it
-            // may not be mounted at all, hence no check.
-            libc::umount2(SYS.as_ptr(), libc::MNT_DETACH);
-            if libc::mount(
-                SYSFS.as_ptr(),
-                SYS.as_ptr(),
-                SYSFS.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ) < 0
-            {
-                child_fail(plan, SpawnStep::MountSysfs);
-            }
+            mount_fresh(plan, SYSFS, SYS, SpawnStep::MountSysfs);
+        }
+    }
+}
+
+/// Mounts a fresh `fs` at `target` in place of the host's (and its
+/// submounts), detached from this view first; it may not be mounted at
+/// all, hence no check on the unmount.
+///
+/// # Safety
+/// Only from the child, with its `plan`.
+unsafe fn mount_fresh(plan: *mut ChildPlan, fs: &CStr, target: &CStr, step: SpawnStep) {
+    // SAFETY: see `child_main`; `fs` and `target` are NUL-terminated
+    // constants.
+    unsafe {
+        libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+        if libc::mount(
+            fs.as_ptr(),
+            target.as_ptr(),
+            fs.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) < 0
+        {
+            child_fail(plan, step);
         }
     }
 }
@@ -441,17 +445,7 @@ unsafe fn build_view(plan: *mut ChildPlan) {
         }
         // The fresh procfs shows only the new PID namespace.
         if (*plan).mount_proc {
-            libc::umount2(PROC.as_ptr(), libc::MNT_DETACH);
-            if libc::mount(
-                PROCFS.as_ptr(),
-                PROC.as_ptr(),
-                PROCFS.as_ptr(),
-                nosuid,
-                std::ptr::null(),
-            ) < 0
-            {
-                child_fail(plan, SpawnStep::MountProc);
-            }
+            mount_fresh(plan, PROCFS, PROC, SpawnStep::MountProc);
         }
     }
 }
