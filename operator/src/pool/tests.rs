@@ -32,15 +32,7 @@ fn a_placement_counts_until_the_agent_lists_it_as_held() {
 #[tokio::test]
 async fn placement_waits_for_the_agent_list_not_only_for_the_agents_on_it() {
     let connector = Arc::new(FakeConnector::default());
-    let agent = FakeNodeAgent::new(
-        "node-a",
-        pb::Resources {
-            vcpus: 4,
-            memory_bytes: 8 * GI,
-            disk_bytes: 100 * GI,
-        },
-        Duration::ZERO,
-    );
+    let agent = FakeNodeAgent::new("node-a", four_cpus(), Duration::ZERO);
     connector.add(agent.clone());
     let grace = Duration::from_secs(3600);
     let (pool, _streams) = AgentPool::new(connector, grace);
@@ -76,15 +68,7 @@ fn left(pool: &AgentPool, node: &str) -> Resources {
 #[tokio::test]
 async fn no_moment_counts_a_placed_capsule_by_neither_side_nor_twice() {
     let connector = Arc::new(FakeConnector::default());
-    let agent = FakeNodeAgent::new(
-        "node-a",
-        pb::Resources {
-            vcpus: 4,
-            memory_bytes: 8 * GI,
-            disk_bytes: 100 * GI,
-        },
-        Duration::ZERO,
-    );
+    let agent = FakeNodeAgent::new("node-a", four_cpus(), Duration::ZERO);
     connector.add(agent.clone());
     let (pool, _streams) = AgentPool::new(connector.clone(), Duration::from_millis(20));
     pool.upsert("node-a", "127.0.0.1:1".parse().unwrap());
@@ -303,15 +287,7 @@ async fn a_deleted_agent_pod_drops_the_nodes_client_at_once() {
 /// any call from the operator.
 #[tokio::test]
 async fn an_agent_event_updates_the_view_and_triggers_its_capsule() {
-    let agent = FakeNodeAgent::new(
-        "node-a",
-        pb::Resources {
-            vcpus: 4,
-            memory_bytes: 8 * GI,
-            disk_bytes: 100 * GI,
-        },
-        Duration::ZERO,
-    );
+    let agent = FakeNodeAgent::new("node-a", four_cpus(), Duration::ZERO);
     let (pool, mut streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
     let client = pool.client("node-a").unwrap();
     client
@@ -346,6 +322,15 @@ fn create_req(uid: &str) -> pb::CreateCapsuleRequest {
             ..Default::default()
         }),
         initial_state: 0,
+    }
+}
+
+/// A small node: four vCPUs, 8 GiB of memory, 100 GiB of disk.
+fn four_cpus() -> pb::Resources {
+    pb::Resources {
+        vcpus: 4,
+        memory_bytes: 8 * GI,
+        disk_bytes: 100 * GI,
     }
 }
 
