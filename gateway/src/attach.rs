@@ -14,6 +14,7 @@ use wrenn_proto::guest::v1 as gpb;
 
 use crate::channel::Protocol;
 use crate::exec::Started;
+use crate::locate::Target;
 use crate::processes::plan_process_refusal;
 use crate::query::{flag, form_decode};
 use crate::route::{Reason, Refusal};
@@ -98,16 +99,17 @@ pub fn parse_options(query: &str) -> Result<AttachOptions, Refusal> {
     Ok(o)
 }
 
-/// Opens the process's output stream (replay, then follow) in capsule
-/// `uid`, before the upgrade is answered: an unknown process is refused
-/// with an HTTP status naming it.
+/// Opens the process's output stream (replay, then follow) in the capsule
+/// `target`, before the upgrade is answered: an unknown process is
+/// refused with an HTTP status naming it.
 pub async fn start(
     channel: Channel,
     capsule: &str,
-    uid: &str,
+    target: &Target,
     options: AttachOptions,
     protocol: Protocol,
 ) -> Result<Started, Refusal> {
+    let uid = target.uid.as_str();
     let label = options.label();
     let out = NodeAgentClient::new(channel)
         .attach_process(pb::AttachProcessRequest {

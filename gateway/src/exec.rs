@@ -29,6 +29,7 @@ use crate::channel::{
     ClientFrame, Socket, build_exit_status, build_failure_status, framed, number, parse_frame,
     send_final_status,
 };
+use crate::locate::Target;
 use crate::query::{flag, form_decode, form_encode};
 use crate::route::{Reason, Refusal, plan_agent_refusal};
 
@@ -271,14 +272,15 @@ impl Started {
     }
 }
 
-/// Starts the command in capsule `uid` through the agent.
+/// Starts the command in the capsule `target` through its agent.
 pub async fn start(
     channel: Channel,
     capsule: &str,
-    uid: &str,
+    target: &Target,
     options: ExecOptions,
     protocol: Protocol,
 ) -> Result<Started, Refusal> {
+    let uid = target.uid.as_str();
     let mut agent = NodeAgentClient::new(channel);
     let refused = |s: tonic::Status| plan_agent_refusal(capsule, &s);
     if options.tty {

@@ -50,26 +50,25 @@ pub trait Upgrade {
 /// One unit type per subresource; each impl only names its module's
 /// functions, so the three cannot drift apart in how they are wired.
 macro_rules! channel_upgrade {
-    ($(#[$doc:meta] $name:ident($what:literal, $options:ty, $opened:ty): $parse:path, $bridge:path,
-        |$channel:ident, $capsule:ident, $target:ident, $options_:ident, $protocol:ident| $open:expr;)*) => {$(
+    ($(#[$doc:meta] $name:ident($what:literal) => $module:ident::{$options:ident, $parse:ident, $open:ident}, $opened:ty, $bridge:path;)*) => {$(
         #[$doc]
         #[derive(Debug)]
         pub struct $name;
         impl Upgrade for $name {
-            type Options = $options;
+            type Options = $module::$options;
             type Opened = $opened;
             const WHAT: &'static str = $what;
             fn parse(query: &str) -> Result<Self::Options, Refusal> {
-                $parse(query)
+                $module::$parse(query)
             }
             fn open(
-                $channel: Channel,
-                $capsule: &str,
-                $target: &Target,
-                $options_: Self::Options,
-                $protocol: Protocol,
+                channel: Channel,
+                capsule: &str,
+                target: &Target,
+                options: Self::Options,
+                protocol: Protocol,
             ) -> impl Future<Output = Result<Self::Opened, Refusal>> + Send {
-                $open
+                $module::$open(channel, capsule, target, options, protocol)
             }
             fn bridge(ws: Socket, opened: Self::Opened) -> impl Future<Output = ()> + Send {
                 $bridge(ws, opened)
@@ -80,14 +79,11 @@ macro_rules! channel_upgrade {
 
 channel_upgrade! {
     /// `capsules/exec`.
-    Exec("exec", exec::ExecOptions, exec::Started): exec::parse_options, exec::bridge,
-        |channel, capsule, target, options, protocol| exec::start(channel, capsule, &target.uid, options, protocol);
+    Exec("exec") => exec::{ExecOptions, parse_options, start}, exec::Started, exec::bridge;
     /// `capsules/attach`.
-    Attach("attach", attach::AttachOptions, exec::Started): attach::parse_options, exec::bridge,
-        |channel, capsule, target, options, protocol| attach::start(channel, capsule, &target.uid, options, protocol);
+    Attach("attach") => attach::{AttachOptions, parse_options, start}, exec::Started, exec::bridge;
     /// `capsules/portforward`.
-    PortForward("portforward", portforward::ForwardOptions, portforward::Opened): portforward::parse_options, portforward::bridge,
-        |channel, capsule, target, options, protocol| portforward::open(channel, capsule, target, options, protocol);
+    PortForward("portforward") => portforward::{ForwardOptions, parse_options, open}, portforward::Opened, portforward::bridge;
 }
 
 /// Whether the request asks for a WebSocket.
