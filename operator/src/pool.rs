@@ -217,8 +217,8 @@ impl AgentPool {
     }
 
     /// True once the agent list is complete and every agent on it has
-    /// synced at least once, or `grace` passed since start: placing before then could duplicate a VM that an
-    /// agent not yet listed already holds.
+    /// synced at least once, or `grace` passed since start: placing before
+    /// then could duplicate a VM that an agent not yet listed already holds.
     pub fn settled(&self, grace: Duration) -> bool {
         self.inner.started.elapsed() >= grace
             || (self.inner.discovered.load(Ordering::Acquire)

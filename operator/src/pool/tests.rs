@@ -34,8 +34,8 @@ async fn placement_waits_for_the_agent_list_not_only_for_the_agents_on_it() {
     let connector = Arc::new(FakeConnector::default());
     let agent = FakeNodeAgent::new("node-a", four_cpus(), Duration::ZERO);
     connector.add(agent.clone());
-    let grace = Duration::from_secs(3600);
-    let (pool, _streams) = AgentPool::new(connector, grace);
+    let (grace, refresh) = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let (pool, _streams) = AgentPool::new(connector, refresh);
     assert!(!pool.settled(grace), "no agent listed yet");
     pool.upsert("node-a", "127.0.0.1:1".parse().unwrap());
     pool.discovered();
@@ -45,7 +45,7 @@ async fn placement_waits_for_the_agent_list_not_only_for_the_agents_on_it() {
     .await;
     assert_eq!(pool.ready_nodes(), vec!["node-a".to_string()]);
 
-    let (empty, _streams) = AgentPool::new(Arc::new(FakeConnector::default()), grace);
+    let (empty, _streams) = AgentPool::new(Arc::new(FakeConnector::default()), refresh);
     empty.discovered();
     assert!(
         empty.settled(grace),
