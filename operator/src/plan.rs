@@ -299,8 +299,9 @@ pub fn plan_requeue(requeue: Requeue, expiry: Expiry, usage: Duration) -> Durati
 }
 
 /// The status once placement chose `node` (the [`NodeAction::Place`]
-/// plan's status with `Scheduled` true). Written before the VM is created:
-/// after a crash the next reconcile creates on this node, never another.
+/// plan's status with `Scheduled` true). It rides on the status the
+/// create ends in, or is written alone when the create fails, so that the
+/// retry creates on this node, never another.
 pub fn plan_placed(f: &Facts<'_>, node: &str) -> StatusDraft {
     let mut draft = placing(f);
     draft.phase = CapsulePhase::Scheduled;

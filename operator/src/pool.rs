@@ -301,6 +301,16 @@ impl AgentPool {
             .insert(uid.to_string(), (node.to_string(), r));
     }
 
+    /// The node reserved for `uid` whose agent does not count it yet.
+    pub fn reserved(&self, uid: &str) -> Option<String> {
+        self.inner
+            .placements
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .map(|(node, _)| node.clone())
+    }
+
     /// Drops a placement (the capsule is gone).
     pub fn release(&self, uid: &str) {
         self.inner

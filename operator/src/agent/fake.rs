@@ -31,6 +31,7 @@ struct State {
     calls: Vec<Recorded>,
     down: bool,
     refuse_network: bool,
+    refuse_creates: bool,
     sequence: u64,
     created: BTreeSet<String>,
     quarantined: Vec<pb::QuarantinedCapsule>,
@@ -287,6 +288,13 @@ impl FakeNodeAgent {
         lock(&self.state).refuse_network = refuse;
     }
 
+    /// Makes `CreateCapsule` fail Unavailable (as an agent that lost its
+    /// disk or answers too late) while its stream stays up, until called
+    /// again with `false`.
+    pub fn refuse_creates(&self, refuse: bool) {
+        lock(&self.state).refuse_creates = refuse;
+    }
+
     /// Takes the agent down (calls fail, streams end) or brings it back.
     pub fn set_down(&self, down: bool) {
         lock(&self.state).down = down;
@@ -451,6 +459,13 @@ impl NodeAgent for Handle {
             let mut st = a.enter("CreateCapsule", &req.uid)?;
             if let Some(c) = st.capsules.get(&req.uid) {
                 return Ok(c.clone());
+            }
+            if st.refuse_creates {
+                return Err(Error::Call {
+                    call: "CreateCapsule",
+                    node: a.node.clone(),
+                    status: tonic::Status::unavailable("create capsule: disk busy"),
+                });
             }
             let target = match pb::CapsuleState::try_from(req.initial_state) {
                 Ok(pb::CapsuleState::Paused) => pb::CapsuleState::Paused,

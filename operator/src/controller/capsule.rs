@@ -287,10 +287,13 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
     let src = validate_source(cap, ns, fetched).map_err(|NoUid| Error::MissingMetadata)?;
     let current = ctx.capsule_status(&uid, cap.status.as_ref());
     let mut known = Known {
+        // A placement not yet shown in the status (see `Writer::hold`)
+        // pins the capsule to its node through the reservation.
         node: current
             .as_ref()
             .and_then(|s| s.node_name.clone())
-            .or_else(|| ctx.pool.find(&uid)),
+            .or_else(|| ctx.pool.find(&uid))
+            .or_else(|| ctx.pool.reserved(&uid)),
         phase: current.as_ref().and_then(|s| s.phase),
         fresh: None,
     };
@@ -302,8 +305,19 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
         uid: uid.clone(),
         current,
         announced: Vec::new(),
+        held: None,
     };
-    let passes = passes(ns, ctx, &src, &mut known, &mut w, expiry, &network).await;
+    let mut passes = passes(ns, ctx, &src, &mut known, &mut w, expiry, &network).await;
+    // A placement no later write carried (the create failed) is shown now.
+    if let Err(err) = w.write_held(ctx).await {
+        match passes {
+            Ok(_) => passes = Err(err),
+            Err(_) => tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                "write the placement of a failed reconcile"
+            ),
+        }
+    }
     w.flush(ctx).await;
     // Published ports follow what the node reports; while nothing is known
     // (agent not synced, e.g. just after an operator restart) they stay as
@@ -450,7 +464,8 @@ impl Pass<'_> {
         Ok(Next::Requeue(self.plan.requeue()))
     }
 
-    /// Chooses a node and records it before anything is created there.
+    /// Chooses a node and reserves it; the status shows it with the
+    /// create's outcome (see `Writer::hold`).
     #[tracing::instrument(name = "capsule.place", skip_all)]
     async fn place(&self, w: &mut Writer<'_>, facts: &Facts<'_>) -> Result<Next, Error> {
         let ctx = self.ctx;
@@ -487,8 +502,11 @@ impl Pass<'_> {
         match decided {
             Ok(chosen) => {
                 ctx.pool.reserve(&w.uid, &chosen, self.src.resources);
-                let draft = plan_placed(facts, &chosen);
-                w.write(ctx, &draft, Some(self.src.resources)).await?;
+                w.hold(
+                    ctx,
+                    plan_placed(facts, &chosen),
+                    Some(self.src.resources),
+                );
                 Ok(Next::Placed(chosen))
             }
             Err(why) => {

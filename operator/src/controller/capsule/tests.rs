@@ -59,8 +59,11 @@ fn event(reason: &'static str) -> impl Fn(&Value) + Send {
     move |body| assert_eq!(body["reason"], reason, "{body:#}")
 }
 
+/// Placement is not written on its own: the create follows at once, and
+/// the status it ends in (Creating) carries the node and the Scheduled
+/// condition, so the capsule is written once on its way to Creating.
 #[tokio::test]
-async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
+async fn a_new_capsule_is_placed_created_then_recorded_in_one_write() {
     let node = agent("node-a", 4);
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
@@ -71,17 +74,10 @@ async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
             |body| {
-                phase_is("Scheduled")(body);
+                phase_is("Creating")(body);
                 assert_eq!(body["status"]["nodeName"], "node-a");
                 assert_eq!(condition(body, "Scheduled")["reason"], "Placed");
-            },
-            ok(cap.clone()),
-        )
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            |body| {
-                phase_is("Creating")(body);
+                assert_eq!(condition(body, "Scheduled")["status"], "True");
                 assert_eq!(body["status"]["resources"]["vcpus"], 1);
             },
             ok(cap.clone()),
@@ -93,6 +89,102 @@ async fn a_new_capsule_is_placed_recorded_then_created_in_one_reconcile() {
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+/// A create the node fails does not lose the placement: the reconcile
+/// writes it (Scheduled, with the node) before it backs off, and the retry
+/// creates on the same node, even when the status it starts from is stale
+/// and another node has room.
+#[tokio::test]
+async fn a_failed_create_shows_the_placement_and_is_retried_on_the_same_node() {
+    let (a, b) = (agent("node-a", 4), agent("node-b", 4));
+    let (pool, _streams) = pool(&[a.clone(), b.clone()]).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    a.refuse_creates(true);
+    b.refuse_creates(true);
+    let status = format!("{CAPSULES}/c1/status?{SSA}");
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &status,
+            |body| {
+                phase_is("Scheduled")(body);
+                assert_eq!(condition(body, "Scheduled")["reason"], "Placed");
+                assert!(body["status"]["nodeName"].is_string(), "{body:#}");
+            },
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+    let ctx = context(&server, pool);
+    let err = reconcile(Arc::new(cap.clone()), ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "agent", "{err:?}");
+    server.done();
+    let calls = [a.work_calls(), b.work_calls()];
+    let placed = calls.iter().position(|c| !c.is_empty()).unwrap();
+    assert_eq!(calls[placed], vec![("CreateCapsule", "u1".into())]);
+    assert!(calls[1 - placed].is_empty(), "{calls:?}");
+
+    a.refuse_creates(false);
+    b.refuse_creates(false);
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(Method::PATCH, &status, phase_is("Creating"), ok(cap.clone()));
+    // The same stale object: only the operator knows where it placed it.
+    reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    let calls = [a.work_calls(), b.work_calls()];
+    assert_eq!(calls[placed].len(), 2, "{calls:?}");
+    assert!(calls[1 - placed].is_empty(), "{calls:?}");
+}
+
+/// When the API server also fails the placement's write, the operator's
+/// reservation alone keeps the retry on the node it chose.
+#[tokio::test]
+async fn a_placement_the_api_server_did_not_take_still_pins_the_retry() {
+    let (a, b) = (agent("node-a", 4), agent("node-b", 4));
+    let (pool, _streams) = pool(&[a.clone(), b.clone()]).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    a.refuse_creates(true);
+    b.refuse_creates(true);
+    let status = format!("{CAPSULES}/c1/status?{SSA}");
+    let unavailable = Reply::Json(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "etcd unavailable", "reason": "ServiceUnavailable", "code": 503}),
+    );
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(Method::PATCH, &status, phase_is("Scheduled"), unavailable)
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+    let ctx = context(&server, pool);
+    reconcile(Arc::new(cap.clone()), ctx.clone())
+        .await
+        .unwrap_err();
+    server.done();
+    let placed = if a.work_calls().is_empty() { &b } else { &a };
+    a.refuse_creates(false);
+    b.refuse_creates(false);
+    let node = if Arc::ptr_eq(placed, &a) { "node-a" } else { "node-b" };
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &status,
+            move |body| {
+                phase_is("Creating")(body);
+                assert_eq!(body["status"]["nodeName"], node);
+            },
+            ok(cap.clone()),
+        );
+    reconcile(Arc::new(cap), ctx).await.unwrap();
+    server.done();
+    assert_eq!(placed.work_calls().len(), 2);
+    assert_eq!(a.work_calls().len() + b.work_calls().len(), 2);
 }
 
 /// A VM that finishes booting while its Creating status is being written
@@ -118,7 +210,6 @@ async fn a_boot_that_ends_during_the_creating_write_is_shown_running_at_once() {
     server.expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
     // The Creating write is answered only once the agent has reported the boot.
     let writes = [
-        ("Scheduled", ok(cap.clone())),
         (
             "Creating",
             Reply::When(release, serde_json::to_value(&cap).unwrap()),
@@ -202,12 +293,6 @@ async fn a_stale_cached_capsule_is_not_placed_or_written_twice() {
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Scheduled"),
-            ok(cap.clone()),
-        )
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
             phase_is("Creating"),
             ok(cap.clone()),
         )
@@ -253,15 +338,9 @@ async fn a_warm_snapshot_newer_than_the_last_node_info_is_placed_at_once() {
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
             |body| {
-                phase_is("Scheduled")(body);
+                phase_is("Creating")(body);
                 assert_eq!(body["status"]["nodeName"], "node-a");
             },
-            ok(cap.clone()),
-        )
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Creating"),
             ok(cap.clone()),
         )
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);

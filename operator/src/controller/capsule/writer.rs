@@ -1,7 +1,8 @@
 //! The one writer of a Capsule's status during a reconcile: a status equal
-//! to the current one is not written, a phase change is announced as an
-//! Event once the reconcile's node work is done, and `status.usage` is
-//! refreshed from the agent's metrics.
+//! to the current one is not written, a placement is held back to ride on
+//! the next write, a phase change is announced as an Event once the
+//! reconcile's node work is done, and `status.usage` is refreshed from the
+//! agent's metrics.
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
@@ -29,6 +30,8 @@ pub(super) struct Writer<'a> {
     pub(super) current: Option<CapsuleStatus>,
     /// Events of the phases written, published by [`Writer::flush`].
     pub(super) announced: Vec<(EventType, Reason, String)>,
+    /// A placement not written yet (see [`Writer::hold`]).
+    pub(super) held: Option<(StatusDraft, Option<Resources>)>,
 }
 
 impl Writer<'_> {
@@ -63,6 +66,39 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Holds a placement back instead of writing it: the create that
+    /// follows at once ends in a status carrying the node anyway, so
+    /// writing `Scheduled` first would cost every capsule a write and one
+    /// API round trip on its way to Running. Its Event is queued now. A
+    /// reconcile that fails before its next write writes the placement
+    /// with [`Writer::write_held`], so a capsule whose node does not answer
+    /// shows where it waits and is retried there; the operator's own
+    /// reservation pins it meanwhile, and after an operator restart the
+    /// agents' lists do.
+    pub(super) fn hold(&mut self, ctx: &Context, draft: StatusDraft, resources: Option<Resources>) {
+        let before = self.current.as_ref().and_then(|s| s.phase);
+        self.announce(ctx, before, &draft);
+        self.held = Some((draft, resources));
+    }
+
+    /// Writes the held placement, if no status was written since it was
+    /// held.
+    pub(super) async fn write_held(&mut self, ctx: &Context) -> Result<(), Error> {
+        let Some((draft, resources)) = self.held.take() else {
+            return Ok(());
+        };
+        let next = build_capsule_status(
+            &draft,
+            self.current.as_ref(),
+            self.cap.meta().generation,
+            resources,
+            Timestamp::now(),
+        );
+        self.put(ctx, next)
+            .instrument(tracing::info_span!("capsule.write_status"))
+            .await
+    }
+
     /// Publishes the Events of the phases written. Called once the
     /// reconcile's node work is done, failed or not: an Event is a write
     /// too, and publishing `Scheduled` before the create would hold the
@@ -82,6 +118,7 @@ impl Writer<'_> {
             .await
             .map_err(Error::Status)?;
         ctx.wrote_status(&self.uid, &next);
+        self.held = None;
         ctx.metrics
             .status_writes
             .get_or_create(&KindLabels { kind: "Capsule" })
