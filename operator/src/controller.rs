@@ -3,6 +3,7 @@
 //! backoff of failed reconciles.
 
 pub mod capsule;
+mod events;
 pub mod snapshot;
 pub mod template;
 
@@ -21,6 +22,7 @@ use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 
 use crate::metrics::{ErrorLabels, KindLabels, Metrics};
 use crate::pool::AgentPool;
+pub use events::EventQueue;
 
 /// Tunables of the controllers (flags in `main`).
 #[derive(Clone, Debug)]
@@ -80,6 +82,8 @@ pub struct Context {
     pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Capsule phase Events, published beside the reconciles.
+    pub events: EventQueue,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Tunables.
@@ -150,6 +154,7 @@ impl Parts {
             snapshots: kube::runtime::reflector::store().0,
             pods: kube::runtime::reflector::store().0,
             namespaces: kube::runtime::reflector::store().0,
+            events: EventQueue::start(recorder.clone()),
             recorder,
             metrics: self.metrics,
             settings: self.settings,

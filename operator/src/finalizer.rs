@@ -5,7 +5,8 @@
 //! but every write under the `wrenn-operator` field manager, which kube's
 //! helper does not name. Adding and removing are merge patches carrying
 //! the object's `resourceVersion`, so a concurrent change of the list
-//! fails with a conflict and is retried instead of being overwritten.
+//! fails with a conflict instead of being overwritten; an add that
+//! conflicts reads the object again and goes on when the finalizer is on.
 
 use std::sync::Arc;
 
@@ -63,6 +64,11 @@ fn build_patch<K: Resource>(obj: &K, list: Vec<String>) -> serde_json::Value {
     })
 }
 
+/// The write lost to a change of the object since it was read.
+fn is_conflict(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(s) if s.code == 409)
+}
+
 /// Runs `reconcile` inside the finalizer.
 pub async fn finalizer<K, F, Fut, E>(
     api: &Api<K>,
@@ -103,7 +109,7 @@ where
         (false, false) => {
             let mut list = obj.finalizers().to_vec();
             list.push(FINALIZER.to_string());
-            let patched = api
+            let patched = match api
                 .patch(
                     &obj.name_any(),
                     &params(),
@@ -111,7 +117,25 @@ where
                 )
                 .instrument(tracing::info_span!("finalizer.add"))
                 .await
-                .map_err(Error::AddFinalizer)?;
+            {
+                Ok(patched) => patched,
+                Err(err) if is_conflict(&err) => {
+                    // Most often this process's own add, which the cached
+                    // object does not show yet (a reconcile queued behind
+                    // the one that added it): read it rather than back off.
+                    let fresh = api
+                        .get(&obj.name_any())
+                        .instrument(tracing::info_span!("finalizer.reread"))
+                        .await
+                        .map_err(Error::AddFinalizer)?;
+                    let on = fresh.finalizers().iter().any(|f| f == FINALIZER);
+                    if !on || fresh.meta().deletion_timestamp.is_some() {
+                        return Err(Error::AddFinalizer(err));
+                    }
+                    fresh
+                }
+                Err(err) => return Err(Error::AddFinalizer(err)),
+            };
             // Apply at once on the object the write returned: waiting for
             // the write to come back through the watch would cost a whole
             // reconcile round trip on every create.

@@ -15,6 +15,7 @@ use kube::{Resource, ResourceExt};
 use tracing::Instrument;
 use wrenn_crds::Capsule;
 use wrenn_crds::capsule::{CapsulePhase, OperatingMode};
+use wrenn_crds::names::FINALIZER;
 use wrenn_crds::reason::Reason;
 use wrenn_proto::agent::v1 as pb;
 
@@ -177,12 +178,32 @@ fn placed(store: &Store<Capsule>, except: &str) -> Vec<(String, String, Resource
         .collect()
 }
 
+/// The capsule with the finalizer this process put on it, when the cached
+/// object does not show it yet: an agent's report can trigger a reconcile
+/// before the watch brings back the finalizer's write, and adding it again
+/// from the stale version would only conflict. A status written by this
+/// process proves it: statuses are written only while the finalizer is on,
+/// and cleanup forgets them before it comes off.
+fn with_own_finalizer(cap: Arc<Capsule>, ctx: &Context) -> Arc<Capsule> {
+    let on = cap.finalizers().iter().any(|f| f == FINALIZER);
+    let known = cap
+        .uid()
+        .is_some_and(|uid| ctx.capsule_status(&uid, None).is_some());
+    if on || !known || cap.meta().deletion_timestamp.is_some() {
+        return cap;
+    }
+    let mut own = (*cap).clone();
+    own.finalizers_mut().push(FINALIZER.to_string());
+    Arc::new(own)
+}
+
 /// One reconcile of a Capsule, wrapped in its finalizer.
 #[tracing::instrument(name = "capsule.reconcile", skip_all, fields(capsule = %cap.name_any(), namespace = cap.namespace().unwrap_or_default(), uid = cap.uid().unwrap_or_default()))]
 pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = cap.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<Capsule> = Api::namespaced(ctx.client.clone(), &ns);
+    let cap = with_own_finalizer(cap, &ctx);
     let result = finalizer(&api, cap, |ev| async {
         match ev {
             Finalizer::Apply(c) => apply(&c, &ns, &ctx).await,
@@ -318,7 +339,7 @@ async fn apply(cap: &Capsule, ns: &str, ctx: &Context) -> Result<Action, Error> 
             ),
         }
     }
-    w.flush(ctx).await;
+    w.flush(ctx);
     // Published ports follow what the node reports; while nothing is known
     // (agent not synced, e.g. just after an operator restart) they stay as
     // they are rather than lose their endpoint.
@@ -502,11 +523,7 @@ impl Pass<'_> {
         match decided {
             Ok(chosen) => {
                 ctx.pool.reserve(&w.uid, &chosen, self.src.resources);
-                w.hold(
-                    ctx,
-                    plan_placed(facts, &chosen),
-                    Some(self.src.resources),
-                );
+                w.hold(ctx, plan_placed(facts, &chosen), Some(self.src.resources));
                 Ok(Next::Placed(chosen))
             }
             Err(why) => {

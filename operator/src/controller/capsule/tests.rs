@@ -59,6 +59,13 @@ fn event(reason: &'static str) -> impl Fn(&Value) + Send {
     move |body| assert_eq!(body["reason"], reason, "{body:#}")
 }
 
+/// One reconcile, and the Events it queued published.
+async fn reconciled(cap: &Capsule, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let result = reconcile(Arc::new(cap.clone()), ctx.clone()).await;
+    ctx.events.idle().await;
+    result
+}
+
 /// Placement is not written on its own: the create follows at once, and
 /// the status it ends in (Creating) carries the node and the Scheduled
 /// condition, so the capsule is written once on its way to Creating.
@@ -85,7 +92,7 @@ async fn a_new_capsule_is_placed_created_then_recorded_in_one_write() {
         // The Event once the node work is done: it is not on the way to Running.
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
     let ctx = context(&server, pool);
-    let action = reconcile(Arc::new(cap), ctx).await.unwrap();
+    let action = reconciled(&cap, &ctx).await.unwrap();
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
@@ -118,9 +125,7 @@ async fn a_failed_create_shows_the_placement_and_is_retried_on_the_same_node() {
         )
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
     let ctx = context(&server, pool);
-    let err = reconcile(Arc::new(cap.clone()), ctx.clone())
-        .await
-        .unwrap_err();
+    let err = reconciled(&cap, &ctx).await.unwrap_err();
     assert_eq!(err.category(), "agent", "{err:?}");
     server.done();
     let calls = [a.work_calls(), b.work_calls()];
@@ -132,9 +137,14 @@ async fn a_failed_create_shows_the_placement_and_is_retried_on_the_same_node() {
     b.refuse_creates(false);
     server
         .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(Method::PATCH, &status, phase_is("Creating"), ok(cap.clone()));
+        .expect(
+            Method::PATCH,
+            &status,
+            phase_is("Creating"),
+            ok(cap.clone()),
+        );
     // The same stale object: only the operator knows where it placed it.
-    reconcile(Arc::new(cap), ctx).await.unwrap();
+    reconciled(&cap, &ctx).await.unwrap();
     server.done();
     let calls = [a.work_calls(), b.work_calls()];
     assert_eq!(calls[placed].len(), 2, "{calls:?}");
@@ -162,14 +172,16 @@ async fn a_placement_the_api_server_did_not_take_still_pins_the_retry() {
         .expect(Method::PATCH, &status, phase_is("Scheduled"), unavailable)
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
     let ctx = context(&server, pool);
-    reconcile(Arc::new(cap.clone()), ctx.clone())
-        .await
-        .unwrap_err();
+    reconciled(&cap, &ctx).await.unwrap_err();
     server.done();
     let placed = if a.work_calls().is_empty() { &b } else { &a };
     a.refuse_creates(false);
     b.refuse_creates(false);
-    let node = if Arc::ptr_eq(placed, &a) { "node-a" } else { "node-b" };
+    let node = if Arc::ptr_eq(placed, &a) {
+        "node-a"
+    } else {
+        "node-b"
+    };
     server
         .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
         .expect(
@@ -181,7 +193,7 @@ async fn a_placement_the_api_server_did_not_take_still_pins_the_retry() {
             },
             ok(cap.clone()),
         );
-    reconcile(Arc::new(cap), ctx).await.unwrap();
+    reconciled(&cap, &ctx).await.unwrap();
     server.done();
     assert_eq!(placed.work_calls().len(), 2);
     assert_eq!(a.work_calls().len() + b.work_calls().len(), 2);
@@ -223,6 +235,7 @@ async fn a_boot_that_ends_during_the_creating_write_is_shown_running_at_once() {
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
         .expect(Method::POST, EVENTS, event("Running"), Reply::Echo);
     let ctx = context(&server, pool.clone());
+    let events = ctx.events.clone();
     let reconciled = tokio::spawn(reconcile(Arc::new(cap), ctx));
     wrenn_testkit::eventually(Duration::from_secs(10), "the boot never reported", || {
         pool.reported("node-a", "u1")
@@ -231,6 +244,7 @@ async fn a_boot_that_ends_during_the_creating_write_is_shown_running_at_once() {
     .await;
     booted.send(()).unwrap();
     let action = reconciled.await.unwrap().unwrap();
+    events.idle().await;
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
@@ -271,9 +285,7 @@ async fn the_finalizer_goes_on_first_under_the_operators_field_manager_then_the_
             },
             ok(with_finalizer),
         );
-    let action = reconcile(Arc::new(cap), context(&server, pool))
-        .await
-        .unwrap();
+    let action = reconciled(&cap, &context(&server, pool)).await.unwrap();
     server.done();
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }
@@ -300,8 +312,8 @@ async fn a_stale_cached_capsule_is_not_placed_or_written_twice() {
         // The second reconcile: the same (stale) object, no status on it.
         .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
     let ctx = context(&server, pool);
-    reconcile(Arc::new(cap.clone()), ctx.clone()).await.unwrap();
-    reconcile(Arc::new(cap), ctx).await.unwrap();
+    reconciled(&cap, &ctx).await.unwrap();
+    reconciled(&cap, &ctx).await.unwrap();
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }
@@ -344,9 +356,7 @@ async fn a_warm_snapshot_newer_than_the_last_node_info_is_placed_at_once() {
             ok(cap.clone()),
         )
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
-    reconcile(Arc::new(cap), context(&server, pool))
-        .await
-        .unwrap();
+    reconciled(&cap, &context(&server, pool)).await.unwrap();
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }
@@ -370,7 +380,7 @@ async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
         )
         .expect(Method::POST, EVENTS, event("FailedScheduling"), Reply::Echo);
     let ctx = context(&server, pool);
-    let action = reconcile(Arc::new(cap), ctx).await.unwrap();
+    let action = reconciled(&cap, &ctx).await.unwrap();
     server.done();
     assert!(node.work_calls().is_empty());
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
@@ -399,7 +409,7 @@ async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
             ok(cap.clone()),
         );
     let ctx = context(&server, pool);
-    reconcile(Arc::new(cap), ctx).await.unwrap();
+    reconciled(&cap, &ctx).await.unwrap();
     server.done();
     assert!(node.work_calls().is_empty());
 }
@@ -432,8 +442,123 @@ async fn a_shown_status_is_not_written_again() {
     let written = build_capsule_status(&draft, None, Some(1), None, Timestamp::now());
     let mut cap = capsule(None);
     cap.status = Some(serde_json::from_value(serde_json::to_value(&written).unwrap()).unwrap());
-    reconcile(Arc::new(cap), context(&server, pool))
-        .await
-        .unwrap();
+    reconciled(&cap, &context(&server, pool)).await.unwrap();
     server.done();
+}
+
+/// A phase's Event is published beside the reconcile: one the API server
+/// has not answered yet holds neither the reconcile nor the capsule's way
+/// to Running.
+#[tokio::test]
+async fn a_reconcile_does_not_wait_for_its_events() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(cap.clone()),
+        )
+        .expect(
+            Method::POST,
+            EVENTS,
+            event("Scheduled"),
+            Reply::When(answered, serde_json::json!({})),
+        );
+    let ctx = context(&server, pool);
+    let action = tokio::time::timeout(
+        Duration::from_secs(5),
+        reconcile(Arc::new(cap), ctx.clone()),
+    )
+    .await
+    .expect("the reconcile waited for its Event")
+    .unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    answer.send(()).unwrap();
+    ctx.events.idle().await;
+    server.done();
+}
+
+/// An agent's report can trigger a reconcile before the watch brings back
+/// the finalizer this process just added. That reconcile goes on from the
+/// status it wrote instead of adding the finalizer again from the stale
+/// version (a conflict, then a backoff on the way to Running).
+#[tokio::test]
+async fn a_reconcile_ahead_of_the_watch_does_not_add_the_finalizer_again() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let with_finalizer = capsule(None);
+    let mut stale = with_finalizer.clone();
+    stale.metadata.finalizers = None;
+    stale.metadata.resource_version = Some("7".into());
+    server
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1?{SSA}"),
+            |body| assert_eq!(body["metadata"]["finalizers"][0], FINALIZER),
+            ok(with_finalizer.clone()),
+        )
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(with_finalizer.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        // The second reconcile, from the same stale object: reads its
+        // source, writes nothing.
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    let ctx = context(&server, pool);
+    reconciled(&stale, &ctx).await.unwrap();
+    reconciled(&stale, &ctx).await.unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+}
+
+/// After an operator restart nothing proves the finalizer is on: an add
+/// that conflicts reads the object again and goes on when it is there.
+#[tokio::test]
+async fn a_conflicting_finalizer_add_reads_the_object_and_goes_on() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let with_finalizer = capsule(None);
+    let mut stale = with_finalizer.clone();
+    stale.metadata.finalizers = None;
+    let conflict = Reply::Json(
+        http::StatusCode::CONFLICT,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "the object has been modified", "reason": "Conflict", "code": 409}),
+    );
+    server
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1?{SSA}"),
+            |_| {},
+            conflict,
+        )
+        .expect(
+            Method::GET,
+            &format!("{CAPSULES}/c1"),
+            |_| {},
+            ok(with_finalizer.clone()),
+        )
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(with_finalizer),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+    reconciled(&stale, &context(&server, pool)).await.unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }

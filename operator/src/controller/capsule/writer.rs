@@ -99,15 +99,13 @@ impl Writer<'_> {
             .await
     }
 
-    /// Publishes the Events of the phases written. Called once the
-    /// reconcile's node work is done, failed or not: an Event is a write
-    /// too, and publishing `Scheduled` before the create would hold the
-    /// capsule's way to Running up by one API round trip.
-    pub(super) async fn flush(&mut self, ctx: &Context) {
+    /// Queues the Events of the phases written, once the reconcile's node
+    /// work is done, failed or not: publishing `Scheduled` before the
+    /// create would still compete with it for the API server.
+    pub(super) fn flush(&mut self, ctx: &Context) {
         for (type_, reason, note) in std::mem::take(&mut self.announced) {
-            ctx.event(&self.cap.object_ref(&()), type_, reason, note)
-                .instrument(tracing::info_span!("capsule.publish_event"))
-                .await;
+            ctx.events
+                .push(self.cap.object_ref(&()), type_, reason, note);
         }
     }
 
