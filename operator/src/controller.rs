@@ -94,6 +94,10 @@ pub struct Context {
     /// a cached object, which may not have seen that write yet: deciding
     /// on the cache alone would place twice or write a status again.
     written: Mutex<HashMap<String, CapsuleStatus>>,
+    /// By capsule UID, the resourceVersion this process added the
+    /// finalizer over: a cached object still at that version is stale,
+    /// not without the finalizer.
+    finalized_over: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -160,6 +164,7 @@ impl Parts {
             settings: self.settings,
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
+            finalized_over: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -266,12 +271,35 @@ impl Context {
             .insert(uid.to_string(), status.clone());
     }
 
-    /// Forgets the capsule's written status (it is being deleted).
+    /// Forgets what this process wrote of the capsule (it is being
+    /// deleted).
     pub fn forget_status(&self, uid: &str) {
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
+        self.finalized_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// Records that this process added the capsule's finalizer over
+    /// `version`.
+    pub fn added_finalizer(&self, uid: &str, version: &str) {
+        self.finalized_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), version.to_string());
+    }
+
+    /// Whether this process added the capsule's finalizer over `version`.
+    pub fn finalized_over(&self, uid: &str, version: &str) -> bool {
+        self.finalized_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .is_some_and(|v| v == version)
     }
 
     /// Exponential backoff per object: 0.5 s doubling to 60 s.

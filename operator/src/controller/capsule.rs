@@ -179,17 +179,17 @@ fn placed(store: &Store<Capsule>, except: &str) -> Vec<(String, String, Resource
 }
 
 /// The capsule with the finalizer this process put on it, when the cached
-/// object does not show it yet: an agent's report can trigger a reconcile
-/// before the watch brings back the finalizer's write, and adding it again
-/// from the stale version would only conflict. A status written by this
-/// process proves it: statuses are written only while the finalizer is on,
-/// and cleanup forgets them before it comes off.
+/// object is the very version the finalizer was added over: an agent's
+/// report can trigger a reconcile before the watch brings back that write,
+/// and adding it again from the stale version would only conflict. A
+/// newer version without it (someone removed it) gets it again.
 fn with_own_finalizer(cap: Arc<Capsule>, ctx: &Context) -> Arc<Capsule> {
     let on = cap.finalizers().iter().any(|f| f == FINALIZER);
-    let known = cap
-        .uid()
-        .is_some_and(|uid| ctx.capsule_status(&uid, None).is_some());
-    if on || !known || cap.meta().deletion_timestamp.is_some() {
+    let stale = match (cap.uid(), cap.resource_version()) {
+        (Some(uid), Some(version)) => ctx.finalized_over(&uid, &version),
+        _ => false,
+    };
+    if on || !stale || cap.meta().deletion_timestamp.is_some() {
         return cap;
     }
     let mut own = (*cap).clone();
@@ -204,9 +204,17 @@ pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, E
     let ns = cap.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<Capsule> = Api::namespaced(ctx.client.clone(), &ns);
     let cap = with_own_finalizer(cap, &ctx);
+    let adds_over = cap
+        .resource_version()
+        .filter(|_| !cap.finalizers().iter().any(|f| f == FINALIZER));
     let result = finalizer(&api, cap, |ev| async {
         match ev {
-            Finalizer::Apply(c) => apply(&c, &ns, &ctx).await,
+            Finalizer::Apply(c) => {
+                if let (Some(version), Some(uid)) = (adds_over, c.uid()) {
+                    ctx.added_finalizer(&uid, &version);
+                }
+                apply(&c, &ns, &ctx).await
+            }
             Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
         }
     })

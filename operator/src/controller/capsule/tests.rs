@@ -562,3 +562,52 @@ async fn a_conflicting_finalizer_add_reads_the_object_and_goes_on() {
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }
+
+/// Only the very version the finalizer was added over counts as stale: a
+/// newer one without it (someone removed it) gets it back before anything
+/// else is done.
+#[tokio::test]
+async fn a_finalizer_removed_by_someone_else_is_put_back() {
+    let node = agent("node-a", 4);
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let mut with_finalizer = capsule(None);
+    with_finalizer.metadata.resource_version = Some("8".into());
+    let mut stale = with_finalizer.clone();
+    stale.metadata.finalizers = None;
+    stale.metadata.resource_version = Some("7".into());
+    let mut removed = stale.clone();
+    removed.metadata.resource_version = Some("9".into());
+    let add = |version: &'static str| {
+        move |body: &Value| {
+            assert_eq!(body["metadata"]["finalizers"][0], FINALIZER);
+            assert_eq!(body["metadata"]["resourceVersion"], version);
+        }
+    };
+    server
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1?{SSA}"),
+            add("7"),
+            ok(with_finalizer.clone()),
+        )
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(with_finalizer.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1?{SSA}"),
+            add("9"),
+            ok(with_finalizer),
+        )
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    let ctx = context(&server, pool);
+    reconciled(&stale, &ctx).await.unwrap();
+    reconciled(&removed, &ctx).await.unwrap();
+    server.done();
+}
