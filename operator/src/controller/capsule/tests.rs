@@ -59,6 +59,21 @@ fn event(reason: &'static str) -> impl Fn(&Value) + Send {
     move |body| assert_eq!(body["reason"], reason, "{body:#}")
 }
 
+/// What a reconcile of a new capsule asks of the API server once the
+/// finalizer is on: its template, the Creating status (answered with
+/// `cap`), then the Scheduled Event.
+fn expect_first_run(server: &ApiServer, cap: &Capsule) {
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            phase_is("Creating"),
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+}
+
 /// One reconcile, and the Events it queued published.
 async fn reconciled(cap: &Capsule, ctx: &Arc<Context>) -> Result<Action, Error> {
     let result = reconcile(Arc::new(cap.clone()), ctx.clone()).await;
@@ -292,28 +307,33 @@ async fn the_finalizer_goes_on_first_under_the_operators_field_manager_then_the_
 
 /// The operator is the only writer of a capsule's status: a reconcile that
 /// starts from a cached object which has not yet seen the operator's own
-/// last write decides on that write, so it neither places the capsule a
-/// second time nor writes the same status again.
+/// last writes decides on those writes. An agent's report can trigger one
+/// before the watch brings back even the finalizer: it neither adds the
+/// finalizer again from the stale version (a conflict, then a backoff on
+/// the way to Running), nor places the capsule a second time, nor writes
+/// the same status again.
 #[tokio::test]
-async fn a_stale_cached_capsule_is_not_placed_or_written_twice() {
+async fn a_stale_cached_capsule_is_not_finalized_placed_or_written_twice() {
     let node = agent("node-a", 4);
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
-    let cap = capsule(None);
-    server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Creating"),
-            ok(cap.clone()),
-        )
-        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
-        // The second reconcile: the same (stale) object, no status on it.
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    let with_finalizer = capsule(None);
+    let mut stale = with_finalizer.clone();
+    stale.metadata.finalizers = None;
+    stale.metadata.resource_version = Some("7".into());
+    server.expect(
+        Method::PATCH,
+        &format!("{CAPSULES}/c1?{SSA}"),
+        |body| assert_eq!(body["metadata"]["finalizers"][0], FINALIZER),
+        ok(with_finalizer.clone()),
+    );
+    expect_first_run(&server, &with_finalizer);
+    // The second reconcile, from the same stale object: reads its source,
+    // writes nothing.
+    server.expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
     let ctx = context(&server, pool);
-    reconciled(&cap, &ctx).await.unwrap();
-    reconciled(&cap, &ctx).await.unwrap();
+    reconciled(&stale, &ctx).await.unwrap();
+    reconciled(&stale, &ctx).await.unwrap();
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
 }
@@ -484,44 +504,6 @@ async fn a_reconcile_does_not_wait_for_its_events() {
     server.done();
 }
 
-/// An agent's report can trigger a reconcile before the watch brings back
-/// the finalizer this process just added. That reconcile goes on from the
-/// status it wrote instead of adding the finalizer again from the stale
-/// version (a conflict, then a backoff on the way to Running).
-#[tokio::test]
-async fn a_reconcile_ahead_of_the_watch_does_not_add_the_finalizer_again() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
-    let with_finalizer = capsule(None);
-    let mut stale = with_finalizer.clone();
-    stale.metadata.finalizers = None;
-    stale.metadata.resource_version = Some("7".into());
-    server
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1?{SSA}"),
-            |body| assert_eq!(body["metadata"]["finalizers"][0], FINALIZER),
-            ok(with_finalizer.clone()),
-        )
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Creating"),
-            ok(with_finalizer.clone()),
-        )
-        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
-        // The second reconcile, from the same stale object: reads its
-        // source, writes nothing.
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
-    let ctx = context(&server, pool);
-    reconciled(&stale, &ctx).await.unwrap();
-    reconciled(&stale, &ctx).await.unwrap();
-    server.done();
-    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
-}
-
 /// After an operator restart nothing proves the finalizer is on: an add
 /// that conflicts reads the object again and goes on when it is there.
 #[tokio::test]
@@ -549,15 +531,8 @@ async fn a_conflicting_finalizer_add_reads_the_object_and_goes_on() {
             &format!("{CAPSULES}/c1"),
             |_| {},
             ok(with_finalizer.clone()),
-        )
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Creating"),
-            ok(with_finalizer),
-        )
-        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+        );
+    expect_first_run(&server, &with_finalizer);
     reconciled(&stale, &context(&server, pool)).await.unwrap();
     server.done();
     assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
@@ -584,21 +559,14 @@ async fn a_finalizer_removed_by_someone_else_is_put_back() {
             assert_eq!(body["metadata"]["resourceVersion"], version);
         }
     };
+    server.expect(
+        Method::PATCH,
+        &format!("{CAPSULES}/c1?{SSA}"),
+        add("7"),
+        ok(with_finalizer.clone()),
+    );
+    expect_first_run(&server, &with_finalizer);
     server
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1?{SSA}"),
-            add("7"),
-            ok(with_finalizer.clone()),
-        )
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Creating"),
-            ok(with_finalizer.clone()),
-        )
-        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1?{SSA}"),
