@@ -269,21 +269,36 @@ async fn run(client: Client, p: Params, stages: Stages) {
         }
     }
     let total = started.elapsed();
+    // The operator publishes Events beside its reconciles, so some trail
+    // Running: count them once their number has not moved for 0.5 s.
     let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
-    let n_events = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Capsule")
-                && e.regarding
-                    .as_ref()
-                    .and_then(|r| r.uid.as_deref())
-                    .is_some_and(burst)
-        })
-        .count();
+    let count_events = || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Capsule")
+                    && e.regarding
+                        .as_ref()
+                        .and_then(|r| r.uid.as_deref())
+                        .is_some_and(burst)
+            })
+            .count()
+    };
+    let mut n_events = count_events().await;
+    let trailing = Instant::now();
+    while trailing.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = count_events().await;
+        if now == n_events {
+            break;
+        }
+        n_events = now;
+    }
+    let trailing = trailing.elapsed();
     let lat: Vec<Duration> = seen
         .running
         .iter()
@@ -301,10 +316,11 @@ async fn run(client: Client, p: Params, stages: Stages) {
     );
     println!("  apply->Running        {}", percentiles(lat));
     println!(
-        "  API writes/capsule    {:.2} ({} object writes + {} events)",
+        "  API writes/capsule    {:.2} ({} object writes + {} events, counted until {} after the last Running)",
         (seen.versions.len() + n_events) as f64 / p.capsules as f64,
         seen.versions.len(),
-        n_events
+        n_events,
+        fmt(trailing)
     );
     let mut shapes: BTreeMap<String, usize> = BTreeMap::new();
     for t in seen.trail.values() {

@@ -1,8 +1,8 @@
 //! Applies objects with a fixed number in flight and times each from its
 //! create call to the first watch event that shows it Ready, counting the
-//! API writes the system under test made meanwhile. The same driver serves
-//! Wrenn and the peer, so both are timed by the same clock, the same watch
-//! and the same client.
+//! API writes the system under test made meanwhile and until its namespace
+//! is quiet again. The same driver serves Wrenn and the peer, so both are
+//! timed by the same clock, the same watch and the same client.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +17,14 @@ use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 
 use crate::bench::figures::Measured;
+
+/// A scenario's writes are counted until none was seen for this long: a
+/// system's trailing writes (Events published after Ready, status
+/// updates) are its own, and must not land in the next scenario's window.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// ... but no longer than this after the last object was Ready.
+const QUIET_AT_MOST: Duration = Duration::from_secs(30);
 
 /// What to apply and when it counts as Ready.
 pub struct Target {
@@ -120,10 +128,33 @@ pub async fn run(client: &Client, ns: &str, target: &Target, load: &Load) -> Res
         created.extend(done.context("worker panicked")??);
     }
     let wall = started.elapsed();
+    let quiet = quiet(&shared).await;
     for w in watches {
         w.abort();
     }
-    Ok(measure(&lock(&shared), &created, target, started, wall))
+    Ok(measure(
+        &lock(&shared),
+        &created,
+        target,
+        started,
+        wall,
+        quiet,
+    ))
+}
+
+/// Waits until no write was seen for [`QUIET`] (at most [`QUIET_AT_MOST`]),
+/// and returns then: the end of the scenario's write window.
+async fn quiet(shared: &Mutex<Shared>) -> Instant {
+    let give_up = Instant::now() + QUIET_AT_MOST;
+    loop {
+        let last = lock(shared).writes.last().map(|w| w.at);
+        let now = Instant::now();
+        let last = last.unwrap_or(now);
+        if now.duration_since(last) >= QUIET || now >= give_up {
+            return now;
+        }
+        tokio::time::sleep(QUIET.saturating_sub(now.duration_since(last))).await;
+    }
 }
 
 /// The objects of `load`, built up front so a worker never calls back into
@@ -245,6 +276,7 @@ fn measure(
     target: &Target,
     started: Instant,
     wall: Duration,
+    quiet: Instant,
 ) -> Measured {
     let mut m = Measured::new(
         created
@@ -259,7 +291,7 @@ fn measure(
         .iter()
         .map(|c| (c.uid.as_str(), c.rv.as_str()))
         .collect();
-    let end = started + wall;
+    let end = quiet.max(started + wall);
     // A watch can repeat an event after a relist: count each version once.
     let mut seen = BTreeSet::new();
     let mut own = 0usize;

@@ -65,8 +65,9 @@ pub struct Measured {
     /// Writes to the measured object itself after its create, up to its
     /// Ready, per object.
     pub own_writes: f64,
-    /// Every write in the namespace during the scenario (status, child
-    /// objects, Events; not the bench's own creates), per object.
+    /// Every write in the namespace during the scenario and until it is
+    /// quiet again (status, child objects, Events; not the bench's own
+    /// creates), per object.
     pub all_writes: f64,
     /// `all_writes` by kind, per object.
     pub writes_by_kind: BTreeMap<String, f64>,

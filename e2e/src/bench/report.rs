@@ -116,9 +116,12 @@ so both figures are pure control-plane overhead.\n\
 Ready, measured by the same driver for both. *In flight*: at most that many \
 objects created and not yet Ready at any time (1 = one after the other).\n\
 - Writes: every object version seen on watches of the namespace during the \
-scenario (the measured kind, child Pods, Services and Sandboxes, Events), \
-except the bench's own creates, per object. *Own* counts only writes to the \
-object itself up to its Ready.\n\
+scenario and after it until no write came for 0.5 s (the measured kind, child \
+Pods, Services and Sandboxes, Events), except the bench's own creates, per \
+object: writes that trail Ready (Wrenn publishes its Events beside its \
+reconciles) count for the system that made them and are done before the next \
+scenario starts. *Own* counts only writes to the object itself up to its \
+Ready.\n\
 - kube-controller-manager, kube-scheduler and kwok run during every scenario, \
 Wrenn's included; the API server is the one `e2e/scripts/control-plane.sh` \
 starts (etcd without fsync).\n";
