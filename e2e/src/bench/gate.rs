@@ -30,8 +30,9 @@ impl Margins {
         write saving stayed within 10% of its median in every round. With 10 \
         or 20 in flight the rounds spread from 0.23× to 2.67× (speedup) and \
         0.97× to 2.08× (writes) under the same load, because the side that \
-        runs second inherits the other's trailing writes, Events and kwok \
-        updates, so concurrency is left to the full run's page and not gated.";
+        ran second inherited the other's trailing writes, Events and kwok \
+        updates (measured before each scenario waited for its namespace to be \
+        quiet), so concurrency is left to the full run's page and not gated.";
 }
 
 impl Default for Margins {
