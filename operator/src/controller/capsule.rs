@@ -207,6 +207,9 @@ pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, E
     let adds_over = cap
         .resource_version()
         .filter(|_| !cap.finalizers().iter().any(|f| f == FINALIZER));
+    // A new capsule's first reconcile is a chain of writes (finalizer,
+    // status): Events yield to it.
+    let _writing = adds_over.as_ref().map(|_| ctx.events.writing());
     let result = finalizer(&api, cap, |ev| async {
         match ev {
             Finalizer::Apply(c) => {

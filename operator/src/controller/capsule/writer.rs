@@ -112,9 +112,11 @@ impl Writer<'_> {
     /// Writes `next` as the status and remembers it as the current one,
     /// here and in the context (the freshest status of the capsule).
     async fn put(&mut self, ctx: &Context, next: CapsuleStatus) -> Result<(), Error> {
+        let writing = ctx.events.writing();
         status::apply_status(&self.api, self.cap, &next)
             .await
             .map_err(Error::Status)?;
+        drop(writing);
         ctx.wrote_status(&self.uid, &next);
         self.held = None;
         ctx.metrics
