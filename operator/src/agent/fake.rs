@@ -32,6 +32,8 @@ struct State {
     down: bool,
     refuse_network: bool,
     refuse_creates: bool,
+    /// How long `CreateCapsule` takes to answer.
+    create_delay: Duration,
     sequence: u64,
     created: BTreeSet<String>,
     quarantined: Vec<pb::QuarantinedCapsule>,
@@ -295,6 +297,12 @@ impl FakeNodeAgent {
         lock(&self.state).refuse_creates = refuse;
     }
 
+    /// Makes `CreateCapsule` answer only after `delay` (as an agent that
+    /// answers once the guest booted).
+    pub fn slow_creates(&self, delay: Duration) {
+        lock(&self.state).create_delay = delay;
+    }
+
     /// Takes the agent down (calls fail, streams end) or brings it back.
     pub fn set_down(&self, down: bool) {
         lock(&self.state).down = down;
@@ -456,6 +464,10 @@ impl NodeAgent for Handle {
     fn create_capsule(&self, req: pb::CreateCapsuleRequest) -> Call<'_, pb::Capsule> {
         let a = self.0.clone();
         Box::pin(async move {
+            let delay = lock(&a.state).create_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let mut st = a.enter("CreateCapsule", &req.uid)?;
             if let Some(c) = st.capsules.get(&req.uid) {
                 return Ok(c.clone());

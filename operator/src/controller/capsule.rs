@@ -230,6 +230,11 @@ pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, E
     result
 }
 
+/// How long a create may take before its placement is written on its own
+/// (see `Writer::hold`): agents that answer at once save the write, a
+/// create a user waits for shows its node.
+const SHOW_PLACEMENT_AFTER: Duration = Duration::from_millis(50);
+
 /// Passes of plan → act in one reconcile: place, create, show the VM the
 /// create returned, show it again once it has booted meanwhile, with one
 /// to spare.
@@ -552,7 +557,7 @@ impl Pass<'_> {
     #[tracing::instrument(name = "capsule.create", skip_all)]
     async fn create(
         &self,
-        w: &Writer<'_>,
+        w: &mut Writer<'_>,
         mode: OperatingMode,
         known: &mut Known,
     ) -> Result<Next, Error> {
@@ -569,11 +574,26 @@ impl Pass<'_> {
             )),
             initial_state: proto_state(mode),
         };
-        let call = client.create_capsule(req);
-        match call
-            .instrument(tracing::info_span!("agent.create_capsule"))
-            .await
-        {
+        let call = client
+            .create_capsule(req)
+            .instrument(tracing::info_span!("agent.create_capsule"));
+        let mut call = std::pin::pin!(call);
+        let created = tokio::select! {
+            created = &mut call => created,
+            _ = tokio::time::sleep(SHOW_PLACEMENT_AFTER) => {
+                // A create that takes a while (an agent that answers once
+                // the guest booted, an image to unpack): show the node it
+                // happens on meanwhile, as a scheduler binds a Pod.
+                if let Err(err) = w.write_held(self.ctx).await {
+                    tracing::warn!(
+                        error = &err as &dyn std::error::Error,
+                        "show the placement of a create in flight"
+                    );
+                }
+                call.await
+            }
+        };
+        match created {
             Ok(c) => known.returned(self.ctx, &node, c),
             Err(e) if refuses_spec(&e) => {
                 known.fresh = Some(Vm {

@@ -579,3 +579,43 @@ async fn a_finalizer_removed_by_someone_else_is_put_back() {
     reconciled(&removed, &ctx).await.unwrap();
     server.done();
 }
+
+/// A create the agent takes a while to answer (it answers once the guest
+/// booted) shows its node meanwhile, as soon as the create has taken
+/// `SHOW_PLACEMENT_AFTER`, and the status it ends in follows.
+#[tokio::test]
+async fn a_slow_create_shows_its_node_while_in_flight() {
+    let node = agent("node-a", 4);
+    node.slow_creates(Duration::from_millis(500));
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    let status = format!("{CAPSULES}/c1/status?{SSA}");
+    let shown = Arc::new(std::sync::Mutex::new(None));
+    let at = shown.clone();
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &status,
+            move |body| {
+                phase_is("Scheduled")(body);
+                assert_eq!(body["status"]["nodeName"], "node-a");
+                *at.lock().unwrap() = Some(Instant::now());
+            },
+            ok(cap.clone()),
+        )
+        .expect(
+            Method::PATCH,
+            &status,
+            phase_is("Creating"),
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+    let started = Instant::now();
+    reconciled(&cap, &context(&server, pool)).await.unwrap();
+    server.done();
+    let shown = shown.lock().unwrap().unwrap() - started;
+    assert!(shown < Duration::from_millis(400), "shown after {shown:?}");
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+}

@@ -66,15 +66,15 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Holds a placement back instead of writing it: the create that
-    /// follows at once ends in a status carrying the node anyway, so
+    /// Holds a placement back instead of writing it: a create the agent
+    /// answers at once ends in a status carrying the node anyway, so
     /// writing `Scheduled` first would cost every capsule a write and one
     /// API round trip on its way to Running. Its Event is queued now. A
-    /// reconcile that fails before its next write writes the placement
-    /// with [`Writer::write_held`], so a capsule whose node does not answer
-    /// shows where it waits and is retried there; the operator's own
-    /// reservation pins it meanwhile, and after an operator restart the
-    /// agents' lists do.
+    /// create that takes longer, and a reconcile that fails before its next
+    /// write, write the placement with [`Writer::write_held`], so a capsule
+    /// shows the node it is created on or waits for and is retried there;
+    /// the operator's own reservation pins it meanwhile, and after an
+    /// operator restart the agents' lists do.
     pub(super) fn hold(&mut self, ctx: &Context, draft: StatusDraft, resources: Option<Resources>) {
         let before = self.current.as_ref().and_then(|s| s.phase);
         self.announce(ctx, before, &draft);
@@ -82,9 +82,9 @@ impl Writer<'_> {
     }
 
     /// Writes the held placement, if no status was written since it was
-    /// held.
+    /// held (kept held when the write fails).
     pub(super) async fn write_held(&mut self, ctx: &Context) -> Result<(), Error> {
-        let Some((draft, resources)) = self.held.take() else {
+        let Some((draft, resources)) = self.held.clone() else {
             return Ok(());
         };
         let next = build_capsule_status(
