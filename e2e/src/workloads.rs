@@ -289,11 +289,12 @@ pub fn supervise(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
         bail!("{} is missing", bin.display());
     }
     // The watcher polls rather than `wait`s: only the parent shell can wait,
-    // and it is busy holding the pipe.
+    // and it is busy holding the pipe. Its last line may find the log's
+    // directory already removed by the owner's cleanup: not worth a message.
     let script = r#"log=$1; shift
 "$@" >>"$log" 2>&1 & pid=$!
 echo started
-( while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done; echo "wrenn-supervise: exited" >>"$log" ) &
+( while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done; echo "wrenn-supervise: exited" 2>/dev/null >>"$log" ) &
 cat >/dev/null
 kill "$pid" 2>/dev/null; sleep 0.5; kill -9 "$pid" 2>/dev/null; true"#;
     let mut child = Command::new("bash")

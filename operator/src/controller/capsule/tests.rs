@@ -61,8 +61,8 @@ fn event(reason: &'static str) -> impl Fn(&Value) + Send {
 
 /// What a reconcile of a new capsule asks of the API server once the
 /// finalizer is on: its template, the Creating status (answered with
-/// `cap`), then the Scheduled Event.
-fn expect_first_run(server: &ApiServer, cap: &Capsule) {
+/// `cap`), then the Scheduled Event (answered with `event_reply`).
+fn expect_first_run_answering(server: &ApiServer, cap: &Capsule, event_reply: Reply) {
     server
         .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
         .expect(
@@ -71,7 +71,12 @@ fn expect_first_run(server: &ApiServer, cap: &Capsule) {
             phase_is("Creating"),
             ok(cap.clone()),
         )
-        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
+        .expect(Method::POST, EVENTS, event("Scheduled"), event_reply);
+}
+
+/// [`expect_first_run_answering`] with the Event answered at once.
+fn expect_first_run(server: &ApiServer, cap: &Capsule) {
+    expect_first_run_answering(server, cap, Reply::Echo);
 }
 
 /// One reconcile, and the Events it queued published.
@@ -476,20 +481,7 @@ async fn a_reconcile_does_not_wait_for_its_events() {
     let server = ApiServer::default();
     let cap = capsule(None);
     let (answer, answered) = tokio::sync::oneshot::channel();
-    server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &format!("{CAPSULES}/c1/status?{SSA}"),
-            phase_is("Creating"),
-            ok(cap.clone()),
-        )
-        .expect(
-            Method::POST,
-            EVENTS,
-            event("Scheduled"),
-            Reply::When(answered, serde_json::json!({})),
-        );
+    expect_first_run_answering(&server, &cap, Reply::When(answered, serde_json::json!({})));
     let ctx = context(&server, pool);
     let action = tokio::time::timeout(
         Duration::from_secs(5),
