@@ -41,11 +41,7 @@ struct Rec<'a> {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = capsule_spec::runtime();
     let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
     let template = dir.path().join("base.ext4");
     std::fs::write(&template, vec![0u8; 1 << 20]).expect("template");

@@ -58,13 +58,26 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn timeouts() -> Timeouts {
-    Timeouts {
+/// Waits up to `within` for the guest agent of `spec`'s VM to answer.
+async fn ready(
+    spec: &MachineSpec,
+    within: Duration,
+) -> Result<(GuestClient, gpb::HealthResponse), wrenn_node_agent::guest::Error> {
+    let timeouts = Timeouts {
         dial: Duration::from_secs(5),
         call: Duration::from_secs(60),
         probe: Duration::from_secs(3),
         retry: Duration::from_millis(20),
-    }
+    };
+    GuestClient::wait_ready(
+        &spec.capsule,
+        &spec.vsock_socket,
+        1024,
+        "",
+        timeouts,
+        within,
+    )
+    .await
 }
 
 #[tokio::main]
@@ -142,20 +155,12 @@ async fn main() {
         let spec = spec_for(n);
         let t = Instant::now();
         let vm = machine.launch(&spec).await.expect("launch");
-        let ready = GuestClient::wait_ready(
-            &spec.capsule,
-            &spec.vsock_socket,
-            1024,
-            "",
-            timeouts(),
-            Duration::from_secs(120),
-        )
-        .await;
+        let answered = ready(&spec, Duration::from_secs(120)).await;
         let took = t.elapsed();
         if n + 1 < BOOTS {
             machine.stop(&vm).await.expect("stop");
         }
-        ready.expect("agent ready");
+        answered.expect("agent ready");
         boots.push(took);
         if n + 1 == BOOTS {
             measure(&machine, &spec, &vm, work.path()).await;
@@ -193,16 +198,7 @@ async fn measure(
     vm: &wrenn_node_agent::vmm::MachineHandle,
     work: &Path,
 ) {
-    let (mut g, _) = GuestClient::wait_ready(
-        &spec.capsule,
-        &spec.vsock_socket,
-        1024,
-        "",
-        timeouts(),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("ready");
+    let (mut g, _) = ready(spec, Duration::from_secs(60)).await.expect("ready");
     g.init(&InitParams {
         access_token: "bench-guest-token-0001".into(),
         send_wall_time: true,
@@ -282,16 +278,9 @@ async fn measure(
     machine.stop(vm).await.expect("stop");
     let t = Instant::now();
     let vm2 = machine.restore(spec, &snap).await.expect("restore");
-    GuestClient::wait_ready(
-        &spec.capsule,
-        &spec.vsock_socket,
-        1024,
-        "",
-        timeouts(),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("ready after restore");
+    ready(spec, Duration::from_secs(60))
+        .await
+        .expect("ready after restore");
     println!("restore to agent ready: {:?}", t.elapsed());
     machine.stop(&vm2).await.expect("stop");
 }

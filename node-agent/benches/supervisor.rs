@@ -15,23 +15,15 @@ use wrenn_node_agent::capsule::OrphanSweep;
 mod capsule_spec;
 
 use capsule_spec::{spec, supervisor};
+#[path = "support/rss.rs"]
+mod rss;
+use rss::rss_kib;
 use wrenn_node_agent::capsule::State;
 use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::FakeMachine;
 
 const CAPSULES: usize = 100;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
 
 struct Samples(Vec<Duration>);
 
@@ -49,11 +41,7 @@ impl Samples {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = capsule_spec::runtime();
     let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
     let machine = Arc::new(FakeMachine::new());
     let net = Arc::new(FakeNet::new());

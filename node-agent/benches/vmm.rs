@@ -22,6 +22,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "support/rss.rs"]
+mod rss;
+
+use rss::rss_kib;
 use wrenn_node_agent::sys::process::{self as sys, Pidfd};
 use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::process::{HostPaths, SpawnRequest, spawn_supervised};
@@ -102,25 +106,7 @@ fn main() {
 
     // The parts of spawn_supervised, to see where the time goes.
     let netns_file = std::fs::File::open(&netns).expect("open netns");
-    let ns_only = measure(|_| {
-        let t = Instant::now();
-        let pid = sys::spawn(&sys::SpawnPlan {
-            program: true_bin,
-            args: &[] as &[&OsStr],
-            env: &[],
-            new_session: true,
-            netns: Some(std::os::fd::AsFd::as_fd(&netns_file)),
-            new_mount_ns_with_sysfs: true,
-            cgroup_procs: &[],
-            stdio: [None, None, None],
-            inherit: &[],
-            confine: None,
-        })
-        .expect("spawn");
-        let d = t.elapsed();
-        reap(pid);
-        d
-    });
+    let ns_only = measure(|_| time_spawn(Some(std::os::fd::AsFd::as_fd(&netns_file)), true, &[]));
     let cgroup_only = measure(|i| {
         let name = format!("c{i}");
         let t = Instant::now();
@@ -145,50 +131,14 @@ fn main() {
         })
         .collect();
     let procs_fds: Vec<_> = procs.iter().map(std::os::fd::AsFd::as_fd).collect();
-    let join_only = measure(|_| {
-        let t = Instant::now();
-        let pid = sys::spawn(&sys::SpawnPlan {
-            program: true_bin,
-            args: &[] as &[&OsStr],
-            env: &[],
-            new_session: true,
-            netns: None,
-            new_mount_ns_with_sysfs: false,
-            cgroup_procs: &procs_fds,
-            stdio: [None, None, None],
-            inherit: &[],
-            confine: None,
-        })
-        .expect("spawn");
-        let d = t.elapsed();
-        reap(pid);
-        d
-    });
+    let join_only = measure(|_| time_spawn(None, false, &procs_fds));
     drop(procs_fds);
     drop(procs);
     let _ = wrenn_testkit::wait_until(Duration::from_secs(5), "cgroup empty", || {
         join_cg.remove().map_err(|e| e.to_string())
     });
 
-    let bare = measure(|_| {
-        let t = Instant::now();
-        let pid = sys::spawn(&sys::SpawnPlan {
-            program: true_bin,
-            args: &[] as &[&OsStr],
-            env: &[],
-            new_session: true,
-            netns: None,
-            new_mount_ns_with_sysfs: false,
-            cgroup_procs: &[],
-            stdio: [None, None, None],
-            inherit: &[],
-            confine: None,
-        })
-        .expect("spawn");
-        let d = t.elapsed();
-        reap(pid);
-        d
-    });
+    let bare = measure(|_| time_spawn(None, false, &[]));
 
     let forked = measure(|_| {
         let t = Instant::now();
@@ -247,6 +197,32 @@ fn reap(pid: i32) {
     }
 }
 
+/// Times `sys::spawn` of `/bin/true` with these parts of a VMM's spawn,
+/// then reaps it.
+fn time_spawn(
+    netns: Option<std::os::fd::BorrowedFd<'_>>,
+    new_mount_ns_with_sysfs: bool,
+    cgroup_procs: &[std::os::fd::BorrowedFd<'_>],
+) -> Duration {
+    let t = Instant::now();
+    let pid = sys::spawn(&sys::SpawnPlan {
+        program: Path::new("/bin/true"),
+        args: &[] as &[&OsStr],
+        env: &[],
+        new_session: true,
+        netns,
+        new_mount_ns_with_sysfs,
+        cgroup_procs,
+        stdio: [None, None, None],
+        inherit: &[],
+        confine: None,
+    })
+    .expect("spawn");
+    let d = t.elapsed();
+    reap(pid);
+    d
+}
+
 fn measure(mut f: impl FnMut(usize) -> Duration) -> Vec<Duration> {
     let _ = f(usize::MAX); // warm-up
     let mut v: Vec<Duration> = (0..RUNS).map(&mut f).collect();
@@ -262,15 +238,4 @@ fn report(what: &str, sorted: &[Duration]) {
         ms(sorted[0]),
         ms(sorted[sorted.len() * 9 / 10]),
     );
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }

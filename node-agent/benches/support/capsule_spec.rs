@@ -1,5 +1,6 @@
-//! The capsule spec the supervisor benches create and the supervisor
-//! they create it on (shared by `supervisor` and `journal`).
+//! The capsule spec the supervisor benches create, the supervisor they
+//! create it on and the runtime they drive it from (shared by `supervisor`
+//! and `journal`).
 
 use std::sync::Arc;
 
@@ -46,4 +47,13 @@ pub fn supervisor(
         },
         SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
     )
+}
+
+/// The agent's runtime shape on a 2-core node: two workers.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
