@@ -58,9 +58,14 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Waits up to `within` for the guest agent of `spec`'s VM to answer.
+/// The access token the bench's `Init` gives the guest agent.
+const TOKEN: &str = "bench-guest-token-0001";
+
+/// Waits up to `within` for the guest agent of `spec`'s VM to answer, with
+/// `token` (empty before `Init`).
 async fn ready(
     spec: &MachineSpec,
+    token: &str,
     within: Duration,
 ) -> Result<(GuestClient, gpb::HealthResponse), wrenn_node_agent::guest::Error> {
     let timeouts = Timeouts {
@@ -73,7 +78,7 @@ async fn ready(
         &spec.capsule,
         &spec.vsock_socket,
         1024,
-        "",
+        token,
         timeouts,
         within,
     )
@@ -155,7 +160,7 @@ async fn main() {
         let spec = spec_for(n);
         let t = Instant::now();
         let vm = machine.launch(&spec).await.expect("launch");
-        let answered = ready(&spec, Duration::from_secs(120)).await;
+        let answered = ready(&spec, "", Duration::from_secs(120)).await;
         let took = t.elapsed();
         if n + 1 < BOOTS {
             machine.stop(&vm).await.expect("stop");
@@ -198,9 +203,11 @@ async fn measure(
     vm: &wrenn_node_agent::vmm::MachineHandle,
     work: &Path,
 ) {
-    let (mut g, _) = ready(spec, Duration::from_secs(60)).await.expect("ready");
+    let (mut g, _) = ready(spec, "", Duration::from_secs(60))
+        .await
+        .expect("ready");
     g.init(&InitParams {
-        access_token: "bench-guest-token-0001".into(),
+        access_token: TOKEN.into(),
         send_wall_time: true,
         ..Default::default()
     })
@@ -278,7 +285,7 @@ async fn measure(
     machine.stop(vm).await.expect("stop");
     let t = Instant::now();
     let vm2 = machine.restore(spec, &snap).await.expect("restore");
-    ready(spec, Duration::from_secs(60))
+    ready(spec, TOKEN, Duration::from_secs(60))
         .await
         .expect("ready after restore");
     println!("restore to agent ready: {:?}", t.elapsed());
