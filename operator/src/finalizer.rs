@@ -64,6 +64,11 @@ fn build_patch<K: Resource>(obj: &K, list: Vec<String>) -> serde_json::Value {
     })
 }
 
+/// Whether `obj` carries the `wrenn.dev/node-cleanup` finalizer.
+pub fn has<K: Resource>(obj: &K) -> bool {
+    obj.finalizers().iter().any(|f| f == FINALIZER)
+}
+
 /// The write lost to a change of the object since it was read.
 fn is_conflict(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(s) if s.code == 409)
@@ -81,9 +86,9 @@ where
     Fut: std::future::Future<Output = Result<Action, E>>,
     E: std::error::Error + 'static,
 {
-    let has = obj.finalizers().iter().any(|f| f == FINALIZER);
+    let on = has(&*obj);
     let deleting = obj.meta().deletion_timestamp.is_some();
-    match (has, deleting) {
+    match (on, deleting) {
         (true, false) => reconcile(Event::Apply(obj))
             .await
             .map_err(Error::ApplyFailed),
@@ -128,7 +133,7 @@ where
                         .instrument(tracing::info_span!("finalizer.reread"))
                         .await
                         .map_err(Error::AddFinalizer)?;
-                    let on = fresh.finalizers().iter().any(|f| f == FINALIZER);
+                    let on = has(&fresh);
                     if !on || fresh.meta().deletion_timestamp.is_some() {
                         return Err(Error::AddFinalizer(err));
                     }

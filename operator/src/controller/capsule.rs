@@ -184,12 +184,11 @@ fn placed(store: &Store<Capsule>, except: &str) -> Vec<(String, String, Resource
 /// and adding it again from the stale version would only conflict. A
 /// newer version without it (someone removed it) gets it again.
 fn with_own_finalizer(cap: Arc<Capsule>, ctx: &Context) -> Arc<Capsule> {
-    let on = cap.finalizers().iter().any(|f| f == FINALIZER);
     let stale = match (cap.uid(), cap.resource_version()) {
         (Some(uid), Some(version)) => ctx.finalized_over(&uid, &version),
         _ => false,
     };
-    if on || !stale || cap.meta().deletion_timestamp.is_some() {
+    if crate::finalizer::has(&*cap) || !stale || cap.meta().deletion_timestamp.is_some() {
         return cap;
     }
     let mut own = (*cap).clone();
@@ -206,7 +205,7 @@ pub async fn reconcile(cap: Arc<Capsule>, ctx: Arc<Context>) -> Result<Action, E
     let cap = with_own_finalizer(cap, &ctx);
     let adds_over = cap
         .resource_version()
-        .filter(|_| !cap.finalizers().iter().any(|f| f == FINALIZER));
+        .filter(|_| !crate::finalizer::has(&*cap));
     // A new capsule's first reconcile is a chain of writes (finalizer,
     // status): Events yield to it.
     let _writing = adds_over.as_ref().map(|_| ctx.events.writing());

@@ -43,6 +43,20 @@ impl Writer<'_> {
         draft: &StatusDraft,
         resources: Option<Resources>,
     ) -> Result<(), Error> {
+        let before = self.current.as_ref().and_then(|s| s.phase);
+        if self.write_quietly(ctx, draft, resources).await? && before != Some(draft.phase) {
+            self.announce(ctx, before, draft);
+        }
+        Ok(())
+    }
+
+    /// [`Writer::write`] without the Event; true when it wrote.
+    async fn write_quietly(
+        &mut self,
+        ctx: &Context,
+        draft: &StatusDraft,
+        resources: Option<Resources>,
+    ) -> Result<bool, Error> {
         let mut next = build_capsule_status(
             draft,
             self.current.as_ref(),
@@ -51,19 +65,15 @@ impl Writer<'_> {
             Timestamp::now(),
         );
         if self.current.as_ref() == Some(&next) {
-            return Ok(());
+            return Ok(false);
         }
-        let before = self.current.as_ref().and_then(|s| s.phase);
         if draft.phase != CapsulePhase::Running {
             next.usage = None;
         }
         self.put(ctx, next)
             .instrument(tracing::info_span!("capsule.write_status"))
             .await?;
-        if before != Some(draft.phase) {
-            self.announce(ctx, before, draft);
-        }
-        Ok(())
+        Ok(true)
     }
 
     /// Holds a placement back instead of writing it: a create the agent
@@ -82,21 +92,15 @@ impl Writer<'_> {
     }
 
     /// Writes the held placement, if no status was written since it was
-    /// held (kept held when the write fails).
+    /// held (kept held when the write fails). Its Event was queued by
+    /// [`Writer::hold`].
     pub(super) async fn write_held(&mut self, ctx: &Context) -> Result<(), Error> {
         let Some((draft, resources)) = self.held.clone() else {
             return Ok(());
         };
-        let next = build_capsule_status(
-            &draft,
-            self.current.as_ref(),
-            self.cap.meta().generation,
-            resources,
-            Timestamp::now(),
-        );
-        self.put(ctx, next)
-            .instrument(tracing::info_span!("capsule.write_status"))
-            .await
+        self.write_quietly(ctx, &draft, resources).await?;
+        self.held = None;
+        Ok(())
     }
 
     /// Queues the Events of the phases written, once the reconcile's node
