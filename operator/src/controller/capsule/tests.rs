@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 use http::Method;
 use serde_json::Value;
-use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, TemplateRef};
+use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, OperatingMode, TemplateRef};
 
 use super::*;
 use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool, template};
