@@ -250,6 +250,14 @@ const VM_TOKEN: &str = "vm-tier-guest-token";
 
 #[tokio::test]
 async fn boots_pauses_snapshots_and_restores_a_real_guest() {
+    // The backend's own account (heals, replugs) beside a failure.
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
     let c = case(
         Tier::Vm,
         "vmm_qemu::boots_pauses_snapshots_and_restores_a_real_guest",
