@@ -7,9 +7,14 @@
 //!   [`NODE_IMAGES`](crate::names::label::NODE_IMAGES)`=allowed` may have
 //!   CapsuleTemplates that name files on nodes (it depends on the
 //!   namespace, which a namespace user cannot label).
+//!
+//! And one MutatingAdmissionPolicy: a Capsule is created with the
+//! operator's finalizer already on ([`finalizer_policy`]).
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MatchResources, NamedRuleWithOperations, ParamKind, ParamRef, ValidatingAdmissionPolicy,
+    JSONPatch, MatchResources, MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding,
+    MutatingAdmissionPolicyBindingSpec, MutatingAdmissionPolicySpec, Mutation,
+    NamedRuleWithOperations, ParamKind, ParamRef, ValidatingAdmissionPolicy,
     ValidatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBindingSpec,
     ValidatingAdmissionPolicySpec, Validation,
 };
@@ -19,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use serde_json::Value;
 
 use crate::names::label::{NODE_IMAGES, NODE_IMAGES_ALLOWED};
-use crate::names::{GROUP, VERSION};
+use crate::names::{FINALIZER, GROUP, VERSION};
 
 /// Name of the policy and of its binding.
 pub const DISK_POLICY: &str = "capsule-disk-at-least-template.wrenn.dev";
@@ -190,6 +195,64 @@ pub fn node_images_policy() -> (ValidatingAdmissionPolicy, ValidatingAdmissionPo
     (policy, binding)
 }
 
+/// Name of the finalizer policy and of its binding.
+pub const FINALIZER_POLICY: &str = "capsule-finalizer.wrenn.dev";
+
+/// Adds [`FINALIZER`] to a Capsule as it is created, unless the object
+/// carries it already. A Capsule's start waits on each of its writes, and
+/// this saves the operator's first one (its finalizer patch): from apply to
+/// Running the operator then writes status only. `failurePolicy: Ignore`:
+/// a policy that fails (or a cluster without it) leaves the add to the
+/// operator, as before. Templates and snapshots are not on a start's
+/// path; the operator adds theirs.
+pub fn finalizer_policy() -> (MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding) {
+    let expression = format!(
+        "!has(object.metadata.finalizers) \
+           ? [JSONPatch{{op: 'add', path: '/metadata/finalizers', value: ['{FINALIZER}']}}] \
+         : object.metadata.finalizers.exists(f, f == '{FINALIZER}') ? [] \
+         : [JSONPatch{{op: 'add', path: '/metadata/finalizers/-', value: '{FINALIZER}'}}]"
+    );
+    let policy = MutatingAdmissionPolicy {
+        metadata: ObjectMeta {
+            name: Some(FINALIZER_POLICY.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(MutatingAdmissionPolicySpec {
+            failure_policy: Some("Ignore".into()),
+            reinvocation_policy: Some("Never".into()),
+            match_constraints: Some(MatchResources {
+                resource_rules: Some(vec![NamedRuleWithOperations {
+                    api_groups: Some(vec![GROUP.into()]),
+                    api_versions: Some(vec![VERSION.into()]),
+                    operations: Some(vec!["CREATE".into()]),
+                    resources: Some(vec!["capsules".into()]),
+                    ..NamedRuleWithOperations::default()
+                }]),
+                ..MatchResources::default()
+            }),
+            mutations: Some(vec![Mutation {
+                patch_type: "JSONPatch".into(),
+                json_patch: Some(JSONPatch {
+                    expression: Some(expression),
+                }),
+                ..Mutation::default()
+            }]),
+            ..MutatingAdmissionPolicySpec::default()
+        }),
+    };
+    let binding = MutatingAdmissionPolicyBinding {
+        metadata: ObjectMeta {
+            name: Some(FINALIZER_POLICY.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(MutatingAdmissionPolicyBindingSpec {
+            policy_name: Some(FINALIZER_POLICY.into()),
+            ..MutatingAdmissionPolicyBindingSpec::default()
+        }),
+    };
+    (policy, binding)
+}
+
 /// Every policy and binding as YAML-ready documents with apiVersion and kind.
 pub fn documents() -> Result<Vec<Value>, serde_json::Error> {
     let mut docs = Vec::new();
@@ -203,6 +266,15 @@ pub fn documents() -> Result<Vec<Value>, serde_json::Error> {
             serde_json::to_value(&binding)?,
         ));
     }
+    let (policy, binding) = finalizer_policy();
+    docs.push(with_type_meta(
+        "MutatingAdmissionPolicy",
+        serde_json::to_value(&policy)?,
+    ));
+    docs.push(with_type_meta(
+        "MutatingAdmissionPolicyBinding",
+        serde_json::to_value(&binding)?,
+    ));
     Ok(docs)
 }
 

@@ -261,7 +261,7 @@ impl ControlPlane {
         })?;
         apply("policy.yaml")?;
         // A Capsule passes admission (no such template: the binding allows
-        // it) once the policy is configured.
+        // it) once the validating policy is configured.
         // One file per install: several control planes of one test process
         // install their CRDs at once, and each removes its probe when done.
         static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -273,11 +273,24 @@ impl ControlPlane {
             r#"{"apiVersion": "wrenn.dev/v1alpha1", "kind": "Capsule", "metadata": {"name": "admission-probe", "namespace": "default"}, "spec": {"source": {"templateRef": {"name": "admission-probe"}}}}"#,
         )
         .context("write the admission probe")?;
-        let admitted = self.until_ok("the admission policy takes effect", || {
-            self.kubectl_ok(
-                &["create", "--dry-run=server", "-o", "name", "-f"],
+        // It comes back with the operator's finalizer once the mutating
+        // policy is configured too, so no test races its compilation.
+        let admitted = self.until_ok("the admission policies take effect", || {
+            let out = self.kubectl_ok(
+                &[
+                    "create",
+                    "--dry-run=server",
+                    "-o",
+                    "jsonpath={.metadata.finalizers}",
+                    "-f",
+                ],
                 Some(&probe),
-            )
+            )?;
+            if out.contains(wrenn_crds::names::FINALIZER) {
+                Ok(out)
+            } else {
+                Err(anyhow!("created without the finalizer yet: {out:?}"))
+            }
         });
         let _ = std::fs::remove_file(&probe);
         admitted.map(|_| ())

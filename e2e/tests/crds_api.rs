@@ -627,6 +627,58 @@ async fn the_api_server_applies_defaults() {
     drop(env.case);
 }
 
+/// The chart's mutating policy saves the operator a write per start: a
+/// Capsule comes out of admission with the operator's finalizer, once,
+/// beside any the user set; a template does not (its operator adds it).
+#[tokio::test]
+async fn capsules_are_created_with_the_operator_finalizer() {
+    let Some(env) = setup("capsules_are_created_with_the_operator_finalizer").await else {
+        return;
+    };
+    let ours = wrenn_crds::names::FINALIZER;
+    let finalizers =
+        |o: &kube::api::DynamicObject| o.metadata.finalizers.clone().unwrap_or_default();
+    let plain = create(&env, "Capsule", "plain", capsule(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(finalizers(&plain), [ours]);
+    for (name, given, expected) in [
+        (
+            "theirs",
+            vec!["example.com/keep"],
+            vec!["example.com/keep", ours],
+        ),
+        ("named", vec![ours], vec![ours]),
+    ] {
+        let mut body = object("Capsule", name, capsule(json!({})));
+        body.metadata.finalizers = Some(given.iter().map(|f| f.to_string()).collect());
+        let created = api(&env, "Capsule")
+            .create(&PostParams::default(), &body)
+            .await
+            .unwrap();
+        assert_eq!(finalizers(&created), expected, "{name}");
+        // No operator runs here: let the namespace go.
+        api(&env, "Capsule")
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .unwrap();
+    }
+    let tpl = create(
+        &env,
+        "CapsuleTemplate",
+        "tpl",
+        json!({"source": {"image": {"reference": "debian:12"}}}),
+    )
+    .await
+    .unwrap();
+    assert!(finalizers(&tpl).is_empty(), "{:?}", finalizers(&tpl));
+    drop(env.case);
+}
+
 async fn update(env: &Env, kind: &str, name: &str, spec_patch: Value) -> Result<(), String> {
     api(env, kind)
         .patch(
@@ -923,11 +975,16 @@ async fn capsule_disk_below_its_template_is_refused() {
     .unwrap();
     // The policy sees templates through an informer: allow it to catch up.
     let deadline = Instant::now() + Duration::from_secs(30);
+    // A new name per attempt: an admitted one keeps the operator's
+    // finalizer (no operator here), so it stays until the namespace goes.
+    let mut attempt = 0;
     let msg = loop {
+        attempt += 1;
+        let name = format!("small-{attempt}");
         match create(
             &env,
             "Capsule",
-            "small",
+            &name,
             json!({"source": template_ref("big"), "resources": {"disk": "4Gi"}}),
         )
         .await
@@ -935,7 +992,7 @@ async fn capsule_disk_below_its_template_is_refused() {
             Err(msg) => break msg,
             Ok(_) => {
                 api(&env, "Capsule")
-                    .delete("small", &Default::default())
+                    .delete(&name, &Default::default())
                     .await
                     .unwrap();
                 assert!(
