@@ -287,7 +287,9 @@ async fn a_deleted_agent_pod_drops_the_nodes_client_at_once() {
 /// any call from the operator.
 #[tokio::test]
 async fn an_agent_event_updates_the_view_and_triggers_its_capsule() {
-    let agent = FakeNodeAgent::new("node-a", four_cpus(), Duration::ZERO);
+    // A boot that takes a moment: the create answers Creating, the stream
+    // reports Running.
+    let agent = FakeNodeAgent::new("node-a", four_cpus(), Duration::from_millis(1));
     let (pool, mut streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
     let client = pool.client("node-a").unwrap();
     client
@@ -384,7 +386,8 @@ fn an_answer_counts_only_until_the_stream_reports_the_capsule() {
 /// in Creating forever.
 #[tokio::test]
 async fn a_late_answer_does_not_roll_back_what_the_stream_reported() {
-    let agent = FakeNodeAgent::new("node-a", roomy(), Duration::ZERO);
+    // A boot that takes a moment, so the answer says Creating.
+    let agent = FakeNodeAgent::new("node-a", roomy(), Duration::from_millis(1));
     let (pool, _streams) = crate::fixtures::pool(std::slice::from_ref(&agent)).await;
     let client = pool.client("node-a").unwrap();
     let answer = client.create_capsule(create_req("u1")).await.unwrap();

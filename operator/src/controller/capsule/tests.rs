@@ -118,6 +118,44 @@ async fn a_new_capsule_is_placed_created_then_recorded_in_one_write() {
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
 }
 
+/// The real agent answers a create once the guest booted: the capsule
+/// then goes from apply to Running in one write, which carries the node
+/// and the Scheduled condition.
+#[tokio::test]
+async fn a_create_answered_running_is_recorded_running_in_one_write() {
+    let node = crate::agent::fake::FakeNodeAgent::new(
+        "node-a",
+        pb::Resources {
+            vcpus: 4,
+            memory_bytes: 8 << 30,
+            disk_bytes: 100 << 30,
+        },
+        Duration::ZERO,
+    );
+    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
+    let server = ApiServer::default();
+    let cap = capsule(None);
+    server
+        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .expect(
+            Method::PATCH,
+            &format!("{CAPSULES}/c1/status?{SSA}"),
+            |body| {
+                phase_is("Running")(body);
+                assert_eq!(body["status"]["nodeName"], "node-a");
+                assert_eq!(condition(body, "Scheduled")["reason"], "Placed");
+                assert_eq!(condition(body, "Ready")["status"], "True");
+            },
+            ok(cap.clone()),
+        )
+        .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo)
+        .expect(Method::POST, EVENTS, event("Running"), Reply::Echo);
+    let ctx = context(&server, pool);
+    reconciled(&cap, &ctx).await.unwrap();
+    server.done();
+    assert_eq!(node.work_calls(), vec![("CreateCapsule", "u1".into())]);
+}
+
 /// A create the node fails does not lose the placement: the reconcile
 /// writes it (Scheduled, with the node) before it backs off, and the retry
 /// creates on the same node, even when the status it starts from is stale
