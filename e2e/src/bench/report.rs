@@ -99,6 +99,11 @@ const WHAT: &str = "## What is compared\n\n\
 places each `Capsule` on one of N in-process fake node agents over the real \
 agent protocol types; the fake VMM boots in 0 ms, so what is measured is the \
 control plane: watch, placement, agent calls, event stream, status writes. \
+A fake agent answers a create with the VM booted (Running), as the real \
+agent answers once the guest booted. Capsules are created with the \
+operator's finalizer by the MutatingAdmissionPolicy installed with the CRDs \
+(`crds/policy.yaml`, as the chart installs it), so the operator's own writes \
+are status writes. \
 *Cold*: `Capsule` → `status.phase: Running`. *Warm*: a `Capsule` of a \
 `CapsuleTemplate` with `spec.warm` whose snapshot is already on every node \
 (the capsule restores instead of booting) → Running.\n\
