@@ -247,21 +247,6 @@ where
     wrenn_testkit::eventually_async(Duration::from_secs(30), what, check).await
 }
 
-async fn poll_for<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<(), String>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        if Instant::now() >= deadline {
-            return Err(format!("{what}: not true after {within:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 async fn set_mode(client: &Client, ns: &str, name: &str, mode: &str) {
     let api: Api<Capsule> = Api::namespaced(client.clone(), ns);
     api.patch(
@@ -1406,16 +1391,18 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     })
     .await;
     // c1's objects go with it, by their owner references alone.
-    poll_for(
-        "c1's Service and EndpointSlice collected with it",
+    wrenn_testkit::eventually_async(
         Duration::from_secs(60),
+        &format!(
+            "c1's Service and EndpointSlice collected with it (garbage collector log {})",
+            gc.log.display()
+        ),
         || async {
             services.get_opt("c1").await.unwrap().is_none()
                 && slices.get_opt("c1-wrenn").await.unwrap().is_none()
         },
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; garbage collector log {}", gc.log.display()));
+    .await;
 
     // No port with from left: both objects go.
     api.patch(

@@ -344,14 +344,7 @@ impl AgentPool {
         let mut out: Vec<NodeView> = nodes
             .iter()
             .map(|(name, e)| {
-                let res = |r: Option<&pb::Resources>| {
-                    r.map(|r| Resources {
-                        vcpus: r.vcpus,
-                        memory_bytes: r.memory_bytes,
-                        disk_bytes: r.disk_bytes,
-                    })
-                    .unwrap_or_default()
-                };
+                let res = |r: Option<&pb::Resources>| r.map(Resources::from).unwrap_or_default();
                 let info = e.info.as_ref();
                 let held: BTreeSet<&str> = info
                     .map(|i| i.held.iter().map(String::as_str).collect())

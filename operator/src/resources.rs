@@ -50,6 +50,16 @@ impl From<Resources> for wrenn_proto::agent::v1::Resources {
     }
 }
 
+impl From<&wrenn_proto::agent::v1::Resources> for Resources {
+    fn from(r: &wrenn_proto::agent::v1::Resources) -> Self {
+        Self {
+            vcpus: r.vcpus,
+            memory_bytes: r.memory_bytes,
+            disk_bytes: r.disk_bytes,
+        }
+    }
+}
+
 /// A spec value that passed the API server but cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {

@@ -267,6 +267,25 @@ where
     }
 }
 
+/// Retries `attempt` every 250 ms until it gives a value, and returns it;
+/// panics naming `what` and the last error once `timeout` has passed.
+pub async fn eventually_ok<T, F, Fut>(timeout: Duration, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                panic!("{what}: not reached after {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

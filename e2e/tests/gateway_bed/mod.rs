@@ -23,7 +23,7 @@ pub use requests::{Ran, api_code, call, exec, exec_path, json_of, sub_path};
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -242,21 +242,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(data))
 }
 
-/// Polls `attempt` every 250 ms for up to `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        match attempt().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what} not reached: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
+pub use wrenn_testkit::eventually_ok as eventually;
 
 /// A kubeconfig for a static-token user whose context names `namespace`.
 pub fn kubeconfig_in(

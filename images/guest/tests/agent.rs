@@ -363,13 +363,6 @@ impl Drop for KillGroup {
     }
 }
 
-fn running(pid: i32) -> bool {
-    // A zombie is not running: it only waits to be reaped.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detached_exec_outlives_the_call_and_writes_its_log() {
     let _case = case(Tier::Host, "guest_exec_detached");
@@ -437,7 +430,10 @@ async fn detached_exec_outlives_the_call_and_writes_its_log() {
     // Still running after the stream ended and after other calls.
     run(&mut g.client, &["true"], b"", 5_000).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(running(pid), "the detached process died with its call");
+    assert!(
+        wrenn_testkit::process_alive(pid),
+        "the detached process died with its call"
+    );
     // A second start appends to the same log.
     let again = ExecInput {
         input: Some(exec_input::Input::Start(ExecStart {

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -391,9 +391,7 @@ impl Metrics {
 
     /// Wall time (unix nanos) and monotonic nanos since this was made.
     fn now(&self) -> (i64, u64) {
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let at = wrenn_proto::unix_nanos_now();
         let mono = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         (at, mono)
     }

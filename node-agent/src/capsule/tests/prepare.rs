@@ -571,12 +571,21 @@ async fn warm_builds_run_one_at_a_time() {
     .await;
     let second = b.sup.prepare_template(two.clone()).await.unwrap();
     assert_eq!(second.phase, TemplatePhase::Preparing);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let waiting = b.sup.prepare_template(two.clone()).await.unwrap();
-    assert_eq!(
-        waiting.message.as_deref(),
-        Some("waiting for another warm build to finish")
-    );
+    // The second build's own task says why it waits, once it ran.
+    wrenn_testkit::eventually_async(
+        Duration::from_secs(10),
+        "the second build waiting for the first",
+        || async {
+            b.sup
+                .prepare_template(two.clone())
+                .await
+                .unwrap()
+                .message
+                .as_deref()
+                == Some("waiting for another warm build to finish")
+        },
+    )
+    .await;
     assert_eq!(b.machine.running(), vec![warm::build_uid("warm-a")]);
     b.guest.hold(false);
     assert_eq!(b.settle(&one).await.phase, TemplatePhase::Ready);

@@ -182,10 +182,10 @@ async fn a_failed_or_cancelled_create_is_timed_and_leaves_no_history() {
     assert_eq!(errors(&b, "vmm"), 1, "counted once, not per step");
     assert_eq!(history(&b, "c1"), None);
 
-    b.machine.delay(Step::Launch, Duration::from_millis(100));
+    b.machine.delay(Step::Launch, Duration::from_secs(2));
     let sup = b.sup.clone();
     let creating = tokio::spawn(async move { sup.create("c2", spec("c2"), State::Running).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    entered(&b, "c2", Step::Launch).await;
     assert!(b.sup.delete("c2").await.unwrap());
     assert!(creating.await.unwrap().is_err());
     assert_eq!(step_count(&b, "create", "cancelled"), 1);

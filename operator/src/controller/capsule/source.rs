@@ -356,11 +356,7 @@ pub(super) fn to_proto_spec(
         namespace: ns.to_string(),
         name: cap.name_any(),
         source: src.boot.clone(),
-        resources: Some(pb::Resources {
-            vcpus: src.resources.vcpus,
-            memory_bytes: src.resources.memory_bytes,
-            disk_bytes: src.resources.disk_bytes,
-        }),
+        resources: Some(src.resources.into()),
         kernel_path: src.kernel.path.clone(),
         kernel_cmdline: src.kernel.cmdline.clone(),
         env: cap
