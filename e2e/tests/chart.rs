@@ -765,16 +765,22 @@ fn rendered_chart_passes_server_side_dry_run() {
 /// Marks the CRDs and policy the harness applied as owned by `release`, as
 /// README's "CRDs applied by hand" migration does.
 fn adopt_api_objects(cp: &ControlPlane, release: &str, ns: &str) {
-    let objects = [
+    let mut objects: Vec<String> = [
         "crd/capsules.wrenn.dev",
         "crd/capsulesnapshots.wrenn.dev",
         "crd/capsuletemplates.wrenn.dev",
-        "validatingadmissionpolicy/capsule-disk-at-least-template.wrenn.dev",
-        "validatingadmissionpolicybinding/capsule-disk-at-least-template.wrenn.dev",
-        "validatingadmissionpolicy/capsuletemplate-node-images.wrenn.dev",
-        "validatingadmissionpolicybinding/capsuletemplate-node-images.wrenn.dev",
-    ];
-    for o in objects {
+    ]
+    .map(String::from)
+    .into();
+    // Every admission policy and binding `crds/policy.yaml` holds.
+    for doc in wrenn_crds::policy::documents().unwrap() {
+        objects.push(format!(
+            "{}/{}",
+            doc["kind"].as_str().unwrap().to_lowercase(),
+            doc["metadata"]["name"].as_str().unwrap()
+        ));
+    }
+    for o in &objects {
         cp.kubectl_ok(
             &[
                 "label",
