@@ -251,7 +251,6 @@ fn rollback_after_an_injected_failure_leaks_nothing() {
     let before = bed.snapshot();
     let c = id("rollback1");
     for step in [
-        SetupStep::FlushConntrack,
         SetupStep::CreateNetns,
         SetupStep::CreateVeth,
         SetupStep::MoveVeth,

@@ -100,8 +100,6 @@ impl LinuxNetConfig {
 /// ([`LinuxNet::fail_before`]) to check the rollback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetupStep {
-    /// Flush conntrack entries left by the slot's previous owner.
-    FlushConntrack,
     /// Create the capsule namespace.
     CreateNetns,
     /// Create the veth pair inside it.
@@ -264,22 +262,21 @@ impl LinuxNet {
         &self,
         capsule: &CapsuleId,
         addrs: SlotAddrs,
-        slot: u32,
         policy: &EgressPolicy,
         undo: &mut Vec<Undo>,
     ) -> Result<(), Error> {
         let name = capsule.resource_name();
         let netns = self.netns_path(capsule);
 
-        // 1. A recycled slot may still have NAT state from its last owner:
-        //    without this, replies could be steered by stale entries.
-        self.check(capsule, SetupStep::FlushConntrack)?;
-        let flushed = self.flush_slot_conntrack(slot, addrs)?;
-        if flushed > 0 {
-            debug!(capsule = %capsule, slot, flushed, "flushed stale conntrack entries");
-        }
+        // No conntrack flush here: a slot is claimable only once its last
+        // owner's NAT state is gone. Teardown flushes before it releases the
+        // claim (and keeps the claim when the flush fails); a claim lost to a
+        // crash is flushed by the startup sweep; a failed setup releases a
+        // slot no guest ever used. A flush walks the kernel's whole
+        // conntrack hash (262,144 buckets on a 24 GiB machine, empty or not),
+        // which was the largest CPU cost of a setup.
 
-        // 2. The emulated guest's namespace (tests), made first so the
+        // 1. The emulated guest's namespace (tests), made first so the
         //    capsule side can move the guest end into it.
         let guest_ns = self.emulated_guest_netns(capsule);
         if let Some(g) = &guest_ns {
@@ -293,7 +290,7 @@ impl LinuxNet {
             )??;
         }
 
-        // 3. The capsule namespace and everything inside it, on one thread
+        // 2. The capsule namespace and everything inside it, on one thread
         //    that lives in it. The node end of the veth is recorded before
         //    the veth exists: it ends up in the node namespace.
         self.check(capsule, SetupStep::CreateNetns)?;
@@ -309,7 +306,7 @@ impl LinuxNet {
             source,
         })??;
 
-        // 4. The node end: address, up, and the route that sends the slot's
+        // 3. The node end: address, up, and the route that sends the slot's
         //    host address into the capsule.
         self.in_node(|nl| {
             let link = |source| Error::ConfigureLink {
@@ -717,8 +714,9 @@ impl NetOps for LinuxNet {
             return Ok(self.net_of(capsule, slot, addrs));
         }
 
-        // Half-built leftovers of this capsule (a crash mid-setup) go first;
-        // their conntrack entries go in the build's first step.
+        // Half-built leftovers of this capsule (a crash mid-setup) go first.
+        // Any conntrack entries they left are this capsule's own, on the
+        // slot it keeps: no other tenant's replies can be steered by them.
         let mut errors = Vec::new();
         self.remove_resources(capsule, false, &mut errors);
         if let Some(e) = errors.into_iter().next() {
@@ -726,7 +724,7 @@ impl NetOps for LinuxNet {
         }
 
         let mut undo = Vec::new();
-        match self.build(capsule, addrs, slot, policy, &mut undo) {
+        match self.build(capsule, addrs, policy, &mut undo) {
             Ok(()) => {
                 info!(capsule = %capsule, slot, host = %addrs.host, "capsule network ready");
                 Ok(self.net_of(capsule, slot, addrs))
