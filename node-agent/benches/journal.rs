@@ -4,7 +4,8 @@
 //! records per second and fsyncs per create through the group committer,
 //! then the journal layer alone, before/after: the same records written
 //! one fsync pair each on the tokio workers (what `Ctx::commit` did) and
-//! through `GroupCommit`.
+//! through `GroupCommit` (a batch applied to the files and made durable by
+//! one `fdatasync` of the journal's write-ahead log).
 //!
 //! `cargo bench -p wrenn-node-agent --bench journal`
 
@@ -158,7 +159,7 @@ fn main() {
         total as f64 / one_by_one
     );
     println!(
-        "  {total} records from {CONCURRENT} writers, after (group commit):              {:.0} records/s, {:.2} fsyncs per record, {:.1} records per batch",
+        "  {total} records from {CONCURRENT} writers, after (group commit + log):        {:.0} records/s, {:.2} fsyncs per record, {:.1} records per batch",
         total as f64 / grouped,
         g.fsyncs as f64 / total as f64,
         g.records as f64 / g.batches.max(1) as f64

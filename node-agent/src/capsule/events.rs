@@ -202,7 +202,7 @@ mod tests {
 
     fn view(uid: &str, state: State) -> CapsuleView {
         let mut r = Record::new(uid, &spec(uid));
-        r.state = state;
+        r.back_to(state);
         r.view(&BackendInfo {
             kind: BackendKind::CloudHypervisor,
             version: "v53.0".into(),

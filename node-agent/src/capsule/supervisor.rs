@@ -339,7 +339,7 @@ impl<M: Machine + 'static> Supervisor<M> {
                 internal,
                 |shared, entry, mut rec| async move {
                     let timer = shared.cfg().metrics.start_step(Step::Delete);
-                    rec.state = State::Deleting;
+                    rec.begin_delete();
                     if let Err(e) = shared.commit(&entry, &rec).await {
                         timer.finish(Outcome::Error);
                         return (Some(rec), Err(e));
@@ -361,7 +361,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     #[tracing::instrument(skip_all, fields(capsule = %uid, step = "pause"))]
     pub async fn pause(&self, uid: &str) -> Result<CapsuleView, Error> {
         self.run(uid, "pause", false, |shared, entry, mut rec| async move {
-            let res = match plan_op(Op::Pause, rec.state) {
+            let res = match plan_op(Op::Pause, rec.state()) {
                 Decision::Pause => {
                     shared
                         .timed(Step::Pause, shared.pause_steps(&entry, &mut rec))
@@ -379,7 +379,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     #[tracing::instrument(skip_all, fields(capsule = %uid, step = "resume"))]
     pub async fn resume(&self, uid: &str) -> Result<CapsuleView, Error> {
         self.run(uid, "resume", false, |shared, entry, mut rec| async move {
-            let res = match plan_op(Op::Resume, rec.state) {
+            let res = match plan_op(Op::Resume, rec.state()) {
                 Decision::ResumePaused => {
                     shared
                         .timed(Step::Resume, shared.resume_paused(&entry, &mut rec))
@@ -402,7 +402,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     #[tracing::instrument(skip_all, fields(capsule = %uid, step = "suspend"))]
     pub async fn suspend(&self, uid: &str) -> Result<CapsuleView, Error> {
         self.run(uid, "suspend", false, |shared, entry, mut rec| async move {
-            let res = match plan_op(Op::Suspend, rec.state) {
+            let res = match plan_op(Op::Suspend, rec.state()) {
                 Decision::Suspend => {
                     shared
                         .timed(Step::Suspend, shared.suspend_steps(&entry, &mut rec))
@@ -437,7 +437,7 @@ impl<M: Machine + 'static> Supervisor<M> {
             "snapshot",
             internal,
             move |shared, entry, mut rec| async move {
-                let res = match plan_op(Op::Snapshot, rec.state) {
+                let res = match plan_op(Op::Snapshot, rec.state()) {
                     Decision::Snapshot => {
                         shared
                             .timed(
@@ -446,8 +446,8 @@ impl<M: Machine + 'static> Supervisor<M> {
                             )
                             .await
                     }
-                    Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
-                    other => Err(wrong(&rec.uid, rec.state, unexpected(other))),
+                    Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state(), hint)),
+                    other => Err(wrong(&rec.uid, rec.state(), unexpected(other))),
                 };
                 (Some(rec), res)
             },
@@ -602,8 +602,8 @@ impl<M: Machine + 'static> BuildVms for Supervisor<M> {
 fn settled(rec: &Record, decision: Decision) -> Result<(), Error> {
     match decision {
         Decision::Noop => Ok(()),
-        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
-        other => Err(wrong(&rec.uid, rec.state, unexpected(other))),
+        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state(), hint)),
+        other => Err(wrong(&rec.uid, rec.state(), unexpected(other))),
     }
 }
 

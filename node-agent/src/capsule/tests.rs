@@ -441,14 +441,11 @@ async fn a_refused_name_becomes_an_event_about_its_capsule() {
     // A report about a capsule the agent no longer knows is dropped.
     assert!(b.net.refuse_name(refused("gone", "a.example")));
     assert!(b.net.refuse_name(refused("c1", "evil.example")));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let event = loop {
-        if let Some(e) = b.sup.watch(start).backlog.into_iter().next() {
-            break e;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no event in 5 s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    wrenn_testkit::eventually(Duration::from_secs(5), "an event", || {
+        !b.sup.watch(start).backlog.is_empty()
+    })
+    .await;
+    let event = b.sup.watch(start).backlog.into_iter().next().unwrap();
     assert_eq!(event.kind, EventKind::NameRefused);
     assert_eq!(
         event.capsule.map(|c| (c.uid, c.state)),
@@ -546,7 +543,7 @@ async fn recovery_finishes_an_interrupted_suspend_and_undoes_a_snapshot() {
     std::fs::create_dir_all(&dir).unwrap();
     let vm = rec.vm().cloned().unwrap();
     b.machine.snapshot(&vm, &dir).await.unwrap();
-    rec.state = State::Running;
+    rec.back_to(State::Running);
     rec.begin_suspend().unwrap();
     rec.suspend_image_written().unwrap();
     crate::state::Journal::new(b.dir.path())
@@ -590,12 +587,12 @@ async fn the_journal_is_written_before_each_side_effect() {
     let creating = tokio::spawn(async move { sup.create("c1", spec("c1"), State::Running).await });
     entered(&b, "c1", Step::Launch).await;
     let rec: Record = journal.read("c1").unwrap().unwrap();
-    assert_eq!(rec.state, State::Creating);
+    assert_eq!(rec.state(), State::Creating);
     assert!(rec.held.disk.is_some() && rec.held.net.is_some(), "{rec:?}");
     assert_eq!(rec.held.vm, VmHeld::Starting);
     creating.await.unwrap().unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
-    assert_eq!(rec.state, State::Running);
+    assert_eq!(rec.state(), State::Running);
     assert!(rec.vm().is_some());
 
     b.machine.delay(Step::Snapshot, Duration::from_secs(2));
@@ -604,13 +601,13 @@ async fn the_journal_is_written_before_each_side_effect() {
     entered(&b, "c1", Step::Snapshot).await;
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(
-        (rec.state, rec.prior),
+        (rec.state(), rec.prior),
         (State::Suspending, Some(State::Running))
     );
     assert!(!rec.suspend_image_complete());
     suspending.await.unwrap().unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
-    assert_eq!(rec.state, State::Suspended);
+    assert_eq!(rec.state(), State::Suspended);
     assert!(rec.in_flight.is_none() && rec.vm().is_none() && rec.held.net.is_some());
     // Resumed, the old image no longer counts: a crash during the next
     // suspend must not finish it with stale memory.

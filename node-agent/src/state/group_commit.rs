@@ -1,49 +1,58 @@
-//! [`GroupCommit`]: the agent's one journal writer. Steps hand it a record
-//! and await its durability; a dedicated thread takes every record pending
-//! at that moment as one batch ([`Journal::write_batch`]: temp files
-//! written and fsynced, renamed, each directory fsynced once), so
-//! concurrent capsules share disk flushes and no fsync runs on a tokio
-//! worker. A record is acknowledged only once it is durable, so "journal
-//! before side effect" holds for every caller that awaits.
+//! [`GroupCommit`]: the agent's one journal writer. Steps hand it a change
+//! (a capsule's new record, or its removal) and await its durability; a
+//! dedicated thread takes every change pending at that moment as one
+//! batch and makes it durable through the [`Log`] (applied to the files,
+//! appended to the write-ahead log with one `fdatasync`), so concurrent
+//! capsules share one disk flush and no fsync runs on a tokio worker. A
+//! change is acknowledged only once it is durable, so "journal before side
+//! effect" holds for every caller that awaits.
 //!
-//! The thread is one of the agent's watched background tasks:
+//! The thread first replays the log left by the last run; callers that
+//! read journals (recovery) wait for it with [`GroupCommit::replayed`].
+//! It is one of the agent's watched background tasks:
 //! [`GroupCommit::ended`] resolves when it is gone, and `main` exits on it
-//! as on any other. Until then (and in tests, with no one watching) records
-//! are written one by one on a blocking thread, so a dead writer never
-//! turns a journal write into an error.
+//! as on any other. Until then (and in tests, with no one watching)
+//! changes are made durable one by one on a blocking thread through the
+//! same log, so a dead writer never turns a journal write into an error.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 use super::Error;
+use super::commit_log::{Log, copy_error};
 use super::journal::{Journal, encode};
+use super::wal::Change;
 
-/// Answers one caller once its record is durable (or failed).
+/// Answers one caller once its change is durable (or failed).
 type Waiter = oneshot::Sender<Result<(), Error>>;
 
-/// One record waiting for the writer.
+/// How long the writer waits for more changes before it checkpoints the
+/// log (so a quiet agent restarts with an empty one).
+const IDLE_CHECKPOINT: Duration = Duration::from_millis(500);
+
+/// One change waiting for the writer.
 struct Pending {
     uid: String,
-    body: Vec<u8>,
+    change: Change,
     done: Waiter,
 }
 
 /// What the writer did so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Records acknowledged (successfully or not).
+    /// Changes acknowledged (successfully or not).
     pub records: u64,
-    /// Journal files written (records of one capsule pending together
-    /// are written once, the newest).
+    /// Journal files written or removed (changes of one capsule pending
+    /// together are applied once, the newest).
     pub writes: u64,
     /// Batches.
     pub batches: u64,
-    /// fsync calls.
+    /// fsync calls (the log's, checkpoints', file by file).
     pub fsyncs: u64,
 }
 
@@ -59,10 +68,11 @@ struct Counters {
 /// ends when the last clone is dropped.
 #[derive(Clone, Debug)]
 pub struct GroupCommit {
-    /// `None` when the thread could not be started: each record is then
-    /// written alone on a blocking thread.
+    /// `None` when the thread could not be started: each change is then
+    /// made durable alone on a blocking thread.
     tx: Option<mpsc::Sender<Pending>>,
     journal: Journal,
+    log: Arc<Mutex<Log>>,
     counters: Arc<Counters>,
     /// Turns `true` when the writer thread is gone (or never started).
     ended: watch::Receiver<bool>,
@@ -79,7 +89,7 @@ impl Drop for Alive {
 }
 
 /// What the writer thread runs.
-type Writer = fn(&Journal, &mpsc::Receiver<Pending>, &Counters);
+type Writer = fn(&Journal, &Mutex<Log>, &mpsc::Receiver<Pending>, &Counters);
 
 impl GroupCommit {
     /// Starts the writer thread for `journal`.
@@ -91,16 +101,17 @@ impl GroupCommit {
     fn start_with(journal: Journal, writer: Writer) -> Self {
         let (tx, rx) = mpsc::channel::<Pending>();
         let counters = Arc::new(Counters::default());
+        let log = Arc::new(Mutex::new(Log::new(journal.log_path())));
         let (alive, ended) = watch::channel(false);
         let alive = Alive(alive);
-        let (j, c) = (journal.clone(), counters.clone());
+        let (j, l, c) = (journal.clone(), log.clone(), counters.clone());
         // When the spawn fails the closure, and `alive` with it, is
         // dropped: `ended` shows that too.
         let started = std::thread::Builder::new()
             .name("wrenn-journal".into())
             .spawn(move || {
                 let _alive = alive;
-                writer(&j, &rx, &c);
+                writer(&j, &l, &rx, &c);
             });
         let tx = match started {
             Ok(_) => Some(tx),
@@ -115,6 +126,7 @@ impl GroupCommit {
         Self {
             tx,
             journal,
+            log,
             counters,
             ended,
         }
@@ -132,43 +144,73 @@ impl GroupCommit {
         }
     }
 
+    /// Resolves once the last run's log was replayed over the journal
+    /// files, with the number of changes replayed. Read journals only
+    /// after it; an error means they may be stale and no write will be
+    /// made.
+    pub async fn replayed(&self) -> Result<u64, Error> {
+        let (journal, log) = (self.journal.clone(), self.log.clone());
+        tokio::task::spawn_blocking(move || lock(&log, &journal).replay(&journal))
+            .await
+            .map_err(|_| Error::Unsafe {
+                why: "the journal replay panicked".into(),
+            })?
+    }
+
     /// Writes `record` as `uid`'s journal; returns once it is durable.
     pub async fn write<T: Serialize>(&self, uid: &str, record: &T) -> Result<(), Error> {
         let body = encode(uid, record)?;
+        self.send(uid, Change::Record(body)).await
+    }
+
+    /// Removes `uid`'s directory and everything in it (the last step of a
+    /// delete); returns once the removal is durable. Succeeds when it is
+    /// already gone.
+    pub async fn remove(&self, uid: &str) -> Result<(), Error> {
+        self.send(uid, Change::Removed).await
+    }
+
+    async fn send(&self, uid: &str, change: Change) -> Result<(), Error> {
         let Some(tx) = &self.tx else {
-            return self.write_alone(uid, body).await;
+            return self.commit_alone(uid, change).await;
         };
         let (done, wait) = oneshot::channel();
         let sent = tx.send(Pending {
             uid: uid.to_string(),
-            body,
+            change: change.clone(),
             done,
         });
-        let body = match sent {
-            Ok(()) => match wait.await {
-                Ok(res) => return res,
-                // The writer died holding this record; its write is a
-                // temp file and a rename, so writing it again is safe.
-                Err(_) => encode(uid, record)?,
-            },
-            Err(mpsc::SendError(p)) => p.body,
-        };
+        // When the writer died holding this change, applying it again is
+        // safe (a record replaces the file whole, a removal of a missing
+        // directory succeeds).
+        if sent.is_ok()
+            && let Ok(res) = wait.await
+        {
+            return res;
+        }
         // A dead writer must not turn every later journal write into an
-        // error until the agent exits (`ended`): each record is then
-        // written alone, as when the thread never started.
-        tracing::error!(capsule = %uid, "the journal writer thread is gone; writing this record alone");
-        self.write_alone(uid, body).await
+        // error until the agent exits (`ended`): each change is then made
+        // durable alone, as when the thread never started.
+        tracing::error!(capsule = %uid, "the journal writer thread is gone; writing this change alone");
+        self.commit_alone(uid, change).await
     }
 
-    /// Writes one record on a blocking thread, without the writer.
-    async fn write_alone(&self, uid: &str, body: Vec<u8>) -> Result<(), Error> {
-        let (journal, batch) = (self.journal.clone(), vec![(uid.to_string(), body)]);
-        let mut done = tokio::task::spawn_blocking(move || journal.write_batch(&batch))
-            .await
-            .map_err(|_| Error::WriterGone {
-                uid: uid.to_string(),
-            })?;
-        done.results.pop().unwrap_or(Ok(()))
+    /// Commits one change on a blocking thread, without the writer.
+    async fn commit_alone(&self, uid: &str, change: Change) -> Result<(), Error> {
+        let (journal, log) = (self.journal.clone(), self.log.clone());
+        let batch = vec![(uid.to_string(), change)];
+        let mut done = tokio::task::spawn_blocking(move || {
+            let mut log = lock(&log, &journal);
+            match log.replay(&journal) {
+                Ok(_) => log.commit(&journal, &batch).results,
+                Err(e) => vec![Err(e)],
+            }
+        })
+        .await
+        .map_err(|_| Error::WriterGone {
+            uid: uid.to_string(),
+        })?;
+        done.pop().unwrap_or(Ok(()))
     }
 
     /// Counts so far.
@@ -183,56 +225,84 @@ impl GroupCommit {
     }
 }
 
-/// The writer: one batch of everything pending, until every sender is
-/// gone.
-fn run(journal: &Journal, rx: &mpsc::Receiver<Pending>, counters: &Counters) {
-    while let Ok(first) = rx.recv() {
-        // Newest body per capsule; every waiter of that capsule is answered
-        // by its write (a newer record supersedes an older one whole).
-        let mut by_uid: BTreeMap<String, (Vec<u8>, Vec<Waiter>)> = BTreeMap::new();
+/// The log, taken from a writer that died holding it: what it touched is
+/// unknown, so every journal is synced before the log is used again.
+fn lock<'a>(log: &'a Mutex<Log>, journal: &Journal) -> MutexGuard<'a, Log> {
+    match log.lock() {
+        Ok(g) => g,
+        Err(poisoned) => {
+            log.clear_poison();
+            let mut g = poisoned.into_inner();
+            g.recover_after_panic(journal);
+            g
+        }
+    }
+}
+
+/// The writer: the replay, then one batch of everything pending, until
+/// every sender is gone; a checkpoint when idle and at the end.
+fn run(journal: &Journal, log: &Mutex<Log>, rx: &mpsc::Receiver<Pending>, counters: &Counters) {
+    // Its error reaches every caller through `commit`, and recovery
+    // through `replayed`.
+    let _ = lock(log, journal).replay(journal);
+    loop {
+        let first = match rx.recv_timeout(IDLE_CHECKPOINT) {
+            Ok(p) => p,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let mut l = lock(log, journal);
+                if l.pending() {
+                    let (_, fsyncs) = l.checkpoint(journal);
+                    counters.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                lock(log, journal).checkpoint(journal);
+                return;
+            }
+        };
+        // Newest change per capsule; every waiter of that capsule is
+        // answered by it (a newer record or a removal supersedes an older
+        // change whole).
+        let mut by_uid: BTreeMap<String, (Change, Vec<Waiter>)> = BTreeMap::new();
         let mut records = 0u64;
         for p in std::iter::once(first).chain(rx.try_iter()) {
             records += 1;
-            let slot = by_uid.entry(p.uid).or_default();
-            slot.0 = p.body;
+            let slot = by_uid
+                .entry(p.uid)
+                .or_insert_with(|| (Change::Removed, Vec::new()));
+            slot.0 = p.change;
             slot.1.push(p.done);
         }
         let mut waiters = Vec::with_capacity(by_uid.len());
-        let batch: Vec<(String, Vec<u8>)> = by_uid
+        let batch: Vec<(String, Change)> = by_uid
             .into_iter()
-            .map(|(uid, (body, w))| {
+            .map(|(uid, (change, w))| {
                 waiters.push(w);
-                (uid, body)
+                (uid, change)
             })
             .collect();
-        let done = journal.write_batch(&batch);
+        let done = lock(log, journal).commit(journal, &batch);
         counters.records.fetch_add(records, Ordering::Relaxed);
         counters
             .writes
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.fsyncs.fetch_add(done.fsyncs, Ordering::Relaxed);
-        for ((res, ws), (uid, _)) in done.results.into_iter().zip(waiters).zip(&batch) {
-            answer(uid, res, ws);
+        for (res, ws) in done.results.into_iter().zip(waiters) {
+            answer(res, ws);
         }
     }
 }
 
 /// Sends `res` to every waiter of one capsule: the newest gets it, older
-/// ones a copy (`write_batch` fails only with `Error::Write`).
-fn answer(uid: &str, res: Result<(), Error>, mut waiters: Vec<Waiter>) {
+/// ones a copy.
+fn answer(res: Result<(), Error>, mut waiters: Vec<Waiter>) {
     let newest = waiters.pop();
     for w in waiters {
         let copy = match &res {
-            Err(Error::Write { what, path, source }) => Err(Error::Write {
-                what,
-                path: path.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            }),
-            Err(_) => Err(Error::WriterGone {
-                uid: uid.to_string(),
-            }),
             Ok(()) => Ok(()),
+            Err(e) => Err(copy_error(e)),
         };
         // A caller that stopped waiting (cancelled) needs no answer.
         let _ = w.send(copy);
@@ -313,6 +383,7 @@ mod tests {
         let gc = GroupCommit {
             tx: Some(tx),
             journal: j.clone(),
+            log: Arc::new(Mutex::new(Log::new(j.log_path()))),
             counters: Arc::default(),
             ended: watch::channel(true).1,
         };
@@ -331,7 +402,7 @@ mod tests {
         assert!(healthy.ended().now_or_never().is_none());
 
         // One that panics on its first record.
-        fn dies(_: &Journal, rx: &mpsc::Receiver<Pending>, _: &Counters) {
+        fn dies(_: &Journal, _: &Mutex<Log>, rx: &mpsc::Receiver<Pending>, _: &Counters) {
             let _first = rx.recv();
             panic!("writer thread dies (test)");
         }
@@ -361,5 +432,40 @@ mod tests {
             Err(Error::Encode { .. })
         ));
         assert_eq!(gc.stats().records, 0);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_writer_replays_the_last_runs_log_before_journals_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        // What a run that died left: c1's record in the log only.
+        let mut wal = super::super::wal::Wal::create(&j.log_path()).unwrap();
+        let body = encode("c1", &Rec { n: 5 }).unwrap();
+        wal.append([("c1", &Change::Record(body))]).unwrap();
+        drop(wal);
+        assert_eq!(j.read::<Rec>("c1").unwrap(), None);
+
+        let gc = GroupCommit::start(j.clone());
+        assert_eq!(gc.replayed().await.unwrap(), 1);
+        assert_eq!(j.read::<Rec>("c1").unwrap(), Some(Rec { n: 5 }));
+    }
+
+    #[tokio::test]
+    async fn a_removal_goes_through_the_log_and_an_idle_writer_empties_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let gc = GroupCommit::start(j.clone());
+        gc.write("c1", &Rec { n: 1 }).await.unwrap();
+        gc.remove("c1").await.unwrap();
+        gc.remove("c1").await.unwrap();
+        assert!(!j.capsule_dir("c1").exists());
+        let log = j.log_path();
+        let empty = super::super::wal::read(&log).unwrap().is_empty();
+        assert!(!empty, "the removal is in the log until a checkpoint");
+        wrenn_testkit::eventually(Duration::from_secs(10), "an empty log", || {
+            super::super::wal::read(&log).is_ok_and(|c| c.is_empty())
+        })
+        .await;
+        assert!(!j.capsule_dir("c1").exists());
     }
 }

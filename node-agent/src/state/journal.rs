@@ -3,10 +3,13 @@
 //! effect the supervisor makes, so that a restarted agent knows what may
 //! exist on the node for that capsule.
 //!
-//! Each write is atomic and durable: a temp file in the same directory,
-//! `fsync`, `rename` over the journal, then `fsync` of the directory so the
-//! rename itself survives a power cut. A reader therefore sees either the
-//! old record or the new one, never a torn file.
+//! Every write replaces the file atomically (a temp file renamed over the
+//! journal), so a reader sees the old record or the new one, never a torn
+//! file. Durability comes one of two ways: [`Journal::write_batch`]
+//! fsyncs the temp file before the rename and the directory after it;
+//! [`Journal::apply`] fsyncs nothing, for the agent's writer, whose
+//! write-ahead log (`super::wal`) holds the change durably until a
+//! checkpoint syncs the files ([`Journal::sync`]).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,10 +17,23 @@ use std::path::{Path, PathBuf};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::Error;
+use super::wal::Change;
 
 /// File name of a capsule's journal inside its directory.
 pub const JOURNAL_FILE: &str = "journal.json";
 const TEMP_FILE: &str = ".journal.json.tmp";
+/// File name of the write-ahead log in the state directory.
+const LOG_FILE: &str = "journal.wal";
+
+/// What [`Journal::apply`] did.
+#[derive(Debug)]
+pub(super) struct Applied {
+    /// One per entry, in order.
+    pub results: Vec<Result<(), Error>>,
+    /// Whether a capsule directory was made or removed (the root then
+    /// needs an fsync before the log may forget the change).
+    pub dirs_changed: bool,
+}
 
 /// What [`Journal::write_batch`] did.
 #[derive(Debug)]
@@ -43,6 +59,7 @@ pub type Listing<T> = Vec<(String, Result<T, Error>)>;
 #[derive(Clone, Debug)]
 pub struct Journal {
     root: PathBuf,
+    log: PathBuf,
 }
 
 impl Journal {
@@ -50,7 +67,14 @@ impl Journal {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             root: state_dir.join("capsules"),
+            log: state_dir.join(LOG_FILE),
         }
+    }
+
+    /// `<state>/journal.wal`, the write-ahead log of the journal's writer
+    /// ([`GroupCommit`](super::GroupCommit)).
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
     }
 
     /// `<state>/capsules`.
@@ -64,12 +88,22 @@ impl Journal {
     }
 
     /// Writes `record` as `uid`'s journal, atomically and durably, on the
-    /// calling thread (tests, tools; the agent writes through
-    /// [`GroupCommit`](super::GroupCommit)).
+    /// calling thread, as an agent that stopped would find it (tests,
+    /// tools; the agent writes through [`GroupCommit`](super::GroupCommit)):
+    /// when a journal log is there the record is appended to it as well,
+    /// so the next agent's replay ends with this record rather than
+    /// restoring an older one over it.
     pub fn write<T: Serialize>(&self, uid: &str, record: &T) -> Result<(), Error> {
         let body = encode(uid, record)?;
-        let mut done = self.write_batch(&[(uid.to_string(), body)]).results;
-        done.pop().unwrap_or(Ok(()))
+        let mut done = self.write_batch(&[(uid.to_string(), body.clone())]).results;
+        done.pop().unwrap_or(Ok(()))?;
+        super::wal::append_outside(&self.log, uid, &Change::Record(body))
+            .map(|_| ())
+            .map_err(|source| Error::Write {
+                what: "append",
+                path: self.log.clone(),
+                source,
+            })
     }
 
     /// Writes each `(uid, body)` as that capsule's journal, atomically and
@@ -144,6 +178,78 @@ impl Journal {
             }
         }
         Batch { results, fsyncs }
+    }
+
+    /// Applies each change to the files without any fsync (the log makes
+    /// them durable): a record written to a temp file and renamed over
+    /// the journal, a removal deleting the capsule's directory. Readers
+    /// see the change at once. One result per entry, in order.
+    pub(super) fn apply(&self, batch: &[(String, Change)]) -> Applied {
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Write { what, path, source }
+        };
+        let mut dirs_changed = false;
+        let results = batch
+            .iter()
+            .map(|(uid, change)| {
+                let dir = self.capsule_dir(uid);
+                let Change::Record(body) = change else {
+                    dirs_changed = true;
+                    return match std::fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            Err(io("remove", &dir)(e))
+                        }
+                        _ => Ok(()),
+                    };
+                };
+                if !dir.is_dir() {
+                    dirs_changed = true;
+                    std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+                }
+                let tmp = dir.join(TEMP_FILE);
+                std::fs::write(&tmp, body).map_err(io("write", &tmp))?;
+                let dest = dir.join(JOURNAL_FILE);
+                std::fs::rename(&tmp, &dest).map_err(io("rename", &dest))
+            })
+            .collect();
+        Applied {
+            results,
+            dirs_changed,
+        }
+    }
+
+    /// Makes what [`Journal::apply`] did for `uids` durable without the
+    /// log: their journal files and directories fsynced (in parallel),
+    /// then the root when directories were made or removed. A capsule
+    /// removed since has nothing to sync. Returns the fsyncs made.
+    pub(super) fn sync(&self, uids: &[String], root: bool) -> Result<u64, Error> {
+        let dirs: Vec<PathBuf> = uids
+            .iter()
+            .map(|u| self.capsule_dir(u))
+            .filter(|d| d.is_dir())
+            .collect();
+        let files: Vec<PathBuf> = dirs.iter().map(|d| d.join(JOURNAL_FILE)).collect();
+        let fail = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Write { what, path, source }
+        };
+        let open_sync = |p: &Path| match std::fs::File::open(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            f => f?.sync_all(),
+        };
+        for (res, f) in sync_all(&files, open_sync).into_iter().zip(&files) {
+            res.map_err(fail("fsync", f))?;
+        }
+        for (res, d) in sync_all(&dirs, open_sync).into_iter().zip(&dirs) {
+            res.map_err(fail("fsync directory", d))?;
+        }
+        let mut fsyncs = (files.len() + dirs.len()) as u64;
+        if root && self.root.is_dir() {
+            sync_dir(&self.root).map_err(fail("fsync directory", &self.root))?;
+            fsyncs += 1;
+        }
+        Ok(fsyncs)
     }
 
     /// Reads `uid`'s journal; `None` when it has none.

@@ -1,13 +1,16 @@
 //! What survives an agent restart: the per-capsule journal ([`Journal`],
-//! written by the one batching writer [`GroupCommit`]),
+//! written by the one batching writer [`GroupCommit`] through a
+//! write-ahead log),
 //! where things live under the state directory ([`Layout`]), and the
 //! verdict on journals recovery must not touch ([`quarantine`]). Recovery
 //! itself, which reads them back, is `crate::capsule`'s.
 
+mod commit_log;
 mod group_commit;
 mod journal;
 mod layout;
 pub mod quarantine;
+mod wal;
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +65,13 @@ pub enum Error {
     WriterGone {
         /// The capsule.
         uid: String,
+    },
+    /// No journal write is safe now (the log could not be replayed, or
+    /// neither kept nor removed): nothing was written.
+    #[error("journal not writable: {why}")]
+    Unsafe {
+        /// Why.
+        why: String,
     },
     /// A capsule directory without a journal.
     #[error("no journal at {}", path.display())]

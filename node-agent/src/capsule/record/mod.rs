@@ -35,8 +35,9 @@ pub struct Record {
     pub uid: String,
     /// The spec it was created with.
     pub spec: CapsuleSpec,
-    /// Current (or in-progress) state.
-    pub state: State,
+    /// Current (or in-progress) state: read with [`Record::state`],
+    /// changed only by the transitions below.
+    state: State,
     /// The state to return to when an in-progress step
     /// (suspending, snapshotting, resuming) is undone.
     pub prior: Option<State>,
@@ -388,6 +389,39 @@ impl Record {
         self.state = State::Resuming;
         self.prior = Some(State::Suspended);
         Ok(())
+    }
+
+    /// Current (or in-progress) state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// A delete (or a failed create's rollback) is under way.
+    pub(crate) fn begin_delete(&mut self) {
+        self.state = State::Deleting;
+    }
+
+    /// A pause is under way.
+    pub(crate) fn begin_pause(&mut self) {
+        self.state = State::Pausing;
+    }
+
+    /// The guest booted and answered: running since `now_nanos`.
+    pub(crate) fn running_since(&mut self, now_nanos: i64) {
+        self.state = State::Running;
+        self.started_unix_nanos = now_nanos;
+    }
+
+    /// A step failed in a way that leaves the capsule unusable; the caller
+    /// says why ([`Record::explain`]).
+    pub(crate) fn fail(&mut self) {
+        self.state = State::Failed;
+    }
+
+    /// Its VMM ended on its own: `state` (stopped or failed) and why.
+    pub(crate) fn vm_ended(&mut self, state: State, reason: Reason, message: impl Into<String>) {
+        self.state = state;
+        self.explain(reason, message);
     }
 
     /// Back in `state` after an in-flight step ended (done or undone).

@@ -139,6 +139,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
             source: Box::new(source),
         })?;
 
+    shared.journal_replayed().await?;
     let uids = shared.journal().uids().map_err(|source| Error::Journal {
         uid: "(all)".into(),
         source: Box::new(source),
@@ -163,7 +164,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
             }
             Verdict::Discard => {
                 tracing::info!(capsule = %uid, "capsule directory from before its first journal write; removing it");
-                let _ = shared.journal().remove(&uid);
+                let _ = shared.remove_journal(&uid).await;
                 report.orphans.journals += 1;
             }
         }
@@ -222,7 +223,7 @@ async fn recover_one<M: Machine + 'static>(
     let mut guard = entry.lock().await;
     // A snapshot being written is never finished by a restarted agent:
     // its staging directory goes (a build VM's too, with the VM).
-    let observed = observes_vm(rec.state, rec.internal);
+    let observed = observes_vm(rec.state(), rec.internal);
     let mut stale = Vec::new();
     stale.extend(
         rec.take_snapshot_in_flight()
@@ -246,7 +247,7 @@ async fn recover_one<M: Machine + 'static>(
         None
     };
     let plan = plan_recovery(&Facts {
-        state: rec.state,
+        state: rec.state(),
         prior: rec.prior,
         internal: rec.internal,
         suspended_image: rec.suspend_image_complete(),
@@ -305,7 +306,7 @@ async fn carry_out<M: Machine + 'static>(
             // next start.
             match cx.release(rec, Teardown::ReleaseSlot, true).await {
                 Ok(()) => {
-                    let _ = cx.journal().remove(&uid);
+                    let _ = cx.remove_journal(&uid).await;
                     return Outcome::Removed;
                 }
                 Err(e) => fail(cx, entry, rec, &e).await,

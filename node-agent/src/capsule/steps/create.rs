@@ -61,8 +61,7 @@ impl<M: Machine + 'static> Ctx<M> {
             if entry.cancelled() {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
-            rec.state = State::Running;
-            rec.started_unix_nanos = now_nanos();
+            rec.running_since(now_nanos());
             self.commit(entry, &rec).await?;
             Ok(())
         }
@@ -71,7 +70,7 @@ impl<M: Machine + 'static> Ctx<M> {
             if !matches!(e, Error::Cancelled { .. }) {
                 tracing::error!(capsule = %uid, error = &e as &dyn std::error::Error, "create failed; rolling back");
             }
-            rec.state = State::Deleting;
+            rec.begin_delete();
             self.show(entry, &rec);
             let (rec, undo) = self.destroy(entry, rec).await;
             if let Err(u) = undo {

@@ -19,11 +19,11 @@ use crate::vmm::Machine;
 /// (running, paused) or is recorded for when the network comes back
 /// (suspended, failed, stopped); refused between states.
 pub(crate) fn network_change_is_live(rec: &Record) -> Result<bool, Error> {
-    match plan_op(Op::UpdateEgress, rec.state) {
+    match plan_op(Op::UpdateEgress, rec.state()) {
         Decision::ApplyEgress => Ok(true),
         Decision::RecordEgress => Ok(false),
-        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state, hint)),
-        _ => Err(wrong(&rec.uid, rec.state, "wait until it settles")),
+        Decision::Refuse(hint) => Err(wrong(&rec.uid, rec.state(), hint)),
+        _ => Err(wrong(&rec.uid, rec.state(), "wait until it settles")),
     }
 }
 
@@ -87,7 +87,7 @@ impl<M: Machine + 'static> Ctx<M> {
     /// limits. A failure leaves the table that was loaded (the swap is
     /// atomic) and is logged.
     pub(crate) async fn reapply_egress(&self, rec: &Record) {
-        if rec.vm().is_none() || !matches!(rec.state, State::Running | State::Paused) {
+        if rec.vm().is_none() || !matches!(rec.state(), State::Running | State::Paused) {
             return;
         }
         if let Err(e) = self.apply_egress(rec).await {

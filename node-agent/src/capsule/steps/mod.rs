@@ -166,6 +166,30 @@ impl<M> Ctx<M> {
             })
     }
 
+    /// Removes `rec`'s journal and directory through the journal writer
+    /// (durable when this returns).
+    pub(crate) async fn remove_journal(&self, uid: &str) -> Result<(), Error> {
+        self.commits
+            .remove(uid)
+            .await
+            .map_err(|source| Error::Journal {
+                uid: uid.to_string(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Waits until the last run's journal log is replayed over the
+    /// journal files: read them only after it.
+    pub(crate) async fn journal_replayed(&self) -> Result<u64, Error> {
+        self.commits
+            .replayed()
+            .await
+            .map_err(|source| Error::Journal {
+                uid: "(all)".into(),
+                source: Box::new(source),
+            })
+    }
+
     /// What the journal writer did so far.
     pub(crate) fn commit_stats(&self) -> CommitStats {
         self.commits.stats()

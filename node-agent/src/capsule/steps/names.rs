@@ -36,7 +36,7 @@ impl<M: Machine + 'static> Ctx<M> {
         let old = std::mem::replace(&mut rec.spec.names, names);
         let was_stale = rec.resolver_stale;
         // A paused guest cannot take the file now: it gets it at resume.
-        rec.resolver_stale |= live && file_changes && rec.state == State::Paused;
+        rec.resolver_stale |= live && file_changes && rec.state() == State::Paused;
         self.journal_only(rec).await?;
         if live {
             let res = match self.apply_names(rec).await {
@@ -125,7 +125,7 @@ impl<M: Machine + 'static> Ctx<M> {
         let (Some(g), Some(vm)) = (self.cfg.guest, rec.vm()) else {
             return Ok(());
         };
-        if rec.state != State::Running {
+        if rec.state() != State::Running {
             return Ok(());
         }
         let err = |source| Error::Guest {

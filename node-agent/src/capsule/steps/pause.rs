@@ -12,9 +12,9 @@ impl<M: Machine + 'static> Ctx<M> {
     pub(crate) async fn pause_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
         let Some(vm) = rec.vm().cloned() else {
-            return Err(wrong(&uid, rec.state, "it has no VM"));
+            return Err(wrong(&uid, rec.state(), "it has no VM"));
         };
-        rec.state = State::Pausing;
+        rec.begin_pause();
         self.show(entry, rec);
         match self.host.machine.pause(&vm).await {
             Ok(()) => {
@@ -37,11 +37,11 @@ impl<M: Machine + 'static> Ctx<M> {
                     Ok(crate::vmm::MachineState::Running) => true,
                     _ => false,
                 };
-                rec.state = if thawed {
+                rec.back_to(if thawed {
                     State::Running
                 } else {
                     State::Failed
-                };
+                });
                 note(rec, &e);
                 self.commit(entry, rec).await?;
                 Err(e)
@@ -53,7 +53,7 @@ impl<M: Machine + 'static> Ctx<M> {
     pub(crate) async fn resume_paused(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
         let Some(vm) = rec.vm().cloned() else {
-            return Err(wrong(&uid, rec.state, "it has no VM"));
+            return Err(wrong(&uid, rec.state(), "it has no VM"));
         };
         match self.host.machine.resume(&vm).await {
             Ok(()) => {
@@ -114,7 +114,7 @@ impl<M: Machine + 'static> Ctx<M> {
                 uid: rec.uid.clone(),
                 source: Box::new(source),
             };
-            rec.state = State::Failed;
+            rec.fail();
             note(rec, &e);
         }
         if let Err(e) = self.commit(entry, rec).await {

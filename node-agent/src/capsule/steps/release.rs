@@ -5,7 +5,7 @@
 use super::Ctx;
 use crate::capsule::files::{blocking, remove_dir};
 use crate::capsule::ids::{disk_id, net_id};
-use crate::capsule::model::{Error, State};
+use crate::capsule::model::Error;
 use crate::capsule::record::{Record, note};
 use crate::capsule::registry::Entry;
 use crate::network::Teardown;
@@ -106,14 +106,10 @@ impl<M: Machine + 'static> Ctx<M> {
         mut rec: Record,
     ) -> (Option<Record>, Result<(), Error>) {
         let released = self.release(&mut rec, Teardown::ReleaseSlot, true).await;
-        let removed = released.and_then(|()| {
-            self.journal
-                .remove(&rec.uid)
-                .map_err(|source| Error::Journal {
-                    uid: rec.uid.clone(),
-                    source: Box::new(source),
-                })
-        });
+        let removed = match released {
+            Ok(()) => self.remove_journal(&rec.uid).await,
+            Err(e) => Err(e),
+        };
         match removed {
             Ok(()) => {
                 self.forget(entry, &rec);
@@ -123,7 +119,7 @@ impl<M: Machine + 'static> Ctx<M> {
                 (None, Ok(()))
             }
             Err(e) => {
-                rec.state = State::Failed;
+                rec.fail();
                 note(&mut rec, &e);
                 if let Err(j) = self.commit(entry, &rec).await {
                     tracing::error!(capsule = %rec.uid, error = &j as &dyn std::error::Error, "journal a failed teardown");

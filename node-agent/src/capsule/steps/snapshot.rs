@@ -24,7 +24,7 @@ impl<M: Machine + 'static> Ctx<M> {
     ) -> Result<SnapshotInfo, Error> {
         let uid = rec.uid.clone();
         let Some(vm) = rec.vm().cloned() else {
-            return Err(wrong(&uid, rec.state, "it has no VM"));
+            return Err(wrong(&uid, rec.state(), "it has no VM"));
         };
         let dest = self.layout.snapshot_dir(id);
         let d = dest.clone();

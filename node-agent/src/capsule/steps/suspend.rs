@@ -15,7 +15,7 @@ impl<M: Machine + 'static> Ctx<M> {
     pub(crate) async fn suspend_steps(&self, entry: &Entry, rec: &mut Record) -> Result<(), Error> {
         let uid = rec.uid.clone();
         let Some(vm) = rec.vm().cloned() else {
-            return Err(wrong(&uid, rec.state, "it has no VM"));
+            return Err(wrong(&uid, rec.state(), "it has no VM"));
         };
         let prior = rec.begin_suspend().map_err(|r| r.on(rec))?;
         self.commit(entry, rec).await?;
@@ -54,7 +54,7 @@ impl<M: Machine + 'static> Ctx<M> {
         self.commit(entry, rec).await?;
         // The image is safe: the VMM can go, and with it the RAM.
         if let Err(e) = self.release(rec, Teardown::KeepSlot, false).await {
-            rec.state = State::Failed;
+            rec.fail();
             note(rec, &e);
             self.commit(entry, rec).await?;
             return Err(e);

@@ -36,8 +36,7 @@ impl<M: Machine + 'static> Ctx<M> {
             if let Err(e) = shared.release(rec, Teardown::KeepSlot, false).await {
                 tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "release a dead VM");
             }
-            rec.state = state;
-            rec.explain(reason, message);
+            rec.vm_ended(state, reason, message);
             if let Err(e) = shared.commit(&entry, rec).await {
                 tracing::error!(capsule = %rec.uid, error = &e as &dyn std::error::Error, "journal a dead VM");
             }
