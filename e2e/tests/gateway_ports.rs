@@ -16,7 +16,7 @@ mod gateway_bed;
 mod plugin;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -30,70 +30,25 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use wrenn_crds::Capsule;
 use wrenn_node_agent::network::GUEST_ADDR;
 use wrenn_proto::agent::v1 as pb;
-use wrenn_testkit::{Tier, case};
+use wrenn_testkit::{TestNetns, Tier, case};
 
-/// A network namespace at the path the (fake) network gave the capsule,
-/// with the guest's address on its loopback; removed on drop.
-struct Netns {
-    name: String,
-    path: PathBuf,
-}
-
-impl Netns {
-    fn create(path: &Path) -> Netns {
-        let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        assert!(name.starts_with("wrenn-"), "{name}");
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &name]);
-        let ns = Netns {
-            name: name.clone(),
-            path: path.to_path_buf(),
-        };
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("{GUEST_ADDR}/32"),
-            "dev",
-            "lo",
-        ]);
-        ns
-    }
-
-    /// A listener on the guest's address inside the namespace (the socket
-    /// stays there once the thread that made it ends).
-    fn listen(&self) -> TcpListener {
-        let path = self.path.clone();
-        let std = std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            std::net::TcpListener::bind(SocketAddr::from((GUEST_ADDR, 0))).unwrap()
-        })
-        .join()
+/// The capsule's namespace, at the path the (fake) network gave it, with
+/// the guest's address on its loopback; removed on drop.
+fn capsule_netns(path: &Path) -> TestNetns {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("wrenn-"), "{name}");
+    let ns = TestNetns::named(name).unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns.ip(&["addr", "add", &format!("{GUEST_ADDR}/32"), "dev", "lo"])
         .unwrap();
-        std.set_nonblocking(true).unwrap();
-        TcpListener::from_std(std).unwrap()
-    }
+    ns
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// A listener on the guest's address inside `ns`.
+fn listen_in(ns: &TestNetns) -> TcpListener {
+    let std = ns.listen_tcp(SocketAddr::from((GUEST_ADDR, 0))).unwrap();
+    std.set_nonblocking(true).unwrap();
+    TcpListener::from_std(std).unwrap()
 }
 
 /// Reads each connection to its end of input, then answers `TAG LEN\n`
@@ -241,13 +196,13 @@ async fn ports_are_forwarded_and_proxied_to_declared_ports_only() {
         .unwrap()
         .netns
         .expect("the fake network names the capsule's namespace");
-    let ns = Netns::create(&netns_path);
+    let ns = capsule_netns(&netns_path);
 
     // Servers: in the capsule's namespace on the guest's address (network
     // route), and on 127.0.0.1 where only the guest agent dials (loopback
     // route; the guest agent here is a host process).
-    let net_port = reverse_server(ns.listen(), "net");
-    let http_port = http_server(ns.listen());
+    let net_port = reverse_server(listen_in(&ns), "net");
+    let http_port = http_server(listen_in(&ns));
     let lo_port = reverse_server(TcpListener::bind("127.0.0.1:0").await.unwrap(), "lo");
     let ws_port = websocket_echo(TcpListener::bind("127.0.0.1:0").await.unwrap());
     let none_port = free_port();

@@ -156,20 +156,16 @@ impl Agent {
             // stop when they next leave the kernel. A call made before that
             // could still be answered, so wait for the state the kernel
             // reports for a stopped process.
-            let stat = format!("/proc/{}/stat", self.child.id());
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !stopped(&std::fs::read_to_string(&stat).unwrap_or_default()) {
-                assert!(Instant::now() < deadline, "the agent did not stop");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let pid = self.child.id() as i32;
+            wrenn_testkit::wait_until(Duration::from_secs(5), "the agent stopped", || {
+                match wrenn_testkit::process_state(pid) {
+                    Some('T') => Ok(()),
+                    other => Err(format!("state {other:?}")),
+                }
+            })
+            .unwrap();
         }
     }
-}
-
-/// Whether a `/proc/PID/stat` line shows a stopped process (state `T`).
-fn stopped(stat: &str) -> bool {
-    stat.rsplit_once(") ")
-        .is_some_and(|(_, rest)| rest.starts_with('T'))
 }
 
 impl Drop for Agent {

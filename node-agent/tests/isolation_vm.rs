@@ -26,6 +26,7 @@
 //! docs/security.md, row by row.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
 mod network_env;
 mod qemu_bed;
 

@@ -15,6 +15,7 @@
 //! touches the machine's own links, routes or firewall.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
 mod network_env;
 mod qemu_bed;
 

@@ -6,6 +6,7 @@
 //! the output since its start comes back, then its exit code.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
 mod network_env;
 mod qemu_bed;
 

@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -341,7 +343,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     let guard = Cleanup {
         pids: all_pids.clone(),
         cgroups: cgroups.clone(),
-        capsule: capsule.clone(),
+        parent: parent.clone(),
     };
     // As the supervisor does: no dial before the guest set its vsock up.
     // Then redial with no pause at all: every dial that reached the helper
@@ -515,7 +517,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     let _guard2 = Cleanup {
         pids: pids2.clone(),
         cgroups: cgroups.clone(),
-        capsule: capsule.clone(),
+        parent: parent.clone(),
     };
     // The restored guest sets up the re-plugged device: the same wait.
     machine.wait_vsock(&vm2, turn.ready).await.unwrap();
@@ -597,28 +599,16 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
 struct Cleanup {
     pids: Vec<i32>,
     cgroups: CgroupRoot,
-    capsule: String,
+    parent: String,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let cg = self.cgroups.open_capsule(&self.capsule);
-        // Also what started later in the capsule's cgroup (a fresh helper).
-        let later = cg.pids().unwrap_or_default();
-        for pid in self.pids.iter().chain(&later) {
+        for pid in &self.pids {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::SIGKILL);
         }
-        for _ in 0..50 {
-            if cg.remove().is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for dir in cg.dirs() {
-            if let Some(parent) = dir.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
+        // Also what started later in the capsule's cgroup (a fresh helper).
+        cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }

@@ -13,6 +13,7 @@
 //! snapshot against a cold boot.
 #![allow(clippy::unwrap_used)]
 
+mod cgroup_bed;
 mod network_env;
 mod qemu_bed;
 

@@ -113,6 +113,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
 struct Cleanup {
     state: PathBuf,
     cgroups: CgroupRoot,
+    parent: String,
 }
 
 impl Drop for Cleanup {
@@ -121,30 +122,7 @@ impl Drop for Cleanup {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
-        let mut parents = Vec::new();
-        for name in self.cgroups.list().unwrap_or_default() {
-            let cg = self.cgroups.open_capsule(&name);
-            for _ in 0..50 {
-                if cg.remove().is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            parents.extend(
-                cg.dirs()
-                    .iter()
-                    .filter_map(|d| d.parent().map(Path::to_path_buf)),
-            );
-        }
-        parents.extend(
-            self.cgroups
-                .dirs("x")
-                .iter()
-                .filter_map(|d| d.parent().map(Path::to_path_buf)),
-        );
-        for p in parents {
-            let _ = std::fs::remove_dir(p);
-        }
+        super::cgroup_bed::remove_test_cgroups(&self.cgroups, &self.parent);
     }
 }
 
@@ -170,11 +148,12 @@ impl QemuBed {
         cgroup_prefix: &str,
     ) -> QemuBed {
         let state = tempfile::tempdir().unwrap();
-        let cgroups =
-            CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &unique_name(cgroup_prefix)).unwrap();
+        let parent = unique_name(cgroup_prefix);
+        let cgroups = CgroupRoot::detect(Path::new("/sys/fs/cgroup"), &parent).unwrap();
         let cleanup = Cleanup {
             state: state.path().to_path_buf(),
             cgroups: cgroups.clone(),
+            parent,
         };
         let mut cfg = SupervisorConfig::new(state.path(), &image.kernel);
         cfg.initramfs = Some(image.initramfs.clone());

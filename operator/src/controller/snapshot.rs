@@ -362,7 +362,7 @@ async fn cleanup(snap: &CapsuleSnapshot, ctx: &Ctx) -> Result<Action, Error> {
 }
 
 /// One reconcile of a CapsuleSnapshot, inside its finalizer.
-#[tracing::instrument(skip_all, fields(snapshot = %snap.name_any()))]
+#[tracing::instrument(name = "snapshot.reconcile", skip_all, fields(snapshot = %snap.name_any(), namespace = snap.namespace().unwrap_or_default(), uid = snap.uid().unwrap_or_default()))]
 pub async fn reconcile(snap: Arc<CapsuleSnapshot>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = snap.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleSnapshot> = Api::namespaced(ctx.client.clone(), &ns);

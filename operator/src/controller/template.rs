@@ -391,6 +391,7 @@ async fn cleanup(tpl: &CapsuleTemplate, ctx: &Ctx) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+#[tracing::instrument(name = "template.reconcile", skip_all, fields(template = %tpl.name_any(), namespace = tpl.namespace().unwrap_or_default(), uid = tpl.uid().unwrap_or_default()))]
 async fn reconcile(tpl: Arc<CapsuleTemplate>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let ns = tpl.namespace().ok_or(Error::MissingMetadata)?;
     let api: Api<CapsuleTemplate> = Api::namespaced(ctx.client.clone(), &ns);

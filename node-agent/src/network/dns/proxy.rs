@@ -184,9 +184,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+// Each query and TCP connection runs in the serving task's `JoinSet`, so
+// the proxy's drop (which aborts the serving task) ends them too: a
+// connection outliving its proxy would keep the torn-down capsule's
+// namespace alive until it idled out.
+
 async fn serve_udp(shared: Arc<Shared>, sock: Arc<tokio::net::UdpSocket>) {
     let mut buf = vec![0u8; MAX_QUERY + 1];
+    let mut queries = tokio::task::JoinSet::new();
     loop {
+        while queries.try_join_next().is_some() {}
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
@@ -206,7 +213,7 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<tokio::net::UdpSocket>) {
         };
         let query = buf[..n].to_vec();
         let (shared, sock) = (shared.clone(), sock.clone());
-        tokio::spawn(async move {
+        queries.spawn(async move {
             if let Some(answer) = answer(&shared, &query, Transport::Udp).await {
                 let _ = sock.send_to(&answer, from).await;
             }
@@ -216,7 +223,9 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<tokio::net::UdpSocket>) {
 }
 
 async fn serve_tcp(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let Ok((mut conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -225,7 +234,7 @@ async fn serve_tcp(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             continue;
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             // Length-prefixed messages (RFC 7766) until idle or closed.
             loop {
                 let len = match tokio::time::timeout(TCP_IDLE, conn.read_u16()).await {
