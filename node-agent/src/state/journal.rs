@@ -207,10 +207,23 @@ impl Journal {
                     dirs_changed = true;
                     std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
                 }
+                // The temp file holds the previous record after an
+                // exchange: removed, then made afresh (see sys::rename).
                 let tmp = dir.join(TEMP_FILE);
-                std::fs::write(&tmp, body).map_err(io("write", &tmp))?;
+                match std::fs::remove_file(&tmp) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io("remove", &tmp)(e));
+                    }
+                    _ => {}
+                }
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .and_then(|mut f| f.write_all(body))
+                    .map_err(io("write", &tmp))?;
                 let dest = dir.join(JOURNAL_FILE);
-                std::fs::rename(&tmp, &dest).map_err(io("rename", &dest))
+                crate::sys::rename::replace(&tmp, &dest).map_err(io("rename", &dest))
             })
             .collect();
         Applied {

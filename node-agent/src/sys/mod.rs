@@ -7,5 +7,6 @@ pub mod block;
 pub mod fd_passing;
 pub mod net;
 pub mod process;
+pub mod rename;
 mod tap;
 pub mod xattr;
