@@ -207,20 +207,22 @@ impl Journal {
                     dirs_changed = true;
                     std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
                 }
-                // The temp file holds the previous record after an
-                // exchange: removed, then made afresh (see sys::rename).
+                // After an exchange the temp file holds the previous
+                // record: overwritten in place and cut to length, neither
+                // truncated to zero (ext4 would flush it on close, see
+                // sys::rename) nor made afresh (ext4's inode allocator
+                // slows down as recently freed inodes pile up).
                 let tmp = dir.join(TEMP_FILE);
-                match std::fs::remove_file(&tmp) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(io("remove", &tmp)(e));
-                    }
-                    _ => {}
-                }
                 std::fs::OpenOptions::new()
                     .write(true)
-                    .create_new(true)
+                    .create(true)
+                    .truncate(false)
                     .open(&tmp)
-                    .and_then(|mut f| f.write_all(body))
+                    .and_then(|f| {
+                        use std::os::unix::fs::FileExt as _;
+                        f.write_all_at(body, 0)?;
+                        f.set_len(body.len() as u64)
+                    })
                     .map_err(io("write", &tmp))?;
                 let dest = dir.join(JOURNAL_FILE);
                 crate::sys::rename::replace(&tmp, &dest).map_err(io("rename", &dest))
