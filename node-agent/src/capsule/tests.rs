@@ -893,3 +893,24 @@ async fn an_image_that_cannot_be_read_fails_with_its_cause_and_leaves_nothing() 
 mod bases;
 mod prepare;
 mod telemetry;
+
+#[tokio::test]
+async fn a_journal_log_it_cannot_read_stops_recovery_before_anything_is_touched() {
+    let mut b = Bed::new();
+    create(&b, "c1").await;
+    // The old writer's idle checkpoint first, so nothing replaces the log
+    // written below.
+    let log = b.dir.path().join("journal.wal");
+    wrenn_testkit::eventually(Duration::from_secs(10), "an empty log", || {
+        std::fs::metadata(&log).is_ok_and(|m| m.len() == 8)
+    })
+    .await;
+    std::fs::write(&log, b"another agent's log format").unwrap();
+    b.restart();
+    let err = b.sup.recover(&OrphanSweep::default()).await.unwrap_err();
+    let chain = crate::error_chain(&err);
+    assert!(chain.contains("journal.wal"), "{chain}");
+    assert_eq!(b.machine.running(), vec!["c1".to_string()], "the VM is left alone");
+    assert!(b.journal_exists("c1"));
+    assert_eq!(std::fs::read(&log).unwrap(), b"another agent's log format");
+}

@@ -257,7 +257,10 @@ fn run(journal: &Journal, log: &Mutex<Log>, rx: &mpsc::Receiver<Pending>, counte
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                lock(log, journal).checkpoint(journal);
+                let mut l = lock(log, journal);
+                if l.pending() {
+                    l.checkpoint(journal);
+                }
                 return;
             }
         };
