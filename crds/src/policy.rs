@@ -45,6 +45,20 @@ const DISK_MESSAGE: &str = "'resources.disk ' + string(object.spec.resources.dis
     + (has(params.spec.defaults) && has(params.spec.defaults.disk) ? string(params.spec.defaults.disk) : '2Gi') \
     + '); ask for at least that much or leave resources.disk unset'";
 
+/// What both policies match: Capsule creates.
+fn capsule_creates() -> MatchResources {
+    MatchResources {
+        resource_rules: Some(vec![NamedRuleWithOperations {
+            api_groups: Some(vec![GROUP.into()]),
+            api_versions: Some(vec![VERSION.into()]),
+            operations: Some(vec!["CREATE".into()]),
+            resources: Some(vec!["capsules".into()]),
+            ..NamedRuleWithOperations::default()
+        }]),
+        ..MatchResources::default()
+    }
+}
+
 /// The policy and its binding, as API objects.
 pub fn disk_policy() -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
     let policy = ValidatingAdmissionPolicy {
@@ -58,16 +72,7 @@ pub fn disk_policy() -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBin
                 api_version: Some(format!("{GROUP}/{VERSION}")),
                 kind: Some("CapsuleTemplate".into()),
             }),
-            match_constraints: Some(MatchResources {
-                resource_rules: Some(vec![NamedRuleWithOperations {
-                    api_groups: Some(vec![GROUP.into()]),
-                    api_versions: Some(vec![VERSION.into()]),
-                    operations: Some(vec!["CREATE".into()]),
-                    resources: Some(vec!["capsules".into()]),
-                    ..NamedRuleWithOperations::default()
-                }]),
-                ..MatchResources::default()
-            }),
+            match_constraints: Some(capsule_creates()),
             validations: Some(vec![Validation {
                 expression: DISK_RULE.into(),
                 message_expression: Some(DISK_MESSAGE.into()),
@@ -220,16 +225,7 @@ pub fn finalizer_policy() -> (MutatingAdmissionPolicy, MutatingAdmissionPolicyBi
         spec: Some(MutatingAdmissionPolicySpec {
             failure_policy: Some("Ignore".into()),
             reinvocation_policy: Some("Never".into()),
-            match_constraints: Some(MatchResources {
-                resource_rules: Some(vec![NamedRuleWithOperations {
-                    api_groups: Some(vec![GROUP.into()]),
-                    api_versions: Some(vec![VERSION.into()]),
-                    operations: Some(vec!["CREATE".into()]),
-                    resources: Some(vec!["capsules".into()]),
-                    ..NamedRuleWithOperations::default()
-                }]),
-                ..MatchResources::default()
-            }),
+            match_constraints: Some(capsule_creates()),
             mutations: Some(vec![Mutation {
                 patch_type: "JSONPatch".into(),
                 json_patch: Some(JSONPatch {

@@ -1584,20 +1584,7 @@ async fn cas_from_values_keep_offline_renders_compatible() {
             std::path::Path::new("/k/vmlinux"),
         ),
     );
-    let service = wrenn_node_agent::server::AgentService::new(
-        wrenn_node_agent::server::AgentIdentity {
-            node_name: "rendered".into(),
-            vmm: None,
-            storage_backend: "qcow2".into(),
-        },
-        wrenn_node_agent::node::NodePaths {
-            proc: "/proc".into(),
-            kvm: "/dev/kvm".into(),
-            state_dir: dir.path().to_path_buf(),
-        },
-        std::sync::Arc::new(sup.clone()),
-        sup.metrics().clone(),
-    );
+    let service = wrenn_node_agent::server::AgentService::on_host("rendered", &sup, dir.path());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         wrenn_node_agent::server::serve(listener, &files, service, async {

@@ -7,15 +7,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
     CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
 };
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
-use wrenn_node_agent::node::NodePaths;
-use wrenn_node_agent::server::{AgentIdentity, AgentService, serve};
+use wrenn_node_agent::server::{AgentService, serve};
 use wrenn_node_agent::tls::TlsFiles;
 use wrenn_operator::agent::{ClientTls, Connector, GrpcConnector, NodeAgent};
 use wrenn_testkit::{SecretVolume, Tier, case};
@@ -78,20 +76,7 @@ async fn start_agent(dir: &Path, agents_ca: &Issuer, operators_ca: &Issuer) -> A
         Host::fakes(),
         SupervisorConfig::new(&dir.join("state"), Path::new("/k/vmlinux")),
     );
-    let service = AgentService::new(
-        AgentIdentity {
-            node_name: "node-tls".into(),
-            vmm: None,
-            storage_backend: "qcow2".into(),
-        },
-        NodePaths {
-            proc: "/proc".into(),
-            kvm: "/dev/kvm".into(),
-            state_dir: dir.to_path_buf(),
-        },
-        Arc::new(sup.clone()),
-        sup.metrics().clone(),
-    );
+    let service = AgentService::on_host("node-tls", &sup, dir);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         serve(listener, &files, service, async {

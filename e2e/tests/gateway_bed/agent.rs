@@ -4,15 +4,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use wrenn_e2e::gateway::HostGuest;
 use wrenn_node_agent::capsule::{Host, Supervisor, SupervisorConfig};
 use wrenn_node_agent::guest::{GuestClient, InitParams};
 use wrenn_node_agent::images::ImageDirs;
-use wrenn_node_agent::node::NodePaths;
-use wrenn_node_agent::server::{AgentIdentity, AgentService, serve_with};
+use wrenn_node_agent::server::{AgentService, serve_with};
 use wrenn_node_agent::tls::{ClientNames, PortConfig, TlsFiles};
 use wrenn_node_agent::vmm::FakeMachine;
 use wrenn_proto::agent::v1 as pb;
@@ -40,22 +38,9 @@ pub(super) async fn start_agent(listener: tokio::net::TcpListener, pki: &Path) -
         Host::fakes(),
         SupervisorConfig::new(&state, Path::new("/k/vmlinux")),
     );
-    let service = AgentService::new(
-        AgentIdentity {
-            node_name: NODE.into(),
-            vmm: None,
-            storage_backend: "qcow2".into(),
-        },
-        NodePaths {
-            proc: "/proc".into(),
-            kvm: "/dev/kvm".into(),
-            state_dir: dir.path().to_path_buf(),
-        },
-        Arc::new(sup.clone()),
-        sup.metrics().clone(),
-    )
-    .with_image_dirs(image_dirs)
-    .with_console_root(sup.layout().vmm_root());
+    let service = AgentService::on_host(NODE, &sup, dir.path())
+        .with_image_dirs(image_dirs)
+        .with_console_root(sup.layout().vmm_root());
     let mut port = PortConfig::new(TlsFiles {
         cert: pki.join("agent.crt"),
         key: pki.join("agent.key"),

@@ -910,7 +910,11 @@ async fn a_journal_log_it_cannot_read_stops_recovery_before_anything_is_touched(
     let err = b.sup.recover(&OrphanSweep::default()).await.unwrap_err();
     let chain = crate::error_chain(&err);
     assert!(chain.contains("journal.wal"), "{chain}");
-    assert_eq!(b.machine.running(), vec!["c1".to_string()], "the VM is left alone");
+    assert_eq!(
+        b.machine.running(),
+        vec!["c1".to_string()],
+        "the VM is left alone"
+    );
     assert!(b.journal_exists("c1"));
     assert_eq!(std::fs::read(&log).unwrap(), b"another agent's log format");
 }

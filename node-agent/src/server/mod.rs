@@ -98,6 +98,31 @@ impl AgentService {
         }
     }
 
+    /// A service over `sup` for node `node_name` with no VMM version to
+    /// report (a fake or QEMU machine): qcow2 storage, node facts from
+    /// `/proc` and `/dev/kvm`, node files under `state_dir`. What tests and
+    /// single-host tools build; `main` builds its own from its flags.
+    pub fn on_host<M: crate::vmm::Machine + 'static>(
+        node_name: &str,
+        sup: &crate::capsule::Supervisor<M>,
+        state_dir: &std::path::Path,
+    ) -> Self {
+        Self::new(
+            AgentIdentity {
+                node_name: node_name.into(),
+                vmm: None,
+                storage_backend: "qcow2".into(),
+            },
+            NodePaths {
+                proc: "/proc".into(),
+                kvm: "/dev/kvm".into(),
+                state_dir: state_dir.to_path_buf(),
+            },
+            Arc::new(sup.clone()),
+            sup.metrics().clone(),
+        )
+    }
+
     /// Serves ReadConsole from the run directories under `root` instead of
     /// the supervisor's own (`Layout::vmm_root`), which it serves from
     /// without this call.

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -14,8 +13,7 @@ use rcgen::{
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use wrenn_node_agent::capsule::Supervisor;
-use wrenn_node_agent::node::NodePaths;
-use wrenn_node_agent::server::{AgentIdentity, AgentService};
+use wrenn_node_agent::server::AgentService;
 use wrenn_node_agent::vmm::Machine;
 
 /// The node name every bed agent reports.
@@ -77,20 +75,7 @@ impl Ca {
 /// The service `main` builds: capsule RPCs from `sup`, GetMetrics from its
 /// metrics, node files under `state_dir`.
 pub fn service<M: Machine + 'static>(sup: &Supervisor<M>, state_dir: &Path) -> AgentService {
-    AgentService::new(
-        AgentIdentity {
-            node_name: NODE.into(),
-            vmm: None,
-            storage_backend: "qcow2".into(),
-        },
-        NodePaths {
-            proc: "/proc".into(),
-            kvm: "/dev/kvm".into(),
-            state_dir: state_dir.to_path_buf(),
-        },
-        Arc::new(sup.clone()),
-        sup.metrics().clone(),
-    )
+    AgentService::on_host(NODE, sup, state_dir)
 }
 
 /// A channel to `addr` trusting `server_ca`, presenting `identity`.
