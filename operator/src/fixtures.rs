@@ -170,6 +170,12 @@ pub fn ok(v: impl serde::Serialize) -> Reply {
 
 /// A node's fake agent with this many vCPUs, 8 GiB and 100 GiB.
 pub fn agent(node: &str, vcpus: u32) -> Arc<FakeNodeAgent> {
+    agent_booting_in(node, vcpus, Duration::from_secs(3600))
+}
+
+/// [`agent`] whose VMs boot in `boot` (zero: inside the create call, as
+/// the real agent answers a create once the guest booted).
+pub fn agent_booting_in(node: &str, vcpus: u32, boot: Duration) -> Arc<FakeNodeAgent> {
     FakeNodeAgent::new(
         node,
         pb::Resources {
@@ -177,7 +183,7 @@ pub fn agent(node: &str, vcpus: u32) -> Arc<FakeNodeAgent> {
             memory_bytes: 8 << 30,
             disk_bytes: 100 << 30,
         },
-        Duration::from_secs(3600),
+        boot,
     )
 }
 

@@ -123,15 +123,7 @@ async fn a_new_capsule_is_placed_created_then_recorded_in_one_write() {
 /// and the Scheduled condition.
 #[tokio::test]
 async fn a_create_answered_running_is_recorded_running_in_one_write() {
-    let node = crate::agent::fake::FakeNodeAgent::new(
-        "node-a",
-        pb::Resources {
-            vcpus: 4,
-            memory_bytes: 8 << 30,
-            disk_bytes: 100 << 30,
-        },
-        Duration::ZERO,
-    );
+    let node = crate::fixtures::agent_booting_in("node-a", 4, Duration::ZERO);
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
     let cap = capsule(None);

@@ -123,15 +123,7 @@ async fn built(a: &FakeNodeAgent) {
 }
 
 fn quick_agent() -> Arc<FakeNodeAgent> {
-    FakeNodeAgent::new(
-        "node-a",
-        pb::Resources {
-            vcpus: 4,
-            memory_bytes: 8 << 30,
-            disk_bytes: 100 << 30,
-        },
-        Duration::ZERO,
-    )
+    crate::fixtures::agent_booting_in("node-a", 4, Duration::ZERO)
 }
 
 #[tokio::test]
