@@ -150,14 +150,25 @@ impl Log {
                     error = &e as &dyn std::error::Error,
                     "journal log append failed; writing the batch file by file and replacing the log"
                 );
-                let torn = matches!(e, AppendError::Torn(_));
                 let mut done = durable(journal, batch);
                 let (ok, fsyncs) = self.checkpoint(journal);
                 done.fsyncs += fsyncs;
-                if !ok && torn {
-                    self.mode = Some(Mode::Broken(
-                        "the journal log ends in a torn frame and could not be replaced".into(),
-                    ));
+                if !ok {
+                    // The log still holds older records of this batch's
+                    // capsules: a replay would put them back over the
+                    // files just written, so nothing of it counts.
+                    let why = match e {
+                        AppendError::Torn(_) => {
+                            "the journal log ends in a torn frame and could not be replaced"
+                        }
+                        AppendError::Failed(_) => {
+                            "the journal log could be neither appended to nor replaced"
+                        }
+                    };
+                    self.mode = Some(Mode::Broken(why.into()));
+                    for r in &mut done.results {
+                        *r = Err(Error::Unsafe { why: why.into() });
+                    }
                 }
                 return done;
             }
@@ -174,8 +185,9 @@ impl Log {
     }
 
     /// Syncs every file the log covers, then replaces the log with an
-    /// empty one. Returns whether it did, and the fsyncs made. A failed
-    /// sync keeps the log, which still covers those files.
+    /// empty one (or, when none can be made, removes it). Returns whether
+    /// the files are durable without the old log, and the fsyncs made. A
+    /// failed sync keeps the log, which still covers those files.
     pub fn checkpoint(&mut self, journal: &Journal) -> (bool, u64) {
         if !matches!(self.mode, Some(Mode::Logged(_))) {
             return (false, 0);
@@ -185,8 +197,10 @@ impl Log {
             Ok(fsyncs) => {
                 self.unsynced.clear();
                 self.dirs_changed = false;
-                self.mode = Some(self.fresh_log());
-                (true, fsyncs + 3)
+                let mode = self.fresh_log();
+                let replaced = !matches!(mode, Mode::Broken(_));
+                self.mode = Some(mode);
+                (replaced, fsyncs + 3)
             }
             Err(e) => {
                 tracing::error!(
