@@ -140,13 +140,29 @@ pub(crate) async fn recover<M: Machine + 'static>(
         })?;
 
     shared.journal_replayed().await?;
-    let uids = shared.journal().uids().map_err(|source| Error::Journal {
+    // Every journal read on a blocking thread, then decided one by one.
+    let journal = shared.journal().clone();
+    let journals = tokio::task::spawn_blocking(move || {
+        journal.uids().map(|uids| {
+            uids.into_iter()
+                .map(|uid| {
+                    let bytes = journal.read_bytes(&uid);
+                    let never_written = journal.never_written(&uid);
+                    (uid, bytes, never_written)
+                })
+                .collect::<Vec<_>>()
+        })
+    })
+    .await
+    .map_err(|_| Error::Aborted {
+        what: "read the journals",
+        uid: String::new(),
+    })?
+    .map_err(|source| Error::Journal {
         uid: "(all)".into(),
         source: Box::new(source),
     })?;
-    for uid in uids {
-        let bytes = shared.journal().read_bytes(&uid);
-        let never_written = shared.journal().never_written(&uid);
+    for (uid, bytes, never_written) in journals {
         let verdict = quarantine::plan_journal(
             &uid,
             bytes,
