@@ -16,18 +16,7 @@ impl TestNetns {
     /// A fresh namespace named `<prefix>-<pid>-<n>` (`prefix` at most 4
     /// characters keeps it a valid interface-name suffix too), or why not.
     pub fn new(prefix: &str) -> Result<Self, String> {
-        let name = crate::unique_name(prefix);
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("needs `ip` (iproute2): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ip netns add failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(Self { name })
+        Self::named(&crate::unique_name(prefix))
     }
 
     /// The namespace at `/run/netns/NAME`, made here (a name the code under

@@ -194,14 +194,7 @@ impl Log {
         }
         let uids: Vec<String> = self.unsynced.iter().cloned().collect();
         match journal.sync(&uids, self.dirs_changed) {
-            Ok(fsyncs) => {
-                self.unsynced.clear();
-                self.dirs_changed = false;
-                let mode = self.fresh_log();
-                let replaced = !matches!(mode, Mode::Broken(_));
-                self.mode = Some(mode);
-                (replaced, fsyncs + 3)
-            }
+            Ok(fsyncs) => (self.restart_log(), fsyncs + 3),
             Err(e) => {
                 tracing::error!(
                     error = &e as &dyn std::error::Error,
@@ -221,9 +214,7 @@ impl Log {
         let synced = journal.uids().and_then(|uids| journal.sync(&uids, true));
         match synced {
             Ok(_) => {
-                self.unsynced.clear();
-                self.dirs_changed = false;
-                self.mode = Some(self.fresh_log());
+                self.restart_log();
             }
             Err(e) => {
                 self.mode = Some(Mode::Broken(format!(
@@ -232,6 +223,17 @@ impl Log {
                 )));
             }
         }
+    }
+
+    /// Forgets what the old log covered (durable in the files now) and
+    /// starts an empty one; whether the old one is gone.
+    fn restart_log(&mut self) -> bool {
+        self.unsynced.clear();
+        self.dirs_changed = false;
+        let mode = self.fresh_log();
+        let replaced = !matches!(mode, Mode::Broken(_));
+        self.mode = Some(mode);
+        replaced
     }
 
     /// An empty log in place of the current one. Every change the old one

@@ -160,34 +160,47 @@ impl GroupCommit {
     /// Writes `record` as `uid`'s journal; returns once it is durable.
     pub async fn write<T: Serialize>(&self, uid: &str, record: &T) -> Result<(), Error> {
         let body = encode(uid, record)?;
-        self.send(uid, Change::Record(body)).await
+        self.send(uid, Change::Record(body), || {
+            encode(uid, record).map(Change::Record)
+        })
+        .await
     }
 
     /// Removes `uid`'s directory and everything in it (the last step of a
     /// delete); returns once the removal is durable. Succeeds when it is
     /// already gone.
     pub async fn remove(&self, uid: &str) -> Result<(), Error> {
-        self.send(uid, Change::Removed).await
+        self.send(uid, Change::Removed, || Ok(Change::Removed))
+            .await
     }
 
-    async fn send(&self, uid: &str, change: Change) -> Result<(), Error> {
+    /// Hands `change` to the writer; `again` makes it anew when the writer
+    /// died holding it.
+    async fn send(
+        &self,
+        uid: &str,
+        change: Change,
+        again: impl FnOnce() -> Result<Change, Error>,
+    ) -> Result<(), Error> {
         let Some(tx) = &self.tx else {
             return self.commit_alone(uid, change).await;
         };
         let (done, wait) = oneshot::channel();
         let sent = tx.send(Pending {
             uid: uid.to_string(),
-            change: change.clone(),
+            change,
             done,
         });
         // When the writer died holding this change, applying it again is
         // safe (a record replaces the file whole, a removal of a missing
         // directory succeeds).
-        if sent.is_ok()
-            && let Ok(res) = wait.await
-        {
-            return res;
-        }
+        let change = match sent {
+            Ok(()) => match wait.await {
+                Ok(res) => return res,
+                Err(_) => again()?,
+            },
+            Err(mpsc::SendError(p)) => p.change,
+        };
         // A dead writer must not turn every later journal write into an
         // error until the agent exits (`ended`): each change is then made
         // durable alone, as when the thread never started.

@@ -114,10 +114,6 @@ impl Journal {
     /// renames. One result per entry, in order; a failure of one capsule
     /// leaves the others' results alone.
     pub fn write_batch(&self, batch: &[(String, Vec<u8>)]) -> Batch {
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Write { what, path, source }
-        };
         let mut fsyncs = 0;
         let mut new_dirs = false;
         // Phase 1: temp files written and fsynced.
@@ -127,11 +123,11 @@ impl Journal {
                 let dir = self.capsule_dir(uid);
                 if !dir.is_dir() {
                     new_dirs = true;
-                    std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+                    std::fs::create_dir_all(&dir).map_err(write_error("create directory", &dir))?;
                 }
                 let tmp = dir.join(TEMP_FILE);
-                let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-                f.write_all(body).map_err(io("write", &tmp))?;
+                let mut f = std::fs::File::create(&tmp).map_err(write_error("create", &tmp))?;
+                f.write_all(body).map_err(write_error("write", &tmp))?;
                 Ok(dir)
             })
             .collect();
@@ -141,7 +137,7 @@ impl Journal {
         for dir in staged.iter_mut() {
             let Ok(d) = dir else { continue };
             if let Some(Err(e)) = synced.next() {
-                *dir = Err(io("fsync", &d.join(TEMP_FILE))(e));
+                *dir = Err(write_error("fsync", &d.join(TEMP_FILE))(e));
             }
         }
         // Phase 2: renamed over the journals, directories fsynced (batches
@@ -150,7 +146,7 @@ impl Journal {
             let Ok(d) = dir else { continue };
             let dest = d.join(JOURNAL_FILE);
             if let Err(e) = std::fs::rename(d.join(TEMP_FILE), &dest) {
-                *dir = Err(io("rename", &dest)(e));
+                *dir = Err(write_error("rename", &dest)(e));
             }
         }
         let dirs: Vec<PathBuf> = staged.iter().flatten().cloned().collect();
@@ -161,7 +157,7 @@ impl Journal {
             .map(|dir| {
                 let d = dir?;
                 match synced.next() {
-                    Some(Err(e)) => Err(io("fsync directory", &d)(e)),
+                    Some(Err(e)) => Err(write_error("fsync directory", &d)(e)),
                     _ => Ok(()),
                 }
             })
@@ -173,7 +169,7 @@ impl Journal {
             if let Err(e) = sync_dir(&self.root) {
                 // Not durable: no entry of the batch is acknowledged.
                 for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(io("fsync directory", &self.root)(e.kind().into()));
+                    *r = Err(write_error("fsync directory", &self.root)(e.kind().into()));
                 }
             }
         }
@@ -185,10 +181,6 @@ impl Journal {
     /// the journal, a removal deleting the capsule's directory. Readers
     /// see the change at once. One result per entry, in order.
     pub(super) fn apply(&self, batch: &[(String, Change)]) -> Applied {
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Write { what, path, source }
-        };
         let mut dirs_changed = false;
         let results = batch
             .iter()
@@ -198,14 +190,14 @@ impl Journal {
                     dirs_changed = true;
                     return match std::fs::remove_dir_all(&dir) {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            Err(io("remove", &dir)(e))
+                            Err(write_error("remove", &dir)(e))
                         }
                         _ => Ok(()),
                     };
                 };
                 if !dir.is_dir() {
                     dirs_changed = true;
-                    std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+                    std::fs::create_dir_all(&dir).map_err(write_error("create directory", &dir))?;
                 }
                 // After an exchange the temp file holds the previous
                 // record: overwritten in place and cut to length, neither
@@ -223,9 +215,9 @@ impl Journal {
                         f.write_all_at(body, 0)?;
                         f.set_len(body.len() as u64)
                     })
-                    .map_err(io("write", &tmp))?;
+                    .map_err(write_error("write", &tmp))?;
                 let dest = dir.join(JOURNAL_FILE);
-                crate::sys::rename::replace(&tmp, &dest).map_err(io("rename", &dest))
+                crate::sys::rename::replace(&tmp, &dest).map_err(write_error("rename", &dest))
             })
             .collect();
         Applied {
@@ -245,23 +237,19 @@ impl Journal {
             .filter(|d| d.is_dir())
             .collect();
         let files: Vec<PathBuf> = dirs.iter().map(|d| d.join(JOURNAL_FILE)).collect();
-        let fail = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Write { what, path, source }
-        };
         let open_sync = |p: &Path| match std::fs::File::open(p) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             f => f?.sync_all(),
         };
         for (res, f) in sync_all(&files, open_sync).into_iter().zip(&files) {
-            res.map_err(fail("fsync", f))?;
+            res.map_err(write_error("fsync", f))?;
         }
         for (res, d) in sync_all(&dirs, open_sync).into_iter().zip(&dirs) {
-            res.map_err(fail("fsync directory", d))?;
+            res.map_err(write_error("fsync directory", d))?;
         }
         let mut fsyncs = (files.len() + dirs.len()) as u64;
         if root && self.root.is_dir() {
-            sync_dir(&self.root).map_err(fail("fsync directory", &self.root))?;
+            sync_dir(&self.root).map_err(write_error("fsync directory", &self.root))?;
             fsyncs += 1;
         }
         Ok(fsyncs)
@@ -422,6 +410,12 @@ fn sync_all(paths: &[PathBuf], sync: fn(&Path) -> std::io::Result<()>) -> Vec<st
             })
             .collect()
     })
+}
+
+/// An `Error::Write` of `what` on `path`, for `map_err`.
+fn write_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Write { what, path, source }
 }
 
 /// Threads [`sync_all`] uses at most.

@@ -172,18 +172,21 @@ fn encode_frame(buf: &mut Vec<u8>, uid: &str, change: &Change) -> std::io::Resul
         Change::Record(b) => (KIND_RECORD, b),
         Change::Removed => (KIND_REMOVED, &[]),
     };
-    let mut payload = Vec::with_capacity(3 + uid.len() + body.len());
-    payload.push(kind);
-    payload.extend_from_slice(&uid_len.to_le_bytes());
-    payload.extend_from_slice(uid.as_bytes());
-    payload.extend_from_slice(body);
-    if payload.len() > MAX_PAYLOAD {
+    let len = 3 + uid.len() + body.len();
+    if len > MAX_PAYLOAD {
         return Err(too_long("journal record"));
     }
-    let len = u32::try_from(payload.len()).map_err(|_| too_long("journal record"))?;
+    let len = u32::try_from(len).map_err(|_| too_long("journal record"))?;
+    // Written in place; the checksum, over the payload, filled in last.
+    let start = buf.len();
     buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    buf.extend_from_slice(&payload);
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(kind);
+    buf.extend_from_slice(&uid_len.to_le_bytes());
+    buf.extend_from_slice(uid.as_bytes());
+    buf.extend_from_slice(body);
+    let crc = crc32fast::hash(&buf[start + HEADER..]);
+    buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
