@@ -131,10 +131,14 @@ impl Machine for ProcessMachine {
         self.proc(vm).map(|_| ())
     }
     async fn pause(&self, vm: &MachineHandle) -> Result<(), Error> {
-        self.proc(vm)?.signal(libc::SIGSTOP)
+        self.proc(vm)?.signal(libc::SIGSTOP)?;
+        settled(vm.process.pid, true).await;
+        Ok(())
     }
     async fn resume(&self, vm: &MachineHandle) -> Result<(), Error> {
-        self.proc(vm)?.signal(libc::SIGCONT)
+        self.proc(vm)?.signal(libc::SIGCONT)?;
+        settled(vm.process.pid, false).await;
+        Ok(())
     }
     async fn snapshot(&self, vm: &MachineHandle, dir: &Path) -> Result<(), Error> {
         std::fs::write(dir.join("state.json"), vm.capsule.as_bytes()).unwrap();
@@ -323,6 +327,16 @@ fn sampled(
         .encode()
         .lines()
         .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+}
+
+/// A signal lands asynchronously; a VMM's pause or resume returns once
+/// the guest is stopped or running, and so does the stand-in's.
+async fn settled(pid: i32, stopped: bool) {
+    let what = if stopped { "stopped" } else { "continued" };
+    wrenn_testkit::eventually(Duration::from_secs(5), what, || {
+        (process_state(pid) == Some('T')) == stopped
+    })
+    .await;
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -12,9 +12,17 @@
 //! and records are then written file by file as before the log existed,
 //! and when even that is unsafe (an old log that would replay stale
 //! records over newer files) every write fails.
+//!
+//! One writer owns a state directory at a time: the replay first takes
+//! an exclusive lock on `journal.lock` beside the log, held until the
+//! last handle of this [`Log`] is gone. A second agent on the same node
+//! (a surge during a rolling update, a restart before the old writer
+//! finished its last checkpoint) waits for it rather than replaying a
+//! log the other one is still appending to and checkpointing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::Error;
 use super::journal::{Batch, Journal, sync_dir};
@@ -23,6 +31,10 @@ use super::wal::{AppendError, Change, Wal};
 /// Log size past which a batch is followed by a checkpoint. Replay reads
 /// it whole at start, so it stays small; a create appends about 10 KiB.
 pub const CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// How long a replay waits for another writer to let go of the state
+/// directory before it gives up (and no journal write is made).
+pub const OWNER_WAIT: Duration = Duration::from_secs(30);
 
 /// How changes are made durable now.
 #[derive(Debug)]
@@ -49,6 +61,8 @@ pub struct Log {
     unsynced: BTreeSet<String>,
     /// A capsule directory was made or removed since the last checkpoint.
     dirs_changed: bool,
+    /// The exclusive lock on the state directory, from the replay on.
+    owner: Option<std::fs::File>,
 }
 
 impl Log {
@@ -60,7 +74,13 @@ impl Log {
             replayed: None,
             unsynced: BTreeSet::new(),
             dirs_changed: false,
+            owner: None,
         }
+    }
+
+    /// `journal.lock` beside the log.
+    fn owner_path(&self) -> PathBuf {
+        self.path.with_extension("lock")
     }
 
     /// Replays the log over the journal files, once: the newest change of
@@ -83,6 +103,7 @@ impl Log {
     }
 
     fn replay_now(&mut self, journal: &Journal) -> Result<u64, Error> {
+        self.owner = Some(take_owner(&self.owner_path(), OWNER_WAIT)?);
         let changes = super::wal::read(&self.path).map_err(|source| Error::Read {
             path: self.path.clone(),
             source,
@@ -257,6 +278,53 @@ impl Log {
     }
 }
 
+/// Takes the exclusive lock at `path`, waiting up to `wait` for the
+/// writer holding it to end.
+fn take_owner(path: &Path, wait: Duration) -> Result<std::fs::File, Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+            what: "create directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|source| Error::Write {
+            what: "open the writer lock",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Unsafe {
+                    why: format!(
+                        "another journal writer still holds {} after {} s (a second agent on this state directory?)",
+                        path.display(),
+                        wait.as_secs()
+                    ),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(Error::Write {
+                    what: "lock",
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
 /// Writes `batch` durably file by file (temp file fsynced, renamed, the
 /// directory fsynced; a removal with its root fsynced).
 fn durable(journal: &Journal, batch: &[(String, Change)]) -> Batch {
@@ -376,6 +444,46 @@ mod tests {
         assert_eq!(super::super::wal::read(&j.log_path()).unwrap(), vec![]);
         // A second call answers from the first replay.
         assert_eq!(log.replay(&j).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_second_writer_waits_for_the_first_to_end_and_then_owns_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let mut first = Log::new(j.log_path());
+        first.replay(&j).unwrap();
+        all_ok(&first.commit(&j, &[entry("c1", rec(1))]));
+
+        // While the first lives, a second one gives up with a clear error
+        // and touches nothing.
+        let mut log = Log::new(j.log_path());
+        let lock = log.owner_path();
+        let refused = take_owner(&lock, Duration::from_millis(50)).unwrap_err();
+        assert!(
+            matches!(&refused, Error::Unsafe { why } if why.contains("another journal writer")),
+            "{refused:?}"
+        );
+        // One that waits replays only once the first ended, after its
+        // last checkpoint: what it then finds is the file as left.
+        let (j2, started) = (j.clone(), Instant::now());
+        let second = std::thread::spawn(move || (log.replay(&j2), log));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !second.is_finished(),
+            "the second writer replayed beside the first"
+        );
+        std::fs::write(j.capsule_dir("c1").join(JOURNAL_FILE), b"torn").unwrap();
+        first.checkpoint(&j);
+        drop(first);
+        let (replayed, mut log) = second.join().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(replayed.unwrap(), 0);
+        assert_eq!(on_disk(&j, "c1").as_deref(), Some("torn"));
+        // The second now owns it.
+        assert!(take_owner(&lock, Duration::ZERO).is_err());
+        all_ok(&log.commit(&j, &[entry("c1", rec(2))]));
+        drop(log);
+        assert!(take_owner(&lock, Duration::ZERO).is_ok());
     }
 
     #[test]

@@ -111,6 +111,9 @@ impl GroupCommit {
             .name("wrenn-journal".into())
             .spawn(move || {
                 let _alive = alive;
+                // Dropped before `_alive`: once `ended` fires, the
+                // thread's share of the log (and its lock) is gone.
+                let (j, l, c, rx) = (j, l, c, rx);
                 writer(&j, &l, &rx, &c);
             });
         let tx = match started {
@@ -415,7 +418,11 @@ mod tests {
         // A healthy writer is not ended after it wrote.
         let healthy = GroupCommit::start(j.clone());
         healthy.write("c0", &Rec { n: 1 }).await.unwrap();
+        let healthy_ended = healthy.ended();
         assert!(healthy.ended().now_or_never().is_none());
+        // The state directory has one writer at a time.
+        drop(healthy);
+        healthy_ended.await;
 
         // One that panics on its first record.
         fn dies(_: &Journal, _: &Mutex<Log>, rx: &mpsc::Receiver<Pending>, _: &Counters) {
