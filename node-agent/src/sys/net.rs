@@ -20,18 +20,11 @@ use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, 
 use netlink_packet_netfilter::nftables::{
     NfTablesMessage, RuleMessage, TableAttribute, TableMessage,
 };
-use netlink_packet_netfilter::none::ControlMessage;
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
+use netlink_packet_netfilter::{NetfilterMessageInner, NetfilterProtoFamily};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
-use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// Runs `f` on a new thread inside the network namespace at `netns`. The
@@ -458,14 +451,14 @@ impl Netlink {
         family: NetfilterProtoFamily,
         msgs: Vec<(NfTablesMessage, u16)>,
     ) -> io::Result<()> {
-        nft_batch(family, msgs)
+        nfnl::Channel::open()?.transaction(family, msgs)
     }
 
     /// Every nftables table here: family number and name.
     pub fn list_tables(&self) -> io::Result<Vec<(u8, String)>> {
         let msg = NfTablesMessage::GetTable(TableMessage { attributes: vec![] });
         let mut out = Vec::new();
-        for reply in nf_dump(NetfilterProtoFamily::Unspec, msg.into())? {
+        for reply in nfnl::Channel::open()?.dump(NetfilterProtoFamily::Unspec, msg.into())? {
             if let NetfilterMessageInner::NfTables(NfTablesMessage::NewTable(t)) = reply.inner {
                 for a in t.attributes {
                     if let TableAttribute::Name(n) = a {
@@ -480,7 +473,8 @@ impl Netlink {
     /// Number of nftables rules here, in every table.
     pub fn count_rules(&self) -> io::Result<usize> {
         let msg = NfTablesMessage::GetRule(RuleMessage { attributes: vec![] });
-        Ok(nf_dump(NetfilterProtoFamily::Unspec, msg.into())?
+        Ok(nfnl::Channel::open()?
+            .dump(NetfilterProtoFamily::Unspec, msg.into())?
             .into_iter()
             .filter(|r| {
                 matches!(
@@ -496,7 +490,8 @@ impl Netlink {
         let msg = NfTablesMessage::DeleteTable(TableMessage {
             attributes: vec![TableAttribute::Name(name.to_string())],
         });
-        match nft_batch(NetfilterProtoFamily::from(family), vec![(msg, 0)]) {
+        match nfnl::Channel::open()?.transaction(NetfilterProtoFamily::from(family), vec![(msg, 0)])
+        {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
@@ -505,43 +500,18 @@ impl Netlink {
 
     /// IPv4 conntrack entries here.
     pub fn conntrack_list(&self) -> io::Result<Vec<CtEntry>> {
-        let mut out = Vec::new();
-        for reply in nf_dump(
-            NetfilterProtoFamily::IPv4,
-            ConntrackMessage::Get(vec![]).into(),
-        )? {
-            let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = reply.inner else {
-                continue;
-            };
-            let (mut orig, mut rep) = (None, None);
-            for a in attrs {
-                match a {
-                    ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
-                    ConntrackAttribute::CtaTupleReply(t) => rep = Some(t),
-                    _ => {}
-                }
-            }
-            if let (Some(o), Some(r)) = (orig, rep)
-                && let (Some(oa), Some(ra)) = (tuple_addrs(&o), tuple_addrs(&r))
-            {
-                out.push(CtEntry {
-                    orig: oa,
-                    reply: ra,
-                    orig_tuple: o,
-                });
-            }
-        }
-        Ok(out)
+        conntrack_list(&nfnl::Channel::open()?)
     }
 
     /// Deletes every IPv4 conntrack entry for which `pred` holds; returns
     /// how many went. Entries that expire meanwhile are not an error.
     pub fn conntrack_flush(&self, pred: impl Fn(&CtEntry) -> bool) -> io::Result<usize> {
+        let nf = nfnl::Channel::open()?;
         let mut n = 0;
-        for entry in self.conntrack_list()?.into_iter().filter(|e| pred(e)) {
+        for entry in conntrack_list(&nf)?.into_iter().filter(|e| pred(e)) {
             let msg =
                 ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(entry.orig_tuple)]);
-            match nf_request(NetfilterProtoFamily::IPv4, msg.into()) {
+            match nf.request(NetfilterProtoFamily::IPv4, msg.into()) {
                 Ok(()) => n += 1,
                 Err(e) if is_errno(&e, libc::ENOENT) => {}
                 Err(e) => return Err(e),
@@ -549,6 +519,37 @@ impl Netlink {
         }
         Ok(n)
     }
+}
+
+/// IPv4 conntrack entries in `nf`'s namespace.
+fn conntrack_list(nf: &nfnl::Channel) -> io::Result<Vec<CtEntry>> {
+    let mut out = Vec::new();
+    for reply in nf.dump(
+        NetfilterProtoFamily::IPv4,
+        ConntrackMessage::Get(vec![]).into(),
+    )? {
+        let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = reply.inner else {
+            continue;
+        };
+        let (mut orig, mut rep) = (None, None);
+        for a in attrs {
+            match a {
+                ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
+                ConntrackAttribute::CtaTupleReply(t) => rep = Some(t),
+                _ => {}
+            }
+        }
+        if let (Some(o), Some(r)) = (orig, rep)
+            && let (Some(oa), Some(ra)) = (tuple_addrs(&o), tuple_addrs(&r))
+        {
+            out.push(CtEntry {
+                orig: oa,
+                reply: ra,
+                orig_tuple: o,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn tuple_addrs(t: &[Tuple]) -> Option<(IpAddr, IpAddr)> {
@@ -567,129 +568,11 @@ fn tuple_addrs(t: &[Tuple]) -> Option<(IpAddr, IpAddr)> {
     Some((src, dst))
 }
 
-// ---- nftables transport ----
-
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-
-// ---- nfnetlink transport ----
-
-fn nf_socket() -> io::Result<Socket> {
-    let mut s = Socket::new(NETLINK_NETFILTER)?;
-    s.bind_auto()?;
-    s.connect(&SocketAddr::new(0, 0))?;
-    Ok(s)
-}
-
-fn to_bytes(mut m: NetlinkMessage<NetfilterMessage>) -> Vec<u8> {
-    m.finalize();
-    let mut buf = vec![0; m.buffer_len()];
-    m.serialize(&mut buf);
-    buf
-}
-
-/// Reads replies until `done` says so; the first netlink error wins.
-fn read_replies(
-    s: &Socket,
-    mut on: impl FnMut(&NetlinkMessage<NetfilterMessage>) -> io::Result<bool>,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 16];
-    let mut first_err = None;
-    loop {
-        let n = s.recv(&mut &mut buf[..], 0)?;
-        let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let len = msg.header.length as usize;
-            match &msg.payload {
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    first_err.get_or_insert_with(|| e.to_io());
-                }
-                _ => {}
-            }
-            if on(&msg)? {
-                return first_err.map_or(Ok(()), Err);
-            }
-            if len == 0 {
-                break;
-            }
-            off += len;
-        }
-    }
-}
-
-/// Sends one nftables transaction and waits for every part's answer.
-fn nft_batch(family: NetfilterProtoFamily, msgs: Vec<(NfTablesMessage, u16)>) -> io::Result<()> {
-    let s = nf_socket()?;
-    let control = |m: ControlMessage, seq: u32| {
-        let mut nl = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
-            m,
-        ));
-        nl.header.flags = NLM_F_REQUEST;
-        nl.header.sequence_number = seq;
-        to_bytes(nl)
-    };
-    let mut buf = control(ControlMessage::BatchBegin, 0);
-    let mut last = 0;
-    for (i, (m, flags)) in msgs.into_iter().enumerate() {
-        let seq = i as u32 + 1;
-        let mut nl =
-            NetlinkMessage::from(NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), m));
-        nl.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-        nl.header.sequence_number = seq;
-        buf.extend(to_bytes(nl));
-        last = seq;
-    }
-    buf.extend(control(ControlMessage::BatchEnd, last + 1));
-    s.send(&buf, 0)?;
-    read_replies(&s, |m| {
-        Ok(m.header.sequence_number >= last && matches!(m.payload, NetlinkPayload::Error(_)))
-    })
-}
-
-/// One request answered by an acknowledgement.
-fn nf_request(family: NetfilterProtoFamily, inner: NetfilterMessageInner) -> io::Result<()> {
-    let s = nf_socket()?;
-    let mut nl = NetlinkMessage::from(NetfilterMessage::new(
-        NetfilterHeader::new(family, 0, 0),
-        inner,
-    ));
-    nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    nl.header.sequence_number = 1;
-    s.send(&to_bytes(nl), 0)?;
-    read_replies(&s, |m| Ok(matches!(m.payload, NetlinkPayload::Error(_))))
-}
-
-/// A dump request; returns every message of the answer.
-fn nf_dump(
-    family: NetfilterProtoFamily,
-    inner: NetfilterMessageInner,
-) -> io::Result<Vec<NetfilterMessage>> {
-    let s = nf_socket()?;
-    let mut nl = NetlinkMessage::from(NetfilterMessage::new(
-        NetfilterHeader::new(family, 0, 0),
-        inner,
-    ));
-    nl.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    nl.header.sequence_number = 1;
-    s.send(&to_bytes(nl), 0)?;
-    let mut out = Vec::new();
-    read_replies(&s, |m| match &m.payload {
-        NetlinkPayload::InnerMessage(inner) => {
-            out.push(inner.clone());
-            Ok(false)
-        }
-        NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => Ok(true),
-        _ => Ok(false),
-    })?;
-    Ok(out)
-}
-
 /// Path of the calling process's own network namespace under `proc_dir`.
 pub fn own_netns(proc_dir: &Path) -> PathBuf {
     proc_dir.join("self/ns/net")
 }
 
+mod nfnl;
 #[cfg(test)]
 mod tests;
