@@ -217,6 +217,24 @@ fn teardown_leaves_no_namespace_link_rule_or_conntrack_entry() {
     assert_eq!(during.namespaces, vec![c.resource_name()]);
 
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
+    // At once: the name is free and nothing routes into what is left of
+    // the link (its deletion runs behind the teardown).
+    let (named, routed) = in_ns(&bed.node, |nl| {
+        let retired: Vec<u32> = nl
+            .links()?
+            .into_iter()
+            .filter(|l| wrenn_node_agent::network::is_retired_name(&l.1))
+            .map(|l| l.0)
+            .collect();
+        let routed = nl
+            .routes_v4()?
+            .iter()
+            .any(|(_, _, oif)| oif.is_some_and(|i| retired.contains(&i)));
+        Ok((nl.link_index(&n.node_veth)?, routed))
+    })
+    .unwrap();
+    assert_eq!(named, None);
+    assert!(!routed, "a route still leads into a torn-down capsule's link");
     assert_eq!(bed.snapshot(), before);
     // Teardown is idempotent.
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
@@ -322,6 +340,8 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     .unwrap();
     in_ns(&bed.node, |nl| {
         nl.add_veth(&ours("stale2"), "stalepeer")?;
+        // A link a teardown retired, left by a crash before its deletion.
+        nl.add_veth("wrenn+7f", "retiredpeer")?;
         wrenn_node_agent::network::nft::load_table(
             nl,
             &Table {
@@ -345,7 +365,7 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     restarted.ensure_node().unwrap();
     let report = restarted.sweep().unwrap();
     assert_eq!(report.namespaces, 2, "{report:?}");
-    assert_eq!(report.links, 2, "{report:?}");
+    assert_eq!(report.links, 3, "{report:?}");
     assert_eq!(report.tables, 1, "{report:?}");
     assert!(report.conntrack >= 1, "{report:?}");
 

@@ -19,6 +19,7 @@ use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
 use super::limits::CapsuleLimits;
 use super::portrules::{PORTS_TABLE, build_ports_table};
+use super::reaper::{self, Reaper};
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
 };
@@ -131,6 +132,7 @@ pub struct LinuxNet {
     slots: SlotAllocator,
     names: NameService,
     ports: HostPortAllocator,
+    reaper: Reaper,
     fail_before: Mutex<Option<SetupStep>>,
 }
 
@@ -153,6 +155,7 @@ impl LinuxNet {
             .map_err(|source| Error::OpenSlots { path: dir, source })?;
         Ok(Self {
             names: NameService::new(cfg.cluster_dns.clone()),
+            reaper: Reaper::start(cfg.node_netns.clone()),
             cfg,
             slots,
             ports,
@@ -576,6 +579,36 @@ impl LinuxNet {
         })
     }
 
+    /// Takes link `name` out of service (down: its routes go; renamed:
+    /// the name is free again) and leaves its deletion to the reaper.
+    fn retire_node_link(&self, name: &str) -> Result<(), Error> {
+        let netns = self.cfg.node_netns.clone();
+        let err = |source| Error::DeleteLink {
+            device: name.to_string(),
+            netns: netns.clone(),
+            source,
+        };
+        let retired = self.in_node(|nl| {
+            let Some(index) = nl.link_index(name).map_err(err)? else {
+                return Ok(None);
+            };
+            nl.set_down(name).map_err(err)?;
+            let retired = reaper::retired_name(index);
+            match nl.rename(name, &retired) {
+                Ok(()) => Ok(Some(retired)),
+                // The name is taken (not by us: indexes are unique):
+                // delete it here instead.
+                Err(_) => nl.del_link(name).map(|_| None).map_err(err),
+            }
+        })?;
+        if let Some(name) = retired
+            && let Err(name) = self.reaper.reap(name)
+        {
+            self.delete_node_link(&name)?;
+        }
+        Ok(())
+    }
+
     /// Whether the capsule's network is complete: its namespace exists and
     /// the node routes the slot's host address into its veth. That route is
     /// the last step of a setup, so a crash anywhere earlier reads as "not
@@ -604,9 +637,9 @@ impl LinuxNet {
     /// Removes every resource of a capsule, tolerating absence; collects
     /// errors rather than stopping at the first.
     fn remove_resources(&self, capsule: &CapsuleId, flush: bool, errors: &mut Vec<Error>) {
-        // Deleting the node end takes the capsule end along, and with the
-        // link its route.
-        if let Err(e) = self.delete_node_link(&capsule.resource_name()) {
+        // Retiring the node end takes its route; the reaper's delete takes
+        // the capsule end along.
+        if let Err(e) = self.retire_node_link(&capsule.resource_name()) {
             errors.push(e);
         }
         let mut namespaces = vec![self.netns_path(capsule)];
@@ -921,8 +954,8 @@ impl NetOps for LinuxNet {
             };
             let mut links = 0;
             for (_, name, _) in nl.links().map_err(list)? {
-                if super::is_resource_name(&name)
-                    && !kept.contains(&name)
+                let unkept = super::is_resource_name(&name) && !kept.contains(&name);
+                if (unkept || reaper::is_retired_name(&name))
                     && nl.del_link(&name).map_err(|source| Error::DeleteLink {
                         device: name.clone(),
                         netns: netns.clone(),

@@ -26,6 +26,7 @@ mod limits;
 mod linux;
 pub mod nft;
 mod portrules;
+mod reaper;
 mod ruleset;
 mod slots;
 
@@ -45,6 +46,7 @@ pub use hostports::{HostPort, HostPortRange, PortRule};
 pub use limits::CapsuleLimits;
 pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
 pub use portrules::PORTS_TABLE;
+pub use reaper::is_retired_name;
 pub use ruleset::{
     Action, AddrSet, CapsuleRules, Chain, ChainKind, DNS_MARK, FQDN_MARK, Family, Hook, IfName, L4,
     Limit, LimitUnit, Match, NodeRules, Rule, SetElement, Table, Verdict, build_capsule_table,

@@ -341,6 +341,14 @@ impl Netlink {
             .map_err(nl_err)
     }
 
+    /// Sets link `name` down: IPv4 routes through it go at once.
+    pub fn set_down(&self, name: &str) -> io::Result<()> {
+        let msg = LinkUnspec::new_with_index(self.index(name)?).down().build();
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(nl_err)
+    }
+
     /// Renames a link (down links only).
     pub fn rename(&self, name: &str, new_name: &str) -> io::Result<()> {
         let msg = LinkUnspec::new_with_index(self.index(name)?)

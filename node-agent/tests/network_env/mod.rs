@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use wrenn_node_agent::network::{
     AddressPlan, CapsuleId, CapsuleLimits, Cidr, GuestLink, LinuxNet, LinuxNetConfig, PREFIX,
+    is_retired_name,
 };
 use wrenn_node_agent::sys::net as sys;
 
@@ -120,11 +121,19 @@ impl Bed {
         }
     }
 
-    /// What could leak, as seen now.
+    /// What could leak, as seen now, once the links teardowns retired
+    /// are gone: their deletion runs behind the teardown (see
+    /// `network::reaper`) and must end by itself within a few seconds; one
+    /// still there after that shows as a leak.
     pub fn snapshot(&self) -> Leaks {
         let plan = self.cfg.plan.clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let (links, tables, rules, conntrack) = in_ns(&self.node, |nl| {
             let mut links: Vec<String> = nl.links()?.into_iter().map(|l| l.1).collect();
+            while links.iter().any(|l| is_retired_name(l)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+                links = nl.links()?.into_iter().map(|l| l.1).collect();
+            }
             links.sort();
             let mut tables = nl.list_tables()?;
             tables.sort();
