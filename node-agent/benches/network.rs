@@ -1,10 +1,14 @@
 //! Capsule network setup and teardown timings: 200 cycles of the production
 //! path (TAP, nftables table, node route, conntrack flush) inside a node
-//! namespace made for the run, so the machine's own network is untouched.
-//! Prints median and p99 of each phase. Needs root; says so otherwise.
+//! namespace made for the run, so the machine's own network is untouched,
+//! each followed by the same steps through the `ip`, `nft` and `conntrack`
+//! tools (`support/net_cli.rs`). Prints median and p99 of each phase and
+//! the tools' median over ours. Needs root; says so otherwise.
 //!
 //! Run: `cargo bench -p wrenn-node-agent --bench network`
 
+#[path = "support/net_cli.rs"]
+mod net_cli;
 #[path = "../tests/network_env/mod.rs"]
 mod network_env;
 
@@ -20,11 +24,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+fn median(samples: &[Duration]) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    percentile(&s, 50.0)
+}
+
 fn report(what: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "network {what:<9} n={} median={:.2} ms p99={:.2} ms min={:.2} ms max={:.2} ms",
+        "network {what:<12} n={} median={:.2} ms p99={:.2} ms min={:.2} ms max={:.2} ms",
         samples.len(),
         ms(percentile(&samples, 50.0)),
         ms(percentile(&samples, 99.0)),
@@ -51,18 +61,60 @@ fn main() {
         EgressPolicy::Deny,
         EgressPolicy::AllowList(vec!["198.51.100.0/24".parse().expect("cidr")]),
     ];
+    let cli = match net_cli::available() {
+        Ok(()) => true,
+        Err(why) => {
+            println!("network cli baseline skipped: {why}");
+            false
+        }
+    };
+    // The tools work on the highest slot's addresses; ours claim the lowest.
+    let cli_addrs = bed
+        .cfg
+        .plan
+        .slot_addrs(bed.cfg.plan.max_slots)
+        .expect("top slot");
+    let run = std::process::id();
     let (mut setup, mut teardown) = (Vec::new(), Vec::new());
+    let (mut cli_setup, mut cli_teardown) = (Vec::new(), Vec::new());
     for i in 0..CYCLES {
+        let policy = &policies[i % policies.len()];
         let c = CapsuleId::new(&format!("bench{i:04}")).expect("id");
         let t = Instant::now();
-        net.setup(&c, &policies[i % policies.len()]).expect("setup");
+        net.setup(&c, policy).expect("setup");
         setup.push(t.elapsed());
         let t = Instant::now();
         net.teardown(&c, Teardown::ReleaseSlot).expect("teardown");
         teardown.push(t.elapsed());
+        if cli {
+            let c = net_cli::CliCapsule::new(run, i, cli_addrs);
+            let t = Instant::now();
+            let made = net_cli::setup(&bed.node, &c, policy);
+            cli_setup.push(t.elapsed());
+            let t = Instant::now();
+            let gone = made.and_then(|()| net_cli::teardown(&bed.node, &c));
+            cli_teardown.push(t.elapsed());
+            if let Err(e) = gone {
+                net_cli::cleanup(&bed.node, &c);
+                panic!("cli cycle {i}: {e}");
+            }
+        }
     }
+    let ratios = (!cli_setup.is_empty()).then(|| {
+        let r = |cli: &[Duration], ours: &[Duration]| {
+            median(cli).as_secs_f64() / median(ours).as_secs_f64()
+        };
+        (r(&cli_setup, &setup), r(&cli_teardown, &teardown))
+    });
     report("setup", setup);
     report("teardown", teardown);
+    if let Some((s, t)) = ratios {
+        report("cli-setup", cli_setup);
+        report("cli-teardown", cli_teardown);
+        println!(
+            "network vs ip/nft/conntrack tools (their median / ours, same run): setup {s:.1}x, teardown {t:.1}x"
+        );
+    }
     let after = bed.snapshot();
     assert_eq!(after, before, "the bench leaked");
     println!("network leaks after {CYCLES} cycles: none");

@@ -234,7 +234,10 @@ fn teardown_leaves_no_namespace_link_rule_or_conntrack_entry() {
     })
     .unwrap();
     assert_eq!(named, None);
-    assert!(!routed, "a route still leads into a torn-down capsule's link");
+    assert!(
+        !routed,
+        "a route still leads into a torn-down capsule's link"
+    );
     assert_eq!(bed.snapshot(), before);
     // Teardown is idempotent.
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
