@@ -601,19 +601,19 @@ async fn the_journal_is_written_before_each_side_effect() {
     entered(&b, "c1", Step::Snapshot).await;
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(
-        (rec.state(), rec.prior),
+        (rec.state(), rec.prior()),
         (State::Suspending, Some(State::Running))
     );
     assert!(!rec.suspend_image_complete());
     suspending.await.unwrap().unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
     assert_eq!(rec.state(), State::Suspended);
-    assert!(rec.in_flight.is_none() && rec.vm().is_none() && rec.held.net.is_some());
+    assert!(rec.in_flight().is_none() && rec.vm().is_none() && rec.held.net.is_some());
     // Resumed, the old image no longer counts: a crash during the next
     // suspend must not finish it with stale memory.
     b.sup.resume("c1").await.unwrap();
     let rec: Record = journal.read("c1").unwrap().unwrap();
-    assert!(!rec.suspend_image_complete() && rec.in_flight.is_none());
+    assert!(!rec.suspend_image_complete() && rec.in_flight().is_none());
 }
 
 // ---- capsules from snapshots and images ---------------------------------------

@@ -39,8 +39,9 @@ pub struct Record {
     /// changed only by the transitions below.
     state: State,
     /// The state to return to when an in-progress step
-    /// (suspending, snapshotting, resuming) is undone.
-    pub prior: Option<State>,
+    /// (suspending, snapshotting, resuming) is undone: read with
+    /// [`Record::prior`], set only by the transitions.
+    prior: Option<State>,
     /// The read-only image the disk is made over, once resolved: the
     /// template's rootfs, a built OCI template, or a snapshot's disk. Kept
     /// so a restore after suspend or restart uses the same base without
@@ -48,8 +49,9 @@ pub struct Record {
     pub base_image: Option<PathBuf>,
     /// What may exist on the node for this capsule.
     pub held: Held,
-    /// A step whose files may be half written.
-    pub in_flight: Option<InFlight>,
+    /// A step whose files may be half written: read with
+    /// [`Record::in_flight`], set only by the transitions.
+    in_flight: Option<InFlight>,
     /// When the guest started (unix nanos).
     pub started_unix_nanos: i64,
     /// Why the last step failed or why the capsule is `Failed`.
@@ -394,6 +396,22 @@ impl Record {
     /// Current (or in-progress) state.
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// The state an in-progress step returns to when undone.
+    pub fn prior(&self) -> Option<State> {
+        self.prior
+    }
+
+    /// The step whose files may be half written.
+    pub fn in_flight(&self) -> Option<&InFlight> {
+        self.in_flight.as_ref()
+    }
+
+    /// Recovery observed the node and acted on `prior`: it no longer
+    /// applies.
+    pub(crate) fn forget_prior(&mut self) {
+        self.prior = None;
     }
 
     /// A delete (or a failed create's rollback) is under way.

@@ -264,13 +264,13 @@ async fn recover_one<M: Machine + 'static>(
     };
     let plan = plan_recovery(&Facts {
         state: rec.state(),
-        prior: rec.prior,
+        prior: rec.prior(),
         internal: rec.internal,
         suspended_image: rec.suspend_image_complete(),
         vm,
     });
     if observed {
-        rec.prior = None;
+        rec.forget_prior();
     }
     if carry_out(cx, &entry, &mut rec, plan, report).await == Outcome::Removed {
         *guard = None;
