@@ -316,11 +316,15 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     let to = remote.local_addr().unwrap();
     source_seen(&bed.guest(&lost), &remote, to).unwrap();
     drop(net);
+    // Its claim was turned draining (the teardown's first durable step);
+    // the flush and the rest never happened.
     let slots = bed.cfg.state_dir.join("slots");
     for claim in std::fs::read_dir(&slots).unwrap() {
         let p = claim.unwrap().path();
         if std::fs::read_to_string(&p).unwrap() == lost.as_str() {
-            std::fs::remove_file(p).unwrap();
+            let mut drain = p.clone().into_os_string();
+            drain.push(".drain");
+            std::fs::rename(&p, drain).unwrap();
         }
     }
     // Planted by hand: a namespace, a node link, an nftables table.
@@ -365,8 +369,13 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     .unwrap();
 
     let restarted = bed.net();
+    assert_eq!(restarted.slots().draining().len(), 1);
     restarted.ensure_node().unwrap();
     let report = restarted.sweep().unwrap();
+    assert!(
+        restarted.slots().draining().is_empty(),
+        "the drain was not finished"
+    );
     assert_eq!(report.namespaces, 2, "{report:?}");
     assert_eq!(report.links, 3, "{report:?}");
     assert_eq!(report.tables, 1, "{report:?}");
@@ -387,8 +396,8 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
         nk.slot
     );
     restarted.teardown(&keep, Teardown::ReleaseSlot).unwrap();
-    assert_eq!(restarted.sweep().unwrap(), Default::default());
     assert_eq!(bed.snapshot(), before);
+    assert_eq!(restarted.sweep().unwrap(), Default::default());
 }
 
 #[test]

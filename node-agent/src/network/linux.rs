@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, warn};
 
@@ -19,7 +19,7 @@ use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
 use super::limits::CapsuleLimits;
 use super::portrules::{PORTS_TABLE, build_ports_table};
-use super::reaper::{self, Reaper};
+use super::reaper::{self, Job, Reaper};
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
 };
@@ -129,7 +129,7 @@ enum Undo {
 #[derive(Debug)]
 pub struct LinuxNet {
     cfg: LinuxNetConfig,
-    slots: SlotAllocator,
+    slots: Arc<SlotAllocator>,
     names: NameService,
     ports: HostPortAllocator,
     reaper: Reaper,
@@ -149,13 +149,14 @@ impl LinuxNet {
         }
         let dir = cfg.state_dir.join("slots");
         let slots = SlotAllocator::open(&dir, cfg.plan.max_slots)
+            .map(Arc::new)
             .map_err(|source| Error::OpenSlots { path: dir, source })?;
         let dir = cfg.state_dir.join("hostports");
         let ports = HostPortAllocator::open(&dir, cfg.host_ports)
             .map_err(|source| Error::OpenSlots { path: dir, source })?;
         Ok(Self {
             names: NameService::new(cfg.cluster_dns.clone()),
-            reaper: Reaper::start(cfg.node_netns.clone()),
+            reaper: Reaper::start(cfg.node_netns.clone(), slots.clone()),
             cfg,
             slots,
             ports,
@@ -602,9 +603,33 @@ impl LinuxNet {
             }
         })?;
         if let Some(name) = retired
-            && let Err(name) = self.reaper.reap(name)
+            && let Err(Job::Link(name)) = self.reaper.hand(Job::Link(name))
         {
             self.delete_node_link(&name)?;
+        }
+        Ok(())
+    }
+
+    /// Gives `capsule`'s slot up: the claim turns draining at once, and
+    /// the reaper frees the slot once its conntrack entries are gone.
+    fn release_slot(&self, capsule: &CapsuleId) -> Result<(), Error> {
+        let claim = |source| Error::SlotClaim {
+            action: "remove",
+            capsule: capsule.clone(),
+            source,
+        };
+        let Some(slot) = self.slots.begin_release(capsule).map_err(claim)? else {
+            return Ok(());
+        };
+        let addrs = self.slot_addrs(slot)?;
+        if let Err(Job::Drain(slot, addrs)) = self.reaper.hand(Job::Drain(slot, addrs)) {
+            reaper::drain(&self.cfg.node_netns, &self.slots, &[(slot, addrs)]).map_err(
+                |source| Error::FlushConntrack {
+                    what: format!("slot {slot}"),
+                    netns: self.cfg.node_netns.clone(),
+                    source,
+                },
+            )?;
         }
         Ok(())
     }
@@ -898,16 +923,14 @@ impl NetOps for LinuxNet {
         {
             errors.push(e);
         }
-        self.remove_resources(capsule, true, &mut errors);
+        // A suspended capsule keeps its slot, flushed here; a slot given
+        // up is flushed before its reuse, behind the teardown.
+        self.remove_resources(capsule, mode == Teardown::KeepSlot, &mut errors);
         if mode == Teardown::ReleaseSlot
             && errors.is_empty()
-            && let Err(source) = self.slots.release(capsule)
+            && let Err(e) = self.release_slot(capsule)
         {
-            errors.push(Error::SlotClaim {
-                action: "remove",
-                capsule: capsule.clone(),
-                source,
-            });
+            errors.push(e);
         }
         let count = errors.len();
         match errors.into_iter().next() {
@@ -925,6 +948,9 @@ impl NetOps for LinuxNet {
     }
 
     fn sweep(&self) -> Result<SweepReport, Error> {
+        // Slots a crash left draining: not claimed, so the walk below
+        // flushes their addresses; freed after it.
+        let draining = self.slots.draining();
         let claims = self.slots.claims();
         let kept: HashSet<String> = claims.iter().map(|(_, c)| c.resource_name()).collect();
         let claimed: HashSet<u32> = claims.iter().map(|(s, _)| *s).collect();
@@ -1004,6 +1030,11 @@ impl NetOps for LinuxNet {
         report.links = links;
         report.tables = tables;
         report.conntrack = conntrack;
+        for slot in draining {
+            self.slots
+                .end_release(slot)
+                .map_err(|source| Error::FreeSlot { slot, source })?;
+        }
 
         // Namespaces last: removing one destroys its veth, and the node end
         // with it, which the count above would then miss.

@@ -385,6 +385,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A drained slot's claim could not be removed.
+    #[error("free drained slot {slot}")]
+    FreeSlot {
+        /// The slot.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// A namespace could not be entered.
     #[error("enter network namespace {path}")]
     EnterNetns {

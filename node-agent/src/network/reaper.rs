@@ -1,19 +1,29 @@
-//! Retired node links and the thread that deletes them.
+//! Work a teardown leaves behind, done on the reaper's own thread.
 //!
 //! Deleting a veth waits in the kernel for RCU grace periods (about
-//! 20 ms on this kind of node, most of a teardown). A teardown therefore
-//! takes the capsule's node end out of service at once (down, which drops
-//! its routes; renamed, which frees its name for the capsule's next
-//! network) and leaves the deletion to the reaper. A retired link is
-//! named `wrenn+<ifindex in hex>`: the startup sweep removes those too,
-//! so one left by a crash before the reaper got to it does not stay.
+//! 20 ms on this kind of node), and the conntrack flush that must come
+//! before a slot's addresses are handed out again walks the kernel's
+//! whole conntrack hash (about 8 ms). Together they were most of a
+//! teardown. A teardown therefore takes the capsule's node end out of
+//! service at once (down, which drops its routes; renamed, which frees its
+//! name for the capsule's next network), marks its slot draining (see
+//! `slots`), and leaves the rest here: one conntrack walk for every slot
+//! pending at that moment, those slots released, then the links deleted.
+//!
+//! A retired link is named `wrenn+<ifindex in hex>`; the startup sweep
+//! removes those and finishes drains, so a crash before the reaper got to
+//! them leaves nothing behind.
 
-use std::path::PathBuf;
-use std::sync::mpsc;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use tracing::warn;
 
-use super::PREFIX;
+use super::slots::SlotAllocator;
+use super::{PREFIX, SlotAddrs};
 use crate::sys::net::{self as sys};
 
 /// The name a retired link with interface index `index` takes (at most
@@ -31,53 +41,130 @@ pub fn is_retired_name(name: &str) -> bool {
         })
 }
 
-/// Deletes retired links in the node namespace on its own thread, in
-/// the order they were retired. The thread ends once its owner is
-/// dropped and every link handed to it is gone.
+/// What a teardown hands over.
 #[derive(Debug)]
-pub struct Reaper {
-    /// `None` when the thread could not be started: links are then
-    /// deleted by the caller.
-    tx: Option<mpsc::Sender<String>>,
+pub enum Job {
+    /// Delete this retired link.
+    Link(String),
+    /// Flush the conntrack entries of this slot's addresses, then free it.
+    Drain(u32, SlotAddrs),
 }
 
+/// Runs [`Job`]s in the node namespace on its own thread. The thread ends
+/// once its owner is dropped and every job handed to it is done.
+#[derive(Debug)]
+pub struct Reaper {
+    /// `None` when the thread could not be started: the caller then does
+    /// the job itself.
+    tx: Option<mpsc::Sender<Job>>,
+}
+
+/// How long a drain whose flush failed waits before the next try.
+const RETRY: Duration = Duration::from_secs(1);
+
 impl Reaper {
-    pub fn start(node_netns: PathBuf) -> Self {
-        let (tx, rx) = mpsc::channel::<String>();
+    pub fn start(node_netns: PathBuf, slots: Arc<SlotAllocator>) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
         let started = std::thread::Builder::new()
             .name("wrenn-net-reaper".into())
-            .spawn(move || {
-                for name in rx {
-                    delete(&node_netns, &name);
-                }
-            });
+            .spawn(move || run(&node_netns, &slots, &rx));
         match started {
             Ok(_) => Self { tx: Some(tx) },
             Err(e) => {
                 warn!(
                     error = &e as &dyn std::error::Error,
-                    "start the link reaper; retired links are deleted in place"
+                    "start the network reaper; teardowns do its work themselves"
                 );
                 Self { tx: None }
             }
         }
     }
 
-    /// Hands `name` to the thread; `Err` gives it back when there is no
+    /// Hands `job` to the thread; `Err` gives it back when there is no
     /// thread to take it.
-    pub fn reap(&self, name: String) -> Result<(), String> {
+    pub fn hand(&self, job: Job) -> Result<(), Job> {
         match &self.tx {
-            Some(tx) => tx.send(name).map_err(|mpsc::SendError(n)| n),
-            None => Err(name),
+            Some(tx) => tx.send(job).map_err(|mpsc::SendError(j)| j),
+            None => Err(job),
         }
     }
 }
 
-fn delete(node_netns: &std::path::Path, name: &str) {
+/// Every job pending at once is one batch: drains first (one walk), then
+/// links. Drains whose flush failed stay for the next batch.
+fn run(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<Job>) {
+    let mut retry: Vec<(u32, SlotAddrs)> = Vec::new();
+    loop {
+        let first = if retry.is_empty() {
+            match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(RETRY) {
+                Ok(j) => Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                // Owner gone: what could not be flushed stays draining;
+                // the next agent's sweep finishes it.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        let mut drains = std::mem::take(&mut retry);
+        let mut links = Vec::new();
+        for job in first.into_iter().chain(rx.try_iter()) {
+            match job {
+                Job::Drain(slot, addrs) => drains.push((slot, addrs)),
+                Job::Link(name) => links.push(name),
+            }
+        }
+        if !drains.is_empty() {
+            match drain(node_netns, slots, &drains) {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(
+                        error = &e as &dyn std::error::Error,
+                        slots = drains.len(),
+                        "drain released slots; retrying"
+                    );
+                    retry = drains;
+                }
+            }
+        }
+        for name in links {
+            delete(node_netns, &name);
+        }
+    }
+}
+
+/// Flushes the conntrack entries of every slot in `drains` in one walk,
+/// then frees those slots. Returns the first error.
+pub fn drain(
+    node_netns: &Path,
+    slots: &SlotAllocator,
+    drains: &[(u32, SlotAddrs)],
+) -> std::io::Result<()> {
+    let mine: HashSet<IpAddr> = drains
+        .iter()
+        .flat_map(|(_, a)| [a.host, a.node_transit, a.capsule_transit])
+        .map(IpAddr::V4)
+        .collect();
+    sys::run_in_netns(node_netns, |nl| {
+        nl.conntrack_flush(|e| e.addrs().iter().any(|a| mine.contains(a)))
+    })??;
+    for (slot, _) in drains {
+        slots
+            .end_release(*slot)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("free drained slot {slot}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Deletes the retired link `name`; a failure is logged (the startup
+/// sweep removes it).
+pub fn delete(node_netns: &Path, name: &str) {
     let res = sys::run_in_netns(node_netns, |nl| nl.del_link(name));
     match res {
         Ok(Ok(_)) => {}
-        // The startup sweep removes it.
         Ok(Err(e)) | Err(e) => {
             warn!(
                 link = name,

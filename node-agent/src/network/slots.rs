@@ -6,8 +6,15 @@
 //! final name: `link(2)` fails with `EEXIST` if the slot is taken, so two
 //! processes can never claim the same slot, and a crash never leaves a claim
 //! without its owner.
+//!
+//! A capsule gone for good does not free its slot at once: its claim is
+//! renamed `<slot>.drain` ([`SlotAllocator::begin_release`]) and the slot
+//! stays out of use until the conntrack entries of its addresses are gone
+//! ([`SlotAllocator::end_release`]), so no later tenant of the address
+//! inherits NAT state. A drain a crash interrupted is finished by the
+//! startup sweep.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -34,9 +41,14 @@ pub struct SlotAllocator {
     state: Mutex<State>,
 }
 
+/// Suffix of a claim whose capsule is gone and whose slot drains.
+const DRAIN_SUFFIX: &str = ".drain";
+
 #[derive(Debug, Default)]
 struct State {
     claims: BTreeMap<u32, CapsuleId>,
+    /// Slots whose capsule is gone, held until their conntrack is flushed.
+    draining: BTreeSet<u32>,
     /// Next slot to try: allocation goes round the ring rather than reusing
     /// the lowest free slot, so a just-released address rests as long as
     /// possible before it is handed out again.
@@ -88,10 +100,25 @@ impl SlotAllocator {
                 }
             }
         }
+        let mut draining = BTreeSet::new();
+        for entry in fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            if let Some(slot) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(DRAIN_SUFFIX))
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                draining.insert(slot);
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             max,
-            state: Mutex::new(State { claims, cursor: 0 }),
+            state: Mutex::new(State {
+                claims,
+                draining,
+                cursor: 0,
+            }),
         })
     }
 
@@ -132,7 +159,7 @@ impl SlotAllocator {
         }
         for step in 0..self.max {
             let slot = (st.cursor + step) % self.max + 1;
-            if st.claims.contains_key(&slot) {
+            if st.claims.contains_key(&slot) || st.draining.contains(&slot) {
                 continue;
             }
             match self.write_claim(slot, capsule) {
@@ -160,6 +187,47 @@ impl SlotAllocator {
         written?;
         removed?;
         fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Takes `capsule`'s claim away from it, durably, and keeps the slot
+    /// out of use until [`SlotAllocator::end_release`]; returns the slot.
+    /// The capsule may claim another slot meanwhile. Absent claims are not
+    /// an error (teardown is idempotent).
+    pub fn begin_release(&self, capsule: &CapsuleId) -> io::Result<Option<u32>> {
+        let mut st = self.lock();
+        let Some(slot) = st
+            .claims
+            .iter()
+            .find(|(_, c)| *c == capsule)
+            .map(|(s, _)| *s)
+        else {
+            return Ok(None);
+        };
+        fs::rename(
+            self.dir.join(slot.to_string()),
+            self.dir.join(format!("{slot}{DRAIN_SUFFIX}")),
+        )?;
+        fs::File::open(&self.dir)?.sync_all()?;
+        st.claims.remove(&slot);
+        st.draining.insert(slot);
+        Ok(Some(slot))
+    }
+
+    /// Slot `slot` drained: free for a new claim.
+    pub fn end_release(&self, slot: u32) -> io::Result<()> {
+        let mut st = self.lock();
+        match fs::remove_file(self.dir.join(format!("{slot}{DRAIN_SUFFIX}"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        st.draining.remove(&slot);
+        Ok(())
+    }
+
+    /// Slots draining now.
+    pub fn draining(&self) -> Vec<u32> {
+        self.lock().draining.iter().copied().collect()
     }
 
     /// Drops `capsule`'s claim; returns the slot it held. Absent claims are
@@ -190,6 +258,36 @@ mod tests {
 
     fn id(s: &str) -> CapsuleId {
         CapsuleId::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_draining_slot_stays_out_of_use_across_a_restart_until_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SlotAllocator::open(dir.path(), 2).unwrap();
+        let (s1, _) = a.claim(&id("aaaaaaaaa1")).unwrap();
+        assert_eq!(a.begin_release(&id("aaaaaaaaa1")).unwrap(), Some(s1));
+        assert_eq!(a.begin_release(&id("aaaaaaaaa1")).unwrap(), None);
+        assert_eq!(a.get(&id("aaaaaaaaa1")), None);
+        // The same capsule back at once (a create retried) takes another
+        // slot; with that one taken too, nothing is left.
+        let (s2, new) = a.claim(&id("aaaaaaaaa1")).unwrap();
+        assert!(new && s2 != s1);
+        assert!(matches!(
+            a.claim(&id("bbbbbbbbb2")),
+            Err(ClaimError::Exhausted)
+        ));
+        // A restarted agent still holds it back.
+        drop(a);
+        let a = SlotAllocator::open(dir.path(), 2).unwrap();
+        assert_eq!(a.draining(), vec![s1]);
+        assert_eq!(a.claims(), vec![(s2, id("aaaaaaaaa1"))]);
+        assert!(matches!(
+            a.claim(&id("bbbbbbbbb2")),
+            Err(ClaimError::Exhausted)
+        ));
+        a.end_release(s1).unwrap();
+        assert!(a.draining().is_empty());
+        assert_eq!(a.claim(&id("bbbbbbbbb2")).unwrap(), (s1, true));
     }
 
     #[test]

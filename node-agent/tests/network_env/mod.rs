@@ -121,13 +121,23 @@ impl Bed {
         }
     }
 
-    /// What could leak, as seen now, once the links teardowns retired
-    /// are gone: their deletion runs behind the teardown (see
-    /// `network::reaper`) and must end by itself within a few seconds; one
-    /// still there after that shows as a leak.
+    /// What could leak, as seen now, once the work teardowns leave
+    /// behind is done (see `network::reaper`): retired links deleted,
+    /// draining slots flushed and freed. It must end by itself within a
+    /// few seconds; what is still there after that shows as a leak.
     pub fn snapshot(&self) -> Leaks {
         let plan = self.cfg.plan.clone();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let slots = self.cfg.state_dir.join("slots");
+        let draining = || {
+            std::fs::read_dir(&slots).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".drain"))
+            })
+        };
+        while draining() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let (links, tables, rules, conntrack) = in_ns(&self.node, |nl| {
             let mut links: Vec<String> = nl.links()?.into_iter().map(|l| l.1).collect();
             while links.iter().any(|l| is_retired_name(l)) && std::time::Instant::now() < deadline {
