@@ -581,8 +581,8 @@ impl LinuxNet {
     }
 
     /// Takes link `name` out of service (down: its routes go; renamed:
-    /// the name is free again) and leaves its deletion to the reaper.
-    fn retire_node_link(&self, name: &str) -> Result<(), Error> {
+    /// the name is free again); returns its new name when it had one.
+    fn retire_node_link(&self, name: &str) -> Result<Option<String>, Error> {
         let netns = self.cfg.node_netns.clone();
         let err = |source| Error::DeleteLink {
             device: name.to_string(),
@@ -602,7 +602,12 @@ impl LinuxNet {
                 Err(_) => nl.del_link(name).map(|_| None).map_err(err),
             }
         })?;
-        if let Some(name) = retired
+        Ok(retired)
+    }
+
+    /// Leaves the deletion of retired link `name` to the reaper.
+    fn reap_link(&self, name: Option<String>) -> Result<(), Error> {
+        if let Some(name) = name
             && let Err(Job::Link(name)) = self.reaper.hand(Job::Link(name))
         {
             self.delete_node_link(&name)?;
@@ -661,12 +666,22 @@ impl LinuxNet {
 
     /// Removes every resource of a capsule, tolerating absence; collects
     /// errors rather than stopping at the first.
-    fn remove_resources(&self, capsule: &CapsuleId, flush: bool, errors: &mut Vec<Error>) {
+    /// Returns the node link it retired, for the caller to hand to the
+    /// reaper ([`LinuxNet::reap_link`]) once more urgent work is queued.
+    fn remove_resources(
+        &self,
+        capsule: &CapsuleId,
+        flush: bool,
+        errors: &mut Vec<Error>,
+    ) -> Option<String> {
         // Retiring the node end takes its route; the reaper's delete takes
         // the capsule end along.
-        if let Err(e) = self.retire_node_link(&capsule.resource_name()) {
-            errors.push(e);
-        }
+        let retired = self
+            .retire_node_link(&capsule.resource_name())
+            .unwrap_or_else(|e| {
+                errors.push(e);
+                None
+            });
         let mut namespaces = vec![self.netns_path(capsule)];
         namespaces.extend(self.emulated_guest_netns(capsule));
         for path in namespaces {
@@ -681,6 +696,7 @@ impl LinuxNet {
         {
             errors.push(e);
         }
+        retired
     }
 }
 
@@ -776,7 +792,10 @@ impl NetOps for LinuxNet {
         // Any conntrack entries they left are this capsule's own, on the
         // slot it keeps: no other tenant's replies can be steered by them.
         let mut errors = Vec::new();
-        self.remove_resources(capsule, false, &mut errors);
+        let retired = self.remove_resources(capsule, false, &mut errors);
+        if let Err(e) = self.reap_link(retired) {
+            errors.push(e);
+        }
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
@@ -925,11 +944,16 @@ impl NetOps for LinuxNet {
         }
         // A suspended capsule keeps its slot, flushed here; a slot given
         // up is flushed before its reuse, behind the teardown.
-        self.remove_resources(capsule, mode == Teardown::KeepSlot, &mut errors);
+        let retired = self.remove_resources(capsule, mode == Teardown::KeepSlot, &mut errors);
         if mode == Teardown::ReleaseSlot
             && errors.is_empty()
             && let Err(e) = self.release_slot(capsule)
         {
+            errors.push(e);
+        }
+        // After the drain: the slot is free again without waiting for a
+        // veth delete.
+        if let Err(e) = self.reap_link(retired) {
             errors.push(e);
         }
         let count = errors.len();

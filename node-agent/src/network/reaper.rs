@@ -8,7 +8,8 @@
 //! service at once (down, which drops its routes; renamed, which frees its
 //! name for the capsule's next network), marks its slot draining (see
 //! `slots`), and leaves the rest here: one conntrack walk for every slot
-//! pending at that moment, those slots released, then the links deleted.
+//! pending at that moment, then those slots freed; the links are deleted
+//! on a thread of their own.
 //!
 //! A retired link is named `wrenn+<ifindex in hex>`; the startup sweep
 //! removes those and finishes drains, so a crash before the reaper got to
@@ -50,59 +51,85 @@ pub enum Job {
     Drain(u32, SlotAddrs),
 }
 
-/// Runs [`Job`]s in the node namespace on its own thread. The thread ends
-/// once its owner is dropped and every job handed to it is done.
+/// Runs [`Job`]s in the node namespace on two threads of its own, one
+/// for drains and one for links, so a slot is never freed late because a
+/// veth delete was waiting ahead of it. The threads end once their owner
+/// is dropped and every job handed to them is done.
 #[derive(Debug)]
 pub struct Reaper {
-    /// `None` when the thread could not be started: the caller then does
-    /// the job itself.
-    tx: Option<mpsc::Sender<Job>>,
+    /// `None` when a thread could not be started: the caller then does
+    /// those jobs itself.
+    links: Option<mpsc::Sender<String>>,
+    drains: Option<mpsc::Sender<(u32, SlotAddrs)>>,
 }
 
-/// How long a drain whose flush failed waits before the next try.
+/// How long drains whose flush failed wait before the next try.
 const RETRY: Duration = Duration::from_secs(1);
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce(mpsc::Receiver<T>) + Send + 'static,
+) -> Option<mpsc::Sender<T>> {
+    let (tx, rx) = mpsc::channel::<T>();
+    match std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || work(rx))
+    {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            warn!(
+                error = &e as &dyn std::error::Error,
+                thread = name,
+                "start a network reaper thread; teardowns do its work themselves"
+            );
+            None
+        }
+    }
+}
 
 impl Reaper {
     pub fn start(node_netns: PathBuf, slots: Arc<SlotAllocator>) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let started = std::thread::Builder::new()
-            .name("wrenn-net-reaper".into())
-            .spawn(move || run(&node_netns, &slots, &rx));
-        match started {
-            Ok(_) => Self { tx: Some(tx) },
-            Err(e) => {
-                warn!(
-                    error = &e as &dyn std::error::Error,
-                    "start the network reaper; teardowns do its work themselves"
-                );
-                Self { tx: None }
-            }
-        }
+        let ns = node_netns.clone();
+        let links = spawn("wrenn-net-links", move |rx: mpsc::Receiver<String>| {
+            rx.into_iter().for_each(|name| delete(&ns, &name));
+        });
+        let drains = spawn("wrenn-net-drain", move |rx| {
+            run_drains(&node_netns, &slots, &rx);
+        });
+        Self { links, drains }
     }
 
-    /// Hands `job` to the thread; `Err` gives it back when there is no
+    /// Hands `job` to its thread; `Err` gives it back when there is no
     /// thread to take it.
     pub fn hand(&self, job: Job) -> Result<(), Job> {
-        match &self.tx {
-            Some(tx) => tx.send(job).map_err(|mpsc::SendError(j)| j),
-            None => Err(job),
+        match job {
+            Job::Link(name) => match &self.links {
+                Some(tx) => tx.send(name).map_err(|mpsc::SendError(n)| Job::Link(n)),
+                None => Err(Job::Link(name)),
+            },
+            Job::Drain(slot, addrs) => match &self.drains {
+                Some(tx) => tx
+                    .send((slot, addrs))
+                    .map_err(|mpsc::SendError((s, a))| Job::Drain(s, a)),
+                None => Err(Job::Drain(slot, addrs)),
+            },
         }
     }
 }
 
-/// Every job pending at once is one batch: drains first (one walk), then
-/// links. Drains whose flush failed stay for the next batch.
-fn run(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<Job>) {
+/// Every drain pending at once is one batch: one conntrack walk. Drains
+/// whose flush failed are tried again with the next batch.
+fn run_drains(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<(u32, SlotAddrs)>) {
     let mut retry: Vec<(u32, SlotAddrs)> = Vec::new();
     loop {
         let first = if retry.is_empty() {
             match rx.recv() {
-                Ok(j) => Some(j),
+                Ok(d) => Some(d),
                 Err(_) => return,
             }
         } else {
             match rx.recv_timeout(RETRY) {
-                Ok(j) => Some(j),
+                Ok(d) => Some(d),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 // Owner gone: what could not be flushed stays draining;
                 // the next agent's sweep finishes it.
@@ -110,28 +137,14 @@ fn run(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<Job>) {
             }
         };
         let mut drains = std::mem::take(&mut retry);
-        let mut links = Vec::new();
-        for job in first.into_iter().chain(rx.try_iter()) {
-            match job {
-                Job::Drain(slot, addrs) => drains.push((slot, addrs)),
-                Job::Link(name) => links.push(name),
-            }
-        }
-        if !drains.is_empty() {
-            match drain(node_netns, slots, &drains) {
-                Ok(()) => {}
-                Err(e) => {
-                    warn!(
-                        error = &e as &dyn std::error::Error,
-                        slots = drains.len(),
-                        "drain released slots; retrying"
-                    );
-                    retry = drains;
-                }
-            }
-        }
-        for name in links {
-            delete(node_netns, &name);
+        drains.extend(first.into_iter().chain(rx.try_iter()));
+        if let Err(e) = drain(node_netns, slots, &drains) {
+            warn!(
+                error = &e as &dyn std::error::Error,
+                slots = drains.len(),
+                "drain released slots; retrying"
+            );
+            retry = drains;
         }
     }
 }
