@@ -639,6 +639,72 @@ impl LinuxNet {
         Ok(())
     }
 
+    /// The sweep's walk of the node namespace: links and tables of no
+    /// claimed capsule, retired links, and conntrack entries of unclaimed
+    /// slots; the counts removed.
+    fn sweep_node(
+        &self,
+        kept: &HashSet<String>,
+        claimed: &HashSet<u32>,
+    ) -> Result<(usize, usize, usize), Error> {
+        let netns = self.cfg.node_netns.clone();
+        let plan = self.cfg.plan.clone();
+        self.in_node(|nl| {
+            let list = |source| Error::ListLinks {
+                netns: netns.clone(),
+                source,
+            };
+            let mut links = 0;
+            for (_, name, _) in nl.links().map_err(list)? {
+                let unkept = super::is_resource_name(&name) && !kept.contains(&name);
+                if (unkept || reaper::is_retired_name(&name))
+                    && nl.del_link(&name).map_err(|source| Error::DeleteLink {
+                        device: name.clone(),
+                        netns: netns.clone(),
+                        source,
+                    })?
+                {
+                    links += 1;
+                }
+            }
+            let tables_err = |action| {
+                let netns = netns.clone();
+                move |source| Error::Tables {
+                    action,
+                    netns,
+                    source,
+                }
+            };
+            let mut tables = 0;
+            for (family, name) in nl.list_tables().map_err(tables_err("list"))? {
+                // The node tables (ip and ip6) are ours to keep:
+                // ensure_node replaces them atomically.
+                let node_table = ((family == 2 || family == 10) && name == PREFIX)
+                    || (family == 2 && name == PORTS_TABLE);
+                if name.starts_with(PREFIX)
+                    && !node_table
+                    && nl
+                        .delete_table(family, &name)
+                        .map_err(tables_err("delete"))?
+                {
+                    tables += 1;
+                }
+            }
+            let stale = |a: &IpAddr| match a {
+                IpAddr::V4(v4) => plan.slot_of(*v4).is_some_and(|s| !claimed.contains(&s)),
+                IpAddr::V6(_) => false,
+            };
+            let conntrack = nl
+                .conntrack_flush(|e| e.addrs().iter().any(stale))
+                .map_err(|source| Error::FlushConntrack {
+                    what: "unclaimed slots".into(),
+                    netns: netns.clone(),
+                    source,
+                })?;
+            Ok((links, tables, conntrack))
+        })
+    }
+
     /// Whether the capsule's network is complete: its namespace exists and
     /// the node routes the slot's host address into its veth. That route is
     /// the last step of a setup, so a crash anywhere earlier reads as "not
@@ -995,62 +1061,7 @@ impl NetOps for LinuxNet {
             self.set_ports(&c, &[])?;
         }
 
-        let netns = self.cfg.node_netns.clone();
-        let plan = self.cfg.plan.clone();
-        let (links, tables, conntrack) = self.in_node(|nl| {
-            let list = |source| Error::ListLinks {
-                netns: netns.clone(),
-                source,
-            };
-            let mut links = 0;
-            for (_, name, _) in nl.links().map_err(list)? {
-                let unkept = super::is_resource_name(&name) && !kept.contains(&name);
-                if (unkept || reaper::is_retired_name(&name))
-                    && nl.del_link(&name).map_err(|source| Error::DeleteLink {
-                        device: name.clone(),
-                        netns: netns.clone(),
-                        source,
-                    })?
-                {
-                    links += 1;
-                }
-            }
-            let tables_err = |action| {
-                let netns = netns.clone();
-                move |source| Error::Tables {
-                    action,
-                    netns,
-                    source,
-                }
-            };
-            let mut tables = 0;
-            for (family, name) in nl.list_tables().map_err(tables_err("list"))? {
-                // The node tables (ip and ip6) are ours to keep:
-                // ensure_node replaces them atomically.
-                let node_table = ((family == 2 || family == 10) && name == PREFIX)
-                    || (family == 2 && name == PORTS_TABLE);
-                if name.starts_with(PREFIX)
-                    && !node_table
-                    && nl
-                        .delete_table(family, &name)
-                        .map_err(tables_err("delete"))?
-                {
-                    tables += 1;
-                }
-            }
-            let stale = |a: &IpAddr| match a {
-                IpAddr::V4(v4) => plan.slot_of(*v4).is_some_and(|s| !claimed.contains(&s)),
-                IpAddr::V6(_) => false,
-            };
-            let conntrack = nl
-                .conntrack_flush(|e| e.addrs().iter().any(stale))
-                .map_err(|source| Error::FlushConntrack {
-                    what: "unclaimed slots".into(),
-                    netns: netns.clone(),
-                    source,
-                })?;
-            Ok((links, tables, conntrack))
-        })?;
+        let (links, tables, conntrack) = self.sweep_node(&kept, &claimed)?;
         report.links = links;
         report.tables = tables;
         report.conntrack = conntrack;
