@@ -55,6 +55,16 @@ struct State {
     cursor: u32,
 }
 
+impl State {
+    /// The slot `capsule` claims.
+    fn slot_of(&self, capsule: &CapsuleId) -> Option<u32> {
+        self.claims
+            .iter()
+            .find(|(_, c)| *c == capsule)
+            .map(|(s, _)| *s)
+    }
+}
+
 /// Reads a claim directory (creating it if needed): each file named by a
 /// number, with its path and contents. Files starting with `.` are
 /// unfinished claims of a crashed writer (they never became visible) and
@@ -130,11 +140,7 @@ impl SlotAllocator {
 
     /// The slot claimed by `capsule`, if any.
     pub fn get(&self, capsule: &CapsuleId) -> Option<u32> {
-        let st = self.lock();
-        st.claims
-            .iter()
-            .find(|(_, c)| *c == capsule)
-            .map(|(s, _)| *s)
+        self.lock().slot_of(capsule)
     }
 
     /// Every claim, by slot.
@@ -151,8 +157,8 @@ impl SlotAllocator {
     /// claim is new.
     pub(crate) fn claim(&self, capsule: &CapsuleId) -> Result<(u32, bool), ClaimError> {
         let mut st = self.lock();
-        if let Some((slot, _)) = st.claims.iter().find(|(_, c)| *c == capsule) {
-            return Ok((*slot, false));
+        if let Some(slot) = st.slot_of(capsule) {
+            return Ok((slot, false));
         }
         if let Some(other) = st.claims.values().find(|c| c.short() == capsule.short()) {
             return Err(ClaimError::ShortIdTaken(other.clone()));
@@ -195,12 +201,7 @@ impl SlotAllocator {
     /// an error (teardown is idempotent).
     pub fn begin_release(&self, capsule: &CapsuleId) -> io::Result<Option<u32>> {
         let mut st = self.lock();
-        let Some(slot) = st
-            .claims
-            .iter()
-            .find(|(_, c)| *c == capsule)
-            .map(|(s, _)| *s)
-        else {
+        let Some(slot) = st.slot_of(capsule) else {
             return Ok(None);
         };
         fs::rename(
@@ -234,12 +235,7 @@ impl SlotAllocator {
     /// not an error (teardown is idempotent).
     pub fn release(&self, capsule: &CapsuleId) -> io::Result<Option<u32>> {
         let mut st = self.lock();
-        let Some(slot) = st
-            .claims
-            .iter()
-            .find(|(_, c)| *c == capsule)
-            .map(|(s, _)| *s)
-        else {
+        let Some(slot) = st.slot_of(capsule) else {
             return Ok(None);
         };
         match fs::remove_file(self.dir.join(slot.to_string())) {

@@ -102,20 +102,32 @@ impl Channel {
         })
     }
 
+    /// Sends `inner` as request 1 with `flags`; returns the socket to read
+    /// the answer from.
+    fn send_one(
+        &self,
+        family: NetfilterProtoFamily,
+        inner: NetfilterMessageInner,
+        flags: u16,
+    ) -> io::Result<&Socket> {
+        let mut nl = NetlinkMessage::from(NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            inner,
+        ));
+        nl.header.flags = NLM_F_REQUEST | flags;
+        nl.header.sequence_number = 1;
+        let s = self.socket()?;
+        s.send(&to_bytes(nl), 0)?;
+        Ok(s)
+    }
+
     /// One request answered by an acknowledgement.
     pub(super) fn request(
         &self,
         family: NetfilterProtoFamily,
         inner: NetfilterMessageInner,
     ) -> io::Result<()> {
-        let mut nl = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            inner,
-        ));
-        nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        nl.header.sequence_number = 1;
-        let s = self.socket()?;
-        s.send(&to_bytes(nl), 0)?;
+        let s = self.send_one(family, inner, NLM_F_ACK)?;
         read_replies(s, |m| Ok(matches!(m.payload, NetlinkPayload::Error(_))))
     }
 
@@ -125,14 +137,7 @@ impl Channel {
         family: NetfilterProtoFamily,
         inner: NetfilterMessageInner,
     ) -> io::Result<Vec<NetfilterMessage>> {
-        let mut nl = NetlinkMessage::from(NetfilterMessage::new(
-            NetfilterHeader::new(family, 0, 0),
-            inner,
-        ));
-        nl.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        nl.header.sequence_number = 1;
-        let s = self.socket()?;
-        s.send(&to_bytes(nl), 0)?;
+        let s = self.send_one(family, inner, NLM_F_DUMP)?;
         let mut out = Vec::new();
         read_replies(s, |m| match &m.payload {
             NetlinkPayload::InnerMessage(inner) => {
