@@ -217,26 +217,29 @@ fn teardown_leaves_no_namespace_link_rule_or_conntrack_entry() {
     assert_eq!(during.namespaces, vec![c.resource_name()]);
 
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
-    // At once: the name is free and nothing routes into what is left of
-    // the link (its deletion runs behind the teardown).
+    // At once: the name is free and no route of the node leads to the
+    // slot's addresses, whether or not what is left of the link (deleted
+    // behind the teardown) is still there. A link's going down keeps the
+    // local route of its address; the teardown removes it too.
+    let slot_addrs = [n.addrs.host, n.addrs.node_transit, n.addrs.capsule_transit];
     let (named, routed) = in_ns(&bed.node, |nl| {
-        let retired: Vec<u32> = nl
-            .links()?
-            .into_iter()
-            .filter(|l| wrenn_node_agent::network::is_retired_name(&l.1))
-            .map(|l| l.0)
-            .collect();
-        let routed = nl
+        let routed: Vec<_> = nl
             .routes_v4()?
-            .iter()
-            .any(|(_, _, oif)| oif.is_some_and(|i| retired.contains(&i)));
+            .into_iter()
+            .filter(|(dest, len, _)| {
+                slot_addrs.iter().any(|a| {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                    u32::from(*a) & mask == u32::from(*dest) & mask && *len > 0
+                })
+            })
+            .collect();
         Ok((nl.link_index(&n.node_veth)?, routed))
     })
     .unwrap();
     assert_eq!(named, None);
     assert!(
-        !routed,
-        "a route still leads into a torn-down capsule's link"
+        routed.is_empty(),
+        "routes still lead to a torn-down capsule's addresses: {routed:?}"
     );
     assert_eq!(bed.snapshot(), before);
     // Teardown is idempotent.

@@ -580,8 +580,9 @@ impl LinuxNet {
         })
     }
 
-    /// Takes link `name` out of service (down: its routes go; renamed:
-    /// the name is free again); returns its new name when it had one.
+    /// Takes link `name` out of service (down and without addresses: its
+    /// routes go; renamed: the name is free again); returns its new name
+    /// when it had one.
     fn retire_node_link(&self, name: &str) -> Result<Option<String>, Error> {
         let netns = self.cfg.node_netns.clone();
         let err = |source| Error::DeleteLink {
@@ -594,6 +595,9 @@ impl LinuxNet {
                 return Ok(None);
             };
             nl.set_down(name).map_err(err)?;
+            // Down keeps the local route of its address: the node would
+            // still answer to it.
+            nl.flush_addrs(name).map_err(err)?;
             let retired = reaper::retired_name(index);
             match nl.rename(name, &retired) {
                 Ok(()) => Ok(Some(retired)),

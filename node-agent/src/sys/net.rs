@@ -372,6 +372,31 @@ impl Netlink {
             .map_err(nl_err)
     }
 
+    /// Removes every address of link `name`, and with them their local
+    /// routes (which a link's going down keeps).
+    pub fn flush_addrs(&self, name: &str) -> io::Result<()> {
+        let idx = self.index(name)?;
+        let req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(idx)
+            .execute();
+        let addrs: Vec<_> = self.rt.block_on(req.try_collect()).map_err(nl_err)?;
+        for a in addrs {
+            match self
+                .rt
+                .block_on(self.handle.address().del(a).execute())
+                .map_err(nl_err)
+            {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc::EADDRNOTAVAIL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a route to `dest` through link `dev`, via `gateway` if given.
     pub fn add_route(
         &self,
@@ -391,8 +416,9 @@ impl Netlink {
             .map_err(nl_err)
     }
 
-    /// IPv4 routes of the main table: destination, prefix length, output
-    /// link index.
+    /// IPv4 routes of every table (the kernel answers a dump without
+    /// strict checking with all of them, `local` included): destination,
+    /// prefix length, output link index.
     pub fn routes_v4(&self) -> io::Result<Vec<(Ipv4Addr, u8, Option<u32>)>> {
         let req = self
             .handle
