@@ -36,6 +36,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use self::plan::{Facts, Plan, observes_vm, plan_recovery};
+use super::files::blocking;
 use super::record::{RECORD_VERSION, Record, note};
 use super::registry::Entry;
 use super::steps::Ctx;
@@ -127,41 +128,33 @@ pub(crate) async fn recover<M: Machine + 'static>(
 ) -> Result<RecoveryReport, Error> {
     let mut report = RecoveryReport::default();
     let net = shared.host().net.clone();
-    tokio::task::spawn_blocking(move || net.ensure_node())
-        .await
-        .map_err(|_| Error::Aborted {
-            what: "prepare node network",
-            uid: String::new(),
-        })?
-        .map_err(|source| Error::Network {
+    blocking("", "prepare node network", move || {
+        net.ensure_node().map_err(|source| Error::Network {
             action: "prepare",
             uid: "(node)".into(),
             source: Box::new(source),
-        })?;
+        })
+    })
+    .await?;
 
     shared.journal_replayed().await?;
     // Every journal read on a blocking thread, then decided one by one.
     let journal = shared.journal().clone();
-    let journals = tokio::task::spawn_blocking(move || {
-        journal.uids().map(|uids| {
-            uids.into_iter()
-                .map(|uid| {
-                    let bytes = journal.read_bytes(&uid);
-                    let never_written = journal.never_written(&uid);
-                    (uid, bytes, never_written)
-                })
-                .collect::<Vec<_>>()
-        })
+    let journals = blocking("", "read the journals", move || {
+        let uids = journal.uids().map_err(|source| Error::Journal {
+            uid: "(all)".into(),
+            source: Box::new(source),
+        })?;
+        Ok(uids
+            .into_iter()
+            .map(|uid| {
+                let bytes = journal.read_bytes(&uid);
+                let never_written = journal.never_written(&uid);
+                (uid, bytes, never_written)
+            })
+            .collect::<Vec<_>>())
     })
-    .await
-    .map_err(|_| Error::Aborted {
-        what: "read the journals",
-        uid: String::new(),
-    })?
-    .map_err(|source| Error::Journal {
-        uid: "(all)".into(),
-        source: Box::new(source),
-    })?;
+    .await?;
     for (uid, bytes, never_written) in journals {
         let verdict = quarantine::plan_journal(
             &uid,
