@@ -1,11 +1,14 @@
-//! Journal writes under concurrency: 50 capsules created at once on the
-//! fake VMM and network with real qcow2 overlay files, the state dir on the
-//! machine's disk so fsyncs are real. Prints create p50/p99, journal
-//! records per second and fsyncs per create through the group committer,
-//! then the journal layer alone, before/after: the same records written
-//! one fsync pair each on the tokio workers (what `Ctx::commit` did) and
-//! through `GroupCommit` (a batch applied to the files and made durable by
-//! one `fdatasync` of the journal's write-ahead log).
+//! Capsule creates on the fake VMM with real qcow2 disk files and the
+//! journal on the machine's disk (fsyncs are real), twice: on the fake
+//! network, and on the real one (TAP, namespace, nftables, routes in a node
+//! namespace made for the run, `tests/network_env`). For each: creates one
+//! after the other, then 50 at once x 4 rounds: p50/p99, throughput, CPU
+//! per create and the least median a burst of 50 can have at that
+//! throughput (the burst's median create finishes after half of the 50
+//! are done). Then the journal layer alone, before/after: the same records
+//! written one fsync pair each on the tokio workers (what `Ctx::commit`
+//! did) and through `GroupCommit` (a batch applied to the files and made
+//! durable by one `fdatasync` of the journal's write-ahead log).
 //!
 //! `cargo bench -p wrenn-node-agent --bench journal`
 
@@ -14,16 +17,19 @@ use std::time::{Duration, Instant};
 
 #[path = "support/capsule_spec.rs"]
 mod capsule_spec;
+#[path = "../tests/network_env/mod.rs"]
+mod network_env;
 
-use capsule_spec::{spec, supervisor};
-use wrenn_node_agent::capsule::State;
-use wrenn_node_agent::network::FakeNet;
+use capsule_spec::{spec, supervisor_on};
+use wrenn_node_agent::capsule::{State, Supervisor};
+use wrenn_node_agent::network::{FakeNet, NetOps};
 use wrenn_node_agent::state::{GroupCommit, Journal};
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::FakeMachine;
 
 const CONCURRENT: usize = 50;
 const ROUNDS: usize = 4;
+const SEQUENTIAL: usize = 30;
 /// Records per capsule in the journal-only comparison (a create writes
 /// about this many).
 const RECORDS_PER_CAPSULE: usize = 6;
@@ -41,34 +47,54 @@ struct Rec<'a> {
     pad: &'a str,
 }
 
-fn main() {
-    let rt = capsule_spec::runtime();
-    let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-    let template = dir.path().join("base.ext4");
-    std::fs::write(&template, vec![0u8; 1 << 20]).expect("template");
-    let store: Arc<dyn BlockStore> =
-        Arc::new(Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).expect("store"));
-    let sup = supervisor(
-        dir.path(),
-        &Arc::new(FakeMachine::new()),
-        &Arc::new(FakeNet::new()),
-        &store,
-    );
+/// CPU time (user + system, every thread) this process used so far.
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().unsigned_abs())
+            + Duration::from_micros(t.tv_usec().unsigned_abs())
+    };
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| tv(u.user_time()) + tv(u.system_time()))
+        .unwrap_or_default()
+}
+
+/// Creates one after the other, then bursts of [`CONCURRENT`]; deletes
+/// them all after.
+fn scenario(
+    rt: &tokio::runtime::Runtime,
+    sup: &Supervisor<FakeMachine>,
+    what: &str,
+    template: &std::path::Path,
+) {
+    let mut uids = Vec::new();
+    let mut one = Vec::new();
+    for i in 0..SEQUENTIAL {
+        let uid = format!("s-{i:02}");
+        let t = Instant::now();
+        rt.block_on(sup.create(&uid, spec(i, template), State::Running))
+            .expect("create");
+        one.push(t.elapsed());
+        uids.push(uid);
+    }
     println!(
-        "journal bench: {CONCURRENT} concurrent creates x {ROUNDS} rounds (fake VMM and network, qcow2 files; state on {})",
-        dir.path().display()
+        "  {what:<13} 1 in flight    p50 {:>7.2} ms   p99 {:>7.2} ms",
+        pct(&mut one, 50),
+        pct(&mut one, 99)
     );
     let mut lat = Vec::new();
     let before = sup.journal_stats();
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), cpu_time());
     for round in 0..ROUNDS {
         let tasks: Vec<_> = (0..CONCURRENT)
             .map(|i| {
                 let sup = sup.clone();
-                let spec = spec(i, &template);
+                let spec = spec(SEQUENTIAL + round * CONCURRENT + i, template);
+                let uid = format!("r{round}-c{i:02}");
+                uids.push(uid.clone());
                 rt.spawn(async move {
                     let t = Instant::now();
-                    sup.create(&format!("r{round}-c{i:02}"), spec, State::Running)
+                    sup.create(&uid, spec, State::Running)
                         .await
                         .expect("create");
                     t.elapsed()
@@ -79,23 +105,68 @@ fn main() {
             lat.push(rt.block_on(t).expect("task"));
         }
     }
-    let wall = t0.elapsed().as_secs_f64();
+    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_time() - cpu0);
     let s = sup.journal_stats();
     let creates = (CONCURRENT * ROUNDS) as f64;
     let records = (s.records - before.records) as f64;
+    let rate = creates / wall;
     println!(
-        "  create (group commit)   p50 {:>7.2} ms   p99 {:>7.2} ms",
+        "  {what:<13} {CONCURRENT} at once     p50 {:>7.2} ms   p99 {:>7.2} ms   {rate:.0} creates/s, {:.2} ms CPU per create; at this rate a burst's median is at least {:.1} ms",
         pct(&mut lat, 50),
-        pct(&mut lat, 99)
+        pct(&mut lat, 99),
+        cpu.as_secs_f64() * 1e3 / creates,
+        (CONCURRENT as f64 / 2.0) / rate * 1e3,
     );
     println!(
-        "  journal                 {:.0} records/s, {:.1} records, {:.2} batches and {:.1} fsyncs per create",
+        "  {what:<13} journal        {:.0} records/s, {:.1} records, {:.2} batches and {:.1} fsyncs per create",
         records / wall,
         records / creates,
         (s.batches - before.batches) as f64 / creates,
         (s.fsyncs - before.fsyncs) as f64 / creates
     );
+    for uid in &uids {
+        rt.block_on(sup.delete(uid)).expect("delete");
+    }
+}
+
+fn main() {
+    let rt = capsule_spec::runtime();
+    let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+    let template = dir.path().join("base.ext4");
+    std::fs::write(&template, vec![0u8; 1 << 20]).expect("template");
+    let store: Arc<dyn BlockStore> =
+        Arc::new(Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).expect("store"));
+    let machine = Arc::new(FakeMachine::new());
+    println!(
+        "journal bench: creates on the fake VMM with qcow2 disk files (state on {}); {SEQUENTIAL} one after the other, then {CONCURRENT} at once x {ROUNDS} rounds",
+        dir.path().display()
+    );
+    let fake: Arc<dyn NetOps> = Arc::new(FakeNet::new());
+    let sup = supervisor_on(&dir.path().join("fake"), &machine, fake, &store);
+    scenario(&rt, &sup, "fake network", &template);
     sup.shutdown();
+    let real = wrenn_testkit::need_root().and_then(|()| {
+        if std::path::Path::new("/dev/net/tun").exists() {
+            Ok(())
+        } else {
+            Err("needs /dev/net/tun".to_string())
+        }
+    });
+    match real {
+        Ok(()) => {
+            let bed = network_env::Bed::new(true);
+            let net = bed.net();
+            net.ensure_node().expect("ensure node");
+            let net: Arc<dyn NetOps> = Arc::new(net);
+            let sup = supervisor_on(&dir.path().join("real"), &machine, net, &store);
+            scenario(&rt, &sup, "real network", &template);
+            sup.shutdown();
+            // The reaper finishes the teardowns before the bed goes.
+            let _ = bed.snapshot();
+        }
+        Err(why) => println!("  real network  skipped: {why}"),
+    }
+    let dir = &dir;
 
     // The journal layer alone, same records, before and after.
     let pad = "x".repeat(1500);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, Host, Resources, Supervisor, SupervisorConfig, TemplateDisk,
 };
-use wrenn_node_agent::network::FakeNet;
+use wrenn_node_agent::network::{FakeNet, NetOps};
 use wrenn_node_agent::storage::BlockStore;
 use wrenn_node_agent::vmm::FakeMachine;
 
@@ -33,16 +33,27 @@ pub fn spec(i: usize, template: &std::path::Path) -> CapsuleSpec {
 }
 
 /// A supervisor over the fakes and `store`, its state in `dir`.
+#[allow(dead_code)] // `journal` picks its network with `supervisor_on`.
 pub fn supervisor(
     dir: &std::path::Path,
     machine: &Arc<FakeMachine>,
     net: &Arc<FakeNet>,
     store: &Arc<dyn BlockStore>,
 ) -> Supervisor<FakeMachine> {
+    supervisor_on(dir, machine, net.clone(), store)
+}
+
+/// A supervisor over the fake VMM, `net` and `store`, its state in `dir`.
+pub fn supervisor_on(
+    dir: &std::path::Path,
+    machine: &Arc<FakeMachine>,
+    net: Arc<dyn NetOps>,
+    store: &Arc<dyn BlockStore>,
+) -> Supervisor<FakeMachine> {
     Supervisor::new(
         Host {
             machine: machine.clone(),
-            net: net.clone(),
+            net,
             store: store.clone(),
         },
         SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
