@@ -1,8 +1,8 @@
 //! Supervisor overheads with the fake VMM and network and real qcow2
 //! overlay files for disks: agent RSS
-//! idle and with 100 capsules tracked, the time each lifecycle step costs
+//! idle and with 1,000 capsules tracked (aim: at most 40 MiB), the time each lifecycle step costs
 //! the supervisor itself (journal writes with fsync included, VMM time
-//! excluded), and recovery of 100 capsules. The state dir is a temp dir on
+//! excluded), and recovery of 1,000 capsules. The state dir is a temp dir on
 //! the machine's disk, so fsync costs are real.
 //!
 //! `cargo bench -p wrenn-node-agent --bench supervisor`
@@ -23,7 +23,7 @@ use wrenn_node_agent::network::FakeNet;
 use wrenn_node_agent::storage::{BlockStore, Qcow2Store, StorageConfig};
 use wrenn_node_agent::vmm::FakeMachine;
 
-const CAPSULES: usize = 100;
+const CAPSULES: usize = 1000;
 
 struct Samples(Vec<Duration>);
 
@@ -57,7 +57,7 @@ fn main() {
     );
     println!("  agent RSS idle (supervisor built)     {idle} KiB");
 
-    let uids: Vec<String> = (0..CAPSULES).map(|i| format!("cap-{i:03}")).collect();
+    let uids: Vec<String> = (0..CAPSULES).map(|i| format!("cap-{i:04}")).collect();
     let mut create = Samples(Vec::new());
     for (i, uid) in uids.iter().enumerate() {
         let t = Instant::now();
@@ -106,7 +106,7 @@ fn main() {
         }
     }
 
-    // Recovery of 100 capsules by a fresh supervisor.
+    // Recovery of every capsule by a fresh supervisor.
     sup.shutdown();
     drop(sup);
     let sup = supervisor(dir.path(), &machine, &net, &store);
