@@ -4,7 +4,7 @@
 # plots (docs/benchmarks/*.svg) and figures (docs/benchmarks.json).
 #
 #   e2e/scripts/bench.sh [--capsules N] [--sequential N] [--concurrency 1,50,200]
-#                        [--agents N] [--profile release|dev] [--no-node-agent]
+#                        [--agents N] [--profile release|dev] [--comparison-only]
 #
 # --capsules     objects per scenario with more than one in flight (200)
 # --sequential   objects of the one-in-flight scenarios (30)
@@ -12,11 +12,14 @@
 # --agents       Wrenn fake agents, and kwok nodes for the peer (4)
 # --profile      cargo profile of the Wrenn side (release: `cargo bench`;
 #                dev: `cargo test`, a quicker build and a slower operator)
-# --no-node-agent  leave out the node agent's journal and network benches
+# --comparison-only  leave out the benches beside the comparison: the node
+#                agent's (journal, network, storage, images, supervisor), the
+#                guest's (qemu: needs the guest image, else it says why) and
+#                the footprints (operator_footprint, gateway)
 #
 # Steps: build (or find cached) etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kwok and agent-sandbox from the Go module proxy; run the
-# node agent's journal and network benches; run every scenario (the bench
+# benches beside the comparison; run every scenario (the bench
 # binary starts the control plane, kwok and both controllers and stops them
 # when it exits); then the short run that CI's ratio gate repeats, recorded
 # as the gate's reference in the same JSON. Each scenario stops by itself.
@@ -25,13 +28,13 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 log() { printf '[bench] %s\n' "$*" >&2; }
 
-profile=release node_agent=1 pass=()
+profile=release extras=1 pass=()
 while [ $# -gt 0 ]; do
   case $1 in
     --capsules|--sequential|--concurrency|--agents) pass+=("$1" "$2"); shift 2 ;;
     --profile) profile=$2; shift 2 ;;
-    --no-node-agent) node_agent=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --comparison-only) extras=0; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) log "unknown argument $1"; exit 2 ;;
   esac
 done
@@ -48,15 +51,18 @@ e2e/scripts/build-agent-sandbox.sh
 
 scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
 include=()
-if [ "$node_agent" = 1 ]; then
-  for b in journal network; do
-    log "node agent bench $b ($profile)"
+if [ "$extras" = 1 ]; then
+  # The operator and gateway these start are built as the profile ships.
+  [ "$profile" = release ] && export WRENN_E2E_RELEASE=1
+  for b in journal network storage images supervisor qemu operator_footprint gateway; do
+    log "bench $b ($profile)"
     if "${run[@]}" --bench "$b" >"$scratch/$b.out" 2>"$scratch/$b.err"; then
       include+=(--include "$b ($profile profile)=$scratch/$b.out")
     else
-      log "node agent bench $b failed; left out of the page:"; tail -5 "$scratch/$b.err" >&2
+      log "bench $b failed; left out of the page:"; tail -5 "$scratch/$b.err" >&2
     fi
   done
+  unset WRENN_E2E_RELEASE
 fi
 
 log "scenarios ($profile)"

@@ -121,6 +121,11 @@ impl OperatorProcess {
         Ok(op)
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The last lines of the operator's log.
     pub fn log_tail(&self) -> String {
         tail(&self.log, 60)

@@ -79,10 +79,11 @@ pub fn markdown(f: &Figures, plots: &[(Path, String)]) -> String {
     if !f.node_agent.is_empty() {
         let _ = writeln!(
             s,
-            "\n## Node agent micro-benchmarks\n\n\
-             Not part of the comparison: the node agent's own benches \
-             (`node-agent/benches/`), run by the same command on the same \
-             machine; their output as printed.\n"
+            "\n## Node agent, guest and footprint benchmarks\n\n\
+             Not part of the comparison: Wrenn's own benches \
+             (`node-agent/benches/`, `e2e/benches/`), run by the same \
+             command on the same machine, each comparing with its baseline \
+             in the same run where it has one; their output as printed.\n"
         );
         for (name, out) in &f.node_agent {
             let _ = writeln!(s, "### `{name}`\n\n```text\n{}\n```\n", out.trim_end());
