@@ -7,16 +7,17 @@
 //! | module | owns |
 //! |---|---|
 //! | `supervisor` | [`Supervisor`], the public API: checks a request, takes the capsule's lock, runs its steps in a task of its own |
-//! | `registry` | the map of capsules (each an entry behind its own lock) and their supervised background tasks |
+//! | `registry` | the map of capsules, each an entry behind its own lock; only the supervisor and recovery hold it |
+//! | `tasks` | the supervised background tasks of capsules (crash watchers, template builds) |
 //! | `record` | the journaled [`Record`] and the pure helpers that note errors on it |
-//! | `steps` | one file per operation over the step context; every side effect journaled first |
+//! | `steps` | one file per operation over the step context (host, settings, journal, events, tasks: never the map of capsules); every side effect journaled first |
 //! | `recovery` | start-up recovery: a pure `plan_recovery` per journal, the executor, the orphan sweep |
 //! | `templates` | `PrepareTemplate`: ready records, warm builds through the supervisor's `BuildVms` API |
 //! | `model`, `config`, `ids`, `files` | domain types, settings, host ids of a UID, file work of images and snapshots |
 //! | `events`, `api`, `cmdline` | the `WatchEvents` bus, the type-erased API the server uses, kernel command lines |
 //!
 //! Imports run one way: `supervisor` → (`recovery`, `templates`, `steps`);
-//! `recovery` → `steps` → (`registry`, `record`, `files`, `ids`, `model`).
+//! `recovery` → `steps` → (`registry`'s `Entry`, `tasks`, `record`, `files`, `ids`, `model`).
 //! `templates` reaches its build VMs through the `BuildVms` trait the
 //! supervisor implements, so it never imports the supervisor.
 //!
@@ -52,6 +53,7 @@ mod recovery;
 mod registry;
 mod steps;
 mod supervisor;
+mod tasks;
 pub mod templates;
 #[cfg(test)]
 mod tests;

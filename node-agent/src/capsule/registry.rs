@@ -1,22 +1,13 @@
 //! [`Registry`]: the capsules this agent knows, each an [`Entry`] behind its
-//! own lock, and the background tasks started for them (crash watchers,
-//! template builds). It owns the map and the task list; what an operation
-//! does with a record is the steps' business (`super::steps`).
-//!
-//! Tasks are supervised: each runs inside [`Registry::spawn`], which logs a
-//! task that panicked (with the capsule it served) instead of letting it
-//! vanish, and counts it as an `aborted` error. Such a task is not
-//! restarted: a crash watcher that died leaves its capsule's last state
-//! shown, and a delete still removes it; the agent keeps serving the other
-//! capsules. Long-lived agent tasks (sampler, admin server, log sweeper)
-//! are supervised in `main`, where one that ends stops the agent.
+//! own lock. It owns the map; what an operation does with a record is the
+//! steps' business (`super::steps`), and the steps never see the map: a
+//! step is handed its capsule's entry, and an entry can only take itself
+//! out of the map ([`Entry::leave`]), once its capsule is gone.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use futures::FutureExt as _;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use super::model::{CapsuleView, State};
@@ -38,15 +29,43 @@ pub(crate) struct Entry {
     /// A warm template's build VM ([`Record::internal`]): reachable only
     /// through the template code, never through the capsule API.
     internal: bool,
+    /// Its UID and the map it is in, for [`Entry::leave`].
+    uid: String,
+    home: Weak<Mutex<Map>>,
 }
 
+type Map = BTreeMap<String, Arc<Entry>>;
+
 impl Entry {
-    fn new(rec: Option<Record>, view: CapsuleView, internal: bool) -> Self {
+    fn new(
+        uid: &str,
+        rec: Option<Record>,
+        view: CapsuleView,
+        internal: bool,
+        home: Weak<Mutex<Map>>,
+    ) -> Self {
         Self {
             lock: Arc::new(AsyncMutex::new(rec)),
             view: Mutex::new(view),
             cancel: AtomicBool::new(false),
             internal,
+            uid: uid.to_string(),
+            home,
+        }
+    }
+
+    /// Takes this entry out of its registry: its capsule is gone. A newer
+    /// entry of the same UID (a create that claimed it again) stays.
+    pub(crate) fn leave(&self) {
+        let Some(home) = self.home.upgrade() else {
+            return;
+        };
+        let mut map = home.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.uid)
+            .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), self))
+        {
+            map.remove(&self.uid);
         }
     }
 
@@ -99,21 +118,19 @@ pub(crate) enum Claim {
     Busy,
 }
 
-/// The capsules and their background tasks.
+/// The capsules.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    capsules: Mutex<BTreeMap<String, Arc<Entry>>>,
-    /// Watchers and other background tasks, aborted by `abort_all`.
-    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    capsules: Arc<Mutex<Map>>,
 }
 
 impl Registry {
-    fn map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Entry>>> {
+    fn map(&self) -> MutexGuard<'_, Map> {
         self.capsules.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn tasks(&self) -> MutexGuard<'_, Vec<tokio::task::AbortHandle>> {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    fn entry(&self, uid: &str, rec: Option<Record>, view: CapsuleView, internal: bool) -> Entry {
+        Entry::new(uid, rec, view, internal, Arc::downgrade(&self.capsules))
     }
 
     /// The entry of `uid` if it is a user capsule (`internal: false`) or a
@@ -151,7 +168,7 @@ impl Registry {
         if let Some(e) = map.get(uid) {
             return Claim::Exists(e.clone());
         }
-        let entry = Arc::new(Entry::new(None, view, internal));
+        let entry = Arc::new(self.entry(uid, None, view, internal));
         // Locked before it becomes visible, so no other operation can run
         // before the create.
         let Ok(guard) = entry.lock.clone().try_lock_owned() else {
@@ -163,55 +180,9 @@ impl Registry {
 
     /// Adds the entry of a record recovery read from the journal.
     pub(crate) fn adopt(&self, rec: &Record, view: CapsuleView) -> Arc<Entry> {
-        let entry = Arc::new(Entry::new(Some(rec.clone()), view, rec.internal));
+        let entry = Arc::new(self.entry(&rec.uid, Some(rec.clone()), view, rec.internal));
         self.map().insert(rec.uid.clone(), entry.clone());
         entry
-    }
-
-    /// Removes `uid` if its entry is still `entry` (a create may have
-    /// claimed the UID again meanwhile).
-    pub(crate) fn remove(&self, uid: &str, entry: &Entry) {
-        let mut map = self.map();
-        if map
-            .get(uid)
-            .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), entry))
-        {
-            map.remove(uid);
-        }
-    }
-
-    /// Runs `task` in the background until it ends or
-    /// [`abort_all`](Self::abort_all); a panic is logged with `what` and
-    /// `capsule` and reported to `on_panic`.
-    pub(crate) fn spawn(
-        &self,
-        what: &'static str,
-        capsule: &str,
-        on_panic: impl FnOnce() + Send + 'static,
-        task: impl Future<Output = ()> + Send + 'static,
-    ) {
-        let capsule = capsule.to_string();
-        let handle = tokio::spawn(async move {
-            if std::panic::AssertUnwindSafe(task)
-                .catch_unwind()
-                .await
-                .is_err()
-            {
-                tracing::error!(%capsule, task = what, "background task panicked; not restarted");
-                on_panic();
-            }
-        });
-        let mut tasks = self.tasks();
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(handle.abort_handle());
-    }
-
-    /// Stops every background task.
-    pub(crate) fn abort_all(&self) {
-        let tasks = std::mem::take(&mut *self.tasks());
-        for t in tasks {
-            t.abort();
-        }
     }
 }
 
@@ -247,34 +218,17 @@ mod tests {
     }
 
     #[test]
-    fn remove_spares_a_newer_entry_of_the_same_uid() {
+    fn leaving_spares_a_newer_entry_of_the_same_uid() {
         let r = Registry::default();
         let Claim::New(old, _g) = r.claim("c1", view("c1"), false) else {
             panic!()
         };
-        r.remove("c1", &old);
+        old.leave();
+        assert!(r.get("c1", false).is_none());
         let Claim::New(_new, _g2) = r.claim("c1", view("c1"), false) else {
             panic!()
         };
-        r.remove("c1", &old);
+        old.leave();
         assert!(r.get("c1", false).is_some());
-    }
-
-    #[tokio::test]
-    async fn a_panicking_task_is_reported() {
-        let r = Registry::default();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        r.spawn(
-            "test",
-            "c1",
-            move || {
-                let _ = tx.send(());
-            },
-            async { panic!("boom") },
-        );
-        tokio::time::timeout(std::time::Duration::from_secs(5), rx)
-            .await
-            .unwrap()
-            .unwrap();
     }
 }

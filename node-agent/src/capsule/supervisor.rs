@@ -17,7 +17,7 @@ use super::ids::{disk_id, net_id};
 use super::model::{CapsuleSpec, CapsuleView, Egress, Error, PortRule, SnapshotInfo, State};
 use super::plan::{Decision, Op, plan_op};
 use super::record::{Record, wrong};
-use super::registry::{Claim, Entry};
+use super::registry::{Claim, Entry, Registry};
 use super::steps::Ctx;
 use super::templates::{AgentGuest, BuildSettings, BuildVms, Builds, VmFuture};
 use crate::guest::GuestToken;
@@ -28,6 +28,8 @@ use crate::vmm::{BackendInfo, Machine};
 /// The node's capsules.
 pub struct Supervisor<M> {
     cx: Arc<Ctx<M>>,
+    /// The capsules: only the supervisor and recovery see the map.
+    registry: Arc<Registry>,
     /// Templates prepared ahead of time (`PrepareTemplate`).
     builds: Arc<Builds>,
 }
@@ -42,6 +44,7 @@ impl<M> Clone for Supervisor<M> {
     fn clone(&self) -> Self {
         Self {
             cx: self.cx.clone(),
+            registry: self.registry.clone(),
             builds: self.builds.clone(),
         }
     }
@@ -68,6 +71,7 @@ impl<M: Machine + 'static> Supervisor<M> {
         }));
         Self {
             cx: Ctx::new(host, cfg),
+            registry: Arc::default(),
             builds,
         }
     }
@@ -83,7 +87,7 @@ impl<M: Machine + 'static> Supervisor<M> {
         &self,
         sweep: &super::OrphanSweep,
     ) -> Result<super::RecoveryReport, Error> {
-        super::recovery::recover(&self.cx, sweep).await
+        super::recovery::recover(&self.cx, &self.registry, sweep).await
     }
 
     /// Answers where the template of `req` stands, starting its build when
@@ -133,7 +137,7 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// its background tasks. Never resolves while the network lives; pends
     /// when the network has no resolvers.
     pub fn report_name_refusals(&self) -> impl Future<Output = ()> + Send + 'static {
-        let cx = self.cx.clone();
+        let (cx, registry) = (self.cx.clone(), self.registry.clone());
         let reports = cx.host().net.take_name_refusals();
         async move {
             let Some(mut reports) = reports else {
@@ -141,7 +145,7 @@ impl<M: Machine + 'static> Supervisor<M> {
             };
             while let Some(r) = reports.recv().await {
                 // A report outliving its capsule (or a build VM's) is dropped.
-                if let Some(e) = cx.registry().get(r.capsule.as_str(), false) {
+                if let Some(e) = registry.get(r.capsule.as_str(), false) {
                     cx.bus().publish_refusal(e.view(), r);
                 }
             }
@@ -153,13 +157,13 @@ impl<M: Machine + 'static> Supervisor<M> {
     /// the supervisor.
     pub fn shutdown(&self) {
         self.cx.bus().close();
-        self.cx.registry().abort_all();
+        self.cx.tasks().abort_all();
     }
 
     /// The entry of `uid`, if it is a user capsule (`internal: false`) or
     /// a build VM (`internal: true`).
     pub(crate) fn entry(&self, uid: &str, internal: bool) -> Option<Arc<Entry>> {
-        self.cx.registry().get(uid, internal)
+        self.registry.get(uid, internal)
     }
 
     /// Runs `op` on `uid`'s record under its lock, in a task of its own.
@@ -237,35 +241,34 @@ impl<M: Machine + 'static> Supervisor<M> {
         let shared = self.cx.clone();
         let mut shown = Record::new(uid, &spec);
         shown.internal = internal;
-        let (entry, guard) =
-            match shared
-                .registry()
-                .claim(uid, shown.view(shared.backend()), internal)
-            {
-                Claim::New(entry, guard) => (entry, guard),
-                Claim::Exists(e) => {
-                    let view = e.view();
-                    if e.internal() != internal {
-                        return Err(Error::AlreadyExists {
-                            uid: uid.to_string(),
-                            field: "owner",
-                        });
-                    }
-                    return match view.spec.first_difference(&spec) {
-                        None => Ok(view),
-                        Some(field) => Err(Error::AlreadyExists {
-                            uid: uid.to_string(),
-                            field,
-                        }),
-                    };
-                }
-                Claim::Busy => {
-                    return Err(Error::Aborted {
-                        what: "create",
+        let (entry, guard) = match self
+            .registry
+            .claim(uid, shown.view(shared.backend()), internal)
+        {
+            Claim::New(entry, guard) => (entry, guard),
+            Claim::Exists(e) => {
+                let view = e.view();
+                if e.internal() != internal {
+                    return Err(Error::AlreadyExists {
                         uid: uid.to_string(),
+                        field: "owner",
                     });
                 }
-            };
+                return match view.spec.first_difference(&spec) {
+                    None => Ok(view),
+                    Some(field) => Err(Error::AlreadyExists {
+                        uid: uid.to_string(),
+                        field,
+                    }),
+                };
+            }
+            Claim::Busy => {
+                return Err(Error::Aborted {
+                    what: "create",
+                    uid: uid.to_string(),
+                });
+            }
+        };
         let owned_uid = uid.to_string();
         let task = tokio::spawn(async move {
             let mut guard = guard;
@@ -313,7 +316,7 @@ impl<M: Machine + 'static> Supervisor<M> {
 
     /// Every capsule, by UID.
     pub fn list(&self) -> Vec<CapsuleView> {
-        self.cx.registry().views()
+        self.registry.views()
     }
 
     /// Deletes `uid`; `false` when it did not exist.

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use self::plan::{Facts, Plan, observes_vm, plan_recovery};
 use super::files::blocking;
 use super::record::{RECORD_VERSION, Record, note};
-use super::registry::Entry;
+use super::registry::{Entry, Registry};
 use super::steps::Ctx;
 use super::{Error, State};
 use crate::network::{self, Teardown};
@@ -121,9 +121,11 @@ pub struct RecoveryReport {
     pub orphans: OrphanReport,
 }
 
-/// Runs recovery on a supervisor's context; once, before serving.
+/// Runs recovery on a supervisor's context, adopting capsules into
+/// `registry`; once, before serving.
 pub(crate) async fn recover<M: Machine + 'static>(
     shared: &Arc<Ctx<M>>,
+    registry: &Registry,
     sweep: &OrphanSweep,
 ) -> Result<RecoveryReport, Error> {
     let mut report = RecoveryReport::default();
@@ -165,7 +167,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
             |r: &Record| r.uid.as_str(),
         );
         match verdict {
-            Verdict::Use(rec) => recover_one(shared, rec, &mut report).await,
+            Verdict::Use(rec) => recover_one(shared, registry, rec, &mut report).await,
             Verdict::Quarantine(q) => {
                 tracing::warn!(capsule = %q.uid, reason = q.reason.reason().as_str(), detail = %q.message, "capsule quarantined: its journal is not usable; nothing of it is touched until an admin releases it");
                 report.quarantined.push(q.clone());
@@ -187,7 +189,7 @@ pub(crate) async fn recover<M: Machine + 'static>(
     let (known, live): (BTreeSet<String>, BTreeSet<String>) = {
         let mut known = BTreeSet::new();
         let mut live = BTreeSet::new();
-        for (uid, e) in shared.registry().entries() {
+        for (uid, e) in registry.entries() {
             let guard = e.lock().await;
             if let Some(r) = guard.as_ref() {
                 if r.vm().is_some() {
@@ -224,11 +226,12 @@ pub(crate) async fn recover<M: Machine + 'static>(
 #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "recover"))]
 async fn recover_one<M: Machine + 'static>(
     cx: &Arc<Ctx<M>>,
+    registry: &Registry,
     mut rec: Record,
     report: &mut RecoveryReport,
 ) {
     let uid = rec.uid.clone();
-    let entry = cx.registry().adopt(&rec, rec.view(cx.backend()));
+    let entry = registry.adopt(&rec, rec.view(cx.backend()));
     let mut guard = entry.lock().await;
     // A snapshot being written is never finished by a restarted agent:
     // its staging directory goes (a build VM's too, with the VM).
@@ -268,7 +271,7 @@ async fn recover_one<M: Machine + 'static>(
     if carry_out(cx, &entry, &mut rec, plan, report).await == Outcome::Removed {
         *guard = None;
         drop(guard);
-        cx.registry().remove(&uid, &entry);
+        entry.leave();
         report.orphans.rolled_back += 1;
         return;
     }

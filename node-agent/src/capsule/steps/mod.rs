@@ -1,6 +1,10 @@
 //! The steps that move one capsule between states, one file per
 //! operation, over [`Ctx`]: the host capabilities, the settings, the
-//! journal and the view of each capsule. Every step runs under its
+//! journal, the event bus and the background tasks. A step is handed its
+//! capsule's [`Entry`] and record; it never sees the map of capsules (the
+//! registry stays with `super::supervisor` and recovery), so it cannot
+//! reach another capsule, and the only change it can make to the map is
+//! its own capsule leaving it once gone. Every step runs under its
 //! capsule's lock (taken by `super::supervisor`), journals before each side
 //! effect (`commit`, or `journal_only` where the view must wait) and undoes
 //! what it did when a later step fails.
@@ -48,11 +52,12 @@ use super::config::{Host, SupervisorConfig};
 use super::events::{EventBus, EventKind};
 use super::model::Error;
 use super::record::Record;
-use super::registry::{Entry, Registry};
+use super::registry::Entry;
+use super::tasks::Tasks;
 use crate::state::{CommitStats, GroupCommit, Journal, Layout, Quarantine};
 use crate::vmm::{BackendInfo, Machine};
 
-/// What every step works with.
+/// What every step works with, and nothing else.
 pub(crate) struct Ctx<M> {
     host: Host<M>,
     cfg: SupervisorConfig,
@@ -61,8 +66,8 @@ pub(crate) struct Ctx<M> {
     /// The one writer of journals: batched, off the async workers.
     commits: GroupCommit,
     backend: BackendInfo,
-    /// The capsules and their background tasks.
-    registry: Registry,
+    /// Background tasks started for capsules.
+    tasks: Tasks,
     bus: EventBus,
     /// Held from linking a base until the record naming it is journaled,
     /// and while bases are collected.
@@ -92,7 +97,7 @@ impl<M: Machine + 'static> Ctx<M> {
             backend,
             host,
             cfg,
-            registry: Registry::default(),
+            tasks: Tasks::default(),
             bases: tokio::sync::Mutex::new(()),
             quarantine: Quarantine::default(),
         });
@@ -131,9 +136,9 @@ impl<M> Ctx<M> {
         &self.backend
     }
 
-    /// The capsules.
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.registry
+    /// Background tasks started for capsules.
+    pub(crate) fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     /// The event bus.
@@ -211,7 +216,7 @@ impl<M> Ctx<M> {
 
     /// Forgets a capsule that is gone, publishing `Deleted`.
     pub(crate) fn forget(&self, entry: &Entry, rec: &Record) {
-        self.registry.remove(&rec.uid, entry);
+        entry.leave();
         self.cfg.metrics.remove(&rec.uid);
         if !rec.internal {
             self.bus
@@ -219,8 +224,8 @@ impl<M> Ctx<M> {
         }
     }
 
-    /// Runs `task` in the background under the registry's supervision: a
-    /// panic is logged and counted as an `aborted` error.
+    /// Runs `task` in the background, supervised: a panic is logged and
+    /// counted as an `aborted` error.
     pub(crate) fn spawn(
         &self,
         what: &'static str,
@@ -228,7 +233,7 @@ impl<M> Ctx<M> {
         task: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let metrics = self.cfg.metrics.clone();
-        self.registry
+        self.tasks
             .spawn(what, capsule, move || metrics.error("aborted"), task);
     }
 }
