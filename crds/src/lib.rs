@@ -19,10 +19,12 @@ mod quantity;
 pub mod reason;
 pub mod snapshot;
 pub mod template;
+pub mod vm_state;
 
 pub use capsule::{Capsule, CapsuleSpec, CapsuleStatus};
 pub use snapshot::{CapsuleSnapshot, CapsuleSnapshotSpec, CapsuleSnapshotStatus};
 pub use template::{CapsuleTemplate, CapsuleTemplateSpec, CapsuleTemplateStatus};
+pub use vm_state::VmState;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

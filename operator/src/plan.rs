@@ -14,32 +14,9 @@ use wrenn_crds::reason::{ConditionStatus, ConditionType, Reason};
 
 use crate::resources::{Error as ResourceError, parse_duration};
 
-/// State of a VM as its agent reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmState {
-    /// Booting or restoring for the first time.
-    Creating,
-    /// vCPUs run.
-    Running,
-    /// Being paused.
-    Pausing,
-    /// vCPUs stopped, memory kept.
-    Paused,
-    /// Memory being written to disk.
-    Suspending,
-    /// On disk; the VMM has exited.
-    Suspended,
-    /// Being restored or resumed.
-    Resuming,
-    /// A snapshot is being taken.
-    Snapshotting,
-    /// Being deleted.
-    Deleting,
-    /// Failed; the message says why.
-    Failed,
-    /// The guest powered itself off.
-    Stopped,
-}
+/// State of a VM as its agent reports it (one definition with the
+/// agent's, in `wrenn-crds`).
+pub use wrenn_crds::VmState;
 
 /// An egress policy as the spec asks for it and as an agent reports it
 /// applied, in one comparable form.

@@ -143,57 +143,9 @@ impl CapsuleSpec {
     }
 }
 
-/// Where a capsule stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum State {
-    /// Disk, network and VM being made.
-    Creating,
-    /// vCPUs running.
-    Running,
-    /// vCPUs being stopped.
-    Pausing,
-    /// vCPUs stopped, memory kept.
-    Paused,
-    /// Memory being written to the node; the VMM will exit.
-    Suspending,
-    /// Memory and disk on the node, no VMM, slot kept.
-    Suspended,
-    /// Being restored from its suspend image.
-    Resuming,
-    /// Being written to a named snapshot.
-    Snapshotting,
-    /// Being removed.
-    Deleting,
-    /// The VMM died or an undo failed; only delete is legal.
-    Failed,
-    /// The guest powered itself off; only delete is legal.
-    Stopped,
-}
-
-impl State {
-    /// Lowercase name for messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Creating => "creating",
-            State::Running => "running",
-            State::Pausing => "pausing",
-            State::Paused => "paused",
-            State::Suspending => "suspending",
-            State::Suspended => "suspended",
-            State::Resuming => "resuming",
-            State::Snapshotting => "snapshotting",
-            State::Deleting => "deleting",
-            State::Failed => "failed",
-            State::Stopped => "stopped",
-        }
-    }
-}
-
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Where a capsule stands (one definition with the operator's, in
+/// `wrenn-crds`).
+pub use wrenn_crds::VmState as State;
 
 /// A named snapshot on the node.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
