@@ -632,13 +632,16 @@ impl LinuxNet {
         };
         let addrs = self.slot_addrs(slot)?;
         if let Err(Job::Drain(slot, addrs)) = self.reaper.hand(Job::Drain(slot, addrs)) {
-            reaper::drain(&self.cfg.node_netns, &self.slots, &[(slot, addrs)]).map_err(
-                |source| Error::FlushConntrack {
-                    what: format!("slot {slot}"),
-                    netns: self.cfg.node_netns.clone(),
-                    source,
-                },
-            )?;
+            let netns = self.cfg.node_netns.clone();
+            self.in_node(|nl| {
+                reaper::drain(nl, &self.slots, &[(slot, addrs)]).map_err(|source| {
+                    Error::FlushConntrack {
+                        what: format!("slot {slot}"),
+                        netns,
+                        source,
+                    }
+                })
+            })?;
         }
         Ok(())
     }

@@ -91,10 +91,12 @@ impl Reaper {
     pub fn start(node_netns: PathBuf, slots: Arc<SlotAllocator>) -> Self {
         let ns = node_netns.clone();
         let links = spawn("wrenn-net-links", move |rx: mpsc::Receiver<String>| {
-            rx.into_iter().for_each(|name| delete(&ns, &name));
+            in_node(&ns, "links", move |nl| {
+                rx.into_iter().for_each(|name| delete(nl, &name));
+            });
         });
         let drains = spawn("wrenn-net-drain", move |rx| {
-            run_drains(&node_netns, &slots, &rx);
+            in_node(&node_netns, "drains", move |nl| run_drains(nl, &slots, &rx));
         });
         Self { links, drains }
     }
@@ -117,9 +119,27 @@ impl Reaper {
     }
 }
 
+/// Runs `work` inside the node namespace for the whole life of a reaper
+/// thread: one namespace thread and one netlink socket, not one per job.
+/// When the namespace cannot be entered, `work` (and the receiver it
+/// holds) is dropped, so teardowns do the jobs themselves.
+fn in_node(node_netns: &Path, what: &str, work: impl FnOnce(&sys::Netlink) + Send) {
+    let ran = sys::run_in_netns(node_netns, |nl| {
+        work(nl);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    if let Err(e) = ran {
+        warn!(
+            error = &e as &dyn std::error::Error,
+            jobs = what,
+            "network reaper cannot enter the node namespace; teardowns do its work themselves"
+        );
+    }
+}
+
 /// Every drain pending at once is one batch: one conntrack walk. Drains
 /// whose flush failed are tried again with the next batch.
-fn run_drains(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<(u32, SlotAddrs)>) {
+fn run_drains(nl: &sys::Netlink, slots: &SlotAllocator, rx: &mpsc::Receiver<(u32, SlotAddrs)>) {
     let mut retry: Vec<(u32, SlotAddrs)> = Vec::new();
     loop {
         let first = if retry.is_empty() {
@@ -138,7 +158,7 @@ fn run_drains(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<(u32
         };
         let mut drains = std::mem::take(&mut retry);
         drains.extend(first.into_iter().chain(rx.try_iter()));
-        if let Err(e) = drain(node_netns, slots, &drains) {
+        if let Err(e) = drain(nl, slots, &drains) {
             warn!(
                 error = &e as &dyn std::error::Error,
                 slots = drains.len(),
@@ -152,7 +172,7 @@ fn run_drains(node_netns: &Path, slots: &SlotAllocator, rx: &mpsc::Receiver<(u32
 /// Flushes the conntrack entries of every slot in `drains` in one walk,
 /// then frees those slots. Returns the first error.
 pub fn drain(
-    node_netns: &Path,
+    nl: &sys::Netlink,
     slots: &SlotAllocator,
     drains: &[(u32, SlotAddrs)],
 ) -> std::io::Result<()> {
@@ -161,9 +181,7 @@ pub fn drain(
         .flat_map(|(_, a)| [a.host, a.node_transit, a.capsule_transit])
         .map(IpAddr::V4)
         .collect();
-    sys::run_in_netns(node_netns, |nl| {
-        nl.conntrack_flush(|e| e.addrs().iter().any(|a| mine.contains(a)))
-    })??;
+    nl.conntrack_flush(|e| e.addrs().iter().any(|a| mine.contains(a)))?;
     for (slot, _) in drains {
         slots
             .end_release(*slot)
@@ -174,17 +192,13 @@ pub fn drain(
 
 /// Deletes the retired link `name`; a failure is logged (the startup
 /// sweep removes it).
-pub fn delete(node_netns: &Path, name: &str) {
-    let res = sys::run_in_netns(node_netns, |nl| nl.del_link(name));
-    match res {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) | Err(e) => {
-            warn!(
-                link = name,
-                error = &e as &dyn std::error::Error,
-                "delete a retired link"
-            );
-        }
+fn delete(nl: &sys::Netlink, name: &str) {
+    if let Err(e) = nl.del_link(name) {
+        warn!(
+            link = name,
+            error = &e as &dyn std::error::Error,
+            "delete a retired link"
+        );
     }
 }
 
