@@ -97,12 +97,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    wrenn_testkit::status_kib(&pid.to_string(), "VmRSS")
 }
 
 /// Bytes per transfer.

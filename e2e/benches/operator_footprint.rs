@@ -17,23 +17,12 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use kube::api::{Api, DynamicObject, ListParams, PostParams};
-use wrenn_crds::Capsule;
+use kube::api::{Api, ListParams, PostParams};
+use wrenn_crds::{Capsule, CapsuleTemplate};
 use wrenn_e2e::ControlPlane;
 use wrenn_e2e::agent::Pki;
 use wrenn_e2e::local::{OperatorOptions, OperatorProcess, capsule_manifest, template_manifest};
-
-/// `field` (`VmRSS`, `VmHWM`) of process `pid` in KiB, 0 when unreadable.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+use wrenn_testkit::status_kib;
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -93,53 +82,42 @@ async fn main() {
         .await
         .unwrap()
         .unwrap();
-    let pid = op.pid().unwrap();
+    let pid = op.pid().unwrap().to_string();
     // Its caches filled (empty) and the first watches open.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = status_kib(pid, "VmRSS");
+    let idle = status_kib(&pid, "VmRSS");
 
-    let dynamic = |kind: &str| {
-        let ar = kube::api::ApiResource {
-            group: "wrenn.dev".into(),
-            version: "v1alpha1".into(),
-            api_version: "wrenn.dev/v1alpha1".into(),
-            kind: kind.into(),
-            plural: format!("{}s", kind.to_lowercase()),
-        };
-        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar)
-    };
-    let tpl: DynamicObject =
+    let tpl: CapsuleTemplate =
         serde_json::from_value(template_manifest("base", "rootfs.ext4")).unwrap();
-    dynamic("CapsuleTemplate")
+    Api::<CapsuleTemplate>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &tpl)
         .await
         .unwrap();
-    let caps = dynamic("Capsule");
+    let caps: Api<Capsule> = Api::namespaced(client.clone(), &ns);
     let t = Instant::now();
     futures::stream::iter(0..objects)
         .for_each_concurrent(32, |i| {
             let caps = caps.clone();
             async move {
-                let body: DynamicObject =
+                let body: Capsule =
                     serde_json::from_value(capsule_manifest(&format!("c{i:05}"), "base")).unwrap();
                 caps.create(&PostParams::default(), &body).await.unwrap();
             }
         })
         .await;
     let created = t.elapsed();
-    let api: Api<Capsule> = Api::namespaced(client.clone(), &ns);
     let deadline = Instant::now() + Duration::from_secs(600);
-    let mut done = reconciled(&api).await;
+    let mut done = reconciled(&caps).await;
     while done < objects && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        done = reconciled(&api).await;
+        done = reconciled(&caps).await;
     }
     let all = t.elapsed();
     // Settled: the status writes done, the requeues of unplaced capsules
     // ticking.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let full = status_kib(pid, "VmRSS");
-    let peak = status_kib(pid, "VmHWM");
+    let full = status_kib(&pid, "VmRSS");
+    let peak = status_kib(&pid, "VmHWM");
     let build = if wrenn_e2e::build::release_binaries() {
         "release"
     } else {

@@ -48,15 +48,7 @@ fn main() {
 }
 
 fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
+    wrenn_testkit::status_kib("self", "VmRSS") * 1024
 }
 
 fn reading(t: u64) -> Reading {

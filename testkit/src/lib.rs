@@ -224,6 +224,19 @@ pub fn wait_until<T>(
     }
 }
 
+/// Field `field` (`VmRSS`, `VmHWM`, ...) of `/proc/<process>/status` in
+/// KiB, where `process` is a pid or `self`; 0 when unreadable.
+pub fn status_kib(process: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The state letter of process `pid` from `/proc/<pid>/stat` (`R`, `S`,
 /// `T`, `Z`, ...), or `None` once it is gone. The letter follows the last
 /// `)`, so a command name holding `) Z ` cannot fool it.

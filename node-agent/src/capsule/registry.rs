@@ -118,8 +118,8 @@ pub(crate) enum Claim {
     Busy,
 }
 
-/// The capsules.
-#[derive(Debug, Default)]
+/// The capsules; clones share one map.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Registry {
     capsules: Arc<Mutex<Map>>,
 }

@@ -29,7 +29,7 @@ use crate::vmm::{BackendInfo, Machine};
 pub struct Supervisor<M> {
     cx: Arc<Ctx<M>>,
     /// The capsules: only the supervisor and recovery see the map.
-    registry: Arc<Registry>,
+    registry: Registry,
     /// Templates prepared ahead of time (`PrepareTemplate`).
     builds: Arc<Builds>,
 }
@@ -71,7 +71,7 @@ impl<M: Machine + 'static> Supervisor<M> {
         }));
         Self {
             cx: Ctx::new(host, cfg),
-            registry: Arc::default(),
+            registry: Registry::default(),
             builds,
         }
     }
