@@ -8,11 +8,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Api;
 use kube::runtime::watcher::{self, watcher};
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_crds::reason::{ConditionStatus, ConditionType};
+use wrenn_crds::reason::{ConditionStatus, ConditionType, find_condition};
 use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::{Capsule, CapsuleSnapshot};
 
@@ -124,10 +123,6 @@ pub enum Verdict {
     Failed(String),
 }
 
-fn condition(conditions: &[Condition], ty: ConditionType) -> Option<&Condition> {
-    conditions.iter().find(|c| c.type_ == ty)
-}
-
 /// How a capsule stands, for messages: its phase and, when not Ready,
 /// what the Ready condition says.
 fn describe_capsule(c: &Capsule) -> String {
@@ -136,7 +131,7 @@ fn describe_capsule(c: &Capsule) -> String {
         || "no phase yet".to_string(),
         |p| format!("phase {}", phase_name(p)),
     );
-    match status.and_then(|s| condition(&s.conditions, ConditionType::Ready)) {
+    match status.and_then(|s| find_condition(&s.conditions, ConditionType::Ready)) {
         Some(r) if r.status != ConditionStatus::True && !r.message.is_empty() => {
             format!("{phase}; {}: {}", r.reason, r.message)
         }
@@ -164,7 +159,7 @@ pub fn plan_capsule(c: &Capsule, want: WaitFor, min_generation: Option<i64>) -> 
     let met = match want {
         WaitFor::Phase(p) => phase == Some(p),
         WaitFor::Condition(ty, st) => status
-            .and_then(|s| condition(&s.conditions, ty))
+            .and_then(|s| find_condition(&s.conditions, ty))
             .is_some_and(|c| c.status == st),
     };
     if met {
@@ -181,7 +176,7 @@ pub fn plan_capsule(c: &Capsule, want: WaitFor, min_generation: Option<i64>) -> 
 /// Whether a snapshot is ready for capsules to start from (pure).
 pub fn plan_snapshot(s: &CapsuleSnapshot) -> Verdict {
     let status = s.status.as_ref();
-    let ready = status.and_then(|s| condition(&s.conditions, ConditionType::Ready));
+    let ready = status.and_then(|s| find_condition(&s.conditions, ConditionType::Ready));
     let why = ready
         .filter(|r| !r.message.is_empty())
         .map(|r| format!("; {}: {}", r.reason, r.message))

@@ -23,7 +23,7 @@ use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_crds::reason::{ConditionType, Reason};
+use wrenn_crds::reason::{ConditionType, Reason, find_condition};
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleTemplate};
 use wrenn_e2e::workloads::GarbageCollector;
@@ -346,11 +346,7 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
     let node = st.node_name.clone().unwrap();
     assert!(node.starts_with(&ns));
     assert_eq!(st.observed_generation, running.metadata.generation);
-    let ready = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == ConditionType::Ready)
-        .unwrap();
+    let ready = find_condition(&st.conditions, ConditionType::Ready).unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Running")
@@ -484,11 +480,7 @@ async fn unschedulable_capsule_says_why_per_node() {
     })
     .await;
     let st = c.status.unwrap();
-    let sched = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == ConditionType::Scheduled)
-        .unwrap();
+    let sched = find_condition(&st.conditions, ConditionType::Scheduled).unwrap();
     assert_eq!(sched.status, "False");
     assert_eq!(
         sched.message,
@@ -695,11 +687,7 @@ async fn lifecycle_expiry_deletes_or_suspends() {
     })
     .await;
     let st = c.status.unwrap();
-    let s = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == ConditionType::Suspended)
-        .unwrap();
+    let s = find_condition(&st.conditions, ConditionType::Suspended).unwrap();
     assert_eq!(
         (s.status.as_str(), s.reason.as_str()),
         ("True", "SuspendedOnExpiry")
@@ -826,10 +814,7 @@ async fn deleting_a_capsule_on_a_lost_node_releases_it_after_the_timeout() {
 
 fn template_status(t: &CapsuleTemplate) -> (Option<TemplatePhase>, String, String) {
     let st = t.status.clone().unwrap_or_default();
-    let ready = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == ConditionType::Ready);
+    let ready = find_condition(&st.conditions, ConditionType::Ready);
     (
         st.phase,
         ready.map(|c| c.reason.clone()).unwrap_or_default(),
@@ -1251,11 +1236,7 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
     let cond = |c: &Capsule| {
         c.status
             .as_ref()
-            .and_then(|s| {
-                s.conditions
-                    .iter()
-                    .find(|c| c.type_ == ConditionType::PortsPublished)
-            })
+            .and_then(|s| find_condition(&s.conditions, ConditionType::PortsPublished))
             .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
     };
     let _: Capsule = apply(&client, &ns, with_ports("c1", None)).await;

@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, WatchEvent, W
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use wrenn_crds::capsule::CapsulePhase;
-use wrenn_crds::reason::{ConditionType, Reason};
+use wrenn_crds::reason::{ConditionType, Reason, find_condition};
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
 use wrenn_e2e::ControlPlane;
@@ -51,6 +51,15 @@ impl Cluster {
     /// the 300 s these tests always allowed.
     fn boot_wait(&self) -> Duration {
         (self.ready * 2).max(Duration::from_secs(300))
+    }
+
+    /// Template `base` from the guest image's root filesystem, which
+    /// every test here starts from.
+    async fn apply_base_template(&self) {
+        let manifest = template_manifest("base", GuestImage::ROOTFS);
+        apply(&self.client, &self.ns, &manifest, MANAGER)
+            .await
+            .unwrap();
     }
 
     fn agent(&mut self, node: &str) -> &mut NodeAgent {
@@ -518,14 +527,7 @@ async fn operator_drives_real_agents_through_a_capsules_life() {
     };
     let ns = cl.ns.clone();
 
-    apply(
-        &cl.client,
-        &ns,
-        &template_manifest("base", GuestImage::ROOTFS),
-        MANAGER,
-    )
-    .await
-    .unwrap();
+    cl.apply_base_template().await;
     apply(&cl.client, &ns, &capsule_manifest("one", "base"), MANAGER)
         .await
         .unwrap();
@@ -1081,15 +1083,7 @@ async fn kill9_in_the_middle_of_a_create_converges() {
     else {
         return;
     };
-    let ns = cl.ns.clone();
-    apply(
-        &cl.client,
-        &ns,
-        &template_manifest("base", GuestImage::ROOTFS),
-        MANAGER,
-    )
-    .await
-    .unwrap();
+    cl.apply_base_template().await;
 
     // Applies `name` and returns 1.5 s after its VMM started: the agent's
     // CreateCapsule is in flight, the guest still booting (about 7 s under
@@ -1190,11 +1184,7 @@ async fn warm_template_serves(cl: &mut Cluster, applied: Instant) -> String {
     };
     let st = tpl.status.unwrap();
     assert_eq!(st.phase, Some(TemplatePhase::Ready));
-    let ready = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == ConditionType::Ready)
-        .unwrap();
+    let ready = find_condition(&st.conditions, ConditionType::Ready).unwrap();
     assert_eq!(
         (ready.reason.as_str(), ready.message.as_str()),
         ("WarmSnapshotReady", "warm snapshot on 2/2 nodes")

@@ -45,6 +45,17 @@ pub enum Error<E: std::error::Error + 'static> {
     RemoveFinalizer(#[source] kube::Error),
 }
 
+impl<E: std::error::Error + 'static> Error<E> {
+    /// The metrics category: the reconcile's own error's (`inner`), or
+    /// `finalizer` for the finalizer's own writes.
+    pub fn category(&self, inner: impl Fn(&E) -> &'static str) -> &'static str {
+        match self {
+            Error::ApplyFailed(e) | Error::CleanupFailed(e) => inner(e),
+            Error::AddFinalizer(_) | Error::RemoveFinalizer(_) => "finalizer",
+        }
+    }
+}
+
 /// The patch parameters of every finalizer write.
 fn params() -> PatchParams {
     PatchParams {

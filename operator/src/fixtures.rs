@@ -206,6 +206,15 @@ pub async fn pool(agents: &[Arc<FakeNodeAgent>]) -> (AgentPool, PoolStreams) {
     (pool, streams)
 }
 
+/// The common opening of a controller test: `node-a` (4 vCPUs) in a
+/// synced pool, and an API server that expects nothing yet. Keep the
+/// streams alive for as long as the pool is used.
+pub async fn node_a() -> (Arc<FakeNodeAgent>, AgentPool, PoolStreams, ApiServer) {
+    let node = agent("node-a", 4);
+    let (pool, streams) = pool(std::slice::from_ref(&node)).await;
+    (node, pool, streams, ApiServer::default())
+}
+
 /// A context over `server` and `pool`, with empty Node and Capsule stores
 /// and no settle grace.
 pub fn context(server: &ApiServer, pool: AgentPool) -> Arc<Context> {

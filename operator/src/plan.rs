@@ -785,6 +785,7 @@ pub fn plan_expiry(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use ConditionType::*;
 
     fn vm(state: VmState) -> Vm {
         Vm {
@@ -820,6 +821,11 @@ mod tests {
         }
     }
 
+    /// The plan for a capsule placed on `n1` whose VM the agent reports.
+    fn on_n1(mode: OperatingMode, phase: Option<CapsulePhase>, v: &Vm) -> Plan {
+        plan_capsule(&facts(mode, Some("n1"), phase, Observed::Present(v)))
+    }
+
     fn cond_of(p: &Plan, t: ConditionType) -> &ConditionDraft {
         p.status
             .as_ref()
@@ -839,10 +845,7 @@ mod tests {
         let p = plan_capsule(&facts(OperatingMode::Running, None, None, Observed::Absent));
         assert_eq!(p.action, NodeAction::Place);
         assert_eq!(phase(&p), CapsulePhase::Pending);
-        assert_eq!(
-            cond_of(&p, ConditionType::Scheduled).status,
-            ConditionStatus::False
-        );
+        assert_eq!(cond_of(&p, Scheduled).status, ConditionStatus::False);
     }
 
     #[test]
@@ -851,7 +854,7 @@ mod tests {
         f.source = SourceState::Blocked(Reason::TemplateNotFound, "template base not found".into());
         let p = plan_capsule(&f);
         assert_eq!(p.action, NodeAction::None);
-        let s = cond_of(&p, ConditionType::Scheduled);
+        let s = cond_of(&p, Scheduled);
         assert_eq!(s.reason, Reason::TemplateNotFound);
         assert_eq!(s.message, "template base not found");
     }
@@ -871,34 +874,20 @@ mod tests {
             ));
             assert_eq!(p.action, NodeAction::Create(mode));
             assert_eq!(phase(&p), CapsulePhase::Creating);
-            assert_eq!(
-                cond_of(&p, ConditionType::Scheduled).message,
-                "placed on node n1"
-            );
+            assert_eq!(cond_of(&p, Scheduled).message, "placed on node n1");
         }
     }
 
     #[test]
     fn running_vm_shows_running_with_ip_and_ready() {
         let v = vm(VmState::Running);
-        let p = plan_capsule(&facts(
-            OperatingMode::Running,
-            Some("n1"),
-            Some(CapsulePhase::Creating),
-            Observed::Present(&v),
-        ));
+        let p = on_n1(OperatingMode::Running, Some(CapsulePhase::Creating), &v);
         assert_eq!(p.action, NodeAction::None);
         let s = p.status.as_ref().unwrap();
         assert_eq!(s.phase, CapsulePhase::Running);
         assert_eq!(s.ip.as_deref(), Some("10.200.0.2"));
-        assert_eq!(
-            cond_of(&p, ConditionType::Ready).status,
-            ConditionStatus::True
-        );
-        assert_eq!(
-            cond_of(&p, ConditionType::Paused).status,
-            ConditionStatus::False
-        );
+        assert_eq!(cond_of(&p, Ready).status, ConditionStatus::True);
+        assert_eq!(cond_of(&p, Paused).status, ConditionStatus::False);
     }
 
     #[test]
@@ -952,12 +941,7 @@ mod tests {
         ];
         for (state, mode, action, ph) in cases {
             let v = vm(state);
-            let p = plan_capsule(&facts(
-                mode,
-                Some("n1"),
-                Some(CapsulePhase::Running),
-                Observed::Present(&v),
-            ));
+            let p = on_n1(mode, Some(CapsulePhase::Running), &v);
             assert_eq!((p.action, phase(&p)), (action, ph), "{state:?} -> {mode:?}");
         }
     }
@@ -965,39 +949,14 @@ mod tests {
     #[test]
     fn paused_and_suspended_conditions_follow_the_vm() {
         let v = vm(VmState::Paused);
-        let p = plan_capsule(&facts(
-            OperatingMode::Paused,
-            Some("n1"),
-            None,
-            Observed::Present(&v),
-        ));
-        assert_eq!(
-            cond_of(&p, ConditionType::Paused).status,
-            ConditionStatus::True
-        );
-        assert_eq!(
-            cond_of(&p, ConditionType::Paused).reason,
-            Reason::PausedByUser
-        );
-        assert_eq!(
-            cond_of(&p, ConditionType::Ready).status,
-            ConditionStatus::False
-        );
+        let p = on_n1(OperatingMode::Paused, None, &v);
+        assert_eq!(cond_of(&p, Paused).status, ConditionStatus::True);
+        assert_eq!(cond_of(&p, Paused).reason, Reason::PausedByUser);
+        assert_eq!(cond_of(&p, Ready).status, ConditionStatus::False);
         let v = vm(VmState::Suspended);
-        let p = plan_capsule(&facts(
-            OperatingMode::Suspended,
-            Some("n1"),
-            None,
-            Observed::Present(&v),
-        ));
-        assert_eq!(
-            cond_of(&p, ConditionType::Suspended).status,
-            ConditionStatus::True
-        );
-        assert_eq!(
-            cond_of(&p, ConditionType::Suspended).reason,
-            Reason::SuspendedByUser
-        );
+        let p = on_n1(OperatingMode::Suspended, None, &v);
+        assert_eq!(cond_of(&p, Suspended).status, ConditionStatus::True);
+        assert_eq!(cond_of(&p, Suspended).reason, Reason::SuspendedByUser);
     }
 
     #[test]
@@ -1005,18 +964,10 @@ mod tests {
         let mut v = vm(VmState::Failed);
         v.reason = Some(Reason::VmFailed);
         v.message = "boot vm: kernel not found".into();
-        let p = plan_capsule(&facts(
-            OperatingMode::Running,
-            Some("n1"),
-            Some(CapsulePhase::Creating),
-            Observed::Present(&v),
-        ));
+        let p = on_n1(OperatingMode::Running, Some(CapsulePhase::Creating), &v);
         assert_eq!(phase(&p), CapsulePhase::Failed);
-        assert_eq!(cond_of(&p, ConditionType::Ready).reason, Reason::VmFailed);
-        assert_eq!(
-            cond_of(&p, ConditionType::Ready).message,
-            "boot vm: kernel not found"
-        );
+        assert_eq!(cond_of(&p, Ready).reason, Reason::VmFailed);
+        assert_eq!(cond_of(&p, Ready).message, "boot vm: kernel not found");
         assert_eq!(p.action, NodeAction::None);
     }
 
@@ -1046,7 +997,7 @@ mod tests {
             Observed::Absent,
         ));
         assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
-        assert_eq!(cond_of(&p, ConditionType::Ready).reason, Reason::VmCrashed);
+        assert_eq!(cond_of(&p, Ready).reason, Reason::VmCrashed);
     }
 
     #[test]
@@ -1097,7 +1048,7 @@ mod tests {
         let p = plan_capsule(&f);
         assert_eq!(p.action, NodeAction::DeleteObject);
         assert_eq!(phase(&p), CapsulePhase::Expired);
-        assert_eq!(cond_of(&p, ConditionType::Ready).reason, Reason::Expired);
+        assert_eq!(cond_of(&p, Ready).reason, Reason::Expired);
     }
 
     #[test]
@@ -1115,10 +1066,7 @@ mod tests {
         f.vm = Observed::Present(&v);
         let p = plan_capsule(&f);
         assert_eq!(phase(&p), CapsulePhase::Suspended);
-        assert_eq!(
-            cond_of(&p, ConditionType::Suspended).reason,
-            Reason::SuspendedOnExpiry
-        );
+        assert_eq!(cond_of(&p, Suspended).reason, Reason::SuspendedOnExpiry);
     }
 
     fn published(port: u16) -> PublishedPort {
@@ -1147,7 +1095,7 @@ mod tests {
         v.host_ports = vec![(8888, 29000)];
         let p = running(&v);
         assert_eq!(p.action, NodeAction::None);
-        let c = cond_of(&p, ConditionType::PortsPublished);
+        let c = cond_of(&p, PortsPublished);
         assert_eq!(
             (c.status, c.reason),
             (ConditionStatus::True, Reason::PortsPublished)
@@ -1165,7 +1113,7 @@ mod tests {
         v.message = "host-port range 29000-29009 has 0 free ports".into();
         let p = running(&v);
         assert_eq!(p.action, NodeAction::UpdateNetwork);
-        let c = cond_of(&p, ConditionType::PortsPublished);
+        let c = cond_of(&p, PortsPublished);
         assert_eq!(
             (c.status, c.reason),
             (ConditionStatus::False, Reason::HostPortsExhausted)

@@ -116,11 +116,7 @@ impl Error {
             Error::Agent { .. } => "agent",
             Error::NodeUnreachable { .. } => "node-unreachable",
             Error::Status(_) => "status",
-            Error::Finalizer(e) => match &**e {
-                crate::finalizer::Error::ApplyFailed(e)
-                | crate::finalizer::Error::CleanupFailed(e) => e.category(),
-                _ => "finalizer",
-            },
+            Error::Finalizer(e) => e.category(Error::category),
         }
     }
 }

@@ -95,11 +95,7 @@ impl Error {
             Error::MissingMetadata => "invalid",
             Error::GetSnapshot { .. } | Error::GetPullSecret { .. } => "api",
             Error::Status(_) => "status",
-            Error::Finalizer(e) => match &**e {
-                crate::finalizer::Error::ApplyFailed(e)
-                | crate::finalizer::Error::CleanupFailed(e) => e.category(),
-                _ => "finalizer",
-            },
+            Error::Finalizer(e) => e.category(Error::category),
         }
     }
 }

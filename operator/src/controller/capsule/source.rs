@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use wrenn_crds::reason::{ConditionType, Reason};
+use wrenn_crds::reason::{ConditionType, Reason, find_condition};
 use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::{TemplateDefaults, TemplatePhase};
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
@@ -240,11 +240,7 @@ pub(super) fn validate_template(
     };
     if st.and_then(|s| s.phase) != Some(TemplatePhase::Ready) {
         let why = st
-            .and_then(|s| {
-                s.conditions
-                    .iter()
-                    .find(|c| c.type_ == ConditionType::Ready.as_str())
-            })
+            .and_then(|s| find_condition(&s.conditions, ConditionType::Ready))
             .map(|c| format!(": {}", c.message))
             .unwrap_or_default();
         return Ok(Source::blocked(

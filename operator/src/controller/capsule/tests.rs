@@ -6,7 +6,7 @@ use serde_json::Value;
 use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, OperatingMode, TemplateRef};
 
 use super::*;
-use crate::fixtures::{ApiServer, Reply, agent, context, not_found, ok, pool, template};
+use crate::fixtures::{ApiServer, Reply, agent, context, node_a, not_found, ok, pool, template};
 use crate::plan::SourceState;
 use crate::status::build_capsule_status;
 use wrenn_crds::names::FINALIZER;
@@ -91,9 +91,7 @@ async fn reconciled(cap: &Capsule, ctx: &Arc<Context>) -> Result<Action, Error> 
 /// condition, so the capsule is written once on its way to Creating.
 #[tokio::test]
 async fn a_new_capsule_is_placed_created_then_recorded_in_one_write() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     let cap = capsule(None);
     server
         .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
@@ -349,9 +347,7 @@ async fn the_finalizer_goes_on_first_under_the_operators_field_manager_then_the_
 /// the same status again.
 #[tokio::test]
 async fn a_stale_cached_capsule_is_not_finalized_placed_or_written_twice() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     let with_finalizer = capsule(None);
     let mut stale = with_finalizer.clone();
     stale.metadata.finalizers = None;
@@ -443,9 +439,7 @@ async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
 
 #[tokio::test]
 async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     let cap = capsule(None);
     server
         .expect(
@@ -471,9 +465,7 @@ async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
 
 #[tokio::test]
 async fn a_shown_status_is_not_written_again() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (_, pool, _streams, server) = node_a().await;
     server.expect(
         Method::GET,
         TEMPLATE,
@@ -506,9 +498,7 @@ async fn a_shown_status_is_not_written_again() {
 /// to Running.
 #[tokio::test]
 async fn a_reconcile_does_not_wait_for_its_events() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (_, pool, _streams, server) = node_a().await;
     let cap = capsule(None);
     let (answer, answered) = tokio::sync::oneshot::channel();
     expect_first_run_answering(&server, &cap, Reply::When(answered, serde_json::json!({})));
@@ -530,9 +520,7 @@ async fn a_reconcile_does_not_wait_for_its_events() {
 /// that conflicts reads the object again and goes on when it is there.
 #[tokio::test]
 async fn a_conflicting_finalizer_add_reads_the_object_and_goes_on() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     let with_finalizer = capsule(None);
     let mut stale = with_finalizer.clone();
     stale.metadata.finalizers = None;
@@ -565,9 +553,7 @@ async fn a_conflicting_finalizer_add_reads_the_object_and_goes_on() {
 /// else is done.
 #[tokio::test]
 async fn a_finalizer_removed_by_someone_else_is_put_back() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (_, pool, _streams, server) = node_a().await;
     let mut with_finalizer = capsule(None);
     with_finalizer.metadata.resource_version = Some("8".into());
     let mut stale = with_finalizer.clone();

@@ -9,7 +9,7 @@ use wrenn_crds::names::FINALIZER;
 use wrenn_crds::snapshot::CapsuleSnapshotSpec;
 
 use super::*;
-use crate::fixtures::{ApiServer, Reply, agent, not_found, ok, pool};
+use crate::fixtures::{ApiServer, Reply, agent, node_a, not_found, ok, pool};
 
 const SNAP: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsulesnapshots/s1";
 const CAPSULE: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules/c1";
@@ -149,9 +149,7 @@ async fn a_running_capsule_is_snapshotted_on_its_node_and_the_snapshot_shown_rea
 #[tokio::test]
 async fn a_snapshot_the_agent_refuses_fails_with_a_typed_reason_and_a_warning() {
     // The capsule's status names node-a, but the agent holds no such VM.
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (_, pool, _streams, server) = node_a().await;
     server
         .expect(
             Method::GET,
@@ -190,9 +188,7 @@ async fn a_snapshot_the_agent_refuses_fails_with_a_typed_reason_and_a_warning() 
 
 #[tokio::test]
 async fn a_snapshot_waits_for_its_capsule_to_run_and_looks_again_in_5s() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     server
         .expect(
             Method::GET,
@@ -255,9 +251,7 @@ async fn a_missing_capsule_or_unreachable_node_is_pending_and_looked_at_in_10s()
 
 #[tokio::test]
 async fn deleting_a_snapshot_removes_its_files_on_the_node_then_the_finalizer() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     server.expect(
         Method::PATCH,
         "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsulesnapshots/s1?fieldManager=wrenn-operator",
@@ -276,9 +270,7 @@ async fn deleting_a_snapshot_removes_its_files_on_the_node_then_the_finalizer() 
 
 #[tokio::test]
 async fn a_retained_snapshot_keeps_its_files_and_loses_the_finalizer() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     server.expect(
         Method::PATCH,
         "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsulesnapshots/s1?fieldManager=wrenn-operator",

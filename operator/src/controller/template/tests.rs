@@ -10,7 +10,7 @@ use wrenn_proto::agent::v1 as pb;
 
 use super::*;
 use crate::agent::fake::FakeNodeAgent;
-use crate::fixtures::{ApiServer, Reply, agent, ok, pool};
+use crate::fixtures::{ApiServer, Reply, agent, node_a, ok, pool};
 
 const TPL: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsuletemplates/base";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
@@ -128,9 +128,7 @@ fn quick_agent() -> Arc<FakeNodeAgent> {
 
 #[tokio::test]
 async fn an_on_demand_template_is_ready_without_asking_any_node_and_looked_at_in_15s() {
-    let node = agent("node-a", 4);
-    let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
-    let server = ApiServer::default();
+    let (node, pool, _streams, server) = node_a().await;
     server.shown_and(
         "Ready",
         Reason::PreparedOnDemand,
