@@ -46,6 +46,12 @@ async fn start() -> Agent {
     start_with(|_, _| {}).await
 }
 
+/// A unit case named `name` with its agent from [`start`] (the agent goes
+/// first, so the case records the outcome of its shutdown too).
+async fn unit_case(name: &str) -> (wrenn_testkit::Case, Agent) {
+    (case(Tier::Unit, name), start().await)
+}
+
 /// [`start`], with `edit` changing the supervisor's config (given the
 /// agent's temporary directory) before it starts.
 async fn start_with(edit: impl FnOnce(&mut SupervisorConfig, &std::path::Path)) -> Agent {
@@ -110,6 +116,38 @@ async fn start_with(edit: impl FnOnce(&mut SupervisorConfig, &std::path::Path)) 
     }
 }
 
+/// The calls the scenarios repeat, answered or unwrapped as they need.
+impl Agent {
+    async fn create(&mut self, uid: &str, vcpus: u32) -> Result<pb::Capsule, tonic::Status> {
+        let req = create_request(uid, vcpus);
+        let answer = self.client.create_capsule(req).await?;
+        Ok(answer.into_inner())
+    }
+
+    async fn watch(&mut self, after: u64) -> tonic::Streaming<pb::Event> {
+        let req = pb::WatchEventsRequest { after };
+        self.client.watch_events(req).await.unwrap().into_inner()
+    }
+
+    async fn list(&mut self) -> pb::ListCapsulesResponse {
+        let req = pb::ListCapsulesRequest::default();
+        self.client.list_capsules(req).await.unwrap().into_inner()
+    }
+
+    async fn node_info(&mut self) -> pb::NodeInfoResponse {
+        let req = pb::NodeInfoRequest {};
+        self.client.node_info(req).await.unwrap().into_inner()
+    }
+
+    async fn prepare(&mut self, req: pb::PrepareTemplateRequest) -> pb::TemplateState {
+        self.client
+            .prepare_template(req)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
 fn create_request(uid: &str, vcpus: u32) -> pb::CreateCapsuleRequest {
     pb::CreateCapsuleRequest {
         uid: uid.into(),
@@ -148,39 +186,19 @@ fn state(c: &pb::Capsule) -> pb::CapsuleState {
 
 #[tokio::test]
 async fn capsule_lifecycle_over_mtls() {
-    let _c = case(Tier::Unit, "server_capsules::capsule_lifecycle_over_mtls");
-    let mut a = start().await;
-    let mut events = a
-        .client
-        .watch_events(pb::WatchEventsRequest { after: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_c, mut a) = unit_case("server_capsules::capsule_lifecycle_over_mtls").await;
+    let mut events = a.watch(0).await;
 
-    let c = a
-        .client
-        .create_capsule(create_request("c1", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = a.create("c1", 1).await.unwrap();
     assert_eq!(state(&c), pb::CapsuleState::Running);
     assert_eq!(c.vmm.as_ref().unwrap().name, "cloud-hypervisor");
     assert!(!c.ip.is_empty());
     // Same UID, same spec: the same capsule, no second VM.
-    let again = a
-        .client
-        .create_capsule(create_request("c1", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = a.create("c1", 1).await.unwrap();
     assert_eq!(again, c);
     assert_eq!(a.machine.running(), vec!["c1".to_string()]);
     // Same UID, another spec: a conflict naming the field.
-    let st = a
-        .client
-        .create_capsule(create_request("c1", 2))
-        .await
-        .unwrap_err();
+    let st = a.create("c1", 2).await.unwrap_err();
     assert_eq!(st.code(), Code::AlreadyExists);
     assert!(st.message().contains("resources"), "{}", st.message());
 
@@ -220,12 +238,7 @@ async fn capsule_lifecycle_over_mtls() {
     drop(ep);
     let got = a.client.get_capsule(r("c1")).await.unwrap().into_inner();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let listed = a
-        .client
-        .list_capsules(pb::ListCapsulesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = a.list().await;
     assert_eq!(
         listed.capsules[0].last_activity_unix_nanos,
         got.last_activity_unix_nanos
@@ -251,12 +264,7 @@ async fn capsule_lifecycle_over_mtls() {
     assert_eq!(snap.code(), Code::FailedPrecondition);
     a.client.resume_capsule(r("c1")).await.unwrap();
 
-    let list = a
-        .client
-        .list_capsules(pb::ListCapsulesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = a.list().await;
     assert_eq!(list.capsules.len(), 1);
     assert!(
         a.client
@@ -308,12 +316,7 @@ async fn capsule_lifecycle_over_mtls() {
     }
 
     // A cursor from before this agent started gets RESET.
-    let mut stale = a
-        .client
-        .watch_events(pb::WatchEventsRequest { after: 5 })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stale = a.watch(5).await;
     let ev = stale.message().await.unwrap().unwrap();
     assert_eq!(
         pb::EventKind::try_from(ev.kind).unwrap(),
@@ -331,16 +334,8 @@ async fn capsule_lifecycle_over_mtls() {
 
 #[tokio::test]
 async fn bad_requests_are_refused_at_the_edge() {
-    let _c = case(
-        Tier::Unit,
-        "server_capsules::bad_requests_are_refused_at_the_edge",
-    );
-    let mut a = start().await;
-    let st = a
-        .client
-        .create_capsule(create_request("../etc", 1))
-        .await
-        .unwrap_err();
+    let (_c, mut a) = unit_case("server_capsules::bad_requests_are_refused_at_the_edge").await;
+    let st = a.create("../etc", 1).await.unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     let mut no_res = create_request("c2", 1);
     no_res.spec.as_mut().unwrap().resources = None;
@@ -382,20 +377,14 @@ async fn bad_requests_are_refused_at_the_edge() {
 
 #[tokio::test]
 async fn get_metrics_answers_for_a_capsule_until_it_is_deleted() {
-    let _c = case(
-        Tier::Unit,
-        "server_capsules::get_metrics_answers_for_a_capsule_until_it_is_deleted",
-    );
-    let mut a = start().await;
+    let (_c, mut a) =
+        unit_case("server_capsules::get_metrics_answers_for_a_capsule_until_it_is_deleted").await;
     let req = || pb::GetMetricsRequest {
         uid: "c1".into(),
         from_unix_nanos: 0,
         to_unix_nanos: 0,
     };
-    a.client
-        .create_capsule(create_request("c1", 1))
-        .await
-        .unwrap();
+    a.create("c1", 1).await.unwrap();
     wrenn_node_agent::metrics::sampler::tick(a.sup.metrics(), Duration::from_secs(1)).await;
     let resp = a.client.get_metrics(req()).await.unwrap().into_inner();
     assert_eq!(resp.resolution_seconds, 1);
@@ -407,15 +396,10 @@ async fn get_metrics_answers_for_a_capsule_until_it_is_deleted() {
 
 #[tokio::test]
 async fn the_console_is_served_from_the_supervisors_run_directory() {
-    let _c = case(
-        Tier::Unit,
-        "server_capsules::the_console_is_served_from_the_supervisors_run_directory",
-    );
-    let mut a = start().await;
-    a.client
-        .create_capsule(create_request("c1", 1))
-        .await
-        .unwrap();
+    let (_c, mut a) =
+        unit_case("server_capsules::the_console_is_served_from_the_supervisors_run_directory")
+            .await;
+    a.create("c1", 1).await.unwrap();
     // What the VMM would have written to its serial port.
     let dir = a.sup.layout().vmm_root().join("c1");
     std::fs::create_dir_all(&dir).unwrap();
@@ -443,11 +427,10 @@ async fn the_console_is_served_from_the_supervisors_run_directory() {
 
 #[tokio::test]
 async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() {
-    let _c = case(
-        Tier::Unit,
+    let (_c, mut a) = unit_case(
         "server_capsules::prepare_template_answers_preparing_then_ready_and_node_info_lists_it",
-    );
-    let mut a = start().await;
+    )
+    .await;
     let req = pb::PrepareTemplateRequest {
         disk: Some(pb::TemplateDisk {
             key: "default/base@sha256:1".into(),
@@ -461,23 +444,13 @@ async fn prepare_template_answers_preparing_then_ready_and_node_info_lists_it() 
         retry: false,
         registry_credentials: None,
     };
-    let first = a
-        .client
-        .prepare_template(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = a.prepare(req.clone()).await;
     assert_eq!(first.phase(), pb::TemplatePhase::Preparing);
     assert_eq!(first.key, "default/base@sha256:1");
     let ready = settle(&mut a, &req).await;
     assert_eq!(ready.phase(), pb::TemplatePhase::Ready, "{ready:?}");
     assert_eq!(ready.digest, "sha256:1");
-    let info = a
-        .client
-        .node_info(pb::NodeInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = a.node_info().await;
     assert_eq!(
         info.templates
             .get("default/base@sha256:1")
@@ -515,10 +488,7 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
     }
     let mut a = start().await;
     // A victim: a running capsule whose disk files live in the state dir.
-    a.client
-        .create_capsule(create_request("victim", 1))
-        .await
-        .unwrap();
+    a.create("victim", 1).await.unwrap();
     let capsules = a._dir.path().join("state/capsules");
     assert!(capsules.join("victim").is_dir());
     // What a hostile node file can be, placed where a careless admin or a
@@ -527,20 +497,12 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
     let img = &a.images;
     let outside = a._dir.path().join("shadow");
     std::fs::write(&outside, b"root:$6$secret").unwrap();
-    mknod(
-        &img.join("loop.ext4"),
-        SFlag::S_IFBLK,
-        Mode::from_bits_truncate(0o600),
-        makedev(7, 0),
-    )
-    .unwrap();
-    mknod(
-        &img.join("null.ext4"),
-        SFlag::S_IFCHR,
-        Mode::from_bits_truncate(0o600),
-        makedev(1, 3),
-    )
-    .unwrap();
+    let node = |name: &str, kind: SFlag, dev: (u64, u64)| {
+        let dev = makedev(dev.0, dev.1);
+        mknod(&img.join(name), kind, Mode::from_bits_truncate(0o600), dev).unwrap()
+    };
+    node("loop.ext4", SFlag::S_IFBLK, (7, 0));
+    node("null.ext4", SFlag::S_IFCHR, (1, 3));
     nix::unistd::mkfifo(&img.join("fifo.ext4"), Mode::from_bits_truncate(0o600)).unwrap();
     std::os::unix::fs::symlink(&outside, img.join("shadow.ext4")).unwrap();
     std::os::unix::fs::symlink(&capsules, img.join("capsules")).unwrap();
@@ -706,12 +668,7 @@ async fn hostile_node_paths_and_kernel_arguments_are_refused_and_touch_nothing()
     );
     assert_eq!(a.store.calls(), before_store);
     assert_eq!(a.machine.running(), ["victim"]);
-    let info = a
-        .client
-        .node_info(pb::NodeInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = a.node_info().await;
     assert!(info.templates.is_empty(), "{:?}", info.templates);
     assert_eq!(std::fs::read(&outside).unwrap(), b"root:$6$secret");
     // A legitimate template still works: the kernel and disk by name.
@@ -786,12 +743,7 @@ async fn settle(a: &mut Agent, req: &pb::PrepareTemplateRequest) -> pb::Template
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut req = req.clone();
     loop {
-        let s = a
-            .client
-            .prepare_template(req.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let s = a.prepare(req.clone()).await;
         req.retry = false;
         if s.phase() != pb::TemplatePhase::Preparing {
             return s;
