@@ -52,6 +52,11 @@ impl ApiServer {
     /// Expects `method` on `path_and_query` (every query parameter given
     /// must be present; others may be), answering `reply`; `check` looks at
     /// the JSON body.
+    /// Expects a GET of `path_and_query` (a read has no body to check).
+    pub fn get(&self, path_and_query: &str, reply: Reply) -> &Self {
+        self.expect(Method::GET, path_and_query, |_| {}, reply)
+    }
+
     pub fn expect(
         &self,
         method: Method,
@@ -234,6 +239,27 @@ pub fn context(server: &ApiServer, pool: AgentPool) -> Arc<Context> {
         instance: None,
     };
     Arc::new(parts.into_context(capsules))
+}
+
+/// Capsule `c1` (uid `u1`) in namespace `ns`, from template `base`, at
+/// generation 1.
+pub fn capsule_c1() -> wrenn_crds::Capsule {
+    let mut c = wrenn_crds::Capsule::new(
+        "c1",
+        wrenn_crds::capsule::CapsuleSpec {
+            source: wrenn_crds::capsule::CapsuleSource {
+                template_ref: Some(wrenn_crds::capsule::TemplateRef {
+                    name: "base".into(),
+                }),
+                snapshot_ref: None,
+            },
+            ..Default::default()
+        },
+    );
+    c.metadata.namespace = Some("ns".into());
+    c.metadata.uid = Some("u1".into());
+    c.metadata.generation = Some(1);
+    c
 }
 
 /// Template `base` (uid `t1`) in namespace `ns`, from an image.

@@ -826,6 +826,11 @@ mod tests {
         plan_capsule(&facts(mode, Some("n1"), phase, Observed::Present(v)))
     }
 
+    /// The plan for a capsule placed on `n1` whose agent holds no VM.
+    fn vanished_on_n1(mode: OperatingMode, phase: Option<CapsulePhase>) -> Plan {
+        plan_capsule(&facts(mode, Some("n1"), phase, Observed::Absent))
+    }
+
     fn cond_of(p: &Plan, t: ConditionType) -> &ConditionDraft {
         p.status
             .as_ref()
@@ -866,12 +871,7 @@ mod tests {
             OperatingMode::Paused,
             OperatingMode::Suspended,
         ] {
-            let p = plan_capsule(&facts(
-                mode,
-                Some("n1"),
-                Some(CapsulePhase::Scheduled),
-                Observed::Absent,
-            ));
+            let p = vanished_on_n1(mode, Some(CapsulePhase::Scheduled));
             assert_eq!(p.action, NodeAction::Create(mode));
             assert_eq!(phase(&p), CapsulePhase::Creating);
             assert_eq!(cond_of(&p, Scheduled).message, "placed on node n1");
@@ -990,48 +990,28 @@ mod tests {
 
     #[test]
     fn vanished_running_vm_is_recreated_and_marked() {
-        let p = plan_capsule(&facts(
-            OperatingMode::Running,
-            Some("n1"),
-            Some(CapsulePhase::Running),
-            Observed::Absent,
-        ));
+        let p = vanished_on_n1(OperatingMode::Running, Some(CapsulePhase::Running));
         assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
         assert_eq!(cond_of(&p, Ready).reason, Reason::VmCrashed);
     }
 
     #[test]
     fn a_create_rolled_back_by_the_node_is_tried_again() {
-        let p = plan_capsule(&facts(
-            OperatingMode::Running,
-            Some("n1"),
-            Some(CapsulePhase::Terminating),
-            Observed::Absent,
-        ));
+        let p = vanished_on_n1(OperatingMode::Running, Some(CapsulePhase::Terminating));
         assert_eq!(p.action, NodeAction::Create(OperatingMode::Running));
         assert_eq!(phase(&p), CapsulePhase::Creating);
     }
 
     #[test]
     fn vanished_suspended_vm_fails_for_its_memory_is_lost() {
-        let p = plan_capsule(&facts(
-            OperatingMode::Suspended,
-            Some("n1"),
-            Some(CapsulePhase::Suspended),
-            Observed::Absent,
-        ));
+        let p = vanished_on_n1(OperatingMode::Suspended, Some(CapsulePhase::Suspended));
         assert_eq!(p.action, NodeAction::None);
         assert_eq!(phase(&p), CapsulePhase::Failed);
     }
 
     #[test]
     fn failed_capsule_is_not_recreated() {
-        let p = plan_capsule(&facts(
-            OperatingMode::Running,
-            Some("n1"),
-            Some(CapsulePhase::Failed),
-            Observed::Absent,
-        ));
+        let p = vanished_on_n1(OperatingMode::Running, Some(CapsulePhase::Failed));
         assert_eq!(p.action, NodeAction::None);
     }
 

@@ -127,7 +127,6 @@ fn session_calls(a: &FakeNodeAgent) -> Vec<&'static str> {
 #[tokio::test]
 async fn a_discovered_agent_is_followed_then_listed_then_announced() {
     use crate::fixtures::{ApiServer, Reply, ok};
-    use http::Method;
     let agent = crate::fixtures::agent("node-a", 4);
     agent.insert("u1", "ns", "c1", pb::CapsuleState::Running);
     let connector = Arc::new(FakeConnector::default());
@@ -142,21 +141,14 @@ async fn a_discovered_agent_is_followed_then_listed_then_announced() {
         "status": {"podIP": "10.0.0.7"},
     });
     server
-        .expect(
-            Method::GET,
+        .get(
             &format!("{pods}?{selector}"),
-            |_| {},
             ok(serde_json::json!({
                 "apiVersion": "v1", "kind": "PodList",
                 "metadata": {"resourceVersion": "1"}, "items": [pod],
             })),
         )
-        .expect(
-            Method::GET,
-            &format!("{pods}?{selector}&watch=true"),
-            |_| {},
-            Reply::Hang,
-        );
+        .get(&format!("{pods}?{selector}&watch=true"), Reply::Hang);
     let pods: Api<Pod> = Api::namespaced(server.client(), "wrenn");
     let discovery = tokio::spawn(discover(
         pool.clone(),
@@ -217,7 +209,6 @@ async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
 #[tokio::test]
 async fn a_deleted_agent_pod_drops_the_nodes_client_at_once() {
     use crate::fixtures::{ApiServer, Reply, ok};
-    use http::Method;
     let agent = crate::fixtures::agent("node-a", 4);
     let connector = Arc::new(FakeConnector::default());
     connector.add(agent.clone());
@@ -235,28 +226,16 @@ async fn a_deleted_agent_pod_drops_the_nodes_client_at_once() {
         "spec": {"nodeName": "node-a", "containers": []},
     }});
     server
-        .expect(
-            Method::GET,
+        .get(
             pods,
-            |_| {},
             ok(serde_json::json!({
                 "apiVersion": "v1", "kind": "PodList",
                 "metadata": {"resourceVersion": "1"}, "items": [pod],
             })),
         )
         // The watch answers the deletion only once the agent synced.
-        .expect(
-            Method::GET,
-            &format!("{pods}?watch=true"),
-            |_| {},
-            Reply::When(gone_rx, deleted),
-        )
-        .expect(
-            Method::GET,
-            &format!("{pods}?watch=true&resourceVersion=2"),
-            |_| {},
-            Reply::Hang,
-        );
+        .get(&format!("{pods}?watch=true"), Reply::When(gone_rx, deleted))
+        .get(&format!("{pods}?watch=true&resourceVersion=2"), Reply::Hang);
     let discovery = tokio::spawn(discover(
         pool.clone(),
         Api::namespaced(server.client(), "wrenn"),

@@ -3,10 +3,12 @@
 #![allow(clippy::unwrap_used)]
 use http::Method;
 use serde_json::Value;
-use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, OperatingMode, TemplateRef};
+use wrenn_crds::capsule::OperatingMode;
 
 use super::*;
-use crate::fixtures::{ApiServer, Reply, agent, context, node_a, not_found, ok, pool, template};
+use crate::fixtures::{
+    ApiServer, Reply, agent, capsule_c1, context, node_a, not_found, ok, pool, template,
+};
 use crate::plan::SourceState;
 use crate::status::build_capsule_status;
 use wrenn_crds::names::FINALIZER;
@@ -18,25 +20,11 @@ const SSA: &str = "fieldManager=wrenn-operator";
 
 /// A capsule from template `base`, with the finalizer already on.
 fn capsule(vcpus: Option<u32>) -> Capsule {
-    let mut c = Capsule::new(
-        "c1",
-        CapsuleSpec {
-            source: CapsuleSource {
-                template_ref: Some(TemplateRef {
-                    name: "base".into(),
-                }),
-                snapshot_ref: None,
-            },
-            resources: vcpus.map(|v| wrenn_crds::capsule::CapsuleResources {
-                vcpus: Some(v),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    );
-    c.metadata.namespace = Some("ns".into());
-    c.metadata.uid = Some("u1".into());
-    c.metadata.generation = Some(1);
+    let mut c = capsule_c1();
+    c.spec.resources = vcpus.map(|v| wrenn_crds::capsule::CapsuleResources {
+        vcpus: Some(v),
+        ..Default::default()
+    });
     c.metadata.finalizers = Some(vec![FINALIZER.into()]);
     c
 }
@@ -64,7 +52,7 @@ fn event(reason: &'static str) -> impl Fn(&Value) + Send {
 /// `cap`), then the Scheduled Event (answered with `event_reply`).
 fn expect_first_run_answering(server: &ApiServer, cap: &Capsule, event_reply: Reply) {
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -94,7 +82,7 @@ async fn a_new_capsule_is_placed_created_then_recorded_in_one_write() {
     let (node, pool, _streams, server) = node_a().await;
     let cap = capsule(None);
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -126,7 +114,7 @@ async fn a_create_answered_running_is_recorded_running_in_one_write() {
     let server = ApiServer::default();
     let cap = capsule(None);
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -160,7 +148,7 @@ async fn a_failed_create_shows_the_placement_and_is_retried_on_the_same_node() {
     b.refuse_creates(true);
     let status = format!("{CAPSULES}/c1/status?{SSA}");
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(
             Method::PATCH,
             &status,
@@ -183,14 +171,12 @@ async fn a_failed_create_shows_the_placement_and_is_retried_on_the_same_node() {
 
     a.refuse_creates(false);
     b.refuse_creates(false);
-    server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &status,
-            phase_is("Creating"),
-            ok(cap.clone()),
-        );
+    server.get(TEMPLATE, ok(template())).expect(
+        Method::PATCH,
+        &status,
+        phase_is("Creating"),
+        ok(cap.clone()),
+    );
     // The same stale object: only the operator knows where it placed it.
     reconciled(&cap, &ctx).await.unwrap();
     server.done();
@@ -216,7 +202,7 @@ async fn a_placement_the_api_server_did_not_take_still_pins_the_retry() {
             "message": "etcd unavailable", "reason": "ServiceUnavailable", "code": 503}),
     );
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(Method::PATCH, &status, phase_is("Scheduled"), unavailable)
         .expect(Method::POST, EVENTS, event("Scheduled"), Reply::Echo);
     let ctx = context(&server, pool);
@@ -230,17 +216,15 @@ async fn a_placement_the_api_server_did_not_take_still_pins_the_retry() {
     } else {
         "node-b"
     };
-    server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
-        .expect(
-            Method::PATCH,
-            &status,
-            move |body| {
-                phase_is("Creating")(body);
-                assert_eq!(body["status"]["nodeName"], node);
-            },
-            ok(cap.clone()),
-        );
+    server.get(TEMPLATE, ok(template())).expect(
+        Method::PATCH,
+        &status,
+        move |body| {
+            phase_is("Creating")(body);
+            assert_eq!(body["status"]["nodeName"], node);
+        },
+        ok(cap.clone()),
+    );
     reconciled(&cap, &ctx).await.unwrap();
     server.done();
     assert_eq!(placed.work_calls().len(), 2);
@@ -267,7 +251,7 @@ async fn a_boot_that_ends_during_the_creating_write_is_shown_running_at_once() {
     let cap = capsule(None);
     let (booted, release) = tokio::sync::oneshot::channel();
     let status = format!("{CAPSULES}/c1/status?{SSA}");
-    server.expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    server.get(TEMPLATE, ok(template()));
     // The Creating write is answered only once the agent has reported the boot.
     let writes = [
         (
@@ -318,12 +302,7 @@ async fn the_finalizer_goes_on_first_under_the_operators_field_manager_then_the_
         )
         // No wait for the write to come back through the watch: the same
         // reconcile applies the object the patch returned.
-        .expect(
-            Method::GET,
-            TEMPLATE,
-            |_| {},
-            not_found("capsuletemplates", "base"),
-        )
+        .get(TEMPLATE, not_found("capsuletemplates", "base"))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -361,7 +340,7 @@ async fn a_stale_cached_capsule_is_not_finalized_placed_or_written_twice() {
     expect_first_run(&server, &with_finalizer);
     // The second reconcile, from the same stale object: reads its source,
     // writes nothing.
-    server.expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+    server.get(TEMPLATE, ok(template()));
     let ctx = context(&server, pool);
     reconciled(&stale, &ctx).await.unwrap();
     reconciled(&stale, &ctx).await.unwrap();
@@ -396,7 +375,7 @@ async fn a_warm_snapshot_newer_than_the_last_node_info_is_placed_at_once() {
     let server = ApiServer::default();
     let cap = capsule(None);
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(tpl))
+        .get(TEMPLATE, ok(tpl))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -419,7 +398,7 @@ async fn a_capsule_no_node_fits_stays_pending_with_a_warning() {
     let server = ApiServer::default();
     let cap = capsule(Some(4));
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -442,12 +421,7 @@ async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
     let (node, pool, _streams, server) = node_a().await;
     let cap = capsule(None);
     server
-        .expect(
-            Method::GET,
-            TEMPLATE,
-            |_| {},
-            not_found("capsuletemplates", "base"),
-        )
+        .get(TEMPLATE, not_found("capsuletemplates", "base"))
         .expect(
             Method::PATCH,
             &format!("{CAPSULES}/c1/status?{SSA}"),
@@ -466,12 +440,7 @@ async fn a_missing_template_blocks_the_capsule_without_touching_a_node() {
 #[tokio::test]
 async fn a_shown_status_is_not_written_again() {
     let (_, pool, _streams, server) = node_a().await;
-    server.expect(
-        Method::GET,
-        TEMPLATE,
-        |_| {},
-        not_found("capsuletemplates", "base"),
-    );
+    server.get(TEMPLATE, not_found("capsuletemplates", "base"));
     // What an earlier reconcile wrote, as the API server stores it.
     let facts = Facts {
         mode: OperatingMode::Running,
@@ -536,12 +505,7 @@ async fn a_conflicting_finalizer_add_reads_the_object_and_goes_on() {
             |_| {},
             conflict,
         )
-        .expect(
-            Method::GET,
-            &format!("{CAPSULES}/c1"),
-            |_| {},
-            ok(with_finalizer.clone()),
-        );
+        .get(&format!("{CAPSULES}/c1"), ok(with_finalizer.clone()));
     expect_first_run(&server, &with_finalizer);
     reconciled(&stale, &context(&server, pool)).await.unwrap();
     server.done();
@@ -581,7 +545,7 @@ async fn a_finalizer_removed_by_someone_else_is_put_back() {
             add("9"),
             ok(with_finalizer),
         )
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()));
+        .get(TEMPLATE, ok(template()));
     let ctx = context(&server, pool);
     reconciled(&stale, &ctx).await.unwrap();
     reconciled(&removed, &ctx).await.unwrap();
@@ -602,7 +566,7 @@ async fn a_slow_create_shows_its_node_while_in_flight() {
     let shown = Arc::new(std::sync::Mutex::new(None));
     let at = shown.clone();
     server
-        .expect(Method::GET, TEMPLATE, |_| {}, ok(template()))
+        .get(TEMPLATE, ok(template()))
         .expect(
             Method::PATCH,
             &status,

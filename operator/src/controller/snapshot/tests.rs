@@ -4,12 +4,12 @@
 use http::Method;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value;
-use wrenn_crds::capsule::{CapsuleSource, CapsuleSpec, CapsuleStatus, TemplateRef};
+use wrenn_crds::capsule::CapsuleStatus;
 use wrenn_crds::names::FINALIZER;
 use wrenn_crds::snapshot::CapsuleSnapshotSpec;
 
 use super::*;
-use crate::fixtures::{ApiServer, Reply, agent, node_a, not_found, ok, pool};
+use crate::fixtures::{ApiServer, Reply, agent, capsule_c1, node_a, not_found, ok, pool};
 
 const SNAP: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsulesnapshots/s1";
 const CAPSULE: &str = "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsules/c1";
@@ -61,20 +61,7 @@ fn deleted(policy: DeletionPolicy, node: &str) -> CapsuleSnapshot {
 
 /// Capsule `c1` (uid `u1`) in `phase` on `node`.
 fn capsule(phase: CapsulePhase, node: &str) -> Capsule {
-    let mut c = Capsule::new(
-        "c1",
-        CapsuleSpec {
-            source: CapsuleSource {
-                template_ref: Some(TemplateRef {
-                    name: "base".into(),
-                }),
-                snapshot_ref: None,
-            },
-            ..Default::default()
-        },
-    );
-    c.metadata.namespace = Some("ns".into());
-    c.metadata.uid = Some("u1".into());
+    let mut c = capsule_c1();
     c.metadata.generation = Some(2);
     c.status = Some(CapsuleStatus {
         phase: Some(phase),
@@ -105,12 +92,7 @@ async fn a_running_capsule_is_snapshotted_on_its_node_and_the_snapshot_shown_rea
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
     server
-        .expect(
-            Method::GET,
-            CAPSULE,
-            |_| {},
-            ok(capsule(CapsulePhase::Running, "node-a")),
-        )
+        .get(CAPSULE, ok(capsule(CapsulePhase::Running, "node-a")))
         .expect(
             Method::PATCH,
             STATUS,
@@ -121,12 +103,7 @@ async fn a_running_capsule_is_snapshotted_on_its_node_and_the_snapshot_shown_rea
             },
             ok(snapshot(DeletionPolicy::Delete)),
         )
-        .expect(
-            Method::GET,
-            SNAP,
-            |_| {},
-            ok(snapshot(DeletionPolicy::Delete)),
-        )
+        .get(SNAP, ok(snapshot(DeletionPolicy::Delete)))
         .expect(
             Method::PATCH,
             STATUS,
@@ -151,24 +128,14 @@ async fn a_snapshot_the_agent_refuses_fails_with_a_typed_reason_and_a_warning() 
     // The capsule's status names node-a, but the agent holds no such VM.
     let (_, pool, _streams, server) = node_a().await;
     server
-        .expect(
-            Method::GET,
-            CAPSULE,
-            |_| {},
-            ok(capsule(CapsulePhase::Running, "node-a")),
-        )
+        .get(CAPSULE, ok(capsule(CapsulePhase::Running, "node-a")))
         .expect(
             Method::PATCH,
             STATUS,
             shows("InProgress", Reason::Snapshotting),
             ok(snapshot(DeletionPolicy::Delete)),
         )
-        .expect(
-            Method::GET,
-            SNAP,
-            |_| {},
-            ok(snapshot(DeletionPolicy::Delete)),
-        )
+        .get(SNAP, ok(snapshot(DeletionPolicy::Delete)))
         .expect(
             Method::PATCH,
             STATUS,
@@ -190,12 +157,7 @@ async fn a_snapshot_the_agent_refuses_fails_with_a_typed_reason_and_a_warning() 
 async fn a_snapshot_waits_for_its_capsule_to_run_and_looks_again_in_5s() {
     let (node, pool, _streams, server) = node_a().await;
     server
-        .expect(
-            Method::GET,
-            CAPSULE,
-            |_| {},
-            ok(capsule(CapsulePhase::Creating, "node-a")),
-        )
+        .get(CAPSULE, ok(capsule(CapsulePhase::Creating, "node-a")))
         .expect(
             Method::PATCH,
             STATUS,
@@ -214,7 +176,7 @@ async fn a_missing_capsule_or_unreachable_node_is_pending_and_looked_at_in_10s()
     let (pool, _streams) = pool(&[]).await;
     let server = ApiServer::default();
     server
-        .expect(Method::GET, CAPSULE, |_| {}, not_found("capsules", "c1"))
+        .get(CAPSULE, not_found("capsules", "c1"))
         .expect(
             Method::PATCH,
             STATUS,
@@ -225,12 +187,7 @@ async fn a_missing_capsule_or_unreachable_node_is_pending_and_looked_at_in_10s()
             },
             ok(snapshot(DeletionPolicy::Delete)),
         )
-        .expect(
-            Method::GET,
-            CAPSULE,
-            |_| {},
-            ok(capsule(CapsulePhase::Running, "node-gone")),
-        )
+        .get(CAPSULE, ok(capsule(CapsulePhase::Running, "node-gone")))
         .expect(
             Method::PATCH,
             STATUS,

@@ -271,7 +271,7 @@ async fn a_forbidden_pull_secret_fails_the_template_with_the_grant_command_and_a
     let (pool, _streams) = pool(std::slice::from_ref(&node)).await;
     let server = ApiServer::default();
     server
-            .expect(Method::GET, SECRET, |_| {}, refused(403, "Forbidden"))
+            .get(SECRET, refused(403, "Forbidden"))
             .expect(
                 Method::PATCH,
                 STATUS,
@@ -305,16 +305,19 @@ async fn a_forbidden_pull_secret_fails_the_template_with_the_grant_command_and_a
 async fn a_missing_or_unusable_pull_secret_has_its_own_reason() {
     let (pool, _streams) = pool(&[]).await;
     let server = ApiServer::default();
-    server
-        .expect(Method::GET, SECRET, |_| {}, refused(404, "NotFound"))
-        .shown("Failed", Reason::PullSecretNotFound, "Warning", private());
+    server.get(SECRET, refused(404, "NotFound")).shown(
+        "Failed",
+        Reason::PullSecretNotFound,
+        "Warning",
+        private(),
+    );
     let ctx = ctx(&server, pool);
     reconcile(Arc::new(private()), ctx.clone()).await.unwrap();
     server.done();
     let opaque = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "regcred", "namespace": "ns"}, "type": "Opaque", "data": {}});
     server
-        .expect(Method::GET, SECRET, |_| {}, ok(opaque))
+        .get(SECRET, ok(opaque))
         .shown("Failed", Reason::PullSecretInvalid, "Warning", private());
     reconcile(Arc::new(private()), ctx).await.unwrap();
     server.done();
@@ -333,7 +336,7 @@ async fn the_pull_secrets_entry_goes_to_every_node_with_the_prepare_only() {
             "data": {".dockerconfigjson": base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD, config.to_string())}});
     server
-        .expect(Method::GET, SECRET, |_| {}, ok(secret))
+        .get(SECRET, ok(secret))
         .shown("Preparing", Reason::Preparing, "Normal", private());
     reconcile(Arc::new(private()), ctx(&server, pool))
         .await
@@ -350,10 +353,8 @@ async fn the_pull_secrets_entry_goes_to_every_node_with_the_prepare_only() {
 async fn a_failed_read_of_the_source_snapshot_is_retried_in_5s() {
     let (pool, _streams) = pool(&[]).await;
     let server = ApiServer::default();
-    server.expect(
-        Method::GET,
+    server.get(
         "/apis/wrenn.dev/v1alpha1/namespaces/ns/capsulesnapshots/snap",
-        |_| {},
         Reply::Json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
