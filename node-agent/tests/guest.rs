@@ -168,6 +168,17 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// `wait_ready` on this agent with the test timeouts, presenting
+    /// `token` (empty before the first Init).
+    async fn ready(&self, capsule: &str, token: &str) -> (GuestClient, gpb::HealthResponse) {
+        let deadline = Duration::from_secs(10);
+        GuestClient::wait_ready(capsule, &self.vsock, 1024, token, quick(), deadline)
+            .await
+            .unwrap()
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.signal("-CONT");
@@ -189,16 +200,7 @@ fn quick() -> Timeouts {
 /// with `token`.
 async fn initialized(bin: &Path, capsule: &str, token: &str) -> (Agent, GuestClient) {
     let agent = Agent::start(bin, Duration::ZERO);
-    let (mut g, _) = GuestClient::wait_ready(
-        capsule,
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (mut g, _) = agent.ready(capsule, "").await;
     g.init(&params(token)).await.unwrap();
     (agent, g)
 }
@@ -249,16 +251,7 @@ async fn ready_init_exec_and_files_through_the_handshake() {
     let agent = Agent::start(&bin, Duration::from_millis(300));
     // The agent is not up yet: wait_ready must retry through refused
     // handshakes rather than fail.
-    let (mut g, health) = GuestClient::wait_ready(
-        "c1",
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (mut g, health) = agent.ready("c1", "").await;
     assert!(!health.initialized);
 
     // Before Init the agent refuses work.
@@ -367,16 +360,7 @@ async fn handshake_refusal_and_deadlines_are_reported() {
         return;
     };
     let agent = Agent::start(&bin, Duration::ZERO);
-    GuestClient::wait_ready(
-        "c3",
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    agent.ready("c3", "").await;
 
     // A port nothing listens on: the VMM closes without OK.
     let err = guest::dial(&agent.vsock, 5000).await.unwrap_err();
@@ -464,16 +448,7 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
     let connect = || GuestClient::connect_with("c4", &agent.vsock, 1024, quick());
 
     // Boot: an Init without a token is refused; the bootstrap Init sets one.
-    let (mut g, _) = GuestClient::wait_ready(
-        "c4",
-        &agent.vsock,
-        1024,
-        "",
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (mut g, _) = agent.ready("c4", "").await;
     let e = g.init(&params("")).await.unwrap_err();
     assert_eq!(code(&e), tonic::Code::InvalidArgument, "{e}");
     assert!(!g.health().await.unwrap().initialized);
@@ -498,16 +473,7 @@ async fn a_restore_rekeys_the_guest_and_the_old_token_is_refused() {
     // Restore: the VMM drops vsock; the node agent redials with the token
     // the restored memory holds and sends the capsule's new one.
     agent._shim.reset();
-    let (mut r, health) = GuestClient::wait_ready(
-        "c4",
-        &agent.vsock,
-        1024,
-        old.expose(),
-        quick(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let (mut r, health) = agent.ready("c4", old.expose()).await;
     assert!(health.initialized);
     r.init(&params(new.expose())).await.unwrap();
 
