@@ -106,12 +106,30 @@ impl FakeCh {
     }
 }
 
+/// Reads what the stream has (bytes and passed fds) onto `buf` and `fds`;
+/// false once the client closed or the read failed.
+async fn recv_more(stream: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> bool {
+    let mut chunk = [0u8; 4096];
+    let got = stream
+        .async_io(Interest::READABLE, || {
+            recv_with_fds(stream.as_fd(), &mut chunk)
+        })
+        .await;
+    match got {
+        Ok((0, _)) | Err(_) => false,
+        Ok((n, more)) => {
+            buf.extend_from_slice(&chunk[..n]);
+            fds.extend(more);
+            true
+        }
+    }
+}
+
 async fn serve(mut stream: UnixStream, script: Script, seen: Arc<Mutex<Vec<Seen>>>) {
     // Several requests per connection, as micro_http allows.
     loop {
         let mut buf = Vec::new();
         let mut fds = Vec::new();
-        let mut chunk = [0u8; 4096];
         let (head_len, content_length) = loop {
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&buf[..end]).to_string();
@@ -125,31 +143,13 @@ async fn serve(mut stream: UnixStream, script: Script, seen: Arc<Mutex<Vec<Seen>
                     .unwrap_or(0);
                 break (end + 4, cl);
             }
-            let got = stream
-                .async_io(Interest::READABLE, || {
-                    recv_with_fds(stream.as_fd(), &mut chunk)
-                })
-                .await;
-            match got {
-                Ok((0, _)) | Err(_) => return,
-                Ok((n, more)) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    fds.extend(more);
-                }
+            if !recv_more(&stream, &mut buf, &mut fds).await {
+                return;
             }
         };
         while buf.len() < head_len + content_length {
-            let got = stream
-                .async_io(Interest::READABLE, || {
-                    recv_with_fds(stream.as_fd(), &mut chunk)
-                })
-                .await;
-            match got {
-                Ok((0, _)) | Err(_) => return,
-                Ok((n, more)) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    fds.extend(more);
-                }
+            if !recv_more(&stream, &mut buf, &mut fds).await {
+                return;
             }
         }
         let request = Seen {
@@ -191,6 +191,25 @@ fn path_of(seen: &Seen) -> &str {
     seen.head.split(' ').nth(1).unwrap_or_default()
 }
 
+/// Asserts that `seen` is a `method` request for `path` over HTTP/1.1.
+#[track_caller]
+fn assert_request(seen: &Seen, method: &str, path: &str) {
+    let line = format!("{method} {path} HTTP/1.1\r\n");
+    assert!(seen.head.starts_with(&line), "{:?}", seen.head);
+}
+
+/// A fake CH that answers `status` with `body` at the endpoint whose path
+/// ends with `action`, and 204 everywhere else.
+fn answering_at(action: &'static str, status: u16, body: Vec<u8>) -> FakeCh {
+    FakeCh::start(move |s| {
+        if path_of(s).ends_with(action) {
+            Reply::ok(status, &body)
+        } else {
+            Reply::no_content()
+        }
+    })
+}
+
 #[tokio::test]
 async fn ping_info_counters_parse_recorded_bodies() {
     let ch = FakeCh::start(|s| match path_of(s) {
@@ -222,11 +241,7 @@ async fn ping_info_counters_parse_recorded_bodies() {
     assert_eq!(counters["_disk0"]["write_latency_avg"], 90);
 
     let seen = ch.take();
-    assert!(
-        seen[0]
-            .head
-            .starts_with("GET /api/v1/vmm.ping HTTP/1.1\r\n")
-    );
+    assert_request(&seen[0], "GET", "/api/v1/vmm.ping");
     assert!(
         !seen[0].head.to_ascii_lowercase().contains("content-length"),
         "GET without body"
@@ -266,24 +281,17 @@ fn other_recorded_bodies_parse() {
 async fn create_sends_json_with_content_length_and_boot_sends_no_body() {
     let ch = FakeCh::start(|_| Reply::no_content());
     let c = ch.client();
-    let cfg = build_vm_config(&VmSpec {
-        vcpus: 1,
-        memory_bytes: 256 << 20,
-        kernel: "/k".into(),
-        cmdline: "console=ttyS0".into(),
-        root_disk: "/dev/mapper/wrenn-x".into(),
-        serial_file: None,
-        vsock: None,
-        system_uuid: None,
-    });
+    let cfg = build_vm_config(&VmSpec::new(
+        1,
+        256 << 20,
+        "/k",
+        "console=ttyS0",
+        "/dev/mapper/wrenn-x",
+    ));
     c.call::<endpoint::VmCreate>(&cfg).await.unwrap();
     c.call::<endpoint::VmBoot>(&()).await.unwrap();
     let seen = ch.take();
-    assert!(
-        seen[0]
-            .head
-            .starts_with("PUT /api/v1/vm.create HTTP/1.1\r\n")
-    );
+    assert_request(&seen[0], "PUT", "/api/v1/vm.create");
     assert!(
         seen[0]
             .head
@@ -291,7 +299,7 @@ async fn create_sends_json_with_content_length_and_boot_sends_no_body() {
     );
     let sent: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
     assert_eq!(sent["memory"]["size"], 256u64 << 20);
-    assert!(seen[1].head.starts_with("PUT /api/v1/vm.boot HTTP/1.1\r\n"));
+    assert_request(&seen[1], "PUT", "/api/v1/vm.boot");
     assert!(seen[1].body.is_empty() && !seen[1].head.contains("Content-Length"));
 }
 
@@ -687,13 +695,7 @@ mod chvmm {
     #[tokio::test]
     async fn a_failed_boot_is_followed_by_delete() {
         let body = fixture("error_boot_kernel.json");
-        let ch = FakeCh::start(move |s| {
-            if path_of(s).ends_with("vm.boot") {
-                Reply::ok(500, &body)
-            } else {
-                Reply::no_content()
-            }
-        });
+        let ch = answering_at("vm.boot", 500, body);
         let dir = tempfile::tempdir().unwrap();
         let err = vmm(53, dir.path()).boot(&handle(&ch)).await.unwrap_err();
         assert_eq!(err.api_kind(), Some(ErrorKind::Failed));
@@ -703,13 +705,7 @@ mod chvmm {
     #[tokio::test]
     async fn a_restore_that_does_not_end_paused_is_refused_and_deleted() {
         let running = fixture("vm_info_running.json");
-        let ch = FakeCh::start(move |s| {
-            if path_of(s).ends_with("vm.info") {
-                Reply::ok(200, &running)
-            } else {
-                Reply::no_content()
-            }
-        });
+        let ch = answering_at("vm.info", 200, running);
         let dir = tempfile::tempdir().unwrap();
         let err = vmm(53, dir.path())
             .restore(&handle(&ch), &restore_cfg(), &[])
@@ -736,13 +732,7 @@ mod chvmm {
     async fn a_failed_restore_is_deleted_only_before_v44() {
         for (major, expect_delete) in [(43, true), (53, false)] {
             let body = fixture("error_bad_request.json");
-            let ch = FakeCh::start(move |s| {
-                if path_of(s).ends_with("vm.restore") {
-                    Reply::ok(400, &body)
-                } else {
-                    Reply::no_content()
-                }
-            });
+            let ch = answering_at("vm.restore", 400, body);
             let dir = tempfile::tempdir().unwrap();
             let err = vmm(major, dir.path())
                 .restore(&handle(&ch), &restore_cfg(), &[])

@@ -148,16 +148,13 @@ fn api_suite_against_real_cloud_hypervisor() {
 
         assert_eq!(kind(vmm.info(&vm).await), Some(ErrorKind::NotCreated));
 
-        let cfg = build_vm_config(&VmSpec {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            kernel: "/nonexistent/wrenn-test-vmlinux".into(),
-            cmdline: "console=ttyS0".into(),
-            root_disk: "/dev/null".into(),
-            serial_file: None,
-            vsock: None,
-            system_uuid: None,
-        });
+        let cfg = build_vm_config(&VmSpec::new(
+            1,
+            256 << 20,
+            "/nonexistent/wrenn-test-vmlinux",
+            "console=ttyS0",
+            "/dev/null",
+        ));
         vmm.create(&vm, &cfg).await.unwrap();
         assert_eq!(
             kind(vmm.create(&vm, &cfg).await),

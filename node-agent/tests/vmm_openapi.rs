@@ -143,16 +143,13 @@ impl Contract {
 }
 
 fn vm_spec() -> VmSpec {
-    VmSpec {
-        vcpus: 2,
-        memory_bytes: 512 << 20,
-        kernel: "/var/lib/wrenn/kernels/vmlinux".into(),
-        cmdline: "console=ttyS0 root=/dev/vda rw".into(),
-        root_disk: "/dev/mapper/wrenn-abc".into(),
-        serial_file: None,
-        vsock: None,
-        system_uuid: None,
-    }
+    VmSpec::new(
+        2,
+        512 << 20,
+        "/var/lib/wrenn/kernels/vmlinux",
+        "console=ttyS0 root=/dev/vda rw",
+        "/dev/mapper/wrenn-abc",
+    )
 }
 
 /// Every `vm.create` body the builders make.

@@ -765,6 +765,30 @@ pub struct VmSpec {
     pub system_uuid: Option<String>,
 }
 
+impl VmSpec {
+    /// A VM of `vcpus` and `memory_bytes` booting `kernel` with `cmdline`
+    /// from `root_disk`, with no serial port, vsock or SMBIOS UUID (set
+    /// those fields after, when wanted).
+    pub fn new(
+        vcpus: u32,
+        memory_bytes: u64,
+        kernel: &str,
+        cmdline: &str,
+        root_disk: &str,
+    ) -> Self {
+        Self {
+            vcpus,
+            memory_bytes,
+            kernel: kernel.into(),
+            cmdline: cmdline.into(),
+            root_disk: root_disk.into(),
+            serial_file: None,
+            vsock: None,
+            system_uuid: None,
+        }
+    }
+}
+
 /// Builds the `vm.create` body for `spec`. NICs are added later with
 /// `vm.add-net` (fds). Wrong CH defaults are overridden: `thp`, `nested`
 /// and `console` (Tty) are always sent.
@@ -864,16 +888,13 @@ mod tests {
 
     #[test]
     fn wrong_defaults_are_always_sent() {
-        let cfg = build_vm_config(&VmSpec {
-            vcpus: 2,
-            memory_bytes: 1 << 30,
-            kernel: "/k".into(),
-            cmdline: "console=ttyS0".into(),
-            root_disk: "/dev/mapper/wrenn-x".into(),
-            serial_file: None,
-            vsock: None,
-            system_uuid: None,
-        });
+        let cfg = build_vm_config(&VmSpec::new(
+            2,
+            1 << 30,
+            "/k",
+            "console=ttyS0",
+            "/dev/mapper/wrenn-x",
+        ));
         let v = serde_json::to_value(&cfg).unwrap();
         assert_eq!(v["memory"]["thp"], false);
         assert_eq!(v["cpus"]["nested"], false);
