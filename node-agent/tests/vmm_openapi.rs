@@ -17,6 +17,7 @@
 
 use jsonschema::Validator;
 use serde_json::{Value, json};
+use wrenn_node_agent::vmm::MachineSpec;
 use wrenn_node_agent::vmm::ch::api::{
     Action, BalloonConfig, DiskConfig, Endpoint, ImageType, MemoryRestoreMode, Method, NetConfig,
     RateLimiterConfig, RequestBody, RestoreConfig, RestoredNetFds, TokenBucket, VmConfig,
@@ -170,23 +171,15 @@ fn vm_configs() -> Vec<(&'static str, VmConfig)> {
         ..NetConfig::default()
     });
     // What ChMachine sends for a qcow2 root disk with an initramfs.
-    let machine =
-        wrenn_node_agent::vmm::build_machine_config(&wrenn_node_agent::vmm::MachineSpec {
-            capsule: "abc".into(),
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            kernel: "/var/lib/wrenn/kernels/vmlinux".into(),
-            initramfs: Some("/var/lib/wrenn/kernels/initrd".into()),
-            cmdline: "console=ttyS0".into(),
-            root_disk: "/var/lib/wrenn/disks/wrenn-abc.qcow2".into(),
-            root_disk_format: wrenn_node_agent::vmm::DiskFormat::Qcow2,
-            netns: None,
-            tap: None,
-            vsock_cid: 3,
-            vsock_socket: "/var/lib/wrenn/vmm/abc/vsock.sock".into(),
-            limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(1, 256 << 20),
-            run_dir: "/var/lib/wrenn/vmm/abc".into(),
-        });
+    let machine = wrenn_node_agent::vmm::build_machine_config(&MachineSpec {
+        kernel: "/var/lib/wrenn/kernels/vmlinux".into(),
+        initramfs: Some("/var/lib/wrenn/kernels/initrd".into()),
+        root_disk: "/var/lib/wrenn/disks/wrenn-abc.qcow2".into(),
+        root_disk_format: wrenn_node_agent::vmm::DiskFormat::Qcow2,
+        netns: None,
+        tap: None,
+        ..small(machine_spec())
+    });
     vec![
         ("minimal", plain),
         ("serial+vsock+uuid", full),
@@ -199,7 +192,22 @@ fn vm_configs() -> Vec<(&'static str, VmConfig)> {
 /// What ChMachine sends for a capsule with a NIC: Landlock on, with the
 /// run dir and the TAP device as extra rules.
 fn confined_machine() -> VmConfig {
-    wrenn_node_agent::vmm::build_machine_config(&wrenn_node_agent::vmm::MachineSpec {
+    wrenn_node_agent::vmm::build_machine_config(&machine_spec())
+}
+
+/// `spec` at 1 vCPU and 256 MiB, its cgroup limits to match.
+fn small(spec: MachineSpec) -> MachineSpec {
+    MachineSpec {
+        vcpus: 1,
+        memory_bytes: 256 << 20,
+        limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(1, 256 << 20),
+        ..spec
+    }
+}
+
+/// Capsule `abc` with a NIC in its own netns, as ChMachine is given it.
+fn machine_spec() -> MachineSpec {
+    MachineSpec {
         capsule: "abc".into(),
         vcpus: 2,
         memory_bytes: 512 << 20,
@@ -217,7 +225,7 @@ fn confined_machine() -> VmConfig {
         vsock_socket: "/var/lib/wrenn/vmm/abc/vsock.sock".into(),
         limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(2, 512 << 20),
         run_dir: "/var/lib/wrenn/vmm/abc".into(),
-    })
+    }
 }
 
 #[test]
@@ -322,27 +330,15 @@ fn every_vm_create_body_matches_the_spec() {
 fn every_add_net_body_matches_the_spec() {
     let c = Contract::new();
     let mut nets = nets();
-    let machine_net =
-        wrenn_node_agent::vmm::build_net_config(&wrenn_node_agent::vmm::MachineSpec {
-            capsule: "abc".into(),
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            kernel: "/k".into(),
-            initramfs: None,
-            cmdline: String::new(),
-            root_disk: "/d".into(),
-            root_disk_format: wrenn_node_agent::vmm::DiskFormat::Raw,
-            netns: Some("/run/netns/wrenn-abc".into()),
-            tap: Some(wrenn_node_agent::vmm::TapSpec {
-                name: "tap0".into(),
-                mac: "02:fc:00:00:00:05".into(),
-            }),
-            vsock_cid: 3,
-            vsock_socket: "/v".into(),
-            limits: wrenn_node_agent::vmm::cgroup::CgroupLimits::build_for_vm(1, 256 << 20),
-            run_dir: "/r".into(),
-        })
-        .unwrap();
+    let machine_net = wrenn_node_agent::vmm::build_net_config(&MachineSpec {
+        kernel: "/k".into(),
+        cmdline: String::new(),
+        root_disk: "/d".into(),
+        vsock_socket: "/v".into(),
+        run_dir: "/r".into(),
+        ..small(machine_spec())
+    })
+    .unwrap();
     nets.push(("machine: tap by name", machine_net));
     for (what, net) in nets {
         c.check::<endpoint::VmAddNet>(what, &net).unwrap();
