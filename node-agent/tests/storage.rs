@@ -77,6 +77,48 @@ impl Drop for LoopGuard {
     }
 }
 
+/// A host case named `name` with root and the loop driver, a temp dir and
+/// its [`LoopGuard`]; `None` once the case is recorded as skipped.
+fn loop_case(name: &str) -> Option<(wrenn_testkit::Case, tempfile::TempDir, LoopGuard)> {
+    let case = wrenn_testkit::case(Tier::Host, name);
+    if let Err(why) = wrenn_testkit::need_root() {
+        case.skip(why);
+        return None;
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        case.skip("needs /dev/loop-control (loop driver)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let guard = LoopGuard {
+        dir: dir.path().to_path_buf(),
+    };
+    Some((case, dir, guard))
+}
+
+/// A disk for `capsule` of `size_bytes` over `template`.
+fn disk_request(capsule: &CapsuleId, template: &Path, size_bytes: u64) -> DiskRequest {
+    DiskRequest {
+        capsule: capsule.clone(),
+        template: template.to_path_buf(),
+        size_bytes,
+    }
+}
+
+/// `req` for another capsule.
+fn for_capsule(req: &DiskRequest, capsule: &CapsuleId) -> DiskRequest {
+    DiskRequest {
+        capsule: capsule.clone(),
+        ..req.clone()
+    }
+}
+
+#[track_caller]
+fn assert_no_loops_on(dir: &Path) {
+    let left = loops_on(dir);
+    assert!(left.is_empty(), "loops left behind: {left:?}");
+}
+
 fn loops_on(dir: &Path) -> Vec<PathBuf> {
     let dir = std::fs::canonicalize(dir).unwrap();
     LoopHost::default()
@@ -120,11 +162,7 @@ fn qcow2_overlay_writes_never_change_the_base() {
 
     let store = Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).unwrap();
     let capsule = CapsuleId::new("qc-1").unwrap();
-    let req = DiskRequest {
-        capsule: capsule.clone(),
-        template: base.clone(),
-        size_bytes: 128 * MIB,
-    };
+    let req = disk_request(&capsule, &base, 128 * MIB);
     let disk = store.ensure_disk(&req).unwrap();
     assert_eq!(disk.format, DiskFormat::Qcow2);
     assert_eq!(disk.size_bytes, 128 * MIB);
@@ -200,13 +238,7 @@ fn qcow2_sweep_removes_only_orphans() {
         .map(|i| CapsuleId::new(i).unwrap())
         .collect();
     for id in &ids {
-        store
-            .ensure_disk(&DiskRequest {
-                capsule: id.clone(),
-                template: base.clone(),
-                size_bytes: 0,
-            })
-            .unwrap();
+        store.ensure_disk(&disk_request(id, &base, 0)).unwrap();
     }
     std::fs::write(state.join("unrelated.qcow2"), b"x").unwrap();
     std::fs::write(state.join("wrenn-d.qcow2.tmp"), b"half").unwrap();
@@ -227,19 +259,9 @@ fn qcow2_sweep_removes_only_orphans() {
 
 #[test]
 fn loop_devices_are_reused_and_leave_nothing_behind() {
-    let case = wrenn_testkit::case(
-        Tier::Host,
-        "loop_devices_are_reused_and_leave_nothing_behind",
-    );
-    if let Err(why) = wrenn_testkit::need_root() {
-        return case.skip(why);
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return case.skip("needs /dev/loop-control (loop driver)");
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let _guard = LoopGuard {
-        dir: dir.path().to_path_buf(),
+    let Some((_case, dir, _guard)) = loop_case("loop_devices_are_reused_and_leave_nothing_behind")
+    else {
+        return;
     };
     let base = dir.path().join("base.raw");
     write_base(&base, 8 * MIB, 0x11);
@@ -343,11 +365,7 @@ fn dm_snapshot_writes_never_change_the_base() {
         }
     }
     let _dm_guard = DmGuard(&store, capsule.clone());
-    let req = DiskRequest {
-        capsule: capsule.clone(),
-        template: base.clone(),
-        size_bytes: 32 * MIB,
-    };
+    let req = disk_request(&capsule, &base, 32 * MIB);
     let disk = store.ensure_disk(&req).unwrap();
     assert_eq!(disk.format, DiskFormat::Raw);
     assert_eq!(disk.size_bytes, 64 * MIB);
@@ -377,12 +395,7 @@ fn dm_snapshot_writes_never_change_the_base() {
     assert_eq!(store.ensure_disk(&req).unwrap(), disk);
     let second = CapsuleId::new(&wrenn_testkit::unique_name("dmt")).unwrap();
     let _dm_guard2 = DmGuard(&store, second.clone());
-    store
-        .ensure_disk(&DiskRequest {
-            capsule: second.clone(),
-            ..req.clone()
-        })
-        .unwrap();
+    store.ensure_disk(&for_capsule(&req, &second)).unwrap();
     assert_eq!(
         loops_on(dir.path()).len(),
         3,
@@ -391,7 +404,7 @@ fn dm_snapshot_writes_never_change_the_base() {
     store.remove_disk(&second).unwrap();
     store.remove_disk(&capsule).unwrap();
     assert!(!disk.path.exists());
-    assert!(loops_on(dir.path()).is_empty(), "loops left behind");
+    assert_no_loops_on(dir.path());
     assert_eq!(sha256_file(&base), before);
 }
 
@@ -430,16 +443,8 @@ fn dm_store_logic_over_real_loops_and_fake_dm() {
     use wrenn_node_agent::storage::SnapshotTable;
     use wrenn_node_agent::sys::block::dm::{DmCall, FakeDm};
 
-    let case = wrenn_testkit::case(Tier::Host, "dm_store_logic_over_real_loops_and_fake_dm");
-    if let Err(why) = wrenn_testkit::need_root() {
-        return case.skip(why);
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return case.skip("needs /dev/loop-control (loop driver)");
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let _guard = LoopGuard {
-        dir: dir.path().to_path_buf(),
+    let Some((_case, dir, _guard)) = loop_case("dm_store_logic_over_real_loops_and_fake_dm") else {
+        return;
     };
     let base = dir.path().join("template.raw");
     write_base(&base, 16 * MIB, 0x5a);
@@ -447,11 +452,7 @@ fn dm_store_logic_over_real_loops_and_fake_dm() {
     let fake = Arc::new(FakeDm::default());
     let store = DmSnapshotStore::with_dm(cfg.clone(), fake.clone()).unwrap();
     let a = CapsuleId::new("cap-a").unwrap();
-    let req = DiskRequest {
-        capsule: a.clone(),
-        template: base.clone(),
-        size_bytes: 4 * MIB,
-    };
+    let req = disk_request(&a, &base, 4 * MIB);
 
     // Create: one origin loop (read-only), one CoW loop, table as DESIGN §4.
     let disk = store.ensure_disk(&req).unwrap();
@@ -480,12 +481,7 @@ fn dm_store_logic_over_real_loops_and_fake_dm() {
     // Idempotent; a second capsule shares the origin loop.
     assert_eq!(store.ensure_disk(&req).unwrap(), disk);
     let b = CapsuleId::new("cap-b").unwrap();
-    store
-        .ensure_disk(&DiskRequest {
-            capsule: b.clone(),
-            ..req.clone()
-        })
-        .unwrap();
+    store.ensure_disk(&for_capsule(&req, &b)).unwrap();
     assert_eq!(host.find_by_backing_file(&base).unwrap().len(), 1);
     assert_eq!(loops_on(dir.path()).len(), 3);
     let creates = |f: &FakeDm| {
@@ -523,11 +519,7 @@ fn dm_store_logic_over_real_loops_and_fake_dm() {
     store.remove_disk(&a).unwrap();
     assert!(fake.devices().is_empty());
     assert!(!cow.exists());
-    assert!(
-        loops_on(dir.path()).is_empty(),
-        "{:?}",
-        loops_on(dir.path())
-    );
+    assert_no_loops_on(dir.path());
 
     // A stale device of another shape is replaced, not adopted.
     fake.insert(
@@ -545,48 +537,26 @@ fn dm_store_logic_over_real_loops_and_fake_dm() {
     assert!(err.to_string().contains("create"), "{err}");
     assert!(fake.devices().is_empty());
     assert!(!cow.exists());
-    assert!(
-        loops_on(dir.path()).is_empty(),
-        "{:?}",
-        loops_on(dir.path())
-    );
+    assert_no_loops_on(dir.path());
 
     // Sweep: devices and CoW files of capsules not kept go.
     store.ensure_disk(&req).unwrap();
-    store
-        .ensure_disk(&DiskRequest {
-            capsule: b.clone(),
-            ..req.clone()
-        })
-        .unwrap();
+    store.ensure_disk(&for_capsule(&req, &b)).unwrap();
     let report = store.sweep(std::slice::from_ref(&a)).unwrap();
     assert_eq!(report.dm_devices, vec!["wrenn-cap-b".to_string()]);
     assert_eq!(fake.devices(), vec!["wrenn-cap-a".to_string()]);
     store.remove_disk(&a).unwrap();
-    assert!(
-        loops_on(dir.path()).is_empty(),
-        "{:?}",
-        loops_on(dir.path())
-    );
+    assert_no_loops_on(dir.path());
 
     // 50 create/remove cycles of two capsules leak no loop device or file.
     for _ in 0..50 {
         for c in [&a, &b] {
-            store
-                .ensure_disk(&DiskRequest {
-                    capsule: c.clone(),
-                    ..req.clone()
-                })
-                .unwrap();
+            store.ensure_disk(&for_capsule(&req, c)).unwrap();
         }
         store.remove_disk(&a).unwrap();
         store.remove_disk(&b).unwrap();
     }
-    assert!(
-        loops_on(dir.path()).is_empty(),
-        "{:?}",
-        loops_on(dir.path())
-    );
+    assert_no_loops_on(dir.path());
     assert!(fake.devices().is_empty());
     assert_eq!(std::fs::read_dir(&cfg.state_dir).unwrap().count(), 0);
 }
