@@ -250,13 +250,9 @@ fn transfer_row(what: &str, via: f64, direct: f64, ratio: f64) {
     );
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    run().await;
 }
 
 async fn run() {

@@ -20,7 +20,7 @@ mod gateway_bed;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt as _, StreamExt as _};
-use gateway_bed::{Bed, NS};
+use gateway_bed::{Bed, NS, forward_request};
 use kube::api::{Api, Patch, PatchParams};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,13 +91,7 @@ async fn http_server() -> u16 {
 type Ws = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
 async fn forward(client: &kube::Client, port: u16) -> Ws {
-    let req = http::Request::get(wrenn_gateway::portforward::build_request_path(
-        NS,
-        "box",
-        &[port],
-    ))
-    .body(Vec::new())
-    .unwrap();
+    let req = forward_request(NS, "box", port);
     let mut ws = client.connect(req).await.unwrap().into_stream();
     // The port prefixes on channels 0 and 1.
     for _ in 0..2 {
@@ -123,13 +117,9 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
-fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    run().await;
 }
 
 async fn run() {

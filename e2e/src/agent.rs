@@ -64,6 +64,15 @@ fn run_ok(cmd: &mut Command, program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `openssl req`'s arguments for a new unencrypted P-256 key.
+const NEW_KEY: &[&str] = &[
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 impl Pki {
     /// Makes a CA and the two leaf certificates in `dir` with openssl.
     pub fn create(dir: &Path, node_ip: Ipv4Addr) -> Result<Pki> {
@@ -71,22 +80,20 @@ impl Pki {
         openssl(
             dir,
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=wrenn test CA",
-            ],
+                &["req", "-x509"],
+                NEW_KEY,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=wrenn test CA",
+                ],
+            ]
+            .concat(),
         )?;
         let leaf = |name: &str, cn: &str, ext: String| leaf(dir, name, cn, &ext);
         leaf(
@@ -119,19 +126,18 @@ fn leaf(dir: &Path, name: &str, cn: &str, ext: &str) -> Result<()> {
     openssl(
         dir,
         &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
+            &["req"],
+            NEW_KEY,
+            &[
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        ]
+        .concat(),
     )?;
     openssl(
         dir,

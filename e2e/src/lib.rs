@@ -43,6 +43,26 @@ pub struct ControlPlane {
     _supervisor: Option<Mutex<Child>>,
 }
 
+/// The error of a merge patch of `name` that the API server must refuse
+/// (RBAC or an admission policy); panics when it takes it.
+pub async fn refused_merge_patch<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    params: &kube::api::PatchParams,
+    patch: serde_json::Value,
+) -> kube::Error
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .patch(name, params, &kube::api::Patch::Merge(patch))
+        .await
+    {
+        Ok(o) => panic!("a patch of {name} that must be refused was taken: {o:?}"),
+        Err(e) => e,
+    }
+}
+
 /// Root of the workspace.
 pub fn workspace_root() -> PathBuf {
     wrenn_testkit::workspace_root()

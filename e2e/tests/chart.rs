@@ -21,12 +21,12 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use wrenn_e2e::ControlPlane;
 use wrenn_e2e::helm::{
     self, Helm, KUBE_VERSION_FLAG, chart_dir, copy_chart, documents, find_of, find_one as find,
     helm_or_skip,
 };
 use wrenn_e2e::workloads::{FakeNodes, Workloads};
+use wrenn_e2e::{ControlPlane, refused_merge_patch};
 use wrenn_testkit::{Case, Tier, case, unique_name};
 
 /// Helm and the control plane, or a recorded skip.
@@ -1302,27 +1302,25 @@ async fn operator_rbac_is_sufficient_and_minimal() {
         .unwrap();
     assert_eq!(seen.data["status"]["phase"], "Pending");
     // Never the spec: RBAC allows the patch verb, the chart's admission policy refuses it.
-    let err = mine
-        .patch(
-            "c1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"operatingMode": "Paused"}})),
-        )
-        .await
-        .unwrap_err();
+    let err = refused_merge_patch(
+        &mine,
+        "c1",
+        &PatchParams::default(),
+        json!({"spec": {"operatingMode": "Paused"}}),
+    )
+    .await;
     assert!(
         err.to_string()
             .contains("the operator may not change a spec"),
         "{err}"
     );
-    let err = mine
-        .patch(
-            "c1",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"wrenn.dev/x": "y"}}})),
-        )
-        .await
-        .unwrap_err();
+    let err = refused_merge_patch(
+        &mine,
+        "c1",
+        &PatchParams::default(),
+        json!({"metadata": {"annotations": {"wrenn.dev/x": "y"}}}),
+    )
+    .await;
     assert!(
         err.to_string()
             .contains("may not change labels or annotations"),

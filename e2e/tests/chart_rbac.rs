@@ -33,8 +33,8 @@ use wrenn_crds::reason::Reason;
 use wrenn_crds::snapshot::SnapshotPhase;
 use wrenn_crds::template::TemplatePhase;
 use wrenn_crds::{Capsule, CapsuleSnapshot, CapsuleTemplate};
-use wrenn_e2e::ControlPlane;
 use wrenn_e2e::helm::{self, Helm, chart_dir, env_of, find_of, find_one as find, helm_or_skip};
+use wrenn_e2e::{ControlPlane, refused_merge_patch};
 use wrenn_operator::agent::fake::{FakeConnector, FakeNodeAgent};
 use wrenn_operator::controller::{Operator, Settings, run_all};
 use wrenn_operator::metrics::Metrics;
@@ -611,14 +611,13 @@ async fn operator_as_the_chart_service_account_runs_a_capsule_lifecycle() {
 
     // Minimal: what the chart says the operator cannot do, it cannot.
     let mine: Api<Capsule> = Api::namespaced(op_client.clone(), &users);
-    let err = mine
-        .patch(
-            "c1",
-            &PatchParams::default().dry_run(),
-            &Patch::Merge(json!({"spec": {"operatingMode": "Paused"}})),
-        )
-        .await
-        .unwrap_err();
+    let err = refused_merge_patch(
+        &mine,
+        "c1",
+        &PatchParams::default().dry_run(),
+        json!({"spec": {"operatingMode": "Paused"}}),
+    )
+    .await;
     assert!(
         err.to_string()
             .contains("the operator may not change a spec"),
@@ -1043,6 +1042,39 @@ fn flags_by_env(cmd: &clap::Command) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// [`argv_of`] for the chart variant `what`, with a line in `wrong` for
+/// every flag the chart sets that `bin` does not read.
+fn chart_argv(
+    wrong: &mut Vec<String>,
+    what: &str,
+    bin: &str,
+    container: &Value,
+    flags: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let (argv, unknown) = argv_of(bin, container, flags);
+    for name in unknown {
+        wrong.push(format!(
+            "{what}: the chart sets {name}, which no {bin} flag reads"
+        ));
+    }
+    argv
+}
+
+/// A line in `wrong` when `bin` refused the chart's arguments `argv`.
+fn refused(
+    wrong: &mut Vec<String>,
+    what: &str,
+    bin: &str,
+    argv: &[String],
+    parsed: Result<(), clap::Error>,
+) {
+    if let Err(e) = parsed {
+        wrong.push(format!(
+            "{what}: {bin} refuses the chart's settings {argv:?}:\n{e}"
+        ));
+    }
+}
+
 /// The argv a container's env amounts to: its args, then each env var as
 /// the flag that reads it, with downward-API values filled in and `$(VAR)`
 /// expanded as the kubelet does. Env names no flag reads are returned apart.
@@ -1159,12 +1191,7 @@ fn chart_env_is_what_the_binaries_accept() {
         };
 
         let op = container("Deployment", "operator");
-        let (argv, unknown) = argv_of("wrenn-operator", &op, &op_flags);
-        for name in unknown {
-            wrong.push(format!(
-                "{what}: the Deployment sets {name}, which no operator flag reads"
-            ));
-        }
+        let argv = chart_argv(&mut wrong, what, "wrenn-operator", &op, &op_flags);
         match wrenn_operator::args::Args::try_parse_from(&argv) {
             // Leader election is what the values say, not the flag's default.
             Ok(args) => {
@@ -1187,29 +1214,13 @@ fn chart_env_is_what_the_binaries_accept() {
         }
 
         let ag = container("DaemonSet", "node-agent");
-        let (argv, unknown) = argv_of("wrenn-node-agent", &ag, &agent_flags);
-        for name in unknown {
-            wrong.push(format!(
-                "{what}: the DaemonSet sets {name}, which no node-agent flag reads"
-            ));
-        }
-        if let Err(e) = wrenn_node_agent::args::Args::try_parse_from(&argv) {
-            wrong.push(format!(
-                "{what}: the node agent refuses the chart's settings {argv:?}:\n{e}"
-            ));
-        }
+        let argv = chart_argv(&mut wrong, what, "wrenn-node-agent", &ag, &agent_flags);
+        let parsed = wrenn_node_agent::args::Args::try_parse_from(&argv).map(drop);
+        refused(&mut wrong, what, "wrenn-node-agent", &argv, parsed);
         let gw = container("Deployment", "gateway");
-        let (argv, unknown) = argv_of("wrenn-gateway", &gw, &gateway_flags);
-        for name in unknown {
-            wrong.push(format!(
-                "{what}: the gateway Deployment sets {name}, which no gateway flag reads"
-            ));
-        }
-        if let Err(e) = wrenn_gateway::args::Args::try_parse_from(&argv) {
-            wrong.push(format!(
-                "{what}: the gateway refuses the chart's settings {argv:?}:\n{e}"
-            ));
-        }
+        let argv = chart_argv(&mut wrong, what, "wrenn-gateway", &gw, &gateway_flags);
+        let parsed = wrenn_gateway::args::Args::try_parse_from(&argv).map(drop);
+        refused(&mut wrong, what, "wrenn-gateway", &argv, parsed);
         for (kind, c) in [
             ("Deployment", &op),
             ("DaemonSet", &ag),

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use gateway_bed::{Bed, NS, call, eventually, json_of};
+use gateway_bed::{Bed, NS, call, eventually, forward_request, json_of};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -340,13 +340,7 @@ async fn ports_are_forwarded_and_proxied_to_declared_ports_only() {
     );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let pf = |client: &kube::Client, port: u16| {
-        let req = http::Request::get(wrenn_gateway::portforward::build_request_path(
-            NS,
-            "box",
-            &[port],
-        ))
-        .body(Vec::new())
-        .unwrap();
+        let req = forward_request(NS, "box", port);
         let client = client.clone();
         async move {
             match client.connect(req).await {

@@ -19,7 +19,7 @@ mod requests;
 use agent::{Agent, agent_client_as, boot, start_agent};
 // Each test file including the bed uses only some of them.
 #[allow(unused_imports)]
-pub use requests::{Ran, api_code, call, exec, exec_path, json_of, sub_path};
+pub use requests::{Ran, api_code, call, exec, exec_path, forward_request, json_of, sub_path};
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

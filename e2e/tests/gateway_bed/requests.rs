@@ -86,6 +86,12 @@ pub fn api_code(r: Result<Ran, kube::Error>) -> (u16, String) {
     }
 }
 
+/// The WebSocket request of a port-forward to `port` of `capsule`.
+pub fn forward_request(ns: &str, capsule: &str, port: u16) -> http::Request<Vec<u8>> {
+    let path = wrenn_gateway::portforward::build_request_path(ns, capsule, &[port]);
+    http::Request::get(path).body(Vec::new()).unwrap()
+}
+
 /// The path of subresource `sub` of `ns/capsule` with `query`.
 pub fn sub_path(ns: &str, capsule: &str, sub: &str, query: &str) -> String {
     format!(
