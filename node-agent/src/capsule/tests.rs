@@ -19,6 +19,26 @@ use crate::vmm::{FAKE_IMAGE, FakeMachine, Machine, Step};
 /// again on every restart.
 type Tune = fn(&mut SupervisorConfig, &std::path::Path);
 
+/// The settings every bed starts from: state in `dir`, a fake kernel.
+fn config(dir: &std::path::Path) -> SupervisorConfig {
+    SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux"))
+}
+
+/// A supervisor over the fake machine and network and `store`.
+fn supervisor_over(
+    machine: &Arc<FakeMachine>,
+    net: &Arc<FakeNet>,
+    store: Arc<dyn BlockStore>,
+    cfg: SupervisorConfig,
+) -> Supervisor<FakeMachine> {
+    let host = Host {
+        machine: machine.clone(),
+        net: net.clone(),
+        store,
+    };
+    Supervisor::new(host, cfg)
+}
+
 struct Bed {
     dir: tempfile::TempDir,
     machine: Arc<FakeMachine>,
@@ -56,16 +76,9 @@ impl Bed {
         store: &Arc<FakeBlockStore>,
         tune: Tune,
     ) -> Supervisor<FakeMachine> {
-        let mut cfg = SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux"));
+        let mut cfg = config(dir.path());
         tune(&mut cfg, dir.path());
-        Supervisor::new(
-            Host {
-                machine: machine.clone(),
-                net: net.clone(),
-                store: store.clone(),
-            },
-            cfg,
-        )
+        supervisor_over(machine, net, store.clone(), cfg)
     }
 
     /// Drops every in-memory state and starts a new supervisor on the same
@@ -369,13 +382,10 @@ async fn crash_fails_the_capsule_and_poweroff_stops_it() {
 async fn snapshot_returns_to_the_prior_mode() {
     // A real qcow2 store (plain files), so the disk copy is real too.
     let (b, template) = Bed::with_qcow2();
-    let mut s = spec("c1");
-    s.source = BootSource::Template(TemplateDisk {
-        key: "t".into(),
-        rootfs: template,
-        digest: String::new(),
-    });
-    b.sup.create("c1", s, State::Running).await.unwrap();
+    b.sup
+        .create("c1", from_template("c1", &template), State::Running)
+        .await
+        .unwrap();
     let info = b.sup.snapshot("c1", "s1", true).await.unwrap();
     assert_eq!((info.capsule_uid.as_str(), info.memory), ("c1", true));
     assert_eq!(b.sup.get("c1").unwrap().state, State::Running);
@@ -648,13 +658,11 @@ impl Bed {
             self.dir.path().join("disks"),
         ))
         .unwrap();
-        Supervisor::new(
-            Host {
-                machine: self.machine.clone(),
-                net: self.net.clone(),
-                store: Arc::new(store),
-            },
-            SupervisorConfig::new(self.dir.path(), std::path::Path::new("/k/vmlinux")),
+        supervisor_over(
+            &self.machine,
+            &self.net,
+            Arc::new(store),
+            config(self.dir.path()),
         )
     }
 

@@ -144,17 +144,10 @@ impl WarmBed {
         store: &Arc<Qcow2Store>,
         guest: &Arc<FakeGuest>,
     ) -> Supervisor<FakeMachine> {
-        let mut cfg = SupervisorConfig::new(dir.path(), std::path::Path::new("/k/vmlinux"));
+        let mut cfg = config(dir.path());
         cfg.warm_probe_every = Duration::from_millis(10);
         cfg.build_guest = Some(guest.clone());
-        Supervisor::new(
-            Host {
-                machine: machine.clone(),
-                net: net.clone(),
-                store: store.clone(),
-            },
-            cfg,
-        )
+        supervisor_over(machine, net, store.clone(), cfg)
     }
 
     /// Every in-memory state dropped, a new supervisor on the same host.
@@ -473,12 +466,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     assert!(b.sup.templates().is_empty());
 
     // A snapshot id some capsule already used is not overwritten.
-    let mut s = spec("user");
-    s.source = BootSource::Template(TemplateDisk {
-        key: "t".into(),
-        rootfs: b.template.clone(),
-        digest: String::new(),
-    });
+    let s = from_template("user", &b.template);
     b.sup.create("user", s, State::Running).await.unwrap();
     b.sup.snapshot("user", "warm-web-2", true).await.unwrap();
     let launches = b.machine.steps(&build).len();

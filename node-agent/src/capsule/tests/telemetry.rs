@@ -198,12 +198,7 @@ async fn a_failed_or_cancelled_create_is_timed_and_leaves_no_history() {
 async fn every_step_is_timed_with_its_outcome() {
     // A real qcow2 store (plain files), so the snapshot's disk copy works.
     let (b, template) = Bed::with_qcow2();
-    let mut s = spec("c1");
-    s.source = BootSource::Template(TemplateDisk {
-        key: "t".into(),
-        rootfs: template,
-        digest: String::new(),
-    });
+    let s = from_template("c1", &template);
 
     let ok = |step| step_count(&b, step, "ok");
     b.sup.create("c1", s, State::Running).await.unwrap();
