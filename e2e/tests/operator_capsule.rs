@@ -273,9 +273,15 @@ async fn bed(
     Some((env, client, ns, nodes, op))
 }
 
-/// Removes the Node objects `<ns>-a` and `<ns>-b` a test made: they are
-/// cluster-scoped, so the namespace's end does not take them.
-async fn delete_node_objects(node_api: &Api<k8s_openapi::api::core::v1::Node>, ns: &str) {
+/// Stops the operator, then removes the Node objects `<ns>-a` and `<ns>-b`
+/// a test made: they are cluster-scoped, so the namespace's end does not
+/// take them.
+async fn stop_and_delete_nodes(
+    op: RunningOperator,
+    node_api: &Api<k8s_openapi::api::core::v1::Node>,
+    ns: &str,
+) {
+    op.stop().await;
     for suffix in ["a", "b"] {
         let _ = node_api
             .delete(&format!("{ns}-{suffix}"), &DeleteParams::default())
@@ -1028,8 +1034,7 @@ async fn templates_are_prepared_ahead_and_warm_capsules_restore_them() {
             .contains(&("DeleteSnapshot", warm_id.clone())),
         "warm snapshot removed on the node"
     );
-    op.stop().await;
-    delete_node_objects(&node_api, &ns).await;
+    stop_and_delete_nodes(op, &node_api, &ns).await;
 }
 
 /// A changed `spec.network` reaches the running VM's node through
@@ -1402,8 +1407,7 @@ async fn published_ports_are_a_service_and_endpointslice_that_do_not_churn() {
         cond(c).is_none()
     })
     .await;
-    op.stop().await;
-    delete_node_objects(&node_api, &ns).await;
+    stop_and_delete_nodes(op, &node_api, &ns).await;
 }
 
 /// A port's `from` by Pod and namespace labels: the operator resolves the
