@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use wrenn_node_agent::images::unpack::{Limit, Limits};
@@ -21,10 +20,7 @@ use wrenn_node_agent::images::{
     TemplateSettings, pull_to_layout, quota,
 };
 use wrenn_testkit::Tier;
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(b))
-}
+use wrenn_testkit::registry::{IMAGE_CONFIG, digest, image_manifest};
 
 fn layer() -> Vec<u8> {
     let tar = wrenn_testkit::registry::tar_layer(&[
@@ -68,14 +64,12 @@ fn image(corrupt_layer: bool) -> (Registry, String) {
 }
 
 fn image_with(layer: Vec<u8>, served: Served) -> (Registry, String) {
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#.to_vec();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(&layer), "size": layer.len()}],
-    }))
-    .unwrap();
+    let config = IMAGE_CONFIG.to_vec();
+    let manifest = image_manifest(
+        &config,
+        &layer,
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    );
     let md = digest(&manifest);
     let mut blobs = HashMap::new();
     blobs.insert(digest(&config), config);
@@ -192,10 +186,7 @@ async fn registry_pull_builds_a_template() {
     let (addr, server) = start(reg).await;
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
-    let opts = PullOptions {
-        insecure_registries: vec![addr.clone()],
-        limits: Limits::default(),
-    };
+    let opts = plain_http(&addr, Limits::default());
     let reference = format!("{addr}/wrenn/test:latest");
     let got = pull_to_layout(&reference, &layout, &opts, None)
         .await
@@ -238,10 +229,7 @@ async fn registry_blob_with_wrong_content_is_refused() {
     let (addr, server) = start(reg).await;
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
-    let opts = PullOptions {
-        insecure_registries: vec![addr.clone()],
-        limits: Limits::default(),
-    };
+    let opts = plain_http(&addr, Limits::default());
     let err = pull_to_layout(&format!("{addr}/wrenn/test:latest"), &layout, &opts, None)
         .await
         .unwrap_err();
@@ -280,16 +268,40 @@ fn tree(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Pulls from the test registry at `addr` (plain HTTP) within `limits`.
+fn plain_http(addr: &str, limits: Limits) -> PullOptions {
+    PullOptions {
+        insecure_registries: vec![addr.to_string()],
+        limits,
+    }
+}
+
+/// The build of `reference` into `dir`'s cache, which must fail: its error
+/// and the error's text (printed, for the log of a failed run).
+async fn refused(dir: &Path, addr: &str, limits: Limits, reference: &str) -> (Error, String) {
+    let b = builder(dir, addr, limits);
+    let source = ImageSource::parse(&format!("{addr}/{reference}")).unwrap();
+    let err = b.ensure(&source, 32 << 20).await.unwrap_err();
+    let text = err.to_string();
+    eprintln!("{text}");
+    (err, text)
+}
+
+/// Asserts the refused pull left nothing in `dir`'s cache but the (empty)
+/// pulls directory: no layout, no partial blob, no cache entry.
+#[track_caller]
+fn assert_nothing_left(dir: &Path) {
+    let left = tree(&dir.join("images"));
+    assert!(left.iter().all(|p| p.ends_with("/pulls")), "{left:?}");
+}
+
 fn builder(dir: &Path, addr: &str, limits: Limits) -> TemplateBuilder {
     let guest = dir.join("wrenn-guest");
     std::fs::write(&guest, b"guest").unwrap();
     TemplateBuilder::new(TemplateSettings {
         cache_dir: dir.join("images"),
         guest_binary: guest,
-        pull: PullOptions {
-            insecure_registries: vec![addr.to_string()],
-            limits,
-        },
+        pull: plain_http(addr, limits),
         cache_max_bytes: quota::DEFAULT_MAX_BYTES,
         image_dirs: Default::default(),
     })
@@ -306,12 +318,8 @@ async fn a_registry_sending_more_than_the_descriptor_is_cut_off() {
     let (reg, _) = image_with(layer(), Served::Longer(64 << 20));
     let (addr, server, _) = start_shared(reg).await;
     let dir = tempfile::tempdir().unwrap();
-    let b = builder(dir.path(), &addr, Limits::default());
-    let source = ImageSource::parse(&format!("{addr}/wrenn/liar:latest")).unwrap();
-    let err = b.ensure(&source, 32 << 20).await.unwrap_err();
+    let (err, text) = refused(dir.path(), &addr, Limits::default(), "wrenn/liar:latest").await;
     server.abort();
-    let text = err.to_string();
-    eprintln!("{text}");
     assert!(
         matches!(
             err,
@@ -323,9 +331,7 @@ async fn a_registry_sending_more_than_the_descriptor_is_cut_off() {
         "{text}"
     );
     assert!(text.contains("descriptor declares"), "{text}");
-    // The pull's layout, its partial blob and the cache entry are gone.
-    let left = tree(&dir.path().join("images"));
-    assert!(left.iter().all(|p| p.ends_with("/pulls")), "{left:?}");
+    assert_nothing_left(dir.path());
 }
 
 #[tokio::test]
@@ -352,12 +358,8 @@ async fn descriptors_over_the_limits_are_refused_before_any_blob_is_fetched() {
         layer_compressed_bytes: 1 << 20,
         ..Limits::default()
     };
-    let b = builder(dir.path(), &addr, limits);
-    let source = ImageSource::parse(&format!("{addr}/wrenn/big:latest")).unwrap();
-    let err = b.ensure(&source, 32 << 20).await.unwrap_err();
+    let (err, text) = refused(dir.path(), &addr, limits, "wrenn/big:latest").await;
     server.abort();
-    let text = err.to_string();
-    eprintln!("{text}");
     assert!(
         matches!(
             err,
@@ -373,6 +375,5 @@ async fn descriptors_over_the_limits_are_refused_before_any_blob_is_fetched() {
         "{text}"
     );
     assert_eq!(reg.blob_gets.load(Ordering::Relaxed), 0);
-    let left = tree(&dir.path().join("images"));
-    assert!(left.iter().all(|p| p.ends_with("/pulls")), "{left:?}");
+    assert_nothing_left(dir.path());
 }

@@ -57,7 +57,24 @@ impl Drop for Registry {
     }
 }
 
-fn digest(b: &[u8]) -> String {
+/// The config of every test image: linux/amd64, nothing else.
+pub const IMAGE_CONFIG: &[u8] =
+    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#;
+
+/// The OCI manifest of an image of `config` and one `layer` whose media
+/// type is `layer_type`.
+pub fn image_manifest(config: &[u8], layer: &[u8], layer_type: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(config), "size": config.len()},
+        "layers": [{"mediaType": layer_type, "digest": digest(layer), "size": layer.len()}],
+    }))
+    .expect("a JSON value always serialises")
+}
+
+/// `sha256:<hex>` of `b`, as OCI names content.
+pub fn digest(b: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(b))
 }
 
@@ -130,14 +147,8 @@ impl Registry {
     /// its manifest digest.
     pub fn push(&self, repo: &str, tag: &str, files: &[(&str, &[u8])]) -> std::io::Result<String> {
         let layer = tar_layer(files)?;
-        let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#.to_vec();
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(&layer), "size": layer.len()}],
-        }))
-        .map_err(std::io::Error::other)?;
+        let config = IMAGE_CONFIG.to_vec();
+        let manifest = image_manifest(&config, &layer, "application/vnd.oci.image.layer.v1.tar");
         let md = digest(&manifest);
         let mut blobs = self.state.blobs.lock().unwrap_or_else(|p| p.into_inner());
         blobs.insert(digest(&config), config);
