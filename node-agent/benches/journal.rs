@@ -130,7 +130,7 @@ fn scenario(
 }
 
 fn main() {
-    let rt = capsule_spec::runtime();
+    let rt = wrenn_testkit::runtime();
     let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
     let template = dir.path().join("base.ext4");
     std::fs::write(&template, vec![0u8; 1 << 20]).expect("template");

@@ -41,7 +41,7 @@ impl Samples {
 }
 
 fn main() {
-    let rt = capsule_spec::runtime();
+    let rt = wrenn_testkit::runtime();
     let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
     let machine = Arc::new(FakeMachine::new());
     let net = Arc::new(FakeNet::new());

@@ -36,7 +36,7 @@ use wrenn_node_agent::vmm::process::{
 use wrenn_node_agent::vmm::{
     BackendInfo, BackendKind, Error, Machine, MachineHandle, MachineSpec, MachineState, NetCounters,
 };
-use wrenn_testkit::{process_alive, process_state, unique_name};
+use wrenn_testkit::{process_alive, process_state, runtime, unique_name};
 
 use cgroup_bed::CGROUP_MOUNT;
 
@@ -337,14 +337,6 @@ async fn settled(pid: i32, stopped: bool) {
         (process_state(pid) == Some('T')) == stopped
     })
     .await;
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn recover(

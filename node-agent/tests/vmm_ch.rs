@@ -112,11 +112,7 @@ fn api_suite_against_real_cloud_hypervisor() {
     let netns_path = netns.path();
     let tap: OwnedFd = tap::open_in(&netns_path, "tap0").unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = wrenn_testkit::runtime();
     rt.block_on(async {
         let paths = HostPaths {
             proc_root: "/proc".into(),

@@ -413,11 +413,7 @@ fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
     std::fs::write(&stub, API_STUB).unwrap();
     std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = wrenn_testkit::runtime();
     rt.block_on(async {
         let version = ChVersion::detect(&stub, Duration::from_secs(10))
             .await

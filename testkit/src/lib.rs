@@ -224,6 +224,16 @@ pub fn wait_until<T>(
     }
 }
 
+/// A runtime of the node agent's shape on a 2-core node (two workers), for
+/// tests and benches that set up synchronously before they go async.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a test machine can start a runtime")
+}
+
 /// Field `field` (`VmRSS`, `VmHWM`, ...) of `/proc/<process>/status` in
 /// KiB, where `process` is a pid or `self`; 0 when unreadable.
 pub fn status_kib(process: &str, field: &str) -> u64 {

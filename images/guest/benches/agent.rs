@@ -22,11 +22,7 @@ const FILE: usize = 64 << 20;
 const CHUNK: usize = 1 << 20;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = wrenn_testkit::runtime();
     rt.block_on(run());
 }
 

@@ -59,12 +59,3 @@ pub fn supervisor_on(
         SupervisorConfig::new(dir, std::path::Path::new("/k/vmlinux")),
     )
 }
-
-/// The agent's runtime shape on a 2-core node: two workers.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
