@@ -150,6 +150,19 @@ fn attempt(name: &str, cmd: &str) -> String {
     format!("out=$({cmd} 2>&1); rc=$?; echo \"{name}: $rc\" $out >> \"$OWN/results\"\n")
 }
 
+/// Runs `script` as the attacker under `limits` until it reports done: the
+/// process (still running) and the attempts' results.
+fn attack(
+    state: &StateRoot,
+    parent: &Parent,
+    script: &str,
+    limits: CgroupLimits,
+) -> (VmmProcess, Vec<(String, i32, String)>) {
+    let p = spawn_attacker(state, parent, script, limits);
+    let results = wait_done(&state.own());
+    (p, results)
+}
+
 fn wait_done(own: &Path) -> Vec<(String, i32, String)> {
     wait_until(Duration::from_secs(60), "attack script done", || {
         own.join("done")
@@ -173,6 +186,27 @@ fn result<'a>(all: &'a [(String, i32, String)], name: &str) -> &'a (String, i32,
     all.iter()
         .find(|(n, _, _)| n == name)
         .unwrap_or_else(|| panic!("no result for {name}: {all:?}"))
+}
+
+/// Asserts that every attempt in `names` failed; their outputs.
+#[track_caller]
+fn assert_failed<'a>(all: &'a [(String, i32, String)], names: &[&str]) -> Vec<&'a str> {
+    let mut outs = Vec::new();
+    for name in names {
+        let (_, code, out) = result(all, name);
+        assert_ne!(*code, 0, "{name} succeeded: {out}");
+        outs.push(out.as_str());
+    }
+    outs
+}
+
+/// Stops the attacker (the test is sync; the stop is async).
+fn stop(p: VmmProcess, grace: Duration) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(p.stop(grace)).unwrap();
 }
 
 fn status_field(pid: i32, key: &str) -> String {
@@ -244,16 +278,11 @@ fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
         script.push_str(&attempt(name, &cmd));
     }
     script.push_str("touch \"$OWN/done\"; exec sleep 60\n");
-    let p = spawn_attacker(
-        &state,
-        &parent,
-        &script,
-        CgroupLimits::build_for_vm(1, 128 << 20),
-    );
+    let limits = CgroupLimits::build_for_vm(1, 128 << 20);
+    let (p, results) = attack(&state, &parent, &script, limits);
     let pid = p.identity().pid;
-    let results = wait_done(&state.own());
 
-    for name in [
+    let escapes = [
         "read-victim-console",
         "read-victim-record",
         "read-snapshot",
@@ -263,9 +292,9 @@ fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
         "lift-the-hiding-mount",
         "mount-over-own",
         "write-hidden-root",
-    ] {
-        let (_, code, out) = result(&results, name);
-        assert_ne!(*code, 0, "{name} succeeded: {out}");
+    ];
+    let outs = assert_failed(&results, &escapes);
+    for (name, out) in escapes.iter().zip(outs) {
         assert!(!out.contains(SECRET), "{name} read the secret: {out}");
     }
     // It sees its own directory and nothing else of the state root.
@@ -287,12 +316,12 @@ fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
     }
 
     // Credentials, as the host sees them.
-    assert_eq!(status_field(pid as i32, "CapEff"), "0000000000000000");
-    assert_eq!(status_field(pid as i32, "CapPrm"), "0000000000000000");
-    assert_eq!(status_field(pid as i32, "CapBnd"), "0000000000000000");
-    assert_eq!(status_field(pid as i32, "CapInh"), "0000000000000000");
-    assert_eq!(status_field(pid as i32, "CapAmb"), "0000000000000000");
-    assert_eq!(status_field(pid as i32, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapInh"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapAmb"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     // Its own PID namespace, in which it is init.
     let ns = |p: String| std::fs::metadata(p).unwrap().ino();
     assert_ne!(
@@ -300,7 +329,7 @@ fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
         ns("/proc/self/ns/pid".into())
     );
     assert_eq!(
-        status_field(pid as i32, "NSpid").split_whitespace().last(),
+        status_field(pid, "NSpid").split_whitespace().last(),
         Some("1")
     );
 
@@ -309,11 +338,7 @@ fn a_vmm_sees_only_its_own_capsule_and_holds_no_privilege() {
     assert_eq!(state.victim_files(), before);
     assert!(!state.root().join("planted").exists());
     assert_eq!(mount_count(), mounts_before);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(p.stop(Duration::from_secs(1))).unwrap();
+    stop(p, Duration::from_secs(1));
 }
 
 #[test]
@@ -408,26 +433,21 @@ fn a_capsule_cannot_leave_or_raise_the_vmm_cgroup_cap() {
     script
         .push_str("sh -c 'i=0; while [ $i -lt 60 ]; do sleep 60 & i=$((i+1)); done; sleep 60' &\n");
     script.push_str("exec sleep 60\n");
-    let p = spawn_attacker(
-        &state,
-        &parent,
-        &script,
-        // The capsule's own limits are far above the parent's cap.
-        CgroupLimits::build_for_vm(1, 1 << 30),
-    );
+    // The capsule's own limits are far above the parent's cap.
+    let limits = CgroupLimits::build_for_vm(1, 1 << 30);
+    let (p, results) = attack(&state, &parent, &script, limits);
     let pid = p.identity().pid;
-    let results = wait_done(&own);
 
-    for name in [
-        "join-root-cgroup",
-        "raise-parent-limit",
-        "set-release-agent",
-        "mount-cgroupfs",
-        "mount-cgroup2",
-    ] {
-        let (_, code, out) = result(&results, name);
-        assert_ne!(*code, 0, "{name} succeeded: {out}");
-    }
+    assert_failed(
+        &results,
+        &[
+            "join-root-cgroup",
+            "raise-parent-limit",
+            "set-release-agent",
+            "mount-cgroupfs",
+            "mount-cgroup2",
+        ],
+    );
     // The allocation died at the parent's cap (SIGKILL from the OOM
     // killer: the pipeline reports tail's failure as no output).
     let (_, _, grown) = result(&results, "outgrow-memory");
@@ -467,11 +487,7 @@ fn a_capsule_cannot_leave_or_raise_the_vmm_cgroup_cap() {
         let tasks = capsule.pids().unwrap().len();
         assert!(tasks <= 24, "{tasks} processes under a cap of 24");
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(p.stop(Duration::from_secs(1))).unwrap();
+    stop(p, Duration::from_secs(1));
 }
 
 #[test]
@@ -519,7 +535,7 @@ fn qemu_runs_under_its_own_seccomp_filter_inside_the_confinement() {
         },
     )
     .unwrap();
-    let pid = p.identity().pid as i32;
+    let pid = p.identity().pid;
     let log = state.own().join("vmm.log");
     wait_until(Duration::from_secs(20), "QMP socket", || {
         if let Some(status) = p.try_wait().map_err(|e| e.to_string())? {
@@ -548,9 +564,5 @@ fn qemu_runs_under_its_own_seccomp_filter_inside_the_confinement() {
     }
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(p.stop(Duration::from_secs(5))).unwrap();
+    stop(p, Duration::from_secs(5));
 }
