@@ -338,35 +338,17 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     // Boot, reach the agent over vsock, Init, exec.
     let booted = Instant::now();
     let vm = machine.launch(&spec).await.unwrap();
-    let mut all_pids = vec![vm.process.pid];
-    all_pids.extend(vm.helpers.iter().map(|h| h.pid));
-    let guard = Cleanup {
-        pids: all_pids.clone(),
-        cgroups: cgroups.clone(),
-        parent: parent.clone(),
-    };
+    let (all_pids, guard) = Cleanup::of(&vm, &cgroups, &parent);
     // As the supervisor does: no dial before the guest set its vsock up.
     // Then redial with no pause at all: every dial that reached the helper
     // while the guest was still setting the device up ended its worker for
     // good (issue 16's 180 s timeouts); this hammering made that happen on
     // every boot without the wait.
     machine.wait_vsock(&vm, turn.ready).await.unwrap();
-    let ready = GuestClient::wait_ready(
-        &capsule,
-        &spec.vsock_socket,
-        1024,
-        "",
-        hammering(),
-        turn.ready,
-    )
-    .await;
+    let ready = wait_guest(&spec, "", hammering(), turn.ready).await;
     let console = run_dir.join("console.log");
-    let (mut g, health) = ready.unwrap_or_else(|e| {
-        panic!(
-            "{e}\nconsole:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        )
-    });
+    let (mut g, health) =
+        ready.unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", read_console(&console)));
     eprintln!("boot to agent ready: {:?}", booted.elapsed());
     assert!(!health.initialized);
     g.init(&InitParams {
@@ -393,16 +375,9 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     // it, with its Init state and token, and the old helper is gone.
     let old_helper = vm.helpers[0].pid;
     assert!(machine.heal_vsock(&vm).await.unwrap());
-    let (mut g, health) = GuestClient::wait_ready(
-        &capsule,
-        &spec.vsock_socket,
-        1024,
-        VM_TOKEN,
-        guest_timeouts(),
-        turn.ready,
-    )
-    .await
-    .expect("the guest answers behind the healed vsock");
+    let (mut g, health) = wait_guest(&spec, VM_TOKEN, guest_timeouts(), turn.ready)
+        .await
+        .expect("the guest answers behind the healed vsock");
     assert!(health.initialized, "the heal lost the guest's Init state");
     assert_eq!(exec(&g, "hostname").await.0, "qemu-test\n");
     assert!(
@@ -452,16 +427,7 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     assert_eq!(machine.state(&vm).await.unwrap(), MachineState::Running);
     // The dial during the pause may have cost the vsock its session;
     // resume heals that, and the guest link redials.
-    let fresh = match GuestClient::wait_ready(
-        &capsule,
-        &spec.vsock_socket,
-        1024,
-        VM_TOKEN,
-        guest_timeouts(),
-        turn.ready,
-    )
-    .await
-    {
+    let fresh = match wait_guest(&spec, VM_TOKEN, guest_timeouts(), turn.ready).await {
         Ok((fresh, _)) => fresh,
         Err(e) => panic!(
             "guest silent after pause and resume: {e}\n--- host view ---\n{}",
@@ -512,31 +478,13 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     // a redial, still initialized, with the file and the process.
     let t = Instant::now();
     let vm2 = machine.restore(&spec, &snap).await.unwrap();
-    let mut pids2 = vec![vm2.process.pid];
-    pids2.extend(vm2.helpers.iter().map(|h| h.pid));
-    let _guard2 = Cleanup {
-        pids: pids2.clone(),
-        cgroups: cgroups.clone(),
-        parent: parent.clone(),
-    };
+    let (pids2, _guard2) = Cleanup::of(&vm2, &cgroups, &parent);
     // The restored guest sets up the re-plugged device: the same wait.
     machine.wait_vsock(&vm2, turn.ready).await.unwrap();
-    let (g2, health) = GuestClient::wait_ready(
-        &capsule,
-        &spec.vsock_socket,
-        1024,
-        VM_TOKEN,
-        hammering(),
-        turn.ready,
-    )
-    .await
-    .map(|(c, h)| (c.with_token(VM_TOKEN).unwrap(), h))
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}\nconsole:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        )
-    });
+    let (g2, health) = wait_guest(&spec, VM_TOKEN, hammering(), turn.ready)
+        .await
+        .map(|(c, h)| (c.with_token(VM_TOKEN).unwrap(), h))
+        .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", read_console(&console)));
     eprintln!("restore to agent ready: {:?}", t.elapsed());
     assert!(health.initialized, "the restored guest lost its Init state");
     assert_eq!(machine.state(&vm2).await.unwrap(), MachineState::Running);
@@ -595,11 +543,45 @@ async fn boots_pauses_snapshots_and_restores_a_real_guest() {
     drop(guard);
 }
 
+/// `wait_ready` for the guest of `spec`, presenting `token`.
+async fn wait_guest(
+    spec: &MachineSpec,
+    token: &str,
+    timeouts: GuestTimeouts,
+    deadline: Duration,
+) -> Result<(GuestClient, gpb::HealthResponse), wrenn_node_agent::guest::Error> {
+    let socket = &spec.vsock_socket;
+    GuestClient::wait_ready(&spec.capsule, socket, 1024, token, timeouts, deadline).await
+}
+
+/// The guest's console so far, for a failure's message.
+fn read_console(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 /// Kills what a failed test left and removes the test cgroups.
 struct Cleanup {
     pids: Vec<i32>,
     cgroups: CgroupRoot,
     parent: String,
+}
+
+impl Cleanup {
+    /// Every pid of `vm` (the VMM and its helpers) and a guard for them.
+    fn of(
+        vm: &wrenn_node_agent::vmm::MachineHandle,
+        cgroups: &CgroupRoot,
+        parent: &str,
+    ) -> (Vec<i32>, Cleanup) {
+        let mut pids = vec![vm.process.pid];
+        pids.extend(vm.helpers.iter().map(|h| h.pid));
+        let guard = Cleanup {
+            pids: pids.clone(),
+            cgroups: cgroups.clone(),
+            parent: parent.to_string(),
+        };
+        (pids, guard)
+    }
 }
 
 impl Drop for Cleanup {
