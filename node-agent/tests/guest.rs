@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod guest_exec;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -216,30 +218,12 @@ fn params(token: &str) -> InitParams {
 }
 
 async fn run(c: &GuestClient, argv: &[&str], stdin: &[u8]) -> (Vec<u8>, gpb::ExecExit) {
-    let mut input = vec![gpb::ExecInput {
-        input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })),
-    }];
-    if !stdin.is_empty() {
-        input.push(gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::Stdin(stdin.to_vec())),
-        });
-    }
-    input.push(gpb::ExecInput {
-        input: Some(gpb::exec_input::Input::CloseStdin(true)),
-    });
-    let mut out = c.exec(tokio_stream::iter(input)).await.unwrap();
-    let mut stdout = Vec::new();
-    while let Some(m) = out.message().await.unwrap() {
-        match m.output {
-            Some(gpb::exec_output::Output::Stdout(b)) => stdout.extend(b),
-            Some(gpb::exec_output::Output::Exit(e)) => return (stdout, e),
-            _ => {}
-        }
-    }
-    panic!("exec output ended without an exit");
+    let start = gpb::ExecStart {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let ran = guest_exec::exec(c, start, stdin).await;
+    (ran.stdout, ran.exit)
 }
 
 #[tokio::test]

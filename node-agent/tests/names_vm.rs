@@ -26,6 +26,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cgroup_bed;
+mod guest_exec;
 mod network_env;
 mod qemu_bed;
 

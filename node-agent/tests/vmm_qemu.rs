@@ -11,11 +11,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod cgroup_bed;
+mod guest_exec;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use guest_exec::sh_start;
 use wrenn_node_agent::guest::{GuestClient, InitParams, Timeouts as GuestTimeouts};
 use wrenn_node_agent::vmm::cgroup::{CgroupLimits, CgroupRoot};
 use wrenn_node_agent::vmm::process::{HostPaths, VmmExit};
@@ -203,31 +205,13 @@ fn netns_with_tap(tap: &str) -> TestNetns {
     ns
 }
 
+/// Runs `script` under `/bin/sh` (30 s at most): its stdout and exit code.
 async fn exec(g: &GuestClient, script: &str) -> (String, Option<i32>) {
-    let input = vec![
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                timeout_ms: 30_000,
-                ..Default::default()
-            })),
-        },
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::CloseStdin(true)),
-        },
-    ];
-    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
-    let mut stdout = Vec::new();
-    while let Some(m) = out.message().await.unwrap() {
-        match m.output {
-            Some(gpb::exec_output::Output::Stdout(b)) => stdout.extend(b),
-            Some(gpb::exec_output::Output::Exit(e)) => {
-                return (String::from_utf8_lossy(&stdout).into_owned(), e.code);
-            }
-            _ => {}
-        }
-    }
-    panic!("exec of {script:?} ended without an exit");
+    let ran = guest_exec::exec(g, sh_start(script, "", 30_000), b"").await;
+    (
+        String::from_utf8_lossy(&ran.stdout).into_owned(),
+        ran.exit.code,
+    )
 }
 
 /// [`guest_timeouts`] with no pause between readiness attempts.

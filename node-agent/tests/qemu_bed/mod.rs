@@ -4,7 +4,8 @@
 //! production, `LinuxNet` on a [`network_env::Bed`](super::network_env::Bed),
 //! qcow2 disks and a uniquely named cgroup parent. Dropping it kills every
 //! process that names its state dir and removes its cgroups, even when an
-//! assertion failed. A test file using it also declares `mod network_env;`.
+//! assertion failed. A test file using it also declares `mod network_env;`
+//! and `mod guest_exec;`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::guest_exec::{exec, sh_start};
 use super::network_env::Bed as NetBed;
 use wrenn_node_agent::capsule::OrphanSweep;
 use wrenn_node_agent::capsule::{BootSource, CapsuleSpec, Egress, Resources, TemplateDisk};
@@ -257,32 +259,7 @@ pub async fn sh_as(
     script: &str,
     timeout_ms: u64,
 ) -> (String, Option<i32>) {
-    use wrenn_proto::guest::v1 as gpb;
-    let input = vec![
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::Start(gpb::ExecStart {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                user: user.into(),
-                timeout_ms,
-                ..Default::default()
-            })),
-        },
-        gpb::ExecInput {
-            input: Some(gpb::exec_input::Input::CloseStdin(true)),
-        },
-    ];
-    let mut out = g.exec(tokio_stream::iter(input)).await.unwrap();
-    let mut text = Vec::new();
-    while let Some(m) = out.message().await.unwrap() {
-        match m.output {
-            Some(gpb::exec_output::Output::Stdout(b) | gpb::exec_output::Output::Stderr(b)) => {
-                text.extend(b)
-            }
-            Some(gpb::exec_output::Output::Exit(e)) => {
-                return (String::from_utf8_lossy(&text).trim().to_string(), e.code);
-            }
-            Some(gpb::exec_output::Output::StartedPid(_)) | None => {}
-        }
-    }
-    panic!("exec of {script:?} ended without an exit");
+    let ran = exec(g, sh_start(script, user, timeout_ms), b"").await;
+    let text = String::from_utf8_lossy(&ran.output).trim().to_string();
+    (text, ran.exit.code)
 }
