@@ -44,7 +44,7 @@ use network_env::{
     AZURE_METADATA, Bed as NetBed, METADATA, NODE_UPLINK_ADDR, OTHER_REMOTE, UPLINK, UPLINK_ADDR,
     in_ns,
 };
-use qemu_bed::{Image, QemuBed, VmTools, need_vm_tools, processes_mentioning, sh_as};
+use qemu_bed::{processes_mentioning, sh_as, vm_bed};
 use wrenn_node_agent::capsule::{Egress, State};
 use wrenn_node_agent::guest::GuestClient;
 use wrenn_node_agent::network::{
@@ -313,23 +313,12 @@ fn dnat_table(name: &str) -> Table {
 
 // ---- the guest ----
 
-struct World(QemuBed);
-
-impl std::ops::Deref for World {
-    type Target = QemuBed;
-    fn deref(&self) -> &QemuBed {
-        &self.0
-    }
-}
-
-impl World {
-    async fn new(qemu: &Path, helper: &Path, image: Image, ready: Duration) -> World {
-        let mut net = NetBed::new(true);
-        // The production list of destinations no capsule reaches (cluster
-        // and private ranges), not the bed's shorter one.
-        net.cfg.blocked_egress = LinuxNetConfig::host(UPLINK, net.dir.path()).blocked_egress;
-        World(QemuBed::new(qemu, helper, image, ready, net, "wrenn-iso").await)
-    }
+/// The network bed with the production list of destinations no capsule
+/// reaches (cluster and private ranges), not the bed's shorter one.
+fn production_net() -> NetBed {
+    let mut net = NetBed::new(true);
+    net.cfg.blocked_egress = LinuxNetConfig::host(UPLINK, net.dir.path()).blocked_egress;
+    net
 }
 
 /// The guest's vsock CID, from its vsock helper's command line (as nobody
@@ -499,17 +488,12 @@ fn take(hits: &Hits) -> Vec<Hit> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_isolation_row_fails_from_inside_a_guest_and_allowed_egress_works() {
     let c = case(Tier::Vm, NAME);
-    let VmTools {
-        qemu,
-        helper,
-        image,
-    } = match need_vm_tools(&["nsenter", "ip"]) {
-        Ok(t) => t,
+    let t0 = Instant::now();
+    let tools = ["nsenter", "ip"];
+    let (w, turn) = match vm_bed(NAME, &tools, production_net, "wrenn-iso").await {
+        Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let t0 = Instant::now();
-    let turn = wrenn_testkit::vm::turn(NAME).unwrap();
-    let w = World::new(&qemu, &helper, image, turn.ready).await;
     let bed = &w.net;
 
     // The surroundings, before the leak baseline: they stay for the test.

@@ -18,11 +18,10 @@ mod guest_exec;
 mod network_env;
 mod qemu_bed;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use network_env::Bed as NetBed;
-use qemu_bed::{Image, QemuBed, VmTools, need_vm_tools, processes_mentioning};
+use qemu_bed::{QemuBed, processes_mentioning, vm_bed};
 use wrenn_crds::reason::Reason;
 use wrenn_node_agent::capsule::{
     BootSource, CapsuleSpec, PrepareRequest, Readiness, Resources, State, TemplateDisk,
@@ -43,11 +42,6 @@ impl std::ops::Deref for World {
 }
 
 impl World {
-    /// `ready`: the vm tier's calibrated budget for one guest boot.
-    async fn new(qemu: &Path, helper: &Path, image: Image, ready: Duration) -> World {
-        World(QemuBed::new(qemu, helper, image, ready, NetBed::new(true), "wrenn-warm").await)
-    }
-
     fn resources() -> Resources {
         Resources {
             vcpus: 1,
@@ -164,22 +158,21 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
         Tier::Vm,
         "warm_vm::warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing",
     );
-    let VmTools {
-        qemu,
-        helper,
-        image,
-    } = match need_vm_tools(&[]) {
-        Ok(t) => t,
+    let (bed, turn) = match vm_bed(
+        "warm_vm::warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing",
+        &[],
+        || NetBed::new(true),
+        "wrenn-warm",
+    )
+    .await
+    {
+        Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
-    let turn = wrenn_testkit::vm::turn(
-        "warm_vm::warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothing",
-    )
-    .unwrap();
     // A build boots a guest and waits for its readiness; never less than
     // the 400 s this test always allowed.
     let build_wait = (turn.ready * 2).max(Duration::from_secs(400));
-    let w = World::new(&qemu, &helper, image, turn.ready).await;
+    let w = World(bed);
     let baseline = w.net.snapshot();
 
     // A cold boot, for comparison.
