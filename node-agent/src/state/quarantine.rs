@@ -178,6 +178,11 @@ mod tests {
         )
     }
 
+    /// The verdict on capsule `c1`'s journal holding `bytes`.
+    fn plan_read(bytes: &[u8]) -> Verdict<Rec> {
+        plan("c1", Ok(Some(bytes.to_vec())), false)
+    }
+
     fn reason(v: Verdict<Rec>) -> Option<QuarantineReason> {
         match v {
             Verdict::Quarantine(q) => Some(q.reason),
@@ -187,25 +192,13 @@ mod tests {
 
     #[test]
     fn a_current_record_is_used() {
-        let v = plan(
-            "c1",
-            Ok(Some(
-                br#"{"version":1,"uid":"c1","state":"Running"}"#.to_vec(),
-            )),
-            false,
-        );
+        let v = plan_read(br#"{"version":1,"uid":"c1","state":"Running"}"#);
         assert!(matches!(v, Verdict::Use(r) if r.state == "Running"));
     }
 
     #[test]
     fn a_newer_record_is_quarantined_even_when_it_would_parse() {
-        let v = plan(
-            "c1",
-            Ok(Some(
-                br#"{"version":2,"uid":"c1","state":"Running"}"#.to_vec(),
-            )),
-            false,
-        );
+        let v = plan_read(br#"{"version":2,"uid":"c1","state":"Running"}"#);
         assert_eq!(reason(v), Some(QuarantineReason::NewerVersion));
     }
 
@@ -218,7 +211,7 @@ mod tests {
             br#"{"version":1,"uid":"c1","state":7}"#.to_vec(),
             br#"{"uid":"c1","state":"Running"}"#.to_vec(),
         ] {
-            let v = plan("c1", Ok(Some(bytes.clone())), false);
+            let v = plan_read(&bytes);
             assert_eq!(
                 reason(v),
                 Some(QuarantineReason::Unreadable),

@@ -1098,11 +1098,12 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
-    #[test]
-    fn spawn_reports_exec_failure_with_its_step() {
-        let err = spawn(&SpawnPlan {
-            program: std::path::Path::new("/nonexistent/wrenn-no-such-program"),
-            args: &[],
+    /// `program` with `args` and nothing else: no namespaces, cgroups,
+    /// stdio or inherited descriptors.
+    fn bare<'a>(program: &'a str, args: &'a [&'a OsStr]) -> SpawnPlan<'a> {
+        SpawnPlan {
+            program: std::path::Path::new(program),
+            args,
             env: &[],
             new_session: false,
             netns: None,
@@ -1111,8 +1112,24 @@ mod tests {
             stdio: [None, None, None],
             inherit: &[],
             confine: None,
+        }
+    }
+
+    /// Waits (5 s at most) for child `pid` to exit, through its pidfd.
+    fn wait_exit(pid: i32) -> ExitStatus {
+        let pidfd = Pidfd::open(pid).unwrap();
+        wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "exit", || {
+            pidfd
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .ok_or("running".to_string())
         })
-        .unwrap_err();
+        .unwrap()
+    }
+
+    #[test]
+    fn spawn_reports_exec_failure_with_its_step() {
+        let err = spawn(&bare("/nonexistent/wrenn-no-such-program", &[])).unwrap_err();
         assert_eq!(err.step, Some(SpawnStep::Exec));
         assert_eq!(err.source.raw_os_error(), Some(libc::ENOENT));
     }
@@ -1121,27 +1138,11 @@ mod tests {
     fn spawned_child_exit_code_is_seen_through_the_pidfd() {
         let args = [OsStr::new("-c"), OsStr::new("exit 7")];
         let pid = spawn(&SpawnPlan {
-            program: std::path::Path::new("/bin/sh"),
-            args: &args,
-            env: &[],
             new_session: true,
-            netns: None,
-            new_mount_ns_with_sysfs: false,
-            cgroup_procs: &[],
-            stdio: [None, None, None],
-            inherit: &[],
-            confine: None,
+            ..bare("/bin/sh", &args)
         })
         .unwrap();
-        let pidfd = Pidfd::open(pid).unwrap();
-        let status = wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "exit", || {
-            pidfd
-                .try_wait()
-                .map_err(|e| e.to_string())?
-                .ok_or("running".to_string())
-        })
-        .unwrap();
-        assert_eq!(status, ExitStatus::Exited(7));
+        assert_eq!(wait_exit(pid), ExitStatus::Exited(7));
     }
 
     #[test]
@@ -1162,27 +1163,13 @@ mod tests {
             out.display()
         );
         let args = [OsStr::new("-c"), OsStr::new(&script)];
+        let inherit = [kept.as_fd()];
         let pid = spawn(&SpawnPlan {
-            program: std::path::Path::new("/bin/sh"),
-            args: &args,
-            env: &[],
-            new_session: false,
-            netns: None,
-            new_mount_ns_with_sysfs: false,
-            cgroup_procs: &[],
-            stdio: [None, None, None],
-            inherit: &[kept.as_fd()],
-            confine: None,
+            inherit: &inherit,
+            ..bare("/bin/sh", &args)
         })
         .unwrap();
-        let pidfd = Pidfd::open(pid).unwrap();
-        wrenn_testkit::wait_until(std::time::Duration::from_secs(5), "exit", || {
-            pidfd
-                .try_wait()
-                .map_err(|e| e.to_string())?
-                .ok_or("running".to_string())
-        })
-        .unwrap();
+        wait_exit(pid);
         let listing = std::fs::read_to_string(&out).unwrap();
         let expect = format!("{} {}", kept.as_raw_fd(), dir.path().join("kept").display());
         assert!(listing.lines().any(|l| l == expect), "{listing}");
