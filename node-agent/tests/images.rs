@@ -491,23 +491,8 @@ fn assert_over_limit(err: &Error, cache: &Path, limit: Limit, says: &[&str]) {
 /// A GNU sparse entry storing one byte and declaring `real_size` bytes:
 /// unpacked naively, it writes `real_size` bytes of zeros.
 fn sparse_bomb(path: &str, real_size: u64) -> Vec<u8> {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::GNUSparse);
-    h.set_path(path).unwrap();
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(512);
-    let gnu = h.as_gnu_mut().unwrap();
-    gnu.sparse[0].set_offset(real_size - 512);
-    gnu.sparse[0].set_length(512);
-    gnu.set_real_size(real_size);
-    h.set_cksum();
-    let mut v = h.as_bytes().to_vec();
-    v.extend_from_slice(&[b'x'; 512]);
-    v.extend_from_slice(&[0; 1024]);
-    v
+    let data = [b'x'; 512];
+    wrenn_testkit::registry::sparse_layer(path, real_size - 512, &data, real_size).unwrap()
 }
 
 /// Node filesystem space the test directory's filesystem has left.

@@ -100,6 +100,37 @@ pub fn base64(input: &[u8]) -> String {
     out
 }
 
+/// A tar of one GNU sparse entry at `path` storing `data` at `offset` and
+/// declaring `real_size` bytes: unpacked naively, it writes `real_size`
+/// bytes (a hostile layer when that is far more than it carries).
+pub fn sparse_layer(
+    path: &str,
+    offset: u64,
+    data: &[u8],
+    real_size: u64,
+) -> std::io::Result<Vec<u8>> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_path(path)?;
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(data.len() as u64);
+    let gnu = h
+        .as_gnu_mut()
+        .ok_or_else(|| std::io::Error::other("a GNU header has a GNU view"))?;
+    gnu.sparse[0].set_offset(offset);
+    gnu.sparse[0].set_length(data.len() as u64);
+    gnu.set_real_size(real_size);
+    h.set_cksum();
+    let mut v = h.as_bytes().to_vec();
+    v.extend_from_slice(data);
+    v.resize(v.len().div_ceil(512) * 512, 0);
+    v.extend_from_slice(&[0; 1024]);
+    Ok(v)
+}
+
 /// An uncompressed tar of `files` (path, content), root-owned, mode 0755,
 /// mtime 0: an image layer.
 pub fn tar_layer(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {

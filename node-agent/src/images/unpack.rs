@@ -1175,27 +1175,8 @@ mod tests {
         }
     }
 
-    /// A GNU sparse entry storing `data` at `offset` and declaring
-    /// `real_size` bytes.
     fn sparse_tar(path: &str, offset: u64, data: &[u8], real_size: u64) -> Vec<u8> {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::GNUSparse);
-        h.set_path(path).unwrap();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(data.len() as u64);
-        let gnu = h.as_gnu_mut().unwrap();
-        gnu.sparse[0].set_offset(offset);
-        gnu.sparse[0].set_length(data.len() as u64);
-        gnu.set_real_size(real_size);
-        h.set_cksum();
-        let mut v = h.as_bytes().to_vec();
-        v.extend_from_slice(data);
-        v.resize(v.len().div_ceil(512) * 512, 0);
-        v.extend_from_slice(&[0; 1024]);
-        v
+        wrenn_testkit::registry::sparse_layer(path, offset, data, real_size).unwrap()
     }
 
     #[test]
