@@ -87,6 +87,26 @@ fn need_tools(case: wrenn_testkit::Case) -> Option<wrenn_testkit::Case> {
     Some(case)
 }
 
+/// A host case named `name` that has what an image build needs, with a
+/// temp dir; `None` once the case is recorded as skipped.
+fn tools_case(name: &str) -> Option<(wrenn_testkit::Case, tempfile::TempDir)> {
+    let case = need_tools(wrenn_testkit::case(Tier::Host, name))?;
+    Some((case, tempfile::tempdir().unwrap()))
+}
+
+/// A build of the layout at `dir/layout` tagged `tag`, with a guest
+/// binary in `dir`, into a disk of `size_bytes`.
+fn layout_request(dir: &Path, tag: Option<&str>, size_bytes: u64) -> TemplateRequest {
+    TemplateRequest {
+        image: LocalImage::Layout {
+            dir: dir.join("layout"),
+            tag: tag.map(str::to_string),
+        },
+        guest_binary: guest_binary(dir),
+        size_bytes,
+    }
+}
+
 fn guest_binary(dir: &Path) -> PathBuf {
     let p = dir.join("wrenn-guest");
     std::fs::write(&p, b"#!/bin/sh\necho wrenn-guest\n").unwrap();
@@ -172,24 +192,13 @@ fn check_tree(disk: &TemplateDisk) {
 
 #[test]
 fn oci_layout_becomes_a_checked_ext4_tree() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "oci_layout_becomes_a_checked_ext4_tree",
-    )) else {
+    let Some((_case, dir)) = tools_case("oci_layout_becomes_a_checked_ext4_tree") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     let manifest = write_layout(&layout, &good_layers());
     let cache = ImageCache::open(dir.path().join("cache")).unwrap();
-    let req = TemplateRequest {
-        image: LocalImage::Layout {
-            dir: layout.clone(),
-            tag: Some("latest".into()),
-        },
-        guest_binary: guest_binary(dir.path()),
-        size_bytes: 256 * MIB,
-    };
+    let req = layout_request(dir.path(), Some("latest"), 256 * MIB);
     let disk = cache.ensure_template(&req).unwrap();
     assert!(disk.built);
     assert_eq!(disk.manifest_digest, manifest);
@@ -276,14 +285,7 @@ fn hostile_layers_are_refused_by_name_and_leave_nothing() {
         let cache_dir = dir.path().join("cache");
         let cache = ImageCache::open(&cache_dir).unwrap();
         let err = cache
-            .ensure_template(&TemplateRequest {
-                image: LocalImage::Layout {
-                    dir: layout,
-                    tag: None,
-                },
-                guest_binary: guest_binary(dir.path()),
-                size_bytes: 64 * MIB,
-            })
+            .ensure_template(&layout_request(dir.path(), None, 64 * MIB))
             .unwrap_err();
         assert!(matches!(err, Error::UnsafeEntry { .. }), "{what}: {err}");
         let text = err.to_string();
@@ -303,23 +305,12 @@ fn hostile_layers_are_refused_by_name_and_leave_nothing() {
 
 #[test]
 fn concurrent_builds_of_one_digest_build_once() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "concurrent_builds_of_one_digest_build_once",
-    )) else {
+    let Some((_case, dir)) = tools_case("concurrent_builds_of_one_digest_build_once") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     write_layout(&layout, &good_layers());
-    let req = TemplateRequest {
-        image: LocalImage::Layout {
-            dir: layout,
-            tag: None,
-        },
-        guest_binary: guest_binary(dir.path()),
-        size_bytes: 128 * MIB,
-    };
+    let req = layout_request(dir.path(), None, 128 * MIB);
     let cache_dir = dir.path().join("cache");
     let results: Vec<TemplateDisk> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
@@ -340,13 +331,9 @@ fn concurrent_builds_of_one_digest_build_once() {
 
 #[test]
 fn docker_save_tarball_builds_the_same_tree() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "docker_save_tarball_builds_the_same_tree",
-    )) else {
+    let Some((_case, dir)) = tools_case("docker_save_tarball_builds_the_same_tree") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     // Legacy `docker save` format: manifest.json naming layer tars.
     let layers = good_layers();
     let mut archive = tar::Builder::new(Vec::new());
@@ -398,13 +385,9 @@ fn docker_save_tarball_builds_the_same_tree() {
 
 #[test]
 fn too_small_a_disk_is_a_clear_error() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "too_small_a_disk_is_a_clear_error",
-    )) else {
+    let Some((_case, dir)) = tools_case("too_small_a_disk_is_a_clear_error") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
     let big = LayerTar::default()
         .file("big", &vec![7u8; 3 * MIB as usize], 0o644, 0)
@@ -413,14 +396,7 @@ fn too_small_a_disk_is_a_clear_error() {
     let cache_dir = dir.path().join("cache");
     let err = ImageCache::open(&cache_dir)
         .unwrap()
-        .ensure_template(&TemplateRequest {
-            image: LocalImage::Layout {
-                dir: layout,
-                tag: None,
-            },
-            guest_binary: guest_binary(dir.path()),
-            size_bytes: 2 * MIB,
-        })
+        .ensure_template(&layout_request(dir.path(), None, 2 * MIB))
         .unwrap_err();
     assert!(matches!(err, Error::Mkfs { .. }), "{err}");
     assert!(leftovers(&cache_dir).is_empty());
@@ -439,14 +415,7 @@ fn build_refused(
     let cache = ImageCache::open(&cache_dir).unwrap().with_limits(limits);
     let started = std::time::Instant::now();
     let err = cache
-        .ensure_template(&TemplateRequest {
-            image: LocalImage::Layout {
-                dir: layout,
-                tag: None,
-            },
-            guest_binary: guest_binary(dir),
-            size_bytes: 64 * MIB,
-        })
+        .ensure_template(&layout_request(dir, None, 64 * MIB))
         .unwrap_err();
     (err, cache_dir, started.elapsed())
 }
@@ -503,13 +472,10 @@ fn free_bytes(dir: &Path) -> u64 {
 
 #[test]
 fn a_sparse_tar_bomb_is_refused_before_a_byte_is_written() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "a_sparse_tar_bomb_is_refused_before_a_byte_is_written",
-    )) else {
+    let Some((_case, dir)) = tools_case("a_sparse_tar_bomb_is_refused_before_a_byte_is_written")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     // 4 TiB declared, 512 bytes stored: a 2 KiB layer.
     let bomb = sparse_bomb("var/lib/bomb.img", 4 << 40);
     let free = free_bytes(dir.path());
@@ -532,13 +498,9 @@ fn a_sparse_tar_bomb_is_refused_before_a_byte_is_written() {
 
 #[test]
 fn a_gzip_bomb_layer_is_stopped_by_the_ratio_limit() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "a_gzip_bomb_layer_is_stopped_by_the_ratio_limit",
-    )) else {
+    let Some((_case, dir)) = tools_case("a_gzip_bomb_layer_is_stopped_by_the_ratio_limit") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     // One 256 MiB file of zeros in a tar, gzipped to a few hundred KiB:
     // under every size limit, about 1000:1.
     let size: u64 = 256 << 20;
@@ -564,13 +526,9 @@ fn a_gzip_bomb_layer_is_stopped_by_the_ratio_limit() {
 
 #[test]
 fn a_layer_with_too_many_files_is_refused() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "a_layer_with_too_many_files_is_refused",
-    )) else {
+    let Some((_case, dir)) = tools_case("a_layer_with_too_many_files_is_refused") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     let mut t = LayerTar::default().dir("many");
     for i in 0..2000 {
         t = t.file(&format!("many/f{i}"), b"", 0o644, 0);
@@ -594,13 +552,11 @@ fn a_layer_with_too_many_files_is_refused() {
 
 #[test]
 fn an_image_over_the_per_image_limit_is_refused_across_layers() {
-    let Some(_case) = need_tools(wrenn_testkit::case(
-        Tier::Host,
-        "an_image_over_the_per_image_limit_is_refused_across_layers",
-    )) else {
+    let Some((_case, dir)) =
+        tools_case("an_image_over_the_per_image_limit_is_refused_across_layers")
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
     // Each layer alone is within the per-layer limit; together they are not.
     let noise = |seed: u8| -> Vec<u8> {
         (0..3 * MIB as usize)
