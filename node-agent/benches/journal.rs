@@ -47,6 +47,11 @@ struct Rec<'a> {
     pad: &'a str,
 }
 
+/// The records one writer writes for capsule `uid`, in order.
+fn records<'a>(uid: &'a str, pad: &'a str) -> impl Iterator<Item = Rec<'a>> {
+    (0..RECORDS_PER_CAPSULE).map(move |n| Rec { uid, n, pad })
+}
+
 /// CPU time (user + system, every thread) this process used so far.
 fn cpu_time() -> Duration {
     use nix::sys::resource::{UsageWho, getrusage};
@@ -179,16 +184,8 @@ fn main() {
             let pad = pad.clone();
             rt.spawn_blocking(move || {
                 let uid = format!("c{i}");
-                for n in 0..RECORDS_PER_CAPSULE {
-                    j.write(
-                        &uid,
-                        &Rec {
-                            uid: &uid,
-                            n,
-                            pad: &pad,
-                        },
-                    )
-                    .expect("write");
+                for rec in records(&uid, &pad) {
+                    j.write(&uid, &rec).expect("write");
                 }
             })
         })
@@ -205,17 +202,8 @@ fn main() {
             let pad = pad.clone();
             rt.spawn(async move {
                 let uid = format!("c{i}");
-                for n in 0..RECORDS_PER_CAPSULE {
-                    gc.write(
-                        &uid,
-                        &Rec {
-                            uid: &uid,
-                            n,
-                            pad: &pad,
-                        },
-                    )
-                    .await
-                    .expect("write");
+                for rec in records(&uid, &pad) {
+                    gc.write(&uid, &rec).await.expect("write");
                 }
             })
         })
