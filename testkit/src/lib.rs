@@ -224,6 +224,20 @@ pub fn wait_until<T>(
     }
 }
 
+/// `len` bytes of a fixed xorshift sequence: the same on every run, and
+/// incompressible, so a transfer cannot pass by compressing it away.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A runtime of the node agent's shape on a 2-core node (two workers), for
 /// tests and benches that set up synchronously before they go async.
 pub fn runtime() -> tokio::runtime::Runtime {

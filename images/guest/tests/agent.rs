@@ -23,7 +23,7 @@ use wrenn_proto::guest::v1::{
     ReadFileRequest, RemoveRequest, RenameRequest, WriteFileInput, WriteFileStart, exec_input,
     exec_output, pty_input, pty_output, write_file_input,
 };
-use wrenn_testkit::{Tier, case};
+use wrenn_testkit::{Tier, case, pattern};
 
 use common::{Guest, TOKEN, authed};
 
@@ -534,18 +534,6 @@ async fn pty_round_trip_with_resize() {
         .await
         .unwrap();
     assert_eq!(exit.code, Some(7));
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn write_msgs(path: &str, declared: u64, data: &[u8]) -> Vec<WriteFileInput> {
