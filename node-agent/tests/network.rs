@@ -13,13 +13,13 @@
 
 mod network_env;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use network_env::*;
 use wrenn_node_agent::network::{
-    CapsuleId, CapsuleLimits, Chain, ChainKind, Cidr, EgressFlags, EgressPolicy, Error, Family,
-    Hook, NetOps, SetupStep, TAP_NAME, TAP_QUEUE_LEN, Table, Teardown, Verdict,
+    CapsuleId, CapsuleLimits, CapsuleNet, Chain, ChainKind, Cidr, EgressFlags, EgressPolicy, Error,
+    Family, Hook, LinuxNet, NetOps, SetupStep, TAP_NAME, TAP_QUEUE_LEN, Table, Teardown, Verdict,
 };
 use wrenn_node_agent::sys::net as sys;
 use wrenn_testkit::{Tier, case, need_root};
@@ -45,12 +45,26 @@ macro_rules! host_case {
     }};
 }
 
+/// A bed without TAP devices and its node network, set up.
+fn node_bed() -> (Bed, LinuxNet) {
+    let bed = Bed::new(false);
+    let net = bed.net();
+    net.ensure_node().expect("node network set up");
+    (bed, net)
+}
+
+/// Connects from the node to capsule `c`'s guest at its host address (the
+/// DNAT to the guest): the source address the guest saw.
+fn node_to_guest(bed: &Bed, c: &CapsuleId, n: &CapsuleNet) -> Ipv4Addr {
+    let l = listen(&bed.guest(c), n.guest);
+    let port = l.local_addr().expect("a bound listener").port();
+    source_seen(&bed.node, &l, addr(n.addrs.host, port)).expect("the node reaches the guest")
+}
+
 #[test]
 fn two_capsules_built_in_parallel_reach_the_uplink_through_nat() {
     let _case = host_case!("two_capsules_built_in_parallel_reach_the_uplink_through_nat");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let (a, b) = (id("aaaa1111"), id("bbbb2222"));
     let (na, nb) = std::thread::scope(|s| {
         let ha = s.spawn(|| net.setup(&a, &EgressPolicy::Allow));
@@ -79,9 +93,7 @@ fn two_capsules_built_in_parallel_reach_the_uplink_through_nat() {
 
     // The node reaches each guest on its host address (DNAT to the guest).
     for (c, n) in [(&a, &na), (&b, &nb)] {
-        let l = listen(&bed.guest(c), n.guest);
-        let port = l.local_addr().unwrap().port();
-        let seen = source_seen(&bed.node, &l, addr(n.addrs.host, port)).unwrap();
+        let seen = node_to_guest(&bed, c, n);
         assert_eq!(seen, n.addrs.node_transit);
     }
 
@@ -92,9 +104,7 @@ fn two_capsules_built_in_parallel_reach_the_uplink_through_nat() {
 #[test]
 fn capsules_cannot_reach_each_other_the_node_or_metadata() {
     let _case = host_case!("capsules_cannot_reach_each_other_the_node_or_metadata");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let (a, b) = (id("cccc3333"), id("dddd4444"));
     let na = net.setup(&a, &EgressPolicy::Allow).unwrap();
     let nb = net.setup(&b, &EgressPolicy::Allow).unwrap();
@@ -147,9 +157,7 @@ fn capsules_cannot_reach_each_other_the_node_or_metadata() {
 #[test]
 fn deny_blocks_egress_and_an_allow_listed_cidr_passes() {
     let _case = host_case!("deny_blocks_egress_and_an_allow_listed_cidr_passes");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let remote = listen(&bed.uplink, UPLINK_ADDR);
     let other = listen(&bed.uplink, OTHER_REMOTE);
     let (to, to_other) = (remote.local_addr().unwrap(), other.local_addr().unwrap());
@@ -167,9 +175,7 @@ fn deny_blocks_egress_and_an_allow_listed_cidr_passes() {
     assert!(refused(&bed.guest(&d), to_other), "unlisted CIDR reachable");
 
     // Under Deny the node still reaches the guest.
-    let l = listen(&bed.guest(&c), nc.guest);
-    let port = l.local_addr().unwrap().port();
-    source_seen(&bed.node, &l, addr(nc.addrs.host, port)).unwrap();
+    node_to_guest(&bed, &c, &nc);
 
     // A repeated setup adopts the network and applies the new policy.
     let again = net.setup(&c, &EgressPolicy::Allow).unwrap();
@@ -183,27 +189,21 @@ fn deny_blocks_egress_and_an_allow_listed_cidr_passes() {
 #[test]
 fn a_half_built_network_is_rebuilt_not_adopted() {
     let _case = host_case!("a_half_built_network_is_rebuilt_not_adopted");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let c = id("half0001");
     let n = net.setup(&c, &EgressPolicy::Allow).unwrap();
     // As if the agent died just before the last step of setup.
     in_ns(&bed.node, |nl| nl.del_route(Cidr::host(n.addrs.host))).unwrap();
     let again = bed.net().setup(&c, &EgressPolicy::Allow).unwrap();
     assert_eq!(again.slot, n.slot);
-    let l = listen(&bed.guest(&c), n.guest);
-    let port = l.local_addr().unwrap().port();
-    source_seen(&bed.node, &l, addr(n.addrs.host, port)).unwrap();
+    node_to_guest(&bed, &c, &n);
     net.teardown(&c, Teardown::ReleaseSlot).unwrap();
 }
 
 #[test]
 fn teardown_leaves_no_namespace_link_rule_or_conntrack_entry() {
     let _case = host_case!("teardown_leaves_no_namespace_link_rule_or_conntrack_entry");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let before = bed.snapshot();
     assert!(before.node_rules > 0, "node table not loaded: {before:?}");
 
@@ -249,9 +249,7 @@ fn teardown_leaves_no_namespace_link_rule_or_conntrack_entry() {
 #[test]
 fn fifty_create_teardown_cycles_leak_nothing() {
     let _case = host_case!("fifty_create_teardown_cycles_leak_nothing");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let before = bed.snapshot();
     let remote = listen(&bed.uplink, UPLINK_ADDR);
     let to = remote.local_addr().unwrap();
@@ -269,9 +267,7 @@ fn fifty_create_teardown_cycles_leak_nothing() {
 #[test]
 fn rollback_after_an_injected_failure_leaks_nothing() {
     let _case = host_case!("rollback_after_an_injected_failure_leaks_nothing");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let before = bed.snapshot();
     let c = id("rollback1");
     for step in [
@@ -303,9 +299,7 @@ fn rollback_after_an_injected_failure_leaks_nothing() {
 #[test]
 fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     let _case = host_case!("startup_sweep_removes_planted_leftovers_and_counts_them");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let before = bed.snapshot();
 
     // A capsule that survives the restart (its claim is kept) ...
@@ -464,9 +458,7 @@ fn identity(bed: &Bed, c: &CapsuleId) -> (u64, Option<u32>, Option<u32>) {
 #[test]
 fn an_allow_list_reaches_exactly_its_networks_and_never_metadata() {
     let _case = host_case!("an_allow_list_reaches_exactly_its_networks_and_never_metadata");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let remote = listen(&bed.uplink, UPLINK_ADDR);
     let to = remote.local_addr().unwrap();
     let other = listen(&bed.uplink, OTHER_REMOTE);
@@ -502,9 +494,7 @@ fn an_allow_list_reaches_exactly_its_networks_and_never_metadata() {
 #[test]
 fn metadata_stays_blocked_under_egress_allow() {
     let _case = host_case!("metadata_stays_blocked_under_egress_allow");
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let remote = listen(&bed.uplink, UPLINK_ADDR);
     let md = listen(&bed.uplink, METADATA);
     let azure = listen(&bed.uplink, AZURE_METADATA);
@@ -570,9 +560,7 @@ fn a_live_policy_update_flips_reachability_without_rebuilding_the_network() {
     let _case =
         host_case!("a_live_policy_update_flips_reachability_without_rebuilding_the_network");
     use std::io::{Read, Write};
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let remote = listen(&bed.uplink, UPLINK_ADDR);
     let to = remote.local_addr().unwrap();
     let c = id("live0001");
@@ -754,9 +742,7 @@ fn the_node_drops_ipv6_on_every_capsule_link() {
     if !Path::new("/proc/sys/net/ipv6").exists() {
         return _case.skip("needs a kernel with IPv6");
     }
-    let bed = Bed::new(false);
-    let net = bed.net();
-    net.ensure_node().unwrap();
+    let (bed, net) = node_bed();
     let tables = in_ns(&bed.node, |nl| nl.list_tables()).unwrap();
     assert!(
         tables.contains(&(10, "wrenn".to_string())),

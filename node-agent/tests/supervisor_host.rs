@@ -193,10 +193,20 @@ impl World {
         Self::with_net(NetBed::new(true))
     }
 
-    /// With an emulated guest (see `network_env`) instead of a TAP, so
-    /// traffic from the guest's side can be tried.
+    /// [`World::new`] with the node's network set up, as an agent's start
+    /// leaves it.
+    fn ready() -> Self {
+        let w = Self::new();
+        w.net.net().ensure_node().unwrap();
+        w
+    }
+
+    /// [`World::ready`] with an emulated guest (see `network_env`) instead
+    /// of a TAP, so traffic from the guest's side can be tried.
     fn with_guest() -> Self {
-        Self::with_net(NetBed::new(false))
+        let w = Self::with_net(NetBed::new(false));
+        w.net.net().ensure_node().unwrap();
+        w
     }
 
     fn with_net(net: NetBed) -> Self {
@@ -353,8 +363,7 @@ fn a_supervised_vmm_survives_an_agent_restart_and_is_adopted() {
     let Some(_c) = host_case("supervisor_host::vmm_survives_agent_restart") else {
         return;
     };
-    let w = World::new();
-    w.net.net().ensure_node().unwrap();
+    let w = World::ready();
     let baseline = w.net.snapshot();
 
     // Agent 1 creates and pauses a capsule, then dies.
@@ -469,8 +478,7 @@ fn orphans_of_a_crash_mid_create_are_removed() {
     let Some(_c) = host_case("supervisor_host::orphans_after_crash") else {
         return;
     };
-    let w = World::new();
-    w.net.net().ensure_node().unwrap();
+    let w = World::ready();
     let baseline = w.net.snapshot();
 
     // Agent 1 dies in the middle of a create: disk, network, process and
@@ -548,7 +556,6 @@ fn egress_from_the_wire_is_enforced_and_changes_live_and_across_a_restart() {
     use wrenn_node_agent::server::convert::from_network;
     use wrenn_proto::agent::v1 as pb;
     let w = World::with_guest();
-    w.net.net().ensure_node().unwrap();
     let remote = listen(&w.net.uplink, UPLINK_ADDR);
     let to = remote.local_addr().unwrap();
     let other = listen(&w.net.uplink, OTHER_REMOTE);
@@ -630,8 +637,7 @@ fn unusable_journals_quarantine_their_capsules_untouched() {
     let Some(_c) = host_case("supervisor_host::unusable_journals_quarantine") else {
         return;
     };
-    let w = World::new();
-    w.net.net().ensure_node().unwrap();
+    let w = World::ready();
     let rt = runtime();
     let (sup, _) = w.agent(false);
     for uid in ["torn", "newer"] {
