@@ -5,20 +5,19 @@
 //! recorded before each effect read top to bottom in one place.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, info, warn};
 
-use super::addr::{
-    AddressPlan, Cidr, GATEWAY_MAC, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, SlotAddrs,
-};
+use super::addr::{AddressPlan, Cidr, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, SlotAddrs};
 use super::dns::{ClusterDns, NameService, Names, NamesPlace};
 use super::hostports::{HostPort, HostPortAllocator, HostPortRange, PlanError, PortRule, Write};
 use super::limits::CapsuleLimits;
+use super::pool::{self, NetnsPool};
 use super::portrules::{PORTS_TABLE, build_ports_table};
+use super::prepare;
 use super::reaper::{self, Job, Reaper};
 use super::ruleset::{
     CapsuleRules, NodeRules, build_capsule_table, build_node_table, build_node_table6,
@@ -26,7 +25,7 @@ use super::ruleset::{
 use super::slots::{ClaimError, SlotAllocator};
 use super::{
     CAPSULE_VETH, CapsuleId, CapsuleNet, EgressPolicy, Error, NetOps, PREFIX, SweepReport,
-    TAP_NAME, TAP_QUEUE_LEN, Teardown,
+    TAP_NAME, Teardown,
 };
 use crate::sys::net::{self as sys, Netlink};
 
@@ -75,6 +74,9 @@ pub struct LinuxNetConfig {
     pub cluster_dns: ClusterDns,
     /// Node ports that published capsule ports are taken from.
     pub host_ports: HostPortRange,
+    /// Capsule namespaces kept ready ahead of creates (`super::pool`);
+    /// 0 makes each create make its own.
+    pub pool: usize,
 }
 
 impl LinuxNetConfig {
@@ -93,6 +95,7 @@ impl LinuxNetConfig {
             guest_link: GuestLink::Tap,
             cluster_dns: ClusterDns::default(),
             host_ports: HostPortRange::default(),
+            pool: 0,
         }
     }
 }
@@ -133,6 +136,7 @@ pub struct LinuxNet {
     names: NameService,
     ports: HostPortAllocator,
     reaper: Reaper,
+    pool: NetnsPool,
     fail_before: Mutex<Option<SetupStep>>,
 }
 
@@ -157,6 +161,7 @@ impl LinuxNet {
         Ok(Self {
             names: NameService::new(cfg.cluster_dns.clone()),
             reaper: Reaper::start(cfg.node_netns.clone(), slots.clone()),
+            pool: NetnsPool::new(cfg.clone()),
             cfg,
             slots,
             ports,
@@ -172,6 +177,17 @@ impl LinuxNet {
     /// The slot claims.
     pub fn slots(&self) -> &SlotAllocator {
         &self.slots
+    }
+
+    /// Starts filling the namespace pool now rather than at the startup
+    /// sweep or the first setup (benches and tests that wait for it).
+    pub fn start_pool(&self) {
+        self.pool.start();
+    }
+
+    /// Namespaces the pool holds ready now.
+    pub fn pooled(&self) -> usize {
+        self.pool.ready()
     }
 
     /// Tests: make every later setup fail just before `step` (`None` to stop).
@@ -301,8 +317,18 @@ impl LinuxNet {
         undo.push(Undo::Netns(netns.clone()));
         undo.push(Undo::NodeLink(name.clone()));
         let table = self.capsule_table(addrs, policy);
+        let check = |step| self.check(capsule, step);
         sys::run_in_new_netns(&netns, &self.cfg.proc_dir, |nl| {
-            self.build_capsule_side(nl, capsule, addrs, &table, guest_ns.as_deref())
+            prepare::prepare(
+                &self.cfg,
+                nl,
+                capsule,
+                &netns,
+                &name,
+                guest_ns.as_deref(),
+                &check,
+            )?;
+            self.address_capsule_side(nl, capsule, addrs, &table)
         })
         .map_err(|source| Error::CreateNetns {
             capsule: capsule.clone(),
@@ -310,8 +336,98 @@ impl LinuxNet {
             source,
         })??;
 
-        // 3. The node end: address, up, and the route that sends the slot's
-        //    host address into the capsule.
+        // 3. The node end.
+        self.configure_node_side(capsule, addrs)
+    }
+
+    /// Builds `capsule`'s network from `entry`, a namespace the pool made
+    /// ahead: it takes the capsule's names (node link first, while it is
+    /// down and unaddressed, then the namespace), then the capsule's
+    /// addresses, routes and table as a cold build gives them. Each side
+    /// effect is recorded in `undo` before it is made; what is left under
+    /// the pool's names is the caller's to discard.
+    fn build_from_pool(
+        &self,
+        capsule: &CapsuleId,
+        entry: &pool::Entry,
+        addrs: SlotAddrs,
+        policy: &EgressPolicy,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), Error> {
+        let name = capsule.resource_name();
+        let netns = self.netns_path(capsule);
+        self.check(capsule, SetupStep::CreateNetns)?;
+        undo.push(Undo::NodeLink(name.clone()));
+        self.in_node(|nl| {
+            nl.rename(&entry.name, &name)
+                .map_err(|source| Error::ConfigureLink {
+                    capsule: capsule.clone(),
+                    device: entry.name.clone(),
+                    source,
+                })
+        })?;
+        let moves = std::iter::once((self.pool.netns_path(entry), netns.clone())).chain(
+            self.pool
+                .guest_path(entry)
+                .zip(self.emulated_guest_netns(capsule)),
+        );
+        for (from, to) in moves {
+            undo.push(Undo::Netns(to.clone()));
+            sys::move_netns(&from, &to).map_err(|source| Error::CreateNetns {
+                capsule: capsule.clone(),
+                path: to.clone(),
+                source,
+            })?;
+        }
+        let table = self.capsule_table(addrs, policy);
+        in_ns(&netns, |nl| {
+            self.address_capsule_side(nl, capsule, addrs, &table)
+        })?;
+        self.configure_node_side(capsule, addrs)
+    }
+
+    /// Runs inside the capsule's namespace: the veth's address, the
+    /// default route through the node, the capsule's table.
+    fn address_capsule_side(
+        &self,
+        nl: &Netlink,
+        capsule: &CapsuleId,
+        addrs: SlotAddrs,
+        table: &super::Table,
+    ) -> Result<(), Error> {
+        self.check(capsule, SetupStep::MoveVeth)?;
+        let link = |source| Error::ConfigureLink {
+            capsule: capsule.clone(),
+            device: CAPSULE_VETH.into(),
+            source,
+        };
+        nl.add_addr(CAPSULE_VETH, addrs.capsule_transit, 31)
+            .map_err(link)?;
+        nl.set_up(CAPSULE_VETH, None, None).map_err(link)?;
+        nl.add_route(
+            Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0 <= 32"),
+            Some(addrs.node_transit),
+            CAPSULE_VETH,
+        )
+        .map_err(|source| Error::AddRoute {
+            capsule: capsule.clone(),
+            dest: "default".into(),
+            device: CAPSULE_VETH.into(),
+            source,
+        })?;
+        self.check(capsule, SetupStep::LoadCapsuleTable)?;
+        super::nft::load_table(nl, table).map_err(|source| Error::LoadTable {
+            table: table.name.clone(),
+            netns: self.netns_path(capsule),
+            source,
+        })
+    }
+
+    /// The node end: address, up, and the route that sends the slot's
+    /// host address into the capsule. The route is a setup's last step
+    /// ([`LinuxNet::is_built`]).
+    fn configure_node_side(&self, capsule: &CapsuleId, addrs: SlotAddrs) -> Result<(), Error> {
+        let name = capsule.resource_name();
         self.in_node(|nl| {
             let link = |source| Error::ConfigureLink {
                 capsule: capsule.clone(),
@@ -329,158 +445,6 @@ impl LinuxNet {
                     device: name.clone(),
                     source,
                 })
-        })
-    }
-
-    /// Runs inside the new capsule namespace.
-    fn build_capsule_side(
-        &self,
-        nl: &Netlink,
-        capsule: &CapsuleId,
-        addrs: SlotAddrs,
-        table: &super::Table,
-        guest_ns: Option<&Path>,
-    ) -> Result<(), Error> {
-        let name = capsule.resource_name();
-        let link = |device: &str| {
-            let device = device.to_string();
-            move |source| Error::ConfigureLink {
-                capsule: capsule.clone(),
-                device,
-                source,
-            }
-        };
-        nl.set_up("lo", None, None).map_err(link("lo"))?;
-        // Guests are IPv4 only; with IPv6 off in their namespace (before any
-        // link exists, so `default` covers them all) nothing is reachable
-        // over link-local IPv6 either. A kernel without IPv6 has no such
-        // sysctl, and nothing to turn off.
-        for key in [
-            "net/ipv6/conf/all/disable_ipv6",
-            "net/ipv6/conf/default/disable_ipv6",
-        ] {
-            match sys::write_sysctl(&self.cfg.proc_dir, key, "1") {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(Error::SetSysctl {
-                        key: key.into(),
-                        netns: self.netns_path(capsule),
-                        source,
-                    });
-                }
-            }
-        }
-
-        // The veth is born here with its node end born in the node
-        // namespace: the capsule end never shares a name space with the
-        // node's links, and no link has to move (a move waits for an RCU
-        // grace period).
-        self.check(capsule, SetupStep::CreateVeth)?;
-        let node = File::open(&self.cfg.node_netns).map_err(|source| Error::CreateVeth {
-            capsule: capsule.clone(),
-            device: name.clone(),
-            source,
-        })?;
-        nl.add_veth_peer_in(CAPSULE_VETH, &name, &node)
-            .map_err(|source| Error::CreateVeth {
-                capsule: capsule.clone(),
-                device: name.clone(),
-                source,
-            })?;
-        self.check(capsule, SetupStep::MoveVeth)?;
-        nl.add_addr(CAPSULE_VETH, addrs.capsule_transit, 31)
-            .map_err(link(CAPSULE_VETH))?;
-        nl.set_up(CAPSULE_VETH, None, None)
-            .map_err(link(CAPSULE_VETH))?;
-
-        self.check(capsule, SetupStep::CreateTap)?;
-        match guest_ns {
-            None => self.make_tap(nl, capsule)?,
-            Some(g) => self.make_emulated_guest(nl, capsule, g)?,
-        }
-
-        nl.add_route(
-            Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0 <= 32"),
-            Some(addrs.node_transit),
-            CAPSULE_VETH,
-        )
-        .map_err(|source| Error::AddRoute {
-            capsule: capsule.clone(),
-            dest: "default".into(),
-            device: CAPSULE_VETH.into(),
-            source,
-        })?;
-        sys::write_sysctl(&self.cfg.proc_dir, "net/ipv4/ip_forward", "1").map_err(|source| {
-            Error::SetSysctl {
-                key: "net/ipv4/ip_forward".into(),
-                netns: self.netns_path(capsule),
-                source,
-            }
-        })?;
-
-        self.check(capsule, SetupStep::LoadCapsuleTable)?;
-        super::nft::load_table(nl, table).map_err(|source| Error::LoadTable {
-            table: table.name.clone(),
-            netns: self.netns_path(capsule),
-            source,
-        })
-    }
-
-    /// The TAP: persistent, named [`TAP_NAME`], the guest's gateway address,
-    /// a long transmit queue.
-    fn make_tap(&self, nl: &Netlink, capsule: &CapsuleId) -> Result<(), Error> {
-        let tap_err = |source| Error::CreateTap {
-            capsule: capsule.clone(),
-            device: TAP_NAME.into(),
-            source,
-        };
-        nl.create_tap(&self.cfg.tun_path, TAP_NAME)
-            .map_err(tap_err)?;
-        self.configure_guest_side(nl, capsule)
-    }
-
-    fn configure_guest_side(&self, nl: &Netlink, capsule: &CapsuleId) -> Result<(), Error> {
-        let link = |source| Error::ConfigureLink {
-            capsule: capsule.clone(),
-            device: TAP_NAME.into(),
-            source,
-        };
-        nl.add_addr(TAP_NAME, GUEST_GATEWAY, GUEST_PREFIX)
-            .map_err(link)?;
-        nl.set_up(TAP_NAME, Some(TAP_QUEUE_LEN), Some(GATEWAY_MAC))
-            .map_err(link)
-    }
-
-    /// Tests: a veth named like the TAP, its peer playing the guest's NIC in
-    /// the guest namespace.
-    fn make_emulated_guest(
-        &self,
-        nl: &Netlink,
-        capsule: &CapsuleId,
-        guest_ns: &Path,
-    ) -> Result<(), Error> {
-        let err = |source| Error::CreateTap {
-            capsule: capsule.clone(),
-            device: TAP_NAME.into(),
-            source,
-        };
-        let g = File::open(guest_ns).map_err(err)?;
-        nl.add_veth_peer_in(TAP_NAME, "guest0", &g).map_err(err)?;
-        self.configure_guest_side(nl, capsule)?;
-        in_ns(guest_ns, |gl| {
-            gl.set_up("lo", None, None)
-                .and_then(|()| gl.rename("guest0", "eth0"))
-                .and_then(|()| gl.add_addr("eth0", GUEST_ADDR, GUEST_PREFIX))
-                .and_then(|()| gl.set_up("eth0", None, Some(GUEST_MAC)))
-                .and_then(|()| {
-                    gl.add_route(
-                        Cidr::new(Ipv4Addr::UNSPECIFIED, 0).expect("0 <= 32"),
-                        Some(GUEST_GATEWAY),
-                        "eth0",
-                    )
-                })
-                .map_err(err)
         })
     }
 
@@ -664,7 +628,8 @@ impl LinuxNet {
             let mut links = 0;
             for (_, name, _) in nl.links().map_err(list)? {
                 let unkept = super::is_resource_name(&name) && !kept.contains(&name);
-                if (unkept || reaper::is_retired_name(&name))
+                let unpooled = pool::is_pool_name(&name) && !self.pool.holds(&name);
+                if (unkept || unpooled || reaper::is_retired_name(&name))
                     && nl.del_link(&name).map_err(|source| Error::DeleteLink {
                         device: name.clone(),
                         netns: netns.clone(),
@@ -873,8 +838,28 @@ impl NetOps for LinuxNet {
             return Err(e);
         }
 
+        // The pool starts filling once the agent first needs it (after the
+        // startup sweep, where there is one).
+        self.pool.start();
         let mut undo = Vec::new();
-        match self.build(capsule, addrs, policy, &mut undo) {
+        let mut built = None;
+        if let Some(entry) = self.pool.take() {
+            match self.build_from_pool(capsule, &entry, addrs, policy, &mut undo) {
+                Ok(()) => {
+                    self.pool.claimed(entry);
+                    built = Some(Ok(()));
+                }
+                Err(e) => {
+                    // Whatever the pool's namespace lacked, a namespace of
+                    // the capsule's own may not: undo, then build cold.
+                    warn!(capsule = %capsule, error = &e as &dyn std::error::Error, "set up from a pooled namespace; building one");
+                    self.run_undo(capsule, std::mem::take(&mut undo));
+                    self.pool.discard(entry);
+                }
+            }
+        }
+        let built = built.unwrap_or_else(|| self.build(capsule, addrs, policy, &mut undo));
+        match built {
             Ok(()) => {
                 info!(capsule = %capsule, slot, host = %addrs.host, "capsule network ready");
                 Ok(self.net_of(capsule, slot, addrs))
@@ -985,7 +970,7 @@ impl NetOps for LinuxNet {
                 return Ok(());
             }
             debug!(capsule = %capsule, "recreating tap");
-            self.make_tap(nl, capsule)
+            prepare::make_tap(&self.cfg, nl, capsule)
         })
     }
 
@@ -1089,9 +1074,21 @@ impl NetOps for LinuxNet {
                 path: dir.clone(),
                 source,
             })?;
+            // A pooled namespace this pool does not hold is a crashed
+            // agent's: it belongs to nobody.
+            let pooled = sys::list_netns(&dir, &format!("{PREFIX}.")).map_err(|source| {
+                Error::ListNetns {
+                    path: dir.clone(),
+                    source,
+                }
+            })?;
+            let unpooled = pooled
+                .into_iter()
+                .filter(|n| pool::is_pool_name(n) && !self.pool.holds(n));
             for name in names
                 .into_iter()
                 .filter(|n| super::is_resource_name(n) && !kept.contains(n))
+                .chain(unpooled)
             {
                 let path = dir.join(&name);
                 if sys::remove_netns(&path).map_err(|source| Error::RemoveNetns {
@@ -1107,6 +1104,7 @@ impl NetOps for LinuxNet {
         if report != SweepReport::default() {
             info!(?report, "swept network leftovers");
         }
+        self.pool.start();
         Ok(report)
     }
 }

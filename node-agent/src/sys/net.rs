@@ -170,6 +170,24 @@ pub fn remove_netns(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Gives the namespace mounted at `from` the name `to` instead: bound at
+/// `to` (created exclusively, so two callers never share a name), then
+/// unmounted and removed at `from`. What runs or is linked inside it never
+/// notices. On failure `to` may remain mounted; `from` remains unless the
+/// bind was made.
+pub fn move_netns(from: &Path, to: &Path) -> io::Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    if let Err(e) = nix::mount::mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+    {
+        let _ = fs::remove_file(to);
+        return Err(e.into());
+    }
+    remove_netns(from).map(drop)
+}
+
 /// Names of the namespaces in `dir` starting with `prefix`.
 pub fn list_netns(dir: &Path, prefix: &str) -> io::Result<Vec<String>> {
     let entries = match fs::read_dir(dir) {

@@ -62,6 +62,7 @@ impl Bed {
             limits: CapsuleLimits::default(),
             cluster_dns: Default::default(),
             host_ports: "29000-29009".parse().expect("range"),
+            pool: 0,
             guest_link: if tap {
                 GuestLink::Tap
             } else {
