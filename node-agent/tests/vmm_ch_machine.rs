@@ -20,34 +20,14 @@ use wrenn_node_agent::vmm::{
 };
 use wrenn_testkit::{TestNetns, Tier, case, need_program, need_root, unique_name};
 
-const STUB: &str = r#"#!/usr/bin/env python3
-import json, os, socket, sys
-args = sys.argv[1:]
-if args == ["--version"]:
-    print("cloud-hypervisor v53.0-stub"); sys.exit(0)
-fd = int(args[args.index("--api-socket") + 1].split("=", 1)[1])
-log = open(os.path.join(os.path.dirname(args[args.index("--event-monitor") + 1].split("=", 1)[1]), "requests.log"), "a")
+/// The stand-in: the shared API server (`data/ch/stub_api.py`) answering
+/// as CH does, with its VM state machine, logging each request.
+const STUB: &str = concat!(
+    include_str!("data/ch/stub_api.py"),
+    r#"log = open(os.path.join(os.path.dirname(flag("--event-monitor")), "requests.log"), "a")
 fail_boot = os.path.exists(os.environ.get("STUB_FAIL_BOOT", "/nonexistent"))
-srv = socket.socket(fileno=fd)
 state = None
-def reply(conn, code, body=b""):
-    conn.sendall(b"HTTP/1.1 %d \r\nContent-Length: %d\r\n\r\n" % (code, len(body)) + body)
-while True:
-    conn, _ = srv.accept()
-    req = b""
-    while b"\r\n\r\n" not in req:
-        chunk = conn.recv(65536)
-        if not chunk: break
-        req += chunk
-    head, _, body = req.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        if k.strip().lower() == b"content-length": length = int(v)
-    while len(body) < length:
-        body += conn.recv(65536)
-    method, path = head.split(b" ")[0].decode(), head.split(b" ")[1].decode()
-    ep = path.rsplit("/", 1)[1]
+for conn, method, ep, body in requests():
     log.write("%s %s %s\n" % (method, ep, body.decode())); log.flush()
     err = b'["fake CH error"]'
     if ep == "vmm.ping":
@@ -86,8 +66,8 @@ while True:
         reply(conn, 200); sys.exit(0)
     else:
         reply(conn, 404, b'["Not Found"]')
-    conn.close()
-"#;
+"#
+);
 
 struct Env {
     dir: tempfile::TempDir,

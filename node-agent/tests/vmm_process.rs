@@ -366,35 +366,21 @@ fn crash_watcher_tells_exit_code_signal_poweroff_and_requested_stop() {
 
 /// A stand-in for cloud-hypervisor that serves `vmm.ping` and
 /// `vmm.shutdown` on the listening fd passed as `--api-socket fd=N`.
-const API_STUB: &str = r#"#!/usr/bin/env python3
-import os, socket, sys
-args = sys.argv[1:]
-if args == ["--version"]:
-    print("cloud-hypervisor v53.0-stub"); print("Migration Protocol Versions: 0"); sys.exit(0)
-fd = int(args[args.index("--api-socket") + 1].split("=", 1)[1])
-ev = args[args.index("--event-monitor") + 1].split("=", 1)[1]
-srv = socket.socket(fileno=fd)
-while True:
-    conn, _ = srv.accept()
-    req = b""
-    while b"\r\n\r\n" not in req:
-        chunk = conn.recv(4096)
-        if not chunk: break
-        req += chunk
-    line = req.split(b"\r\n", 1)[0].decode()
-    if "vmm.ping" in line:
-        body = ('{"build_version":"v53.0-stub","version":"54.0.0","pid":%d,"features":[]}' % os.getpid()).encode()
-        conn.sendall(b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    elif "vmm.shutdown" in line:
+const API_STUB: &str = concat!(
+    include_str!("data/ch/stub_api.py"),
+    r#"ev = flag("--event-monitor")
+for conn, method, ep, body in requests():
+    if ep == "vmm.ping":
+        reply(conn, 200, ('{"build_version":"v53.0-stub","version":"54.0.0","pid":%d,"features":[]}' % os.getpid()).encode())
+    elif ep == "vmm.shutdown":
         with open(ev, "a") as f:
             f.write('{\n  "timestamp": {\n    "secs": 0,\n    "nanos": 1\n  },\n  "source": "vmm",\n  "event": "shutdown",\n  "properties": null\n}\n\n')
-        conn.sendall(b"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n")
+        reply(conn, 200)
         sys.exit(0)
     else:
-        body = b'["Not Found"]'
-        conn.sendall(b"HTTP/1.1 404 \r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    conn.close()
-"#;
+        reply(conn, 404, b'["Not Found"]')
+"#
+);
 
 #[test]
 fn ch_vmm_start_passes_the_api_listener_and_stops_in_order() {
