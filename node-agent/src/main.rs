@@ -504,6 +504,7 @@ fn open_network(
         limits: egress.limits(),
         cluster_dns: egress.cluster_dns(),
         host_ports: egress.host_port_range,
+        pool: usize::from(egress.netns_pool),
         ..LinuxNetConfig::host(uplink, state_dir)
     };
     net_cfg.blocked_egress.extend(egress.blocked);

@@ -1,7 +1,8 @@
-//! What a node admin tunes about capsule egress, as `wrenn-node-agent`
+//! What a node admin tunes about capsule networks, as `wrenn-node-agent`
 //! flags: destinations blocked on top of the built-in set, the per-capsule
-//! ceilings ([`CapsuleLimits`]), the cluster DNS and the node ports
-//! published capsule ports are taken from.
+//! ceilings ([`CapsuleLimits`]), the cluster DNS, the node ports
+//! published capsule ports are taken from, and how many namespaces are
+//! kept ready ahead of creates.
 
 use super::addr::Cidr;
 use super::limits::{
@@ -74,6 +75,17 @@ pub struct EgressFlags {
         default_value_t = super::HostPortRange::default()
     )]
     pub host_port_range: super::HostPortRange,
+    /// Capsule network namespaces kept ready ahead of creates (with their
+    /// veth and TAP, unaddressed), so a create does not wait for the
+    /// kernel to make one; refilled once creates pause. 0: every create
+    /// makes its own. The chart sets 8.
+    #[arg(
+        long,
+        env = "WRENN_NETNS_POOL",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u16).range(0..=256)
+    )]
+    pub netns_pool: u16,
 }
 
 fn cluster_domain(s: &str) -> Result<String, String> {
