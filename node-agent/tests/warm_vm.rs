@@ -54,6 +54,12 @@ impl World {
         CapsuleSpec::new("default", name, source, Self::resources())
     }
 
+    /// Capsule `name` restored from snapshot `id`.
+    fn restored(&self, name: &str, id: &str) -> CapsuleSpec {
+        let source = BootSource::Snapshot { id: id.into() };
+        self.spec(name, source)
+    }
+
     fn cold(&self, name: &str) -> CapsuleSpec {
         self.spec(
             name,
@@ -135,6 +141,11 @@ impl World {
     }
 }
 
+/// A readiness check that runs `script` under `/bin/sh`.
+fn sh_check(script: &str) -> Readiness {
+    Readiness::Exec(vec!["/bin/sh".into(), "-c".into(), script.into()])
+}
+
 async fn sh(g: &GuestClient, script: &str) -> (String, Option<i32>) {
     qemu_bed::sh_as(g, "", script, 30_000).await
 }
@@ -205,17 +216,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     // Idempotent: READY again without another build.
     assert_eq!(w.sup.prepare_template(tcp.clone()).await.unwrap(), ready);
 
-    let from_tcp = create(
-        &w,
-        "fromtcp",
-        w.spec(
-            "fromtcp",
-            BootSource::Snapshot {
-                id: "warm-tcp".into(),
-            },
-        ),
-    )
-    .await;
+    let from_tcp = create(&w, "fromtcp", w.restored("fromtcp", "warm-tcp")).await;
     let g = w.guest("fromtcp", Duration::from_secs(60)).await;
     let (marker, code) = sh(&g, "cat /www/marker").await;
     assert_eq!(code, Some(0), "{marker}");
@@ -248,27 +249,13 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     let exec = w.prepare(
         "warm-exec",
         "sleep 2; echo ready > /tmp/ready; exec sleep 100000",
-        Readiness::Exec(vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "test -f /tmp/ready".into(),
-        ]),
+        sh_check("test -f /tmp/ready"),
         240,
     );
     let (ready, build_exec) = w.settle(&exec, build_wait).await;
     assert_eq!(ready.phase, TemplatePhase::Ready, "{ready:?}");
     w.assert_clean(&baseline);
-    let from_exec = create(
-        &w,
-        "fromexec",
-        w.spec(
-            "fromexec",
-            BootSource::Snapshot {
-                id: "warm-exec".into(),
-            },
-        ),
-    )
-    .await;
+    let from_exec = create(&w, "fromexec", w.restored("fromexec", "warm-exec")).await;
     let g = w.guest("fromexec", Duration::from_secs(60)).await;
     let (out, code) = sh(&g, "cat /tmp/ready && pidof sleep").await;
     assert_eq!(code, Some(0), "{out}");
@@ -281,11 +268,7 @@ async fn warm_templates_restore_a_running_server_and_a_failed_build_leaves_nothi
     let never = w.prepare(
         "warm-never",
         "echo starting-never; exec sleep 100000",
-        Readiness::Exec(vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "echo nope; exit 3".into(),
-        ]),
+        sh_check("echo nope; exit 3"),
         20,
     );
     let (failed, _) = w.settle(&never, build_wait).await;
