@@ -105,6 +105,15 @@ impl BuildGuest for FakeGuest {
     }
 }
 
+/// Asserts the build failed for `reason` with a message naming `says`.
+#[track_caller]
+fn assert_failed(status: &TemplateStatus, reason: Reason, says: &str) {
+    assert_eq!(status.phase, TemplatePhase::Failed, "{status:?}");
+    assert_eq!(status.reason, Some(reason), "{status:?}");
+    let message = status.message.as_deref().unwrap_or_default();
+    assert!(message.contains(says), "{message:?}");
+}
+
 struct WarmBed {
     dir: tempfile::TempDir,
     machine: Arc<FakeMachine>,
@@ -255,17 +264,7 @@ async fn a_root_disk_template_is_prepared_listed_and_retried_after_a_failure() {
     assert_eq!(first.phase, TemplatePhase::Preparing);
     assert_eq!(first.key, "default/web@sha256:aa");
     let failed = b.settle(&req).await;
-    assert_eq!(failed.phase, TemplatePhase::Failed);
-    assert_eq!(failed.reason, Some(Reason::RootDiskFailed));
-    assert!(
-        failed
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("later.ext4"),
-        "{:?}",
-        failed.message
-    );
+    assert_failed(&failed, Reason::RootDiskFailed, "later.ext4");
     assert!(b.sup.templates().is_empty());
     // Failed stays failed for a poller, even once the file is there...
     std::fs::write(&missing, b"ext4").unwrap();
@@ -420,47 +419,20 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     // The start command cannot start.
     b.guest.fail_start.store(true, Ordering::SeqCst);
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, Some(Reason::StartFailed));
-    assert!(
-        failed
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("/srv/app"),
-        "{:?}",
-        failed.message
-    );
+    assert_failed(&failed, Reason::StartFailed, "/srv/app");
     b.assert_gone(&build);
     b.guest.fail_start.store(false, Ordering::SeqCst);
 
     // The VM does not boot.
     b.machine.fail_next(Step::Launch, "no kvm today");
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, Some(Reason::BootFailed));
-    assert!(
-        failed
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("no kvm today"),
-        "{:?}",
-        failed.message
-    );
+    assert_failed(&failed, Reason::BootFailed, "no kvm today");
     b.assert_gone(&build);
 
     // The snapshot cannot be written.
     b.machine.fail_next(Step::Snapshot, "disk full");
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, Some(Reason::SnapshotFailed));
-    assert!(
-        failed
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("disk full"),
-        "{:?}",
-        failed.message
-    );
+    assert_failed(&failed, Reason::SnapshotFailed, "disk full");
     b.assert_gone(&build);
     assert!(b.snapshot_dirs().is_empty(), "{:?}", b.snapshot_dirs());
     assert!(b.sup.templates().is_empty());
@@ -471,16 +443,7 @@ async fn failed_builds_say_why_leave_nothing_and_are_retried() {
     b.sup.snapshot("user", "warm-web-2", true).await.unwrap();
     let launches = b.machine.steps(&build).len();
     let failed = b.settle(&req).await;
-    assert_eq!(failed.reason, Some(Reason::SnapshotExists));
-    assert!(
-        failed
-            .message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("user"),
-        "{:?}",
-        failed.message
-    );
+    assert_failed(&failed, Reason::SnapshotExists, "user");
     assert_eq!(b.machine.steps(&build).len(), launches, "a build VM booted");
 }
 
