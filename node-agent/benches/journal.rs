@@ -64,16 +64,19 @@ fn cpu_time() -> Duration {
         .unwrap_or_default()
 }
 
-/// Creates one after the other, then bursts of [`CONCURRENT`]; deletes
-/// them all after.
+/// Creates one after the other, then bursts of [`CONCURRENT`], each
+/// after `settle` (waits for a namespace pool to refill); deletes them
+/// all after.
 fn scenario(
     rt: &tokio::runtime::Runtime,
     sup: &Supervisor<FakeMachine>,
     what: &str,
     template: &std::path::Path,
+    settle: &dyn Fn(),
 ) {
     let mut uids = Vec::new();
     let mut one = Vec::new();
+    settle();
     for i in 0..SEQUENTIAL {
         let uid = format!("s-{i:02}");
         let t = Instant::now();
@@ -89,8 +92,11 @@ fn scenario(
     );
     let mut lat = Vec::new();
     let before = sup.journal_stats();
-    let (t0, cpu0) = (Instant::now(), cpu_time());
+    // The bursts only: a pool's refill between them is left out.
+    let (mut wall, mut cpu) = (0.0, Duration::ZERO);
     for round in 0..ROUNDS {
+        settle();
+        let (t0, cpu0) = (Instant::now(), cpu_time());
         let tasks: Vec<_> = (0..CONCURRENT)
             .map(|i| {
                 let sup = sup.clone();
@@ -109,8 +115,9 @@ fn scenario(
         for t in tasks {
             lat.push(rt.block_on(t).expect("task"));
         }
+        wall += t0.elapsed().as_secs_f64();
+        cpu += cpu_time() - cpu0;
     }
-    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_time() - cpu0);
     let s = sup.journal_stats();
     let creates = (CONCURRENT * ROUNDS) as f64;
     let records = (s.records - before.records) as f64;
@@ -148,7 +155,7 @@ fn main() {
     );
     let fake: Arc<dyn NetOps> = Arc::new(FakeNet::new());
     let sup = supervisor_on(&dir.path().join("fake"), &machine, fake, &store);
-    scenario(&rt, &sup, "fake network", &template);
+    scenario(&rt, &sup, "fake network", &template, &|| {});
     sup.shutdown();
     let real = wrenn_testkit::need_root().and_then(|()| {
         if std::path::Path::new("/dev/net/tun").exists() {
@@ -159,13 +166,28 @@ fn main() {
     });
     match real {
         Ok(()) => {
-            let bed = network_env::Bed::new(true);
-            let net = bed.net();
-            net.ensure_node().expect("ensure node");
-            let net: Arc<dyn NetOps> = Arc::new(net);
-            let sup = supervisor_on(&dir.path().join("real"), &machine, net, &store);
-            scenario(&rt, &sup, "real network", &template);
-            sup.shutdown();
+            let mut bed = network_env::Bed::new(true);
+            // Each create makes its namespace, then each takes one the
+            // pool made ahead (refilled between bursts, as it is once
+            // creates pause).
+            for (what, pool) in [("real network", 0), ("real, pooled", CONCURRENT)] {
+                bed.cfg.pool = pool;
+                let net = Arc::new(bed.net());
+                net.ensure_node().expect("ensure node");
+                net.start_pool();
+                let dyn_net: Arc<dyn NetOps> = net.clone();
+                let state = dir.path().join(what.replace([' ', ','], ""));
+                let sup = supervisor_on(&state, &machine, dyn_net, &store);
+                let settle = || {
+                    while net.pooled() < pool {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                };
+                scenario(&rt, &sup, what, &template, &settle);
+                sup.shutdown();
+                drop(sup);
+                drop(net);
+            }
             // The reaper finishes the teardowns before the bed goes.
             let _ = bed.snapshot();
         }

@@ -5,8 +5,9 @@
 //! tools (`support/net_cli.rs`). Prints median and p99 of each phase and
 //! the tools' median over ours. `teardown` is until the call returns;
 //! `drained` until the work it leaves to the reaper (conntrack flush, slot
-//! freed) is done too, which the tools do inline. Needs root; says so
-//! otherwise.
+//! freed) is done too, which the tools do inline. `setup-pooled` is the
+//! same setup taking a namespace the pool made ahead (`network::pool`),
+//! the pool refilled before each. Needs root; says so otherwise.
 //!
 //! Run: `cargo bench -p wrenn-node-agent --bench network`
 
@@ -55,7 +56,7 @@ fn main() {
         println!("network bench skipped: needs /dev/net/tun");
         return;
     }
-    let bed = Bed::new(true);
+    let mut bed = Bed::new(true);
     let net = bed.net();
     net.ensure_node().expect("ensure node");
     let before = bed.snapshot();
@@ -119,7 +120,37 @@ fn main() {
             r(&cli_teardown, &drained),
         )
     });
+    // Setups from the pool, with the same policies; its namespace made
+    // again before each (a pool of one, refilled once creates pause).
+    drop(net);
+    bed.cfg.pool = 1;
+    let net = bed.net();
+    net.start_pool();
+    let mut pooled = Vec::new();
+    for i in 0..CYCLES {
+        while net.pooled() < 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let policy = &policies[i % policies.len()];
+        let c = CapsuleId::new(&format!("pool{i:04}")).expect("id");
+        let t = Instant::now();
+        net.setup(&c, policy).expect("setup from the pool");
+        pooled.push(t.elapsed());
+        net.teardown(&c, Teardown::ReleaseSlot).expect("teardown");
+        while !net.slots().draining().is_empty() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    drop(net);
+    let pooled_ratio = median(&setup).as_secs_f64() / median(&pooled).as_secs_f64();
+    let cli_pooled = (!cli_setup.is_empty())
+        .then(|| median(&cli_setup).as_secs_f64() / median(&pooled).as_secs_f64());
     report("setup", setup);
+    report("setup-pooled", pooled);
+    println!(
+        "network setup from the pool: {pooled_ratio:.1}x faster than making the namespace (medians){}",
+        cli_pooled.map_or(String::new(), |r| format!(", {r:.1}x the tools"))
+    );
     report("teardown", teardown);
     report("drained", drained);
     if let Some((s, t, d)) = ratios {
