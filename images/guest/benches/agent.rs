@@ -11,10 +11,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::authed;
 use tokio_stream::StreamExt as _;
 use wrenn_proto::guest::v1::{
-    ExecInput, ExecStart, InitRequest, ReadFileRequest, WriteFileInput, WriteFileStart, exec_input,
-    exec_output, write_file_input,
+    ExecInput, ExecStart, ReadFileRequest, WriteFileInput, WriteFileStart, exec_input, exec_output,
+    write_file_input,
 };
 
 const RUNS: usize = 200;
@@ -27,14 +28,8 @@ fn main() {
 }
 
 async fn run() {
-    let mut g = common::Guest::start(&[]).await;
-    g.client
-        .init(InitRequest {
-            entropy: vec![7; 32],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // Initialised with the access token every call then carries.
+    let mut g = common::started(&[]).await;
 
     let mut times = Vec::with_capacity(RUNS);
     for i in 0..RUNS + 10 {
@@ -47,7 +42,7 @@ async fn run() {
         let t0 = Instant::now();
         let mut out = g
             .client
-            .exec(tokio_stream::iter([start]))
+            .exec(authed(tokio_stream::iter([start])))
             .await
             .unwrap()
             .into_inner();
@@ -85,16 +80,19 @@ async fn run() {
         input: Some(write_file_input::Input::Data(c.to_vec())),
     }));
     let t0 = Instant::now();
-    g.client.write_file(tokio_stream::iter(msgs)).await.unwrap();
+    g.client
+        .write_file(authed(tokio_stream::iter(msgs)))
+        .await
+        .unwrap();
     let write = t0.elapsed();
 
     let t0 = Instant::now();
     let mut stream = g
         .client
-        .read_file(ReadFileRequest {
+        .read_file(authed(ReadFileRequest {
             path: path.clone(),
             max_bytes: 0,
-        })
+        }))
         .await
         .unwrap()
         .into_inner();
