@@ -9,14 +9,11 @@ mod guest_exec;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{UnixListener, UnixStream};
 use wrenn_node_agent::guest::{self, GuestClient, InitParams, Timeouts};
 use wrenn_proto::guest::v1 as gpb;
-use wrenn_testkit::{Case, Tier, case};
+use wrenn_testkit::{Case, Tier, VsockShim, case};
 
 /// `wrenn-guest` next to this test's binary (`cargo test --workspace` or
 /// `cargo build -p wrenn-guest` puts it there), or `WRENN_GUEST_BIN`.
@@ -53,67 +50,12 @@ fn guest_binary() -> Result<PathBuf, String> {
     }
 }
 
-/// The VMM's vsock muxer, imitated: `CONNECT <port>` → connect to the
-/// agent's socket → `OK <port>` → splice. `reset()` drops every live
-/// connection.
-struct Shim {
-    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Shim {
-    fn start(vsock: &Path, agent: PathBuf) -> Shim {
-        let listener = UnixListener::bind(vsock).unwrap();
-        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let c = conns.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut host, _)) = listener.accept().await {
-                let agent = agent.clone();
-                let task = tokio::spawn(async move {
-                    let mut line = Vec::new();
-                    loop {
-                        let Ok(b) = host.read_u8().await else { return };
-                        if b == b'\n' {
-                            break;
-                        }
-                        line.push(b);
-                    }
-                    if line != b"CONNECT 1024" {
-                        return;
-                    }
-                    let Ok(mut g) = UnixStream::connect(&agent).await else {
-                        return;
-                    };
-                    if host.write_all(b"OK 1024\n").await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy_bidirectional(&mut host, &mut g).await;
-                });
-                c.lock().unwrap().push(task);
-            }
-        });
-        Shim { conns, accept }
-    }
-
-    fn reset(&self) {
-        for t in self.conns.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for Shim {
-    fn drop(&mut self) {
-        self.reset();
-        self.accept.abort();
-    }
-}
-
 struct Agent {
     dir: tempfile::TempDir,
     child: Child,
     vsock: PathBuf,
-    _shim: Shim,
+    /// Resettable: drops every live connection, as a VMM does on restore.
+    _shim: VsockShim,
 }
 
 impl Agent {
@@ -128,7 +70,7 @@ impl Agent {
         let dir = tempfile::tempdir().unwrap();
         let agent_sock = dir.path().join("agent.sock");
         let vsock = dir.path().join("vm.vsock");
-        let shim = Shim::start(&vsock, agent_sock.clone());
+        let shim = VsockShim::start(&vsock, 1024, agent_sock.clone()).unwrap();
         std::thread::sleep(delay);
         let mut cmd = Command::new(bin);
         cmd.arg("--listen")

@@ -16,9 +16,11 @@ mod netns;
 pub mod registry;
 mod secret_volume;
 pub mod vm;
+pub mod vsock_shim;
 
 pub use netns::TestNetns;
 pub use secret_volume::SecretVolume;
+pub use vsock_shim::VsockShim;
 
 use std::fmt;
 use std::io::Write as _;

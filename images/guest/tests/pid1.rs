@@ -241,7 +241,7 @@ async fn pid1_mounts_reaps_restarts_the_agent_and_powers_off() {
         "unshare ended with {status:?}, not the power-off SIGINT"
     );
     guard.0 = None;
-    shim.abort();
+    shim.stop();
     // The mounts went with the namespace: the root is plain directories.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(r), "mounts leaked to the host: {mounts}");

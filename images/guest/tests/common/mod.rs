@@ -9,10 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use wrenn_proto::guest::v1::guest_agent_client::GuestAgentClient;
+use wrenn_testkit::VsockShim;
+use wrenn_testkit::vsock_shim::read_line;
 
 /// The guest agent's vsock port, as on a VM.
 pub const PORT: u32 = 1024;
@@ -50,7 +52,7 @@ pub struct Guest {
     pub client: GuestAgentClient<Channel>,
     pub vsock: PathBuf,
     agent: Child,
-    shim: tokio::task::JoinHandle<()>,
+    shim: VsockShim,
 }
 
 impl Guest {
@@ -86,7 +88,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        self.shim.abort();
+        self.shim.stop();
         let _ = Command::new("kill")
             .args(["-TERM", &self.agent.id().to_string()])
             .status();
@@ -106,8 +108,8 @@ impl Drop for Guest {
 }
 
 /// Starts the handshake shim on `vsock`, forwarding port [`PORT`] to `agent`.
-pub fn shim(vsock: &Path, agent: PathBuf) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run_shim(UnixListener::bind(vsock).unwrap(), agent))
+pub fn shim(vsock: &Path, agent: PathBuf) -> VsockShim {
+    VsockShim::start(vsock, PORT, agent).unwrap()
 }
 
 /// Waits until `path` exists.
@@ -120,56 +122,6 @@ pub async fn wait_for(path: &Path) {
             path.display()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Imitates the VMM's vsock muxer: on each connection, read one
-/// `CONNECT <port>\n` line, connect to the guest's listener for that port,
-/// answer `OK <port>\n`, then splice bytes both ways.
-async fn run_shim(listener: UnixListener, agent: PathBuf) {
-    loop {
-        let Ok((mut host, _)) = listener.accept().await else {
-            return;
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let Some(line) = read_line(&mut host).await else {
-                return;
-            };
-            let port = line
-                .strip_prefix("CONNECT ")
-                .and_then(|p| p.parse::<u32>().ok());
-            if port != Some(PORT) {
-                return; // CH closes the connection for an unknown port.
-            }
-            let Ok(mut guest) = UnixStream::connect(&agent).await else {
-                return;
-            };
-            if host
-                .write_all(format!("OK {PORT}\n").as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let _ = tokio::io::copy_bidirectional(&mut host, &mut guest).await;
-        });
-    }
-}
-
-/// Reads one `\n`-terminated line byte by byte, so nothing after it is
-/// consumed.
-async fn read_line(s: &mut UnixStream) -> Option<String> {
-    let mut line = Vec::new();
-    loop {
-        let b = s.read_u8().await.ok()?;
-        if b == b'\n' {
-            return String::from_utf8(line).ok();
-        }
-        line.push(b);
-        if line.len() > 64 {
-            return None;
-        }
     }
 }
 
