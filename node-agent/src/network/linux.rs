@@ -354,18 +354,8 @@ impl LinuxNet {
         policy: &EgressPolicy,
         undo: &mut Vec<Undo>,
     ) -> Result<(), Error> {
-        let name = capsule.resource_name();
         let netns = self.netns_path(capsule);
         self.check(capsule, SetupStep::CreateNetns)?;
-        undo.push(Undo::NodeLink(name.clone()));
-        self.in_node(|nl| {
-            nl.rename(&entry.name, &name)
-                .map_err(|source| Error::ConfigureLink {
-                    capsule: capsule.clone(),
-                    device: entry.name.clone(),
-                    source,
-                })
-        })?;
         let moves = std::iter::once((self.pool.netns_path(entry), netns.clone())).chain(
             self.pool
                 .guest_path(entry)
@@ -383,7 +373,19 @@ impl LinuxNet {
         in_ns(&netns, |nl| {
             self.address_capsule_side(nl, capsule, addrs, &table)
         })?;
-        self.configure_node_side(capsule, addrs)
+        // The node end takes the capsule's name, then its address and
+        // route, on one thread in the node namespace.
+        let name = capsule.resource_name();
+        undo.push(Undo::NodeLink(name.clone()));
+        self.in_node(|nl| {
+            nl.rename(&entry.name, &name)
+                .map_err(|source| Error::ConfigureLink {
+                    capsule: capsule.clone(),
+                    device: entry.name.clone(),
+                    source,
+                })?;
+            self.configure_node_end(nl, capsule, addrs)
+        })
     }
 
     /// Runs inside the capsule's namespace: the veth's address, the
@@ -427,25 +429,34 @@ impl LinuxNet {
     /// host address into the capsule. The route is a setup's last step
     /// ([`LinuxNet::is_built`]).
     fn configure_node_side(&self, capsule: &CapsuleId, addrs: SlotAddrs) -> Result<(), Error> {
+        self.in_node(|nl| self.configure_node_end(nl, capsule, addrs))
+    }
+
+    /// [`LinuxNet::configure_node_side`] on a thread already in the node
+    /// namespace.
+    fn configure_node_end(
+        &self,
+        nl: &Netlink,
+        capsule: &CapsuleId,
+        addrs: SlotAddrs,
+    ) -> Result<(), Error> {
         let name = capsule.resource_name();
-        self.in_node(|nl| {
-            let link = |source| Error::ConfigureLink {
+        let link = |source| Error::ConfigureLink {
+            capsule: capsule.clone(),
+            device: name.clone(),
+            source,
+        };
+        self.check(capsule, SetupStep::ConfigureNodeSide)?;
+        nl.add_addr(&name, addrs.node_transit, 31).map_err(link)?;
+        nl.set_up(&name, None, None).map_err(link)?;
+        self.check(capsule, SetupStep::AddNodeRoute)?;
+        nl.add_route(Cidr::host(addrs.host), Some(addrs.capsule_transit), &name)
+            .map_err(|source| Error::AddRoute {
                 capsule: capsule.clone(),
+                dest: addrs.host.to_string(),
                 device: name.clone(),
                 source,
-            };
-            self.check(capsule, SetupStep::ConfigureNodeSide)?;
-            nl.add_addr(&name, addrs.node_transit, 31).map_err(link)?;
-            nl.set_up(&name, None, None).map_err(link)?;
-            self.check(capsule, SetupStep::AddNodeRoute)?;
-            nl.add_route(Cidr::host(addrs.host), Some(addrs.capsule_transit), &name)
-                .map_err(|source| Error::AddRoute {
-                    capsule: capsule.clone(),
-                    dest: addrs.host.to_string(),
-                    device: name.clone(),
-                    source,
-                })
-        })
+            })
     }
 
     /// Loads the ports table as the claims now are, in one transaction.
@@ -513,7 +524,9 @@ impl LinuxNet {
         result
     }
 
-    fn run_undo(&self, capsule: &CapsuleId, undo: Vec<Undo>) {
+    /// Undoes `undo` in reverse; whether every step took.
+    fn run_undo(&self, capsule: &CapsuleId, undo: Vec<Undo>) -> bool {
+        let mut clean = true;
         for step in undo.into_iter().rev() {
             let res = match &step {
                 Undo::Netns(path) => {
@@ -527,10 +540,13 @@ impl LinuxNet {
                 Undo::NodeLink(name) => self.delete_node_link(name).map(drop),
             };
             if let Err(e) = res {
-                // The startup sweep removes whatever this leaves behind.
+                // The claim stays: the capsule's next setup removes what is
+                // left, or its teardown, or the startup sweep.
                 warn!(capsule = %capsule, ?step, error = &e as &dyn std::error::Error, "rollback step failed");
+                clean = false;
             }
         }
+        clean
     }
 
     fn delete_node_link(&self, name: &str) -> Result<bool, Error> {
@@ -829,13 +845,17 @@ impl NetOps for LinuxNet {
         // Half-built leftovers of this capsule (a crash mid-setup) go first.
         // Any conntrack entries they left are this capsule's own, on the
         // slot it keeps: no other tenant's replies can be steered by them.
-        let mut errors = Vec::new();
-        let retired = self.remove_resources(capsule, false, &mut errors);
-        if let Err(e) = self.reap_link(retired) {
-            errors.push(e);
-        }
-        if let Some(e) = errors.into_iter().next() {
-            return Err(e);
+        // A capsule that held no claim has none: a setup claims before it
+        // builds, and a teardown removes before it releases.
+        if !new_claim {
+            let mut errors = Vec::new();
+            let retired = self.remove_resources(capsule, false, &mut errors);
+            if let Err(e) = self.reap_link(retired) {
+                errors.push(e);
+            }
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e);
+            }
         }
 
         // The pool starts filling once the agent first needs it (after the
@@ -843,6 +863,9 @@ impl NetOps for LinuxNet {
         self.pool.start();
         let mut undo = Vec::new();
         let mut built = None;
+        // Whether every undo so far took: a claim is given back only then,
+        // so a capsule without a claim never has leftovers (above).
+        let mut clean = true;
         if let Some(entry) = self.pool.take() {
             match self.build_from_pool(capsule, &entry, addrs, policy, &mut undo) {
                 Ok(()) => {
@@ -850,11 +873,15 @@ impl NetOps for LinuxNet {
                     built = Some(Ok(()));
                 }
                 Err(e) => {
-                    // Whatever the pool's namespace lacked, a namespace of
-                    // the capsule's own may not: undo, then build cold.
-                    warn!(capsule = %capsule, error = &e as &dyn std::error::Error, "set up from a pooled namespace; building one");
-                    self.run_undo(capsule, std::mem::take(&mut undo));
+                    clean = self.run_undo(capsule, std::mem::take(&mut undo));
                     self.pool.discard(entry);
+                    if clean {
+                        // Whatever the pooled namespace lacked, one made
+                        // for the capsule may not.
+                        warn!(capsule = %capsule, error = &e as &dyn std::error::Error, "set up from a pooled namespace; making one");
+                    } else {
+                        built = Some(Err(e));
+                    }
                 }
             }
         }
@@ -865,8 +892,11 @@ impl NetOps for LinuxNet {
                 Ok(self.net_of(capsule, slot, addrs))
             }
             Err(e) => {
-                self.run_undo(capsule, undo);
-                if new_claim && let Err(re) = self.slots.release(capsule) {
+                clean &= self.run_undo(capsule, undo);
+                if new_claim
+                    && clean
+                    && let Err(re) = self.slots.release(capsule)
+                {
                     warn!(capsule = %capsule, error = &re as &dyn std::error::Error, "release slot after failed setup");
                 }
                 Err(e)
