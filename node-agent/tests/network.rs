@@ -432,6 +432,12 @@ fn tap_has_its_queue_length_and_is_recreated_by_name() {
     assert_eq!(tap_qlen(&n.netns), None);
     net.ensure_tap(&c).unwrap();
     assert_eq!(tap_qlen(&n.netns), Some(TAP_QUEUE_LEN));
+    // A setup that adopts the network does the same (the agent's create
+    // and restore rely on it).
+    in_ns(&n.netns, |nl| nl.del_link(TAP_NAME)).unwrap();
+    let adopted = net.setup(&c, &EgressPolicy::Allow).unwrap();
+    assert_eq!(adopted.slot, n.slot);
+    assert_eq!(tap_qlen(&n.netns), Some(TAP_QUEUE_LEN));
 
     // Suspend keeps the slot; resume on a restarted agent gets it back.
     net.teardown(&c, Teardown::KeepSlot).unwrap();

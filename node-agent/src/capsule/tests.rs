@@ -151,7 +151,6 @@ async fn create_is_idempotent_by_uid_and_refuses_another_spec() {
         b.net.calls(),
         vec![
             NetCall::Setup(id.clone(), crate::network::EgressPolicy::Allow),
-            NetCall::EnsureTap(id.clone()),
             NetCall::SetNames(id, Default::default()),
         ]
     );
@@ -250,10 +249,10 @@ async fn suspend_releases_the_vm_keeps_the_slot_and_resume_restores() {
         restore.dir.as_deref(),
         Some(b.sup.layout().suspend_dir("c1").as_path())
     );
-    // TAP recreated by name before the restore, and the DNS proxy back.
+    // The network set up again before the restore (which recreates the
+    // TAP by name), and the DNS proxy back.
     assert!(b.net.calls().ends_with(&[
         NetCall::Setup(id.clone(), crate::network::EgressPolicy::Allow),
-        NetCall::EnsureTap(id.clone()),
         NetCall::SetNames(id, Default::default()),
     ]));
 }

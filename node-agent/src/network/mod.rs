@@ -243,9 +243,11 @@ pub trait NetOps: Send + Sync + fmt::Debug {
     fn ensure_node(&self) -> Result<(), Error>;
 
     /// Creates the capsule's network, or adopts the one it has (updating
-    /// the egress policy). Legal for a new capsule and for a suspended one
-    /// being restored, which gets its old slot back. On failure nothing is
-    /// left behind but a slot claim the capsule already held.
+    /// the egress policy, and recreating its TAP by name if it is gone: a
+    /// restore opens the TAP its snapshot names). Legal for a new capsule
+    /// and for a suspended one being restored, which gets its old slot
+    /// back. On failure nothing is left behind but a slot claim the capsule
+    /// already held.
     fn setup(&self, capsule: &CapsuleId, policy: &EgressPolicy) -> Result<CapsuleNet, Error>;
 
     /// Replaces the egress policy of a capsule whose network exists, in one

@@ -113,12 +113,6 @@ impl<M: Machine + 'static> Ctx<M> {
                 uid: u.clone(),
                 source: Box::new(source),
             })?;
-            // A restore opens the TAP by name; make sure it is there.
-            net.ensure_tap(&id).map_err(|source| Error::Network {
-                action: "recreate tap of",
-                uid: u.clone(),
-                source: Box::new(source),
-            })?;
             // The guest's resolver: proxy and names table (torn down with
             // the network).
             net.set_names(&id, &pol, &names)
