@@ -91,12 +91,7 @@ fn main() {
             return;
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    wrenn_testkit::runtime().block_on(async {
         let client = cp.client().await.unwrap();
         run(client, params, stages).await;
     });

@@ -180,18 +180,6 @@ async fn pty_size(c: &mut Client, uid: &str) -> String {
     text
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 async fn write_file(c: &mut Client, uid: &str, path: &str, data: &[u8]) {
     let mut msgs = vec![pb::WriteFileInput {
         uid: uid.into(),
@@ -303,7 +291,7 @@ async fn a_real_guest_through_the_agents_grpc_api() {
     assert!(tty.contains("40 100"), "stty size after resize: {tty:?}");
 
     // 10 MiB through the file RPCs.
-    let data = pattern(10 << 20);
+    let data = wrenn_testkit::pattern(10 << 20);
     let t0 = Instant::now();
     write_file(&mut cl, &uid, "/root/big.bin", &data).await;
     let back = read_file(&mut cl, &uid, "/root/big.bin").await;
