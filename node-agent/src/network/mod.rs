@@ -18,6 +18,7 @@
 //! blocking, call it from `spawn_blocking`.
 
 mod addr;
+mod config;
 pub mod dns;
 mod fake;
 mod flags;
@@ -41,12 +42,13 @@ pub use addr::{
     ALWAYS_BLOCKED, AZURE_WIRESERVER, AddressPlan, Cidr, GATEWAY_MAC, GUEST_ADDR, GUEST_GATEWAY,
     GUEST_MAC, GUEST_PREFIX, LINK_LOCAL, MAX_SLOTS, PRIVATE_RANGES, ParseCidrError, SlotAddrs,
 };
+pub use config::{GuestLink, LinuxNetConfig, SetupStep};
 pub use dns::Names;
 pub use fake::{FakeNet, NetCall};
 pub use flags::EgressFlags;
 pub use hostports::{HostPort, HostPortRange, PortRule};
 pub use limits::CapsuleLimits;
-pub use linux::{GuestLink, LinuxNet, LinuxNetConfig, SetupStep};
+pub use linux::LinuxNet;
 pub use portrules::PORTS_TABLE;
 pub use reaper::is_retired_name;
 pub use ruleset::{
@@ -110,6 +112,22 @@ impl CapsuleId {
     pub fn resource_name(&self) -> String {
         format!("{PREFIX}-{}", self.short())
     }
+}
+
+/// `wrenn<kind><n in hex>`: a node resource that belongs to no capsule
+/// (`+` a retired link, `.` a pooled namespace), at most 14 bytes, under
+/// the kernel's 15, and never shaped like [`is_resource_name`].
+fn serial_name(kind: char, n: u32) -> String {
+    format!("{PREFIX}{kind}{n:x}")
+}
+
+/// Whether `name` has the shape of [`serial_name`] for `kind`.
+fn is_serial_name(name: &str, kind: char) -> bool {
+    name.strip_prefix(PREFIX)
+        .and_then(|rest| rest.strip_prefix(kind))
+        .is_some_and(|hex| {
+            (1..=8).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit())
+        })
 }
 
 /// Whether `name` has the shape of a [`CapsuleId::resource_name`]: the

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::linux::{GuestLink, LinuxNetConfig};
+use super::config::{GuestLink, LinuxNetConfig};
 use super::{CapsuleId, Error, PREFIX};
 use crate::sys::net as sys;
 
@@ -37,19 +37,14 @@ pub const QUIET: Duration = Duration::from_millis(20);
 /// How long the pool waits after a namespace it could not make.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// The name of pool entry `n`: its namespace's and its node link's (at
-/// most 14 bytes, under the kernel's 15).
+/// The name of pool entry `n`: its namespace's and its node link's.
 pub fn pool_name(n: u32) -> String {
-    format!("{PREFIX}.{n:x}")
+    super::serial_name('.', n)
 }
 
 /// Whether `name` has the shape of [`pool_name`].
 pub fn is_pool_name(name: &str) -> bool {
-    name.strip_prefix(PREFIX)
-        .and_then(|rest| rest.strip_prefix('.'))
-        .is_some_and(|hex| {
-            (1..=8).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit())
-        })
+    super::is_serial_name(name, '.')
 }
 
 /// A ready namespace: its mount, its emulated guest's (tests) and its

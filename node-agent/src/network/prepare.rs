@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use super::addr::{Cidr, GATEWAY_MAC, GUEST_ADDR, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX};
-use super::linux::{LinuxNetConfig, SetupStep};
+use super::config::{LinuxNetConfig, SetupStep};
 use super::{CAPSULE_VETH, CapsuleId, Error, TAP_NAME, TAP_QUEUE_LEN};
 use crate::sys::net::{self as sys, Netlink};
 

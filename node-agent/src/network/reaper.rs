@@ -23,23 +23,18 @@ use std::time::Duration;
 
 use tracing::warn;
 
+use super::SlotAddrs;
 use super::slots::SlotAllocator;
-use super::{PREFIX, SlotAddrs};
 use crate::sys::net::{self as sys};
 
-/// The name a retired link with interface index `index` takes (at most
-/// 14 bytes, under the kernel's 15).
+/// The name a retired link with interface index `index` takes.
 pub fn retired_name(index: u32) -> String {
-    format!("{PREFIX}+{index:x}")
+    super::serial_name('+', index)
 }
 
 /// Whether `name` has the shape of [`retired_name`].
 pub fn is_retired_name(name: &str) -> bool {
-    name.strip_prefix(PREFIX)
-        .and_then(|rest| rest.strip_prefix('+'))
-        .is_some_and(|hex| {
-            (1..=8).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit())
-        })
+    super::is_serial_name(name, '+')
 }
 
 /// What a teardown hands over.
