@@ -11,6 +11,10 @@
 //! added live gets a host port of its own and answers, a removed one stops;
 //! the capsule's delete gives the host ports back and they answer nothing.
 //!
+//! The node keeps namespaces ready as the chart runs it (a pool of 2), and
+//! the capsule takes the first one: the guest's TAP, veth and namespace
+//! were made before the capsule existed.
+//!
 //! Everything lives in namespaces under the test's temp dir; nothing
 //! touches the machine's own links, routes or firewall.
 #![allow(clippy::unwrap_used)]
@@ -22,12 +26,13 @@ mod qemu_bed;
 
 use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt as _;
 use std::time::{Duration, Instant};
 
 use network_env::{Bed as NetBed, NODE_UPLINK_ADDR, OTHER_REMOTE, UPLINK_ADDR, connect_from};
 use qemu_bed::{sh_as, vm_bed};
 use wrenn_node_agent::capsule::{Egress, HostPort, PortRule, State};
-use wrenn_node_agent::network::Cidr;
+use wrenn_node_agent::network::{CapsuleId, Cidr};
 use wrenn_testkit::{Tier, case};
 
 const NAME: &str =
@@ -68,14 +73,37 @@ fn get(bed: &NetBed, src: Ipv4Addr, port: u16) -> io::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_reaches_a_real_guest_through_its_host_port_and_nothing_else_gets_in() {
     let c = case(Tier::Vm, NAME);
-    let (w, turn) = match vm_bed(NAME, &[], || NetBed::new(true), "wrenn-ports").await {
+    let pooled = || {
+        let mut net = NetBed::new(true);
+        net.cfg.pool = 2;
+        net
+    };
+    let (w, turn) = match vm_bed(NAME, &[], pooled, "wrenn-ports").await {
         Ok(b) => b,
         Err(reason) => return c.skip(reason),
     };
+    // The namespace (its inode names it) the pool holds first, once the
+    // pool the startup sweep started is full.
+    let ns_dir = w.net.cfg.netns_dir.clone();
+    let t0 = Instant::now();
+    while !(ns_dir.join("wrenn.0").exists() && ns_dir.join("wrenn.1").exists()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the pool never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = std::fs::metadata(ns_dir.join("wrenn.0")).unwrap().ino();
     let mut spec = w.spec("tenant", UID, Egress::Deny);
     spec.ports = vec![from(WEB, UPLINK_ADDR)];
     let v = w.sup.create(UID, spec, State::Running).await.unwrap();
     assert_eq!(v.state, State::Running);
+    let own = ns_dir.join(CapsuleId::new(UID).unwrap().resource_name());
+    assert_eq!(
+        std::fs::metadata(&own).unwrap().ino(),
+        first,
+        "the capsule did not get the pooled namespace"
+    );
     let hp = host_port(&v.host_ports, WEB);
     let g = w.guest(UID, Duration::from_secs(60)).await;
     for (port, body) in [(WEB, "web in the guest"), (ADMIN, "admin in the guest")] {
