@@ -19,7 +19,7 @@ mod network_env;
 use std::time::{Duration, Instant};
 
 use network_env::Bed;
-use wrenn_node_agent::network::{CapsuleId, EgressPolicy, NetOps, Teardown};
+use wrenn_node_agent::network::{CapsuleId, EgressPolicy, LinuxNet, NetOps, Teardown};
 
 const CYCLES: usize = 200;
 
@@ -45,6 +45,13 @@ fn report(what: &str, mut samples: Vec<Duration>) {
         ms(samples[0]),
         ms(samples[samples.len() - 1]),
     );
+}
+
+/// Waits until the reaper has drained and freed every released slot.
+fn wait_drained(net: &LinuxNet) {
+    while !net.slots().draining().is_empty() {
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 fn main() {
@@ -92,9 +99,7 @@ fn main() {
         teardown.push(t.elapsed());
         // What the reaper does behind it (conntrack flush, slot freed):
         // the whole cost, for the comparison with the tools.
-        while !net.slots().draining().is_empty() {
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        wait_drained(&net);
         drained.push(t.elapsed());
         if cli {
             let c = net_cli::CliCapsule::new(run, i, cli_addrs);
@@ -137,9 +142,7 @@ fn main() {
         net.setup(&c, policy).expect("setup from the pool");
         pooled.push(t.elapsed());
         net.teardown(&c, Teardown::ReleaseSlot).expect("teardown");
-        while !net.slots().draining().is_empty() {
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        wait_drained(&net);
     }
     drop(net);
     let pooled_ratio = median(&setup).as_secs_f64() / median(&pooled).as_secs_f64();

@@ -50,15 +50,13 @@ fn pooled_bed(size: usize) -> (Bed, Leaks, LinuxNet) {
 }
 
 fn wait_pooled(net: &LinuxNet, n: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while net.pooled() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pool holds {} of {n} after 20 s",
-            net.pooled()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wrenn_testkit::wait_until(Duration::from_secs(20), "the pool filled", || {
+        match net.pooled() {
+            ready if ready >= n => Ok(()),
+            ready => Err(format!("{ready} of {n} ready")),
+        }
+    })
+    .unwrap();
 }
 
 /// The names a pool's entries go by, in `dir`.

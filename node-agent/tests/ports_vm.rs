@@ -85,14 +85,10 @@ async fn a_pod_reaches_a_real_guest_through_its_host_port_and_nothing_else_gets_
     // The namespace (its inode names it) the pool holds first, once the
     // pool the startup sweep started is full.
     let ns_dir = w.net.cfg.netns_dir.clone();
-    let t0 = Instant::now();
-    while !(ns_dir.join("wrenn.0").exists() && ns_dir.join("wrenn.1").exists()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the pool never filled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wrenn_testkit::eventually(Duration::from_secs(30), "the pool filled", || {
+        ns_dir.join("wrenn.0").exists() && ns_dir.join("wrenn.1").exists()
+    })
+    .await;
     let first = std::fs::metadata(ns_dir.join("wrenn.0")).unwrap().ino();
     let mut spec = w.spec("tenant", UID, Egress::Deny);
     spec.ports = vec![from(WEB, UPLINK_ADDR)];

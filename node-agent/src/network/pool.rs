@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::config::{GuestLink, LinuxNetConfig};
-use super::{CapsuleId, Error, PREFIX};
+use super::{CapsuleId, Error};
 use crate::sys::net as sys;
 
 /// How long creates must have paused before the pool makes another
@@ -126,6 +126,9 @@ impl NetnsPool {
     /// [`NetnsPool::claimed`] once it carries the capsule's names, or
     /// [`NetnsPool::discard`] when it could not use it.
     pub fn take(&self) -> Option<Entry> {
+        if self.shared.size == 0 {
+            return None;
+        }
         let mut st = self.shared.lock();
         st.last_take = Some(Instant::now());
         let entry = st.ready.pop_front();
@@ -210,11 +213,12 @@ impl Shared {
             };
             match wait {
                 Some(d) if d.is_zero() => {
-                    let name = pool_name(st.next);
-                    st.next = st.next.wrapping_add(1);
+                    let n = st.next;
+                    let name = pool_name(n);
+                    st.next = n.wrapping_add(1);
                     st.held.insert(name.clone());
                     drop(st);
-                    let made = make(&self.cfg, &name);
+                    let made = make(&self.cfg, n, &name);
                     st = self.lock();
                     match made {
                         Ok(()) => st.ready.push_back(Entry { name }),
@@ -254,10 +258,10 @@ fn guest_path(cfg: &LinuxNetConfig, name: &str) -> Option<PathBuf> {
     }
 }
 
-/// Makes entry `name` (its emulated guest first, which the capsule side
-/// moves its guest end into).
-fn make(cfg: &LinuxNetConfig, name: &str) -> Result<(), Error> {
-    let who = CapsuleId::new(&format!("pool-{}", &name[PREFIX.len() + 1..]))?;
+/// Makes entry `n`, named `name` (its emulated guest first, which the
+/// capsule side moves its guest end into).
+fn make(cfg: &LinuxNetConfig, n: u32, name: &str) -> Result<(), Error> {
+    let who = CapsuleId::new(&format!("pool-{n:x}"))?;
     let guest = guest_path(cfg, name);
     if let Some(g) = &guest {
         sys::run_in_new_netns(g, &cfg.proc_dir, |_| Ok::<(), Error>(())).map_err(|source| {
