@@ -52,16 +52,25 @@ fn records<'a>(uid: &'a str, pad: &'a str) -> impl Iterator<Item = Rec<'a>> {
     (0..RECORDS_PER_CAPSULE).map(move |n| Rec { uid, n, pad })
 }
 
-/// CPU time (user + system, every thread) this process used so far.
-fn cpu_time() -> Duration {
+/// CPU time this process used so far, every thread: (user, kernel).
+fn cpu_time() -> (Duration, Duration) {
     use nix::sys::resource::{UsageWho, getrusage};
     let tv = |t: nix::sys::time::TimeVal| {
         Duration::from_secs(t.tv_sec().unsigned_abs())
             + Duration::from_micros(t.tv_usec().unsigned_abs())
     };
     getrusage(UsageWho::RUSAGE_SELF)
-        .map(|u| tv(u.user_time()) + tv(u.system_time()))
+        .map(|u| (tv(u.user_time()), tv(u.system_time())))
         .unwrap_or_default()
+}
+
+/// Whether scenario `what` runs: all, unless `JOURNAL_BENCH_ONLY` names
+/// some (comma-separated words of their names, e.g. `pooled`), so one
+/// scenario can be profiled alone.
+fn wanted(what: &str) -> bool {
+    std::env::var("JOURNAL_BENCH_ONLY")
+        .map(|only| only.split(',').any(|w| what.contains(w.trim())))
+        .unwrap_or(true)
 }
 
 /// Creates one after the other, then bursts of [`CONCURRENT`], each
@@ -93,7 +102,7 @@ fn scenario(
     let mut lat = Vec::new();
     let before = sup.journal_stats();
     // The bursts only: a pool's refill between them is left out.
-    let (mut wall, mut cpu) = (0.0, Duration::ZERO);
+    let (mut wall, mut user, mut sys) = (0.0, Duration::ZERO, Duration::ZERO);
     for round in 0..ROUNDS {
         settle();
         let (t0, cpu0) = (Instant::now(), cpu_time());
@@ -116,17 +125,20 @@ fn scenario(
             lat.push(rt.block_on(t).expect("task"));
         }
         wall += t0.elapsed().as_secs_f64();
-        cpu += cpu_time() - cpu0;
+        let (u, k) = cpu_time();
+        user += u - cpu0.0;
+        sys += k - cpu0.1;
     }
     let s = sup.journal_stats();
     let creates = (CONCURRENT * ROUNDS) as f64;
     let records = (s.records - before.records) as f64;
     let rate = creates / wall;
     println!(
-        "  {what:<13} {CONCURRENT} at once     p50 {:>7.2} ms   p99 {:>7.2} ms   {rate:.0} creates/s, {:.2} ms CPU per create; at this rate a burst's median is at least {:.1} ms",
+        "  {what:<13} {CONCURRENT} at once     p50 {:>7.2} ms   p99 {:>7.2} ms   {rate:.0} creates/s, {:.2} ms CPU per create ({:.2} ms of it in the kernel); at this rate a burst's median is at least {:.1} ms",
         pct(&mut lat, 50),
         pct(&mut lat, 99),
-        cpu.as_secs_f64() * 1e3 / creates,
+        (user + sys).as_secs_f64() * 1e3 / creates,
+        sys.as_secs_f64() * 1e3 / creates,
         (CONCURRENT as f64 / 2.0) / rate * 1e3,
     );
     println!(
@@ -143,20 +155,36 @@ fn scenario(
 
 fn main() {
     let rt = wrenn_testkit::runtime();
-    let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-    let template = dir.path().join("base.ext4");
+    // State and disks on a journaled ext4 made for the run, as on a node;
+    // the machine's own root filesystem has no journal (see `ScratchExt4`).
+    let scratch = wrenn_testkit::ScratchExt4::new(4096);
+    let fallback = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+    let (root, on) = match &scratch {
+        Ok(fs) => (
+            fs.path().to_path_buf(),
+            "a fresh journaled ext4 on a loop device".to_string(),
+        ),
+        Err(why) => (
+            fallback.path().to_path_buf(),
+            format!("the machine's temp dir (no scratch ext4: {why})"),
+        ),
+    };
+    let dir = root.as_path();
+    let template = dir.join("base.ext4");
     std::fs::write(&template, vec![0u8; 1 << 20]).expect("template");
     let store: Arc<dyn BlockStore> =
-        Arc::new(Qcow2Store::open(StorageConfig::new(dir.path().join("disks"))).expect("store"));
+        Arc::new(Qcow2Store::open(StorageConfig::new(dir.join("disks"))).expect("store"));
     let machine = Arc::new(FakeMachine::new());
     println!(
-        "journal bench: creates on the fake VMM with qcow2 disk files (state on {}); {SEQUENTIAL} one after the other, then {CONCURRENT} at once x {ROUNDS} rounds",
-        dir.path().display()
+        "journal bench: creates on the fake VMM with qcow2 disk files (state on {on}, {}); {SEQUENTIAL} one after the other, then {CONCURRENT} at once x {ROUNDS} rounds",
+        dir.display()
     );
     let fake: Arc<dyn NetOps> = Arc::new(FakeNet::new());
-    let sup = supervisor_on(&dir.path().join("fake"), &machine, fake, &store);
-    scenario(&rt, &sup, "fake network", &template, &|| {});
-    sup.shutdown();
+    if wanted("fake network") {
+        let sup = supervisor_on(&dir.join("fake"), &machine, fake, &store);
+        scenario(&rt, &sup, "fake network", &template, &|| {});
+        sup.shutdown();
+    }
     let real = wrenn_testkit::need_root().and_then(|()| {
         if std::path::Path::new("/dev/net/tun").exists() {
             Ok(())
@@ -171,12 +199,15 @@ fn main() {
             // pool made ahead (refilled between bursts, as it is once
             // creates pause).
             for (what, pool) in [("real network", 0), ("real, pooled", CONCURRENT)] {
+                if !wanted(what) {
+                    continue;
+                }
                 bed.cfg.pool = pool;
                 let net = Arc::new(bed.net());
                 net.ensure_node().expect("ensure node");
                 net.start_pool();
                 let dyn_net: Arc<dyn NetOps> = net.clone();
-                let state = dir.path().join(what.replace([' ', ','], ""));
+                let state = dir.join(what.replace([' ', ','], ""));
                 let sup = supervisor_on(&state, &machine, dyn_net, &store);
                 let settle = || {
                     while net.pooled() < pool {
@@ -193,12 +224,11 @@ fn main() {
         }
         Err(why) => println!("  real network  skipped: {why}"),
     }
-    let dir = &dir;
 
     // The journal layer alone, same records, before and after.
     let pad = "x".repeat(1500);
     let total = CONCURRENT * RECORDS_PER_CAPSULE;
-    let inline = Journal::new(&dir.path().join("inline"));
+    let inline = Journal::new(&dir.join("inline"));
     let t = Instant::now();
     let tasks: Vec<_> = (0..CONCURRENT)
         .map(|i| {
@@ -216,7 +246,7 @@ fn main() {
         rt.block_on(task).expect("task");
     }
     let one_by_one = t.elapsed().as_secs_f64();
-    let gc = GroupCommit::start(Journal::new(&dir.path().join("grouped")));
+    let gc = GroupCommit::start(Journal::new(&dir.join("grouped")));
     let t = Instant::now();
     let tasks: Vec<_> = (0..CONCURRENT)
         .map(|i| {

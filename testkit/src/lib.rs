@@ -14,11 +14,13 @@
 pub mod guest_vm;
 mod netns;
 pub mod registry;
+mod scratch_fs;
 mod secret_volume;
 pub mod vm;
 pub mod vsock_shim;
 
 pub use netns::TestNetns;
+pub use scratch_fs::ScratchExt4;
 pub use secret_volume::SecretVolume;
 pub use vsock_shim::VsockShim;
 
