@@ -7,7 +7,10 @@
 //! run's file creation, a cost a journaled node filesystem does not have.
 //! A filesystem made for the run starts empty and goes with it, so runs
 //! do not carry each other's deletes; its writes and flushes still reach
-//! the machine's disk through the loop device.
+//! the machine's disk through the loop device. The loop device does direct
+//! I/O: through the page cache, each flush would also write back the
+//! backing file, which made an `fdatasync` about 4 ms here instead of
+//! about 0.7 ms.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +20,7 @@ use std::process::Command;
 #[derive(Debug)]
 pub struct ScratchExt4 {
     mount: PathBuf,
+    device: String,
     // Holds the backing file and the mount point until after the unmount.
     _dir: tempfile::TempDir,
 }
@@ -37,11 +41,21 @@ impl ScratchExt4 {
         run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).map_err(|e| format!("mount point: {e}"))?;
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop"])
-            .arg(&image)
-            .arg(&mount))?;
-        Ok(Self { mount, _dir: dir })
+        let device = run(Command::new("losetup")
+            .args(["--direct-io=on", "--find", "--show"])
+            .arg(&image))?;
+        if let Err(e) = run(Command::new("mount")
+            .args(["-t", "ext4", &device])
+            .arg(&mount))
+        {
+            let _ = Command::new("losetup").args(["-d", &device]).status();
+            return Err(e);
+        }
+        Ok(Self {
+            mount,
+            device,
+            _dir: dir,
+        })
     }
 
     /// Where the filesystem is mounted.
@@ -55,13 +69,16 @@ impl Drop for ScratchExt4 {
         // Lazy: a bench thread that still holds a file open must not keep
         // the mount (and its loop device) alive past the run.
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        // On a device still busy this only marks it to go when released.
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+/// Runs `cmd`; its standard output, trimmed.
+fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
         Err(format!(
             "{cmd:?}: {}",
