@@ -18,6 +18,10 @@
 //! exec samples (default 200), `WRENN_BENCH_TRANSFER_ROUNDS` the transfer
 //! rounds whose medians are reported (default 5); `WRENN_E2E_RELEASE=1`
 //! runs the gateway and guest agent built as they ship (release).
+//! `WRENN_BENCH_ONLY=transfers` skips everything but the transfers, and
+//! `WRENN_BENCH_PROFILE_SECS=N` first downloads through the gateway for N
+//! seconds after printing its pid, for a profiler to attach to
+//! (`perf record -p PID`).
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "../tests/gateway_bed/mod.rs"]
@@ -112,6 +116,57 @@ struct Rates {
     down_direct: f64,
     gateway_up_cpu: f64,
     gateway_down_cpu: f64,
+    /// CPU per MB of each of [`Procs`] on a download, through and direct.
+    down_cpu_via: [f64; 4],
+    down_cpu_direct: [f64; 4],
+}
+
+/// The processes a download spends CPU in: this one (the client and the
+/// node agent), the guest agent, the API server and the gateway.
+struct Procs([(&'static str, u32); 4]);
+
+impl Procs {
+    fn find(gateway: u32) -> Self {
+        let me = std::process::id();
+        let all = processes();
+        let child = |comm: &str| {
+            let mut tree = vec![me];
+            let mut i = 0;
+            while let Some(&parent) = tree.get(i) {
+                tree.extend(all.iter().filter(|p| p.1 == parent).map(|p| p.0));
+                i += 1;
+            }
+            all.iter()
+                .find(|p| p.2 == comm && tree.contains(&p.0))
+                .map_or(0, |p| p.0)
+        };
+        Self([
+            ("bench (client + node agent)", me),
+            ("guest agent", child("wrenn-guest")),
+            ("kube-apiserver", child("kube-apiserver")),
+            ("wrenn-gateway", gateway),
+        ])
+    }
+
+    fn cpu(&self) -> [Duration; 4] {
+        std::array::from_fn(|i| cpu_time(self.0[i].1))
+    }
+}
+
+/// Every process: pid, parent's pid, command name.
+fn processes() -> Vec<(u32, u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_string();
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        Some((pid, ppid, comm))
+    })
+    .collect()
 }
 
 /// CPU time (user + system) process `pid` has used so far.
@@ -137,11 +192,9 @@ fn cpu_time(pid: u32) -> Duration {
 /// Uploads and downloads `data` through the API server and straight
 /// through the agent, back to back.
 async fn transfer_round(
-    gateway: u32,
+    procs: &Procs,
     alice: &kube::Client,
-    agent: &mut wrenn_proto::agent::v1::node_agent_client::NodeAgentClient<
-        tonic::transport::Channel,
-    >,
+    agent: &mut Agent,
     uid: &str,
     d: &str,
     data: &[u8],
@@ -150,6 +203,11 @@ async fn transfer_round(
     use wrenn_proto::guest::v1 as gpb;
     let mbps = |t: Duration| SIZE as f64 / 1e6 / t.as_secs_f64();
     let cpu_per_mb = |t: Duration| t.as_secs_f64() * 1e3 / (SIZE as f64 / 1e6);
+    let spent = |before: [Duration; 4]| {
+        let now = procs.cpu();
+        std::array::from_fn(|i| cpu_per_mb(now[i] - before[i]))
+    };
+    let gateway = procs.0[3].1;
     let cpu = cpu_time(gateway);
     let t = Instant::now();
     let mut up = ws(
@@ -168,12 +226,9 @@ async fn transfer_round(
     drain(&mut up).await;
     let up_via = mbps(t.elapsed());
     let gateway_up_cpu = cpu_per_mb(cpu_time(gateway) - cpu);
-    let cpu = cpu_time(gateway);
-    let t = Instant::now();
-    let mut down = ws(alice, "files", &format!("path={d}/via.bin")).await;
-    assert_eq!(drain(&mut down).await, SIZE);
-    let down_via = mbps(t.elapsed());
-    let gateway_down_cpu = cpu_per_mb(cpu_time(gateway) - cpu);
+    let (down_via, down_cpu_via) =
+        download_via(alice, &format!("{d}/via.bin"), procs, &spent).await;
+    let gateway_down_cpu = down_cpu_via[3];
 
     let t = Instant::now();
     let wrap = |i| pb::WriteFileInput {
@@ -193,6 +248,7 @@ async fn transfer_round(
     );
     agent.write_file(futures::stream::iter(msgs)).await.unwrap();
     let up_direct = mbps(t.elapsed());
+    let cpu = procs.cpu();
     let t = Instant::now();
     let mut s = agent
         .read_file(pb::ReadFileRequest {
@@ -210,14 +266,33 @@ async fn transfer_round(
         n += c.data.len();
     }
     assert_eq!(n, SIZE);
+    let down_direct = mbps(t.elapsed());
     Rates {
         up_via,
         up_direct,
         down_via,
-        down_direct: mbps(t.elapsed()),
+        down_direct,
         gateway_up_cpu,
         gateway_down_cpu,
+        down_cpu_via,
+        down_cpu_direct: spent(cpu),
     }
+}
+
+/// Downloads `file` through the API server: MB/s, and each of `procs`'
+/// CPU per MB as `spent` counts it from the CPU times given.
+async fn download_via(
+    alice: &kube::Client,
+    file: &str,
+    procs: &Procs,
+    spent: &impl Fn([Duration; 4]) -> [f64; 4],
+) -> (f64, [f64; 4]) {
+    let cpu = procs.cpu();
+    let t = Instant::now();
+    let mut down = ws(alice, "files", &format!("path={file}")).await;
+    assert_eq!(drain(&mut down).await, SIZE);
+    let rate = SIZE as f64 / 1e6 / t.elapsed().as_secs_f64();
+    (rate, spent(cpu))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -250,16 +325,155 @@ fn transfer_row(what: &str, via: f64, direct: f64, ratio: f64) {
     );
 }
 
+/// Exec figures: p50/p99 through and direct, when the upgrade was
+/// answered and the status came, and the same from kube's stock client.
+struct Execs {
+    via: Vec<Duration>,
+    direct: Vec<Duration>,
+    upgraded: Vec<Duration>,
+    status: Vec<Duration>,
+    via_stock: Vec<Duration>,
+}
+
+async fn exec_figures(
+    bed: &Bed,
+    alice: &kube::Client,
+    agent: &mut Agent,
+    uid: &str,
+    samples: usize,
+) -> Execs {
+    // Exec round trips, interleaved so both see the same load.
+    let (mut via, mut direct) = (Vec::new(), Vec::new());
+    let (mut upgraded, mut status) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let [u, s, end] = exec_via_api(alice).await;
+        via.push(end);
+        upgraded.push(u);
+        status.push(s);
+        let t = Instant::now();
+        let r = wrenn_e2e::agent::exec(agent, uid, &["true"], b"")
+            .await
+            .unwrap();
+        direct.push(t.elapsed());
+        assert_eq!(r.code, Some(0));
+    }
+    // The same through kube's default client (Nagle on).
+    let stock = stock_client(&bed.alice_kubeconfig).await;
+    let mut via_stock = Vec::new();
+    for i in 0..samples + 10 {
+        let [_, _, end] = exec_via_api(&stock).await;
+        if i >= 10 {
+            via_stock.push(end);
+        }
+    }
+    for v in [
+        &mut via,
+        &mut direct,
+        &mut upgraded,
+        &mut status,
+        &mut via_stock,
+    ] {
+        v.sort();
+    }
+    Execs {
+        via,
+        direct,
+        upgraded,
+        status,
+        via_stock,
+    }
+}
+
+/// Exec calls per second one gateway answers, 16 in flight for 10 s.
+async fn exec_rate(alice: &kube::Client) -> f64 {
+    let until = Instant::now() + Duration::from_secs(10);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let c = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                exec_via_api(&c).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut calls = 0;
+    for t in tasks {
+        calls += t.await.unwrap();
+    }
+    calls as f64 / t.elapsed().as_secs_f64()
+}
+
+type Agent = wrenn_proto::agent::v1::node_agent_client::NodeAgentClient<tonic::transport::Channel>;
+
+/// Throughput, 64 MiB each way, in `rounds` of both paths: one transfer
+/// is half a second, so a burst of load on this shared machine can halve
+/// either column; the median of several rounds is what holds.
+async fn transfer_figures(
+    procs: &Procs,
+    alice: &kube::Client,
+    agent: &mut Agent,
+    uid: &str,
+    rounds: usize,
+) -> Vec<Rates> {
+    let dir = tempfile::Builder::new()
+        .prefix("wrenn-bench-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path().display().to_string();
+    let data: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    if let Some(secs) = env_number("WRENN_BENCH_PROFILE_SECS") {
+        profile_downloads(procs, alice, agent, uid, &d, &data, secs).await;
+    }
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        runs.push(transfer_round(procs, alice, agent, uid, &d, &data).await);
+    }
+    runs
+}
+
+/// Downloads through the gateway for `secs` seconds, its pid printed
+/// first, for a profiler to attach to.
+async fn profile_downloads(
+    procs: &Procs,
+    alice: &kube::Client,
+    agent: &mut Agent,
+    uid: &str,
+    d: &str,
+    data: &[u8],
+    secs: usize,
+) {
+    transfer_round(procs, alice, agent, uid, d, data).await;
+    println!(
+        "profile: downloading through wrenn-gateway pid {} for {secs} s",
+        procs.0[3].1
+    );
+    let until = Instant::now() + Duration::from_secs(secs as u64);
+    let spent = |_: [Duration; 4]| [0.0; 4];
+    while Instant::now() < until {
+        download_via(alice, &format!("{d}/via.bin"), procs, &spent).await;
+    }
+    println!("profile: done");
+}
+
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
     run().await;
 }
 
 async fn run() {
-    let samples: usize = std::env::var("WRENN_BENCH_EXECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let samples = env_number("WRENN_BENCH_EXECS").unwrap_or(200);
+    let rounds = env_number("WRENN_BENCH_TRANSFER_ROUNDS").unwrap_or(5);
+    let only_transfers = std::env::var("WRENN_BENCH_ONLY").is_ok_and(|v| v == "transfers");
     let bed = match Bed::start().await {
         Ok(b) => b,
         Err(why) => {
@@ -280,97 +494,14 @@ async fn run() {
             .unwrap();
     }
     let rss_idle = rss_kib(pid);
-
-    // Exec round trips, interleaved so both see the same load.
-    let (mut via, mut direct) = (Vec::new(), Vec::new());
-    let (mut upgraded, mut status) = (Vec::new(), Vec::new());
-    for _ in 0..samples {
-        let [u, s, end] = exec_via_api(&alice).await;
-        via.push(end);
-        upgraded.push(u);
-        status.push(s);
-        let t = Instant::now();
-        let r = wrenn_e2e::agent::exec(&mut agent, &uid, &["true"], b"")
-            .await
-            .unwrap();
-        direct.push(t.elapsed());
-        assert_eq!(r.code, Some(0));
-    }
-    via.sort();
-    direct.sort();
-    upgraded.sort();
-    status.sort();
-    // The same through kube's default client (Nagle on).
-    let stock = stock_client(&bed.alice_kubeconfig).await;
-    let mut via_stock = Vec::new();
-    for i in 0..samples + 10 {
-        let [_, _, end] = exec_via_api(&stock).await;
-        if i >= 10 {
-            via_stock.push(end);
-        }
-    }
-    via_stock.sort();
-
-    // Throughput, 64 MiB each way, in rounds of both paths: one transfer
-    // is half a second, so a burst of load on this shared machine can
-    // halve either column; the median of several rounds is what holds.
-    let rounds: usize = std::env::var("WRENN_BENCH_TRANSFER_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let dir = tempfile::Builder::new()
-        .prefix("wrenn-bench-")
-        .tempdir()
-        .unwrap();
-    let d = dir.path().display().to_string();
-    let data: Vec<u8> = (0..SIZE as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let mut runs = Vec::new();
-    for _ in 0..rounds {
-        runs.push(transfer_round(pid, &alice, &mut agent, &uid, &d, &data).await);
-    }
-    let rate = |pick: fn(&Rates) -> f64| median(runs.iter().map(pick).collect());
-    let (up_via, up_direct) = (rate(|r| r.up_via), rate(|r| r.up_direct));
-    let (down_via, down_direct) = (rate(|r| r.down_via), rate(|r| r.down_direct));
-    let up_ratio = rate(|r| r.up_via / r.up_direct);
-    let down_ratio = rate(|r| r.down_via / r.down_direct);
-
-    // 100 open streams.
-    let mut open = Vec::new();
-    for _ in 0..100 {
-        open.push(ws(&alice, "console", "follow=true").await);
-    }
-    let rss_100 = rss_kib(pid);
-    drop(open);
-
-    // Exec calls per second, 16 in flight for 10 s.
-    let until = Instant::now() + Duration::from_secs(10);
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let c = alice.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < until {
-                exec_via_api(&c).await;
-                n += 1;
-            }
-            n
-        }));
-    }
-    let mut calls = 0;
-    for t in tasks {
-        calls += t.await.unwrap();
-    }
-    let per_s = calls as f64 / t.elapsed().as_secs_f64();
-
-    let (v50, v99, d50, d99) = (
-        pct(&via, 0.5),
-        pct(&via, 0.99),
-        pct(&direct, 0.5),
-        pct(&direct, 0.99),
-    );
+    let execs = if only_transfers {
+        None
+    } else {
+        Some(exec_figures(&bed, &alice, &mut agent, &uid, samples).await)
+    };
+    let procs = Procs::find(pid);
+    let runs = transfer_figures(&procs, &alice, &mut agent, &uid, rounds).await;
+    let rate = |pick: &dyn Fn(&Rates) -> f64| median(runs.iter().map(pick).collect());
     println!(
         "\ngateway figures ({samples} exec samples; 64 MiB transfers, median of {rounds} rounds; \
          gateway and guest agent built {})\n",
@@ -382,22 +513,56 @@ async fn run() {
     );
     println!("| measure | through API server + gateway | direct agent gRPC | ratio | aim |");
     println!("|---|---|---|---|---|");
-    exec_row("p50", v50, d50);
-    exec_row("p99", v99, d99);
-    transfer_row("upload", up_via, up_direct, up_ratio);
-    transfer_row("download", down_via, down_direct, down_ratio);
+    if let Some(e) = &execs {
+        exec_row("p50", pct(&e.via, 0.5), pct(&e.direct, 0.5));
+        exec_row("p99", pct(&e.via, 0.99), pct(&e.direct, 0.99));
+    }
+    transfer_row(
+        "upload",
+        rate(&|r| r.up_via),
+        rate(&|r| r.up_direct),
+        rate(&|r| r.up_via / r.up_direct),
+    );
+    transfer_row(
+        "download",
+        rate(&|r| r.down_via),
+        rate(&|r| r.down_direct),
+        rate(&|r| r.down_via / r.down_direct),
+    );
+    println!("\n| CPU per MB downloaded (median) | through | direct |\n|---|---|---|");
+    let (mut via, mut direct) = (0.0, 0.0);
+    for (i, (name, _)) in procs.0.iter().enumerate() {
+        let (v, d) = (
+            rate(&|r| r.down_cpu_via[i]),
+            rate(&|r| r.down_cpu_direct[i]),
+        );
+        println!("| {name} | {v:.2} ms | {d:.2} ms |");
+        (via, direct) = (via + v, direct + d);
+    }
+    println!("| total | {via:.2} ms | {direct:.2} ms |");
+    let Some(e) = execs else {
+        return;
+    };
     println!(
         "\nexec through the API server, p50 since the start: upgrade answered {:.1} ms, \
          exit status received {:.1} ms, connection closed {:.1} ms",
-        ms(pct(&upgraded, 0.5)),
-        ms(pct(&status, 0.5)),
-        ms(v50)
+        ms(pct(&e.upgraded, 0.5)),
+        ms(pct(&e.status, 0.5)),
+        ms(pct(&e.via, 0.5))
     );
     println!(
         "exec through the API server from kube's default client (Nagle on): p50 {:.1} ms, p99 {:.1} ms",
-        ms(pct(&via_stock, 0.5)),
-        ms(pct(&via_stock, 0.99))
+        ms(pct(&e.via_stock, 0.5)),
+        ms(pct(&e.via_stock, 0.99))
     );
+    // 100 open streams.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(ws(&alice, "console", "follow=true").await);
+    }
+    let rss_100 = rss_kib(pid);
+    drop(open);
+    let per_s = exec_rate(&alice).await;
     println!("\n| gateway | value |\n|---|---|");
     println!("| RSS idle | {:.1} MiB |", rss_idle as f64 / 1024.0);
     println!(
@@ -406,8 +571,8 @@ async fn run() {
     );
     println!(
         "| CPU per MB through it (median): upload / download | {:.2} / {:.2} ms |",
-        rate(|r| r.gateway_up_cpu),
-        rate(|r| r.gateway_down_cpu)
+        rate(&|r| r.gateway_up_cpu),
+        rate(&|r| r.gateway_down_cpu)
     );
     println!("| exec calls/s (16 in flight, 10 s) | {per_s:.0} |");
 }
