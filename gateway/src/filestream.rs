@@ -114,10 +114,10 @@ async fn peeked(capsule: &str, mut s: Streaming<gpb::FileChunk>) -> Result<Chunk
         .message()
         .await
         .map_err(|st| plan_agent_refusal(capsule, &st))?;
-    let head = futures::stream::iter(first.map(|c| Ok(Bytes::from(c.data))));
+    let head = futures::stream::iter(first.map(|c| Ok(c.data)));
     let tail = futures::stream::unfold(s, |mut s| async move {
         match s.message().await {
-            Ok(Some(c)) => Some((Ok(Bytes::from(c.data)), s)),
+            Ok(Some(c)) => Some((Ok(c.data), s)),
             Ok(None) => None,
             Err(st) => Some((Err(BodyError(st.message().to_string())), s)),
         }

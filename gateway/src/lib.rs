@@ -9,7 +9,7 @@
 //! `console`); `channel` is the channel protocol itself, `filestream` the
 //! file bodies streamed to and from the agent, `transfer` the long
 //! transfers' WebSocket form, which the API server's request timeout does
-//! not cut; `query` reads query strings. `portforward` carries TCP
+//! not cut, `outstream` the client's side of a one-way one; `query` reads query strings. `portforward` carries TCP
 //! connections to declared ports over the port-forward channel protocol
 //! and `proxy` HTTP requests to them, both through `tunnel` (the agent's
 //! `Connect`); `upgrade` runs every channel-protocol WebSocket the same
@@ -30,6 +30,7 @@ pub mod files;
 pub mod filestream;
 pub mod frontproxy;
 pub mod locate;
+pub mod outstream;
 pub mod portforward;
 pub mod processes;
 pub mod proxy;

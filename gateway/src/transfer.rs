@@ -40,6 +40,7 @@ use crate::files::{FileOp, parse_request};
 use crate::filestream::{
     Chunks, MAX_CHUNK, Upload, UploadTo, download, download_tar, start_upload,
 };
+use crate::outstream::{Ended, OutSocket};
 use crate::processes::{self, ProcessOp};
 use crate::query::{flag, form_decode};
 use crate::route::{Reason, Refusal, plan_agent_refusal};
@@ -204,83 +205,81 @@ pub fn build_success_status() -> Value {
 }
 
 /// Runs the transfer until it ends or the client goes away.
-pub async fn bridge(ws: Socket, capsule: String, opened: Opened) {
-    let (mut sink, mut source) = ws.split();
-    if sink.send(framed(STDOUT, &[])).await.is_err() {
+pub async fn bridge(mut ws: Socket, capsule: String, opened: Opened) {
+    if ws.send(framed(STDOUT, &[])).await.is_err() {
         return;
     }
-    let status = match opened {
-        Opened::Output(mut chunks) => loop {
-            tokio::select! {
-                c = chunks.next() => match c {
-                    Some(Ok(b)) => {
-                        if sink.send(framed(STDOUT, &b)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        break Refusal::capsule(Reason::InternalError, &capsule, e.to_string()).to_status();
-                    }
-                    None => break build_success_status(),
-                },
-                // Only a close (or a broken socket) matters here: dropping
-                // the agent stream stops the read in the guest.
-                m = source.next() => match m {
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => return,
-                    Some(Ok(_)) => {}
-                },
-            }
-        },
-        Opened::Upload(Upload { data, mut done }) => {
-            let mut data = Some(data);
-            let answer = loop {
-                tokio::select! {
-                    r = &mut done => break r,
-                    m = source.next(), if data.is_some() => match m {
-                        Some(Ok(Message::Binary(b))) => match b.split_first() {
-                            Some((&STDIN, rest)) => {
-                                for c in rest.chunks(MAX_CHUNK) {
-                                    if let Some(tx) = &data
-                                        && tx.send(c.to_vec()).await.is_err()
-                                    {
-                                        // The agent answered already; `done` says how.
-                                        data = None;
-                                    }
-                                }
+    match opened {
+        Opened::Output(chunks) => send_output(ws, &capsule, chunks).await,
+        Opened::Upload(upload) => receive_upload(ws, &capsule, upload).await,
+    }
+}
+
+/// Sends `chunks` on stdout, then the final status.
+async fn send_output(ws: Socket, capsule: &str, mut chunks: Chunks) {
+    let Ok(mut out) = OutSocket::take(ws).await else {
+        return;
+    };
+    let status = match out.pump(&mut chunks).await {
+        Ended::Done => build_success_status(),
+        Ended::Failed(m) => Refusal::capsule(Reason::InternalError, capsule, m).to_status(),
+        Ended::Gone => return,
+    };
+    out.finish(&status).await;
+}
+
+/// Feeds the client's stdin to the upload, then sends the agent's answer
+/// and the final status.
+async fn receive_upload(ws: Socket, capsule: &str, upload: Upload) {
+    let (mut sink, mut source) = ws.split();
+    let Upload { data, mut done } = upload;
+    let mut data = Some(data);
+    let answer = loop {
+        tokio::select! {
+            r = &mut done => break r,
+            m = source.next(), if data.is_some() => match m {
+                Some(Ok(Message::Binary(b))) => match b.split_first() {
+                    Some((&STDIN, rest)) => {
+                        for c in rest.chunks(MAX_CHUNK) {
+                            if let Some(tx) = &data
+                                && tx.send(c.to_vec()).await.is_err()
+                            {
+                                // The agent answered already; `done` says how.
+                                data = None;
                             }
-                            Some((&CLOSE, [STDIN])) => data = None,
-                            _ => {}
-                        },
-                        Some(Ok(Message::Close(_)) | Err(_)) | None => {
-                            // Gone mid-upload: the guest sees a short
-                            // input and discards what it wrote.
-                            done.abort();
-                            return;
                         }
-                        Some(Ok(_)) => {}
-                    },
-                }
-            };
-            match answer {
-                Ok(Ok(v)) => {
-                    if sink
-                        .send(framed(STDOUT, v.to_string().as_bytes()))
-                        .await
-                        .is_err()
-                    {
-                        return;
                     }
-                    build_success_status()
+                    Some((&CLOSE, [STDIN])) => data = None,
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    // Gone mid-upload: the guest sees a short
+                    // input and discards what it wrote.
+                    done.abort();
+                    return;
                 }
-                Ok(Err(st)) => plan_agent_refusal(&capsule, &st).to_status(),
-                Err(_) => Refusal::capsule(
-                    Reason::InternalError,
-                    &capsule,
-                    "the upload ended without an answer",
-                )
-                .to_status(),
-            }
+                Some(Ok(_)) => {}
+            },
         }
+    };
+    let status = match answer {
+        Ok(Ok(v)) => {
+            if sink
+                .send(framed(STDOUT, v.to_string().as_bytes()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            build_success_status()
+        }
+        Ok(Err(st)) => plan_agent_refusal(capsule, &st).to_status(),
+        Err(_) => Refusal::capsule(
+            Reason::InternalError,
+            capsule,
+            "the upload ended without an answer",
+        )
+        .to_status(),
     };
     send_final_status(&mut sink, &status).await;
 }

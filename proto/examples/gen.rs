@@ -61,6 +61,9 @@ fn generate(root: &Path, out: &Path) -> Result<(), String> {
         .build_transport(false)
         // Written by hand in lib.rs, redacting the password.
         .skip_debug(["wrenn.agent.v1.RegistryCredentials"])
+        // A download's chunks decode as slices of tonic's receive buffer,
+        // not as a copy of it: the gateway passes them on untouched.
+        .bytes(".wrenn.guest.v1.FileChunk.data")
         .out_dir(out)
         .compile_protos(&protos, &[root.join("proto")])
         .map_err(|e| format!("compile protos: {e}"))

@@ -149,7 +149,7 @@ impl ChunkWriter {
         }
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
         self.tx
-            .blocking_send(Ok(FileChunk { data }))
+            .blocking_send(Ok(FileChunk { data: data.into() }))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader went away"))
     }
 }

@@ -20,6 +20,10 @@ use wrenn_proto::guest::v1::{
 
 /// Read chunk size.
 const CHUNK: usize = 256 * 1024;
+/// Bytes per `FileChunk` a file read sends: larger messages mean fewer
+/// wake-ups at every hop a download passes (the node agent, the gateway);
+/// well under gRPC's default 4 MiB decoding limit.
+const SEND_CHUNK: usize = 1 << 20;
 /// Most entries one ListDir returns: keeps the reply under gRPC's default
 /// 4 MiB message limit.
 pub const MAX_LIST_ENTRIES: usize = 20_000;
@@ -243,7 +247,7 @@ pub fn read_stream(
     let (tx, rx) = mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         let mut sent = 0u64;
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = vec![0u8; SEND_CHUNK];
         loop {
             let msg = match file.read(&mut buf) {
                 Ok(0) => return,
@@ -258,7 +262,7 @@ pub fn read_stream(
                         .into())
                     } else {
                         Ok(FileChunk {
-                            data: buf[..n].to_vec(),
+                            data: buf[..n].to_vec().into(),
                         })
                     }
                 }
