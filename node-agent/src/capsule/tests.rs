@@ -172,6 +172,31 @@ async fn a_failed_launch_leaves_nothing() {
     create(&b, "c1").await;
 }
 
+/// The disk and the network are claimed in one journal write before the
+/// disk is made: a disk that cannot be made takes the claimed, never made
+/// network down with it.
+#[tokio::test]
+async fn a_failed_disk_leaves_nothing_though_the_network_was_claimed_with_it() {
+    let b = Bed::new();
+    b.store.fail_next("ensure_disk");
+    let err = b
+        .sup
+        .create("c1", spec("c1"), State::Running)
+        .await
+        .unwrap_err();
+    assert!(err.chain().contains("ensure_disk"), "{}", err.chain());
+    assert!(
+        !b.net
+            .calls()
+            .iter()
+            .any(|c| matches!(c, crate::network::NetCall::Setup(..))),
+        "a network was made after the disk failed: {:?}",
+        b.net.calls()
+    );
+    b.assert_gone("c1");
+    create(&b, "c1").await;
+}
+
 #[tokio::test]
 async fn pause_and_resume_with_failure_semantics() {
     let b = Bed::new();

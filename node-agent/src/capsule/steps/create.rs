@@ -24,7 +24,15 @@ impl<M: Machine + 'static> Ctx<M> {
         let uid = rec.uid.clone();
         let timer = self.cfg.metrics.start_step(Step::Create);
         let res: Result<(), Error> = async {
-            self.commit(entry, &rec).await?;
+            // A template base is resolved without side effects, so the
+            // record's first durable write can wait for the claims; an
+            // image pull or a snapshot pin happens under a record already
+            // journaled.
+            if matches!(rec.spec.source, BootSource::Template(_)) {
+                self.show(entry, &rec);
+            } else {
+                self.commit(entry, &rec).await?;
+            }
             let (disk, net) = self.ensure_disk_and_net(entry, &mut rec).await?;
             if entry.cancelled() {
                 return Err(Error::Cancelled { uid: uid.clone() });

@@ -63,8 +63,11 @@ impl<M: Machine + 'static> Ctx<M> {
         }
     }
 
-    /// Makes (or adopts) the disk and the network of `rec`, journaling each
-    /// before it is made.
+    /// Makes (or adopts) the disk and the network of `rec`. Both are claimed
+    /// in one commit, with the base they are made from, before either is
+    /// made: one wait for the journal instead of three. A teardown of a
+    /// claim never made finds nothing and succeeds, as after a crash
+    /// between a claim and its making.
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "ensure_disk_and_net"))]
     pub(crate) async fn ensure_disk_and_net(
         &self,
@@ -72,12 +75,14 @@ impl<M: Machine + 'static> Ctx<M> {
         rec: &mut Record,
     ) -> Result<(CapsuleDisk, CapsuleNet), Error> {
         let uid = rec.uid.clone();
-        let base = self.ensure_base(entry, rec).await?;
+        let (base, owed) = self.ensure_base(entry, rec).await?;
         // A template build can take minutes; a delete meanwhile wins.
         if entry.cancelled() {
             return Err(Error::Cancelled { uid });
         }
-        if rec.claim_disk() {
+        let disk_claimed = rec.claim_disk();
+        let net_claimed = rec.claim_net();
+        if owed || disk_claimed || net_claimed {
             self.commit(entry, rec).await?;
         }
         let req = DiskRequest {
@@ -98,9 +103,6 @@ impl<M: Machine + 'static> Ctx<M> {
         rec.disk_made(disk.path.clone()).map_err(|r| r.on(rec))?;
         if entry.cancelled() {
             return Err(Error::Cancelled { uid });
-        }
-        if rec.claim_net() {
-            self.commit(entry, rec).await?;
         }
         let net = self.host.net.clone();
         let id = net_id(&uid)?;

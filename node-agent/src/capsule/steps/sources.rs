@@ -124,16 +124,19 @@ impl<M: Machine + 'static> Ctx<M> {
     }
 
     /// Resolves (and, for an image, builds) the base image of `rec`'s disk
-    /// and journals it before the disk is made over it. A base resolved
-    /// once is kept: a later restore must not build or look it up again.
+    /// and sets it in `rec`. A base resolved once is kept: a later restore
+    /// must not build or look it up again. A snapshot's base is journaled
+    /// here, under the lock a collection takes; any other is left to the
+    /// caller's next commit, which must come before the disk is made over
+    /// it: `Ok((base, true))` says that commit is owed.
     #[tracing::instrument(skip_all, fields(capsule = %rec.uid, step = "ensure_base"))]
     pub(crate) async fn ensure_base(
         &self,
         entry: &Entry,
         rec: &mut Record,
-    ) -> Result<PathBuf, Error> {
+    ) -> Result<(PathBuf, bool), Error> {
         if let Some(base) = &rec.base_image {
-            return Ok(base.clone());
+            return Ok((base.clone(), false));
         }
         let base = match rec.spec.source.clone() {
             BootSource::Template(t) => t.rootfs,
@@ -171,11 +174,10 @@ impl<M: Machine + 'static> Ctx<M> {
                 let base = self.pin_base(&rec.uid, &id, &disk)?;
                 rec.base_image = Some(base.clone());
                 self.commit(entry, rec).await?;
-                return Ok(base);
+                return Ok((base, false));
             }
         };
         rec.base_image = Some(base.clone());
-        self.commit(entry, rec).await?;
-        Ok(base)
+        Ok((base, true))
     }
 }
