@@ -33,12 +33,16 @@ impl<M: Machine + 'static> Ctx<M> {
             } else {
                 self.commit(entry, &rec).await?;
             }
+            // The VM's start is journaled with the disk and network claims:
+            // recovery removes a `Creating` capsule whole, whichever of the
+            // three it finds made, so a separate write before the launch
+            // would only add a wait.
+            rec.vm_starting().map_err(|r| r.on(&rec))?;
             let (disk, net) = self.ensure_disk_and_net(entry, &mut rec).await?;
             if entry.cancelled() {
                 return Err(Error::Cancelled { uid: uid.clone() });
             }
-            rec.vm_starting().map_err(|r| r.on(&rec))?;
-            self.commit(entry, &rec).await?;
+            self.show(entry, &rec);
             let spec = self.machine_spec(&rec, &net, &disk);
             self.timed(Step::Boot, async {
                 // A snapshot with memory is restored (the guest resumes where
