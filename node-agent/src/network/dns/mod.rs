@@ -132,30 +132,43 @@ impl NameService {
                 source,
             }
         };
-        let load = |elements| {
-            let table = build_names_table(&place.tap, dns_open, elements);
-            sys::run_in_netns(&place.netns, |nl| super::nft::load_table(nl, &table)).and_then(|r| r)
-        };
-        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = proxies.get(capsule) {
-            return p.update(settings, load).map_err(err("update"));
+        let table = |elements| build_names_table(&place.tap, dns_open, elements);
+        // An update holds the map's lock (a policy change is rare); a new
+        // proxy is made without it, so creates do not wait on each other.
+        {
+            let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = proxies.get(capsule) {
+                let load = |elements| {
+                    sys::run_in_netns(&place.netns, |nl| {
+                        super::nft::load_table(nl, &table(elements))
+                    })
+                    .and_then(|r| r)
+                };
+                return p.update(settings, load).map_err(err("update"));
+            }
         }
-        // Table first: the proxy's first answer may need the set.
-        load(Vec::new()).map_err(err("load the names table for"))?;
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .map_err(err("start"))?;
-        let proxy = Proxy::start(
-            &rt,
+        // Table first (the proxy's first answer may need the set), then
+        // the proxy's sockets, on one thread in the capsule's namespace.
+        let empty = table(Vec::new());
+        let sockets = sys::run_in_netns(&place.netns, |nl| {
+            super::nft::load_table(nl, &empty).map_err(err("load the names table for"))?;
+            Proxy::bind().map_err(err("start"))
+        })
+        .map_err(err("start"))??;
+        let proxy = Proxy::serve(
             capsule.clone(),
             place.netns.clone(),
             place.node_netns.clone(),
             place.blocked.clone(),
             settings,
             Reporter::new(capsule.clone(), self.reports.clone()),
+            sockets,
         )
         .map_err(err("start"))?;
-        proxies.insert(capsule.clone(), proxy);
+        self.proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(capsule.clone(), proxy);
         Ok(())
     }
 

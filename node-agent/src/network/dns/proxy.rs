@@ -81,6 +81,13 @@ struct Shared {
     refusals: Reporter,
 }
 
+/// A proxy's guest-facing sockets, bound in its capsule's namespace.
+#[derive(Debug)]
+pub struct Sockets {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+}
+
 /// A running proxy; its tasks end when it is dropped.
 #[derive(Debug)]
 pub struct Proxy {
@@ -97,26 +104,30 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    /// Binds the guest-facing sockets in the capsule namespace `netns` and
-    /// starts serving on `rt`. Upstream sockets are made per query in
-    /// `node_netns`. Blocking (enters a namespace on a thread of its own).
-    pub fn start(
-        rt: &tokio::runtime::Handle,
+    /// The guest-facing sockets, bound on the guest's gateway. Must run
+    /// inside the capsule's namespace (that is what binds them to it).
+    pub fn bind() -> std::io::Result<Sockets> {
+        let at = SocketAddr::V4(SocketAddrV4::new(GUEST_GATEWAY, DNS_PORT));
+        let udp = std::net::UdpSocket::bind(at)?;
+        let tcp = std::net::TcpListener::bind(at)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Sockets { udp, tcp })
+    }
+
+    /// Starts serving, on the calling task's runtime, from `sockets`
+    /// ([`Proxy::bind`] in the capsule namespace `netns`). Upstream sockets
+    /// are made per query in `node_netns`.
+    pub fn serve(
         capsule: CapsuleId,
         netns: PathBuf,
         node_netns: PathBuf,
         blocked: Vec<Cidr>,
         settings: ProxySettings,
         refusals: Reporter,
+        sockets: Sockets,
     ) -> std::io::Result<Self> {
-        let at = SocketAddr::V4(SocketAddrV4::new(GUEST_GATEWAY, DNS_PORT));
-        let (udp, tcp) = sys::sockets_in_netns(&netns, || {
-            let udp = std::net::UdpSocket::bind(at)?;
-            let tcp = std::net::TcpListener::bind(at)?;
-            udp.set_nonblocking(true)?;
-            tcp.set_nonblocking(true)?;
-            Ok((udp, tcp))
-        })?;
+        let rt = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
         let shared = Arc::new(Shared {
             capsule,
             netns,
@@ -130,8 +141,8 @@ impl Proxy {
             refusals,
         });
         let _guard = rt.enter();
-        let udp = Arc::new(tokio::net::UdpSocket::from_std(udp)?);
-        let tcp = tokio::net::TcpListener::from_std(tcp)?;
+        let udp = Arc::new(tokio::net::UdpSocket::from_std(sockets.udp)?);
+        let tcp = tokio::net::TcpListener::from_std(sockets.tcp)?;
         let tasks = vec![
             rt.spawn(serve_udp(shared.clone(), udp)),
             rt.spawn(serve_tcp(shared.clone(), tcp)),
