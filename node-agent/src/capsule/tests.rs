@@ -157,17 +157,23 @@ async fn create_is_idempotent_by_uid_and_refuses_another_spec() {
     assert_eq!(b.store.calls().len(), 1);
 }
 
-#[tokio::test]
-async fn a_failed_launch_leaves_nothing() {
-    let b = Bed::new();
-    b.machine.fail_next(Step::Launch, "no kvm");
+/// Creates `c1`, which must fail with `cause` in its error and leave
+/// nothing behind.
+async fn failed_create(b: &Bed, cause: &str) {
     let err = b
         .sup
         .create("c1", spec("c1"), State::Running)
         .await
         .unwrap_err();
-    assert!(err.chain().contains("no kvm"), "{}", err.chain());
+    assert!(err.chain().contains(cause), "{}", err.chain());
     b.assert_gone("c1");
+}
+
+#[tokio::test]
+async fn a_failed_launch_leaves_nothing() {
+    let b = Bed::new();
+    b.machine.fail_next(Step::Launch, "no kvm");
+    failed_create(&b, "no kvm").await;
     // And the UID can be created again.
     create(&b, "c1").await;
 }
@@ -179,12 +185,7 @@ async fn a_failed_launch_leaves_nothing() {
 async fn a_failed_disk_leaves_nothing_though_the_network_was_claimed_with_it() {
     let b = Bed::new();
     b.store.fail_next("ensure_disk");
-    let err = b
-        .sup
-        .create("c1", spec("c1"), State::Running)
-        .await
-        .unwrap_err();
-    assert!(err.chain().contains("ensure_disk"), "{}", err.chain());
+    failed_create(&b, "ensure_disk").await;
     assert!(
         !b.net
             .calls()
@@ -193,7 +194,6 @@ async fn a_failed_disk_leaves_nothing_though_the_network_was_claimed_with_it() {
         "a network was made after the disk failed: {:?}",
         b.net.calls()
     );
-    b.assert_gone("c1");
     create(&b, "c1").await;
 }
 
