@@ -455,10 +455,23 @@ async fn profile_downloads(
     );
     let until = Instant::now() + Duration::from_secs(secs as u64);
     let spent = |_: [Duration; 4]| [0.0; 4];
+    let (cpu, mut n) = (procs.cpu(), 0);
     while Instant::now() < until {
         download_via(alice, &format!("{d}/via.bin"), procs, &spent).await;
+        n += 1;
     }
-    println!("profile: done");
+    let mb = (n * SIZE) as f64 / 1e6;
+    let now = procs.cpu();
+    let per_mb: Vec<String> = (0..4)
+        .map(|i| {
+            let ms = (now[i] - cpu[i]).as_secs_f64() * 1e3 / mb;
+            format!("{} {ms:.3} ms", procs.0[i].0)
+        })
+        .collect();
+    println!(
+        "profile: done, {mb:.0} MB; CPU per MB: {}",
+        per_mb.join(", ")
+    );
 }
 
 fn env_number(name: &str) -> Option<usize> {

@@ -18,12 +18,16 @@ use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tonic::codegen::Service;
 use tonic::codegen::http::Uri;
 use wrenn_runtime::pem::{self, memory};
+
+/// Bytes read from an agent's socket at once.
+const READ_BUFFER: usize = 128 << 10;
 
 /// Errors loading TLS material or dialling an agent.
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +236,7 @@ impl ClientTls {
         AgentConnector { tls: self.clone() }
     }
 
-    async fn dial(&self, uri: Uri) -> Result<TokioIo<TlsStream<TcpStream>>, Error> {
+    async fn dial(&self, uri: Uri) -> Result<TokioIo<TlsStream<BufReader<TcpStream>>>, Error> {
         let addr: SocketAddr = uri
             .authority()
             .and_then(|a| a.as_str().parse().ok())
@@ -243,6 +247,9 @@ impl ClientTls {
         let config = self.config().await;
         let tcp = TcpStream::connect(addr).await.map_err(dial)?;
         tcp.set_nodelay(true).map_err(dial)?;
+        // rustls reads 4 to 16 KiB per call: a buffer under it turns a
+        // download's hundreds of reads per MiB (each a syscall) into a few.
+        let tcp = BufReader::with_capacity(READ_BUFFER, tcp);
         let tls = TlsConnector::from(config)
             .connect(self.inner.server_name.clone(), tcp)
             .await
@@ -280,7 +287,7 @@ pub struct AgentConnector {
 }
 
 impl Service<Uri> for AgentConnector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Response = TokioIo<TlsStream<BufReader<TcpStream>>>;
     type Error = Error;
     type Future = BoxFuture<'static, Result<Self::Response, Error>>;
 
