@@ -227,7 +227,16 @@ fn main() {
     });
     match real {
         Ok(()) => {
+            // Where a node keeps them: namespace files on a tmpfs (as
+            // `/run/netns`), slot claims beside the journal. The bed's
+            // default, a temp dir on the machine's root filesystem, would
+            // charge each create the allocator cost `ScratchExt4` avoids.
+            let run = tempfile::tempdir_in("/dev/shm").ok();
             let mut bed = network_env::Bed::new(true);
+            if let Some(run) = &run {
+                bed.cfg.netns_dir = run.path().join("netns");
+            }
+            bed.cfg.state_dir = dir.join("network");
             // Each create makes its namespace, then each takes one the
             // pool made ahead (refilled between bursts, as it is once
             // creates pause).

@@ -318,7 +318,8 @@ fn startup_sweep_removes_planted_leftovers_and_counts_them() {
     let slots = bed.cfg.state_dir.join("slots");
     for claim in std::fs::read_dir(&slots).unwrap() {
         let p = claim.unwrap().path();
-        if std::fs::read_to_string(&p).unwrap() == lost.as_str() {
+        // A claim is a symlink to its owner's name.
+        if std::fs::read_link(&p).unwrap() == Path::new(lost.as_str()) {
             let mut drain = p.clone().into_os_string();
             drain.push(".drain");
             std::fs::rename(&p, drain).unwrap();

@@ -2,10 +2,14 @@
 //! state directory, so a restarted agent knows which slots (and so which host
 //! addresses) belong to capsules that still exist, running or suspended.
 //!
-//! A claim is written whole to a temporary file and then hard-linked to its
-//! final name: `link(2)` fails with `EEXIST` if the slot is taken, so two
-//! processes can never claim the same slot, and a crash never leaves a claim
-//! without its owner.
+//! A claim is a symlink named by the slot whose target is the owner's name
+//! (never followed): `symlink(2)` fails with `EEXIST` if the slot is taken,
+//! so two processes can never claim the same slot, and the name and its
+//! owner appear in one step, so a crash never leaves a claim without its
+//! owner. One directory fsync makes it durable, shared by the claims made
+//! at the same time ([`DirSync`]), and no lock is held across it: a burst
+//! of creates does not queue behind one fsync each. Claims that agents
+//! before the symlinks wrote (a file holding the owner) still read.
 //!
 //! A capsule gone for good does not free its slot at once: its claim is
 //! renamed `<slot>.drain` ([`SlotAllocator::begin_release`]) and the slot
@@ -16,8 +20,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
+use std::os::unix::ffi::OsStringExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::CapsuleId;
@@ -39,6 +45,34 @@ pub struct SlotAllocator {
     dir: PathBuf,
     max: u32,
     state: Mutex<State>,
+    sync: DirSync,
+}
+
+/// One directory's entries made durable by fsyncs that callers arriving
+/// together share: a caller whose change was made before a running fsync
+/// began needs no fsync of its own.
+#[derive(Debug, Default)]
+struct DirSync {
+    /// Changes made so far (each caller counts its own once it is made).
+    changed: AtomicU64,
+    /// Changes an fsync that completed covered.
+    synced: Mutex<u64>,
+}
+
+impl DirSync {
+    /// Returns once the change the caller just made in `dir` is durable.
+    fn durable(&self, dir: &Path) -> io::Result<()> {
+        let mine = self.changed.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= mine {
+            return Ok(());
+        }
+        // Every change counted by now was made before this fsync starts.
+        let covered = self.changed.load(Ordering::SeqCst);
+        fs::File::open(dir)?.sync_all()?;
+        *synced = covered;
+        Ok(())
+    }
 }
 
 /// Suffix of a claim whose capsule is gone and whose slot drains.
@@ -47,6 +81,8 @@ const DRAIN_SUFFIX: &str = ".drain";
 #[derive(Debug, Default)]
 struct State {
     claims: BTreeMap<u32, CapsuleId>,
+    /// Slots whose claim is being written, and for whom.
+    pending: BTreeMap<u32, CapsuleId>,
     /// Slots whose capsule is gone, held until their conntrack is flushed.
     draining: BTreeSet<u32>,
     /// Next slot to try: allocation goes round the ring rather than reusing
@@ -85,10 +121,20 @@ pub(super) fn read_claim_files(dir: &Path) -> io::Result<Vec<(u32, PathBuf, Vec<
             continue;
         };
         let path = entry.path();
-        let body = fs::read(&path)?;
+        let body = claim_body(&path)?;
         out.push((n, path, body));
     }
     Ok(out)
+}
+
+/// Who a claim names: a symlink's target, read and never followed, or a
+/// regular file's contents.
+fn claim_body(path: &Path) -> io::Result<Vec<u8>> {
+    if fs::symlink_metadata(path)?.file_type().is_symlink() {
+        Ok(fs::read_link(path)?.into_os_string().into_vec())
+    } else {
+        fs::read(path)
+    }
 }
 
 impl SlotAllocator {
@@ -126,9 +172,11 @@ impl SlotAllocator {
             max,
             state: Mutex::new(State {
                 claims,
+                pending: BTreeMap::new(),
                 draining,
                 cursor: 0,
             }),
+            sync: DirSync::default(),
         })
     }
 
@@ -154,45 +202,66 @@ impl SlotAllocator {
 
     /// Claims a slot for `capsule`, or returns the one it already holds
     /// (a restored capsule keeps its address). The flag says whether the
-    /// claim is new.
+    /// claim is new. The slot is held in memory while its claim is written,
+    /// so claims of other capsules go on meanwhile.
     pub(crate) fn claim(&self, capsule: &CapsuleId) -> Result<(u32, bool), ClaimError> {
-        let mut st = self.lock();
-        if let Some(slot) = st.slot_of(capsule) {
-            return Ok((slot, false));
-        }
-        if let Some(other) = st.claims.values().find(|c| c.short() == capsule.short()) {
-            return Err(ClaimError::ShortIdTaken(other.clone()));
-        }
-        for step in 0..self.max {
-            let slot = (st.cursor + step) % self.max + 1;
-            if st.claims.contains_key(&slot) || st.draining.contains(&slot) {
-                continue;
-            }
-            match self.write_claim(slot, capsule) {
+        // Slots another process claimed under us: skipped from then on, so
+        // the search ends.
+        let mut taken = BTreeSet::new();
+        loop {
+            let slot = {
+                let mut st = self.lock();
+                if let Some(slot) = st.slot_of(capsule) {
+                    return Ok((slot, false));
+                }
+                if let Some(other) = st
+                    .claims
+                    .values()
+                    .chain(st.pending.values())
+                    .find(|c| c.short() == capsule.short())
+                {
+                    return Err(ClaimError::ShortIdTaken(other.clone()));
+                }
+                let free = (0..self.max)
+                    .map(|step| (st.cursor + step) % self.max + 1)
+                    .find(|slot| {
+                        !st.claims.contains_key(slot)
+                            && !st.pending.contains_key(slot)
+                            && !st.draining.contains(slot)
+                            && !taken.contains(slot)
+                    });
+                let Some(slot) = free else {
+                    return Err(ClaimError::Exhausted);
+                };
+                st.pending.insert(slot, capsule.clone());
+                st.cursor = slot % self.max;
+                slot
+            };
+            let written = self.write_claim(slot, capsule);
+            let mut st = self.lock();
+            st.pending.remove(&slot);
+            match written {
                 Ok(()) => {
                     st.claims.insert(slot, capsule.clone());
-                    st.cursor = slot % self.max;
                     return Ok((slot, true));
                 }
                 // Taken by another process sharing the directory.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    taken.insert(slot);
+                }
                 Err(e) => return Err(ClaimError::Io(e)),
             }
         }
-        Err(ClaimError::Exhausted)
     }
 
     fn write_claim(&self, slot: u32, capsule: &CapsuleId) -> io::Result<()> {
-        let tmp = self.dir.join(format!(".{slot}.{}", capsule.as_str()));
-        let mut f = fs::File::create(&tmp)?;
-        let written = f
-            .write_all(capsule.as_str().as_bytes())
-            .and_then(|()| f.sync_all())
-            .and_then(|()| fs::hard_link(&tmp, self.dir.join(slot.to_string())));
-        let removed = fs::remove_file(&tmp);
-        written?;
-        removed?;
-        fs::File::open(&self.dir)?.sync_all()
+        let link = self.dir.join(slot.to_string());
+        std::os::unix::fs::symlink(capsule.as_str(), &link)?;
+        self.sync.durable(&self.dir).inspect_err(|_| {
+            // Not known durable: not a claim. A crash may still leave it,
+            // which the owner's journal then explains or the sweep frees.
+            let _ = fs::remove_file(&link);
+        })
     }
 
     /// Takes `capsule`'s claim away from it, durably, and keeps the slot
@@ -208,7 +277,7 @@ impl SlotAllocator {
             self.dir.join(slot.to_string()),
             self.dir.join(format!("{slot}{DRAIN_SUFFIX}")),
         )?;
-        fs::File::open(&self.dir)?.sync_all()?;
+        self.sync.durable(&self.dir)?;
         st.claims.remove(&slot);
         st.draining.insert(slot);
         Ok(Some(slot))
@@ -342,6 +411,58 @@ mod tests {
             Err(ClaimError::ShortIdTaken(other)) => assert_eq!(other, id("0123456789-a")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn claims_made_at_once_get_distinct_slots_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = std::sync::Arc::new(SlotAllocator::open(dir.path(), 64).unwrap());
+        let claimed: Vec<(CapsuleId, u32)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..48)
+                .map(|i| {
+                    let a = a.clone();
+                    s.spawn(move || {
+                        let c = id(&format!("{i:02}capsule"));
+                        let (slot, new) = a.claim(&c).unwrap();
+                        assert!(new);
+                        (c, slot)
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let slots: BTreeSet<u32> = claimed.iter().map(|(_, s)| *s).collect();
+        assert_eq!(
+            slots.len(),
+            claimed.len(),
+            "a slot claimed twice: {claimed:?}"
+        );
+        drop(a);
+        let b = SlotAllocator::open(dir.path(), 64).unwrap();
+        for (c, slot) in &claimed {
+            assert_eq!(b.get(c), Some(*slot));
+        }
+        // Each claim on disk is a symlink naming its owner.
+        let (c, slot) = &claimed[0];
+        let target = fs::read_link(dir.path().join(slot.to_string())).unwrap();
+        assert_eq!(target, Path::new(c.as_str()));
+    }
+
+    #[test]
+    fn a_claim_is_read_never_followed_and_older_file_claims_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // An agent before the symlinks wrote the owner into a file.
+        fs::write(dir.path().join("3"), "olderagent1").unwrap();
+        let a = SlotAllocator::open(dir.path(), 5).unwrap();
+        assert_eq!(a.get(&id("olderagent1")), Some(3));
+        drop(a);
+        // A claim pointing at a node file names that path, which is no
+        // capsule: refused, and the file's contents are never read.
+        let secret = dir.path().join("secret");
+        fs::write(&secret, "capsule0001").unwrap();
+        std::os::unix::fs::symlink(&secret, dir.path().join("4")).unwrap();
+        let err = SlotAllocator::open(dir.path(), 5).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     #[test]
