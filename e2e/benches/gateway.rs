@@ -149,7 +149,8 @@ impl Procs {
     }
 
     fn cpu(&self) -> [Duration; 4] {
-        std::array::from_fn(|i| cpu_time(self.0[i].1))
+        // Small procfs reads, but file reads all the same: off the runtime.
+        tokio::task::block_in_place(|| std::array::from_fn(|i| cpu_time(self.0[i].1)))
     }
 }
 
@@ -160,21 +161,26 @@ fn processes() -> Vec<(u32, u32, String)> {
     };
     dir.filter_map(|e| {
         let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (head, rest) = stat.rsplit_once(')')?;
-        let comm = head.split_once('(')?.1.to_string();
+        let (comm, rest) = stat(pid)?;
         let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
         Some((pid, ppid, comm))
     })
     .collect()
 }
 
+/// `/proc/<pid>/stat` split at its command name (which may hold spaces
+/// and parentheses): the name, and the fields after it (state first).
+fn stat(pid: u32) -> Option<(String, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    Some((head.split_once('(')?.1.to_string(), rest.to_string()))
+}
+
 /// CPU time (user + system) process `pid` has used so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name (which may hold spaces): state, then
-    // utime and stime as the 12th and 13th fields.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    // After the command name: state, then utime and stime as the 12th and
+    // 13th fields.
+    let rest = stat(pid).map(|(_, rest)| rest).unwrap_or_default();
     let ticks: u64 = rest
         .split_whitespace()
         .skip(11)

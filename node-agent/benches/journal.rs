@@ -191,16 +191,19 @@ fn main() {
     // State and disks on a journaled ext4 made for the run, as on a node;
     // the machine's own root filesystem has no journal (see `ScratchExt4`).
     let scratch = wrenn_testkit::ScratchExt4::new(4096);
-    let fallback = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+    let fallback;
     let (root, on) = match &scratch {
         Ok(fs) => (
             fs.path().to_path_buf(),
             "a fresh journaled ext4 on a direct-I/O loop device".to_string(),
         ),
-        Err(why) => (
-            fallback.path().to_path_buf(),
-            format!("the machine's temp dir (no scratch ext4: {why})"),
-        ),
+        Err(why) => {
+            fallback = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+            (
+                fallback.path().to_path_buf(),
+                format!("the machine's temp dir (no scratch ext4: {why})"),
+            )
+        }
     };
     let dir = root.as_path();
     let template = dir.join("base.ext4");
