@@ -404,12 +404,12 @@ async fn capsule_runs_pauses_suspends_resumes_and_is_deleted() {
         shown.join("\n")
     );
 
-    let tpl: Api<CapsuleTemplate> = Api::namespaced(client.clone(), &ns);
-    let t = tpl.get("base").await.unwrap();
-    assert_eq!(
-        t.status.and_then(|s| s.phase),
-        Some(wrenn_crds::template::TemplatePhase::Ready)
-    );
+    // The template's controller runs beside the capsule's: a capsule may
+    // reach Running before its template's Ready is written.
+    wait_template(&client, &ns, "base", |t| {
+        template_status(t).0 == Some(TemplatePhase::Ready)
+    })
+    .await;
 
     for (mode, want, vm) in [
         ("Paused", CapsulePhase::Paused, pb::CapsuleState::Paused),

@@ -56,6 +56,9 @@ struct Inner {
     placements: RwLock<HashMap<String, (String, Resources)>>,
     triggers: mpsc::UnboundedSender<ObjectRef<Capsule>>,
     syncs: mpsc::UnboundedSender<AgentSynced>,
+    /// Counts agent syncs, for controllers that look at every ready node
+    /// (templates) rather than at the capsules an agent reported.
+    synced: tokio::sync::watch::Sender<u64>,
     refusals: mpsc::Sender<pb::Event>,
     refresh: Duration,
     started: Instant,
@@ -106,6 +109,7 @@ impl AgentPool {
                 placements: RwLock::new(HashMap::new()),
                 triggers: tx,
                 syncs: stx,
+                synced: tokio::sync::watch::Sender::new(0),
                 refusals: rtx,
                 refresh,
                 started: Instant::now(),
@@ -414,6 +418,12 @@ impl AgentPool {
         self.read().get(node).and_then(|e| e.info.clone())
     }
 
+    /// Yields each time an agent (re)syncs from now on; bursts may yield
+    /// once.
+    pub fn syncs_from_now(&self) -> tokio_stream::wrappers::WatchStream<u64> {
+        tokio_stream::wrappers::WatchStream::from_changes(self.inner.synced.subscribe())
+    }
+
     /// Names of every synced node.
     pub fn ready_nodes(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -528,6 +538,7 @@ impl AgentPool {
         let _ = self.inner.syncs.send(AgentSynced {
             node: node.to_string(),
         });
+        self.inner.synced.send_modify(|n| *n += 1);
         let mut tick = tokio::time::interval(self.inner.refresh);
         tick.tick().await;
         loop {

@@ -361,8 +361,8 @@ async fn apply(tpl: &CapsuleTemplate, ns: &str, ctx: &Ctx) -> Result<Action, Err
     let preparing = nodes.iter().any(|(_, o)| matches!(o, OnNode::Preparing(_)));
     let (next, cond) = build_template_status(&nodes, warm_id.is_some(), snapshot_ready);
     write_status(tpl, ns, ctx, next, cond).await?;
-    // Node readiness changes without an event on the template: look again,
-    // soon while nodes are preparing.
+    // A sync re-runs this at once; a lost node or a preparation's end is
+    // seen on the next look, soon while nodes are preparing.
     Ok(Action::requeue(if preparing {
         Duration::from_secs(3)
     } else {
@@ -434,7 +434,11 @@ pub async fn run(
         hasher: std::hash::RandomState::new(),
     });
     let api: Api<CapsuleTemplate> = super::scoped(&client, namespace.as_deref());
+    // A template's status counts the ready nodes: an agent that syncs
+    // changes it without any event on the template.
+    let syncs = ctx.pool.syncs_from_now().map(|_| ());
     Controller::new(api, watcher::Config::default())
+        .reconcile_all_on(syncs)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))

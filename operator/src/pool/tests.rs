@@ -175,7 +175,7 @@ async fn a_discovered_agent_is_followed_then_listed_then_announced() {
 
 /// An agent that goes away is unsynced at once (its capsules are then
 /// unknown, not absent) and, once back, followed, listed and announced
-/// again in the same order.
+/// again in the same order, to the capsules and to the templates.
 #[tokio::test]
 async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
     let agent = crate::fixtures::agent("node-a", 4);
@@ -189,12 +189,17 @@ async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
     .await;
     assert_eq!(pool.observe("node-a", "u1"), None);
     let before = agent.calls().len();
+    let mut templates = pool.syncs_from_now();
     agent.set_down(false);
     let synced = tokio::time::timeout(Duration::from_secs(5), streams.syncs.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(synced.node, "node-a");
+    tokio::time::timeout(Duration::from_secs(5), templates.next())
+        .await
+        .expect("the templates hear of the sync")
+        .expect("the pool is alive");
     let again = &session_calls(&agent)[before..];
     // Failed attempts while down may come first; the last three are the sync.
     assert_eq!(
@@ -203,6 +208,7 @@ async fn a_lost_agent_is_unknown_until_it_resyncs_in_order() {
     );
     pool.shutdown();
 }
+
 /// A deleted agent Pod takes the node's client away at once: calls to
 /// it wait (the node counts as lost) instead of going to an address
 /// that may now be another Pod's.
