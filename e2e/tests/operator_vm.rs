@@ -915,13 +915,21 @@ async fn kubectl_applied_manifests_run_without_drift_and_expire() {
         sandbox.status
     );
     let templates: Api<CapsuleTemplate> = Api::namespaced(cl.client.clone(), &cl.ns);
-    let tpl = templates.get("python").await.unwrap();
-    assert_eq!(
-        tpl.status.as_ref().and_then(|s| s.phase),
-        Some(TemplatePhase::Ready),
-        "template status: {:?}",
-        tpl.status
-    );
+    // The template's controller writes its Ready on its own look, which
+    // may come after its first capsule runs.
+    let t0 = Instant::now();
+    let tpl = loop {
+        let tpl = templates.get("python").await.unwrap();
+        if tpl.status.as_ref().and_then(|s| s.phase) == Some(TemplatePhase::Ready) {
+            break tpl;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "template not Ready 30 s after its capsule ran: {:?}",
+            tpl.status
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     cl.sh(&sandbox, "echo kept > /root/marker").await;
     let warm_id = warm_template_serves(&mut cl, applied).await;
 
