@@ -148,7 +148,8 @@ enum Opened {
     Network(TcpStream),
     Loopback {
         to_guest: mpsc::Sender<gpb::DialInput>,
-        from_guest: Streaming<gpb::DialOutput>,
+        // Boxed: the stream is several times the size of a TcpStream.
+        from_guest: Box<Streaming<gpb::DialOutput>>,
     },
 }
 
@@ -191,7 +192,7 @@ async fn open_loopback(ep: &GuestEndpoint, port: u16) -> Result<Opened, Status> 
             output: Some(gpb::dial_output::Output::Connected(true)),
         }) => Ok(Opened::Loopback {
             to_guest,
-            from_guest,
+            from_guest: Box::new(from_guest),
         }),
         other => Err(Status::internal(format!(
             "the guest agent's Dial began with {other:?}, not connected"
@@ -365,7 +366,7 @@ fn bridge_tcp(
 fn bridge_guest(
     mut input: Streaming<pb::ConnectInput>,
     to_guest: mpsc::Sender<gpb::DialInput>,
-    mut from_guest: Streaming<gpb::DialOutput>,
+    mut from_guest: Box<Streaming<gpb::DialOutput>>,
     tx: mpsc::Sender<Result<pb::ConnectOutput, Status>>,
 ) {
     let refusals = tx.clone();
