@@ -180,8 +180,9 @@ async fn allowed_names_open_their_answers_and_nothing_else() {
     let t = Instant::now();
     let (rcode, ips) = resolve(&guest, gw, "evil.example.org").expect("proxy answers");
     assert_eq!((rcode, ips.len()), (RCODE::NameError, 0));
+    // Under the upstream's 2 s timeout, with room for a loaded machine.
     assert!(
-        t.elapsed() < Duration::from_millis(500),
+        t.elapsed() < Duration::from_millis(1500),
         "{:?}",
         t.elapsed()
     );
