@@ -558,6 +558,58 @@ async fn every_example_is_accepted() {
     drop(env.case);
 }
 
+/// up.sh's check of `examples/` (`e2e/scripts/check-examples.sh`) passes
+/// on a fresh cluster and again on one it already ran against: the warm
+/// example names a node file, which the default namespace may not.
+#[tokio::test]
+async fn up_sh_checks_every_example_and_can_run_again() {
+    let Some(env) = setup("up_sh_checks_every_example_and_can_run_again").await else {
+        return;
+    };
+    let script = wrenn_e2e::workspace_root().join("e2e/scripts/check-examples.sh");
+    for run in ["first", "second"] {
+        let out = tokio::process::Command::new("bash")
+            .arg(&script)
+            .arg(&env.cp.kubectl)
+            .arg(&env.cp.kubeconfig)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{run} run: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("examples/ accepted"),
+            "{out:?}"
+        );
+    }
+    // The same files in the default namespace: the warm example is refused
+    // there, which is why the check needs its own namespace.
+    let out = env
+        .cp
+        .kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "-n",
+                "default",
+                "-f",
+            ],
+            Some(&wrenn_e2e::workspace_root().join("examples/02-template-warm.yaml")),
+        )
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrenn.dev/node-images=allowed"),
+        "{out:?}"
+    );
+    drop(env.case);
+}
+
 #[tokio::test]
 async fn the_api_server_applies_defaults() {
     let Some(env) = setup("the_api_server_applies_defaults").await else {
