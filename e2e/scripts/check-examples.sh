@@ -13,5 +13,18 @@ ns=wrenn-examples
 k() { "$kubectl" --kubeconfig "$kubeconfig" "$@"; }
 k get namespace "$ns" >/dev/null 2>&1 || k create namespace "$ns" >/dev/null
 k label --overwrite namespace "$ns" wrenn.dev/node-images=allowed >/dev/null
-k apply --server-side --dry-run=server -n "$ns" -f "$root/examples/" >/dev/null
-echo "examples/ accepted by the API server (dry run in namespace $ns)"
+# Just after a CRD is Established, a server-side apply of its kind can
+# still answer ServiceUnavailable ("Resource kind ... not found. There can
+# be a delay"); that alone is waited out, for 30 s at most.
+for _ in $(seq 60); do
+  if err=$(k apply --server-side --dry-run=server -n "$ns" -f "$root/examples/" 2>&1 >/dev/null); then
+    echo "examples/ accepted by the API server (dry run in namespace $ns)"
+    exit 0
+  fi
+  case $err in
+    *ServiceUnavailable*) sleep 0.5 ;;
+    *) echo "$err" >&2; exit 1 ;;
+  esac
+done
+echo "$err" >&2
+exit 1

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: lints, generated-file diff, every test of the workspace,
-# then a per-tier summary saying which tiers ran and which skipped, and why.
+# the benchmark ratio gate, the README's `up.sh` once (where the vm tier
+# ran), then a per-tier summary saying which tiers ran and which skipped,
+# and why.
 # A tier listed in WRENN_REQUIRE_TIERS (CI: unit,host,cluster) fails the run
 # instead of skipping.
 set -euo pipefail
@@ -82,6 +84,34 @@ e2e/scripts/build-agent-sandbox.sh && [ -n "$gate_exe" ] \
 gate_rc=$?
 set -e
 [ "$gate_rc" = 0 ] || rc=$gate_rc
+
+step "the README's first command: e2e/scripts/up.sh, once"
+# The local run CI does not otherwise reach: control plane, agent, operator,
+# gateway, a capsule booted under QEMU, and `kubectl wrenn exec` into it.
+# It needs what the vm tier needs, so it runs only where that tier ran, and
+# only when no local run of the user's holds its fixed names.
+if ! awk -F'\t' '$1 == "vm" && $2 == "ran" { found = 1 } END { exit !found }' "$report"; then
+  echo "skipped because: the vm tier did not run here (its reasons are in the summary below)"
+elif ip netns list 2>/dev/null | grep -qw wrenn-node-l-node; then
+  echo "skipped because: a local run (up.sh) is already up on this machine"
+else
+  up_state=$(mktemp -d -t wrenn-up.XXXXXX)
+  up_t0=$(date +%s)
+  set +e
+  WRENN_STATE=$up_state WRENN_SKIP_INSTALL=1 WRENN_LOCAL_ONCE=1 \
+    timeout 600 "$root/e2e/scripts/up.sh" >"$up_state.log" 2>&1
+  up_rc=$?
+  WRENN_STATE=$up_state "$root/e2e/scripts/down.sh" >>"$up_state.log" 2>&1
+  set -e
+  if [ "$up_rc" = 0 ] && grep -q "^Linux hello " "$up_state.log"; then
+    echo "up.sh: hello ran uname through the gateway in $(( $(date +%s) - up_t0 ))s"
+  else
+    echo "up.sh failed (exit $up_rc); the end of its output:"
+    tail -40 "$up_state.log"
+    rc=1
+  fi
+  rm -f "$up_state.log"
+fi
 
 step "test tiers"
 python3 - "$report" "$log" <<'PY'
