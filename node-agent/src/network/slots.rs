@@ -128,12 +128,26 @@ pub(super) fn read_claim_files(dir: &Path) -> io::Result<Vec<(u32, PathBuf, Vec<
 }
 
 /// Who a claim names: a symlink's target, read and never followed, or a
-/// regular file's contents.
+/// regular file's contents. The file is opened refusing a symlink, so no
+/// claim swapped in between a check and the read is ever followed.
 fn claim_body(path: &Path) -> io::Result<Vec<u8>> {
-    if fs::symlink_metadata(path)?.file_type().is_symlink() {
-        Ok(fs::read_link(path)?.into_os_string().into_vec())
-    } else {
-        fs::read(path)
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(mut f) => {
+            let mut body = Vec::new();
+            f.read_to_end(&mut body)?;
+            Ok(body)
+        }
+        // ELOOP: the claim is a symlink.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            Ok(fs::read_link(path)?.into_os_string().into_vec())
+        }
+        Err(e) => Err(e),
     }
 }
 
